@@ -1,0 +1,70 @@
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace shortcut_ext {
+
+Act parse_activation(const std::string& arg, c10::string_view name) {
+  if (name == "identity") return Act::Identity;
+  if (name == "relu") return Act::Relu;
+  if (name == "tanh") return Act::Tanh;
+  if (name == "ssigmoid") return Act::SSigmoid;
+  TORCH_CHECK_VALUE(false, arg, " must be one of identity, relu, tanh, ssigmoid, got '", std::string(name), "'");
+}
+
+const char* activation_name(Act a) {
+  switch (a) {
+    case Act::Relu: return "relu";
+    case Act::Tanh: return "tanh";
+    case Act::SSigmoid: return "ssigmoid";
+    default: return "identity";
+  }
+}
+
+Loss parse_loss(c10::string_view name) {
+  if (name == "mse") return Loss::Mse;
+  if (name == "cross_entropy") return Loss::CrossEntropy;
+  TORCH_CHECK_VALUE(false, "loss must be one of mse, cross_entropy, got '", std::string(name), "'");
+}
+
+static std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const char* x_name) {
+  TORCH_CHECK_VALUE(x.dim() == 2, x_name, " must have shape [B, d], got ", shape_str(x));
+  TORCH_CHECK_VALUE(weights.dim() == 4, "weights must have shape [R, n, d, d], got ", shape_str(weights));
+  const int64_t d = x.size(1);
+  TORCH_CHECK_VALUE(weights.size(2) == d && weights.size(3) == d,
+                    "weights must have shape [R, n, d, d] with d == ", x_name, ".size(1) == ", d, ", got ",
+                    shape_str(weights));
+  TORCH_CHECK_VALUE(weights.size(0) >= 1 && weights.size(1) >= 1,
+                    "weights must have R >= 1 units and n >= 1 layers per unit, got ", shape_str(weights));
+  TORCH_CHECK_VALUE(d >= 1, x_name, " must have d >= 1 features, got ", shape_str(x));
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, x_name,
+                   " must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(weights.scalar_type() == x.scalar_type(), x_name, " and weights must have the same dtype, got ",
+                   x_name, ": ", x.scalar_type(), ", weights: ", weights.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == weights.device(), x_name, " and weights must be on the same device, got ", x_name,
+                    ": ", x.device(), ", weights: ", weights.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(), x_name, " must be contiguous, got strides ", x.strides(),
+                    " (call .contiguous(), or use shortcut_ext.residual_stack which does)");
+  TORCH_CHECK_VALUE(weights.is_contiguous(), "weights must be contiguous, got strides ", weights.strides(),
+                    " (call .contiguous(), or use shortcut_ext.residual_stack which does)");
+  return {x.size(0), d, weights.size(0), weights.size(1)};
+}
+
+void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s) {
+  TORCH_CHECK_VALUE(saved.dim() == 3 && saved.size(0) == s.R && saved.size(1) == s.B && saved.size(2) == s.d,
+                    "saved must be the unit inputs of shape [R, B, d] = [", s.R, ", ", s.B, ", ", s.d,
+                    "] returned by residual_stack_forward(save_inputs=True), got ", shape_str(saved));
+  TORCH_CHECK_TYPE(saved.scalar_type() == weights.scalar_type(), "saved must have dtype ", weights.scalar_type(),
+                   ", got ", saved.scalar_type());
+  TORCH_CHECK_VALUE(saved.device() == weights.device(), "saved must be on ", weights.device(), ", got ",
+                    saved.device());
+  TORCH_CHECK_VALUE(saved.is_contiguous(), "saved must be contiguous");
+}
+
+}  // namespace shortcut_ext

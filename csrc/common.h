@@ -1,0 +1,64 @@
+// Shared by the CPU and CUDA host code: activation codes, their derivatives, argument checks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <string>
+
+namespace shortcut_ext {
+
+enum class Act : int { Identity = 0, Relu = 1, Tanh = 2, SSigmoid = 3 };
+
+// Parses an activation name; `arg` names the argument in the error message.
+Act parse_activation(const std::string& arg, c10::string_view name);
+const char* activation_name(Act a);
+
+enum class Loss : int { Mse = 0, CrossEntropy = 1 };
+Loss parse_loss(c10::string_view name);
+
+// s(z).  ssigmoid(z) = 2 sigmoid(z) - 1 = tanh(z / 2).
+template <typename T>
+C10_HOST_DEVICE inline T act_apply(Act a, T z) {
+  switch (a) {
+    case Act::Relu: return z > T(0) ? z : T(0);
+    case Act::Tanh: return std::tanh(z);
+    case Act::SSigmoid: return std::tanh(z * T(0.5));
+    default: return z;
+  }
+}
+
+// s'(z) written through s = s(z) where that is cheaper (relu'(0) = 0, as autograd).
+template <typename T>
+C10_HOST_DEVICE inline T act_deriv(Act a, T z, T s) {
+  switch (a) {
+    case Act::Relu: return z > T(0) ? T(1) : T(0);
+    case Act::Tanh: return T(1) - s * s;
+    case Act::SSigmoid: return T(0.5) * (T(1) - s * s);
+    default: return T(1);
+  }
+}
+
+// s''(z) through s = s(z) (relu'' = 0, as autograd).
+template <typename T>
+C10_HOST_DEVICE inline T act_deriv2(Act a, T z, T s) {
+  switch (a) {
+    case Act::Tanh: return T(-2) * s * (T(1) - s * s);
+    case Act::SSigmoid: return T(-0.5) * s * (T(1) - s * s);
+    default: return T(0);
+  }
+}
+
+struct StackShape {
+  int64_t B, d, R, n;
+};
+
+// Checks x [B, d] and weights [R, n, d, d]: rank, shape, dtype (float32/float64, equal), device,
+// contiguity.  `x_name` names the batch argument ("x" or "grad_y").
+StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const char* x_name);
+
+// Checks saved [R, B, d] against a stack shape.
+void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s);
+
+}  // namespace shortcut_ext

@@ -1,0 +1,70 @@
+// Interface between the CUDA host code (residual_stack_cuda.cpp: checks, device guard, output
+// allocation) and the kernels (residual_stack_kernels.cu: planning, workspaces, launches).  Plain
+// pointers and sizes only, so the kernel file needs no torch CUDA headers.
+//
+// Shapes: x, y, grad_y, grad_x [B, d]; weights, grad_w [R, n, d, d] (units x layers x out x in);
+// saved [R, B, d] (the input of every unit).  All row-major and contiguous, on one device.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "common.h"
+
+#ifdef SHORTCUT_EXT_CUDA_EMULATE
+#include "cuda/emulate/emulation.h"
+#else
+#include <cuda_runtime_api.h>
+#endif
+
+namespace shortcut_ext {
+namespace cuda {
+
+struct StackArgs {
+  int64_t B;  // rows (samples)
+  int64_t d;  // features
+  int64_t R;  // units
+  int64_t n;  // layers per unit
+  bool shortcut;
+  Act pre, mid, post;
+};
+
+// Knobs read from the environment by the host code (see residual_stack_cuda.cpp); the defaults
+// are what a plain call gets.
+struct Options {
+  // 0: automatic; 1: the fused path templated on d (d <= 128, error if it cannot run); 2: the
+  // generic path (any d, activations in global scratch).
+  int path = 0;
+  // Rows per batch tile of the fused path; 0 chooses.  Must be one of the compiled tile sizes.
+  int tile_rows = 0;
+  // Weight gradients by atomicAdd from every tile instead of per-tile partial sums reduced in a
+  // fixed order.  Faster, but float results then vary from run to run in the last bits.
+  bool atomic_grad = false;
+  // Bound on the per-tile weight-gradient partial sums; units are processed in chunks to fit.
+  int64_t workspace_bytes = int64_t(1) << 30;
+};
+
+// Device memory that stays valid until the stream has run every launch made by the call
+// (the host passes the caching allocator; the emulation passes malloc).
+using Allocator = std::function<void*(size_t bytes)>;
+
+// y = stack(x); saved[r] = input of unit r when saved != nullptr.  Returns the first CUDA error.
+template <typename T>
+cudaError_t launch_residual_stack_forward(const StackArgs& a, const T* x, const T* weights, T* y, T* saved,
+                                          const Options& opt, const Allocator& alloc, cudaStream_t stream);
+
+// grad_x = dL/dx, grad_w = dL/dweights from grad_y = dL/dy and the saved unit inputs.
+template <typename T>
+cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, const T* weights, const T* saved,
+                                           T* grad_x, T* grad_w, const Options& opt, const Allocator& alloc,
+                                           cudaStream_t stream);
+
+// Which kernels a call with these arguments would use, e.g. "fused D=128 BM=64 threads=256 smem=155648
+// units_per_launch=7" or "generic BM=32 ..." (for tests and benchmarks); errors are reported as text
+// starting with "error: ".
+std::string describe_plan(const StackArgs& a, bool is_double, bool backward, const Options& opt);
+
+}  // namespace cuda
+}  // namespace shortcut_ext

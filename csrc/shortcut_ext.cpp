@@ -1,0 +1,66 @@
+// Every op schema of shortcut_ext, in one place.  Kernels register per device in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA) with TORCH_LIBRARY_IMPL.
+//
+// Shapes: x [B, d], weights [R, n, d, d] (units x layers x out x in), saved [R, B, d] (the input of
+// every unit), directions [k, R, n, d, d].  A plain stack is shortcut=false.
+#include <torch/library.h>
+
+#include <map>
+#include <string>
+
+#include "cpu/cpu_gemm.h"
+
+TORCH_LIBRARY(shortcut_ext, m) {
+  // -> (y [B, d], saved [R, B, d] or [0] when save_inputs is false)
+  m.def("residual_stack_forward(Tensor x, Tensor weights, bool shortcut, str act_pre, str act_mid, "
+        "str act_post, bool save_inputs) -> (Tensor, Tensor)");
+  // -> (grad_x [B, d], grad_weights [R, n, d, d])
+  m.def("residual_stack_backward(Tensor grad_y, Tensor weights, Tensor saved, bool shortcut, str act_pre, "
+        "str act_mid, str act_post) -> (Tensor, Tensor)");
+}
+
+#ifndef SHORTCUT_EXT_TORCH_VERSION
+#define SHORTCUT_EXT_TORCH_VERSION ""
+#endif
+
+namespace shortcut_ext {
+// How this library was built; the Python module returns it as a dict.
+std::map<std::string, std::string> build_info() {
+  std::map<std::string, std::string> d;
+#ifdef SHORTCUT_EXT_WITH_CUDA
+  d["cuda"] = "1";
+  d["cuda_version"] = SHORTCUT_EXT_CUDA_VERSION;
+#else
+  d["cuda"] = "";
+  d["cuda_version"] = "";
+#endif
+  d["cpu_gemm"] = cpu_gemm_path();
+  d["torch_version"] = SHORTCUT_EXT_TORCH_VERSION;
+#ifdef _OPENMP
+  d["openmp"] = "1";
+#else
+  d["openmp"] = "";
+#endif
+  return d;
+}
+}  // namespace shortcut_ext
+
+#ifdef TORCH_EXTENSION_NAME  // the Python module (setup.py); the CMake library has no Python
+#include <torch/extension.h>
+
+static pybind11::dict py_build_info() {
+  pybind11::dict d;
+  for (const auto& kv : shortcut_ext::build_info()) {
+    if (kv.first == "cuda" || kv.first == "openmp")
+      d[kv.first.c_str()] = !kv.second.empty();
+    else
+      d[kv.first.c_str()] = kv.second;
+  }
+  return d;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "shortcut_ext compiled kernels (ops are registered under torch.ops.shortcut_ext)";
+  m.def("build_info", &py_build_info, "How the extension was built");
+}
+#endif

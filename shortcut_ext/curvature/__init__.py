@@ -1,0 +1,50 @@
+"""Curvature of the loss: the Hessian as a linear operator and spectral tools that take any operator.
+
+- :class:`HessianOperator`: ``matvec`` / ``matmat`` (batched HVPs, fused / autograd / torch.func),
+  ``to_dense``, ``as_scipy``, ``loss_and_grad``.
+- :func:`lanczos`, :func:`block_lanczos`: extreme eigenpairs with full reorthogonalisation, robust to
+  invariant subspaces and multiplicities.
+- :func:`slq`: stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019): density, ``|lambda|``
+  quantiles, index, moments.
+- :func:`hutchinson_trace`, :func:`hutchpp_trace`: Hutchinson (1989), Hutch++ (Meyer et al. 2021).
+- :func:`power_iteration`: the cheap ``|lambda|max`` monitor.
+- :func:`condition_report`, :func:`hessian_probes`: condition numbers and index, exact or estimated.
+
+Every spectral tool accepts a :class:`HessianOperator`, a ``scipy.sparse.linalg.LinearOperator``, a
+dense matrix, or any object with ``matmat`` on tensors (see :func:`as_torch_operator`).
+"""
+from __future__ import annotations
+
+from ._linop import TorchOperator, as_torch_operator
+from .condition import ConditionReport, abs_quantile, condition_report, hessian_probes, report_from_eigenvalues
+from .hessian import MAX_DENSE_PARAMS, HessianOperator, dense_hessian_func, fused_hvp_available
+from .lanczos import LanczosResult, block_lanczos, lanczos
+from .power import PowerResult, power_iteration
+from .slq import SLQResult, slq
+from .trace import TraceEstimate, hutchinson1989, hutchinson_trace, hutchpp_trace, meyer2021hutchpp
+
+__all__ = [
+    "MAX_DENSE_PARAMS",
+    "ConditionReport",
+    "HessianOperator",
+    "LanczosResult",
+    "PowerResult",
+    "SLQResult",
+    "TorchOperator",
+    "TraceEstimate",
+    "abs_quantile",
+    "as_torch_operator",
+    "block_lanczos",
+    "condition_report",
+    "dense_hessian_func",
+    "fused_hvp_available",
+    "hessian_probes",
+    "hutchinson1989",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
+    "meyer2021hutchpp",
+    "power_iteration",
+    "report_from_eigenvalues",
+    "slq",
+]

@@ -1,0 +1,108 @@
+"""One adapter so that every spectral tool accepts any symmetric linear operator.
+
+Accepted: a torch-native operator (anything with ``matmat(V[P, k]) -> [P, k]`` on tensors, a
+``shape`` ``(P, P)`` and a ``torch.dtype`` ``dtype``, such as :class:`HessianOperator`), a
+``scipy.sparse.linalg.LinearOperator``, a dense ``torch.Tensor`` or ``numpy.ndarray`` ``[P, P]``, or a
+scipy sparse matrix.  The spectral tools see only :class:`TorchOperator`: batched products on
+``[P, k]`` tensors, with a product counter.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+class TorchOperator:
+    """A symmetric ``P x P`` operator seen through batched products on tensors.
+
+    Attributes:
+        shape: ``(P, P)``.
+        dtype: working ``torch.dtype`` of vectors (float32 or float64).
+        device: device of vectors.
+        num_products: operator-vector products computed so far (``k`` per ``matmat`` of ``k`` columns).
+    """
+
+    def __init__(self, op, dtype: torch.dtype | None = None, device=None):
+        self.base = op
+        self.num_products = 0
+        if isinstance(op, TorchOperator):
+            self._mm, P, dt, dev = op._mm, op.shape[0], op.dtype, op.device
+        elif isinstance(op, torch.Tensor):
+            _check_square("operator", tuple(op.shape))
+            if op.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"operator tensor must be float32 or float64, got {op.dtype}")
+            self._mm, P, dt, dev = (lambda V, A=op: A @ V), op.shape[0], op.dtype, op.device
+        elif _is_torch_native(op):
+            _check_square("operator.shape", tuple(op.shape))
+            self._mm, P, dt = op.matmat, int(op.shape[0]), op.dtype
+            dev = getattr(op, "device", torch.device("cpu"))
+        else:
+            from scipy.sparse import issparse
+            from scipy.sparse.linalg import LinearOperator, aslinearoperator
+
+            if isinstance(op, np.ndarray) or issparse(op):
+                op = aslinearoperator(op)
+            if not isinstance(op, LinearOperator):
+                raise TypeError(
+                    "operator must be a HessianOperator-like object (matmat on torch tensors, shape, torch dtype), "
+                    f"a scipy LinearOperator, a dense torch.Tensor or numpy array, got {type(op).__name__}"
+                )
+            _check_square("operator.shape", tuple(op.shape))
+            P = int(op.shape[0])
+            dt = _NP_TO_TORCH.get(np.dtype(op.dtype), torch.float64)
+            dev = torch.device("cpu")
+
+            def _mm(V, op=op):
+                out = op.matmat(V.detach().cpu().numpy())
+                return torch.as_tensor(np.asarray(out)).reshape(V.shape[0], V.shape[1])
+
+            self._mm = _mm
+        self.shape = (P, P)
+        self.dtype = dt if dtype is None else dtype
+        self.device = torch.device(dev) if device is None else torch.device(device)
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
+
+    @property
+    def P(self) -> int:
+        return self.shape[0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:  # [P, k] -> [P, k]
+        if V.dim() != 2 or V.shape[0] != self.P or V.shape[1] < 1:
+            raise ValueError(f"V must have shape [{self.P}, k] with k >= 1, got {list(V.shape)}")
+        out = self._mm(V)
+        self.num_products += V.shape[1]
+        return out.to(dtype=self.dtype, device=self.device)
+
+    def randn(self, k: int, generator: torch.Generator, distribution: str = "gaussian") -> torch.Tensor:  # [P, k]
+        """Seeded random vectors, drawn on the CPU (reproducible across devices) in float64."""
+        if distribution == "gaussian":
+            Z = torch.randn(self.P, k, generator=generator, dtype=torch.float64)
+        elif distribution == "rademacher":
+            Z = torch.randint(0, 2, (self.P, k), generator=generator, dtype=torch.int64).to(torch.float64) * 2 - 1
+        else:
+            raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
+        return Z.to(dtype=self.dtype, device=self.device)
+
+
+def _is_torch_native(op) -> bool:
+    return hasattr(op, "matmat") and hasattr(op, "shape") and isinstance(getattr(op, "dtype", None), torch.dtype)
+
+
+def _check_square(name: str, shape: tuple) -> None:
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 1:
+        raise ValueError(f"{name} must be a square (P, P) operator with P >= 1, got {shape}")
+
+
+def as_torch_operator(op, dtype: torch.dtype | None = None, device=None) -> TorchOperator:
+    """Wrap ``op`` (see module docstring) as a :class:`TorchOperator`; ``dtype`` overrides the working dtype."""
+    if isinstance(op, TorchOperator) and dtype is None and device is None:
+        return op
+    return TorchOperator(op, dtype=dtype, device=device)
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative residual tolerance reachable in ``dtype`` (about ``eps**(2/3)``: 4e-11 / 2e-5)."""
+    return float(torch.finfo(dtype).eps) ** (2.0 / 3.0)

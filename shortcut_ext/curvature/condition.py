@@ -1,0 +1,186 @@
+"""Condition-number reports of a Hessian (PAPER.md section 3).
+
+- condition number ``cond = |lambda|max / |lambda|min``;
+- the paper's stable variant ``cond_q10 = |lambda|max / |lambda|(0.1)`` with ``|lambda|(0.1)`` the 10th
+  percentile of the absolute eigenvalues;
+- ``index``: the fraction of negative eigenvalues.
+
+Small nets (``P <= exact_max_params``): exact, from the dense Hessian's ``eigvalsh``.  Large nets:
+``|lambda|max`` from Lanczos at both ends (with its residual norm), ``|lambda|(0.1)`` and the index
+from stochastic Lanczos quadrature (with their spread over probes); ``|lambda|min`` is not available
+from extreme-eigenvalue methods, so ``cond`` is ``nan`` there.
+
+Numerically zero eigenvalues: ``|lambda| <= zero_tol`` (default ``P * eps * |lambda|max``, the usual
+numerical-rank tolerance) count as zero: not negative, and they make ``cond`` infinite.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ._linop import as_torch_operator
+from .lanczos import lanczos
+from .slq import slq
+
+
+@dataclass
+class ConditionReport:
+    """Curvature summary.
+
+    Attributes:
+        lam_max: ``|lambda|max``.  lam_min: ``|lambda|min`` (exact method only, else ``nan``).
+        lam_q10: ``|lambda|(q)`` for the report's ``q`` (0.1 by default).
+        index: fraction of eigenvalues below ``-zero_tol``.
+        cond: ``lam_max / lam_min`` (``inf`` if an eigenvalue is numerically zero, ``nan`` if ``H = 0``).
+        cond_q10: ``lam_max / lam_q10``.
+        top, bottom: the largest / smallest eigenvalues found (descending / ascending).
+        method: ``"exact"`` or ``"lanczos+slq"``.
+        num_params: ``P``.
+        uncertainty: how far to trust the numbers (residual norms, spread across probes).
+    """
+
+    lam_max: float
+    lam_min: float
+    lam_q10: float
+    index: float
+    cond: float
+    cond_q10: float
+    top: list
+    bottom: list
+    method: str
+    num_params: int
+    q: float = 0.1
+    uncertainty: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ratio(a: float, b: float) -> float:
+    if a == 0.0 and b == 0.0:
+        return float("nan")
+    return a / b if b > 0 else float("inf")
+
+
+def abs_quantile(eigenvalues, q: float = 0.1) -> float:
+    """``|lambda|(q)``: the smallest ``|lambda_i|`` with at least a fraction ``q`` of ``|lambda| <=`` it."""
+    a = np.sort(np.abs(np.asarray(eigenvalues, dtype=np.float64)).ravel())
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must lie in [0, 1], got {q}")
+    if len(a) == 0:
+        raise ValueError("eigenvalues must not be empty")
+    return float(np.quantile(a, q, method="inverted_cdf"))
+
+
+def report_from_eigenvalues(eigenvalues, q: float = 0.1, zero_tol: float | None = None, k: int = 5,
+                            method: str = "exact") -> ConditionReport:
+    """Exact report from a full list of eigenvalues (of a dense Hessian, or of the closed form)."""
+    ev = np.sort(np.asarray(eigenvalues, dtype=np.float64).ravel())
+    if len(ev) == 0:
+        raise ValueError("eigenvalues must not be empty")
+    P = len(ev)
+    a = np.abs(ev)
+    lam_max = float(a.max())
+    if zero_tol is None:
+        zero_tol = P * np.finfo(np.float64).eps * lam_max
+    lam_min = float(a.min())
+    nonzero_min = 0.0 if lam_min <= zero_tol else lam_min
+    lam_q = abs_quantile(ev, q)
+    return ConditionReport(
+        lam_max=lam_max, lam_min=lam_min, lam_q10=lam_q, index=float((ev < -zero_tol).mean()),
+        cond=_ratio(lam_max, nonzero_min), cond_q10=_ratio(lam_max, lam_q if lam_q > zero_tol else 0.0),
+        top=ev[::-1][:k].tolist(), bottom=ev[:k].tolist(), method=method, num_params=P, q=q,
+        uncertainty={"zero_tol": float(zero_tol), "num_zero": int((a <= zero_tol).sum())},
+    )
+
+
+def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: float = 0.1, k: int = 5,
+                     probes: int = 8, steps: int = 80, max_iter: int | None = None, seed: int = 0,
+                     zero_tol: float | None = None, callback=None) -> ConditionReport:
+    """Condition numbers and index of a symmetric operator (a :class:`HessianOperator` or any other).
+
+    Args:
+        op: the operator; ``method="exact"`` needs ``to_dense()`` or a dense matrix.
+        method: ``"auto"`` (exact when ``P <= exact_max_params``), ``"exact"`` or ``"lanczos+slq"``.
+        q: the quantile of ``|lambda|`` (the paper's 0.1).
+        k: extreme eigenvalues to report at each end.
+        probes, steps: SLQ probes and Lanczos steps per probe.
+        max_iter: Lanczos basis size for ``|lambda|max`` (default ``min(P, 200)``).
+        zero_tol: see the module docstring (for the estimate: ``1e-8 * |lambda|max``).
+        callback: progress, forwarded to Lanczos and SLQ as ``callback(done, total)``.
+    """
+    if method not in ("auto", "exact", "lanczos+slq"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'lanczos+slq', got {method!r}")
+    A = as_torch_operator(op)
+    P = A.P
+    if method == "auto":
+        method = "exact" if P <= exact_max_params else "lanczos+slq"
+    if method == "exact":
+        if hasattr(op, "to_dense"):
+            D = op.to_dense(force=True)
+        elif isinstance(op, torch.Tensor):
+            D = op
+        else:
+            D = A.matmat(torch.eye(P, dtype=A.dtype, device=A.device))
+        D = D.double().cpu()
+        asym = float((D - D.T).abs().max())
+        ev = torch.linalg.eigvalsh(0.5 * (D + D.T)).numpy()
+        rep = report_from_eigenvalues(ev, q=q, zero_tol=zero_tol, k=k, method="exact")
+        rep.uncertainty["asymmetry"] = asym  # max |H - H^T| of the assembled matrix
+        return rep
+    # large nets: Lanczos for the ends, SLQ for the bulk
+    lz = lanczos(A, k=k, which="both", max_iter=max_iter if max_iter is not None else min(P, 200), verify=False,
+                 seed=seed, return_vectors=False, compute_residuals=True, callback=callback)
+    sq = slq(A, probes=probes, steps=steps, seed=seed + 1, callback=callback)
+    lam_max = lz.abs_max
+    zt = 1e-8 * lam_max if zero_tol is None else zero_tol
+    lam_q = sq.abs_quantile(q)
+    per_probe_q = sq.abs_quantile_per_probe(q)
+    per_probe_idx = sq.negative_mass_per_probe(zt)
+    nprobe = sq.num_probes
+    return ConditionReport(
+        lam_max=lam_max, lam_min=float("nan"), lam_q10=lam_q, index=float(per_probe_idx.mean()),
+        cond=float("nan"), cond_q10=_ratio(lam_max, lam_q if lam_q > zt else 0.0),
+        top=lz.largest.tolist(), bottom=lz.smallest.tolist(), method="lanczos+slq", num_params=P, q=q,
+        uncertainty={
+            "lam_max_residual": lz.abs_max_residual,
+            "lanczos_converged": bool(lz.converged),
+            "lanczos_vectors": int(lz.num_vectors),
+            "top_residuals": lz.largest_residuals.tolist(),
+            "bottom_residuals": lz.smallest_residuals.tolist(),
+            "lam_q10_probe_std": float(np.std(per_probe_q, ddof=1)) if nprobe > 1 else float("nan"),
+            "lam_q10_probe_range": [float(per_probe_q.min()), float(per_probe_q.max())],
+            "index_std_error": float(np.std(per_probe_idx, ddof=1) / math.sqrt(nprobe)) if nprobe > 1 else float("nan"),
+            "slq_probes": nprobe,
+            "slq_steps": int(sq.num_steps.max()),
+            "zero_tol": float(zt),
+        },
+    )
+
+
+def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048, *, backend: str = "fused",
+                   dtype: torch.dtype | None = None, probes: int = 8, steps: int = 80, seed: int = 0,
+                   q: float = 0.1) -> dict:
+    """Curvature probes for training: ``{lam_max, lam_q10, index, cond, cond_q10, method}``.
+
+    Exact (dense ``eigvalsh``) when the trunk has ``P <= exact_max_params`` weights, else Lanczos +
+    SLQ (then ``cond`` is ``nan``: ``|lambda|min`` is out of reach of extreme-eigenvalue methods).
+
+    Args:
+        model: the network (its current weights).
+        data: ``(x, y)`` or an iterable of mini-batches (the full-data Hessian is used).
+        loss: ``"mse"`` or ``"cross_entropy"``.
+        exact_max_params: largest ``P`` handled exactly.
+        backend, dtype: of the :class:`~shortcut_ext.curvature.hessian.HessianOperator`.
+        probes, steps, seed: SLQ settings for large nets.
+        q: the quantile reported as ``lam_q10``.
+    """
+    from .hessian import HessianOperator
+
+    op = HessianOperator(model, data, loss=loss, backend=backend, dtype=dtype)
+    rep = condition_report(op, exact_max_params=exact_max_params, probes=probes, steps=steps, seed=seed, q=q)
+    return {"lam_max": rep.lam_max, "lam_q10": rep.lam_q10, "index": rep.index, "cond": rep.cond,
+            "cond_q10": rep.cond_q10, "method": rep.method}

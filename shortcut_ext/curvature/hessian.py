@@ -1,0 +1,321 @@
+"""The Hessian of a network's loss w.r.t. its trunk weights, as a linear operator.
+
+The operator acts on the flat trunk parameter vector ``w = model.weight.flatten()`` (``P`` entries,
+in the row-major order of ``weight[R, n, d, d]``).  Over a data set split into mini-batches ``b`` of
+``m_b`` samples (``m = sum_b m_b``), the loss is the mean over samples, so
+
+    H = sum_b (m_b / m) * H_b,      H_b = Hessian of the batch's mean loss,
+
+which is *exactly* the full-data Hessian (PAPER.md: ``L = 1/(2m) sum_i ||f(x_i) - y_i||^2``).
+
+Backends:
+- ``"fused"``: :func:`shortcut_ext.ops.residual_stack_hvp` (one fused R-operator pass for ``k``
+  directions).  The fused op computes the loss on the trunk output, so for nets with a frozen
+  read-out (``model.readout is not None``), or where the fused HVP kernel is not built, the operator
+  uses ``"autograd"`` instead and says so in :attr:`HessianOperator.backend_used`.
+- ``"autograd"``: double backward through the pure-PyTorch reference stack, all ``k`` directions in
+  one ``torch.autograd.grad(..., is_grads_batched=True)`` call.
+- ``"func"``: ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), ``vmap``-ed over
+  the ``k`` directions.  The loss is written out by hand (``reference.loss_fn``): in torch 2.13
+  ``jvp(grad(F.mse_loss))`` fails with "ZeroTensors are immutable".
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from .. import ops, reference
+from ..reference import LOSSES
+
+BACKENDS = ("fused", "autograd", "func")
+MAX_DENSE_PARAMS = 8192  # to_dense() refuses above this (P^2 float64 = 512 MiB) unless force=True
+
+
+def fused_hvp_available() -> bool:
+    """True when the compiled extension provides the fused ``residual_stack_hvp`` kernel."""
+    if getattr(ops, "_C", None) is None:
+        return False
+    try:
+        return hasattr(torch.ops.shortcut_ext, "residual_stack_hvp")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _as_batches(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` or an iterable of ``(x, y)`` -> list of batches (materialised: the operator makes many passes)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return [(data[0], data[1])]
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be one batch (x, y) of tensors or an iterable of (x, y) mini-batches, "
+            f"got {type(data).__name__}"
+        )
+    batches = []
+    for i, b in enumerate(data):
+        if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, torch.Tensor) for t in b)):
+            raise TypeError(f"data[{i}] must be a pair (x, y) of tensors, got {type(b).__name__}")
+        batches.append((b[0], b[1]))
+    if not batches:
+        raise ValueError("data must hold at least one batch (x, y), got an empty iterable")
+    return batches
+
+
+class HessianOperator:
+    """Hessian of the mean loss w.r.t. the flat trunk weights, as a symmetric ``P x P`` operator.
+
+    The weights are read once, at construction (the operator is the Hessian at that point).
+
+    Args:
+        model: a :class:`~shortcut_ext.models.ShortcutNet` or :class:`~shortcut_ext.models.PlainNet`.
+        data: one batch ``(x[B, p], y)`` or an iterable of such mini-batches (materialised once).
+            ``y`` is ``[B, q]`` for ``mse``; class indices ``[B]`` or probabilities ``[B, q]`` for
+            ``cross_entropy``.
+        loss: ``"mse"`` (``1/(2m) sum ||f - y||^2``) or ``"cross_entropy"`` (mean).
+        backend: ``"fused"``, ``"autograd"`` or ``"func"`` (see module docstring).
+        dtype: working dtype (default: the model's); weights, data and directions are cast to it.
+        max_directions: split a ``matmat`` into chunks of at most this many directions (memory).
+
+    >>> import torch
+    >>> from shortcut_ext.models import ShortcutNet
+    >>> net = ShortcutNet(width=2, units=1, shortcut=2, init="zero", backend="torch", dtype=torch.float64)
+    >>> x = torch.eye(2, dtype=torch.float64); y = torch.zeros(2, 2, dtype=torch.float64)
+    >>> H = HessianOperator(net, (x, y), backend="autograd")
+    >>> H.shape, sorted(set(torch.linalg.eigvalsh(H.to_dense()).round(decimals=6).tolist()))
+    ((8, 8), [-0.5, 0.5])
+    """
+
+    def __init__(self, model, data, loss: str = "mse", backend: str = "fused", dtype: torch.dtype | None = None,
+                 max_directions: int | None = None):
+        for attr in ("weight", "stack_weights", "shortcut", "activations", "width", "n"):
+            if not hasattr(model, attr):
+                raise TypeError(
+                    f"model must be a ShortcutNet or PlainNet (with .{attr}), got {type(model).__name__}"
+                )
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        dtype = model.weight.dtype if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if max_directions is not None and (isinstance(max_directions, bool) or not isinstance(max_directions, int)
+                                           or max_directions < 1):
+            raise ValueError(f"max_directions must be a positive integer or None, got {max_directions!r}")
+        self.model = model
+        self.loss = loss
+        self.backend = backend
+        self.max_directions = max_directions
+        self.dtype = dtype
+        self.device = model.weight.device
+        self._W = model.stack_weights(model.weight.detach()).to(dtype).clone()  # [R, n, d, d]
+        self.P = self._W.numel()
+        self.shape = (self.P, self.P)
+        self.size = self.P
+        self.shortcut = bool(model.shortcut)
+        self.activations = tuple(model.activations)
+        proj = getattr(model, "input_proj", None)
+        readout = getattr(model, "readout", None)
+        self._input_proj = None if proj is None else proj.detach().to(dtype)  # [d, p]
+        self._readout = None if readout is None else readout.detach().to(dtype)  # [q, d]
+        self.in_features = getattr(model, "in_features", model.width)
+        self.out_features = getattr(model, "out_features", model.width)
+
+        batches = _as_batches(data)
+        self._batches = []  # (h0[B, d], y, weight m_b / m)
+        sizes = []
+        for i, (x, y) in enumerate(batches):
+            h0, y = self._check_batch(i, x, y)
+            self._batches.append([h0, y])
+            sizes.append(x.shape[0])
+        self.num_samples = int(sum(sizes))
+        if self.num_samples == 0:
+            raise ValueError("data must hold at least one sample, got batches with 0 rows in total")
+        self._batches = [(h0, y, m_b / self.num_samples) for (h0, y), m_b in zip(self._batches, sizes) if m_b > 0]
+        self.num_batches = len(self._batches)
+
+        self.fallback_reason = None
+        self.backend_used = backend
+        if backend == "fused":
+            if self._readout is not None:
+                self.backend_used, self.fallback_reason = "autograd", (
+                    "the fused HVP computes the loss on the trunk output; this model has a read-out")
+            elif not fused_hvp_available():
+                self.backend_used, self.fallback_reason = "autograd", "the fused HVP kernel is not built"
+        self.num_products = 0
+
+    # ------------------------------------------------------------------ checks and helpers
+    def _check_batch(self, i: int, x, y):
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"data[{i}] x must have shape [B, {self.in_features}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"data[{i}] x must be a floating-point tensor, got {x.dtype}")
+        B = x.shape[0]
+        if y.shape[0] != B:
+            raise ValueError(f"data[{i}] targets must have {B} rows like x, got {list(y.shape)}")
+        q = self.out_features
+        if self.loss == "mse":
+            if y.dim() != 2 or y.shape[1] != q:
+                raise ValueError(f"data[{i}] targets must have shape [{B}, {q}] for loss='mse', got {list(y.shape)}")
+            if not y.is_floating_point():
+                raise TypeError(f"data[{i}] targets must be floating point for loss='mse', got {y.dtype}")
+            y = y.to(device=self.device, dtype=self.dtype)
+        else:
+            if y.dim() == 1:
+                if y.is_floating_point() or y.is_complex():
+                    raise TypeError(f"data[{i}] class-index targets must be integers, got {y.dtype}")
+                if B and (int(y.min()) < 0 or int(y.max()) >= q):
+                    raise ValueError(f"data[{i}] class indices must lie in [0, {q}), got range "
+                                     f"[{int(y.min())}, {int(y.max())}]")
+                y = y.to(device=self.device, dtype=torch.long)
+            elif y.dim() == 2 and y.shape[1] == q and y.is_floating_point():
+                y = y.to(device=self.device, dtype=self.dtype)
+            else:
+                raise ValueError(f"data[{i}] targets must be class indices [{B}] or probabilities [{B}, {q}] "
+                                 f"for loss='cross_entropy', got {list(y.shape)} {y.dtype}")
+        x = x.to(device=self.device, dtype=self.dtype)
+        h0 = x if self._input_proj is None else x @ self._input_proj.T
+        return h0.contiguous(), y
+
+    def _read(self, h):
+        return h if self._readout is None else h @ self._readout.T
+
+    def _forward_loss(self, w4, h0, y, backend="torch"):
+        h = ops.residual_stack(h0, w4, self.shortcut, *self.activations, backend=backend)
+        return reference.loss_fn(self.loss, self._read(h), y)
+
+    def _check_directions(self, V) -> torch.Tensor:
+        if not isinstance(V, torch.Tensor):
+            raise TypeError(f"V must be a torch.Tensor of shape [{self.P}, k], got {type(V).__name__}")
+        if V.dim() != 2 or V.shape[0] != self.P:
+            raise ValueError(f"V must have shape [{self.P}, k] (P = number of trunk weights), got {list(V.shape)}")
+        if V.shape[1] == 0:
+            raise ValueError(f"V must hold k >= 1 directions, got shape {list(V.shape)}")
+        if V.dtype != self.dtype:
+            raise TypeError(f"V must have dtype {self.dtype} (the operator's dtype), got {V.dtype}")
+        return V.to(self.device)
+
+    # ------------------------------------------------------------------ products
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:  # [P] -> [P]
+        """``H v`` for one direction ``v[P]``."""
+        if not isinstance(v, torch.Tensor) or v.dim() != 1:
+            got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"v must be a 1-D tensor of shape [{self.P}], got {got}")
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:  # [P, k] -> [P, k]
+        """``H V`` for ``k`` directions at once (columns of ``V[P, k]``)."""
+        V = self._check_directions(V)
+        k = V.shape[1]
+        step = k if self.max_directions is None else self.max_directions
+        outs = [self._hvp_all_batches(V[:, c:c + step]) for c in range(0, k, step)]
+        self.num_products += k
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _hvp_all_batches(self, V):  # [P, k] -> [P, k]
+        D = V.T.reshape((V.shape[1],) + tuple(self._W.shape))  # [k, R, n, d, d]
+        out = torch.zeros_like(D)
+        fn = {"fused": self._hvp_fused, "autograd": self._hvp_autograd, "func": self._hvp_func}[self.backend_used]
+        for h0, y, wt in self._batches:
+            out.add_(fn(h0, y, D), alpha=wt)
+        return out.reshape(V.shape[1], self.P).T
+
+    def _hvp_fused(self, h0, y, D):
+        _, _, hv = ops.residual_stack_hvp(h0, self._W, y, D.contiguous(), self.shortcut, *self.activations,
+                                          loss=self.loss, backend="fused")
+        return hv
+
+    def _hvp_autograd(self, h0, y, D):
+        w = self._W.detach().requires_grad_(True)
+        with torch.enable_grad():
+            L = self._forward_loss(w, h0, y)
+            (g,) = torch.autograd.grad(L, w, create_graph=True)
+            if not g.requires_grad:  # the gradient does not depend on w: H = 0
+                return torch.zeros_like(D)
+            try:
+                (hv,) = torch.autograd.grad(g, w, grad_outputs=D, is_grads_batched=True, retain_graph=True,
+                                            materialize_grads=True)
+            except RuntimeError:  # an op without a batching rule: one direction at a time
+                hv = torch.stack([torch.autograd.grad(g, w, grad_outputs=v, retain_graph=True,
+                                                      materialize_grads=True)[0] for v in D])
+        return hv.detach()
+
+    def _hvp_func(self, h0, y, D):
+        from torch.func import grad, jvp, vmap
+
+        shape = self._W.shape
+
+        def loss_of(w4):
+            return self._forward_loss(w4.reshape(shape), h0, y)
+
+        def hvp(v):
+            return jvp(grad(loss_of), (self._W,), (v,))[1]
+
+        return vmap(hvp)(D)
+
+    # ------------------------------------------------------------------ other views
+    def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean loss (0-dim) and its gradient ``[P]`` over all the data."""
+        fwd = None if self.backend_used == "fused" else "torch"
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        grad = torch.zeros_like(self._W)
+        for h0, y, wt in self._batches:
+            w = self._W.detach().requires_grad_(True)
+            with torch.enable_grad():
+                L = self._forward_loss(w, h0, y, backend=fwd)
+                (g,) = torch.autograd.grad(L, w)
+            total += wt * L.detach()
+            grad += wt * g
+        return total, grad.reshape(-1)
+
+    def to_dense(self, force: bool = False, chunk: int = 256) -> torch.Tensor:  # [P, P]
+        """The full Hessian, assembled from batched HVPs with ``chunk`` directions each.
+
+        Refuses when ``P > MAX_DENSE_PARAMS`` (8192) unless ``force=True``.
+        """
+        if self.P > MAX_DENSE_PARAMS and not force:
+            raise ValueError(
+                f"to_dense() refuses P = {self.P} > MAX_DENSE_PARAMS = {MAX_DENSE_PARAMS} parameters "
+                f"({self.P ** 2 * torch.finfo(self.dtype).bits // 8 / 2**30:.1f} GiB); pass force=True, or use "
+                "lanczos / slq on the operator itself"
+            )
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        eye = torch.eye(self.P, dtype=self.dtype, device=self.device)
+        return torch.cat([self.matmat(eye[:, c:c + chunk]) for c in range(0, self.P, chunk)], dim=1)
+
+    def as_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` view (numpy in, numpy out, in the operator's dtype)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+
+        def mm(X):
+            X = np.asarray(X)
+            one = X.ndim == 1
+            t = torch.as_tensor(np.ascontiguousarray(X.reshape(self.P, -1)), dtype=self.dtype, device=self.device)
+            out = self.matmat(t).cpu().numpy()
+            return out[:, 0] if one else out
+
+        return LinearOperator(shape=self.shape, dtype=np_dtype, matvec=mm, rmatvec=mm, matmat=mm, rmatmat=mm)
+
+    def __repr__(self) -> str:
+        return (f"HessianOperator(P={self.P}, loss={self.loss!r}, backend={self.backend!r}"
+                f"{'' if self.backend_used == self.backend else f' -> {self.backend_used!r}'}, dtype={self.dtype}, "
+                f"samples={self.num_samples}, batches={self.num_batches})")
+
+
+def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Reference: the full-data Hessian ``[P, P]`` by ``torch.func.hessian`` of the hand-written loss.
+
+    Slow and memory hungry (``P^2``); used by tests and for tiny nets only.
+    """
+    from torch.func import hessian
+
+    op = HessianOperator(model, data, loss=loss, backend="autograd", dtype=dtype)
+    shape = op._W.shape
+    H = torch.zeros(op.P, op.P, dtype=dtype, device=op.device)
+    for h0, y, wt in op._batches:
+        H += wt * hessian(lambda w: op._forward_loss(w.reshape(shape), h0, y))(op._W.reshape(-1))
+    return H

@@ -1,0 +1,197 @@
+"""The paper's networks (PAPER.md section 1): n-shortcut residual nets and plain nets.
+
+All trunk weights live in one ``Parameter`` so that the whole stack is one op call:
+``ShortcutNet.weight`` is ``[R, n, d, d]`` (units x layers x out x in) and ``PlainNet.weight`` is
+``[D, d, d]`` (layers x out x in), run as one unit of ``D`` layers without a shortcut.
+
+Optional frozen input projection / read-out: when data lives in ``R^p`` with ``p != d``, pass
+``in_features=p`` (and/or ``out_features=q``).  A fixed random matrix with orthonormal rows or
+columns (seeded, ``requires_grad=False``, a buffer) maps ``R^p -> R^d`` before the trunk and
+``R^d -> R^q`` after it.  Every result in PAPER.md is stated for the trunk; the projections are
+constants of the loss and carry no parameters, so Hessians stay those of the trunk weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops import check_backend, residual_stack
+from .reference import check_activation
+
+INITS = ("zero", "small", "xavier", "orthogonal", "he")
+
+
+def init_weights(shape, init: str, scale: float = 0.01, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Weights of ``shape[..., d, d]`` for one of ``INITS``, seeded.
+
+    - ``zero``: all zeros (every residual unit is the identity; a saddle of the loss);
+    - ``small``: Xavier-normal times ``scale`` (the paper's "zero with small perturbation");
+    - ``xavier``: Glorot normal, std ``sqrt(2 / (fan_in + fan_out))``;
+    - ``orthogonal``: each ``d x d`` matrix a random orthogonal matrix (Saxe et al.);
+    - ``he``: normal with std ``sqrt(2 / fan_in)``.
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    g = torch.Generator().manual_seed(int(seed))
+    d_out, d_in = shape[-2], shape[-1]
+    if init == "zero":
+        return torch.zeros(shape, dtype=dtype)
+    if init == "orthogonal":
+        a = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+        q, r = torch.linalg.qr(a)
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        return q.to(dtype)
+    std = {"small": math.sqrt(2.0 / (d_in + d_out)) * scale,
+           "xavier": math.sqrt(2.0 / (d_in + d_out)),
+           "he": math.sqrt(2.0 / d_in)}[init]
+    return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * std).to(dtype)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _frozen_projection(rows: int, cols: int, seed: int, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a)
+    q = q if rows >= cols else q.T
+    return q.to(dtype).contiguous()
+
+
+class StackNet(nn.Module):
+    """Common base: a trunk of residual units run by one ``residual_stack`` call."""
+
+    shortcut: bool
+    n: int
+
+    def __init__(self, width, act_pre, act_mid, act_post, backend, in_features, out_features, seed, dtype):
+        super().__init__()
+        self.width = _check_int("width", width, 1)
+        self.act_pre = check_activation("pre", act_pre)
+        self.act_mid = check_activation("mid", act_mid)
+        self.act_post = check_activation("post", act_post)
+        self.backend = check_backend(backend)
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.in_features = width if in_features is None else _check_int("in_features", in_features, 1)
+        self.out_features = width if out_features is None else _check_int("out_features", out_features, 1)
+        if self.in_features != width:
+            self.register_buffer("input_proj", _frozen_projection(width, self.in_features, seed, dtype))  # [d, p]
+        else:
+            self.input_proj = None
+        if self.out_features != width:
+            self.register_buffer("readout", _frozen_projection(self.out_features, width, seed + 1, dtype))  # [q, d]
+        else:
+            self.readout = None
+
+    # --- the trunk as a function of its weights: what curvature tools differentiate
+    @property
+    def activations(self) -> tuple[str, str, str]:
+        return (self.act_pre, self.act_mid, self.act_post)
+
+    def stack_weights(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` (default: the parameter) viewed as ``[R, n, d, d]``."""
+        w = self.weight if weight is None else weight
+        return w.reshape(-1, self.n, self.width, self.width)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the frozen input projection, if any: ``[B, p] -> [B, d]``."""
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must have shape [B, {self.in_features}], got {list(x.shape)}")
+        return x if self.input_proj is None else x @ self.input_proj.T
+
+    def read(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.readout is None else h @ self.readout.T
+
+    def forward_with(self, weight: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """The network's output with ``weight`` in place of the parameter (any shape that views as
+        ``[R, n, d, d]``, e.g. the flat parameter vector)."""
+        h = self.embed(x)
+        h = residual_stack(h, self.stack_weights(weight), self.shortcut, *self.activations,
+                           backend=self.backend if backend is None else backend)
+        return self.read(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with(self.weight, x)
+
+    @property
+    def depth(self) -> int:
+        """Number of weight layers (PAPER.md: an n-shortcut net with R units has depth n*R)."""
+        return self.weight.numel() // (self.width * self.width)
+
+    def num_parameters(self) -> int:
+        return self.weight.numel()
+
+    def mean_frobenius_norm(self) -> float:
+        """Mean Frobenius norm of the ``d x d`` weight matrices (the paper's Figs. 2-3)."""
+        w = self.weight.detach().reshape(-1, self.width, self.width)
+        return float(torch.linalg.matrix_norm(w).mean())
+
+
+class ShortcutNet(StackNet):
+    """n-shortcut residual network: ``R`` units, each ``h -> h + s_post(W_n ... s_mid(W_1 s_pre(h)))``.
+
+    Args:
+        width: ``d``, the width of every layer.
+        units: ``R``, the number of residual units (depth ``n * R``).
+        shortcut: ``n >= 1``, how many layers each shortcut skips.
+        pre, mid, post: activation at each position (``identity | relu | tanh | ssigmoid``).
+        init: one of ``zero | small | xavier | orthogonal | he``; ``scale`` scales ``small``.
+        seed: seeds the initialisation (and the frozen projections).
+        backend: ``"fused"`` (default where built), ``"torch"`` (reference), or ``None``.
+        in_features, out_features: data dimensions if not ``width`` (frozen projections).
+        dtype: ``torch.float32`` or ``torch.float64``.
+
+    >>> net = ShortcutNet(width=4, units=3, shortcut=2, init="zero", backend="torch")
+    >>> tuple(net.weight.shape), net.depth
+    ((3, 2, 4, 4), 6)
+    """
+
+    def __init__(self, width: int, units: int, shortcut: int = 2, pre: str = "identity", mid: str = "identity",
+                 post: str = "identity", init: str = "small", scale: float = 0.01, seed: int = 0,
+                 backend: str | None = None, in_features: int | None = None, out_features: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(width, pre, mid, post, backend, in_features, out_features, seed, dtype)
+        self.units = _check_int("units", units, 1)
+        self.n = _check_int("shortcut", shortcut, 1)
+        self.shortcut = True
+        self.init = init
+        self.weight = nn.Parameter(init_weights((units, shortcut, width, width), init, scale, seed, dtype))
+
+    def extra_repr(self) -> str:
+        return (f"width={self.width}, units={self.units}, shortcut={self.n}, pre={self.act_pre}, "
+                f"mid={self.act_mid}, post={self.act_post}, init={self.init}, backend={self.backend}")
+
+
+class PlainNet(StackNet):
+    """Plain network ``h -> W_D s(... s(W_1 h))`` with activation ``s`` between layers.
+
+    ``weight`` is ``[D, d, d]``; it runs as one unit of ``D`` layers with the shortcut off.
+
+    >>> net = PlainNet(width=3, depth=5, init="orthogonal", backend="torch")
+    >>> tuple(net.weight.shape), net.depth
+    ((5, 3, 3), 5)
+    """
+
+    def __init__(self, width: int, depth: int, activation: str = "identity", init: str = "xavier",
+                 scale: float = 0.01, seed: int = 0, backend: str | None = None, in_features: int | None = None,
+                 out_features: int | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__(width, "identity", activation, "identity", backend, in_features, out_features, seed, dtype)
+        self.n = _check_int("depth", depth, 1)
+        self.shortcut = False
+        self.init = init
+        self.weight = nn.Parameter(init_weights((depth, width, width), init, scale, seed, dtype))
+
+    def stack_weights(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight if weight is None else weight
+        return w.reshape(1, self.n, self.width, self.width)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, depth={self.n}, activation={self.act_mid}, init={self.init}, backend={self.backend}"

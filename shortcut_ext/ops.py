@@ -1,0 +1,204 @@
+"""Public ops: one call runs a whole residual stack.
+
+``residual_stack`` dispatches to the fused C++/CUDA kernels (``backend="fused"``, the default where
+built) or to the pure-PyTorch reference (``backend="torch"``).  Autograd and ``torch.compile`` support
+for the fused ops are registered here with ``torch.library``.
+
+Memory of the fused path: the forward saves only the input of every unit, ``R * B * d`` elements
+(``[R, B, d]``); the backward recomputes each unit's inner activations from that input, one unit at
+a time, in scratch of ``2 * n * tile * d`` elements per thread.  Inference (no grad) saves nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._build import BUILD_HINT, _C, build_info, require_built
+from .reference import ACTIVATIONS, LOSSES, check_activation
+
+BACKENDS = ("fused", "torch")
+_LIB = "shortcut_ext"
+
+
+def default_backend() -> str:
+    """``"fused"`` where the kernels are built, else ``"torch"``."""
+    return "fused" if _C is not None else "torch"
+
+
+def check_backend(backend) -> str:
+    if backend is None:
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "fused":
+        require_built("backend='fused'")
+    return backend
+
+
+def check_stack_args(x, weights, arg_x: str = "x") -> None:
+    """Checks in Python what the dispatcher cannot explain well (types, devices, unbuilt CUDA).
+
+    Shape and dtype checks live in the C++ host code so that direct op calls get them too.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{arg_x} must be a torch.Tensor of shape [B, d], got {type(x).__name__}")
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor of shape [R, n, d, d], got {type(weights).__name__}")
+    for name, t in ((arg_x, x), ("weights", weights)):
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{arg_x} must have shape [B, d], got {list(x.shape)}")
+    if weights.dim() != 4 or weights.shape[2] != weights.shape[3] or weights.shape[3] != x.shape[1]:
+        raise ValueError(
+            f"weights must have shape [R, n, d, d] with d == {arg_x}.size(1) == {x.shape[1]}, "
+            f"got {list(weights.shape)}"
+        )
+    if weights.shape[0] < 1 or weights.shape[1] < 1:
+        raise ValueError(f"weights must have R >= 1 units and n >= 1 layers per unit, got {list(weights.shape)}")
+    if x.dtype != weights.dtype:
+        raise TypeError(f"{arg_x} and weights must have the same dtype, got {arg_x}: {x.dtype}, weights: {weights.dtype}")
+    if x.device != weights.device:
+        raise ValueError(f"{arg_x} and weights must be on the same device, got {arg_x}: {x.device}, weights: {weights.device}")
+    if x.device.type == "cuda" and _C is not None and not build_info().get("cuda", False):
+        raise RuntimeError(
+            f"{arg_x} is a CUDA tensor but shortcut_ext was built without CUDA kernels; rebuild on a machine "
+            "with CUDA torch and nvcc (FORCE_CUDA=1 pip install --no-build-isolation .) or use backend='torch'"
+        )
+    if x.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{arg_x} must be on a cpu or cuda device, got {x.device}")
+
+
+def residual_stack(
+    x: torch.Tensor,  # [B, d]
+    weights: torch.Tensor,  # [R, n, d, d]
+    shortcut: bool = True,
+    act_pre: str = "identity",
+    act_mid: str = "identity",
+    act_post: str = "identity",
+    backend: str | None = None,
+) -> torch.Tensor:  # [B, d]
+    """Run a residual stack of ``R`` units with ``n`` layers each (see ``reference``).
+
+    Args:
+        x: ``[B, d]`` float32 or float64 inputs, one row per sample; any strides.
+        weights: ``[R, n, d, d]`` branch weights (units x layers x out x in), same dtype and device.
+        shortcut: identity shortcut around each unit; ``False`` gives a plain stack.
+        act_pre, act_mid, act_post: one of ``identity | relu | tanh | ssigmoid`` at each position.
+        backend: ``"fused"`` (C++/CUDA kernels), ``"torch"`` (reference) or ``None`` (fused if built).
+
+    Returns:
+        ``[B, d]`` outputs.  Differentiable once w.r.t. ``x`` and ``weights`` through the fused
+        backward; for second derivatives use :func:`residual_stack_hvp`.
+
+    >>> import torch
+    >>> x = torch.ones(3, 2, dtype=torch.float64)
+    >>> residual_stack(x, torch.zeros(5, 2, 2, 2, dtype=torch.float64), backend="torch").equal(x)
+    True
+    """
+    for arg, name in (("act_pre", act_pre), ("act_mid", act_mid), ("act_post", act_post)):
+        check_activation(arg, name)
+    check_stack_args(x, weights)
+    shortcut = bool(shortcut)
+    if check_backend(backend) == "torch":
+        return reference.residual_stack_forward(x, weights, shortcut, act_pre, act_mid, act_post)
+    save = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
+    y, _ = torch.ops.shortcut_ext.residual_stack_forward(
+        x.contiguous(), weights.contiguous(), shortcut, act_pre, act_mid, act_post, save
+    )
+    return y
+
+
+def residual_stack_hvp(
+    x: torch.Tensor,  # [B, d]
+    weights: torch.Tensor,  # [R, n, d, d]
+    targets: torch.Tensor,  # [B, d], or [B] class indices with loss="cross_entropy"
+    directions: torch.Tensor,  # [k, R, n, d, d]
+    shortcut: bool = True,
+    act_pre: str = "identity",
+    act_mid: str = "identity",
+    act_post: str = "identity",
+    loss: str = "mse",
+    backend: str | None = None,
+):
+    """Loss, gradient ``[R, n, d, d]`` and ``k`` Hessian-vector products ``[k, R, n, d, d]``.
+
+    The Hessian is that of ``loss(residual_stack(x, weights), targets)`` w.r.t. ``weights``.
+    ``backend="fused"`` uses the fused R-operator kernel where it is built, else the reference.
+    """
+    for arg, name in (("act_pre", act_pre), ("act_mid", act_mid), ("act_post", act_post)):
+        check_activation(arg, name)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    check_stack_args(x, weights)
+    if not isinstance(directions, torch.Tensor) or directions.dim() != 5 or tuple(directions.shape[1:]) != tuple(weights.shape):
+        got = list(directions.shape) if isinstance(directions, torch.Tensor) else type(directions).__name__
+        raise ValueError(f"directions must have shape [k, {', '.join(map(str, weights.shape))}], got {got}")
+    if directions.dtype != weights.dtype:
+        raise TypeError(f"directions must have dtype {weights.dtype} like weights, got {directions.dtype}")
+    backend = check_backend(backend)
+    if backend == "fused" and hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
+        return torch.ops.shortcut_ext.residual_stack_hvp(
+            x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),
+            bool(shortcut), act_pre, act_mid, act_post, loss,
+        )
+    return reference.residual_stack_hvp(x, weights, targets, directions, bool(shortcut), act_pre, act_mid, act_post, loss)
+
+
+# --------------------------------------------------------------------------- autograd / fake kernels
+def _setup_forward(ctx, inputs, output):
+    x, weights, shortcut, act_pre, act_mid, act_post, save = inputs
+    y, saved = output
+    ctx.save_for_backward(weights, saved)
+    ctx.args = (shortcut, act_pre, act_mid, act_post)
+    ctx.saved_inputs = bool(save)
+    ctx.mark_non_differentiable(saved)
+
+
+def _backward_forward(ctx, grad_y, grad_saved):
+    weights, saved = ctx.saved_tensors
+    if not ctx.saved_inputs:
+        raise RuntimeError(
+            "residual_stack_forward was called with save_inputs=False, so it kept nothing for the "
+            "backward; call it with save_inputs=True (shortcut_ext.residual_stack does this when grad is needed)"
+        )
+    grad_x, grad_w = torch.ops.shortcut_ext.residual_stack_backward(
+        grad_y.contiguous(), weights, saved, *ctx.args
+    )
+    return grad_x, grad_w, None, None, None, None, None
+
+
+def _backward_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward through the fused residual stack is not supported: for Hessian-vector "
+        "products use shortcut_ext.residual_stack_hvp or "
+        "shortcut_ext.curvature.HessianOperator(backend='fused'), or pass backend='torch'"
+    )
+
+
+def _setup_backward(ctx, inputs, output):
+    pass
+
+
+def _register() -> None:
+    lib = torch.ops.shortcut_ext
+
+    @torch.library.register_fake(f"{_LIB}::residual_stack_forward")
+    def _(x, weights, shortcut, act_pre, act_mid, act_post, save_inputs):
+        R = weights.shape[0]
+        saved = x.new_empty((R, x.shape[0], x.shape[1])) if save_inputs else x.new_empty((0,))
+        return x.new_empty(x.shape), saved
+
+    @torch.library.register_fake(f"{_LIB}::residual_stack_backward")
+    def _(grad_y, weights, saved, shortcut, act_pre, act_mid, act_post):
+        return grad_y.new_empty(grad_y.shape), weights.new_empty(weights.shape)
+
+    torch.library.register_autograd(f"{_LIB}::residual_stack_forward", _backward_forward, setup_context=_setup_forward)
+    torch.library.register_autograd(f"{_LIB}::residual_stack_backward", _backward_backward, setup_context=_setup_backward)
+    del lib
+
+
+if _C is not None:
+    _register()
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "BUILD_HINT", "default_backend", "residual_stack", "residual_stack_hvp"]

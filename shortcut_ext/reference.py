@@ -1,0 +1,118 @@
+"""Pure-PyTorch definitions of every op: the ground truth the fused kernels are tested against.
+
+Notation (PAPER.md section 1).  A residual stack has ``R`` units of ``n`` layers each; all branch
+weights live in one tensor ``weights[R, n, d, d]`` (units x layers x out x in).  Rows of ``x`` are
+samples, so a layer maps ``a -> a @ W.T``.  Unit ``r`` maps::
+
+    h -> h + s_post(W[r, n-1] s_mid( ... s_mid(W[r, 0] s_pre(h)) ... ))     (shortcut=True)
+    h ->     s_post(W[r, n-1] s_mid( ... s_mid(W[r, 0] s_pre(h)) ... ))     (shortcut=False)
+
+A plain network of depth ``D`` is one unit of ``n = D`` layers with the shortcut switched off, so its
+activation sits between layers (``s_mid``), as in the paper.
+"""
+from __future__ import annotations
+
+import torch
+
+ACTIVATIONS = ("identity", "relu", "tanh", "ssigmoid")
+LOSSES = ("mse", "cross_entropy")
+
+
+def activation(name: str, z: torch.Tensor) -> torch.Tensor:
+    """Apply activation ``name`` elementwise.
+
+    ``ssigmoid`` is the symmetric sigmoid ``2*sigmoid(z) - 1 == tanh(z/2)``.
+    """
+    if name == "identity":
+        return z
+    if name == "relu":
+        return torch.relu(z)
+    if name == "tanh":
+        return torch.tanh(z)
+    if name == "ssigmoid":
+        return 2.0 * torch.sigmoid(z) - 1.0
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def activation_slope_at_zero(name: str) -> float:
+    """``s'(0)`` of each activation (ReLU uses autograd's convention ``relu'(0) = 0``)."""
+    return {"identity": 1.0, "relu": 0.0, "tanh": 1.0, "ssigmoid": 0.5}[check_activation("act", name)]
+
+
+def check_activation(arg: str, name) -> str:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"{arg} must be one of {ACTIVATIONS}, got {name!r}")
+    return name
+
+
+def residual_stack_forward(
+    x: torch.Tensor,  # [B, d]
+    weights: torch.Tensor,  # [R, n, d, d]
+    shortcut: bool = True,
+    act_pre: str = "identity",
+    act_mid: str = "identity",
+    act_post: str = "identity",
+) -> torch.Tensor:  # [B, d]
+    """Reference forward of a residual stack (differentiable to any order by autograd)."""
+    h = x
+    R, n = weights.shape[0], weights.shape[1]
+    for r in range(R):
+        a = activation(act_pre, h)
+        for k in range(n):
+            a = a @ weights[r, k].transpose(0, 1)
+            if k < n - 1:
+                a = activation(act_mid, a)
+        a = activation(act_post, a)
+        h = h + a if shortcut else a
+    return h
+
+
+def residual_stack_unit_inputs(x, weights, shortcut=True, act_pre="identity", act_mid="identity", act_post="identity"):
+    """The input of every unit, ``[R, B, d]``: what the fused forward saves for its backward."""
+    hs = []
+    h = x
+    R, n = weights.shape[0], weights.shape[1]
+    for r in range(R):
+        hs.append(h)
+        h = residual_stack_forward(h, weights[r : r + 1], shortcut, act_pre, act_mid, act_post)
+    return torch.stack(hs) if hs else x.new_empty((0,) + tuple(x.shape))
+
+
+def loss_fn(name: str, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Loss of the paper: ``mse`` is ``1/(2m) sum_i ||f(x_i) - y_i||^2``; ``cross_entropy`` is the
+    mean softmax cross-entropy with ``targets`` either class indices ``[B]`` or probabilities ``[B, d]``."""
+    m = out.shape[0]
+    if name == "mse":
+        return 0.5 * ((out - targets) ** 2).sum() / max(m, 1)
+    if name == "cross_entropy":
+        logp = torch.log_softmax(out, dim=1)
+        if targets.dim() == 1:
+            return -logp.gather(1, targets.long().unsqueeze(1)).sum() / max(m, 1)
+        return -(targets * logp).sum() / max(m, 1)
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+def residual_stack_hvp(
+    x: torch.Tensor,  # [B, d]
+    weights: torch.Tensor,  # [R, n, d, d]
+    targets: torch.Tensor,  # [B, d] (or [B] class indices for cross_entropy)
+    directions: torch.Tensor,  # [k, R, n, d, d]
+    shortcut: bool = True,
+    act_pre: str = "identity",
+    act_mid: str = "identity",
+    act_post: str = "identity",
+    loss: str = "mse",
+):
+    """Reference loss, gradient ``[R, n, d, d]`` and Hessian-vector products ``[k, R, n, d, d]``
+    by double backward."""
+    w = weights.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = residual_stack_forward(x, w, shortcut, act_pre, act_mid, act_post)
+        L = loss_fn(loss, out, targets)
+        (g,) = torch.autograd.grad(L, w, create_graph=True)
+        hv = []
+        for v in directions:
+            (h,) = torch.autograd.grad(g, w, grad_outputs=v, retain_graph=True, allow_unused=True)
+            hv.append(torch.zeros_like(w) if h is None else h)
+    hv = torch.stack(hv) if hv else weights.new_empty((0,) + tuple(weights.shape))
+    return L.detach(), g.detach(), hv.detach()

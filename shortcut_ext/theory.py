@@ -1,0 +1,460 @@
+"""The Hessian at the zero point in closed form (PAPER.md section 2, Theorem 1), any depth.
+
+At zero branch weights every residual unit is the identity, so the net computes ``f(x) = x`` and
+the loss depends on the data only through
+
+    e_i = d l_i / d f  at f = x_i       (x_i - y_i for mse)          -- the residual at zero,
+    p_i = s_pre(x_i)                                                  -- the branch input,
+    G_i = d^2 l_i / d f^2 at f = x_i    (I for mse)                   -- the output curvature,
+
+with trunk inputs ``x_i`` (after the frozen input projection, if any; a frozen read-out ``Q`` turns
+``e_i`` into ``Q^T e_i`` and ``G_i`` into ``Q^T G_i Q``).  Write ``M = (1/m) sum_i e_i p_i^T`` (the
+paper's ``M = S_xx - S_yx`` for linear nets and mse), and ``c = s'_mid(0) s'_post(0)``.
+
+Theorem 1, assuming ``s_mid(0) = s_post(0) = 0`` (true for identity, relu, tanh, ssigmoid):
+
+- ``n >= 3``: gradient 0 and Hessian 0.
+- ``n = 2``: gradient 0; the loss is ``L(0) + c sum_r tr(A_r B_r M^T) + O(|w|^3)`` over units ``r``
+  (``B_r``, ``A_r`` the first and second matrix), so the Hessian is block diagonal over units with
+  eigenvalues ``+- c sigma_i(M)``, each ``d`` times per unit: ``d * R`` times in all, for any ``R``.
+- ``n = 1`` (derived here; ``c = s'_post(0)``, ``c2 = s''_post(0)``, ``D_i = diag(s'_pre(x_i))``):
+  ``f(x) = x + c sum_r W_r p + c^2 sum_{q<r} W_r D W_q p + (c2/2) sum_r (W_r p)^2 + O(|w|^3)``, so
+  the gradient is ``c M`` for every layer and, indexing layer ``r``'s weights by ``(a, b)`` (out, in),
+
+      H_rq = A + C        (r > q),     H_qr = A + C^T,     H_rr = A + c2 E,
+      A[(a,j),(a',j')] = c^2 (1/m) sum_i G_i[a,a'] p_ij p_ij'            (= c^2 I (x) S_pp for mse),
+      C[(a,b),(b',k)]  = c^2 delta_bb' (1/m) sum_i e_ia D_i[b] p_ik,
+      E[(a,j),(a',j')] = delta_aa' (1/m) sum_i e_ia p_ij p_ij',
+
+  i.e. ``H = J (x) A + L (x) C + L^T (x) C^T + c2 I (x) E`` with ``J`` all ones and ``L`` strictly
+  lower triangular ones (``L[r, q] = 1`` for ``r > q``) -- the paper's block-Toeplitz form.  The
+  gradient is not 0.
+
+ReLU: autograd uses ``relu'(0) = 0``, so at exactly zero weights a ReLU at a mid/post position
+gives ``c = 0`` and a zero Hessian, which is what autograd computes; the theorem's smooth-activation
+statement does not cover ReLU (see :func:`check_assumptions`).  A ReLU at the *pre* position is
+fine: only ``s_pre(x_i)`` and ``s'_pre(x_i)`` at the (generically non-zero) data enter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .reference import ACTIVATIONS, LOSSES, activation, check_activation
+
+# (s(0), s'(0), s''(0)); relu'(0) = 0 is autograd's convention (relu is not differentiable at 0)
+ACTIVATION_AT_ZERO = {
+    "identity": (0.0, 1.0, 0.0),
+    "relu": (0.0, 0.0, 0.0),
+    "tanh": (0.0, 1.0, 0.0),
+    "ssigmoid": (0.0, 0.5, 0.0),  # 2 sigmoid(z) - 1 = tanh(z / 2)
+}
+SMOOTH_AT_ZERO = {"identity": True, "relu": False, "tanh": True, "ssigmoid": True}
+
+
+def activation_taylor(name: str) -> tuple[float, float, float]:
+    """``(s(0), s'(0), s''(0))`` of an activation (ReLU with autograd's ``relu'(0) = 0``)."""
+    return ACTIVATION_AT_ZERO[check_activation("activation", name)]
+
+
+def activation_derivative(name: str, z: torch.Tensor) -> torch.Tensor:
+    """``s'(z)`` elementwise (ReLU: ``1[z > 0]``, autograd's convention)."""
+    check_activation("activation", name)
+    if name == "identity":
+        return torch.ones_like(z)
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    if name == "tanh":
+        return 1.0 - torch.tanh(z) ** 2
+    t = torch.tanh(z / 2)
+    return 0.5 * (1.0 - t * t)
+
+
+@dataclass
+class AssumptionCheck:
+    """Whether Theorem 1's assumption ``s_mid(0) = s_post(0) = 0`` (and smoothness at 0) holds.
+
+    Attributes:
+        holds: ``s_mid(0) = s_post(0) = 0`` and the activations that matter are smooth at 0.
+        values_zero: ``s_mid(0) = s_post(0) = 0``.
+        smooth: the mid/post activations (those evaluated at 0) are differentiable there.
+        slope: ``c = s'_mid(0) s'_post(0)`` for ``n >= 2`` (``s'_post(0)`` for ``n = 1``).
+        notes: human-readable caveats.
+    """
+
+    holds: bool
+    values_zero: bool
+    smooth: bool
+    slope: float
+    notes: list = field(default_factory=list)
+
+
+def check_assumptions(pre: str = "identity", mid: str = "identity", post: str = "identity",
+                      shortcut: int = 2) -> AssumptionCheck:
+    """Check Theorem 1's assumptions for an activation placement (see module docstring)."""
+    for arg, name in (("pre", pre), ("mid", mid), ("post", post)):
+        check_activation(arg, name)
+    _check_int("shortcut", shortcut, 1)
+    at_zero = [post] if shortcut == 1 else [mid, post]
+    values_zero = all(ACTIVATION_AT_ZERO[a][0] == 0.0 for a in at_zero)
+    smooth = all(SMOOTH_AT_ZERO[a] for a in at_zero)
+    slope = math.prod(ACTIVATION_AT_ZERO[a][1] for a in at_zero)
+    notes = []
+    if not smooth:
+        notes.append("relu is not differentiable at 0: the closed form uses autograd's relu'(0) = 0 "
+                     "(a zero Hessian at exactly zero weights); the theorem's smooth case does not apply")
+    if shortcut >= 3:
+        notes.append("n >= 3: gradient and Hessian vanish at zero (a high-order saddle)")
+    return AssumptionCheck(values_zero and smooth, values_zero, smooth, slope, notes)
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+# ------------------------------------------------------------------------------------ the data at zero
+@dataclass
+class ZeroPointData:
+    """The data as the trunk sees it at zero weights (float64).
+
+    Attributes:
+        x: ``[m, d]`` trunk inputs (after any input projection).
+        residual: ``[m, d]`` ``e_i = d l_i / d f`` at ``f = x_i``, pulled back through any read-out.
+        out_hessian: ``[m, d, d]`` ``G_i``, or ``None`` meaning the identity (mse, no read-out).
+    """
+
+    x: torch.Tensor
+    residual: torch.Tensor
+    out_hessian: torch.Tensor | None
+
+    @property
+    def m(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.x.shape[1]
+
+
+def zero_point_data(X: torch.Tensor, Y: torch.Tensor, loss: str = "mse", input_proj: torch.Tensor | None = None,
+                    readout: torch.Tensor | None = None) -> ZeroPointData:
+    """Residuals and output curvature at zero weights.
+
+    Args:
+        X: ``[m, p]`` inputs.
+        Y: ``[m, q]`` targets (mse); class indices ``[m]`` or probabilities ``[m, q]`` (cross_entropy).
+        loss: ``"mse"`` or ``"cross_entropy"``.
+        input_proj: optional frozen ``[d, p]`` input projection (``x -> x @ input_proj.T``).
+        readout: optional frozen ``[q, d]`` read-out (``h -> h @ readout.T``).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.shape[0] < 1:
+        raise ValueError(f"X must be a tensor of shape [m, p] with m >= 1, got "
+                         f"{list(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}")
+    if not isinstance(Y, torch.Tensor) or Y.shape[0] != X.shape[0]:
+        raise ValueError(f"Y must be a tensor with {X.shape[0]} rows like X, got "
+                         f"{list(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__}")
+    x = X.detach().to(torch.float64).cpu()
+    if input_proj is not None:
+        x = x @ input_proj.detach().to(torch.float64).cpu().T
+    d = x.shape[1]
+    Q = None if readout is None else readout.detach().to(torch.float64).cpu()  # [q, d]
+    f = x if Q is None else x @ Q.T  # [m, q] output at zero
+    q = f.shape[1]
+    if loss == "mse":
+        if Y.dim() != 2 or Y.shape[1] != q:
+            raise ValueError(f"Y must have shape [{X.shape[0]}, {q}] for loss='mse', got {list(Y.shape)}")
+        g = f - Y.detach().to(torch.float64).cpu()
+        G = None if Q is None else (Q.T @ Q).expand(x.shape[0], d, d).clone()
+    else:
+        prob = torch.softmax(f, dim=1)
+        if Y.dim() == 1:
+            target = torch.nn.functional.one_hot(Y.long().cpu(), q).to(torch.float64)
+        elif Y.dim() == 2 and Y.shape[1] == q:
+            target = Y.detach().to(torch.float64).cpu()
+        else:
+            raise ValueError(f"Y must be class indices [{X.shape[0]}] or probabilities [{X.shape[0]}, {q}] "
+                             f"for loss='cross_entropy', got {list(Y.shape)}")
+        # l = -sum_c t_c log softmax(f)_c: gradient (sum t) p - t, Hessian (sum t)(diag p - p p^T)
+        mass = target.sum(dim=1, keepdim=True)
+        g = mass * prob - target
+        Gout = mass.unsqueeze(2) * (torch.diag_embed(prob) - prob.unsqueeze(2) * prob.unsqueeze(1))
+        G = Gout if Q is None else Q.T @ Gout @ Q
+    e = g if Q is None else g @ Q
+    return ZeroPointData(x=x, residual=e, out_hessian=G)
+
+
+def zero_point_data_from_model(model, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse") -> ZeroPointData:
+    """:func:`zero_point_data` with the model's frozen projections (its weights are not used)."""
+    return zero_point_data(X, Y, loss, getattr(model, "input_proj", None), getattr(model, "readout", None))
+
+
+def branch_moment(zp: ZeroPointData, pre: str = "identity") -> torch.Tensor:  # [d, d]
+    """``M = (1/m) sum_i e_i s_pre(x_i)^T`` (the paper's ``S_xx - S_yx`` for linear nets and mse)."""
+    p = activation(check_activation("pre", pre), zp.x)
+    return zp.residual.T @ p / zp.m
+
+
+# ------------------------------------------------------------------------------------ spectra
+@dataclass
+class ZeroPointSpectrum:
+    """The Hessian spectrum at the zero point, as values with multiplicities.
+
+    Attributes:
+        values: eigenvalues (not necessarily distinct), each ``multiplicities[i]`` times.
+        multiplicities: ``int`` array like ``values``; sums to ``num_params``.
+        num_params: ``P = R * n * d * d``.
+        shortcut, units, width: ``n``, ``R``, ``d``.
+        method: ``"closed_form"`` (n = 2), ``"zero"`` (n >= 3) or ``"assembled"`` (n = 1, eigenvalues
+            of the assembled block-Toeplitz Hessian).
+        singular_values: ``sigma(M)`` (descending) for ``n = 2``, else ``None``.
+        slope: the activation factor ``c``.
+        gradient_norm: ``||grad L(0)||`` (0 for ``n >= 2``).
+        assumptions: :class:`AssumptionCheck`.
+    """
+
+    values: np.ndarray
+    multiplicities: np.ndarray
+    num_params: int
+    shortcut: int
+    units: int
+    width: int
+    method: str
+    singular_values: np.ndarray | None
+    slope: float
+    gradient_norm: float
+    assumptions: AssumptionCheck
+
+    def eigenvalues(self) -> np.ndarray:
+        """All ``P`` eigenvalues, ascending."""
+        return np.sort(np.repeat(self.values, self.multiplicities))
+
+    def distinct(self, decimals: int = 12) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct eigenvalues (rounded to ``decimals`` relative to the largest) and their multiplicities."""
+        scale = float(np.abs(self.values).max(initial=0.0)) or 1.0
+        key = np.round(self.values / scale, decimals)
+        uniq, inv = np.unique(key, return_inverse=True)
+        mult = np.bincount(inv, weights=self.multiplicities).astype(np.int64)
+        vals = np.array([self.values[inv == i].mean() for i in range(len(uniq))])
+        return vals, mult
+
+    def report(self, q: float = 0.1, k: int = 5):
+        """The exact :class:`~shortcut_ext.curvature.condition.ConditionReport` of this spectrum."""
+        from .curvature.condition import report_from_eigenvalues
+
+        rep = report_from_eigenvalues(self.eigenvalues(), q=q, k=k, method=f"theory:{self.method}")
+        return rep
+
+
+def two_shortcut_spectrum(zp: ZeroPointData, units: int, pre: str = "identity", mid: str = "identity",
+                          post: str = "identity") -> ZeroPointSpectrum:
+    """Closed-form zero-point spectrum of a 2-shortcut net: ``+- c sigma_i(M)``, each ``d * R`` times."""
+    R = _check_int("units", units, 1)
+    chk = check_assumptions(pre, mid, post, 2)
+    d = zp.d
+    sigma = torch.linalg.svdvals(branch_moment(zp, pre)).numpy()
+    c = chk.slope
+    vals = np.concatenate([c * sigma, -c * sigma])
+    mult = np.full(2 * d, d * R, dtype=np.int64)
+    return ZeroPointSpectrum(vals, mult, R * 2 * d * d, 2, R, d, "closed_form", sigma, c, 0.0, chk)
+
+
+def one_shortcut_blocks(zp: ZeroPointData, pre: str = "identity", post: str = "identity"):
+    """The ``d^2 x d^2`` blocks ``(A, C, E)`` of the 1-shortcut zero-point Hessian and the slopes
+    ``(c, c2)`` (see the module docstring); rows index ``(out, in)`` of a layer's weight."""
+    check_activation("pre", pre)
+    _, c, c2 = activation_taylor(post)
+    m, d = zp.m, zp.d
+    p = activation(pre, zp.x)  # [m, d]
+    Dp = activation_derivative(pre, zp.x)  # [m, d]
+    e = zp.residual
+    if zp.out_hessian is None:
+        A = torch.kron(torch.eye(d, dtype=torch.float64), p.T @ p / m)
+    else:
+        A = torch.einsum("iab,ij,ik->ajbk", zp.out_hessian, p, p).reshape(d * d, d * d) / m
+    A = c * c * A
+    T = torch.einsum("ia,ib,ik->abk", e, Dp, p) / m  # [a, b, k]
+    C = c * c * torch.einsum("abk,bc->abck", T, torch.eye(d, dtype=torch.float64)).reshape(d * d, d * d)
+    E = torch.einsum("ia,ij,ik,ab->ajbk", e, p, p, torch.eye(d, dtype=torch.float64)).reshape(d * d, d * d) / m
+    return A, C, E, c, c2
+
+
+def one_shortcut_gradient(zp: ZeroPointData, units: int, pre: str = "identity",
+                          post: str = "identity") -> torch.Tensor:  # [R, 1, d, d]
+    """Gradient at zero of a 1-shortcut net: ``s'_post(0) M`` for every layer."""
+    R = _check_int("units", units, 1)
+    c = activation_taylor(post)[1]
+    return (c * branch_moment(zp, pre)).expand(R, 1, zp.d, zp.d).clone()
+
+
+class OneShortcutHessian:
+    """The 1-shortcut zero-point Hessian as a structured operator (``O(R d^4 k)`` per ``matmat``).
+
+    Same interface as :class:`~shortcut_ext.curvature.HessianOperator` (``matmat``, ``matvec``,
+    ``to_dense``, ``shape``, ``dtype``), so Lanczos / SLQ run on it at any depth.
+    """
+
+    def __init__(self, zp: ZeroPointData, units: int, pre: str = "identity", post: str = "identity"):
+        self.units = _check_int("units", units, 1)
+        self.A, self.C, self.E, self.c, self.c2 = one_shortcut_blocks(zp, pre, post)
+        self.d2 = self.A.shape[0]
+        self.P = self.units * self.d2
+        self.shape = (self.P, self.P)
+        self.dtype = torch.float64
+        self.device = torch.device("cpu")
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:  # [P, k] -> [P, k]
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[0] != self.P or V.shape[1] < 1:
+            raise ValueError(f"V must be a tensor of shape [{self.P}, k] with k >= 1, got "
+                             f"{list(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__}")
+        X = V.to(torch.float64).reshape(self.units, self.d2, -1)  # [R, d^2, k]
+        total = X.sum(dim=0)
+        before = torch.cumsum(X, dim=0) - X  # sum over q < r
+        after = total - before - X  # sum over q > r
+        Y = (self.A @ total).unsqueeze(0) + self.c2 * (self.E @ X) + self.C @ before + self.C.T @ after
+        return Y.reshape(self.P, -1).to(V.dtype)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def to_dense(self, force: bool = False) -> torch.Tensor:  # [P, P]
+        R = self.units
+        J = torch.ones(R, R, dtype=torch.float64)
+        Lw = torch.tril(J, -1)
+        return (torch.kron(J, self.A) + torch.kron(Lw, self.C) + torch.kron(Lw.T, self.C.T)
+                + self.c2 * torch.kron(torch.eye(R, dtype=torch.float64), self.E))
+
+
+def one_shortcut_hessian(zp: ZeroPointData, units: int, pre: str = "identity",
+                         post: str = "identity") -> torch.Tensor:  # [P, P]
+    """The assembled block-Toeplitz Hessian ``[R d^2, R d^2]`` of a 1-shortcut net at zero."""
+    return OneShortcutHessian(zp, units, pre, post).to_dense()
+
+
+def zero_point_spectrum(zp: ZeroPointData, shortcut: int, units: int, pre: str = "identity",
+                        mid: str = "identity", post: str = "identity",
+                        max_dense_params: int = 8192) -> ZeroPointSpectrum:
+    """The zero-point Hessian spectrum of an ``n``-shortcut net with ``R`` units, without building it.
+
+    ``n = 2``: closed form; ``n >= 3``: all zero; ``n = 1``: ``eigvalsh`` of the assembled Hessian
+    (refused above ``max_dense_params``; use :class:`OneShortcutHessian` with Lanczos / SLQ there).
+    """
+    n = _check_int("shortcut", shortcut, 1)
+    R = _check_int("units", units, 1)
+    for arg, name in (("pre", pre), ("mid", mid), ("post", post)):
+        check_activation(arg, name)
+    d = zp.d
+    P = R * n * d * d
+    chk = check_assumptions(pre, mid, post, n)
+    if n == 2:
+        return two_shortcut_spectrum(zp, R, pre, mid, post)
+    if n >= 3:
+        return ZeroPointSpectrum(np.zeros(1), np.array([P]), P, n, R, d, "zero", None, chk.slope, 0.0, chk)
+    if P > max_dense_params:
+        raise ValueError(f"the 1-shortcut Hessian has P = {P} > max_dense_params = {max_dense_params} rows; "
+                         "raise max_dense_params or run lanczos / slq on OneShortcutHessian")
+    ev = torch.linalg.eigvalsh(one_shortcut_hessian(zp, R, pre, post)).numpy()
+    gnorm = float(one_shortcut_gradient(zp, R, pre, post).norm())
+    return ZeroPointSpectrum(ev, np.ones(P, dtype=np.int64), P, 1, R, d, "assembled", None, chk.slope, gnorm, chk)
+
+
+def model_zero_point_spectrum(model, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse",
+                              max_dense_params: int = 8192) -> ZeroPointSpectrum:
+    """:func:`zero_point_spectrum` for a :class:`~shortcut_ext.models.ShortcutNet`'s configuration
+    (architecture, activations, projections; its current weights are ignored)."""
+    if not getattr(model, "shortcut", False):
+        raise ValueError("model must be a ShortcutNet: Theorem 1 is about residual nets at zero branch weights")
+    zp = zero_point_data_from_model(model, X, Y, loss)
+    return zero_point_spectrum(zp, model.n, model.units, *model.activations, max_dense_params=max_dense_params)
+
+
+# ------------------------------------------------------------------------------------ condition vs depth
+CURVE_KINDS = ("shortcut1", "shortcut2", "shortcut3", "plain_xavier", "plain_orthogonal")
+
+
+def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KINDS, pre: str = "identity",
+                       mid: str = "identity", post: str = "identity", loss: str = "mse", seeds=(0,),
+                       q: float = 0.1, max_dense_params: int = 4096) -> dict:
+    """Condition numbers at initialisation against depth (the paper's Fig. 5).
+
+    ``shortcutN`` is an N-shortcut net at zero weights with ``depth // N`` units, from the theory
+    (``n = 1`` through the assembled Hessian, or Lanczos + SLQ on :class:`OneShortcutHessian` above
+    ``max_dense_params``).  ``plain_xavier`` / ``plain_orthogonal`` have no closed form: they are
+    computed **numerically**, from the dense Hessian (``HessianOperator.to_dense``, float64) of
+    small plain nets (``activation = mid``) at that initialisation, averaged over ``seeds``; depths
+    with ``depth * d^2 > max_dense_params`` are skipped (``nan``).
+
+    Returns:
+        ``{kind: {"depth", "units", "lam_max", "lam_min", "lam_q10", "cond", "cond_q10", "index",
+        "std" (over seeds, plain nets), "method"}}`` with lists over ``depths``.
+    """
+    from .curvature.condition import condition_report
+    from .curvature.hessian import HessianOperator
+    from .models import PlainNet
+
+    keys = ("lam_max", "lam_min", "lam_q10", "cond", "cond_q10", "index")
+    zp = zero_point_data(X, Y, loss)
+    d = zp.d
+    out = {}
+    for kind in kinds:
+        if kind not in CURVE_KINDS:
+            raise ValueError(f"kinds must be drawn from {CURVE_KINDS}, got {kind!r}")
+        rows = {k: [] for k in keys}
+        rows.update(depth=[], units=[], method=[], std=[])
+        for D in depths:
+            D = _check_int("depth", D, 1)
+            rows["depth"].append(D)
+            if kind.startswith("shortcut"):
+                n = int(kind[-1])
+                R = D // n
+                rows["units"].append(R)
+                rows["std"].append(None)
+                if R < 1:
+                    for k in keys:
+                        rows[k].append(float("nan"))
+                    rows["method"].append("skipped")
+                    continue
+                if n == 1 and R * d * d > max_dense_params:
+                    rep = condition_report(OneShortcutHessian(zp, R, pre, post), method="lanczos+slq")
+                else:
+                    rep = zero_point_spectrum(zp, n, R, pre, mid, post, max_dense_params=max(max_dense_params,
+                                                                                            R * d * d)).report(q)
+                for k in keys:
+                    rows[k].append(float(getattr(rep, k)))
+                rows["method"].append(rep.method)
+            else:
+                init = kind.split("_", 1)[1]
+                rows["units"].append(1)
+                if D * d * d > max_dense_params:
+                    for k in keys:
+                        rows[k].append(float("nan"))
+                    rows["method"].append("skipped")
+                    rows["std"].append(None)
+                    continue
+                reps = []
+                for s in seeds:
+                    net = PlainNet(d, D, activation=mid, init=init, seed=int(s), backend="torch", dtype=torch.float64)
+                    op = HessianOperator(net, (X.to(torch.float64), Y if loss != "mse" else Y.to(torch.float64)),
+                                         loss=loss, backend="autograd")
+                    reps.append(condition_report(op, method="exact", q=q))
+                for k in keys:
+                    rows[k].append(float(np.mean([getattr(r, k) for r in reps])))
+                rows["std"].append({k: float(np.std([getattr(r, k) for r in reps])) for k in keys})
+                rows["method"].append("dense (numerical)")
+        out[kind] = rows
+    return out
+
+
+__all__ = [
+    "ACTIVATIONS", "ACTIVATION_AT_ZERO", "AssumptionCheck", "CURVE_KINDS", "OneShortcutHessian", "ZeroPointData",
+    "ZeroPointSpectrum", "activation_derivative", "activation_taylor", "branch_moment", "check_assumptions",
+    "condition_vs_depth", "model_zero_point_spectrum", "one_shortcut_blocks", "one_shortcut_gradient",
+    "one_shortcut_hessian", "two_shortcut_spectrum", "zero_point_data", "zero_point_data_from_model",
+    "zero_point_spectrum",
+]

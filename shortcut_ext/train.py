@@ -1,0 +1,437 @@
+"""Training as in the paper (PAPER.md section 4): full-batch gradient descent, per-epoch metrics,
+Hessian probes along training, and the learning-rate sweep with the best rate per network.
+
+- :func:`train` runs one network: ``optimizer="gd"`` (the paper's full-batch gradient descent),
+  ``"sgd"`` (mini-batches, optional momentum) or ``"adam"``.  Every epoch it records the loss,
+  ``loss - L_min``, the gradient norm and the mean Frobenius norm of the weight matrices; at the
+  probe epochs it records the Hessian's ``|lambda|max``, ``|lambda|(0.1)``, index and condition
+  numbers (:func:`hessian_probes`).  A loss that becomes NaN/inf or explodes ends the run with
+  ``status="diverged"``: a result, never an exception.
+- :func:`lr_sweep` trains one network per learning rate of a log grid and picks the rate with the
+  lowest final loss, as the paper did.  With a ``store`` (any object with ``get(key)`` and
+  ``put(key, record)``, e.g. :class:`shortcut_ext.experiments.store.RunStore`) every finished run is
+  checkpointed and a rerun skips it.
+
+Epoch ``e`` metrics are measured at the weights *before* the ``e``-th update; the history holds
+epochs ``0..epochs`` (the last entry is the final network).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .reference import LOSSES, loss_fn
+
+OPTIMIZERS = ("gd", "sgd", "adam")
+__all__ = [
+    "OPTIMIZERS",
+    "TrainConfig",
+    "TrainResult",
+    "best_run",
+    "dense_hessian",
+    "hessian_probes",
+    "log_grid",
+    "lr_sweep",
+    "spectrum_probes",
+    "train",
+]
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """What :func:`train` does.
+
+    Attributes:
+        epochs: number of updates (full passes over the data).
+        lr: learning rate.
+        optimizer: ``"gd"`` (full batch, the paper), ``"sgd"`` (mini-batches) or ``"adam"``.
+        batch_size: mini-batch size for ``sgd``/``adam``; ``None`` means full batch.
+        momentum: momentum of ``sgd``.
+        loss: ``"mse"`` (the paper: ``1/(2m) sum ||f - y||^2``) or ``"cross_entropy"``.
+        probe_every: Hessian probes every this many epochs (0: none) ...
+        probe_epochs: ... or at exactly these epochs (overrides ``probe_every``).
+        exact_max_params: largest parameter count probed with an exact dense Hessian.
+        divergence_factor: a loss above ``divergence_factor * max(initial loss, 1)`` counts as diverged.
+        seed: seeds the mini-batch order.
+    """
+
+    epochs: int = 1000
+    lr: float = 0.01
+    optimizer: str = "gd"
+    batch_size: int | None = None
+    momentum: float = 0.0
+    loss: str = "mse"
+    probe_every: int = 0
+    probe_epochs: Sequence[int] | None = None
+    exact_max_params: int = 4000
+    divergence_factor: float = 1e8
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be None or an integer >= 1, got {self.batch_size!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not isinstance(self.probe_every, int) or self.probe_every < 0:
+            raise ValueError(f"probe_every must be an integer >= 0, got {self.probe_every!r}")
+        if self.probe_epochs is not None:
+            self.probe_epochs = tuple(sorted({int(e) for e in self.probe_epochs}))
+            if any(e < 0 for e in self.probe_epochs):
+                raise ValueError(f"probe_epochs must be >= 0, got {self.probe_epochs}")
+        if not (self.divergence_factor > 1):
+            raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor!r}")
+
+    def probes_at(self, epoch: int) -> bool:
+        if self.probe_epochs is not None:
+            return epoch in self.probe_epochs
+        return self.probe_every > 0 and epoch % self.probe_every == 0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["probe_epochs"] is not None:
+            d["probe_epochs"] = list(d["probe_epochs"])
+        return d
+
+
+def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
+    """Learning rates ``10^k`` on a log grid from ``lo`` to ``hi`` with ``per_decade`` points per decade.
+
+    >>> log_grid(0.01, 1, per_decade=2)
+    [0.01, 0.0316, 0.1, 0.316, 1.0]
+    """
+    if not (0 < lo <= hi):
+        raise ValueError(f"need 0 < lo <= hi, got lo={lo!r}, hi={hi!r}")
+    if not isinstance(per_decade, int) or per_decade < 1:
+        raise ValueError(f"per_decade must be an integer >= 1, got {per_decade!r}")
+    a, b = math.log10(lo), math.log10(hi)
+    steps = int(round((b - a) * per_decade))
+    return [float(f"{10 ** (a + i / per_decade):.3g}") for i in range(steps + 1)]
+
+
+# --------------------------------------------------------------------------- results
+def _finite_or_none(v):
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class TrainResult:
+    """One training run: status, final numbers, the per-epoch history and the Hessian probes."""
+
+    status: str  # "ok" | "diverged"
+    lr: float
+    epochs: int
+    final_loss: float  # inf when diverged
+    l_min: float | None
+    diverged_epoch: int | None = None
+    history: dict = field(default_factory=dict)  # epoch, loss, excess, grad_norm, weight_norm (lists)
+    probes: list = field(default_factory=list)  # dicts: epoch, loss, lam_max, lam_q10, index, cond, cond_q10, method
+    seconds: float = 0.0
+    probe_seconds: float = 0.0
+
+    @property
+    def final_excess(self) -> float:
+        if self.l_min is None:
+            return math.nan
+        return self.final_loss - self.l_min
+
+    @property
+    def final_weight_norm(self) -> float:
+        w = self.history.get("weight_norm") or [math.nan]
+        return w[-1]
+
+    def to_dict(self, max_points: int | None = None) -> dict:
+        """JSON-safe dict (non-finite floats become ``None``); ``max_points`` thins the history
+        (first, last and evenly spaced epochs are kept; probes are always kept)."""
+        hist = self.history
+        n = len(hist.get("epoch", []))
+        if max_points is not None and n > max_points:
+            keep = np.unique(np.round(np.linspace(0, n - 1, max_points)).astype(int))
+            hist = {k: [v[i] for i in keep] for k, v in hist.items()}
+        clean = lambda xs: [_finite_or_none(x) if not isinstance(x, int) else x for x in xs]  # noqa: E731
+        return {
+            "status": self.status,
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "final_loss": _finite_or_none(self.final_loss),
+            "final_excess": _finite_or_none(self.final_excess),
+            "final_weight_norm": _finite_or_none(self.final_weight_norm),
+            "l_min": self.l_min,
+            "diverged_epoch": self.diverged_epoch,
+            "seconds": self.seconds,
+            "probe_seconds": self.probe_seconds,
+            "history": {k: clean(v) for k, v in hist.items()},
+            "probes": [{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in p.items()} for p in self.probes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainResult":
+        nan_if_none = lambda v: math.nan if v is None else v  # noqa: E731
+        return cls(
+            status=d["status"], lr=d["lr"], epochs=d["epochs"],
+            final_loss=math.inf if d.get("final_loss") is None else d["final_loss"],
+            l_min=d.get("l_min"), diverged_epoch=d.get("diverged_epoch"),
+            history={k: [nan_if_none(x) for x in v] for k, v in d.get("history", {}).items()},
+            probes=[{k: nan_if_none(v) for k, v in p.items()} for p in d.get("probes", [])],
+            seconds=d.get("seconds", 0.0), probe_seconds=d.get("probe_seconds", 0.0),
+        )
+
+
+# --------------------------------------------------------------------------- Hessian probes
+def spectrum_probes(eigenvalues, method: str = "dense") -> dict:
+    """The paper's curvature numbers from Hessian eigenvalues (PAPER.md section 3).
+
+    - ``lam_max``: ``|lambda|max``; ``lam_q10``: the 10th percentile of ``|lambda|``;
+    - ``index``: fraction of negative eigenvalues (``|lambda|`` below ``P * eps * |lambda|max`` counts as 0);
+    - ``cond``: ``|lambda|max / |lambda|min`` (``inf`` if singular); ``cond_q10``: ``|lambda|max / |lambda|(0.1)``.
+
+    >>> p = spectrum_probes([-2.0, 1.0, 1.0, 4.0]); (p["lam_max"], p["index"], p["cond"])
+    (4.0, 0.25, 4.0)
+    """
+    ev = np.asarray(torch.as_tensor(eigenvalues, dtype=torch.float64).detach().cpu(), dtype=np.float64).ravel()
+    if ev.size == 0:
+        raise ValueError("eigenvalues must not be empty")
+    a = np.abs(ev)
+    lam_max = float(a.max())
+    tol = ev.size * np.finfo(np.float64).eps * lam_max * 10
+    lam_min = float(a.min())
+    lam_q10 = float(np.quantile(a, 0.1))
+    div = lambda x, y: (x / y) if y > tol else (math.nan if x <= tol else math.inf)  # noqa: E731
+    return {
+        "lam_max": lam_max,
+        "lam_q10": lam_q10,
+        "index": float(np.mean(ev < -tol)),
+        "cond": div(lam_max, lam_min),
+        "cond_q10": div(lam_max, lam_q10),
+        "method": method,
+    }
+
+
+def _loss_of(model, X, Y, loss: str, backend=None):
+    return lambda w: loss_fn(loss, model.forward_with(w, X, backend=backend), Y)
+
+
+def dense_hessian(model, data, loss: str = "mse", max_bytes: float = 2.5e8) -> torch.Tensor:
+    """Exact ``[P, P]`` Hessian of the loss w.r.t. the flat trunk weights, in float64.
+
+    Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``, as ``torch.func.hessian``),
+    vmapped over the ``P`` unit vectors in chunks that keep memory under ``max_bytes``; the forward
+    is the pure-PyTorch reference (double backward through the fused op is not supported).
+    """
+    from torch.func import grad, jvp, vmap
+
+    X, Y = data
+    net = model if model.weight.dtype == torch.float64 else copy.deepcopy(model).double()
+    X = X.to(torch.float64)
+    Y = Y if Y.dtype in (torch.long, torch.int64) else Y.to(torch.float64)
+    w0 = net.weight.detach().reshape(-1).clone()
+    P = w0.numel()
+    g = grad(_loss_of(net, X, Y, loss, backend="torch"))
+    hvp = lambda v: jvp(g, (w0,), (v,))[1]  # noqa: E731
+    per_dir = 8.0 * 6 * X.shape[0] * max(net.width, X.shape[1]) * (net.depth + 2)
+    chunk = int(max(1, min(P, max_bytes // per_dir)))
+    H = vmap(hvp, chunk_size=chunk)(torch.eye(P, dtype=torch.float64))
+    return 0.5 * (H + H.T)
+
+
+def _dense_probes(model, data, loss: str, exact_max_params: int) -> dict:
+    P = model.weight.numel()
+    if P > exact_max_params:
+        out = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
+        out["method"] = f"skipped: {P} parameters > exact_max_params={exact_max_params} and shortcut_ext.curvature unavailable"
+        return out
+    ev = torch.linalg.eigvalsh(dense_hessian(model, data, loss))
+    return spectrum_probes(ev, method="dense (torch.func fallback)")
+
+
+def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000) -> dict:
+    """``{lam_max, lam_q10, index, cond, cond_q10, method}`` of the loss Hessian at the model's weights.
+
+    Uses :func:`shortcut_ext.curvature.hessian_probes` where it exists (exact below
+    ``exact_max_params``, stochastic Lanczos quadrature above); otherwise an exact dense Hessian
+    (:func:`dense_hessian`) for nets of at most ``exact_max_params`` parameters.
+    """
+    try:
+        from .curvature import hessian_probes as curvature_probes
+    except ImportError:
+        curvature_probes = None
+    if curvature_probes is not None:
+        return dict(curvature_probes(model, data, loss, exact_max_params=exact_max_params))
+    return _dense_probes(model, data, loss, exact_max_params)
+
+
+# --------------------------------------------------------------------------- training
+def _check_data(name, data):
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise TypeError(f"{name} must be a pair (X [m, d], Y [m, q]), got {type(data).__name__}")
+    X, Y = data
+    if not isinstance(X, torch.Tensor) or not isinstance(Y, torch.Tensor):
+        raise TypeError(f"{name} must hold torch tensors, got {type(X).__name__}, {type(Y).__name__}")
+    if X.dim() != 2 or Y.shape[0] != X.shape[0]:
+        raise ValueError(f"{name} must be X [m, d] and Y [m, q] with the same m, got {list(X.shape)} and {list(Y.shape)}")
+    return X, Y
+
+
+def train(
+    model,
+    data,  # (X [m, d], Y [m, q])
+    config: TrainConfig | None = None,
+    l_min: float | None = None,
+    probe_data=None,  # (X, Y) for Hessian probes, default ``data``
+    progress: bool = False,
+    **overrides,
+) -> TrainResult:
+    """Train ``model`` (a :class:`~shortcut_ext.models.ShortcutNet` / ``PlainNet``) in place.
+
+    Args:
+        model: the network; its ``weight`` is updated.
+        data: ``(X [m, d], Y [m, q])`` in the model's dtype.
+        config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields.
+        l_min: best linear loss (:func:`shortcut_ext.data.best_linear_loss`) for ``loss - L_min``.
+        probe_data: data for the Hessian probes (e.g. :func:`~shortcut_ext.data.second_moment_compress`
+            of ``data`` for linear nets, which gives the same Hessian much faster).
+        progress: show a tqdm bar over epochs.
+
+    Returns:
+        A :class:`TrainResult`; a diverged run has ``status="diverged"`` and ``final_loss=inf``.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    X, Y = _check_data("data", data)
+    probe_data = (X, Y) if probe_data is None else _check_data("probe_data", probe_data)
+    if X.dtype != model.weight.dtype:
+        raise TypeError(f"data must have the model's dtype {model.weight.dtype}, got X: {X.dtype}")
+    w = model.weight
+    m = X.shape[0]
+    params = [w]
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.lr)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum if config.optimizer == "sgd" else 0.0)
+    full_batch = config.optimizer == "gd" or config.batch_size is None or config.batch_size >= m
+    gen = torch.Generator().manual_seed(int(config.seed))
+    lm = None if l_min is None else float(l_min)
+    hist = {"epoch": [], "loss": [], "excess": [], "grad_norm": [], "weight_norm": []}
+    probes: list[dict] = []
+    status, diverged_epoch, final_loss = "ok", None, math.inf
+    limit = None
+    t0 = time.perf_counter()
+    probe_time = 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs, desc="train", leave=False)
+
+    def loss_and_grad(xb, yb):
+        opt.zero_grad(set_to_none=True)
+        L = loss_fn(config.loss, model(xb), yb)
+        L.backward()
+        return float(L.detach()), w.grad
+
+    for epoch in range(config.epochs + 1):
+        L, g = loss_and_grad(X, Y)
+        gn = float(g.detach().norm()) if g is not None else 0.0
+        wn = model.mean_frobenius_norm()
+        if limit is None:
+            limit = config.divergence_factor * max(L, 1.0) if math.isfinite(L) else 0.0
+        hist["epoch"].append(epoch)
+        hist["loss"].append(L)
+        hist["excess"].append(L - lm if lm is not None else math.nan)
+        hist["grad_norm"].append(gn)
+        hist["weight_norm"].append(wn)
+        if not (math.isfinite(L) and math.isfinite(gn) and math.isfinite(wn)) or L > limit:
+            status, diverged_epoch = "diverged", epoch
+            break
+        if config.probes_at(epoch):
+            tp = time.perf_counter()
+            p = hessian_probes(model, probe_data, config.loss, config.exact_max_params)
+            probe_time += time.perf_counter() - tp
+            probes.append({"epoch": epoch, "loss": L, "excess": hist["excess"][-1], "grad_norm": gn, **p})
+        if epoch == config.epochs:
+            final_loss = L
+            break
+        if full_batch:
+            opt.step()
+        else:
+            perm = torch.randperm(m, generator=gen)
+            for i in range(0, m, config.batch_size):
+                idx = perm[i: i + config.batch_size]
+                loss_and_grad(X[idx], Y[idx])
+                opt.step()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    opt.zero_grad(set_to_none=True)
+    return TrainResult(
+        status=status, lr=float(config.lr), epochs=config.epochs, final_loss=final_loss, l_min=lm,
+        diverged_epoch=diverged_epoch, history=hist, probes=probes,
+        seconds=time.perf_counter() - t0, probe_seconds=probe_time,
+    )
+
+
+# --------------------------------------------------------------------------- learning-rate sweep
+def best_run(results: Iterable) -> TrainResult | dict | None:
+    """The run with the lowest final loss (the paper's "best learning rate"); ``None`` if all diverged.
+
+    Accepts :class:`TrainResult` objects or their dicts; ties go to the first in order.
+    """
+    best, best_loss = None, math.inf
+    for r in results:
+        fl = r.final_loss if isinstance(r, TrainResult) else r.get("final_loss")
+        fl = math.inf if fl is None else float(fl)
+        if math.isfinite(fl) and fl < best_loss:
+            best, best_loss = r, fl
+    return best
+
+
+def lr_sweep(
+    make_model: Callable[[], torch.nn.Module],
+    data,
+    lrs: Sequence[float],
+    config: TrainConfig | None = None,
+    l_min: float | None = None,
+    probe_data=None,
+    store=None,
+    key: str | None = None,
+    max_points: int | None = 500,
+) -> tuple[TrainResult | None, list[TrainResult]]:
+    """Train a fresh ``make_model()`` at every rate of ``lrs``; return ``(best, all_runs)``.
+
+    Divergent rates are results (``status="diverged"``).  With ``store`` (``get(key) -> dict | None``,
+    ``put(key, dict)``) each finished run is saved under ``f"{key}/lr={lr}"`` as soon as it ends, and
+    runs already in the store are loaded instead of retrained: an interrupted sweep resumes.
+    """
+    config = config or TrainConfig()
+    if not lrs:
+        raise ValueError("lrs must hold at least one learning rate")
+    if store is not None and key is None:
+        raise ValueError("key must name the sweep when a store is given")
+    runs = []
+    for lr in lrs:
+        run_key = f"{key}/lr={float(lr):.6g}" if key is not None else None
+        rec = store.get(run_key) if store is not None else None
+        if rec is not None:
+            runs.append(TrainResult.from_dict(rec))
+            continue
+        res = train(make_model(), data, dataclasses.replace(config, lr=float(lr)), l_min=l_min, probe_data=probe_data)
+        if store is not None:
+            store.put(run_key, res.to_dict(max_points))
+        runs.append(res)
+    return best_run(runs), runs
