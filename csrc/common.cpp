@@ -33,6 +33,22 @@ static std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const char* x_name) {
   TORCH_CHECK_VALUE(x.dim() == 2, x_name, " must have shape [B, d], got ", shape_str(x));
   TORCH_CHECK_VALUE(weights.dim() == 4, "weights must have shape [R, n, d, d], got ", shape_str(weights));
@@ -44,9 +60,9 @@ StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const cha
                     "weights must have R >= 1 units and n >= 1 layers per unit, got ", shape_str(weights));
   TORCH_CHECK_VALUE(d >= 1, x_name, " must have d >= 1 features, got ", shape_str(x));
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, x_name,
-                   " must be float32 or float64, got ", x.scalar_type());
+                   " must be float32 or float64, got ", dtype_name(x.scalar_type()));
   TORCH_CHECK_TYPE(weights.scalar_type() == x.scalar_type(), x_name, " and weights must have the same dtype, got ",
-                   x_name, ": ", x.scalar_type(), ", weights: ", weights.scalar_type());
+                   x_name, ": ", dtype_name(x.scalar_type()), ", weights: ", dtype_name(weights.scalar_type()));
   TORCH_CHECK_VALUE(x.device() == weights.device(), x_name, " and weights must be on the same device, got ", x_name,
                     ": ", x.device(), ", weights: ", weights.device());
   TORCH_CHECK_VALUE(x.is_contiguous(), x_name, " must be contiguous, got strides ", x.strides(),
@@ -60,8 +76,8 @@ void check_saved(const at::Tensor& saved, const at::Tensor& weights, const Stack
   TORCH_CHECK_VALUE(saved.dim() == 3 && saved.size(0) == s.R && saved.size(1) == s.B && saved.size(2) == s.d,
                     "saved must be the unit inputs of shape [R, B, d] = [", s.R, ", ", s.B, ", ", s.d,
                     "] returned by residual_stack_forward(save_inputs=True), got ", shape_str(saved));
-  TORCH_CHECK_TYPE(saved.scalar_type() == weights.scalar_type(), "saved must have dtype ", weights.scalar_type(),
-                   ", got ", saved.scalar_type());
+  TORCH_CHECK_TYPE(saved.scalar_type() == weights.scalar_type(), "saved must have dtype ", dtype_name(weights.scalar_type()),
+                   ", got ", dtype_name(saved.scalar_type()));
   TORCH_CHECK_VALUE(saved.device() == weights.device(), "saved must be on ", weights.device(), ", got ",
                     saved.device());
   TORCH_CHECK_VALUE(saved.is_contiguous(), "saved must be contiguous");

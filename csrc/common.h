@@ -50,6 +50,9 @@ C10_HOST_DEVICE inline T act_deriv2(Act a, T z, T s) {
   }
 }
 
+// "float32", "float64", "int64", ...: dtype names as Python spells them, for error messages.
+std::string dtype_name(at::ScalarType t);
+
 struct StackShape {
   int64_t B, d, R, n;
 };

@@ -17,6 +17,10 @@ TORCH_LIBRARY(shortcut_ext, m) {
   // -> (grad_x [B, d], grad_weights [R, n, d, d])
   m.def("residual_stack_backward(Tensor grad_y, Tensor weights, Tensor saved, bool shortcut, str act_pre, "
         "str act_mid, str act_post) -> (Tensor, Tensor)");
+  // -> (loss [] , grad [R, n, d, d], hvps [k, R, n, d, d]); targets [B, d], or [B] int64 class indices
+  // with loss="cross_entropy"; directions [k, R, n, d, d]
+  m.def("residual_stack_hvp(Tensor x, Tensor weights, Tensor targets, Tensor directions, bool shortcut, "
+        "str act_pre, str act_mid, str act_post, str loss) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef SHORTCUT_EXT_TORCH_VERSION

@@ -16,11 +16,17 @@ BUILD_HINT = (
     "(and run from outside the source tree, so that the installed package is imported)"
 )
 
-try:  # importing _C runs TORCH_LIBRARY registration of every op schema and CPU/CUDA kernel
-    from . import _C  # type: ignore[attr-defined,no-redef]
-except ImportError as e:  # pragma: no cover - exercised by tests through a subprocess
-    _LOAD_ERROR = str(e)
-    _C = None
+import importlib.util
+import os
+
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    _LOAD_ERROR = f"no compiled module _C next to {os.path.dirname(os.path.abspath(__file__))}"
+else:
+    try:  # importing _C runs TORCH_LIBRARY registration of every op schema and CPU/CUDA kernel
+        from . import _C  # type: ignore[attr-defined,no-redef]
+    except ImportError as e:  # e.g. built against another torch: undefined symbols
+        _LOAD_ERROR = f"importing it failed: {e}"
+        _C = None
 
 if _C is not None:
     _built_with = _C.build_info().get("torch_version", "")

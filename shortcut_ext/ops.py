@@ -35,6 +35,10 @@ def check_backend(backend) -> str:
     return backend
 
 
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
 def check_stack_args(x, weights, arg_x: str = "x") -> None:
     """Checks in Python what the dispatcher cannot explain well (types, devices, unbuilt CUDA).
 
@@ -46,7 +50,7 @@ def check_stack_args(x, weights, arg_x: str = "x") -> None:
         raise TypeError(f"weights must be a torch.Tensor of shape [R, n, d, d], got {type(weights).__name__}")
     for name, t in ((arg_x, x), ("weights", weights)):
         if t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+            raise TypeError(f"{name} must be float32 or float64, got {_dtype(t)}")
     if x.dim() != 2:
         raise ValueError(f"{arg_x} must have shape [B, d], got {list(x.shape)}")
     if weights.dim() != 4 or weights.shape[2] != weights.shape[3] or weights.shape[3] != x.shape[1]:
@@ -57,7 +61,7 @@ def check_stack_args(x, weights, arg_x: str = "x") -> None:
     if weights.shape[0] < 1 or weights.shape[1] < 1:
         raise ValueError(f"weights must have R >= 1 units and n >= 1 layers per unit, got {list(weights.shape)}")
     if x.dtype != weights.dtype:
-        raise TypeError(f"{arg_x} and weights must have the same dtype, got {arg_x}: {x.dtype}, weights: {weights.dtype}")
+        raise TypeError(f"{arg_x} and weights must have the same dtype, got {arg_x}: {_dtype(x)}, weights: {_dtype(weights)}")
     if x.device != weights.device:
         raise ValueError(f"{arg_x} and weights must be on the same device, got {arg_x}: {x.device}, weights: {weights.device}")
     if x.device.type == "cuda" and _C is not None and not build_info().get("cuda", False):
@@ -135,7 +139,7 @@ def residual_stack_hvp(
         got = list(directions.shape) if isinstance(directions, torch.Tensor) else type(directions).__name__
         raise ValueError(f"directions must have shape [k, {', '.join(map(str, weights.shape))}], got {got}")
     if directions.dtype != weights.dtype:
-        raise TypeError(f"directions must have dtype {weights.dtype} like weights, got {directions.dtype}")
+        raise TypeError(f"directions must have dtype {_dtype(weights)} like weights, got {_dtype(directions)}")
     backend = check_backend(backend)
     if backend == "fused" and hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
         return torch.ops.shortcut_ext.residual_stack_hvp(
@@ -192,6 +196,12 @@ def _register() -> None:
     @torch.library.register_fake(f"{_LIB}::residual_stack_backward")
     def _(grad_y, weights, saved, shortcut, act_pre, act_mid, act_post):
         return grad_y.new_empty(grad_y.shape), weights.new_empty(weights.shape)
+
+    if hasattr(lib, "residual_stack_hvp"):
+
+        @torch.library.register_fake(f"{_LIB}::residual_stack_hvp")
+        def _(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss):
+            return x.new_empty(()), weights.new_empty(weights.shape), directions.new_empty(directions.shape)
 
     torch.library.register_autograd(f"{_LIB}::residual_stack_forward", _backward_forward, setup_context=_setup_forward)
     torch.library.register_autograd(f"{_LIB}::residual_stack_backward", _backward_backward, setup_context=_setup_backward)

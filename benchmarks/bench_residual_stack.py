@@ -1,0 +1,113 @@
+"""Fused residual stack vs eager PyTorch vs torch.compile on CPU (issue: foundation, section 5).
+
+2-shortcut ReLU (mid), R=1000 units, B=256, d in {16, 64, 128}, float32, 2 threads; forward and
+forward+backward.  Each run also measures one large 4096x4096 matmul and reports every variant's
+GFLOP/s and its fraction of that rate.  Results: benchmarks/results/residual_stack.{csv,json} and a
+table printed at the end.
+
+    pytest benchmarks/bench_residual_stack.py --benchmark-columns=median,iqr -s
+    SHORTCUT_EXT_BENCH_COMPILE=0 ...   # skip torch.compile (cold compiles take minutes)
+
+Run on a quiet machine: two processes timing on the same 2 cores wreck each other's figures.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from shortcut_ext import reference as ref
+from shortcut_ext.ops import residual_stack
+
+from common import gemm_rate, write_results
+
+R, B, N = 1000, 256, 2
+WIDTHS = [16, 64, 128]
+ACTS = ("identity", "relu", "identity")
+THREADS = int(os.environ.get("SHORTCUT_EXT_BENCH_THREADS", "2"))
+COMPILE = os.environ.get("SHORTCUT_EXT_BENCH_COMPILE", "1") != "0"
+ROWS: list[dict] = []
+_CACHE: dict = {}
+
+
+def flops(d: int, mode: str) -> float:
+    fwd = 2.0 * B * R * N * d * d
+    return fwd if mode == "forward" else 3.0 * fwd  # backward = data + weight gradients
+
+
+def _inputs(d):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, d, generator=g)
+    w = torch.randn(R, N, d, d, generator=g) * (0.5 / (d * R) ** 0.5)
+    return x, w
+
+
+def _make(impl: str, d: int, mode: str):
+    x, w = _inputs(d)
+    if impl == "fused":
+        fn = lambda x, w: residual_stack(x, w, True, *ACTS, backend="fused")  # noqa: E731
+    elif impl == "eager":
+        fn = lambda x, w: ref.residual_stack_forward(x, w, True, *ACTS)  # noqa: E731
+    else:
+        fn = torch.compile(lambda x, w: ref.residual_stack_forward(x, w, True, *ACTS))
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(x, w)
+    else:
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+        def run():
+            y = fn(xg, wg)
+            return (y,) + torch.autograd.grad(y.square().sum(), (xg, wg))
+    return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads_and_report():
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    rate = gemm_rate()
+    yield
+    for row in ROWS:
+        row["gemm4096_gflops"] = round(rate, 1)
+        row["fraction_of_gemm"] = round(row["gflops"] / rate, 3)
+        base = next((r for r in ROWS if r["case"] == row["case"] and r["impl"] == "eager"), None)
+        row["speedup_vs_eager"] = round(base["median_ms"] / row["median_ms"], 2) if base else None
+    write_results("residual_stack", ROWS, {"gemm4096_gflops": rate, "R": R, "B": B, "n": N, "acts": ACTS})
+    print(f"\n4096x4096 float32 matmul: {rate:.0f} GFLOP/s ({THREADS} threads)")
+    print(f"{'case':<18}{'impl':<9}{'median ms':>11}{'GFLOP/s':>9}{'of GEMM':>9}{'x eager':>9}{'compile s':>11}")
+    for r in ROWS:
+        print(f"{r['case']:<18}{r['impl']:<9}{r['median_ms']:>11.2f}{r['gflops']:>9.1f}{r['fraction_of_gemm']:>9.2f}"
+              f"{(r['speedup_vs_eager'] or 0):>9.2f}{r.get('compile_s', ''):>11}")
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused", "compile"])
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("d", WIDTHS)
+def test_residual_stack(benchmark, d, mode, impl):
+    if impl == "compile" and not COMPILE:
+        pytest.skip("SHORTCUT_EXT_BENCH_COMPILE=0")
+    run = _make(impl, d, mode)
+    t0 = time.perf_counter()
+    out = run()  # first call: compiles for impl == "compile"
+    first_s = time.perf_counter() - t0
+    # check before timing: every variant agrees with eager
+    key = (d, mode)
+    if impl == "eager":
+        _CACHE[key] = [o.detach() for o in (out if isinstance(out, tuple) else (out,))]
+    elif key in _CACHE:
+        got = out if isinstance(out, tuple) else (out,)
+        for a, b in zip(got, _CACHE[key]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    rounds = 3 if impl == "eager" else 7
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+    med = benchmark.stats.stats.median
+    row = {"case": f"d={d} {mode}", "impl": impl, "d": d, "mode": mode, "median_ms": med * 1e3,
+           "iqr_ms": benchmark.stats.stats.iqr * 1e3, "gflops": flops(d, mode) / med / 1e9}
+    if impl == "compile":
+        row["compile_s"] = round(first_s, 1)
+    ROWS.append(row)

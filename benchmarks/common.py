@@ -1,0 +1,58 @@
+"""Helpers shared by the CPU benchmarks: the machine's large-GEMM rate, environment, result files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+
+import torch
+
+import shortcut_ext
+
+RESULTS_DIR = os.environ.get("SHORTCUT_EXT_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
+
+
+def gemm_rate(n: int = 4096, reps: int = 5, dtype=torch.float32, device="cpu") -> float:
+    """Median GFLOP/s of one large ``n x n`` ``torch.matmul`` (the best case of dense GEMM)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(reps):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2.0 * n ** 3 / times[len(times) // 2] / 1e9
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "shortcut_ext": shortcut_ext.build_info(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_results(name: str, rows: list[dict], extra: dict) -> tuple[str, str]:
+    """Write ``rows`` as CSV and ``{environment, extra, rows}`` as JSON under the results folder."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    csv_path = os.path.join(RESULTS_DIR, f"{name}.csv")
+    json_path = os.path.join(RESULTS_DIR, f"{name}.json")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("case", "impl"), k))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(json_path, "w") as f:
+        json.dump({"environment": environment(), **extra, "rows": rows}, f, indent=2)
+    return csv_path, json_path

@@ -1,0 +1,98 @@
+"""ShortcutNet / PlainNet: layouts, inits, backends, projections."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shortcut_ext import PlainNet, ShortcutNet, reference as ref
+from shortcut_ext.models import INITS, init_weights
+from testing import requires_fused
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("make", [
+    lambda b, dt: ShortcutNet(8, 6, 2, mid="relu", init="xavier", seed=1, backend=b, dtype=dt),
+    lambda b, dt: ShortcutNet(8, 4, 3, pre="tanh", mid="ssigmoid", post="tanh", init="he", seed=2, backend=b, dtype=dt),
+    lambda b, dt: ShortcutNet(8, 5, 1, init="orthogonal", seed=3, backend=b, dtype=dt),
+    lambda b, dt: PlainNet(8, 12, "relu", init="orthogonal", seed=4, backend=b, dtype=dt),
+    lambda b, dt: ShortcutNet(8, 3, 2, mid="relu", init="small", in_features=64, out_features=10, seed=5, backend=b, dtype=dt),
+])
+def test_fused_and_torch_backends_agree(make, dtype):
+    nf, nt = make("fused", dtype), make("torch", dtype)
+    assert torch.equal(nf.weight, nt.weight)
+    x = torch.randn(17, nf.in_features, dtype=dtype)
+    yf, yt = nf(x), nt(x)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(yf, yt, **tol)
+    gf = torch.autograd.grad(yf.square().sum(), nf.weight)[0]
+    gt = torch.autograd.grad(yt.square().sum(), nt.weight)[0]
+    torch.testing.assert_close(gf, gt, **tol)
+
+
+def test_plain_net_is_the_paper_product():
+    """PlainNet(identity) computes W_D ... W_1 x; ShortcutNet(n=1) at zero is the identity map."""
+    net = PlainNet(5, 4, "identity", init="xavier", backend="torch", dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    prod = torch.eye(5, dtype=torch.float64)
+    for W in net.weight:
+        prod = W @ prod
+    torch.testing.assert_close(net(x), x @ prod.T)
+    relu_net = PlainNet(5, 3, "relu", init="xavier", backend="torch", dtype=torch.float64)
+    W = relu_net.weight
+    expect = torch.relu(torch.relu(x @ W[0].T) @ W[1].T) @ W[2].T
+    torch.testing.assert_close(relu_net(x), expect)
+    zero = ShortcutNet(5, 7, 1, init="zero", backend="torch", dtype=torch.float64)
+    assert torch.equal(zero(x), x)
+
+
+def test_weight_layout_is_one_parameter():
+    net = ShortcutNet(width=4, units=10, shortcut=3)
+    assert [p.shape for p in net.parameters()] == [torch.Size([10, 3, 4, 4])]
+    assert net.depth == 30 and net.num_parameters() == 480
+    plain = PlainNet(width=4, depth=9)
+    assert plain.stack_weights().shape == (1, 9, 4, 4) and plain.depth == 9
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_inits_are_seeded_and_scaled(init):
+    a = init_weights((200, 2, 16, 16), init, seed=7)
+    b = init_weights((200, 2, 16, 16), init, seed=7)
+    c = init_weights((200, 2, 16, 16), init, seed=8)
+    assert torch.equal(a, b)
+    if init == "zero":
+        assert a.abs().max() == 0
+        return
+    assert not torch.equal(a, c)
+    std = a.std().item()
+    expect = {"small": 0.01 * (2 / 32) ** 0.5, "xavier": (2 / 32) ** 0.5, "he": (2 / 16) ** 0.5,
+              "orthogonal": (1 / 16) ** 0.5}[init]
+    assert abs(std - expect) < 0.03 * expect
+    if init == "orthogonal":
+        eye = torch.eye(16).expand(200, 2, 16, 16)
+        torch.testing.assert_close(a @ a.transpose(-1, -2), eye, atol=1e-5, rtol=0)
+
+
+def test_small_init_scale_option():
+    a = init_weights((50, 2, 8, 8), "small", scale=0.1, seed=0)
+    b = init_weights((50, 2, 8, 8), "xavier", seed=0)
+    torch.testing.assert_close(a, 0.1 * b)
+
+
+def test_frozen_projections_are_buffers_without_grad():
+    net = ShortcutNet(6, 2, 2, in_features=20, out_features=3, backend="torch")
+    assert [n for n, _ in net.named_parameters()] == ["weight"]
+    assert net.input_proj.shape == (6, 20) and net.readout.shape == (3, 6)
+    assert not net.input_proj.requires_grad
+    torch.testing.assert_close(net.input_proj @ net.input_proj.T, torch.eye(6), atol=1e-5, rtol=0)
+    assert net(torch.randn(4, 20)).shape == (4, 3)
+
+
+def test_reference_forward_matches_unit_by_unit():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(5, 2, 3, 3, dtype=torch.float64) * 0.3
+    h = x
+    for r in range(5):
+        h = h + torch.tanh(torch.relu(torch.tanh(h) @ w[r, 0].T) @ w[r, 1].T)
+    torch.testing.assert_close(ref.residual_stack_forward(x, w, True, "tanh", "relu", "tanh"), h)
+    torch.testing.assert_close(ref.activation("ssigmoid", x), 2 * torch.sigmoid(x) - 1)

@@ -1,0 +1,205 @@
+"""The fused residual-stack ops against the pure-PyTorch reference."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import shortcut_ext
+from shortcut_ext import reference as ref
+from shortcut_ext.ops import residual_stack
+from testing import DEVICES, DTYPES, assert_close_lowp, requires_fused, stack_inputs, tol
+
+pytestmark = requires_fused
+ACTS = shortcut_ext.ACTIVATIONS
+
+
+def _outputs(x, w, gy, shortcut, acts, backend):
+    x = x.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(True)
+    y = residual_stack(x, w, shortcut, *acts, backend=backend)
+    return (y.detach(),) + torch.autograd.grad(y, (x, w), gy.to(y.dtype))
+
+
+def _compare(B, d, R, n, shortcut, acts, dtype, device, seed=0, scale=None):
+    """Values and gradients of the fused op against the reference: float64 to 1e-10; float32 within
+    a small multiple of PyTorch's own float32 error against float64."""
+    x, w = stack_inputs(B, d, R, n, dtype, device, scale=scale, seed=seed)
+    gy = torch.randn(B, d, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
+    fused = _outputs(x, w, gy, shortcut, acts, "fused")
+    same = _outputs(x, w, gy, shortcut, acts, "torch")
+    if dtype == torch.float64:
+        for a, b in zip(fused, same):
+            torch.testing.assert_close(a, b, **tol(dtype))
+    else:
+        exact = _outputs(x.double(), w.double(), gy, shortcut, acts, "torch")
+        for a, b, c in zip(fused, same, exact):
+            assert a.dtype == torch.float32
+            assert_close_lowp(a, b, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,shortcut", [(1, True), (2, True), (3, True), (4, True), (1, False), (5, False)])
+def test_every_activation_at_every_position(n, shortcut, dtype, device):
+    for i, acts in enumerate(itertools.product(ACTS, repeat=3)):
+        _compare(B=7, d=5, R=3, n=n, shortcut=shortcut, acts=acts, dtype=dtype, device=device, seed=i, scale=0.6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,d,R,n",
+    [(0, 4, 3, 2), (1, 4, 3, 2), (5, 1, 4, 2), (3, 6, 1, 1), (1, 1, 1, 1), (13, 7, 5, 3), (257, 16, 9, 2),
+     (1031, 33, 4, 2), (64, 128, 2, 2), (300, 64, 3, 1)],
+)
+def test_shapes(B, d, R, n, dtype, device):
+    _compare(B, d, R, n, True, ("identity", "relu", "identity"), dtype, device)
+    _compare(B, d, R, n, False, ("tanh", "ssigmoid", "relu"), dtype, device, scale=1.0 / d ** 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deep_plain_stack(device):
+    """A plain net of depth 300 is one unit of n=300 layers: the backward's per-unit scratch grows with n."""
+    _compare(70, 8, 1, 300, False, ("identity", "tanh", "identity"), torch.float64, device, scale=1.1 / 8 ** 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_thousand_units(device):
+    _compare(96, 16, 1000, 2, True, ("identity", "relu", "identity"), torch.float64, device)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree_and_are_deterministic(threads):
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x, w = stack_inputs(333, 12, 20, 2, torch.float32, requires_grad=True)
+        outs = []
+        for _ in range(2):
+            y = residual_stack(x, w, True, "relu", "relu", "identity", backend="fused")
+            outs.append((y,) + torch.autograd.grad(y.square().sum(), (x, w)))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), "two identical calls gave different bits"
+        y_ref = ref.residual_stack_forward(x, w, True, "relu", "relu", "identity")
+        torch.testing.assert_close(outs[0][0], y_ref, **tol(torch.float32))
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("acts", [("identity", "identity", "identity"), ("tanh", "ssigmoid", "tanh"),
+                                  ("relu", "relu", "relu")])
+@pytest.mark.parametrize("n,shortcut", [(1, True), (2, True), (3, True), (2, False)])
+def test_gradcheck(n, shortcut, acts):
+    x, w = stack_inputs(4, 3, 3, n, torch.float64, scale=0.7, seed=3, requires_grad=True)
+    f = lambda x, w: residual_stack(x, w, shortcut, *acts, backend="fused")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w))
+
+
+def test_opcheck():
+    for shortcut, acts in [(True, ("identity", "relu", "identity")), (False, ("tanh", "tanh", "ssigmoid"))]:
+        x, w = stack_inputs(6, 4, 3, 2, torch.float64, requires_grad=True)
+        torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_forward.default,
+                              (x, w, shortcut, *acts, True))
+        _, saved = torch.ops.shortcut_ext.residual_stack_forward(x.detach(), w.detach(), shortcut, *acts, True)
+        torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_backward.default,
+                              (torch.randn(6, 4, dtype=torch.float64), w.detach(), saved, shortcut, *acts),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_saved_inputs_are_the_unit_inputs():
+    x, w = stack_inputs(9, 5, 6, 2, torch.float64)
+    y, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, "relu", "tanh", "identity", True)
+    torch.testing.assert_close(saved, ref.residual_stack_unit_inputs(x, w, True, "relu", "tanh", "identity"))
+    _, nothing = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, "relu", "tanh", "identity", False)
+    assert nothing.numel() == 0
+
+
+def test_no_grad_saves_nothing_and_matches():
+    x, w = stack_inputs(9, 5, 6, 2, torch.float32)
+    with torch.no_grad():
+        y = residual_stack(x, w, True, "identity", "relu", "identity", backend="fused")
+    torch.testing.assert_close(y, ref.residual_stack_forward(x, w, True, "identity", "relu", "identity"),
+                               **tol(torch.float32))
+
+
+def test_double_backward_points_to_hvp():
+    x, w = stack_inputs(4, 3, 2, 2, torch.float64, requires_grad=True)
+    y = residual_stack(x, w, backend="fused")
+    (g,) = torch.autograd.grad(y.square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="residual_stack_hvp"):
+        torch.autograd.grad(g.sum(), w)
+
+
+def test_torch_compile_matches_eager():
+    net = shortcut_ext.ShortcutNet(width=6, units=4, shortcut=2, mid="relu", init="xavier", backend="fused",
+                                   dtype=torch.float64)
+    x = torch.randn(10, 6, dtype=torch.float64)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), net(x))
+    g1 = torch.autograd.grad(compiled(x).sum(), net.weight)[0]
+    g2 = torch.autograd.grad(net(x).sum(), net.weight)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager():
+    net = shortcut_ext.ShortcutNet(width=6, units=4, shortcut=2, mid="relu", init="xavier", backend="fused")
+    x = torch.randn(10, 6)
+    torch.testing.assert_close(torch.compile(net)(x), net(x), **tol(torch.float32))
+
+
+def test_nan_propagates():
+    x, w = stack_inputs(5, 4, 3, 2, torch.float32)
+    x[2, 1] = float("nan")
+    y = residual_stack(x, w, True, "identity", "tanh", "identity", backend="fused")
+    assert torch.isnan(y[2]).any() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(0, 40), d=st.integers(1, 9), R=st.integers(1, 6), n=st.integers(1, 4),
+    shortcut=st.booleans(), acts=st.tuples(*[st.sampled_from(ACTS)] * 3), transpose=st.booleans(),
+    step=st.integers(1, 3), dtype=st.sampled_from(DTYPES), scale=st.floats(0.0, 1.5), seed=st.integers(0, 2**16),
+)
+def test_fuzz_shapes_strides_values(B, d, R, n, shortcut, acts, transpose, step, dtype, scale, seed):
+    """Any strides through the public wrapper (which makes them contiguous for the kernel)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, B * step, generator=g, dtype=dtype) if transpose else torch.randn(B * step, d, generator=g, dtype=dtype)
+    x = (base.T if transpose else base)[::step]
+    w = torch.randn(R, n, d, d, generator=g, dtype=dtype) * (scale / d ** 0.5)
+    w = w.transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous weights too
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    y = residual_stack(x, w, shortcut, *acts, backend="fused")
+    y_ref = ref.residual_stack_forward(x, w, shortcut, *acts)
+    torch.testing.assert_close(y, y_ref, **tol(dtype))
+    if B:
+        gx, gw = torch.autograd.grad(y.sum(), (x, w))
+        gx_r, gw_r = torch.autograd.grad(y_ref.sum(), (x, w))
+        torch.testing.assert_close(gx, gx_r, **tol(dtype))
+        torch.testing.assert_close(gw, gw_r, **tol(dtype))
+
+
+def test_portable_gemm_path_matches(tmp_path):
+    """The portable (non-oneDNN) float32 path, selected by SHORTCUT_EXT_CPU_GEMM=portable, in a subprocess."""
+    import subprocess
+    import sys
+    import os
+
+    code = (
+        "import torch, shortcut_ext as se; from shortcut_ext import reference as ref\n"
+        "assert se.build_info()['cpu_gemm'] == 'portable', se.build_info()\n"
+        "x = torch.randn(37, 16, requires_grad=True); w = (torch.randn(5, 2, 16, 16) * 0.2).requires_grad_()\n"
+        "y = se.residual_stack(x, w, True, 'relu', 'tanh', 'identity', backend='fused')\n"
+        "yr = ref.residual_stack_forward(x, w, True, 'relu', 'tanh', 'identity')\n"
+        "torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5)\n"
+        "a = torch.autograd.grad(y.sum(), w)[0]; b = torch.autograd.grad(yr.sum(), w)[0]\n"
+        "torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
+    )
+    env = dict(os.environ, SHORTCUT_EXT_CPU_GEMM="portable")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

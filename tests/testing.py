@@ -1,0 +1,52 @@
+"""Shared test helpers: which devices and dtypes to run on, tolerances, seeded inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shortcut_ext
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def cuda_built() -> bool:
+    return shortcut_ext.is_built() and bool(shortcut_ext.build_info().get("cuda", False))
+
+
+def devices() -> list:
+    """``cpu`` always; ``cuda`` where a GPU and the CUDA kernels are both present."""
+    out = ["cpu"]
+    if torch.cuda.is_available() and cuda_built():
+        out.append("cuda")
+    return out
+
+
+DEVICES = devices()
+
+requires_fused = pytest.mark.skipif(not shortcut_ext.is_built(), reason="shortcut_ext._C is not built")
+
+
+def tol(dtype: torch.dtype) -> dict:
+    """Tolerances of the fused kernels against the reference (same maths, different summation order)."""
+    return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
+
+
+def stack_inputs(B, d, R, n, dtype=torch.float64, device="cpu", scale=None, seed=0, requires_grad=False):
+    """Seeded ``x [B, d]`` and ``weights [R, n, d, d]`` scaled so that deep stacks stay finite."""
+    g = torch.Generator().manual_seed(seed)
+    if scale is None:
+        scale = 0.5 / (d ** 0.5 * max(R, 1) ** 0.5)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    w = (torch.randn(R, n, d, d, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad), w.requires_grad_(requires_grad)
+
+
+def assert_close_lowp(out: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Tensor, factor: float = 5.0) -> None:
+    """For float32: the kernel's error against a float64 reference stays within a small multiple of
+    PyTorch's own float32 error (flash-attention's rule), plus a floor at float32 resolution."""
+    ref64 = ref64.to(torch.float64)
+    err = (out.to(torch.float64) - ref64).abs().max().item() if out.numel() else 0.0
+    base = (ref_same.to(torch.float64) - ref64).abs().max().item() if out.numel() else 0.0
+    scale = ref64.abs().max().item() if out.numel() else 0.0
+    bound = factor * base + 1e-5 * scale + 1e-30
+    assert err <= bound, f"float32 error {err:.3e} exceeds {factor} x torch's own {base:.3e} (+ floor) = {bound:.3e}"
