@@ -5,6 +5,7 @@ Environment switches:
   FORCE_ONLY_CPU=1   never build CUDA kernels
   DEBUG=1            -O0 -g, no NDEBUG
   MAX_JOBS=N         parallel compile jobs (read by torch's ninja builder)
+  SHORTCUT_EXT_NATIVE=0  no -march=native (for a build that must run on other x86 CPUs)
   CUDA_HOME=DIR      the CUDA toolkit root (the folder whose include/ holds cuda.h)
 
 CUDA is built when torch itself is a CUDA build (``torch.version.cuda``) and nvcc is found, or
@@ -12,6 +13,7 @@ when FORCE_CUDA=1; a GPU need not be present (``torch.cuda.is_available()`` is n
 """
 import glob
 import os
+import platform
 import shutil
 import subprocess
 
@@ -74,6 +76,10 @@ def extensions():
     define_macros = [("SHORTCUT_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-fopenmp", "-fvisibility=hidden"]
+    if os.environ.get("SHORTCUT_EXT_NATIVE", "1") != "0" and platform.machine() in ("x86_64", "AMD64"):
+        # the portable loops (float64, elementwise passes) vectorise for this CPU; the package is
+        # built where it runs.  SHORTCUT_EXT_NATIVE=0 for a build that must run on other CPUs.
+        cxx += ["-march=native"]
     extra = {"cxx": cxx}
     if with_cuda:
         home = _cuda_home()

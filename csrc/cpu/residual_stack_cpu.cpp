@@ -44,17 +44,69 @@ int64_t num_slots(int64_t B, int64_t work_per_row) {
   return std::max<int64_t>(1, std::min({threads, B, by_work}));
 }
 
+// Elementwise passes, specialised per activation outside the loop so that each loop vectorises.
 template <typename T>
 inline void apply_act(Act a, T* z, int64_t count) {
-  if (a == Act::Identity) return;
-  for (int64_t i = 0; i < count; ++i) z[i] = act_apply<T>(a, z[i]);
+  switch (a) {
+    case Act::Relu:
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) z[i] = z[i] > T(0) ? z[i] : T(0);
+      break;
+    case Act::Tanh:
+      for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(z[i]);
+      break;
+    case Act::SSigmoid:
+      for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(T(0.5) * z[i]);
+      break;
+    default:
+      break;
+  }
 }
 
-// g *= s'(z), with s(z) recomputed.
+// g *= s'(z), with s(z) recomputed (relu'(0) = 0, as autograd).
 template <typename T>
 inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
-  if (a == Act::Identity) return;
-  for (int64_t i = 0; i < count; ++i) g[i] *= act_deriv<T>(a, z[i], act_apply<T>(a, z[i]));
+  switch (a) {
+    case Act::Relu:
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) g[i] = z[i] > T(0) ? g[i] : T(0);
+      break;
+    case Act::Tanh:
+      for (int64_t i = 0; i < count; ++i) {
+        const T t = std::tanh(z[i]);
+        g[i] *= T(1) - t * t;
+      }
+      break;
+    case Act::SSigmoid:
+      for (int64_t i = 0; i < count; ++i) {
+        const T t = std::tanh(T(0.5) * z[i]);
+        g[i] *= T(0.5) * (T(1) - t * t);
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+// wt[r, k] = w[r, k]^T for every d x d matrix, in parallel over matrices.
+template <typename T>
+at::Tensor transpose_weights(const at::Tensor& weights) {
+  const int64_t mats = weights.size(0) * weights.size(1), d = weights.size(3);
+  at::Tensor wt = at::empty_like(weights);
+  const T* src = weights.data_ptr<T>();
+  T* dst = wt.data_ptr<T>();
+  constexpr int64_t blk = 16;
+  at::parallel_for(0, mats, std::max<int64_t>(1, 16384 / (d * d)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* a = src + m * d * d;
+      T* b = dst + m * d * d;
+      for (int64_t i0 = 0; i0 < d; i0 += blk)
+        for (int64_t j0 = 0; j0 < d; j0 += blk)
+          for (int64_t i = i0; i < std::min(d, i0 + blk); ++i)
+            for (int64_t j = j0; j < std::min(d, j0 + blk); ++j) b[j * d + i] = a[i * d + j];
+    }
+  });
+  return wt;
 }
 
 // Forward of units [0, R) for one tile of m rows held in `h` [m, d].
@@ -92,7 +144,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut,
                   T* saved) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1);
   if (B == 0) return;
-  const at::Tensor wt = weights.transpose(2, 3).contiguous();  // [R, n, d_in, d_out]
+  const at::Tensor wt = transpose_weights<T>(weights);  // [R, n, d_in, d_out]
   const T* wt_p = wt.data_ptr<T>();
   const T* x_p = x.data_ptr<T>();
   T* y_p = y.data_ptr<T>();
@@ -128,16 +180,34 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
   const int64_t md = m * d, dd = d * d;
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
     const T* hin = saved + (r * B + row0) * d;
-    // recompute: act[k] is the input of layer k, zs[k] its pre-activation output
-    std::copy(hin, hin + md, act);
-    apply_act(acts.pre, act, md);
+    // recompute: in[k] is the input of layer k, zs[k] its output before the activation; with an
+    // identity activation in[k] aliases the buffer it would copy
+    const T* in[64];
+    std::vector<const T*> in_heap;
+    const T** ins = in;
+    if (n > 64) {
+      in_heap.resize(n);
+      ins = in_heap.data();
+    }
+    if (acts.pre == Act::Identity) {
+      ins[0] = hin;
+    } else {
+      std::copy(hin, hin + md, act);
+      apply_act(acts.pre, act, md);
+      ins[0] = act;
+    }
     for (int64_t k = 0; k < n; ++k) {
       T* zk = zs + k * md;
-      gemm_nn<T>(m, d, d, act + k * md, d, wt + (r * n + k) * dd, d, zk, d, false);
+      gemm_nn<T>(m, d, d, ins[k], d, wt + (r * n + k) * dd, d, zk, d, false);
       if (k < n - 1) {
-        T* next = act + (k + 1) * md;
-        std::copy(zk, zk + md, next);
-        apply_act(acts.mid, next, md);
+        if (acts.mid == Act::Identity) {
+          ins[k + 1] = zk;
+        } else {
+          T* next = act + (k + 1) * md;
+          std::copy(zk, zk + md, next);
+          apply_act(acts.mid, next, md);
+          ins[k + 1] = next;
+        }
       }
     }
     // gz = g * s_post'(z_{n-1})
@@ -146,7 +216,7 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
     T* dwr = dw + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
       // dW[r, k] += gz^T @ act[k]   ([d_out, d_in])
-      gemm_tn<T>(d, d, m, gz, d, act + k * md, d, dwr + k * dd, d, true, tscratch);
+      gemm_tn<T>(d, d, m, gz, d, ins[k], d, dwr + k * dd, d, true, tscratch);
       // ga = gz @ W[r, k]           ([m, d_in])
       gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);
       if (k > 0) {
@@ -173,7 +243,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     grad_w.zero_();
     return;
   }
-  const at::Tensor wt = weights.transpose(2, 3).contiguous();  // [R, n, d_in, d_out]
+  const at::Tensor wt = transpose_weights<T>(weights);  // [R, n, d_in, d_out]
   const T* w_p = weights.data_ptr<T>();
   const T* wt_p = wt.data_ptr<T>();
   const T* saved_p = saved.data_ptr<T>();

@@ -1,0 +1,584 @@
+// Fused CPU Hessian-vector products of a residual stack: loss, gradient and K HVPs in one call.
+//
+// Pearlmutter's R-operator.  For a direction V (one [R, n, d, d] slice of `directions`) every
+// quantity q of the forward and backward pass gets a tangent R{q} = d/dt q(weights + t V) at t = 0.
+// Per unit (rows are samples, a layer maps a -> a @ W^T, s = activation):
+//
+//   forward           a_0 = s_pre(h)             z_l = a_l W_l^T      a_{l+1} = s_mid(z_l)
+//                     h' = h + s_post(z_{n-1})   (h' = s_post(z_{n-1}) for a plain stack)
+//   tangent forward   R{a_0} = s_pre'(h) R{h}    R{z_l} = R{a_l} W_l^T + a_l V_l^T
+//                     R{a_{l+1}} = s_mid'(z_l) R{z_l}
+//   backward          gz_{n-1} = g s_post'(z_{n-1})          grad W_l += gz_l^T a_l
+//                     ga_l = gz_l W_l                        gz_{l-1} = ga_l s_mid'(z_{l-1})
+//   tangent backward  R{gz_{n-1}} = R{g} s_post' + g s_post'' R{z_{n-1}}
+//                     hvp_l += R{gz_l}^T a_l + gz_l^T R{a_l}
+//                     R{ga_l} = R{gz_l} W_l + gz_l V_l
+//                     R{gz_{l-1}} = R{ga_l} s_mid'(z_{l-1}) + ga_l s_mid''(z_{l-1}) R{z_{l-1}}
+//
+// and at the output f (m = B rows): mse  g = (f - y) / m, R{g} = R{f} / m; cross entropy with
+// p = softmax(f) and c = sum_j y_j (1 for class indices)  g = (c p - y) / m,
+// R{g} = c (diag(p) - p p^T) R{f} / m.  The input x and the targets are constants (R{x} = 0).
+//
+// The K tangents of a tile are carried together, row-major as [m, K, d] (each sample's K tangent
+// rows are adjacent).  That layout turns every K-fold product into one GEMM:
+//   R{a} W^T:  [m*K, d] @ [d, d]            (the weight is shared by all directions)
+//   a V^T:     [m, d] @ [d, K*d]            (the K directions of a layer side by side, `vin`)
+//   gz V:      [m, d] @ [d, K*d]            (`vout`)
+//   R{gz}^T a: [K*d, m] @ [m, d]  -> hvp [K, d_out, d_in]
+//   R{a}^T gz: [K*d, m] @ [m, d]  -> hvp^T [K, d_in, d_out], transposed in the slot reduction.
+//
+// Schedule (as csrc/cpu/residual_stack_cpu.cpp): the batch is cut into row tiles, tiles are grouped
+// into P <= num_threads slots, one at::parallel_for task per slot, no barrier per layer.
+//   1. forward + tangent forward of every tile through all R units; the loss and its gradient and
+//      R-derivative at the output seed g [B, d] and R{g} [B, K, d].  Unit inputs and their tangents
+//      are checkpointed every C units only.
+//   2. one reverse pass in chunks of U units (a multiple of C).  Per tile and per segment of C
+//      units, the segment is recomputed from its checkpoint, storing each unit's inner activations
+//      and tangents (a record), then walked backwards, adding weight-gradient and HVP terms into
+//      the slot's chunk buffer; the slots are then reduced in a fixed order (deterministic for a
+//      given number of threads).
+//   Recomputing a segment costs one more forward + tangent forward, exactly what recomputing each
+//   unit's inner activations from saved unit inputs would cost, so checkpointing saves memory at
+//   no extra arithmetic: about (4 + 8K) n d^2 multiply-adds per row and unit in all.
+//
+// Memory, elements (T = float or double), K directions, tile m rows, P slots:
+//   checkpoints       (1 + K) * ceil(R / C) * B * d          (saving every unit: (1 + K) * R * B * d)
+//   carried g, R{g}   (1 + K) * B * d
+//   segment records   P * C * (1 + K) * (2n + 1) * m * d    (C ~ sqrt(R * tiles per slot / (2n+1)),
+//                                                            bounded to 4M elements per slot)
+//   chunk buffers     P * U * n * (1 + 2K) * d^2             (U bounded to ~16M elements in all)
+//   direction copies  2 * K * R * n * d^2, transposed weights R * n * d^2
+// so the persistent cost per unit is (1 + K) * B * d / C + 3 * K * n * d^2 (+ the outputs).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cpu/cpu_gemm.h"
+
+namespace shortcut_ext {
+namespace {
+
+struct Acts {
+  Act pre, mid, post;
+};
+
+std::string shape_of(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+// Per-call constants of the kernel.
+template <typename T>
+struct Net {
+  const T* w;     // [R, n, d_out, d_in]
+  const T* wt;    // [R, n, d_in, d_out]
+  const T* vin;   // [R, n, d_in, K, d_out]: vin[r, l, i, j, o] = V_j[r, l, o, i]
+  const T* vout;  // [R, n, d_out, K, d_in]: vout[r, l, o, j, i] = V_j[r, l, o, i]
+  int64_t R, n, d, K;
+  bool shortcut;
+  Acts acts;
+};
+
+// One unit's forward and tangent-forward values for a tile, as the reverse pass needs them.
+// Sub-buffers are laid out for m_max rows; a tile of m <= m_max rows uses the first m of each.
+template <typename T>
+struct Record {
+  T* hin;   // [m, d]      unit input
+  T* rho;   // [m, K, d]   its tangents
+  T* act;   // [n][m, d]   layer inputs a_l
+  T* z;     // [n][m, d]   layer outputs z_l (before activation)
+  T* ract;  // [n][m, K, d]
+  T* rz;    // [n][m, K, d]
+
+  static int64_t size(int64_t n, int64_t K, int64_t m_max, int64_t d) { return (2 * n + 1) * (1 + K) * m_max * d; }
+  static Record at(T* base, int64_t n, int64_t K, int64_t m_max, int64_t d) {
+    const int64_t s1 = m_max * d, sk = K * s1;
+    Record r;
+    r.hin = base;
+    r.rho = r.hin + s1;
+    r.act = r.rho + sk;
+    r.z = r.act + n * s1;
+    r.ract = r.z + n * s1;
+    r.rz = r.ract + n * sk;
+    return r;
+  }
+};
+
+// d1 = s'(z), d2 = s''(z) (d2 may be null); s_out = s(z) (may be null).
+template <typename T>
+inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2) {
+  for (int64_t i = 0; i < count; ++i) {
+    const T s = act_apply<T>(a, z[i]);
+    if (s_out) s_out[i] = s;
+    d1[i] = act_deriv<T>(a, z[i], s);
+    if (d2) d2[i] = act_deriv2<T>(a, z[i], s);
+  }
+}
+
+// out[i, j, c] = (accumulate ? out : 0) + t[i, j, c] * f[i, c]   (t, out: [m, K, d]; f: [m, d]).
+template <typename T>
+inline void rows_mul(T* out, const T* t, const T* f, int64_t m, int64_t K, int64_t d, bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* fi = f + i * d;
+    for (int64_t j = 0; j < K; ++j) {
+      T* o = out + (i * K + j) * d;
+      const T* ti = t + (i * K + j) * d;
+      if (accumulate) {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] += ti[c] * fi[c];
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] = ti[c] * fi[c];
+      }
+    }
+  }
+}
+
+// Forward and tangent forward of unit r for a tile of m rows.  Reads rec.hin, rec.rho; fills the
+// rest of `rec`; writes the unit output and its tangents to h_out, rho_out when they are not null
+// (they may alias rec.hin, rec.rho).  `d1` is [m_max, d] scratch.
+template <typename T>
+void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const Record<T>& rec, T* h_out, T* rho_out,
+                  T* d1) {
+  const int64_t n = net.n, d = net.d, K = net.K, dd = d * d;
+  const int64_t md = m * d, s1 = m_max * d, sk = K * s1;
+  const Acts& acts = net.acts;
+  // layer 0 input
+  if (acts.pre == Act::Identity) {
+    std::copy(rec.hin, rec.hin + md, rec.act);
+    std::copy(rec.rho, rec.rho + K * md, rec.ract);
+  } else {
+    act_derivs<T>(acts.pre, rec.hin, md, rec.act, d1, nullptr);
+    rows_mul<T>(rec.ract, rec.rho, d1, m, K, d, false);
+  }
+  for (int64_t l = 0; l < n; ++l) {
+    const T* a = rec.act + l * s1;
+    const T* ra = rec.ract + l * sk;
+    T* z = rec.z + l * s1;
+    T* rz = rec.rz + l * sk;
+    const T* wt = net.wt + (r * n + l) * dd;
+    gemm_nn<T>(m, d, d, a, d, wt, d, z, d, false);
+    gemm_nn<T>(m * K, d, d, ra, d, wt, d, rz, d, false);
+    gemm_nn<T>(m, K * d, d, a, d, net.vin + (r * n + l) * K * dd, K * d, rz, K * d, true);
+    if (l < n - 1) {
+      T* a_next = rec.act + (l + 1) * s1;
+      T* ra_next = rec.ract + (l + 1) * sk;
+      if (acts.mid == Act::Identity) {
+        std::copy(z, z + md, a_next);
+        std::copy(rz, rz + K * md, ra_next);
+      } else {
+        act_derivs<T>(acts.mid, z, md, a_next, d1, nullptr);
+        rows_mul<T>(ra_next, rz, d1, m, K, d, false);
+      }
+    }
+  }
+  if (!h_out) return;
+  const T* z = rec.z + (n - 1) * s1;
+  const T* rz = rec.rz + (n - 1) * sk;
+  if (acts.post == Act::Identity) {
+    for (int64_t i = 0; i < md; ++i) h_out[i] = net.shortcut ? rec.hin[i] + z[i] : z[i];
+    for (int64_t i = 0; i < K * md; ++i) rho_out[i] = net.shortcut ? rec.rho[i] + rz[i] : rz[i];
+    return;
+  }
+  // d1 = s_post'(z); the branch output goes through h_out directly (elementwise, so aliasing is safe)
+  for (int64_t i = 0; i < md; ++i) {
+    const T s = act_apply<T>(acts.post, z[i]);
+    d1[i] = act_deriv<T>(acts.post, z[i], s);
+    h_out[i] = net.shortcut ? rec.hin[i] + s : s;
+  }
+  if (net.shortcut) {
+    if (rho_out != rec.rho) std::copy(rec.rho, rec.rho + K * md, rho_out);
+    rows_mul<T>(rho_out, rz, d1, m, K, d, true);
+  } else {
+    rows_mul<T>(rho_out, rz, d1, m, K, d, false);
+  }
+}
+
+// Working buffers of the reverse pass, [m_max, d] or [m_max, K, d] each.
+template <typename T>
+struct RevScratch {
+  T *gz, *ga, *rgz, *rga, *d1, *d2, *t, *tscratch;
+};
+
+// Reverse (backward + tangent backward) through unit r for one tile.  `g` [m, d] and `rg`
+// [m, K, d] hold dL/d(unit output) and its tangents on entry, dL/d(unit input) and its tangents on
+// exit.  Adds grad, hvp and hvp^T terms to `dw` = the slot buffer of unit r, [n][1 + 2K][d, d].
+template <typename T>
+void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const Record<T>& rec, T* g, T* rg, T* dw,
+                  const RevScratch<T>& ws) {
+  const int64_t n = net.n, d = net.d, K = net.K, dd = d * d;
+  const int64_t md = m * d, s1 = m_max * d, sk = K * s1;
+  const Acts& acts = net.acts;
+  T* gz = ws.gz;
+  T* ga = ws.ga;
+  T* rgz = ws.rgz;
+  T* rga = ws.rga;
+  // seed: gz = g s_post'(z), R{gz} = R{g} s_post'(z) + g s_post''(z) R{z}
+  {
+    const T* z = rec.z + (n - 1) * s1;
+    const T* rz = rec.rz + (n - 1) * sk;
+    if (acts.post == Act::Identity) {
+      std::copy(g, g + md, gz);
+      std::copy(rg, rg + K * md, rgz);
+    } else {
+      act_derivs<T>(acts.post, z, md, nullptr, ws.d1, ws.d2);
+      for (int64_t i = 0; i < md; ++i) {
+        gz[i] = g[i] * ws.d1[i];
+        ws.t[i] = g[i] * ws.d2[i];
+      }
+      rows_mul<T>(rgz, rg, ws.d1, m, K, d, false);
+      rows_mul<T>(rgz, rz, ws.t, m, K, d, true);
+    }
+  }
+  for (int64_t l = n - 1; l >= 0; --l) {
+    const T* a = rec.act + l * s1;
+    const T* ra = rec.ract + l * sk;
+    T* out = dw + l * (1 + 2 * K) * dd;
+    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, true, ws.tscratch);                       // gz^T a
+    gemm_tn<T>(K * d, d, m, rgz, K * d, a, d, out + dd, d, true, ws.tscratch);         // R{gz}_j^T a
+    gemm_tn<T>(K * d, d, m, ra, K * d, gz, d, out + (1 + K) * dd, d, true, ws.tscratch);  // (gz^T R{a}_j)^T
+    const T* w = net.w + (r * n + l) * dd;
+    gemm_nn<T>(m, d, d, gz, d, w, d, ga, d, false);
+    gemm_nn<T>(m * K, d, d, rgz, d, w, d, rga, d, false);
+    gemm_nn<T>(m, K * d, d, gz, d, net.vout + (r * n + l) * K * dd, K * d, rga, K * d, true);
+    if (l > 0) {
+      if (acts.mid == Act::Identity) {
+        std::copy(ga, ga + md, gz);
+        std::copy(rga, rga + K * md, rgz);
+      } else {
+        const T* zp = rec.z + (l - 1) * s1;
+        const T* rzp = rec.rz + (l - 1) * sk;
+        act_derivs<T>(acts.mid, zp, md, nullptr, ws.d1, ws.d2);
+        for (int64_t i = 0; i < md; ++i) {
+          gz[i] = ga[i] * ws.d1[i];
+          ws.t[i] = ga[i] * ws.d2[i];
+        }
+        rows_mul<T>(rgz, rga, ws.d1, m, K, d, false);
+        rows_mul<T>(rgz, rzp, ws.t, m, K, d, true);
+      }
+    }
+  }
+  // through s_pre and the shortcut: ga, R{ga} are dL/da_0 and its tangents
+  if (acts.pre == Act::Identity) {
+    if (net.shortcut) {
+      for (int64_t i = 0; i < md; ++i) g[i] += ga[i];
+      for (int64_t i = 0; i < K * md; ++i) rg[i] += rga[i];
+    } else {
+      std::copy(ga, ga + md, g);
+      std::copy(rga, rga + K * md, rg);
+    }
+    return;
+  }
+  act_derivs<T>(acts.pre, rec.hin, md, nullptr, ws.d1, ws.d2);
+  for (int64_t i = 0; i < md; ++i) {
+    const T gi = ga[i] * ws.d1[i];
+    g[i] = net.shortcut ? g[i] + gi : gi;
+    ws.t[i] = ga[i] * ws.d2[i];
+  }
+  rows_mul<T>(rg, rga, ws.d1, m, K, d, net.shortcut);
+  rows_mul<T>(rg, rec.rho, ws.t, m, K, d, true);
+}
+
+// Loss of one tile (returned, summed over its rows, not yet divided by B) and the seeds
+// g = dL/df [m, d], rg = R{dL/df} [m, K, d], from the output f [m, d] and its tangents rf [m, K, d].
+template <typename T>
+double loss_seed(Loss loss, const T* f, const T* rf, const T* y, const int64_t* cls, int64_t m, int64_t K, int64_t d,
+                 double inv_b, T* g, T* rg, T* p) {
+  double total = 0.0;
+  const T ib = static_cast<T>(inv_b);
+  if (loss == Loss::Mse) {
+    for (int64_t i = 0; i < m * d; ++i) {
+      const T diff = f[i] - y[i];
+      total += 0.5 * static_cast<double>(diff) * static_cast<double>(diff);
+      g[i] = diff * ib;
+    }
+    for (int64_t i = 0; i < m * K * d; ++i) rg[i] = rf[i] * ib;
+    return total;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    const T* fi = f + i * d;
+    T mx = fi[0];
+    for (int64_t c = 1; c < d; ++c) mx = std::max(mx, fi[c]);
+    T se = 0;
+    for (int64_t c = 0; c < d; ++c) {
+      p[c] = std::exp(fi[c] - mx);
+      se += p[c];
+    }
+    for (int64_t c = 0; c < d; ++c) p[c] /= se;
+    const T lse = mx + std::log(se);
+    T mass;  // sum_c y_c
+    T* gi = g + i * d;
+    if (cls) {
+      const int64_t t = cls[i];
+      mass = T(1);
+      total += static_cast<double>(lse - fi[t]);
+      for (int64_t c = 0; c < d; ++c) gi[c] = p[c] * ib;
+      gi[t] -= ib;
+    } else {
+      const T* yi = y + i * d;
+      mass = 0;
+      double yf = 0.0;
+      for (int64_t c = 0; c < d; ++c) {
+        mass += yi[c];
+        yf += static_cast<double>(yi[c]) * static_cast<double>(fi[c]);
+      }
+      total += static_cast<double>(mass) * static_cast<double>(lse) - yf;
+      for (int64_t c = 0; c < d; ++c) gi[c] = (mass * p[c] - yi[c]) * ib;
+    }
+    const T scale = mass * ib;
+    for (int64_t j = 0; j < K; ++j) {
+      const T* rfi = rf + (i * K + j) * d;
+      T* rgi = rg + (i * K + j) * d;
+      T pr = 0;
+      for (int64_t c = 0; c < d; ++c) pr += p[c] * rfi[c];
+      for (int64_t c = 0; c < d; ++c) rgi[c] = scale * p[c] * (rfi[c] - pr);
+    }
+  }
+  return total;
+}
+
+int64_t num_slots(int64_t B, int64_t work_per_row) {
+  const int64_t threads = at::get_num_threads();
+  // Below ~64k multiply-adds a task the fork/join costs more than it saves.
+  const int64_t by_work = std::max<int64_t>(1, (B * work_per_row) / 65536);
+  return std::max<int64_t>(1, std::min({threads, B, by_work}));
+}
+
+template <typename T>
+void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
+              bool shortcut, Acts acts, Loss loss, at::Tensor& loss_out, at::Tensor& grad_w, at::Tensor& hvps) {
+  const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1), K = directions.size(0);
+  const int64_t dd = d * d;
+  const at::Tensor wt = weights.transpose(2, 3).contiguous();             // [R, n, d_in, d_out]
+  const at::Tensor vin = directions.permute({1, 2, 4, 0, 3}).contiguous();   // [R, n, d_in, K, d_out]
+  const at::Tensor vout = directions.permute({1, 2, 3, 0, 4}).contiguous();  // [R, n, d_out, K, d_in]
+  const Net<T> net{weights.data_ptr<T>(), wt.data_ptr<T>(), vin.data_ptr<T>(), vout.data_ptr<T>(),
+                   R, n, d, K, shortcut, acts};
+  const T* x_p = x.data_ptr<T>();
+  const bool by_class = targets.dim() == 1;
+  const T* y_p = by_class ? nullptr : targets.data_ptr<T>();
+  const int64_t* cls_p = by_class ? targets.data_ptr<int64_t>() : nullptr;
+
+  // schedule: slots of tiles, a tile's record of one unit ~2^17 elements
+  const int64_t rec_row = (2 * n + 1) * (1 + K) * d;
+  const int64_t P = num_slots(B, (4 + 8 * K) * R * n * dd);
+  const int64_t per_slot = (B + P - 1) / P;
+  const int64_t m_max = std::max<int64_t>(1, std::min(per_slot, std::max<int64_t>(8, (int64_t(1) << 17) / rec_row)));
+  const int64_t tiles = (B + m_max - 1) / m_max;
+  const int64_t slots = std::min(P, tiles);
+  const int64_t tiles_per_slot = (tiles + slots - 1) / slots;
+  const int64_t rec_size = Record<T>::size(n, K, m_max, d);
+  // units per chunk of slot buffers (~16M elements in all), segment length C <= U0
+  const int64_t per_unit = n * (1 + 2 * K) * dd;
+  const int64_t U0 = std::max<int64_t>(1, (int64_t(1) << 24) / (slots * per_unit));
+  int64_t C = static_cast<int64_t>(std::ceil(std::sqrt(double(R) * double(tiles_per_slot) / double(2 * n + 1))));
+  C = std::max<int64_t>(1, std::min({C, R, U0, std::max<int64_t>(1, (int64_t(1) << 22) / rec_size)}));
+  const int64_t nseg = (R + C - 1) / C;
+  const int64_t seg_per_chunk = std::max<int64_t>(1, std::min(U0 / C, nseg));
+  const int64_t U = seg_per_chunk * C;
+
+  const auto opts = x.options();
+  at::Tensor ck_h = at::empty({nseg, B, d}, opts);       // unit inputs at r = s * C
+  at::Tensor ck_rho = at::empty({nseg, B, K, d}, opts);  // and their tangents
+  at::Tensor g_all = at::empty({B, d}, opts);            // carried dL/dh per row
+  at::Tensor rg_all = at::empty({B, K, d}, opts);        // and its tangents
+  T* ckh_p = ck_h.data_ptr<T>();
+  T* ckr_p = ck_rho.data_ptr<T>();
+  T* g_p = g_all.data_ptr<T>();
+  T* rg_p = rg_all.data_ptr<T>();
+  std::vector<double> tile_loss(tiles, 0.0);
+  const double inv_b = 1.0 / double(B);
+
+  // ---- 1. forward + tangent forward, checkpoints, loss seeds
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    const int64_t S1 = m_max * d;
+    std::vector<T> scratch(rec_size + 2 * S1);
+    const Record<T> rec = Record<T>::at(scratch.data(), n, K, m_max, d);
+    T* d1 = scratch.data() + rec_size;
+    T* p = d1 + S1;
+    for (int64_t s = s0; s < s1; ++s) {
+      for (int64_t t = s * tiles / slots; t < (s + 1) * tiles / slots; ++t) {
+        const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
+        std::copy(x_p + row0 * d, x_p + (row0 + m) * d, rec.hin);
+        std::fill(rec.rho, rec.rho + m * K * d, T(0));
+        for (int64_t r = 0; r < R; ++r) {
+          if (r % C == 0) {
+            std::copy(rec.hin, rec.hin + m * d, ckh_p + ((r / C) * B + row0) * d);
+            std::copy(rec.rho, rec.rho + m * K * d, ckr_p + ((r / C) * B + row0) * K * d);
+          }
+          unit_forward<T>(net, r, m, m_max, rec, rec.hin, rec.rho, d1);
+        }
+        tile_loss[t] = loss_seed<T>(loss, rec.hin, rec.rho, y_p ? y_p + row0 * d : nullptr,
+                                    cls_p ? cls_p + row0 : nullptr, m, K, d, inv_b, g_p + row0 * d,
+                                    rg_p + row0 * K * d, p);
+      }
+    }
+    gemm_release();
+  });
+  double total = 0.0;
+  for (double v : tile_loss) total += v;
+  loss_out.fill_(static_cast<T>(total * inv_b));
+
+  // ---- 2. reverse pass in chunks of whole segments
+  T* gw_p = grad_w.data_ptr<T>();
+  T* hv_p = hvps.data_ptr<T>();
+  std::vector<T> partial(slots * U * per_unit);
+  for (int64_t s_hi = nseg; s_hi > 0; s_hi -= seg_per_chunk) {
+    const int64_t s_lo = std::max<int64_t>(0, s_hi - seg_per_chunk);
+    const int64_t r_lo = s_lo * C, r_hi = std::min(R, s_hi * C);
+    const int64_t chunk = (r_hi - r_lo) * per_unit;
+    at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+      const int64_t S1 = m_max * d, SK = K * S1;
+      std::vector<T> scratch(C * rec_size + 5 * S1 + 2 * SK + K * S1);
+      T* base = scratch.data() + C * rec_size;
+      RevScratch<T> ws;
+      ws.gz = base;
+      ws.ga = ws.gz + S1;
+      ws.d1 = ws.ga + S1;
+      ws.d2 = ws.d1 + S1;
+      ws.t = ws.d2 + S1;
+      ws.rgz = ws.t + S1;
+      ws.rga = ws.rgz + SK;
+      ws.tscratch = ws.rga + SK;
+      for (int64_t s = s0; s < s1; ++s) {
+        T* dw = partial.data() + s * U * per_unit;
+        std::fill(dw, dw + chunk, T(0));
+        for (int64_t t = s * tiles / slots; t < (s + 1) * tiles / slots; ++t) {
+          const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
+          T* g = g_p + row0 * d;
+          T* rg = rg_p + row0 * K * d;
+          for (int64_t seg = s_hi - 1; seg >= s_lo; --seg) {
+            const int64_t u0 = seg * C, u1 = std::min(R, u0 + C);
+            Record<T> first = Record<T>::at(scratch.data(), n, K, m_max, d);
+            std::copy(ckh_p + (seg * B + row0) * d, ckh_p + (seg * B + row0 + m) * d, first.hin);
+            std::copy(ckr_p + (seg * B + row0) * K * d, ckr_p + (seg * B + row0 + m) * K * d, first.rho);
+            for (int64_t r = u0; r < u1; ++r) {
+              const Record<T> rec = Record<T>::at(scratch.data() + (r - u0) * rec_size, n, K, m_max, d);
+              if (r + 1 < u1) {
+                const Record<T> next = Record<T>::at(scratch.data() + (r + 1 - u0) * rec_size, n, K, m_max, d);
+                unit_forward<T>(net, r, m, m_max, rec, next.hin, next.rho, ws.d1);
+              } else {
+                unit_forward<T>(net, r, m, m_max, rec, nullptr, nullptr, ws.d1);
+              }
+            }
+            for (int64_t r = u1 - 1; r >= u0; --r) {
+              const Record<T> rec = Record<T>::at(scratch.data() + (r - u0) * rec_size, n, K, m_max, d);
+              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, ws);
+            }
+          }
+        }
+      }
+      gemm_release();
+    });
+    // fixed-order reduction of the slots: grad [d, d], hvp_j = H1_j + H2T_j^T
+    const int64_t Q = (r_hi - r_lo) * n;
+    at::parallel_for(0, Q, std::max<int64_t>(1, 4096 / ((1 + 2 * K) * dd)), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t rl = r_lo * n + q;  // flat (unit, layer) index
+        const T* src0 = partial.data() + q * (1 + 2 * K) * dd;
+        T* gout = gw_p + rl * dd;
+        for (int64_t e = 0; e < dd; ++e) {
+          T acc = src0[e];
+          for (int64_t s = 1; s < slots; ++s) acc += src0[s * U * per_unit + e];
+          gout[e] = acc;
+        }
+        for (int64_t j = 0; j < K; ++j) {
+          T* hout = hv_p + (j * R * n + rl) * dd;
+          const T* h1 = src0 + (1 + j) * dd;
+          const T* h2 = src0 + (1 + K + j) * dd;
+          for (int64_t o = 0; o < d; ++o) {
+            for (int64_t i = 0; i < d; ++i) {
+              T acc = h1[o * d + i] + h2[i * d + o];
+              for (int64_t s = 1; s < slots; ++s) {
+                const int64_t off = s * U * per_unit;
+                acc += h1[off + o * d + i] + h2[off + i * d + o];
+              }
+              hout[o * d + i] = acc;
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// Checks targets and directions against the stack shape; returns the loss.
+Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets,
+                    const at::Tensor& directions, c10::string_view loss_name, const StackShape& s) {
+  const Loss loss = parse_loss(loss_name);
+  // directions [K, R, n, d, d]
+  TORCH_CHECK_VALUE(directions.dim() == 5 && directions.size(1) == s.R && directions.size(2) == s.n &&
+                        directions.size(3) == s.d && directions.size(4) == s.d,
+                    "directions must have shape [k, R, n, d, d] = [k, ", s.R, ", ", s.n, ", ", s.d, ", ", s.d,
+                    "], got ", shape_of(directions));
+  TORCH_CHECK_VALUE(directions.size(0) >= 1,
+                    "directions must hold k >= 1 directions (shape [k, R, n, d, d]), got ", shape_of(directions));
+  TORCH_CHECK_TYPE(directions.scalar_type() == weights.scalar_type(), "directions must have dtype ",
+                   weights.scalar_type(), " like weights, got ", directions.scalar_type());
+  TORCH_CHECK_VALUE(directions.device() == weights.device(), "directions must be on ", weights.device(), " like weights, got ",
+                    directions.device());
+  TORCH_CHECK_VALUE(directions.is_contiguous(), "directions must be contiguous, got strides ", directions.strides(),
+                    " (call .contiguous(), or use shortcut_ext.residual_stack_hvp which does)");
+  // targets
+  TORCH_CHECK_VALUE(targets.device() == x.device(), "targets must be on ", x.device(), " like x, got ", targets.device());
+  TORCH_CHECK_VALUE(targets.is_contiguous(), "targets must be contiguous, got strides ", targets.strides(),
+                    " (call .contiguous(), or use shortcut_ext.residual_stack_hvp which does)");
+  if (targets.dim() == 1) {
+    TORCH_CHECK_VALUE(loss == Loss::CrossEntropy, "targets must have shape [B, d] = [", s.B, ", ", s.d,
+                      "] for loss='mse', got ", shape_of(targets),
+                      " (class indices [B] are accepted only with loss='cross_entropy')");
+    TORCH_CHECK_VALUE(targets.size(0) == s.B, "targets must have shape [B] = [", s.B,
+                      "] (class indices) or [B, d] = [", s.B, ", ", s.d, "] (probabilities), got ",
+                      shape_of(targets));
+    TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "class-index targets [B] must be int64, got ",
+                     targets.scalar_type());
+    if (s.B > 0) {
+      const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi < s.d, "class-index targets must lie in [0, d) = [0, ", s.d, "), got values in [",
+                        lo, ", ", hi, "]");
+    }
+  } else {
+    TORCH_CHECK_VALUE(targets.dim() == 2 && targets.size(0) == s.B && targets.size(1) == s.d,
+                      "targets must have shape [B, d] = [", s.B, ", ", s.d, "]",
+                      loss == Loss::CrossEntropy ? " (probabilities) or [B] (class indices)" : "",
+                      ", got ", shape_of(targets));
+    TORCH_CHECK_TYPE(targets.scalar_type() == x.scalar_type(), "targets [B, d] must have dtype ", x.scalar_type(),
+                     " like x, got ", targets.scalar_type());
+  }
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
+    const at::Tensor& x,           // [B, d]
+    const at::Tensor& weights,     // [R, n, d, d]
+    const at::Tensor& targets,     // [B, d], or [B] int64 class indices (cross_entropy)
+    const at::Tensor& directions,  // [k, R, n, d, d]
+    bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
+    c10::string_view loss_name) {
+  const StackShape s = check_stack(x, weights, "x");
+  const Acts acts{parse_activation("act_pre", act_pre), parse_activation("act_mid", act_mid),
+                  parse_activation("act_post", act_post)};
+  const Loss loss = check_hvp_args(x, weights, targets, directions, loss_name, s);
+  at::Tensor loss_out = at::zeros({}, x.options());
+  at::Tensor grad_w = at::zeros_like(weights);
+  at::Tensor hvps = at::zeros_like(directions);
+  // B == 0: the loss of no samples is 0 (as reference.loss_fn), and so are its derivatives.
+  if (s.B == 0) return {loss_out, grad_w, hvps};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cpu", [&] {
+    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, loss_out, grad_w, hvps);
+  });
+  return {loss_out, grad_w, hvps};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(shortcut_ext, CPU, m) { m.impl("residual_stack_hvp", &residual_stack_hvp_cpu); }
+
+}  // namespace shortcut_ext

@@ -1,0 +1,265 @@
+"""The fused Hessian-vector-product op ``residual_stack_hvp`` (Pearlmutter's R-operator) against the
+double-backward reference and dense ``torch.func.hessian`` matrices."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.func import hessian
+
+import shortcut_ext
+from shortcut_ext import reference as ref
+from shortcut_ext.ops import residual_stack_hvp
+from testing import assert_close_lowp, requires_fused, stack_inputs
+
+pytestmark = requires_fused
+
+ACTS = shortcut_ext.ACTIVATIONS
+# every activation at every position: the four uniform patterns plus three mixed rotations
+PATTERNS = [(a, a, a) for a in ACTS] + [
+    ("tanh", "ssigmoid", "relu"), ("relu", "tanh", "ssigmoid"), ("ssigmoid", "relu", "tanh")
+]
+TARGETS = ("mse", "ce_index", "ce_prob")
+
+
+def _op(x, w, y, v, shortcut, acts, loss):
+    return torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss)
+
+
+def _problem(B, d, R, n, K, target, dtype=torch.float64, scale=None, zero=False, seed=0):
+    """Seeded (x, weights, targets, directions, loss name)."""
+    x, w = stack_inputs(B, d, R, n, torch.float64, scale=scale, seed=seed)
+    if zero:
+        w = torch.zeros_like(w)
+    g = torch.Generator().manual_seed(seed + 1000)
+    v = torch.randn(K, R, n, d, d, generator=g, dtype=torch.float64)
+    if target == "mse":
+        y, loss = torch.randn(B, d, generator=g, dtype=torch.float64), "mse"
+    elif target == "ce_index":
+        y, loss = torch.randint(0, d, (B,), generator=g), "cross_entropy"
+    else:
+        y, loss = torch.softmax(2 * torch.randn(B, d, generator=g, dtype=torch.float64), 1), "cross_entropy"
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    return cast(x), cast(w), cast(y), cast(v), loss
+
+
+def _dense(x, w, y, v, shortcut, acts, loss):
+    """Loss, gradient and H @ v from a dense ``torch.func`` Hessian of the flat weights."""
+    shape = w.shape
+
+    def f(flat):
+        return ref.loss_fn(loss, ref.residual_stack_forward(x, flat.view(shape), shortcut, *acts), y)
+
+    flat = w.reshape(-1)
+    H = hessian(f)(flat)
+    g = torch.func.grad(f)(flat)
+    return f(flat).detach(), g.view(shape), (v.reshape(v.shape[0], -1) @ H.T).view(v.shape)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _assert_rel(a, b, bound, what):
+    if b.norm() == 0:
+        assert a.norm().item() <= 1e-14, f"{what}: expected zeros, got norm {a.norm().item():.3e}"
+    else:
+        assert _rel(a, b) <= bound, f"{what}: relative error {_rel(a, b):.3e} > {bound:.0e}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("n,shortcut", [(1, True), (2, True), (3, True), (1, False), (2, False), (3, False)])
+def test_float64_matches_reference_and_dense_hessian(n, shortcut, target):
+    """Every activation pattern, zero and random weights (ReLU only at random weights, away from its
+    kink), both losses: loss, gradient and HVPs to relative error 1e-10."""
+    for i, acts in enumerate(PATTERNS):
+        for zero in (False, True):
+            if zero and "relu" in acts:
+                continue
+            x, w, y, v, loss = _problem(B=5, d=3, R=2, n=n, K=3, target=target, scale=0.7, zero=zero, seed=i)
+            got = _op(x, w, y, v, shortcut, acts, loss)
+            want_ref = ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss)
+            want_dense = _dense(x, w, y, v, shortcut, acts, loss)
+            for name, a, b, c in zip(("loss", "grad", "hvp"), got, want_ref, want_dense):
+                assert a.shape == b.shape and a.dtype == torch.float64
+                case = f"{name} n={n} shortcut={shortcut} {acts} {target} zero={zero}"
+                _assert_rel(a, b, 1e-10, case + " vs reference")
+                _assert_rel(a, c, 1e-10, case + " vs dense hessian")
+
+
+def test_plain_net_one_unit_many_layers():
+    """A plain net of depth D is one unit of D layers without shortcut (activation between layers)."""
+    for target, act in itertools.product(TARGETS, ("tanh", "relu")):
+        x, w, y, v, loss = _problem(B=6, d=3, R=1, n=5, K=2, target=target, scale=0.9)
+        acts = ("identity", act, "identity")
+        got = _op(x, w, y, v, False, acts, loss)
+        for name, a, c in zip(("loss", "grad", "hvp"), got, _dense(x, w, y, v, False, acts, loss)):
+            _assert_rel(a, c, 1e-10, f"{name} {target} {act}")
+
+
+def test_unnormalised_probability_targets():
+    """Cross entropy with target rows that do not sum to 1: the Hessian scales with the row mass."""
+    x, w, _, v, _ = _problem(B=4, d=4, R=2, n=2, K=2, target="mse", scale=0.7)
+    y = torch.rand(4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    acts = ("tanh", "ssigmoid", "identity")
+    got = _op(x, w, y, v, True, acts, "cross_entropy")
+    for a, b in zip(got, ref.residual_stack_hvp(x, w, y, v, True, *acts, "cross_entropy")):
+        _assert_rel(a, b, 1e-10, "unnormalised targets")
+
+
+@pytest.mark.parametrize(
+    "B,d,R,n,K,target",
+    [(300, 16, 40, 2, 16, "mse"), (700, 4, 30, 3, 5, "ce_index"), (1, 5, 3, 2, 1, "ce_prob"), (37, 1, 4, 1, 2, "mse")],
+)
+def test_many_tiles_and_segments(B, d, R, n, K, target):
+    """Shapes that cut the batch into several tiles and slots and the stack into several segments."""
+    x, w, y, v, loss = _problem(B, d, R, n, K, target)
+    acts = ("tanh", "relu", "ssigmoid")
+    for name, a, b in zip(("loss", "grad", "hvp"), _op(x, w, y, v, True, acts, loss),
+                          ref.residual_stack_hvp(x, w, y, v, True, *acts, loss)):
+        _assert_rel(a, b, 1e-10, name)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_float32_within_torch_error(target):
+    """float32: the kernel's error against float64 stays within a small multiple of the float32
+    reference's own error."""
+    for shortcut, acts in [(True, ("identity", "relu", "identity")), (True, ("tanh", "tanh", "ssigmoid")),
+                           (False, ("ssigmoid", "tanh", "relu"))]:
+        x, w, y, v, loss = _problem(B=33, d=6, R=5, n=2, K=4, target=target, scale=0.5)
+        exact = ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss)
+        f32 = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
+        args = tuple(map(f32, (x, w, y, v)))
+        got = _op(*args, shortcut, acts, loss)
+        same = ref.residual_stack_hvp(*args, shortcut, *acts, loss)
+        for a, b, c in zip(got, same, exact):
+            assert a.dtype == torch.float32
+            assert_close_lowp(a, b, c, factor=10.0)
+
+
+def test_batched_equals_sequential():
+    """k = 5 directions in one call equal five calls with one direction each."""
+    for target in TARGETS:
+        x, w, y, v, loss = _problem(B=40, d=5, R=6, n=2, K=5, target=target, scale=0.6)
+        acts = ("relu", "tanh", "ssigmoid")
+        L, g, hv = _op(x, w, y, v, True, acts, loss)
+        for j in range(5):
+            L1, g1, hv1 = _op(x, w, y, v[j : j + 1], True, acts, loss)
+            torch.testing.assert_close(L1, L, rtol=1e-13, atol=0)
+            torch.testing.assert_close(g1, g, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(hv1[0], hv[j], rtol=1e-12, atol=1e-15)
+
+
+def test_batched_equals_sequential_across_unit_chunks():
+    """Many directions at a wide layer: the weight-gradient buffers then hold fewer units than the
+    stack (n (1 + 2k) d^2 elements per unit and slot, ~2^24 in all: under 30 of the 40 units here, at
+    any thread count), so the reverse pass runs in several chunks; one direction needs a single chunk."""
+    x, w, y, v, loss = _problem(B=12, d=48, R=40, n=2, K=64, target="ce_index", scale=0.3)
+    acts = ("identity", "tanh", "identity")
+    L, g, hv = _op(x, w, y, v, True, acts, loss)
+    for j in (0, 17, 63):
+        L1, g1, hv1 = _op(x, w, y, v[j : j + 1], True, acts, loss)
+        torch.testing.assert_close(g1, g, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(hv1[0], hv[j], rtol=1e-12, atol=1e-15)
+
+
+def test_symmetry():
+    """u^T H v == v^T H u, and H is linear in the direction."""
+    for target, shortcut in itertools.product(TARGETS, (True, False)):
+        x, w, y, v, loss = _problem(B=9, d=4, R=3, n=2, K=2, target=target, scale=0.8)
+        acts = ("ssigmoid", "tanh", "relu")
+        v3 = torch.stack([v[0], v[1], 2.0 * v[0] - 3.0 * v[1]])
+        _, _, hv = _op(x, w, y, v3, shortcut, acts, loss)
+        uHv, vHu = (v[0] * hv[1]).sum().item(), (v[1] * hv[0]).sum().item()
+        assert abs(uHv - vHu) <= 1e-11 * max(abs(uHv), 1e-3)
+        torch.testing.assert_close(hv[2], 2.0 * hv[0] - 3.0 * hv[1], rtol=1e-11, atol=1e-13)
+
+
+def test_deterministic_and_thread_count():
+    """Bitwise repeatable for a given number of threads; equal to rounding across thread counts."""
+    x, w, y, v, loss = _problem(B=257, d=8, R=10, n=2, K=3, target="mse")
+    acts = ("identity", "relu", "identity")
+    a = _op(x, w, y, v, True, acts, loss)
+    b = _op(x, w, y, v, True, acts, loss)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = _op(x, w, y, v, True, acts, loss)
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(a, c):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+
+
+def test_public_wrapper_uses_fused_op():
+    x, w, y, v, loss = _problem(B=8, d=3, R=2, n=2, K=2, target="ce_index")
+    acts = ("tanh", "tanh", "tanh")
+    got = residual_stack_hvp(x, w, y, v, True, *acts, loss=loss, backend="fused")
+    want = residual_stack_hvp(x, w, y, v, True, *acts, loss=loss, backend="torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_empty_batch_gives_zero_loss_and_derivatives():
+    """B == 0: the loss of no samples is 0 (as reference.loss_fn), and so are its derivatives."""
+    for target in TARGETS:
+        x, w, y, v, loss = _problem(B=0, d=3, R=2, n=2, K=2, target=target)
+        L, g, hv = _op(x, w, y, v, True, ("tanh",) * 3, loss)
+        assert L.shape == () and L.item() == 0.0
+        assert g.shape == w.shape and not g.any()
+        assert hv.shape == v.shape and not hv.any()
+
+
+def test_opcheck():
+    for target, acts in [("mse", ("identity", "relu", "identity")), ("ce_index", ("tanh", "tanh", "ssigmoid")),
+                         ("ce_prob", ("ssigmoid", "identity", "tanh"))]:
+        x, w, y, v, loss = _problem(B=6, d=4, R=3, n=2, K=2, target=target)
+        torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_hvp.default, (x, w, y, v, True, *acts, loss))
+
+
+F64 = dict(dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(v=torch.zeros(0, 2, 2, 3, 3, **F64)), ValueError,
+         r"directions must hold k >= 1 directions.*got \[0, 2, 2, 3, 3\]"),
+        (dict(v=torch.zeros(2, 2, 2, 3, 4, **F64)), ValueError,
+         r"directions must have shape \[k, R, n, d, d\] = \[k, 2, 2, 3, 3\], got \[2, 2, 2, 3, 4\]"),
+        (dict(v=torch.zeros(2, 2, 3, 3, **F64)), ValueError, r"directions must have shape .*got \[2, 2, 3, 3\]"),
+        (dict(v=torch.zeros(2, 2, 2, 3, 3)), TypeError, r"directions must have dtype Double like weights, got Float"),
+        (dict(v=torch.zeros(2, 2, 2, 3, 3, **F64).transpose(3, 4)), ValueError, r"directions must be contiguous"),
+        (dict(y=torch.zeros(5, **F64)), ValueError,
+         r"targets must have shape \[B, d\] = \[5, 3\] for loss='mse', got \[5\]"),
+        (dict(y=torch.zeros(4, 3, **F64)), ValueError, r"targets must have shape \[B, d\] = \[5, 3\], got \[4, 3\]"),
+        (dict(y=torch.zeros(5, 3)), TypeError, r"targets \[B, d\] must have dtype Double like x, got Float"),
+        (dict(y=torch.zeros(5, dtype=torch.int64), loss="cross_entropy"), None, None),
+        (dict(y=torch.tensor([0, 1, 2, 3, 0]), loss="cross_entropy"), ValueError,
+         r"class-index targets must lie in \[0, d\) = \[0, 3\), got values in \[0, 3\]"),
+        (dict(y=torch.tensor([0, 1, -1, 2, 0]), loss="cross_entropy"), ValueError, r"class-index targets must lie in"),
+        (dict(y=torch.zeros(5, dtype=torch.int32), loss="cross_entropy"), TypeError,
+         r"class-index targets \[B\] must be int64, got Int"),
+        (dict(y=torch.zeros(4, dtype=torch.int64), loss="cross_entropy"), ValueError,
+         r"targets must have shape \[B\] = \[5\] \(class indices\).*got \[4\]"),
+        (dict(loss="hinge"), ValueError, r"loss must be one of mse, cross_entropy, got 'hinge'"),
+        (dict(acts=("identity", "gelu", "identity")), ValueError, r"act_mid must be one of"),
+        (dict(w=torch.zeros(2, 2, 3, 4, **F64)), ValueError, r"weights must have shape \[R, n, d, d\]"),
+        (dict(x=torch.zeros(5, 3)), TypeError, r"x and weights must have the same dtype"),
+    ],
+)
+def test_bad_inputs(change, exc, match):
+    """Direct op calls: each bad argument is named, with what was expected and what arrived."""
+    args = dict(x=torch.zeros(5, 3, **F64), w=torch.zeros(2, 2, 3, 3, **F64), y=torch.zeros(5, 3, **F64),
+                v=torch.zeros(2, 2, 2, 3, 3, **F64), acts=("tanh",) * 3, loss="mse")
+    args.update(change)
+    call = lambda: _op(args["x"], args["w"], args["y"], args["v"], True, args["acts"], args["loss"])  # noqa: E731
+    if exc is None:
+        L, g, hv = call()
+        assert torch.isfinite(L) and g.shape == args["w"].shape and hv.shape == args["v"].shape
+    else:
+        with pytest.raises(exc, match=match):
+            call()
