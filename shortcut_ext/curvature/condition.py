@@ -174,12 +174,15 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
         data: ``(x, y)`` or an iterable of mini-batches (the full-data Hessian is used).
         loss: ``"mse"`` or ``"cross_entropy"``.
         exact_max_params: largest ``P`` handled exactly.
-        backend, dtype: of the :class:`~shortcut_ext.curvature.hessian.HessianOperator`.
+        backend, dtype: of the :class:`~shortcut_ext.curvature.hessian.HessianOperator`; ``dtype=None``
+            means float64 for the exact path (``|lambda|min`` needs it) and the model's dtype above.
         probes, steps, seed: SLQ settings for large nets.
         q: the quantile reported as ``lam_q10``.
     """
     from .hessian import HessianOperator
 
+    if dtype is None and model.weight.numel() <= exact_max_params:
+        dtype = torch.float64
     op = HessianOperator(model, data, loss=loss, backend=backend, dtype=dtype)
     rep = condition_report(op, exact_max_params=exact_max_params, probes=probes, steps=steps, seed=seed, q=q)
     return {"lam_max": rep.lam_max, "lam_q10": rep.lam_q10, "index": rep.index, "cond": rep.cond,

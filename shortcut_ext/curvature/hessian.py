@@ -233,6 +233,8 @@ class HessianOperator:
             (g,) = torch.autograd.grad(L, w, create_graph=True)
             if not g.requires_grad:  # the gradient does not depend on w: H = 0
                 return torch.zeros_like(D)
+            if D.shape[0] == 1:  # vmap over one direction only adds overhead
+                return torch.autograd.grad(g, w, grad_outputs=D[0], materialize_grads=True)[0].detach().unsqueeze(0)
             try:
                 (hv,) = torch.autograd.grad(g, w, grad_outputs=D, is_grads_batched=True, retain_graph=True,
                                             materialize_grads=True)

@@ -75,9 +75,8 @@ class SLQResult:
             sigma: kernel width (default: 1% of the node range, or of ``max |node|`` if the range is 0).
         """
         x, w = self.pooled()
-        span = float(x.max() - x.min()) if len(x) else 0.0
         if sigma is None:
-            sigma = 0.01 * span if span > 0 else 0.01 * max(float(np.abs(x).max(initial=0.0)), 1e-12)
+            sigma = self.default_sigma()
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         if grid is None:
@@ -88,6 +87,12 @@ class SLQResult:
             z = (grid[:, None] - x[None, c:c + 4096]) / sigma
             dens += (np.exp(-0.5 * z * z) * w[None, c:c + 4096]).sum(axis=1)
         return grid, dens / (sigma * math.sqrt(2 * math.pi))
+
+    def default_sigma(self) -> float:
+        """1% of the node range (of ``max |node|`` if the range is 0): the default kernel width."""
+        x, _ = self.pooled()
+        span = float(x.max() - x.min()) if len(x) else 0.0
+        return 0.01 * span if span > 0 else 0.01 * max(float(np.abs(x).max(initial=0.0)), 1e-12)
 
     def abs_quantile(self, q: float = 0.1) -> float:
         """``|lambda|(q)``: the smallest ``t`` with estimated mass of ``|lambda| <= t`` at least ``q``.

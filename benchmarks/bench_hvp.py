@@ -1,0 +1,287 @@
+"""Per-HVP time and peak memory of every way to get Hessian-vector products of a residual stack.
+
+Problem: 2-shortcut net, ReLU at the mid position, d = 16, B = 512 samples, R in {16, 128, 1024}
+units, float32, 2 threads, weights at the "small" init (scale 0.1), mse loss.  Variants (each
+computes loss, gradient and ``k`` HVPs from scratch, forward included, as HessianOperator does):
+
+- ``fused_k1``, ``fused_k16``: :func:`shortcut_ext.ops.residual_stack_hvp` (the fused R-operator
+  kernel; skipped where it is not built);
+- ``double_backward_k1``: reference forward, ``grad(create_graph=True)``, then ``grad(g, w, v)``;
+- ``func_jvp_grad_k1``: ``torch.func.jvp(torch.func.grad(loss), (w,), (v,))``;
+- ``func_vmap_k16``: ``torch.func.vmap`` of that over 16 directions;
+- ``is_grads_batched_k16``: one graph, ``torch.autograd.grad(g, w, V, is_grads_batched=True)``.
+
+Every variant is checked against ``double_backward`` before it is timed.  Times are medians with the
+interquartile range over repeats, reported per HVP (time / k) and as a ratio to ``double_backward_k1``
+measured in the same run.  Peak memory: the peak growth of the resident set size (sampled every
+0.5 ms) of a fresh child process that builds the problem, then runs the variant once.
+
+Two ways to run it (not collected by the default test run: benchmarks/ is outside ``testpaths``):
+
+    python benchmarks/bench_hvp.py --units 16 128 1024 --out bench_hvp.json   # JSON + CSV
+    pytest benchmarks/bench_hvp.py -o addopts="" --benchmark-only --benchmark-json=bench_hvp_pytest.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from shortcut_ext import ops, reference  # noqa: E402
+from shortcut_ext.curvature.hessian import fused_hvp_available  # noqa: E402
+
+D_WIDTH, BATCH, K_BATCHED = 16, 512, 16
+ACTS = ("identity", "relu", "identity")
+VARIANTS = ("fused_k1", "fused_k16", "double_backward_k1", "func_jvp_grad_k1", "func_vmap_k16",
+            "is_grads_batched_k16")
+UNITS = (16, 128, 1024)
+
+
+def make_problem(units: int, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    d = D_WIDTH
+    x = torch.randn(BATCH, d, generator=g, dtype=torch.float64)
+    y = x @ (torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5) + 0.1 * torch.randn(BATCH, d, generator=g,
+                                                                                                 dtype=torch.float64)
+    w = torch.randn(units, 2, d, d, generator=g, dtype=torch.float64) * (0.1 / d ** 0.5)
+    V = torch.randn(K_BATCHED, units, 2, d, d, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype), w.to(dtype), V.to(dtype)
+
+
+def _loss(w, x, y):
+    return reference.loss_fn("mse", reference.residual_stack_forward(x, w, True, *ACTS), y)
+
+
+def variant_fn(name: str, x, y, w, V):
+    """A zero-argument callable computing the variant's HVPs ``[k, R, 2, d, d]``."""
+    k = 1 if name.endswith("_k1") else K_BATCHED
+    D = V[:k].contiguous()
+    if name.startswith("fused"):
+        if not fused_hvp_available():
+            return None
+        return lambda: ops.residual_stack_hvp(x, w, y, D, True, *ACTS, loss="mse", backend="fused")[2]
+    if name == "double_backward_k1":
+        def run():
+            wr = w.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(_loss(wr, x, y), wr, create_graph=True)
+            return torch.autograd.grad(g, wr, grad_outputs=D[0])[0].unsqueeze(0)
+        return run
+    if name == "is_grads_batched_k16":
+        def run():
+            wr = w.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(_loss(wr, x, y), wr, create_graph=True)
+            return torch.autograd.grad(g, wr, grad_outputs=D, is_grads_batched=True)[0]
+        return run
+    from torch.func import grad, jvp, vmap
+
+    def hvp(v):
+        return jvp(grad(lambda ww: _loss(ww, x, y)), (w,), (v,))[1]
+
+    if name == "func_jvp_grad_k1":
+        return lambda: hvp(D[0]).unsqueeze(0)
+    if name == "func_vmap_k16":
+        return lambda: vmap(hvp)(D)
+    raise ValueError(f"variant must be one of {VARIANTS}, got {name!r}")
+
+
+def check(name: str, units: int) -> None:
+    """Compare the variant with double backward, direction by direction (float32 tolerance)."""
+    x, y, w, V = make_problem(units)
+    fn = variant_fn(name, x, y, w, V)
+    if fn is None:
+        return
+    out = fn()
+    k = out.shape[0]
+    for i in range(k):
+        wr = w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(_loss(wr, x, y), wr, create_graph=True)
+        ref = torch.autograd.grad(g, wr, grad_outputs=V[i])[0]
+        err = float((out[i] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        if err > 1e-3:
+            raise AssertionError(f"{name} at R={units}: direction {i} differs from double backward by {err:.2e}")
+
+
+def time_variant(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory_mib(name: str, units: int) -> float | None:
+    """Peak RSS growth of a fresh child process running the variant once (MiB); None if unavailable."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, str(units)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory child for {name} R={units} failed:\n{res.stderr[-2000:]}")
+    val = res.stdout.strip().splitlines()[-1]
+    return None if val == "None" else float(val)
+
+
+def _child(name: str, units: int) -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    x, y, w, V = make_problem(units)
+    fn = variant_fn(name, x, y, w, V)
+    if fn is None:
+        print("None")
+        return
+    with RssPeak() as peak:
+        fn()
+    print(peak.growth_mib)
+
+
+class RssPeak:
+    """Peak growth of the resident set size while the ``with`` body runs, sampled every ``interval``
+    seconds from ``/proc/self/statm`` by a background thread (torch kernels release the GIL).
+    Falls back to ``ru_maxrss`` where ``/proc`` is missing."""
+
+    def __init__(self, interval: float = 5e-4):
+        self.interval = interval
+        self.growth_mib = float("nan")
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = self.rss_bytes()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.rss_bytes())
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss_bytes())
+        self.growth_mib = (self.peak - self.base) / 2**20
+        return False
+
+
+def environment() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "python": platform.python_version(),
+            "fused_hvp_kernel": fused_hvp_available(), "d": D_WIDTH, "batch": BATCH, "dtype": "float32",
+            "activations": ACTS}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--units", type=int, nargs="+", default=list(UNITS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", default="bench_hvp.json", help="JSON path; a CSV is written beside it")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args.child[0], int(args.child[1]))
+        return 0
+    torch.set_num_threads(args.threads)
+    rows = []
+    for units in args.units:
+        base = None
+        for name in args.variants:
+            x, y, w, V = make_problem(units)
+            fn = variant_fn(name, x, y, w, V)
+            if fn is None:
+                rows.append({"variant": name, "units": units, "status": "fused HVP kernel not built"})
+                print(f"R={units:5d} {name:22s} skipped (fused HVP kernel not built)")
+                continue
+            check(name, units)
+            k = 1 if name.endswith("_k1") else K_BATCHED
+            ts = time_variant(fn, args.repeats)
+            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+            med = statistics.median(ts)
+            if name == "double_backward_k1":
+                base = med
+            mem = None if args.no_memory else peak_memory_mib(name, units)
+            row = {"variant": name, "units": units, "k": k, "median_s": med, "iqr_s": [q[0], q[2]],
+                   "per_hvp_s": med / k, "peak_rss_mib": mem, "status": "ok"}
+            rows.append(row)
+            print(f"R={units:5d} {name:22s} {med / k * 1e3:9.3f} ms/HVP  (call {med * 1e3:9.2f} ms, "
+                  f"IQR {q[0] * 1e3:.2f}-{q[2] * 1e3:.2f})  peak +{mem if mem is not None else float('nan'):.1f} MiB")
+        if base is not None:
+            for r in rows:
+                if r.get("units") == units and r.get("status") == "ok":
+                    r["speedup_vs_double_backward_per_hvp"] = base / r["per_hvp_s"]
+    out = {"environment": environment(), "results": rows}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    csv_path = os.path.splitext(args.out)[0] + ".csv"
+    keys = ["variant", "units", "k", "median_s", "per_hvp_s", "speedup_vs_double_backward_per_hvp", "peak_rss_mib",
+            "status"]
+    with open(csv_path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+    print(f"wrote {args.out} and {csv_path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ pytest-benchmark
+try:
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module", autouse=True)
+    def _threads():
+        n = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield
+        torch.set_num_threads(n)
+
+    @pytest.mark.parametrize("units", UNITS)
+    @pytest.mark.parametrize("name", VARIANTS)
+    def test_hvp(benchmark, name, units):
+        x, y, w, V = make_problem(units)
+        fn = variant_fn(name, x, y, w, V)
+        if fn is None:
+            pytest.skip("the fused HVP kernel is not built")
+        check(name, units)
+        k = 1 if name.endswith("_k1") else K_BATCHED
+        benchmark.group = f"R={units}"
+        benchmark.extra_info.update(k=k, units=units, peak_rss_mib=peak_memory_mib(name, units), **environment())
+        benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""HessianOperator against dense torch.func Hessians (float64), and its interface and errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shortcut_ext.curvature import (
+    MAX_DENSE_PARAMS,
+    HessianOperator,
+    condition_report,
+    dense_hessian_func,
+    fused_hvp_available,
+    hessian_probes,
+)
+from shortcut_ext.models import PlainNet, ShortcutNet
+
+F64 = torch.float64
+BACKENDS = ("autograd", "func", "fused")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny ops: on 2 shared cores a second intra-op thread only adds contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_data(m=10, p=3, q=3, seed=0, loss="mse"):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(m, p, generator=g, dtype=F64)
+    if loss == "mse":
+        Y = X[:, :q] @ torch.randn(q, q, generator=g, dtype=F64) * 0.5 + 0.3 * torch.randn(m, q, generator=g, dtype=F64)
+    else:
+        Y = torch.randint(0, q, (m,), generator=g)
+    return X, Y
+
+
+def make_net(kind, init, acts, d=3, units=2, seed=0, **kw):
+    if kind == "plain":
+        return PlainNet(d, units * 2, activation=acts[1], init=init, seed=seed, backend="torch", dtype=F64, **kw)
+    return ShortcutNet(d, units, kind, *acts, init=init, scale=1.0 if init == "small" else 0.01, seed=seed,
+                       backend="torch", dtype=F64, **kw)
+
+
+def split(X, Y, sizes):
+    out, i = [], 0
+    for s in sizes:
+        out.append((X[i:i + s], Y[i:i + s]))
+        i += s
+    return out
+
+
+def rel_err(A, B):
+    return float((A - B).abs().max() / B.abs().max().clamp_min(1e-300))
+
+
+# (kind, init, (pre, mid, post)): n in {1, 2, 3} and plain nets; relu only at random non-zero weights
+CASES = [
+    (1, "zero", ("identity", "identity", "identity")),
+    (1, "xavier", ("tanh", "identity", "tanh")),
+    (2, "zero", ("identity", "identity", "identity")),
+    (2, "zero", ("tanh", "tanh", "ssigmoid")),
+    (2, "xavier", ("ssigmoid", "relu", "identity")),
+    (2, "small", ("identity", "tanh", "tanh")),
+    (3, "zero", ("tanh", "tanh", "tanh")),
+    (3, "xavier", ("relu", "tanh", "identity")),
+    ("plain", "xavier", ("identity", "identity", "identity")),
+    ("plain", "orthogonal", ("identity", "tanh", "identity")),
+    ("plain", "xavier", ("identity", "relu", "identity")),
+    ("plain", "xavier", ("identity", "ssigmoid", "identity")),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'/'.join(c[2])}")
+def test_dense_matches_torch_func_hessian(case, backend):
+    kind, init, acts = case
+    net = make_net(kind, init, acts)
+    X, Y = make_data()
+    ref = dense_hessian_func(net, (X, Y))
+    H = HessianOperator(net, (X, Y), backend=backend).to_dense()
+    if ref.abs().max() == 0:  # n = 3 at zero: the Hessian vanishes
+        assert H.abs().max() <= 1e-14
+    else:
+        assert rel_err(H, ref) <= 1e-10
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[7], CASES[10]],
+                         ids=lambda c: f"{c[0]}-{c[1]}-{'/'.join(c[2])}")
+def test_minibatched_equals_full_data(case, backend, loss):
+    kind, init, acts = case
+    net = make_net(kind, init, acts, seed=1)
+    X, Y = make_data(m=11, seed=2, loss=loss)
+    ref = dense_hessian_func(net, (X, Y), loss=loss)
+    for data in ((X, Y), split(X, Y, [4, 4, 3]), iter(split(X, Y, [1, 10]))):
+        H = HessianOperator(net, data, loss=loss, backend=backend).to_dense()
+        assert rel_err(H, ref) <= 1e-10
+
+
+def test_cross_entropy_probability_targets_and_projections():
+    # frozen input projection (5 -> 3) and read-out (3 -> 2): the fused path falls back to autograd
+    net = ShortcutNet(3, 2, 2, "tanh", "tanh", "identity", init="xavier", seed=3, backend="torch", dtype=F64,
+                      in_features=5, out_features=2)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(9, 5, generator=g, dtype=F64)
+    Y = torch.softmax(torch.randn(9, 2, generator=g, dtype=F64), dim=1)
+    ref = dense_hessian_func(net, (X, Y), loss="cross_entropy")
+    op = HessianOperator(net, (X, Y), loss="cross_entropy", backend="fused")
+    assert op.backend_used == "autograd" and "read-out" in op.fallback_reason
+    assert rel_err(op.to_dense(), ref) <= 1e-10
+    assert rel_err(HessianOperator(net, (X, Y), loss="cross_entropy", backend="func").to_dense(), ref) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_probability_targets(backend):
+    net = make_net(2, "xavier", ("identity", "tanh", "ssigmoid"), seed=5)
+    X, _ = make_data(m=8, seed=6)
+    Y = torch.softmax(torch.randn(8, 3, generator=torch.Generator().manual_seed(7), dtype=F64), dim=1)
+    ref = dense_hessian_func(net, (X, Y), loss="cross_entropy")
+    op = HessianOperator(net, split(X, Y, [3, 5]), loss="cross_entropy", backend=backend)
+    assert op.backend_used == ("fused" if backend == "fused" and fused_hvp_available() else
+                               "autograd" if backend == "fused" else backend)
+    assert rel_err(op.to_dense(), ref) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_symmetry_batched_and_dense(backend):
+    net = make_net(2, "xavier", ("tanh", "relu", "ssigmoid"), units=3, seed=4)
+    X, Y = make_data(m=12, seed=5)
+    op = HessianOperator(net, split(X, Y, [5, 7]), backend=backend)
+    g = torch.Generator().manual_seed(6)
+    U = torch.randn(op.P, 5, generator=g, dtype=F64)
+    V = torch.randn(op.P, 5, generator=g, dtype=F64)
+    HU, HV = op.matmat(U), op.matmat(V)
+    # u^T H v == v^T H u
+    torch.testing.assert_close(U.T @ HV, (V.T @ HU).T, rtol=1e-12, atol=1e-13)
+    # batched == sequential
+    seq = torch.stack([op.matvec(V[:, i]) for i in range(V.shape[1])], dim=1)
+    torch.testing.assert_close(HV, seq, rtol=1e-12, atol=1e-13)
+    D = op.to_dense(chunk=7)
+    torch.testing.assert_close(D, D.T, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(D @ V, HV, rtol=1e-10, atol=1e-12)
+
+
+def test_max_directions_chunks():
+    net = make_net(2, "small", ("identity", "tanh", "identity"))
+    X, Y = make_data()
+    V = torch.randn(net.weight.numel(), 9, dtype=F64)
+    a = HessianOperator(net, (X, Y), backend="autograd").matmat(V)
+    b = HessianOperator(net, (X, Y), backend="autograd", max_directions=4).matmat(V)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_zero_point_two_shortcut_linear_closed_form():
+    # L(w) = L(0) + sum_r tr(A_r B_r M^T) + O(|w|^3), M = (1/m) sum_i (x_i - y_i) x_i^T
+    d, R = 3, 4
+    X, Y = make_data(m=15, seed=7)
+    net = ShortcutNet(d, R, 2, init="zero", backend="torch", dtype=F64)
+    D = HessianOperator(net, (X, Y), backend="autograd").to_dense()
+    M = (X - Y).T @ X / X.shape[0]
+    # d^2 / dA_ij dB_j'k of sum A_ij B_jk M_ik = delta_jj' M_ik
+    K = torch.einsum("ik,jl->ijlk", M, torch.eye(d, dtype=F64)).reshape(d * d, d * d)
+    blk = torch.zeros(2 * d * d, 2 * d * d, dtype=F64)
+    blk[d * d:, : d * d] = K  # rows: A = W[r, 1]; columns: B = W[r, 0]
+    blk[: d * d, d * d:] = K.T
+    ref = torch.block_diag(*[blk] * R)
+    assert rel_err(D, ref) <= 1e-12
+
+
+def test_loss_and_grad():
+    net = make_net(2, "xavier", ("tanh", "relu", "identity"), seed=8)
+    X, Y = make_data(m=13, seed=9)
+    w = net.weight.detach().clone().requires_grad_(True)
+    L = 0.5 * ((net.forward_with(w, X) - Y) ** 2).sum() / X.shape[0]
+    (g,) = torch.autograd.grad(L, w)
+    for backend in BACKENDS:
+        loss, grad = HessianOperator(net, split(X, Y, [6, 7]), backend=backend).loss_and_grad()
+        torch.testing.assert_close(loss, L.detach(), rtol=1e-13, atol=0)
+        torch.testing.assert_close(grad, g.reshape(-1), rtol=1e-12, atol=1e-14)
+
+
+def test_as_scipy_and_dtype_cast():
+    from scipy.sparse.linalg import eigsh
+
+    net = ShortcutNet(3, 3, 2, "identity", "tanh", "identity", init="xavier", seed=10, backend="torch")  # float32
+    X, Y = make_data(m=10, seed=11)
+    op = HessianOperator(net, (X.float(), Y.float()), backend="autograd", dtype=F64)
+    assert op.dtype == F64 and op.shape == (54, 54) and op.size == 54
+    D = op.to_dense()
+    ev = np.linalg.eigvalsh(D.numpy())
+    lin = op.as_scipy()
+    assert lin.shape == (54, 54) and lin.dtype == np.float64
+    v = np.random.default_rng(0).standard_normal(54)
+    np.testing.assert_allclose(lin.matvec(v), D.numpy() @ v, rtol=1e-10, atol=1e-12)
+    top = eigsh(lin, k=2, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(top), ev[-2:], rtol=1e-8)
+
+
+def test_float32_operator_close_to_float64():
+    net = make_net(2, "xavier", ("tanh", "tanh", "identity"), seed=12)
+    X, Y = make_data(m=10, seed=13)
+    d64 = HessianOperator(net, (X, Y), backend="autograd").to_dense()
+    d32 = HessianOperator(net, (X, Y), backend="autograd", dtype=torch.float32).to_dense()
+    assert d32.dtype == torch.float32
+    assert rel_err(d32.double(), d64) <= 1e-5
+
+
+def test_bad_inputs():
+    net = make_net(2, "small", ("identity", "identity", "identity"))
+    X, Y = make_data()
+    op = HessianOperator(net, (X, Y), backend="autograd")
+    P = op.P
+    with pytest.raises(ValueError, match=r"V must have shape \[36, k\]"):
+        op.matmat(torch.zeros(P + 1, 2, dtype=F64))
+    with pytest.raises(ValueError, match="k >= 1"):
+        op.matmat(torch.zeros(P, 0, dtype=F64))
+    with pytest.raises(TypeError, match="dtype torch.float64"):
+        op.matmat(torch.zeros(P, 2, dtype=torch.float32))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        op.matmat(np.zeros((P, 2)))
+    with pytest.raises(ValueError, match="1-D"):
+        op.matvec(torch.zeros(P, 1, dtype=F64))
+    with pytest.raises(ValueError, match="empty"):
+        HessianOperator(net, [], backend="autograd")
+    with pytest.raises(ValueError, match="at least one sample"):
+        HessianOperator(net, (X[:0], Y[:0]), backend="autograd")
+    with pytest.raises(ValueError, match="targets must have 10 rows"):
+        HessianOperator(net, (X, Y[:9]), backend="autograd")
+    with pytest.raises(ValueError, match=r"targets must have shape \[10, 3\]"):
+        HessianOperator(net, (X, Y[:, :2]), backend="autograd")
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 3\]"):
+        HessianOperator(net, (X[:, :2], Y), backend="autograd")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        HessianOperator(net, (X, Y), loss="hinge")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        HessianOperator(net, (X, Y), backend="jax")
+    with pytest.raises(TypeError, match="data must be one batch"):
+        HessianOperator(net, X)
+    with pytest.raises(TypeError, match=r"data\[1\] must be a pair"):
+        HessianOperator(net, [(X, Y), X])
+    with pytest.raises(TypeError, match="ShortcutNet or PlainNet"):
+        HessianOperator(torch.nn.Linear(3, 3), (X, Y))
+    with pytest.raises(ValueError, match="class indices must lie in"):
+        HessianOperator(net, (X, torch.full((10,), 3)), loss="cross_entropy")
+    big = ShortcutNet(16, 17, 2, init="zero", backend="torch")
+    assert big.weight.numel() > MAX_DENSE_PARAMS
+    with pytest.raises(ValueError, match="refuses P = 8704"):
+        HessianOperator(big, (torch.zeros(2, 16), torch.zeros(2, 16)), backend="autograd").to_dense()
+
+
+def test_hessian_probes_exact_and_estimated():
+    net = make_net(2, "xavier", ("identity", "tanh", "identity"), units=3, seed=14)
+    X, Y = make_data(m=20, seed=15)
+    ev = np.linalg.eigvalsh(dense_hessian_func(net, (X, Y)).numpy())
+    exact = hessian_probes(net, (X, Y), "mse", exact_max_params=1000, backend="autograd")
+    assert set(exact) == {"lam_max", "lam_q10", "index", "cond", "cond_q10", "method"}
+    assert exact["method"] == "exact"
+    a = np.abs(ev)
+    np.testing.assert_allclose(exact["lam_max"], a.max(), rtol=1e-10)
+    np.testing.assert_allclose(exact["cond"], a.max() / a.min(), rtol=1e-6)
+    np.testing.assert_allclose(exact["lam_q10"], np.quantile(a, 0.1, method="inverted_cdf"), rtol=1e-10)
+    assert exact["index"] == pytest.approx((ev < 0).mean())
+    est = hessian_probes(net, (X, Y), "mse", exact_max_params=0, backend="autograd", probes=16, steps=30)
+    assert est["method"] == "lanczos+slq" and np.isnan(est["cond"])
+    np.testing.assert_allclose(est["lam_max"], a.max(), rtol=1e-8)
+    assert abs(est["index"] - exact["index"]) < 0.15
+    rep = condition_report(HessianOperator(net, (X, Y), backend="autograd"), method="lanczos+slq", probes=16,
+                           steps=30)
+    assert rep.uncertainty["lam_max_residual"] < 1e-8 * rep.lam_max

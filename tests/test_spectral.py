@@ -1,0 +1,273 @@
+"""Spectral tools (Lanczos, SLQ, Hutchinson / Hutch++, power iteration, condition reports) against
+exact eigendecompositions, on Hessians of small nets and on matrices with known spectra."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse.linalg import aslinearoperator
+
+from shortcut_ext.curvature import (
+    HessianOperator,
+    TorchOperator,
+    as_torch_operator,
+    block_lanczos,
+    condition_report,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    power_iteration,
+    report_from_eigenvalues,
+    slq,
+)
+from shortcut_ext.models import ShortcutNet
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data(m=20, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(m, d, generator=g, dtype=F64)
+    Y = X @ torch.randn(d, d, generator=g, dtype=F64) * 0.5 + 0.2 * torch.randn(m, d, generator=g, dtype=F64)
+    return X, Y
+
+
+@pytest.fixture(scope="module")
+def random_hessian():
+    """A generic Hessian (2-shortcut tanh/relu net at random weights), P = 90, and its eigenvalues."""
+    net = ShortcutNet(3, 5, 2, "tanh", "relu", "identity", init="xavier", seed=1, backend="torch", dtype=F64)
+    op = HessianOperator(net, data(seed=2), backend="autograd")
+    D = op.to_dense()
+    return op, D, np.linalg.eigvalsh(D.numpy())
+
+
+@pytest.fixture(scope="module")
+def zero_point():
+    """The 2-shortcut zero point, d = 3, R = 4: 2d = 6 distinct eigenvalues, each d*R = 12 times."""
+    net = ShortcutNet(3, 4, 2, init="zero", backend="torch", dtype=F64)
+    op = HessianOperator(net, data(seed=3), backend="autograd")
+    D = op.to_dense()
+    return op, D, np.linalg.eigvalsh(D.numpy())
+
+
+def known_spectrum(ev, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ev = torch.as_tensor(ev, dtype=F64)
+    Q, _ = torch.linalg.qr(torch.randn(len(ev), len(ev), generator=g, dtype=F64))
+    return Q @ torch.diag(ev) @ Q.T
+
+
+# ------------------------------------------------------------------------------------- Lanczos
+@pytest.mark.parametrize("method", ["lanczos", "block"])
+def test_lanczos_extremes_vs_eigvalsh(random_hessian, method):
+    op, D, ev = random_hessian
+    k = 4
+    r = lanczos(op, k=k, tol=1e-10) if method == "lanczos" else block_lanczos(op, k=k, block_size=3, tol=1e-10)
+    scale = np.abs(ev).max()
+    np.testing.assert_allclose(r.largest, ev[::-1][:k], rtol=0, atol=1e-9 * scale)
+    np.testing.assert_allclose(r.smallest, ev[:k], rtol=0, atol=1e-9 * scale)
+    assert r.converged and np.all(r.largest_residuals < 1e-9 * scale)
+    Y = r.largest_vectors
+    torch.testing.assert_close(D @ Y, Y * torch.as_tensor(r.largest), rtol=0, atol=1e-8 * scale)
+    assert r.abs_max == pytest.approx(np.abs(ev).max(), rel=1e-12)
+
+
+@pytest.mark.parametrize("k", [5, 12, 13])
+@pytest.mark.parametrize("method", ["lanczos", "block"])
+def test_lanczos_survives_invariant_subspaces(zero_point, method, k):
+    op, _, ev = zero_point
+    assert len(np.unique(np.round(ev, 10))) == 6  # 2d distinct values, each 12 times
+    r = lanczos(op, k=k) if method == "lanczos" else block_lanczos(op, k=k, block_size=2)
+    scale = np.abs(ev).max()
+    # every requested eigenvalue, with its multiplicity
+    np.testing.assert_allclose(r.largest, ev[::-1][:k], rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(r.smallest, ev[:k], rtol=0, atol=1e-10 * scale)
+    assert r.breakdowns >= 2 and r.converged
+    assert np.all(r.largest_residuals < 1e-10 * scale) and np.all(r.smallest_residuals < 1e-10 * scale)
+
+
+def test_lanczos_multiplicities_without_breakdown():
+    # a continuous part plus two eigenvalues of multiplicity 7: no breakdown, verification finds the copies
+    ev = np.concatenate([np.full(7, 5.0), np.full(7, -4.0), np.linspace(-3, 3, 86)])
+    A = known_spectrum(ev, seed=1)
+    r = lanczos(A, k=3)
+    np.testing.assert_allclose(r.largest, [5, 5, 5], atol=1e-9)
+    np.testing.assert_allclose(r.smallest, [-4, -4, -4], atol=1e-9)
+    fast = lanczos(A, k=1, verify=False)
+    assert fast.largest[0] == pytest.approx(5.0, abs=1e-9) and len(fast.segments) == 1
+
+
+def test_lanczos_which_and_zero_operator():
+    A = known_spectrum(np.linspace(-1, 2, 40), seed=2)
+    top = lanczos(A, k=2, which="largest")
+    assert len(top.smallest) == 0 and top.largest == pytest.approx([2.0, 2.0 - 3 / 39], abs=1e-9)
+    bot = lanczos(A, k=1, which="smallest")
+    assert len(bot.largest) == 0 and bot.smallest[0] == pytest.approx(-1.0, abs=1e-9)
+    z = lanczos(torch.zeros(10, 10, dtype=F64), k=3)
+    assert np.all(z.largest == 0) and np.all(z.smallest == 0)
+
+
+def test_operator_adapter_accepts_scipy_numpy_dense(random_hessian):
+    op, D, ev = random_hessian
+    for A in (op.as_scipy(), D.numpy(), aslinearoperator(D.numpy()), D):
+        r = lanczos(A, k=2, tol=1e-10)
+        np.testing.assert_allclose(r.largest, ev[::-1][:2], atol=1e-9)
+    T = as_torch_operator(op)
+    assert isinstance(T, TorchOperator) and T.shape == (90, 90) and T.dtype == F64
+    with pytest.raises(TypeError, match="operator must be"):
+        as_torch_operator("not an operator")
+    with pytest.raises(ValueError, match="square"):
+        as_torch_operator(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        lanczos(D, k=0)
+    with pytest.raises(ValueError, match="which must be one of"):
+        lanczos(D, which="middle")
+
+
+# ------------------------------------------------------------------------------------- SLQ
+def test_slq_moments_are_quadratic_forms_and_converge_to_traces(random_hessian):
+    op, D, ev = random_hessian
+    r = slq(op, probes=64, steps=20, seed=0)
+    # Gauss quadrature with m nodes is exact for degree < 2m: each probe's moments are v^T H^p v
+    gen = torch.Generator().manual_seed(0)  # the same probes as slq(seed=0)
+    V = as_torch_operator(op).randn(64, gen, "rademacher")
+    V = V / V.norm(dim=0, keepdim=True)
+    for p in (1, 2, 3):
+        exact_q = ((V * (torch.linalg.matrix_power(D, p) @ V)).sum(dim=0)).numpy()
+        np.testing.assert_allclose(r.moments_per_probe(p), exact_q, rtol=1e-9, atol=1e-12)
+    # and their mean converges to tr(H^p) / P: within 4 standard errors
+    for p, exact in ((1, ev.sum()), (2, (ev ** 2).sum())):
+        est, se = r.trace(p)
+        assert abs(est - exact) <= 4 * se + 1e-12
+    # Hutchinson with the same probes and Rademacher entries is the same estimator as SLQ's first moment
+    h = hutchinson_trace(op, 64, seed=0)
+    assert h.estimate == pytest.approx(r.trace(1)[0], rel=1e-10)
+
+
+def test_slq_quantiles_and_index_converge():
+    # a known spectrum with a spread of magnitudes
+    g = np.random.default_rng(0)
+    ev = np.concatenate([g.uniform(0.05, 3.0, 200), -g.uniform(0.05, 1.0, 100)])
+    A = known_spectrum(ev, seed=3)
+    q10 = np.quantile(np.abs(ev), 0.1, method="inverted_cdf")
+    errs, idx_errs = [], []
+    for probes in (2, 16, 128):
+        e, ie = [], []
+        for seed in range(3):
+            r = slq(A, probes=probes, steps=60, seed=seed)
+            e.append(abs(r.abs_quantile(0.1) - q10) / q10)
+            ie.append(abs(r.index() - 1 / 3))
+        errs.append(np.mean(e))
+        idx_errs.append(np.mean(ie))
+    assert errs[-1] < errs[1] < errs[0] and errs[-1] < 0.02
+    assert idx_errs[-1] < idx_errs[0] and idx_errs[-1] < 0.02
+    grid, dens = r.density()
+    assert np.trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_slq_at_zero_point_is_exact(zero_point):
+    op, _, ev = zero_point
+    r = slq(op, probes=4, steps=30, seed=1)
+    assert np.all(r.num_steps == 6)  # each probe breaks down after 2d steps
+    x, w = r.pooled()
+    np.testing.assert_allclose(np.unique(np.round(x, 10)), np.unique(np.round(ev, 10)), atol=1e-10)
+    assert r.abs_quantile(0.1) == pytest.approx(np.quantile(np.abs(ev), 0.1, method="inverted_cdf"), rel=1e-10)
+    assert r.negative_mass() == pytest.approx(0.5, abs=0.2)
+    lo, hi = r.extremes()
+    assert hi == pytest.approx(ev.max(), rel=1e-10) and lo == pytest.approx(ev.min(), rel=1e-10)
+
+
+def test_slq_bad_inputs():
+    with pytest.raises(ValueError, match="probes must be a positive integer"):
+        slq(torch.eye(3, dtype=F64), probes=0)
+    with pytest.raises(ValueError, match="distribution must be"):
+        slq(torch.eye(3, dtype=F64), distribution="uniform")
+
+
+# ------------------------------------------------------------------------------------- traces
+def test_hutchpp_converges_faster_than_hutchinson():
+    ev = 1.0 / np.arange(1, 201) ** 2  # fast decay: the regime Hutch++ is built for
+    A = known_spectrum(ev, seed=4)
+    exact = ev.sum()
+    err = {}
+    for m in (12, 48, 192):
+        err[m] = (np.mean([abs(hutchpp_trace(A, m, seed=s).estimate - exact) for s in range(5)]),
+                  np.mean([abs(hutchinson_trace(A, m, seed=s).estimate - exact) for s in range(5)]))
+    assert err[192][0] < err[48][0] < err[12][0]
+    assert err[192][0] < 0.2 * err[192][1]
+    assert err[192][0] / exact < 1e-3
+    r = hutchpp_trace(A, 30)
+    assert r.num_products == 30 and r.method == "meyer2021hutchpp"
+
+
+def test_trace_of_hessian(random_hessian):
+    op, _, ev = random_hessian
+    r = hutchpp_trace(op, 90, seed=0)  # 30 sketch columns of 90: close, not exact
+    assert abs(r.estimate - ev.sum()) < 0.1 * np.abs(ev).sum()
+    with pytest.raises(ValueError, match="num_products must be an integer >= 3"):
+        hutchpp_trace(op, 2)
+
+
+# ------------------------------------------------------------------------------------- power, condition
+def test_power_iteration(random_hessian, zero_point):
+    _, D, ev = random_hessian
+    A = known_spectrum([-6.0, 3.0, 2.0, 1.0, 0.5, -0.1], seed=5)
+    r = power_iteration(A, tol=1e-12, max_iter=2000)
+    assert r.eigenvalue == pytest.approx(-6.0, rel=1e-6) and not r.sign_ambiguous and r.converged
+    r = power_iteration(D, max_iter=3000, tol=1e-13)
+    assert r.abs_eigenvalue == pytest.approx(np.abs(ev).max(), rel=1e-4)
+    # +-|lambda|max at the zero point: ||Av|| still converges, the sign is flagged
+    _, Dz, evz = zero_point
+    rz = power_iteration(Dz, max_iter=200)
+    assert rz.abs_eigenvalue == pytest.approx(np.abs(evz).max(), rel=1e-8) and rz.sign_ambiguous
+
+
+def test_condition_report_exact_and_estimated(random_hessian):
+    op, _, ev = random_hessian
+    ex = condition_report(op, method="exact")
+    a = np.abs(ev)
+    assert ex.lam_max == pytest.approx(a.max(), rel=1e-12)
+    assert ex.cond == pytest.approx(a.max() / a.min(), rel=1e-8)
+    assert ex.cond_q10 == pytest.approx(a.max() / np.quantile(a, 0.1, method="inverted_cdf"), rel=1e-10)
+    assert ex.index == pytest.approx((ev < 0).mean())
+    est = condition_report(op, method="lanczos+slq", probes=32, steps=40, seed=0)
+    assert est.lam_max == pytest.approx(a.max(), rel=1e-8)
+    assert np.isnan(est.cond) and est.uncertainty["lam_max_residual"] < 1e-8 * a.max()
+    assert abs(est.lam_q10 - ex.lam_q10) < 4 * est.uncertainty["lam_q10_probe_std"] + 0.1 * ex.lam_q10
+    assert abs(est.index - ex.index) < 4 * est.uncertainty["index_std_error"] + 0.02
+
+
+def test_report_zero_and_singular_spectra():
+    z = report_from_eigenvalues(np.zeros(10))
+    assert z.lam_max == 0 and np.isnan(z.cond) and z.index == 0.0
+    s = report_from_eigenvalues([2.0, -1.0, 0.0, 1e-20])
+    assert s.cond == np.inf and s.index == 0.25 and s.lam_max == 2.0
+
+
+# ------------------------------------------------------------------------------------- the CLI
+def test_spectrum_command_writes_json_and_figures(tmp_path):
+    import json
+
+    from shortcut_ext.cli import main
+
+    out = tmp_path / "spec"
+    rc = main(["spectrum", "--shortcut", "2", "--units", "6", "--width", "3", "--init", "zero", "--data", "synthetic",
+               "--samples", "40", "--probes", "3", "--steps", "10", "--top", "4", "--batch-size", "16",
+               "--backend", "fused", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "spectrum.json").read_text())
+    assert res["num_params"] == 6 * 2 * 9
+    assert res["theory"]["method"] == "closed_form" and res["theory"]["lanczos_rel_error"] < 1e-10
+    assert res["theory"]["multiplicities"] == [18] * 6
+    assert res["lanczos"]["largest"] == pytest.approx(res["exact"]["top"][:4], rel=1e-10)
+    assert res["theory"]["slq_q10_rel_error"] < 1e-8  # probes break down after 2d steps: exact quadrature
+    for name in ("density.png", "extremes.png", "quantiles.png"):
+        assert (out / name).stat().st_size > 1000

@@ -1,0 +1,227 @@
+"""The zero-point theory (PAPER.md section 2) against dense torch.func Hessians and Lanczos."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shortcut_ext import theory as th
+from shortcut_ext.curvature import HessianOperator, dense_hessian_func, fused_hvp_available, lanczos, slq
+from shortcut_ext.models import ShortcutNet
+from shortcut_ext.reference import activation
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def teacher(m=12, d=2, seed=0, loss="mse"):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(m, d, generator=g, dtype=F64)
+    if loss == "mse":
+        Y = X @ torch.randn(d, d, generator=g, dtype=F64) * 0.7 + 0.2 * torch.randn(m, d, generator=g, dtype=F64)
+    else:
+        Y = torch.randint(0, d, (m,), generator=g)
+    return X, Y
+
+
+def zero_net(d, R, n, acts, **kw):
+    return ShortcutNet(d, R, n, *acts, init="zero", backend="torch", dtype=F64, **kw)
+
+
+@pytest.mark.parametrize("name", ["identity", "tanh", "ssigmoid", "relu"])
+def test_activation_taylor_matches_autograd(name):
+    z = torch.tensor(0.0, dtype=F64, requires_grad=True)
+    s = activation(name, z)
+    (d1,) = torch.autograd.grad(s, z, create_graph=True)
+    d2 = torch.autograd.grad(d1, z, allow_unused=True, materialize_grads=True)[0] if d1.requires_grad else 0.0
+    assert th.activation_taylor(name) == pytest.approx((float(s), float(d1), float(d2)), abs=1e-15)
+    zz = torch.linspace(-2, 2, 9, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(activation(name, zz).sum(), zz)
+    torch.testing.assert_close(th.activation_derivative(name, zz.detach()), g, rtol=1e-14, atol=1e-15)
+
+
+def test_check_assumptions():
+    for name in ("identity", "tanh", "ssigmoid", "relu"):
+        assert th.activation_taylor(name)[0] == 0.0  # s(0) = 0 for every activation offered
+    ok = th.check_assumptions("relu", "tanh", "ssigmoid", 2)
+    assert ok.holds and ok.slope == 0.5  # relu at pre is fine: only s_pre(x_i) at the data enters
+    bad = th.check_assumptions("identity", "relu", "identity", 2)
+    assert not bad.holds and bad.values_zero and not bad.smooth and bad.slope == 0.0 and bad.notes
+    assert th.check_assumptions("identity", "relu", "tanh", 1).holds  # n = 1 has no mid activation
+
+
+ACTS = [("identity",) * 3, ("tanh",) * 3, ("ssigmoid", "tanh", "ssigmoid"), ("relu", "identity", "tanh")]
+
+
+@pytest.mark.parametrize("acts", ACTS, ids="/".join)
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("R", [1, 3, 8])
+def test_theory_matches_dense_hessian(R, n, acts):
+    d = 2
+    X, Y = teacher(m=12, d=d, seed=R + 10 * n)
+    net = zero_net(d, R, n, acts)
+    ref = dense_hessian_func(net, (X, Y))
+    zp = th.zero_point_data(X, Y)
+    if n == 1:
+        H = th.one_shortcut_hessian(zp, R, acts[0], acts[2])
+        assert float((H - ref).abs().max() / ref.abs().max()) <= 1e-10
+        _, grad = HessianOperator(net, (X, Y), backend="autograd").loss_and_grad()
+        torch.testing.assert_close(th.one_shortcut_gradient(zp, R, acts[0], acts[2]).reshape(-1), grad,
+                                   rtol=1e-12, atol=1e-14)
+    spec = th.zero_point_spectrum(zp, n, R, *acts)
+    assert spec.multiplicities.sum() == spec.num_params == ref.shape[0]
+    ev = np.linalg.eigvalsh(ref.numpy())
+    scale = max(np.abs(ev).max(), 1e-300)
+    if n >= 3:
+        assert np.abs(ev).max() <= 1e-14 and np.all(spec.eigenvalues() == 0)
+    else:
+        assert np.abs(spec.eigenvalues() - ev).max() / scale <= 1e-10
+    if n >= 2:
+        assert spec.gradient_norm == 0.0
+        _, grad = HessianOperator(net, (X, Y), backend="autograd").loss_and_grad()
+        assert float(grad.abs().max()) <= 1e-15
+
+
+def test_two_shortcut_closed_form_details():
+    d, R = 3, 5
+    X, Y = teacher(m=30, d=d, seed=1)
+    zp = th.zero_point_data(X, Y)
+    M = (X - Y).T @ X / X.shape[0]  # S_xx - S_yx in the paper's notation
+    torch.testing.assert_close(th.branch_moment(zp), M)
+    spec = th.two_shortcut_spectrum(zp, R)
+    sigma = np.linalg.svd(M.numpy(), compute_uv=False)
+    vals, mult = spec.distinct()
+    np.testing.assert_allclose(vals, np.sort(np.concatenate([-sigma, sigma])), rtol=1e-12)
+    assert mult.tolist() == [d * R] * (2 * d)
+    rep = spec.report()
+    np.testing.assert_allclose(rep.cond, sigma.max() / sigma.min(), rtol=1e-12)
+    assert rep.index == 0.5
+    # the condition number does not depend on the number of units; the slopes scale the spectrum only
+    deep = th.two_shortcut_spectrum(zp, 1000).report()
+    assert deep.cond == pytest.approx(rep.cond, rel=1e-12) and deep.cond_q10 == pytest.approx(rep.cond_q10, rel=1e-12)
+    ss = th.two_shortcut_spectrum(zp, R, "identity", "ssigmoid", "ssigmoid")
+    np.testing.assert_allclose(ss.eigenvalues(), 0.25 * spec.eigenvalues(), rtol=1e-12)
+    assert ss.report().cond == pytest.approx(rep.cond, rel=1e-12)
+
+
+def test_relu_conventions():
+    d, R = 2, 3
+    X, Y = teacher(m=10, d=d, seed=2)
+    zp = th.zero_point_data(X, Y)
+    # relu at mid: autograd's relu'(0) = 0 gives a zero Hessian at exactly zero; so does the theory
+    net = zero_net(d, R, 2, ("identity", "relu", "identity"))
+    assert float(dense_hessian_func(net, (X, Y)).abs().max()) == 0.0
+    assert np.all(th.zero_point_spectrum(zp, 2, R, "identity", "relu", "identity").eigenvalues() == 0)
+    # relu at pre: M uses s_pre(x_i) = relu(x_i)
+    spec = th.zero_point_spectrum(zp, 2, R, "relu", "tanh", "identity")
+    M = (X - Y).T @ torch.relu(X) / X.shape[0]
+    np.testing.assert_allclose(spec.singular_values, np.linalg.svd(M.numpy(), compute_uv=False), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_cross_entropy_and_projections(n):
+    # frozen input projection (4 -> 3) and read-out (3 -> 2), cross-entropy with class indices
+    R = 3
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(11, 4, generator=g, dtype=F64)
+    Y = torch.randint(0, 2, (11,), generator=g)
+    net = zero_net(3, R, n, ("tanh", "tanh", "identity"), in_features=4, out_features=2)
+    ref = dense_hessian_func(net, (X, Y), loss="cross_entropy")
+    spec = th.model_zero_point_spectrum(net, X, Y, loss="cross_entropy")
+    ev = np.linalg.eigvalsh(ref.numpy())
+    assert np.abs(spec.eigenvalues() - ev).max() / np.abs(ev).max() <= 1e-10
+    if n == 1:
+        zp = th.zero_point_data_from_model(net, X, Y, "cross_entropy")
+        H = th.one_shortcut_hessian(zp, R, "tanh", "identity")
+        assert float((H - ref).abs().max() / ref.abs().max()) <= 1e-10
+
+
+def test_one_shortcut_operator_and_depth_growth():
+    d = 2
+    X, Y = teacher(m=16, d=d, seed=4)
+    zp = th.zero_point_data(X, Y)
+    op = th.OneShortcutHessian(zp, 40)
+    D = op.to_dense()
+    V = torch.randn(op.P, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.matmat(V), D @ V, rtol=1e-12, atol=1e-12)
+    ev = np.linalg.eigvalsh(D.numpy())
+    r = lanczos(op, k=2)
+    np.testing.assert_allclose(r.largest, ev[::-1][:2], rtol=1e-9)
+    np.testing.assert_allclose(r.smallest, ev[:2], rtol=1e-9)
+    # PAPER.md: for n = 1 the largest eigenvalue grows linearly with the number of layers
+    lam = [th.zero_point_spectrum(zp, 1, R).eigenvalues().max() for R in (20, 40, 80)]
+    assert 1.8 < lam[1] / lam[0] < 2.2 and 1.8 < lam[2] / lam[1] < 2.2
+    assert (ev < 0).mean() > 0.3  # many negative eigenvalues
+
+
+def test_condition_vs_depth_curves():
+    X, Y = teacher(m=20, d=2, seed=5)
+    curves = th.condition_vs_depth(X, Y, depths=[2, 4, 8, 16], seeds=(0, 1))
+    c2 = curves["shortcut2"]["cond"]
+    assert np.allclose(c2, c2[0], rtol=1e-12)  # flat in depth
+    c1 = curves["shortcut1"]["cond_q10"]
+    assert c1[-1] > 3 * c1[0]  # grows with depth
+    assert all(np.isnan(curves["shortcut3"]["cond"][1:]))  # H = 0: undefined
+    assert np.isnan(curves["shortcut3"]["cond"][0]) and curves["shortcut3"]["method"][0] == "skipped"
+    for kind in ("plain_xavier", "plain_orthogonal"):
+        assert curves[kind]["method"][0] == "dense (numerical)"
+        assert all(np.isfinite(curves[kind]["cond_q10"]))
+    assert curves["shortcut2"]["units"] == [1, 2, 4, 8]
+
+
+def test_theory_vs_lanczos_and_slq_100_units():
+    d, R = 4, 100
+    X, Y = teacher(m=32, d=d, seed=6)
+    net = zero_net(d, R, 2, ("identity",) * 3)
+    spec = th.model_zero_point_spectrum(net, X, Y)
+    ev = spec.eigenvalues()
+    op = HessianOperator(net, (X, Y), backend="fused")
+    r = lanczos(op, k=3, tol=1e-10)
+    scale = np.abs(ev).max()
+    assert np.abs(r.largest - ev[::-1][:3]).max() / scale <= 1e-8
+    assert np.abs(r.smallest - ev[:3]).max() / scale <= 1e-8
+    s = slq(op, probes=3, steps=12)
+    assert np.all(s.num_steps == 2 * d)  # every probe breaks down after 2d steps: the quadrature is exact
+    assert s.abs_quantile(0.1) == pytest.approx(spec.report().lam_q10, rel=1e-8)
+
+
+# fast with the fused HVP kernel (about 1 s); about 30 s through the autograd fallback
+_slow_without_fused = (lambda f: f) if fused_hvp_available() else pytest.mark.slow
+
+
+@_slow_without_fused
+def test_theory_vs_lanczos_1000_units():
+    d, R = 4, 1000
+    X, Y = teacher(m=32, d=d, seed=7)
+    net = zero_net(d, R, 2, ("identity",) * 3)
+    ev = th.model_zero_point_spectrum(net, X, Y).eigenvalues()
+    k = 3 if fused_hvp_available() else 2
+    r = lanczos(HessianOperator(net, (X, Y), backend="fused"), k=k, tol=1e-10)
+    scale = np.abs(ev).max()
+    assert np.abs(r.largest - ev[::-1][:k]).max() / scale <= 1e-8
+    assert np.abs(r.smallest - ev[:k]).max() / scale <= 1e-8
+
+
+def test_bad_inputs():
+    X, Y = teacher()
+    with pytest.raises(ValueError, match="loss must be one of"):
+        th.zero_point_data(X, Y, loss="hinge")
+    with pytest.raises(ValueError, match="rows like X"):
+        th.zero_point_data(X, Y[:3])
+    with pytest.raises(ValueError, match="units must be an integer >= 1"):
+        th.two_shortcut_spectrum(th.zero_point_data(X, Y), 0)
+    with pytest.raises(ValueError, match="pre must be one of"):
+        th.zero_point_spectrum(th.zero_point_data(X, Y), 2, 3, pre="gelu")
+    with pytest.raises(ValueError, match="max_dense_params"):
+        th.zero_point_spectrum(th.zero_point_data(X, Y), 1, 5000, max_dense_params=100)
+    with pytest.raises(ValueError, match="ShortcutNet"):
+        from shortcut_ext.models import PlainNet
+
+        th.model_zero_point_spectrum(PlainNet(2, 3, backend="torch"), X, Y)
