@@ -16,66 +16,6 @@ namespace {
 
 using namespace cuda_detail;
 
-// Compiled fused-path configurations <T, D, BM (tile rows), TM x TN (per-thread micro-tile)>, largest
-// tile first per D.  Float: 8x8 micro-tiles where the register file allows (one FFMA per shared
-// load pair ~ 4:1); smaller tiles for small batches (fill all SMs) and for the backward, whose
-// shared memory grows with n.  Double: half-size micro-tiles (registers are 64-bit).
-#define SE_FUSED_CONFIGS_FLOAT(X)                                            \
-  X(float, 16, 128, 8, 4) X(float, 16, 32, 4, 4)                             \
-  X(float, 32, 128, 8, 4) X(float, 32, 32, 4, 4)                             \
-  X(float, 64, 128, 8, 8) X(float, 64, 32, 4, 8)                             \
-  X(float, 128, 128, 8, 8) X(float, 128, 64, 4, 8) X(float, 128, 32, 4, 4)
-#define SE_FUSED_CONFIGS_DOUBLE(X)                                           \
-  X(double, 16, 64, 4, 4) X(double, 16, 16, 2, 2)                            \
-  X(double, 32, 64, 4, 4) X(double, 32, 16, 2, 4)                            \
-  X(double, 64, 64, 4, 4) X(double, 64, 16, 2, 4)                            \
-  X(double, 128, 32, 4, 4)
-
-template <typename T>
-struct FusedEntry {
-  int D, BM, threads;
-  size_t (*smem)(bool backward, int64_t n);
-  void (*forward)(const ForwardParams<T>&, dim3, size_t, cudaStream_t);
-  void (*backward)(const BackwardParams<T>&, dim3, size_t, cudaStream_t);
-  cudaError_t (*set_smem)(bool backward, int bytes);
-};
-
-template <class Cfg>
-FusedEntry<typename Cfg::T> make_entry() {
-  using T = typename Cfg::T;
-  FusedEntry<T> e;
-  e.D = Cfg::D;
-  e.BM = Cfg::BM;
-  e.threads = Cfg::THREADS;
-  e.smem = &Cfg::smem_bytes;
-  e.forward = [](const ForwardParams<T>& p, dim3 grid, size_t smem, cudaStream_t s) {
-    SE_LAUNCH(forward_fused_kernel<Cfg>, grid, dim3(Cfg::THREADS), smem, s, p);
-  };
-  e.backward = [](const BackwardParams<T>& p, dim3 grid, size_t smem, cudaStream_t s) {
-    SE_LAUNCH(backward_fused_kernel<Cfg>, grid, dim3(Cfg::THREADS), smem, s, p);
-  };
-  e.set_smem = [](bool backward, int bytes) -> cudaError_t {
-    return backward ? cudaFuncSetAttribute(backward_fused_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
-                    : cudaFuncSetAttribute(forward_fused_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  };
-  return e;
-}
-
-#define SE_ENTRY(T, D, BM, TM, TN) make_entry<FusedConfig<T, D, BM, TM, TN>>(),
-
-template <typename T>
-const std::vector<FusedEntry<T>>& fused_entries();
-template <>
-const std::vector<FusedEntry<float>>& fused_entries<float>() {
-  static const std::vector<FusedEntry<float>> v{SE_FUSED_CONFIGS_FLOAT(SE_ENTRY)};
-  return v;
-}
-template <>
-const std::vector<FusedEntry<double>>& fused_entries<double>() {
-  static const std::vector<FusedEntry<double>> v{SE_FUSED_CONFIGS_DOUBLE(SE_ENTRY)};
-  return v;
-}
-
 struct Device {
   int sms = 1, smem_optin = 48 * 1024;
 };

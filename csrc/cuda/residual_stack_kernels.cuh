@@ -22,6 +22,8 @@
 // weight gradients are per-block partial sums accumulated over the block's tiles in a fixed order.
 #pragma once
 
+#include <vector>
+
 #include "common.h"
 #include "cuda/device_utils.cuh"
 
@@ -641,6 +643,47 @@ __global__ void reduce_partials_kernel(const T* ws, int64_t parts, int64_t units
     out[idx] = T(s);
   }
 }
+
+// --------------------------------------------------------------------- fused-config registry
+// One compiled fused configuration, type-erased for the planner.  The lists live in
+// residual_stack_fused_f32.cu / _f64.cu (separate translation units: they compile in parallel).
+template <typename T>
+struct FusedEntry {
+  int D, BM, threads;
+  size_t (*smem)(bool backward, int64_t n);
+  void (*forward)(const ForwardParams<T>&, dim3, size_t, cudaStream_t);
+  void (*backward)(const BackwardParams<T>&, dim3, size_t, cudaStream_t);
+  cudaError_t (*set_smem)(bool backward, int bytes);  // opt in to > 48 KiB of dynamic shared memory
+};
+
+template <class Cfg>
+FusedEntry<typename Cfg::T> make_fused_entry() {
+  using T = typename Cfg::T;
+  FusedEntry<T> e;
+  e.D = Cfg::D;
+  e.BM = Cfg::BM;
+  e.threads = Cfg::THREADS;
+  e.smem = &Cfg::smem_bytes;
+  e.forward = [](const ForwardParams<T>& p, dim3 grid, size_t smem, cudaStream_t s) {
+    SE_LAUNCH(forward_fused_kernel<Cfg>, grid, dim3(Cfg::THREADS), smem, s, p);
+  };
+  e.backward = [](const BackwardParams<T>& p, dim3 grid, size_t smem, cudaStream_t s) {
+    SE_LAUNCH(backward_fused_kernel<Cfg>, grid, dim3(Cfg::THREADS), smem, s, p);
+  };
+  e.set_smem = [](bool backward, int bytes) -> cudaError_t {
+    return backward ? cudaFuncSetAttribute(backward_fused_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
+                    : cudaFuncSetAttribute(forward_fused_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  };
+  return e;
+}
+
+// The compiled configurations of each dtype, largest tile first per D.
+template <typename T>
+const std::vector<FusedEntry<T>>& fused_entries();
+template <>
+const std::vector<FusedEntry<float>>& fused_entries<float>();
+template <>
+const std::vector<FusedEntry<double>>& fused_entries<double>();
 
 }  // namespace cuda_detail
 }  // namespace shortcut_ext

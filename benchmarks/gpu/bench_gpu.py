@@ -1,0 +1,345 @@
+"""GPU benchmark: the fused residual stack against eager PyTorch, eager PyTorch replayed from a CUDA
+graph, and torch.compile, for the paper's 2-shortcut ReLU network (n = 2, ReLU between the two
+layers of each branch, PAPER.md section 1) with R = 1000 units, float32, forward and forward+backward.
+
+Every variant is checked against eager PyTorch on the same inputs before it is timed.  Times are
+medians of CUDA-event timings after a warm-up; rates count useful FLOPs only (forward 2*B*d^2*n*R,
+forward+backward 3x that: the fused backward's recomputation of each unit is not counted) and are
+compared with a large float32 GEMM (TF32 off, like the kernels) measured in the same run.
+
+torch.compile is applied to one residual unit and looped over the units ("regional" compilation, as
+for repeated transformer blocks): compiling the whole 1000-unit graph takes minutes per shape
+(BUILD-NOTES.md), which the time budget of benchmarks/gpu/run.sh cannot hold.  Compile cases that
+do not fit the compile budget are skipped with a note.
+
+    python benchmarks/gpu/bench_gpu.py --out OUT_DIR            # on a GPU (run.sh does this)
+    python benchmarks/gpu/bench_gpu.py --cpu-smoke --out /tmp/x  # the same logic, tiny, on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/common.py
+import common  # noqa: E402
+
+import shortcut_ext  # noqa: E402
+from shortcut_ext import reference as ref  # noqa: E402
+
+ACTS = ("identity", "relu", "identity")  # pre, mid, post: ReLU between the layers of each branch
+AGREE = 1e-3  # relative (Frobenius) disagreement with eager float32 that still counts as agreement
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--out", default=os.environ.get("OUT", os.path.join(here, "out")),
+                   help="folder for the CSV, JSON and log (default: $OUT, else benchmarks/gpu/out)")
+    p.add_argument("--ds", default="16,64,128", help="widths d")
+    p.add_argument("--bs", default="4096,65536", help="batch sizes B")
+    p.add_argument("--units", type=int, default=1000, help="residual units R")
+    p.add_argument("--n", type=int, default=2, help="layers per unit (2 = the 2-shortcut net)")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
+    p.add_argument("--variants", default="fused,fused_atomic,eager,eager_graph,compile",
+                   help="fused_atomic: the fused op with SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1 (forward+backward only)")
+    p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this")
+    p.add_argument("--compile-budget-s", type=float, default=100.0, help="total time allowed for compiling")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (default inductor; eager for --cpu-smoke)")
+    p.add_argument("--target-s", type=float, default=0.5, help="timed seconds per variant (3 to 20 repetitions)")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: checks this script's logic")
+    a = p.parse_args(argv)
+    if a.cpu_smoke:
+        a.ds, a.bs, a.units = "16,20", "64", 4
+        a.budget_s = min(a.budget_s, 120.0)
+        a.compile_backend = a.compile_backend or "eager"
+    a.compile_backend = a.compile_backend or "inductor"
+    a.device = "cpu" if a.cpu_smoke else "cuda"
+    return a
+
+
+class Clock:
+    """Median / min / max seconds of `fn` after one warm-up call, with device events on CUDA."""
+
+    def __init__(self, device):
+        self.cuda = device == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def once(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def time(self, fn, target_s):
+        fn()
+        self.sync()
+        first = self.once(fn)
+        reps = int(min(20, max(3, target_s / max(first, 1e-6))))
+        times = [first] + [self.once(fn) for _ in range(reps - 1)]
+        return statistics.median(times), min(times), max(times), reps
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, d, R, n, device, seed=0):
+    """x, weights scaled so that the 1000-unit stack stays O(1) (growth ~ (1 + 1/2R)^R), and dL/dy."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g).to(device)
+    w = (torch.randn(R, n, d, d, generator=g) * (R ** -0.25 / math.sqrt(d))).to(device)
+    gy = torch.randn(B, d, generator=g).to(device)
+    return x, w, gy
+
+
+def stack_fns(args):
+    """name -> f(x, w) -> y for the forward of each variant (CUDA graphs wrap one of these later)."""
+    n = args.n
+
+    def fused(x, w):
+        return shortcut_ext.residual_stack(x, w, True, *ACTS, backend="fused")
+
+    def eager(x, w):
+        return ref.residual_stack_forward(x, w, True, *ACTS)
+
+    def unit(h, wr):  # one residual unit, for regional compilation
+        a = h
+        for k in range(n):
+            a = a @ wr[k].transpose(0, 1)
+            if k < n - 1:
+                a = torch.relu(a)
+        return h + a
+
+    # one graph per (shape, grad mode); the default recompile limit (8) would silently fall back to eager
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    compiled_unit = torch.compile(unit, backend=args.compile_backend, dynamic=False)
+
+    def compiled(x, w):
+        h = x
+        for r in range(w.shape[0]):
+            h = compiled_unit(h, w[r])
+        return h
+
+    return {"fused": fused, "eager": eager, "compile": compiled}
+
+
+def step(f, mode, x, w, gy):
+    """The measured work: forward, or forward and both gradients."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return (f(x, w),)
+    xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    y = f(xg, wg)
+    gx, gw = torch.autograd.grad(y, (xg, wg), gy)
+    return (y.detach(), gx, gw)
+
+
+def eager_reference(f_eager, mode, x, w, gy, rows=16384):
+    """Eager outputs computed in row chunks: rows are independent samples and dL/dW sums over them,
+    so the check fits in memory where one eager forward+backward of the whole batch would not."""
+    ys, gxs, gw = [], [], None
+    for s in range(0, x.shape[0], rows):
+        outs = step(f_eager, mode, x[s:s + rows], w, gy[s:s + rows])
+        ys.append(outs[0])
+        if mode != "fwd":
+            gxs.append(outs[1])
+            gw = outs[2] if gw is None else gw + outs[2]
+    return (torch.cat(ys),) if mode == "fwd" else (torch.cat(ys), torch.cat(gxs), gw)
+
+
+def graphed(f, mode, x, w, gy):
+    """Capture `step` into a CUDA graph on static inputs; returns replay() -> outputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(f, mode, x, w, gy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(f, mode, x, w, gy)
+
+    def replay():
+        graph.replay()
+        return outs
+
+    return replay, graph
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, "bench_gpu.log"), "a")
+
+    def log(msg=""):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    t_start = time.time()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log("no CUDA device: nothing to benchmark (use --cpu-smoke to check the script on CPU)")
+        return 2
+    if args.device == "cuda" and not shortcut_ext.build_info().get("cuda", False):
+        log(f"shortcut_ext was built without CUDA kernels: {shortcut_ext.build_info()}")
+        return 2
+    clock = Clock(args.device)
+    env = common.environment()
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda,
+                   gpu_memory_gb=round(props.total_memory / 2**30, 1))
+        old_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        gemm = common.gemm_rate(n=8192, reps=5, device="cuda") / 1e3  # TFLOP/s, fp32 without TF32
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+    else:
+        env.update(device="cpu")
+        gemm = common.gemm_rate(n=512, reps=3, device="cpu") / 1e3
+    env["gemm_fp32_tflops"] = round(gemm, 3)
+    log(f"environment: {env}")
+    log(f"large fp32 GEMM (TF32 off): {gemm:.2f} TFLOP/s")
+    if args.device == "cuda":
+        log(f"torch TF32 matmul switch: {torch.backends.cuda.matmul.allow_tf32} (eager/compile baselines run as set)")
+
+    fns = stack_fns(args)
+    variants = [v for v in args.variants.split(",") if v]
+    rows, compile_spent, failures = [], 0.0, 0
+    ds = [int(v) for v in args.ds.split(",")]
+    bs = [int(v) for v in args.bs.split(",")]
+    R, n = args.units, args.n
+    for mode in args.modes.split(","):
+        for d in ds:
+            for B in bs:
+                flops = 2.0 * B * d * d * n * R * (3 if mode == "fwdbwd" else 1)
+                case = dict(mode=mode, d=d, B=B, R=R, n=n, dtype="float32", gflop=round(flops / 1e9, 3))
+                x, w, gy = make_inputs(B, d, R, n, args.device)
+                eager_ms = None
+                in_budget = time.time() - t_start < args.budget_s
+                baseline = eager_reference(fns["eager"], mode, x, w, gy) if in_budget else None
+                for variant in variants:
+                    row = dict(case, variant=variant)
+                    elapsed = time.time() - t_start
+                    if elapsed > args.budget_s:
+                        rows.append(dict(row, note=f"skipped: time budget {args.budget_s:.0f}s used"))
+                        continue
+                    if variant in ("eager_graph", "fused_atomic") and args.device != "cuda":
+                        rows.append(dict(row, note="skipped: needs a GPU"))
+                        continue
+                    if variant == "fused_atomic" and mode == "fwd":
+                        rows.append(dict(row, note="skipped: the forward has no weight gradients"))
+                        continue
+                    if variant == "compile" and compile_spent >= args.compile_budget_s:
+                        rows.append(dict(row, note=f"skipped: compile budget {args.compile_budget_s:.0f}s used"))
+                        continue
+                    try:
+                        if args.device == "cuda":
+                            gc.collect()
+                            torch.cuda.empty_cache()
+                            torch.cuda.reset_peak_memory_stats()
+                        t0 = time.time()
+                        if variant == "eager_graph":
+                            run, graph = graphed(fns["eager"], mode, x, w, gy)
+                        elif variant == "fused_atomic":
+                            def run(f=fns["fused"]):
+                                os.environ["SHORTCUT_EXT_CUDA_ATOMIC_GRAD"] = "1"
+                                try:
+                                    return step(f, mode, x, w, gy)
+                                finally:
+                                    os.environ.pop("SHORTCUT_EXT_CUDA_ATOMIC_GRAD", None)
+                        else:
+                            f = fns[variant]
+                            run = lambda f=f: step(f, mode, x, w, gy)  # noqa: E731
+                        if variant.startswith("fused") and args.device == "cuda":
+                            os.environ["SHORTCUT_EXT_CUDA_VERBOSE"] = "1"  # the chosen kernels, once per case
+                        outs = run()
+                        clock.sync()
+                        os.environ.pop("SHORTCUT_EXT_CUDA_VERBOSE", None)
+                        setup_s = time.time() - t0
+                        if variant == "compile":
+                            compile_spent += setup_s
+                            row["compile_s"] = round(setup_s, 1)
+                        # check before timing, against eager PyTorch on the same inputs
+                        err = max(rel_err(a, b) for a, b in zip(outs, baseline))
+                        row["rel_err_vs_eager"] = f"{err:.2e}"
+                        if not err < AGREE:
+                            failures += 1
+                            rows.append(dict(row, note=f"MISMATCH: relative error {err:.2e} >= {AGREE}"))
+                            log(f"{mode} d={d} B={B} {variant}: MISMATCH {err:.2e}")
+                            continue
+                        med, lo, hi, reps = clock.time(run, args.target_s)
+                        row.update(ms_median=round(med * 1e3, 3), ms_min=round(lo * 1e3, 3), ms_max=round(hi * 1e3, 3),
+                                   reps=reps, tflops=round(flops / med / 1e12, 3),
+                                   pct_of_gemm=round(100 * flops / med / 1e12 / gemm, 1))
+                        if args.device == "cuda":
+                            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                        if variant == "eager":
+                            eager_ms = med * 1e3
+                        rows.append(row)
+                        del outs, run
+                        if variant == "eager_graph":
+                            del graph
+                    except torch.cuda.OutOfMemoryError as e:  # eager fwd+bwd at B=65536 saves ~2*R*B*d floats
+                        rows.append(dict(row, note=f"skipped: out of memory ({str(e).splitlines()[0][:80]})"))
+                    except Exception as e:  # a failed baseline must not hide the others
+                        failures += 1
+                        rows.append(dict(row, note=f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+                    finally:
+                        os.environ.pop("SHORTCUT_EXT_CUDA_VERBOSE", None)
+                for r_ in rows:
+                    if r_.get("mode") == mode and r_.get("d") == d and r_.get("B") == B and "ms_median" in r_:
+                        r_["speedup_vs_eager"] = round(eager_ms / r_["ms_median"], 2) if eager_ms else ""
+                for r_ in rows[-len(variants):]:
+                    log(f"{mode:7s} d={d:4d} B={B:6d} {r_['variant']:12s} "
+                        + (f"{r_['ms_median']:10.3f} ms  {r_['tflops']:7.2f} TFLOP/s  {r_['pct_of_gemm']:5.1f}% GEMM  "
+                           f"x{r_.get('speedup_vs_eager', '')} vs eager  err {r_['rel_err_vs_eager']}"
+                           if "ms_median" in r_ else r_.get("note", "")))
+                del x, w, gy, baseline
+
+    graphs = dict(torch._dynamo.utils.counters.get("stats", {})).get("unique_graphs", 0)
+    log(f"torch.compile: {graphs} graphs compiled in {compile_spent:.0f}s (one per shape and grad mode expected)")
+    common.RESULTS_DIR = args.out
+    csv_path, json_path = common.write_results("bench_gpu" if not args.cpu_smoke else "bench_gpu_cpu_smoke", rows,
+                                               {"args": vars(args), "gemm_fp32_tflops": gemm,
+                                                "compile_seconds": compile_spent, "compiled_graphs": graphs})
+    log(f"wrote {csv_path} and {json_path} ({len(rows)} rows) in {time.time() - t_start:.0f}s")
+    log(_table(rows))
+    return 1 if failures else 0
+
+
+def _table(rows):
+    """A short summary: median ms per variant, one line per case."""
+    cases, variants = {}, []
+    for r in rows:
+        key = (r["mode"], r["d"], r["B"])
+        cases.setdefault(key, {})[r["variant"]] = f"{r['ms_median']:.2f}" if "ms_median" in r else "-"
+        if r["variant"] not in variants:
+            variants.append(r["variant"])
+    head = f"{'mode':7s} {'d':>4s} {'B':>6s} " + " ".join(f"{v:>12s}" for v in variants) + "   (median ms)"
+    lines = [head] + [f"{m:7s} {d:4d} {B:6d} " + " ".join(f"{c.get(v, '-'):>12s}" for v in variants)
+                      for (m, d, B), c in cases.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# GPU check of shortcut_ext in one run of at most 8 minutes, for a machine with one NVIDIA GPU (an H200:
+# torch 2.11 + CUDA 13.0, nvcc, no network):
+#   1. build and install the package with its CUDA kernels (sm_90);
+#   2. the CUDA tests: tests/test_cuda.py and the CUDA half of tests/test_ops.py (test_errors.py too);
+#   3. compute-sanitizer memcheck / racecheck / initcheck on a small case, where the tool works;
+#   4. the GPU benchmark (benchmarks/gpu/bench_gpu.py): fused vs eager, CUDA graphs, torch.compile.
+# Writes run.log, build.log, junit.xml, sanitizer.log and bench_gpu.{csv,json,log} under the output folder.
+#
+#   benchmarks/gpu/run.sh [OUT_DIR]      (default: $OUT, else benchmarks/gpu/out, git-ignored)
+set -u -o pipefail
+
+START=$(date +%s)
+TOTAL=${SHORTCUT_EXT_GPU_BUDGET_S:-480}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+OUTDIR=${1:-${OUT:-$REPO/benchmarks/gpu/out}}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+exec > >(tee -a "$OUTDIR/run.log") 2>&1
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+STATUS=0
+
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( TOTAL - $(elapsed) )); }
+stage() { echo; echo "=== $* (t=$(elapsed)s, $(left)s left)"; }
+# seconds for a stage: at most $1, leaving $2 for the stages after it (never below 10)
+budget() { local b=$(( $(left) - $2 )); (( b > $1 )) && b=$1; (( b < 10 )) && b=10; echo $b; }
+
+stage "environment"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>&1 | head -3
+command -v nvcc && nvcc --version | tail -2
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))'
+if [ -z "${CUDA_HOME:-}" ]; then
+  for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")")"; do
+    if [ -f "$c/include/cuda.h" ]; then export CUDA_HOME=$c; break; fi
+  done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset}  repo=$REPO  out=$OUTDIR"
+
+stage "build: pip install --no-build-isolation --no-deps ."
+cd "$REPO" || exit 1
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1
+T=$(budget 270 170)
+t0=$(date +%s)
+if ! timeout "$T" $PY -m pip install --no-build-isolation --no-deps -v . > "$OUTDIR/build.log" 2>&1; then
+  tail -40 "$OUTDIR/build.log"
+  echo "BUILD FAILED (or exceeded ${T}s): see build.log"
+  exit 1
+fi
+echo "built in $(( $(date +%s) - t0 ))s"
+SCRATCH=$(mktemp -d)  # run everything against the installed package, not the source tree; keep OUTDIR
+cd "$SCRATCH" || exit 1  # free of pytest's and hypothesis' caches
+$PY -c 'import shortcut_ext as s; i = s.build_info(); print(i); assert i["cuda"], "CUDA kernels missing"' || exit 1
+
+stage "CUDA tests"
+T=$(budget 150 150)
+timeout "$T" $PY -m pytest "$REPO/tests/test_cuda.py" "$REPO/tests/test_ops.py" "$REPO/tests/test_errors.py" \
+  -k "cuda" -q -rs -p no:cacheprovider --junitxml="$OUTDIR/junit.xml" -o junit_family=xunit2 2>&1 | tail -40
+rc=${PIPESTATUS[0]}
+[ "$rc" = 0 ] || { echo "TESTS FAILED (rc=$rc; 124 = timed out after ${T}s)"; STATUS=1; }
+
+stage "compute-sanitizer on a small case"
+cat > /tmp/se_sanitize_case.py <<'EOF'
+# Small fused/generic forward+backward calls for compute-sanitizer (each checked against the reference).
+import os, torch, shortcut_ext
+from shortcut_ext import reference as ref
+def check(B, d, R, n, dtype, env):
+    for k in ("SHORTCUT_EXT_CUDA_PATH", "SHORTCUT_EXT_CUDA_TILE_ROWS", "SHORTCUT_EXT_CUDA_WORKSPACE_MB",
+              "SHORTCUT_EXT_CUDA_ATOMIC_GRAD"):
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    g = torch.Generator().manual_seed(B + d)
+    x = torch.randn(B, d, generator=g, dtype=dtype)
+    w = torch.randn(R, n, d, d, generator=g, dtype=dtype) * (0.7 / d ** 0.5)
+    gy = torch.randn(B, d, generator=g, dtype=dtype)
+    y, s = torch.ops.shortcut_ext.residual_stack_forward(x.cuda(), w.cuda(), True, "relu", "tanh", "identity", True)
+    gx, gw = torch.ops.shortcut_ext.residual_stack_backward(gy.cuda(), w.cuda(), s, True, "relu", "tanh", "identity")
+    torch.cuda.synchronize()
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    yr = ref.residual_stack_forward(xr, wr, True, "relu", "tanh", "identity")
+    gxr, gwr = torch.autograd.grad(yr, (xr, wr), gy.double())
+    for a, b in ((y, yr), (gx, gxr), (gw, gwr)):
+        e = ((a.cpu().double() - b).norm() / b.norm()).item()
+        assert e < 1e-4, (B, d, env, e)
+    print("ok", B, d, R, n, dtype, env, flush=True)
+check(70, 16, 3, 2, torch.float32, {})
+check(40, 100, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "32"})
+check(300, 64, 3, 2, torch.float32, {"SHORTCUT_EXT_CUDA_WORKSPACE_MB": "1", "SHORTCUT_EXT_CUDA_TILE_ROWS": "32"})
+check(50, 20, 2, 3, torch.float64, {"SHORTCUT_EXT_CUDA_ATOMIC_GRAD": "1"})
+check(45, 40, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_PATH": "generic"})
+EOF
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck initcheck; do
+    T=$(budget 50 200)
+    echo "--- $tool" >> "$OUTDIR/sanitizer.log"
+    timeout "$T" compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 $PY /tmp/se_sanitize_case.py \
+      > /tmp/se_sanitizer_$tool.log 2>&1
+    rc=$?
+    cat /tmp/se_sanitizer_$tool.log >> "$OUTDIR/sanitizer.log"
+    tail -4 /tmp/se_sanitizer_$tool.log
+    case $rc in
+      0) echo "compute-sanitizer $tool: clean";;
+      124) echo "compute-sanitizer $tool: timed out after ${T}s (not a failure of the kernels)";;
+      3) echo "compute-sanitizer $tool: ERRORS REPORTED"; STATUS=1;;
+      *) echo "compute-sanitizer $tool: could not run (rc=$rc; unsupported on this runtime?)";;
+    esac
+  done
+else
+  echo "compute-sanitizer not found: skipped"
+fi
+
+stage "benchmarks"
+T=$(budget 400 10)
+BUDGET=$(( T - 45 ))
+(( BUDGET < 20 )) && BUDGET=20
+timeout "$T" $PY "$REPO/benchmarks/gpu/bench_gpu.py" --out "$OUTDIR" --budget-s "$BUDGET" --compile-budget-s 100 \
+  --target-s 0.3
+rc=$?
+[ "$rc" = 0 ] || { echo "BENCHMARK rc=$rc (1: a variant disagreed or failed; 124: timed out)"; STATUS=1; }
+
+stage "done (status $STATUS)"
+ls -la "$OUTDIR"
+exit $STATUS

@@ -1,0 +1,145 @@
+// CUDA host code of the residual-stack ops: argument checks (the CPU path's messages, from
+// common.h), device guard, output allocation, current stream; kernels and their planning are in
+// residual_stack_kernels.cu.
+//
+// Environment switches (read on every call; for tests and benchmarks):
+//   SHORTCUT_EXT_CUDA_PATH=auto|fused|generic  force the fused (d <= 128) or the generic kernels
+//   SHORTCUT_EXT_CUDA_TILE_ROWS=N              rows per batch tile of the fused kernels
+//   SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1            weight gradients by atomicAdd (not bitwise reproducible)
+//   SHORTCUT_EXT_CUDA_WORKSPACE_MB=N           bound on the weight-gradient partial sums (default 1024)
+//   SHORTCUT_EXT_CUDA_VERBOSE=1                print the chosen kernels of each call to stderr
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cuda/residual_stack_cuda.h"
+
+namespace shortcut_ext {
+namespace {
+
+std::string env_str(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string();
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const std::string v = env_str(name);
+  if (v.empty()) return fallback;
+  char* end = nullptr;
+  const long long x = std::strtoll(v.c_str(), &end, 10);
+  TORCH_CHECK_VALUE(end && *end == '\0', name, " must be an integer, got '", v, "'");
+  return x;
+}
+
+cuda::Options read_options() {
+  cuda::Options o;
+  const std::string path = env_str("SHORTCUT_EXT_CUDA_PATH");
+  if (path == "fused") {
+    o.path = 1;
+  } else if (path == "generic") {
+    o.path = 2;
+  } else {
+    TORCH_CHECK_VALUE(path.empty() || path == "auto", "SHORTCUT_EXT_CUDA_PATH must be auto, fused or generic, got '",
+                      path, "'");
+  }
+  o.tile_rows = int(env_int("SHORTCUT_EXT_CUDA_TILE_ROWS", 0));
+  o.atomic_grad = env_int("SHORTCUT_EXT_CUDA_ATOMIC_GRAD", 0) != 0;
+  const int64_t mb = env_int("SHORTCUT_EXT_CUDA_WORKSPACE_MB", 1024);
+  TORCH_CHECK_VALUE(mb >= 1, "SHORTCUT_EXT_CUDA_WORKSPACE_MB must be >= 1, got ", mb);
+  o.workspace_bytes = mb << 20;
+  return o;
+}
+
+cuda::StackArgs stack_args(const StackShape& s, bool shortcut, c10::string_view pre, c10::string_view mid,
+                           c10::string_view post) {
+  return {s.B,
+          s.d,
+          s.R,
+          s.n,
+          shortcut,
+          parse_activation("act_pre", pre),
+          parse_activation("act_mid", mid),
+          parse_activation("act_post", post)};
+}
+
+// Workspaces from the caching allocator: freed when the call returns, reused only by later work
+// on the same stream, so the kernels queued on it may still use them.
+struct Workspaces {
+  at::TensorOptions opts;
+  std::vector<at::Tensor> held;
+  cuda::Allocator allocator() {
+    return [this](size_t bytes) -> void* {
+      held.push_back(at::empty({int64_t(bytes)}, opts.dtype(at::kByte)));
+      return held.back().data_ptr();
+    };
+  }
+};
+
+void maybe_report(const cuda::StackArgs& a, bool is_double, bool backward, const cuda::Options& o) {
+  if (env_int("SHORTCUT_EXT_CUDA_VERBOSE", 0) == 0) return;
+  std::fprintf(stderr, "shortcut_ext cuda %s B=%lld d=%lld R=%lld n=%lld: %s\n", backward ? "backward" : "forward",
+               (long long)a.B, (long long)a.d, (long long)a.R, (long long)a.n,
+               cuda::describe_plan(a, is_double, backward, o).c_str());
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cuda(const at::Tensor& x, const at::Tensor& weights,
+                                                               bool shortcut, c10::string_view act_pre,
+                                                               c10::string_view act_mid, c10::string_view act_post,
+                                                               bool save_inputs) {
+  const StackShape s = check_stack(x, weights, "x");
+  const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cuda::Options opt = read_options();
+  at::Tensor y = at::empty_like(x);
+  at::Tensor saved = save_inputs ? at::empty({s.R, s.B, s.d}, x.options()) : at::empty({0}, x.options());
+  Workspaces ws{x.options()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  maybe_report(a, x.scalar_type() == at::kDouble, false, opt);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_forward_cuda", [&] {
+    C10_CUDA_CHECK(cuda::launch_residual_stack_forward<scalar_t>(
+        a, x.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+        save_inputs ? saved.data_ptr<scalar_t>() : nullptr, opt, ws.allocator(), stream));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor& grad_y, const at::Tensor& weights,
+                                                                const at::Tensor& saved, bool shortcut,
+                                                                c10::string_view act_pre, c10::string_view act_mid,
+                                                                c10::string_view act_post) {
+  const StackShape s = check_stack(grad_y, weights, "grad_y");
+  check_saved(saved, weights, s);
+  const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const cuda::Options opt = read_options();
+  at::Tensor grad_x = at::empty_like(grad_y);
+  at::Tensor grad_w = at::empty_like(weights);
+  Workspaces ws{grad_y.options()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  maybe_report(a, grad_y.scalar_type() == at::kDouble, true, opt);
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "residual_stack_backward_cuda", [&] {
+    C10_CUDA_CHECK(cuda::launch_residual_stack_backward<scalar_t>(
+        a, grad_y.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(),
+        grad_x.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), opt, ws.allocator(), stream));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_x, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(shortcut_ext, CUDA, m) {
+  m.impl("residual_stack_forward", &residual_stack_forward_cuda);
+  m.impl("residual_stack_backward", &residual_stack_backward_cuda);
+}
+
+}  // namespace shortcut_ext

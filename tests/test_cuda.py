@@ -1,0 +1,413 @@
+"""CUDA kernels of the residual stack (csrc/cuda) against the pure-PyTorch reference.
+
+Two groups:
+
+* On a GPU (skipped without CUDA or without the CUDA build): every compiled fused tile size and the
+  generic path, forced through the SHORTCUT_EXT_CUDA_* switches, for both dtypes, every activation
+  position, n = 1..3 and plain stacks; workspace chunking, atomic weight gradients, determinism,
+  streams and device guards, the CPU path's error messages, float32 accuracy (no TF32), gradcheck and
+  opcheck.  (tests/test_ops.py runs its value/shape/fuzz tests on CUDA as well.)
+* Without a GPU (marked slow: one g++ build, ~30 s): the same kernel source compiled for CPU
+  emulation (csrc/cuda/emulate), each emulated CUDA thread an OS thread, compared with the reference
+  for every compiled configuration, padded widths, unit and row chunking, atomics and the generic path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import shortcut_ext
+from shortcut_ext import reference as ref
+from testing import DEVICES, assert_close_lowp, stack_inputs, tol
+
+ROOT = Path(__file__).resolve().parents[1]
+ACTS = shortcut_ext.ACTIVATIONS
+ACT_CODE = {"identity": 0, "relu": 1, "tanh": 2, "ssigmoid": 3}
+
+# The fused configurations compiled in csrc/cuda/residual_stack_kernels.cu: {dtype: {D: [tile rows]}}.
+FUSED_TILES = {
+    torch.float32: {16: [128, 32], 32: [128, 32], 64: [128, 32], 128: [128, 64, 32]},
+    torch.float64: {16: [64, 16], 32: [64, 16], 64: [64, 16], 128: [32]},
+}
+# Largest n whose backward fits in 227 KiB of shared memory, where that is below 3.
+MAX_N = {(torch.float32, 128, 128): 1, (torch.float64, 128, 32): 2}
+
+
+def _fused_cases():
+    """(dtype, D, BM, d, n, shortcut, acts) covering each compiled tile at full and padded width."""
+    cases, i = [], 0
+    for dtype, by_d in FUSED_TILES.items():
+        for D, tiles in by_d.items():
+            for bm in tiles:
+                for d in (D, D // 2 + 3):
+                    n = min(1 + i % 3, MAX_N.get((dtype, D, bm), 3))
+                    acts = list(itertools.product(ACTS, repeat=3))[(7 * i) % 64]
+                    cases.append((dtype, D, bm, d, n, i % 4 != 0, acts))
+                    i += 1
+    return cases
+
+
+def _ids(case):
+    dtype, D, bm, d, n, sc, acts = case
+    return f"{str(dtype)[6:]}-D{D}-BM{bm}-d{d}-n{n}-{'res' if sc else 'plain'}-{'.'.join(acts)}"
+
+
+def _reference(x, w, gy, shortcut, acts):
+    """float64 reference values: y, unit inputs, grad_x, grad_w."""
+    x64 = x.detach().cpu().double().requires_grad_(True)
+    w64 = w.detach().cpu().double().requires_grad_(True)
+    y = ref.residual_stack_forward(x64, w64, shortcut, *acts)
+    gx, gw = torch.autograd.grad(y, (x64, w64), gy.detach().cpu().double())
+    saved = ref.residual_stack_unit_inputs(x64.detach(), w64.detach(), shortcut, *acts)
+    return y.detach(), saved, gx, gw
+
+
+def _assert_matches(outs, x, w, gy, shortcut, acts):
+    """Kernel outputs (y, saved, grad_x, grad_w) against the reference: float64 to 1e-10, float32
+    within a small multiple of PyTorch's own float32 error against float64."""
+    exact = _reference(x, w, gy, shortcut, acts)
+    if x.dtype == torch.float64:
+        for a, b in zip(outs, exact):
+            torch.testing.assert_close(a.cpu(), b, **tol(torch.float64))
+        return
+    xs, ws = x.detach().cpu().requires_grad_(True), w.detach().cpu().requires_grad_(True)
+    ys = ref.residual_stack_forward(xs, ws, shortcut, *acts)
+    same = (ys.detach(), ref.residual_stack_unit_inputs(xs.detach(), ws.detach(), shortcut, *acts))
+    same += torch.autograd.grad(ys, (xs, ws), gy.cpu())
+    for a, b, c in zip(outs, same, exact):
+        assert a.dtype == torch.float32
+        assert_close_lowp(a.cpu(), b, c)
+
+
+# ==================================================================================== on a GPU
+needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA kernels")
+
+
+def _switches(monkeypatch, path="auto", tile_rows=None, workspace_mb=None, atomic=False):
+    monkeypatch.setenv("SHORTCUT_EXT_CUDA_PATH", path)
+    for name, value in (("SHORTCUT_EXT_CUDA_TILE_ROWS", tile_rows), ("SHORTCUT_EXT_CUDA_WORKSPACE_MB", workspace_mb)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("SHORTCUT_EXT_CUDA_ATOMIC_GRAD", "1" if atomic else "0")
+
+
+def _run_ops(x, w, gy, shortcut, acts):
+    """Both ops called directly: y, saved, grad_x, grad_w."""
+    y, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, shortcut, *acts, True)
+    gx, gw = torch.ops.shortcut_ext.residual_stack_backward(gy, w, saved, shortcut, *acts)
+    return y, saved, gx, gw
+
+
+def _inputs(B, d, R, n, dtype, seed=0, scale=None, device="cuda"):
+    x, w = stack_inputs(B, d, R, n, dtype, device, scale=scale, seed=seed)
+    gy = torch.randn(B, d, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64).to(device, dtype)
+    return x, w, gy
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", _fused_cases(), ids=_ids)
+def test_every_fused_tile(case, monkeypatch):
+    dtype, D, bm, d, n, shortcut, acts = case
+    _switches(monkeypatch, "fused", tile_rows=bm)
+    for B in (1, bm - 1, 2 * bm + 3):  # a partial tile, one tile, several with a ragged last one
+        x, w, gy = _inputs(B, d, 3, n, dtype, seed=B, scale=0.8 / d ** 0.5)
+        _assert_matches(_run_ops(x, w, gy, shortcut, acts), x, w, gy, shortcut, acts)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,d,R,n", [(1, 1, 2, 1), (37, 5, 3, 2), (70, 64, 2, 3), (33, 130, 2, 2), (100, 200, 2, 1),
+                                     (65, 16, 2, 12)])
+def test_generic_path(B, d, R, n, dtype, monkeypatch):
+    _switches(monkeypatch, "generic")
+    for i, acts in enumerate([("identity", "relu", "identity"), ("tanh", "ssigmoid", "relu")]):
+        x, w, gy = _inputs(B, d, R, n, dtype, seed=i, scale=0.8 / d ** 0.5)
+        _assert_matches(_run_ops(x, w, gy, i == 0, acts), x, w, gy, i == 0, acts)
+
+
+@needs_cuda
+def test_automatic_choice_covers_wide_and_deep(monkeypatch):
+    """d > 128 and a deep plain unit (n = 40) fall back to the generic path without any switch."""
+    _switches(monkeypatch)
+    for B, d, R, n, sc in [(50, 150, 2, 2, True), (80, 16, 1, 40, False)]:
+        acts = ("identity", "tanh", "identity")
+        x, w, gy = _inputs(B, d, R, n, torch.float64, scale=1.0 / d ** 0.5)
+        _assert_matches(_run_ops(x, w, gy, sc, acts), x, w, gy, sc, acts)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_workspace_chunks_units_and_rows(path, monkeypatch):
+    """A 1 MiB workspace bound forces one unit per launch and, on the fused path, several row chunks."""
+    acts = ("relu", "relu", "tanh")
+    x, w, gy = _inputs(4096, 64, 12, 2, torch.float32, seed=3)
+    _switches(monkeypatch, path, workspace_mb=1)
+    outs = _run_ops(x, w, gy, True, acts)
+    _assert_matches(outs, x, w, gy, True, acts)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_atomic_weight_gradients(path, monkeypatch):
+    acts = ("identity", "relu", "identity")
+    x, w, gy = _inputs(1000, 32, 6, 2, torch.float32, seed=4)
+    _switches(monkeypatch, path, atomic=True)
+    _assert_matches(_run_ops(x, w, gy, True, acts), x, w, gy, True, acts)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_deterministic_by_default(path, monkeypatch):
+    _switches(monkeypatch, path)
+    x, w, gy = _inputs(3000, 48, 5, 2, torch.float32, seed=5)
+    a = _run_ops(x, w, gy, True, ("relu", "tanh", "identity"))
+    b = _run_ops(x, w, gy, True, ("relu", "tanh", "identity"))
+    for u, v in zip(a, b):
+        assert torch.equal(u, v), "two identical calls gave different bits"
+
+
+@needs_cuda
+def test_float32_is_not_tf32(monkeypatch):
+    """A wide, long float32 stack stays float32-accurate (TF32 would be ~1e-3 relative), whatever
+    torch's TF32 switch says."""
+    _switches(monkeypatch)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        acts = ("identity", "relu", "identity")
+        x, w, gy = _inputs(2048, 128, 16, 2, torch.float32, seed=6)
+        y, saved, gx, gw = _run_ops(x, w, gy, True, acts)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    yr, _, gxr, gwr = _reference(x, w, gy, True, acts)
+    for a, b in ((y, yr), (gx, gxr), (gw, gwr)):
+        rel = ((a.cpu().double() - b).norm() / b.norm()).item()
+        assert rel < 2e-5, f"relative error {rel:.2e} is not float32-level"
+
+
+@needs_cuda
+def test_runs_on_the_current_stream_and_device(monkeypatch):
+    _switches(monkeypatch)
+    acts = ("tanh", "relu", "identity")
+    x, w, gy = _inputs(777, 32, 4, 2, torch.float32, seed=8)
+    expected = _run_ops(x, w, gy, True, acts)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = _run_ops(x, w, gy, True, acts)
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    if torch.cuda.device_count() > 1:  # inputs on another device than the current one
+        other = torch.device("cuda", 1)
+        got = _run_ops(x.to(other), w.to(other), gy.to(other), True, acts)
+        for a, b in zip(got, expected):
+            assert a.device == other
+            assert torch.equal(a.cpu(), b.cpu())
+
+
+@needs_cuda
+def test_errors_match_the_cpu_path():
+    """Bad arguments get the same exception type and message on CUDA as on CPU (shared checks)."""
+    acts = ("identity", "relu", "identity")
+    bad_forward = [  # device -> op arguments
+        lambda dev: (torch.zeros(5, 4, dtype=torch.float64, device=dev), torch.zeros(3, 2, 4, 4, device=dev)),
+        lambda dev: (torch.zeros(5, 4, device=dev), torch.zeros(3, 2, 4, 3, device=dev)),
+        lambda dev: (torch.zeros(5, 3, device=dev), torch.zeros(3, 2, 4, 4, device=dev)),
+        lambda dev: (torch.zeros(5, 8, device=dev)[:, ::2], torch.zeros(3, 2, 4, 4, device=dev)),
+        lambda dev: (torch.zeros(5, 4, dtype=torch.int32, device=dev), torch.zeros(3, 2, 4, 4, device=dev)),
+        lambda dev: (torch.zeros(5, 4, device=dev), torch.zeros(0, 2, 4, 4, device=dev)),
+    ]
+    for make in bad_forward:
+        errors = []
+        for dev in ("cpu", "cuda"):
+            with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
+                torch.ops.shortcut_ext.residual_stack_forward(*make(dev), True, *acts, True)
+            errors.append((info.type, str(info.value).splitlines()[0]))
+        assert errors[0] == errors[1]
+    bad_saved = [lambda dev: torch.zeros(3, 4, 4, device=dev), lambda dev: torch.zeros(3, 5, 4, 2, device=dev)[..., 0],
+                 lambda dev: torch.zeros(3, 5, 4, dtype=torch.float64, device=dev)]
+    for make in bad_saved:
+        errors = []
+        for dev in ("cpu", "cuda"):
+            with pytest.raises((ValueError, TypeError)) as info:
+                torch.ops.shortcut_ext.residual_stack_backward(torch.zeros(5, 4, device=dev),
+                                                               torch.zeros(3, 2, 4, 4, device=dev), make(dev), True,
+                                                               *acts)
+            errors.append((info.type, str(info.value).splitlines()[0]))
+        assert errors[0] == errors[1]
+    for name, position in (("act_mid", 1), ("act_post", 2)):
+        bad = list(acts)
+        bad[position] = "softplus"
+        with pytest.raises(ValueError, match=name):
+            torch.ops.shortcut_ext.residual_stack_forward(torch.zeros(5, 4, device="cuda"),
+                                                          torch.zeros(3, 2, 4, 4, device="cuda"), True, *bad, True)
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.shortcut_ext.residual_stack_forward(torch.zeros(5, 4), torch.zeros(3, 2, 4, 4, device="cuda"), True,
+                                                      *acts, True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_gradcheck_float64(path, monkeypatch):
+    _switches(monkeypatch, path)
+    for n, shortcut, acts in [(2, True, ("tanh", "ssigmoid", "tanh")), (3, False, ("identity", "tanh", "relu"))]:
+        x, w = stack_inputs(5, 3, 3, n, torch.float64, "cuda", scale=0.7, seed=n, requires_grad=True)
+        f = lambda x, w: shortcut_ext.residual_stack(x, w, shortcut, *acts, backend="fused")  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, w))
+
+
+@needs_cuda
+def test_opcheck_cuda():
+    for shortcut, acts in [(True, ("identity", "relu", "identity")), (False, ("tanh", "tanh", "ssigmoid"))]:
+        x, w = stack_inputs(6, 4, 3, 2, torch.float64, "cuda", requires_grad=True)
+        torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_forward.default, (x, w, shortcut, *acts, True))
+        _, saved = torch.ops.shortcut_ext.residual_stack_forward(x.detach(), w.detach(), shortcut, *acts, True)
+        gy = torch.randn(6, 4, dtype=torch.float64, device="cuda")
+        torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_backward.default,
+                              (gy, w.detach(), saved, shortcut, *acts), test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_cuda
+def test_save_inputs_false_and_empty_batch():
+    x, w = stack_inputs(9, 5, 4, 2, torch.float32, "cuda")
+    y, nothing = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, "relu", "relu", "relu", False)
+    assert nothing.numel() == 0
+    torch.testing.assert_close(y.cpu(), ref.residual_stack_forward(x.cpu(), w.cpu(), True, "relu", "relu", "relu"),
+                               **tol(torch.float32))
+    e = x[:0]
+    y, saved = torch.ops.shortcut_ext.residual_stack_forward(e, w, True, "relu", "relu", "relu", True)
+    assert y.shape == (0, 5) and saved.shape == (4, 0, 5)
+    gx, gw = torch.ops.shortcut_ext.residual_stack_backward(e, w, saved, True, "relu", "relu", "relu")
+    assert gx.shape == (0, 5) and torch.equal(gw, torch.zeros_like(w))
+
+
+# ================================================================================ CPU emulation
+def _torch_dirs():
+    base = Path(torch.__file__).resolve().parent
+    return base / "include", base / "lib"
+
+
+def _emulation_sources():
+    files = sorted((ROOT / "csrc" / "cuda").rglob("*")) + [ROOT / "csrc" / "common.h"]
+    return [f for f in files if f.is_file() and f.suffix in (".h", ".cuh", ".cu", ".cpp")]
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """The CUDA kernels compiled for CPU emulation, loaded with ctypes (cached per source hash)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the CUDA emulation")
+    inc, lib = _torch_dirs()
+    if not (inc / "c10").is_dir() or not list(lib.glob("libc10.*")):
+        pytest.skip("torch headers or libc10 not found")
+    digest = hashlib.sha1(b"".join(f.read_bytes() for f in _emulation_sources())).hexdigest()[:16]
+    out = tmp_path_factory.mktemp("cuda_emulation") / f"se_emu_{digest}.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-pthread", "-fPIC", "-shared", "-fno-strict-aliasing", "-w",
+           "-DSHORTCUT_EXT_CUDA_EMULATE", f"-I{ROOT / 'csrc'}", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}",
+           str(ROOT / "csrc/cuda/emulate/emulate_api.cpp"), f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}", "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    so = ctypes.CDLL(str(out))
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    so.se_emu_set_sms.argtypes = [I]
+    so.se_emu_forward.argtypes = [I, P, P, P, P, L, L, L, L, I, I, I, I, I, I, ctypes.c_char_p, I]
+    so.se_emu_backward.argtypes = [I, P, P, P, P, P, L, L, L, L, I, I, I, I, I, I, I, L, ctypes.c_char_p, I]
+    so.se_emu_describe.argtypes = [I, I, L, L, L, L, I, I, I, L, ctypes.c_char_p, I]
+    return so
+
+
+def _emu_describe(so, dtype, backward, B, d, R, n, path=0, tile=0, atomic=False, ws=0):
+    buf = ctypes.create_string_buffer(1024)
+    so.se_emu_describe(int(dtype == torch.float64), int(backward), B, d, R, n, path, tile, int(atomic), ws, buf, 1024)
+    return buf.value.decode()
+
+
+def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, sms=4):
+    """Forward then backward through the emulated kernels; outputs start as NaN to catch unwritten
+    elements."""
+    B, d = x.shape
+    R, n = w.shape[:2]
+    isd = int(x.dtype == torch.float64)
+    codes = [ACT_CODE[a] for a in acts]
+    y = torch.full((B, d), float("nan"), dtype=x.dtype)
+    saved = torch.full((R, B, d), float("nan"), dtype=x.dtype)
+    gx = torch.full((B, d), float("nan"), dtype=x.dtype)
+    gw = torch.full((R, n, d, d), float("nan"), dtype=x.dtype)
+    err = ctypes.create_string_buffer(1024)
+    so.se_emu_set_sms(sms)
+    rc = so.se_emu_forward(isd, x.data_ptr(), w.data_ptr(), y.data_ptr(), saved.data_ptr(), B, d, R, n,
+                           int(shortcut), *codes, path, tile, err, 1024)
+    assert rc == 0, err.value.decode()
+    rc = so.se_emu_backward(isd, gy.data_ptr(), w.data_ptr(), saved.data_ptr(), gx.data_ptr(), gw.data_ptr(), B, d,
+                            R, n, int(shortcut), *codes, path, tile, int(atomic), ws, err, 1024)
+    assert rc == 0, err.value.decode()
+    return y, saved, gx, gw
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _fused_cases(), ids=_ids)
+def test_emulated_fused_tile(case, emulator):
+    dtype, D, bm, d, n, shortcut, acts = case
+    for R, desc in ((2, "forward"), (2, "backward")):
+        plan = _emu_describe(emulator, dtype, desc == "backward", bm + 3, d, R, n, path=1, tile=bm)
+        assert plan.startswith(f"fused D={D} BM={bm}"), plan
+    B = bm + 5 if bm <= 32 else bm // 2 + 3
+    x, w, gy = _inputs(B, d, 2, n, dtype, seed=D + bm, scale=0.8 / d ** 0.5, device="cpu")
+    _assert_matches(_emu_run(emulator, x, w, gy, shortcut, acts, path=1, tile=bm), x, w, gy, shortcut, acts)
+
+
+EMULATED_SPECIALS = [
+    # (B, d, R, n, shortcut, acts, dtype, switches, expected plan prefix)
+    (100, 16, 5, 2, True, ("identity", "relu", "identity"), torch.float32, dict(path=1, tile=32, ws=4096),
+     "fused D=16 BM=32 threads=32 smem=9984 grid=2 units_per_launch=1 tiles_per_launch=2"),  # unit + row chunks
+    (100, 16, 5, 2, True, ("relu", "tanh", "ssigmoid"), torch.float32, dict(path=1, tile=32, ws=3 * 4 * 2048),
+     "fused D=16 BM=32 threads=32 smem=9984 grid=4 units_per_launch=3"),  # unit chunks 3 + 2
+    (100, 20, 4, 3, False, ("tanh", "identity", "relu"), torch.float64, dict(path=1, tile=16, atomic=True),
+     "fused D=32 BM=16"),
+    (100, 20, 4, 2, True, ("ssigmoid", "ssigmoid", "tanh"), torch.float32, dict(path=2, atomic=True), "generic"),
+    (150, 70, 3, 2, True, ("relu", "tanh", "ssigmoid"), torch.float64, dict(path=2, ws=2 * 70 * 70 * 8 * 2),
+     "generic BM=32 threads=256 smem=24832 grid=2 units_per_launch=1"),  # 2 column passes, unit chunks
+    (40, 130, 2, 2, True, ("identity", "relu", "identity"), torch.float32, dict(), "generic"),  # d > 128
+    (300, 8, 3, 2, True, ("relu", "tanh", "ssigmoid"), torch.float32, dict(path=2, sms=2),
+     "generic BM=32 threads=256 smem=12416 grid=4"),  # blocks loop over tiles
+    (70, 8, 1, 40, False, ("identity", "tanh", "identity"), torch.float64, dict(), "fused"),  # deep plain unit
+    (1, 3, 2, 4, True, ("ssigmoid", "ssigmoid", "tanh"), torch.float64, dict(), "fused D=16 BM=16"),
+    (9, 1, 3, 1, False, ("relu", "tanh", "ssigmoid"), torch.float32, dict(), "fused D=16 BM=32"),
+    (300, 16, 2, 2, True, ("identity", "relu", "identity"), torch.float32, dict(sms=2), "fused D=16 BM=128"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EMULATED_SPECIALS, ids=lambda c: c[-1].split(" units")[0].replace(" ", "-"))
+def test_emulated_special_cases(case, emulator):
+    B, d, R, n, shortcut, acts, dtype, sw, expect = case
+    sw = dict(sw)
+    sms = sw.pop("sms", 4)
+    emulator.se_emu_set_sms(sms)
+    plan = _emu_describe(emulator, dtype, True, B, d, R, n, sw.get("path", 0), sw.get("tile", 0),
+                         sw.get("atomic", False), sw.get("ws", 0))
+    assert plan.startswith(expect), plan
+    x, w, gy = _inputs(B, d, R, n, dtype, seed=B + d, scale=0.9 / d ** 0.5, device="cpu")
+    _assert_matches(_emu_run(emulator, x, w, gy, shortcut, acts, sms=sms, **sw), x, w, gy, shortcut, acts)
+
+
+@pytest.mark.slow
+def test_emulated_deterministic_and_errors(emulator):
+    x, w, gy = _inputs(90, 24, 3, 2, torch.float32, seed=1, device="cpu")
+    a = _emu_run(emulator, x, w, gy, True, ("relu", "relu", "relu"))
+    b = _emu_run(emulator, x, w, gy, True, ("relu", "relu", "relu"))
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert "needs d <= 128" in _emu_describe(emulator, torch.float32, False, 8, 200, 1, 1, path=1)
+    assert "not a fused tile size" in _emu_describe(emulator, torch.float32, True, 8, 128, 1, 2, path=1, tile=128)
