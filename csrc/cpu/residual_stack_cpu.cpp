@@ -21,6 +21,7 @@
 
 #include "common.h"
 #include "cpu/cpu_gemm.h"
+#include "cpu/cpu_schedule.h"
 
 namespace shortcut_ext {
 namespace {
@@ -35,78 +36,6 @@ int64_t tile_rows(int64_t B, int64_t d, int64_t n, int64_t slots, bool backward)
   int64_t cap = std::max<int64_t>(8, 16384 / d);
   if (backward) cap = std::min(cap, std::max<int64_t>(8, (int64_t(1) << 19) / (2 * n * d)));
   return std::max<int64_t>(1, std::min(per_slot, cap));
-}
-
-int64_t num_slots(int64_t B, int64_t work_per_row) {
-  const int64_t threads = at::get_num_threads();
-  // Below ~64k multiply-adds a task the fork/join costs more than it saves.
-  const int64_t by_work = std::max<int64_t>(1, (B * work_per_row) / 65536);
-  return std::max<int64_t>(1, std::min({threads, B, by_work}));
-}
-
-// Elementwise passes, specialised per activation outside the loop so that each loop vectorises.
-template <typename T>
-inline void apply_act(Act a, T* z, int64_t count) {
-  switch (a) {
-    case Act::Relu:
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) z[i] = z[i] > T(0) ? z[i] : T(0);
-      break;
-    case Act::Tanh:
-      for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(z[i]);
-      break;
-    case Act::SSigmoid:
-      for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(T(0.5) * z[i]);
-      break;
-    default:
-      break;
-  }
-}
-
-// g *= s'(z), with s(z) recomputed (relu'(0) = 0, as autograd).
-template <typename T>
-inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
-  switch (a) {
-    case Act::Relu:
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) g[i] = z[i] > T(0) ? g[i] : T(0);
-      break;
-    case Act::Tanh:
-      for (int64_t i = 0; i < count; ++i) {
-        const T t = std::tanh(z[i]);
-        g[i] *= T(1) - t * t;
-      }
-      break;
-    case Act::SSigmoid:
-      for (int64_t i = 0; i < count; ++i) {
-        const T t = std::tanh(T(0.5) * z[i]);
-        g[i] *= T(0.5) * (T(1) - t * t);
-      }
-      break;
-    default:
-      break;
-  }
-}
-
-// wt[r, k] = w[r, k]^T for every d x d matrix, in parallel over matrices.
-template <typename T>
-at::Tensor transpose_weights(const at::Tensor& weights) {
-  const int64_t mats = weights.size(0) * weights.size(1), d = weights.size(3);
-  at::Tensor wt = at::empty_like(weights);
-  const T* src = weights.data_ptr<T>();
-  T* dst = wt.data_ptr<T>();
-  constexpr int64_t blk = 16;
-  at::parallel_for(0, mats, std::max<int64_t>(1, 16384 / (d * d)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* a = src + m * d * d;
-      T* b = dst + m * d * d;
-      for (int64_t i0 = 0; i0 < d; i0 += blk)
-        for (int64_t j0 = 0; j0 < d; j0 += blk)
-          for (int64_t i = i0; i < std::min(d, i0 + blk); ++i)
-            for (int64_t j = j0; j < std::min(d, j0 + blk); ++j) b[j * d + i] = a[i * d + j];
-    }
-  });
-  return wt;
 }
 
 // Forward of units [0, R) for one tile of m rows held in `h` [m, d].
@@ -152,7 +81,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut,
   const int64_t m_max = tile_rows(B, d, n, P, false);
   const int64_t tiles = (B + m_max - 1) / m_max;
   const int64_t slots = std::min(P, tiles);
-  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+  for_each_slot(slots, [&](int64_t s0, int64_t s1) {
     std::vector<T> scratch(4 * m_max * d);
     T* h = scratch.data();
     T* bufA = h + m_max * d;
@@ -262,7 +191,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
   for (int64_t r_begin = R; r_begin > 0; r_begin -= U) {
     const int64_t r_end = std::max<int64_t>(0, r_begin - U);
     const int64_t chunk = (r_begin - r_end) * n * dd;
-    at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    for_each_slot(slots, [&](int64_t s0, int64_t s1) {
       std::vector<T> scratch((2 * n + 2) * m_max * d + m_max * d);
       T* act = scratch.data();
       T* zs = act + n * m_max * d;
@@ -283,7 +212,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     });
     // fixed-order reduction of the slots into grad_w[r_end:r_begin]
     T* out = gw_p + r_end * n * dd;
-    at::parallel_for(0, chunk, 4096, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, chunk, 65536, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         T acc = partial[i];
         for (int64_t s = 1; s < slots; ++s) acc += partial[s * U * n * dd + i];

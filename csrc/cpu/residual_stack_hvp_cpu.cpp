@@ -60,6 +60,7 @@
 
 #include "common.h"
 #include "cpu/cpu_gemm.h"
+#include "cpu/cpu_schedule.h"
 
 namespace shortcut_ext {
 namespace {
@@ -344,19 +345,12 @@ double loss_seed(Loss loss, const T* f, const T* rf, const T* y, const int64_t* 
   return total;
 }
 
-int64_t num_slots(int64_t B, int64_t work_per_row) {
-  const int64_t threads = at::get_num_threads();
-  // Below ~64k multiply-adds a task the fork/join costs more than it saves.
-  const int64_t by_work = std::max<int64_t>(1, (B * work_per_row) / 65536);
-  return std::max<int64_t>(1, std::min({threads, B, by_work}));
-}
-
 template <typename T>
 void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
               bool shortcut, Acts acts, Loss loss, at::Tensor& loss_out, at::Tensor& grad_w, at::Tensor& hvps) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1), K = directions.size(0);
   const int64_t dd = d * d;
-  const at::Tensor wt = weights.transpose(2, 3).contiguous();             // [R, n, d_in, d_out]
+  const at::Tensor wt = transpose_weights<T>(weights);                      // [R, n, d_in, d_out]
   const at::Tensor vin = directions.permute({1, 2, 4, 0, 3}).contiguous();   // [R, n, d_in, K, d_out]
   const at::Tensor vout = directions.permute({1, 2, 3, 0, 4}).contiguous();  // [R, n, d_out, K, d_in]
   const Net<T> net{weights.data_ptr<T>(), wt.data_ptr<T>(), vin.data_ptr<T>(), vout.data_ptr<T>(),
@@ -397,7 +391,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const double inv_b = 1.0 / double(B);
 
   // ---- 1. forward + tangent forward, checkpoints, loss seeds
-  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+  for_each_slot(slots, [&](int64_t s0, int64_t s1) {
     const int64_t S1 = m_max * d;
     std::vector<T> scratch(rec_size + 2 * S1);
     const Record<T> rec = Record<T>::at(scratch.data(), n, K, m_max, d);
@@ -434,7 +428,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
     const int64_t s_lo = std::max<int64_t>(0, s_hi - seg_per_chunk);
     const int64_t r_lo = s_lo * C, r_hi = std::min(R, s_hi * C);
     const int64_t chunk = (r_hi - r_lo) * per_unit;
-    at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    for_each_slot(slots, [&](int64_t s0, int64_t s1) {
       const int64_t S1 = m_max * d, SK = K * S1;
       std::vector<T> scratch(C * rec_size + 5 * S1 + 2 * SK + K * S1);
       T* base = scratch.data() + C * rec_size;

@@ -1,0 +1,100 @@
+// Scheduling and elementwise helpers shared by the fused CPU kernels (forward/backward and HVP).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+
+namespace shortcut_ext {
+
+// How many slots (parallel tasks) to cut B rows into.
+inline int64_t num_slots(int64_t B, int64_t work_per_row) {
+  const int64_t threads = at::get_num_threads();
+  // Below ~64k multiply-adds a task the fork/join costs more than it saves.
+  const int64_t by_work = std::max<int64_t>(1, (B * work_per_row) / 65536);
+  return std::max<int64_t>(1, std::min({threads, B, by_work}));
+}
+
+// Runs f(0, slots) inline for one slot (no parallel region: tiny problems stay microseconds even
+// when other processes hold the cores), else one at::parallel_for task per slot.
+template <typename F>
+inline void for_each_slot(int64_t slots, const F& f) {
+  if (slots <= 1) {
+    f(0, slots);
+  } else {
+    at::parallel_for(0, slots, 1, f);
+  }
+}
+
+// Elementwise passes, specialised per activation outside the loop so that each loop vectorises.
+template <typename T>
+inline void apply_act(Act a, T* z, int64_t count) {
+  switch (a) {
+    case Act::Relu:
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) z[i] = z[i] > T(0) ? z[i] : T(0);
+      break;
+    case Act::Tanh:
+      for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(z[i]);
+      break;
+    case Act::SSigmoid:
+      for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(T(0.5) * z[i]);
+      break;
+    default:
+      break;
+  }
+}
+
+// g *= s'(z), with s(z) recomputed (relu'(0) = 0, as autograd).
+template <typename T>
+inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
+  switch (a) {
+    case Act::Relu:
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) g[i] = z[i] > T(0) ? g[i] : T(0);
+      break;
+    case Act::Tanh:
+      for (int64_t i = 0; i < count; ++i) {
+        const T t = std::tanh(z[i]);
+        g[i] *= T(1) - t * t;
+      }
+      break;
+    case Act::SSigmoid:
+      for (int64_t i = 0; i < count; ++i) {
+        const T t = std::tanh(T(0.5) * z[i]);
+        g[i] *= T(0.5) * (T(1) - t * t);
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+// wt[r, k] = w[r, k]^T for every d x d matrix, in parallel over matrices.
+template <typename T>
+at::Tensor transpose_weights(const at::Tensor& weights) {
+  const int64_t mats = weights.size(0) * weights.size(1), d = weights.size(3);
+  at::Tensor wt = at::empty_like(weights);
+  const T* src = weights.data_ptr<T>();
+  T* dst = wt.data_ptr<T>();
+  constexpr int64_t blk = 16;
+  // grain: ~64k elements a task, so that small stacks are transposed inline
+  at::parallel_for(0, mats, std::max<int64_t>(1, 65536 / (d * d)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* a = src + m * d * d;
+      T* b = dst + m * d * d;
+      for (int64_t i0 = 0; i0 < d; i0 += blk)
+        for (int64_t j0 = 0; j0 < d; j0 += blk)
+          for (int64_t i = i0; i < std::min(d, i0 + blk); ++i)
+            for (int64_t j = j0; j < std::min(d, j0 + blk); ++j) b[j * d + i] = a[i * d + j];
+    }
+  });
+  return wt;
+}
+
+}  // namespace shortcut_ext
