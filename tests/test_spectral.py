@@ -20,6 +20,8 @@ from shortcut_ext.curvature import (
     report_from_eigenvalues,
     slq,
 )
+from shortcut_ext.curvature.lanczos import DEFAULT_MAX_BASIS_BYTES, basis_capacity
+from shortcut_ext.curvature.slq import slq_group_size
 from shortcut_ext.models import ShortcutNet
 
 F64 = torch.float64
@@ -192,6 +194,159 @@ def test_slq_bad_inputs():
         slq(torch.eye(3, dtype=F64), distribution="uniform")
 
 
+# ------------------------------------------------------------------------------------- memory bounds
+class DiagOperator:
+    """A diagonal operator in float32 (products are cheap, so memory effects can be measured)."""
+
+    def __init__(self, diag):
+        self.diag, self.shape, self.dtype, self.device = diag, (len(diag), len(diag)), diag.dtype, diag.device
+
+    def matmat(self, V):  # [P, k] -> [P, k]
+        return self.diag[:, None] * V
+
+
+def _rss_peak_growth(fn):
+    """Peak growth of this process's resident set while ``fn`` runs (sampled every 2 ms), and its result."""
+    import os
+    import threading
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    base = peak = rss()
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss())
+            stop.wait(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        t.join()
+    return max(peak, rss()) - base, out
+
+
+def test_slq_grouping_does_not_change_the_result(random_hessian):
+    op, _, _ = random_hessian
+    runs = {g: slq(op, probes=8, steps=15, seed=3, probe_batch=g) for g in (1, 2, 3, 8)}
+    for g, r in runs.items():
+        assert r.probe_batch == g and r.num_products == 8 * 15
+        assert r.basis_bytes == g * 15 * 90 * 8
+        np.testing.assert_allclose(r.nodes, runs[8].nodes, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(r.weights, runs[8].weights, rtol=0, atol=1e-10)
+        np.testing.assert_array_equal(r.num_steps, runs[8].num_steps)
+    # a budget chooses the group: 15 steps x 90 x 8 bytes = 10800 bytes per probe
+    r = slq(op, probes=8, steps=15, seed=3, max_basis_bytes=3 * 10800 + 1)
+    assert r.probe_batch == 3 and r.basis_bytes <= 3 * 10800 + 1
+    np.testing.assert_allclose(r.nodes, runs[8].nodes, rtol=0, atol=1e-10)
+    # breakdowns inside groups (the zero point: every probe stops after 2d = 6 steps) also agree
+    calls = []
+    a = slq(zero_point_op(), probes=5, steps=12, seed=0, probe_batch=2, callback=lambda d, t: calls.append((d, t)))
+    b = slq(zero_point_op(), probes=5, steps=12, seed=0, probe_batch=5)
+    assert np.all(a.num_steps == 6) and np.all(b.num_steps == 6)
+    np.testing.assert_allclose(a.nodes, b.nodes, atol=1e-10)
+    assert calls[-1] == (60, 60) and all(d2 >= d1 for (d1, _), (d2, _) in zip(calls, calls[1:]))
+
+
+def zero_point_op():
+    net = ShortcutNet(3, 4, 2, init="zero", backend="torch", dtype=F64)
+    return HessianOperator(net, data(seed=3), backend="autograd")
+
+
+def test_slq_group_size_and_bad_budgets():
+    # the scale target: P = 5.12e6 float32, 8 probes x 80 steps (13 GB at once)
+    assert slq_group_size(5_120_000, 8, 80, torch.float32) == 1  # 3 GiB default
+    assert slq_group_size(5_120_000, 8, 80, torch.float32, 5 * 2**30) == 3
+    assert slq_group_size(5_120_000, 8, 80, torch.float32, 20 * 2**30) == 8
+    assert slq_group_size(100, 8, 80, torch.float64) == 8  # small operators: everything at once
+    assert DEFAULT_MAX_BASIS_BYTES == 3 * 2**30
+    A = torch.eye(50, dtype=F64)
+    with pytest.raises(ValueError, match="max_basis_bytes must hold at least one probe"):
+        slq(A, probes=4, steps=10, max_basis_bytes=10 * 50 * 8 - 1)
+    with pytest.raises(ValueError, match="probe_batch=4 needs a basis"):
+        slq(A, probes=4, steps=10, probe_batch=4, max_basis_bytes=2 * 10 * 50 * 8)
+    with pytest.raises(ValueError, match="probe_batch must be a positive integer"):
+        slq(A, probes=4, probe_batch=0)
+    with pytest.raises(ValueError, match="max_basis_bytes must be a positive integer"):
+        slq(A, probes=4, max_basis_bytes=-5)
+    r = slq(A, probes=4, steps=10, max_basis_bytes=1, reorthogonalize=False)  # no basis: no budget needed
+    assert r.probe_batch == 4 and r.basis_bytes == 0
+
+
+def test_slq_memory_stays_within_the_budget():
+    # P = 250k float32 (1 MB a vector), 8 probes x 40 steps: all bases at once would take 320 MB;
+    # a 45 MB budget runs groups of 1 (40 MB)
+    P = 250_000
+    diag = torch.linspace(-1.0, 2.0, P, dtype=torch.float32)
+    growth, r = _rss_peak_growth(lambda: slq(DiagOperator(diag), probes=8, steps=40, seed=0,
+                                             max_basis_bytes=45 * 2**20))
+    assert r.probe_batch == 1 and r.basis_bytes == 40 * P * 4
+    assert growth < 150 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+    # the quadrature is still right: the mean of the spectrum is exact with Rademacher probes
+    assert r.moment(1) == pytest.approx(float(diag.double().mean()), abs=1e-5)
+
+
+def test_lanczos_thick_restart_in_a_bounded_basis():
+    # clustered ends (the small init's difficulty): 5 values within 1% at each end, a bulk in between
+    g = np.random.default_rng(5)
+    ev = np.concatenate([3.0 - 0.03 * g.random(8), -2.0 + 0.02 * g.random(8), g.uniform(-1.5, 2.5, 384)])
+    A = known_spectrum(ev, seed=6)
+    ex = np.sort(ev)
+    bounded = lanczos(A, k=5, max_iter=30, verify=False)  # no restarts: stops with an unconverged basis
+    assert bounded.stop_reason == "max_iter" and not bounded.converged and bounded.restarts == 0
+    r = lanczos(A, k=5, max_iter=30, max_products=3000, verify=False, tol=1e-10)
+    assert r.restarts >= 1 and r.max_vectors == 30 and r.num_vectors <= 30 and r.converged
+    assert r.stop_reason == "converged" and r.num_products <= 3000 + 10
+    np.testing.assert_allclose(r.largest, ex[::-1][:5], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(r.smallest, ex[:5], rtol=0, atol=1e-9)
+    assert np.all(r.largest_residuals < 1e-9 * 3) and np.all(r.smallest_residuals < 1e-9 * 3)
+    # a product budget stops the run (and says so)
+    short = lanczos(A, k=5, max_iter=30, max_products=50, verify=False)
+    assert short.stop_reason == "max_products" and short.num_products == 50 + 10
+
+
+@pytest.mark.parametrize("method", ["lanczos", "block"])
+def test_lanczos_restarts_on_hessians(random_hessian, zero_point, method):
+    op, _, ev = random_hessian
+    kw = dict(k=4, max_iter=24, max_products=600, tol=1e-10)
+    r = lanczos(op, **kw) if method == "lanczos" else block_lanczos(op, block_size=2, **kw)
+    scale = np.abs(ev).max()
+    assert r.restarts >= 1 and r.converged
+    np.testing.assert_allclose(r.largest, ev[::-1][:4], rtol=0, atol=1e-9 * scale)
+    np.testing.assert_allclose(r.smallest, ev[:4], rtol=0, atol=1e-9 * scale)
+    # the zero point: breakdowns (invariant subspaces), multiplicities and restarts together
+    opz, _, evz = zero_point
+    kz = dict(k=8, max_iter=20, max_products=400)
+    rz = lanczos(opz, **kz) if method == "lanczos" else block_lanczos(opz, block_size=2, **kz)
+    sz = np.abs(evz).max()
+    assert rz.restarts >= 1 and rz.converged
+    np.testing.assert_allclose(rz.largest, evz[::-1][:8], rtol=0, atol=1e-9 * sz)
+    np.testing.assert_allclose(rz.smallest, evz[:8], rtol=0, atol=1e-9 * sz)
+
+
+def test_lanczos_basis_budget():
+    assert basis_capacity(5_120_000, torch.float32) == 157  # the scale target: 3 GiB
+    assert basis_capacity(1000, F64, 80_000) == 10
+    A = known_spectrum(np.linspace(-1, 1, 200), seed=7)
+    r = lanczos(A, k=2, max_basis_bytes=12 * 200 * 8)  # 12 vectors fit
+    assert r.max_vectors == 12 and r.basis_bytes == 12 * 200 * 8 and r.num_vectors <= 12
+    with pytest.raises(ValueError, match="max_iter=50 needs a basis"):
+        lanczos(A, k=2, max_iter=50, max_basis_bytes=12 * 200 * 8)
+    with pytest.raises(ValueError, match="max_basis_bytes must hold at least one basis vector"):
+        lanczos(A, k=2, max_basis_bytes=100)
+    with pytest.raises(ValueError, match="max_products must be a positive integer"):
+        lanczos(A, k=2, max_products=0)
+    # a default-sized basis at P = 5.12e6 would need 300 vectors (6 GB): the default budget caps it
+    assert min(max(300, 20 * 5), basis_capacity(5_120_000, torch.float32)) == 157
+
+
 # ------------------------------------------------------------------------------------- traces
 def test_hutchpp_converges_faster_than_hutchinson():
     ev = 1.0 / np.arange(1, 201) ** 2  # fast decay: the regime Hutch++ is built for
@@ -271,3 +426,24 @@ def test_spectrum_command_writes_json_and_figures(tmp_path):
     assert res["theory"]["slq_q10_rel_error"] < 1e-8  # probes break down after 2d steps: exact quadrature
     for name in ("density.png", "extremes.png", "quantiles.png"):
         assert (out / name).stat().st_size > 1000
+    assert res["slq"]["probe_batch"] == 3 and res["lanczos"]["max_vectors"] <= 108
+
+
+def test_spectrum_command_memory_flags(tmp_path):
+    import json
+
+    from shortcut_ext.cli import main
+
+    common = ["spectrum", "--units", "4", "--width", "3", "--init", "small", "--samples", "20", "--probes", "3",
+              "--steps", "8", "--top", "2", "--backend", "autograd", "--no-progress", "--no-plots"]
+    per_vector = 4 * 2 * 9 * 8  # P = 72 float64
+    rc = main(common + ["--probe-batch", "2", "--max-iter", "30", "--lanczos-products", "120",
+                        "--basis-gib", str(30 * per_vector / 2**30), "--out", str(tmp_path / "a")])
+    assert rc == 0
+    res = json.loads((tmp_path / "a" / "spectrum.json").read_text())
+    assert res["slq"]["probe_batch"] == 2 and res["lanczos"]["max_vectors"] == 30
+    assert res["lanczos"]["largest"] == pytest.approx(res["exact"]["top"][:2], rel=1e-8)
+    with pytest.raises(SystemExit, match="max_iter=40 needs a basis"):
+        main(common + ["--max-iter", "40", "--basis-gib", str(30 * per_vector / 2**30), "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="one probe's Lanczos basis"):
+        main(common + ["--basis-gib", str(7 * per_vector / 2**30), "--max-iter", "5", "--out", str(tmp_path / "c")])

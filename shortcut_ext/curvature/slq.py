@@ -8,11 +8,14 @@ satisfy ``sum_l tau_l f(theta_l) ~= v^T f(H) v`` (exact for polynomials of degre
 over probes, the nodes and weights are a discrete estimate of the spectral measure
 ``phi(t) = (1/P) sum_i delta(t - lambda_i)``.
 
-All probes run together: each step is one batched product ``A.matmat(Q[P, probes])``; each probe keeps
-its own recursion (not block Lanczos) with full reorthogonalisation against its own basis.  A probe
-whose recursion breaks down (an invariant subspace: ``beta ~ 0``, e.g. after ``2d`` steps at the
-2-shortcut zero point, whose spectrum has ``2d`` distinct values) stops there: its quadrature is then
-exact for every ``f``.
+Probes run in groups: each step is one batched product ``A.matmat(Q[P, group])``; each probe keeps
+its own recursion (not block Lanczos) with full reorthogonalisation against its own basis.  The bases
+take ``group * steps * P`` numbers, so the group size is chosen from a memory budget
+(``max_basis_bytes``, default 3 GiB: at ``P = 5.12e6`` in float32 one probe's 80-step basis is
+1.6 GB, all 8 probes' 13 GB).  The probes are drawn at once from the seed, so the result does not
+depend on the grouping.  A probe whose recursion breaks down (an invariant subspace: ``beta ~ 0``,
+e.g. after ``2d`` steps at the 2-shortcut zero point, whose spectrum has ``2d`` distinct values)
+stops there: its quadrature is then exact for every ``f``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from ._linop import as_torch_operator, default_tol
+from .lanczos import DEFAULT_MAX_BASIS_BYTES
 
 
 @dataclass
@@ -35,6 +39,8 @@ class SLQResult:
         num_steps: ``[probes]`` Lanczos steps each probe took (fewer than ``steps`` after a breakdown).
         num_params: ``P``, the operator's size (multiply a mass by ``P`` to count eigenvalues).
         num_products: operator-vector products used.
+        probe_batch: probes per group (per batched product); ``0`` if unknown.
+        basis_bytes: size of the reorthogonalisation basis buffer (``probe_batch * steps * P`` numbers).
     """
 
     nodes: np.ndarray
@@ -42,6 +48,8 @@ class SLQResult:
     num_steps: np.ndarray
     num_params: int
     num_products: int
+    probe_batch: int = 0
+    basis_bytes: int = 0
 
     @property
     def num_probes(self) -> int:
@@ -139,79 +147,115 @@ def _weighted_quantile(x: np.ndarray, w: np.ndarray, q: float) -> float:
     return float(x[order][min(i, len(x) - 1)])
 
 
+def slq_group_size(P: int, probes: int, steps: int, dtype: torch.dtype = torch.float32,
+                   max_basis_bytes: int | None = None) -> int:
+    """Probes per group that keep the reorthogonalisation basis within ``max_basis_bytes``.
+
+    A group of ``g`` probes keeps ``g * steps * P`` numbers of ``dtype``; the group size is the largest
+    ``g <= probes`` within the budget (default :data:`DEFAULT_MAX_BASIS_BYTES`).
+
+    >>> slq_group_size(5_120_000, 8, 80, torch.float32, 5 * 2**30)  # the scale target: 3 probes per group
+    3
+    """
+    budget = DEFAULT_MAX_BASIS_BYTES if max_basis_bytes is None else _check_bytes(max_basis_bytes)
+    steps = min(steps, P)
+    per_probe = steps * P * _itemsize(dtype)
+    g = min(probes, budget // per_probe)
+    if g < 1:
+        raise ValueError(
+            f"max_basis_bytes must hold at least one probe's Lanczos basis (steps x P x itemsize = {steps} x {P} x "
+            f"{_itemsize(dtype)} = {per_probe / 2**30:.2f} GiB), got {budget / 2**30:.2f} GiB; raise max_basis_bytes, "
+            "lower steps, or pass reorthogonalize=False")
+    return int(g)
+
+
 def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str = "rademacher",
-        reorthogonalize: bool = True, breakdown_tol: float | None = None, callback=None) -> SLQResult:
-    """Stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019) with all probes batched.
+        reorthogonalize: bool = True, breakdown_tol: float | None = None, callback=None,
+        probe_batch: int | None = None, max_basis_bytes: int | None = None) -> SLQResult:
+    """Stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019), probes batched in memory-bounded groups.
+
+    The probes are drawn all at once from ``seed`` (so they do not depend on the grouping) and run in
+    groups of ``probe_batch``: one batched product ``A.matmat`` of the group's columns per step, and
+    full reorthogonalisation of each probe against its own basis, which a group keeps in
+    ``probe_batch * steps * P`` numbers.  Groups run one after the other and reuse one basis buffer.
+    Each probe's recursion is independent of the others, so the nodes and weights do not depend on
+    the grouping (up to the rounding of batched products with a different number of columns).
 
     Args:
         op: any operator :func:`~shortcut_ext.curvature._linop.as_torch_operator` accepts.
-        probes: number of random probe vectors (run together: one ``matmat`` of ``probes`` columns per step).
-        steps: Lanczos steps per probe (capped at ``P``); the basis takes ``probes * steps * P`` numbers.
+        probes: number of random probe vectors.
+        steps: Lanczos steps per probe (capped at ``P``).
         seed: seeds the probes.
         distribution: ``"rademacher"`` or ``"gaussian"`` probes (normalised to unit length).
         reorthogonalize: full reorthogonalisation of each probe's basis (recommended; without it ghost
-            copies of converged Ritz values shift weight between nodes).
+            copies of converged Ritz values shift weight between nodes, and no basis is kept).
         breakdown_tol: relative size of ``beta`` below which a probe has found an invariant subspace.
-        callback: called as ``callback(step, steps)`` after every step.
+        callback: called as ``callback(done, total)`` in probe-steps (``total = probes * steps``).
+        probe_batch: probes per group.  Default: as many as fit in ``max_basis_bytes``
+            (:func:`slq_group_size`), all of them without reorthogonalisation.
+        max_basis_bytes: memory budget of a group's basis (default :data:`DEFAULT_MAX_BASIS_BYTES`,
+            3 GiB, when ``probe_batch`` is chosen automatically).  Given together with ``probe_batch``,
+            the two must agree.
 
     Returns:
         :class:`SLQResult`.
+
+    Raises:
+        ValueError: a non-positive ``probes``, ``steps`` or ``probe_batch``, or a budget that cannot hold
+            one probe's basis (or the requested ``probe_batch``).
 
     >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
     >>> r = slq(A, probes=4, steps=10)
     >>> round(r.trace(1)[0], 9), round(r.moment(2) * 10, 9)  # Rademacher: tr(A) exact; tr(A^2) estimated
     (55.0, 385.0)
+    >>> bool(np.allclose(slq(A, probes=4, steps=10, probe_batch=1).nodes, r.nodes, atol=1e-12))
+    True
     """
     A = as_torch_operator(op)
     P, dt, dev = A.P, A.dtype, A.device
     for name, val in (("probes", probes), ("steps", steps)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    if probe_batch is not None and (isinstance(probe_batch, bool) or not isinstance(probe_batch, int)
+                                    or probe_batch < 1):
+        raise ValueError(f"probe_batch must be a positive integer or None, got {probe_batch!r}")
+    if max_basis_bytes is not None:
+        _check_bytes(max_basis_bytes)
     steps = min(steps, P)
+    if not reorthogonalize:
+        group = probes if probe_batch is None else min(probe_batch, probes)
+    elif probe_batch is None:
+        group = slq_group_size(P, probes, steps, dt, max_basis_bytes)
+    else:
+        group = min(probe_batch, probes)
+        need = group * steps * P * _itemsize(dt)
+        if max_basis_bytes is not None and need > max_basis_bytes:
+            raise ValueError(
+                f"probe_batch={probe_batch} needs a basis of {group} x {steps} x {P} x {_itemsize(dt)} bytes = "
+                f"{need / 2**30:.2f} GiB, above max_basis_bytes = {max_basis_bytes / 2**30:.2f} GiB; lower "
+                f"probe_batch to {max(1, max_basis_bytes // (steps * P * _itemsize(dt)))} or leave it to the budget")
     btol = default_tol(dt) if breakdown_tol is None else float(breakdown_tol)
     gen = torch.Generator().manual_seed(int(seed))
-    Z = A.randn(probes, gen, distribution)  # [P, probes]
-    q = Z / Z.norm(dim=0, keepdim=True)
-    Qb = torch.empty(probes, steps, P, dtype=dt, device=dev) if reorthogonalize else None  # per-probe bases
+    Z = A.randn(probes, gen, distribution).T.contiguous()  # [probes, P], drawn at once: grouping-independent
+    Z /= Z.norm(dim=1, keepdim=True)
+    basis = torch.empty(group, steps, P, dtype=dt, device=dev) if reorthogonalize else None  # reused by groups
     alpha = np.zeros((probes, steps))
     beta = np.zeros((probes, steps))
     nsteps = np.zeros(probes, dtype=np.int64)
-    active = np.ones(probes, dtype=bool)
-    q_prev = torch.zeros_like(q)
-    b_prev = torch.zeros(probes, dtype=dt, device=dev)
-    anorm = np.zeros(probes)
-    tiny = float(torch.finfo(dt).tiny)
-    for j in range(steps):
-        if not active.any():
-            break
-        if Qb is not None:
-            Qb[:, j] = q.T
-        if active.all():
-            w = A.matmat(q)  # [P, probes]
-        else:  # stopped probes have q = 0: leave them out of the product
-            idx = torch.as_tensor(np.flatnonzero(active), device=dev)
-            w = torch.zeros_like(q)
-            w[:, idx] = A.matmat(q[:, idx].contiguous())
-        al = (q * w).sum(dim=0)
-        w = w - q * al - q_prev * b_prev
-        if Qb is not None:  # full reorthogonalisation of each probe against its own basis, twice
-            Qj = Qb[:, : j + 1]  # [probes, j+1, P]
-            for _ in range(2):
-                c = torch.bmm(Qj, w.T.unsqueeze(2))  # [probes, j+1, 1]
-                w = w - torch.bmm(Qj.transpose(1, 2), c).squeeze(2).T
-        bt = w.norm(dim=0)
-        al_np, bt_np = al.double().cpu().numpy(), bt.double().cpu().numpy()
-        alpha[active, j] = al_np[active]
-        beta[active, j] = bt_np[active]
-        nsteps[active] = j + 1
-        anorm = np.maximum(anorm, np.abs(al_np) + bt_np + b_prev.double().cpu().numpy())
-        active = active & (bt_np > btol * np.maximum(anorm, tiny))
-        keep = torch.as_tensor(active, device=dev)
-        q_prev = q
-        b_prev = torch.where(keep, bt, torch.zeros_like(bt))
-        q = torch.where(keep, w / torch.where(keep, bt, torch.ones_like(bt)), torch.zeros_like(w))
+    total = probes * steps
+    for g0 in range(0, probes, group):
+        g1 = min(probes, g0 + group)
+        done0 = g0 * steps
+
+        def cb(j, g0=g0, g1=g1, done0=done0):
+            if callback is not None:
+                callback(done0 + j * (g1 - g0), total)
+
+        a, b, n = _lanczos_recurrences(A, Z[g0:g1], steps, None if basis is None else basis[: g1 - g0], btol, cb)
+        alpha[g0:g1], beta[g0:g1], nsteps[g0:g1] = a, b, n
         if callback is not None:
-            callback(j + 1, steps)
+            callback(g1 * steps, total)
+    del basis, Z
 
     nodes = np.zeros((probes, steps))
     weights = np.zeros((probes, steps))
@@ -224,4 +268,84 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
         th, U = torch.linalg.eigh(T)
         nodes[i, :m] = th.numpy()
         weights[i, :m] = (U[0] ** 2).numpy()
-    return SLQResult(nodes=nodes, weights=weights, num_steps=nsteps, num_params=P, num_products=A.num_products)
+    return SLQResult(nodes=nodes, weights=weights, num_steps=nsteps, num_params=P, num_products=A.num_products,
+                     probe_batch=group, basis_bytes=0 if not reorthogonalize else group * steps * P * _itemsize(dt))
+
+
+def _lanczos_recurrences(A, q, steps, basis, btol, callback):
+    """Lanczos recurrences of the probes ``q[g, P]`` (unit rows), one batched product per step.
+
+    ``basis`` (``[g, steps, P]`` or ``None``) holds each probe's Lanczos vectors for full
+    reorthogonalisation: classical Gram-Schmidt against the probe's own basis, repeated only where
+    the first pass removed more than ``1 - 1/sqrt(2)`` of the norm (the Daniel-Gragg-Kaufman-Stewart
+    criterion).  After the three-term recurrence the vector is nearly orthogonal already, so one pass
+    (two reads of the basis) is the rule.  Matrix-vector products per probe (``addmv``), no
+    ``[g, P]``-sized temporaries per basis vector and no copies of the basis.
+
+    Returns:
+        ``alpha[g, steps]``, ``beta[g, steps]`` (float64) and ``nsteps[g]``.
+    """
+    g, P = q.shape
+    dt, dev = q.dtype, q.device
+    alpha = np.zeros((g, steps))
+    beta = np.zeros((g, steps))
+    nsteps = np.zeros(g, dtype=np.int64)
+    active = np.ones(g, dtype=bool)
+    q = q.clone()
+    q_prev = torch.zeros_like(q)
+    b_prev = torch.zeros(g, dtype=dt, device=dev)
+    anorm = np.zeros(g)
+    tiny = float(torch.finfo(dt).tiny)
+    eta = 1.0 / math.sqrt(2.0)
+    for j in range(steps):
+        if not active.any():
+            break
+        if basis is not None:
+            basis[:, j] = q
+        if active.all():
+            w = A.matmat(q.T).T  # [g, P]
+        else:  # stopped probes have q = 0: leave them out of the product
+            idx = torch.as_tensor(np.flatnonzero(active), device=dev)
+            w = torch.zeros_like(q)
+            w[idx] = A.matmat(q[idx].T).T
+        w = w.contiguous()
+        al = torch.linalg.vecdot(q, w)  # [g]
+        w -= q * al[:, None]
+        w -= q_prev * b_prev[:, None]
+        if basis is not None:
+            for i in np.flatnonzero(active):
+                Qi = basis[i, : j + 1]  # [j+1, P], a view
+                wi = w[i]
+                n0 = wi.norm()
+                for _ in range(2):
+                    c = torch.mv(Qi, wi)
+                    wi.addmv_(Qi.T, c, alpha=-1.0)
+                    n1 = wi.norm()
+                    if n1 >= eta * n0:
+                        break
+                    n0 = n1
+        bt = w.norm(dim=1)
+        al_np, bt_np = al.double().cpu().numpy(), bt.double().cpu().numpy()
+        alpha[active, j] = al_np[active]
+        beta[active, j] = bt_np[active]
+        nsteps[active] = j + 1
+        anorm = np.maximum(anorm, np.abs(al_np) + bt_np + b_prev.double().cpu().numpy())
+        active = active & (bt_np > btol * np.maximum(anorm, tiny))
+        keep = torch.as_tensor(active, device=dev)
+        q_prev = q
+        b_prev = torch.where(keep, bt, torch.zeros_like(bt))
+        w /= torch.where(keep, bt, torch.ones_like(bt))[:, None]
+        w[~keep] = 0.0
+        q = w
+        callback(j + 1)
+    return alpha, beta, nsteps
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _check_bytes(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"max_basis_bytes must be a positive integer (bytes), got {value!r}")
+    return int(value)

@@ -6,6 +6,12 @@ numbers; for small nets also the exact spectrum (dense ``eigvalsh``).  At zero i
 closed-form spectrum of Theorem 1 (PAPER.md section 2) is computed without building the Hessian and
 compared.  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
 
+Memory: the Krylov bases are what grows with the net.  The Lanczos basis and one SLQ group's bases
+are each bounded by ``--basis-gib`` (default 3 GiB; the two phases run one after the other):
+Lanczos holds what fits (at most 300 vectors) and, with ``--lanczos-products`` above that, thick-
+restarts; SLQ runs as many probes per group as fit.  A request that cannot fit (``--max-iter``,
+``--probe-batch``, or one probe's ``--steps`` basis) is refused with the numbers.
+
 Example (the paper's scale claim: the 2-shortcut zero-point spectrum does not depend on depth)::
 
     shortcut-ext spectrum --shortcut 2 --units 1000 --width 16 --init zero --data synthetic --out runs/spec
@@ -54,9 +60,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "always the full-data one)")
     g = p.add_argument_group("estimators")
     g.add_argument("--top", type=int, default=5, help="extreme eigenvalues at each end")
-    g.add_argument("--probes", type=int, default=8, help="SLQ probes (run as one batched product)")
+    g.add_argument("--probes", type=int, default=8, help="SLQ probes (run in batched groups, see --probe-batch)")
     g.add_argument("--steps", type=int, default=80, help="Lanczos steps per SLQ probe")
-    g.add_argument("--max-iter", type=int, default=None, help="Lanczos basis size for the extremes")
+    g.add_argument("--probe-batch", type=int, default=None,
+                   help="SLQ probes per group (default: as many as fit in --basis-gib)")
+    g.add_argument("--max-iter", type=int, default=None,
+                   help="Lanczos basis size for the extremes (default: what fits in --basis-gib, at most 300)")
+    g.add_argument("--lanczos-products", type=int, default=None,
+                   help="Lanczos products in all; above the basis size the basis is thick-restarted "
+                        "(default: no restarts)")
+    g.add_argument("--basis-gib", type=float, default=3.0,
+                   help="memory budget (GiB) of the Lanczos basis and of one SLQ group's bases")
     g.add_argument("--no-verify", action="store_true", help="skip Lanczos's multiplicity check (faster)")
     g.add_argument("--exact-max-params", type=int, default=2048, help="also compute the dense spectrum up to this P")
     g = p.add_argument_group("run")
@@ -118,6 +132,12 @@ def run(args) -> int:
 
     for name in ("units", "width", "samples", "top", "probes", "steps"):
         _positive(name.replace("_", "-"), getattr(args, name))
+    for name in ("probe_batch", "max_iter", "lanczos_products"):
+        if getattr(args, name) is not None:
+            _positive(name.replace("_", "-"), getattr(args, name))
+    if not args.basis_gib > 0:
+        raise SystemExit(f"shortcut-ext spectrum: --basis-gib must be > 0, got {args.basis_gib}")
+    budget = max(1, int(args.basis_gib * 2**30))
     if args.shortcut < 0:
         raise SystemExit(f"shortcut-ext spectrum: --shortcut must be >= 0, got {args.shortcut}")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
@@ -151,28 +171,39 @@ def run(args) -> int:
     # extremes
     bar, cb = _progress("lanczos", args.no_progress)
     t0 = time.perf_counter()
-    lz = lanczos(H, k=min(args.top, H.P), max_iter=args.max_iter, verify=not args.no_verify, seed=args.seed,
-                 return_vectors=False, callback=cb)
-    bar.close()
+    try:
+        lz = lanczos(H, k=min(args.top, H.P), max_iter=args.max_iter, verify=not args.no_verify, seed=args.seed,
+                     return_vectors=False, callback=cb, max_basis_bytes=budget, max_products=args.lanczos_products)
+    except ValueError as e:  # a basis that does not fit the budget: say which flag to change
+        raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --max-iter, --basis-gib)") from e
+    finally:
+        bar.close()
     result["timings_s"]["lanczos"] = time.perf_counter() - t0
     result["lanczos"] = {
         "largest": lz.largest.tolist(), "smallest": lz.smallest.tolist(),
         "largest_residuals": lz.largest_residuals.tolist(), "smallest_residuals": lz.smallest_residuals.tolist(),
         "num_vectors": lz.num_vectors, "num_products": lz.num_products, "breakdowns": lz.breakdowns,
         "segments": [list(s) for s in lz.segments], "converged": lz.converged, "stop_reason": lz.stop_reason,
+        "restarts": lz.restarts, "max_vectors": lz.max_vectors, "basis_bytes": lz.basis_bytes,
     }
     # density
     bar, cb = _progress("slq", args.no_progress)
     t0 = time.perf_counter()
-    sq = slq(H, probes=args.probes, steps=args.steps, seed=args.seed + 1, callback=cb)
-    bar.close()
+    try:
+        sq = slq(H, probes=args.probes, steps=args.steps, seed=args.seed + 1, callback=cb,
+                 probe_batch=args.probe_batch, max_basis_bytes=budget)
+    except ValueError as e:
+        raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --probe-batch, --steps, --basis-gib)") from e
+    finally:
+        bar.close()
     result["timings_s"]["slq"] = time.perf_counter() - t0
     sigma = sq.default_sigma()
     grid, dens = sq.density(sigma=sigma)
     lam_max = lz.abs_max
     zero_tol = 1e-8 * lam_max
     result["slq"] = {
-        "probes": args.probes, "steps": sq.num_steps.tolist(), "nodes": sq.nodes.tolist(),
+        "probes": args.probes, "probe_batch": sq.probe_batch, "basis_bytes": sq.basis_bytes,
+        "steps": sq.num_steps.tolist(), "nodes": sq.nodes.tolist(),
         "weights": sq.weights.tolist(), "grid": grid.tolist(), "density": dens.tolist(), "sigma": sigma,
         "abs_quantiles": {str(q): sq.abs_quantile(q) for q in QUANTILES},
         "abs_q10_probe_std": float(np.std(sq.abs_quantile_per_probe(0.1), ddof=1)) if args.probes > 1 else None,
