@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 __all__ = [
     "best_linear_loss",
     "digits",
+    "load_mnist_arrays",
     "mnist",
     "prepare_classification",
     "read_idx",
@@ -282,7 +284,7 @@ def _load_npz(path: Path, split: str):
             for xk, yk in _NPZ_KEYS[split]:
                 if xk in keys and yk in keys:
                     return z[xk], z[yk]
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise ValueError(f"{path}: cannot read as .npz ({e}); the file may be truncated or corrupt") from None
@@ -290,28 +292,10 @@ def _load_npz(path: Path, split: str):
     raise ValueError(f"{path}: .npz file has arrays {sorted(keys)}, expected {wanted} for split={split!r}")
 
 
-def mnist(path, d: int = 10, split: str = "train", m: int | None = None, seed: int = 0,
-          labels=None, dtype: torch.dtype = torch.float64):
-    """Real MNIST from the user's files, prepared as :func:`digits` (PCA-``d``, whitened, one-hot).
+def load_mnist_arrays(path, split: str = "train", labels=None):
+    """The raw MNIST ``(images [m, 28, 28] or [m, p], labels [m])`` from the user's files, checked.
 
-    Args:
-        path: a folder holding ``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte`` (or the
-            ``t10k-*`` files for ``split="test"``, each optionally ``.gz``), an images IDX file (its
-            labels file is ``labels`` or found by name beside it), or an ``.npz`` file with arrays
-            ``x_train, y_train`` (``x_test, y_test``), ``images, labels`` or ``x, y``.
-        d: principal components kept.
-        split: ``"train"`` or ``"test"``.
-        m: optional seeded subsample size (whitening uses the subset).
-        seed: seeds the subsample.
-        labels: labels IDX file when ``path`` is an images IDX file with a non-standard name.
-        dtype: output dtype.
-
-    Returns:
-        ``(X [m, d], Y [m, 10])``.
-
-    Raises:
-        FileNotFoundError: a file is missing (the message names it).
-        ValueError: a file is truncated, not in the expected format, or images and labels disagree.
+    ``path`` and ``labels`` as in :func:`mnist`.  Returns ``(images, labels, source description)``.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -347,10 +331,40 @@ def mnist(path, d: int = 10, split: str = "train", m: int | None = None, seed: i
         raise ValueError(f"{src}: images and labels disagree: {images.shape[0]} images but {labs.shape[0]} labels")
     if labs.size and (labs.min() < 0 or labs.max() > 9):
         raise ValueError(f"{src}: labels must be digits 0..9, got range [{labs.min()}, {labs.max()}]")
+    return images, labs.astype(np.int64), src
+
+
+def mnist(path, d: int = 10, split: str = "train", m: int | None = None, seed: int = 0,
+          labels=None, dtype: torch.dtype = torch.float64, max_m: int | None = None):
+    """Real MNIST from the user's files, prepared as :func:`digits` (PCA-``d``, whitened, one-hot).
+
+    Args:
+        path: a folder holding ``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte`` (or the
+            ``t10k-*`` files for ``split="test"``, each optionally ``.gz``), an images IDX file (its
+            labels file is ``labels`` or found by name beside it), or an ``.npz`` file with arrays
+            ``x_train, y_train`` (``x_test, y_test``), ``images, labels`` or ``x, y``.
+        d: principal components kept.
+        split: ``"train"`` or ``"test"``.
+        m: optional seeded subsample size (whitening uses the subset).
+        seed: seeds the subsample.
+        labels: labels IDX file when ``path`` is an images IDX file with a non-standard name.
+        dtype: output dtype.
+        max_m: subsample to at most this many samples when there are more (and ``m`` is ``None``).
+
+    Returns:
+        ``(X [m, d], Y [m, 10])``.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message names it).
+        ValueError: a file is truncated, not in the expected format, or images and labels disagree.
+    """
+    images, labs, src = load_mnist_arrays(path, split, labels)
+    if m is None and max_m is not None and images.shape[0] > max_m:
+        m = max_m
     idx = _subsample(images.shape[0], m, seed)
     if idx is not None:
         images, labs = images[idx], labs[idx]
-    return prepare_classification(images, labs.astype(np.int64), d=d, num_classes=10, dtype=dtype, name=f"mnist ({src})")
+    return prepare_classification(images, labs, d=d, num_classes=10, dtype=dtype, name=f"mnist ({src})")
 
 
 # --------------------------------------------------------------------------- linear baselines

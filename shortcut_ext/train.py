@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -157,12 +158,14 @@ class TrainResult:
         return w[-1]
 
     def to_dict(self, max_points: int | None = None) -> dict:
-        """JSON-safe dict (non-finite floats become ``None``); ``max_points`` thins the history
-        (first, last and evenly spaced epochs are kept; probes are always kept)."""
+        """JSON-safe dict (non-finite floats become ``None``); ``max_points`` thins the history to
+        about that many epochs (evenly and log-spaced, first and last kept; probes are always kept)."""
         hist = self.history
         n = len(hist.get("epoch", []))
-        if max_points is not None and n > max_points:
-            keep = np.unique(np.round(np.linspace(0, n - 1, max_points)).astype(int))
+        if max_points is not None and n > max_points:  # evenly spaced and log-spaced epochs, first and last
+            half = max(max_points // 2, 2)
+            keep = np.unique(np.concatenate([np.round(np.linspace(0, n - 1, half)),
+                                             np.round(np.geomspace(1, n - 1, half)), [0]]).astype(int))
             hist = {k: [v[i] for i in keep] for k, v in hist.items()}
         clean = lambda xs: [_finite_or_none(x) if not isinstance(x, int) else x for x in xs]  # noqa: E731
         return {
@@ -198,7 +201,7 @@ def spectrum_probes(eigenvalues, method: str = "dense") -> dict:
     """The paper's curvature numbers from Hessian eigenvalues (PAPER.md section 3).
 
     - ``lam_max``: ``|lambda|max``; ``lam_q10``: the 10th percentile of ``|lambda|``;
-    - ``index``: fraction of negative eigenvalues (``|lambda|`` below ``P * eps * |lambda|max`` counts as 0);
+    - ``index``: fraction of negative eigenvalues (``|lambda| <= P * eps * |lambda|max`` counts as 0);
     - ``cond``: ``|lambda|max / |lambda|min`` (``inf`` if singular); ``cond_q10``: ``|lambda|max / |lambda|(0.1)``.
 
     >>> p = spectrum_probes([-2.0, 1.0, 1.0, 4.0]); (p["lam_max"], p["index"], p["cond"])
@@ -209,9 +212,9 @@ def spectrum_probes(eigenvalues, method: str = "dense") -> dict:
         raise ValueError("eigenvalues must not be empty")
     a = np.abs(ev)
     lam_max = float(a.max())
-    tol = ev.size * np.finfo(np.float64).eps * lam_max * 10
+    tol = ev.size * np.finfo(np.float64).eps * lam_max  # numerical-rank tolerance, as shortcut_ext.curvature
     lam_min = float(a.min())
-    lam_q10 = float(np.quantile(a, 0.1))
+    lam_q10 = float(np.quantile(a, 0.1, method="inverted_cdf"))
     div = lambda x, y: (x / y) if y > tol else (math.nan if x <= tol else math.inf)  # noqa: E731
     return {
         "lam_max": lam_max,
@@ -272,7 +275,10 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000)
     except ImportError:
         curvature_probes = None
     if curvature_probes is not None:
-        return dict(curvature_probes(model, data, loss, exact_max_params=exact_max_params))
+        kw = {}
+        if model.weight.dtype != torch.float64 and "dtype" in inspect.signature(curvature_probes).parameters:
+            kw["dtype"] = torch.float64  # eigenvalues near 0 (|lambda|(0.1), the index) need float64
+        return dict(curvature_probes(model, data, loss, exact_max_params=exact_max_params, **kw))
     return _dense_probes(model, data, loss, exact_max_params)
 
 
@@ -319,10 +325,11 @@ def train(
     w = model.weight
     m = X.shape[0]
     params = [w]
+    opt = None  # "gd" updates in place: the per-epoch cost of a small net is mostly overhead
     if config.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=config.lr)
-    else:
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum if config.optimizer == "sgd" else 0.0)
+    elif config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     full_batch = config.optimizer == "gd" or config.batch_size is None or config.batch_size >= m
     gen = torch.Generator().manual_seed(int(config.seed))
     lm = None if l_min is None else float(l_min)
@@ -339,14 +346,14 @@ def train(
         bar = tqdm(total=config.epochs, desc="train", leave=False)
 
     def loss_and_grad(xb, yb):
-        opt.zero_grad(set_to_none=True)
-        L = loss_fn(config.loss, model(xb), yb)
-        L.backward()
-        return float(L.detach()), w.grad
+        with torch.enable_grad():
+            L = loss_fn(config.loss, model(xb), yb)
+            (g,) = torch.autograd.grad(L, w)
+        return float(L.detach()), g
 
     for epoch in range(config.epochs + 1):
         L, g = loss_and_grad(X, Y)
-        gn = float(g.detach().norm()) if g is not None else 0.0
+        gn = float(g.norm())
         wn = model.mean_frobenius_norm()
         if limit is None:
             limit = config.divergence_factor * max(L, 1.0) if math.isfinite(L) else 0.0
@@ -360,25 +367,33 @@ def train(
             break
         if config.probes_at(epoch):
             tp = time.perf_counter()
-            p = hessian_probes(model, probe_data, config.loss, config.exact_max_params)
+            try:
+                p = hessian_probes(model, probe_data, config.loss, config.exact_max_params)
+            except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
+                p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
+                p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             probe_time += time.perf_counter() - tp
             probes.append({"epoch": epoch, "loss": L, "excess": hist["excess"][-1], "grad_norm": gn, **p})
         if epoch == config.epochs:
             final_loss = L
             break
-        if full_batch:
+        if opt is None:
+            with torch.no_grad():
+                w.sub_(g, alpha=config.lr)
+        elif full_batch:
+            w.grad = g
             opt.step()
         else:
             perm = torch.randperm(m, generator=gen)
             for i in range(0, m, config.batch_size):
                 idx = perm[i: i + config.batch_size]
-                loss_and_grad(X[idx], Y[idx])
+                w.grad = loss_and_grad(X[idx], Y[idx])[1]
                 opt.step()
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    opt.zero_grad(set_to_none=True)
+    w.grad = None
     return TrainResult(
         status=status, lr=float(config.lr), epochs=config.epochs, final_loss=final_loss, l_min=lm,
         diverged_epoch=diverged_epoch, history=hist, probes=probes,
@@ -432,6 +447,8 @@ def lr_sweep(
             continue
         res = train(make_model(), data, dataclasses.replace(config, lr=float(lr)), l_min=l_min, probe_data=probe_data)
         if store is not None:
-            store.put(run_key, res.to_dict(max_points))
+            rec = res.to_dict(max_points)
+            store.put(run_key, rec)
+            res = TrainResult.from_dict(rec)  # what a resumed sweep reads back: fresh and resumed runs agree
         runs.append(res)
     return best_run(runs), runs

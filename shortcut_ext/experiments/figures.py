@@ -1,0 +1,253 @@
+"""The paper's figures (PAPER.md section 4) drawn from the sweep rows, as PNG files (matplotlib, Agg).
+
+Bands are the spread over seeds: mean +/- std (geometric for log-scale quantities, see
+:func:`~shortcut_ext.experiments.analysis.aggregate`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .analysis import _finite, aggregate  # noqa: E402
+
+COLORS = {
+    "2-shortcut": "#d62728",
+    "2-shortcut-zero": "#ff7f0e",
+    "1-shortcut": "#2ca02c",
+    "1-shortcut-zero": "#2ca02c",
+    "3-shortcut": "#9467bd",
+    "plain-xavier": "#1f77b4",
+    "plain-orthogonal": "#17becf",
+}
+STYLES = {"2-shortcut-zero": "--", "1-shortcut-zero": "-"}
+
+
+def _color(arch: str) -> str:
+    return COLORS.get(arch, "#7f7f7f")
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _band(ax, agg: list[dict], arch: str, x: str = "depth", label: str | None = None, **match):
+    pts = sorted((r[x], r["mean"], r["lo"], r["hi"]) for r in agg
+                 if r["arch"] == arch and all(r.get(k) == v for k, v in match.items()) and _finite(r["mean"]))
+    if not pts:
+        return
+    a = np.array(pts, dtype=float)
+    ax.plot(a[:, 0], a[:, 1], marker="o", ms=3, color=_color(arch), ls=STYLES.get(arch, "-"), label=label or arch)
+    if len(a) > 1 and np.all(np.isfinite(a[:, 2:])):
+        ax.fill_between(a[:, 0], a[:, 2], a[:, 3], color=_color(arch), alpha=0.18, lw=0)
+
+
+def _depth_axis(ax, rows, key: str = "depth"):
+    """Log x axis with the measured depths as plain tick labels."""
+    depths = sorted({r[key] for r in rows if _finite(r.get(key))})
+    ax.set_xscale("log")
+    if depths:
+        ax.set_xticks(depths)
+        ax.set_xticklabels([str(int(d)) for d in depths], fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def _archs(rows) -> list[str]:
+    order = list(COLORS)
+    present = {r["arch"] for r in rows}
+    return [a for a in order if a in present] + sorted(present - set(order))
+
+
+# --------------------------------------------------------------------------- Figs. 2-3
+def fig_weight_norm(best_rows: list[dict], path, act: str = "linear") -> Path:
+    """Figs. 2-3: mean Frobenius norm of the weights during training (2-shortcut, each depth) and
+    after training vs depth (every shortcut net), at each net's best rate."""
+    rows = [r for r in best_rows if r["act"] == act and r.get("result") is not None]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    depths = sorted({r["depth"] for r in rows if r["arch"] == "2-shortcut"})
+    cmap = plt.get_cmap("viridis")
+    for i, depth in enumerate(depths):
+        hs = [r["result"].history for r in rows if r["arch"] == "2-shortcut" and r["depth"] == depth]
+        hs = [h for h in hs if h.get("epoch")]
+        if not hs:
+            continue
+        n = min(len(h["epoch"]) for h in hs)
+        ep = np.array(hs[0]["epoch"][:n], dtype=float)
+        wn = np.nanmean(np.array([h["weight_norm"][:n] for h in hs], dtype=float), axis=0)
+        a1.plot(ep + 1, wn, color=cmap(i / max(len(depths) - 1, 1)), label=f"depth {depth}")
+    a1.set_xscale("log")
+    a1.set_yscale("log")
+    a1.set_xlabel("epoch + 1")
+    a1.set_ylabel("mean Frobenius norm of W")
+    a1.set_title("Fig. 2: 2-shortcut, during training")
+    a1.legend(fontsize=7)
+    agg = aggregate(rows, ("arch", "depth"), "final_weight_norm", log=True)
+    for arch in _archs(rows):
+        if not arch.startswith("plain"):
+            _band(a2, agg, arch)
+    _depth_axis(a2, rows)
+    a2.set_yscale("log")
+    a2.set_xlabel("depth (weight layers)")
+    a2.set_ylabel("mean Frobenius norm after training")
+    a2.set_title("Fig. 3: after training vs depth")
+    a2.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- Fig. 5
+def fig_init_condition(init_rows: list[dict], path, theory_cond: float | None = None) -> Path:
+    """Fig. 5: condition number of the Hessian at initialisation vs depth."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, value, title in ((axes[0], "cond_q10", "|λ|max / |λ|(0.1) (the paper's measure)"),
+                             (axes[1], "cond", "|λ|max / |λ|min (exact)")):
+        agg = aggregate(init_rows, ("arch", "depth"), value, log=True)
+        for arch in _archs(init_rows):
+            _band(ax, agg, arch)
+        if theory_cond is not None and _finite(theory_cond):
+            ax.axhline(theory_cond, color="k", ls=":", lw=1, label="Theorem 1, 2-shortcut at 0")
+        _depth_axis(ax, init_rows)
+        ax.set_yscale("log")
+        ax.set_xlabel("depth (weight layers)")
+        ax.set_ylabel("condition number at init")
+        ax.set_title("Fig. 5: " + title, fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- Figs. 6-8
+def fig_curvature_vs_loss(probe_rows: list[dict], path, l_min: float | None = None) -> Path:
+    """Figs. 6-7: ``|lambda|max``, ``|lambda|(0.1)`` and their ratio along training, against the loss
+    (x axis reversed: training runs left to right)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    keys = (("lam_max", "Fig. 6: |λ|max"), ("lam_q10", "Fig. 7: |λ|(0.1)"), ("cond_q10", "|λ|max / |λ|(0.1)"))
+    lm = l_min or 0.0
+    for ax, (key, title) in zip(axes, keys):
+        seen = set()
+        for arch in _archs(probe_rows):
+            for seed in sorted({r["seed"] for r in probe_rows if r["arch"] == arch}):
+                rs = sorted((r for r in probe_rows if r["arch"] == arch and r["seed"] == seed), key=lambda r: r["epoch"])
+                pts = [(r["loss"] - lm, r[key]) for r in rs if _finite(r.get(key)) and _finite(r.get("loss"))
+                       and r["loss"] - lm > 0 and r[key] > 0]
+                if not pts:
+                    continue
+                a = np.array(pts)
+                ax.plot(a[:, 0], a[:, 1], marker=".", ms=3, lw=1, color=_color(arch), alpha=0.8,
+                        label=None if arch in seen else arch)
+                seen.add(arch)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("loss - L_min" if l_min is not None else "loss")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def fig_index_gradnorm(probe_rows: list[dict], hist_rows: list[dict], path) -> Path:
+    """Fig. 8: index (fraction of negative Hessian eigenvalues) and gradient norm along training."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for arch in _archs(probe_rows):
+        agg = aggregate([r for r in probe_rows if r["arch"] == arch], ("arch", "epoch"), "index")
+        pts = np.array([(r["epoch"] + 1, r["mean"], r["min"], r["max"]) for r in agg if _finite(r["mean"])], dtype=float)
+        if len(pts):
+            a1.plot(pts[:, 0], pts[:, 1], marker="o", ms=3, color=_color(arch), label=arch)
+            a1.fill_between(pts[:, 0], pts[:, 2], pts[:, 3], color=_color(arch), alpha=0.18, lw=0)
+    allg = []
+    for arch in _archs(hist_rows):  # one line per seed: a transient blow-up of one seed must not hide the rest
+        for i, seed in enumerate(sorted({r["seed"] for r in hist_rows if r["arch"] == arch})):
+            pts = np.array([(r["epoch"] + 1, r["grad_norm"]) for r in hist_rows if r["arch"] == arch
+                            and r["seed"] == seed and _finite(r["grad_norm"]) and r["grad_norm"] > 0], dtype=float)
+            if len(pts):
+                a2.plot(pts[:, 0], pts[:, 1], color=_color(arch), lw=1, alpha=0.8, label=arch if i == 0 else None)
+                allg.append(pts[:, 1])
+    if allg:
+        g = np.concatenate(allg)
+        lo, hi = np.percentile(g, 1), np.percentile(g, 97)
+        if hi > lo > 0:
+            a2.set_ylim(lo / 3, hi * 3)  # robust limits: values beyond the 97th percentile are clipped
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.set_xlabel("epoch + 1")
+        ax.legend(fontsize=7)
+    a1.set_ylabel("index (fraction of negative eigenvalues)")
+    a1.set_title("Fig. 8: index along training", fontsize=9)
+    a2.set_yscale("log")
+    a2.set_ylabel("gradient norm")
+    a2.set_title("Fig. 8: gradient norm along training", fontsize=9)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- Figs. 9-10
+def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | None = None,
+                   act: str = "linear", title: str = "Fig. 9") -> Path:
+    """Figs. 9-10: final loss at the best learning rate vs depth; relative excess; rates."""
+    rows = [r for r in best_rows if r["act"] == act]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    agg = aggregate(rows, ("arch", "depth"), "final_loss")
+    for arch in _archs(rows):
+        _band(axes[0], agg, arch)
+    axes[0].axhline(l_min, color="k", ls=":", lw=1, label="L_min (best linear)")
+    axes[0].set_ylabel("final loss (best rate)")
+    axes[0].set_title(f"{title}: final loss, {act}", fontsize=9)
+    if act == "linear":  # L_min bounds a linear net's loss: show the distance to it
+        ex_rows = [dict(r, excess=(r["final_loss"] - l_min) if _finite(r["final_loss"]) else math.nan) for r in rows]
+        agg_e = aggregate(ex_rows, ("arch", "depth"), "excess", log=True)
+        axes[1].set_ylabel("final loss - L_min")
+        axes[1].set_title(f"{title}: distance to L_min", fontsize=9)
+    else:  # a nonlinear net can go below L_min
+        agg_e = aggregate(rows, ("arch", "depth"), "final_loss", log=True)
+        axes[1].axhline(l_min, color="k", ls=":", lw=1, label="L_min (best linear)")
+        axes[1].set_ylabel("final loss (log scale)")
+        axes[1].set_title(f"{title}: final loss, log scale", fontsize=9)
+    for arch in _archs(rows):
+        _band(axes[1], agg_e, arch)
+    axes[1].set_yscale("log")
+    agg_lr = aggregate(rows, ("arch", "depth"), "best_lr", log=True)
+    agg_st = aggregate(rows, ("arch", "depth"), "max_stable_lr", log=True)
+    for arch in _archs(rows):
+        _band(axes[2], agg_lr, arch, label=f"{arch} best")
+        pts = sorted((r["depth"], r["median"]) for r in agg_st if r["arch"] == arch and _finite(r["median"]))
+        if pts:
+            a = np.array(pts)
+            axes[2].plot(a[:, 0], a[:, 1], ls=":", marker="^", ms=3, color=_color(arch), label=f"{arch} largest stable")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("learning rate")
+    axes[2].set_title(f"{title}: best and largest non-diverging rate", fontsize=9)
+    for ax in axes:
+        _depth_axis(ax, rows)
+        ax.set_xlabel("depth (weight layers)")
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def fig_activations(best_rows: list[dict], path, l_min: float, acts: list[str]) -> Path:
+    """Beyond the paper: final loss at the best rate vs depth for other activations and positions."""
+    acts = [a for a in acts if any(r["act"] == a for r in best_rows)]
+    fig, axes = plt.subplots(1, max(len(acts), 1), figsize=(4.5 * max(len(acts), 1), 4), squeeze=False)
+    for ax, act in zip(axes[0], acts):
+        rows = [r for r in best_rows if r["act"] == act]
+        agg = aggregate(rows, ("arch", "depth"), "final_loss")
+        for arch in _archs(rows):
+            _band(ax, agg, arch)
+        ax.axhline(l_min, color="k", ls=":", lw=1, label="L_min (best linear)")
+        _depth_axis(ax, rows)
+        ax.set_xlabel("depth (weight layers)")
+        ax.set_ylabel("final loss (best rate)")
+        ax.set_title(f"beyond the paper: {act}", fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+__all__ = ["fig_activations", "fig_curvature_vs_loss", "fig_final_loss", "fig_index_gradnorm",
+           "fig_init_condition", "fig_weight_norm"]

@@ -1,0 +1,351 @@
+"""``shortcut-ext reproduce``: the paper's figures 2-3, 5, 6-8, 9 and 10, plus the checks beyond the paper.
+
+    shortcut-ext reproduce --out out/quick                 # QUICK (default): minutes on 2 CPU cores
+    shortcut-ext reproduce --full --out out/full           # every depth up to 1002 layers, 3 seeds, 1000 epochs
+    shortcut-ext reproduce --data mnist ~/mnist --out out/mnist
+    shortcut-ext reproduce --only fig5 --only fig9 --out out/q   # a subset
+
+Writes into ``--out``: ``report.html`` (self-contained), ``figures/*.png``, ``results/*.csv``,
+``results/runs.jsonl`` (every finished run; a rerun with the same ``--out`` resumes and skips them),
+``results/verdicts.json`` and ``results/summary.json``.  A partial run (``--only``) names its report
+and JSON files after its groups (``report_fig5_fig9.html``), so it never overwrites a complete report.
+
+QUICK takes about 5 minutes on 2 shared CPU cores (3 seeds for every point except the activation
+variants, 2); FULL takes hours on CPU and is resumable (rerun the same command after an interruption).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..train import TrainConfig, log_grid
+from . import analysis, figures, report, sweeps
+from .store import RunStore, json_safe
+
+PHASES = ("fig2-3", "fig5", "fig6-8", "fig9", "fig10", "ext")
+
+
+@dataclass
+class ReproConfig:
+    """Sizes of one reproduction.  Depths are weight layers (rounded per net to a multiple of ``n``)."""
+
+    name: str
+    seeds: tuple = (0, 1, 2)
+    lrs: tuple = tuple(log_grid(3.16e-3, 3.16, 2))
+    epochs: int = 1000
+    sweep_archs: tuple = ("2-shortcut", "1-shortcut", "3-shortcut", "plain-xavier", "plain-orthogonal")
+    sweep_depths: tuple = (6, 12, 24, 48)
+    relu_archs: tuple = ("2-shortcut", "plain-xavier", "plain-orthogonal")
+    relu_depths: tuple = (6, 12, 24, 48)
+    relu_epochs: int = 1000
+    ext_acts: tuple = ("tanh-mid", "ssigmoid-mid", "relu-pre")
+    ext_archs: tuple = ("2-shortcut", "plain-orthogonal")
+    ext_depths: tuple = (6, 24)
+    ext_seeds: tuple = (0, 1, 2)
+    init_archs: tuple = ("2-shortcut-zero", "2-shortcut", "plain-xavier", "plain-orthogonal", "1-shortcut-zero",
+                         "3-shortcut")
+    init_depths: tuple = (4, 8, 16)
+    curve_archs: tuple = ("2-shortcut", "plain-xavier", "plain-orthogonal")
+    curve_depth: int = 12
+    curve_epochs: int = 1000
+    curve_probes: int = 16
+    curve_seeds: tuple = (0, 1, 2)
+    exact_max_params: int = 4000
+    dtype: str = "float64"  # linear nets and every Hessian
+    nonlinear_dtype: str = "float32"  # nonlinear sweeps (all samples; final losses only)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+QUICK = ReproConfig(
+    name="quick", seeds=(0, 1, 2), lrs=tuple(log_grid(3.16e-3, 3.16, 2)), epochs=200,
+    sweep_depths=(6, 12, 24, 48), relu_depths=(6, 12, 24, 48), relu_epochs=200,
+    ext_acts=("tanh-mid", "relu-pre"), ext_depths=(6, 12), ext_seeds=(0, 1),
+    init_depths=(4, 8, 16, 24), curve_depth=12, curve_epochs=200, curve_probes=14, curve_seeds=(0, 1, 2),
+)
+FULL = ReproConfig(
+    name="full", seeds=(0, 1, 2), lrs=tuple(log_grid(1e-4, 3.16, 2)), epochs=1000,
+    sweep_depths=(6, 12, 24, 48, 96, 192, 384, 768, 1002), relu_depths=(6, 12, 24, 48, 96, 192, 384),
+    relu_epochs=1000, ext_acts=("tanh-mid", "ssigmoid-mid", "relu-pre", "tanh-pre"),
+    ext_archs=("2-shortcut", "plain-xavier", "plain-orthogonal"), ext_depths=(6, 24, 96), ext_seeds=(0, 1, 2),
+    init_depths=(4, 8, 16, 32, 64), curve_depth=24, curve_epochs=1000, curve_probes=30, curve_seeds=(0, 1, 2),
+    exact_max_params=7000,
+)
+TINY = ReproConfig(  # for tests: synthetic d = 4, seconds
+    name="tiny", seeds=(0, 1), lrs=tuple(log_grid(0.01, 1.0, 2)), epochs=80,
+    sweep_archs=("2-shortcut", "plain-xavier", "plain-orthogonal"), sweep_depths=(2, 4, 8),
+    relu_archs=("2-shortcut", "plain-xavier", "plain-orthogonal"), relu_depths=(2, 8), relu_epochs=80,
+    ext_acts=("tanh-mid",), ext_archs=("2-shortcut", "plain-orthogonal"), ext_depths=(2, 8), ext_seeds=(0,),
+    init_archs=("2-shortcut-zero", "2-shortcut", "plain-xavier", "plain-orthogonal", "1-shortcut-zero"),
+    init_depths=(2, 4, 8), curve_archs=("2-shortcut", "plain-xavier"), curve_depth=4, curve_epochs=80,
+    curve_probes=8, curve_seeds=(0,),
+)
+CONFIGS = {"quick": QUICK, "full": FULL, "tiny": TINY}
+
+EXPECTED = {  # PAPER.md section 4
+    "fig2-3": "mean Frobenius norm of the weights shrinks with depth (during and after training)",
+    "fig5": "2-shortcut flat; Xavier and orthogonal grow, orthogonal slower (also 1- and 3-shortcut)",
+    "fig6-8": "2-shortcut better conditioned, most of all at high loss; its index lower, dropping sharply early, "
+              "with the gradient norm peaking at that moment",
+    "fig9": "2-shortcut stays near L_min at all depths and tolerates larger rates; others degrade",
+    "fig10": "Xavier / orthogonal miss the better optima; 2-shortcut reaches them",
+    "ext": "beyond the paper: the Fig. 10 comparison with tanh, symmetric sigmoid and ReLU at other positions",
+}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = []
+    for r in rows:
+        for k in r:
+            if k != "result" and k not in cols:
+                cols.append(k)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in cols})
+    tmp.replace(path)
+    return path
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "result"} for r in rows]
+
+
+def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: str | None = None,
+        progress: bool = True, log=print) -> dict:
+    """Run the phases ``only`` (default all) of ``cfg`` on ``bundle``; write results, figures, report.
+
+    Returns:
+        ``{"verdicts": [...], "timings": {...}, "report": path, ...}``.
+    """
+    out = Path(out)
+    only = set(only or PHASES)
+    bad = only - set(PHASES)
+    if bad:
+        raise ValueError(f"only must name phases from {PHASES}, got {sorted(bad)}")
+    dtypes = {"float64": torch.float64, "float32": torch.float32}
+    dtype, nl_dtype = dtypes[cfg.dtype], dtypes[cfg.nonlinear_dtype]
+    store = RunStore(out / "results" / "runs.jsonl")
+    figdir, resdir = out / "figures", out / "results"
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    log(f"[reproduce] {cfg.name} on {bundle.tag}: L_min = {bundle.l_min:.6g}, {len(store)} runs already in "
+        f"{store.path}" + (f" ({store.skipped_lines} partial lines skipped)" if store.skipped_lines else ""))
+    sections: list[report.Section] = []
+    train_cfg = TrainConfig(epochs=cfg.epochs, optimizer="gd", exact_max_params=cfg.exact_max_params)
+    square = bundle.out_features == bundle.width
+
+    # ---- Fig. 9 (and the runs behind Figs. 2-3): linear nets, learning-rate sweep per depth
+    best_lin, runs_lin = [], []
+    if only & {"fig9", "fig2-3"}:
+        t = time.perf_counter()
+        runs_lin, best_lin = sweeps.run_lr_sweeps(bundle, cfg.sweep_archs, ["linear"], cfg.sweep_depths, cfg.seeds,
+                                                  cfg.lrs, train_cfg, store, dtype, backend,
+                                                  desc="Fig. 9 linear sweep", progress=progress)
+        timings["fig9 linear sweep"] = time.perf_counter() - t
+        _write_csv(resdir / "fig9_runs.csv", runs_lin)
+        _write_csv(resdir / "fig9_best.csv", best_lin)
+    if "fig2-3" in only and best_lin:
+        p = figures.fig_weight_norm(best_lin, figdir / "fig2_3_weight_norm.png")
+        sections.append(report.Section("fig2-3", "Figs. 2-3: mean Frobenius norm of the weights vs depth",
+                                       EXPECTED["fig2-3"], [p],
+                                       analysis.verdict_weight_norm(best_lin, "linear", bundle.l_min, bundle.l_zero)))
+    if "fig9" in only and best_lin:
+        p = figures.fig_final_loss(best_lin, figdir / "fig9_final_loss_linear.png", bundle.l_min, bundle.l_zero,
+                                   "linear", "Fig. 9")
+        sections.append(report.Section(
+            "fig9", "Fig. 9: final loss at the best learning rate vs depth, linear nets", EXPECTED["fig9"], [p],
+            analysis.verdict_final_loss_linear(best_lin, bundle.l_min, bundle.l_zero),
+            {"best rate per net (seed rows)": _strip(best_lin)},
+            notes="Linear nets train on the second-moment compression of the data (same loss function of the "
+                  "weights, so the same gradient-descent trajectory)."))
+
+    # ---- Fig. 5: Hessian at initialisation vs depth
+    if "fig5" in only:
+        t = time.perf_counter()
+        init_rows = sweeps.run_init_probes(bundle, cfg.init_archs, cfg.init_depths, cfg.seeds, store,
+                                           cfg.exact_max_params, dtype, progress=progress)
+        timings["fig5 Hessians at init"] = time.perf_counter() - t
+        theory = bundle.theory_cond_2shortcut() if square else None
+        _write_csv(resdir / "fig5_init_condition.csv", init_rows)
+        p = figures.fig_init_condition(init_rows, figdir / "fig5_condition_at_init.png", theory)
+        sections.append(report.Section(
+            "fig5", "Fig. 5: condition number of the Hessian at initialisation vs depth", EXPECTED["fig5"], [p],
+            analysis.verdict_init_condition(init_rows, theory), {"Hessian probes at init": init_rows},
+            notes="2-shortcut-zero: all weights 0; 2-shortcut / 3-shortcut / 1-shortcut: Xavier x 0.01 "
+                  "(the paper's small perturbation); 1-shortcut-zero: V = I + W at W = 0. Exact dense Hessians."))
+
+    # ---- Figs. 6-8: Hessian along training at each net's best rate
+    if "fig6-8" in only:
+        t = time.perf_counter()
+        # the best rates come from the same sweep as Fig. 9 (shared run keys: no duplicate work)
+        runs_c, best_c = sweeps.run_lr_sweeps(bundle, cfg.curve_archs, ["linear"], [cfg.curve_depth], cfg.curve_seeds,
+                                         cfg.lrs, dataclasses.replace(train_cfg, epochs=cfg.curve_epochs), store,
+                                         dtype, backend, desc="Figs. 6-8 rates", progress=progress)
+        lrs = {}
+        for arch, depth in {(r["arch"], r["depth"]) for r in best_c}:
+            lr = sweeps.best_lr_by_arch(runs_c, "linear", depth).get(arch)
+            if lr is not None:
+                lrs[arch] = lr
+        ccfg = TrainConfig(epochs=cfg.curve_epochs, exact_max_params=cfg.exact_max_params,
+                           probe_epochs=sweeps.log_probe_epochs(cfg.curve_epochs, cfg.curve_probes))
+        probe_rows, hist_rows = sweeps.run_probe_curves(bundle, cfg.curve_archs, "linear", cfg.curve_depth,
+                                                        cfg.curve_seeds, lrs, ccfg, store, dtype, backend,
+                                                        progress=progress)
+        timings["fig6-8 Hessians along training"] = time.perf_counter() - t
+        _write_csv(resdir / "fig6_8_probes.csv", probe_rows)
+        _write_csv(resdir / "fig6_8_history.csv", hist_rows)
+        p1 = figures.fig_curvature_vs_loss(probe_rows, figdir / "fig6_7_curvature_vs_loss.png", bundle.l_min)
+        p2 = figures.fig_index_gradnorm(probe_rows, hist_rows, figdir / "fig8_index_gradnorm.png")
+        sections.append(report.Section(
+            "fig6-8", f"Figs. 6-8: Hessian along training (depth {cfg.curve_depth}, linear, best rate per net)",
+            EXPECTED["fig6-8"], [p1, p2],
+            analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows),
+            {"learning rates": [{"arch": a, "lr": v} for a, v in lrs.items()]},
+            notes="Exact Hessians at log-spaced epochs; runs compared at the same epochs."))
+
+    # ---- Fig. 10: ReLU at mid positions
+    best_relu = []
+    if "fig10" in only:
+        t = time.perf_counter()
+        runs_relu, best_relu = sweeps.run_lr_sweeps(bundle, cfg.relu_archs, ["relu-mid"], cfg.relu_depths, cfg.seeds,
+                                                     cfg.lrs, dataclasses.replace(train_cfg, epochs=cfg.relu_epochs),
+                                                     store, nl_dtype, backend, desc="Fig. 10 ReLU sweep",
+                                                     progress=progress)
+        timings["fig10 ReLU sweep"] = time.perf_counter() - t
+        _write_csv(resdir / "fig10_runs.csv", runs_relu)
+        _write_csv(resdir / "fig10_best.csv", best_relu)
+        p = figures.fig_final_loss(best_relu, figdir / "fig10_final_loss_relu.png", bundle.l_min, bundle.l_zero,
+                                   "relu-mid", "Fig. 10")
+        sections.append(report.Section(
+            "fig10", "Fig. 10: final loss at the best rate vs depth, ReLU at mid positions", EXPECTED["fig10"], [p],
+            analysis.verdict_final_loss_nonlinear(best_relu, bundle.l_min, "relu-mid", "Fig. 10"),
+            {"best rate per net (seed rows)": _strip(best_relu)}))
+
+    # ---- beyond the paper: other activations and positions
+    if "ext" in only and cfg.ext_acts:
+        t = time.perf_counter()
+        runs_ext, best_ext = sweeps.run_lr_sweeps(bundle, cfg.ext_archs, cfg.ext_acts, cfg.ext_depths, cfg.ext_seeds,
+                                                  cfg.lrs, dataclasses.replace(train_cfg, epochs=cfg.relu_epochs),
+                                                  store, nl_dtype, backend, desc="activations sweep", progress=progress)
+        timings["ext activations sweep"] = time.perf_counter() - t
+        _write_csv(resdir / "ext_runs.csv", runs_ext)
+        _write_csv(resdir / "ext_best.csv", best_ext)
+        p = figures.fig_activations(best_ext, figdir / "ext_activations.png", bundle.l_min, list(cfg.ext_acts))
+        vs = []
+        for act in cfg.ext_acts:
+            vs += analysis.verdict_final_loss_nonlinear(best_ext, bundle.l_min, act, f"beyond ({act})")
+        sections.append(report.Section(
+            "ext", "Beyond the paper: tanh, symmetric sigmoid, ReLU at pre positions", EXPECTED["ext"], [p], vs,
+            {"best rate per net (seed rows)": _strip(best_ext)},
+            notes="A plain net has one activation, between layers: for a '-pre' variant it is the same plain net "
+                  "as for '-mid'. A '-pre' shortcut net applies the activation to the unit's input inside the "
+                  "branch only (h + W2 W1 s(h)); the shortcut stays linear."))
+
+    timings["total"] = time.perf_counter() - t_all
+    sections.sort(key=lambda s: PHASES.index(s.key))
+    verdicts = [v for s in sections for v in s.verdicts]
+    # a partial run (--only) must not overwrite the report of a complete one
+    suffix = "" if only == set(PHASES) else "_" + "_".join(p for p in PHASES if p in only)
+    env = report.environment()
+    env["backend_requested"] = backend or "default (fused where built)"
+    conf = {"config": cfg.to_dict(), "data": bundle.tag, "L_min": bundle.l_min, "L_zero": bundle.l_zero,
+            "phases": sorted(only), "samples": int(bundle.X.shape[0]), "width": bundle.width}
+    resdir.mkdir(parents=True, exist_ok=True)
+    (resdir / f"verdicts{suffix}.json").write_text(json.dumps(json_safe(analysis.verdict_table(verdicts)), indent=1))
+    summary = {"config": conf, "environment": env, "timings": timings,
+               "verdicts": analysis.verdict_table(verdicts)}
+    (resdir / f"summary{suffix}.json").write_text(json.dumps(json_safe(summary), indent=1, default=str))
+    rep = report.write_report(
+        out / f"report{suffix}.html", f"Demystifying ResNet (Li et al., arXiv:1611.01186): {cfg.name} reproduction",
+        sections, conf, env, timings,
+        intro=(f"Data: {bundle.tag} ({bundle.X.shape[0]} samples, inputs in R^{bundle.width}, targets in "
+               f"R^{bundle.out_features}); L_min = {bundle.l_min:.6g}. Full-batch gradient descent, the best "
+               f"rate of a log grid per net; bands: spread over seeds."))
+    for v in verdicts:
+        mark = {True: "holds", False: "DOES NOT HOLD", None: "n/a"}[v.holds]
+        log(f"[reproduce] {v.figure}: {v.claim}: {mark} ({v.measured[:160]})")
+    log(f"[reproduce] total {timings['total']:.1f} s; report: {rep}")
+    return {"verdicts": verdicts, "timings": timings, "report": rep, "sections": sections, "store": store}
+
+
+# --------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("reproduce", help="reproduce the paper's figures (HTML report, PNG, CSV/JSON)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="size", action="store_const", const="quick",
+                      help="small depths and epochs, minutes on 2 CPU cores (default)")
+    size.add_argument("--full", dest="size", action="store_const", const="full",
+                      help="the paper's scale and beyond: 1000 epochs, depths up to 1002 layers (hours on CPU)")
+    size.add_argument("--tiny", dest="size", action="store_const", const="tiny", help=argparse.SUPPRESS)
+    p.set_defaults(size="quick")
+    p.add_argument("--data", nargs="+", default=["digits"], metavar="KIND",
+                   help="digits (bundled, default) | synthetic | mnist PATH (folder of IDX files or .npz)")
+    p.add_argument("--samples", type=int, default=None, help="use a seeded subset of this many samples")
+    p.add_argument("--out", required=True, help="output folder (a rerun with the same folder resumes)")
+    p.add_argument("--only", action="append", choices=PHASES, help="run only these figure groups (repeatable)")
+    p.add_argument("--backend", choices=("fused", "torch"), default=None,
+                   help="stack backend (default: fused where built, else torch)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the config)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the sweeps run many tiny nets, for which threads "
+                        "cost more than they give, most of all on shared cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+
+
+def _parse_data(values: list[str]) -> tuple[str, str | None]:
+    kind = values[0]
+    if kind == "mnist":
+        if len(values) != 2:
+            raise SystemExit("--data mnist needs a PATH: --data mnist ~/mnist")
+        return kind, values[1]
+    if kind not in ("digits", "synthetic") or len(values) != 1:
+        raise SystemExit(f"--data must be 'digits', 'synthetic' or 'mnist PATH', got {' '.join(values)!r}")
+    return kind, None
+
+
+def main(args) -> int:
+    cfg = CONFIGS[args.size]
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+        s = tuple(range(args.seeds))
+        cfg = dataclasses.replace(cfg, seeds=s, ext_seeds=s, curve_seeds=s)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    kind, path = _parse_data(args.data)
+    d = 4 if args.size == "tiny" else 10
+    samples = args.samples if args.samples is not None else (96 if args.size == "tiny" else None)
+    cap = None
+    if kind == "mnist" and args.samples is None and args.size != "full":
+        cap = 10000  # the nonlinear sweeps cost time in proportion to the samples (linear nets do not)
+        print(f"[reproduce] --{args.size} on MNIST uses at most {cap} training images, a seeded subset "
+              "(--samples N to change; --full uses all)")
+    bundle = sweeps.load_data(kind, path, d=d, samples=samples if kind != "mnist" or args.size != "tiny" else None,
+                              dtype=torch.float64, max_samples=cap)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress)
+    finally:
+        torch.set_num_threads(threads)
+    n_bad = sum(v.holds is False for v in res["verdicts"])
+    print(f"{len(res['verdicts']) - n_bad} of {len(res['verdicts'])} checks hold or are informational; "
+          f"{n_bad} do not. Report: {res['report']}")
+    return 0
+
+
+__all__ = ["CONFIGS", "FULL", "PHASES", "QUICK", "TINY", "ReproConfig", "add_parser", "main", "run"]

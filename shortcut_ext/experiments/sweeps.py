@@ -1,0 +1,371 @@
+"""The experiments of PAPER.md section 4 as resumable sweeps over architectures, depths and seeds.
+
+Names used throughout the reproduction:
+
+- architectures (:data:`ARCHS`): ``2-shortcut`` (the paper's zero init with a small perturbation),
+  ``2-shortcut-zero``, ``1-shortcut``, ``1-shortcut-zero``, ``3-shortcut``, ``plain-xavier``,
+  ``plain-orthogonal``;
+- activation variants (:data:`ACT_VARIANTS`): ``linear``, ``relu-mid`` (the paper's nonlinear
+  runs), and beyond the paper ``relu-pre``, ``tanh-mid``, ``ssigmoid-mid``, ``tanh-pre``.  A plain
+  net has one activation between layers: the variant's non-identity one.
+
+Linear nets train and are probed on :func:`~shortcut_ext.data.second_moment_compress` of the data:
+the loss as a function of the weights is *the same function* (PAPER.md section 1: it depends on the
+data only through ``S_xx``, ``S_yx``, ``S_yy``), so gradient descent follows the same trajectory and
+the Hessian is the same, at ``d + q`` rows instead of ``m`` **(ours)**.  Nonlinear nets use all rows.
+
+Every run is saved in a :class:`~shortcut_ext.experiments.store.RunStore` under a readable key
+built from everything that determines it; a rerun with the same output folder skips finished runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .. import data as data_mod
+from ..models import PlainNet, ShortcutNet
+from ..train import TrainConfig, TrainResult, hessian_probes, lr_sweep, train
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A network family: ``shortcut`` = layers skipped per shortcut (0: plain net) and its init."""
+
+    name: str
+    shortcut: int
+    init: str
+    scale: float = 0.01
+
+    @property
+    def plain(self) -> bool:
+        return self.shortcut == 0
+
+    def valid_depth(self, depth: int) -> int:
+        """The depth nearest ``depth`` that this family can have (a multiple of ``n``, at least ``n``)."""
+        n = max(self.shortcut, 1)
+        return n * max(1, int(round(depth / n)))
+
+
+ARCHS = {a.name: a for a in (
+    Arch("2-shortcut", 2, "small"),
+    Arch("2-shortcut-zero", 2, "zero"),
+    Arch("1-shortcut", 1, "small"),
+    Arch("1-shortcut-zero", 1, "zero"),
+    Arch("3-shortcut", 3, "small"),
+    Arch("plain-xavier", 0, "xavier"),
+    Arch("plain-orthogonal", 0, "orthogonal"),
+)}
+
+ACT_VARIANTS = {  # (pre, mid, post)
+    "linear": ("identity", "identity", "identity"),
+    "relu-mid": ("identity", "relu", "identity"),
+    "relu-pre": ("relu", "identity", "identity"),
+    "tanh-mid": ("identity", "tanh", "identity"),
+    "tanh-pre": ("tanh", "identity", "identity"),
+    "ssigmoid-mid": ("identity", "ssigmoid", "identity"),
+}
+
+
+def check_arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {name!r}")
+    return ARCHS[name]
+
+
+def check_act(name: str) -> tuple[str, str, str]:
+    if name not in ACT_VARIANTS:
+        raise ValueError(f"act must be one of {sorted(ACT_VARIANTS)}, got {name!r}")
+    return ACT_VARIANTS[name]
+
+
+def arch_supports(arch: str, act: str) -> bool:
+    """False where the variant would silently be linear (``mid`` activations need ``n >= 2``)."""
+    a, (pre, mid, _) = check_arch(arch), check_act(act)
+    return not (a.shortcut == 1 and mid != "identity" and pre == "identity")
+
+
+def build_model(arch: str, act: str, depth: int, width: int, seed: int = 0, dtype=torch.float64,
+                backend: str | None = None, in_features: int | None = None, out_features: int | None = None):
+    """The network ``arch`` with activation variant ``act`` and ``depth`` weight layers."""
+    a = check_arch(arch)
+    pre, mid, post = check_act(act)
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    depth = int(depth)
+    kw = dict(seed=int(seed), dtype=dtype, backend=backend, in_features=in_features, out_features=out_features)
+    if a.plain:
+        act1 = mid if mid != "identity" else pre
+        return PlainNet(width, depth, activation=act1, init=a.init, scale=a.scale, **kw)
+    if depth % a.shortcut:
+        raise ValueError(f"depth of a {a.name} net must be a multiple of {a.shortcut}, got {depth}")
+    return ShortcutNet(width, depth // a.shortcut, a.shortcut, pre=pre, mid=mid, post=post, init=a.init,
+                       scale=a.scale, **kw)
+
+
+def seeds_for(arch: str, seeds: Sequence[int]) -> list[int]:
+    """Zero initialisations do not depend on the seed: one seed is enough."""
+    return [seeds[0]] if check_arch(arch).init == "zero" else list(seeds)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DataBundle:
+    """The prepared data of a reproduction and the constants its figures are stated against.
+
+    Attributes:
+        tag: names the data in run keys (runs on other data never mix).
+        X, Y: ``[m, d]``, ``[m, q]``.
+        Xc, Yc: :func:`~shortcut_ext.data.second_moment_compress` of ``(X, Y)`` (linear nets).
+        l_min: best linear loss ``L_min``; l_zero: loss of the zero map ``||Y||^2 / (2m)``.
+    """
+
+    tag: str
+    X: torch.Tensor
+    Y: torch.Tensor
+    Xc: torch.Tensor
+    Yc: torch.Tensor
+    l_min: float
+    l_zero: float
+
+    @classmethod
+    def from_xy(cls, tag: str, X: torch.Tensor, Y: torch.Tensor) -> "DataBundle":
+        Xc, Yc = data_mod.second_moment_compress(X, Y)
+        return cls(tag, X, Y, Xc, Yc, data_mod.best_linear_loss(X, Y), float(0.5 * (Y.double() ** 2).sum() / Y.shape[0]))
+
+    @property
+    def width(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.Y.shape[1]
+
+    def for_act(self, act: str):
+        """The rows a net of variant ``act`` trains on: compressed for linear nets, all otherwise."""
+        return (self.Xc, self.Yc) if act == "linear" else (self.X, self.Y)
+
+    def m_matrix(self) -> torch.Tensor:
+        """``M = S_xx - S_yx`` of Theorem 1 (linear, ``n = 2``), ``[d, d]``; needs ``q == d``."""
+        X, Y = self.X.double(), self.Y.double()
+        m = X.shape[0]
+        return (X.T @ X - Y.T @ X) / m
+
+    def theory_cond_2shortcut(self) -> float:
+        """``sigma_max(M) / sigma_min(M)``: Theorem 1's condition number of a 2-shortcut linear net at
+        zero, for any number of units."""
+        s = torch.linalg.svdvals(self.m_matrix())
+        return float(s.max() / s.min()) if s.min() > 0 else math.inf
+
+    def theory_spectrum_2shortcut(self, units: int) -> np.ndarray:
+        """All ``2 d^2 R`` Hessian eigenvalues at zero of a linear 2-shortcut net: ``± sigma_i(M)``,
+        each ``d`` times per unit (Theorem 1)."""
+        s = torch.linalg.svdvals(self.m_matrix()).numpy()
+        d = self.width
+        return np.concatenate([np.repeat(s, d * units), -np.repeat(s, d * units)])
+
+
+def load_data(kind: str = "digits", path=None, d: int = 10, samples: int | None = None, seed: int = 0,
+              dtype=torch.float64, noise: float = 0.1, max_samples: int | None = None) -> DataBundle:
+    """``kind``: ``"digits"`` (bundled), ``"synthetic"`` (linear teacher) or ``"mnist"`` (needs ``path``).
+
+    ``samples``: a seeded subset of that size; ``max_samples`` (MNIST): a subset only if there are more.
+    """
+    if kind == "digits":
+        X, Y = data_mod.digits(d=d, seed=seed, m=samples, dtype=dtype)
+        tag = f"digits(d={d},m={samples or 'all'},seed={seed if samples else 0})"
+    elif kind == "synthetic":
+        m = samples or 1000
+        X, Y = data_mod.synthetic_teacher(m, d, seed=seed, noise=noise, dtype=dtype)
+        tag = f"synthetic(m={m},d={d},noise={noise},seed={seed})"
+    elif kind == "mnist":
+        if path is None:
+            raise ValueError("kind='mnist' needs path (a folder of IDX files or an .npz file)")
+        X, Y = data_mod.mnist(path, d=d, m=samples, seed=seed, dtype=dtype, max_m=max_samples)
+        m = X.shape[0]
+        tag = f"mnist({Path(path).expanduser().resolve()},d={d},m={m},seed={seed if (samples or max_samples) else 0})"
+    else:
+        raise ValueError(f"data kind must be 'digits', 'synthetic' or 'mnist', got {kind!r}")
+    return DataBundle.from_xy(tag, X, Y)
+
+
+# --------------------------------------------------------------------------- run keys
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def group_key(kind: str, bundle: DataBundle, arch: str, act: str, depth: int, seed: int, cfg: TrainConfig,
+              dtype) -> str:
+    """Readable key of a run group: everything that determines the runs except the learning rate."""
+    probe = "" if cfg.probe_epochs is None and not cfg.probe_every else (
+        f"|probes={list(cfg.probe_epochs) if cfg.probe_epochs is not None else cfg.probe_every}"
+        f"|exact<={cfg.exact_max_params}")
+    return (f"{kind}|{bundle.tag}|{arch}|{act}|depth={depth}|seed={seed}|{cfg.optimizer}|epochs={cfg.epochs}"
+            f"|{_dtype_name(dtype)}{probe}")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=True)
+
+
+# --------------------------------------------------------------------------- phases
+def run_lr_sweeps(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str], depths: Iterable[int],
+                  seeds: Sequence[int], lrs: Sequence[float], cfg: TrainConfig, store, dtype=torch.float64,
+                  backend: str | None = None, desc: str = "sweep", progress: bool = True):
+    """Learning-rate sweeps (the paper's Figs. 9-10): for each (arch, act, depth, seed), every rate.
+
+    Returns:
+        ``(runs, best)``: one row per run (no history), and one row per group with the best rate's
+        numbers plus its ``result`` (:class:`~shortcut_ext.train.TrainResult`, with history).
+    """
+    groups = []
+    for act in acts:
+        for arch in archs:
+            if not arch_supports(arch, act):
+                continue
+            a = check_arch(arch)
+            for depth in sorted({a.valid_depth(x) for x in depths}):
+                for seed in seeds_for(arch, seeds):
+                    groups.append((arch, act, depth, seed))
+    runs, best = [], []
+    for arch, act, depth, seed in _progress(groups, len(groups), desc, progress):
+        key = group_key("sweep", bundle, arch, act, depth, seed, cfg, dtype)
+        make = lambda: build_model(arch, act, depth, bundle.width, seed, dtype, backend,  # noqa: E731
+                                   out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+        data = tuple(t.to(dtype) for t in bundle.for_act(act))
+        b, results = lr_sweep(make, data, lrs, cfg, l_min=bundle.l_min, store=store, key=key)
+        base = {"arch": arch, "act": act, "depth": depth, "seed": seed}
+        stable = [r.lr for r in results if r.status == "ok"]
+        for r in results:
+            runs.append({**base, "lr": r.lr, "status": r.status, "final_loss": r.final_loss,
+                         "final_excess": r.final_excess, "final_weight_norm": r.final_weight_norm,
+                         "diverged_epoch": r.diverged_epoch, "seconds": r.seconds, "is_best": r is b})
+        best.append({**base, "best_lr": b.lr if b else math.nan,
+                     "final_loss": b.final_loss if b else math.inf,
+                     "final_excess": b.final_excess if b else math.inf,
+                     "final_weight_norm": b.final_weight_norm if b else math.nan,
+                     "max_stable_lr": max(stable) if stable else math.nan,
+                     "num_diverged": sum(r.status == "diverged" for r in results),
+                     "result": b})
+    return runs, best
+
+
+def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[int], seeds: Sequence[int], store,
+                    exact_max_params: int = 4000, dtype=torch.float64, act: str = "linear",
+                    desc: str = "Hessian at init", progress: bool = True) -> list[dict]:
+    """Hessian probes at initialisation (the paper's Fig. 5): one row per (arch, depth, seed)."""
+    jobs = []
+    for arch in archs:
+        if not arch_supports(arch, act):
+            continue
+        a = check_arch(arch)
+        for depth in sorted({a.valid_depth(x) for x in depths}):
+            for seed in seeds_for(arch, seeds):
+                jobs.append((arch, depth, seed))
+    rows = []
+    data = tuple(t.to(dtype) for t in bundle.for_act(act))
+    for arch, depth, seed in _progress(jobs, len(jobs), desc, progress):
+        key = f"init|{bundle.tag}|{arch}|{act}|depth={depth}|seed={seed}|{_dtype_name(dtype)}|exact<={exact_max_params}"
+        rec = store.get(key)
+        if rec is None:
+            net = build_model(arch, act, depth, bundle.width, seed, dtype, backend=None,
+                              out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+            rec = dict(hessian_probes(net, data, "mse", exact_max_params=exact_max_params))
+            rec["num_params"] = net.num_parameters()
+            store.put(key, rec)
+            rec = store.get(key)  # as stored (strict JSON), so that fresh and resumed rows agree
+        rows.append({"arch": arch, "act": act, "depth": depth, "seed": seed,
+                     **{k: (math.nan if rec.get(k) is None and k != "method" else rec.get(k))
+                        for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10", "method", "num_params")}})
+    return rows
+
+
+def best_lr_by_arch(run_rows: list[dict], act: str, depth: int) -> dict:
+    """Per arch at ``depth``: the rate whose final loss, averaged over seeds, is lowest (a rate that
+    diverged for any seed counts as infinite)."""
+    per: dict[str, dict[float, list]] = {}
+    for r in run_rows:
+        if r["act"] == act and r["depth"] == depth:
+            per.setdefault(r["arch"], {}).setdefault(r["lr"], []).append(r["final_loss"])
+    out = {}
+    for arch, by_lr in per.items():
+        mean = {lr: float(np.mean(v)) if all(math.isfinite(x) for x in v) else math.inf for lr, v in by_lr.items()}
+        lr = min(mean, key=lambda k: (mean[k], k))
+        if math.isfinite(mean[lr]):
+            out[arch] = lr
+    return out
+
+
+def log_probe_epochs(epochs: int, count: int) -> list[int]:
+    """``count`` probe epochs, log-spaced in ``[1, epochs]`` plus epoch 0 (dense early, where the
+    paper's Fig. 8 index drops)."""
+    if epochs <= 0:
+        return [0]
+    e = np.unique(np.round(np.geomspace(1, epochs, max(count - 1, 1))).astype(int))
+    return [0] + [int(x) for x in e]
+
+
+def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: int, seeds: Sequence[int],
+                     lrs: dict, cfg: TrainConfig, store, dtype=torch.float64, backend: str | None = None,
+                     desc: str = "Hessian along training", progress: bool = True):
+    """Training with Hessian probes (the paper's Figs. 6-8), each arch at its rate ``lrs[arch]``.
+
+    Returns:
+        ``(probe_rows, history_rows)``: per probe (epoch, loss, curvature numbers) and per recorded
+        epoch (loss, gradient norm, weight norm).
+    """
+    jobs = []
+    for arch in archs:
+        if arch not in lrs or not arch_supports(arch, act):
+            continue
+        d = check_arch(arch).valid_depth(depth)
+        for seed in seeds_for(arch, seeds):
+            jobs.append((arch, d, seed))
+    probe_rows, hist_rows = [], []
+    for arch, d, seed in _progress(jobs, len(jobs), desc, progress):
+        c = dataclasses.replace(cfg, lr=float(lrs[arch]))
+        key = group_key("curve", bundle, arch, act, d, seed, c, dtype) + f"|lr={c.lr:.6g}"
+        rec = store.get(key)
+        if rec is None:
+            net = build_model(arch, act, d, bundle.width, seed, dtype, backend,
+                              out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+            res = train(net, tuple(t.to(dtype) for t in bundle.for_act(act)), c, l_min=bundle.l_min)
+            rec = res.to_dict(max_points=1000)
+            store.put(key, rec)
+        res = TrainResult.from_dict(rec)
+        base = {"arch": arch, "act": act, "depth": d, "seed": seed, "lr": c.lr, "status": res.status}
+        for p in res.probes:
+            probe_rows.append({**base, **{k: p.get(k) for k in ("epoch", "loss", "excess", "grad_norm", "lam_max",
+                                                                  "lam_q10", "index", "cond", "cond_q10", "method")}})
+        h = res.history
+        for i in range(len(h.get("epoch", []))):
+            hist_rows.append({**base, "epoch": h["epoch"][i], "loss": h["loss"][i], "excess": h["excess"][i],
+                              "grad_norm": h["grad_norm"][i], "weight_norm": h["weight_norm"][i]})
+    return probe_rows, hist_rows
+
+
+__all__ = [
+    "ACT_VARIANTS",
+    "ARCHS",
+    "Arch",
+    "DataBundle",
+    "arch_supports",
+    "best_lr_by_arch",
+    "build_model",
+    "group_key",
+    "load_data",
+    "log_probe_epochs",
+    "run_init_probes",
+    "run_lr_sweeps",
+    "run_probe_curves",
+    "seeds_for",
+]

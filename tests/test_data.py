@@ -1,0 +1,238 @@
+"""Data preparation (PAPER.md section 4): synthetic teacher, digits / MNIST whitening, L_min, compression."""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from shortcut_ext.data import (best_linear_loss, digits, mnist, prepare_classification, read_idx,
+                               second_moment_compress, synthetic_teacher)
+from shortcut_ext.models import ShortcutNet
+from shortcut_ext.reference import loss_fn
+
+
+# --------------------------------------------------------------------------- synthetic
+def test_synthetic_shapes_seed_and_identity_teacher():
+    X, Y = synthetic_teacher(7, 3, seed=1)
+    assert X.shape == (7, 3) and Y.shape == (7, 3) and X.dtype == torch.float64
+    X2, Y2 = synthetic_teacher(7, 3, seed=1)
+    assert torch.equal(X, X2) and torch.equal(Y, Y2)
+    assert not torch.equal(X, synthetic_teacher(7, 3, seed=2)[0])
+    X, Y = synthetic_teacher(5, 3, teacher=np.eye(3))
+    assert torch.equal(X, Y)
+    T = np.arange(6.0).reshape(2, 3)
+    X, Y = synthetic_teacher(4, 3, teacher=T, dtype=torch.float32)
+    assert Y.shape == (4, 2) and Y.dtype == torch.float32
+    torch.testing.assert_close(Y, X @ torch.as_tensor(T, dtype=torch.float32).T)
+
+
+def test_synthetic_covariance_and_noise():
+    cov = np.array([[4.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])  # singular is allowed
+    X, Y = synthetic_teacher(40000, 3, seed=0, cov=cov, noise=0.5, teacher=np.eye(3))
+    S = (X.T @ X / X.shape[0]).numpy()
+    np.testing.assert_allclose(S, cov, atol=0.08)
+    noise_var = ((Y - X) ** 2).mean().item()
+    assert abs(noise_var - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cov=np.eye(2)), "cov must have shape"),
+    (dict(cov=np.array([[1.0, 2.0, 0], [0, 1.0, 0], [0, 0, 1.0]])), "symmetric"),
+    (dict(cov=-np.eye(3)), "positive semi-definite"),
+    (dict(teacher=np.eye(2)), "teacher must have shape"),
+    (dict(noise=-1.0), "noise"),
+])
+def test_synthetic_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        synthetic_teacher(5, 3, **kwargs)
+
+
+def test_synthetic_bad_sizes():
+    with pytest.raises(ValueError, match="m must be"):
+        synthetic_teacher(0, 3)
+    with pytest.raises(TypeError, match="dtype"):
+        synthetic_teacher(3, 3, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- digits
+def _check_prepared(X, Y, m, d, classes=10):
+    assert X.shape == (m, d) and Y.shape == (m, classes)
+    torch.testing.assert_close(X.T @ X / m, torch.eye(d, dtype=X.dtype), atol=1e-10, rtol=0)
+    torch.testing.assert_close(X.mean(0), torch.zeros(d, dtype=X.dtype), atol=1e-12, rtol=0)
+    assert set(torch.unique(Y).tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(Y.sum(1), torch.ones(m, dtype=Y.dtype))
+
+
+def test_digits_whitened_top10_one_hot():
+    from sklearn.datasets import load_digits
+
+    X, Y = digits()
+    _check_prepared(X, Y, 1797, 10)
+    assert torch.equal(Y.argmax(1), torch.as_tensor(load_digits().target))
+    # the 10 leading principal components: their span holds more variance than any other 10 directions
+    raw = load_digits().data
+    raw = raw - raw.mean(0)
+    e = np.linalg.eigvalsh(raw.T @ raw / raw.shape[0])[::-1]
+    proj = raw @ np.linalg.lstsq(raw, X.numpy(), rcond=None)[0]  # X is a linear image of the centred data
+    np.testing.assert_allclose(proj, X.numpy(), atol=1e-8)
+    Q = np.linalg.qr(np.linalg.lstsq(raw, X.numpy(), rcond=None)[0])[0]
+    captured = np.trace(Q.T @ (raw.T @ raw / raw.shape[0]) @ Q)
+    np.testing.assert_allclose(captured, e[:10].sum(), rtol=1e-8)
+
+
+def test_digits_subsample_and_dims():
+    X, Y = digits(d=5, m=300, seed=3)
+    _check_prepared(X, Y, 300, 5)
+    X2, _ = digits(d=5, m=300, seed=3)
+    assert torch.equal(X, X2)
+    with pytest.raises(ValueError, match="m must be <="):
+        digits(m=5000)
+    with pytest.raises(ValueError, match="d must be <="):
+        digits(d=65)
+
+
+def test_prepare_classification_errors():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(20, 6))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        prepare_classification(img, np.zeros(19, int), d=3)
+    with pytest.raises(ValueError, match="only 2 principal components"):
+        prepare_classification(np.repeat(img[:, :2], 3, axis=1), np.zeros(20, int), d=3)
+    with pytest.raises(ValueError, match="< num_classes"):
+        prepare_classification(img, np.full(20, 7), d=3, num_classes=5)
+    with pytest.raises(ValueError, match="more samples than components"):
+        prepare_classification(img[:3], np.zeros(3, int), d=3)
+
+
+# --------------------------------------------------------------------------- MNIST files
+def _idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
+    header = bytes([0, 0, code, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def _fake_mnist(m=60, side=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(m, side, side), dtype=np.uint8), rng.integers(0, 10, size=m, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_folder(tmp_path, gz):
+    img, lab = _fake_mnist()
+    for name, arr in (("train-images-idx3-ubyte", img), ("train-labels-idx1-ubyte", lab)):
+        raw = _idx_bytes(arr)
+        if gz:
+            (tmp_path / (name + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (tmp_path / name).write_bytes(raw)
+    np.testing.assert_array_equal(read_idx(tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else ""))), img)
+    X, Y = mnist(tmp_path, d=10)
+    _check_prepared(X, Y, 60, 10)
+    assert torch.equal(Y.argmax(1), torch.as_tensor(lab, dtype=torch.long))
+    Xs, Ys = mnist(tmp_path, d=4, m=30, seed=1)
+    _check_prepared(Xs, Ys, 30, 4)
+
+
+def test_mnist_images_file_and_npz(tmp_path):
+    img, lab = _fake_mnist(seed=1)
+    (tmp_path / "my-images-idx3-ubyte").write_bytes(_idx_bytes(img))
+    (tmp_path / "my-labels-idx1-ubyte").write_bytes(_idx_bytes(lab))
+    X1, Y1 = mnist(tmp_path / "my-images-idx3-ubyte", d=6)
+    np.savez(tmp_path / "mnist.npz", x_train=img, y_train=lab, x_test=img[:20], y_test=lab[:20])
+    X2, Y2 = mnist(tmp_path / "mnist.npz", d=6)
+    torch.testing.assert_close(X1, X2)
+    assert torch.equal(Y1, Y2)
+    X3, _ = mnist(tmp_path / "mnist.npz", d=6, split="test")
+    assert X3.shape == (20, 6)
+
+
+def test_mnist_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        mnist(tmp_path)
+    img, _ = _fake_mnist()
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(img))
+    with pytest.raises(FileNotFoundError, match="labels not found.*train-labels-idx1-ubyte"):
+        mnist(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nothere.npz"):
+        mnist(tmp_path / "nothere.npz")
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        mnist(tmp_path / "nothere")
+
+
+def test_mnist_truncated_and_corrupt(tmp_path):
+    img, lab = _fake_mnist()
+    good_lab = _idx_bytes(lab)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(good_lab)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(img)[:-10])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: truncated IDX data, header says shape \[60, 6, 6\]"):
+        mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(img)[:7])
+    with pytest.raises(ValueError, match="truncated IDX header"):
+        mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x12\x34\x56\x78" + _idx_bytes(img)[4:])
+    with pytest.raises(ValueError, match="not an IDX file, magic number is 12345678"):
+        mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(img) + b"\0")
+    with pytest.raises(ValueError, match="longer than its header"):
+        mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(img))[:-20])
+    with pytest.raises(ValueError, match="gzip data is truncated or corrupt"):
+        mnist(tmp_path)
+
+
+def test_mnist_mismatched(tmp_path):
+    img, lab = _fake_mnist()
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(img))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(lab[:50]))
+    with pytest.raises(ValueError, match="60 images but 50 labels"):
+        mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.full(60, 12)))
+    with pytest.raises(ValueError, match="labels must be digits 0..9"):
+        mnist(tmp_path)
+    np.savez(tmp_path / "bad.npz", a=img, b=lab)
+    with pytest.raises(ValueError, match=r"has arrays \['a', 'b'\], expected \(x_train, y_train\)"):
+        mnist(tmp_path / "bad.npz")
+    (tmp_path / "trunc.npz").write_bytes((tmp_path / "bad.npz").read_bytes()[:100])
+    with pytest.raises(ValueError, match="trunc.npz"):
+        mnist(tmp_path / "trunc.npz")
+    with pytest.raises(ValueError, match="split"):
+        mnist(tmp_path, split="valid")
+
+
+# --------------------------------------------------------------------------- L_min and compression
+def test_best_linear_loss_matches_least_squares():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 4))
+    Y = rng.normal(size=(50, 3))
+    W, *_ = np.linalg.lstsq(X, Y, rcond=None)
+    ref = 0.5 * np.sum((Y - X @ W) ** 2) / 50
+    assert best_linear_loss(torch.as_tensor(X), torch.as_tensor(Y)) == pytest.approx(ref, rel=1e-10)
+    Xr = np.concatenate([X, X[:, :1]], axis=1)  # rank deficient S_xx: the pseudo-inverse still gives the optimum
+    assert best_linear_loss(Xr, Y) == pytest.approx(ref, rel=1e-8)
+    X, Y = synthetic_teacher(30, 4, noise=0.0)
+    assert best_linear_loss(X, Y) < 1e-20
+    with pytest.raises(ValueError, match="same number of rows"):
+        best_linear_loss(X, Y[:3])
+
+
+def test_second_moment_compress_is_exact_for_linear_nets():
+    X, Y = synthetic_teacher(200, 4, seed=2, noise=0.3)
+    Xc, Yc = second_moment_compress(X, Y)
+    assert Xc.shape == (8, 4) and Yc.shape == (8, 4)
+    assert best_linear_loss(Xc, Yc) == pytest.approx(best_linear_loss(X, Y), rel=1e-10)
+    net = ShortcutNet(4, 3, 2, init="xavier", seed=1, backend="torch", dtype=torch.float64)
+
+    def lg(x, y):
+        L = loss_fn("mse", net(x), y)
+        (g,) = torch.autograd.grad(L, net.weight)
+        return L.detach(), g
+
+    (L1, g1), (L2, g2) = lg(X, Y), lg(Xc, Yc)
+    torch.testing.assert_close(L1, L2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-11)
+    # a nonlinear net sees the difference: the compression is for linear nets only
+    relu = ShortcutNet(4, 3, 2, mid="relu", init="xavier", seed=1, backend="torch", dtype=torch.float64)
+    with torch.no_grad():
+        assert abs(float(loss_fn("mse", relu(X), Y) - loss_fn("mse", relu(Xc), Yc))) > 1e-6

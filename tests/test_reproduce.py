@@ -1,0 +1,226 @@
+"""The reproduction: verdicts computed from data (unit tests both ways), a tiny end-to-end run whose
+verdicts are asserted, resume at the reproduction level, and the demo / info / train commands."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from shortcut_ext.cli import build_parser
+from shortcut_ext.experiments import analysis, reproduce, sweeps
+
+
+# --------------------------------------------------------------------------- verdicts on made-up rows
+def _init_rows(slopes: dict, depths=(2, 4, 8)):
+    return [{"arch": a, "depth": d, "seed": 0, "cond_q10": 3.0 * d ** s, "cond": 3.0 * d ** s}
+            for a, s in slopes.items() for d in depths]
+
+
+def _by_claim(vs):
+    return {v.claim: v.holds for v in vs}
+
+
+def test_loglog_slope_and_aggregate():
+    assert analysis.loglog_slope([1, 10, 100], [5, 50, 500]) == pytest.approx(1.0)
+    assert math.isnan(analysis.loglog_slope([1, 1], [2, 3]))
+    agg = analysis.aggregate([{"arch": "a", "depth": 1, "v": 10.0}, {"arch": "a", "depth": 1, "v": 1000.0},
+                              {"arch": "a", "depth": 1, "v": float("inf")}], ("arch", "depth"), "v", log=True)
+    assert agg[0]["mean"] == pytest.approx(100.0) and agg[0]["n"] == 2 and agg[0]["n_total"] == 3
+
+
+def test_verdict_init_condition_both_ways():
+    good = _by_claim(analysis.verdict_init_condition(_init_rows(
+        {"2-shortcut-zero": 0.0, "plain-xavier": 4.0, "plain-orthogonal": 1.0, "1-shortcut-zero": 1.0}), theory_cond=3.0))
+    assert all(v is True for v in good.values()), good
+    bad = analysis.verdict_init_condition(_init_rows(
+        {"2-shortcut-zero": 0.5, "plain-xavier": 1.0, "plain-orthogonal": 2.0, "1-shortcut-zero": 0.1}), theory_cond=2.0)
+    assert all(v.holds is False for v in bad), [(v.claim, v.holds) for v in bad]
+
+
+def test_verdict_final_loss_both_ways():
+    def rows(excess: dict, lr: dict):
+        return [{"arch": a, "act": "linear", "depth": d, "seed": 0, "final_loss": 1.0 + e(d), "max_stable_lr": lr[a]}
+                for a, e in excess.items() for d in (4, 8, 16)]
+
+    good = rows({"2-shortcut": lambda d: 1e-4, "plain-xavier": lambda d: 1e-3 * d, "plain-orthogonal": lambda d: 1e-4 * d},
+                {"2-shortcut": 1.0, "plain-xavier": 0.1, "plain-orthogonal": 0.3})
+    vs = analysis.verdict_final_loss_linear(good, l_min=1.0, l_zero=2.0)
+    assert [v.holds for v in vs] == [True, True, True]
+    bad = rows({"2-shortcut": lambda d: 0.01 * d, "plain-xavier": lambda d: 1e-4, "plain-orthogonal": lambda d: 1e-4},
+               {"2-shortcut": 0.1, "plain-xavier": 0.3, "plain-orthogonal": 0.3})
+    vs = analysis.verdict_final_loss_linear(bad, l_min=1.0, l_zero=2.0)
+    assert [v.holds for v in vs] == [False, False, False]
+
+
+def test_verdict_index_and_curvature_both_ways():
+    epochs = [0, 1, 2, 4, 8, 16, 32, 64]
+    def probe_rows(idx2, cond2):
+        rows = []
+        for i, e in enumerate(epochs):
+            ex = 10.0 / (1 + e)  # loss - L_min falls along training, the same for both nets
+            rows.append({"arch": "2-shortcut", "seed": 0, "epoch": e, "excess": ex, "index": idx2[i],
+                         "cond_q10": cond2[i], "lam_max": 1.0, "lam_q10": 1.0 / cond2[i]})
+            rows.append({"arch": "plain-xavier", "seed": 0, "epoch": e, "excess": ex, "index": 0.45, "cond_q10": 1e4,
+                         "lam_max": 10.0, "lam_q10": 1e-3})
+        return rows
+    hist = [{"arch": "2-shortcut", "seed": 0, "epoch": e, "grad_norm": 5.0 if e == 4 else 1.0} for e in range(65)]
+    good = probe_rows([0.5, 0.5, 0.45, 0.2, 0.15, 0.12, 0.1, 0.1], [2, 2, 3, 10, 100, 300, 1000, 3000])
+    assert [v.holds for v in analysis.verdict_index(good, hist)] == [True, True, True]
+    assert [v.holds for v in analysis.verdict_curvature_training(good)] == [True, True]
+    bad = probe_rows([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.49, 0.3], [1e5, 1e5, 1e5, 1e5, 1e5, 1e5, 1e5, 1e5])
+    hist_bad = [dict(h, grad_norm=5.0 if h["epoch"] == 1 else 1.0) for h in hist]
+    assert [v.holds for v in analysis.verdict_index(bad, hist_bad)] == [False, False, False]
+    assert [v.holds for v in analysis.verdict_curvature_training(bad)] == [False, False]
+
+
+def test_verdicts_without_data_are_undecided():
+    assert all(v.holds is None for v in analysis.verdict_index([], []))
+    assert all(v.holds is None for v in analysis.verdict_curvature_training([]))
+    assert all(v.holds is None for v in analysis.verdict_final_loss_linear([], 0.1, 0.5))
+
+
+# --------------------------------------------------------------------------- tiny end-to-end
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    bundle = sweeps.load_data("synthetic", d=4, samples=96)
+    res = reproduce.run(reproduce.TINY, bundle, out, progress=False, log=lambda *a: None)
+    return out, bundle, res
+
+
+def test_tiny_reproduction_writes_everything(tiny):
+    out, bundle, res = tiny
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 7
+    for s in ("Fig. 5", "Fig. 9", "Fig. 10", "Timings", "torch_threads", "shortcut_ext_build_info"):
+        assert s in html
+    for f in ("fig2_3_weight_norm", "fig5_condition_at_init", "fig6_7_curvature_vs_loss", "fig8_index_gradnorm",
+              "fig9_final_loss_linear", "fig10_final_loss_relu", "ext_activations"):
+        assert (out / "figures" / f"{f}.png").stat().st_size > 1000
+    for f in ("fig9_runs.csv", "fig9_best.csv", "fig5_init_condition.csv", "fig6_8_probes.csv", "fig10_best.csv"):
+        assert len((out / "results" / f).read_text().splitlines()) > 2
+    verdicts = json.loads((out / "results" / "verdicts.json").read_text())
+    assert len(verdicts) == len(res["verdicts"]) and all(v["holds"] in (True, False, None) for v in verdicts)
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert summary["config"]["config"]["name"] == "tiny" and "total" in summary["timings"]
+
+
+def test_tiny_reproduction_verdicts(tiny):
+    """The expected shapes that hold robustly even at this size (computed from the data)."""
+    _, bundle, res = tiny
+    v = {(x.figure, x.claim): x for x in res["verdicts"]}
+    def holds(fig, start):
+        hits = [x for (f, c), x in v.items() if f == fig and c.startswith(start)]
+        assert len(hits) == 1, (fig, start, list(v))
+        return hits[0]
+    assert holds("Fig. 5", "2-shortcut condition number is flat").holds is True
+    assert holds("Fig. 5", "2-shortcut at zero matches Theorem 1").holds is True
+    assert holds("Fig. 5", "plain Xavier and orthogonal grow").holds is True
+    assert holds("Fig. 5", "1-shortcut (zero) grows").holds is True
+    assert holds("Figs. 2-3", "mean Frobenius norm of the 2-shortcut").holds is True
+    assert holds("Fig. 9", "2-shortcut stays near L_min").holds is True
+    assert holds("Fig. 9", "plain Xavier / orthogonal nets degrade").holds is True
+    assert holds("Figs. 6-7", "2-shortcut better conditioned").holds is True
+    flat = holds("Fig. 5", "2-shortcut condition number is flat").details
+    assert abs(flat["2-shortcut-zero"]) < 1e-8  # exactly flat (Theorem 1), not merely below the threshold
+
+
+def test_tiny_reproduction_resumes(tiny, tmp_path):
+    out, bundle, res = tiny
+    n = len(res["store"])
+    calls = []
+    import shortcut_ext.train as train_mod
+
+    real = train_mod.train
+    try:
+        train_mod.train = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        res2 = reproduce.run(reproduce.TINY, bundle, out, only=["fig9", "fig5"], progress=False, log=lambda *a: None)
+    finally:
+        train_mod.train = real
+    assert calls == [] and len(res2["store"]) == n
+    a = {v.claim: v.measured for v in res["verdicts"] if v.figure == "Fig. 9"}
+    b = {v.claim: v.measured for v in res2["verdicts"] if v.figure == "Fig. 9"}
+    assert a == b
+
+
+# --------------------------------------------------------------------------- commands
+def test_cli_parses_reproduce_and_rejects_bad_data(tmp_path):
+    p = build_parser()
+    a = p.parse_args(["reproduce", "--out", str(tmp_path), "--data", "mnist", "/x", "--only", "fig5"])
+    assert a.size == "quick" and a.data == ["mnist", "/x"] and a.only == ["fig5"]
+    assert p.parse_args(["reproduce", "--full", "--out", "o"]).size == "full"
+    with pytest.raises(SystemExit):
+        reproduce._parse_data(["mnist"])
+    with pytest.raises(SystemExit):
+        reproduce._parse_data(["cifar"])
+    with pytest.raises(ValueError, match="only must name phases"):
+        reproduce.run(reproduce.TINY, sweeps.load_data("synthetic", d=4, samples=40), tmp_path, only=["fig4"])
+
+
+def test_build_model_depths_and_errors():
+    assert sweeps.build_model("3-shortcut", "linear", 9, 4).weight.shape == (3, 3, 4, 4)
+    assert sweeps.build_model("plain-orthogonal", "relu-mid", 5, 4).act_mid == "relu"
+    assert sweeps.build_model("2-shortcut", "relu-pre", 4, 4).activations == ("relu", "identity", "identity")
+    assert sweeps.ARCHS["3-shortcut"].valid_depth(8) == 9 and sweeps.ARCHS["plain-xavier"].valid_depth(7) == 7
+    assert not sweeps.arch_supports("1-shortcut", "relu-mid")
+    with pytest.raises(ValueError, match="multiple of 2"):
+        sweeps.build_model("2-shortcut", "linear", 5, 4)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        sweeps.build_model("resnet", "linear", 4, 4)
+
+
+def test_demo_info_train_commands(tmp_path, capsys):
+    from shortcut_ext.experiments import demo
+
+    res = demo.run(depth=4, width=4, epochs=40, lrs=(0.03, 0.3), log=lambda *a: None)
+    assert set(res) == {"2-shortcut", "plain-xavier"} and res["2-shortcut"].status == "ok"
+    assert res["2-shortcut"].final_loss < res["2-shortcut"].history["loss"][0]
+    p = build_parser()
+    args = p.parse_args(["info"])
+    assert args.func(args) == 0
+    assert "torch" in capsys.readouterr().out
+    out = tmp_path / "run.json"
+    args = p.parse_args(["train", "--arch", "2-shortcut", "--depth", "4", "--epochs", "20", "--lr", "0.3",
+                         "--data", "synthetic", "--width", "4", "--samples", "50", "--probe-every", "10",
+                         "--out", str(out)])
+    assert args.func(args) == 0
+    rec = json.loads(out.read_text())
+    assert rec["status"] == "ok" and len(rec["history"]["loss"]) == 21 and len(rec["probes"]) == 3
+    assert len(out.with_suffix(".csv").read_text().splitlines()) == 22
+
+
+@pytest.mark.slow
+def test_quick_reproduction_runs_and_holds(tmp_path):
+    """The README's main command, end to end (minutes)."""
+    from shortcut_ext.cli import main
+
+    assert main(["reproduce", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    verdicts = json.loads((tmp_path / "results" / "verdicts.json").read_text())
+    key = {(v["figure"], v["claim"]): v["holds"] for v in verdicts}
+    assert key[("Fig. 5", "2-shortcut condition number is flat in depth")] is True
+    assert key[("Fig. 9", "2-shortcut stays near L_min at all depths")] is True
+
+
+def test_reproduce_on_mnist_files(tmp_path):
+    """``--data mnist PATH`` end to end on small gzipped IDX files (inputs in R^4, one-hot targets in R^10)."""
+    import gzip
+
+    import numpy as np
+
+    from shortcut_ext.cli import main
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (80, 6, 6), dtype=np.uint8)
+    lab = rng.integers(0, 10, 80, dtype=np.uint8)
+    idx = lambda a: bytes([0, 0, 8, a.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in a.shape) + a.tobytes()  # noqa: E731
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx(img)))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx(lab)))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--tiny", "--data", "mnist", str(tmp_path), "--only", "fig5", "--out", str(out),
+                 "--no-progress"]) == 0
+    v = json.loads((out / "results" / "verdicts_fig5.json").read_text())
+    assert v[0]["claim"].startswith("2-shortcut condition number is flat") and v[0]["holds"] is True
+    assert (out / "report_fig5.html").exists() and not (out / "report.html").exists()
+    with pytest.raises(FileNotFoundError, match="MNIST path not found: .*missing"):
+        main(["reproduce", "--tiny", "--data", "mnist", str(tmp_path / "missing"), "--out", str(out)])

@@ -1,0 +1,267 @@
+"""Training (PAPER.md section 4): GD on a linear teacher, divergence as a result, Hessian probes,
+learning-rate sweeps that checkpoint and resume."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import shortcut_ext
+import shortcut_ext.train as train_mod
+from shortcut_ext.data import best_linear_loss, second_moment_compress, synthetic_teacher
+from shortcut_ext.experiments.store import RunStore
+from shortcut_ext.models import PlainNet, ShortcutNet
+from shortcut_ext.reference import loss_fn
+from shortcut_ext.train import (TrainConfig, TrainResult, best_run, dense_hessian, hessian_probes, log_grid,
+                                lr_sweep, spectrum_probes, train)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    X, Y = synthetic_teacher(64, 4, seed=0, noise=0.1)
+    return X, Y, best_linear_loss(X, Y)
+
+
+def _net(kind="2-shortcut", depth=4, seed=0, mid="identity", backend=None):
+    if kind == "2-shortcut":
+        return ShortcutNet(4, depth // 2, 2, mid=mid, init="small", seed=seed, dtype=torch.float64, backend=backend)
+    return PlainNet(4, depth, activation=mid, init="xavier", seed=seed, dtype=torch.float64, backend=backend)
+
+
+# --------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kw, match", [
+    (dict(epochs=-1), "epochs"), (dict(lr=0.0), "lr"), (dict(lr=float("nan")), "lr"),
+    (dict(optimizer="lbfgs"), "optimizer"), (dict(batch_size=0), "batch_size"), (dict(loss="l1"), "loss"),
+    (dict(probe_every=-2), "probe_every"), (dict(probe_epochs=[-1]), "probe_epochs"),
+    (dict(divergence_factor=0.5), "divergence_factor"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_log_grid():
+    assert log_grid(1e-3, 1, per_decade=1) == [0.001, 0.01, 0.1, 1.0]
+    assert len(log_grid(1e-3, 3.16, 2)) == 8
+    with pytest.raises(ValueError):
+        log_grid(1, 0.1)
+
+
+# --------------------------------------------------------------------------- training
+def test_gd_decreases_loss_on_linear_teacher(teacher):
+    X, Y, l_min = teacher
+    net = _net("2-shortcut", depth=4)
+    res = train(net, (X, Y), TrainConfig(epochs=150, lr=0.3), l_min=l_min)
+    h = res.history
+    assert res.status == "ok" and res.diverged_epoch is None
+    assert h["epoch"] == list(range(151))
+    assert res.final_loss == h["loss"][-1]
+    assert res.final_loss < 0.05 * h["loss"][0]
+    assert 0 <= res.final_excess < 1e-2 * (h["loss"][0] - l_min)
+    np.testing.assert_allclose(h["excess"], np.array(h["loss"]) - l_min)
+    # the recorded loss is the loss of the weights at that epoch; the final one is the trained net's
+    with torch.no_grad():
+        assert float(loss_fn("mse", net(X), Y)) == pytest.approx(res.final_loss, rel=1e-12)
+    assert h["weight_norm"][-1] == pytest.approx(net.mean_frobenius_norm())
+    # gradient norm: the norm of the full-batch gradient at the final weights
+    L = loss_fn("mse", net(X), Y)
+    (g,) = torch.autograd.grad(L, net.weight)
+    assert h["grad_norm"][-1] == pytest.approx(float(g.norm()), rel=1e-9)
+
+
+def test_gd_is_plain_gradient_descent(teacher):
+    """One epoch of "gd" is w <- w - lr * grad, exactly."""
+    X, Y, _ = teacher
+    net = _net("plain", depth=3)
+    w0 = net.weight.detach().clone()
+    L = loss_fn("mse", net(X), Y)
+    (g,) = torch.autograd.grad(L, net.weight)
+    train(net, (X, Y), TrainConfig(epochs=1, lr=0.05))
+    torch.testing.assert_close(net.weight.detach(), w0 - 0.05 * g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("opt, extra", [("sgd", dict(batch_size=16, momentum=0.5)), ("adam", dict(batch_size=None))])
+def test_sgd_and_adam_options(teacher, opt, extra):
+    X, Y, l_min = teacher
+    res = train(_net("2-shortcut"), (X, Y), TrainConfig(epochs=60, lr=0.01 if opt == "adam" else 0.05, optimizer=opt,
+                                                        **extra), l_min=l_min)
+    assert res.status == "ok"
+    assert res.final_loss < 0.5 * res.history["loss"][0]
+
+
+def test_compressed_data_gives_the_same_trajectory(teacher):
+    X, Y, l_min = teacher
+    r1 = train(_net("plain", depth=3), (X, Y), TrainConfig(epochs=30, lr=0.1), l_min=l_min)
+    r2 = train(_net("plain", depth=3), second_moment_compress(X, Y), TrainConfig(epochs=30, lr=0.1), l_min=l_min)
+    np.testing.assert_allclose(r1.history["loss"], r2.history["loss"], rtol=1e-9)
+
+
+@pytest.mark.skipif(not shortcut_ext.is_built(), reason="fused kernels not built")
+@pytest.mark.parametrize("kind, mid", [("2-shortcut", "relu"), ("plain", "tanh")])
+def test_fused_and_torch_backends_train_alike(teacher, kind, mid):
+    X, Y, l_min = teacher
+    r = [train(_net(kind, depth=6, mid=mid, backend=b), (X, Y), TrainConfig(epochs=40, lr=0.1), l_min=l_min)
+         for b in ("fused", "torch")]
+    np.testing.assert_allclose(r[0].history["loss"], r[1].history["loss"], rtol=1e-8)
+    np.testing.assert_allclose(r[0].history["grad_norm"], r[1].history["grad_norm"], rtol=1e-6)
+
+
+def test_divergence_is_recorded_not_raised(teacher):
+    X, Y, l_min = teacher
+    res = train(_net("plain", depth=6), (X, Y), TrainConfig(epochs=200, lr=1e3), l_min=l_min)
+    assert res.status == "diverged"
+    assert res.final_loss == math.inf and res.diverged_epoch is not None and res.diverged_epoch < 200
+    assert len(res.history["epoch"]) == res.diverged_epoch + 1
+    d = res.to_dict()
+    json.dumps(d, allow_nan=False)  # strict JSON: non-finite numbers became null
+    assert d["final_loss"] is None and d["status"] == "diverged"
+    back = TrainResult.from_dict(d)
+    assert back.final_loss == math.inf and back.status == "diverged"
+    # NaN weights from the start are a diverged run too
+    net = _net("plain", depth=2)
+    with torch.no_grad():
+        net.weight.fill_(float("nan"))
+    assert train(net, (X, Y), TrainConfig(epochs=5, lr=0.1)).status == "diverged"
+
+
+def test_to_dict_thins_history(teacher):
+    X, Y, _ = teacher
+    res = train(_net(), (X, Y), TrainConfig(epochs=100, lr=0.1))
+    ep = res.to_dict(max_points=20)["history"]["epoch"]
+    assert ep[0] == 0 and ep[-1] == 100 and len(ep) <= 20 and ep == sorted(set(ep))
+    assert {1, 2, 3, 5, 8, 56, 67, 78} <= set(ep)  # log-spaced (early dynamics) and evenly spaced epochs
+
+
+# --------------------------------------------------------------------------- Hessian probes
+def test_spectrum_probes_definitions():
+    ev = np.array([-3.0, -1.0, 0.5, 1.0, 2.0, 2.0, 4.0, 6.0, 8.0, 12.0])
+    p = spectrum_probes(ev)
+    assert p["lam_max"] == 12.0
+    assert p["lam_q10"] == 0.5  # the 10th percentile of |lambda| (inverted CDF)
+    assert p["index"] == 0.2
+    assert p["cond"] == 24.0 and p["cond_q10"] == 24.0
+    z = spectrum_probes([0.0, 0.0])
+    assert math.isnan(z["cond"]) and z["index"] == 0.0
+    assert spectrum_probes([0.0, 1.0])["cond"] == math.inf
+
+
+@pytest.mark.parametrize("kind, mid", [("2-shortcut", "identity"), ("2-shortcut", "tanh"), ("plain", "identity")])
+def test_dense_hessian_matches_autograd(kind, mid):
+    X, Y = synthetic_teacher(12, 4, seed=1)
+    net = _net(kind, depth=2, seed=3, mid=mid)
+    with torch.no_grad():
+        net.weight.mul_(20)  # away from the zero point
+    w0 = net.weight.detach().reshape(-1).clone()
+    ref = torch.autograd.functional.hessian(lambda w: loss_fn("mse", net.forward_with(w, X, backend="torch"), Y), w0)
+    torch.testing.assert_close(dense_hessian(net, (X, Y)), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_fallback", [True, False])
+def test_probes_at_zero_match_theorem_1(use_fallback):
+    """2-shortcut linear net at zero: cond = sigma_max(M) / sigma_min(M), index 1/2, any number of units."""
+    probe = train_mod._dense_probes if use_fallback else train_mod.hessian_probes
+    X, Y = synthetic_teacher(40, 4, seed=5, noise=0.2)
+    M = (X.T @ X - Y.T @ X) / X.shape[0]
+    s = torch.linalg.svdvals(M)
+    for units in (1, 3):
+        net = ShortcutNet(4, units, 2, init="zero", dtype=torch.float64)
+        p = probe(net, (X, Y), "mse", 4000)
+        assert p["cond"] == pytest.approx(float(s.max() / s.min()), rel=1e-8)
+        assert p["lam_max"] == pytest.approx(float(s.max()), rel=1e-8)
+        assert p["index"] == pytest.approx(0.5)
+
+
+def test_fallback_agrees_with_curvature_module():
+    pytest.importorskip("shortcut_ext.curvature.condition")
+    X, Y = synthetic_teacher(30, 4, seed=2)
+    net = PlainNet(4, 3, init="xavier", seed=1, dtype=torch.float64)
+    a = hessian_probes(net, (X, Y), "mse", 4000)
+    b = train_mod._dense_probes(net, (X, Y), "mse", 4000)
+    for k in ("lam_max", "lam_q10", "index", "cond_q10"):
+        assert a[k] == pytest.approx(b[k], rel=1e-7), k
+
+
+def test_fallback_skips_large_nets():
+    X, Y = synthetic_teacher(10, 4)
+    p = train_mod._dense_probes(_net("plain", depth=4), (X, Y), "mse", exact_max_params=10)
+    assert math.isnan(p["lam_max"]) and p["method"].startswith("skipped")
+
+
+def test_probes_along_training(teacher):
+    X, Y, l_min = teacher
+    res = train(_net("2-shortcut", depth=4), (X, Y), TrainConfig(epochs=20, lr=0.3, probe_every=10), l_min=l_min)
+    assert [p["epoch"] for p in res.probes] == [0, 10, 20]
+    assert res.probes[0]["index"] == pytest.approx(0.5, abs=0.05)  # near the zero saddle
+    assert all(p["loss"] == res.history["loss"][p["epoch"]] for p in res.probes)
+    res = train(_net("plain", depth=2), (X, Y), TrainConfig(epochs=10, lr=0.1, probe_epochs=[3, 0, 3]))
+    assert [p["epoch"] for p in res.probes] == [0, 3]
+
+
+# --------------------------------------------------------------------------- sweeps, checkpoints, resume
+def test_best_run_picks_lowest_final_loss():
+    rs = [TrainResult("ok", 0.1, 10, 0.5, None), TrainResult("diverged", 1.0, 10, math.inf, None),
+          TrainResult("ok", 0.3, 10, 0.2, None), TrainResult("ok", 0.01, 10, 0.2, None)]
+    assert best_run(rs).lr == 0.3
+    assert best_run([rs[1]]) is None
+    assert best_run([r.to_dict() for r in rs])["lr"] == 0.3
+
+
+def test_lr_sweep_records_divergence_and_picks_best(teacher):
+    X, Y, l_min = teacher
+    best, runs = lr_sweep(lambda: _net("plain", depth=4), (X, Y), [0.01, 0.1, 1e3], TrainConfig(epochs=40),
+                          l_min=l_min)
+    assert [r.status for r in runs] == ["ok", "ok", "diverged"]
+    assert best.lr == 0.1 and best.final_loss == min(r.final_loss for r in runs)
+
+
+def test_store_tolerates_partial_line(tmp_path):
+    p = tmp_path / "runs.jsonl"
+    s = RunStore(p)
+    s.put("a", {"x": 1.0, "bad": float("nan")})
+    with open(p, "a") as f:
+        f.write('{"key": "b", "record": {"x": ')  # an interrupted write
+    s2 = RunStore(p)
+    assert s2.get("a") == {"x": 1.0, "bad": None} and "b" not in s2 and s2.skipped_lines == 1
+    s2.put("c", {"x": 3})
+    s3 = RunStore(p)
+    assert s3.keys() == ["a", "c"] and s3.skipped_lines == 1
+
+
+def test_interrupted_sweep_resumes_without_redoing_runs(teacher, tmp_path, monkeypatch):
+    X, Y, l_min = teacher
+    lrs = [0.01, 0.03, 0.1, 0.3, 1e3]
+    cfg = TrainConfig(epochs=30)
+    make = lambda: _net("2-shortcut", depth=4)  # noqa: E731
+    real_train = train_mod.train
+    calls = []
+
+    def crashing(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the machine stops in the middle of the 4th run
+        calls.append(a[2].lr)
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train", crashing)
+    store = RunStore(tmp_path / "runs.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        lr_sweep(make, (X, Y), lrs, cfg, l_min=l_min, store=store, key="sweep|test")
+    assert calls == [0.01, 0.03, 0.1] and len(RunStore(tmp_path / "runs.jsonl")) == 3
+
+    calls.clear()
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (calls.append(a[2].lr), real_train(*a, **k))[1])
+    store = RunStore(tmp_path / "runs.jsonl")  # a new process reads what the first one finished
+    best, runs = lr_sweep(make, (X, Y), lrs, cfg, l_min=l_min, store=store, key="sweep|test")
+    assert calls == [0.3, 1e3]  # only the unfinished runs are trained
+    assert [r.lr for r in runs] == lrs and runs[-1].status == "diverged"
+    # the resumed sweep equals an uninterrupted one
+    monkeypatch.setattr(train_mod, "train", real_train)
+    best2, runs2 = lr_sweep(make, (X, Y), lrs, cfg, l_min=l_min)
+    assert best.lr == best2.lr
+    np.testing.assert_allclose([r.final_loss for r in runs[:4]], [r.final_loss for r in runs2[:4]], rtol=1e-12)
+    calls.clear()
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: (calls.append(a[2].lr), real_train(*a, **k))[1])
+    lr_sweep(make, (X, Y), lrs, cfg, l_min=l_min, store=RunStore(tmp_path / "runs.jsonl"), key="sweep|test")
+    assert calls == []  # everything done: nothing retrained
