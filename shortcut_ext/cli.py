@@ -17,7 +17,10 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shortcut-ext", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="shortcut-ext",
+        description="Train and analyse very deep n-shortcut residual networks (Li et al., arXiv:1611.01186).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in SUBCOMMANDS.items():
         try:
