@@ -411,3 +411,200 @@ def test_emulated_deterministic_and_errors(emulator):
         assert torch.equal(u, v)
     assert "needs d <= 128" in _emu_describe(emulator, torch.float32, False, 8, 200, 1, 1, path=1)
     assert "not a fused tile size" in _emu_describe(emulator, torch.float32, True, 8, 128, 1, 2, path=1, tile=128)
+
+
+# ============================================================ residual_stack_hvp (R-operator) on a GPU
+HVP_TARGETS = ("mse", "ce_index", "ce_prob")
+
+
+def _hvp_problem(B, d, R, n, K, target, dtype, device="cuda", seed=0):
+    """Seeded (x, weights, targets, directions, loss name) for the HVP op."""
+    x, w = stack_inputs(B, d, R, n, torch.float64, scale=0.8 / d ** 0.5, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    v = torch.randn(K, R, n, d, d, generator=g, dtype=torch.float64)
+    if target == "mse":
+        y, loss = torch.randn(B, d, generator=g, dtype=torch.float64), "mse"
+    elif target == "ce_index":
+        y, loss = torch.randint(0, d, (B,), generator=g), "cross_entropy"
+    else:
+        y, loss = torch.softmax(2 * torch.randn(B, d, generator=g, dtype=torch.float64), 1), "cross_entropy"
+    cast = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+    return cast(x), cast(w), cast(y), cast(v), loss
+
+
+def _hvp_assert_matches(outs, x, w, y, v, shortcut, acts, loss):
+    """(loss, grad, hvps) of the CUDA op against the double-backward reference: float64 to 1e-10,
+    float32 within a small multiple of the reference's own float32 error."""
+    cpu = lambda t: t.detach().cpu()  # noqa: E731
+    x, w, y, v = cpu(x), cpu(w), cpu(y), cpu(v)
+    d64 = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    exact = ref.residual_stack_hvp(d64(x), d64(w), d64(y), d64(v), shortcut, *acts, loss)
+    assert [tuple(o.shape) for o in outs] == [tuple(e.shape) for e in exact]
+    if x.dtype == torch.float64:
+        for a, b in zip(outs, exact):
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(cpu(a), b, rtol=1e-10, atol=1e-10)
+        return
+    same = ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss)
+    for a, b, c in zip(outs, same, exact):
+        assert a.dtype == torch.float32
+        assert_close_lowp(cpu(a), b, c, factor=10.0)
+
+
+HVP_CASES = [  # (B, d, R, n, shortcut, acts, target, K)
+    (1, 1, 1, 1, True, ("identity",) * 3, "mse", 1),
+    (9, 4, 3, 1, True, ("identity",) * 3, "mse", 5),
+    (17, 6, 2, 2, True, ("tanh", "ssigmoid", "relu"), "ce_index", 5),
+    (13, 5, 1, 3, False, ("identity",) * 3, "ce_prob", 1),  # a plain net of depth 3
+    (20, 7, 3, 3, False, ("relu", "tanh", "ssigmoid"), "mse", 1),
+    (33, 16, 2, 2, True, ("ssigmoid", "relu", "tanh"), "ce_prob", 5),
+    (8, 3, 4, 2, True, ("tanh",) * 3, "ce_index", 1),
+    (70, 40, 2, 1, False, ("relu", "relu", "relu"), "mse", 5),
+    (5, 130, 1, 2, True, ("identity", "tanh", "identity"), "ce_index", 5),  # d beyond any tile width
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", HVP_CASES, ids=lambda c: f"B{c[0]}-d{c[1]}-R{c[2]}-n{c[3]}-{c[6]}-k{c[7]}")
+def test_hvp_matches_reference(case, dtype):
+    B, d, R, n, shortcut, acts, target, K = case
+    x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, dtype, seed=B + d)
+    outs = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss)
+    assert all(o.device == x.device for o in outs)
+    _hvp_assert_matches(outs, x, w, y, v, shortcut, acts, loss)
+
+
+@needs_cuda
+def test_hvp_deterministic_and_empty_batch():
+    x, w, y, v, loss = _hvp_problem(45, 12, 3, 2, 3, "ce_index", torch.float32, seed=3)
+    acts = ("tanh", "relu", "ssigmoid")
+    a = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)
+    b = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)
+    for u, t in zip(a, b):
+        assert torch.equal(u, t)
+    x0, y0 = x[:0], y[:0]
+    out = torch.ops.shortcut_ext.residual_stack_hvp(x0, w, y0, v, True, *acts, loss)
+    assert out[0].item() == 0.0 and not out[1].any() and not out[2].any()
+
+
+@needs_cuda
+def test_hvp_errors_match_the_cpu_path():
+    """Bad targets and directions get the same exception type and message on CUDA as on CPU."""
+    acts = ("identity", "relu", "identity")
+    B, d, R, n = 5, 4, 3, 2
+
+    def args(dev, targets=None, directions=None, loss="mse"):
+        x = torch.zeros(B, d, device=dev)
+        w = torch.zeros(R, n, d, d, device=dev)
+        t = torch.zeros(B, d, device=dev) if targets is None else targets(dev)
+        v = torch.zeros(2, R, n, d, d, device=dev) if directions is None else directions(dev)
+        return (x, w, t, v, True, *acts, loss)
+
+    bad = [
+        dict(directions=lambda dev: torch.zeros(2, R, n, d, d + 1, device=dev)),
+        dict(directions=lambda dev: torch.zeros(0, R, n, d, d, device=dev)),
+        dict(directions=lambda dev: torch.zeros(2, R, n, d, d, dtype=torch.float64, device=dev)),
+        dict(directions=lambda dev: torch.zeros(2, R, n, d, 2 * d, device=dev)[..., ::2]),
+        dict(targets=lambda dev: torch.zeros(B, dtype=torch.long, device=dev)),
+        dict(targets=lambda dev: torch.zeros(B + 1, dtype=torch.long, device=dev), loss="cross_entropy"),
+        dict(targets=lambda dev: torch.zeros(B, dtype=torch.int32, device=dev), loss="cross_entropy"),
+        dict(targets=lambda dev: torch.full((B,), d, dtype=torch.long, device=dev), loss="cross_entropy"),
+        dict(targets=lambda dev: torch.zeros(B, d, dtype=torch.float64, device=dev)),
+        dict(targets=lambda dev: torch.zeros(B, d + 1, device=dev), loss="cross_entropy"),
+        dict(loss="hinge"),
+    ]
+    for kw in bad:
+        errors = []
+        for dev in ("cpu", "cuda"):
+            with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
+                torch.ops.shortcut_ext.residual_stack_hvp(*args(dev, **kw))
+            errors.append((info.type, str(info.value).splitlines()[0].replace("cuda:0", "DEV").replace("cpu", "DEV")))
+        assert errors[0] == errors[1], kw
+
+
+# The HVP kernels compiled for CPU emulation (see csrc/cuda/emulate/emulation.h) through a small C
+# entry point kept here, next to its only user.
+_HVP_EMU_DRIVER = r"""
+#define SHORTCUT_EXT_CUDA_EMULATE
+#include "cuda/residual_stack_hvp_cuda.cu"
+#include <cstring>
+#include <memory>
+#include <vector>
+namespace sc = shortcut_ext::cuda;
+template <typename T>
+static int run(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortcut, int pre, int mid, int post,
+               int loss, const void* x, const void* w, const void* y, const void* cls, const void* v, void* lo,
+               void* gw, void* hv) {
+  std::vector<std::unique_ptr<unsigned char[]>> held;
+  sc::Allocator alloc = [&](size_t bytes) -> void* {  // poisoned (NaN) like the other emulation tests
+    held.emplace_back(new unsigned char[bytes + 16]);
+    std::memset(held.back().get(), 0xFF, bytes + 16);
+    return held.back().get();
+  };
+  const sc::StackArgs a{B, d, R, n, shortcut != 0, shortcut_ext::Act(pre), shortcut_ext::Act(mid),
+                        shortcut_ext::Act(post)};
+  return int(sc::launch_residual_stack_hvp<T>(
+      a, K, shortcut_ext::Loss(loss), static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(y),
+      static_cast<const int64_t*>(cls), static_cast<const T*>(v), static_cast<T*>(lo), static_cast<T*>(gw),
+      static_cast<T*>(hv), alloc, nullptr));
+}
+extern "C" int se_emu_hvp(int is_double, int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortcut,
+                          int pre, int mid, int post, int loss, const void* x, const void* w, const void* y,
+                          const void* cls, const void* v, void* lo, void* gw, void* hv) {
+  return is_double ? run<double>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv)
+                   : run<float>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv);
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def hvp_emulator(tmp_path_factory):
+    """The HVP kernels compiled for CPU emulation, loaded with ctypes."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the CUDA emulation")
+    inc, lib = _torch_dirs()
+    if not (inc / "c10").is_dir() or not list(lib.glob("libc10.*")):
+        pytest.skip("torch headers or libc10 not found")
+    work = tmp_path_factory.mktemp("hvp_emulation")
+    src = work / "hvp_emu.cpp"
+    src.write_text(_HVP_EMU_DRIVER)
+    out = work / "hvp_emu.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-pthread", "-fPIC", "-shared", "-fno-strict-aliasing", "-w",
+           f"-I{ROOT / 'csrc'}", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", str(src), f"-L{lib}", "-lc10",
+           f"-Wl,-rpath,{lib}", "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    so = ctypes.CDLL(str(out))
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    so.se_emu_hvp.argtypes = [I, L, L, L, L, L, I, I, I, I, I, P, P, P, P, P, P, P, P]
+    return so
+
+
+def _emu_hvp(so, x, w, y, v, shortcut, acts, loss):
+    """(loss, grad, hvps) from the emulated kernels; outputs start as NaN to catch unwritten elements."""
+    (B, d), (R, n), K = x.shape, w.shape[:2], v.shape[0]
+    lo = torch.full((), float("nan"), dtype=x.dtype)
+    gw, hv = torch.full_like(w, float("nan")), torch.full_like(v, float("nan"))
+    by_class = y.dtype == torch.int64
+    ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+    rc = so.se_emu_hvp(int(x.dtype == torch.float64), B, d, R, n, K, int(shortcut), *(ACT_CODE[a] for a in acts),
+                       0 if loss == "mse" else 1, ptr(x), ptr(w), None if by_class else ptr(y),
+                       ptr(y) if by_class else None, ptr(v), ptr(lo), ptr(gw), ptr(hv))
+    assert rc == 0
+    return lo, gw, hv
+
+
+@pytest.mark.slow
+def test_emulated_hvp_matches_reference(hvp_emulator):
+    for case in HVP_CASES:
+        B, d, R, n, shortcut, acts, target, K = case
+        for dtype in (torch.float64, torch.float32):
+            x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, dtype, device="cpu", seed=B + d)
+            _hvp_assert_matches(_emu_hvp(hvp_emulator, x, w, y, v, shortcut, acts, loss), x, w, y, v, shortcut,
+                                acts, loss)
+    x, w, y, v, loss = _hvp_problem(19, 6, 2, 2, 3, "ce_prob", torch.float32, device="cpu", seed=5)
+    a = _emu_hvp(hvp_emulator, x, w, y, v, True, ("tanh", "relu", "ssigmoid"), loss)
+    b = _emu_hvp(hvp_emulator, x, w, y, v, True, ("tanh", "relu", "ssigmoid"), loss)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))

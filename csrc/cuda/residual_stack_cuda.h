@@ -61,6 +61,16 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
                                            T* grad_x, T* grad_w, const Options& opt, const Allocator& alloc,
                                            cudaStream_t stream);
 
+// Loss, gradient and K Hessian-vector products of the stack (Pearlmutter's R-operator, as the CPU
+// kernel residual_stack_hvp_cpu.cpp; kernels in residual_stack_hvp_cuda.cu): loss_out [], grad_w
+// [R, n, d, d], hvps [K, R, n, d, d] from x [B, d], directions [K, R, n, d, d] and either targets
+// [B, d] (classes null) or class indices classes [B] (targets null, cross entropy only).  Every
+// output element is written (B == 0 or d == 0: nothing is launched; the host returns zeros).
+template <typename T>
+cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, const T* x, const T* weights,
+                                      const T* targets, const int64_t* classes, const T* directions, T* loss_out,
+                                      T* grad_w, T* hvps, const Allocator& alloc, cudaStream_t stream);
+
 // Which kernels a call with these arguments would use, e.g. "fused D=128 BM=64 threads=256 smem=155648
 // units_per_launch=7" or "generic BM=32 ..." (for tests and benchmarks); errors are reported as text
 // starting with "error: ".

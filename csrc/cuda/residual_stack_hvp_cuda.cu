@@ -1,0 +1,423 @@
+// CUDA Hessian-vector products of a residual stack: loss, gradient and K HVPs in one call.
+//
+// The maths is Pearlmutter's R-operator exactly as in csrc/cpu/residual_stack_hvp_cpu.cpp (see its
+// header comment): forward + tangent forward of the K directions, loss seeds g = dL/df and R{g},
+// backward + tangent backward, weight-gradient and HVP terms
+//   grad W_l = sum_b gz_l^T a_l,   hvp_l = sum_b R{gz_l}^T a_l + gz_l^T R{a_l}.
+//
+// A simple generic design (any d, float32 and float64), correctness first:
+//   1. hvp_forward_kernel: one block per batch tile of kTileRows rows carries the tile's unit input
+//      h and its K tangents through all R units; every unit input and its tangents are saved to a
+//      global workspace sh [R + 1, B, d], srho [R + 1, B, K, d] (slot R: the output f, R{f}).
+//      Inner activations of a unit go to a per-row record (act, z, R{act}, R{z}, [n] slices of
+//      [B, d] / [B, K, d]); block-strided loops, __syncthreads between dependent steps.
+//   2. hvp_loss_seed_kernel (one thread per row) and hvp_loss_sum_kernel (one block, fixed order):
+//      the loss, g [B, d] and R{g} [B, K, d].
+//   3. for r = R-1 .. 0: hvp_reverse_unit_kernel (one block per tile) recomputes unit r's record
+//      from the saved input and walks it backwards, carrying g, R{g} in place and storing each
+//      layer's gz, R{gz}; then hvp_unit_reduce_kernel (one thread per output element) sums the
+//      weight-gradient and HVP terms of unit r over the batch in row order: deterministic, no
+//      atomics.
+// Memory (elements of T): (R + 1) (1 + K) B d saved inputs + (3n + 2) (1 + K) B d records and
+// carried values.  2 R + 3 launches.  No checkpointing and no shared-memory tiling of the GEMMs:
+// each output element is one dot product read from global memory (L1/L2 cached).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+#include "cuda/device_utils.cuh"
+#include "cuda/residual_stack_cuda.h"
+
+namespace shortcut_ext {
+namespace cuda_detail {
+
+#ifdef SHORTCUT_EXT_CUDA_EMULATE
+constexpr int kHvpThreads = 32;  // OS threads per emulated block: keep small
+#else
+constexpr int kHvpThreads = 256;
+#endif
+constexpr int64_t kHvpTileRows = 8;
+constexpr int kHvpSumThreads = 256;
+
+template <typename T>
+struct HvpParams {
+  const T* x;        // [B, d]
+  const T* w;        // [R, n, d, d]
+  const T* v;        // [K, R, n, d, d]
+  const T* y;        // [B, d] or null
+  const int64_t* cls;  // [B] or null
+  T* sh;             // [R + 1, B, d]      unit inputs (slot R: output f)
+  T* srho;           // [R + 1, B, K, d]   their tangents
+  T* act;            // [n][B, d]          layer inputs a_l of the current unit
+  T* z;              // [n][B, d]          layer outputs z_l
+  T* ract;           // [n][B, K, d]
+  T* rz;             // [n][B, K, d]
+  T* gz;             // [n][B, d]          dL/dz_l
+  T* rgz;            // [n][B, K, d]
+  T* g;              // [B, d]             carried dL/dh
+  T* rg;             // [B, K, d]
+  T* ga;             // [B, d]             dL/da_l scratch (softmax scratch in the loss kernel)
+  T* rga;            // [B, K, d]
+  double* row_loss;  // [B]
+  T* loss_out;       // []
+  T* grad_w;         // [R, n, d, d]
+  T* hvps;           // [K, R, n, d, d]
+  int64_t B, d, R, n, K;
+  bool shortcut;
+  Act pre, mid, post;
+  Loss loss;
+};
+
+// Forward and tangent forward of unit r for rows [row0, row0 + m): reads hin [m, d], rho [m, K, d]
+// (tile views), fills the record; writes h_out, rho_out (tile views) unless null.
+template <typename T>
+__device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0, int64_t m, const T* hin,
+                                 const T* rho, T* h_out, T* rho_out) {
+  const int64_t B = p.B, d = p.d, K = p.K, n = p.n, dd = d * d, Kd = K * d;
+  const int64_t md = m * d, mkd = m * Kd;
+  const int64_t tid = threadIdx.x, nt = blockDim.x;
+  {
+    T* a0 = p.act + row0 * d;
+    T* ra0 = p.ract + row0 * Kd;
+    for (int64_t e = tid; e < md; e += nt) a0[e] = act_apply<T>(p.pre, hin[e]);
+    for (int64_t e = tid; e < mkd; e += nt) {
+      const int64_t i = e / Kd, c = e % d;
+      const T h = hin[i * d + c];
+      ra0[e] = act_deriv<T>(p.pre, h, act_apply<T>(p.pre, h)) * rho[e];
+    }
+  }
+  __syncthreads();
+  for (int64_t l = 0; l < n; ++l) {
+    const T* a = p.act + l * B * d + row0 * d;
+    const T* ra = p.ract + l * B * Kd + row0 * Kd;
+    T* z = p.z + l * B * d + row0 * d;
+    T* rz = p.rz + l * B * Kd + row0 * Kd;
+    const T* W = p.w + (r * n + l) * dd;
+    for (int64_t e = tid; e < md; e += nt) {
+      const int64_t i = e / d, o = e % d;
+      const T* ai = a + i * d;
+      const T* wo = W + o * d;
+      T acc = 0;
+      for (int64_t c = 0; c < d; ++c) acc += ai[c] * wo[c];
+      z[e] = acc;
+    }
+    for (int64_t e = tid; e < mkd; e += nt) {
+      const int64_t i = e / Kd, j = (e / d) % K, o = e % d;
+      const T* ai = a + i * d;
+      const T* rai = ra + (i * K + j) * d;
+      const T* wo = W + o * d;
+      const T* vo = p.v + ((j * p.R + r) * n + l) * dd + o * d;
+      T acc = 0;
+      for (int64_t c = 0; c < d; ++c) acc += rai[c] * wo[c] + ai[c] * vo[c];
+      rz[e] = acc;
+    }
+    __syncthreads();
+    if (l + 1 < n) {
+      T* an = p.act + (l + 1) * B * d + row0 * d;
+      T* ran = p.ract + (l + 1) * B * Kd + row0 * Kd;
+      for (int64_t e = tid; e < md; e += nt) an[e] = act_apply<T>(p.mid, z[e]);
+      for (int64_t e = tid; e < mkd; e += nt) {
+        const int64_t i = e / Kd, c = e % d;
+        const T zz = z[i * d + c];
+        ran[e] = act_deriv<T>(p.mid, zz, act_apply<T>(p.mid, zz)) * rz[e];
+      }
+      __syncthreads();
+    }
+  }
+  if (h_out == nullptr) return;
+  const T* z = p.z + (n - 1) * B * d + row0 * d;
+  const T* rz = p.rz + (n - 1) * B * Kd + row0 * Kd;
+  for (int64_t e = tid; e < md; e += nt) {
+    const T s = act_apply<T>(p.post, z[e]);
+    h_out[e] = p.shortcut ? hin[e] + s : s;
+  }
+  for (int64_t e = tid; e < mkd; e += nt) {
+    const int64_t i = e / Kd, c = e % d;
+    const T zz = z[i * d + c];
+    const T t = act_deriv<T>(p.post, zz, act_apply<T>(p.post, zz)) * rz[e];
+    rho_out[e] = p.shortcut ? rho[e] + t : t;
+  }
+  __syncthreads();
+}
+
+// Forward of every unit for one tile; saves the unit inputs and tangents.
+template <typename T>
+__global__ void __launch_bounds__(kHvpThreads) hvp_forward_kernel(HvpParams<T> p) {
+  const int64_t row0 = int64_t(blockIdx.x) * kHvpTileRows;
+  const int64_t m = p.B - row0 < kHvpTileRows ? p.B - row0 : kHvpTileRows;  // (no reference to the constant)
+  const int64_t d = p.d, Kd = p.K * p.d, B = p.B;
+  const int64_t tid = threadIdx.x, nt = blockDim.x;
+  for (int64_t e = tid; e < m * d; e += nt) p.sh[row0 * d + e] = p.x[row0 * d + e];
+  for (int64_t e = tid; e < m * Kd; e += nt) p.srho[row0 * Kd + e] = T(0);
+  __syncthreads();
+  for (int64_t r = 0; r < p.R; ++r) {
+    hvp_unit_forward<T>(p, r, row0, m, p.sh + (r * B + row0) * d, p.srho + (r * B + row0) * Kd,
+                        p.sh + ((r + 1) * B + row0) * d, p.srho + ((r + 1) * B + row0) * Kd);
+  }
+}
+
+// Loss of row b (row_loss, not yet divided by B), g = dL/df and R{g} (as loss_seed of the CPU kernel).
+template <typename T>
+__global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T> p) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= p.B) return;
+  const int64_t d = p.d, K = p.K;
+  const T* f = p.sh + (p.R * p.B + b) * d;
+  const T* rf = p.srho + (p.R * p.B + b) * K * d;
+  T* g = p.g + b * d;
+  T* rg = p.rg + b * K * d;
+  const T ib = static_cast<T>(1.0 / double(p.B));
+  if (p.loss == Loss::Mse) {
+    const T* y = p.y + b * d;
+    double total = 0.0;
+    for (int64_t c = 0; c < d; ++c) {
+      const T diff = f[c] - y[c];
+      total += 0.5 * static_cast<double>(diff) * static_cast<double>(diff);
+      g[c] = diff * ib;
+    }
+    for (int64_t e = 0; e < K * d; ++e) rg[e] = rf[e] * ib;
+    p.row_loss[b] = total;
+    return;
+  }
+  T* pr = p.ga + b * d;  // softmax
+  T mx = f[0];
+  for (int64_t c = 1; c < d; ++c) mx = f[c] > mx ? f[c] : mx;
+  T se = 0;
+  for (int64_t c = 0; c < d; ++c) {
+    pr[c] = std::exp(f[c] - mx);
+    se += pr[c];
+  }
+  for (int64_t c = 0; c < d; ++c) pr[c] /= se;
+  const T lse = mx + std::log(se);
+  T mass;
+  double total;
+  if (p.cls) {
+    const int64_t t = p.cls[b];
+    mass = T(1);
+    total = static_cast<double>(lse - f[t]);
+    for (int64_t c = 0; c < d; ++c) g[c] = pr[c] * ib;
+    g[t] -= ib;
+  } else {
+    const T* y = p.y + b * d;
+    mass = 0;
+    double yf = 0.0;
+    for (int64_t c = 0; c < d; ++c) {
+      mass += y[c];
+      yf += static_cast<double>(y[c]) * static_cast<double>(f[c]);
+    }
+    total = static_cast<double>(mass) * static_cast<double>(lse) - yf;
+    for (int64_t c = 0; c < d; ++c) g[c] = (mass * pr[c] - y[c]) * ib;
+  }
+  const T scale = mass * ib;
+  for (int64_t j = 0; j < K; ++j) {
+    const T* rfj = rf + j * d;
+    T* rgj = rg + j * d;
+    T dot = 0;
+    for (int64_t c = 0; c < d; ++c) dot += pr[c] * rfj[c];
+    for (int64_t c = 0; c < d; ++c) rgj[c] = scale * pr[c] * (rfj[c] - dot);
+  }
+  p.row_loss[b] = total;
+}
+
+// loss = sum_b row_loss[b] / B, one block of kHvpSumThreads threads, fixed summation order.
+template <typename T>
+__global__ void __launch_bounds__(kHvpSumThreads) hvp_loss_sum_kernel(HvpParams<T> p) {
+  SE_DYNAMIC_SMEM(double, buf);
+  const int64_t tid = threadIdx.x, nt = blockDim.x;
+  double acc = 0.0;
+  for (int64_t b = tid; b < p.B; b += nt) acc += p.row_loss[b];
+  buf[tid] = acc;
+  __syncthreads();
+  if (tid == 0) {
+    double total = 0.0;
+    for (int64_t t = 0; t < nt; ++t) total += buf[t];
+    p.loss_out[0] = static_cast<T>(total / double(p.B));
+  }
+}
+
+// Reverse (backward + tangent backward) through unit r for one tile: recomputes the unit's record
+// from its saved input, updates g, R{g} in place and stores gz_l, R{gz_l} of every layer.
+template <typename T>
+__global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams<T> p, int64_t r) {
+  const int64_t row0 = int64_t(blockIdx.x) * kHvpTileRows;
+  const int64_t m = p.B - row0 < kHvpTileRows ? p.B - row0 : kHvpTileRows;  // (no reference to the constant)
+  const int64_t B = p.B, d = p.d, K = p.K, n = p.n, dd = d * d, Kd = K * d;
+  const int64_t md = m * d, mkd = m * Kd;
+  const int64_t tid = threadIdx.x, nt = blockDim.x;
+  const T* hin = p.sh + (r * B + row0) * d;
+  const T* rho = p.srho + (r * B + row0) * Kd;
+  hvp_unit_forward<T>(p, r, row0, m, hin, rho, nullptr, nullptr);
+  __syncthreads();
+  T* g = p.g + row0 * d;
+  T* rg = p.rg + row0 * Kd;
+  T* ga = p.ga + row0 * d;
+  T* rga = p.rga + row0 * Kd;
+  // seed: gz = g s_post'(z), R{gz} = R{g} s_post'(z) + g s_post''(z) R{z}
+  {
+    const T* z = p.z + (n - 1) * B * d + row0 * d;
+    const T* rz = p.rz + (n - 1) * B * Kd + row0 * Kd;
+    T* gz = p.gz + (n - 1) * B * d + row0 * d;
+    T* rgz = p.rgz + (n - 1) * B * Kd + row0 * Kd;
+    for (int64_t e = tid; e < md; e += nt) gz[e] = g[e] * act_deriv<T>(p.post, z[e], act_apply<T>(p.post, z[e]));
+    for (int64_t e = tid; e < mkd; e += nt) {
+      const int64_t i = e / Kd, c = e % d;
+      const T zz = z[i * d + c], s = act_apply<T>(p.post, zz);
+      rgz[e] = rg[e] * act_deriv<T>(p.post, zz, s) + g[i * d + c] * act_deriv2<T>(p.post, zz, s) * rz[e];
+    }
+  }
+  __syncthreads();
+  for (int64_t l = n - 1; l >= 0; --l) {
+    const T* gz = p.gz + l * B * d + row0 * d;
+    const T* rgz = p.rgz + l * B * Kd + row0 * Kd;
+    const T* W = p.w + (r * n + l) * dd;
+    // ga = gz W, R{ga} = R{gz} W + gz V
+    for (int64_t e = tid; e < md; e += nt) {
+      const int64_t i = e / d, c = e % d;
+      const T* gi = gz + i * d;
+      T acc = 0;
+      for (int64_t o = 0; o < d; ++o) acc += gi[o] * W[o * d + c];
+      ga[e] = acc;
+    }
+    for (int64_t e = tid; e < mkd; e += nt) {
+      const int64_t i = e / Kd, j = (e / d) % K, c = e % d;
+      const T* gi = gz + i * d;
+      const T* rgi = rgz + (i * K + j) * d;
+      const T* V = p.v + ((j * p.R + r) * n + l) * dd;
+      T acc = 0;
+      for (int64_t o = 0; o < d; ++o) acc += rgi[o] * W[o * d + c] + gi[o] * V[o * d + c];
+      rga[e] = acc;
+    }
+    __syncthreads();
+    if (l > 0) {
+      const T* zp = p.z + (l - 1) * B * d + row0 * d;
+      const T* rzp = p.rz + (l - 1) * B * Kd + row0 * Kd;
+      T* gzp = p.gz + (l - 1) * B * d + row0 * d;
+      T* rgzp = p.rgz + (l - 1) * B * Kd + row0 * Kd;
+      for (int64_t e = tid; e < md; e += nt)
+        gzp[e] = ga[e] * act_deriv<T>(p.mid, zp[e], act_apply<T>(p.mid, zp[e]));
+      for (int64_t e = tid; e < mkd; e += nt) {
+        const int64_t i = e / Kd, c = e % d;
+        const T zz = zp[i * d + c], s = act_apply<T>(p.mid, zz);
+        rgzp[e] = rga[e] * act_deriv<T>(p.mid, zz, s) + ga[i * d + c] * act_deriv2<T>(p.mid, zz, s) * rzp[e];
+      }
+      __syncthreads();
+    }
+  }
+  // through s_pre and the shortcut
+  for (int64_t e = tid; e < md; e += nt) {
+    const T h = hin[e];
+    const T gi = ga[e] * act_deriv<T>(p.pre, h, act_apply<T>(p.pre, h));
+    g[e] = p.shortcut ? g[e] + gi : gi;
+  }
+  for (int64_t e = tid; e < mkd; e += nt) {
+    const int64_t i = e / Kd, c = e % d;
+    const T h = hin[i * d + c], s = act_apply<T>(p.pre, h);
+    const T t = rga[e] * act_deriv<T>(p.pre, h, s) + ga[i * d + c] * act_deriv2<T>(p.pre, h, s) * rho[e];
+    rg[e] = p.shortcut ? rg[e] + t : t;
+  }
+}
+
+// Weight gradient and HVPs of unit r, summed over the batch in row order.  One thread per output
+// element q of [n][1 + K][d, d]: slot 0 grad_w[r, l], slot 1 + j hvps[j, r, l].
+template <typename T>
+__global__ void __launch_bounds__(kHvpThreads) hvp_unit_reduce_kernel(HvpParams<T> p, int64_t r) {
+  const int64_t B = p.B, d = p.d, K = p.K, n = p.n, dd = d * d, Kd = K * d;
+  const int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q >= n * (1 + K) * dd) return;
+  const int64_t l = q / ((1 + K) * dd), t = (q / dd) % (1 + K), oi = q % dd, o = oi / d, i = oi % d;
+  const T* a = p.act + l * B * d;
+  const T* gz = p.gz + l * B * d;
+  if (t == 0) {
+    T acc = 0;
+    for (int64_t b = 0; b < B; ++b) acc += gz[b * d + o] * a[b * d + i];
+    p.grad_w[(r * n + l) * dd + oi] = acc;
+    return;
+  }
+  const int64_t j = t - 1;
+  const T* ra = p.ract + l * B * Kd;
+  const T* rgz = p.rgz + l * B * Kd;
+  T acc = 0;
+  for (int64_t b = 0; b < B; ++b)
+    acc += rgz[(b * K + j) * d + o] * a[b * d + i] + gz[b * d + o] * ra[(b * K + j) * d + i];
+  p.hvps[((j * p.R + r) * n + l) * dd + oi] = acc;
+}
+
+template <typename T>
+T* hvp_alloc(const cuda::Allocator& alloc, int64_t count) {
+  return static_cast<T*>(alloc(size_t(std::max<int64_t>(count, 1)) * sizeof(T)));
+}
+
+}  // namespace cuda_detail
+
+namespace cuda {
+
+template <typename T>
+cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, const T* x, const T* weights,
+                                      const T* targets, const int64_t* classes, const T* directions, T* loss_out,
+                                      T* grad_w, T* hvps, const Allocator& alloc, cudaStream_t stream) {
+  using namespace cuda_detail;
+  if (a.B == 0 || a.d == 0) return cudaSuccess;  // the host returns zeros
+  const int64_t B = a.B, d = a.d, R = a.R, n = a.n;
+  HvpParams<T> p;
+  p.x = x;
+  p.w = weights;
+  p.v = directions;
+  p.y = targets;
+  p.cls = classes;
+  p.sh = hvp_alloc<T>(alloc, (R + 1) * B * d);
+  p.srho = hvp_alloc<T>(alloc, (R + 1) * B * K * d);
+  p.act = hvp_alloc<T>(alloc, n * B * d);
+  p.z = hvp_alloc<T>(alloc, n * B * d);
+  p.ract = hvp_alloc<T>(alloc, n * B * K * d);
+  p.rz = hvp_alloc<T>(alloc, n * B * K * d);
+  p.gz = hvp_alloc<T>(alloc, n * B * d);
+  p.rgz = hvp_alloc<T>(alloc, n * B * K * d);
+  p.g = hvp_alloc<T>(alloc, B * d);
+  p.rg = hvp_alloc<T>(alloc, B * K * d);
+  p.ga = hvp_alloc<T>(alloc, B * d);
+  p.rga = hvp_alloc<T>(alloc, B * K * d);
+  p.row_loss = hvp_alloc<double>(alloc, B);
+  p.loss_out = loss_out;
+  p.grad_w = grad_w;
+  p.hvps = hvps;
+  p.B = B;
+  p.d = d;
+  p.R = R;
+  p.n = n;
+  p.K = K;
+  p.shortcut = a.shortcut;
+  p.pre = a.pre;
+  p.mid = a.mid;
+  p.post = a.post;
+  p.loss = loss;
+  const unsigned tiles = unsigned((B + kHvpTileRows - 1) / kHvpTileRows);
+  cudaError_t err;
+  SE_LAUNCH(hvp_forward_kernel<T>, dim3(tiles), dim3(kHvpThreads), 0, stream, p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  SE_LAUNCH(hvp_loss_seed_kernel<T>, dim3(unsigned((B + kHvpThreads - 1) / kHvpThreads)), dim3(kHvpThreads), 0,
+            stream, p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  SE_LAUNCH(hvp_loss_sum_kernel<T>, dim3(1), dim3(kHvpSumThreads), kHvpSumThreads * sizeof(double), stream, p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  const int64_t outs = n * (1 + K) * d * d;
+  const unsigned red_blocks = unsigned((outs + kHvpThreads - 1) / kHvpThreads);
+  for (int64_t r = R - 1; r >= 0; --r) {
+    SE_LAUNCH(hvp_reverse_unit_kernel<T>, dim3(tiles), dim3(kHvpThreads), 0, stream, p, r);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    SE_LAUNCH(hvp_unit_reduce_kernel<T>, dim3(red_blocks), dim3(kHvpThreads), 0, stream, p, r);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template cudaError_t launch_residual_stack_hvp<float>(const StackArgs&, int64_t, Loss, const float*, const float*,
+                                                      const float*, const int64_t*, const float*, float*, float*,
+                                                      float*, const Allocator&, cudaStream_t);
+template cudaError_t launch_residual_stack_hvp<double>(const StackArgs&, int64_t, Loss, const double*,
+                                                       const double*, const double*, const int64_t*,
+                                                       const double*, double*, double*, double*, const Allocator&,
+                                                       cudaStream_t);
+
+}  // namespace cuda
+}  // namespace shortcut_ext
