@@ -55,11 +55,12 @@ def residual_stack_forward(
 ) -> torch.Tensor:  # [B, d]
     """Reference forward of a residual stack (differentiable to any order by autograd)."""
     h = x
-    R, n = weights.shape[0], weights.shape[1]
-    for r in range(R):
+    n = weights.shape[1]
+    # unbind, not weights[r, k]: indexing's backward would add a full-size zero tensor per layer
+    for unit in weights.unbind(0):
         a = activation(act_pre, h)
-        for k in range(n):
-            a = a @ weights[r, k].transpose(0, 1)
+        for k, w in enumerate(unit.unbind(0)):
+            a = a @ w.transpose(0, 1)
             if k < n - 1:
                 a = activation(act_mid, a)
         a = activation(act_post, a)
