@@ -83,4 +83,50 @@ void check_saved(const at::Tensor& saved, const at::Tensor& weights, const Stack
   TORCH_CHECK_VALUE(saved.is_contiguous(), "saved must be contiguous");
 }
 
+// Checks targets and directions against the stack shape; returns the loss.
+Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets,
+                    const at::Tensor& directions, c10::string_view loss_name, const StackShape& s) {
+  const Loss loss = parse_loss(loss_name);
+  // directions [K, R, n, d, d]
+  TORCH_CHECK_VALUE(directions.dim() == 5 && directions.size(1) == s.R && directions.size(2) == s.n &&
+                        directions.size(3) == s.d && directions.size(4) == s.d,
+                    "directions must have shape [k, R, n, d, d] = [k, ", s.R, ", ", s.n, ", ", s.d, ", ", s.d,
+                    "], got ", shape_str(directions));
+  TORCH_CHECK_VALUE(directions.size(0) >= 1,
+                    "directions must hold k >= 1 directions (shape [k, R, n, d, d]), got ", shape_str(directions));
+  TORCH_CHECK_TYPE(directions.scalar_type() == weights.scalar_type(), "directions must have dtype ",
+                   dtype_name(weights.scalar_type()), " like weights, got ", dtype_name(directions.scalar_type()));
+  TORCH_CHECK_VALUE(directions.device() == weights.device(), "directions must be on ", weights.device(), " like weights, got ",
+                    directions.device());
+  TORCH_CHECK_VALUE(directions.is_contiguous(), "directions must be contiguous, got strides ", directions.strides(),
+                    " (call .contiguous(), or use shortcut_ext.residual_stack_hvp which does)");
+  // targets
+  TORCH_CHECK_VALUE(targets.device() == x.device(), "targets must be on ", x.device(), " like x, got ", targets.device());
+  TORCH_CHECK_VALUE(targets.is_contiguous(), "targets must be contiguous, got strides ", targets.strides(),
+                    " (call .contiguous(), or use shortcut_ext.residual_stack_hvp which does)");
+  if (targets.dim() == 1) {
+    TORCH_CHECK_VALUE(loss == Loss::CrossEntropy, "targets must have shape [B, d] = [", s.B, ", ", s.d,
+                      "] for loss='mse', got ", shape_str(targets),
+                      " (class indices [B] are accepted only with loss='cross_entropy')");
+    TORCH_CHECK_VALUE(targets.size(0) == s.B, "targets must have shape [B] = [", s.B,
+                      "] (class indices) or [B, d] = [", s.B, ", ", s.d, "] (probabilities), got ",
+                      shape_str(targets));
+    TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "class-index targets [B] must be int64, got ",
+                     dtype_name(targets.scalar_type()));
+    if (s.B > 0) {
+      const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi < s.d, "class-index targets must lie in [0, d) = [0, ", s.d, "), got values in [",
+                        lo, ", ", hi, "]");
+    }
+  } else {
+    TORCH_CHECK_VALUE(targets.dim() == 2 && targets.size(0) == s.B && targets.size(1) == s.d,
+                      "targets must have shape [B, d] = [", s.B, ", ", s.d, "]",
+                      loss == Loss::CrossEntropy ? " (probabilities) or [B] (class indices)" : "",
+                      ", got ", shape_str(targets));
+    TORCH_CHECK_TYPE(targets.scalar_type() == x.scalar_type(), "targets [B, d] must have dtype ", dtype_name(x.scalar_type()),
+                     " like x, got ", dtype_name(targets.scalar_type()));
+  }
+  return loss;
+}
+
 }  // namespace shortcut_ext

@@ -64,4 +64,9 @@ StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const cha
 // Checks saved [R, B, d] against a stack shape.
 void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s);
 
+// Checks the HVP op's targets [B, d] (or [B] int64 class indices with cross_entropy) and directions
+// [k, R, n, d, d] against the stack shape; returns the parsed loss.  Shared by CPU and CUDA.
+Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets,
+                    const at::Tensor& directions, c10::string_view loss_name, const StackShape& s);
+
 }  // namespace shortcut_ext

@@ -69,11 +69,6 @@ struct Acts {
   Act pre, mid, post;
 };
 
-std::string shape_of(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
 
 // Per-call constants of the kernel.
 template <typename T>
@@ -501,52 +496,6 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
       }
     });
   }
-}
-
-// Checks targets and directions against the stack shape; returns the loss.
-Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets,
-                    const at::Tensor& directions, c10::string_view loss_name, const StackShape& s) {
-  const Loss loss = parse_loss(loss_name);
-  // directions [K, R, n, d, d]
-  TORCH_CHECK_VALUE(directions.dim() == 5 && directions.size(1) == s.R && directions.size(2) == s.n &&
-                        directions.size(3) == s.d && directions.size(4) == s.d,
-                    "directions must have shape [k, R, n, d, d] = [k, ", s.R, ", ", s.n, ", ", s.d, ", ", s.d,
-                    "], got ", shape_of(directions));
-  TORCH_CHECK_VALUE(directions.size(0) >= 1,
-                    "directions must hold k >= 1 directions (shape [k, R, n, d, d]), got ", shape_of(directions));
-  TORCH_CHECK_TYPE(directions.scalar_type() == weights.scalar_type(), "directions must have dtype ",
-                   weights.scalar_type(), " like weights, got ", directions.scalar_type());
-  TORCH_CHECK_VALUE(directions.device() == weights.device(), "directions must be on ", weights.device(), " like weights, got ",
-                    directions.device());
-  TORCH_CHECK_VALUE(directions.is_contiguous(), "directions must be contiguous, got strides ", directions.strides(),
-                    " (call .contiguous(), or use shortcut_ext.residual_stack_hvp which does)");
-  // targets
-  TORCH_CHECK_VALUE(targets.device() == x.device(), "targets must be on ", x.device(), " like x, got ", targets.device());
-  TORCH_CHECK_VALUE(targets.is_contiguous(), "targets must be contiguous, got strides ", targets.strides(),
-                    " (call .contiguous(), or use shortcut_ext.residual_stack_hvp which does)");
-  if (targets.dim() == 1) {
-    TORCH_CHECK_VALUE(loss == Loss::CrossEntropy, "targets must have shape [B, d] = [", s.B, ", ", s.d,
-                      "] for loss='mse', got ", shape_of(targets),
-                      " (class indices [B] are accepted only with loss='cross_entropy')");
-    TORCH_CHECK_VALUE(targets.size(0) == s.B, "targets must have shape [B] = [", s.B,
-                      "] (class indices) or [B, d] = [", s.B, ", ", s.d, "] (probabilities), got ",
-                      shape_of(targets));
-    TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "class-index targets [B] must be int64, got ",
-                     targets.scalar_type());
-    if (s.B > 0) {
-      const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
-      TORCH_CHECK_VALUE(lo >= 0 && hi < s.d, "class-index targets must lie in [0, d) = [0, ", s.d, "), got values in [",
-                        lo, ", ", hi, "]");
-    }
-  } else {
-    TORCH_CHECK_VALUE(targets.dim() == 2 && targets.size(0) == s.B && targets.size(1) == s.d,
-                      "targets must have shape [B, d] = [", s.B, ", ", s.d, "]",
-                      loss == Loss::CrossEntropy ? " (probabilities) or [B] (class indices)" : "",
-                      ", got ", shape_of(targets));
-    TORCH_CHECK_TYPE(targets.scalar_type() == x.scalar_type(), "targets [B, d] must have dtype ", x.scalar_type(),
-                     " like x, got ", targets.scalar_type());
-  }
-  return loss;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
