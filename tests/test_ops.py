@@ -72,8 +72,44 @@ def test_thousand_units(device):
     _compare(96, 16, 1000, 2, True, ("identity", "relu", "identity"), torch.float64, device)
 
 
+@pytest.mark.parametrize("layout", ["batch", "feature"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,d,R,n,shortcut",
+    [(7, 5, 3, 2, True), (1, 3, 2, 1, True), (300, 40, 3, 2, True), (129, 64, 2, 3, False), (33, 17, 4, 4, True),
+     (2, 128, 2, 2, True)],
+)
+def test_cpu_tile_layouts(B, d, R, n, shortcut, dtype, layout, monkeypatch):
+    """Both CPU tile layouts (SHORTCUT_EXT_CPU_LAYOUT; the default picks by width) at widths on both
+    sides of the default switch, several tiles per slot and every activation position."""
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+    for i, acts in enumerate([("identity", "relu", "identity"), ("tanh", "ssigmoid", "relu"),
+                              ("relu", "identity", "tanh"), ("ssigmoid", "tanh", "ssigmoid")]):
+        _compare(B, d, R, n, shortcut, acts, dtype, "cpu", seed=i, scale=0.8 / d ** 0.5)
+
+
+def test_cpu_tile_layout_bad_value(monkeypatch):
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "columns")
+    x, w = stack_inputs(4, 3, 2, 2, torch.float64)
+    with pytest.raises(ValueError, match="SHORTCUT_EXT_CPU_LAYOUT must be batch, feature or auto.*columns"):
+        residual_stack(x, w, backend="fused")
+
+
+def test_cpu_tile_layouts_agree(monkeypatch):
+    x, w = stack_inputs(200, 48, 6, 2, torch.float64, requires_grad=True, scale=0.5 / 48 ** 0.5)
+    outs = {}
+    for layout in ("batch", "feature"):
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+        y = residual_stack(x, w, True, "relu", "tanh", "relu", backend="fused")
+        outs[layout] = (y,) + torch.autograd.grad(y.square().sum(), (x, w))
+    for a, b in zip(outs["batch"], outs["feature"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["batch", "feature"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree_and_are_deterministic(threads):
+def test_thread_counts_agree_and_are_deterministic(threads, layout, monkeypatch):
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -193,12 +229,13 @@ def test_portable_gemm_path_matches(tmp_path):
     code = (
         "import torch, shortcut_ext as se; from shortcut_ext import reference as ref\n"
         "assert se.build_info()['cpu_gemm'] == 'portable', se.build_info()\n"
-        "x = torch.randn(37, 16, requires_grad=True); w = (torch.randn(5, 2, 16, 16) * 0.2).requires_grad_()\n"
-        "y = se.residual_stack(x, w, True, 'relu', 'tanh', 'identity', backend='fused')\n"
-        "yr = ref.residual_stack_forward(x, w, True, 'relu', 'tanh', 'identity')\n"
-        "torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5)\n"
-        "a = torch.autograd.grad(y.sum(), w)[0]; b = torch.autograd.grad(yr.sum(), w)[0]\n"
-        "torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
+        "for d in (16, 40):  # batch-major and feature-major tiles\n"
+        "    x = torch.randn(37, d, requires_grad=True); w = (torch.randn(5, 2, d, d) / d).requires_grad_()\n"
+        "    y = se.residual_stack(x, w, True, 'relu', 'tanh', 'identity', backend='fused')\n"
+        "    yr = ref.residual_stack_forward(x, w, True, 'relu', 'tanh', 'identity')\n"
+        "    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5)\n"
+        "    a = torch.autograd.grad(y.sum(), w)[0]; b = torch.autograd.grad(yr.sum(), w)[0]\n"
+        "    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
     )
     env = dict(os.environ, SHORTCUT_EXT_CPU_GEMM="portable")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)

@@ -75,6 +75,32 @@ inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
   }
 }
 
+// dst[j, i] = src[i, j] for an in-cache tile of rows x cols (leading dimensions lds, ldd), in
+// 16 x 16 blocks so that both sides stay in a few cache lines.
+template <typename T>
+inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int64_t blk = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += blk) {
+    const int64_t i1 = std::min(rows, i0 + blk);
+    for (int64_t j0 = 0; j0 < cols; j0 += blk) {
+      const int64_t j1 = std::min(cols, j0 + blk);
+      for (int64_t j = j0; j < j1; ++j) {
+        T* out = dst + j * ldd;
+        for (int64_t i = i0; i < i1; ++i) out[i] = src[i * lds + j];
+      }
+    }
+  }
+}
+
+// Tile layout of the fused CPU kernels.  Batch-major tiles ([m, d], rows are samples) multiply by
+// W^T and need one transposed copy of the weights per call; feature-major tiles ([d, m]) multiply
+// by W as stored (z^T = W a^T) and instead transpose in-cache tiles.  The copy costs a full pass
+// over R*n*d*d weights (page faults included), so feature-major wins once weights are large.
+enum class TileLayout { BatchMajor, FeatureMajor };
+
+// SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 32 on).
+TileLayout cpu_tile_layout(int64_t d);
+
 // wt[r, k] = w[r, k]^T for every d x d matrix, in parallel over matrices.
 template <typename T>
 at::Tensor transpose_weights(const at::Tensor& weights) {

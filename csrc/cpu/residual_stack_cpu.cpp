@@ -3,20 +3,26 @@
 // Schedule: the batch is cut into row tiles; tiles are grouped into P <= num_threads contiguous
 // slots, and each slot is one task of at::parallel_for that carries its tiles through every unit
 // with no barrier per layer.  A tile of `m` rows stays in scratch (L1/L2) across units; weights are
-// streamed once per tile.  Rows are samples and a layer maps a -> a @ W^T, so the forward multiplies
-// by W^T: the host makes one transposed copy of the weights per call (R*n*d*d elements) so that every
-// small GEMM is a plain row-major C = A @ B (oneDNN brgemm for float32).
+// streamed once per tile.  A layer maps a -> W a (rows of the input are samples).  Two tile layouts
+// (cpu_schedule.h): batch-major tiles [m, d] multiply by W^T from one transposed copy of the
+// weights made per call (cheap for small d); feature-major tiles [d, m] multiply by W as stored,
+// z^T = W a^T, and the backward's data gradient (ga = gz W) runs batch-major, also on W as stored,
+// so no weight is ever transposed: the kernels transpose m x d tiles in cache instead, and the
+// weight gradients accumulate transposed (dW^T = a^T gz) and are transposed back while the slots
+// are reduced.  Every small GEMM is a plain row-major C = A @ B (oneDNN brgemm for float32).
 //
 // Memory: the forward saves the input of every unit (saved [R, B, d]) and nothing else.  The
 // backward recomputes a unit's inner activations from its saved input, in per-thread scratch of
-// 2*n*m*d elements, and accumulates weight gradients per slot in chunks of units
-// ([P, U, n, d, d], U chosen to bound it), then reduces the slots in a fixed order: results are
+// (2n + 4) m d elements, and accumulates weight gradients per slot in chunks of units
+// ([P, U, n, d, d], U chosen to bound it; each slot's first tile writes, later tiles add, so the
+// buffers are never zero-filled), then reduces the slots in a fixed order: results are
 // deterministic for a given number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -68,13 +74,44 @@ void forward_tile(T* h, int64_t m, int64_t row0, int64_t B, const T* wt, int64_t
   }
 }
 
+// Feature-major forward of units [0, R) for one tile: `h` [d, m] (leading dimension m).
+template <typename T>
+void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64_t R, int64_t n, int64_t d,
+                     bool shortcut, Acts acts, T* saved, T* bufA, T* bufZ0, T* bufZ1) {
+  const int64_t md = m * d, dd = d * d;
+  for (int64_t r = 0; r < R; ++r) {
+    if (saved) transpose_tile(h, d, m, m, saved + (r * B + row0) * d, d);
+    const T* cur = h;
+    if (acts.pre != Act::Identity) {
+      std::copy(h, h + md, bufA);
+      apply_act(acts.pre, bufA, md);
+      cur = bufA;
+    }
+    T* z = bufZ0;
+    for (int64_t k = 0; k < n; ++k) {
+      z = (k % 2 == 0) ? bufZ0 : bufZ1;
+      gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, cur, m, z, m, false);
+      if (k < n - 1) apply_act(acts.mid, z, md);
+      cur = z;
+    }
+    apply_act(acts.post, z, md);
+    if (shortcut) {
+#pragma omp simd
+      for (int64_t i = 0; i < md; ++i) h[i] += z[i];
+    } else {
+      std::copy(z, z + md, h);
+    }
+  }
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut, Acts acts, at::Tensor& y,
                   T* saved) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1);
   if (B == 0) return;
-  const at::Tensor wt = transpose_weights<T>(weights);  // [R, n, d_in, d_out]
-  const T* wt_p = wt.data_ptr<T>();
+  const bool fm = cpu_tile_layout(d) == TileLayout::FeatureMajor;
+  const at::Tensor wt = fm ? weights : transpose_weights<T>(weights);  // batch-major: [R, n, d_in, d_out]
+  const T* w_p = wt.data_ptr<T>();
   const T* x_p = x.data_ptr<T>();
   T* y_p = y.data_ptr<T>();
   const int64_t P = num_slots(B, R * n * d * d);
@@ -82,17 +119,23 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut,
   const int64_t tiles = (B + m_max - 1) / m_max;
   const int64_t slots = std::min(P, tiles);
   for_each_slot(slots, [&](int64_t s0, int64_t s1) {
-    std::vector<T> scratch(4 * m_max * d);
-    T* h = scratch.data();
+    std::unique_ptr<T[]> scratch(new T[4 * m_max * d]);
+    T* h = scratch.get();
     T* bufA = h + m_max * d;
     T* z0 = bufA + m_max * d;
     T* z1 = z0 + m_max * d;
     for (int64_t s = s0; s < s1; ++s) {
       for (int64_t t = s * tiles / slots; t < (s + 1) * tiles / slots; ++t) {
         const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
-        std::copy(x_p + row0 * d, x_p + (row0 + m) * d, h);
-        forward_tile<T>(h, m, row0, B, wt_p, R, n, d, shortcut, acts, saved, bufA, z0, z1);
-        std::copy(h, h + m * d, y_p + row0 * d);
+        if (fm) {
+          transpose_tile(x_p + row0 * d, m, d, d, h, m);
+          forward_tile_fm<T>(h, m, row0, B, w_p, R, n, d, shortcut, acts, saved, bufA, z0, z1);
+          transpose_tile(h, d, m, m, y_p + row0 * d, d);
+        } else {
+          std::copy(x_p + row0 * d, x_p + (row0 + m) * d, h);
+          forward_tile<T>(h, m, row0, B, w_p, R, n, d, shortcut, acts, saved, bufA, z0, z1);
+          std::copy(h, h + m * d, y_p + row0 * d);
+        }
       }
     }
     gemm_release();
@@ -100,24 +143,25 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut,
 }
 
 // Backward through units [r_end, r_begin) in reverse for one tile; `g` [m, d] is dL/d(output of
-// unit r_begin - 1) on entry and dL/d(input of unit r_end) on exit.  Weight gradients are added to
-// `dw` (the chunk's slot buffer, unit r at dw + (r - r_end) * n * d * d).
+// unit r_begin - 1) on entry and dL/d(input of unit r_end) on exit.  Weight gradients go to `dw`
+// (the chunk's slot buffer, unit r at dw + (r - r_end) * n * d * d): written by the slot's first
+// tile, added by the others (`accumulate`).
 template <typename T>
 void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* wt, const T* saved,
                    int64_t r_begin, int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dw,
-                   T* act, T* zs, T* gz, T* ga, T* tscratch) {
+                   bool accumulate, T* act, T* zs, T* gz, T* ga, T* tscratch) {
   const int64_t md = m * d, dd = d * d;
+  // recompute: in[k] is the input of layer k, zs[k] its output before the activation; with an
+  // identity activation in[k] aliases the buffer it would copy
+  const T* in[64];
+  std::vector<const T*> in_heap;
+  const T** ins = in;
+  if (n > 64) {
+    in_heap.resize(n);
+    ins = in_heap.data();
+  }
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
     const T* hin = saved + (r * B + row0) * d;
-    // recompute: in[k] is the input of layer k, zs[k] its output before the activation; with an
-    // identity activation in[k] aliases the buffer it would copy
-    const T* in[64];
-    std::vector<const T*> in_heap;
-    const T** ins = in;
-    if (n > 64) {
-      in_heap.resize(n);
-      ins = in_heap.data();
-    }
     if (acts.pre == Act::Identity) {
       ins[0] = hin;
     } else {
@@ -145,11 +189,79 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
     T* dwr = dw + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
       // dW[r, k] += gz^T @ act[k]   ([d_out, d_in])
-      gemm_tn<T>(d, d, m, gz, d, ins[k], d, dwr + k * dd, d, true, tscratch);
+      gemm_tn<T>(d, d, m, gz, d, ins[k], d, dwr + k * dd, d, accumulate, tscratch);
       // ga = gz @ W[r, k]           ([m, d_in])
       gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);
       if (k > 0) {
         mul_act_deriv(acts.mid, ga, zs + (k - 1) * md, md);
+        std::swap(gz, ga);
+      }
+    }
+    mul_act_deriv(acts.pre, ga, hin, md);
+    if (shortcut) {
+#pragma omp simd
+      for (int64_t i = 0; i < md; ++i) g[i] += ga[i];
+    } else {
+      std::copy(ga, ga + md, g);
+    }
+  }
+}
+
+// Feature-major backward (see the top of the file): the recompute runs on [d, m] tiles with W as
+// stored, the data gradient on batch-major [m, d] tiles with W as stored; `dwt` receives dW^T.
+template <typename T>
+void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, int64_t r_begin,
+                      int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dwt, bool accumulate,
+                      T* hT, T* act, T* zs, T* zb, T* gz, T* ga) {
+  const int64_t md = m * d, dd = d * d;
+  const T* in[64];
+  std::vector<const T*> in_heap;
+  const T** ins = in;
+  if (n > 64) {
+    in_heap.resize(n);
+    ins = in_heap.data();
+  }
+  for (int64_t r = r_begin - 1; r >= r_end; --r) {
+    const T* hin = saved + (r * B + row0) * d;  // [m, d]
+    transpose_tile(hin, m, d, d, hT, m);
+    if (acts.pre == Act::Identity) {
+      ins[0] = hT;
+    } else {
+      std::copy(hT, hT + md, act);
+      apply_act(acts.pre, act, md);
+      ins[0] = act;
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      T* zk = zs + k * md;  // [d, m]
+      gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, ins[k], m, zk, m, false);
+      if (k < n - 1) {
+        if (acts.mid == Act::Identity) {
+          ins[k + 1] = zk;
+        } else {
+          T* next = act + (k + 1) * md;
+          std::copy(zk, zk + md, next);
+          apply_act(acts.mid, next, md);
+          ins[k + 1] = next;
+        }
+      }
+    }
+    // gz = g * s_post'(z_{n-1}), batch-major
+    std::copy(g, g + md, gz);
+    if (acts.post != Act::Identity) {
+      transpose_tile(zs + (n - 1) * md, d, m, m, zb, d);
+      mul_act_deriv(acts.post, gz, zb, md);
+    }
+    T* dwr = dwt + (r - r_end) * n * dd;
+    for (int64_t k = n - 1; k >= 0; --k) {
+      // dW[r, k]^T (+)= a_k^T @ gz        ([d_in, d_out])
+      gemm_nn<T>(d, d, m, ins[k], m, gz, d, dwr + k * dd, d, accumulate);
+      // ga = gz @ W[r, k]                 ([m, d_in])
+      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);
+      if (k > 0) {
+        if (acts.mid != Act::Identity) {
+          transpose_tile(zs + (k - 1) * md, d, m, m, zb, d);
+          mul_act_deriv(acts.mid, ga, zb, md);
+        }
         std::swap(gz, ga);
       }
     }
@@ -172,9 +284,11 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     grad_w.zero_();
     return;
   }
-  const at::Tensor wt = transpose_weights<T>(weights);  // [R, n, d_in, d_out]
+  const bool fm = cpu_tile_layout(d) == TileLayout::FeatureMajor;
+  // the batch-major recompute multiplies by W^T: [R, n, d_in, d_out]
+  const at::Tensor wt = fm ? at::Tensor() : transpose_weights<T>(weights);
   const T* w_p = weights.data_ptr<T>();
-  const T* wt_p = wt.data_ptr<T>();
+  const T* wt_p = wt.defined() ? wt.data_ptr<T>() : nullptr;
   const T* saved_p = saved.data_ptr<T>();
   T* g_all = grad_x.data_ptr<T>();  // carries each tile's gradient between chunks of units
   std::copy(grad_y.data_ptr<T>(), grad_y.data_ptr<T>() + B * d, g_all);
@@ -184,41 +298,69 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
   const int64_t m_max = tile_rows(B, d, n, P, true);
   const int64_t tiles = (B + m_max - 1) / m_max;
   const int64_t slots = std::min(P, tiles);
-  // Units per chunk: bound the slot buffers to ~16M elements in all.
-  const int64_t U = std::max<int64_t>(1, std::min<int64_t>(R, (int64_t(1) << 24) / (slots * n * dd)));
-  std::vector<T> partial(slots * U * n * dd);
+  // Units per chunk: the slot buffers hold ~2M elements in all (they stay in cache and are reused;
+  // a chunk costs one fork/join).
+  const int64_t U = std::max<int64_t>(1, std::min<int64_t>(R, (int64_t(1) << 21) / (slots * n * dd)));
+  const int64_t stride = U * n * dd;  // one slot's buffer
+  std::unique_ptr<T[]> partial(new T[slots * stride]);
 
   for (int64_t r_begin = R; r_begin > 0; r_begin -= U) {
     const int64_t r_end = std::max<int64_t>(0, r_begin - U);
     const int64_t chunk = (r_begin - r_end) * n * dd;
     for_each_slot(slots, [&](int64_t s0, int64_t s1) {
-      std::vector<T> scratch((2 * n + 2) * m_max * d + m_max * d);
-      T* act = scratch.data();
+      std::unique_ptr<T[]> scratch(new T[(2 * n + 4) * m_max * d]);
+      T* act = scratch.get();
       T* zs = act + n * m_max * d;
       T* gz = zs + n * m_max * d;
       T* ga = gz + m_max * d;
-      T* tscratch = ga + m_max * d;
+      T* t0 = ga + m_max * d;   // batch-major: transposed activations for gemm_tn; feature-major: hT
+      T* t1 = t0 + m_max * d;   // feature-major: batch-major copy of a pre-activation
       for (int64_t s = s0; s < s1; ++s) {
-        T* dw = partial.data() + s * U * n * dd;
-        std::fill(dw, dw + chunk, T(0));
-        for (int64_t t = s * tiles / slots; t < (s + 1) * tiles / slots; ++t) {
+        T* dw = partial.get() + s * stride;
+        const int64_t first = s * tiles / slots;
+        for (int64_t t = first; t < (s + 1) * tiles / slots; ++t) {
           const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
-          // each tile uses packed [m, d] scratch; the layer loops need tile-local `md` strides
-          backward_tile<T>(g_all + row0 * d, m, row0, B, w_p, wt_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
-                           dw, act, zs, gz, ga, tscratch);
+          if (fm)
+            backward_tile_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts, dw,
+                                t != first, t0, act, zs, t1, gz, ga);
+          else
+            backward_tile<T>(g_all + row0 * d, m, row0, B, w_p, wt_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
+                             dw, t != first, act, zs, gz, ga, t0);
         }
       }
       gemm_release();
     });
-    // fixed-order reduction of the slots into grad_w[r_end:r_begin]
+    // fixed-order reduction of the slots into grad_w[r_end:r_begin] (transposing dW^T back when
+    // feature-major)
     T* out = gw_p + r_end * n * dd;
-    at::parallel_for(0, chunk, 65536, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T acc = partial[i];
-        for (int64_t s = 1; s < slots; ++s) acc += partial[s * U * n * dd + i];
-        out[i] = acc;
-      }
-    });
+    const T* part = partial.get();
+    if (fm) {
+      at::parallel_for(0, chunk / dd, std::max<int64_t>(1, 65536 / dd), [&](int64_t q0, int64_t q1) {
+        constexpr int64_t blk = 16;
+        T tmp[blk][blk];
+        for (int64_t q = q0; q < q1; ++q)
+          for (int64_t j0 = 0; j0 < d; j0 += blk)
+            for (int64_t i0 = 0; i0 < d; i0 += blk) {
+              const int64_t jn = std::min(blk, d - j0), in = std::min(blk, d - i0);
+              for (int64_t jj = 0; jj < jn; ++jj) {
+                const T* p = part + q * dd + (j0 + jj) * d + i0;  // row j of dW^T: column j of dW
+                for (int64_t ii = 0; ii < in; ++ii) tmp[jj][ii] = p[ii];
+                for (int64_t sl = 1; sl < slots; ++sl)
+                  for (int64_t ii = 0; ii < in; ++ii) tmp[jj][ii] += p[sl * stride + ii];
+              }
+              for (int64_t ii = 0; ii < in; ++ii)
+                for (int64_t jj = 0; jj < jn; ++jj) out[q * dd + (i0 + ii) * d + j0 + jj] = tmp[jj][ii];
+            }
+      });
+    } else {
+      at::parallel_for(0, chunk, 65536, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          T acc = part[i];
+          for (int64_t sl = 1; sl < slots; ++sl) acc += part[sl * stride + i];
+          out[i] = acc;
+        }
+      });
+    }
   }
 }
 

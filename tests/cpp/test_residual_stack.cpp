@@ -85,6 +85,7 @@ int main() {
   check_case(33, 8, 3, 3, true, "tanh", "ssigmoid", "tanh");
   check_case(9, 4, 1, 6, false, "identity", "tanh", "identity");
   check_case(1, 1, 2, 1, true, "relu", "relu", "relu");
+  check_case(40, 70, 3, 2, true, "ssigmoid", "relu", "relu");  // feature-major tiles (d >= 32)
   // argument checks give a clear error rather than a crash
   bool threw = false;
   try {
