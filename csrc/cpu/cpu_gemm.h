@@ -8,6 +8,8 @@
 
 #include <ATen/native/CPUBlas.h>
 
+#include "cpu/cpu_schedule.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -62,10 +64,7 @@ inline void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
                     int64_t ldc, bool accumulate, T* scratch) {
 #ifndef SHORTCUT_EXT_NO_BRGEMM
   if (std::is_same<T, float>::value && use_brgemm() && M > 0 && N > 0 && K > 0) {
-    constexpr int64_t blk = 16;  // blocked transpose: both sides stay in a few cache lines
-    for (int64_t k0 = 0; k0 < K; k0 += blk)
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t k = k0; k < std::min(K, k0 + blk); ++k) scratch[i * K + k] = A[k * lda + i];
+    transpose_tile(A, K, M, lda, scratch, K);  // scratch [M, K] = A^T
     gemm_nn<T>(M, N, K, scratch, K, B, ldb, C, ldc, accumulate);
     return;
   }

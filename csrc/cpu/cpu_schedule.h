@@ -7,6 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -75,8 +80,36 @@ inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
   }
 }
 
+#if defined(__AVX512F__)
+// One 16 x 16 float block: dst[j, i] = src[i, j], in registers (unpack 32/64-bit, then 128-bit lanes).
+inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+#endif
+
 // dst[j, i] = src[i, j] for an in-cache tile of rows x cols (leading dimensions lds, ldd), in
-// 16 x 16 blocks so that both sides stay in a few cache lines.
+// 16 x 16 blocks so that both sides stay in a few cache lines (in registers for float with AVX-512).
 template <typename T>
 inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t blk = 16;
@@ -84,6 +117,13 @@ inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds
     const int64_t i1 = std::min(rows, i0 + blk);
     for (int64_t j0 = 0; j0 < cols; j0 += blk) {
       const int64_t j1 = std::min(cols, j0 + blk);
+#if defined(__AVX512F__)
+      if (std::is_same<T, float>::value && i1 - i0 == blk && j1 - j0 == blk) {
+        transpose16x16(reinterpret_cast<const float*>(src) + i0 * lds + j0, lds,
+                       reinterpret_cast<float*>(dst) + j0 * ldd + i0, ldd);
+        continue;
+      }
+#endif
       for (int64_t j = j0; j < j1; ++j) {
         T* out = dst + j * ldd;
         for (int64_t i = i0; i < i1; ++i) out[i] = src[i * lds + j];

@@ -107,9 +107,21 @@ struct Record {
   }
 };
 
-// d1 = s'(z), d2 = s''(z) (d2 may be null); s_out = s(z) (may be null).
+// d1 = s'(z), d2 = s''(z) (d2 may be null); s_out = s(z) (may be null).  Relu (and the identity)
+// get their own loops so that they vectorise; relu'' = 0 and relu'(0) = 0, as autograd.
 template <typename T>
 inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2) {
+  if (a == Act::Relu || a == Act::Identity) {
+    const bool relu = a == Act::Relu;
+    if (s_out) {
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) s_out[i] = (!relu || z[i] > T(0)) ? z[i] : T(0);
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) d1[i] = (!relu || z[i] > T(0)) ? T(1) : T(0);
+    if (d2) std::fill(d2, d2 + count, T(0));
+    return;
+  }
   for (int64_t i = 0; i < count; ++i) {
     const T s = act_apply<T>(a, z[i]);
     if (s_out) s_out[i] = s;
@@ -117,6 +129,10 @@ inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2)
     if (d2) d2[i] = act_deriv2<T>(a, z[i], s);
   }
 }
+
+// Whether s'' is not identically zero (tanh, ssigmoid): otherwise the curvature terms
+// g s''(z) R{z} of the tangent backward vanish and are skipped.
+inline bool has_curvature(Act a) { return a == Act::Tanh || a == Act::SSigmoid; }
 
 // out[i, j, c] = (accumulate ? out : 0) + t[i, j, c] * f[i, c]   (t, out: [m, K, d]; f: [m, d]).
 template <typename T>
@@ -179,8 +195,15 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
   const T* z = rec.z + (n - 1) * s1;
   const T* rz = rec.rz + (n - 1) * sk;
   if (acts.post == Act::Identity) {
-    for (int64_t i = 0; i < md; ++i) h_out[i] = net.shortcut ? rec.hin[i] + z[i] : z[i];
-    for (int64_t i = 0; i < K * md; ++i) rho_out[i] = net.shortcut ? rec.rho[i] + rz[i] : rz[i];
+    if (net.shortcut) {
+#pragma omp simd
+      for (int64_t i = 0; i < md; ++i) h_out[i] = rec.hin[i] + z[i];
+#pragma omp simd
+      for (int64_t i = 0; i < K * md; ++i) rho_out[i] = rec.rho[i] + rz[i];
+    } else {
+      std::copy(z, z + md, h_out);
+      std::copy(rz, rz + K * md, rho_out);
+    }
     return;
   }
   // d1 = s_post'(z); the branch output goes through h_out directly (elementwise, so aliasing is safe)
@@ -224,13 +247,15 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
       std::copy(g, g + md, gz);
       std::copy(rg, rg + K * md, rgz);
     } else {
-      act_derivs<T>(acts.post, z, md, nullptr, ws.d1, ws.d2);
-      for (int64_t i = 0; i < md; ++i) {
-        gz[i] = g[i] * ws.d1[i];
-        ws.t[i] = g[i] * ws.d2[i];
-      }
+      const bool curv = has_curvature(acts.post);
+      act_derivs<T>(acts.post, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+#pragma omp simd
+      for (int64_t i = 0; i < md; ++i) gz[i] = g[i] * ws.d1[i];
       rows_mul<T>(rgz, rg, ws.d1, m, K, d, false);
-      rows_mul<T>(rgz, rz, ws.t, m, K, d, true);
+      if (curv) {
+        for (int64_t i = 0; i < md; ++i) ws.t[i] = g[i] * ws.d2[i];
+        rows_mul<T>(rgz, rz, ws.t, m, K, d, true);
+      }
     }
   }
   for (int64_t l = n - 1; l >= 0; --l) {
@@ -251,13 +276,15 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
       } else {
         const T* zp = rec.z + (l - 1) * s1;
         const T* rzp = rec.rz + (l - 1) * sk;
-        act_derivs<T>(acts.mid, zp, md, nullptr, ws.d1, ws.d2);
-        for (int64_t i = 0; i < md; ++i) {
-          gz[i] = ga[i] * ws.d1[i];
-          ws.t[i] = ga[i] * ws.d2[i];
-        }
+        const bool curv = has_curvature(acts.mid);
+        act_derivs<T>(acts.mid, zp, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+#pragma omp simd
+        for (int64_t i = 0; i < md; ++i) gz[i] = ga[i] * ws.d1[i];
         rows_mul<T>(rgz, rga, ws.d1, m, K, d, false);
-        rows_mul<T>(rgz, rzp, ws.t, m, K, d, true);
+        if (curv) {
+          for (int64_t i = 0; i < md; ++i) ws.t[i] = ga[i] * ws.d2[i];
+          rows_mul<T>(rgz, rzp, ws.t, m, K, d, true);
+        }
       }
     }
   }
@@ -272,14 +299,17 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     }
     return;
   }
-  act_derivs<T>(acts.pre, rec.hin, md, nullptr, ws.d1, ws.d2);
+  const bool curv = has_curvature(acts.pre);
+  act_derivs<T>(acts.pre, rec.hin, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
   for (int64_t i = 0; i < md; ++i) {
     const T gi = ga[i] * ws.d1[i];
     g[i] = net.shortcut ? g[i] + gi : gi;
-    ws.t[i] = ga[i] * ws.d2[i];
   }
   rows_mul<T>(rg, rga, ws.d1, m, K, d, net.shortcut);
-  rows_mul<T>(rg, rec.rho, ws.t, m, K, d, true);
+  if (curv) {
+    for (int64_t i = 0; i < md; ++i) ws.t[i] = ga[i] * ws.d2[i];
+    rows_mul<T>(rg, rec.rho, ws.t, m, K, d, true);
+  }
 }
 
 // Loss of one tile (returned, summed over its rows, not yet divided by B) and the seeds
