@@ -220,15 +220,17 @@ def test_fuzz_shapes_strides_values(B, d, R, n, shortcut, acts, transpose, step,
         torch.testing.assert_close(gw, gw_r, **tol(dtype))
 
 
-def test_portable_gemm_path_matches(tmp_path):
-    """The portable (non-oneDNN) float32 path, selected by SHORTCUT_EXT_CPU_GEMM=portable, in a subprocess."""
+@pytest.mark.parametrize("path", ["portable", "brgemm"])
+def test_gemm_paths_match(path, tmp_path):
+    """The float32 GEMM paths other than the default, selected by SHORTCUT_EXT_CPU_GEMM in a subprocess:
+    the portable loops, and brgemm without the d = 16 register kernel."""
     import subprocess
     import sys
     import os
 
     code = (
         "import torch, shortcut_ext as se; from shortcut_ext import reference as ref\n"
-        "assert se.build_info()['cpu_gemm'] == 'portable', se.build_info()\n"
+        f"assert se.build_info()['cpu_gemm'] == '{path}', se.build_info()\n"
         "for d in (16, 40):  # batch-major and feature-major tiles\n"
         "    x = torch.randn(37, d, requires_grad=True); w = (torch.randn(5, 2, d, d) / d).requires_grad_()\n"
         "    y = se.residual_stack(x, w, True, 'relu', 'tanh', 'identity', backend='fused')\n"
@@ -237,6 +239,6 @@ def test_portable_gemm_path_matches(tmp_path):
         "    a = torch.autograd.grad(y.sum(), w)[0]; b = torch.autograd.grad(yr.sum(), w)[0]\n"
         "    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
     )
-    env = dict(os.environ, SHORTCUT_EXT_CPU_GEMM="portable")
+    env = dict(os.environ, SHORTCUT_EXT_CPU_GEMM=path)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -8,15 +8,28 @@
 
 namespace shortcut_ext {
 
+namespace {
+std::string gemm_env() {
+  const char* v = std::getenv("SHORTCUT_EXT_CPU_GEMM");
+  return v ? std::string(v) : std::string();
+}
+}  // namespace
+
 bool use_brgemm() {
 #ifdef SHORTCUT_EXT_NO_BRGEMM
   return false;
 #else
-  static const bool on = [] {
-    const char* v = std::getenv("SHORTCUT_EXT_CPU_GEMM");
-    return !(v && std::string(v) == "portable");
-  }();
+  static const bool on = gemm_env() != "portable";
   return on;
+#endif
+}
+
+bool use_kernel16() {
+#if defined(__AVX512F__)
+  static const bool on = gemm_env() != "portable" && gemm_env() != "brgemm";
+  return on;
+#else
+  return false;
 #endif
 }
 
@@ -30,6 +43,9 @@ TileLayout cpu_tile_layout(int64_t d) {
   return d >= 32 ? TileLayout::FeatureMajor : TileLayout::BatchMajor;
 }
 
-std::string cpu_gemm_path() { return use_brgemm() ? "brgemm" : "portable"; }
+std::string cpu_gemm_path() {
+  if (!use_brgemm()) return "portable";
+  return use_kernel16() ? "brgemm+kernel16" : "brgemm";
+}
 
 }  // namespace shortcut_ext

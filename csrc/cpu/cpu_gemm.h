@@ -1,6 +1,6 @@
 // Small row-major GEMMs for the fused CPU kernels.
 //
-// float32 goes through ATen's batch-reduce GEMM (oneDNN brgemm ukernels, AVX-512 where the CPU has
+// float32 goes through a register kernel for 16 x 16 weight gradients (AVX-512 builds) and otherwise ATen's batch-reduce GEMM (oneDNN brgemm ukernels, AVX-512 where the CPU has
 // it); that symbol is exported by libtorch but internal, so SHORTCUT_EXT_NO_BRGEMM=1 (compile
 // time) or SHORTCUT_EXT_CPU_GEMM=portable (run time) switch to the portable loops below, which are
 // also the float64 path.
@@ -18,9 +18,29 @@
 
 namespace shortcut_ext {
 
-// "brgemm" or "portable": which float32 path the CPU kernels use in this process.
+// Which float32 path the CPU kernels use in this process (SHORTCUT_EXT_CPU_GEMM):
+// "auto" (default): the d = 16 register kernel below where it applies (AVX-512 builds), oneDNN
+// brgemm otherwise; "brgemm": brgemm only; "portable": the portable loops only.
 std::string cpu_gemm_path();
 bool use_brgemm();
+bool use_kernel16();
+
+#if defined(__AVX512F__)
+// C[16, 16] (+)= A[K, 16]^T @ B[K, 16]: 16 accumulator rows, one row of B per step, so the
+// weight gradients of d = 16 stacks need no transpose of A.  Measured against transpose + brgemm
+// (1 thread, K = 128 / 2048): 110 / 117 vs 76 / 33 GFLOP/s.  (A register kernel for
+// C[M, 16] = A[M, 16] @ B[16, 16] lost to brgemm, 72 vs 95 GFLOP/s, so there is none.)
+inline void gemm16_tn(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                      bool accumulate) {
+  __m512 c[16];
+  for (int o = 0; o < 16; ++o) c[o] = accumulate ? _mm512_loadu_ps(C + o * ldc) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < K; ++i) {
+    const __m512 bi = _mm512_loadu_ps(B + i * ldb);
+    for (int o = 0; o < 16; ++o) c[o] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + o]), bi, c[o]);
+  }
+  for (int o = 0; o < 16; ++o) _mm512_storeu_ps(C + o * ldc, c[o]);
+}
+#endif
 
 // C[M, N] (+)= A[M, K] @ B[K, N]; all row-major with leading dimensions lda, ldb, ldc.
 template <typename T>
@@ -62,6 +82,13 @@ inline void gemm_nn<float>(int64_t M, int64_t N, int64_t K, const float* A, int6
 template <typename T>
 inline void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                     int64_t ldc, bool accumulate, T* scratch) {
+#if defined(__AVX512F__)
+  if (std::is_same<T, float>::value && M == 16 && N == 16 && K > 0 && use_kernel16()) {
+    gemm16_tn(K, reinterpret_cast<const float*>(A), lda, reinterpret_cast<const float*>(B), ldb,
+              reinterpret_cast<float*>(C), ldc, accumulate);
+    return;
+  }
+#endif
 #ifndef SHORTCUT_EXT_NO_BRGEMM
   if (std::is_same<T, float>::value && use_brgemm() && M > 0 && N > 0 && K > 0) {
     transpose_tile(A, K, M, lda, scratch, K);  // scratch [M, K] = A^T
