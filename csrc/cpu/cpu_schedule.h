@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -140,6 +144,22 @@ enum class TileLayout { BatchMajor, FeatureMajor };
 
 // SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 32 on).
 TileLayout cpu_tile_layout(int64_t d);
+
+// Asks the kernel to back a large, not yet touched output with transparent huge pages (where
+// THP is in `madvise` mode): first-touch page faults of a 100 MB output otherwise cost as much as a
+// good part of the GEMMs that fill it.  A hint only; errors are ignored.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < (size_t(8) << 20)) return;
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(huge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
 
 // wt[r, k] = w[r, k]^T for every d x d matrix, in parallel over matrices.
 template <typename T>

@@ -376,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor y = at::empty_like(x);
   at::Tensor saved = save_inputs ? at::empty({s.R, s.B, s.d}, x.options()) : at::empty({0}, x.options());
+  advise_huge_pages(saved);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_forward_cpu", [&] {
     forward_impl<scalar_t>(x, weights, shortcut, acts, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr);
   });
@@ -391,6 +392,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cpu(const at::Tensor&
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor grad_x = at::empty_like(grad_y);
   at::Tensor grad_w = at::empty_like(weights);
+  advise_huge_pages(grad_w);
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "residual_stack_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_y, weights, saved, shortcut, acts, grad_x, grad_w);
   });

@@ -46,7 +46,7 @@
 //   carried g, R{g}   (1 + K) * B * d
 //   segment records   P * C * (1 + K) * (2n + 1) * m * d    (C ~ sqrt(R * tiles per slot / (2n+1)),
 //                                                            bounded to 4M elements per slot)
-//   chunk buffers     P * U * n * (1 + 2K) * d^2             (U bounded to ~16M elements in all)
+//   chunk buffers     P * U * n * (1 + 2K) * d^2             (U bounded to ~2M elements in all)
 //   direction copies  2 * K * R * n * d^2, transposed weights R * n * d^2
 // so the persistent cost per unit is (1 + K) * B * d / C + 3 * K * n * d^2 (+ the outputs).
 #include <ATen/ATen.h>
@@ -55,6 +55,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -394,9 +395,10 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const int64_t slots = std::min(P, tiles);
   const int64_t tiles_per_slot = (tiles + slots - 1) / slots;
   const int64_t rec_size = Record<T>::size(n, K, m_max, d);
-  // units per chunk of slot buffers (~16M elements in all), segment length C <= U0
+  // units per chunk of slot buffers (~2M elements in all: they stay in cache, and a chunk costs one
+  // fork/join), segment length C <= U0
   const int64_t per_unit = n * (1 + 2 * K) * dd;
-  const int64_t U0 = std::max<int64_t>(1, (int64_t(1) << 24) / (slots * per_unit));
+  const int64_t U0 = std::max<int64_t>(1, (int64_t(1) << 21) / (slots * per_unit));
   int64_t C = static_cast<int64_t>(std::ceil(std::sqrt(double(R) * double(tiles_per_slot) / double(2 * n + 1))));
   C = std::max<int64_t>(1, std::min({C, R, U0, std::max<int64_t>(1, (int64_t(1) << 22) / rec_size)}));
   const int64_t nseg = (R + C - 1) / C;
@@ -406,6 +408,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const auto opts = x.options();
   at::Tensor ck_h = at::empty({nseg, B, d}, opts);       // unit inputs at r = s * C
   at::Tensor ck_rho = at::empty({nseg, B, K, d}, opts);  // and their tangents
+  advise_huge_pages(ck_h);
+  advise_huge_pages(ck_rho);
   at::Tensor g_all = at::empty({B, d}, opts);            // carried dL/dh per row
   at::Tensor rg_all = at::empty({B, K, d}, opts);        // and its tangents
   T* ckh_p = ck_h.data_ptr<T>();
@@ -448,7 +452,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   // ---- 2. reverse pass in chunks of whole segments
   T* gw_p = grad_w.data_ptr<T>();
   T* hv_p = hvps.data_ptr<T>();
-  std::vector<T> partial(slots * U * per_unit);
+  std::unique_ptr<T[]> partial_buf(new T[slots * U * per_unit]);  // zeroed per chunk below
+  T* const partial = partial_buf.get();
   for (int64_t s_hi = nseg; s_hi > 0; s_hi -= seg_per_chunk) {
     const int64_t s_lo = std::max<int64_t>(0, s_hi - seg_per_chunk);
     const int64_t r_lo = s_lo * C, r_hi = std::min(R, s_hi * C);
@@ -467,7 +472,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
       ws.rga = ws.rgz + SK;
       ws.tscratch = ws.rga + SK;
       for (int64_t s = s0; s < s1; ++s) {
-        T* dw = partial.data() + s * U * per_unit;
+        T* dw = partial + s * U * per_unit;
         std::fill(dw, dw + chunk, T(0));
         for (int64_t t = s * tiles / slots; t < (s + 1) * tiles / slots; ++t) {
           const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
@@ -501,7 +506,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
     at::parallel_for(0, Q, std::max<int64_t>(1, 4096 / ((1 + 2 * K) * dd)), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t rl = r_lo * n + q;  // flat (unit, layer) index
-        const T* src0 = partial.data() + q * (1 + 2 * K) * dd;
+        const T* src0 = partial + q * (1 + 2 * K) * dd;
         T* gout = gw_p + rl * dd;
         for (int64_t e = 0; e < dd; ++e) {
           T acc = src0[e];
@@ -540,8 +545,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
                   parse_activation("act_post", act_post)};
   const Loss loss = check_hvp_args(x, weights, targets, directions, loss_name, s);
   at::Tensor loss_out = at::zeros({}, x.options());
-  at::Tensor grad_w = at::zeros_like(weights);
-  at::Tensor hvps = at::zeros_like(directions);
+  at::Tensor grad_w = at::empty_like(weights);
+  at::Tensor hvps = at::empty_like(directions);
+  advise_huge_pages(grad_w);
+  advise_huge_pages(hvps);
+  grad_w.zero_();
+  hvps.zero_();
   // B == 0: the loss of no samples is 0 (as reference.loss_fn), and so are its derivatives.
   if (s.B == 0) return {loss_out, grad_w, hvps};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cpu", [&] {
