@@ -336,21 +336,15 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     const T* part = partial.get();
     if (fm) {
       at::parallel_for(0, chunk / dd, std::max<int64_t>(1, 65536 / dd), [&](int64_t q0, int64_t q1) {
-        constexpr int64_t blk = 16;
-        T tmp[blk][blk];
-        for (int64_t q = q0; q < q1; ++q)
-          for (int64_t j0 = 0; j0 < d; j0 += blk)
-            for (int64_t i0 = 0; i0 < d; i0 += blk) {
-              const int64_t jn = std::min(blk, d - j0), in = std::min(blk, d - i0);
-              for (int64_t jj = 0; jj < jn; ++jj) {
-                const T* p = part + q * dd + (j0 + jj) * d + i0;  // row j of dW^T: column j of dW
-                for (int64_t ii = 0; ii < in; ++ii) tmp[jj][ii] = p[ii];
-                for (int64_t sl = 1; sl < slots; ++sl)
-                  for (int64_t ii = 0; ii < in; ++ii) tmp[jj][ii] += p[sl * stride + ii];
-              }
-              for (int64_t ii = 0; ii < in; ++ii)
-                for (int64_t jj = 0; jj < jn; ++jj) out[q * dd + (i0 + ii) * d + j0 + jj] = tmp[jj][ii];
-            }
+        T* acc = partial.get();  // slot 0's buffer takes the sum, then one in-cache transpose
+        for (int64_t q = q0; q < q1; ++q) {
+          for (int64_t sl = 1; sl < slots; ++sl) {
+            const T* src = part + sl * stride + q * dd;
+#pragma omp simd
+            for (int64_t e = 0; e < dd; ++e) acc[q * dd + e] += src[e];
+          }
+          transpose_tile(acc + q * dd, d, d, d, out + q * dd, d);
+        }
       });
     } else {
       at::parallel_for(0, chunk, 65536, [&](int64_t i0, int64_t i1) {

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ._linop import as_torch_operator
-from .lanczos import lanczos
+from .lanczos import basis_capacity, lanczos
 from .slq import slq
 
 
@@ -108,7 +108,8 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
         q: the quantile of ``|lambda|`` (the paper's 0.1).
         k: extreme eigenvalues to report at each end.
         probes, steps: SLQ probes and Lanczos steps per probe.
-        max_iter: Lanczos basis size for ``|lambda|max`` (default ``min(P, 200)``).
+        max_iter: Lanczos basis size for ``|lambda|max`` (default ``min(P, 200)``, fewer where 200
+            vectors exceed the basis budget :data:`~shortcut_ext.curvature.lanczos.DEFAULT_MAX_BASIS_BYTES`).
         zero_tol: see the module docstring (for the estimate: ``1e-8 * |lambda|max``).
         callback: progress, forwarded to Lanczos and SLQ as ``callback(done, total)``.
     """
@@ -132,7 +133,9 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
         rep.uncertainty["asymmetry"] = asym  # max |H - H^T| of the assembled matrix
         return rep
     # large nets: Lanczos for the ends, SLQ for the bulk
-    lz = lanczos(A, k=k, which="both", max_iter=max_iter if max_iter is not None else min(P, 200), verify=False,
+    if max_iter is None:  # 200 vectors, fewer where they would not fit the basis budget (3 GiB)
+        max_iter = max(2 * k + 2, min(P, 200, basis_capacity(P, A.dtype)))
+    lz = lanczos(A, k=k, which="both", max_iter=max_iter, verify=False,
                  seed=seed, return_vectors=False, compute_residuals=True, callback=callback)
     sq = slq(A, probes=probes, steps=steps, seed=seed + 1, callback=callback)
     lam_max = lz.abs_max
