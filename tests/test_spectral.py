@@ -400,6 +400,19 @@ def test_condition_report_exact_and_estimated(random_hessian):
     assert abs(est.index - ex.index) < 4 * est.uncertainty["index_std_error"] + 0.02
 
 
+def test_condition_report_lanczos_basis_stays_in_budget(random_hessian, monkeypatch):
+    """The default Lanczos basis of the estimate (200 vectors) shrinks to what the basis budget holds."""
+    import sys
+
+    lz = sys.modules["shortcut_ext.curvature.lanczos"]  # the package's `lanczos` is the function
+    op, _, ev = random_hessian
+    P = op.shape[0]
+    monkeypatch.setattr(lz, "DEFAULT_MAX_BASIS_BYTES", 30 * P * 8)  # 30 float64 vectors
+    est = condition_report(op, method="lanczos+slq", probes=4, steps=20, seed=0)
+    assert est.uncertainty["lanczos_vectors"] <= 30
+    assert est.lam_max == pytest.approx(np.abs(ev).max(), rel=1e-3)
+
+
 def test_report_zero_and_singular_spectra():
     z = report_from_eigenvalues(np.zeros(10))
     assert z.lam_max == 0 and np.isnan(z.cond) and z.index == 0.0
