@@ -72,10 +72,19 @@ StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const cha
   return {x.size(0), d, weights.size(0), weights.size(1)};
 }
 
-void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s) {
-  TORCH_CHECK_VALUE(saved.dim() == 3 && saved.size(0) == s.R && saved.size(1) == s.B && saved.size(2) == s.d,
-                    "saved must be the unit inputs of shape [R, B, d] = [", s.R, ", ", s.B, ", ", s.d,
-                    "] returned by residual_stack_forward(save_inputs=True), got ", shape_str(saved));
+void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s, bool allow_layers) {
+  const bool units = saved.dim() == 3 && saved.size(0) == s.R && saved.size(1) == s.B && saved.size(2) == s.d;
+  const bool layers = allow_layers && saved.dim() == 4 && saved.size(0) == s.R && saved.size(1) == s.n &&
+                      saved.size(2) == s.B && saved.size(3) == s.d;
+  if (allow_layers) {
+    TORCH_CHECK_VALUE(units || layers, "saved must be the unit inputs of shape [R, B, d] = [", s.R, ", ", s.B, ", ",
+                      s.d, "] or the layer inputs of shape [R, n, B, d] = [", s.R, ", ", s.n, ", ", s.B, ", ", s.d,
+                      "] returned by residual_stack_forward(save_inputs=True), got ", shape_str(saved));
+  } else {
+    TORCH_CHECK_VALUE(units, "saved must be the unit inputs of shape [R, B, d] = [", s.R, ", ", s.B, ", ", s.d,
+                      "] returned by residual_stack_forward(save_inputs=True) on this device, got ",
+                      shape_str(saved));
+  }
   TORCH_CHECK_TYPE(saved.scalar_type() == weights.scalar_type(), "saved must have dtype ", dtype_name(weights.scalar_type()),
                    ", got ", dtype_name(saved.scalar_type()));
   TORCH_CHECK_VALUE(saved.device() == weights.device(), "saved must be on ", weights.device(), ", got ",

@@ -62,7 +62,8 @@ struct StackShape {
 StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const char* x_name);
 
 // Checks saved [R, B, d] against a stack shape.
-void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s);
+// saved: the unit inputs [R, B, d], or (allow_layers) every layer's input [R, n, B, d].
+void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s, bool allow_layers);
 
 // Checks the HVP op's targets [B, d] (or [B] int64 class indices with cross_entropy) and directions
 // [k, R, n, d, d] against the stack shape; returns the parsed loss.  Shared by CPU and CUDA.

@@ -2,7 +2,7 @@
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA) with TORCH_LIBRARY_IMPL.
 //
 // Shapes: x [B, d], weights [R, n, d, d] (units x layers x out x in), saved [R, B, d] (the input of
-// every unit), directions [k, R, n, d, d].  A plain stack is shortcut=false.
+// every unit) or [R, n, B, d] (the input of every layer), directions [k, R, n, d, d].  A plain stack is shortcut=false.
 #include <torch/library.h>
 
 #include <map>
@@ -11,9 +11,12 @@
 #include "cpu/cpu_gemm.h"
 
 TORCH_LIBRARY(shortcut_ext, m) {
-  // -> (y [B, d], saved [R, B, d] or [0] when save_inputs is false)
+  // -> (y [B, d], saved): saved is [0] when save_inputs is false, else the unit inputs [R, B, d]; with
+  // save_layers (CPU) every layer's input [R, n, B, d] (saved[r, 0] the unit input, saved[r, k] =
+  // act_mid(z_{k-1})), and the backward recomputes nothing.  The CUDA kernels ignore save_layers:
+  // their backward recomputes each unit on chip.
   m.def("residual_stack_forward(Tensor x, Tensor weights, bool shortcut, str act_pre, str act_mid, "
-        "str act_post, bool save_inputs) -> (Tensor, Tensor)");
+        "str act_post, bool save_inputs, bool save_layers=False) -> (Tensor, Tensor)");
   // -> (grad_x [B, d], grad_weights [R, n, d, d])
   m.def("residual_stack_backward(Tensor grad_y, Tensor weights, Tensor saved, bool shortcut, str act_pre, "
         "str act_mid, str act_post) -> (Tensor, Tensor)");

@@ -68,6 +68,11 @@ def test_backward_checks_saved():
     x, w = _xw()
     with pytest.raises(ValueError, match=r"saved must be the unit inputs of shape \[R, B, d\] = \[2, 4, 3\].*got \[0\]"):
         OP.residual_stack_backward(x, w, torch.empty(0), True, "identity", "identity", "identity")
+    n = w.shape[1]
+    with pytest.raises(ValueError, match=rf"or the layer inputs of shape \[R, n, B, d\] = \[2, {n}, 4, 3\].*"
+                                         rf"got \[2, {n + 1}, 4, 3\]"):
+        OP.residual_stack_backward(x, w, torch.zeros(2, n + 1, 4, 3, dtype=x.dtype), True, "identity", "identity",
+                                   "identity")
 
 
 def test_shortcut_below_one_and_bad_model_args():

@@ -17,19 +17,19 @@ pytestmark = requires_fused
 ACTS = shortcut_ext.ACTIVATIONS
 
 
-def _outputs(x, w, gy, shortcut, acts, backend):
+def _outputs(x, w, gy, shortcut, acts, backend, recompute=None):
     x = x.detach().requires_grad_(True)
     w = w.detach().requires_grad_(True)
-    y = residual_stack(x, w, shortcut, *acts, backend=backend)
+    y = residual_stack(x, w, shortcut, *acts, backend=backend, recompute=recompute)
     return (y.detach(),) + torch.autograd.grad(y, (x, w), gy.to(y.dtype))
 
 
-def _compare(B, d, R, n, shortcut, acts, dtype, device, seed=0, scale=None):
+def _compare(B, d, R, n, shortcut, acts, dtype, device, seed=0, scale=None, recompute=None):
     """Values and gradients of the fused op against the reference: float64 to 1e-10; float32 within
     a small multiple of PyTorch's own float32 error against float64."""
     x, w = stack_inputs(B, d, R, n, dtype, device, scale=scale, seed=seed)
     gy = torch.randn(B, d, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
-    fused = _outputs(x, w, gy, shortcut, acts, "fused")
+    fused = _outputs(x, w, gy, shortcut, acts, "fused", recompute)
     same = _outputs(x, w, gy, shortcut, acts, "torch")
     if dtype == torch.float64:
         for a, b in zip(fused, same):
@@ -44,9 +44,11 @@ def _compare(B, d, R, n, shortcut, acts, dtype, device, seed=0, scale=None):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,shortcut", [(1, True), (2, True), (3, True), (4, True), (1, False), (5, False)])
-def test_every_activation_at_every_position(n, shortcut, dtype, device):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_every_activation_at_every_position(n, shortcut, dtype, device, recompute):
     for i, acts in enumerate(itertools.product(ACTS, repeat=3)):
-        _compare(B=7, d=5, R=3, n=n, shortcut=shortcut, acts=acts, dtype=dtype, device=device, seed=i, scale=0.6)
+        _compare(B=7, d=5, R=3, n=n, shortcut=shortcut, acts=acts, dtype=dtype, device=device, seed=i, scale=0.6,
+                 recompute=recompute)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,8 +59,10 @@ def test_every_activation_at_every_position(n, shortcut, dtype, device):
      (1031, 33, 4, 2), (64, 128, 2, 2), (300, 64, 3, 1)],
 )
 def test_shapes(B, d, R, n, dtype, device):
-    _compare(B, d, R, n, True, ("identity", "relu", "identity"), dtype, device)
-    _compare(B, d, R, n, False, ("tanh", "ssigmoid", "relu"), dtype, device, scale=1.0 / d ** 0.5)
+    for recompute in (True, False):
+        _compare(B, d, R, n, True, ("identity", "relu", "identity"), dtype, device, recompute=recompute)
+        _compare(B, d, R, n, False, ("tanh", "ssigmoid", "relu"), dtype, device, scale=1.0 / d ** 0.5,
+                 recompute=recompute)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,11 +85,13 @@ def test_thousand_units(device):
 )
 def test_cpu_tile_layouts(B, d, R, n, shortcut, dtype, layout, monkeypatch):
     """Both CPU tile layouts (SHORTCUT_EXT_CPU_LAYOUT; the default picks by width) at widths on both
-    sides of the default switch, several tiles per slot and every activation position."""
+    sides of the default switch, several tiles per slot and every activation position, from unit
+    inputs (recompute) and from every layer's input."""
     monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
     for i, acts in enumerate([("identity", "relu", "identity"), ("tanh", "ssigmoid", "relu"),
                               ("relu", "identity", "tanh"), ("ssigmoid", "tanh", "ssigmoid")]):
-        _compare(B, d, R, n, shortcut, acts, dtype, "cpu", seed=i, scale=0.8 / d ** 0.5)
+        for recompute in (True, False):
+            _compare(B, d, R, n, shortcut, acts, dtype, "cpu", seed=i, scale=0.8 / d ** 0.5, recompute=recompute)
 
 
 def test_cpu_tile_layout_bad_value(monkeypatch):
@@ -129,18 +135,50 @@ def test_thread_counts_agree_and_are_deterministic(threads, layout, monkeypatch)
 @pytest.mark.parametrize("acts", [("identity", "identity", "identity"), ("tanh", "ssigmoid", "tanh"),
                                   ("relu", "relu", "relu")])
 @pytest.mark.parametrize("n,shortcut", [(1, True), (2, True), (3, True), (2, False)])
-def test_gradcheck(n, shortcut, acts):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_gradcheck(n, shortcut, acts, recompute):
     x, w = stack_inputs(4, 3, 3, n, torch.float64, scale=0.7, seed=3, requires_grad=True)
-    f = lambda x, w: residual_stack(x, w, shortcut, *acts, backend="fused")  # noqa: E731
+    f = lambda x, w: residual_stack(x, w, shortcut, *acts, backend="fused", recompute=recompute)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w))
 
 
-def test_opcheck():
+def test_recompute_choice_and_saved_layer_inputs(monkeypatch):
+    """recompute=False saves every layer's input [R, n, B, d]: saved[r, 0] the unit input, saved[r, k]
+    act_mid(z_{k-1}); the default picks it on CPU within SHORTCUT_EXT_SAVE_LAYERS_MB."""
+    from shortcut_ext.ops import _save_layers
+
+    x, w = stack_inputs(6, 4, 3, 3, torch.float64, scale=0.5)
+    _, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, "tanh", "relu", "identity", True, True)
+    assert saved.shape == (3, 3, 6, 4)
+    h = x
+    for r in range(3):
+        torch.testing.assert_close(saved[r, 0], h, rtol=1e-13, atol=1e-14)
+        a = torch.tanh(h)
+        for k in range(3):
+            z = a @ w[r, k].T
+            if k < 2:
+                torch.testing.assert_close(saved[r, k + 1], torch.relu(z), rtol=1e-14, atol=1e-14)
+            a = torch.relu(z)
+        h = h + z
+    wide = torch.zeros(2, 2, 32, 32)
+    assert _save_layers(torch.zeros(8, 32), wide, None)
+    assert _save_layers(torch.zeros(8, 16), torch.zeros(2, 2, 16, 16), False)
+    assert not _save_layers(torch.zeros(8, 32, device="meta"), wide.to("meta"), None)  # not CPU
+    assert not _save_layers(torch.zeros(8, 32), wide, True)
+    monkeypatch.setenv("SHORTCUT_EXT_SAVE_LAYERS_MB", "0.001")  # 1 kB < the 4 kB of layer inputs
+    assert not _save_layers(torch.zeros(8, 32), wide, None)
+    with pytest.raises(TypeError, match="recompute must be True, False or None, got 'yes'"):
+        residual_stack(x, w, backend="fused", recompute="yes")
+
+
+@pytest.mark.parametrize("layers", [False, True])
+def test_opcheck(layers):
     for shortcut, acts in [(True, ("identity", "relu", "identity")), (False, ("tanh", "tanh", "ssigmoid"))]:
         x, w = stack_inputs(6, 4, 3, 2, torch.float64, requires_grad=True)
         torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_forward.default,
-                              (x, w, shortcut, *acts, True))
-        _, saved = torch.ops.shortcut_ext.residual_stack_forward(x.detach(), w.detach(), shortcut, *acts, True)
+                              (x, w, shortcut, *acts, True, layers))
+        _, saved = torch.ops.shortcut_ext.residual_stack_forward(x.detach(), w.detach(), shortcut, *acts, True,
+                                                                 layers)
         torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_backward.default,
                               (torch.randn(6, 4, dtype=torch.float64), w.detach(), saved, shortcut, *acts),
                               test_utils=("test_schema", "test_faketensor"))

@@ -145,6 +145,28 @@ enum class TileLayout { BatchMajor, FeatureMajor };
 // SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 32 on).
 TileLayout cpu_tile_layout(int64_t d);
 
+// g *= s'(z) computed from the activation's output a = s(z): relu a > 0, tanh 1 - a^2,
+// ssigmoid (1 - a^2) / 2 (the backward of stacks that saved every layer's input).
+template <typename T>
+inline void mul_act_deriv_from_output(Act a, T* g, const T* out, int64_t count) {
+  switch (a) {
+    case Act::Relu:
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) g[i] = out[i] > T(0) ? g[i] : T(0);
+      break;
+    case Act::Tanh:
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) g[i] *= T(1) - out[i] * out[i];
+      break;
+    case Act::SSigmoid:
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) g[i] *= T(0.5) * (T(1) - out[i] * out[i]);
+      break;
+    default:
+      break;
+  }
+}
+
 // Asks the kernel to back a large, not yet touched output with transparent huge pages (where
 // THP is in `madvise` mode): first-touch page faults of a 100 MB output otherwise cost as much as a
 // good part of the GEMMs that fill it.  A hint only; errors are ignored.

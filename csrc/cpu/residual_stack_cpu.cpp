@@ -47,10 +47,10 @@ int64_t tile_rows(int64_t B, int64_t d, int64_t n, int64_t slots, bool backward)
 // Forward of units [0, R) for one tile of m rows held in `h` [m, d].
 template <typename T>
 void forward_tile(T* h, int64_t m, int64_t row0, int64_t B, const T* wt, int64_t R, int64_t n, int64_t d,
-                  bool shortcut, Acts acts, T* saved, T* bufA, T* bufZ0, T* bufZ1) {
-  const int64_t md = m * d, dd = d * d;
+                  bool shortcut, Acts acts, T* saved, bool layers, T* bufA, T* bufZ0, T* bufZ1) {
+  const int64_t md = m * d, dd = d * d, S = layers ? n : 1;
   for (int64_t r = 0; r < R; ++r) {
-    if (saved) std::copy(h, h + md, saved + (r * B + row0) * d);
+    if (saved) std::copy(h, h + md, saved + (r * S * B + row0) * d);
     const T* cur = h;
     if (acts.pre != Act::Identity) {
       std::copy(h, h + md, bufA);
@@ -61,7 +61,10 @@ void forward_tile(T* h, int64_t m, int64_t row0, int64_t B, const T* wt, int64_t
     for (int64_t k = 0; k < n; ++k) {
       z = (k % 2 == 0) ? bufZ0 : bufZ1;
       gemm_nn<T>(m, d, d, cur, d, wt + (r * n + k) * dd, d, z, d, false);
-      if (k < n - 1) apply_act(acts.mid, z, md);
+      if (k < n - 1) {
+        apply_act(acts.mid, z, md);
+        if (saved && layers) std::copy(z, z + md, saved + ((r * n + k + 1) * B + row0) * d);
+      }
       cur = z;
     }
     apply_act(acts.post, z, md);
@@ -77,10 +80,10 @@ void forward_tile(T* h, int64_t m, int64_t row0, int64_t B, const T* wt, int64_t
 // Feature-major forward of units [0, R) for one tile: `h` [d, m] (leading dimension m).
 template <typename T>
 void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64_t R, int64_t n, int64_t d,
-                     bool shortcut, Acts acts, T* saved, T* bufA, T* bufZ0, T* bufZ1) {
-  const int64_t md = m * d, dd = d * d;
+                     bool shortcut, Acts acts, T* saved, bool layers, T* bufA, T* bufZ0, T* bufZ1) {
+  const int64_t md = m * d, dd = d * d, S = layers ? n : 1;
   for (int64_t r = 0; r < R; ++r) {
-    if (saved) transpose_tile(h, d, m, m, saved + (r * B + row0) * d, d);
+    if (saved) transpose_tile(h, d, m, m, saved + (r * S * B + row0) * d, d);
     const T* cur = h;
     if (acts.pre != Act::Identity) {
       std::copy(h, h + md, bufA);
@@ -91,7 +94,10 @@ void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64
     for (int64_t k = 0; k < n; ++k) {
       z = (k % 2 == 0) ? bufZ0 : bufZ1;
       gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, cur, m, z, m, false);
-      if (k < n - 1) apply_act(acts.mid, z, md);
+      if (k < n - 1) {
+        apply_act(acts.mid, z, md);
+        if (saved && layers) transpose_tile(z, d, m, m, saved + ((r * n + k + 1) * B + row0) * d, d);
+      }
       cur = z;
     }
     apply_act(acts.post, z, md);
@@ -106,7 +112,7 @@ void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64
 
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut, Acts acts, at::Tensor& y,
-                  T* saved) {
+                  T* saved, bool layers) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1);
   if (B == 0) return;
   const bool fm = cpu_tile_layout(d) == TileLayout::FeatureMajor;
@@ -129,11 +135,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut,
         const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
         if (fm) {
           transpose_tile(x_p + row0 * d, m, d, d, h, m);
-          forward_tile_fm<T>(h, m, row0, B, w_p, R, n, d, shortcut, acts, saved, bufA, z0, z1);
+          forward_tile_fm<T>(h, m, row0, B, w_p, R, n, d, shortcut, acts, saved, layers, bufA, z0, z1);
           transpose_tile(h, d, m, m, y_p + row0 * d, d);
         } else {
           std::copy(x_p + row0 * d, x_p + (row0 + m) * d, h);
-          forward_tile<T>(h, m, row0, B, w_p, R, n, d, shortcut, acts, saved, bufA, z0, z1);
+          forward_tile<T>(h, m, row0, B, w_p, R, n, d, shortcut, acts, saved, layers, bufA, z0, z1);
           std::copy(h, h + m * d, y_p + row0 * d);
         }
       }
@@ -275,6 +281,57 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
   }
 }
 
+// Backward from saved layer inputs (saved [R, n, B, d], see the top of the file): nothing is
+// recomputed but the last layer's pre-activation where act_post is not the identity; the mid
+// derivatives come from the saved outputs.  Batch-major, on W as stored: ga = gz W, and the weight
+// gradients accumulate transposed, dW^T = a^T gz (gemm_tn: the d = 16 register kernel, or one
+// in-cache transpose of a and brgemm).
+template <typename T>
+void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, int64_t r_begin,
+                          int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dwt, bool accumulate,
+                          T* act, T* aT, T* zT, T* zb, T* gz, T* ga) {
+  const int64_t md = m * d, dd = d * d;
+  const T* in[64];
+  std::vector<const T*> in_heap;
+  const T** ins = in;
+  if (n > 64) {
+    in_heap.resize(n);
+    ins = in_heap.data();
+  }
+  for (int64_t r = r_begin - 1; r >= r_end; --r) {
+    for (int64_t k = 0; k < n; ++k) ins[k] = saved + ((r * n + k) * B + row0) * d;
+    const T* hin = ins[0];
+    if (acts.pre != Act::Identity) {
+      std::copy(hin, hin + md, act);
+      apply_act(acts.pre, act, md);
+      ins[0] = act;
+    }
+    std::copy(g, g + md, gz);
+    if (acts.post != Act::Identity) {  // z_{n-1} = W a_{n-1}, feature-major on W as stored
+      transpose_tile(ins[n - 1], m, d, d, aT, m);
+      gemm_nn<T>(d, m, d, w + (r * n + n - 1) * dd, d, aT, m, zT, m, false);
+      transpose_tile(zT, d, m, m, zb, d);
+      mul_act_deriv(acts.post, gz, zb, md);
+    }
+    T* dwr = dwt + (r - r_end) * n * dd;
+    for (int64_t k = n - 1; k >= 0; --k) {
+      gemm_tn<T>(d, d, m, ins[k], d, gz, d, dwr + k * dd, d, accumulate, aT);  // dW[r, k]^T (+)= a_k^T gz
+      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);  // ga = gz W[r, k]
+      if (k > 0) {
+        mul_act_deriv_from_output(acts.mid, ga, ins[k], md);
+        std::swap(gz, ga);
+      }
+    }
+    mul_act_deriv(acts.pre, ga, hin, md);
+    if (shortcut) {
+#pragma omp simd
+      for (int64_t i = 0; i < md; ++i) g[i] += ga[i];
+    } else {
+      std::copy(ga, ga + md, g);
+    }
+  }
+}
+
 template <typename T>
 void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at::Tensor& saved, bool shortcut,
                    Acts acts, at::Tensor& grad_x, at::Tensor& grad_w) {
@@ -284,9 +341,11 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     grad_w.zero_();
     return;
   }
-  const bool fm = cpu_tile_layout(d) == TileLayout::FeatureMajor;
+  const bool layers = saved.dim() == 4;  // every layer's input was saved: nothing to recompute
+  const bool fm = !layers && cpu_tile_layout(d) == TileLayout::FeatureMajor;
+  const bool dw_transposed = fm || layers;  // slot buffers hold dW^T
   // the batch-major recompute multiplies by W^T: [R, n, d_in, d_out]
-  const at::Tensor wt = fm ? at::Tensor() : transpose_weights<T>(weights);
+  const at::Tensor wt = dw_transposed ? at::Tensor() : transpose_weights<T>(weights);
   const T* w_p = weights.data_ptr<T>();
   const T* wt_p = wt.defined() ? wt.data_ptr<T>() : nullptr;
   const T* saved_p = saved.data_ptr<T>();
@@ -320,7 +379,10 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
         const int64_t first = s * tiles / slots;
         for (int64_t t = first; t < (s + 1) * tiles / slots; ++t) {
           const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
-          if (fm)
+          if (layers)
+            backward_tile_layers<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
+                                    dw, t != first, act, t0, t1, zs, gz, ga);
+          else if (fm)
             backward_tile_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts, dw,
                                 t != first, t0, act, zs, t1, gz, ga);
           else
@@ -334,7 +396,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     // feature-major)
     T* out = gw_p + r_end * n * dd;
     const T* part = partial.get();
-    if (fm) {
+    if (dw_transposed) {
       at::parallel_for(0, chunk / dd, std::max<int64_t>(1, 65536 / dd), [&](int64_t q0, int64_t q1) {
         T* acc = partial.get();  // slot 0's buffer takes the sum, then one in-cache transpose
         for (int64_t q = q0; q < q1; ++q) {
@@ -365,14 +427,17 @@ Acts parse_acts(c10::string_view pre, c10::string_view mid, c10::string_view pos
 std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& x, const at::Tensor& weights,
                                                               bool shortcut, c10::string_view act_pre,
                                                               c10::string_view act_mid, c10::string_view act_post,
-                                                              bool save_inputs) {
+                                                              bool save_inputs, bool save_layers) {
   const StackShape s = check_stack(x, weights, "x");
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor y = at::empty_like(x);
-  at::Tensor saved = save_inputs ? at::empty({s.R, s.B, s.d}, x.options()) : at::empty({0}, x.options());
+  at::Tensor saved = !save_inputs ? at::empty({0}, x.options())
+                     : save_layers ? at::empty({s.R, s.n, s.B, s.d}, x.options())
+                                   : at::empty({s.R, s.B, s.d}, x.options());
   advise_huge_pages(saved);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_forward_cpu", [&] {
-    forward_impl<scalar_t>(x, weights, shortcut, acts, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr);
+    forward_impl<scalar_t>(x, weights, shortcut, acts, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr,
+                           save_layers);
   });
   return {y, saved};
 }
@@ -382,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cpu(const at::Tensor&
                                                                c10::string_view act_pre, c10::string_view act_mid,
                                                                c10::string_view act_post) {
   const StackShape s = check_stack(grad_y, weights, "grad_y");
-  check_saved(saved, weights, s);
+  check_saved(saved, weights, s, /*allow_layers=*/true);
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor grad_x = at::empty_like(grad_y);
   at::Tensor grad_w = at::empty_like(weights);

@@ -93,7 +93,8 @@ void maybe_report(const cuda::StackArgs& a, bool is_double, bool backward, const
 std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cuda(const at::Tensor& x, const at::Tensor& weights,
                                                                bool shortcut, c10::string_view act_pre,
                                                                c10::string_view act_mid, c10::string_view act_post,
-                                                               bool save_inputs) {
+                                                               bool save_inputs, bool save_layers) {
+  (void)save_layers;  // the CUDA backward recomputes each unit on chip: it always saves unit inputs
   const StackShape s = check_stack(x, weights, "x");
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -117,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor
                                                                 c10::string_view act_pre, c10::string_view act_mid,
                                                                 c10::string_view act_post) {
   const StackShape s = check_stack(grad_y, weights, "grad_y");
-  check_saved(saved, weights, s);
+  check_saved(saved, weights, s, /*allow_layers=*/false);
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const cuda::Options opt = read_options();

@@ -44,12 +44,12 @@ torch::Tensor reference(const torch::Tensor& x, const torch::Tensor& w, bool sho
 }
 
 using FwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool, c10::string_view,
-                                                 c10::string_view, c10::string_view, bool);
+                                                 c10::string_view, c10::string_view, bool, bool);
 using BwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
                                                  c10::string_view, c10::string_view, c10::string_view);
 
 void check_case(int64_t B, int64_t d, int64_t R, int64_t n, bool shortcut, const std::string& pre,
-                const std::string& mid, const std::string& post) {
+                const std::string& mid, const std::string& post, bool layers) {
   auto fwd = c10::Dispatcher::singleton()
                  .findSchemaOrThrow("shortcut_ext::residual_stack_forward", "")
                  .typed<FwdFn>();
@@ -63,14 +63,14 @@ void check_case(int64_t B, int64_t d, int64_t R, int64_t n, bool shortcut, const
   at::Tensor y, saved;
   {
     torch::NoGradGuard ng;
-    std::tie(y, saved) = fwd.call(x.detach(), w.detach(), shortcut, pre, mid, post, true);
+    std::tie(y, saved) = fwd.call(x.detach(), w.detach(), shortcut, pre, mid, post, true, layers);
   }
   torch::Tensor y_ref = reference(x, w, shortcut, pre, mid, post);
   auto grads = torch::autograd::grad({y_ref}, {x, w}, {gy});
   at::Tensor gx, gw;
   std::tie(gx, gw) = bwd.call(gy, w.detach(), saved, shortcut, pre, mid, post);
   const std::string name = "B=" + std::to_string(B) + " d=" + std::to_string(d) + " R=" + std::to_string(R) +
-                           " n=" + std::to_string(n) + (shortcut ? " shortcut " : " plain ") + pre + "/" + mid +
+                           " n=" + std::to_string(n) + (layers ? " layers" : "") + (shortcut ? " shortcut " : " plain ") + pre + "/" + mid +
                            "/" + post;
   expect(torch::allclose(y, y_ref.detach(), 1e-10, 1e-12), "forward " + name);
   expect(torch::allclose(gx, grads[0], 1e-10, 1e-12), "grad_x " + name);
@@ -81,18 +81,21 @@ void check_case(int64_t B, int64_t d, int64_t R, int64_t n, bool shortcut, const
 
 int main() {
   torch::manual_seed(0);
-  check_case(17, 5, 4, 2, true, "identity", "relu", "identity");
-  check_case(33, 8, 3, 3, true, "tanh", "ssigmoid", "tanh");
-  check_case(9, 4, 1, 6, false, "identity", "tanh", "identity");
-  check_case(1, 1, 2, 1, true, "relu", "relu", "relu");
-  check_case(40, 70, 3, 2, true, "ssigmoid", "relu", "relu");  // feature-major tiles (d >= 32)
+  for (bool layers : {false, true}) {  // recompute from unit inputs / every layer's input saved
+    check_case(17, 5, 4, 2, true, "identity", "relu", "identity", layers);
+    check_case(33, 8, 3, 3, true, "tanh", "ssigmoid", "tanh", layers);
+    check_case(9, 4, 1, 6, false, "identity", "tanh", "identity", layers);
+    check_case(1, 1, 2, 1, true, "relu", "relu", "relu", layers);
+    check_case(40, 70, 3, 2, true, "ssigmoid", "relu", "relu", layers);  // feature-major tiles (d >= 32)
+  }
   // argument checks give a clear error rather than a crash
   bool threw = false;
   try {
     auto fwd = c10::Dispatcher::singleton()
                    .findSchemaOrThrow("shortcut_ext::residual_stack_forward", "")
                    .typed<FwdFn>();
-    fwd.call(torch::zeros({4, 3}), torch::zeros({2, 2, 3, 4}), true, "identity", "identity", "identity", true);
+    fwd.call(torch::zeros({4, 3}), torch::zeros({2, 2, 3, 4}), true, "identity", "identity", "identity", true,
+             false);
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("weights must have shape [R, n, d, d]") != std::string::npos;
   }
