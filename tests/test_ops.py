@@ -227,7 +227,7 @@ def test_nan_propagates():
     assert torch.isnan(y[2]).any() and torch.isfinite(y[[0, 1, 3, 4]]).all()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # the same examples every run: CI stays reproducible
 @given(
     B=st.integers(0, 40), d=st.integers(1, 9), R=st.integers(1, 6), n=st.integers(1, 4),
     shortcut=st.booleans(), acts=st.tuples(*[st.sampled_from(ACTS)] * 3), transpose=st.booleans(),
@@ -244,12 +244,21 @@ def test_fuzz_shapes_strides_values(B, d, R, n, shortcut, acts, transpose, step,
     w.requires_grad_(True)
     y = residual_stack(x, w, shortcut, *acts, backend="fused")
     y_ref = ref.residual_stack_forward(x, w, shortcut, *acts)
-    torch.testing.assert_close(y, y_ref, **tol(dtype))
+    outs = [(y, y_ref)]
     if B:
-        gx, gw = torch.autograd.grad(y.sum(), (x, w))
-        gx_r, gw_r = torch.autograd.grad(y_ref.sum(), (x, w))
-        torch.testing.assert_close(gx, gx_r, **tol(dtype))
-        torch.testing.assert_close(gw, gw_r, **tol(dtype))
+        outs += zip(torch.autograd.grad(y.sum(), (x, w)), torch.autograd.grad(y_ref.sum(), (x, w)))
+    if dtype == torch.float64:
+        for a, b in outs:
+            torch.testing.assert_close(a, b, **tol(dtype))
+        return
+    # float32: within a small multiple of PyTorch's own float32 error against float64 (deep plain
+    # stacks at scale 1.5 amplify rounding past any fixed tolerance)
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    y64 = ref.residual_stack_forward(x64, w64, shortcut, *acts)
+    exact = [y64] + (list(torch.autograd.grad(y64.sum(), (x64, w64))) if B else [])
+    for (a, b), c in zip(outs, exact):
+        assert_close_lowp(a, b, c)
 
 
 @pytest.mark.parametrize("path", ["portable", "brgemm"])
