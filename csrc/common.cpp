@@ -89,7 +89,12 @@ void check_saved(const at::Tensor& saved, const at::Tensor& weights, const Stack
                    ", got ", dtype_name(saved.scalar_type()));
   TORCH_CHECK_VALUE(saved.device() == weights.device(), "saved must be on ", weights.device(), ", got ",
                     saved.device());
-  TORCH_CHECK_VALUE(saved.is_contiguous(), "saved must be contiguous");
+  // the CPU forward stores the unit inputs feature-major: strides [B d, 1, B]
+  const bool feature_major = allow_layers && units && saved.stride(0) == s.B * s.d && saved.stride(1) == 1 &&
+                             saved.stride(2) == s.B;
+  TORCH_CHECK_VALUE(saved.is_contiguous() || feature_major,
+                    "saved must be contiguous", allow_layers ? " (or feature-major, strides [B*d, 1, B])" : "",
+                    " as residual_stack_forward returns it, got strides ", saved.strides());
 }
 
 // Checks targets and directions against the stack shape; returns the loss.

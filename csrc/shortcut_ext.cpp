@@ -8,7 +8,9 @@
 #include <map>
 #include <string>
 
+#include "cpu/cpu_buffer_pool.h"
 #include "cpu/cpu_gemm.h"
+#include "cpu/cpu_schedule.h"
 
 TORCH_LIBRARY(shortcut_ext, m) {
   // -> (y [B, d], saved): saved is [0] when save_inputs is false, else the unit inputs [R, B, d]; with
@@ -69,5 +71,27 @@ static pybind11::dict py_build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "shortcut_ext compiled kernels (ops are registered under torch.ops.shortcut_ext)";
   m.def("build_info", &py_build_info, "How the extension was built");
+  m.def(
+      "cpu_tile_layout",
+      [](int64_t d) {
+        return shortcut_ext::cpu_tile_layout(d) == shortcut_ext::TileLayout::FeatureMajor ? "feature" : "batch";
+      },
+      "Tile layout of the CPU kernels at width d ('feature' or 'batch'; SHORTCUT_EXT_CPU_LAYOUT overrides)");
+  m.def(
+      "cpu_cache_stats",
+      []() {
+        const auto st = shortcut_ext::cpu_pool_stats();
+        pybind11::dict d;
+        d["cached_bytes"] = st.cached_bytes;
+        d["cached_blocks"] = st.cached_blocks;
+        d["in_use_bytes"] = st.in_use_bytes;
+        d["in_use_blocks"] = st.in_use_blocks;
+        d["hits"] = st.hits;
+        d["misses"] = st.misses;
+        d["limit_bytes"] = st.limit_bytes;
+        return d;
+      },
+      "The CPU output-buffer cache: bytes and blocks cached (free) and in use, hits, misses, limit");
+  m.def("cpu_empty_cache", &shortcut_ext::cpu_pool_empty, "Frees every cached (unused) CPU output buffer");
 }
 #endif

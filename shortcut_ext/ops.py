@@ -5,7 +5,8 @@ built) or to the pure-PyTorch reference (``backend="torch"``).  Autograd and ``t
 for the fused ops are registered here with ``torch.library``.
 
 Memory of the fused path: the forward saves only the input of every unit, ``R * B * d`` elements
-(``[R, B, d]``); the backward recomputes each unit's inner activations from that input, one unit at
+(``[R, B, d]``; on CPU with feature-major tiles, d >= 32, stored feature-major: strides
+``[B*d, 1, B]``); the backward recomputes each unit's inner activations from that input, one unit at
 a time, in scratch of ``2 * n * tile * d`` elements per thread.  Inference (no grad) saves nothing.
 """
 from __future__ import annotations
@@ -121,6 +122,25 @@ def residual_stack(
     return y
 
 
+def empty_cache() -> None:
+    """Frees the CPU output buffers the fused ops keep for reuse (see ``cache_stats``).
+
+    Large outputs of the CPU kernels (saved activations, weight gradients, HVPs) come from a cache so
+    that a training loop does not pay fresh page faults every step; like PyTorch's CUDA caching
+    allocator it keeps freed buffers, up to ``SHORTCUT_EXT_CPU_CACHE_MB`` (default 2048; 0 disables
+    it).  Buffers still in use are freed when their tensors die.
+    """
+    require_built("empty_cache()")
+    _C.cpu_empty_cache()
+
+
+def cache_stats() -> dict:
+    """The CPU output-buffer cache: ``cached_bytes`` / ``cached_blocks`` (free, kept for reuse),
+    ``in_use_bytes`` / ``in_use_blocks``, ``hits``, ``misses`` and ``limit_bytes``."""
+    require_built("cache_stats()")
+    return dict(_C.cpu_cache_stats())
+
+
 def _save_layers(recompute: bool) -> bool:
     """Whether the fused forward saves every layer's input (see ``residual_stack``'s ``recompute``)."""
     if not isinstance(recompute, bool):
@@ -173,10 +193,15 @@ def _setup_forward(ctx, inputs, output):
     ctx.saved_inputs = bool(save)
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(saved)
+    # without this autograd hands the backward a zero-filled [R, B, d] gradient for `saved`
+    # (tens of MB allocated and written per call, for nothing)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_forward(ctx, grad_y, grad_saved):
     weights, saved = ctx.saved_tensors
+    if grad_y is None:  # y took no part in the loss
+        return (None,) * ctx.num_inputs
     if not ctx.saved_inputs:
         raise RuntimeError(
             "residual_stack_forward was called with save_inputs=False, so it kept nothing for the "
@@ -206,12 +231,15 @@ def _register() -> None:
     @torch.library.register_fake(f"{_LIB}::residual_stack_forward")
     def _(x, weights, shortcut, act_pre, act_mid, act_post, save_inputs, save_layers=False):
         R, n = weights.shape[0], weights.shape[1]
+        B, d = x.shape
         if not save_inputs:
             saved = x.new_empty((0,))
         elif save_layers and x.device.type != "cuda":
-            saved = x.new_empty((R, n, x.shape[0], x.shape[1]))
+            saved = x.new_empty((R, n, B, d))
+        elif x.device.type == "cpu" and _C.cpu_tile_layout(int(d)) == "feature":
+            saved = x.new_empty_strided((R, B, d), (B * d, 1, B))  # the unit inputs, feature-major
         else:
-            saved = x.new_empty((R, x.shape[0], x.shape[1]))
+            saved = x.new_empty((R, B, d))
         return x.new_empty(x.shape), saved
 
     @torch.library.register_fake(f"{_LIB}::residual_stack_backward")
@@ -232,4 +260,7 @@ def _register() -> None:
 if _C is not None:
     _register()
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "BUILD_HINT", "default_backend", "residual_stack", "residual_stack_hvp"]
+__all__ = [
+    "ACTIVATIONS", "BACKENDS", "BUILD_HINT", "cache_stats", "default_backend", "empty_cache", "residual_stack",
+    "residual_stack_hvp",
+]

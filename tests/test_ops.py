@@ -165,16 +165,17 @@ def test_recompute_choice_and_saved_layer_inputs():
         residual_stack(x, w, backend="fused", recompute="yes")
 
 
+@pytest.mark.parametrize("d", [4, 40])  # batch-major and feature-major tiles (feature-major saved)
 @pytest.mark.parametrize("layers", [False, True])
-def test_opcheck(layers):
+def test_opcheck(layers, d):
     for shortcut, acts in [(True, ("identity", "relu", "identity")), (False, ("tanh", "tanh", "ssigmoid"))]:
-        x, w = stack_inputs(6, 4, 3, 2, torch.float64, requires_grad=True)
+        x, w = stack_inputs(6, d, 3, 2, torch.float64, requires_grad=True)
         torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_forward.default,
                               (x, w, shortcut, *acts, True, layers))
         _, saved = torch.ops.shortcut_ext.residual_stack_forward(x.detach(), w.detach(), shortcut, *acts, True,
                                                                  layers)
         torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_backward.default,
-                              (torch.randn(6, 4, dtype=torch.float64), w.detach(), saved, shortcut, *acts),
+                              (torch.randn(6, d, dtype=torch.float64), w.detach(), saved, shortcut, *acts),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -184,6 +185,86 @@ def test_saved_inputs_are_the_unit_inputs():
     torch.testing.assert_close(saved, ref.residual_stack_unit_inputs(x, w, True, "relu", "tanh", "identity"))
     _, nothing = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, "relu", "tanh", "identity", False)
     assert nothing.numel() == 0
+
+
+@pytest.mark.parametrize("B", [1, 70])
+def test_saved_unit_inputs_feature_major(B, monkeypatch):
+    """With feature-major tiles the unit inputs are stored feature-major (strides [B*d, 1, B]), same
+    values; the backward takes them, or a contiguous copy, under either tile layout."""
+    d, acts = 40, ("tanh", "relu", "ssigmoid")
+    x, w = stack_inputs(B, d, 5, 2, torch.float64, scale=0.6 / d ** 0.5)
+    gy = torch.randn(B, d, dtype=torch.float64)
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "feature")
+    _, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True)
+    assert saved.shape == (5, B, d) and saved.stride() == (B * d, 1, B)
+    torch.testing.assert_close(saved, ref.residual_stack_unit_inputs(x, w, True, *acts), rtol=1e-13, atol=1e-14)
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    expect = torch.autograd.grad(ref.residual_stack_forward(xr, wr, True, *acts), (xr, wr), gy)
+    for layout in ("feature", "batch"):
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+        for sv in (saved, saved.contiguous()):
+            got = torch.ops.shortcut_ext.residual_stack_backward(gy, w, sv, True, *acts)
+            for a, b in zip(got, expect):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"saved must be contiguous \(or feature-major, strides \[B\*d, 1, B\]\).*got strides"):
+        torch.ops.shortcut_ext.residual_stack_backward(gy, w, torch.zeros(5, B, 2 * d, dtype=torch.float64)[..., ::2], True, *acts)
+
+
+def test_output_buffer_cache():
+    """Large CPU outputs come from a cache: a repeated call reuses the freed buffers, buffers in use
+    are never handed out twice, empty_cache() frees what is cached."""
+    x, w = stack_inputs(256, 64, 40, 2, torch.float32, requires_grad=True)  # saved 2.6 MB, grad_w 1.3 MB
+    shortcut_ext.empty_cache()
+
+    def step():
+        y = residual_stack(x, w, True, "identity", "relu", "identity", backend="fused")
+        return (y,) + torch.autograd.grad(y.square().sum(), (x, w))
+
+    first = step()
+    before = shortcut_ext.cache_stats()
+    assert before["cached_blocks"] >= 1  # the saved inputs went back to the cache
+    second = step()  # first's grad_w is alive: second must not share its buffer
+    after = shortcut_ext.cache_stats()
+    assert after["hits"] > before["hits"]
+    assert first[2].data_ptr() != second[2].data_ptr()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    del first, second
+    assert shortcut_ext.cache_stats()["cached_bytes"] > 0
+    shortcut_ext.empty_cache()
+    st = shortcut_ext.cache_stats()
+    assert st["cached_bytes"] == 0 and st["cached_blocks"] == 0 and st["limit_bytes"] == 2048 << 20
+
+
+@pytest.mark.parametrize("value,ok", [("0", True), ("64", True), ("lots", False), ("-3", False)])
+def test_output_buffer_cache_limit_env(value, ok, tmp_path):
+    """SHORTCUT_EXT_CPU_CACHE_MB: 0 disables the cache (results unchanged); a bad value is a clear error."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, shortcut_ext as se; from shortcut_ext import reference as ref\n"
+        "x = torch.randn(300, 48, dtype=torch.float64); w = torch.randn(30, 2, 48, 48, dtype=torch.float64) / 60\n"
+        "w.requires_grad_(True)\n"
+        "for _ in range(2):\n"
+        "    y = se.residual_stack(x, w, True, 'identity', 'relu', 'identity', backend='fused')\n"
+        "    g = torch.autograd.grad(y.sum(), w)[0]\n"
+        "    yr = ref.residual_stack_forward(x, w, True, 'identity', 'relu', 'identity')\n"
+        "    torch.testing.assert_close(g, torch.autograd.grad(yr.sum(), w)[0])\n"
+        "st = se.cache_stats(); print(st)\n"
+        f"assert st['limit_bytes'] == {int(value) if ok else 0} << 20\n"
+        f"assert ({value if ok else 1} != 0) or (st['cached_bytes'] == 0 and st['hits'] == 0)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))
+    env = dict(os.environ, SHORTCUT_EXT_CPU_CACHE_MB=value,
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    if ok:
+        assert r.returncode == 0, r.stderr
+    else:
+        assert r.returncode != 0
+        assert "SHORTCUT_EXT_CPU_CACHE_MB must be a whole number of megabytes >= 0" in r.stderr and value in r.stderr
 
 
 def test_no_grad_saves_nothing_and_matches():
@@ -280,6 +361,11 @@ def test_gemm_paths_match(path, tmp_path):
         "    a = torch.autograd.grad(y.sum(), w)[0]; b = torch.autograd.grad(yr.sum(), w)[0]\n"
         "    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
     )
-    env = dict(os.environ, SHORTCUT_EXT_CPU_GEMM=path)
+    import shortcut_ext
+
+    # the subprocess imports the shortcut_ext under test (an in-place build or an installed one)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))
+    env = dict(os.environ, SHORTCUT_EXT_CPU_GEMM=path,
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

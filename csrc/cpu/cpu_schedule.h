@@ -114,6 +114,12 @@ inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ld
 
 // dst[j, i] = src[i, j] for an in-cache tile of rows x cols (leading dimensions lds, ldd), in
 // 16 x 16 blocks so that both sides stay in a few cache lines (in registers for float with AVX-512).
+// dst[i, :cols] = src[i, :cols] for i < rows (leading dimensions lds, ldd).
+template <typename T>
+inline void copy_panel(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  for (int64_t i = 0; i < rows; ++i) std::copy(src + i * lds, src + i * lds + cols, dst + i * ldd);
+}
+
 template <typename T>
 inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t blk = 16;

@@ -11,7 +11,10 @@
 // weight gradients accumulate transposed (dW^T = a^T gz) and are transposed back while the slots
 // are reduced.  Every small GEMM is a plain row-major C = A @ B (oneDNN brgemm for float32).
 //
-// Memory: the forward saves the input of every unit (saved [R, B, d]) and nothing else.  The
+// Memory: the forward saves the input of every unit (saved [R, B, d]) and nothing else; with
+// feature-major tiles it is stored feature-major (strides [B d, 1, B], i.e. [R, d, B] in memory),
+// so that both the forward's store and the backward's load are plain row copies (the backward's
+// GEMMs read it in place) instead of transposes.  Output buffers come from cpu_buffer_pool.h.  The
 // backward recomputes a unit's inner activations from its saved input, in per-thread scratch of
 // (2n + 4) m d elements, and accumulates weight gradients per slot in chunks of units
 // ([P, U, n, d, d], U chosen to bound it; each slot's first tile writes, later tiles add, so the
@@ -26,6 +29,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_buffer_pool.h"
 #include "cpu/cpu_gemm.h"
 #include "cpu/cpu_schedule.h"
 
@@ -77,13 +81,16 @@ void forward_tile(T* h, int64_t m, int64_t row0, int64_t B, const T* wt, int64_t
   }
 }
 
-// Feature-major forward of units [0, R) for one tile: `h` [d, m] (leading dimension m).
+// Feature-major forward of units [0, R) for one tile: `h` [d, m] (leading dimension m).  The unit
+// inputs go to `saved` feature-major ([R, d, B] in memory) unless every layer's input is saved
+// (`layers`: [R, n, B, d], batch-major).
 template <typename T>
 void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64_t R, int64_t n, int64_t d,
                      bool shortcut, Acts acts, T* saved, bool layers, T* bufA, T* bufZ0, T* bufZ1) {
   const int64_t md = m * d, dd = d * d, S = layers ? n : 1;
   for (int64_t r = 0; r < R; ++r) {
-    if (saved) transpose_tile(h, d, m, m, saved + (r * S * B + row0) * d, d);
+    if (saved && layers) transpose_tile(h, d, m, m, saved + (r * S * B + row0) * d, d);
+    if (saved && !layers) copy_panel(h, d, m, m, saved + r * d * B + row0, B);
     const T* cur = h;
     if (acts.pre != Act::Identity) {
       std::copy(h, h + md, bufA);
@@ -215,10 +222,12 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
 
 // Feature-major backward (see the top of the file): the recompute runs on [d, m] tiles with W as
 // stored, the data gradient on batch-major [m, d] tiles with W as stored; `dwt` receives dW^T.
+// `saved_fm`: the unit inputs are stored feature-major ([R, d, B]) and the GEMMs read them in place;
+// else batch-major ([R, B, d]) and each is transposed into `hT`.
 template <typename T>
-void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, int64_t r_begin,
-                      int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dwt, bool accumulate,
-                      T* hT, T* act, T* zs, T* zb, T* gz, T* ga) {
+void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, bool saved_fm,
+                      int64_t r_begin, int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dwt,
+                      bool accumulate, T* hT, T* act, T* zs, T* zb, T* gz, T* ga) {
   const int64_t md = m * d, dd = d * d;
   const T* in[64];
   std::vector<const T*> in_heap;
@@ -228,18 +237,21 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
     ins = in_heap.data();
   }
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
-    const T* hin = saved + (r * B + row0) * d;  // [m, d]
-    transpose_tile(hin, m, d, d, hT, m);
+    // the unit input, feature-major: [d, m] with leading dimension ld0
+    const T* hin_fm = saved_fm ? saved + r * d * B + row0 : hT;
+    int64_t ld0 = saved_fm ? B : m;
+    if (!saved_fm) transpose_tile(saved + (r * B + row0) * d, m, d, d, hT, m);
     if (acts.pre == Act::Identity) {
-      ins[0] = hT;
+      ins[0] = hin_fm;
     } else {
-      std::copy(hT, hT + md, act);
+      copy_panel(hin_fm, d, m, ld0, act, m);
       apply_act(acts.pre, act, md);
       ins[0] = act;
+      ld0 = m;
     }
     for (int64_t k = 0; k < n; ++k) {
       T* zk = zs + k * md;  // [d, m]
-      gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, ins[k], m, zk, m, false);
+      gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, ins[k], k == 0 ? ld0 : m, zk, m, false);
       if (k < n - 1) {
         if (acts.mid == Act::Identity) {
           ins[k + 1] = zk;
@@ -260,7 +272,7 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
     T* dwr = dwt + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
       // dW[r, k]^T (+)= a_k^T @ gz        ([d_in, d_out])
-      gemm_nn<T>(d, d, m, ins[k], m, gz, d, dwr + k * dd, d, accumulate);
+      gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, gz, d, dwr + k * dd, d, accumulate);
       // ga = gz @ W[r, k]                 ([m, d_in])
       gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);
       if (k > 0) {
@@ -271,7 +283,14 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
         std::swap(gz, ga);
       }
     }
-    mul_act_deriv(acts.pre, ga, hin, md);
+    if (acts.pre != Act::Identity) {  // ga *= s_pre'(unit input), batch-major
+      if (saved_fm) {
+        transpose_tile(hin_fm, d, m, B, zb, d);
+        mul_act_deriv(acts.pre, ga, zb, md);
+      } else {
+        mul_act_deriv(acts.pre, ga, saved + (r * B + row0) * d, md);
+      }
+    }
     if (shortcut) {
 #pragma omp simd
       for (int64_t i = 0; i < md; ++i) g[i] += ga[i];
@@ -333,7 +352,7 @@ void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, 
 }
 
 template <typename T>
-void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at::Tensor& saved, bool shortcut,
+void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at::Tensor& saved_in, bool shortcut,
                    Acts acts, at::Tensor& grad_x, at::Tensor& grad_w) {
   const int64_t B = grad_y.size(0), d = grad_y.size(1), R = weights.size(0), n = weights.size(1);
   const int64_t dd = d * d;
@@ -341,8 +360,12 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     grad_w.zero_();
     return;
   }
-  const bool layers = saved.dim() == 4;  // every layer's input was saved: nothing to recompute
+  const bool layers = saved_in.dim() == 4;  // every layer's input was saved: nothing to recompute
   const bool fm = !layers && cpu_tile_layout(d) == TileLayout::FeatureMajor;
+  // unit inputs stored feature-major (the feature-major forward's output); the batch-major tiles
+  // read them batch-major
+  const bool saved_fm = !layers && !saved_in.is_contiguous();
+  const at::Tensor saved = saved_fm && !fm ? saved_in.contiguous() : saved_in;
   const bool dw_transposed = fm || layers;  // slot buffers hold dW^T
   // the batch-major recompute multiplies by W^T: [R, n, d_in, d_out]
   const at::Tensor wt = dw_transposed ? at::Tensor() : transpose_weights<T>(weights);
@@ -383,8 +406,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
             backward_tile_layers<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
                                     dw, t != first, act, t0, t1, zs, gz, ga);
           else if (fm)
-            backward_tile_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts, dw,
-                                t != first, t0, act, zs, t1, gz, ga);
+            backward_tile_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, saved_fm && fm, r_begin, r_end, n, d,
+                                shortcut, acts, dw, t != first, t0, act, zs, t1, gz, ga);
           else
             backward_tile<T>(g_all + row0 * d, m, row0, B, w_p, wt_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
                              dw, t != first, act, zs, gz, ga, t0);
@@ -431,10 +454,12 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
   const StackShape s = check_stack(x, weights, "x");
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor y = at::empty_like(x);
+  // the unit inputs [R, B, d]: feature-major in memory ([R, d, B]) with feature-major tiles
+  const bool fm = cpu_tile_layout(s.d) == TileLayout::FeatureMajor;
   at::Tensor saved = !save_inputs ? at::empty({0}, x.options())
-                     : save_layers ? at::empty({s.R, s.n, s.B, s.d}, x.options())
-                                   : at::empty({s.R, s.B, s.d}, x.options());
-  advise_huge_pages(saved);
+                     : save_layers ? pooled_empty({s.R, s.n, s.B, s.d}, x.options())
+                     : fm          ? pooled_empty({s.R, s.B, s.d}, {s.B * s.d, 1, s.B}, x.options())
+                                   : pooled_empty({s.R, s.B, s.d}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_forward_cpu", [&] {
     forward_impl<scalar_t>(x, weights, shortcut, acts, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr,
                            save_layers);
@@ -450,8 +475,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cpu(const at::Tensor&
   check_saved(saved, weights, s, /*allow_layers=*/true);
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor grad_x = at::empty_like(grad_y);
-  at::Tensor grad_w = at::empty_like(weights);
-  advise_huge_pages(grad_w);
+  at::Tensor grad_w = pooled_empty(weights.sizes(), weights.options());
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "residual_stack_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_y, weights, saved, shortcut, acts, grad_x, grad_w);
   });

@@ -60,6 +60,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_buffer_pool.h"
 #include "cpu/cpu_gemm.h"
 #include "cpu/cpu_schedule.h"
 
@@ -406,10 +407,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const int64_t U = seg_per_chunk * C;
 
   const auto opts = x.options();
-  at::Tensor ck_h = at::empty({nseg, B, d}, opts);       // unit inputs at r = s * C
-  at::Tensor ck_rho = at::empty({nseg, B, K, d}, opts);  // and their tangents
-  advise_huge_pages(ck_h);
-  advise_huge_pages(ck_rho);
+  at::Tensor ck_h = pooled_empty({nseg, B, d}, opts);       // unit inputs at r = s * C
+  at::Tensor ck_rho = pooled_empty({nseg, B, K, d}, opts);  // and their tangents
   at::Tensor g_all = at::empty({B, d}, opts);            // carried dL/dh per row
   at::Tensor rg_all = at::empty({B, K, d}, opts);        // and its tangents
   T* ckh_p = ck_h.data_ptr<T>();
@@ -545,10 +544,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
                   parse_activation("act_post", act_post)};
   const Loss loss = check_hvp_args(x, weights, targets, directions, loss_name, s);
   at::Tensor loss_out = at::zeros({}, x.options());
-  at::Tensor grad_w = at::empty_like(weights);
-  at::Tensor hvps = at::empty_like(directions);
-  advise_huge_pages(grad_w);
-  advise_huge_pages(hvps);
+  at::Tensor grad_w = pooled_empty(weights.sizes(), weights.options());
+  at::Tensor hvps = pooled_empty(directions.sizes(), directions.options());
   grad_w.zero_();
   hvps.zero_();
   // B == 0: the loss of no samples is 0 (as reference.loss_fn), and so are its derivatives.
