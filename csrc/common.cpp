@@ -89,11 +89,14 @@ void check_saved(const at::Tensor& saved, const at::Tensor& weights, const Stack
                    ", got ", dtype_name(saved.scalar_type()));
   TORCH_CHECK_VALUE(saved.device() == weights.device(), "saved must be on ", weights.device(), ", got ",
                     saved.device());
-  // the CPU forward stores the unit inputs feature-major: strides [B d, 1, B]
-  const bool feature_major = allow_layers && units && saved.stride(0) == s.B * s.d && saved.stride(1) == 1 &&
-                             saved.stride(2) == s.B;
-  TORCH_CHECK_VALUE(saved.is_contiguous() || feature_major,
-                    "saved must be contiguous", allow_layers ? " (or feature-major, strides [B*d, 1, B])" : "",
+  // the CPU forward stores activations feature-major: strides [B d, 1, B] ([n d B, d B, 1, B])
+  const bool feature_major =
+      allow_layers && ((units && saved.stride(0) == s.B * s.d && saved.stride(1) == 1 && saved.stride(2) == s.B) ||
+                       (layers && saved.stride(0) == s.n * s.d * s.B && saved.stride(1) == s.d * s.B &&
+                        saved.stride(2) == 1 && saved.stride(3) == s.B));
+  TORCH_CHECK_VALUE(saved.is_contiguous() || feature_major, "saved must be contiguous",
+                    allow_layers ? " (or feature-major: strides [B*d, 1, B], or [n*d*B, d*B, 1, B] for layer inputs)"
+                                 : "",
                     " as residual_stack_forward returns it, got strides ", saved.strides());
 }
 

@@ -63,7 +63,7 @@ StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const cha
 
 // Checks saved [R, B, d] against a stack shape.
 // saved: the unit inputs [R, B, d], or (allow_layers) every layer's input [R, n, B, d].  With
-// allow_layers (CPU) the unit inputs may also be stored feature-major (strides [B d, 1, B]).
+// allow_layers (CPU) either may also be stored feature-major (strides [B d, 1, B], [n d B, d B, 1, B]).
 void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s, bool allow_layers);
 
 // Checks the HVP op's targets [B, d] (or [B] int64 class indices with cross_entropy) and directions

@@ -78,9 +78,9 @@ class StackNet(nn.Module):
         self.act_mid = check_activation("mid", act_mid)
         self.act_post = check_activation("post", act_post)
         self.backend = check_backend(backend)
-        # what the fused forward keeps for the backward (see shortcut_ext.residual_stack): True keeps
-        # unit inputs only and recomputes (least memory), False keeps every layer's input
-        self.recompute: bool = True
+        # what the fused forward keeps for the backward (see shortcut_ext.residual_stack): None picks,
+        # True keeps unit inputs only (least memory), False keeps every layer's input (no recompute)
+        self.recompute: bool | None = None
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.in_features = width if in_features is None else _check_int("in_features", in_features, 1)

@@ -142,9 +142,9 @@ def test_gradcheck(n, shortcut, acts, recompute):
     assert torch.autograd.gradcheck(f, (x, w))
 
 
-def test_recompute_choice_and_saved_layer_inputs():
+def test_recompute_choice_and_saved_layer_inputs(monkeypatch):
     """recompute=False saves every layer's input [R, n, B, d]: saved[r, 0] the unit input, saved[r, k]
-    act_mid(z_{k-1})."""
+    act_mid(z_{k-1}); the default picks it on CPU within SHORTCUT_EXT_SAVE_LAYERS_MB."""
     from shortcut_ext.ops import _save_layers
 
     x, w = stack_inputs(6, 4, 3, 3, torch.float64, scale=0.5)
@@ -160,8 +160,18 @@ def test_recompute_choice_and_saved_layer_inputs():
                 torch.testing.assert_close(saved[r, k + 1], torch.relu(z), rtol=1e-14, atol=1e-14)
             a = torch.relu(z)
         h = h + z
-    assert _save_layers(False) and not _save_layers(True)
-    with pytest.raises(TypeError, match="recompute must be True or False, got 'yes'"):
+    wide = torch.zeros(2, 2, 32, 32)
+    assert _save_layers(torch.zeros(8, 32), wide, None)
+    assert _save_layers(torch.zeros(8, 16), torch.zeros(2, 2, 16, 16), False)
+    assert not _save_layers(torch.zeros(8, 32, device="meta"), wide.to("meta"), None)  # not CPU
+    assert not _save_layers(torch.zeros(8, 32), wide, True)
+    monkeypatch.setenv("SHORTCUT_EXT_SAVE_LAYERS_MB", "0.001")  # 1 kB < the 4 kB of layer inputs
+    assert not _save_layers(torch.zeros(8, 32), wide, None)
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("SHORTCUT_EXT_SAVE_LAYERS_MB", bad)
+        with pytest.raises(ValueError, match=f"SHORTCUT_EXT_SAVE_LAYERS_MB must be a number of megabytes >= 0, got '{bad}'"):
+            residual_stack(x, w, backend="fused")
+    with pytest.raises(TypeError, match="recompute must be True, False or None, got 'yes'"):
         residual_stack(x, w, backend="fused", recompute="yes")
 
 
@@ -187,17 +197,26 @@ def test_saved_inputs_are_the_unit_inputs():
     assert nothing.numel() == 0
 
 
+@pytest.mark.parametrize("layers", [False, True])
 @pytest.mark.parametrize("B", [1, 70])
-def test_saved_unit_inputs_feature_major(B, monkeypatch):
-    """With feature-major tiles the unit inputs are stored feature-major (strides [B*d, 1, B]), same
-    values; the backward takes them, or a contiguous copy, under either tile layout."""
-    d, acts = 40, ("tanh", "relu", "ssigmoid")
-    x, w = stack_inputs(B, d, 5, 2, torch.float64, scale=0.6 / d ** 0.5)
+def test_saved_feature_major(B, layers, monkeypatch):
+    """With feature-major tiles the unit inputs (layer inputs) are stored feature-major: strides
+    [B*d, 1, B] ([n*d*B, d*B, 1, B]), same values; the backward takes them, or a contiguous copy,
+    under either tile layout."""
+    d, n, acts = 40, 3, ("tanh", "relu", "ssigmoid")
+    x, w = stack_inputs(B, d, 5, n, torch.float64, scale=0.6 / d ** 0.5)
     gy = torch.randn(B, d, dtype=torch.float64)
     monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "feature")
-    _, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True)
-    assert saved.shape == (5, B, d) and saved.stride() == (B * d, 1, B)
-    torch.testing.assert_close(saved, ref.residual_stack_unit_inputs(x, w, True, *acts), rtol=1e-13, atol=1e-14)
+    _, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True, layers)
+    if layers:
+        assert saved.shape == (5, n, B, d) and saved.stride() == (n * d * B, d * B, 1, B)
+        torch.testing.assert_close(saved[:, 0], ref.residual_stack_unit_inputs(x, w, True, *acts), rtol=1e-13,
+                                   atol=1e-14)
+        torch.testing.assert_close(saved[1, 2], torch.relu(torch.relu(torch.tanh(saved[1, 0]) @ w[1, 0].T) @ w[1, 1].T),
+                                   rtol=1e-12, atol=1e-14)
+    else:
+        assert saved.shape == (5, B, d) and saved.stride() == (B * d, 1, B)
+        torch.testing.assert_close(saved, ref.residual_stack_unit_inputs(x, w, True, *acts), rtol=1e-13, atol=1e-14)
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     expect = torch.autograd.grad(ref.residual_stack_forward(xr, wr, True, *acts), (xr, wr), gy)
     for layout in ("feature", "batch"):
@@ -206,8 +225,9 @@ def test_saved_unit_inputs_feature_major(B, monkeypatch):
             got = torch.ops.shortcut_ext.residual_stack_backward(gy, w, sv, True, *acts)
             for a, b in zip(got, expect):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match=r"saved must be contiguous \(or feature-major, strides \[B\*d, 1, B\]\).*got strides"):
-        torch.ops.shortcut_ext.residual_stack_backward(gy, w, torch.zeros(5, B, 2 * d, dtype=torch.float64)[..., ::2], True, *acts)
+    bad = torch.zeros(5, B, 2 * d, dtype=torch.float64)[..., ::2]
+    with pytest.raises(ValueError, match=r"saved must be contiguous \(or feature-major: strides \[B\*d, 1, B\].*got strides"):
+        torch.ops.shortcut_ext.residual_stack_backward(gy, w, bad, True, *acts)
 
 
 def test_output_buffer_cache():

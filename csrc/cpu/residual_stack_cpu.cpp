@@ -82,15 +82,14 @@ void forward_tile(T* h, int64_t m, int64_t row0, int64_t B, const T* wt, int64_t
 }
 
 // Feature-major forward of units [0, R) for one tile: `h` [d, m] (leading dimension m).  The unit
-// inputs go to `saved` feature-major ([R, d, B] in memory) unless every layer's input is saved
-// (`layers`: [R, n, B, d], batch-major).
+// inputs (or with `layers` every layer's input) go to `saved` feature-major: [R, d, B] ([R, n, d, B])
+// in memory.
 template <typename T>
 void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64_t R, int64_t n, int64_t d,
                      bool shortcut, Acts acts, T* saved, bool layers, T* bufA, T* bufZ0, T* bufZ1) {
   const int64_t md = m * d, dd = d * d, S = layers ? n : 1;
   for (int64_t r = 0; r < R; ++r) {
-    if (saved && layers) transpose_tile(h, d, m, m, saved + (r * S * B + row0) * d, d);
-    if (saved && !layers) copy_panel(h, d, m, m, saved + r * d * B + row0, B);
+    if (saved) copy_panel(h, d, m, m, saved + r * S * d * B + row0, B);
     const T* cur = h;
     if (acts.pre != Act::Identity) {
       std::copy(h, h + md, bufA);
@@ -103,7 +102,7 @@ void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64
       gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, cur, m, z, m, false);
       if (k < n - 1) {
         apply_act(acts.mid, z, md);
-        if (saved && layers) transpose_tile(z, d, m, m, saved + ((r * n + k + 1) * B + row0) * d, d);
+        if (saved && layers) copy_panel(z, d, m, m, saved + (r * n + k + 1) * d * B + row0, B);
       }
       cur = z;
     }
@@ -351,6 +350,59 @@ void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, 
   }
 }
 
+// Backward from every layer's input stored feature-major (saved [R, n, d, B] in memory, the
+// feature-major forward's output): the weight gradients dW^T = a^T gz read the saved panels in
+// place; the data gradient runs batch-major, ga = gz W; the mid derivatives come from the saved
+// outputs (transposed in cache).  Nothing is recomputed but the last pre-activation where act_post
+// is not the identity.
+template <typename T>
+void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, int64_t r_begin,
+                             int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dwt, bool accumulate,
+                             T* act, T* zT, T* zb, T* gz, T* ga) {
+  const int64_t md = m * d, dd = d * d;
+  for (int64_t r = r_begin - 1; r >= r_end; --r) {
+    const T* panel = saved + r * n * d * B + row0;  // layer k's input: panel + k * d * B, [d, m], ld B
+    const T* in0 = panel;
+    int64_t ld0 = B;
+    if (acts.pre != Act::Identity) {
+      copy_panel(panel, d, m, B, act, m);
+      apply_act(acts.pre, act, md);
+      in0 = act;
+      ld0 = m;
+    }
+    std::copy(g, g + md, gz);
+    if (acts.post != Act::Identity) {  // z_{n-1} = W a_{n-1}, feature-major on W as stored
+      const T* a_last = n == 1 ? in0 : panel + (n - 1) * d * B;
+      gemm_nn<T>(d, m, d, w + (r * n + n - 1) * dd, d, a_last, n == 1 ? ld0 : B, zT, m, false);
+      transpose_tile(zT, d, m, m, zb, d);
+      mul_act_deriv(acts.post, gz, zb, md);
+    }
+    T* dwr = dwt + (r - r_end) * n * dd;
+    for (int64_t k = n - 1; k >= 0; --k) {
+      const T* a = k == 0 ? in0 : panel + k * d * B;
+      gemm_nn<T>(d, d, m, a, k == 0 ? ld0 : B, gz, d, dwr + k * dd, d, accumulate);  // dW[r, k]^T (+)= a_k^T gz
+      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);            // ga = gz W[r, k]
+      if (k > 0) {
+        if (acts.mid != Act::Identity) {
+          transpose_tile(a, d, m, B, zb, d);
+          mul_act_deriv_from_output(acts.mid, ga, zb, md);
+        }
+        std::swap(gz, ga);
+      }
+    }
+    if (acts.pre != Act::Identity) {
+      transpose_tile(panel, d, m, B, zb, d);
+      mul_act_deriv(acts.pre, ga, zb, md);
+    }
+    if (shortcut) {
+#pragma omp simd
+      for (int64_t i = 0; i < md; ++i) g[i] += ga[i];
+    } else {
+      std::copy(ga, ga + md, g);
+    }
+  }
+}
+
 template <typename T>
 void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at::Tensor& saved_in, bool shortcut,
                    Acts acts, at::Tensor& grad_x, at::Tensor& grad_w) {
@@ -361,11 +413,11 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     return;
   }
   const bool layers = saved_in.dim() == 4;  // every layer's input was saved: nothing to recompute
-  const bool fm = !layers && cpu_tile_layout(d) == TileLayout::FeatureMajor;
-  // unit inputs stored feature-major (the feature-major forward's output); the batch-major tiles
+  const bool fm = cpu_tile_layout(d) == TileLayout::FeatureMajor;
+  // activations stored feature-major (the feature-major forward's output); the batch-major tiles
   // read them batch-major
-  const bool saved_fm = !layers && !saved_in.is_contiguous();
-  const at::Tensor saved = saved_fm && !fm ? saved_in.contiguous() : saved_in;
+  const bool saved_fm = !saved_in.is_contiguous() && fm;
+  const at::Tensor saved = !saved_in.is_contiguous() && !fm ? saved_in.contiguous() : saved_in;
   const bool dw_transposed = fm || layers;  // slot buffers hold dW^T
   // the batch-major recompute multiplies by W^T: [R, n, d_in, d_out]
   const at::Tensor wt = dw_transposed ? at::Tensor() : transpose_weights<T>(weights);
@@ -402,11 +454,14 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
         const int64_t first = s * tiles / slots;
         for (int64_t t = first; t < (s + 1) * tiles / slots; ++t) {
           const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
-          if (layers)
+          if (layers && saved_fm)
+            backward_tile_layers_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut,
+                                       acts, dw, t != first, act, zs, t1, gz, ga);
+          else if (layers)
             backward_tile_layers<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
                                     dw, t != first, act, t0, t1, zs, gz, ga);
           else if (fm)
-            backward_tile_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, saved_fm && fm, r_begin, r_end, n, d,
+            backward_tile_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, saved_fm, r_begin, r_end, n, d,
                                 shortcut, acts, dw, t != first, t0, act, zs, t1, gz, ga);
           else
             backward_tile<T>(g_all + row0 * d, m, row0, B, w_p, wt_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
@@ -454,12 +509,15 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
   const StackShape s = check_stack(x, weights, "x");
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor y = at::empty_like(x);
-  // the unit inputs [R, B, d]: feature-major in memory ([R, d, B]) with feature-major tiles
+  // the unit inputs [R, B, d] (layer inputs [R, n, B, d]): feature-major in memory ([R, d, B],
+  // [R, n, d, B]) with feature-major tiles
   const bool fm = cpu_tile_layout(s.d) == TileLayout::FeatureMajor;
+  const int64_t B = s.B, d = s.d;
   at::Tensor saved = !save_inputs ? at::empty({0}, x.options())
-                     : save_layers ? pooled_empty({s.R, s.n, s.B, s.d}, x.options())
-                     : fm          ? pooled_empty({s.R, s.B, s.d}, {s.B * s.d, 1, s.B}, x.options())
-                                   : pooled_empty({s.R, s.B, s.d}, x.options());
+                     : save_layers ? (fm ? pooled_empty({s.R, s.n, B, d}, {s.n * d * B, d * B, 1, B}, x.options())
+                                         : pooled_empty({s.R, s.n, B, d}, x.options()))
+                     : fm          ? pooled_empty({s.R, B, d}, {B * d, 1, B}, x.options())
+                                   : pooled_empty({s.R, B, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_forward_cpu", [&] {
     forward_impl<scalar_t>(x, weights, shortcut, acts, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr,
                            save_layers);
