@@ -54,7 +54,7 @@ void forward_tile(T* h, int64_t m, int64_t row0, int64_t B, const T* wt, int64_t
                   bool shortcut, Acts acts, T* saved, bool layers, T* bufA, T* bufZ0, T* bufZ1) {
   const int64_t md = m * d, dd = d * d, S = layers ? n : 1;
   for (int64_t r = 0; r < R; ++r) {
-    if (saved) std::copy(h, h + md, saved + (r * S * B + row0) * d);
+    if (saved) stream_panel(h, 1, md, md, saved + (r * S * B + row0) * d, md);
     const T* cur = h;
     if (acts.pre != Act::Identity) {
       std::copy(h, h + md, bufA);
@@ -67,7 +67,7 @@ void forward_tile(T* h, int64_t m, int64_t row0, int64_t B, const T* wt, int64_t
       gemm_nn<T>(m, d, d, cur, d, wt + (r * n + k) * dd, d, z, d, false);
       if (k < n - 1) {
         apply_act(acts.mid, z, md);
-        if (saved && layers) std::copy(z, z + md, saved + ((r * n + k + 1) * B + row0) * d);
+        if (saved && layers) stream_panel(z, 1, md, md, saved + ((r * n + k + 1) * B + row0) * d, md);
       }
       cur = z;
     }
@@ -89,7 +89,7 @@ void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64
                      bool shortcut, Acts acts, T* saved, bool layers, T* bufA, T* bufZ0, T* bufZ1) {
   const int64_t md = m * d, dd = d * d, S = layers ? n : 1;
   for (int64_t r = 0; r < R; ++r) {
-    if (saved) copy_panel(h, d, m, m, saved + r * S * d * B + row0, B);
+    if (saved) stream_panel(h, d, m, m, saved + r * S * d * B + row0, B);
     const T* cur = h;
     if (acts.pre != Act::Identity) {
       std::copy(h, h + md, bufA);
@@ -102,7 +102,7 @@ void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64
       gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, cur, m, z, m, false);
       if (k < n - 1) {
         apply_act(acts.mid, z, md);
-        if (saved && layers) copy_panel(z, d, m, m, saved + (r * n + k + 1) * d * B + row0, B);
+        if (saved && layers) stream_panel(z, d, m, m, saved + (r * n + k + 1) * d * B + row0, B);
       }
       cur = z;
     }
@@ -143,10 +143,12 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut,
           transpose_tile(x_p + row0 * d, m, d, d, h, m);
           forward_tile_fm<T>(h, m, row0, B, w_p, R, n, d, shortcut, acts, saved, layers, bufA, z0, z1);
           transpose_tile(h, d, m, m, y_p + row0 * d, d);
+          stream_fence();
         } else {
           std::copy(x_p + row0 * d, x_p + (row0 + m) * d, h);
           forward_tile<T>(h, m, row0, B, w_p, R, n, d, shortcut, acts, saved, layers, bufA, z0, z1);
           std::copy(h, h + m * d, y_p + row0 * d);
+          stream_fence();
         }
       }
     }
