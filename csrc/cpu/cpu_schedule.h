@@ -112,8 +112,6 @@ inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ld
 }
 #endif
 
-// dst[j, i] = src[i, j] for an in-cache tile of rows x cols (leading dimensions lds, ldd), in
-// 16 x 16 blocks so that both sides stay in a few cache lines (in registers for float with AVX-512).
 // dst[i, :cols] = src[i, :cols] for i < rows (leading dimensions lds, ldd).
 template <typename T>
 inline void copy_panel(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
@@ -152,6 +150,8 @@ inline void stream_fence() {
 #endif
 }
 
+// dst[j, i] = src[i, j] for an in-cache tile of rows x cols (leading dimensions lds, ldd), in
+// 16 x 16 blocks so that both sides stay in a few cache lines (in registers for float with AVX-512).
 template <typename T>
 inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
   constexpr int64_t blk = 16;
