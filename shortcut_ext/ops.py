@@ -4,10 +4,13 @@
 built) or to the pure-PyTorch reference (``backend="torch"``).  Autograd and ``torch.compile`` support
 for the fused ops are registered here with ``torch.library``.
 
-Memory of the fused path: the forward saves only the input of every unit, ``R * B * d`` elements
-(``[R, B, d]``; on CPU with feature-major tiles, d >= 32, stored feature-major: strides
-``[B*d, 1, B]``); the backward recomputes each unit's inner activations from that input, one unit at
-a time, in scratch of ``2 * n * tile * d`` elements per thread.  Inference (no grad) saves nothing.
+Memory of the fused path (see ``residual_stack``'s ``recompute``): the forward saves the input of
+every layer (``[R, n, B, d]``, CPU, within ``SHORTCUT_EXT_SAVE_LAYERS_MB``) and the backward
+recomputes nothing, or the input of every unit (``[R, B, d]``) and the backward recomputes each
+unit's inner activations, one unit at a time, in scratch of ``(2n + 4) * tile * d`` elements per
+thread.  On CPU with feature-major tiles (d >= 32) either is stored feature-major (strides
+``[B*d, 1, B]`` / ``[n*d*B, d*B, 1, B]``).  Inference (no grad) saves nothing.  Large CPU outputs
+come from a buffer cache (``empty_cache``, ``cache_stats``).
 """
 from __future__ import annotations
 
