@@ -11,12 +11,13 @@
 // weight gradients accumulate transposed (dW^T = a^T gz) and are transposed back while the slots
 // are reduced.  Every small GEMM is a plain row-major C = A @ B (oneDNN brgemm for float32).
 //
-// Memory: the forward saves the input of every unit (saved [R, B, d]) and nothing else; with
-// feature-major tiles it is stored feature-major (strides [B d, 1, B], i.e. [R, d, B] in memory),
-// so that both the forward's store and the backward's load are plain row copies (the backward's
-// GEMMs read it in place) instead of transposes.  Output buffers come from cpu_buffer_pool.h.  The
-// backward recomputes a unit's inner activations from its saved input, in per-thread scratch of
-// (2n + 4) m d elements, and accumulates weight gradients per slot in chunks of units
+// Memory: the forward saves either the input of every unit (saved [R, B, d]; the backward then
+// recomputes a unit's inner activations from it, in per-thread scratch of (2n + 4) m d elements) or
+// the input of every layer (save_layers: [R, n, B, d]; nothing is recomputed).  With feature-major
+// tiles either is stored feature-major (strides [B d, 1, B] / [n d B, d B, 1, B], i.e. [R, d, B] /
+// [R, n, d, B] in memory), so that the forward's store is a row copy (non-temporal stores) and the
+// backward's GEMMs read the saved panels in place, with no transposes.  Output buffers come from
+// cpu_buffer_pool.h.  The backward accumulates weight gradients per slot in chunks of units
 // ([P, U, n, d, d], U chosen to bound it; each slot's first tile writes, later tiles add, so the
 // buffers are never zero-filled), then reduces the slots in a fixed order: results are
 // deterministic for a given number of threads.
