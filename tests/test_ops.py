@@ -81,7 +81,7 @@ def test_thousand_units(device):
 @pytest.mark.parametrize(
     "B,d,R,n,shortcut",
     [(7, 5, 3, 2, True), (1, 3, 2, 1, True), (300, 40, 3, 2, True), (129, 64, 2, 3, False), (33, 17, 4, 4, True),
-     (2, 128, 2, 2, True)],
+     (2, 128, 2, 2, True), (64, 48, 3, 3, True)],  # the last: 16-aligned tiles (in-register transposes)
 )
 def test_cpu_tile_layouts(B, d, R, n, shortcut, dtype, layout, monkeypatch):
     """Both CPU tile layouts (SHORTCUT_EXT_CPU_LAYOUT; the default picks by width) at widths on both

@@ -9,10 +9,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -85,9 +81,10 @@ inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
 }
 
 #if defined(__AVX512F__)
-// One 16 x 16 float block: dst[j, i] = src[i, j], in registers (unpack 32/64-bit, then 128-bit lanes).
-inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m512 r[16], t[16];
+// r[j][i] = src[i, j] for one 16 x 16 float block, in registers (unpack 32/64-bit, then 128-bit
+// lanes).
+inline void load_transposed16x16(const float* src, int64_t lds, __m512 r[16]) {
+  __m512 t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -108,6 +105,12 @@ inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ld
     r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
+}
+
+// One 16 x 16 float block: dst[j, i] = src[i, j].
+inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16];
+  load_transposed16x16(src, lds, r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
 }
 #endif
@@ -205,20 +208,40 @@ inline void mul_act_deriv_from_output(Act a, T* g, const T* out, int64_t count) 
   }
 }
 
-// Asks the kernel to back a large, not yet touched output with transparent huge pages (where
-// THP is in `madvise` mode): first-touch page faults of a 100 MB output otherwise cost as much as a
-// good part of the GEMMs that fill it.  A hint only; errors are ignored.
-inline void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < (size_t(8) << 20)) return;
-  const uintptr_t huge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(huge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
+// g[b, i] *= s'(z[b, i]) with the activation's output stored feature-major: out[i, b] (leading
+// dimension ldo) = s(z[b, i]); g [m, d] batch-major.  The transposed output never leaves registers
+// (float with AVX-512; other cases transpose through `scratch`, m * d elements).
+template <typename T>
+inline void mul_act_deriv_from_output_fm(Act a, T* g, const T* out, int64_t m, int64_t d, int64_t ldo, T* scratch) {
+  if (a == Act::Identity) return;
+#if defined(__AVX512F__)
+  if (std::is_same<T, float>::value && m % 16 == 0 && d % 16 == 0) {
+    float* gf = reinterpret_cast<float*>(g);
+    const float* of = reinterpret_cast<const float*>(out);
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
+    for (int64_t i0 = 0; i0 < d; i0 += 16)
+      for (int64_t b0 = 0; b0 < m; b0 += 16) {
+        __m512 r[16];  // r[bb][ii] = out[i0 + ii, b0 + bb]
+        load_transposed16x16(of + i0 * ldo + b0, ldo, r);
+        for (int bb = 0; bb < 16; ++bb) {
+          float* gr = gf + (b0 + bb) * d + i0;
+          const __m512 gv = _mm512_loadu_ps(gr);
+          __m512 res;
+          if (a == Act::Relu) {
+            res = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r[bb], zero, _CMP_GT_OQ), gv);
+          } else {
+            __m512 dv = _mm512_fnmadd_ps(r[bb], r[bb], one);  // 1 - a^2
+            if (a == Act::SSigmoid) dv = _mm512_mul_ps(dv, half);
+            res = _mm512_mul_ps(gv, dv);
+          }
+          _mm512_storeu_ps(gr, res);
+        }
+      }
+    return;
+  }
 #endif
+  transpose_tile(out, d, m, ldo, scratch, d);
+  mul_act_deriv_from_output(a, g, scratch, m * d);
 }
 
 // wt[r, k] = w[r, k]^T for every d x d matrix, in parallel over matrices.

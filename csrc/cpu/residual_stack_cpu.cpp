@@ -278,10 +278,7 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
       // ga = gz @ W[r, k]                 ([m, d_in])
       gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);
       if (k > 0) {
-        if (acts.mid != Act::Identity) {
-          transpose_tile(zs + (k - 1) * md, d, m, m, zb, d);
-          mul_act_deriv(acts.mid, ga, zb, md);
-        }
+        mul_act_deriv_from_output_fm(acts.mid, ga, ins[k], m, d, m, zb);  // ins[k] = s_mid(z_{k-1})
         std::swap(gz, ga);
       }
     }
@@ -386,10 +383,7 @@ void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* 
       gemm_nn<T>(d, d, m, a, k == 0 ? ld0 : B, gz, d, dwr + k * dd, d, accumulate);  // dW[r, k]^T (+)= a_k^T gz
       gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);            // ga = gz W[r, k]
       if (k > 0) {
-        if (acts.mid != Act::Identity) {
-          transpose_tile(a, d, m, B, zb, d);
-          mul_act_deriv_from_output(acts.mid, ga, zb, md);
-        }
+        mul_act_deriv_from_output_fm(acts.mid, ga, a, m, d, B, zb);
         std::swap(gz, ga);
       }
     }
