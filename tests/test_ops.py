@@ -303,11 +303,13 @@ def test_double_backward_points_to_hvp():
         torch.autograd.grad(g.sum(), w)
 
 
-def test_torch_compile_matches_eager():
-    net = shortcut_ext.ShortcutNet(width=6, units=4, shortcut=2, mid="relu", init="xavier", backend="fused",
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("width", [6, 40])  # batch-major tiles; feature-major tiles and saved activations
+def test_torch_compile_matches_eager(width, backend):
+    net = shortcut_ext.ShortcutNet(width=width, units=4, shortcut=2, mid="relu", init="xavier", backend="fused",
                                    dtype=torch.float64)
-    x = torch.randn(10, 6, dtype=torch.float64)
-    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    x = torch.randn(10, width, dtype=torch.float64)
+    compiled = torch.compile(net, backend=backend, fullgraph=True)
     torch.testing.assert_close(compiled(x), net(x))
     g1 = torch.autograd.grad(compiled(x).sum(), net.weight)[0]
     g2 = torch.autograd.grad(net(x).sum(), net.weight)[0]
