@@ -23,6 +23,23 @@ PATTERNS = [(a, a, a) for a in ACTS] + [
 TARGETS = ("mse", "ce_index", "ce_prob")
 
 
+@pytest.fixture(autouse=True, params=["store", "checkpoint"])
+def hvp_memory_mode(request, monkeypatch):
+    """Every test runs both ways of the CPU kernel: every unit's record kept from the forward
+    (SHORTCUT_EXT_HVP_STORE_MB large: at any width), and checkpoints every C units with the segments
+    recomputed (SHORTCUT_EXT_HVP_STORE_MB=0)."""
+    monkeypatch.setenv("SHORTCUT_EXT_HVP_STORE_MB", "0" if request.param == "checkpoint" else "4096")
+    return request.param
+
+
+@pytest.mark.parametrize("value", ["lots", "-1"])
+def test_store_budget_bad_value(value, monkeypatch):
+    monkeypatch.setenv("SHORTCUT_EXT_HVP_STORE_MB", value)
+    x, w, y, v, loss = _problem(4, 3, 2, 2, 1, "mse")
+    with pytest.raises(ValueError, match=f"SHORTCUT_EXT_HVP_STORE_MB must be a number of megabytes >= 0.*got '{value}'"):
+        _op(x, w, y, v, True, ("identity", "relu", "identity"), loss)
+
+
 def _op(x, w, y, v, shortcut, acts, loss):
     return torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss)
 
