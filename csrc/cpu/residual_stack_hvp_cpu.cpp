@@ -24,8 +24,9 @@
 //   R{a} W^T:  [m*K, d] @ [d, d]            (the weight is shared by all directions)
 //   a V^T:     [m, d] @ [d, K*d]            (the K directions of a layer side by side, `vin`)
 //   gz V:      [m, d] @ [d, K*d]            (`vout`)
-//   R{gz}^T a: [K*d, m] @ [m, d]  -> hvp [K, d_out, d_in]
-//   R{a}^T gz: [K*d, m] @ [m, d]  -> hvp^T [K, d_in, d_out], transposed in the slot reduction.
+//   a^T R{gz}: [d, m] @ [m, K*d]  -> [d_in, K, d_out]    (only a, gz [m, d] are transposed, in cache)
+//   gz^T R{a}: [d, m] @ [m, K*d]  -> [d_out, K, d_in]    both put in hvp [K, d_out, d_in] by the
+//                                                        slot reduction.
 //
 // Schedule (as csrc/cpu/residual_stack_cpu.cpp): the batch is cut into row tiles, tiles are grouped
 // into P <= num_threads slots, one at::parallel_for task per slot, no barrier per layer.
@@ -236,7 +237,8 @@ struct RevScratch {
 
 // Reverse (backward + tangent backward) through unit r for one tile.  `g` [m, d] and `rg`
 // [m, K, d] hold dL/d(unit output) and its tangents on entry, dL/d(unit input) and its tangents on
-// exit.  Adds grad, hvp and hvp^T terms to `dw` = the slot buffer of unit r, [n][1 + 2K][d, d].
+// exit.  Adds to `dw` = the slot buffer of unit r, per layer: the gradient [d_out, d_in], then the
+// two HVP terms as [d_in][K][d_out] (R{gz}_j^T a) and [d_out][K][d_in] (gz^T R{a}_j).
 template <typename T>
 void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const Record<T>& rec, T* g, T* rg, T* dw,
                   const RevScratch<T>& ws) {
@@ -270,9 +272,15 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     const T* a = rec.act + l * s1;
     const T* ra = rec.ract + l * sk;
     T* out = dw + l * (1 + 2 * K) * dd;
-    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, true, ws.tscratch);                       // gz^T a
-    gemm_tn<T>(K * d, d, m, rgz, K * d, a, d, out + dd, d, true, ws.tscratch);         // R{gz}_j^T a
-    gemm_tn<T>(K * d, d, m, ra, K * d, gz, d, out + (1 + K) * dd, d, true, ws.tscratch);  // (gz^T R{a}_j)^T
+    // the HVP terms as plain GEMMs over the tile: only a and gz ([m, d]) are transposed, not the K-fold
+    // tangents ([m, K, d])
+    T* aT = ws.tscratch;        // [d, m]
+    T* gzT = aT + s1;           // [d, m]
+    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, true, gzT + s1);  // grad: gz^T a
+    transpose_tile(a, m, d, d, aT, m);
+    transpose_tile(gz, m, d, d, gzT, m);
+    gemm_nn<T>(d, K * d, m, aT, m, rgz, K * d, out + dd, K * d, true);           // [i][j][o] = (R{gz}_j^T a)[o, i]
+    gemm_nn<T>(d, K * d, m, gzT, m, ra, K * d, out + (1 + K) * dd, K * d, true);  // [o][j][i] = (gz^T R{a}_j)[o, i]
     const T* w = net.w + (r * n + l) * dd;
     gemm_nn<T>(m, d, d, gz, d, w, d, ga, d, false);
     gemm_nn<T>(m * K, d, d, rgz, d, w, d, rga, d, false);
@@ -495,7 +503,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
     for_each_slot(slots, [&](int64_t s0, int64_t s1) {
       const int64_t S1 = m_max * d, SK = K * S1;
       const int64_t seg_records = store_all ? 0 : C * rec_size;
-      std::vector<T> scratch(seg_records + 5 * S1 + 2 * SK + K * S1);
+      std::vector<T> scratch(seg_records + 5 * S1 + 2 * SK + std::max<int64_t>(K, 3) * S1);
       T* base = scratch.data() + seg_records;
       RevScratch<T> ws;
       ws.gz = base;
@@ -543,7 +551,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
       }
       gemm_release();
     });
-    // fixed-order reduction of the slots: grad [d, d], hvp_j = H1_j + H2T_j^T
+    // fixed-order reduction of the slots: grad [d, d]; hvp_j[o, i] = h1[i, j, o] + h2[o, j, i]
     const int64_t Q = (r_hi - r_lo) * n;
     at::parallel_for(0, Q, std::max<int64_t>(1, 4096 / ((1 + 2 * K) * dd)), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
@@ -555,16 +563,16 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
           for (int64_t s = 1; s < slots; ++s) acc += src0[s * U * per_unit + e];
           gout[e] = acc;
         }
+        const T* h1 = src0 + dd;            // [d_in][K][d_out]
+        const T* h2 = src0 + (1 + K) * dd;  // [d_out][K][d_in]
         for (int64_t j = 0; j < K; ++j) {
           T* hout = hv_p + (j * R * n + rl) * dd;
-          const T* h1 = src0 + (1 + j) * dd;
-          const T* h2 = src0 + (1 + K + j) * dd;
           for (int64_t o = 0; o < d; ++o) {
             for (int64_t i = 0; i < d; ++i) {
-              T acc = h1[o * d + i] + h2[i * d + o];
+              T acc = h1[(i * K + j) * d + o] + h2[(o * K + j) * d + i];
               for (int64_t s = 1; s < slots; ++s) {
                 const int64_t off = s * U * per_unit;
-                acc += h1[off + o * d + i] + h2[off + i * d + o];
+                acc += h1[off + (i * K + j) * d + o] + h2[off + (o * K + j) * d + i];
               }
               hout[o * d + i] = acc;
             }
