@@ -238,10 +238,11 @@ struct RevScratch {
 // Reverse (backward + tangent backward) through unit r for one tile.  `g` [m, d] and `rg`
 // [m, K, d] hold dL/d(unit output) and its tangents on entry, dL/d(unit input) and its tangents on
 // exit.  Adds to `dw` = the slot buffer of unit r, per layer: the gradient [d_out, d_in], then the
-// two HVP terms as [d_in][K][d_out] (R{gz}_j^T a) and [d_out][K][d_in] (gz^T R{a}_j).
+// two HVP terms as [d_in][K][d_out] (R{gz}_j^T a) and [d_out][K][d_in] (gz^T R{a}_j): written
+// (the slot's first tile) or added to (`accumulate`).
 template <typename T>
 void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const Record<T>& rec, T* g, T* rg, T* dw,
-                  const RevScratch<T>& ws) {
+                  bool accumulate, const RevScratch<T>& ws) {
   const int64_t n = net.n, d = net.d, K = net.K, dd = d * d;
   const int64_t md = m * d, s1 = m_max * d, sk = K * s1;
   const Acts& acts = net.acts;
@@ -276,11 +277,11 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     // tangents ([m, K, d])
     T* aT = ws.tscratch;        // [d, m]
     T* gzT = aT + s1;           // [d, m]
-    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, true, gzT + s1);  // grad: gz^T a
+    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, accumulate, gzT + s1);  // grad: gz^T a
     transpose_tile(a, m, d, d, aT, m);
     transpose_tile(gz, m, d, d, gzT, m);
-    gemm_nn<T>(d, K * d, m, aT, m, rgz, K * d, out + dd, K * d, true);           // [i][j][o] = (R{gz}_j^T a)[o, i]
-    gemm_nn<T>(d, K * d, m, gzT, m, ra, K * d, out + (1 + K) * dd, K * d, true);  // [o][j][i] = (gz^T R{a}_j)[o, i]
+    gemm_nn<T>(d, K * d, m, aT, m, rgz, K * d, out + dd, K * d, accumulate);  // [i][j][o] = (R{gz}_j^T a)[o, i]
+    gemm_nn<T>(d, K * d, m, gzT, m, ra, K * d, out + (1 + K) * dd, K * d, accumulate);  // [o][j][i] = (gz^T R{a}_j)[o, i]
     const T* w = net.w + (r * n + l) * dd;
     gemm_nn<T>(m, d, d, gz, d, w, d, ga, d, false);
     gemm_nn<T>(m * K, d, d, rgz, d, w, d, rga, d, false);
@@ -494,12 +495,11 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   // ---- 2. reverse pass in chunks of whole segments
   T* gw_p = grad_w.data_ptr<T>();
   T* hv_p = hvps.data_ptr<T>();
-  std::unique_ptr<T[]> partial_buf(new T[slots * U * per_unit]);  // zeroed per chunk below
+  std::unique_ptr<T[]> partial_buf(new T[slots * U * per_unit]);  // never zeroed: first tiles write
   T* const partial = partial_buf.get();
   for (int64_t s_hi = nseg; s_hi > 0; s_hi -= seg_per_chunk) {
     const int64_t s_lo = std::max<int64_t>(0, s_hi - seg_per_chunk);
     const int64_t r_lo = s_lo * C, r_hi = std::min(R, s_hi * C);
-    const int64_t chunk = (r_hi - r_lo) * per_unit;
     for_each_slot(slots, [&](int64_t s0, int64_t s1) {
       const int64_t S1 = m_max * d, SK = K * S1;
       const int64_t seg_records = store_all ? 0 : C * rec_size;
@@ -515,16 +515,16 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
       ws.rga = ws.rgz + SK;
       ws.tscratch = ws.rga + SK;
       for (int64_t s = s0; s < s1; ++s) {
-        T* dw = partial + s * U * per_unit;
-        std::fill(dw, dw + chunk, T(0));
-        for (int64_t t = s * tiles / slots; t < (s + 1) * tiles / slots; ++t) {
+        T* dw = partial + s * U * per_unit;  // the slot's first tile writes it, the others add
+        const int64_t first_tile = s * tiles / slots;
+        for (int64_t t = first_tile; t < (s + 1) * tiles / slots; ++t) {
           const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
           T* g = g_p + row0 * d;
           T* rg = rg_p + row0 * K * d;
           if (store_all) {
             for (int64_t r = std::min(R, s_hi * C) - 1; r >= s_lo * C; --r) {
               const Record<T> rec = Record<T>::at(rec_p + (t * R + r) * rec_size, n, K, m_max, d);
-              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, ws);
+              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws);
             }
             continue;
           }
@@ -544,7 +544,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
             }
             for (int64_t r = u1 - 1; r >= u0; --r) {
               const Record<T> rec = Record<T>::at(scratch.data() + (r - u0) * rec_size, n, K, m_max, d);
-              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, ws);
+              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws);
             }
           }
         }
