@@ -273,15 +273,11 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     const T* a = rec.act + l * s1;
     const T* ra = rec.ract + l * sk;
     T* out = dw + l * (1 + 2 * K) * dd;
-    // the HVP terms as plain GEMMs over the tile: only a and gz ([m, d]) are transposed, not the K-fold
-    // tangents ([m, K, d])
-    T* aT = ws.tscratch;        // [d, m]
-    T* gzT = aT + s1;           // [d, m]
-    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, accumulate, gzT + s1);  // grad: gz^T a
-    transpose_tile(a, m, d, d, aT, m);
-    transpose_tile(gz, m, d, d, gzT, m);
-    gemm_nn<T>(d, K * d, m, aT, m, rgz, K * d, out + dd, K * d, accumulate);  // [i][j][o] = (R{gz}_j^T a)[o, i]
-    gemm_nn<T>(d, K * d, m, gzT, m, ra, K * d, out + (1 + K) * dd, K * d, accumulate);  // [o][j][i] = (gz^T R{a}_j)[o, i]
+    // C = A^T B over the tile: only a and gz ([m, d]) get transposed (in gemm_tn; not at all by the
+    // d = 16, K = 1 register kernel), never the K-fold tangents ([m, K, d])
+    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, accumulate, ws.tscratch);                     // grad: gz^T a
+    gemm_tn<T>(d, K * d, m, a, d, rgz, K * d, out + dd, K * d, accumulate, ws.tscratch);  // [i][j][o] = (R{gz}_j^T a)[o, i]
+    gemm_tn<T>(d, K * d, m, gz, d, ra, K * d, out + (1 + K) * dd, K * d, accumulate, ws.tscratch);  // [o][j][i]
     const T* w = net.w + (r * n + l) * dd;
     gemm_nn<T>(m, d, d, gz, d, w, d, ga, d, false);
     gemm_nn<T>(m * K, d, d, rgz, d, w, d, rga, d, false);
@@ -503,7 +499,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
     for_each_slot(slots, [&](int64_t s0, int64_t s1) {
       const int64_t S1 = m_max * d, SK = K * S1;
       const int64_t seg_records = store_all ? 0 : C * rec_size;
-      std::vector<T> scratch(seg_records + 5 * S1 + 2 * SK + std::max<int64_t>(K, 3) * S1);
+      std::vector<T> scratch(seg_records + 5 * S1 + 2 * SK + K * S1);
       T* base = scratch.data() + seg_records;
       RevScratch<T> ws;
       ws.gz = base;
