@@ -322,6 +322,9 @@ def train(
     probe_data = (X, Y) if probe_data is None else _check_data("probe_data", probe_data)
     if X.dtype != model.weight.dtype:
         raise TypeError(f"data must have the model's dtype {model.weight.dtype}, got X: {X.dtype}")
+    device = model.weight.device  # data on another device (CPU data, a GPU model) moves once, here
+    X, Y = X.to(device), Y.to(device)
+    probe_data = tuple(t.to(device) for t in probe_data)
     w = model.weight
     m = X.shape[0]
     params = [w]

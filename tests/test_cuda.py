@@ -608,3 +608,132 @@ def test_emulated_hvp_matches_reference(hvp_emulator):
     a = _emu_hvp(hvp_emulator, x, w, y, v, True, ("tanh", "relu", "ssigmoid"), loss)
     b = _emu_hvp(hvp_emulator, x, w, y, v, True, ("tanh", "relu", "ssigmoid"), loss)
     assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+# ==================================================== end to end on a GPU: what a user runs there
+# The ops above are exercised one call at a time; these run the library's user-facing layers on a GPU
+# (models moved with .to(GPU), autograd through them, torch.compile, training, the Hessian operator
+# and the spectrum command) and compare each with the same computation on the CPU.  (GPU = "cpu" runs
+# them here as a check of the tests themselves.)
+GPU = "cuda"
+
+
+def _e2e_net(dtype, recompute=None, seed=1):
+    from shortcut_ext.models import ShortcutNet
+
+    net = ShortcutNet(20, 30, 2, "identity", "relu", "tanh", init="small", scale=0.2, seed=seed, backend="fused",
+                      in_features=7, out_features=3, dtype=dtype)  # frozen projections must move too
+    net.recompute = recompute
+    return net
+
+
+def _e2e_close(gpu: torch.Tensor, cpu: torch.Tensor, dtype) -> None:
+    assert gpu.device.type == GPU and gpu.dtype == cpu.dtype
+    rel = 1e-10 if dtype == torch.float64 else 1e-4
+    err = (gpu.cpu().double() - cpu.double()).norm().item()
+    assert err <= rel * cpu.double().norm().item() + 1e-12, (err, cpu.norm().item())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("recompute", [None, True, False], ids=["auto", "recompute", "save"])
+def test_cuda_model_forward_backward_matches_cpu(recompute, dtype):
+    import copy
+
+    cpu = _e2e_net(dtype, recompute)
+    gpu = copy.deepcopy(cpu).to(GPU)
+    assert gpu.input_proj.device.type == GPU and gpu.readout.device.type == GPU
+    x = torch.randn(33, 7, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    yc, yg = cpu(x), gpu(x.to(GPU))
+    _e2e_close(yg.detach(), yc.detach(), dtype)
+    (yc ** 2).sum().backward()
+    (yg ** 2).sum().backward()
+    _e2e_close(gpu.weight.grad, cpu.weight.grad, dtype)
+
+
+@needs_cuda
+def test_cuda_torch_compile_model():
+    """The compiled model (fake kernel on CUDA tensors, functionalisation) equals the eager one."""
+    torch._dynamo.reset()
+    net = _e2e_net(torch.float32).to(GPU)
+    x = torch.randn(40, 7, device=GPU)
+    y_eager = net(x)
+    (g_eager,) = torch.autograd.grad(y_eager.square().sum(), net.weight)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    (g,) = torch.autograd.grad(y.square().sum(), net.weight)
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_eager, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("optimizer", ["gd", "adam"])
+def test_cuda_training_matches_cpu(optimizer):
+    """train() on a GPU model, fed CPU data (moved once), follows the CPU run; its Hessian probes
+    (exact, and through fused HVPs above exact_max_params) agree."""
+    from shortcut_ext.train import train
+
+    dtype = torch.float64
+    cpu = _e2e_net(dtype)
+    gpu = _e2e_net(dtype).to(GPU)
+    g = torch.Generator().manual_seed(5)
+    X, Y = torch.randn(64, 7, generator=g, dtype=dtype), torch.randn(64, 3, generator=g, dtype=dtype)
+    kw = dict(epochs=6, lr=0.05, optimizer=optimizer, probe_epochs=[6], exact_max_params=0)
+    rc, rg = train(cpu, (X, Y), **kw), train(gpu, (X, Y), **kw)
+    assert rc.status == rg.status == "ok"
+    assert rg.final_loss == pytest.approx(rc.final_loss, rel=1e-9)
+    assert rg.history["loss"] == pytest.approx(rc.history["loss"], rel=1e-9)
+    _e2e_close(gpu.weight.detach(), cpu.weight.detach(), dtype)
+    pc, pg = rc.probes[-1], rg.probes[-1]
+    assert pg["method"] == pc["method"]
+    assert pg["grad_norm"] == pytest.approx(pc["grad_norm"], rel=1e-9)
+    assert pg["lam_max"] == pytest.approx(pc["lam_max"], rel=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_cuda_hessian_operator_matches_cpu(loss):
+    """HessianOperator on a GPU model, data in mini-batches: fused equals autograd on the GPU and the
+    fused operator on the CPU; to_dense is symmetric."""
+    import copy
+
+    from shortcut_ext.curvature import HessianOperator
+    from shortcut_ext.models import ShortcutNet
+
+    dtype = torch.float64
+    net = ShortcutNet(6, 4, 2, "tanh", "relu", "ssigmoid", init="small", scale=0.3, seed=2, backend="fused",
+                      out_features=3 if loss == "mse" else 4, dtype=dtype)
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(50, 6, generator=g, dtype=dtype)
+    Y = torch.randn(50, 3, generator=g, dtype=dtype) if loss == "mse" else torch.randint(0, 4, (50,), generator=g)
+    batches = [(X[i:i + 16], Y[i:i + 16]) for i in range(0, 50, 16)]
+    Hc = HessianOperator(net, batches, loss=loss, backend="fused")
+    gnet = copy.deepcopy(net).to(GPU)
+    Hg = HessianOperator(gnet, [(x.to(GPU), y.to(GPU)) for x, y in batches], loss=loss, backend="fused")
+    Ha = HessianOperator(gnet, (X.to(GPU), Y.to(GPU)), loss=loss, backend="autograd")
+    V = torch.randn(Hc.P, 3, generator=g, dtype=dtype)
+    ref_mm = Hc.matmat(V)
+    _e2e_close(Hg.matmat(V.to(GPU)), ref_mm, dtype)
+    _e2e_close(Ha.matmat(V.to(GPU)), ref_mm, dtype)
+    _e2e_close(Hg.matvec(V[:, 0].to(GPU)), ref_mm[:, 0], dtype)
+    D = Hg.to_dense()
+    assert D.device.type == GPU
+    torch.testing.assert_close(D, D.T, rtol=1e-12, atol=1e-12)
+
+
+@needs_cuda
+def test_cuda_spectrum_command(tmp_path):
+    """`shortcut-ext spectrum --device cuda` at the zero point of a linear 2-shortcut net: the Lanczos
+    extremes equal the dense spectrum and the closed form, as on the CPU."""
+    import json
+
+    from shortcut_ext.cli import main
+
+    rc = main(["spectrum", "--shortcut", "2", "--units", "6", "--width", "3", "--init", "zero", "--data",
+               "synthetic", "--samples", "40", "--probes", "3", "--steps", "10", "--top", "4", "--batch-size", "16",
+               "--backend", "fused", "--device", GPU, "--no-progress", "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "spectrum.json").read_text())
+    assert res["config"]["device"] == GPU and res["backend_used"] == "fused"
+    assert res["theory"]["method"] == "closed_form" and res["theory"]["lanczos_rel_error"] < 1e-10
+    assert res["lanczos"]["largest"] == pytest.approx(res["exact"]["top"][:4], rel=1e-10)

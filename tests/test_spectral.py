@@ -460,3 +460,18 @@ def test_spectrum_command_memory_flags(tmp_path):
         main(common + ["--max-iter", "40", "--basis-gib", str(30 * per_vector / 2**30), "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="one probe's Lanczos basis"):
         main(common + ["--basis-gib", str(7 * per_vector / 2**30), "--max-iter", "5", "--out", str(tmp_path / "c")])
+
+
+def test_spectrum_command_checks_device(tmp_path):
+    from shortcut_ext.cli import main
+
+    common = ["spectrum", "--units", "2", "--width", "3", "--samples", "10", "--no-progress", "--no-plots",
+              "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"--device must be a torch device .* got 'gpu0'"):
+        main(common + ["--device", "gpu0"])
+    with pytest.raises(SystemExit, match=r"--device must be cpu or cuda\[:N\], got 'meta'"):
+        main(common + ["--device", "meta"])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(SystemExit, match="no CUDA device is visible" if visible == 0 else "CUDA device"):
+        main(common + ["--device", f"cuda:{visible}" if visible else "cuda"])
+    assert not any(tmp_path.iterdir())  # refused before anything is written

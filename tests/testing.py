@@ -1,6 +1,8 @@
 """Shared test helpers: which devices and dtypes to run on, tolerances, seeded inputs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,10 +16,19 @@ def cuda_built() -> bool:
 
 
 def devices() -> list:
-    """``cpu`` always; ``cuda`` where a GPU and the CUDA kernels are both present."""
+    """``cpu`` always; ``cuda`` where a GPU and the CUDA kernels are both present.
+
+    ``SHORTCUT_EXT_REQUIRE_CUDA=1`` (benchmarks/gpu/run.sh sets it) turns a missing GPU or a build
+    without the CUDA kernels into an error at collection, so that a GPU run cannot pass by skipping.
+    """
     out = ["cpu"]
     if torch.cuda.is_available() and cuda_built():
         out.append("cuda")
+    elif os.environ.get("SHORTCUT_EXT_REQUIRE_CUDA", "0") not in ("", "0"):
+        raise RuntimeError(
+            "SHORTCUT_EXT_REQUIRE_CUDA is set, but the CUDA tests cannot run: "
+            f"torch.cuda.is_available()={torch.cuda.is_available()} (torch {torch.__version__}, CUDA "
+            f"{torch.version.cuda}), CUDA kernels built={cuda_built()} (shortcut_ext from {shortcut_ext.__file__})")
     return out
 
 

@@ -2,7 +2,8 @@
 # GPU check of shortcut_ext in one run of at most 8 minutes, for a machine with one NVIDIA GPU (an H200:
 # torch 2.11 + CUDA 13.0, nvcc, no network):
 #   1. build and install the package with its CUDA kernels (sm_90);
-#   2. the CUDA tests: tests/test_cuda.py and the CUDA half of tests/test_ops.py (test_errors.py too);
+#   2. the CUDA tests: tests/test_cuda.py (ops, and end to end: models, training, torch.compile, the
+#      Hessian operator, the spectrum command) and the CUDA half of tests/test_ops.py and test_errors.py;
 #   3. compute-sanitizer memcheck / racecheck / initcheck on a small case, where the tool works;
 #   4. the GPU benchmark (benchmarks/gpu/bench_gpu.py): fused vs eager, CUDA graphs, torch.compile.
 # Writes run.log, build.log, junit.xml, sanitizer.log and bench_gpu.{csv,json,log} under the output folder.
@@ -52,10 +53,13 @@ echo "built in $(( $(date +%s) - t0 ))s"
 SCRATCH=$(mktemp -d)  # run everything against the installed package, not the source tree; keep OUTDIR
 cd "$SCRATCH" || exit 1  # free of pytest's and hypothesis' caches
 $PY -c 'import shortcut_ext as s; i = s.build_info(); print(i); assert i["cuda"], "CUDA kernels missing"' || exit 1
+$PY -c 'import torch, sys; ok = torch.cuda.is_available(); print("torch sees the GPU:", ok); sys.exit(0 if ok else 1)' \
+  || { echo "NO GPU VISIBLE TO TORCH: the CUDA tests and benchmarks cannot run"; exit 1; }
 
 stage "CUDA tests"
 T=$(budget 150 150)
-timeout "$T" $PY -m pytest "$REPO/tests/test_cuda.py" "$REPO/tests/test_ops.py" "$REPO/tests/test_errors.py" \
+# a GPU run must not pass by skipping: tests/testing.py raises at collection if CUDA cannot run
+SHORTCUT_EXT_REQUIRE_CUDA=1 timeout "$T" $PY -m pytest "$REPO/tests/test_cuda.py" "$REPO/tests/test_ops.py" "$REPO/tests/test_errors.py" \
   -k "cuda" -q -rs -p no:cacheprovider --junitxml="$OUTDIR/junit.xml" -o junit_family=xunit2 2>&1 | tail -40
 rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || { echo "TESTS FAILED (rc=$rc; 124 = timed out after ${T}s)"; STATUS=1; }

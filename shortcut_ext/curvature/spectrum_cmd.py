@@ -85,6 +85,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _check_device(device: str) -> str:
+    """``--device`` as torch spells it, or a clear exit: unknown names, CUDA where none is visible."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"shortcut-ext spectrum: --device must be a torch device such as cpu, cuda or cuda:1, "
+                         f"got {device!r} ({e})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SystemExit(f"shortcut-ext spectrum: --device {device}: no CUDA device is visible "
+                             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
+        if dev.index is not None and dev.index >= count:
+            raise SystemExit(f"shortcut-ext spectrum: --device {device}: only {count} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise SystemExit(f"shortcut-ext spectrum: --device must be cpu or cuda[:N], got {device!r}")
+    return str(dev)
+
+
 def _positive(name, value):
     if value is None or value < 1:
         raise SystemExit(f"shortcut-ext spectrum: --{name} must be >= 1, got {value}")
@@ -141,6 +160,7 @@ def run(args) -> int:
     if args.shortcut < 0:
         raise SystemExit(f"shortcut-ext spectrum: --shortcut must be >= 0, got {args.shortcut}")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    args.device = _check_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
 
