@@ -5,8 +5,10 @@
 #   2. the CUDA tests: tests/test_cuda.py (ops, and end to end: models, training, torch.compile, the
 #      Hessian operator, the spectrum command) and the CUDA half of tests/test_ops.py and test_errors.py;
 #   3. compute-sanitizer memcheck / racecheck / initcheck on a small case, where the tool works;
-#   4. the GPU benchmark (benchmarks/gpu/bench_gpu.py): fused vs eager, CUDA graphs, torch.compile.
-# Writes run.log, build.log, junit.xml, sanitizer.log and bench_gpu.{csv,json,log} under the output folder.
+#   4. the GPU benchmarks: bench_gpu.py (the stack: fused vs eager, CUDA graphs, torch.compile) and
+#      bench_gpu_hvp.py (Hessian-vector products: fused vs double backward, torch.func, is_grads_batched).
+# Writes run.log, build.log, junit.xml, sanitizer.log, bench_gpu.{csv,json,log} and bench_gpu_hvp.{csv,json,log}
+# under the output folder.
 #
 #   benchmarks/gpu/run.sh [OUT_DIR]      (default: $OUT, else benchmarks/gpu/out, git-ignored)
 set -u -o pipefail
@@ -114,14 +116,21 @@ else
   echo "compute-sanitizer not found: skipped"
 fi
 
-stage "benchmarks"
-T=$(budget 400 10)
+stage "benchmarks: residual stack"
+T=$(budget 400 75)
 BUDGET=$(( T - 45 ))
 (( BUDGET < 20 )) && BUDGET=20
 timeout "$T" $PY "$REPO/benchmarks/gpu/bench_gpu.py" --out "$OUTDIR" --budget-s "$BUDGET" --compile-budget-s 100 \
   --target-s 0.3
 rc=$?
 [ "$rc" = 0 ] || { echo "BENCHMARK rc=$rc (1: a variant disagreed or failed; 124: timed out)"; STATUS=1; }
+
+stage "benchmarks: Hessian-vector products"
+T=$(budget 70 5)
+timeout "$T" $PY "$REPO/benchmarks/gpu/bench_gpu_hvp.py" --out "$OUTDIR" --budget-s $(( T - 20 > 10 ? T - 20 : 10 )) \
+  --target-s 0.2
+rc=$?
+[ "$rc" = 0 ] || { echo "HVP BENCHMARK rc=$rc (1: a variant disagreed or failed; 124: timed out)"; STATUS=1; }
 
 stage "done (status $STATUS)"
 ls -la "$OUTDIR"

@@ -1,0 +1,172 @@
+"""GPU benchmark of Hessian-vector products: the fused R-operator kernel (csrc/cuda/residual_stack_hvp_cuda.cu)
+against the pure-PyTorch ways to get HVPs, on the GPU, for the 2-shortcut ReLU network.
+
+The variants and their definitions are those of the CPU benchmark, benchmarks/bench_hvp.py (each
+computes loss, gradient and k HVPs from scratch, forward included, as HessianOperator does):
+fused k = 1 and k = 16, double backward, torch.func jvp(grad), vmap of that over 16 directions, and
+one double-backward graph queried with is_grads_batched for 16 directions.  Every variant is checked
+against double backward on two directions before it is timed.  Times are medians of CUDA-event
+timings after a warm-up, reported per HVP (time / k) and as a ratio to double backward measured in
+the same run; peak memory is torch.cuda.max_memory_allocated over the timed calls.
+
+Problems (float32, mse loss, weights at scale 0.1 / sqrt(d)):
+  d = 16, B = 512,  R = 1024   (the CPU benchmark's largest case, for comparison)
+  d = 64, B = 4096, R = 256    (a GPU-sized one)
+
+    python benchmarks/gpu/bench_gpu_hvp.py --out OUT_DIR            # on a GPU (run.sh does this)
+    python benchmarks/gpu/bench_gpu_hvp.py --cpu-smoke --out /tmp/x  # the same logic, tiny, on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: common.py, bench_hvp.py
+sys.path.insert(0, HERE)  # bench_gpu.py: the CUDA-event clock
+import bench_hvp  # noqa: E402
+import common  # noqa: E402
+from bench_gpu import Clock  # noqa: E402
+
+import shortcut_ext  # noqa: E402
+
+VARIANTS = bench_hvp.VARIANTS
+AGREE = 1e-3  # relative (max-abs) disagreement with float32 double backward that still counts as agreement
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "out")), help="output folder")
+    p.add_argument("--problems", default="16x512x1024,64x4096x256", help="comma-separated d x B x R")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {','.join(VARIANTS)}")
+    p.add_argument("--budget-s", type=float, default=60.0, help="stop starting new measurements after this")
+    p.add_argument("--target-s", type=float, default=0.3, help="timed seconds per variant (3 to 20 repetitions)")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: checks this script's logic")
+    a = p.parse_args(argv)
+    problems = []
+    for spec in a.problems.split(","):
+        try:
+            d, B, R = (int(v) for v in spec.lower().split("x"))
+        except ValueError:
+            p.error(f"--problems must be d x B x R triples such as 16x512x1024, got {spec!r}")
+        if min(d, B, R) < 1:
+            p.error(f"--problems: d, B and R must be >= 1, got {spec!r}")
+        problems.append((d, B, R))
+    a.problems = [(6, 32, 4), (16, 64, 8)] if a.cpu_smoke else problems
+    a.variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in a.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants must be among {VARIANTS}, got {bad}")
+    a.device = "cpu" if a.cpu_smoke else "cuda"
+    return a
+
+
+def make_problem(d, B, R, device, seed=0):
+    """x, y (a noisy linear teacher), weights at scale 0.1 / sqrt(d), 16 directions; float32 on device."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    y = x @ (torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5)
+    y += 0.1 * torch.randn(B, d, generator=g, dtype=torch.float64)
+    w = torch.randn(R, 2, d, d, generator=g, dtype=torch.float64) * (0.1 / d ** 0.5)
+    V = torch.randn(bench_hvp.K_BATCHED, R, 2, d, d, generator=g, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=torch.float32) for t in (x, y, w, V))
+
+
+def double_backward(x, y, w, v):
+    wr = w.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(bench_hvp._loss(wr, x, y), wr, create_graph=True)
+    return torch.autograd.grad(g, wr, grad_outputs=v)[0]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    name = "bench_gpu_hvp" if not args.cpu_smoke else "bench_gpu_hvp_cpu_smoke"
+    log_file = open(os.path.join(args.out, name + ".log"), "a")
+
+    def log(msg=""):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    t_start = time.time()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log("no CUDA device: nothing to benchmark (use --cpu-smoke to check the script on CPU)")
+        return 2
+    if args.device == "cuda" and not shortcut_ext.build_info().get("cuda", False):
+        log(f"shortcut_ext was built without CUDA kernels: {shortcut_ext.build_info()}")
+        return 2
+    clock = Clock(args.device)
+    env = common.environment()
+    if args.device == "cuda":
+        env.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 baselines, like the kernel
+    log(f"environment: {env}")
+    rows, failures = [], 0
+    for d, B, R in args.problems:
+        x, y, w, V = make_problem(d, B, R, args.device)
+        case = dict(d=d, B=B, R=R, params=R * 2 * d * d)
+        refs = {i: double_backward(x, y, w, V[i]) for i in (0, bench_hvp.K_BATCHED - 1)}
+        base_ms = None
+        for variant in args.variants:
+            k = 1 if variant.endswith("_k1") else bench_hvp.K_BATCHED
+            row = dict(case, variant=variant, k=k)
+            if time.time() - t_start > args.budget_s:
+                rows.append(dict(row, note=f"skipped: time budget {args.budget_s:.0f}s used"))
+                continue
+            try:
+                fn = bench_hvp.variant_fn(variant, x, y, w, V)
+                if fn is None:
+                    rows.append(dict(row, note="skipped: the fused HVP kernel is not built"))
+                    continue
+                if args.device == "cuda":
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                out = fn()
+                clock.sync()
+                err = max(((out[i] - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                          for i, r in refs.items() if i < k)  # k = 1: direction 0 only
+                row["rel_err_vs_double_backward"] = f"{err:.2e}"
+                if not err < AGREE:
+                    failures += 1
+                    rows.append(dict(row, note=f"MISMATCH: relative error {err:.2e} >= {AGREE}"))
+                    log(f"d={d} B={B} R={R} {variant}: MISMATCH {err:.2e}")
+                    continue
+                del out
+                med, lo, hi, reps = clock.time(fn, args.target_s)
+                row.update(ms_per_hvp=round(med * 1e3 / k, 3), ms_call_median=round(med * 1e3, 3),
+                           ms_call_min=round(lo * 1e3, 3), ms_call_max=round(hi * 1e3, 3), reps=reps)
+                if args.device == "cuda":
+                    row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                if variant == "double_backward_k1":
+                    base_ms = med * 1e3
+                rows.append(row)
+            except torch.cuda.OutOfMemoryError as e:
+                rows.append(dict(row, note=f"skipped: out of memory ({str(e).splitlines()[0][:80]})"))
+            except Exception as e:  # a failed baseline must not hide the others
+                failures += 1
+                rows.append(dict(row, note=f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+        for r_ in rows:
+            if (r_["d"], r_["B"], r_["R"]) == (d, B, R) and "ms_per_hvp" in r_ and base_ms:
+                r_["speedup_per_hvp_vs_double_backward"] = round(base_ms / r_["ms_per_hvp"], 2)
+        for r_ in rows[-len(args.variants):]:
+            log(f"d={d:3d} B={B:5d} R={R:5d} {r_['variant']:22s} "
+                + (f"{r_['ms_per_hvp']:9.3f} ms/HVP  x{r_.get('speedup_per_hvp_vs_double_backward', '')} vs double "
+                   f"backward  peak {r_.get('peak_mem_mib', '-')} MiB  err {r_['rel_err_vs_double_backward']}"
+                   if "ms_per_hvp" in r_ else r_.get("note", "")))
+        del x, y, w, V, refs
+    common.RESULTS_DIR = args.out
+    csv_path, json_path = common.write_results(name, rows, {"args": {k: v for k, v in vars(args).items()}})
+    log(f"wrote {csv_path} and {json_path} ({len(rows)} rows) in {time.time() - t_start:.0f}s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

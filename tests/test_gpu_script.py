@@ -1,0 +1,53 @@
+"""The GPU check (benchmarks/gpu/): run.sh parses, and both GPU benchmarks run their whole logic on the
+CPU (--cpu-smoke: tiny sizes, every variant checked against eager PyTorch before it is timed), so that
+a session with a GPU does not spend its minutes on a script error."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import shortcut_ext
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = ROOT / "benchmarks" / "gpu"
+
+
+def _env():
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))  # the package under test
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+                OUT="")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_sh_parses():
+    r = subprocess.run(["bash", "-n", str(GPU / "run.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(not shortcut_ext.is_built(), reason="shortcut_ext._C is not built")
+@pytest.mark.parametrize("script, name, rows", [("bench_gpu.py", "bench_gpu_cpu_smoke", 20),
+                                                ("bench_gpu_hvp.py", "bench_gpu_hvp_cpu_smoke", 12)])
+def test_gpu_benchmark_cpu_smoke(tmp_path, script, name, rows):
+    r = subprocess.run([sys.executable, str(GPU / script), "--cpu-smoke", "--out", str(tmp_path)],
+                       env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(tmp_path / f"{name}.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == rows
+    notes = [row.get("note", "") for row in table]
+    assert not any(n.startswith(("MISMATCH", "ERROR")) for n in notes), notes
+    timed = [row for row in table if row.get("ms_median") or row.get("ms_per_hvp")]
+    assert timed and all(float(row.get("ms_median") or row.get("ms_per_hvp")) > 0 for row in timed)
+    assert (tmp_path / f"{name}.json").stat().st_size > 0
+
+
+def test_gpu_benchmark_refuses_bad_problems(tmp_path):
+    r = subprocess.run([sys.executable, str(GPU / "bench_gpu_hvp.py"), "--problems", "16x512", "--out", str(tmp_path)],
+                       env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and "--problems must be d x B x R triples" in r.stderr and "'16x512'" in r.stderr
