@@ -51,3 +51,19 @@ def test_gpu_benchmark_refuses_bad_problems(tmp_path):
     r = subprocess.run([sys.executable, str(GPU / "bench_gpu_hvp.py"), "--problems", "16x512", "--out", str(tmp_path)],
                        env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 2 and "--problems must be d x B x R triples" in r.stderr and "'16x512'" in r.stderr
+
+
+@pytest.mark.skipif(not shortcut_ext.is_built(), reason="shortcut_ext._C is not built")
+def test_sanitizer_case_runs_on_cpu(tmp_path):
+    """The small case run.sh hands to compute-sanitizer, with its .cuda() calls dropped: the script is
+    valid and its reference checks pass on the CPU kernels."""
+    text = (GPU / "run.sh").read_text()
+    start = text.index("cat > /tmp/se_sanitize_case.py <<'EOF'\n") + len("cat > /tmp/se_sanitize_case.py <<'EOF'\n")
+    case = text[start:text.index("\nEOF\n", start)]
+    assert ".cuda()" in case and "check_hvp(" in case
+    script = tmp_path / "case.py"
+    script.write_text(case.replace(".cuda()", "").replace("torch.cuda.synchronize()", "pass"))
+    r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("ok ") == 7, r.stdout
