@@ -187,7 +187,14 @@ def test_demo_info_train_commands(tmp_path, capsys):
     assert args.func(args) == 0
     rec = json.loads(out.read_text())
     assert rec["status"] == "ok" and len(rec["history"]["loss"]) == 21 and len(rec["probes"]) == 3
+    assert rec["device"] == "cpu"
     assert len(out.with_suffix(".csv").read_text().splitlines()) == 22
+    for device, msg in (("gpu0", "--device must be a torch device"), ("meta", r"--device must be cpu or cuda\[:N\]"),
+                        ("cuda:99", "--device cuda:99: .*CUDA device")):
+        args = p.parse_args(["train", "--data", "synthetic", "--out", str(tmp_path / "bad.json"), "--device", device])
+        with pytest.raises(SystemExit, match="shortcut-ext train: " + msg):
+            args.func(args)
+    assert not (tmp_path / "bad.json").exists()
 
 
 @pytest.mark.slow

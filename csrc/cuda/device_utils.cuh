@@ -37,6 +37,10 @@ __device__ __forceinline__ void load_vec(T* dst, const T* src) {
   using V = typename Vec16<T>::type;
   constexpr int L = Vec16<T>::lanes;
   static_assert(N % L == 0, "load_vec needs whole 16-byte vectors");
+#ifdef SHORTCUT_EXT_CUDA_EMULATE
+  se_emu::check_aligned16(src, "load_vec: a 16-byte load from a misaligned address");
+  if (se_emu::in_smem(src)) se_emu::check_smem(src, N * sizeof(T), "load_vec: outside the dynamic shared memory");
+#endif
 #pragma unroll
   for (int q = 0; q < N / L; ++q) {
     const V v = reinterpret_cast<const V*>(src)[q];
@@ -49,6 +53,10 @@ __device__ __forceinline__ void store_vec(T* dst, const T* src) {
   using V = typename Vec16<T>::type;
   constexpr int L = Vec16<T>::lanes;
   static_assert(N % L == 0, "store_vec needs whole 16-byte vectors");
+#ifdef SHORTCUT_EXT_CUDA_EMULATE
+  se_emu::check_aligned16(dst, "store_vec: a 16-byte store to a misaligned address");
+  if (se_emu::in_smem(dst)) se_emu::check_smem(dst, N * sizeof(T), "store_vec: outside the dynamic shared memory");
+#endif
 #pragma unroll
   for (int q = 0; q < N / L; ++q) {
     V v;
@@ -60,6 +68,9 @@ __device__ __forceinline__ void store_vec(T* dst, const T* src) {
 // 16 bytes global -> shared without going through registers; completes at cp_async_wait.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
 #if defined(SHORTCUT_EXT_CUDA_EMULATE)
+  se_emu::check_aligned16(gmem_src, "cp.async: a 16-byte copy from a misaligned global address");
+  se_emu::check_aligned16(smem_dst, "cp.async: a 16-byte copy to a misaligned shared address");
+  se_emu::check_smem(smem_dst, 16, "cp.async: a copy to outside the dynamic shared memory");
   se_emu::PendingCopy c;
   c.dst = smem_dst;
   c.n = 16;

@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from .._device import parse_device
 from ..reference import ACTIVATIONS, LOSSES
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -77,31 +78,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     g.add_argument("--backend", choices=BACKENDS, default="fused", help="HVP backend")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network, data and HVPs live")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
-
-
-def _check_device(device: str) -> str:
-    """``--device`` as torch spells it, or a clear exit: unknown names, CUDA where none is visible."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise SystemExit(f"shortcut-ext spectrum: --device must be a torch device such as cpu, cuda or cuda:1, "
-                         f"got {device!r} ({e})") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise SystemExit(f"shortcut-ext spectrum: --device {device}: no CUDA device is visible "
-                             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
-        if dev.index is not None and dev.index >= count:
-            raise SystemExit(f"shortcut-ext spectrum: --device {device}: only {count} CUDA device(s) are visible")
-    elif dev.type != "cpu":
-        raise SystemExit(f"shortcut-ext spectrum: --device must be cpu or cuda[:N], got {device!r}")
-    return str(dev)
 
 
 def _positive(name, value):
@@ -160,7 +142,7 @@ def run(args) -> int:
     if args.shortcut < 0:
         raise SystemExit(f"shortcut-ext spectrum: --shortcut must be >= 0, got {args.shortcut}")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    args.device = _check_device(args.device)
+    args.device = parse_device(args.device, "spectrum")
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
 

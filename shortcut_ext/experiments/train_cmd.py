@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._device import parse_device
 from ..train import OPTIMIZERS, TrainConfig, train
 from .store import json_safe
 from .sweeps import ACT_VARIANTS, ARCHS, build_model, check_arch, load_data
@@ -41,6 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=10, help="principal components / synthetic dimension")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network trains")
     p.add_argument("--no-compress", action="store_true",
                    help="linear nets: train on all rows instead of the exact second-moment compression")
     p.add_argument("--out", required=True, help="JSON file for the metrics (a .csv of the history goes beside it)")
@@ -50,6 +52,7 @@ def add_parser(subparsers) -> None:
 def main(args) -> int:
     from .reproduce import _parse_data
 
+    device = parse_device(args.device, "train")
     kind, path = _parse_data(args.data)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     bundle = load_data(kind, path, d=args.width, samples=args.samples, dtype=dtype)
@@ -58,7 +61,7 @@ def main(args) -> int:
     if a.valid_depth(depth) != depth:
         raise SystemExit(f"--depth of a {a.name} net must be a multiple of {a.shortcut}, got {depth}")
     net = build_model(args.arch, args.act, depth, bundle.width, args.seed, dtype, args.backend,
-                      out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+                      out_features=None if bundle.out_features == bundle.width else bundle.out_features).to(device)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
                       momentum=args.momentum, probe_every=args.probe_every, exact_max_params=args.exact_max_params,
                       seed=args.seed)
@@ -70,7 +73,7 @@ def main(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = {"arch": args.arch, "act": args.act, "depth": depth, "seed": args.seed, "data": bundle.tag,
-           "backend": net.backend, "dtype": args.dtype, "compressed": compress, "config": cfg.to_dict(),
+           "backend": net.backend, "device": device, "dtype": args.dtype, "compressed": compress, "config": cfg.to_dict(),
            **res.to_dict()}
     out.write_text(json.dumps(json_safe(rec), indent=1))
     h = res.history

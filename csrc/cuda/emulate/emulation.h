@@ -4,6 +4,11 @@
 // NaN bytes, and cp.async copies are deferred until cp.async.wait_group retires their group (so a
 // missing wait or barrier shows up as wrong results, and ThreadSanitizer sees shared-memory races).
 //
+// What a GPU would trap on, or compute-sanitizer report, is an error of the launch (EmuError, returned
+// by the C entry points): a 16-byte access (cp.async, vector loads and stores) at a misaligned address
+// or outside the launch's dynamic shared memory, a store into the guard after it, a thread that exits
+// with cp.async copies it never waited for, threads that diverge around a barrier.
+//
 // It is a test harness, not a simulator: no warps, no memory model beyond the barrier, no timing.
 // Used only when SHORTCUT_EXT_CUDA_EMULATE is defined (tests/test_cuda.py builds it with g++).
 #pragma once
@@ -15,6 +20,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -56,11 +63,18 @@ inline int& smem_optin() {
   return v;
 }
 
+// What a GPU would trap on or compute-sanitizer report: thrown from the emulated thread, the launch
+// stops every thread of the block and rethrows it to the caller (the C entry points return it).
+struct EmuError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
   void wait() {
     std::unique_lock<std::mutex> lk(m_);
+    if (broken_) throw EmuError("another thread of the block failed");
     const long gen = gen_;
     if (++count_ == n_) {
       count_ = 0;
@@ -69,10 +83,15 @@ class Barrier {
       return;
     }
     // A thread that never arrives (a barrier under divergent control flow) would hang the kernel.
-    if (!cv_.wait_for(lk, std::chrono::seconds(60), [&] { return gen_ != gen; })) {
-      std::fprintf(stderr, "emulated __syncthreads timed out: threads diverged around a barrier\n");
-      std::abort();
-    }
+    if (!cv_.wait_for(lk, std::chrono::seconds(60), [&] { return gen_ != gen || broken_; }))
+      throw EmuError("emulated __syncthreads timed out: threads diverged around a barrier");
+    if (gen_ == gen) throw EmuError("another thread of the block failed");
+  }
+  // A failed thread releases the others (they throw at their next barrier instead of waiting).
+  void break_all() {
+    std::lock_guard<std::mutex> lk(m_);
+    broken_ = true;
+    cv_.notify_all();
   }
 
  private:
@@ -80,6 +99,7 @@ class Barrier {
   std::condition_variable cv_;
   int n_, count_ = 0;
   long gen_ = 0;
+  bool broken_ = false;
 };
 
 struct PendingCopy {
@@ -91,6 +111,7 @@ struct PendingCopy {
 struct ThreadState {
   dim3 thread, block;
   unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;  // the launch's dynamic shared-memory size
   Barrier* barrier = nullptr;
   std::vector<PendingCopy> open;                 // copies issued since the last commit
   std::vector<std::vector<PendingCopy>> groups;  // committed, not yet retired (oldest first)
@@ -113,6 +134,28 @@ inline std::mutex& atomic_mutex() {
   return m;
 }
 
+// What the GPU would trap on (misaligned vector access) or what memcheck would report (shared
+// memory outside the launch's dynamic size), checked at every 16-byte access the kernels make.
+inline void fail(const char* what, const void* p) {
+  char msg[256];
+  std::snprintf(msg, sizeof msg, "emulated CUDA: %s (address %p)", what, p);
+  throw EmuError(msg);
+}
+inline void check_aligned16(const void* p, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) fail(what, p);
+}
+// [p, p + n) lies inside the block's dynamic shared memory (n bytes).
+inline void check_smem(const void* p, size_t n, const char* what) {
+  const ThreadState& s = tls();
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (s.smem == nullptr || b < s.smem || b + n > s.smem + s.smem_bytes) fail(what, p);
+}
+inline bool in_smem(const void* p) {
+  const ThreadState& s = tls();
+  const auto* b = static_cast<const unsigned char*>(p);
+  return s.smem != nullptr && b >= s.smem && b < s.smem + s.smem_bytes + 4096;
+}
+
 inline void retire(std::vector<PendingCopy>& g) {
   for (auto& c : g) std::memcpy(c.dst, c.bytes, c.n);
   g.clear();
@@ -124,27 +167,52 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   block_dim() = block;
   grid_dim() = grid;
   const int nthreads = int(block.x * block.y * block.z);
-  std::vector<unsigned char> smem(smem_bytes + 16);
+#ifdef SE_EMU_SMEM_SHORTFALL  // tests only: a launch that asks for too little shared memory must be caught
+  smem_bytes -= smem_bytes < size_t(SE_EMU_SMEM_SHORTFALL) ? smem_bytes : size_t(SE_EMU_SMEM_SHORTFALL);
+#endif
+  // 16-byte aligned, followed by a 4 KiB guard: a plain store past the launch's shared-memory size
+  // (which a GPU would report or silently corrupt) changes the guard and aborts the launch.
+  constexpr size_t kGuard = 4096;
+  std::vector<unsigned char> raw(smem_bytes + kGuard + 16);
+  unsigned char* smem = raw.data() + (16 - reinterpret_cast<std::uintptr_t>(raw.data()) % 16) % 16;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::memset(smem.data(), 0xFF, smem.size());  // NaN: reads of unwritten shared memory show
+        std::memset(smem, 0xFF, smem_bytes + kGuard);  // NaN: reads of unwritten shared memory show
         Barrier bar(nthreads);
+        std::mutex failed_m;
+        std::string failed;  // the first thread's error
         std::vector<std::thread> ts;
         ts.reserve(nthreads);
         for (int t = 0; t < nthreads; ++t) {
           ts.emplace_back([&, t] {
             ThreadState& s = tls();
-            s.thread = dim3(unsigned(t % block.x), unsigned((t / block.x) % block.y), unsigned(t / (block.x * block.y)));
-            s.block = dim3(bx, by, bz);
-            s.smem = smem.data();
-            s.barrier = &bar;
-            s.open.clear();
-            s.groups.clear();
-            kernel(args...);
+            try {
+              s.thread = dim3(unsigned(t % block.x), unsigned((t / block.x) % block.y), unsigned(t / (block.x * block.y)));
+              s.block = dim3(bx, by, bz);
+              s.smem = smem;
+              s.smem_bytes = smem_bytes;
+              s.barrier = &bar;
+              s.open.clear();
+              s.groups.clear();
+              kernel(args...);
+              bool pending = !s.open.empty();
+              for (const auto& g : s.groups) pending |= !g.empty();
+              if (pending) fail("a thread exited with cp.async copies it never waited for", smem);
+            } catch (const std::exception& e) {
+              {
+                std::lock_guard<std::mutex> lk(failed_m);
+                if (failed.empty() || failed == "another thread of the block failed") failed = e.what();
+              }
+              bar.break_all();
+            }
+            s.smem = nullptr;
           });
         }
         for (auto& th : ts) th.join();
+        if (!failed.empty()) throw EmuError(failed);
+        for (size_t i = 0; i < kGuard; ++i)
+          if (smem[smem_bytes + i] != 0xFF) fail("a store past the launch's dynamic shared memory", smem + smem_bytes + i);
       }
 }
 
