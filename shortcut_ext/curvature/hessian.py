@@ -43,8 +43,9 @@ def fused_hvp_available() -> bool:
         return False
 
 
-def _as_batches(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` or an iterable of ``(x, y)`` -> list of batches (materialised: the operator makes many passes)."""
+def _as_batches(data, allow_empty: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` or an iterable of ``(x, y)`` -> list of batches (materialised: the operator makes many passes).
+    ``allow_empty``: an empty iterable is no batches (a rank's empty shard), not an error."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return [(data[0], data[1])]
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
@@ -57,7 +58,7 @@ def _as_batches(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, torch.Tensor) for t in b)):
             raise TypeError(f"data[{i}] must be a pair (x, y) of tensors, got {type(b).__name__}")
         batches.append((b[0], b[1]))
-    if not batches:
+    if not batches and not allow_empty:
         raise ValueError("data must hold at least one batch (x, y), got an empty iterable")
     return batches
 
@@ -76,6 +77,12 @@ class HessianOperator:
         backend: ``"fused"``, ``"autograd"`` or ``"func"`` (see module docstring).
         dtype: working dtype (default: the model's); weights, data and directions are cast to it.
         max_directions: split a ``matmat`` into chunks of at most this many directions (memory).
+        distributed: data-parallel over ``torch.distributed`` (an initialised process group, e.g. under
+            ``torchrun``; gloo on CPU, NCCL on GPUs): ``data`` is this rank's shard (it may be empty),
+            the weights must be the same on every rank (checked), and every product is all-reduced, so
+            every rank gets the Hessian of the mean loss over the union of the shards.  Every rank must
+            make the same calls with the same directions (as Lanczos and SLQ with the same seed do).
+        process_group: the group for ``distributed`` (default: the default group).
 
     >>> import torch
     >>> from shortcut_ext.models import ShortcutNet
@@ -87,7 +94,7 @@ class HessianOperator:
     """
 
     def __init__(self, model, data, loss: str = "mse", backend: str = "fused", dtype: torch.dtype | None = None,
-                 max_directions: int | None = None):
+                 max_directions: int | None = None, distributed: bool = False, process_group=None):
         for attr in ("weight", "stack_weights", "shortcut", "activations", "width", "n"):
             if not hasattr(model, attr):
                 raise TypeError(
@@ -103,6 +110,21 @@ class HessianOperator:
         if max_directions is not None and (isinstance(max_directions, bool) or not isinstance(max_directions, int)
                                            or max_directions < 1):
             raise ValueError(f"max_directions must be a positive integer or None, got {max_directions!r}")
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be True or False, got {distributed!r}")
+        self.group = None
+        self._dist = False
+        self.world_size, self.rank = 1, 0
+        if distributed:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("distributed=True needs an initialised torch.distributed process group "
+                                 "(torch.distributed.init_process_group, e.g. under torchrun); none is initialised")
+            self.group = process_group
+            self.world_size, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        elif process_group is not None:
+            raise ValueError("process_group is used only with distributed=True")
         self.model = model
         self.loss = loss
         self.backend = backend
@@ -122,16 +144,25 @@ class HessianOperator:
         self.in_features = getattr(model, "in_features", model.width)
         self.out_features = getattr(model, "out_features", model.width)
 
-        batches = _as_batches(data)
         self._batches = []  # (h0[B, d], y, weight m_b / m)
         sizes = []
-        for i, (x, y) in enumerate(batches):
-            h0, y = self._check_batch(i, x, y)
-            self._batches.append([h0, y])
-            sizes.append(x.shape[0])
-        self.num_samples = int(sum(sizes))
+        local_error = None
+        try:
+            for i, (x, y) in enumerate(_as_batches(data, allow_empty=distributed)):
+                h0, y = self._check_batch(i, x, y)
+                self._batches.append([h0, y])
+                sizes.append(x.shape[0])
+        except (TypeError, ValueError) as e:
+            if not distributed:
+                raise
+            local_error = e  # raised after the other ranks learn of it: none may wait in a collective
+        self.local_samples = int(sum(sizes))
+        self.num_samples = self.local_samples
+        if distributed:
+            self.num_samples = self._check_ranks_agree(local_error)
         if self.num_samples == 0:
-            raise ValueError("data must hold at least one sample, got batches with 0 rows in total")
+            raise ValueError("data must hold at least one sample, got batches with 0 rows in total"
+                             + (f" over all {self.world_size} ranks" if distributed else ""))
         self._batches = [(h0, y, m_b / self.num_samples) for (h0, y), m_b in zip(self._batches, sizes) if m_b > 0]
         self.num_batches = len(self._batches)
 
@@ -146,6 +177,43 @@ class HessianOperator:
         self.num_products = 0
 
     # ------------------------------------------------------------------ checks and helpers
+    @property
+    def distributed(self) -> bool:
+        """True when products are all-reduced over a process group (``distributed=True``)."""
+        return self._dist
+
+    def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        """In-place all-reduce (sum by default) over the operator's group; a no-op when not distributed."""
+        if not self._dist:
+            return t
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
+        return t
+
+    def _check_ranks_agree(self, local_error=None) -> int:
+        """The global sample count; raises on every rank if a rank's data failed its checks, or if the
+        ranks hold different models."""
+        import torch.distributed as dist
+
+        self._dist = True
+        w = self._W.double()
+        mine = torch.tensor([float(self.P), float(w.sum()), float((w * w).sum()), float(self.in_features),
+                             float(local_error is not None)], dtype=torch.float64, device=self.device)
+        hi, lo = self._all_reduce(mine.clone(), dist.ReduceOp.MAX), self._all_reduce(mine.clone(), dist.ReduceOp.MIN)
+        if local_error is not None:
+            raise type(local_error)(f"rank {self.rank}: {local_error}") from local_error
+        if hi[4] > 0:
+            raise ValueError(f"distributed HessianOperator: another rank's data failed its checks (see its error); "
+                             f"rank {self.rank} stops too")
+        if not torch.allclose(hi[:4], lo[:4], rtol=1e-12, atol=0.0):
+            raise ValueError(
+                f"distributed=True needs the same model on every rank; the ranks differ (rank {self.rank}: "
+                f"P = {self.P}, sum(w) = {float(mine[1]):.17g}, sum(w^2) = {float(mine[2]):.17g}); "
+                "seed the model identically or broadcast its weights from rank 0")
+        count = torch.tensor([float(self.local_samples)], dtype=torch.float64, device=self.device)
+        return int(self._all_reduce(count).item())
+
     def _check_batch(self, i: int, x, y):
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"data[{i}] x must have shape [B, {self.in_features}], got {list(x.shape)}")
@@ -219,6 +287,7 @@ class HessianOperator:
         fn = {"fused": self._hvp_fused, "autograd": self._hvp_autograd, "func": self._hvp_func}[self.backend_used]
         for h0, y, wt in self._batches:
             out.add_(fn(h0, y, D), alpha=wt)
+        self._all_reduce(out)
         return out.reshape(V.shape[1], self.P).T
 
     def _hvp_fused(self, h0, y, D):
@@ -269,6 +338,8 @@ class HessianOperator:
                 (g,) = torch.autograd.grad(L, w)
             total += wt * L.detach()
             grad += wt * g
+        self._all_reduce(total)
+        self._all_reduce(grad)
         return total, grad.reshape(-1)
 
     def to_dense(self, force: bool = False, chunk: int = 256) -> torch.Tensor:  # [P, P]
@@ -305,7 +376,8 @@ class HessianOperator:
     def __repr__(self) -> str:
         return (f"HessianOperator(P={self.P}, loss={self.loss!r}, backend={self.backend!r}"
                 f"{'' if self.backend_used == self.backend else f' -> {self.backend_used!r}'}, dtype={self.dtype}, "
-                f"samples={self.num_samples}, batches={self.num_batches})")
+                f"samples={self.num_samples}, batches={self.num_batches}"
+                f"{f', rank={self.rank}/{self.world_size}' if self._dist else ''})")
 
 
 def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -79,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     g.add_argument("--backend", choices=BACKENDS, default="fused", help="HVP backend")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network, data and HVPs live")
+    g.add_argument("--distributed", action="store_true",
+                   help="data-parallel HVPs over torch.distributed, launched with torchrun (gloo on cpu, NCCL on "
+                        "cuda: each rank takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
@@ -124,13 +127,6 @@ def _progress(desc: str, disable: bool):
 
 
 def run(args) -> int:
-    from .. import theory
-    from ..models import PlainNet, ShortcutNet
-    from .condition import report_from_eigenvalues
-    from .hessian import HessianOperator
-    from .lanczos import lanczos
-    from .slq import slq
-
     for name in ("units", "width", "samples", "top", "probes", "steps"):
         _positive(name.replace("_", "-"), getattr(args, name))
     for name in ("probe_batch", "max_iter", "lanczos_products"):
@@ -143,7 +139,59 @@ def run(args) -> int:
         raise SystemExit(f"shortcut-ext spectrum: --shortcut must be >= 0, got {args.shortcut}")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     args.device = parse_device(args.device, "spectrum")
-    os.makedirs(args.out, exist_ok=True)
+    created_group = False
+    rank, world = 0, 1
+    if args.distributed:
+        created_group, rank, world = _init_distributed(args)
+    try:
+        return _run(args, dtype, budget, rank, world)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_distributed(args):
+    """The process group of a torchrun launch (unless one exists): gloo on cpu, NCCL on cuda, where each
+    rank takes cuda:LOCAL_RANK.  Returns (created, rank, world size)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise SystemExit("shortcut-ext spectrum: --distributed needs torch.distributed, which this torch lacks")
+    created = False
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise SystemExit("shortcut-ext spectrum: --distributed runs under torchrun (e.g. torchrun "
+                             "--standalone --nproc_per_node=2 -m shortcut_ext spectrum ... --distributed); "
+                             f"the environment lacks {', '.join(missing)}")
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise SystemExit(f"shortcut-ext spectrum: LOCAL_RANK {local} but only {torch.cuda.device_count()} "
+                                 "CUDA device(s) are visible")
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        created = True
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    return created, dist.get_rank(), dist.get_world_size()
+
+
+def _run(args, dtype, budget, rank, world) -> int:
+    from .. import theory
+    from ..models import PlainNet, ShortcutNet
+    from .condition import report_from_eigenvalues
+    from .hessian import HessianOperator
+    from .lanczos import lanczos
+    from .slq import slq
+
+    lead = rank == 0  # the rank that prints and writes; every rank computes the same spectrum
+    quiet = args.no_progress or not lead
+    if lead:
+        os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
 
     X, Y = load_data(args.data, args.samples, args.width, args.seed, args.noise, dtype)
@@ -159,19 +207,23 @@ def run(args) -> int:
                           scale=args.scale, seed=args.seed, out_features=out_features, dtype=dtype)
     net = net.to(args.device)
     X, Y = X.to(args.device), Y.to(args.device)
-    data = (X, Y) if args.batch_size is None else [
-        (X[i:i + args.batch_size], Y[i:i + args.batch_size]) for i in range(0, X.shape[0], args.batch_size)]
-    H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype)
+    Xs, Ys = (X[rank::world], Y[rank::world]) if args.distributed else (X, Y)  # this rank's shard
+    if args.batch_size is None:
+        data = [(Xs, Ys)] if Xs.shape[0] else []
+    else:
+        data = [(Xs[i:i + args.batch_size], Ys[i:i + args.batch_size]) for i in range(0, Xs.shape[0], args.batch_size)]
+    H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype, distributed=args.distributed)
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "num_params": H.P, "backend_used": H.backend_used, "fallback_reason": H.fallback_reason,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "timings_s": {},
+        "world_size": world,
     }
     loss, grad = H.loss_and_grad()
     result["loss"], result["grad_norm"] = float(loss), float(grad.norm())
 
     # extremes
-    bar, cb = _progress("lanczos", args.no_progress)
+    bar, cb = _progress("lanczos", quiet)
     t0 = time.perf_counter()
     try:
         lz = lanczos(H, k=min(args.top, H.P), max_iter=args.max_iter, verify=not args.no_verify, seed=args.seed,
@@ -189,7 +241,7 @@ def run(args) -> int:
         "restarts": lz.restarts, "max_vectors": lz.max_vectors, "basis_bytes": lz.basis_bytes,
     }
     # density
-    bar, cb = _progress("slq", args.no_progress)
+    bar, cb = _progress("slq", quiet)
     t0 = time.perf_counter()
     try:
         sq = slq(H, probes=args.probes, steps=args.steps, seed=args.seed + 1, callback=cb,
@@ -249,6 +301,8 @@ def run(args) -> int:
             "slq_q10_rel_error": abs(lam_q10 - rep.lam_q10) / max(rep.lam_q10, 1e-300),
         }
     result["timings_s"]["total"] = time.perf_counter() - t_start
+    if not lead:
+        return 0
     with open(os.path.join(args.out, "spectrum.json"), "w") as f:
         json.dump(result, f, indent=1, default=_json_default)
     if not args.no_plots:

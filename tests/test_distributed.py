@@ -1,0 +1,162 @@
+"""Data-parallel Hessian-vector products over torch.distributed (DESIGN.md, "Scale"): two gloo ranks
+on this machine, launched with torchrun, each holding a shard of the data.  The distributed operator
+and the spectrum command must give what one process gives on all the data."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import shortcut_ext
+from shortcut_ext.curvature import HessianOperator
+from shortcut_ext.models import ShortcutNet
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def _env():
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))  # the package under test
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def _torchrun(args, cwd, extra_env=None, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    r = subprocess.run(cmd, env=dict(_env(), **(extra_env or {})), capture_output=True, text=True, cwd=cwd,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _problem(loss):
+    net = ShortcutNet(5, 3, 2, "tanh", "relu", "ssigmoid", init="small", scale=0.3, seed=3, backend="fused",
+                      dtype=torch.float64)
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    Y = torch.randn(37, 5, generator=g, dtype=torch.float64) if loss == "mse" else torch.randint(0, 5, (37,), generator=g)
+    V = torch.randn(net.weight.numel(), 3, generator=g, dtype=torch.float64)
+    return net, X, Y, V
+
+
+# Run by each rank: the operator on its shard (rank r: samples r, r + 2, ...; rank 1 in mini-batches of
+# 5, and with an empty shard in one case), then the error cases; results saved per rank.
+_WORKER = textwrap.dedent('''
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, os.environ["SE_TEST_DIR"])
+    from test_distributed import _problem
+    from shortcut_ext.curvature import HessianOperator, lanczos
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    out = {}
+    for loss in ("mse", "cross_entropy"):
+        for backend in ("fused", "autograd"):
+            net, X, Y, V = _problem(loss)
+            Xs, Ys = X[rank::world], Y[rank::world]
+            data = [(Xs, Ys)] if rank == 0 else [(Xs[i:i + 5], Ys[i:i + 5]) for i in range(0, len(Xs), 5)]
+            H = HessianOperator(net, data, loss=loss, backend=backend, distributed=True)
+            L, g = H.loss_and_grad()
+            lz = lanczos(H, k=3, seed=0)
+            out[(loss, backend)] = dict(HV=H.matmat(V), Hv=H.matvec(V[:, 0]), L=L, g=g, D=H.to_dense(),
+                                        samples=H.num_samples, local=H.local_samples, top=torch.as_tensor(lz.largest),
+                                        repr=repr(H))
+    net, X, Y, V = _problem("mse")
+    H = HessianOperator(net, [(X, Y)] if rank == 0 else [], distributed=True)  # rank 1 holds no data
+    out["empty_shard"] = dict(HV=H.matmat(V), samples=H.num_samples)
+    errors = {}
+    net2, *_ = _problem("mse")
+    with torch.no_grad():
+        net2.weight.add_(1e-3 * rank)
+    try:
+        HessianOperator(net2, (X[rank::2], Y[rank::2]), distributed=True)
+    except ValueError as e:
+        errors["weights"] = str(e)
+    try:
+        bad = (X[rank::2, :4] if rank == 1 else X[rank::2], Y[rank::2])
+        HessianOperator(net, bad, distributed=True)
+    except ValueError as e:
+        errors["data"] = str(e)
+    try:
+        HessianOperator(net, [], distributed=True)
+    except ValueError as e:
+        errors["no_samples"] = str(e)
+    out["errors"] = errors
+    torch.save(out, os.path.join(os.environ["SE_OUT"], f"rank{rank}.pt"))
+    dist.destroy_process_group()
+''')
+
+
+def test_distributed_operator_equals_one_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    _torchrun([str(script)], cwd=tmp_path,
+              extra_env={"SE_TEST_DIR": os.path.dirname(os.path.abspath(__file__)), "SE_OUT": str(tmp_path)})
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for loss in ("mse", "cross_entropy"):
+        net, X, Y, V = _problem(loss)
+        H = HessianOperator(net, (X, Y), loss=loss, backend="autograd")
+        L, g = H.loss_and_grad()
+        D = H.to_dense()
+        for backend in ("fused", "autograd"):
+            a, b = r0[(loss, backend)], r1[(loss, backend)]
+            for key in ("HV", "Hv", "L", "g", "D", "top"):  # every rank holds the same bits
+                assert torch.equal(a[key], b[key]), (loss, backend, key)
+            assert a["samples"] == 37 and (a["local"], b["local"]) == (19, 18)
+            assert "rank=0/2" in a["repr"] and "rank=1/2" in b["repr"]
+            ref = {"HV": H.matmat(V), "Hv": H.matvec(V[:, 0]), "L": L, "g": g, "D": D,
+                   "top": torch.linalg.eigvalsh(D).flip(0)[:3]}
+            for key, want in ref.items():
+                err = (a[key] - want).abs().max() / want.abs().max()
+                assert err < 1e-10, (loss, backend, key, float(err))
+    net, X, Y, V = _problem("mse")
+    want = HessianOperator(net, (X, Y)).matmat(V)
+    for r in (r0, r1):
+        assert r["empty_shard"]["samples"] == 37
+        torch.testing.assert_close(r["empty_shard"]["HV"], want, rtol=1e-12, atol=1e-14)
+    e0, e1 = r0["errors"], r1["errors"]
+    for e in (e0, e1):
+        assert "needs the same model on every rank" in e["weights"]
+        assert "0 rows in total over all 2 ranks" in e["no_samples"]
+    assert e1["data"].startswith("rank 1: data[0] x must have shape [B, 5], got [18, 4]")
+    assert "another rank's data failed its checks" in e0["data"]
+
+
+def test_distributed_spectrum_command_equals_one_process(tmp_path):
+    args = ["spectrum", "--shortcut", "2", "--units", "6", "--width", "3", "--init", "small", "--data", "synthetic",
+            "--samples", "41", "--probes", "3", "--steps", "10", "--top", "4", "--batch-size", "8",
+            "--backend", "fused", "--no-progress", "--no-plots"]
+    _torchrun(["-m", "shortcut_ext", *args, "--distributed", "--out", str(tmp_path / "dist")], cwd=tmp_path)
+    from shortcut_ext.cli import main
+
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    dist_res, one = (json.loads((tmp_path / d / "spectrum.json").read_text()) for d in ("dist", "one"))
+    assert dist_res["world_size"] == 2 and one["world_size"] == 1
+    assert dist_res["loss"] == pytest.approx(one["loss"], rel=1e-12)
+    for key in ("largest", "smallest"):
+        assert dist_res["lanczos"][key] == pytest.approx(one["lanczos"][key], rel=1e-10, abs=1e-12)
+    assert dist_res["exact"]["top"] == pytest.approx(one["exact"]["top"], rel=1e-10)
+    assert dist_res["slq"]["abs_quantiles"]["0.1"] == pytest.approx(one["slq"]["abs_quantiles"]["0.1"], rel=1e-8)
+
+
+def test_distributed_needs_a_process_group(tmp_path):
+    net, X, Y, _ = _problem("mse")
+    with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed process group"):
+        HessianOperator(net, (X, Y), distributed=True)
+    with pytest.raises(ValueError, match="process_group is used only with distributed=True"):
+        HessianOperator(net, (X, Y), process_group=object())
+    with pytest.raises(TypeError, match="distributed must be True or False, got 1"):
+        HessianOperator(net, (X, Y), distributed=1)
+    from shortcut_ext.cli import main
+
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    try:
+        with pytest.raises(SystemExit, match="--distributed runs under torchrun .* lacks RANK"):
+            main(["spectrum", "--units", "2", "--width", "3", "--samples", "10", "--no-progress", "--no-plots",
+                  "--distributed", "--out", str(tmp_path)])
+    finally:
+        os.environ.update(env)
