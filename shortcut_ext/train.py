@@ -443,7 +443,7 @@ def lr_sweep(
         raise ValueError("key must name the sweep when a store is given")
     runs = []
     for lr in lrs:
-        run_key = f"{key}/lr={float(lr):.6g}" if key is not None else None
+        run_key = sweep_run_key(key, lr) if key is not None else None
         rec = store.get(run_key) if store is not None else None
         if rec is not None:
             runs.append(TrainResult.from_dict(rec))
@@ -455,3 +455,16 @@ def lr_sweep(
             res = TrainResult.from_dict(rec)  # what a resumed sweep reads back: fresh and resumed runs agree
         runs.append(res)
     return best_run(runs), runs
+
+
+def sweep_run_key(key: str, lr: float) -> str:
+    """The store key of one run of :func:`lr_sweep` ``key`` at rate ``lr``."""
+    return f"{key}/lr={float(lr):.6g}"
+
+
+def sweep_run_record(make_model, data, lr: float, config: TrainConfig | None = None, l_min=None, probe_data=None,
+                     max_points: int | None = 500) -> dict:
+    """The record :func:`lr_sweep` stores for rate ``lr`` (for runs computed ahead, e.g. by other ranks)."""
+    config = config or TrainConfig()
+    res = train(make_model(), data, dataclasses.replace(config, lr=float(lr)), l_min=l_min, probe_data=probe_data)
+    return res.to_dict(max_points)

@@ -160,3 +160,99 @@ def test_distributed_needs_a_process_group(tmp_path):
                   "--distributed", "--out", str(tmp_path)])
     finally:
         os.environ.update(env)
+
+
+# ------------------------------------------------------------------ sweeps split across ranks
+_STORE_WORKER = textwrap.dedent('''
+    import json, os, sys, torch.distributed as dist
+    from shortcut_ext.experiments.store import DistributedRunStore, RunStore
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out = os.environ["SE_OUT"]
+    calls = []
+    def job(i):
+        def run():
+            calls.append(i)
+            return {"value": i * i, "rank": rank}
+        return run
+    store = DistributedRunStore(RunStore(os.path.join(out, "runs.jsonl")))
+    jobs = [(f"k{i}", job(i), cost) for i, cost in enumerate([5, 1, 1, 3, 2, 2, 1])]
+    plan = store.plan(jobs)
+    n1 = store.fill(jobs)
+    n2 = store.fill(jobs + [("k1", job(99), 1)])  # all there: nothing runs, no duplicate key runs twice
+    def bad():
+        raise ArithmeticError("planted")
+    try:
+        store.fill([("e0", job(100), 1), ("e1", bad, 1)])
+        err = None
+    except RuntimeError as e:
+        err = str(e)
+    json.dump({"plan": plan, "n": [n1, n2], "calls": calls, "records": {k: v for k, v in store.items()},
+               "err": err}, open(os.path.join(out, f"rank{rank}.json"), "w"))
+    dist.destroy_process_group()
+''')
+
+
+def test_distributed_run_store_splits_and_shares(tmp_path):
+    from shortcut_ext.experiments.store import RunStore
+
+    script = tmp_path / "store_worker.py"
+    script.write_text(_STORE_WORKER)
+    _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)})
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # longest first, each to the least loaded rank: the same plan on both ranks
+    # costs 5 1 1 3 2 2 1: k0 (5) -> 0, k3 (3) -> 1, k4 (2) -> 1, k5 (2) -> 0, k1 -> 1, k2 -> 1, k6 -> 0
+    assert r0["plan"] == r1["plan"] == [["k0", "k5", "k6"], ["k3", "k4", "k1", "k2"]]
+    assert r0["n"] == [3, 0] and r1["n"] == [4, 0]
+    assert r0["calls"][:3] == [0, 5, 6] and r1["calls"][:4] == [3, 4, 1, 2]
+    for r in (r0, r1):
+        recs = {k: v for k, v in r["records"].items() if k.startswith("k")}
+        assert recs == {f"k{i}": {"value": i * i, "rank": 0 if i in (0, 5, 6) else 1} for i in range(7)}
+    # the planted failure (e1, dealt to rank 1) fails the call on both ranks, with rank 1's message
+    assert r0["err"] == r1["err"] == "distributed sweep failed: rank 1, run e1: ArithmeticError: planted"
+    # rank 0's file holds every finished run (rank 1's merged in), rank 1's shard its own: nothing lost
+    main = RunStore(tmp_path / "runs.jsonl")
+    assert {f"k{i}" for i in range(7)} <= set(main.keys())
+    shard = [json.loads(line)["key"] for line in (tmp_path / "runs.rank1.jsonl").read_text().splitlines()]
+    assert set(shard) == {"k3", "k4", "k1", "k2"}
+
+
+def test_run_store_reads_rank_shards(tmp_path):
+    from shortcut_ext.experiments.store import RunStore
+
+    (tmp_path / "runs.rank1.jsonl").write_text('{"key":"a","record":{"v":1}}\n{"key":"b","record":{"v":2}}\n{"key"')
+    (tmp_path / "runs.jsonl").write_text('{"key":"b","record":{"v":3}}\n')
+    s = RunStore(tmp_path / "runs.jsonl")
+    assert s.get("a") == {"v": 1} and s.get("b") == {"v": 3}  # a shard's finished run kept; the main file wins
+    assert s.skipped_lines == 1
+
+
+def test_distributed_reproduce_equals_one_process(tmp_path):
+    """`torchrun ... reproduce --distributed` (two ranks) gives the runs and verdicts of one process, and
+    a rerun resumes from what the two ranks wrote."""
+    args = ["reproduce", "--tiny", "--only", "fig5", "--only", "fig9", "--only", "fig6-8", "--no-progress"]
+    _torchrun(["-m", "shortcut_ext", *args, "--distributed", "--out", str(tmp_path / "dist")], cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-m", "shortcut_ext", *args, "--out", str(tmp_path / "one")], env=_env(),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from shortcut_ext.experiments.store import RunStore
+
+    one, dist_ = (RunStore(tmp_path / d / "results" / "runs.jsonl") for d in ("one", "dist"))
+    assert set(one.keys()) == set(dist_.keys()) and len(one) > 50
+    for key in one.keys():
+        a, b = one.get(key), dist_.get(key)
+        for field in ("final_loss", "lam_max", "status"):
+            assert a.get(field) == pytest.approx(b.get(field), rel=1e-9) if isinstance(a.get(field), float) \
+                else a.get(field) == b.get(field), (key, field)
+    (fa,), (fb,) = (list((tmp_path / d / "results").glob("verdicts_*.json")) for d in ("one", "dist"))
+    assert fa.name == fb.name
+    va, vb = json.loads(fa.read_text()), json.loads(fb.read_text())
+    assert len(va) >= 4
+    assert [v["holds"] for v in va] == [v["holds"] for v in vb]
+    assert (tmp_path / "dist" / "results" / "runs.rank1.jsonl").stat().st_size > 0
+    assert not any(p.name.startswith("report") for p in (tmp_path / "dist").iterdir() if p.stat().st_size == 0)
+    # a second distributed launch resumes: every run is found, none recomputed
+    before = (tmp_path / "dist" / "results" / "runs.jsonl").stat().st_size
+    r2 = _torchrun(["-m", "shortcut_ext", *args, "--distributed", "--out", str(tmp_path / "dist")], cwd=tmp_path)
+    assert f"{len(one)} runs already in" in r2.stdout
+    assert (tmp_path / "dist" / "results" / "runs.jsonl").stat().st_size == before

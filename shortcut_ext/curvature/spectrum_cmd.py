@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from .._device import parse_device
+from .._device import init_distributed, parse_device
 from ..reference import ACTIVATIONS, LOSSES
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -142,7 +142,7 @@ def run(args) -> int:
     created_group = False
     rank, world = 0, 1
     if args.distributed:
-        created_group, rank, world = _init_distributed(args)
+        created_group, rank, world, args.device = init_distributed("spectrum", args.device)
     try:
         return _run(args, dtype, budget, rank, world)
     finally:
@@ -150,34 +150,6 @@ def run(args) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-def _init_distributed(args):
-    """The process group of a torchrun launch (unless one exists): gloo on cpu, NCCL on cuda, where each
-    rank takes cuda:LOCAL_RANK.  Returns (created, rank, world size)."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        raise SystemExit("shortcut-ext spectrum: --distributed needs torch.distributed, which this torch lacks")
-    created = False
-    if not dist.is_initialized():
-        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise SystemExit("shortcut-ext spectrum: --distributed runs under torchrun (e.g. torchrun "
-                             "--standalone --nproc_per_node=2 -m shortcut_ext spectrum ... --distributed); "
-                             f"the environment lacks {', '.join(missing)}")
-        cuda = args.device.startswith("cuda")
-        if cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            if local >= torch.cuda.device_count():
-                raise SystemExit(f"shortcut-ext spectrum: LOCAL_RANK {local} but only {torch.cuda.device_count()} "
-                                 "CUDA device(s) are visible")
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        created = True
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{torch.cuda.current_device()}"
-    return created, dist.get_rank(), dist.get_world_size()
 
 
 def _run(args, dtype, budget, rank, world) -> int:

@@ -19,15 +19,17 @@ import argparse
 import csv
 import dataclasses
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .._device import init_distributed
 from ..train import TrainConfig, log_grid
 from . import analysis, figures, report, sweeps
-from .store import RunStore, json_safe
+from .store import DistributedRunStore, RunStore, json_safe
 
 PHASES = ("fig2-3", "fig5", "fig6-8", "fig9", "fig10", "ext")
 
@@ -123,8 +125,11 @@ def _strip(rows: list[dict]) -> list[dict]:
 
 
 def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: str | None = None,
-        progress: bool = True, log=print) -> dict:
+        progress: bool = True, log=print, store=None) -> dict:
     """Run the phases ``only`` (default all) of ``cfg`` on ``bundle``; write results, figures, report.
+
+    ``store``: where runs are kept (default ``out/results/runs.jsonl``); a
+    :class:`~shortcut_ext.experiments.store.DistributedRunStore` splits the runs across ranks.
 
     Returns:
         ``{"verdicts": [...], "timings": {...}, "report": path, ...}``.
@@ -136,7 +141,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         raise ValueError(f"only must name phases from {PHASES}, got {sorted(bad)}")
     dtypes = {"float64": torch.float64, "float32": torch.float32}
     dtype, nl_dtype = dtypes[cfg.dtype], dtypes[cfg.nonlinear_dtype]
-    store = RunStore(out / "results" / "runs.jsonl")
+    store = RunStore(out / "results" / "runs.jsonl") if store is None else store
     figdir, resdir = out / "figures", out / "results"
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -303,6 +308,9 @@ def add_parser(subparsers) -> None:
                    help="torch intra-op threads (default 1: the sweeps run many tiny nets, for which threads "
                         "cost more than they give, most of all on shared cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", action="store_true",
+                   help="split the runs across the ranks of a torchrun launch (gloo; e.g. torchrun --standalone "
+                        "--nproc_per_node=2 -m shortcut_ext reproduce --distributed ...); rank 0 writes the report")
     p.set_defaults(func=main)
 
 
@@ -338,10 +346,28 @@ def main(args) -> int:
                               dtype=torch.float64, max_samples=cap)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    created, rank = False, 0
     try:
-        res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress)
+        if getattr(args, "distributed", False):
+            created, rank, world, _ = init_distributed("reproduce")
+            store = DistributedRunStore(RunStore(Path(args.out) / "results" / "runs.jsonl"))
+            if rank == 0:
+                print(f"[reproduce] {world} ranks share the runs")
+                res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress,
+                          store=store)
+            else:  # the same phases (their collectives must match), outputs to a scratch folder
+                with tempfile.TemporaryDirectory() as scratch:
+                    run(cfg, bundle, scratch, only=args.only, backend=args.backend, progress=False,
+                        log=lambda *a, **k: None, store=store)
+                return 0
+        else:
+            res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress)
     finally:
         torch.set_num_threads(threads)
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     n_bad = sum(v.holds is False for v in res["verdicts"])
     print(f"{len(res['verdicts']) - n_bad} of {len(res['verdicts'])} checks hold or are informational; "
           f"{n_bad} do not. Report: {res['report']}")

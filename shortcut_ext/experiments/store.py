@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["RunStore", "json_safe"]
+__all__ = ["DistributedRunStore", "RunStore", "json_safe"]
 
 
 def json_safe(obj):
@@ -48,17 +48,25 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, dict] = {}
         self.skipped_lines = 0
-        if self.path.exists():
-            with open(self.path, "r", encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if not line:
-                        continue
-                    try:
-                        item = json.loads(line)
-                        self._records[item["key"]] = item["record"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        self.skipped_lines += 1  # a partial line from an interrupted write
+        # the shards other ranks of a distributed run wrote (DistributedRunStore) first, so that a run
+        # interrupted before rank 0 merged them keeps their finished runs; the main file wins
+        for shard in sorted(self.path.parent.glob(f"{self.path.stem}.rank*{self.path.suffix}")):
+            self._load(shard)
+        self._load(self.path)
+
+    def _load(self, path: Path) -> None:
+        if not path.exists():
+            return
+        with open(path, "r", encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    item = json.loads(line)
+                    self._records[item["key"]] = item["record"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.skipped_lines += 1  # a partial line from an interrupted write
 
     def __contains__(self, key: str) -> bool:
         return key in self._records
@@ -96,3 +104,117 @@ class RunStore:
         finally:
             os.close(fd)
         self._records[key] = record
+
+
+class DistributedRunStore:
+    """A :class:`RunStore` shared by the ranks of a ``torch.distributed`` group that split the runs.
+
+    Every rank opens the same store folder.  :meth:`fill` takes the runs a phase needs, ``(key,
+    compute, cost)``, deals the missing ones to the ranks (longest first, each to the least loaded
+    rank: the same plan on every rank), runs this rank's share, and exchanges the records, so that
+    afterwards every rank holds every record and the phase's own loop only reads them.  Rank 0 writes
+    the main file; the other ranks write their finished runs at once to ``<stem>.rank<r>.jsonl``
+    beside it (which :class:`RunStore` also reads), so an interruption loses no finished run.
+
+    Args:
+        base: the rank's :class:`RunStore` (the same path on every rank).
+        group: the process group (default: the default group).
+    """
+
+    def __init__(self, base: RunStore, group=None):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("DistributedRunStore needs an initialised torch.distributed process group")
+        self.base, self.group = base, group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self._shard = None if self.rank == 0 else RunStore(
+            base.path.with_name(f"{base.path.stem}.rank{self.rank}{base.path.suffix}"))
+        dist.barrier(group)  # every rank has read the store before any rank adds to it
+
+    # the RunStore interface
+    @property
+    def path(self) -> Path:
+        return self.base.path
+
+    @property
+    def skipped_lines(self) -> int:
+        return self.base.skipped_lines
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def keys(self):
+        return self.base.keys()
+
+    def items(self):
+        return self.base.items()
+
+    def get(self, key: str):
+        return self.base.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        """Save durably: rank 0 in the main file, another rank in its shard."""
+        if self._shard is None:
+            self.base.put(key, record)
+        else:
+            self._shard.put(key, record)
+            self.base._records[key] = self._shard.get(key)
+
+    def plan(self, jobs) -> list[list[str]]:
+        """The keys of the missing ``jobs`` each rank runs (the same answer on every rank)."""
+        missing, seen = [], set()
+        for i, (key, _, cost) in enumerate(jobs):
+            if key not in self and key not in seen:
+                seen.add(key)
+                missing.append((-float(cost), i, key))
+        load = [0.0] * self.world_size
+        share: list[list[str]] = [[] for _ in range(self.world_size)]
+        for neg_cost, _, key in sorted(missing):
+            r = min(range(self.world_size), key=lambda q: (load[q], q))
+            load[r] -= neg_cost
+            share[r].append(key)
+        return share
+
+    def fill(self, jobs, progress=None) -> int:
+        """Run the missing ``jobs`` (``(key, compute() -> record, cost)``) across the ranks; every rank
+        then holds all their records.  A job that fails on one rank fails the call on every rank.
+
+        Args:
+            progress: ``None`` or a callable ``(done, total)`` called after each of this rank's runs.
+
+        Returns:
+            The number of runs this rank computed.
+        """
+        import torch.distributed as dist
+
+        jobs = list(jobs)
+        share = self.plan(jobs)
+        compute = {key: fn for key, fn, _ in jobs}
+        mine, error = [], None
+        for i, key in enumerate(share[self.rank]):
+            try:
+                self.put(key, compute[key]())
+            except Exception as e:  # noqa: BLE001 - reported on every rank below, not swallowed
+                error = f"rank {self.rank}, run {key}: {type(e).__name__}: {e}"
+                break
+            mine.append((key, self.get(key)))
+            if progress is not None:
+                progress(i + 1, len(share[self.rank]))
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, (mine, error), group=self.group)
+        errors = [e for _, e in gathered if e]
+        for r, (records, _) in enumerate(gathered):
+            if r == self.rank:
+                continue
+            for key, record in records:
+                if self.rank == 0:
+                    self.base.put(key, record)  # the main file ends complete
+                else:
+                    self.base._records[key] = record
+        if errors:
+            raise RuntimeError("distributed sweep failed: " + "; ".join(errors))
+        return len(mine)

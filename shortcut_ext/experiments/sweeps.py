@@ -20,6 +20,7 @@ built from everything that determines it; a rerun with the same output folder sk
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 
 from .. import data as data_mod
 from ..models import PlainNet, ShortcutNet
-from ..train import TrainConfig, TrainResult, hessian_probes, lr_sweep, train
+from ..train import TrainConfig, TrainResult, hessian_probes, lr_sweep, sweep_run_key, sweep_run_record, train
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,21 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=True)
 
 
+def _fill(store, jobs, desc, progress) -> None:
+    """Runs a phase's missing runs across the ranks of a :class:`DistributedRunStore` (a bar on rank 0)."""
+    bar = None
+    if progress and store.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(store.plan(jobs)[0]), desc=f"{desc} (rank 0 of {store.world_size})",
+                   dynamic_ncols=True, leave=True)
+    try:
+        store.fill(jobs, progress=None if bar is None else (lambda done, total: bar.update(1)))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 # --------------------------------------------------------------------------- phases
 def run_lr_sweeps(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str], depths: Iterable[int],
                   seeds: Sequence[int], lrs: Sequence[float], cfg: TrainConfig, store, dtype=torch.float64,
@@ -236,13 +252,28 @@ def run_lr_sweeps(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str],
             for depth in sorted({a.valid_depth(x) for x in depths}):
                 for seed in seeds_for(arch, seeds):
                     groups.append((arch, act, depth, seed))
+    out_features = None if bundle.out_features == bundle.width else bundle.out_features
+
+    def maker(arch, act, depth, seed):
+        return lambda: build_model(arch, act, depth, bundle.width, seed, dtype, backend, out_features=out_features)
+
+    def data_for(act):
+        return tuple(t.to(dtype) for t in bundle.for_act(act))
+
+    if hasattr(store, "fill"):  # distributed: the ranks share the runs first (DistributedRunStore)
+        jobs = []
+        for arch, act, depth, seed in groups:
+            key = group_key("sweep", bundle, arch, act, depth, seed, cfg, dtype)
+            for lr in lrs:
+                jobs.append((sweep_run_key(key, lr),
+                             functools.partial(sweep_run_record, maker(arch, act, depth, seed), data_for(act), lr, cfg,
+                                               bundle.l_min), depth))
+        _fill(store, jobs, desc, progress)
     runs, best = [], []
-    for arch, act, depth, seed in _progress(groups, len(groups), desc, progress):
+    for arch, act, depth, seed in _progress(groups, len(groups), desc, progress and not hasattr(store, "fill")):
         key = group_key("sweep", bundle, arch, act, depth, seed, cfg, dtype)
-        make = lambda: build_model(arch, act, depth, bundle.width, seed, dtype, backend,  # noqa: E731
-                                   out_features=None if bundle.out_features == bundle.width else bundle.out_features)
-        data = tuple(t.to(dtype) for t in bundle.for_act(act))
-        b, results = lr_sweep(make, data, lrs, cfg, l_min=bundle.l_min, store=store, key=key)
+        b, results = lr_sweep(maker(arch, act, depth, seed), data_for(act), lrs, cfg, l_min=bundle.l_min, store=store,
+                              key=key)
         base = {"arch": arch, "act": act, "depth": depth, "seed": seed}
         stable = [r.lr for r in results if r.status == "ok"]
         for r in results:
@@ -273,15 +304,24 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
                 jobs.append((arch, depth, seed))
     rows = []
     data = tuple(t.to(dtype) for t in bundle.for_act(act))
-    for arch, depth, seed in _progress(jobs, len(jobs), desc, progress):
-        key = f"init|{bundle.tag}|{arch}|{act}|depth={depth}|seed={seed}|{_dtype_name(dtype)}|exact<={exact_max_params}"
+
+    def key_of(arch, depth, seed):
+        return f"init|{bundle.tag}|{arch}|{act}|depth={depth}|seed={seed}|{_dtype_name(dtype)}|exact<={exact_max_params}"
+
+    def compute(arch, depth, seed):
+        net = build_model(arch, act, depth, bundle.width, seed, dtype, backend=None,
+                          out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+        rec = dict(hessian_probes(net, data, "mse", exact_max_params=exact_max_params))
+        rec["num_params"] = net.num_parameters()
+        return rec
+
+    if hasattr(store, "fill"):
+        _fill(store, [(key_of(*job), functools.partial(compute, *job), job[1]) for job in jobs], desc, progress)
+    for arch, depth, seed in _progress(jobs, len(jobs), desc, progress and not hasattr(store, "fill")):
+        key = key_of(arch, depth, seed)
         rec = store.get(key)
         if rec is None:
-            net = build_model(arch, act, depth, bundle.width, seed, dtype, backend=None,
-                              out_features=None if bundle.out_features == bundle.width else bundle.out_features)
-            rec = dict(hessian_probes(net, data, "mse", exact_max_params=exact_max_params))
-            rec["num_params"] = net.num_parameters()
-            store.put(key, rec)
+            store.put(key, compute(arch, depth, seed))
             rec = store.get(key)  # as stored (strict JSON), so that fresh and resumed rows agree
         rows.append({"arch": arch, "act": act, "depth": depth, "seed": seed,
                      **{k: (math.nan if rec.get(k) is None and k != "method" else rec.get(k))
@@ -331,15 +371,26 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
         for seed in seeds_for(arch, seeds):
             jobs.append((arch, d, seed))
     probe_rows, hist_rows = [], []
-    for arch, d, seed in _progress(jobs, len(jobs), desc, progress):
+
+    def key_of(arch, d, seed):
         c = dataclasses.replace(cfg, lr=float(lrs[arch]))
-        key = group_key("curve", bundle, arch, act, d, seed, c, dtype) + f"|lr={c.lr:.6g}"
+        return group_key("curve", bundle, arch, act, d, seed, c, dtype) + f"|lr={c.lr:.6g}"
+
+    def compute(arch, d, seed):
+        net = build_model(arch, act, d, bundle.width, seed, dtype, backend,
+                          out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+        res = train(net, tuple(t.to(dtype) for t in bundle.for_act(act)), dataclasses.replace(cfg, lr=float(lrs[arch])),
+                    l_min=bundle.l_min)
+        return res.to_dict(max_points=1000)
+
+    if hasattr(store, "fill"):
+        _fill(store, [(key_of(*job), functools.partial(compute, *job), job[1]) for job in jobs], desc, progress)
+    for arch, d, seed in _progress(jobs, len(jobs), desc, progress and not hasattr(store, "fill")):
+        c = dataclasses.replace(cfg, lr=float(lrs[arch]))
+        key = key_of(arch, d, seed)
         rec = store.get(key)
         if rec is None:
-            net = build_model(arch, act, d, bundle.width, seed, dtype, backend,
-                              out_features=None if bundle.out_features == bundle.width else bundle.out_features)
-            res = train(net, tuple(t.to(dtype) for t in bundle.for_act(act)), c, l_min=bundle.l_min)
-            rec = res.to_dict(max_points=1000)
+            rec = compute(arch, d, seed)
             store.put(key, rec)
         res = TrainResult.from_dict(rec)
         base = {"arch": arch, "act": act, "depth": d, "seed": seed, "lr": c.lr, "status": res.status}
