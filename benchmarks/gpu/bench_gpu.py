@@ -186,25 +186,39 @@ def graphed(f, mode, x, w, gy):
     return replay, graph
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "bench_gpu.log"), "a")
+def open_log(out: str, name: str):
+    """log(msg): print and append to OUT/name.log (flushed: a run cut off by its time limit keeps it)."""
+    os.makedirs(out, exist_ok=True)
+    log_file = open(os.path.join(out, name + ".log"), "a")
 
     def log(msg=""):
         print(msg, flush=True)
         log_file.write(msg + "\n")
         log_file.flush()
 
-    t_start = time.time()
-    if args.device == "cuda" and not torch.cuda.is_available():
+    return log
+
+
+def start(device: str, out: str, name: str):
+    """``(log, clock, environment)`` for a benchmark on ``device``, or ``None`` (said in the log) when a
+    CUDA benchmark has no GPU or no CUDA kernels to measure."""
+    log = open_log(out, name)
+    if device == "cuda" and not torch.cuda.is_available():
         log("no CUDA device: nothing to benchmark (use --cpu-smoke to check the script on CPU)")
-        return 2
-    if args.device == "cuda" and not shortcut_ext.build_info().get("cuda", False):
+        return None
+    if device == "cuda" and not shortcut_ext.build_info().get("cuda", False):
         log(f"shortcut_ext was built without CUDA kernels: {shortcut_ext.build_info()}")
+        return None
+    return log, Clock(device), common.environment()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    started = start(args.device, args.out, "bench_gpu")
+    if started is None:
         return 2
-    clock = Clock(args.device)
-    env = common.environment()
+    log, clock, env = started
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update(device=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda,

@@ -28,10 +28,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: common.py, bench_hvp.py
-sys.path.insert(0, HERE)  # bench_gpu.py: the CUDA-event clock
+sys.path.insert(0, HERE)  # bench_gpu.py: the CUDA-event clock, the log
 import bench_hvp  # noqa: E402
 import common  # noqa: E402
-from bench_gpu import Clock  # noqa: E402
+from bench_gpu import start  # noqa: E402
 
 import shortcut_ext  # noqa: E402
 
@@ -86,24 +86,12 @@ def double_backward(x, y, w, v):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     name = "bench_gpu_hvp" if not args.cpu_smoke else "bench_gpu_hvp_cpu_smoke"
-    log_file = open(os.path.join(args.out, name + ".log"), "a")
-
-    def log(msg=""):
-        print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
-
     t_start = time.time()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        log("no CUDA device: nothing to benchmark (use --cpu-smoke to check the script on CPU)")
+    started = start(args.device, args.out, name)
+    if started is None:
         return 2
-    if args.device == "cuda" and not shortcut_ext.build_info().get("cuda", False):
-        log(f"shortcut_ext was built without CUDA kernels: {shortcut_ext.build_info()}")
-        return 2
-    clock = Clock(args.device)
-    env = common.environment()
+    log, clock, env = started
     if args.device == "cuda":
         env.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 baselines, like the kernel
