@@ -256,3 +256,52 @@ def test_distributed_reproduce_equals_one_process(tmp_path):
     r2 = _torchrun(["-m", "shortcut_ext", *args, "--distributed", "--out", str(tmp_path / "dist")], cwd=tmp_path)
     assert f"{len(one)} runs already in" in r2.stdout
     assert (tmp_path / "dist" / "results" / "runs.jsonl").stat().st_size == before
+
+
+_DDP_WORKER = textwrap.dedent('''
+    import os, torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from shortcut_ext.models import ShortcutNet
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    out = {}
+    for recompute in (None, True, False):
+        net = ShortcutNet(6, 40, 2, "identity", "relu", "tanh", init="small", scale=0.2, seed=4, backend="fused",
+                          dtype=torch.float64)
+        net.recompute = recompute
+        ddp = DDP(net)
+        g = torch.Generator().manual_seed(9)
+        X, Y = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(30, 6, generator=g, dtype=torch.float64)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        for step in range(3):  # equal shards: DDP's mean of the ranks' mean losses is the full-batch loss
+            opt.zero_grad()
+            xs, ys = X[rank::world], Y[rank::world]
+            (0.5 * (ddp(xs) - ys).square().sum(1).mean()).backward()
+            opt.step()
+        out[str(recompute)] = net.weight.detach().clone()
+    torch.save(out, os.path.join(os.environ["SE_OUT"], f"ddp{rank}.pt"))
+    dist.destroy_process_group()
+''')
+
+
+def test_ddp_trains_the_fused_model_like_one_process(tmp_path):
+    """torch's DistributedDataParallel around a fused ShortcutNet: three SGD steps on two ranks equal
+    full-batch SGD in one process, in every memory mode of the fused op."""
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(_DDP_WORKER)
+    _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)})
+    r0, r1 = (torch.load(tmp_path / f"ddp{r}.pt") for r in (0, 1))
+    for recompute in (None, True, False):
+        net = ShortcutNet(6, 40, 2, "identity", "relu", "tanh", init="small", scale=0.2, seed=4, backend="fused",
+                          dtype=torch.float64)
+        net.recompute = recompute
+        g = torch.Generator().manual_seed(9)
+        X, Y = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(30, 6, generator=g, dtype=torch.float64)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        for step in range(3):
+            opt.zero_grad()
+            (0.5 * (net(X) - Y).square().sum(1).mean()).backward()
+            opt.step()
+        for r in (r0, r1):
+            torch.testing.assert_close(r[str(recompute)], net.weight.detach(), rtol=1e-12, atol=1e-14)
