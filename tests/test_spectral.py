@@ -475,3 +475,71 @@ def test_spectrum_command_checks_device(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA device is visible" if visible == 0 else "CUDA device"):
         main(common + ["--device", f"cuda:{visible}" if visible else "cuda"])
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_spectrum_command_resumes_after_an_interruption(tmp_path, monkeypatch):
+    """An interrupted spectrum keeps its finished Lanczos result and SLQ probe groups
+    (spectrum.checkpoint.json); the rerun redoes only the rest and gives the uninterrupted numbers."""
+    import json
+
+    from shortcut_ext.cli import main
+    import importlib
+
+    slq_mod = importlib.import_module("shortcut_ext.curvature.slq")
+
+    args = ["spectrum", "--units", "5", "--width", "3", "--init", "small", "--samples", "30", "--probes", "5",
+            "--steps", "9", "--top", "3", "--probe-batch", "2", "--no-progress", "--no-plots"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "spectrum.json").read_text())
+    assert whole["resumed"]["lanczos"] is False and whole["resumed"]["slq_probes"] == 0
+
+    real, calls = slq_mod._lanczos_recurrences, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second probe group
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(slq_mod, "_lanczos_recurrences", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(out)])
+    assert not (out / "spectrum.json").exists()
+    ck = json.loads((out / "spectrum.checkpoint.json").read_text())
+    assert ck["lanczos"] is not None and sorted(ck["slq"]) == ["0", "1"]
+    monkeypatch.setattr(slq_mod, "_lanczos_recurrences", real)
+    calls.clear()
+    assert main(args + ["--out", str(out)]) == 0
+    res = json.loads((out / "spectrum.json").read_text())
+    assert res["resumed"]["lanczos"] is True and res["resumed"]["slq_probes"] == 2
+    assert "lanczos" not in res["timings_s"]  # not rerun
+    for key in ("largest", "smallest", "largest_residuals"):
+        assert res["lanczos"][key] == whole["lanczos"][key]
+    np.testing.assert_allclose(np.array(res["slq"]["nodes"]), np.array(whole["slq"]["nodes"]), rtol=1e-12, atol=1e-14)
+    assert res["slq"]["abs_quantiles"] == pytest.approx(whole["slq"]["abs_quantiles"], rel=1e-12)
+    assert res["condition"] == pytest.approx(whole["condition"])
+    # another configuration in the same folder ignores (and replaces) the checkpoint
+    assert main(args[:-4] + ["--probe-batch", "3", "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    other = json.loads((out / "spectrum.json").read_text())
+    assert other["resumed"]["lanczos"] is False and other["resumed"]["slq_probes"] == 0
+    assert json.loads((out / "spectrum.checkpoint.json").read_text())["config"]["probe_batch"] == 3
+
+
+def test_slq_resumes_from_done_probes():
+    A = known_spectrum(np.linspace(-1, 2, 30), seed=8)
+    groups = []
+    whole = slq(A, probes=5, steps=8, seed=3, probe_batch=2,
+                on_group=lambda g0, g1, a, b, n: groups.append((g0, g1, a, b, n)))
+    assert [(g0, g1) for g0, g1, *_ in groups] == [(0, 2), (2, 4), (4, 5)]
+    done = {}
+    for g0, g1, a, b, n in groups[:2]:
+        for i in range(g0, g1):
+            done[i] = (a[i - g0], b[i - g0], n[i - g0])
+    ran = []
+    resumed = slq(A, probes=5, steps=8, seed=3, probe_batch=2, done=done, on_group=lambda g0, g1, *r: ran.append(g0))
+    assert ran == [4]  # only the group that had not run
+    np.testing.assert_allclose(resumed.nodes, whole.nodes, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(resumed.weights, whole.weights, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"done\[0\] holds 2 / 2 coefficients for 5 steps"):
+        slq(A, probes=5, steps=8, seed=3, probe_batch=2, done={0: ([1.0, 2.0], [0.5, 0.5], 5), 1: done[1]})

@@ -171,7 +171,8 @@ def slq_group_size(P: int, probes: int, steps: int, dtype: torch.dtype = torch.f
 
 def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str = "rademacher",
         reorthogonalize: bool = True, breakdown_tol: float | None = None, callback=None,
-        probe_batch: int | None = None, max_basis_bytes: int | None = None) -> SLQResult:
+        probe_batch: int | None = None, max_basis_bytes: int | None = None, done: dict | None = None,
+        on_group=None) -> SLQResult:
     """Stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019), probes batched in memory-bounded groups.
 
     The probes are drawn all at once from ``seed`` (so they do not depend on the grouping) and run in
@@ -196,6 +197,10 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
         max_basis_bytes: memory budget of a group's basis (default :data:`DEFAULT_MAX_BASIS_BYTES`,
             3 GiB, when ``probe_batch`` is chosen automatically).  Given together with ``probe_batch``,
             the two must agree.
+        done: recurrences of probes already run (a resumed run): ``{probe: (alpha, beta, steps)}``
+            with ``alpha``, ``beta`` of length ``steps``.  A group whose probes are all there is not rerun.
+        on_group: called as ``on_group(g0, g1, alpha, beta, steps)`` after each group that ran (for a
+            checkpoint); ``alpha``, ``beta`` are ``[g1 - g0, steps]`` arrays.
 
     Returns:
         :class:`SLQResult`.
@@ -243,9 +248,21 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
     beta = np.zeros((probes, steps))
     nsteps = np.zeros(probes, dtype=np.int64)
     total = probes * steps
+    done = {} if done is None else done
     for g0 in range(0, probes, group):
         g1 = min(probes, g0 + group)
         done0 = g0 * steps
+        if all(i in done for i in range(g0, g1)):  # resumed: this group ran before
+            for i in range(g0, g1):
+                a_i, b_i, n_i = done[i]
+                n_i = int(n_i)
+                if n_i > steps or len(a_i) < n_i or len(b_i) < n_i:
+                    raise ValueError(f"done[{i}] holds {len(a_i)} / {len(b_i)} coefficients for {n_i} steps; "
+                                     f"at most steps = {steps} fit")
+                alpha[i, :n_i], beta[i, :n_i], nsteps[i] = a_i[:n_i], b_i[:n_i], n_i
+            if callback is not None:
+                callback(g1 * steps, total)
+            continue
 
         def cb(j, g0=g0, g1=g1, done0=done0):
             if callback is not None:
@@ -253,6 +270,8 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
 
         a, b, n = _lanczos_recurrences(A, Z[g0:g1], steps, None if basis is None else basis[: g1 - g0], btol, cb)
         alpha[g0:g1], beta[g0:g1], nsteps[g0:g1] = a, b, n
+        if on_group is not None:
+            on_group(g0, g1, alpha[g0:g1].copy(), beta[g0:g1].copy(), nsteps[g0:g1].copy())
         if callback is not None:
             callback(g1 * steps, total)
     del basis, Z

@@ -165,6 +165,7 @@ def _run(args, dtype, budget, rank, world) -> int:
     if lead:
         os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
+    ckpt = _Checkpoint(args, write=lead)  # read by every rank before any collective: all skip alike
 
     X, Y = load_data(args.data, args.samples, args.width, args.seed, args.noise, dtype)
     q_out = Y.shape[1]  # digits: 10 one-hot columns, whatever the width (then a frozen read-out)
@@ -195,16 +196,21 @@ def _run(args, dtype, budget, rank, world) -> int:
     result["loss"], result["grad_norm"] = float(loss), float(grad.norm())
 
     # extremes
-    bar, cb = _progress("lanczos", quiet)
-    t0 = time.perf_counter()
-    try:
-        lz = lanczos(H, k=min(args.top, H.P), max_iter=args.max_iter, verify=not args.no_verify, seed=args.seed,
-                     return_vectors=False, callback=cb, max_basis_bytes=budget, max_products=args.lanczos_products)
-    except ValueError as e:  # a basis that does not fit the budget: say which flag to change
-        raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --max-iter, --basis-gib)") from e
-    finally:
-        bar.close()
-    result["timings_s"]["lanczos"] = time.perf_counter() - t0
+    lz = ckpt.lanczos()
+    result["resumed"] = {"lanczos": lz is not None, "slq_probes": len(ckpt.slq_done), "checkpoint": ckpt.path}
+    if lz is None:
+        bar, cb = _progress("lanczos", quiet)
+        t0 = time.perf_counter()
+        try:
+            lz = lanczos(H, k=min(args.top, H.P), max_iter=args.max_iter, verify=not args.no_verify, seed=args.seed,
+                         return_vectors=False, callback=cb, max_basis_bytes=budget,
+                         max_products=args.lanczos_products)
+        except ValueError as e:  # a basis that does not fit the budget: say which flag to change
+            raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --max-iter, --basis-gib)") from e
+        finally:
+            bar.close()
+        result["timings_s"]["lanczos"] = time.perf_counter() - t0
+        ckpt.save_lanczos(lz)
     result["lanczos"] = {
         "largest": lz.largest.tolist(), "smallest": lz.smallest.tolist(),
         "largest_residuals": lz.largest_residuals.tolist(), "smallest_residuals": lz.smallest_residuals.tolist(),
@@ -217,7 +223,8 @@ def _run(args, dtype, budget, rank, world) -> int:
     t0 = time.perf_counter()
     try:
         sq = slq(H, probes=args.probes, steps=args.steps, seed=args.seed + 1, callback=cb,
-                 probe_batch=args.probe_batch, max_basis_bytes=budget)
+                 probe_batch=args.probe_batch, max_basis_bytes=budget, done=ckpt.slq_done,
+                 on_group=ckpt.save_slq_group)
     except ValueError as e:
         raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --probe-batch, --steps, --basis-gib)") from e
     finally:
@@ -285,6 +292,68 @@ def _run(args, dtype, budget, rank, world) -> int:
         print(f"theory ({spec.method}): |lambda|max = {result['theory']['report']['lam_max']:.6g}  "
               f"Lanczos rel. error {result['theory']['lanczos_rel_error']:.2e}")
     return 0
+
+
+# What a spectrum's numbers depend on (a checkpoint is reused only under the same values); where the
+# computation runs (device, ranks) and how it is shown do not count.
+_PLACEMENT_ARGS = ("out", "no_progress", "no_plots", "device", "distributed", "func")
+
+
+class _Checkpoint:
+    """``OUT/spectrum.checkpoint.json``: the finished Lanczos result and SLQ probes of this run's
+    configuration, written (atomically) as each finishes, so that a rerun after an interruption redoes
+    only what had not finished.  A checkpoint of another configuration is ignored (and replaced)."""
+
+    def __init__(self, args, write: bool):
+        self.path = os.path.join(args.out, "spectrum.checkpoint.json")
+        self.write = write
+        self.config = {k: v for k, v in sorted(vars(args).items()) if k not in _PLACEMENT_ARGS}
+        self.state = {"config": self.config, "lanczos": None, "slq": {}}
+        try:
+            with open(self.path) as f:
+                old = json.load(f)
+            if old.get("config") == json.loads(json.dumps(self.config, default=_json_default)):
+                self.state = {"config": self.config, "lanczos": old.get("lanczos"), "slq": old.get("slq") or {}}
+        except (OSError, ValueError, AttributeError):
+            pass  # none yet, or unreadable (an interrupted first write): start afresh
+        self.slq_done = {int(i): (np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), int(n))
+                         for i, (a, b, n) in self.state["slq"].items()}
+
+    def _flush(self) -> None:
+        if not self.write:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.state, f, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def lanczos(self):
+        from .lanczos import LanczosResult
+
+        d = self.state["lanczos"]
+        if d is None:
+            return None
+        arr = {k: np.asarray(d[k], dtype=np.float64) for k in ("largest", "smallest", "largest_residuals",
+                                                                  "smallest_residuals", "ritz_values")}
+        return LanczosResult(largest_vectors=None, smallest_vectors=None, segments=[tuple(x) for x in d["segments"]],
+                             **arr, **{k: d[k] for k in ("num_vectors", "num_products", "breakdowns", "converged",
+                                                         "norm_estimate", "stop_reason", "restarts", "max_vectors",
+                                                         "basis_bytes")})
+
+    def save_lanczos(self, lz) -> None:
+        self.state["lanczos"] = {k: getattr(lz, k) for k in (
+            "largest", "smallest", "largest_residuals", "smallest_residuals", "ritz_values", "num_vectors",
+            "num_products", "segments", "breakdowns", "converged", "norm_estimate", "stop_reason", "restarts",
+            "max_vectors", "basis_bytes")}
+        self._flush()
+
+    def save_slq_group(self, g0, g1, alpha, beta, steps) -> None:
+        for i in range(g0, g1):
+            n = int(steps[i - g0])
+            self.state["slq"][str(i)] = [alpha[i - g0, :n].tolist(), beta[i - g0, :n].tolist(), n]
+        self._flush()
 
 
 def _json_default(o):
