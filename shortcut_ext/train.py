@@ -241,15 +241,16 @@ def dense_hessian(model, data, loss: str = "mse", max_bytes: float = 2.5e8) -> t
 
     X, Y = data
     net = model if model.weight.dtype == torch.float64 else copy.deepcopy(model).double()
-    X = X.to(torch.float64)
-    Y = Y if Y.dtype in (torch.long, torch.int64) else Y.to(torch.float64)
+    dev = net.weight.device  # data on another device moves to the model's
+    X = X.to(device=dev, dtype=torch.float64)
+    Y = Y.to(dev) if Y.dtype in (torch.long, torch.int64) else Y.to(device=dev, dtype=torch.float64)
     w0 = net.weight.detach().reshape(-1).clone()
     P = w0.numel()
     g = grad(_loss_of(net, X, Y, loss, backend="torch"))
     hvp = lambda v: jvp(g, (w0,), (v,))[1]  # noqa: E731
     per_dir = 8.0 * 6 * X.shape[0] * max(net.width, X.shape[1]) * (net.depth + 2)
     chunk = int(max(1, min(P, max_bytes // per_dir)))
-    H = vmap(hvp, chunk_size=chunk)(torch.eye(P, dtype=torch.float64))
+    H = vmap(hvp, chunk_size=chunk)(torch.eye(P, dtype=torch.float64, device=dev))
     return 0.5 * (H + H.T)
 
 

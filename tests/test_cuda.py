@@ -782,3 +782,17 @@ def test_cuda_train_command(tmp_path):
     assert recs[1]["device"] == GPU and recs[1]["status"] == "ok"
     assert recs[1]["history"]["loss"] == pytest.approx(recs[0]["history"]["loss"], rel=1e-9)
     assert recs[1]["probes"][-1]["lam_max"] == pytest.approx(recs[0]["probes"][-1]["lam_max"], rel=1e-8)
+
+
+@needs_cuda
+def test_cuda_dense_hessian_matches_cpu():
+    """train.dense_hessian (torch.func, the probes' fallback) on a GPU model, fed CPU data."""
+    from shortcut_ext.models import ShortcutNet
+    from shortcut_ext.train import dense_hessian
+
+    net = ShortcutNet(4, 3, 2, "identity", "tanh", "identity", init="small", scale=0.3, seed=5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    X, Y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)
+    want = dense_hessian(net, (X, Y))
+    got = dense_hessian(net.to(GPU), (X, Y))
+    _e2e_close(got, want, torch.float64)
