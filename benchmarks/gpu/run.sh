@@ -7,6 +7,7 @@
 #   3. compute-sanitizer memcheck / racecheck / initcheck on a small case, where the tool works;
 #   4. the GPU benchmarks: bench_gpu.py (the stack: fused vs eager, CUDA graphs, torch.compile) and
 #      bench_gpu_hvp.py (Hessian-vector products: fused vs double backward, torch.func, is_grads_batched).
+# Then, if time is left, an informational run of spectrum --distributed on NCCL (one rank).
 # Writes run.log, build.log, junit.xml, sanitizer.log, bench_gpu.{csv,json,log} and bench_gpu_hvp.{csv,json,log}
 # under the output folder.
 #
@@ -158,6 +159,17 @@ timeout "$T" $PY "$REPO/benchmarks/gpu/bench_gpu_hvp.py" --out "$OUTDIR" --budge
   --target-s 0.2
 rc=$?
 [ "$rc" = 0 ] || { echo "HVP BENCHMARK rc=$rc (1: a variant disagreed or failed; 124: timed out)"; STATUS=1; }
+
+stage "informational (never fails the run): spectrum --distributed on NCCL, one rank"
+T=$(budget 40 0)
+if (( T > 15 )); then
+  timeout "$T" $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m shortcut_ext spectrum --units 50 \
+    --width 8 --init zero --samples 64 --probes 2 --steps 10 --top 3 --device cuda --distributed --no-progress \
+    --no-plots --out "$OUTDIR/spectrum_nccl" > "$OUTDIR/spectrum_nccl.log" 2>&1
+  echo "spectrum --distributed (NCCL): rc=$? (log: spectrum_nccl.log)"; tail -2 "$OUTDIR/spectrum_nccl.log"
+else
+  echo "skipped: ${T}s left"
+fi
 
 stage "done (status $STATUS)"
 ls -la "$OUTDIR"
