@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ._dist import all_reduce, group_of, ranks_agree
 from .reference import LOSSES, loss_fn
 
 OPTIMIZERS = ("gd", "sgd", "adam")
@@ -264,7 +265,8 @@ def _dense_probes(model, data, loss: str, exact_max_params: int) -> dict:
     return spectrum_probes(ev, method="dense (torch.func fallback)")
 
 
-def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000) -> dict:
+def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000, distributed: bool = False,
+                   process_group=None) -> dict:
     """``{lam_max, lam_q10, index, cond, cond_q10, method}`` of the loss Hessian at the model's weights.
 
     Uses :func:`shortcut_ext.curvature.hessian_probes` where it exists (exact below
@@ -279,7 +281,11 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000)
         kw = {}
         if model.weight.dtype != torch.float64 and "dtype" in inspect.signature(curvature_probes).parameters:
             kw["dtype"] = torch.float64  # eigenvalues near 0 (|lambda|(0.1), the index) need float64
+        if distributed:
+            kw.update(distributed=True, process_group=process_group)
         return dict(curvature_probes(model, data, loss, exact_max_params=exact_max_params, **kw))
+    if distributed:
+        raise ValueError("distributed Hessian probes need shortcut_ext.curvature")
     return _dense_probes(model, data, loss, exact_max_params)
 
 
@@ -302,6 +308,8 @@ def train(
     l_min: float | None = None,
     probe_data=None,  # (X, Y) for Hessian probes, default ``data``
     progress: bool = False,
+    distributed: bool = False,
+    process_group=None,
     **overrides,
 ) -> TrainResult:
     """Train ``model`` (a :class:`~shortcut_ext.models.ShortcutNet` / ``PlainNet``) in place.
@@ -313,12 +321,20 @@ def train(
         l_min: best linear loss (:func:`shortcut_ext.data.best_linear_loss`) for ``loss - L_min``.
         probe_data: data for the Hessian probes (e.g. :func:`~shortcut_ext.data.second_moment_compress`
             of ``data`` for linear nets, which gives the same Hessian much faster).
-        progress: show a tqdm bar over epochs.
+        progress: show a tqdm bar over epochs (rank 0 only when distributed).
+        distributed: data-parallel full-batch training over ``torch.distributed`` (an initialised process
+            group, e.g. under torchrun): ``data`` (and ``probe_data``) are this rank's shards, which may
+            be empty; losses and gradients are the sample-weighted sums over the ranks, so every rank
+            takes the same steps as one process on all the data (the model must be the same on every
+            rank: checked), and the Hessian probes use the distributed ``HessianOperator``.
+            Mini-batch updates are refused.
+        process_group: the group for ``distributed`` (default: the default group).
 
     Returns:
         A :class:`TrainResult`; a diverged run has ``status="diverged"`` and ``final_loss=inf``.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
+    rank, world = group_of(distributed, process_group, "train")
     X, Y = _check_data("data", data)
     probe_data = (X, Y) if probe_data is None else _check_data("probe_data", probe_data)
     if X.dtype != model.weight.dtype:
@@ -328,6 +344,16 @@ def train(
     probe_data = tuple(t.to(device) for t in probe_data)
     w = model.weight
     m = X.shape[0]
+    share = 1.0  # this rank's part of the mean loss
+    if distributed:
+        if not (config.optimizer == "gd" or config.batch_size is None):
+            raise ValueError(f"train(distributed=True) takes full-batch updates (optimizer 'gd', or batch_size=None); "
+                             f"got optimizer={config.optimizer!r}, batch_size={config.batch_size}")
+        total = ranks_agree(w, m, None, process_group, rank, "train")
+        if total == 0:
+            raise ValueError(f"data must hold at least one sample over all {world} ranks, got none")
+        share = m / total
+        progress = progress and rank == 0
     params = [w]
     opt = None  # "gd" updates in place: the per-epoch cost of a small net is mostly overhead
     if config.optimizer == "adam":
@@ -355,8 +381,19 @@ def train(
             (g,) = torch.autograd.grad(L, w)
         return float(L.detach()), g
 
+    def full_loss_and_grad():
+        if not distributed:
+            return loss_and_grad(X, Y)
+        buf = torch.zeros(w.numel() + 1, dtype=w.dtype, device=device)  # [gradient, loss], one all-reduce
+        if m:
+            L, g = loss_and_grad(X, Y)
+            buf[:-1] = g.reshape(-1) * share
+            buf[-1] = L * share
+        all_reduce(buf, process_group)
+        return float(buf[-1]), buf[:-1].view_as(w)
+
     for epoch in range(config.epochs + 1):
-        L, g = loss_and_grad(X, Y)
+        L, g = full_loss_and_grad()
         gn = float(g.norm())
         wn = model.mean_frobenius_norm()
         if limit is None:
@@ -372,7 +409,8 @@ def train(
         if config.probes_at(epoch):
             tp = time.perf_counter()
             try:
-                p = hessian_probes(model, probe_data, config.loss, config.exact_max_params)
+                p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
+                                   distributed=distributed, process_group=process_group)
             except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
                 p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
                 p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -305,3 +305,87 @@ def test_ddp_trains_the_fused_model_like_one_process(tmp_path):
             opt.step()
         for r in (r0, r1):
             torch.testing.assert_close(r[str(recompute)], net.weight.detach(), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ data-parallel training
+def _train_problem():
+    net = ShortcutNet(5, 4, 2, "identity", "relu", "tanh", init="small", scale=0.3, seed=6, backend="fused",
+                      dtype=torch.float64)
+    g = torch.Generator().manual_seed(12)
+    return net, torch.randn(31, 5, generator=g, dtype=torch.float64), torch.randn(31, 5, generator=g, dtype=torch.float64)
+
+
+_TRAIN_CASES = [dict(optimizer="gd", lr=0.1, epochs=6, probe_epochs=[0, 6], exact_max_params=4000),
+                dict(optimizer="adam", lr=0.01, epochs=5, probe_epochs=[5], exact_max_params=0)]
+
+_TRAIN_WORKER = textwrap.dedent('''
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, os.environ["SE_TEST_DIR"])
+    from test_distributed import _TRAIN_CASES, _train_problem
+    from shortcut_ext.train import train
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    out = []
+    for case in _TRAIN_CASES:
+        net, X, Y = _train_problem()
+        shard = (X[:20], Y[:20]) if rank == 0 else (X[20:], Y[20:])  # unequal shards
+        res = train(net, shard, distributed=True, **case)
+        out.append(dict(history=res.history, probes=res.probes, weight=net.weight.detach().clone(),
+                        final=res.final_loss))
+    net, X, Y = _train_problem()
+    errors = {}
+    try:
+        train(net, (X[rank::2], Y[rank::2]), distributed=True, optimizer="sgd", batch_size=4, epochs=1)
+    except ValueError as e:
+        errors["minibatch"] = str(e)
+    net, X, Y = _train_problem()
+    res = train(net, (X, Y) if rank == 0 else (X[:0], Y[:0]), distributed=True, epochs=3, lr=0.1)  # rank 1: none
+    out.append(dict(history=res.history, errors=errors))
+    torch.save(out, os.path.join(os.environ["SE_OUT"], f"train{rank}.pt"))
+    dist.destroy_process_group()
+''')
+
+
+def test_distributed_training_equals_one_process(tmp_path):
+    """train(distributed=True) on unequal shards (one empty in a case) takes the steps of one process on
+    all the data, with the same Hessian probes (exact, and Lanczos + SLQ through distributed HVPs)."""
+    from shortcut_ext.train import train
+
+    script = tmp_path / "train_worker.py"
+    script.write_text(_TRAIN_WORKER)
+    _torchrun([str(script)], cwd=tmp_path,
+              extra_env={"SE_TEST_DIR": os.path.dirname(os.path.abspath(__file__)), "SE_OUT": str(tmp_path)})
+    r0, r1 = (torch.load(tmp_path / f"train{r}.pt", weights_only=False) for r in (0, 1))
+    for i, case in enumerate(_TRAIN_CASES):
+        net, X, Y = _train_problem()
+        res = train(net, (X, Y), **case)
+        for r in (r0, r1):
+            got = r[i]
+            assert got["history"]["loss"] == pytest.approx(res.history["loss"], rel=1e-12)
+            assert got["history"]["grad_norm"] == pytest.approx(res.history["grad_norm"], rel=1e-10)
+            torch.testing.assert_close(got["weight"], net.weight.detach(), rtol=1e-12, atol=1e-14)
+            assert [p["method"] for p in got["probes"]] == [p["method"] for p in res.probes]
+            for p, q in zip(got["probes"], res.probes):
+                assert p["lam_max"] == pytest.approx(q["lam_max"], rel=1e-8)
+                assert p["lam_q10"] == pytest.approx(q["lam_q10"], rel=1e-6)
+        assert torch.equal(r0[i]["weight"], r1[i]["weight"])  # the ranks stay in step, bit for bit
+    net, X, Y = _train_problem()
+    res = train(net, (X, Y), epochs=3, lr=0.1)
+    for r in (r0, r1):
+        assert r[-1]["history"]["loss"] == pytest.approx(res.history["loss"], rel=1e-12)
+        assert "takes full-batch updates" in r[-1]["errors"]["minibatch"]
+
+
+def test_distributed_train_command(tmp_path):
+    args = ["train", "--arch", "2-shortcut", "--act", "relu-mid", "--depth", "4", "--epochs", "8", "--lr", "0.1",
+            "--data", "synthetic", "--width", "4", "--samples", "50", "--probe-every", "8"]
+    _torchrun(["-m", "shortcut_ext", *args, "--distributed", "--out", str(tmp_path / "dist.json")], cwd=tmp_path)
+    from shortcut_ext.cli import build_parser
+
+    a = build_parser().parse_args(args + ["--out", str(tmp_path / "one.json")])
+    assert a.func(a) == 0
+    d, o = (json.loads((tmp_path / f).read_text()) for f in ("dist.json", "one.json"))
+    assert d["world_size"] == 2 and o["world_size"] == 1
+    assert d["history"]["loss"] == pytest.approx(o["history"]["loss"], rel=1e-10)
+    assert d["probes"][-1]["lam_max"] == pytest.approx(o["probes"][-1]["lam_max"], rel=1e-8)

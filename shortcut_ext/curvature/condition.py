@@ -166,7 +166,7 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048, *, backend: str = "fused",
                    dtype: torch.dtype | None = None, probes: int = 8, steps: int = 80, seed: int = 0,
-                   q: float = 0.1) -> dict:
+                   q: float = 0.1, distributed: bool = False, process_group=None) -> dict:
     """Curvature probes for training: ``{lam_max, lam_q10, index, cond, cond_q10, method}``.
 
     Exact (dense ``eigvalsh``) when the trunk has ``P <= exact_max_params`` weights, else Lanczos +
@@ -181,12 +181,15 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
             means float64 for the exact path (``|lambda|min`` needs it) and the model's dtype above.
         probes, steps, seed: SLQ settings for large nets.
         q: the quantile reported as ``lam_q10``.
+        distributed, process_group: ``data`` is this rank's shard of a data-parallel run (see
+            :class:`~shortcut_ext.curvature.hessian.HessianOperator`); every rank gets the same probes.
     """
     from .hessian import HessianOperator
 
     if dtype is None and model.weight.numel() <= exact_max_params:
         dtype = torch.float64
-    op = HessianOperator(model, data, loss=loss, backend=backend, dtype=dtype)
+    op = HessianOperator(model, data, loss=loss, backend=backend, dtype=dtype, distributed=distributed,
+                         process_group=process_group)
     rep = condition_report(op, exact_max_params=exact_max_params, probes=probes, steps=steps, seed=seed, q=q)
     return {"lam_max": rep.lam_max, "lam_q10": rep.lam_q10, "index": rep.index, "cond": rep.cond,
             "cond_q10": rep.cond_q10, "method": rep.method}

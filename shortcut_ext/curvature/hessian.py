@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import ops, reference
+from .._dist import all_reduce, group_of, ranks_agree
 from ..reference import LOSSES
 
 BACKENDS = ("fused", "autograd", "func")
@@ -110,21 +111,9 @@ class HessianOperator:
         if max_directions is not None and (isinstance(max_directions, bool) or not isinstance(max_directions, int)
                                            or max_directions < 1):
             raise ValueError(f"max_directions must be a positive integer or None, got {max_directions!r}")
-        if not isinstance(distributed, bool):
-            raise TypeError(f"distributed must be True or False, got {distributed!r}")
-        self.group = None
-        self._dist = False
-        self.world_size, self.rank = 1, 0
-        if distributed:
-            import torch.distributed as dist
-
-            if not (dist.is_available() and dist.is_initialized()):
-                raise ValueError("distributed=True needs an initialised torch.distributed process group "
-                                 "(torch.distributed.init_process_group, e.g. under torchrun); none is initialised")
-            self.group = process_group
-            self.world_size, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-        elif process_group is not None:
-            raise ValueError("process_group is used only with distributed=True")
+        self.rank, self.world_size = group_of(distributed, process_group, "HessianOperator")
+        self.group = process_group
+        self._dist = distributed
         self.model = model
         self.loss = loss
         self.backend = backend
@@ -159,7 +148,8 @@ class HessianOperator:
         self.local_samples = int(sum(sizes))
         self.num_samples = self.local_samples
         if distributed:
-            self.num_samples = self._check_ranks_agree(local_error)
+            self.num_samples = ranks_agree(self._W, self.local_samples, local_error, self.group, self.rank,
+                                           "distributed HessianOperator", extra=(self.in_features,))
         if self.num_samples == 0:
             raise ValueError("data must hold at least one sample, got batches with 0 rows in total"
                              + (f" over all {self.world_size} ranks" if distributed else ""))
@@ -182,37 +172,9 @@ class HessianOperator:
         """True when products are all-reduced over a process group (``distributed=True``)."""
         return self._dist
 
-    def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
-        """In-place all-reduce (sum by default) over the operator's group; a no-op when not distributed."""
-        if not self._dist:
-            return t
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
-        return t
-
-    def _check_ranks_agree(self, local_error=None) -> int:
-        """The global sample count; raises on every rank if a rank's data failed its checks, or if the
-        ranks hold different models."""
-        import torch.distributed as dist
-
-        self._dist = True
-        w = self._W.double()
-        mine = torch.tensor([float(self.P), float(w.sum()), float((w * w).sum()), float(self.in_features),
-                             float(local_error is not None)], dtype=torch.float64, device=self.device)
-        hi, lo = self._all_reduce(mine.clone(), dist.ReduceOp.MAX), self._all_reduce(mine.clone(), dist.ReduceOp.MIN)
-        if local_error is not None:
-            raise type(local_error)(f"rank {self.rank}: {local_error}") from local_error
-        if hi[4] > 0:
-            raise ValueError(f"distributed HessianOperator: another rank's data failed its checks (see its error); "
-                             f"rank {self.rank} stops too")
-        if not torch.allclose(hi[:4], lo[:4], rtol=1e-12, atol=0.0):
-            raise ValueError(
-                f"distributed=True needs the same model on every rank; the ranks differ (rank {self.rank}: "
-                f"P = {self.P}, sum(w) = {float(mine[1]):.17g}, sum(w^2) = {float(mine[2]):.17g}); "
-                "seed the model identically or broadcast its weights from rank 0")
-        count = torch.tensor([float(self.local_samples)], dtype=torch.float64, device=self.device)
-        return int(self._all_reduce(count).item())
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum over the operator's group; a no-op when not distributed."""
+        return all_reduce(t, self.group) if self._dist else t
 
     def _check_batch(self, i: int, x, y):
         if x.dim() != 2 or x.shape[1] != self.in_features:

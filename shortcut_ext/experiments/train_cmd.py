@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .._device import parse_device
+from .._device import init_distributed, parse_device
 from ..train import OPTIMIZERS, TrainConfig, train
 from .store import json_safe
 from .sweeps import ACT_VARIANTS, ARCHS, build_model, check_arch, load_data
@@ -43,6 +43,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network trains")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel full-batch training under torchrun (gloo on cpu, NCCL on cuda: each rank "
+                        "takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes")
     p.add_argument("--no-compress", action="store_true",
                    help="linear nets: train on all rows instead of the exact second-moment compression")
     p.add_argument("--out", required=True, help="JSON file for the metrics (a .csv of the history goes beside it)")
@@ -50,9 +53,23 @@ def add_parser(subparsers) -> None:
 
 
 def main(args) -> int:
+    device = parse_device(args.device, "train")
+    if not getattr(args, "distributed", False):
+        return _main(args, device, 0, 1)
+    created, rank, world, device = init_distributed("train", device)
+    try:
+        return _main(args, device, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _main(args, device, rank, world) -> int:
     from .reproduce import _parse_data
 
-    device = parse_device(args.device, "train")
+    lead = rank == 0  # prints and writes
     kind, path = _parse_data(args.data)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     bundle = load_data(kind, path, d=args.width, samples=args.samples, dtype=dtype)
@@ -67,13 +84,20 @@ def main(args) -> int:
                       seed=args.seed)
     compress = args.act == "linear" and not args.no_compress and cfg.optimizer == "gd"
     data = (bundle.Xc, bundle.Yc) if compress else (bundle.X, bundle.Y)
-    print(f"training {net!r} ({net.num_parameters()} weights) on {bundle.tag}"
-          f"{' (second-moment compression)' if compress else ''}; L_min = {bundle.l_min:.6g}")
-    res = train(net, data, cfg, l_min=bundle.l_min, progress=True)
+    if world > 1:  # this rank's rows (the compressed rows also average to the same loss)
+        data = tuple(t[rank::world] for t in data)
+    if lead:
+        print(f"training {net!r} ({net.num_parameters()} weights) on {bundle.tag}"
+              f"{' (second-moment compression)' if compress else ''}; L_min = {bundle.l_min:.6g}"
+              f"{f'; {world} ranks' if world > 1 else ''}")
+    res = train(net, data, cfg, l_min=bundle.l_min, progress=lead,
+                distributed=bool(getattr(args, "distributed", False)))
+    if not lead:
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = {"arch": args.arch, "act": args.act, "depth": depth, "seed": args.seed, "data": bundle.tag,
-           "backend": net.backend, "device": device, "dtype": args.dtype, "compressed": compress, "config": cfg.to_dict(),
+           "backend": net.backend, "device": device, "world_size": world, "dtype": args.dtype, "compressed": compress, "config": cfg.to_dict(),
            **res.to_dict()}
     out.write_text(json.dumps(json_safe(rec), indent=1))
     h = res.history

@@ -1,4 +1,4 @@
-// Runs a few emulated fused and generic launches under ThreadSanitizer, which then reports any
+// Runs a few emulated fused, generic and HVP launches under ThreadSanitizer, which then reports any
 // shared-memory access between two emulated CUDA threads of a block that no __syncthreads() orders
 // (a missing barrier).  It found a barrier removed on purpose from forward_fused_kernel; the kernels
 // as committed ran clean (2026-11, ~5 min on 2 cores).  Not part of any build:
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/emulate/emulate_api.cpp"
+#include "cuda/residual_stack_hvp_cuda.cu"
 
 template <typename T>
 static int one(int64_t B, int64_t d, int64_t R, int64_t n, int path, int tile) {
@@ -35,8 +36,32 @@ static int one(int64_t B, int64_t d, int64_t R, int64_t n, int path, int tile) {
   return 0;
 }
 
+// The HVP kernels: loss, gradient and K products (mse, or cross entropy on class indices).
+template <typename T>
+static int hvp(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, bool ce) {
+  std::mt19937 gen(2);
+  std::normal_distribution<double> nd;
+  std::vector<T> x(B * d), w(R * n * d * d), y(B * d), v(K * R * n * d * d), gw(R * n * d * d), hv(K * R * n * d * d);
+  std::vector<int64_t> cls(B);
+  T lo = 0;
+  for (auto& e : x) e = T(nd(gen));
+  for (auto& e : y) e = T(nd(gen));
+  for (auto& e : v) e = T(nd(gen));
+  for (auto& e : w) e = T(nd(gen) * 0.5 / std::sqrt(double(d)));
+  for (int64_t b = 0; b < B; ++b) cls[b] = b % d;
+  HostAllocator alloc;
+  const sc::StackArgs a{B, d, R, n, true, Act::Tanh, Act::Relu, Act::SSigmoid};
+  const cudaError_t rc = sc::launch_residual_stack_hvp<T>(
+      a, K, ce ? shortcut_ext::Loss::CrossEntropy : shortcut_ext::Loss::Mse, x.data(), w.data(),
+      ce ? nullptr : y.data(), ce ? cls.data() : nullptr, v.data(), &lo, gw.data(), hv.data(), alloc.get(), nullptr);
+  std::printf("ran hvp d=%lld K=%lld ce=%d rc=%d loss=%g\n", (long long)d, (long long)K, int(ce), int(rc), double(lo));
+  return rc != cudaSuccess;
+}
+
 int main() {
   int bad = 0;
+  bad |= hvp<float>(40, 12, 2, 2, 3, false);
+  bad |= hvp<double>(33, 7, 2, 3, 1, true);
   bad |= one<float>(40, 16, 2, 2, 1, 32);
   bad |= one<double>(40, 20, 2, 3, 1, 16);
   bad |= one<float>(40, 64, 2, 2, 1, 32);
