@@ -60,8 +60,20 @@ def environment() -> dict:
         "default_backend": default_backend(),
         "fused_hvp_kernel": fused_hvp,
         "curvature_module": curvature,
+        "distributed_backends": _distributed_backends(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def _distributed_backends() -> str:
+    """The torch.distributed backends this torch has (for --distributed: gloo on CPU, NCCL on GPUs)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "none (torch.distributed unavailable)"
+    have = [name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()),
+                                  ("mpi", dist.is_mpi_available())) if ok]
+    return ", ".join(have) or "none"
 
 
 def _fmt(v) -> str:
