@@ -2,7 +2,16 @@
 
 #include <torch/library.h>
 
+#include <atomic>
+
 namespace shortcut_ext {
+
+namespace {
+std::atomic<bool> g_cuda_tf32{false};
+}  // namespace
+
+bool cuda_tf32_enabled() { return g_cuda_tf32.load(); }
+bool set_cuda_tf32_enabled(bool on) { return g_cuda_tf32.exchange(on); }
 
 Act parse_activation(const std::string& arg, c10::string_view name) {
   if (name == "identity") return Act::Identity;

@@ -66,6 +66,11 @@ StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const cha
 // allow_layers (CPU) either may also be stored feature-major (strides [B d, 1, B], [n d B, d B, 1, B]).
 void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s, bool allow_layers);
 
+// Whether the CUDA residual-stack kernels run float32 products on TF32 tensor cores (process-wide,
+// off by default; sm_80+, fused path, d <= 128).  The setter returns the previous setting.
+bool cuda_tf32_enabled();
+bool set_cuda_tf32_enabled(bool on);
+
 // Checks the HVP op's targets [B, d] (or [B] int64 class indices with cross_entropy) and directions
 // [k, R, n, d, d] against the stack shape; returns the parsed loss.  Shared by CPU and CUDA.
 Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets,

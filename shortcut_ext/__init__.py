@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ._build import build_info, is_built
 from .models import PlainNet, ShortcutNet
-from .ops import cache_stats, empty_cache, residual_stack, residual_stack_hvp
+from .ops import cache_stats, cuda_tf32, empty_cache, residual_stack, residual_stack_hvp
 from .reference import ACTIVATIONS, LOSSES
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "ShortcutNet",
     "build_info",
     "cache_stats",
+    "cuda_tf32",
     "empty_cache",
     "is_built",
     "residual_stack",

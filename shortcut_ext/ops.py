@@ -148,6 +148,53 @@ def cache_stats() -> dict:
     return dict(_C.cpu_cache_stats())
 
 
+class cuda_tf32:
+    """Runs float32 products of the CUDA residual-stack kernels on TF32 tensor cores.
+
+    Off by default: float32 stays float32-accurate (relative error ~1e-7 per product), and neither
+    ``torch.backends.cuda.matmul.allow_tf32`` nor ``torch.set_float32_matmul_precision`` changes that,
+    so curvature measurements never lose precision silently.  Inside ``with cuda_tf32():`` (or after
+    ``cuda_tf32.set(True)``) the fused forward and backward kernels (d <= 128, sm_80 or newer) round
+    their matrix inputs to TF32 (10 mantissa bits) and accumulate in float32: relative error ~1e-3
+    per product, several times the throughput.  Activations, the residual stream, the saved unit
+    inputs and the weight-gradient sums stay float32; float64, the CPU kernels, the generic CUDA path
+    (d > 128) and ``residual_stack_hvp`` are unaffected.  The setting is process-wide (the backward
+    runs on autograd's own threads) and is read when each kernel is launched, so a captured CUDA
+    graph keeps the setting of its capture.
+
+    Usage: ``with shortcut_ext.cuda_tf32(): loss = model(x).square().mean(); loss.backward()``, or
+    ``shortcut_ext.cuda_tf32(False)`` to turn it off inside an enabled region.
+    """
+
+    def __init__(self, enabled: bool = True):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"cuda_tf32: enabled must be a bool, got {type(enabled).__name__}")
+        self.enabled = enabled
+        self._previous: list[bool] = []
+
+    def __enter__(self):
+        self._previous.append(cuda_tf32.set(self.enabled))
+        return self
+
+    def __exit__(self, *exc):
+        cuda_tf32.set(self._previous.pop())
+        return False
+
+    @staticmethod
+    def set(enabled: bool) -> bool:
+        """Turns TF32 on or off for every later launch; returns the previous setting."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"cuda_tf32.set: enabled must be a bool, got {type(enabled).__name__}")
+        require_built("cuda_tf32")
+        return bool(_C.set_cuda_tf32_enabled(enabled))
+
+    @staticmethod
+    def enabled_now() -> bool:
+        """Whether TF32 is on now."""
+        require_built("cuda_tf32")
+        return bool(_C.cuda_tf32_enabled())
+
+
 def _save_layers(x: torch.Tensor, weights: torch.Tensor, recompute: bool | None) -> bool:
     """Whether the fused forward saves every layer's input (see ``residual_stack``'s ``recompute``)."""
     if recompute is not None and not isinstance(recompute, bool):

@@ -38,6 +38,95 @@ FUSED_TILES = {
 }
 # Largest n whose backward fits in 227 KiB of shared memory, where that is below 3.
 MAX_N = {(torch.float32, 128, 128): 1, (torch.float64, 128, 32): 2}
+# The TF32 tensor-core configurations (csrc/cuda/residual_stack_fused_tf32.cu): {D: [tile rows]},
+# and where their backward stops fitting below n = 3.
+TF32_TILES = {16: [128, 32], 32: [128, 32], 64: [128, 32], 128: [128, 64, 32]}
+TF32_MAX_N = {(128, 128): 1}
+
+
+def _tf32_cases():
+    """(D, BM, d, n, shortcut, acts) covering each TF32 tile at full and padded width."""
+    cases, i = [], 0
+    for D, tiles in TF32_TILES.items():
+        for bm in tiles:
+            for d in (D, D // 2 + 3):
+                n = min(1 + i % 3, TF32_MAX_N.get((D, bm), 3))
+                acts = list(itertools.product(ACTS, repeat=3))[(11 * i + 5) % 64]
+                cases.append((D, bm, d, n, i % 4 != 1, acts))
+                i += 1
+    return cases
+
+
+def _tf32_ids(case):
+    D, bm, d, n, sc, acts = case
+    return f"tf32-D{D}-BM{bm}-d{d}-n{n}-{'res' if sc else 'plain'}-{'.'.join(acts)}"
+
+
+def _tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32 as cvt.rna.tf32.f32 does (10 mantissa bits, ties away from zero)."""
+    u = t.contiguous().view(torch.int32)
+    finite = (u & 0x7F800000) != 0x7F800000
+    return torch.where(finite, (u + 0x1000) & -0x2000, u).view(torch.float32)
+
+
+class _Tf32Linear(torch.autograd.Function):
+    """a @ w^T with both inputs rounded to TF32 in the forward and every product of the backward
+    (what the tensor-core kernels compute), accumulated in float32."""
+
+    @staticmethod
+    def forward(ctx, a, w):
+        ctx.save_for_backward(a, w)
+        return _tf32_round(a) @ _tf32_round(w).T
+
+    @staticmethod
+    def backward(ctx, g):
+        a, w = ctx.saved_tensors
+        return _tf32_round(g) @ _tf32_round(w), _tf32_round(g).T @ _tf32_round(a)
+
+
+def _tf32_reference(x, w, gy, shortcut, acts):
+    """y, unit inputs, grad_x, grad_w of the stack with TF32 products, float32 otherwise (activations
+    evaluated in float64 and rounded to float32, as accurate as the kernels' own)."""
+    pre, mid, post = acts
+
+    def act(name, z):
+        return ref.activation(name, z.double()).float()
+
+    xs = x.detach().cpu().float().requires_grad_(True)
+    ws = w.detach().cpu().float().requires_grad_(True)
+    h, saved, n = xs, [], ws.shape[1]
+    for unit in ws.unbind(0):
+        saved.append(h.detach())
+        a = act(pre, h)
+        for k, wk in enumerate(unit.unbind(0)):
+            a = _Tf32Linear.apply(a, wk)
+            if k < n - 1:
+                a = act(mid, a)
+        h = h + act(post, a) if shortcut else act(post, a)
+    gx, gw = torch.autograd.grad(h, (xs, ws), gy.detach().cpu().float())
+    return h.detach(), torch.stack(saved), gx, gw
+
+
+def _assert_tf32(outs, x, w, gy, shortcut, acts, names=("y", "saved", "grad_x", "grad_w")):
+    """Outputs of the TF32 kernels (named `names`) against a model of TF32 products: closer to it than half the
+    model's own distance to float64 (float32 kernels would be about as far from the model as float64
+    is).  Not much closer: where the kernel's and the model's float32 sums differ in the last bit, an
+    operand now and then rounds to the other TF32 neighbour."""
+    exact = _reference(x, w, gy, shortcut, acts)
+    model = _tf32_reference(x, w, gy, shortcut, acts)
+
+    def rel(a, b):
+        return ((a.cpu().double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    every = ("y", "saved", "grad_x", "grad_w")
+    exact = [exact[every.index(nm)] for nm in names]
+    model = [model[every.index(nm)] for nm in names]
+    for name, a, e, m in zip(names, outs, exact, model):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        model_err, to_model = rel(m, e), rel(a, m)
+        assert model_err < 0.1, f"{name}: the test problem is too ill-conditioned for TF32 ({model_err:.2e})"
+        assert to_model <= max(0.5 * model_err, 3e-6), (
+            f"{name}: {to_model:.2e} from the TF32 model, which is {model_err:.2e} from float64")
 
 
 def _fused_cases():
@@ -195,6 +284,53 @@ def test_float32_is_not_tf32(monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("case", _tf32_cases(), ids=_tf32_ids)
+def test_tf32_tile(case, monkeypatch, capfd):
+    """Every TF32 tensor-core tile, asked for with shortcut_ext.cuda_tf32(), against the TF32 model."""
+    D, bm, d, n, shortcut, acts = case
+    _switches(monkeypatch, "fused", tile_rows=bm)
+    monkeypatch.setenv("SHORTCUT_EXT_CUDA_VERBOSE", "1")
+    for B in (bm + 5, 2 * bm + 3):  # one tile, several with a ragged last one
+        x, w, gy = _inputs(B, d, 3, n, torch.float32, seed=B, scale=0.8 / d ** 0.5)
+        with shortcut_ext.cuda_tf32():
+            outs = _run_ops(x, w, gy, shortcut, acts)
+        _assert_tf32(outs, x, w, gy, shortcut, acts)
+    plans = capfd.readouterr().err
+    assert plans.count(f"fused-tf32 D={D} BM={bm}") == 4, plans
+
+
+@needs_cuda
+def test_tf32_through_autograd_and_off_by_default(monkeypatch, capfd):
+    """The setting reaches the backward (run on autograd's thread), is off by default and after
+    the with block, and leaves float64 alone."""
+    _switches(monkeypatch)
+    monkeypatch.setenv("SHORTCUT_EXT_CUDA_VERBOSE", "1")
+    acts = ("identity", "relu", "tanh")
+    x, w, gy = _inputs(3000, 64, 6, 2, torch.float32, seed=9, scale=0.8 / 8)
+
+    def step():
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = shortcut_ext.residual_stack(xs, ws, True, *acts)
+        y.backward(gy)
+        return y.detach(), xs.grad, ws.grad
+
+    assert not shortcut_ext.cuda_tf32.enabled_now()
+    with shortcut_ext.cuda_tf32():
+        got = step()
+    assert not shortcut_ext.cuda_tf32.enabled_now()
+    assert capfd.readouterr().err.count("fused-tf32 D=64") == 2
+    _assert_tf32(got, x, w, gy, True, acts, names=("y", "grad_x", "grad_w"))
+    plain = step()
+    assert "tf32" not in capfd.readouterr().err
+    for a, e in zip(plain, _reference(x, w, gy, True, acts)[:1] + _reference(x, w, gy, True, acts)[2:]):
+        assert ((a.cpu().double() - e).norm() / e.norm()).item() < 2e-5
+    with shortcut_ext.cuda_tf32():
+        x64, w64, gy64 = _inputs(300, 64, 2, 2, torch.float64, seed=9)
+        _assert_matches(_run_ops(x64, w64, gy64, True, acts), x64, w64, gy64, True, acts)
+    assert "tf32" not in capfd.readouterr().err
+
+
+@needs_cuda
 def test_runs_on_the_current_stream_and_device(monkeypatch):
     _switches(monkeypatch)
     acts = ("tanh", "relu", "identity")
@@ -321,6 +457,7 @@ def _build_emulator(out_dir, defines=()):
     so = ctypes.CDLL(str(out))
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     so.se_emu_set_sms.argtypes = [I]
+    so.se_emu_set_tf32.argtypes = [I]
     so.se_emu_forward.argtypes = [I, P, P, P, P, L, L, L, L, I, I, I, I, I, I, ctypes.c_char_p, I]
     so.se_emu_backward.argtypes = [I, P, P, P, P, P, L, L, L, L, I, I, I, I, I, I, I, L, ctypes.c_char_p, I]
     so.se_emu_describe.argtypes = [I, I, L, L, L, L, I, I, I, L, ctypes.c_char_p, I]
@@ -333,15 +470,16 @@ def emulator(tmp_path_factory):
     return _build_emulator(tmp_path_factory.mktemp("cuda_emulation"))
 
 
-def _emu_describe(so, dtype, backward, B, d, R, n, path=0, tile=0, atomic=False, ws=0):
+def _emu_describe(so, dtype, backward, B, d, R, n, path=0, tile=0, atomic=False, ws=0, tf32=False):
     buf = ctypes.create_string_buffer(1024)
+    so.se_emu_set_tf32(int(tf32))
     so.se_emu_describe(int(dtype == torch.float64), int(backward), B, d, R, n, path, tile, int(atomic), ws, buf, 1024)
     return buf.value.decode()
 
 
-def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, sms=4):
-    """Forward then backward through the emulated kernels; outputs start as NaN to catch unwritten
-    elements."""
+def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, sms=4, tf32=False):
+    """Forward then backward through the emulated kernels (TF32 tensor cores if tf32); outputs start
+    as NaN to catch unwritten elements."""
     B, d = x.shape
     R, n = w.shape[:2]
     isd = int(x.dtype == torch.float64)
@@ -352,6 +490,7 @@ def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, s
     gw = torch.full((R, n, d, d), float("nan"), dtype=x.dtype)
     err = ctypes.create_string_buffer(1024)
     so.se_emu_set_sms(sms)
+    so.se_emu_set_tf32(int(tf32))
     rc = so.se_emu_forward(isd, x.data_ptr(), w.data_ptr(), y.data_ptr(), saved.data_ptr(), B, d, R, n,
                            int(shortcut), *codes, path, tile, err, 1024)
     assert rc == 0, err.value.decode()
@@ -417,6 +556,59 @@ def test_emulated_deterministic_and_errors(emulator):
         assert torch.equal(u, v)
     assert "needs d <= 128" in _emu_describe(emulator, torch.float32, False, 8, 200, 1, 1, path=1)
     assert "not a fused tile size" in _emu_describe(emulator, torch.float32, True, 8, 128, 1, 2, path=1, tile=128)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _tf32_cases(), ids=_tf32_ids)
+def test_emulated_tf32_tile(case, emulator):
+    """Every TF32 tensor-core tile, with mma.sync emulated lane by lane in the PTX ISA's fragment
+    layout, against the float64 reference and the TF32 model."""
+    D, bm, d, n, shortcut, acts = case
+    for backward in (False, True):
+        plan = _emu_describe(emulator, torch.float32, backward, bm + 3, d, 2, n, path=1, tile=bm, tf32=True)
+        assert plan.startswith(f"fused-tf32 D={D} BM={bm}"), plan
+    B = bm + 5 if bm <= 32 else bm // 2 + 3
+    x, w, gy = _inputs(B, d, 2, n, torch.float32, seed=D + bm + 1, scale=0.8 / d ** 0.5, device="cpu")
+    _assert_tf32(_emu_run(emulator, x, w, gy, shortcut, acts, path=1, tile=bm, tf32=True), x, w, gy, shortcut, acts)
+
+
+EMULATED_TF32_SPECIALS = [
+    # (B, d, R, n, shortcut, acts, dtype, switches, expected backward plan prefix)
+    (300, 64, 5, 2, True, ("relu", "tanh", "identity"), torch.float32, dict(ws=64 * 64 * 4 * 2 * 3),
+     "fused-tf32 D=64 BM=32 threads=128"),  # automatic tile; unit and row chunks
+    (200, 40, 3, 2, False, ("tanh", "relu", "ssigmoid"), torch.float32, dict(atomic=True, sms=1),
+     "fused-tf32 D=64 BM=128"),  # atomic weight gradients; one SM: the largest tile
+    (70, 100, 2, 8, True, ("identity", "relu", "identity"), torch.float32, dict(),
+     "fused D=128 BM=32"),  # no TF32 tile fits n = 8: the float32 fused kernels
+    (40, 150, 2, 2, True, ("identity", "tanh", "identity"), torch.float32, dict(), "generic"),  # d > 128
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EMULATED_TF32_SPECIALS, ids=lambda c: c[-1].split(" threads")[0].replace(" ", "-"))
+def test_emulated_tf32_special_cases(case, emulator):
+    B, d, R, n, shortcut, acts, dtype, sw, expect = case
+    sw = dict(sw)
+    sms = sw.pop("sms", 4)
+    emulator.se_emu_set_sms(sms)
+    plan = _emu_describe(emulator, dtype, True, B, d, R, n, 0, 0, sw.get("atomic", False), sw.get("ws", 0), tf32=True)
+    assert plan.startswith(expect), plan
+    x, w, gy = _inputs(B, d, R, n, dtype, seed=B + d, scale=0.9 / d ** 0.5, device="cpu")
+    outs = _emu_run(emulator, x, w, gy, shortcut, acts, sms=sms, tf32=True, **sw)
+    if expect.startswith("fused-tf32"):
+        _assert_tf32(outs, x, w, gy, shortcut, acts)
+    elif expect.startswith("generic"):  # no TF32 kernels at d > 128: float32 results
+        _assert_matches(outs, x, w, gy, shortcut, acts)
+    else:  # a TF32 forward, a float32 backward (recomputing with float32 products)
+        for a, e in zip(outs, _reference(x, w, gy, shortcut, acts)):
+            assert ((a.double() - e).norm() / e.norm()).item() < 2e-2
+
+
+@pytest.mark.slow
+def test_emulated_tf32_leaves_float64_alone(emulator):
+    assert _emu_describe(emulator, torch.float64, True, 100, 64, 2, 2, tf32=True).startswith("fused D=64")
+    x, w, gy = _inputs(50, 24, 2, 2, torch.float64, seed=3, device="cpu")
+    _assert_matches(_emu_run(emulator, x, w, gy, True, ACTS[:3], tf32=True), x, w, gy, True, ACTS[:3])
 
 
 @pytest.mark.slow

@@ -111,6 +111,68 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// ------------------------------------------------------------------------- TF32 tensor cores
+// The bits of x (an mma operand register holding a value already rounded to TF32).
+__device__ __forceinline__ uint32_t f32_bits(float x) {
+#if defined(SHORTCUT_EXT_CUDA_EMULATE)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+#else
+  return __float_as_uint(x);
+#endif
+}
+
+// x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero: cvt.rna.tf32.f32), as the
+// bit pattern an mma .tf32 operand register holds; inf and NaN pass through.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+#if defined(SHORTCUT_EXT_CUDA_EMULATE)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;
+  return u;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t u;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(x));
+  return u;
+#else
+  return __float_as_uint(x);
+#endif
+}
+
+// x rounded to TF32, as a float (for weights rounded once before the kernels read them).
+__device__ __forceinline__ float round_tf32(float x) {
+#if defined(SHORTCUT_EXT_CUDA_EMULATE)
+  const uint32_t u = to_tf32(x);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#else
+  return __uint_as_float(to_tf32(x));
+#endif
+}
+__device__ __forceinline__ double round_tf32(double x) { return x; }  // TF32 applies to float32 only
+
+// d += A B for one warp: mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (sm_80+).  Fragment
+// layout (groupID g = lane / 4, t = lane % 4), from the PTX ISA:
+//   A 16x8 row-major: a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
+//   B 8x8 (k x n):    b0 (k = t, n = g), b1 (k = t + 4, n = g)
+//   C/D 16x8:         d0 (g, 2t), d1 (g, 2t + 1), d2 (g + 8, 2t), d3 (g + 8, 2t + 1)
+// Every lane of the warp must execute it together.
+__device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(SHORTCUT_EXT_CUDA_EMULATE)
+  se_emu::warp_mma_tf32(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+  __trap();  // the planner never picks the tensor-core kernels below sm_80
+#endif
+}
+
 }  // namespace cuda_detail
 }  // namespace shortcut_ext
 

@@ -8,6 +8,7 @@
 //   SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1            weight gradients by atomicAdd (not bitwise reproducible)
 //   SHORTCUT_EXT_CUDA_WORKSPACE_MB=N           bound on the weight-gradient partial sums (default 1024)
 //   SHORTCUT_EXT_CUDA_VERBOSE=1                print the chosen kernels of each call to stderr
+// TF32 tensor cores for float32 are a process-wide setting (shortcut_ext.cuda_tf32), not a switch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -55,6 +56,7 @@ cuda::Options read_options() {
   const int64_t mb = env_int("SHORTCUT_EXT_CUDA_WORKSPACE_MB", 1024);
   TORCH_CHECK_VALUE(mb >= 1, "SHORTCUT_EXT_CUDA_WORKSPACE_MB must be >= 1, got ", mb);
   o.workspace_bytes = mb << 20;
+  o.tf32 = cuda_tf32_enabled();
   return o;
 }
 

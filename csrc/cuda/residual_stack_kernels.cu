@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <sstream>
+#include <type_traits>
 #include <vector>
 
 namespace shortcut_ext {
@@ -17,7 +18,7 @@ namespace {
 using namespace cuda_detail;
 
 struct Device {
-  int sms = 1, smem_optin = 48 * 1024;
+  int sms = 1, smem_optin = 48 * 1024, cc_major = 0;
 };
 
 Device query_device() {
@@ -26,12 +27,24 @@ Device query_device() {
   if (cudaGetDevice(&id) == cudaSuccess) {
     cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, id);
     cudaDeviceGetAttribute(&dev.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, id);
+    cudaDeviceGetAttribute(&dev.cc_major, cudaDevAttrComputeCapabilityMajor, id);
   }
   cudaGetLastError();  // a failed query leaves the defaults, not a sticky error for the next launch
   return dev;
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The tensor-core configurations of T (float32 only).
+template <typename T>
+const std::vector<FusedEntry<T>>& tf32_entries() {
+  static const std::vector<FusedEntry<T>> none;
+  return none;
+}
+template <>
+const std::vector<FusedEntry<float>>& tf32_entries<float>() {
+  return fused_tf32_entries();
+}
 
 template <typename T>
 struct Plan {
@@ -57,31 +70,38 @@ Plan<T> make_plan(const StackArgs& a, bool backward, const Options& opt) {
   }
   if (opt.path != 2 && a.d <= 128) {
     const int64_t D = a.d <= 16 ? 16 : a.d <= 32 ? 32 : a.d <= 64 ? 64 : 128;
-    std::vector<const FusedEntry<T>*> fits;
+    // TF32 when asked for, on float32 and sm_80+, where a tensor-core tile fits; else FFMA.
+    std::vector<const std::vector<FusedEntry<T>>*> lists;
+    if (opt.tf32 && std::is_same<T, float>::value && dev.cc_major >= 8) lists.push_back(&tf32_entries<T>());
+    lists.push_back(&fused_entries<T>());
     std::ostringstream available;
-    for (const auto& e : fused_entries<T>()) {
-      if (e.D != D) continue;
-      available << " " << e.BM;
-      if (e.smem(backward, a.n) <= size_t(dev.smem_optin)) fits.push_back(&e);
-    }
-    if (opt.tile_rows > 0) {
-      auto it = std::find_if(fits.begin(), fits.end(), [&](const FusedEntry<T>* e) { return e->BM == opt.tile_rows; });
-      if (it == fits.end()) {
-        std::ostringstream os;
-        os << "SHORTCUT_EXT_CUDA_TILE_ROWS=" << opt.tile_rows << " is not a fused tile size that fits for D = " << D
-           << ", n = " << a.n << (backward ? " (backward)" : " (forward)") << "; compiled:" << available.str();
-        plan.error = os.str();
-        return plan;
+    for (const auto* list : lists) {
+      std::vector<const FusedEntry<T>*> fits;
+      for (const auto& e : *list) {
+        if (e.D != D) continue;
+        available << " " << e.BM << (e.tensor_core ? "(tf32)" : "");
+        if (e.smem(backward, a.n) <= size_t(dev.smem_optin)) fits.push_back(&e);
       }
-      plan.fused = *it;
-    } else if (!fits.empty()) {
-      // The largest tile that still gives every SM a block; else the smallest tile.
-      plan.fused = fits.back();
-      for (const auto* e : fits)
-        if (ceil_div(a.B, e->BM) >= dev.sms) {
-          plan.fused = e;
-          break;
-        }
+      if (opt.tile_rows > 0) {
+        auto it = std::find_if(fits.begin(), fits.end(), [&](const FusedEntry<T>* e) { return e->BM == opt.tile_rows; });
+        if (it != fits.end()) plan.fused = *it;
+      } else if (!fits.empty()) {
+        // The largest tile that still gives every SM a block; else the smallest tile.
+        plan.fused = fits.back();
+        for (const auto* e : fits)
+          if (ceil_div(a.B, e->BM) >= dev.sms) {
+            plan.fused = e;
+            break;
+          }
+      }
+      if (plan.fused) break;
+    }
+    if (plan.fused == nullptr && opt.tile_rows > 0) {
+      std::ostringstream os;
+      os << "SHORTCUT_EXT_CUDA_TILE_ROWS=" << opt.tile_rows << " is not a fused tile size that fits for D = " << D
+         << ", n = " << a.n << (backward ? " (backward)" : " (forward)") << "; compiled:" << available.str();
+      plan.error = os.str();
+      return plan;
     }
     if (plan.fused == nullptr && opt.path == 1) {
       std::ostringstream os;
@@ -134,13 +154,15 @@ T* alloc_elems(const Allocator& alloc, int64_t count) {
   return static_cast<T*>(alloc(size_t(std::max<int64_t>(count, 1)) * sizeof(T)));
 }
 
-// Transposed (and, if wp, plain) copies of the weights zero-padded to D.
+// Transposed (and, if wp, plain) copies of the weights zero-padded to D, rounded to TF32 if tf32.
 template <typename T>
-cudaError_t prepare_weights(const T* w, int64_t layers, int64_t d, int64_t D, T* wt, T* wp, cudaStream_t stream) {
+cudaError_t prepare_weights(const T* w, int64_t layers, int64_t d, int64_t D, T* wt, T* wp, bool tf32,
+                            cudaStream_t stream) {
   const int64_t total = layers * D * D;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, threads), 65535);
-  SE_LAUNCH(prepare_weights_kernel<T>, dim3(unsigned(blocks)), dim3(threads), 0, stream, w, layers, d, D, wt, wp);
+  SE_LAUNCH(prepare_weights_kernel<T>, dim3(unsigned(blocks)), dim3(threads), 0, stream, w, layers, d, D, wt, wp,
+            tf32);
   return cudaGetLastError();
 }
 
@@ -165,7 +187,8 @@ cudaError_t launch_residual_stack_forward(const StackArgs& a, const T* x, const 
   TORCH_CHECK_VALUE(plan.error.empty(), plan.error);
   const int64_t layers = a.R * a.n;
   T* wt = alloc_elems<T>(alloc, layers * plan.D * plan.D);
-  cudaError_t err = prepare_weights<T>(weights, layers, a.d, plan.D, wt, nullptr, stream);
+  const bool tf32 = plan.fused && plan.fused->tensor_core;
+  cudaError_t err = prepare_weights<T>(weights, layers, a.d, plan.D, wt, nullptr, tf32, stream);
   if (err != cudaSuccess) return err;
 
   ForwardParams<T> p{x, wt, y, saved, a.B, a.d, a.R, a.n, a.shortcut, a.pre, a.mid, a.post, nullptr};
@@ -192,11 +215,12 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
   const int64_t D = plan.D;
 
   // Padded W^T for the recompute, padded W for the data gradient (the user's weights when no
-  // padding is needed: same layout, and cp.async needs only 16-byte alignment, checked here).
+  // padding or rounding is needed: same layout, and cp.async needs only 16-byte alignment).
+  const bool tf32 = plan.fused && plan.fused->tensor_core;
   T* wt = alloc_elems<T>(alloc, layers * D * D);
-  const bool reuse_w = D == a.d && (reinterpret_cast<uintptr_t>(weights) % 16 == 0);
+  const bool reuse_w = D == a.d && !tf32 && (reinterpret_cast<uintptr_t>(weights) % 16 == 0);
   T* wp = reuse_w ? nullptr : alloc_elems<T>(alloc, layers * D * D);
-  err = prepare_weights<T>(weights, layers, a.d, D, wt, wp, stream);
+  err = prepare_weights<T>(weights, layers, a.d, D, wt, wp, tf32, stream);
   if (err != cudaSuccess) return err;
 
   BackwardParams<T> p{};
@@ -274,7 +298,7 @@ std::string describe_plan(const StackArgs& a, bool is_double, bool backward, con
     std::ostringstream os;
     if (!plan.error.empty()) return "error: " + plan.error;
     if (plan.fused)
-      os << "fused D=" << plan.D << " BM=" << plan.fused->BM << " threads=" << plan.fused->threads;
+      os << (plan.fused->tensor_core ? "fused-tf32 D=" : "fused D=") << plan.D << " BM=" << plan.fused->BM << " threads=" << plan.fused->threads;
     else
       os << "generic BM=" << kGenericRows << " threads=" << kGenericThreads;
     os << " smem=" << plan.smem << " grid=" << plan.grid;

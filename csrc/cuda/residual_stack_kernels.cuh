@@ -10,7 +10,10 @@
 //     residual stream h (forward) or its gradient g (backward) lives in registers, for all units;
 //   * the weights stream through shared memory in chunks of KC rows with a 3-stage cp.async
 //     pipeline: the next chunks load while the current one is multiplied;
-//   * each thread owns a TM x TN micro-tile of every [BM, D] product (FFMA in fp32/fp64, no TF32).
+//   * each thread owns a TM x TN micro-tile of every [BM, D] product (FFMA in fp32/fp64, no TF32);
+//   * float32 only, when asked (shortcut_ext.cuda_tf32()): TcConfig runs the same kernels with every
+//     product on TF32 tensor cores (mma.sync m16n8k8, float32 accumulation), each warp owning
+//     16x8 accumulator fragments; activations and the residual stream stay float32.
 //   Forward reads W^T (a transposed copy made per call), backward reads W^T to recompute a unit's
 //   inner activations from its saved input and W for the data gradient.
 //   Backward keeps the n recomputed layer inputs of a unit on chip ([n][D][BM + pad]); weight
@@ -68,15 +71,19 @@ struct BackwardParams {
 };
 
 // ----------------------------------------------------------------------------- fused-path config
+// FFMA configuration: each thread owns a TM x TN micro-tile of every [BM, D] product.
 template <typename T_, int D_, int BM_, int TM_, int TN_>
 struct FusedConfig {
   using T = T_;
+  static constexpr bool kTensorCore = false;
   static constexpr int D = D_, BM = BM_, TM = TM_, TN = TN_;
   static constexpr int VEC = Vec16<T>::lanes;           // elements per 16-byte access
   static constexpr int TX = D / TN, TY = BM / TM;       // thread grid over a [BM, D] product
   static constexpr int THREADS = TX * TY;
+  static constexpr int FRAG = TM * TN;                  // owned elements of a [BM, D] product
   static constexpr int MV = TM / VEC, NV = TN / VEC;    // 16-byte vectors per thread (rows, cols)
   static constexpr int LDA = BM + VEC;                  // row stride of feature-major tiles [D][LDA]
+  static constexpr int LDW = D;                         // row stride of a streamed weight chunk
   static constexpr int KC = D < 32 ? D : 32;            // weight rows per streamed chunk
   static constexpr int CPL = D / KC;                    // chunks per layer
   static constexpr int STAGES = 3;                      // cp.async pipeline depth
@@ -96,7 +103,58 @@ struct FusedConfig {
   static_assert(THREADS % WX == 0 && D % WY == 0 && WM_TOTAL % WM == 0, "bad weight-gradient thread grid");
   static_assert(BM % VEC == 0 && D % KC == 0, "bad tile");
 
-  static constexpr size_t weight_elems = size_t(STAGES) * KC * D;
+  static constexpr size_t weight_elems = size_t(STAGES) * KC * LDW;
+  static constexpr size_t tile_elems = size_t(D) * LDA;
+  static size_t smem_bytes(bool backward, int64_t n) {
+    return (weight_elems + (backward ? size_t(n + 1) : size_t(1)) * tile_elems) * sizeof(T);
+  }
+};
+
+// Weight-gradient warp grid of the tensor-core kernels: WG_M warps along o, the rest along i, so
+// that one warp's k-step (2 units per mma, 1 per fragment load) is cheapest.
+constexpr int tc_wgrad_cost(int D, int warps, int wgm) {
+  const int wgn = warps / wgm < D / 8 ? warps / wgm : D / 8;
+  const int mi = D / 16 / wgm, ni = D / 8 / wgn;
+  return 2 * mi * ni + 4 * mi + 2 * ni;
+}
+constexpr int tc_wgrad_warps_m(int D, int warps) {
+  int best = 1;
+  for (int wgm = 2; wgm <= warps && wgm <= D / 16; wgm *= 2)
+    if (tc_wgrad_cost(D, warps, wgm) < tc_wgrad_cost(D, warps, best)) best = wgm;
+  return best;
+}
+
+// TF32 tensor-core configuration (float32 only, opt-in; see residual_stack_fused_tf32.cu): the same
+// schedule, with every product on mma.sync m16n8k8.  WARPS_M x WARPS_N warps each own a
+// [BM / WARPS_M, D / WARPS_N] block of a [BM, D] product as MI x NI accumulator fragments.
+template <int D_, int BM_, int WARPS_M_, int WARPS_N_>
+struct TcConfig {
+  using T = float;
+  static constexpr bool kTensorCore = true;
+  static constexpr int D = D_, BM = BM_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
+  static constexpr int WARPS = WARPS_M * WARPS_N, THREADS = 32 * WARPS;
+  static constexpr int WTM = BM / WARPS_M, WTN = D / WARPS_N;  // a warp's block of a product
+  static constexpr int MI = WTM / 16, NI = WTN / 8;            // its 16x8 accumulator fragments
+  static constexpr int FRAG = MI * NI * 4;
+  static constexpr int VEC = 4;
+  // Feature-major tiles with a row stride of 8 mod 32 words: the A fragments of a product (lanes
+  // read rows t and columns g) hit 32 distinct banks; likewise the weight rows.
+  static constexpr int LDA = BM + 8;
+  static constexpr int LDW = D + 8;
+  static constexpr int KC = D < 32 ? D : 32;
+  static constexpr int CPL = D / KC;
+  static constexpr int STAGES = 3;
+  static constexpr int CHUNK_VECS = KC * D / VEC;
+  static constexpr int WG_M = tc_wgrad_warps_m(D, WARPS);
+  static constexpr int WG_N = WARPS / WG_M < D / 8 ? WARPS / WG_M : D / 8;
+  static constexpr int WMI = D / 16 / WG_M, WNI = D / 8 / WG_N;  // weight-gradient fragments per warp
+
+  static_assert(WTM % 16 == 0 && WTN % 8 == 0, "a warp's block must be whole 16x8 fragments");
+  static_assert(BM % 32 == 0 && KC % 8 == 0 && D % KC == 0, "bad tile");
+  static_assert((D / 16) % WG_M == 0 && (D / 8) % WG_N == 0, "bad weight-gradient warp grid");
+  static_assert(THREADS <= 1024, "block size out of range");
+
+  static constexpr size_t weight_elems = size_t(STAGES) * KC * LDW;
   static constexpr size_t tile_elems = size_t(D) * LDA;
   static size_t smem_bytes(bool backward, int64_t n) {
     return (weight_elems + (backward ? size_t(n + 1) : size_t(1)) * tile_elems) * sizeof(T);
@@ -104,14 +162,15 @@ struct FusedConfig {
 };
 
 // ------------------------------------------------------------------------------ weight streaming
-// Streams a sequence of [KC][D] weight chunks through STAGES shared-memory buffers.  Every thread
-// of the block calls acquire()/release() in the same order; chunk c is issued STAGES-1 acquires
-// ahead of its use.  Group accounting: each issue commits exactly one (possibly empty) group, so
-// when chunk c is acquired STAGES-1+c groups were committed and wait<STAGES-2> retires 0..c.
+// Streams a sequence of [KC][D] weight chunks through STAGES shared-memory buffers (rows LDW apart).
+// Every thread of the block calls acquire()/release() in the same order; chunk c is issued STAGES-1
+// acquires ahead of its use.  Group accounting: each issue commits exactly one (possibly empty)
+// group, so when chunk c is acquired STAGES-1+c groups were committed and wait<STAGES-2> retires 0..c.
 template <class Cfg, class Source>
 struct WeightStream {
   using T = typename Cfg::T;
-  T* buf;           // [STAGES][KC][D] shared
+  static constexpr int STAGE = Cfg::KC * Cfg::LDW;  // elements per buffer
+  T* buf;           // [STAGES][KC][LDW] shared
   Source src;       // chunk index -> global pointer of KC*D contiguous elements
   int64_t total;    // chunks in the stream
   int64_t issued = 0, used = 0;
@@ -121,9 +180,10 @@ struct WeightStream {
   __device__ __forceinline__ void issue() {
     if (issued < total) {
       const T* g = src(issued);
-      T* s = buf + (issued % Cfg::STAGES) * (Cfg::KC * Cfg::D);
+      T* s = buf + (issued % Cfg::STAGES) * STAGE;
+      constexpr int RV = Cfg::D / Cfg::VEC;  // 16-byte pieces per row
       for (int v = threadIdx.x; v < Cfg::CHUNK_VECS; v += Cfg::THREADS)
-        cp_async16(s + v * Cfg::VEC, g + v * Cfg::VEC);
+        cp_async16(s + (v / RV) * Cfg::LDW + (v % RV) * Cfg::VEC, g + v * Cfg::VEC);
     }
     cp_async_commit();
     ++issued;
@@ -138,7 +198,7 @@ struct WeightStream {
     cp_async_wait<Cfg::STAGES - 2>();
     __syncthreads();
     issue();
-    return buf + (used % Cfg::STAGES) * (Cfg::KC * Cfg::D);
+    return buf + (used % Cfg::STAGES) * STAGE;
   }
   __device__ __forceinline__ void release() { ++used; }
 };
@@ -165,122 +225,249 @@ struct BackwardSource {  // per unit (r_hi-1 down): W^T[r, 0..n-1], then W[r, n-
 };
 
 // --------------------------------------------------------------------------- fused-path pieces
-// Micro-tile ownership of a [BM, D] product: thread (tx, ty) owns rows ((p*TY + ty)*VEC + w) and
-// columns ((q*TX + tx)*VEC + v) for p < MV, q < NV, w, v < VEC; register [p*VEC+w][q*VEC+v].
+// Which elements of a [BM, D] product a thread owns, as a flat register array v[Cfg::FRAG]:
+// element e sits at row(e), col(e) of the product.
+template <class Cfg, bool TC = Cfg::kTensorCore>
+struct Owner;
+
+// FFMA: thread (tx, ty) owns rows ((p*TY + ty)*VEC + w) and columns ((q*TX + tx)*VEC + v) for
+// p < MV, q < NV, w, v < VEC; register v[(p*VEC + w)*TN + q*VEC + v].
 template <class Cfg>
-struct Owner {
+struct Owner<Cfg, false> {
   int tx, ty;
+  static __device__ __forceinline__ Owner make() { return {int(threadIdx.x % Cfg::TX), int(threadIdx.x / Cfg::TX)}; }
   __device__ __forceinline__ int row(int p, int w) const { return (p * Cfg::TY + ty) * Cfg::VEC + w; }
   __device__ __forceinline__ int col(int q, int v) const { return (q * Cfg::TX + tx) * Cfg::VEC + v; }
+  // The owned rows ri < ROWS and columns cj < COLS; element (ri, cj) is v[at(ri, cj)].
+  static constexpr int ROWS = Cfg::TM, COLS = Cfg::TN;
+  __device__ __forceinline__ int row_i(int ri) const { return row(ri / Cfg::VEC, ri % Cfg::VEC); }
+  __device__ __forceinline__ int col_j(int cj) const { return col(cj / Cfg::VEC, cj % Cfg::VEC); }
+  static __device__ __forceinline__ int at(int ri, int cj) { return ri * Cfg::TN + cj; }
 };
 
-// acc[b][j] = sum_k A[k][b] * Wc[k][j] over the D rows k of a feature-major tile A [D][LDA] and one
-// layer of streamed chunks Wc [KC][D] (W^T rows for a forward product, W rows for a data gradient).
+// Tensor cores: warp (wm, wn), lane (g = lane / 4, t = lane % 4) owns fragment (mi, ni) of its
+// block: element e = (mi*NI + ni)*4 + c sits where mma's accumulator register c does.
+template <class Cfg>
+struct Owner<Cfg, true> {
+  int wm, wn, g, t;
+  static __device__ __forceinline__ Owner make() {
+    const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+    return {warp % Cfg::WARPS_M, warp / Cfg::WARPS_M, lane / 4, lane % 4};
+  }
+  __device__ __forceinline__ int row(int e) const { return wm * Cfg::WTM + (e / 4 / Cfg::NI) * 16 + g + 8 * (e % 4 / 2); }
+  __device__ __forceinline__ int col(int e) const { return wn * Cfg::WTN + (e / 4 % Cfg::NI) * 8 + 2 * t + e % 2; }
+  // The owned rows ri = 2 mi + h and columns cj = 2 ni + c; element (ri, cj) is v[at(ri, cj)].
+  static constexpr int ROWS = 2 * Cfg::MI, COLS = 2 * Cfg::NI;
+  __device__ __forceinline__ int row_i(int ri) const { return wm * Cfg::WTM + (ri / 2) * 16 + g + 8 * (ri % 2); }
+  __device__ __forceinline__ int col_j(int cj) const { return wn * Cfg::WTN + (cj / 2) * 8 + 2 * t + cj % 2; }
+  static __device__ __forceinline__ int at(int ri, int cj) { return ((ri / 2) * Cfg::NI + cj / 2) * 4 + (ri % 2) * 2 + cj % 2; }
+};
+
+template <class Cfg>
+using Frag = typename Cfg::T[Cfg::FRAG];
+
+// The 4 accumulator registers of fragment (mi, ni).
+template <class Cfg>
+__device__ __forceinline__ float (&fragment(float (&v)[Cfg::FRAG], int mi, int ni))[4] {
+  return *reinterpret_cast<float(*)[4]>(v + (mi * Cfg::NI + ni) * 4);
+}
+
 template <class Cfg, class Stream>
-__device__ __forceinline__ void row_gemm(const typename Cfg::T* A, Stream& ws, const Owner<Cfg>& me,
-                                         typename Cfg::T (&acc)[Cfg::TM][Cfg::TN]) {
-  using T = typename Cfg::T;
-  constexpr int VEC = Cfg::VEC;
+__device__ __forceinline__ void tc_row_gemm(const float* A, Stream& ws, const Owner<Cfg>& me, Frag<Cfg>& acc) {
 #pragma unroll
-  for (int m = 0; m < Cfg::TM; ++m)
-#pragma unroll
-    for (int j = 0; j < Cfg::TN; ++j) acc[m][j] = T(0);
+  for (int e = 0; e < Cfg::FRAG; ++e) acc[e] = 0.f;
 #pragma unroll 1
   for (int part = 0; part < Cfg::CPL; ++part) {
-    const T* wc = ws.acquire();
-    const T* a_base = A + part * Cfg::KC * Cfg::LDA + me.ty * VEC;
-    const T* w_base = wc + me.tx * VEC;
-#pragma unroll 8
-    for (int kk = 0; kk < Cfg::KC; ++kk) {
-      T a[Cfg::TM], w[Cfg::TN];
+    const float* wc = ws.acquire();
+    const float* a_base = A + (part * Cfg::KC + me.t) * Cfg::LDA + me.wm * Cfg::WTM + me.g;
+    const float* b_base = wc + me.t * Cfg::LDW + me.wn * Cfg::WTN + me.g;
 #pragma unroll
-      for (int p = 0; p < Cfg::MV; ++p) load_vec<VEC>(a + p * VEC, a_base + kk * Cfg::LDA + p * Cfg::TY * VEC);
+    for (int kk = 0; kk < Cfg::KC; kk += 8) {
+      uint32_t a[Cfg::MI][4], b[Cfg::NI][2];
 #pragma unroll
-      for (int q = 0; q < Cfg::NV; ++q) load_vec<VEC>(w + q * VEC, w_base + kk * Cfg::D + q * Cfg::TX * VEC);
+      for (int mi = 0; mi < Cfg::MI; ++mi) {
+        const float* q = a_base + kk * Cfg::LDA + mi * 16;
+        a[mi][0] = to_tf32(q[0]);
+        a[mi][1] = to_tf32(q[8]);
+        a[mi][2] = to_tf32(q[4 * Cfg::LDA]);
+        a[mi][3] = to_tf32(q[4 * Cfg::LDA + 8]);
+      }
 #pragma unroll
-      for (int m = 0; m < Cfg::TM; ++m)
+      for (int ni = 0; ni < Cfg::NI; ++ni) {  // weights were rounded to TF32 once, on the host side
+        const float* q = b_base + kk * Cfg::LDW + ni * 8;
+        b[ni][0] = f32_bits(q[0]);
+        b[ni][1] = f32_bits(q[4 * Cfg::LDW]);
+      }
 #pragma unroll
-        for (int j = 0; j < Cfg::TN; ++j) acc[m][j] = fma(a[m], w[j], acc[m][j]);
+      for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < Cfg::NI; ++ni) mma_tf32_16x8x8(fragment<Cfg>(acc, mi, ni), a[mi], b[ni]);
     }
     ws.release();
   }
 }
 
+// acc[b][j] = sum_k A[k][b] * Wc[k][j] over the D rows k of a feature-major tile A [D][LDA] and one
+// layer of streamed chunks Wc [KC][LDW] (W^T rows for a forward product, W rows for a data gradient).
+template <class Cfg, class Stream>
+__device__ __forceinline__ void row_gemm(const typename Cfg::T* A, Stream& ws, const Owner<Cfg>& me, Frag<Cfg>& acc) {
+  if constexpr (Cfg::kTensorCore) {
+    tc_row_gemm<Cfg>(A, ws, me, acc);
+  } else {
+    using T = typename Cfg::T;
+    constexpr int VEC = Cfg::VEC;
+#pragma unroll
+    for (int e = 0; e < Cfg::FRAG; ++e) acc[e] = T(0);
+#pragma unroll 1
+    for (int part = 0; part < Cfg::CPL; ++part) {
+      const T* wc = ws.acquire();
+      const T* a_base = A + part * Cfg::KC * Cfg::LDA + me.ty * VEC;
+      const T* w_base = wc + me.tx * VEC;
+#pragma unroll 8
+      for (int kk = 0; kk < Cfg::KC; ++kk) {
+        T a[Cfg::TM], w[Cfg::TN];
+#pragma unroll
+        for (int p = 0; p < Cfg::MV; ++p) load_vec<VEC>(a + p * VEC, a_base + kk * Cfg::LDA + p * Cfg::TY * VEC);
+#pragma unroll
+        for (int q = 0; q < Cfg::NV; ++q) load_vec<VEC>(w + q * VEC, w_base + kk * Cfg::LDW + q * Cfg::TX * VEC);
+#pragma unroll
+        for (int m = 0; m < Cfg::TM; ++m)
+#pragma unroll
+          for (int j = 0; j < Cfg::TN; ++j) acc[m * Cfg::TN + j] = fma(a[m], w[j], acc[m * Cfg::TN + j]);
+      }
+      ws.release();
+    }
+  }
+}
+
 // A[col][row] = act(v[row][col]) for the owned positions of a feature-major tile.
 template <class Cfg>
-__device__ __forceinline__ void store_tile(typename Cfg::T* A, const typename Cfg::T (&v)[Cfg::TM][Cfg::TN], Act act,
-                                           const Owner<Cfg>& me) {
+__device__ __forceinline__ void store_tile(typename Cfg::T* A, const Frag<Cfg>& v, Act act, const Owner<Cfg>& me) {
   using T = typename Cfg::T;
-  constexpr int VEC = Cfg::VEC;
+  if constexpr (Cfg::kTensorCore) {
 #pragma unroll
-  for (int q = 0; q < Cfg::NV; ++q)
+    for (int e = 0; e < Cfg::FRAG; ++e) A[me.col(e) * Cfg::LDA + me.row(e)] = act_apply<T>(act, v[e]);
+  } else {
+    constexpr int VEC = Cfg::VEC;
 #pragma unroll
-    for (int c = 0; c < VEC; ++c)
+    for (int q = 0; q < Cfg::NV; ++q)
 #pragma unroll
-      for (int p = 0; p < Cfg::MV; ++p) {
-        T t[VEC];
+      for (int c = 0; c < VEC; ++c)
 #pragma unroll
-        for (int w = 0; w < VEC; ++w) t[w] = act_apply<T>(act, v[p * VEC + w][q * VEC + c]);
-        store_vec<VEC>(A + me.col(q, c) * Cfg::LDA + me.row(p, 0), t);
-      }
+        for (int p = 0; p < Cfg::MV; ++p) {
+          T t[VEC];
+#pragma unroll
+          for (int w = 0; w < VEC; ++w) t[w] = act_apply<T>(act, v[(p * VEC + w) * Cfg::TN + q * VEC + c]);
+          store_vec<VEC>(A + me.col(q, c) * Cfg::LDA + me.row(p, 0), t);
+        }
+  }
 }
 
 // v[row][col] = A[col][row] for the owned positions.
 template <class Cfg>
-__device__ __forceinline__ void load_tile(const typename Cfg::T* A, typename Cfg::T (&v)[Cfg::TM][Cfg::TN],
-                                          const Owner<Cfg>& me) {
+__device__ __forceinline__ void load_tile(const typename Cfg::T* A, Frag<Cfg>& v, const Owner<Cfg>& me) {
   using T = typename Cfg::T;
-  constexpr int VEC = Cfg::VEC;
+  if constexpr (Cfg::kTensorCore) {
 #pragma unroll
-  for (int q = 0; q < Cfg::NV; ++q)
+    for (int e = 0; e < Cfg::FRAG; ++e) v[e] = A[me.col(e) * Cfg::LDA + me.row(e)];
+  } else {
+    constexpr int VEC = Cfg::VEC;
 #pragma unroll
-    for (int c = 0; c < VEC; ++c)
+    for (int q = 0; q < Cfg::NV; ++q)
 #pragma unroll
-      for (int p = 0; p < Cfg::MV; ++p) {
-        T t[VEC];
-        load_vec<VEC>(t, A + me.col(q, c) * Cfg::LDA + me.row(p, 0));
+      for (int c = 0; c < VEC; ++c)
 #pragma unroll
-        for (int w = 0; w < VEC; ++w) v[p * VEC + w][q * VEC + c] = t[w];
-      }
+        for (int p = 0; p < Cfg::MV; ++p) {
+          T t[VEC];
+          load_vec<VEC>(t, A + me.col(q, c) * Cfg::LDA + me.row(p, 0));
+#pragma unroll
+          for (int w = 0; w < VEC; ++w) v[(p * VEC + w) * Cfg::TN + q * VEC + c] = t[w];
+        }
+  }
 }
 
 // v = src[row0 + row, col] (rows >= B and columns >= d read as 0); src is [B, d] row-major.
 template <class Cfg>
 __device__ __forceinline__ void load_global(const typename Cfg::T* src, int64_t row0, int64_t B, int64_t d,
-                                            typename Cfg::T (&v)[Cfg::TM][Cfg::TN], const Owner<Cfg>& me) {
+                                            Frag<Cfg>& v, const Owner<Cfg>& me) {
   using T = typename Cfg::T;
+  using O = Owner<Cfg>;
 #pragma unroll
-  for (int p = 0; p < Cfg::MV; ++p)
+  for (int ri = 0; ri < O::ROWS; ++ri) {
+    const int64_t b = row0 + me.row_i(ri);
 #pragma unroll
-    for (int w = 0; w < Cfg::VEC; ++w) {
-      const int64_t b = row0 + me.row(p, w);
-#pragma unroll
-      for (int q = 0; q < Cfg::NV; ++q)
-#pragma unroll
-        for (int c = 0; c < Cfg::VEC; ++c) {
-          const int64_t col = me.col(q, c);
-          v[p * Cfg::VEC + w][q * Cfg::VEC + c] = (b < B && col < d) ? src[b * d + col] : T(0);
-        }
+    for (int cj = 0; cj < O::COLS; ++cj) {
+      const int64_t col = me.col_j(cj);
+      v[O::at(ri, cj)] = (b < B && col < d) ? src[b * d + col] : T(0);
     }
+  }
 }
 
 template <class Cfg>
 __device__ __forceinline__ void store_global(typename Cfg::T* dst, int64_t row0, int64_t B, int64_t d,
-                                             const typename Cfg::T (&v)[Cfg::TM][Cfg::TN], const Owner<Cfg>& me) {
+                                             const Frag<Cfg>& v, const Owner<Cfg>& me) {
+  using O = Owner<Cfg>;
 #pragma unroll
-  for (int p = 0; p < Cfg::MV; ++p)
+  for (int ri = 0; ri < O::ROWS; ++ri) {
+    const int64_t b = row0 + me.row_i(ri);
+    if (b >= B) continue;
 #pragma unroll
-    for (int w = 0; w < Cfg::VEC; ++w) {
-      const int64_t b = row0 + me.row(p, w);
-      if (b >= B) continue;
-#pragma unroll
-      for (int q = 0; q < Cfg::NV; ++q)
-#pragma unroll
-        for (int c = 0; c < Cfg::VEC; ++c) {
-          const int64_t col = me.col(q, c);
-          if (col < d) dst[b * d + col] = v[p * Cfg::VEC + w][q * Cfg::VEC + c];
-        }
+    for (int cj = 0; cj < O::COLS; ++cj) {
+      const int64_t col = me.col_j(cj);
+      if (col < d) dst[b * d + col] = v[O::at(ri, cj)];
     }
+  }
+}
+
+// Tensor cores: warp w < WG_M*WG_N owns WMI x WNI fragments of dW (M = o, N = i, K = the BM rows).
+template <class Cfg>
+__device__ __forceinline__ void tc_weight_gemm(const float* DZ, const float* A, float* out, bool atomic,
+                                               float* grad_w, int64_t d) {
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  if (warp >= Cfg::WG_M * Cfg::WG_N) return;  // warp-uniform: no barrier or mma is skipped by half a warp
+  const int o0 = (warp % Cfg::WG_M) * Cfg::WMI * 16, i0 = (warp / Cfg::WG_M) * Cfg::WNI * 8;
+  float acc[Cfg::WMI][Cfg::WNI][4];
+#pragma unroll
+  for (int mi = 0; mi < Cfg::WMI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::WNI; ++ni)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
+#pragma unroll 2
+  for (int kb = 0; kb < Cfg::BM; kb += 8) {
+    uint32_t a[Cfg::WMI][4], b[Cfg::WNI][2];
+#pragma unroll
+    for (int mi = 0; mi < Cfg::WMI; ++mi) {  // A = DZ as [o][b]: a0 (o g, b t), a1 (g + 8, t), a2 (g, t + 4), a3
+      const float* q = DZ + (o0 + mi * 16 + g) * Cfg::LDA + kb + t;
+      a[mi][0] = to_tf32(q[0]);
+      a[mi][1] = to_tf32(q[8 * Cfg::LDA]);
+      a[mi][2] = to_tf32(q[4]);
+      a[mi][3] = to_tf32(q[8 * Cfg::LDA + 4]);
+    }
+#pragma unroll
+    for (int ni = 0; ni < Cfg::WNI; ++ni) {  // B = Act as [b][i]: b0 (b t, i g), b1 (t + 4, g)
+      const float* q = A + (i0 + ni * 8 + g) * Cfg::LDA + kb + t;
+      b[ni][0] = to_tf32(q[0]);
+      b[ni][1] = to_tf32(q[4]);
+    }
+#pragma unroll
+    for (int mi = 0; mi < Cfg::WMI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < Cfg::WNI; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+  }
+#pragma unroll
+  for (int mi = 0; mi < Cfg::WMI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::WNI; ++ni)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int o = o0 + mi * 16 + g + 8 * (c / 2), i = i0 + ni * 8 + 2 * t + c % 2;
+        if (atomic) {
+          if (o < d && i < d) atomicAdd(grad_w + o * d + i, acc[mi][ni][c]);
+        } else {
+          out[o * Cfg::D + i] = acc[mi][ni][c];
+        }
+      }
 }
 
 // dW[o][i] = sum_b DZ[o][b] * A[i][b] over the tile (both feature-major [D][LDA]); written to
@@ -288,41 +475,45 @@ __device__ __forceinline__ void store_global(typename Cfg::T* dst, int64_t row0,
 template <class Cfg>
 __device__ __forceinline__ void weight_gemm(const typename Cfg::T* DZ, const typename Cfg::T* A, typename Cfg::T* out,
                                             bool atomic, typename Cfg::T* grad_w, int64_t d) {
-  using T = typename Cfg::T;
-  constexpr int VEC = Cfg::VEC;
-  const int wx = threadIdx.x % Cfg::WX, wy = threadIdx.x / Cfg::WX;
+  if constexpr (Cfg::kTensorCore) {
+    tc_weight_gemm<Cfg>(DZ, A, out, atomic, grad_w, d);
+  } else {
+    using T = typename Cfg::T;
+    constexpr int VEC = Cfg::VEC;
+    const int wx = threadIdx.x % Cfg::WX, wy = threadIdx.x / Cfg::WX;
 #pragma unroll 1
-  for (int pass = 0; pass < Cfg::WPASSES; ++pass) {
-    T acc[Cfg::WM][Cfg::WN];
+    for (int pass = 0; pass < Cfg::WPASSES; ++pass) {
+      T acc[Cfg::WM][Cfg::WN];
 #pragma unroll
-    for (int m = 0; m < Cfg::WM; ++m)
+      for (int m = 0; m < Cfg::WM; ++m)
 #pragma unroll
-      for (int j = 0; j < Cfg::WN; ++j) acc[m][j] = T(0);
+        for (int j = 0; j < Cfg::WN; ++j) acc[m][j] = T(0);
 #pragma unroll 2
-    for (int b = 0; b < Cfg::BM; b += VEC) {
-      T a[Cfg::WN][VEC];
+      for (int b = 0; b < Cfg::BM; b += VEC) {
+        T a[Cfg::WN][VEC];
 #pragma unroll
-      for (int j = 0; j < Cfg::WN; ++j) load_vec<VEC>(a[j], A + (wx + j * Cfg::WX) * Cfg::LDA + b);
+        for (int j = 0; j < Cfg::WN; ++j) load_vec<VEC>(a[j], A + (wx + j * Cfg::WX) * Cfg::LDA + b);
+#pragma unroll
+        for (int m = 0; m < Cfg::WM; ++m) {
+          T z[VEC];
+          load_vec<VEC>(z, DZ + (wy + (pass * Cfg::WM + m) * Cfg::WY) * Cfg::LDA + b);
+#pragma unroll
+          for (int j = 0; j < Cfg::WN; ++j)
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[m][j] = fma(z[v], a[j][v], acc[m][j]);
+        }
+      }
 #pragma unroll
       for (int m = 0; m < Cfg::WM; ++m) {
-        T z[VEC];
-        load_vec<VEC>(z, DZ + (wy + (pass * Cfg::WM + m) * Cfg::WY) * Cfg::LDA + b);
+        const int o = wy + (pass * Cfg::WM + m) * Cfg::WY;
 #pragma unroll
-        for (int j = 0; j < Cfg::WN; ++j)
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[m][j] = fma(z[v], a[j][v], acc[m][j]);
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < Cfg::WM; ++m) {
-      const int o = wy + (pass * Cfg::WM + m) * Cfg::WY;
-#pragma unroll
-      for (int j = 0; j < Cfg::WN; ++j) {
-        const int i = wx + j * Cfg::WX;
-        if (atomic) {
-          if (o < d && i < d) atomicAdd(grad_w + o * d + i, acc[m][j]);
-        } else {
-          out[o * Cfg::D + i] = acc[m][j];
+        for (int j = 0; j < Cfg::WN; ++j) {
+          const int i = wx + j * Cfg::WX;
+          if (atomic) {
+            if (o < d && i < d) atomicAdd(grad_w + o * d + i, acc[m][j]);
+          } else {
+            out[o * Cfg::D + i] = acc[m][j];
+          }
         }
       }
     }
@@ -334,16 +525,16 @@ template <class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS) forward_fused_kernel(ForwardParams<typename Cfg::T> p) {
   using T = typename Cfg::T;
   SE_DYNAMIC_SMEM(T, smem);
-  T* wbuf = smem;                      // [STAGES][KC][D]
+  T* wbuf = smem;                      // [STAGES][KC][LDW]
   T* At = smem + Cfg::weight_elems;    // [D][LDA]: input of the current layer, feature-major
-  const Owner<Cfg> me{int(threadIdx.x % Cfg::TX), int(threadIdx.x / Cfg::TX)};
+  const auto me = Owner<Cfg>::make();
   const int64_t row0 = int64_t(blockIdx.x) * Cfg::BM;
 
   using Src = ForwardSource<T, Cfg::D, Cfg::KC>;
   WeightStream<Cfg, Src> ws(wbuf, Src{p.wt}, p.R * p.n * Cfg::CPL);
   ws.prologue();
 
-  T h[Cfg::TM][Cfg::TN];  // the residual stream of the owned positions
+  T h[Cfg::FRAG];  // the residual stream of the owned positions
   load_global<Cfg>(p.x, row0, p.B, p.d, h, me);
   store_tile<Cfg>(At, h, p.pre, me);
 #pragma unroll 1
@@ -351,19 +542,17 @@ __global__ void __launch_bounds__(Cfg::THREADS) forward_fused_kernel(ForwardPara
     if (p.saved) store_global<Cfg>(p.saved + r * p.B * p.d, row0, p.B, p.d, h, me);
 #pragma unroll 1
     for (int64_t k = 0; k < p.n; ++k) {
-      T acc[Cfg::TM][Cfg::TN];
+      T acc[Cfg::FRAG];
       row_gemm<Cfg>(At, ws, me, acc);  // its first acquire() publishes At
       __syncthreads();                 // every thread is done reading At
       if (k + 1 < p.n) {
         store_tile<Cfg>(At, acc, p.mid, me);
       } else {
 #pragma unroll
-        for (int m = 0; m < Cfg::TM; ++m)
-#pragma unroll
-          for (int j = 0; j < Cfg::TN; ++j) {
-            const T s = act_apply<T>(p.post, acc[m][j]);
-            h[m][j] = p.shortcut ? h[m][j] + s : s;
-          }
+        for (int e = 0; e < Cfg::FRAG; ++e) {
+          const T s = act_apply<T>(p.post, acc[e]);
+          h[e] = p.shortcut ? h[e] + s : s;
+        }
         store_tile<Cfg>(At, h, p.pre, me);
       }
     }
@@ -375,10 +564,10 @@ template <class Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS) backward_fused_kernel(BackwardParams<typename Cfg::T> p) {
   using T = typename Cfg::T;
   SE_DYNAMIC_SMEM(T, smem);
-  T* wbuf = smem;                              // [STAGES][KC][D]
+  T* wbuf = smem;                              // [STAGES][KC][LDW]
   T* DZ = smem + Cfg::weight_elems;            // [D][LDA]: gradient w.r.t. a layer's output z
   T* Act0 = DZ + Cfg::tile_elems;              // [n][D][LDA]: recomputed input of every layer
-  const Owner<Cfg> me{int(threadIdx.x % Cfg::TX), int(threadIdx.x / Cfg::TX)};
+  const auto me = Owner<Cfg>::make();
   const int64_t tile = int64_t(blockIdx.x) + p.tile0;
   const int64_t row0 = tile * Cfg::BM;
   const int64_t units = p.r_hi - p.r_lo;
@@ -388,11 +577,11 @@ __global__ void __launch_bounds__(Cfg::THREADS) backward_fused_kernel(BackwardPa
   WeightStream<Cfg, Src> ws(wbuf, Src{p.wt, p.w, p.r_hi, p.n}, units * 2 * p.n * Cfg::CPL);
   ws.prologue();
 
-  T g[Cfg::TM][Cfg::TN];  // dL/dh at the output of the current unit (0 on padded rows/columns)
+  T g[Cfg::FRAG];  // dL/dh at the output of the current unit (0 on padded rows/columns)
   load_global<Cfg>(p.g_in, row0, p.B, p.d, g, me);
 #pragma unroll 1
   for (int64_t r = p.r_hi - 1; r >= p.r_lo; --r) {
-    T acc[Cfg::TM][Cfg::TN];
+    T acc[Cfg::FRAG];
     // Recompute: Act[0] = s_pre(h_r); Act[k+1] = s_mid(Act[k] W^T); DZ = g * s_post'(z_{n-1}).
     load_global<Cfg>(p.saved + r * p.B * p.d, row0, p.B, p.d, acc, me);
     store_tile<Cfg>(Act0, acc, p.pre, me);
@@ -403,10 +592,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) backward_fused_kernel(BackwardPa
         store_tile<Cfg>(Act0 + (k + 1) * Cfg::tile_elems, acc, p.mid, me);
       } else {
 #pragma unroll
-        for (int m = 0; m < Cfg::TM; ++m)
-#pragma unroll
-          for (int j = 0; j < Cfg::TN; ++j)
-            acc[m][j] = g[m][j] * act_deriv<T>(p.post, acc[m][j], act_apply<T>(p.post, acc[m][j]));
+        for (int e = 0; e < Cfg::FRAG; ++e)
+          acc[e] = g[e] * act_deriv<T>(p.post, acc[e], act_apply<T>(p.post, acc[e]));
         store_tile<Cfg>(DZ, acc, Act::Identity, me);
       }
     }
@@ -419,25 +606,19 @@ __global__ void __launch_bounds__(Cfg::THREADS) backward_fused_kernel(BackwardPa
                        p.grad_w + (r * p.n + k) * p.d * p.d, p.d);
       row_gemm<Cfg>(DZ, ws, me, acc);  // dL/dAct[k] = DZ W[r, k]
       __syncthreads();                 // all reads of DZ done
+      T s[Cfg::FRAG];
+      load_tile<Cfg>(Ak, s, me);
       if (k > 0) {
-        T s[Cfg::TM][Cfg::TN];
-        load_tile<Cfg>(Ak, s, me);
 #pragma unroll
-        for (int m = 0; m < Cfg::TM; ++m)
-#pragma unroll
-          for (int j = 0; j < Cfg::TN; ++j) acc[m][j] *= deriv_from_output<T>(p.mid, s[m][j]);
+        for (int e = 0; e < Cfg::FRAG; ++e) acc[e] *= deriv_from_output<T>(p.mid, s[e]);
         store_tile<Cfg>(DZ, acc, Act::Identity, me);
         __syncthreads();  // publish DZ for the next weight_gemm
       } else {
-        T s[Cfg::TM][Cfg::TN];
-        load_tile<Cfg>(Ak, s, me);
 #pragma unroll
-        for (int m = 0; m < Cfg::TM; ++m)
-#pragma unroll
-          for (int j = 0; j < Cfg::TN; ++j) {
-            const T gi = acc[m][j] * deriv_from_output<T>(p.pre, s[m][j]);
-            g[m][j] = p.shortcut ? g[m][j] + gi : gi;
-          }
+        for (int e = 0; e < Cfg::FRAG; ++e) {
+          const T gi = acc[e] * deriv_from_output<T>(p.pre, s[e]);
+          g[e] = p.shortcut ? g[e] + gi : gi;
+        }
         __syncthreads();  // Act[0] is rewritten by the next unit
       }
     }
@@ -614,16 +795,21 @@ __global__ void __launch_bounds__(kGenericThreads) backward_generic_kernel(Backw
 }
 
 // --------------------------------------------------------------------------------- utilities
-// wt[L][a][b] = w[L][b][a] and (if wp) wp[L][a][b] = w[L][a][b], zero-padded from d to D.
+// wt[L][a][b] = w[L][b][a] and (if wp) wp[L][a][b] = w[L][a][b], zero-padded from d to D; rounded
+// to TF32 when tf32 (the tensor-core kernels read them as mma operands as they are).
 template <typename T>
-__global__ void prepare_weights_kernel(const T* w, int64_t layers, int64_t d, int64_t D, T* wt, T* wp) {
+__global__ void prepare_weights_kernel(const T* w, int64_t layers, int64_t d, int64_t D, T* wt, T* wp, bool tf32) {
   const int64_t total = layers * D * D;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t L = idx / (D * D), rem = idx % (D * D), a = rem / D, b = rem % D;
     const bool in = a < d && b < d;
-    wt[idx] = in ? w[(L * d + b) * d + a] : T(0);
-    if (wp) wp[idx] = in ? w[(L * d + a) * d + b] : T(0);
+    const T vt = in ? w[(L * d + b) * d + a] : T(0);
+    wt[idx] = tf32 ? round_tf32(vt) : vt;
+    if (wp) {
+      const T v = in ? w[(L * d + a) * d + b] : T(0);
+      wp[idx] = tf32 ? round_tf32(v) : v;
+    }
   }
 }
 
@@ -650,6 +836,7 @@ __global__ void reduce_partials_kernel(const T* ws, int64_t parts, int64_t units
 template <typename T>
 struct FusedEntry {
   int D, BM, threads;
+  bool tensor_core;  // TF32 mma.sync kernels (float32, sm_80+)
   size_t (*smem)(bool backward, int64_t n);
   void (*forward)(const ForwardParams<T>&, dim3, size_t, cudaStream_t);
   void (*backward)(const BackwardParams<T>&, dim3, size_t, cudaStream_t);
@@ -663,6 +850,7 @@ FusedEntry<typename Cfg::T> make_fused_entry() {
   e.D = Cfg::D;
   e.BM = Cfg::BM;
   e.threads = Cfg::THREADS;
+  e.tensor_core = Cfg::kTensorCore;
   e.smem = &Cfg::smem_bytes;
   e.forward = [](const ForwardParams<T>& p, dim3 grid, size_t smem, cudaStream_t s) {
     SE_LAUNCH(forward_fused_kernel<Cfg>, grid, dim3(Cfg::THREADS), smem, s, p);
@@ -684,6 +872,8 @@ template <>
 const std::vector<FusedEntry<float>>& fused_entries<float>();
 template <>
 const std::vector<FusedEntry<double>>& fused_entries<double>();
+// The TF32 tensor-core configurations (residual_stack_fused_tf32.cu), largest tile first per D.
+const std::vector<FusedEntry<float>>& fused_tf32_entries();
 
 }  // namespace cuda_detail
 }  // namespace shortcut_ext

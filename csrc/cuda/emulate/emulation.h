@@ -9,7 +9,11 @@
 // or outside the launch's dynamic shared memory, a store into the guard after it, a thread that exits
 // with cp.async copies it never waited for, threads that diverge around a barrier.
 //
-// It is a test harness, not a simulator: no warps, no memory model beyond the barrier, no timing.
+// Warps exist only for the one warp-collective operation the kernels use, the tensor-core
+// mma.sync (m16n8k8, TF32): the 32 threads of a warp meet at a warp barrier, exchange their operand
+// registers in the layout the PTX ISA documents, and each computes its own accumulator elements.
+//
+// It is a test harness, not a simulator: no memory model beyond the barriers, no timing.
 // Used only when SHORTCUT_EXT_CUDA_EMULATE is defined (tests/test_cuda.py builds it with g++).
 #pragma once
 
@@ -19,6 +23,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <algorithm>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -46,7 +52,7 @@ using cudaStream_t = void*;
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrComputeCapabilityMajor };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 enum cudaMemcpyKind { cudaMemcpyDeviceToDevice };
 
@@ -108,8 +114,19 @@ struct PendingCopy {
   int n;
 };
 
+// The operand registers of one warp's mma.sync, exchanged at the warp barrier.
+struct WarpSync {
+  explicit WarpSync(int n) : bar(n), size(n) {}
+  Barrier bar;
+  int size;
+  uint32_t a[32][4];
+  uint32_t b[32][2];
+};
+
 struct ThreadState {
   dim3 thread, block;
+  WarpSync* warp = nullptr;
+  int lane = 0;
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;  // the launch's dynamic shared-memory size
   Barrier* barrier = nullptr;
@@ -180,6 +197,8 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::memset(smem, 0xFF, smem_bytes + kGuard);  // NaN: reads of unwritten shared memory show
         Barrier bar(nthreads);
+        std::vector<std::unique_ptr<WarpSync>> warps;
+        for (int w0 = 0; w0 < nthreads; w0 += 32) warps.emplace_back(new WarpSync(std::min(32, nthreads - w0)));
         std::mutex failed_m;
         std::string failed;  // the first thread's error
         std::vector<std::thread> ts;
@@ -193,6 +212,8 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
               s.smem = smem;
               s.smem_bytes = smem_bytes;
               s.barrier = &bar;
+              s.warp = warps[size_t(t / 32)].get();
+              s.lane = t % 32;
               s.open.clear();
               s.groups.clear();
               kernel(args...);
@@ -205,8 +226,10 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
                 if (failed.empty() || failed == "another thread of the block failed") failed = e.what();
               }
               bar.break_all();
+              for (auto& w : warps) w->bar.break_all();
             }
             s.smem = nullptr;
+            s.warp = nullptr;
           });
         }
         for (auto& th : ts) th.join();
@@ -214,6 +237,46 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
         for (size_t i = 0; i < kGuard; ++i)
           if (smem[smem_bytes + i] != 0xFF) fail("a store past the launch's dynamic shared memory", smem + smem_bytes + i);
       }
+}
+
+// The value a tensor core reads from a .tf32 operand register: the top 19 bits (sign, exponent,
+// 10 mantissa bits); the low 13 bits are ignored.
+inline double tf32_operand(uint32_t bits) {
+  bits &= 0xFFFFE000u;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return double(f);
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 d, a, b, d for the calling lane: every lane
+// of the warp must call it (a warp barrier), with its fragment registers as the PTX ISA lays them
+// out (groupID g = lane / 4, t = lane % 4):
+//   A 16x8 row-major: a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
+//   B 8x8 (k x n):    b0 (k = t, n = g), b1 (k = t + 4, n = g)
+//   C/D 16x8:         d0 (g, 2t), d1 (g, 2t + 1), d2 (g + 8, 2t), d3 (g + 8, 2t + 1)
+// Products are exact and summed in double, then added to d (a GPU's accumulation order and
+// rounding differ in the last float32 bits).
+inline void warp_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  ThreadState& s = tls();
+  if (s.warp == nullptr || s.warp->size != 32) fail("mma.sync needs a full warp of 32 threads", nullptr);
+  WarpSync& w = *s.warp;
+  std::memcpy(w.a[s.lane], a, sizeof a);
+  std::memcpy(w.b[s.lane], b, sizeof b);
+  w.bar.wait();
+  const int g = s.lane / 4, t = s.lane % 4;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    double sum = 0.0;
+    for (int k = 0; k < 8; ++k) {
+      const double av = tf32_operand(w.a[(row % 8) * 4 + k % 4][(row / 8) + 2 * (k / 4)]);
+      const double bv = tf32_operand(w.b[col * 4 + k % 4][k / 4]);
+      sum += av * bv;
+    }
+    out[e] = float(double(d[e]) + sum);
+  }
+  w.bar.wait();  // every lane has read the exchanged registers before they are overwritten
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
 }  // namespace se_emu
@@ -239,7 +302,9 @@ inline cudaError_t cudaGetDevice(int* d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? se_emu::sm_count() : se_emu::smem_optin();
+  *v = a == cudaDevAttrMultiProcessorCount ? se_emu::sm_count()
+      : a == cudaDevAttrComputeCapabilityMajor ? 9  // Hopper
+                                               : se_emu::smem_optin();
   return cudaSuccess;
 }
 template <typename F>
