@@ -1,11 +1,14 @@
 """GPU benchmark: the fused residual stack against eager PyTorch, eager PyTorch replayed from a CUDA
-graph, and torch.compile, for the paper's 2-shortcut ReLU network (n = 2, ReLU between the two
+graph, and torch.compile (all float32, TF32 off), and the fused stack on TF32 tensor cores
+(shortcut_ext.cuda_tf32) against eager PyTorch with cuBLAS TF32 on, for the paper's 2-shortcut ReLU network (n = 2, ReLU between the two
 layers of each branch, PAPER.md section 1) with R = 1000 units, float32, forward and forward+backward.
 
 Every variant is checked against eager PyTorch on the same inputs before it is timed.  Times are
 medians of CUDA-event timings after a warm-up; rates count useful FLOPs only (forward 2*B*d^2*n*R,
 forward+backward 3x that: the fused backward's recomputation of each unit is not counted) and are
-compared with a large float32 GEMM (TF32 off, like the kernels) measured in the same run.
+compared with a large GEMM measured in the same run at the variant's precision (float32 with TF32
+off; TF32 for the *_tf32 variants).  TF32 variants must agree with eager float32 to 1e-2 instead of
+1e-3.
 
 torch.compile is applied to one residual unit and looped over the units ("regional" compilation, as
 for repeated transformer blocks): compiling the whole 1000-unit graph takes minutes per shape
@@ -18,6 +21,7 @@ do not fit the compile budget are skipped with a note.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -35,6 +39,7 @@ from shortcut_ext import reference as ref  # noqa: E402
 
 ACTS = ("identity", "relu", "identity")  # pre, mid, post: ReLU between the layers of each branch
 AGREE = 1e-3  # relative (Frobenius) disagreement with eager float32 that still counts as agreement
+AGREE_TF32 = 1e-2  # the same for the TF32 variants (10 mantissa bits per product, over R units)
 
 
 def parse_args(argv=None):
@@ -48,8 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--units", type=int, default=1000, help="residual units R")
     p.add_argument("--n", type=int, default=2, help="layers per unit (2 = the 2-shortcut net)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
-    p.add_argument("--variants", default="fused,fused_atomic,eager,eager_graph,compile",
-                   help="fused_atomic: the fused op with SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1 (forward+backward only)")
+    p.add_argument("--variants", default="fused,fused_tf32,fused_atomic,eager,eager_tf32,eager_graph,compile",
+                   help="fused_atomic: the fused op with SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1 (forward+backward only); "
+                        "fused_tf32: inside shortcut_ext.cuda_tf32(); eager_tf32: torch.backends.cuda.matmul."
+                        "allow_tf32 = True")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this")
     p.add_argument("--compile-budget-s", type=float, default=100.0, help="total time allowed for compiling")
     p.add_argument("--compile-backend", default=None,
@@ -143,6 +150,29 @@ def stack_fns(args):
     return {"fused": fused, "eager": eager, "compile": compiled}
 
 
+@contextlib.contextmanager
+def precision(variant):
+    """The switch a variant runs under, around the whole step (the backward reads it too)."""
+    if variant == "fused_tf32":
+        with shortcut_ext.cuda_tf32():
+            yield
+    elif variant == "eager_tf32":
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+    elif variant == "fused_atomic":
+        os.environ["SHORTCUT_EXT_CUDA_ATOMIC_GRAD"] = "1"
+        try:
+            yield
+        finally:
+            os.environ.pop("SHORTCUT_EXT_CUDA_ATOMIC_GRAD", None)
+    else:
+        yield
+
+
 def step(f, mode, x, w, gy):
     """The measured work: forward, or forward and both gradients."""
     if mode == "fwd":
@@ -226,13 +256,16 @@ def main(argv=None):
         old_tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         gemm = common.gemm_rate(n=8192, reps=5, device="cuda") / 1e3  # TFLOP/s, fp32 without TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        gemm_tf32 = common.gemm_rate(n=8192, reps=5, device="cuda") / 1e3
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     else:
         env.update(device="cpu")
-        gemm = common.gemm_rate(n=512, reps=3, device="cpu") / 1e3
+        gemm = gemm_tf32 = common.gemm_rate(n=512, reps=3, device="cpu") / 1e3
     env["gemm_fp32_tflops"] = round(gemm, 3)
+    env["gemm_tf32_tflops"] = round(gemm_tf32, 3)
     log(f"environment: {env}")
-    log(f"large fp32 GEMM (TF32 off): {gemm:.2f} TFLOP/s")
+    log(f"large GEMM: {gemm:.2f} TFLOP/s float32 (TF32 off), {gemm_tf32:.2f} TFLOP/s TF32")
     if args.device == "cuda":
         log(f"torch TF32 matmul switch: {torch.backends.cuda.matmul.allow_tf32} (eager/compile baselines run as set)")
 
@@ -248,7 +281,7 @@ def main(argv=None):
                 flops = 2.0 * B * d * d * n * R * (3 if mode == "fwdbwd" else 1)
                 case = dict(mode=mode, d=d, B=B, R=R, n=n, dtype="float32", gflop=round(flops / 1e9, 3))
                 x, w, gy = make_inputs(B, d, R, n, args.device)
-                eager_ms = None
+                eager_ms = {}
                 in_budget = time.time() - t_start < args.budget_s
                 baseline = eager_reference(fns["eager"], mode, x, w, gy) if in_budget else None
                 for variant in variants:
@@ -274,16 +307,10 @@ def main(argv=None):
                         t0 = time.time()
                         if variant == "eager_graph":
                             run, graph = graphed(fns["eager"], mode, x, w, gy)
-                        elif variant == "fused_atomic":
-                            def run(f=fns["fused"]):
-                                os.environ["SHORTCUT_EXT_CUDA_ATOMIC_GRAD"] = "1"
-                                try:
-                                    return step(f, mode, x, w, gy)
-                                finally:
-                                    os.environ.pop("SHORTCUT_EXT_CUDA_ATOMIC_GRAD", None)
                         else:
-                            f = fns[variant]
-                            run = lambda f=f: step(f, mode, x, w, gy)  # noqa: E731
+                            def run(f=fns[variant.split("_")[0]], variant=variant):
+                                with precision(variant):
+                                    return step(f, mode, x, w, gy)
                         if variant.startswith("fused") and args.device == "cuda":
                             os.environ["SHORTCUT_EXT_CUDA_VERBOSE"] = "1"  # the chosen kernels, once per case
                         outs = run()
@@ -296,19 +323,21 @@ def main(argv=None):
                         # check before timing, against eager PyTorch on the same inputs
                         err = max(rel_err(a, b) for a, b in zip(outs, baseline))
                         row["rel_err_vs_eager"] = f"{err:.2e}"
-                        if not err < AGREE:
+                        agree = AGREE_TF32 if variant.endswith("_tf32") else AGREE
+                        if not err < agree:
                             failures += 1
-                            rows.append(dict(row, note=f"MISMATCH: relative error {err:.2e} >= {AGREE}"))
+                            rows.append(dict(row, note=f"MISMATCH: relative error {err:.2e} >= {agree}"))
                             log(f"{mode} d={d} B={B} {variant}: MISMATCH {err:.2e}")
                             continue
                         med, lo, hi, reps = clock.time(run, args.target_s)
+                        rate = gemm_tf32 if variant.endswith("_tf32") else gemm
                         row.update(ms_median=round(med * 1e3, 3), ms_min=round(lo * 1e3, 3), ms_max=round(hi * 1e3, 3),
                                    reps=reps, tflops=round(flops / med / 1e12, 3),
-                                   pct_of_gemm=round(100 * flops / med / 1e12 / gemm, 1))
+                                   pct_of_gemm=round(100 * flops / med / 1e12 / rate, 1))
                         if args.device == "cuda":
                             row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                        if variant == "eager":
-                            eager_ms = med * 1e3
+                        if variant in ("eager", "eager_tf32"):
+                            eager_ms[variant] = med * 1e3
                         rows.append(row)
                         del outs, run
                         if variant == "eager_graph":
@@ -322,7 +351,8 @@ def main(argv=None):
                         os.environ.pop("SHORTCUT_EXT_CUDA_VERBOSE", None)
                 for r_ in rows:
                     if r_.get("mode") == mode and r_.get("d") == d and r_.get("B") == B and "ms_median" in r_:
-                        r_["speedup_vs_eager"] = round(eager_ms / r_["ms_median"], 2) if eager_ms else ""
+                        for base in ("eager", "eager_tf32"):
+                            r_[f"speedup_vs_{base}"] = round(eager_ms[base] / r_["ms_median"], 2) if base in eager_ms else ""
                 for r_ in rows[-len(variants):]:
                     log(f"{mode:7s} d={d:4d} B={B:6d} {r_['variant']:12s} "
                         + (f"{r_['ms_median']:10.3f} ms  {r_['tflops']:7.2f} TFLOP/s  {r_['pct_of_gemm']:5.1f}% GEMM  "
@@ -335,6 +365,7 @@ def main(argv=None):
     common.RESULTS_DIR = args.out
     csv_path, json_path = common.write_results("bench_gpu" if not args.cpu_smoke else "bench_gpu_cpu_smoke", rows,
                                                {"args": vars(args), "gemm_fp32_tflops": gemm,
+                                                "gemm_tf32_tflops": gemm_tf32,
                                                 "compile_seconds": compile_spent, "compiled_graphs": graphs})
     log(f"wrote {csv_path} and {json_path} ({len(rows)} rows) in {time.time() - t_start:.0f}s")
     log(_table(rows))
