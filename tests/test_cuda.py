@@ -977,6 +977,27 @@ def test_cuda_train_command(tmp_path):
 
 
 @needs_cuda
+def test_cuda_train_command_tf32(tmp_path):
+    """`shortcut-ext train --tf32` trains float32 on TF32 tensor cores: close to, not equal to, float32."""
+    import json
+
+    from shortcut_ext.cli import build_parser
+
+    recs = []
+    for extra in ([], ["--tf32"]):
+        out = tmp_path / f"run{len(recs)}.json"
+        args = build_parser().parse_args(["train", "--arch", "2-shortcut", "--act", "relu-mid", "--depth", "6", "--epochs",
+                                          "15", "--lr", "0.1", "--data", "synthetic", "--width", "5", "--samples", "60",
+                                          "--dtype", "float32", "--device", GPU, *extra, "--out", str(out)])
+        assert args.func(args) == 0
+        recs.append(json.loads(out.read_text()))
+    assert [r["tf32"] for r in recs] == [False, True] and recs[1]["status"] == "ok"
+    assert recs[1]["history"]["loss"] == pytest.approx(recs[0]["history"]["loss"], rel=1e-2)
+    assert recs[1]["history"]["loss"] != recs[0]["history"]["loss"], "--tf32 changed nothing"
+    assert not shortcut_ext.cuda_tf32.enabled_now()
+
+
+@needs_cuda
 def test_cuda_dense_hessian_matches_cpu():
     """train.dense_hessian (torch.func, the probes' fallback) on a GPU model, fed CPU data."""
     from shortcut_ext.models import ShortcutNet

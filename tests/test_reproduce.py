@@ -194,6 +194,12 @@ def test_demo_info_train_commands(tmp_path, capsys):
         args = p.parse_args(["train", "--data", "synthetic", "--out", str(tmp_path / "bad.json"), "--device", device])
         with pytest.raises(SystemExit, match="shortcut-ext train: " + msg):
             args.func(args)
+    for extra, got in ((["--tf32"], "--dtype float64 --device cpu"),
+                       (["--tf32", "--dtype", "float32"], "--dtype float32 --device cpu")):
+        args = p.parse_args(["train", "--data", "synthetic", "--out", str(tmp_path / "bad.json"), *extra])
+        with pytest.raises(SystemExit, match=f"shortcut-ext train: --tf32 needs --dtype float32 and --device cuda, "
+                                             f"got {got}"):
+            args.func(args)
     assert not (tmp_path / "bad.json").exists()
 
 

@@ -10,6 +10,7 @@ the per-epoch history beside it (``run.csv``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -43,6 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network trains")
+    p.add_argument("--tf32", action="store_true",
+                   help="float32 on cuda: the fused kernels' products on TF32 tensor cores (shortcut_ext.cuda_tf32; "
+                        "~1e-3 relative error per product, several times faster; Hessian probes stay float32)")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel full-batch training under torchrun (gloo on cpu, NCCL on cuda: each rank "
                         "takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes")
@@ -54,6 +58,9 @@ def add_parser(subparsers) -> None:
 
 def main(args) -> int:
     device = parse_device(args.device, "train")
+    if getattr(args, "tf32", False) and (args.dtype != "float32" or not device.startswith("cuda")):
+        raise SystemExit(f"shortcut-ext train: --tf32 needs --dtype float32 and --device cuda, got --dtype "
+                         f"{args.dtype} --device {device}")
     if not getattr(args, "distributed", False):
         return _main(args, device, 0, 1)
     created, rank, world, device = init_distributed("train", device)
@@ -90,14 +97,18 @@ def _main(args, device, rank, world) -> int:
         print(f"training {net!r} ({net.num_parameters()} weights) on {bundle.tag}"
               f"{' (second-moment compression)' if compress else ''}; L_min = {bundle.l_min:.6g}"
               f"{f'; {world} ranks' if world > 1 else ''}")
-    res = train(net, data, cfg, l_min=bundle.l_min, progress=lead,
-                distributed=bool(getattr(args, "distributed", False)))
+    from ..ops import cuda_tf32
+
+    with cuda_tf32() if getattr(args, "tf32", False) else contextlib.nullcontext():
+        res = train(net, data, cfg, l_min=bundle.l_min, progress=lead,
+                    distributed=bool(getattr(args, "distributed", False)))
     if not lead:
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = {"arch": args.arch, "act": args.act, "depth": depth, "seed": args.seed, "data": bundle.tag,
-           "backend": net.backend, "device": device, "world_size": world, "dtype": args.dtype, "compressed": compress, "config": cfg.to_dict(),
+           "backend": net.backend, "device": device, "world_size": world, "dtype": args.dtype,
+           "tf32": bool(getattr(args, "tf32", False)), "compressed": compress, "config": cfg.to_dict(),
            **res.to_dict()}
     out.write_text(json.dumps(json_safe(rec), indent=1))
     h = res.history
