@@ -534,20 +534,6 @@ EMULATED_SPECIALS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", EMULATED_SPECIALS, ids=lambda c: c[-1].split(" units")[0].replace(" ", "-"))
-def test_emulated_special_cases(case, emulator):
-    B, d, R, n, shortcut, acts, dtype, sw, expect = case
-    sw = dict(sw)
-    sms = sw.pop("sms", 4)
-    emulator.se_emu_set_sms(sms)
-    plan = _emu_describe(emulator, dtype, True, B, d, R, n, sw.get("path", 0), sw.get("tile", 0),
-                         sw.get("atomic", False), sw.get("ws", 0))
-    assert plan.startswith(expect), plan
-    x, w, gy = _inputs(B, d, R, n, dtype, seed=B + d, scale=0.9 / d ** 0.5, device="cpu")
-    _assert_matches(_emu_run(emulator, x, w, gy, shortcut, acts, sms=sms, **sw), x, w, gy, shortcut, acts)
-
-
-@pytest.mark.slow
 def test_emulated_deterministic_and_errors(emulator):
     x, w, gy = _inputs(90, 24, 3, 2, torch.float32, seed=1, device="cpu")
     a = _emu_run(emulator, x, w, gy, True, ("relu", "relu", "relu"))
@@ -574,34 +560,36 @@ def test_emulated_tf32_tile(case, emulator):
 
 EMULATED_TF32_SPECIALS = [
     # (B, d, R, n, shortcut, acts, dtype, switches, expected backward plan prefix)
-    (300, 64, 5, 2, True, ("relu", "tanh", "identity"), torch.float32, dict(ws=64 * 64 * 4 * 2 * 3),
+    (300, 64, 5, 2, True, ("relu", "tanh", "identity"), torch.float32, dict(ws=64 * 64 * 4 * 2 * 3, tf32=True),
      "fused-tf32 D=64 BM=32 threads=128"),  # automatic tile; unit and row chunks
-    (200, 40, 3, 2, False, ("tanh", "relu", "ssigmoid"), torch.float32, dict(atomic=True, sms=1),
+    (200, 40, 3, 2, False, ("tanh", "relu", "ssigmoid"), torch.float32, dict(atomic=True, sms=1, tf32=True),
      "fused-tf32 D=64 BM=128"),  # atomic weight gradients; one SM: the largest tile
-    (70, 100, 2, 8, True, ("identity", "relu", "identity"), torch.float32, dict(),
+    (70, 100, 2, 8, True, ("identity", "relu", "identity"), torch.float32, dict(tf32=True),
      "fused D=128 BM=32"),  # no TF32 tile fits n = 8: the float32 fused kernels
-    (40, 150, 2, 2, True, ("identity", "tanh", "identity"), torch.float32, dict(), "generic"),  # d > 128
+    (40, 150, 2, 2, True, ("identity", "tanh", "identity"), torch.float32, dict(tf32=True), "generic"),  # d > 128
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", EMULATED_TF32_SPECIALS, ids=lambda c: c[-1].split(" threads")[0].replace(" ", "-"))
-def test_emulated_tf32_special_cases(case, emulator):
+@pytest.mark.parametrize("case", EMULATED_SPECIALS + EMULATED_TF32_SPECIALS,
+                         ids=lambda c: c[-1].split(" units")[0].split(" threads")[0].replace(" ", "-"))
+def test_emulated_special_cases(case, emulator):
     B, d, R, n, shortcut, acts, dtype, sw, expect = case
     sw = dict(sw)
-    sms = sw.pop("sms", 4)
+    sms, tf32 = sw.pop("sms", 4), sw.pop("tf32", False)
     emulator.se_emu_set_sms(sms)
-    plan = _emu_describe(emulator, dtype, True, B, d, R, n, 0, 0, sw.get("atomic", False), sw.get("ws", 0), tf32=True)
+    plan = _emu_describe(emulator, dtype, True, B, d, R, n, sw.get("path", 0), sw.get("tile", 0),
+                         sw.get("atomic", False), sw.get("ws", 0), tf32=tf32)
     assert plan.startswith(expect), plan
     x, w, gy = _inputs(B, d, R, n, dtype, seed=B + d, scale=0.9 / d ** 0.5, device="cpu")
-    outs = _emu_run(emulator, x, w, gy, shortcut, acts, sms=sms, tf32=True, **sw)
+    outs = _emu_run(emulator, x, w, gy, shortcut, acts, sms=sms, tf32=tf32, **sw)
     if expect.startswith("fused-tf32"):
         _assert_tf32(outs, x, w, gy, shortcut, acts)
-    elif expect.startswith("generic"):  # no TF32 kernels at d > 128: float32 results
-        _assert_matches(outs, x, w, gy, shortcut, acts)
-    else:  # a TF32 forward, a float32 backward (recomputing with float32 products)
+    elif tf32 and expect.startswith("fused D="):  # a TF32 forward, a float32 backward recomputing in float32
         for a, e in zip(outs, _reference(x, w, gy, shortcut, acts)):
             assert ((a.double() - e).norm() / e.norm()).item() < 2e-2
+    else:
+        _assert_matches(outs, x, w, gy, shortcut, acts)
 
 
 @pytest.mark.slow

@@ -127,10 +127,8 @@ __device__ __forceinline__ uint32_t f32_bits(float x) {
 // bit pattern an mma .tf32 operand register holds; inf and NaN pass through.
 __device__ __forceinline__ uint32_t to_tf32(float x) {
 #if defined(SHORTCUT_EXT_CUDA_EMULATE)
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;
-  return u;
+  const uint32_t u = f32_bits(x);
+  return (u & 0x7F800000u) != 0x7F800000u ? (u + 0x1000u) & 0xFFFFE000u : u;
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   uint32_t u;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(x));
