@@ -7,11 +7,14 @@
 namespace shortcut_ext {
 
 namespace {
-std::atomic<bool> g_cuda_tf32{false};
+std::atomic<int> g_cuda_tf32{0};
 }  // namespace
 
-bool cuda_tf32_enabled() { return g_cuda_tf32.load(); }
-bool set_cuda_tf32_enabled(bool on) { return g_cuda_tf32.exchange(on); }
+int cuda_tf32_mode() { return g_cuda_tf32.load(); }
+int set_cuda_tf32_mode(int mode) {
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "cuda_tf32 mode must be 0 (off), 1 (tf32) or 2 (3xtf32), got ", mode);
+  return g_cuda_tf32.exchange(mode);
+}
 
 Act parse_activation(const std::string& arg, c10::string_view name) {
   if (name == "identity") return Act::Identity;

@@ -67,9 +67,10 @@ StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const cha
 void check_saved(const at::Tensor& saved, const at::Tensor& weights, const StackShape& s, bool allow_layers);
 
 // Whether the CUDA residual-stack kernels run float32 products on TF32 tensor cores (process-wide,
-// off by default; sm_80+, fused path, d <= 128).  The setter returns the previous setting.
-bool cuda_tf32_enabled();
-bool set_cuda_tf32_enabled(bool on);
+// off by default; sm_80+, fused path, d <= 128): 0 no (float32 FMA), 1 TF32, 2 3xTF32 (each operand
+// split into two TF32 parts, three products: float32 accuracy).  The setter returns the previous mode.
+int cuda_tf32_mode();
+int set_cuda_tf32_mode(int mode);
 
 // Checks the HVP op's targets [B, d] (or [B] int64 class indices with cross_entropy) and directions
 // [k, R, n, d, d] against the stack shape; returns the parsed loss.  Shared by CPU and CUDA.

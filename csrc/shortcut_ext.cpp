@@ -92,10 +92,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return d;
       },
       "The CPU output-buffer cache: bytes and blocks cached (free) and in use, hits, misses, limit");
-  m.def("cuda_tf32_enabled", &shortcut_ext::cuda_tf32_enabled,
-        "Whether float32 products of the CUDA residual-stack kernels run on TF32 tensor cores");
-  m.def("set_cuda_tf32_enabled", &shortcut_ext::set_cuda_tf32_enabled, pybind11::arg("enabled"),
-        "Turns TF32 tensor cores on or off for the CUDA residual-stack kernels; returns the previous setting");
+  m.def("cuda_tf32_mode", &shortcut_ext::cuda_tf32_mode,
+        "How float32 products of the CUDA residual-stack kernels run: 0 float32 FMA, 1 TF32, 2 3xTF32");
+  m.def("set_cuda_tf32_mode", &shortcut_ext::set_cuda_tf32_mode, pybind11::arg("mode"),
+        "Sets the TF32 tensor-core mode of the CUDA residual-stack kernels (0, 1, 2); returns the previous one");
   m.def("cpu_empty_cache", &shortcut_ext::cpu_pool_empty, "Frees every cached (unused) CPU output buffer");
 }
 #endif

@@ -148,32 +148,47 @@ def cache_stats() -> dict:
     return dict(_C.cpu_cache_stats())
 
 
+_TF32_MODES = ("off", "tf32", "3xtf32")
+
+
+def _tf32_mode(mode, where: str) -> str:
+    if mode is True or mode is False:
+        return "tf32" if mode else "off"
+    if isinstance(mode, str) and mode in _TF32_MODES:
+        return mode
+    raise ValueError(f"{where}: mode must be True, False, 'tf32', '3xtf32' or 'off', got {mode!r}")
+
+
 class cuda_tf32:
     """Runs float32 products of the CUDA residual-stack kernels on TF32 tensor cores.
 
-    Off by default: float32 stays float32-accurate (relative error ~1e-7 per product), and neither
+    Off by default: float32 stays float32 FMA (relative error ~1e-7 per product), and neither
     ``torch.backends.cuda.matmul.allow_tf32`` nor ``torch.set_float32_matmul_precision`` changes that,
-    so curvature measurements never lose precision silently.  Inside ``with cuda_tf32():`` (or after
-    ``cuda_tf32.set(True)``) the fused forward and backward kernels (d <= 128, sm_80 or newer) round
-    their matrix inputs to TF32 (10 mantissa bits) and accumulate in float32: relative error ~1e-3
-    per product, several times the throughput.  Activations, the residual stream, the saved unit
-    inputs and the weight-gradient sums stay float32; float64, the CPU kernels, the generic CUDA path
-    (d > 128) and ``residual_stack_hvp`` are unaffected.  The setting is process-wide (the backward
-    runs on autograd's own threads) and is read when each kernel is launched, so a captured CUDA
-    graph keeps the setting of its capture.
+    so curvature measurements never lose precision silently.  The fused forward and backward kernels
+    (d <= 128, sm_80 or newer) then run every product on ``mma.sync`` tensor cores:
 
-    Usage: ``with shortcut_ext.cuda_tf32(): loss = model(x).square().mean(); loss.backward()``, or
-    ``shortcut_ext.cuda_tf32(False)`` to turn it off inside an enabled region.
+    * ``"tf32"`` (or ``True``): inputs rounded to TF32 (10 mantissa bits), float32 accumulation:
+      relative error ~1e-3 per product, the highest throughput;
+    * ``"3xtf32"``: each input split into two TF32 parts and three products (the small x small one
+      dropped, ~2^-22): float32 accuracy, from tensor cores.
+
+    Activations, the residual stream, the saved unit inputs and the weight-gradient sums stay float32;
+    float64, the CPU kernels, the generic CUDA path (d > 128) and ``residual_stack_hvp`` are
+    unaffected.  The setting is process-wide (the backward runs on autograd's own threads) and is read
+    when each kernel is launched, so a captured CUDA graph keeps the setting of its capture.
+
+    Usage: ``with shortcut_ext.cuda_tf32(): loss = ...; loss.backward()``;
+    ``with shortcut_ext.cuda_tf32("3xtf32"): ...``; ``shortcut_ext.cuda_tf32(False)`` inside an
+    enabled region turns it off; ``cuda_tf32.set(mode)`` is the bare switch, ``cuda_tf32.current()``
+    the mode now (``"off"``, ``"tf32"`` or ``"3xtf32"``).
     """
 
-    def __init__(self, enabled: bool = True):
-        if not isinstance(enabled, bool):
-            raise TypeError(f"cuda_tf32: enabled must be a bool, got {type(enabled).__name__}")
-        self.enabled = enabled
-        self._previous: list[bool] = []
+    def __init__(self, mode: bool | str = True):
+        self.mode = _tf32_mode(mode, "cuda_tf32")
+        self._previous: list[str] = []
 
     def __enter__(self):
-        self._previous.append(cuda_tf32.set(self.enabled))
+        self._previous.append(cuda_tf32.set(self.mode))
         return self
 
     def __exit__(self, *exc):
@@ -181,18 +196,17 @@ class cuda_tf32:
         return False
 
     @staticmethod
-    def set(enabled: bool) -> bool:
-        """Turns TF32 on or off for every later launch; returns the previous setting."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"cuda_tf32.set: enabled must be a bool, got {type(enabled).__name__}")
+    def set(mode: bool | str) -> str:
+        """Sets the mode of every later launch; returns the previous one."""
+        mode = _tf32_mode(mode, "cuda_tf32.set")
         require_built("cuda_tf32")
-        return bool(_C.set_cuda_tf32_enabled(enabled))
+        return _TF32_MODES[_C.set_cuda_tf32_mode(_TF32_MODES.index(mode))]
 
     @staticmethod
-    def enabled_now() -> bool:
-        """Whether TF32 is on now."""
+    def current() -> str:
+        """The mode now: ``"off"``, ``"tf32"`` or ``"3xtf32"``."""
         require_built("cuda_tf32")
-        return bool(_C.cuda_tf32_enabled())
+        return _TF32_MODES[_C.cuda_tf32_mode()]
 
 
 def _save_layers(x: torch.Tensor, weights: torch.Tensor, recompute: bool | None) -> bool:

@@ -5,11 +5,13 @@ Two groups:
 * On a GPU (skipped without CUDA or without the CUDA build): every compiled fused tile size and the
   generic path, forced through the SHORTCUT_EXT_CUDA_* switches, for both dtypes, every activation
   position, n = 1..3 and plain stacks; workspace chunking, atomic weight gradients, determinism,
-  streams and device guards, the CPU path's error messages, float32 accuracy (no TF32), gradcheck and
-  opcheck.  (tests/test_ops.py runs its value/shape/fuzz tests on CUDA as well.)
+  streams and device guards, the CPU path's error messages, float32 accuracy (no TF32 unless asked),
+  the opt-in tensor-core kernels (TF32 against a model of TF32 products, 3xTF32 at float32
+  accuracy), gradcheck and opcheck.  (tests/test_ops.py runs its value/shape/fuzz tests on CUDA as well.)
 * Without a GPU (marked slow: one g++ build, ~30 s): the same kernel source compiled for CPU
   emulation (csrc/cuda/emulate), each emulated CUDA thread an OS thread, compared with the reference
-  for every compiled configuration, padded widths, unit and row chunking, atomics and the generic path.
+  for every compiled configuration (tensor-core ones with mma.sync emulated lane by lane), padded
+  widths, unit and row chunking, atomics and the generic path.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ MAX_N = {(torch.float32, 128, 128): 1, (torch.float64, 128, 32): 2}
 # The TF32 tensor-core configurations (csrc/cuda/residual_stack_fused_tf32.cu): {D: [tile rows]},
 # and where their backward stops fitting below n = 3.
 TF32_TILES = {16: [128, 32], 32: [128, 32], 64: [128, 32], 128: [128, 64, 32]}
+NO_3XTF32 = {(128, 128)}  # (D, BM) tiles without a 3xTF32 build
 TF32_MAX_N = {(128, 128): 1}
 
 
@@ -60,6 +63,12 @@ def _tf32_cases():
 def _tf32_ids(case):
     D, bm, d, n, sc, acts = case
     return f"tf32-D{D}-BM{bm}-d{d}-n{n}-{'res' if sc else 'plain'}-{'.'.join(acts)}"
+
+
+def _tensor_core_params():
+    """(case, mode) for every TF32 tile in both modes, where the mode has that tile."""
+    return [pytest.param(case, mode, id=f"{mode}-{_tf32_ids(case)[5:]}") for mode in ("tf32", "3xtf32")
+            for case in _tf32_cases() if not (mode == "3xtf32" and case[:2] in NO_3XTF32)]
 
 
 def _tf32_round(t: torch.Tensor) -> torch.Tensor:
@@ -284,19 +293,20 @@ def test_float32_is_not_tf32(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", _tf32_cases(), ids=_tf32_ids)
-def test_tf32_tile(case, monkeypatch, capfd):
-    """Every TF32 tensor-core tile, asked for with shortcut_ext.cuda_tf32(), against the TF32 model."""
+@pytest.mark.parametrize("case, mode", _tensor_core_params())
+def test_tf32_tile(case, mode, monkeypatch, capfd):
+    """Every tensor-core tile, asked for with shortcut_ext.cuda_tf32(mode): TF32 against the TF32
+    model, 3xTF32 at float32 accuracy."""
     D, bm, d, n, shortcut, acts = case
     _switches(monkeypatch, "fused", tile_rows=bm)
     monkeypatch.setenv("SHORTCUT_EXT_CUDA_VERBOSE", "1")
     for B in (bm + 5, 2 * bm + 3):  # one tile, several with a ragged last one
         x, w, gy = _inputs(B, d, 3, n, torch.float32, seed=B, scale=0.8 / d ** 0.5)
-        with shortcut_ext.cuda_tf32():
+        with shortcut_ext.cuda_tf32(mode):
             outs = _run_ops(x, w, gy, shortcut, acts)
-        _assert_tf32(outs, x, w, gy, shortcut, acts)
+        (_assert_tf32 if mode == "tf32" else _assert_matches)(outs, x, w, gy, shortcut, acts)
     plans = capfd.readouterr().err
-    assert plans.count(f"fused-tf32 D={D} BM={bm}") == 4, plans
+    assert plans.count(f"fused-{mode} D={D} BM={bm}") == 4, plans
 
 
 @needs_cuda
@@ -314,15 +324,20 @@ def test_tf32_through_autograd_and_off_by_default(monkeypatch, capfd):
         y.backward(gy)
         return y.detach(), xs.grad, ws.grad
 
-    assert not shortcut_ext.cuda_tf32.enabled_now()
+    assert shortcut_ext.cuda_tf32.current() == "off"
     with shortcut_ext.cuda_tf32():
         got = step()
-    assert not shortcut_ext.cuda_tf32.enabled_now()
+    assert shortcut_ext.cuda_tf32.current() == "off"
     assert capfd.readouterr().err.count("fused-tf32 D=64") == 2
     _assert_tf32(got, x, w, gy, True, acts, names=("y", "grad_x", "grad_w"))
     plain = step()
     assert "tf32" not in capfd.readouterr().err
     for a, e in zip(plain, _reference(x, w, gy, True, acts)[:1] + _reference(x, w, gy, True, acts)[2:]):
+        assert ((a.cpu().double() - e).norm() / e.norm()).item() < 2e-5
+    with shortcut_ext.cuda_tf32("3xtf32"):  # float32 accuracy from tensor cores
+        got = step()
+    assert capfd.readouterr().err.count("fused-3xtf32 D=64") == 2
+    for a, e in zip(got, _reference(x, w, gy, True, acts)[:1] + _reference(x, w, gy, True, acts)[2:]):
         assert ((a.cpu().double() - e).norm() / e.norm()).item() < 2e-5
     with shortcut_ext.cuda_tf32():
         x64, w64, gy64 = _inputs(300, 64, 2, 2, torch.float64, seed=9)
@@ -470,16 +485,19 @@ def emulator(tmp_path_factory):
     return _build_emulator(tmp_path_factory.mktemp("cuda_emulation"))
 
 
+TF32_CODE = {False: 0, True: 1, "tf32": 1, "3xtf32": 2}  # Options::tf32
+
+
 def _emu_describe(so, dtype, backward, B, d, R, n, path=0, tile=0, atomic=False, ws=0, tf32=False):
     buf = ctypes.create_string_buffer(1024)
-    so.se_emu_set_tf32(int(tf32))
+    so.se_emu_set_tf32(TF32_CODE[tf32])
     so.se_emu_describe(int(dtype == torch.float64), int(backward), B, d, R, n, path, tile, int(atomic), ws, buf, 1024)
     return buf.value.decode()
 
 
 def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, sms=4, tf32=False):
-    """Forward then backward through the emulated kernels (TF32 tensor cores if tf32); outputs start
-    as NaN to catch unwritten elements."""
+    """Forward then backward through the emulated kernels (tf32: False, True / "tf32" or "3xtf32");
+    outputs start as NaN to catch unwritten elements."""
     B, d = x.shape
     R, n = w.shape[:2]
     isd = int(x.dtype == torch.float64)
@@ -490,7 +508,7 @@ def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, s
     gw = torch.full((R, n, d, d), float("nan"), dtype=x.dtype)
     err = ctypes.create_string_buffer(1024)
     so.se_emu_set_sms(sms)
-    so.se_emu_set_tf32(int(tf32))
+    so.se_emu_set_tf32(TF32_CODE[tf32])
     rc = so.se_emu_forward(isd, x.data_ptr(), w.data_ptr(), y.data_ptr(), saved.data_ptr(), B, d, R, n,
                            int(shortcut), *codes, path, tile, err, 1024)
     assert rc == 0, err.value.decode()
@@ -545,17 +563,18 @@ def test_emulated_deterministic_and_errors(emulator):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", _tf32_cases(), ids=_tf32_ids)
-def test_emulated_tf32_tile(case, emulator):
-    """Every TF32 tensor-core tile, with mma.sync emulated lane by lane in the PTX ISA's fragment
-    layout, against the float64 reference and the TF32 model."""
+@pytest.mark.parametrize("case, mode", _tensor_core_params())
+def test_emulated_tf32_tile(case, mode, emulator):
+    """Every tensor-core tile, with mma.sync emulated lane by lane in the PTX ISA's fragment layout:
+    TF32 against the TF32 model, 3xTF32 at float32 accuracy (as the float32 kernels are held to)."""
     D, bm, d, n, shortcut, acts = case
     for backward in (False, True):
-        plan = _emu_describe(emulator, torch.float32, backward, bm + 3, d, 2, n, path=1, tile=bm, tf32=True)
-        assert plan.startswith(f"fused-tf32 D={D} BM={bm}"), plan
+        plan = _emu_describe(emulator, torch.float32, backward, bm + 3, d, 2, n, path=1, tile=bm, tf32=mode)
+        assert plan.startswith(f"fused-{mode} D={D} BM={bm}"), plan
     B = bm + 5 if bm <= 32 else bm // 2 + 3
     x, w, gy = _inputs(B, d, 2, n, torch.float32, seed=D + bm + 1, scale=0.8 / d ** 0.5, device="cpu")
-    _assert_tf32(_emu_run(emulator, x, w, gy, shortcut, acts, path=1, tile=bm, tf32=True), x, w, gy, shortcut, acts)
+    outs = _emu_run(emulator, x, w, gy, shortcut, acts, path=1, tile=bm, tf32=mode)
+    (_assert_tf32 if mode == "tf32" else _assert_matches)(outs, x, w, gy, shortcut, acts)
 
 
 EMULATED_TF32_SPECIALS = [
@@ -564,6 +583,8 @@ EMULATED_TF32_SPECIALS = [
      "fused-tf32 D=64 BM=32 threads=128"),  # automatic tile; unit and row chunks
     (200, 40, 3, 2, False, ("tanh", "relu", "ssigmoid"), torch.float32, dict(atomic=True, sms=1, tf32=True),
      "fused-tf32 D=64 BM=128"),  # atomic weight gradients; one SM: the largest tile
+    (150, 100, 3, 3, True, ("ssigmoid", "tanh", "relu"), torch.float32, dict(ws=2 * 3 * 128 * 128 * 4, tf32="3xtf32"),
+     "fused-3xtf32 D=128 BM=32"),  # 3xTF32 with unit and row chunks
     (70, 100, 2, 8, True, ("identity", "relu", "identity"), torch.float32, dict(tf32=True),
      "fused D=128 BM=32"),  # no TF32 tile fits n = 8: the float32 fused kernels
     (40, 150, 2, 2, True, ("identity", "tanh", "identity"), torch.float32, dict(tf32=True), "generic"),  # d > 128
@@ -585,6 +606,8 @@ def test_emulated_special_cases(case, emulator):
     outs = _emu_run(emulator, x, w, gy, shortcut, acts, sms=sms, tf32=tf32, **sw)
     if expect.startswith("fused-tf32"):
         _assert_tf32(outs, x, w, gy, shortcut, acts)
+    elif expect.startswith("fused-3xtf32"):  # float32 accuracy
+        _assert_matches(outs, x, w, gy, shortcut, acts)
     elif tf32 and expect.startswith("fused D="):  # a TF32 forward, a float32 backward recomputing in float32
         for a, e in zip(outs, _reference(x, w, gy, shortcut, acts)):
             assert ((a.double() - e).norm() / e.norm()).item() < 2e-2
@@ -979,10 +1002,10 @@ def test_cuda_train_command_tf32(tmp_path):
                                           "--dtype", "float32", "--device", GPU, *extra, "--out", str(out)])
         assert args.func(args) == 0
         recs.append(json.loads(out.read_text()))
-    assert [r["tf32"] for r in recs] == [False, True] and recs[1]["status"] == "ok"
+    assert [r["tf32"] for r in recs] == ["off", "tf32"] and recs[1]["status"] == "ok"
     assert recs[1]["history"]["loss"] == pytest.approx(recs[0]["history"]["loss"], rel=1e-2)
     assert recs[1]["history"]["loss"] != recs[0]["history"]["loss"], "--tf32 changed nothing"
-    assert not shortcut_ext.cuda_tf32.enabled_now()
+    assert shortcut_ext.cuda_tf32.current() == "off"
 
 
 @needs_cuda

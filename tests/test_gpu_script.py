@@ -31,7 +31,7 @@ def test_run_sh_parses():
 
 
 @pytest.mark.skipif(not shortcut_ext.is_built(), reason="shortcut_ext._C is not built")
-@pytest.mark.parametrize("script, name, rows", [("bench_gpu.py", "bench_gpu_cpu_smoke", 28),
+@pytest.mark.parametrize("script, name, rows", [("bench_gpu.py", "bench_gpu_cpu_smoke", 32),
                                                 ("bench_gpu_hvp.py", "bench_gpu_hvp_cpu_smoke", 12)])
 def test_gpu_benchmark_cpu_smoke(tmp_path, script, name, rows):
     r = subprocess.run([sys.executable, str(GPU / script), "--cpu-smoke", "--out", str(tmp_path)],
@@ -66,4 +66,4 @@ def test_sanitizer_case_runs_on_cpu(tmp_path):
     r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, cwd=tmp_path,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert r.stdout.count("ok ") == 9, r.stdout
+    assert r.stdout.count("ok ") == 10, r.stdout

@@ -1,6 +1,7 @@
 """GPU benchmark: the fused residual stack against eager PyTorch, eager PyTorch replayed from a CUDA
 graph, and torch.compile (all float32, TF32 off), and the fused stack on TF32 tensor cores
-(shortcut_ext.cuda_tf32) against eager PyTorch with cuBLAS TF32 on, for the paper's 2-shortcut ReLU network (n = 2, ReLU between the two
+(shortcut_ext.cuda_tf32) against eager PyTorch with cuBLAS TF32 on, and on 3xTF32 tensor cores
+(float32 accuracy), for the paper's 2-shortcut ReLU network (n = 2, ReLU between the two
 layers of each branch, PAPER.md section 1) with R = 1000 units, float32, forward and forward+backward.
 
 Every variant is checked against eager PyTorch on the same inputs before it is timed.  Times are
@@ -8,7 +9,7 @@ medians of CUDA-event timings after a warm-up; rates count useful FLOPs only (fo
 forward+backward 3x that: the fused backward's recomputation of each unit is not counted) and are
 compared with a large GEMM measured in the same run at the variant's precision (float32 with TF32
 off; TF32 for the *_tf32 variants).  TF32 variants must agree with eager float32 to 1e-2 instead of
-1e-3.
+1e-3 (3xTF32 is held to 1e-3).
 
 torch.compile is applied to one residual unit and looped over the units ("regional" compilation, as
 for repeated transformer blocks): compiling the whole 1000-unit graph takes minutes per shape
@@ -53,9 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--units", type=int, default=1000, help="residual units R")
     p.add_argument("--n", type=int, default=2, help="layers per unit (2 = the 2-shortcut net)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
-    p.add_argument("--variants", default="fused,fused_tf32,fused_atomic,eager,eager_tf32,eager_graph,compile",
+    p.add_argument("--variants", default="fused,fused_tf32,fused_3xtf32,fused_atomic,eager,eager_tf32,eager_graph,compile",
                    help="fused_atomic: the fused op with SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1 (forward+backward only); "
-                        "fused_tf32: inside shortcut_ext.cuda_tf32(); eager_tf32: torch.backends.cuda.matmul."
+                        "fused_tf32 / fused_3xtf32: inside shortcut_ext.cuda_tf32(mode); eager_tf32: torch.backends.cuda.matmul."
                         "allow_tf32 = True")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop starting new measurements after this")
     p.add_argument("--compile-budget-s", type=float, default=100.0, help="total time allowed for compiling")
@@ -153,8 +154,8 @@ def stack_fns(args):
 @contextlib.contextmanager
 def precision(variant):
     """The switch a variant runs under, around the whole step (the backward reads it too)."""
-    if variant == "fused_tf32":
-        with shortcut_ext.cuda_tf32():
+    if variant in ("fused_tf32", "fused_3xtf32"):
+        with shortcut_ext.cuda_tf32(variant.split("_")[1]):
             yield
     elif variant == "eager_tf32":
         old = torch.backends.cuda.matmul.allow_tf32

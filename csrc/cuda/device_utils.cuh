@@ -138,6 +138,23 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 #endif
 }
 
+// The float whose bits are u.
+__device__ __forceinline__ float f32_from_bits(uint32_t u) {
+#if defined(SHORTCUT_EXT_CUDA_EMULATE)
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#else
+  return __uint_as_float(u);
+#endif
+}
+
+// x = big + small + O(2^-22 |x|), both TF32 (3xTF32: small is x - big rounded to TF32).
+__device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  big = to_tf32(x);
+  small = to_tf32(x - f32_from_bits(big));
+}
+
 // x rounded to TF32, as a float (for weights rounded once before the kernels read them).
 __device__ __forceinline__ float round_tf32(float x) {
 #if defined(SHORTCUT_EXT_CUDA_EMULATE)

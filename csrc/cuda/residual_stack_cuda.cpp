@@ -56,7 +56,7 @@ cuda::Options read_options() {
   const int64_t mb = env_int("SHORTCUT_EXT_CUDA_WORKSPACE_MB", 1024);
   TORCH_CHECK_VALUE(mb >= 1, "SHORTCUT_EXT_CUDA_WORKSPACE_MB must be >= 1, got ", mb);
   o.workspace_bytes = mb << 20;
-  o.tf32 = cuda_tf32_enabled();
+  o.tf32 = cuda_tf32_mode();
   return o;
 }
 

@@ -44,9 +44,10 @@ struct Options {
   bool atomic_grad = false;
   // Bound on the per-tile weight-gradient partial sums; units are processed in chunks to fit.
   int64_t workspace_bytes = int64_t(1) << 30;
-  // float32 products on TF32 tensor cores (sm_80+, d <= 128; ~1e-3 relative error instead of
-  // float32's ~1e-7).  Off unless asked for (shortcut_ext.cuda_tf32()).
-  bool tf32 = false;
+  // float32 products on TF32 tensor cores (sm_80+, d <= 128): 1 TF32 (~1e-3 relative error per
+  // product instead of float32's ~1e-7), 2 3xTF32 (float32 accuracy, three mma per product).  0
+  // (float32 FMA) unless asked for (shortcut_ext.cuda_tf32()).
+  int tf32 = 0;
 };
 
 // Device memory that stays valid until the stream has run every launch made by the call

@@ -35,15 +35,15 @@ Device query_device() {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The tensor-core configurations of T (float32 only).
+// The tensor-core configurations of T (float32 only) for Options::tf32 mode 1 or 2.
 template <typename T>
-const std::vector<FusedEntry<T>>& tf32_entries() {
+const std::vector<FusedEntry<T>>& tf32_entries(int) {
   static const std::vector<FusedEntry<T>> none;
   return none;
 }
 template <>
-const std::vector<FusedEntry<float>>& tf32_entries<float>() {
-  return fused_tf32_entries();
+const std::vector<FusedEntry<float>>& tf32_entries<float>(int mode) {
+  return mode == 2 ? fused_3xtf32_entries() : fused_tf32_entries();
 }
 
 template <typename T>
@@ -72,14 +72,14 @@ Plan<T> make_plan(const StackArgs& a, bool backward, const Options& opt) {
     const int64_t D = a.d <= 16 ? 16 : a.d <= 32 ? 32 : a.d <= 64 ? 64 : 128;
     // TF32 when asked for, on float32 and sm_80+, where a tensor-core tile fits; else FFMA.
     std::vector<const std::vector<FusedEntry<T>>*> lists;
-    if (opt.tf32 && std::is_same<T, float>::value && dev.cc_major >= 8) lists.push_back(&tf32_entries<T>());
+    if (opt.tf32 && std::is_same<T, float>::value && dev.cc_major >= 8) lists.push_back(&tf32_entries<T>(opt.tf32));
     lists.push_back(&fused_entries<T>());
     std::ostringstream available;
     for (const auto* list : lists) {
       std::vector<const FusedEntry<T>*> fits;
       for (const auto& e : *list) {
         if (e.D != D) continue;
-        available << " " << e.BM << (e.tensor_core ? "(tf32)" : "");
+        available << " " << e.BM << (e.tensor_core ? (e.split ? "(3xtf32)" : "(tf32)") : "");
         if (e.smem(backward, a.n) <= size_t(dev.smem_optin)) fits.push_back(&e);
       }
       if (opt.tile_rows > 0) {
@@ -187,7 +187,7 @@ cudaError_t launch_residual_stack_forward(const StackArgs& a, const T* x, const 
   TORCH_CHECK_VALUE(plan.error.empty(), plan.error);
   const int64_t layers = a.R * a.n;
   T* wt = alloc_elems<T>(alloc, layers * plan.D * plan.D);
-  const bool tf32 = plan.fused && plan.fused->tensor_core;
+  const bool tf32 = plan.fused && plan.fused->tensor_core && !plan.fused->split;  // 3xTF32 splits in registers
   cudaError_t err = prepare_weights<T>(weights, layers, a.d, plan.D, wt, nullptr, tf32, stream);
   if (err != cudaSuccess) return err;
 
@@ -216,7 +216,7 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
 
   // Padded W^T for the recompute, padded W for the data gradient (the user's weights when no
   // padding or rounding is needed: same layout, and cp.async needs only 16-byte alignment).
-  const bool tf32 = plan.fused && plan.fused->tensor_core;
+  const bool tf32 = plan.fused && plan.fused->tensor_core && !plan.fused->split;  // 3xTF32 splits in registers
   T* wt = alloc_elems<T>(alloc, layers * D * D);
   const bool reuse_w = D == a.d && !tf32 && (reinterpret_cast<uintptr_t>(weights) % 16 == 0);
   T* wp = reuse_w ? nullptr : alloc_elems<T>(alloc, layers * D * D);
@@ -298,7 +298,7 @@ std::string describe_plan(const StackArgs& a, bool is_double, bool backward, con
     std::ostringstream os;
     if (!plan.error.empty()) return "error: " + plan.error;
     if (plan.fused)
-      os << (plan.fused->tensor_core ? "fused-tf32 D=" : "fused D=") << plan.D << " BM=" << plan.fused->BM << " threads=" << plan.fused->threads;
+      os << (!plan.fused->tensor_core ? "fused D=" : plan.fused->split ? "fused-3xtf32 D=" : "fused-tf32 D=") << plan.D << " BM=" << plan.fused->BM << " threads=" << plan.fused->threads;
     else
       os << "generic BM=" << kGenericRows << " threads=" << kGenericThreads;
     os << " smem=" << plan.smem << " grid=" << plan.grid;

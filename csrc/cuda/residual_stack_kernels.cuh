@@ -13,7 +13,8 @@
 //   * each thread owns a TM x TN micro-tile of every [BM, D] product (FFMA in fp32/fp64, no TF32);
 //   * float32 only, when asked (shortcut_ext.cuda_tf32()): TcConfig runs the same kernels with every
 //     product on TF32 tensor cores (mma.sync m16n8k8, float32 accumulation), each warp owning
-//     16x8 accumulator fragments; activations and the residual stream stay float32.
+//     16x8 accumulator fragments; activations and the residual stream stay float32.  3xTF32 splits
+//     every operand into two TF32 parts for float32 accuracy (three mma per product).
 //   Forward reads W^T (a transposed copy made per call), backward reads W^T to recompute a unit's
 //   inner activations from its saved input and W for the data gradient.
 //   Backward keeps the n recomputed layer inputs of a unit on chip ([n][D][BM + pad]); weight
@@ -75,7 +76,7 @@ struct BackwardParams {
 template <typename T_, int D_, int BM_, int TM_, int TN_>
 struct FusedConfig {
   using T = T_;
-  static constexpr bool kTensorCore = false;
+  static constexpr bool kTensorCore = false, kSplit = false;
   static constexpr int D = D_, BM = BM_, TM = TM_, TN = TN_;
   static constexpr int VEC = Vec16<T>::lanes;           // elements per 16-byte access
   static constexpr int TX = D / TN, TY = BM / TM;       // thread grid over a [BM, D] product
@@ -127,10 +128,13 @@ constexpr int tc_wgrad_warps_m(int D, int warps) {
 // TF32 tensor-core configuration (float32 only, opt-in; see residual_stack_fused_tf32.cu): the same
 // schedule, with every product on mma.sync m16n8k8.  WARPS_M x WARPS_N warps each own a
 // [BM / WARPS_M, D / WARPS_N] block of a [BM, D] product as MI x NI accumulator fragments.
-template <int D_, int BM_, int WARPS_M_, int WARPS_N_>
+// SPLIT (3xTF32): every operand x = big + small, both TF32, and a*b = a_big*b_big + a_big*b_small +
+// a_small*b_big (the dropped a_small*b_small is ~2^-22 relative): float32 accuracy from three mma
+// per product, with the same shared-memory traffic as one.
+template <int D_, int BM_, int WARPS_M_, int WARPS_N_, bool SPLIT_ = false>
 struct TcConfig {
   using T = float;
-  static constexpr bool kTensorCore = true;
+  static constexpr bool kTensorCore = true, kSplit = SPLIT_;
   static constexpr int D = D_, BM = BM_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
   static constexpr int WARPS = WARPS_M * WARPS_N, THREADS = 32 * WARPS;
   static constexpr int WTM = BM / WARPS_M, WTN = D / WARPS_N;  // a warp's block of a product
@@ -283,25 +287,42 @@ __device__ __forceinline__ void tc_row_gemm(const float* A, Stream& ws, const Ow
     const float* b_base = wc + me.t * Cfg::LDW + me.wn * Cfg::WTN + me.g;
 #pragma unroll
     for (int kk = 0; kk < Cfg::KC; kk += 8) {
-      uint32_t a[Cfg::MI][4], b[Cfg::NI][2];
+      // big parts, and (3xTF32) small parts
+      uint32_t a[Cfg::MI][4], b[Cfg::NI][2], as[Cfg::kSplit ? Cfg::MI : 1][4], bs[Cfg::kSplit ? Cfg::NI : 1][2];
 #pragma unroll
       for (int mi = 0; mi < Cfg::MI; ++mi) {
         const float* q = a_base + kk * Cfg::LDA + mi * 16;
-        a[mi][0] = to_tf32(q[0]);
-        a[mi][1] = to_tf32(q[8]);
-        a[mi][2] = to_tf32(q[4 * Cfg::LDA]);
-        a[mi][3] = to_tf32(q[4 * Cfg::LDA + 8]);
+        const float v[4] = {q[0], q[8], q[4 * Cfg::LDA], q[4 * Cfg::LDA + 8]};
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if constexpr (Cfg::kSplit)
+            split_tf32(v[c], a[mi][c], as[mi][c]);
+          else
+            a[mi][c] = to_tf32(v[c]);
+        }
       }
 #pragma unroll
-      for (int ni = 0; ni < Cfg::NI; ++ni) {  // weights were rounded to TF32 once, on the host side
+      for (int ni = 0; ni < Cfg::NI; ++ni) {  // TF32: the weights were rounded once, on the host side
         const float* q = b_base + kk * Cfg::LDW + ni * 8;
-        b[ni][0] = f32_bits(q[0]);
-        b[ni][1] = f32_bits(q[4 * Cfg::LDW]);
+        const float v[2] = {q[0], q[4 * Cfg::LDW]};
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if constexpr (Cfg::kSplit)
+            split_tf32(v[c], b[ni][c], bs[ni][c]);
+          else
+            b[ni][c] = f32_bits(v[c]);
+        }
       }
 #pragma unroll
       for (int mi = 0; mi < Cfg::MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < Cfg::NI; ++ni) mma_tf32_16x8x8(fragment<Cfg>(acc, mi, ni), a[mi], b[ni]);
+        for (int ni = 0; ni < Cfg::NI; ++ni) {
+          if constexpr (Cfg::kSplit) {  // small terms first
+            mma_tf32_16x8x8(fragment<Cfg>(acc, mi, ni), as[mi], b[ni]);
+            mma_tf32_16x8x8(fragment<Cfg>(acc, mi, ni), a[mi], bs[ni]);
+          }
+          mma_tf32_16x8x8(fragment<Cfg>(acc, mi, ni), a[mi], b[ni]);
+        }
     }
     ws.release();
   }
@@ -363,13 +384,13 @@ __device__ __forceinline__ void store_tile(typename Cfg::T* A, const Frag<Cfg>& 
   }
 }
 
-// v[row][col] = A[col][row] for the owned positions.
-template <class Cfg>
-__device__ __forceinline__ void load_tile(const typename Cfg::T* A, Frag<Cfg>& v, const Owner<Cfg>& me) {
+// f(e, A[col(e)][row(e)]) for every owned element e, without holding a copy of the tile's values.
+template <class Cfg, class F>
+__device__ __forceinline__ void for_tile(const typename Cfg::T* A, const Owner<Cfg>& me, F f) {
   using T = typename Cfg::T;
   if constexpr (Cfg::kTensorCore) {
 #pragma unroll
-    for (int e = 0; e < Cfg::FRAG; ++e) v[e] = A[me.col(e) * Cfg::LDA + me.row(e)];
+    for (int e = 0; e < Cfg::FRAG; ++e) f(e, A[me.col(e) * Cfg::LDA + me.row(e)]);
   } else {
     constexpr int VEC = Cfg::VEC;
 #pragma unroll
@@ -381,7 +402,7 @@ __device__ __forceinline__ void load_tile(const typename Cfg::T* A, Frag<Cfg>& v
           T t[VEC];
           load_vec<VEC>(t, A + me.col(q, c) * Cfg::LDA + me.row(p, 0));
 #pragma unroll
-          for (int w = 0; w < VEC; ++w) v[(p * VEC + w) * Cfg::TN + q * VEC + c] = t[w];
+          for (int w = 0; w < VEC; ++w) f((p * VEC + w) * Cfg::TN + q * VEC + c, t[w]);
         }
   }
 }
@@ -435,25 +456,41 @@ __device__ __forceinline__ void tc_weight_gemm(const float* DZ, const float* A, 
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
 #pragma unroll 2
   for (int kb = 0; kb < Cfg::BM; kb += 8) {
-    uint32_t a[Cfg::WMI][4], b[Cfg::WNI][2];
+    uint32_t a[Cfg::WMI][4], b[Cfg::WNI][2], as[Cfg::kSplit ? Cfg::WMI : 1][4], bs[Cfg::kSplit ? Cfg::WNI : 1][2];
 #pragma unroll
     for (int mi = 0; mi < Cfg::WMI; ++mi) {  // A = DZ as [o][b]: a0 (o g, b t), a1 (g + 8, t), a2 (g, t + 4), a3
       const float* q = DZ + (o0 + mi * 16 + g) * Cfg::LDA + kb + t;
-      a[mi][0] = to_tf32(q[0]);
-      a[mi][1] = to_tf32(q[8 * Cfg::LDA]);
-      a[mi][2] = to_tf32(q[4]);
-      a[mi][3] = to_tf32(q[8 * Cfg::LDA + 4]);
+      const float v[4] = {q[0], q[8 * Cfg::LDA], q[4], q[8 * Cfg::LDA + 4]};
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if constexpr (Cfg::kSplit)
+          split_tf32(v[c], a[mi][c], as[mi][c]);
+        else
+          a[mi][c] = to_tf32(v[c]);
+      }
     }
 #pragma unroll
     for (int ni = 0; ni < Cfg::WNI; ++ni) {  // B = Act as [b][i]: b0 (b t, i g), b1 (t + 4, g)
       const float* q = A + (i0 + ni * 8 + g) * Cfg::LDA + kb + t;
-      b[ni][0] = to_tf32(q[0]);
-      b[ni][1] = to_tf32(q[4]);
+      const float v[2] = {q[0], q[4]};
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        if constexpr (Cfg::kSplit)
+          split_tf32(v[c], b[ni][c], bs[ni][c]);
+        else
+          b[ni][c] = to_tf32(v[c]);
+      }
     }
 #pragma unroll
     for (int mi = 0; mi < Cfg::WMI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < Cfg::WNI; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+      for (int ni = 0; ni < Cfg::WNI; ++ni) {
+        if constexpr (Cfg::kSplit) {
+          mma_tf32_16x8x8(acc[mi][ni], as[mi], b[ni]);
+          mma_tf32_16x8x8(acc[mi][ni], a[mi], bs[ni]);
+        }
+        mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+      }
   }
 #pragma unroll
   for (int mi = 0; mi < Cfg::WMI; ++mi)
@@ -522,7 +559,7 @@ __device__ __forceinline__ void weight_gemm(const typename Cfg::T* DZ, const typ
 
 // ---------------------------------------------------------------------------- fused kernels
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS) forward_fused_kernel(ForwardParams<typename Cfg::T> p) {
+__global__ void __launch_bounds__(Cfg::THREADS, 1) forward_fused_kernel(ForwardParams<typename Cfg::T> p) {
   using T = typename Cfg::T;
   SE_DYNAMIC_SMEM(T, smem);
   T* wbuf = smem;                      // [STAGES][KC][LDW]
@@ -561,7 +598,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) forward_fused_kernel(ForwardPara
 }
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS) backward_fused_kernel(BackwardParams<typename Cfg::T> p) {
+__global__ void __launch_bounds__(Cfg::THREADS, 1) backward_fused_kernel(BackwardParams<typename Cfg::T> p) {
   using T = typename Cfg::T;
   SE_DYNAMIC_SMEM(T, smem);
   T* wbuf = smem;                              // [STAGES][KC][LDW]
@@ -606,19 +643,15 @@ __global__ void __launch_bounds__(Cfg::THREADS) backward_fused_kernel(BackwardPa
                        p.grad_w + (r * p.n + k) * p.d * p.d, p.d);
       row_gemm<Cfg>(DZ, ws, me, acc);  // dL/dAct[k] = DZ W[r, k]
       __syncthreads();                 // all reads of DZ done
-      T s[Cfg::FRAG];
-      load_tile<Cfg>(Ak, s, me);
       if (k > 0) {
-#pragma unroll
-        for (int e = 0; e < Cfg::FRAG; ++e) acc[e] *= deriv_from_output<T>(p.mid, s[e]);
+        for_tile<Cfg>(Ak, me, [&](int e, T s) { acc[e] *= deriv_from_output<T>(p.mid, s); });
         store_tile<Cfg>(DZ, acc, Act::Identity, me);
         __syncthreads();  // publish DZ for the next weight_gemm
       } else {
-#pragma unroll
-        for (int e = 0; e < Cfg::FRAG; ++e) {
-          const T gi = acc[e] * deriv_from_output<T>(p.pre, s[e]);
+        for_tile<Cfg>(Ak, me, [&](int e, T s) {
+          const T gi = acc[e] * deriv_from_output<T>(p.pre, s);
           g[e] = p.shortcut ? g[e] + gi : gi;
-        }
+        });
         __syncthreads();  // Act[0] is rewritten by the next unit
       }
     }
@@ -837,6 +870,7 @@ template <typename T>
 struct FusedEntry {
   int D, BM, threads;
   bool tensor_core;  // TF32 mma.sync kernels (float32, sm_80+)
+  bool split;        // 3xTF32: operands split into two TF32 parts (float32 accuracy)
   size_t (*smem)(bool backward, int64_t n);
   void (*forward)(const ForwardParams<T>&, dim3, size_t, cudaStream_t);
   void (*backward)(const BackwardParams<T>&, dim3, size_t, cudaStream_t);
@@ -851,6 +885,7 @@ FusedEntry<typename Cfg::T> make_fused_entry() {
   e.BM = Cfg::BM;
   e.threads = Cfg::THREADS;
   e.tensor_core = Cfg::kTensorCore;
+  e.split = Cfg::kSplit;
   e.smem = &Cfg::smem_bytes;
   e.forward = [](const ForwardParams<T>& p, dim3 grid, size_t smem, cudaStream_t s) {
     SE_LAUNCH(forward_fused_kernel<Cfg>, grid, dim3(Cfg::THREADS), smem, s, p);
@@ -872,8 +907,10 @@ template <>
 const std::vector<FusedEntry<float>>& fused_entries<float>();
 template <>
 const std::vector<FusedEntry<double>>& fused_entries<double>();
-// The TF32 tensor-core configurations (residual_stack_fused_tf32.cu), largest tile first per D.
+// The TF32 and 3xTF32 tensor-core configurations (residual_stack_fused_tf32.cu, _3xtf32.cu),
+// largest tile first per D.
 const std::vector<FusedEntry<float>>& fused_tf32_entries();
+const std::vector<FusedEntry<float>>& fused_3xtf32_entries();
 
 }  // namespace cuda_detail
 }  // namespace shortcut_ext

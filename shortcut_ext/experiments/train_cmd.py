@@ -44,9 +44,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network trains")
-    p.add_argument("--tf32", action="store_true",
-                   help="float32 on cuda: the fused kernels' products on TF32 tensor cores (shortcut_ext.cuda_tf32; "
-                        "~1e-3 relative error per product, several times faster; Hessian probes stay float32)")
+    p.add_argument("--tf32", nargs="?", const="tf32", choices=("tf32", "3xtf32"), default=None,
+                   help="float32 on cuda: the fused kernels' products on tensor cores (shortcut_ext.cuda_tf32): "
+                        "tf32 (the default of the bare flag; ~1e-3 relative error per product, the fastest) or 3xtf32 "
+                        "(float32 accuracy); Hessian probes stay float32")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel full-batch training under torchrun (gloo on cpu, NCCL on cuda: each rank "
                         "takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes")
@@ -58,7 +59,7 @@ def add_parser(subparsers) -> None:
 
 def main(args) -> int:
     device = parse_device(args.device, "train")
-    if getattr(args, "tf32", False) and (args.dtype != "float32" or not device.startswith("cuda")):
+    if getattr(args, "tf32", None) and (args.dtype != "float32" or not device.startswith("cuda")):
         raise SystemExit(f"shortcut-ext train: --tf32 needs --dtype float32 and --device cuda, got --dtype "
                          f"{args.dtype} --device {device}")
     if not getattr(args, "distributed", False):
@@ -99,7 +100,7 @@ def _main(args, device, rank, world) -> int:
               f"{f'; {world} ranks' if world > 1 else ''}")
     from ..ops import cuda_tf32
 
-    with cuda_tf32() if getattr(args, "tf32", False) else contextlib.nullcontext():
+    with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
         res = train(net, data, cfg, l_min=bundle.l_min, progress=lead,
                     distributed=bool(getattr(args, "distributed", False)))
     if not lead:
@@ -108,7 +109,7 @@ def _main(args, device, rank, world) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = {"arch": args.arch, "act": args.act, "depth": depth, "seed": args.seed, "data": bundle.tag,
            "backend": net.backend, "device": device, "world_size": world, "dtype": args.dtype,
-           "tf32": bool(getattr(args, "tf32", False)), "compressed": compress, "config": cfg.to_dict(),
+           "tf32": getattr(args, "tf32", None) or "off", "compressed": compress, "config": cfg.to_dict(),
            **res.to_dict()}
     out.write_text(json.dumps(json_safe(rec), indent=1))
     h = res.history

@@ -10,6 +10,7 @@
 #include "cuda/residual_stack_fused_f32.cu"
 #include "cuda/residual_stack_fused_f64.cu"
 #include "cuda/residual_stack_fused_tf32.cu"
+#include "cuda/residual_stack_fused_3xtf32.cu"
 #include "cuda/residual_stack_kernels.cu"
 
 #include <cstdlib>
@@ -39,11 +40,11 @@ sc::StackArgs args(int64_t B, int64_t d, int64_t R, int64_t n, int shortcut, int
   return {B, d, R, n, shortcut != 0, Act(pre), Act(mid), Act(post)};
 }
 
-int g_tf32 = 0;  // se_emu_set_tf32
+int g_tf32 = 0;  // se_emu_set_tf32: Options::tf32
 
 sc::Options options(int path, int tile_rows, int atomic, int64_t ws_bytes) {
   sc::Options o;
-  o.tf32 = g_tf32 != 0;
+  o.tf32 = g_tf32;
   o.path = path;
   o.tile_rows = tile_rows;
   o.atomic_grad = atomic != 0;
@@ -63,8 +64,8 @@ extern "C" {
 // Number of emulated multiprocessors (the fused tile choice and the generic grid depend on it).
 void se_emu_set_sms(int sms) { se_emu::sm_count() = sms; }
 
-// Whether later calls ask for TF32 tensor cores (Options::tf32).
-void se_emu_set_tf32(int on) { g_tf32 = on; }
+// The TF32 tensor-core mode of later calls (Options::tf32: 0 off, 1 TF32, 2 3xTF32).
+void se_emu_set_tf32(int mode) { g_tf32 = mode; }
 
 int se_emu_forward(int is_double, const void* x, const void* w, void* y, void* saved, int64_t B, int64_t d, int64_t R,
                    int64_t n, int shortcut, int pre, int mid, int post, int path, int tile_rows, char* err,

@@ -1,4 +1,4 @@
-// Runs a few emulated fused (float32, float64, TF32), generic and HVP launches under ThreadSanitizer, which then reports any
+// Runs a few emulated fused (float32, float64, TF32, 3xTF32), generic and HVP launches under ThreadSanitizer, which then reports any
 // shared-memory access between two emulated CUDA threads of a block that no __syncthreads() orders
 // (a missing barrier).  It found a barrier removed on purpose from forward_fused_kernel; the kernels
 // as committed ran clean (2026-11, ~5 min on 2 cores).  Not part of any build:
@@ -71,6 +71,8 @@ int main() {
   bad |= one<float>(40, 16, 2, 2, 1, 32);
   bad |= one<float>(40, 64, 2, 2, 1, 32);
   bad |= one<float>(40, 100, 2, 2, 1, 32);
+  se_emu_set_tf32(2);  // 3xTF32
+  bad |= one<float>(40, 64, 2, 2, 1, 32);
   se_emu_set_tf32(0);
   return bad;
 }
