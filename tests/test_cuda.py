@@ -551,6 +551,19 @@ EMULATED_SPECIALS = [
 ]
 
 
+def test_emulated_smoke(emulator):
+    """In the default run (one g++ build, ~15 s): one small emulated case per kernel family, so that CI
+    without a GPU runs the CUDA sources: float32 and float64 FMA, TF32 and 3xTF32 tensor cores, generic."""
+    for dtype, d, path, mode, check in ((torch.float32, 24, 1, False, _assert_matches),
+                                        (torch.float64, 9, 1, False, _assert_matches),
+                                        (torch.float32, 40, 1, "tf32", _assert_tf32),
+                                        (torch.float32, 20, 1, "3xtf32", _assert_matches),
+                                        (torch.float32, 140, 2, False, _assert_matches)):
+        x, w, gy = _inputs(37, d, 2, 2, dtype, seed=d, scale=0.8 / d ** 0.5, device="cpu")
+        acts = ("relu", "tanh", "ssigmoid")
+        check(_emu_run(emulator, x, w, gy, True, acts, path=path, tf32=mode), x, w, gy, True, acts)
+
+
 @pytest.mark.slow
 def test_emulated_deterministic_and_errors(emulator):
     x, w, gy = _inputs(90, 24, 3, 2, torch.float32, seed=1, device="cpu")
