@@ -276,6 +276,29 @@ __device__ __forceinline__ float (&fragment(float (&v)[Cfg::FRAG], int mi, int n
   return *reinterpret_cast<float(*)[4]>(v + (mi * Cfg::NI + ni) * 4);
 }
 
+// Operand registers of N values: TF32 (rounded here unless `rounded`), or 3xTF32 big and small parts.
+template <bool SPLIT, int N>
+__device__ __forceinline__ void tc_operands(const float (&v)[N], uint32_t (&big)[N], uint32_t (&small)[N], bool rounded) {
+#pragma unroll
+  for (int c = 0; c < N; ++c) {
+    if constexpr (SPLIT)
+      split_tf32(v[c], big[c], small[c]);
+    else
+      big[c] = rounded ? f32_bits(v[c]) : to_tf32(v[c]);
+  }
+}
+
+// d += A B from TF32 operands, or (3xTF32) d += As B + A Bs + A B, the small terms first.
+template <bool SPLIT>
+__device__ __forceinline__ void tc_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&as)[4],
+                                       const uint32_t (&b)[2], const uint32_t (&bs)[2]) {
+  if constexpr (SPLIT) {
+    mma_tf32_16x8x8(d, as, b);
+    mma_tf32_16x8x8(d, a, bs);
+  }
+  mma_tf32_16x8x8(d, a, b);
+}
+
 template <class Cfg, class Stream>
 __device__ __forceinline__ void tc_row_gemm(const float* A, Stream& ws, const Owner<Cfg>& me, Frag<Cfg>& acc) {
 #pragma unroll
@@ -287,42 +310,21 @@ __device__ __forceinline__ void tc_row_gemm(const float* A, Stream& ws, const Ow
     const float* b_base = wc + me.t * Cfg::LDW + me.wn * Cfg::WTN + me.g;
 #pragma unroll
     for (int kk = 0; kk < Cfg::KC; kk += 8) {
-      // big parts, and (3xTF32) small parts
-      uint32_t a[Cfg::MI][4], b[Cfg::NI][2], as[Cfg::kSplit ? Cfg::MI : 1][4], bs[Cfg::kSplit ? Cfg::NI : 1][2];
+      uint32_t a[Cfg::MI][4], b[Cfg::NI][2], as[Cfg::MI][4], bs[Cfg::NI][2];  // big and (3xTF32) small parts
 #pragma unroll
       for (int mi = 0; mi < Cfg::MI; ++mi) {
         const float* q = a_base + kk * Cfg::LDA + mi * 16;
-        const float v[4] = {q[0], q[8], q[4 * Cfg::LDA], q[4 * Cfg::LDA + 8]};
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          if constexpr (Cfg::kSplit)
-            split_tf32(v[c], a[mi][c], as[mi][c]);
-          else
-            a[mi][c] = to_tf32(v[c]);
-        }
+        tc_operands<Cfg::kSplit>({q[0], q[8], q[4 * Cfg::LDA], q[4 * Cfg::LDA + 8]}, a[mi], as[mi], false);
       }
 #pragma unroll
       for (int ni = 0; ni < Cfg::NI; ++ni) {  // TF32: the weights were rounded once, on the host side
         const float* q = b_base + kk * Cfg::LDW + ni * 8;
-        const float v[2] = {q[0], q[4 * Cfg::LDW]};
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          if constexpr (Cfg::kSplit)
-            split_tf32(v[c], b[ni][c], bs[ni][c]);
-          else
-            b[ni][c] = f32_bits(v[c]);
-        }
+        tc_operands<Cfg::kSplit>({q[0], q[4 * Cfg::LDW]}, b[ni], bs[ni], true);
       }
 #pragma unroll
       for (int mi = 0; mi < Cfg::MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < Cfg::NI; ++ni) {
-          if constexpr (Cfg::kSplit) {  // small terms first
-            mma_tf32_16x8x8(fragment<Cfg>(acc, mi, ni), as[mi], b[ni]);
-            mma_tf32_16x8x8(fragment<Cfg>(acc, mi, ni), a[mi], bs[ni]);
-          }
-          mma_tf32_16x8x8(fragment<Cfg>(acc, mi, ni), a[mi], b[ni]);
-        }
+        for (int ni = 0; ni < Cfg::NI; ++ni) tc_mma<Cfg::kSplit>(fragment<Cfg>(acc, mi, ni), a[mi], as[mi], b[ni], bs[ni]);
     }
     ws.release();
   }
@@ -456,41 +458,21 @@ __device__ __forceinline__ void tc_weight_gemm(const float* DZ, const float* A, 
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
 #pragma unroll 2
   for (int kb = 0; kb < Cfg::BM; kb += 8) {
-    uint32_t a[Cfg::WMI][4], b[Cfg::WNI][2], as[Cfg::kSplit ? Cfg::WMI : 1][4], bs[Cfg::kSplit ? Cfg::WNI : 1][2];
+    uint32_t a[Cfg::WMI][4], b[Cfg::WNI][2], as[Cfg::WMI][4], bs[Cfg::WNI][2];
 #pragma unroll
     for (int mi = 0; mi < Cfg::WMI; ++mi) {  // A = DZ as [o][b]: a0 (o g, b t), a1 (g + 8, t), a2 (g, t + 4), a3
       const float* q = DZ + (o0 + mi * 16 + g) * Cfg::LDA + kb + t;
-      const float v[4] = {q[0], q[8 * Cfg::LDA], q[4], q[8 * Cfg::LDA + 4]};
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        if constexpr (Cfg::kSplit)
-          split_tf32(v[c], a[mi][c], as[mi][c]);
-        else
-          a[mi][c] = to_tf32(v[c]);
-      }
+      tc_operands<Cfg::kSplit>({q[0], q[8 * Cfg::LDA], q[4], q[8 * Cfg::LDA + 4]}, a[mi], as[mi], false);
     }
 #pragma unroll
     for (int ni = 0; ni < Cfg::WNI; ++ni) {  // B = Act as [b][i]: b0 (b t, i g), b1 (t + 4, g)
       const float* q = A + (i0 + ni * 8 + g) * Cfg::LDA + kb + t;
-      const float v[2] = {q[0], q[4]};
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        if constexpr (Cfg::kSplit)
-          split_tf32(v[c], b[ni][c], bs[ni][c]);
-        else
-          b[ni][c] = to_tf32(v[c]);
-      }
+      tc_operands<Cfg::kSplit>({q[0], q[4]}, b[ni], bs[ni], false);
     }
 #pragma unroll
     for (int mi = 0; mi < Cfg::WMI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < Cfg::WNI; ++ni) {
-        if constexpr (Cfg::kSplit) {
-          mma_tf32_16x8x8(acc[mi][ni], as[mi], b[ni]);
-          mma_tf32_16x8x8(acc[mi][ni], a[mi], bs[ni]);
-        }
-        mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
-      }
+      for (int ni = 0; ni < Cfg::WNI; ++ni) tc_mma<Cfg::kSplit>(acc[mi][ni], a[mi], as[mi], b[ni], bs[ni]);
   }
 #pragma unroll
   for (int mi = 0; mi < Cfg::WMI; ++mi)
