@@ -157,7 +157,7 @@ def zero_point_data(X: torch.Tensor, Y: torch.Tensor, loss: str = "mse", input_p
     if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.shape[0] < 1:
         raise ValueError(f"X must be a tensor of shape [m, p] with m >= 1, got "
                          f"{list(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}")
-    if not isinstance(Y, torch.Tensor) or Y.shape[0] != X.shape[0]:
+    if not isinstance(Y, torch.Tensor) or Y.dim() == 0 or Y.shape[0] != X.shape[0]:
         raise ValueError(f"Y must be a tensor with {X.shape[0]} rows like X, got "
                          f"{list(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__}")
     x = X.detach().to(torch.float64).cpu()
@@ -175,9 +175,16 @@ def zero_point_data(X: torch.Tensor, Y: torch.Tensor, loss: str = "mse", input_p
     else:
         prob = torch.softmax(f, dim=1)
         if Y.dim() == 1:
+            if Y.is_floating_point() or Y.is_complex() or Y.dtype == torch.bool:
+                raise TypeError(f"Y: class-index targets must be integers, got {Y.dtype}")
+            lo, hi = int(Y.min()), int(Y.max())
+            if lo < 0 or hi >= q:
+                raise ValueError(f"Y: class indices must lie in [0, {q}), got range [{lo}, {hi}]")
             target = torch.nn.functional.one_hot(Y.long().cpu(), q).to(torch.float64)
-        elif Y.dim() == 2 and Y.shape[1] == q:
+        elif Y.dim() == 2 and Y.shape[1] == q and Y.is_floating_point():
             target = Y.detach().to(torch.float64).cpu()
+            if not bool(torch.isfinite(target).all()) or bool((target < 0).any()):
+                raise ValueError("Y: probability targets must be finite and >= 0")
         else:
             raise ValueError(f"Y must be class indices [{X.shape[0]}] or probabilities [{X.shape[0]}, {q}] "
                              f"for loss='cross_entropy', got {list(Y.shape)}")
@@ -383,7 +390,8 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
                        q: float = 0.1, max_dense_params: int = 4096) -> dict:
     """Condition numbers at initialisation against depth (the paper's Fig. 5).
 
-    ``shortcutN`` is an N-shortcut net at zero weights with ``depth // N`` units, from the theory
+    ``shortcutN`` is an N-shortcut net at zero weights with ``depth // N`` units (``layers`` =
+    ``N * (depth // N)``, the depth actually used when ``N`` does not divide it), from the theory
     (``n = 1`` through the assembled Hessian, or Lanczos + SLQ on :class:`OneShortcutHessian` above
     ``max_dense_params``).  ``plain_xavier`` / ``plain_orthogonal`` have no closed form: they are
     computed **numerically**, from the dense Hessian (``HessianOperator.to_dense``, float64) of
@@ -391,7 +399,7 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
     with ``depth * d^2 > max_dense_params`` are skipped (``nan``).
 
     Returns:
-        ``{kind: {"depth", "units", "lam_max", "lam_min", "lam_q10", "cond", "cond_q10", "index",
+        ``{kind: {"depth", "units", "layers", "lam_max", "lam_min", "lam_q10", "cond", "cond_q10", "index",
         "std" (over seeds, plain nets), "method"}}`` with lists over ``depths``.
     """
     from .curvature.condition import condition_report
@@ -399,6 +407,8 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
     from .models import PlainNet
 
     keys = ("lam_max", "lam_min", "lam_q10", "cond", "cond_q10", "index")
+    if any(not str(kd).startswith("shortcut") for kd in kinds) and len(tuple(seeds)) == 0:
+        raise ValueError(f"seeds must hold at least one seed for the plain kinds, got {tuple(seeds)!r}")
     zp = zero_point_data(X, Y, loss)
     d = zp.d
     out = {}
@@ -406,7 +416,7 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
         if kind not in CURVE_KINDS:
             raise ValueError(f"kinds must be drawn from {CURVE_KINDS}, got {kind!r}")
         rows = {k: [] for k in keys}
-        rows.update(depth=[], units=[], method=[], std=[])
+        rows.update(depth=[], units=[], layers=[], method=[], std=[])
         for D in depths:
             D = _check_int("depth", D, 1)
             rows["depth"].append(D)
@@ -414,6 +424,7 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
                 n = int(kind[-1])
                 R = D // n
                 rows["units"].append(R)
+                rows["layers"].append(R * n)
                 rows["std"].append(None)
                 if R < 1:
                     for k in keys:
@@ -431,6 +442,7 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
             else:
                 init = kind.split("_", 1)[1]
                 rows["units"].append(1)
+                rows["layers"].append(D)
                 if D * d * d > max_dense_params:
                     for k in keys:
                         rows[k].append(float("nan"))

@@ -272,3 +272,22 @@ def test_hessian_probes_exact_and_estimated():
     rep = condition_report(HessianOperator(net, (X, Y), backend="autograd"), method="lanczos+slq", probes=16,
                            steps=30)
     assert rep.uncertainty["lam_max_residual"] < 1e-8 * rep.lam_max
+
+
+def test_bad_targets_and_non_finite_data():
+    net = make_net(2, "small", ("identity", "identity", "identity"))
+    X, Y = make_data()
+    with pytest.raises(ValueError, match="targets must have 10 rows like x, got shape \\[\\]"):
+        HessianOperator(net, (X, torch.tensor(1.0, dtype=F64)), backend="autograd")
+    with pytest.raises(TypeError, match="class-index targets must be integers, got torch.bool"):
+        HessianOperator(net, (X, torch.ones(10, dtype=torch.bool)), loss="cross_entropy", backend="autograd")
+    with pytest.raises(ValueError, match="probability targets must be finite and >= 0"):
+        HessianOperator(net, (X, -torch.rand(10, 3, dtype=F64)), loss="cross_entropy", backend="autograd")
+    Xn = X.clone()
+    Xn[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"data\[0\] x must be finite"):
+        HessianOperator(net, (Xn, Y), backend="autograd")
+    Yn = Y.clone()
+    Yn[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"data\[1\] targets must be finite"):
+        HessianOperator(net, [(X, Y), (X, Yn)], backend="autograd")

@@ -543,3 +543,109 @@ def test_slq_resumes_from_done_probes():
     np.testing.assert_allclose(resumed.weights, whole.weights, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match=r"done\[0\] holds 2 / 2 coefficients for 5 steps"):
         slq(A, probes=5, steps=8, seed=3, probe_batch=2, done={0: ([1.0, 2.0], [0.5, 0.5], 5), 1: done[1]})
+
+
+# ------------------------------------------------------------------------- start vectors, checks, counts
+def test_start_vectors_are_used():
+    A = torch.diag(torch.arange(1.0, 9.0, dtype=F64))
+    e = torch.zeros(8, dtype=F64)
+    e[2] = 1.0  # an eigenvector: the Krylov space of v0 alone is invariant at once
+    r = lanczos(A, k=1, v0=e, verify=False)
+    assert r.breakdowns >= 1 and r.segments[0][1] - r.segments[0][0] == 1
+    r = lanczos(A, k=2, v0=torch.ones(8, dtype=torch.float32))  # a float32 v0 for a float64 operator
+    np.testing.assert_allclose(r.largest, [8.0, 7.0], rtol=1e-12)
+    np.testing.assert_allclose(block_lanczos(A, k=2, v0=torch.ones(8, 2, dtype=F64)).smallest, [1.0, 2.0], rtol=1e-12)
+    for bad, err in ((torch.tensor(1.0, dtype=F64), "shape \\[8\\]"), (torch.ones(3, dtype=F64), "shape \\[8\\]"),
+                     (torch.zeros(8, dtype=F64), "finite and non-zero"), (torch.ones(8, dtype=torch.int64), "floating")):
+        with pytest.raises((ValueError, TypeError), match=err):
+            lanczos(A, k=1, v0=bad)
+
+
+def test_power_iteration_start_vector_and_bad_inputs():
+    A = torch.diag(torch.tensor([5.0, 0.0, 0.0], dtype=F64))
+    r = power_iteration(A, v0=torch.tensor([0.0, 1.0, 0.0], dtype=F64))  # A v0 = 0: says nothing about |lambda|max
+    assert r.converged and r.abs_eigenvalue == pytest.approx(5.0, rel=1e-10)
+    assert power_iteration(torch.zeros(3, 3, dtype=F64)).abs_eigenvalue == 0.0
+    with pytest.raises(ValueError, match="finite and non-zero"):
+        power_iteration(A, v0=torch.zeros(3, dtype=F64))
+    with pytest.raises(ValueError, match="tol must be positive"):
+        power_iteration(A, tol=-1.0)
+    with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+        power_iteration(A, max_iter=0)
+    assert power_iteration(A, max_iter=np.int64(50)).abs_eigenvalue == pytest.approx(5.0)
+
+
+def test_operator_outputs_are_checked():
+    class Op:
+        def __init__(self, f):
+            self.f, self.shape, self.dtype = f, (4, 4), F64
+
+        def matmat(self, V):
+            return self.f(V)
+
+    for f, err in ((lambda V: V.T, r"must return shape \[P, k\] = \[4, 1\]"), (lambda V: V[:, 0] if V.shape[1] > 1 else V[:3],
+                   r"must return shape"), (lambda V: [1.0], "must return a tensor"),
+                   (lambda V: V * float("nan"), "non-finite")):
+        with pytest.raises((ValueError, TypeError, FloatingPointError), match=err):
+            lanczos(Op(f), k=1)
+    np.testing.assert_allclose(lanczos(Op(lambda V: 2 * V.numpy()), k=1).largest, [2.0])  # numpy results are fine
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        slq(torch.full((3, 3), float("inf"), dtype=F64), probes=1, steps=2)
+
+
+def test_product_counts_are_per_call():
+    T = as_torch_operator(torch.diag(torch.arange(1.0, 7.0, dtype=F64)))
+    assert [hutchpp_trace(T, 6).num_products for _ in range(2)] == [6, 6]
+    assert hutchinson_trace(T, 5).num_products == 5
+    n0 = T.num_products
+    r = lanczos(T, k=1)
+    assert r.num_products == T.num_products - n0
+    n0 = T.num_products
+    assert slq(T, probes=2, steps=3).num_products == T.num_products - n0 == 6
+
+
+def test_one_end_has_no_abs_max_and_restarts_need_room():
+    A = torch.diag(torch.tensor([1.0, -5.0, 2.0], dtype=F64))
+    r = lanczos(A, k=1, which="largest")
+    assert r.largest[0] == pytest.approx(2.0) and np.isnan(r.abs_max) and np.isnan(r.abs_max_residual)
+    assert lanczos(A, k=1).abs_max == pytest.approx(5.0)
+    A60 = torch.diag(torch.linspace(-1.0, 2.0, 60, dtype=F64))
+    with pytest.raises(ValueError, match="raise max_iter to at least 18"):
+        lanczos(A60, k=8, max_iter=12, max_products=2000)
+    r = lanczos(A60, k=5, max_iter=12, max_products=2000)
+    assert r.restarts > 0 and r.converged
+
+
+def test_integer_arguments_accept_numpy_integers():
+    A = torch.diag(torch.arange(1.0, 7.0, dtype=F64))
+    assert lanczos(A, k=np.int64(2)).largest.tolist() == pytest.approx([6.0, 5.0])
+    assert slq(A, probes=np.int32(2), steps=np.int64(3)).num_probes == 2
+    assert hutchinson_trace(A, np.int64(4)).num_products == 4
+    for call in (lambda: lanczos(A, k=True), lambda: slq(A, probes=2.0), lambda: condition_report(A, k=0)):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            call()
+
+
+def test_condition_report_of_dense_tensors_and_float32_zero_tolerance():
+    D = torch.diag(torch.tensor([1.0, 2.0, -3.0], dtype=F64))
+    for op in (D, D.numpy(), aslinearoperator(D.numpy())):
+        rep = condition_report(op)
+        assert rep.cond == pytest.approx(3.0) and rep.index == pytest.approx(1 / 3)
+    # 190 zero eigenvalues: in float32 they come out as rounding noise ~1e-7 |lambda|max, which is
+    # neither negative nor a finite condition number
+    g = np.random.default_rng(0)
+    vals = np.r_[np.zeros(190), np.linspace(1.0, 2.0, 10)]
+    Q, _ = np.linalg.qr(g.standard_normal((200, 200)))
+    A32 = torch.tensor((Q * vals) @ Q.T).float()
+    rep = condition_report(A32, method="exact")
+    assert rep.cond == float("inf") and rep.cond_q10 == float("inf") and rep.index == 0.0
+    assert rep.uncertainty["num_zero"] == 190
+    assert rep.uncertainty["zero_tol"] == pytest.approx(200 * 2.0**-23 * rep.lam_max)
+    est = condition_report(A32, method="lanczos+slq", probes=16, steps=30)
+    assert est.index < 0.02 and est.cond_q10 == float("inf")
+    assert slq(A32, probes=16, steps=30).index() < 0.02
+    assert slq(A32.double(), probes=16, steps=30).index() < 0.02
+    with pytest.raises(ValueError, match="eigenvalues must be finite"):
+        report_from_eigenvalues([float("nan"), 1.0, -2.0])
+    with pytest.raises(FloatingPointError, match="nan or inf"):
+        condition_report(torch.full((3, 3), float("nan"), dtype=F64), method="exact")

@@ -225,3 +225,18 @@ def test_bad_inputs():
         from shortcut_ext.models import PlainNet
 
         th.model_zero_point_spectrum(PlainNet(2, 3, backend="torch"), X, Y)
+
+
+def test_bad_targets_and_layers_used():
+    X, Y = teacher()
+    m = X.shape[0]
+    with pytest.raises(TypeError, match="class-index targets must be integers"):
+        th.zero_point_data(X, torch.full((m,), 1.7), "cross_entropy")
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, "):
+        th.zero_point_data(X, torch.full((m,), X.shape[1]), "cross_entropy")
+    with pytest.raises(ValueError, match="rows like X"):
+        th.zero_point_data(X, torch.tensor(1.0))
+    curves = th.condition_vs_depth(X, Y, depths=[3, 5, 6], kinds=("shortcut2", "shortcut3"))
+    assert curves["shortcut2"]["layers"] == [2, 4, 6] and curves["shortcut3"]["layers"] == [3, 3, 6]
+    with pytest.raises(ValueError, match="seeds must hold at least one seed"):
+        th.condition_vs_depth(X, Y, depths=[2], kinds=("plain_xavier",), seeds=())

@@ -8,6 +8,8 @@ scipy sparse matrix.  The spectral tools see only :class:`TorchOperator`: batche
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -55,8 +57,7 @@ class TorchOperator:
             dev = torch.device("cpu")
 
             def _mm(V, op=op):
-                out = op.matmat(V.detach().cpu().numpy())
-                return torch.as_tensor(np.asarray(out)).reshape(V.shape[0], V.shape[1])
+                return op.matmat(V.detach().cpu().numpy())
 
             self._mm = _mm
         self.shape = (P, P)
@@ -74,7 +75,24 @@ class TorchOperator:
             raise ValueError(f"V must have shape [{self.P}, k] with k >= 1, got {list(V.shape)}")
         out = self._mm(V)
         self.num_products += V.shape[1]
-        return out.to(dtype=self.dtype, device=self.device)
+        if isinstance(out, np.ndarray):
+            out = torch.from_numpy(out)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the operator's matmat must return a tensor (or numpy array) of shape [{self.P}, "
+                            f"{V.shape[1]}], got {type(out).__name__}")
+        if out.dim() == 1 and V.shape[1] == 1 and out.shape[0] == self.P:
+            out = out.unsqueeze(1)  # scipy's matmat of one column may return [P]
+        if tuple(out.shape) != (self.P, V.shape[1]):
+            raise ValueError(f"the operator's matmat must return shape [P, k] = [{self.P}, {V.shape[1]}] for "
+                             f"V of shape {list(V.shape)}, got {list(out.shape)}")
+        if not out.is_floating_point():
+            raise TypeError(f"the operator's matmat must return floating-point values, got {out.dtype}")
+        out = out.to(dtype=self.dtype, device=self.device)
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError(
+                f"the operator returned non-finite values (nan or inf) for {V.shape[1]} direction(s): check the "
+                "model's weights and the data (a spectrum of a non-finite operator is meaningless)")
+        return out
 
     def randn(self, k: int, generator: torch.Generator, distribution: str = "gaussian") -> torch.Tensor:  # [P, k]
         """Seeded random vectors, drawn on the CPU (reproducible across devices) in float64."""
@@ -101,6 +119,20 @@ def as_torch_operator(op, dtype: torch.dtype | None = None, device=None) -> Torc
     if isinstance(op, TorchOperator) and dtype is None and device is None:
         return op
     return TorchOperator(op, dtype=dtype, device=device)
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an ``int`` (Python or numpy integer, not bool) ``>= minimum``, else a ValueError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def zero_tol_rel(dtype: torch.dtype) -> float:
+    """Relative size below which an estimated eigenvalue counts as zero: ``sqrt(eps)`` of the dtype in
+    which the operator's products were computed (1.5e-8 in float64, 3.5e-4 in float32)."""
+    return math.sqrt(float(torch.finfo(dtype).eps))
 
 
 def default_tol(dtype: torch.dtype) -> float:

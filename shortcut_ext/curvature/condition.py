@@ -10,8 +10,12 @@ Small nets (``P <= exact_max_params``): exact, from the dense Hessian's ``eigval
 from stochastic Lanczos quadrature (with their spread over probes); ``|lambda|min`` is not available
 from extreme-eigenvalue methods, so ``cond`` is ``nan`` there.
 
-Numerically zero eigenvalues: ``|lambda| <= zero_tol`` (default ``P * eps * |lambda|max``, the usual
-numerical-rank tolerance) count as zero: not negative, and they make ``cond`` infinite.
+Numerically zero eigenvalues: ``|lambda| <= zero_tol`` count as zero: not negative, and they make
+``cond`` infinite.  The default follows the dtype the Hessian was computed in: ``P * eps * |lambda|max``
+for the exact report (the usual numerical-rank tolerance), ``sqrt(eps) * |lambda|max`` for the
+Lanczos+SLQ estimate (1.5e-8 / 3.5e-4 relative in float64 / float32).  A float32 Hessian's zero
+eigenvalues come out as rounding noise far above float64's ``eps``; measuring them against float64's
+tolerance would count half of them as negative.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ._linop import as_torch_operator
+from ._linop import as_torch_operator, check_count, zero_tol_rel
 from .lanczos import basis_capacity, lanczos
 from .slq import slq
 
@@ -76,16 +80,24 @@ def abs_quantile(eigenvalues, q: float = 0.1) -> float:
 
 
 def report_from_eigenvalues(eigenvalues, q: float = 0.1, zero_tol: float | None = None, k: int = 5,
-                            method: str = "exact") -> ConditionReport:
-    """Exact report from a full list of eigenvalues (of a dense Hessian, or of the closed form)."""
+                            method: str = "exact", dtype: torch.dtype = torch.float64) -> ConditionReport:
+    """Exact report from a full list of eigenvalues (of a dense Hessian, or of the closed form).
+
+    ``dtype``: the precision the eigenvalues' matrix was computed in; it sets the default ``zero_tol``
+    (``P * eps * |lambda|max``).
+    """
+    k = check_count("k", k)
     ev = np.sort(np.asarray(eigenvalues, dtype=np.float64).ravel())
     if len(ev) == 0:
         raise ValueError("eigenvalues must not be empty")
+    if not np.isfinite(ev).all():
+        raise ValueError(f"eigenvalues must be finite, got {int((~np.isfinite(ev)).sum())} nan/inf of {len(ev)} "
+                         "(a Hessian of non-finite weights or data?)")
     P = len(ev)
     a = np.abs(ev)
     lam_max = float(a.max())
     if zero_tol is None:
-        zero_tol = P * np.finfo(np.float64).eps * lam_max
+        zero_tol = P * float(torch.finfo(dtype).eps) * lam_max
     lam_min = float(a.min())
     nonzero_min = 0.0 if lam_min <= zero_tol else lam_min
     lam_q = abs_quantile(ev, q)
@@ -110,26 +122,32 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
         probes, steps: SLQ probes and Lanczos steps per probe.
         max_iter: Lanczos basis size for ``|lambda|max`` (default ``min(P, 200)``, fewer where 200
             vectors exceed the basis budget :data:`~shortcut_ext.curvature.lanczos.DEFAULT_MAX_BASIS_BYTES`).
-        zero_tol: see the module docstring (for the estimate: ``1e-8 * |lambda|max``).
+        zero_tol: see the module docstring (default from the operator's dtype).
         callback: progress, forwarded to Lanczos and SLQ as ``callback(done, total)``.
     """
     if method not in ("auto", "exact", "lanczos+slq"):
         raise ValueError(f"method must be 'auto', 'exact' or 'lanczos+slq', got {method!r}")
+    k = check_count("k", k)
     A = as_torch_operator(op)
     P = A.P
     if method == "auto":
         method = "exact" if P <= exact_max_params else "lanczos+slq"
     if method == "exact":
-        if hasattr(op, "to_dense"):
-            D = op.to_dense(force=True)
-        elif isinstance(op, torch.Tensor):
+        from .hessian import HessianOperator
+
+        if isinstance(op, torch.Tensor):
             D = op
+        elif isinstance(op, HessianOperator):  # its batched assembly
+            D = op.to_dense(force=True)
         else:
             D = A.matmat(torch.eye(P, dtype=A.dtype, device=A.device))
         D = D.double().cpu()
+        if not bool(torch.isfinite(D).all()):
+            raise FloatingPointError("the operator's matrix has nan or inf entries: check the model's weights and "
+                                     "the data")
         asym = float((D - D.T).abs().max())
         ev = torch.linalg.eigvalsh(0.5 * (D + D.T)).numpy()
-        rep = report_from_eigenvalues(ev, q=q, zero_tol=zero_tol, k=k, method="exact")
+        rep = report_from_eigenvalues(ev, q=q, zero_tol=zero_tol, k=k, method="exact", dtype=A.dtype)
         rep.uncertainty["asymmetry"] = asym  # max |H - H^T| of the assembled matrix
         return rep
     # large nets: Lanczos for the ends, SLQ for the bulk
@@ -139,7 +157,7 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
                  seed=seed, return_vectors=False, compute_residuals=True, callback=callback)
     sq = slq(A, probes=probes, steps=steps, seed=seed + 1, callback=callback)
     lam_max = lz.abs_max
-    zt = 1e-8 * lam_max if zero_tol is None else zero_tol
+    zt = zero_tol_rel(A.dtype) * lam_max if zero_tol is None else zero_tol
     lam_q = sq.abs_quantile(q)
     per_probe_q = sq.abs_quantile_per_probe(q)
     per_probe_idx = sq.negative_mass_per_probe(zt)

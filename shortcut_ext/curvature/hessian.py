@@ -182,24 +182,32 @@ class HessianOperator:
         if not x.is_floating_point():
             raise TypeError(f"data[{i}] x must be a floating-point tensor, got {x.dtype}")
         B = x.shape[0]
-        if y.shape[0] != B:
-            raise ValueError(f"data[{i}] targets must have {B} rows like x, got {list(y.shape)}")
+        if y.dim() == 0 or y.shape[0] != B:
+            raise ValueError(f"data[{i}] targets must have {B} rows like x, got shape {list(y.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"data[{i}] x must be finite, got nan or inf entries")
         q = self.out_features
         if self.loss == "mse":
             if y.dim() != 2 or y.shape[1] != q:
                 raise ValueError(f"data[{i}] targets must have shape [{B}, {q}] for loss='mse', got {list(y.shape)}")
             if not y.is_floating_point():
                 raise TypeError(f"data[{i}] targets must be floating point for loss='mse', got {y.dtype}")
+            if not bool(torch.isfinite(y).all()):
+                raise ValueError(f"data[{i}] targets must be finite, got nan or inf entries")
             y = y.to(device=self.device, dtype=self.dtype)
         else:
             if y.dim() == 1:
-                if y.is_floating_point() or y.is_complex():
+                if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                     raise TypeError(f"data[{i}] class-index targets must be integers, got {y.dtype}")
                 if B and (int(y.min()) < 0 or int(y.max()) >= q):
                     raise ValueError(f"data[{i}] class indices must lie in [0, {q}), got range "
                                      f"[{int(y.min())}, {int(y.max())}]")
                 y = y.to(device=self.device, dtype=torch.long)
             elif y.dim() == 2 and y.shape[1] == q and y.is_floating_point():
+                if not bool(torch.isfinite(y).all()) or bool((y < 0).any()):
+                    raise ValueError(f"data[{i}] probability targets must be finite and >= 0, got "
+                                     f"min {float(y.min()):.3g}" + (" and nan/inf entries"
+                                                                     if not bool(torch.isfinite(y).all()) else ""))
                 y = y.to(device=self.device, dtype=self.dtype)
             else:
                 raise ValueError(f"data[{i}] targets must be class indices [{B}] or probabilities [{B}, {q}] "

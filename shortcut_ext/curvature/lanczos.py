@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._linop import as_torch_operator, default_tol
+from ._linop import as_torch_operator, check_count, default_tol
 
 WHICH = ("both", "largest", "smallest")
 DEFAULT_MAX_BASIS_BYTES = 3 * 2**30  # budget of an automatically sized Krylov basis (Lanczos, SLQ groups)
@@ -96,13 +96,16 @@ class LanczosResult:
 
     @property
     def abs_max(self) -> float:
-        """``|lambda|max`` from the two ends."""
-        vals = [abs(float(v[0])) for v in (self.largest, self.smallest) if len(v)]
-        return max(vals) if vals else float("nan")
+        """``|lambda|max`` from the two ends (``nan`` unless both ends were computed, ``which="both"``)."""
+        if not (len(self.largest) and len(self.smallest)):
+            return float("nan")
+        return max(abs(float(self.largest[0])), abs(float(self.smallest[0])))
 
     @property
     def abs_max_residual(self) -> float:
-        """The residual of the pair that gives :attr:`abs_max`."""
+        """The residual of the pair that gives :attr:`abs_max` (``nan`` with it)."""
+        if not (len(self.largest) and len(self.smallest)):
+            return float("nan")
         best, res = -1.0, float("nan")
         for v, r in ((self.largest, self.largest_residuals), (self.smallest, self.smallest_residuals)):
             if len(v) and abs(float(v[0])) > best:
@@ -180,15 +183,7 @@ def basis_capacity(P: int, dtype: torch.dtype = torch.float32, max_basis_bytes: 
 
 
 def _check_bytes(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"max_basis_bytes must be a positive integer (bytes), got {value!r}")
-    return int(value)
-
-
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return check_count("max_basis_bytes (bytes)", value)
 
 
 # ---------------------------------------------------------------------------------------- core
@@ -196,8 +191,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
             callback, max_basis_bytes=None, max_products=None) -> LanczosResult:
     A = as_torch_operator(op)
     P, dt, dev = A.P, A.dtype, A.device
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_count("k", k)
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     itemsize = torch.finfo(dt).bits // 8
@@ -211,7 +205,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
                              f"({P * itemsize} bytes), got {got}")
         max_iter = min(max(300, 20 * k, 4 * b), cap)
     else:
-        max_iter = _check_count("max_iter", max_iter)
+        max_iter = check_count("max_iter", max_iter)
         need = min(P, max_iter) * P * itemsize
         if max_basis_bytes is not None and need > max_basis_bytes:
             raise ValueError(
@@ -219,7 +213,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
                 f"{need / 2**30:.2f} GiB, above max_basis_bytes = {max_basis_bytes / 2**30:.2f} GiB; lower max_iter "
                 f"to {basis_capacity(P, dt, max_basis_bytes)} or leave it to the budget")
     if max_products is not None:
-        max_products = _check_count("max_products", max_products)
+        max_products = check_count("max_products", max_products)
     m = min(P, max_iter)
     b = min(b, m)
     tol = default_tol(dt) if tol is None else float(tol)
@@ -228,6 +222,11 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
         raise ValueError(f"tol and breakdown_tol must be positive, got {tol}, {btol}")
     want_top, want_bot = which in ("both", "largest"), which in ("both", "smallest")
     n_ends = int(want_top) + int(want_bot)
+    if max_products is not None and max_products > m and m < P and n_ends * k + 2 * b > m:
+        raise ValueError(
+            f"max_products={max_products} asks for thick restarts, but a basis of max_iter = {m} vectors cannot "
+            f"hold the {n_ends} x k = {n_ends * k} kept Ritz vectors plus two blocks of {b}: raise max_iter to at "
+            f"least {n_ends * k + 2 * b}, lower k, or leave max_products at None")
     gen = torch.Generator().manual_seed(int(seed))
     V = torch.empty(m, P, dtype=dt, device=dev)  # basis, one vector per row
     Hp = torch.zeros(m, m, dtype=torch.float64)  # V^T A V (small dense algebra in float64 on the CPU)
@@ -266,10 +265,12 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
 
     # start block
     if v0 is not None:
-        if not isinstance(v0, torch.Tensor) or v0.shape[0] != P or v0.dim() not in (1, 2):
+        if not isinstance(v0, torch.Tensor) or v0.dim() not in (1, 2) or v0.shape[0] != P:
             raise ValueError(f"v0 must be a tensor of shape [{P}] or [{P}, c], got "
                              f"{list(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
-        X0 = v0.to(dt, device=dev).reshape(P, -1).T[:b]
+        if not v0.is_floating_point():
+            raise TypeError(f"v0 must be a floating-point tensor, got {v0.dtype}")
+        X0 = v0.to(device=dev, dtype=dt).reshape(P, -1).T[:b]
         if not torch.isfinite(X0).all() or float(X0.norm()) == 0:
             raise ValueError("v0 must be finite and non-zero")
         Q, _ = torch.linalg.qr(X0.T)
@@ -512,7 +513,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
         largest_residuals=np.asarray(residuals[:nt]), smallest_residuals=np.asarray(residuals[nt:]),
         largest_vectors=vectors[:, :nt] if (vectors is not None and return_vectors) else None,
         smallest_vectors=vectors[:, nt:] if (vectors is not None and return_vectors) else None,
-        ritz_values=theta, num_vectors=nvec, num_products=A.num_products, segments=segments,
+        ritz_values=theta, num_vectors=nvec, num_products=used(), segments=segments,
         breakdowns=breakdowns, converged=converged, norm_estimate=scale, stop_reason=stop_reason,
         restarts=restarts, max_vectors=m, basis_bytes=m * P * itemsize,
     )

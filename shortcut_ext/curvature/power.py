@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._linop import as_torch_operator, default_tol
+from ._linop import as_torch_operator, check_count, default_tol
 
 
 @dataclass
@@ -47,7 +47,12 @@ def power_iteration(op, max_iter: int = 500, tol: float | None = None, seed: int
         op: any operator :func:`~shortcut_ext.curvature._linop.as_torch_operator` accepts.
         max_iter: most products.
         tol: stop when ``||A v||`` changes by less than ``tol`` relatively (default ``eps**(2/3)``).
-        seed, v0: the start vector (random Gaussian by default).
+        seed, v0: the start vector (random Gaussian by default).  A ``v0`` with ``A v0 = 0`` says
+            nothing about ``|lambda|max``: the iteration then goes on from a random start.
+
+    Raises:
+        ValueError: bad ``max_iter`` or ``tol``, a ``v0`` of the wrong shape, zero or not finite.
+        FloatingPointError: the operator returned nan or inf.
 
     >>> A = torch.diag(torch.tensor([1.0, -5.0, 2.0], dtype=torch.float64))
     >>> r = power_iteration(A)
@@ -55,24 +60,34 @@ def power_iteration(op, max_iter: int = 500, tol: float | None = None, seed: int
     (-5.0, False)
     """
     A = as_torch_operator(op)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    max_iter = check_count("max_iter", max_iter)
     tol = default_tol(A.dtype) if tol is None else float(tol)
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    gen = torch.Generator().manual_seed(int(seed))
     if v0 is None:
-        v = A.randn(1, torch.Generator().manual_seed(int(seed)))[:, 0]
+        v = A.randn(1, gen)[:, 0]
     else:
-        if not isinstance(v0, torch.Tensor) or v0.shape != (A.P,):
+        if not isinstance(v0, torch.Tensor) or tuple(v0.shape) != (A.P,):
             raise ValueError(f"v0 must be a tensor of shape [{A.P}], got "
                              f"{list(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
+        if not v0.is_floating_point():
+            raise TypeError(f"v0 must be a floating-point tensor, got {v0.dtype}")
         v = v0.to(device=A.device, dtype=A.dtype)
+        if not bool(torch.isfinite(v).all()) or float(v.norm()) == 0.0:
+            raise ValueError("v0 must be finite and non-zero")
     v = v / v.norm()
     lam_prev, converged, it = float("nan"), False, 0
     Av = None
     for it in range(1, max_iter + 1):
         Av = A.matmat(v.unsqueeze(1)).squeeze(1)
         lam = float(Av.norm())
-        if lam == 0.0:  # A v = 0 for the start: A is (numerically) zero on this vector
-            converged = True
+        if lam == 0.0:
+            if it == 1 and v0 is not None:  # v0 lies in the null space: it tells nothing; go on from a random start
+                v = A.randn(1, gen)[:, 0]
+                v = v / v.norm()
+                continue
+            converged = True  # A v = 0 for a random start: A is (numerically) zero
             break
         if abs(lam - lam_prev) <= tol * lam:
             converged = True

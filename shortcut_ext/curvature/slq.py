@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._linop import as_torch_operator, default_tol
+from ._linop import as_torch_operator, check_count, default_tol, zero_tol_rel
 from .lanczos import DEFAULT_MAX_BASIS_BYTES
 
 
@@ -41,6 +41,8 @@ class SLQResult:
         num_products: operator-vector products used.
         probe_batch: probes per group (per batched product); ``0`` if unknown.
         basis_bytes: size of the reorthogonalisation basis buffer (``probe_batch * steps * P`` numbers).
+        dtype: the dtype of the operator's products (``"float32"`` or ``"float64"``): it sets the default
+            tolerance below which a node counts as zero.
     """
 
     nodes: np.ndarray
@@ -50,6 +52,7 @@ class SLQResult:
     num_products: int
     probe_batch: int = 0
     basis_bytes: int = 0
+    dtype: str = "float64"
 
     @property
     def num_probes(self) -> int:
@@ -118,7 +121,9 @@ class SLQResult:
     def negative_mass(self, zero_tol: float | None = None) -> float:
         """Estimated fraction of eigenvalues ``< -zero_tol`` (the paper's index).
 
-        ``zero_tol`` defaults to ``1e-8 * max |node|``: exactly-zero eigenvalues are not negative.
+        ``zero_tol`` defaults to ``sqrt(eps) * max |node|`` with the ``eps`` of the operator's dtype
+        (1.5e-8 in float64, 3.5e-4 in float32): zero eigenvalues, which rounding in the products moves
+        by about that much, are not negative.
         """
         return float(self.negative_mass_per_probe(zero_tol).mean())
 
@@ -126,8 +131,12 @@ class SLQResult:
 
     def negative_mass_per_probe(self, zero_tol: float | None = None) -> np.ndarray:
         if zero_tol is None:
-            zero_tol = 1e-8 * float(np.abs(self.nodes).max(initial=0.0))
+            zero_tol = self.default_zero_tol()
         return (self.weights * (self.nodes < -zero_tol)).sum(axis=1)
+
+    def default_zero_tol(self) -> float:
+        """``sqrt(eps) * max |node|`` (eps of :attr:`dtype`): see :meth:`negative_mass`."""
+        return zero_tol_rel(getattr(torch, self.dtype)) * float(np.abs(self.nodes).max(initial=0.0))
 
     def extremes(self) -> tuple[float, float]:
         """Smallest and largest node (inner bounds on ``lambda_min``, ``lambda_max``)."""
@@ -218,12 +227,10 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
     """
     A = as_torch_operator(op)
     P, dt, dev = A.P, A.dtype, A.device
-    for name, val in (("probes", probes), ("steps", steps)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    if probe_batch is not None and (isinstance(probe_batch, bool) or not isinstance(probe_batch, int)
-                                    or probe_batch < 1):
-        raise ValueError(f"probe_batch must be a positive integer or None, got {probe_batch!r}")
+    probes, steps = check_count("probes", probes), check_count("steps", steps)
+    if probe_batch is not None:
+        probe_batch = check_count("probe_batch", probe_batch)
+    p0 = A.num_products
     if max_basis_bytes is not None:
         _check_bytes(max_basis_bytes)
     steps = min(steps, P)
@@ -287,8 +294,9 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
         th, U = torch.linalg.eigh(T)
         nodes[i, :m] = th.numpy()
         weights[i, :m] = (U[0] ** 2).numpy()
-    return SLQResult(nodes=nodes, weights=weights, num_steps=nsteps, num_params=P, num_products=A.num_products,
-                     probe_batch=group, basis_bytes=0 if not reorthogonalize else group * steps * P * _itemsize(dt))
+    return SLQResult(nodes=nodes, weights=weights, num_steps=nsteps, num_params=P, num_products=A.num_products - p0,
+                     probe_batch=group, basis_bytes=0 if not reorthogonalize else group * steps * P * _itemsize(dt),
+                     dtype=str(dt).replace("torch.", ""))
 
 
 def _lanczos_recurrences(A, q, steps, basis, btol, callback):

@@ -157,6 +157,7 @@ def _run(args, dtype, budget, rank, world) -> int:
     from ..models import PlainNet, ShortcutNet
     from .condition import report_from_eigenvalues
     from .hessian import HessianOperator
+    from ._linop import zero_tol_rel
     from .lanczos import lanczos
     from .slq import slq
 
@@ -233,7 +234,7 @@ def _run(args, dtype, budget, rank, world) -> int:
     sigma = sq.default_sigma()
     grid, dens = sq.density(sigma=sigma)
     lam_max = lz.abs_max
-    zero_tol = 1e-8 * lam_max
+    zero_tol = zero_tol_rel(H.dtype) * lam_max  # rounding in the products moves zero eigenvalues about this far
     result["slq"] = {
         "probes": args.probes, "probe_batch": sq.probe_batch, "basis_bytes": sq.basis_bytes,
         "steps": sq.num_steps.tolist(), "nodes": sq.nodes.tolist(),
@@ -245,7 +246,7 @@ def _run(args, dtype, budget, rank, world) -> int:
     lam_q10 = sq.abs_quantile(0.1)
     result["condition"] = {"lam_max": lam_max, "lam_max_residual": lz.abs_max_residual, "lam_q10": lam_q10,
                            "cond_q10": lam_max / lam_q10 if lam_q10 > zero_tol else float("inf"),
-                           "index": result["slq"]["index"], "method": "lanczos+slq"}
+                           "index": result["slq"]["index"], "zero_tol": zero_tol, "method": "lanczos+slq"}
 
     # exact spectrum for small nets
     exact = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._linop import as_torch_operator
+from ._linop import as_torch_operator, check_count
 
 
 @dataclass
@@ -37,11 +37,6 @@ class TraceEstimate:
     method: str
 
 
-def _check_count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def hutchinson_trace(op, num_products: int = 30, seed: int = 0, distribution: str = "rademacher",
                      batch: int = 64) -> TraceEstimate:
     """Hutchinson (1989): ``tr(A) ~= mean_i z_i^T A z_i`` over ``num_products`` random probes.
@@ -57,8 +52,8 @@ def hutchinson_trace(op, num_products: int = 30, seed: int = 0, distribution: st
     >>> hutchinson_trace(A, 8).estimate  # Rademacher probes are exact on diagonal matrices
     10.0
     """
-    _check_count("num_products", num_products, 1)
-    _check_count("batch", batch, 1)
+    num_products = check_count("num_products", num_products)
+    batch = check_count("batch", batch)
     A = as_torch_operator(op)
     gen = torch.Generator().manual_seed(int(seed))
     vals = []
@@ -82,8 +77,9 @@ def hutchpp_trace(op, num_products: int = 30, seed: int = 0, distribution: str =
     >>> round(hutchpp_trace(A, 18).estimate, 9)  # the sketch captures the whole range: exact
     25.0
     """
-    _check_count("num_products", num_products, 3)
+    num_products = check_count("num_products", num_products, 3)
     A = as_torch_operator(op)
+    p0 = A.num_products
     gen = torch.Generator().manual_seed(int(seed))
     s = min(num_products // 3, A.P)
     g = num_products - 2 * s
@@ -94,7 +90,7 @@ def hutchpp_trace(op, num_products: int = 30, seed: int = 0, distribution: str =
     G = G - Q @ (Q.T @ G)
     vals = (G * A.matmat(G)).sum(dim=0).double().cpu()
     se = float(vals.std() / math.sqrt(g)) if g > 1 else float("nan")
-    return TraceEstimate(t_low + float(vals.mean()), se, A.num_products, "meyer2021hutchpp")
+    return TraceEstimate(t_low + float(vals.mean()), se, A.num_products - p0, "meyer2021hutchpp")
 
 
 # names after the papers
