@@ -18,22 +18,24 @@ const char* activation_name(Act a);
 enum class Loss : int { Mse = 0, CrossEntropy = 1 };
 Loss parse_loss(c10::string_view name);
 
-// s(z).  ssigmoid(z) = 2 sigmoid(z) - 1 = tanh(z / 2).
+// s(z).  ssigmoid(z) = 2 sigmoid(z) - 1 = tanh(z / 2).  relu is written so that NaN propagates, as
+// in torch.relu (z > 0 ? z : 0 would turn NaN into 0 and hide a diverged run).
 template <typename T>
 C10_HOST_DEVICE inline T act_apply(Act a, T z) {
   switch (a) {
-    case Act::Relu: return z > T(0) ? z : T(0);
+    case Act::Relu: return z < T(0) ? T(0) : z;
     case Act::Tanh: return std::tanh(z);
     case Act::SSigmoid: return std::tanh(z * T(0.5));
     default: return z;
   }
 }
 
-// s'(z) written through s = s(z) where that is cheaper (relu'(0) = 0, as autograd).
+// s'(z) written through s = s(z) where that is cheaper (relu'(0) = 0, as autograd; at NaN the gradient
+// passes, as torch's threshold_backward does).
 template <typename T>
 C10_HOST_DEVICE inline T act_deriv(Act a, T z, T s) {
   switch (a) {
-    case Act::Relu: return z > T(0) ? T(1) : T(0);
+    case Act::Relu: return z <= T(0) ? T(0) : T(1);
     case Act::Tanh: return T(1) - s * s;
     case Act::SSigmoid: return T(0.5) * (T(1) - s * s);
     default: return T(1);

@@ -8,6 +8,8 @@
 #include <map>
 #include <string>
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+
 #include "cpu/cpu_buffer_pool.h"
 #include "cpu/cpu_gemm.h"
 #include "cpu/cpu_schedule.h"
@@ -28,6 +30,13 @@ TORCH_LIBRARY(shortcut_ext, m) {
         "str act_pre, str act_mid, str act_post, str loss) -> (Tensor, Tensor, Tensor)");
 }
 
+// residual_stack_hvp's outputs are values, not differentiable functions of its inputs: a backward
+// through them raises "derivative for shortcut_ext::residual_stack_hvp is not implemented" instead of
+// silently giving no gradient (shortcut_ext.residual_stack_hvp passes detached inputs anyway).
+TORCH_LIBRARY_IMPL(shortcut_ext, Autograd, m) {
+  m.impl("residual_stack_hvp", torch::autograd::autogradNotImplementedFallback());
+}
+
 #ifndef SHORTCUT_EXT_TORCH_VERSION
 #define SHORTCUT_EXT_TORCH_VERSION ""
 #endif
@@ -43,7 +52,11 @@ std::map<std::string, std::string> build_info() {
   d["cuda"] = "";
   d["cuda_version"] = "";
 #endif
-  d["cpu_gemm"] = cpu_gemm_path();
+  try {
+    d["cpu_gemm"] = cpu_gemm_path();
+  } catch (const c10::Error& e) {  // a bad SHORTCUT_EXT_CPU_GEMM: the kernels raise it; importing still works
+    d["cpu_gemm"] = std::string("invalid: ") + e.what_without_backtrace();
+  }
   d["torch_version"] = SHORTCUT_EXT_TORCH_VERSION;
 #ifdef _OPENMP
   d["openmp"] = "1";

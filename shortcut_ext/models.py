@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,9 +35,13 @@ def init_weights(shape, init: str, scale: float = 0.01, seed: int = 0, dtype=tor
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if isinstance(scale, (bool, np.bool_)) or not (isinstance(scale, (int, float, np.integer, np.floating))
+                                                    and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    g = torch.Generator().manual_seed(int(seed))
+    scale = float(scale)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    g = torch.Generator().manual_seed(int(seed) % 2**63)
     d_out, d_in = shape[-2], shape[-1]
     if init == "zero":
         return torch.zeros(shape, dtype=dtype)
@@ -52,9 +57,9 @@ def init_weights(shape, init: str, scale: float = 0.01, seed: int = 0, dtype=tor
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _frozen_projection(rows: int, cols: int, seed: int, dtype) -> torch.Tensor:
@@ -71,12 +76,13 @@ class StackNet(nn.Module):
     shortcut: bool
     n: int
 
-    def __init__(self, width, act_pre, act_mid, act_post, backend, in_features, out_features, seed, dtype):
+    def __init__(self, width, act_pre, act_mid, act_post, backend, in_features, out_features, seed, dtype,
+                 act_names=("pre", "mid", "post")):
         super().__init__()
         self.width = _check_int("width", width, 1)
-        self.act_pre = check_activation("pre", act_pre)
-        self.act_mid = check_activation("mid", act_mid)
-        self.act_post = check_activation("post", act_post)
+        self.act_pre = check_activation(act_names[0], act_pre)
+        self.act_mid = check_activation(act_names[1], act_mid)
+        self.act_post = check_activation(act_names[2], act_post)
         self.backend = check_backend(backend)
         # what the fused forward keeps for the backward (see shortcut_ext.residual_stack): None picks,
         # True keeps unit inputs only (least memory), False keeps every layer's input (no recompute)
@@ -106,6 +112,8 @@ class StackNet(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the frozen input projection, if any: ``[B, p] -> [B, d]``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape [B, {self.in_features}], got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape [B, {self.in_features}], got {list(x.shape)}")
         return x if self.input_proj is None else x @ self.input_proj.T
@@ -116,6 +124,9 @@ class StackNet(nn.Module):
     def forward_with(self, weight: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """The network's output with ``weight`` in place of the parameter (any shape that views as
         ``[R, n, d, d]``, e.g. the flat parameter vector)."""
+        if isinstance(x, torch.Tensor) and x.dtype != weight.dtype:
+            raise TypeError(f"x must have the model's dtype {str(weight.dtype).replace('torch.', '')}, got "
+                            f"{str(x.dtype).replace('torch.', '')} (convert x, or the model with .double() / .float())")
         h = self.embed(x)
         h = residual_stack(h, self.stack_weights(weight), self.shortcut, *self.activations,
                            backend=self.backend if backend is None else backend, recompute=self.recompute)
@@ -166,7 +177,7 @@ class ShortcutNet(StackNet):
         self.n = _check_int("shortcut", shortcut, 1)
         self.shortcut = True
         self.init = init
-        self.weight = nn.Parameter(init_weights((units, shortcut, width, width), init, scale, seed, dtype))
+        self.weight = nn.Parameter(init_weights((self.units, self.n, self.width, self.width), init, scale, seed, dtype))
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, units={self.units}, shortcut={self.n}, pre={self.act_pre}, "
@@ -186,11 +197,12 @@ class PlainNet(StackNet):
     def __init__(self, width: int, depth: int, activation: str = "identity", init: str = "xavier",
                  scale: float = 0.01, seed: int = 0, backend: str | None = None, in_features: int | None = None,
                  out_features: int | None = None, dtype: torch.dtype = torch.float32):
-        super().__init__(width, "identity", activation, "identity", backend, in_features, out_features, seed, dtype)
+        super().__init__(width, "identity", activation, "identity", backend, in_features, out_features, seed, dtype,
+                         act_names=("pre", "activation", "post"))
         self.n = _check_int("depth", depth, 1)
         self.shortcut = False
         self.init = init
-        self.weight = nn.Parameter(init_weights((depth, width, width), init, scale, seed, dtype))
+        self.weight = nn.Parameter(init_weights((self.n, self.width, self.width), init, scale, seed, dtype))
 
     def stack_weights(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if weight is None else weight

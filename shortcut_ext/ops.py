@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import reference
 from ._build import BUILD_HINT, _C, build_info, require_built
@@ -66,6 +68,8 @@ def check_stack_args(x, weights, arg_x: str = "x") -> None:
         )
     if weights.shape[0] < 1 or weights.shape[1] < 1:
         raise ValueError(f"weights must have R >= 1 units and n >= 1 layers per unit, got {list(weights.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{arg_x} must have d >= 1 features (shape [B, d]), got {list(x.shape)}")
     if x.dtype != weights.dtype:
         raise TypeError(f"{arg_x} and weights must have the same dtype, got {arg_x}: {_dtype(x)}, weights: {_dtype(weights)}")
     if x.device != weights.device:
@@ -77,6 +81,33 @@ def check_stack_args(x, weights, arg_x: str = "x") -> None:
         )
     if x.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{arg_x} must be on a cpu or cuda device, got {x.device}")
+
+
+def check_shortcut(shortcut) -> bool:
+    """``shortcut`` as a bool: ``True``/``False`` (or 0 / 1, numpy bools); anything else is an error
+    (``bool("False")`` is ``True``: a string must not switch the shortcut on silently)."""
+    if isinstance(shortcut, (bool, np.bool_)) or (isinstance(shortcut, (int, np.integer)) and shortcut in (0, 1)):
+        return bool(shortcut)
+    raise TypeError(f"shortcut must be True or False, got {shortcut!r}")
+
+
+_FORWARD_MODE_HINT = (
+    "the fused residual stack has a fused backward only: forward-mode AD (torch.func.jvp, "
+    "torch.autograd.forward_ad) and torch.func.grad / jacrev / hessian do not run through it; use "
+    "backend='torch' for those transforms, and shortcut_ext.residual_stack_hvp or "
+    "shortcut_ext.curvature.HessianOperator(backend='fused') for Hessian-vector products")
+
+
+def _refuse_forward_mode(*tensors) -> None:
+    """A clear error instead of a silently zero tangent (forward AD) or an internal functorch error."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the checks below (and runs no transform here)
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    for key in (i.key() for i in stack):
+        if key in (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp):
+            raise NotImplementedError(f"torch.func {key.name.lower()} transform: {_FORWARD_MODE_HINT}")
+    if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"a dual tensor (forward-mode AD): {_FORWARD_MODE_HINT}")
 
 
 def residual_stack(
@@ -118,9 +149,12 @@ def residual_stack(
     for arg, name in (("act_pre", act_pre), ("act_mid", act_mid), ("act_post", act_post)):
         check_activation(arg, name)
     check_stack_args(x, weights)
-    shortcut = bool(shortcut)
+    shortcut = check_shortcut(shortcut)
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be True, False or None, got {recompute!r}")
     if check_backend(backend) == "torch":
         return reference.residual_stack_forward(x, weights, shortcut, act_pre, act_mid, act_post)
+    _refuse_forward_mode(x, weights)
     save = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
     layers = _save_layers(x, weights, recompute) and save
     y, _ = torch.ops.shortcut_ext.residual_stack_forward(
@@ -178,9 +212,10 @@ class cuda_tf32:
     when each kernel is launched, so a captured CUDA graph keeps the setting of its capture.
 
     Usage: ``with shortcut_ext.cuda_tf32(): loss = ...; loss.backward()``;
-    ``with shortcut_ext.cuda_tf32("3xtf32"): ...``; ``shortcut_ext.cuda_tf32(False)`` inside an
-    enabled region turns it off; ``cuda_tf32.set(mode)`` is the bare switch, ``cuda_tf32.current()``
-    the mode now (``"off"``, ``"tf32"`` or ``"3xtf32"``).
+    ``with shortcut_ext.cuda_tf32("3xtf32"): ...``; ``with shortcut_ext.cuda_tf32(False): ...`` inside
+    an enabled region turns it off for that block.  A bare ``cuda_tf32(mode)`` outside a ``with`` changes
+    nothing: ``cuda_tf32.set(mode)`` is the bare switch (it returns the previous mode), and
+    ``cuda_tf32.current()`` the mode now (``"off"``, ``"tf32"`` or ``"3xtf32"``).
     """
 
     def __init__(self, mode: bool | str = True):
@@ -211,8 +246,6 @@ class cuda_tf32:
 
 def _save_layers(x: torch.Tensor, weights: torch.Tensor, recompute: bool | None) -> bool:
     """Whether the fused forward saves every layer's input (see ``residual_stack``'s ``recompute``)."""
-    if recompute is not None and not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be True, False or None, got {recompute!r}")
     if recompute is not None:
         return not recompute
     if x.device.type != "cpu":
@@ -250,18 +283,57 @@ def residual_stack_hvp(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     check_stack_args(x, weights)
+    shortcut = check_shortcut(shortcut)
     if not isinstance(directions, torch.Tensor) or directions.dim() != 5 or tuple(directions.shape[1:]) != tuple(weights.shape):
         got = list(directions.shape) if isinstance(directions, torch.Tensor) else type(directions).__name__
         raise ValueError(f"directions must have shape [k, {', '.join(map(str, weights.shape))}], got {got}")
+    if directions.shape[0] < 1:
+        raise ValueError(f"directions must hold k >= 1 directions (shape [k, R, n, d, d]), got {list(directions.shape)}")
     if directions.dtype != weights.dtype:
         raise TypeError(f"directions must have dtype {_dtype(weights)} like weights, got {_dtype(directions)}")
+    if directions.device != weights.device:
+        raise ValueError(f"directions must be on {weights.device} like weights, got {directions.device}")
+    targets = check_hvp_targets(x, targets, loss)
     backend = check_backend(backend)
+    # the products are values, not functions of the inputs to differentiate further: detached outputs
+    x, weights, directions = x.detach(), weights.detach(), directions.detach()
     if backend == "fused" and hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
         return torch.ops.shortcut_ext.residual_stack_hvp(
             x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),
-            bool(shortcut), act_pre, act_mid, act_post, loss,
+            shortcut, act_pre, act_mid, act_post, loss,
         )
-    return reference.residual_stack_hvp(x, weights, targets, directions, bool(shortcut), act_pre, act_mid, act_post, loss)
+    return reference.residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss)
+
+
+def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
+    """Checks ``targets`` for ``loss`` (both backends give the same errors); class indices of any integer
+    dtype become int64."""
+    B, d = x.shape
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor ([B, d], or class indices [B] for loss='cross_entropy'), "
+                        f"got {type(targets).__name__}")
+    if targets.device != x.device:
+        raise ValueError(f"targets must be on {x.device} like x, got {targets.device}")
+    if targets.dim() == 1:
+        if loss != "cross_entropy":
+            raise ValueError(f"targets must have shape [B, d] = [{B}, {d}] for loss='mse', got {list(targets.shape)} "
+                             "(class indices [B] need loss='cross_entropy')")
+        if targets.shape[0] != B:
+            raise ValueError(f"targets must have shape [B] = [{B}] (class indices), got {list(targets.shape)}")
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise TypeError(f"class-index targets [B] must be integers, got {_dtype(targets)}")
+        if B and targets.device.type != "meta":
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < 0 or hi >= d:
+                raise ValueError(f"class-index targets must lie in [0, d) = [0, {d}), got values in [{lo}, {hi}]")
+        return targets.long()
+    if targets.dim() != 2 or tuple(targets.shape) != (B, d):
+        what = "probabilities [B, d]" if loss == "cross_entropy" else "[B, d]"
+        raise ValueError(f"targets must have shape {what} = [{B}, {d}]"
+                         + (" or class indices [B]" if loss == "cross_entropy" else "") + f", got {list(targets.shape)}")
+    if targets.dtype != x.dtype:
+        raise TypeError(f"targets [B, d] must have dtype {_dtype(x)} like x, got {_dtype(targets)}")
+    return targets
 
 
 # --------------------------------------------------------------------------- autograd / fake kernels
@@ -305,11 +377,21 @@ def _setup_backward(ctx, inputs, output):
     pass
 
 
+def _same_device(op: str, **tensors) -> None:
+    """The fake (meta) kernels' device check: a meta tensor among real ones dispatches to them, and
+    they must not hand back uninitialised tensors where the real kernel would have refused."""
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {name} must be on {t0.device} like {first}, got {t.device}")
+
+
 def _register() -> None:
     lib = torch.ops.shortcut_ext
 
     @torch.library.register_fake(f"{_LIB}::residual_stack_forward")
     def _(x, weights, shortcut, act_pre, act_mid, act_post, save_inputs, save_layers=False):
+        _same_device("residual_stack_forward", x=x, weights=weights)
         R, n = weights.shape[0], weights.shape[1]
         B, d = x.shape
         if not save_inputs:
@@ -327,12 +409,14 @@ def _register() -> None:
 
     @torch.library.register_fake(f"{_LIB}::residual_stack_backward")
     def _(grad_y, weights, saved, shortcut, act_pre, act_mid, act_post):
+        _same_device("residual_stack_backward", grad_y=grad_y, weights=weights, saved=saved)
         return grad_y.new_empty(grad_y.shape), weights.new_empty(weights.shape)
 
     if hasattr(lib, "residual_stack_hvp"):
 
         @torch.library.register_fake(f"{_LIB}::residual_stack_hvp")
         def _(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss):
+            _same_device("residual_stack_hvp", x=x, weights=weights, targets=targets, directions=directions)
             return x.new_empty(()), weights.new_empty(weights.shape), directions.new_empty(directions.shape)
 
     torch.library.register_autograd(f"{_LIB}::residual_stack_forward", _backward_forward, setup_context=_setup_forward)

@@ -29,8 +29,8 @@ def activation(name: str, z: torch.Tensor) -> torch.Tensor:
         return torch.relu(z)
     if name == "tanh":
         return torch.tanh(z)
-    if name == "ssigmoid":
-        return 2.0 * torch.sigmoid(z) - 1.0
+    if name == "ssigmoid":  # as tanh(z/2): 2*sigmoid(z) - 1 cancels catastrophically near z = 0
+        return torch.tanh(0.5 * z)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
@@ -106,8 +106,11 @@ def residual_stack_hvp(
 ):
     """Reference loss, gradient ``[R, n, d, d]`` and Hessian-vector products ``[k, R, n, d, d]``
     by double backward."""
-    w = weights.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        # inference tensors (made under torch.inference_mode) cannot enter autograd: normal copies
+        x, weights, targets, directions = (t.clone() if t.is_inference() else t
+                                           for t in (x, weights, targets, directions))
+        w = weights.detach().requires_grad_(True)
         out = residual_stack_forward(x, w, shortcut, act_pre, act_mid, act_post)
         L = loss_fn(loss, out, targets)
         (g,) = torch.autograd.grad(L, w, create_graph=True)

@@ -80,7 +80,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -301,6 +301,28 @@ def _check_data(name, data):
     return X, Y
 
 
+def _check_targets(name, model, X, Y, loss: str) -> None:
+    """``X`` and ``Y`` against the model's input and output widths and the loss (a clear error, not a
+    broadcast or an index error deep in the loss)."""
+    p, q = getattr(model, "in_features", model.width), getattr(model, "out_features", model.width)
+    m = X.shape[0]
+    if X.shape[1] != p:
+        raise ValueError(f"{name}: X must have shape [m, {p}] (the model's in_features), got {list(X.shape)}")
+    if loss == "mse":
+        if Y.dim() != 2 or Y.shape[1] != q or not Y.is_floating_point():
+            raise ValueError(f"{name}: Y must be a float tensor of shape [m, {q}] = [{m}, {q}] (the model's "
+                             f"out_features) for loss='mse', got {list(Y.shape)} {str(Y.dtype).replace('torch.', '')}")
+    elif Y.dim() == 1:
+        if Y.is_floating_point() or Y.is_complex() or Y.dtype == torch.bool:
+            raise ValueError(f"{name}: class-index targets Y [m] must be integers, got {str(Y.dtype).replace('torch.', '')}")
+        if m and (int(Y.min()) < 0 or int(Y.max()) >= q):
+            raise ValueError(f"{name}: class indices must lie in [0, {q}) (the model's out_features), got range "
+                             f"[{int(Y.min())}, {int(Y.max())}]")
+    elif not (Y.dim() == 2 and Y.shape[1] == q and Y.is_floating_point()):
+        raise ValueError(f"{name}: Y must be class indices [{m}] or probabilities [{m}, {q}] for "
+                         f"loss='cross_entropy', got {list(Y.shape)} {str(Y.dtype).replace('torch.', '')}")
+
+
 def train(
     model,
     data,  # (X [m, d], Y [m, q])
@@ -337,6 +359,11 @@ def train(
     rank, world = group_of(distributed, process_group, "train")
     X, Y = _check_data("data", data)
     probe_data = (X, Y) if probe_data is None else _check_data("probe_data", probe_data)
+    _check_targets("data", model, X, Y, config.loss)
+    if probe_data is not data:
+        _check_targets("probe_data", model, *probe_data, config.loss)
+    if not distributed and X.shape[0] == 0:
+        raise ValueError("data must hold at least one sample, got X of shape " + str(list(X.shape)))
     if X.dtype != model.weight.dtype:
         raise TypeError(f"data must have the model's dtype {model.weight.dtype}, got X: {X.dtype}")
     device = model.weight.device  # data on another device (CPU data, a GPU model) moves once, here

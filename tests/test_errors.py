@@ -141,3 +141,138 @@ def test_unbuilt_extension_message(tmp_path):
                        env=dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert r.returncode == 0, r.stderr
     assert "pip install --no-build-isolation ." in r.stdout and "backend='torch'" in r.stdout
+
+
+# ------------------------------------------------------------------ NaN, transforms, devices, targets
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pos", ["pre", "mid", "post"])
+@pytest.mark.parametrize("d", [2, 16, 40])
+def test_relu_propagates_nan_like_torch(dtype, pos, d):
+    """torch.relu(nan) is nan: a diverged value must not turn into 0 inside a ReLU branch."""
+    acts = {"pre": "identity", "mid": "identity", "post": "identity", pos: "relu"}
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(33, d, generator=g, dtype=dtype)
+    x[3, 1] = float("nan")
+    w = torch.randn(2, 2, d, d, generator=g, dtype=dtype) / d ** 0.5
+    outs = {}
+    for be in ("torch", "fused"):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = residual_stack(xx, ww, False, acts["pre"], acts["mid"], acts["post"], backend=be)
+        y.sum().backward()
+        outs[be] = (y.detach(), ww.grad)
+    for a, b in zip(outs["fused"], outs["torch"]):
+        assert torch.equal(a.isnan(), b.isnan())
+    assert outs["fused"][0][3].isnan().all()
+    tgt = torch.zeros(33, d, dtype=dtype)
+    v = torch.ones(1, 2, 2, d, d, dtype=dtype)
+    for be in ("torch", "fused"):
+        L, gw, hv = shortcut_ext.residual_stack_hvp(x, w, tgt, v, False, acts["pre"], acts["mid"], acts["post"], backend=be)
+        assert L.isnan() and gw.isnan().any()
+
+
+def test_forward_mode_and_func_transforms_get_a_clear_error():
+    x, w = _xw(dtype=torch.float64)
+    v = torch.randn_like(w)
+    f = lambda w: residual_stack(x, w, backend="fused")  # noqa: E731
+    with pytest.raises(NotImplementedError, match="jvp transform.*backend='torch'"):
+        torch.func.jvp(f, (w,), (v,))
+    with pytest.raises(NotImplementedError, match="grad transform.*residual_stack_hvp"):
+        torch.func.grad(lambda w: f(w).sum())(w)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        f(fwAD.make_dual(w, v))
+    _, t = torch.func.jvp(lambda w: residual_stack(x, w, backend="torch"), (w,), (v,))  # the reference can
+    assert t.abs().sum() > 0
+    assert torch.vmap(lambda xi: residual_stack(xi, w, backend="fused"))(torch.randn(2, 4, 3, dtype=torch.float64)).shape == (2, 4, 3)
+
+
+def test_meta_tensors_among_real_ones_are_refused():
+    """A meta tensor sends the call to the fake kernel, which must not return uninitialised memory."""
+    x, w = _xw(dtype=torch.float64)
+    t, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 2, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="targets must be on cpu like x, got meta"):
+        shortcut_ext.residual_stack_hvp(x, w, t.to("meta"), v)
+    with pytest.raises(ValueError, match="directions must be on cpu like weights, got meta"):
+        shortcut_ext.residual_stack_hvp(x, w, t, v.to("meta"))
+    with pytest.raises(ValueError, match="residual_stack_forward: weights must be on cpu like x, got meta"):
+        OP.residual_stack_forward(x, w.to("meta"), True, "identity", "identity", "identity", False)
+    with pytest.raises(ValueError, match="residual_stack_hvp: targets must be on cpu like x, got meta"):
+        OP.residual_stack_hvp(x, w, t.to("meta"), v, True, "identity", "identity", "identity", "mse")
+    y, s = OP.residual_stack_forward(x.to("meta"), w.to("meta"), True, "identity", "identity", "identity", True)
+    assert y.device.type == "meta" and y.shape == x.shape  # all-meta calls still trace
+
+
+def test_hvp_outputs_are_detached_and_direct_op_backward_raises():
+    x, w = _xw(dtype=torch.float64)
+    w.requires_grad_()
+    t, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 2, 2, 3, 3, dtype=torch.float64)
+    for be in ("fused", "torch"):
+        outs = shortcut_ext.residual_stack_hvp(x, w, t, v, backend=be)
+        assert not any(o.requires_grad for o in outs)
+    L, _, _ = OP.residual_stack_hvp(x, w, t, v, True, "identity", "identity", "identity", "mse")
+    with pytest.raises(RuntimeError, match="derivative for shortcut_ext::residual_stack_hvp is not implemented"):
+        L.backward()
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+@pytest.mark.parametrize(
+    "targets,loss,exc,pattern",
+    [
+        (torch.randn(1, 4, 3, dtype=torch.float64), "mse", ValueError, r"targets must have shape \[B, d\] = \[4, 3\], got \[1, 4, 3\]"),
+        (torch.randn(2, 3, dtype=torch.float64), "mse", ValueError, r"targets must have shape \[B, d\] = \[4, 3\], got \[2, 3\]"),
+        (torch.tensor([0, 1]), "cross_entropy", ValueError, r"targets must have shape \[B\] = \[4\] \(class indices\), got \[2\]"),
+        (torch.randn(4, 1, dtype=torch.float64), "cross_entropy", ValueError, r"probabilities \[B, d\] = \[4, 3\] or class indices"),
+        (torch.tensor([0.9, 1.9, 2.9, 0.0]), "cross_entropy", TypeError, "class-index targets \\[B\\] must be integers, got float32"),
+        (torch.tensor([0, 1, 3, 0]), "cross_entropy", ValueError, r"must lie in \[0, d\) = \[0, 3\), got values in \[0, 3\]"),
+        (torch.tensor([0, 1, 2, 0]), "mse", ValueError, r"targets must have shape \[B, d\] = \[4, 3\] for loss='mse'"),
+        (torch.randn(4, 3), "mse", TypeError, r"must have dtype float64 like x, got float32"),
+        (None, "mse", TypeError, r"targets must be a torch.Tensor"),
+    ],
+)
+def test_hvp_targets_checked_alike_on_both_backends(backend, targets, loss, exc, pattern):
+    x, w = _xw(dtype=torch.float64)
+    v = torch.randn(1, 2, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(exc, match=pattern):
+        shortcut_ext.residual_stack_hvp(x, w, targets, v, loss=loss, backend=backend)
+
+
+def test_hvp_int32_class_indices_zero_directions_and_inference_mode():
+    x, w = _xw(dtype=torch.float64)
+    v = torch.randn(2, 2, 2, 3, 3, dtype=torch.float64)
+    idx = torch.tensor([0, 2, 1, 1])
+    ref = shortcut_ext.residual_stack_hvp(x, w, idx, v, loss="cross_entropy", backend="torch")
+    for be in ("fused", "torch"):
+        out = shortcut_ext.residual_stack_hvp(x, w, idx.int(), v, loss="cross_entropy", backend=be)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="k >= 1 directions"):
+            shortcut_ext.residual_stack_hvp(x, w, idx, v[:0], loss="cross_entropy", backend=be)
+        with torch.inference_mode():
+            xi, wi, vi = x.clone(), w.clone(), v.clone()
+            out = shortcut_ext.residual_stack_hvp(xi, wi, idx, vi, loss="cross_entropy", backend=be)
+        torch.testing.assert_close(out[2], ref[2], rtol=1e-12, atol=1e-12)
+
+
+def test_shortcut_recompute_and_zero_width_checked_on_both_backends():
+    x, w = _xw()
+    for be in ("fused", "torch"):
+        with pytest.raises(TypeError, match="shortcut must be True or False, got 'False'"):
+            residual_stack(x, w, shortcut="False", backend=be)
+        with pytest.raises(TypeError, match="recompute must be True, False or None, got 'yes'"):
+            residual_stack(x, w, recompute="yes", backend=be)
+        with pytest.raises(ValueError, match=r"d >= 1 features"):
+            residual_stack(torch.randn(4, 0), torch.randn(2, 2, 0, 0), backend=be)
+    assert torch.equal(residual_stack(x, w, shortcut=1), residual_stack(x, w, shortcut=True))
+
+
+def test_bad_cpu_gemm_variable_is_named(tmp_path):
+    code = ("import torch, shortcut_ext as s\nprint(s.build_info()['cpu_gemm'])\n"
+            "s.residual_stack(torch.randn(4, 16), torch.randn(2, 2, 16, 16))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))  # the package under test
+    env = dict(os.environ, SHORTCUT_EXT_CPU_GEMM="bogus",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode != 0 and "invalid: SHORTCUT_EXT_CPU_GEMM" in r.stdout
+    assert "SHORTCUT_EXT_CPU_GEMM must be auto, brgemm or portable (or unset), got 'bogus'" in r.stderr

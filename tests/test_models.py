@@ -96,3 +96,24 @@ def test_reference_forward_matches_unit_by_unit():
         h = h + torch.tanh(torch.relu(torch.tanh(h) @ w[r, 0].T) @ w[r, 1].T)
     torch.testing.assert_close(ref.residual_stack_forward(x, w, True, "tanh", "relu", "tanh"), h)
     torch.testing.assert_close(ref.activation("ssigmoid", x), 2 * torch.sigmoid(x) - 1)
+
+
+def test_model_arguments_and_input_dtype():
+    import numpy as np
+
+    from shortcut_ext.models import PlainNet, ShortcutNet
+
+    with pytest.raises(ValueError, match="activation must be one of"):
+        PlainNet(3, 4, activation="Tanh", backend="torch")
+    net = ShortcutNet(4, np.int64(2), shortcut=np.int32(2), scale=np.float64(0.1), seed=np.int64(3), backend="torch")
+    ShortcutNet(4, 2, scale=np.float32(0.1), backend="torch")
+    assert net.weight.shape == (2, 2, 4, 4) and isinstance(net.units, int)
+    assert torch.equal(net.weight, ShortcutNet(4, 2, scale=0.1, seed=3, backend="torch").weight)
+    ShortcutNet(4, 2, seed=2**70, backend="torch")  # any integer seeds
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        ShortcutNet(4, 2, scale=True, backend="torch")
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        ShortcutNet(4, 2, seed=1.5, backend="torch")
+    proj = ShortcutNet(4, 2, in_features=3, out_features=5, backend="torch")
+    with pytest.raises(TypeError, match="x must have the model's dtype float32, got float64"):
+        proj(torch.randn(2, 3, dtype=torch.float64))

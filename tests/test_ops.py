@@ -391,3 +391,12 @@ def test_gemm_paths_match(path, tmp_path):
                PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_ssigmoid_is_accurate_near_zero(dtype):
+    """The ground truth must be right where small-init nets live: 2*sigmoid(z) - 1 loses all digits
+    near z = 0 (1e-7 gave 1.19e-7 in float32), tanh(z/2) does not."""
+    z = torch.tensor([1e-20, 1e-9, 1e-7, 1e-5, 0.3, -2.0, 30.0], dtype=dtype)
+    exact = torch.tanh(z.double() / 2)
+    torch.testing.assert_close(ref.activation("ssigmoid", z).double(), exact, rtol=2 * torch.finfo(dtype).eps, atol=0)

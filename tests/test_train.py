@@ -265,3 +265,23 @@ def test_interrupted_sweep_resumes_without_redoing_runs(teacher, tmp_path, monke
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: (calls.append(a[2].lr), real_train(*a, **k))[1])
     lr_sweep(make, (X, Y), lrs, cfg, l_min=l_min, store=RunStore(tmp_path / "runs.jsonl"), key="sweep|test")
     assert calls == []  # everything done: nothing retrained
+
+
+def test_targets_checked_against_the_model():
+    X, Y = torch.randn(20, 4), torch.randn(20, 3)
+    mk = lambda: shortcut_ext.ShortcutNet(width=6, units=2, in_features=4, out_features=3, backend="torch")  # noqa: E731
+    cases = [
+        ((X, Y[:, :1]), "mse", r"Y must be a float tensor of shape \[m, 3\] = \[20, 3\].*got \[20, 1\]"),
+        ((X, Y[:, 0]), "mse", r"got \[20\] float32"),
+        ((X[:, :3], Y), "mse", r"X must have shape \[m, 4\]"),
+        ((X, torch.full((20,), 4)), "cross_entropy", r"class indices must lie in \[0, 3\).*\[4, 4\]"),
+        ((X, Y[:, 0]), "cross_entropy", r"class-index targets Y \[m\] must be integers, got float32"),
+        ((X[:0], Y[:0]), "mse", r"at least one sample"),
+    ]
+    for data, loss, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            train_mod.train(mk(), data, epochs=2, lr=0.1, loss=loss)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got True"):
+        train_mod.train(mk(), (X, Y), epochs=2, lr=True)
+    r = train_mod.train(mk(), (X, torch.randint(0, 3, (20,))), epochs=2, lr=0.1, loss="cross_entropy")
+    assert r.status == "ok"

@@ -10,8 +10,11 @@ namespace shortcut_ext {
 
 namespace {
 std::string gemm_env() {
-  const char* v = std::getenv("SHORTCUT_EXT_CPU_GEMM");
-  return v ? std::string(v) : std::string();
+  const char* env = std::getenv("SHORTCUT_EXT_CPU_GEMM");
+  const std::string v = env ? env : "";
+  TORCH_CHECK_VALUE(v.empty() || v == "auto" || v == "brgemm" || v == "portable",
+                    "SHORTCUT_EXT_CPU_GEMM must be auto, brgemm or portable (or unset), got '", v, "'");
+  return v;
 }
 }  // namespace
 

@@ -42,7 +42,7 @@ inline void apply_act(Act a, T* z, int64_t count) {
   switch (a) {
     case Act::Relu:
 #pragma omp simd
-      for (int64_t i = 0; i < count; ++i) z[i] = z[i] > T(0) ? z[i] : T(0);
+      for (int64_t i = 0; i < count; ++i) z[i] = z[i] < T(0) ? T(0) : z[i];  // NaN propagates
       break;
     case Act::Tanh:
       for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(z[i]);
@@ -61,7 +61,7 @@ inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
   switch (a) {
     case Act::Relu:
 #pragma omp simd
-      for (int64_t i = 0; i < count; ++i) g[i] = z[i] > T(0) ? g[i] : T(0);
+      for (int64_t i = 0; i < count; ++i) g[i] = z[i] <= T(0) ? T(0) : g[i];
       break;
     case Act::Tanh:
       for (int64_t i = 0; i < count; ++i) {
@@ -193,7 +193,7 @@ inline void mul_act_deriv_from_output(Act a, T* g, const T* out, int64_t count) 
   switch (a) {
     case Act::Relu:
 #pragma omp simd
-      for (int64_t i = 0; i < count; ++i) g[i] = out[i] > T(0) ? g[i] : T(0);
+      for (int64_t i = 0; i < count; ++i) g[i] = out[i] <= T(0) ? T(0) : g[i];
       break;
     case Act::Tanh:
 #pragma omp simd
@@ -228,7 +228,7 @@ inline void mul_act_deriv_from_output_fm(Act a, T* g, const T* out, int64_t m, i
           const __m512 gv = _mm512_loadu_ps(gr);
           __m512 res;
           if (a == Act::Relu) {
-            res = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r[bb], zero, _CMP_GT_OQ), gv);
+            res = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r[bb], zero, _CMP_NLE_UQ), gv);
           } else {
             __m512 dv = _mm512_fnmadd_ps(r[bb], r[bb], one);  // 1 - a^2
             if (a == Act::SSigmoid) dv = _mm512_mul_ps(dv, half);

@@ -124,10 +124,10 @@ inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2)
     const bool relu = a == Act::Relu;
     if (s_out) {
 #pragma omp simd
-      for (int64_t i = 0; i < count; ++i) s_out[i] = (!relu || z[i] > T(0)) ? z[i] : T(0);
+      for (int64_t i = 0; i < count; ++i) s_out[i] = (relu && z[i] < T(0)) ? T(0) : z[i];  // NaN propagates
     }
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) d1[i] = (!relu || z[i] > T(0)) ? T(1) : T(0);
+    for (int64_t i = 0; i < count; ++i) d1[i] = (relu && z[i] <= T(0)) ? T(0) : T(1);
     if (d2) std::fill(d2, d2 + count, T(0));
     return;
   }
