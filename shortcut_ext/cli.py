@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> module that defines add_parser(subparsers) (which sets func=...)
@@ -35,7 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        resumable = args.command in ("reproduce", "spectrum", "train")
+        print(f"\nshortcut-ext {args.command}: interrupted"
+              + ("; finished results are saved: rerun the same command (same --out) to resume" if resumable else ""),
+              file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:
+        # bad input found below the argument parser (data files, sizes, combinations of options): one
+        # clear line, not a traceback; SHORTCUT_EXT_TRACEBACK=1 shows where it came from
+        if os.environ.get("SHORTCUT_EXT_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"shortcut-ext {args.command}: error: {e} ({type(e).__name__}; SHORTCUT_EXT_TRACEBACK=1 shows the "
+              "traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 verdicts are asserted, resume at the reproduction level, and the demo / info / train commands."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
+import shortcut_ext
 from shortcut_ext.cli import build_parser
+from shortcut_ext.cli import main as cli_main
 from shortcut_ext.experiments import analysis, reproduce, sweeps
 
 
@@ -144,7 +147,40 @@ def test_tiny_reproduction_resumes(tiny, tmp_path):
     assert a == b
 
 
+def test_tiny_out_folder_refuses_other_options(tiny):
+    """One --out folder, one reproduction: other seeds, data or backend would mix CSVs and figures."""
+    out, bundle, _ = tiny
+    other_seeds = dataclasses.replace(reproduce.TINY, seeds=(0,))
+    with pytest.raises(ValueError, match=r"other options \(differing: config.seeds\)"):
+        reproduce.run(other_seeds, bundle, out, only=["fig5"], progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"differing: .*data"):
+        reproduce.run(reproduce.TINY, sweeps.load_data("synthetic", d=4, samples=80), out, only=["fig5"],
+                      progress=False, log=lambda *a: None)
+    other = "torch" if reproduce._options(reproduce.TINY, bundle, None)["backend"] == "fused" else "fused"
+    if other == "torch" or shortcut_ext.is_built():
+        with pytest.raises(ValueError, match=r"differing: backend"):
+            reproduce.run(reproduce.TINY, bundle, out, only=["fig5"], backend=other, progress=False,
+                          log=lambda *a: None)
+
+
 # --------------------------------------------------------------------------- commands
+def test_reproduce_cli_checks_arguments_and_out(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for argv, pattern in (
+        (["--samples", "0"], "argument --samples: expected an integer >= 1, got 0"),
+        (["--seeds", "-1"], "argument --seeds: expected an integer >= 1, got -1"),
+        (["--threads", "x"], "argument --threads: expected an integer, got 'x'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli_main(["reproduce", "--out", str(tmp_path / "o"), *argv])
+        assert e.value.code == 2 and pattern in capsys.readouterr().err
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit, match="must be a folder, but .*afile is a file"):
+            cli_main(["reproduce", "--tiny", "--out", str(out), "--only", "fig5"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli_main(["reproduce", "--data", "mnist", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+
+
 def test_cli_parses_reproduce_and_rejects_bad_data(tmp_path):
     p = build_parser()
     a = p.parse_args(["reproduce", "--out", str(tmp_path), "--data", "mnist", "/x", "--only", "fig5"])
@@ -235,5 +271,27 @@ def test_reproduce_on_mnist_files(tmp_path):
     v = json.loads((out / "results" / "verdicts_fig5.json").read_text())
     assert v[0]["claim"].startswith("2-shortcut condition number is flat") and v[0]["holds"] is True
     assert (out / "report_fig5.html").exists() and not (out / "report.html").exists()
-    with pytest.raises(FileNotFoundError, match="MNIST path not found: .*missing"):
+    with pytest.raises(SystemExit, match="--data mnist PATH: .*missing does not exist"):
         main(["reproduce", "--tiny", "--data", "mnist", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_cli_errors_are_one_line_and_interrupts_say_how_to_resume(tmp_path, capsys, monkeypatch):
+    from shortcut_ext.experiments import info
+
+    def boom(args):
+        raise ValueError("m must be <= the number of available samples 1797")
+
+    monkeypatch.setattr(info, "main", boom)
+    assert cli_main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shortcut-ext info: error: m must be <= the number") and "Traceback" not in err
+    monkeypatch.setenv("SHORTCUT_EXT_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="available samples"):
+        cli_main(["info"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce, "main", interrupted)
+    assert cli_main(["reproduce", "--out", str(tmp_path)]) == 130
+    assert "interrupted; finished results are saved: rerun the same command" in capsys.readouterr().err

@@ -59,7 +59,12 @@ def _depth_axis(ax, rows, key: str = "depth"):
     ax.set_xscale("log")
     if depths:
         ax.set_xticks(depths)
-        ax.set_xticklabels([str(int(d)) for d in depths], fontsize=7)
+        labels, last = [], None  # neighbours closer than 15% on the log axis ("15", "16") would overlap
+        for d in depths:
+            keep = last is None or d >= 1.15 * last
+            labels.append(str(int(d)) if keep else "")
+            last = d if keep else last
+        ax.set_xticklabels(labels, fontsize=7)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 

@@ -29,6 +29,12 @@ class Section:
     notes: str = ""
 
 
+def _package():
+    import shortcut_ext
+
+    return shortcut_ext
+
+
 def environment() -> dict:
     """What the numbers were measured on: torch, the extension's build, threads, machine."""
     from .. import build_info
@@ -56,6 +62,8 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cuda_available": torch.cuda.is_available(),
+        "shortcut_ext_version": _package().__version__,
+        "shortcut_ext_path": os.path.dirname(os.path.abspath(_package().__file__)),  # spots a stale install
         "shortcut_ext_build_info": build_info(),
         "default_backend": default_backend(),
         "fused_hvp_kernel": fused_hvp,

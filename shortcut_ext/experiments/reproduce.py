@@ -29,6 +29,7 @@ import torch
 from .._device import init_distributed
 from ..train import TrainConfig, log_grid
 from . import analysis, figures, report, sweeps
+from .._cli_args import out_dir, positive_int
 from .store import DistributedRunStore, RunStore, json_safe
 
 PHASES = ("fig2-3", "fig5", "fig6-8", "fig9", "fig10", "ext")
@@ -120,6 +121,42 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _options(cfg: ReproConfig, bundle: sweeps.DataBundle, backend: str | None) -> dict:
+    """What makes the results in an output folder: the configuration, the data and the backend."""
+    from ..ops import check_backend
+
+    opts = {"config": cfg.to_dict(), "data": bundle.tag, "samples": int(bundle.X.shape[0]),
+            "width": bundle.width, "backend": check_backend(backend)}
+    return json.loads(json.dumps(json_safe(opts)))  # as it reads back from the file (tuples as lists)
+
+
+def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: str | None) -> None:
+    """One output folder holds one reproduction: a rerun with other options (configuration, seeds, data,
+    samples, backend) would mix its CSVs, figures and report with the earlier run's (stored runs are
+    keyed by data but not by backend), so it is refused; ``--only`` subsets of the same run are fine."""
+    path = out / "results" / "options.json"
+    mine = _options(cfg, bundle, backend)
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError):
+            theirs = None
+        if theirs is not None and theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if "config" in diff:
+                c0, c1 = theirs.get("config", {}), mine["config"]
+                diff = [d for d in diff if d != "config"] + [f"config.{k}" for k in sorted(set(c0) | set(c1))
+                                                              if c0.get(k) != c1.get(k)]
+            raise ValueError(f"--out {out} holds a reproduction made with other options (differing: "
+                             f"{', '.join(diff)}); use another --out folder, or delete {out} to start over")
+        if theirs is not None:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(mine, indent=1))
+    tmp.replace(path)
+
+
 def _strip(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "result"} for r in rows]
 
@@ -141,6 +178,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         raise ValueError(f"only must name phases from {PHASES}, got {sorted(bad)}")
     dtypes = {"float64": torch.float64, "float32": torch.float32}
     dtype, nl_dtype = dtypes[cfg.dtype], dtypes[cfg.nonlinear_dtype]
+    _claim_out(out, cfg, bundle, backend)
     store = RunStore(out / "results" / "runs.jsonl") if store is None else store
     figdir, resdir = out / "figures", out / "results"
     timings: dict[str, float] = {}
@@ -298,13 +336,14 @@ def add_parser(subparsers) -> None:
     p.set_defaults(size="quick")
     p.add_argument("--data", nargs="+", default=["digits"], metavar="KIND",
                    help="digits (bundled, default) | synthetic | mnist PATH (folder of IDX files or .npz)")
-    p.add_argument("--samples", type=int, default=None, help="use a seeded subset of this many samples")
-    p.add_argument("--out", required=True, help="output folder (a rerun with the same folder resumes)")
+    p.add_argument("--samples", type=positive_int, default=None, help="use a seeded subset of this many samples")
+    p.add_argument("--out", required=True, help="output folder (a rerun with the same folder and options resumes; "
+                   "other options need another folder)")
     p.add_argument("--only", action="append", choices=PHASES, help="run only these figure groups (repeatable)")
     p.add_argument("--backend", choices=("fused", "torch"), default=None,
                    help="stack backend (default: fused where built, else torch)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the config)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (overrides the config)")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: the sweeps run many tiny nets, for which threads "
                         "cost more than they give, most of all on shared cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -319,6 +358,8 @@ def _parse_data(values: list[str]) -> tuple[str, str | None]:
     if kind == "mnist":
         if len(values) != 2:
             raise SystemExit("--data mnist needs a PATH: --data mnist ~/mnist")
+        if not Path(values[1]).expanduser().exists():
+            raise SystemExit(f"--data mnist PATH: {values[1]} does not exist (a folder of IDX files or an .npz)")
         return kind, values[1]
     if kind not in ("digits", "synthetic") or len(values) != 1:
         raise SystemExit(f"--data must be 'digits', 'synthetic' or 'mnist PATH', got {' '.join(values)!r}")
@@ -335,6 +376,7 @@ def main(args) -> int:
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     kind, path = _parse_data(args.data)
+    out_dir(args.out, "reproduce")
     d = 4 if args.size == "tiny" else 10
     samples = args.samples if args.samples is not None else (96 if args.size == "tiny" else None)
     cap = None

@@ -1,0 +1,97 @@
+"""Argument types and checks shared by the ``shortcut-ext`` subcommands.
+
+Each type is an ``argparse`` ``type=`` callable: a bad value is reported by argparse as
+``argument --flag: ...`` (the flag, what was expected, what arrived) with exit status 2, before any
+work starts.  :func:`out_file` / :func:`out_dir` check an output path up front, so that a long run
+does not end in an error about where to write its result.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+MAX_SEED = 2**63 - 1
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0."""
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return v
+
+
+def seed(text: str) -> int:
+    """A seed: an integer in [0, 2**63)."""
+    v = _int(text)
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    v = _float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0."""
+    v = _float(text)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def out_dir(path, command: str) -> Path:
+    """``path`` as an output folder: created if missing; a clear SystemExit if it is a file, lies under
+    a file, or cannot be written."""
+    p = Path(path)
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise SystemExit(f"shortcut-ext {command}: --out {path} must be a folder, but {parent} is a file")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"shortcut-ext {command}: cannot create the --out folder {path}: {e.strerror}") from None
+    if not os.access(p, os.W_OK):
+        raise SystemExit(f"shortcut-ext {command}: the --out folder {path} is not writable")
+    return p
+
+
+def out_file(path, command: str, suffix: str | None = None) -> Path:
+    """``path`` as an output file, checked before any work: not a folder, its folder creatable and
+    writable; ``suffix`` (e.g. ``".json"``), when given, is required."""
+    p = Path(path)
+    if suffix is not None and p.suffix != suffix:
+        raise SystemExit(f"shortcut-ext {command}: --out must name a {suffix} file, got {path}")
+    if p.is_dir():
+        raise SystemExit(f"shortcut-ext {command}: --out {path} is a folder; it must name a file")
+    out_dir(p.parent if str(p.parent) else ".", command)
+    return p
