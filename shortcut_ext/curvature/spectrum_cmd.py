@@ -5,6 +5,8 @@ density by stochastic Lanczos quadrature, ``|lambda|`` quantiles, the index and 
 numbers; for small nets also the exact spectrum (dense ``eigvalsh``).  At zero initialisation the
 closed-form spectrum of Theorem 1 (PAPER.md section 2) is computed without building the Hessian and
 compared.  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
+``spectrum.json`` is strict JSON (nan and inf are written as ``null``); a Lanczos run that did not
+converge is saved with ``"converged": false`` and a WARNING on stderr.
 
 Memory: the Krylov bases are what grows with the net.  The Lanczos basis and one SLQ group's bases
 are each bounded by ``--basis-gib`` (default 3 GiB; the two phases run one after the other):
@@ -22,15 +24,30 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
+from .._cli_args import nonneg_float, nonneg_int, out_dir, positive_float, positive_int
+from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
 from ..reference import ACTIVATIONS, LOSSES
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+DIGITS_SAMPLES = 1797  # scikit-learn's bundled digits (shortcut_ext.data.digits)
+THEORY_DENSE_PARAMS = 8192  # the 1-shortcut zero-point Hessian is assembled densely up to this P
+
+
+def steps_type(text: str) -> int:
+    """An integer >= 2: Lanczos steps of one SLQ probe."""
+    v = positive_int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 2 (one step gives each probe a single quadrature node: no density, no "
+            f"quantiles), got {text}")
+    return v
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -42,40 +59,50 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " Writes JSON and PNG figures.",
     )
     g = p.add_argument_group("network")
-    g.add_argument("--shortcut", type=int, default=2,
+    g.add_argument("--shortcut", type=nonneg_int, default=2,
                    help="layers per residual unit n (0: a plain net of depth --units)")
-    g.add_argument("--units", type=int, default=100, help="residual units R (plain net: depth)")
-    g.add_argument("--width", type=int, default=4, help="width d")
+    g.add_argument("--units", type=positive_int, default=100, help="residual units R (plain net: depth)")
+    g.add_argument("--width", type=positive_int, default=4, help="width d")
     g.add_argument("--init", choices=INITS, default="zero")
-    g.add_argument("--scale", type=float, default=0.01, help="scale of the 'small' init")
-    g.add_argument("--pre", choices=ACTIVATIONS, default="identity")
-    g.add_argument("--mid", choices=ACTIVATIONS, default="identity")
-    g.add_argument("--post", choices=ACTIVATIONS, default="identity")
+    g.add_argument("--scale", type=nonneg_float, default=0.01,
+                   help="scale (>= 0) of the 'small' init: Xavier-normal std times this (--init small only)")
+    g.add_argument("--pre", choices=ACTIVATIONS, default="identity",
+                   help="activation before a unit's first layer (residual nets only)")
+    g.add_argument("--mid", choices=ACTIVATIONS, default="identity",
+                   help="activation between a unit's layers (--shortcut >= 2; a plain net's activation)")
+    g.add_argument("--post", choices=ACTIVATIONS, default="identity",
+                   help="activation after a unit's last layer (residual nets only)")
     g = p.add_argument_group("data and loss")
     g.add_argument("--data", choices=("synthetic", "digits"), default="synthetic",
                    help="synthetic linear teacher, or sklearn's digits (PCA, whitened, one-hot)")
-    g.add_argument("--samples", type=int, default=512, help="number of samples m (digits: a subset)")
-    g.add_argument("--noise", type=float, default=0.1, help="label noise of the synthetic teacher")
+    g.add_argument("--samples", type=positive_int, default=512,
+                   help=f"number of samples m (digits: a seeded subset, at most {DIGITS_SAMPLES})")
+    g.add_argument("--noise", type=nonneg_float, default=0.1, help="label noise (>= 0) of the synthetic teacher")
     g.add_argument("--loss", choices=LOSSES, default="mse")
-    g.add_argument("--batch-size", type=int, default=None, help="mini-batch size of the HVPs (the Hessian is "
+    g.add_argument("--batch-size", type=positive_int, default=None, help="mini-batch size of the HVPs (the Hessian is "
                    "always the full-data one)")
     g = p.add_argument_group("estimators")
-    g.add_argument("--top", type=int, default=5, help="extreme eigenvalues at each end")
-    g.add_argument("--probes", type=int, default=8, help="SLQ probes (run in batched groups, see --probe-batch)")
-    g.add_argument("--steps", type=int, default=80, help="Lanczos steps per SLQ probe")
-    g.add_argument("--probe-batch", type=int, default=None,
+    g.add_argument("--top", type=positive_int, default=5, help="extreme eigenvalues at each end")
+    g.add_argument("--probes", type=positive_int, default=8,
+                   help="SLQ probes (run in batched groups, see --probe-batch)")
+    g.add_argument("--steps", type=steps_type, default=80,
+                   help="Lanczos steps per SLQ probe, >= 2 (each step adds one quadrature node per probe)")
+    g.add_argument("--probe-batch", type=positive_int, default=None,
                    help="SLQ probes per group (default: as many as fit in --basis-gib)")
-    g.add_argument("--max-iter", type=int, default=None,
-                   help="Lanczos basis size for the extremes (default: what fits in --basis-gib, at most 300)")
-    g.add_argument("--lanczos-products", type=int, default=None,
-                   help="Lanczos products in all; above the basis size the basis is thick-restarted "
-                        "(default: no restarts)")
-    g.add_argument("--basis-gib", type=float, default=3.0,
-                   help="memory budget (GiB) of the Lanczos basis and of one SLQ group's bases")
+    g.add_argument("--max-iter", type=positive_int, default=None,
+                   help="Lanczos basis size for the extremes, at least 2 x --top (default: what fits in "
+                        "--basis-gib, at most 300)")
+    g.add_argument("--lanczos-products", type=positive_int, default=None,
+                   help="Lanczos products in all, at least 2 x --top; above the basis size the basis is "
+                        "thick-restarted (default: no restarts)")
+    g.add_argument("--basis-gib", type=positive_float, default=3.0,
+                   help="memory budget (GiB, > 0) of the Lanczos basis and of one SLQ group's bases")
     g.add_argument("--no-verify", action="store_true", help="skip Lanczos's multiplicity check (faster)")
-    g.add_argument("--exact-max-params", type=int, default=2048, help="also compute the dense spectrum up to this P")
+    g.add_argument("--exact-max-params", type=nonneg_int, default=2048,
+                   help="also compute the dense spectrum up to this P (0: never); above "
+                        f"{THEORY_DENSE_PARAMS} it also raises the limit of the dense 1-shortcut theory")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_type, default=0)
     g.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     g.add_argument("--backend", choices=BACKENDS, default="fused", help="HVP backend")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network, data and HVPs live")
@@ -89,9 +116,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _positive(name, value):
-    if value is None or value < 1:
-        raise SystemExit(f"shortcut-ext spectrum: --{name} must be >= 1, got {value}")
+def _check_options(args) -> None:
+    """Refuse combinations the argument types cannot see: flags the chosen net or data would ignore, and
+    more samples than the data holds."""
+    def refuse(msg):
+        raise SystemExit(f"shortcut-ext spectrum: {msg}")
+
+    if args.shortcut == 0:  # PlainNet: one activation, between layers (at mid)
+        for flag in ("pre", "post"):
+            if getattr(args, flag) != "identity":
+                refuse(f"--{flag} {getattr(args, flag)} has no effect on a plain net (--shortcut 0): its activation "
+                       "sits between layers; set it with --mid (and leave --pre / --post at identity)")
+    elif args.shortcut == 1 and args.mid != "identity":  # one layer per unit: no position between layers
+        refuse(f"--mid {args.mid} has no effect with --shortcut 1: a 1-shortcut unit has a single layer, so "
+               "there is nothing between layers; use --pre / --post (or --shortcut >= 2)")
+    if args.init != "small" and args.scale != 0.01:
+        refuse(f"--scale {args.scale} has no effect with --init {args.init}: it scales the 'small' init only "
+               "(use --init small, or drop --scale)")
+    if args.data != "synthetic" and args.noise != 0.1:
+        refuse(f"--noise {args.noise} has no effect with --data {args.data}: it is the label noise of the "
+               "synthetic teacher (use --data synthetic, or drop --noise)")
+    if args.data == "digits" and args.samples > DIGITS_SAMPLES:
+        refuse(f"--samples must be <= {DIGITS_SAMPLES}, the number of samples of --data digits, got "
+               f"{args.samples} (--data synthetic draws any number)")
 
 
 def load_data(kind: str, m: int, d: int, seed: int, noise: float, dtype: torch.dtype):
@@ -100,7 +147,7 @@ def load_data(kind: str, m: int, d: int, seed: int, noise: float, dtype: torch.d
     if kind == "digits":
         from ..data import digits
 
-        return digits(d=d, seed=seed, m=min(m, 1797), dtype=dtype)
+        return digits(d=d, seed=seed, m=m, dtype=dtype)  # refuses m above the 1797 samples
     try:
         from ..data import synthetic_teacher
     except ImportError:  # pragma: no cover - data.py not present
@@ -127,18 +174,12 @@ def _progress(desc: str, disable: bool):
 
 
 def run(args) -> int:
-    for name in ("units", "width", "samples", "top", "probes", "steps"):
-        _positive(name.replace("_", "-"), getattr(args, name))
-    for name in ("probe_batch", "max_iter", "lanczos_products"):
-        if getattr(args, name) is not None:
-            _positive(name.replace("_", "-"), getattr(args, name))
-    if not args.basis_gib > 0:
-        raise SystemExit(f"shortcut-ext spectrum: --basis-gib must be > 0, got {args.basis_gib}")
+    # the flags' ranges are checked by their argparse types; here what depends on several of them
+    _check_options(args)
     budget = max(1, int(args.basis_gib * 2**30))
-    if args.shortcut < 0:
-        raise SystemExit(f"shortcut-ext spectrum: --shortcut must be >= 0, got {args.shortcut}")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     args.device = parse_device(args.device, "spectrum")
+    out_dir(args.out, "spectrum")  # before any work (every rank: they all read the checkpoint there)
     created_group = False
     rank, world = 0, 1
     if args.distributed:
@@ -163,10 +204,7 @@ def _run(args, dtype, budget, rank, world) -> int:
 
     lead = rank == 0  # the rank that prints and writes; every rank computes the same spectrum
     quiet = args.no_progress or not lead
-    if lead:
-        os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
-    ckpt = _Checkpoint(args, write=lead)  # read by every rank before any collective: all skip alike
 
     X, Y = load_data(args.data, args.samples, args.width, args.seed, args.noise, dtype)
     q_out = Y.shape[1]  # digits: 10 one-hot columns, whatever the width (then a frozen read-out)
@@ -187,6 +225,9 @@ def _run(args, dtype, budget, rank, world) -> int:
     else:
         data = [(Xs[i:i + args.batch_size], Ys[i:i + args.batch_size]) for i in range(0, Xs.shape[0], args.batch_size)]
     H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype, distributed=args.distributed)
+    _check_sizes(args, H.P, H.dtype, budget)
+    # read by every rank before the first product (rank 0 writes it only after collectives): all skip alike
+    ckpt = _Checkpoint(args, write=lead)
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "num_params": H.P, "backend_used": H.backend_used, "fallback_reason": H.fallback_reason,
@@ -207,7 +248,7 @@ def _run(args, dtype, budget, rank, world) -> int:
                          return_vectors=False, callback=cb, max_basis_bytes=budget,
                          max_products=args.lanczos_products)
         except ValueError as e:  # a basis that does not fit the budget: say which flag to change
-            raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --max-iter, --basis-gib)") from e
+            raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --max-iter, --lanczos-products, --basis-gib)") from e
         finally:
             bar.close()
         result["timings_s"]["lanczos"] = time.perf_counter() - t0
@@ -219,6 +260,10 @@ def _run(args, dtype, budget, rank, world) -> int:
         "segments": [list(s) for s in lz.segments], "converged": lz.converged, "stop_reason": lz.stop_reason,
         "restarts": lz.restarts, "max_vectors": lz.max_vectors, "basis_bytes": lz.basis_bytes,
     }
+    warnings = []
+    if not lz.converged:
+        warnings.append(_unconverged_message(args, lz))
+    result["converged"] = bool(lz.converged)  # of the Lanczos extremes (and so of |lambda|max, the conditions)
     # density
     bar, cb = _progress("slq", quiet)
     t0 = time.perf_counter()
@@ -246,7 +291,8 @@ def _run(args, dtype, budget, rank, world) -> int:
     lam_q10 = sq.abs_quantile(0.1)
     result["condition"] = {"lam_max": lam_max, "lam_max_residual": lz.abs_max_residual, "lam_q10": lam_q10,
                            "cond_q10": lam_max / lam_q10 if lam_q10 > zero_tol else float("inf"),
-                           "index": result["slq"]["index"], "zero_tol": zero_tol, "method": "lanczos+slq"}
+                           "index": result["slq"]["index"], "zero_tol": zero_tol, "method": "lanczos+slq",
+                           "converged": bool(lz.converged)}
 
     # exact spectrum for small nets
     exact = None
@@ -260,14 +306,29 @@ def _run(args, dtype, budget, rank, world) -> int:
     # theory at the zero point
     spec = None
     if args.shortcut >= 1 and args.init == "zero":
-        try:
-            spec = theory.model_zero_point_spectrum(net, X.cpu(), Y.cpu(), loss=args.loss)
-        except ValueError as e:  # n = 1 beyond the dense limit
-            result["theory"] = {"skipped": str(e)}
+        dense_limit = max(THEORY_DENSE_PARAMS, args.exact_max_params)
+        if args.shortcut == 1 and H.P > dense_limit:  # no closed form for n = 1: assembled densely
+            result["theory"] = {"skipped": (
+                f"the 1-shortcut zero-point theory has no closed form: it is a dense P x P eigendecomposition, "
+                f"skipped for P above {dense_limit}; this net has P = {H.P}: raise --exact-max-params to {H.P} to "
+                "compute it (and the dense spectrum of the net), or lower --units / --width")}
+        else:
+            try:
+                spec = theory.model_zero_point_spectrum(net, X.cpu(), Y.cpu(), loss=args.loss,
+                                                        max_dense_params=dense_limit)
+            except ValueError as e:
+                result["theory"] = {"skipped": str(e)}
+        if lead and "theory" in result:
+            print(f"shortcut-ext spectrum: theory skipped: {result['theory']['skipped']}")
     if spec is not None:
         ev = spec.eigenvalues()
         rep = report_from_eigenvalues(ev, k=args.top)
-        scale = max(float(np.abs(ev).max()), 1e-300)
+        # Errors are measured against the spectrum's scale, |lambda|max of the theory (of the measurement
+        # where the theory is all zero), not against the value itself: a numerically zero eigenvalue or
+        # quantile (~1e-17) compared with another one is agreement, not a 100% error.
+        scale = float(np.abs(ev).max())
+        if not scale > 0:
+            scale = float(lam_max) if lam_max > 0 else 1.0
         k_top = len(lz.largest)
         vals, mult = spec.distinct()
         result["theory"] = {
@@ -276,23 +337,85 @@ def _run(args, dtype, budget, rank, world) -> int:
             "slope": spec.slope, "gradient_norm": spec.gradient_norm,
             "assumptions": {"holds": spec.assumptions.holds, "notes": spec.assumptions.notes},
             "report": rep.as_dict(),
-            "lanczos_rel_error": max(float(np.abs(lz.largest - ev[::-1][:k_top]).max()),
-                                     float(np.abs(lz.smallest - ev[:k_top]).max())) / scale,
-            "slq_q10_rel_error": abs(lam_q10 - rep.lam_q10) / max(rep.lam_q10, 1e-300),
+            "rel_error_scale": scale,
+            "rel_error_definition": ("|measured - theory| / rel_error_scale (|lambda|max of the theory; the "
+                                     "measured one where the theory is all zero)"),
+            "lanczos_rel_error": (max(float(np.abs(lz.largest - ev[::-1][:k_top]).max()),
+                                      float(np.abs(lz.smallest - ev[:k_top]).max())) / scale) if k_top else None,
+            "slq_q10_rel_error": abs(lam_q10 - rep.lam_q10) / scale,
         }
     result["timings_s"]["total"] = time.perf_counter() - t_start
     if not lead:
         return 0
+    result["warnings"] = warnings
     with open(os.path.join(args.out, "spectrum.json"), "w") as f:
-        json.dump(result, f, indent=1, default=_json_default)
+        f.write(to_strict_json(result, indent=1))
     if not args.no_plots:
         _plots(args.out, sq, grid, dens, sigma, lz, exact, spec)
     print(f"P = {H.P}  |lambda|max = {lam_max:.6g} (residual {lz.abs_max_residual:.2g})  "
           f"|lambda|(0.1) = {lam_q10:.6g}  index = {result['slq']['index']:.4f}  -> {args.out}")
     if spec is not None:
+        err = result["theory"]["lanczos_rel_error"]
         print(f"theory ({spec.method}): |lambda|max = {result['theory']['report']['lam_max']:.6g}  "
-              f"Lanczos rel. error {result['theory']['lanczos_rel_error']:.2e}")
+              f"Lanczos error / |lambda|max {'n/a' if err is None else f'{err:.2e}'}")
+    for w in warnings:
+        print(f"shortcut-ext spectrum: WARNING: {w}", file=sys.stderr)
     return 0
+
+
+def _check_sizes(args, P: int, dtype: torch.dtype, budget: int) -> None:
+    """Refuse, with the numbers, a --basis-gib that cannot hold one vector and a Lanczos run that cannot
+    hold ``--top`` Ritz values at both ends."""
+    itemsize = torch.finfo(dtype).bits // 8
+    if budget < P * itemsize:
+        raise SystemExit(
+            f"shortcut-ext spectrum: --basis-gib {args.basis_gib:g} ({budget} bytes) cannot hold one basis vector "
+            f"of P = {P} {str(dtype).replace('torch.', '')} numbers ({P * itemsize} bytes): raise --basis-gib to at "
+            f"least {_gib_ceil(P * itemsize)}")
+    k = min(args.top, P)
+    need = min(2 * k, P)  # distinct Ritz values for k at each end
+    if args.max_iter is not None and min(args.max_iter, P) < need:
+        raise SystemExit(
+            f"shortcut-ext spectrum: --max-iter {args.max_iter} gives at most {min(args.max_iter, P)} Ritz values, "
+            f"but --top {args.top} at both ends needs {need}: raise --max-iter to at least {need} or lower --top")
+    if args.max_iter is None and min(budget // (P * itemsize), P) < need:
+        raise SystemExit(
+            f"shortcut-ext spectrum: --basis-gib {args.basis_gib:g} holds {budget // (P * itemsize)} basis vectors "
+            f"of P = {P}, but --top {args.top} at both ends needs {need}: raise --basis-gib to at least "
+            f"{_gib_ceil(need * P * itemsize)} or lower --top")
+    if args.lanczos_products is not None and args.lanczos_products < need:
+        raise SystemExit(
+            f"shortcut-ext spectrum: --lanczos-products {args.lanczos_products} gives at most "
+            f"{args.lanczos_products} Ritz values, but --top {args.top} at both ends needs {need}: raise "
+            f"--lanczos-products to at least {need} or lower --top")
+
+
+def _gib_ceil(nbytes: int) -> str:
+    """``nbytes`` in GiB, rounded up to 3 significant digits (a value that is enough)."""
+    g = nbytes / 2**30
+    e = math.floor(math.log10(g)) - 2
+    return f"{math.ceil(g / 10**e) * 10**e:.3g}"
+
+
+def _unconverged_message(args, lz) -> str:
+    """What an unconverged Lanczos run means and which flags to raise."""
+    res = max((float(np.max(r)) for r in (lz.largest_residuals, lz.smallest_residuals) if len(r)), default=float("nan"))
+    got = "" if len(lz.largest) >= args.top else f"; it found only {len(lz.largest)} of --top {args.top} values"
+    now_iter = args.max_iter if args.max_iter is not None else f"{lz.max_vectors}, from --basis-gib"
+    now_prod = args.lanczos_products if args.lanczos_products is not None else "unset: no restarts"
+    return (f"Lanczos did not converge (stopped at {lz.stop_reason} after {lz.num_products} products; largest "
+            f"residual {res:.2g} against |lambda|max {lz.abs_max:.3g}){got}: the extremes, |lambda|max and the "
+            f"condition numbers are unreliable (saved with \"converged\": false). Raise --max-iter (now "
+            f"{now_iter}) or --lanczos-products (now {now_prod})")
+
+
+def to_strict_json(obj, **kw) -> str:
+    """``obj`` as strict JSON: numpy values as numbers and lists, nan and inf as ``null``
+    (:func:`~shortcut_ext.experiments.store.json_safe`)."""
+    from ..experiments.store import json_safe
+
+    plain = json.loads(json.dumps(obj, default=_json_default))  # numpy / torch values -> Python (nan kept)
+    return json.dumps(json_safe(plain), allow_nan=False, **kw)
 
 
 # What a spectrum's numbers depend on (a checkpoint is reused only under the same values); where the
@@ -313,12 +436,30 @@ class _Checkpoint:
         try:
             with open(self.path) as f:
                 old = json.load(f)
-            if old.get("config") == json.loads(json.dumps(self.config, default=_json_default)):
+        except FileNotFoundError:
+            old = None  # none yet
+        except (OSError, ValueError) as e:  # unreadable: start afresh
+            old = None
+            self._say(f"the checkpoint {self.path} is unreadable ({e}); starting afresh and replacing it")
+        if isinstance(old, dict):
+            mine = json.loads(json.dumps(self.config, default=_json_default))
+            theirs = old.get("config")
+            if theirs == mine:
                 self.state = {"config": self.config, "lanczos": old.get("lanczos"), "slq": old.get("slq") or {}}
-        except (OSError, ValueError, AttributeError):
-            pass  # none yet, or unreadable (an interrupted first write): start afresh
+            else:
+                theirs = theirs if isinstance(theirs, dict) else {}
+                diff = [f"--{k.replace('_', '-')} {_flag_value(theirs.get(k, '(unset)'))} -> {_flag_value(mine.get(k))}"
+                        for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
+                self._say(f"the checkpoint in --out {args.out} was made with different options "
+                          f"({', '.join(diff) or 'unknown'}); it is not resumed and is being replaced")
+        elif old is not None:
+            self._say(f"the checkpoint {self.path} is not a spectrum checkpoint; starting afresh and replacing it")
         self.slq_done = {int(i): (np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), int(n))
                          for i, (a, b, n) in self.state["slq"].items()}
+
+    def _say(self, msg: str) -> None:
+        if self.write:
+            print(f"shortcut-ext spectrum: {msg}", file=sys.stderr)
 
     def _flush(self) -> None:
         if not self.write:
@@ -355,6 +496,15 @@ class _Checkpoint:
             n = int(steps[i - g0])
             self.state["slq"][str(i)] = [alpha[i - g0, :n].tolist(), beta[i - g0, :n].tolist(), n]
         self._flush()
+
+
+def _flag_value(v) -> str:
+    """A config value as the command line shows it."""
+    if v is None:
+        return "(default)"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v)
 
 
 def _json_default(o):
@@ -422,7 +572,12 @@ def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
     ax.axvline(0.1, color="gray", lw=0.5)
     ax.set_xlabel("q")
     ax.set_ylabel("|lambda|(q)")
-    if min(sq.abs_quantile(0.005), *([] if spec is None else [float(np.abs(spec.eigenvalues()).min())])) > 0:
+    lows = [sq.abs_quantile(0.005)]  # a log scale only when every curve stays above zero
+    if exact is not None:
+        lows.append(float(np.abs(exact).min()))
+    if spec is not None:
+        lows.append(float(np.abs(spec.eigenvalues()).min()))
+    if min(lows) > 0:
         ax.set_yscale("log")
     ax.set_title("quantiles of |eigenvalues| (the paper uses q = 0.1)")
     ax.legend(fontsize=8)

@@ -1,0 +1,198 @@
+"""``shortcut-ext spectrum`` from the command line: plots without a theory overlay, strict JSON, refused
+flags (ignored, out of range, too large for the data or the Lanczos basis), unconverged Lanczos
+warnings, theory errors on the spectrum's scale, and the checkpoint-replacement notice.
+
+Every call is in-process through ``shortcut_ext.cli.main`` at tiny sizes (a few seconds each)."""
+from __future__ import annotations
+
+import json
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+from shortcut_ext.cli import main  # noqa: E402
+
+TINY = ["spectrum", "--units", "6", "--width", "3", "--samples", "32", "--probes", "2", "--steps", "8",
+        "--top", "2", "--no-progress"]
+PLOTS = ("density.png", "extremes.png", "quantiles.png")
+
+
+def _strict(text: str):
+    """Parse ``text`` as strict JSON (no NaN / Infinity)."""
+    def bad(const):
+        raise AssertionError(f"not strict JSON: {const}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def _result(out):
+    return _strict((out / "spectrum.json").read_text())
+
+
+# ------------------------------------------------------------------ 1. plots without a theory overlay
+@pytest.mark.parametrize("extra", [["--init", "small"], ["--shortcut", "0"], ["--init", "xavier", "--shortcut", "3"]],
+                         ids=["small", "plain", "xavier"])
+def test_plots_without_theory(tmp_path, extra):
+    out = tmp_path / "o"
+    assert main(TINY + extra + ["--out", str(out)]) == 0
+    for name in PLOTS:
+        assert (out / name).stat().st_size > 1000
+    assert "theory" not in _result(out)
+
+
+def test_one_shortcut_beyond_the_dense_theory(tmp_path, capsys):
+    """n = 1 with P above the dense limit: plots, and a skip message that names the flag to raise."""
+    out = tmp_path / "o"
+    args = ["spectrum", "--shortcut", "1", "--units", "1000", "--width", "3", "--samples", "16", "--probes", "2",
+            "--steps", "6", "--top", "2", "--max-iter", "20", "--no-verify", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    for name in PLOTS:
+        assert (out / name).stat().st_size > 1000
+    skipped = _result(out)["theory"]["skipped"]
+    assert "P = 9000" in skipped and "--exact-max-params" in skipped and "OneShortcutHessian" not in skipped
+    assert "theory skipped" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ 2. strict JSON at a zero Hessian
+def test_zero_hessian_writes_strict_json_and_resumes(tmp_path, capsys):
+    out = tmp_path / "o"
+    args = TINY + ["--shortcut", "3", "--init", "zero", "--no-plots", "--out", str(out)]
+    assert main(args) == 0
+    res = _result(out)
+    assert res["condition"]["lam_max"] == 0.0 and res["condition"]["cond_q10"] is None  # inf -> null
+    assert res["theory"]["method"] == "zero" and res["theory"]["report"]["cond"] is None  # nan -> null
+    _strict((out / "spectrum.checkpoint.json").read_text())
+    capsys.readouterr()
+    assert main(args) == 0  # the checkpoint still resumes
+    again = _result(out)
+    assert again["resumed"]["lanczos"] is True and again["resumed"]["slq_probes"] == 2
+    assert again["lanczos"] == res["lanczos"]
+    assert "different options" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 3. flags the net would ignore
+@pytest.mark.parametrize("extra, match", [
+    (["--shortcut", "1", "--mid", "tanh"], r"--mid tanh has no effect with --shortcut 1"),
+    (["--shortcut", "0", "--pre", "relu"], r"--pre relu has no effect on a plain net \(--shortcut 0\).*--mid"),
+    (["--shortcut", "0", "--post", "tanh"], r"--post tanh has no effect on a plain net"),
+    (["--init", "zero", "--scale", "0.5"], r"--scale 0.5 has no effect with --init zero"),
+    (["--data", "digits", "--noise", "0.5"], r"--noise 0.5 has no effect with --data digits"),
+])
+def test_ignored_flags_are_refused(tmp_path, extra, match):
+    with pytest.raises(SystemExit, match=match):
+        main(TINY + extra + ["--no-plots", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_meaningful_activation_flags_are_accepted(tmp_path):
+    assert main(TINY + ["--shortcut", "1", "--pre", "tanh", "--post", "tanh", "--init", "small", "--no-plots",
+                        "--out", str(tmp_path / "a")]) == 0
+    assert main(TINY + ["--shortcut", "0", "--mid", "tanh", "--init", "small", "--no-plots",
+                        "--out", str(tmp_path / "b")]) == 0
+
+
+# ------------------------------------------------------------------ 4. bad arguments
+@pytest.mark.parametrize("flag, value", [
+    ("--units", "0"), ("--width", "-1"), ("--samples", "0"), ("--top", "0"), ("--probes", "0"), ("--steps", "1"),
+    ("--steps", "x"), ("--probe-batch", "0"), ("--max-iter", "0"), ("--lanczos-products", "0"),
+    ("--exact-max-params", "-1"), ("--batch-size", "0"), ("--seed", "-1"), ("--seed", str(2**63)),
+    ("--noise", "-0.1"), ("--noise", "nan"), ("--scale", "-0.01"), ("--basis-gib", "inf"), ("--basis-gib", "0"),
+    ("--basis-gib", "nan"), ("--shortcut", "-1"),
+])
+def test_bad_values_are_refused_by_the_parser(tmp_path, capsys, flag, value):
+    extra = ["--init", "small"] if flag == "--scale" else []
+    with pytest.raises(SystemExit) as e:
+        main(TINY + extra + [flag, value, "--no-plots", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected" in err and value in err
+    if flag == "--steps" and value == "1":
+        assert ">= 2" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_basis_gib_too_small_for_one_vector(tmp_path):
+    with pytest.raises(SystemExit, match=r"--basis-gib 1e-12 \(1 bytes\) cannot hold one basis vector of P = 108 "
+                                         r"float64 numbers \(864 bytes\)"):
+        main(TINY + ["--basis-gib", "1e-12", "--no-plots", "--out", str(tmp_path / "o")])
+
+
+def test_lanczos_room_for_top_at_both_ends(tmp_path):
+    with pytest.raises(SystemExit, match=r"--max-iter 3 gives at most 3 Ritz values, but --top 2 at both ends "
+                                         r"needs 4"):
+        main(TINY + ["--max-iter", "3", "--no-plots", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=r"--lanczos-products 3 gives at most 3 Ritz values.*needs 4"):
+        main(TINY + ["--lanczos-products", "3", "--no-plots", "--out", str(tmp_path / "b")])
+
+
+def test_out_is_checked_before_any_work(tmp_path, monkeypatch):
+    import shortcut_ext.curvature.spectrum_cmd as cmd
+
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before --out was checked")
+
+    monkeypatch.setattr(cmd, "load_data", no_data)
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(SystemExit, match=r"--out .*file.txt must be a folder, but .*file.txt is a file"):
+        main(TINY + ["--no-plots", "--out", str(f)])
+    with pytest.raises(SystemExit, match=r"--out .*file.txt/sub must be a folder, but .*file.txt is a file"):
+        main(TINY + ["--no-plots", "--out", str(f / "sub")])
+
+
+# ------------------------------------------------------------------ 5. more samples than the data holds
+def test_digits_samples_above_the_data_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"--samples must be <= 1797, the number of samples of --data digits, "
+                                         r"got 5000"):
+        main(TINY + ["--data", "digits", "--samples", "5000", "--no-plots", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ 6. unconverged Lanczos
+def test_unconverged_lanczos_warns_and_is_recorded(tmp_path, capsys):
+    assert main(TINY + ["--init", "small", "--max-iter", "4", "--no-plots", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: Lanczos did not converge" in err and "--max-iter" in err and "--lanczos-products" in err
+    res = _result(tmp_path / "a")
+    assert res["converged"] is False and res["condition"]["converged"] is False
+    assert res["lanczos"]["converged"] is False and len(res["warnings"]) == 1
+
+    assert main(TINY + ["--init", "small", "--lanczos-products", "5", "--no-plots", "--out",
+                        str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: Lanczos did not converge" in err and "--lanczos-products (now 5)" in err
+    assert _result(tmp_path / "b")["condition"]["converged"] is False
+
+    assert main(TINY + ["--init", "small", "--no-plots", "--out", str(tmp_path / "c")]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    res = _result(tmp_path / "c")
+    assert res["converged"] is True and res["condition"]["converged"] is True and res["warnings"] == []
+
+
+# ------------------------------------------------------------------ 7. theory errors on the spectrum's scale
+def test_theory_errors_are_relative_to_the_spectrum_scale(tmp_path):
+    out = tmp_path / "o"
+    assert main(TINY + ["--loss", "cross_entropy", "--no-plots", "--out", str(out)]) == 0
+    th = _result(out)["theory"]
+    assert th["report"]["lam_q10"] < 1e-12  # the theory's q = 0.1 quantile is a numerical zero
+    assert th["rel_error_scale"] == pytest.approx(th["report"]["lam_max"])
+    assert "lambda|max" in th["rel_error_definition"]
+    assert th["slq_q10_rel_error"] < 1e-10 and th["lanczos_rel_error"] < 1e-10
+
+
+# ------------------------------------------------------------------ 8. a checkpoint of other options
+def test_replaced_checkpoint_is_announced(tmp_path, capsys):
+    out = tmp_path / "o"
+    base = TINY + ["--init", "small", "--no-plots", "--out", str(out)]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--probes", "3", "--seed", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"the checkpoint in --out {out} was made with different options" in err
+    assert "--probes 2 -> 3" in err and "--seed 0 -> 4" in err and "replaced" in err
+    assert _result(out)["resumed"]["lanczos"] is False
+    assert main(base + ["--probes", "3", "--seed", "4"]) == 0  # same options: resumed, no notice
+    assert "different options" not in capsys.readouterr().err
+    assert _result(out)["resumed"]["lanczos"] is True
