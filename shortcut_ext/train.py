@@ -14,13 +14,19 @@ Hessian probes along training, and the learning-rate sweep with the best rate pe
 
 Epoch ``e`` metrics are measured at the weights *before* the ``e``-th update; the history holds
 epochs ``0..epochs`` (the last entry is the final network).
+
+``train(..., checkpoint=PATH)`` saves the run's state (weights, optimizer state, epoch, history and
+probes so far, the mini-batch generator) to ``PATH`` as it trains, and a later call with the same
+arguments resumes from it, ending with the same numbers bit for bit as an uninterrupted run.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import inspect
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -332,6 +338,12 @@ def train(
     progress: bool = False,
     distributed: bool = False,
     process_group=None,
+    checkpoint=None,
+    checkpoint_every: int = 10,
+    checkpoint_every_s: float = 30.0,
+    checkpoint_key=None,
+    log: Callable[[str], None] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
     **overrides,
 ) -> TrainResult:
     """Train ``model`` (a :class:`~shortcut_ext.models.ShortcutNet` / ``PlainNet``) in place.
@@ -351,6 +363,22 @@ def train(
             rank: checked), and the Hessian probes use the distributed ``HessianOperator``.
             Mini-batch updates are refused.
         process_group: the group for ``distributed`` (default: the default group).
+        checkpoint: a file (e.g. ``run.ckpt.pt``) for the run's state: the weights, the optimizer state,
+            the next epoch, the history and probes so far, the mini-batch generator's state and a
+            fingerprint of the run (``config``, the model, its initial weights, the data, ``l_min``,
+            ``checkpoint_key``).  It is written (atomically) after an update once ``checkpoint_every``
+            epochs *and* ``checkpoint_every_s`` seconds have passed since the last write.  If the file
+            holds a checkpoint of the same fingerprint, training resumes from it and ends with the same
+            numbers, bit for bit, as an uninterrupted run; one of another run (or an unreadable file) is
+            ignored, with a note to ``log``, and replaced.  The file is left in place when ``train``
+            returns: delete it once the result is saved.  Distributed: every rank passes the same path,
+            rank 0 writes it, and the ranks resume only if all of them read the same epoch.
+        checkpoint_every, checkpoint_every_s: the least epochs and seconds between two writes.
+        checkpoint_key: anything JSON-serialisable that the checkpoint must also match (e.g. the options
+            of a command that built the model and data).
+        log: receives one-line notes (resuming, a checkpoint replaced); default: none.
+        on_epoch: called as ``on_epoch(epoch)`` after each update (after any checkpoint write); an
+            exception it raises (e.g. ``KeyboardInterrupt``) ends the run.
 
     Returns:
         A :class:`TrainResult`; a diverged run has ``status="diverged"`` and ``final_loss=inf``.
@@ -396,11 +424,42 @@ def train(
     limit = None
     t0 = time.perf_counter()
     probe_time = 0.0
+    start, seconds_before = 0, 0.0
+    say = log if log is not None else (lambda msg: None)
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+        if not (isinstance(checkpoint_every_s, (int, float)) and math.isfinite(checkpoint_every_s)
+                and checkpoint_every_s >= 0):
+            raise ValueError(f"checkpoint_every_s must be a finite number >= 0, got {checkpoint_every_s!r}")
+        fingerprint = _fingerprint(model, X, Y, config, lm, checkpoint_key, distributed, process_group, world)
+        state = _load_checkpoint(checkpoint, fingerprint, say)
+        if distributed:  # resume only if every rank read the same epoch (e.g. the file is on a shared disk)
+            import torch.distributed as dist
+
+            e = float(state["epoch"]) if state is not None else -1.0
+            t = all_reduce(torch.tensor([e, -e], dtype=torch.float64, device=device), process_group,
+                           dist.ReduceOp.MAX)
+            if float(t[0]) != -float(t[1]):
+                if state is not None:
+                    say(f"note: the ranks read different checkpoints from {checkpoint}; starting afresh")
+                state = None
+        if state is not None:
+            with torch.no_grad():
+                w.copy_(state["weight"].to(device=w.device, dtype=w.dtype))
+            if opt is not None:
+                opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            hist, probes, limit = state["history"], state["probes"], state["limit"]
+            start, seconds_before, probe_time = state["epoch"], state["seconds"], state["probe_seconds"]
+            say(f"resuming from epoch {start} of {config.epochs} ({checkpoint})")
+    saved_epoch, saved_t = start, t0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.epochs, desc="train", leave=False)
+        bar = tqdm(total=config.epochs, initial=start, desc="train", leave=False)
 
     def loss_and_grad(xb, yb):
         with torch.enable_grad():
@@ -419,7 +478,7 @@ def train(
         all_reduce(buf, process_group)
         return float(buf[-1]), buf[:-1].view_as(w)
 
-    for epoch in range(config.epochs + 1):
+    for epoch in range(start, config.epochs + 1):
         L, g = full_loss_and_grad()
         gn = float(g.norm())
         wn = model.mean_frobenius_norm()
@@ -460,14 +519,76 @@ def train(
                 opt.step()
         if bar is not None:
             bar.update(1)
+        if checkpoint is not None and rank == 0:
+            now = time.perf_counter()
+            if epoch + 1 - saved_epoch >= checkpoint_every and now - saved_t >= checkpoint_every_s:
+                _save_checkpoint(checkpoint, {
+                    "format": _CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
+                    "weight": w.detach().cpu(), "optimizer": None if opt is None else opt.state_dict(),
+                    "generator": gen.get_state(), "history": hist, "probes": probes, "limit": limit,
+                    "seconds": seconds_before + now - t0, "probe_seconds": probe_time})
+                saved_epoch, saved_t = epoch + 1, time.perf_counter()
+        if on_epoch is not None:
+            on_epoch(epoch)
     if bar is not None:
         bar.close()
     w.grad = None
     return TrainResult(
         status=status, lr=float(config.lr), epochs=config.epochs, final_loss=final_loss, l_min=lm,
         diverged_epoch=diverged_epoch, history=hist, probes=probes,
-        seconds=time.perf_counter() - t0, probe_seconds=probe_time,
+        seconds=seconds_before + time.perf_counter() - t0, probe_seconds=probe_time,
     )
+
+
+# --------------------------------------------------------------------------- checkpoints
+_CHECKPOINT_FORMAT = 1
+
+
+def _fingerprint(model, X, Y, config: TrainConfig, l_min, key, distributed: bool, process_group, world: int) -> str:
+    """What a run's numbers depend on, as a JSON string: a checkpoint is resumed only under the same one.
+    The data enter by their sample count and sums (over all ranks when distributed), the initial weights
+    by their sums."""
+    w = model.weight.detach().double()
+    X64, Y64 = X.detach().double(), Y.detach().double()
+    data = torch.stack([torch.tensor(float(X.shape[0]), dtype=torch.float64, device=X.device), X64.sum(),
+                        X64.square().sum(), Y64.sum(), Y64.square().sum()])
+    if distributed:
+        all_reduce(data, process_group)
+    fp = {"key": key, "config": config.to_dict(), "model": repr(model), "weight_shape": list(w.shape),
+          "dtype": str(model.weight.dtype), "weight_sums": [float(w.sum()), float(w.square().sum())],
+          "data": [float(v) for v in data.cpu()], "l_min": l_min, "world": world}
+    return json.dumps(fp, sort_keys=True, default=str)
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (a temporary file, fsync, ``os.replace``)."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) -> dict | None:
+    """The checkpoint at ``path`` if it holds a run of ``fingerprint``; ``None`` (with a note) otherwise."""
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(state, dict) and state.get("format") == _CHECKPOINT_FORMAT):
+            raise ValueError("not a train() checkpoint")
+    except Exception as e:  # noqa: BLE001 -- an interrupted first write, or another file: start afresh
+        say(f"note: cannot read the checkpoint {path} ({type(e).__name__}); starting afresh and replacing it")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        say(f"note: the checkpoint {path} is of another run (other options or data); starting afresh and "
+            "replacing it")
+        return None
+    return state
 
 
 # --------------------------------------------------------------------------- learning-rate sweep

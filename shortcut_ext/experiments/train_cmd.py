@@ -4,8 +4,17 @@
     shortcut-ext train --arch plain-xavier --act relu-mid --depth 10 --probe-every 50 --out run.json
     shortcut-ext train --arch 2-shortcut --depth 8 --data mnist ~/mnist --samples 10000 --out run.json
 
-Writes ``--out`` (JSON: configuration, final numbers, per-epoch history, Hessian probes) and a CSV of
-the per-epoch history beside it (``run.csv``).
+Writes ``--out`` (a .json file: configuration, final numbers, per-epoch history, Hessian probes) and a
+CSV of the per-epoch history beside it (``run.csv``).
+
+Resume: while it trains, the run keeps a checkpoint beside ``--out`` (``run.ckpt.pt``: the weights, the
+optimizer state, the epoch, the history and probes so far, the mini-batch generator's state and the
+options that change the result), rewritten atomically every ``--checkpoint-every`` epochs but at most
+every ``--checkpoint-seconds`` seconds (whichever is later).  Rerunning the same command with the same
+``--out`` after an interruption resumes from it ("resuming from epoch E of N") and writes the same
+numbers, bit for bit, as an uninterrupted run; a checkpoint of other options is replaced (with a note).
+The checkpoint is removed once the JSON is written.  Under ``--distributed`` rank 0 writes it and every
+rank reads it (resuming needs the same file on every rank, e.g. on a shared disk).
 """
 from __future__ import annotations
 
@@ -13,34 +22,47 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 from pathlib import Path
 
 import torch
 
+from .._cli_args import nonneg_float, nonneg_int, out_file, positive_float, positive_int, seed
 from .._device import init_distributed, parse_device
 from ..train import OPTIMIZERS, TrainConfig, train
 from .store import json_safe
-from .sweeps import ACT_VARIANTS, ARCHS, build_model, check_arch, load_data
+from .sweeps import ACT_VARIANTS, ARCHS, arch_supports, build_model, check_arch, load_data
+
+CMD = "shortcut-ext train"
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train one network and write its metrics (JSON + CSV)",
+    p = subparsers.add_parser("train", help="train one network and write its metrics (JSON + CSV); resumable",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="2-shortcut", help="network family and init")
-    p.add_argument("--act", choices=sorted(ACT_VARIANTS), default="linear", help="activation variant")
-    p.add_argument("--depth", type=int, default=10, help="weight layers (a multiple of the shortcut depth)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=1000)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="gd")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size for sgd/adam")
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--probe-every", type=int, default=0, help="Hessian probes every N epochs (0: none)")
-    p.add_argument("--exact-max-params", type=int, default=4000)
+    p.add_argument("--act", choices=sorted(ACT_VARIANTS), default="linear",
+                   help="activation variant (a 1-shortcut unit has one layer: no *-mid variants)")
+    p.add_argument("--depth", type=int, default=10,
+                   help="weight layers: >= 1, a multiple of the shortcut depth (default 10)")
+    p.add_argument("--seed", type=seed, default=0, help="seeds the init, the data subset and the mini-batch order")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
+    p.add_argument("--epochs", type=nonneg_int, default=1000, help="updates (full passes over the data; default 1000)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="gd",
+                   help="gd: full-batch gradient descent (the paper, default); sgd: mini-batches, optional "
+                        "momentum; adam")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="mini-batch size for --optimizer sgd/adam (default: full batch)")
+    p.add_argument("--momentum", type=nonneg_float, default=0.0,
+                   help="momentum of --optimizer sgd (>= 0; default 0)")
+    p.add_argument("--probe-every", type=nonneg_int, default=0, help="Hessian probes every N epochs (0: none)")
+    p.add_argument("--exact-max-params", type=nonneg_int, default=4000,
+                   help="largest parameter count probed with an exact dense Hessian (SLQ above; default 4000)")
     p.add_argument("--data", nargs="+", default=["digits"], metavar="KIND",
                    help="digits (default) | synthetic | mnist PATH")
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--width", type=int, default=10, help="principal components / synthetic dimension")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="a seeded subset of this many samples (synthetic: this many; default all / 1000)")
+    p.add_argument("--width", type=positive_int, default=10,
+                   help="principal components / synthetic dimension (digits: at most 64; default 10)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network trains")
@@ -50,18 +72,33 @@ def add_parser(subparsers) -> None:
                         "(float32 accuracy); Hessian probes stay float32")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel full-batch training under torchrun (gloo on cpu, NCCL on cuda: each rank "
-                        "takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes")
+                        "takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes the "
+                        "outputs and the checkpoint, which every rank reads to resume")
     p.add_argument("--no-compress", action="store_true",
                    help="linear nets: train on all rows instead of the exact second-moment compression")
-    p.add_argument("--out", required=True, help="JSON file for the metrics (a .csv of the history goes beside it)")
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=10, metavar="EPOCHS",
+                   help="rewrite the checkpoint (OUT stem + .ckpt.pt) every this many epochs (default 10; 0: "
+                        "no checkpoint, an interrupted run starts over)")
+    p.add_argument("--checkpoint-seconds", type=nonneg_float, default=30.0, metavar="S",
+                   help="... but at most every S seconds of wall time (default 30)")
+    p.add_argument("--out", required=True,
+                   help="the .json file for the metrics (a .csv of the history and, while training, a .ckpt.pt "
+                        "checkpoint go beside it; rerun with the same --out to resume)")
     p.set_defaults(func=main)
+
+
+def checkpoint_path(out) -> Path:
+    """The checkpoint beside ``--out``: ``run.json`` -> ``run.ckpt.pt``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".ckpt.pt")
 
 
 def main(args) -> int:
     device = parse_device(args.device, "train")
     if getattr(args, "tf32", None) and (args.dtype != "float32" or not device.startswith("cuda")):
-        raise SystemExit(f"shortcut-ext train: --tf32 needs --dtype float32 and --device cuda, got --dtype "
+        raise SystemExit(f"{CMD}: --tf32 needs --dtype float32 and --device cuda, got --dtype "
                          f"{args.dtype} --device {device}")
+    _check_args(args, device)  # before any work (and on every rank alike, before any collective)
     if not getattr(args, "distributed", False):
         return _main(args, device, 0, 1)
     created, rank, world, device = init_distributed("train", device)
@@ -74,17 +111,108 @@ def main(args) -> int:
             dist.destroy_process_group()
 
 
-def _main(args, device, rank, world) -> int:
-    from .reproduce import _parse_data
+def _check_args(args, device: str) -> None:
+    """Combinations of options the run would ignore or fail on, as ``SystemExit`` naming the flags."""
+    if not arch_supports(args.arch, args.act):
+        raise SystemExit(f"{CMD}: --arch {args.arch} does not support --act {args.act}: a 1-shortcut unit has "
+                         "one layer, so there is no mid position and the net would be linear; use a *-pre "
+                         "variant or another --arch")
+    if args.optimizer == "gd" and args.batch_size is not None:
+        raise SystemExit(f"{CMD}: --batch-size needs --optimizer sgd or adam (gd takes full-batch steps), got "
+                         f"--batch-size {args.batch_size} with --optimizer gd")
+    if args.momentum != 0 and args.optimizer != "sgd":
+        raise SystemExit(f"{CMD}: --momentum needs --optimizer sgd (gd takes plain steps, adam keeps its own "
+                         f"moment estimates), got --momentum {args.momentum:g} with --optimizer {args.optimizer}")
+    if getattr(args, "distributed", False) and args.batch_size is not None:
+        raise SystemExit(f"{CMD}: --distributed takes full-batch steps; drop --batch-size (got --batch-size "
+                         f"{args.batch_size})")
+    a = check_arch(args.arch)
+    depth = args.depth
+    if a.shortcut <= 1 and depth < 1:
+        raise SystemExit(f"{CMD}: --depth must be >= 1, got {depth}")
+    if a.shortcut > 1 and (depth < a.shortcut or depth % a.shortcut):
+        raise SystemExit(f"{CMD}: --depth of a {a.name} net must be a positive multiple of {a.shortcut} "
+                         f"(its shortcut depth), got {depth}")
+    out = out_file(args.out, "train", ".json")
+    _check_memory(args, device)
+    _parse_data(args.data)
+    if checkpoint_path(out).is_dir():
+        raise SystemExit(f"{CMD}: the checkpoint path {checkpoint_path(out)} (beside --out) is a folder")
 
+
+def _check_memory(args, device: str) -> None:
+    """Refuse sizes whose weights and gradient (and optimizer state) cannot fit, before allocating them."""
+    itemsize = 8 if args.dtype == "float64" else 4
+    copies = 2 + {"adam": 2, "sgd": 1 if args.momentum else 0}.get(args.optimizer, 0)
+    need = args.depth * args.width * args.width * itemsize * copies
+    if device.startswith("cuda"):
+        have, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, f"{device}'s"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    if need > have:
+        what = "the weights and their gradient" + (" and the optimizer state" if copies > 2 else "")
+        raise SystemExit(f"{CMD}: --depth {args.depth} --width {args.width} is too large: {what} need "
+                         f"{need / 2**30:.3g} GiB ({copies} x depth x width^2 x {itemsize} bytes of {args.dtype}), "
+                         f"more than {where} {have / 2**30:.3g} GiB of memory; lower --depth or --width")
+
+
+def _parse_data(values: list[str]) -> tuple[str, str | None]:
+    kind = values[0]
+    if kind == "mnist":
+        if len(values) != 2:
+            raise SystemExit(f"{CMD}: --data mnist needs a PATH: --data mnist ~/mnist")
+        if not Path(values[1]).expanduser().exists():
+            raise SystemExit(f"{CMD}: --data mnist PATH: {values[1]} does not exist (a folder of IDX files or an .npz)")
+        return kind, values[1]
+    if kind not in ("digits", "synthetic") or len(values) != 1:
+        raise SystemExit(f"{CMD}: --data must be 'digits', 'synthetic' or 'mnist PATH', got {' '.join(values)!r}")
+    return kind, None
+
+
+def _data_error(err: Exception, args, kind: str) -> str:
+    """A data loader's error (its limits depend on the data set) as one line naming the flag behind it."""
+    msg = str(err)
+    if "input features" in msg or "principal components" in msg:
+        flag = f"--width {args.width}"
+    elif "available samples" in msg:
+        flag = f"--samples {args.samples}"
+    elif "more samples than components" in msg:
+        flag = f"--samples {args.samples} / --width {args.width}"
+    else:
+        return f"{CMD}: --data {' '.join(args.data)}: {msg}"
+    return f"{CMD}: {flag} does not fit --data {' '.join(args.data)}: {msg}"
+
+
+def _fingerprint(args, net, bundle, device: str, world: int, compress: bool) -> dict:
+    """The options that change the result: a checkpoint is resumed only under the same values (where
+    the outputs go and how often checkpoints are written do not count)."""
+    return {"arch": args.arch, "act": args.act, "depth": args.depth, "seed": args.seed, "lr": args.lr,
+            "epochs": args.epochs, "optimizer": args.optimizer, "batch_size": args.batch_size,
+            "momentum": args.momentum, "probe_every": args.probe_every, "exact_max_params": args.exact_max_params,
+            "data": bundle.tag, "width": args.width, "dtype": args.dtype, "backend": net.backend,
+            "device": torch.device(device).type, "tf32": getattr(args, "tf32", None) or "off", "world": world,
+            "compressed": compress}
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _main(args, device, rank, world) -> int:
     lead = rank == 0  # prints and writes
+    out = Path(args.out)
     kind, path = _parse_data(args.data)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    bundle = load_data(kind, path, d=args.width, samples=args.samples, dtype=dtype)
+    try:
+        bundle = load_data(kind, path, d=args.width, samples=args.samples, dtype=dtype)
+    except (ValueError, OSError) as e:
+        raise SystemExit(_data_error(e, args, kind)) from None
     depth = args.depth
-    a = check_arch(args.arch)
-    if a.valid_depth(depth) != depth:
-        raise SystemExit(f"--depth of a {a.name} net must be a multiple of {a.shortcut}, got {depth}")
     net = build_model(args.arch, args.act, depth, bundle.width, args.seed, dtype, args.backend,
                       out_features=None if bundle.out_features == bundle.width else bundle.out_features).to(device)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
@@ -94,6 +222,7 @@ def _main(args, device, rank, world) -> int:
     data = (bundle.Xc, bundle.Yc) if compress else (bundle.X, bundle.Y)
     if world > 1:  # this rank's rows (the compressed rows also average to the same loss)
         data = tuple(t[rank::world] for t in data)
+    ckpt = checkpoint_path(out) if args.checkpoint_every else None
     if lead:
         print(f"training {net!r} ({net.num_parameters()} weights) on {bundle.tag}"
               f"{' (second-moment compression)' if compress else ''}; L_min = {bundle.l_min:.6g}"
@@ -102,26 +231,36 @@ def _main(args, device, rank, world) -> int:
 
     with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
         res = train(net, data, cfg, l_min=bundle.l_min, progress=lead,
-                    distributed=bool(getattr(args, "distributed", False)))
+                    distributed=bool(getattr(args, "distributed", False)), checkpoint=ckpt,
+                    checkpoint_every=max(args.checkpoint_every, 1), checkpoint_every_s=args.checkpoint_seconds,
+                    checkpoint_key=_fingerprint(args, net, bundle, device, world, compress),
+                    log=print if lead else None)
     if not lead:
         return 0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rec = {"arch": args.arch, "act": args.act, "depth": depth, "seed": args.seed, "data": bundle.tag,
            "backend": net.backend, "device": device, "world_size": world, "dtype": args.dtype,
            "tf32": getattr(args, "tf32", None) or "off", "compressed": compress, "config": cfg.to_dict(),
            **res.to_dict()}
-    out.write_text(json.dumps(json_safe(rec), indent=1))
+    text = json.dumps(json_safe(rec), indent=1)
+    _write_atomic(out, lambda f: f.write(text))
     h = res.history
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+
+    def write_csv(f):
         w = csv.writer(f)
         w.writerow(list(h))
         w.writerows(zip(*h.values()))
+
+    csv_path = out.with_suffix(".csv")
+    _write_atomic(csv_path, write_csv)
+    if ckpt is not None:  # the result is saved: the checkpoint has served
+        for p in (ckpt, ckpt.with_name(ckpt.name + ".tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
     msg = (f"{res.status}: final loss {res.final_loss:.6g}, loss - L_min {res.final_excess:.3g}, "
            f"mean |W|_F {res.final_weight_norm:.4g}, {res.seconds:.1f} s")
     if res.probes:
         p = res.probes[-1]
         msg += f"; last probe: |lambda|max {p['lam_max']:.4g}, cond_q10 {p['cond_q10']:.4g}, index {p['index']:.3f}"
     print(msg)
-    print(f"wrote {out} and {out.with_suffix('.csv')}")
+    print(f"wrote {out} and {csv_path}")
     return 0

@@ -1,0 +1,309 @@
+"""``shortcut-ext train`` and ``shortcut-ext demo`` from the command line: options checked up front with
+errors that name the flag, and ``train``'s checkpoint / resume (same numbers as an uninterrupted run)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from shortcut_ext.cli import build_parser, main
+from shortcut_ext.experiments import train_cmd
+
+TINY = ["--depth", "4", "--epochs", "3", "--width", "4", "--samples", "40"]
+
+
+def _train(tmp_path, *extra, out="run.json"):
+    return main(["train", *TINY, *extra, "--out", str(tmp_path / out)])
+
+
+def _no_work(monkeypatch):
+    """Fail the test if the command gets as far as loading data or building the net."""
+    def boom(*a, **k):
+        raise AssertionError("the command started working before it checked its options")
+
+    monkeypatch.setattr(train_cmd, "load_data", boom)
+    monkeypatch.setattr(train_cmd, "build_model", boom)
+
+
+# --------------------------------------------------------------------------- 1. ignored options
+def test_1shortcut_refuses_mid_activations(tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit, match=r"shortcut-ext train: --arch 1-shortcut does not support --act relu-mid"):
+        _train(tmp_path, "--arch", "1-shortcut", "--act", "relu-mid")
+    assert not (tmp_path / "run.json").exists()
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--momentum", "0.9"], r"--momentum needs --optimizer sgd .*got --momentum 0.9 with --optimizer gd"),
+    (["--batch-size", "8"], r"--batch-size needs --optimizer sgd or adam .*got --batch-size 8 with --optimizer gd"),
+    (["--optimizer", "adam", "--momentum", "0.5"], r"--momentum needs --optimizer sgd .*with --optimizer adam"),
+])
+def test_ignored_optimizer_options_are_refused(tmp_path, monkeypatch, extra, msg):
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit, match="shortcut-ext train: " + msg):
+        _train(tmp_path, *extra)
+
+
+def test_sgd_takes_momentum_and_batch_size(tmp_path, capsys):
+    assert _train(tmp_path, "--optimizer", "sgd", "--momentum", "0.9", "--batch-size", "8", "--lr", "0.01") == 0
+    rec = json.loads((tmp_path / "run.json").read_text())
+    assert rec["config"]["momentum"] == 0.9 and rec["config"]["batch_size"] == 8
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    assert "momentum of --optimizer sgd" in " ".join(capsys.readouterr().out.split())
+
+
+# --------------------------------------------------------------------------- 2. --out checked first
+def test_out_checked_before_any_work(tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(SystemExit, match=r"shortcut-ext train: --out .*folder.json is a folder"):
+        _train(tmp_path, out="folder.json")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"shortcut-ext train: --out .* must be a folder, but .*file is a file"):
+        _train(tmp_path, out="file/run.json")
+    with pytest.raises(SystemExit, match=r"shortcut-ext train: --out must name a \.json file, got .*run\.csv"):
+        _train(tmp_path, out="run.csv")  # the CSV history would overwrite the JSON
+
+
+# --------------------------------------------------------------------------- 3. depth messages
+_MULT = r"--depth of a {a} net must be a positive multiple of {n} \(its shortcut depth\), got {d}"
+
+
+@pytest.mark.parametrize("arch, depth, msg", [
+    ("plain-xavier", "0", r"--depth must be >= 1, got 0"),
+    ("1-shortcut", "-1", r"--depth must be >= 1, got -1"),
+    ("2-shortcut", "0", _MULT.format(a="2-shortcut", n=2, d=0)),
+    ("2-shortcut", "-4", _MULT.format(a="2-shortcut", n=2, d=-4)),
+    ("3-shortcut", "4", _MULT.format(a="3-shortcut", n=3, d=4)),
+])
+def test_depth_messages(tmp_path, monkeypatch, arch, depth, msg):
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit, match="^shortcut-ext train: " + msg + "$"):
+        _train(tmp_path, "--arch", arch, "--depth", depth)
+
+
+# --------------------------------------------------------------------------- 4. bad values
+@pytest.mark.parametrize("flag, value", [
+    ("--width", "0"), ("--samples", "0"), ("--lr", "0"), ("--lr", "-0.1"), ("--lr", "inf"), ("--lr", "nan"),
+    ("--epochs", "-1"), ("--probe-every", "-1"), ("--batch-size", "0"), ("--momentum", "-0.5"),
+    ("--momentum", "inf"), ("--seed", "-1"), ("--seed", str(2**63)), ("--exact-max-params", "-1"),
+    ("--checkpoint-every", "-1"), ("--checkpoint-seconds", "nan"),
+])
+def test_bad_values_name_the_flag(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, f"{flag}={value}")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--width", "65"], r"--width 65 does not fit --data digits: .*64"),
+    (["--samples", "5000"], r"--samples 5000 does not fit --data digits: .*1797"),
+    (["--samples", "4"], r"--samples 4 / --width 4 does not fit --data digits"),
+    (["--data", "mnist"], r"--data mnist needs a PATH"),
+    (["--data", "cifar"], r"--data must be 'digits', 'synthetic' or 'mnist PATH', got 'cifar'"),
+])
+def test_data_limits_name_the_flag(tmp_path, extra, msg):
+    with pytest.raises(SystemExit, match="^shortcut-ext train: " + msg):
+        _train(tmp_path, *extra)
+
+
+def test_bad_mnist_paths_name_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match=r"^shortcut-ext train: --data mnist PATH: .*nowhere does not exist"):
+        _train(tmp_path, "--data", "mnist", str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^shortcut-ext train: --data mnist .*empty: MNIST train images not found"):
+        _train(tmp_path, "--data", "mnist", str(tmp_path / "empty"))
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(SystemExit, match=r"^shortcut-ext train: --data mnist .*bad.npz: "):
+        _train(tmp_path, "--data", "mnist", str(tmp_path / "bad.npz"))
+
+
+@pytest.mark.parametrize("flag, value", [("--width", "0"), ("--epochs", "-1"), ("--depth", "3"), ("--depth", "0"),
+                                         ("--depth", "x"), ("--seed", "-1")])
+def test_demo_bad_values_name_the_flag(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", f"{flag}={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected" in err and "Traceback" not in err
+    if flag == "--depth":
+        assert "even integer >= 2" in err
+
+
+def test_demo_prints_each_epoch_once_and_claims_its_real_time(capsys):
+    for epochs in ("0", "10"):
+        assert main(["demo", "--epochs", epochs, "--depth", "4", "--width", "4"]) == 0
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if "best lr" in ln]
+        assert len(lines) == 2
+        for ln in lines:
+            assert ln.count("epoch 0:") == 1 and ln.count(f"epoch {epochs}:") == 1, ln
+    text = build_parser().format_help()
+    assert "20 s" not in text and "~3 s" in text
+
+
+# --------------------------------------------------------------------------- 5. absurd sizes
+def test_absurd_sizes_refused_before_allocating(tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit, match=r"^shortcut-ext train: --depth 200000000 --width 16 is too large: .*GiB.*"
+                                         r"lower --depth or --width"):
+        main(["train", "--depth", "200000000", "--width", "16", "--out", str(tmp_path / "run.json")])
+
+
+# --------------------------------------------------------------------------- 6. checkpoint / resume
+RESUME = ["--epochs", "6", "--checkpoint-every", "1", "--checkpoint-seconds", "0", "--probe-every", "2"]
+
+
+def _interrupt_at(monkeypatch, stop_epoch):
+    """Make the next ``train`` of the command raise KeyboardInterrupt after epoch ``stop_epoch``."""
+    real = train_cmd.train
+
+    def stop(epoch):
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "train", lambda *a, **k: real(*a, on_epoch=stop, **k))
+    return real
+
+
+def _numbers(path):
+    rec = json.loads(path.read_text())
+    return rec["final_loss"], rec["history"], rec["probes"], rec["status"]
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # gd on the compressed rows
+    ["--act", "relu-mid", "--optimizer", "sgd", "--batch-size", "7", "--momentum", "0.9", "--lr", "0.05"],
+    ["--act", "tanh-pre", "--optimizer", "adam", "--batch-size", "16", "--lr", "0.01", "--data", "synthetic"],
+])
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, capsys, extra):
+    assert _train(tmp_path, *RESUME, *extra, out="full.json") == 0
+    ckpt = tmp_path / "run.ckpt.pt"
+    real = _interrupt_at(monkeypatch, 2)
+    assert _train(tmp_path, *RESUME, *extra) == 130  # the CLI's KeyboardInterrupt exit
+    assert ckpt.exists() and not (tmp_path / "run.json").exists()
+    assert "rerun the same command (same --out) to resume" in capsys.readouterr().err
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 3
+    monkeypatch.setattr(train_cmd, "train", real)
+    assert _train(tmp_path, *RESUME, *extra) == 0
+    assert "resuming from epoch 3 of 6" in capsys.readouterr().out
+    assert _numbers(tmp_path / "run.json") == _numbers(tmp_path / "full.json")  # bit for bit
+    assert (tmp_path / "run.csv").read_text() == (tmp_path / "full.csv").read_text()
+    assert not ckpt.exists() and not (tmp_path / "full.ckpt.pt").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_checkpoint_of_other_options_is_replaced(tmp_path, monkeypatch, capsys):
+    assert _train(tmp_path, *RESUME, "--lr", "0.2", out="full.json") == 0
+    real = _interrupt_at(monkeypatch, 3)
+    assert _train(tmp_path, *RESUME, "--lr", "0.1") == 130
+    monkeypatch.setattr(train_cmd, "train", real)
+    capsys.readouterr()
+    assert _train(tmp_path, *RESUME, "--lr", "0.2") == 0
+    out = capsys.readouterr().out
+    assert "is of another run" in out and "resuming" not in out
+    assert _numbers(tmp_path / "run.json") == _numbers(tmp_path / "full.json")
+    # an unreadable checkpoint (e.g. another file) is replaced too
+    (tmp_path / "run.ckpt.pt").write_bytes(b"garbage")
+    assert _train(tmp_path, *RESUME, "--lr", "0.2") == 0
+    assert "cannot read the checkpoint" in capsys.readouterr().out
+    assert _numbers(tmp_path / "run.json") == _numbers(tmp_path / "full.json")
+    assert not (tmp_path / "run.ckpt.pt").exists()
+
+
+def test_train_checkpoint_api(tmp_path):
+    """``train(checkpoint=...)``: written every ``checkpoint_every`` epochs, resumed bit for bit; without it
+    nothing is written (backward compatible)."""
+    from shortcut_ext.models import ShortcutNet
+    from shortcut_ext.train import TrainConfig, train
+
+    def problem():
+        net = ShortcutNet(4, 2, 2, "identity", "relu", "identity", init="small", scale=0.3, seed=1,
+                          dtype=torch.float64)
+        g = torch.Generator().manual_seed(2)
+        return net, (torch.randn(30, 4, generator=g, dtype=torch.float64),
+                     torch.randn(30, 4, generator=g, dtype=torch.float64))
+
+    cfg = TrainConfig(epochs=5, lr=0.05, optimizer="sgd", batch_size=8, momentum=0.5, seed=3)
+    lm = 0.1  # (without l_min the excess is NaN, which never compares equal)
+    net, data = problem()
+    full = train(net, data, cfg, l_min=lm)
+    assert os.listdir(tmp_path) == []
+    path = tmp_path / "ck.pt"
+    seen = []
+
+    def watch(epoch):
+        seen.append(torch.load(path, weights_only=True)["epoch"] if path.exists() else None)
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*problem(), cfg, l_min=lm, checkpoint=path, checkpoint_every=2, checkpoint_every_s=0, on_epoch=watch)
+    assert seen == [None, 2, 2, 4]
+    notes = []
+    net2, data2 = problem()
+    res = train(net2, data2, cfg, l_min=lm, checkpoint=path, checkpoint_every=2, checkpoint_every_s=0,
+                log=notes.append)
+    assert notes == [f"resuming from epoch 4 of 5 ({path})"]
+    assert res.history == full.history and res.final_loss == full.final_loss
+    assert torch.equal(net2.weight, net.weight)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1"):
+        train(*problem(), cfg, checkpoint=path, checkpoint_every=0)
+    # checkpoint_every_s: a long interval writes nothing in a short run
+    path.unlink()
+    train(*problem(), cfg, l_min=lm, checkpoint=path, checkpoint_every=1, checkpoint_every_s=3600)
+    assert not path.exists()
+
+
+_DIST_WORKER = textwrap.dedent('''
+    import os, sys, torch, torch.distributed as dist
+    from shortcut_ext.models import ShortcutNet
+    from shortcut_ext.train import TrainConfig, train
+    dist.init_process_group("gloo")
+    r, out = dist.get_rank(), sys.argv[1]
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(30, 4, generator=g, dtype=torch.float64)
+    shard = (X[r::2], Y[r::2])
+    net = lambda: ShortcutNet(4, 2, 2, "identity", "tanh", "identity", init="small", scale=0.3, seed=1,
+                              dtype=torch.float64)
+    cfg = TrainConfig(epochs=5, lr=0.1, probe_every=2)
+    full = train(net(), shard, cfg, l_min=0.1, distributed=True)
+    ck = os.path.join(out, "ck.pt")
+    def stop(e):
+        if e == 2:
+            raise KeyboardInterrupt
+    try:
+        train(net(), shard, cfg, l_min=0.1, distributed=True, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0,
+              on_epoch=stop)
+    except KeyboardInterrupt:
+        pass
+    notes = []
+    res = train(net(), shard, cfg, l_min=0.1, distributed=True, checkpoint=ck, checkpoint_every=1,
+                checkpoint_every_s=0, log=notes.append)
+    torch.save({"full": (full.history, full.probes), "res": (res.history, res.probes), "notes": notes},
+               os.path.join(out, f"rank{r}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+''')
+
+
+def test_distributed_train_resumes(tmp_path):
+    """Rank 0 writes the checkpoint, every rank reads it, and the resumed run matches bit for bit."""
+    script = tmp_path / "worker.py"
+    script.write_text(_DIST_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rank in (0, 1):
+        d = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert d["res"] == d["full"]
+        assert d["notes"] == [f"resuming from epoch 3 of 5 ({tmp_path / 'ck.pt'})"]
