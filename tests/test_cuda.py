@@ -274,6 +274,27 @@ def test_deterministic_by_default(path, monkeypatch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("path, mode", [("fused", "off"), ("generic", "off"), ("fused", "tf32")])
+def test_relu_propagates_nan(path, mode, monkeypatch):
+    """torch.relu(nan) is nan: a diverged entry stays nan through ReLU in the forward, the backward and
+    the HVP kernel, as in the reference."""
+    _switches(monkeypatch, path)
+    for pos in range(3):
+        acts = tuple("relu" if i == pos else "identity" for i in range(3))
+        x, w, gy = _inputs(70, 40, 2, 2, torch.float32, seed=pos, scale=0.15)
+        x[5, 3] = float("nan")
+        with shortcut_ext.cuda_tf32(mode):
+            y, _, gx, gw = _run_ops(x, w, gy, False, acts)
+        yr, _, gxr, gwr = _reference(x, w, gy, False, acts)
+        for a, b, what in ((y, yr, "y"), (gx, gxr, "grad_x"), (gw, gwr, "grad_w")):
+            assert torch.equal(a.isnan().cpu(), b.isnan()), (acts, what)
+        assert y[5].isnan().all()
+    v = torch.ones(1, 2, 2, 40, 40, device="cuda")
+    L, g, hv = shortcut_ext.residual_stack_hvp(x, w, torch.zeros_like(x), v, False, "relu", "identity", "identity")
+    assert L.isnan() and g.isnan().any() and hv.isnan().any()
+
+
+@needs_cuda
 def test_float32_is_not_tf32(monkeypatch):
     """A wide, long float32 stack stays float32-accurate (TF32 would be ~1e-3 relative), whatever
     torch's TF32 switch says."""
