@@ -37,7 +37,10 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+try:  # the installed package (or the one on PYTHONPATH): the source tree has no kernels unless built in place
+    import shortcut_ext  # noqa: F401
+except ImportError:  # a source checkout without an install
+    sys.path.insert(0, os.path.dirname(HERE))
 
 from shortcut_ext import ops, reference  # noqa: E402
 from shortcut_ext.curvature.hessian import fused_hvp_available  # noqa: E402

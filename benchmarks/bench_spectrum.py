@@ -45,7 +45,10 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+try:  # the installed package (or the one on PYTHONPATH): the source tree has no kernels unless built in place
+    import shortcut_ext  # noqa: F401
+except ImportError:  # a source checkout without an install
+    sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from bench_hvp import RssPeak  # noqa: E402

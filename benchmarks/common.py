@@ -49,10 +49,12 @@ def write_results(name: str, rows: list[dict], extra: dict) -> tuple[str, str]:
     csv_path = os.path.join(RESULTS_DIR, f"{name}.csv")
     json_path = os.path.join(RESULTS_DIR, f"{name}.json")
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("case", "impl"), k))
-    with open(csv_path, "w", newline="") as f:
+    with open(csv_path + ".tmp", "w", newline="") as f:  # written whole, then renamed: never half a file
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    with open(json_path, "w") as f:
+    os.replace(csv_path + ".tmp", csv_path)
+    with open(json_path + ".tmp", "w") as f:
         json.dump({"environment": environment(), **extra, "rows": rows}, f, indent=2)
+    os.replace(json_path + ".tmp", json_path)
     return csv_path, json_path

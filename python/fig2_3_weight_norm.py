@@ -14,6 +14,6 @@ from shortcut_ext.cli import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if "--out" not in args:
+    if not any(a.split("=")[0] in ("--ou", "--out") for a in args):  # --out DIR, --out=DIR, --ou DIR
         args += ["--out", "runs/fig2_3_weight_norm"]
     sys.exit(main(["reproduce", "--only", "fig2-3", *args]))

@@ -43,6 +43,9 @@ AGREE = 1e-3  # relative (Frobenius) disagreement with eager float32 that still 
 AGREE_TF32 = 1e-2  # the same for the TF32 variants (10 mantissa bits per product, over R units)
 
 
+VARIANTS = ("fused", "fused_tf32", "fused_3xtf32", "fused_atomic", "eager", "eager_tf32", "eager_graph", "compile")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--units", type=int, default=1000, help="residual units R")
     p.add_argument("--n", type=int, default=2, help="layers per unit (2 = the 2-shortcut net)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
-    p.add_argument("--variants", default="fused,fused_tf32,fused_3xtf32,fused_atomic,eager,eager_tf32,eager_graph,compile",
+    p.add_argument("--variants", default=",".join(VARIANTS),
                    help="fused_atomic: the fused op with SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1 (forward+backward only); "
                         "fused_tf32 / fused_3xtf32: inside shortcut_ext.cuda_tf32(mode); eager_tf32: torch.backends.cuda.matmul."
                         "allow_tf32 = True")
@@ -65,6 +68,22 @@ def parse_args(argv=None):
     p.add_argument("--target-s", type=float, default=0.5, help="timed seconds per variant (3 to 20 repetitions)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: checks this script's logic")
     a = p.parse_args(argv)
+    modes = [m for m in a.modes.split(",") if m]
+    if not modes or set(modes) - {"fwd", "fwdbwd"}:
+        p.error(f"--modes must be a comma-separated list of fwd and fwdbwd, got {a.modes!r}")
+    known = set(VARIANTS)
+    bad = [v for v in a.variants.split(",") if v and v not in known]
+    if bad or not [v for v in a.variants.split(",") if v]:
+        p.error(f"--variants must name some of {','.join(VARIANTS)}, got {a.variants!r}")
+    for flag, text in (("--ds", a.ds), ("--bs", a.bs)):
+        try:
+            ok = all(int(v) >= 1 for v in text.split(","))
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"{flag} must be a comma-separated list of integers >= 1, got {text!r}")
+    if a.units < 1 or a.n < 1:
+        p.error(f"--units and --n must be >= 1, got {a.units} and {a.n}")
     if a.cpu_smoke:
         a.ds, a.bs, a.units = "16,20", "64", 4
         a.budget_s = min(a.budget_s, 120.0)
@@ -273,6 +292,15 @@ def main(argv=None):
     fns = stack_fns(args)
     variants = [v for v in args.variants.split(",") if v]
     rows, compile_spent, failures = [], 0.0, 0
+    common.RESULTS_DIR = args.out
+    name = "bench_gpu" if not args.cpu_smoke else "bench_gpu_cpu_smoke"
+
+    def flush():  # after every case: a run cut short by a timeout keeps every row it measured
+        graphs = dict(torch._dynamo.utils.counters.get("stats", {})).get("unique_graphs", 0)
+        return common.write_results(name, rows, {"args": vars(args), "gemm_fp32_tflops": gemm,
+                                                 "gemm_tf32_tflops": gemm_tf32, "compile_seconds": compile_spent,
+                                                 "compiled_graphs": graphs})
+
     ds = [int(v) for v in args.ds.split(",")]
     bs = [int(v) for v in args.bs.split(",")]
     R, n = args.units, args.n
@@ -360,14 +388,11 @@ def main(argv=None):
                            f"x{r_.get('speedup_vs_eager', '')} vs eager  err {r_['rel_err_vs_eager']}"
                            if "ms_median" in r_ else r_.get("note", "")))
                 del x, w, gy, baseline
+                flush()
 
     graphs = dict(torch._dynamo.utils.counters.get("stats", {})).get("unique_graphs", 0)
     log(f"torch.compile: {graphs} graphs compiled in {compile_spent:.0f}s (one per shape and grad mode expected)")
-    common.RESULTS_DIR = args.out
-    csv_path, json_path = common.write_results("bench_gpu" if not args.cpu_smoke else "bench_gpu_cpu_smoke", rows,
-                                               {"args": vars(args), "gemm_fp32_tflops": gemm,
-                                                "gemm_tf32_tflops": gemm_tf32,
-                                                "compile_seconds": compile_spent, "compiled_graphs": graphs})
+    csv_path, json_path = flush()
     log(f"wrote {csv_path} and {json_path} ({len(rows)} rows) in {time.time() - t_start:.0f}s")
     log(_table(rows))
     return 1 if failures else 0
