@@ -203,6 +203,13 @@ def environment() -> dict:
             "activations": ACTS}
 
 
+def _check_out(parser, out: str) -> None:
+    """The result file's folder must exist (and be writable) before a long run, not after it."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f"--out {out} must be a file in an existing, writable folder")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--units", type=int, nargs="+", default=list(UNITS))
@@ -213,6 +220,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_hvp.json", help="JSON path; a CSV is written beside it")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    _check_out(p, args.out)
+    if args.repeats < 1 or args.threads < 1 or min(args.units) < 1:
+        p.error(f"--repeats, --threads and --units must be >= 1, got {args.repeats}, {args.threads}, {args.units}")
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return 0

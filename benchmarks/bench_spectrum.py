@@ -124,6 +124,13 @@ class Phase:
         return False
 
 
+def _check_out(parser, out: str) -> None:
+    """The result file's folder must exist (and be writable) before a long run, not after it."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f"--out {out} must be a file in an existing, writable folder")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +162,7 @@ def main(argv=None) -> int:
                    help="also estimate time and memory at this many units (linear in R)")
     p.add_argument("--out", default="bench_spectrum.json")
     args = p.parse_args(argv)
+    _check_out(p, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("units", "width", "samples", "top", "probes", "steps", "lanczos_products"):

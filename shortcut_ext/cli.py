@@ -38,6 +38,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except SystemExit as e:  # a subcommand's own refusal, SystemExit("message"): exit status 2, as argparse's
+        if not isinstance(e.code, str):
+            raise
+        msg = e.code if e.code.startswith("shortcut-ext") else f"shortcut-ext {args.command}: {e.code}"
+        print(msg, file=sys.stderr)
+        e.code = 2  # the message stays the exception's text; the process exits with status 2, silently
+        raise
     except KeyboardInterrupt:
         resumable = args.command in ("reproduce", "spectrum", "train")
         print(f"\nshortcut-ext {args.command}: interrupted"

@@ -88,8 +88,11 @@ def synthetic_teacher(
     m = _check_pos_int("m", m)
     d = _check_pos_int("d", d)
     dtype = _check_dtype(dtype)
-    if not isinstance(noise, (int, float)) or not np.isfinite(noise) or noise < 0:
+    if (isinstance(noise, (bool, np.bool_)) or not isinstance(noise, (int, float, np.integer, np.floating))
+            or not np.isfinite(noise) or noise < 0):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(int(seed))
     if cov is None:
         root = np.eye(d)
@@ -329,7 +332,14 @@ def load_mnist_arrays(path, split: str = "train", labels=None):
         raise ValueError(f"{src}: labels must have shape [m], got {list(labs.shape)}")
     if labs.shape[0] != images.shape[0]:
         raise ValueError(f"{src}: images and labels disagree: {images.shape[0]} images but {labs.shape[0]} labels")
-    if labs.size and (labs.min() < 0 or labs.max() > 9):
+    if images.shape[0] == 0:
+        raise ValueError(f"{src}: holds no images (shape {list(images.shape)})")
+    if labs.dtype == np.bool_ or not np.issubdtype(labs.dtype, np.number):
+        raise ValueError(f"{src}: labels must be integers 0..9, got dtype {labs.dtype}")
+    if not np.issubdtype(labs.dtype, np.integer):  # float labels: only whole numbers are classes
+        if not np.all(np.isfinite(labs)) or np.any(labs != np.round(labs)):
+            raise ValueError(f"{src}: labels must be integers 0..9, got non-integer values (dtype {labs.dtype})")
+    if labs.min() < 0 or labs.max() > 9:
         raise ValueError(f"{src}: labels must be digits 0..9, got range [{labs.min()}, {labs.max()}]")
     return images, labs.astype(np.int64), src
 
@@ -383,6 +393,8 @@ def best_linear_loss(X, Y) -> float:
     m = x.shape[0]
     if m == 0:
         raise ValueError("X and Y must have at least one sample")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("X and Y must be finite, got nan or inf entries")
     sxx = x.T @ x / m
     syx = y.T @ x / m
     w = syx @ np.linalg.pinv(sxx, hermitian=True)  # [q, d]
@@ -404,6 +416,10 @@ def second_moment_compress(X, Y, rtol: float = 1e-12):
     y = _as_float64("Y", Y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"X and Y must have the same number of rows (samples), got {x.shape[0]} and {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError("X and Y must have at least one sample")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("X and Y must be finite, got nan or inf entries")
     dtype = X.dtype if isinstance(X, torch.Tensor) else torch.float64
     z = np.concatenate([x, y], axis=1)
     c = z.T @ z / z.shape[0]

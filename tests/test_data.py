@@ -236,3 +236,37 @@ def test_second_moment_compress_is_exact_for_linear_nets():
     relu = ShortcutNet(4, 3, 2, mid="relu", init="xavier", seed=1, backend="torch", dtype=torch.float64)
     with torch.no_grad():
         assert abs(float(loss_fn("mse", relu(X), Y) - loss_fn("mse", relu(Xc), Yc))) > 1e-6
+
+
+def test_mnist_labels_must_be_whole_digits(tmp_path):
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (12, 4, 4)).astype(np.uint8)
+    labs = np.arange(12) % 9
+    for name, y, pattern in (("frac", labs + 0.3, "non-integer values"), ("nan", np.full(12, np.nan), "non-integer"),
+                             ("bool", labs > 3, "dtype bool"), ("str", labs.astype(str), "dtype <U")):
+        np.savez(tmp_path / f"{name}.npz", x=imgs, y=y)
+        with pytest.raises(ValueError, match=f"{name}.npz.*labels must be integers 0..9, got {pattern}"):
+            mnist(tmp_path / f"{name}.npz", d=5)
+    np.savez(tmp_path / "whole.npz", x=imgs, y=labs.astype(np.float32))  # whole numbers stored as floats are fine
+    X, Y = mnist(tmp_path / "whole.npz", d=5)
+    assert torch.equal(Y.argmax(1), torch.as_tensor(labs))
+    np.savez(tmp_path / "empty.npz", x=imgs[:0], y=labs[:0])
+    with pytest.raises(ValueError, match="holds no images"):
+        mnist(tmp_path / "empty.npz", d=5)
+
+
+def test_linear_helpers_refuse_non_finite_and_empty_data():
+    X, Y = torch.tensor([[float("nan")], [1.0]]), torch.tensor([[1.0], [2.0]])
+    for f in (second_moment_compress, best_linear_loss):
+        with pytest.raises(ValueError, match="must be finite"):
+            f(X, Y)
+        with pytest.raises(ValueError, match="at least one sample"):
+            f(torch.zeros(0, 3), torch.zeros(0, 2))
+
+
+def test_synthetic_teacher_accepts_numpy_scalars():
+    a = synthetic_teacher(6, 3, noise=np.float32(0.25), seed=np.int64(4))
+    b = synthetic_teacher(6, 3, noise=float(np.float32(0.25)), seed=4)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        synthetic_teacher(6, 3, seed=-1)
