@@ -353,16 +353,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main)
 
 
-def _parse_data(values: list[str]) -> tuple[str, str | None]:
+def _parse_data(values: list[str], command: str = "reproduce") -> tuple[str, str | None]:
+    """``--data KIND [PATH]`` -> ``(kind, path)``; a bad value stops ``shortcut-ext <command>`` with one line."""
+    cmd = f"shortcut-ext {command}"
     kind = values[0]
     if kind == "mnist":
         if len(values) != 2:
-            raise SystemExit("--data mnist needs a PATH: --data mnist ~/mnist")
+            raise SystemExit(f"{cmd}: --data mnist needs a PATH: --data mnist ~/mnist")
         if not Path(values[1]).expanduser().exists():
-            raise SystemExit(f"--data mnist PATH: {values[1]} does not exist (a folder of IDX files or an .npz)")
+            raise SystemExit(f"{cmd}: --data mnist PATH: {values[1]} does not exist (a folder of IDX files or an .npz)")
         return kind, values[1]
     if kind not in ("digits", "synthetic") or len(values) != 1:
-        raise SystemExit(f"--data must be 'digits', 'synthetic' or 'mnist PATH', got {' '.join(values)!r}")
+        raise SystemExit(f"{cmd}: --data must be 'digits', 'synthetic' or 'mnist PATH', got {' '.join(values)!r}")
     return kind, None
 
 

@@ -32,6 +32,7 @@ from .._device import init_distributed, parse_device
 from ..train import OPTIMIZERS, TrainConfig, train
 from .store import json_safe
 from .sweeps import ACT_VARIANTS, ARCHS, arch_supports, build_model, check_arch, load_data
+from .reproduce import _parse_data
 
 CMD = "shortcut-ext train"
 
@@ -135,7 +136,7 @@ def _check_args(args, device: str) -> None:
                          f"(its shortcut depth), got {depth}")
     out = out_file(args.out, "train", ".json")
     _check_memory(args, device)
-    _parse_data(args.data)
+    _parse_data(args.data, "train")
     if checkpoint_path(out).is_dir():
         raise SystemExit(f"{CMD}: the checkpoint path {checkpoint_path(out)} (beside --out) is a folder")
 
@@ -154,19 +155,6 @@ def _check_memory(args, device: str) -> None:
         raise SystemExit(f"{CMD}: --depth {args.depth} --width {args.width} is too large: {what} need "
                          f"{need / 2**30:.3g} GiB ({copies} x depth x width^2 x {itemsize} bytes of {args.dtype}), "
                          f"more than {where} {have / 2**30:.3g} GiB of memory; lower --depth or --width")
-
-
-def _parse_data(values: list[str]) -> tuple[str, str | None]:
-    kind = values[0]
-    if kind == "mnist":
-        if len(values) != 2:
-            raise SystemExit(f"{CMD}: --data mnist needs a PATH: --data mnist ~/mnist")
-        if not Path(values[1]).expanduser().exists():
-            raise SystemExit(f"{CMD}: --data mnist PATH: {values[1]} does not exist (a folder of IDX files or an .npz)")
-        return kind, values[1]
-    if kind not in ("digits", "synthetic") or len(values) != 1:
-        raise SystemExit(f"{CMD}: --data must be 'digits', 'synthetic' or 'mnist PATH', got {' '.join(values)!r}")
-    return kind, None
 
 
 def _data_error(err: Exception, args, kind: str) -> str:
@@ -206,7 +194,7 @@ def _write_atomic(path: Path, write) -> None:
 def _main(args, device, rank, world) -> int:
     lead = rank == 0  # prints and writes
     out = Path(args.out)
-    kind, path = _parse_data(args.data)
+    kind, path = _parse_data(args.data, "train")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     try:
         bundle = load_data(kind, path, d=args.width, samples=args.samples, dtype=dtype)
