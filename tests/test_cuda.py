@@ -732,6 +732,22 @@ def test_hvp_matches_reference(case, dtype):
 
 
 @needs_cuda
+def test_hvp_row_chunks(monkeypatch):
+    """SHORTCUT_EXT_CUDA_HVP_MB bounds the HVP's scratch: a batch over it runs in row chunks (here 3 rows
+    of ~267 KB each per MB) with the same loss, gradient and products."""
+    x, w, y, v, loss = _hvp_problem(20, 64, 200, 2, 4, "ce_index", torch.float64, seed=3)
+    acts = ("tanh", "relu", "identity")
+    whole = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)
+    monkeypatch.setenv("SHORTCUT_EXT_CUDA_HVP_MB", "1")
+    chunked = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv("SHORTCUT_EXT_CUDA_HVP_MB", "-1")
+    with pytest.raises(ValueError, match="SHORTCUT_EXT_CUDA_HVP_MB must be >= 0"):
+        torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)
+
+
+@needs_cuda
 def test_hvp_deterministic_and_empty_batch():
     x, w, y, v, loss = _hvp_problem(45, 12, 3, 2, 3, "ce_index", torch.float32, seed=3)
     acts = ("tanh", "relu", "ssigmoid")
@@ -792,7 +808,7 @@ namespace sc = shortcut_ext::cuda;
 template <typename T>
 static int run(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortcut, int pre, int mid, int post,
                int loss, const void* x, const void* w, const void* y, const void* cls, const void* v, void* lo,
-               void* gw, void* hv) {
+               void* gw, void* hv, int64_t max_rows) {
   std::vector<std::unique_ptr<unsigned char[]>> held;
   sc::Allocator alloc = [&](size_t bytes) -> void* {  // poisoned (NaN) like the other emulation tests
     held.emplace_back(new unsigned char[bytes + 16]);
@@ -804,14 +820,14 @@ static int run(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortc
   return int(sc::launch_residual_stack_hvp<T>(
       a, K, shortcut_ext::Loss(loss), static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(y),
       static_cast<const int64_t*>(cls), static_cast<const T*>(v), static_cast<T*>(lo), static_cast<T*>(gw),
-      static_cast<T*>(hv), alloc, nullptr));
+      static_cast<T*>(hv), alloc, nullptr, max_rows));
 }
 extern "C" int se_emu_hvp(int is_double, int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortcut,
                           int pre, int mid, int post, int loss, const void* x, const void* w, const void* y,
-                          const void* cls, const void* v, void* lo, void* gw, void* hv) {
+                          const void* cls, const void* v, void* lo, void* gw, void* hv, int64_t max_rows) {
   try {
-    return is_double ? run<double>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv)
-                     : run<float>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv);
+    return is_double ? run<double>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv, max_rows)
+                     : run<float>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv, max_rows);
   } catch (const std::exception& e) {  // what a GPU would trap on (emulation.h): reported, not a crash
     std::fprintf(stderr, "se_emu_hvp: %s\n", e.what());
     return 99;
@@ -840,12 +856,13 @@ def hvp_emulator(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-4000:]
     so = ctypes.CDLL(str(out))
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    so.se_emu_hvp.argtypes = [I, L, L, L, L, L, I, I, I, I, I, P, P, P, P, P, P, P, P]
+    so.se_emu_hvp.argtypes = [I, L, L, L, L, L, I, I, I, I, I, P, P, P, P, P, P, P, P, L]
     return so
 
 
-def _emu_hvp(so, x, w, y, v, shortcut, acts, loss):
-    """(loss, grad, hvps) from the emulated kernels; outputs start as NaN to catch unwritten elements."""
+def _emu_hvp(so, x, w, y, v, shortcut, acts, loss, max_rows=0):
+    """(loss, grad, hvps) from the emulated kernels; outputs start as NaN to catch unwritten elements;
+    ``max_rows`` > 0 runs the batch in row chunks of at most that many rows."""
     (B, d), (R, n), K = x.shape, w.shape[:2], v.shape[0]
     lo = torch.full((), float("nan"), dtype=x.dtype)
     gw, hv = torch.full_like(w, float("nan")), torch.full_like(v, float("nan"))
@@ -853,7 +870,7 @@ def _emu_hvp(so, x, w, y, v, shortcut, acts, loss):
     ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
     rc = so.se_emu_hvp(int(x.dtype == torch.float64), B, d, R, n, K, int(shortcut), *(ACT_CODE[a] for a in acts),
                        0 if loss == "mse" else 1, ptr(x), ptr(w), None if by_class else ptr(y),
-                       ptr(y) if by_class else None, ptr(v), ptr(lo), ptr(gw), ptr(hv))
+                       ptr(y) if by_class else None, ptr(v), ptr(lo), ptr(gw), ptr(hv), max_rows)
     assert rc == 0
     return lo, gw, hv
 
@@ -870,6 +887,22 @@ def test_emulated_hvp_matches_reference(hvp_emulator):
     a = _emu_hvp(hvp_emulator, x, w, y, v, True, ("tanh", "relu", "ssigmoid"), loss)
     b = _emu_hvp(hvp_emulator, x, w, y, v, True, ("tanh", "relu", "ssigmoid"), loss)
     assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["mse", "ce_index", "ce_prob"])
+def test_emulated_hvp_row_chunks(hvp_emulator, target):
+    """A batch larger than the scratch budget (SHORTCUT_EXT_CUDA_HVP_MB) runs in row chunks whose loss,
+    gradient and products add up to the whole batch's, a ragged last chunk included."""
+    for dtype in (torch.float64, torch.float32):
+        x, w, y, v, loss = _hvp_problem(23, 5, 3, 2, 2, target, dtype, device="cpu", seed=11)
+        acts = ("tanh", "relu", "ssigmoid")
+        whole = _emu_hvp(hvp_emulator, x, w, y, v, True, acts, loss)
+        for rows in (1, 7, 22):
+            chunked = _emu_hvp(hvp_emulator, x, w, y, v, True, acts, loss, max_rows=rows)
+            _hvp_assert_matches(chunked, x, w, y, v, True, acts, loss)
+            for a, b in zip(chunked, whole):
+                torch.testing.assert_close(a, b, **tol(dtype))
 
 
 # ==================================================== end to end on a GPU: what a user runs there

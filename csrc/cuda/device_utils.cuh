@@ -152,7 +152,9 @@ __device__ __forceinline__ float f32_from_bits(uint32_t u) {
 // x = big + small + O(2^-22 |x|), both TF32 (3xTF32: small is x - big rounded to TF32).
 __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
   big = to_tf32(x);
-  small = to_tf32(x - f32_from_bits(big));
+  // inf or nan (x itself, or x within half a TF32 ulp of FLT_MAX rounding up): no small part, since
+  // inf - inf would be nan where float32 products give +-inf
+  small = ((big >> 23) & 0xFFu) == 0xFFu ? 0u : to_tf32(x - f32_from_bits(big));
 }
 
 // x rounded to TF32, as a float (for weights rounded once before the kernels read them).

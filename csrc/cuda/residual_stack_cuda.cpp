@@ -8,6 +8,8 @@
 //   SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1            weight gradients by atomicAdd (not bitwise reproducible)
 //   SHORTCUT_EXT_CUDA_WORKSPACE_MB=N           bound on the weight-gradient partial sums (default 1024)
 //   SHORTCUT_EXT_CUDA_VERBOSE=1                print the chosen kernels of each call to stderr
+//   SHORTCUT_EXT_CUDA_HVP_MB=N                 scratch bound of residual_stack_hvp (default: half the
+//                                              free device memory); larger batches run in row chunks
 // TF32 tensor cores for float32 are a process-wide setting (shortcut_ext.cuda_tf32), not a switch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -157,6 +160,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
   // B == 0: the loss of no samples is 0 (as reference.loss_fn), and so are its derivatives.
   if (s.B == 0) return {loss_out, grad_w, hvps};
   const bool by_class = targets.dim() == 1;
+  // The kernels keep every unit's input and tangents for the rows they run (no checkpointing): a batch
+  // whose scratch exceeds the budget runs in row chunks (hvp_bytes_per_row each).
+  int64_t budget = env_int("SHORTCUT_EXT_CUDA_HVP_MB", 0) << 20;
+  TORCH_CHECK_VALUE(budget >= 0, "SHORTCUT_EXT_CUDA_HVP_MB must be >= 0 (0: half the free device memory), got ",
+                    budget >> 20);
+  if (budget == 0) {
+    size_t free_b = 0, total_b = 0;
+    C10_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    budget = int64_t(free_b / 2);
+  }
+  const int64_t per_row = cuda::hvp_bytes_per_row(a, directions.size(0), x.element_size());
+  const int64_t max_rows = std::max<int64_t>(1, budget / per_row);
   Workspaces ws{x.options()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cuda", [&] {
@@ -164,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
         a, directions.size(0), loss, x.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
         by_class ? nullptr : targets.data_ptr<scalar_t>(), by_class ? targets.data_ptr<int64_t>() : nullptr,
         directions.data_ptr<scalar_t>(), loss_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(),
-        hvps.data_ptr<scalar_t>(), ws.allocator(), stream));
+        hvps.data_ptr<scalar_t>(), ws.allocator(), stream, max_rows));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss_out, grad_w, hvps};

@@ -20,7 +20,10 @@
 //      atomics.
 // Memory (elements of T): (R + 1) (1 + K) B d saved inputs + (3n + 2) (1 + K) B d records and
 // carried values.  2 R + 3 launches.  No checkpointing and no shared-memory tiling of the GEMMs:
-// each output element is one dot product read from global memory (L1/L2 cached).
+// each output element is one dot product read from global memory (L1/L2 cached).  Rows are
+// independent until the sums over the batch, so a batch larger than max_rows runs in row chunks of
+// at most max_rows (the scratch above for B = max_rows, reused): every chunk seeds with 1/B of the
+// whole batch and adds its sums to the outputs, in chunk order (deterministic).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -64,6 +67,8 @@ struct HvpParams {
   T* grad_w;         // [R, n, d, d]
   T* hvps;           // [K, R, n, d, d]
   int64_t B, d, R, n, K;
+  int64_t B_total;   // rows of the whole batch (the loss is a mean over them); B: this chunk's rows
+  bool accumulate;   // add to loss_out, grad_w, hvps (a later chunk) instead of storing
   bool shortcut;
   Act pre, mid, post;
   Loss loss;
@@ -167,7 +172,7 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T>
   const T* rf = p.srho + (p.R * p.B + b) * K * d;
   T* g = p.g + b * d;
   T* rg = p.rg + b * K * d;
-  const T ib = static_cast<T>(1.0 / double(p.B));
+  const T ib = static_cast<T>(1.0 / double(p.B_total));
   if (p.loss == Loss::Mse) {
     const T* y = p.y + b * d;
     double total = 0.0;
@@ -232,7 +237,8 @@ __global__ void __launch_bounds__(kHvpSumThreads) hvp_loss_sum_kernel(HvpParams<
   if (tid == 0) {
     double total = 0.0;
     for (int64_t t = 0; t < nt; ++t) total += buf[t];
-    p.loss_out[0] = static_cast<T>(total / double(p.B));
+    const T part = static_cast<T>(total / double(p.B_total));
+    p.loss_out[0] = p.accumulate ? p.loss_out[0] + part : part;
   }
 }
 
@@ -331,7 +337,8 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_unit_reduce_kernel(HvpParams<
   if (t == 0) {
     T acc = 0;
     for (int64_t b = 0; b < B; ++b) acc += gz[b * d + o] * a[b * d + i];
-    p.grad_w[(r * n + l) * dd + oi] = acc;
+    T& out = p.grad_w[(r * n + l) * dd + oi];
+    out = p.accumulate ? out + acc : acc;
     return;
   }
   const int64_t j = t - 1;
@@ -340,7 +347,8 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_unit_reduce_kernel(HvpParams<
   T acc = 0;
   for (int64_t b = 0; b < B; ++b)
     acc += rgz[(b * K + j) * d + o] * a[b * d + i] + gz[b * d + o] * ra[(b * K + j) * d + i];
-  p.hvps[((j * p.R + r) * n + l) * dd + oi] = acc;
+  T& out = p.hvps[((j * p.R + r) * n + l) * dd + oi];
+  out = p.accumulate ? out + acc : acc;
 }
 
 template <typename T>
@@ -355,10 +363,12 @@ namespace cuda {
 template <typename T>
 cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, const T* x, const T* weights,
                                       const T* targets, const int64_t* classes, const T* directions, T* loss_out,
-                                      T* grad_w, T* hvps, const Allocator& alloc, cudaStream_t stream) {
+                                      T* grad_w, T* hvps, const Allocator& alloc, cudaStream_t stream,
+                                      int64_t max_rows) {
   using namespace cuda_detail;
   if (a.B == 0 || a.d == 0) return cudaSuccess;  // the host returns zeros
-  const int64_t B = a.B, d = a.d, R = a.R, n = a.n;
+  const int64_t d = a.d, R = a.R, n = a.n;
+  const int64_t B = max_rows > 0 ? std::min(a.B, max_rows) : a.B;  // rows per chunk: the scratch is for B
   HvpParams<T> p;
   p.x = x;
   p.w = weights;
@@ -381,7 +391,7 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   p.loss_out = loss_out;
   p.grad_w = grad_w;
   p.hvps = hvps;
-  p.B = B;
+  p.B_total = a.B;
   p.d = d;
   p.R = R;
   p.n = n;
@@ -391,33 +401,45 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   p.mid = a.mid;
   p.post = a.post;
   p.loss = loss;
-  const unsigned tiles = unsigned((B + kHvpTileRows - 1) / kHvpTileRows);
-  cudaError_t err;
-  SE_LAUNCH(hvp_forward_kernel<T>, dim3(tiles), dim3(kHvpThreads), 0, stream, p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  SE_LAUNCH(hvp_loss_seed_kernel<T>, dim3(unsigned((B + kHvpThreads - 1) / kHvpThreads)), dim3(kHvpThreads), 0,
-            stream, p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  SE_LAUNCH(hvp_loss_sum_kernel<T>, dim3(1), dim3(kHvpSumThreads), kHvpSumThreads * sizeof(double), stream, p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const int64_t outs = n * (1 + K) * d * d;
   const unsigned red_blocks = unsigned((outs + kHvpThreads - 1) / kHvpThreads);
-  for (int64_t r = R - 1; r >= 0; --r) {
-    SE_LAUNCH(hvp_reverse_unit_kernel<T>, dim3(tiles), dim3(kHvpThreads), 0, stream, p, r);
+  cudaError_t err;
+  for (int64_t b0 = 0; b0 < a.B; b0 += B) {  // row chunks, in order
+    const int64_t rows = std::min(B, a.B - b0);
+    p.B = rows;
+    p.accumulate = b0 > 0;
+    p.x = x + b0 * d;
+    p.y = targets != nullptr ? targets + b0 * d : nullptr;
+    p.cls = classes != nullptr ? classes + b0 : nullptr;
+    const unsigned tiles = unsigned((rows + kHvpTileRows - 1) / kHvpTileRows);
+    SE_LAUNCH(hvp_forward_kernel<T>, dim3(tiles), dim3(kHvpThreads), 0, stream, p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    SE_LAUNCH(hvp_unit_reduce_kernel<T>, dim3(red_blocks), dim3(kHvpThreads), 0, stream, p, r);
+    SE_LAUNCH(hvp_loss_seed_kernel<T>, dim3(unsigned((rows + kHvpThreads - 1) / kHvpThreads)), dim3(kHvpThreads), 0,
+              stream, p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    SE_LAUNCH(hvp_loss_sum_kernel<T>, dim3(1), dim3(kHvpSumThreads), kHvpSumThreads * sizeof(double), stream, p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    for (int64_t r = R - 1; r >= 0; --r) {
+      SE_LAUNCH(hvp_reverse_unit_kernel<T>, dim3(tiles), dim3(kHvpThreads), 0, stream, p, r);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      SE_LAUNCH(hvp_unit_reduce_kernel<T>, dim3(red_blocks), dim3(kHvpThreads), 0, stream, p, r);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
   }
   return cudaSuccess;
 }
 
+int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize) {
+  return ((a.R + 1) * (1 + K) * a.d + (3 * a.n + 2) * (1 + K) * a.d) * int64_t(itemsize) + int64_t(sizeof(double));
+}
+
 template cudaError_t launch_residual_stack_hvp<float>(const StackArgs&, int64_t, Loss, const float*, const float*,
                                                       const float*, const int64_t*, const float*, float*, float*,
-                                                      float*, const Allocator&, cudaStream_t);
+                                                      float*, const Allocator&, cudaStream_t, int64_t);
 template cudaError_t launch_residual_stack_hvp<double>(const StackArgs&, int64_t, Loss, const double*,
                                                        const double*, const double*, const int64_t*,
                                                        const double*, double*, double*, double*, const Allocator&,
-                                                       cudaStream_t);
+                                                       cudaStream_t, int64_t);
 
 }  // namespace cuda
 }  // namespace shortcut_ext

@@ -24,12 +24,13 @@ struct Device {
 Device query_device() {
   Device dev;
   int id = 0;
-  if (cudaGetDevice(&id) == cudaSuccess) {
-    cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, id);
-    cudaDeviceGetAttribute(&dev.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, id);
-    cudaDeviceGetAttribute(&dev.cc_major, cudaDevAttrComputeCapabilityMajor, id);
-  }
-  cudaGetLastError();  // a failed query leaves the defaults, not a sticky error for the next launch
+  const bool ok = cudaGetDevice(&id) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, id) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&dev.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, id) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&dev.cc_major, cudaDevAttrComputeCapabilityMajor, id) == cudaSuccess;
+  // a failed query leaves the defaults, and its error is cleared so that the next launch check does not
+  // report it; a pending error of someone else's earlier launch is left alone
+  if (!ok) cudaGetLastError();
   return dev;
 }
 
@@ -53,6 +54,7 @@ struct Plan {
   int64_t tiles = 0;                     // row tiles of the batch
   int64_t grid = 0;                      // blocks per launch
   size_t smem = 0;
+  int smem_limit = 48 * 1024;            // the device's opt-in maximum: the kernels' permitted dynamic smem
   int64_t units = 0;                     // backward: units per launch
   int64_t tiles_per_launch = 0;          // backward fused: row tiles per launch
   std::string error;
@@ -62,6 +64,9 @@ template <typename T>
 Plan<T> make_plan(const StackArgs& a, bool backward, const Options& opt) {
   Plan<T> plan;
   const Device dev = query_device();
+  // the kernels' dynamic shared-memory limit is set to the device's maximum (every call sets the same
+  // value), not to each call's size: two threads launching one kernel never lower it under each other
+  plan.smem_limit = dev.smem_optin;
   if (opt.path == 1 && a.d > 128) {
     std::ostringstream os;
     os << "the fused CUDA path needs d <= 128, got d = " << a.d << " (unset SHORTCUT_EXT_CUDA_PATH)";
@@ -193,7 +198,7 @@ cudaError_t launch_residual_stack_forward(const StackArgs& a, const T* x, const 
 
   ForwardParams<T> p{x, wt, y, saved, a.B, a.d, a.R, a.n, a.shortcut, a.pre, a.mid, a.post, nullptr};
   if (plan.fused) {
-    err = plan.fused->set_smem(false, int(plan.smem));
+    err = plan.fused->set_smem(false, std::max(int(plan.smem), plan.smem_limit));
     if (err != cudaSuccess) return err;
     plan.fused->forward(p, dim3(unsigned(plan.grid)), plan.smem, stream);
     return cudaGetLastError();
@@ -243,7 +248,7 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
   }
 
   if (plan.fused) {
-    err = plan.fused->set_smem(true, int(plan.smem));
+    err = plan.fused->set_smem(true, std::max(int(plan.smem), plan.smem_limit));
     if (err != cudaSuccess) return err;
     const int64_t U = plan.units, TPL = plan.tiles_per_launch;
     if (!opt.atomic_grad) p.ws = alloc_elems<T>(alloc, TPL * U * a.n * D * D);
