@@ -19,7 +19,7 @@
 //      weight-gradient and HVP terms of unit r over the batch in row order: deterministic, no
 //      atomics.
 // Memory (elements of T): (R + 1) (1 + K) B d saved inputs + (3n + 2) (1 + K) B d records and
-// carried values.  2 R + 3 launches.  No checkpointing and no shared-memory tiling of the GEMMs:
+// carried values, and (1 + K) R n d d for transposed copies of the weights and directions.  2 R + 3 launches.  No checkpointing and no shared-memory tiling of the GEMMs:
 // each output element is one dot product read from global memory (L1/L2 cached).  Rows are
 // independent until the sums over the batch, so a batch larger than max_rows runs in row chunks of
 // at most max_rows (the scratch above for B = max_rows, reused): every chunk seeds with 1/B of the
@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 #include "common.h"
 #include "cuda/device_utils.cuh"
@@ -48,6 +49,8 @@ struct HvpParams {
   const T* x;        // [B, d]
   const T* w;        // [R, n, d, d]
   const T* v;        // [K, R, n, d, d]
+  const T* wt;       // [R, n, d, d]       every layer's W^T (the forward reads columns of W: coalesced)
+  const T* vt;       // [K, R, n, d, d]    every direction's V^T
   const T* y;        // [B, d] or null
   const int64_t* cls;  // [B] or null
   T* sh;             // [R + 1, B, d]      unit inputs (slot R: output f)
@@ -98,23 +101,22 @@ __device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0,
     const T* ra = p.ract + l * B * Kd + row0 * Kd;
     T* z = p.z + l * B * d + row0 * d;
     T* rz = p.rz + l * B * Kd + row0 * Kd;
-    const T* W = p.w + (r * n + l) * dd;
+    // consecutive threads take consecutive outputs o: W^T[c, o] and V^T[c, o] are read along rows
+    const T* Wt = p.wt + (r * n + l) * dd;
     for (int64_t e = tid; e < md; e += nt) {
       const int64_t i = e / d, o = e % d;
       const T* ai = a + i * d;
-      const T* wo = W + o * d;
       T acc = 0;
-      for (int64_t c = 0; c < d; ++c) acc += ai[c] * wo[c];
+      for (int64_t c = 0; c < d; ++c) acc += ai[c] * Wt[c * d + o];
       z[e] = acc;
     }
     for (int64_t e = tid; e < mkd; e += nt) {
       const int64_t i = e / Kd, j = (e / d) % K, o = e % d;
       const T* ai = a + i * d;
       const T* rai = ra + (i * K + j) * d;
-      const T* wo = W + o * d;
-      const T* vo = p.v + ((j * p.R + r) * n + l) * dd + o * d;
+      const T* Vt = p.vt + ((j * p.R + r) * n + l) * dd;
       T acc = 0;
-      for (int64_t c = 0; c < d; ++c) acc += rai[c] * wo[c] + ai[c] * vo[c];
+      for (int64_t c = 0; c < d; ++c) acc += rai[c] * Wt[c * d + o] + ai[c] * Vt[c * d + o];
       rz[e] = acc;
     }
     __syncthreads();
@@ -351,6 +353,16 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_unit_reduce_kernel(HvpParams<
   out = p.accumulate ? out + acc : acc;
 }
 
+// dst[m] = src[m]^T for mats d x d matrices (once per call: the forward's reads of W and V coalesce).
+template <typename T>
+__global__ void __launch_bounds__(kHvpThreads) hvp_transpose_kernel(const T* src, T* dst, int64_t mats, int64_t d) {
+  const int64_t dd = d * d, total = mats * dd;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t mat = e / dd, c = (e % dd) / d, o = e % d;  // dst[mat][c, o] = src[mat][o, c]
+    dst[e] = src[mat * dd + o * d + c];
+  }
+}
+
 template <typename T>
 T* hvp_alloc(const cuda::Allocator& alloc, int64_t count) {
   return static_cast<T*>(alloc(size_t(std::max<int64_t>(count, 1)) * sizeof(T)));
@@ -373,6 +385,10 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   p.x = x;
   p.w = weights;
   p.v = directions;
+  T* wt = hvp_alloc<T>(alloc, R * n * d * d);
+  T* vt = hvp_alloc<T>(alloc, K * R * n * d * d);
+  p.wt = wt;
+  p.vt = vt;
   p.y = targets;
   p.cls = classes;
   p.sh = hvp_alloc<T>(alloc, (R + 1) * B * d);
@@ -404,6 +420,12 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   const int64_t outs = n * (1 + K) * d * d;
   const unsigned red_blocks = unsigned((outs + kHvpThreads - 1) / kHvpThreads);
   cudaError_t err;
+  for (const auto& [src, dst, mats] : {std::tuple<const T*, T*, int64_t>{weights, wt, R * n},
+                                       std::tuple<const T*, T*, int64_t>{directions, vt, K * R * n}}) {
+    const int64_t blocks = std::min<int64_t>((mats * d * d + kHvpThreads - 1) / kHvpThreads, 65535);
+    SE_LAUNCH(hvp_transpose_kernel<T>, dim3(unsigned(blocks)), dim3(kHvpThreads), 0, stream, src, dst, mats, d);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   for (int64_t b0 = 0; b0 < a.B; b0 += B) {  // row chunks, in order
     const int64_t rows = std::min(B, a.B - b0);
     p.B = rows;
