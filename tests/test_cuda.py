@@ -254,6 +254,17 @@ def test_workspace_chunks_units_and_rows(path, monkeypatch):
 
 
 @needs_cuda
+def test_generic_backward_scratch_within_the_workspace(monkeypatch):
+    """The generic backward keeps n + 2 row tiles per block: a 1 MiB workspace holds two blocks' scratch
+    of a 20-layer plain stack at d = 129 (363 KB each), so the blocks loop over the batch's 7 tiles."""
+    acts = ("identity", "tanh", "identity")
+    x, w, gy = _inputs(200, 129, 1, 20, torch.float64, seed=4, scale=1.0 / 129 ** 0.5)
+    _switches(monkeypatch, "generic", workspace_mb=1)
+    outs = _run_ops(x, w, gy, False, acts)
+    _assert_matches(outs, x, w, gy, False, acts)
+
+
+@needs_cuda
 @pytest.mark.parametrize("path", ["fused", "generic"])
 def test_atomic_weight_gradients(path, monkeypatch):
     acts = ("identity", "relu", "identity")
@@ -565,6 +576,8 @@ EMULATED_SPECIALS = [
     (40, 130, 2, 2, True, ("identity", "relu", "identity"), torch.float32, dict(), "generic"),  # d > 128
     (300, 8, 3, 2, True, ("relu", "tanh", "ssigmoid"), torch.float32, dict(path=2, sms=2),
      "generic BM=32 threads=256 smem=12416 grid=4"),  # blocks loop over tiles
+    (200, 24, 1, 6, False, ("identity", "tanh", "identity"), torch.float64, dict(path=2, ws=60000),
+     "generic BM=32 threads=256 smem=24832 grid=1"),  # the scratch of 8 row tiles per block bounds the grid
     (70, 8, 1, 40, False, ("identity", "tanh", "identity"), torch.float64, dict(), "fused"),  # deep plain unit
     (1, 3, 2, 4, True, ("ssigmoid", "ssigmoid", "tanh"), torch.float64, dict(), "fused D=16 BM=16"),
     (9, 1, 3, 1, False, ("relu", "tanh", "ssigmoid"), torch.float32, dict(), "fused D=16 BM=32"),

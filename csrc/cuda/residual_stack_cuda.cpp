@@ -6,7 +6,8 @@
 //   SHORTCUT_EXT_CUDA_PATH=auto|fused|generic  force the fused (d <= 128) or the generic kernels
 //   SHORTCUT_EXT_CUDA_TILE_ROWS=N              rows per batch tile of the fused kernels
 //   SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1            weight gradients by atomicAdd (not bitwise reproducible)
-//   SHORTCUT_EXT_CUDA_WORKSPACE_MB=N           bound on the weight-gradient partial sums (default 1024)
+//   SHORTCUT_EXT_CUDA_WORKSPACE_MB=N           bound on the weight-gradient partial sums, and on the
+//                                              generic backward's scratch (default 1024)
 //   SHORTCUT_EXT_CUDA_VERBOSE=1                print the chosen kernels of each call to stderr
 //   SHORTCUT_EXT_CUDA_HVP_MB=N                 scratch bound of residual_stack_hvp (default: half the
 //                                              free device memory); larger batches run in row chunks

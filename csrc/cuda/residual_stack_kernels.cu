@@ -141,6 +141,10 @@ Plan<T> make_plan(const StackArgs& a, bool backward, const Options& opt) {
       plan.grid = std::max<int64_t>(1, std::min<int64_t>(plan.tiles, 8 * int64_t(dev.sms)));
     } else {
       int64_t grid = std::max<int64_t>(1, std::min<int64_t>(plan.tiles, 2 * int64_t(dev.sms)));
+      // each block's scratch holds n + 2 row tiles (8.7 GB for 264 blocks of a 2000-layer plain net at
+      // d = 128): the workspace budget bounds it too (blocks loop over the tiles, so fewer is only slower)
+      const int64_t scratch = (a.n + 2) * kGenericRows * a.d * int64_t(sizeof(T));
+      grid = std::max<int64_t>(1, std::min<int64_t>(grid, opt.workspace_bytes / scratch));
       if (opt.atomic_grad) {
         plan.units = a.R;
       } else {
