@@ -432,7 +432,7 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
                     rows["method"].append("skipped")
                     continue
                 if n == 1 and R * d * d > max_dense_params:
-                    rep = condition_report(OneShortcutHessian(zp, R, pre, post), method="lanczos+slq")
+                    rep = condition_report(OneShortcutHessian(zp, R, pre, post), method="lanczos+slq", q=q)
                 else:
                     rep = zero_point_spectrum(zp, n, R, pre, mid, post, max_dense_params=max(max_dense_params,
                                                                                             R * d * d)).report(q)

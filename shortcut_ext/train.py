@@ -132,10 +132,15 @@ def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
 
 # --------------------------------------------------------------------------- results
 def _finite_or_none(v):
+    """``v`` as a strict-JSON number: nan is ``None``, +-inf the strings ``"inf"`` / ``"-inf"`` (as
+    :func:`~shortcut_ext.experiments.store.json_safe` writes them), so that a singular Hessian's
+    condition number stays apart from an undefined one."""
     if v is None:
         return None
     v = float(v)
-    return v if math.isfinite(v) else None
+    if math.isnan(v):
+        return None
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
 
 
 @dataclass
@@ -192,10 +197,11 @@ class TrainResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainResult":
-        nan_if_none = lambda v: math.nan if v is None else v  # noqa: E731
+        from .experiments.store import json_float as nan_if_none  # None -> nan, "inf" -> inf
+
         return cls(
             status=d["status"], lr=d["lr"], epochs=d["epochs"],
-            final_loss=math.inf if d.get("final_loss") is None else d["final_loss"],
+            final_loss=math.inf if d.get("final_loss") is None else nan_if_none(d["final_loss"]),
             l_min=d.get("l_min"), diverged_epoch=d.get("diverged_epoch"),
             history={k: [nan_if_none(x) for x in v] for k, v in d.get("history", {}).items()},
             probes=[{k: nan_if_none(v) for k, v in p.items()} for p in d.get("probes", [])],

@@ -41,6 +41,38 @@ def test_verdict_init_condition_both_ways():
     assert all(v.holds is False for v in bad), [(v.claim, v.holds) for v in bad]
 
 
+def test_singular_condition_numbers_survive_the_store_and_show(tmp_path):
+    """A singular Hessian's condition number is inf: the store keeps it apart from nan (it used to write
+    both as null and read them back as nan, so singular depths vanished from Fig. 5 and its verdicts)."""
+    from shortcut_ext.experiments import figures
+    from shortcut_ext.experiments.store import RunStore, json_float, json_safe
+
+    rec = {"cond": math.inf, "cond_q10": -math.inf, "index": math.nan, "lam_max": 2.0, "method": "exact"}
+    RunStore(tmp_path / "runs.jsonl").put("k", rec)
+    back = RunStore(tmp_path / "runs.jsonl").get("k")
+    json.dumps(json_safe(rec), allow_nan=False)
+    assert back["cond"] == "inf" and back["cond_q10"] == "-inf" and back["index"] is None
+    assert json_float(back["cond"]) == math.inf and json_float(back["cond_q10"]) == -math.inf
+    assert math.isnan(json_float(back["index"])) and json_float(back["lam_max"]) == 2.0
+    assert json_float(back["method"]) == "exact"
+
+    rows = _init_rows({"2-shortcut-zero": 0.0, "plain-xavier": 4.0, "plain-orthogonal": 1.0}, depths=(2, 4, 8, 16))
+    for r in rows:
+        if r["depth"] == 16 and r["arch"] == "plain-xavier":
+            r["cond_q10"] = r["cond"] = math.inf
+    vs = {v.claim: v for v in analysis.verdict_init_condition(rows, theory_cond=3.0)}
+    grow = vs["plain Xavier and orthogonal grow with depth, orthogonal slower"]
+    assert grow.holds is True and "plain-xavier: cond_q10 = inf (singular) for some seed at depths [16]" in grow.measured
+    assert vs["2-shortcut condition number is flat in depth"].holds is True
+    for r in rows:  # a singular 2-shortcut zero point: neither flat nor the closed form
+        if r["depth"] == 8 and r["arch"] == "2-shortcut-zero":
+            r["cond_q10"] = r["cond"] = math.inf
+    vs = {v.claim: v.holds for v in analysis.verdict_init_condition(rows, theory_cond=3.0)}
+    assert vs["2-shortcut condition number is flat in depth"] is False
+    assert vs["2-shortcut at zero matches Theorem 1: cond = sigma_max(M) / sigma_min(M) at every depth"] is False
+    assert figures.fig_init_condition(rows, tmp_path / "fig5.png", theory_cond=3.0).stat().st_size > 1000
+
+
 def test_verdict_final_loss_both_ways():
     def rows(excess: dict, lr: dict):
         return [{"arch": a, "act": "linear", "depth": d, "seed": 0, "final_loss": 1.0 + e(d), "max_stable_lr": lr[a]}

@@ -187,6 +187,37 @@ def test_slq_at_zero_point_is_exact(zero_point):
     assert hi == pytest.approx(ev.max(), rel=1e-10) and lo == pytest.approx(ev.min(), rel=1e-10)
 
 
+def test_slq_residuals_bound_the_distance_to_an_eigenvalue(random_hessian, zero_point):
+    """Each node's residual ``beta_m |U[m-1, l]|`` is a Ritz residual: an eigenvalue lies within it
+    (and it is much smaller than the node spacing for converged nodes); a broken-down probe is exact."""
+    op, _, ev = random_hessian
+    r = slq(op, probes=3, steps=12, seed=2)
+    assert r.residuals is not None and r.residuals.shape == r.nodes.shape
+    for i in range(r.num_probes):
+        m = int(r.num_steps[i])
+        dist = np.abs(ev[None, :] - r.nodes[i, :m, None]).min(axis=1)
+        assert np.all(dist <= r.residuals[i, :m] * (1 + 1e-6) + 1e-10)
+        assert r.residuals[i, :m].max() > 1e-6  # 12 steps of a 90-dimensional spectrum: not all exact
+    rz = slq(zero_point[0], probes=2, steps=30, seed=1)
+    assert np.all(rz.residuals < 1e-8 * np.abs(zero_point[2]).max())
+    assert rz.sign_unresolved_mass() == 0.0 and rz.quantile_unresolved_mass(0.1) == 0.0
+
+
+def test_slq_reports_an_unresolved_cluster_at_zero():
+    """30% of the eigenvalues within 1e-6 of 0 among a spread on [-10, 50]: 10 steps cannot resolve
+    them, so the quantile and the index are flagged; with steps = P the quadrature is exact."""
+    g = np.random.default_rng(1)
+    ev = np.concatenate([g.uniform(-1e-6, 1e-6, 60), g.uniform(0.5, 50.0, 100), -g.uniform(0.5, 10.0, 40)])
+    A = known_spectrum(ev, seed=4)
+    coarse = slq(A, probes=4, steps=10, seed=0)
+    assert coarse.quantile_unresolved_mass(0.1) >= 0.05 and coarse.sign_unresolved_mass() >= 0.05
+    assert coarse.abs_quantile(0.1) > 100 * np.quantile(np.abs(ev), 0.1, method="inverted_cdf")
+    rep = condition_report(A, method="lanczos+slq", probes=4, steps=10, max_iter=40)
+    assert rep.uncertainty["lam_q10_resolved"] is False and rep.uncertainty["index_unresolved_mass"] >= 0.05
+    fine = slq(A, probes=2, steps=len(ev), seed=0)
+    assert fine.quantile_unresolved_mass(0.1) < 0.01
+
+
 def test_slq_bad_inputs():
     with pytest.raises(ValueError, match="probes must be a positive integer"):
         slq(torch.eye(3, dtype=F64), probes=0)

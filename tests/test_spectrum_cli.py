@@ -61,7 +61,7 @@ def test_zero_hessian_writes_strict_json_and_resumes(tmp_path, capsys):
     args = TINY + ["--shortcut", "3", "--init", "zero", "--no-plots", "--out", str(out)]
     assert main(args) == 0
     res = _result(out)
-    assert res["condition"]["lam_max"] == 0.0 and res["condition"]["cond_q10"] is None  # inf -> null
+    assert res["condition"]["lam_max"] == 0.0 and res["condition"]["cond_q10"] == "inf"  # inf -> "inf"
     assert res["theory"]["method"] == "zero" and res["theory"]["report"]["cond"] is None  # nan -> null
     _strict((out / "spectrum.checkpoint.json").read_text())
     capsys.readouterr()
@@ -196,3 +196,30 @@ def test_replaced_checkpoint_is_announced(tmp_path, capsys):
     assert main(base + ["--probes", "3", "--seed", "4"]) == 0  # same options: resumed, no notice
     assert "different options" not in capsys.readouterr().err
     assert _result(out)["resumed"]["lanczos"] is True
+
+
+# ------------------------------------------------------------------ zero tolerance of the exact block
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_exact_block_zero_tolerance_follows_the_dtype(tmp_path, dtype):
+    """2-shortcut zero point with 2 samples: M has rank 2, so 48 of the 96 eigenvalues are 0.  The
+    float32 run's exact block used float64's tolerance and counted them as negative (index 0.5,
+    cond 4e10)."""
+    out = tmp_path / dtype
+    assert main(["spectrum", "--shortcut", "2", "--units", "3", "--width", "4", "--samples", "2", "--init", "zero",
+                 "--dtype", dtype, "--probes", "2", "--steps", "8", "--top", "2", "--no-progress", "--no-plots",
+                 "--out", str(out)]) == 0
+    exact = _result(out)["exact"]
+    assert exact["index"] == pytest.approx(0.25) and exact["cond"] == "inf"
+
+
+def test_unresolved_slq_is_warned_and_saved(tmp_path, capsys):
+    """A deep Xavier plain net crowds eigenvalues near 0: 8 SLQ steps cannot resolve them, and the run
+    says so instead of reporting |lambda|(0.1) and the index with only the probe spread."""
+    out = tmp_path / "o"
+    assert main(["spectrum", "--shortcut", "0", "--units", "12", "--width", "4", "--init", "xavier", "--samples", "64",
+                 "--dtype", "float64", "--probes", "2", "--steps", "8", "--top", "2", "--no-progress", "--no-plots",
+                 "--out", str(out)]) == 0
+    res = _result(out)
+    assert res["condition"]["lam_q10_resolved"] is False
+    assert res["slq"]["q10_unresolved_mass"] >= 0.05
+    assert "SLQ did not resolve the spectrum near 0" in capsys.readouterr().err

@@ -240,3 +240,18 @@ def test_bad_targets_and_layers_used():
     assert curves["shortcut2"]["layers"] == [2, 4, 6] and curves["shortcut3"]["layers"] == [3, 3, 6]
     with pytest.raises(ValueError, match="seeds must hold at least one seed"):
         th.condition_vs_depth(X, Y, depths=[2], kinds=("plain_xavier",), seeds=())
+
+
+def test_condition_vs_depth_passes_q_to_the_lanczos_path():
+    """A deep 1-shortcut net above ``max_dense_params`` goes through Lanczos + SLQ: it must report the
+    asked quantile (it used to report |lambda|(0.1) whatever ``q`` was)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    Y = X @ torch.randn(3, 3, generator=g, dtype=torch.float64)
+    kw = dict(depths=[8], kinds=("shortcut1",), q=0.5)
+    dense = th.condition_vs_depth(X, Y, max_dense_params=10_000, **kw)["shortcut1"]
+    slq_path = th.condition_vs_depth(X, Y, max_dense_params=50, **kw)["shortcut1"]
+    assert dense["method"] == ["theory:assembled"] and slq_path["method"] == ["lanczos+slq"]
+    q10 = th.condition_vs_depth(X, Y, max_dense_params=10_000, depths=[8], kinds=("shortcut1",))["shortcut1"]
+    assert abs(dense["lam_q10"][0] - q10["lam_q10"][0]) > 0.1 * dense["lam_q10"][0]  # q matters here
+    assert slq_path["lam_q10"][0] == pytest.approx(dense["lam_q10"][0], rel=0.05)

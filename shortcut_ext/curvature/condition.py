@@ -43,7 +43,12 @@ class ConditionReport:
         top, bottom: the largest / smallest eigenvalues found (descending / ascending).
         method: ``"exact"`` or ``"lanczos+slq"``.
         num_params: ``P``.
-        uncertainty: how far to trust the numbers (residual norms, spread across probes).
+        uncertainty: how far to trust the numbers (residual norms, spread across probes).  For
+            ``"lanczos+slq"`` also ``index_unresolved_mass`` (estimated fraction of the spectrum whose
+            sign SLQ did not resolve: the index may be off by up to about that much),
+            ``lam_q10_unresolved_mass`` and ``lam_q10_resolved`` (``False`` when that mass below
+            ``|lambda|(q)`` is ``>= q / 2``: then ``lam_q10`` is only an upper bound and ``cond_q10`` a
+            lower one; raise ``steps``).  The spread across probes does not show this bias.
     """
 
     lam_max: float
@@ -161,6 +166,7 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
     lam_q = sq.abs_quantile(q)
     per_probe_q = sq.abs_quantile_per_probe(q)
     per_probe_idx = sq.negative_mass_per_probe(zt)
+    sign_unres, q_unres = sq.sign_unresolved_mass(), sq.quantile_unresolved_mass(q)
     nprobe = sq.num_probes
     return ConditionReport(
         lam_max=lam_max, lam_min=float("nan"), lam_q10=lam_q, index=float(per_probe_idx.mean()),
@@ -175,6 +181,10 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
             "lam_q10_probe_std": float(np.std(per_probe_q, ddof=1)) if nprobe > 1 else float("nan"),
             "lam_q10_probe_range": [float(per_probe_q.min()), float(per_probe_q.max())],
             "index_std_error": float(np.std(per_probe_idx, ddof=1) / math.sqrt(nprobe)) if nprobe > 1 else float("nan"),
+            # near-zero resolution (see slq's module docstring): mass at nodes whose Ritz interval holds 0
+            "index_unresolved_mass": sign_unres,
+            "lam_q10_unresolved_mass": q_unres,
+            "lam_q10_resolved": bool(q_unres < 0.5 * q),
             "slq_probes": nprobe,
             "slq_steps": int(sq.num_steps.max()),
             "zero_tol": float(zt),

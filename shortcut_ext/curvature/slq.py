@@ -16,6 +16,14 @@ take ``group * steps * P`` numbers, so the group size is chosen from a memory bu
 depend on the grouping.  A probe whose recursion breaks down (an invariant subspace: ``beta ~ 0``,
 e.g. after ``2d`` steps at the 2-shortcut zero point, whose spectrum has ``2d`` distinct values)
 stops there: its quadrature is then exact for every ``f``.
+
+Resolution near zero: a node ``theta_l`` stands for a Ritz pair with residual ``r_l = beta_m |U[m-1, l]|``,
+and ``[theta_l - r_l, theta_l + r_l]`` holds an eigenvalue.  Where many eigenvalues crowd near zero
+(deep plain nets), ``m`` steps cannot separate them: the nodes nearest zero are averages whose
+intervals contain 0, the index cannot tell their sign and ``|lambda|(q)`` only bounds the quantile
+from above.  :meth:`SLQResult.sign_unresolved_mass` and :meth:`SLQResult.quantile_unresolved_mass`
+measure how much of the estimated spectrum is in that state (``condition_report`` reports both and
+whether ``|lambda|(q)`` is resolved); more ``steps`` is the remedy.
 """
 from __future__ import annotations
 
@@ -43,6 +51,8 @@ class SLQResult:
         basis_bytes: size of the reorthogonalisation basis buffer (``probe_batch * steps * P`` numbers).
         dtype: the dtype of the operator's products (``"float32"`` or ``"float64"``): it sets the default
             tolerance below which a node counts as zero.
+        residuals: ``[probes, steps]`` residual norms ``beta_m |U[m-1, l]|`` of the Ritz pairs behind the
+            nodes (0 for a probe that broke down, whose nodes are exact; ``None`` if unknown).
     """
 
     nodes: np.ndarray
@@ -53,6 +63,7 @@ class SLQResult:
     probe_batch: int = 0
     basis_bytes: int = 0
     dtype: str = "float64"
+    residuals: np.ndarray | None = None
 
     @property
     def num_probes(self) -> int:
@@ -137,6 +148,26 @@ class SLQResult:
     def default_zero_tol(self) -> float:
         """``sqrt(eps) * max |node|`` (eps of :attr:`dtype`): see :meth:`negative_mass`."""
         return zero_tol_rel(getattr(torch, self.dtype)) * float(np.abs(self.nodes).max(initial=0.0))
+
+    def _unresolved(self) -> np.ndarray:
+        """``[probes, steps]``: nodes whose Ritz interval ``theta +- r`` contains 0 (an exact node, ``r``
+        within the zero tolerance, is resolved even at 0)."""
+        if self.residuals is None:
+            raise ValueError("this SLQResult has no residuals (built without them): the resolution near 0 is unknown")
+        r = self.residuals
+        return (self.weights > 0) & (r > np.abs(self.nodes)) & (r > self.default_zero_tol())
+
+    def sign_unresolved_mass(self) -> float:
+        """Estimated fraction of the spectrum at nodes whose sign is not resolved (their Ritz interval
+        ``theta +- r`` contains 0): the index could move by up to this much with more steps."""
+        return float((self.weights * self._unresolved()).sum(axis=1).mean())
+
+    def quantile_unresolved_mass(self, q: float = 0.1) -> float:
+        """Estimated fraction of the spectrum at nodes with ``|theta| <= |lambda|(q)`` whose interval
+        contains 0.  Where it is a sizeable part of ``q`` (say ``>= q / 2``), ``|lambda|(q)`` is set by
+        unresolved nodes and is only an upper bound on the true quantile."""
+        lam_q = self.abs_quantile(q)
+        return float((self.weights * (self._unresolved() & (np.abs(self.nodes) <= lam_q))).sum(axis=1).mean())
 
     def extremes(self) -> tuple[float, float]:
         """Smallest and largest node (inner bounds on ``lambda_min``, ``lambda_max``)."""
@@ -285,6 +316,7 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
 
     nodes = np.zeros((probes, steps))
     weights = np.zeros((probes, steps))
+    residuals = np.zeros((probes, steps))
     for i in range(probes):
         m = int(nsteps[i])
         T = torch.diag(torch.as_tensor(alpha[i, :m]))
@@ -294,9 +326,12 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
         th, U = torch.linalg.eigh(T)
         nodes[i, :m] = th.numpy()
         weights[i, :m] = (U[0] ** 2).numpy()
+        # beta[i, m-1] is the norm left after the last step (~0 where the probe broke down)
+        if m:
+            residuals[i, :m] = beta[i, m - 1] * U[m - 1].abs().numpy()
     return SLQResult(nodes=nodes, weights=weights, num_steps=nsteps, num_params=P, num_products=A.num_products - p0,
                      probe_batch=group, basis_bytes=0 if not reorthogonalize else group * steps * P * _itemsize(dt),
-                     dtype=str(dt).replace("torch.", ""))
+                     dtype=str(dt).replace("torch.", ""), residuals=residuals)
 
 
 def _lanczos_recurrences(A, q, steps, basis, btol, callback):

@@ -5,8 +5,9 @@ density by stochastic Lanczos quadrature, ``|lambda|`` quantiles, the index and 
 numbers; for small nets also the exact spectrum (dense ``eigvalsh``).  At zero initialisation the
 closed-form spectrum of Theorem 1 (PAPER.md section 2) is computed without building the Hessian and
 compared.  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
-``spectrum.json`` is strict JSON (nan and inf are written as ``null``); a Lanczos run that did not
-converge is saved with ``"converged": false`` and a WARNING on stderr.
+``spectrum.json`` is strict JSON (nan is written as ``null``, +-inf as ``"inf"`` / ``"-inf"``, so a
+singular Hessian's condition number reads ``"inf"``); a Lanczos run that did not converge is saved with
+``"converged": false`` and a WARNING on stderr.
 
 Memory: the Krylov bases are what grows with the net.  The Lanczos basis and one SLQ group's bases
 are each bounded by ``--basis-gib`` (default 3 GiB; the two phases run one after the other):
@@ -289,10 +290,23 @@ def _run(args, dtype, budget, rank, world) -> int:
         "index": sq.negative_mass(zero_tol), "trace": sq.trace(1), "trace_sq": sq.trace(2),
     }
     lam_q10 = sq.abs_quantile(0.1)
+    idx_unres, q_unres = sq.sign_unresolved_mass(), sq.quantile_unresolved_mass(0.1)
+    result["slq"].update(index_unresolved_mass=idx_unres, q10_unresolved_mass=q_unres)
     result["condition"] = {"lam_max": lam_max, "lam_max_residual": lz.abs_max_residual, "lam_q10": lam_q10,
                            "cond_q10": lam_max / lam_q10 if lam_q10 > zero_tol else float("inf"),
                            "index": result["slq"]["index"], "zero_tol": zero_tol, "method": "lanczos+slq",
-                           "converged": bool(lz.converged)}
+                           "converged": bool(lz.converged), "lam_q10_resolved": bool(q_unres < 0.05)}
+    if q_unres >= 0.05 or idx_unres >= 0.05:
+        warnings.append(
+            f"SLQ did not resolve the spectrum near 0 with --steps {args.steps}: {q_unres:.1%} of it lies at nodes "
+            f"below |lambda|(0.1) whose Ritz interval contains 0, and {idx_unres:.1%} at nodes of unresolved sign, "
+            f"so |lambda|(0.1) = {lam_q10:.3g} is only an upper bound (cond_q10 a lower one) and the index "
+            f"{result['slq']['index']:.3f} may be off by up to ~{idx_unres:.2f}; the spread across probes does not "
+            f"show this. Raise --steps (saved with \"lam_q10_resolved\": false)"
+            if q_unres >= 0.05 else
+            f"SLQ left {idx_unres:.1%} of the spectrum at nodes of unresolved sign (Ritz interval containing 0) with "
+            f"--steps {args.steps}: the index {result['slq']['index']:.3f} may be off by up to ~{idx_unres:.2f}. "
+            f"Raise --steps")
 
     # exact spectrum for small nets
     exact = None
@@ -301,7 +315,8 @@ def _run(args, dtype, budget, rank, world) -> int:
         D = H.to_dense()
         exact = torch.linalg.eigvalsh(0.5 * (D + D.T).double().cpu()).numpy()
         result["timings_s"]["exact"] = time.perf_counter() - t0
-        result["exact"] = report_from_eigenvalues(exact, k=args.top).as_dict()
+        # the zero tolerance follows the dtype the products were computed in (float32: P * eps32 * |lambda|max)
+        result["exact"] = report_from_eigenvalues(exact, k=args.top, dtype=H.dtype).as_dict()
 
     # theory at the zero point
     spec = None
@@ -410,7 +425,7 @@ def _unconverged_message(args, lz) -> str:
 
 
 def to_strict_json(obj, **kw) -> str:
-    """``obj`` as strict JSON: numpy values as numbers and lists, nan and inf as ``null``
+    """``obj`` as strict JSON: numpy values as numbers and lists, nan as ``null``, +-inf as ``"inf"``
     (:func:`~shortcut_ext.experiments.store.json_safe`)."""
     from ..experiments.store import json_safe
 

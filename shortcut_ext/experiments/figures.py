@@ -53,6 +53,19 @@ def _band(ax, agg: list[dict], arch: str, x: str = "depth", label: str | None = 
         ax.fill_between(a[:, 0], a[:, 2], a[:, 3], color=_color(arch), alpha=0.18, lw=0)
 
 
+def _mark_singular(ax, rows: list[dict], value: str, x: str = "depth"):
+    """Triangles on the top edge where some seed's ``value`` is +inf (a condition number of a Hessian
+    singular to working precision), which a log axis and the seed means cannot show."""
+    first = True
+    for arch in _archs(rows):
+        xs = sorted({r[x] for r in rows if r["arch"] == arch and r.get(value) == math.inf})
+        if xs:
+            ax.plot(xs, [1.0] * len(xs), ls="none", marker="^", ms=7, color=_color(arch), clip_on=False,
+                    transform=ax.get_xaxis_transform(),
+                    label="singular (= inf) for some seed" if first else None)
+            first = False
+
+
 def _depth_axis(ax, rows, key: str = "depth"):
     """Log x axis with the measured depths as plain tick labels."""
     depths = sorted({r[key] for r in rows if _finite(r.get(key))})
@@ -119,6 +132,7 @@ def fig_init_condition(init_rows: list[dict], path, theory_cond: float | None = 
         agg = aggregate(init_rows, ("arch", "depth"), value, log=True)
         for arch in _archs(init_rows):
             _band(ax, agg, arch)
+        _mark_singular(ax, init_rows, value)
         if theory_cond is not None and _finite(theory_cond):
             ax.axhline(theory_cond, color="k", ls=":", lw=1, label="Theorem 1, 2-shortcut at 0")
         _depth_axis(ax, init_rows)

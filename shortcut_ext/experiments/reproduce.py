@@ -256,7 +256,8 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
             EXPECTED["fig6-8"], [p1, p2],
             analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows),
             {"learning rates": [{"arch": a, "lr": v} for a, v in lrs.items()]},
-            notes="Exact Hessians at log-spaced epochs; runs compared at the same epochs."))
+            notes="Exact Hessians at log-spaced epochs; runs compared at equal loss - L_min (as in the paper's "
+                  "figures), with the same-epoch ratio beside it."))
 
     # ---- Fig. 10: ReLU at mid positions
     best_relu = []

@@ -12,13 +12,19 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["DistributedRunStore", "RunStore", "json_safe"]
+__all__ = ["DistributedRunStore", "RunStore", "json_float", "json_safe"]
+
+_INF = {"inf": math.inf, "-inf": -math.inf}
 
 
 def json_safe(obj):
-    """``obj`` with non-finite floats replaced by ``None`` (strict JSON has no NaN/inf)."""
+    """``obj`` as strict JSON values (which have no NaN or inf): nan becomes ``None`` and +-inf the
+    strings ``"inf"`` / ``"-inf"``, so that an infinite condition number (a singular Hessian) stays
+    apart from an undefined one; :func:`json_float` reads them back."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        if math.isnan(obj):
+            return None
+        return obj if math.isfinite(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -29,6 +35,16 @@ def json_safe(obj):
         except (TypeError, ValueError):
             pass
     return obj
+
+
+def json_float(v):
+    """A number written by :func:`json_safe` read back: ``None`` is nan, ``"inf"`` / ``"-inf"`` are
+    +-inf; anything else is returned as it is."""
+    if v is None:
+        return math.nan
+    if isinstance(v, str) and v in _INF:
+        return _INF[v]
+    return v
 
 
 class RunStore:

@@ -32,6 +32,7 @@ import torch
 from .. import data as data_mod
 from ..models import PlainNet, ShortcutNet
 from ..train import TrainConfig, TrainResult, hessian_probes, lr_sweep, sweep_run_key, sweep_run_record, train
+from .store import json_float
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
             store.put(key, compute(arch, depth, seed))
             rec = store.get(key)  # as stored (strict JSON), so that fresh and resumed rows agree
         rows.append({"arch": arch, "act": act, "depth": depth, "seed": seed,
-                     **{k: (math.nan if rec.get(k) is None and k != "method" else rec.get(k))
+                     **{k: (rec.get(k) if k == "method" else json_float(rec.get(k)))
                         for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10", "method", "num_params")}})
     return rows
 
