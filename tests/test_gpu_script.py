@@ -66,4 +66,23 @@ def test_sanitizer_case_runs_on_cpu(tmp_path):
     r = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, cwd=tmp_path,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert r.stdout.count("ok ") == 10, r.stdout
+    assert r.stdout.count("ok ") == 14, r.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
+def test_run_sh_publishes_few_files_even_when_it_stops_early(tmp_path):
+    """The device tool brings back at most 8 files from $OUT: run.sh keeps its outputs in a work folder
+    and publishes run.log, the key tables and one tarball, also when it stops at a failed build."""
+    import tarfile
+
+    fake = tmp_path / "python"  # a python whose every call fails: the build stage stops the run
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path), SHORTCUT_EXT_GPU_BUDGET_S="60")
+    r = subprocess.run(["bash", str(GPU / "run.sh"), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "BUILD FAILED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["results.tar.gz", "run.log"], files
+    with tarfile.open(out / "results.tar.gz") as t:
+        assert "./build.log" in t.getnames()

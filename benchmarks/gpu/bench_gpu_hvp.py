@@ -97,6 +97,10 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 baselines, like the kernel
     log(f"environment: {env}")
     rows, failures = [], 0
+    common.RESULTS_DIR = args.out
+
+    def flush():  # after every variant: a run cut short by a timeout keeps every row it measured
+        return common.write_results(name, rows, {"args": {k: v for k, v in vars(args).items()}})
     for d, B, R in args.problems:
         x, y, w, V = make_problem(d, B, R, args.device)
         case = dict(d=d, B=B, R=R, params=R * 2 * d * d)
@@ -141,6 +145,8 @@ def main(argv=None):
             except Exception as e:  # a failed baseline must not hide the others
                 failures += 1
                 rows.append(dict(row, note=f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            finally:
+                flush()
         for r_ in rows:
             if (r_["d"], r_["B"], r_["R"]) == (d, B, R) and "ms_per_hvp" in r_ and base_ms:
                 r_["speedup_per_hvp_vs_double_backward"] = round(base_ms / r_["ms_per_hvp"], 2)
@@ -150,8 +156,7 @@ def main(argv=None):
                    f"backward  peak {r_.get('peak_mem_mib', '-')} MiB  err {r_['rel_err_vs_double_backward']}"
                    if "ms_per_hvp" in r_ else r_.get("note", "")))
         del x, y, w, V, refs
-    common.RESULTS_DIR = args.out
-    csv_path, json_path = common.write_results(name, rows, {"args": {k: v for k, v in vars(args).items()}})
+    csv_path, json_path = flush()
     log(f"wrote {csv_path} and {json_path} ({len(rows)} rows) in {time.time() - t_start:.0f}s")
     return 1 if failures else 0
 

@@ -8,8 +8,9 @@
 #   4. the GPU benchmarks: bench_gpu.py (the stack: fused vs eager, CUDA graphs, torch.compile) and
 #      bench_gpu_hvp.py (Hessian-vector products: fused vs double backward, torch.func, is_grads_batched).
 # Then, if time is left, an informational run of spectrum --distributed on NCCL (one rank).
-# Writes run.log, build.log, junit.xml, sanitizer.log, bench_gpu.{csv,json,log} and bench_gpu_hvp.{csv,json,log}
-# under the output folder.
+# The output folder gets at most 6 files (the device tool brings back 8): run.log (written as it goes),
+# bench_gpu.csv, bench_gpu_hvp.csv, junit.xml and results.tar.gz, the whole work folder (build.log, tests.log,
+# sanitizer.log, the benchmarks' JSON and logs, the NCCL run), all refreshed after every stage and on exit.
 #
 #   benchmarks/gpu/run.sh [OUT_DIR]      (default: $OUT, else benchmarks/gpu/out, git-ignored)
 set -u -o pipefail
@@ -21,13 +22,24 @@ OUTDIR=${1:-${OUT:-$REPO/benchmarks/gpu/out}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 exec > >(tee -a "$OUTDIR/run.log") 2>&1
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/se_gpu.XXXXXX")  # every other output; published to OUTDIR by publish()
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 STATUS=0
 
+# copy the key tables and a tarball of WORK into OUTDIR (each written under a temporary name, then renamed)
+publish() {
+  local f
+  for f in bench_gpu.csv bench_gpu_hvp.csv junit.xml; do
+    [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUTDIR/.$f.tmp" && mv -f "$OUTDIR/.$f.tmp" "$OUTDIR/$f"
+  done
+  tar -czf "$OUTDIR/.results.tmp" -C "$WORK" . 2> /dev/null && mv -f "$OUTDIR/.results.tmp" "$OUTDIR/results.tar.gz"
+  return 0
+}
+trap publish EXIT
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL - $(elapsed) )); }
-stage() { echo; echo "=== $* (t=$(elapsed)s, $(left)s left)"; }
+stage() { publish; echo; echo "=== $* (t=$(elapsed)s, $(left)s left)"; }
 # seconds for a stage: at most $1, leaving $2 for the stages after it (never below 10)
 budget() { local b=$(( $(left) - $2 )); (( b > $1 )) && b=$1; (( b < 10 )) && b=10; echo $b; }
 
@@ -40,7 +52,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
     if [ -f "$c/include/cuda.h" ]; then export CUDA_HOME=$c; break; fi
   done
 fi
-echo "CUDA_HOME=${CUDA_HOME:-unset}  repo=$REPO  out=$OUTDIR"
+echo "CUDA_HOME=${CUDA_HOME:-unset}  repo=$REPO  out=$OUTDIR  work=$WORK"
 
 stage "build: pip install --no-build-isolation --no-deps ."
 cd "$REPO" || exit 1
@@ -54,9 +66,9 @@ if ! $PY -c 'import os, sys, sysconfig; sys.exit(0 if os.access(sysconfig.get_pa
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   echo "site-packages is not writable: installing into $SITE"
 fi
-if ! timeout "$T" $PY -m pip install --no-build-isolation --no-deps -v "${TARGET[@]}" . > "$OUTDIR/build.log" 2>&1; then
-  tail -40 "$OUTDIR/build.log"
-  echo "BUILD FAILED (or exceeded ${T}s): see build.log"
+if ! timeout "$T" $PY -m pip install --no-build-isolation --no-deps -v "${TARGET[@]}" . > "$WORK/build.log" 2>&1; then
+  tail -40 "$WORK/build.log"
+  echo "BUILD FAILED (or exceeded ${T}s): see build.log in results.tar.gz"
   exit 1
 fi
 echo "built in $(( $(date +%s) - t0 ))s"
@@ -70,10 +82,18 @@ stage "CUDA tests"
 T=$(budget 150 150)
 # a GPU run must not pass by skipping: tests/testing.py raises at collection if CUDA cannot run; the CPU
 # emulation tests (test_*emulat*) ran in CI already and would spend a g++ build of this stage's budget
+# tests.log has one line per test (-v), so a stage cut short by its timeout still shows the test that hung;
+# a test running over 45 s dumps every thread's stack there (faulthandler)
 SHORTCUT_EXT_REQUIRE_CUDA=1 timeout "$T" $PY -m pytest "$REPO/tests/test_cuda.py" "$REPO/tests/test_ops.py" "$REPO/tests/test_errors.py" \
-  -k "cuda and not emulat" -q -rs -p no:cacheprovider --junitxml="$OUTDIR/junit.xml" -o junit_family=xunit2 2>&1 | tail -40
-rc=${PIPESTATUS[0]}
-[ "$rc" = 0 ] || { echo "TESTS FAILED (rc=$rc; 124 = timed out after ${T}s)"; STATUS=1; }
+  -k "cuda and not emulat" -v -rs -p no:cacheprovider -o faulthandler_timeout=45 --durations=10 \
+  --junitxml="$WORK/junit.xml" -o junit_family=xunit2 > "$WORK/tests.log" 2>&1
+rc=$?
+grep -E "(FAILED|ERROR)( |$)" "$WORK/tests.log" | head -30
+tail -25 "$WORK/tests.log"
+if [ "$rc" != 0 ]; then
+  echo "TESTS FAILED (rc=$rc; 124 = timed out after ${T}s)"; STATUS=1
+  [ "$rc" = 124 ] && { echo "last tests started:"; grep -E "::" "$WORK/tests.log" | tail -3; }
+fi
 
 stage "compute-sanitizer on a small case"
 cat > /tmp/se_sanitize_case.py <<'EOF'
@@ -108,6 +128,12 @@ check(45, 40, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_PATH": "generic"})
 check(70, 64, 3, 2, torch.float32, {}, tf32=True)
 check(150, 100, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_WORKSPACE_MB": "1"}, tf32=True)
 check(90, 48, 2, 3, torch.float32, {}, tf32="3xtf32")
+# the large row tiles the benchmarks use (the planner picks 16- and 32-row tiles for these small batches),
+# and a fused backward split into row chunks by a small workspace
+check(260, 64, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "128"})
+check(200, 128, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "64", "SHORTCUT_EXT_CUDA_WORKSPACE_MB": "1"})
+check(140, 32, 2, 2, torch.float64, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "64"})
+check(260, 128, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "128"}, tf32=True)
 def check_hvp(B, d, R, n, K, dtype, loss):  # the HVP kernel: loss, gradient and K products
     g = torch.Generator().manual_seed(B + K)
     x = torch.randn(B, d, generator=g, dtype=dtype)
@@ -129,11 +155,13 @@ EOF
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck initcheck; do
     T=$(budget 50 200)
-    echo "--- $tool" >> "$OUTDIR/sanitizer.log"
-    timeout "$T" compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 $PY /tmp/se_sanitize_case.py \
-      > /tmp/se_sanitizer_$tool.log 2>&1
+    echo "--- $tool" >> "$WORK/sanitizer.log"
+    # without PyTorch's caching allocator every tensor is its own allocation: memcheck sees an overrun past
+    # a buffer's end and initcheck a read of memory never written, which 2 MiB cached blocks would hide
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$T" compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 \
+      $PY /tmp/se_sanitize_case.py > /tmp/se_sanitizer_$tool.log 2>&1
     rc=$?
-    cat /tmp/se_sanitizer_$tool.log >> "$OUTDIR/sanitizer.log"
+    cat /tmp/se_sanitizer_$tool.log >> "$WORK/sanitizer.log"
     tail -4 /tmp/se_sanitizer_$tool.log
     log=/tmp/se_sanitizer_$tool.log
     if [ "$rc" = 0 ]; then echo "compute-sanitizer $tool: clean"
@@ -142,6 +170,7 @@ if command -v compute-sanitizer > /dev/null; then
       echo "compute-sanitizer $tool: could not run on this runtime (the tool refused the device)"
     elif [ "$rc" = 3 ]; then echo "compute-sanitizer $tool: ERRORS REPORTED"; STATUS=1
     elif grep -q "AssertionError" "$log"; then echo "compute-sanitizer $tool: the case's values disagree"; STATUS=1
+    elif grep -q "Traceback" "$log"; then echo "compute-sanitizer $tool: the case failed (rc=$rc): see sanitizer.log"; STATUS=1
     else echo "compute-sanitizer $tool: could not run (rc=$rc; unsupported on this runtime?)"
     fi
   done
@@ -153,14 +182,14 @@ stage "benchmarks: residual stack"
 T=$(budget 400 75)
 BUDGET=$(( T - 45 ))
 (( BUDGET < 20 )) && BUDGET=20
-timeout "$T" $PY "$REPO/benchmarks/gpu/bench_gpu.py" --out "$OUTDIR" --budget-s "$BUDGET" --compile-budget-s 100 --modes fwdbwd,fwd \
+timeout "$T" $PY "$REPO/benchmarks/gpu/bench_gpu.py" --out "$WORK" --budget-s "$BUDGET" --compile-budget-s 100 --modes fwdbwd,fwd \
   --target-s 0.3
 rc=$?
 [ "$rc" = 0 ] || { echo "BENCHMARK rc=$rc (1: a variant disagreed or failed; 124: timed out)"; STATUS=1; }
 
 stage "benchmarks: Hessian-vector products"
 T=$(budget 70 5)
-timeout "$T" $PY "$REPO/benchmarks/gpu/bench_gpu_hvp.py" --out "$OUTDIR" --budget-s $(( T - 20 > 10 ? T - 20 : 10 )) \
+timeout "$T" $PY "$REPO/benchmarks/gpu/bench_gpu_hvp.py" --out "$WORK" --budget-s $(( T - 20 > 10 ? T - 20 : 10 )) \
   --target-s 0.2
 rc=$?
 [ "$rc" = 0 ] || { echo "HVP BENCHMARK rc=$rc (1: a variant disagreed or failed; 124: timed out)"; STATUS=1; }
@@ -170,12 +199,12 @@ T=$(budget 40 0)
 if (( T > 15 )); then
   timeout "$T" $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m shortcut_ext spectrum --units 50 \
     --width 8 --init zero --samples 64 --probes 2 --steps 10 --top 3 --device cuda --distributed --no-progress \
-    --no-plots --out "$OUTDIR/spectrum_nccl" > "$OUTDIR/spectrum_nccl.log" 2>&1
-  echo "spectrum --distributed (NCCL): rc=$? (log: spectrum_nccl.log)"; tail -2 "$OUTDIR/spectrum_nccl.log"
+    --no-plots --out "$WORK/spectrum_nccl" > "$WORK/spectrum_nccl.log" 2>&1
+  echo "spectrum --distributed (NCCL): rc=$? (log: spectrum_nccl.log)"; tail -2 "$WORK/spectrum_nccl.log"
 else
   echo "skipped: ${T}s left"
 fi
 
 stage "done (status $STATUS)"
-ls -la "$OUTDIR"
+ls -la "$OUTDIR" "$WORK"
 exit $STATUS
