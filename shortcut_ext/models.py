@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ops import check_backend, residual_stack
+from .ops import autocast_off, check_backend, residual_stack
 from .reference import check_activation
 
 INITS = ("zero", "small", "xavier", "orthogonal", "he")
@@ -124,13 +124,18 @@ class StackNet(nn.Module):
     def forward_with(self, weight: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """The network's output with ``weight`` in place of the parameter (any shape that views as
         ``[R, n, d, d]``, e.g. the flat parameter vector)."""
+        if isinstance(weight, torch.Tensor) and weight.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"the model computes in float32 or float64, but its weights are "
+                            f"{str(weight.dtype).replace('torch.', '')}: convert it with .float() or .double() "
+                            f"(half precision is not supported; under autocast the model stays in its dtype)")
         if isinstance(x, torch.Tensor) and x.dtype != weight.dtype:
             raise TypeError(f"x must have the model's dtype {str(weight.dtype).replace('torch.', '')}, got "
                             f"{str(x.dtype).replace('torch.', '')} (convert x, or the model with .double() / .float())")
-        h = self.embed(x)
-        h = residual_stack(h, self.stack_weights(weight), self.shortcut, *self.activations,
-                           backend=self.backend if backend is None else backend, recompute=self.recompute)
-        return self.read(h)
+        with autocast_off(weight):  # the projections too: one dtype through the whole net
+            h = self.embed(x)
+            h = residual_stack(h, self.stack_weights(weight), self.shortcut, *self.activations,
+                               backend=self.backend if backend is None else backend, recompute=self.recompute)
+            return self.read(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(self.weight, x)

@@ -14,6 +14,7 @@ come from a buffer cache (``empty_cache``, ``cache_stats``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -110,6 +111,20 @@ def _refuse_forward_mode(*tensors) -> None:
         raise NotImplementedError(f"a dual tensor (forward-mode AD): {_FORWARD_MODE_HINT}")
 
 
+def autocast_off(t: torch.Tensor):
+    """A context that turns autocast off on ``t``'s device where it is on (else a no-op).
+
+    The stack computes in its inputs' dtype (float32 or float64) on both backends: the fused kernels have
+    no low-precision path, and the reference must not drop to bfloat16 under autocast where they do not.
+    """
+    dev = t.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return contextlib.nullcontext()
+    return torch.autocast(dev, enabled=False) if on else contextlib.nullcontext()
+
+
 def residual_stack(
     x: torch.Tensor,  # [B, d]
     weights: torch.Tensor,  # [R, n, d, d]
@@ -139,7 +154,8 @@ def residual_stack(
 
     Returns:
         ``[B, d]`` outputs.  Differentiable once w.r.t. ``x`` and ``weights`` through the fused
-        backward; for second derivatives use :func:`residual_stack_hvp`.
+        backward; for second derivatives use :func:`residual_stack_hvp`.  Computed in the inputs'
+        dtype on both backends: an autocast region around the call does not lower it.
 
     >>> import torch
     >>> x = torch.ones(3, 2, dtype=torch.float64)
@@ -153,7 +169,8 @@ def residual_stack(
     if recompute is not None and not isinstance(recompute, bool):
         raise TypeError(f"recompute must be True, False or None, got {recompute!r}")
     if check_backend(backend) == "torch":
-        return reference.residual_stack_forward(x, weights, shortcut, act_pre, act_mid, act_post)
+        with autocast_off(x):
+            return reference.residual_stack_forward(x, weights, shortcut, act_pre, act_mid, act_post)
     _refuse_forward_mode(x, weights)
     save = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
     layers = _save_layers(x, weights, recompute) and save
@@ -248,7 +265,7 @@ def _save_layers(x: torch.Tensor, weights: torch.Tensor, recompute: bool | None)
     """Whether the fused forward saves every layer's input (see ``residual_stack``'s ``recompute``)."""
     if recompute is not None:
         return not recompute
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_exporting():  # export: no guard on a symbolic batch size
         return False
     env = os.environ.get("SHORTCUT_EXT_SAVE_LAYERS_MB", "1024")
     try:
@@ -302,7 +319,9 @@ def residual_stack_hvp(
             x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),
             shortcut, act_pre, act_mid, act_post, loss,
         )
-    return reference.residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss)
+    with autocast_off(x):
+        return reference.residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post,
+                                            loss)
 
 
 def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
@@ -322,7 +341,8 @@ def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
             raise ValueError(f"targets must have shape [B] = [{B}] (class indices), got {list(targets.shape)}")
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
             raise TypeError(f"class-index targets [B] must be integers, got {_dtype(targets)}")
-        if B and targets.device.type != "meta":
+        # (the kernels check the range too; under torch.compile a data-dependent check would break the graph)
+        if B and targets.device.type != "meta" and not torch.compiler.is_compiling():
             lo, hi = int(targets.min()), int(targets.max())
             if lo < 0 or hi >= d:
                 raise ValueError(f"class-index targets must lie in [0, d) = [0, {d}), got values in [{lo}, {hi}]")
@@ -341,6 +361,9 @@ def _setup_forward(ctx, inputs, output):
     x, weights, shortcut, act_pre, act_mid, act_post, save = inputs[:7]
     y, saved = output
     ctx.save_for_backward(weights, saved)
+    # x itself only as a graph dependency of grad_x (see _NoDoubleBackward): a plain reference, with no
+    # version check, so an in-place change of x after the forward is no error where it was none before
+    ctx.x = x if isinstance(x, torch.Tensor) and x.requires_grad else None
     ctx.args = (shortcut, act_pre, act_mid, act_post)
     ctx.saved_inputs = bool(save)
     ctx.num_inputs = len(inputs)
@@ -362,15 +385,37 @@ def _backward_forward(ctx, grad_y, grad_saved):
     grad_x, grad_w = torch.ops.shortcut_ext.residual_stack_backward(
         grad_y.contiguous(), weights, saved, *ctx.args
     )
+    x = ctx.x
+    if x is not None and torch.is_grad_enabled() and grad_x is not None:
+        # create_graph=True: grad_x depends on x through the saved unit inputs, which the graph does not
+        # see (they are non-differentiable outputs); without this a second derivative through x (an input
+        # Hessian, a Jacobian penalty) would silently come out as zero instead of raising
+        grad_x = _NoDoubleBackward.apply(grad_x, x)
     return (grad_x, grad_w) + (None,) * (ctx.num_inputs - 2)
 
 
+_DOUBLE_BACKWARD = (
+    "double backward through the fused residual stack is not supported: for Hessian-vector "
+    "products use shortcut_ext.residual_stack_hvp or "
+    "shortcut_ext.curvature.HessianOperator(backend='fused'), or pass backend='torch'"
+)
+
+
 def _backward_backward(ctx, *grads):
-    raise RuntimeError(
-        "double backward through the fused residual stack is not supported: for Hessian-vector "
-        "products use shortcut_ext.residual_stack_hvp or "
-        "shortcut_ext.curvature.HessianOperator(backend='fused'), or pass backend='torch'"
-    )
+    raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on ``g`` that links it to ``deps`` in the graph, and whose backward raises: the
+    second-order paths the fused backward cannot differentiate end in an error, not in a zero."""
+
+    @staticmethod
+    def forward(ctx, g, *deps):
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_DOUBLE_BACKWARD)
 
 
 def _setup_backward(ctx, inputs, output):

@@ -280,3 +280,23 @@ def test_bad_inputs(change, exc, match):
     else:
         with pytest.raises(exc, match=match):
             call()
+
+
+@requires_fused
+def test_hvp_compiles_in_one_graph_with_class_indices():
+    """torch.compile(fullgraph=True) of the fused HVP with class-index targets: the Python range check is
+    data-dependent, so it is left to the kernel while compiling (it broke the graph)."""
+    B, d, R = 6, 4, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    w = 0.3 * torch.randn(R, 2, d, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, d, (B,), generator=g)
+    v = torch.randn(2, R, 2, d, d, generator=g, dtype=torch.float64)
+
+    def f(x, w, y, v):
+        return residual_stack_hvp(x, w, y, v, True, "tanh", "relu", "identity", "cross_entropy", backend="fused")
+
+    for a, b in zip(torch.compile(f, fullgraph=True, backend="eager")(x, w, y, v), f(x, w, y, v)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"class-index targets must lie in \[0, d\)"):
+        f(x, w, torch.full((B,), d), v)

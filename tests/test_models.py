@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import shortcut_ext
 from shortcut_ext import PlainNet, ShortcutNet, reference as ref
 from shortcut_ext.models import INITS, init_weights
 from testing import requires_fused
@@ -117,3 +118,32 @@ def test_model_arguments_and_input_dtype():
     proj = ShortcutNet(4, 2, in_features=3, out_features=5, backend="torch")
     with pytest.raises(TypeError, match="x must have the model's dtype float32, got float64"):
         proj(torch.randn(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_autocast_leaves_the_model_in_its_dtype(backend):
+    """Under CPU autocast (bfloat16) the model computes in float32 on both backends: projections
+    included (they used to come out bfloat16 and be refused by the stack), and the torch backend no
+    longer drops its matmuls to bfloat16 where the fused kernels do not."""
+    if backend == "fused" and not shortcut_ext.is_built():
+        pytest.skip("shortcut_ext._C is not built")
+    torch.manual_seed(0)
+    for net in (ShortcutNet(width=6, units=3, shortcut=2, mid="tanh", init="xavier", in_features=10, out_features=3,
+                            backend=backend),
+                PlainNet(width=6, depth=4, activation="relu", init="xavier", backend=backend)):
+        x = torch.randn(8, net.in_features)
+        plain = net(x)
+        (g_plain,) = torch.autograd.grad(plain.square().sum(), net.weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(x)
+            loss = y.square().sum()
+        (g,) = torch.autograd.grad(loss, net.weight)  # backward outside the region, as PyTorch advises
+        assert y.dtype == torch.float32 and g.dtype == torch.float32
+        torch.testing.assert_close(y, plain, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_half_models_are_refused_clearly():
+    net = ShortcutNet(width=4, units=2, backend="torch").half()
+    with pytest.raises(TypeError, match="computes in float32 or float64, but its weights are float16"):
+        net(torch.randn(3, 4).half())

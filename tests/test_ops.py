@@ -303,6 +303,44 @@ def test_double_backward_points_to_hvp():
         torch.autograd.grad(g.sum(), w)
 
 
+@pytest.mark.parametrize("width", [4, 40])  # batch-major tiles; feature-major tiles and saved activations
+def test_second_derivatives_through_x_raise_not_vanish(width):
+    """Second-order paths through the input (an input Hessian, a Jacobian penalty) run through the saved
+    unit inputs, which the graph does not see: they used to come out as zero with no error."""
+    x0, w = stack_inputs(3, width, 3, 2, torch.float64)
+    acts = (True, "tanh", "tanh", "tanh")
+    f = lambda x: residual_stack(x, w, *acts, backend="fused").sum()  # noqa: E731
+    assert torch.autograd.functional.hessian(lambda x: residual_stack(x, w, *acts, backend="torch").sum(),
+                                             x0).norm() > 0.1  # the reference's is not zero
+    with pytest.raises(RuntimeError, match="double backward through the fused residual stack"):
+        torch.autograd.functional.hessian(f, x0)
+    x, wr = x0.clone().requires_grad_(), w.clone().requires_grad_()
+    v = torch.randn_like(x0)
+    y = residual_stack(x, wr, *acts, backend="fused")
+    (jtv,) = torch.autograd.grad(y, x, v, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through the fused residual stack"):
+        torch.autograd.grad((x ** 2).sum() + (jtv ** 2).sum(), x)
+    # first-order gradients with create_graph=True are still right, and twice with retain_graph
+    y = residual_stack(x, wr, *acts, backend="fused")
+    yr = residual_stack(x, wr, *acts, backend="torch")
+    for _ in range(2):
+        got = torch.autograd.grad(y.sum(), (x, wr), create_graph=True, retain_graph=True)
+        want = torch.autograd.grad(yr.sum(), (x, wr), retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_export_with_a_dynamic_batch():
+    """torch.export with a symbolic batch size: the save-every-layer memory guard was evaluated on it
+    and failed the export ("Constraints violated (B)")."""
+    from torch.export import Dim, export
+
+    net = shortcut_ext.ShortcutNet(width=4, units=3, mid="relu", init="xavier", backend="fused", dtype=torch.float64)
+    ep = export(net, (torch.randn(8, 4, dtype=torch.float64),), dynamic_shapes={"x": {0: Dim("B", min=2)}})
+    x = torch.randn(13, 4, dtype=torch.float64)
+    torch.testing.assert_close(ep.module()(x), net(x))
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("width", [6, 40])  # batch-major tiles; feature-major tiles and saved activations
 def test_torch_compile_matches_eager(width, backend):
