@@ -223,3 +223,16 @@ def test_unresolved_slq_is_warned_and_saved(tmp_path, capsys):
     assert res["condition"]["lam_q10_resolved"] is False
     assert res["slq"]["q10_unresolved_mass"] >= 0.05
     assert "SLQ did not resolve the spectrum near 0" in capsys.readouterr().err
+
+
+def test_converged_lanczos_is_not_reported_unconverged(tmp_path, capsys):
+    """The README's spectrum example, small: Lanczos stops on converged estimates and its extremes match
+    Theorem 1 to 1e-14, but a final residual check stricter than the loop's (eps^(2/3) on residuals the
+    restarted segments keep near 1e-9) called it unconverged and advised budgets it never used."""
+    out = tmp_path / "o"
+    assert main(["spectrum", "--units", "5", "--width", "16", "--probes", "2", "--steps", "40", "--exact-max-params",
+                 "0", "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    res = _result(out)
+    assert res["converged"] is True and res["lanczos"]["stop_reason"] == "converged"
+    assert res["theory"]["lanczos_rel_error"] < 1e-12
+    assert "WARNING" not in capsys.readouterr().err

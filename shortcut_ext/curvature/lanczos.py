@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._linop import as_torch_operator, check_count, default_tol
+from ._linop import as_torch_operator, check_count, default_tol, zero_tol_rel
 
 WHICH = ("both", "largest", "smallest")
 DEFAULT_MAX_BASIS_BYTES = 3 * 2**30  # budget of an automatically sized Krylov basis (Lanczos, SLQ groups)
@@ -67,7 +67,11 @@ class LanczosResult:
             ``"max_iter"``, ``"max_products"``, ``"exhausted"``, or ``"restart"`` where the basis was
             compressed; indices count from the last restart).
         breakdowns: how many segments ended at an invariant subspace.
-        converged: every returned pair's residual is within ``tol * norm_estimate``.
+        converged: every returned pair's residual is within ``tol * norm_estimate`` (with the default
+            ``tol``, the computed residuals within ``sqrt(eps) * norm_estimate``: the loop stops on the
+            recurrence's estimates at ``eps**(2/3)``, which the products' rounding and the coupling of
+            restarted segments can keep the true residuals above; a Ritz value's error is then still
+            about ``residual**2 / gap``).
         stop_reason: ``"converged"`` (the last segment added nothing at the wanted ends),
             ``"max_iter"`` (the basis is full, no restart allowed), ``"max_products"`` or ``"exhausted"``
             (the basis spans the whole space).
@@ -216,7 +220,9 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
         max_products = check_count("max_products", max_products)
     m = min(P, max_iter)
     b = min(b, m)
+    final_tol = max(default_tol(dt), zero_tol_rel(dt)) if tol is None else None
     tol = default_tol(dt) if tol is None else float(tol)
+    final_tol = tol if final_tol is None else final_tol  # the returned pairs' check (see LanczosResult)
     btol = default_tol(dt) if breakdown_tol is None else float(breakdown_tol)
     if not (tol > 0 and btol > 0):
         raise ValueError(f"tol and breakdown_tol must be positive, got {tol}, {btol}")
@@ -506,7 +512,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
             th = torch.as_tensor(theta[sel], dtype=dt, device=dev)
             residuals = (AY - vectors * th).norm(dim=0).double().cpu().numpy()
             del AY
-    converged = bool(np.all(residuals <= tol * scale)) if sel else True
+    converged = bool(np.all(residuals <= final_tol * scale)) if sel else True
     nt = len(top_idx)
     return LanczosResult(
         largest=theta[top_idx].copy(), smallest=theta[bot_idx].copy(),

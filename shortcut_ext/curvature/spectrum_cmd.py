@@ -418,6 +418,11 @@ def _unconverged_message(args, lz) -> str:
     got = "" if len(lz.largest) >= args.top else f"; it found only {len(lz.largest)} of --top {args.top} values"
     now_iter = args.max_iter if args.max_iter is not None else f"{lz.max_vectors}, from --basis-gib"
     now_prod = args.lanczos_products if args.lanczos_products is not None else "unset: no restarts"
+    if lz.stop_reason == "converged":  # the budgets were not what stopped it: raising them changes nothing
+        return (f"Lanczos stopped on converged estimates after {lz.num_products} products, but the computed "
+                f"residuals reach {res:.2g} against |lambda|max {lz.abs_max:.3g}{got} (above sqrt(eps) of the "
+                f"dtype): the extremes may be inaccurate (saved with \"converged\": false); a Ritz value's error "
+                f"is about residual^2 / gap. --dtype float64 computes the products more accurately")
     return (f"Lanczos did not converge (stopped at {lz.stop_reason} after {lz.num_products} products; largest "
             f"residual {res:.2g} against |lambda|max {lz.abs_max:.3g}){got}: the extremes, |lambda|max and the "
             f"condition numbers are unreliable (saved with \"converged\": false). Raise --max-iter (now "
