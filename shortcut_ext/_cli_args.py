@@ -8,6 +8,7 @@ does not end in an error about where to write its result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -95,3 +96,57 @@ def out_file(path, command: str, suffix: str | None = None) -> Path:
         raise SystemExit(f"shortcut-ext {command}: --out {path} is a folder; it must name a file")
     out_dir(p.parent if str(p.parent) else ".", command)
     return p
+
+
+def _acquire(path: Path, command: str):
+    """Open and ``flock`` ``path`` (exclusive, non-blocking); the open descriptor holds the lock."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SystemExit(f"another shortcut-ext {command} (pid {other}) is writing to {path.parent}: two runs into "
+                         "one output would overwrite each other's files; wait for it to end or choose another "
+                         "--out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def out_lock(path, command: str, lead: bool = True, distributed: bool = False, device=None):
+    """Hold an exclusive lock on the lock file ``path`` while a command writes its outputs beside it; a
+    second process on the same output is refused with one line (``SystemExit``) before any work.
+
+    Only ``lead`` (the writing rank) locks.  With ``distributed=True`` the outcome is shared in one
+    all-reduce (on ``device``), so that every rank stops together rather than wait in a collective.
+    The lock is released when the process ends, however it ends (``flock`` on the open file).
+    """
+    fd, err = None, None
+    if lead:
+        try:
+            fd = _acquire(Path(path), command)
+        except (SystemExit, OSError) as e:
+            err = e if isinstance(e, SystemExit) else SystemExit(f"cannot lock {path}: {e}")
+        except ImportError:  # no fcntl (not a POSIX system): run unlocked
+            fd = None
+    try:
+        if distributed:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(err is not None)], device=device if device is not None else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if err is None and flag.item() > 0:
+                raise SystemExit(f"the writing rank could not lock {Path(path).parent} (another shortcut-ext "
+                                 f"{command} is writing there); this rank stops too")
+        if err is not None:
+            raise err
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -61,7 +61,7 @@ def test_zero_hessian_writes_strict_json_and_resumes(tmp_path, capsys):
     args = TINY + ["--shortcut", "3", "--init", "zero", "--no-plots", "--out", str(out)]
     assert main(args) == 0
     res = _result(out)
-    assert res["condition"]["lam_max"] == 0.0 and res["condition"]["cond_q10"] == "inf"  # inf -> "inf"
+    assert res["condition"]["lam_max"] == 0.0 and res["condition"]["cond_q10"] is None  # 0 / 0: nan -> null
     assert res["theory"]["method"] == "zero" and res["theory"]["report"]["cond"] is None  # nan -> null
     _strict((out / "spectrum.checkpoint.json").read_text())
     capsys.readouterr()
@@ -236,3 +236,9 @@ def test_converged_lanczos_is_not_reported_unconverged(tmp_path, capsys):
     assert res["converged"] is True and res["lanczos"]["stop_reason"] == "converged"
     assert res["theory"]["lanczos_rel_error"] < 1e-12
     assert "WARNING" not in capsys.readouterr().err
+
+
+def test_digits_width_beyond_the_components_names_the_flags(tmp_path):
+    with pytest.raises(SystemExit, match=r"--width 64 does not fit --data digits with --samples 512: .*only 59 "
+                                         r"principal components.*raise --samples"):
+        main(["spectrum", "--data", "digits", "--width", "64", "--no-progress", "--out", str(tmp_path / "o")])

@@ -307,3 +307,26 @@ def test_distributed_train_resumes(tmp_path):
         d = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert d["res"] == d["full"]
         assert d["notes"] == [f"resuming from epoch 3 of 5 ({tmp_path / 'ck.pt'})"]
+
+
+# --------------------------------------------------------------------------- one run per output
+@pytest.mark.parametrize("command", ["train", "spectrum", "reproduce"])
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, command):
+    """Two processes on one --out used to crash on each other's temporary files (train, spectrum) or
+    compute every run twice (reproduce); the second is now refused, and the lock goes with the first."""
+    from shortcut_ext._cli_args import out_lock
+
+    if command == "train":
+        lock, args = tmp_path / ".run.json.lock", ["train", *TINY, "--out", str(tmp_path / "run.json")]
+    elif command == "spectrum":
+        lock = tmp_path / "sp" / ".shortcut-ext.lock"
+        args = ["spectrum", "--units", "3", "--width", "3", "--samples", "16", "--probes", "2", "--steps", "4",
+                "--top", "1", "--no-progress", "--no-plots", "--out", str(tmp_path / "sp")]
+    else:
+        lock = tmp_path / "rp" / ".shortcut-ext.lock"
+        args = ["reproduce", "--tiny", "--only", "fig5", "--no-progress", "--out", str(tmp_path / "rp")]
+    with out_lock(lock, command):  # another run holds the output (flock: a second open conflicts)
+        with pytest.raises(SystemExit, match=rf"another shortcut-ext {command} \(pid {os.getpid()}\) is writing to"):
+            main(args)
+    if command == "train":
+        assert main(args) == 0 and (tmp_path / "run.json").exists()

@@ -11,7 +11,7 @@ singular Hessian's condition number reads ``"inf"``); a Lanczos run that did not
 
 Memory: the Krylov bases are what grows with the net.  The Lanczos basis and one SLQ group's bases
 are each bounded by ``--basis-gib`` (default 3 GiB; the two phases run one after the other):
-Lanczos holds what fits (at most 300 vectors) and, with ``--lanczos-products`` above that, thick-
+Lanczos holds what fits (at most max(300, 20 x --top) vectors) and, with ``--lanczos-products`` above that, thick-
 restarts; SLQ runs as many probes per group as fit.  A request that cannot fit (``--max-iter``,
 ``--probe-batch``, or one probe's ``--steps`` basis) is refused with the numbers.
 
@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from .._cli_args import nonneg_float, nonneg_int, out_dir, positive_float, positive_int
+from .._cli_args import nonneg_float, nonneg_int, out_dir, out_lock, positive_float, positive_int
 from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
 from ..reference import ACTIVATIONS, LOSSES
@@ -92,7 +92,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="SLQ probes per group (default: as many as fit in --basis-gib)")
     g.add_argument("--max-iter", type=positive_int, default=None,
                    help="Lanczos basis size for the extremes, at least 2 x --top (default: what fits in "
-                        "--basis-gib, at most 300)")
+                        "--basis-gib, at most max(300, 20 x --top))")
     g.add_argument("--lanczos-products", type=positive_int, default=None,
                    help="Lanczos products in all, at least 2 x --top; above the basis size the basis is "
                         "thick-restarted (default: no restarts)")
@@ -148,7 +148,13 @@ def load_data(kind: str, m: int, d: int, seed: int, noise: float, dtype: torch.d
     if kind == "digits":
         from ..data import digits
 
-        return digits(d=d, seed=seed, m=m, dtype=dtype)  # refuses m above the 1797 samples
+        try:
+            return digits(d=d, seed=seed, m=m, dtype=dtype)  # refuses m above the 1797 samples
+        except ValueError as e:
+            if "principal components" not in str(e):
+                raise
+            raise SystemExit(f"--width {d} does not fit --data digits with --samples {m}: {e} (lower --width, or "
+                             "raise --samples: all 1797 samples have 61 such components)") from None
     try:
         from ..data import synthetic_teacher
     except ImportError:  # pragma: no cover - data.py not present
@@ -186,7 +192,9 @@ def run(args) -> int:
     if args.distributed:
         created_group, rank, world, args.device = init_distributed("spectrum", args.device)
     try:
-        return _run(args, dtype, budget, rank, world)
+        with out_lock(os.path.join(args.out, ".shortcut-ext.lock"), "spectrum", lead=rank == 0,
+                      distributed=bool(args.distributed), device=args.device):
+            return _run(args, dtype, budget, rank, world)
     finally:
         if created_group:
             import torch.distributed as dist
@@ -293,7 +301,9 @@ def _run(args, dtype, budget, rank, world) -> int:
     idx_unres, q_unres = sq.sign_unresolved_mass(), sq.quantile_unresolved_mass(0.1)
     result["slq"].update(index_unresolved_mass=idx_unres, q10_unresolved_mass=q_unres)
     result["condition"] = {"lam_max": lam_max, "lam_max_residual": lz.abs_max_residual, "lam_q10": lam_q10,
-                           "cond_q10": lam_max / lam_q10 if lam_q10 > zero_tol else float("inf"),
+                           # a zero Hessian (lam_max = 0) has no condition number: nan, as the exact block says
+                           "cond_q10": (lam_max / lam_q10 if lam_q10 > zero_tol else float("inf")) if lam_max > 0
+                           else float("nan"),
                            "index": result["slq"]["index"], "zero_tol": zero_tol, "method": "lanczos+slq",
                            "converged": bool(lz.converged), "lam_q10_resolved": bool(q_unres < 0.05)}
     if q_unres >= 0.05 or idx_unres >= 0.05:
@@ -363,8 +373,10 @@ def _run(args, dtype, budget, rank, world) -> int:
     if not lead:
         return 0
     result["warnings"] = warnings
-    with open(os.path.join(args.out, "spectrum.json"), "w") as f:
+    path = os.path.join(args.out, "spectrum.json")
+    with open(path + ".tmp", "w") as f:  # whole or not at all
         f.write(to_strict_json(result, indent=1))
+    os.replace(path + ".tmp", path)
     if not args.no_plots:
         _plots(args.out, sq, grid, dens, sigma, lz, exact, spec)
     print(f"P = {H.P}  |lambda|max = {lam_max:.6g} (residual {lz.abs_max_residual:.2g})  "

@@ -164,7 +164,9 @@ def write_report(path, title: str, sections: list[Section], config: dict, env: d
         parts.append(_verdict_table(s.verdicts))
         for cap, rows in s.tables.items():
             parts.append(f"<h4>{html.escape(cap)}</h4>{_table(rows)}")
-    parts.append("<h2>Timings</h2>" + _table([{"phase": k, "seconds": v} for k, v in timings.items()]))
+    parts.append("<h2>Timings</h2><p class='small'>Of this invocation: runs a resumed invocation read back from "
+                 "<code>results/runs.jsonl</code> cost it almost nothing.</p>"
+                 + _table([{"phase": k, "seconds": v} for k, v in timings.items()]))
     parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=2, default=str)) + "</pre>")
     parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(env, indent=2, default=str)) + "</pre>")
     parts.append("</body></html>")

@@ -16,9 +16,11 @@ variants, 2); FULL takes hours on CPU and is resumable (rerun the same command a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ import torch
 from .._device import init_distributed
 from ..train import TrainConfig, log_grid
 from . import analysis, figures, report, sweeps
-from .._cli_args import out_dir, positive_int
+from .._cli_args import out_dir, out_lock, positive_int
 from .store import DistributedRunStore, RunStore, json_safe
 
 PHASES = ("fig2-3", "fig5", "fig6-8", "fig9", "fig10", "ext")
@@ -102,6 +104,13 @@ EXPECTED = {  # PAPER.md section 4
     "fig10": "Xavier / orthogonal miss the better optima; 2-shortcut reaches them",
     "ext": "beyond the paper: the Fig. 10 comparison with tanh, symmetric sigmoid and ReLU at other positions",
 }
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``path`` written whole or not at all (a temporary file of this process, then renamed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
@@ -291,7 +300,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         for act in cfg.ext_acts:
             vs += analysis.verdict_final_loss_nonlinear(best_ext, bundle.l_min, act, f"beyond ({act})")
         sections.append(report.Section(
-            "ext", "Beyond the paper: tanh, symmetric sigmoid, ReLU at pre positions", EXPECTED["ext"], [p], vs,
+            "ext", "Beyond the paper: " + ", ".join(cfg.ext_acts), EXPECTED["ext"], [p], vs,
             {"best rate per net (seed rows)": _strip(best_ext)},
             notes="A plain net has one activation, between layers: for a '-pre' variant it is the same plain net "
                   "as for '-mid'. A '-pre' shortcut net applies the activation to the unit's input inside the "
@@ -307,10 +316,10 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
     conf = {"config": cfg.to_dict(), "data": bundle.tag, "L_min": bundle.l_min, "L_zero": bundle.l_zero,
             "phases": sorted(only), "samples": int(bundle.X.shape[0]), "width": bundle.width}
     resdir.mkdir(parents=True, exist_ok=True)
-    (resdir / f"verdicts{suffix}.json").write_text(json.dumps(json_safe(analysis.verdict_table(verdicts)), indent=1))
+    _write_text(resdir / f"verdicts{suffix}.json", json.dumps(json_safe(analysis.verdict_table(verdicts)), indent=1))
     summary = {"config": conf, "environment": env, "timings": timings,
                "verdicts": analysis.verdict_table(verdicts)}
-    (resdir / f"summary{suffix}.json").write_text(json.dumps(json_safe(summary), indent=1, default=str))
+    _write_text(resdir / f"summary{suffix}.json", json.dumps(json_safe(summary), indent=1, default=str))
     rep = report.write_report(
         out / f"report{suffix}.html", f"Demystifying ResNet (Li et al., arXiv:1611.01186): {cfg.name} reproduction",
         sections, conf, env, timings,
@@ -392,9 +401,12 @@ def main(args) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     created, rank = False, 0
+    locks = contextlib.ExitStack()
     try:
+        lock = Path(args.out) / ".shortcut-ext.lock"  # one run per --out (others would redo and overwrite)
         if getattr(args, "distributed", False):
-            created, rank, world, _ = init_distributed("reproduce")
+            created, rank, world, dev = init_distributed("reproduce")
+            locks.enter_context(out_lock(lock, "reproduce", lead=rank == 0, distributed=True, device=dev))
             store = DistributedRunStore(RunStore(Path(args.out) / "results" / "runs.jsonl"))
             if rank == 0:
                 print(f"[reproduce] {world} ranks share the runs")
@@ -406,8 +418,10 @@ def main(args) -> int:
                         log=lambda *a, **k: None, store=store)
                 return 0
         else:
-            res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress)
+            with out_lock(lock, "reproduce"):
+                res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress)
     finally:
+        locks.close()
         torch.set_num_threads(threads)
         if created:
             import torch.distributed as dist

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .._cli_args import nonneg_float, nonneg_int, out_file, positive_float, positive_int, seed
+from .._cli_args import nonneg_float, nonneg_int, out_file, out_lock, positive_float, positive_int, seed
 from .._device import init_distributed, parse_device
 from ..train import OPTIMIZERS, TrainConfig, train
 from .store import json_safe
@@ -45,9 +45,9 @@ def add_parser(subparsers) -> None:
                    help="activation variant (a 1-shortcut unit has one layer: no *-mid variants)")
     p.add_argument("--depth", type=int, default=10,
                    help="weight layers: >= 1, a multiple of the shortcut depth (default 10)")
-    p.add_argument("--seed", type=seed, default=0, help="seeds the init, the data subset and the mini-batch order")
+    p.add_argument("--seed", type=seed, default=0, help="seeds the init and the mini-batch order (the data subset is the same for every seed)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
-    p.add_argument("--epochs", type=nonneg_int, default=1000, help="updates (full passes over the data; default 1000)")
+    p.add_argument("--epochs", type=nonneg_int, default=1000, help="full passes over the data (gd: one update each; sgd / adam: one per mini-batch; default 1000)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="gd",
                    help="gd: full-batch gradient descent (the paper, default); sgd: mini-batches, optional "
                         "momentum; adam")
@@ -63,7 +63,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--samples", type=positive_int, default=None,
                    help="a seeded subset of this many samples (synthetic: this many; default all / 1000)")
     p.add_argument("--width", type=positive_int, default=10,
-                   help="principal components / synthetic dimension (digits: at most 64; default 10)")
+                   help="principal components / synthetic dimension (digits: at most 61, the components with nonzero "
+                        "variance, fewer with a small --samples; default 10)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--backend", choices=("fused", "torch"), default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network trains")
@@ -192,6 +193,14 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def _main(args, device, rank, world) -> int:
+    out = Path(args.out)
+    # one run per --out: a second would share the checkpoint and overwrite the JSON / CSV
+    with out_lock(out.with_name(f".{out.name}.lock"), "train", lead=rank == 0,
+                  distributed=bool(getattr(args, "distributed", False)), device=device):
+        return _main_locked(args, device, rank, world)
+
+
+def _main_locked(args, device, rank, world) -> int:
     lead = rank == 0  # prints and writes
     out = Path(args.out)
     kind, path = _parse_data(args.data, "train")
