@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import itertools
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -916,6 +917,28 @@ def test_emulated_hvp_row_chunks(hvp_emulator, target):
             _hvp_assert_matches(chunked, x, w, y, v, True, acts, loss)
             for a, b in zip(chunked, whole):
                 torch.testing.assert_close(a, b, **tol(dtype))
+
+
+@pytest.mark.slow
+def test_emulated_hvp_extremes(hvp_emulator):
+    """The CUDA HVP kernel's loss of large logits (log 2 for [s, s, 0, 0], not 1 or 0) and its ReLU,
+    which passes 0 backward through an inactive unit whatever arrives (NaN included), as autograd."""
+    for dtype, s in ((torch.float32, 1e7), (torch.float64, 1e16)):
+        x = torch.tensor([[s, s, 0.0, 0.0]], dtype=dtype)
+        w, v = torch.zeros(1, 2, 4, 4, dtype=dtype), torch.zeros(1, 1, 2, 4, 4, dtype=dtype)
+        for y in (torch.tensor([0]), torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=dtype)):
+            lo, _, _ = _emu_hvp(hvp_emulator, x, w, y, v, True, ("identity",) * 3, "cross_entropy")
+            assert float(lo) == pytest.approx(math.log(2.0), rel=1e-6)
+    x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    w = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]]], dtype=torch.float64)
+    y = torch.tensor([[float("nan"), 0.0]], dtype=torch.float64)
+    v = torch.ones(1, 1, 2, 2, 2, dtype=torch.float64)
+    for position in range(3):
+        acts = tuple("relu" if i == position else "identity" for i in range(3))
+        got = _emu_hvp(hvp_emulator, x, w, y, v, False, acts, "mse")
+        want = ref.residual_stack_hvp(x, w, y, v, False, *acts, "mse")
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, equal_nan=True)
 
 
 # ==================================================== end to end on a GPU: what a user runs there

@@ -3,6 +3,7 @@ double-backward reference and dense ``torch.func.hessian`` matrices."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -300,3 +301,34 @@ def test_hvp_compiles_in_one_graph_with_class_indices():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"class-index targets must lie in \[0, d\)"):
         f(x, w, torch.full((B,), d), v)
+
+
+@requires_fused
+@pytest.mark.parametrize("dtype, s", [(torch.float32, 1e4), (torch.float32, 1e7), (torch.float64, 1e16)])
+def test_cross_entropy_loss_of_large_logits(dtype, s):
+    """Logits [s, s, 0, 0] (zero weights: the stack is the identity) have loss log 2 for class 0 and for
+    the soft target [1/2, 1/2, 0, 0]; the kernel added log(sum) to the max logit before subtracting the
+    target's, which rounded it away (loss 1 or 0)."""
+    x = torch.tensor([[s, s, 0.0, 0.0]], dtype=dtype)
+    w, v = torch.zeros(1, 2, 4, 4, dtype=dtype), torch.zeros(1, 1, 2, 4, 4, dtype=dtype)
+    for target in (torch.tensor([0]), torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=dtype)):
+        loss = residual_stack_hvp(x, w, target, v, loss="cross_entropy", backend="fused")[0]
+        assert float(loss) == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+@requires_fused
+@pytest.mark.parametrize("position", ["pre", "mid", "post"])
+def test_relu_hvp_zeroes_what_inactive_units_receive(position):
+    """An inactive ReLU passes 0 backward whatever arrives, NaN included, as autograd's threshold_backward
+    and the fused backward do; the HVP kernel multiplied by relu' = 0 and turned 0 * NaN into NaN."""
+    acts = {"pre": "identity", "mid": "identity", "post": "identity", position: "relu"}
+    x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    w = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]]], dtype=torch.float64)  # R=1, n=2
+    y = torch.tensor([[float("nan"), 0.0]], dtype=torch.float64)
+    v = torch.ones(1, 1, 2, 2, 2, dtype=torch.float64)
+    args = (x, w, y, v, False, acts["pre"], acts["mid"], acts["post"], "mse")
+    got = residual_stack_hvp(*args, backend="fused")
+    want = residual_stack_hvp(*args, backend="torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert bool(torch.isfinite(want[1]).any())  # the case has finite entries to lose

@@ -416,6 +416,34 @@ def test_power_iteration(random_hessian, zero_point):
     assert rz.abs_eigenvalue == pytest.approx(np.abs(evz).max(), rel=1e-8) and rz.sign_ambiguous
 
 
+def test_power_iteration_stopped_early_returns_a_consistent_pair():
+    """Stopped by max_iter, the eigenvalue, residual and vector must belong together: v was advanced
+    past the last product, so the eigenvalue came out +||Av|| with residual 0 for a -3 eigenvector."""
+    for diag, iters in (([-3.0, 1.0, 0.5], 5), ([-3.0, 2.999, 1.0], 200)):
+        A = torch.diag(torch.tensor(diag, dtype=F64))
+        r = power_iteration(A, max_iter=iters)
+        assert not r.converged
+        true_res = float((A @ r.vector - r.eigenvalue * r.vector).norm())
+        assert r.residual == pytest.approx(true_res, abs=1e-12)
+        if not r.sign_ambiguous:
+            assert r.eigenvalue == pytest.approx(float(r.vector @ A @ r.vector), rel=1e-12)
+        assert r.eigenvalue < 0 or r.sign_ambiguous  # the dominant eigenvalue is -3
+
+
+def test_hutchinson_estimate_does_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(60, 60, generator=g, dtype=F64)
+    A = M + M.T
+    est = {b: hutchinson_trace(A, 30, seed=3, batch=b).estimate for b in (1, 7, 10, 64)}
+    assert max(est.values()) - min(est.values()) < 1e-9 * max(1.0, abs(est[64])), est
+
+
+def test_condition_report_q0_on_a_resolved_spectrum():
+    A = known_spectrum(np.repeat([-2.0, 1.0, 3.0], 20), seed=6)
+    rep = condition_report(A, method="lanczos+slq", q=0.0, probes=2, steps=10, max_iter=30)
+    assert rep.uncertainty["lam_q10_unresolved_mass"] == 0.0 and rep.uncertainty["lam_q10_resolved"] is True
+
+
 def test_condition_report_exact_and_estimated(random_hessian):
     op, _, ev = random_hessian
     ex = condition_report(op, method="exact")

@@ -145,13 +145,22 @@ inline bool has_curvature(Act a) { return a == Act::Tanh || a == Act::SSigmoid; 
 
 // out[i, j, c] = (accumulate ? out : 0) + t[i, j, c] * f[i, c]   (t, out: [m, K, d]; f: [m, d]).
 template <typename T>
-inline void rows_mul(T* out, const T* t, const T* f, int64_t m, int64_t K, int64_t d, bool accumulate) {
+inline void rows_mul(T* out, const T* t, const T* f, int64_t m, int64_t K, int64_t d, bool accumulate,
+                     bool select = false) {
   for (int64_t i = 0; i < m; ++i) {
     const T* fi = f + i * d;
     for (int64_t j = 0; j < K; ++j) {
       T* o = out + (i * K + j) * d;
       const T* ti = t + (i * K + j) * d;
-      if (accumulate) {
+      if (select) {  // f is a ReLU derivative (0 or 1): pick, as autograd's threshold_backward does
+        if (accumulate) {
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) o[c] += fi[c] != T(0) ? ti[c] : T(0);
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) o[c] = fi[c] != T(0) ? ti[c] : T(0);
+        }
+      } else if (accumulate) {
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) o[c] += ti[c] * fi[c];
       } else {
@@ -160,6 +169,13 @@ inline void rows_mul(T* out, const T* t, const T* f, int64_t m, int64_t K, int64
       }
     }
   }
+}
+
+// x * s'(z) for an activation's derivative d1: a select for ReLU (0 where inactive, even for a NaN or
+// inf x, as autograd's threshold_backward), a product otherwise (0 * NaN = NaN, as autograd's tanh).
+template <typename T>
+inline T times_deriv(T x, T d1, bool relu) {
+  return relu ? (d1 != T(0) ? x : T(0)) : x * d1;
 }
 
 // Forward and tangent forward of unit r for a tile of m rows.  Reads rec.hin, rec.rho; fills the
@@ -177,7 +193,7 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     std::copy(rec.rho, rec.rho + K * md, rec.ract);
   } else {
     act_derivs<T>(acts.pre, rec.hin, md, rec.act, d1, nullptr);
-    rows_mul<T>(rec.ract, rec.rho, d1, m, K, d, false);
+    rows_mul<T>(rec.ract, rec.rho, d1, m, K, d, false, acts.pre == Act::Relu);
   }
   for (int64_t l = 0; l < n; ++l) {
     const T* a = rec.act + l * s1;
@@ -196,7 +212,7 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
         std::copy(rz, rz + K * md, ra_next);
       } else {
         act_derivs<T>(acts.mid, z, md, a_next, d1, nullptr);
-        rows_mul<T>(ra_next, rz, d1, m, K, d, false);
+        rows_mul<T>(ra_next, rz, d1, m, K, d, false, acts.mid == Act::Relu);
       }
     }
   }
@@ -223,9 +239,9 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
   }
   if (net.shortcut) {
     if (rho_out != rec.rho) std::copy(rec.rho, rec.rho + K * md, rho_out);
-    rows_mul<T>(rho_out, rz, d1, m, K, d, true);
+    rows_mul<T>(rho_out, rz, d1, m, K, d, true, acts.post == Act::Relu);
   } else {
-    rows_mul<T>(rho_out, rz, d1, m, K, d, false);
+    rows_mul<T>(rho_out, rz, d1, m, K, d, false, acts.post == Act::Relu);
   }
 }
 
@@ -260,9 +276,10 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     } else {
       const bool curv = has_curvature(acts.post);
       act_derivs<T>(acts.post, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+      const bool relu = acts.post == Act::Relu;
 #pragma omp simd
-      for (int64_t i = 0; i < md; ++i) gz[i] = g[i] * ws.d1[i];
-      rows_mul<T>(rgz, rg, ws.d1, m, K, d, false);
+      for (int64_t i = 0; i < md; ++i) gz[i] = times_deriv(g[i], ws.d1[i], relu);
+      rows_mul<T>(rgz, rg, ws.d1, m, K, d, false, relu);
       if (curv) {
         for (int64_t i = 0; i < md; ++i) ws.t[i] = g[i] * ws.d2[i];
         rows_mul<T>(rgz, rz, ws.t, m, K, d, true);
@@ -291,9 +308,10 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
         const T* rzp = rec.rz + (l - 1) * sk;
         const bool curv = has_curvature(acts.mid);
         act_derivs<T>(acts.mid, zp, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+        const bool relu = acts.mid == Act::Relu;
 #pragma omp simd
-        for (int64_t i = 0; i < md; ++i) gz[i] = ga[i] * ws.d1[i];
-        rows_mul<T>(rgz, rga, ws.d1, m, K, d, false);
+        for (int64_t i = 0; i < md; ++i) gz[i] = times_deriv(ga[i], ws.d1[i], relu);
+        rows_mul<T>(rgz, rga, ws.d1, m, K, d, false, relu);
         if (curv) {
           for (int64_t i = 0; i < md; ++i) ws.t[i] = ga[i] * ws.d2[i];
           rows_mul<T>(rgz, rzp, ws.t, m, K, d, true);
@@ -314,11 +332,12 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
   }
   const bool curv = has_curvature(acts.pre);
   act_derivs<T>(acts.pre, rec.hin, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+  const bool relu = acts.pre == Act::Relu;
   for (int64_t i = 0; i < md; ++i) {
-    const T gi = ga[i] * ws.d1[i];
+    const T gi = times_deriv(ga[i], ws.d1[i], relu);
     g[i] = net.shortcut ? g[i] + gi : gi;
   }
-  rows_mul<T>(rg, rga, ws.d1, m, K, d, net.shortcut);
+  rows_mul<T>(rg, rga, ws.d1, m, K, d, net.shortcut, relu);
   if (curv) {
     for (int64_t i = 0; i < md; ++i) ws.t[i] = ga[i] * ws.d2[i];
     rows_mul<T>(rg, rec.rho, ws.t, m, K, d, true);
@@ -351,13 +370,15 @@ double loss_seed(Loss loss, const T* f, const T* rf, const T* y, const int64_t* 
       se += p[c];
     }
     for (int64_t c = 0; c < d; ++c) p[c] /= se;
-    const T lse = mx + std::log(se);
+    // the loss from the shifted logits f - mx, as log_softmax: mx + log(se) would round log(se) away
+    // against a large mx before f_t were subtracted (the loss of logits [1e7, 1e7, 0] came out 1, not log 2)
+    const double lse = std::log(static_cast<double>(se));
     T mass;  // sum_c y_c
     T* gi = g + i * d;
     if (cls) {
       const int64_t t = cls[i];
       mass = T(1);
-      total += static_cast<double>(lse - fi[t]);
+      total += lse - (static_cast<double>(fi[t]) - static_cast<double>(mx));
       for (int64_t c = 0; c < d; ++c) gi[c] = p[c] * ib;
       gi[t] -= ib;
     } else {
@@ -366,9 +387,9 @@ double loss_seed(Loss loss, const T* f, const T* rf, const T* y, const int64_t* 
       double yf = 0.0;
       for (int64_t c = 0; c < d; ++c) {
         mass += yi[c];
-        yf += static_cast<double>(yi[c]) * static_cast<double>(fi[c]);
+        yf += static_cast<double>(yi[c]) * (static_cast<double>(fi[c]) - static_cast<double>(mx));
       }
-      total += static_cast<double>(mass) * static_cast<double>(lse) - yf;
+      total += static_cast<double>(mass) * lse - yf;
       for (int64_t c = 0; c < d; ++c) gi[c] = (mass * p[c] - yi[c]) * ib;
     }
     const T scale = mass * ib;

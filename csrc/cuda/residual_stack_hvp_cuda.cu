@@ -77,6 +77,21 @@ struct HvpParams {
   Loss loss;
 };
 
+// x * s'(z) (s = s(z)): a select for ReLU, 0 where inactive even for a NaN or inf x, as autograd's
+// threshold_backward (the CPU kernel's times_deriv); x itself for the identity; a product otherwise.
+template <typename T>
+__device__ __forceinline__ T times_d1(Act a, T x, T z, T s) {
+  if (a == Act::Identity) return x;
+  if (a == Act::Relu) return z <= T(0) ? T(0) : x;
+  return x * act_deriv<T>(a, z, s);
+}
+
+// x * s''(z) * y: 0 for ReLU and the identity (s'' = 0, and no 0 * NaN), the product otherwise.
+template <typename T>
+__device__ __forceinline__ T times_d2(Act a, T x, T z, T s, T y) {
+  return (a == Act::Identity || a == Act::Relu) ? T(0) : x * act_deriv2<T>(a, z, s) * y;
+}
+
 // Forward and tangent forward of unit r for rows [row0, row0 + m): reads hin [m, d], rho [m, K, d]
 // (tile views), fills the record; writes h_out, rho_out (tile views) unless null.
 template <typename T>
@@ -92,7 +107,7 @@ __device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0,
     for (int64_t e = tid; e < mkd; e += nt) {
       const int64_t i = e / Kd, c = e % d;
       const T h = hin[i * d + c];
-      ra0[e] = act_deriv<T>(p.pre, h, act_apply<T>(p.pre, h)) * rho[e];
+      ra0[e] = times_d1<T>(p.pre, rho[e], h, act_apply<T>(p.pre, h));
     }
   }
   __syncthreads();
@@ -127,7 +142,7 @@ __device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0,
       for (int64_t e = tid; e < mkd; e += nt) {
         const int64_t i = e / Kd, c = e % d;
         const T zz = z[i * d + c];
-        ran[e] = act_deriv<T>(p.mid, zz, act_apply<T>(p.mid, zz)) * rz[e];
+        ran[e] = times_d1<T>(p.mid, rz[e], zz, act_apply<T>(p.mid, zz));
       }
       __syncthreads();
     }
@@ -142,7 +157,7 @@ __device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0,
   for (int64_t e = tid; e < mkd; e += nt) {
     const int64_t i = e / Kd, c = e % d;
     const T zz = z[i * d + c];
-    const T t = act_deriv<T>(p.post, zz, act_apply<T>(p.post, zz)) * rz[e];
+    const T t = times_d1<T>(p.post, rz[e], zz, act_apply<T>(p.post, zz));
     rho_out[e] = p.shortcut ? rho[e] + t : t;
   }
   __syncthreads();
@@ -196,13 +211,15 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T>
     se += pr[c];
   }
   for (int64_t c = 0; c < d; ++c) pr[c] /= se;
-  const T lse = mx + std::log(se);
+  // the loss from the shifted logits f - mx, as log_softmax: mx + log(se) would round log(se) away
+  // against a large mx before f_t were subtracted
+  const double lse = std::log(static_cast<double>(se));
   T mass;
   double total;
   if (p.cls) {
     const int64_t t = p.cls[b];
     mass = T(1);
-    total = static_cast<double>(lse - f[t]);
+    total = lse - (static_cast<double>(f[t]) - static_cast<double>(mx));
     for (int64_t c = 0; c < d; ++c) g[c] = pr[c] * ib;
     g[t] -= ib;
   } else {
@@ -211,9 +228,9 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T>
     double yf = 0.0;
     for (int64_t c = 0; c < d; ++c) {
       mass += y[c];
-      yf += static_cast<double>(y[c]) * static_cast<double>(f[c]);
+      yf += static_cast<double>(y[c]) * (static_cast<double>(f[c]) - static_cast<double>(mx));
     }
-    total = static_cast<double>(mass) * static_cast<double>(lse) - yf;
+    total = static_cast<double>(mass) * lse - yf;
     for (int64_t c = 0; c < d; ++c) g[c] = (mass * pr[c] - y[c]) * ib;
   }
   const T scale = mass * ib;
@@ -267,11 +284,11 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
     const T* rz = p.rz + (n - 1) * B * Kd + row0 * Kd;
     T* gz = p.gz + (n - 1) * B * d + row0 * d;
     T* rgz = p.rgz + (n - 1) * B * Kd + row0 * Kd;
-    for (int64_t e = tid; e < md; e += nt) gz[e] = g[e] * act_deriv<T>(p.post, z[e], act_apply<T>(p.post, z[e]));
+    for (int64_t e = tid; e < md; e += nt) gz[e] = times_d1<T>(p.post, g[e], z[e], act_apply<T>(p.post, z[e]));
     for (int64_t e = tid; e < mkd; e += nt) {
       const int64_t i = e / Kd, c = e % d;
       const T zz = z[i * d + c], s = act_apply<T>(p.post, zz);
-      rgz[e] = rg[e] * act_deriv<T>(p.post, zz, s) + g[i * d + c] * act_deriv2<T>(p.post, zz, s) * rz[e];
+      rgz[e] = times_d1<T>(p.post, rg[e], zz, s) + times_d2<T>(p.post, g[i * d + c], zz, s, rz[e]);
     }
   }
   __syncthreads();
@@ -303,11 +320,11 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
       T* gzp = p.gz + (l - 1) * B * d + row0 * d;
       T* rgzp = p.rgz + (l - 1) * B * Kd + row0 * Kd;
       for (int64_t e = tid; e < md; e += nt)
-        gzp[e] = ga[e] * act_deriv<T>(p.mid, zp[e], act_apply<T>(p.mid, zp[e]));
+        gzp[e] = times_d1<T>(p.mid, ga[e], zp[e], act_apply<T>(p.mid, zp[e]));
       for (int64_t e = tid; e < mkd; e += nt) {
         const int64_t i = e / Kd, c = e % d;
         const T zz = zp[i * d + c], s = act_apply<T>(p.mid, zz);
-        rgzp[e] = rga[e] * act_deriv<T>(p.mid, zz, s) + ga[i * d + c] * act_deriv2<T>(p.mid, zz, s) * rzp[e];
+        rgzp[e] = times_d1<T>(p.mid, rga[e], zz, s) + times_d2<T>(p.mid, ga[i * d + c], zz, s, rzp[e]);
       }
       __syncthreads();
     }
@@ -315,13 +332,13 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
   // through s_pre and the shortcut
   for (int64_t e = tid; e < md; e += nt) {
     const T h = hin[e];
-    const T gi = ga[e] * act_deriv<T>(p.pre, h, act_apply<T>(p.pre, h));
+    const T gi = times_d1<T>(p.pre, ga[e], h, act_apply<T>(p.pre, h));
     g[e] = p.shortcut ? g[e] + gi : gi;
   }
   for (int64_t e = tid; e < mkd; e += nt) {
     const int64_t i = e / Kd, c = e % d;
     const T h = hin[i * d + c], s = act_apply<T>(p.pre, h);
-    const T t = rga[e] * act_deriv<T>(p.pre, h, s) + ga[i * d + c] * act_deriv2<T>(p.pre, h, s) * rho[e];
+    const T t = times_d1<T>(p.pre, rga[e], h, s) + times_d2<T>(p.pre, ga[i * d + c], h, s, rho[e]);
     rg[e] = p.shortcut ? rg[e] + t : t;
   }
 }

@@ -47,8 +47,9 @@ class ConditionReport:
             ``"lanczos+slq"`` also ``index_unresolved_mass`` (estimated fraction of the spectrum whose
             sign SLQ did not resolve: the index may be off by up to about that much),
             ``lam_q10_unresolved_mass`` and ``lam_q10_resolved`` (``False`` when that mass below
-            ``|lambda|(q)`` is ``>= q / 2``: then ``lam_q10`` is only an upper bound and ``cond_q10`` a
-            lower one; raise ``steps``).  The spread across probes does not show this bias.
+            ``|lambda|(q)`` is ``>= q / 2``: then ``lam_q10`` and ``cond_q10`` are unreliable, off by
+            factors in either direction; raise ``steps``).  The spread across probes does not show this
+            bias.  Both masses are conservative: they can flag a spectrum whose index SLQ gets right.
     """
 
     lam_max: float
@@ -184,7 +185,7 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
             # near-zero resolution (see slq's module docstring): mass at nodes whose Ritz interval holds 0
             "index_unresolved_mass": sign_unres,
             "lam_q10_unresolved_mass": q_unres,
-            "lam_q10_resolved": bool(q_unres < 0.5 * q),
+            "lam_q10_resolved": bool(q_unres < 0.5 * q or q_unres == 0.0),
             "slq_probes": nprobe,
             "slq_steps": int(sq.num_steps.max()),
             "zero_tol": float(zt),

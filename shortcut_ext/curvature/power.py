@@ -93,7 +93,8 @@ def power_iteration(op, max_iter: int = 500, tol: float | None = None, seed: int
             converged = True
             break
         lam_prev = lam
-        v = Av / lam
+        if it < max_iter:  # the last product's v stays: the eigenvalue, residual and vector returned agree
+            v = Av / lam
     lam = float(Av.norm())
     rq = float(v @ Av)
     ambiguous = lam > 0 and abs(rq) < (1.0 - 1e-3) * lam

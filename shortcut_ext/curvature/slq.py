@@ -20,8 +20,8 @@ stops there: its quadrature is then exact for every ``f``.
 Resolution near zero: a node ``theta_l`` stands for a Ritz pair with residual ``r_l = beta_m |U[m-1, l]|``,
 and ``[theta_l - r_l, theta_l + r_l]`` holds an eigenvalue.  Where many eigenvalues crowd near zero
 (deep plain nets), ``m`` steps cannot separate them: the nodes nearest zero are averages whose
-intervals contain 0, the index cannot tell their sign and ``|lambda|(q)`` only bounds the quantile
-from above.  :meth:`SLQResult.sign_unresolved_mass` and :meth:`SLQResult.quantile_unresolved_mass`
+intervals contain 0, the index cannot tell their sign and ``|lambda|(q)`` is unreliable (off by
+factors, in either direction).  :meth:`SLQResult.sign_unresolved_mass` and :meth:`SLQResult.quantile_unresolved_mass`
 measure how much of the estimated spectrum is in that state (``condition_report`` reports both and
 whether ``|lambda|(q)`` is resolved); more ``steps`` is the remedy.
 """
@@ -165,7 +165,7 @@ class SLQResult:
     def quantile_unresolved_mass(self, q: float = 0.1) -> float:
         """Estimated fraction of the spectrum at nodes with ``|theta| <= |lambda|(q)`` whose interval
         contains 0.  Where it is a sizeable part of ``q`` (say ``>= q / 2``), ``|lambda|(q)`` is set by
-        unresolved nodes and is only an upper bound on the true quantile."""
+        unresolved nodes and can be off by factors in either direction."""
         lam_q = self.abs_quantile(q)
         return float((self.weights * (self._unresolved() & (np.abs(self.nodes) <= lam_q))).sum(axis=1).mean())
 

@@ -310,9 +310,9 @@ def _run(args, dtype, budget, rank, world) -> int:
         warnings.append(
             f"SLQ did not resolve the spectrum near 0 with --steps {args.steps}: {q_unres:.1%} of it lies at nodes "
             f"below |lambda|(0.1) whose Ritz interval contains 0, and {idx_unres:.1%} at nodes of unresolved sign, "
-            f"so |lambda|(0.1) = {lam_q10:.3g} is only an upper bound (cond_q10 a lower one) and the index "
-            f"{result['slq']['index']:.3f} may be off by up to ~{idx_unres:.2f}; the spread across probes does not "
-            f"show this. Raise --steps (saved with \"lam_q10_resolved\": false)"
+            f"so |lambda|(0.1) = {lam_q10:.3g} and cond_q10 are unreliable (off by factors either way) and the "
+            f"index {result['slq']['index']:.3f} may be off by up to ~{idx_unres:.2f}; the spread across probes "
+            f"does not show this. Raise --steps (saved with \"lam_q10_resolved\": false)"
             if q_unres >= 0.05 else
             f"SLQ left {idx_unres:.1%} of the spectrum at nodes of unresolved sign (Ritz interval containing 0) with "
             f"--steps {args.steps}: the index {result['slq']['index']:.3f} may be off by up to ~{idx_unres:.2f}. "

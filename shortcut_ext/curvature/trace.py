@@ -46,7 +46,8 @@ def hutchinson_trace(op, num_products: int = 30, seed: int = 0, distribution: st
         num_products: number of probes (= products).
         seed: seeds the probes.
         distribution: ``"rademacher"`` (minimum variance among i.i.d. entries) or ``"gaussian"``.
-        batch: probes per batched product.
+        batch: probes per batched product (memory only: each probe is drawn on its own, so the estimate
+            for a seed does not depend on it).
 
     >>> A = torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64))
     >>> hutchinson_trace(A, 8).estimate  # Rademacher probes are exact on diagonal matrices
@@ -58,7 +59,7 @@ def hutchinson_trace(op, num_products: int = 30, seed: int = 0, distribution: st
     gen = torch.Generator().manual_seed(int(seed))
     vals = []
     for c in range(0, num_products, batch):
-        Z = A.randn(min(batch, num_products - c), gen, distribution)
+        Z = torch.cat([A.randn(1, gen, distribution) for _ in range(min(batch, num_products - c))], dim=1)
         vals.append((Z * A.matmat(Z)).sum(dim=0).double().cpu())
     vals = torch.cat(vals)
     se = float(vals.std() / math.sqrt(len(vals))) if len(vals) > 1 else float("nan")
