@@ -140,7 +140,7 @@ def test_slq_moments_are_quadratic_forms_and_converge_to_traces(random_hessian):
     r = slq(op, probes=64, steps=20, seed=0)
     # Gauss quadrature with m nodes is exact for degree < 2m: each probe's moments are v^T H^p v
     gen = torch.Generator().manual_seed(0)  # the same probes as slq(seed=0)
-    V = as_torch_operator(op).randn(64, gen, "rademacher")
+    V = as_torch_operator(op).probes(64, gen, "rademacher")
     V = V / V.norm(dim=0, keepdim=True)
     for p in (1, 2, 3):
         exact_q = ((V * (torch.linalg.matrix_power(D, p) @ V)).sum(dim=0)).numpy()

@@ -104,6 +104,11 @@ class TorchOperator:
             raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
         return Z.to(dtype=self.dtype, device=self.device)
 
+    def probes(self, k: int, generator: torch.Generator, distribution: str = "gaussian") -> torch.Tensor:  # [P, k]
+        """``k`` random probe vectors drawn one after the other: probe ``i`` of a seed is the same whether
+        the probes are drawn at once or in chunks (Hutchinson's batches, SLQ's groups)."""
+        return torch.cat([self.randn(1, generator, distribution) for _ in range(k)], dim=1)
+
 
 def _is_torch_native(op) -> bool:
     return hasattr(op, "matmat") and hasattr(op, "shape") and isinstance(getattr(op, "dtype", None), torch.dtype)

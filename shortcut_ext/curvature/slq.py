@@ -279,7 +279,7 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
                 f"probe_batch to {max(1, max_basis_bytes // (steps * P * _itemsize(dt)))} or leave it to the budget")
     btol = default_tol(dt) if breakdown_tol is None else float(breakdown_tol)
     gen = torch.Generator().manual_seed(int(seed))
-    Z = A.randn(probes, gen, distribution).T.contiguous()  # [probes, P], drawn at once: grouping-independent
+    Z = A.probes(probes, gen, distribution).T.contiguous()  # [probes, P], drawn at once: grouping-independent
     Z /= Z.norm(dim=1, keepdim=True)
     basis = torch.empty(group, steps, P, dtype=dt, device=dev) if reorthogonalize else None  # reused by groups
     alpha = np.zeros((probes, steps))

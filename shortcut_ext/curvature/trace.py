@@ -59,7 +59,7 @@ def hutchinson_trace(op, num_products: int = 30, seed: int = 0, distribution: st
     gen = torch.Generator().manual_seed(int(seed))
     vals = []
     for c in range(0, num_products, batch):
-        Z = torch.cat([A.randn(1, gen, distribution) for _ in range(min(batch, num_products - c))], dim=1)
+        Z = A.probes(min(batch, num_products - c), gen, distribution)
         vals.append((Z * A.matmat(Z)).sum(dim=0).double().cpu())
     vals = torch.cat(vals)
     se = float(vals.std() / math.sqrt(len(vals))) if len(vals) > 1 else float("nan")
