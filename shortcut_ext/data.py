@@ -395,10 +395,9 @@ def best_linear_loss(X, Y) -> float:
         raise ValueError("X and Y must have at least one sample")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("X and Y must be finite, got nan or inf entries")
-    sxx = x.T @ x / m
-    syx = y.T @ x / m
-    w = syx @ np.linalg.pinv(sxx, hermitian=True)  # [q, d]
-    r = y - x @ w.T
+    # least squares on X itself (the normal equations' pinv(S_xx) would square X's condition number)
+    w, *_ = np.linalg.lstsq(x, y, rcond=None)  # [d, q]: the minimiser W*^T, minimum-norm where X is singular
+    r = y - x @ w
     return float(max(0.5 * np.sum(r * r) / m, 0.0))
 
 
@@ -408,9 +407,14 @@ def second_moment_compress(X, Y, rtol: float = 1e-12):
     For a linear map ``A``, ``1/(2m) sum ||A x_i - y_i||^2 = 1/2 tr([A, -I] C [A, -I]^T)`` with
     ``C = Z^T Z / m`` and ``Z = [X, Y]``: the loss (hence its gradient and Hessian with respect to
     any factorisation of ``A``) depends on the data only through ``C``.  This returns
-    ``(Xc [k, d], Yc [k, q])`` with ``k = rank(C) <= d + q`` and ``Zc^T Zc / k = C``, so a linear
+    ``(Xc [k, d], Yc [k, q])`` with ``k <= min(m, d + q)`` and ``Zc^T Zc / k = C``, so a linear
     net's loss, gradient and Hessian on ``(Xc, Yc)`` equal those on ``(X, Y)`` up to rounding.
     Nonlinear nets must use the full data.
+
+    ``Zc`` is the triangular factor of a QR decomposition of ``Z`` (scaled), not a square root of
+    ``C``: ``C`` would square the condition number of ``Z``, and with targets far larger than the
+    inputs its small eigenvalues (the input directions) drop below rounding.  Rows of ``R`` shorter
+    than ``rtol`` times the longest (directions ``Z`` does not span) are left out.
     """
     x = _as_float64("X", X)
     y = _as_float64("Y", Y)
@@ -422,13 +426,14 @@ def second_moment_compress(X, Y, rtol: float = 1e-12):
         raise ValueError("X and Y must be finite, got nan or inf entries")
     dtype = X.dtype if isinstance(X, torch.Tensor) else torch.float64
     z = np.concatenate([x, y], axis=1)
-    c = z.T @ z / z.shape[0]
-    e, v = np.linalg.eigh(c)
-    keep = e > rtol * max(e.max(), 1e-300)
+    m = z.shape[0]
+    r = np.linalg.qr(z, mode="r")  # [min(m, d+q), d+q]: r^T r = z^T z
+    norms = np.linalg.norm(r, axis=1)
+    keep = norms > rtol * max(norms.max(), 1e-300)
     k = int(keep.sum())
     if k == 0:
         zc = np.zeros((1, z.shape[1]))
     else:
-        zc = np.sqrt(k) * (v[:, keep] * np.sqrt(e[keep])).T  # [k, d+q]: zc^T zc / k = c
+        zc = np.sqrt(k / m) * r[keep]  # [k, d+q]: zc^T zc / k = z^T z / m = c
     d = x.shape[1]
     return torch.as_tensor(zc[:, :d], dtype=dtype), torch.as_tensor(zc[:, d:], dtype=dtype)

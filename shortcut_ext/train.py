@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -90,14 +91,36 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
             raise ValueError(f"batch_size must be None or an integer >= 1, got {self.batch_size!r}")
+        if self.batch_size is not None and self.optimizer == "gd":
+            raise ValueError(f"batch_size needs optimizer 'sgd' or 'adam' (gd takes full-batch steps), got "
+                             f"batch_size={self.batch_size} with optimizer='gd'")
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or \
+                not math.isfinite(self.momentum) or self.momentum < 0:
+            raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum!r}")
+        if self.momentum != 0 and self.optimizer != "sgd":
+            raise ValueError(f"momentum needs optimizer 'sgd' (gd takes plain steps, adam keeps its own moments), "
+                             f"got momentum={self.momentum} with optimizer={self.optimizer!r}")
+        if isinstance(self.exact_max_params, bool) or not isinstance(self.exact_max_params, int) or \
+                self.exact_max_params < 0:
+            raise ValueError(f"exact_max_params must be an integer >= 0, got {self.exact_max_params!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if not isinstance(self.probe_every, int) or self.probe_every < 0:
+        if isinstance(self.probe_every, bool) or not isinstance(self.probe_every, int) or self.probe_every < 0:
             raise ValueError(f"probe_every must be an integer >= 0, got {self.probe_every!r}")
         if self.probe_epochs is not None:
-            self.probe_epochs = tuple(sorted({int(e) for e in self.probe_epochs}))
+            try:
+                epochs = list(self.probe_epochs)
+            except TypeError:
+                raise ValueError(f"probe_epochs must be a sequence of integers, got {self.probe_epochs!r}") from None
+            bad = [e for e in epochs if isinstance(e, bool) or not isinstance(e, (int, np.integer))]
+            if bad:
+                raise ValueError(f"probe_epochs must hold integers, got {bad[:3]}")
+            self.probe_epochs = tuple(sorted({int(e) for e in epochs}))
             if any(e < 0 for e in self.probe_epochs):
                 raise ValueError(f"probe_epochs must be >= 0, got {self.probe_epochs}")
         if not (self.divergence_factor > 1):
@@ -310,6 +333,9 @@ def _check_data(name, data):
         raise TypeError(f"{name} must hold torch tensors, got {type(X).__name__}, {type(Y).__name__}")
     if X.dim() != 2 or Y.shape[0] != X.shape[0]:
         raise ValueError(f"{name} must be X [m, d] and Y [m, q] with the same m, got {list(X.shape)} and {list(Y.shape)}")
+    for t, what in ((X, "X"), (Y, "Y")):  # else the run would be reported diverged at epoch 0
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: {what} must be finite, got nan or inf entries")
     return X, Y
 
 
@@ -371,18 +397,21 @@ def train(
         process_group: the group for ``distributed`` (default: the default group).
         checkpoint: a file (e.g. ``run.ckpt.pt``) for the run's state: the weights, the optimizer state,
             the next epoch, the history and probes so far, the mini-batch generator's state and a
-            fingerprint of the run (``config``, the model, its initial weights, the data, ``l_min``,
-            ``checkpoint_key``).  It is written (atomically) after an update once ``checkpoint_every``
+            fingerprint of the run (``config``, the model, its initial weights, the data and the probe
+            data, ``l_min``, ``checkpoint_key``).  It is written (atomically) after an update once ``checkpoint_every``
             epochs *and* ``checkpoint_every_s`` seconds have passed since the last write.  If the file
             holds a checkpoint of the same fingerprint, training resumes from it and ends with the same
             numbers, bit for bit, as an uninterrupted run; one of another run (or an unreadable file) is
-            ignored, with a note to ``log``, and replaced.  The file is left in place when ``train``
-            returns: delete it once the result is saved.  Distributed: every rank passes the same path,
+            ignored, with a note to ``log`` (a warning without one), and replaced.  If the run is
+            interrupted (an exception, e.g. ``KeyboardInterrupt``), the model's weights are put back as
+            they were at the call, so that the same call resumes from the last checkpoint.  The file is
+            left in place when ``train`` returns: delete it once the result is saved.  Distributed: every rank passes the same path,
             rank 0 writes it, and the ranks resume only if all of them read the same epoch.
         checkpoint_every, checkpoint_every_s: the least epochs and seconds between two writes.
         checkpoint_key: anything JSON-serialisable that the checkpoint must also match (e.g. the options
             of a command that built the model and data).
-        log: receives one-line notes (resuming, a checkpoint replaced); default: none.
+        log: receives one-line notes (resuming, a checkpoint replaced); default: none, and a checkpoint
+            replaced becomes a warning.
         on_epoch: called as ``on_epoch(epoch)`` after each update (after any checkpoint write); an
             exception it raises (e.g. ``KeyboardInterrupt``) ends the run.
 
@@ -431,7 +460,13 @@ def train(
     t0 = time.perf_counter()
     probe_time = 0.0
     start, seconds_before = 0, 0.0
-    say = log if log is not None else (lambda msg: None)
+    if log is not None:
+        say = log
+    else:  # a checkpoint that cannot be used is worth a warning even without a log
+        def say(msg):
+            if msg.startswith("note:"):
+                warnings.warn(msg, stacklevel=3)
+    w_start = None
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -439,7 +474,9 @@ def train(
         if not (isinstance(checkpoint_every_s, (int, float)) and math.isfinite(checkpoint_every_s)
                 and checkpoint_every_s >= 0):
             raise ValueError(f"checkpoint_every_s must be a finite number >= 0, got {checkpoint_every_s!r}")
-        fingerprint = _fingerprint(model, X, Y, config, lm, checkpoint_key, distributed, process_group, world)
+        fingerprint = _fingerprint(model, X, Y, config, lm, checkpoint_key, distributed, process_group, world,
+                                   probe_data)
+        w_start = w.detach().clone()  # put back if the run is interrupted: the same call then resumes
         state = _load_checkpoint(checkpoint, fingerprint, say)
         if distributed:  # resume only if every rank read the same epoch (e.g. the file is on a shared disk)
             import torch.distributed as dist
@@ -484,58 +521,66 @@ def train(
         all_reduce(buf, process_group)
         return float(buf[-1]), buf[:-1].view_as(w)
 
-    for epoch in range(start, config.epochs + 1):
-        L, g = full_loss_and_grad()
-        gn = float(g.norm())
-        wn = model.mean_frobenius_norm()
-        if limit is None:
-            limit = config.divergence_factor * max(L, 1.0) if math.isfinite(L) else 0.0
-        hist["epoch"].append(epoch)
-        hist["loss"].append(L)
-        hist["excess"].append(L - lm if lm is not None else math.nan)
-        hist["grad_norm"].append(gn)
-        hist["weight_norm"].append(wn)
-        if not (math.isfinite(L) and math.isfinite(gn) and math.isfinite(wn)) or L > limit:
-            status, diverged_epoch = "diverged", epoch
-            break
-        if config.probes_at(epoch):
-            tp = time.perf_counter()
-            try:
-                p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
-                                   distributed=distributed, process_group=process_group)
-            except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
-                p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
-                p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            probe_time += time.perf_counter() - tp
-            probes.append({"epoch": epoch, "loss": L, "excess": hist["excess"][-1], "grad_norm": gn, **p})
-        if epoch == config.epochs:
-            final_loss = L
-            break
-        if opt is None:
-            with torch.no_grad():
-                w.sub_(g, alpha=config.lr)
-        elif full_batch:
-            w.grad = g
-            opt.step()
-        else:
-            perm = torch.randperm(m, generator=gen)
-            for i in range(0, m, config.batch_size):
-                idx = perm[i: i + config.batch_size]
-                w.grad = loss_and_grad(X[idx], Y[idx])[1]
+    try:
+        for epoch in range(start, config.epochs + 1):
+            L, g = full_loss_and_grad()
+            gn = float(g.norm())
+            wn = model.mean_frobenius_norm()
+            if limit is None:
+                limit = config.divergence_factor * max(L, 1.0) if math.isfinite(L) else 0.0
+            hist["epoch"].append(epoch)
+            hist["loss"].append(L)
+            hist["excess"].append(L - lm if lm is not None else math.nan)
+            hist["grad_norm"].append(gn)
+            hist["weight_norm"].append(wn)
+            if not (math.isfinite(L) and math.isfinite(gn) and math.isfinite(wn)) or L > limit:
+                status, diverged_epoch = "diverged", epoch
+                break
+            if config.probes_at(epoch):
+                tp = time.perf_counter()
+                try:
+                    p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
+                                       distributed=distributed, process_group=process_group)
+                except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
+                    p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
+                    p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                probe_time += time.perf_counter() - tp
+                probes.append({"epoch": epoch, "loss": L, "excess": hist["excess"][-1], "grad_norm": gn, **p})
+            if epoch == config.epochs:
+                final_loss = L
+                break
+            if opt is None:
+                with torch.no_grad():
+                    w.sub_(g, alpha=config.lr)
+            elif full_batch:
+                w.grad = g
                 opt.step()
+            else:
+                perm = torch.randperm(m, generator=gen)
+                for i in range(0, m, config.batch_size):
+                    idx = perm[i: i + config.batch_size]
+                    w.grad = loss_and_grad(X[idx], Y[idx])[1]
+                    opt.step()
+            if bar is not None:
+                bar.update(1)
+            if checkpoint is not None and rank == 0:
+                now = time.perf_counter()
+                if epoch + 1 - saved_epoch >= checkpoint_every and now - saved_t >= checkpoint_every_s:
+                    _save_checkpoint(checkpoint, {
+                        "format": _CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
+                        "weight": w.detach().cpu(), "optimizer": None if opt is None else opt.state_dict(),
+                        "generator": gen.get_state(), "history": hist, "probes": probes, "limit": limit,
+                        "seconds": seconds_before + now - t0, "probe_seconds": probe_time})
+                    saved_epoch, saved_t = epoch + 1, time.perf_counter()
+            if on_epoch is not None:
+                on_epoch(epoch)
+    except BaseException:  # e.g. KeyboardInterrupt: the weights as at the call, so that the same call resumes
+        if w_start is not None:
+            with torch.no_grad():
+                w.copy_(w_start)
         if bar is not None:
-            bar.update(1)
-        if checkpoint is not None and rank == 0:
-            now = time.perf_counter()
-            if epoch + 1 - saved_epoch >= checkpoint_every and now - saved_t >= checkpoint_every_s:
-                _save_checkpoint(checkpoint, {
-                    "format": _CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
-                    "weight": w.detach().cpu(), "optimizer": None if opt is None else opt.state_dict(),
-                    "generator": gen.get_state(), "history": hist, "probes": probes, "limit": limit,
-                    "seconds": seconds_before + now - t0, "probe_seconds": probe_time})
-                saved_epoch, saved_t = epoch + 1, time.perf_counter()
-        if on_epoch is not None:
-            on_epoch(epoch)
+            bar.close()
+        raise
     if bar is not None:
         bar.close()
     w.grad = None
@@ -550,14 +595,18 @@ def train(
 _CHECKPOINT_FORMAT = 1
 
 
-def _fingerprint(model, X, Y, config: TrainConfig, l_min, key, distributed: bool, process_group, world: int) -> str:
+def _fingerprint(model, X, Y, config: TrainConfig, l_min, key, distributed: bool, process_group, world: int,
+                 probe_data=None) -> str:
     """What a run's numbers depend on, as a JSON string: a checkpoint is resumed only under the same one.
-    The data enter by their sample count and sums (over all ranks when distributed), the initial weights
-    by their sums."""
+    The data (and the probe data) enter by their sample counts and sums (over all ranks when
+    distributed), the initial weights by their sums."""
     w = model.weight.detach().double()
-    X64, Y64 = X.detach().double(), Y.detach().double()
-    data = torch.stack([torch.tensor(float(X.shape[0]), dtype=torch.float64, device=X.device), X64.sum(),
-                        X64.square().sum(), Y64.sum(), Y64.square().sum()])
+    parts = []
+    for A, Bt in ((X, Y),) + (() if probe_data is None else (tuple(probe_data),)):
+        A64, B64 = A.detach().double().to(X.device), Bt.detach().double().to(X.device)
+        parts += [torch.tensor(float(A.shape[0]), dtype=torch.float64, device=X.device), A64.sum(),
+                  A64.square().sum(), B64.sum(), B64.square().sum()]
+    data = torch.stack(parts)
     if distributed:
         all_reduce(data, process_group)
     fp = {"key": key, "config": config.to_dict(), "model": repr(model), "weight_shape": list(w.shape),

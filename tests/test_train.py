@@ -285,3 +285,96 @@ def test_targets_checked_against_the_model():
         train_mod.train(mk(), (X, Y), epochs=2, lr=True)
     r = train_mod.train(mk(), (X, torch.randint(0, 3, (20,))), epochs=2, lr=0.1, loss="cross_entropy")
     assert r.status == "ok"
+
+
+# --------------------------------------------------------------------------- QA round 6 regressions
+def test_interrupted_train_call_resumes_when_called_again(teacher, tmp_path):
+    """The same ``train(net, ..., checkpoint=ck)`` call after a Ctrl-C resumes: the weights are put back as
+    at the call (they used to stay half-trained, so the fingerprint no longer matched and the run restarted
+    from trained weights, labelled epoch 0)."""
+    X, Y, l_min = teacher
+    cfg = TrainConfig(epochs=30, lr=0.1)
+    ref = train(_net(), (X, Y), cfg, l_min=l_min)
+    net, ck = _net(), tmp_path / "run.ckpt.pt"
+    w0 = net.weight.detach().clone()
+
+    def stop(epoch):
+        if epoch == 17:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(net, (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0, on_epoch=stop)
+    assert torch.equal(net.weight, w0)
+    notes = []
+    res = train(net, (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0,
+                log=notes.append)
+    assert notes and notes[0].startswith("resuming from epoch 15")
+    assert res.final_loss == ref.final_loss and res.history["loss"] == ref.history["loss"]
+
+
+def test_checkpoint_of_other_probe_data_is_not_resumed(teacher, tmp_path):
+    X, Y, l_min = teacher
+    cfg = TrainConfig(epochs=12, lr=0.1, probe_every=3)
+    ck = tmp_path / "p.ckpt.pt"
+
+    def stop(epoch):
+        if epoch == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0,
+              on_epoch=stop)
+    other = (X[:40], Y[:40])
+    with pytest.warns(UserWarning, match="is of another run"):
+        res = train(_net(), (X, Y), cfg, l_min=l_min, probe_data=other, checkpoint=ck, checkpoint_every=1,
+                    checkpoint_every_s=0)
+    fresh = train(_net(), (X, Y), cfg, l_min=l_min, probe_data=other)
+    assert [p["lam_max"] for p in res.probes] == [p["lam_max"] for p in fresh.probes]
+
+
+def test_slowly_climbing_runs_are_not_stable():
+    from shortcut_ext.experiments.sweeps import is_stable
+
+    kw = dict(epochs=100, l_min=None)
+    climbing = TrainResult(status="ok", lr=1.36, final_loss=4.1e6, history={"loss": [4.5, 9.0, 4.1e6]}, **kw)
+    falling = TrainResult(status="ok", lr=0.1, final_loss=0.3, history={"loss": [4.5, 1.0, 0.3]}, **kw)
+    diverged = TrainResult(status="diverged", lr=3.0, final_loss=math.inf, history={"loss": [4.5]}, **kw)
+    assert [is_stable(r) for r in (climbing, falling, diverged)] == [False, True, False]
+
+
+def test_compression_and_l_min_stay_exact_on_badly_scaled_data():
+    """Targets 1e6 times the inputs: the second-moment matrix's input block fell below its eigenvalue
+    cut (L_min 9.47e10 became 1e-18); an ill-conditioned X lost L_min's accuracy through pinv(S_xx)."""
+    X, Y = synthetic_teacher(300, 5, seed=1, noise=0.2)
+    for s in (1e5, 1e6):
+        Xc, Yc = second_moment_compress(X, Y * s)
+        assert best_linear_loss(Xc, Yc) == pytest.approx(best_linear_loss(X, Y * s), rel=1e-9)
+        torch.testing.assert_close(Xc.T @ Xc / Xc.shape[0], X.T @ X / X.shape[0], rtol=1e-10, atol=1e-12)
+    x = X.numpy().copy()
+    x[:, 0] *= 1e-5
+    x[:, 2] *= 1e5
+    w, *_ = np.linalg.lstsq(x, Y.numpy(), rcond=None)
+    want = 0.5 * float(((Y.numpy() - x @ w) ** 2).sum()) / x.shape[0]
+    assert best_linear_loss(torch.as_tensor(x), Y) == pytest.approx(want, rel=1e-10)
+
+
+def test_non_finite_data_and_bad_configs_are_refused(teacher):
+    X, Y, _ = teacher
+    Xn = X.clone()
+    Xn[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="data: X must be finite"):
+        train(_net(), (Xn, Y), TrainConfig(epochs=2))
+    with pytest.raises(ValueError, match="probe_data: Y must be finite"):
+        train(_net(), (X, Y), TrainConfig(epochs=2), probe_data=(X, Y * float("inf")))
+    for kw, msg in (({"momentum": float("nan"), "optimizer": "sgd"}, "momentum must be a finite number"),
+                    ({"momentum": "a", "optimizer": "sgd"}, "momentum must be a finite number"),
+                    ({"momentum": 0.9}, "momentum needs optimizer 'sgd'"),
+                    ({"batch_size": 8}, "batch_size needs optimizer 'sgd' or 'adam'"),
+                    ({"batch_size": True, "optimizer": "sgd"}, "batch_size must be None or an integer"),
+                    ({"exact_max_params": "x"}, "exact_max_params must be an integer"),
+                    ({"seed": 1.5}, "seed must be an integer"), ({"seed": 2**70}, "seed must be an integer"),
+                    ({"probe_every": True}, "probe_every must be an integer"),
+                    ({"probe_epochs": [2.7]}, "probe_epochs must hold integers"),
+                    ({"probe_epochs": 5}, "probe_epochs must be a sequence")):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**kw)

@@ -242,7 +242,7 @@ def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | No
             axes[2].plot(a[:, 0], a[:, 1], ls=":", marker="^", ms=3, color=_color(arch), label=f"{arch} largest stable")
     axes[2].set_yscale("log")
     axes[2].set_ylabel("learning rate")
-    axes[2].set_title(f"{title}: best and largest non-diverging rate", fontsize=9)
+    axes[2].set_title(f"{title}: best and largest stable rate (not diverged, ends below its start)", fontsize=9)
     for ax in axes:
         _depth_axis(ax, rows)
         ax.set_xlabel("depth (weight layers)")

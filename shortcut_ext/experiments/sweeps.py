@@ -276,7 +276,7 @@ def run_lr_sweeps(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str],
         b, results = lr_sweep(maker(arch, act, depth, seed), data_for(act), lrs, cfg, l_min=bundle.l_min, store=store,
                               key=key)
         base = {"arch": arch, "act": act, "depth": depth, "seed": seed}
-        stable = [r.lr for r in results if r.status == "ok"]
+        stable = [r.lr for r in results if is_stable(r)]
         for r in results:
             runs.append({**base, "lr": r.lr, "status": r.status, "final_loss": r.final_loss,
                          "final_excess": r.final_excess, "final_weight_norm": r.final_weight_norm,
@@ -328,6 +328,13 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
                      **{k: (rec.get(k) if k == "method" else json_float(rec.get(k)))
                         for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10", "method", "num_params")}})
     return rows
+
+
+def is_stable(result: TrainResult) -> bool:
+    """A run counts towards ``max_stable_lr`` if it did not diverge and ended below its starting loss: a
+    run still climbing at its last epoch, slowly enough to stay under the divergence limit, is not stable."""
+    loss = result.history.get("loss") or []
+    return result.status == "ok" and bool(loss) and result.final_loss <= loss[0]
 
 
 def best_lr_by_arch(run_rows: list[dict], act: str, depth: int) -> dict:
@@ -416,6 +423,7 @@ __all__ = [
     "group_key",
     "load_data",
     "log_probe_epochs",
+    "is_stable",
     "run_init_probes",
     "run_lr_sweeps",
     "run_probe_curves",
