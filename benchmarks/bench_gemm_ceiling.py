@@ -26,6 +26,8 @@ import torch
 from torch.utils.cpp_extension import load_inline
 
 import shortcut_ext  # noqa: F401  (registers the ops)
+from shortcut_ext import reference as ref
+from shortcut_ext._cli_args import positive_int
 
 from common import environment, gemm_rate
 
@@ -63,8 +65,12 @@ def _median_s(fn, reps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gemm_ceiling.json"))
-    p.add_argument("--units", type=int, default=1000)
+    p.add_argument("--units", type=positive_int, default=1000)
     args = p.parse_args()
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    if os.path.isdir(args.out) or args.out.endswith(os.sep) or not os.access(folder, os.W_OK):
+        p.error(f"--out {args.out} must name a file in a writable folder")  # before minutes of work
     old = torch.get_num_threads()
     out: dict = {"environment": environment()}
     out["gemm4096_gflops"] = {}
@@ -94,8 +100,16 @@ def main() -> None:
         fl = 2.0 * R * 2 * B * d * d
         t_f0 = _median_s(lambda: ops.residual_stack_forward(x, w, True, *acts, False, False), 7)
         t_f1 = _median_s(lambda: ops.residual_stack_forward(x, w, True, *acts, True, True), 7)
-        _, saved = ops.residual_stack_forward(x, w, True, *acts, True, True)
+        y, saved = ops.residual_stack_forward(x, w, True, *acts, True, True)
         g = torch.randn(B, d)
+        # the fused ops agree with the reference before they are timed (on the first 8 units)
+        xr, wr = x.double().requires_grad_(), w[:8].double().requires_grad_()
+        yr = ref.residual_stack_forward(xr, wr, True, *acts)
+        y8, s8 = ops.residual_stack_forward(x, w[:8].contiguous(), True, *acts, True, True)
+        gx8, gw8 = ops.residual_stack_backward(g, w[:8].contiguous(), s8, True, *acts)
+        gxr, gwr = torch.autograd.grad(yr, (xr, wr), g.double())
+        for a, b in ((y8, yr), (gx8, gxr), (gw8, gwr)):
+            torch.testing.assert_close(a.double(), b.detach(), rtol=1e-3, atol=1e-4)
         t_b = _median_s(lambda: ops.residual_stack_backward(g, w, saved, True, *acts), 5)
         rows += [
             {"d": d, "what": "fused forward, no save, 1 thread", "gflops": round(fl / t_f0 / 1e9, 1)},

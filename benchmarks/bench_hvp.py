@@ -128,7 +128,8 @@ def time_variant(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 
 def peak_memory_mib(name: str, units: int) -> float | None:
-    """Peak RSS growth of a fresh child process running the variant once (MiB); None if unavailable."""
+    """Peak RSS growth of a fresh child process running the variant once, after a one-unit warm-up
+    call (MiB); None if unavailable."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, str(units)]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -145,6 +146,9 @@ def _child(name: str, units: int) -> None:
     if fn is None:
         print("None")
         return
+    # warm-up on a one-unit problem: the first call's one-time setup (libraries, allocator pools,
+    # autograd and functorch machinery: tens of MiB) is not the variant's memory
+    variant_fn(name, *make_problem(1))()
     with RssPeak() as peak:
         fn()
     print(peak.growth_mib)
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
             check(name, units)
             k = 1 if name.endswith("_k1") else K_BATCHED
             ts = time_variant(fn, args.repeats)
-            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+            q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
             med = statistics.median(ts)
             if name == "double_backward_k1":
                 base = med

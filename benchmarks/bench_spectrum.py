@@ -168,6 +168,16 @@ def main(argv=None) -> int:
     for name in ("units", "width", "samples", "top", "probes", "steps", "lanczos_products"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("threads", "lanczos_vectors", "probe_batch", "extrapolate_units"):  # unset: None; 0 is no default
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1 (or left out), got {getattr(args, name)}")
+    for name in ("lanczos_basis_gib", "slq_basis_gib", "scale"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.extrapolate_units is not None and args.extrapolate_units < args.units:
+        p.error(f"--extrapolate-units must be >= --units {args.units}, got {args.extrapolate_units}")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     itemsize = torch.finfo(dtype).bits // 8
     sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)

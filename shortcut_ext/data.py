@@ -75,7 +75,8 @@ def synthetic_teacher(
         seed: seeds inputs, teacher (when not given) and noise.
         noise: standard deviation of the additive Gaussian label noise (>= 0).
         cov: ``[d, d]`` input covariance (PSD; singular allowed); default the identity.
-        teacher: ``[q, d]`` teacher matrix ``T``; default a seeded Gaussian with variance ``1/d``.
+        teacher: ``[q, d]`` teacher matrix ``T``; default a seeded Gaussian with variance ``1/d`` (drawn
+            before the inputs, so one seed gives other inputs with a given teacher than with the default).
         dtype: ``torch.float32`` or ``torch.float64``.
 
     Returns:
