@@ -99,7 +99,10 @@ def out_file(path, command: str, suffix: str | None = None) -> Path:
 
 
 def _acquire(path: Path, command: str):
-    """Open and ``flock`` ``path`` (exclusive, non-blocking); the open descriptor holds the lock."""
+    """Open and ``flock`` ``path`` (exclusive, non-blocking); the open descriptor holds the lock.
+
+    Returns the descriptor, or ``None`` where the file system cannot lock (the run then goes on unlocked,
+    with a warning); raises ``SystemExit`` naming the holder when another process holds the lock."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,13 +110,25 @@ def _acquire(path: Path, command: str):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise SystemExit(f"another shortcut-ext {command} (pid {other}) is writing to {path.parent}: two runs into "
-                         "one output would overwrite each other's files; wait for it to end or choose another "
+        try:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise SystemExit(f"another run (shortcut-ext {holder}) is writing to {path.parent}: two runs into one "
+                         "output would overwrite each other's files; wait for it to end or choose another "
                          "--out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as e:  # no flock on this file system (some network or FUSE mounts)
+        os.close(fd)
+        import warnings
+
+        warnings.warn(f"cannot lock {path} ({e.strerror or e}): running without the one-run-per-output check",
+                      stacklevel=4)
+        return None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{command}, pid {os.getpid()}".encode(), 0)
+    except OSError:  # the lock holds without the note
+        pass
     return fd
 
 
@@ -130,8 +145,10 @@ def out_lock(path, command: str, lead: bool = True, distributed: bool = False, d
     if lead:
         try:
             fd = _acquire(Path(path), command)
-        except (SystemExit, OSError) as e:
-            err = e if isinstance(e, SystemExit) else SystemExit(f"cannot lock {path}: {e}")
+        except SystemExit as e:
+            err = e
+        except OSError as e:  # the lock file cannot be created: the outputs could not be written either
+            err = SystemExit(f"cannot create {path} in the output folder: {e.strerror or e}")
         except ImportError:  # no fcntl (not a POSIX system): run unlocked
             fd = None
     try:
@@ -142,8 +159,8 @@ def out_lock(path, command: str, lead: bool = True, distributed: bool = False, d
             flag = torch.tensor([float(err is not None)], device=device if device is not None else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if err is None and flag.item() > 0:
-                raise SystemExit(f"the writing rank could not lock {Path(path).parent} (another shortcut-ext "
-                                 f"{command} is writing there); this rank stops too")
+                raise SystemExit(f"the writing rank could not lock {Path(path).parent} (another run is writing "
+                                 "there); this rank stops too")
         if err is not None:
             raise err
         yield

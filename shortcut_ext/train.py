@@ -193,7 +193,9 @@ class TrainResult:
         return w[-1]
 
     def to_dict(self, max_points: int | None = None) -> dict:
-        """JSON-safe dict (non-finite floats become ``None``); ``max_points`` thins the history to
+        """JSON-safe dict (nan becomes ``None``, +-inf the strings ``"inf"`` / ``"-inf"``: a diverged run's
+        final loss, a singular Hessian's condition number; ``shortcut_ext.experiments.store.json_float``
+        reads them back, as :meth:`from_dict` does); ``max_points`` thins the history to
         about that many epochs (evenly and log-spaced, first and last kept; probes are always kept)."""
         hist = self.history
         n = len(hist.get("epoch", []))

@@ -326,7 +326,29 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, command):
         lock = tmp_path / "rp" / ".shortcut-ext.lock"
         args = ["reproduce", "--tiny", "--only", "fig5", "--no-progress", "--out", str(tmp_path / "rp")]
     with out_lock(lock, command):  # another run holds the output (flock: a second open conflicts)
-        with pytest.raises(SystemExit, match=rf"another shortcut-ext {command} \(pid {os.getpid()}\) is writing to"):
+        with pytest.raises(SystemExit, match=rf"another run \(shortcut-ext {command}, pid {os.getpid()}\) is writing"):
             main(args)
     if command == "train":
         assert main(args) == 0 and (tmp_path / "run.json").exists()
+
+
+def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch):
+    """flock unsupported (some network mounts): the run goes on with a warning, not a refusal, and no
+    descriptor is left open."""
+    import fcntl
+
+    from shortcut_ext._cli_args import out_lock
+
+    def no_flock(fd, op):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(3):
+        with pytest.warns(UserWarning, match="running without the one-run-per-output check"):
+            with out_lock(tmp_path / ".lock", "train"):
+                pass
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
+    with pytest.warns(UserWarning, match="cannot lock"):
+        assert main(["train", *TINY, "--out", str(tmp_path / "run.json")]) == 0

@@ -33,10 +33,13 @@ publish() {
   for f in bench_gpu.csv bench_gpu_hvp.csv junit.xml; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUTDIR/.$f.tmp" && mv -f "$OUTDIR/.$f.tmp" "$OUTDIR/$f"
   done
-  tar -czf "$OUTDIR/.results.tmp" -C "$WORK" . 2> /dev/null && mv -f "$OUTDIR/.results.tmp" "$OUTDIR/results.tar.gz"
+  # GNU tar exits 1 for "file changed as we read it" (a log still being written): the archive is valid
+  tar -czf "$OUTDIR/.results.tmp" -C "$WORK" . ; local rc=$?
+  if [ "$rc" -le 1 ]; then mv -f "$OUTDIR/.results.tmp" "$OUTDIR/results.tar.gz"; else rm -f "$OUTDIR/.results.tmp"; fi
   return 0
 }
-trap publish EXIT
+finish() { publish; rm -rf "$WORK" "${SCRATCH:-}" "${SITE:-}"; }
+trap finish EXIT
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL - $(elapsed) )); }
 stage() { publish; echo; echo "=== $* (t=$(elapsed)s, $(left)s left)"; }

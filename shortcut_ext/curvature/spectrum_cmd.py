@@ -153,8 +153,9 @@ def load_data(kind: str, m: int, d: int, seed: int, noise: float, dtype: torch.d
         except ValueError as e:
             if "principal components" not in str(e):
                 raise
-            raise SystemExit(f"--width {d} does not fit --data digits with --samples {m}: {e} (lower --width, or "
-                             "raise --samples: all 1797 samples have 61 such components)") from None
+            more = ", or raise --samples: all 1797 samples have 61 such components" if m < 1797 else ""
+            raise SystemExit(f"--width {d} does not fit --data digits with --samples {m}: {e} (lower --width"
+                             f"{more})") from None
     try:
         from ..data import synthetic_teacher
     except ImportError:  # pragma: no cover - data.py not present

@@ -4,8 +4,9 @@
     shortcut-ext train --arch plain-xavier --act relu-mid --depth 10 --probe-every 50 --out run.json
     shortcut-ext train --arch 2-shortcut --depth 8 --data mnist ~/mnist --samples 10000 --out run.json
 
-Writes ``--out`` (a .json file: configuration, final numbers, per-epoch history, Hessian probes) and a
-CSV of the per-epoch history beside it (``run.csv``).
+Writes ``--out`` (a .json file: configuration, final numbers, per-epoch history, Hessian probes; strict
+JSON, with nan as ``null`` and +-inf as ``"inf"`` / ``"-inf"``) and a CSV of the per-epoch history beside
+it (``run.csv``).  A second run into the same ``--out`` is refused while the first runs.
 
 Resume: while it trains, the run keeps a checkpoint beside ``--out`` (``run.ckpt.pt``: the weights, the
 optimizer state, the epoch, the history and probes so far, the mini-batch generator's state and the
