@@ -98,7 +98,7 @@ def out_file(path, command: str, suffix: str | None = None) -> Path:
     return p
 
 
-def _acquire(path: Path, command: str):
+def _acquire(path: Path, command: str, hint: str = ""):
     """Open and ``flock`` ``path`` (exclusive, non-blocking); the open descriptor holds the lock.
 
     Returns the descriptor, or ``None`` where the file system cannot lock (the run then goes on unlocked,
@@ -116,7 +116,7 @@ def _acquire(path: Path, command: str):
             os.close(fd)
         raise SystemExit(f"another run (shortcut-ext {holder}) is writing to {path.parent}: two runs into one "
                          "output would overwrite each other's files; wait for it to end or choose another "
-                         "--out") from None
+                         f"--out{hint}") from None
     except OSError as e:  # no flock on this file system (some network or FUSE mounts)
         os.close(fd)
         import warnings
@@ -144,7 +144,10 @@ def out_lock(path, command: str, lead: bool = True, distributed: bool = False, d
     fd, err = None, None
     if lead:
         try:
-            fd = _acquire(Path(path), command)
+            hint = ""
+            if not distributed and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # torchrun, no --distributed
+                hint = " (under torchrun, pass --distributed: without it every rank runs the whole command)"
+            fd = _acquire(Path(path), command, hint)
         except SystemExit as e:
             err = e
         except OSError as e:  # the lock file cannot be created: the outputs could not be written either

@@ -29,6 +29,25 @@ def all_reduce(t: torch.Tensor, group=None, op=None) -> torch.Tensor:
     return t
 
 
+def model_signature(model, *texts) -> tuple[float, ...]:
+    """Numbers that tell two ranks' models apart beyond the trunk weight's sums (for :func:`ranks_agree`'s
+    ``extra``): an order-sensitive checksum of the weight, the sums of the frozen projections
+    (``input_proj``, ``readout``), and a hash of the architecture (``repr``, dtype) and of ``texts`` (the
+    loss, a configuration)."""
+    import hashlib
+
+    w = model.weight.detach().double().reshape(-1)
+    pos = torch.arange(w.numel(), dtype=torch.float64, device=w.device) % 9973 + 1
+    nums = [float((w * pos).sum())]
+    for name in ("input_proj", "readout"):
+        b = getattr(model, name, None)
+        bd = b.detach().double() if isinstance(b, torch.Tensor) else None
+        nums += [float(bd.sum()), float(bd.square().sum())] if bd is not None else [0.0, 0.0]
+    text = "|".join([repr(model), str(model.weight.dtype), *map(str, texts)])
+    nums.append(float(int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)))  # 48 bits: exact in float64
+    return tuple(nums)
+
+
 def ranks_agree(weight: torch.Tensor, local_count: int, local_error, group, rank: int, what: str,
                 extra=()) -> int:
     """The sum of ``local_count`` over the ranks, after checking in one pair of collectives that no
@@ -47,7 +66,8 @@ def ranks_agree(weight: torch.Tensor, local_count: int, local_error, group, rank
         raise ValueError(f"{what}: another rank's data failed its checks (see its error); rank {rank} stops too")
     if not torch.allclose(hi[:-1], lo[:-1], rtol=1e-12, atol=0.0):
         raise ValueError(
-            f"{what}: distributed=True needs the same model on every rank; the ranks differ (rank {rank}: "
+            f"{what}: distributed=True needs the same model on every rank (weights, frozen projections, "
+            f"architecture, loss and settings); the ranks differ (rank {rank}: "
             f"P = {w.numel()}, sum(w) = {float(mine[1]):.17g}, sum(w^2) = {float(mine[2]):.17g}); "
             "seed the model identically or broadcast its weights from rank 0")
     count = torch.tensor([float(local_count)], dtype=torch.float64, device=weight.device)

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ._dist import all_reduce, group_of, ranks_agree
+from ._dist import all_reduce, group_of, model_signature, ranks_agree
 from .reference import LOSSES, loss_fn
 
 OPTIMIZERS = ("gd", "sgd", "adam")
@@ -422,15 +422,30 @@ def train(
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     rank, world = group_of(distributed, process_group, "train")
-    X, Y = _check_data("data", data)
-    probe_data = (X, Y) if probe_data is None else _check_data("probe_data", probe_data)
-    _check_targets("data", model, X, Y, config.loss)
-    if probe_data is not data:
-        _check_targets("probe_data", model, *probe_data, config.loss)
-    if not distributed and X.shape[0] == 0:
-        raise ValueError("data must hold at least one sample, got X of shape " + str(list(X.shape)))
-    if X.dtype != model.weight.dtype:
-        raise TypeError(f"data must have the model's dtype {model.weight.dtype}, got X: {X.dtype}")
+    local_error = None
+    try:
+        X, Y = _check_data("data", data)
+        probe_data = (X, Y) if probe_data is None else _check_data("probe_data", probe_data)
+        _check_targets("data", model, X, Y, config.loss)
+        if probe_data is not data:
+            _check_targets("probe_data", model, *probe_data, config.loss)
+        if not distributed and X.shape[0] == 0:
+            raise ValueError("data must hold at least one sample, got X of shape " + str(list(X.shape)))
+        if X.dtype != model.weight.dtype:
+            raise TypeError(f"data must have the model's dtype {model.weight.dtype}, got X: {X.dtype}")
+    except (TypeError, ValueError) as e:
+        if not distributed:
+            raise
+        local_error = e  # raised after the other ranks learn of it: none may wait in a collective
+    total = None
+    if distributed:
+        if not (config.optimizer == "gd" or config.batch_size is None):
+            raise ValueError(f"train(distributed=True) takes full-batch updates (optimizer 'gd', or batch_size=None); "
+                             f"got optimizer={config.optimizer!r}, batch_size={config.batch_size}")
+        # one check on every rank alike: a rank's bad data, or another model or configuration, raises everywhere
+        total = ranks_agree(model.weight, 0 if local_error is not None else X.shape[0], local_error, process_group,
+                            rank, "train",
+                            extra=model_signature(model, json.dumps(config.to_dict(), sort_keys=True, default=str)))
     device = model.weight.device  # data on another device (CPU data, a GPU model) moves once, here
     X, Y = X.to(device), Y.to(device)
     probe_data = tuple(t.to(device) for t in probe_data)
@@ -438,10 +453,6 @@ def train(
     m = X.shape[0]
     share = 1.0  # this rank's part of the mean loss
     if distributed:
-        if not (config.optimizer == "gd" or config.batch_size is None):
-            raise ValueError(f"train(distributed=True) takes full-batch updates (optimizer 'gd', or batch_size=None); "
-                             f"got optimizer={config.optimizer!r}, batch_size={config.batch_size}")
-        total = ranks_agree(w, m, None, process_group, rank, "train")
         if total == 0:
             raise ValueError(f"data must hold at least one sample over all {world} ranks, got none")
         share = m / total
@@ -642,7 +653,19 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
         say(f"note: cannot read the checkpoint {path} ({type(e).__name__}); starting afresh and replacing it")
         return None
     if state.get("fingerprint") != fingerprint:
-        say(f"note: the checkpoint {path} is of another run (other options or data); starting afresh and "
+        try:  # name what differs (the fingerprints are JSON objects)
+            a, b = json.loads(state.get("fingerprint") or "{}"), json.loads(fingerprint)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if "config" in diff and isinstance(a.get("config"), dict):
+                diff.remove("config")
+                diff += [f"config.{k}" for k in sorted(set(a["config"]) | set(b["config"]))
+                         if a["config"].get(k) != b["config"].get(k)]
+            what = {"world": "number of ranks", "weight_sums": "initial weights", "data": "data or probe data",
+                    "key": "command options"}
+            names = ", ".join(what.get(k, k) for k in diff) or "other options or data"
+        except (TypeError, ValueError):
+            names = "other options or data"
+        say(f"note: the checkpoint {path} is of another run (it differs in: {names}); starting afresh and "
             "replacing it")
         return None
     return state

@@ -389,3 +389,56 @@ def test_distributed_train_command(tmp_path):
     assert d["world_size"] == 2 and o["world_size"] == 1
     assert d["history"]["loss"] == pytest.approx(o["history"]["loss"], rel=1e-10)
     assert d["probes"][-1]["lam_max"] == pytest.approx(o["probes"][-1]["lam_max"], rel=1e-8)
+
+
+# Ranks whose models differ only where the old check did not look (the frozen read-out, the activation,
+# the learning rate), and a rank whose training shard is bad: every rank must get a clear error, none
+# may hang in a collective.
+_MISMATCH = textwrap.dedent('''
+    import json, os, torch, torch.distributed as dist
+    from shortcut_ext import ShortcutNet
+    from shortcut_ext.curvature import HessianOperator
+    from shortcut_ext.train import TrainConfig, train
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64)
+    errors = {}
+    def attempt(name, fn):
+        try:
+            fn()
+            errors[name] = None
+        except (ValueError, TypeError) as e:
+            errors[name] = str(e)
+    # zero trunk: equal weight sums whatever the seed; the read-out is seeded by rank
+    zero = ShortcutNet(4, 3, 2, mid="tanh", init="zero", seed=rank, out_features=3, dtype=torch.float64)
+    attempt("readout", lambda: HessianOperator(zero, (X[rank::2], Y[rank::2]), distributed=True))
+    act = ShortcutNet(4, 3, 2, mid="tanh" if rank == 0 else "relu", init="small", seed=1, out_features=3,
+                      dtype=torch.float64)
+    attempt("activation", lambda: HessianOperator(act, (X[rank::2], Y[rank::2]), distributed=True))
+    same = lambda: ShortcutNet(4, 3, 2, init="small", seed=1, out_features=3, dtype=torch.float64)
+    attempt("lr", lambda: train(same(), (X[rank::2], Y[rank::2]), TrainConfig(epochs=2, lr=0.1 * (rank + 1)),
+                                distributed=True))
+    Xb = X[rank::2].clone()
+    if rank == 1:
+        Xb[0, 0] = float("nan")
+    attempt("bad_shard", lambda: train(same(), (Xb, Y[rank::2]), TrainConfig(epochs=2), distributed=True))
+    attempt("fine", lambda: train(same(), (X[rank::2], Y[rank::2]), TrainConfig(epochs=2), distributed=True))
+    with open(os.path.join(os.environ["SE_OUT"], f"mismatch{rank}.json"), "w") as f:
+        json.dump(errors, f)
+    dist.destroy_process_group()
+''')
+
+
+def test_ranks_with_different_models_or_a_bad_shard_all_stop(tmp_path):
+    script = tmp_path / "mismatch.py"
+    script.write_text(_MISMATCH)
+    _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)}, timeout=240)
+    for r in (0, 1):
+        e = json.loads((tmp_path / f"mismatch{r}.json").read_text())
+        for case in ("readout", "activation", "lr"):
+            assert e[case] and "needs the same model on every rank" in e[case], (r, case, e[case])
+        assert e["fine"] is None
+    e0, e1 = (json.loads((tmp_path / f"mismatch{r}.json").read_text())["bad_shard"] for r in (0, 1))
+    assert e1.startswith("rank 1: data: X must be finite") and "another rank's data failed its checks" in e0

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import ops, reference
-from .._dist import all_reduce, group_of, ranks_agree
+from .._dist import all_reduce, group_of, model_signature, ranks_agree
 from ..reference import LOSSES
 
 BACKENDS = ("fused", "autograd", "func")
@@ -149,7 +149,8 @@ class HessianOperator:
         self.num_samples = self.local_samples
         if distributed:
             self.num_samples = ranks_agree(self._W, self.local_samples, local_error, self.group, self.rank,
-                                           "distributed HessianOperator", extra=(self.in_features,))
+                                           "distributed HessianOperator",
+                                           extra=(self.in_features, *model_signature(model, loss)))
         if self.num_samples == 0:
             raise ValueError("data must hold at least one sample, got batches with 0 rows in total"
                              + (f" over all {self.world_size} ranks" if distributed else ""))

@@ -407,6 +407,23 @@ def main(args) -> int:
         if getattr(args, "distributed", False):
             created, rank, world, dev = init_distributed("reproduce")
             locks.enter_context(out_lock(lock, "reproduce", lead=rank == 0, distributed=True, device=dev))
+            # rank 0 checks the folder's options before any rank computes (the others work in a scratch
+            # folder and would otherwise add runs of the refused options to the store first)
+            refused = None
+            if rank == 0:
+                try:
+                    _claim_out(Path(args.out), cfg, bundle, args.backend)
+                except ValueError as e:
+                    refused = e
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(refused is not None)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if refused is not None:
+                raise refused
+            if flag.item() > 0:
+                raise SystemExit(f"rank 0 refused --out {args.out} (it holds a reproduction made with other "
+                                 "options); this rank stops too")
             store = DistributedRunStore(RunStore(Path(args.out) / "results" / "runs.jsonl"))
             if rank == 0:
                 print(f"[reproduce] {world} ranks share the runs")
