@@ -242,3 +242,23 @@ def test_digits_width_beyond_the_components_names_the_flags(tmp_path):
     with pytest.raises(SystemExit, match=r"--width 64 does not fit --data digits with --samples 512: .*only 59 "
                                          r"principal components.*raise --samples"):
         main(["spectrum", "--data", "digits", "--width", "64", "--no-progress", "--out", str(tmp_path / "o")])
+
+
+def test_float32_runs_say_when_float32_decided_the_numbers(tmp_path, capsys):
+    """Float32 spectra: the eigenvalues its zero tolerance swallows (a 1-shortcut zero point: |lambda|min
+    4e-3 against a tolerance of 0.1, so cond was inf) and a Hessian near float32's underflow (a 450-layer
+    tanh plain net: |lambda|max ~1e-29, where norms vanish) are reported with a warning naming
+    --dtype float64, and every float32 run records one product's error against float64."""
+    out = tmp_path / "zero"
+    assert main(["spectrum", "--shortcut", "1", "--units", "128", "--width", "4", "--init", "zero", "--dtype",
+                 "float32", "--probes", "2", "--steps", "10", "--top", "2", "--no-progress", "--no-plots",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "eigenvalues of the exact spectrum lie within float32's zero tolerance" in err
+    chk = _result(out)["float32_check"]
+    assert 0 < chk["rel_error"] < 1e-5
+    out = tmp_path / "deep"
+    assert main(["spectrum", "--shortcut", "0", "--units", "450", "--width", "4", "--init", "xavier", "--mid",
+                 "tanh", "--dtype", "float32", "--probes", "2", "--steps", "10", "--top", "2", "--exact-max-params",
+                 "0", "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    assert "near float32's underflow" in capsys.readouterr().err

@@ -163,6 +163,11 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
                  seed=seed, return_vectors=False, compute_residuals=True, callback=callback)
     sq = slq(A, probes=probes, steps=steps, seed=seed + 1, callback=callback)
     lam_max = lz.abs_max
+    if A.dtype == torch.float32 and 0 < lam_max < 1e-18:
+        import warnings
+
+        warnings.warn(f"|lambda|max = {lam_max:.3g} is near float32's underflow (norms of vectors this small lose "
+                      "digits or vanish): the estimates are unreliable; use a float64 operator", stacklevel=2)
     zt = zero_tol_rel(A.dtype) * lam_max if zero_tol is None else zero_tol
     lam_q = sq.abs_quantile(q)
     per_probe_q = sq.abs_quantile_per_probe(q)

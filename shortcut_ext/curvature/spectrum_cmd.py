@@ -273,6 +273,16 @@ def _run(args, dtype, budget, rank, world) -> int:
     warnings = []
     if not lz.converged:
         warnings.append(_unconverged_message(args, lz))
+    if H.dtype == torch.float32:
+        result["float32_check"] = chk = _float32_check(net, data, args, H)
+        if chk["rel_error"] is not None and chk["rel_error"] > 1e-3:
+            warnings.append(f"float32 Hessian-vector products differ from float64 ones by {chk['rel_error']:.2g} "
+                            "(relative, one random direction): the float32 spectrum is unreliable; use --dtype "
+                            "float64")
+        if 0 < lz.abs_max < 1e-18:
+            warnings.append(f"|lambda|max = {lz.abs_max:.3g} is near float32's underflow (norms of vectors this "
+                            "small lose digits or vanish): the float32 extremes and density are unreliable; use "
+                            "--dtype float64")
     result["converged"] = bool(lz.converged)  # of the Lanczos extremes (and so of |lambda|max, the conditions)
     # density
     bar, cb = _progress("slq", quiet)
@@ -307,6 +317,15 @@ def _run(args, dtype, budget, rank, world) -> int:
                            else float("nan"),
                            "index": result["slq"]["index"], "zero_tol": zero_tol, "method": "lanczos+slq",
                            "converged": bool(lz.converged), "lam_q10_resolved": bool(q_unres < 0.05)}
+    if H.dtype == torch.float32 and lam_max > 0:  # what float32's zero tolerance (sqrt(eps) |lambda|max) decided
+        x, wts = sq.pooled()
+        band = float(wts[(x < 0) & (x >= -zero_tol)].sum())
+        if 0 < lam_q10 <= zero_tol:
+            warnings.append(f"|lambda|(0.1) = {lam_q10:.3g} is below float32's zero tolerance {zero_tol:.3g} "
+                            "(sqrt(eps) |lambda|max), so cond_q10 is reported inf; --dtype float64 resolves it")
+        if band >= 0.01:
+            warnings.append(f"{band:.1%} of the spectrum lies in [-{zero_tol:.3g}, 0), within float32's zero "
+                            "tolerance, and is not counted in the index; --dtype float64 resolves it")
     if q_unres >= 0.05 or idx_unres >= 0.05:
         warnings.append(
             f"SLQ did not resolve the spectrum near 0 with --steps {args.steps}: {q_unres:.1%} of it lies at nodes "
@@ -328,6 +347,11 @@ def _run(args, dtype, budget, rank, world) -> int:
         result["timings_s"]["exact"] = time.perf_counter() - t0
         # the zero tolerance follows the dtype the products were computed in (float32: P * eps32 * |lambda|max)
         result["exact"] = report_from_eigenvalues(exact, k=args.top, dtype=H.dtype).as_dict()
+        nz = result["exact"]["uncertainty"]["num_zero"]
+        if H.dtype == torch.float32 and nz:
+            warnings.append(f"{nz} eigenvalues of the exact spectrum lie within float32's zero tolerance "
+                            f"({result['exact']['uncertainty']['zero_tol']:.3g} = P eps |lambda|max) and count as "
+                            "zero (cond inf where they do not vanish); --dtype float64 resolves them")
 
     # theory at the zero point
     spec = None
@@ -423,6 +447,25 @@ def _gib_ceil(nbytes: int) -> str:
     g = nbytes / 2**30
     e = math.floor(math.log10(g)) - 2
     return f"{math.ceil(g / 10**e) * 10**e:.3g}"
+
+
+def _float32_check(net, data, args, H) -> dict:
+    """One Hessian-vector product of the float32 operator against the same product in float64 (a float64
+    copy of the model and data): how far the float32 numbers can be trusted at this depth."""
+    import copy
+
+    from .hessian import HessianOperator
+
+    net64 = copy.deepcopy(net).double()
+    data64 = [(x.double(), y.double() if y.is_floating_point() else y) for x, y in data]
+    H64 = HessianOperator(net64, data64, loss=args.loss, backend=args.backend, dtype=torch.float64,
+                          distributed=args.distributed)
+    v = torch.randn(H.P, generator=torch.Generator().manual_seed(args.seed + 7), dtype=torch.float64)
+    v = v.to(H64.device)
+    hv64 = H64.matvec(v)
+    hv32 = H.matvec(v.to(H.dtype)).double()
+    den = float(hv64.norm())
+    return {"rel_error": float((hv32 - hv64).norm()) / den if den > 0 else None, "products_float64": 1}
 
 
 def _unconverged_message(args, lz) -> str:
