@@ -36,14 +36,23 @@ def model_signature(model, *texts) -> tuple[float, ...]:
     loss, a configuration)."""
     import hashlib
 
-    w = model.weight.detach().double().reshape(-1)
-    pos = torch.arange(w.numel(), dtype=torch.float64, device=w.device) % 9973 + 1
-    nums = [float((w * pos).sum())]
+    w = model.weight.detach().reshape(-1)
+    chunk = 1 << 20  # in float64 a chunk at a time: no full-size copies of a large weight
+    total = 0.0
+    for s in range(0, w.numel(), chunk):
+        c = w[s:s + chunk].double()
+        pos = (torch.arange(s, s + c.numel(), dtype=torch.float64, device=c.device) % 9973) + 1
+        total += float((c * pos).sum())
+    nums = [total]
     for name in ("input_proj", "readout"):
         b = getattr(model, name, None)
         bd = b.detach().double() if isinstance(b, torch.Tensor) else None
         nums += [float(bd.sum()), float(bd.square().sum())] if bd is not None else [0.0, 0.0]
-    text = "|".join([repr(model), str(model.weight.dtype), *map(str, texts)])
+    # the architecture, not labels that do not change the function (init, backend)
+    arch = [type(model).__name__, tuple(model.weight.shape), getattr(model, "shortcut", None),
+            getattr(model, "activations", None), getattr(model, "in_features", None),
+            getattr(model, "out_features", None), str(model.weight.dtype)]
+    text = "|".join([*map(str, arch), *map(str, texts)])
     nums.append(float(int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)))  # 48 bits: exact in float64
     return tuple(nums)
 
@@ -69,6 +78,7 @@ def ranks_agree(weight: torch.Tensor, local_count: int, local_error, group, rank
             f"{what}: distributed=True needs the same model on every rank (weights, frozen projections, "
             f"architecture, loss and settings); the ranks differ (rank {rank}: "
             f"P = {w.numel()}, sum(w) = {float(mine[1]):.17g}, sum(w^2) = {float(mine[2]):.17g}); "
-            "seed the model identically or broadcast its weights from rank 0")
+            "build the same model on every rank (same seed), or broadcast its weight and frozen projections "
+            "(input_proj, readout) from rank 0")
     count = torch.tensor([float(local_count)], dtype=torch.float64, device=weight.device)
     return int(all_reduce(count, group).item())

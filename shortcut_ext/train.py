@@ -433,19 +433,21 @@ def train(
             raise ValueError("data must hold at least one sample, got X of shape " + str(list(X.shape)))
         if X.dtype != model.weight.dtype:
             raise TypeError(f"data must have the model's dtype {model.weight.dtype}, got X: {X.dtype}")
+        if distributed and not (config.optimizer == "gd" or config.batch_size is None):
+            raise ValueError(f"train(distributed=True) takes full-batch updates (optimizer 'gd', or batch_size=None); "
+                             f"got optimizer={config.optimizer!r}, batch_size={config.batch_size}")
     except (TypeError, ValueError) as e:
         if not distributed:
             raise
         local_error = e  # raised after the other ranks learn of it: none may wait in a collective
     total = None
     if distributed:
-        if not (config.optimizer == "gd" or config.batch_size is None):
-            raise ValueError(f"train(distributed=True) takes full-batch updates (optimizer 'gd', or batch_size=None); "
-                             f"got optimizer={config.optimizer!r}, batch_size={config.batch_size}")
         # one check on every rank alike: a rank's bad data, or another model or configuration, raises everywhere
+        # (the mini-batch seed is left out: full-batch updates do not use it)
+        settings = {k: v for k, v in config.to_dict().items() if k != "seed"}
         total = ranks_agree(model.weight, 0 if local_error is not None else X.shape[0], local_error, process_group,
-                            rank, "train",
-                            extra=model_signature(model, json.dumps(config.to_dict(), sort_keys=True, default=str)))
+                            rank, "train", extra=model_signature(model, json.dumps(settings, sort_keys=True,
+                                                                                   default=str)))
     device = model.weight.device  # data on another device (CPU data, a GPU model) moves once, here
     X, Y = X.to(device), Y.to(device)
     probe_data = tuple(t.to(device) for t in probe_data)

@@ -425,6 +425,21 @@ _MISMATCH = textwrap.dedent('''
         Xb[0, 0] = float("nan")
     attempt("bad_shard", lambda: train(same(), (Xb, Y[rank::2]), TrainConfig(epochs=2), distributed=True))
     attempt("fine", lambda: train(same(), (X[rank::2], Y[rank::2]), TrainConfig(epochs=2), distributed=True))
+    # the same function under other labels: an init label with broadcast weights, the backend, the unused seed
+    lab = ShortcutNet(4, 3, 2, init="xavier" if rank == 0 else "zero", seed=1, out_features=3,
+                      backend="fused" if rank == 0 else "torch", dtype=torch.float64)
+    with torch.no_grad():
+        lab.readout.copy_(same().readout)
+    dist.broadcast(lab.weight.data, 0)
+    attempt("labels", lambda: HessianOperator(lab, (X[rank::2], Y[rank::2]), distributed=True))
+    attempt("seed", lambda: train(same(), (X[rank::2], Y[rank::2]), TrainConfig(epochs=2, seed=rank),
+                                  distributed=True))
+    attempt("op_dtype", lambda: HessianOperator(same(), (X[rank::2], Y[rank::2]), distributed=True,
+                                                dtype=torch.float32 if rank == 0 else None))
+    attempt("max_directions", lambda: HessianOperator(same(), (X[rank::2], Y[rank::2]), distributed=True,
+                                                      max_directions=1 if rank == 0 else None))
+    cfg = TrainConfig(epochs=2, optimizer="sgd", batch_size=4) if rank == 0 else TrainConfig(epochs=2)
+    attempt("optimizer", lambda: train(same(), (X[rank::2], Y[rank::2]), cfg, distributed=True))
     with open(os.path.join(os.environ["SE_OUT"], f"mismatch{rank}.json"), "w") as f:
         json.dump(errors, f)
     dist.destroy_process_group()
@@ -439,6 +454,10 @@ def test_ranks_with_different_models_or_a_bad_shard_all_stop(tmp_path):
         e = json.loads((tmp_path / f"mismatch{r}.json").read_text())
         for case in ("readout", "activation", "lr"):
             assert e[case] and "needs the same model on every rank" in e[case], (r, case, e[case])
-        assert e["fine"] is None
+        assert e["fine"] is None and e["labels"] is None and e["seed"] is None, e
+        for case in ("op_dtype", "max_directions"):
+            assert e[case] and "needs the same model on every rank" in e[case], (r, case, e[case])
+    o0, o1 = (json.loads((tmp_path / f"mismatch{r}.json").read_text())["optimizer"] for r in (0, 1))
+    assert o0.startswith("rank 0: train(distributed=True) takes full-batch updates") and "another rank" in o1
     e0, e1 = (json.loads((tmp_path / f"mismatch{r}.json").read_text())["bad_shard"] for r in (0, 1))
     assert e1.startswith("rank 1: data: X must be finite") and "another rank's data failed its checks" in e0

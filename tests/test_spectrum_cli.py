@@ -262,3 +262,12 @@ def test_float32_runs_say_when_float32_decided_the_numbers(tmp_path, capsys):
                  "tanh", "--dtype", "float32", "--probes", "2", "--steps", "10", "--top", "2", "--exact-max-params",
                  "0", "--no-progress", "--no-plots", "--out", str(out)]) == 0
     assert "near float32's underflow" in capsys.readouterr().err
+
+
+def test_float32_zero_hessian_has_no_resolution_warning(tmp_path, capsys):
+    """At the 3-shortcut zero point the Hessian is exactly 0: float64 finds the same zeros, so the float32
+    run must not suggest that float64 would resolve them."""
+    assert main(["spectrum", "--shortcut", "3", "--units", "2", "--width", "3", "--init", "zero", "--dtype",
+                 "float32", "--probes", "2", "--steps", "10", "--top", "2", "--no-progress", "--no-plots",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert "float32's zero tolerance" not in capsys.readouterr().err

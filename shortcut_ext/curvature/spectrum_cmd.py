@@ -322,10 +322,12 @@ def _run(args, dtype, budget, rank, world) -> int:
         band = float(wts[(x < 0) & (x >= -zero_tol)].sum())
         if 0 < lam_q10 <= zero_tol:
             warnings.append(f"|lambda|(0.1) = {lam_q10:.3g} is below float32's zero tolerance {zero_tol:.3g} "
-                            "(sqrt(eps) |lambda|max), so cond_q10 is reported inf; --dtype float64 resolves it")
+                            "(sqrt(eps) |lambda|max), so cond_q10 is reported inf: those eigenvalues are zero or "
+                            "below float32's resolution; a --dtype float64 run tells them apart")
         if band >= 0.01:
             warnings.append(f"{band:.1%} of the spectrum lies in [-{zero_tol:.3g}, 0), within float32's zero "
-                            "tolerance, and is not counted in the index; --dtype float64 resolves it")
+                            "tolerance, and is not counted in the index (zero, or negative below float32's "
+                            "resolution: a --dtype float64 run tells them apart)")
     if q_unres >= 0.05 or idx_unres >= 0.05:
         warnings.append(
             f"SLQ did not resolve the spectrum near 0 with --steps {args.steps}: {q_unres:.1%} of it lies at nodes "
@@ -348,10 +350,11 @@ def _run(args, dtype, budget, rank, world) -> int:
         # the zero tolerance follows the dtype the products were computed in (float32: P * eps32 * |lambda|max)
         result["exact"] = report_from_eigenvalues(exact, k=args.top, dtype=H.dtype).as_dict()
         nz = result["exact"]["uncertainty"]["num_zero"]
-        if H.dtype == torch.float32 and nz:
+        if H.dtype == torch.float32 and nz and 0 < nz < H.P:
             warnings.append(f"{nz} eigenvalues of the exact spectrum lie within float32's zero tolerance "
                             f"({result['exact']['uncertainty']['zero_tol']:.3g} = P eps |lambda|max) and count as "
-                            "zero (cond inf where they do not vanish); --dtype float64 resolves them")
+                            "zero: they are zero or below float32's resolution (then cond is not really inf); a "
+                            "--dtype float64 run tells them apart")
 
     # theory at the zero point
     spec = None
