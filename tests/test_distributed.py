@@ -87,6 +87,7 @@ _WORKER = textwrap.dedent('''
         errors["no_samples"] = str(e)
     out["errors"] = errors
     torch.save(out, os.path.join(os.environ["SE_OUT"], f"rank{rank}.pt"))
+    dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
     dist.destroy_process_group()
 ''')
 
@@ -189,6 +190,7 @@ _STORE_WORKER = textwrap.dedent('''
         err = str(e)
     json.dump({"plan": plan, "n": [n1, n2], "calls": calls, "records": {k: v for k, v in store.items()},
                "err": err}, open(os.path.join(out, f"rank{rank}.json"), "w"))
+    dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
     dist.destroy_process_group()
 ''')
 
@@ -281,6 +283,7 @@ _DDP_WORKER = textwrap.dedent('''
             opt.step()
         out[str(recompute)] = net.weight.detach().clone()
     torch.save(out, os.path.join(os.environ["SE_OUT"], f"ddp{rank}.pt"))
+    dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
     dist.destroy_process_group()
 ''')
 
@@ -343,6 +346,7 @@ _TRAIN_WORKER = textwrap.dedent('''
     res = train(net, (X, Y) if rank == 0 else (X[:0], Y[:0]), distributed=True, epochs=3, lr=0.1)  # rank 1: none
     out.append(dict(history=res.history, errors=errors))
     torch.save(out, os.path.join(os.environ["SE_OUT"], f"train{rank}.pt"))
+    dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
     dist.destroy_process_group()
 ''')
 
@@ -442,6 +446,7 @@ _MISMATCH = textwrap.dedent('''
     attempt("optimizer", lambda: train(same(), (X[rank::2], Y[rank::2]), cfg, distributed=True))
     with open(os.path.join(os.environ["SE_OUT"], f"mismatch{rank}.json"), "w") as f:
         json.dump(errors, f)
+    dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
     dist.destroy_process_group()
 ''')
 
