@@ -11,7 +11,7 @@ import pytest
 import shortcut_ext
 from shortcut_ext.cli import build_parser
 from shortcut_ext.cli import main as cli_main
-from shortcut_ext.experiments import analysis, reproduce, sweeps
+from shortcut_ext.experiments import analysis, figures, reproduce, sweeps
 
 
 # --------------------------------------------------------------------------- verdicts on made-up rows
@@ -107,6 +107,37 @@ def test_verdict_index_and_curvature_both_ways():
     hist_bad = [dict(h, grad_norm=5.0 if h["epoch"] == 1 else 1.0) for h in hist]
     assert [v.holds for v in analysis.verdict_index(bad, hist_bad)] == [False, False, False]
     assert [v.holds for v in analysis.verdict_curvature_training(bad)] == [False, False]
+
+
+def test_curvature_training_names_singular_probes(tmp_path, monkeypatch):
+    """A probe whose cond_q10 is inf (|lambda|(0.1) zero to working precision) cannot enter the log-log
+    comparison; it used to be dropped without a word from the Figs. 6-7 verdicts and figure."""
+    epochs = [0, 1, 2, 4, 8, 16, 32, 64]
+    def probe_rows(cond2, cond_other):
+        rows = []
+        for i, e in enumerate(epochs):
+            ex = 10.0 / (1 + e)
+            for arch, c in (("2-shortcut", cond2[i]), ("plain-xavier", cond_other[i])):
+                rows.append({"arch": arch, "seed": 0, "epoch": e, "excess": ex, "loss": 1.0 + ex, "index": 0.3,
+                             "cond_q10": c, "lam_max": 1.0, "lam_q10": 0.0 if c == math.inf else 1.0 / c})
+        return rows
+    two = [2, 2, 3, 10, 100, 300, 1000, 3000]
+    other = [1e4] * 7 + [math.inf]  # the other net singular at its last probe: the claim still holds, named
+    vs = analysis.verdict_curvature_training(probe_rows(two, other))
+    assert [v.holds for v in vs] == [True, True]
+    assert "plain-xavier: cond_q10 = inf (singular) at (seed, epoch) [(0, 64)]" in vs[0].measured
+    assert vs[0].details["singular"] == {"plain-xavier": [(0, 64)]}
+    vs = analysis.verdict_curvature_training(probe_rows(two[:3] + [math.inf] + two[4:], [1e4] * 8))
+    assert [v.holds for v in vs] == [None, None]  # the reference itself singular: undecided, not "holds"
+    assert "2-shortcut: cond_q10 = inf (singular) at (seed, epoch) [(0, 4)]" in vs[0].measured
+    figs = []
+    real_save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: (figs.append(fig), real_save(fig, path))[1])
+    figures.fig_curvature_vs_loss(probe_rows(two, other), tmp_path / "f67.png", l_min=1.0)
+    ax_lq, ax_cond = figs[0].axes[1], figs[0].axes[2]
+    tri = [ln for ln in ax_cond.lines if ln.get_marker() == "^"]
+    assert len(tri) == 1 and list(tri[0].get_xdata()) == [pytest.approx(10.0 / 65)]
+    assert [ln.get_marker() for ln in ax_lq.lines].count("v") == 1  # |lambda|(0.1) = 0 at the bottom edge
 
 
 def test_verdicts_without_data_are_undecided():

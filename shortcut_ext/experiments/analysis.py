@@ -293,6 +293,14 @@ def verdict_curvature_training(probe_rows: list[dict], ref: str = "2-shortcut") 
     better = all(_finite(r["all"]) and r["all"] > 1 for r in ratios.values())
     most_high = all(_finite(r["high_loss"]) and _finite(r["low_loss"]) and r["high_loss"] > r["low_loss"]
                     for r in ratios.values())
+    # probes whose cond_q10 is +inf (|lambda|(0.1) zero to working precision) cannot enter the log-log
+    # interpolation: they are named, and an infinite 2-shortcut value leaves the comparison undecided
+    singular = {a: sorted({(r["seed"], r["epoch"]) for rs in (runs[k] for k in runs if k[0] == a)
+                           for r in rs if r.get("cond_q10") == math.inf}) for a in [ref, *ratios]}
+    singular = {a: v for a, v in singular.items() if v}
+    note = "".join(f"; {a}: cond_q10 = inf (singular) at (seed, epoch) {v}, left out of the ratios"
+                   for a, v in singular.items())
+    undecided = ref in singular
     meas = "; ".join(f"{a}/{ref}: {_fmt(r['all'])} over the common loss range (high-loss third {_fmt(r['high_loss'])}, "
                      f"low-loss third {_fmt(r['low_loss'])}); |lambda|max ratio {_fmt(r['lam_max'])}, "
                      f"|lambda|(0.1) ratio {_fmt(r['lam_q10'])}; at equal epochs {_fmt(r['equal_epochs'])}"
@@ -300,10 +308,13 @@ def verdict_curvature_training(probe_rows: list[dict], ref: str = "2-shortcut") 
     return [
         Verdict("Figs. 6-7", "2-shortcut better conditioned than the other nets along training",
                 "geometric mean of cond_q10(other) / cond_q10(2-shortcut) at equal loss - L_min over the loss range "
-                "both runs visit, median over seeds; holds if > 1 for every other net", bool(better), meas, ratios),
+                "both runs visit, median over seeds; holds if > 1 for every other net (undecided if the 2-shortcut "
+                "net's own cond_q10 is inf at some probe)", None if undecided else bool(better), meas + note,
+                {**ratios, "singular": singular}),
         Verdict("Figs. 6-7", "... most of all at high loss",
                 "the same ratio over the highest third of the common loss range exceeds that over the lowest third, "
-                "for every other net", bool(most_high), meas, ratios),
+                "for every other net", None if undecided else bool(most_high), meas + note,
+                {**ratios, "singular": singular}),
     ]
 
 

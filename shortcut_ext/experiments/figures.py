@@ -53,16 +53,22 @@ def _band(ax, agg: list[dict], arch: str, x: str = "depth", label: str | None = 
         ax.fill_between(a[:, 0], a[:, 2], a[:, 3], color=_color(arch), alpha=0.18, lw=0)
 
 
-def _mark_singular(ax, rows: list[dict], value: str, x: str = "depth"):
+def _mark_singular(ax, rows: list[dict], value: str, x="depth", at: float = math.inf,
+                   label: str = "singular (= inf) for some seed"):
     """Triangles on the top edge where some seed's ``value`` is +inf (a condition number of a Hessian
-    singular to working precision), which a log axis and the seed means cannot show."""
+    singular to working precision), which a log axis and the seed means cannot show; with ``at=0``,
+    triangles on the bottom edge where it is 0.  ``x`` is a row key or a function of the row (rows
+    where it is not finite and positive are skipped)."""
     first = True
+    xof = x if callable(x) else (lambda r: r[x])
     for arch in _archs(rows):
-        xs = sorted({r[x] for r in rows if r["arch"] == arch and r.get(value) == math.inf})
+        xs = sorted({xof(r) for r in rows if r["arch"] == arch and r.get(value) == at})
+        xs = [v for v in xs if _finite(v) and v > 0]
         if xs:
-            ax.plot(xs, [1.0] * len(xs), ls="none", marker="^", ms=7, color=_color(arch), clip_on=False,
-                    transform=ax.get_xaxis_transform(),
-                    label="singular (= inf) for some seed" if first else None)
+            top = at == math.inf
+            ax.plot(xs, [1.0 if top else 0.0] * len(xs), ls="none", marker="^" if top else "v", ms=7,
+                    color=_color(arch), clip_on=False, transform=ax.get_xaxis_transform(),
+                    label=label if first else None)
             first = False
 
 
@@ -164,6 +170,11 @@ def fig_curvature_vs_loss(probe_rows: list[dict], path, l_min: float | None = No
                 ax.plot(a[:, 0], a[:, 1], marker=".", ms=3, lw=1, color=_color(arch), alpha=0.8,
                         label=None if arch in seen else arch)
                 seen.add(arch)
+        excess = lambda r: r["loss"] - lm if _finite(r.get("loss")) else math.nan  # noqa: E731
+        if key == "cond_q10":  # |lambda|(0.1) zero to working precision: a log axis cannot show these
+            _mark_singular(ax, probe_rows, key, excess, label="= inf (|λ|(0.1) = 0)")
+        elif key == "lam_q10":
+            _mark_singular(ax, probe_rows, key, excess, at=0.0, label="= 0 (below resolution)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.invert_xaxis()
