@@ -13,6 +13,7 @@ import pytest
 matplotlib.use("Agg")
 
 from shortcut_ext.cli import main  # noqa: E402
+from shortcut_ext.curvature import spectrum_cmd  # noqa: E402
 
 TINY = ["spectrum", "--units", "6", "--width", "3", "--samples", "32", "--probes", "2", "--steps", "8",
         "--top", "2", "--no-progress"]
@@ -196,6 +197,25 @@ def test_replaced_checkpoint_is_announced(tmp_path, capsys):
     assert main(base + ["--probes", "3", "--seed", "4"]) == 0  # same options: resumed, no notice
     assert "different options" not in capsys.readouterr().err
     assert _result(out)["resumed"]["lanczos"] is True
+
+
+def test_checkpoint_of_an_older_format_is_not_resumed(tmp_path, capsys):
+    """A checkpoint written before SLQ drew its probes one by one (no "format" key) holds probes drawn the
+    old way; resuming it would mix two probe streams. It is replaced with a notice."""
+    out = tmp_path / "o"
+    base = TINY + ["--init", "small", "--no-plots", "--out", str(out)]
+    assert main(base) == 0
+    ck = out / "spectrum.checkpoint.json"
+    state = json.loads(ck.read_text())
+    assert state["format"] == spectrum_cmd.CHECKPOINT_FORMAT
+    del state["format"]
+    ck.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(base) == 0
+    err = capsys.readouterr().err
+    assert "written by another version of shortcut_ext (checkpoint format 1" in err and "replaced" in err
+    assert _result(out)["resumed"]["lanczos"] is False
+    assert json.loads(ck.read_text())["format"] == spectrum_cmd.CHECKPOINT_FORMAT
 
 
 # ------------------------------------------------------------------ zero tolerance of the exact block

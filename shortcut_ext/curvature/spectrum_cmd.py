@@ -500,6 +500,9 @@ def to_strict_json(obj, **kw) -> str:
 # What a spectrum's numbers depend on (a checkpoint is reused only under the same values); where the
 # computation runs (device, ranks) and how it is shown do not count.
 _PLACEMENT_ARGS = ("out", "no_progress", "no_plots", "device", "distributed", "func")
+# Raised whenever what a checkpoint holds would be computed differently: 2 = SLQ probes drawn one by one
+# (so that the estimates do not depend on --probe-batch); a checkpoint of another format is not resumed.
+CHECKPOINT_FORMAT = 2
 
 
 class _Checkpoint:
@@ -511,7 +514,7 @@ class _Checkpoint:
         self.path = os.path.join(args.out, "spectrum.checkpoint.json")
         self.write = write
         self.config = {k: v for k, v in sorted(vars(args).items()) if k not in _PLACEMENT_ARGS}
-        self.state = {"config": self.config, "lanczos": None, "slq": {}}
+        self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {}}
         try:
             with open(self.path) as f:
                 old = json.load(f)
@@ -520,11 +523,16 @@ class _Checkpoint:
         except (OSError, ValueError) as e:  # unreadable: start afresh
             old = None
             self._say(f"the checkpoint {self.path} is unreadable ({e}); starting afresh and replacing it")
-        if isinstance(old, dict):
+        if isinstance(old, dict) and "config" in old and old.get("format") != CHECKPOINT_FORMAT:
+            self._say(f"the checkpoint in --out {args.out} was written by another version of shortcut_ext "
+                      f"(checkpoint format {old.get('format', 1)}, this version writes {CHECKPOINT_FORMAT}), whose "
+                      "numbers are computed differently; it is not resumed and is being replaced")
+        elif isinstance(old, dict):
             mine = json.loads(json.dumps(self.config, default=_json_default))
             theirs = old.get("config")
             if theirs == mine:
-                self.state = {"config": self.config, "lanczos": old.get("lanczos"), "slq": old.get("slq") or {}}
+                self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": old.get("lanczos"),
+                              "slq": old.get("slq") or {}}
             else:
                 theirs = theirs if isinstance(theirs, dict) else {}
                 diff = [f"--{k.replace('_', '-')} {_flag_value(theirs.get(k, '(unset)'))} -> {_flag_value(mine.get(k))}"
