@@ -243,6 +243,13 @@ def test_bad_inputs():
         HessianOperator(net, X)
     with pytest.raises(TypeError, match=r"data\[1\] must be a pair"):
         HessianOperator(net, [(X, Y), X])
+    # ([x1, x2], [y1, y2]) read as the mini-batches (x1, x2), (y1, y2) when y has x's width: refused
+    with pytest.raises(TypeError, match=r"pair of lists of 2 tensors.*ambiguous.*list\(zip\(xs, ys\)\)"):
+        HessianOperator(net, ([X[:5], X[5:]], [X[:5], X[5:]]), backend="autograd")
+    a = HessianOperator(net, [[X[:5], Y[:5]], [X[5:], Y[5:]]], backend="autograd")  # list(DataLoader): fine
+    b = HessianOperator(net, list(zip([X[:5], X[5:]], [Y[:5], Y[5:]])), backend="autograd")
+    v = torch.randn(a.shape[0], dtype=X.dtype)
+    torch.testing.assert_close(a.matvec(v), b.matvec(v))
     with pytest.raises(TypeError, match="ShortcutNet or PlainNet"):
         HessianOperator(torch.nn.Linear(3, 3), (X, Y))
     with pytest.raises(ValueError, match="class indices must lie in"):
