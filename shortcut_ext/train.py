@@ -139,18 +139,24 @@ class TrainConfig:
 
 
 def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
-    """Learning rates ``10^k`` on a log grid from ``lo`` to ``hi`` with ``per_decade`` points per decade.
+    """Learning rates ``10^(k / per_decade)`` for the integers ``k`` with ``lo <= 10^(k / per_decade) <= hi``
+    (ends within 1% of a grid point count as on it, so ``3.16e-3`` starts at ``10^-2.5``), 3 digits.
 
     >>> log_grid(0.01, 1, per_decade=2)
     [0.01, 0.0316, 0.1, 0.316, 1.0]
+    >>> log_grid(3.16e-3, 3.16, per_decade=2)
+    [0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16]
     """
     if not (0 < lo <= hi):
         raise ValueError(f"need 0 < lo <= hi, got lo={lo!r}, hi={hi!r}")
     if not isinstance(per_decade, int) or per_decade < 1:
         raise ValueError(f"per_decade must be an integer >= 1, got {per_decade!r}")
-    a, b = math.log10(lo), math.log10(hi)
-    steps = int(round((b - a) * per_decade))
-    return [float(f"{10 ** (a + i / per_decade):.3g}") for i in range(steps + 1)]
+    tol = math.log10(1.01) * per_decade  # in grid steps
+    k0 = math.ceil(math.log10(lo) * per_decade - tol)
+    k1 = math.floor(math.log10(hi) * per_decade + tol)
+    if k1 < k0:
+        raise ValueError(f"no point 10^(k/{per_decade}) lies between lo={lo!r} and hi={hi!r}; widen the range")
+    return [float(f"{10 ** (k / per_decade):.3g}") for k in range(k0, k1 + 1)]
 
 
 # --------------------------------------------------------------------------- results
