@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -616,23 +617,37 @@ def train(
 _CHECKPOINT_FORMAT = 1
 
 
+def _digest(*tensors) -> str:
+    """SHA-1 of the tensors' dtypes, shapes and values (order-sensitive; ``None`` entries count too)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        if t is None:
+            h.update(b"none|")
+            continue
+        t = t.detach()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.reshape(-1)
+        chunk = 1 << 22  # elements at a time: no full-size host copy of device data
+        for i in range(0, flat.numel(), chunk):
+            h.update(flat[i:i + chunk].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _fingerprint(model, X, Y, config: TrainConfig, l_min, key, distributed: bool, process_group, world: int,
                  probe_data=None) -> str:
     """What a run's numbers depend on, as a JSON string: a checkpoint is resumed only under the same one.
-    The data (and the probe data) enter by their sample counts and sums (over all ranks when
-    distributed), the initial weights by their sums."""
-    w = model.weight.detach().double()
-    parts = []
-    for A, Bt in ((X, Y),) + (() if probe_data is None else (tuple(probe_data),)):
-        A64, B64 = A.detach().double().to(X.device), Bt.detach().double().to(X.device)
-        parts += [torch.tensor(float(A.shape[0]), dtype=torch.float64, device=X.device), A64.sum(),
-                  A64.square().sum(), B64.sum(), B64.square().sum()]
-    data = torch.stack(parts)
+    The data (and the probe data) enter by a hash of their values (each rank's hash, summed over the ranks
+    in 48-bit parts when distributed), the model by a hash of its initial weight and frozen projections."""
+    pd = (None, None) if probe_data is None else tuple(probe_data)
+    hx = _digest(X, Y, *pd)
+    parts = torch.tensor([float(int(hx[i:i + 12], 16)) for i in (0, 12, 24)] + [float(X.shape[0])],
+                         dtype=torch.float64, device=X.device)  # 48-bit parts: sums over ranks stay exact
     if distributed:
-        all_reduce(data, process_group)
+        all_reduce(parts, process_group)
+    w = model.weight
     fp = {"key": key, "config": config.to_dict(), "model": repr(model), "weight_shape": list(w.shape),
-          "dtype": str(model.weight.dtype), "weight_sums": [float(w.sum()), float(w.square().sum())],
-          "data": [float(v) for v in data.cpu()], "l_min": l_min, "world": world}
+          "dtype": str(w.dtype), "weights": _digest(w, getattr(model, "input_proj", None), getattr(model, "readout", None)),
+          "data": [float(v) for v in parts.cpu()], "l_min": l_min, "world": world}
     return json.dumps(fp, sort_keys=True, default=str)
 
 

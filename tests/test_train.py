@@ -337,6 +337,29 @@ def test_checkpoint_of_other_probe_data_is_not_resumed(teacher, tmp_path):
     assert [p["lam_max"] for p in res.probes] == [p["lam_max"] for p in fresh.probes]
 
 
+@pytest.mark.parametrize("change", ["projection", "shuffled targets"])
+def test_checkpoint_of_other_projections_or_data_order_is_not_resumed(tmp_path, change):
+    """The fingerprint saw the data by sums and the model by weight sums: a zero-init net with another
+    seed's input projection, or the same targets shuffled, resumed the other run's checkpoint."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(20, 6, generator=g), torch.randn(20, 4, generator=g)
+    Y2 = Y[torch.randperm(20, generator=g)] if change == "shuffled targets" else Y
+    seed2 = 1 if change == "projection" else 0
+    mk = lambda seed: ShortcutNet(width=4, units=3, shortcut=1, init="zero", seed=seed, in_features=6)  # noqa: E731
+    cfg, ck = TrainConfig(epochs=12, lr=0.05), tmp_path / "c.ckpt.pt"
+
+    def stop(epoch):
+        if epoch == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(mk(0), (X, Y), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, on_epoch=stop)
+    with pytest.warns(UserWarning, match="is of another run"):
+        res = train(mk(seed2), (X, Y2), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
+    fresh = train(mk(seed2), (X, Y2), cfg)
+    assert res.history["loss"] == fresh.history["loss"]
+
+
 def test_slowly_climbing_runs_are_not_stable():
     from shortcut_ext.experiments.sweeps import is_stable
 
