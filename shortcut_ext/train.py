@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ._dist import all_reduce, group_of, model_signature, ranks_agree
+from .ops import autocast_off
 from .reference import LOSSES, loss_fn
 
 OPTIMIZERS = ("gd", "sgd", "adam")
@@ -428,6 +429,14 @@ def train(
         A :class:`TrainResult`; a diverged run has ``status="diverged"`` and ``final_loss=inf``.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("train() needs autograd, which torch.inference_mode() turns off: call it outside "
+                           "inference mode (HessianOperator and the spectra work inside it)")
+    w = getattr(model, "weight", None)
+    if isinstance(w, torch.Tensor) and (not w.requires_grad or w.is_inference()):
+        raise ValueError("model.weight must be trainable, got " + (
+            "a tensor made under torch.inference_mode (build the model outside it)" if w.is_inference()
+            else "requires_grad=False (call model.weight.requires_grad_(True) to train it)"))
     rank, world = group_of(distributed, process_group, "train")
     local_error = None
     try:
@@ -527,7 +536,7 @@ def train(
         bar = tqdm(total=config.epochs, initial=start, desc="train", leave=False)
 
     def loss_and_grad(xb, yb):
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_off(w):  # the backward too: under autocast it ran in bfloat16
             L = loss_fn(config.loss, model(xb), yb)
             (g,) = torch.autograd.grad(L, w)
         return float(L.detach()), g

@@ -360,6 +360,25 @@ def test_checkpoint_of_other_projections_or_data_order_is_not_resumed(tmp_path, 
     assert res.history["loss"] == fresh.history["loss"]
 
 
+def test_train_under_autocast_inference_mode_and_frozen_weights():
+    """Under torch.autocast train()'s backward ran the read-out and the torch backend in bfloat16 (the
+    gradient norm moved in the 4th digit); inference mode and a frozen weight gave raw autograd errors."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+    mk = lambda: ShortcutNet(width=4, units=3, shortcut=2, mid="tanh", init="small", in_features=6,  # noqa: E731
+                             out_features=3, backend="torch")
+    ref = train(mk(), (X, Y), epochs=3, lr=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = train(mk(), (X, Y), epochs=3, lr=0.1, probe_every=3)
+    assert res.history["grad_norm"] == ref.history["grad_norm"] and res.final_loss == ref.final_loss
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"train\(\) needs autograd.*outside inference"):
+        train(mk(), (X, Y), epochs=2)
+    net = mk()
+    net.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="model.weight must be trainable, got requires_grad=False"):
+        train(net, (X, Y), epochs=2)
+
+
 def test_slowly_climbing_runs_are_not_stable():
     from shortcut_ext.experiments.sweeps import is_stable
 

@@ -21,6 +21,7 @@ Backends:
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -72,6 +73,19 @@ def _as_batches(data, allow_empty: bool = False) -> list[tuple[torch.Tensor, tor
     return batches
 
 
+@contextlib.contextmanager
+def _exact(t: torch.Tensor):
+    """Products and gradients in the operator's dtype with autograd available: autocast off (the double
+    backward and the read-out would drop to bfloat16 under it) and inference mode lifted."""
+    with torch.inference_mode(False), ops.autocast_off(t):
+        yield
+
+
+def _normal(t):
+    """A tensor made under ``torch.inference_mode`` cannot be saved for backward: a normal copy of it."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+
+
 class HessianOperator:
     """Hessian of the mean loss w.r.t. the flat trunk weights, as a symmetric ``P x P`` operator.
 
@@ -105,6 +119,11 @@ class HessianOperator:
 
     def __init__(self, model, data, loss: str = "mse", backend: str = "fused", dtype: torch.dtype | None = None,
                  max_directions: int | None = None, distributed: bool = False, process_group=None):
+        w = getattr(model, "weight", None)
+        with _exact(w) if isinstance(w, torch.Tensor) else contextlib.nullcontext():
+            self._setup(model, data, loss, backend, dtype, max_directions, distributed, process_group)
+
+    def _setup(self, model, data, loss, backend, dtype, max_directions, distributed, process_group):
         for attr in ("weight", "stack_weights", "shortcut", "activations", "width", "n"):
             if not hasattr(model, attr):
                 raise TypeError(
@@ -137,8 +156,8 @@ class HessianOperator:
         self.activations = tuple(model.activations)
         proj = getattr(model, "input_proj", None)
         readout = getattr(model, "readout", None)
-        self._input_proj = None if proj is None else proj.detach().to(dtype)  # [d, p]
-        self._readout = None if readout is None else readout.detach().to(dtype)  # [q, d]
+        self._input_proj = None if proj is None else _normal(proj.detach().to(dtype))  # [d, p]
+        self._readout = None if readout is None else _normal(readout.detach().to(dtype))  # [q, d]
         self.in_features = getattr(model, "in_features", model.width)
         self.out_features = getattr(model, "out_features", model.width)
 
@@ -225,7 +244,7 @@ class HessianOperator:
                                  f"for loss='cross_entropy', got {list(y.shape)} {y.dtype}")
         x = x.to(device=self.device, dtype=self.dtype)
         h0 = x if self._input_proj is None else x @ self._input_proj.T
-        return h0.contiguous(), y
+        return _normal(h0.contiguous()), _normal(y)
 
     def _read(self, h):
         return h if self._readout is None else h @ self._readout.T
@@ -258,7 +277,8 @@ class HessianOperator:
         V = self._check_directions(V)
         k = V.shape[1]
         step = k if self.max_directions is None else self.max_directions
-        outs = [self._hvp_all_batches(V[:, c:c + step]) for c in range(0, k, step)]
+        with _exact(self._W):
+            outs = [self._hvp_all_batches(V[:, c:c + step]) for c in range(0, k, step)]
         self.num_products += k
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -314,7 +334,7 @@ class HessianOperator:
         grad = torch.zeros_like(self._W)
         for h0, y, wt in self._batches:
             w = self._W.detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _exact(w):
                 L = self._forward_loss(w, h0, y, backend=fwd)
                 (g,) = torch.autograd.grad(L, w)
             total += wt * L.detach()
