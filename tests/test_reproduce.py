@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import shortcut_ext
 from shortcut_ext.cli import build_parser
@@ -138,6 +139,23 @@ def test_curvature_training_names_singular_probes(tmp_path, monkeypatch):
     tri = [ln for ln in ax_cond.lines if ln.get_marker() == "^"]
     assert len(tri) == 1 and list(tri[0].get_xdata()) == [pytest.approx(10.0 / 65)]
     assert [ln.get_marker() for ln in ax_lq.lines].count("v") == 1  # |lambda|(0.1) = 0 at the bottom edge
+
+
+def test_group_key_separates_training_settings():
+    """The store key left out batch size, momentum, loss, divergence factor and the mini-batch seed:
+    run_lr_sweeps returned an SGD batch-8 momentum-0.9 run's result for a batch-64 sweep into the same
+    store. Settings at their defaults stay out of the key, so earlier stores still resume."""
+    from shortcut_ext.train import TrainConfig
+
+    b = sweeps.load_data("synthetic", d=4, samples=16)
+    key = lambda cfg: sweeps.group_key("sweep", b, "2-shortcut", "linear", 4, 0, cfg, torch.float64)  # noqa: E731
+    base = TrainConfig(epochs=20, optimizer="sgd", batch_size=8)
+    others = [dataclasses.replace(base, **kw) for kw in (dict(batch_size=4), dict(momentum=0.9),
+                                                          dict(loss="cross_entropy"), dict(divergence_factor=10.0),
+                                                          dict(seed=3))]
+    keys = [key(base)] + [key(c) for c in others]
+    assert len(set(keys)) == len(keys)
+    assert key(TrainConfig(epochs=20)) == ("sweep|" + b.tag + "|2-shortcut|linear|depth=4|seed=0|gd|epochs=20|float64")
 
 
 def test_verdicts_without_data_are_undecided():

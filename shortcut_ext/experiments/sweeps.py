@@ -203,12 +203,19 @@ def _dtype_name(dtype) -> str:
 
 def group_key(kind: str, bundle: DataBundle, arch: str, act: str, depth: int, seed: int, cfg: TrainConfig,
               dtype) -> str:
-    """Readable key of a run group: everything that determines the runs except the learning rate."""
+    """Readable key of a run group: everything that determines the runs except the learning rate and the
+    backend (one store holds one backend's runs: ``reproduce`` refuses a folder of another backend).
+    Training settings at their :class:`TrainConfig` defaults are left out of the key (as in keys written
+    before they were added)."""
     probe = "" if cfg.probe_epochs is None and not cfg.probe_every else (
         f"|probes={list(cfg.probe_epochs) if cfg.probe_epochs is not None else cfg.probe_every}"
         f"|exact<={cfg.exact_max_params}")
+    default = TrainConfig()
+    extra = "".join(f"|{name}={getattr(cfg, name)}" for name in ("batch_size", "momentum", "loss", "divergence_factor",
+                                                                "seed")
+                    if getattr(cfg, name) != getattr(default, name))
     return (f"{kind}|{bundle.tag}|{arch}|{act}|depth={depth}|seed={seed}|{cfg.optimizer}|epochs={cfg.epochs}"
-            f"|{_dtype_name(dtype)}{probe}")
+            f"|{_dtype_name(dtype)}{probe}{extra}")
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
