@@ -117,6 +117,25 @@ def test_lanczos_which_and_zero_operator():
     assert np.all(z.largest == 0) and np.all(z.smallest == 0)
 
 
+def test_operator_adapter_dtype_override_casts_the_directions():
+    """as_torch_operator(op, dtype=float64) of a float32 HessianOperator (or tensor) passed float64
+    directions to it and raised; the base operator now gets its own dtype and returns the working one."""
+    from shortcut_ext.curvature import HessianOperator
+
+    torch.manual_seed(0)
+    net = ShortcutNet(width=3, units=2, shortcut=2, mid="tanh", init="small")
+    H = HessianOperator(net, (torch.randn(10, 3), torch.randn(10, 3)), backend="autograd")
+    D = H.to_dense()
+    for base in (H, D):
+        T = as_torch_operator(base, dtype=F64)
+        V = torch.randn(H.P, 2, dtype=F64)
+        out = T.matmat(V)
+        assert out.dtype == F64
+        torch.testing.assert_close(out, (D @ V.float()).double(), rtol=1e-5, atol=1e-6)
+        r = lanczos(T, k=1)
+        assert r.largest[0] == pytest.approx(float(torch.linalg.eigvalsh(D.double())[-1]), rel=1e-5)
+
+
 def test_operator_adapter_accepts_scipy_numpy_dense(random_hessian):
     op, D, ev = random_hessian
     for A in (op.as_scipy(), D.numpy(), aslinearoperator(D.numpy()), D):

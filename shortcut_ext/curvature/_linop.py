@@ -60,6 +60,9 @@ class TorchOperator:
                 return op.matmat(V.detach().cpu().numpy())
 
             self._mm = _mm
+        # the base operator takes vectors in its own dtype and device (a float32 HessianOperator refuses
+        # float64 directions); the working dtype / device given here apply to what this operator returns
+        self._base_dtype, self._base_device = dt, torch.device(dev)
         self.shape = (P, P)
         self.dtype = dt if dtype is None else dtype
         self.device = torch.device(dev) if device is None else torch.device(device)
@@ -73,7 +76,7 @@ class TorchOperator:
     def matmat(self, V: torch.Tensor) -> torch.Tensor:  # [P, k] -> [P, k]
         if V.dim() != 2 or V.shape[0] != self.P or V.shape[1] < 1:
             raise ValueError(f"V must have shape [{self.P}, k] with k >= 1, got {list(V.shape)}")
-        out = self._mm(V)
+        out = self._mm(V.to(dtype=self._base_dtype, device=self._base_device))
         self.num_products += V.shape[1]
         if isinstance(out, np.ndarray):
             out = torch.from_numpy(out)
