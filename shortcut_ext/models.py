@@ -106,9 +106,17 @@ class StackNet(nn.Module):
         return (self.act_pre, self.act_mid, self.act_post)
 
     def stack_weights(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``weight`` (default: the parameter) viewed as ``[R, n, d, d]``."""
+        """``weight`` (default: the parameter) viewed as ``[R, n, d, d]``; it must hold as many values as the
+        parameter (a weight of another depth is refused, not run as a deeper or shallower net)."""
         w = self.weight if weight is None else weight
-        return w.reshape(-1, self.n, self.width, self.width)
+        if weight is not None:
+            if not isinstance(weight, torch.Tensor):
+                raise TypeError(f"weight must be a torch.Tensor of {self.weight.numel()} values "
+                                f"(shape {list(self.weight.shape)} or flat), got {type(weight).__name__}")
+            if weight.numel() != self.weight.numel():
+                raise ValueError(f"weight must hold {self.weight.numel()} values like the parameter (shape "
+                                 f"{list(self.weight.shape)}, or flat), got shape {list(weight.shape)}")
+        return w.reshape(self.weight.shape[0] if self.weight.dim() == 4 else 1, self.n, self.width, self.width)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the frozen input projection, if any: ``[B, p] -> [B, d]``."""
@@ -124,7 +132,10 @@ class StackNet(nn.Module):
     def forward_with(self, weight: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """The network's output with ``weight`` in place of the parameter (any shape that views as
         ``[R, n, d, d]``, e.g. the flat parameter vector)."""
-        if isinstance(weight, torch.Tensor) and weight.dtype not in (torch.float32, torch.float64):
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor of {self.weight.numel()} values "
+                            f"(shape {list(self.weight.shape)} or flat), got {type(weight).__name__}")
+        if weight.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"the model computes in float32 or float64, but its weights are "
                             f"{str(weight.dtype).replace('torch.', '')}: convert it with .float() or .double() "
                             f"(half precision is not supported; under autocast the model stays in its dtype)")
@@ -208,10 +219,6 @@ class PlainNet(StackNet):
         self.shortcut = False
         self.init = init
         self.weight = nn.Parameter(init_weights((self.n, self.width, self.width), init, scale, seed, dtype))
-
-    def stack_weights(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.weight if weight is None else weight
-        return w.reshape(1, self.n, self.width, self.width)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, depth={self.n}, activation={self.act_mid}, init={self.init}, backend={self.backend}"

@@ -147,3 +147,15 @@ def test_half_models_are_refused_clearly():
     net = ShortcutNet(width=4, units=2, backend="torch").half()
     with pytest.raises(TypeError, match="computes in float32 or float64, but its weights are float16"):
         net(torch.randn(3, 4).half())
+
+
+def test_forward_with_refuses_a_weight_of_another_depth():
+    """forward_with reshaped any weight to [-1, n, d, d]: twice the units ran a net twice as deep."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    for net in (ShortcutNet(4, 3, 2, init="small", backend="torch"), PlainNet(4, 5, backend="torch")):
+        torch.testing.assert_close(net.forward_with(net.weight.reshape(-1), x), net(x), rtol=0, atol=0)
+        with pytest.raises(ValueError, match=rf"weight must hold {net.weight.numel()} values like the parameter"):
+            net.forward_with(torch.cat([net.weight, net.weight]), x)
+        with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+            net.forward_with([1.0, 2.0], x)
