@@ -457,10 +457,19 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
                     reps.append(condition_report(op, method="exact", q=q))
                 for k in keys:
                     rows[k].append(float(np.mean([getattr(r, k) for r in reps])))
-                rows["std"].append({k: float(np.std([getattr(r, k) for r in reps])) for k in keys})
+                rows["std"].append({k: _spread([getattr(r, k) for r in reps]) for k in keys})
                 rows["method"].append("dense (numerical)")
         out[kind] = rows
     return out
+
+
+def _spread(vals) -> float:
+    """Standard deviation over seeds; 0 when every value is the same (all inf: singular for every seed,
+    where numpy's std warns and gives nan), nan when they differ but some are not finite."""
+    a = np.asarray(vals, dtype=float)
+    if a.size and np.all(a == a[0]):
+        return 0.0
+    return float(np.std(a)) if np.all(np.isfinite(a)) else float("nan")
 
 
 __all__ = [

@@ -87,6 +87,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # numpy scalars (a value from a grid or an array) as their Python values, as elsewhere in the API
+        for name in ("epochs", "batch_size", "probe_every", "exact_max_params", "seed"):
+            if isinstance(getattr(self, name), np.integer):
+                setattr(self, name, int(getattr(self, name)))
+        for name in ("lr", "momentum", "divergence_factor"):
+            if isinstance(getattr(self, name), (np.integer, np.floating)) and not isinstance(getattr(self, name), bool):
+                setattr(self, name, float(getattr(self, name)))
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
@@ -125,7 +132,8 @@ class TrainConfig:
             self.probe_epochs = tuple(sorted({int(e) for e in epochs}))
             if any(e < 0 for e in self.probe_epochs):
                 raise ValueError(f"probe_epochs must be >= 0, got {self.probe_epochs}")
-        if not (self.divergence_factor > 1):
+        if isinstance(self.divergence_factor, bool) or not isinstance(self.divergence_factor, (int, float)) or \
+                not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor!r}")
 
     def probes_at(self, epoch: int) -> bool:

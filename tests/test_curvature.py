@@ -243,6 +243,10 @@ def test_bad_inputs():
         HessianOperator(net, X)
     with pytest.raises(TypeError, match=r"data\[1\] must be a pair"):
         HessianOperator(net, [(X, Y), X])
+    with pytest.raises(TypeError, match=r"data \(x, y\) must be torch tensors, got \(ndarray, ndarray\)"):
+        HessianOperator(net, (X.numpy(), Y.numpy()))
+    with pytest.raises(TypeError, match=r"data\[0\] must be a pair \(x, y\) of torch tensors, got \(Tensor, ndarray\)"):
+        HessianOperator(net, [(X, Y.numpy())])
     # ([x1, x2], [y1, y2]) read as the mini-batches (x1, x2), (y1, y2) when y has x's width: refused
     with pytest.raises(TypeError, match=r"pair of lists of 2 tensors.*ambiguous.*list\(zip\(xs, ys\)\)"):
         HessianOperator(net, ([X[:5], X[5:]], [X[:5], X[5:]]), backend="autograd")

@@ -1,6 +1,8 @@
 """The zero-point theory (PAPER.md section 2) against dense torch.func Hessians and Lanczos."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -255,3 +257,21 @@ def test_condition_vs_depth_passes_q_to_the_lanczos_path():
     q10 = th.condition_vs_depth(X, Y, max_dense_params=10_000, depths=[8], kinds=("shortcut1",))["shortcut1"]
     assert abs(dense["lam_q10"][0] - q10["lam_q10"][0]) > 0.1 * dense["lam_q10"][0]  # q matters here
     assert slq_path["lam_q10"][0] == pytest.approx(dense["lam_q10"][0], rel=0.05)
+
+
+def test_condition_vs_depth_singular_for_every_seed_is_quiet():
+    """Cross-entropy Hessians of these nets are singular (cond = inf for every seed): the seed spread
+    was numpy's std of [inf, inf], a RuntimeWarning and nan; it is 0 (all seeds agree)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    lab = torch.arange(12) % 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        r = th.condition_vs_depth(X, lab, depths=[2], seeds=(0, 1), kinds=("plain_orthogonal",),
+                                      loss="cross_entropy")
+    rows = r["plain_orthogonal"]
+    assert rows["cond"] == [math.inf] and rows["std"][0]["cond"] == 0.0
+    assert th._spread([1.0, math.inf]) != th._spread([1.0, math.inf])  # nan: seeds disagree
+    assert th._spread([1.0, 3.0]) == 1.0

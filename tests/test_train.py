@@ -379,6 +379,18 @@ def test_train_under_autocast_inference_mode_and_frozen_weights():
         train(net, (X, Y), epochs=2)
 
 
+def test_train_config_takes_numpy_scalars():
+    """A learning rate or epoch count taken from a numpy grid was refused as 'not a number'."""
+    c = TrainConfig(epochs=np.int64(5), lr=np.float32(0.25), optimizer="sgd", batch_size=np.int32(4),
+                    momentum=np.float64(0.5), seed=np.uint8(3), divergence_factor=np.int64(10))
+    assert (c.epochs, c.lr, c.batch_size, c.momentum, c.seed, c.divergence_factor) == (5, 0.25, 4, 0.5, 3, 10.0)
+    assert type(c.epochs) is int and type(c.lr) is float and json.dumps(c.to_dict())
+    with pytest.raises(ValueError, match="divergence_factor must be > 1, got 'x'"):
+        TrainConfig(divergence_factor="x")
+    with pytest.raises(ValueError, match="epochs must be an integer"):
+        TrainConfig(epochs=np.float64(5))
+
+
 def test_slowly_climbing_runs_are_not_stable():
     from shortcut_ext.experiments.sweeps import is_stable
 

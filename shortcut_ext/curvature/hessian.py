@@ -50,6 +50,10 @@ def _as_batches(data, allow_empty: bool = False) -> list[tuple[torch.Tensor, tor
     ``allow_empty``: an empty iterable is no batches (a rank's empty shard), not an error."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return [(data[0], data[1])]
+    if (isinstance(data, (tuple, list)) and len(data) == 2 and any(isinstance(t, np.ndarray) for t in data)
+            and all(isinstance(t, (np.ndarray, torch.Tensor)) for t in data)):
+        raise TypeError(f"data (x, y) must be torch tensors, got ({type(data[0]).__name__}, {type(data[1]).__name__}): "
+                        "convert numpy arrays with torch.from_numpy")
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
         raise TypeError(
             "data must be one batch (x, y) of tensors or an iterable of (x, y) mini-batches, "
@@ -66,7 +70,9 @@ def _as_batches(data, allow_empty: bool = False) -> list[tuple[torch.Tensor, tor
     batches = []
     for i, b in enumerate(data):
         if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, torch.Tensor) for t in b)):
-            raise TypeError(f"data[{i}] must be a pair (x, y) of tensors, got {type(b).__name__}")
+            got = (f"({', '.join(type(t).__name__ for t in b)})" if isinstance(b, (tuple, list))
+                   else type(b).__name__)
+            raise TypeError(f"data[{i}] must be a pair (x, y) of torch tensors, got {got}")
         batches.append((b[0], b[1]))
     if not batches and not allow_empty:
         raise ValueError("data must hold at least one batch (x, y), got an empty iterable")
