@@ -599,6 +599,49 @@ def test_emulated_smoke(emulator):
         check(_emu_run(emulator, x, w, gy, True, acts, path=path, tf32=mode), x, w, gy, True, acts)
 
 
+def _sanitizer_cases():
+    """The check(...) calls of the case benchmarks/gpu/run.sh hands to compute-sanitizer, as tuples."""
+    import ast
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "run.sh").read_text()
+    start = text.index("cat > /tmp/se_sanitize_case.py <<'EOF'\n")
+    tree = ast.parse(text[text.index("\n", start) + 1:text.index("\nEOF\n", start)])
+    cases = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check":
+            B, d, R, n = (ast.literal_eval(a) for a in node.args[:4])
+            dtype = torch.float64 if ast.unparse(node.args[4]) == "torch.float64" else torch.float32
+            env = ast.literal_eval(node.args[5])
+            tf32 = next((ast.literal_eval(k.value) for k in node.keywords if k.arg == "tf32"), False)
+            cases.append((B, d, R, n, dtype, env, tf32))
+    return cases
+
+
+def test_sanitizer_cases_have_plans_on_the_h200(emulator):
+    """Every case run.sh hands to compute-sanitizer must be one the planner runs on the H200 (132 SMs,
+    227 KB of shared memory per block) with its forced switches, forward and backward: one case forced
+    a 128-row tile on a d = 128, n = 2 backward, which does not fit, and would have failed the GPU run."""
+    cases = _sanitizer_cases()
+    assert len(cases) >= 10
+    emulator.se_emu_set_sms(132)
+    try:
+        for B, d, R, n, dtype, env, tf32 in cases:
+            tile = int(env.get("SHORTCUT_EXT_CUDA_TILE_ROWS", 0))
+            path = {"fused": 1, "generic": 2}.get(env.get("SHORTCUT_EXT_CUDA_PATH", ""), 0)
+            ws = int(env.get("SHORTCUT_EXT_CUDA_WORKSPACE_MB", 1024)) << 20
+            for backward in (False, True):
+                plan = _emu_describe(emulator, dtype, backward, B, d, R, n, path, tile,
+                                     env.get("SHORTCUT_EXT_CUDA_ATOMIC_GRAD") == "1", ws, tf32=tf32)
+                assert not plan.startswith("error"), (B, d, R, n, env, tf32, backward, plan)
+                if tile:
+                    assert f"BM={tile} " in plan, (B, d, R, n, env, backward, plan)
+                if tf32:
+                    assert plan.startswith("fused-3xtf32" if tf32 == "3xtf32" else "fused-tf32"), plan
+    finally:
+        emulator.se_emu_set_sms(4)
+
+
 @pytest.mark.slow
 def test_emulated_deterministic_and_errors(emulator):
     x, w, gy = _inputs(90, 24, 3, 2, torch.float32, seed=1, device="cpu")
