@@ -158,6 +158,27 @@ def test_group_key_separates_training_settings():
     assert key(TrainConfig(epochs=20)) == ("sweep|" + b.tag + "|2-shortcut|linear|depth=4|seed=0|gd|epochs=20|float64")
 
 
+def test_final_loss_verdicts_count_seeds_that_diverged_at_every_rate():
+    """A seed whose every rate diverged has final loss inf; the seed means left it out, so '2-shortcut
+    stays near L_min' held on the surviving seeds alone."""
+    rows = []
+    for arch, losses in (("2-shortcut", {6: [0.2768] * 3, 48: [0.2767, 0.2767, math.inf]}),
+                         ("plain-xavier", {6: [0.3] * 3, 48: [0.5] * 3}), ("plain-orthogonal", {6: [0.3] * 3, 48: [0.5] * 3})):
+        for d, ls in losses.items():
+            rows += [{"arch": arch, "act": "linear", "depth": d, "seed": s, "final_loss": v, "best_lr": 0.1,
+                      "max_stable_lr": 0.1} for s, v in enumerate(ls)]
+    near = analysis.verdict_final_loss_linear(rows, l_min=0.2766, l_zero=5.4)[0]
+    assert near.holds is False and "D=48: inf" in near.measured
+    assert "every rate diverged (loss counted as inf) for 2-shortcut D=48 (1 of 3 seeds)" in near.measured
+    relu = analysis.verdict_final_loss_nonlinear([dict(r, act="relu-mid") for r in rows], l_min=0.2766)
+    assert [v.holds for v in relu] == [False, False]
+    agg = analysis.aggregate(rows, ("arch", "depth"), "final_loss", keep_inf=True)
+    r48 = next(r for r in agg if r["arch"] == "2-shortcut" and r["depth"] == 48)
+    assert r48["mean"] == math.inf and r48["median"] == 0.2767 and r48["n_inf"] == 1
+    assert next(r for r in analysis.aggregate(rows, ("arch", "depth"), "final_loss")
+                if r["arch"] == "2-shortcut" and r["depth"] == 48)["mean"] == pytest.approx(0.2767)
+
+
 def test_verdicts_without_data_are_undecided():
     assert all(v.holds is None for v in analysis.verdict_index([], []))
     assert all(v.holds is None for v in analysis.verdict_curvature_training([]))
@@ -232,7 +253,7 @@ def test_tiny_out_folder_refuses_other_options(tiny):
     """One --out folder, one reproduction: other seeds, data or backend would mix CSVs and figures."""
     out, bundle, _ = tiny
     other_seeds = dataclasses.replace(reproduce.TINY, seeds=(0,))
-    with pytest.raises(ValueError, match=r"other options \(differing: config.seeds\)"):
+    with pytest.raises(ValueError, match=r"other options \(differing: config.seeds; if you gave the same flags, the preset"):
         reproduce.run(other_seeds, bundle, out, only=["fig5"], progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match=r"differing: .*data"):
         reproduce.run(reproduce.TINY, sweeps.load_data("synthetic", d=4, samples=80), out, only=["fig5"],

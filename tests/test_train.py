@@ -399,6 +399,9 @@ def test_slowly_climbing_runs_are_not_stable():
     falling = TrainResult(status="ok", lr=0.1, final_loss=0.3, history={"loss": [4.5, 1.0, 0.3]}, **kw)
     diverged = TrainResult(status="diverged", lr=3.0, final_loss=math.inf, history={"loss": [4.5]}, **kw)
     assert [is_stable(r) for r in (climbing, falling, diverged)] == [False, True, False]
+    # a net stuck at a saddle (gradient 1e-11, loss 0.5 from start to end) did count as stable at every rate
+    stuck = TrainResult(status="ok", lr=3.16, final_loss=0.5, history={"loss": [0.5, 0.5, 0.5]}, **kw)
+    assert not is_stable(stuck)
 
 
 def test_compression_and_l_min_stay_exact_on_badly_scaled_data():

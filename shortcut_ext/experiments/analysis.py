@@ -53,6 +53,10 @@ def _finite(x) -> bool:
     return x is not None and isinstance(x, (int, float, np.floating)) and math.isfinite(float(x))
 
 
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
+
+
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x`` over the finite, positive points (nan if < 2).
 
@@ -66,12 +70,15 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(np.polyfit(a[:, 0], a[:, 1], 1)[0])
 
 
-def aggregate(rows: Iterable[dict], by: Sequence[str], value: str, log: bool = False) -> list[dict]:
+def aggregate(rows: Iterable[dict], by: Sequence[str], value: str, log: bool = False,
+              keep_inf: bool = False) -> list[dict]:
     """Group ``rows`` by the keys ``by`` and summarise ``value`` over the group (seeds).
 
-    Returns rows with the ``by`` keys plus ``n`` (finite values), ``n_total``, ``mean``, ``std``,
-    ``min``, ``max``, ``median``; with ``log=True`` mean/std are of ``log10(value)`` and ``mean`` is
-    reported back as the geometric mean (``lo``/``hi`` = geometric mean / * 10^std).
+    Returns rows with the ``by`` keys plus ``n`` (finite values), ``n_inf`` (+inf values), ``n_total``,
+    ``mean``, ``std``, ``min``, ``max``, ``median``; with ``log=True`` mean/std are of ``log10(value)``
+    and ``mean`` is reported back as the geometric mean (``lo``/``hi`` = geometric mean / * 10^std).
+    Non-finite values are left out, unless ``keep_inf``: then a group with a +inf value (e.g. a seed
+    whose every learning rate diverged) has an infinite mean, median and max.
     """
     groups: dict[tuple, list] = {}
     for r in rows:
@@ -80,7 +87,8 @@ def aggregate(rows: Iterable[dict], by: Sequence[str], value: str, log: bool = F
     for key in sorted(groups, key=lambda k: tuple((str(type(x)), x) for x in k)):
         vals = [float(v) for v in groups[key] if _finite(v) and (not log or float(v) > 0)]
         row = dict(zip(by, key))
-        row.update(n=len(vals), n_total=len(groups[key]))
+        n_inf = sum(1 for v in groups[key] if v is not None and _is_num(v) and float(v) == math.inf)
+        row.update(n=len(vals), n_inf=n_inf, n_total=len(groups[key]))
         if vals:
             a = np.array(vals)
             if log:
@@ -91,6 +99,12 @@ def aggregate(rows: Iterable[dict], by: Sequence[str], value: str, log: bool = F
                 mu, sd = float(a.mean()), float(a.std())
                 row.update(mean=mu, std=sd, lo=mu - sd, hi=mu + sd)
             row.update(min=float(a.min()), max=float(a.max()), median=float(np.median(a)))
+            if keep_inf and n_inf:
+                row.update(mean=math.inf, hi=math.inf, max=math.inf, std=math.nan,
+                           median=float(np.median(np.concatenate([a, np.full(n_inf, np.inf)]))))
+        elif keep_inf and n_inf:
+            row.update(mean=math.inf, std=math.nan, lo=math.inf, hi=math.inf, min=math.inf, max=math.inf,
+                       median=math.inf)
         else:
             row.update(mean=math.nan, std=math.nan, lo=math.nan, hi=math.nan, min=math.nan, max=math.nan,
                        median=math.nan)
@@ -388,7 +402,7 @@ def verdict_final_loss_linear(best_rows: list[dict], l_min: float, l_zero: float
     rows = [dict(r, rel=_rel_excess(r["final_loss"], l_min, l_zero)) for r in best_rows if r["act"] == act]
     if not any(r["arch"] == "2-shortcut" for r in rows):
         return [Verdict("Fig. 9", "2-shortcut near L_min at all depths", "needs the sweep", None, "not run")]
-    agg = aggregate(rows, ("arch", "depth"), "rel")
+    agg = aggregate(rows, ("arch", "depth"), "rel", keep_inf=True)  # a seed diverged at every rate: inf
     agg_lr = aggregate(rows, ("arch", "depth"), "max_stable_lr")
     d2, e2 = _series(agg, "2-shortcut")
     out = [Verdict(
@@ -396,7 +410,8 @@ def verdict_final_loss_linear(best_rows: list[dict], l_min: float, l_zero: float
         f"relative excess (L - L_min) / (L_zero - L_min) of the best rate, seed mean, below {NEAR_LMIN} at every "
         f"depth (L_zero = loss of the zero map = {_fmt(l_zero)}, L_min = {_fmt(l_min)})",
         bool(all(_finite(e) and e < NEAR_LMIN for e in e2)),
-        ", ".join(f"D={d}: {_fmt(e)}" for d, e in zip(d2, e2)), {"depths": d2, "rel_excess": e2})]
+        ", ".join(f"D={d}: {_fmt(e)}" for d, e in zip(d2, e2)) + _diverged_note(agg),
+        {"depths": d2, "rel_excess": e2})]
     degrade, meas = {}, []
     for arch in sorted({r["arch"] for r in rows} - {"2-shortcut"}):
         d, e = _series(agg, arch)
@@ -433,7 +448,7 @@ def verdict_final_loss_nonlinear(best_rows: list[dict], l_min: float, act: str =
     """Fig. 10 (ReLU at mid) and the activation variants beyond the paper: Xavier / orthogonal miss the
     better optima that 2-shortcut reaches."""
     rows = [r for r in best_rows if r["act"] == act]
-    agg = aggregate(rows, ("arch", "depth"), "final_loss")
+    agg = aggregate(rows, ("arch", "depth"), "final_loss", keep_inf=True)  # a seed diverged at every rate: inf
     d2, l2 = _series(agg, "2-shortcut")
     if not d2:
         return [Verdict(figure, f"2-shortcut ({act}) reaches better optima than plain nets", "needs the sweep", None, "not run")]
@@ -446,15 +461,26 @@ def verdict_final_loss_nonlinear(best_rows: list[dict], l_min: float, act: str =
         meas.append(f"D={d}: 2-shortcut {_fmt(l)}, " + ", ".join(f"{a} {_fmt(v.get(d))}" for a, v in others.items()))
     deep_win = wins[-1] if wins else None
     below = [d for d, l in zip(d2, l2) if _finite(l) and l < l_min]
+    names = " / ".join(_PLAIN_NAMES.get(a, a) for a in others) or "the plain nets"
+    note = _diverged_note(agg)
     return [
-        Verdict(figure, f"with {act}, Xavier / orthogonal miss the better optima that 2-shortcut reaches",
+        Verdict(figure, f"with {act}, {names} miss the better optima that 2-shortcut reaches",
                 "seed-mean final loss at the best rate: 2-shortcut below every plain net at the deepest depth and "
                 "at a majority of depths", None if not others else bool(deep_win and sum(wins) * 2 > len(wins)),
-                "; ".join(meas), {"wins": wins, "depths": d2}),
+                "; ".join(meas) + note, {"wins": wins, "depths": d2}),
         Verdict(f"{figure} (also)", f"2-shortcut with {act} goes below the linear optimum L_min",
                 f"seed-mean final loss < L_min = {_fmt(l_min)}; reported per depth", bool(len(below) == len(d2)),
-                f"below L_min at depths {below} of {d2}", {"below": below}),
+                f"below L_min at depths {below} of {d2}" + note, {"below": below}),
     ]
+
+
+_PLAIN_NAMES = {"plain-xavier": "Xavier", "plain-orthogonal": "orthogonal"}
+
+
+def _diverged_note(agg: list[dict]) -> str:
+    """Names the (net, depth) groups where some seed diverged at every rate (counted as an infinite loss)."""
+    bad = [f"{r['arch']} D={r['depth']} ({r['n_inf']} of {r['n_total']} seeds)" for r in agg if r.get("n_inf")]
+    return ("; every rate diverged (loss counted as inf) for " + ", ".join(bad)) if bad else ""
 
 
 def verdict_table(verdicts: list[Verdict]) -> list[dict]:

@@ -42,8 +42,12 @@ def _save(fig, path) -> Path:
     return path
 
 
-def _band(ax, agg: list[dict], arch: str, x: str = "depth", label: str | None = None, **match):
-    pts = sorted((r[x], r["mean"], r["lo"], r["hi"]) for r in agg
+def _band(ax, agg: list[dict], arch: str, x: str = "depth", label: str | None = None, minmax: bool = False,
+          **match):
+    """The seed mean as a line, and a band: mean -/+ std (geometric for ``aggregate(log=True)``), or the
+    seeds' min to max with ``minmax`` (for losses, which a mean - std band can take below their floor)."""
+    lo, hi = ("min", "max") if minmax else ("lo", "hi")
+    pts = sorted((r[x], r["mean"], r[lo], r[hi]) for r in agg
                  if r["arch"] == arch and all(r.get(k) == v for k, v in match.items()) and _finite(r["mean"]))
     if not pts:
         return
@@ -179,6 +183,8 @@ def fig_curvature_vs_loss(probe_rows: list[dict], path, l_min: float | None = No
         ax.set_yscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("loss - L_min" if l_min is not None else "loss")
+        ax.set_ylabel({"lam_max": "|λ|max", "lam_q10": "|λ|(0.1): 10% quantile of |λ|",
+                       "cond_q10": "|λ|max / |λ|(0.1)"}[key])
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -193,7 +199,7 @@ def fig_index_gradnorm(probe_rows: list[dict], hist_rows: list[dict], path) -> P
         if len(pts):
             a1.plot(pts[:, 0], pts[:, 1], marker="o", ms=3, color=_color(arch), label=arch)
             a1.fill_between(pts[:, 0], pts[:, 2], pts[:, 3], color=_color(arch), alpha=0.18, lw=0)
-    allg = []
+    allg, keep = [], []
     for arch in _archs(hist_rows):  # one line per seed: a transient blow-up of one seed must not hide the rest
         for i, seed in enumerate(sorted({r["seed"] for r in hist_rows if r["arch"] == arch})):
             pts = np.array([(r["epoch"] + 1, r["grad_norm"]) for r in hist_rows if r["arch"] == arch
@@ -201,11 +207,20 @@ def fig_index_gradnorm(probe_rows: list[dict], hist_rows: list[dict], path) -> P
             if len(pts):
                 a2.plot(pts[:, 0], pts[:, 1], color=_color(arch), lw=1, alpha=0.8, label=arch if i == 0 else None)
                 allg.append(pts[:, 1])
+                if arch == "2-shortcut":
+                    keep.append(pts[:, 1])
     if allg:
         g = np.concatenate(allg)
         lo, hi = np.percentile(g, 1), np.percentile(g, 97)
+        if keep:  # the 2-shortcut's gradient-norm peak is what Fig. 8's verdict is about: never clipped
+            k = np.concatenate(keep)
+            lo, hi = min(lo, float(k.min())), max(hi, float(k.max()))
         if hi > lo > 0:
-            a2.set_ylim(lo / 3, hi * 3)  # robust limits: values beyond the 97th percentile are clipped
+            a2.set_ylim(lo / 3, hi * 3)  # robust limits: a transient blow-up of another net is clipped, and said
+            above = g[g > hi * 3]
+            if above.size:
+                a2.text(0.01, 0.99, f"{above.size} values above the axis (up to {above.max():.3g}) clipped",
+                        transform=a2.transAxes, fontsize=7, va="top")
     for ax in (a1, a2):
         ax.set_xscale("log")
         ax.set_xlabel("epoch + 1")
@@ -226,22 +241,24 @@ def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | No
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     agg = aggregate(rows, ("arch", "depth"), "final_loss")
     for arch in _archs(rows):
-        _band(axes[0], agg, arch)
+        _band(axes[0], agg, arch, minmax=True)
     axes[0].axhline(l_min, color="k", ls=":", lw=1, label="L_min (best linear)")
-    axes[0].set_ylabel("final loss (best rate)")
+    axes[0].set_ylabel("final loss (best rate): seed mean, band min-max")
     axes[0].set_title(f"{title}: final loss, {act}", fontsize=9)
     if act == "linear":  # L_min bounds a linear net's loss: show the distance to it
         ex_rows = [dict(r, excess=(r["final_loss"] - l_min) if _finite(r["final_loss"]) else math.nan) for r in rows]
         agg_e = aggregate(ex_rows, ("arch", "depth"), "excess", log=True)
-        axes[1].set_ylabel("final loss - L_min")
+        axes[1].set_ylabel("final loss - L_min: geometric seed mean")
         axes[1].set_title(f"{title}: distance to L_min", fontsize=9)
     else:  # a nonlinear net can go below L_min
         agg_e = aggregate(rows, ("arch", "depth"), "final_loss", log=True)
         axes[1].axhline(l_min, color="k", ls=":", lw=1, label="L_min (best linear)")
-        axes[1].set_ylabel("final loss (log scale)")
+        axes[1].set_ylabel("final loss: geometric seed mean")
         axes[1].set_title(f"{title}: final loss, log scale", fontsize=9)
     for arch in _archs(rows):
         _band(axes[1], agg_e, arch)
+    for ax in axes[:2]:  # a seed whose every rate diverged has no final loss to average: marked instead
+        _mark_singular(ax, rows, "final_loss", label="every rate diverged for some seed")
     axes[1].set_yscale("log")
     agg_lr = aggregate(rows, ("arch", "depth"), "best_lr", log=True)
     agg_st = aggregate(rows, ("arch", "depth"), "max_stable_lr", log=True)
@@ -253,7 +270,7 @@ def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | No
             axes[2].plot(a[:, 0], a[:, 1], ls=":", marker="^", ms=3, color=_color(arch), label=f"{arch} largest stable")
     axes[2].set_yscale("log")
     axes[2].set_ylabel("learning rate")
-    axes[2].set_title(f"{title}: best and largest stable rate (not diverged, ends below its start)", fontsize=9)
+    axes[2].set_title(f"{title}: best rate; largest stable (ends below its start)", fontsize=9)
     for ax in axes:
         _depth_axis(ax, rows)
         ax.set_xlabel("depth (weight layers)")
@@ -269,11 +286,12 @@ def fig_activations(best_rows: list[dict], path, l_min: float, acts: list[str]) 
         rows = [r for r in best_rows if r["act"] == act]
         agg = aggregate(rows, ("arch", "depth"), "final_loss")
         for arch in _archs(rows):
-            _band(ax, agg, arch)
+            _band(ax, agg, arch, minmax=True)
+        _mark_singular(ax, rows, "final_loss", label="every rate diverged for some seed")
         ax.axhline(l_min, color="k", ls=":", lw=1, label="L_min (best linear)")
         _depth_axis(ax, rows)
         ax.set_xlabel("depth (weight layers)")
-        ax.set_ylabel("final loss (best rate)")
+        ax.set_ylabel("final loss (best rate): seed mean, band min-max")
         ax.set_title(f"beyond the paper: {act}", fontsize=9)
         ax.legend(fontsize=7)
     return _save(fig, path)

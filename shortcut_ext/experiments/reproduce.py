@@ -156,8 +156,11 @@ def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: 
                 c0, c1 = theirs.get("config", {}), mine["config"]
                 diff = [d for d in diff if d != "config"] + [f"config.{k}" for k in sorted(set(c0) | set(c1))
                                                               if c0.get(k) != c1.get(k)]
+            hint = ("; if you gave the same flags, the preset of this version of shortcut_ext differs from the "
+                    "one that made that run (finish it with that version)") if any(
+                        d.startswith("config.") for d in diff) else ""
             raise ValueError(f"--out {out} holds a reproduction made with other options (differing: "
-                             f"{', '.join(diff)}); use another --out folder, or delete {out} to start over")
+                             f"{', '.join(diff)}{hint}); use another --out folder, or delete {out} to start over")
         if theirs is not None:
             return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,10 +328,14 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         sections, conf, env, timings,
         intro=(f"Data: {bundle.tag} ({bundle.X.shape[0]} samples, inputs in R^{bundle.width}, targets in "
                f"R^{bundle.out_features}); L_min = {bundle.l_min:.6g}. Full-batch gradient descent, the best "
-               f"rate of a log grid per net; bands: spread over seeds."))
+               f"rate of a log grid per net (per seed in Figs. 9-10; one rate per net, the seed-mean best, in Figs. 6-8); "
+               f"lines: seed means (geometric on log axes), bands: mean -/+ one standard deviation over seeds "
+               f"(geometric on log axes; min to max for final losses and the index). Triangles on an edge: "
+               f"values a log axis cannot show (an infinite condition number, a seed whose every rate diverged)."))
     for v in verdicts:
         mark = {True: "holds", False: "DOES NOT HOLD", None: "n/a"}[v.holds]
-        log(f"[reproduce] {v.figure}: {v.claim}: {mark} ({v.measured[:160]})")
+        m = v.measured if len(v.measured) <= 300 else v.measured[:297] + "..."  # in full in the report and JSON
+        log(f"[reproduce] {v.figure}: {v.claim}: {mark} ({m})")
     log(f"[reproduce] total {timings['total']:.1f} s; report: {rep}")
     return {"verdicts": verdicts, "timings": timings, "report": rep, "sections": sections, "store": store}
 

@@ -339,9 +339,10 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
 
 def is_stable(result: TrainResult) -> bool:
     """A run counts towards ``max_stable_lr`` if it did not diverge and ended below its starting loss: a
-    run still climbing at its last epoch, slowly enough to stay under the divergence limit, is not stable."""
+    run still climbing at its last epoch, slowly enough to stay under the divergence limit, is not stable,
+    and neither is one that never moved (a net stuck at a saddle: final loss = start to 1e-9 relative)."""
     loss = result.history.get("loss") or []
-    return result.status == "ok" and bool(loss) and result.final_loss <= loss[0]
+    return result.status == "ok" and bool(loss) and result.final_loss < loss[0] - 1e-9 * abs(loss[0])
 
 
 def best_lr_by_arch(run_rows: list[dict], act: str, depth: int) -> dict:
