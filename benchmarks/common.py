@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import time
@@ -12,6 +13,13 @@ import torch
 import shortcut_ext
 
 RESULTS_DIR = os.environ.get("SHORTCUT_EXT_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
+
+
+def worst_error(errors) -> float:
+    """The largest of the errors, nan if any is nan (Python's max() keeps a nan only when it comes first,
+    so a correctness check on max() passes a nan in a later output)."""
+    errors = [float(e) for e in errors]
+    return math.nan if any(e != e for e in errors) else max(errors)
 
 
 def gemm_rate(n: int = 4096, reps: int = 5, dtype=torch.float32, device="cpu") -> float:

@@ -86,3 +86,26 @@ def test_run_sh_publishes_few_files_even_when_it_stops_early(tmp_path):
     assert files == ["results.tar.gz", "run.log"], files
     with tarfile.open(out / "results.tar.gz") as t:
         assert "./build.log" in t.getnames()
+
+
+def test_benchmark_checks_fail_on_nan(monkeypatch):
+    """The benchmarks' correctness checks took max() over outputs, which keeps a nan only when it comes
+    first (a nan in grad_w, or in the last HVP direction, passed); bench_hvp.check compared err > 1e-3."""
+    import math
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_hvp
+    import common
+
+    assert math.isnan(common.worst_error([0.1, math.nan])) and common.worst_error([0.1, 0.3]) == 0.3
+    real = bench_hvp.variant_fn
+
+    def poisoned(name, x, y, w, V):
+        fn = real(name, x, y, w, V)
+        return lambda: torch.cat([fn()[:-1], torch.full_like(fn()[-1:], math.nan)])
+
+    monkeypatch.setattr(bench_hvp, "variant_fn", poisoned)
+    with pytest.raises(AssertionError, match="direction 15 differs from double backward by nan"):
+        bench_hvp.check("is_grads_batched_k16", 2)

@@ -360,7 +360,7 @@ def main(argv=None):
                             compile_spent += setup_s
                             row["compile_s"] = round(setup_s, 1)
                         # check before timing, against eager PyTorch on the same inputs
-                        err = max(rel_err(a, b) for a, b in zip(outs, baseline))
+                        err = common.worst_error(rel_err(a, b) for a, b in zip(outs, baseline))
                         row["rel_err_vs_eager"] = f"{err:.2e}"
                         agree = AGREE_TF32 if variant.endswith("_tf32") else AGREE
                         if not err < agree:
