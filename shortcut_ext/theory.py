@@ -38,6 +38,7 @@ fine: only ``s_pre(x_i)`` and ``s'_pre(x_i)`` at the (generically non-zero) data
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -400,9 +401,11 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
 
     Returns:
         ``{kind: {"depth", "units", "layers", "lam_max", "lam_min", "lam_q10", "cond", "cond_q10", "index",
-        "std" (over seeds, plain nets), "method"}}`` with lists over ``depths``.
+        "std" (over seeds, plain nets), "method", "resolved"}}`` with lists over ``depths``; ``resolved`` is
+        ``False`` where SLQ (the 1-shortcut net above ``max_dense_params``) could not resolve the eigenvalues
+        near 0, so that ``lam_q10``, ``cond_q10`` and the index there are unreliable (with a warning).
     """
-    from .curvature.condition import condition_report
+    from .curvature.condition import condition_report, report_resolved
     from .curvature.hessian import HessianOperator
     from .models import PlainNet
 
@@ -416,7 +419,7 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
         if kind not in CURVE_KINDS:
             raise ValueError(f"kinds must be drawn from {CURVE_KINDS}, got {kind!r}")
         rows = {k: [] for k in keys}
-        rows.update(depth=[], units=[], layers=[], method=[], std=[])
+        rows.update(depth=[], units=[], layers=[], method=[], std=[], resolved=[])
         for D in depths:
             D = _check_int("depth", D, 1)
             rows["depth"].append(D)
@@ -430,15 +433,25 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
                     for k in keys:
                         rows[k].append(float("nan"))
                     rows["method"].append("skipped")
+                    rows["resolved"].append(None)
                     continue
+                resolved = True
                 if n == 1 and R * d * d > max_dense_params:
                     rep = condition_report(OneShortcutHessian(zp, R, pre, post), method="lanczos+slq", q=q)
+                    resolved = report_resolved(rep)
+                    if not resolved:
+                        warnings.warn(
+                            f"condition_vs_depth: {kind} at depth {D}: SLQ could not resolve the eigenvalues near 0 "
+                            f"({R * d * d} weights > max_dense_params = {max_dense_params}), so lam_q10, cond_q10 and "
+                            "the index there are unreliable, by factors (resolved = False); raise max_dense_params "
+                            "for the exact spectrum", stacklevel=2)
                 else:
                     rep = zero_point_spectrum(zp, n, R, pre, mid, post, max_dense_params=max(max_dense_params,
                                                                                             R * d * d)).report(q)
                 for k in keys:
                     rows[k].append(float(getattr(rep, k)))
                 rows["method"].append(rep.method)
+                rows["resolved"].append(resolved)
             else:
                 init = kind.split("_", 1)[1]
                 rows["units"].append(1)
@@ -448,6 +461,7 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
                         rows[k].append(float("nan"))
                     rows["method"].append("skipped")
                     rows["std"].append(None)
+                    rows["resolved"].append(None)
                     continue
                 reps = []
                 for s in seeds:
@@ -459,6 +473,7 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
                     rows[k].append(float(np.mean([getattr(r, k) for r in reps])))
                 rows["std"].append({k: _spread([getattr(r, k) for r in reps]) for k in keys})
                 rows["method"].append("dense (numerical)")
+                rows["resolved"].append(True)
         out[kind] = rows
     return out
 

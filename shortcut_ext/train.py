@@ -320,7 +320,8 @@ def _dense_probes(model, data, loss: str, exact_max_params: int) -> dict:
 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000, distributed: bool = False,
                    process_group=None) -> dict:
-    """``{lam_max, lam_q10, index, cond, cond_q10, method}`` of the loss Hessian at the model's weights.
+    """``{lam_max, lam_q10, index, cond, cond_q10, method, ...}`` of the loss Hessian at the model's weights
+    (with the curvature package also ``resolved``: see :func:`shortcut_ext.curvature.hessian_probes`).
 
     Uses :func:`shortcut_ext.curvature.hessian_probes` where it exists (exact below
     ``exact_max_params``, stochastic Lanczos quadrature above); otherwise an exact dense Hessian
@@ -537,6 +538,7 @@ def train(
             start, seconds_before, probe_time = state["epoch"], state["seconds"], state["probe_seconds"]
             say(f"resuming from epoch {start} of {config.epochs} ({checkpoint})")
     saved_epoch, saved_t = start, t0
+    unresolved_said = False  # one note per run on SLQ probes that could not resolve the spectrum near 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -585,6 +587,15 @@ def train(
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 probe_time += time.perf_counter() - tp
                 probes.append({"epoch": epoch, "loss": L, "excess": hist["excess"][-1], "grad_norm": gn, **p})
+                if p.get("resolved") is False and not unresolved_said:
+                    unresolved_said = True
+                    msg = (f"note: the Hessian probe at epoch {epoch} ({p.get('method')}, {model.weight.numel()} "
+                           f"weights > exact_max_params = {config.exact_max_params}) could not resolve the "
+                           f"eigenvalues near 0: |lambda|(0.1), cond_q10 and the index (up to "
+                           f"~{p.get('index_unresolved_mass', math.nan):.2f} off) are unreliable, by factors; they are "
+                           "saved with \"resolved\": false. Raise exact_max_params (--exact-max-params) for "
+                           "the exact values")
+                    say(msg)  # to log, or a warning without one
             if epoch == config.epochs:
                 final_loss = L
                 break

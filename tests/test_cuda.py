@@ -987,8 +987,9 @@ def test_emulated_hvp_extremes(hvp_emulator):
 # ==================================================== end to end on a GPU: what a user runs there
 # The ops above are exercised one call at a time; these run the library's user-facing layers on a GPU
 # (models moved with .to(GPU), autograd through them, torch.compile, training, the Hessian operator
-# and the spectrum command) and compare each with the same computation on the CPU.  (GPU = "cpu" runs
-# them here as a check of the tests themselves.)
+# and the spectrum command) and compare each with the same computation on the CPU.  They need a GPU (each
+# is marked needs_cuda); with GPU = "cpu" and those marks removed they run on the CPU as a check of the
+# tests themselves, where all but the `train --tf32` command (which refuses a CPU device) pass.
 GPU = "cuda"
 
 

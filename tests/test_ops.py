@@ -71,9 +71,10 @@ def test_deep_plain_stack(device):
     _compare(70, 8, 1, 300, False, ("identity", "tanh", "identity"), torch.float64, device, scale=1.1 / 8 ** 0.5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_thousand_units(device):
-    _compare(96, 16, 1000, 2, True, ("identity", "relu", "identity"), torch.float64, device)
+def test_thousand_units(device, dtype):
+    _compare(96, 16, 1000, 2, True, ("identity", "relu", "identity"), dtype, device)
 
 
 @pytest.mark.parametrize("layout", ["batch", "feature"])

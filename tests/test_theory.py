@@ -275,3 +275,16 @@ def test_condition_vs_depth_singular_for_every_seed_is_quiet():
     assert rows["cond"] == [math.inf] and rows["std"][0]["cond"] == 0.0
     assert th._spread([1.0, math.inf]) != th._spread([1.0, math.inf])  # nan: seeds disagree
     assert th._spread([1.0, 3.0]) == 1.0
+
+
+def test_condition_vs_depth_flags_unresolved_slq():
+    """Above max_dense_params the 1-shortcut curve comes from SLQ, which could not resolve the eigenvalues
+    near 0 here (cond_q10 26192 against the exact 18245, no flag); it is now marked and warned."""
+    torch.manual_seed(0)
+    X = torch.randn(40, 4, dtype=torch.float64)
+    Y = X @ torch.randn(4, 4, dtype=torch.float64) * 0.5
+    with pytest.warns(UserWarning, match="shortcut1 at depth 300: SLQ could not resolve the eigenvalues near 0"):
+        out = th.condition_vs_depth(X, Y, [300], kinds=("shortcut1",))
+    assert out["shortcut1"]["resolved"] == [False]
+    exact = th.condition_vs_depth(X, Y, [300], kinds=("shortcut1", "shortcut2"), max_dense_params=5000)
+    assert exact["shortcut1"]["resolved"] == [True] and exact["shortcut2"]["resolved"] == [True]

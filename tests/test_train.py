@@ -391,6 +391,24 @@ def test_train_config_takes_numpy_scalars():
         TrainConfig(epochs=np.float64(5))
 
 
+def test_unresolved_slq_probes_are_flagged():
+    """Above exact_max_params the probes come from SLQ, which cannot resolve a deep plain net's eigenvalues
+    near 0 (index 0.89 against the exact 0.32, a finite cond_q10 for a singular Hessian): they are saved
+    with resolved = False and the run says so once; exact probes are resolved."""
+    from shortcut_ext.data import synthetic_teacher
+
+    X, Y = synthetic_teacher(60, 6, seed=0, noise=0.1)
+    data = (X.double(), Y.double())
+    notes = []
+    res = train(PlainNet(width=6, depth=40, init="xavier", dtype=torch.float64), data, epochs=1, lr=0.01,
+                probe_every=1, exact_max_params=1000, log=notes.append)
+    assert [p["resolved"] for p in res.probes] == [False, False]
+    assert len(notes) == 1 and "could not resolve the eigenvalues near 0" in notes[0] and "exact_max_params" in notes[0]
+    exact = train(PlainNet(width=6, depth=40, init="xavier", dtype=torch.float64), data, epochs=0, lr=0.01,
+                  probe_every=1, exact_max_params=2000)
+    assert exact.probes[0]["resolved"] is True and exact.probes[0]["index_unresolved_mass"] == 0.0
+
+
 def test_slowly_climbing_runs_are_not_stable():
     from shortcut_ext.experiments.sweeps import is_stable
 

@@ -39,7 +39,9 @@ requires_fused = pytest.mark.skipif(not shortcut_ext.is_built(), reason="shortcu
 
 def tol(dtype: torch.dtype) -> dict:
     """Tolerances of the fused kernels against the reference (same maths, different summation order)."""
-    return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
+    # float32: ~250 ulp elementwise, ~25 ulp of the largest value absolute (measured errors: a few ulp; the
+    # earlier 1e-4 / 1e-5 passed a systematic 67-ulp error in every output)
+    return dict(rtol=3e-5, atol=3e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
 
 
 def stack_inputs(B, d, R, n, dtype=torch.float64, device="cpu", scale=None, seed=0, requires_grad=False):
@@ -59,5 +61,5 @@ def assert_close_lowp(out: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Te
     err = (out.to(torch.float64) - ref64).abs().max().item() if out.numel() else 0.0
     base = (ref_same.to(torch.float64) - ref64).abs().max().item() if out.numel() else 0.0
     scale = ref64.abs().max().item() if out.numel() else 0.0
-    bound = factor * base + 1e-5 * scale + 1e-12  # absolute floor: outputs that are all ~0
+    bound = factor * base + 2e-6 * scale + 1e-12  # floor: ~17 ulp of the largest value (1e-5 hid 67-ulp errors)
     assert err <= bound, f"float32 error {err:.3e} exceeds {factor} x torch's own {base:.3e} (+ floor) = {bound:.3e}"

@@ -201,10 +201,14 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048, *, backend: str = "fused",
                    dtype: torch.dtype | None = None, probes: int = 8, steps: int = 80, seed: int = 0,
                    q: float = 0.1, distributed: bool = False, process_group=None) -> dict:
-    """Curvature probes for training: ``{lam_max, lam_q10, index, cond, cond_q10, method}``.
+    """Curvature probes for training: ``{lam_max, lam_q10, index, cond, cond_q10, method, resolved,
+    index_unresolved_mass}``.
 
     Exact (dense ``eigvalsh``) when the trunk has ``P <= exact_max_params`` weights, else Lanczos +
     SLQ (then ``cond`` is ``nan``: ``|lambda|min`` is out of reach of extreme-eigenvalue methods).
+    ``resolved`` is ``False`` when SLQ could not tell the eigenvalues near 0 apart (deep plain nets):
+    ``|lambda|(0.1)``, ``cond_q10`` and the index are then unreliable, by factors (see
+    :func:`condition_report`'s ``uncertainty``); a larger ``exact_max_params`` gives the exact values.
 
     Args:
         model: the network (its current weights).
@@ -226,4 +230,12 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
                          process_group=process_group)
     rep = condition_report(op, exact_max_params=exact_max_params, probes=probes, steps=steps, seed=seed, q=q)
     return {"lam_max": rep.lam_max, "lam_q10": rep.lam_q10, "index": rep.index, "cond": rep.cond,
-            "cond_q10": rep.cond_q10, "method": rep.method}
+            "cond_q10": rep.cond_q10, "method": rep.method, "resolved": report_resolved(rep),
+            "index_unresolved_mass": float(rep.uncertainty.get("index_unresolved_mass", 0.0))}
+
+
+def report_resolved(rep: ConditionReport) -> bool:
+    """Whether a report's ``lam_q10``, ``cond_q10`` and index can be trusted: always for the exact
+    methods; for SLQ, when the mass at Ritz nodes of unresolved sign and below ``|lambda|(q)`` is small."""
+    u = rep.uncertainty
+    return bool(u.get("lam_q10_resolved", True) and u.get("index_unresolved_mass", 0.0) < 0.05)
