@@ -70,6 +70,15 @@ def nonneg_float(text: str) -> float:
     return v
 
 
+def device_memory(device: str) -> tuple[int, str]:
+    """``(bytes, "this machine's" / "cuda:0's")``: the memory a command's sizes are checked against."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory, f"{device}'s"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+
+
 def out_dir(path, command: str) -> Path:
     """``path`` as an output folder: created if missing; a clear SystemExit if it is a file, lies under
     a file, or cannot be written."""

@@ -59,6 +59,18 @@ def main(argv=None) -> int:
         print(f"shortcut-ext {args.command}: error: {e} ({type(e).__name__}; SHORTCUT_EXT_TRACEBACK=1 shows the "
               "traceback)", file=sys.stderr)
         return 2
+    except (FloatingPointError, MemoryError, RuntimeError) as e:
+        # failures of the computation itself: non-finite products (an overflowing net), out of memory.  Other
+        # runtime errors are bugs: their traceback is what a report needs
+        oom = isinstance(e, MemoryError) or any(s in str(e) for s in (
+            "out of memory", "out of CPU memory", "DefaultCPUAllocator", "not enough memory"))
+        if not (isinstance(e, FloatingPointError) or oom) or os.environ.get("SHORTCUT_EXT_TRACEBACK", "") not in ("", "0"):
+            raise
+        hint = ("; the run needs more memory than there is: lower the sizes (--units / --depth, --width, --samples, "
+                "--basis-gib, --batch-size)" if oom else "")
+        print(f"shortcut-ext {args.command}: failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint} "
+              f"({type(e).__name__}; SHORTCUT_EXT_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

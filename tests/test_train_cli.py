@@ -152,8 +152,15 @@ def test_demo_prints_each_epoch_once_and_claims_its_real_time(capsys):
 def test_absurd_sizes_refused_before_allocating(tmp_path, monkeypatch):
     _no_work(monkeypatch)
     with pytest.raises(SystemExit, match=r"^shortcut-ext train: --depth 200000000 --width 16 is too large: .*GiB.*"
-                                         r"lower --depth or --width"):
+                                         r"lower --depth, --width, --samples or --batch-size"):
         main(["train", "--depth", "200000000", "--width", "16", "--out", str(tmp_path / "run.json")])
+    # weights that fit, but not the unit inputs the backward keeps (it crashed in the kernel with a traceback)
+    from shortcut_ext.experiments import train_cmd
+
+    monkeypatch.setattr(train_cmd, "device_memory", lambda device: (16 * 2**30, "this machine's"))
+    with pytest.raises(SystemExit, match=r"unit inputs the backward keeps \(1000000 units x 1500 rows x width: 44.7 GiB"):
+        main(["train", "--act", "tanh-mid", "--depth", "2000000", "--width", "4", "--data", "synthetic", "--samples",
+              "1500", "--dtype", "float64", "--out", str(tmp_path / "run.json")])
 
 
 # --------------------------------------------------------------------------- 6. checkpoint / resume

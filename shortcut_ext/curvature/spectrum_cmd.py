@@ -187,6 +187,7 @@ def run(args) -> int:
     budget = max(1, int(args.basis_gib * 2**30))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     args.device = parse_device(args.device, "spectrum")
+    _check_memory(args, budget)
     out_dir(args.out, "spectrum")  # before any work (every rank: they all read the checkpoint there)
     created_group = False
     rank, world = 0, 1
@@ -416,6 +417,24 @@ def _run(args, dtype, budget, rank, world) -> int:
     for w in warnings:
         print(f"shortcut-ext spectrum: WARNING: {w}", file=sys.stderr)
     return 0
+
+
+def _check_memory(args, budget: int) -> None:
+    """Refuse, before any work, a net whose weights (the model's, the operator's copy, a direction and a
+    product: 4 x P numbers) or whose --basis-gib cannot fit in the device's memory."""
+    from .._cli_args import device_memory
+
+    itemsize = 8 if args.dtype == "float64" else 4
+    P = args.units * max(args.shortcut, 1) * args.width ** 2
+    have, where = device_memory(args.device)
+    if budget > have:
+        raise SystemExit(f"shortcut-ext spectrum: --basis-gib {args.basis_gib:g} is more than {where} "
+                         f"{have / 2**30:.3g} GiB of memory; lower it (the Krylov bases are kept within it)")
+    if 4 * P * itemsize + min(budget, 3 * P * itemsize) > have:
+        raise SystemExit(f"shortcut-ext spectrum: --units {args.units} --width {args.width} (P = {P} weights) is too "
+                         f"large: the weights, the operator's copy, a direction, a product and a small basis need "
+                         f"{(7 * P * itemsize) / 2**30:.3g} GiB of {args.dtype}, more than {where} {have / 2**30:.3g} "
+                         "GiB of memory; lower --units or --width")
 
 
 def _check_sizes(args, P: int, dtype: torch.dtype, budget: int) -> None:

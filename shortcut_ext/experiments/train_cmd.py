@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .._cli_args import nonneg_float, nonneg_int, out_file, out_lock, positive_float, positive_int, seed
+from .._cli_args import (device_memory, nonneg_float, nonneg_int, out_file, out_lock, positive_float,
+                         positive_int, seed)
 from .._device import init_distributed, parse_device
 from ..train import OPTIMIZERS, TrainConfig, train
 from .store import json_safe
@@ -36,6 +37,7 @@ from .sweeps import ACT_VARIANTS, ARCHS, arch_supports, build_model, check_arch,
 from .reproduce import _parse_data
 
 CMD = "shortcut-ext train"
+DEFAULT_SAMPLES = 1000  # the fewest samples a run without --samples uses (synthetic's default): a lower bound
 
 
 def add_parser(subparsers) -> None:
@@ -137,26 +139,30 @@ def _check_args(args, device: str) -> None:
         raise SystemExit(f"{CMD}: --depth of a {a.name} net must be a positive multiple of {a.shortcut} "
                          f"(its shortcut depth), got {depth}")
     out = out_file(args.out, "train", ".json")
-    _check_memory(args, device)
+    _check_memory(args, device, a.shortcut)
     _parse_data(args.data, "train")
     if checkpoint_path(out).is_dir():
         raise SystemExit(f"{CMD}: the checkpoint path {checkpoint_path(out)} (beside --out) is a folder")
 
 
-def _check_memory(args, device: str) -> None:
-    """Refuse sizes whose weights and gradient (and optimizer state) cannot fit, before allocating them."""
+def _check_memory(args, device: str, shortcut: int = 0) -> None:
+    """Refuse sizes whose weights and gradient (and optimizer state), plus the unit inputs the backward
+    keeps (a lower bound of the activations), cannot fit, before allocating them."""
     itemsize = 8 if args.dtype == "float64" else 4
     copies = 2 + {"adam": 2, "sgd": 1 if args.momentum else 0}.get(args.optimizer, 0)
-    need = args.depth * args.width * args.width * itemsize * copies
-    if device.startswith("cuda"):
-        have, where = torch.cuda.get_device_properties(torch.device(device)).total_memory, f"{device}'s"
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    weights = args.depth * args.width * args.width * itemsize * copies
+    rows = args.batch_size or args.samples or DEFAULT_SAMPLES  # the rows one forward pass holds
+    units = args.depth // shortcut if shortcut > 1 else (args.depth if shortcut == 1 else 1)
+    acts = (units + 1) * rows * args.width * itemsize  # every unit's input, kept for the backward
+    need = weights + acts
+    have, where = device_memory(device)
     if need > have:
         what = "the weights and their gradient" + (" and the optimizer state" if copies > 2 else "")
-        raise SystemExit(f"{CMD}: --depth {args.depth} --width {args.width} is too large: {what} need "
-                         f"{need / 2**30:.3g} GiB ({copies} x depth x width^2 x {itemsize} bytes of {args.dtype}), "
-                         f"more than {where} {have / 2**30:.3g} GiB of memory; lower --depth or --width")
+        raise SystemExit(f"{CMD}: --depth {args.depth} --width {args.width} is too large: {what} "
+                         f"({copies} x depth x width^2 x {itemsize} bytes of {args.dtype}: {weights / 2**30:.3g} GiB) "
+                         f"and the unit inputs the backward keeps ({units} units x {rows} rows x width: "
+                         f"{acts / 2**30:.3g} GiB) need {need / 2**30:.3g} GiB, more than {where} {have / 2**30:.3g} "
+                         f"GiB of memory; lower --depth, --width, --samples or --batch-size")
 
 
 def _data_error(err: Exception, args, kind: str) -> str:
