@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         resumable = args.command in ("reproduce", "spectrum", "train")
         print(f"\nshortcut-ext {args.command}: interrupted"
-              + ("; finished results are saved: rerun the same command (same --out) to resume" if resumable else ""),
+              + ("; what had finished is saved (train: the last checkpoint; spectrum: a finished Lanczos run "
+                 "and SLQ probe groups; reproduce: finished runs): rerun the same command (same --out) to resume"
+                 if resumable else ""),
               file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError) as e:

@@ -253,13 +253,23 @@ def test_unresolved_slq_is_warned_and_saved(tmp_path, capsys):
     """A deep Xavier plain net crowds eigenvalues near 0: 8 SLQ steps cannot resolve them, and the run
     says so instead of reporting |lambda|(0.1) and the index with only the probe spread."""
     out = tmp_path / "o"
-    assert main(["spectrum", "--shortcut", "0", "--units", "12", "--width", "4", "--init", "xavier", "--samples", "64",
-                 "--dtype", "float64", "--probes", "2", "--steps", "8", "--top", "2", "--no-progress", "--no-plots",
-                 "--out", str(out)]) == 0
+    args = ["spectrum", "--shortcut", "0", "--units", "12", "--width", "4", "--init", "xavier", "--samples", "64",
+            "--dtype", "float64", "--probes", "2", "--steps", "8", "--top", "2", "--no-progress", "--no-plots"]
+    assert main(args + ["--exact-max-params", "0", "--out", str(out)]) == 0
     res = _result(out)
-    assert res["condition"]["lam_q10_resolved"] is False
+    assert res["condition"]["lam_q10_resolved"] is False and res["condition"]["method"] == "lanczos+slq"
     assert res["slq"]["q10_unresolved_mass"] >= 0.05
     assert "SLQ did not resolve the spectrum near 0" in capsys.readouterr().err
+    # with the exact spectrum at hand (P = 192), the summary and the condition block are exact (they were SLQ's,
+    # off by factors, beside the exact values in the same JSON), and SLQ's caveat is a note, not a warning
+    out2 = tmp_path / "exact"
+    assert main(args + ["--out", str(out2)]) == 0
+    res, printed = _result(out2), capsys.readouterr()
+    c, ex = res["condition"], res["exact"]
+    assert c["method"] == "exact" and c["lam_q10_resolved"] is True
+    assert (c["index"], c["lam_q10"], c["cond_q10"]) == (ex["index"], ex["lam_q10"], ex["cond_q10"])
+    assert c["index"] != res["slq"]["index"] and f"index = {ex['index']:.4f}  (exact spectrum)" in printed.out
+    assert "SLQ did not resolve" not in printed.err and any("SLQ did not resolve" in n for n in res["slq"]["notes"])
 
 
 def test_converged_lanczos_is_not_reported_unconverged(tmp_path, capsys):
@@ -308,3 +318,15 @@ def test_float32_zero_hessian_has_no_resolution_warning(tmp_path, capsys):
                  "float32", "--probes", "2", "--steps", "10", "--top", "2", "--no-progress", "--no-plots",
                  "--out", str(tmp_path / "o")]) == 0
     assert "float32's zero tolerance" not in capsys.readouterr().err
+
+
+def test_theory_assumptions_that_fail_are_warned(tmp_path, capsys):
+    """With --mid relu at the zero point Theorem 1's smoothness assumption fails: it was in the JSON only,
+    while the console showed |lambda|max = 0 beside the theory's numbers."""
+    out = tmp_path / "o"
+    assert main(TINY + ["--mid", "relu", "--init", "zero", "--no-plots", "--out", str(out)]) == 0
+    res = _result(out)
+    assert res["theory"]["assumptions"]["holds"] is False
+    err = capsys.readouterr().err
+    assert "WARNING: the zero-point theory's assumptions do not hold here" in err
+    assert any("assumptions do not hold" in w for w in res["warnings"])

@@ -359,3 +359,11 @@ def test_a_file_system_without_flock_runs_unlocked(tmp_path, monkeypatch):
         assert len(os.listdir("/proc/self/fd")) == fds
     with pytest.warns(UserWarning, match="cannot lock"):
         assert main(["train", *TINY, "--out", str(tmp_path / "run.json")]) == 0
+
+
+def test_no_progress_leaves_logs_clean(tmp_path, capsys):
+    """train had no --no-progress (spectrum and reproduce do): long runs' logs filled with bar frames."""
+    assert main(["train", *TINY, "--out", str(tmp_path / "a.json")]) == 0
+    assert "train:" in capsys.readouterr().err  # the bar
+    assert main(["train", *TINY, "--no-progress", "--out", str(tmp_path / "b.json")]) == 0
+    assert "train:" not in capsys.readouterr().err

@@ -350,6 +350,16 @@ def _run(args, dtype, budget, rank, world) -> int:
         result["timings_s"]["exact"] = time.perf_counter() - t0
         # the zero tolerance follows the dtype the products were computed in (float32: P * eps32 * |lambda|max)
         result["exact"] = report_from_eigenvalues(exact, k=args.top, dtype=H.dtype).as_dict()
+        # the exact numbers replace SLQ's estimates in the summary (SLQ's stay in the "slq" block): with few
+        # weights SLQ's quadrature can be far off (P = 2: every probe an eigenvector, index 0.75 for 0.5)
+        ex = result["exact"]
+        result["condition"].update(lam_max=ex["lam_max"], lam_q10=ex["lam_q10"], cond_q10=ex["cond_q10"],
+                                   cond=ex["cond"], index=ex["index"], zero_tol=ex["uncertainty"]["zero_tol"],
+                                   method="exact", lam_q10_resolved=True)
+        notes = [w for w in warnings if w.startswith("SLQ ")]  # about estimates the exact values replace
+        if notes:
+            warnings[:] = [w for w in warnings if not w.startswith("SLQ ")]
+            result["slq"]["notes"] = notes
         nz = result["exact"]["uncertainty"]["num_zero"]
         if H.dtype == torch.float32 and nz and 0 < nz < H.P:
             warnings.append(f"{nz} eigenvalues of the exact spectrum lie within float32's zero tolerance "
@@ -398,6 +408,9 @@ def _run(args, dtype, budget, rank, world) -> int:
                                       float(np.abs(lz.smallest - ev[:k_top]).max())) / scale) if k_top else None,
             "slq_q10_rel_error": abs(lam_q10 - rep.lam_q10) / scale,
         }
+        if not spec.assumptions.holds:
+            warnings.append("the zero-point theory's assumptions do not hold here, so its spectrum is not the "
+                            "Hessian's: " + "; ".join(spec.assumptions.notes))
     result["timings_s"]["total"] = time.perf_counter() - t_start
     if not lead:
         return 0
@@ -408,8 +421,10 @@ def _run(args, dtype, budget, rank, world) -> int:
     os.replace(path + ".tmp", path)
     if not args.no_plots:
         _plots(args.out, sq, grid, dens, sigma, lz, exact, spec)
+    c = result["condition"]
     print(f"P = {H.P}  |lambda|max = {lam_max:.6g} (residual {lz.abs_max_residual:.2g})  "
-          f"|lambda|(0.1) = {lam_q10:.6g}  index = {result['slq']['index']:.4f}  -> {args.out}")
+          f"|lambda|(0.1) = {c['lam_q10']:.6g}  index = {c['index']:.4f}"
+          + ("  (exact spectrum)" if c["method"] == "exact" else "") + f"  -> {args.out}")
     if spec is not None:
         err = result["theory"]["lanczos_rel_error"]
         print(f"theory ({spec.method}): |lambda|max = {result['theory']['report']['lam_max']:.6g}  "

@@ -86,6 +86,7 @@ def add_parser(subparsers) -> None:
                         "no checkpoint, an interrupted run starts over)")
     p.add_argument("--checkpoint-seconds", type=nonneg_float, default=30.0, metavar="S",
                    help="... but at most every S seconds of wall time (default 30)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for logs of long runs)")
     p.add_argument("--out", required=True,
                    help="the .json file for the metrics (a .csv of the history and, while training, a .ckpt.pt "
                         "checkpoint go beside it; rerun with the same --out to resume)")
@@ -234,7 +235,7 @@ def _main_locked(args, device, rank, world) -> int:
     from ..ops import cuda_tf32
 
     with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
-        res = train(net, data, cfg, l_min=bundle.l_min, progress=lead,
+        res = train(net, data, cfg, l_min=bundle.l_min, progress=lead and not args.no_progress,
                     distributed=bool(getattr(args, "distributed", False)), checkpoint=ckpt,
                     checkpoint_every=max(args.checkpoint_every, 1), checkpoint_every_s=args.checkpoint_seconds,
                     checkpoint_key=_fingerprint(args, net, bundle, device, world, compress),
