@@ -133,7 +133,7 @@ def test_curvature_training_names_singular_probes(tmp_path, monkeypatch):
     assert "2-shortcut: cond_q10 = inf (singular) at (seed, epoch) [(0, 4)]" in vs[0].measured
     figs = []
     real_save = figures._save
-    monkeypatch.setattr(figures, "_save", lambda fig, path: (figs.append(fig), real_save(fig, path))[1])
+    monkeypatch.setattr(figures, "_save", lambda fig, path, caption=None: (figs.append(fig), real_save(fig, path))[1])
     figures.fig_curvature_vs_loss(probe_rows(two, other), tmp_path / "f67.png", l_min=1.0)
     ax_lq, ax_cond = figs[0].axes[1], figs[0].axes[2]
     tri = [ln for ln in ax_cond.lines if ln.get_marker() == "^"]

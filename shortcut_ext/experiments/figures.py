@@ -33,10 +33,15 @@ def _color(arch: str) -> str:
     return COLORS.get(arch, "#7f7f7f")
 
 
-def _save(fig, path) -> Path:
+def _save(fig, path, caption: str | None = None) -> Path:
+    """Write the figure; ``caption`` (what was computed: data, depths, seeds, epochs, dtype) goes under it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if caption:
+        fig.text(0.005, 0.005, caption, fontsize=7, color="0.3", ha="left", va="bottom", wrap=True)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -100,7 +105,7 @@ def _archs(rows) -> list[str]:
 
 
 # --------------------------------------------------------------------------- Figs. 2-3
-def fig_weight_norm(best_rows: list[dict], path, act: str = "linear") -> Path:
+def fig_weight_norm(best_rows: list[dict], path, act: str = "linear", caption: str | None = None) -> Path:
     """Figs. 2-3: mean Frobenius norm of the weights during training (2-shortcut, each depth) and
     after training vs depth (every shortcut net), at each net's best rate."""
     rows = [r for r in best_rows if r["act"] == act and r.get("result") is not None]
@@ -132,11 +137,12 @@ def fig_weight_norm(best_rows: list[dict], path, act: str = "linear") -> Path:
     a2.set_ylabel("mean Frobenius norm after training")
     a2.set_title("Fig. 3: after training vs depth")
     a2.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, caption)
 
 
 # --------------------------------------------------------------------------- Fig. 5
-def fig_init_condition(init_rows: list[dict], path, theory_cond: float | None = None) -> Path:
+def fig_init_condition(init_rows: list[dict], path, theory_cond: float | None = None,
+                       caption: str | None = None) -> Path:
     """Fig. 5: condition number of the Hessian at initialisation vs depth."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, value, title in ((axes[0], "cond_q10", "|λ|max / |λ|(0.1) (the paper's measure)"),
@@ -153,11 +159,12 @@ def fig_init_condition(init_rows: list[dict], path, theory_cond: float | None = 
         ax.set_ylabel("condition number at init")
         ax.set_title("Fig. 5: " + title, fontsize=9)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, caption)
 
 
 # --------------------------------------------------------------------------- Figs. 6-8
-def fig_curvature_vs_loss(probe_rows: list[dict], path, l_min: float | None = None) -> Path:
+def fig_curvature_vs_loss(probe_rows: list[dict], path, l_min: float | None = None,
+                          caption: str | None = None) -> Path:
     """Figs. 6-7: ``|lambda|max``, ``|lambda|(0.1)`` and their ratio along training, against the loss
     (x axis reversed: training runs left to right)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -189,10 +196,10 @@ def fig_curvature_vs_loss(probe_rows: list[dict], path, l_min: float | None = No
                        "cond_q10": "|λ|max / |λ|(0.1)"}[key])
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, caption)
 
 
-def fig_index_gradnorm(probe_rows: list[dict], hist_rows: list[dict], path) -> Path:
+def fig_index_gradnorm(probe_rows: list[dict], hist_rows: list[dict], path, caption: str | None = None) -> Path:
     """Fig. 8: index (fraction of negative Hessian eigenvalues) and gradient norm along training."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for arch in _archs(probe_rows):
@@ -232,12 +239,12 @@ def fig_index_gradnorm(probe_rows: list[dict], hist_rows: list[dict], path) -> P
     a2.set_yscale("log")
     a2.set_ylabel("gradient norm")
     a2.set_title("Fig. 8: gradient norm along training", fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, caption)
 
 
 # --------------------------------------------------------------------------- Figs. 9-10
 def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | None = None,
-                   act: str = "linear", title: str = "Fig. 9") -> Path:
+                   act: str = "linear", title: str = "Fig. 9", caption: str | None = None) -> Path:
     """Figs. 9-10: final loss at the best learning rate vs depth; relative excess; rates."""
     rows = [r for r in best_rows if r["act"] == act]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -277,10 +284,11 @@ def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | No
         _depth_axis(ax, rows)
         ax.set_xlabel("depth (weight layers)")
         ax.legend(fontsize=6)
-    return _save(fig, path)
+    return _save(fig, path, caption)
 
 
-def fig_activations(best_rows: list[dict], path, l_min: float, acts: list[str]) -> Path:
+def fig_activations(best_rows: list[dict], path, l_min: float, acts: list[str],
+                    caption: str | None = None) -> Path:
     """Beyond the paper: final loss at the best rate vs depth for other activations and positions."""
     acts = [a for a in acts if any(r["act"] == a for r in best_rows)]
     fig, axes = plt.subplots(1, max(len(acts), 1), figsize=(4.5 * max(len(acts), 1), 4), squeeze=False)
@@ -296,7 +304,7 @@ def fig_activations(best_rows: list[dict], path, l_min: float, acts: list[str]) 
         ax.set_ylabel("final loss (best rate): seed mean, band min-max")
         ax.set_title(f"beyond the paper: {act}", fontsize=9)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, caption)
 
 
 __all__ = ["fig_activations", "fig_curvature_vs_loss", "fig_final_loss", "fig_index_gradnorm",

@@ -201,6 +201,13 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
     train_cfg = TrainConfig(epochs=cfg.epochs, optimizer="gd", exact_max_params=cfg.exact_max_params)
     square = bundle.out_features == bundle.width
 
+    def caption(depths, seeds, epochs=None, dt=dtype, extra: str = "") -> str:
+        """What a figure shows was computed from, under the figure (the PNGs travel without the report)."""
+        return (f"{cfg.name} reproduction, data {bundle.tag}, {bundle.X.shape[0]} samples; depths "
+                f"{', '.join(map(str, depths))}; seeds {', '.join(map(str, seeds))}"
+                + (f"; {epochs} epochs of full-batch gradient descent" if epochs else "")
+                + f"; {str(dt).replace('torch.', '')}" + (f"; {extra}" if extra else ""))
+
     # ---- Fig. 9 (and the runs behind Figs. 2-3): linear nets, learning-rate sweep per depth
     best_lin, runs_lin = [], []
     if only & {"fig9", "fig2-3"}:
@@ -212,13 +219,15 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         _write_csv(resdir / "fig9_runs.csv", runs_lin)
         _write_csv(resdir / "fig9_best.csv", best_lin)
     if "fig2-3" in only and best_lin:
-        p = figures.fig_weight_norm(best_lin, figdir / "fig2_3_weight_norm.png")
+        p = figures.fig_weight_norm(best_lin, figdir / "fig2_3_weight_norm.png",
+                                    caption=caption(cfg.sweep_depths, cfg.seeds, cfg.epochs, extra="best rate per net"))
         sections.append(report.Section("fig2-3", "Figs. 2-3: mean Frobenius norm of the weights vs depth",
                                        EXPECTED["fig2-3"], [p],
                                        analysis.verdict_weight_norm(best_lin, "linear", bundle.l_min, bundle.l_zero)))
     if "fig9" in only and best_lin:
         p = figures.fig_final_loss(best_lin, figdir / "fig9_final_loss_linear.png", bundle.l_min, bundle.l_zero,
-                                   "linear", "Fig. 9")
+                                   "linear", "Fig. 9", caption=caption(cfg.sweep_depths, cfg.seeds, cfg.epochs,
+                                                                       extra="best rate per net and seed"))
         sections.append(report.Section(
             "fig9", "Fig. 9: final loss at the best learning rate vs depth, linear nets", EXPECTED["fig9"], [p],
             analysis.verdict_final_loss_linear(best_lin, bundle.l_min, bundle.l_zero),
@@ -234,7 +243,8 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         timings["fig5 Hessians at init"] = time.perf_counter() - t
         theory = bundle.theory_cond_2shortcut() if square else None
         _write_csv(resdir / "fig5_init_condition.csv", init_rows)
-        p = figures.fig_init_condition(init_rows, figdir / "fig5_condition_at_init.png", theory)
+        p = figures.fig_init_condition(init_rows, figdir / "fig5_condition_at_init.png", theory,
+                                       caption=caption(cfg.init_depths, cfg.seeds, extra="exact Hessians at init"))
         sections.append(report.Section(
             "fig5", "Fig. 5: condition number of the Hessian at initialisation vs depth", EXPECTED["fig5"], [p],
             analysis.verdict_init_condition(init_rows, theory), {"Hessian probes at init": init_rows},
@@ -261,8 +271,11 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         timings["fig6-8 Hessians along training"] = time.perf_counter() - t
         _write_csv(resdir / "fig6_8_probes.csv", probe_rows)
         _write_csv(resdir / "fig6_8_history.csv", hist_rows)
-        p1 = figures.fig_curvature_vs_loss(probe_rows, figdir / "fig6_7_curvature_vs_loss.png", bundle.l_min)
-        p2 = figures.fig_index_gradnorm(probe_rows, hist_rows, figdir / "fig8_index_gradnorm.png")
+        cap = caption([cfg.curve_depth], cfg.curve_seeds, cfg.curve_epochs, extra="one rate per net: " + ", ".join(
+            f"{a} {v:g}" for a, v in sorted(lrs.items())))
+        p1 = figures.fig_curvature_vs_loss(probe_rows, figdir / "fig6_7_curvature_vs_loss.png", bundle.l_min,
+                                           caption=cap)
+        p2 = figures.fig_index_gradnorm(probe_rows, hist_rows, figdir / "fig8_index_gradnorm.png", caption=cap)
         sections.append(report.Section(
             "fig6-8", f"Figs. 6-8: Hessian along training (depth {cfg.curve_depth}, linear, best rate per net)",
             EXPECTED["fig6-8"], [p1, p2],
@@ -283,7 +296,8 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         _write_csv(resdir / "fig10_runs.csv", runs_relu)
         _write_csv(resdir / "fig10_best.csv", best_relu)
         p = figures.fig_final_loss(best_relu, figdir / "fig10_final_loss_relu.png", bundle.l_min, bundle.l_zero,
-                                   "relu-mid", "Fig. 10")
+                                   "relu-mid", "Fig. 10", caption=caption(cfg.relu_depths, cfg.seeds, cfg.relu_epochs,
+                                                                          nl_dtype, "best rate per net and seed"))
         sections.append(report.Section(
             "fig10", "Fig. 10: final loss at the best rate vs depth, ReLU at mid positions", EXPECTED["fig10"], [p],
             analysis.verdict_final_loss_nonlinear(best_relu, bundle.l_min, "relu-mid", "Fig. 10"),
@@ -298,7 +312,9 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         timings["ext activations sweep"] = time.perf_counter() - t
         _write_csv(resdir / "ext_runs.csv", runs_ext)
         _write_csv(resdir / "ext_best.csv", best_ext)
-        p = figures.fig_activations(best_ext, figdir / "ext_activations.png", bundle.l_min, list(cfg.ext_acts))
+        p = figures.fig_activations(best_ext, figdir / "ext_activations.png", bundle.l_min, list(cfg.ext_acts),
+                                    caption=caption(cfg.ext_depths, cfg.ext_seeds, cfg.relu_epochs, nl_dtype,
+                                                    "best rate per net and seed"))
         vs = []
         for act in cfg.ext_acts:
             vs += analysis.verdict_final_loss_nonlinear(best_ext, bundle.l_min, act, f"beyond ({act})")
