@@ -104,6 +104,8 @@ def test_verdict_index_and_curvature_both_ways():
     good = probe_rows([0.5, 0.5, 0.45, 0.2, 0.15, 0.12, 0.1, 0.1], [2, 2, 3, 10, 100, 300, 1000, 3000])
     assert [v.holds for v in analysis.verdict_index(good, hist)] == [True, True, True]
     assert [v.holds for v in analysis.verdict_curvature_training(good)] == [True, True]
+    good_v = analysis.verdict_curvature_training(good)[0]
+    assert "above 1 on 100% of it" in good_v.measured and good_v.details["plain-xavier"]["frac_range_better"] == 1.0
     bad = probe_rows([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.49, 0.3], [1e5, 1e5, 1e5, 1e5, 1e5, 1e5, 1e5, 1e5])
     hist_bad = [dict(h, grad_norm=5.0 if h["epoch"] == 1 else 1.0) for h in hist]
     assert [v.holds for v in analysis.verdict_index(bad, hist_bad)] == [False, False, False]

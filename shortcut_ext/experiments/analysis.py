@@ -266,7 +266,8 @@ def _loss_matched(rs: list[dict], ref: list[dict], key: str, points: int = 24) -
     diff = np.interp(grid, *a) - np.interp(grid, *b)
     third = max(1, points // 3)
     return {"all": float(np.exp(diff.mean())), "high": float(np.exp(diff[-third:].mean())),
-            "low": float(np.exp(diff[:third].mean())), "range": [float(np.exp(lo)), float(np.exp(hi))]}
+            "low": float(np.exp(diff[:third].mean())), "range": [float(np.exp(lo)), float(np.exp(hi))],
+            "frac_above": float((diff > 0).mean())}  # share of the common range where the ratio exceeds 1
 
 
 def verdict_curvature_training(probe_rows: list[dict], ref: str = "2-shortcut") -> list[Verdict]:
@@ -297,6 +298,7 @@ def verdict_curvature_training(probe_rows: list[dict], ref: str = "2-shortcut") 
             base_ep = {r["epoch"]: r["cond_q10"] for r in base}
             common = sorted(set(by_ep) & set(base_ep))
             per_seed.append({"all": m["all"], "high_loss": m["high"], "low_loss": m["low"],
+                             "frac_range_better": m["frac_above"],
                              "lam_max": lmax["all"] if lmax else math.nan, "lam_q10": lq["all"] if lq else math.nan,
                              "equal_epochs": _geo_ratio(by_ep, base_ep, common)})
         if per_seed:
@@ -315,7 +317,8 @@ def verdict_curvature_training(probe_rows: list[dict], ref: str = "2-shortcut") 
     note = "".join(f"; {a}: cond_q10 = inf (singular) at (seed, epoch) {v}, left out of the ratios"
                    for a, v in singular.items())
     undecided = ref in singular
-    meas = "; ".join(f"{a}/{ref}: {_fmt(r['all'])} over the common loss range (high-loss third {_fmt(r['high_loss'])}, "
+    meas = "; ".join(f"{a}/{ref}: {_fmt(r['all'])} over the common loss range, above 1 on "
+                     f"{r['frac_range_better']:.0%} of it (high-loss third {_fmt(r['high_loss'])}, "
                      f"low-loss third {_fmt(r['low_loss'])}); |lambda|max ratio {_fmt(r['lam_max'])}, "
                      f"|lambda|(0.1) ratio {_fmt(r['lam_q10'])}; at equal epochs {_fmt(r['equal_epochs'])}"
                      for a, r in ratios.items())
