@@ -642,7 +642,7 @@ def train(
 
 
 # --------------------------------------------------------------------------- checkpoints
-_CHECKPOINT_FORMAT = 1
+_CHECKPOINT_FORMAT = 2  # 2: the fingerprint hashes data and weights (1 summed them)
 
 
 def _digest(*tensors) -> str:
@@ -698,10 +698,15 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if not (isinstance(state, dict) and state.get("format") == _CHECKPOINT_FORMAT):
+        if not (isinstance(state, dict) and "format" in state and "fingerprint" in state):
             raise ValueError("not a train() checkpoint")
     except Exception as e:  # noqa: BLE001 -- an interrupted first write, or another file: start afresh
         say(f"note: cannot read the checkpoint {path} ({type(e).__name__}); starting afresh and replacing it")
+        return None
+    if state.get("format") != _CHECKPOINT_FORMAT:
+        say(f"note: the checkpoint {path} was written by another version of shortcut_ext (checkpoint format "
+            f"{state.get('format')}, this version reads {_CHECKPOINT_FORMAT}), whose run it cannot check against "
+            "this one; starting afresh and replacing it (finish that run with the version that started it)")
         return None
     if state.get("fingerprint") != fingerprint:
         try:  # name what differs (the fingerprints are JSON objects)
@@ -711,8 +716,8 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
                 diff.remove("config")
                 diff += [f"config.{k}" for k in sorted(set(a["config"]) | set(b["config"]))
                          if a["config"].get(k) != b["config"].get(k)]
-            what = {"world": "number of ranks", "weight_sums": "initial weights", "data": "data or probe data",
-                    "key": "command options"}
+            what = {"world": "number of ranks", "weights": "initial weights or projections",
+                    "data": "data or probe data", "key": "command options"}
             names = ", ".join(what.get(k, k) for k in diff) or "other options or data"
         except (TypeError, ValueError):
             names = "other options or data"

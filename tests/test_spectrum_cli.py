@@ -199,9 +199,9 @@ def test_replaced_checkpoint_is_announced(tmp_path, capsys):
     assert _result(out)["resumed"]["lanczos"] is True
 
 
-def test_checkpoint_of_an_older_format_is_not_resumed(tmp_path, capsys):
-    """A checkpoint written before SLQ drew its probes one by one (no "format" key) holds probes drawn the
-    old way; resuming it would mix two probe streams. It is replaced with a notice."""
+def test_checkpoint_of_another_format_is_not_resumed(tmp_path, capsys):
+    """Checkpoints carry a format number: one without it (written before the field, computed as now)
+    resumes; one of another format is replaced with a notice instead of resumed into other numbers."""
     out = tmp_path / "o"
     base = TINY + ["--init", "small", "--no-plots", "--out", str(out)]
     assert main(base) == 0
@@ -210,11 +210,13 @@ def test_checkpoint_of_an_older_format_is_not_resumed(tmp_path, capsys):
     assert state["format"] == spectrum_cmd.CHECKPOINT_FORMAT
     del state["format"]
     ck.write_text(json.dumps(state))
+    assert main(base) == 0 and _result(out)["resumed"]["lanczos"] is True
+    ck.write_text(json.dumps(dict(state, format=spectrum_cmd.CHECKPOINT_FORMAT + 1)))
     capsys.readouterr()
     assert main(base) == 0
     err = capsys.readouterr().err
-    assert "written by another version of shortcut_ext (checkpoint format 1" in err and "replaced" in err
-    assert _result(out)["resumed"]["lanczos"] is False
+    assert f"written by another version of shortcut_ext (checkpoint format {spectrum_cmd.CHECKPOINT_FORMAT + 1}" in err
+    assert "replaced" in err and _result(out)["resumed"]["lanczos"] is False
     assert json.loads(ck.read_text())["format"] == spectrum_cmd.CHECKPOINT_FORMAT
 
 

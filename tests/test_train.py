@@ -337,6 +337,25 @@ def test_checkpoint_of_other_probe_data_is_not_resumed(teacher, tmp_path):
     assert [p["lam_max"] for p in res.probes] == [p["lam_max"] for p in fresh.probes]
 
 
+def test_checkpoint_of_another_format_is_named_as_such(teacher, tmp_path):
+    """A checkpoint written by the previous version (format 1: a fingerprint of sums) was called 'of another
+    run (it differs in: data, initial weights)' though it was the same run."""
+    X, Y, l_min = teacher
+    cfg, ck = TrainConfig(epochs=6, lr=0.1), tmp_path / "f.ckpt.pt"
+
+    def stop(epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, on_epoch=stop)
+    state = torch.load(ck, weights_only=True)
+    torch.save(dict(state, format=1), ck)
+    notes = []
+    train(_net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append)
+    assert len(notes) == 1 and "written by another version of shortcut_ext (checkpoint format 1" in notes[0]
+
+
 @pytest.mark.parametrize("change", ["projection", "shuffled targets"])
 def test_checkpoint_of_other_projections_or_data_order_is_not_resumed(tmp_path, change):
     """The fingerprint saw the data by sums and the model by weight sums: a zero-init net with another

@@ -534,9 +534,9 @@ def to_strict_json(obj, **kw) -> str:
 # What a spectrum's numbers depend on (a checkpoint is reused only under the same values); where the
 # computation runs (device, ranks) and how it is shown do not count.
 _PLACEMENT_ARGS = ("out", "no_progress", "no_plots", "device", "distributed", "func")
-# Raised whenever what a checkpoint holds would be computed differently: 2 = SLQ probes drawn one by one
-# (so that the estimates do not depend on --probe-batch); a checkpoint of another format is not resumed.
-CHECKPOINT_FORMAT = 2
+# Raised whenever what a checkpoint holds would be computed differently; a checkpoint of another format is
+# not resumed.  Checkpoints without the field are format 1 (SLQ probes drawn one by one, as now).
+CHECKPOINT_FORMAT = 1
 
 
 class _Checkpoint:
@@ -557,7 +557,7 @@ class _Checkpoint:
         except (OSError, ValueError) as e:  # unreadable: start afresh
             old = None
             self._say(f"the checkpoint {self.path} is unreadable ({e}); starting afresh and replacing it")
-        if isinstance(old, dict) and "config" in old and old.get("format") != CHECKPOINT_FORMAT:
+        if isinstance(old, dict) and "config" in old and old.get("format", 1) != CHECKPOINT_FORMAT:
             self._say(f"the checkpoint in --out {args.out} was written by another version of shortcut_ext "
                       f"(checkpoint format {old.get('format', 1)}, this version writes {CHECKPOINT_FORMAT}), whose "
                       "numbers are computed differently; it is not resumed and is being replaced")
