@@ -149,8 +149,9 @@ class TrainConfig:
 
 
 def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
-    """Learning rates ``10^(k / per_decade)`` for the integers ``k`` with ``lo <= 10^(k / per_decade) <= hi``
-    (ends within 1% of a grid point count as on it, so ``3.16e-3`` starts at ``10^-2.5``), 3 digits.
+    """Learning rates from ``lo`` to ``hi`` with ``per_decade`` points per decade (log-spaced from ``lo``),
+    3 digits; a point within 1% of ``10^(k / per_decade)`` is that power (``3.16e-3`` steps through
+    ``0.01``, ``0.0316``, not ``0.00999``, ``0.0316``).
 
     >>> log_grid(0.01, 1, per_decade=2)
     [0.01, 0.0316, 0.1, 0.316, 1.0]
@@ -161,12 +162,16 @@ def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
         raise ValueError(f"need 0 < lo <= hi, got lo={lo!r}, hi={hi!r}")
     if not isinstance(per_decade, int) or per_decade < 1:
         raise ValueError(f"per_decade must be an integer >= 1, got {per_decade!r}")
-    tol = math.log10(1.01) * per_decade  # in grid steps
-    k0 = math.ceil(math.log10(lo) * per_decade - tol)
-    k1 = math.floor(math.log10(hi) * per_decade + tol)
-    if k1 < k0:
-        raise ValueError(f"no point 10^(k/{per_decade}) lies between lo={lo!r} and hi={hi!r}; widen the range")
-    return [float(f"{10 ** (k / per_decade):.3g}") for k in range(k0, k1 + 1)]
+    a, b = math.log10(lo), math.log10(hi)
+    steps = int(round((b - a) * per_decade))
+    tol = math.log10(1.01) * per_decade  # 1%, in grid steps
+    out = []
+    for i in range(steps + 1):
+        e = a * per_decade + i  # exponent in grid steps
+        if abs(e - round(e)) < tol:
+            e = round(e)
+        out.append(float(f"{10 ** (e / per_decade):.3g}"))
+    return out
 
 
 # --------------------------------------------------------------------------- results

@@ -48,9 +48,8 @@ def test_log_grid():
     assert len(log_grid(1e-3, 3.16, 2)) == 8
     # ends near a grid point snap to it: the quick grid read 0.00999, 0.0999, 0.999
     assert log_grid(3.16e-3, 3.16, 2) == [0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16]
-    assert log_grid(0.02, 0.05, 3) == [0.0215, 0.0464]
-    with pytest.raises(ValueError, match="no point 10\\^\\(k/2\\) lies between lo=0.05 and hi=0.05"):
-        log_grid(0.05, 0.05)
+    assert log_grid(2e-3, 2, 2) == [0.002, 0.00632, 0.02, 0.0632, 0.2, 0.632, 2.0]  # from lo, as before
+    assert log_grid(0.05, 0.05) == [0.05]
     with pytest.raises(ValueError):
         log_grid(1, 0.1)
 
