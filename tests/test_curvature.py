@@ -248,8 +248,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match=r"data\[0\] must be a pair \(x, y\) of torch tensors, got \(Tensor, ndarray\)"):
         HessianOperator(net, [(X, Y.numpy())])
     # ([x1, x2], [y1, y2]) read as the mini-batches (x1, x2), (y1, y2) when y has x's width: refused
-    with pytest.raises(TypeError, match=r"pair of lists of 2 tensors.*ambiguous.*list\(zip\(xs, ys\)\)"):
-        HessianOperator(net, ([X[:5], X[5:]], [X[:5], X[5:]]), backend="autograd")
+    for pair in (([X[:5], X[5:]], [X[:5], X[5:]]), (torch.split(X, 5), torch.split(X, 5))):
+        with pytest.raises(TypeError, match=r"tuple of two sequences of 2 tensors.*ambiguous.*list\(zip\(xs, ys\)\)"):
+            HessianOperator(net, pair, backend="autograd")
     a = HessianOperator(net, [[X[:5], Y[:5]], [X[5:], Y[5:]]], backend="autograd")  # list(DataLoader): fine
     b = HessianOperator(net, list(zip([X[:5], X[5:]], [Y[:5], Y[5:]])), backend="autograd")
     v = torch.randn(a.shape[0], dtype=X.dtype)

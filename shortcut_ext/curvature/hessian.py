@@ -59,14 +59,16 @@ def _as_batches(data, allow_empty: bool = False) -> list[tuple[torch.Tensor, tor
             "data must be one batch (x, y) of tensors or an iterable of (x, y) mini-batches, "
             f"got {type(data).__name__}"
         )
-    if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(s, list) for s in data)
+    if (isinstance(data, tuple) and len(data) == 2 and all(isinstance(s, (list, tuple)) for s in data)
             and len(data[0]) == len(data[1]) and all(isinstance(t, torch.Tensor) for s in data for t in s)):
-        # ([x1, x2, ...], [y1, y2, ...]) reads as mini-batches (x1, x2), (y1, y2) under the documented form
-        # when there are two of each, and silently so when x and y have the same width: refuse the shape
+        # ([x1, x2, ...], [y1, y2, ...]) or (torch.split(X, b), torch.split(Y, b)) reads as the mini-batches
+        # (x1, x2), (y1, y2) under the documented form when there are two of each, and silently so when x and y
+        # have the same width: a tuple of two equal-length sequences of tensors is refused (a list of batches,
+        # e.g. list(DataLoader) or list(zip(xs, ys)), is the documented form and stays accepted)
         raise TypeError(
-            f"data is a pair of lists of {len(data[0])} tensors, ([x1, x2, ...], [y1, y2, ...])?, which is "
-            "ambiguous: give mini-batches as a list of (x, y) pairs, e.g. list(zip(xs, ys)), "
-            "or one batch as (x, y)")
+            f"data is a tuple of two sequences of {len(data[0])} tensors: (xs, ys) as from torch.split, or two "
+            "(x, y) mini-batches? It is ambiguous: give mini-batches as a list of (x, y) pairs, e.g. "
+            "list(zip(xs, ys)), or one batch as (x, y)")
     batches = []
     for i, b in enumerate(data):
         if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, torch.Tensor) for t in b)):
@@ -101,8 +103,9 @@ class HessianOperator:
         model: a :class:`~shortcut_ext.models.ShortcutNet` or :class:`~shortcut_ext.models.PlainNet`.
         data: one batch ``(x[B, p], y)`` or an iterable of such mini-batches (materialised once).
             ``y`` is ``[B, q]`` for ``mse``; class indices ``[B]`` or probabilities ``[B, q]`` for
-            ``cross_entropy``.  A tuple of two lists ``([x1, x2], [y1, y2])`` is refused as ambiguous:
-            give mini-batches as ``list(zip(xs, ys))``.
+            ``cross_entropy``.  A tuple of two equal-length sequences of tensors (``([x1, x2], [y1, y2])``,
+            ``(torch.split(X, b), torch.split(Y, b))``, ``((x1, y1), (x2, y2))``) is refused as ambiguous:
+            give mini-batches as a list, e.g. ``list(zip(xs, ys))``.
         loss: ``"mse"`` (``1/(2m) sum ||f - y||^2``) or ``"cross_entropy"`` (mean).
         backend: ``"fused"``, ``"autograd"`` or ``"func"`` (see module docstring).
         dtype: working dtype (default: the model's); weights, data and directions are cast to it.
