@@ -181,6 +181,25 @@ def test_final_loss_verdicts_count_seeds_that_diverged_at_every_rate():
                 if r["arch"] == "2-shortcut" and r["depth"] == 48)["mean"] == pytest.approx(0.2767)
 
 
+def test_curvature_verdicts_undecided_on_unresolved_slq():
+    """Hessian probes SLQ could not resolve near 0 (resolved False) were copied into the figure rows without
+    the flag, so Fig. 5-8 verdicts rested on numbers off by factors; they are named and left undecided."""
+    init = [{"arch": a, "depth": d, "seed": 0, "cond_q10": c, "resolved": a != "plain-xavier" or d < 16}
+            for a, f in (("2-shortcut", lambda d: 3.0), ("plain-xavier", lambda d: 10.0 * d ** 2),
+                         ("plain-orthogonal", lambda d: 5.0 * d)) for d in (4, 8, 16) for c in [f(d)]]
+    vs = {v.claim: v for v in analysis.verdict_init_condition(init)}
+    grow = vs["plain Xavier and orthogonal grow with depth, orthogonal slower"]
+    assert grow.holds is None and "plain-xavier: SLQ estimates not resolved near 0 at depths [16]" in grow.measured
+    assert vs["2-shortcut condition number is flat in depth"].holds is True
+    epochs = [0, 1, 2, 4, 8]
+    probes = [{"arch": a, "seed": 0, "epoch": e, "excess": 10.0 / (1 + e), "cond_q10": c, "lam_max": 1.0,
+               "lam_q10": 1.0 / c, "index": 0.3, "resolved": not (a == "plain-xavier" and e == 8)}
+              for a, c in (("2-shortcut", 10.0), ("plain-xavier", 1e4)) for e in epochs]
+    assert [v.holds for v in analysis.verdict_curvature_training(probes)] == [None, None]
+    idx = analysis.verdict_index(probes, [])[0]
+    assert idx.holds is None and "at epochs [8]" in idx.measured
+
+
 def test_verdicts_without_data_are_undecided():
     assert all(v.holds is None for v in analysis.verdict_index([], []))
     assert all(v.holds is None for v in analysis.verdict_curvature_training([]))

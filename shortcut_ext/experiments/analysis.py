@@ -57,6 +57,17 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
 
 
+def _unresolved_note(rows: list[dict], archs, by: str = "depth") -> str:
+    """Names the (net, depth / epoch) points whose curvature numbers SLQ could not resolve near 0
+    (``resolved`` False: unreliable by factors); empty if none."""
+    bad = {}
+    for r in rows:
+        if r.get("arch") in archs and r.get("resolved") is False:
+            bad.setdefault(r["arch"], set()).add(r.get(by))
+    return "".join(f"; {a}: SLQ estimates not resolved near 0 at {by}s {sorted(v)} (unreliable: raise "
+                   f"exact_max_params)" for a, v in sorted(bad.items()))
+
+
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of ``log y`` against ``log x`` over the finite, positive points (nan if < 2).
 
@@ -198,11 +209,13 @@ def verdict_init_condition(init_rows: list[dict], theory_cond: float | None = No
         holds = None if not all(_finite(s(a)) for a in flat) else all(abs(s(a)) < FLAT_SLOPE for a in flat)
         if any(singular(a) for a in flat):  # an infinite condition number at some depth is not flat
             holds = False
+        if _unresolved_note(init_rows, flat):
+            holds = None
         out.append(Verdict("Fig. 5", "2-shortcut condition number is flat in depth",
                            f"{test_base}; flat if |slope| < {FLAT_SLOPE} for " + " and ".join(flat)
                            + " and finite at every depth", holds,
-                           ", ".join(f"{a}: slope {_fmt(s(a))}" for a in flat) + "".join(singular(a) for a in flat),
-                           {a: s(a) for a in flat}))
+                           ", ".join(f"{a}: slope {_fmt(s(a))}" for a in flat) + "".join(singular(a) for a in flat)
+                           + _unresolved_note(init_rows, flat), {a: s(a) for a in flat}))
     if theory_cond is not None and _finite(theory_cond):
         z = [r for r in init_rows if r["arch"] == "2-shortcut-zero" and r.get("cond") is not None
              and not math.isnan(float(r["cond"]))]  # inf (singular) counts, as an infinite error
@@ -217,17 +230,19 @@ def verdict_init_condition(init_rows: list[dict], theory_cond: float | None = No
     xa, orth = s("plain-xavier"), s("plain-orthogonal")
     if "plain-xavier" in slope or "plain-orthogonal" in slope:
         holds = None if not (_finite(xa) and _finite(orth)) else bool(xa > GROW_SLOPE and orth > FLAT_SLOPE and orth < xa)
+        unres = _unresolved_note(init_rows, PLAIN)
         out.append(Verdict("Fig. 5", "plain Xavier and orthogonal grow with depth, orthogonal slower",
                            f"{test_base}; Xavier slope > {GROW_SLOPE}, orthogonal slope > {FLAT_SLOPE} and below Xavier's",
-                           holds, f"Xavier slope {_fmt(xa)}, orthogonal slope {_fmt(orth)}"
-                           + singular("plain-xavier") + singular("plain-orthogonal"),
+                           None if unres else holds, f"Xavier slope {_fmt(xa)}, orthogonal slope {_fmt(orth)}"
+                           + singular("plain-xavier") + singular("plain-orthogonal") + unres,
                            {"plain-xavier": xa, "plain-orthogonal": orth}))
     for a, claim in (("1-shortcut-zero", "1-shortcut (zero) grows with depth (Theorem 1: linearly)"),
                      ("1-shortcut", "1-shortcut (small) grows with depth")):
         if a in slope:
+            unres = _unresolved_note(init_rows, (a,))
             out.append(Verdict("Fig. 5", claim, f"{test_base}; grows if slope > {GROW_SLOPE}",
-                               None if not _finite(s(a)) else bool(s(a) > GROW_SLOPE),
-                               f"slope {_fmt(s(a))}" + singular(a), {a: s(a)}))
+                               None if not _finite(s(a)) or unres else bool(s(a) > GROW_SLOPE),
+                               f"slope {_fmt(s(a))}" + singular(a) + unres, {a: s(a)}))
     if "3-shortcut" in slope:
         out.append(Verdict("Fig. 5 (also)", "3-shortcut (small init): shown for reference, no expected shape",
                            test_base, None, f"slope {_fmt(s('3-shortcut'))}", {"3-shortcut": s("3-shortcut")}))
@@ -316,7 +331,9 @@ def verdict_curvature_training(probe_rows: list[dict], ref: str = "2-shortcut") 
     singular = {a: v for a, v in singular.items() if v}
     note = "".join(f"; {a}: cond_q10 = inf (singular) at (seed, epoch) {v}, left out of the ratios"
                    for a, v in singular.items())
-    undecided = ref in singular
+    unres = _unresolved_note(probe_rows, [ref, *ratios], by="epoch")
+    note += unres
+    undecided = ref in singular or bool(unres)
     meas = "; ".join(f"{a}/{ref}: {_fmt(r['all'])} over the common loss range, above 1 on "
                      f"{r['frac_range_better']:.0%} of it (high-loss third {_fmt(r['high_loss'])}, "
                      f"low-loss third {_fmt(r['low_loss'])}); |lambda|max ratio {_fmt(r['lam_max'])}, "
@@ -377,11 +394,12 @@ def verdict_index(probe_rows: list[dict], hist_rows: list[dict], ref: str = "2-s
                         f"{ep[j]} and {ep[j + 1]}; gradient norm peaks at epoch {e_peak} (window [{lo}, {hi}])")
         else:
             info.append(f"seed {seed}: largest index drop {_fmt(drops[j])} between epochs {ep[j]} and {ep[j + 1]}")
+    unres = _unresolved_note(probe_rows, [ref, *others], by="epoch")  # an SLQ index off by up to its unresolved mass
     out = [Verdict("Fig. 8", "2-shortcut index lower than the other nets'",
                    "mean index over the probes after initialisation, other minus 2-shortcut, median over seeds; "
                    "holds if > 0 for every other net",
-                   None if not lower else bool(all(v > 0 for v in lower.values())),
-                   "; ".join(f"{a} - {ref}: {_fmt(v)}" for a, v in lower.items()) or "n/a", lower)]
+                   None if not lower or unres else bool(all(v > 0 for v in lower.values())),
+                   ("; ".join(f"{a} - {ref}: {_fmt(v)}" for a, v in lower.items()) or "n/a") + unres, lower)]
     maj = lambda xs: None if not xs else bool(sum(xs) * 2 > len(xs))  # noqa: E731
     out.append(Verdict("Fig. 8", "2-shortcut index drops sharply early",
                        "largest drop between consecutive probes is >= half of the whole drop and ends in the first "

@@ -333,7 +333,8 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
             rec = store.get(key)  # as stored (strict JSON), so that fresh and resumed rows agree
         rows.append({"arch": arch, "act": act, "depth": depth, "seed": seed,
                      **{k: (rec.get(k) if k == "method" else json_float(rec.get(k)))
-                        for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10", "method", "num_params")}})
+                        for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10", "method", "num_params")},
+                     "resolved": rec.get("resolved")})  # False: SLQ could not resolve the spectrum near 0
     return rows
 
 
@@ -412,7 +413,8 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
         base = {"arch": arch, "act": act, "depth": d, "seed": seed, "lr": c.lr, "status": res.status}
         for p in res.probes:
             probe_rows.append({**base, **{k: p.get(k) for k in ("epoch", "loss", "excess", "grad_norm", "lam_max",
-                                                                  "lam_q10", "index", "cond", "cond_q10", "method")}})
+                                                                  "lam_q10", "index", "cond", "cond_q10", "method",
+                                                                  "resolved")}})
         h = res.history
         for i in range(len(h.get("epoch", []))):
             hist_rows.append({**base, "epoch": h["epoch"][i], "loss": h["loss"][i], "excess": h["excess"][i],
