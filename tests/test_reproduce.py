@@ -200,6 +200,26 @@ def test_curvature_verdicts_undecided_on_unresolved_slq():
     assert idx.holds is None and "at epochs [8]" in idx.measured
 
 
+def test_weight_norm_and_rate_verdicts_count_seeds_without_a_stable_run():
+    """Seeds whose every rate diverged (no result, max_stable_lr nan) were left out unseen: Figs. 2-3 said
+    the norm shrinks from the surviving seed, and the 2-shortcut 'tolerated' rate 1.0 was one seed's of three."""
+    from types import SimpleNamespace
+
+    rows = []
+    for arch in ("2-shortcut", "plain-xavier", "plain-orthogonal"):
+        for d in (6, 48):
+            for seed in range(3):
+                dead = arch == "2-shortcut" and d == 48 and seed < 2
+                res = None if dead else SimpleNamespace(history={"epoch": [0, 10], "weight_norm": [1.0, 1.0 / d]})
+                rows.append({"arch": arch, "act": "linear", "depth": d, "seed": seed, "result": res,
+                             "final_loss": math.inf if dead else 0.28, "final_weight_norm": 1.0 / d,
+                             "best_lr": 0.1, "max_stable_lr": math.nan if dead else (1.0 if arch == "2-shortcut" else 0.1)})
+    wn = analysis.verdict_weight_norm(rows, "linear", l_min=0.277, l_zero=5.4)[0]
+    assert wn.holds is None and "no run without divergence for some seed at depths [48]" in wn.measured
+    tol = next(v for v in analysis.verdict_final_loss_linear(rows, 0.277, 5.4) if "tolerates" in v.claim)
+    assert tol.holds is False and "2-shortcut 0" in tol.measured
+
+
 def test_verdicts_without_data_are_undecided():
     assert all(v.holds is None for v in analysis.verdict_index([], []))
     assert all(v.holds is None for v in analysis.verdict_curvature_training([]))

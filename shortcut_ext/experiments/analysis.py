@@ -179,6 +179,12 @@ def verdict_weight_norm(best_rows: list[dict], act: str = "linear", l_min: float
             untrained = [r["depth"] for r in rel if not (_finite(r["mean"]) and r["mean"] < 0.5)]
         note = (f"; not trained at depths {untrained} (loss above halfway from L_zero to L_min): undecided"
                 if untrained else "")
+        # a seed whose every rate diverged has no trained weights: the seed mean would leave it out unseen
+        lost = sorted({r["depth"] for r in best_rows if r["act"] == act and r["arch"] == arch
+                       and r.get("result") is None})
+        if lost:
+            note += f"; no run without divergence for some seed at depths {lost}: undecided"
+            untrained = sorted(set(untrained) | set(lost))
         out.append(Verdict(
             "Figs. 2-3" if arch == "2-shortcut" else f"Figs. 2-3 ({arch}, also)",
             f"mean Frobenius norm of the {arch} weights shrinks with depth",
@@ -424,7 +430,9 @@ def verdict_final_loss_linear(best_rows: list[dict], l_min: float, l_zero: float
     if not any(r["arch"] == "2-shortcut" for r in rows):
         return [Verdict("Fig. 9", "2-shortcut near L_min at all depths", "needs the sweep", None, "not run")]
     agg = aggregate(rows, ("arch", "depth"), "rel", keep_inf=True)  # a seed diverged at every rate: inf
-    agg_lr = aggregate(rows, ("arch", "depth"), "max_stable_lr")
+    # a seed with no stable rate on the grid has a largest stable rate below it: 0, not a seed left out
+    agg_lr = aggregate([dict(r, max_stable_lr=r.get("max_stable_lr") if _finite(r.get("max_stable_lr")) else 0.0)
+                        for r in rows], ("arch", "depth"), "max_stable_lr")
     d2, e2 = _series(agg, "2-shortcut")
     out = [Verdict(
         "Fig. 9", "2-shortcut stays near L_min at all depths",
@@ -458,7 +466,8 @@ def verdict_final_loss_linear(best_rows: list[dict], l_min: float, l_zero: float
         tol = None if not others or not _finite(lr2) else bool(all((not _finite(v)) or lr2 > v for v in others.values()))
         out.append(Verdict(
             "Fig. 9", "2-shortcut tolerates larger learning rates",
-            "largest non-diverging rate of the grid at the deepest depth (seed median) above each plain net's",
+            "largest stable rate of the grid (not diverged, ends below its start; 0 for a seed with none) at the "
+            "deepest depth, seed median, above each plain net's",
             tol, f"D={deep}: 2-shortcut {_fmt(lr2)}; " + ", ".join(f"{a} {_fmt(v)}" for a, v in others.items()),
             {"depth": deep, "2-shortcut": lr2, **others}))
     return out
