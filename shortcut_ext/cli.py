@@ -34,6 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _saved(args) -> str:
+    """What an interrupted command leaves to resume from, as the end of its message."""
+    from pathlib import Path
+
+    out = getattr(args, "out", None)
+    if out is None or args.command not in ("reproduce", "spectrum", "train"):
+        return ""
+    if args.command == "train":
+        from .experiments.train_cmd import checkpoint_path
+
+        ck = checkpoint_path(out)
+        if ck.exists():
+            return f"; the last checkpoint ({ck}) is saved: rerun the same command to resume from it"
+        return ("; no checkpoint was written yet (--checkpoint-every / --checkpoint-seconds; 0 writes none): a "
+                "rerun starts over")
+    if args.command == "spectrum":
+        has = (Path(out) / "spectrum.checkpoint.json").exists()
+        return ("; the finished parts (a finished Lanczos run, SLQ probe groups) are saved: rerun the same command "
+                "(same --out) to resume" if has else "; nothing had finished yet (Lanczos and each SLQ probe group "
+                "are saved as they finish): a rerun starts over")
+    return "; finished runs are saved: rerun the same command (same --out) to resume"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -46,12 +69,7 @@ def main(argv=None) -> int:
         e.code = 2  # the message stays the exception's text; the process exits with status 2, silently
         raise
     except KeyboardInterrupt:
-        resumable = args.command in ("reproduce", "spectrum", "train")
-        print(f"\nshortcut-ext {args.command}: interrupted"
-              + ("; what had finished is saved (train: the last checkpoint; spectrum: a finished Lanczos run "
-                 "and SLQ probe groups; reproduce: finished runs): rerun the same command (same --out) to resume"
-                 if resumable else ""),
-              file=sys.stderr)
+        print(f"\nshortcut-ext {args.command}: interrupted{_saved(args)}", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError) as e:
         # bad input found below the argument parser (data files, sizes, combinations of options): one

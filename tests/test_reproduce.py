@@ -437,4 +437,4 @@ def test_cli_errors_are_one_line_and_interrupts_say_how_to_resume(tmp_path, caps
 
     monkeypatch.setattr(reproduce, "main", interrupted)
     assert cli_main(["reproduce", "--out", str(tmp_path)]) == 130
-    assert "interrupted; what had finished is saved (train: the last checkpoint" in capsys.readouterr().err
+    assert "interrupted; finished runs are saved: rerun the same command" in capsys.readouterr().err

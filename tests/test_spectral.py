@@ -134,6 +134,8 @@ def test_operator_adapter_dtype_override_casts_the_directions():
         torch.testing.assert_close(out, (D @ V.float()).double(), rtol=1e-5, atol=1e-6)
         r = lanczos(T, k=1)
         assert r.largest[0] == pytest.approx(float(torch.linalg.eigvalsh(D.double())[-1]), rel=1e-5)
+        TT = as_torch_operator(T, dtype=F64, device="cpu")  # wrapped twice: the inner one still casts
+        torch.testing.assert_close(TT.matmat(V), out)
 
 
 def test_operator_adapter_accepts_scipy_numpy_dense(random_hessian):

@@ -220,16 +220,20 @@ def test_checkpoint_of_another_format_is_not_resumed(tmp_path, capsys):
     assert json.loads(ck.read_text())["format"] == spectrum_cmd.CHECKPOINT_FORMAT
 
 
-def test_sizes_beyond_memory_and_overflow_are_one_line(tmp_path, capsys):
+def test_sizes_beyond_memory_and_overflow_are_one_line(tmp_path, capsys, monkeypatch):
     """A net or --basis-gib beyond the machine's memory is refused before any work (it allocated for
     23 s, then failed with a traceback); a Hessian that overflows (3000 He-init plain layers) ends in one
     line with exit status 1, not a 24-line traceback."""
+    import shortcut_ext._cli_args as cli_args
+
+    monkeypatch.setattr(cli_args, "device_memory", lambda device: (16 * 2**30, "this machine's"))
     with pytest.raises(SystemExit) as e:
         main(["spectrum", "--units", "100000000", "--width", "16", "--out", str(tmp_path / "a")])
     assert e.value.code == 2 and "--units 100000000 --width 16 (P = 51200000000 weights) is too large" in str(e.value)
     with pytest.raises(SystemExit) as e:
-        main(["spectrum", "--units", "4", "--width", "3", "--basis-gib", "1e9", "--out", str(tmp_path / "b")])
-    assert e.value.code == 2 and "--basis-gib 1e+09 is more than this machine's" in str(e.value)
+        main(["spectrum", "--units", "20000", "--width", "16", "--basis-gib", "1e9", "--out", str(tmp_path / "b")])
+    assert e.value.code == 2 and "--basis-gib 1e+09 lets the Krylov bases of this run take" in str(e.value)
+    assert main(TINY + ["--basis-gib", "1e9", "--no-plots", "--out", str(tmp_path / "tiny")]) == 0  # a cap, not a need
     capsys.readouterr()
     rc = main(["spectrum", "--shortcut", "0", "--units", "3000", "--width", "4", "--init", "he", "--data", "synthetic",
                "--samples", "32", "--no-progress", "--no-plots", "--out", str(tmp_path / "c")])

@@ -163,6 +163,24 @@ def test_absurd_sizes_refused_before_allocating(tmp_path, monkeypatch):
               "1500", "--dtype", "float64", "--out", str(tmp_path / "run.json")])
 
 
+def test_memory_check_counts_what_the_run_holds(monkeypatch):
+    """The activation bound counts the rows a run really holds: linear nets train on the second-moment
+    compression (a 200000-sample linear run needing 0.5 GB was refused), a rank its share; a plain net's
+    backward recomputes its layers in per-thread scratch (a plain net was counted as one unit input)."""
+    from argparse import Namespace
+
+    from shortcut_ext.experiments import train_cmd
+
+    monkeypatch.setattr(train_cmd, "device_memory", lambda device: (16 * 2**30, "this machine's"))
+    base = dict(dtype="float32", optimizer="gd", momentum=0.0, batch_size=None, no_compress=False, distributed=False)
+    train_cmd._check_memory(Namespace(**base, act="linear", depth=4000, width=16, samples=200000), "cpu", 2)
+    with pytest.raises(SystemExit, match="unit inputs the backward keeps \\(2000 units x 200000 rows"):
+        train_cmd._check_memory(Namespace(**dict(base, no_compress=True), act="linear", depth=4000, width=16,
+                                          samples=200000), "cpu", 2)
+    with pytest.raises(SystemExit, match="layers the backward recomputes per thread"):
+        train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=30_000_000, width=4, samples=64), "cpu", 0)
+
+
 # --------------------------------------------------------------------------- 6. checkpoint / resume
 RESUME = ["--epochs", "6", "--checkpoint-every", "1", "--checkpoint-seconds", "0", "--probe-every", "2"]
 
@@ -195,7 +213,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, caps
     real = _interrupt_at(monkeypatch, 2)
     assert _train(tmp_path, *RESUME, *extra) == 130  # the CLI's KeyboardInterrupt exit
     assert ckpt.exists() and not (tmp_path / "run.json").exists()
-    assert "rerun the same command (same --out) to resume" in capsys.readouterr().err
+    assert "is saved: rerun the same command to resume from it" in capsys.readouterr().err
     assert torch.load(ckpt, weights_only=True)["epoch"] == 3
     monkeypatch.setattr(train_cmd, "train", real)
     assert _train(tmp_path, *RESUME, *extra) == 0
@@ -367,3 +385,20 @@ def test_no_progress_leaves_logs_clean(tmp_path, capsys):
     assert "train:" in capsys.readouterr().err  # the bar
     assert main(["train", *TINY, "--no-progress", "--out", str(tmp_path / "b.json")]) == 0
     assert "train:" not in capsys.readouterr().err
+
+
+def test_interrupt_message_says_whether_a_checkpoint_exists(tmp_path, monkeypatch, capsys):
+    """Ctrl-C said 'finished results are saved' even with no checkpoint written (--checkpoint-every 0, or
+    in the first 30 s), and described spectrum and reproduce to a train user."""
+    from shortcut_ext.experiments import train_cmd
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "train", interrupted)
+    assert main(["train", *TINY, "--out", str(tmp_path / "run.json")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no checkpoint was written yet" in err and "spectrum" not in err
+    (tmp_path / "run.ckpt.pt").write_bytes(b"x")
+    assert main(["train", *TINY, "--out", str(tmp_path / "run.json")]) == 130
+    assert f"the last checkpoint ({tmp_path / 'run.ckpt.pt'}) is saved" in capsys.readouterr().err

@@ -29,8 +29,8 @@ class TorchOperator:
     def __init__(self, op, dtype: torch.dtype | None = None, device=None):
         self.base = op
         self.num_products = 0
-        if isinstance(op, TorchOperator):
-            self._mm, P, dt, dev = op._mm, op.shape[0], op.dtype, op.device
+        if isinstance(op, TorchOperator):  # its own matmat: it casts to its base operator's dtype and device
+            self._mm, P, dt, dev = op.matmat, op.shape[0], op.dtype, op.device
         elif isinstance(op, torch.Tensor):
             _check_square("operator", tuple(op.shape))
             if op.dtype not in (torch.float32, torch.float64):

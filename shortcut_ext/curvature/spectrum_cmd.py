@@ -442,9 +442,14 @@ def _check_memory(args, budget: int) -> None:
     itemsize = 8 if args.dtype == "float64" else 4
     P = args.units * max(args.shortcut, 1) * args.width ** 2
     have, where = device_memory(args.device)
-    if budget > have:
-        raise SystemExit(f"shortcut-ext spectrum: --basis-gib {args.basis_gib:g} is more than {where} "
-                         f"{have / 2**30:.3g} GiB of memory; lower it (the Krylov bases are kept within it)")
+    # the bases take what the run needs within --basis-gib (a cap): the Lanczos basis (--max-iter, else up to
+    # max(300, 20 --top) vectors) or one SLQ group (--probe-batch, else up to --probes, x (--steps + 1))
+    lanczos = args.max_iter or max(300, 20 * args.top)
+    group = (args.probe_batch or args.probes) * (args.steps + 1)
+    bases = min(budget, min(max(lanczos, group), P + 1) * P * itemsize)
+    if bases > have:
+        raise SystemExit(f"shortcut-ext spectrum: --basis-gib {args.basis_gib:g} lets the Krylov bases of this run "
+                         f"take {bases / 2**30:.3g} GiB, more than {where} {have / 2**30:.3g} GiB of memory; lower it")
     if 4 * P * itemsize + min(budget, 3 * P * itemsize) > have:
         raise SystemExit(f"shortcut-ext spectrum: --units {args.units} --width {args.width} (P = {P} weights) is too "
                          f"large: the weights, the operator's copy, a direction, a product and a small basis need "

@@ -153,16 +153,25 @@ def _check_memory(args, device: str, shortcut: int = 0) -> None:
     copies = 2 + {"adam": 2, "sgd": 1 if args.momentum else 0}.get(args.optimizer, 0)
     weights = args.depth * args.width * args.width * itemsize * copies
     rows = args.batch_size or args.samples or DEFAULT_SAMPLES  # the rows one forward pass holds
-    units = args.depth // shortcut if shortcut > 1 else (args.depth if shortcut == 1 else 1)
-    acts = (units + 1) * rows * args.width * itemsize  # every unit's input, kept for the backward
+    if args.act == "linear" and not args.no_compress and args.optimizer == "gd":
+        rows = min(rows, 2 * args.width + 10)  # the second-moment compression: at most p + q rows
+    if getattr(args, "distributed", False):
+        rows = -(-rows // max(int(os.environ.get("WORLD_SIZE", "1")), 1))  # this rank's share
+    if shortcut >= 1:  # every unit's input, kept for the backward
+        units = args.depth // shortcut
+        acts = (units + 1) * rows * args.width * itemsize
+    else:  # a plain net is one unit of depth layers: the backward recomputes them in per-thread scratch of
+        units = 1  # (2 depth + 4) layers of a row tile (>= 16 rows) each
+        acts = (2 * args.depth + 4) * min(rows, 16) * args.width * itemsize * torch.get_num_threads()
     need = weights + acts
     have, where = device_memory(device)
     if need > have:
         what = "the weights and their gradient" + (" and the optimizer state" if copies > 2 else "")
         raise SystemExit(f"{CMD}: --depth {args.depth} --width {args.width} is too large: {what} "
                          f"({copies} x depth x width^2 x {itemsize} bytes of {args.dtype}: {weights / 2**30:.3g} GiB) "
-                         f"and the unit inputs the backward keeps ({units} units x {rows} rows x width: "
-                         f"{acts / 2**30:.3g} GiB) need {need / 2**30:.3g} GiB, more than {where} {have / 2**30:.3g} "
+                         + (f"and the unit inputs the backward keeps ({units} units x {rows} rows x width: "
+                            if shortcut >= 1 else "and the layers the backward recomputes per thread (")
+                         + f"{acts / 2**30:.3g} GiB) need {need / 2**30:.3g} GiB, more than {where} {have / 2**30:.3g} "
                          f"GiB of memory; lower --depth, --width, --samples or --batch-size")
 
 
