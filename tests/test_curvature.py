@@ -270,7 +270,8 @@ def test_hessian_probes_exact_and_estimated():
     X, Y = make_data(m=20, seed=15)
     ev = np.linalg.eigvalsh(dense_hessian_func(net, (X, Y)).numpy())
     exact = hessian_probes(net, (X, Y), "mse", exact_max_params=1000, backend="autograd")
-    assert set(exact) == {"lam_max", "lam_q10", "index", "cond", "cond_q10", "method", "resolved", "index_unresolved_mass"}
+    assert set(exact) == {"lam_max", "lam_q10", "index", "cond", "cond_q10", "method", "resolved",
+                          "index_unresolved_mass"}
     assert exact["resolved"] is True and exact["index_unresolved_mass"] == 0.0
     assert exact["method"] == "exact"
     a = np.abs(ev)
