@@ -790,8 +790,9 @@ def test_hvp_matches_reference(case, dtype):
 
 @needs_cuda
 def test_hvp_row_chunks(monkeypatch):
-    """SHORTCUT_EXT_CUDA_HVP_MB bounds the HVP's scratch: a batch over it runs in row chunks (here rows
-    of ~535 KB each in float64: 1 row per chunk at 1 MB) with the same loss, gradient and products."""
+    """SHORTCUT_EXT_CUDA_HVP_MB bounds the HVP's scratch: a batch over it runs in row chunks (here the
+    weight and direction copies alone, ~66 MB in float64, exceed 1 MB: 1 row per chunk) with the same
+    loss, gradient and products."""
     x, w, y, v, loss = _hvp_problem(20, 64, 200, 2, 4, "ce_index", torch.float64, seed=3)
     acts = ("tanh", "relu", "identity")
     whole = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)

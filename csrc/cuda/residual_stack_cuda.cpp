@@ -10,7 +10,9 @@
 //                                              generic backward's scratch (default 1024)
 //   SHORTCUT_EXT_CUDA_VERBOSE=1                print the chosen kernels of each call to stderr
 //   SHORTCUT_EXT_CUDA_HVP_MB=N                 scratch bound of residual_stack_hvp (default: half the
-//                                              free device memory); larger batches run in row chunks
+//                                              free device memory), the (1 + K) R n d^2 weight and
+//                                              direction copies included; larger batches run in row
+//                                              chunks (set it for bitwise-reproducible chunking)
 // TF32 tensor cores for float32 are a process-wide setting (shortcut_ext.cuda_tf32), not a switch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -172,7 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
     budget = int64_t(free_b / 2);
   }
   const int64_t per_row = cuda::hvp_bytes_per_row(a, directions.size(0), x.element_size());
-  const int64_t max_rows = std::max<int64_t>(1, budget / per_row);
+  // the transposed copies of the weights and the K directions are allocated whatever the chunk size
+  const int64_t fixed = (1 + directions.size(0)) * weights.numel() * x.element_size();
+  const int64_t max_rows = std::max<int64_t>(1, std::max<int64_t>(budget - fixed, 0) / per_row);
   Workspaces ws{x.options()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cuda", [&] {

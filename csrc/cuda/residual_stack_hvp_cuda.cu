@@ -19,11 +19,13 @@
 //      weight-gradient and HVP terms of unit r over the batch in row order: deterministic, no
 //      atomics.
 // Memory (elements of T): (R + 1) (1 + K) B d saved inputs + (3n + 2) (1 + K) B d records and
-// carried values, and (1 + K) R n d d for transposed copies of the weights and directions.  2 R + 3 launches.  No checkpointing and no shared-memory tiling of the GEMMs:
+// carried values, and (1 + K) R n d d for transposed copies of the weights and directions.  2 + (2 R + 3)
+// launches per row chunk.  No checkpointing and no shared-memory tiling of the GEMMs:
 // each output element is one dot product read from global memory (L1/L2 cached).  Rows are
 // independent until the sums over the batch, so a batch larger than max_rows runs in row chunks of
 // at most max_rows (the scratch above for B = max_rows, reused): every chunk seeds with 1/B of the
-// whole batch and adds its sums to the outputs, in chunk order (deterministic).
+// whole batch and adds its sums to the outputs, in chunk order (deterministic for a given chunk size;
+// another chunk size sums in another order, so the bits can differ at rounding level).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

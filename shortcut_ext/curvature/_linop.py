@@ -73,6 +73,13 @@ class TorchOperator:
     def P(self) -> int:
         return self.shape[0]
 
+    @property
+    def precision(self) -> torch.dtype:
+        """The dtype the products are accurate to: the lower of the base operator's and the working dtype (a
+        float32 operator seen in float64 is still float32-accurate: zero tolerances follow this)."""
+        base = self.base.precision if isinstance(self.base, TorchOperator) else self._base_dtype
+        return torch.float32 if torch.float32 in (base, self.dtype) else torch.float64
+
     def matmat(self, V: torch.Tensor) -> torch.Tensor:  # [P, k] -> [P, k]
         if V.dim() != 2 or V.shape[0] != self.P or V.shape[1] < 1:
             raise ValueError(f"V must have shape [{self.P}, k] with k >= 1, got {list(V.shape)}")

@@ -153,7 +153,7 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
                                      "the data")
         asym = float((D - D.T).abs().max())
         ev = torch.linalg.eigvalsh(0.5 * (D + D.T)).numpy()
-        rep = report_from_eigenvalues(ev, q=q, zero_tol=zero_tol, k=k, method="exact", dtype=A.dtype)
+        rep = report_from_eigenvalues(ev, q=q, zero_tol=zero_tol, k=k, method="exact", dtype=A.precision)
         rep.uncertainty["asymmetry"] = asym  # max |H - H^T| of the assembled matrix
         return rep
     # large nets: Lanczos for the ends, SLQ for the bulk
@@ -163,12 +163,12 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
                  seed=seed, return_vectors=False, compute_residuals=True, callback=callback)
     sq = slq(A, probes=probes, steps=steps, seed=seed + 1, callback=callback)
     lam_max = lz.abs_max
-    if A.dtype == torch.float32 and 0 < lam_max < 1e-18:
+    if A.precision == torch.float32 and 0 < lam_max < 1e-18:
         import warnings
 
         warnings.warn(f"|lambda|max = {lam_max:.3g} is near float32's underflow (norms of vectors this small lose "
                       "digits or vanish): the estimates are unreliable; use a float64 operator", stacklevel=2)
-    zt = zero_tol_rel(A.dtype) * lam_max if zero_tol is None else zero_tol
+    zt = zero_tol_rel(A.precision) * lam_max if zero_tol is None else zero_tol
     lam_q = sq.abs_quantile(q)
     per_probe_q = sq.abs_quantile_per_probe(q)
     per_probe_idx = sq.negative_mass_per_probe(zt)

@@ -220,10 +220,11 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
         max_products = check_count("max_products", max_products)
     m = min(P, max_iter)
     b = min(b, m)
-    final_tol = max(default_tol(dt), zero_tol_rel(dt)) if tol is None else None
-    tol = default_tol(dt) if tol is None else float(tol)
+    acc = A.precision  # tolerances follow the products' accuracy (a float32 operator seen in float64: float32)
+    final_tol = max(default_tol(acc), zero_tol_rel(acc)) if tol is None else None
+    tol = default_tol(acc) if tol is None else float(tol)
     final_tol = tol if final_tol is None else final_tol  # the returned pairs' check (see LanczosResult)
-    btol = default_tol(dt) if breakdown_tol is None else float(breakdown_tol)
+    btol = default_tol(acc) if breakdown_tol is None else float(breakdown_tol)
     if not (tol > 0 and btol > 0):
         raise ValueError(f"tol and breakdown_tol must be positive, got {tol}, {btol}")
     want_top, want_bot = which in ("both", "largest"), which in ("both", "smallest")

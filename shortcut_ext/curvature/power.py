@@ -61,7 +61,7 @@ def power_iteration(op, max_iter: int = 500, tol: float | None = None, seed: int
     """
     A = as_torch_operator(op)
     max_iter = check_count("max_iter", max_iter)
-    tol = default_tol(A.dtype) if tol is None else float(tol)
+    tol = default_tol(A.precision) if tol is None else float(tol)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     gen = torch.Generator().manual_seed(int(seed))

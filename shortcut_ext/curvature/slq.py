@@ -277,7 +277,7 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
                 f"probe_batch={probe_batch} needs a basis of {group} x {steps} x {P} x {_itemsize(dt)} bytes = "
                 f"{need / 2**30:.2f} GiB, above max_basis_bytes = {max_basis_bytes / 2**30:.2f} GiB; lower "
                 f"probe_batch to {max(1, max_basis_bytes // (steps * P * _itemsize(dt)))} or leave it to the budget")
-    btol = default_tol(dt) if breakdown_tol is None else float(breakdown_tol)
+    btol = default_tol(A.precision) if breakdown_tol is None else float(breakdown_tol)
     gen = torch.Generator().manual_seed(int(seed))
     Z = A.probes(probes, gen, distribution).T.contiguous()  # [probes, P], drawn at once: grouping-independent
     Z /= Z.norm(dim=1, keepdim=True)
@@ -331,7 +331,7 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
             residuals[i, :m] = beta[i, m - 1] * U[m - 1].abs().numpy()
     return SLQResult(nodes=nodes, weights=weights, num_steps=nsteps, num_params=P, num_products=A.num_products - p0,
                      probe_batch=group, basis_bytes=0 if not reorthogonalize else group * steps * P * _itemsize(dt),
-                     dtype=str(dt).replace("torch.", ""), residuals=residuals)
+                     dtype=str(A.precision).replace("torch.", ""), residuals=residuals)
 
 
 def _lanczos_recurrences(A, q, steps, basis, btol, callback):
