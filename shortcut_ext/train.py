@@ -163,8 +163,8 @@ def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
     if not isinstance(per_decade, int) or per_decade < 1:
         raise ValueError(f"per_decade must be an integer >= 1, got {per_decade!r}")
     a, b = math.log10(lo), math.log10(hi)
-    steps = int(round((b - a) * per_decade))
     tol = math.log10(1.01) * per_decade  # 1%, in grid steps
+    steps = int(math.floor((b - a) * per_decade + tol))  # never past hi (by more than the 1% snap)
     out = []
     for i in range(steps + 1):
         e = a * per_decade + i  # exponent in grid steps

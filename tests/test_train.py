@@ -50,6 +50,7 @@ def test_log_grid():
     assert log_grid(3.16e-3, 3.16, 2) == [0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16]
     assert log_grid(2e-3, 2, 2) == [0.002, 0.00632, 0.02, 0.0632, 0.2, 0.632, 2.0]  # from lo, as before
     assert log_grid(0.05, 0.05) == [0.05]
+    assert log_grid(0.01, 0.6) == [0.01, 0.0316, 0.1, 0.316] and log_grid(0.001, 0.0019) == [0.001]  # not past hi
     with pytest.raises(ValueError):
         log_grid(1, 0.1)
 
