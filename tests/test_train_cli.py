@@ -158,7 +158,7 @@ def test_absurd_sizes_refused_before_allocating(tmp_path, monkeypatch):
     from shortcut_ext.experiments import train_cmd
 
     monkeypatch.setattr(train_cmd, "device_memory", lambda device: (16 * 2**30, "this machine's"))
-    with pytest.raises(SystemExit, match=r"unit inputs the backward keeps \(1000000 units x 1500 rows x width: 44.7 GiB"):
+    with pytest.raises(SystemExit, match=r"unit inputs the backward keeps \(1000000 units x 1500 rows\) 44.7 GiB"):
         main(["train", "--act", "tanh-mid", "--depth", "2000000", "--width", "4", "--data", "synthetic", "--samples",
               "1500", "--dtype", "float64", "--out", str(tmp_path / "run.json")])
 
@@ -174,11 +174,16 @@ def test_memory_check_counts_what_the_run_holds(monkeypatch):
     monkeypatch.setattr(train_cmd, "device_memory", lambda device: (16 * 2**30, "this machine's"))
     base = dict(dtype="float32", optimizer="gd", momentum=0.0, batch_size=None, no_compress=False, distributed=False)
     train_cmd._check_memory(Namespace(**base, act="linear", depth=4000, width=16, samples=200000), "cpu", 2)
-    with pytest.raises(SystemExit, match="unit inputs the backward keeps \\(2000 units x 200000 rows"):
+    with pytest.raises(SystemExit, match="unit inputs the backward keeps \\(2000 units x 200000 rows\\)"):
         train_cmd._check_memory(Namespace(**dict(base, no_compress=True), act="linear", depth=4000, width=16,
                                           samples=200000), "cpu", 2)
-    with pytest.raises(SystemExit, match="layers the backward recomputes per thread"):
-        train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=30_000_000, width=4, samples=64), "cpu", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with pytest.raises(SystemExit, match="per-thread gradient sums"):  # each CPU thread sums its own gradient
+        train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=500_000, width=64, samples=64), "cpu", 0)
+    with pytest.raises(SystemExit, match="data 23.8 GiB"):  # the data every rank loads
+        train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=10, width=16, samples=200_000_000), "cpu", 0)
+    monkeypatch.setattr(train_cmd, "device_memory", lambda device: (16 * 2**30, "cuda:0's"))
+    train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=500_000, width=64, samples=64), "cuda:0", 0)
 
 
 # --------------------------------------------------------------------------- 6. checkpoint / resume

@@ -147,12 +147,18 @@ def _check_args(args, device: str) -> None:
 
 
 def _check_memory(args, device: str, shortcut: int = 0) -> None:
-    """Refuse sizes whose weights and gradient (and optimizer state), plus the unit inputs the backward
-    keeps (a lower bound of the activations), cannot fit, before allocating them."""
+    """Refuse, before allocating anything, sizes that cannot fit: a lower bound of what the run holds."""
     itemsize = 8 if args.dtype == "float64" else 4
     copies = 2 + {"adam": 2, "sgd": 1 if args.momentum else 0}.get(args.optimizer, 0)
-    weights = args.depth * args.width * args.width * itemsize * copies
-    rows = args.batch_size or args.samples or DEFAULT_SAMPLES  # the rows one forward pass holds
+    cpu = not str(device).startswith("cuda")
+    threads = torch.get_num_threads() if cpu else 0
+    wsize = args.depth * args.width * args.width * itemsize
+    # the weights, their gradient and the optimizer state; on the CPU each thread of the fused backward also
+    # sums its rows' weight gradient in a private copy (reduced in a fixed order: deterministic)
+    weights = wsize * (copies + threads)
+    samples = args.samples or DEFAULT_SAMPLES
+    data = samples * 2 * args.width * itemsize  # X and Y of every sample (each rank loads all of them)
+    rows = args.batch_size or samples  # the rows one forward pass holds
     if args.act == "linear" and not args.no_compress and args.optimizer == "gd":
         rows = min(rows, 2 * args.width + 10)  # the second-moment compression: at most p + q rows
     if getattr(args, "distributed", False):
@@ -160,19 +166,19 @@ def _check_memory(args, device: str, shortcut: int = 0) -> None:
     if shortcut >= 1:  # every unit's input, kept for the backward
         units = args.depth // shortcut
         acts = (units + 1) * rows * args.width * itemsize
-    else:  # a plain net is one unit of depth layers: the backward recomputes them in per-thread scratch of
-        units = 1  # (2 depth + 4) layers of a row tile (>= 16 rows) each
-        acts = (2 * args.depth + 4) * min(rows, 16) * args.width * itemsize * torch.get_num_threads()
-    need = weights + acts
+    else:  # a plain net is one unit: its input, and its layers recomputed in a row tile's scratch per thread
+        acts = 2 * rows * args.width * itemsize + (2 * args.depth + 4) * min(rows, 16) * args.width * itemsize * threads
+    need = weights + data + acts
     have, where = device_memory(device)
     if need > have:
-        what = "the weights and their gradient" + (" and the optimizer state" if copies > 2 else "")
-        raise SystemExit(f"{CMD}: --depth {args.depth} --width {args.width} is too large: {what} "
-                         f"({copies} x depth x width^2 x {itemsize} bytes of {args.dtype}: {weights / 2**30:.3g} GiB) "
-                         + (f"and the unit inputs the backward keeps ({units} units x {rows} rows x width: "
-                            if shortcut >= 1 else "and the layers the backward recomputes per thread (")
-                         + f"{acts / 2**30:.3g} GiB) need {need / 2**30:.3g} GiB, more than {where} {have / 2**30:.3g} "
-                         f"GiB of memory; lower --depth, --width, --samples or --batch-size")
+        parts = [f"weights, gradient{' and optimizer state' if copies > 2 else ''}"
+                 + (f" and {threads} per-thread gradient sums" if threads else "") + f" {weights / 2**30:.3g} GiB",
+                 f"data {data / 2**30:.3g} GiB",
+                 (f"unit inputs the backward keeps ({args.depth // shortcut} units x {rows} rows) " if shortcut >= 1
+                  else "layer scratch ") + f"{acts / 2**30:.3g} GiB"]
+        raise SystemExit(f"{CMD}: --depth {args.depth} --width {args.width} is too large: it needs at least "
+                         f"{need / 2**30:.3g} GiB ({'; '.join(parts)}), more than {where} {have / 2**30:.3g} GiB of "
+                         f"memory; lower --depth, --width, --samples or --batch-size")
 
 
 def _data_error(err: Exception, args, kind: str) -> str:
