@@ -45,15 +45,17 @@ def _saved(args) -> str:
         from .experiments.train_cmd import checkpoint_path
 
         ck = checkpoint_path(out)
-        if ck.exists():
-            return f"; the last checkpoint ({ck}) is saved: rerun the same command to resume from it"
+        if ck.exists() and getattr(args, "checkpoint_every", 1):
+            return (f"; the checkpoint {ck} is saved: rerun the same command to resume from it (a checkpoint of "
+                    "other options is not resumed)")
         return ("; no checkpoint was written yet (--checkpoint-every / --checkpoint-seconds; 0 writes none): a "
                 "rerun starts over")
     if args.command == "spectrum":
         has = (Path(out) / "spectrum.checkpoint.json").exists()
-        return ("; the finished parts (a finished Lanczos run, SLQ probe groups) are saved: rerun the same command "
-                "(same --out) to resume" if has else "; nothing had finished yet (Lanczos and each SLQ probe group "
-                "are saved as they finish): a rerun starts over")
+        return ("; what had finished (a finished Lanczos run, SLQ probe groups) is checkpointed in --out: the same "
+                "command resumes from it (a checkpoint of other options is not resumed)" if has else
+                "; nothing had finished yet (Lanczos and each SLQ probe group are saved as they finish): a rerun "
+                "starts over")
     return "; finished runs are saved: rerun the same command (same --out) to resume"
 
 

@@ -406,4 +406,6 @@ def test_interrupt_message_says_whether_a_checkpoint_exists(tmp_path, monkeypatc
     assert "interrupted; no checkpoint was written yet" in err and "spectrum" not in err
     (tmp_path / "run.ckpt.pt").write_bytes(b"x")
     assert main(["train", *TINY, "--out", str(tmp_path / "run.json")]) == 130
-    assert f"the last checkpoint ({tmp_path / 'run.ckpt.pt'}) is saved" in capsys.readouterr().err
+    assert f"the checkpoint {tmp_path / 'run.ckpt.pt'} is saved: rerun the same command" in capsys.readouterr().err
+    assert main(["train", *TINY, "--checkpoint-every", "0", "--out", str(tmp_path / "run.json")]) == 130
+    assert "no checkpoint was written yet" in capsys.readouterr().err  # a stale file it would not resume
