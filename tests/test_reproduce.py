@@ -198,9 +198,11 @@ def test_curvature_verdicts_undecided_on_unresolved_slq():
     assert [v.holds for v in analysis.verdict_curvature_training(probes)] == [None, None]
     idx = analysis.verdict_index(probes, [])[0]
     assert idx.holds is None and "at epochs [8]" in idx.measured
+    ref_unres = [dict(p, resolved=p["arch"] != "2-shortcut" or p["epoch"] != 2) for p in probes]
+    assert [v.holds for v in analysis.verdict_index(ref_unres, [])] == [None, None, None]
 
 
-def test_weight_norm_and_rate_verdicts_count_seeds_without_a_stable_run():
+def test_weight_norm_and_rate_verdicts_count_seeds_without_a_stable_run(tmp_path, monkeypatch):
     """Seeds whose every rate diverged (no result, max_stable_lr nan) were left out unseen: Figs. 2-3 said
     the norm shrinks from the surviving seed, and the 2-shortcut 'tolerated' rate 1.0 was one seed's of three."""
     from types import SimpleNamespace
@@ -218,6 +220,13 @@ def test_weight_norm_and_rate_verdicts_count_seeds_without_a_stable_run():
     assert wn.holds is None and "no run without divergence for some seed at depths [48]" in wn.measured
     tol = next(v for v in analysis.verdict_final_loss_linear(rows, 0.277, 5.4) if "tolerates" in v.claim)
     assert tol.holds is False and "2-shortcut 0" in tol.measured
+    figs = []  # and the figures agree: the lost seeds marked (Fig. 3), the 2-shortcut's rate 0 at D=48 (Fig. 9)
+    real_save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path, caption=None: (figs.append(fig), real_save(fig, path))[1])
+    figures.fig_weight_norm(rows, tmp_path / "w.png")
+    figures.fig_final_loss(rows, tmp_path / "f9.png", 0.277, 5.4)
+    assert [ln.get_marker() for ln in figs[0].axes[1].lines].count("^") == 1
+    assert [ln.get_marker() for ln in figs[1].axes[2].lines].count("v") == 1
 
 
 def test_verdicts_without_data_are_undecided():

@@ -136,6 +136,11 @@ def test_operator_adapter_dtype_override_casts_the_directions():
         assert r.largest[0] == pytest.approx(float(torch.linalg.eigvalsh(D.double())[-1]), rel=1e-5)
         TT = as_torch_operator(T, dtype=F64, device="cpu")  # wrapped twice: the inner one still casts
         torch.testing.assert_close(TT.matmat(V), out)
+        assert T.precision == TT.precision == torch.float32  # tolerances follow the float32 products
+    # a float32 operator seen in float64 keeps float32's zero tolerance: with float64's, its rounding-level
+    # eigenvalues counted as real (cond_q10 1e9 and index 0.49 where the float64 truth is inf and 0.36)
+    rep32 = condition_report(as_torch_operator(D, dtype=F64), method="exact")
+    assert rep32.uncertainty["zero_tol"] == pytest.approx(condition_report(D, method="exact").uncertainty["zero_tol"])
 
 
 def test_operator_adapter_accepts_scipy_numpy_dense(random_hessian):

@@ -407,14 +407,15 @@ def verdict_index(probe_rows: list[dict], hist_rows: list[dict], ref: str = "2-s
                    None if not lower or unres else bool(all(v > 0 for v in lower.values())),
                    ("; ".join(f"{a} - {ref}: {_fmt(v)}" for a, v in lower.items()) or "n/a") + unres, lower)]
     maj = lambda xs: None if not xs else bool(sum(xs) * 2 > len(xs))  # noqa: E731
+    unres_ref = _unresolved_note(probe_rows, [ref], by="epoch")  # the drop is read off the 2-shortcut's index
     out.append(Verdict("Fig. 8", "2-shortcut index drops sharply early",
                        "largest drop between consecutive probes is >= half of the whole drop and ends in the first "
-                       "half of training; majority of seeds", maj(sharp), "; ".join(info) or "n/a",
-                       {"per_seed": sharp}))
+                       "half of training; majority of seeds", None if unres_ref else maj(sharp),
+                       ("; ".join(info) or "n/a") + unres_ref, {"per_seed": sharp}))
     out.append(Verdict("Fig. 8", "the gradient norm peaks at the moment the index drops",
                        "epoch of the largest gradient norm lies in the probe window around the largest index drop "
-                       "(one probe interval either side); majority of seeds", maj(peak), "; ".join(info) or "n/a",
-                       {"per_seed": peak}))
+                       "(one probe interval either side); majority of seeds", None if unres_ref else maj(peak),
+                       ("; ".join(info) or "n/a") + unres_ref, {"per_seed": peak}))
     return out
 
 

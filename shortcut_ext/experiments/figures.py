@@ -131,10 +131,13 @@ def fig_weight_norm(best_rows: list[dict], path, act: str = "linear", caption: s
     for arch in _archs(rows):
         if not arch.startswith("plain"):
             _band(a2, agg, arch)
+    lost = [dict(r, lost=math.inf) for r in best_rows if r["act"] == act and r.get("result") is None
+            and not r["arch"].startswith("plain")]  # seeds whose every rate diverged: no trained weights
+    _mark_singular(a2, lost, "lost", label="every rate diverged for some seed")
     _depth_axis(a2, rows)
     a2.set_yscale("log")
     a2.set_xlabel("depth (weight layers)")
-    a2.set_ylabel("mean Frobenius norm after training")
+    a2.set_ylabel("mean Frobenius norm after training (geometric seed mean)")
     a2.set_title("Fig. 3: after training vs depth")
     a2.legend(fontsize=7)
     return _save(fig, path, caption)
@@ -270,13 +273,23 @@ def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | No
         _mark_singular(ax, rows, "final_loss", label="every rate diverged for some seed")
     axes[1].set_yscale("log")
     agg_lr = aggregate(rows, ("arch", "depth"), "best_lr", log=True)
-    agg_st = aggregate(rows, ("arch", "depth"), "max_stable_lr", log=True)
+    # as in the verdict: a seed with no stable rate on the grid counts 0 in the median (0 is marked at the bottom)
+    agg_st = aggregate([dict(r, max_stable_lr=r["max_stable_lr"] if _finite(r.get("max_stable_lr")) else 0.0)
+                        for r in rows], ("arch", "depth"), "max_stable_lr")
+    first_none = True
     for arch in _archs(rows):
         _band(axes[2], agg_lr, arch, label=f"{arch} best")
-        pts = sorted((r["depth"], r["median"]) for r in agg_st if r["arch"] == arch and _finite(r["median"]))
+        pts = sorted((r["depth"], r["median"]) for r in agg_st if r["arch"] == arch and _finite(r["median"])
+                     and r["median"] > 0)
         if pts:
             a = np.array(pts)
             axes[2].plot(a[:, 0], a[:, 1], ls=":", marker="^", ms=3, color=_color(arch), label=f"{arch} largest stable")
+        none = sorted(r["depth"] for r in agg_st if r["arch"] == arch and r["median"] == 0)
+        if none:
+            axes[2].plot(none, [0.0] * len(none), ls="none", marker="v", ms=7, color=_color(arch), clip_on=False,
+                         transform=axes[2].get_xaxis_transform(),
+                         label="no stable rate (seed median)" if first_none else None)
+            first_none = False
     axes[2].set_yscale("log")
     axes[2].set_ylabel("learning rate")
     axes[2].set_title(f"{title}: best rate; largest stable (ends below its start)", fontsize=9)
