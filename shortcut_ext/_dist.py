@@ -29,56 +29,70 @@ def all_reduce(t: torch.Tensor, group=None, op=None) -> torch.Tensor:
     return t
 
 
-def model_signature(model, *texts) -> tuple[float, ...]:
-    """Numbers that tell two ranks' models apart beyond the trunk weight's sums (for :func:`ranks_agree`'s
-    ``extra``): an order-sensitive checksum of the weight, the sums of the frozen projections
-    (``input_proj``, ``readout``), and a hash of the architecture (``repr``, dtype) and of ``texts`` (the
-    loss, a configuration)."""
-    import hashlib
-
-    w = model.weight.detach().reshape(-1)
-    chunk = 1 << 20  # in float64 a chunk at a time: no full-size copies of a large weight
-    total = 0.0
-    for s in range(0, w.numel(), chunk):
-        c = w[s:s + chunk].double()
+def _checksum(t: torch.Tensor) -> tuple[float, float]:
+    """Order-sensitive checksum and sum of squares of ``t``, in float64 chunks (no full-size copy)."""
+    flat = t.detach().reshape(-1)
+    chunk = 1 << 20
+    total, sq = 0.0, 0.0
+    for s in range(0, flat.numel(), chunk):
+        c = flat[s:s + chunk].double()
         pos = (torch.arange(s, s + c.numel(), dtype=torch.float64, device=c.device) % 9973) + 1
         total += float((c * pos).sum())
-    nums = [total]
+        sq += float((c * c).sum())
+    return total, sq
+
+
+def model_signature(model, *texts) -> dict:
+    """Labelled numbers that tell two ranks' models apart (for :func:`ranks_agree`'s ``extra``): order-sensitive
+    checksums of the weight and of the frozen projections (``input_proj``, ``readout``), and a hash of the
+    architecture (``repr``-level fields, dtype) and of ``texts`` (the loss, a configuration)."""
+    import hashlib
+
+    out = {"weight checksum (order-sensitive)": _checksum(model.weight)[0]}
     for name in ("input_proj", "readout"):
         b = getattr(model, name, None)
-        bd = b.detach().double() if isinstance(b, torch.Tensor) else None
-        nums += [float(bd.sum()), float(bd.square().sum())] if bd is not None else [0.0, 0.0]
+        c = _checksum(b) if isinstance(b, torch.Tensor) else (0.0, 0.0)
+        out[f"frozen {name} (order-sensitive checksum)"] = c[0]
+        out[f"frozen {name} (sum of squares)"] = c[1]
     # the architecture, not labels that do not change the function (init, backend)
     arch = [type(model).__name__, tuple(model.weight.shape), getattr(model, "shortcut", None),
             getattr(model, "activations", None), getattr(model, "in_features", None),
             getattr(model, "out_features", None), str(model.weight.dtype)]
-    text = "|".join([*map(str, arch), *map(str, texts)])
-    nums.append(float(int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)))  # 48 bits: exact in float64
-    return tuple(nums)
+    out["architecture (hash)"] = float(int(hashlib.sha1("|".join(map(str, arch)).encode()).hexdigest()[:12], 16))
+    text = "|".join(map(str, texts))
+    out["loss and settings (hash)"] = float(int(hashlib.sha1(text.encode()).hexdigest()[:12], 16))  # 48 bits: exact
+    return out
 
 
 def ranks_agree(weight: torch.Tensor, local_count: int, local_error, group, rank: int, what: str,
                 extra=()) -> int:
     """The sum of ``local_count`` over the ranks, after checking in one pair of collectives that no
     rank's local checks failed (``local_error``: that rank's exception, re-raised there) and that every
-    rank holds the same ``weight`` (and ``extra`` numbers).  Raises on every rank, never leaves one
-    waiting in a collective."""
+    rank holds the same ``weight`` (and ``extra`` numbers: a ``{label: number}`` dict or a sequence).
+    Raises on every rank, naming what differs; never leaves one waiting in a collective."""
     import torch.distributed as dist
 
     w = weight.detach().double()
-    mine = torch.tensor([float(w.numel()), float(w.sum()), float((w * w).sum()), *map(float, extra),
-                         float(local_error is not None)], dtype=torch.float64, device=weight.device)
+    labels = {"number of weights P": float(w.numel()), "sum(w)": float(w.sum()), "sum(w^2)": float((w * w).sum())}
+    extra = dict(extra) if isinstance(extra, dict) else {f"extra[{i}]": v for i, v in enumerate(extra)}
+    labels.update({k: float(v) for k, v in extra.items()})
+    mine = torch.tensor([*labels.values(), float(local_error is not None)], dtype=torch.float64,
+                        device=weight.device)
     hi, lo = all_reduce(mine.clone(), group, dist.ReduceOp.MAX), all_reduce(mine.clone(), group, dist.ReduceOp.MIN)
     if local_error is not None:
         raise type(local_error)(f"rank {rank}: {local_error}") from local_error
     if hi[-1] > 0:
         raise ValueError(f"{what}: another rank's data failed its checks (see its error); rank {rank} stops too")
-    if not torch.allclose(hi[:-1], lo[:-1], rtol=1e-12, atol=0.0):
+    # identical nan weights (a diverged model probed on every rank) agree; MAX/MIN of a nan is nan on both
+    same = torch.isclose(hi[:-1], lo[:-1], rtol=1e-12, atol=0.0, equal_nan=True)
+    if not bool(same.all()):
+        names = [k for k, ok in zip(labels, same.tolist()) if not ok]
+        model_side = any(not n.startswith(("loss and settings", "extra")) for n in names)
         raise ValueError(
-            f"{what}: distributed=True needs the same model on every rank (weights, frozen projections, "
-            f"architecture, loss and settings); the ranks differ (rank {rank}: "
-            f"P = {w.numel()}, sum(w) = {float(mine[1]):.17g}, sum(w^2) = {float(mine[2]):.17g}); "
-            "build the same model on every rank (same seed), or broadcast its weight and frozen projections "
-            "(input_proj, readout) from rank 0")
+            f"{what}: distributed=True needs the same model and settings on every rank; the ranks differ in: "
+            f"{', '.join(names)} (rank {rank}: " + ", ".join(f"{n} = {labels[n]:.17g}" for n in names) + "); "
+            + ("build the same model on every rank (same seed), or broadcast its weight and frozen projections "
+               "(input_proj, readout) from rank 0" if model_side else
+               "pass the same loss and settings on every rank (learning rate, optimizer, dtype, max_directions, ...)"))
     count = torch.tensor([float(local_count)], dtype=torch.float64, device=weight.device)
     return int(all_reduce(count, group).item())

@@ -475,6 +475,9 @@ def train(
         # one check on every rank alike: a rank's bad data, or another model or configuration, raises everywhere
         # (the mini-batch seed is left out: full-batch updates do not use it)
         settings = {k: v for k, v in config.to_dict().items() if k != "seed"}
+        # a checkpoint on some ranks only would put the fingerprint's collective beside the others' gradient
+        # (a gloo abort); l_min sets every rank's recorded excess loss
+        settings.update(checkpoint=checkpoint is not None, l_min=l_min)
         total = ranks_agree(model.weight, 0 if local_error is not None else X.shape[0], local_error, process_group,
                             rank, "train", extra=model_signature(model, json.dumps(settings, sort_keys=True,
                                                                                    default=str)))

@@ -121,7 +121,7 @@ def test_distributed_operator_equals_one_process(tmp_path):
         torch.testing.assert_close(r["empty_shard"]["HV"], want, rtol=1e-12, atol=1e-14)
     e0, e1 = r0["errors"], r1["errors"]
     for e in (e0, e1):
-        assert "needs the same model on every rank" in e["weights"]
+        assert "needs the same model and settings on every rank" in e["weights"]
         assert "0 rows in total over all 2 ranks" in e["no_samples"]
     assert e1["data"].startswith("rank 1: data[0] x must have shape [B, 5], got [18, 4]")
     assert "another rank's data failed its checks" in e0["data"]
@@ -444,6 +444,19 @@ _MISMATCH = textwrap.dedent('''
                                                       max_directions=1 if rank == 0 else None))
     cfg = TrainConfig(epochs=2, optimizer="sgd", batch_size=4) if rank == 0 else TrainConfig(epochs=2)
     attempt("optimizer", lambda: train(same(), (X[rank::2], Y[rank::2]), cfg, distributed=True))
+    perm = same()
+    if rank == 1:  # the read-out's rows in another order: equal sums, another function
+        perm.readout = perm.readout[[1, 0, 2]]
+    attempt("readout_order", lambda: HessianOperator(perm, (X[rank::2], Y[rank::2]), distributed=True))
+    nan = same()
+    with torch.no_grad():
+        nan.weight[0, 0, 0, 0] = float("nan")  # identical nan weights on every rank: the same model
+    attempt("nan", lambda: HessianOperator(nan, (X[rank::2], Y[rank::2]), distributed=True))
+    ck = os.path.join(os.environ["SE_OUT"], "c.pt") if rank == 0 else None  # a checkpoint on rank 0 only
+    attempt("ckpt_one_rank", lambda: train(same(), (X[rank::2], Y[rank::2]), TrainConfig(epochs=2),
+                                           distributed=True, checkpoint=ck))
+    attempt("l_min", lambda: train(same(), (X[rank::2], Y[rank::2]), TrainConfig(epochs=2), distributed=True,
+                                   l_min=0.1 * rank))
     with open(os.path.join(os.environ["SE_OUT"], f"mismatch{rank}.json"), "w") as f:
         json.dump(errors, f)
     dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
@@ -457,12 +470,54 @@ def test_ranks_with_different_models_or_a_bad_shard_all_stop(tmp_path):
     _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)}, timeout=240)
     for r in (0, 1):
         e = json.loads((tmp_path / f"mismatch{r}.json").read_text())
-        for case in ("readout", "activation", "lr"):
-            assert e[case] and "needs the same model on every rank" in e[case], (r, case, e[case])
-        assert e["fine"] is None and e["labels"] is None and e["seed"] is None, e
-        for case in ("op_dtype", "max_directions"):
-            assert e[case] and "needs the same model on every rank" in e[case], (r, case, e[case])
+        # each refusal names what differs (it printed the weight sums, equal on both ranks, and blamed the seed)
+        for case, what in (("readout", "frozen readout"), ("activation", "architecture (hash)"),
+                           ("lr", "loss and settings (hash)"), ("op_dtype", "loss and settings (hash)"),
+                           ("max_directions", "loss and settings (hash)"),
+                           ("readout_order", "frozen readout (order-sensitive checksum)"),
+                           ("ckpt_one_rank", "loss and settings (hash)"), ("l_min", "loss and settings (hash)")):
+            assert e[case] and "needs the same model and settings on every rank" in e[case], (r, case, e[case])
+            assert what in e[case].split("the ranks differ in: ")[1].split(" (rank")[0], (r, case, e[case])
+        assert "pass the same loss and settings" in e["lr"] and "same seed" in e["readout"]
+        assert e["fine"] is None and e["labels"] is None and e["seed"] is None and e["nan"] is None, e
     o0, o1 = (json.loads((tmp_path / f"mismatch{r}.json").read_text())["optimizer"] for r in (0, 1))
     assert o0.startswith("rank 0: train(distributed=True) takes full-batch updates") and "another rank" in o1
     e0, e1 = (json.loads((tmp_path / f"mismatch{r}.json").read_text())["bad_shard"] for r in (0, 1))
     assert e1.startswith("rank 1: data: X must be finite") and "another rank's data failed its checks" in e0
+
+
+def test_spectrum_ranks_with_different_checkpoints_start_afresh(tmp_path):
+    """Two ranks, each with its own --out (as on two nodes): one holds a checkpoint (Lanczos and 1 of 4 SLQ
+    groups), the other none. Rank 0 resumed while rank 1 computed, their all-reduces summed unlike products,
+    and rank 0 wrote |lambda|(1.0) above |lambda|max with exit status 0. Both now start afresh."""
+    import socket
+
+    from shortcut_ext.cli import main
+
+    args = ["spectrum", "--shortcut", "2", "--units", "8", "--width", "3", "--init", "small", "--mid", "tanh",
+            "--samples", "41", "--probes", "4", "--probe-batch", "1", "--steps", "12", "--no-plots", "--no-progress",
+            "--exact-max-params", "0"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    ref = json.loads((tmp_path / "ref" / "spectrum.json").read_text())
+    a = tmp_path / "a"
+    assert main(args + ["--out", str(a)]) == 0
+    ck = json.loads((a / "spectrum.checkpoint.json").read_text())
+    ck["slq"] = {"0": ck["slq"]["0"]}
+    (a / "spectrum.checkpoint.json").write_text(json.dumps(ck))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, out in ((0, a), (1, tmp_path / "b")):
+        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, "-m", "shortcut_ext", *args, "--distributed", "--out", str(out)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert "the ranks read different checkpoints" in outs[0][1]
+    got = json.loads((a / "spectrum.json").read_text())
+    assert got["resumed"]["lanczos"] is False and got["resumed"]["slq_probes"] == 0
+    for q in ("0.1", "0.5", "1.0"):
+        assert got["slq"]["abs_quantiles"][q] == pytest.approx(ref["slq"]["abs_quantiles"][q], rel=1e-10)
+    assert got["slq"]["index"] == pytest.approx(ref["slq"]["index"], rel=1e-10)

@@ -182,6 +182,13 @@ def test_memory_check_counts_what_the_run_holds(monkeypatch):
         train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=500_000, width=64, samples=64), "cpu", 0)
     with pytest.raises(SystemExit, match="data 23.8 GiB"):  # the data every rank loads
         train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=10, width=16, samples=200_000_000), "cpu", 0)
+    # ranks on one machine share its memory: a run that fits one process does not fit two local ranks
+    one = Namespace(**base, act="relu-mid", depth=150_000, width=64, samples=64)
+    train_cmd._check_memory(one, "cpu", 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="x 2 ranks on this machine"):
+        train_cmd._check_memory(Namespace(**dict(vars(one), distributed=True)), "cpu", 0)
     monkeypatch.setattr(train_cmd, "device_memory", lambda device: (16 * 2**30, "cuda:0's"))
     train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=500_000, width=64, samples=64), "cuda:0", 0)
 

@@ -239,6 +239,8 @@ def _run(args, dtype, budget, rank, world) -> int:
     _check_sizes(args, H.P, H.dtype, budget)
     # read by every rank before the first product (rank 0 writes it only after collectives): all skip alike
     ckpt = _Checkpoint(args, write=lead)
+    if args.distributed:  # resume only what every rank read alike (e.g. each node's own --out): else afresh
+        ckpt.agree(H.device)
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "num_params": H.P, "backend_used": H.backend_used, "fallback_reason": H.fallback_reason,
@@ -447,10 +449,15 @@ def _check_memory(args, budget: int) -> None:
     lanczos = args.max_iter or max(300, 20 * args.top)
     group = (args.probe_batch or args.probes) * (args.steps + 1)
     bases = min(budget, min(max(lanczos, group), P + 1) * P * itemsize)
+    local = 1
+    if args.distributed and not str(args.device).startswith("cuda"):  # the ranks on this machine share its memory
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        bases *= local
     if bases > have:
         raise SystemExit(f"shortcut-ext spectrum: --basis-gib {args.basis_gib:g} lets the Krylov bases of this run "
-                         f"take {bases / 2**30:.3g} GiB, more than {where} {have / 2**30:.3g} GiB of memory; lower it")
-    if 4 * P * itemsize + min(budget, 3 * P * itemsize) > have:
+                         f"take {bases / 2**30:.3g} GiB" + (f" ({local} ranks on this machine)" if local > 1 else "")
+                         + f", more than {where} {have / 2**30:.3g} GiB of memory; lower it")
+    if (4 * P * itemsize + min(budget, 3 * P * itemsize)) * local > have:
         raise SystemExit(f"shortcut-ext spectrum: --units {args.units} --width {args.width} (P = {P} weights) is too "
                          f"large: the weights, the operator's copy, a direction, a product and a small basis need "
                          f"{(7 * P * itemsize) / 2**30:.3g} GiB of {args.dtype}, more than {where} {have / 2**30:.3g} "
@@ -582,6 +589,25 @@ class _Checkpoint:
             self._say(f"the checkpoint {self.path} is not a spectrum checkpoint; starting afresh and replacing it")
         self.slq_done = {int(i): (np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), int(n))
                          for i, (a, b, n) in self.state["slq"].items()}
+
+    def agree(self, device) -> None:
+        """Distributed: keep the checkpoint only if every rank read the same one (the Lanczos result or not,
+        the same SLQ probes); ranks resuming different parts would sum unlike products in one all-reduce."""
+        import hashlib
+
+        import torch.distributed as dist
+
+        from .._dist import all_reduce
+
+        text = json.dumps([self.state["lanczos"] is not None, sorted(self.slq_done)], default=_json_default)
+        h = float(int(hashlib.sha1(text.encode()).hexdigest()[:12], 16))
+        t = torch.tensor([h, -h], dtype=torch.float64, device=device)
+        all_reduce(t, None, dist.ReduceOp.MAX)
+        if float(t[0]) != -float(t[1]):
+            self._say(f"the ranks read different checkpoints from --out {self.path} (each node's own folder?); "
+                      "starting afresh on every rank and replacing it")
+            self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {}}
+            self.slq_done = {}
 
     def _say(self, msg: str) -> None:
         if self.write:

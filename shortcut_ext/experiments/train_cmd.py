@@ -161,14 +161,17 @@ def _check_memory(args, device: str, shortcut: int = 0) -> None:
     rows = args.batch_size or samples  # the rows one forward pass holds
     if args.act == "linear" and not args.no_compress and args.optimizer == "gd":
         rows = min(rows, 2 * args.width + 10)  # the second-moment compression: at most p + q rows
+    local = 1
     if getattr(args, "distributed", False):
         rows = -(-rows // max(int(os.environ.get("WORLD_SIZE", "1")), 1))  # this rank's share
+        if cpu:  # the ranks on this machine share its memory
+            local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     if shortcut >= 1:  # every unit's input, kept for the backward
         units = args.depth // shortcut
         acts = (units + 1) * rows * args.width * itemsize
     else:  # a plain net is one unit: its input, and its layers recomputed in a row tile's scratch per thread
         acts = 2 * rows * args.width * itemsize + (2 * args.depth + 4) * min(rows, 16) * args.width * itemsize * threads
-    need = weights + data + acts
+    need = (weights + data + acts) * local
     have, where = device_memory(device)
     if need > have:
         parts = [f"weights, gradient{' and optimizer state' if copies > 2 else ''}"
@@ -177,7 +180,8 @@ def _check_memory(args, device: str, shortcut: int = 0) -> None:
                  (f"unit inputs the backward keeps ({args.depth // shortcut} units x {rows} rows) " if shortcut >= 1
                   else "layer scratch ") + f"{acts / 2**30:.3g} GiB"]
         raise SystemExit(f"{CMD}: --depth {args.depth} --width {args.width} is too large: it needs at least "
-                         f"{need / 2**30:.3g} GiB ({'; '.join(parts)}), more than {where} {have / 2**30:.3g} GiB of "
+                         f"{need / 2**30:.3g} GiB ({'; '.join(parts)}"
+                         + (f"; x {local} ranks on this machine" if local > 1 else "") + f"), more than {where} {have / 2**30:.3g} GiB of "
                          f"memory; lower --depth, --width, --samples or --batch-size")
 
 
@@ -254,7 +258,7 @@ def _main_locked(args, device, rank, world) -> int:
                     distributed=bool(getattr(args, "distributed", False)), checkpoint=ckpt,
                     checkpoint_every=max(args.checkpoint_every, 1), checkpoint_every_s=args.checkpoint_seconds,
                     checkpoint_key=_fingerprint(args, net, bundle, device, world, compress),
-                    log=print if lead else None)
+                    log=print if lead else (lambda msg: None))  # rank 0 says it, once
     if not lead:
         return 0
     rec = {"arch": args.arch, "act": args.act, "depth": depth, "seed": args.seed, "data": bundle.tag,
