@@ -42,11 +42,13 @@ def _checksum(t: torch.Tensor) -> tuple[float, float]:
     return total, sq
 
 
-def model_signature(model, *texts) -> dict:
+def model_signature(model, **settings) -> dict:
     """Labelled numbers that tell two ranks' models apart (for :func:`ranks_agree`'s ``extra``): order-sensitive
-    checksums of the weight and of the frozen projections (``input_proj``, ``readout``), and a hash of the
-    architecture (``repr``-level fields, dtype) and of ``texts`` (the loss, a configuration)."""
+    checksums of the weight and of the frozen projections (``input_proj``, ``readout``), a hash of the
+    architecture (``repr``-level fields, dtype), and one hash per setting (``settings``: the loss, a
+    configuration's fields), so that a refusal names the setting that differs."""
     import hashlib
+    import json
 
     out = {"weight checksum (order-sensitive)": _checksum(model.weight)[0]}
     for name in ("input_proj", "readout"):
@@ -58,9 +60,10 @@ def model_signature(model, *texts) -> dict:
     arch = [type(model).__name__, tuple(model.weight.shape), getattr(model, "shortcut", None),
             getattr(model, "activations", None), getattr(model, "in_features", None),
             getattr(model, "out_features", None), str(model.weight.dtype)]
-    out["architecture (hash)"] = float(int(hashlib.sha1("|".join(map(str, arch)).encode()).hexdigest()[:12], 16))
-    text = "|".join(map(str, texts))
-    out["loss and settings (hash)"] = float(int(hashlib.sha1(text.encode()).hexdigest()[:12], 16))  # 48 bits: exact
+    h = lambda text: float(int(hashlib.sha1(text.encode()).hexdigest()[:12], 16))  # noqa: E731  48 bits: exact
+    out["architecture (hash)"] = h("|".join(map(str, arch)))
+    for k, v in sorted(settings.items()):
+        out[f"setting {k}"] = h(json.dumps(v, sort_keys=True, default=str))
     return out
 
 
@@ -76,23 +79,29 @@ def ranks_agree(weight: torch.Tensor, local_count: int, local_error, group, rank
     labels = {"number of weights P": float(w.numel()), "sum(w)": float(w.sum()), "sum(w^2)": float((w * w).sum())}
     extra = dict(extra) if isinstance(extra, dict) else {f"extra[{i}]": v for i, v in enumerate(extra)}
     labels.update({k: float(v) for k, v in extra.items()})
-    mine = torch.tensor([*labels.values(), float(local_error is not None)], dtype=torch.float64,
-                        device=weight.device)
+    vals = torch.tensor(list(labels.values()), dtype=torch.float64, device=weight.device)
+    nan = torch.isnan(vals)
+    # a nan compares as its own flag (MAX / MIN of nan against a number is nan on every rank: the values alone
+    # would let a nan model agree with a finite one); identical nan models (a diverged model probed on every
+    # rank) agree
+    mine = torch.cat([torch.where(nan, torch.zeros_like(vals), vals), nan.double(),
+                      torch.tensor([float(local_error is not None)], dtype=torch.float64, device=weight.device)])
     hi, lo = all_reduce(mine.clone(), group, dist.ReduceOp.MAX), all_reduce(mine.clone(), group, dist.ReduceOp.MIN)
     if local_error is not None:
         raise type(local_error)(f"rank {rank}: {local_error}") from local_error
     if hi[-1] > 0:
         raise ValueError(f"{what}: another rank's data failed its checks (see its error); rank {rank} stops too")
-    # identical nan weights (a diverged model probed on every rank) agree; MAX/MIN of a nan is nan on both
-    same = torch.isclose(hi[:-1], lo[:-1], rtol=1e-12, atol=0.0, equal_nan=True)
+    n = vals.numel()
+    same = torch.isclose(hi[:n], lo[:n], rtol=1e-12, atol=0.0) & (hi[n:2 * n] == lo[n:2 * n])
     if not bool(same.all()):
         names = [k for k, ok in zip(labels, same.tolist()) if not ok]
-        model_side = any(not n.startswith(("loss and settings", "extra")) for n in names)
+        settings = [k[len("setting "):] for k in names if k.startswith("setting ")]
+        model_side = [k for k in names if not k.startswith(("setting ", "extra"))]
         raise ValueError(
             f"{what}: distributed=True needs the same model and settings on every rank; the ranks differ in: "
-            f"{', '.join(names)} (rank {rank}: " + ", ".join(f"{n} = {labels[n]:.17g}" for n in names) + "); "
-            + ("build the same model on every rank (same seed), or broadcast its weight and frozen projections "
-               "(input_proj, readout) from rank 0" if model_side else
-               "pass the same loss and settings on every rank (learning rate, optimizer, dtype, max_directions, ...)"))
+            f"{', '.join(names)} (rank {rank}: " + ", ".join(f"{k} = {labels[k]:.17g}" for k in names) + "); "
+            + "; ".join(([f"pass the same {', '.join(settings)} on every rank"] if settings else [])
+                        + (["build the same model on every rank (same seed), or broadcast its weight and frozen "
+                            "projections (input_proj, readout) from rank 0"] if model_side else [])))
     count = torch.tensor([float(local_count)], dtype=torch.float64, device=weight.device)
     return int(all_reduce(count, group).item())

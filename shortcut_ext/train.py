@@ -479,8 +479,7 @@ def train(
         # (a gloo abort); l_min sets every rank's recorded excess loss
         settings.update(checkpoint=checkpoint is not None, l_min=l_min)
         total = ranks_agree(model.weight, 0 if local_error is not None else X.shape[0], local_error, process_group,
-                            rank, "train", extra=model_signature(model, json.dumps(settings, sort_keys=True,
-                                                                                   default=str)))
+                            rank, "train", extra=model_signature(model, **settings))
     device = model.weight.device  # data on another device (CPU data, a GPU model) moves once, here
     X, Y = X.to(device), Y.to(device)
     probe_data = tuple(t.to(device) for t in probe_data)
@@ -533,8 +532,9 @@ def train(
             t = all_reduce(torch.tensor([e, -e], dtype=torch.float64, device=device), process_group,
                            dist.ReduceOp.MAX)
             if float(t[0]) != -float(t[1]):
-                if state is not None:
-                    say(f"note: the ranks read different checkpoints from {checkpoint}; starting afresh")
+                if state is not None or rank == 0:  # rank 0 says it too when only another rank found one
+                    say(f"note: the ranks read different checkpoints from {checkpoint} (each node's own disk?); "
+                        "starting afresh")
                 state = None
         if state is not None:
             with torch.no_grad():

@@ -452,6 +452,11 @@ _MISMATCH = textwrap.dedent('''
     with torch.no_grad():
         nan.weight[0, 0, 0, 0] = float("nan")  # identical nan weights on every rank: the same model
     attempt("nan", lambda: HessianOperator(nan, (X[rank::2], Y[rank::2]), distributed=True))
+    one_nan = same()
+    if rank == 1:
+        with torch.no_grad():
+            one_nan.weight[0, 0, 0, 0] = float("nan")  # a nan model on one rank only: not the same model
+    attempt("nan_one_rank", lambda: HessianOperator(one_nan, (X[rank::2], Y[rank::2]), distributed=True))
     ck = os.path.join(os.environ["SE_OUT"], "c.pt") if rank == 0 else None  # a checkpoint on rank 0 only
     attempt("ckpt_one_rank", lambda: train(same(), (X[rank::2], Y[rank::2]), TrainConfig(epochs=2),
                                            distributed=True, checkpoint=ck))
@@ -472,13 +477,14 @@ def test_ranks_with_different_models_or_a_bad_shard_all_stop(tmp_path):
         e = json.loads((tmp_path / f"mismatch{r}.json").read_text())
         # each refusal names what differs (it printed the weight sums, equal on both ranks, and blamed the seed)
         for case, what in (("readout", "frozen readout"), ("activation", "architecture (hash)"),
-                           ("lr", "loss and settings (hash)"), ("op_dtype", "loss and settings (hash)"),
-                           ("max_directions", "loss and settings (hash)"),
+                           ("lr", "setting lr"), ("op_dtype", "setting dtype"), ("max_directions", "setting max_directions"),
                            ("readout_order", "frozen readout (order-sensitive checksum)"),
-                           ("ckpt_one_rank", "loss and settings (hash)"), ("l_min", "loss and settings (hash)")):
+                           ("ckpt_one_rank", "setting checkpoint"), ("l_min", "setting l_min"),
+                           ("nan_one_rank", "sum(w)")):
             assert e[case] and "needs the same model and settings on every rank" in e[case], (r, case, e[case])
             assert what in e[case].split("the ranks differ in: ")[1].split(" (rank")[0], (r, case, e[case])
-        assert "pass the same loss and settings" in e["lr"] and "same seed" in e["readout"]
+        assert "pass the same lr on every rank" in e["lr"] and "same seed" in e["readout"]
+        assert "pass the same l_min on every rank" in e["l_min"] and "same seed" not in e["l_min"]
         assert e["fine"] is None and e["labels"] is None and e["seed"] is None and e["nan"] is None, e
     o0, o1 = (json.loads((tmp_path / f"mismatch{r}.json").read_text())["optimizer"] for r in (0, 1))
     assert o0.startswith("rank 0: train(distributed=True) takes full-batch updates") and "another rank" in o1
@@ -521,3 +527,47 @@ def test_spectrum_ranks_with_different_checkpoints_start_afresh(tmp_path):
     for q in ("0.1", "0.5", "1.0"):
         assert got["slq"]["abs_quantiles"][q] == pytest.approx(ref["slq"]["abs_quantiles"][q], rel=1e-10)
     assert got["slq"]["index"] == pytest.approx(ref["slq"]["index"], rel=1e-10)
+
+
+_SPLIT_CKPT = textwrap.dedent('''
+    import json, os, torch, torch.distributed as dist
+    from shortcut_ext import ShortcutNet
+    from shortcut_ext.train import TrainConfig, train
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    out = os.environ["SE_OUT"]
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)
+    net = lambda: ShortcutNet(4, 3, 2, init="small", seed=1, dtype=torch.float64)
+    cfg = TrainConfig(epochs=6, lr=0.1)
+    def stop(epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+    try:  # every rank passes its own path (each node's own disk): rank 0 writes its file
+        train(net(), (X[rank::2], Y[rank::2]), cfg, distributed=True, checkpoint=os.path.join(out, f"c{rank}.pt"),
+              checkpoint_every=1, checkpoint_every_s=0, on_epoch=stop)
+    except KeyboardInterrupt:
+        pass
+    dist.barrier()
+    if rank == 0:  # now only rank 1 finds a checkpoint
+        os.replace(os.path.join(out, "c0.pt"), os.path.join(out, "c1.pt"))
+    dist.barrier()
+    notes = []
+    train(net(), (X[rank::2], Y[rank::2]), cfg, distributed=True, checkpoint=os.path.join(out, f"c{rank}.pt"),
+          checkpoint_every=1, checkpoint_every_s=0, log=notes.append)
+    with open(os.path.join(out, f"notes{rank}.json"), "w") as f:
+        json.dump(notes, f)
+    dist.barrier()
+    dist.destroy_process_group()
+''')
+
+
+def test_train_ranks_with_different_checkpoints_say_so_on_rank_0(tmp_path):
+    """Only rank 1 found a checkpoint: the ranks started afresh (right) without a word, since rank 0, which
+    prints, had none and rank 1's notes are silenced."""
+    script = tmp_path / "split.py"
+    script.write_text(_SPLIT_CKPT)
+    _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)}, timeout=240)
+    n0 = json.loads((tmp_path / "notes0.json").read_text())
+    assert any("the ranks read different checkpoints" in n for n in n0), n0

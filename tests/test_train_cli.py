@@ -178,8 +178,11 @@ def test_memory_check_counts_what_the_run_holds(monkeypatch):
         train_cmd._check_memory(Namespace(**dict(base, no_compress=True), act="linear", depth=4000, width=16,
                                           samples=200000), "cpu", 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    with pytest.raises(SystemExit, match="per-thread gradient sums"):  # each CPU thread sums its own gradient
+    with pytest.raises(SystemExit, match="per-thread gradient sums"):  # each CPU thread sums a plain net's gradient
         train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=500_000, width=64, samples=64), "cpu", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # a shortcut net's sums are chunked: 1.7 GB at 64
+    train_cmd._check_memory(Namespace(**base, act="tanh-mid", depth=6000, width=128, samples=32), "cpu", 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     with pytest.raises(SystemExit, match="data 23.8 GiB"):  # the data every rank loads
         train_cmd._check_memory(Namespace(**base, act="relu-mid", depth=10, width=16, samples=200_000_000), "cpu", 0)
     # ranks on one machine share its memory: a run that fits one process does not fit two local ranks

@@ -188,7 +188,8 @@ class HessianOperator:
             self.num_samples = ranks_agree(self._W, self.local_samples, local_error, self.group, self.rank,
                                            "distributed HessianOperator",
                                            extra={"in_features": self.in_features, **model_signature(
-                                               model, loss, self.dtype, self.max_directions)})
+                                               model, loss=loss, dtype=str(self.dtype),
+                                               max_directions=self.max_directions)})
         if self.num_samples == 0:
             raise ValueError("data must hold at least one sample, got batches with 0 rows in total"
                              + (f" over all {self.world_size} ranks" if distributed else ""))

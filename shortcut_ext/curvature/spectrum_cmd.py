@@ -457,11 +457,13 @@ def _check_memory(args, budget: int) -> None:
         raise SystemExit(f"shortcut-ext spectrum: --basis-gib {args.basis_gib:g} lets the Krylov bases of this run "
                          f"take {bases / 2**30:.3g} GiB" + (f" ({local} ranks on this machine)" if local > 1 else "")
                          + f", more than {where} {have / 2**30:.3g} GiB of memory; lower it")
-    if (4 * P * itemsize + min(budget, 3 * P * itemsize)) * local > have:
+    need = (4 * P * itemsize + min(budget, 3 * P * itemsize)) * local
+    if need > have:
         raise SystemExit(f"shortcut-ext spectrum: --units {args.units} --width {args.width} (P = {P} weights) is too "
                          f"large: the weights, the operator's copy, a direction, a product and a small basis need "
-                         f"{(7 * P * itemsize) / 2**30:.3g} GiB of {args.dtype}, more than {where} {have / 2**30:.3g} "
-                         "GiB of memory; lower --units or --width")
+                         f"{need / 2**30:.3g} GiB of {args.dtype}" + (f" ({local} ranks on this machine)" if local > 1
+                                                                    else "")
+                         + f", more than {where} {have / 2**30:.3g} GiB of memory; lower --units or --width")
 
 
 def _check_sizes(args, P: int, dtype: torch.dtype, budget: int) -> None:

@@ -155,7 +155,13 @@ def _check_memory(args, device: str, shortcut: int = 0) -> None:
     wsize = args.depth * args.width * args.width * itemsize
     # the weights, their gradient and the optimizer state; on the CPU each thread of the fused backward also
     # sums its rows' weight gradient in a private copy (reduced in a fixed order: deterministic)
-    weights = wsize * (copies + threads)
+    # (a plain net is one unit: a full copy per thread; a shortcut net's per-thread sums are chunked to about
+    # 2M elements in all, or one unit's n d^2 per thread)
+    if shortcut >= 1:
+        per_thread = min(threads * wsize, max(2**21, threads * shortcut * args.width ** 2) * itemsize)
+    else:
+        per_thread = threads * wsize
+    weights = wsize * copies + per_thread
     samples = args.samples or DEFAULT_SAMPLES
     data = samples * 2 * args.width * itemsize  # X and Y of every sample (each rank loads all of them)
     rows = args.batch_size or samples  # the rows one forward pass holds
