@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import itertools
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -724,6 +725,37 @@ def test_emulation_catches_an_undersized_launch(tmp_path):
         with pytest.raises(AssertionError, match="emulated CUDA: .*(outside the dynamic shared memory|past the "
                                                  "launch's dynamic shared memory)"):
             _emu_run(so, x, w, gy, True, ("relu", "tanh", "identity"), path=path)
+
+
+@pytest.mark.slow
+def test_emulated_kernels_under_asan(tmp_path):
+    """csrc/cuda/emulate/sanitizer_check.cpp built with AddressSanitizer + UBSan (~4 min): its quick
+    sweep of edge shapes (d = 1, 20, 131; B = 1; partial tiles; TF32 / 3xTF32; chunked units; HVP row
+    chunks) reads and writes no byte outside the exactly sized buffers or past the shared memory,
+    and matches the float64 generic path.  The same binary, handed 64 bytes less workspace than the
+    kernels ask for, must abort with ASan's report: the check can fail."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the CUDA emulation")
+    inc, lib = _torch_dirs()
+    exe = tmp_path / "sanitizer_check"
+    cmd = [cxx, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-pthread",
+           "-fno-strict-aliasing", "-w", "-DSHORTCUT_EXT_CUDA_EMULATE", f"-I{ROOT / 'csrc'}", f"-I{inc}",
+           f"-I{inc / 'torch/csrc/api/include'}", str(ROOT / "csrc/cuda/emulate/sanitizer_check.cpp"), f"-L{lib}",
+           "-lc10", f"-Wl,-rpath,{lib}", "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 and ("asan" in r.stderr or "ubsan" in r.stderr):
+        pytest.skip(f"no sanitizer runtime for {cxx}: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    env.pop("SE_EMU_WORKSPACE_SHORTFALL", None)
+    r = subprocess.run([str(exe), "sweep", "quick"], capture_output=True, text=True, env=env, timeout=1500)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "runtime error" not in out, out[-6000:]
+    assert "ok=13 refused=0 bad=0" in r.stdout, r.stdout[-3000:]
+    r = subprocess.run([str(exe), "sweep", "quick"], capture_output=True, text=True, timeout=1500,
+                       env={**env, "SE_EMU_WORKSPACE_SHORTFALL": "64"})
+    assert r.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in r.stderr, (r.stdout + r.stderr)[-3000:]
 
 
 # ============================================================ residual_stack_hvp (R-operator) on a GPU

@@ -13,7 +13,9 @@
 #include "cuda/residual_stack_fused_3xtf32.cu"
 #include "cuda/residual_stack_kernels.cu"
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <string>
@@ -24,13 +26,22 @@ namespace {
 using shortcut_ext::Act;
 namespace sc = shortcut_ext::cuda;
 
+// Tests only: SE_EMU_WORKSPACE_SHORTFALL=<n> hands the kernels n bytes less workspace than they
+// asked for, so that a sanitizer run can show that it catches the overflow.
+size_t workspace_shortfall() {
+  const char* s = std::getenv("SE_EMU_WORKSPACE_SHORTFALL");
+  return s ? size_t(std::strtoull(s, nullptr, 10)) : 0;
+}
+
 struct HostAllocator {
   std::vector<std::unique_ptr<unsigned char[]>> held;
   sc::Allocator get() {
     return [this](size_t bytes) -> void* {
-      // poison: NaN for float and double, so unwritten workspace shows in the results
-      held.emplace_back(new unsigned char[bytes + 16]);
-      std::memset(held.back().get(), 0xFF, bytes + 16);
+      // poison: NaN for float and double, so unwritten workspace shows in the results; exactly
+      // `bytes`, so that AddressSanitizer reports any access past the end
+      bytes -= std::min(bytes, workspace_shortfall());
+      held.emplace_back(new unsigned char[bytes]);
+      std::memset(held.back().get(), 0xFF, bytes);
       return held.back().get();
     };
   }

@@ -31,6 +31,24 @@
 #include <thread>
 #include <vector>
 
+// Under AddressSanitizer (csrc/cuda/emulate/sanitizer_check.cpp) the guard after each block's shared
+// memory is poisoned, so any access past the launch's size is reported where it happens.
+#if defined(__SANITIZE_ADDRESS__)
+#define SE_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SE_EMU_ASAN 1
+#endif
+#endif
+#ifdef SE_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#define SE_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define SE_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define SE_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define SE_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 #define __global__
 #define __device__
 #define __host__
@@ -195,7 +213,10 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
+        SE_EMU_UNPOISON(raw.data(), raw.size());
         std::memset(smem, 0xFF, smem_bytes + kGuard);  // NaN: reads of unwritten shared memory show
+        SE_EMU_POISON(raw.data(), size_t(smem - raw.data()));
+        SE_EMU_POISON(smem + smem_bytes, kGuard);
         Barrier bar(nthreads);
         std::vector<std::unique_ptr<WarpSync>> warps;
         for (int w0 = 0; w0 < nthreads; w0 += 32) warps.emplace_back(new WarpSync(std::min(32, nthreads - w0)));
@@ -233,6 +254,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
           });
         }
         for (auto& th : ts) th.join();
+        SE_EMU_UNPOISON(raw.data(), raw.size());
         if (!failed.empty()) throw EmuError(failed);
         for (size_t i = 0; i < kGuard; ++i)
           if (smem[smem_bytes + i] != 0xFF) fail("a store past the launch's dynamic shared memory", smem + smem_bytes + i);

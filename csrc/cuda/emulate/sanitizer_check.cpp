@@ -1,0 +1,245 @@
+// The emulated CUDA kernels (emulation.h) under the compilers' sanitizers.  Not part of any build;
+// tests/test_cuda.py::test_emulated_kernels_under_asan runs `sweep` under ASan + UBSan (slow suite).
+//
+//   race   a few fused (float32, float64, TF32, 3xTF32), generic and HVP launches, for ThreadSanitizer:
+//          it reports any shared-memory access between two emulated threads of a block that no
+//          __syncthreads() orders (a missing barrier).  It found a barrier removed on purpose from
+//          forward_fused_kernel; the kernels as committed ran clean (~5 min on 2 cores).
+//   sweep  edge shapes for AddressSanitizer + UndefinedBehaviorSanitizer: d = 1, 3, odd, above 128;
+//          B = 1 and tiles +- a few rows; every forced fused tile; TF32 and 3xTF32; deterministic and
+//          atomic weight gradients; a workspace small enough to split the units; the HVP with row
+//          chunks.  Inputs, outputs and workspace are sized exactly, and the launch's shared memory is
+//          followed by a poisoned guard, so any read or write out of bounds aborts with a report (on a
+//          GPU: what compute-sanitizer's memcheck reports, or a silent wrong result).  Every result is
+//          also compared with the float64 generic path (the HVP: with the float64 unchunked call).
+//          Launches the planner refuses (a tile that is not compiled for that d) are counted, not run.
+//          `sweep quick` is the subset the test runs (~2 min under ASan on 2 cores).
+//
+//   TP=$(python -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+//   SAN=thread            # or: SAN=address,undefined
+//   g++ -std=c++17 -O1 -g -fsanitize=$SAN -fno-sanitize-recover=all -pthread -fno-strict-aliasing -w \
+//       -DSHORTCUT_EXT_CUDA_EMULATE -Icsrc -I$TP/include -I$TP/include/torch/csrc/api/include \
+//       csrc/cuda/emulate/sanitizer_check.cpp -L$TP/lib -lc10 -Wl,-rpath,$TP/lib -o /tmp/sanitizer_check
+//   setarch $(uname -m) -R /tmp/sanitizer_check race             # TSan needs ASLR off on some kernels
+//   ASAN_OPTIONS=detect_leaks=0 /tmp/sanitizer_check sweep       # ASan: ~15 min on 2 cores
+// Exit status 0: every launch ran and matched; 1: a mismatch or a failed launch (printed).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/emulate/emulate_api.cpp"
+#include "cuda/residual_stack_hvp_cuda.cu"
+
+namespace {
+
+int n_ok = 0, n_refused = 0, n_bad = 0;
+
+// Forward then backward; activations pre, mid, post (Act codes).  Returns 0, or 1 with `err`.
+template <typename T>
+int fwd_bwd(const std::vector<T>& x, const std::vector<T>& w, const std::vector<T>& gy, std::vector<T>& y,
+            std::vector<T>& gx, std::vector<T>& gw, int64_t B, int64_t d, int64_t R, int64_t n, int shortcut, int pre,
+            int mid, int post, int path, int tile, int atomic, int64_t ws, char* err) {
+  std::vector<T> saved(size_t(R * B * d));
+  y.assign(size_t(B * d), T(0));
+  gx.assign(size_t(B * d), T(0));
+  gw.assign(size_t(R * n * d * d), T(0));
+  const int dbl = sizeof(T) == 8;
+  return se_emu_forward(dbl, x.data(), w.data(), y.data(), saved.data(), B, d, R, n, shortcut, pre, mid, post, path, tile,
+                        err, 512) ||
+         se_emu_backward(dbl, gy.data(), w.data(), saved.data(), gx.data(), gw.data(), B, d, R, n, shortcut, pre, mid,
+                         post, path, tile, atomic, ws, err, 512);
+}
+
+// max |a - b| / max |b| (infinite if a has a NaN)
+template <typename T>
+double rel_err(const std::vector<T>& a, const std::vector<double>& b) {
+  double m = 0, s = 1e-300;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double e = std::fabs(double(a[i]) - b[i]);
+    if (std::isnan(e)) return INFINITY;
+    m = std::max(m, e);
+    s = std::max(s, std::fabs(b[i]));
+  }
+  return m / s;
+}
+
+// One launch pair in T (tf32: 0, 1 TF32, 2 3xTF32) against the float64 generic path on the same
+// (rounded) inputs.
+template <typename T>
+void stack_case(int64_t B, int64_t d, int64_t R, int64_t n, int shortcut, int pre, int mid, int post, int path,
+                int tile, int tf32 = 0, int atomic = 0, int64_t ws = 0) {
+  std::mt19937 gen(unsigned(B * 7919 + d * 131 + R * 17 + n));
+  std::normal_distribution<double> nd;
+  std::vector<T> x(size_t(B * d)), w(size_t(R * n * d * d)), gy(size_t(B * d)), y, gx, gw;
+  for (auto& v : x) v = T(nd(gen));
+  for (auto& v : gy) v = T(nd(gen));
+  for (auto& v : w) v = T(nd(gen) * 0.4 / std::sqrt(double(d)));
+  const std::vector<double> xr(x.begin(), x.end()), wr(w.begin(), w.end()), gyr(gy.begin(), gy.end());
+  std::vector<double> yr, gxr, gwr;
+  char err[512] = {0};
+  se_emu_set_tf32(0);
+  if (fwd_bwd<double>(xr, wr, gyr, yr, gxr, gwr, B, d, R, n, shortcut, pre, mid, post, 2, 0, 0, 0, err)) {
+    std::printf("FAILED float64 generic reference B=%lld d=%lld: %s\n", (long long)B, (long long)d, err);
+    ++n_bad;
+    return;
+  }
+  se_emu_set_tf32(tf32);
+  const int rc = fwd_bwd<T>(x, w, gy, y, gx, gw, B, d, R, n, shortcut, pre, mid, post, path, tile, atomic, ws, err);
+  se_emu_set_tf32(0);
+  char what[256];
+  std::snprintf(what, sizeof what, "%s B=%lld d=%lld R=%lld n=%lld shortcut=%d acts=%d%d%d path=%d tile=%d tf32=%d "
+                "atomic=%d ws=%lld", sizeof(T) == 8 ? "float64" : "float32", (long long)B, (long long)d, (long long)R,
+                (long long)n, shortcut, pre, mid, post, path, tile, tf32, atomic, (long long)ws);
+  if (rc) {
+    // the planner's refusals name the tile or path; anything else is a failed launch
+    const bool planner = std::strstr(err, "is not a fused tile size") || std::strstr(err, "fused path");
+    std::printf("%s %s: %.200s\n", planner ? "refused" : "FAILED", what, err);
+    ++(planner ? n_refused : n_bad);
+    return;
+  }
+  const double e = std::max({rel_err(y, yr), rel_err(gx, gxr), rel_err(gw, gwr)});
+  const double tol = sizeof(T) == 8 ? 1e-12 : (tf32 == 1 ? 3e-2 : 1e-4);
+  const bool ok = e <= tol;
+  std::printf("%s %s err=%.3g\n", ok ? "ok" : "MISMATCH", what, e);
+  ++(ok ? n_ok : n_bad);
+  std::fflush(stdout);
+}
+
+// Loss, gradient and K products (tanh / relu / ssigmoid) in T with `max_rows` row chunks, against
+// the float64 call without chunks.
+template <typename T>
+int64_t hvp_call(const sc::StackArgs& a, int64_t K, bool ce, const std::vector<double>& x, const std::vector<double>& w,
+                 const std::vector<double>& y, const std::vector<int64_t>& cls, const std::vector<double>& v,
+                 int64_t max_rows, std::vector<double>& out) {
+  std::vector<T> xt(x.begin(), x.end()), wt(w.begin(), w.end()), yt(y.begin(), y.end()), vt(v.begin(), v.end());
+  std::vector<T> gw(w.size()), hv(v.size());
+  T loss = 0;
+  HostAllocator alloc;
+  const auto rc = sc::launch_residual_stack_hvp<T>(a, K, ce ? shortcut_ext::Loss::CrossEntropy : shortcut_ext::Loss::Mse,
+                                                   xt.data(), wt.data(), ce ? nullptr : yt.data(),
+                                                   ce ? cls.data() : nullptr, vt.data(), &loss, gw.data(), hv.data(),
+                                                   alloc.get(), nullptr, max_rows);
+  out.assign(1, double(loss));
+  out.insert(out.end(), gw.begin(), gw.end());
+  out.insert(out.end(), hv.begin(), hv.end());
+  return int64_t(rc);
+}
+
+template <typename T>
+void hvp_case(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, bool ce, int64_t max_rows, bool shortcut) {
+  std::mt19937 gen(unsigned(B * 31 + d * 7 + K));
+  std::normal_distribution<double> nd;
+  std::vector<double> x(size_t(B * d)), w(size_t(R * n * d * d)), y(size_t(B * d)), v(size_t(K * R * n * d * d));
+  std::vector<int64_t> cls(static_cast<size_t>(B));
+  for (auto& e : x) e = double(T(nd(gen)));
+  for (auto& e : y) e = double(T(nd(gen)));
+  for (auto& e : v) e = double(T(nd(gen)));
+  for (auto& e : w) e = double(T(nd(gen) * 0.5 / std::sqrt(double(d))));
+  for (int64_t b = 0; b < B; ++b) cls[size_t(b)] = (b * 5) % d;
+  const sc::StackArgs a{B, d, R, n, shortcut, Act::Tanh, Act::Relu, Act::SSigmoid};
+  std::vector<double> ref, got;
+  char what[200];
+  std::snprintf(what, sizeof what, "hvp %s B=%lld d=%lld R=%lld n=%lld K=%lld %s rows=%lld shortcut=%d",
+                sizeof(T) == 8 ? "float64" : "float32", (long long)B, (long long)d, (long long)R, (long long)n,
+                (long long)K, ce ? "cross_entropy" : "mse", (long long)max_rows, int(shortcut));
+  try {
+    if (hvp_call<double>(a, K, ce, x, w, y, cls, v, 0, ref) != 0 || hvp_call<T>(a, K, ce, x, w, y, cls, v, max_rows, got) != 0) {
+      std::printf("FAILED %s: launch error\n", what);
+      ++n_bad;
+      return;
+    }
+  } catch (const std::exception& e) {
+    std::printf("FAILED %s: %.200s\n", what, e.what());
+    ++n_bad;
+    return;
+  }
+  const double e = rel_err(got, ref);
+  const bool ok = e <= (sizeof(T) == 8 ? 1e-12 : 1e-4);
+  std::printf("%s %s err=%.3g\n", ok ? "ok" : "MISMATCH", what, e);
+  ++(ok ? n_ok : n_bad);
+  std::fflush(stdout);
+}
+
+void race() {
+  hvp_case<float>(40, 12, 2, 2, 3, false, 0, true);
+  hvp_case<double>(33, 7, 2, 3, 1, true, 0, true);
+  // relu before, tanh between, ssigmoid after the layers of each unit
+  stack_case<float>(40, 16, 2, 2, 1, 1, 2, 3, 1, 32);
+  stack_case<double>(40, 20, 2, 3, 1, 1, 2, 3, 1, 16);
+  stack_case<float>(40, 64, 2, 2, 1, 1, 2, 3, 1, 32);
+  stack_case<float>(40, 128, 2, 2, 1, 1, 2, 3, 1, 32);
+  stack_case<float>(70, 40, 2, 2, 1, 1, 2, 3, 2, 0);
+  for (int mode : {1, 2}) {  // TF32, 3xTF32 tensor-core kernels
+    stack_case<float>(40, 16, 2, 2, 1, 1, 2, 3, 1, 32, mode);
+    stack_case<float>(40, 64, 2, 2, 1, 1, 2, 3, 1, 32, mode);
+    stack_case<float>(40, 100, 2, 2, 1, 1, 2, 3, 1, 32, mode);
+  }
+}
+
+// The edge cases the test runs: the smallest and an odd d, a d above 128 (generic), a plain stack with
+// atomic weight gradients, forced tiles with a partial last tile, TF32 and 3xTF32, chunked units and
+// HVP row chunks.
+void sweep_quick() {
+  stack_case<float>(1, 1, 2, 2, 1, 1, 2, 3, 0, 0);
+  stack_case<double>(37, 131, 2, 2, 1, 1, 2, 3, 0, 0);
+  stack_case<float>(37, 20, 1, 3, 0, 2, 3, 1, 2, 0, 0, 1);
+  stack_case<float>(133, 64, 2, 1, 1, 1, 2, 3, 1, 128);
+  stack_case<double>(29, 128, 1, 2, 1, 3, 0, 1, 1, 32, 0, 1);
+  stack_case<float>(70, 24, 2, 2, 1, 1, 2, 3, 0, 0, 1);
+  stack_case<float>(70, 64, 2, 2, 1, 1, 2, 3, 0, 0, 1);
+  stack_case<float>(70, 128, 2, 2, 1, 1, 2, 3, 0, 0, 2);
+  stack_case<float>(40, 20, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * 20 * 20 * 4 * 2);
+  stack_case<double>(40, 16, 5, 2, 1, 1, 2, 3, 2, 0, 0, 0, 40 * 16 * 16 * 8 * 3);
+  hvp_case<double>(23, 33, 2, 2, 3, false, 7, true);
+  hvp_case<float>(23, 64, 2, 1, 3, true, 0, false);
+  hvp_case<double>(23, 1, 2, 2, 1, false, 7, true);
+}
+
+void sweep() {
+  for (int64_t d : {1, 3, 16, 20, 32, 33, 64, 100, 128, 131})  // automatic plan; generic, plain, atomic
+    for (int64_t B : {int64_t(1), int64_t(37)}) {
+      stack_case<double>(B, d, 2, 2, 1, 1, 2, 3, 0, 0);
+      stack_case<float>(B, d, 2, 2, 1, 1, 2, 3, 0, 0);
+      stack_case<float>(B, d, 1, 3, 0, 2, 3, 1, 2, 0, 0, 1);
+    }
+  for (int64_t d : {16, 32, 64, 128})  // every forced fused tile, a partial last tile
+    for (int tile : {16, 32, 64, 128}) {
+      stack_case<float>(tile + 5, d, 2, 1, 1, 1, 2, 3, 1, tile);
+      stack_case<double>(tile - 3, d, 1, 2, 1, 3, 0, 1, 1, tile, 0, 1);
+    }
+  for (int mode : {1, 2})  // TF32 and 3xTF32
+    for (int64_t d : {8, 16, 24, 64, 100, 128})
+      for (int64_t B : {int64_t(5), int64_t(70)}) stack_case<float>(B, d, 2, 2, 1, 1, 2, 3, 0, 0, mode);
+  // a workspace that holds the partial weight gradients of only 2 or 3 units: units in chunks
+  for (int64_t d : {16, 20, 64}) stack_case<float>(40, d, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * d * d * 4 * 2);
+  for (int64_t d : {16, 20}) stack_case<double>(40, d, 5, 2, 1, 1, 2, 3, 2, 0, 0, 0, 40 * d * d * 8 * 3);
+  for (int64_t d : {1, 3, 16, 33, 64})
+    for (int64_t K : {int64_t(1), int64_t(3)})
+      for (bool ce : {false, true}) {
+        if (ce && d == 1) continue;  // one class
+        hvp_case<double>(23, d, 2, 2, K, ce, 7, true);
+        hvp_case<float>(23, d, 2, 1, K, ce, 0, false);
+      }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "";
+  const bool quick = argc > 2 && std::string(argv[2]) == "quick";
+  se_emu_set_sms(3);
+  if (mode == "race") {
+    race();
+  } else if (mode == "sweep") {
+    quick ? sweep_quick() : sweep();
+  } else {
+    std::fprintf(stderr, "usage: %s race | sweep [quick]\n", argv[0]);
+    return 2;
+  }
+  std::printf("ok=%d refused=%d bad=%d\n", n_ok, n_refused, n_bad);
+  return n_bad != 0;
+}
