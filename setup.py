@@ -6,6 +6,8 @@ Environment switches:
   DEBUG=1            -O0 -g, no NDEBUG
   MAX_JOBS=N         parallel compile jobs (read by torch's ninja builder)
   SHORTCUT_EXT_NATIVE=0  no -march=native (for a build that must run on other x86 CPUs)
+  SANITIZE=LIST      the C++ sources built -O1 -g with -fsanitize=LIST, e.g. address,undefined (a
+                     check build: run it with the sanitizer runtime preloaded, as the README says)
   CUDA_HOME=DIR      the CUDA toolkit root (the folder whose include/ holds cuda.h)
 
 CUDA is built when torch itself is a CUDA build (``torch.version.cuda``) and nvcc is found, or
@@ -74,8 +76,13 @@ def extensions():
     with_cuda = want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("SHORTCUT_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = os.environ.get("SANITIZE", "").strip()
+    cxx = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
     cxx += ["-fopenmp", "-fvisibility=hidden"]
+    link = ["-fopenmp"]
+    if sanitize:
+        cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        link += [f"-fsanitize={sanitize}"]
     if os.environ.get("SHORTCUT_EXT_NATIVE", "1") != "0" and platform.machine() in ("x86_64", "AMD64"):
         # the portable loops (float64, elementwise passes) vectorise for this CPU; the package is
         # built where it runs.  SHORTCUT_EXT_NATIVE=0 for a build that must run on other CPUs.
@@ -102,7 +109,7 @@ def extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )]
 
 
