@@ -73,6 +73,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\nshortcut-ext {args.command}: interrupted{_saved(args)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`shortcut-ext info | head`): stop quietly, as other command-line tools
+        # do; a long command says on stderr what it leaves to resume from
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        saved = _saved(args)
+        if saved:
+            print(f"shortcut-ext {args.command}: stopped, its output pipe was closed{saved}", file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
     except (ValueError, TypeError, OSError) as e:
         # bad input found below the argument parser (data files, sizes, combinations of options): one
         # clear line, not a traceback; SHORTCUT_EXT_TRACEBACK=1 shows where it came from

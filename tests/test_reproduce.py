@@ -427,6 +427,23 @@ def test_reproduce_on_mnist_files(tmp_path):
         main(["reproduce", "--tiny", "--data", "mnist", str(tmp_path / "missing"), "--out", str(out)])
 
 
+def test_a_closed_output_pipe_stops_the_command_quietly(tmp_path):
+    """`shortcut-ext info | head -1`: the reader goes away; no error line, no traceback, status 141
+    (128 + SIGPIPE, as a shell reports a command a closed pipe stopped).  It used to print
+    "error: [Errno 32] Broken pipe"."""
+    import os
+    import subprocess
+    import sys
+
+    pkg_root = os.path.dirname(os.path.dirname(shortcut_ext.__file__))  # the package under test
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    p = subprocess.Popen([sys.executable, "-m", "shortcut_ext", "info"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    p.stdout.close()  # before the command (still importing torch) writes anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and err == "", err
+
+
 def test_cli_errors_are_one_line_and_interrupts_say_how_to_resume(tmp_path, capsys, monkeypatch):
     from shortcut_ext.experiments import info
 
