@@ -59,8 +59,29 @@ def _saved(args) -> str:
     return "; finished runs are saved: rerun the same command (same --out) to resume"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit or preemption), raised in the main thread so that the command
+    ends as after Ctrl-C: finished results and checkpoints stay, and it says how to resume."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _catch_sigterm():
+    """Turns SIGTERM into _Terminated while a command runs, unless someone else handles it; returns
+    the handler to put back (None: nothing was changed)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _catch_sigterm()
     try:
         return int(args.func(args) or 0)
     except SystemExit as e:  # a subcommand's own refusal, SystemExit("message"): exit status 2, as argparse's
@@ -70,9 +91,11 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr)
         e.code = 2  # the message stays the exception's text; the process exits with status 2, silently
         raise
-    except KeyboardInterrupt:
-        print(f"\nshortcut-ext {args.command}: interrupted{_saved(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        term = isinstance(e, _Terminated)
+        print(f"\nshortcut-ext {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}{_saved(args)}",
+              file=sys.stderr)
+        return 143 if term else 130  # 128 + the signal's number, as a shell reports it
     except BrokenPipeError:
         # the reader of stdout went away (`shortcut-ext info | head`): stop quietly, as other command-line tools
         # do; a long command says on stderr what it leaves to resume from
@@ -104,6 +127,11 @@ def main(argv=None) -> int:
         print(f"shortcut-ext {args.command}: failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint} "
               f"({type(e).__name__}; SHORTCUT_EXT_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,37 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, caps
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM (time limit, preemption) used to kill the process where it stood.  It now
+    ends the command as Ctrl-C does: status 143, a line saying the checkpoint is saved, the rerun
+    resumes to the same numbers; the default handler is put back afterwards."""
+    import signal
+    import time
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("something else handles SIGTERM in this process")
+    assert _train(tmp_path, *RESUME, out="full.json") == 0
+    real = train_cmd.train
+
+    def term(epoch):
+        if epoch == 2:
+            # unhandled, SIGTERM would end this test process: fail instead
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "the command leaves SIGTERM unhandled"
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises here
+
+    monkeypatch.setattr(train_cmd, "train", lambda *a, **k: real(*a, on_epoch=term, **k))
+    assert _train(tmp_path, *RESUME) == 143
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM); the checkpoint" in err and "is saved: rerun the same command" in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert torch.load(tmp_path / "run.ckpt.pt", weights_only=True)["epoch"] == 3
+    monkeypatch.setattr(train_cmd, "train", real)
+    assert _train(tmp_path, *RESUME) == 0
+    assert "resuming from epoch 3 of 6" in capsys.readouterr().out
+    assert _numbers(tmp_path / "run.json") == _numbers(tmp_path / "full.json")
+
+
 def test_checkpoint_of_other_options_is_replaced(tmp_path, monkeypatch, capsys):
     assert _train(tmp_path, *RESUME, "--lr", "0.2", out="full.json") == 0
     real = _interrupt_at(monkeypatch, 3)
