@@ -2,6 +2,8 @@
 exact eigendecompositions, on Hessians of small nets and on matrices with known spectra."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from shortcut_ext.curvature import (
     report_from_eigenvalues,
     slq,
 )
+from shortcut_ext.curvature._linop import seeded_generator
 from shortcut_ext.curvature.lanczos import DEFAULT_MAX_BASIS_BYTES, basis_capacity
 from shortcut_ext.curvature.slq import slq_group_size
 from shortcut_ext.models import ShortcutNet
@@ -165,7 +168,7 @@ def test_slq_moments_are_quadratic_forms_and_converge_to_traces(random_hessian):
     op, D, ev = random_hessian
     r = slq(op, probes=64, steps=20, seed=0)
     # Gauss quadrature with m nodes is exact for degree < 2m: each probe's moments are v^T H^p v
-    gen = torch.Generator().manual_seed(0)  # the same probes as slq(seed=0)
+    gen = seeded_generator(0, "probes")  # the same probes as slq(seed=0)
     V = as_torch_operator(op).probes(64, gen, "rademacher")
     V = V / V.norm(dim=0, keepdim=True)
     for p in (1, 2, 3):
@@ -733,3 +736,41 @@ def test_condition_report_of_dense_tensors_and_float32_zero_tolerance():
         report_from_eigenvalues([float("nan"), 1.0, -2.0])
     with pytest.raises(FloatingPointError, match="nan or inf"):
         condition_report(torch.full((3, 3), float("nan"), dtype=F64), method="exact")
+
+
+def test_random_starts_are_not_the_initial_weights_of_the_same_seed():
+    """A net built with seed s draws its weights from manual_seed(s); Lanczos, power iteration, SLQ
+    and the trace estimators used to draw their vectors from the same generator, so with equal seeds
+    the start vector was the initial weight vector itself (cosine 1.0).  Each now has its own stream."""
+    P = 300
+    w = torch.randn(P, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seen = {}
+
+    class Recorder:
+        shape, dtype = (P, P), np.float64
+
+        def __init__(self, name):
+            self.name = name
+
+        def matmat(self, V):
+            V = np.asarray(V)
+            seen.setdefault(self.name, V[:, 0].copy())
+            return V * np.linspace(1.0, 2.0, P)[:, None]
+
+        def matvec(self, v):
+            return self.matmat(np.asarray(v).reshape(P, 1))[:, 0]
+
+    lanczos(aslinearoperator(Recorder("lanczos")), k=1, seed=0, max_iter=20)
+    power_iteration(aslinearoperator(Recorder("power")), max_iter=3, seed=0)
+    slq(aslinearoperator(Recorder("slq")), probes=1, steps=5, seed=0)
+    hutchinson_trace(aslinearoperator(Recorder("hutchinson")), num_products=2, seed=0, distribution="gaussian")
+    hutchpp_trace(aslinearoperator(Recorder("hutch++")), num_products=6, seed=0, distribution="gaussian")
+    assert set(seen) == {"lanczos", "power", "slq", "hutchinson", "hutch++"}
+    vecs = {k: torch.as_tensor(v) for k, v in seen.items()}
+    del vecs["hutchinson"]  # SLQ's probes, by design (its first moment is Hutchinson's estimator)
+    for name, v in vecs.items():
+        cos = abs(float(v @ w / (v.norm() * w.norm())))
+        assert cos < 0.3, f"{name}'s first vector has cosine {cos:.3f} with the seed's initial weights"
+    for a, b in itertools.combinations(vecs, 2):
+        cos = abs(float(vecs[a] @ vecs[b] / (vecs[a].norm() * vecs[b].norm())))
+        assert cos < 0.3, f"{a} and {b} start from the same direction (cosine {cos:.3f})"

@@ -136,6 +136,19 @@ def as_torch_operator(op, dtype: torch.dtype | None = None, device=None) -> Torc
     return TorchOperator(op, dtype=dtype, device=device)
 
 
+_STREAMS = {"lanczos": 1, "power": 2, "probes": 3, "hutch++": 5}  # probes: SLQ and Hutchinson, alike
+
+
+def seeded_generator(seed, stream: str) -> torch.Generator:
+    """The random stream of one algorithm for ``seed``.  Its numbers are not those of
+    ``torch.Generator().manual_seed(seed)``, which draws a model's initial weights: with equal seeds a
+    Lanczos start vector or a probe used to be the initial weight vector itself, not a direction
+    independent of the operator.  Nor are they another algorithm's for the same seed, except that SLQ
+    and Hutchinson share ``"probes"``: with the same seed they draw the same probes."""
+    mixed = (int(seed) * 0x9E3779B97F4A7C15 + _STREAMS[stream] * 0xBF58476D1CE4E5B9) % 2**63
+    return torch.Generator().manual_seed(mixed)
+
+
 def check_count(name: str, value, minimum: int = 1) -> int:
     """``value`` as an ``int`` (Python or numpy integer, not bool) ``>= minimum``, else a ValueError naming it."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._linop import as_torch_operator, check_count, default_tol, zero_tol_rel
+from ._linop import as_torch_operator, check_count, default_tol, seeded_generator, zero_tol_rel
 
 WHICH = ("both", "largest", "smallest")
 DEFAULT_MAX_BASIS_BYTES = 3 * 2**30  # budget of an automatically sized Krylov basis (Lanczos, SLQ groups)
@@ -234,7 +234,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
             f"max_products={max_products} asks for thick restarts, but a basis of max_iter = {m} vectors cannot "
             f"hold the {n_ends} x k = {n_ends * k} kept Ritz vectors plus two blocks of {b}: raise max_iter to at "
             f"least {n_ends * k + 2 * b}, lower k, or leave max_products at None")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = seeded_generator(seed, "lanczos")
     V = torch.empty(m, P, dtype=dt, device=dev)  # basis, one vector per row
     Hp = torch.zeros(m, m, dtype=torch.float64)  # V^T A V (small dense algebra in float64 on the CPU)
     blocks = []  # (start, end) of each block in V since the last restart

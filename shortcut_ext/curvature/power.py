@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._linop import as_torch_operator, check_count, default_tol
+from ._linop import as_torch_operator, check_count, default_tol, seeded_generator
 
 
 @dataclass
@@ -64,7 +64,7 @@ def power_iteration(op, max_iter: int = 500, tol: float | None = None, seed: int
     tol = default_tol(A.precision) if tol is None else float(tol)
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = seeded_generator(seed, "power")
     if v0 is None:
         v = A.randn(1, gen)[:, 0]
     else:

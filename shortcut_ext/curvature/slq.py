@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._linop import as_torch_operator, check_count, default_tol, zero_tol_rel
+from ._linop import as_torch_operator, check_count, default_tol, seeded_generator, zero_tol_rel
 from .lanczos import DEFAULT_MAX_BASIS_BYTES
 
 
@@ -278,7 +278,7 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
                 f"{need / 2**30:.2f} GiB, above max_basis_bytes = {max_basis_bytes / 2**30:.2f} GiB; lower "
                 f"probe_batch to {max(1, max_basis_bytes // (steps * P * _itemsize(dt)))} or leave it to the budget")
     btol = default_tol(A.precision) if breakdown_tol is None else float(breakdown_tol)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = seeded_generator(seed, "probes")
     Z = A.probes(probes, gen, distribution).T.contiguous()  # [probes, P], drawn at once: grouping-independent
     Z /= Z.norm(dim=1, keepdim=True)
     basis = torch.empty(group, steps, P, dtype=dt, device=dev) if reorthogonalize else None  # reused by groups

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._linop import as_torch_operator, check_count
+from ._linop import as_torch_operator, check_count, seeded_generator
 
 
 @dataclass
@@ -56,7 +56,7 @@ def hutchinson_trace(op, num_products: int = 30, seed: int = 0, distribution: st
     num_products = check_count("num_products", num_products)
     batch = check_count("batch", batch)
     A = as_torch_operator(op)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = seeded_generator(seed, "probes")
     vals = []
     for c in range(0, num_products, batch):
         Z = A.probes(min(batch, num_products - c), gen, distribution)
@@ -81,7 +81,7 @@ def hutchpp_trace(op, num_products: int = 30, seed: int = 0, distribution: str =
     num_products = check_count("num_products", num_products, 3)
     A = as_torch_operator(op)
     p0 = A.num_products
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = seeded_generator(seed, "hutch++")
     s = min(num_products // 3, A.P)
     g = num_products - 2 * s
     S = A.randn(s, gen, distribution)

@@ -4,7 +4,7 @@
 //   race   a few fused (float32, float64, TF32, 3xTF32), generic and HVP launches, for ThreadSanitizer:
 //          it reports any shared-memory access between two emulated threads of a block that no
 //          __syncthreads() orders (a missing barrier).  It found a barrier removed on purpose from
-//          forward_fused_kernel; the kernels as committed ran clean (~5 min on 2 cores).
+//          forward_fused_kernel; the kernels as committed run clean (10-20 min on 2 cores).
 //   sweep  edge shapes for AddressSanitizer + UndefinedBehaviorSanitizer: d = 1, 3, odd, above 128;
 //          B = 1 and tiles +- a few rows; every forced fused tile; TF32 and 3xTF32; deterministic and
 //          atomic weight gradients; a workspace small enough to split the units; the HVP with row
@@ -13,7 +13,8 @@
 //          GPU: what compute-sanitizer's memcheck reports, or a silent wrong result).  Every result is
 //          also compared with the float64 generic path (the HVP: with the float64 unchunked call).
 //          Launches the planner refuses (a tile that is not compiled for that d) are counted, not run.
-//          `sweep quick` is the subset the test runs (~2 min under ASan on 2 cores).
+//          `sweep quick` is the subset the test runs (2-4 min under ASan on 2 cores); `sweep stack` and
+//          `sweep hvp` are its two halves.
 //
 //   TP=$(python -c 'import torch,os;print(os.path.dirname(torch.__file__))')
 //   SAN=thread            # or: SAN=address,undefined
@@ -21,7 +22,7 @@
 //       -DSHORTCUT_EXT_CUDA_EMULATE -Icsrc -I$TP/include -I$TP/include/torch/csrc/api/include \
 //       csrc/cuda/emulate/sanitizer_check.cpp -L$TP/lib -lc10 -Wl,-rpath,$TP/lib -o /tmp/sanitizer_check
 //   setarch $(uname -m) -R /tmp/sanitizer_check race             # TSan needs ASLR off on some kernels
-//   ASAN_OPTIONS=detect_leaks=0 /tmp/sanitizer_check sweep       # ASan: ~15 min on 2 cores
+//   ASAN_OPTIONS=detect_leaks=0 /tmp/sanitizer_check sweep       # ASan: ~50 min on 2 cores
 // Exit status 0: every launch ran and matched; 1: a mismatch or a failed launch (printed).
 #include <algorithm>
 #include <cmath>
@@ -199,7 +200,7 @@ void sweep_quick() {
   hvp_case<double>(23, 1, 2, 2, 1, false, 7, true);
 }
 
-void sweep() {
+void sweep_stack() {
   for (int64_t d : {1, 3, 16, 20, 32, 33, 64, 100, 128, 131})  // automatic plan; generic, plain, atomic
     for (int64_t B : {int64_t(1), int64_t(37)}) {
       stack_case<double>(B, d, 2, 2, 1, 1, 2, 3, 0, 0);
@@ -217,6 +218,9 @@ void sweep() {
   // a workspace that holds the partial weight gradients of only 2 or 3 units: units in chunks
   for (int64_t d : {16, 20, 64}) stack_case<float>(40, d, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * d * d * 4 * 2);
   for (int64_t d : {16, 20}) stack_case<double>(40, d, 5, 2, 1, 1, 2, 3, 2, 0, 0, 0, 40 * d * d * 8 * 3);
+}
+
+void sweep_hvp() {
   for (int64_t d : {1, 3, 16, 33, 64})
     for (int64_t K : {int64_t(1), int64_t(3)})
       for (bool ce : {false, true}) {
@@ -230,14 +234,16 @@ void sweep() {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
-  const bool quick = argc > 2 && std::string(argv[2]) == "quick";
+  const std::string part = argc > 2 ? argv[2] : "";
   se_emu_set_sms(3);
   if (mode == "race") {
     race();
-  } else if (mode == "sweep") {
-    quick ? sweep_quick() : sweep();
+  } else if (mode == "sweep" && (part == "" || part == "quick" || part == "stack" || part == "hvp")) {
+    if (part == "quick") sweep_quick();
+    if (part == "" || part == "stack") sweep_stack();
+    if (part == "" || part == "hvp") sweep_hvp();
   } else {
-    std::fprintf(stderr, "usage: %s race | sweep [quick]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s race | sweep [quick | stack | hvp]\n", argv[0]);
     return 2;
   }
   std::printf("ok=%d refused=%d bad=%d\n", n_ok, n_refused, n_bad);
