@@ -104,8 +104,15 @@ def main(argv=None) -> int:
         except (OSError, ValueError):
             pass
         saved = _saved(args)
-        if saved:
-            print(f"shortcut-ext {args.command}: stopped, its output pipe was closed{saved}", file=sys.stderr)
+        try:
+            if saved:
+                print(f"shortcut-ext {args.command}: stopped, its output pipe was closed{saved}", file=sys.stderr)
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr went with it (`... 2>&1 | head`)
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            except (OSError, ValueError):
+                pass
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
     except (ValueError, TypeError, OSError) as e:
         # bad input found below the argument parser (data files, sizes, combinations of options): one

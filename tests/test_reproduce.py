@@ -442,6 +442,11 @@ def test_a_closed_output_pipe_stops_the_command_quietly(tmp_path):
     p.stdout.close()  # before the command (still importing torch) writes anything
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141 and err == "", err
+    # `... 2>&1 | head`: stderr is closed too, and the note on what is saved cannot be written (exit 1 before)
+    p = subprocess.Popen([sys.executable, "-m", "shortcut_ext", "reproduce", "--tiny", "--out", str(tmp_path / "r")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    p.stdout.close()
+    assert p.wait(timeout=300) == 141
 
 
 def test_cli_errors_are_one_line_and_interrupts_say_how_to_resume(tmp_path, capsys, monkeypatch):

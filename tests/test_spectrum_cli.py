@@ -336,3 +336,16 @@ def test_theory_assumptions_that_fail_are_warned(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "WARNING: the zero-point theory's assumptions do not hold here" in err
     assert any("assumptions do not hold" in w for w in res["warnings"])
+
+
+def test_other_errors_during_lanczos_are_not_blamed_on_the_basis_flags(tmp_path, monkeypatch, capsys):
+    """A bad SHORTCUT_EXT_HVP_STORE_MB found inside Lanczos used to end as "(flags: --max-iter,
+    --lanczos-products, --basis-gib)" and ignore SHORTCUT_EXT_TRACEBACK; it now ends as any other bad
+    value does: its own line, exit status 2, the traceback on request."""
+    monkeypatch.setenv("SHORTCUT_EXT_HVP_STORE_MB", "x")
+    assert main(TINY + ["--no-plots", "--no-progress", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "SHORTCUT_EXT_HVP_STORE_MB must be a number" in err and "flags:" not in err
+    monkeypatch.setenv("SHORTCUT_EXT_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="SHORTCUT_EXT_HVP_STORE_MB"):
+        main(TINY + ["--no-plots", "--no-progress", "--out", str(tmp_path / "b")])

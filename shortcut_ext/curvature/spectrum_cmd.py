@@ -167,6 +167,14 @@ def load_data(kind: str, m: int, d: int, seed: int, noise: float, dtype: torch.d
     return synthetic_teacher(m, d, seed=seed, noise=noise, dtype=dtype)
 
 
+def _flag_hint(e: ValueError, words, flags: str):
+    """Lanczos' or SLQ's refusal of a size (its message names one of ``words``) ends the command naming
+    the flags to change; any other ValueError goes on to the command's one-line error as it is."""
+    if any(w in str(e) for w in words):
+        raise SystemExit(f"shortcut-ext spectrum: {e} (flags: {flags})") from e
+    raise e
+
+
 def _progress(desc: str, disable: bool):
     from tqdm.auto import tqdm
 
@@ -261,7 +269,7 @@ def _run(args, dtype, budget, rank, world) -> int:
                          return_vectors=False, callback=cb, max_basis_bytes=budget,
                          max_products=args.lanczos_products)
         except ValueError as e:  # a basis that does not fit the budget: say which flag to change
-            raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --max-iter, --lanczos-products, --basis-gib)") from e
+            _flag_hint(e, ("max_iter", "max_products", "basis"), "--max-iter, --lanczos-products, --basis-gib")
         finally:
             bar.close()
         result["timings_s"]["lanczos"] = time.perf_counter() - t0
@@ -295,7 +303,7 @@ def _run(args, dtype, budget, rank, world) -> int:
                  probe_batch=args.probe_batch, max_basis_bytes=budget, done=ckpt.slq_done,
                  on_group=ckpt.save_slq_group)
     except ValueError as e:
-        raise SystemExit(f"shortcut-ext spectrum: {e} (flags: --probe-batch, --steps, --basis-gib)") from e
+        _flag_hint(e, ("probe_batch", "steps", "basis"), "--probe-batch, --steps, --basis-gib")
     finally:
         bar.close()
     result["timings_s"]["slq"] = time.perf_counter() - t0
