@@ -450,3 +450,19 @@ def test_interrupt_message_says_whether_a_checkpoint_exists(tmp_path, monkeypatc
     assert f"the checkpoint {tmp_path / 'run.ckpt.pt'} is saved: rerun the same command" in capsys.readouterr().err
     assert main(["train", *TINY, "--checkpoint-every", "0", "--out", str(tmp_path / "run.json")]) == 130
     assert "no checkpoint was written yet" in capsys.readouterr().err  # a stale file it would not resume
+
+
+def test_outputs_record_the_environment(tmp_path):
+    """run.json and spectrum.json carry what a reviewer needs to reproduce them: the shortcut_ext and
+    torch versions, the build, the thread count (run.json had none of these, spectrum.json no
+    shortcut_ext version)."""
+    import shortcut_ext
+
+    assert _train(tmp_path, "--epochs", "2") == 0
+    env = json.loads((tmp_path / "run.json").read_text())["environment"]
+    assert env["shortcut_ext_version"] == shortcut_ext.__version__ and env["torch"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads() and "shortcut_ext_build_info" in env
+    assert main(["spectrum", "--units", "3", "--width", "3", "--samples", "16", "--probes", "2", "--steps", "6",
+                 "--no-plots", "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    env = json.loads((tmp_path / "s" / "spectrum.json").read_text())["environment"]
+    assert env["shortcut_ext_version"] == shortcut_ext.__version__ and env["torch"] == torch.__version__

@@ -167,6 +167,12 @@ def load_data(kind: str, m: int, d: int, seed: int, noise: float, dtype: torch.d
     return synthetic_teacher(m, d, seed=seed, noise=noise, dtype=dtype)
 
 
+def _environment() -> dict:
+    from ..experiments.report import environment
+
+    return environment()
+
+
 def _flag_hint(e: ValueError, words, flags: str):
     """Lanczos' or SLQ's refusal of a size (its message names one of ``words``) ends the command naming
     the flags to change; any other ValueError goes on to the command's one-line error as it is."""
@@ -253,6 +259,7 @@ def _run(args, dtype, budget, rank, world) -> int:
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "num_params": H.P, "backend_used": H.backend_used, "fallback_reason": H.fallback_reason,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "timings_s": {},
+        "environment": _environment(),  # versions, build, threads, machine: what a reviewer asks
         "world_size": world,
     }
     loss, grad = H.loss_and_grad()

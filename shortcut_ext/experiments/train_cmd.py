@@ -267,10 +267,13 @@ def _main_locked(args, device, rank, world) -> int:
                     log=print if lead else (lambda msg: None))  # rank 0 says it, once
     if not lead:
         return 0
+    from .report import environment
+
     rec = {"arch": args.arch, "act": args.act, "depth": depth, "seed": args.seed, "data": bundle.tag,
            "backend": net.backend, "device": device, "world_size": world, "dtype": args.dtype,
            "tf32": getattr(args, "tf32", None) or "off", "compressed": compress, "config": cfg.to_dict(),
-           **res.to_dict()}
+           **res.to_dict(),
+           "environment": environment()}  # versions, build, threads, machine: what a reviewer asks
     text = json.dumps(json_safe(rec), indent=1)
     _write_atomic(out, lambda f: f.write(text))
     h = res.history
