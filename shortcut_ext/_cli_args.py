@@ -79,19 +79,20 @@ def device_memory(device: str) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
 
 
-def out_dir(path, command: str) -> Path:
+def out_dir(path, command: str, given=None) -> Path:
     """``path`` as an output folder: created if missing; a clear SystemExit if it is a file, lies under
-    a file, or cannot be written."""
+    a file, or cannot be written.  ``given``: the --out file whose folder ``path`` is, for the message."""
     p = Path(path)
+    what = f"--out {path}" if given is None else f"the folder {path} of --out {given}"
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
-            raise SystemExit(f"shortcut-ext {command}: --out {path} must be a folder, but {parent} is a file")
+            raise SystemExit(f"shortcut-ext {command}: {what} must be a folder, but {parent} is a file")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"shortcut-ext {command}: cannot create the --out folder {path}: {e.strerror}") from None
+        raise SystemExit(f"shortcut-ext {command}: cannot create {what} ({e.strerror})") from None
     if not os.access(p, os.W_OK):
-        raise SystemExit(f"shortcut-ext {command}: the --out folder {path} is not writable")
+        raise SystemExit(f"shortcut-ext {command}: {what} is not writable")
     return p
 
 
@@ -103,7 +104,7 @@ def out_file(path, command: str, suffix: str | None = None) -> Path:
         raise SystemExit(f"shortcut-ext {command}: --out must name a {suffix} file, got {path}")
     if p.is_dir():
         raise SystemExit(f"shortcut-ext {command}: --out {path} is a folder; it must name a file")
-    out_dir(p.parent if str(p.parent) else ".", command)
+    out_dir(p.parent if str(p.parent) else ".", command, given=path)
     return p
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ._dist import all_reduce, group_of, model_signature, ranks_agree
+from ._io import atomic_open
 from .ops import autocast_off
 from .reference import LOSSES, loss_fn
 
@@ -692,12 +693,8 @@ def _save_checkpoint(path: str, state: dict) -> None:
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) -> dict | None:

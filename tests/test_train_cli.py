@@ -64,7 +64,8 @@ def test_out_checked_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"shortcut-ext train: --out .*folder.json is a folder"):
         _train(tmp_path, out="folder.json")
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match=r"shortcut-ext train: --out .* must be a folder, but .*file is a file"):
+    with pytest.raises(SystemExit, match=r"shortcut-ext train: the folder .*file of --out .*file/run.json must be a "
+                                         r"folder, but .*file is a file"):  # names the --out as given
         _train(tmp_path, out="file/run.json")
     with pytest.raises(SystemExit, match=r"shortcut-ext train: --out must name a \.json file, got .*run\.csv"):
         _train(tmp_path, out="run.csv")  # the CSV history would overwrite the JSON
@@ -466,3 +467,23 @@ def test_outputs_record_the_environment(tmp_path):
                  "--no-plots", "--no-progress", "--out", str(tmp_path / "s")]) == 0
     env = json.loads((tmp_path / "s" / "spectrum.json").read_text())["environment"]
     assert env["shortcut_ext_version"] == shortcut_ext.__version__ and env["torch"] == torch.__version__
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    """A write that fails (here fsync with ENOSPC, as on a full disk) used to end in a bare
+    "[Errno 28] No space left on device" and leave its .tmp holding the space, so the rerun failed
+    the same way; now the message names the file and the temporary file is gone."""
+    import errno
+
+    from shortcut_ext import _io
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_io.os, "fsync", full)
+    assert _train(tmp_path, *RESUME) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "run.ckpt.pt" in err, err
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    monkeypatch.undo()
+    assert _train(tmp_path, *RESUME) == 0

@@ -34,6 +34,7 @@ import torch
 from .._cli_args import nonneg_float, nonneg_int, out_dir, out_lock, positive_float, positive_int
 from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
+from .._io import atomic_open
 from ..reference import ACTIVATIONS, LOSSES
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -433,9 +434,8 @@ def _run(args, dtype, budget, rank, world) -> int:
         return 0
     result["warnings"] = warnings
     path = os.path.join(args.out, "spectrum.json")
-    with open(path + ".tmp", "w") as f:  # whole or not at all
+    with atomic_open(path) as f:  # whole or not at all
         f.write(to_strict_json(result, indent=1))
-    os.replace(path + ".tmp", path)
     if not args.no_plots:
         _plots(args.out, sq, grid, dens, sigma, lz, exact, spec)
     c = result["condition"]
@@ -633,12 +633,8 @@ class _Checkpoint:
     def _flush(self) -> None:
         if not self.write:
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_open(self.path) as f:
             json.dump(self.state, f, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def lanczos(self):
         from .lanczos import LanczosResult

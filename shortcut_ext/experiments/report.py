@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_open
+
 
 @dataclass
 class Section:
@@ -171,9 +173,8 @@ def write_report(path, title: str, sections: list[Section], config: dict, env: d
     parts.append("<h2>Environment</h2><pre>" + html.escape(json.dumps(env, indent=2, default=str)) + "</pre>")
     parts.append("</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_open(path, tmp=path.with_suffix(".tmp"), encoding="utf-8") as f:
+        f.write("\n".join(parts))
     return path
 
 

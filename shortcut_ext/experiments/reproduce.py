@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .._device import init_distributed
+from .._io import atomic_open
 from ..train import TrainConfig, log_grid
 from . import analysis, figures, report, sweeps
 from .._cli_args import out_dir, out_lock, positive_int
@@ -108,9 +109,8 @@ EXPECTED = {  # PAPER.md section 4
 
 def _write_text(path: Path, text: str) -> None:
     """``path`` written whole or not at all (a temporary file of this process, then renamed)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_open(path, tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp")) as f:
+        f.write(text)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
@@ -120,13 +120,11 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
         for k in r:
             if k != "result" and k not in cols:
                 cols.append(k)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", tmp=path.with_suffix(".tmp"), newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in cols})
-    tmp.replace(path)
     return path
 
 
@@ -164,9 +162,8 @@ def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: 
         if theirs is not None:
             return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(mine, indent=1))
-    tmp.replace(path)
+    with atomic_open(path, tmp=path.with_suffix(".tmp")) as f:
+        f.write(json.dumps(mine, indent=1))
 
 
 def _strip(rows: list[dict]) -> list[dict]:

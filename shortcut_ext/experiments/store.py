@@ -115,8 +115,14 @@ class RunStore:
                     f.seek(size - 1)
                     if f.read(1) != b"\n":
                         data = b"\n" + data
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # os.write may write part of it
+                view = view[os.write(fd, view):]
             os.fsync(fd)
+        except OSError as e:  # a full disk: say which file (a partial line is skipped when read back)
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror or str(e), self.path) from e
+            raise
         finally:
             os.close(fd)
         self._records[key] = record

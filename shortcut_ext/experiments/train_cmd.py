@@ -31,6 +31,7 @@ import torch
 from .._cli_args import (device_memory, nonneg_float, nonneg_int, out_file, out_lock, positive_float,
                          positive_int, seed)
 from .._device import init_distributed, parse_device
+from .._io import atomic_open
 from ..train import OPTIMIZERS, TrainConfig, train
 from .store import json_safe
 from .sweeps import ACT_VARIANTS, ARCHS, arch_supports, build_model, check_arch, load_data
@@ -217,12 +218,8 @@ def _fingerprint(args, net, bundle, device: str, world: int, compress: bool) -> 
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _main(args, device, rank, world) -> int:
