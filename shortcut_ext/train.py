@@ -72,7 +72,7 @@ class TrainConfig:
         probe_epochs: ... or at exactly these epochs (overrides ``probe_every``).
         exact_max_params: largest parameter count probed with an exact dense Hessian.
         divergence_factor: a loss above ``divergence_factor * max(initial loss, 1)`` counts as diverged.
-        seed: seeds the mini-batch order.
+        seed: seeds the mini-batch order and the random vectors of the Hessian probes (Lanczos, SLQ).
     """
 
     epochs: int = 1000
@@ -325,20 +325,22 @@ def _dense_probes(model, data, loss: str, exact_max_params: int) -> dict:
 
 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000, distributed: bool = False,
-                   process_group=None) -> dict:
+                   process_group=None, seed: int = 0) -> dict:
     """``{lam_max, lam_q10, index, cond, cond_q10, method, ...}`` of the loss Hessian at the model's weights
     (with the curvature package also ``resolved``: see :func:`shortcut_ext.curvature.hessian_probes`).
 
     Uses :func:`shortcut_ext.curvature.hessian_probes` where it exists (exact below
     ``exact_max_params``, stochastic Lanczos quadrature above); otherwise an exact dense Hessian
-    (:func:`dense_hessian`) for nets of at most ``exact_max_params`` parameters.
+    (:func:`dense_hessian`) for nets of at most ``exact_max_params`` parameters.  ``seed`` seeds the
+    Lanczos start and the SLQ probes of the stochastic path (train passes the run's seed, so that seeds
+    average the probes' error out too).
     """
     try:
         from .curvature import hessian_probes as curvature_probes
     except ImportError:
         curvature_probes = None
     if curvature_probes is not None:
-        kw = {}
+        kw = {"seed": int(seed)}
         if model.weight.dtype != torch.float64 and "dtype" in inspect.signature(curvature_probes).parameters:
             kw["dtype"] = torch.float64  # eigenvalues near 0 (|lambda|(0.1), the index) need float64
         if distributed:
@@ -590,7 +592,7 @@ def train(
                 tp = time.perf_counter()
                 try:
                     p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
-                                       distributed=distributed, process_group=process_group)
+                                       distributed=distributed, process_group=process_group, seed=config.seed)
                 except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
                     p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

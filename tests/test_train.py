@@ -477,3 +477,16 @@ def test_non_finite_data_and_bad_configs_are_refused(teacher):
                     ({"probe_epochs": 5}, "probe_epochs must be a sequence")):
         with pytest.raises(ValueError, match=msg):
             TrainConfig(**kw)
+
+
+def test_stochastic_probes_follow_the_seed():
+    """Above exact_max_params the probes are Lanczos + SLQ: their random vectors used to be seed 0's in
+    every run, so seed-averaged cond_q10 / index kept the probes' error; train passes its seed."""
+    from shortcut_ext.train import hessian_probes
+
+    net = ShortcutNet(4, 6, shortcut=2, init="xavier", seed=0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(32, 4, generator=g, dtype=torch.float64), torch.randn(32, 4, generator=g, dtype=torch.float64))
+    a, b, c = (hessian_probes(net, data, exact_max_params=0, seed=s) for s in (0, 0, 1))
+    assert a["method"].startswith("lanczos") and a["index"] == b["index"] and a["lam_q10"] == b["lam_q10"]
+    assert (a["index"], a["lam_q10"]) != (c["index"], c["lam_q10"])

@@ -319,7 +319,7 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
     def compute(arch, depth, seed):
         net = build_model(arch, act, depth, bundle.width, seed, dtype, backend=None,
                           out_features=None if bundle.out_features == bundle.width else bundle.out_features)
-        rec = dict(hessian_probes(net, data, "mse", exact_max_params=exact_max_params))
+        rec = dict(hessian_probes(net, data, "mse", exact_max_params=exact_max_params, seed=seed))
         rec["num_params"] = net.num_parameters()
         return rec
 
