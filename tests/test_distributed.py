@@ -347,7 +347,10 @@ _TRAIN_WORKER = textwrap.dedent('''
     out.append(dict(history=res.history, errors=errors))
     torch.save(out, os.path.join(os.environ["SE_OUT"], f"train{rank}.pt"))
     dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
-    dist.destroy_process_group()
+    # gloo's teardown still aborted a rank twice in ~15 CI runs ("terminate called without an active
+    # exception", after the results were saved); this test is about the numbers: leave without teardown
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
 ''')
 
 
