@@ -3,6 +3,7 @@ through an ``add_parser(subparsers)`` function; imports are lazy so that ``--hel
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -59,6 +60,11 @@ def _saved(args) -> str:
     return "; finished runs are saved: rerun the same command (same --out) to resume"
 
 
+# OSErrors that are the machine's failure, not the input's: no space or quota left, an I/O error, a file
+# over the file system's size limit
+_ENVIRONMENT_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EIO", "EFBIG") if hasattr(errno, n))
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's time limit or preemption), raised in the main thread so that the command
     ends as after Ctrl-C: finished results and checkpoints stay, and it says how to resume."""
@@ -77,6 +83,17 @@ def _catch_sigterm():
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return None
     return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _bad_input(args, e) -> int:
+    """Bad input found below the argument parser (data files, sizes, combinations of options, an --out that
+    cannot be written): one clear line, not a traceback, exit status 2; SHORTCUT_EXT_TRACEBACK=1 shows where
+    it came from."""
+    if os.environ.get("SHORTCUT_EXT_TRACEBACK", "") not in ("", "0"):
+        raise e
+    print(f"shortcut-ext {args.command}: error: {e} ({type(e).__name__}; SHORTCUT_EXT_TRACEBACK=1 shows the "
+          "traceback)", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -114,14 +131,18 @@ def main(argv=None) -> int:
             except (OSError, ValueError):
                 pass
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
-    except (ValueError, TypeError, OSError) as e:
-        # bad input found below the argument parser (data files, sizes, combinations of options): one
-        # clear line, not a traceback; SHORTCUT_EXT_TRACEBACK=1 shows where it came from
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            return _bad_input(args, e)
+        # the machine failed the run, not its input (a full disk or quota, an I/O error): status 1, as for
+        # the computation's own failures, and what is finished stays to resume from
         if os.environ.get("SHORTCUT_EXT_TRACEBACK", "") not in ("", "0"):
             raise
-        print(f"shortcut-ext {args.command}: error: {e} ({type(e).__name__}; SHORTCUT_EXT_TRACEBACK=1 shows the "
-              "traceback)", file=sys.stderr)
-        return 2
+        print(f"shortcut-ext {args.command}: failed: {e}{_saved(args)} ({type(e).__name__}; SHORTCUT_EXT_TRACEBACK=1 "
+              "shows the traceback)", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError) as e:
+        return _bad_input(args, e)
     except (FloatingPointError, MemoryError, RuntimeError) as e:
         # failures of the computation itself: non-finite products (an overflowing net), out of memory.  Other
         # runtime errors are bugs: their traceback is what a report needs
