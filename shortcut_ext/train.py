@@ -548,6 +548,12 @@ def train(
             hist, probes, limit = state["history"], state["probes"], state["limit"]
             start, seconds_before, probe_time = state["epoch"], state["seconds"], state["probe_seconds"]
             say(f"resuming from epoch {start} of {config.epochs} ({checkpoint})")
+            was, now_threads = state.get("threads"), torch.get_num_threads()
+            if w.device.type == "cpu" and isinstance(was, int) and was != now_threads:
+                # the CPU kernels split their sums by thread: another count rounds differently
+                say(f"note: the checkpoint was written with {was} CPU threads and this run has {now_threads}: the "
+                    "result agrees with an uninterrupted run to rounding, not bit for bit (resume with "
+                    f"OMP_NUM_THREADS={was} for the same bits)")
     saved_epoch, saved_t = start, t0
     unresolved_said = False  # one note per run on SLQ probes that could not resolve the spectrum near 0
     bar = None
@@ -631,7 +637,8 @@ def train(
                         "format": _CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1,
                         "weight": w.detach().cpu(), "optimizer": None if opt is None else opt.state_dict(),
                         "generator": gen.get_state(), "history": hist, "probes": probes, "limit": limit,
-                        "seconds": seconds_before + now - t0, "probe_seconds": probe_time})
+                        "seconds": seconds_before + now - t0, "probe_seconds": probe_time,
+                        "threads": torch.get_num_threads() if w.device.type == "cpu" else None})
                     saved_epoch, saved_t = epoch + 1, time.perf_counter()
             if on_epoch is not None:
                 on_epoch(epoch)

@@ -317,6 +317,36 @@ def test_interrupted_train_call_resumes_when_called_again(teacher, tmp_path):
     assert res.final_loss == ref.final_loss and res.history["loss"] == ref.history["loss"]
 
 
+def test_resume_under_another_thread_count_says_so(teacher, tmp_path):
+    """A checkpoint written with 2 CPU threads resumed with 1: the run resumes (the numbers agree to
+    rounding) and says it is not bit for bit, naming the thread count that would be; the same count says
+    nothing."""
+    X, Y, l_min = teacher
+    cfg = TrainConfig(epochs=12, lr=0.1)
+    net, ck = _net(), tmp_path / "run.ckpt.pt"
+    ref = train(_net(), (X, Y), cfg, l_min=l_min)
+
+    def stop(epoch):
+        if epoch == 7:
+            raise KeyboardInterrupt
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(KeyboardInterrupt):
+            train(net, (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0,
+                  on_epoch=stop)
+        torch.set_num_threads(1)
+        notes = []
+        res = train(net, (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0,
+                    log=notes.append)
+    finally:
+        torch.set_num_threads(before)
+    assert notes[0].startswith("resuming from epoch 5"), notes
+    assert len(notes) == 2 and "written with 2 CPU threads" in notes[1] and "OMP_NUM_THREADS=2" in notes[1], notes
+    assert res.final_loss == pytest.approx(ref.final_loss, rel=1e-4)
+
+
 def test_checkpoint_of_other_probe_data_is_not_resumed(teacher, tmp_path):
     X, Y, l_min = teacher
     cfg = TrainConfig(epochs=12, lr=0.1, probe_every=3)
