@@ -99,16 +99,52 @@ _FORWARD_MODE_HINT = (
     "shortcut_ext.curvature.HessianOperator(backend='fused') for Hessian-vector products")
 
 
-def _refuse_forward_mode(*tensors) -> None:
-    """A clear error instead of a silently zero tangent (forward AD) or an internal functorch error."""
-    if torch.compiler.is_compiling():  # dynamo cannot trace the checks below (and runs no transform here)
+_HVP_NOT_DIFFERENTIABLE = (
+    "residual_stack_hvp's loss, gradient and products are values, not functions to differentiate further "
+    "(torch.func.grad / jvp, forward-mode AD and backward through them are not supported): differentiate "
+    "residual_stack(..., backend='torch') for the gradient, or take the products' own derivatives by finite "
+    "differences of residual_stack_hvp")
+
+
+def _refuse_transforms(hint: str, *tensors) -> None:
+    """A clear error instead of a silently zero tangent or gradient (forward AD, torch.func.grad / jvp)
+    or an internal functorch error."""
+    if torch.compiler.is_compiling():
+        # dynamo traces torch.func transforms with their interpreters pushed, and sees the innermost one (it
+        # cannot trace get_interpreter_stack); a forward-AD level is guarded on, so any is refused
+        ci = torch._C._functorch.peek_interpreter_stack()
+        if isinstance(ci, torch._C._functorch.CInterpreter) and ci.key() in (torch._C._functorch.TransformType.Grad,
+                                           torch._C._functorch.TransformType.Jvp):
+            raise NotImplementedError(f"torch.func {ci.key().name.lower()} transform: {hint}")
+        if fwAD._current_level >= 0:
+            raise NotImplementedError(f"forward-mode AD (a dual level) under torch.compile: {hint}")
         return
     stack = torch._C._functorch.get_interpreter_stack() or ()
     for key in (i.key() for i in stack):
         if key in (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp):
-            raise NotImplementedError(f"torch.func {key.name.lower()} transform: {_FORWARD_MODE_HINT}")
-    if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(f"a dual tensor (forward-mode AD): {_FORWARD_MODE_HINT}")
+            raise NotImplementedError(f"torch.func {key.name.lower()} transform: {hint}")
+    if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors
+                                        if isinstance(t, torch.Tensor)):
+        raise NotImplementedError(f"a dual tensor (forward-mode AD): {hint}")
+
+
+def _refuse_forward_mode(*tensors) -> None:
+    _refuse_transforms(_FORWARD_MODE_HINT, *tensors)
+
+
+def _needs_grad(t: torch.Tensor) -> bool:
+    """``t.requires_grad``, seen through vmap: a batched tensor says False while the tensor it wraps
+    requires grad (an ensemble's stacked weights)."""
+    if t.requires_grad:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    f = torch._C._functorch
+    while f.is_batchedtensor(t) or f.is_functorch_wrapped_tensor(t):
+        t = f.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
 
 
 def autocast_off(t: torch.Tensor):
@@ -172,7 +208,12 @@ def residual_stack(
         with autocast_off(x):
             return reference.residual_stack_forward(x, weights, shortcut, act_pre, act_mid, act_post)
     _refuse_forward_mode(x, weights)
-    save = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
+    if torch.jit.is_tracing():
+        raise NotImplementedError(
+            "torch.jit.trace of the fused residual stack is not supported (what the forward keeps for the "
+            "backward depends on grad mode, which a trace would fix): use torch.compile or torch.export, or "
+            "backend='torch'")
+    save = torch.is_grad_enabled() and (_needs_grad(x) or _needs_grad(weights))
     layers = _save_layers(x, weights, recompute) and save
     y, _ = torch.ops.shortcut_ext.residual_stack_forward(
         x.contiguous(), weights.contiguous(), shortcut, act_pre, act_mid, act_post, save, layers
@@ -294,6 +335,11 @@ def residual_stack_hvp(
 
     The Hessian is that of ``loss(residual_stack(x, weights), targets)`` w.r.t. ``weights``.
     ``backend="fused"`` uses the fused R-operator kernel where it is built, else the reference.
+
+    The outputs are values, detached from the inputs (they never require grad): a loss built on them
+    (``L + penalty``, ``v^T H v`` as a sharpness term) gets no gradient through them from autograd, and
+    ``torch.func.grad`` / ``jvp`` and forward-mode AD through this function raise.  ``torch.func.vmap``
+    over it runs the fused kernel once per slice (``backend="torch"`` cannot run under vmap).
     """
     for arg, name in (("act_pre", act_pre), ("act_mid", act_mid), ("act_post", act_post)):
         check_activation(arg, name)
@@ -312,16 +358,25 @@ def residual_stack_hvp(
         raise ValueError(f"directions must be on {weights.device} like weights, got {directions.device}")
     targets = check_hvp_targets(x, targets, loss)
     backend = check_backend(backend)
+    _refuse_transforms(_HVP_NOT_DIFFERENTIABLE, x, weights, targets, directions)
     # the products are values, not functions of the inputs to differentiate further: detached outputs
+    # (they do not require grad, like .item()'s), and the torch.func transforms are refused above
     x, weights, directions = x.detach(), weights.detach(), directions.detach()
     if backend == "fused" and hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
-        return torch.ops.shortcut_ext.residual_stack_hvp(
+        out = torch.ops.shortcut_ext.residual_stack_hvp(
             x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),
             shortcut, act_pre, act_mid, act_post, loss,
         )
-    with autocast_off(x):
-        return reference.residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post,
-                                            loss)
+    else:
+        if not torch.compiler.is_compiling() and torch._C._functorch.get_interpreter_stack():
+            raise NotImplementedError(
+                "residual_stack_hvp(backend='torch') runs autograd inside, which cannot run under torch.func.vmap; "
+                "use backend='fused' (built here: " + str(hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"))
+                + "), or batch the directions [k, ...] in one call")
+        with autocast_off(x):
+            out = reference.residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid,
+                                               act_post, loss)
+    return out
 
 
 def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
@@ -342,7 +397,8 @@ def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
             raise TypeError(f"class-index targets [B] must be integers, got {_dtype(targets)}")
         # (the kernels check the range too; under torch.compile a data-dependent check would break the graph)
-        if B and targets.device.type != "meta" and not torch.compiler.is_compiling():
+        if (B and targets.device.type != "meta" and not torch.compiler.is_compiling()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(targets)):  # vmap: the kernels check
             lo, hi = int(targets.min()), int(targets.max())
             if lo < 0 or hi >= d:
                 raise ValueError(f"class-index targets must lie in [0, d) = [0, {d}), got values in [{lo}, {hi}]")
@@ -391,6 +447,10 @@ def _backward_forward(ctx, grad_y, grad_saved):
         # see (they are non-differentiable outputs); without this a second derivative through x (an input
         # Hessian, a Jacobian penalty) would silently come out as zero instead of raising
         grad_x = _NoDoubleBackward.apply(grad_x, x)
+    if x is not None and torch.is_grad_enabled() and grad_w is not None:
+        # the same for grad_w, a function of x through the saved inputs alone: d(grad_w)/dx (the input
+        # derivative of J_w^T v, a linear read-out's weight gradient) must raise, not come out as zero
+        grad_w = _NoDoubleBackward.apply(grad_w, x)
     return (grad_x, grad_w) + (None,) * (ctx.num_inputs - 2)
 
 

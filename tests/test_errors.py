@@ -187,6 +187,98 @@ def test_forward_mode_and_func_transforms_get_a_clear_error():
     assert torch.vmap(lambda xi: residual_stack(xi, w, backend="fused"))(torch.randn(2, 4, 3, dtype=torch.float64)).shape == (2, 4, 3)
 
 
+def test_func_transforms_under_torch_compile_are_refused_too():
+    """Dynamo runs the torch.func transforms with their interpreters pushed: the eager check was skipped
+    while compiling, and a compiled jvp through the fused op gave a zero tangent, a compiled dual tensor a
+    None tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = _xw(dtype=torch.float64)
+    v = torch.randn_like(w)
+    f = lambda w: residual_stack(x, w, True, "tanh", "tanh", "tanh", backend="fused")  # noqa: E731
+    try:
+        with pytest.raises(Exception, match="jvp transform: the fused residual stack has a fused backward only"):
+            torch.compile(lambda w: torch.func.jvp(f, (w,), (v,))[1], backend="aot_eager")(w)
+        torch._dynamo.reset()
+
+        def dual(w):
+            with fwAD.dual_level():
+                return fwAD.unpack_dual(f(fwAD.make_dual(w, v))).tangent
+
+        with pytest.raises(Exception, match="forward-mode AD"):
+            torch.compile(dual, backend="aot_eager")(w)
+        torch._dynamo.reset()
+        # a plain compiled forward + backward still traces in one graph, and is right
+        wr = w.clone().requires_grad_()
+        torch.compile(f, backend="aot_eager", fullgraph=True)(wr).square().sum().backward()
+        w2 = w.clone().requires_grad_()
+        residual_stack(x, w2, True, "tanh", "tanh", "tanh", backend="torch").square().sum().backward()
+        torch.testing.assert_close(wr.grad, w2.grad, rtol=1e-12, atol=1e-12)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_vmap_with_grad_saves_for_the_backward():
+    """vmap's batched tensors say requires_grad=False: the fused forward kept nothing, and the backward of
+    an ensemble (stack_module_state + vmap(functional_call)) or of per-sample inputs raised a misleading
+    save_inputs=False error; now it matches the reference."""
+    import warnings
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g)
+    xs0 = torch.randn(3, 5, 4, dtype=torch.float64, generator=g)
+    w = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=g) * 0.3
+    grads = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "no batching rule" performance note
+        for be in ("fused", "torch"):
+            models = [shortcut_ext.ShortcutNet(width=4, units=3, mid="tanh", init="xavier", seed=s, backend=be,
+                                               dtype=torch.float64) for s in range(3)]
+            params, bufs = stack_module_state(models)
+            base = shortcut_ext.ShortcutNet(width=4, units=3, mid="tanh", backend=be, dtype=torch.float64).to("meta")
+            vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None))(params, bufs, x) \
+                .square().mean().backward()
+            xs = xs0.clone().requires_grad_()
+            vmap(lambda xi: residual_stack(xi, w, True, "tanh", "tanh", "tanh", backend=be))(xs).sum().backward()
+            grads[be] = (params["weight"].grad, xs.grad)
+    for a, b in zip(grads["fused"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_of_the_hvp_with_class_targets():
+    """The wrapper's range check called .item() on vmap's batched targets (torch's 'please file a bug');
+    the fused kernel checks per slice; the reference cannot run under vmap and says so."""
+    import warnings
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, 4, dtype=torch.float64, generator=g)
+    w = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=g) * 0.3
+    t = torch.randint(0, 4, (3, 6), generator=g)
+    v = torch.randn(2, 2, 2, 4, 4, dtype=torch.float64, generator=g)
+    hvp = lambda x, t, be="fused": shortcut_ext.residual_stack_hvp(  # noqa: E731
+        x, w, t, v, True, "tanh", "tanh", "identity", loss="cross_entropy", backend=be)[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.func.vmap(hvp)(x, t)
+        torch.testing.assert_close(got, torch.stack([hvp(x[i], t[i]) for i in range(3)]), rtol=0, atol=0)
+        with pytest.raises(NotImplementedError, match="backend='torch'.*cannot run under torch.func.vmap"):
+            torch.func.vmap(lambda x, t: hvp(x, t, "torch"))(x, t)
+        bad = t.clone()
+        bad[1, 2] = 7
+        with pytest.raises((ValueError, RuntimeError), match=r"class-index targets must lie in \[0, d\)"):
+            torch.func.vmap(hvp)(x, bad)
+
+
+def test_jit_trace_is_refused():
+    """A trace fixed the forward's save flags (the check rerun without grad differed, and a trace made
+    under no_grad failed in backward with a misleading save_inputs=False error)."""
+    net = shortcut_ext.ShortcutNet(width=3, units=2, init="xavier", backend="fused")
+    with pytest.raises(NotImplementedError, match="torch.jit.trace of the fused residual stack"):
+        torch.jit.trace(net, torch.randn(4, 3))
+
+
 def test_meta_tensors_among_real_ones_are_refused():
     """A meta tensor sends the call to the fake kernel, which must not return uninitialised memory."""
     x, w = _xw(dtype=torch.float64)
@@ -210,6 +302,10 @@ def test_hvp_outputs_are_detached_and_direct_op_backward_raises():
     for be in ("fused", "torch"):
         outs = shortcut_ext.residual_stack_hvp(x, w, t, v, backend=be)
         assert not any(o.requires_grad for o in outs)
+        # torch.func.grad of its loss or of v^T H v used to return zeros (fused) or torch's requires_grad_ error
+        for pick in (lambda o: o[0], lambda o: (o[2] * v).sum()):
+            with pytest.raises(NotImplementedError, match="grad transform: residual_stack_hvp's .* are values"):
+                torch.func.grad(lambda w: pick(shortcut_ext.residual_stack_hvp(x, w, t, v, backend=be)))(w.detach())
     L, _, _ = OP.residual_stack_hvp(x, w, t, v, True, "identity", "identity", "identity", "mse")
     with pytest.raises(RuntimeError, match="derivative for shortcut_ext::residual_stack_hvp is not implemented"):
         L.backward()

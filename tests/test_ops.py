@@ -304,6 +304,23 @@ def test_double_backward_points_to_hvp():
         torch.autograd.grad(g.sum(), w)
 
 
+def test_input_derivative_of_the_weight_gradient_raises_not_vanishes():
+    """d/dx of dL/dw (J_w^T v with a fixed cotangent, a linear read-out's weight gradient) runs through the
+    saved unit inputs alone: it came out as zero with no error; the reference's is not zero."""
+    x0, w0 = stack_inputs(5, 4, 3, 2, torch.float64)
+    v = torch.randn_like(x0)
+    for be in ("torch", "fused"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = residual_stack(x, w, True, "tanh", "tanh", "tanh", backend=be)
+        (gw,) = torch.autograd.grad(y, w, v, create_graph=True)
+        if be == "torch":
+            (h,) = torch.autograd.grad((gw ** 2).sum(), x)
+            assert h.norm() > 0.1
+        else:
+            with pytest.raises(RuntimeError, match="double backward through the fused residual stack"):
+                torch.autograd.grad((gw ** 2).sum() + (x ** 2).sum(), x)
+
+
 @pytest.mark.parametrize("width", [4, 40])  # batch-major tiles; feature-major tiles and saved activations
 def test_second_derivatives_through_x_raise_not_vanish(width):
     """Second-order paths through the input (an input Hessian, a Jacobian penalty) run through the saved
