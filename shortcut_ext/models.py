@@ -62,6 +62,16 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _resolve_dtype(dtype) -> torch.dtype:
+    """``dtype``, or torch's default dtype for ``None`` (as ``nn.Linear``); float32 or float64 only."""
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64; torch's default dtype is {dtype}: pass "
+                            "dtype=torch.float32 or torch.float64")
+    return dtype
+
+
 def _frozen_projection(rows: int, cols: int, seed: int, dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed) + 7919)
     a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
@@ -177,7 +187,8 @@ class ShortcutNet(StackNet):
         seed: seeds the initialisation (and the frozen projections).
         backend: ``"fused"`` (default where built), ``"torch"`` (reference), or ``None``.
         in_features, out_features: data dimensions if not ``width`` (frozen projections).
-        dtype: ``torch.float32`` or ``torch.float64``.
+        dtype: ``torch.float32`` or ``torch.float64``; default ``torch.get_default_dtype()``, as for
+            ``nn.Linear`` (float32 unless ``torch.set_default_dtype`` changed it).
 
     >>> net = ShortcutNet(width=4, units=3, shortcut=2, init="zero", backend="torch")
     >>> tuple(net.weight.shape), net.depth
@@ -187,7 +198,8 @@ class ShortcutNet(StackNet):
     def __init__(self, width: int, units: int, shortcut: int = 2, pre: str = "identity", mid: str = "identity",
                  post: str = "identity", init: str = "small", scale: float = 0.01, seed: int = 0,
                  backend: str | None = None, in_features: int | None = None, out_features: int | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype | None = None):
+        dtype = _resolve_dtype(dtype)
         super().__init__(width, pre, mid, post, backend, in_features, out_features, seed, dtype)
         self.units = _check_int("units", units, 1)
         self.n = _check_int("shortcut", shortcut, 1)
@@ -212,7 +224,8 @@ class PlainNet(StackNet):
 
     def __init__(self, width: int, depth: int, activation: str = "identity", init: str = "xavier",
                  scale: float = 0.01, seed: int = 0, backend: str | None = None, in_features: int | None = None,
-                 out_features: int | None = None, dtype: torch.dtype = torch.float32):
+                 out_features: int | None = None, dtype: torch.dtype | None = None):
+        dtype = _resolve_dtype(dtype)
         super().__init__(width, "identity", activation, "identity", backend, in_features, out_features, seed, dtype,
                          act_names=("pre", "activation", "post"))
         self.n = _check_int("depth", depth, 1)

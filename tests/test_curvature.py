@@ -337,3 +337,24 @@ def test_bad_targets_and_non_finite_data():
     Yn[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"data\[1\] targets must be finite"):
         HessianOperator(net, [(X, Y), (X, Yn)], backend="autograd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_operator_is_a_snapshot_of_the_data_too(dtype):
+    """The data were held by reference where no cast copied them (float64 data for a float64 net, views
+    from torch.split): editing X in place afterwards changed the operator's Hessian and loss, while the
+    weights are copied; now both are snapshots, in every dtype."""
+    net = ShortcutNet(width=4, units=3, shortcut=2, mid="tanh", init="xavier", dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(12, 4, dtype=dtype, generator=g)
+    Y = torch.randn(12, 4, dtype=dtype, generator=g)
+    labels = torch.randint(0, 4, (12,), generator=g)
+    v = torch.randn(net.num_parameters(), dtype=dtype, generator=g)
+    ops = [HessianOperator(net, (X, Y), "mse"), HessianOperator(net, list(zip(X.split(5), Y.split(5))), "mse"),
+           HessianOperator(net, (X, labels), "cross_entropy")]
+    before = [(op.matvec(v), op.loss_and_grad()[0]) for op in ops]
+    X.mul_(2.0)
+    Y.add_(1.0)
+    labels.fill_(0)
+    for op, (hv, L) in zip(ops, before):
+        assert torch.equal(op.matvec(v), hv) and float(op.loss_and_grad()[0]) == float(L)

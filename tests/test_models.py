@@ -159,3 +159,21 @@ def test_forward_with_refuses_a_weight_of_another_depth():
             net.forward_with(torch.cat([net.weight, net.weight]), x)
         with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
             net.forward_with([1.0, 2.0], x)
+
+
+def test_models_follow_the_default_dtype_like_nn_linear():
+    """They were float32 whatever torch.set_default_dtype said, so a float64 script's HessianOperator
+    quietly cast its data down to float32 (and lost the small eigenvalues)."""
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        for net in (ShortcutNet(width=3, units=2, in_features=5, out_features=2), PlainNet(width=3, depth=2)):
+            assert net.weight.dtype == torch.float64 == torch.nn.Linear(2, 2).weight.dtype
+            assert all(b.dtype == torch.float64 for b in net.buffers())
+        assert ShortcutNet(width=3, units=2, dtype=torch.float32).weight.dtype == torch.float32  # explicit wins
+        torch.set_default_dtype(torch.float16)
+        with pytest.raises(TypeError, match="torch's default dtype is torch.float16: pass dtype="):
+            ShortcutNet(width=3, units=2)
+    finally:
+        torch.set_default_dtype(before)
+    assert ShortcutNet(width=3, units=2).weight.dtype == torch.float32

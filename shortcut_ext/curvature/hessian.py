@@ -89,6 +89,13 @@ def _exact(t: torch.Tensor):
         yield
 
 
+def _owned(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if it shares memory with the caller's ``src``."""
+    if t.device == src.device and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+        return t.clone()
+    return t
+
+
 def _normal(t):
     """A tensor made under ``torch.inference_mode`` cannot be saved for backward: a normal copy of it."""
     return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
@@ -97,7 +104,9 @@ def _normal(t):
 class HessianOperator:
     """Hessian of the mean loss w.r.t. the flat trunk weights, as a symmetric ``P x P`` operator.
 
-    The weights are read once, at construction (the operator is the Hessian at that point).
+    The weights and the data are read once, at construction, and copied where they are not already
+    (the operator is the Hessian at that point: changing the model or the data tensors afterwards
+    does not change it).
 
     Args:
         model: a :class:`~shortcut_ext.models.ShortcutNet` or :class:`~shortcut_ext.models.PlainNet`.
@@ -252,9 +261,12 @@ class HessianOperator:
             else:
                 raise ValueError(f"data[{i}] targets must be class indices [{B}] or probabilities [{B}, {q}] "
                                  f"for loss='cross_entropy', got {list(y.shape)} {y.dtype}")
+        src_x, src_y = x, y
         x = x.to(device=self.device, dtype=self.dtype)
         h0 = x if self._input_proj is None else x @ self._input_proj.T
-        return _normal(h0.contiguous()), _normal(y)
+        # a snapshot, like the weights: the caller's tensors (or views of them) edited in place afterwards
+        # must not change the operator, whatever the dtype (a cast already copied, a float64 x did not)
+        return _owned(_normal(h0.contiguous()), src_x), _owned(_normal(y), src_y)
 
     def _read(self, h):
         return h if self._readout is None else h @ self._readout.T
