@@ -474,6 +474,13 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
                 rows["std"].append({k: _spread([getattr(r, k) for r in reps]) for k in keys})
                 rows["method"].append("dense (numerical)")
                 rows["resolved"].append(True)
+        if kind in ("shortcut1", "shortcut2") and any(v == 0.0 for v in rows["lam_max"]):
+            # a zero Hessian has no condition number: say why, instead of bare nan rows (n >= 3 is the
+            # documented saddle)
+            why = check_assumptions(pre, mid, post, int(kind[-1])).notes or [
+                "the activations' slopes at 0 multiply to zero"]
+            warnings.warn(f"condition_vs_depth: {kind} (pre={pre}, mid={mid}, post={post}) has a zero Hessian at zero "
+                          f"weights, so its cond, cond_q10 and index are nan: {'; '.join(why)}", stacklevel=2)
         out[kind] = rows
     return out
 

@@ -349,3 +349,25 @@ def test_other_errors_during_lanczos_are_not_blamed_on_the_basis_flags(tmp_path,
     monkeypatch.setenv("SHORTCUT_EXT_TRACEBACK", "1")
     with pytest.raises(ValueError, match="SHORTCUT_EXT_HVP_STORE_MB"):
         main(TINY + ["--no-plots", "--no-progress", "--out", str(tmp_path / "b")])
+
+
+def test_exact_max_params_above_the_dense_limit_is_honoured(tmp_path, monkeypatch):
+    """--exact-max-params above to_dense()'s own limit (MAX_DENSE_PARAMS, 8192) failed after Lanczos and SLQ
+    had run, with a hint to pass force=True, which no flag sets; the flag is the limit asked for (here the
+    library limit is lowered to 50 so that a tiny net, P = 108, crosses it)."""
+    from shortcut_ext.curvature import hessian
+
+    monkeypatch.setattr(hessian, "MAX_DENSE_PARAMS", 50)
+    out = tmp_path / "s"
+    assert main(TINY + ["--exact-max-params", "200", "--no-plots", "--out", str(out)]) == 0
+    assert _result(out)["condition"]["method"] == "exact"
+
+
+def test_a_dense_spectrum_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch):
+    from shortcut_ext import _cli_args
+
+    monkeypatch.setattr(_cli_args, "device_memory", lambda device: (200_000, "this machine's"))
+    with pytest.raises(SystemExit, match=r"--exact-max-params 200 asks for the dense spectrum of P = 108 weights, "
+                                         r"which needs about .* GiB, more than this machine's"):
+        main(TINY + ["--exact-max-params", "200", "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s" / "spectrum.json").exists()

@@ -291,3 +291,19 @@ def test_condition_vs_depth_flags_unresolved_slq():
     assert out["shortcut1"]["resolved"] == [False]
     exact = th.condition_vs_depth(X, Y, [300], kinds=("shortcut1", "shortcut2"), max_dense_params=5000)
     assert exact["shortcut1"]["resolved"] == [True] and exact["shortcut2"]["resolved"] == [True]
+
+
+def test_condition_vs_depth_says_why_a_relu_row_is_nan():
+    """ReLU at mid (the paper's Fig. 10 net) gives a zero Hessian at zero weights (relu'(0) = 0): the rows
+    were nan with no word; now a warning names the cause. Smooth activations stay silent."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(40, 3, dtype=torch.float64, generator=g), torch.randn(40, 3, dtype=torch.float64, generator=g)
+    with pytest.warns(UserWarning, match=r"shortcut2 \(pre=identity, mid=relu, post=identity\) has a zero Hessian.*"
+                                         r"relu'\(0\) = 0"):
+        r = th.condition_vs_depth(X, Y, [2, 4], kinds=("shortcut2",), mid="relu")["shortcut2"]
+    assert all(np.isnan(r["cond"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        th.condition_vs_depth(X, Y, [2, 4], kinds=("shortcut2", "shortcut3"), mid="tanh")

@@ -15,7 +15,9 @@ Numerically zero eigenvalues: ``|lambda| <= zero_tol`` count as zero: not negati
 for the exact report (the usual numerical-rank tolerance), ``sqrt(eps) * |lambda|max`` for the
 Lanczos+SLQ estimate (1.5e-8 / 3.5e-4 relative in float64 / float32).  A float32 Hessian's zero
 eigenvalues come out as rounding noise far above float64's ``eps``; measuring them against float64's
-tolerance would count half of them as negative.
+tolerance would count half of them as negative.  ``condition_report`` warns when an exact float32
+report counts some but not all eigenvalues as zero: they may be small non-zero eigenvalues below
+float32's resolution.
 """
 from __future__ import annotations
 
@@ -155,6 +157,17 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
         ev = torch.linalg.eigvalsh(0.5 * (D + D.T)).numpy()
         rep = report_from_eigenvalues(ev, q=q, zero_tol=zero_tol, k=k, method="exact", dtype=A.precision)
         rep.uncertainty["asymmetry"] = asym  # max |H - H^T| of the assembled matrix
+        nz = rep.uncertainty["num_zero"]
+        if zero_tol is None and A.precision == torch.float32 and 0 < nz < P:
+            import warnings
+
+            # the spectrum command says the same; P eps32 |lambda|max is a worst-case bound, so that
+            # small non-zero eigenvalues of a float32 Hessian can fall under it (cond inf, a lower index)
+            warnings.warn(f"{nz} of the {P} eigenvalues lie within float32's zero tolerance "
+                          f"({rep.uncertainty['zero_tol']:.3g} = P eps32 |lambda|max) and count as zero: they are "
+                          "zero or below float32's resolution (then cond is not really inf, and the index can miss "
+                          "them); a float64 operator (dtype=torch.float64) tells them apart, or pass zero_tol",
+                          stacklevel=2)
         return rep
     # large nets: Lanczos for the ends, SLQ for the bulk
     if max_iter is None:  # 200 vectors, fewer where they would not fit the basis budget (3 GiB)

@@ -363,7 +363,7 @@ def _run(args, dtype, budget, rank, world) -> int:
     exact = None
     if H.P <= args.exact_max_params:
         t0 = time.perf_counter()
-        D = H.to_dense()
+        D = H.to_dense(force=True)  # --exact-max-params is the limit asked for; its memory was checked up front
         exact = torch.linalg.eigvalsh(0.5 * (D + D.T).double().cpu()).numpy()
         result["timings_s"]["exact"] = time.perf_counter() - t0
         # the zero tolerance follows the dtype the products were computed in (float32: P * eps32 * |lambda|max)
@@ -472,6 +472,14 @@ def _check_memory(args, budget: int) -> None:
         raise SystemExit(f"shortcut-ext spectrum: --basis-gib {args.basis_gib:g} lets the Krylov bases of this run "
                          f"take {bases / 2**30:.3g} GiB" + (f" ({local} ranks on this machine)" if local > 1 else "")
                          + f", more than {where} {have / 2**30:.3g} GiB of memory; lower it")
+    if P <= args.exact_max_params:
+        # the dense spectrum (and for n = 1 at zero the dense theory): P x P of the operator's dtype, then
+        # float64 copies for the symmetrised matrix and eigvalsh's workspace
+        dense = P * P * (itemsize + 3 * 8) * local
+        if dense > have:
+            raise SystemExit(f"shortcut-ext spectrum: --exact-max-params {args.exact_max_params} asks for the dense "
+                             f"spectrum of P = {P} weights, which needs about {dense / 2**30:.3g} GiB, more than "
+                             f"{where} {have / 2**30:.3g} GiB of memory; lower --exact-max-params below {P}")
     need = (4 * P * itemsize + min(budget, 3 * P * itemsize)) * local
     if need > have:
         raise SystemExit(f"shortcut-ext spectrum: --units {args.units} --width {args.width} (P = {P} weights) is too "
