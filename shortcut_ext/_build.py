@@ -55,4 +55,4 @@ def build_info() -> dict:
 
 def require_built(what: str = "the fused backend") -> None:
     if _C is None:
-        raise RuntimeError(f"{what} needs " + BUILD_HINT.format(err=_LOAD_ERROR))
+        raise RuntimeError(f"{what} cannot run: " + BUILD_HINT.format(err=_LOAD_ERROR))

@@ -770,7 +770,8 @@ def lr_sweep(
     """Train a fresh ``make_model()`` at every rate of ``lrs``; return ``(best, all_runs)``.
 
     Divergent rates are results (``status="diverged"``).  With ``store`` (``get(key) -> dict | None``,
-    ``put(key, dict)``) each finished run is saved under ``f"{key}/lr={lr}"`` as soon as it ends, and
+    ``put(key, dict)``) each finished run is saved under ``sweep_run_key(key, lr)`` (``f"{key}/lr={lr:.6g}"``: ``"k/lr=1"``
+    for ``lr = 1.0``) as soon as it ends, and
     runs already in the store are loaded instead of retrained: an interrupted sweep resumes.
     """
     config = config or TrainConfig()

@@ -23,9 +23,13 @@ the wanted ends, ``Hp`` becomes their Ritz values, and the next Lanczos vector (
 of their residuals) continues the Krylov space, so the iteration runs on within the same memory.
 
 **Invariant subspaces and multiplicities.** A Krylov space from one start vector holds one direction
-of each eigenspace, so single-vector Lanczos breaks down (``beta ~ 1e-14``) after as many steps as
-the operator has distinct eigenvalues, and it can never see a multiplicity.  The 2-shortcut zero
-point is the extreme case (``2d`` distinct values, each ``d*R`` times).  Here a run is a sequence of
+of each eigenspace, so single-vector Lanczos breaks down after as many steps as the operator has
+distinct eigenvalues (in exact arithmetic), and it can never see a multiplicity.  The 2-shortcut zero
+point is the extreme case (``2d`` distinct values, each ``d*R`` times).  In floating point the
+breakdown shows (``beta ~ 1e-14``) only while the distinct values are few: the degree-``m`` Krylov
+polynomial multiplies rounding by the product of the eigenvalue gaps over the product of the
+``beta``'s, so at ``d = 4`` (8 values) the recursion stops after 8 steps, but at ``d = 16`` (32
+values) ``beta_32`` is about ``1e-3`` and it runs on to convergence, with the same Ritz values.  Here a run is a sequence of
 *segments*.  A segment ends at a breakdown (the basis spans an invariant subspace) or once its own
 extreme Ritz pairs have converged; the next segment starts from a fresh random vector orthogonal to
 the whole basis, i.e. it runs Lanczos on the deflated operator ``(I - V V^T) A (I - V V^T)``.  When a

@@ -14,8 +14,9 @@ take ``group * steps * P`` numbers, so the group size is chosen from a memory bu
 (``max_basis_bytes``, default 3 GiB: at ``P = 5.12e6`` in float32 one probe's 80-step basis is
 1.6 GB, all 8 probes' 13 GB).  The probes are drawn at once from the seed, so the result does not
 depend on the grouping.  A probe whose recursion breaks down (an invariant subspace: ``beta ~ 0``,
-e.g. after ``2d`` steps at the 2-shortcut zero point, whose spectrum has ``2d`` distinct values)
-stops there: its quadrature is then exact for every ``f``.
+e.g. after ``2d`` steps at the 2-shortcut zero point, whose spectrum has ``2d`` distinct values, when
+``d`` is small: rounding hides the breakdown from about ``d = 16`` on, see ``lanczos``) stops there:
+its quadrature is then exact for every ``f``.
 
 Resolution near zero: a node ``theta_l`` stands for a Ritz pair with residual ``r_l = beta_m |U[m-1, l]|``,
 and ``[theta_l - r_l, theta_l + r_l]`` holds an eigenvalue.  Where many eigenvalues crowd near zero

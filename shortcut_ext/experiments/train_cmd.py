@@ -75,7 +75,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tf32", nargs="?", const="tf32", choices=("tf32", "3xtf32"), default=None,
                    help="float32 on cuda: the fused kernels' products on tensor cores (shortcut_ext.cuda_tf32): "
                         "tf32 (the default of the bare flag; ~1e-3 relative error per product, the fastest) or 3xtf32 "
-                        "(float32 accuracy); Hessian probes stay float32")
+                        "(float32 accuracy); the Hessian probes run in float64 all the same")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel full-batch training under torchrun (gloo on cpu, NCCL on cuda: each rank "
                         "takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes the "
