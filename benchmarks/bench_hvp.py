@@ -13,7 +13,8 @@ computes loss, gradient and ``k`` HVPs from scratch, forward included, as Hessia
 
 Every variant is checked against ``double_backward`` before it is timed.  Times are medians with the
 interquartile range over repeats, reported per HVP (time / k) and as a ratio to ``double_backward_k1``
-measured in the same run.  Peak memory: the peak growth of the resident set size (sampled every
+measured in the same run (the command line; the pytest mode times whole calls of k HVPs, grouped by
+R and k, with ``hvps_per_call`` in each entry's extra_info).  Peak memory: the peak growth of the resident set size (sampled every
 0.5 ms) of a fresh child process that builds the problem, then runs the variant once.
 
 Two ways to run it (not collected by the default test run: benchmarks/ is outside ``testpaths``):
@@ -44,6 +45,9 @@ except ImportError:  # a source checkout without an install
 
 from shortcut_ext import ops, reference  # noqa: E402
 from shortcut_ext.curvature.hessian import fused_hvp_available  # noqa: E402
+
+sys.path.insert(0, HERE)  # benchmarks/common.py
+import common  # noqa: E402
 
 D_WIDTH, BATCH, K_BATCHED = 16, 512, 16
 ACTS = ("identity", "relu", "identity")
@@ -195,16 +199,9 @@ class RssPeak:
 
 
 def environment() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-            "python": platform.python_version(),
-            "fused_hvp_kernel": fused_hvp_available(), "d": D_WIDTH, "batch": BATCH, "dtype": "float32",
-            "activations": ACTS}
+    """benchmarks/common.py's (versions, threads, processor, build, date) and this problem's."""
+    return {**common.environment(), "fused_hvp_kernel": fused_hvp_available(), "d": D_WIDTH, "batch": BATCH,
+            "dtype": "float32", "activations": ACTS}
 
 
 def _check_out(parser, out: str) -> None:
@@ -224,12 +221,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_hvp.json", help="JSON path; a CSV is written beside it")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:  # a memory child writes nothing (it used to check --out's default in its own folder)
+        _child(args.child[0], int(args.child[1]))
+        return 0
     _check_out(p, args.out)
     if args.repeats < 1 or args.threads < 1 or min(args.units) < 1:
         p.error(f"--repeats, --threads and --units must be >= 1, got {args.repeats}, {args.threads}, {args.units}")
-    if args.child:
-        _child(args.child[0], int(args.child[1]))
-        return 0
     torch.set_num_threads(args.threads)
     rows = []
     for units in args.units:
@@ -295,8 +292,12 @@ if pytest is not None:
             pytest.skip("the fused HVP kernel is not built")
         check(name, units)
         k = 1 if name.endswith("_k1") else K_BATCHED
-        benchmark.group = f"R={units}"
-        benchmark.extra_info.update(k=k, units=units, peak_rss_mib=peak_memory_mib(name, units), **environment())
+        # pytest-benchmark times a call, which holds k HVPs: one group per (R, k), so that a table never ranks
+        # a 16-product call against a 1-product one; ms_per_hvp = the call's time / k (the command line
+        # reports per HVP and the ratios)
+        benchmark.group = f"R={units} k={k}"
+        benchmark.extra_info.update(k=k, hvps_per_call=k, units=units, peak_rss_mib=peak_memory_mib(name, units),
+                                    **environment())
         benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
 
 

@@ -58,7 +58,11 @@ def _make(impl: str, d: int, mode: str):
         # inductor walks the 1000-unit backward graph recursively (torch 2.13: RecursionError at
         # Python's default limit of 1000)
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
-        fn = torch.compile(lambda x, w: ref.residual_stack_forward(x, w, True, *ACTS))
+        # a static graph per case: the cases share this lambda's code object, so without the reset a second
+        # width recompiles with d symbolic (automatic dynamic shapes) and the next reuses that graph, and the
+        # figures would depend on which cases ran before
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, w: ref.residual_stack_forward(x, w, True, *ACTS), dynamic=False)
     if mode == "forward":
         def run():
             with torch.no_grad():

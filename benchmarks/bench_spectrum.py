@@ -51,6 +51,7 @@ except ImportError:  # a source checkout without an install
     sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+import common  # noqa: E402
 from bench_hvp import RssPeak  # noqa: E402
 
 from shortcut_ext.curvature import HessianOperator, lanczos, slq  # noqa: E402
@@ -201,9 +202,7 @@ def main(argv=None) -> int:
                                                    int(args.slq_basis_gib * GIB))
     res = {"config": vars(args), "num_params": P, "backend_used": H.backend_used,
            "fallback_reason": H.fallback_reason,
-           "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                           "machine": platform.machine(), "cpu": platform.processor(),
-                           "python": platform.python_version(), "cpus": os.cpu_count(),
+           "environment": {**common.environment(), "machine": platform.machine(), "cpus": os.cpu_count(),
                            "load_average_at_start": os.getloadavg(),
                            "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"},
            "rss_base_mib": rss_base,

@@ -11,6 +11,7 @@ import time
 import torch
 
 import shortcut_ext
+from shortcut_ext.experiments.store import json_safe
 
 RESULTS_DIR = os.environ.get("SHORTCUT_EXT_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
 
@@ -40,11 +41,23 @@ def gemm_rate(n: int = 4096, reps: int = 5, dtype=torch.float32, device="cpu") -
     return 2.0 * n ** 3 / times[len(times) // 2] / 1e9
 
 
+def _cpu_name() -> str:
+    """The processor's model name (platform.processor() says only "x86_64" on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "python": platform.python_version(),
         "shortcut_ext": shortcut_ext.build_info(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -63,6 +76,7 @@ def write_results(name: str, rows: list[dict], extra: dict) -> tuple[str, str]:
         w.writerows(rows)
     os.replace(csv_path + ".tmp", csv_path)
     with open(json_path + ".tmp", "w") as f:
-        json.dump({"environment": environment(), **extra, "rows": rows}, f, indent=2)
+        # strict JSON (a failed variant's nan as null), as the commands write
+        json.dump(json_safe({"environment": environment(), **extra, "rows": rows}), f, indent=2, allow_nan=False)
     os.replace(json_path + ".tmp", json_path)
     return csv_path, json_path

@@ -55,7 +55,7 @@ def _saved(args) -> str:
         has = (Path(out) / "spectrum.checkpoint.json").exists()
         return ("; what had finished (a finished Lanczos run, SLQ probe groups) is checkpointed in --out: the same "
                 "command resumes from it (a checkpoint of other options is not resumed)" if has else
-                "; nothing had finished yet (Lanczos and each SLQ probe group are saved as they finish): a rerun "
+                "; nothing is saved yet (Lanczos and each SLQ probe group are saved as they finish): a rerun "
                 "starts over")
     return "; finished runs are saved: rerun the same command (same --out) to resume"
 

@@ -106,26 +106,51 @@ _HVP_NOT_DIFFERENTIABLE = (
     "differences of residual_stack_hvp")
 
 
+def _compiled_transform():
+    """Under torch.compile: the innermost torch.func transform dynamo is tracing through (its type), or
+    None.  Dynamo traces the interpreters as pushed, but only in these forms: an isinstance test of the
+    C interpreter (``is None`` on it is not traced right) and ``key()`` of its Python wrapper."""
+    ci = torch._C._functorch.peek_interpreter_stack()
+    if not isinstance(ci, torch._C._functorch.CInterpreter):
+        return None
+    from torch._functorch.pyfunctorch import coerce_cinterpreter
+
+    return coerce_cinterpreter(ci).key()
+
+
 def _refuse_transforms(hint: str, *tensors) -> None:
     """A clear error instead of a silently zero tangent or gradient (forward AD, torch.func.grad / jvp)
     or an internal functorch error."""
     if torch.compiler.is_compiling():
         # dynamo traces torch.func transforms with their interpreters pushed, and sees the innermost one (it
         # cannot trace get_interpreter_stack); a forward-AD level is guarded on, so any is refused
-        ci = torch._C._functorch.peek_interpreter_stack()
-        if isinstance(ci, torch._C._functorch.CInterpreter) and ci.key() in (torch._C._functorch.TransformType.Grad,
-                                           torch._C._functorch.TransformType.Jvp):
-            raise NotImplementedError(f"torch.func {ci.key().name.lower()} transform: {hint}")
+        key = _compiled_transform()
+        if key in (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp):
+            raise NotImplementedError(f"torch.func {key.name.lower()} transform: {hint}")
         if fwAD._current_level >= 0:
             raise NotImplementedError(f"forward-mode AD (a dual level) under torch.compile: {hint}")
         return
     stack = torch._C._functorch.get_interpreter_stack() or ()
     for key in (i.key() for i in stack):
-        if key in (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp):
+        # only where an input is tracked by the transform: tensors the function captured from outside are
+        # constants to it, and the result is right (a step size 1 / lambda_max inside a torch.func step)
+        if key in (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp) and any(
+                _tracked(t) for t in tensors):
             raise NotImplementedError(f"torch.func {key.name.lower()} transform: {hint}")
     if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors
                                         if isinstance(t, torch.Tensor)):
         raise NotImplementedError(f"a dual tensor (forward-mode AD): {hint}")
+
+
+def _tracked(t) -> bool:
+    """Whether ``t`` is differentiated by a torch.func grad / jvp transform (a grad-tracking wrapper at
+    some level, under any vmap wrappers)."""
+    f = torch._C._functorch
+    while isinstance(t, torch.Tensor) and f.is_functorch_wrapped_tensor(t):
+        if f.is_gradtrackingtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
 
 
 def _refuse_forward_mode(*tensors) -> None:
@@ -137,8 +162,8 @@ def _needs_grad(t: torch.Tensor) -> bool:
     requires grad (an ensemble's stacked weights)."""
     if t.requires_grad:
         return True
-    if torch.compiler.is_compiling():
-        return False
+    if torch.compiler.is_compiling():  # under a transform (vmap) keep what the backward needs; grad mode decides
+        return _compiled_transform() is not None
     f = torch._C._functorch
     while f.is_batchedtensor(t) or f.is_functorch_wrapped_tensor(t):
         t = f.get_unwrapped(t)
@@ -368,10 +393,13 @@ def residual_stack_hvp(
             shortcut, act_pre, act_mid, act_post, loss,
         )
     else:
-        if not torch.compiler.is_compiling() and torch._C._functorch.get_interpreter_stack():
+        stack = () if torch.compiler.is_compiling() else (torch._C._functorch.get_interpreter_stack() or ())
+        if stack:
+            names = ", ".join(i.key().name.lower() for i in stack)
             raise NotImplementedError(
-                "residual_stack_hvp(backend='torch') runs autograd inside, which cannot run under torch.func.vmap; "
-                "use backend='fused' (built here: " + str(hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"))
+                f"residual_stack_hvp(backend='torch') runs autograd inside, which cannot run under a torch.func "
+                f"transform (here: {names}); use backend='fused' (built here: "
+                + str(hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"))
                 + "), or batch the directions [k, ...] in one call")
         with autocast_off(x):
             out = reference.residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid,

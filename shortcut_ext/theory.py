@@ -477,8 +477,10 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
         if kind in ("shortcut1", "shortcut2") and any(v == 0.0 for v in rows["lam_max"]):
             # a zero Hessian has no condition number: say why, instead of bare nan rows (n >= 3 is the
             # documented saddle)
-            why = check_assumptions(pre, mid, post, int(kind[-1])).notes or [
-                "the activations' slopes at 0 multiply to zero"]
+            chk = check_assumptions(pre, mid, post, int(kind[-1]))
+            why = chk.notes or (["the activations' slopes at 0 multiply to zero"] if chk.slope == 0 else [
+                "the data make it zero (targets equal to the inputs, say: the identity map that the zero-weight "
+                "net computes is then optimal)"])
             warnings.warn(f"condition_vs_depth: {kind} (pre={pre}, mid={mid}, post={post}) has a zero Hessian at zero "
                           f"weights, so its cond, cond_q10 and index are nan: {'; '.join(why)}", stacklevel=2)
         out[kind] = rows

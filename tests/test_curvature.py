@@ -378,3 +378,18 @@ def test_float32_exact_report_warns_when_the_zero_tolerance_swallows_eigenvalues
         warnings.simplefilter("error")
         r64 = condition_report(HessianOperator(net, (X, Y), dtype=torch.float64))
     assert r64.uncertainty["num_zero"] == 0 and math.isfinite(r64.cond)
+
+
+def test_operator_keeps_its_own_read_out():
+    """The frozen projections were the model's own buffers: a load_state_dict of another net changed an
+    existing operator's loss and products."""
+    kw = dict(width=4, units=2, shortcut=2, mid="tanh", init="xavier", in_features=5, out_features=3,
+              dtype=torch.float64)
+    net = ShortcutNet(seed=0, **kw)
+    g = torch.Generator().manual_seed(8)
+    X, Y = torch.randn(10, 5, dtype=F64, generator=g), torch.randn(10, 3, dtype=F64, generator=g)
+    op = HessianOperator(net, (X, Y), backend="autograd")
+    v = torch.randn(op.P, dtype=F64, generator=g)
+    before = (op.matvec(v), float(op.loss_and_grad()[0]))
+    net.load_state_dict(ShortcutNet(seed=1, **kw).state_dict())
+    assert torch.equal(op.matvec(v), before[0]) and float(op.loss_and_grad()[0]) == before[1]

@@ -218,6 +218,62 @@ def test_func_transforms_under_torch_compile_are_refused_too():
         torch._dynamo.reset()
 
 
+def test_compiled_vmap_runs_the_fused_op_in_one_graph_and_fullgraph_transforms_are_refused():
+    """Under torch.compile(fullgraph=True) an ensemble (vmap over stacked weights) forward + backward and a
+    vmap'd HVP trace with no graph break and match the reference; torch.func.grad through the fused op is
+    refused with the library's message (dynamo wraps it), not traced to a zero."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g)
+    ws = torch.randn(3, 2, 2, 4, 4, dtype=torch.float64, generator=g) * 0.3
+    t = torch.randn(5, 4, dtype=torch.float64, generator=g)
+    v = torch.randn(2, 2, 2, 4, 4, dtype=torch.float64, generator=g)
+    grads = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for be in ("fused", "torch"):
+                torch._dynamo.reset()
+                counters.clear()
+                fn = lambda xx, ww, be=be: residual_stack(xx, ww, True, "tanh", "tanh", "tanh", backend=be)  # noqa: E731
+                wr = ws.clone().requires_grad_()
+                loss = torch.compile(lambda w: torch.func.vmap(fn, in_dims=(None, 0))(x, w).square().sum(),
+                                     backend="aot_eager", fullgraph=True)
+                loss(wr).backward()
+                grads[be] = wr.grad
+                assert not counters["graph_break"], dict(counters["graph_break"])
+            torch.testing.assert_close(grads["fused"], grads["torch"], rtol=1e-12, atol=1e-12)
+            torch._dynamo.reset()
+            hvp = lambda w: shortcut_ext.residual_stack_hvp(x, w, t, v, True, "tanh", "tanh", "identity")[2]  # noqa: E731
+            got = torch.compile(torch.func.vmap(hvp), backend="aot_eager", fullgraph=True)(ws)
+            torch.testing.assert_close(got, torch.stack([hvp(w) for w in ws]), rtol=0, atol=0)
+            torch._dynamo.reset()
+            f = lambda w: residual_stack(x, w, True, "tanh", "tanh", "tanh", backend="fused").sum()  # noqa: E731
+            with pytest.raises(Exception, match="grad transform: the fused residual stack has a fused backward only"):
+                torch.compile(torch.func.grad(f), backend="aot_eager", fullgraph=True)(ws[0])
+    finally:
+        torch._dynamo.reset()
+
+
+def test_func_transforms_of_other_variables_may_call_the_fused_ops():
+    """Inside torch.func.grad over another variable the fused ops' inputs are constants to the transform
+    (a 1 / lambda_max step size in a torch.func training step): they run, and the gradient is right; an
+    input the transform tracks is still refused."""
+    x, w = _xw(dtype=torch.float64)
+    t, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(1, 2, 2, 3, 3, dtype=torch.float64)
+    a = torch.tensor(2.0, dtype=torch.float64)
+    L = shortcut_ext.residual_stack_hvp(x, w, t, v, backend="fused")[0]
+    assert float(torch.func.grad(lambda a: a * shortcut_ext.residual_stack_hvp(x, w, t, v, backend="fused")[0])(a)) \
+        == float(L)
+    y = residual_stack(x, w, backend="fused").sum()
+    assert float(torch.func.grad(lambda a: a * residual_stack(x, w, backend="fused").sum())(a)) == float(y)
+    with pytest.raises(NotImplementedError, match="grad transform"):
+        torch.func.grad(lambda w: residual_stack(x, w, backend="fused").sum())(w)
+
+
 def test_vmap_with_grad_saves_for_the_backward():
     """vmap's batched tensors say requires_grad=False: the fused forward kept nothing, and the backward of
     an ensemble (stack_module_state + vmap(functional_call)) or of per-sample inputs raised a misleading
@@ -263,7 +319,7 @@ def test_vmap_of_the_hvp_with_class_targets():
         warnings.simplefilter("ignore")
         got = torch.func.vmap(hvp)(x, t)
         torch.testing.assert_close(got, torch.stack([hvp(x[i], t[i]) for i in range(3)]), rtol=0, atol=0)
-        with pytest.raises(NotImplementedError, match="backend='torch'.*cannot run under torch.func.vmap"):
+        with pytest.raises(NotImplementedError, match="backend=.torch.*cannot run under a torch.func transform \\(here: vmap\\)"):
             torch.func.vmap(lambda x, t: hvp(x, t, "torch"))(x, t)
         bad = t.clone()
         bad[1, 2] = 7

@@ -166,7 +166,8 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
             warnings.warn(f"{nz} of the {P} eigenvalues lie within float32's zero tolerance "
                           f"({rep.uncertainty['zero_tol']:.3g} = P eps32 |lambda|max) and count as zero: they are "
                           "zero or below float32's resolution (then cond is not really inf, and the index can miss "
-                          "them); a float64 operator (dtype=torch.float64) tells them apart, or pass zero_tol",
+                          "them); a float64 operator (dtype=torch.float64) tells them apart (condition_report also takes a "
+                          "zero_tol)",
                           stacklevel=2)
         return rep
     # large nets: Lanczos for the ends, SLQ for the bulk

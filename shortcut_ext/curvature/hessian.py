@@ -174,8 +174,9 @@ class HessianOperator:
         self.activations = tuple(model.activations)
         proj = getattr(model, "input_proj", None)
         readout = getattr(model, "readout", None)
-        self._input_proj = None if proj is None else _normal(proj.detach().to(dtype))  # [d, p]
-        self._readout = None if readout is None else _normal(readout.detach().to(dtype))  # [q, d]
+        # copies, like the weights: a later load_state_dict of the model must not change the operator
+        self._input_proj = None if proj is None else _owned(_normal(proj.detach().to(dtype)), proj)  # [d, p]
+        self._readout = None if readout is None else _owned(_normal(readout.detach().to(dtype)), readout)  # [q, d]
         self.in_features = getattr(model, "in_features", model.width)
         self.out_features = getattr(model, "out_features", model.width)
 
@@ -226,6 +227,7 @@ class HessianOperator:
         return all_reduce(t, self.group) if self._dist else t
 
     def _check_batch(self, i: int, x, y):
+        src_x, src_y = x, y  # the caller's tensors: what is kept must not share their memory
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"data[{i}] x must have shape [B, {self.in_features}], got {list(x.shape)}")
         if not x.is_floating_point():
@@ -261,7 +263,6 @@ class HessianOperator:
             else:
                 raise ValueError(f"data[{i}] targets must be class indices [{B}] or probabilities [{B}, {q}] "
                                  f"for loss='cross_entropy', got {list(y.shape)} {y.dtype}")
-        src_x, src_y = x, y
         x = x.to(device=self.device, dtype=self.dtype)
         h0 = x if self._input_proj is None else x @ self._input_proj.T
         # a snapshot, like the weights: the caller's tensors (or views of them) edited in place afterwards
