@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 
 
 @contextmanager
 def atomic_open(path, mode: str = "w", tmp=None, **kwargs):
-    """Opens a temporary file beside ``path`` (``tmp``, or ``path + ".tmp"``) and moves it onto
+    """Opens a temporary file beside ``path`` (``tmp``, or ``path`` + ``".PID-THREAD.tmp"``, its own per
+    writer: two writers of one path, two processes of a duplicated job, used to share one temporary
+    name, so that one's rename took the other's file away, a bare FileNotFoundError) and moves it onto
     ``path`` (flushed and fsynced) when the block ends without an error.  On any failure, an
     interrupt included, the temporary file is removed, so that a full disk does not stay full of it,
     and an OSError of the writing names ``path`` (a bare "[Errno 28] No space left on device" did
     not say which file)."""
     path = os.fspath(path)
-    tmp = os.fspath(tmp) if tmp is not None else path + ".tmp"
+    tmp = os.fspath(tmp) if tmp is not None else f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import numpy as np
 import torch
@@ -82,6 +83,22 @@ def check_stack_args(x, weights, arg_x: str = "x") -> None:
         )
     if x.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{arg_x} must be on a cpu or cuda device, got {x.device}")
+
+
+def _one_thread_after_fork() -> None:
+    """A child forked from this process computes with one CPU thread: OpenMP (libgomp) cannot start its
+    thread pool again after a fork, and the child's first parallel region (a fused op from about 131k
+    multiply-adds; torch's own larger ops too) hung for good.  DataLoader workers do the same; a child
+    that wants more threads is started with the spawn or forkserver method."""
+    try:
+        if torch.get_num_threads() > 1:
+            torch.set_num_threads(1)
+    except Exception:  # noqa: BLE001 -- never fail a fork
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
 def check_shortcut(shortcut) -> bool:
@@ -296,21 +313,39 @@ class cuda_tf32:
 
     Usage: ``with shortcut_ext.cuda_tf32(): loss = ...; loss.backward()``;
     ``with shortcut_ext.cuda_tf32("3xtf32"): ...``; ``with shortcut_ext.cuda_tf32(False): ...`` inside
-    an enabled region turns it off for that block.  A bare ``cuda_tf32(mode)`` outside a ``with`` changes
+    an enabled region turns it off for that block.  Blocks open in several threads at once: the newest
+    one's mode holds for the whole process, and when the last has exited the mode from before the first
+    is back, in whatever order they exit.  A bare ``cuda_tf32(mode)`` outside a ``with`` changes
     nothing: ``cuda_tf32.set(mode)`` is the bare switch (it returns the previous mode), and
     ``cuda_tf32.current()`` the mode now (``"off"``, ``"tf32"`` or ``"3xtf32"``).
     """
 
+    # the blocks open now, oldest first, across threads: the mode is the newest one's, and once the last
+    # has exited, the mode from before the first; blocks of two threads need not exit in order (each used
+    # to restore the mode it found, so that A enters, B enters, A exits, B exits left A's mode on)
+    _lock = threading.Lock()
+    _open: list = []
+    _base = "off"
+
     def __init__(self, mode: bool | str = True):
         self.mode = _tf32_mode(mode, "cuda_tf32")
-        self._previous: list[str] = []
+        self._tokens: list[object] = []
 
     def __enter__(self):
-        self._previous.append(cuda_tf32.set(self.mode))
+        token = object()
+        with cuda_tf32._lock:
+            previous = cuda_tf32.set(self.mode)
+            if not cuda_tf32._open:
+                cuda_tf32._base = previous
+            cuda_tf32._open.append((token, self.mode))
+        self._tokens.append(token)
         return self
 
     def __exit__(self, *exc):
-        cuda_tf32.set(self._previous.pop())
+        with cuda_tf32._lock:
+            token = self._tokens.pop()
+            cuda_tf32._open[:] = [e for e in cuda_tf32._open if e[0] is not token]
+            cuda_tf32.set(cuda_tf32._open[-1][1] if cuda_tf32._open else cuda_tf32._base)
         return False
 
     @staticmethod

@@ -432,7 +432,9 @@ def train(
             ignored, with a note to ``log`` (a warning without one), and replaced.  If the run is
             interrupted (an exception, e.g. ``KeyboardInterrupt``), the model's weights are put back as
             they were at the call, so that the same call resumes from the last checkpoint.  The file is
-            left in place when ``train`` returns: delete it once the result is saved.  Distributed: every rank passes the same path,
+            left in place when ``train`` returns: delete it once the result is saved.  The file is not
+            locked: two runs given one path overwrite each other's checkpoints (the ``train`` command
+            locks its ``--out``).  Distributed: every rank passes the same path,
             rank 0 writes it, and the ranks resume only if all of them read the same epoch.
         checkpoint_every, checkpoint_every_s: the least epochs and seconds between two writes.
         checkpoint_key: anything JSON-serialisable that the checkpoint must also match (e.g. the options

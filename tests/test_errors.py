@@ -428,3 +428,41 @@ def test_bad_cpu_gemm_variable_is_named(tmp_path):
                        cwd=tmp_path)
     assert r.returncode != 0 and "invalid: SHORTCUT_EXT_CPU_GEMM" in r.stdout
     assert "SHORTCUT_EXT_CPU_GEMM must be auto, brgemm or portable (or unset), got 'bogus'" in r.stderr
+
+
+@requires_fused
+def test_cuda_tf32_blocks_of_two_threads_exiting_out_of_order_restore_the_mode():
+    """Thread A enters tf32, thread B enters 3xtf32, A exits, B exits: the mode stayed 'tf32' (each block
+    restored the mode it found), so every later float32 CUDA call ran on TF32 silently."""
+    import threading
+
+    from shortcut_ext import cuda_tf32
+
+    assert cuda_tf32.current() == "off"
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with cuda_tf32("tf32"):
+            a_in.set()
+            b_in.wait(10)
+        seen["after_a"] = cuda_tf32.current()
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with cuda_tf32("3xtf32"):
+            b_in.set()
+            a_out.wait(10)
+            seen["inside_b"] = cuda_tf32.current()
+
+    ts = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert seen == {"after_a": "3xtf32", "inside_b": "3xtf32"}, seen
+    assert cuda_tf32.current() == "off"
+    with cuda_tf32("tf32"), cuda_tf32(False):  # nesting in one thread is unchanged
+        assert cuda_tf32.current() == "off"
+    assert cuda_tf32.current() == "off"

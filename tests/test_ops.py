@@ -456,3 +456,39 @@ def test_reference_ssigmoid_is_accurate_near_zero(dtype):
     z = torch.tensor([1e-20, 1e-9, 1e-7, 1e-5, 0.3, -2.0, 30.0], dtype=dtype)
     exact = torch.tanh(z.double() / 2)
     torch.testing.assert_close(ref.activation("ssigmoid", z).double(), exact, rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+@requires_fused
+def test_a_forked_child_computes_instead_of_hanging():
+    """After the parent ran a fused op on 2 threads, a fork child's first fused op hung for good (libgomp
+    cannot restart its pool after fork; multiprocessing's default start method on Linux is fork): the
+    child now runs with one thread, and its result equals the parent's one-thread result."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, faulthandler, torch, shortcut_ext as se
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(256, 8, generator=g, dtype=torch.float64)
+w = 0.1 * torch.randn(5, 2, 8, 8, generator=g, dtype=torch.float64)
+def step():
+    ww = w.clone().requires_grad_()
+    se.residual_stack(x, ww, True, "identity", "tanh", backend="fused").square().mean().backward()
+    return ww.grad
+step()
+torch.set_num_threads(1); one = step(); torch.set_num_threads(2)
+r, wfd = os.pipe()
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(60, exit=True)
+    ok = torch.get_num_threads() == 1 and torch.equal(step(), one)
+    os.write(wfd, b"1" if ok else b"0"); os._exit(0)
+os.close(wfd)
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print("child", status, os.read(r, 1).decode(), "parent threads", torch.get_num_threads())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.stdout.split() == ["child", "0", "1", "parent", "threads", "2"], (r.stdout, r.stderr[-2000:])

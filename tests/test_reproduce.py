@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -469,3 +472,20 @@ def test_cli_errors_are_one_line_and_interrupts_say_how_to_resume(tmp_path, caps
     monkeypatch.setattr(reproduce, "main", interrupted)
     assert cli_main(["reproduce", "--out", str(tmp_path)]) == 130
     assert "interrupted; finished runs are saved: rerun the same command" in capsys.readouterr().err
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """Importing the figures module switched the process to Agg (matplotlib.use at import), which stops a
+    notebook's inline plots; the figures are now drawn outside pyplot and keep no figure open."""
+    code = (
+        "import matplotlib, matplotlib.pyplot as plt\n"
+        "from shortcut_ext.experiments import figures, reproduce\n"
+        "from shortcut_ext.cli import main\n"
+        f"assert main(['spectrum', '--units', '3', '--width', '3', '--samples', '16', '--probes', '2', '--steps', '6', "
+        f"'--no-progress', '--out', {str(tmp_path / 's')!r}]) == 0\n"
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n")
+    env = dict(os.environ, MPLBACKEND="svg", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-2:] == ["svg", "0"], r.stdout
+    assert (tmp_path / "s" / "density.png").stat().st_size > 1000

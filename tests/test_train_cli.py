@@ -488,3 +488,32 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatc
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     monkeypatch.undo()
     assert _train(tmp_path, *RESUME) == 0
+
+
+def test_two_writers_of_one_file_do_not_take_each_others_temporary(tmp_path):
+    """Every writer used path + '.tmp': of two writers of one checkpoint (a duplicated sweep job), one
+    renamed the other's temporary away, which then failed with a bare FileNotFoundError."""
+    import threading
+
+    from shortcut_ext._io import atomic_open
+
+    path, errors, go = tmp_path / "run.ckpt.pt", [], threading.Barrier(4)
+
+    def write(i):
+        try:
+            go.wait(10)
+            for _ in range(50):
+                with atomic_open(path, "w") as f:
+                    f.write(str(i) * 1000)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors
+    text = path.read_text()
+    assert len(text) == 1000 and len(set(text)) == 1  # one writer's whole file
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

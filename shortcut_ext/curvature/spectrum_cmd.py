@@ -691,13 +691,11 @@ def _json_default(o):
 
 
 def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # outside pyplot: the caller's backend is untouched
 
     # density
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(grid, dens, label=f"SLQ ({sq.num_probes} probes, Gaussian sigma={sigma:.2g})")
     if exact is not None:
         ax.hist(exact, bins=min(200, max(20, len(exact) // 10)), density=True, alpha=0.3, label="exact (dense)")
@@ -713,10 +711,10 @@ def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "density.png"), dpi=120)
-    plt.close(fig)
 
     # extremes
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     k = len(lz.largest)
     ax.errorbar(range(1, k + 1), lz.largest, yerr=lz.largest_residuals, fmt="o", label="Lanczos largest")
     ax.errorbar(range(1, len(lz.smallest) + 1), lz.smallest, yerr=lz.smallest_residuals, fmt="s",
@@ -732,10 +730,10 @@ def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "extremes.png"), dpi=120)
-    plt.close(fig)
 
     # |lambda| quantiles
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     qs = np.linspace(0.005, 1.0, 200)
     ax.plot(qs, [sq.abs_quantile(q) for q in qs], label="SLQ")
     if exact is not None:
@@ -756,4 +754,3 @@ def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "quantiles.png"), dpi=120)
-    plt.close(fig)

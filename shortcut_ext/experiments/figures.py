@@ -9,10 +9,9 @@ import math
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
 
 from .analysis import _finite, aggregate  # noqa: E402
@@ -33,6 +32,13 @@ def _color(arch: str) -> str:
     return COLORS.get(arch, "#7f7f7f")
 
 
+def _subplots(*grid, figsize, **kw):
+    """``plt.subplots`` without pyplot: a figure no backend knows, so that importing or drawing here
+    never switches the caller's matplotlib backend (a notebook's inline plots) or keeps figures open."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
+
+
 def _save(fig, path, caption: str | None = None) -> Path:
     """Write the figure; ``caption`` (what was computed: data, depths, seeds, epochs, dtype) goes under it."""
     path = Path(path)
@@ -42,8 +48,7 @@ def _save(fig, path, caption: str | None = None) -> Path:
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=110)  # a Figure outside pyplot: Agg draws it, the user's backend is untouched
     return path
 
 
@@ -109,9 +114,9 @@ def fig_weight_norm(best_rows: list[dict], path, act: str = "linear", caption: s
     """Figs. 2-3: mean Frobenius norm of the weights during training (2-shortcut, each depth) and
     after training vs depth (every shortcut net), at each net's best rate."""
     rows = [r for r in best_rows if r["act"] == act and r.get("result") is not None]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = _subplots(1, 2, figsize=(11, 4))
     depths = sorted({r["depth"] for r in rows if r["arch"] == "2-shortcut"})
-    cmap = plt.get_cmap("viridis")
+    cmap = colormaps["viridis"]
     for i, depth in enumerate(depths):
         hs = [r["result"].history for r in rows if r["arch"] == "2-shortcut" and r["depth"] == depth]
         hs = [h for h in hs if h.get("epoch")]
@@ -147,7 +152,7 @@ def fig_weight_norm(best_rows: list[dict], path, act: str = "linear", caption: s
 def fig_init_condition(init_rows: list[dict], path, theory_cond: float | None = None,
                        caption: str | None = None) -> Path:
     """Fig. 5: condition number of the Hessian at initialisation vs depth."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _subplots(1, 2, figsize=(11, 4))
     for ax, value, title in ((axes[0], "cond_q10", "|λ|max / |λ|(0.1) (the paper's measure)"),
                              (axes[1], "cond", "|λ|max / |λ|min (exact)")):
         agg = aggregate(init_rows, ("arch", "depth"), value, log=True)
@@ -170,7 +175,7 @@ def fig_curvature_vs_loss(probe_rows: list[dict], path, l_min: float | None = No
                           caption: str | None = None) -> Path:
     """Figs. 6-7: ``|lambda|max``, ``|lambda|(0.1)`` and their ratio along training, against the loss
     (x axis reversed: training runs left to right)."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = _subplots(1, 3, figsize=(15, 4))
     keys = (("lam_max", "Fig. 6: |λ|max"), ("lam_q10", "Fig. 7: |λ|(0.1)"), ("cond_q10", "|λ|max / |λ|(0.1)"))
     lm = l_min or 0.0
     for ax, (key, title) in zip(axes, keys):
@@ -204,7 +209,7 @@ def fig_curvature_vs_loss(probe_rows: list[dict], path, l_min: float | None = No
 
 def fig_index_gradnorm(probe_rows: list[dict], hist_rows: list[dict], path, caption: str | None = None) -> Path:
     """Fig. 8: index (fraction of negative Hessian eigenvalues) and gradient norm along training."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = _subplots(1, 2, figsize=(11, 4))
     for arch in _archs(probe_rows):
         agg = aggregate([r for r in probe_rows if r["arch"] == arch], ("arch", "epoch"), "index")
         pts = np.array([(r["epoch"] + 1, r["mean"], r["min"], r["max"]) for r in agg if _finite(r["mean"])], dtype=float)
@@ -250,7 +255,7 @@ def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | No
                    act: str = "linear", title: str = "Fig. 9", caption: str | None = None) -> Path:
     """Figs. 9-10: final loss at the best learning rate vs depth; relative excess; rates."""
     rows = [r for r in best_rows if r["act"] == act]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = _subplots(1, 3, figsize=(15, 4))
     agg = aggregate(rows, ("arch", "depth"), "final_loss")
     for arch in _archs(rows):
         _band(axes[0], agg, arch, minmax=True)
@@ -304,7 +309,7 @@ def fig_activations(best_rows: list[dict], path, l_min: float, acts: list[str],
                     caption: str | None = None) -> Path:
     """Beyond the paper: final loss at the best rate vs depth for other activations and positions."""
     acts = [a for a in acts if any(r["act"] == a for r in best_rows)]
-    fig, axes = plt.subplots(1, max(len(acts), 1), figsize=(4.5 * max(len(acts), 1), 4), squeeze=False)
+    fig, axes = _subplots(1, max(len(acts), 1), figsize=(4.5 * max(len(acts), 1), 4), squeeze=False)
     for ax, act in zip(axes[0], acts):
         rows = [r for r in best_rows if r["act"] == act]
         agg = aggregate(rows, ("arch", "depth"), "final_loss")
