@@ -28,6 +28,7 @@ from torch.utils.cpp_extension import load_inline
 import shortcut_ext  # noqa: F401  (registers the ops)
 from shortcut_ext import reference as ref
 from shortcut_ext._cli_args import positive_int
+from shortcut_ext.experiments.store import json_safe
 
 from common import environment, gemm_rate
 
@@ -122,7 +123,7 @@ def main() -> None:
     out["rows"] = rows
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+        json.dump(json_safe(out), f, indent=2, allow_nan=False)  # strict JSON: nan as null
     print(f"wrote {args.out}")
 
 

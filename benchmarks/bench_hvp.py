@@ -257,7 +257,7 @@ def main(argv=None) -> int:
                     r["speedup_vs_double_backward_per_hvp"] = base / r["per_hvp_s"]
     out = {"environment": environment(), "results": rows}
     with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        json.dump(common.json_safe(out), f, indent=1, allow_nan=False)  # strict JSON: nan as null
     csv_path = os.path.splitext(args.out)[0] + ".csv"
     keys = ["variant", "units", "k", "median_s", "per_hvp_s", "speedup_vs_double_backward_per_hvp", "peak_rss_mib",
             "status"]

@@ -311,7 +311,7 @@ def main(argv=None) -> int:
               f"rate, {est['total']['quiet_wall_s']:.0f} s from CPU time; peak RSS {est['peak_rss_mib'] / 1024:.2f} "
               f"GiB (lanczos {est['lanczos']['peak_rss_mib'] / 1024:.2f}, slq {est['slq']['peak_rss_mib'] / 1024:.2f})")
     with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=1)
+        json.dump(common.json_safe(res), fh, indent=1, allow_nan=False)  # strict JSON: nan as null
     print(f"wrote {args.out}")
     return 0
 

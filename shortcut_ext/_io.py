@@ -6,6 +6,29 @@ import threading
 from contextlib import contextmanager
 
 
+def _remove_stale_temporaries(path: str) -> None:
+    """Removes the temporaries of ``path`` left by writers that were killed (SIGKILL, the OOM killer:
+    no cleanup ran), each named by its process id: a checkpoint's worth of disk per kill otherwise."""
+    import glob
+
+    for tmp in glob.glob(glob.escape(path) + ".*-*.tmp"):
+        try:
+            pid = int(tmp[len(path) + 1:].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)  # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        except OSError:
+            pass
+
+
 @contextmanager
 def atomic_open(path, mode: str = "w", tmp=None, **kwargs):
     """Opens a temporary file beside ``path`` (``tmp``, or ``path`` + ``".PID-THREAD.tmp"``, its own per
@@ -16,7 +39,10 @@ def atomic_open(path, mode: str = "w", tmp=None, **kwargs):
     and an OSError of the writing names ``path`` (a bare "[Errno 28] No space left on device" did
     not say which file)."""
     path = os.fspath(path)
-    tmp = os.fspath(tmp) if tmp is not None else f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+    if tmp is None:
+        _remove_stale_temporaries(path)
+        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+    tmp = os.fspath(tmp)
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f

@@ -124,15 +124,17 @@ _HVP_NOT_DIFFERENTIABLE = (
 
 
 def _compiled_transform():
-    """Under torch.compile: the innermost torch.func transform dynamo is tracing through (its type), or
-    None.  Dynamo traces the interpreters as pushed, but only in these forms: an isinstance test of the
-    C interpreter (``is None`` on it is not traced right) and ``key()`` of its Python wrapper."""
+    """Under torch.compile: ``(type, level)`` of the innermost torch.func transform dynamo is tracing
+    through, or None.  Dynamo traces the interpreters as pushed, but only in these forms: an isinstance
+    test of the C interpreter (``is None`` on it is not traced right), ``key()`` and ``level()`` of its
+    Python wrapper (get_interpreter_stack, and popping one to see the next, are not traced)."""
     ci = torch._C._functorch.peek_interpreter_stack()
     if not isinstance(ci, torch._C._functorch.CInterpreter):
         return None
     from torch._functorch.pyfunctorch import coerce_cinterpreter
 
-    return coerce_cinterpreter(ci).key()
+    py = coerce_cinterpreter(ci)
+    return py.key(), py.level()
 
 
 def _refuse_transforms(hint: str, *tensors) -> None:
@@ -141,9 +143,12 @@ def _refuse_transforms(hint: str, *tensors) -> None:
     if torch.compiler.is_compiling():
         # dynamo traces torch.func transforms with their interpreters pushed, and sees the innermost one (it
         # cannot trace get_interpreter_stack); a forward-AD level is guarded on, so any is refused
-        key = _compiled_transform()
-        if key in (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp):
-            raise NotImplementedError(f"torch.func {key.name.lower()} transform: {hint}")
+        # only the innermost transform is visible here: grad(vmap(...)) meets PyTorch's own error (loud,
+        # not a zero); and inputs the transform does not track are refused too (eager runs them)
+        inner = _compiled_transform()
+        if inner is not None and inner[0] in (torch._C._functorch.TransformType.Grad,
+                                              torch._C._functorch.TransformType.Jvp):
+            raise NotImplementedError(f"torch.func {inner[0].name.lower()} transform: {hint}")
         if fwAD._current_level >= 0:
             raise NotImplementedError(f"forward-mode AD (a dual level) under torch.compile: {hint}")
         return
@@ -320,12 +325,13 @@ class cuda_tf32:
     ``cuda_tf32.current()`` the mode now (``"off"``, ``"tf32"`` or ``"3xtf32"``).
     """
 
-    # the blocks open now, oldest first, across threads: the mode is the newest one's, and once the last
-    # has exited, the mode from before the first; blocks of two threads need not exit in order (each used
-    # to restore the mode it found, so that A enters, B enters, A exits, B exits left A's mode on)
+    # the blocks open now, oldest first, across threads, each with the mode it found on entry.  The newest
+    # block's exit puts back the mode it found (a set() inside an outer block included), as a stack does;
+    # an older block exiting first (another thread's) changes nothing now and hands the mode it found to
+    # the block after it.  Each block used to put back the mode it found whatever the order, so that A
+    # enters, B enters, A exits, B exits left A's mode on after both.
     _lock = threading.Lock()
-    _open: list = []
-    _base = "off"
+    _open: list = []  # [token, mode found on entry]
 
     def __init__(self, mode: bool | str = True):
         self.mode = _tf32_mode(mode, "cuda_tf32")
@@ -334,18 +340,20 @@ class cuda_tf32:
     def __enter__(self):
         token = object()
         with cuda_tf32._lock:
-            previous = cuda_tf32.set(self.mode)
-            if not cuda_tf32._open:
-                cuda_tf32._base = previous
-            cuda_tf32._open.append((token, self.mode))
+            cuda_tf32._open.append([token, cuda_tf32.set(self.mode)])
         self._tokens.append(token)
         return self
 
     def __exit__(self, *exc):
         with cuda_tf32._lock:
             token = self._tokens.pop()
-            cuda_tf32._open[:] = [e for e in cuda_tf32._open if e[0] is not token]
-            cuda_tf32.set(cuda_tf32._open[-1][1] if cuda_tf32._open else cuda_tf32._base)
+            opened = cuda_tf32._open
+            i = next(j for j, e in enumerate(opened) if e[0] is token)
+            found = opened.pop(i)[1]
+            if i == len(opened):  # the newest block: back to what it found
+                cuda_tf32.set(found)
+            else:  # a newer block holds the mode; it will put back what this one found
+                opened[i][1] = found
         return False
 
     @staticmethod

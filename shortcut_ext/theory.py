@@ -479,8 +479,9 @@ def condition_vs_depth(X: torch.Tensor, Y: torch.Tensor, depths, kinds=CURVE_KIN
             # documented saddle)
             chk = check_assumptions(pre, mid, post, int(kind[-1]))
             why = chk.notes or (["the activations' slopes at 0 multiply to zero"] if chk.slope == 0 else [
-                "the data make it zero (targets equal to the inputs, say: the identity map that the zero-weight "
-                "net computes is then optimal)"])
+                "the data make it zero, as the activation at pre passes them (targets equal to the inputs, say: "
+                "the identity map that the zero-weight net computes is then optimal; or relu at pre with inputs "
+                "that are all negative)"])
             warnings.warn(f"condition_vs_depth: {kind} (pre={pre}, mid={mid}, post={post}) has a zero Hessian at zero "
                           f"weights, so its cond, cond_q10 and index are nan: {'; '.join(why)}", stacklevel=2)
         out[kind] = rows

@@ -360,6 +360,12 @@ def test_operator_is_a_snapshot_of_the_data_too(dtype):
     labels.fill_(0)
     for op, (hv, L) in zip(ops, before):
         assert torch.equal(op.matvec(v), hv) and float(op.loss_and_grad()[0]) == float(L)
+    ref = HessianOperator(net, (X, Y), "mse", copy_data=False)  # by reference: no second copy, on request
+    hv = ref.matvec(v)
+    X.mul_(3.0)
+    assert not torch.equal(ref.matvec(v), hv)
+    with pytest.raises(TypeError, match="copy_data must be True or False"):
+        HessianOperator(net, (X, Y), "mse", copy_data="no")
 
 
 def test_float32_exact_report_warns_when_the_zero_tolerance_swallows_eigenvalues():

@@ -254,6 +254,16 @@ def test_compiled_vmap_runs_the_fused_op_in_one_graph_and_fullgraph_transforms_a
             f = lambda w: residual_stack(x, w, True, "tanh", "tanh", "tanh", backend="fused").sum()  # noqa: E731
             with pytest.raises(Exception, match="grad transform: the fused residual stack has a fused backward only"):
                 torch.compile(torch.func.grad(f), backend="aot_eager", fullgraph=True)(ws[0])
+            torch._dynamo.reset()
+            # grad outside a vmap: dynamo sees only the vmap; PyTorch's own error, loud, never a zero
+            fv = lambda W: torch.func.vmap(f)(W).sum()  # noqa: E731
+            with pytest.raises(Exception):
+                torch.compile(torch.func.grad(fv), backend="aot_eager")(ws)
+            torch._dynamo.reset()
+            counters.clear()  # vmap of vmap (nested levels) still traces in one graph
+            got = torch.compile(torch.func.vmap(torch.func.vmap(f)), backend="aot_eager", fullgraph=True)(
+                ws.reshape(3, 1, 2, 2, 4, 4).expand(3, 2, 2, 2, 4, 4))
+            assert got.shape == (3, 2) and not counters["graph_break"]
     finally:
         torch._dynamo.reset()
 
@@ -465,4 +475,10 @@ def test_cuda_tf32_blocks_of_two_threads_exiting_out_of_order_restore_the_mode()
     assert cuda_tf32.current() == "off"
     with cuda_tf32("tf32"), cuda_tf32(False):  # nesting in one thread is unchanged
         assert cuda_tf32.current() == "off"
+    assert cuda_tf32.current() == "off"
+    with cuda_tf32("tf32"):  # a set() inside a block stays after a nested block's exit, as it did
+        cuda_tf32.set("3xtf32")
+        with cuda_tf32(False):
+            pass
+        assert cuda_tf32.current() == "3xtf32"
     assert cuda_tf32.current() == "off"

@@ -517,3 +517,23 @@ def test_two_writers_of_one_file_do_not_take_each_others_temporary(tmp_path):
     text = path.read_text()
     assert len(text) == 1000 and len(set(text)) == 1  # one writer's whole file
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    """Temporaries are named by writer; one left by a writer that was killed (no cleanup ran) would stay,
+    a checkpoint's worth of disk per kill: the next write of the file removes those of dead processes."""
+    import subprocess
+    import sys
+
+    from shortcut_ext._io import atomic_open
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    path = tmp_path / "run.ckpt.pt"
+    stale = tmp_path / f"run.ckpt.pt.{dead}-1234.tmp"
+    alive = tmp_path / f"run.ckpt.pt.{os.getppid()}-1234.tmp"  # a live writer's: kept
+    stale.write_text("x" * 100)
+    alive.write_text("y")
+    with atomic_open(path, "w") as f:
+        f.write("ok")
+    assert path.read_text() == "ok" and not stale.exists() and alive.exists()

@@ -106,7 +106,8 @@ class HessianOperator:
 
     The weights and the data are read once, at construction, and copied where they are not already
     (the operator is the Hessian at that point: changing the model or the data tensors afterwards
-    does not change it).
+    does not change it).  Data already in the operator's dtype and device are therefore held twice
+    while the operator lives; ``copy_data=False`` holds them by reference instead.
 
     Args:
         model: a :class:`~shortcut_ext.models.ShortcutNet` or :class:`~shortcut_ext.models.PlainNet`.
@@ -125,6 +126,9 @@ class HessianOperator:
             every rank gets the Hessian of the mean loss over the union of the shards.  Every rank must
             make the same calls with the same directions (as Lanczos and SLQ with the same seed do).
         process_group: the group for ``distributed`` (default: the default group).
+        copy_data: copy the data that no cast copied (default); ``False`` keeps references (no extra
+            memory for a large data set on the GPU; then do not change the tensors while the operator is
+            in use).
 
     >>> import torch
     >>> from shortcut_ext.models import ShortcutNet
@@ -136,7 +140,11 @@ class HessianOperator:
     """
 
     def __init__(self, model, data, loss: str = "mse", backend: str = "fused", dtype: torch.dtype | None = None,
-                 max_directions: int | None = None, distributed: bool = False, process_group=None):
+                 max_directions: int | None = None, distributed: bool = False, process_group=None,
+                 copy_data: bool = True):
+        if not isinstance(copy_data, bool):
+            raise TypeError(f"copy_data must be True or False, got {copy_data!r}")
+        self._copy_data = copy_data
         w = getattr(model, "weight", None)
         with _exact(w) if isinstance(w, torch.Tensor) else contextlib.nullcontext():
             self._setup(model, data, loss, backend, dtype, max_directions, distributed, process_group)
@@ -267,6 +275,8 @@ class HessianOperator:
         h0 = x if self._input_proj is None else x @ self._input_proj.T
         # a snapshot, like the weights: the caller's tensors (or views of them) edited in place afterwards
         # must not change the operator, whatever the dtype (a cast already copied, a float64 x did not)
+        if not self._copy_data:
+            return _normal(h0.contiguous()), _normal(y)
         return _owned(_normal(h0.contiguous()), src_x), _owned(_normal(y), src_y)
 
     def _read(self, h):

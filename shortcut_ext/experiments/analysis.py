@@ -201,7 +201,7 @@ def verdict_init_condition(init_rows: list[dict], theory_cond: float | None = No
                            value: str = "cond_q10") -> list[Verdict]:
     """Fig. 5: condition number at initialisation vs depth, per initialisation."""
     agg = aggregate(init_rows, ("arch", "depth"), value, log=True)
-    slope = {a: loglog_slope(*_series(agg, a)) for a in {r["arch"] for r in agg}}
+    slope = {a: loglog_slope(*_series(agg, a)) for a in dict.fromkeys(r["arch"] for r in agg)}
     s = lambda a: slope.get(a, math.nan)  # noqa: E731
     out = []
     test_base = f"slope of log({value}) vs log(depth), seed geometric mean"

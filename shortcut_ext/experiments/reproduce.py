@@ -256,7 +256,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
                                          cfg.lrs, dataclasses.replace(train_cfg, epochs=cfg.curve_epochs), store,
                                          dtype, backend, desc="Figs. 6-8 rates", progress=progress)
         lrs = {}
-        for arch, depth in {(r["arch"], r["depth"]) for r in best_c}:
+        for arch, depth in dict.fromkeys((r["arch"], r["depth"]) for r in best_c):  # in order (a set's varied by run)
             lr = sweeps.best_lr_by_arch(runs_c, "linear", depth).get(arch)
             if lr is not None:
                 lrs[arch] = lr

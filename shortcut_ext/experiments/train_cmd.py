@@ -282,10 +282,13 @@ def _main_locked(args, device, rank, world) -> int:
 
     csv_path = out.with_suffix(".csv")
     _write_atomic(csv_path, write_csv)
-    if ckpt is not None:  # the result is saved: the checkpoint has served
-        for p in (ckpt, ckpt.with_name(ckpt.name + ".tmp")):
+    if ckpt is not None:  # the result is saved: the checkpoint has served, and killed writers' temporaries
+        from .._io import _remove_stale_temporaries
+
+        for p in (ckpt, ckpt.with_name(ckpt.name + ".tmp")):  # (.tmp: an older version's temporary)
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        _remove_stale_temporaries(str(ckpt))
     msg = (f"{res.status}: final loss {res.final_loss:.6g}, loss - L_min {res.final_excess:.3g}, "
            f"mean |W|_F {res.final_weight_norm:.4g}, {res.seconds:.1f} s")
     if res.probes:
