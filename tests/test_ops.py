@@ -459,7 +459,7 @@ def test_reference_ssigmoid_is_accurate_near_zero(dtype):
 
 
 @requires_fused
-def test_a_forked_child_computes_instead_of_hanging():
+def test_a_forked_child_computes_instead_of_hanging(tmp_path):
     """After the parent ran a fused op on 2 threads, a fork child's first fused op hung for good (libgomp
     cannot restart its pool after fork; multiprocessing's default start method on Linux is fork): the
     child now runs with one thread, and its result equals the parent's one-thread result."""
@@ -489,6 +489,7 @@ os.close(wfd)
 status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 print("child", status, os.read(r, 1).decode(), "parent threads", torch.get_num_threads())
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))  # the package under test
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=pkg_root))
     assert r.stdout.split() == ["child", "0", "1", "parent", "threads", "2"], (r.stdout, r.stderr[-2000:])

@@ -484,8 +484,10 @@ def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
         f"assert main(['spectrum', '--units', '3', '--width', '3', '--samples', '16', '--probes', '2', '--steps', '6', "
         f"'--no-progress', '--out', {str(tmp_path / 's')!r}]) == 0\n"
         "print(matplotlib.get_backend(), len(plt.get_fignums()))\n")
-    env = dict(os.environ, MPLBACKEND="svg", PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))  # the package under test
+    env = dict(os.environ, MPLBACKEND="svg", PYTHONPATH=pkg_root)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-2:] == ["svg", "0"], r.stdout
     assert (tmp_path / "s" / "density.png").stat().st_size > 1000
