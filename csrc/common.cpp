@@ -3,6 +3,9 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstdlib>
+#include <limits>
 
 namespace shortcut_ext {
 
@@ -61,7 +64,23 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
+int64_t env_megabytes(const char* name, int64_t fallback_mb, int64_t min_mb, const char* hint) {
+  const char* env = std::getenv(name);
+  if (!env || !*env) return fallback_mb << 20;
+  constexpr long long kMaxMb = std::numeric_limits<int64_t>::max() >> 20;  // the byte count fits in int64
+  errno = 0;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && errno != ERANGE && mb >= min_mb && mb <= kMaxMb, name,
+                    " must be a whole number of megabytes in [", min_mb, ", ", kMaxMb, "]", hint, ", got '", env,
+                    "'");
+  return int64_t(mb) << 20;
+}
+
 StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const char* x_name) {
+  TORCH_CHECK_VALUE(x.layout() == at::kStrided, x_name, " must be a dense (strided) tensor, got layout ", x.layout());
+  TORCH_CHECK_VALUE(weights.layout() == at::kStrided, "weights must be a dense (strided) tensor, got layout ",
+                    weights.layout());
   TORCH_CHECK_VALUE(x.dim() == 2, x_name, " must have shape [B, d], got ", shape_str(x));
   TORCH_CHECK_VALUE(weights.dim() == 4, "weights must have shape [R, n, d, d], got ", shape_str(weights));
   const int64_t d = x.size(1);
@@ -77,10 +96,8 @@ StackShape check_stack(const at::Tensor& x, const at::Tensor& weights, const cha
                    x_name, ": ", dtype_name(x.scalar_type()), ", weights: ", dtype_name(weights.scalar_type()));
   TORCH_CHECK_VALUE(x.device() == weights.device(), x_name, " and weights must be on the same device, got ", x_name,
                     ": ", x.device(), ", weights: ", weights.device());
-  TORCH_CHECK_VALUE(x.is_contiguous(), x_name, " must be contiguous, got strides ", x.strides(),
-                    " (call .contiguous(), or use shortcut_ext.residual_stack which does)");
-  TORCH_CHECK_VALUE(weights.is_contiguous(), "weights must be contiguous, got strides ", weights.strides(),
-                    " (call .contiguous(), or use shortcut_ext.residual_stack which does)");
+  // any strides: the ops take contiguous copies where needed (contiguous_inputs); an exported or traced
+  // graph drops a caller's .contiguous() that was a no-op on its example input
   return {x.size(0), d, weights.size(0), weights.size(1)};
 }
 
@@ -127,12 +144,8 @@ Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Te
                    dtype_name(weights.scalar_type()), " like weights, got ", dtype_name(directions.scalar_type()));
   TORCH_CHECK_VALUE(directions.device() == weights.device(), "directions must be on ", weights.device(), " like weights, got ",
                     directions.device());
-  TORCH_CHECK_VALUE(directions.is_contiguous(), "directions must be contiguous, got strides ", directions.strides(),
-                    " (call .contiguous(), or use shortcut_ext.residual_stack_hvp which does)");
   // targets
   TORCH_CHECK_VALUE(targets.device() == x.device(), "targets must be on ", x.device(), " like x, got ", targets.device());
-  TORCH_CHECK_VALUE(targets.is_contiguous(), "targets must be contiguous, got strides ", targets.strides(),
-                    " (call .contiguous(), or use shortcut_ext.residual_stack_hvp which does)");
   if (targets.dim() == 1) {
     TORCH_CHECK_VALUE(loss == Loss::CrossEntropy, "targets must have shape [B, d] = [", s.B, ", ", s.d,
                       "] for loss='mse', got ", shape_str(targets),

@@ -74,6 +74,11 @@ void check_saved(const at::Tensor& saved, const at::Tensor& weights, const Stack
 int cuda_tf32_mode();
 int set_cuda_tf32_mode(int mode);
 
+// A size in megabytes from the environment variable `name`, in bytes (`fallback_mb` when unset or
+// empty): a whole number in [min_mb, INT64_MAX >> 20], else a ValueError naming the variable; `hint`
+// follows the range in the message (e.g. " (0 disables the cache)").
+int64_t env_megabytes(const char* name, int64_t fallback_mb, int64_t min_mb, const char* hint);
+
 // Checks the HVP op's targets [B, d] (or [B] int64 class indices with cross_entropy) and directions
 // [k, R, n, d, d] against the stack shape; returns the parsed loss.  Shared by CPU and CUDA.
 Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets,

@@ -56,6 +56,10 @@ def init_weights(shape, init: str, scale: float = 0.01, seed: int = 0, dtype=tor
     return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * std).to(dtype)
 
 
+class ForwardNotSeenWarning(UserWarning):
+    """A curvature tool met a model whose ``model(x)`` it cannot see (see :meth:`StackNet.function_differs`)."""
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -136,6 +140,29 @@ class StackNet(nn.Module):
             raise ValueError(f"x must have shape [B, {self.in_features}], got {list(x.shape)}")
         return x if self.input_proj is None else x @ self.input_proj.T
 
+    def _repr_tail(self) -> str:
+        """The rest of ``extra_repr``: the projections (when there are any), dtype and backend; ``init`` names
+        the initialisation at construction (a later load_state_dict or re-initialisation does not change it)."""
+        feats = "".join(f", {name}={getattr(self, name)}" for name in ("in_features", "out_features")
+                        if getattr(self, name) != self.width)
+        return f"{feats}, dtype={self.weight.dtype}, backend={self.backend}"
+
+    def function_differs(self) -> str | None:
+        """Why ``model(x)`` may not be the network its weights define, or ``None``.
+
+        The curvature tools (:class:`~shortcut_ext.curvature.HessianOperator`, the probes of
+        :func:`~shortcut_ext.train.train`) rebuild the network from ``weight`` and the frozen
+        projections: an overridden ``forward`` or forward hooks on the model are not part of it."""
+        base = StackNet.forward
+        cls = type(self)
+        if getattr(cls, "forward", base) is not base:
+            return f"{cls.__name__} overrides forward"
+        hooks = [name for name, d in (("forward hooks", self._forward_hooks),
+                                      ("forward pre-hooks", self._forward_pre_hooks)) if d]
+        if hooks:
+            return "the model has " + " and ".join(hooks)
+        return None
+
     def read(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.readout is None else h @ self.readout.T
 
@@ -209,7 +236,7 @@ class ShortcutNet(StackNet):
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, units={self.units}, shortcut={self.n}, pre={self.act_pre}, "
-                f"mid={self.act_mid}, post={self.act_post}, init={self.init}, backend={self.backend}")
+                f"mid={self.act_mid}, post={self.act_post}, init={self.init}{self._repr_tail()}")
 
 
 class PlainNet(StackNet):
@@ -234,4 +261,4 @@ class PlainNet(StackNet):
         self.weight = nn.Parameter(init_weights((self.n, self.width, self.width), init, scale, seed, dtype))
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, depth={self.n}, activation={self.act_mid}, init={self.init}, backend={self.backend}"
+        return f"width={self.width}, depth={self.n}, activation={self.act_mid}, init={self.init}{self._repr_tail()}"

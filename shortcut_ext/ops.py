@@ -49,6 +49,14 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+def _check_dense(**tensors) -> None:
+    """The fused kernels take dense (strided) tensors; the torch backend takes sparse ones too."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor for backend='fused', got layout {t.layout} "
+                             f"(call .to_dense(), or use backend='torch')")
+
+
 def check_stack_args(x, weights, arg_x: str = "x") -> None:
     """Checks in Python what the dispatcher cannot explain well (types, devices, unbuilt CUDA).
 
@@ -254,13 +262,16 @@ def residual_stack(
     if check_backend(backend) == "torch":
         with autocast_off(x):
             return reference.residual_stack_forward(x, weights, shortcut, act_pre, act_mid, act_post)
+    _check_dense(x=x, weights=weights)
     _refuse_forward_mode(x, weights)
     if torch.jit.is_tracing():
         raise NotImplementedError(
             "torch.jit.trace of the fused residual stack is not supported (what the forward keeps for the "
             "backward depends on grad mode, which a trace would fix): use torch.compile or torch.export, or "
             "backend='torch'")
-    save = torch.is_grad_enabled() and (_needs_grad(x) or _needs_grad(weights))
+    # torch.export fixes this choice in the graph: an exported program (grad mode on) saves for a backward
+    # whatever its example inputs required (frozen weights, an input gradient taken later)
+    save = torch.is_grad_enabled() and (_needs_grad(x) or _needs_grad(weights) or torch.compiler.is_exporting())
     layers = _save_layers(x, weights, recompute) and save
     y, _ = torch.ops.shortcut_ext.residual_stack_forward(
         x.contiguous(), weights.contiguous(), shortcut, act_pre, act_mid, act_post, save, layers
@@ -430,6 +441,8 @@ def residual_stack_hvp(
     # the products are values, not functions of the inputs to differentiate further: detached outputs
     # (they do not require grad, like .item()'s), and the torch.func transforms are refused above
     x, weights, directions = x.detach(), weights.detach(), directions.detach()
+    if backend == "fused":
+        _check_dense(x=x, weights=weights, targets=targets, directions=directions)
     if backend == "fused" and hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
         out = torch.ops.shortcut_ext.residual_stack_hvp(
             x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),
@@ -507,7 +520,9 @@ def _backward_forward(ctx, grad_y, grad_saved):
     if not ctx.saved_inputs:
         raise RuntimeError(
             "residual_stack_forward was called with save_inputs=False, so it kept nothing for the "
-            "backward; call it with save_inputs=True (shortcut_ext.residual_stack does this when grad is needed)"
+            "backward; call it with save_inputs=True (shortcut_ext.residual_stack does this when grad is needed; "
+            "a program exported under torch.no_grad() has it fixed to False: export with grad enabled to "
+            "differentiate it)"
         )
     grad_x, grad_w = torch.ops.shortcut_ext.residual_stack_backward(
         grad_y.contiguous(), weights, saved, *ctx.args

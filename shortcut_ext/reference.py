@@ -18,6 +18,25 @@ ACTIVATIONS = ("identity", "relu", "tanh", "ssigmoid")
 LOSSES = ("mse", "cross_entropy")
 
 
+def eigen_eps(values, dtype: torch.dtype | None = None) -> float:
+    """Machine epsilon of the precision eigenvalues were computed in: ``dtype``'s if given, else that of
+    ``values`` (a float32 tensor or array: float32's), float64's for anything else (lists, float64)."""
+    if dtype is not None:
+        return float(torch.finfo(dtype).eps)
+    dt = getattr(values, "dtype", None)
+    eps = float(torch.finfo(torch.float64).eps)
+    if isinstance(dt, torch.dtype) and dt.is_floating_point:
+        return max(eps, float(torch.finfo(dt).eps))
+    try:
+        import numpy as np
+
+        if isinstance(dt, np.dtype) and np.issubdtype(dt, np.floating):
+            return max(eps, float(np.finfo(dt).eps))
+    except ImportError:
+        pass
+    return eps
+
+
 def activation(name: str, z: torch.Tensor) -> torch.Tensor:
     """Apply activation ``name`` elementwise.
 

@@ -39,7 +39,7 @@ import torch
 from ._dist import all_reduce, group_of, model_signature, ranks_agree
 from ._io import atomic_open
 from .ops import autocast_off
-from .reference import LOSSES, loss_fn
+from .reference import LOSSES, eigen_eps, loss_fn
 
 OPTIMIZERS = ("gd", "sgd", "adam")
 __all__ = [
@@ -257,11 +257,13 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- Hessian probes
-def spectrum_probes(eigenvalues, method: str = "dense") -> dict:
+def spectrum_probes(eigenvalues, method: str = "dense", dtype: torch.dtype | None = None) -> dict:
     """The paper's curvature numbers from Hessian eigenvalues (PAPER.md section 3).
 
     - ``lam_max``: ``|lambda|max``; ``lam_q10``: the 10th percentile of ``|lambda|``;
-    - ``index``: fraction of negative eigenvalues (``|lambda| <= P * eps * |lambda|max`` counts as 0);
+    - ``index``: fraction of negative eigenvalues (``|lambda| <= P * eps * |lambda|max`` counts as 0; ``eps``
+      of ``dtype``, the precision the eigenvalues were computed in, default theirs: float32's for a float32
+      tensor or array);
     - ``cond``: ``|lambda|max / |lambda|min`` (``inf`` if singular); ``cond_q10``: ``|lambda|max / |lambda|(0.1)``.
 
     >>> p = spectrum_probes([-2.0, 1.0, 1.0, 4.0]); (p["lam_max"], p["index"], p["cond"])
@@ -272,7 +274,7 @@ def spectrum_probes(eigenvalues, method: str = "dense") -> dict:
         raise ValueError("eigenvalues must not be empty")
     a = np.abs(ev)
     lam_max = float(a.max())
-    tol = ev.size * np.finfo(np.float64).eps * lam_max  # numerical-rank tolerance, as shortcut_ext.curvature
+    tol = ev.size * eigen_eps(eigenvalues, dtype) * lam_max  # numerical-rank tolerance, as shortcut_ext.curvature
     lam_min = float(a.min())
     lam_q10 = float(np.quantile(a, 0.1, method="inverted_cdf"))
     div = lambda x, y: (x / y) if y > tol else (math.nan if x <= tol else math.inf)  # noqa: E731
@@ -456,6 +458,18 @@ def train(
         raise ValueError("model.weight must be trainable, got " + (
             "a tensor made under torch.inference_mode (build the model outside it)" if w.is_inference()
             else "requires_grad=False (call model.weight.requires_grad_(True) to train it)"))
+    if isinstance(w, torch.Tensor) and not w.is_leaf:
+        raise ValueError("model.weight must be a leaf tensor that train() updates in place, got one computed from "
+                         "other tensors (a torch.nn.utils.parametrize parametrization or pruning of it?): train "
+                         "the model with your own loop, or remove the parametrization first")
+    differs = getattr(model, "function_differs", None)
+    reason = differs() if callable(differs) and (config.probe_every or config.probe_epochs) else None
+    if reason:
+        from .models import ForwardNotSeenWarning
+
+        warnings.warn(f"train(): the Hessian probes differentiate the network that model.weight and the frozen "
+                      f"projections define, while training uses model(x): {reason}, which the probes do not see",
+                      ForwardNotSeenWarning, stacklevel=2)
     rank, world = group_of(distributed, process_group, "train")
     local_error = None
     try:
@@ -599,8 +613,11 @@ def train(
             if config.probes_at(epoch):
                 tp = time.perf_counter()
                 try:
-                    p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
-                                       distributed=distributed, process_group=process_group, seed=config.seed)
+                    with warnings.catch_warnings():  # said once, at the start
+                        if reason:
+                            warnings.simplefilter("ignore", ForwardNotSeenWarning)
+                        p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
+                                           distributed=distributed, process_group=process_group, seed=config.seed)
                 except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
                     p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

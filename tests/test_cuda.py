@@ -833,7 +833,7 @@ def test_hvp_row_chunks(monkeypatch):
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     monkeypatch.setenv("SHORTCUT_EXT_CUDA_HVP_MB", "-1")
-    with pytest.raises(ValueError, match="SHORTCUT_EXT_CUDA_HVP_MB must be >= 0"):
+    with pytest.raises(ValueError, match=r"SHORTCUT_EXT_CUDA_HVP_MB must be a whole number of megabytes in \[0, "):
         torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)
 
 

@@ -43,15 +43,45 @@ def test_bad_shapes_and_dtypes(make, exc, pattern, call):
             OP.residual_stack_forward(x, w, True, "identity", "identity", "identity", True)
 
 
-def test_non_contiguous_op_input_is_refused_wrapper_accepts():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ops_take_inputs_of_any_strides(dtype):
+    """The raw ops take transposed, expanded and offset inputs, with the contiguous inputs' results: a
+    graph exported from the wrapper drops its .contiguous() (a no-op on the example input), and the
+    exported program then met the op's refusal."""
+    acts = (True, "identity", "tanh", "identity")
+    x, w = _xw(B=5, d=3, dtype=dtype)
+    odd = {  # the same values through other strides
+        "transposed": (x.T.contiguous().T, w.transpose(2, 3).contiguous().transpose(2, 3)),
+        "expanded": (x[:1].expand(5, 3), w[:1].expand(2, 2, 3, 3)),
+        "offset": (torch.cat([torch.zeros(1, 3, dtype=dtype), x])[1:], w),
+    }
+    for name, (xo, wo) in odd.items():
+        xc, wc = xo.contiguous(), wo.contiguous()
+        y0, s0 = OP.residual_stack_forward(xc, wc, *acts, True, False)
+        y1, s1 = OP.residual_stack_forward(xo, wo, *acts, True, False)
+        assert y1.is_contiguous() and torch.equal(y0, y1) and torch.equal(s0, s1), name
+        gy = torch.randn_like(y0)
+        for a, b in zip(OP.residual_stack_backward(gy, wc, s0, *acts),
+                        OP.residual_stack_backward(gy.T.contiguous().T, wo, s1, *acts)):
+            assert torch.equal(a, b), name
+        y = torch.randn(5, 3, dtype=dtype)
+        v = torch.randn(2, *wc.shape, dtype=dtype)
+        for a, b in zip(OP.residual_stack_hvp(xc, wc, y, v, *acts, "mse"),
+                        OP.residual_stack_hvp(xo, wo, y.T.contiguous().T, v.transpose(3, 4).contiguous()
+                                              .transpose(3, 4), *acts, "mse")):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_inputs_are_refused_by_the_fused_backend(layout):
     x, w = _xw(B=4, d=3)
-    xt = torch.randn(3, 4).T
-    with pytest.raises(ValueError, match=r"x must be contiguous, got strides"):
-        OP.residual_stack_forward(xt, w, True, "identity", "identity", "identity", True)
-    wt = w.transpose(2, 3)
-    with pytest.raises(ValueError, match=r"weights must be contiguous"):
-        OP.residual_stack_forward(x, wt, True, "identity", "identity", "identity", True)
-    residual_stack(xt, wt, backend="fused")  # the public wrapper copies
+    xs = x.to_sparse() if layout == "coo" else x.to_sparse_csr()
+    with pytest.raises(ValueError, match=r"x must be a dense \(strided\) tensor for backend='fused', got layout "
+                                         r"torch.sparse_.*call .to_dense\(\), or use backend='torch'"):
+        residual_stack(xs, w, backend="fused")
+    y = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"directions must be a dense \(strided\) tensor"):
+        shortcut_ext.residual_stack_hvp(x, w, y, torch.zeros(1, *w.shape).to_sparse(), backend="fused")
 
 
 @pytest.mark.parametrize("arg", ["act_pre", "act_mid", "act_post"])

@@ -143,6 +143,15 @@ def test_autocast_leaves_the_model_in_its_dtype(backend):
         torch.testing.assert_close(g, g_plain, rtol=1e-5, atol=1e-6)
 
 
+def test_repr_names_projections_and_dtype():
+    a = ShortcutNet(width=4, units=2, in_features=10, out_features=3, dtype=torch.float64)
+    b = ShortcutNet(width=4, units=2)
+    assert "in_features=10, out_features=3, dtype=torch.float64" in repr(a)
+    assert "in_features" not in repr(b) and "dtype=torch.float32" in repr(b)
+    assert "depth=3" in repr(PlainNet(width=4, depth=3, out_features=2)) and "out_features=2" in repr(
+        PlainNet(width=4, depth=3, out_features=2))
+
+
 def test_half_models_are_refused_clearly():
     net = ShortcutNet(width=4, units=2, backend="torch").half()
     with pytest.raises(TypeError, match="computes in float32 or float64, but its weights are float16"):

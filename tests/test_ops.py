@@ -257,7 +257,9 @@ def test_output_buffer_cache():
     assert st["cached_bytes"] == 0 and st["cached_blocks"] == 0 and st["limit_bytes"] == 2048 << 20
 
 
-@pytest.mark.parametrize("value,ok", [("0", True), ("64", True), ("lots", False), ("-3", False)])
+@pytest.mark.parametrize("value,ok", [("0", True), ("64", True), ("lots", False), ("-3", False),
+                                      # its bytes overflowed int64: the cache went off (2^44) or negative
+                                      ("17592186044416", False), ("99999999999999999999", False)])
 def test_output_buffer_cache_limit_env(value, ok, tmp_path):
     """SHORTCUT_EXT_CPU_CACHE_MB: 0 disables the cache (results unchanged); a bad value is a clear error."""
     import os
@@ -285,7 +287,8 @@ def test_output_buffer_cache_limit_env(value, ok, tmp_path):
         assert r.returncode == 0, r.stderr
     else:
         assert r.returncode != 0
-        assert "SHORTCUT_EXT_CPU_CACHE_MB must be a whole number of megabytes >= 0" in r.stderr and value in r.stderr
+        assert "SHORTCUT_EXT_CPU_CACHE_MB must be a whole number of megabytes in [0, 8796093022207] (0 disables " \
+               "the cache)" in r.stderr and value in r.stderr
 
 
 def test_no_grad_saves_nothing_and_matches():
@@ -357,6 +360,35 @@ def test_export_with_a_dynamic_batch():
     ep = export(net, (torch.randn(8, 4, dtype=torch.float64),), dynamic_shapes={"x": {0: Dim("B", min=2)}})
     x = torch.randn(13, 4, dtype=torch.float64)
     torch.testing.assert_close(ep.module()(x), net(x))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_exported_program_takes_any_strides_and_differentiates(frozen):
+    """An exported fused model: inputs of other strides than the example's (the wrapper's .contiguous()
+    was dropped from the graph, and the op refused them), and the input gradient of a model exported
+    with frozen weights (the graph had save_inputs=False fixed in it). Exported under no_grad it cannot
+    be differentiated, and says so."""
+    from torch.export import Dim, export
+
+    net = shortcut_ext.ShortcutNet(width=6, units=3, mid="tanh", init="xavier", backend="fused", dtype=torch.float64)
+    net.weight.requires_grad_(not frozen)
+    ref_net = shortcut_ext.ShortcutNet(width=6, units=3, mid="tanh", backend="torch", dtype=torch.float64)
+    ref_net.load_state_dict(net.state_dict())
+    ref_net.weight.requires_grad_(not frozen)
+    ep = export(net, (torch.randn(7, 6, dtype=torch.float64),), dynamic_shapes={"x": {0: Dim("B", min=2)}})
+    for x in (torch.randn(6, 9, dtype=torch.float64).T, torch.randn(1, 6, dtype=torch.float64).expand(5, 6)):
+        torch.testing.assert_close(ep.module()(x), ref_net(x), rtol=1e-12, atol=1e-12)
+    x = torch.randn(6, 9, dtype=torch.float64).T.requires_grad_()
+    m = ep.module()
+    got = torch.autograd.grad(m(x).square().sum(), [x] if frozen else [x, m.weight])
+    want = torch.autograd.grad(ref_net(x).square().sum(), [x] if frozen else [x, ref_net.weight])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if frozen:
+        with torch.no_grad():
+            ep0 = export(net, (torch.randn(9, 6, dtype=torch.float64),))
+        with pytest.raises(RuntimeError, match=r"exported under torch.no_grad\(\) has it fixed to False"):
+            torch.autograd.grad(ep0.module()(x).sum(), x)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

@@ -508,6 +508,23 @@ def test_report_zero_and_singular_spectra():
     assert s.cond == np.inf and s.index == 0.25 and s.lam_max == 2.0
 
 
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_float32_eigenvalues_get_float32s_zero_tolerance(kind):
+    """Zero eigenvalues of a float32 Hessian come out as +-1e-7 |lambda|max: float64's tolerance counted
+    half of them negative (the index doubled) and the smallest one as |lambda|min (cond finite)."""
+    from shortcut_ext.train import spectrum_probes
+
+    ev = np.concatenate([[2.0, 1.0, -0.5], 3e-7 * np.array([1.0, -1.0, 1.0, -1.0])])
+    ev32 = torch.tensor(ev, dtype=torch.float32) if kind == "torch" else ev.astype(np.float32)
+    for rep in (report_from_eigenvalues(ev32).as_dict(), spectrum_probes(ev32)):
+        assert rep["index"] == pytest.approx(1 / 7) and rep["cond"] == np.inf
+    # float64 eigenvalues, or a stated dtype, keep float64's tolerance: those are small but real
+    for rep in (report_from_eigenvalues(ev).as_dict(), spectrum_probes(ev),
+                report_from_eigenvalues(ev32, dtype=torch.float64).as_dict(),
+                spectrum_probes(ev32, dtype=torch.float64)):
+        assert rep["index"] == pytest.approx(3 / 7) and rep["cond"] == pytest.approx(2.0 / 3e-7, rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------- the CLI
 def test_spectrum_command_writes_json_and_figures(tmp_path):
     import json

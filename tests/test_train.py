@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -141,6 +142,52 @@ def test_to_dict_thins_history(teacher):
 
 
 # --------------------------------------------------------------------------- Hessian probes
+def test_probes_and_operator_say_they_do_not_see_hooks_or_an_own_forward(teacher):
+    """The probes and HessianOperator rebuild the net from its weights: a subclass's forward or a forward
+    hook changed model(x), which training used, and not the probed Hessian, without a word."""
+    from shortcut_ext.curvature import HessianOperator
+    from shortcut_ext.models import ForwardNotSeenWarning
+
+    class Scaled(ShortcutNet):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    X, Y = teacher[0][:16].double(), teacher[1][:16].double()
+    kw = dict(width=X.shape[1], units=2, shortcut=2, mid="tanh", init="xavier", dtype=torch.float64)
+    with pytest.warns(ForwardNotSeenWarning, match="Scaled overrides forward, which the probes do not see"):
+        train_mod.train(Scaled(**kw), (X, Y), epochs=1, lr=1e-3, probe_epochs=[0])
+    plain = ShortcutNet(**kw)
+    handle = plain.register_forward_hook(lambda m, a, out: 2 * out)
+    with pytest.warns(ForwardNotSeenWarning, match="HessianOperator differentiates .* the model has forward hooks"):
+        HessianOperator(plain, (X, Y))
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForwardNotSeenWarning)
+        HessianOperator(plain, (X, Y))
+        train_mod.train(plain, (X, Y), epochs=1, lr=1e-3, probe_epochs=[0])
+        train_mod.train(Scaled(**kw), (X, Y), epochs=1, lr=1e-3)  # no probes: nothing to say
+
+
+def test_train_refuses_a_parametrized_weight(teacher):
+    """Under a parametrization model.weight is recomputed each forward: gd failed with autograd's "not used
+    in the graph", adam with "can't optimize a non-leaf", and inside parametrize.cached() the run "trained"
+    a temporary and left the model as it was."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    X, Y = teacher[0][:16], teacher[1][:16]
+    net = ShortcutNet(width=X.shape[1], units=2, shortcut=2, init="xavier")
+    parametrize.register_parametrization(net, "weight", Double())
+    for opt in ("gd", "adam"):
+        with pytest.raises(ValueError, match="model.weight must be a leaf tensor .*parametriz"):
+            train_mod.train(net, (X, Y), epochs=1, lr=1e-3, optimizer=opt)
+    with parametrize.cached(), pytest.raises(ValueError, match="model.weight must be a leaf tensor"):
+        train_mod.train(net, (X, Y), epochs=1, lr=1e-3)
+
+
 def test_spectrum_probes_definitions():
     ev = np.array([-3.0, -1.0, 0.5, 1.0, 2.0, 2.0, 4.0, 6.0, 8.0, 12.0])
     p = spectrum_probes(ev)

@@ -1,6 +1,8 @@
 // The CPU buffer cache of cpu_buffer_pool.h.
 #include "cpu/cpu_buffer_pool.h"
 
+#include "common.h"
+
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -19,14 +21,7 @@ constexpr size_t kMinPooled = size_t(1) << 20;  // smaller buffers: malloc keeps
 constexpr size_t kAlign = size_t(2) << 20;      // one transparent huge page
 
 int64_t limit_from_env() {
-  const char* env = std::getenv("SHORTCUT_EXT_CPU_CACHE_MB");
-  if (!env || !*env) return int64_t(2048) << 20;
-  char* end = nullptr;
-  const long long mb = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(end && *end == '\0' && mb >= 0,
-                    "SHORTCUT_EXT_CPU_CACHE_MB must be a whole number of megabytes >= 0 (0 disables the cache), got '",
-                    env, "'");
-  return int64_t(mb) << 20;
+  return env_megabytes("SHORTCUT_EXT_CPU_CACHE_MB", 2048, 0, " (0 disables the cache)");
 }
 
 struct Block {

@@ -499,11 +499,12 @@ Acts parse_acts(c10::string_view pre, c10::string_view mid, c10::string_view pos
   return {parse_activation("act_pre", pre), parse_activation("act_mid", mid), parse_activation("act_post", post)};
 }
 
-std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& x, const at::Tensor& weights,
+std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& x_arg, const at::Tensor& weights_arg,
                                                               bool shortcut, c10::string_view act_pre,
                                                               c10::string_view act_mid, c10::string_view act_post,
                                                               bool save_inputs, bool save_layers) {
-  const StackShape s = check_stack(x, weights, "x");
+  const StackShape s = check_stack(x_arg, weights_arg, "x");
+  const at::Tensor x = x_arg.contiguous(), weights = weights_arg.contiguous();
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor y = at::empty_like(x);
   // the unit inputs [R, B, d] (layer inputs [R, n, B, d]): feature-major in memory ([R, d, B],
@@ -522,12 +523,13 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
   return {y, saved};
 }
 
-std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cpu(const at::Tensor& grad_y, const at::Tensor& weights,
+std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cpu(const at::Tensor& grad_y_arg, const at::Tensor& weights_arg,
                                                                const at::Tensor& saved, bool shortcut,
                                                                c10::string_view act_pre, c10::string_view act_mid,
                                                                c10::string_view act_post) {
-  const StackShape s = check_stack(grad_y, weights, "grad_y");
-  check_saved(saved, weights, s, /*allow_layers=*/true);
+  const StackShape s = check_stack(grad_y_arg, weights_arg, "grad_y");
+  check_saved(saved, weights_arg, s, /*allow_layers=*/true);
+  const at::Tensor grad_y = grad_y_arg.contiguous(), weights = weights_arg.contiguous();
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor grad_x = at::empty_like(grad_y);
   at::Tensor grad_w = pooled_empty(weights.sizes(), weights.options());

@@ -601,16 +601,18 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
-    const at::Tensor& x,           // [B, d]
-    const at::Tensor& weights,     // [R, n, d, d]
-    const at::Tensor& targets,     // [B, d], or [B] int64 class indices (cross_entropy)
-    const at::Tensor& directions,  // [k, R, n, d, d]
+    const at::Tensor& x_arg,       // [B, d]
+    const at::Tensor& weights_arg,  // [R, n, d, d]
+    const at::Tensor& targets_arg,  // [B, d], or [B] int64 class indices (cross_entropy)
+    const at::Tensor& directions_arg,  // [k, R, n, d, d]
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
     c10::string_view loss_name) {
-  const StackShape s = check_stack(x, weights, "x");
+  const StackShape s = check_stack(x_arg, weights_arg, "x");
   const Acts acts{parse_activation("act_pre", act_pre), parse_activation("act_mid", act_mid),
                   parse_activation("act_post", act_post)};
-  const Loss loss = check_hvp_args(x, weights, targets, directions, loss_name, s);
+  const Loss loss = check_hvp_args(x_arg, weights_arg, targets_arg, directions_arg, loss_name, s);
+  const at::Tensor x = x_arg.contiguous(), weights = weights_arg.contiguous();
+  const at::Tensor targets = targets_arg.contiguous(), directions = directions_arg.contiguous();
   at::Tensor loss_out = at::zeros({}, x.options());
   at::Tensor grad_w = pooled_empty(weights.sizes(), weights.options());
   at::Tensor hvps = pooled_empty(directions.sizes(), directions.options());

@@ -59,9 +59,7 @@ cuda::Options read_options() {
   }
   o.tile_rows = int(env_int("SHORTCUT_EXT_CUDA_TILE_ROWS", 0));
   o.atomic_grad = env_int("SHORTCUT_EXT_CUDA_ATOMIC_GRAD", 0) != 0;
-  const int64_t mb = env_int("SHORTCUT_EXT_CUDA_WORKSPACE_MB", 1024);
-  TORCH_CHECK_VALUE(mb >= 1, "SHORTCUT_EXT_CUDA_WORKSPACE_MB must be >= 1, got ", mb);
-  o.workspace_bytes = mb << 20;
+  o.workspace_bytes = env_megabytes("SHORTCUT_EXT_CUDA_WORKSPACE_MB", 1024, 1, "");
   o.tf32 = cuda_tf32_mode();
   return o;
 }
@@ -98,14 +96,15 @@ void maybe_report(const cuda::StackArgs& a, bool is_double, bool backward, const
                cuda::describe_plan(a, is_double, backward, o).c_str());
 }
 
-std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cuda(const at::Tensor& x, const at::Tensor& weights,
+std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cuda(const at::Tensor& x_arg, const at::Tensor& weights_arg,
                                                                bool shortcut, c10::string_view act_pre,
                                                                c10::string_view act_mid, c10::string_view act_post,
                                                                bool save_inputs, bool save_layers) {
   (void)save_layers;  // the CUDA backward recomputes each unit on chip: it always saves unit inputs
-  const StackShape s = check_stack(x, weights, "x");
+  const StackShape s = check_stack(x_arg, weights_arg, "x");
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(x_arg.device());
+  const at::Tensor x = x_arg.contiguous(), weights = weights_arg.contiguous();
   const cuda::Options opt = read_options();
   at::Tensor y = at::empty_like(x);
   at::Tensor saved = save_inputs ? at::empty({s.R, s.B, s.d}, x.options()) : at::empty({0}, x.options());
@@ -121,14 +120,15 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cuda(const at::Tensor&
   return {y, saved};
 }
 
-std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor& grad_y, const at::Tensor& weights,
+std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor& grad_y_arg, const at::Tensor& weights_arg,
                                                                 const at::Tensor& saved, bool shortcut,
                                                                 c10::string_view act_pre, c10::string_view act_mid,
                                                                 c10::string_view act_post) {
-  const StackShape s = check_stack(grad_y, weights, "grad_y");
-  check_saved(saved, weights, s, /*allow_layers=*/false);
+  const StackShape s = check_stack(grad_y_arg, weights_arg, "grad_y");
+  check_saved(saved, weights_arg, s, /*allow_layers=*/false);
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
-  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const c10::cuda::CUDAGuard guard(grad_y_arg.device());
+  const at::Tensor grad_y = grad_y_arg.contiguous(), weights = weights_arg.contiguous();
   const cuda::Options opt = read_options();
   at::Tensor grad_x = at::empty_like(grad_y);
   at::Tensor grad_w = at::empty_like(weights);
@@ -147,16 +147,18 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor
 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
-    const at::Tensor& x,           // [B, d]
-    const at::Tensor& weights,     // [R, n, d, d]
-    const at::Tensor& targets,     // [B, d], or [B] int64 class indices (cross_entropy)
-    const at::Tensor& directions,  // [k, R, n, d, d]
+    const at::Tensor& x_arg,       // [B, d]
+    const at::Tensor& weights_arg,  // [R, n, d, d]
+    const at::Tensor& targets_arg,  // [B, d], or [B] int64 class indices (cross_entropy)
+    const at::Tensor& directions_arg,  // [k, R, n, d, d]
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
     c10::string_view loss_name) {
-  const StackShape s = check_stack(x, weights, "x");
+  const StackShape s = check_stack(x_arg, weights_arg, "x");
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
-  const Loss loss = check_hvp_args(x, weights, targets, directions, loss_name, s);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const Loss loss = check_hvp_args(x_arg, weights_arg, targets_arg, directions_arg, loss_name, s);
+  const c10::cuda::CUDAGuard guard(x_arg.device());
+  const at::Tensor x = x_arg.contiguous(), weights = weights_arg.contiguous();
+  const at::Tensor targets = targets_arg.contiguous(), directions = directions_arg.contiguous();
   at::Tensor loss_out = at::zeros({}, x.options());
   at::Tensor grad_w = at::zeros_like(weights);
   at::Tensor hvps = at::zeros_like(directions);
@@ -165,9 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
   const bool by_class = targets.dim() == 1;
   // The kernels keep every unit's input and tangents for the rows they run (no checkpointing): a batch
   // whose scratch exceeds the budget runs in row chunks (hvp_bytes_per_row each).
-  int64_t budget = env_int("SHORTCUT_EXT_CUDA_HVP_MB", 0) << 20;
-  TORCH_CHECK_VALUE(budget >= 0, "SHORTCUT_EXT_CUDA_HVP_MB must be >= 0 (0: half the free device memory), got ",
-                    budget >> 20);
+  int64_t budget = env_megabytes("SHORTCUT_EXT_CUDA_HVP_MB", 0, 0, " (0: half the free device memory)");
   if (budget == 0) {
     size_t free_b = 0, total_b = 0;
     C10_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));

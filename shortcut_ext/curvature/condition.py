@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .. import reference
 from ._linop import as_torch_operator, check_count, zero_tol_rel
 from .lanczos import basis_capacity, lanczos
 from .slq import slq
@@ -88,11 +89,12 @@ def abs_quantile(eigenvalues, q: float = 0.1) -> float:
 
 
 def report_from_eigenvalues(eigenvalues, q: float = 0.1, zero_tol: float | None = None, k: int = 5,
-                            method: str = "exact", dtype: torch.dtype = torch.float64) -> ConditionReport:
+                            method: str = "exact", dtype: torch.dtype | None = None) -> ConditionReport:
     """Exact report from a full list of eigenvalues (of a dense Hessian, or of the closed form).
 
     ``dtype``: the precision the eigenvalues' matrix was computed in; it sets the default ``zero_tol``
-    (``P * eps * |lambda|max``).
+    (``P * eps * |lambda|max``).  Default: the eigenvalues' own (float32 for a float32 tensor or
+    array, float64 for float64 ones and for lists).
     """
     k = check_count("k", k)
     ev = np.sort(np.asarray(eigenvalues, dtype=np.float64).ravel())
@@ -105,7 +107,7 @@ def report_from_eigenvalues(eigenvalues, q: float = 0.1, zero_tol: float | None 
     a = np.abs(ev)
     lam_max = float(a.max())
     if zero_tol is None:
-        zero_tol = P * float(torch.finfo(dtype).eps) * lam_max
+        zero_tol = P * reference.eigen_eps(eigenvalues, dtype) * lam_max
     lam_min = float(a.min())
     nonzero_min = 0.0 if lam_min <= zero_tol else lam_min
     lam_q = abs_quantile(ev, q)

@@ -22,6 +22,7 @@ Backends:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -110,7 +111,10 @@ class HessianOperator:
     while the operator lives; ``copy_data=False`` holds them by reference instead.
 
     Args:
-        model: a :class:`~shortcut_ext.models.ShortcutNet` or :class:`~shortcut_ext.models.PlainNet`.
+        model: a :class:`~shortcut_ext.models.ShortcutNet` or :class:`~shortcut_ext.models.PlainNet`.  The
+            operator rebuilds the network from ``model.weight`` (under a parametrization: its current
+            value) and the frozen projections; a subclass's own ``forward`` and forward hooks are not
+            part of it (a ``ForwardNotSeenWarning`` says so).
         data: one batch ``(x[B, p], y)`` or an iterable of such mini-batches (materialised once).
             ``y`` is ``[B, q]`` for ``mse``; class indices ``[B]`` or probabilities ``[B, q]`` for
             ``cross_entropy``.  A tuple of two equal-length sequences of tensors (``([x1, x2], [y1, y2])``,
@@ -157,6 +161,13 @@ class HessianOperator:
                 )
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        differs = getattr(model, "function_differs", None)
+        reason = differs() if callable(differs) else None
+        if reason:
+            from ..models import ForwardNotSeenWarning
+
+            warnings.warn(f"HessianOperator differentiates the network that model.weight and the frozen projections "
+                          f"define, not model(x): {reason}, which it does not see", ForwardNotSeenWarning, stacklevel=3)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         dtype = model.weight.dtype if dtype is None else dtype
