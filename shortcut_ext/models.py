@@ -123,6 +123,11 @@ class StackNet(nn.Module):
         """``weight`` (default: the parameter) viewed as ``[R, n, d, d]``; it must hold as many values as the
         parameter (a weight of another depth is refused, not run as a deeper or shallower net)."""
         w = self.weight if weight is None else weight
+        R = getattr(self, "units", 1)
+        if self.weight.numel() != R * self.n * self.width * self.width:  # e.g. functional_call with another net's
+            shape = [R, self.n, self.width, self.width] if hasattr(self, "units") else [self.n, self.width, self.width]
+            raise ValueError(f"{type(self).__name__}.weight must have shape {shape}, got {list(self.weight.shape)} "
+                             "(a weight of another net, e.g. through torch.func.functional_call?)")
         if weight is not None:
             if not isinstance(weight, torch.Tensor):
                 raise TypeError(f"weight must be a torch.Tensor of {self.weight.numel()} values "

@@ -463,6 +463,14 @@ def residual_stack_hvp(
     return out
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return bool(is_fake(t))
+
+
 def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
     """Checks ``targets`` for ``loss`` (both backends give the same errors); class indices of any integer
     dtype become int64."""
@@ -482,7 +490,8 @@ def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
             raise TypeError(f"class-index targets [B] must be integers, got {_dtype(targets)}")
         # (the kernels check the range too; under torch.compile a data-dependent check would break the graph)
         if (B and targets.device.type != "meta" and not torch.compiler.is_compiling()
-                and not torch._C._functorch.is_functorch_wrapped_tensor(targets)):  # vmap: the kernels check
+                and not torch._C._functorch.is_functorch_wrapped_tensor(targets)  # vmap: the kernels check
+                and not _is_fake(targets)):  # FakeTensorMode: no values to check
             lo, hi = int(targets.min()), int(targets.max())
             if lo < 0 or hi >= d:
                 raise ValueError(f"class-index targets must lie in [0, d) = [0, {d}), got values in [{lo}, {hi}]")

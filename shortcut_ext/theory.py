@@ -332,6 +332,12 @@ class OneShortcutHessian:
         return self.matmat(v.reshape(-1, 1)).reshape(-1)
 
     def to_dense(self, force: bool = False) -> torch.Tensor:  # [P, P]
+        """The assembled matrix; refuses ``P > 8192`` (as ``HessianOperator.to_dense``) unless ``force=True``."""
+        limit = 8192
+        if self.P > limit and not force:
+            raise ValueError(f"to_dense() refuses P = {self.P} > {limit} parameters "
+                             f"({self.P ** 2 * 8 / 2**30:.1f} GiB in float64); pass force=True, or use its matvec / "
+                             "matmat (Lanczos, SLQ)")
         R = self.units
         J = torch.ones(R, R, dtype=torch.float64)
         Lw = torch.tril(J, -1)
@@ -342,7 +348,7 @@ class OneShortcutHessian:
 def one_shortcut_hessian(zp: ZeroPointData, units: int, pre: str = "identity",
                          post: str = "identity") -> torch.Tensor:  # [P, P]
     """The assembled block-Toeplitz Hessian ``[R d^2, R d^2]`` of a 1-shortcut net at zero."""
-    return OneShortcutHessian(zp, units, pre, post).to_dense()
+    return OneShortcutHessian(zp, units, pre, post).to_dense(force=True)
 
 
 def zero_point_spectrum(zp: ZeroPointData, shortcut: int, units: int, pre: str = "identity",

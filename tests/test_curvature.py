@@ -399,3 +399,11 @@ def test_operator_keeps_its_own_read_out():
     before = (op.matvec(v), float(op.loss_and_grad()[0]))
     net.load_state_dict(ShortcutNet(seed=1, **kw).state_dict())
     assert torch.equal(op.matvec(v), before[0]) and float(op.loss_and_grad()[0]) == before[1]
+
+
+def test_meta_data_is_refused_by_name():
+    """Meta data reached a range check's .item() ("cannot be called on meta tensors")."""
+    net = ShortcutNet(width=3, units=2)
+    meta = torch.randn(4, 3, device="meta")
+    with pytest.raises(ValueError, match=r"data\[0\] x must hold values .*got a meta tensor"):
+        HessianOperator(net, (meta, meta))

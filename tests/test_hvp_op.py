@@ -349,3 +349,16 @@ def test_relu_hvp_zeroes_what_inactive_units_receive(position):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, equal_nan=True)
     assert bool(torch.isfinite(want[1]).any())  # the case has finite entries to lose
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_fake_tensors_with_class_index_targets(backend):
+    """Under FakeTensorMode the class-index range check read values that fake tensors do not have
+    (DataDependentOutputException): shapes come out, as for every other target."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w = torch.randn(5, 3), torch.randn(2, 2, 3, 3)
+        out = residual_stack_hvp(x, w, torch.zeros(5, dtype=torch.long), torch.randn(4, 2, 2, 3, 3),
+                                 loss="cross_entropy", backend=backend)
+    assert [tuple(t.shape) for t in out] == [(), (2, 2, 3, 3), (4, 2, 2, 3, 3)]

@@ -152,6 +152,16 @@ def test_repr_names_projections_and_dtype():
         PlainNet(width=4, depth=3, out_features=2))
 
 
+def test_a_weight_of_another_net_is_named():
+    """functional_call with another net's weight gave reshape's "shape [...] is invalid for input of size"."""
+    from torch.func import functional_call
+
+    with pytest.raises(ValueError, match=r"ShortcutNet.weight must have shape \[2, 2, 4, 4\], got \[2, 3, 4, 4\]"):
+        functional_call(ShortcutNet(width=4, units=2), {"weight": torch.randn(2, 3, 4, 4)}, (torch.randn(3, 4),))
+    with pytest.raises(ValueError, match=r"PlainNet.weight must have shape \[3, 4, 4\], got \[2, 4, 4\]"):
+        functional_call(PlainNet(width=4, depth=3), {"weight": torch.randn(2, 4, 4)}, (torch.randn(3, 4),))
+
+
 def test_half_models_are_refused_clearly():
     net = ShortcutNet(width=4, units=2, backend="torch").half()
     with pytest.raises(TypeError, match="computes in float32 or float64, but its weights are float16"):

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,9 @@ def test_singular_condition_numbers_survive_the_store_and_show(tmp_path):
     RunStore(tmp_path / "runs.jsonl").put("k", rec)
     back = RunStore(tmp_path / "runs.jsonl").get("k")
     json.dumps(json_safe(rec), allow_nan=False)
+    # arrays and tensors become lists (an ndarray was left as it was, and json failed)
+    arrays = {"ev": np.array([1.0, np.nan, -np.inf]), "t": torch.tensor([[0.5, math.inf]]), "s": np.float32(2.5)}
+    assert json_safe(arrays) == {"ev": [1.0, None, "-inf"], "t": [[0.5, "inf"]], "s": 2.5}
     assert back["cond"] == "inf" and back["cond_q10"] == "-inf" and back["index"] is None
     assert json_float(back["cond"]) == math.inf and json_float(back["cond_q10"]) == -math.inf
     assert math.isnan(json_float(back["index"])) and json_float(back["lam_max"]) == 2.0

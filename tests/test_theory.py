@@ -151,6 +151,8 @@ def test_one_shortcut_operator_and_depth_growth():
     zp = th.zero_point_data(X, Y)
     op = th.OneShortcutHessian(zp, 40)
     D = op.to_dense()
+    with pytest.raises(ValueError, match=r"to_dense\(\) refuses P = 12800 > 8192 parameters .*pass force=True"):
+        th.OneShortcutHessian(zp, 3200).to_dense()  # force was accepted and ignored
     V = torch.randn(op.P, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(op.matmat(V), D @ V, rtol=1e-12, atol=1e-12)
     ev = np.linalg.eigvalsh(D.numpy())

@@ -252,6 +252,10 @@ class HessianOperator:
         if not x.is_floating_point():
             raise TypeError(f"data[{i}] x must be a floating-point tensor, got {x.dtype}")
         B = x.shape[0]
+        for name, t in (("x", x), ("targets", y)):
+            if t.device.type == "meta" or ops._is_fake(t):
+                raise ValueError(f"data[{i}] {name} must hold values (the operator checks and copies them), got a "
+                                 f"{'meta' if t.device.type == 'meta' else 'fake'} tensor")
         if y.dim() == 0 or y.shape[0] != B:
             raise ValueError(f"data[{i}] targets must have {B} rows like x, got shape {list(y.shape)}")
         if not bool(torch.isfinite(x).all()):

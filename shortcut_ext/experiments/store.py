@@ -29,11 +29,14 @@ def json_safe(obj):
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy / torch scalars and arrays: numbers and lists
         try:
-            return json_safe(obj.item())
-        except (TypeError, ValueError):
+            value = obj.tolist()
+        except (TypeError, ValueError, RuntimeError):
             pass
+        else:
+            if value is not obj:
+                return json_safe(value)
     return obj
 
 
