@@ -260,6 +260,8 @@ def fig_final_loss(best_rows: list[dict], path, l_min: float, l_zero: float | No
     for arch in _archs(rows):
         _band(axes[0], agg, arch, minmax=True)
     axes[0].axhline(l_min, color="k", ls=":", lw=1, label="L_min (best linear)")
+    if l_zero is not None and _finite(l_zero):  # the verdicts measure the excess loss against L_zero - L_min
+        axes[0].axhline(l_zero, color="0.5", ls="--", lw=1, label="L_zero (the zero map)")
     axes[0].set_ylabel("final loss (best rate): seed mean, band min-max")
     axes[0].set_title(f"{title}: final loss, {act}", fontsize=9)
     if act == "linear":  # L_min bounds a linear net's loss: show the distance to it
