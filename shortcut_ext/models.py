@@ -135,7 +135,7 @@ class StackNet(nn.Module):
             if weight.numel() != self.weight.numel():
                 raise ValueError(f"weight must hold {self.weight.numel()} values like the parameter (shape "
                                  f"{list(self.weight.shape)}, or flat), got shape {list(weight.shape)}")
-        return w.reshape(self.weight.shape[0] if self.weight.dim() == 4 else 1, self.n, self.width, self.width)
+        return w.reshape(R, self.n, self.width, self.width)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the frozen input projection, if any: ``[B, p] -> [B, d]``."""
@@ -157,15 +157,24 @@ class StackNet(nn.Module):
 
         The curvature tools (:class:`~shortcut_ext.curvature.HessianOperator`, the probes of
         :func:`~shortcut_ext.train.train`) rebuild the network from ``weight`` and the frozen
-        projections: an overridden ``forward`` or forward hooks on the model are not part of it."""
-        base = StackNet.forward
+        projections: an overridden ``forward`` (``forward_with``, ``embed``, ``read``), on the class or on
+        the instance, or forward hooks (the model's or global ones) are not part of it."""
+        from torch.nn.modules import module as nn_module
+
         cls = type(self)
-        if getattr(cls, "forward", base) is not base:
-            return f"{cls.__name__} overrides forward"
+        for name in ("forward", "forward_with", "embed", "read"):
+            if name in vars(self):
+                return f"the model's {name} is replaced on the instance"
+            if getattr(cls, name) is not getattr(StackNet, name):
+                return f"{cls.__name__} overrides {name}"
         hooks = [name for name, d in (("forward hooks", self._forward_hooks),
                                       ("forward pre-hooks", self._forward_pre_hooks)) if d]
         if hooks:
             return "the model has " + " and ".join(hooks)
+        hooks = [name for name, d in (("global forward hooks", nn_module._global_forward_hooks),
+                                      ("global forward pre-hooks", nn_module._global_forward_pre_hooks)) if d]
+        if hooks:
+            return "torch.nn has " + " and ".join(hooks) + " (register_module_forward_hook)"
         return None
 
     def read(self, h: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def _check_dense(**tensors) -> None:
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.layout != torch.strided:
             raise ValueError(f"{name} must be a dense (strided) tensor for backend='fused', got layout {t.layout} "
-                             f"(call .to_dense(), or use backend='torch')")
+                             f"(call .to_dense())")
 
 
 def check_stack_args(x, weights, arg_x: str = "x") -> None:
@@ -435,14 +435,14 @@ def residual_stack_hvp(
         raise TypeError(f"directions must have dtype {_dtype(weights)} like weights, got {_dtype(directions)}")
     if directions.device != weights.device:
         raise ValueError(f"directions must be on {weights.device} like weights, got {directions.device}")
-    targets = check_hvp_targets(x, targets, loss)
     backend = check_backend(backend)
+    if backend == "fused":
+        _check_dense(x=x, weights=weights, targets=targets, directions=directions)
+    targets = check_hvp_targets(x, targets, loss)
     _refuse_transforms(_HVP_NOT_DIFFERENTIABLE, x, weights, targets, directions)
     # the products are values, not functions of the inputs to differentiate further: detached outputs
     # (they do not require grad, like .item()'s), and the torch.func transforms are refused above
     x, weights, directions = x.detach(), weights.detach(), directions.detach()
-    if backend == "fused":
-        _check_dense(x=x, weights=weights, targets=targets, directions=directions)
     if backend == "fused" and hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
         out = torch.ops.shortcut_ext.residual_stack_hvp(
             x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),
@@ -480,6 +480,9 @@ def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
                         f"got {type(targets).__name__}")
     if targets.device != x.device:
         raise ValueError(f"targets must be on {x.device} like x, got {targets.device}")
+    if targets.dim() == 1 and targets.layout != torch.strided:
+        raise ValueError(f"class-index targets must be a dense (strided) tensor, got layout {targets.layout} "
+                         "(call .to_dense())")
     if targets.dim() == 1:
         if loss != "cross_entropy":
             raise ValueError(f"targets must have shape [B, d] = [{B}, {d}] for loss='mse', got {list(targets.shape)} "

@@ -407,3 +407,9 @@ def test_meta_data_is_refused_by_name():
     meta = torch.randn(4, 3, device="meta")
     with pytest.raises(ValueError, match=r"data\[0\] x must hold values .*got a meta tensor"):
         HessianOperator(net, (meta, meta))
+    X, Y = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"model.weight must hold values .*got a meta tensor"):
+        HessianOperator(ShortcutNet(width=3, units=2).to("meta"), (X, Y))  # took the data to meta, silently
+    for sparse in (X.to_sparse(), X.to_sparse_csr()):
+        with pytest.raises(ValueError, match=r"data\[0\] x must be a dense \(strided\) tensor"):
+            HessianOperator(net, (sparse, Y))

@@ -77,11 +77,16 @@ def test_sparse_inputs_are_refused_by_the_fused_backend(layout):
     x, w = _xw(B=4, d=3)
     xs = x.to_sparse() if layout == "coo" else x.to_sparse_csr()
     with pytest.raises(ValueError, match=r"x must be a dense \(strided\) tensor for backend='fused', got layout "
-                                         r"torch.sparse_.*call .to_dense\(\), or use backend='torch'"):
+                                         r"torch.sparse_.*call .to_dense\(\)"):
         residual_stack(xs, w, backend="fused")
     y = torch.zeros(4, 3)
     with pytest.raises(ValueError, match=r"directions must be a dense \(strided\) tensor"):
         shortcut_ext.residual_stack_hvp(x, w, y, torch.zeros(1, *w.shape).to_sparse(), backend="fused")
+    classes = torch.tensor([0, 1, 2, 0]).to_sparse()  # reached targets.min(): aten::min on SparseCPU
+    for backend in ("fused", "torch"):
+        with pytest.raises(ValueError, match=r"targets must be a dense \(strided\) tensor"):
+            shortcut_ext.residual_stack_hvp(x, w, classes, torch.zeros(1, *w.shape), loss="cross_entropy",
+                                            backend=backend)
 
 
 @pytest.mark.parametrize("arg", ["act_pre", "act_mid", "act_post"])

@@ -160,6 +160,10 @@ def test_a_weight_of_another_net_is_named():
         functional_call(ShortcutNet(width=4, units=2), {"weight": torch.randn(2, 3, 4, 4)}, (torch.randn(3, 4),))
     with pytest.raises(ValueError, match=r"PlainNet.weight must have shape \[3, 4, 4\], got \[2, 4, 4\]"):
         functional_call(PlainNet(width=4, depth=3), {"weight": torch.randn(2, 4, 4)}, (torch.randn(3, 4),))
+    # a weight of the right size in another shape (flat, as forward_with takes it) runs as the parameter
+    net, x = ShortcutNet(width=4, units=3, init="xavier"), torch.randn(5, 4)
+    for w in (net.weight.detach().flatten(), net.weight.detach().reshape(6, 4, 4)):
+        torch.testing.assert_close(functional_call(net, {"weight": w}, (x,)), net(x))
 
 
 def test_half_models_are_refused_clearly():

@@ -161,6 +161,23 @@ def test_probes_and_operator_say_they_do_not_see_hooks_or_an_own_forward(teacher
     with pytest.warns(ForwardNotSeenWarning, match="HessianOperator differentiates .* the model has forward hooks"):
         HessianOperator(plain, (X, Y))
     handle.remove()
+
+    class OwnHead(ShortcutNet):
+        def read(self, h):
+            return torch.tanh(h)
+
+    with pytest.warns(ForwardNotSeenWarning, match="OwnHead overrides read"):
+        HessianOperator(OwnHead(**kw), (X, Y))
+    patched = ShortcutNet(**kw)
+    patched.forward = lambda x: 2 * ShortcutNet.forward(patched, x)
+    with pytest.warns(ForwardNotSeenWarning, match="the model's forward is replaced on the instance"):
+        HessianOperator(patched, (X, Y))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: out)
+    try:
+        with pytest.warns(ForwardNotSeenWarning, match="torch.nn has global forward hooks"):
+            HessianOperator(plain, (X, Y))
+    finally:
+        handle.remove()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ForwardNotSeenWarning)
         HessianOperator(plain, (X, Y))

@@ -185,6 +185,10 @@ class HessianOperator:
         self.max_directions = max_directions
         self.dtype = dtype
         self.device = model.weight.device
+        if self.device.type == "meta" or ops._is_fake(model.weight):
+            raise ValueError("model.weight must hold values (the operator is the Hessian at the model's weights), "
+                             f"got a {'meta' if self.device.type == 'meta' else 'fake'} tensor: load or initialise "
+                             "the model first (e.g. to_empty() and load_state_dict())")
         self._W = model.stack_weights(model.weight.detach()).to(dtype).clone()  # [R, n, d, d]
         self.P = self._W.numel()
         self.shape = (self.P, self.P)
@@ -256,6 +260,9 @@ class HessianOperator:
             if t.device.type == "meta" or ops._is_fake(t):
                 raise ValueError(f"data[{i}] {name} must hold values (the operator checks and copies them), got a "
                                  f"{'meta' if t.device.type == 'meta' else 'fake'} tensor")
+            if t.layout != torch.strided:
+                raise ValueError(f"data[{i}] {name} must be a dense (strided) tensor, got layout {t.layout} "
+                                 "(call .to_dense())")
         if y.dim() == 0 or y.shape[0] != B:
             raise ValueError(f"data[{i}] targets must have {B} rows like x, got shape {list(y.shape)}")
         if not bool(torch.isfinite(x).all()):
