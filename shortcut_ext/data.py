@@ -379,10 +379,15 @@ def mnist(path, d: int = 10, split: str = "train", m: int | None = None, seed: i
 
 
 # --------------------------------------------------------------------------- linear baselines
-def best_linear_loss(X, Y) -> float:
+def best_linear_loss(X, Y, input_proj=None, readout=None) -> float:
     """``L_min = 1/(2m) ||Y - X W*^T||_F^2`` with ``W* = S_yx S_xx^+`` (PAPER.md section 1).
 
     ``S_xx = X^T X / m`` and ``S_yx = Y^T X / m`` (rows are samples). Computed in float64.
+
+    With a net's frozen projections (``input_proj`` ``E [d, p]``, ``readout`` ``P [q, d]``) the best
+    loss of the maps ``P A E`` a linear net of width ``d`` can be: ``1/(2m) ||Y - Pi_U Y Pi_P||_F^2``
+    (``U = X E^T``, ``Pi`` the orthogonal projections onto ``U``'s columns and ``P``'s columns).  It is
+    ``L_min`` unless a projection loses rank (``d`` below the number of inputs or of targets).
 
     >>> X = torch.eye(3, dtype=torch.float64); best_linear_loss(X, 2 * X)
     0.0
@@ -396,9 +401,22 @@ def best_linear_loss(X, Y) -> float:
         raise ValueError("X and Y must have at least one sample")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("X and Y must be finite, got nan or inf entries")
+    if input_proj is not None:
+        e = _as_float64("input_proj", input_proj)
+        if e.shape[1] != x.shape[1]:
+            raise ValueError(f"input_proj must have shape [d, {x.shape[1]}] (X has {x.shape[1]} features), got "
+                             f"{list(e.shape)}")
+        x = x @ e.T  # [m, d]
     # least squares on X itself (the normal equations' pinv(S_xx) would square X's condition number)
     w, *_ = np.linalg.lstsq(x, y, rcond=None)  # [d, q]: the minimiser W*^T, minimum-norm where X is singular
-    r = y - x @ w
+    fit = x @ w
+    if readout is not None:
+        p = _as_float64("readout", readout)  # [q, d]
+        if p.shape[0] != y.shape[1]:
+            raise ValueError(f"readout must have shape [{y.shape[1]}, d] (Y has {y.shape[1]} targets), got "
+                             f"{list(p.shape)}")
+        fit = fit @ (p @ np.linalg.pinv(p))  # rows projected onto the read-out's range
+    r = y - fit
     return float(max(0.5 * np.sum(r * r) / m, 0.0))
 
 

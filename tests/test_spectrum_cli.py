@@ -6,6 +6,7 @@ Every call is in-process through ``shortcut_ext.cli.main`` at tiny sizes (a few 
 from __future__ import annotations
 
 import json
+import math
 
 import matplotlib
 import pytest
@@ -153,15 +154,28 @@ def test_digits_samples_above_the_data_are_refused(tmp_path):
 
 # ------------------------------------------------------------------ 6. unconverged Lanczos
 def test_unconverged_lanczos_warns_and_is_recorded(tmp_path, capsys):
-    assert main(TINY + ["--init", "small", "--max-iter", "4", "--no-plots", "--out", str(tmp_path / "a")]) == 0
+    NO_EXACT = ["--exact-max-params", "0"]
+    assert main(TINY + NO_EXACT + ["--init", "small", "--max-iter", "4", "--no-plots", "--out",
+                                   str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert "WARNING: Lanczos did not converge" in err and "--max-iter" in err and "--lanczos-products" in err
     res = _result(tmp_path / "a")
     assert res["converged"] is False and res["condition"]["converged"] is False
     assert res["lanczos"]["converged"] is False and len(res["warnings"]) == 1
 
-    assert main(TINY + ["--init", "small", "--lanczos-products", "5", "--no-plots", "--out",
-                        str(tmp_path / "b")]) == 0
+    # with the exact spectrum the summary holds exact values: stdout, "condition" and the warnings said
+    # |lambda|max was Lanczos's unconverged estimate (a value the JSON did not hold)
+    assert main(TINY + ["--init", "small", "--max-iter", "4", "--no-plots", "--out", str(tmp_path / "e")]) == 0
+    out, err = capsys.readouterr()
+    res = _result(tmp_path / "e")
+    assert "WARNING" not in err and res["warnings"] == [] and res["lanczos"]["converged"] is False
+    assert "Lanczos did not converge" in res["lanczos"]["notes"][0]
+    c = res["condition"]
+    assert c["method"] == "exact" and c["converged"] is True and c["lam_max_residual"] is None
+    assert res["converged"] is True and f"|lambda|max = {c['lam_max']:.6g}  " in out and "residual" not in out
+
+    assert main(TINY + NO_EXACT + ["--init", "small", "--lanczos-products", "5", "--no-plots", "--out",
+                                   str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
     assert "WARNING: Lanczos did not converge" in err and "--lanczos-products (now 5)" in err
     assert _result(tmp_path / "b")["condition"]["converged"] is False
@@ -371,3 +385,15 @@ def test_a_dense_spectrum_that_cannot_fit_is_refused_before_any_work(tmp_path, m
                                          r"which needs about .* GiB, more than this machine's"):
         main(TINY + ["--exact-max-params", "200", "--out", str(tmp_path / "s")])
     assert not (tmp_path / "s" / "spectrum.json").exists()
+
+
+def test_float32_slq_warnings_step_aside_for_the_exact_spectrum(tmp_path):
+    """float32: SLQ's zero-tolerance warnings ("cond_q10 is reported inf") stayed among the warnings
+    when the exact spectrum had replaced SLQ's numbers (cond_q10 = 13114.8 in the same file)."""
+    assert main(["spectrum", "--shortcut", "0", "--units", "6", "--width", "10", "--init", "xavier", "--data",
+                 "digits", "--samples", "500", "--top", "2", "--probes", "4", "--steps", "40", "--dtype", "float32",
+                 "--no-progress", "--no-plots", "--out", str(tmp_path / "o")]) == 0
+    res = _result(tmp_path / "o")
+    assert res["condition"]["method"] == "exact" and math.isfinite(res["condition"]["cond_q10"])
+    assert not [w for w in res["warnings"] if "reported inf" in w or w.startswith("SLQ")]
+    assert any("cond_q10 is reported inf" in n for n in res["slq"]["notes"])

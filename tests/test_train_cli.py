@@ -57,6 +57,21 @@ def test_sgd_takes_momentum_and_batch_size(tmp_path, capsys):
     assert "momentum of --optimizer sgd" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_narrow_read_out_names_the_nets_floor(tmp_path, capsys):
+    """width 4 < 10 digit classes: the frozen read-out keeps the net above L_min, and the run says so
+    (a converged run reported "loss - L_min 0.0711" and nothing else)."""
+    assert main(["train", "--arch", "2-shortcut", "--depth", "2", "--width", "4", "--lr", "0.3", "--epochs", "3000",
+                 "--no-progress", "--out", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert rec["l_min_net"] > rec["l_min"] + 0.05 and rec["final_loss"] == pytest.approx(rec["l_min_net"], rel=1e-6)
+    assert "note: width 4 < 10 targets" in out and f"{rec['l_min_net']:.6g}" in out
+    assert main(["train", "--arch", "2-shortcut", "--depth", "2", "--width", "10", "--lr", "0.3", "--epochs", "3",
+                 "--no-progress", "--out", str(tmp_path / "w.json")]) == 0
+    rec = json.loads((tmp_path / "w.json").read_text())
+    assert "note:" not in capsys.readouterr().out and rec["l_min_net"] == rec["l_min"]
+
+
 # --------------------------------------------------------------------------- 2. --out checked first
 def test_out_checked_before_any_work(tmp_path, monkeypatch):
     _no_work(monkeypatch)

@@ -290,8 +290,9 @@ def _run(args, dtype, budget, rank, world) -> int:
         "restarts": lz.restarts, "max_vectors": lz.max_vectors, "basis_bytes": lz.basis_bytes,
     }
     warnings = []
-    if not lz.converged:
-        warnings.append(_unconverged_message(args, lz))
+    unconverged = _unconverged_message(args, lz) if not lz.converged else None
+    if unconverged:
+        warnings.append(unconverged)
     if H.dtype == torch.float32:
         result["float32_check"] = chk = _float32_check(net, data, args, H)
         if chk["rel_error"] is not None and chk["rel_error"] > 1e-3:
@@ -340,11 +341,11 @@ def _run(args, dtype, budget, rank, world) -> int:
         x, wts = sq.pooled()
         band = float(wts[(x < 0) & (x >= -zero_tol)].sum())
         if 0 < lam_q10 <= zero_tol:
-            warnings.append(f"|lambda|(0.1) = {lam_q10:.3g} is below float32's zero tolerance {zero_tol:.3g} "
+            warnings.append(f"SLQ: |lambda|(0.1) = {lam_q10:.3g} is below float32's zero tolerance {zero_tol:.3g} "
                             "(sqrt(eps) |lambda|max), so cond_q10 is reported inf: those eigenvalues are zero or "
                             "below float32's resolution; a --dtype float64 run tells them apart")
         if band >= 0.01:
-            warnings.append(f"{band:.1%} of the spectrum lies in [-{zero_tol:.3g}, 0), within float32's zero "
+            warnings.append(f"SLQ: {band:.1%} of the spectrum lies in [-{zero_tol:.3g}, 0), within float32's zero "
                             "tolerance, and is not counted in the index (zero, or negative below float32's "
                             "resolution: a --dtype float64 run tells them apart)")
     if q_unres >= 0.05 or idx_unres >= 0.05:
@@ -371,13 +372,18 @@ def _run(args, dtype, budget, rank, world) -> int:
         # the exact numbers replace SLQ's estimates in the summary (SLQ's stay in the "slq" block): with few
         # weights SLQ's quadrature can be far off (P = 2: every probe an eigenvector, index 0.75 for 0.5)
         ex = result["exact"]
+        # exact values: converged, with no Lanczos residual (the "lanczos" block keeps its own)
         result["condition"].update(lam_max=ex["lam_max"], lam_q10=ex["lam_q10"], cond_q10=ex["cond_q10"],
                                    cond=ex["cond"], index=ex["index"], zero_tol=ex["uncertainty"]["zero_tol"],
-                                   method="exact", lam_q10_resolved=True)
-        notes = [w for w in warnings if w.startswith("SLQ ")]  # about estimates the exact values replace
+                                   method="exact", lam_q10_resolved=True, converged=True, lam_max_residual=None)
+        result["converged"] = True
+        notes = [w for w in warnings if w.startswith("SLQ")]  # about estimates the exact values replace
         if notes:
-            warnings[:] = [w for w in warnings if not w.startswith("SLQ ")]
+            warnings[:] = [w for w in warnings if not w.startswith("SLQ")]
             result["slq"]["notes"] = notes
+        if unconverged:  # its extremes are replaced too: a note on the Lanczos block, not a warning
+            warnings.remove(unconverged)
+            result["lanczos"]["notes"] = [unconverged + " (the exact spectrum replaces them in \"condition\")"]
         nz = result["exact"]["uncertainty"]["num_zero"]
         if H.dtype == torch.float32 and nz and 0 < nz < H.P:
             warnings.append(f"{nz} eigenvalues of the exact spectrum lie within float32's zero tolerance "
@@ -439,7 +445,8 @@ def _run(args, dtype, budget, rank, world) -> int:
     if not args.no_plots:
         _plots(args.out, sq, grid, dens, sigma, lz, exact, spec)
     c = result["condition"]
-    print(f"P = {H.P}  |lambda|max = {lam_max:.6g} (residual {lz.abs_max_residual:.2g})  "
+    print(f"P = {H.P}  |lambda|max = {c['lam_max']:.6g}"
+          + ("" if c["method"] == "exact" else f" (residual {lz.abs_max_residual:.2g})") + "  "
           f"|lambda|(0.1) = {c['lam_q10']:.6g}  index = {c['index']:.4f}"
           + ("  (exact spectrum)" if c["method"] == "exact" else "") + f"  -> {args.out}")
     if spec is not None:

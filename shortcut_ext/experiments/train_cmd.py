@@ -31,6 +31,7 @@ import torch
 from .._cli_args import (device_memory, nonneg_float, nonneg_int, out_file, out_lock, positive_float,
                          positive_int, seed)
 from .._device import init_distributed, parse_device
+from ..data import best_linear_loss
 from .._io import atomic_open
 from ..train import OPTIMIZERS, TrainConfig, train
 from .store import json_safe
@@ -250,10 +251,23 @@ def _main_locked(args, device, rank, world) -> int:
     if world > 1:  # this rank's rows (the compressed rows also average to the same loss)
         data = tuple(t[rank::world] for t in data)
     ckpt = checkpoint_path(out) if args.checkpoint_every else None
+    # a read-out of rank d < q targets (or an input projection that loses rank) keeps every net of this
+    # width above L_min: the best linear map through the projections is this run's floor
+    l_floor = None
+    if net.readout is not None or net.input_proj is not None:
+        l_floor = best_linear_loss(bundle.X, bundle.Y, input_proj=net.input_proj, readout=net.readout)
+        if l_floor <= bundle.l_min * (1 + 1e-9) + 1e-15:
+            l_floor = None
     if lead:
         print(f"training {net!r} ({net.num_parameters()} weights) on {bundle.tag}"
               f"{' (second-moment compression)' if compress else ''}; L_min = {bundle.l_min:.6g}"
               f"{f'; {world} ranks' if world > 1 else ''}")
+        if l_floor is not None:
+            print(f"note: width {net.width} < {max(net.in_features, net.out_features)} "
+                  f"{'targets' if net.out_features > net.width else 'inputs'}: through its frozen projections a "
+                  f"linear net of this width reaches at best {l_floor:.6g} (\"l_min_net\"), so loss - L_min "
+                  f"stays >= {l_floor - bundle.l_min:.3g}; raise --width to {max(net.in_features, net.out_features)} "
+                  "to reach L_min")
     from ..ops import cuda_tf32
 
     with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
@@ -269,7 +283,7 @@ def _main_locked(args, device, rank, world) -> int:
     rec = {"arch": args.arch, "act": args.act, "depth": depth, "seed": args.seed, "data": bundle.tag,
            "backend": net.backend, "device": device, "world_size": world, "dtype": args.dtype,
            "tf32": getattr(args, "tf32", None) or "off", "compressed": compress, "config": cfg.to_dict(),
-           **res.to_dict(),
+           **res.to_dict(), "l_min_net": bundle.l_min if l_floor is None else l_floor,
            "environment": environment()}  # versions, build, threads, machine: what a reviewer asks
     text = json.dumps(json_safe(rec), indent=1)
     _write_atomic(out, lambda f: f.write(text))
