@@ -335,7 +335,8 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000,
     ``exact_max_params``, stochastic Lanczos quadrature above); otherwise an exact dense Hessian
     (:func:`dense_hessian`) for nets of at most ``exact_max_params`` parameters.  ``seed`` seeds the
     Lanczos start and the SLQ probes of the stochastic path (train passes the run's seed, so that seeds
-    average the probes' error out too).
+    average the probes' error out too).  A model with ``backend="torch"`` is probed without the fused
+    kernels (autograd Hessian-vector products), as it trains.
     """
     try:
         from .curvature import hessian_probes as curvature_probes
@@ -343,6 +344,8 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000,
         curvature_probes = None
     if curvature_probes is not None:
         kw = {"seed": int(seed)}
+        if getattr(model, "backend", None) == "torch" and "backend" in inspect.signature(curvature_probes).parameters:
+            kw["backend"] = "autograd"  # a model run without the fused kernels is probed without them too
         if model.weight.dtype != torch.float64 and "dtype" in inspect.signature(curvature_probes).parameters:
             kw["dtype"] = torch.float64  # eigenvalues near 0 (|lambda|(0.1), the index) need float64
         if distributed:

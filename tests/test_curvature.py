@@ -112,10 +112,41 @@ def test_cross_entropy_probability_targets_and_projections():
     X = torch.randn(9, 5, generator=g, dtype=F64)
     Y = torch.softmax(torch.randn(9, 2, generator=g, dtype=F64), dim=1)
     ref = dense_hessian_func(net, (X, Y), loss="cross_entropy")
-    op = HessianOperator(net, (X, Y), loss="cross_entropy", backend="fused")
+    with pytest.warns(UserWarning, match=r"runs autograd Hessian-vector products \(slower\).*cross-entropy"):
+        op = HessianOperator(net, (X, Y), loss="cross_entropy", backend="fused")
     assert op.backend_used == "autograd" and "read-out" in op.fallback_reason
     assert rel_err(op.to_dense(), ref) <= 1e-10
     assert rel_err(HessianOperator(net, (X, Y), loss="cross_entropy", backend="func").to_dense(), ref) <= 1e-10
+
+
+@pytest.mark.parametrize("mid", ["tanh", "relu"])
+def test_an_orthonormal_read_out_runs_fused_under_mse(mid, monkeypatch):
+    """A read-out with orthonormal columns (q >= d, as the models make it) under mse: the Hessian is the
+    trunk's with targets y P, so the fused kernel runs (it fell back to autograd's double backward, 2-7x
+    slower, for every model with out_features != width). Other read-outs still fall back, with a warning."""
+    import shortcut_ext.ops as ops_mod
+
+    g = torch.Generator().manual_seed(1)
+    for kw in (dict(out_features=6), dict(in_features=7, out_features=5)):
+        net = ShortcutNet(4, 3, 2, "identity", mid, "identity", init="xavier", seed=2, dtype=F64, **kw)
+        X = torch.randn(13, net.in_features, generator=g, dtype=F64)
+        Y = torch.randn(13, net.out_features, generator=g, dtype=F64)
+        calls = []
+        op = HessianOperator(net, split(X, Y, [6, 7]), backend="fused")
+        with monkeypatch.context() as m:
+            orig = ops_mod.residual_stack_hvp
+            m.setattr(ops_mod, "residual_stack_hvp", lambda *a, **k: calls.append(1) or orig(*a, **k))
+            H = op.to_dense()
+        if fused_hvp_available():
+            assert op.backend_used == "fused" and calls
+        assert rel_err(H, dense_hessian_func(net, (X, Y))) <= 1e-10
+        ref = HessianOperator(net, (X, Y), backend="autograd").loss_and_grad()
+        for a, b in zip(op.loss_and_grad(), ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    narrow = ShortcutNet(4, 2, 2, init="xavier", dtype=F64, out_features=3)  # q < d: rows orthonormal, not columns
+    with pytest.warns(UserWarning, match="read-out is not one with orthonormal columns"):
+        op = HessianOperator(narrow, (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)))
+    assert op.backend_used == "autograd"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

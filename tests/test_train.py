@@ -185,6 +185,30 @@ def test_probes_and_operator_say_they_do_not_see_hooks_or_an_own_forward(teacher
         train_mod.train(Scaled(**kw), (X, Y), epochs=1, lr=1e-3)  # no probes: nothing to say
 
 
+def test_a_torch_backend_model_is_probed_without_the_fused_kernels(teacher, monkeypatch):
+    """--backend torch (a cross-check of the fused kernels) still computed its Hessian probes with the
+    fused HVP kernel it meant to check."""
+    import shortcut_ext.ops as ops_mod
+
+    def no_fused(*a, backend=None, **k):
+        assert backend != "fused", "the fused HVP ran for a backend='torch' model"
+        return orig(*a, backend=backend, **k)
+
+    orig = ops_mod.residual_stack_hvp
+    monkeypatch.setattr(ops_mod, "residual_stack_hvp", no_fused)
+    X, Y = teacher[0][:16].double(), teacher[1][:16].double()
+    kw = dict(width=X.shape[1], units=2, shortcut=2, mid="tanh", init="xavier", dtype=torch.float64)
+    for exact in (4000, 8):  # dense and Lanczos + SLQ probes
+        r = train_mod.train(ShortcutNet(**kw, backend="torch"), (X, Y), epochs=1, lr=1e-3, probe_epochs=[0],
+                            exact_max_params=exact)
+        assert math.isfinite(r.probes[0]["lam_max"])
+    from shortcut_ext.curvature.hessian import fused_hvp_available
+
+    if fused_hvp_available():  # the check above can fail
+        with pytest.raises(AssertionError, match="the fused HVP ran"):
+            train_mod.train(ShortcutNet(**kw, backend="fused"), (X, Y), epochs=1, lr=1e-3, probe_epochs=[0])
+
+
 def test_train_refuses_a_parametrized_weight(teacher):
     """Under a parametrization model.weight is recomputed each forward: gd failed with autograd's "not used
     in the graph", adam with "can't optimize a non-leaf", and inside parametrize.cached() the run "trained"

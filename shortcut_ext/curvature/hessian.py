@@ -10,9 +10,12 @@ which is *exactly* the full-data Hessian (PAPER.md: ``L = 1/(2m) sum_i ||f(x_i) 
 
 Backends:
 - ``"fused"``: :func:`shortcut_ext.ops.residual_stack_hvp` (one fused R-operator pass for ``k``
-  directions).  The fused op computes the loss on the trunk output, so for nets with a frozen
-  read-out (``model.readout is not None``), or where the fused HVP kernel is not built, the operator
-  uses ``"autograd"`` instead and says so in :attr:`HessianOperator.backend_used`.
+  directions).  The fused op computes the loss on the trunk output.  A frozen read-out ``P [q, d]``
+  with orthonormal columns (``q >= d``, as the models make it) under ``mse`` runs fused all the same:
+  ``||P h - y||^2 = ||h - P^T y||^2 + ||(I - P P^T) y||^2``, so the Hessian is that of the trunk with
+  targets ``P^T y``.  For other read-outs (``q < d``, cross-entropy), or where the fused HVP kernel is
+  not built, the operator uses ``"autograd"`` instead, with a warning, and says so in
+  :attr:`HessianOperator.backend_used`.
 - ``"autograd"``: double backward through the pure-PyTorch reference stack, all ``k`` directions in
   one ``torch.autograd.grad(..., is_grads_batched=True)`` call.
 - ``"func"``: ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), ``vmap``-ed over
@@ -231,12 +234,19 @@ class HessianOperator:
 
         self.fallback_reason = None
         self.backend_used = backend
+        self._target_map = None  # P [q, d]: the fused HVP's targets are y P (an orthonormal read-out, mse)
         if backend == "fused":
-            if self._readout is not None:
+            if self._readout is not None and not self._orthonormal_readout():
                 self.backend_used, self.fallback_reason = "autograd", (
-                    "the fused HVP computes the loss on the trunk output; this model has a read-out")
+                    "the fused HVP computes the loss on the trunk output; this model's read-out "
+                    + ("is not one with orthonormal columns (q >= d) under mse" if self.loss == "mse"
+                       else "comes before a cross-entropy loss"))
+                warnings.warn(f"HessianOperator(backend='fused') runs autograd Hessian-vector products (slower): "
+                              f"{self.fallback_reason}", stacklevel=3)
             elif not fused_hvp_available():
                 self.backend_used, self.fallback_reason = "autograd", "the fused HVP kernel is not built"
+            elif self._readout is not None:
+                self._target_map = self._readout
         self.num_products = 0
 
     # ------------------------------------------------------------------ checks and helpers
@@ -301,6 +311,16 @@ class HessianOperator:
             return _normal(h0.contiguous()), _normal(y)
         return _owned(_normal(h0.contiguous()), src_x), _owned(_normal(y), src_y)
 
+    def _orthonormal_readout(self) -> bool:
+        """Whether the frozen read-out ``P [q, d]`` has orthonormal columns and the loss is mse (then the
+        fused HVP runs on the trunk with targets ``y P``)."""
+        P = self._readout
+        if self.loss != "mse" or P.shape[0] < P.shape[1]:
+            return False
+        gram = P.T.double() @ P.double()
+        eye = torch.eye(P.shape[1], dtype=torch.float64, device=P.device)
+        return bool((gram - eye).abs().max() <= 64 * P.shape[0] * torch.finfo(self.dtype).eps)
+
     def _read(self, h):
         return h if self._readout is None else h @ self._readout.T
 
@@ -347,6 +367,8 @@ class HessianOperator:
         return out.reshape(V.shape[1], self.P).T
 
     def _hvp_fused(self, h0, y, D):
+        if self._target_map is not None:  # ||P h - y||^2 = ||h - y P||^2 + a constant: the same Hessian
+            y = y @ self._target_map
         _, _, hv = ops.residual_stack_hvp(h0, self._W, y, D.contiguous(), self.shortcut, *self.activations,
                                           loss=self.loss, backend="fused")
         return hv

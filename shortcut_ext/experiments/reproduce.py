@@ -240,7 +240,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
     if "fig5" in only:
         t = time.perf_counter()
         init_rows = sweeps.run_init_probes(bundle, cfg.init_archs, cfg.init_depths, cfg.seeds, store,
-                                           cfg.exact_max_params, dtype, progress=progress)
+                                           cfg.exact_max_params, dtype, progress=progress, backend=backend)
         timings["fig5 Hessians at init"] = time.perf_counter() - t
         theory = bundle.theory_cond_2shortcut() if square else None
         _write_csv(resdir / "fig5_init_condition.csv", init_rows)

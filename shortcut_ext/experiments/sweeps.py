@@ -300,8 +300,9 @@ def run_lr_sweeps(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str],
 
 def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[int], seeds: Sequence[int], store,
                     exact_max_params: int = 4000, dtype=torch.float64, act: str = "linear",
-                    desc: str = "Hessian at init", progress: bool = True) -> list[dict]:
-    """Hessian probes at initialisation (the paper's Fig. 5): one row per (arch, depth, seed)."""
+                    desc: str = "Hessian at init", progress: bool = True, backend: str | None = None) -> list[dict]:
+    """Hessian probes at initialisation (the paper's Fig. 5): one row per (arch, depth, seed); ``backend``
+    ``"torch"`` computes them without the fused kernels (autograd Hessian-vector products)."""
     jobs = []
     for arch in archs:
         if not arch_supports(arch, act):
@@ -317,7 +318,7 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
         return f"init|{bundle.tag}|{arch}|{act}|depth={depth}|seed={seed}|{_dtype_name(dtype)}|exact<={exact_max_params}"
 
     def compute(arch, depth, seed):
-        net = build_model(arch, act, depth, bundle.width, seed, dtype, backend=None,
+        net = build_model(arch, act, depth, bundle.width, seed, dtype, backend=backend,
                           out_features=None if bundle.out_features == bundle.width else bundle.out_features)
         rec = dict(hessian_probes(net, data, "mse", exact_max_params=exact_max_params, seed=seed))
         rec["num_params"] = net.num_parameters()
