@@ -167,6 +167,26 @@ def test_group_key_separates_training_settings():
     assert key(TrainConfig(epochs=20)) == ("sweep|" + b.tag + "|2-shortcut|linear|depth=4|seed=0|gd|epochs=20|float64")
 
 
+def test_sweeps_free_the_buffer_cache_between_shapes(monkeypatch, tmp_path):
+    """A sweep over depths filled the fused ops' CPU buffer cache to its 2 GB limit with blocks the next
+    depths did not fit: each group (a depth, a seed) now frees it after its runs."""
+    from shortcut_ext import ops
+    from shortcut_ext.experiments.store import RunStore
+    from shortcut_ext.train import TrainConfig
+
+    if ops._C is None:
+        pytest.skip("the extension is not built")
+    calls = []
+    monkeypatch.setattr(ops, "empty_cache", lambda: calls.append(1))
+    b = sweeps.load_data("synthetic", d=4, samples=16)
+    store = RunStore(tmp_path / "runs.jsonl")
+    runs, best = sweeps.run_lr_sweeps(b, ["2-shortcut"], ["linear"], [2, 4], [0], [0.1], TrainConfig(epochs=2),
+                                      store, progress=False)
+    assert len(best) == 2 and len(calls) == 2
+    rows = sweeps.run_init_probes(b, ["2-shortcut"], [2, 4], [0], store, progress=False)
+    assert len(rows) == 2 and len(calls) == 4
+
+
 def test_final_loss_verdicts_count_seeds_that_diverged_at_every_rate():
     """A seed whose every rate diverged has final loss inf; the seed means left it out, so '2-shortcut
     stays near L_min' held on the surviving seeds alone."""

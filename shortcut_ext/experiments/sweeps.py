@@ -226,6 +226,15 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=True)
 
 
+def _release_buffers() -> None:
+    """The fused ops' CPU buffer cache holds the last shape's outputs; the next depth's do not fit them
+    (a sweep over depths filled it to its 2 GB limit): freed between a sweep's groups."""
+    from .. import ops
+
+    if ops._C is not None:
+        ops.empty_cache()
+
+
 def _fill(store, jobs, desc, progress) -> None:
     """Runs a phase's missing runs across the ranks of a :class:`DistributedRunStore` (a bar on rank 0)."""
     bar = None
@@ -282,6 +291,7 @@ def run_lr_sweeps(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str],
         key = group_key("sweep", bundle, arch, act, depth, seed, cfg, dtype)
         b, results = lr_sweep(maker(arch, act, depth, seed), data_for(act), lrs, cfg, l_min=bundle.l_min, store=store,
                               key=key)
+        _release_buffers()
         base = {"arch": arch, "act": act, "depth": depth, "seed": seed}
         stable = [r.lr for r in results if is_stable(r)]
         for r in results:
@@ -322,6 +332,7 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
                           out_features=None if bundle.out_features == bundle.width else bundle.out_features)
         rec = dict(hessian_probes(net, data, "mse", exact_max_params=exact_max_params, seed=seed))
         rec["num_params"] = net.num_parameters()
+        _release_buffers()
         return rec
 
     if hasattr(store, "fill"):
@@ -399,6 +410,7 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
                           out_features=None if bundle.out_features == bundle.width else bundle.out_features)
         res = train(net, tuple(t.to(dtype) for t in bundle.for_act(act)), dataclasses.replace(cfg, lr=float(lrs[arch])),
                     l_min=bundle.l_min)
+        _release_buffers()
         return res.to_dict(max_points=1000)
 
     if hasattr(store, "fill"):
