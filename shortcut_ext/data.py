@@ -48,12 +48,15 @@ def _check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+_SHAPES = {"input_proj": "[d, p]", "readout": "[q, d]"}
+
+
 def _as_float64(name: str, a) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().double().numpy()
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [m, features], got shape {list(a.shape)}")
+        raise ValueError(f"{name} must be a 2-D array {_SHAPES.get(name, '[m, features]')}, got shape {list(a.shape)}")
     return a
 
 
@@ -403,6 +406,9 @@ def best_linear_loss(X, Y, input_proj=None, readout=None) -> float:
         raise ValueError("X and Y must be finite, got nan or inf entries")
     if input_proj is not None:
         e = _as_float64("input_proj", input_proj)
+        if readout is not None and np.ndim(readout) == 2 and np.shape(readout)[1] != e.shape[0]:
+            raise ValueError(f"input_proj [d, p] and readout [q, d] must have one width d, got {list(e.shape)} and "
+                             f"{list(np.shape(readout))}")
         if e.shape[1] != x.shape[1]:
             raise ValueError(f"input_proj must have shape [d, {x.shape[1]}] (X has {x.shape[1]} features), got "
                              f"{list(e.shape)}")
@@ -412,6 +418,8 @@ def best_linear_loss(X, Y, input_proj=None, readout=None) -> float:
     fit = x @ w
     if readout is not None:
         p = _as_float64("readout", readout)  # [q, d]
+        if not np.isfinite(p).all():
+            raise ValueError("readout must be finite, got nan or inf entries")
         if p.shape[0] != y.shape[1]:
             raise ValueError(f"readout must have shape [{y.shape[1]}, d] (Y has {y.shape[1]} targets), got "
                              f"{list(p.shape)}")

@@ -174,7 +174,7 @@ class StackNet(nn.Module):
         hooks = [name for name, d in (("global forward hooks", nn_module._global_forward_hooks),
                                       ("global forward pre-hooks", nn_module._global_forward_pre_hooks)) if d]
         if hooks:
-            return "torch.nn has " + " and ".join(hooks) + " (register_module_forward_hook)"
+            return "torch.nn has " + " and ".join(hooks) + " (register_module_forward_hook / _pre_hook)"
         return None
 
     def read(self, h: torch.Tensor) -> torch.Tensor:

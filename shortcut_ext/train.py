@@ -21,6 +21,7 @@ arguments resumes from it, ending with the same numbers bit for bit as an uninte
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -616,7 +617,9 @@ def train(
             if config.probes_at(epoch):
                 tp = time.perf_counter()
                 try:
-                    with warnings.catch_warnings():  # said once, at the start
+                    # said once, at the start (catch_warnings only then: entering it resets the registry of
+                    # warnings already shown, so the operator's own notes would repeat at every probe)
+                    with warnings.catch_warnings() if reason else contextlib.nullcontext():
                         if reason:
                             warnings.simplefilter("ignore", ForwardNotSeenWarning)
                         p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,

@@ -143,8 +143,22 @@ def test_an_orthonormal_read_out_runs_fused_under_mse(mid, monkeypatch):
         ref = HessianOperator(net, (X, Y), backend="autograd").loss_and_grad()
         for a, b in zip(op.loss_and_grad(), ref):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # judged at the operator's precision: a float32 model's read-out (orthonormal to float32 rounding) runs
+    # fused in a float32 operator, and falls back in a float64 one; a read-out 3e-5 off falls back in both
+    # (the tolerance grew with q: 64 q eps accepted a read-out 0.35% off at q = 1000)
+    net32 = ShortcutNet(4, 2, 2, "identity", "tanh", "identity", init="xavier", out_features=10)
+    X32, Y32 = torch.randn(7, 4), torch.randn(7, 10)
+    if fused_hvp_available():
+        assert HessianOperator(net32, (X32, Y32)).backend_used == "fused"
+    with pytest.warns(UserWarning, match="orthonormal columns to float32 precision only"):
+        assert HessianOperator(net32, (X32, Y32), dtype=F64).backend_used == "autograd"
+    with torch.no_grad():
+        net32.readout.mul_(1.00003)
+    for dt in (torch.float32, F64):
+        with pytest.warns(UserWarning, match=r"does not have orthonormal columns \(max \|P\^T P - I\| = 6"):
+            assert HessianOperator(net32, (X32, Y32), dtype=dt).backend_used == "autograd"
     narrow = ShortcutNet(4, 2, 2, init="xavier", dtype=F64, out_features=3)  # q < d: rows orthonormal, not columns
-    with pytest.warns(UserWarning, match="read-out is not one with orthonormal columns"):
+    with pytest.warns(UserWarning, match=r"read-out \[3, 4\] has fewer targets than the width"):
         op = HessianOperator(narrow, (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)))
     assert op.backend_used == "autograd"
 

@@ -397,3 +397,15 @@ def test_float32_slq_warnings_step_aside_for_the_exact_spectrum(tmp_path):
     assert res["condition"]["method"] == "exact" and math.isfinite(res["condition"]["cond_q10"])
     assert not [w for w in res["warnings"] if "reported inf" in w or w.startswith("SLQ")]
     assert any("cond_q10 is reported inf" in n for n in res["slq"]["notes"])
+
+
+def test_theory_line_compares_the_exact_spectrum(tmp_path, capsys):
+    """With the exact spectrum the theory line compared only Lanczos's unconverged extremes (a "43%
+    error" beside an exact spectrum that matched Theorem 1 to 1e-15), and no warning explained it."""
+    assert main(["spectrum", "--shortcut", "2", "--units", "20", "--width", "4", "--init", "zero", "--top", "2",
+                 "--max-iter", "6", "--no-progress", "--no-plots", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    th = _result(tmp_path / "o")["theory"]
+    assert th["exact_rel_error"] < 1e-12 and th["lanczos_rel_error"] > 0.1
+    assert f"exact spectrum error / |lambda|max {th['exact_rel_error']:.2e}" in out
+    assert "Lanczos did not converge" in out

@@ -209,6 +209,20 @@ def test_a_torch_backend_model_is_probed_without_the_fused_kernels(teacher, monk
             train_mod.train(ShortcutNet(**kw, backend="fused"), (X, Y), epochs=1, lr=1e-3, probe_epochs=[0])
 
 
+def test_the_operators_fallback_warning_is_said_once_per_run(teacher):
+    """Each probe entered catch_warnings, which resets the registry of warnings already shown: the operator's
+    autograd-fallback warning came once per probe (11 times for 11 probes)."""
+    X = teacher[0][:16].double()
+    Y = torch.randn(16, 3, dtype=torch.float64)
+    net = ShortcutNet(width=X.shape[1], units=2, shortcut=2, init="xavier", dtype=torch.float64, out_features=3)
+    if net.width <= 3:
+        pytest.skip("needs fewer targets than the width")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("default")
+        train_mod.train(net, (X, Y), epochs=5, lr=1e-3, probe_every=1)
+    assert sum("runs autograd Hessian-vector products" in str(w.message) for w in got) == 1
+
+
 def test_train_refuses_a_parametrized_weight(teacher):
     """Under a parametrization model.weight is recomputed each forward: gd failed with autograd's "not used
     in the graph", adam with "can't optimize a non-leaf", and inside parametrize.cached() the run "trained"

@@ -66,6 +66,11 @@ def test_a_narrow_read_out_names_the_nets_floor(tmp_path, capsys):
     rec = json.loads((tmp_path / "r.json").read_text())
     assert rec["l_min_net"] > rec["l_min"] + 0.05 and rec["final_loss"] == pytest.approx(rec["l_min_net"], rel=1e-6)
     assert "note: width 4 < 10 targets" in out and f"{rec['l_min_net']:.6g}" in out
+    # a nonlinear net can go below the linear floor (and below L_min): no floor for it
+    assert main(["train", "--arch", "2-shortcut", "--act", "relu-mid", "--depth", "2", "--width", "4", "--lr", "0.3",
+                 "--epochs", "3", "--no-progress", "--out", str(tmp_path / "n.json")]) == 0
+    rec = json.loads((tmp_path / "n.json").read_text())
+    assert "note:" not in capsys.readouterr().out and rec["l_min_net"] == rec["l_min"]
     assert main(["train", "--arch", "2-shortcut", "--depth", "2", "--width", "10", "--lr", "0.3", "--epochs", "3",
                  "--no-progress", "--out", str(tmp_path / "w.json")]) == 0
     rec = json.loads((tmp_path / "w.json").read_text())

@@ -25,6 +25,7 @@ Backends:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable
 
@@ -236,11 +237,10 @@ class HessianOperator:
         self.backend_used = backend
         self._target_map = None  # P [q, d]: the fused HVP's targets are y P (an orthonormal read-out, mse)
         if backend == "fused":
-            if self._readout is not None and not self._orthonormal_readout():
+            why = None if self._readout is None else self._readout_unfused()
+            if why:
                 self.backend_used, self.fallback_reason = "autograd", (
-                    "the fused HVP computes the loss on the trunk output; this model's read-out "
-                    + ("is not one with orthonormal columns (q >= d) under mse" if self.loss == "mse"
-                       else "comes before a cross-entropy loss"))
+                    "the fused HVP computes the loss on the trunk output; " + why)
                 warnings.warn(f"HessianOperator(backend='fused') runs autograd Hessian-vector products (slower): "
                               f"{self.fallback_reason}", stacklevel=3)
             elif not fused_hvp_available():
@@ -311,15 +311,25 @@ class HessianOperator:
             return _normal(h0.contiguous()), _normal(y)
         return _owned(_normal(h0.contiguous()), src_x), _owned(_normal(y), src_y)
 
-    def _orthonormal_readout(self) -> bool:
-        """Whether the frozen read-out ``P [q, d]`` has orthonormal columns and the loss is mse (then the
-        fused HVP runs on the trunk with targets ``y P``)."""
+    def _readout_unfused(self) -> str | None:
+        """Why the frozen read-out ``P [q, d]`` keeps the fused HVP from running, or ``None``: it runs under
+        mse when ``P`` has orthonormal columns to the operator's precision (targets ``y P``, the same
+        Hessian; the models' read-outs for ``q >= d`` are, rounded to their dtype)."""
         P = self._readout
-        if self.loss != "mse" or P.shape[0] < P.shape[1]:
-            return False
+        q, d = P.shape
+        if self.loss != "mse":
+            return "this model's read-out comes before a cross-entropy loss"
+        if q < d:
+            return f"this model's read-out [{q}, {d}] has fewer targets than the width (no orthonormal columns)"
         gram = P.T.double() @ P.double()
-        eye = torch.eye(P.shape[1], dtype=torch.float64, device=P.device)
-        return bool((gram - eye).abs().max() <= 64 * P.shape[0] * torch.finfo(self.dtype).eps)
+        err = float((gram - torch.eye(d, dtype=torch.float64, device=P.device)).abs().max())
+        tol = lambda dt: 4 * math.sqrt(d) * torch.finfo(dt).eps  # noqa: E731  (rounding: ~0.1-1 of it)
+        if err <= tol(self.dtype):
+            return None
+        if err <= tol(torch.float32):
+            return ("this model's read-out has orthonormal columns to float32 precision only (a float32 model's) "
+                    "and the operator computes in float64")
+        return f"this model's read-out does not have orthonormal columns (max |P^T P - I| = {err:.2g})"
 
     def _read(self, h):
         return h if self._readout is None else h @ self._readout.T

@@ -431,6 +431,9 @@ def _run(args, dtype, budget, rank, world) -> int:
             "lanczos_rel_error": (max(float(np.abs(lz.largest - ev[::-1][:k_top]).max()),
                                       float(np.abs(lz.smallest - ev[:k_top]).max())) / scale) if k_top else None,
             "slq_q10_rel_error": abs(lam_q10 - rep.lam_q10) / scale,
+            # the whole dense spectrum against the theory's, eigenvalue by eigenvalue (sorted)
+            "exact_rel_error": (float(np.abs(np.sort(exact) - np.sort(np.asarray(ev, dtype=np.float64))).max()) / scale
+                                if exact is not None and len(exact) == len(ev) else None),
         }
         if not spec.assumptions.holds:
             warnings.append("the zero-point theory's assumptions do not hold here, so its spectrum is not the "
@@ -450,9 +453,11 @@ def _run(args, dtype, budget, rank, world) -> int:
           f"|lambda|(0.1) = {c['lam_q10']:.6g}  index = {c['index']:.4f}"
           + ("  (exact spectrum)" if c["method"] == "exact" else "") + f"  -> {args.out}")
     if spec is not None:
-        err = result["theory"]["lanczos_rel_error"]
+        err, ex_err = result["theory"]["lanczos_rel_error"], result["theory"]["exact_rel_error"]
         print(f"theory ({spec.method}): |lambda|max = {result['theory']['report']['lam_max']:.6g}  "
-              f"Lanczos error / |lambda|max {'n/a' if err is None else f'{err:.2e}'}")
+              + (f"exact spectrum error / |lambda|max {ex_err:.2e}, " if ex_err is not None else "")
+              + f"Lanczos error / |lambda|max {'n/a' if err is None else f'{err:.2e}'}"
+              + ("" if lz.converged else " (Lanczos did not converge: see \"notes\" in spectrum.json)"))
     for w in warnings:
         print(f"shortcut-ext spectrum: WARNING: {w}", file=sys.stderr)
     return 0

@@ -253,8 +253,8 @@ def _main_locked(args, device, rank, world) -> int:
     ckpt = checkpoint_path(out) if args.checkpoint_every else None
     # a read-out of rank d < q targets (or an input projection that loses rank) keeps every net of this
     # width above L_min: the best linear map through the projections is this run's floor
-    l_floor = None
-    if net.readout is not None or net.input_proj is not None:
+    l_floor = None  # linear nets only: a nonlinear net can go below L_min and below this
+    if args.act == "linear" and (net.readout is not None or net.input_proj is not None):
         l_floor = best_linear_loss(bundle.X, bundle.Y, input_proj=net.input_proj, readout=net.readout)
         if l_floor <= bundle.l_min * (1 + 1e-9) + 1e-15:
             l_floor = None
