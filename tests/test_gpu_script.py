@@ -109,3 +109,18 @@ def test_benchmark_checks_fail_on_nan(monkeypatch):
     monkeypatch.setattr(bench_hvp, "variant_fn", poisoned)
     with pytest.raises(AssertionError, match="direction 15 differs from double backward by nan"):
         bench_hvp.check("is_grads_batched_k16", 2)
+
+
+def test_readout_benchmark_checks_and_runs_small(monkeypatch):
+    """benchmarks/bench_readout_hvp.py: its problem builds, runs fused where the kernel is built, and its
+    check compares the two backends (a small case; the timing itself is not run here)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_readout_hvp
+    from shortcut_ext.curvature.hessian import fused_hvp_available
+
+    ops, V = bench_readout_hvp.make_operators(units=3, width=4, targets=6, batch=8, k=2)
+    if fused_hvp_available():
+        assert ops["fused"].backend_used == "fused" and ops["autograd"].backend_used == "autograd"
+        assert V.shape == (ops["fused"].P, 2)
+    else:
+        assert ops is None
