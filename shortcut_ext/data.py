@@ -406,6 +406,8 @@ def best_linear_loss(X, Y, input_proj=None, readout=None) -> float:
         raise ValueError("X and Y must be finite, got nan or inf entries")
     if input_proj is not None:
         e = _as_float64("input_proj", input_proj)
+        if not np.isfinite(e).all():
+            raise ValueError("input_proj must be finite, got nan or inf entries")
         if readout is not None and np.ndim(readout) == 2 and np.shape(readout)[1] != e.shape[0]:
             raise ValueError(f"input_proj [d, p] and readout [q, d] must have one width d, got {list(e.shape)} and "
                              f"{list(np.shape(readout))}")

@@ -468,9 +468,11 @@ def train(
                          "the model with your own loop, or remove the parametrization first")
     differs = getattr(model, "function_differs", None)
     reason = differs() if callable(differs) and (config.probe_every or config.probe_epochs) else None
+    quiet: list = []  # warning categories the probes keep quiet
     if reason:
         from .models import ForwardNotSeenWarning
 
+        quiet.append(ForwardNotSeenWarning)
         warnings.warn(f"train(): the Hessian probes differentiate the network that model.weight and the frozen "
                       f"projections define, while training uses model(x): {reason}, which the probes do not see",
                       ForwardNotSeenWarning, stacklevel=2)
@@ -617,17 +619,24 @@ def train(
             if config.probes_at(epoch):
                 tp = time.perf_counter()
                 try:
-                    # said once, at the start (catch_warnings only then: entering it resets the registry of
-                    # warnings already shown, so the operator's own notes would repeat at every probe)
-                    with warnings.catch_warnings() if reason else contextlib.nullcontext():
-                        if reason:
-                            warnings.simplefilter("ignore", ForwardNotSeenWarning)
+                    # ForwardNotSeenWarning was said at the start, and the operator's notes (e.g. its autograd
+                    # fallback) at the first probe: quiet after that (catch_warnings only then: entering it
+                    # resets the registry of warnings already shown)
+                    with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+                        for category in quiet:
+                            warnings.simplefilter("ignore", category)
                         p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
                                            distributed=distributed, process_group=process_group, seed=config.seed)
                 except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
                     p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 probe_time += time.perf_counter() - tp
+                try:  # the operator's notes were said at this (the first) probe: once per run
+                    from .curvature.hessian import FallbackWarning
+                except ImportError:  # pragma: no cover - without the curvature package
+                    FallbackWarning = None
+                if FallbackWarning is not None and FallbackWarning not in quiet:
+                    quiet.append(FallbackWarning)
                 probes.append({"epoch": epoch, "loss": L, "excess": hist["excess"][-1], "grad_norm": gn, **p})
                 if p.get("resolved") is False and not unresolved_said:
                     unresolved_said = True

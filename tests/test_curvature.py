@@ -152,6 +152,11 @@ def test_an_orthonormal_read_out_runs_fused_under_mse(mid, monkeypatch):
         assert HessianOperator(net32, (X32, Y32)).backend_used == "fused"
     with pytest.warns(UserWarning, match="orthonormal columns to float32 precision only"):
         assert HessianOperator(net32, (X32, Y32), dtype=F64).backend_used == "autograd"
+    # float64 models' own read-outs run fused at any q (4 sqrt(d) eps rejected d = 2, q = 1000, seed 127)
+    wide = ShortcutNet(2, 1, 2, init="xavier", dtype=F64, out_features=1000, seed=127)
+    if fused_hvp_available():
+        assert HessianOperator(wide, (torch.randn(3, 2, dtype=F64), torch.randn(3, 1000, dtype=F64))).backend_used \
+            == "fused"
     with torch.no_grad():
         net32.readout.mul_(1.00003)
     for dt in (torch.float32, F64):

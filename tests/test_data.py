@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 
 import numpy as np
 import pytest
@@ -237,6 +238,8 @@ def test_best_linear_loss_through_a_nets_projections_is_its_floor():
         best_linear_loss(X, Y, readout=P[:4])
     with pytest.raises(ValueError, match=r"input_proj must have shape \[d, 3\]"):
         best_linear_loss(X, Y, input_proj=P)
+    with pytest.raises(ValueError, match="input_proj must be finite"):  # an inf hung LAPACK's least squares
+        best_linear_loss(X, Y, input_proj=torch.full((3, 3), math.inf, dtype=torch.float64))
 
 
 def test_second_moment_compress_is_exact_for_linear_nets():

@@ -217,10 +217,15 @@ def test_the_operators_fallback_warning_is_said_once_per_run(teacher):
     net = ShortcutNet(width=X.shape[1], units=2, shortcut=2, init="xavier", dtype=torch.float64, out_features=3)
     if net.width <= 3:
         pytest.skip("needs fewer targets than the width")
-    with warnings.catch_warnings(record=True) as got:
-        warnings.simplefilter("default")
-        train_mod.train(net, (X, Y), epochs=5, lr=1e-3, probe_every=1)
-    assert sum("runs autograd Hessian-vector products" in str(w.message) for w in got) == 1
+    for hooked in (False, True):  # with a hook, the probes entered catch_warnings (it resets the registry)
+        handle = net.register_forward_hook(lambda m, a, out: out) if hooked else None
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("default")
+            train_mod.train(net, (X, Y), epochs=5, lr=1e-3, probe_every=1)
+        assert sum("runs autograd Hessian-vector products" in str(w.message) for w in got) == 1
+        assert sum("do not see" in str(w.message) for w in got) == (1 if hooked else 0)
+        if handle is not None:
+            handle.remove()
 
 
 def test_train_refuses_a_parametrized_weight(teacher):

@@ -37,6 +37,11 @@ from .._dist import all_reduce, group_of, model_signature, ranks_agree
 from ..reference import LOSSES
 
 BACKENDS = ("fused", "autograd", "func")
+
+
+class FallbackWarning(UserWarning):
+    """``HessianOperator(backend="fused")`` runs autograd products instead (see ``fallback_reason``)."""
+
 MAX_DENSE_PARAMS = 8192  # to_dense() refuses above this (P^2 float64 = 512 MiB) unless force=True
 
 
@@ -242,7 +247,7 @@ class HessianOperator:
                 self.backend_used, self.fallback_reason = "autograd", (
                     "the fused HVP computes the loss on the trunk output; " + why)
                 warnings.warn(f"HessianOperator(backend='fused') runs autograd Hessian-vector products (slower): "
-                              f"{self.fallback_reason}", stacklevel=3)
+                              f"{self.fallback_reason}", FallbackWarning, stacklevel=3)
             elif not fused_hvp_available():
                 self.backend_used, self.fallback_reason = "autograd", "the fused HVP kernel is not built"
             elif self._readout is not None:
@@ -323,7 +328,9 @@ class HessianOperator:
             return f"this model's read-out [{q}, {d}] has fewer targets than the width (no orthonormal columns)"
         gram = P.T.double() @ P.double()
         err = float((gram - torch.eye(d, dtype=torch.float64, device=P.device)).abs().max())
-        tol = lambda dt: 4 * math.sqrt(d) * torch.finfo(dt).eps  # noqa: E731  (rounding: ~0.1-1 of it)
+        # rounding of the QR and of P^T P grows with q: up to ~1 of 4 sqrt(q) eps measured (float64 models'
+        # read-outs at d = 1..256, q to 4096); a float32 model's is ~1e-8 off in float64
+        tol = lambda dt: 4 * math.sqrt(q) * torch.finfo(dt).eps  # noqa: E731
         if err <= tol(self.dtype):
             return None
         if err <= tol(torch.float32):

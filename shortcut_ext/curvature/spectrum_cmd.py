@@ -457,7 +457,8 @@ def _run(args, dtype, budget, rank, world) -> int:
         print(f"theory ({spec.method}): |lambda|max = {result['theory']['report']['lam_max']:.6g}  "
               + (f"exact spectrum error / |lambda|max {ex_err:.2e}, " if ex_err is not None else "")
               + f"Lanczos error / |lambda|max {'n/a' if err is None else f'{err:.2e}'}"
-              + ("" if lz.converged else " (Lanczos did not converge: see \"notes\" in spectrum.json)"))
+              + ("" if lz.converged else " (Lanczos did not converge: see "
+                 + ("its \"notes\" in spectrum.json)" if result["lanczos"].get("notes") else "the warning)")))
     for w in warnings:
         print(f"shortcut-ext spectrum: WARNING: {w}", file=sys.stderr)
     return 0

@@ -194,7 +194,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
     t_all = time.perf_counter()
     log(f"[reproduce] {cfg.name} on {bundle.tag}: L_min = {bundle.l_min:.6g}, {len(store)} runs already in "
         f"{store.path}" + (f" ({store.skipped_lines} partial lines skipped)" if store.skipped_lines else ""))
-    if bundle.out_features > bundle.width and only & {"fig9", "fig2-3"}:
+    if bundle.out_features > bundle.width and only & {"fig9", "fig2-3", "fig6-8"}:
         log(f"[reproduce] note: width {bundle.width} < {bundle.out_features} targets: a linear net's frozen read-out "
             f"(rank {bundle.width}, seeded per run) keeps its loss above L_min (shortcut_ext.data.best_linear_loss with "
             "readout= gives its floor): the linear verdicts measured against L_min are not meaningful at this width")

@@ -235,6 +235,14 @@ def _release_buffers() -> None:
         ops.empty_cache()
 
 
+def _then_release(job):
+    """``job()``, then the buffer cache freed (a distributed sweep runs every depth's jobs in one go)."""
+    try:
+        return job()
+    finally:
+        _release_buffers()
+
+
 def _fill(store, jobs, desc, progress) -> None:
     """Runs a phase's missing runs across the ranks of a :class:`DistributedRunStore` (a bar on rank 0)."""
     bar = None
@@ -283,8 +291,9 @@ def run_lr_sweeps(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str],
             key = group_key("sweep", bundle, arch, act, depth, seed, cfg, dtype)
             for lr in lrs:
                 jobs.append((sweep_run_key(key, lr),
-                             functools.partial(sweep_run_record, maker(arch, act, depth, seed), data_for(act), lr, cfg,
-                                               bundle.l_min), depth))
+                             functools.partial(_then_release, functools.partial(
+                                 sweep_run_record, maker(arch, act, depth, seed), data_for(act), lr, cfg, bundle.l_min)),
+                             depth))
         _fill(store, jobs, desc, progress)
     runs, best = [], []
     for arch, act, depth, seed in _progress(groups, len(groups), desc, progress and not hasattr(store, "fill")):
