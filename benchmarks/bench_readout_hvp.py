@@ -68,17 +68,11 @@ def main() -> int:
 
 try:
     import pytest
+    from bench_hvp import _threads  # noqa: F401  (2 threads in the pytest mode too)
 except ImportError:  # pragma: no cover
     pytest = None
 
 if pytest is not None:
-    @pytest.fixture(scope="module", autouse=True)
-    def _threads():
-        n = torch.get_num_threads()
-        torch.set_num_threads(2)
-        yield
-        torch.set_num_threads(n)
-
     @pytest.mark.parametrize("k", KS)
     @pytest.mark.parametrize("backend", BACKENDS)
     def test_readout_matmat(benchmark, backend, k):
