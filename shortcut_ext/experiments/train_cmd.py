@@ -266,8 +266,8 @@ def _main_locked(args, device, rank, world) -> int:
             print(f"note: width {net.width} < {max(net.in_features, net.out_features)} "
                   f"{'targets' if net.out_features > net.width else 'inputs'}: through its frozen projections a "
                   f"linear net of this width reaches at best {l_floor:.6g} (\"l_min_net\"), so loss - L_min "
-                  f"stays >= {l_floor - bundle.l_min:.3g}; raise --width to {max(net.in_features, net.out_features)} "
-                  "to reach L_min")
+                  f"stays >= {l_floor - bundle.l_min:.3g}; at --width {max(net.in_features, net.out_features)} a linear "
+                  "net reaches its data's L_min (digits and MNIST are reduced to --width dimensions: another L_min)")
     from ..ops import cuda_tf32
 
     with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
