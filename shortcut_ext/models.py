@@ -44,16 +44,19 @@ def init_weights(shape, init: str, scale: float = 0.01, seed: int = 0, dtype=tor
     g = torch.Generator().manual_seed(int(seed) % 2**63)
     d_out, d_in = shape[-2], shape[-1]
     if init == "zero":
-        return torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype)  # on the default device, like every other init
     if init == "orthogonal":
-        a = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+        a = torch.randn(tuple(shape), generator=g, dtype=torch.float64, device="cpu")
         q, r = torch.linalg.qr(a)
         q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-        return q.to(dtype)
+        return q.to(dtype=dtype, device=torch.get_default_device())
     std = {"small": math.sqrt(2.0 / (d_in + d_out)) * scale,
            "xavier": math.sqrt(2.0 / (d_in + d_out)),
            "he": math.sqrt(2.0 / d_in)}[init]
-    return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * std).to(dtype)
+    # drawn on the CPU (the generator's device: the same weights on every device), then placed on torch's
+    # default device, as nn.Linear's parameters are under `with torch.device(...)`
+    return (torch.randn(tuple(shape), generator=g, dtype=torch.float64, device="cpu") * std).to(
+        dtype=dtype, device=torch.get_default_device())
 
 
 class ForwardNotSeenWarning(UserWarning):
@@ -78,10 +81,10 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 def _frozen_projection(rows: int, cols: int, seed: int, dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed) + 7919)
-    a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64, device="cpu")
     q, _ = torch.linalg.qr(a)
     q = q if rows >= cols else q.T
-    return q.to(dtype).contiguous()
+    return q.to(dtype=dtype, device=torch.get_default_device()).contiguous()
 
 
 class StackNet(nn.Module):

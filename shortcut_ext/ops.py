@@ -442,7 +442,7 @@ def residual_stack_hvp(
     _refuse_transforms(_HVP_NOT_DIFFERENTIABLE, x, weights, targets, directions)
     # the products are values, not functions of the inputs to differentiate further: detached outputs
     # (they do not require grad, like .item()'s), and the torch.func transforms are refused above
-    x, weights, directions = x.detach(), weights.detach(), directions.detach()
+    x, weights, targets, directions = x.detach(), weights.detach(), targets.detach(), directions.detach()
     if backend == "fused" and hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
         out = torch.ops.shortcut_ext.residual_stack_hvp(
             x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),

@@ -283,13 +283,13 @@ def one_shortcut_blocks(zp: ZeroPointData, pre: str = "identity", post: str = "i
     Dp = activation_derivative(pre, zp.x)  # [m, d]
     e = zp.residual
     if zp.out_hessian is None:
-        A = torch.kron(torch.eye(d, dtype=torch.float64), p.T @ p / m)
+        A = torch.kron(torch.eye(d, dtype=torch.float64, device=p.device), p.T @ p / m)
     else:
         A = torch.einsum("iab,ij,ik->ajbk", zp.out_hessian, p, p).reshape(d * d, d * d) / m
     A = c * c * A
     T = torch.einsum("ia,ib,ik->abk", e, Dp, p) / m  # [a, b, k]
-    C = c * c * torch.einsum("abk,bc->abck", T, torch.eye(d, dtype=torch.float64)).reshape(d * d, d * d)
-    E = torch.einsum("ia,ij,ik,ab->ajbk", e, p, p, torch.eye(d, dtype=torch.float64)).reshape(d * d, d * d) / m
+    C = c * c * torch.einsum("abk,bc->abck", T, torch.eye(d, dtype=torch.float64, device=p.device)).reshape(d * d, d * d)
+    E = torch.einsum("ia,ij,ik,ab->ajbk", e, p, p, torch.eye(d, dtype=torch.float64, device=p.device)).reshape(d * d, d * d) / m
     return A, C, E, c, c2
 
 
@@ -339,10 +339,10 @@ class OneShortcutHessian:
                              f"({self.P ** 2 * 8 / 2**30:.1f} GiB in float64); pass force=True, or use its matvec / "
                              "matmat (Lanczos, SLQ)")
         R = self.units
-        J = torch.ones(R, R, dtype=torch.float64)
+        J = torch.ones(R, R, dtype=torch.float64, device=self.A.device)
         Lw = torch.tril(J, -1)
         return (torch.kron(J, self.A) + torch.kron(Lw, self.C) + torch.kron(Lw.T, self.C.T)
-                + self.c2 * torch.kron(torch.eye(R, dtype=torch.float64), self.E))
+                + self.c2 * torch.kron(torch.eye(R, dtype=torch.float64, device=self.A.device), self.E))
 
 
 def one_shortcut_hessian(zp: ZeroPointData, units: int, pre: str = "identity",

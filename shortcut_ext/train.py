@@ -506,8 +506,10 @@ def train(
         total = ranks_agree(model.weight, 0 if local_error is not None else X.shape[0], local_error, process_group,
                             rank, "train", extra=model_signature(model, **settings))
     device = model.weight.device  # data on another device (CPU data, a GPU model) moves once, here
-    X, Y = X.to(device), Y.to(device)
-    probe_data = tuple(t.to(device) for t in probe_data)
+    # values only: targets from a teacher net keep no history, and tensors made under torch.inference_mode
+    # (which autograd cannot save for backward) become normal ones
+    X, Y = _values(X.to(device)), _values(Y.to(device))
+    probe_data = tuple(_values(t.to(device)) for t in probe_data)
     w = model.weight
     m = X.shape[0]
     share = 1.0  # this rank's part of the mean loss
@@ -657,7 +659,7 @@ def train(
                 w.grad = g
                 opt.step()
             else:
-                perm = torch.randperm(m, generator=gen)
+                perm = torch.randperm(m, generator=gen, device="cpu").to(X.device)
                 for i in range(0, m, config.batch_size):
                     idx = perm[i: i + config.batch_size]
                     w.grad = loss_and_grad(X[idx], Y[idx])[1]
@@ -711,6 +713,12 @@ def _digest(*tensors) -> str:
         for i in range(0, flat.numel(), chunk):
             h.update(flat[i:i + chunk].cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, copied if it was made under ``torch.inference_mode``."""
+    t = t.detach()
+    return t.clone() if t.is_inference() else t
 
 
 def _fingerprint(model, X, Y, config: TrainConfig, l_min, key, distributed: bool, process_group, world: int,

@@ -491,3 +491,45 @@ def test_to_dense_peak_memory_is_about_the_result(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.split()[-1]) < 1.6  # peak growth in units of the result's size (it was 3.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_data_with_history_gives_plain_values(backend):
+    """Targets (or an x) that require grad made the fused and func products require grad: Lanczos, SLQ and
+    as_scipy failed with "Can't call numpy() on Tensor that requires grad"."""
+    from shortcut_ext.curvature import lanczos
+
+    X, Y = make_data(m=12, p=3, q=3)
+    head = torch.nn.Linear(3, 3, dtype=F64)
+    Xg = X.clone().requires_grad_(True)
+    net = ShortcutNet(width=3, units=2, shortcut=2, mid="tanh", init="xavier", dtype=F64)
+    H = HessianOperator(net, (Xg, head(Y)), backend=backend)
+    ref = HessianOperator(net, (X, head(Y).detach()), backend=backend)
+    v = torch.randn(H.P, dtype=F64)
+    Hv = H.matvec(v)
+    assert not Hv.requires_grad and not H.to_dense().requires_grad
+    torch.testing.assert_close(Hv, ref.matvec(v), rtol=0, atol=0)
+    assert lanczos(H, k=2).largest.shape == (2,)
+
+
+def test_spectral_tools_draw_on_the_cpu_under_another_default_device():
+    """Under torch.set_default_device (a GPU user's habit) the seeded CPU generators met tensors of the default
+    device: lanczos, slq and hutchpp failed, and train()'s probes turned NaN. "meta" stands in for "cuda"
+    here (the same failure: a CPU generator, another device)."""
+    from shortcut_ext.curvature import hutchpp_trace, lanczos, slq
+
+    X, Y = make_data(m=12, p=3, q=3)
+    net = ShortcutNet(width=3, units=2, shortcut=2, mid="tanh", init="xavier", dtype=F64)
+    H = HessianOperator(net, (X, Y))
+    want = (lanczos(H, k=2).largest, hutchpp_trace(H, num_products=12, seed=1).estimate)
+    torch.set_default_device("meta")
+    try:
+        got = (lanczos(H, k=2).largest, hutchpp_trace(H, num_products=12, seed=1).estimate)
+        dens = slq(H, probes=2, steps=8)
+        with torch.device("meta"):
+            on_meta = ShortcutNet(width=3, units=2, shortcut=2, init="xavier", dtype=F64, in_features=4)
+    finally:
+        torch.set_default_device(None)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1] and dens is not None
+    assert on_meta.weight.device.type == "meta" and on_meta.input_proj.device.type == "meta"

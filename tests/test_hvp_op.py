@@ -362,3 +362,24 @@ def test_fake_tensors_with_class_index_targets(backend):
         out = residual_stack_hvp(x, w, torch.zeros(5, dtype=torch.long), torch.randn(4, 2, 2, 3, 3),
                                  loss="cross_entropy", backend=backend)
     assert [tuple(t.shape) for t in out] == [(), (2, 2, 3, 3), (4, 2, 2, 3, 3)]
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_outputs_are_values_when_the_targets_require_grad(backend):
+    """Targets from a teacher net (requiring grad) made the fused op's loss, gradient and products require grad,
+    with a grad_fn that raised "derivative ... not implemented" when a loss built on them was backpropagated."""
+    if backend == "fused" and not hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
+        pytest.skip("fused HVP not built")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    w = 0.3 * torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    D = torch.randn(2, 2, 2, 3, 3, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(3, 3, dtype=torch.float64)
+    y = head(x)
+    L, G, HV = residual_stack_hvp(x, w, y, D, True, "identity", "tanh", "identity", loss="mse", backend=backend)
+    assert not (L.requires_grad or G.requires_grad or HV.requires_grad)
+    want = residual_stack_hvp(x, w, y.detach(), D, True, "identity", "tanh", "identity", loss="mse", backend=backend)
+    for a, b in zip((L, G, HV), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (L + y.sum()).backward()  # the teacher's own graph is untouched
+    assert head.weight.grad is not None

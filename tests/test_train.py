@@ -627,3 +627,27 @@ def test_stochastic_probes_follow_the_seed():
     a, b, c = (hessian_probes(net, data, exact_max_params=0, seed=s) for s in (0, 0, 1))
     assert a["method"].startswith("lanczos") and a["index"] == b["index"] and a["lam_q10"] == b["lam_q10"]
     assert (a["index"], a["lam_q10"]) != (c["index"], c["lam_q10"])
+
+
+def test_targets_with_history_and_inference_data_train_alike(teacher):
+    """Targets from a teacher net that were not detached made the fused probes NaN ("Can't call numpy() on
+    Tensor that requires grad") while status said ok; data made under torch.inference_mode trained on the
+    fused backend but failed on the torch backend ("Inference tensors cannot be saved for backward")."""
+    X = teacher[0][:16].double()
+    head = torch.nn.Linear(X.shape[1], X.shape[1], dtype=torch.float64)
+    Y = head(X)  # requires grad: a teacher's output
+    with torch.inference_mode():
+        Xi, Yi = X.clone(), Y.detach().clone()
+    kw = dict(width=X.shape[1], units=2, shortcut=2, mid="tanh", init="xavier", dtype=torch.float64)
+    got = {}
+    for backend in ("fused", "torch"):
+        for name, data in (("history", (X, Y)), ("inference", (Xi, Yi))):
+            r = train_mod.train(ShortcutNet(**kw, backend=backend), data, epochs=2, lr=1e-3, probe_epochs=[1],
+                                exact_max_params=8)  # Lanczos + SLQ probes: they call numpy()
+            assert r.status == "ok" and not r.probes[0]["method"].startswith("failed"), r.probes[0]["method"]
+            got[backend, name] = r
+    assert head.weight.grad is None  # the run did not backpropagate into the teacher
+    for name in ("history", "inference"):
+        a, b = got["fused", name], got["torch", name]
+        assert a.final_loss == pytest.approx(b.final_loss, rel=1e-12)
+        assert a.probes[0]["lam_max"] == pytest.approx(b.probes[0]["lam_max"], rel=1e-6)

@@ -107,9 +107,9 @@ class TorchOperator:
     def randn(self, k: int, generator: torch.Generator, distribution: str = "gaussian") -> torch.Tensor:  # [P, k]
         """Seeded random vectors, drawn on the CPU (reproducible across devices) in float64."""
         if distribution == "gaussian":
-            Z = torch.randn(self.P, k, generator=generator, dtype=torch.float64)
+            Z = torch.randn(self.P, k, generator=generator, dtype=torch.float64, device="cpu")
         elif distribution == "rademacher":
-            Z = torch.randint(0, 2, (self.P, k), generator=generator, dtype=torch.int64).to(torch.float64) * 2 - 1
+            Z = torch.randint(0, 2, (self.P, k), generator=generator, dtype=torch.int64, device="cpu").to(torch.float64) * 2 - 1
         else:
             raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
         return Z.to(dtype=self.dtype, device=self.device)

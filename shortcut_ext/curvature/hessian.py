@@ -266,6 +266,9 @@ class HessianOperator:
 
     def _check_batch(self, i: int, x, y):
         src_x, src_y = x, y  # the caller's tensors: what is kept must not share their memory
+        # values only: targets from a teacher net, or an x that requires grad, must not carry their history
+        # into the products (which then required grad, and the eigensolvers' numpy() calls failed)
+        x, y = x.detach(), y.detach()
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"data[{i}] x must have shape [B, {self.in_features}], got {list(x.shape)}")
         if not x.is_floating_point():

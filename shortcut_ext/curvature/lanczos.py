@@ -240,7 +240,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
             f"least {n_ends * k + 2 * b}, lower k, or leave max_products at None")
     gen = seeded_generator(seed, "lanczos")
     V = torch.empty(m, P, dtype=dt, device=dev)  # basis, one vector per row
-    Hp = torch.zeros(m, m, dtype=torch.float64)  # V^T A V (small dense algebra in float64 on the CPU)
+    Hp = torch.zeros(m, m, dtype=torch.float64, device="cpu")  # V^T A V (small dense algebra in float64 on the CPU)
     blocks = []  # (start, end) of each block in V since the last restart
     defl = []  # norm of the residual part dropped after each block (enters residual bounds)
     extra = np.zeros(m)  # per-vector bound of dropped parts carried through a restart
@@ -350,7 +350,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
         for c0 in range(0, P, step):
             V[:kk, c0:c0 + step] = Sk.T @ V[:j, c0:c0 + step]
         Hp.zero_()
-        Hp[:kk, :kk] = torch.diag(torch.as_tensor(theta[keep]))
+        Hp[:kk, :kk] = torch.diag(torch.as_tensor(theta[keep], device="cpu"))
         extra[:] = 0.0
         extra[:kk] = new_extra
         segments.append((seg_start, j, "restart"))
@@ -391,7 +391,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
         W = A.matmat(V[j:j + c].T).T.contiguous()  # [c, P]
         # three-term part against the last two blocks, then the whole basis once, again where needed
         lo = blocks[-1][0] if blocks else 0
-        h = torch.zeros(c, j + c, dtype=torch.float64)
+        h = torch.zeros(c, j + c, dtype=torch.float64, device="cpu")
         n_prev = W.norm(dim=1)
         h[:, lo:] += project(W, lo, j + c).double().cpu()
         n_cur = W.norm(dim=1)
@@ -412,7 +412,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
         # next block: keep the well-conditioned directions of W, replace the rest
         G = (W @ W.T).double().cpu()
         if c == 1:
-            e, U = G.reshape(1), torch.ones(1, 1, dtype=torch.float64)
+            e, U = G.reshape(1), torch.ones(1, 1, dtype=torch.float64, device="cpu")
         else:
             e, U = torch.linalg.eigh(0.5 * (G + G.T))
         e, U = e.numpy(), U.numpy()

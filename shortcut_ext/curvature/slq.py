@@ -320,9 +320,9 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
     residuals = np.zeros((probes, steps))
     for i in range(probes):
         m = int(nsteps[i])
-        T = torch.diag(torch.as_tensor(alpha[i, :m]))
+        T = torch.diag(torch.as_tensor(alpha[i, :m], device="cpu"))
         if m > 1:
-            off = torch.as_tensor(beta[i, : m - 1])
+            off = torch.as_tensor(beta[i, : m - 1], device="cpu")
             T = T + torch.diag(off, 1) + torch.diag(off, -1)
         th, U = torch.linalg.eigh(T)
         nodes[i, :m] = th.numpy()

@@ -161,9 +161,9 @@ def load_data(kind: str, m: int, d: int, seed: int, noise: float, dtype: torch.d
         from ..data import synthetic_teacher
     except ImportError:  # pragma: no cover - data.py not present
         g = torch.Generator().manual_seed(seed)
-        X = torch.randn(m, d, generator=g, dtype=torch.float64)
-        T = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-        Y = X @ T.T + noise * torch.randn(m, d, generator=g, dtype=torch.float64)
+        X = torch.randn(m, d, generator=g, dtype=torch.float64, device="cpu")
+        T = torch.randn(d, d, generator=g, dtype=torch.float64, device="cpu") / math.sqrt(d)
+        Y = X @ T.T + noise * torch.randn(m, d, generator=g, dtype=torch.float64, device="cpu")
         return X.to(dtype), Y.to(dtype)
     return synthetic_teacher(m, d, seed=seed, noise=noise, dtype=dtype)
 
@@ -547,7 +547,7 @@ def _float32_check(net, data, args, H) -> dict:
     data64 = [(x.double(), y.double() if y.is_floating_point() else y) for x, y in data]
     H64 = HessianOperator(net64, data64, loss=args.loss, backend=args.backend, dtype=torch.float64,
                           distributed=args.distributed)
-    v = torch.randn(H.P, generator=torch.Generator().manual_seed(args.seed + 7), dtype=torch.float64)
+    v = torch.randn(H.P, generator=torch.Generator().manual_seed(args.seed + 7), dtype=torch.float64, device="cpu")
     v = v.to(H64.device)
     hv64 = H64.matvec(v)
     hv32 = H.matvec(v.to(H.dtype)).double()
