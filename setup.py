@@ -8,7 +8,12 @@ Environment switches:
   SHORTCUT_EXT_NATIVE=0  no -march=native (for a build that must run on other x86 CPUs)
   SANITIZE=LIST      the C++ sources built -O1 -g with -fsanitize=LIST, e.g. address,undefined (a
                      check build: run it with the sanitizer runtime preloaded, as the README says)
-  CUDA_HOME=DIR      the CUDA toolkit root (the folder whose include/ holds cuda.h)
+  CUDA_HOME=DIR      the CUDA toolkit root (the folder whose include/ holds cuda.h); a CUDA_HOME without
+                     it is an error where CUDA would be built (not silently replaced by another toolkit)
+
+A native build (the default on x86-64) records the build CPU's instruction-set flags in
+shortcut_ext/_build_cpu.py: on a CPU that lacks one of them, `import shortcut_ext` does not load the
+kernels (they would stop the process with an illegal instruction) and says how to rebuild.
 
 CUDA is built when torch itself is a CUDA build (``torch.version.cuda``) and nvcc is found, or
 when FORCE_CUDA=1; a GPU need not be present (``torch.cuda.is_available()`` is not consulted).
@@ -59,6 +64,12 @@ def _cuda_home():
 def want_cuda():
     if _flag("FORCE_ONLY_CPU"):
         return False
+    named = [(k, os.environ[k]) for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
+    if named and (torch.version.cuda is not None or _flag("FORCE_CUDA")):
+        k, v = named[0]
+        if not os.path.exists(os.path.join(v, "include", "cuda.h")):
+            raise RuntimeError(f"{k}={v} has no include/cuda.h: set {k} to the CUDA toolkit root (the folder "
+                               f"whose include/ holds cuda.h), or unset it to let the build find nvcc")
     home = _cuda_home()
     if _flag("FORCE_CUDA"):
         if torch.version.cuda is None:
@@ -71,9 +82,46 @@ def want_cuda():
     return torch.version.cuda is not None and home is not None
 
 
+# instruction-set flags of /proc/cpuinfo that -march=native lets the compiler use in vector code
+_ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "abm", "popcnt", "movbe", "amx")
+
+
+def _cpu_isa():
+    """The build CPU's instruction-set flags (Linux), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(t for t in line.split(":", 1)[1].split() if t.startswith(_ISA_PREFIXES))
+    except OSError:
+        pass
+    return None
+
+
+def _record_build_cpu(isa):
+    """shortcut_ext/_build_cpu.py: the flags a native build needs at run time (None: a portable build)."""
+    text = ('"""Written by setup.py: the instruction-set flags of the CPU a native (-march=native) build was made\n'
+            'on, or None for a portable build.  The package does not load its kernels on a CPU that lacks one."""\n'
+            f"ISA = {None if isa is None else tuple(isa)!r}\n")
+    path = os.path.join(ROOT, "shortcut_ext", "_build_cpu.py")
+    try:
+        if open(path, encoding="utf-8").read() == text:
+            return
+    except OSError:
+        pass
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def extensions():
     debug = _flag("DEBUG")
     with_cuda = want_cuda()
+    if with_cuda:
+        print(f"shortcut_ext: building the CPU and CUDA kernels (torch {torch.__version__}, CUDA {torch.version.cuda})")
+    else:
+        why = ("FORCE_ONLY_CPU=1" if _flag("FORCE_ONLY_CPU") else
+               f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else "nvcc was not found")
+        print(f"shortcut_ext: building the CPU kernels only ({why}; `shortcut-ext info` tells what was built)")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("SHORTCUT_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     sanitize = os.environ.get("SANITIZE", "").strip()
@@ -83,10 +131,12 @@ def extensions():
     if sanitize:
         cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={sanitize}"]
-    if os.environ.get("SHORTCUT_EXT_NATIVE", "1") != "0" and platform.machine() in ("x86_64", "AMD64"):
+    native = os.environ.get("SHORTCUT_EXT_NATIVE", "1") != "0" and platform.machine() in ("x86_64", "AMD64")
+    if native:
         # the portable loops (float64, elementwise passes) vectorise for this CPU; the package is
         # built where it runs.  SHORTCUT_EXT_NATIVE=0 for a build that must run on other CPUs.
         cxx += ["-march=native"]
+    _record_build_cpu(_cpu_isa() if native else None)
     extra = {"cxx": cxx}
     if with_cuda:
         home = _cuda_home()

@@ -4,7 +4,7 @@ See README.md; the science is "Demystifying ResNet" (Li, Jiao, Han, Weissman, ar
 """
 from __future__ import annotations
 
-from ._build import build_info, is_built
+from ._build import NotBuiltError, build_info, is_built
 from .models import PlainNet, ShortcutNet
 from .ops import cache_stats, cuda_tf32, empty_cache, residual_stack, residual_stack_hvp
 from .reference import ACTIVATIONS, LOSSES
@@ -12,6 +12,7 @@ from .reference import ACTIVATIONS, LOSSES
 __all__ = [
     "ACTIVATIONS",
     "LOSSES",
+    "NotBuiltError",
     "PlainNet",
     "ShortcutNet",
     "build_info",

@@ -11,7 +11,7 @@ _LOAD_ERROR: str | None = None
 BUILD_HINT = (
     "the compiled extension shortcut_ext._C is not available ({err}); the pure-PyTorch backend "
     "(backend='torch') still works. Build the kernels with:\n"
-    "    pip install torch==2.13.0 setuptools wheel ninja\n"
+    "    pip install setuptools wheel ninja   (with the torch you run already installed)\n"
     "    pip install --no-build-isolation .\n"
     "(and run from outside the source tree, so that the installed package is imported)"
 )
@@ -19,14 +19,52 @@ BUILD_HINT = (
 import importlib.util
 import os
 
+
+class NotBuiltError(RuntimeError):
+    """The fused backend was asked for, and the compiled kernels are not available (see ``build_info()``)."""
+
+
+def _cpu_flags():
+    """This CPU's flags from /proc/cpuinfo, or None where they cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def missing_isa(built, have) -> list:
+    """The instruction-set flags a native build needs (``built``) that this CPU (``have``) lacks."""
+    if not built or have is None:
+        return []
+    return sorted(set(built) - set(have))
+
+
+try:
+    from ._build_cpu import ISA as _BUILD_ISA  # written by setup.py; absent in a tree that was never built
+except ImportError:
+    _BUILD_ISA = None
+
 if importlib.util.find_spec(f"{__package__}._C") is None:
     _LOAD_ERROR = f"no compiled module _C next to {os.path.dirname(os.path.abspath(__file__))}"
+elif missing_isa(_BUILD_ISA, _cpu_flags()):
+    # loading it would stop the process with an illegal instruction (SIGILL), in its static initialisers
+    _LOAD_ERROR = (f"it was built with -march=native on a CPU with instructions this CPU lacks "
+                   f"({', '.join(missing_isa(_BUILD_ISA, _cpu_flags()))}), so it is not loaded: rebuild it on this "
+                   "machine, or build with SHORTCUT_EXT_NATIVE=0 for a package that runs on any x86-64 CPU")
 else:
     try:  # importing _C runs TORCH_LIBRARY registration of every op schema and CPU/CUDA kernel
         from . import _C  # type: ignore[attr-defined,no-redef]
     except ImportError as e:  # e.g. built against another torch: undefined symbols
         _LOAD_ERROR = f"importing it failed: {e}"
         _C = None
+if _C is None and importlib.util.find_spec(f"{__package__}._C") is not None:
+    # a build is there and cannot be used: say so now (the models' default backend becomes "torch")
+    warnings.warn(f"shortcut_ext: the compiled kernels are not used: {_LOAD_ERROR}; the fused backend is "
+                  "unavailable and the models default to backend='torch' (slower)", RuntimeWarning, stacklevel=2)
 
 if _C is not None:
     _built_with = _C.build_info().get("torch_version", "")
@@ -50,9 +88,10 @@ def build_info() -> dict:
         return {"built": False, "error": _LOAD_ERROR}
     info = dict(_C.build_info())
     info["built"] = True
+    info["native_isa"] = None if _BUILD_ISA is None else list(_BUILD_ISA)  # None: a portable build
     return info
 
 
 def require_built(what: str = "the fused backend") -> None:
     if _C is None:
-        raise RuntimeError(f"{what} cannot run: " + BUILD_HINT.format(err=_LOAD_ERROR))
+        raise NotBuiltError(f"{what} cannot run: " + BUILD_HINT.format(err=_LOAD_ERROR))

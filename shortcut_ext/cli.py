@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from ._build import NotBuiltError
+
 # subcommand -> module that defines add_parser(subparsers) (which sets func=...)
 SUBCOMMANDS = {
     "demo": "shortcut_ext.experiments.demo",
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         print(f"shortcut-ext {args.command}: failed: {e}{_saved(args)} ({type(e).__name__}; SHORTCUT_EXT_TRACEBACK=1 "
               "shows the traceback)", file=sys.stderr)
         return 1
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, NotBuiltError) as e:  # NotBuiltError: --backend fused without the kernels
         return _bad_input(args, e)
     except (FloatingPointError, MemoryError, RuntimeError) as e:
         # failures of the computation itself: non-finite products (an overflowing net), out of memory.  Other

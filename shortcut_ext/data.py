@@ -1,4 +1,4 @@
-"""Data for the paper's experiments (PAPER.md section 4).
+"""Data for the paper's experiments (docs/science.md section 4).
 
 - :func:`synthetic_teacher`: Gaussian inputs with a chosen covariance, targets from a linear teacher
   plus noise: the setting of the theory.
@@ -383,7 +383,7 @@ def mnist(path, d: int = 10, split: str = "train", m: int | None = None, seed: i
 
 # --------------------------------------------------------------------------- linear baselines
 def best_linear_loss(X, Y, input_proj=None, readout=None) -> float:
-    """``L_min = 1/(2m) ||Y - X W*^T||_F^2`` with ``W* = S_yx S_xx^+`` (PAPER.md section 1).
+    """``L_min = 1/(2m) ||Y - X W*^T||_F^2`` with ``W* = S_yx S_xx^+`` (docs/science.md section 1).
 
     ``S_xx = X^T X / m`` and ``S_yx = Y^T X / m`` (rows are samples). Computed in float64.
 

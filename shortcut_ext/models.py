@@ -1,4 +1,4 @@
-"""The paper's networks (PAPER.md section 1): n-shortcut residual nets and plain nets.
+"""The paper's networks (docs/science.md section 1): n-shortcut residual nets and plain nets.
 
 All trunk weights live in one ``Parameter`` so that the whole stack is one op call:
 ``ShortcutNet.weight`` is ``[R, n, d, d]`` (units x layers x out x in) and ``PlainNet.weight`` is
@@ -7,7 +7,7 @@ All trunk weights live in one ``Parameter`` so that the whole stack is one op ca
 Optional frozen input projection / read-out: when data lives in ``R^p`` with ``p != d``, pass
 ``in_features=p`` (and/or ``out_features=q``).  A fixed random matrix with orthonormal rows or
 columns (seeded, ``requires_grad=False``, a buffer) maps ``R^p -> R^d`` before the trunk and
-``R^d -> R^q`` after it.  Every result in PAPER.md is stated for the trunk; the projections are
+``R^d -> R^q`` after it.  Every result in docs/science.md is stated for the trunk; the projections are
 constants of the loss and carry no parameters, so Hessians stay those of the trunk weights.
 """
 from __future__ import annotations
@@ -207,7 +207,7 @@ class StackNet(nn.Module):
 
     @property
     def depth(self) -> int:
-        """Number of weight layers (PAPER.md: an n-shortcut net with R units has depth n*R)."""
+        """Number of weight layers (docs/science.md: an n-shortcut net with R units has depth n*R)."""
         return self.weight.numel() // (self.width * self.width)
 
     def num_parameters(self) -> int:

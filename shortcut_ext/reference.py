@@ -1,6 +1,6 @@
 """Pure-PyTorch definitions of every op: the ground truth the fused kernels are tested against.
 
-Notation (PAPER.md section 1).  A residual stack has ``R`` units of ``n`` layers each; all branch
+Notation (docs/science.md section 1).  A residual stack has ``R`` units of ``n`` layers each; all branch
 weights live in one tensor ``weights[R, n, d, d]`` (units x layers x out x in).  Rows of ``x`` are
 samples, so a layer maps ``a -> a @ W.T``.  Unit ``r`` maps::
 

@@ -1,4 +1,4 @@
-"""The Hessian at the zero point in closed form (PAPER.md section 2, Theorem 1), any depth.
+"""The Hessian at the zero point in closed form (docs/science.md section 2, Theorem 1), any depth.
 
 At zero branch weights every residual unit is the identity, so the net computes ``f(x) = x`` and
 the loss depends on the data only through

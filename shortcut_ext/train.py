@@ -1,4 +1,4 @@
-"""Training as in the paper (PAPER.md section 4): full-batch gradient descent, per-epoch metrics,
+"""Training as in the paper (docs/science.md section 4): full-batch gradient descent, per-epoch metrics,
 Hessian probes along training, and the learning-rate sweep with the best rate per network.
 
 - :func:`train` runs one network: ``optimizer="gd"`` (the paper's full-batch gradient descent),
@@ -259,7 +259,7 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- Hessian probes
 def spectrum_probes(eigenvalues, method: str = "dense", dtype: torch.dtype | None = None) -> dict:
-    """The paper's curvature numbers from Hessian eigenvalues (PAPER.md section 3).
+    """The paper's curvature numbers from Hessian eigenvalues (docs/science.md section 3).
 
     - ``lam_max``: ``|lambda|max``; ``lam_q10``: the 10th percentile of ``|lambda|``;
     - ``index``: fraction of negative eigenvalues (``|lambda| <= P * eps * |lambda|max`` counts as 0; ``eps``

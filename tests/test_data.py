@@ -1,4 +1,4 @@
-"""Data preparation (PAPER.md section 4): synthetic teacher, digits / MNIST whitening, L_min, compression."""
+"""Data preparation (docs/science.md section 4): synthetic teacher, digits / MNIST whitening, L_min, compression."""
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,4 @@
-"""Data-parallel Hessian-vector products over torch.distributed (DESIGN.md, "Scale"): two gloo ranks
+"""Data-parallel Hessian-vector products over torch.distributed (README, "Curvature"): two gloo ranks
 on this machine, launched with torchrun, each holding a shard of the data.  The distributed operator
 and the spectrum command must give what one process gives on all the data."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The zero-point theory (PAPER.md section 2) against dense torch.func Hessians and Lanczos."""
+"""The zero-point theory (docs/science.md section 2) against dense torch.func Hessians and Lanczos."""
 from __future__ import annotations
 
 import math
@@ -159,7 +159,7 @@ def test_one_shortcut_operator_and_depth_growth():
     r = lanczos(op, k=2)
     np.testing.assert_allclose(r.largest, ev[::-1][:2], rtol=1e-9)
     np.testing.assert_allclose(r.smallest, ev[:2], rtol=1e-9)
-    # PAPER.md: for n = 1 the largest eigenvalue grows linearly with the number of layers
+    # docs/science.md: for n = 1 the largest eigenvalue grows linearly with the number of layers
     lam = [th.zero_point_spectrum(zp, 1, R).eigenvalues().max() for R in (20, 40, 80)]
     assert 1.8 < lam[1] / lam[0] < 2.2 and 1.8 < lam[2] / lam[1] < 2.2
     assert (ev < 0).mean() > 0.3  # many negative eigenvalues

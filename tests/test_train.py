@@ -1,4 +1,4 @@
-"""Training (PAPER.md section 4): GD on a linear teacher, divergence as a result, Hessian probes,
+"""Training (docs/science.md section 4): GD on a linear teacher, divergence as a result, Hessian probes,
 learning-rate sweeps that checkpoint and resume."""
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 graph, and torch.compile (all float32, TF32 off), and the fused stack on TF32 tensor cores
 (shortcut_ext.cuda_tf32) against eager PyTorch with cuBLAS TF32 on, and on 3xTF32 tensor cores
 (float32 accuracy), for the paper's 2-shortcut ReLU network (n = 2, ReLU between the two
-layers of each branch, PAPER.md section 1) with R = 1000 units, float32, forward and forward+backward.
+layers of each branch, docs/science.md section 1) with R = 1000 units, float32, forward and forward+backward.
 
 Every variant is checked against eager PyTorch on the same inputs before it is timed.  Times are
 medians of CUDA-event timings after a warm-up; rates count useful FLOPs only (forward 2*B*d^2*n*R,

@@ -1,4 +1,4 @@
-"""Condition-number reports of a Hessian (PAPER.md section 3).
+"""Condition-number reports of a Hessian (docs/science.md section 3).
 
 - condition number ``cond = |lambda|max / |lambda|min``;
 - the paper's stable variant ``cond_q10 = |lambda|max / |lambda|(0.1)`` with ``|lambda|(0.1)`` the 10th

@@ -6,7 +6,7 @@ in the row-major order of ``weight[R, n, d, d]``).  Over a data set split into m
 
     H = sum_b (m_b / m) * H_b,      H_b = Hessian of the batch's mean loss,
 
-which is *exactly* the full-data Hessian (PAPER.md: ``L = 1/(2m) sum_i ||f(x_i) - y_i||^2``).
+which is *exactly* the full-data Hessian (docs/science.md: ``L = 1/(2m) sum_i ||f(x_i) - y_i||^2``).
 
 Backends:
 - ``"fused"``: :func:`shortcut_ext.ops.residual_stack_hvp` (one fused R-operator pass for ``k``
@@ -249,7 +249,12 @@ class HessianOperator:
                 warnings.warn(f"HessianOperator(backend='fused') runs autograd Hessian-vector products (slower): "
                               f"{self.fallback_reason}", FallbackWarning, stacklevel=3)
             elif not fused_hvp_available():
-                self.backend_used, self.fallback_reason = "autograd", "the fused HVP kernel is not built"
+                from .._build import build_info
+
+                self.backend_used, self.fallback_reason = "autograd", (
+                    f"the fused HVP kernel is not available ({build_info().get('error') or 'not built'})")
+                warnings.warn(f"HessianOperator(backend='fused') runs autograd Hessian-vector products (slower): "
+                              f"{self.fallback_reason}", FallbackWarning, stacklevel=3)
             elif self._readout is not None:
                 self._target_map = self._readout
         self.num_products = 0

@@ -3,7 +3,7 @@
 Computes the ``k`` largest and smallest eigenvalues (Lanczos, with residual norms), the spectral
 density by stochastic Lanczos quadrature, ``|lambda|`` quantiles, the index and the condition
 numbers; for small nets also the exact spectrum (dense ``eigvalsh``).  At zero initialisation the
-closed-form spectrum of Theorem 1 (PAPER.md section 2) is computed without building the Hessian and
+closed-form spectrum of Theorem 1 (docs/science.md section 2) is computed without building the Hessian and
 compared.  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
 ``spectrum.json`` is strict JSON (nan is written as ``null``, +-inf as ``"inf"`` / ``"-inf"``, so a
 singular Hessian's condition number reads ``"inf"``); a Lanczos run that did not converge is saved with

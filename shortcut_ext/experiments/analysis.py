@@ -2,7 +2,7 @@
 
 Every verdict is computed from the measured rows, with its threshold stated in ``test``; nothing
 here knows the answer in advance.  ``holds`` is ``True``/``False``, or ``None`` when the data needed
-for it were not run (e.g. ``--only fig5``).  Thresholds are ours (PAPER.md states shapes, not
+for it were not run (e.g. ``--only fig5``).  Thresholds are ours (docs/science.md states shapes, not
 numbers); they are loose enough to be robust to seeds and strict enough to fail if the shape is
 absent.
 """
@@ -30,7 +30,7 @@ class Verdict:
 
     Attributes:
         figure: e.g. ``"Fig. 5"``.
-        claim: the paper's expected shape (PAPER.md section 4).
+        claim: the paper's expected shape (docs/science.md section 4).
         test: how it is computed, with thresholds.
         holds: ``True`` / ``False``, or ``None`` when there is not enough data.
         measured: the numbers behind it, in words.

@@ -1,7 +1,7 @@
 """``shortcut-ext demo``: a 2-shortcut net and a plain Xavier net of the same depth on a linear teacher.
 
 Both train by full-batch gradient descent at the best rate of a small grid (the paper's protocol,
-PAPER.md section 4); the demo prints where each loss curve starts and ends, against ``L_min``.
+docs/science.md section 4); the demo prints where each loss curve starts and ends, against ``L_min``.
 About 3 seconds on 2 CPU cores (1 s of training, the rest starting Python and torch).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The paper's figures (PAPER.md section 4) drawn from the sweep rows, as PNG files (matplotlib, Agg).
+"""The paper's figures (docs/science.md section 4) drawn from the sweep rows, as PNG files (matplotlib, Agg).
 
 Bands are the spread over seeds: mean +/- std (geometric for log-scale quantities, see
 :func:`~shortcut_ext.experiments.analysis.aggregate`).

@@ -96,7 +96,7 @@ TINY = ReproConfig(  # for tests: synthetic d = 4, seconds
 )
 CONFIGS = {"quick": QUICK, "full": FULL, "tiny": TINY}
 
-EXPECTED = {  # PAPER.md section 4
+EXPECTED = {  # docs/science.md section 4
     "fig2-3": "mean Frobenius norm of the weights shrinks with depth (during and after training)",
     "fig5": "2-shortcut flat; Xavier and orthogonal grow, orthogonal slower (also 1- and 3-shortcut)",
     "fig6-8": "2-shortcut better conditioned, most of all at high loss; its index lower, dropping sharply early, "

@@ -1,4 +1,4 @@
-"""The experiments of PAPER.md section 4 as resumable sweeps over architectures, depths and seeds.
+"""The experiments of docs/science.md section 4 as resumable sweeps over architectures, depths and seeds.
 
 Names used throughout the reproduction:
 
@@ -10,7 +10,7 @@ Names used throughout the reproduction:
   net has one activation between layers: the variant's non-identity one.
 
 Linear nets train and are probed on :func:`~shortcut_ext.data.second_moment_compress` of the data:
-the loss as a function of the weights is *the same function* (PAPER.md section 1: it depends on the
+the loss as a function of the weights is *the same function* (docs/science.md section 1: it depends on the
 data only through ``S_xx``, ``S_yx``, ``S_yy``), so gradient descent follows the same trajectory and
 the Hessian is the same, at ``d + q`` rows instead of ``m`` **(ours)**.  Nonlinear nets use all rows.
 

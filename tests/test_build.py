@@ -1,0 +1,97 @@
+"""What a user sees when the compiled kernels are missing or cannot be used: a warning at import, the torch
+backend, NotBuiltError with the build hint, one line from the commands; never a crash."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import shortcut_ext
+from shortcut_ext._build import missing_isa
+
+PKG = os.path.dirname(os.path.abspath(shortcut_ext.__file__))
+
+
+def test_missing_isa():
+    assert missing_isa(("avx2", "avx512f", "fma"), {"avx2", "fma", "sse2"}) == ["avx512f"]
+    assert missing_isa(("avx2",), {"avx2", "avx512f"}) == []
+    assert missing_isa(None, {"avx2"}) == [] and missing_isa(("avx2",), None) == []  # portable build; not Linux
+
+
+def _copy_package(tmp_path, isa=None, c_bytes=None):
+    """A copy of the built package with another recorded ISA, or a _C replaced by ``c_bytes``."""
+    dst = tmp_path / "pkg" / "shortcut_ext"
+    shutil.copytree(PKG, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    if isa is not None:
+        (dst / "_build_cpu.py").write_text(f"ISA = {tuple(isa)!r}\n")
+    if c_bytes is not None:
+        for so in dst.glob("_C*.so"):
+            so.write_bytes(c_bytes)
+    return dst.parent
+
+
+_PROBE = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as got:
+    warnings.simplefilter("always")
+    import shortcut_ext as se
+print("WARN", [str(w.message) for w in got if "compiled kernels are not used" in str(w.message)])
+print("BUILT", se.is_built(), se.build_info().get("error"))
+print("BACKEND", se.ShortcutNet(width=3, units=2, shortcut=2).backend)
+try:
+    se.residual_stack(torch.randn(4, 3), torch.zeros(2, 2, 3, 3), backend="fused")
+except se.NotBuiltError as e:
+    print("RAISED", str(e).splitlines()[0])
+"""
+
+
+@pytest.mark.skipif(not shortcut_ext.is_built(), reason="needs a built _C to copy")
+@pytest.mark.parametrize("case", ["foreign_cpu", "broken_so"])
+def test_an_unusable_build_warns_and_falls_back(tmp_path, case):
+    """A native build on a CPU without its instructions died with SIGILL at `import shortcut_ext`; a _C that
+    failed to import (built against another torch) was ignored without a word."""
+    if case == "foreign_cpu":
+        root = _copy_package(tmp_path, isa=["sse2", "avx9999_not_a_real_flag"])
+        if not os.path.exists("/proc/cpuinfo"):
+            pytest.skip("the CPU check reads /proc/cpuinfo")
+        want = "avx9999_not_a_real_flag"
+    else:
+        root = _copy_package(tmp_path, c_bytes=b"not an ELF file")
+        want = "importing it failed"
+    env = dict(os.environ, PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert want in out["WARN"] and "backend='torch'" in out["WARN"]
+    assert out["BUILT"].startswith("False") and want in out["BUILT"]
+    assert out["BACKEND"] == "torch"
+    assert out["RAISED"].startswith("backend='fused' cannot run: the compiled extension shortcut_ext._C is not")
+    # the commands: one clear message and exit status 2, no traceback
+    r = subprocess.run([sys.executable, "-m", "shortcut_ext", "train", "--backend", "fused", "--depth", "4",
+                        "--width", "3", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "t.json")],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "shortcut-ext train: error: backend='fused' cannot run" in r.stderr
+
+
+def test_the_operator_says_when_it_cannot_run_the_fused_kernel(monkeypatch):
+    """HessianOperator(backend='fused') ran autograd products without a word when the kernel was missing."""
+    import torch
+
+    import shortcut_ext.curvature.hessian as hessian
+    from shortcut_ext.curvature import HessianOperator
+    from shortcut_ext.curvature.hessian import FallbackWarning
+
+    monkeypatch.setattr(hessian, "fused_hvp_available", lambda: False)
+    X = torch.randn(6, 3, dtype=torch.float64)
+    net = shortcut_ext.ShortcutNet(width=3, units=2, shortcut=2, dtype=torch.float64, backend="torch")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        H = HessianOperator(net, (X, X), backend="fused")
+    assert H.backend_used == "autograd" and "not available" in H.fallback_reason
+    assert any(issubclass(w.category, FallbackWarning) and "not available" in str(w.message) for w in got)
