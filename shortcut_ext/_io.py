@@ -57,3 +57,11 @@ def atomic_open(path, mode: str = "w", tmp=None, **kwargs):
         if isinstance(e, OSError) and e.filename is None:
             raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
+
+
+def save_figure(fig, path, **savefig_kwargs) -> None:
+    """``fig.savefig`` through :func:`atomic_open`: a kill or a full disk leaves the previous PNG or none
+    (not a truncated one), and the error names the file."""
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=fmt, **savefig_kwargs)

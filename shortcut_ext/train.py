@@ -243,10 +243,22 @@ class TrainResult:
             "probes": [{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in p.items()} for p in self.probes],
         }
 
+    # what every record written by to_dict holds; a record without one of them (hand-edited, or of another
+    # program) is not a finished run: stores recompute it instead of reading defaults into it
+    RECORD_FIELDS = ("status", "lr", "epochs", "final_loss", "history", "probes")
+
+    @classmethod
+    def is_record(cls, d) -> bool:
+        """True when ``d`` is a finished run as :meth:`to_dict` writes it (every field of ``RECORD_FIELDS``)."""
+        return isinstance(d, dict) and all(k in d for k in cls.RECORD_FIELDS)
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainResult":
         from .experiments.store import json_float as nan_if_none  # None -> nan, "inf" -> inf
 
+        if not cls.is_record(d):
+            missing = [k for k in cls.RECORD_FIELDS if not isinstance(d, dict) or k not in d]
+            raise ValueError(f"not a TrainResult record: it lacks {', '.join(missing)}")
         return cls(
             status=d["status"], lr=d["lr"], epochs=d["epochs"],
             final_loss=math.inf if d.get("final_loss") is None else nan_if_none(d["final_loss"]),
@@ -825,7 +837,7 @@ def lr_sweep(
     for lr in lrs:
         run_key = sweep_run_key(key, lr) if key is not None else None
         rec = store.get(run_key) if store is not None else None
-        if rec is not None:
+        if TrainResult.is_record(rec):  # a record without its fields is run again (the new line wins)
             runs.append(TrainResult.from_dict(rec))
             continue
         res = train(make_model(), data, dataclasses.replace(config, lr=float(lr)), l_min=l_min, probe_data=probe_data)

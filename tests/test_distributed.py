@@ -188,8 +188,13 @@ _STORE_WORKER = textwrap.dedent('''
         err = None
     except RuntimeError as e:
         err = str(e)
+    shard = os.path.join(out, "runs.rank1.jsonl")
+    shard_keys = sorted(json.loads(line)["key"] for line in open(shard)) if rank == 1 else None
+    dist.barrier()
+    store.close()
     json.dump({"plan": plan, "n": [n1, n2], "calls": calls, "records": {k: v for k, v in store.items()},
-               "err": err}, open(os.path.join(out, f"rank{rank}.json"), "w"))
+               "err": err, "shard_keys": shard_keys, "shard_after_close": os.path.exists(shard)},
+              open(os.path.join(out, f"rank{rank}.json"), "w"))
     dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
     dist.destroy_process_group()
 ''')
@@ -212,11 +217,13 @@ def test_distributed_run_store_splits_and_shares(tmp_path):
         assert recs == {f"k{i}": {"value": i * i, "rank": 0 if i in (0, 5, 6) else 1} for i in range(7)}
     # the planted failure (e1, dealt to rank 1) fails the call on both ranks, with rank 1's message
     assert r0["err"] == r1["err"] == "distributed sweep failed: rank 1, run e1: ArithmeticError: planted"
-    # rank 0's file holds every finished run (rank 1's merged in), rank 1's shard its own: nothing lost
-    main = RunStore(tmp_path / "runs.jsonl")
-    assert {f"k{i}" for i in range(7)} <= set(main.keys())
-    shard = [json.loads(line)["key"] for line in (tmp_path / "runs.rank1.jsonl").read_text().splitlines()]
-    assert set(shard) == {"k3", "k4", "k1", "k2"}
+    # rank 1's shard held its own runs while it ran; after close() rank 0's file holds every finished run
+    # (e0, finished by rank 0 before rank 1's failure, too) and no shard is left
+    assert set(r1["shard_keys"]) == {"k3", "k4", "k1", "k2"}
+    assert not r0["shard_after_close"] and not r1["shard_after_close"]
+    assert not (tmp_path / "runs.rank1.jsonl").exists()
+    main_lines = [json.loads(line)["key"] for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {f"k{i}" for i in range(7)} <= set(main_lines)
 
 
 def test_run_store_reads_rank_shards(tmp_path):
@@ -227,6 +234,13 @@ def test_run_store_reads_rank_shards(tmp_path):
     s = RunStore(tmp_path / "runs.jsonl")
     assert s.get("a") == {"v": 1} and s.get("b") == {"v": 3}  # a shard's finished run kept; the main file wins
     assert s.skipped_lines == 1
+    # an interrupted distributed run left "a" only in the shard: absorbing writes it into the main file (a
+    # resumed run said "N runs already in runs.jsonl" while the file lacked some) and removes the shard
+    assert s.absorb_shards() == 1
+    assert not (tmp_path / "runs.rank1.jsonl").exists()
+    lines = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {d["key"]: d["record"] for d in lines} == {"a": {"v": 1}, "b": {"v": 3}}
+    assert s.absorb_shards() == 0
 
 
 def test_distributed_reproduce_equals_one_process(tmp_path):
@@ -251,7 +265,10 @@ def test_distributed_reproduce_equals_one_process(tmp_path):
     va, vb = json.loads(fa.read_text()), json.loads(fb.read_text())
     assert len(va) >= 4
     assert [v["holds"] for v in va] == [v["holds"] for v in vb]
-    assert (tmp_path / "dist" / "results" / "runs.rank1.jsonl").stat().st_size > 0
+    # rank 1's shard was merged into runs.jsonl at the end, and removed (it stayed behind)
+    assert not (tmp_path / "dist" / "results" / "runs.rank1.jsonl").exists()
+    lines = (tmp_path / "dist" / "results" / "runs.jsonl").read_text().splitlines()
+    assert {json.loads(line)["key"] for line in lines} == set(one.keys())
     assert not any(p.name.startswith("report") for p in (tmp_path / "dist").iterdir() if p.stat().st_size == 0)
     # a second distributed launch resumes: every run is found, none recomputed
     before = (tmp_path / "dist" / "results" / "runs.jsonl").stat().st_size

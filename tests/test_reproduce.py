@@ -326,6 +326,67 @@ def test_tiny_reproduction_resumes(tiny, tmp_path):
     assert a == b
 
 
+def test_a_resume_writes_the_runs_of_an_interrupted_distributed_run_into_runs_jsonl(tiny, tmp_path):
+    """An interrupted `reproduce --distributed` left rank 1's finished runs in runs.rank1.jsonl only; the
+    resumed run used them (and said "N runs already in runs.jsonl") but the file never received them."""
+    import shutil
+
+    out, bundle, res = tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    main = copy / "results" / "runs.jsonl"
+    lines = main.read_text().splitlines()
+    main.write_text("\n".join(lines[:-5]) + "\n")
+    (copy / "results" / "runs.rank1.jsonl").write_text("\n".join(lines[-5:]) + "\n")
+    import shortcut_ext.train as train_mod
+
+    real, calls = train_mod.train, []
+    try:
+        train_mod.train = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        reproduce.run(reproduce.TINY, bundle, copy, only=["fig9"], progress=False, log=lambda *a: None)
+    finally:
+        train_mod.train = real
+    assert calls == []
+    assert not (copy / "results" / "runs.rank1.jsonl").exists()
+    keys = {json.loads(line)["key"] for line in main.read_text().splitlines()}
+    assert keys == {json.loads(line)["key"] for line in lines}
+
+
+def test_stored_records_without_their_fields_are_computed_again(tiny, tmp_path):
+    """A record under a run's key that lacked fields (hand-edited, another program's) counted as a finished run:
+    TrainResult.from_dict filled in defaults, and fig9_runs.csv showed "ok,inf,inf,nan" for a run of 4.25."""
+    import shutil
+
+    out, bundle, res = tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    main = copy / "results" / "runs.jsonl"
+    items = [json.loads(line) for line in main.read_text().splitlines()]
+    train_item = next(d for d in items if d["key"].startswith("sweep|") and d["record"]["status"] == "ok")
+    probe_item = next(d for d in items if d["key"].startswith("init|"))
+    bad_train = {k: v for k, v in train_item["record"].items() if k not in ("history", "final_loss")}
+    bad_probe = {k: v for k, v in probe_item["record"].items() if k != "lam_max"}
+    with open(main, "a") as f:  # later lines win
+        for key, rec in ((train_item["key"], bad_train), (probe_item["key"], bad_probe)):
+            f.write(json.dumps({"key": key, "record": rec}) + "\n")
+    import shortcut_ext.train as train_mod
+
+    real, calls = train_mod.train, []
+    try:
+        train_mod.train = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        reproduce.run(reproduce.TINY, bundle, copy, only=["fig9", "fig5"], progress=False, log=lambda *a: None)
+    finally:
+        train_mod.train = real
+    assert len(calls) == 1  # the damaged run only
+    from shortcut_ext.experiments.store import RunStore
+
+    store = RunStore(main)
+    assert store.get(train_item["key"])["final_loss"] == pytest.approx(train_item["record"]["final_loss"], rel=1e-12)
+    assert store.get(probe_item["key"])["lam_max"] == pytest.approx(probe_item["record"]["lam_max"], rel=1e-9)
+    with pytest.raises(ValueError, match="not a TrainResult record: it lacks final_loss, history"):
+        train_mod.TrainResult.from_dict(bad_train)
+
+
 def test_tiny_out_folder_refuses_other_options(tiny):
     """One --out folder, one reproduction: other seeds, data or backend would mix CSVs and figures."""
     out, bundle, _ = tiny
@@ -430,7 +491,7 @@ def test_quick_reproduction_runs_and_holds(tmp_path):
     assert key[("Fig. 9", "2-shortcut stays near L_min at all depths")] is True
 
 
-def test_reproduce_on_mnist_files(tmp_path):
+def test_reproduce_on_mnist_files(tmp_path, capsys):
     """``--data mnist PATH`` end to end on small gzipped IDX files (inputs in R^4, one-hot targets in R^10)."""
     import gzip
 
@@ -450,6 +511,11 @@ def test_reproduce_on_mnist_files(tmp_path):
     v = json.loads((out / "results" / "verdicts_fig5.json").read_text())
     assert v[0]["claim"].startswith("2-shortcut condition number is flat") and v[0]["holds"] is True
     assert (out / "report_fig5.html").exists() and not (out / "report.html").exists()
+    # other images in the same file: a rerun into the same --out reused every run made on the old ones
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx(255 - img)))
+    assert main(["reproduce", "--tiny", "--data", "mnist", str(tmp_path), "--only", "fig5", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "differing: data" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--data mnist PATH: .*missing does not exist"):
         main(["reproduce", "--tiny", "--data", "mnist", str(tmp_path / "missing"), "--out", str(out)])
 

@@ -409,3 +409,21 @@ def test_theory_line_compares_the_exact_spectrum(tmp_path, capsys):
     assert th["exact_rel_error"] < 1e-12 and th["lanczos_rel_error"] > 0.1
     assert f"exact spectrum error / |lambda|max {th['exact_rel_error']:.2e}" in out
     assert "Lanczos did not converge" in out
+
+
+def test_a_resumed_spectrum_says_so_and_keeps_the_earlier_timings(tmp_path, capsys):
+    """A resumed spectrum printed only its summary, and its timings_s lost the Lanczos entry and counted the last
+    process only (total 2.78 s for an 18.7 s spectrum)."""
+    out = tmp_path / "o"
+    args = TINY + ["--init", "small", "--no-plots", "--out", str(out)]
+    assert main(args) == 0
+    first = _result(out)["timings_s"]
+    assert "resuming" not in capsys.readouterr().err
+    ck = json.loads((out / "spectrum.checkpoint.json").read_text())
+    assert ck["seconds"]["lanczos"] == pytest.approx(first["lanczos"]) and ck["seconds"]["slq"] > 0
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from the checkpoint {out / 'spectrum.checkpoint.json'}: the Lanczos extremes are done, 2 of 2" in err
+    again = _result(out)["timings_s"]
+    assert again["lanczos"] == pytest.approx(first["lanczos"]) and again["slq"] >= ck["seconds"]["slq"]
+    assert again["total"] >= again["lanczos"] + ck["seconds"]["slq"] and again["this_process"] < again["total"]

@@ -557,3 +557,29 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     with atomic_open(path, "w") as f:
         f.write("ok")
     assert path.read_text() == "ok" and not stale.exists() and alive.exists()
+
+
+def test_a_figure_that_cannot_be_written_names_its_file(tmp_path):
+    """Figures were written by savefig straight onto their path: a full disk (`ulimit -f`) gave "[Errno 27]
+    File too large" without the file's name, and left a truncated PNG."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from shortcut_ext._io import save_figure
+
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    path = tmp_path / "density.png"
+    save_figure(fig, path, dpi=50)
+    good = path.read_bytes()
+    assert good.startswith(b"\x89PNG")
+
+    def full_disk(f, **kw):
+        f.write(b"\x89PNG partial")
+        raise OSError(errno.EFBIG, "File too large")
+
+    fig.savefig = full_disk
+    with pytest.raises(OSError, match="File too large.*density.png"):
+        save_figure(fig, path, dpi=50)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["density.png"]

@@ -34,7 +34,7 @@ import torch
 from .._cli_args import nonneg_float, nonneg_int, out_dir, out_lock, positive_float, positive_int
 from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
-from .._io import atomic_open
+from .._io import atomic_open, save_figure
 from ..reference import ACTIVATIONS, LOSSES
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -269,6 +269,14 @@ def _run(args, dtype, budget, rank, world) -> int:
     # extremes
     lz = ckpt.lanczos()
     result["resumed"] = {"lanczos": lz is not None, "slq_probes": len(ckpt.slq_done), "checkpoint": ckpt.path}
+    if lz is not None or ckpt.slq_done:  # say so, as train does: a finished run's rerun returns its numbers
+        ckpt._say(f"resuming from the checkpoint {ckpt.path}: the Lanczos extremes "
+                  f"{'are' if lz is not None else 'are not'} done, {len(ckpt.slq_done)} of {args.probes} SLQ probes "
+                  "done")
+    # the timings of every process that computed this spectrum: a resumed run's own, plus the checkpoint's
+    earlier = dict(ckpt.seconds)
+    if lz is not None and "lanczos" in earlier:
+        result["timings_s"]["lanczos"] = earlier["lanczos"]
     if lz is None:
         bar, cb = _progress("lanczos", quiet)
         t0 = time.perf_counter()
@@ -281,7 +289,7 @@ def _run(args, dtype, budget, rank, world) -> int:
         finally:
             bar.close()
         result["timings_s"]["lanczos"] = time.perf_counter() - t0
-        ckpt.save_lanczos(lz)
+        ckpt.save_lanczos(lz, result["timings_s"]["lanczos"])
     result["lanczos"] = {
         "largest": lz.largest.tolist(), "smallest": lz.smallest.tolist(),
         "largest_residuals": lz.largest_residuals.tolist(), "smallest_residuals": lz.smallest_residuals.tolist(),
@@ -307,6 +315,7 @@ def _run(args, dtype, budget, rank, world) -> int:
     # density
     bar, cb = _progress("slq", quiet)
     t0 = time.perf_counter()
+    ckpt.start_slq(t0)
     try:
         sq = slq(H, probes=args.probes, steps=args.steps, seed=args.seed + 1, callback=cb,
                  probe_batch=args.probe_batch, max_basis_bytes=budget, done=ckpt.slq_done,
@@ -315,7 +324,7 @@ def _run(args, dtype, budget, rank, world) -> int:
         _flag_hint(e, ("probe_batch", "steps", "basis"), "--probe-batch, --steps, --basis-gib")
     finally:
         bar.close()
-    result["timings_s"]["slq"] = time.perf_counter() - t0
+    result["timings_s"]["slq"] = earlier.get("slq", 0.0) * bool(ckpt.slq_done) + time.perf_counter() - t0
     sigma = sq.default_sigma()
     grid, dens = sq.density(sigma=sigma)
     lam_max = lz.abs_max
@@ -438,7 +447,11 @@ def _run(args, dtype, budget, rank, world) -> int:
         if not spec.assumptions.holds:
             warnings.append("the zero-point theory's assumptions do not hold here, so its spectrum is not the "
                             "Hessian's: " + "; ".join(spec.assumptions.notes))
-    result["timings_s"]["total"] = time.perf_counter() - t_start
+    # this process's wall time plus what earlier processes spent on the phases it resumed
+    result["timings_s"]["total"] = time.perf_counter() - t_start + sum(
+        v for k, v in earlier.items() if (k == "lanczos" and result["resumed"]["lanczos"])
+        or (k == "slq" and result["resumed"]["slq_probes"]))
+    result["timings_s"]["this_process"] = time.perf_counter() - t_start
     if not lead:
         return 0
     result["warnings"] = warnings
@@ -627,6 +640,13 @@ class _Checkpoint:
             self._say(f"the checkpoint {self.path} is not a spectrum checkpoint; starting afresh and replacing it")
         self.slq_done = {int(i): (np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), int(n))
                          for i, (a, b, n) in self.state["slq"].items()}
+        # seconds earlier processes spent on what the checkpoint holds (absent in older checkpoints)
+        resumes = self.state["lanczos"] is not None or bool(self.state["slq"])
+        sec = old.get("seconds") if isinstance(old, dict) and resumes else None
+        self.seconds = {k: float(v) for k, v in (sec or {}).items()
+                        if k in ("lanczos", "slq") and isinstance(v, (int, float))}
+        self.state["seconds"] = dict(self.seconds)
+        self._slq_t0, self._slq_before = None, self.seconds.get("slq", 0.0) if self.slq_done else 0.0
 
     def agree(self, device) -> None:
         """Distributed: keep the checkpoint only if every rank read the same one (the Lanczos result or not,
@@ -644,8 +664,9 @@ class _Checkpoint:
         if float(t[0]) != -float(t[1]):
             self._say(f"the ranks read different checkpoints from --out {self.path} (each node's own folder?); "
                       "starting afresh on every rank and replacing it")
-            self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {}}
-            self.slq_done = {}
+            self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {},
+                          "seconds": {}}
+            self.slq_done, self.seconds, self._slq_before = {}, {}, 0.0
 
     def _say(self, msg: str) -> None:
         if self.write:
@@ -670,17 +691,23 @@ class _Checkpoint:
                                                          "norm_estimate", "stop_reason", "restarts", "max_vectors",
                                                          "basis_bytes")})
 
-    def save_lanczos(self, lz) -> None:
+    def save_lanczos(self, lz, seconds: float) -> None:
         self.state["lanczos"] = {k: getattr(lz, k) for k in (
             "largest", "smallest", "largest_residuals", "smallest_residuals", "ritz_values", "num_vectors",
             "num_products", "segments", "breakdowns", "converged", "norm_estimate", "stop_reason", "restarts",
             "max_vectors", "basis_bytes")}
+        self.state["seconds"]["lanczos"] = float(seconds)
         self._flush()
+
+    def start_slq(self, t0: float) -> None:
+        self._slq_t0 = t0
 
     def save_slq_group(self, g0, g1, alpha, beta, steps) -> None:
         for i in range(g0, g1):
             n = int(steps[i - g0])
             self.state["slq"][str(i)] = [alpha[i - g0, :n].tolist(), beta[i - g0, :n].tolist(), n]
+        if self._slq_t0 is not None:  # every process's SLQ time so far
+            self.state["seconds"]["slq"] = self._slq_before + time.perf_counter() - self._slq_t0
         self._flush()
 
 
@@ -723,7 +750,7 @@ def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
     ax.set_title("Hessian spectral density")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "density.png"), dpi=120)
+    save_figure(fig, os.path.join(out, "density.png"), dpi=120)
 
     # extremes
     fig = Figure(figsize=(7, 4))
@@ -742,7 +769,7 @@ def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
     ax.set_title("extreme eigenvalues (error bars: residual norms)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "extremes.png"), dpi=120)
+    save_figure(fig, os.path.join(out, "extremes.png"), dpi=120)
 
     # |lambda| quantiles
     fig = Figure(figsize=(7, 4))
@@ -766,4 +793,4 @@ def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
     ax.set_title("quantiles of |eigenvalues| (the paper uses q = 0.1)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "quantiles.png"), dpi=120)
+    save_figure(fig, os.path.join(out, "quantiles.png"), dpi=120)

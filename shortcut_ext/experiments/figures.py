@@ -14,6 +14,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
 
+from .._io import save_figure  # noqa: E402
 from .analysis import _finite, aggregate  # noqa: E402
 
 COLORS = {
@@ -48,7 +49,7 @@ def _save(fig, path, caption: str | None = None) -> Path:
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)  # a Figure outside pyplot: Agg draws it, the user's backend is untouched
+    save_figure(fig, path, dpi=110)  # a Figure outside pyplot: Agg draws it, the user's backend is untouched
     return path
 
 

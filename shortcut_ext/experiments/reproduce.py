@@ -188,7 +188,9 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
     dtypes = {"float64": torch.float64, "float32": torch.float32}
     dtype, nl_dtype = dtypes[cfg.dtype], dtypes[cfg.nonlinear_dtype]
     _claim_out(out, cfg, bundle, backend)
-    store = RunStore(out / "results" / "runs.jsonl") if store is None else store
+    if store is None:
+        store = RunStore(out / "results" / "runs.jsonl")
+        store.absorb_shards()  # runs an interrupted distributed run left in its ranks' shards
     figdir, resdir = out / "figures", out / "results"
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -455,10 +457,12 @@ def main(args) -> int:
                 print(f"[reproduce] {world} ranks share the runs")
                 res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress,
                           store=store)
+                store.close()  # rank 0's runs.jsonl holds every run; the ranks' shards go
             else:  # the same phases (their collectives must match), outputs to a scratch folder
                 with tempfile.TemporaryDirectory() as scratch:
                     run(cfg, bundle, scratch, only=args.only, backend=args.backend, progress=False,
                         log=lambda *a, **k: None, store=store)
+                store.close()
                 return 0
         else:
             with out_lock(lock, "reproduce"):

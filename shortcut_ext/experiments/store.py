@@ -66,14 +66,33 @@ class RunStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, dict] = {}
+        self._in_main: set[str] = set()  # keys whose record is in the main file (not only in a rank's shard)
         self.skipped_lines = 0
         # the shards other ranks of a distributed run wrote (DistributedRunStore) first, so that a run
         # interrupted before rank 0 merged them keeps their finished runs; the main file wins
-        for shard in sorted(self.path.parent.glob(f"{self.path.stem}.rank*{self.path.suffix}")):
+        for shard in self._shards():
             self._load(shard)
-        self._load(self.path)
+        self._load(self.path, main=True)
 
-    def _load(self, path: Path) -> None:
+    def _shards(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.stem}.rank*{self.path.suffix}"))
+
+    def absorb_shards(self) -> int:
+        """Write the runs found only in ranks' shards (``<stem>.rank<r>.jsonl``, left by a distributed run
+        that was interrupted before rank 0 merged them) into the main file, then remove the shards: the
+        main file holds every finished run.  Call it where no other process writes the store.
+
+        Returns:
+            The number of runs written into the main file.
+        """
+        moved = [k for k in self._records if k not in self._in_main]
+        for key in moved:
+            self.put(key, self._records[key])
+        for shard in self._shards():
+            shard.unlink(missing_ok=True)
+        return len(moved)
+
+    def _load(self, path: Path, main: bool = False) -> None:
         if not path.exists():
             return
         with open(path, "r", encoding="utf-8") as f:
@@ -84,6 +103,8 @@ class RunStore:
                 try:
                     item = json.loads(line)
                     self._records[item["key"]] = item["record"]
+                    if main:
+                        self._in_main.add(item["key"])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     self.skipped_lines += 1  # a partial line from an interrupted write
 
@@ -124,11 +145,12 @@ class RunStore:
             os.fsync(fd)
         except OSError as e:  # a full disk: say which file (a partial line is skipped when read back)
             if e.filename is None:
-                raise OSError(e.errno, e.strerror or str(e), self.path) from e
+                raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
             raise
         finally:
             os.close(fd)
         self._records[key] = record
+        self._in_main.add(key)
 
 
 class DistributedRunStore:
@@ -153,9 +175,24 @@ class DistributedRunStore:
             raise ValueError("DistributedRunStore needs an initialised torch.distributed process group")
         self.base, self.group = base, group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self._merge()  # the shards of an interrupted run into the main file first
         self._shard = None if self.rank == 0 else RunStore(
             base.path.with_name(f"{base.path.stem}.rank{self.rank}{base.path.suffix}"))
-        dist.barrier(group)  # every rank has read the store before any rank adds to it
+
+    def _merge(self) -> None:
+        """Rank 0 writes the runs held only in shards into the main file and removes the shards, once every
+        rank has read the store and before any rank adds to it (a collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        dist.barrier(self.group)
+        if self.rank == 0:
+            self.base.absorb_shards()
+        dist.barrier(self.group)
+
+    def close(self) -> None:
+        """At the end of a distributed run (every rank calls it): the main file then holds every finished
+        run, and no shard is left beside it."""
+        self._merge()
 
     # the RunStore interface
     @property
@@ -189,11 +226,13 @@ class DistributedRunStore:
             self._shard.put(key, record)
             self.base._records[key] = self._shard.get(key)
 
-    def plan(self, jobs) -> list[list[str]]:
-        """The keys of the missing ``jobs`` each rank runs (the same answer on every rank)."""
+    def plan(self, jobs, usable=None) -> list[list[str]]:
+        """The keys of the missing ``jobs`` each rank runs (the same answer on every rank); a stored record
+        for which ``usable(record)`` is False counts as missing."""
         missing, seen = [], set()
         for i, (key, _, cost) in enumerate(jobs):
-            if key not in self and key not in seen:
+            absent = key not in self or (usable is not None and not usable(self.get(key)))
+            if absent and key not in seen:
                 seen.add(key)
                 missing.append((-float(cost), i, key))
         load = [0.0] * self.world_size
@@ -204,7 +243,7 @@ class DistributedRunStore:
             share[r].append(key)
         return share
 
-    def fill(self, jobs, progress=None) -> int:
+    def fill(self, jobs, progress=None, usable=None) -> int:
         """Run the missing ``jobs`` (``(key, compute() -> record, cost)``) across the ranks; every rank
         then holds all their records.  A job that fails on one rank fails the call on every rank.
 
@@ -217,7 +256,7 @@ class DistributedRunStore:
         import torch.distributed as dist
 
         jobs = list(jobs)
-        share = self.plan(jobs)
+        share = self.plan(jobs, usable)
         compute = {key: fn for key, fn, _ in jobs}
         mine, error = [], None
         for i, key in enumerate(share[self.rank]):

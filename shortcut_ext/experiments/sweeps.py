@@ -190,7 +190,11 @@ def load_data(kind: str = "digits", path=None, d: int = 10, samples: int | None 
             raise ValueError("kind='mnist' needs path (a folder of IDX files or an .npz file)")
         X, Y = data_mod.mnist(path, d=d, m=samples, seed=seed, dtype=dtype, max_m=max_samples)
         m = X.shape[0]
-        tag = f"mnist({Path(path).expanduser().resolve()},d={d},m={m},seed={seed if (samples or max_samples) else 0})"
+        from ..train import _digest
+
+        # the values too: another file at the same path (a rerun into the same --out) must not reuse the runs
+        tag = (f"mnist({Path(path).expanduser().resolve()},sha1={_digest(X, Y)[:16]},d={d},m={m},"
+               f"seed={seed if (samples or max_samples) else 0})")
     else:
         raise ValueError(f"data kind must be 'digits', 'synthetic' or 'mnist', got {kind!r}")
     return DataBundle.from_xy(tag, X, Y)
@@ -243,16 +247,25 @@ def _then_release(job):
         _release_buffers()
 
 
-def _fill(store, jobs, desc, progress) -> None:
-    """Runs a phase's missing runs across the ranks of a :class:`DistributedRunStore` (a bar on rank 0)."""
+_PROBE_FIELDS = ("lam_max", "lam_q10", "index", "cond", "cond_q10", "method")
+
+
+def _is_probe_record(rec) -> bool:
+    """A stored initial-curvature record with every field the rows read (else it is computed again)."""
+    return isinstance(rec, dict) and all(k in rec for k in _PROBE_FIELDS)
+
+
+def _fill(store, jobs, desc, progress, usable=None) -> None:
+    """Runs a phase's missing runs across the ranks of a :class:`DistributedRunStore` (a bar on rank 0);
+    ``usable(record)`` False counts a stored record as missing."""
     bar = None
     if progress and store.rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(store.plan(jobs)[0]), desc=f"{desc} (rank 0 of {store.world_size})",
+        bar = tqdm(total=len(store.plan(jobs, usable)[0]), desc=f"{desc} (rank 0 of {store.world_size})",
                    dynamic_ncols=True, leave=True)
     try:
-        store.fill(jobs, progress=None if bar is None else (lambda done, total: bar.update(1)))
+        store.fill(jobs, progress=None if bar is None else (lambda done, total: bar.update(1)), usable=usable)
     finally:
         if bar is not None:
             bar.close()
@@ -294,7 +307,7 @@ def run_lr_sweeps(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str],
                              functools.partial(_then_release, functools.partial(
                                  sweep_run_record, maker(arch, act, depth, seed), data_for(act), lr, cfg, bundle.l_min)),
                              depth))
-        _fill(store, jobs, desc, progress)
+        _fill(store, jobs, desc, progress, usable=TrainResult.is_record)
     runs, best = [], []
     for arch, act, depth, seed in _progress(groups, len(groups), desc, progress and not hasattr(store, "fill")):
         key = group_key("sweep", bundle, arch, act, depth, seed, cfg, dtype)
@@ -345,11 +358,12 @@ def run_init_probes(bundle: DataBundle, archs: Iterable[str], depths: Iterable[i
         return rec
 
     if hasattr(store, "fill"):
-        _fill(store, [(key_of(*job), functools.partial(compute, *job), job[1]) for job in jobs], desc, progress)
+        _fill(store, [(key_of(*job), functools.partial(compute, *job), job[1]) for job in jobs], desc, progress,
+              usable=_is_probe_record)
     for arch, depth, seed in _progress(jobs, len(jobs), desc, progress and not hasattr(store, "fill")):
         key = key_of(arch, depth, seed)
         rec = store.get(key)
-        if rec is None:
+        if not _is_probe_record(rec):  # missing, or without its fields: computed (again)
             store.put(key, compute(arch, depth, seed))
             rec = store.get(key)  # as stored (strict JSON), so that fresh and resumed rows agree
         rows.append({"arch": arch, "act": act, "depth": depth, "seed": seed,
@@ -423,12 +437,13 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
         return res.to_dict(max_points=1000)
 
     if hasattr(store, "fill"):
-        _fill(store, [(key_of(*job), functools.partial(compute, *job), job[1]) for job in jobs], desc, progress)
+        _fill(store, [(key_of(*job), functools.partial(compute, *job), job[1]) for job in jobs], desc, progress,
+              usable=TrainResult.is_record)
     for arch, d, seed in _progress(jobs, len(jobs), desc, progress and not hasattr(store, "fill")):
         c = dataclasses.replace(cfg, lr=float(lrs[arch]))
         key = key_of(arch, d, seed)
         rec = store.get(key)
-        if rec is None:
+        if not TrainResult.is_record(rec):  # missing, or without its fields: trained (again)
             rec = compute(arch, d, seed)
             store.put(key, rec)
         res = TrainResult.from_dict(rec)
