@@ -1,4 +1,4 @@
-"""Fused residual stack vs eager PyTorch vs torch.compile on CPU (issue: foundation, section 5).
+"""Fused residual stack vs eager PyTorch vs torch.compile on CPU.
 
 2-shortcut ReLU (mid), R=1000 units, B=256, d in {16, 64, 128}, float32, 2 threads; forward and
 forward+backward.  Each run also measures one large 4096x4096 matmul and reports every variant's

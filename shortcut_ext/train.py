@@ -245,12 +245,18 @@ class TrainResult:
 
     # what every record written by to_dict holds; a record without one of them (hand-edited, or of another
     # program) is not a finished run: stores recompute it instead of reading defaults into it
-    RECORD_FIELDS = ("status", "lr", "epochs", "final_loss", "history", "probes")
+    RECORD_FIELDS = ("status", "lr", "epochs", "final_loss", "l_min", "history", "probes")
+    HISTORY_FIELDS = ("epoch", "loss", "excess", "grad_norm", "weight_norm")
 
     @classmethod
     def is_record(cls, d) -> bool:
-        """True when ``d`` is a finished run as :meth:`to_dict` writes it (every field of ``RECORD_FIELDS``)."""
-        return isinstance(d, dict) and all(k in d for k in cls.RECORD_FIELDS)
+        """True when ``d`` is a finished run as :meth:`to_dict` writes it: every field of ``RECORD_FIELDS``, a
+        ``history`` with every series of ``HISTORY_FIELDS`` and at least one epoch."""
+        if not (isinstance(d, dict) and all(k in d for k in cls.RECORD_FIELDS)):
+            return False
+        h = d["history"]
+        return (isinstance(h, dict) and all(isinstance(h.get(k), list) for k in cls.HISTORY_FIELDS)
+                and len(h["epoch"]) > 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainResult":
@@ -258,6 +264,10 @@ class TrainResult:
 
         if not cls.is_record(d):
             missing = [k for k in cls.RECORD_FIELDS if not isinstance(d, dict) or k not in d]
+            if not missing:
+                h = d["history"]
+                missing = [f"history[{k!r}]" for k in cls.HISTORY_FIELDS
+                           if not isinstance(h, dict) or not isinstance(h.get(k), list)] or ["history epochs"]
             raise ValueError(f"not a TrainResult record: it lacks {', '.join(missing)}")
         return cls(
             status=d["status"], lr=d["lr"], epochs=d["epochs"],
@@ -317,8 +327,8 @@ def dense_hessian(model, data, loss: str = "mse", max_bytes: float = 2.5e8) -> t
     X, Y = data
     net = model if model.weight.dtype == torch.float64 else copy.deepcopy(model).double()
     dev = net.weight.device  # data on another device moves to the model's
-    X = X.to(device=dev, dtype=torch.float64)
-    Y = Y.to(dev) if Y.dtype in (torch.long, torch.int64) else Y.to(device=dev, dtype=torch.float64)
+    X = X.detach().to(device=dev, dtype=torch.float64)  # values: targets of a teacher net keep no history
+    Y = Y.detach().to(dev) if Y.dtype in (torch.long, torch.int64) else Y.detach().to(device=dev, dtype=torch.float64)
     w0 = net.weight.detach().reshape(-1).clone()
     P = w0.numel()
     g = grad(_loss_of(net, X, Y, loss, backend="torch"))

@@ -385,6 +385,16 @@ def test_stored_records_without_their_fields_are_computed_again(tiny, tmp_path):
     assert store.get(probe_item["key"])["lam_max"] == pytest.approx(probe_item["record"]["lam_max"], rel=1e-9)
     with pytest.raises(ValueError, match="not a TrainResult record: it lacks final_loss, history"):
         train_mod.TrainResult.from_dict(bad_train)
+    # fields the rows read besides: l_min (final_excess) and every history series (final_weight_norm, is_stable)
+    good = train_item["record"]
+    assert train_mod.TrainResult.is_record(good)
+    no_lmin = {k: v for k, v in good.items() if k != "l_min"}
+    no_wn = {**good, "history": {k: v for k, v in good["history"].items() if k != "weight_norm"}}
+    empty = {**good, "history": {k: [] for k in good["history"]}}
+    for bad in (no_lmin, no_wn, empty, {**good, "history": {}}):
+        assert not train_mod.TrainResult.is_record(bad)
+    with pytest.raises(ValueError, match=r"lacks history\['weight_norm'\]"):
+        train_mod.TrainResult.from_dict(no_wn)
 
 
 def test_tiny_out_folder_refuses_other_options(tiny):
@@ -511,6 +521,12 @@ def test_reproduce_on_mnist_files(tmp_path, capsys):
     v = json.loads((out / "results" / "verdicts_fig5.json").read_text())
     assert v[0]["claim"].startswith("2-shortcut condition number is flat") and v[0]["holds"] is True
     assert (out / "report_fig5.html").exists() and not (out / "report.html").exists()
+    # the data's tag hashes the raw file values (the prepared X's bits vary with BLAS threads: a resume under
+    # torchrun, which sets OMP_NUM_THREADS=1, was refused)
+    import hashlib
+
+    tag = sweeps.load_data("mnist", d=4, path=str(tmp_path)).tag
+    assert f"sha1={hashlib.sha1(img.tobytes() + lab.astype(np.int64).tobytes()).hexdigest()[:16]}" in tag
     # other images in the same file: a rerun into the same --out reused every run made on the old ones
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx(255 - img)))
     assert main(["reproduce", "--tiny", "--data", "mnist", str(tmp_path), "--only", "fig5", "--out", str(out),

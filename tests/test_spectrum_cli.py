@@ -427,3 +427,12 @@ def test_a_resumed_spectrum_says_so_and_keeps_the_earlier_timings(tmp_path, caps
     again = _result(out)["timings_s"]
     assert again["lanczos"] == pytest.approx(first["lanczos"]) and again["slq"] >= ck["seconds"]["slq"]
     assert again["total"] >= again["lanczos"] + ck["seconds"]["slq"] and again["this_process"] < again["total"]
+    assert _result(out)["resumed"]["seconds_unknown"] == []
+    # a checkpoint of an older version holds no seconds: the resumed parts' earlier time is named as unknown,
+    # not recorded as this process's share
+    ck.pop("seconds")
+    (out / "spectrum.checkpoint.json").write_text(json.dumps(ck))
+    assert main(args) == 0
+    res = _result(out)
+    assert res["resumed"]["seconds_unknown"] == ["lanczos", "slq"] and "lanczos" not in res["timings_s"]
+    assert "slq" not in json.loads((out / "spectrum.checkpoint.json").read_text()).get("seconds", {})

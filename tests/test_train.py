@@ -647,6 +647,8 @@ def test_targets_with_history_and_inference_data_train_alike(teacher):
             assert r.status == "ok" and not r.probes[0]["method"].startswith("failed"), r.probes[0]["method"]
             got[backend, name] = r
     assert head.weight.grad is None  # the run did not backpropagate into the teacher
+    H = dense_hessian(ShortcutNet(**kw), (X, Y))  # the probes' dense fallback, public: it kept the history too
+    assert not H.requires_grad and H.numpy().shape == (H.shape[0], H.shape[0])
     for name in ("history", "inference"):
         a, b = got["fused", name], got["torch", name]
         assert a.final_loss == pytest.approx(b.final_loss, rel=1e-12)

@@ -268,7 +268,8 @@ def _run(args, dtype, budget, rank, world) -> int:
 
     # extremes
     lz = ckpt.lanczos()
-    result["resumed"] = {"lanczos": lz is not None, "slq_probes": len(ckpt.slq_done), "checkpoint": ckpt.path}
+    result["resumed"] = {"lanczos": lz is not None, "slq_probes": len(ckpt.slq_done), "checkpoint": ckpt.path,
+                         "seconds_unknown": ckpt.seconds_unknown}  # not in timings_s: an older checkpoint
     if lz is not None or ckpt.slq_done:  # say so, as train does: a finished run's rerun returns its numbers
         ckpt._say(f"resuming from the checkpoint {ckpt.path}: the Lanczos extremes "
                   f"{'are' if lz is not None else 'are not'} done, {len(ckpt.slq_done)} of {args.probes} SLQ probes "
@@ -646,6 +647,9 @@ class _Checkpoint:
         self.seconds = {k: float(v) for k, v in (sec or {}).items()
                         if k in ("lanczos", "slq") and isinstance(v, (int, float))}
         self.state["seconds"] = dict(self.seconds)
+        # resumed phases whose earlier time the checkpoint does not hold (one written by an older version)
+        self.seconds_unknown = [k for k, done in (("lanczos", self.state["lanczos"] is not None),
+                                                  ("slq", bool(self.slq_done))) if done and k not in self.seconds]
         self._slq_t0, self._slq_before = None, self.seconds.get("slq", 0.0) if self.slq_done else 0.0
 
     def agree(self, device) -> None:
@@ -666,7 +670,7 @@ class _Checkpoint:
                       "starting afresh on every rank and replacing it")
             self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {},
                           "seconds": {}}
-            self.slq_done, self.seconds, self._slq_before = {}, {}, 0.0
+            self.slq_done, self.seconds, self._slq_before, self.seconds_unknown = {}, {}, 0.0, []
 
     def _say(self, msg: str) -> None:
         if self.write:
@@ -706,7 +710,7 @@ class _Checkpoint:
         for i in range(g0, g1):
             n = int(steps[i - g0])
             self.state["slq"][str(i)] = [alpha[i - g0, :n].tolist(), beta[i - g0, :n].tolist(), n]
-        if self._slq_t0 is not None:  # every process's SLQ time so far
+        if self._slq_t0 is not None and "slq" not in self.seconds_unknown:  # every process's SLQ time so far
             self.state["seconds"]["slq"] = self._slq_before + time.perf_counter() - self._slq_t0
         self._flush()
 

@@ -10,7 +10,7 @@ Names used throughout the reproduction:
   net has one activation between layers: the variant's non-identity one.
 
 Linear nets train and are probed on :func:`~shortcut_ext.data.second_moment_compress` of the data:
-the loss as a function of the weights is *the same function* (docs/science.md section 1: it depends on the
+the loss as a function of the weights is *the same function* (a linear net's squared loss depends on the
 data only through ``S_xx``, ``S_yx``, ``S_yy``), so gradient descent follows the same trajectory and
 the Hessian is the same, at ``d + q`` rows instead of ``m`` **(ours)**.  Nonlinear nets use all rows.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,10 +191,12 @@ def load_data(kind: str = "digits", path=None, d: int = 10, samples: int | None 
             raise ValueError("kind='mnist' needs path (a folder of IDX files or an .npz file)")
         X, Y = data_mod.mnist(path, d=d, m=samples, seed=seed, dtype=dtype, max_m=max_samples)
         m = X.shape[0]
-        from ..train import _digest
-
-        # the values too: another file at the same path (a rerun into the same --out) must not reuse the runs
-        tag = (f"mnist({Path(path).expanduser().resolve()},sha1={_digest(X, Y)[:16]},d={d},m={m},"
+        # the file's values too: another file at the same path (a rerun into the same --out) must not reuse the
+        # runs.  The raw images and labels, not the prepared X (its whitening's bits vary with BLAS threads)
+        images, labels, _ = data_mod.load_mnist_arrays(path, "train")
+        digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
+        digest.update(np.ascontiguousarray(labels).tobytes())
+        tag = (f"mnist({Path(path).expanduser().resolve()},sha1={digest.hexdigest()[:16]},d={d},m={m},"
                f"seed={seed if (samples or max_samples) else 0})")
     else:
         raise ValueError(f"data kind must be 'digits', 'synthetic' or 'mnist', got {kind!r}")
