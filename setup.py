@@ -83,7 +83,8 @@ def want_cuda():
 
 
 # instruction-set flags of /proc/cpuinfo that -march=native lets the compiler use in vector code
-_ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "abm", "popcnt", "movbe", "amx")
+_ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "abm", "popcnt", "movbe", "amx", "gfni", "vaes",
+                 "vpclmulqdq")
 
 
 def _cpu_isa():

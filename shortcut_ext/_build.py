@@ -25,15 +25,18 @@ class NotBuiltError(RuntimeError):
 
 
 def _cpu_flags():
-    """This CPU's flags from /proc/cpuinfo, or None where they cannot be read (not Linux)."""
+    """The flags every core of this machine has (/proc/cpuinfo, one line per core: the process may run on
+    any of them), or None where they cannot be read (not Linux)."""
+    common = None
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+                    common = flags if common is None else common & flags
     except OSError:
-        pass
-    return None
+        return None
+    return common
 
 
 def missing_isa(built, have) -> list:
