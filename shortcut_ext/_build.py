@@ -51,8 +51,24 @@ try:
 except ImportError:
     _BUILD_ISA = None
 
+def _other_builds() -> list:
+    """Compiled ``_C`` files beside the package that this Python cannot import (built for another one)."""
+    import glob
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(here, "_C.*")) if p.endswith((".so", ".pyd")))
+
+
 if importlib.util.find_spec(f"{__package__}._C") is None:
     _LOAD_ERROR = f"no compiled module _C next to {os.path.dirname(os.path.abspath(__file__))}"
+    if _other_builds():  # e.g. _C.cpython-311-...so under Python 3.12: say so, it is not silently unused
+        import sys
+
+        _LOAD_ERROR += (f" for Python {sys.version_info[0]}.{sys.version_info[1]} (found "
+                        f"{', '.join(_other_builds())}: built for another Python; rebuild with this one)")
+        warnings.warn(f"shortcut_ext: the compiled kernels are not used: {_LOAD_ERROR}; the fused backend is "
+                      "unavailable and the models default to backend='torch' (slower)", RuntimeWarning,
+                      stacklevel=2)
 elif missing_isa(_BUILD_ISA, _cpu_flags()):
     # loading it would stop the process with an illegal instruction (SIGILL), in its static initialisers
     _LOAD_ERROR = (f"it was built with -march=native on a CPU with instructions this CPU lacks "

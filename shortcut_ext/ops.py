@@ -271,7 +271,7 @@ def residual_stack(
             "backend='torch'")
     # torch.export fixes this choice in the graph: an exported program (grad mode on) saves for a backward
     # whatever its example inputs required (frozen weights, an input gradient taken later)
-    save = torch.is_grad_enabled() and (_needs_grad(x) or _needs_grad(weights) or torch.compiler.is_exporting())
+    save = torch.is_grad_enabled() and (_needs_grad(x) or _needs_grad(weights) or _is_exporting())
     layers = _save_layers(x, weights, recompute) and save
     y, _ = torch.ops.shortcut_ext.residual_stack_forward(
         x.contiguous(), weights.contiguous(), shortcut, act_pre, act_mid, act_post, save, layers
@@ -381,11 +381,17 @@ class cuda_tf32:
         return _TF32_MODES[_C.cuda_tf32_mode()]
 
 
+def _is_exporting() -> bool:
+    """``torch.compiler.is_exporting()`` where this torch has it (2.7 and later); False on torch 2.6."""
+    f = getattr(torch.compiler, "is_exporting", None)
+    return bool(f()) if f is not None else False
+
+
 def _save_layers(x: torch.Tensor, weights: torch.Tensor, recompute: bool | None) -> bool:
     """Whether the fused forward saves every layer's input (see ``residual_stack``'s ``recompute``)."""
     if recompute is not None:
         return not recompute
-    if x.device.type != "cpu" or torch.compiler.is_exporting():  # export: no guard on a symbolic batch size
+    if x.device.type != "cpu" or _is_exporting():  # export: no guard on a symbolic batch size
         return False
     env = os.environ.get("SHORTCUT_EXT_SAVE_LAYERS_MB", "1024")
     try:

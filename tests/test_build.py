@@ -50,7 +50,7 @@ except se.NotBuiltError as e:
 
 
 @pytest.mark.skipif(not shortcut_ext.is_built(), reason="needs a built _C to copy")
-@pytest.mark.parametrize("case", ["foreign_cpu", "broken_so"])
+@pytest.mark.parametrize("case", ["foreign_cpu", "broken_so", "other_python"])
 def test_an_unusable_build_warns_and_falls_back(tmp_path, case):
     """A native build on a CPU without its instructions died with SIGILL at `import shortcut_ext`; a _C that
     failed to import (built against another torch) was ignored without a word."""
@@ -59,9 +59,14 @@ def test_an_unusable_build_warns_and_falls_back(tmp_path, case):
         if not os.path.exists("/proc/cpuinfo"):
             pytest.skip("the CPU check reads /proc/cpuinfo")
         want = "avx9999_not_a_real_flag"
-    else:
+    elif case == "broken_so":
         root = _copy_package(tmp_path, c_bytes=b"not an ELF file")
         want = "importing it failed"
+    else:  # a _C built for another Python (an in-place build used from another interpreter): nothing said
+        root = _copy_package(tmp_path)
+        for so in (root / "shortcut_ext").glob("_C*.so"):
+            so.rename(so.with_name("_C.cpython-39-x86_64-linux-gnu.so"))
+        want = "built for another Python"
     env = dict(os.environ, PYTHONPATH=str(root))
     r = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
@@ -95,3 +100,18 @@ def test_the_operator_says_when_it_cannot_run_the_fused_kernel(monkeypatch):
         H = HessianOperator(net, (X, X), backend="fused")
     assert H.backend_used == "autograd" and "not available" in H.fallback_reason
     assert any(issubclass(w.category, FallbackWarning) and "not available" in str(w.message) for w in got)
+
+
+@pytest.mark.skipif(not shortcut_ext.is_built(), reason="fused kernels not built")
+def test_the_fused_op_runs_on_a_torch_without_is_exporting(monkeypatch):
+    """torch.compiler.is_exporting came with torch 2.7; the package's floor is 2.6, where every fused forward
+    failed with "module 'torch.compiler' has no attribute 'is_exporting'"."""
+    import torch
+
+    monkeypatch.delattr(torch.compiler, "is_exporting", raising=False)
+    net = shortcut_ext.ShortcutNet(width=4, units=3, shortcut=2, init="small", dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = net(x)
+    y.sum().backward()
+    ref = shortcut_ext.ShortcutNet(width=4, units=3, shortcut=2, init="small", dtype=torch.float64, backend="torch")
+    torch.testing.assert_close(y, ref(x))

@@ -436,3 +436,26 @@ def test_a_resumed_spectrum_says_so_and_keeps_the_earlier_timings(tmp_path, caps
     res = _result(out)
     assert res["resumed"]["seconds_unknown"] == ["lanczos", "slq"] and "lanczos" not in res["timings_s"]
     assert "slq" not in json.loads((out / "spectrum.checkpoint.json").read_text()).get("seconds", {})
+
+
+def test_a_float32_run_with_a_read_out_does_not_warn_of_a_fallback(tmp_path):
+    """The float32 check builds a float64 copy whose float32 read-out is orthonormal to float32 precision only:
+    its operator warned "HessianOperator(backend='fused') runs autograd Hessian-vector products" though the
+    run itself used the fused kernel."""
+    import warnings
+
+    from shortcut_ext.curvature.hessian import FallbackWarning
+
+    out = tmp_path / "o"
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        assert main(["spectrum", "--data", "digits", "--width", "6", "--units", "3", "--samples", "40",
+                     "--dtype", "float32", "--probes", "2", "--steps", "8", "--top", "2", "--no-progress",
+                     "--no-plots", "--out", str(out)]) == 0
+    assert not [w for w in got if issubclass(w.category, FallbackWarning)]
+    res = _result(out)
+    assert res["float32_check"]["float64_backend_used"] in ("fused", "autograd")
+    from shortcut_ext import is_built
+
+    if is_built():
+        assert res["backend_used"] == "fused"

@@ -559,14 +559,21 @@ def _float32_check(net, data, args, H) -> dict:
 
     net64 = copy.deepcopy(net).double()
     data64 = [(x.double(), y.double() if y.is_floating_point() else y) for x, y in data]
-    H64 = HessianOperator(net64, data64, loss=args.loss, backend=args.backend, dtype=torch.float64,
-                          distributed=args.distributed)
+    import warnings
+
+    from .hessian import FallbackWarning
+
+    with warnings.catch_warnings():  # the check's own operator: its backend is recorded, not the run's
+        warnings.simplefilter("ignore", FallbackWarning)
+        H64 = HessianOperator(net64, data64, loss=args.loss, backend=args.backend, dtype=torch.float64,
+                              distributed=args.distributed)
     v = torch.randn(H.P, generator=torch.Generator().manual_seed(args.seed + 7), dtype=torch.float64, device="cpu")
     v = v.to(H64.device)
     hv64 = H64.matvec(v)
     hv32 = H.matvec(v.to(H.dtype)).double()
     den = float(hv64.norm())
-    return {"rel_error": float((hv32 - hv64).norm()) / den if den > 0 else None, "products_float64": 1}
+    return {"rel_error": float((hv32 - hv64).norm()) / den if den > 0 else None, "products_float64": 1,
+            "float64_backend_used": H64.backend_used}
 
 
 def _unconverged_message(args, lz) -> str:

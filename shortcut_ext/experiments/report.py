@@ -61,6 +61,9 @@ def environment() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
+        # the data's whitening (eigh) and the spectra's small algebra run in numpy / scipy: their versions
+        # (and the thread count) can move the last bits, which long training runs can amplify
+        "libraries": _library_versions(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cuda_available": torch.cuda.is_available(),
@@ -73,6 +76,19 @@ def environment() -> dict:
         "distributed_backends": _distributed_backends(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def _library_versions() -> dict:
+    """numpy, scipy, scikit-learn and matplotlib versions (None: not installed)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("numpy", "scipy", "scikit-learn", "matplotlib"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _distributed_backends() -> str:
