@@ -718,7 +718,8 @@ def train(
 
 
 # --------------------------------------------------------------------------- checkpoints
-_CHECKPOINT_FORMAT = 2  # 2: the fingerprint hashes data and weights (1 summed them)
+_CHECKPOINT_FORMAT = 3  # 3: data also by a rounding-tolerant summary (2: by its hash only; 1 summed it)
+_DATA_RTOL = 1e-5  # data (and l_min) this close to the checkpoint's: the same data, rounded differently
 
 
 def _digest(*tensors) -> str:
@@ -752,13 +753,53 @@ def _fingerprint(model, X, Y, config: TrainConfig, l_min, key, distributed: bool
     hx = _digest(X, Y, *pd)
     parts = torch.tensor([float(int(hx[i:i + 12], 16)) for i in (0, 12, 24)] + [float(X.shape[0])],
                          dtype=torch.float64, device=X.device)  # 48-bit parts: sums over ranks stay exact
+    # the same data prepared under another BLAS thread count or numpy version (PCA whitening) differs in its
+    # last bits, which the hash tells apart: a summary compared to a tolerance tells it is the same data
+    summary = torch.tensor([v for t in (X, Y, *pd) for v in _data_summary(t)], dtype=torch.float64,
+                           device=X.device)
     if distributed:
         all_reduce(parts, process_group)
+        all_reduce(summary, process_group)
     w = model.weight
     fp = {"key": key, "config": config.to_dict(), "model": repr(model), "weight_shape": list(w.shape),
           "dtype": str(w.dtype), "weights": _digest(w, getattr(model, "input_proj", None), getattr(model, "readout", None)),
-          "data": [float(v) for v in parts.cpu()], "l_min": l_min, "world": world}
+          "data": [float(v) for v in parts.cpu()], "data_summary": [float(v) for v in summary.cpu()],
+          "l_min": l_min, "world": world}
     return json.dumps(fp, sort_keys=True, default=str)
+
+
+def _data_summary(t, k: int = 4) -> list:
+    """``[count, sum of squares, k seeded random projections]`` of ``t``'s values (zeros for ``None``): equal to
+    rounding for the same data, far apart for other data (a changed sample moves a projection by its size)."""
+    if t is None:
+        return [0.0] * (k + 2)
+    flat = t.detach().reshape(-1)
+    g = torch.Generator().manual_seed(20161104)
+    out = torch.zeros(k + 2, dtype=torch.float64)
+    out[0] = flat.numel()
+    chunk = 1 << 20
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk].to(device="cpu", dtype=torch.float64)
+        out[1] += part.square().sum()
+        out[2:] += torch.randn(part.numel(), k, generator=g, dtype=torch.float64, device="cpu").T @ part
+    return out.tolist()
+
+
+def _same_data_to_rounding(a: dict, b: dict) -> bool:
+    """The data summaries and ``l_min`` of two fingerprints agree within ``_DATA_RTOL`` (of each tensor's norm)."""
+    sa, sb = a.get("data_summary"), b.get("data_summary")
+    if not (isinstance(sa, list) and isinstance(sb, list) and len(sa) == len(sb) and len(sa) % 6 == 0):
+        return False
+    for i in range(0, len(sa), 6):
+        if sa[i] != sb[i]:
+            return False
+        scale = math.sqrt(max(sa[i + 1], sb[i + 1], 0.0)) or 1.0
+        if any(abs(x - y) > _DATA_RTOL * scale for x, y in zip(sa[i + 1:i + 6], sb[i + 1:i + 6])):
+            return False
+    la, lb = a.get("l_min"), b.get("l_min")
+    if la is None or lb is None:
+        return la is None and lb is None
+    return abs(float(la) - float(lb)) <= _DATA_RTOL * max(abs(float(la)), abs(float(lb)), 1e-300)
 
 
 def _save_checkpoint(path: str, state: dict) -> None:
@@ -787,9 +828,19 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
             "this one; starting afresh and replacing it (finish that run with the version that started it)")
         return None
     if state.get("fingerprint") != fingerprint:
-        try:  # name what differs (the fingerprints are JSON objects)
+        try:  # the same run on data rounded differently resumes (with a note); else name what differs
             a, b = json.loads(state.get("fingerprint") or "{}"), json.loads(fingerprint)
+            data_keys = ("data", "data_summary", "l_min")
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if diff and set(diff) <= set(data_keys) and _same_data_to_rounding(a, b):
+                say(f"note: the data agree with those of the checkpoint {path} to rounding only (prepared under "
+                    "another thread count or numpy version): the result agrees with an uninterrupted run to "
+                    "rounding, not bit for bit")
+                return state
+            if "data_summary" in diff:
+                diff.remove("data_summary")
+                if "data" not in diff:
+                    diff.append("data")
             if "config" in diff and isinstance(a.get("config"), dict):
                 diff.remove("config")
                 diff += [f"config.{k}" for k in sorted(set(a["config"]) | set(b["config"]))

@@ -435,6 +435,7 @@ def test_a_resumed_spectrum_says_so_and_keeps_the_earlier_timings(tmp_path, caps
     assert main(args) == 0
     res = _result(out)
     assert res["resumed"]["seconds_unknown"] == ["lanczos", "slq"] and "lanczos" not in res["timings_s"]
+    assert "slq" not in res["timings_s"] and res["timings_s"]["slq_this_process"] >= 0
     assert "slq" not in json.loads((out / "spectrum.checkpoint.json").read_text()).get("seconds", {})
 
 

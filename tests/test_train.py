@@ -454,6 +454,38 @@ def test_resume_under_another_thread_count_says_so(teacher, tmp_path):
     assert res.final_loss == pytest.approx(ref.final_loss, rel=1e-4)
 
 
+@pytest.mark.parametrize("change", ["rounding", "one sample"])
+def test_data_rounded_differently_resumes_and_other_data_does_not(teacher, tmp_path, change):
+    """Data prepared under another BLAS thread count (MNIST's whitening; torchrun sets OMP_NUM_THREADS=1)
+    differ in their last bits: the exact hash called the checkpoint "of another run (data)" and the run
+    started afresh. Data equal to rounding resume with a note; a changed sample still starts afresh."""
+    X, Y, l_min = teacher
+    cfg, ck = TrainConfig(epochs=12, lr=0.1), tmp_path / "d.ckpt.pt"
+
+    def stop(epoch):
+        if epoch == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0,
+              on_epoch=stop)
+    X2 = X.clone()
+    if change == "rounding":  # a few ulps, as another reduction order gives
+        X2 = X2 * (1 + 4e-16 * torch.randn(X.shape, generator=torch.Generator().manual_seed(1), dtype=X.dtype))
+        assert not torch.equal(X2, X)
+    else:
+        X2[3] += 0.05
+    l_min2 = best_linear_loss(X2, Y)
+    notes = []
+    res = train(_net(), (X2, Y), cfg, l_min=l_min2, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0,
+                log=notes.append)
+    if change == "rounding":
+        assert "agree with those of the checkpoint" in notes[0] and notes[1].startswith("resuming from epoch 5")
+        assert res.final_loss == pytest.approx(train(_net(), (X, Y), cfg, l_min=l_min).final_loss, rel=1e-9)
+    else:
+        assert len(notes) == 1 and "is of another run (it differs in: data or probe data" in notes[0], notes
+
+
 def test_checkpoint_of_other_probe_data_is_not_resumed(teacher, tmp_path):
     X, Y, l_min = teacher
     cfg = TrainConfig(epochs=12, lr=0.1, probe_every=3)

@@ -325,7 +325,10 @@ def _run(args, dtype, budget, rank, world) -> int:
         _flag_hint(e, ("probe_batch", "steps", "basis"), "--probe-batch, --steps, --basis-gib")
     finally:
         bar.close()
-    result["timings_s"]["slq"] = earlier.get("slq", 0.0) * bool(ckpt.slq_done) + time.perf_counter() - t0
+    if "slq" in ckpt.seconds_unknown:  # an older checkpoint's probes: their time is unknown, only this share
+        result["timings_s"]["slq_this_process"] = time.perf_counter() - t0
+    else:
+        result["timings_s"]["slq"] = earlier.get("slq", 0.0) * bool(ckpt.slq_done) + time.perf_counter() - t0
     sigma = sq.default_sigma()
     grid, dens = sq.density(sigma=sigma)
     lam_max = lz.abs_max

@@ -157,6 +157,10 @@ def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: 
             hint = ("; if you gave the same flags, the preset of this version of shortcut_ext differs from the "
                     "one that made that run (finish it with that version)") if any(
                         d.startswith("config.") for d in diff) else ""
+            old_tag = str(theirs.get("data", ""))
+            if "data" in diff and old_tag.startswith("mnist(") and "sha1=" not in old_tag:
+                hint += ("; that folder was made by an earlier version of shortcut_ext, whose MNIST runs were not "
+                         "keyed by the files' values (finish it with that version)")
             raise ValueError(f"--out {out} holds a reproduction made with other options (differing: "
                              f"{', '.join(diff)}{hint}); use another --out folder, or delete {out} to start over")
         if theirs is not None:
