@@ -82,6 +82,8 @@ def device_memory(device: str) -> tuple[int, str]:
 def out_dir(path, command: str, given=None) -> Path:
     """``path`` as an output folder: created if missing; a clear SystemExit if it is a file, lies under
     a file, or cannot be written.  ``given``: the --out file whose folder ``path`` is, for the message."""
+    if not str(path).strip():  # an unset $OUT: the current folder would silently receive the outputs
+        raise SystemExit(f"shortcut-ext {command}: --out must name a folder, got an empty string")
     p = Path(path)
     what = f"--out {path}" if given is None else f"the folder {path} of --out {given}"
     for parent in [p, *p.parents]:

@@ -17,6 +17,7 @@ Rows are samples throughout: ``X`` is ``[m, d]``, ``Y`` is ``[m, q]``.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -216,17 +217,26 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The IDX file's bytes (decompressed if gzipped), read no further than its header says plus one byte:
+    a gzip bomb, or a file far longer than its header, is refused without holding it in memory."""
     if not path.exists():
         raise FileNotFoundError(f"MNIST file not found: {path}")
     if not path.is_file():
         raise ValueError(f"MNIST path {path} is not a file")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, gzip.BadGzipFile) as e:
-            raise ValueError(f"{path}: gzip data is truncated or corrupt ({e})") from None
-    return raw
+    with open(path, "rb") as raw_f:
+        gz = raw_f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) == 4 and head[0] == 0 and head[1] == 0 and head[2] in _IDX_TYPES and head[3] > 0:
+                head += f.read(4 * head[3])
+                if len(head) == 4 + 4 * head[3]:
+                    shape = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(head[3])]
+                    need = math.prod(shape) * np.dtype(_IDX_TYPES[head[2]]).itemsize  # Python ints: no overflow
+                    return head + f.read(need + 1)  # one byte more tells a file longer than its header
+            return head  # not an IDX header: read_idx names the problem
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path}: gzip data is truncated or corrupt ({e})") from None
 
 
 def read_idx(path) -> np.ndarray:
@@ -254,13 +264,14 @@ def read_idx(path) -> np.ndarray:
         raise ValueError(f"{path}: truncated IDX header, need {header} bytes for {ndim} dimensions, found {len(raw)}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dt = np.dtype(_IDX_TYPES[raw[2]])
-    need = int(np.prod(shape)) * dt.itemsize
+    need = math.prod(shape) * dt.itemsize
     have = len(raw) - header
     if have < need:
         raise ValueError(f"{path}: truncated IDX data, header says shape {list(shape)} ({need} bytes), found {have} bytes")
     if have > need:
-        raise ValueError(f"{path}: IDX file longer than its header says: shape {list(shape)} needs {need} bytes, found {have}")
-    return np.frombuffer(raw, dtype=dt, count=int(np.prod(shape)), offset=header).reshape(shape)
+        raise ValueError(f"{path}: IDX file longer than its header says: shape {list(shape)} needs {need} bytes, "
+                         "found more")
+    return np.frombuffer(raw, dtype=dt, count=math.prod(shape), offset=header).reshape(shape)
 
 
 def _find_in_dir(folder: Path, split: str):
@@ -291,6 +302,8 @@ def _load_npz(path: Path, split: str):
             for xk, yk in _NPZ_KEYS[split]:
                 if xk in keys and yk in keys:
                     return z[xk], z[yk]
+    except MemoryError as e:  # a header that claims more than there is memory for
+        raise ValueError(f"{path}: its arrays do not fit in memory ({e})") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, FileNotFoundError):
             raise
@@ -311,7 +324,7 @@ def load_mnist_arrays(path, split: str = "train", labels=None):
         img_path, lab_path = _find_in_dir(p, split)
         images, labs = read_idx(img_path), read_idx(lab_path)
         src = f"{img_path} / {lab_path}"
-    elif p.suffix == ".npz":
+    elif p.suffix.lower() == ".npz":
         images, labs = _load_npz(p, split)
         src = str(p)
     else:
@@ -320,7 +333,9 @@ def load_mnist_arrays(path, split: str = "train", labels=None):
         if labels is None:
             name = p.name
             if "images" not in name:
-                raise ValueError(f"{p}: cannot infer the labels file from this name; pass labels=PATH")
+                raise ValueError(f"{p}: cannot infer the labels file from this name (it holds no 'images'): name "
+                                 "it like train-images-idx3-ubyte[.gz] with train-labels-idx1-ubyte[.gz] beside it, "
+                                 "give their folder or an .npz file (from Python: labels=PATH)")
             lab_path = p.with_name(name.replace("images", "labels").replace("idx3", "idx1"))
         else:
             lab_path = Path(labels)

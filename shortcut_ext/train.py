@@ -255,8 +255,16 @@ class TrainResult:
         if not (isinstance(d, dict) and all(k in d for k in cls.RECORD_FIELDS)):
             return False
         h = d["history"]
-        return (isinstance(h, dict) and all(isinstance(h.get(k), list) for k in cls.HISTORY_FIELDS)
-                and len(h["epoch"]) > 0)
+        if not (isinstance(h, dict) and all(isinstance(h.get(k), list) for k in cls.HISTORY_FIELDS)
+                and len(h["epoch"]) > 0):
+            return False
+        # the types to_dict writes (a damaged record's strings failed later, far from the file)
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        value = lambda v: v is None or num(v) or v in ("inf", "-inf")  # noqa: E731
+        return (isinstance(d["status"], str) and num(d["lr"]) and isinstance(d["epochs"], int)
+                and not isinstance(d["epochs"], bool) and value(d["final_loss"]) and value(d["l_min"])
+                and isinstance(d["probes"], list) and all(isinstance(p, dict) for p in d["probes"])
+                and all(value(v) for k in cls.HISTORY_FIELDS for v in h[k]))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainResult":
@@ -267,7 +275,10 @@ class TrainResult:
             if not missing:
                 h = d["history"]
                 missing = [f"history[{k!r}]" for k in cls.HISTORY_FIELDS
-                           if not isinstance(h, dict) or not isinstance(h.get(k), list)] or ["history epochs"]
+                           if not isinstance(h, dict) or not isinstance(h.get(k), list)]
+                if not missing:
+                    raise ValueError("not a TrainResult record: no epochs in its history, or a field of another "
+                                     "type than to_dict writes")
             raise ValueError(f"not a TrainResult record: it lacks {', '.join(missing)}")
         return cls(
             status=d["status"], lr=d["lr"], epochs=d["epochs"],
@@ -574,6 +585,10 @@ def train(
                                    probe_data)
         w_start = w.detach().clone()  # put back if the run is interrupted: the same call then resumes
         state = _load_checkpoint(checkpoint, fingerprint, say)
+        damaged = None if state is None else _checkpoint_damage(state, w, config, opt is not None)
+        if damaged:  # hand-edited or corrupted with its fingerprint intact: not resumed
+            say(f"note: the checkpoint {checkpoint} holds damaged entries ({damaged}); starting afresh and replacing it")
+            state = None
         if distributed:  # resume only if every rank read the same epoch (e.g. the file is on a shared disk)
             import torch.distributed as dist
 
@@ -811,9 +826,33 @@ def _save_checkpoint(path: str, state: dict) -> None:
         torch.save(state, f)
 
 
+def _checkpoint_damage(state: dict, w: torch.Tensor, config: TrainConfig, with_optimizer: bool) -> str | None:
+    """What makes a checkpoint that matched the fingerprint unusable (a missing entry, a wrong type or shape),
+    or None."""
+    need = ["weight", "history", "probes", "limit", "epoch", "seconds", "probe_seconds", "generator"]
+    need += ["optimizer"] if with_optimizer else []
+    missing = [k for k in need if k not in state]
+    if missing:
+        return "it lacks " + ", ".join(missing)
+    if not isinstance(state["weight"], torch.Tensor) or tuple(state["weight"].shape) != tuple(w.shape):
+        got = list(state["weight"].shape) if isinstance(state["weight"], torch.Tensor) else type(state["weight"]).__name__
+        return f"weight is {got}, the model's is {list(w.shape)}"
+    e = state["epoch"]
+    if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= config.epochs:
+        return f"epoch {e!r} is not an integer in [0, {config.epochs}]"
+    if not isinstance(state["history"], dict) or not isinstance(state["probes"], list):
+        return "history or probes has the wrong type"
+    if not isinstance(state["generator"], torch.Tensor):
+        return "the mini-batch generator state is not a tensor"
+    return None
+
+
 def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) -> dict | None:
     """The checkpoint at ``path`` if it holds a run of ``fingerprint``; ``None`` (with a note) otherwise."""
     if not os.path.exists(path):
+        return None
+    if not os.path.isfile(path):  # a FIFO or a device would hang or never end the read
+        say(f"note: the checkpoint path {path} is not a regular file; starting afresh and replacing it")
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -624,11 +624,13 @@ class _Checkpoint:
         self.config = {k: v for k, v in sorted(vars(args).items()) if k not in _PLACEMENT_ARGS}
         self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {}}
         try:
-            with open(self.path) as f:
+            if os.path.exists(self.path) and not os.path.isfile(self.path):  # a FIFO or a device: never read it
+                raise OSError(f"{self.path} is not a regular file")
+            with open(self.path, encoding="utf-8") as f:
                 old = json.load(f)
         except FileNotFoundError:
             old = None  # none yet
-        except (OSError, ValueError) as e:  # unreadable: start afresh
+        except (OSError, ValueError, RecursionError) as e:  # unreadable: start afresh
             old = None
             self._say(f"the checkpoint {self.path} is unreadable ({e}); starting afresh and replacing it")
         if isinstance(old, dict) and "config" in old and old.get("format", 1) != CHECKPOINT_FORMAT:
@@ -641,6 +643,12 @@ class _Checkpoint:
             if theirs == mine:
                 self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": old.get("lanczos"),
                               "slq": old.get("slq") or {}}
+                damaged = _damaged_checkpoint(self.state, args)
+                if damaged:  # hand-edited or corrupted: its numbers cannot be trusted
+                    self._say(f"the checkpoint {self.path} holds damaged entries ({damaged}); starting afresh and "
+                              "replacing it")
+                    self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {}}
+                    old = None
             else:
                 theirs = theirs if isinstance(theirs, dict) else {}
                 diff = [f"--{k.replace('_', '-')} {_flag_value(theirs.get(k, '(unset)'))} -> {_flag_value(mine.get(k))}"
@@ -723,6 +731,49 @@ class _Checkpoint:
         if self._slq_t0 is not None and "slq" not in self.seconds_unknown:  # every process's SLQ time so far
             self.state["seconds"]["slq"] = self._slq_before + time.perf_counter() - self._slq_t0
         self._flush()
+
+
+def _damaged_checkpoint(state: dict, args) -> str | None:
+    """What is wrong with a checkpoint's Lanczos and SLQ entries (types, sizes, non-finite values), or None."""
+    def finite_list(v, n=None):
+        return (isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    lz = state.get("lanczos")
+    if lz is not None:
+        if not isinstance(lz, dict):
+            return "the Lanczos entry is not an object"
+        missing = [k for k in ("num_vectors", "num_products", "segments", "breakdowns", "converged", "norm_estimate",
+                               "stop_reason", "restarts", "max_vectors", "basis_bytes") if k not in lz]
+        if missing:
+            return "the Lanczos entry lacks " + ", ".join(missing)
+        for k in ("largest", "smallest", "largest_residuals", "smallest_residuals", "ritz_values"):
+            if not finite_list(lz.get(k)):
+                return f"lanczos.{k} is not a list of finite numbers"
+        if not (len(lz["largest"]) == len(lz["smallest"]) == len(lz["largest_residuals"])
+                == len(lz["smallest_residuals"])):
+            return "the Lanczos lists differ in length"
+        for k in ("num_vectors", "num_products", "breakdowns", "restarts"):
+            if not count(lz.get(k)):
+                return f"lanczos.{k} is not a count"
+        if not isinstance(lz.get("segments"), list) or not isinstance(lz.get("converged"), bool):
+            return "lanczos.segments or lanczos.converged has the wrong type"
+        if not isinstance(lz.get("norm_estimate"), (int, float)) or not math.isfinite(lz["norm_estimate"]):
+            return "lanczos.norm_estimate is not a finite number"
+    slq_state = state.get("slq")
+    if not isinstance(slq_state, dict):
+        return "the SLQ entry is not an object"
+    for i, entry in slq_state.items():
+        if not (isinstance(i, str) and i.isdigit() and int(i) < args.probes):
+            return f"SLQ probe {i!r} is not one of the {args.probes} probes"
+        if not (isinstance(entry, list) and len(entry) == 3 and count(entry[2]) and 1 <= entry[2] <= args.steps):
+            return f"SLQ probe {i} is not [alpha, beta, steps] with 1 <= steps <= {args.steps}"
+        if not (finite_list(entry[0], entry[2]) and finite_list(entry[1], entry[2])):
+            return f"SLQ probe {i}'s recurrence is not {entry[2]} finite numbers each"
+    return None
 
 
 def _flag_value(v) -> str:

@@ -45,7 +45,10 @@ def _save(fig, path, caption: str | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if caption:
-        fig.text(0.005, 0.005, caption, fontsize=7, color="0.3", ha="left", va="bottom", wrap=True)
+        # plain text: the caption names the data, and a `$` in it would start math (which could fail to parse);
+        # an escaped dollar is drawn as a dollar
+        fig.text(0.005, 0.005, caption.replace("$", r"\$"), fontsize=7, color="0.3", ha="left", va="bottom",
+                 wrap=True)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     else:
         fig.tight_layout()

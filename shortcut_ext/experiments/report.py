@@ -167,7 +167,7 @@ def write_report(path, title: str, sections: list[Section], config: dict, env: d
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     if intro:
-        parts.append(f"<p>{intro}</p>")
+        parts.append(f"<p>{html.escape(intro)}</p>")  # it names the data (an MNIST path is the user's text)
     parts.append(f"<h2>Summary</h2><p>{n_ok} expected shapes hold, {n_bad} do not, {n_na} not decided "
                  f"(not run or reference only).</p>")
     parts.append(_verdict_table(all_v))
@@ -176,7 +176,7 @@ def write_report(path, title: str, sections: list[Section], config: dict, env: d
         parts.append(f"<h2 id='{html.escape(s.key)}'>{html.escape(s.title)}</h2>")
         parts.append(f"<p><b>Expected (paper):</b> {html.escape(s.expected)}</p>")
         if s.notes:
-            parts.append(f"<p class='small'>{s.notes}</p>")
+            parts.append(f"<p class='small'>{html.escape(s.notes)}</p>")
         for f in s.figures:
             parts.append(_img(f))
         parts.append(_verdict_table(s.verdicts))

@@ -145,9 +145,11 @@ def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: 
     mine = _options(cfg, bundle, backend)
     if path.exists():
         try:
-            theirs = json.loads(path.read_text())
-        except (OSError, ValueError):
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):  # unreadable (UnicodeDecodeError is a ValueError)
             theirs = None
+        if not isinstance(theirs, dict) or not isinstance(theirs.get("config", {}), dict):
+            theirs = None  # not options.json as this program writes it: replaced
         if theirs is not None and theirs != mine:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             if "config" in diff:

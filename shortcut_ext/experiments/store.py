@@ -95,18 +95,22 @@ class RunStore:
     def _load(self, path: Path, main: bool = False) -> None:
         if not path.exists():
             return
-        with open(path, "r", encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
+        if not path.is_file():
+            raise ValueError(f"the run store {path} is not a regular file: move it away, or use another --out")
+        with open(path, "rb") as f:
+            for raw in f:
+                raw = raw.strip()
+                if not raw:
                     continue
                 try:
-                    item = json.loads(line)
+                    item = json.loads(raw.decode("utf-8"))
+                    if not isinstance(item["record"], dict) or not isinstance(item["key"], str):
+                        raise TypeError("not a run record")
                     self._records[item["key"]] = item["record"]
                     if main:
                         self._in_main.add(item["key"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.skipped_lines += 1  # a partial line from an interrupted write
+                except (ValueError, KeyError, TypeError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
+                    self.skipped_lines += 1  # a partial line from an interrupted write, or a damaged one
 
     def __contains__(self, key: str) -> bool:
         return key in self._records

@@ -24,7 +24,6 @@ import functools
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -191,13 +190,14 @@ def load_data(kind: str = "digits", path=None, d: int = 10, samples: int | None 
             raise ValueError("kind='mnist' needs path (a folder of IDX files or an .npz file)")
         X, Y = data_mod.mnist(path, d=d, m=samples, seed=seed, dtype=dtype, max_m=max_samples)
         m = X.shape[0]
-        # the file's values too: another file at the same path (a rerun into the same --out) must not reuse the
-        # runs.  The raw images and labels, not the prepared X (its whitening's bits vary with BLAS threads)
+        # the data by their values, not their path: another file at the same path (a rerun into the same --out)
+        # must not reuse the runs, the same file moved (or a colleague's copy) may, and no private path goes into
+        # the keys and the report.  The raw images and labels, not the prepared X (its whitening's bits vary
+        # with BLAS threads)
         images, labels, _ = data_mod.load_mnist_arrays(path, "train")
         digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
         digest.update(np.ascontiguousarray(labels).tobytes())
-        tag = (f"mnist({Path(path).expanduser().resolve()},sha1={digest.hexdigest()[:16]},d={d},m={m},"
-               f"seed={seed if (samples or max_samples) else 0})")
+        tag = f"mnist(sha1={digest.hexdigest()[:16]},d={d},m={m},seed={seed if (samples or max_samples) else 0})"
     else:
         raise ValueError(f"data kind must be 'digits', 'synthetic' or 'mnist', got {kind!r}")
     return DataBundle.from_xy(tag, X, Y)

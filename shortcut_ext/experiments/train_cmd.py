@@ -144,8 +144,9 @@ def _check_args(args, device: str) -> None:
     out = out_file(args.out, "train", ".json")
     _check_memory(args, device, a.shortcut)
     _parse_data(args.data, "train")
-    if checkpoint_path(out).is_dir():
-        raise SystemExit(f"{CMD}: the checkpoint path {checkpoint_path(out)} (beside --out) is a folder")
+    for path, what in ((checkpoint_path(out), "checkpoint"), (out.with_suffix(".csv"), "history CSV")):
+        if path.is_dir():  # found before training, not when the finished run is written
+            raise SystemExit(f"{CMD}: the {what} path {path} (beside --out) is a folder")
 
 
 def _check_memory(args, device: str, shortcut: int = 0) -> None:

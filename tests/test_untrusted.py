@@ -1,0 +1,178 @@
+"""Files and paths a colleague shares, or a damaged run leaves: clear errors or a fresh start, never code in a
+report, an unbounded read, a traceback or a silently wrong resume."""
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+
+import pytest
+import torch
+
+from shortcut_ext import data as data_mod
+from shortcut_ext.experiments import report, reproduce, sweeps
+from shortcut_ext.experiments.store import RunStore
+from shortcut_ext.train import TrainConfig, TrainResult, train
+
+
+def test_the_report_escapes_the_data_tag_and_notes(tmp_path):
+    """An MNIST folder named `<img src=x onerror=alert(1)>` went into report.html as a live tag."""
+    sec = report.Section(key="s", title="T", expected="e", notes="a <b>note</b> & more")
+    path = report.write_report(tmp_path / "r.html", "title", [sec], {}, {}, {},
+                               intro="Data: mnist(/d <img src=x onerror=alert(1)>)")
+    text = path.read_text()
+    assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "<b>note</b>" not in text and "a &lt;b&gt;note&lt;/b&gt; &amp; more" in text
+
+
+def test_a_dollar_in_a_caption_is_text(tmp_path):
+    """A `$` in the data's name (the caption) was parsed as math: `$\\foo$` stopped reproduce after every run."""
+    from shortcut_ext.experiments import figures
+
+    fig, ax = figures._subplots(figsize=(3, 2))
+    ax.plot([0, 1], [0, 1])
+    p = figures._save(fig, tmp_path / "f.png", caption="data: /home/u/cost $\\foo$ x")
+    assert p.stat().st_size > 1000
+
+
+def test_an_idx_gzip_bomb_is_refused_without_reading_it_whole(tmp_path):
+    """A 1 MB gzip file holding a 2-image header and 1 GiB of zeros was decompressed whole (2.4 GB peak)."""
+    header = bytes([0, 0, 8, 3]) + b"".join(int(s).to_bytes(4, "big") for s in (2, 4, 4))
+    path = tmp_path / "bomb-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(header + bytes(32) + bytes(16 << 20)))  # 16 MiB past the header's 32 bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="IDX file longer than its header says: shape \\[2, 4, 4\\] needs 32"):
+            data_mod.read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, peak
+    path.write_bytes(gzip.compress(header + bytes(range(32))))
+    assert data_mod.read_idx(path).reshape(-1).tolist() == list(range(32))
+
+
+def test_mnist_runs_are_keyed_by_values_not_path_and_npz_case(tmp_path):
+    """The tag held the resolved path: a byte-identical copy elsewhere was refused, and a private path went into
+    every key and the report. `M.NPZ` was not recognised as an .npz file."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    arrays = dict(x_train=g.integers(0, 256, (60, 5, 5), dtype=np.uint8), y_train=np.arange(60) % 10)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.savez(tmp_path / "a" / "m.npz", **arrays)
+    with open(tmp_path / "b" / "M.NPZ", "wb") as f:  # np.savez would append ".npz" to the name
+        np.savez(f, **arrays)
+    ta = sweeps.load_data("mnist", path=str(tmp_path / "a" / "m.npz"), d=4).tag
+    tb = sweeps.load_data("mnist", path=str(tmp_path / "b" / "M.NPZ"), d=4).tag
+    assert ta == tb and str(tmp_path) not in ta and "sha1=" in ta
+
+
+def test_a_damaged_options_file_is_replaced(tmp_path):
+    """options.json holding a list (valid JSON, not this program's) ended in an AttributeError traceback."""
+    bundle = sweeps.load_data("synthetic", d=3, samples=20)
+    for text in ("[1, 2]", '"hello"', '{"config": [1]}', "[" * 100000 + "]" * 100000):
+        path = tmp_path / "results" / "options.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        reproduce._claim_out(tmp_path, reproduce.TINY, bundle, "torch")
+        assert json.loads(path.read_text())["backend"] == "torch"
+
+
+def test_damaged_store_lines_are_skipped(tmp_path):
+    """A non-UTF-8 byte stopped every reproduce with a UnicodeDecodeError that named no file; a deeply nested line
+    with a RecursionError traceback."""
+    path = tmp_path / "runs.jsonl"
+    path.write_bytes(b'{"key":"a","record":{"v":1}}\n{"key":"b","record":{"v":"\xc3"}}\n' + b"[" * 100000
+                     + b"\n" + b'{"key":"c","record":[1]}\n{"key":"d","record":{"v":4}}\n')
+    s = RunStore(path)
+    assert s.keys() == ["a", "d"] and s.skipped_lines == 3
+
+
+def test_stored_runs_of_the_wrong_types_are_not_records():
+    """A record with every field but strings for numbers was read as a finished run (or failed far from the
+    file with "could not convert string to float")."""
+    X = torch.randn(8, 3, dtype=torch.float64)
+    from shortcut_ext.models import ShortcutNet
+
+    good = train(ShortcutNet(width=3, units=2, shortcut=2, dtype=torch.float64), (X, X), TrainConfig(epochs=2,
+                 lr=0.01)).to_dict()
+    assert TrainResult.is_record(good)
+    for field, bad in (("final_loss", "abc"), ("lr", "x"), ("status", 5), ("epochs", "many"), ("probes", {}),
+                       ("history", {**good["history"], "loss": ["a"] * len(good["history"]["loss"])})):
+        assert not TrainResult.is_record({**good, field: bad}), field
+    with pytest.raises(ValueError, match="another type"):
+        TrainResult.from_dict({**good, "lr": "x"})
+
+
+def test_a_damaged_train_checkpoint_starts_afresh(tmp_path):
+    """A checkpoint with its fingerprint intact and a one-element weight was copied into all the weights (and
+    resumed); without its history it ended in a KeyError traceback."""
+    from shortcut_ext.models import ShortcutNet
+
+    X = torch.randn(16, 3, dtype=torch.float64)
+    cfg, ck = TrainConfig(epochs=6, lr=0.01), tmp_path / "c.ckpt.pt"
+
+    def net():
+        return ShortcutNet(width=3, units=2, shortcut=2, init="xavier", dtype=torch.float64)
+
+    def stop(epoch):
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, on_epoch=stop)
+    good = torch.load(ck, weights_only=True)
+    ref = train(net(), (X, X), cfg)
+    for damage in ({"weight": torch.tensor([0.5], dtype=torch.float64)}, {"epoch": "5"}, {"history": None}):
+        torch.save({**good, **damage}, ck)
+        notes = []
+        res = train(net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append)
+        assert len(notes) == 1 and "holds damaged entries" in notes[0], notes
+        assert res.final_loss == ref.final_loss
+
+
+def test_a_damaged_spectrum_checkpoint_starts_afresh(tmp_path, capsys):
+    """A spectrum checkpoint whose options matched but whose entries were damaged failed every rerun
+    (strings in the recurrence, negative step counts) or resumed silently into nan / inf (NaN Ritz values)."""
+    from shortcut_ext.cli import main
+
+    out = tmp_path / "o"
+    args = ["spectrum", "--units", "4", "--width", "3", "--samples", "24", "--probes", "2", "--steps", "8", "--top",
+            "2", "--init", "small", "--no-progress", "--no-plots", "--out", str(out)]
+    assert main(args) == 0
+    want = json.loads((out / "spectrum.json").read_text())["condition"]
+    ck_path = out / "spectrum.checkpoint.json"
+    good = json.loads(ck_path.read_text())
+
+    def damaged(fn):
+        ck = json.loads(json.dumps(good))
+        fn(ck)
+        return ck
+
+    cases = [lambda c: c["slq"]["0"].__setitem__(0, ["a"] * len(c["slq"]["0"][0])),
+             lambda c: c["slq"]["0"].__setitem__(2, -3),
+             lambda c: c["slq"].__setitem__("9", c["slq"]["0"]),
+             lambda c: c["lanczos"].__setitem__("largest", ["NaN"] * len(c["lanczos"]["largest"]))]
+    for fn in cases:
+        ck_path.write_text(json.dumps(damaged(fn)))
+        capsys.readouterr()
+        assert main(args) == 0
+        assert "holds damaged entries" in capsys.readouterr().err
+        got = json.loads((out / "spectrum.json").read_text())
+        assert got["resumed"]["lanczos"] is False and got["condition"] == pytest.approx(want)
+
+
+def test_an_empty_out_and_a_csv_path_that_is_a_folder_are_refused(tmp_path, monkeypatch):
+    """`--out ""` (an unset $OUT) wrote the spectrum into the current folder; a folder at run.csv was found
+    only after the whole run had trained."""
+    from shortcut_ext.cli import main
+
+    monkeypatch.chdir(tmp_path)  # where an empty --out used to write
+
+    with pytest.raises(SystemExit, match="--out must name a folder, got an empty string"):
+        main(["spectrum", "--units", "2", "--width", "3", "--out", ""])
+    (tmp_path / "run.csv").mkdir()
+    with pytest.raises(SystemExit, match="the history CSV path .*run.csv .* is a folder"):
+        main(["train", "--depth", "2", "--width", "3", "--epochs", "1", "--out", str(tmp_path / "run.json")])
