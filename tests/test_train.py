@@ -26,6 +26,16 @@ def teacher():
     return X, Y, best_linear_loss(X, Y)
 
 
+def _interrupt_at(epoch: int, *args, **kwargs) -> None:
+    """``train(*args, **kwargs)`` stopped by a Ctrl-C at ``epoch`` (its checkpoint stays)."""
+    def stop(e):
+        if e == epoch:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, on_epoch=stop, **kwargs)
+
+
 def _net(kind="2-shortcut", depth=4, seed=0, mid="identity", backend=None):
     if kind == "2-shortcut":
         return ShortcutNet(4, depth // 2, 2, mid=mid, init="small", seed=seed, dtype=torch.float64, backend=backend)
@@ -410,12 +420,7 @@ def test_interrupted_train_call_resumes_when_called_again(teacher, tmp_path):
     net, ck = _net(), tmp_path / "run.ckpt.pt"
     w0 = net.weight.detach().clone()
 
-    def stop(epoch):
-        if epoch == 17:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(net, (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0, on_epoch=stop)
+    _interrupt_at(17, net, (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0)
     assert torch.equal(net.weight, w0)
     notes = []
     res = train(net, (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0,
@@ -462,13 +467,7 @@ def test_data_rounded_differently_resumes_and_other_data_does_not(teacher, tmp_p
     X, Y, l_min = teacher
     cfg, ck = TrainConfig(epochs=12, lr=0.1), tmp_path / "d.ckpt.pt"
 
-    def stop(epoch):
-        if epoch == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(_net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0,
-              on_epoch=stop)
+    _interrupt_at(7, _net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=5, checkpoint_every_s=0)
     X2 = X.clone()
     if change == "rounding":  # a few ulps, as another reduction order gives
         X2 = X2 * (1 + 4e-16 * torch.randn(X.shape, generator=torch.Generator().manual_seed(1), dtype=X.dtype))
@@ -491,13 +490,7 @@ def test_checkpoint_of_other_probe_data_is_not_resumed(teacher, tmp_path):
     cfg = TrainConfig(epochs=12, lr=0.1, probe_every=3)
     ck = tmp_path / "p.ckpt.pt"
 
-    def stop(epoch):
-        if epoch == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(_net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0,
-              on_epoch=stop)
+    _interrupt_at(7, _net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
     other = (X[:40], Y[:40])
     with pytest.warns(UserWarning, match="is of another run"):
         res = train(_net(), (X, Y), cfg, l_min=l_min, probe_data=other, checkpoint=ck, checkpoint_every=1,
@@ -512,12 +505,7 @@ def test_checkpoint_of_another_format_is_named_as_such(teacher, tmp_path):
     X, Y, l_min = teacher
     cfg, ck = TrainConfig(epochs=6, lr=0.1), tmp_path / "f.ckpt.pt"
 
-    def stop(epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(_net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, on_epoch=stop)
+    _interrupt_at(3, _net(), (X, Y), cfg, l_min=l_min, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
     state = torch.load(ck, weights_only=True)
     torch.save(dict(state, format=1), ck)
     notes = []
@@ -536,12 +524,7 @@ def test_checkpoint_of_other_projections_or_data_order_is_not_resumed(tmp_path, 
     mk = lambda seed: ShortcutNet(width=4, units=3, shortcut=1, init="zero", seed=seed, in_features=6)  # noqa: E731
     cfg, ck = TrainConfig(epochs=12, lr=0.05), tmp_path / "c.ckpt.pt"
 
-    def stop(epoch):
-        if epoch == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(mk(0), (X, Y), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, on_epoch=stop)
+    _interrupt_at(7, mk(0), (X, Y), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
     with pytest.warns(UserWarning, match="is of another run"):
         res = train(mk(seed2), (X, Y2), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
     fresh = train(mk(seed2), (X, Y2), cfg)
