@@ -233,7 +233,16 @@ def _read_bytes(path: Path) -> bytes:
                 if len(head) == 4 + 4 * head[3]:
                     shape = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(head[3])]
                     need = math.prod(shape) * np.dtype(_IDX_TYPES[head[2]]).itemsize  # Python ints: no overflow
-                    return head + f.read(need + 1)  # one byte more tells a file longer than its header
+                    # in chunks, one byte more than the header says (it tells a longer file): a header that claims
+                    # terabytes allocates nothing up front, and a short file says "truncated"
+                    parts, got = [head], 0
+                    while got <= need:
+                        chunk = f.read(min(need + 1 - got, 1 << 24))
+                        if not chunk:
+                            break
+                        parts.append(chunk)
+                        got += len(chunk)
+                    return b"".join(parts)
             return head  # not an IDX header: read_idx names the problem
     except (EOFError, OSError, gzip.BadGzipFile) as e:
         raise ValueError(f"{path}: gzip data is truncated or corrupt ({e})") from None

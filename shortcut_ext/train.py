@@ -283,7 +283,7 @@ class TrainResult:
         return cls(
             status=d["status"], lr=d["lr"], epochs=d["epochs"],
             final_loss=math.inf if d.get("final_loss") is None else nan_if_none(d["final_loss"]),
-            l_min=d.get("l_min"), diverged_epoch=d.get("diverged_epoch"),
+            l_min=None if d.get("l_min") is None else nan_if_none(d["l_min"]), diverged_epoch=d.get("diverged_epoch"),
             history={k: [nan_if_none(x) for x in v] for k, v in d.get("history", {}).items()},
             probes=[{k: nan_if_none(v) for k, v in p.items()} for p in d.get("probes", [])],
             seconds=d.get("seconds", 0.0), probe_seconds=d.get("probe_seconds", 0.0),
@@ -601,11 +601,15 @@ def train(
                         "starting afresh")
                 state = None
         if state is not None:
+            try:
+                if opt is not None:  # before the weights: a failure leaves the model as it was
+                    opt.load_state_dict(state["optimizer"])
+                gen.set_state(state["generator"])
+            except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as err:
+                raise ValueError(f"the checkpoint {checkpoint} matches this run but its optimizer or generator state "
+                                 f"cannot be loaded ({err}): delete it to start afresh") from None
             with torch.no_grad():
                 w.copy_(state["weight"].to(device=w.device, dtype=w.dtype))
-            if opt is not None:
-                opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
             hist, probes, limit = state["history"], state["probes"], state["limit"]
             start, seconds_before, probe_time = state["epoch"], state["seconds"], state["probe_seconds"]
             say(f"resuming from epoch {start} of {config.epochs} ({checkpoint})")
@@ -808,13 +812,18 @@ def _same_data_to_rounding(a: dict, b: dict) -> bool:
     for i in range(0, len(sa), 6):
         if sa[i] != sb[i]:
             return False
-        scale = math.sqrt(max(sa[i + 1], sb[i + 1], 0.0)) or 1.0
-        if any(abs(x - y) > _DATA_RTOL * scale for x, y in zip(sa[i + 1:i + 6], sb[i + 1:i + 6])):
+        na, nb = math.sqrt(max(sa[i + 1], 0.0)), math.sqrt(max(sb[i + 1], 0.0))
+        scale = max(na, nb) or 1.0
+        if abs(na - nb) > _DATA_RTOL * scale:  # norms, compared in norm units
+            return False
+        if any(abs(x - y) > _DATA_RTOL * scale for x, y in zip(sa[i + 2:i + 6], sb[i + 2:i + 6])):
             return False
     la, lb = a.get("l_min"), b.get("l_min")
     if la is None or lb is None:
         return la is None and lb is None
-    return abs(float(la) - float(lb)) <= _DATA_RTOL * max(abs(float(la)), abs(float(lb)), 1e-300)
+    # relative to L_min, with a floor at the targets' scale (a noise-free teacher's L_min is rounding itself)
+    y_scale = sa[7] / max(sa[6], 1.0)  # Y's mean square (the second summary is Y's)
+    return abs(float(la) - float(lb)) <= _DATA_RTOL * (max(abs(float(la)), abs(float(lb))) + y_scale)
 
 
 def _save_checkpoint(path: str, state: dict) -> None:
@@ -840,10 +849,23 @@ def _checkpoint_damage(state: dict, w: torch.Tensor, config: TrainConfig, with_o
     e = state["epoch"]
     if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= config.epochs:
         return f"epoch {e!r} is not an integer in [0, {config.epochs}]"
-    if not isinstance(state["history"], dict) or not isinstance(state["probes"], list):
-        return "history or probes has the wrong type"
-    if not isinstance(state["generator"], torch.Tensor):
-        return "the mini-batch generator state is not a tensor"
+    h = state["history"]
+    if not isinstance(h, dict) or not all(isinstance(h.get(k), list) for k in TrainResult.HISTORY_FIELDS):
+        return "its history lacks a series"
+    if h["epoch"] != list(range(e)) or any(len(h[k]) != e for k in TrainResult.HISTORY_FIELDS):
+        return f"its history does not hold epochs 0 to {e - 1}"
+    if not isinstance(state["probes"], list) or not all(isinstance(p, dict) for p in state["probes"]):
+        return "its probes are not a list of records"
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not (num(state["seconds"]) and num(state["probe_seconds"]) and (state["limit"] is None or num(state["limit"]))):
+        return "seconds, probe_seconds or limit is not a number"
+    gen_size = torch.Generator().get_state().numel()
+    g = state["generator"]
+    if not isinstance(g, torch.Tensor) or g.dtype != torch.uint8 or g.numel() != gen_size:
+        return "the mini-batch generator state is not a CPU generator's"
+    if with_optimizer and not (isinstance(state["optimizer"], dict) and "state" in state["optimizer"]
+                               and "param_groups" in state["optimizer"]):
+        return "the optimizer state is not an optimizer's state_dict"
     return None
 
 
@@ -851,6 +873,8 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
     """The checkpoint at ``path`` if it holds a run of ``fingerprint``; ``None`` (with a note) otherwise."""
     if not os.path.exists(path):
         return None
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a folder: it must name a file (the run would fail at its first save)")
     if not os.path.isfile(path):  # a FIFO or a device would hang or never end the read
         say(f"note: the checkpoint path {path} is not a regular file; starting afresh and replacing it")
         return None

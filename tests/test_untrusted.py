@@ -176,3 +176,108 @@ def test_an_empty_out_and_a_csv_path_that_is_a_folder_are_refused(tmp_path, monk
     (tmp_path / "run.csv").mkdir()
     with pytest.raises(SystemExit, match="the history CSV path .*run.csv .* is a folder"):
         main(["train", "--depth", "2", "--width", "3", "--epochs", "1", "--out", str(tmp_path / "run.json")])
+
+
+def test_an_idx_header_claiming_terabytes_says_truncated(tmp_path):
+    """The bounded reader allocated what the header claimed (MemoryError with a hint about --units, or an
+    OverflowError traceback) where the old one said "truncated"."""
+    for dims in ((1 << 16, 1 << 16, 1 << 8), (0xFFFFFFFF,) * 3):
+        raw = bytes([0, 0, 8, 3]) + b"".join(int(s).to_bytes(4, "big") for s in dims) + bytes(10)
+        for gz in (False, True):
+            path = tmp_path / ("i-images-idx3-ubyte" + (".gz" if gz else ""))
+            path.write_bytes(gzip.compress(raw) if gz else raw)
+            with pytest.raises(ValueError, match="truncated IDX data, header says shape"):
+                data_mod.read_idx(path)
+
+
+def test_train_checkpoints_damaged_inside_start_afresh_and_keep_the_model(tmp_path):
+    """Entries damaged below the top level: an empty history (KeyError), a history cut short (resumed into a
+    6-epoch history for 9), a generator or optimizer state of another size (the failed call had already
+    overwritten the model's weights)."""
+    from shortcut_ext.models import ShortcutNet
+
+    X = torch.randn(16, 3, dtype=torch.float64)
+    cfg, ck = TrainConfig(epochs=6, lr=0.01, optimizer="adam"), tmp_path / "c.ckpt.pt"
+
+    def net():
+        return ShortcutNet(width=3, units=2, shortcut=2, init="xavier", dtype=torch.float64)
+
+    from test_train import _interrupt_at
+
+    _interrupt_at(4, net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
+    good = torch.load(ck, weights_only=True)
+    ref = train(net(), (X, X), cfg)
+    cut = {k: v[:1] for k, v in good["history"].items()}
+    for damage in ({"history": {}}, {"history": cut}, {"generator": torch.zeros(3, dtype=torch.uint8)},
+                   {"optimizer": None}, {"seconds": "x"}, {"probes": [1]}):
+        torch.save({**good, **damage}, ck)
+        notes, model = [], net()
+        w0 = model.weight.detach().clone()
+        res = train(model, (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append)
+        assert len(notes) == 1 and "holds damaged entries" in notes[0], (damage.keys(), notes)
+        assert res.final_loss == ref.final_loss and len(res.history["epoch"]) == len(ref.history["epoch"])
+        assert not torch.equal(model.weight, w0)  # trained from its own start, as the reference
+    folder = tmp_path / "ckdir"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="checkpoint .*ckdir is a folder"):
+        train(net(), (X, X), cfg, checkpoint=folder)
+
+
+def test_a_noise_free_teachers_data_rounded_differently_resumes(tmp_path):
+    """L_min of a noise-free teacher is rounding itself (1.8e-31 against 3.6e-31 after a 1-ulp change of X):
+    compared relative to itself it restarted the run, naming l_min."""
+    from shortcut_ext.data import best_linear_loss, synthetic_teacher
+    from shortcut_ext.models import ShortcutNet
+    from test_train import _interrupt_at
+
+    X, Y = synthetic_teacher(64, 4, seed=0, noise=0.0)
+    cfg, ck = TrainConfig(epochs=8, lr=0.05), tmp_path / "t.ckpt.pt"
+
+    def net():
+        return ShortcutNet(width=4, units=2, shortcut=2, init="small", dtype=torch.float64)
+
+    _interrupt_at(5, net(), (X, Y), cfg, l_min=best_linear_loss(X, Y), checkpoint=ck, checkpoint_every=1,
+                  checkpoint_every_s=0)
+    X2 = X * (1 + 2e-16 * torch.randn(X.shape, generator=torch.Generator().manual_seed(3), dtype=X.dtype))
+    notes = []
+    train(net(), (X2, Y), cfg, l_min=best_linear_loss(X2, Y), checkpoint=ck, checkpoint_every=1,
+          checkpoint_every_s=0, log=notes.append)
+    assert "to rounding only" in notes[0] and notes[1].startswith("resuming from epoch"), notes
+
+
+def test_more_damaged_state_files(tmp_path, capsys):
+    """A spectrum probe key "²" (isdigit, not int) failed the command; a folder at the checkpoint path failed after
+    the whole Lanczos phase; an emptied options.json was called other options; an l_min of "inf" was not decoded;
+    a folder of the previous tag format (path and hash) got no hint."""
+    from shortcut_ext.cli import main
+
+    out = tmp_path / "o"
+    args = ["spectrum", "--units", "4", "--width", "3", "--samples", "24", "--probes", "2", "--steps", "8", "--top",
+            "2", "--init", "small", "--no-progress", "--no-plots", "--out", str(out)]
+    assert main(args) == 0
+    ck = json.loads((out / "spectrum.checkpoint.json").read_text())
+    ck["slq"]["\u00b2"] = ck["slq"].pop("1")
+    (out / "spectrum.checkpoint.json").write_text(json.dumps(ck))
+    capsys.readouterr()
+    assert main(args) == 0 and "holds damaged entries" in capsys.readouterr().err
+    other = tmp_path / "p"
+    (other / "spectrum.checkpoint.json").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="checkpoint path .* is a folder"):
+        main(args[:-1] + [str(other)])
+    bundle = sweeps.load_data("synthetic", d=3, samples=20)
+    path = tmp_path / "r" / "results" / "options.json"
+    path.parent.mkdir(parents=True)
+    for text in ("{}", '{"config": {}}'):
+        path.write_text(text)
+        reproduce._claim_out(tmp_path / "r", reproduce.TINY, bundle, "torch")
+        assert json.loads(path.read_text())["backend"] == "torch"
+    opts = json.loads(path.read_text())
+    path.write_text(json.dumps({**opts, "data": "mnist(/home/u/m.npz,sha1=0123456789abcdef,d=3,m=20,seed=0)"}))
+    with pytest.raises(ValueError, match="made by an earlier version of shortcut_ext"):
+        reproduce._claim_out(tmp_path / "r", reproduce.TINY, bundle, "torch")
+    from shortcut_ext.models import ShortcutNet
+
+    X = torch.randn(8, 3, dtype=torch.float64)
+    rec = train(ShortcutNet(width=3, units=2, shortcut=2, dtype=torch.float64), (X, X),
+                TrainConfig(epochs=1, lr=0.01)).to_dict()
+    assert TrainResult.from_dict({**rec, "l_min": "inf"}).l_min == float("inf")

@@ -623,6 +623,9 @@ class _Checkpoint:
         self.write = write
         self.config = {k: v for k, v in sorted(vars(args).items()) if k not in _PLACEMENT_ARGS}
         self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {}}
+        if os.path.isdir(self.path):  # found now, not at the first save after the Lanczos phase
+            raise SystemExit(f"shortcut-ext spectrum: the checkpoint path {self.path} (in --out) is a folder: move it "
+                             "away")
         try:
             if os.path.exists(self.path) and not os.path.isfile(self.path):  # a FIFO or a device: never read it
                 raise OSError(f"{self.path} is not a regular file")
@@ -767,7 +770,7 @@ def _damaged_checkpoint(state: dict, args) -> str | None:
     if not isinstance(slq_state, dict):
         return "the SLQ entry is not an object"
     for i, entry in slq_state.items():
-        if not (isinstance(i, str) and i.isdigit() and int(i) < args.probes):
+        if not (isinstance(i, str) and i.isascii() and i.isdigit() and int(i) < args.probes):
             return f"SLQ probe {i!r} is not one of the {args.probes} probes"
         if not (isinstance(entry, list) and len(entry) == 3 and count(entry[2]) and 1 <= entry[2] <= args.steps):
             return f"SLQ probe {i} is not [alpha, beta, steps] with 1 <= steps <= {args.steps}"

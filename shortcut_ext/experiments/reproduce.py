@@ -148,8 +148,8 @@ def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: 
             theirs = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):  # unreadable (UnicodeDecodeError is a ValueError)
             theirs = None
-        if not isinstance(theirs, dict) or not isinstance(theirs.get("config", {}), dict):
-            theirs = None  # not options.json as this program writes it: replaced
+        if not (isinstance(theirs, dict) and set(mine) <= set(theirs) and isinstance(theirs["config"], dict)):
+            theirs = None  # not options.json as this program writes it (a damaged or emptied one): replaced
         if theirs is not None and theirs != mine:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             if "config" in diff:
@@ -160,7 +160,7 @@ def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: 
                     "one that made that run (finish it with that version)") if any(
                         d.startswith("config.") for d in diff) else ""
             old_tag = str(theirs.get("data", ""))
-            if "data" in diff and old_tag.startswith("mnist(") and "sha1=" not in old_tag:
+            if "data" in diff and old_tag.startswith("mnist(") and not old_tag.startswith("mnist(sha1="):
                 hint += ("; that folder was made by an earlier version of shortcut_ext, whose MNIST runs were not "
                          "keyed by the files' values (finish it with that version)")
             raise ValueError(f"--out {out} holds a reproduction made with other options (differing: "
