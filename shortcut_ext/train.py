@@ -32,6 +32,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -821,9 +822,10 @@ def _same_data_to_rounding(a: dict, b: dict) -> bool:
     la, lb = a.get("l_min"), b.get("l_min")
     if la is None or lb is None:
         return la is None and lb is None
-    # relative to L_min, with a floor at the targets' scale (a noise-free teacher's L_min is rounding itself)
+    # relative to L_min, with a floor far below the targets' scale (a noise-free teacher's L_min is rounding
+    # itself, ~1e-31) and far below any L_min a user sets apart
     y_scale = sa[7] / max(sa[6], 1.0)  # Y's mean square (the second summary is Y's)
-    return abs(float(la) - float(lb)) <= _DATA_RTOL * (max(abs(float(la)), abs(float(lb))) + y_scale)
+    return abs(float(la) - float(lb)) <= _DATA_RTOL * max(abs(float(la)), abs(float(lb))) + 1e-12 * y_scale
 
 
 def _save_checkpoint(path: str, state: dict) -> None:
@@ -854,27 +856,44 @@ def _checkpoint_damage(state: dict, w: torch.Tensor, config: TrainConfig, with_o
         return "its history lacks a series"
     if h["epoch"] != list(range(e)) or any(len(h[k]) != e for k in TrainResult.HISTORY_FIELDS):
         return f"its history does not hold epochs 0 to {e - 1}"
-    if not isinstance(state["probes"], list) or not all(isinstance(p, dict) for p in state["probes"]):
-        return "its probes are not a list of records"
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if not (num(state["seconds"]) and num(state["probe_seconds"]) and (state["limit"] is None or num(state["limit"]))):
-        return "seconds, probe_seconds or limit is not a number"
+    if not all(v is None or num(v) for k in TrainResult.HISTORY_FIELDS for v in h[k]):
+        return "its history holds values that are not numbers"
+    if not isinstance(state["probes"], list) or not all(
+            isinstance(p, dict) and all(v is None or isinstance(v, (int, float, str, bool)) for v in p.values())
+            for p in state["probes"]):
+        return "its probes are not a list of records of numbers"
+    nonneg = lambda v: num(v) and math.isfinite(v) and v >= 0  # noqa: E731
+    if not (nonneg(state["seconds"]) and nonneg(state["probe_seconds"])
+            and (state["limit"] is None or nonneg(state["limit"]))):
+        return "seconds, probe_seconds or the divergence limit is not a finite number >= 0"
     gen_size = torch.Generator().get_state().numel()
     g = state["generator"]
     if not isinstance(g, torch.Tensor) or g.dtype != torch.uint8 or g.numel() != gen_size:
         return "the mini-batch generator state is not a CPU generator's"
-    if with_optimizer and not (isinstance(state["optimizer"], dict) and "state" in state["optimizer"]
-                               and "param_groups" in state["optimizer"]):
-        return "the optimizer state is not an optimizer's state_dict"
+    if with_optimizer:
+        o = state["optimizer"]
+        if not (isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)):
+            return "the optimizer state is not an optimizer's state_dict"
+        for per_param in o["state"].values():  # moment and momentum buffers have the weight's shape
+            if not isinstance(per_param, dict):
+                return "the optimizer state is not an optimizer's state_dict"
+            for name, v in per_param.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(w.shape):
+                    return f"the optimizer's {name} is {list(v.shape)}, the weight's {list(w.shape)}"
     return None
 
 
 def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) -> dict | None:
     """The checkpoint at ``path`` if it holds a run of ``fingerprint``; ``None`` (with a note) otherwise."""
-    if not os.path.exists(path):
-        return None
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is a folder: it must name a file (the run would fail at its first save)")
+    for parent in Path(path).parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"checkpoint {path} lies under {parent}, which is a file (the run would fail at its "
+                             "first save)")
+    if not os.path.exists(path):
+        return None
     if not os.path.isfile(path):  # a FIFO or a device would hang or never end the read
         say(f"note: the checkpoint path {path} is not a regular file; starting afresh and replacing it")
         return None
@@ -895,7 +914,8 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
             a, b = json.loads(state.get("fingerprint") or "{}"), json.loads(fingerprint)
             data_keys = ("data", "data_summary", "l_min")
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if diff and set(diff) <= set(data_keys) and _same_data_to_rounding(a, b):
+            # l_min alone differing (the data hash equal) is the caller's other l_min, not rounding
+            if diff and set(diff) <= set(data_keys) and "data" in diff and _same_data_to_rounding(a, b):
                 say(f"note: the data agree with those of the checkpoint {path} to rounding only (prepared under "
                     "another thread count or numpy version): the result agrees with an uninterrupted run to "
                     "rounding, not bit for bit")

@@ -281,3 +281,42 @@ def test_more_damaged_state_files(tmp_path, capsys):
     rec = train(ShortcutNet(width=3, units=2, shortcut=2, dtype=torch.float64), (X, X),
                 TrainConfig(epochs=1, lr=0.01)).to_dict()
     assert TrainResult.from_dict({**rec, "l_min": "inf"}).l_min == float("inf")
+
+
+def test_train_checkpoints_with_other_l_min_or_bad_numbers_or_buffers(tmp_path):
+    """Review 4: another l_min set by the caller (the data unchanged) resumed as "rounding only" and mixed two
+    excess series; a limit of nan turned divergence detection off; optimizer buffers of another size crashed the
+    first step after "resuming"; strings in the history failed only in to_dict; a checkpoint under a file
+    failed at the first save."""
+    from shortcut_ext.data import best_linear_loss, synthetic_teacher
+    from shortcut_ext.models import ShortcutNet
+    from test_train import _interrupt_at
+
+    X, Y = synthetic_teacher(64, 4, seed=0, noise=1e-3)
+    ck = tmp_path / "c.ckpt.pt"
+
+    def net():
+        return ShortcutNet(width=4, units=2, shortcut=2, init="xavier", dtype=torch.float64)
+
+    cfg = TrainConfig(epochs=8, lr=0.05, optimizer="adam")
+    _interrupt_at(4, net(), (X, Y), cfg, l_min=0.0, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
+    notes = []
+    res = train(net(), (X, Y), cfg, l_min=best_linear_loss(X, Y), checkpoint=ck, checkpoint_every=1,
+                checkpoint_every_s=0, log=notes.append)
+    assert "is of another run (it differs in: l_min)" in notes[0], notes
+    assert res.history["excess"][0] == pytest.approx(res.history["loss"][0] - best_linear_loss(X, Y))
+    _interrupt_at(4, net(), (X, Y), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
+    good = torch.load(ck, weights_only=True)
+    ref = train(net(), (X, Y), cfg)
+    bad_opt = {**good["optimizer"], "state": {k: {**v, "exp_avg": torch.zeros(5, dtype=torch.float64)}
+                                               for k, v in good["optimizer"]["state"].items()}}
+    bad_hist = {**good["history"], "loss": ["x"] * len(good["history"]["loss"])}
+    for damage in ({"limit": float("nan")}, {"seconds": -5.0}, {"optimizer": bad_opt}, {"history": bad_hist}):
+        torch.save({**good, **damage}, ck)
+        notes = []
+        res = train(net(), (X, Y), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append)
+        assert len(notes) == 1 and "holds damaged entries" in notes[0], (list(damage), notes)
+        assert res.final_loss == ref.final_loss
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="lies under .*afile, which is a file"):
+        train(net(), (X, Y), cfg, checkpoint=tmp_path / "afile" / "ck.pt")
