@@ -16,8 +16,37 @@ BUILD_HINT = (
     "(and run from outside the source tree, so that the installed package is imported)"
 )
 
+import importlib.machinery
 import importlib.util
 import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _own_spec(name: str):
+    """The spec of module ``name`` beside this file, or None. Only here: an editable install's finder, later on
+    ``sys.meta_path``, would give another source tree's build to a copy of the package that has none."""
+    return importlib.machinery.PathFinder.find_spec(f"{__package__}.{name}", [_HERE])
+
+
+def _load_own(name: str):
+    """Imports module ``name`` from beside this file (the spec :func:`_own_spec` found), or returns None."""
+    spec = _own_spec(name)
+    if spec is None:
+        return None
+    full = f"{__package__}.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[full] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[full]
+        raise
+    setattr(sys.modules[__package__], name, mod)
+    return mod
 
 
 class NotBuiltError(RuntimeError):
@@ -46,24 +75,21 @@ def missing_isa(built, have) -> list:
     return sorted(set(built) - set(have))
 
 
-try:
-    from ._build_cpu import ISA as _BUILD_ISA  # written by setup.py; absent in a tree that was never built
-except ImportError:
+try:  # written by setup.py; absent in a tree that was never built
+    _BUILD_ISA = getattr(_load_own("_build_cpu"), "ISA", None)
+except Exception:  # a damaged record: no check, as for a tree that was never built
     _BUILD_ISA = None
 
 def _other_builds() -> list:
     """Compiled ``_C`` files beside the package that this Python cannot import (built for another one)."""
     import glob
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(here, "_C.*")) if p.endswith((".so", ".pyd")))
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(_HERE, "_C.*")) if p.endswith((".so", ".pyd")))
 
 
-if importlib.util.find_spec(f"{__package__}._C") is None:
-    _LOAD_ERROR = f"no compiled module _C next to {os.path.dirname(os.path.abspath(__file__))}"
+if _own_spec("_C") is None:
+    _LOAD_ERROR = f"no compiled module _C next to {_HERE}"
     if _other_builds():  # e.g. _C.cpython-311-...so under Python 3.12: say so, it is not silently unused
-        import sys
-
         _LOAD_ERROR += (f" for Python {sys.version_info[0]}.{sys.version_info[1]} (found "
                         f"{', '.join(_other_builds())}: built for another Python; rebuild with this one)")
         warnings.warn(f"shortcut_ext: the compiled kernels are not used: {_LOAD_ERROR}; the fused backend is "
@@ -76,11 +102,11 @@ elif missing_isa(_BUILD_ISA, _cpu_flags()):
                    "machine, or build with SHORTCUT_EXT_NATIVE=0 for a package that runs on any x86-64 CPU")
 else:
     try:  # importing _C runs TORCH_LIBRARY registration of every op schema and CPU/CUDA kernel
-        from . import _C  # type: ignore[attr-defined,no-redef]
+        _C = _load_own("_C")
     except ImportError as e:  # e.g. built against another torch: undefined symbols
         _LOAD_ERROR = f"importing it failed: {e}"
         _C = None
-if _C is None and importlib.util.find_spec(f"{__package__}._C") is not None:
+if _C is None and _own_spec("_C") is not None:
     # a build is there and cannot be used: say so now (the models' default backend becomes "torch")
     warnings.warn(f"shortcut_ext: the compiled kernels are not used: {_LOAD_ERROR}; the fused backend is "
                   "unavailable and the models default to backend='torch' (slower)", RuntimeWarning, stacklevel=2)

@@ -84,6 +84,35 @@ def test_an_unusable_build_warns_and_falls_back(tmp_path, case):
     assert "shortcut-ext train: error: backend='fused' cannot run" in r.stderr
 
 
+@pytest.mark.skipif(not shortcut_ext.is_built(), reason="needs a built _C elsewhere")
+def test_a_copy_without_a_build_does_not_load_another_trees(tmp_path):
+    """Beside an editable install (pip install -e), a copy of the package without _C silently loaded the other
+    tree's kernels: the editable install's finder, after sys.path's, answered for shortcut_ext._C."""
+    root = _copy_package(tmp_path)
+    for f in list((root / "shortcut_ext").glob("_C*")) + list((root / "shortcut_ext").glob("_build_cpu.py")):
+        f.unlink()
+    probe = f"""
+import importlib.machinery, sys
+class Editable:  # what an editable install's finder does: the package's modules from the original tree
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.startswith("shortcut_ext."):
+            return importlib.machinery.PathFinder.find_spec(name, [{PKG!r}])
+sys.meta_path.append(Editable)
+import shortcut_ext as se
+print("FILE", se.__file__)
+print("BUILT", se.is_built(), se.build_info().get("error"))
+print("LOADED", getattr(sys.modules.get("shortcut_ext._C"), "__file__", None))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(root)), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert out["FILE"].startswith(str(root))
+    assert out["BUILT"].startswith("False no compiled module _C next to " + str(root)), out["BUILT"]
+    assert out["LOADED"] == "None"
+
+
 def test_the_operator_says_when_it_cannot_run_the_fused_kernel(monkeypatch):
     """HessianOperator(backend='fused') ran autograd products without a word when the kernel was missing."""
     import torch

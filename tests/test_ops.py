@@ -17,6 +17,20 @@ pytestmark = requires_fused
 ACTS = shortcut_ext.ACTIVATIONS
 
 
+@pytest.fixture
+def cpu_layout(monkeypatch):
+    """Sets SHORTCUT_EXT_CPU_LAYOUT for the next fused call (the kernels read it once per process otherwise)."""
+    from shortcut_ext._build import _C
+
+    def set_layout(value):
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", value)
+        _C._cpu_layout_reread()
+
+    yield set_layout
+    monkeypatch.undo()
+    _C._cpu_layout_reread()
+
+
 def _outputs(x, w, gy, shortcut, acts, backend, recompute=True):
     x = x.detach().requires_grad_(True)
     w = w.detach().requires_grad_(True)
@@ -84,29 +98,29 @@ def test_thousand_units(device, dtype):
     [(7, 5, 3, 2, True), (1, 3, 2, 1, True), (300, 40, 3, 2, True), (129, 64, 2, 3, False), (33, 17, 4, 4, True),
      (2, 128, 2, 2, True), (64, 48, 3, 3, True)],  # the last: 16-aligned tiles (in-register transposes)
 )
-def test_cpu_tile_layouts(B, d, R, n, shortcut, dtype, layout, monkeypatch):
+def test_cpu_tile_layouts(B, d, R, n, shortcut, dtype, layout, cpu_layout):
     """Both CPU tile layouts (SHORTCUT_EXT_CPU_LAYOUT; the default picks by width) at widths on both
     sides of the default switch, several tiles per slot and every activation position, from unit
     inputs (recompute) and from every layer's input."""
-    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+    cpu_layout(layout)
     for i, acts in enumerate([("identity", "relu", "identity"), ("tanh", "ssigmoid", "relu"),
                               ("relu", "identity", "tanh"), ("ssigmoid", "tanh", "ssigmoid")]):
         for recompute in (True, False):
             _compare(B, d, R, n, shortcut, acts, dtype, "cpu", seed=i, scale=0.8 / d ** 0.5, recompute=recompute)
 
 
-def test_cpu_tile_layout_bad_value(monkeypatch):
-    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "columns")
+def test_cpu_tile_layout_bad_value(cpu_layout):
+    cpu_layout("columns")
     x, w = stack_inputs(4, 3, 2, 2, torch.float64)
     with pytest.raises(ValueError, match="SHORTCUT_EXT_CPU_LAYOUT must be batch, feature or auto.*columns"):
         residual_stack(x, w, backend="fused")
 
 
-def test_cpu_tile_layouts_agree(monkeypatch):
+def test_cpu_tile_layouts_agree(cpu_layout):
     x, w = stack_inputs(200, 48, 6, 2, torch.float64, requires_grad=True, scale=0.5 / 48 ** 0.5)
     outs = {}
     for layout in ("batch", "feature"):
-        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+        cpu_layout(layout)
         y = residual_stack(x, w, True, "relu", "tanh", "relu", backend="fused")
         outs[layout] = (y,) + torch.autograd.grad(y.square().sum(), (x, w))
     for a, b in zip(outs["batch"], outs["feature"]):
@@ -115,8 +129,8 @@ def test_cpu_tile_layouts_agree(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["batch", "feature"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree_and_are_deterministic(threads, layout, monkeypatch):
-    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+def test_thread_counts_agree_and_are_deterministic(threads, layout, cpu_layout):
+    cpu_layout(layout)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -198,16 +212,36 @@ def test_saved_inputs_are_the_unit_inputs():
     assert nothing.numel() == 0
 
 
+def test_cpu_layout_is_read_once(cpu_layout, monkeypatch):
+    """The layout was read at every call: a compiled model whose fake kernel had recorded feature-major saved
+    tensors failed Inductor's stride assertion ("expected ... stride 40==1") after the variable changed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from shortcut_ext._build import _C
+
+    cpu_layout("feature")
+    x, w = stack_inputs(7, 40, 3, 2, torch.float64)
+    acts = ("identity", "relu", "identity")
+    residual_stack(x, w, True, *acts, backend="fused")
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "batch")  # too late: the process has read it
+    assert _C.cpu_tile_layout(40) == "feature"
+    with FakeTensorMode() as mode:
+        _, fake = torch.ops.shortcut_ext.residual_stack_forward(mode.from_tensor(x), mode.from_tensor(w), True,
+                                                                 *acts, True, False)
+    _, real = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True, False)
+    assert fake.stride() == real.stride() == (7 * 40, 1, 7)
+
+
 @pytest.mark.parametrize("layers", [False, True])
 @pytest.mark.parametrize("B", [1, 70])
-def test_saved_feature_major(B, layers, monkeypatch):
+def test_saved_feature_major(B, layers, cpu_layout):
     """With feature-major tiles the unit inputs (layer inputs) are stored feature-major: strides
     [B*d, 1, B] ([n*d*B, d*B, 1, B]), same values; the backward takes them, or a contiguous copy,
     under either tile layout."""
     d, n, acts = 40, 3, ("tanh", "relu", "ssigmoid")
     x, w = stack_inputs(B, d, 5, n, torch.float64, scale=0.6 / d ** 0.5)
     gy = torch.randn(B, d, dtype=torch.float64)
-    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "feature")
+    cpu_layout("feature")
     _, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True, layers)
     if layers:
         assert saved.shape == (5, n, B, d) and saved.stride() == (n * d * B, d * B, 1, B)
@@ -221,7 +255,7 @@ def test_saved_feature_major(B, layers, monkeypatch):
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     expect = torch.autograd.grad(ref.residual_stack_forward(xr, wr, True, *acts), (xr, wr), gy)
     for layout in ("feature", "batch"):
-        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+        cpu_layout(layout)
         for sv in (saved, saved.contiguous()):
             got = torch.ops.shortcut_ext.residual_stack_backward(gy, w, sv, True, *acts)
             for a, b in zip(got, expect):
@@ -255,6 +289,29 @@ def test_output_buffer_cache():
     shortcut_ext.empty_cache()
     st = shortcut_ext.cache_stats()
     assert st["cached_bytes"] == 0 and st["cached_blocks"] == 0 and st["limit_bytes"] == 2048 << 20
+
+
+def test_cached_outputs_have_resizable_storage():
+    """Outputs from the cache had storage that could not be resized: FSDP / ZeRO-style code freeing a gradient with
+    ``p.grad.untyped_storage().resize_(0)`` failed with "Trying to resize storage that is not resizable"."""
+    net = shortcut_ext.ShortcutNet(width=16, units=600, shortcut=2, backend="fused")
+    x = torch.randn(64, 16)
+    shortcut_ext.empty_cache()
+    net(x).square().sum().backward()
+    g = net.weight.grad
+    assert g.untyped_storage().nbytes() >= 1 << 20  # from the cache
+    in_use = shortcut_ext.cache_stats()["in_use_bytes"]
+    assert in_use >= g.untyped_storage().nbytes()
+    g.untyped_storage().resize_(0)  # frees it: the block goes back to the cache
+    assert g.untyped_storage().nbytes() == 0 and shortcut_ext.cache_stats()["in_use_bytes"] < in_use
+    x, w = stack_inputs(4096, 64, 2, 2, torch.float64)  # an output of 2 MB; growing works too, keeping the values
+    out = residual_stack(x, w, backend="fused")
+    keep = out.clone()
+    st = out.untyped_storage()
+    st.resize_(st.nbytes() * 2)
+    assert torch.equal(out, keep)
+    out.resize_(3 * 4096, 64)
+    assert torch.equal(out[:4096], keep)
 
 
 @pytest.mark.parametrize("value,ok", [("0", True), ("64", True), ("lots", False), ("-3", False),

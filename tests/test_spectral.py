@@ -791,3 +791,43 @@ def test_random_starts_are_not_the_initial_weights_of_the_same_seed():
     for a, b in itertools.combinations(vecs, 2):
         cos = abs(float(vecs[a] @ vecs[b] / (vecs[a].norm() * vecs[b].norm())))
         assert cos < 0.3, f"{a} and {b} start from the same direction (cosine {cos:.3f})"
+
+
+def test_an_operator_that_reuses_its_output_buffer():
+    """An operator returning the same buffer at every call (a CUDA-graph replay does) corrupted SLQ: its Lanczos
+    vector was that buffer, overwritten by the next product; nodes fell outside the spectrum without an error."""
+    P = 120
+    diag = torch.linspace(-1, 2, P, dtype=F64)
+
+    class Replay:  # static input and output buffers, as captured graphs have
+        shape, dtype = (P, P), F64
+
+        def __init__(self, reuse):
+            self.reuse, self.bufs = reuse, {}
+
+        def matmat(self, V):
+            if not self.reuse:
+                return diag[:, None] * V
+            sin, sout = self.bufs.setdefault(V.shape[1], (torch.empty(P, V.shape[1], dtype=F64),
+                                                          torch.empty(P, V.shape[1], dtype=F64)))
+            sin.copy_(V)
+            return torch.mul(diag[:, None], sin, out=sout)
+
+    class ScipyReplay(Replay):  # the same through a scipy LinearOperator returning one numpy buffer
+        def as_scipy(self):
+            from scipy.sparse.linalg import LinearOperator
+
+            def mm(V):
+                return self.matmat(torch.from_numpy(np.asarray(V).reshape(P, -1))).numpy()
+
+            return LinearOperator((P, P), matvec=mm, matmat=mm, dtype=np.float64)
+
+    for kw in ({"probe_batch": 1}, {}):
+        want, got = slq(Replay(False), probes=4, steps=20, **kw), slq(Replay(True), probes=4, steps=20, **kw)
+        assert want.nodes.min() >= -1 - 1e-9 and want.nodes.max() <= 2 + 1e-9
+        np.testing.assert_allclose(got.nodes, want.nodes, rtol=0, atol=1e-12)
+        got = slq(ScipyReplay(True).as_scipy(), probes=4, steps=20, **kw)
+        np.testing.assert_allclose(got.nodes, want.nodes, rtol=0, atol=1e-12)
+    for fn in (lambda A: lanczos(A, k=3).largest, lambda A: block_lanczos(A, k=3).smallest,
+               lambda A: power_iteration(A, max_iter=50).eigenvalue):
+        np.testing.assert_allclose(fn(Replay(True)), fn(Replay(False)), rtol=0, atol=1e-12)

@@ -3,6 +3,7 @@
 
 #include "common.h"
 
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -124,9 +125,22 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, at::IntArrayRef strides, const at
   for (int64_t s : sizes) numel *= s;
   const size_t bytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   if (bytes < kMinPooled) return at::empty_strided(sizes, strides, options);
-  const Block blk = pool().take(bytes);
-  return at::from_blob(
-      blk.ptr, sizes, strides, [blk](void*) { pool().give(blk); }, options);
+  // The block goes back to the cache when the storage lets go of it. With an allocator the storage stays
+  // resizable, as a plain tensor's is (untyped_storage().resize_(0) frees a gradient under FSDP / ZeRO): a
+  // resize moves the data to the allocator's memory and gives the block back.
+  Block* blk = new Block(pool().take(bytes));
+  return at::for_blob(blk->ptr, sizes)
+      .strides(strides)
+      .context(blk,
+               [](void* ctx) {
+                 Block* b = static_cast<Block*>(ctx);
+                 pool().give(*b);
+                 delete b;
+               })
+      .options(options)
+      .allocator(c10::GetDefaultCPUAllocator())
+      .resizeable_storage()
+      .make_tensor();
 }
 
 CpuPoolStats cpu_pool_stats() { return pool().stats(); }

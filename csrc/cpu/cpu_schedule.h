@@ -183,8 +183,10 @@ inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds
 // over R*n*d*d weights (page faults included), so feature-major wins once weights are large.
 enum class TileLayout { BatchMajor, FeatureMajor };
 
-// SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 32 on).
+// SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 32 on); read once, at the
+// first call; cpu_layout_reread() reads it again at the next call (for tests).
 TileLayout cpu_tile_layout(int64_t d);
+void cpu_layout_reread();
 
 // g *= s'(z) computed from the activation's output a = s(z): relu a > 0, tanh 1 - a^2,
 // ssigmoid (1 - a^2) / 2 (the backward of stacks that saved every layer's input).

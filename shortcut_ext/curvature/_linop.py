@@ -29,6 +29,9 @@ class TorchOperator:
     def __init__(self, op, dtype: torch.dtype | None = None, device=None):
         self.base = op
         self.num_products = 0
+        # whether each product is new memory; a user's operator may return the same buffer at every call (as
+        # a CUDA-graph replay does), and the solvers keep earlier products: such products are copied
+        self._fresh = isinstance(op, (TorchOperator, torch.Tensor)) or bool(getattr(op, "_fresh_products", False))
         if isinstance(op, TorchOperator):  # its own matmat: it casts to its base operator's dtype and device
             self._mm, P, dt, dev = op.matmat, op.shape[0], op.dtype, op.device
         elif isinstance(op, torch.Tensor):
@@ -97,7 +100,10 @@ class TorchOperator:
                              f"V of shape {list(V.shape)}, got {list(out.shape)}")
         if not out.is_floating_point():
             raise TypeError(f"the operator's matmat must return floating-point values, got {out.dtype}")
+        src = out
         out = out.to(dtype=self.dtype, device=self.device)
+        if not self._fresh and out.data_ptr() == src.data_ptr():  # the operator's own memory: it may reuse it
+            out = out.clone()
         if not bool(torch.isfinite(out).all()):
             raise FloatingPointError(
                 f"the operator returned non-finite values (nan or inf) for {V.shape[1]} direction(s): check the "

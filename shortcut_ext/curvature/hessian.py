@@ -152,6 +152,8 @@ class HessianOperator:
     ((8, 8), [-0.5, 0.5])
     """
 
+    _fresh_products = True  # every matmat returns new memory (the spectral tools need not copy it)
+
     def __init__(self, model, data, loss: str = "mse", backend: str = "fused", dtype: torch.dtype | None = None,
                  max_directions: int | None = None, distributed: bool = False, process_group=None,
                  copy_data: bool = True):
