@@ -20,15 +20,22 @@ from testing import requires_fused
     lambda b, dt: ShortcutNet(8, 3, 2, mid="relu", init="small", in_features=64, out_features=10, seed=5, backend=b, dtype=dt),
 ])
 def test_fused_and_torch_backends_agree(make, dtype):
+    """Float32 is compared at float32's rounding relative to the largest value: the weight gradients reach 1e3,
+    where a fixed atol of 3e-6 failed on most unseeded inputs (both backends are equally far from float64)."""
     nf, nt = make("fused", dtype), make("torch", dtype)
     assert torch.equal(nf.weight, nt.weight)
-    x = torch.randn(17, nf.in_features, dtype=dtype)
+    x = torch.randn(17, nf.in_features, dtype=dtype, generator=torch.Generator().manual_seed(0))
+
+    def tol(ref):
+        if dtype == torch.float64:
+            return dict(rtol=1e-10, atol=1e-12)
+        return dict(rtol=3e-5, atol=3e-6 * max(1.0, float(ref.abs().max())))
+
     yf, yt = nf(x), nt(x)
-    tol = dict(rtol=3e-5, atol=3e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(yf, yt, **tol)
+    torch.testing.assert_close(yf, yt, **tol(yt))
     gf = torch.autograd.grad(yf.square().sum(), nf.weight)[0]
     gt = torch.autograd.grad(yt.square().sum(), nt.weight)[0]
-    torch.testing.assert_close(gf, gt, **tol)
+    torch.testing.assert_close(gf, gt, **tol(gt))
 
 
 def test_plain_net_is_the_paper_product():

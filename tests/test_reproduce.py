@@ -150,6 +150,21 @@ def test_curvature_training_names_singular_probes(tmp_path, monkeypatch):
     assert [ln.get_marker() for ln in ax_lq.lines].count("v") == 1  # |lambda|(0.1) = 0 at the bottom edge
 
 
+def test_theorem_1_matrix_needs_square_targets():
+    """The data's Theorem 1 condition number with more targets than inputs ended in a broadcasting error."""
+    b = sweeps.load_data("digits", d=4, samples=200)  # 10 one-hot targets, 4 inputs
+    with pytest.raises(ValueError, match=r"needs as many targets as inputs \(q == d\), got q=10 targets and d=4"):
+        b.theory_cond_2shortcut()
+    sq = sweeps.load_data("synthetic", d=4, samples=64)
+    s = torch.linalg.svdvals(sq.m_matrix())
+    assert sq.theory_cond_2shortcut() == pytest.approx(float(s.max() / s.min()), rel=1e-12)
+    from shortcut_ext.curvature import HessianOperator
+
+    net = shortcut_ext.ShortcutNet(width=4, units=2, shortcut=2, init="zero", dtype=torch.float64, backend="torch")
+    H = HessianOperator(net, (sq.X.double(), sq.Y.double()), backend="autograd").to_dense()
+    np.testing.assert_allclose(np.sort(sq.theory_spectrum_2shortcut(2)), torch.linalg.eigvalsh(H).numpy(), atol=1e-12)
+
+
 def test_group_key_separates_training_settings():
     """The store key left out batch size, momentum, loss, divergence factor and the mini-batch seed:
     run_lr_sweeps returned an SGD batch-8 momentum-0.9 run's result for a batch-64 sweep into the same

@@ -155,6 +155,9 @@ class DataBundle:
     def m_matrix(self) -> torch.Tensor:
         """``M = S_xx - S_yx`` of Theorem 1 (linear, ``n = 2``), ``[d, d]``; needs ``q == d``."""
         X, Y = self.X.double(), self.Y.double()
+        if Y.shape[1] != X.shape[1]:
+            raise ValueError(f"M = S_xx - S_yx needs as many targets as inputs (q == d), got q={Y.shape[1]} "
+                             f"targets and d={X.shape[1]} inputs")
         m = X.shape[0]
         return (X.T @ X - Y.T @ X) / m
 
