@@ -309,3 +309,96 @@ def test_condition_vs_depth_says_why_a_relu_row_is_nan():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         th.condition_vs_depth(X, Y, [2, 4], kinds=("shortcut2", "shortcut3"), mid="tanh")
+
+
+def _hand_hessian_one_shortcut(R, d, X, T, pre, post, readout=None, loss="mse"):
+    """Independent reference for ``n = 1`` at zero weights: ``torch.func.hessian`` of the loss of a
+    hand-written 1-shortcut stack ``h -> h + s_post(s_pre(h) @ W_r.T)``, read-out ``h @ Q.T``."""
+    from torch.func import hessian
+
+    def loss_of(w):
+        h = X
+        for r in range(R):
+            h = h + activation(post, activation(pre, h) @ w[r].T)
+        out = h if readout is None else h @ readout.T
+        if loss == "mse":
+            return 0.5 * ((out - T) ** 2).sum() / X.shape[0]
+        return -(T * torch.log_softmax(out, dim=1)).sum() / X.shape[0]
+
+    w0 = torch.zeros(R * d * d, dtype=F64)
+    return hessian(lambda w: loss_of(w.reshape(R, d, d)))(w0)
+
+
+def test_one_shortcut_narrow_readout_output_curvature():
+    """Not pinned: the output curvature ``G = Q^T Q`` of mse under a read-out narrower than the width
+    (n = 1, out_features = 2 < width = 4).  Every read-out test used cross-entropy or out_features = width
+    (where Q^T Q = I), so dropping G (the identity instead) passed.  Reference: a hand-written net's
+    torch.func Hessian."""
+    d, q, R = 4, 2, 3
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(20, d, generator=g, dtype=F64)
+    Y = torch.randn(20, q, generator=g, dtype=F64)
+    net = zero_net(d, R, 1, ("tanh", "identity", "tanh"), out_features=q)
+    assert net.readout.shape == (q, d)
+    ref = _hand_hessian_one_shortcut(R, d, X, Y, "tanh", "tanh", readout=net.readout)
+    zp = th.zero_point_data_from_model(net, X, Y)
+    H = th.one_shortcut_hessian(zp, R, "tanh", "tanh")
+    assert float((H - ref).abs().max() / ref.abs().max()) <= 1e-10
+    ev = np.linalg.eigvalsh(ref.numpy())
+    spec = th.model_zero_point_spectrum(net, X, Y)
+    assert np.abs(np.sort(spec.eigenvalues()) - ev).max() / np.abs(ev).max() <= 1e-10
+
+
+def test_one_shortcut_cross_entropy_unnormalised_probability_targets():
+    """Not pinned: cross-entropy's output curvature carries the target mass ``sum_c t_c`` (Hessian
+    ``(sum t)(diag p - p p^T)``).  The theory tests used class indices (mass 1), so dropping the mass
+    passed; probability targets whose rows do not sum to 1 are supported (test_hvp_op).  n = 1, where G
+    enters the Hessian.  Reference: a hand-written net's torch.func Hessian."""
+    d, R = 4, 3
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(20, d, generator=g, dtype=F64)
+    T = 2.0 * torch.rand(20, d, generator=g, dtype=F64)  # row sums about 4
+    assert float((T.sum(dim=1) - 1).abs().min()) > 0.5
+    net = zero_net(d, R, 1, ("identity", "identity", "tanh"))
+    ref = _hand_hessian_one_shortcut(R, d, X, T, "identity", "tanh", loss="cross_entropy")
+    zp = th.zero_point_data(X, T, "cross_entropy")
+    H = th.one_shortcut_hessian(zp, R, "identity", "tanh")
+    assert float((H - ref).abs().max() / ref.abs().max()) <= 1e-10
+    ev = np.linalg.eigvalsh(ref.numpy())
+    spec = th.model_zero_point_spectrum(net, X, T, loss="cross_entropy")
+    assert np.abs(np.sort(spec.eigenvalues()) - ev).max() / np.abs(ev).max() <= 1e-10
+
+
+def test_condition_vs_depth_plain_curves_use_mid():
+    """Not pinned: the plain curves' nets take ``activation = mid``; every plain-curve test ran with
+    mid = identity, so building them linear whatever ``mid`` was passed.  Reference: the eigenvalues of
+    the torch.func Hessian of a hand-written tanh plain net ``h -> W_D tanh(... tanh(W_1 h))`` with the
+    same (seeded) initial weights, averaged over the seeds."""
+    from torch.func import hessian
+
+    from shortcut_ext.models import init_weights
+
+    d, D = 3, 4
+    g = torch.Generator().manual_seed(13)
+    X = torch.randn(30, d, generator=g, dtype=F64)
+    Y = torch.randn(30, d, generator=g, dtype=F64)
+
+    def loss_of(w):
+        h = X
+        for k in range(D):
+            h = h @ w[k].T
+            if k < D - 1:
+                h = torch.tanh(h)
+        return 0.5 * ((h - Y) ** 2).sum() / X.shape[0]
+
+    rows = {"lam_max": [], "lam_min": [], "index": []}
+    for s in (0, 1):
+        w0 = init_weights((D, d, d), "xavier", seed=s, dtype=F64)
+        ev = np.linalg.eigvalsh(hessian(lambda w: loss_of(w.reshape(D, d, d)))(w0.reshape(-1)).numpy())
+        rows["lam_max"].append(np.abs(ev).max())
+        rows["lam_min"].append(np.abs(ev).min())
+        rows["index"].append((ev < 0).mean())
+    r = th.condition_vs_depth(X, Y, depths=[D], kinds=("plain_xavier",), mid="tanh", seeds=(0, 1))["plain_xavier"]
+    assert r["lam_max"][0] == pytest.approx(np.mean(rows["lam_max"]), rel=1e-10)
+    assert r["lam_min"][0] == pytest.approx(np.mean(rows["lam_min"]), rel=1e-6)
+    assert r["index"][0] == pytest.approx(np.mean(rows["index"]), abs=1e-12)

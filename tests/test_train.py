@@ -668,3 +668,44 @@ def test_targets_with_history_and_inference_data_train_alike(teacher):
         a, b = got["fused", name], got["torch", name]
         assert a.final_loss == pytest.approx(b.final_loss, rel=1e-12)
         assert a.probes[0]["lam_max"] == pytest.approx(b.probes[0]["lam_max"], rel=1e-6)
+
+
+def test_divergence_rule_is_factor_times_initial_loss(teacher):
+    """Not pinned: the divergence rule's threshold itself, ``L > divergence_factor * max(L0, 1)``.  Every
+    divergence test overshot it by orders of magnitude, so a threshold ten times higher passed.  Here one
+    GD step (lr 1.5, L0 = 3.68) gives L1 = 42.9 = 11.65 * max(L0, 1), computed independently by hand: factor
+    3 (L1 between 3x and 30x L0) and 11 (just below) diverge at epoch 1, 12 (just above) stays ok."""
+    X, Y, _ = teacher
+
+    def net():
+        return PlainNet(4, 3, init="xavier", seed=0, dtype=torch.float64, backend="torch")
+
+    ref = net()
+    w0 = ref.weight.detach().clone()
+    L0 = loss_fn("mse", ref(X), Y)
+    (g,) = torch.autograd.grad(L0, ref.weight)
+    L0 = float(L0.detach())
+    L1 = float(loss_fn("mse", ref.forward_with(w0 - 1.5 * g, X), Y).detach())
+    ratio = L1 / max(L0, 1.0)
+    assert L0 > 1.0 and 11.2 < ratio < 11.9
+    for factor, status in ((3.0, "diverged"), (11.0, "diverged"), (12.0, "ok")):
+        res = train(net(), (X, Y), TrainConfig(epochs=1, lr=1.5, divergence_factor=factor))
+        assert res.status == status, factor
+        assert res.history["loss"][:2] == pytest.approx([L0, L1], rel=1e-12)
+        assert res.diverged_epoch == (1 if status == "diverged" else None)
+
+
+def test_spectrum_probes_zero_tolerance_scales_with_the_size():
+    """Not pinned: the zero tolerance ``P * eps * |lambda|max`` of ``spectrum_probes`` (train's fallback
+    probes), with its factor ``P``.  A rank-deficient PSD Hessian's zero eigenvalues come out of eigvalsh as
+    rounding of either sign, up to a few ``eps * |lambda|max``; without the factor ``P`` about one in ten of
+    them counted as negative.  Reference: the construction, rank 200 of 300 with eigenvalues in [1, 10]
+    (index 0, singular)."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    H = U[:, :200] @ torch.diag(torch.linspace(1, 10, 200, dtype=torch.float64)) @ U[:, :200].T
+    ev = torch.linalg.eigvalsh(H)
+    assert float((ev < 0).double().mean()) > 0.05  # the rounding the tolerance must absorb
+    p = spectrum_probes(ev)
+    assert p["index"] == 0.0 and p["cond"] == math.inf and p["cond_q10"] == math.inf
+    assert p["lam_max"] == pytest.approx(10.0, rel=1e-12)
