@@ -90,8 +90,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return shortcut_ext::cpu_tile_layout(d) == shortcut_ext::TileLayout::FeatureMajor ? "feature" : "batch";
       },
       "Tile layout of the CPU kernels at width d ('feature' or 'batch'; SHORTCUT_EXT_CPU_LAYOUT overrides)");
-  m.def("_cpu_layout_reread", &shortcut_ext::cpu_layout_reread,
-        "Read SHORTCUT_EXT_CPU_LAYOUT again at the next fused call (it is read once; for tests)");
+  m.def(
+      "cpu_saved_layout",
+      [](int64_t d) {
+        return shortcut_ext::cpu_saved_layout(d) == shortcut_ext::TileLayout::FeatureMajor ? "feature" : "batch";
+      },
+      "Layout of the activations the CPU forward saves at width d ('feature' or 'batch'; by width only)");
   m.def(
       "cpu_cache_stats",
       []() {

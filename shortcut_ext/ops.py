@@ -605,7 +605,7 @@ def _register() -> None:
         B, d = x.shape
         if not save_inputs:
             saved = x.new_empty((0,))
-        elif x.device.type == "cpu" and _C.cpu_tile_layout(int(d)) == "feature":  # stored feature-major
+        elif x.device.type == "cpu" and _C.cpu_saved_layout(int(d)) == "feature":  # stored feature-major
             if save_layers:
                 saved = x.new_empty_strided((R, n, B, d), (n * d * B, d * B, 1, B))
             else:

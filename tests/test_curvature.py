@@ -533,3 +533,29 @@ def test_spectral_tools_draw_on_the_cpu_under_another_default_device():
     np.testing.assert_array_equal(got[0], want[0])
     assert got[1] == want[1] and dens is not None
     assert on_meta.weight.device.type == "meta" and on_meta.input_proj.device.type == "meta"
+
+
+def test_autograd_backend_goes_one_direction_at_a_time_without_a_batching_rule(monkeypatch):
+    """Not tested: the autograd backend's fallback when the batched double backward raises (an op without a
+    vmap batching rule): the directions are then taken one at a time.  Reference: the same operator's batched
+    products (before the patch) and the dense func-backend Hessian; the fallback was really taken."""
+    net = ShortcutNet(3, 2, 2, init="xavier", seed=0, mid="tanh", backend="torch", dtype=F64)
+    X, Y = make_data()
+    V = torch.randn(net.weight.numel(), 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    op = HessianOperator(net, (X, Y), backend="autograd")
+    batched = op.matmat(V)
+    real, refused = torch.autograd.grad, []
+
+    def no_batching_rule(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            refused.append(1)
+            raise RuntimeError("Batching rule not implemented for aten::some_op")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    one_by_one = op.matmat(V)
+    monkeypatch.undo()
+    assert refused, "the batched path was not tried"
+    torch.testing.assert_close(one_by_one, batched, rtol=1e-12, atol=1e-14)
+    H = dense_hessian_func(net, (X, Y))
+    torch.testing.assert_close(one_by_one, H @ V, rtol=1e-10, atol=1e-12)

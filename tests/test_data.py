@@ -295,3 +295,83 @@ def test_synthetic_teacher_accepts_numpy_scalars():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         synthetic_teacher(6, 3, seed=-1)
+
+
+def test_best_linear_loss_with_input_projection_and_readout_is_the_least_squares_over_the_nets_maps():
+    """Not tested: ``best_linear_loss(X, Y, input_proj=E, readout=P)`` (only the plain ``L_min`` was).  Reference:
+    brute-force least squares over every map ``P A E`` of a linear net of width d (``vec(U A^T P^T) = (P kron
+    U) vec(A^T)``, ``U = X E^T``), with E and P the frozen projections of a ShortcutNet with p = 7 inputs, width
+    3 and q = 5 targets (both lose rank, so the value lies above the plain L_min)."""
+    rng = np.random.default_rng(0)
+    m, p, d, q = 50, 7, 3, 5
+    X, Y = torch.tensor(rng.standard_normal((m, p))), torch.tensor(rng.standard_normal((m, q)))
+    net = ShortcutNet(d, 2, 2, in_features=p, out_features=q, init="small", seed=0, dtype=torch.float64)
+    E, P = net.input_proj, net.readout
+    assert tuple(E.shape) == (d, p) and tuple(P.shape) == (q, d)
+    U, Pn = (X @ E.T).numpy(), P.numpy()
+    K = np.kron(Pn, U)
+    yv = Y.numpy().reshape(-1, order="F")
+    a, *_ = np.linalg.lstsq(K, yv, rcond=None)
+    r = yv - K @ a
+    ref = 0.5 * float(r @ r) / m
+    got = best_linear_loss(X, Y, input_proj=E, readout=P)
+    assert got == pytest.approx(ref, rel=1e-12)
+    assert got > best_linear_loss(X, Y) * 1.05  # the projections cost something here
+    # the loss of the net's own maps P A E never goes below it: at the least-squares A it equals it
+    A = torch.tensor(a.reshape(d, d, order="F").T)  # vec(A^T) -> A
+    fit = X @ E.T @ A.T @ P.T
+    assert float(0.5 * ((Y - fit) ** 2).sum() / m) == pytest.approx(ref, rel=1e-12)
+    with pytest.raises(ValueError, match=r"input_proj \[d, p\] and readout \[q, d\] must have one width d, got "
+                                         r"\[3, 7\] and \[5, 4\]"):
+        best_linear_loss(X, Y, input_proj=E, readout=torch.zeros(5, 4, dtype=torch.float64))
+
+
+def test_whole_number_float_labels_are_the_integer_labels():
+    """Not tested: ``prepare_classification`` with float labels: whole numbers give the same result as the
+    integers, a fraction or a NaN is refused."""
+    rng = np.random.default_rng(0)
+    imgs = rng.standard_normal((30, 8))
+    labs = rng.integers(0, 10, 30)
+    a = prepare_classification(imgs, labs, d=3, num_classes=10)
+    b = prepare_classification(imgs, labs.astype(np.float64), d=3, num_classes=10)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(a[1].argmax(1), torch.as_tensor(labs))
+    with pytest.raises(ValueError, match="labels must be integers, got dtype float64"):
+        prepare_classification(imgs, labs + 0.5, d=3, num_classes=10)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        prepare_classification(imgs, np.where(labs > 4, np.nan, labs), d=3, num_classes=10)
+
+
+
+def test_mnist_npz_column_labels_and_max_m(tmp_path):
+    """Not tested: an ``.npz`` whose labels are a column ``[m, 1]`` (some writers save them so: the same as
+    ``[m]``) and ``mnist(max_m=...)``: the seeded subsample ``m = max_m`` when there are more images, all of
+    them when there are fewer."""
+    rng = np.random.default_rng(1)
+    imgs = rng.standard_normal((30, 2, 4))
+    labs = rng.integers(0, 10, 30)
+    np.savez(tmp_path / "col.npz", x_train=imgs, y_train=labs.reshape(-1, 1))
+    np.savez(tmp_path / "flat.npz", x_train=imgs, y_train=labs)
+    Xc, Yc = mnist(tmp_path / "col.npz", d=3)
+    Xf, Yf = mnist(tmp_path / "flat.npz", d=3)
+    assert torch.equal(Xc, Xf) and torch.equal(Yc, Yf) and torch.equal(Yc.argmax(1), torch.as_tensor(labs))
+    X2, Y2 = mnist(tmp_path / "col.npz", d=3, max_m=20, seed=4)
+    X3, Y3 = mnist(tmp_path / "col.npz", d=3, m=20, seed=4)
+    assert X2.shape == (20, 3) and torch.equal(X2, X3) and torch.equal(Y2, Y3)
+    X4, Y4 = mnist(tmp_path / "col.npz", d=3, max_m=40)
+    assert torch.equal(X4, Xf) and torch.equal(Y4, Yf)
+
+
+def test_second_moment_compress_of_all_zero_data_is_one_zero_row():
+    """Not tested: ``second_moment_compress`` of data with no direction at all (every row of R below the
+    tolerance).  It returns one zero sample (k = 1, not an empty batch a net cannot train on), whose second
+    moment is the data's (zero), so a linear net's loss and gradient on it equal those on the data."""
+    X, Y = torch.zeros(6, 3, dtype=torch.float64), torch.zeros(6, 2, dtype=torch.float64)
+    Xc, Yc = second_moment_compress(X, Y)
+    assert Xc.shape == (1, 3) and Yc.shape == (1, 2) and Xc.dtype == torch.float64
+    assert not Xc.any() and not Yc.any()
+    net = ShortcutNet(3, 2, 2, out_features=2, init="xavier", seed=0, dtype=torch.float64)
+    for data in ((X, Y), (Xc, Yc)):
+        L = loss_fn("mse", net(data[0]), data[1])
+        (g,) = torch.autograd.grad(L, net.weight)
+        assert float(L.detach()) == 0.0 and not g.any()

@@ -17,20 +17,6 @@ pytestmark = requires_fused
 ACTS = shortcut_ext.ACTIVATIONS
 
 
-@pytest.fixture
-def cpu_layout(monkeypatch):
-    """Sets SHORTCUT_EXT_CPU_LAYOUT for the next fused call (the kernels read it once per process otherwise)."""
-    from shortcut_ext._build import _C
-
-    def set_layout(value):
-        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", value)
-        _C._cpu_layout_reread()
-
-    yield set_layout
-    monkeypatch.undo()
-    _C._cpu_layout_reread()
-
-
 def _outputs(x, w, gy, shortcut, acts, backend, recompute=True):
     x = x.detach().requires_grad_(True)
     w = w.detach().requires_grad_(True)
@@ -98,29 +84,29 @@ def test_thousand_units(device, dtype):
     [(7, 5, 3, 2, True), (1, 3, 2, 1, True), (300, 40, 3, 2, True), (129, 64, 2, 3, False), (33, 17, 4, 4, True),
      (2, 128, 2, 2, True), (64, 48, 3, 3, True)],  # the last: 16-aligned tiles (in-register transposes)
 )
-def test_cpu_tile_layouts(B, d, R, n, shortcut, dtype, layout, cpu_layout):
+def test_cpu_tile_layouts(B, d, R, n, shortcut, dtype, layout, monkeypatch):
     """Both CPU tile layouts (SHORTCUT_EXT_CPU_LAYOUT; the default picks by width) at widths on both
-    sides of the default switch, several tiles per slot and every activation position, from unit
-    inputs (recompute) and from every layer's input."""
-    cpu_layout(layout)
+    sides of the default switch and every activation position, from unit inputs (recompute) and from
+    every layer's input (several row tiles per slot: test_cpu_tile_layouts_several_tiles_per_slot)."""
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
     for i, acts in enumerate([("identity", "relu", "identity"), ("tanh", "ssigmoid", "relu"),
                               ("relu", "identity", "tanh"), ("ssigmoid", "tanh", "ssigmoid")]):
         for recompute in (True, False):
             _compare(B, d, R, n, shortcut, acts, dtype, "cpu", seed=i, scale=0.8 / d ** 0.5, recompute=recompute)
 
 
-def test_cpu_tile_layout_bad_value(cpu_layout):
-    cpu_layout("columns")
+def test_cpu_tile_layout_bad_value(monkeypatch):
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "columns")
     x, w = stack_inputs(4, 3, 2, 2, torch.float64)
     with pytest.raises(ValueError, match="SHORTCUT_EXT_CPU_LAYOUT must be batch, feature or auto.*columns"):
         residual_stack(x, w, backend="fused")
 
 
-def test_cpu_tile_layouts_agree(cpu_layout):
+def test_cpu_tile_layouts_agree(monkeypatch):
     x, w = stack_inputs(200, 48, 6, 2, torch.float64, requires_grad=True, scale=0.5 / 48 ** 0.5)
     outs = {}
     for layout in ("batch", "feature"):
-        cpu_layout(layout)
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
         y = residual_stack(x, w, True, "relu", "tanh", "relu", backend="fused")
         outs[layout] = (y,) + torch.autograd.grad(y.square().sum(), (x, w))
     for a, b in zip(outs["batch"], outs["feature"]):
@@ -129,8 +115,8 @@ def test_cpu_tile_layouts_agree(cpu_layout):
 
 @pytest.mark.parametrize("layout", ["batch", "feature"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree_and_are_deterministic(threads, layout, cpu_layout):
-    cpu_layout(layout)
+def test_thread_counts_agree_and_are_deterministic(threads, layout, monkeypatch):
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -212,36 +198,39 @@ def test_saved_inputs_are_the_unit_inputs():
     assert nothing.numel() == 0
 
 
-def test_cpu_layout_is_read_once(cpu_layout, monkeypatch):
-    """The layout was read at every call: a compiled model whose fake kernel had recorded feature-major saved
-    tensors failed Inductor's stride assertion ("expected ... stride 40==1") after the variable changed."""
+@pytest.mark.parametrize("layout", ["batch", "feature"])
+@pytest.mark.parametrize("layers", [False, True])
+@pytest.mark.parametrize("d", [8, 40])
+def test_saved_layout_depends_on_the_width_only(d, layers, layout, monkeypatch):
+    """The saved activations' strides followed SHORTCUT_EXT_CPU_LAYOUT, which no compiled graph sees: a graph
+    compiled in one process (Inductor's cache is on disk) failed its stride assertion ("expected ... stride
+    40==1") in a process that set the variable otherwise. Now they follow the width, as the fake kernel says."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from shortcut_ext._build import _C
-
-    cpu_layout("feature")
-    x, w = stack_inputs(7, 40, 3, 2, torch.float64)
-    acts = ("identity", "relu", "identity")
-    residual_stack(x, w, True, *acts, backend="fused")
-    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "batch")  # too late: the process has read it
-    assert _C.cpu_tile_layout(40) == "feature"
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+    x, w = stack_inputs(7, d, 3, 2, torch.float64, scale=0.5 / d ** 0.5)
+    acts = ("tanh", "relu", "identity")
     with FakeTensorMode() as mode:
         _, fake = torch.ops.shortcut_ext.residual_stack_forward(mode.from_tensor(x), mode.from_tensor(w), True,
-                                                                 *acts, True, False)
-    _, real = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True, False)
-    assert fake.stride() == real.stride() == (7 * 40, 1, 7)
+                                                                 *acts, True, layers)
+    y, real = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True, layers)
+    assert fake.shape == real.shape and fake.stride() == real.stride()
+    assert real.is_contiguous() == (d < 32)
+    torch.testing.assert_close(y, ref.residual_stack_forward(x, w, True, *acts), rtol=1e-12, atol=1e-14)
+    units = real[:, 0] if layers else real
+    torch.testing.assert_close(units, ref.residual_stack_unit_inputs(x, w, True, *acts), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("layers", [False, True])
 @pytest.mark.parametrize("B", [1, 70])
-def test_saved_feature_major(B, layers, cpu_layout):
+def test_saved_feature_major(B, layers, monkeypatch):
     """With feature-major tiles the unit inputs (layer inputs) are stored feature-major: strides
     [B*d, 1, B] ([n*d*B, d*B, 1, B]), same values; the backward takes them, or a contiguous copy,
     under either tile layout."""
     d, n, acts = 40, 3, ("tanh", "relu", "ssigmoid")
     x, w = stack_inputs(B, d, 5, n, torch.float64, scale=0.6 / d ** 0.5)
     gy = torch.randn(B, d, dtype=torch.float64)
-    cpu_layout("feature")
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "feature")
     _, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True, layers)
     if layers:
         assert saved.shape == (5, n, B, d) and saved.stride() == (n * d * B, d * B, 1, B)
@@ -255,7 +244,7 @@ def test_saved_feature_major(B, layers, cpu_layout):
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     expect = torch.autograd.grad(ref.residual_stack_forward(xr, wr, True, *acts), (xr, wr), gy)
     for layout in ("feature", "batch"):
-        cpu_layout(layout)
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
         for sv in (saved, saved.contiguous()):
             got = torch.ops.shortcut_ext.residual_stack_backward(gy, w, sv, True, *acts)
             for a, b in zip(got, expect):

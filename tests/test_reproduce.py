@@ -416,7 +416,7 @@ def test_tiny_out_folder_refuses_other_options(tiny):
     """One --out folder, one reproduction: other seeds, data or backend would mix CSVs and figures."""
     out, bundle, _ = tiny
     other_seeds = dataclasses.replace(reproduce.TINY, seeds=(0,))
-    with pytest.raises(ValueError, match=r"other options \(differing: config.seeds; if you gave the same flags, the preset"):
+    with pytest.raises(ValueError, match=r"other options \(differing: config.seeds; that run used seeds \[0, 1\], this one \[0\]"):
         reproduce.run(other_seeds, bundle, out, only=["fig5"], progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match=r"differing: .*data"):
         reproduce.run(reproduce.TINY, sweeps.load_data("synthetic", d=4, samples=80), out, only=["fig5"],
@@ -612,3 +612,87 @@ def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-2:] == ["svg", "0"], r.stdout
     assert (tmp_path / "s" / "density.png").stat().st_size > 1000
+
+
+def test_reproduce_seeds_option_sets_every_seed_list_and_a_rerun_with_others_is_refused(tmp_path, monkeypatch, capsys):
+    """Not tested: ``reproduce --seeds N`` (the override of the preset's seed lists).  The tiny preset has seeds
+    (0, 1) and one extension / curve seed; ``--seeds 3`` must record seeds, ext_seeds and curve_seeds = [0, 1, 2]
+    in options.json and run Fig. 5's seeded nets at all three seeds (the zero inits once: they do not depend on
+    it).  A rerun in that --out with other seeds is refused (exit 2, README: "a rerun there with other seeds ...
+    is refused") and writes nothing."""
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["reproduce", "--tiny", "--seeds", "3", "--only", "fig5", "--out", "o", "--no-progress"]) == 0
+    opts = json.loads((tmp_path / "o" / "results" / "options.json").read_text())
+    assert opts["config"]["seeds"] == opts["config"]["ext_seeds"] == opts["config"]["curve_seeds"] == [0, 1, 2]
+    with open(tmp_path / "o" / "results" / "fig5_init_condition.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    seeded = [a for a in reproduce.TINY.init_archs if not a.endswith("-zero")]
+    n_depths = len(reproduce.TINY.init_depths)
+    for s in ("0", "1", "2"):
+        archs = {r["arch"] for r in rows if r["seed"] == s}
+        assert set(seeded) <= archs, (s, archs)
+    assert len(rows) == n_depths * (len(reproduce.TINY.init_archs) + 2 * len(seeded))
+    before = {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli_main(["reproduce", "--tiny", "--seeds", "2", "--only", "fig5", "--out", "o", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a reproduction made with other options" in err and "config.seeds" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == before
+
+
+def test_reproduce_refusal_of_other_seeds_names_the_seeds_option(tmp_path, monkeypatch, capsys):
+    """A rerun with another ``--seeds`` in the same --out is refused; the error said "if you gave the same flags,
+    the preset of this version of shortcut_ext differs" (for any config.* field) and never named --seeds."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["reproduce", "--tiny", "--seeds", "1", "--only", "fig5", "--out", "o", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(["reproduce", "--tiny", "--seeds", "2", "--only", "fig5", "--out", "o", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "if you gave the same flags" not in err, err
+    assert "that run used seeds [0], this one [0, 1]" in err
+    assert cli_main(["reproduce", "--quick", "--seeds", "1", "--only", "fig5", "--out", "o", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "that run is --tiny, this one --quick" in err and "same flags" not in err, err
+    # a field no flag sets: this version's preset changed
+    hint = reproduce._config_hint({"name": "tiny", "epochs": 80}, {"name": "tiny", "epochs": 90}, {"epochs"})
+    assert "if you gave the same flags, the preset of this version" in hint and "seeds" not in hint
+
+
+def test_aggregate_of_a_group_where_every_seed_diverged():
+    """Not tested: ``aggregate`` over a group whose every value is inf (every rate diverged for every seed).
+    With ``keep_inf`` its statistics are inf (std nan), n = 0 and n_inf counts them; without, they are nan
+    (no finite value); Fig. 9's verdict says inf and names all 3 of 3 seeds."""
+    rows = []
+    for arch, losses in (("2-shortcut", {6: [0.2768] * 3, 48: [math.inf] * 3}),
+                         ("plain-xavier", {6: [0.3] * 3, 48: [0.5] * 3})):
+        for d, ls in losses.items():
+            rows += [{"arch": arch, "act": "linear", "depth": d, "seed": s, "final_loss": v, "best_lr": 0.1,
+                      "max_stable_lr": 0.1} for s, v in enumerate(ls)]
+    agg = analysis.aggregate(rows, ("arch", "depth"), "final_loss", keep_inf=True)
+    r48 = next(r for r in agg if r["arch"] == "2-shortcut" and r["depth"] == 48)
+    assert (r48["n"], r48["n_inf"], r48["n_total"]) == (0, 3, 3)
+    assert all(r48[k] == math.inf for k in ("mean", "lo", "hi", "min", "max", "median")) and math.isnan(r48["std"])
+    plain = next(r for r in analysis.aggregate(rows, ("arch", "depth"), "final_loss")
+                 if r["arch"] == "2-shortcut" and r["depth"] == 48)
+    assert (plain["n"], plain["n_inf"]) == (0, 3)
+    assert all(math.isnan(plain[k]) for k in ("mean", "std", "lo", "hi", "min", "max", "median"))
+    near = analysis.verdict_final_loss_linear(rows, l_min=0.2766, l_zero=5.4)[0]
+    assert near.holds is False and "D=48: inf" in near.measured and "(3 of 3 seeds)" in near.measured
+
+
+def test_curvature_verdict_undecided_when_the_runs_share_no_loss_range():
+    """Not tested: Figs. 6-7's comparison at equal loss when the 2-shortcut and the plain runs visit disjoint
+    ranges of ``loss - L_min`` (plain in [1e-4, 1e-3], 2-shortcut in [1, 10]): there is nothing to compare, so
+    the verdict is undecided (holds None, "no common loss range"), not a ratio extrapolated outside the data."""
+    probes = [{"arch": a, "seed": 0, "epoch": e, "excess": scale / (1 + e), "cond_q10": c, "lam_max": 1.0,
+               "lam_q10": 1.0 / c, "index": 0.3, "resolved": True}
+              for a, scale, c in (("2-shortcut", 10.0, 10.0), ("plain-xavier", 1e-3, 1e4)) for e in (0, 1, 2, 4, 8)]
+    vs = analysis.verdict_curvature_training(probes)
+    assert len(vs) == 1 and vs[0].figure == "Figs. 6-7" and vs[0].holds is None
+    assert "no common loss range" in vs[0].test
+    # the same runs with overlapping ranges are compared (the plain net 1000x worse conditioned)
+    overlap = [dict(p, excess=p["excess"] * (1e4 if p["arch"] == "plain-xavier" else 1.0)) for p in probes]
+    vs = analysis.verdict_curvature_training(overlap)
+    assert vs[0].holds is True and vs[0].details["plain-xavier"]["all"] == pytest.approx(1e3, rel=1e-9)

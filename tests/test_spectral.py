@@ -831,3 +831,62 @@ def test_an_operator_that_reuses_its_output_buffer():
     for fn in (lambda A: lanczos(A, k=3).largest, lambda A: block_lanczos(A, k=3).smallest,
                lambda A: power_iteration(A, max_iter=50).eigenvalue):
         np.testing.assert_allclose(fn(Replay(True)), fn(Replay(False)), rtol=0, atol=1e-12)
+
+
+def _planted(P=120, seed=0):
+    """``A = Q diag(ev) Q^T`` with a triple top eigenvalue 5, then 4, a double bottom -3 and a bulk in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    ev = torch.cat([torch.tensor([5.0, 5.0, 5.0, 4.0]), torch.linspace(-1, 1, P - 6),
+                    torch.tensor([-3.0, -3.0])]).double()
+    return Q @ torch.diag(ev) @ Q.T, np.sort(ev.numpy()), g
+
+
+def test_block_lanczos_fills_a_one_column_v0_to_the_block_size():
+    """Not tested: ``block_lanczos`` given a single start vector ``v0 [P]`` with ``block_size`` 3 (the block is
+    filled with random directions orthogonal to it).  A block of one would see the triple eigenvalue 5 once;
+    the filled block finds its multiplicity: the 4 largest and smallest converged Ritz values are the planted
+    ones (eigvalsh), and the filled start keeps v0's direction (v0 = an eigenvector of 4 gives 4 at once)."""
+    A, true, g = _planted()
+    v0 = torch.randn(A.shape[0], generator=g, dtype=torch.float64)
+    r = block_lanczos(A, k=4, block_size=3, v0=v0)
+    assert r.converged
+    np.testing.assert_allclose(r.largest, true[::-1][:4], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(r.smallest, true[:4], rtol=0, atol=1e-9)
+    _, U = torch.linalg.eigh(A)
+    first = block_lanczos(A, k=1, block_size=3, v0=U[:, -4], max_iter=3, which="largest", verify=False,
+                          compute_residuals=False)  # one block: v0 and two random directions
+    assert sorted(np.round(first.ritz_values, 8)).count(4.0) == 1
+    with pytest.raises(ValueError, match="v0 must be finite and non-zero"):
+        block_lanczos(A, k=2, block_size=3, v0=torch.zeros(A.shape[0], dtype=torch.float64))
+
+
+def test_max_products_stops_after_exactly_that_many_products():
+    """Not tested: the ``max_products`` limit cutting a block short (7 = 4 + 3, 20 = 5 x 4 products with blocks of
+    4) and single-vector Lanczos under it.  Reference: a scipy operator that counts its products; each run uses
+    exactly ``max_products`` (residuals off), says "max_products", and its Ritz values interlace the spectrum
+    (inside [-3, 5]) and improve with more products (the Krylov spaces are nested: the same seed)."""
+    from scipy.sparse.linalg import LinearOperator
+
+    A, true, _ = _planted()
+    An, P, count = A.numpy(), A.shape[0], [0]
+
+    def mm(V):
+        V = np.asarray(V)
+        count[0] += V.shape[1]
+        return An @ V
+
+    op = LinearOperator((P, P), matvec=lambda v: mm(v.reshape(-1, 1)).ravel(), matmat=mm, dtype=np.float64)
+    for run in (lambda mp: block_lanczos(op, k=3, block_size=4, max_iter=60, max_products=mp, verify=False,
+                                         compute_residuals=False),
+                lambda mp: lanczos(op, k=3, max_iter=60, max_products=mp, verify=False, compute_residuals=False)):
+        prev = None
+        for mp in (7, 20, 40):
+            count[0] = 0
+            r = run(mp)
+            assert count[0] == r.num_products == mp and r.stop_reason == "max_products", (mp, count[0], r.stop_reason)
+            assert true[0] - 1e-12 <= r.smallest.min() and r.largest.max() <= true[-1] + 1e-12
+            if prev is not None:
+                assert np.all(r.largest >= prev.largest - 1e-12) and np.all(r.smallest <= prev.smallest + 1e-12)
+            prev = r
+    np.testing.assert_allclose(prev.largest[:2], [5.0, 5.0], atol=1e-6)  # 40 products: the top is found

@@ -709,3 +709,123 @@ def test_spectrum_probes_zero_tolerance_scales_with_the_size():
     p = spectrum_probes(ev)
     assert p["index"] == 0.0 and p["cond"] == math.inf and p["cond_q10"] == math.inf
     assert p["lam_max"] == pytest.approx(10.0, rel=1e-12)
+
+
+def test_cross_entropy_one_hot_probabilities_match_class_indices():
+    """Not tested: train() with cross-entropy *probability* targets Y [m, q] (only class indices were
+    trained).  One-hot probabilities are the same targets as the indices, so the loss history, the gradient
+    norms and the Hessian probes must agree with the index run to rounding; a soft target (rows of a
+    softmax) trains too, and its initial loss is the reference's soft cross-entropy."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 6, (40,), generator=g)
+    onehot = torch.nn.functional.one_hot(lab, 6).double()
+
+    def net():
+        return ShortcutNet(6, 3, 2, mid="tanh", init="small", seed=1, dtype=torch.float64)
+
+    kw = dict(epochs=5, lr=0.5, loss="cross_entropy", probe_epochs=[0, 5])
+    a, b = train(net(), (X, lab), **kw), train(net(), (X, onehot), **kw)
+    assert a.status == b.status == "ok"
+    for k in ("loss", "grad_norm", "weight_norm"):
+        assert b.history[k] == pytest.approx(a.history[k], rel=1e-12, abs=1e-14), k
+    assert a.history["loss"][-1] < a.history["loss"][0]  # it trained
+    assert len(a.probes) == len(b.probes) == 2
+    for pa, pb in zip(a.probes, b.probes):
+        assert not pa["method"].startswith("failed") and pa["method"] == pb["method"]
+        for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10"):
+            assert pb[k] == pytest.approx(pa[k], rel=1e-9, abs=1e-12), k
+    soft = torch.softmax(torch.randn(40, 6, generator=g, dtype=torch.float64), 1)
+    model = net()
+    L0 = float(-(soft * torch.log_softmax(model(X), 1)).sum(1).mean().detach())
+    c = train(model, (X, soft), epochs=2, lr=0.5, loss="cross_entropy")
+    assert c.status == "ok" and c.history["loss"][0] == pytest.approx(L0, rel=1e-12)
+    with pytest.raises(ValueError, match=r"class indices \[40\] or probabilities \[40, 6\]"):
+        train(net(), (X, onehot.long()), epochs=1, lr=0.5, loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"probabilities \[40, 6\]"):
+        train(net(), (X, onehot[:, :5]), epochs=1, lr=0.5, loss="cross_entropy")
+
+
+def test_checkpoint_whose_optimizer_state_cannot_be_loaded_is_refused_and_keeps_the_model(tmp_path):
+    """Not tested: a checkpoint of the same run whose optimizer state passes the entry checks but that
+    ``load_state_dict`` refuses (no parameter groups).  train() raises a ValueError naming the file and how to
+    go on (delete it), leaves the model's weights and the file as they were; once deleted, the same call
+    gives the uninterrupted run's numbers."""
+    X = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cfg, ck = TrainConfig(epochs=6, lr=0.01, optimizer="adam"), tmp_path / "c.ckpt.pt"
+
+    def net():
+        return ShortcutNet(width=3, units=2, shortcut=2, init="xavier", seed=0, dtype=torch.float64)
+
+    _interrupt_at(4, net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
+    good = torch.load(ck, weights_only=True)
+    torch.save({**good, "optimizer": {**good["optimizer"], "param_groups": []}}, ck)
+    before = ck.read_bytes()
+    model = net()
+    w0 = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"c\.ckpt\.pt matches this run but its optimizer or generator state "
+                                         r"cannot be loaded .*delete it to start afresh"):
+        train(model, (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
+    assert torch.equal(model.weight, w0) and ck.read_bytes() == before
+    ck.unlink()
+    res = train(model, (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
+    assert res.history["loss"] == train(net(), (X, X), cfg).history["loss"]
+
+
+def test_a_failing_hessian_probe_is_recorded_and_the_run_goes_on(monkeypatch):
+    """Not tested: a Hessian probe that raises (e.g. eigh failing on an overflowed Hessian) is recorded as
+    ``method = "failed: <type>: <first line>"`` with nan values, and training goes on: the history equals a
+    run without probes bit for bit and the other probes are the real ones."""
+    X, Y = synthetic_teacher(32, 4, seed=0, noise=0.1)
+
+    def net():
+        return ShortcutNet(width=4, units=2, shortcut=2, init="small", seed=0, dtype=torch.float64)
+
+    real = train_mod.hessian_probes
+    calls = []
+
+    def flaky(model, data, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise np.linalg.LinAlgError("Eigenvalues did not converge\nsecond line")
+        return real(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "hessian_probes", flaky)
+    res = train(net(), (X, Y), epochs=6, lr=0.05, probe_epochs=[0, 3, 6])
+    ref = train(net(), (X, Y), epochs=6, lr=0.05, probe_epochs=[0, 6])
+    plain = train(net(), (X, Y), epochs=6, lr=0.05)
+    assert res.status == "ok" and res.history["loss"] == plain.history["loss"]
+    assert [p["epoch"] for p in res.probes] == [0, 3, 6]
+    bad = res.probes[1]
+    assert bad["method"] == "failed: LinAlgError: Eigenvalues did not converge"
+    assert all(math.isnan(bad[k]) for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10"))
+    assert bad["loss"] == res.history["loss"][3]
+    for got, want in zip((res.probes[0], res.probes[2]), ref.probes):
+        assert all(got[k] == want[k] for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10", "method"))
+    json.dumps(res.to_dict(), allow_nan=True)  # the failed probe saves
+
+
+def test_interrupted_run_with_probe_epochs_resumes_bit_for_bit(tmp_path):
+    """Not tested: the checkpoint fingerprint of a config with ``probe_epochs`` (TrainConfig.to_dict's list
+    conversion) and a resume across a probe epoch.  Interrupted at epoch 4, the rerun resumes (it says so)
+    and ends with the uninterrupted run's history and probes, bit for bit; other probe epochs are another
+    run (not resumed)."""
+    X, Y = synthetic_teacher(32, 4, seed=1, noise=0.1)
+
+    def net():
+        return ShortcutNet(width=4, units=2, shortcut=2, mid="tanh", init="small", seed=1, dtype=torch.float64)
+
+    kw = dict(epochs=8, lr=0.1, probe_epochs=[2, 6], seed=3, l_min=best_linear_loss(X, Y))
+    ck = tmp_path / "p.ckpt.pt"
+    full = train(net(), (X, Y), **kw)
+    model = net()
+    _interrupt_at(4, model, (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, **kw)
+    notes = []
+    res = train(model, (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append, **kw)
+    assert notes and notes[0].startswith("resuming from epoch 5 of 8"), notes
+    assert res.history == full.history
+    assert [p["epoch"] for p in res.probes] == [2, 6] and res.probes == full.probes
+    notes = []  # the finished run's checkpoint, with other probe epochs
+    train(net(), (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append,
+          **{**kw, "probe_epochs": [2, 7]})
+    assert notes and "another run" in notes[0] and "probe_epochs" in notes[0], notes

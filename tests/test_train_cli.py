@@ -583,3 +583,58 @@ def test_a_figure_that_cannot_be_written_names_its_file(tmp_path):
     with pytest.raises(OSError, match="File too large.*density.png"):
         save_figure(fig, path, dpi=50)
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["density.png"]
+
+
+def test_info_json_is_one_json_object_with_the_build_version_and_path(capsys):
+    """Not tested: ``shortcut-ext info --json``.  It must print one valid JSON object (nothing else on stdout)
+    holding what the README says info tells (how the extension was built, its version and path) and the
+    environment: compared with ``shortcut_ext.build_info()``, ``__version__``, the package's folder, torch's
+    version and thread count; the text form lists the same keys."""
+    import shortcut_ext
+
+    assert main(["info", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert isinstance(env, dict)
+    assert env["shortcut_ext_version"] == shortcut_ext.__version__
+    assert os.path.samefile(env["shortcut_ext_path"], os.path.dirname(shortcut_ext.__file__))
+    assert env["shortcut_ext_build_info"] == json.loads(json.dumps(shortcut_ext.build_info(), default=str))
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["cuda_available"] == torch.cuda.is_available() and env["python"] == sys.version.split()[0]
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert all(line.split()[0].rstrip(":") in env for line in text.splitlines() if not line.startswith(" "))
+
+
+def test_an_os_error_of_the_input_is_one_line_exit_2_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Not tested: an OSError that is not the machine's failure (here a file name longer than the file system
+    allows, ENAMETOOLONG) is bad input: one line naming it, exit 2, nothing written; a machine failure
+    (ENOSPC) with SHORTCUT_EXT_TRACEBACK=1 is raised; a RuntimeError that is neither out-of-memory nor a
+    floating-point failure is a bug and keeps its traceback (raised, not exit 1)."""
+    import errno
+
+    monkeypatch.chdir(tmp_path)
+    name = "x" * 300 + ".json"
+    assert main(["train", "--depth", "2", "--width", "3", "--epochs", "1", "--data", "synthetic",
+                 "--out", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shortcut-ext train: error: [Errno 36] File name too long") and err.count("\n") == 1
+    assert "(OSError; SHORTCUT_EXT_TRACEBACK=1 shows the traceback)" in err
+    assert list(tmp_path.iterdir()) == []
+
+    def fail(exc):
+        def run(args):
+            raise exc
+        return run
+
+    monkeypatch.setattr(train_cmd, "main", fail(OSError(errno.ENOSPC, "No space left on device")))
+    argv = ["train", "--data", "synthetic", "--out", "r.json"]
+    assert main(argv) == 1 and "failed: [Errno 28] No space left on device" in capsys.readouterr().err
+    monkeypatch.setenv("SHORTCUT_EXT_TRACEBACK", "1")
+    with pytest.raises(OSError, match="No space left"):
+        main(argv)
+    monkeypatch.delenv("SHORTCUT_EXT_TRACEBACK")
+    monkeypatch.setattr(train_cmd, "main", fail(RuntimeError("index 3 is out of bounds")))
+    with pytest.raises(RuntimeError, match="index 3 is out of bounds"):
+        main(argv)
+    monkeypatch.setattr(train_cmd, "main", fail(RuntimeError("DefaultCPUAllocator: not enough memory")))
+    assert main(argv) == 1 and "the run needs more memory than there is" in capsys.readouterr().err

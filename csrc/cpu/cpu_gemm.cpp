@@ -3,8 +3,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
-#include <mutex>
-#include <string>
 
 #include "cpu/cpu_schedule.h"
 
@@ -38,37 +36,17 @@ bool use_kernel16() {
 #endif
 }
 
-namespace {
-// SHORTCUT_EXT_CPU_LAYOUT is read once, at the first fused call, like SHORTCUT_EXT_CPU_GEMM: a change later in
-// the process would give saved tensors other strides than a compiled graph's fake kernel recorded.
-std::mutex layout_mu;
-bool layout_read = false;
-std::string layout_env;
-
-std::string layout_value() {
-  std::lock_guard<std::mutex> lock(layout_mu);
-  if (!layout_read) {
-    const char* env = std::getenv("SHORTCUT_EXT_CPU_LAYOUT");
-    layout_env = env ? env : "";
-    layout_read = true;
-  }
-  return layout_env;
-}
-}  // namespace
-
-void cpu_layout_reread() {
-  std::lock_guard<std::mutex> lock(layout_mu);
-  layout_read = false;
-}
-
 TileLayout cpu_tile_layout(int64_t d) {
-  const std::string v = layout_value();
+  const char* env = std::getenv("SHORTCUT_EXT_CPU_LAYOUT");
+  const std::string v = env ? env : "";
   if (v == "batch") return TileLayout::BatchMajor;
   if (v == "feature") return TileLayout::FeatureMajor;
   TORCH_CHECK_VALUE(v.empty() || v == "auto", "SHORTCUT_EXT_CPU_LAYOUT must be batch, feature or auto (or unset), got '",
                     v, "'");
-  return d >= 32 ? TileLayout::FeatureMajor : TileLayout::BatchMajor;
+  return cpu_saved_layout(d);
 }
+
+TileLayout cpu_saved_layout(int64_t d) { return d >= 32 ? TileLayout::FeatureMajor : TileLayout::BatchMajor; }
 
 std::string cpu_gemm_path() {
   if (!use_brgemm()) return "portable";

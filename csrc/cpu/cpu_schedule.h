@@ -183,10 +183,14 @@ inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds
 // over R*n*d*d weights (page faults included), so feature-major wins once weights are large.
 enum class TileLayout { BatchMajor, FeatureMajor };
 
-// SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 32 on); read once, at the
-// first call; cpu_layout_reread() reads it again at the next call (for tests).
+// SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 32 on).
 TileLayout cpu_tile_layout(int64_t d);
-void cpu_layout_reread();
+
+// The layout of the unit (layer) inputs the forward returns for the backward: the default tile layout of
+// width d, whatever the variable says (tiles of the other layout are copied into it). Saved strides thus
+// depend on the shape alone, as the op's fake kernel predicts them: a graph compiled in one process stays
+// valid in another that sets the variable otherwise (Inductor asserts the strides it recorded).
+TileLayout cpu_saved_layout(int64_t d);
 
 // g *= s'(z) computed from the activation's output a = s(z): relu a > 0, tanh 1 - a^2,
 // ssigmoid (1 - a^2) / 2 (the backward of stacks that saved every layer's input).

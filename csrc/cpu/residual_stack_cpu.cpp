@@ -511,15 +511,23 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
   // [R, n, d, B]) with feature-major tiles
   const bool fm = cpu_tile_layout(s.d) == TileLayout::FeatureMajor;
   const int64_t B = s.B, d = s.d;
-  at::Tensor saved = !save_inputs ? at::empty({0}, x.options())
-                     : save_layers ? (fm ? pooled_empty({s.R, s.n, B, d}, {s.n * d * B, d * B, 1, B}, x.options())
-                                         : pooled_empty({s.R, s.n, B, d}, x.options()))
-                     : fm          ? pooled_empty({s.R, B, d}, {B * d, 1, B}, x.options())
-                                   : pooled_empty({s.R, B, d}, x.options());
+  auto saved_empty = [&](bool feature_major) {
+    return save_layers ? (feature_major ? pooled_empty({s.R, s.n, B, d}, {s.n * d * B, d * B, 1, B}, x.options())
+                                        : pooled_empty({s.R, s.n, B, d}, x.options()))
+                       : (feature_major ? pooled_empty({s.R, B, d}, {B * d, 1, B}, x.options())
+                                        : pooled_empty({s.R, B, d}, x.options()));
+  };
+  at::Tensor saved = save_inputs ? saved_empty(fm) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_forward_cpu", [&] {
     forward_impl<scalar_t>(x, weights, shortcut, acts, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr,
                            save_layers);
   });
+  const bool saved_fm = cpu_saved_layout(d) == TileLayout::FeatureMajor;
+  if (save_inputs && fm != saved_fm) {  // SHORTCUT_EXT_CPU_LAYOUT chose the other tiles: one copy into the layout
+    at::Tensor out = saved_empty(saved_fm);  // that the width implies (and the fake kernel predicts)
+    out.copy_(saved);
+    saved = out;
+  }
   return {y, saved};
 }
 

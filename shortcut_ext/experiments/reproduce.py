@@ -137,6 +137,25 @@ def _options(cfg: ReproConfig, bundle: sweeps.DataBundle, backend: str | None) -
     return json.loads(json.dumps(json_safe(opts)))  # as it reads back from the file (tuples as lists)
 
 
+_SEED_FIELDS = {"seeds", "ext_seeds", "curve_seeds"}  # what --seeds sets
+
+
+def _config_hint(theirs: dict, mine: dict, fields: set) -> str:
+    """Which flag a differing configuration comes from: the preset, --seeds, or else this version's preset."""
+    if not fields:
+        return ""
+    if theirs.get("name") != mine.get("name"):
+        return f"; that run is --{theirs.get('name')}, this one --{mine.get('name')}"
+    hint = ""
+    if fields & _SEED_FIELDS:
+        hint += (f"; that run used seeds {theirs.get('seeds')}, this one {mine.get('seeds')} (--seeds N runs seeds "
+                 f"0..N-1; without it, the preset's)")
+    if fields - _SEED_FIELDS:
+        hint += ("; if you gave the same flags, the preset of this version of shortcut_ext differs from the one "
+                 "that made that run (finish it with that version)")
+    return hint
+
+
 def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: str | None) -> None:
     """One output folder holds one reproduction: a rerun with other options (configuration, seeds, data,
     samples, backend) would mix its CSVs, figures and report with the earlier run's (stored runs are
@@ -156,9 +175,8 @@ def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: 
                 c0, c1 = theirs.get("config", {}), mine["config"]
                 diff = [d for d in diff if d != "config"] + [f"config.{k}" for k in sorted(set(c0) | set(c1))
                                                               if c0.get(k) != c1.get(k)]
-            hint = ("; if you gave the same flags, the preset of this version of shortcut_ext differs from the "
-                    "one that made that run (finish it with that version)") if any(
-                        d.startswith("config.") for d in diff) else ""
+            hint = _config_hint(theirs.get("config", {}), mine["config"],
+                                {d[len("config."):] for d in diff if d.startswith("config.")})
             old_tag = str(theirs.get("data", ""))
             if "data" in diff and old_tag.startswith("mnist(") and not old_tag.startswith("mnist(sha1="):
                 hint += ("; that folder was made by an earlier version of shortcut_ext, whose MNIST runs were not "
