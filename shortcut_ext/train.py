@@ -469,7 +469,9 @@ def train(
             epochs *and* ``checkpoint_every_s`` seconds have passed since the last write.  If the file
             holds a checkpoint of the same fingerprint, training resumes from it and ends with the same
             numbers, bit for bit, as an uninterrupted run; one of another run (or an unreadable file) is
-            ignored, with a note to ``log`` (a warning without one), and replaced.  If the run is
+            ignored, with a note to ``log`` (a warning without one), and replaced; one of the same fingerprint
+            whose optimizer or generator state cannot be loaded stops the call with a ``ValueError`` that
+            names the file (the model left as it was; delete the file to start afresh).  If the run is
             interrupted (an exception, e.g. ``KeyboardInterrupt``), the model's weights are put back as
             they were at the call, so that the same call resumes from the last checkpoint.  The file is
             left in place when ``train`` returns: delete it once the result is saved.  The file is not
