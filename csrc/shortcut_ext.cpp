@@ -90,12 +90,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return shortcut_ext::cpu_tile_layout(d) == shortcut_ext::TileLayout::FeatureMajor ? "feature" : "batch";
       },
       "Tile layout of the CPU kernels at width d ('feature' or 'batch'; SHORTCUT_EXT_CPU_LAYOUT overrides)");
-  m.def(
-      "cpu_saved_layout",
-      [](int64_t d) {
-        return shortcut_ext::cpu_saved_layout(d) == shortcut_ext::TileLayout::FeatureMajor ? "feature" : "batch";
-      },
-      "Layout of the activations the CPU forward saves at width d ('feature' or 'batch'; by width only)");
+  m.def("cpu_saved_feature_major_from", &shortcut_ext::cpu_saved_feature_major_from,
+        "The least width d at which the CPU forward saves activations feature-major (by width only)");
   m.def(
       "cpu_cache_stats",
       []() {

@@ -605,7 +605,8 @@ def _register() -> None:
         B, d = x.shape
         if not save_inputs:
             saved = x.new_empty((0,))
-        elif x.device.type == "cpu" and _C.cpu_saved_layout(int(d)) == "feature":  # stored feature-major
+        elif x.device.type == "cpu" and d >= _C.cpu_saved_feature_major_from():  # stored feature-major (a guard
+            # on a symbolic width, not a constant: an export with a dynamic width stays dynamic)
             if save_layers:
                 saved = x.new_empty_strided((R, n, B, d), (n * d * B, d * B, 1, B))
             else:

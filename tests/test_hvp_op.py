@@ -383,3 +383,29 @@ def test_outputs_are_values_when_the_targets_require_grad(backend):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     (L + y.sum()).backward()  # the teacher's own graph is untouched
     assert head.weight.grad is not None
+
+
+def test_float32_several_row_tiles_per_slot():
+    """float32 at d = 16, whose weight-gradient products run a register kernel (gemm16_tn): a slot's later
+    row tiles must add to its buffer. That kernel ignoring `accumulate` passed, since the float32 tests
+    ran d = 6, B = 33, one tile. A tile holds 2^17 / ((2n + 1)(1 + K) d) = 819 rows here: B = 4000 gives 5
+    tiles to 1 slot at 1 thread and to 2 slots at 2 threads."""
+    B, d, R, n, K = 4000, 16, 3, 2, 1
+    x, w, y, v, loss = _problem(B, d, R, n, K, "mse", scale=0.1)
+    acts = ("identity", "tanh", "identity")
+    exact = ref.residual_stack_hvp(x, w, y, v, True, *acts, loss)
+    args = tuple(t.float() for t in (x, w, y, v))
+    same = ref.residual_stack_hvp(*args, True, *acts, loss)
+    threads = torch.get_num_threads()
+    try:
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            P = max(1, min(k, B, B * (4 + 8 * K) * R * n * d * d // 65536))  # as residual_stack_hvp_cpu.cpp
+            m = max(1, min(-(-B // P), max(8, (1 << 17) // ((2 * n + 1) * (1 + K) * d))))
+            assert -(-B // m) > min(P, -(-B // m)), m  # some slot runs two tiles or more
+            got = _op(*args, True, acts, loss)
+            for a, b, c in zip(got, same, exact):
+                assert a.dtype == torch.float32
+                assert_close_lowp(a, b, c, factor=10.0)
+    finally:
+        torch.set_num_threads(threads)

@@ -571,3 +571,140 @@ print("child", status, os.read(r, 1).decode(), "parent threads", torch.get_num_t
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                        env=dict(os.environ, PYTHONPATH=pkg_root))
     assert r.stdout.split() == ["child", "0", "1", "parent", "threads", "2"], (r.stdout, r.stderr[-2000:])
+
+
+# Kernel paths that mutation testing of the C++ CPU kernels (QA 12) found untested: each test below
+# fails on a realistic bug that the suite above passed.
+
+
+def _compare_given(x, w, gy, shortcut, acts, recompute):
+    """_compare for given inputs (exact zeros, NaN): the NaN pattern of y, grad_x and grad_w equals the
+    reference's, and the other entries agree as _compare asks."""
+    fused = _outputs(x, w, gy, shortcut, acts, "fused", recompute)
+    same = _outputs(x, w, gy, shortcut, acts, "torch")
+    exact = _outputs(x.double(), w.double(), gy, shortcut, acts, "torch")
+    for name, a, b, c in zip(("y", "grad_x", "grad_w"), fused, same, exact):
+        assert torch.equal(a.isnan(), b.isnan()), \
+            f"{name}: NaN at {int(a.isnan().sum())} entries, the reference at {int(b.isnan().sum())}"
+        a, b, c = (t.nan_to_num(0.0) for t in (a, b, c))
+        if x.dtype == torch.float64:
+            torch.testing.assert_close(a, b, **tol(x.dtype), msg=lambda m: f"{name}: {m}")
+        else:
+            assert_close_lowp(a, b, c)
+
+
+def _cpu_backward_schedule(B, d, R, n):
+    """(row tiles, slots, units per chunk) of the fused CPU backward at the current thread count, as
+    csrc/cpu/residual_stack_cpu.cpp computes them (num_slots, tile_rows, U): the tests below assert that
+    their shapes reach the path they are about, so that they fail rather than silently stop covering it."""
+    dd = d * d
+    P = max(1, min(torch.get_num_threads(), B, B * 3 * R * n * dd // 65536))
+    cap = min(max(8, 16384 // d), max(8, (1 << 19) // (2 * n * d)))
+    m = max(1, min(-(-B // P), cap))
+    tiles = -(-B // m)
+    slots = min(P, tiles)
+    return tiles, slots, max(1, min(R, (1 << 21) // (slots * n * dd)))
+
+
+def _on_threads(threads, f):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return f()
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("d", [4, 48])  # batch-major and feature-major tiles
+@pytest.mark.parametrize("position", ["pre", "mid", "post"])
+def test_nan_propagates_through_relu(position, d, recompute, dtype):
+    """test_nan_propagates runs tanh and checks the forward only: a fused ReLU written z > 0 ? z : 0 turns
+    NaN into 0 (torch.relu keeps it), which left one NaN in y instead of the row and, with ReLU at pre,
+    none in grad_w, and passed. Now the NaN pattern of y, grad_x and grad_w is the reference's, with ReLU
+    at each position, both tile layouts, from unit inputs and from every layer's input."""
+    acts = tuple("relu" if p == position else "identity" for p in ("pre", "mid", "post"))
+    x, w = stack_inputs(32, d, 2, 2, dtype, seed=1)
+    x[3, 1] = float("nan")
+    gy = torch.randn(32, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _compare_given(x, w, gy, True, acts, recompute)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("d", [4, 48])  # batch-major and feature-major tiles
+@pytest.mark.parametrize("position,n", [("post", 1), ("post", 2), ("pre", 1), ("pre", 2), ("mid", 2)])
+def test_relu_derivative_at_exact_zero(position, n, d, recompute, dtype):
+    """relu'(0) = 0, as autograd's: no fused forward/backward test sent an exact zero into a ReLU, and
+    kernels with relu'(0) = 1 (z < 0 ? 0 : g) passed. Exact zeros reach ReLU at post from zero weights
+    (the last layer's: at n = 2 the input of the last layer stays nonzero, so its weight gradient shows
+    the difference), at mid from a zero first layer, at pre from zeros in x (at zero weights ga = 0
+    whatever relu'(0) is, so there the weights stay random)."""
+    acts = tuple("relu" if p == position else "identity" for p in ("pre", "mid", "post"))
+    x, w = stack_inputs(16, d, 2, n, dtype, seed=3, scale=0.5 / d ** 0.5)
+    if position == "post":
+        w[:, -1] = 0.0
+    elif position == "mid":
+        w[:, 0] = 0.0
+    else:
+        x[::2, ::2] = 0.0
+    gy = torch.randn(16, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    _compare_given(x, w, gy, True, acts, recompute)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("d", [8, 16])
+def test_several_row_tiles_per_slot(d, recompute, dtype):
+    """A slot's later row tiles add to its weight-gradient buffer. At d < 32 a tile holds up to
+    min(16384 / d, 2^18 / (n d)) rows (2048 at d = 8, 1024 at d = 16) and every batch-major test gave
+    each slot one tile: a batch-major recompute backward that overwrote instead of adding, and the
+    d = 16 float32 register kernel (gemm16_tn) ignoring `accumulate`, both passed. B = 5000 gives 3
+    (d = 8) or 5 (d = 16) tiles to 1 slot at 1 thread and to 2 slots at 2 threads."""
+    B, R, n = 5000, 2, 2
+
+    def run():
+        tiles, slots, _ = _cpu_backward_schedule(B, d, R, n)
+        assert tiles > slots, (tiles, slots)  # some slot runs two tiles or more
+        _compare(B, d, R, n, True, ("identity", "relu", "identity"), dtype, "cpu", recompute=recompute)
+
+    for threads in (1, 2):
+        _on_threads(threads, run)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_weight_gradients_in_several_unit_chunks(recompute):
+    """The backward reduces the slots' weight gradients in chunks of U = 2^21 / (slots n d^2) units
+    (64 at d = 128, n = 2 on 1 slot, 32 on 2); every test at d >= 64 had R <= 3, one chunk, and a
+    reduction that wrote U units for the last, partial chunk (over units already reduced) passed.
+    R = 70 > U, R % U != 0 at 1 and 2 threads."""
+    B, d, R, n = 64, 128, 70, 2
+
+    def run():
+        _, _, U = _cpu_backward_schedule(B, d, R, n)
+        assert R > U and R % U != 0, U
+        _compare(B, d, R, n, True, ("identity", "tanh", "identity"), torch.float64, "cpu", recompute=recompute)
+
+    for threads in (1, 2):
+        _on_threads(threads, run)
+
+
+@pytest.mark.parametrize("layout", ["batch", "feature"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_tile_layouts_several_tiles_per_slot(dtype, layout, monkeypatch):
+    """test_cpu_tile_layouts gives each slot one row tile ((300, 40) at 2 threads: 150 rows a slot, 409 a
+    tile), so neither layout's accumulation over a slot's tiles was compared there. d = 20 and 33 (both
+    sides of the default switch) with 3 tiles to 1 slot at 1 thread and to 2 slots at 2 threads."""
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+    R, n = 3, 2
+    for B, d in [(1700, 20), (1031, 33)]:
+        def run():
+            tiles, slots, _ = _cpu_backward_schedule(B, d, R, n)
+            assert tiles > slots, (B, d, tiles, slots)
+            for i, acts in enumerate([("identity", "relu", "identity"), ("tanh", "ssigmoid", "relu")]):
+                for recompute in (True, False):
+                    _compare(B, d, R, n, True, acts, dtype, "cpu", seed=i, scale=0.8 / d ** 0.5, recompute=recompute)
+
+        for threads in (1, 2):
+            _on_threads(threads, run)

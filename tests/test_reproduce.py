@@ -416,7 +416,7 @@ def test_tiny_out_folder_refuses_other_options(tiny):
     """One --out folder, one reproduction: other seeds, data or backend would mix CSVs and figures."""
     out, bundle, _ = tiny
     other_seeds = dataclasses.replace(reproduce.TINY, seeds=(0,))
-    with pytest.raises(ValueError, match=r"other options \(differing: config.seeds; that run used seeds \[0, 1\], this one \[0\]"):
+    with pytest.raises(ValueError, match=r"other options \(differing: config.seeds; that run used seeds \[0, 1\], this one seeds \[0\]"):
         reproduce.run(other_seeds, bundle, out, only=["fig5"], progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match=r"differing: .*data"):
         reproduce.run(reproduce.TINY, sweeps.load_data("synthetic", d=4, samples=80), out, only=["fig5"],
@@ -651,10 +651,17 @@ def test_reproduce_refusal_of_other_seeds_names_the_seeds_option(tmp_path, monke
     assert cli_main(["reproduce", "--tiny", "--seeds", "2", "--only", "fig5", "--out", "o", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--seeds" in err and "if you gave the same flags" not in err, err
-    assert "that run used seeds [0], this one [0, 1]" in err
+    assert "that run used curve_seeds [0], ext_seeds [0], seeds [0], this one curve_seeds [0, 1], ext_seeds [0, 1], " \
+           "seeds [0, 1] (--seeds N sets seeds, ext_seeds and curve_seeds to 0..N-1" in err, err
     assert cli_main(["reproduce", "--quick", "--seeds", "1", "--only", "fig5", "--out", "o", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "that run is --tiny, this one --quick" in err and "same flags" not in err, err
+    # only the fields that differ are named: the quick preset's ext_seeds are [0, 1], its seeds [0, 1, 2]
+    hint = reproduce._config_hint(reproduce.QUICK.to_dict(), {**reproduce.QUICK.to_dict(), "ext_seeds": (0, 1, 2)},
+                                  {"ext_seeds"})
+    assert hint.startswith("; that run used ext_seeds (0, 1), this one ext_seeds (0, 1, 2) (--seeds N") and \
+        "seeds (0, 1, 2), this" not in hint, hint
+    assert "of an unknown preset" in reproduce._config_hint({}, {"name": "quick"}, {"name"})
     # a field no flag sets: this version's preset changed
     hint = reproduce._config_hint({"name": "tiny", "epochs": 80}, {"name": "tiny", "epochs": 90}, {"epochs"})
     assert "if you gave the same flags, the preset of this version" in hint and "seeds" not in hint

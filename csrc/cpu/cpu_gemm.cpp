@@ -46,7 +46,9 @@ TileLayout cpu_tile_layout(int64_t d) {
   return cpu_saved_layout(d);
 }
 
-TileLayout cpu_saved_layout(int64_t d) { return d >= 32 ? TileLayout::FeatureMajor : TileLayout::BatchMajor; }
+TileLayout cpu_saved_layout(int64_t d) {
+  return d >= cpu_saved_feature_major_from() ? TileLayout::FeatureMajor : TileLayout::BatchMajor;
+}
 
 std::string cpu_gemm_path() {
   if (!use_brgemm()) return "portable";

@@ -191,6 +191,7 @@ TileLayout cpu_tile_layout(int64_t d);
 // depend on the shape alone, as the op's fake kernel predicts them: a graph compiled in one process stays
 // valid in another that sets the variable otherwise (Inductor asserts the strides it recorded).
 TileLayout cpu_saved_layout(int64_t d);
+constexpr int64_t cpu_saved_feature_major_from() { return 32; }
 
 // g *= s'(z) computed from the activation's output a = s(z): relu a > 0, tanh 1 - a^2,
 // ssigmoid (1 - a^2) / 2 (the backward of stacks that saved every layer's input).

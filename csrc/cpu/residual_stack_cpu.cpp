@@ -118,11 +118,10 @@ void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut, Acts acts, at::Tensor& y,
+void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut, Acts acts, bool fm, at::Tensor& y,
                   T* saved, bool layers) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1);
   if (B == 0) return;
-  const bool fm = cpu_tile_layout(d) == TileLayout::FeatureMajor;
   const at::Tensor wt = fm ? weights : transpose_weights<T>(weights);  // batch-major: [R, n, d_in, d_out]
   const T* w_p = wt.data_ptr<T>();
   const T* x_p = x.data_ptr<T>();
@@ -414,7 +413,11 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
   // activations stored feature-major (the feature-major forward's output); the batch-major tiles
   // read them batch-major
   const bool saved_fm = !saved_in.is_contiguous() && fm;
-  const at::Tensor saved = !saved_in.is_contiguous() && !fm ? saved_in.contiguous() : saved_in;
+  at::Tensor saved = saved_in;
+  if (!saved_in.is_contiguous() && !fm) {  // (SHORTCUT_EXT_CPU_LAYOUT=batch from d = 32 on) a cached copy
+    saved = pooled_empty(saved_in.sizes(), saved_in.options());
+    saved.copy_(saved_in);
+  }
   const bool dw_transposed = fm || layers;  // slot buffers hold dW^T
   // the batch-major recompute multiplies by W^T: [R, n, d_in, d_out]
   const at::Tensor wt = dw_transposed ? at::Tensor() : transpose_weights<T>(weights);
@@ -519,11 +522,11 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
   };
   at::Tensor saved = save_inputs ? saved_empty(fm) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_forward_cpu", [&] {
-    forward_impl<scalar_t>(x, weights, shortcut, acts, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr,
+    forward_impl<scalar_t>(x, weights, shortcut, acts, fm, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr,
                            save_layers);
   });
   const bool saved_fm = cpu_saved_layout(d) == TileLayout::FeatureMajor;
-  if (save_inputs && fm != saved_fm) {  // SHORTCUT_EXT_CPU_LAYOUT chose the other tiles: one copy into the layout
+  if (save_inputs && fm != saved_fm) {  // SHORTCUT_EXT_CPU_LAYOUT chose the other tiles: a copy into the layout
     at::Tensor out = saved_empty(saved_fm);  // that the width implies (and the fake kernel predicts)
     out.copy_(saved);
     saved = out;

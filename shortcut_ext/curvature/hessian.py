@@ -496,13 +496,29 @@ class HessianOperator:
 def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Reference: the full-data Hessian ``[P, P]`` by ``torch.func.hessian`` of the hand-written loss.
 
-    Slow and memory hungry (``P^2``); used by tests and for tiny nets only.
+    Built apart from :class:`HessianOperator`: the model's own ``forward_with`` (projections included, on
+    the torch backend) and :func:`~shortcut_ext.reference.loss_fn` on the raw data, each mini-batch
+    weighted by its share of the samples; none of the operator's preparation of the data (embedding,
+    target maps, batch weights) is reused, so that tests comparing the two check it.  Slow and memory
+    hungry (``P^2``); for tests and tiny nets only.
     """
+    import copy
+
     from torch.func import hessian
 
-    op = HessianOperator(model, data, loss=loss, backend="autograd", dtype=dtype)
-    shape = op._W.shape
-    H = torch.zeros(op.P, op.P, dtype=dtype, device=op.device)
-    for h0, y, wt in op._batches:
-        H += wt * hessian(lambda w: op._forward_loss(w.reshape(shape), h0, y))(op._W.reshape(-1))
+    net = copy.deepcopy(model).to(dtype)
+    w0 = net.weight.detach().reshape(-1)
+    batches = [(x.detach(), y.detach()) for x, y in _as_batches(data)]
+    m = sum(x.shape[0] for x, _ in batches)
+    if m == 0:
+        raise ValueError("data must hold at least one sample")
+    H = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
+    for x, y in batches:
+        x = x.to(device=w0.device, dtype=dtype)
+        y = y.to(device=w0.device, dtype=dtype) if y.is_floating_point() else y.to(w0.device)
+
+        def f(w, x=x, y=y):
+            return reference.loss_fn(loss, net.forward_with(w, x, backend="torch"), y)
+
+        H += (x.shape[0] / m) * hessian(f)(w0)
     return H

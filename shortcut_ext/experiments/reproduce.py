@@ -145,11 +145,14 @@ def _config_hint(theirs: dict, mine: dict, fields: set) -> str:
     if not fields:
         return ""
     if theirs.get("name") != mine.get("name"):
-        return f"; that run is --{theirs.get('name')}, this one --{mine.get('name')}"
+        name = f"--{theirs['name']}" if isinstance(theirs.get("name"), str) else "of an unknown preset"
+        return f"; that run is {name}, this one --{mine.get('name')}"
     hint = ""
-    if fields & _SEED_FIELDS:
-        hint += (f"; that run used seeds {theirs.get('seeds')}, this one {mine.get('seeds')} (--seeds N runs seeds "
-                 f"0..N-1; without it, the preset's)")
+    seeds = sorted(fields & _SEED_FIELDS)
+    if seeds:
+        hint += ("; that run used " + ", ".join(f"{k} {theirs.get(k)}" for k in seeds) + ", this one "
+                 + ", ".join(f"{k} {mine.get(k)}" for k in seeds)
+                 + " (--seeds N sets seeds, ext_seeds and curve_seeds to 0..N-1; without it, the preset's)")
     if fields - _SEED_FIELDS:
         hint += ("; if you gave the same flags, the preset of this version of shortcut_ext differs from the one "
                  "that made that run (finish it with that version)")
