@@ -1,7 +1,8 @@
 """The paper's figures (docs/science.md section 4) drawn from the sweep rows, as PNG files (matplotlib, Agg).
 
-Bands are the spread over seeds: mean +/- std (geometric for log-scale quantities, see
-:func:`~shortcut_ext.experiments.analysis.aggregate`).
+Lines are means over seeds (geometric for log-scale quantities, see
+:func:`~shortcut_ext.experiments.analysis.aggregate`); bands are the seeds' spread: mean -/+ std, or from the
+seeds' minimum to their maximum for losses and indices (a mean - std band can cross their floor).
 """
 from __future__ import annotations
 

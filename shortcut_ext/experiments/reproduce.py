@@ -276,7 +276,8 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         p = figures.fig_init_condition(init_rows, figdir / "fig5_condition_at_init.png", theory,
                                        # the depths run: an n-shortcut net rounds a depth to whole units
                                        caption=caption(sorted({int(r["depth"]) for r in init_rows}) or cfg.init_depths,
-                                                       cfg.seeds, extra="exact Hessians at init"))
+                                                       cfg.seeds, extra="exact Hessians at init; zero inits do not "
+                                                       "depend on the seed: one each"))
         sections.append(report.Section(
             "fig5", "Fig. 5: condition number of the Hessian at initialisation vs depth", EXPECTED["fig5"], [p],
             analysis.verdict_init_condition(init_rows, theory), {"Hessian probes at init": init_rows},
@@ -308,10 +309,17 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         p1 = figures.fig_curvature_vs_loss(probe_rows, figdir / "fig6_7_curvature_vs_loss.png", bundle.l_min,
                                            caption=cap)
         p2 = figures.fig_index_gradnorm(probe_rows, hist_rows, figdir / "fig8_index_gradnorm.png", caption=cap)
+        verdicts = analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows)
+        # a net with no rate at which every seed stayed finite has no probe run: say so beside each verdict
+        no_rate = [a for a in cfg.curve_archs if a not in lrs and sweeps.arch_supports(a, "linear")]
+        if no_rate:
+            why = (f" [left out: {', '.join(no_rate)}, which diverged at every rate of the grid for some seed, so "
+                   "it has no rate to probe]")
+            verdicts = [dataclasses.replace(v, measured=v.measured + why) for v in verdicts]
         sections.append(report.Section(
             "fig6-8", f"Figs. 6-8: Hessian along training (depth {cfg.curve_depth}, linear, best rate per net)",
             EXPECTED["fig6-8"], [p1, p2],
-            analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows),
+            verdicts,
             {"learning rates": [{"arch": a, "lr": v} for a, v in lrs.items()]},
             notes="Exact Hessians at log-spaced epochs; runs compared at equal loss - L_min (as in the paper's "
                   "figures), with the same-epoch ratio beside it."))

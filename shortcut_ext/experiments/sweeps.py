@@ -404,8 +404,9 @@ def best_lr_by_arch(run_rows: list[dict], act: str, depth: int) -> dict:
 
 
 def log_probe_epochs(epochs: int, count: int) -> list[int]:
-    """``count`` probe epochs, log-spaced in ``[1, epochs]`` plus epoch 0 (dense early, where the
-    paper's Fig. 8 index drops)."""
+    """At most ``count`` probe epochs: epoch 0 and ``count - 1`` log-spaced in ``[1, epochs]`` (dense early,
+    where the paper's Fig. 8 index drops), rounded to whole epochs; neighbours that round to the same epoch
+    are one probe (200 epochs and 14 asked: 13 probes)."""
     if epochs <= 0:
         return [0]
     e = np.unique(np.round(np.geomspace(1, epochs, max(count - 1, 1))).astype(int))
