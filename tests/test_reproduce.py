@@ -703,3 +703,167 @@ def test_curvature_verdict_undecided_when_the_runs_share_no_loss_range():
     overlap = [dict(p, excess=p["excess"] * (1e4 if p["arch"] == "plain-xavier" else 1.0)) for p in probes]
     vs = analysis.verdict_curvature_training(overlap)
     assert vs[0].holds is True and vs[0].details["plain-xavier"]["all"] == pytest.approx(1e3, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- QA 12 mutation survivors (experiments)
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return r.fieldnames, list(r)
+
+
+def _stored_sweep_run(store, bundle, row):
+    """The stored record of the sweep run of CSV ``row`` (arch, act, depth, seed, lr), found by its readable key."""
+    head = f"sweep|{bundle.tag}|{row['arch']}|{row['act']}|depth={row['depth']}|seed={row['seed']}|"
+    tail = f"/lr={float(row['lr']):.6g}"
+    hits = [k for k in store.keys() if k.startswith(head) and k.endswith(tail)]
+    assert len(hits) == 1, (head, tail, hits)
+    return store.get(hits[0])
+
+
+def test_tiny_sweep_tables_have_the_readme_columns_and_agree_with_the_runs(tiny):
+    """Not pinned: the sweep CSVs' columns and per-group numbers (README's column table). fig9_best.csv holds one
+    row per (arch, act, depth, seed) with best_lr, ..., max_stable_lr, num_diverged (it could hold the runs
+    table); best_lr is the rate of the one run marked is_best, the lowest final loss of the group;
+    max_stable_lr is the *largest* rate that did not diverge and ended below its first loss (the run's stored
+    history); num_diverged counts the group's diverged runs over the grid."""
+    from shortcut_ext.experiments.store import RunStore
+
+    out, bundle, _ = tiny
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__))),
+                               "README.md"), encoding="utf-8").read()
+    store = RunStore(out / "results" / "runs.jsonl")
+    group = ("arch", "act", "depth", "seed")
+    checked = {"diverged": 0, "two stable": 0}
+    for name in ("fig9", "fig10"):
+        run_cols, runs = _csv_rows(out / "results" / f"{name}_runs.csv")
+        best_cols, best = _csv_rows(out / "results" / f"{name}_best.csv")
+        assert run_cols == [*group, "lr", "status", "final_loss", "final_excess", "final_weight_norm",
+                            "diverged_epoch", "seconds", "is_best"], (name, run_cols)
+        assert best_cols == [*group, "best_lr", "final_loss", "final_excess", "final_weight_norm", "max_stable_lr",
+                             "num_diverged"], (name, best_cols)
+        for c in set(run_cols + best_cols) - set(group):
+            assert f"`{c}`" in readme, c  # every number column is explained in the README
+        by_group = {}
+        for r in runs:
+            by_group.setdefault(tuple(r[k] for k in group), []).append(r)
+        assert [tuple(b[k] for k in group) for b in best] == list(by_group)  # one row per group, same order
+        assert len(runs) == len(by_group) * len(reproduce.TINY.lrs)
+        for b in best:
+            rs = by_group[tuple(b[k] for k in group)]
+            diverged = [r for r in rs if r["status"] == "diverged"]
+            assert int(b["num_diverged"]) == len(diverged), b
+            finite = [r for r in rs if math.isfinite(float(r["final_loss"]))]
+            flagged = [r for r in rs if r["is_best"] == "True"]
+            assert all(r["is_best"] in ("True", "False") for r in rs)
+            if finite:
+                low = min(finite, key=lambda r: float(r["final_loss"]))
+                assert flagged == [low], (b, flagged)
+                assert float(b["best_lr"]) == float(low["lr"]) and float(b["final_loss"]) == float(low["final_loss"])
+            else:
+                assert flagged == [] and math.isnan(float(b["best_lr"]))
+            stable = []
+            for r in rs:
+                loss = _stored_sweep_run(store, bundle, r)["history"]["loss"]
+                if r["status"] == "ok" and float(r["final_loss"]) < loss[0]:
+                    stable.append(float(r["lr"]))
+            if stable:
+                assert float(b["max_stable_lr"]) == max(stable), (b, stable)
+            else:
+                assert math.isnan(float(b["max_stable_lr"]))
+            checked["diverged"] += bool(diverged)
+            checked["two stable"] += len(stable) >= 2
+    assert checked["diverged"] > 0 and checked["two stable"] > 0, checked  # the checks above had teeth
+
+
+def test_tiny_fig10_sweep_runs_in_the_nonlinear_dtype(tiny, tmp_path, monkeypatch):
+    """Not pinned: the Fig. 10 ReLU sweep runs in ``nonlinear_dtype`` (float32), as its store keys and its
+    figure's caption say; it could run in float64 while the caption said float32."""
+    import shutil
+
+    from shortcut_ext.experiments.store import RunStore
+
+    out, bundle, _ = tiny
+    assert reproduce.TINY.nonlinear_dtype == "float32" and reproduce.TINY.dtype == "float64"
+    keys = [k for k in RunStore(out / "results" / "runs.jsonl").keys() if k.startswith("sweep|") and "|relu-mid|" in k]
+    _, runs = _csv_rows(out / "results" / "fig10_runs.csv")
+    assert len(keys) == len(runs) > 0
+    assert all("|float32" in k and "float64" not in k for k in keys), keys
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    seen, captions = [], []
+    real_sweep, real_save = sweeps.run_lr_sweeps, figures._save
+    monkeypatch.setattr(sweeps, "run_lr_sweeps", lambda *a, **k: (seen.append(a[8]), real_sweep(*a, **k))[1])
+    monkeypatch.setattr(figures, "_save", lambda fig, path, caption=None: (captions.append(caption),
+                                                                          real_save(fig, path, caption))[1])
+    reproduce.run(reproduce.TINY, bundle, copy, only=["fig10"], progress=False, log=lambda *a: None)
+    assert seen == [torch.float32] and len(captions) == 1 and captions[0].rstrip().endswith(
+        "float32; best rate per net and seed"), (seen, captions)
+
+
+def test_the_final_summary_line_does_not_count_undecided_checks_as_failed(tmp_path, monkeypatch, capsys):
+    """Not pinned: ``reproduce``'s last line counts only the checks that do not hold (holds False) as failed;
+    undecided ones (holds None, "n/a" in the report) were counted with those that hold; they have their own count."""
+    mk = lambda h: analysis.Verdict("Fig. 0", f"claim {h}", "test", h, "measured")  # noqa: E731
+    monkeypatch.setattr(reproduce, "run", lambda *a, **k: {"verdicts": [mk(True), mk(None), mk(None), mk(False)],
+                                                           "report": "R.html"})
+    assert cli_main(["reproduce", "--tiny", "--only", "fig5", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "1 of 4 checks hold, 1 do not, 2 are undecided or informational. Report: R.html", last
+
+
+def test_a_run_that_barely_moved_is_not_stable_and_probe_epochs_start_at_0():
+    """Not pinned: ``is_stable``'s "never moved" rule (final loss equal to the first to 1e-9 relative: a net stuck
+    at a saddle whose loss moved 2e-13 is not stable, one that moved 1e-8 is) and ``log_probe_epochs`` keeping
+    epoch 0 (Fig. 8's index at initialisation)."""
+    from shortcut_ext.train import TrainResult
+
+    def res(loss, status="ok"):
+        n = len(loss)
+        return TrainResult(status=status, lr=0.1, epochs=n - 1, final_loss=loss[-1] if status == "ok" else math.inf,
+                           l_min=None, history={"epoch": list(range(n)), "loss": loss, "excess": [math.nan] * n,
+                                                "grad_norm": [1.0] * n, "weight_norm": [1.0] * n})
+
+    assert not sweeps.is_stable(res([0.5, 0.5 - 1e-13]))  # stuck: moved 2e-13 of its loss
+    assert not sweeps.is_stable(res([0.5, 0.5]))
+    assert sweeps.is_stable(res([0.5, 0.5 * (1 - 1e-8)]))
+    assert sweeps.is_stable(res([0.5, 0.3, 0.2]))
+    assert not sweeps.is_stable(res([0.5, 0.7]))  # climbing
+    assert not sweeps.is_stable(res([0.5, 0.3], status="diverged"))
+    for epochs, count in ((80, 8), (200, 14), (1000, 30), (5, 10)):
+        e = sweeps.log_probe_epochs(epochs, count)
+        assert e[0] == 0 and e[1] == 1 and e[-1] == epochs, (epochs, count, e)
+        assert e == sorted(set(e)) and len(e) <= count
+    assert sweeps.log_probe_epochs(0, 5) == [0]
+
+
+def test_l_zero_is_the_loss_of_the_zero_map():
+    """Not pinned: ``DataBundle.l_zero`` is the loss of the zero map, ``||Y||^2 / (2m)`` (Fig. 9's dashed line
+    and the "not trained" guard of Figs. 2-3 are measured against it), not ``||Y||^2 / m``."""
+    from shortcut_ext.reference import loss_fn
+
+    for b in (sweeps.load_data("synthetic", d=4, samples=50, noise=0.3), sweeps.load_data("digits", d=4, samples=60)):
+        Y = b.Y.double().numpy()
+        assert b.l_zero == pytest.approx(0.5 * float((Y ** 2).sum()) / Y.shape[0], rel=1e-12)
+        zero = float(loss_fn("mse", torch.zeros_like(b.Y, dtype=torch.float64), b.Y.double()))
+        assert b.l_zero == pytest.approx(zero, rel=1e-12) and b.l_zero > b.l_min
+
+
+def test_init_probes_of_other_activations_are_kept_apart(tmp_path):
+    """Not pinned: the initial-Hessian store key names the activation variant: ``run_init_probes(act=...)`` of
+    another variant into the same store returned the linear net's stored numbers."""
+    from shortcut_ext.experiments.store import RunStore
+    from shortcut_ext.train import hessian_probes
+
+    b = sweeps.load_data("synthetic", d=3, samples=24)
+    store = RunStore(tmp_path / "runs.jsonl")
+    rows = {act: sweeps.run_init_probes(b, ["2-shortcut"], [2], [0], store, act=act, progress=False)
+            for act in ("linear", "relu-mid")}
+    assert len(store) == 2 and sorted(k.split("|")[3] for k in store.keys()) == ["linear", "relu-mid"]
+    for act, (row,) in rows.items():
+        net = sweeps.build_model("2-shortcut", act, 2, 3, 0)
+        ref = hessian_probes(net, (b.X, b.Y), "mse", exact_max_params=4000, seed=0)  # all rows, uncompressed
+        assert row["act"] == act and row["lam_max"] == pytest.approx(ref["lam_max"], rel=1e-8), act
+    assert rows["linear"][0]["lam_max"] != pytest.approx(rows["relu-mid"][0]["lam_max"], rel=1e-3)

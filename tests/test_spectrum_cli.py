@@ -552,3 +552,90 @@ def test_checkpoint_json_encodes_numpy_and_torch_values():
     assert json.loads(text) == {"f": 1.5, "i": 7, "a": [[1.0, 2.0]], "d": "torch.float32"}
     with pytest.raises(TypeError, match="not JSON serialisable: object"):
         json.dumps({"x": object()}, default=spectrum_cmd._json_default)
+
+
+# ------------------------------------------------------------------ QA 12 mutation survivors (experiments)
+# every flag of `spectrum` and a value other than the base run's: the computational ones change the numbers
+# (a checkpoint of the other value is replaced), the placement ones (where it runs, how it is shown) do not
+_COMPUTATIONAL = {"--shortcut": "3", "--units": "7", "--width": "4", "--init": "xavier", "--scale": "0.02",
+                  "--pre": "tanh", "--mid": "tanh", "--post": "tanh", "--data": "digits", "--samples": "33",
+                  "--noise": "0.2", "--loss": "cross_entropy", "--batch-size": "16", "--top": "3", "--probes": "3",
+                  "--steps": "9", "--probe-batch": "1", "--max-iter": "20", "--lanczos-products": "30",
+                  "--basis-gib": "2.0", "--no-verify": None, "--exact-max-params": "100", "--seed": "4",
+                  "--dtype": "float32", "--backend": "autograd"}
+_PLACEMENT = ("--device", "--distributed", "--no-plots", "--no-progress", "--out")
+
+
+@pytest.fixture(scope="module")
+def finished_spectrum(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spec") / "o"
+    base = TINY + ["--init", "small", "--no-plots", "--out", str(out)]
+    assert main(base) == 0
+    return out, base
+
+
+def _checkpoint_for(argv, capsys):
+    from shortcut_ext.cli import build_parser
+
+    capsys.readouterr()
+    ck = spectrum_cmd._Checkpoint(build_parser().parse_args(argv), write=True)
+    return ck, capsys.readouterr().err
+
+
+def test_every_spectrum_flag_is_either_computational_or_placement():
+    """The lists below cover the command's flags: a new flag must be sorted into one (and so tested)."""
+    from shortcut_ext.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    flags = {o for a in sub.choices["spectrum"]._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    assert flags == set(_COMPUTATIONAL) | set(_PLACEMENT)
+
+
+@pytest.mark.parametrize("flag", sorted(_COMPUTATIONAL))
+def test_a_checkpoint_of_another_value_of_any_computational_flag_is_replaced(finished_spectrum, flag, capsys):
+    """Not pinned: which options a spectrum checkpoint is compared on (test_replaced_checkpoint_is_announced
+    changes --probes and --seed only). Every flag that changes the numbers must replace the checkpoint with a
+    notice naming it; --steps once counted as placement and resumed SLQ probes of another length."""
+    out, base = finished_spectrum
+    value = _COMPUTATIONAL[flag]
+    ck, err = _checkpoint_for(base + ([flag] if value is None else [flag, value]), capsys)
+    assert ck.state["lanczos"] is None and ck.slq_done == {}, flag
+    assert f"the checkpoint in --out {out} was made with different options ({flag} " in err, err
+    assert f" -> {'on' if value is None else value}); it is not resumed and is being replaced" in err, err
+
+
+def test_placement_flags_do_not_replace_a_spectrum_checkpoint(finished_spectrum, capsys):
+    """Where a spectrum runs and how it is shown (--device, --distributed, plots, progress bars) leave its numbers
+    alone: the checkpoint is resumed whole, without a notice. A --steps change end to end is not."""
+    out, base = finished_spectrum
+    no_show = [a for a in base if a not in ("--no-plots", "--no-progress")]
+    for argv in (base + ["--device", "cuda"], base + ["--distributed"], no_show):
+        ck, err = _checkpoint_for(argv, capsys)
+        assert ck.state["lanczos"] is not None and sorted(ck.slq_done) == [0, 1] and err == "", (argv, err)
+    import shutil
+
+    other = out.parent / "steps"  # a copy: the fixture's checkpoint stays as it was
+    shutil.copytree(out, other)
+    capsys.readouterr()
+    assert main(base[:-1] + [str(other), "--steps", "10"]) == 0
+    assert "(--steps 8 -> 10); it is not resumed" in capsys.readouterr().err
+    res = _result(other)
+    assert res["resumed"]["lanczos"] is False and res["resumed"]["slq_probes"] == 0
+    assert max(res["slq"]["steps"]) == 10
+
+
+def test_the_total_time_of_a_resumed_spectrum_adds_the_earlier_lanczos_and_slq_time(tmp_path):
+    """Not pinned exactly (the existing check is an inequality that a tiny run passes anyway): a rerun's
+    timings_s.total is this process's time plus what earlier processes spent on the Lanczos extremes and on the
+    SLQ probes it resumed (README); the SLQ part was once left out."""
+    out = tmp_path / "o"
+    args = TINY + ["--init", "small", "--no-plots", "--out", str(out)]
+    assert main(args) == 0
+    path = out / "spectrum.checkpoint.json"
+    ck = json.loads(path.read_text())
+    ck["seconds"] = {"lanczos": 50.0, "slq": 100.0}  # earlier processes' time, far above this process's
+    path.write_text(json.dumps(ck))
+    assert main(args) == 0
+    t = _result(out)["timings_s"]
+    assert t["lanczos"] == 50.0 and 100.0 <= t["slq"] < 100.0 + t["this_process"]
+    assert t["total"] == pytest.approx(t["this_process"] + 150.0, abs=0.05), t

@@ -320,3 +320,80 @@ def test_train_checkpoints_with_other_l_min_or_bad_numbers_or_buffers(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="lies under .*afile, which is a file"):
         train(net(), (X, Y), cfg, checkpoint=tmp_path / "afile" / "ck.pt")
+
+
+# --------------------------------------------------------------------------- QA 12 mutation survivors (experiments)
+def test_a_run_saved_after_an_interrupted_write_is_kept(tmp_path):
+    """Not pinned: a store whose last line was cut by an interrupted write (no newline) gets the next run on a
+    line of its own; appended to the partial line, that run was skipped with it at the next resume."""
+    path = tmp_path / "runs.jsonl"
+    RunStore(path).put("a", {"v": 1})
+    with open(path, "a") as f:
+        f.write('{"key":"b","rec')  # killed mid-write
+    s = RunStore(path)
+    assert s.keys() == ["a"] and s.skipped_lines == 1
+    s.put("c", {"v": 3})
+    s.put("d", {"v": 4})
+    back = RunStore(path)
+    assert back.keys() == ["a", "c", "d"] and back.get("c") == {"v": 3} and back.skipped_lines == 1
+    assert path.read_text().splitlines()[1] == '{"key":"b","rec'  # the partial line alone on its line
+
+
+def _ck_net():
+    from shortcut_ext.models import ShortcutNet
+
+    return ShortcutNet(width=4, units=2, shortcut=2, init="xavier", dtype=torch.float64)
+
+
+def test_train_checkpoints_of_data_changed_beyond_rounding_or_of_another_l_min_start_afresh(tmp_path):
+    """Not pinned: how close data must be to the checkpoint's to count as "rounded differently" (1e-5 of their
+    norm): data scaled by 1 + 5e-5 (the same L_min) resumed under a 10x looser tolerance; and an l_min the caller
+    changed by 1e-7 relative on the same data (the data hash equal) is another run, not rounding, however small."""
+    from shortcut_ext.data import best_linear_loss, synthetic_teacher
+    from test_train import _interrupt_at
+
+    X, Y = synthetic_teacher(64, 4, seed=0, noise=0.1)
+    lm = best_linear_loss(X, Y)
+    cfg, ck = TrainConfig(epochs=8, lr=0.05), tmp_path / "c.ckpt.pt"
+    kw = dict(checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
+    assert best_linear_loss(X * (1 + 5e-5), Y) == pytest.approx(lm, rel=1e-9)  # scaling X keeps L_min
+    for X2, lm2, what in ((X * (1 + 5e-5), lm, "data or probe data"), (X, lm * (1 + 1e-7), "l_min")):
+        ck.unlink(missing_ok=True)
+        _interrupt_at(5, _ck_net(), (X, Y), cfg, l_min=lm, **kw)
+        notes = []
+        res = train(_ck_net(), (X2, Y), cfg, l_min=lm2, log=notes.append, **kw)
+        assert len(notes) == 1 and f"is of another run (it differs in: {what})" in notes[0], notes
+        fresh = train(_ck_net(), (X2, Y), cfg, l_min=lm2)
+        assert res.history["loss"] == fresh.history["loss"] and res.history["excess"] == fresh.history["excess"]
+    # within the tolerance (5e-7 of the norm) it is the same data, rounded differently: resumed, with the note
+    ck.unlink(missing_ok=True)
+    _interrupt_at(5, _ck_net(), (X, Y), cfg, l_min=lm, **kw)
+    notes = []
+    train(_ck_net(), (X * (1 + 5e-7), Y), cfg, l_min=lm, log=notes.append, **kw)
+    assert "to rounding only" in notes[0] and notes[1].startswith("resuming from epoch 6 of 8"), notes
+
+
+def test_train_checkpoints_beyond_the_last_epoch_or_with_other_history_epochs_start_afresh(tmp_path):
+    """Not pinned: a checkpoint (fingerprint intact) at epoch 15 of a 10-epoch run, or whose history holds the
+    right number of epochs but not epochs 0 to e-1, is damaged: the run starts afresh, as an uninterrupted one."""
+    from test_train import _interrupt_at
+
+    X = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg, ck = TrainConfig(epochs=10, lr=0.01), tmp_path / "c.ckpt.pt"
+    kw = dict(checkpoint_every=1, checkpoint_every_s=0)
+    _interrupt_at(4, _ck_net(), (X, X), cfg, checkpoint=ck, **kw)
+    good = torch.load(ck, weights_only=True)
+    assert good["epoch"] == 5 and good["history"]["epoch"] == [0, 1, 2, 3, 4]
+    longer = tmp_path / "l.ckpt.pt"  # a 20-epoch run's state at epoch 15, under this run's fingerprint
+    _interrupt_at(14, _ck_net(), (X, X), TrainConfig(epochs=20, lr=0.01), checkpoint=longer, **kw)
+    late = torch.load(longer, weights_only=True)
+    assert late["epoch"] == 15 and late["history"]["epoch"] == list(range(15))
+    ref = train(_ck_net(), (X, X), cfg)
+    shifted = {**good["history"], "epoch": [1, 2, 3, 4, 5]}
+    for state, why in (({**late, "fingerprint": good["fingerprint"]}, "epoch 15 is not an integer in [0, 10]"),
+                       ({**good, "history": shifted}, "its history does not hold epochs 0 to 4")):
+        torch.save(state, ck)
+        notes = []
+        res = train(_ck_net(), (X, X), cfg, checkpoint=ck, log=notes.append, **kw)
+        assert len(notes) == 1 and f"holds damaged entries ({why})" in notes[0], notes
+        assert res.status == "ok" and res.final_loss == ref.final_loss and res.history == ref.history

@@ -509,9 +509,9 @@ def main(args) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    n_bad = sum(v.holds is False for v in res["verdicts"])
-    print(f"{len(res['verdicts']) - n_bad} of {len(res['verdicts'])} checks hold or are informational; "
-          f"{n_bad} do not. Report: {res['report']}")
+    n_ok, n_bad = (sum(v.holds is h for v in res["verdicts"]) for h in (True, False))
+    print(f"{n_ok} of {len(res['verdicts'])} checks hold, {n_bad} do not, {len(res['verdicts']) - n_ok - n_bad} are "
+          f"undecided or informational. Report: {res['report']}")
     return 0
 
 
