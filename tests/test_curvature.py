@@ -559,3 +559,22 @@ def test_autograd_backend_goes_one_direction_at_a_time_without_a_batching_rule(m
     torch.testing.assert_close(one_by_one, batched, rtol=1e-12, atol=1e-14)
     H = dense_hessian_func(net, (X, Y))
     torch.testing.assert_close(one_by_one, H @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_the_dense_reference_checks_its_targets():
+    """dense_hessian_func (the tests' reference, public in curvature) took mse targets of shape [B] (broadcast:
+    the Hessian of another loss), float class indices (truncated) and integer mse targets without a word."""
+    net = ShortcutNet(3, 2, 2, init="xavier", seed=1, backend="torch", dtype=F64)
+    X = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"targets must have shape \[3, 3\], got \[3\]"):
+        dense_hessian_func(net, (X, torch.zeros(3, dtype=F64)))
+    with pytest.raises(TypeError, match="class-index targets must be integers, got torch.float64"):
+        dense_hessian_func(net, (X, torch.tensor([0.9, 1.7, 2.2], dtype=F64)), loss="cross_entropy")
+    with pytest.raises(TypeError, match=r"targets of shape \[B, 3\] must be floating point, got torch.int64"):
+        dense_hessian_func(net, (X, torch.ones(3, 3, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 3\], got \[3, 4\]"):
+        dense_hessian_func(net, (torch.zeros(3, 4, dtype=F64), X))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        dense_hessian_func(net, (X, X), loss="hinge")
+    H = dense_hessian_func(net, (X, torch.tensor([0, 2, 1])), loss="cross_entropy")
+    assert H.shape == (net.weight.numel(),) * 2 and torch.allclose(H, H.T, atol=1e-14)

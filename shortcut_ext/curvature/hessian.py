@@ -506,6 +506,8 @@ def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torc
 
     from torch.func import hessian
 
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     net = copy.deepcopy(model).to(dtype)
     w0 = net.weight.detach().reshape(-1)
     batches = [(x.detach(), y.detach()) for x, y in _as_batches(data)]
@@ -513,7 +515,19 @@ def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torc
     if m == 0:
         raise ValueError("data must hold at least one sample")
     H = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
-    for x, y in batches:
+    q = net.out_features
+    for x, y in batches:  # the targets' own checks (not the operator's: this is what tests compare it with)
+        if x.dim() != 2 or x.shape[1] != net.in_features:
+            raise ValueError(f"x must have shape [B, {net.in_features}], got {list(x.shape)}")
+        if loss == "cross_entropy" and y.dim() == 1:
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise TypeError(f"class-index targets must be integers, got {y.dtype}")
+        elif y.dim() != 2 or tuple(y.shape) != (x.shape[0], q):
+            raise ValueError(f"targets must have shape [{x.shape[0]}, {q}]"
+                             + (f" (or [{x.shape[0]}] class indices)" if loss == "cross_entropy" else "")
+                             + f", got {list(y.shape)}")
+        elif not y.is_floating_point():
+            raise TypeError(f"targets of shape [B, {q}] must be floating point, got {y.dtype}")
         x = x.to(device=w0.device, dtype=dtype)
         y = y.to(device=w0.device, dtype=dtype) if y.is_floating_point() else y.to(w0.device)
 

@@ -311,10 +311,10 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         p2 = figures.fig_index_gradnorm(probe_rows, hist_rows, figdir / "fig8_index_gradnorm.png", caption=cap)
         verdicts = analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows)
         # a net with no rate at which every seed stayed finite has no probe run: say so beside each verdict
-        no_rate = [a for a in cfg.curve_archs if a not in lrs and sweeps.arch_supports(a, "linear")]
+        no_rate = [a for a in cfg.curve_archs if a not in lrs]
         if no_rate:
-            why = (f" [left out: {', '.join(no_rate)}, which diverged at every rate of the grid for some seed, so "
-                   "it has no rate to probe]")
+            why = (f" [left out, with no rate to probe: {', '.join(no_rate)} (at every rate of the grid, at least "
+                   "one seed diverged)]")
             verdicts = [dataclasses.replace(v, measured=v.measured + why) for v in verdicts]
         sections.append(report.Section(
             "fig6-8", f"Figs. 6-8: Hessian along training (depth {cfg.curve_depth}, linear, best rate per net)",
