@@ -90,6 +90,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return shortcut_ext::cpu_tile_layout(d) == shortcut_ext::TileLayout::FeatureMajor ? "feature" : "batch";
       },
       "Tile layout of the CPU kernels at width d ('feature' or 'batch'; SHORTCUT_EXT_CPU_LAYOUT overrides)");
+  m.def(
+      "cpu_schedule",
+      [](const std::string& op, int64_t B, int64_t d, int64_t R, int64_t n, int64_t K) {
+        TORCH_CHECK_VALUE(op == "backward" || op == "hvp", "op must be 'backward' or 'hvp', got '", op, "'");
+        TORCH_CHECK_VALUE(B >= 1 && d >= 1 && R >= 1 && n >= 1 && K >= 1, "B, d, R, n and K must be >= 1");
+        const auto s = op == "backward" ? shortcut_ext::cpu_backward_schedule(B, d, R, n)
+                                        : shortcut_ext::cpu_hvp_schedule(B, d, R, n, K);
+        pybind11::dict out;
+        out["tile_rows"] = s.tile_rows;
+        out["tiles"] = s.tiles;
+        out["slots"] = s.slots;
+        out["chunk_units"] = s.chunk_units;
+        return out;
+      },
+      pybind11::arg("op"), pybind11::arg("B"), pybind11::arg("d"), pybind11::arg("R"), pybind11::arg("n"),
+      pybind11::arg("K") = 1,
+      "The CPU kernels' row tiles at the current thread count (for tests: which paths a shape reaches)");
   m.def("cpu_saved_feature_major_from", &shortcut_ext::cpu_saved_feature_major_from,
         "The least width d at which the CPU forward saves activations feature-major (by width only)");
   m.def(

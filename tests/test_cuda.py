@@ -684,6 +684,19 @@ EMULATED_TF32_SPECIALS = [
 
 
 @pytest.mark.slow
+def test_emulated_generic_forward_blocks_loop_over_tiles(emulator):
+    """The generic forward's grid is min(tiles, 8 x SMs), and every emulated case had as many blocks as tiles:
+    a forward whose blocks ran only their first tile (the rows of the others left unwritten) passed. One SM:
+    8 blocks over 10 tiles."""
+    acts = ("relu", "tanh", "ssigmoid")
+    emulator.se_emu_set_sms(1)
+    plan = _emu_describe(emulator, torch.float32, False, 300, 8, 2, 2, path=2)
+    assert plan.startswith("generic BM=32") and " grid=8" in plan, plan
+    x, w, gy = _inputs(300, 8, 2, 2, torch.float32, seed=4, scale=0.9 / 8 ** 0.5, device="cpu")
+    _assert_matches(_emu_run(emulator, x, w, gy, True, acts, path=2, sms=1), x, w, gy, True, acts)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", EMULATED_SPECIALS + EMULATED_TF32_SPECIALS,
                          ids=lambda c: c[-1].split(" units")[0].split(" threads")[0].replace(" ", "-"))
 def test_emulated_special_cases(case, emulator):

@@ -400,9 +400,10 @@ def test_float32_several_row_tiles_per_slot():
     try:
         for k in (1, 2):
             torch.set_num_threads(k)
-            P = max(1, min(k, B, B * (4 + 8 * K) * R * n * d * d // 65536))  # as residual_stack_hvp_cpu.cpp
-            m = max(1, min(-(-B // P), max(8, (1 << 17) // ((2 * n + 1) * (1 + K) * d))))
-            assert -(-B // m) > min(P, -(-B // m)), m  # some slot runs two tiles or more
+            from shortcut_ext._build import _C
+
+            sch = _C.cpu_schedule("hvp", B, d, R, n, K)  # the kernel's own row tiles at k threads
+            assert sch["tiles"] > sch["slots"], sch  # some slot runs two tiles or more
             got = _op(*args, True, acts, loss)
             for a, b, c in zip(got, same, exact):
                 assert a.dtype == torch.float32

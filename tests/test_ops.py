@@ -623,16 +623,24 @@ def _compare_given(x, w, gy, shortcut, acts, recompute):
 
 
 def _cpu_backward_schedule(B, d, R, n):
-    """(row tiles, slots, units per chunk) of the fused CPU backward at the current thread count, as
-    csrc/cpu/residual_stack_cpu.cpp computes them (num_slots, tile_rows, U): the tests below assert that
-    their shapes reach the path they are about, so that they fail rather than silently stop covering it."""
-    dd = d * d
-    P = max(1, min(torch.get_num_threads(), B, B * 3 * R * n * dd // 65536))
-    cap = min(max(8, 16384 // d), max(8, (1 << 19) // (2 * n * d)))
-    m = max(1, min(-(-B // P), cap))
-    tiles = -(-B // m)
-    slots = min(P, tiles)
-    return tiles, slots, max(1, min(R, (1 << 21) // (slots * n * dd)))
+    """(row tiles, slots, units per chunk) of the fused CPU backward at the current thread count, from the
+    kernels themselves: the tests below assert that their shapes reach the path they are about, so that they
+    fail rather than silently stop covering it."""
+    from shortcut_ext._build import _C
+
+    s = _C.cpu_schedule("backward", B, d, R, n)
+    return s["tiles"], s["slots"], s["chunk_units"]
+
+
+def test_cpu_schedule_reports_the_kernels_tiles():
+    from shortcut_ext._build import _C
+
+    s = _on_threads(2, lambda: _C.cpu_schedule("backward", 5000, 16, 2, 2))
+    assert s["tiles"] * s["tile_rows"] >= 5000 > (s["tiles"] - 1) * s["tile_rows"] and 1 <= s["slots"] <= 2
+    with pytest.raises(ValueError, match="op must be 'backward' or 'hvp', got 'forward'"):
+        _C.cpu_schedule("forward", 5, 4, 1, 1)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        _C.cpu_schedule("hvp", 0, 4, 1, 1)
 
 
 def _on_threads(threads, f):

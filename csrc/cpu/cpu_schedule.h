@@ -25,6 +25,15 @@ inline int64_t num_slots(int64_t B, int64_t work_per_row) {
   return std::max<int64_t>(1, std::min({threads, B, by_work}));
 }
 
+// The row tiles of the fused CPU kernels at the current thread count: rows per tile, tiles, slots (parallel
+// tasks), units per chunk of the weight-gradient buffers (the backward's). Each kernel computes its schedule
+// here, and tests read it (shortcut_ext._C.cpu_schedule) to know which paths their shapes reach.
+struct CpuSchedule {
+  int64_t tile_rows, tiles, slots, chunk_units;
+};
+CpuSchedule cpu_backward_schedule(int64_t B, int64_t d, int64_t R, int64_t n);  // B >= 1
+CpuSchedule cpu_hvp_schedule(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K);  // B >= 1; chunk_units 0
+
 // Runs f(0, slots) inline for one slot (no parallel region: tiny problems stay microseconds even
 // when other processes hold the cores), else one at::parallel_for task per slot.
 template <typename F>

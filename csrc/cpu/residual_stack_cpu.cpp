@@ -428,13 +428,8 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
   std::copy(grad_y.data_ptr<T>(), grad_y.data_ptr<T>() + B * d, g_all);
   T* gw_p = grad_w.data_ptr<T>();
 
-  const int64_t P = num_slots(B, 3 * R * n * dd);
-  const int64_t m_max = tile_rows(B, d, n, P, true);
-  const int64_t tiles = (B + m_max - 1) / m_max;
-  const int64_t slots = std::min(P, tiles);
-  // Units per chunk: the slot buffers hold ~2M elements in all (they stay in cache and are reused;
-  // a chunk costs one fork/join).
-  const int64_t U = std::max<int64_t>(1, std::min<int64_t>(R, (int64_t(1) << 21) / (slots * n * dd)));
+  const CpuSchedule sch = cpu_backward_schedule(B, d, R, n);
+  const int64_t m_max = sch.tile_rows, tiles = sch.tiles, slots = sch.slots, U = sch.chunk_units;
   const int64_t stride = U * n * dd;  // one slot's buffer
   std::unique_ptr<T[]> partial(new T[slots * stride]);
 
@@ -551,6 +546,18 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cpu(const at::Tensor&
 }
 
 }  // namespace
+
+CpuSchedule cpu_backward_schedule(int64_t B, int64_t d, int64_t R, int64_t n) {
+  const int64_t dd = d * d;
+  const int64_t P = num_slots(B, 3 * R * n * dd);
+  const int64_t m_max = tile_rows(B, d, n, P, true);
+  const int64_t tiles = (B + m_max - 1) / m_max;
+  const int64_t slots = std::min(P, tiles);
+  // Units per chunk: the slot buffers hold ~2M elements in all (they stay in cache and are reused;
+  // a chunk costs one fork/join).
+  const int64_t U = std::max<int64_t>(1, std::min<int64_t>(R, (int64_t(1) << 21) / (slots * n * dd)));
+  return {m_max, tiles, slots, U};
+}
 
 TORCH_LIBRARY_IMPL(shortcut_ext, CPU, m) {
   m.impl("residual_stack_forward", &residual_stack_forward_cpu);

@@ -433,12 +433,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const int64_t* cls_p = by_class ? targets.data_ptr<int64_t>() : nullptr;
 
   // schedule: slots of tiles, a tile's record of one unit ~2^17 elements
-  const int64_t rec_row = (2 * n + 1) * (1 + K) * d;
-  const int64_t P = num_slots(B, (4 + 8 * K) * R * n * dd);
-  const int64_t per_slot = (B + P - 1) / P;
-  const int64_t m_max = std::max<int64_t>(1, std::min(per_slot, std::max<int64_t>(8, (int64_t(1) << 17) / rec_row)));
-  const int64_t tiles = (B + m_max - 1) / m_max;
-  const int64_t slots = std::min(P, tiles);
+  const CpuSchedule sch = cpu_hvp_schedule(B, d, R, n, K);
+  const int64_t m_max = sch.tile_rows, tiles = sch.tiles, slots = sch.slots;
   const int64_t tiles_per_slot = (tiles + slots - 1) / slots;
   const int64_t rec_size = Record<T>::size(n, K, m_max, d);
   // units per chunk of slot buffers (~2M elements in all: they stay in cache, and a chunk costs one
@@ -627,6 +623,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
 }
 
 }  // namespace
+
+CpuSchedule cpu_hvp_schedule(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K) {
+  const int64_t dd = d * d;
+  const int64_t rec_row = (2 * n + 1) * (1 + K) * d;
+  const int64_t P = num_slots(B, (4 + 8 * K) * R * n * dd);
+  const int64_t per_slot = (B + P - 1) / P;
+  const int64_t m_max = std::max<int64_t>(1, std::min(per_slot, std::max<int64_t>(8, (int64_t(1) << 17) / rec_row)));
+  const int64_t tiles = (B + m_max - 1) / m_max;
+  return {m_max, tiles, std::min(P, tiles), 0};
+}
 
 TORCH_LIBRARY_IMPL(shortcut_ext, CPU, m) { m.impl("residual_stack_hvp", &residual_stack_hvp_cpu); }
 

@@ -13,7 +13,9 @@
 // mma.sync (m16n8k8, TF32): the 32 threads of a warp meet at a warp barrier, exchange their operand
 // registers in the layout the PTX ISA documents, and each computes its own accumulator elements.
 //
-// It is a test harness, not a simulator: no memory model beyond the barriers, no timing.
+// It is a test harness, not a simulator: no memory model beyond the barriers, no timing. Blocks run one
+// after another, so blocks that share global memory by mistake (overlapping per-block scratch) compute the
+// same as when they do not: that is for a GPU run (or compute-sanitizer's racecheck) to find.
 // Used only when SHORTCUT_EXT_CUDA_EMULATE is defined (tests/test_cuda.py builds it with g++).
 #pragma once
 
