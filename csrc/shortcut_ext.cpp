@@ -7,6 +7,7 @@
 
 #include <map>
 #include <string>
+#include <utility>
 
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
@@ -94,7 +95,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "cpu_schedule",
       [](const std::string& op, int64_t B, int64_t d, int64_t R, int64_t n, int64_t K) {
         TORCH_CHECK_VALUE(op == "backward" || op == "hvp", "op must be 'backward' or 'hvp', got '", op, "'");
-        TORCH_CHECK_VALUE(B >= 1 && d >= 1 && R >= 1 && n >= 1 && K >= 1, "B, d, R, n and K must be >= 1");
+        for (const auto& [name, v] : {std::pair<const char*, int64_t>{"B", B}, {"d", d}, {"R", R}, {"n", n}, {"K", K}}) {
+          TORCH_CHECK_VALUE(v >= 1, name, " must be >= 1, got ", v);
+        }
         const auto s = op == "backward" ? shortcut_ext::cpu_backward_schedule(B, d, R, n)
                                         : shortcut_ext::cpu_hvp_schedule(B, d, R, n, K);
         pybind11::dict out;

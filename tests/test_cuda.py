@@ -693,7 +693,10 @@ def test_emulated_generic_forward_blocks_loop_over_tiles(emulator):
     plan = _emu_describe(emulator, torch.float32, False, 300, 8, 2, 2, path=2)
     assert plan.startswith("generic BM=32") and " grid=8" in plan, plan
     x, w, gy = _inputs(300, 8, 2, 2, torch.float32, seed=4, scale=0.9 / 8 ** 0.5, device="cpu")
-    _assert_matches(_emu_run(emulator, x, w, gy, True, acts, path=2, sms=1), x, w, gy, True, acts)
+    try:
+        _assert_matches(_emu_run(emulator, x, w, gy, True, acts, path=2, sms=1), x, w, gy, True, acts)
+    finally:
+        emulator.se_emu_set_sms(4)
 
 
 @pytest.mark.slow

@@ -576,5 +576,11 @@ def test_the_dense_reference_checks_its_targets():
         dense_hessian_func(net, (torch.zeros(3, 4, dtype=F64), X))
     with pytest.raises(ValueError, match="loss must be one of"):
         dense_hessian_func(net, (X, X), loss="hinge")
+    with pytest.raises(ValueError, match="class-index targets must have 3 entries like x, got 2"):  # gather took it
+        dense_hessian_func(net, (X, torch.tensor([0, 2])), loss="cross_entropy")
+    with pytest.raises(TypeError, match="must be integers, got torch.complex128"):
+        dense_hessian_func(net, (X, torch.tensor([0, 2.7, 1], dtype=torch.complex128)), loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, 3\), got values in \[0, 3\]"):
+        dense_hessian_func(net, (X, torch.tensor([0, 3, 1])), loss="cross_entropy")
     H = dense_hessian_func(net, (X, torch.tensor([0, 2, 1])), loss="cross_entropy")
     assert H.shape == (net.weight.numel(),) * 2 and torch.allclose(H, H.T, atol=1e-14)

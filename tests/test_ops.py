@@ -432,7 +432,7 @@ def test_export_with_a_dynamic_width(lo, hi):
         for a, b in zip(torch.autograd.grad(y.square().sum(), (x, w)), torch.autograd.grad(yr.square().sum(), (xr, wr))):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     if lo > 32:
-        with pytest.raises(Exception, match=r"Constraints violated|guard"):
+        with pytest.raises(Exception, match=r"(?s)32 <= L\['x'\]\.size\(\)\[1\].*Dim\('d2', min=32"):
             export(Stack(), (x0, w0), dynamic_shapes={"x": {1: Dim("d2", min=16, max=64)},
                                                        "w": {2: Dim("d2", min=16, max=64), 3: Dim("d2", min=16, max=64)}})
 
@@ -639,7 +639,7 @@ def test_cpu_schedule_reports_the_kernels_tiles():
     assert s["tiles"] * s["tile_rows"] >= 5000 > (s["tiles"] - 1) * s["tile_rows"] and 1 <= s["slots"] <= 2
     with pytest.raises(ValueError, match="op must be 'backward' or 'hvp', got 'forward'"):
         _C.cpu_schedule("forward", 5, 4, 1, 1)
-    with pytest.raises(ValueError, match="must be >= 1"):
+    with pytest.raises(ValueError, match="B must be >= 1, got 0"):
         _C.cpu_schedule("hvp", 0, 4, 1, 1)
 
 

@@ -515,19 +515,25 @@ def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torc
     if m == 0:
         raise ValueError("data must hold at least one sample")
     H = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
-    q = net.out_features
-    for x, y in batches:  # the targets' own checks (not the operator's: this is what tests compare it with)
-        if x.dim() != 2 or x.shape[1] != net.in_features:
-            raise ValueError(f"x must have shape [B, {net.in_features}], got {list(x.shape)}")
+    p_in = getattr(net, "in_features", getattr(net, "width", None))
+    q = getattr(net, "out_features", getattr(net, "width", None))
+    for x, y in batches:  # the data's own checks, all before any Hessian (not the operator's: tests compare them)
+        if x.dim() != 2 or x.shape[1] != p_in:
+            raise ValueError(f"x must have shape [B, {p_in}], got {list(x.shape)}")
         if loss == "cross_entropy" and y.dim() == 1:
-            if y.is_floating_point() or y.dtype == torch.bool:
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                 raise TypeError(f"class-index targets must be integers, got {y.dtype}")
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"class-index targets must have {x.shape[0]} entries like x, got {y.shape[0]}")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= q):
+                raise ValueError(f"class indices must lie in [0, {q}), got values in [{int(y.min())}, {int(y.max())}]")
         elif y.dim() != 2 or tuple(y.shape) != (x.shape[0], q):
             raise ValueError(f"targets must have shape [{x.shape[0]}, {q}]"
                              + (f" (or [{x.shape[0]}] class indices)" if loss == "cross_entropy" else "")
                              + f", got {list(y.shape)}")
         elif not y.is_floating_point():
             raise TypeError(f"targets of shape [B, {q}] must be floating point, got {y.dtype}")
+    for x, y in batches:
         x = x.to(device=w0.device, dtype=dtype)
         y = y.to(device=w0.device, dtype=dtype) if y.is_floating_point() else y.to(w0.device)
 
