@@ -732,8 +732,8 @@ def test_tiny_sweep_tables_have_the_readme_columns_and_agree_with_the_runs(tiny)
     from shortcut_ext.experiments.store import RunStore
 
     out, bundle, _ = tiny
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__))),
-                               "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                  encoding="utf-8").read()  # the checkout's (the package may be installed elsewhere)
     store = RunStore(out / "results" / "runs.jsonl")
     group = ("arch", "act", "depth", "seed")
     checked = {"diverged": 0, "two stable": 0}
