@@ -506,6 +506,7 @@ def _build_emulator(out_dir, defines=()):
     so = ctypes.CDLL(str(out))
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     so.se_emu_set_sms.argtypes = [I]
+    so.se_emu_set_concurrent_blocks.argtypes = [I]
     so.se_emu_set_tf32.argtypes = [I]
     so.se_emu_forward.argtypes = [I, P, P, P, P, L, L, L, L, I, I, I, I, I, I, ctypes.c_char_p, I]
     so.se_emu_backward.argtypes = [I, P, P, P, P, P, L, L, L, L, I, I, I, I, I, I, I, L, ctypes.c_char_p, I]
@@ -696,6 +697,23 @@ def test_emulated_generic_forward_blocks_loop_over_tiles(emulator):
     try:
         _assert_matches(_emu_run(emulator, x, w, gy, True, acts, path=2, sms=1), x, w, gy, True, acts)
     finally:
+        emulator.se_emu_set_sms(4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_generic_blocks_run_concurrently(dtype, emulator):
+    """The emulation ran a launch's blocks one after another, so a generic kernel whose blocks shared global
+    scratch by mistake (each block's stride one tile short: block b's second buffer was block b+1's first)
+    computed bitwise the same and passed. Here all blocks of a launch run at once, as on a GPU."""
+    acts = ("relu", "tanh", "ssigmoid")
+    emulator.se_emu_set_concurrent_blocks(16)
+    try:
+        for B, d, R, n, sms in ((300, 8, 2, 2, 1), (150, 70, 3, 2, 4)):
+            x, w, gy = _inputs(B, d, R, n, dtype, seed=B, scale=0.9 / d ** 0.5, device="cpu")
+            _assert_matches(_emu_run(emulator, x, w, gy, True, acts, path=2, sms=sms), x, w, gy, True, acts)
+    finally:
+        emulator.se_emu_set_concurrent_blocks(1)
         emulator.se_emu_set_sms(4)
 
 

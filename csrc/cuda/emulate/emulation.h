@@ -14,8 +14,9 @@
 // registers in the layout the PTX ISA documents, and each computes its own accumulator elements.
 //
 // It is a test harness, not a simulator: no memory model beyond the barriers, no timing. Blocks run one
-// after another, so blocks that share global memory by mistake (overlapping per-block scratch) compute the
-// same as when they do not: that is for a GPU run (or compute-sanitizer's racecheck) to find.
+// after another unless se_emu_set_concurrent_blocks asks for several at a time: only then can blocks that
+// share global memory by mistake (overlapping per-block scratch) race, and even then only as the OS
+// interleaves them (a likely failure, not a certain one, unlike compute-sanitizer's racecheck on a GPU).
 // Used only when SHORTCUT_EXT_CUDA_EMULATE is defined (tests/test_cuda.py builds it with g++).
 #pragma once
 
@@ -198,7 +199,15 @@ inline void retire(std::vector<PendingCopy>& g) {
   g.clear();
 }
 
-// Runs kernel(args...) on grid x block threads, one block after another.
+// How many blocks of a launch run at the same time (default 1: one block after another). With more, blocks
+// that share global memory by mistake (overlapping per-block scratch) race and compute wrong numbers, as they
+// would on a GPU; tests set it through se_emu_set_concurrent_blocks.
+inline int& concurrent_blocks() {
+  static int v = 1;
+  return v;
+}
+
+// Runs kernel(args...) on grid x block threads, concurrent_blocks() blocks at a time.
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args... args) {
   block_dim() = block;
@@ -210,57 +219,75 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   // 16-byte aligned, followed by a 4 KiB guard: a plain store past the launch's shared-memory size
   // (which a GPU would report or silently corrupt) changes the guard and aborts the launch.
   constexpr size_t kGuard = 4096;
-  std::vector<unsigned char> raw(smem_bytes + kGuard + 16);
-  unsigned char* smem = raw.data() + (16 - reinterpret_cast<std::uintptr_t>(raw.data()) % 16) % 16;
+  struct BlockRun {  // one block's shared memory, barriers and first error
+    dim3 idx;
+    std::vector<unsigned char> raw;
+    unsigned char* smem = nullptr;
+    std::unique_ptr<Barrier> bar;
+    std::vector<std::unique_ptr<WarpSync>> warps;
+    std::mutex failed_m;
+    std::string failed;
+  };
+  std::vector<dim3> blocks;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        SE_EMU_UNPOISON(raw.data(), raw.size());
-        std::memset(smem, 0xFF, smem_bytes + kGuard);  // NaN: reads of unwritten shared memory show
-        SE_EMU_POISON(raw.data(), size_t(smem - raw.data()));
-        SE_EMU_POISON(smem + smem_bytes, kGuard);
-        Barrier bar(nthreads);
-        std::vector<std::unique_ptr<WarpSync>> warps;
-        for (int w0 = 0; w0 < nthreads; w0 += 32) warps.emplace_back(new WarpSync(std::min(32, nthreads - w0)));
-        std::mutex failed_m;
-        std::string failed;  // the first thread's error
-        std::vector<std::thread> ts;
-        ts.reserve(nthreads);
-        for (int t = 0; t < nthreads; ++t) {
-          ts.emplace_back([&, t] {
-            ThreadState& s = tls();
-            try {
-              s.thread = dim3(unsigned(t % block.x), unsigned((t / block.x) % block.y), unsigned(t / (block.x * block.y)));
-              s.block = dim3(bx, by, bz);
-              s.smem = smem;
-              s.smem_bytes = smem_bytes;
-              s.barrier = &bar;
-              s.warp = warps[size_t(t / 32)].get();
-              s.lane = t % 32;
-              s.open.clear();
-              s.groups.clear();
-              kernel(args...);
-              bool pending = !s.open.empty();
-              for (const auto& g : s.groups) pending |= !g.empty();
-              if (pending) fail("a thread exited with cp.async copies it never waited for", smem);
-            } catch (const std::exception& e) {
-              {
-                std::lock_guard<std::mutex> lk(failed_m);
-                if (failed.empty() || failed == "another thread of the block failed") failed = e.what();
-              }
-              bar.break_all();
-              for (auto& w : warps) w->bar.break_all();
+      for (unsigned bx = 0; bx < grid.x; ++bx) blocks.push_back(dim3(bx, by, bz));
+  const size_t group = size_t(std::max(1, concurrent_blocks()));
+  for (size_t g0 = 0; g0 < blocks.size(); g0 += group) {
+    std::vector<std::unique_ptr<BlockRun>> runs;
+    for (size_t i = g0; i < std::min(blocks.size(), g0 + group); ++i) {
+      std::unique_ptr<BlockRun> r(new BlockRun);
+      r->idx = blocks[i];
+      r->raw.resize(smem_bytes + kGuard + 16);
+      r->smem = r->raw.data() + (16 - reinterpret_cast<std::uintptr_t>(r->raw.data()) % 16) % 16;
+      std::memset(r->smem, 0xFF, smem_bytes + kGuard);  // NaN: reads of unwritten shared memory show
+      SE_EMU_POISON(r->raw.data(), size_t(r->smem - r->raw.data()));
+      SE_EMU_POISON(r->smem + smem_bytes, kGuard);
+      r->bar.reset(new Barrier(nthreads));
+      for (int w0 = 0; w0 < nthreads; w0 += 32) r->warps.emplace_back(new WarpSync(std::min(32, nthreads - w0)));
+      runs.push_back(std::move(r));
+    }
+    std::vector<std::thread> ts;
+    ts.reserve(runs.size() * size_t(nthreads));
+    for (auto& run : runs) {
+      for (int t = 0; t < nthreads; ++t) {
+        ts.emplace_back([&, t, r = run.get()] {
+          ThreadState& s = tls();
+          try {
+            s.thread = dim3(unsigned(t % block.x), unsigned((t / block.x) % block.y), unsigned(t / (block.x * block.y)));
+            s.block = r->idx;
+            s.smem = r->smem;
+            s.smem_bytes = smem_bytes;
+            s.barrier = r->bar.get();
+            s.warp = r->warps[size_t(t / 32)].get();
+            s.lane = t % 32;
+            s.open.clear();
+            s.groups.clear();
+            kernel(args...);
+            bool pending = !s.open.empty();
+            for (const auto& g : s.groups) pending |= !g.empty();
+            if (pending) fail("a thread exited with cp.async copies it never waited for", r->smem);
+          } catch (const std::exception& e) {
+            {
+              std::lock_guard<std::mutex> lk(r->failed_m);
+              if (r->failed.empty() || r->failed == "another thread of the block failed") r->failed = e.what();
             }
-            s.smem = nullptr;
-            s.warp = nullptr;
-          });
-        }
-        for (auto& th : ts) th.join();
-        SE_EMU_UNPOISON(raw.data(), raw.size());
-        if (!failed.empty()) throw EmuError(failed);
-        for (size_t i = 0; i < kGuard; ++i)
-          if (smem[smem_bytes + i] != 0xFF) fail("a store past the launch's dynamic shared memory", smem + smem_bytes + i);
+            r->bar->break_all();
+            for (auto& w : r->warps) w->bar.break_all();
+          }
+          s.smem = nullptr;
+          s.warp = nullptr;
+        });
       }
+    }
+    for (auto& th : ts) th.join();
+    for (auto& r : runs) {
+      SE_EMU_UNPOISON(r->raw.data(), r->raw.size());
+      if (!r->failed.empty()) throw EmuError(r->failed);
+      for (size_t i = 0; i < kGuard; ++i)
+        if (r->smem[smem_bytes + i] != 0xFF) fail("a store past the launch's dynamic shared memory", r->smem + smem_bytes + i);
+    }
+  }
 }
 
 // The value a tensor core reads from a .tf32 operand register: the top 19 bits (sign, exponent,
