@@ -702,16 +702,25 @@ def test_emulated_generic_forward_blocks_loop_over_tiles(emulator):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_emulated_generic_blocks_run_concurrently(dtype, emulator):
+def test_emulated_blocks_run_concurrently(dtype, emulator):
     """The emulation ran a launch's blocks one after another, so a generic kernel whose blocks shared global
     scratch by mistake (each block's stride one tile short: block b's second buffer was block b+1's first)
-    computed bitwise the same and passed. Here all blocks of a launch run at once, as on a GPU."""
+    computed bitwise the same and passed. Here all blocks of a launch run at once, as on a GPU: the generic
+    kernels, and the fused ones (several blocks, unit chunks, atomic weight gradients)."""
     acts = ("relu", "tanh", "ssigmoid")
     emulator.se_emu_set_concurrent_blocks(16)
     try:
         for B, d, R, n, sms in ((300, 8, 2, 2, 1), (150, 70, 3, 2, 4)):
             x, w, gy = _inputs(B, d, R, n, dtype, seed=B, scale=0.9 / d ** 0.5, device="cpu")
             _assert_matches(_emu_run(emulator, x, w, gy, True, acts, path=2, sms=sms), x, w, gy, True, acts)
+        # the fused kernels too: several blocks, unit chunks, atomic weight gradients
+        for B, d, R, n, sms, sw, dt in ((300, 16, 2, 2, 2, {}, dtype),  # (the tiles compiled differ by dtype)
+                                        (100, 16, 5, 2, 4, dict(path=1, tile=32, ws=4096), torch.float32),
+                                        (100, 20, 4, 3, 4, dict(path=1, tile=16, atomic=True), torch.float64)):
+            if dt != dtype:
+                continue
+            x, w, gy = _inputs(B, d, R, n, dtype, seed=B + d, scale=0.9 / d ** 0.5, device="cpu")
+            _assert_matches(_emu_run(emulator, x, w, gy, True, acts, sms=sms, **sw), x, w, gy, True, acts)
     finally:
         emulator.se_emu_set_concurrent_blocks(1)
         emulator.se_emu_set_sms(4)
