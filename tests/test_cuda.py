@@ -507,6 +507,7 @@ def _build_emulator(out_dir, defines=()):
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     so.se_emu_set_sms.argtypes = [I]
     so.se_emu_set_concurrent_blocks.argtypes = [I]
+    so.se_emu_set_grid_stride_cap.argtypes = [L]
     so.se_emu_set_tf32.argtypes = [I]
     so.se_emu_forward.argtypes = [I, P, P, P, P, L, L, L, L, I, I, I, I, I, I, ctypes.c_char_p, I]
     so.se_emu_backward.argtypes = [I, P, P, P, P, P, L, L, L, L, I, I, I, I, I, I, I, L, ctypes.c_char_p, I]
@@ -721,6 +722,82 @@ def test_emulated_blocks_run_concurrently(dtype, emulator):
                 continue
             x, w, gy = _inputs(B, d, R, n, dtype, seed=B + d, scale=0.9 / d ** 0.5, device="cpu")
             _assert_matches(_emu_run(emulator, x, w, gy, True, acts, sms=sms, **sw), x, w, gy, True, acts)
+    finally:
+        emulator.se_emu_set_concurrent_blocks(1)
+        emulator.se_emu_set_sms(4)
+
+
+def _several_large_tile_cases():
+    """Fused tiles of 64 and 128 rows, each over several full tiles and a ragged one (B = 2 BM + 3), as the GPU
+    tests run them (test_every_fused_tile); test_emulated_fused_tile gives these tiles one partial tile only. All
+    FMA tiles; of the tensor-core tiles the narrowest width of each (D, BM) in TF32, and two in 3xTF32 (the
+    emulated mma.sync is slow)."""
+    params = [pytest.param(case, False, id=_ids(case)) for case in _fused_cases() if case[2] >= 64]
+    picked = {}
+    for mode in ("tf32", "3xtf32"):
+        for case in _tf32_cases():
+            D, bm, d = case[:3]
+            if bm < 64 or (mode == "3xtf32" and (case[:2] in NO_3XTF32 or (D, bm) not in ((16, 128), (128, 64)))):
+                continue
+            if (mode, D, bm) not in picked or d < picked[mode, D, bm][2]:
+                picked[mode, D, bm] = case
+    params += [pytest.param((torch.float32,) + case, mode, id=f"{mode}-{_tf32_ids(case)[5:]}")
+               for (mode, _, _), case in picked.items()]
+    return params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, mode", _several_large_tile_cases())
+def test_emulated_several_large_tiles(case, mode, emulator):
+    dtype, D, bm, d, n, shortcut, acts = case
+    plan = _emu_describe(emulator, dtype, True, 2 * bm + 3, d, 2, n, path=1, tile=bm, tf32=mode)
+    assert plan.startswith(f"fused{'-' + mode if mode else ''} D={D} BM={bm} "), plan
+    B = 2 * bm + 3
+    x, w, gy = _inputs(B, d, 2, n, dtype, seed=B + d, scale=0.8 / d ** 0.5, device="cpu")
+    outs = _emu_run(emulator, x, w, gy, shortcut, acts, path=1, tile=bm, tf32=mode)
+    (_assert_tf32 if mode == "tf32" else _assert_matches)(outs, x, w, gy, shortcut, acts)
+
+
+@pytest.mark.slow
+def test_emulated_grid_stride_loops_run_several_rounds(emulator):
+    """The weight preparation and the partial sums of the weight gradient are grid-stride loops capped at 65,535
+    blocks of 256 threads: on every emulated (and most GPU) problems one round covers all elements, so a loop
+    that skipped or repeated elements after its first round went unseen. Here the cap is 1 and 2 blocks: the
+    loops run many rounds, for the FMA, tensor-core and generic kernels, unit chunks (partials added to the
+    output) and atomic weight gradients included."""
+    acts = ("relu", "tanh", "ssigmoid")
+    cases = [  # (B, d, R, n, dtype, switches)
+        (100, 16, 5, 2, torch.float32, dict(path=1, tile=32, ws=4096)),  # unit and row chunks
+        (100, 20, 4, 3, torch.float64, dict(path=1, tile=16, atomic=True)),
+        (150, 70, 3, 2, torch.float64, dict(path=2, ws=2 * 70 * 70 * 8 * 2)),  # generic, unit chunks
+        (40, 20, 3, 2, torch.float32, dict(path=1, tf32="tf32")),  # weights rounded to TF32 as they are copied
+        (40, 20, 3, 2, torch.float32, dict(path=1, tf32="3xtf32")),
+    ]
+    try:
+        for cap in (1, 2):
+            emulator.se_emu_set_grid_stride_cap(cap)
+            for B, d, R, n, dtype, sw in cases:
+                x, w, gy = _inputs(B, d, R, n, dtype, seed=B + d + cap, scale=0.9 / d ** 0.5, device="cpu")
+                outs = _emu_run(emulator, x, w, gy, True, acts, **sw)
+                (_assert_tf32 if sw.get("tf32") == "tf32" else _assert_matches)(outs, x, w, gy, True, acts)
+    finally:
+        emulator.se_emu_set_grid_stride_cap(65535)
+
+
+@pytest.mark.slow
+def test_emulated_tensor_core_blocks_run_concurrently(emulator):
+    """The TF32 and 3xTF32 tiles with every block of a launch at once (test_emulated_blocks_run_concurrently runs
+    the FMA and generic kernels so): several blocks, unit and row chunks, atomic weight gradients."""
+    acts = ("relu", "tanh", "ssigmoid")
+    emulator.se_emu_set_concurrent_blocks(16)
+    try:
+        for B, d, R, n, sw in ((100, 20, 3, 2, dict(path=1, tile=32, tf32="tf32", sms=4)),
+                               (100, 20, 4, 2, dict(path=1, tile=32, tf32="tf32", ws=32 * 32 * 4 * 2 * 2)),
+                               (100, 20, 3, 2, dict(path=1, tile=32, tf32="tf32", atomic=True)),
+                               (100, 20, 3, 2, dict(path=1, tile=32, tf32="3xtf32", ws=32 * 32 * 4 * 2 * 2))):
+            x, w, gy = _inputs(B, d, R, n, torch.float32, seed=B + R, scale=0.9 / d ** 0.5, device="cpu")
+            outs = _emu_run(emulator, x, w, gy, True, acts, **sw)
+            (_assert_tf32 if sw["tf32"] == "tf32" else _assert_matches)(outs, x, w, gy, True, acts)
     finally:
         emulator.se_emu_set_concurrent_blocks(1)
         emulator.se_emu_set_sms(4)
@@ -966,31 +1043,41 @@ extern "C" int se_emu_hvp(int is_double, int64_t B, int64_t d, int64_t R, int64_
     return 99;
   }
 }
+// Blocks of a launch run at the same time (1: one after another); the most blocks of a grid-stride launch.
+extern "C" void se_emu_hvp_set_launch(int concurrent_blocks, int64_t grid_stride_cap) {
+  se_emu::concurrent_blocks() = concurrent_blocks;
+  se_emu::grid_stride_cap() = grid_stride_cap;
+}
 """
 
 
-@pytest.fixture(scope="session")
-def hvp_emulator(tmp_path_factory):
-    """The HVP kernels compiled for CPU emulation, loaded with ctypes."""
+def _build_hvp_emulator(work, defines=()):
+    """The HVP kernels compiled for CPU emulation with `defines`, loaded with ctypes."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler for the CUDA emulation")
     inc, lib = _torch_dirs()
     if not (inc / "c10").is_dir() or not list(lib.glob("libc10.*")):
         pytest.skip("torch headers or libc10 not found")
-    work = tmp_path_factory.mktemp("hvp_emulation")
     src = work / "hvp_emu.cpp"
     src.write_text(_HVP_EMU_DRIVER)
     out = work / "hvp_emu.so"
     cmd = [cxx, "-std=c++17", "-O1", "-pthread", "-fPIC", "-shared", "-fno-strict-aliasing", "-w",
-           f"-I{ROOT / 'csrc'}", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}", str(src), f"-L{lib}", "-lc10",
-           f"-Wl,-rpath,{lib}", "-o", str(out)]
+           *(f"-D{d}" for d in defines), f"-I{ROOT / 'csrc'}", f"-I{inc}", f"-I{inc / 'torch/csrc/api/include'}",
+           str(src), f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}", "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     so = ctypes.CDLL(str(out))
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     so.se_emu_hvp.argtypes = [I, L, L, L, L, L, I, I, I, I, I, P, P, P, P, P, P, P, P, L]
+    so.se_emu_hvp_set_launch.argtypes = [I, L]
     return so
+
+
+@pytest.fixture(scope="session")
+def hvp_emulator(tmp_path_factory):
+    """The HVP kernels compiled for CPU emulation (32 threads per block), loaded with ctypes."""
+    return _build_hvp_emulator(tmp_path_factory.mktemp("hvp_emulation"))
 
 
 def _emu_hvp(so, x, w, y, v, shortcut, acts, loss, max_rows=0):
@@ -1036,6 +1123,36 @@ def test_emulated_hvp_row_chunks(hvp_emulator, target):
             _hvp_assert_matches(chunked, x, w, y, v, True, acts, loss)
             for a, b in zip(chunked, whole):
                 torch.testing.assert_close(a, b, **tol(dtype))
+
+
+@pytest.mark.slow
+def test_emulated_hvp_grid_stride_and_concurrent_blocks(hvp_emulator):
+    """The HVP kernel with its transposes' grid-stride loops capped at 1 and 3 blocks (many rounds; on the GPU one
+    round covers up to 16.7M elements) and every block of a launch running at once, as on a GPU."""
+    try:
+        for cap in (1, 3):
+            hvp_emulator.se_emu_hvp_set_launch(16, cap)
+            for B, d, R, n, shortcut, acts, target, K in HVP_CASES[1:7]:
+                dtype = torch.float64 if cap == 1 else torch.float32
+                x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, dtype, device="cpu", seed=B + cap)
+                _hvp_assert_matches(_emu_hvp(hvp_emulator, x, w, y, v, shortcut, acts, loss), x, w, y, v, shortcut,
+                                    acts, loss)
+    finally:
+        hvp_emulator.se_emu_hvp_set_launch(1, 65535)
+
+
+@pytest.mark.slow
+def test_emulated_hvp_with_the_gpus_block_size(tmp_path):
+    """The HVP kernel as the GPU launches it, 256 threads per block (the other emulated tests use 32 OS threads),
+    so most threads of a tile have no element in most loops and must still meet every barrier."""
+    so = _build_hvp_emulator(tmp_path, defines=["SE_EMU_HVP_THREADS=256"])
+    so.se_emu_hvp_set_launch(4, 65535)
+    for B, d, R, n, shortcut, acts, target, K in (HVP_CASES[0], HVP_CASES[2], HVP_CASES[5]):
+        for dtype in (torch.float64, torch.float32):
+            x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, dtype, device="cpu", seed=B + 2)
+            _hvp_assert_matches(_emu_hvp(so, x, w, y, v, shortcut, acts, loss), x, w, y, v, shortcut, acts, loss)
+    x, w, y, v, loss = _hvp_problem(300, 3, 2, 2, 2, "mse", torch.float64, device="cpu", seed=9)  # > 256 rows
+    _hvp_assert_matches(_emu_hvp(so, x, w, y, v, True, ("tanh",) * 3, loss), x, w, y, v, True, ("tanh",) * 3, loss)
 
 
 @pytest.mark.slow

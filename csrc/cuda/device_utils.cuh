@@ -190,6 +190,18 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], const uint32_t (&
 #endif
 }
 
+// Most blocks of a launch of the grid-stride kernels (weight preparation, partial sums, transposes): each
+// thread loops over the elements with stride gridDim.x * blockDim.x, so any grid covers them.  On a GPU
+// 65,535 blocks; the emulation can lower it (se_emu::grid_stride_cap) so that the loops run several rounds on
+// small problems, which the GPU does only from 65,535 x 256 = 16.7M elements on.
+inline int64_t grid_stride_blocks_cap() {
+#ifdef SHORTCUT_EXT_CUDA_EMULATE
+  return se_emu::grid_stride_cap();
+#else
+  return 65535;
+#endif
+}
+
 }  // namespace cuda_detail
 }  // namespace shortcut_ext
 

@@ -38,7 +38,9 @@
 namespace shortcut_ext {
 namespace cuda_detail {
 
-#ifdef SHORTCUT_EXT_CUDA_EMULATE
+#if defined(SHORTCUT_EXT_CUDA_EMULATE) && defined(SE_EMU_HVP_THREADS)
+constexpr int kHvpThreads = SE_EMU_HVP_THREADS;  // tests: the GPU's 256 threads per block, emulated
+#elif defined(SHORTCUT_EXT_CUDA_EMULATE)
 constexpr int kHvpThreads = 32;  // OS threads per emulated block: keep small
 #else
 constexpr int kHvpThreads = 256;
@@ -441,7 +443,8 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   cudaError_t err;
   for (const auto& [src, dst, mats] : {std::tuple<const T*, T*, int64_t>{weights, wt, R * n},
                                        std::tuple<const T*, T*, int64_t>{directions, vt, K * R * n}}) {
-    const int64_t blocks = std::min<int64_t>((mats * d * d + kHvpThreads - 1) / kHvpThreads, 65535);
+    const int64_t need = (mats * d * d + kHvpThreads - 1) / kHvpThreads;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(need, grid_stride_blocks_cap()));
     SE_LAUNCH(hvp_transpose_kernel<T>, dim3(unsigned(blocks)), dim3(kHvpThreads), 0, stream, src, dst, mats, d);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }

@@ -169,7 +169,7 @@ cudaError_t prepare_weights(const T* w, int64_t layers, int64_t d, int64_t D, T*
                             cudaStream_t stream) {
   const int64_t total = layers * D * D;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, threads), 65535);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, threads), grid_stride_blocks_cap()));
   SE_LAUNCH(prepare_weights_kernel<T>, dim3(unsigned(blocks)), dim3(threads), 0, stream, w, layers, d, D, wt, wp,
             tf32);
   return cudaGetLastError();
@@ -180,7 +180,7 @@ cudaError_t reduce_partials(const T* ws, int64_t parts, int64_t units, int64_t n
                             bool accumulate, cudaStream_t stream) {
   const int64_t total = units * n * d * d;
   const int threads = 256;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, threads), 65535));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, threads), grid_stride_blocks_cap()));
   SE_LAUNCH(reduce_partials_kernel<T>, dim3(unsigned(blocks)), dim3(threads), 0, stream, ws, parts, units, n, Dws, d,
             out, accumulate);
   return cudaGetLastError();

@@ -207,6 +207,13 @@ inline int& concurrent_blocks() {
   return v;
 }
 
+// The most blocks a grid-stride kernel is launched with (device_utils.cuh: grid_stride_blocks_cap; 65,535 as on
+// the GPU). Tests lower it so that the grid-stride loops run several rounds on small problems.
+inline int64_t& grid_stride_cap() {
+  static int64_t v = 65535;
+  return v;
+}
+
 // Runs kernel(args...) on grid x block threads, concurrent_blocks() blocks at a time.
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args... args) {
