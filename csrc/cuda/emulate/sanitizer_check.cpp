@@ -8,8 +8,9 @@
 //   sweep  edge shapes for AddressSanitizer + UndefinedBehaviorSanitizer: d = 1, 3, odd, above 128;
 //          B = 1 and tiles +- a few rows; every forced fused tile; TF32 and 3xTF32; deterministic and
 //          atomic weight gradients; a workspace small enough to split the units; the HVP with row
-//          chunks.  Inputs, outputs and workspace are sized exactly, and the launch's shared memory is
-//          followed by a poisoned guard, so any read or write out of bounds aborts with a report (on a
+//          chunks; grid-stride launches capped at 2 blocks.  Inputs, outputs and workspace are sized
+//          exactly, and the launch's shared memory is followed by a poisoned guard, so any read or
+//          write out of bounds aborts with a report (on a
 //          GPU: what compute-sanitizer's memcheck reports, or a silent wrong result).  Every result is
 //          also compared with the float64 generic path (the HVP: with the float64 unchunked call).
 //          Launches the planner refuses (a tile that is not compiled for that d) are counted, not run.
@@ -198,6 +199,12 @@ void sweep_quick() {
   hvp_case<double>(23, 33, 2, 2, 3, false, 7, true);
   hvp_case<float>(23, 64, 2, 1, 3, true, 0, false);
   hvp_case<double>(23, 1, 2, 2, 1, false, 7, true);
+  // grid-stride launches (weight preparation, partial sums, HVP transposes) capped at 2 blocks: many rounds
+  se_emu::grid_stride_cap() = 2;
+  stack_case<float>(40, 20, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * 20 * 20 * 4 * 2);
+  stack_case<double>(37, 33, 2, 2, 1, 1, 2, 3, 2, 0);
+  hvp_case<float>(23, 9, 2, 2, 3, true, 7, true);
+  se_emu::grid_stride_cap() = 65535;
 }
 
 void sweep_stack() {
