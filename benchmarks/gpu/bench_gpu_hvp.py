@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: common.py, bench_hvp.p
 sys.path.insert(0, HERE)  # bench_gpu.py: the CUDA-event clock, the log
 import bench_hvp  # noqa: E402
 import common  # noqa: E402
-from bench_gpu import start  # noqa: E402
+from bench_gpu import sig, start  # noqa: E402
 
 import shortcut_ext  # noqa: E402
 
@@ -106,7 +106,7 @@ def main(argv=None):
         x, y, w, V = make_problem(d, B, R, args.device)
         case = dict(d=d, B=B, R=R, params=R * 2 * d * d)
         refs = {i: double_backward(x, y, w, V[i]) for i in (0, bench_hvp.K_BATCHED - 1)}
-        base_ms = None
+        per_hvp_ms = {}  # unrounded, for the ratios
         for variant in args.variants:
             k = 1 if variant.endswith("_k1") else bench_hvp.K_BATCHED
             row = dict(case, variant=variant, k=k)
@@ -136,12 +136,11 @@ def main(argv=None):
                     continue
                 del out
                 med, lo, hi, reps = clock.time(fn, args.target_s)
-                row.update(ms_per_hvp=round(med * 1e3 / k, 3), ms_call_median=round(med * 1e3, 3),
-                           ms_call_min=round(lo * 1e3, 3), ms_call_max=round(hi * 1e3, 3), reps=reps)
+                row.update(ms_per_hvp=sig(med * 1e3 / k, 6), ms_call_median=sig(med * 1e3, 6),
+                           ms_call_min=sig(lo * 1e3, 6), ms_call_max=sig(hi * 1e3, 6), reps=reps)
+                per_hvp_ms[variant] = med * 1e3 / k
                 if args.device == "cuda":
                     row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                if variant == "double_backward_k1":
-                    base_ms = med * 1e3
                 rows.append(row)
             except torch.cuda.OutOfMemoryError as e:
                 rows.append(dict(row, note=f"skipped: out of memory ({str(e).splitlines()[0][:80]})"))
@@ -150,9 +149,10 @@ def main(argv=None):
                 rows.append(dict(row, note=f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
             finally:
                 flush()
-        for r_ in rows:
-            if (r_["d"], r_["B"], r_["R"]) == (d, B, R) and "ms_per_hvp" in r_ and base_ms:
-                r_["speedup_per_hvp_vs_double_backward"] = round(base_ms / r_["ms_per_hvp"], 2)
+        base_ms = per_hvp_ms.get("double_backward_k1")
+        for r_ in rows[-len(args.variants):]:
+            if "ms_per_hvp" in r_ and base_ms:
+                r_["speedup_per_hvp_vs_double_backward"] = round(base_ms / per_hvp_ms[r_["variant"]], 2)
         for r_ in rows[-len(args.variants):]:
             log(f"d={d:3d} B={B:5d} R={R:5d} {r_['variant']:22s} "
                 + (f"{r_['ms_per_hvp']:9.3f} ms/HVP  x{r_.get('speedup_per_hvp_vs_double_backward', '')} vs double "

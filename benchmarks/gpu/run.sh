@@ -49,6 +49,9 @@ budget() { local b=$(( $(left) - $2 )); (( b > $1 )) && b=$1; (( b < 10 )) && b=
 stage "environment"
 timeout -k 5 30 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv 2>&1 | head -3
 command -v nvcc && nvcc --version | tail -2
+# without ninja on PATH, torch's extension build compiles one file at a time and ignores MAX_JOBS
+if command -v ninja > /dev/null; then echo "ninja $(ninja --version)"
+else echo "WARNING: no ninja on PATH: the build compiles serially and may not fit its time"; fi
 timeout -k 5 60 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))'
 if [ -z "${CUDA_HOME:-}" ]; then
   for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")")"; do
@@ -194,8 +197,10 @@ fi
 
 stage "benchmarks: residual stack"
 T=$(budget 400 70)
+# the script's own budget stops new measurements 30 s before the timeout (a compile or the last variant
+# finishes inside it); a stage squeezed below 40 s by the earlier ones gets half of it
 BUDGET=$(( T - 30 ))
-(( BUDGET < 20 )) && BUDGET=20
+(( T < 40 )) && BUDGET=$(( T / 2 ))
 # the issue's target cell first (fwdbwd, d = 64, B = 65536), so that a short budget still measures it
 timeout -k 10 "$T" $PY "$REPO/benchmarks/gpu/bench_gpu.py" --out "$WORK" --budget-s "$BUDGET" --compile-budget-s 100 \
   --modes fwdbwd,fwd --ds 64,128,16 --bs 65536,4096 --target-s 0.3
