@@ -80,7 +80,7 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def _frozen_projection(rows: int, cols: int, seed: int, dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(int(seed) + 7919)
+    g = torch.Generator().manual_seed((int(seed) + 7919) % 2**63)  # any integer seed, as init_weights
     a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64, device="cpu")
     q, _ = torch.linalg.qr(a)
     q = q if rows >= cols else q.T

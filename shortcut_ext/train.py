@@ -161,10 +161,11 @@ def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
     >>> log_grid(3.16e-3, 3.16, per_decade=2)
     [0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16]
     """
-    if not (0 < lo <= hi):
-        raise ValueError(f"need 0 < lo <= hi, got lo={lo!r}, hi={hi!r}")
-    if not isinstance(per_decade, int) or per_decade < 1:
+    if not (0 < lo <= hi < math.inf):
+        raise ValueError(f"need 0 < lo <= hi < inf, got lo={lo!r}, hi={hi!r}")
+    if isinstance(per_decade, (bool, np.bool_)) or not isinstance(per_decade, (int, np.integer)) or per_decade < 1:
         raise ValueError(f"per_decade must be an integer >= 1, got {per_decade!r}")
+    per_decade = int(per_decade)
     a, b = math.log10(lo), math.log10(hi)
     tol = math.log10(1.01) * per_decade  # 1%, in grid steps
     steps = int(math.floor((b - a) * per_decade + tol))  # never past hi (by more than the 1% snap)
@@ -178,6 +179,12 @@ def log_grid(lo: float, hi: float, per_decade: int = 2) -> list[float]:
 
 
 # --------------------------------------------------------------------------- results
+def _check_max_points(max_points) -> None:
+    if max_points is not None and (isinstance(max_points, (bool, np.bool_))
+                                   or not isinstance(max_points, (int, np.integer)) or max_points < 2):
+        raise ValueError(f"max_points must be None or an integer >= 2 (first and last epoch), got {max_points!r}")
+
+
 def _finite_or_none(v):
     """``v`` as a strict-JSON number: nan is ``None``, +-inf the strings ``"inf"`` / ``"-inf"`` (as
     :func:`~shortcut_ext.experiments.store.json_safe` writes them), so that a singular Hessian's
@@ -221,6 +228,7 @@ class TrainResult:
         final loss, a singular Hessian's condition number; ``shortcut_ext.experiments.store.json_float``
         reads them back, as :meth:`from_dict` does); ``max_points`` thins the history to
         about that many epochs (evenly and log-spaced, first and last kept; probes are always kept)."""
+        _check_max_points(max_points)
         hist = self.history
         n = len(hist.get("epoch", []))
         if max_points is not None and n > max_points:  # evenly spaced and log-spaced epochs, first and last
@@ -975,6 +983,7 @@ def lr_sweep(
     runs already in the store are loaded instead of retrained: an interrupted sweep resumes.
     """
     config = config or TrainConfig()
+    _check_max_points(max_points)  # before any run, not after the first
     if not lrs:
         raise ValueError("lrs must hold at least one learning rate")
     if store is not None and key is None:
@@ -1004,5 +1013,6 @@ def sweep_run_record(make_model, data, lr: float, config: TrainConfig | None = N
                      max_points: int | None = 500) -> dict:
     """The record :func:`lr_sweep` stores for rate ``lr`` (for runs computed ahead, e.g. by other ranks)."""
     config = config or TrainConfig()
+    _check_max_points(max_points)
     res = train(make_model(), data, dataclasses.replace(config, lr=float(lr)), l_min=l_min, probe_data=probe_data)
     return res.to_dict(max_points)

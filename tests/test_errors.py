@@ -517,3 +517,57 @@ def test_cuda_tf32_blocks_of_two_threads_exiting_out_of_order_restore_the_mode()
             pass
         assert cuda_tf32.current() == "3xtf32"
     assert cuda_tf32.current() == "off"
+
+
+def test_log_grid_refuses_infinite_bounds_and_takes_numpy_integers():
+    """log_grid(0.01, inf) passed its check and died in int(inf) with an OverflowError; a numpy integer
+    per_decade (as TrainConfig accepts) was refused."""
+    import math
+
+    import numpy as np
+
+    from shortcut_ext.train import log_grid
+
+    with pytest.raises(ValueError, match=r"need 0 < lo <= hi < inf, got lo=0.01, hi=inf"):
+        log_grid(0.01, math.inf)
+    with pytest.raises(ValueError, match=r"need 0 < lo <= hi < inf"):
+        log_grid(math.nan, 1.0)
+    assert log_grid(0.01, 1, per_decade=np.int64(2)) == log_grid(0.01, 1, per_decade=2)
+    for bad in (True, 2.0, 0):
+        with pytest.raises(ValueError, match="per_decade must be an integer >= 1"):
+            log_grid(0.01, 1, per_decade=bad)
+
+
+def test_projections_take_any_integer_seed_as_the_weights_do():
+    """init_weights reduces any integer seed mod 2**63, but the frozen projections seeded the raw value + 7919:
+    ShortcutNet(3, 1, seed=2**64) built, and with in_features it failed with 'Overflow when unpacking long'."""
+    from shortcut_ext.models import ShortcutNet
+
+    net = ShortcutNet(3, 1, seed=2**64, in_features=5, out_features=4)
+    assert net.input_proj.shape == (3, 5) and net.readout.shape == (4, 3)
+    same = ShortcutNet(3, 1, seed=0, in_features=5, out_features=4)  # 2**64 = 0 mod 2**63, as for the weights
+    assert torch.equal(net.weight, same.weight) and torch.equal(net.input_proj, same.input_proj)
+
+
+def test_max_points_is_checked_before_training():
+    """TrainResult.to_dict(max_points=0) of a one-epoch history died in numpy ('Geometric sequence cannot include
+    zero'), and lr_sweep checked max_points only after its first run had trained."""
+    from shortcut_ext.data import synthetic_teacher
+    from shortcut_ext.models import ShortcutNet
+    from shortcut_ext.train import TrainConfig, lr_sweep, train
+
+    X, Y = synthetic_teacher(16, 3, seed=0)
+    res = train(ShortcutNet(3, 1, init="small", dtype=torch.float64), (X, Y), TrainConfig(epochs=0))
+    for bad in (0, 1, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_points must be None or an integer >= 2"):
+            res.to_dict(max_points=bad)
+    assert res.to_dict(max_points=2)["history"]["epoch"] == [0]
+    built = []
+
+    def make():
+        built.append(1)
+        return ShortcutNet(3, 1, init="small", dtype=torch.float64)
+
+    with pytest.raises(ValueError, match=r"max_points must be None or an integer >= 2 .*got 1"):
+        lr_sweep(make, (X, Y), [0.1], TrainConfig(epochs=1), store={}, key="k", max_points=1)
+    assert built == []
