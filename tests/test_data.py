@@ -375,3 +375,58 @@ def test_second_moment_compress_of_all_zero_data_is_one_zero_row():
         L = loss_fn("mse", net(data[0]), data[1])
         (g,) = torch.autograd.grad(L, net.weight)
         assert float(L.detach()) == 0.0 and not g.any()
+
+
+def test_smallest_sizes_are_accepted():
+    """Not pinned: the size checks' minimum is inclusive: ``synthetic_teacher(m, 1)`` (one feature) and
+    ``digits(m=1797)`` (every sample, the whole set) are valid; one more sample is refused."""
+    X, Y = synthetic_teacher(5, 1, seed=0)
+    assert X.shape == (5, 1) and Y.shape == (5, 1)
+    X, Y = digits(d=4, m=1797)
+    assert X.shape == (1797, 4) and Y.shape == (1797, 10)
+    with pytest.raises(ValueError, match="m must be <= the number of available samples 1797"):
+        digits(d=4, m=1798)
+
+
+def test_digits_targets_have_ten_columns_when_the_subset_lacks_a_digit():
+    """Not pinned: digits' one-hot targets have 10 columns whatever digits a small subset holds (a subset
+    without a 9 had 9 columns, another out_features than the full set's)."""
+    X, Y = digits(d=5, m=12, seed=2)
+    assert Y.shape == (12, 10) and torch.equal(Y.sum(1), torch.ones(12, dtype=Y.dtype))
+    assert Y[:, 9].sum() == 0  # this seed's subset has no 9: the case the columns must not depend on
+
+
+def test_prepare_classification_refuses_a_label_equal_to_num_classes():
+    """Not pinned: labels must be < num_classes; a label equal to it fell through to the one-hot write (an
+    IndexError, not the ValueError naming num_classes)."""
+    rng = np.random.default_rng(0)
+    imgs = rng.normal(size=(20, 5))
+    with pytest.raises(ValueError, match="labels must be < num_classes = 3, got max 3"):
+        prepare_classification(imgs, np.arange(20) % 4, d=2, num_classes=3)
+    assert prepare_classification(imgs, np.arange(20) % 3, d=2, num_classes=3)[1].shape == (20, 3)
+
+
+def test_mnist_test_split_reads_the_t10k_files(tmp_path):
+    """Not pinned: ``split="test"`` reads MNIST's own names for the test files, ``t10k-images-idx3-ubyte``
+    and ``t10k-labels-idx1-ubyte`` (it looked for ``test-...``: FileNotFoundError on the real folder)."""
+    from shortcut_ext.data import load_mnist_arrays
+
+    header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (2, 2, 2))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + bytes(range(8)))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([3, 4]))
+    images, labels = load_mnist_arrays(tmp_path, split="test")[:2]
+    assert images.shape == (2, 2, 2) and labels.tolist() == [3, 4]
+    with pytest.raises(FileNotFoundError):
+        load_mnist_arrays(tmp_path, split="train")
+
+
+def test_mnist_label_10_is_refused(tmp_path):
+    """Not pinned: MNIST labels are digits 0..9; a 10 (e.g. SVHN's label for 0) is refused, not made an
+    eleventh class."""
+    from shortcut_ext.data import load_mnist_arrays
+
+    np.savez(tmp_path / "m.npz", x_train=np.zeros((3, 4)), y_train=np.array([1, 10, 2]))
+    with pytest.raises(ValueError, match=r"labels must be digits 0\.\.9, got range \[1, 10\]"):
+        load_mnist_arrays(tmp_path / "m.npz")
+    np.savez(tmp_path / "ok.npz", x_train=np.zeros((3, 4)), y_train=np.array([1, 9, 2]))
+    assert load_mnist_arrays(tmp_path / "ok.npz")[1].tolist() == [1, 9, 2]

@@ -237,3 +237,33 @@ def test_small_init_default_scale_is_documented_one_hundredth():
     plain = PlainNet(16, 9, init="small", seed=3, backend="torch", dtype=torch.float64)
     torch.testing.assert_close(plain.weight.detach(), 0.01 * init_weights((9, 16, 16), "xavier", seed=3,
                                                                           dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_plain_net_default_init_is_xavier():
+    """Not pinned: PlainNet's default ``init`` is xavier (docs: a plain deep product needs O(1) layers to
+    train at all): the default net equals an explicit xavier net of the same seed."""
+    net = PlainNet(4, 3, backend="torch", dtype=torch.float64)
+    assert "init=xavier" in repr(net)
+    assert torch.equal(net.weight, PlainNet(4, 3, init="xavier", backend="torch", dtype=torch.float64).weight)
+
+
+def test_readout_is_not_the_transposed_input_projection():
+    """Not pinned: the frozen read-out [q, d] is drawn with seed + 1, independent of the input projection
+    [d, p] (seed): with the same seed and p = q it was exactly input_proj.T, a correlated pair."""
+    net = ShortcutNet(3, 1, in_features=5, out_features=5, backend="torch", dtype=torch.float64)
+    assert net.readout.shape == (5, 3) and net.input_proj.shape == (3, 5)
+    assert not torch.allclose(net.readout, net.input_proj.T)
+
+
+def test_small_init_refuses_an_infinite_scale():
+    """Not pinned: ``scale`` must be finite: ``scale=inf`` gave inf (and nan) weights instead of an error."""
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            ShortcutNet(3, 1, init="small", scale=bad)
+
+
+def test_zero_width_is_refused_naming_width():
+    """Not pinned: ``width`` must be >= 1: a zero width ended in a ZeroDivisionError inside the init."""
+    for make in (lambda: ShortcutNet(0, 2, backend="torch"), lambda: PlainNet(0, 2, backend="torch")):
+        with pytest.raises(ValueError, match="width"):
+            make()

@@ -829,3 +829,126 @@ def test_interrupted_run_with_probe_epochs_resumes_bit_for_bit(tmp_path):
     train(net(), (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append,
           **{**kw, "probe_epochs": [2, 7]})
     assert notes and "another run" in notes[0] and "probe_epochs" in notes[0], notes
+
+
+def test_config_seed_and_divergence_factor_bounds_are_exclusive():
+    """Not pinned: the upper seed bound (seeds lie in [0, 2^63): 2^63 overflows torch's manual_seed) and
+    ``divergence_factor > 1`` (a factor of 1 calls any run diverged whose loss rises once).  Both ends are
+    refused; the values just inside are accepted."""
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^63\)"):
+        TrainConfig(seed=2**63)
+    assert TrainConfig(seed=2**63 - 1).seed == 2**63 - 1
+    with pytest.raises(ValueError, match="divergence_factor must be > 1"):
+        TrainConfig(divergence_factor=1)
+    with pytest.raises(ValueError, match="divergence_factor must be > 1"):
+        TrainConfig(divergence_factor=1.0)
+    assert TrainConfig(divergence_factor=1.5).divergence_factor == 1.5
+
+
+def test_to_dict_keeps_a_history_of_exactly_max_points():
+    """Not pinned: ``to_dict(max_points=n)`` thins only a history longer than n; one of exactly n epochs is
+    kept whole (thinning it dropped epochs for nothing: 20 -> 16)."""
+    hist = {k: [float(i) for i in range(20)] for k in TrainResult.HISTORY_FIELDS}
+    hist["epoch"] = list(range(20))
+    r = TrainResult("ok", 0.1, 19, 1.0, None, history=hist)
+    assert r.to_dict(max_points=20)["history"]["epoch"] == list(range(20))
+    assert len(r.to_dict(max_points=19)["history"]["epoch"]) < 20
+
+
+def test_class_index_equal_to_out_features_is_refused_up_front():
+    """Not pinned: for ``loss="cross_entropy"`` a class index must be < out_features; an index equal to
+    out_features was let through to torch's cross_entropy (a RuntimeError from deep inside)."""
+    net = ShortcutNet(3, 1, init="small", dtype=torch.float64)
+    X = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, 3\)"):
+        train(net, (X, torch.tensor([0, 1, 2, 3])), epochs=1, loss="cross_entropy")
+    assert train(net, (X, torch.tensor([0, 1, 2, 2])), epochs=1, loss="cross_entropy").status == "ok"
+
+
+def _pre():
+    X, Y = synthetic_teacher(64, 4, seed=0)
+    return X, Y, (lambda: ShortcutNet(4, 2, init="small", seed=0, dtype=torch.float64))
+
+
+def test_a_run_interrupted_after_its_last_update_resumes_at_the_end(tmp_path):
+    """Not pinned: a checkpoint at epoch == epochs (written after the last update, e.g. killed during the
+    final probe or the JSON write) is a valid checkpoint: the rerun resumes from it, not calls it damaged and
+    starts afresh; it ends with the uninterrupted run's history."""
+    X, Y, net = _pre()
+    kw = dict(epochs=5, lr=0.1, checkpoint=tmp_path / "r.ckpt.pt", checkpoint_every=1, checkpoint_every_s=0)
+    full = train(net(), (X, Y), epochs=5, lr=0.1)
+    _interrupt_at(4, net(), (X, Y), **kw)
+    notes = []
+    res = train(net(), (X, Y), log=notes.append, **kw)
+    assert notes and notes[0].startswith("resuming from epoch 5 of 5"), notes
+    assert not any("damaged" in n for n in notes) and res.history["loss"] == full.history["loss"]
+
+
+def test_a_checkpoint_of_another_checkpoint_key_is_not_resumed(tmp_path):
+    """Not pinned: ``checkpoint_key`` (the CLI's command options) is part of the checkpoint's fingerprint:
+    a checkpoint written under another key is another run, started afresh, not resumed."""
+    X, Y, net = _pre()
+    kw = dict(epochs=5, lr=0.1, checkpoint=tmp_path / "r.ckpt.pt", checkpoint_every=1, checkpoint_every_s=0)
+    _interrupt_at(2, net(), (X, Y), checkpoint_key={"run": "A"}, **kw)
+    notes = []
+    train(net(), (X, Y), checkpoint_key={"run": "B"}, log=notes.append, **kw)
+    assert notes and not any(n.startswith("resuming") for n in notes), notes
+    assert "command options" in notes[0], notes
+    _interrupt_at(2, net(), (X, Y), checkpoint_key={"run": "A"}, log=lambda m: None, **kw)  # the same key resumes
+    notes = []
+    train(net(), (X, Y), checkpoint_key={"run": "A"}, log=notes.append, **kw)
+    assert notes and notes[0].startswith("resuming from epoch"), notes
+
+
+def test_the_seed_reaches_the_stochastic_hessian_probes():
+    """Not pinned: ``seed`` seeds the Lanczos / SLQ probes (above exact_max_params): two seeds give two
+    estimates (a fixed internal seed made every run's probes the same draw), one seed the same."""
+    X, Y, net = _pre()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = [train(net(), (X, Y), epochs=0, probe_every=1, exact_max_params=0, seed=s).probes[0] for s in (0, 1, 0)]
+    assert p[0]["method"] != "exact"
+    assert (p[0]["lam_q10"], p[0]["index"]) != (p[1]["lam_q10"], p[1]["index"])
+    assert (p[0]["lam_q10"], p[0]["index"]) == (p[2]["lam_q10"], p[2]["index"])
+
+
+def test_the_seed_shuffles_the_mini_batches():
+    """Not pinned: ``seed`` seeds the mini-batch order of sgd: two seeds give two runs (a fixed generator
+    seed made every seed the same run), one seed the same run."""
+    X, Y, net = _pre()
+    r = [train(net(), (X, Y), epochs=3, lr=0.05, optimizer="sgd", batch_size=8, seed=s).final_loss
+         for s in (0, 1, 0)]
+    assert r[0] != r[1] and r[0] == r[2]
+
+
+def test_divergence_limit_is_at_least_the_factor_for_a_small_initial_loss():
+    """Not pinned: the divergence limit is ``divergence_factor * max(L0, 1)``: a run whose loss starts far
+    below 1 and grows (here x6.25 a step from 5e-5) but stays small is not diverged.  ``max(L0, 0)`` called
+    it diverged at epoch 2."""
+    X = torch.eye(2, dtype=torch.float64)
+    r = train(PlainNet(2, 1, init="zero", dtype=torch.float64), (X, 0.01 * X), epochs=3, lr=6.0,
+              divergence_factor=10)
+    assert r.status == "ok" and r.diverged_epoch is None
+    assert r.history["loss"][0] == pytest.approx(5e-5) and r.history["loss"][-1] > 10 * r.history["loss"][0]
+
+
+def test_resume_keeps_the_divergence_limit_of_the_first_epoch(tmp_path):
+    """Not pinned: the divergence limit is set from the loss at epoch 0 and a resumed run restores it from
+    the checkpoint: resumed at epoch 11, the run diverges where the uninterrupted one does (27), not where a
+    limit recomputed from the resumed loss puts it (22)."""
+    X = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    Y = X @ torch.diag(torch.tensor([10.0, 1e-3], dtype=torch.float64))
+
+    def net():
+        return PlainNet(2, 1, init="zero", dtype=torch.float64)
+
+    kw = dict(epochs=30, lr=1.2, divergence_factor=2.0)
+    full = train(net(), (X, Y), **kw)
+    assert full.status == "diverged" and full.diverged_epoch == 27
+    ck = dict(checkpoint=tmp_path / "r.ckpt.pt", checkpoint_every=1, checkpoint_every_s=0)
+    _interrupt_at(10, net(), (X, Y), **ck, **kw)
+    notes = []
+    res = train(net(), (X, Y), log=notes.append, **ck, **kw)
+    assert notes and notes[0].startswith("resuming from epoch"), notes
+    assert res.status == "diverged" and res.diverged_epoch == 27
+    assert res.history["loss"] == full.history["loss"]

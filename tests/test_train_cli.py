@@ -638,3 +638,62 @@ def test_an_os_error_of_the_input_is_one_line_exit_2_and_a_bug_keeps_its_traceba
         main(argv)
     monkeypatch.setattr(train_cmd, "main", fail(RuntimeError("DefaultCPUAllocator: not enough memory")))
     assert main(argv) == 1 and "the run needs more memory than there is" in capsys.readouterr().err
+
+
+def test_traceback_0_is_the_same_as_unset_for_bad_input(tmp_path, monkeypatch, capsys):
+    """Not pinned: SHORTCUT_EXT_TRACEBACK=0 means off, like unset: a subcommand's ValueError (bad input) is
+    one line and exit status 2, not a traceback; =1 raises it."""
+    monkeypatch.chdir(tmp_path)
+
+    def bad(args):
+        raise ValueError("bad input")
+
+    monkeypatch.setattr(train_cmd, "main", bad)
+    monkeypatch.setenv("SHORTCUT_EXT_TRACEBACK", "0")
+    assert main(["train", "--out", "run.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shortcut-ext train: error: bad input (ValueError;") and err.count("\n") == 1
+    monkeypatch.setenv("SHORTCUT_EXT_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="bad input"):
+        main(["train", "--out", "run.json"])
+
+
+def test_a_subcommand_refusal_exits_with_status_2(tmp_path, monkeypatch, capsys):
+    """Not pinned: a subcommand's own refusal (SystemExit with a message, here --depth 3 for a 2-shortcut
+    net) exits with status 2 like argparse's, not 1 (which scripts read as a failed run)."""
+    monkeypatch.chdir(tmp_path)
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--arch", "2-shortcut", "--depth", "3", "--out", "run.json"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("shortcut-ext train:")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_blank_out_folder_is_refused(tmp_path, monkeypatch):
+    """Not pinned: an --out of blanks (an unset $OUT padded by a script) is refused like an empty one, not
+    made a folder named '  ' in the current folder."""
+    from shortcut_ext.curvature import spectrum_cmd
+
+    monkeypatch.chdir(tmp_path)
+
+    def boom(*a, **k):
+        raise AssertionError("spectrum started working with a blank --out")
+
+    monkeypatch.setattr(spectrum_cmd, "_run", boom)
+    for out in ("", "  "):
+        with pytest.raises(SystemExit, match="--out must name a folder, got an empty string"):
+            main(["spectrum", "--units", "3", "--width", "3", "--samples", "16", "--no-plots", "--no-progress",
+                  "--out", out])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_every_0_writes_no_checkpoint(tmp_path, monkeypatch, capsys):
+    """Not pinned: --checkpoint-every 0 writes no checkpoint at all (not even with --checkpoint-seconds 0):
+    interrupted after an epoch, there is no run.ckpt.pt, and the message says a rerun starts over."""
+    monkeypatch.chdir(tmp_path)
+    _interrupt_at(monkeypatch, 1)
+    assert main(["train", *TINY, "--checkpoint-every", "0", "--checkpoint-seconds", "0", "--no-progress",
+                 "--out", "run.json"]) == 130
+    assert "no checkpoint was written yet" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if ".ckpt" in p]
