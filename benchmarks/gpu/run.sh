@@ -198,9 +198,8 @@ fi
 stage "benchmarks: residual stack"
 T=$(budget 400 70)
 # the script's own budget stops new measurements 30 s before the timeout (a compile or the last variant
-# finishes inside it); a stage squeezed below 40 s by the earlier ones gets half of it
-BUDGET=$(( T - 30 ))
-(( T < 40 )) && BUDGET=$(( T / 2 ))
+# finishes inside it), or at half the stage where the earlier stages left it under a minute
+BUDGET=$(( T - 30 > T / 2 ? T - 30 : T / 2 ))
 # the target cell first (fwdbwd, d = 64, B = 65536), so that a short budget still measures it
 timeout -k 10 "$T" $PY "$REPO/benchmarks/gpu/bench_gpu.py" --out "$WORK" --budget-s "$BUDGET" --compile-budget-s 100 \
   --modes fwdbwd,fwd --ds 64,128,16 --bs 65536,4096 --target-s 0.3
