@@ -525,8 +525,8 @@ def test_damaged_lanczos_checkpoint_entries_are_named_and_the_run_starts_afresh(
              ({"lanczos": {**lz, "smallest": lz["smallest"][:1]}}, "the Lanczos lists differ in length"),
              ({"lanczos": {**lz, "num_products": -1}}, "lanczos.num_products is not a count"),
              ({"lanczos": {**lz, "breakdowns": True}}, "lanczos.breakdowns is not a count"),
-             ({"lanczos": {**lz, "converged": 1}}, "lanczos.segments or lanczos.converged has the wrong type"),
-             ({"lanczos": {**lz, "segments": "0-3"}}, "lanczos.segments or lanczos.converged has the wrong type"),
+             ({"lanczos": {**lz, "converged": 1}}, "lanczos.converged is not true or false"),
+             ({"lanczos": {**lz, "segments": "0-3"}}, "lanczos.segments is not a list of [start, end, reason]"),
              ({"lanczos": {**lz, "norm_estimate": math.inf}}, "lanczos.norm_estimate is not a finite number"),
              ({"lanczos": {**lz, "norm_estimate": "1"}}, "lanczos.norm_estimate is not a finite number"),
              ({"slq": []}, "the SLQ entry is not an object")]

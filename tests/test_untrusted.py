@@ -397,3 +397,42 @@ def test_train_checkpoints_beyond_the_last_epoch_or_with_other_history_epochs_st
         res = train(_ck_net(), (X, X), cfg, checkpoint=ck, log=notes.append, **kw)
         assert len(notes) == 1 and f"holds damaged entries ({why})" in notes[0], notes
         assert res.status == "ok" and res.final_loss == ref.final_loss and res.history == ref.history
+
+
+def test_a_spectrum_checkpoint_damaged_in_its_segments_or_seconds_starts_afresh(tmp_path, capsys):
+    """The checks above looked at the recurrence and the Ritz values only: a `seconds` entry that was not an
+    object escaped main() as an AttributeError, a Lanczos segment that was not [start, end, reason] failed every
+    rerun ("'int' object is not iterable") or was resumed as ["a", "b"], and a string max_vectors or a numeric
+    stop_reason went into spectrum.json unchecked."""
+    from shortcut_ext.cli import main
+
+    out = tmp_path / "o"
+    args = ["spectrum", "--units", "4", "--width", "3", "--samples", "24", "--probes", "2", "--steps", "8", "--top",
+            "2", "--init", "small", "--no-progress", "--no-plots", "--out", str(out)]
+    assert main(args) == 0
+    want = json.loads((out / "spectrum.json").read_text())
+    ck_path = out / "spectrum.checkpoint.json"
+    good = json.loads(ck_path.read_text())
+    assert good["lanczos"]["segments"] and isinstance(good["seconds"], dict)
+
+    def edit(section, key, value):
+        ck = json.loads(json.dumps(good))
+        (ck if section is None else ck[section])[key] = value
+        return ck
+
+    for section, key, value in (("lanczos", "segments", [5]), ("lanczos", "segments", ["ab"]),
+                                ("lanczos", "segments", [[3, 1, "converged"]]), ("lanczos", "max_vectors", "x"),
+                                ("lanczos", "basis_bytes", -1), ("lanczos", "stop_reason", 7)):
+        ck_path.write_text(json.dumps(edit(section, key, value)))
+        capsys.readouterr()
+        assert main(args) == 0, (key, value)
+        assert "holds damaged entries" in capsys.readouterr().err, (key, value)
+        got = json.loads((out / "spectrum.json").read_text())
+        assert got["resumed"]["lanczos"] is False and got["lanczos"]["segments"] == want["lanczos"]["segments"]
+        assert got["condition"] == pytest.approx(want["condition"])
+    for seconds in (5, "abc", [1], {"lanczos": "x", "slq": float("inf")}, {"lanczos": True}):
+        ck_path.write_text(json.dumps(edit(None, "seconds", seconds)))
+        capsys.readouterr()
+        assert main(args) == 0, seconds  # resumed: the earlier time is unknown, as for an older checkpoint
+        got = json.loads((out / "spectrum.json").read_text())
+        assert got["resumed"]["lanczos"] is True and got["condition"] == pytest.approx(want["condition"]), seconds

@@ -665,8 +665,10 @@ class _Checkpoint:
         # seconds earlier processes spent on what the checkpoint holds (absent in older checkpoints)
         resumes = self.state["lanczos"] is not None or bool(self.state["slq"])
         sec = old.get("seconds") if isinstance(old, dict) and resumes else None
-        self.seconds = {k: float(v) for k, v in (sec or {}).items()
-                        if k in ("lanczos", "slq") and isinstance(v, (int, float))}
+        sec = sec if isinstance(sec, dict) else {}  # a damaged entry: the earlier time is unknown, as for an old one
+        self.seconds = {k: float(v) for k, v in sec.items()
+                        if k in ("lanczos", "slq") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) and v >= 0}
         self.state["seconds"] = dict(self.seconds)
         # resumed phases whose earlier time the checkpoint does not hold (one written by an older version)
         self.seconds_unknown = [k for k, done in (("lanczos", self.state["lanczos"] is not None),
@@ -762,8 +764,18 @@ def _damaged_checkpoint(state: dict, args) -> str | None:
         for k in ("num_vectors", "num_products", "breakdowns", "restarts"):
             if not count(lz.get(k)):
                 return f"lanczos.{k} is not a count"
-        if not isinstance(lz.get("segments"), list) or not isinstance(lz.get("converged"), bool):
-            return "lanczos.segments or lanczos.converged has the wrong type"
+        for k in ("max_vectors", "basis_bytes"):
+            if not count(lz.get(k)):
+                return f"lanczos.{k} is not a count"
+        if not isinstance(lz.get("converged"), bool):
+            return "lanczos.converged is not true or false"
+        if not isinstance(lz.get("stop_reason"), str):
+            return "lanczos.stop_reason is not a string"
+        segments = lz.get("segments")
+        if not (isinstance(segments, list) and all(
+                isinstance(seg, list) and len(seg) == 3 and count(seg[0]) and count(seg[1]) and seg[0] <= seg[1]
+                and isinstance(seg[2], str) for seg in segments)):
+            return "lanczos.segments is not a list of [start, end, reason]"
         if not isinstance(lz.get("norm_estimate"), (int, float)) or not math.isfinite(lz["norm_estimate"]):
             return "lanczos.norm_estimate is not a finite number"
     slq_state = state.get("slq")
