@@ -47,7 +47,8 @@ def nonneg_int(text: str) -> int:
 
 
 def seed(text: str) -> int:
-    """A seed: an integer in [0, 2**63)."""
+    """A seed: an integer in [0, 2**63) (torch's CPU generator keeps its low 32 bits: seeds equal modulo
+    2**32 give the same draws)."""
     v = _int(text)
     if not 0 <= v <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**63), got {text}")

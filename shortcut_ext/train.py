@@ -75,6 +75,8 @@ class TrainConfig:
         exact_max_params: largest parameter count probed with an exact dense Hessian.
         divergence_factor: a loss above ``divergence_factor * max(initial loss, 1)`` counts as diverged.
         seed: seeds the mini-batch order and the random vectors of the Hessian probes (Lanczos, SLQ).
+            Any integer in [0, 2^63); torch's CPU generator keeps its low 32 bits, so seeds equal
+            modulo 2^32 give the same draws.
     """
 
     epochs: int = 1000

@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
                    help="activation variant (a 1-shortcut unit has one layer: no *-mid variants)")
     p.add_argument("--depth", type=int, default=10,
                    help="weight layers: >= 1, a multiple of the shortcut depth (default 10)")
-    p.add_argument("--seed", type=seed, default=0, help="seeds the init, the mini-batch order and the Hessian probes' random vectors (the data subset is the same for every seed)")
+    p.add_argument("--seed", type=seed, default=0, help="seeds the init, the mini-batch order and the Hessian probes' random vectors (the data subset is the same for every seed; torch keeps the low 32 bits of a seed)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
     p.add_argument("--epochs", type=nonneg_int, default=1000, help="full passes over the data (gd: one update each; sgd / adam: one per mini-batch; default 1000)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="gd",
