@@ -584,3 +584,40 @@ def test_the_dense_reference_checks_its_targets():
         dense_hessian_func(net, (X, torch.tensor([0, 3, 1])), loss="cross_entropy")
     H = dense_hessian_func(net, (X, torch.tensor([0, 2, 1])), loss="cross_entropy")
     assert H.shape == (net.weight.numel(),) * 2 and torch.allclose(H, H.T, atol=1e-14)
+
+
+def test_max_directions_zero_is_refused_and_products_are_counted_per_direction():
+    """Not pinned: max_directions=0 (built, then every product failed in matmat's chunking) is refused when the
+    operator is built; and num_products counts directions, not calls (one matmat of 3 directions is 3)."""
+    net = ShortcutNet(3, 2, 2, init="small", seed=1, backend="torch", dtype=F64)
+    X, Y = make_data()
+    with pytest.raises(ValueError, match="max_directions must be a positive integer or None, got 0"):
+        HessianOperator(net, (X, Y), max_directions=0)
+    for md in (None, 1, 2):
+        H = HessianOperator(net, (X, Y), backend="autograd", max_directions=md)
+        assert H.num_products == 0
+        H.matmat(torch.randn(H.P, 3, generator=torch.Generator().manual_seed(0), dtype=F64))
+        assert H.num_products == 3, md
+        H.matvec(torch.ones(H.P, dtype=F64))
+        assert H.num_products == 4, md
+
+
+@pytest.mark.skipif(not fused_hvp_available(), reason="the fused HVP op is not built")
+def test_a_square_orthonormal_readout_keeps_the_fused_backend():
+    """Not pinned: a frozen read-out P [q, d] with q == d and orthonormal columns (a rotation of the output)
+    runs the fused HVP (targets y P, the same Hessian) with no FallbackWarning; only q < d falls back."""
+    import warnings
+
+    from shortcut_ext.curvature.hessian import FallbackWarning
+
+    g = torch.Generator().manual_seed(0)
+    net = ShortcutNet(4, 2, 2, init="small", seed=1, in_features=6, out_features=4, backend="torch", dtype=F64)
+    assert net.readout is None
+    net.readout = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))[0]
+    X, Y = torch.randn(10, 6, generator=g, dtype=F64), torch.randn(10, 4, generator=g, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        H = HessianOperator(net, (X, Y), backend="fused")
+    assert H.backend_used == "fused" and H.fallback_reason is None
+    want = HessianOperator(net, (X, Y), backend="autograd").to_dense()
+    assert rel_err(H.to_dense(), want) < 1e-10

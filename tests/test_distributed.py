@@ -591,3 +591,59 @@ def test_train_ranks_with_different_checkpoints_say_so_on_rank_0(tmp_path):
     _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)}, timeout=240)
     n0 = json.loads((tmp_path / "notes0.json").read_text())
     assert any("the ranks read different checkpoints" in n for n in n0), n0
+
+
+# A subgroup, and rank models too close to tell apart by sums at float32-like tolerances
+_SUBGROUP_AND_NEAR_MODELS = textwrap.dedent('''
+    import json, os, torch, torch.distributed as dist
+    from shortcut_ext import ShortcutNet
+    from shortcut_ext.curvature import HessianOperator
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(10, 4, generator=g, dtype=torch.float64)
+    out = {}
+    sub = dist.new_group([1])  # every rank takes part in creating it; rank 1 alone is in it
+    if rank == 1:
+        net = ShortcutNet(4, 3, 2, init="small", seed=1, dtype=torch.float64)
+        H = HessianOperator(net, (X, Y), distributed=True, process_group=sub, backend="autograd")
+        V = torch.randn(H.P, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        want = HessianOperator(net, (X, Y), backend="autograd").matmat(V)
+        out["sub"] = [H.rank, H.world_size, H.num_samples, float((H.matmat(V) - want).abs().max())]
+    def attempt(name, edit, init="small"):
+        net = ShortcutNet(4, 3, 2, init=init, scale=0.3, seed=1, dtype=torch.float64)
+        if rank == 1:
+            with torch.no_grad():
+                edit(net.weight)
+        try:
+            HessianOperator(net, (X[rank::2], Y[rank::2]), distributed=True, backend="autograd")
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    attempt("near", lambda w: w.mul_(1 + 1e-9))  # 1e-9 relative apart: another model
+    attempt("nan_vs_zero", lambda w: w.fill_(float("nan")), init="zero")  # sums 0 vs nan (zeroed): not the same
+    attempt("same", lambda w: None)
+    with open(os.path.join(os.environ["SE_OUT"], f"sub{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.barrier()  # both ranks done before either tears down (gloo's teardown race)
+    dist.destroy_process_group()
+''')
+
+
+def test_subgroup_rank_and_models_differing_slightly_or_by_nan(tmp_path):
+    """Not pinned: (1) process_group= was never a subgroup in a test: rank 1 alone in new_group([1]) must be
+    rank 0 of 1 there, not its global rank 1 of 2; (2) ranks whose weights differ by 1e-9 relative (a tolerance
+    of 1e-6 let them agree) and (3) a zero model on rank 0 against a nan model on rank 1 (the nan sums are
+    zeroed: only their nan flags tell them apart) are refused on every rank."""
+    script = tmp_path / "sub.py"
+    script.write_text(_SUBGROUP_AND_NEAR_MODELS)
+    _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)}, timeout=240)
+    r0, r1 = (json.loads((tmp_path / f"sub{r}.json").read_text()) for r in (0, 1))
+    rank, world, samples, err = r1["sub"]
+    assert (rank, world, samples) == (0, 1, 10) and err < 1e-12, r1["sub"]
+    for r in (r0, r1):
+        assert r["same"] is None, r["same"]
+        for case in ("near", "nan_vs_zero"):
+            assert r[case] and "needs the same model and settings on every rank" in r[case], (case, r[case])
+            assert "sum(w)" in r[case].split("the ranks differ in: ")[1].split(" (rank")[0], (case, r[case])

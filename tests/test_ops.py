@@ -745,3 +745,45 @@ def test_cpu_tile_layouts_several_tiles_per_slot(dtype, layout, monkeypatch):
 
         for threads in (1, 2):
             _on_threads(threads, run)
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_mismatched_dtype_device_and_shortcut_values_are_refused_on_both_backends(backend):
+    """Not pinned under backend='torch': x and weights of different dtypes (torch's own RuntimeError deep in a
+    matmul) or devices (x on meta, weights on cpu: ran, and returned a meta tensor), and a shortcut that is an
+    integer other than 0 / 1 (2, np.int64(5): taken as True) are refused with the op's own errors."""
+    import numpy as np
+
+    from shortcut_ext.ops import residual_stack_hvp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    w = 0.1 * torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x and weights must have the same dtype, got x: float32, weights: float64"):
+        residual_stack(x.float(), w, backend=backend)
+    with pytest.raises(ValueError, match="x and weights must be on the same device, got x: meta, weights: cpu"):
+        residual_stack(x.to("meta"), w, backend=backend)
+    for bad in (2, np.int64(5), -1):
+        with pytest.raises(TypeError, match="shortcut must be True or False, got"):
+            residual_stack(x, w, shortcut=bad, backend=backend)
+        with pytest.raises(TypeError, match="shortcut must be True or False, got"):
+            residual_stack_hvp(x, w, torch.zeros_like(x), w[None].clone(), shortcut=bad, backend=backend)
+    for ok in (0, 1, np.int64(1)):  # 0 / 1 still mean False / True
+        torch.testing.assert_close(residual_stack(x, w, shortcut=ok, backend=backend),
+                                   residual_stack(x, w, shortcut=bool(ok), backend=backend), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_hvp_directions_of_another_dtype_are_refused_on_both_backends(backend):
+    """Not pinned under backend='torch': float32 directions with float64 weights ran (and returned products in
+    a mixed precision) instead of the TypeError the fused backend gives."""
+    from shortcut_ext.ops import residual_stack_hvp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    w = 0.1 * torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    D = torch.randn(1, 2, 2, 3, 3, generator=g, dtype=torch.float64)
+    with pytest.raises(TypeError, match="directions must have dtype float64 like weights, got float32"):
+        residual_stack_hvp(x, w, torch.zeros_like(x), D.float(), backend=backend)
+    _, _, hv = residual_stack_hvp(x, w, torch.zeros_like(x), D, backend=backend)
+    assert hv.dtype == torch.float64 and hv.shape == D.shape

@@ -639,3 +639,55 @@ def test_the_total_time_of_a_resumed_spectrum_adds_the_earlier_lanczos_and_slq_t
     t = _result(out)["timings_s"]
     assert t["lanczos"] == 50.0 and 100.0 <= t["slq"] < 100.0 + t["this_process"]
     assert t["total"] == pytest.approx(t["this_process"] + 150.0, abs=0.05), t
+
+
+def test_a_cuda_index_one_past_the_visible_devices_is_refused(monkeypatch):
+    """Not pinned: with one CUDA device visible, --device cuda:1 (an index equal to the count) is refused with a
+    one-line error; cuda:0 and cuda are accepted.  (CUDA is faked: the check needs no GPU.)"""
+    import torch
+
+    from shortcut_ext._device import parse_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=r"--device cuda:1: only 1 CUDA device\(s\) are visible"):
+        parse_device("cuda:1", "spectrum")
+    assert parse_device("cuda:0", "spectrum") == "cuda:0" and parse_device("cuda", "spectrum") == "cuda"
+
+
+def test_digits_takes_all_of_its_samples(tmp_path, monkeypatch):
+    """Not pinned: --data digits --samples 1797 (every sample of the data set, the documented maximum) runs;
+    only more is refused."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o"
+    assert main(["spectrum", "--data", "digits", "--samples", "1797", "--units", "2", "--width", "2", "--probes", "2",
+                 "--steps", "5", "--top", "2", "--exact-max-params", "0", "--no-plots", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert _result(out)["slq"]["probes"] == 2
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda slq: slq.update({"3": slq["0"]}), "SLQ probe '3' is not one of the 3 probes"),
+    (lambda slq: slq.update({"1": [[], [], 0]}), "SLQ probe 1 is not [alpha, beta, steps] with 1 <= steps <= 5"),
+], ids=["probe_index_equal_to_probes", "zero_steps"])
+def test_damaged_slq_checkpoint_entries_start_afresh(tmp_path, monkeypatch, capsys, damage, why):
+    """Not pinned: a 3-probe checkpoint holding a probe "3" (one past the last index: resumed as 4 of 3 probes)
+    or a probe of 0 steps (crashed with an IndexError) is named as damaged, and the run starts afresh with the
+    first run's numbers."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o"
+    args = ["spectrum", "--units", "3", "--width", "2", "--samples", "20", "--probes", "3", "--steps", "5", "--top",
+            "2", "--no-plots", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    want = _result(out)["slq"]
+    path = out / "spectrum.checkpoint.json"
+    ck = json.loads(path.read_text())
+    damage(ck["slq"])
+    path.write_text(json.dumps(ck))
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "holds damaged entries (" + why + "); starting afresh" in err, err
+    got = _result(out)
+    assert got["resumed"]["slq_probes"] == 0 and got["slq"]["probes"] == 3
+    assert got["slq"]["abs_quantiles"] == pytest.approx(want["abs_quantiles"], rel=1e-10)
