@@ -402,8 +402,10 @@ def test_train_checkpoints_beyond_the_last_epoch_or_with_other_history_epochs_st
 def test_a_spectrum_checkpoint_damaged_in_its_segments_or_seconds_starts_afresh(tmp_path, capsys):
     """The checks above looked at the recurrence and the Ritz values only: a `seconds` entry that was not an
     object escaped main() as an AttributeError, a Lanczos segment that was not [start, end, reason] failed every
-    rerun ("'int' object is not iterable") or was resumed as ["a", "b"], and a string max_vectors or a numeric
-    stop_reason went into spectrum.json unchecked."""
+    rerun ("'int' object is not iterable") or was resumed as ["a", "b"], a string max_vectors or a numeric
+    stop_reason went into spectrum.json unchecked, and an integer beyond float's range (JSON allows one) raised an
+    OverflowError out of main() from math.isfinite. A seconds entry of non-finite, negative or boolean values
+    leaves that phase's earlier time unknown."""
     from shortcut_ext.cli import main
 
     out = tmp_path / "o"
@@ -420,9 +422,13 @@ def test_a_spectrum_checkpoint_damaged_in_its_segments_or_seconds_starts_afresh(
         (ck if section is None else ck[section])[key] = value
         return ck
 
+    huge = json.loads("1" + "0" * 400)  # an integer literal beyond float's range: math.isfinite overflows
     for section, key, value in (("lanczos", "segments", [5]), ("lanczos", "segments", ["ab"]),
-                                ("lanczos", "segments", [[3, 1, "converged"]]), ("lanczos", "max_vectors", "x"),
-                                ("lanczos", "basis_bytes", -1), ("lanczos", "stop_reason", 7)):
+                                ("lanczos", "segments", [[3, 1, "converged"]]), ("lanczos", "segments", [[0, 6]]),
+                                ("lanczos", "segments", [[0, 6, 7]]), ("lanczos", "segments", [[0, "x", "c"]]),
+                                ("lanczos", "max_vectors", "x"), ("lanczos", "basis_bytes", -1),
+                                ("lanczos", "stop_reason", 7), ("lanczos", "norm_estimate", huge),
+                                ("lanczos", "largest", [huge] * len(good["lanczos"]["largest"]))):
         ck_path.write_text(json.dumps(edit(section, key, value)))
         capsys.readouterr()
         assert main(args) == 0, (key, value)
@@ -430,9 +436,15 @@ def test_a_spectrum_checkpoint_damaged_in_its_segments_or_seconds_starts_afresh(
         got = json.loads((out / "spectrum.json").read_text())
         assert got["resumed"]["lanczos"] is False and got["lanczos"]["segments"] == want["lanczos"]["segments"]
         assert got["condition"] == pytest.approx(want["condition"])
-    for seconds in (5, "abc", [1], {"lanczos": "x", "slq": float("inf")}, {"lanczos": True}):
+    assert good["seconds"]["lanczos"] >= 0 and good["seconds"]["slq"] >= 0
+    for seconds, unknown in ((5, ["lanczos", "slq"]), ("abc", ["lanczos", "slq"]), ([1], ["lanczos", "slq"]),
+                             ({"lanczos": "x", "slq": float("inf")}, ["lanczos", "slq"]),
+                             ({"lanczos": True, "slq": huge}, ["lanczos", "slq"]),
+                             ({"lanczos": -3.0, "slq": 1.0}, ["lanczos"]), ({"lanczos": 2.0, "slq": 0}, [])):
         ck_path.write_text(json.dumps(edit(None, "seconds", seconds)))
         capsys.readouterr()
         assert main(args) == 0, seconds  # resumed: the earlier time is unknown, as for an older checkpoint
         got = json.loads((out / "spectrum.json").read_text())
         assert got["resumed"]["lanczos"] is True and got["condition"] == pytest.approx(want["condition"]), seconds
+        assert got["resumed"]["seconds_unknown"] == unknown, (seconds, got["resumed"])
+        assert ("lanczos" in got["timings_s"]) == ("lanczos" not in unknown), (seconds, got["timings_s"])

@@ -667,8 +667,7 @@ class _Checkpoint:
         sec = old.get("seconds") if isinstance(old, dict) and resumes else None
         sec = sec if isinstance(sec, dict) else {}  # a damaged entry: the earlier time is unknown, as for an old one
         self.seconds = {k: float(v) for k, v in sec.items()
-                        if k in ("lanczos", "slq") and isinstance(v, (int, float)) and not isinstance(v, bool)
-                        and math.isfinite(v) and v >= 0}
+                        if k in ("lanczos", "slq") and _finite_number(v) and v >= 0}
         self.state["seconds"] = dict(self.seconds)
         # resumed phases whose earlier time the checkpoint does not hold (one written by an older version)
         self.seconds_unknown = [k for k, done in (("lanczos", self.state["lanczos"] is not None),
@@ -738,11 +737,20 @@ class _Checkpoint:
         self._flush()
 
 
+def _finite_number(x) -> bool:
+    """A JSON number that is a finite float (not a bool, not an integer beyond float's range)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # json reads 1e400 written as an integer literal as a Python int
+        return False
+
+
 def _damaged_checkpoint(state: dict, args) -> str | None:
     """What is wrong with a checkpoint's Lanczos and SLQ entries (types, sizes, non-finite values), or None."""
     def finite_list(v, n=None):
-        return (isinstance(v, list) and (n is None or len(v) == n) and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+        return isinstance(v, list) and (n is None or len(v) == n) and all(_finite_number(x) for x in v)
 
     def count(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -776,7 +784,7 @@ def _damaged_checkpoint(state: dict, args) -> str | None:
                 isinstance(seg, list) and len(seg) == 3 and count(seg[0]) and count(seg[1]) and seg[0] <= seg[1]
                 and isinstance(seg[2], str) for seg in segments)):
             return "lanczos.segments is not a list of [start, end, reason]"
-        if not isinstance(lz.get("norm_estimate"), (int, float)) or not math.isfinite(lz["norm_estimate"]):
+        if not _finite_number(lz.get("norm_estimate")):
             return "lanczos.norm_estimate is not a finite number"
     slq_state = state.get("slq")
     if not isinstance(slq_state, dict):
