@@ -270,7 +270,9 @@ class TrainResult:
                 and len(h["epoch"]) > 0):
             return False
         # the types to_dict writes (a damaged record's strings failed later, far from the file)
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        # (an integer literal beyond float's range, which JSON allows, would overflow where it is used)
+        num = lambda v: (isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+                                                   and abs(v) < 2**1023))
         value = lambda v: v is None or num(v) or v in ("inf", "-inf")  # noqa: E731
         return (isinstance(d["status"], str) and num(d["lr"]) and isinstance(d["epochs"], int)
                 and not isinstance(d["epochs"], bool) and value(d["final_loss"]) and value(d["l_min"])

@@ -448,3 +448,18 @@ def test_a_spectrum_checkpoint_damaged_in_its_segments_or_seconds_starts_afresh(
         assert got["resumed"]["lanczos"] is True and got["condition"] == pytest.approx(want["condition"]), seconds
         assert got["resumed"]["seconds_unknown"] == unknown, (seconds, got["resumed"])
         assert ("lanczos" in got["timings_s"]) == ("lanczos" not in unknown), (seconds, got["timings_s"])
+
+
+def test_a_stored_run_with_an_integer_beyond_float_range_is_run_again():
+    """JSON allows integer literals of any size: a runs.jsonl record whose final loss or history held 1e400
+    written as an integer counted as a finished run, and its number overflowed wherever it was used."""
+    from shortcut_ext.models import ShortcutNet
+
+    X = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    good = train(ShortcutNet(3, 1, init="small", dtype=torch.float64), (X, X), TrainConfig(epochs=2)).to_dict()
+    assert TrainResult.is_record(good)
+    huge = json.loads("1" + "0" * 400)
+    assert not TrainResult.is_record({**good, "final_loss": huge})
+    assert not TrainResult.is_record({**good, "lr": huge})
+    assert not TrainResult.is_record({**good, "history": {**good["history"], "loss": [huge] * 3}})
+    assert TrainResult.is_record({**good, "final_loss": 10**300, "lr": 1})  # large but a float: fine
