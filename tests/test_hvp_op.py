@@ -266,11 +266,17 @@ F64 = dict(dtype=torch.float64)
         (dict(v=torch.zeros(2, 2, 2, 3, 4, **F64)), ValueError,
          r"directions must have shape \[k, R, n, d, d\] = \[k, 2, 2, 3, 3\], got \[2, 2, 2, 3, 4\]"),
         (dict(v=torch.zeros(2, 2, 3, 3, **F64)), ValueError, r"directions must have shape .*got \[2, 2, 3, 3\]"),
+        # a wrong second-to-last size: the kernel assumed d x d blocks (wrong products, a write past the output)
+        (dict(v=torch.zeros(2, 2, 2, 4, 3, **F64)), ValueError,
+         r"directions must have shape \[k, R, n, d, d\] = \[k, 2, 2, 3, 3\], got \[2, 2, 2, 4, 3\]"),
         (dict(v=torch.zeros(2, 2, 2, 3, 3)), TypeError, r"directions must have dtype float64 like weights, got float32"),
         (dict(v=torch.zeros(2, 2, 2, 3, 3, **F64).transpose(3, 4)), None, None),  # any strides
         (dict(y=torch.zeros(5, **F64)), ValueError,
          r"targets must have shape \[B, d\] = \[5, 3\] for loss='mse', got \[5\]"),
         (dict(y=torch.zeros(4, 3, **F64)), ValueError, r"targets must have shape \[B, d\] = \[5, 3\], got \[4, 3\]"),
+        # a wrong width: read with row stride d (a silently wrong loss, a read past the end for fewer columns)
+        (dict(y=torch.zeros(5, 4, **F64)), ValueError, r"targets must have shape \[B, d\] = \[5, 3\], got \[5, 4\]"),
+        (dict(y=torch.zeros(5, 2, **F64), loss="cross_entropy"), ValueError, r"targets must have shape .*got \[5, 2\]"),
         (dict(y=torch.zeros(5, 3)), TypeError, r"targets \[B, d\] must have dtype float64 like x, got float32"),
         (dict(y=torch.zeros(5, dtype=torch.int64), loss="cross_entropy"), None, None),
         (dict(y=torch.tensor([0, 1, 2, 3, 0]), loss="cross_entropy"), ValueError,
