@@ -1,0 +1,387 @@
+"""The CPU benchmarks' reporting (benchmarks/*.py): FLOP counts, GFLOP/s, per-HVP division by k, ratios,
+medians and IQRs, warm-up, peak memory, extrapolation, and the correctness checks before timing.  Nothing
+is timed for real: time.perf_counter is faked, or the timing helpers are replaced, on tiny problems; FLOP
+counts are recomputed with torch.utils.flop_counter.FlopCounterMode and ratios from the reported times."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import shortcut_ext
+from shortcut_ext import reference as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+ACTS = ("identity", "relu", "identity")
+
+pytestmark = pytest.mark.skipif(not shortcut_ext.is_built(), reason="shortcut_ext._C is not built")
+
+
+def _fused():
+    from shortcut_ext.curvature.hessian import fused_hvp_available
+
+    return fused_hvp_available()
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """bench(name) -> the module benchmarks/<name>.py, importable; common.RESULTS_DIR restored."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import importlib
+
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", common.RESULTS_DIR)
+    return importlib.import_module
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake time.perf_counter: clock[0] is now; tests advance it."""
+    now = [0.0]
+    monkeypatch.setattr(time_module(), "perf_counter", lambda: now[0])
+    return now
+
+
+def time_module():
+    import time
+
+    return time
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------------ bench_hvp
+def test_hvp_time_variant_warms_up_then_times_each_repeat(bench, clock):
+    bench_hvp = bench("bench_hvp")
+    durations = iter([7.0, 0.1, 0.2, 0.3])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock[0] += next(durations)
+
+    assert bench_hvp.time_variant(fn, 3) == pytest.approx([0.1, 0.2, 0.3])
+    assert len(calls) == 4
+
+
+def test_hvp_main_reports_per_hvp_medians_iqr_and_ratios(bench, clock, monkeypatch, tmp_path):
+    """main(): median and inclusive IQR of the repeats, per_hvp_s = median / k, and the speedup =
+    double backward's median (k = 1) / the variant's per-HVP time; the CSV says what the JSON says."""
+    bench_hvp = bench("bench_hvp")
+    times = {"double_backward_k1": [0.01, 0.03, 0.02, 0.05, 0.04],
+             "is_grads_batched_k16": [0.08, 0.16, 0.32, 0.16, 0.24]}
+    real = bench_hvp.variant_fn
+
+    def fake(name, x, y, w, V):
+        fn = real(name, x, y, w, V)
+        durations = iter([9.0] + times[name])  # the first call of each instance: check's, or the warm-up
+
+        def run():
+            clock[0] += next(durations)
+            return fn()
+        return run
+
+    monkeypatch.setattr(bench_hvp, "variant_fn", fake)
+    monkeypatch.setattr(bench_hvp, "peak_memory_mib", lambda name, units: {"double_backward_k1": 3.5}.get(name, 7.25))
+    out = tmp_path / "h.json"
+    assert bench_hvp.main(["--units", "2", "--variants", "double_backward_k1", "is_grads_batched_k16",
+                           "--repeats", "5", "--threads", str(torch.get_num_threads()), "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    for name, ts in times.items():
+        r = rows[name]
+        k = 1 if name.endswith("_k1") else 16
+        q = statistics.quantiles(ts, n=4, method="inclusive")
+        assert r["k"] == k and r["status"] == "ok"
+        assert r["median_s"] == pytest.approx(statistics.median(ts))
+        assert r["iqr_s"] == pytest.approx([q[0], q[2]])
+        assert r["per_hvp_s"] == pytest.approx(statistics.median(ts) / k)
+        assert r["speedup_vs_double_backward_per_hvp"] == pytest.approx(0.03 / (statistics.median(ts) / k))
+    assert rows["is_grads_batched_k16"]["speedup_vs_double_backward_per_hvp"] == pytest.approx(3.0)
+    assert (rows["double_backward_k1"]["peak_rss_mib"], rows["is_grads_batched_k16"]["peak_rss_mib"]) == (3.5, 7.25)
+    with open(tmp_path / "h.csv") as f:
+        table = {r["variant"]: r for r in csv.DictReader(f)}
+    for name, r in rows.items():
+        for key in ("median_s", "per_hvp_s", "speedup_vs_double_backward_per_hvp", "peak_rss_mib"):
+            assert float(table[name][key]) == pytest.approx(r[key])
+
+
+def test_hvp_peak_memory_measures_growth_in_mib(bench):
+    bench_hvp = bench("bench_hvp")
+    with bench_hvp.RssPeak() as peak:
+        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del t
+    assert 56 <= peak.growth_mib <= 90, peak.growth_mib
+    assert peak.peak - peak.base == pytest.approx(peak.growth_mib * 2**20)
+
+
+# ------------------------------------------------------------------------------- bench_residual_stack
+class FakeBenchmark:
+    """pytest-benchmark's fixture, enough for test_residual_stack: runs the warm-up and the rounds, and
+    reports a fixed median (the mean differs, so that a row built from the mean shows)."""
+
+    def __init__(self, median, iqr):
+        self.median, self.iqr, self.calls = median, iqr, 0
+
+    def pedantic(self, fn, rounds, warmup_rounds, iterations):
+        for _ in range(warmup_rounds + rounds):
+            fn()
+            self.calls += 1
+        self.stats = SimpleNamespace(stats=SimpleNamespace(median=self.median, iqr=self.iqr, mean=100 * self.median,
+                                                           min=self.median / 100))
+
+
+@pytest.fixture
+def residual_stack_bench(bench, monkeypatch):
+    mod = bench("bench_residual_stack")
+    monkeypatch.setattr(mod, "R", 3)
+    monkeypatch.setattr(mod, "B", 8)
+    monkeypatch.setattr(mod, "ROWS", [])
+    monkeypatch.setattr(mod, "_CACHE", {})
+    monkeypatch.setattr(mod, "_RATE", [1000.0])
+    written = []
+    monkeypatch.setattr(mod, "write_results", lambda name, rows, extra: written.append((name, rows, extra)))
+    return mod, written
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_residual_stack_flops_are_torchs(residual_stack_bench, mode):
+    mod, _ = residual_stack_bench
+    d = 4
+    x, w = mod._inputs(d)
+    if mode == "forward":
+        counted = _flops(lambda: ref.residual_stack_forward(x, w, True, *ACTS))
+    else:
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+        def fb():
+            y = ref.residual_stack_forward(xg, wg, True, *ACTS)
+            torch.autograd.grad(y.square().sum(), (xg, wg))
+        counted = _flops(fb)
+    assert mod.flops(d, mode) == counted
+
+
+def test_residual_stack_rows_rates_and_ratios(residual_stack_bench):
+    """A row: median_ms = the benchmark's median, gflops = flops / median, its fraction of the GEMM rate,
+    and the speedup = eager's median / the row's (the ratios recomputed from the reported times)."""
+    mod, written = residual_stack_bench
+    d = 4
+    medians = {"eager": 4e-9, "fused": 1e-9, "fused_recompute": 2e-9}
+    for mode in ("forward", "forward_backward"):
+        for impl, med in medians.items():
+            if impl == "fused_recompute" and mode == "forward":
+                continue
+            fb = FakeBenchmark(med, med / 4)
+            mod.test_residual_stack(fb, d, mode, impl)
+            assert fb.calls == (3 if impl == "eager" else 7) + 1
+    rows = written[-1][1]
+    assert written[-1][0] == "residual_stack_partial" and written[-1][2]["gemm4096_gflops"] == 1000.0
+    assert len(rows) == 5
+    for r in rows:
+        med = medians[r["impl"]]
+        assert r["median_ms"] == pytest.approx(med * 1e3) and r["iqr_ms"] == pytest.approx(med / 4 * 1e3)
+        assert r["gflops"] == pytest.approx(mod.flops(d, r["mode"]) / med / 1e9)
+        assert r["fraction_of_gemm"] == pytest.approx(r["gflops"] / 1000.0, abs=1e-3)
+        assert r["speedup_vs_eager"] == pytest.approx(medians["eager"] / med, abs=0.01)
+    assert {r["impl"]: r["speedup_vs_eager"] for r in rows if r["mode"] == "forward"} == {"eager": 1.0, "fused": 4.0}
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_residual_stack_refuses_a_wrong_output(residual_stack_bench, monkeypatch, mode):
+    """The fused output is compared with eager before timing (the output itself, not only its gradients)."""
+    mod, _ = residual_stack_bench
+    real = mod.residual_stack
+    monkeypatch.setattr(mod, "residual_stack", lambda *a, **k: real(*a, **k) + 0.5)  # gradients unchanged
+    mod.test_residual_stack(FakeBenchmark(1e-9, 1e-10), 4, mode, "eager")
+    with pytest.raises(AssertionError):
+        mod.test_residual_stack(FakeBenchmark(1e-9, 1e-10), 4, mode, "fused")
+
+
+# ------------------------------------------------------------------------------------ bench_gemm_ceiling
+def test_gemm_ceiling_median_warms_up_once(bench, clock):
+    mod = bench("bench_gemm_ceiling")
+    durations = iter([5.0, 0.3, 0.1, 0.2, 0.9, 0.4])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock[0] += next(durations)
+
+    assert mod._median_s(fn, 5) == pytest.approx(0.3) and len(calls) == 6
+
+
+def test_gemm_ceiling_fused_rates_count_torchs_flops(bench, monkeypatch, tmp_path):
+    mod = bench("bench_gemm_ceiling")
+    t = {"s": 1e-6}
+    monkeypatch.setattr(mod, "_median_s", lambda fn, reps: t["s"])
+    monkeypatch.setattr(mod, "gemm_rate", lambda: 123.0)
+    monkeypatch.setattr(mod, "environment", lambda: {})
+    monkeypatch.setattr(mod, "load_inline", lambda *a, **k: SimpleNamespace(brgemm_rate=lambda *a: 42.0))
+    out = tmp_path / "g.json"
+    monkeypatch.setattr("sys.argv", ["bench_gemm_ceiling.py", "--units", "2", "--out", str(out)])
+    old = torch.get_num_threads()
+    try:
+        mod.main()
+    finally:
+        torch.set_num_threads(old)
+    res = json.loads(out.read_text())
+    assert res["gemm4096_gflops"] == {"1": 123.0, "2": 123.0}
+    for d in (64, 128):
+        x, w = torch.randn(256, d), torch.randn(2, 2, d, d)
+        fwd = _flops(lambda: ref.residual_stack_forward(x, w, True, *ACTS))
+        xg, wg = x.requires_grad_(), w.requires_grad_()
+        y = ref.residual_stack_forward(xg, wg, True, *ACTS)
+        bwd = _flops(lambda: torch.autograd.grad(y, (xg, wg), torch.randn_like(y)))
+        rates = {r["what"]: r["gflops"] for r in res["rows"] if r["d"] == d}
+        assert rates["fused forward, no save, 1 thread"] == pytest.approx(fwd / t["s"] / 1e9, abs=0.1)
+        assert rates["fused forward saving layer inputs, 1 thread"] == pytest.approx(fwd / t["s"] / 1e9, abs=0.1)
+        assert rates["fused backward from layer inputs, 1 thread"] == pytest.approx(bwd / t["s"] / 1e9, abs=0.1)
+        assert sum(v == 42.0 for v in rates.values()) == 3
+
+
+# ---------------------------------------------------------------------------------------- bench_spectrum
+SPECTRUM_ARGS = ["--units", "4", "--samples", "16", "--probes", "2", "--steps", "4", "--top", "1",
+                 "--lanczos-products", "12", "--extrapolate-units", "12"]
+
+
+def test_spectrum_totals_plan_and_extrapolation(bench, tmp_path):
+    """Totals are the phases' sums (setup included), the quiet estimate is CPU time / threads, the plan's
+    basis sizes are vectors * P * itemsize, and the extrapolation scales time by f and the RSS above the
+    base by f."""
+    mod = bench("bench_spectrum")
+    out = tmp_path / "s.json"
+    assert mod.main(SPECTRUM_ARGS + ["--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    phases = ("setup", "lanczos", "slq")
+    t, P = res["total"], res["num_params"]
+    assert t["wall_s"] == pytest.approx(sum(res[k]["wall_s"] for k in phases))
+    assert t["cpu_s"] == pytest.approx(sum(res[k]["cpu_s"] for k in phases))
+    assert t["quiet_wall_estimate_s"] == pytest.approx(t["cpu_s"] / torch.get_num_threads())
+    assert t["peak_rss_sampled_mib"] == max(res[k]["peak_rss_mib"] for k in ("lanczos", "slq"))
+    assert t["products"] == res["lanczos"]["products"] + res["slq"]["products"] + 1  # + the warm-up product
+    assert res["lanczos"]["products"] > 0 and res["slq"]["products"] > 0
+    plan = res["plan"]
+    assert plan["lanczos_basis_gib"] == pytest.approx(plan["lanczos_vectors"] * P * 4 / 2**30)
+    assert plan["slq_basis_gib"] == pytest.approx(plan["slq_probe_batch"] * 4 * P * 4 / 2**30)
+    for k in ("lanczos", "slq"):
+        ph = res[k]
+        assert ph["peak_rss_growth_mib"] == pytest.approx(ph["peak_rss_mib"] - ph["rss_at_start_mib"])
+    est, base, f = res["extrapolated"], res["rss_base_mib"], 3.0
+    assert est["factor"] == f
+    for k in ("lanczos", "slq", "total"):
+        assert est[k]["wall_s"] == pytest.approx(f * res[k]["wall_s"])
+        assert est[k]["quiet_wall_s"] == pytest.approx(f * res[k]["cpu_s"] / torch.get_num_threads())
+    for k in ("lanczos", "slq"):
+        assert est[k]["peak_rss_mib"] == pytest.approx(base + f * (res[k]["peak_rss_mib"] - base))
+    assert est["peak_rss_mib"] == pytest.approx(base + f * (t["peak_rss_sampled_mib"] - base))
+
+
+def test_spectrum_phase_times_come_from_the_clock(bench, monkeypatch):
+    mod = bench("bench_spectrum")
+    now = [10.0]
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: now[0])
+    op = SimpleNamespace(num_products=5)
+    with mod.Phase("x", op, lambda: None) as ph:
+        now[0] += 2.5
+        op.num_products += 7
+    assert ph.info["wall_s"] == pytest.approx(2.5) and ph.info["products"] == 7
+
+
+@pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
+def test_spectrum_refuses_a_wrong_fused_product(bench, monkeypatch, tmp_path):
+    """1% off fails the float32 check (a nan never reaches it: HessianOperator refuses non-finite products)."""
+    mod = bench("bench_spectrum")
+    real = mod.HessianOperator.matmat
+
+    def poisoned(self, V):
+        return real(self, V) * (1.01 if self.backend_used == "fused" else 1.0)
+
+    monkeypatch.setattr(mod.HessianOperator, "matmat", poisoned)
+    with pytest.raises(SystemExit, match="disagrees"):
+        mod.main(SPECTRUM_ARGS + ["--out", str(tmp_path / "s.json")])
+
+
+# ---------------------------------------------------------------------------------------- bench_readout_hvp
+def _small_readout(mod, monkeypatch):
+    real = mod.make_operators
+    monkeypatch.setattr(mod, "make_operators", lambda k=1: real(units=3, width=4, targets=6, batch=8, k=k))
+
+
+@pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
+def test_readout_main_reports_median_ratio(bench, monkeypatch, capsys):
+    """main(): the median of 7 timed calls after a warm-up, per backend, and the ratio autograd / fused."""
+    mod = bench("bench_readout_hvp")
+    _small_readout(mod, monkeypatch)
+    from shortcut_ext.curvature import HessianOperator
+
+    now = [0.0]
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: now[0])
+    per_call = {"fused": [50.0] + [0.001, 0.002, 0.002, 0.004, 0.002, 0.003, 0.009],
+                "autograd": [50.0] + [0.006, 0.006, 0.012, 0.006, 0.001, 0.007, 0.020]}
+    seq = {}
+    real = HessianOperator.matmat
+
+    def timed(self, V):
+        out = real(self, V)
+        it = seq.get(id(self))
+        if it is not None:
+            now[0] += next(it)
+        return out
+
+    def fresh_ops(k=1, _mk=mod.make_operators):
+        ops, V = _mk(k=k)
+        for be, op in ops.items():
+            seq[id(op)] = iter(per_call[be])
+        return ops, V
+
+    monkeypatch.setattr(HessianOperator, "matmat", timed)
+    monkeypatch.setattr(mod, "make_operators", fresh_ops)
+    monkeypatch.setattr(mod.common, "environment", lambda: {})
+    old = torch.get_num_threads()
+    try:
+        assert mod.main() == 0
+    finally:
+        torch.set_num_threads(old)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("k = ")]
+    assert len(lines) == 2
+    for line in lines:
+        assert "fused 2.0 ms, autograd 6.0 ms per call (median of 7): autograd / fused = 3.0x" in line, line
+
+
+@pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
+def test_readout_check_refuses_a_wrong_product(bench, monkeypatch):
+    mod = bench("bench_readout_hvp")
+    from shortcut_ext.curvature import HessianOperator
+
+    real = HessianOperator.matmat
+    monkeypatch.setattr(HessianOperator, "matmat",
+                        lambda self, V: real(self, V) * (1.01 if self.backend_used == "fused" else 1.0))
+    with pytest.raises(AssertionError, match="differ"):
+        mod.make_operators(units=3, width=4, targets=6, batch=8, k=2)
+
+
+@pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
+def test_readout_check_refuses_a_nan_product(bench, monkeypatch):
+    mod = bench("bench_readout_hvp")
+    from shortcut_ext.curvature import HessianOperator
+
+    real = HessianOperator.matmat
+
+    def poisoned(self, V):
+        out = real(self, V)
+        return out.index_fill(0, torch.tensor([out.shape[0] - 1]), math.nan) if self.backend_used == "fused" else out
+
+    monkeypatch.setattr(HessianOperator, "matmat", poisoned)
+    with pytest.raises(AssertionError, match="differ"):
+        mod.make_operators(units=3, width=4, targets=6, batch=8, k=2)
