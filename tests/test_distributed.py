@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -25,13 +26,42 @@ def _env():
                 PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 
 
+def _gloo_teardown_abort(r) -> bool:
+    """torchrun's result is a rank killed by SIGABRT from std::terminate with no exception in flight: gloo's
+    teardown (a joinable thread destroyed), seen about once in 100-200 two-rank launches here, under load,
+    after every rank had passed its final barrier. Not this package's failure: no Python error was raised."""
+    return (r.returncode != 0 and "terminate called without an active exception" in r.stderr
+            and "Signal 6 (SIGABRT)" in r.stderr)
+
+
 def _torchrun(args, cwd, extra_env=None, timeout=300):
+    """Two gloo ranks under torchrun; a launch lost to gloo's teardown abort (above) is run once more (the
+    commands resume, the worker scripts rewrite their results), any other failure fails the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    r = subprocess.run(cmd, env=dict(_env(), **(extra_env or {})), capture_output=True, text=True, cwd=cwd,
-                       timeout=timeout)
+    for attempt in (1, 2):
+        r = subprocess.run(cmd, env=dict(_env(), **(extra_env or {})), capture_output=True, text=True, cwd=cwd,
+                           timeout=timeout)
+        if attempt == 1 and _gloo_teardown_abort(r):
+            warnings.warn("gloo's teardown aborted a rank (std::terminate, no exception); launching again")
+            continue
+        break
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
+
+
+def test_only_gloos_teardown_abort_is_launched_again():
+    """The retry in _torchrun is for that one signature: a Python error or another signal fails at once."""
+    def done(rc, err):
+        return subprocess.CompletedProcess([], rc, "", err)
+    abort = "terminate called without an active exception\n...\ntraceback : Signal 6 (SIGABRT) received by PID 7\n"
+    assert _gloo_teardown_abort(done(1, abort))
+    assert not _gloo_teardown_abort(done(0, abort))
+    assert not _gloo_teardown_abort(done(1, "Traceback (most recent call last):\nValueError: x\nexitcode  : 1\n"))
+    assert not _gloo_teardown_abort(done(1, "terminate called after throwing an instance of 'c10::Error'\n"
+                                            "traceback : Signal 6 (SIGABRT) received by PID 7\n"))
+    assert not _gloo_teardown_abort(done(1, "terminate called without an active exception\n"
+                                            "traceback : Signal 11 (SIGSEGV) received by PID 7\n"))
 
 def _problem(loss):
     net = ShortcutNet(5, 3, 2, "tanh", "relu", "ssigmoid", init="small", scale=0.3, seed=3, backend="fused",
