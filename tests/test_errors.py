@@ -571,3 +571,47 @@ def test_max_points_is_checked_before_training():
     with pytest.raises(ValueError, match=r"max_points must be None or an integer >= 2 .*got 1"):
         lr_sweep(make, (X, Y), [0.1], TrainConfig(epochs=1), store={}, key="k", max_points=1)
     assert built == []
+
+
+# Argument checks that mutation testing of the C++ CPU kernels (QA 14) found untested.
+
+
+def test_raw_ops_refuse_weights_with_a_wrong_row_count():
+    """test_bad_shapes_and_dtypes's only mismatched weights are [R, n, d, 2d]: a check of weights.size(3) alone
+    passed, and the raw ops (the wrapper checks in Python first) then read [R, n, 2d, d] weights with the wrong
+    strides and returned a result."""
+    acts = (True, "identity", "tanh", "identity")
+    x, w = torch.randn(4, 8), torch.randn(3, 2, 16, 8)
+    with pytest.raises(ValueError, match=r"weights must have shape \[R, n, d, d\] with d == x\.size\(1\) == 8, "
+                                         r"got \[3, 2, 16, 8\]"):
+        OP.residual_stack_forward(x, w, *acts, True)
+    with pytest.raises(ValueError, match=r"weights must have shape \[R, n, d, d\] with d == grad_y\.size\(1\) == 8, "
+                                         r"got \[3, 2, 16, 8\]"):
+        OP.residual_stack_backward(x, w, torch.zeros(3, 4, 8), *acts)
+    with pytest.raises(ValueError, match=r"weights must have shape \[R, n, d, d\] with d == x\.size\(1\) == 8, "
+                                         r"got \[3, 2, 16, 8\]"):
+        OP.residual_stack_hvp(x, w, torch.zeros(4, 8), torch.zeros(1, 3, 2, 16, 8), *acts, "mse")
+
+
+@pytest.mark.parametrize("d", [5, 40])  # saved batch-major / feature-major by the forward
+def test_backward_refuses_layer_inputs_with_bad_strides(d):
+    """The backward takes layer inputs [R, n, B, d] contiguous or feature-major ([n*d*B, d*B, 1, B]); the only
+    bad-strides test gave unit inputs [R, B, d], and a feature-major check that ignored stride(1) passed (a
+    stride(1) of 0 then ran every layer's gradient from layer 0's memory). Each stride wrong in turn is refused,
+    naming saved and the strides received."""
+    R, n, B = 3, 2, 5
+    acts = (True, "identity", "tanh", "identity")
+    w = torch.randn(R, n, d, d, dtype=torch.float64) / d
+    gy = torch.randn(B, d, dtype=torch.float64)
+    buf = torch.randn(4 * R * n * d * B, dtype=torch.float64)
+    good = (n * d * B, d * B, 1, B)
+    bads = [(n * d * B, 0, 1, B), (n * d * B, 2 * d * B, 1, B), (2 * n * d * B, d * B, 1, B), (n * d * B, d * B, 2, B),
+            (n * d * B, d * B, 1, B + 1)]
+    OP.residual_stack_backward(gy, w, buf.as_strided((R, n, B, d), good), *acts)  # accepted
+    for strides in bads:
+        bad = buf.as_strided((R, n, B, d), strides)
+        assert not bad.is_contiguous()
+        shown = ", ".join(map(str, strides))
+        with pytest.raises(ValueError, match=r"saved must be contiguous \(or feature-major: .*\[n\*d\*B, d\*B, 1, B\] "
+                                             rf"for layer inputs\) .*got strides \[{shown}\]"):
+            OP.residual_stack_backward(gy, w, bad, *acts)

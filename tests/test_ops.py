@@ -787,3 +787,90 @@ def test_hvp_directions_of_another_dtype_are_refused_on_both_backends(backend):
         residual_stack_hvp(x, w, torch.zeros_like(x), D.float(), backend=backend)
     _, _, hv = residual_stack_hvp(x, w, torch.zeros_like(x), D, backend=backend)
     assert hv.dtype == torch.float64 and hv.shape == D.shape
+
+
+# Kernel paths that mutation testing of the C++ CPU kernels (QA 14) found untested: each test below
+# fails on a realistic one-line bug that the suite above passed.
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_major_weight_gradients_in_several_unit_chunks(dtype, monkeypatch):
+    """test_weight_gradients_in_several_unit_chunks runs d = 128 with the default (feature-major) tiles, whose
+    slot reduction transposes dW^T back; the batch-major recompute backward reduces its slots elementwise, and a
+    reduction that wrote a whole chunk (U units) for the last, partial chunk, over units already reduced, passed.
+    SHORTCUT_EXT_CPU_LAYOUT=batch (read at every call), recompute=True: R = 70 > U, R % U != 0 at 1 and 2
+    threads (B = 16 keeps it cheap: U depends on the slots, not on B)."""
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "batch")
+    B, d, R, n = 16, 128, 70, 2
+
+    def run():
+        _, _, U = _cpu_backward_schedule(B, d, R, n)
+        assert R > U and R % U != 0, U
+        _compare(B, d, R, n, True, ("identity", "tanh", "identity"), dtype, "cpu", recompute=True)
+
+    for threads in (1, 2):
+        _on_threads(threads, run)
+
+
+@pytest.mark.parametrize("layout", [None, "batch", "feature"])
+@pytest.mark.parametrize("layers", [False, True])
+@pytest.mark.parametrize("d", [31, 32, 33])
+def test_saved_layout_switches_exactly_at_width_32(d, layers, layout, monkeypatch):
+    """The saved activations are feature-major from d = 32 on, in the C++ forward and in the Python fake kernel
+    alike (_C.cpu_saved_feature_major_from()); the stride tests ran d = 8 and 40 only, and a C++ switch at
+    d > 32 (saved batch-major at d = 32 while the fake kernel says feature-major) passed. At d = 31, 32, 33,
+    under every SHORTCUT_EXT_CPU_LAYOUT: the fake and real strides agree, and the backward from them is right."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if layout is None:
+        monkeypatch.delenv("SHORTCUT_EXT_CPU_LAYOUT", raising=False)
+    else:
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+    B, R, n = 7, 3, 2
+    x, w = stack_inputs(B, d, R, n, torch.float64, scale=0.5 / d ** 0.5)
+    acts = ("tanh", "relu", "identity")
+    with FakeTensorMode() as mode:
+        _, fake = torch.ops.shortcut_ext.residual_stack_forward(mode.from_tensor(x), mode.from_tensor(w), True,
+                                                                 *acts, True, layers)
+    y, real = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True, layers)
+    assert fake.shape == real.shape and fake.stride() == real.stride(), (d, fake.stride(), real.stride())
+    assert real.is_contiguous() == (d < 32), (d, real.stride())
+    torch.testing.assert_close(y, ref.residual_stack_forward(x, w, True, *acts), rtol=1e-12, atol=1e-14)
+    gy = torch.randn(B, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    expect = torch.autograd.grad(ref.residual_stack_forward(xr, wr, True, *acts), (xr, wr), gy)
+    got = torch.ops.shortcut_ext.residual_stack_backward(gy, w, real, True, *acts)
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a, b, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("threads,B", [(3, 4), (4, 5), (4, 6)])
+def test_backward_with_fewer_row_tiles_than_threads(threads, B, recompute):
+    """At 3-4 threads and a tiny batch there are fewer row tiles (2-row tiles: 2 or 3 of them) than threads; the
+    backward must then run no more slots than tiles, since an empty slot's weight-gradient buffer is never
+    written (buffers are not zero-filled) and the reduction sums every slot. A schedule of one slot per thread
+    passed: at 2 threads there are always 2 tiles, and the only 3-thread test has B = 333. R n d^2 is large
+    enough that the work alone would ask for a slot per thread. Repeated calls: fresh memory is often zero."""
+    d, R, n = 16, 60, 2
+    acts = ("identity", "relu", "identity")
+
+    def run():
+        tiles, slots, _ = _cpu_backward_schedule(B, d, R, n)
+        assert tiles < threads, (tiles, threads)  # the shape reaches the case it is about
+        assert 1 <= slots <= tiles, (tiles, slots)
+        for seed in range(3):
+            for dtype in DTYPES:
+                _compare(B, d, R, n, True, acts, dtype, "cpu", seed=seed, recompute=recompute)
+
+    _on_threads(threads, run)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("d", [8, 40])  # batch-major and feature-major tiles (and saved activations)
+def test_deep_plain_stack_every_backward(d, recompute):
+    """test_deep_plain_stack (n = 300 > 64 layers a unit, whose layer pointers go to a heap array) ran
+    recompute=True only: the backward from saved layer inputs (recompute=False, what the CPU default picks
+    for such a net) writing n pointers into its 64-entry stack array passed. Both tile layouts, both backwards."""
+    _compare(70, d, 1, 300, False, ("identity", "tanh", "identity"), torch.float64, "cpu", scale=1.1 / d ** 0.5,
+             recompute=recompute)
