@@ -500,7 +500,7 @@ def verdict_final_loss_nonlinear(best_rows: list[dict], l_min: float, act: str =
                 "at a majority of depths", None if not others else bool(deep_win and sum(wins) * 2 > len(wins)),
                 "; ".join(meas) + note, {"wins": wins, "depths": d2}),
         Verdict(f"{figure} (also)", f"2-shortcut with {act} goes below the linear optimum L_min",
-                f"seed-mean final loss < L_min = {_fmt(l_min)}; reported per depth", bool(len(below) == len(d2)),
+                f"seed-mean final loss < L_min = {_fmt(l_min)} at every depth (the depths below it are listed)", bool(len(below) == len(d2)),
                 f"below L_min at depths {below} of {d2}" + note, {"below": below}),
     ]
 
