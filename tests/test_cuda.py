@@ -15,6 +15,7 @@ Two groups:
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
@@ -508,6 +509,7 @@ def _build_emulator(out_dir, defines=()):
     so.se_emu_set_sms.argtypes = [I]
     so.se_emu_set_concurrent_blocks.argtypes = [I]
     so.se_emu_set_grid_stride_cap.argtypes = [L]
+    so.se_emu_set_cp_async_at_issue.argtypes = [I]
     so.se_emu_set_tf32.argtypes = [I]
     so.se_emu_forward.argtypes = [I, P, P, P, P, L, L, L, L, I, I, I, I, I, I, ctypes.c_char_p, I]
     so.se_emu_backward.argtypes = [I, P, P, P, P, P, L, L, L, L, I, I, I, I, I, I, I, L, ctypes.c_char_p, I]
@@ -589,17 +591,65 @@ EMULATED_SPECIALS = [
 ]
 
 
-def test_emulated_smoke(emulator):
+@contextlib.contextmanager
+def _cp_async_at_issue(so, on=True):
+    """cp.async copies land as they are issued (the earliest a GPU may land them) instead of at the wait that
+    retires them (the latest; the default): a weight stream that refills a buffer before the barrier that ends
+    the block's reads of it computes wrong numbers only so."""
+    so.se_emu_set_cp_async_at_issue(int(on))
+    try:
+        yield
+    finally:
+        so.se_emu_set_cp_async_at_issue(0)
+
+
+@pytest.mark.parametrize("at_issue", [False, True], ids=["cp.async-at-wait", "cp.async-at-issue"])
+def test_emulated_smoke(at_issue, emulator):
     """In the default run (one g++ build, ~15 s): one small emulated case per kernel family, so that CI
-    without a GPU runs the CUDA sources: float32 and float64 FMA, TF32 and 3xTF32 tensor cores, generic."""
-    for dtype, d, path, mode, check in ((torch.float32, 24, 1, False, _assert_matches),
-                                        (torch.float64, 9, 1, False, _assert_matches),
-                                        (torch.float32, 40, 1, "tf32", _assert_tf32),
-                                        (torch.float32, 20, 1, "3xtf32", _assert_matches),
-                                        (torch.float32, 140, 2, False, _assert_matches)):
-        x, w, gy = _inputs(37, d, 2, 2, dtype, seed=d, scale=0.8 / d ** 0.5, device="cpu")
-        acts = ("relu", "tanh", "ssigmoid")
-        check(_emu_run(emulator, x, w, gy, True, acts, path=path, tf32=mode), x, w, gy, True, acts)
+    without a GPU runs the CUDA sources: float32 and float64 FMA, TF32 and 3xTF32 tensor cores, generic; with
+    the weight stream's cp.async copies landing at either end of the time a GPU may land them."""
+    with _cp_async_at_issue(emulator, at_issue):
+        for dtype, d, path, mode, check in ((torch.float32, 24, 1, False, _assert_matches),
+                                            (torch.float64, 9, 1, False, _assert_matches),
+                                            (torch.float32, 40, 1, "tf32", _assert_tf32),
+                                            (torch.float32, 20, 1, "3xtf32", _assert_matches),
+                                            (torch.float32, 140, 2, False, _assert_matches)):
+            x, w, gy = _inputs(37, d, 2, 2, dtype, seed=d, scale=0.8 / d ** 0.5, device="cpu")
+            acts = ("relu", "tanh", "ssigmoid")
+            check(_emu_run(emulator, x, w, gy, True, acts, path=path, tf32=mode), x, w, gy, True, acts)
+
+
+def _cp_async_at_issue_cases():
+    """One case per compiled fused tile (dtype or TF32, D, BM), from the cases of test_emulated_fused_tile and
+    test_emulated_tf32_tile; of the 3xTF32 tiles (the same weight stream as TF32's, and slow to emulate) two."""
+    params, seen = [], set()
+    for case in _fused_cases():
+        if case[:3] not in seen:
+            seen.add(case[:3])
+            params.append(pytest.param(case, False, id=_ids(case)))
+    for p in _tensor_core_params():
+        (case, mode), key = p.values, (p.values[1],) + p.values[0][:2]
+        if mode == "3xtf32" and case[:2] not in ((16, 128), (128, 64)):
+            continue
+        if key not in seen:
+            seen.add(key)
+            params.append(pytest.param((torch.float32,) + case, mode, id=p.id))
+    return params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, mode", _cp_async_at_issue_cases())
+def test_emulated_fused_tiles_with_cp_async_landing_at_issue(case, mode, emulator):
+    """Every fused tile, its weight stream's cp.async copies landing as they are issued. Landing them at the wait
+    (every other emulated test) hides a refill of a buffer the block is still reading: the stream issuing one
+    chunk too many in its prologue, or issuing the next chunk before the barrier in acquire(), passed every
+    other emulated test; on a GPU both race (compute-sanitizer's racecheck would report them)."""
+    dtype, D, bm, d, n, shortcut, acts = case
+    B = bm + 5 if bm <= 32 else bm // 2 + 3
+    x, w, gy = _inputs(B, d, 3, n, dtype, seed=B + d + 1, scale=0.8 / d ** 0.5, device="cpu")  # 3 n chunks a stream
+    with _cp_async_at_issue(emulator):
+        outs = _emu_run(emulator, x, w, gy, shortcut, acts, path=1, tile=bm, tf32=mode)
+    (_assert_tf32 if mode == "tf32" else _assert_matches)(outs, x, w, gy, shortcut, acts)
 
 
 def _sanitizer_cases():
@@ -850,8 +900,8 @@ def test_emulation_catches_an_undersized_launch(tmp_path):
 @pytest.mark.slow
 def test_emulated_kernels_under_asan(tmp_path):
     """csrc/cuda/emulate/sanitizer_check.cpp built with AddressSanitizer + UBSan (~4 min): its quick
-    sweep of edge shapes (d = 1, 20, 131; B = 1; partial tiles; TF32 / 3xTF32; chunked units; HVP row
-    chunks; grid-stride launches capped at 2 blocks) reads and writes no byte outside the exactly sized buffers or past the shared memory,
+    sweep of edge shapes (d = 1, 20, 131; B = 1; partial tiles; TF32 / 3xTF32; chunked units; atomic weight
+    gradients of a padded tile; HVP row chunks; grid-stride launches capped at 2 blocks) reads and writes no byte outside the exactly sized buffers or past the shared memory,
     and matches the float64 generic path.  The same binary, handed 64 bytes less workspace than the
     kernels ask for, must abort with ASan's report: the check can fail."""
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -872,7 +922,7 @@ def test_emulated_kernels_under_asan(tmp_path):
     r = subprocess.run([str(exe), "sweep", "quick"], capture_output=True, text=True, env=env, timeout=1500)
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "runtime error" not in out, out[-6000:]
-    assert "ok=16 refused=0 bad=0" in r.stdout, r.stdout[-3000:]
+    assert "ok=17 refused=0 bad=0" in r.stdout, r.stdout[-3000:]
     r = subprocess.run([str(exe), "sweep", "quick"], capture_output=True, text=True, timeout=1500,
                        env={**env, "SE_EMU_WORKSPACE_SHORTFALL": "64"})
     assert r.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in r.stderr, (r.stdout + r.stderr)[-3000:]

@@ -65,7 +65,8 @@ __device__ __forceinline__ void store_vec(T* dst, const T* src) {
   }
 }
 
-// 16 bytes global -> shared without going through registers; completes at cp_async_wait.
+// 16 bytes global -> shared without going through registers; completes at cp_async_wait (it may land any time
+// before: the emulation lands it at the wait, or at issue under se_emu_set_cp_async_at_issue).
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
 #if defined(SHORTCUT_EXT_CUDA_EMULATE)
   se_emu::check_aligned16(gmem_src, "cp.async: a 16-byte copy from a misaligned global address");
@@ -75,6 +76,10 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
   c.dst = smem_dst;
   c.n = 16;
   std::memcpy(c.bytes, gmem_src, 16);
+  if (se_emu::cp_async_at_issue()) {  // lands now (the earliest a GPU may land it); the group's wait is still owed
+    std::memcpy(smem_dst, gmem_src, 16);
+    c.n = 0;
+  }
   se_emu::tls().open.push_back(c);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));

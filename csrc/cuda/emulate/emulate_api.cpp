@@ -81,6 +81,9 @@ void se_emu_set_concurrent_blocks(int n) { se_emu::concurrent_blocks() = n; }
 // The most blocks of a grid-stride launch (65,535 as on the GPU; lower: the loops run several rounds).
 void se_emu_set_grid_stride_cap(int64_t blocks) { se_emu::grid_stride_cap() = blocks; }
 
+// When cp.async copies land: 0 at the wait that retires them (the latest), 1 as they are issued (the earliest).
+void se_emu_set_cp_async_at_issue(int on) { se_emu::cp_async_at_issue() = on != 0; }
+
 // The TF32 tensor-core mode of later calls (Options::tf32: 0 off, 1 TF32, 2 3xTF32).
 void se_emu_set_tf32(int mode) { g_tf32 = mode; }
 

@@ -2,7 +2,9 @@
 // source can run (slowly) on a machine without a GPU: each thread block runs as blockDim OS threads
 // with a real barrier for __syncthreads, dynamic shared memory is a per-block buffer poisoned with
 // NaN bytes, and cp.async copies are deferred until cp.async.wait_group retires their group (so a
-// missing wait or barrier shows up as wrong results, and ThreadSanitizer sees shared-memory races).
+// missing wait or barrier shows up as wrong results, and ThreadSanitizer sees shared-memory races), or,
+// with se_emu_set_cp_async_at_issue, land as they are issued (so a refill of a buffer that other threads
+// are still reading overwrites what they read): a GPU lands them anywhere between the two.
 //
 // What a GPU would trap on, or compute-sanitizer report, is an error of the launch (EmuError, returned
 // by the C entry points): a 16-byte access (cp.async, vector loads and stores) at a misaligned address
@@ -197,6 +199,17 @@ inline bool in_smem(const void* p) {
 inline void retire(std::vector<PendingCopy>& g) {
   for (auto& c : g) std::memcpy(c.dst, c.bytes, c.n);
   g.clear();
+}
+
+// When a cp.async copy lands in shared memory. A GPU may land it at any moment between the cp.async and the
+// cp.async.wait_group that retires its group; the emulation takes one end. false (default): at the wait, the
+// latest, so a thread reading the buffer without its wait (or without the barrier after the waits of the other
+// threads) reads the NaN poison or the previous chunk. true: at issue, the earliest, so a copy issued into a
+// buffer that other threads of the block still read (a refill before the barrier that ends the buffer's use)
+// changes what they read, as on a GPU; the copy's bookkeeping (groups, the check at thread exit) is the same.
+inline bool& cp_async_at_issue() {
+  static bool v = false;
+  return v;
 }
 
 // How many blocks of a launch run at the same time (default 1: one block after another). With more, blocks

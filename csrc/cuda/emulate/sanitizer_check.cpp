@@ -196,6 +196,9 @@ void sweep_quick() {
   stack_case<float>(70, 128, 2, 2, 1, 1, 2, 3, 0, 0, 2);
   stack_case<float>(40, 20, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * 20 * 20 * 4 * 2);
   stack_case<double>(40, 16, 5, 2, 1, 1, 2, 3, 2, 0, 0, 0, 40 * 16 * 16 * 8 * 3);
+  // fused, atomic weight gradients, d = 20 padded to D = 32: the padding's rows add nothing (zeros) and must
+  // add it nowhere (past the last layer's gradient: the end of grad_w)
+  stack_case<double>(40, 20, 2, 2, 1, 1, 2, 3, 1, 16, 0, 1);
   hvp_case<double>(23, 33, 2, 2, 3, false, 7, true);
   hvp_case<float>(23, 64, 2, 1, 3, true, 0, false);
   hvp_case<double>(23, 1, 2, 2, 1, false, 7, true);
