@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,18 +32,23 @@ def _gloo_teardown_abort(r) -> bool:
     teardown (a joinable thread destroyed), seen about once in 100-200 two-rank launches here, under load,
     after every rank had passed its final barrier. Not this package's failure: no Python error was raised."""
     return (r.returncode != 0 and "terminate called without an active exception" in r.stderr
-            and "Signal 6 (SIGABRT)" in r.stderr)
+            and "Signal 6 (SIGABRT)" in r.stderr
+            and not any(line.startswith("[rank") and "Traceback" in line for line in r.stderr.splitlines()))
 
 
-def _torchrun(args, cwd, extra_env=None, timeout=300):
-    """Two gloo ranks under torchrun; a launch lost to gloo's teardown abort (above) is run once more (the
-    commands resume, the worker scripts rewrite their results), any other failure fails the test."""
+def _torchrun(args, cwd, extra_env=None, timeout=300, fresh=()):
+    """Two gloo ranks under torchrun; a launch lost to gloo's teardown abort (above) is run once more, after
+    removing the files of cwd matching the globs `fresh` (what a second launch must not find: the commands
+    resume, most worker scripts rewrite their results), and any other failure fails the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     for attempt in (1, 2):
         r = subprocess.run(cmd, env=dict(_env(), **(extra_env or {})), capture_output=True, text=True, cwd=cwd,
                            timeout=timeout)
         if attempt == 1 and _gloo_teardown_abort(r):
             warnings.warn("gloo's teardown aborted a rank (std::terminate, no exception); launching again")
+            for pattern in fresh:
+                for f in Path(cwd).glob(pattern):
+                    f.unlink()
             continue
         break
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -62,6 +68,8 @@ def test_only_gloos_teardown_abort_is_launched_again():
                                             "traceback : Signal 6 (SIGABRT) received by PID 7\n"))
     assert not _gloo_teardown_abort(done(1, "terminate called without an active exception\n"
                                             "traceback : Signal 11 (SIGSEGV) received by PID 7\n"))
+    assert not _gloo_teardown_abort(done(1, "[rank0]: Traceback (most recent call last):\n[rank0]: ValueError: x\n"
+                                     + abort))  # one rank's error, the other's abort
 
 def _problem(loss):
     net = ShortcutNet(5, 3, 2, "tanh", "relu", "ssigmoid", init="small", scale=0.3, seed=3, backend="fused",
@@ -235,7 +243,8 @@ def test_distributed_run_store_splits_and_shares(tmp_path):
 
     script = tmp_path / "store_worker.py"
     script.write_text(_STORE_WORKER)
-    _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)})
+    # a second launch would find every run in runs.jsonl and compute none
+    _torchrun([str(script)], cwd=tmp_path, extra_env={"SE_OUT": str(tmp_path)}, fresh=("runs*.jsonl", "rank*.json"))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # longest first, each to the least loaded rank: the same plan on both ranks
     # costs 5 1 1 3 2 2 1: k0 (5) -> 0, k3 (3) -> 1, k4 (2) -> 1, k5 (2) -> 0, k1 -> 1, k2 -> 1, k6 -> 0
