@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -569,17 +570,28 @@ def test_spectrum_ranks_with_different_checkpoints_start_afresh(tmp_path):
     ck = json.loads((a / "spectrum.checkpoint.json").read_text())
     ck["slq"] = {"0": ck["slq"]["0"]}
     (a / "spectrum.checkpoint.json").write_text(json.dumps(ck))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank, out in ((0, a), (1, tmp_path / "b")):
-        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-        procs.append(subprocess.Popen([sys.executable, "-m", "shortcut_ext", *args, "--distributed", "--out", str(out)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    for attempt in (1, 2):  # a second time only if gloo's teardown aborted a rank (see _gloo_teardown_abort)
+        shutil.rmtree(tmp_path / "b", ignore_errors=True)
+        (a / "spectrum.json").unlink(missing_ok=True)
+        (a / "spectrum.checkpoint.json").write_text(json.dumps(ck))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = []
+        for rank, out in ((0, a), (1, tmp_path / "b")):
+            env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+            procs.append(subprocess.Popen([sys.executable, "-m", "shortcut_ext", *args, "--distributed", "--out",
+                                           str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=240) for p in procs]
+        codes = [p.returncode for p in procs]
+        aborted = [c == -6 and "terminate called without an active exception" in o[1] and "Traceback" not in o[1]
+                   for c, o in zip(codes, outs)]
+        if attempt == 1 and any(aborted) and all(c == 0 or ab for c, ab in zip(codes, aborted)):
+            warnings.warn("gloo's teardown aborted a rank (std::terminate, no exception); launching again")
+            continue
+        break
+    assert codes == [0, 0], [o[1][-2000:] for o in outs]
     assert "the ranks read different checkpoints" in outs[0][1]
     got = json.loads((a / "spectrum.json").read_text())
     assert got["resumed"]["lanczos"] is False and got["resumed"]["slq_probes"] == 0
