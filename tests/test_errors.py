@@ -615,3 +615,80 @@ def test_backward_refuses_layer_inputs_with_bad_strides(d):
         with pytest.raises(ValueError, match=r"saved must be contiguous \(or feature-major: .*\[n\*d\*B, d\*B, 1, B\] "
                                              rf"for layer inputs\) .*got strides \[{shown}\]"):
             OP.residual_stack_backward(gy, w, bad, *acts)
+
+
+@pytest.mark.parametrize("d", [5, 40])  # saved batch-major / feature-major by the forward
+def test_backward_refuses_unit_inputs_with_bad_strides_sizes_or_dtype(d):
+    """Unit inputs [R, B, d] are taken contiguous or feature-major ([B*d, 1, B]). The bad-strides test of unit
+    inputs sliced [..., ::2] (stride(1) wrong) and the shape tests tried [0] and layer inputs with n + 1: a check
+    that ignored stride(2) (a stride of 0 read every feature from one column), one that ignored the batch size
+    (the kernel then reads the rows with stride B) and one that dropped the dtype check (ATen's "expected scalar
+    type Double" instead of a TypeError naming saved) passed. Each is refused, naming saved."""
+    R, n, B = 3, 2, 5
+    acts = (True, "identity", "tanh", "identity")
+    w = torch.randn(R, n, d, d, dtype=torch.float64) / d
+    gy = torch.randn(B, d, dtype=torch.float64)
+    buf = torch.randn(4 * R * B * d, dtype=torch.float64)
+    OP.residual_stack_backward(gy, w, buf.as_strided((R, B, d), (B * d, 1, B)), *acts)  # accepted
+    OP.residual_stack_backward(gy, w, buf[:R * B * d].view(R, B, d), *acts)  # accepted
+    for strides in [(2 * B * d, 1, B), (B * d, 0, B), (B * d, 2, B), (B * d, 1, 0), (B * d, 1, B + 1)]:
+        bad = buf.as_strided((R, B, d), strides)
+        assert not bad.is_contiguous()
+        shown = ", ".join(map(str, strides))
+        with pytest.raises(ValueError, match=r"saved must be contiguous \(or feature-major: strides \[B\*d, 1, B\].*"
+                                             rf"got strides \[{shown}\]"):
+            OP.residual_stack_backward(gy, w, bad, *acts)
+    for shape in [(R, B + 1, d), (R, B, d + 1), (R + 1, B, d), (R, B - 1, d)]:
+        shown = ", ".join(map(str, shape))
+        with pytest.raises(ValueError, match=rf"saved must be the unit inputs of shape \[R, B, d\] = \[{R}, {B}, {d}\]"
+                                             rf".*got \[{shown}\]"):
+            OP.residual_stack_backward(gy, w, torch.randn(*shape, dtype=torch.float64), *acts)
+    _, saved = OP.residual_stack_forward(torch.randn(B, d, dtype=torch.float64), w, *acts, True, False)
+    with pytest.raises(TypeError, match="saved must have dtype float64, got float32"):
+        OP.residual_stack_backward(gy, w, saved.float(), *acts)
+    with pytest.raises(TypeError, match="saved must have dtype float32, got float64"):
+        OP.residual_stack_backward(gy.float(), w.float(), saved, *acts)
+
+
+def test_bfloat16_is_named_in_dtype_errors():
+    """test_bad_shapes_and_dtypes named int64 and float16 only: bfloat16 reported as "float16" passed."""
+    acts = (True, "identity", "identity", "identity")
+    xb, wb = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(1, 1, 8, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x must be float32 or float64, got bfloat16"):
+        OP.residual_stack_forward(xb, wb, *acts, False, False)
+    with pytest.raises(TypeError, match=r"same dtype, got x: float32, weights: bfloat16"):
+        OP.residual_stack_forward(xb.float(), wb, *acts, False, False)
+    with pytest.raises(TypeError, match=r"x must be float32 or float64, got bfloat16"):
+        residual_stack(xb, wb, backend="fused")
+
+
+def _cache_limit_run(value, tmp_path):
+    """A fused call that takes a pooled buffer, in a fresh process with SHORTCUT_EXT_CPU_CACHE_MB=value (read once a
+    process); prints the cache limit in MB."""
+    code = ("import torch, shortcut_ext as se\n"
+            "x = torch.randn(300, 48, dtype=torch.float64)\n"
+            "w = (torch.randn(30, 2, 48, 48, dtype=torch.float64) / 60).requires_grad_()  # saves 3.3 MB\n"
+            "se.residual_stack(x, w, True, 'identity', 'relu', 'identity', backend='fused')\n"
+            "print(se.cache_stats()['limit_bytes'] >> 20)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))  # the package under test
+    env = dict(os.environ, SHORTCUT_EXT_CPU_CACHE_MB=value,
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+
+
+@pytest.mark.parametrize("value", ["64abc", "1.5"])
+def test_cache_limit_with_trailing_junk_is_refused(value, tmp_path):
+    """SHORTCUT_EXT_CPU_CACHE_MB="64abc" is refused, naming the variable and the value: the bad values tried had no
+    numeric prefix, and a parser that took the number and ignored what followed it (64 MB) passed."""
+    r = _cache_limit_run(value, tmp_path)
+    assert r.returncode != 0, r.stdout
+    assert "SHORTCUT_EXT_CPU_CACHE_MB must be a whole number of megabytes" in r.stderr, r.stderr
+    assert f"got '{value}'" in r.stderr, r.stderr
+
+
+def test_empty_cache_limit_means_the_default(tmp_path):
+    """SHORTCUT_EXT_CPU_CACHE_MB= (empty) means the default, 2048 MB, as unset does; refusing it (got '') passed."""
+    r = _cache_limit_run("", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "2048", r.stdout

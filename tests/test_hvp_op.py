@@ -416,3 +416,23 @@ def test_float32_several_row_tiles_per_slot():
                 assert_close_lowp(a, b, c, factor=10.0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_float32_several_directions_at_width_16():
+    """float32 at d = 16 with K >= 2 directions: the HVP's weight-gradient products are gemm_tn(16, K*16, m), which
+    must not take the 16 x 16 register kernel (gemm16_tn computes 16 of the K*16 columns). The forward and backward
+    call gemm_tn with M == N == d only, and the float32 HVP tests ran d = 6 (K = 4) and d = 16 with K = 1: a kernel16
+    selection that ignored N passed them all and returned NaN here. Against the float64 reference (QA 14)."""
+    B, d, R, n = 64, 16, 3, 2
+    acts = ("identity", "tanh", "identity")
+    for K in (2, 3):
+        x, w, y, v, loss = _problem(B, d, R, n, K, "mse", scale=0.5 / d ** 0.5)
+        exact = ref.residual_stack_hvp(x, w, y, v, True, *acts, loss)
+        args = tuple(t.float() for t in (x, w, y, v))
+        same = ref.residual_stack_hvp(*args, True, *acts, loss)
+        got = _op(*args, True, acts, loss)
+        assert got[2].shape == (K, R, n, d, d)
+        for name, a, b, c in zip(("loss", "grad", "hvp"), got, same, exact):
+            assert a.dtype == torch.float32, name
+            assert torch.isfinite(a).all(), f"{name} K={K}: not finite"
+            assert_close_lowp(a, b, c, factor=10.0)

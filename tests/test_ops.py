@@ -874,3 +874,146 @@ def test_deep_plain_stack_every_backward(d, recompute):
     for such a net) writing n pointers into its 64-entry stack array passed. Both tile layouts, both backwards."""
     _compare(70, d, 1, 300, False, ("identity", "tanh", "identity"), torch.float64, "cpu", scale=1.1 / d ** 0.5,
              recompute=recompute)
+
+
+# CPU GEMM path, tile layout and buffer cache checks that mutation testing of the C++ CPU kernels (QA 14) found
+# untested. SHORTCUT_EXT_CPU_GEMM and SHORTCUT_EXT_CPU_CACHE_MB are read once a process (a subprocess each);
+# SHORTCUT_EXT_CPU_LAYOUT at every call (monkeypatch).
+
+
+def _run_python(code, tmp_path, **env_vars):
+    """Runs code in a fresh interpreter that imports the shortcut_ext under test; an env value None unsets it."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    for k, v in env_vars.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+
+
+@pytest.mark.parametrize("value", [None, "auto"])
+def test_default_cpu_gemm_path(value, tmp_path):
+    """SHORTCUT_EXT_CPU_GEMM unset or "auto" (the default) runs brgemm, with the d = 16 register kernel on AVX-512
+    builds. test_gemm_paths_match checks only the non-default paths: a default that silently fell back to the
+    portable loops (right values, the slow path) passed, and so did refusing "auto", which the error message itself
+    lists as valid."""
+    code = (
+        "import torch, shortcut_ext as se\n"
+        "se.residual_stack(torch.randn(37, 16), torch.randn(3, 2, 16, 16) / 16, backend='fused')  # accepted\n"
+        "print(se.build_info()['cpu_gemm'])\n"
+    )
+    r = _run_python(code, tmp_path, SHORTCUT_EXT_CPU_GEMM=value)
+    assert r.returncode == 0, r.stderr
+    path = r.stdout.split()[-1]
+    if path == "portable":  # the default is portable only where brgemm is compiled out (SHORTCUT_EXT_NO_BRGEMM)
+        probe = _run_python("import shortcut_ext as se; print(se.build_info()['cpu_gemm'])", tmp_path,
+                            SHORTCUT_EXT_CPU_GEMM="brgemm")
+        assert probe.returncode == 0, probe.stderr
+        if probe.stdout.split()[-1] == "portable":
+            pytest.skip("built with SHORTCUT_EXT_NO_BRGEMM: no brgemm path")
+        pytest.fail(f"SHORTCUT_EXT_CPU_GEMM={value!r}: the default path is 'portable' although brgemm is built "
+                    f"({probe.stdout.split()[-1]!r} with SHORTCUT_EXT_CPU_GEMM=brgemm)")
+    isa = shortcut_ext.build_info()["native_isa"]
+    if isa is not None and "avx512f" in isa:  # -march=native on AVX-512: the register kernel is compiled in
+        assert path == "brgemm+kernel16", (value, path)
+    else:
+        assert path in ("brgemm", "brgemm+kernel16"), (value, path)
+
+
+def test_cpu_tile_layout_follows_the_variable(monkeypatch):
+    """SHORTCUT_EXT_CPU_LAYOUT=batch / feature selects the tile layout at any width. The layouts give the same
+    values, so a "feature" that selected batch-major tiles passed every layout-parametrized test (which then never
+    ran the feature-major kernels at d < 32); _C.cpu_tile_layout reports the kernels' choice."""
+    from shortcut_ext._build import _C
+
+    widths = (1, 3, 16, 17, 31, 32, 33, 40, 128)
+    for layout in ("batch", "feature", "batch"):
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+        assert [_C.cpu_tile_layout(d) for d in widths] == [layout] * len(widths), layout
+
+
+def test_cpu_tile_layout_auto_is_the_width_default(monkeypatch):
+    """SHORTCUT_EXT_CPU_LAYOUT=auto (and empty) is the default: batch-major tiles below d = 32, feature-major from
+    there on; refusing "auto", which the error message lists as valid, passed every test."""
+    from shortcut_ext._build import _C
+
+    widths = (1, 8, 31, 32, 33, 128)
+    want = ["batch", "batch", "batch", "feature", "feature", "feature"]
+    monkeypatch.delenv("SHORTCUT_EXT_CPU_LAYOUT", raising=False)
+    assert [_C.cpu_tile_layout(d) for d in widths] == want
+    for value in ("auto", ""):
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", value)
+        assert [_C.cpu_tile_layout(d) for d in widths] == want, value
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "auto")
+    for d in (8, 40):
+        x, w = stack_inputs(9, d, 3, 2, torch.float64, requires_grad=True)
+        y = residual_stack(x, w, True, "relu", "tanh", "identity", backend="fused")
+        yr = ref.residual_stack_forward(x, w, True, "relu", "tanh", "identity")
+        torch.testing.assert_close(y, yr, **tol(torch.float64))
+        for a, b in zip(torch.autograd.grad(y.sum(), (x, w)), torch.autograd.grad(yr.sum(), (x, w))):
+            torch.testing.assert_close(a, b, **tol(torch.float64))
+
+
+def _pooled_unit_inputs(R):
+    """The unit inputs [R, 1024, 16] float64 saved by the raw forward: R * 128 KiB from the CPU buffer cache."""
+    x = torch.randn(1024, 16, dtype=torch.float64)
+    w = torch.randn(R, 1, 16, 16, dtype=torch.float64) / 16
+    return torch.ops.shortcut_ext.residual_stack_forward(x, w, True, "identity", "identity", "identity", True,
+                                                         False)[1]
+
+
+def test_output_buffer_cache_counts_only_the_blocks_it_holds():
+    """A cache hit takes its block out of cached_bytes: test_output_buffer_cache checked hits and the state after
+    empty_cache() only, and cached_bytes still counting a taken block (2 MB cached with no block cached; the limit
+    then evicts early) passed. Blocks of 2 MB and 4 MB (3 MB rounded up to 2 MB pages)."""
+    import gc
+
+    if shortcut_ext.cache_stats()["limit_bytes"] < 16 << 20:
+        pytest.skip("SHORTCUT_EXT_CPU_CACHE_MB is below 16 in this process")
+    gc.collect()
+    shortcut_ext.empty_cache()
+    try:
+        a, b = _pooled_unit_inputs(16), _pooled_unit_inputs(24)
+        del a, b
+        st = shortcut_ext.cache_stats()
+        assert (st["cached_blocks"], st["cached_bytes"]) == (2, 6 << 20), st
+        hits = st["hits"]
+        c = _pooled_unit_inputs(16)  # takes the 2 MB block, the smallest that fits
+        st = shortcut_ext.cache_stats()
+        assert st["hits"] == hits + 1, st
+        assert (st["cached_blocks"], st["cached_bytes"]) == (1, 4 << 20), st
+        del c
+        st = shortcut_ext.cache_stats()
+        assert (st["cached_blocks"], st["cached_bytes"]) == (2, 6 << 20), st
+    finally:
+        shortcut_ext.empty_cache()
+
+
+def test_output_buffer_cache_evicts_until_under_its_limit(tmp_path):
+    """SHORTCUT_EXT_CPU_CACHE_MB=4 (read once a process: a subprocess): blocks of 2, 2 and 8 MB come back; the
+    third puts the cache at 12 MB and every block must go to get under 4 MB. The limit test's 64 MB is never
+    reached and its "0" evicts a single block, so an eviction of one block a return (10 MB cached) passed."""
+    code = (
+        "import torch, shortcut_ext as se\n"
+        "def saved(R):\n"
+        "    x = torch.randn(1024, 16, dtype=torch.float64); w = torch.randn(R, 1, 16, 16, dtype=torch.float64) / 16\n"
+        "    return torch.ops.shortcut_ext.residual_stack_forward(x, w, True, 'identity', 'identity', 'identity',\n"
+        "                                                         True, False)[1]\n"
+        "a, b, c = saved(16), saved(16), saved(64)\n"
+        "st = se.cache_stats(); assert st['in_use_blocks'] == 3 and st['in_use_bytes'] == 12 << 20, st\n"
+        "del a, b\n"
+        "st = se.cache_stats(); assert (st['cached_blocks'], st['cached_bytes']) == (2, 4 << 20), st\n"
+        "del c\n"
+        "st = se.cache_stats(); print(st)\n"
+        "assert st['limit_bytes'] == 4 << 20, st\n"
+        "assert (st['cached_blocks'], st['cached_bytes'], st['in_use_bytes']) == (0, 0, 0), st\n"
+    )
+    r = _run_python(code, tmp_path, SHORTCUT_EXT_CPU_CACHE_MB="4")
+    assert r.returncode == 0, r.stderr
