@@ -369,32 +369,41 @@ def test_one_shortcut_cross_entropy_unnormalised_probability_targets():
     assert np.abs(np.sort(spec.eigenvalues()) - ev).max() / np.abs(ev).max() <= 1e-10
 
 
-def test_condition_vs_depth_plain_curves_use_mid():
-    """Not pinned: the plain curves' nets take ``activation = mid``; every plain-curve test ran with
-    mid = identity, so building them linear whatever ``mid`` was passed.  Reference: the eigenvalues of
-    the torch.func Hessian of a hand-written tanh plain net ``h -> W_D tanh(... tanh(W_1 h))`` with the
-    same (seeded) initial weights, averaged over the seeds."""
+def _plain_data(seed, d, m=30):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, d, generator=g, dtype=F64), torch.randn(m, d, generator=g, dtype=F64)
+
+
+def _plain_xavier_hessian_eigenvalues(X, Y, D, seed, act):
+    """Eigenvalues of the torch.func Hessian of the mse loss of a hand-written plain net
+    ``h -> W_D act(... act(W_1 h))`` (act None: linear) at the seeded Xavier weights."""
     from torch.func import hessian
 
     from shortcut_ext.models import init_weights
 
-    d, D = 3, 4
-    g = torch.Generator().manual_seed(13)
-    X = torch.randn(30, d, generator=g, dtype=F64)
-    Y = torch.randn(30, d, generator=g, dtype=F64)
+    d = X.shape[1]
 
     def loss_of(w):
         h = X
         for k in range(D):
             h = h @ w[k].T
-            if k < D - 1:
-                h = torch.tanh(h)
+            if act is not None and k < D - 1:
+                h = act(h)
         return 0.5 * ((h - Y) ** 2).sum() / X.shape[0]
 
+    w0 = init_weights((D, d, d), "xavier", seed=seed, dtype=F64)
+    return np.linalg.eigvalsh(hessian(lambda w: loss_of(w.reshape(D, d, d)))(w0.reshape(-1)).numpy())
+
+def test_condition_vs_depth_plain_curves_use_mid():
+    """Not pinned: the plain curves' nets take ``activation = mid``; every plain-curve test ran with
+    mid = identity, so building them linear whatever ``mid`` was passed.  Reference: the eigenvalues of
+    the torch.func Hessian of a hand-written tanh plain net ``h -> W_D tanh(... tanh(W_1 h))`` with the
+    same (seeded) initial weights, averaged over the seeds."""
+    d, D = 3, 4
+    X, Y = _plain_data(13, d)
     rows = {"lam_max": [], "lam_min": [], "index": []}
     for s in (0, 1):
-        w0 = init_weights((D, d, d), "xavier", seed=s, dtype=F64)
-        ev = np.linalg.eigvalsh(hessian(lambda w: loss_of(w.reshape(D, d, d)))(w0.reshape(-1)).numpy())
+        ev = _plain_xavier_hessian_eigenvalues(X, Y, D, s, torch.tanh)
         rows["lam_max"].append(np.abs(ev).max())
         rows["lam_min"].append(np.abs(ev).min())
         rows["index"].append((ev < 0).mean())
@@ -409,25 +418,11 @@ def test_condition_vs_depth_plain_curves_are_the_seed_mean_with_three_seeds():
     where the median equals the mean, so reporting the middle seed's value passed.  Reference: eigenvalues
     of the torch.func Hessian of a hand-written linear plain net ``h -> W_D ... W_1 h`` with the same
     (seeded) Xavier weights, three seeds whose |λ|max differ widely (mean far from median)."""
-    from torch.func import hessian
-
-    from shortcut_ext.models import init_weights
-
     d, D, seeds = 3, 4, (0, 1, 2)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(30, d, generator=g, dtype=F64)
-    Y = torch.randn(30, d, generator=g, dtype=F64)
-
-    def loss_of(w):
-        h = X
-        for k in range(D):
-            h = h @ w[k].T
-        return 0.5 * ((h - Y) ** 2).sum() / X.shape[0]
-
+    X, Y = _plain_data(0, d)
     lam_max, index = [], []
     for s in seeds:
-        w0 = init_weights((D, d, d), "xavier", seed=s, dtype=F64)
-        ev = np.linalg.eigvalsh(hessian(lambda w: loss_of(w.reshape(D, d, d)))(w0.reshape(-1)).numpy())
+        ev = _plain_xavier_hessian_eigenvalues(X, Y, D, s, None)
         lam_max.append(np.abs(ev).max())
         index.append((ev < 0).mean())
     assert abs(np.mean(lam_max) - np.median(lam_max)) > 0.1 * np.mean(lam_max)  # the seeds tell the two apart
