@@ -71,6 +71,33 @@ def nonneg_float(text: str) -> float:
     return v
 
 
+def add_activation_args(group, mid: str = "identity", mid_help: str = "") -> None:
+    """``--pre``, ``--mid``, ``--post``: a residual net's activations at each position, a plain net's
+    (``--shortcut 0``) at ``--mid``; :func:`activation_positions_error` refuses what the net would ignore."""
+    from .reference import ACTIVATIONS
+
+    group.add_argument("--pre", choices=ACTIVATIONS, default="identity",
+                       help="activation before a unit's first layer (residual nets only)")
+    group.add_argument("--mid", choices=ACTIVATIONS, default=mid,
+                       help=f"activation between a unit's layers (--shortcut >= 2; a plain net's activation{mid_help})")
+    group.add_argument("--post", choices=ACTIVATIONS, default="identity",
+                       help="activation after a unit's last layer (residual nets only)")
+
+
+def activation_positions_error(args) -> str | None:
+    """Why ``args.pre`` / ``mid`` / ``post`` do not fit ``args.shortcut`` (a flag the net would ignore), or
+    None."""
+    if args.shortcut == 0:  # PlainNet: one activation, between layers (at mid)
+        for flag in ("pre", "post"):
+            if getattr(args, flag) != "identity":
+                return (f"--{flag} {getattr(args, flag)} has no effect on a plain net (--shortcut 0): its activation "
+                        "sits between layers; set it with --mid (and leave --pre / --post at identity)")
+    elif args.shortcut == 1 and args.mid != "identity":  # one layer per unit: no position between layers
+        return (f"--mid {args.mid} has no effect with --shortcut 1: a 1-shortcut unit has a single layer, so "
+                "there is nothing between layers; use --pre / --post (or --shortcut >= 2)")
+    return None
+
+
 def device_memory(device: str) -> tuple[int, str]:
     """``(bytes, "this machine's" / "cuda:0's")``: the memory a command's sizes are checked against."""
     if str(device).startswith("cuda"):

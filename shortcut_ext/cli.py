@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "reproduce": "shortcut_ext.experiments.reproduce",
     "train": "shortcut_ext.experiments.train_cmd",
     "spectrum": "shortcut_ext.curvature.spectrum_cmd",
+    "bench": "shortcut_ext.experiments.bench",
     "info": "shortcut_ext.experiments.info",
 }
 
@@ -42,8 +43,11 @@ def _saved(args) -> str:
     from pathlib import Path
 
     out = getattr(args, "out", None)
-    if out is None or args.command not in ("reproduce", "spectrum", "train"):
+    if out is None or args.command not in ("reproduce", "spectrum", "train", "bench"):
         return ""
+    if args.command == "bench":
+        return (f"; the rows measured so far are in {out} (\"complete\": false); a rerun measures everything again "
+                "(times from two processes do not compare)")
     if args.command == "train":
         from .experiments.train_cmd import checkpoint_path
 

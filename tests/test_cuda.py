@@ -1358,6 +1358,29 @@ def test_cuda_spectrum_command(tmp_path):
 
 
 @needs_cuda
+@pytest.mark.parametrize("tf32", [None, "tf32", "3xtf32"])
+def test_cuda_bench_command(tmp_path, monkeypatch, tf32):
+    """`shortcut-ext bench --device cuda`: every variant checked against the reference, timed with
+    synchronisation, with its peak memory; no recompute row (the CUDA backward always recomputes)."""
+    import json
+
+    from shortcut_ext.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--units", "8", "--width", "16", "--batch", "64", "--repeats", "2", "--directions", "3",
+               "--device", GPU, *(["--tf32", tf32] if tf32 else []), "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and doc["gemm_gflops"] > 0 and doc["options"]["tf32"] == tf32
+    impls = {(r["op"], r["impl"], r["k"]) for r in doc["rows"]}
+    assert ("forward+backward", "fused (recompute)", None) not in impls and ("hvp", "fused", 3) in impls
+    for r in doc["rows"]:
+        assert r["check"] in ("ok", "reference") and r["peak_mib"] >= 0 and r["median_ms"] > 0, r
+    assert shortcut_ext.cuda_tf32.current() == "off"
+
+
+@needs_cuda
 def test_cuda_train_command(tmp_path):
     """`shortcut-ext train --device cuda` follows the same run on the CPU."""
     import json

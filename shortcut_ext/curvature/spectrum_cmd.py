@@ -31,11 +31,12 @@ import time
 import numpy as np
 import torch
 
-from .._cli_args import nonneg_float, nonneg_int, out_dir, out_lock, positive_float, positive_int
+from .._cli_args import (activation_positions_error, add_activation_args, nonneg_float, nonneg_int, out_dir, out_lock,
+                         positive_float, positive_int)
 from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
 from .._io import atomic_open, save_figure
-from ..reference import ACTIVATIONS, LOSSES
+from ..reference import LOSSES
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 DIGITS_SAMPLES = 1797  # scikit-learn's bundled digits (shortcut_ext.data.digits)
@@ -68,12 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--init", choices=INITS, default="zero")
     g.add_argument("--scale", type=nonneg_float, default=0.01,
                    help="scale (>= 0) of the 'small' init: Xavier-normal std times this (--init small only)")
-    g.add_argument("--pre", choices=ACTIVATIONS, default="identity",
-                   help="activation before a unit's first layer (residual nets only)")
-    g.add_argument("--mid", choices=ACTIVATIONS, default="identity",
-                   help="activation between a unit's layers (--shortcut >= 2; a plain net's activation)")
-    g.add_argument("--post", choices=ACTIVATIONS, default="identity",
-                   help="activation after a unit's last layer (residual nets only)")
+    add_activation_args(g)
     g = p.add_argument_group("data and loss")
     g.add_argument("--data", choices=("synthetic", "digits"), default="synthetic",
                    help="synthetic linear teacher, or sklearn's digits (PCA, whitened, one-hot)")
@@ -124,14 +120,9 @@ def _check_options(args) -> None:
     def refuse(msg):
         raise SystemExit(f"shortcut-ext spectrum: {msg}")
 
-    if args.shortcut == 0:  # PlainNet: one activation, between layers (at mid)
-        for flag in ("pre", "post"):
-            if getattr(args, flag) != "identity":
-                refuse(f"--{flag} {getattr(args, flag)} has no effect on a plain net (--shortcut 0): its activation "
-                       "sits between layers; set it with --mid (and leave --pre / --post at identity)")
-    elif args.shortcut == 1 and args.mid != "identity":  # one layer per unit: no position between layers
-        refuse(f"--mid {args.mid} has no effect with --shortcut 1: a 1-shortcut unit has a single layer, so "
-               "there is nothing between layers; use --pre / --post (or --shortcut >= 2)")
+    positions = activation_positions_error(args)
+    if positions:
+        refuse(positions)
     if args.init != "small" and args.scale != 0.01:
         refuse(f"--scale {args.scale} has no effect with --init {args.init}: it scales the 'small' init only "
                "(use --init small, or drop --scale)")

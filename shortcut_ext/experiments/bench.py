@@ -1,0 +1,422 @@
+"""``shortcut-ext bench``: the fused kernels against pure PyTorch on this machine, in one command.
+
+    shortcut-ext bench                                        # 2-shortcut ReLU, R = 1000, d = 64, B = 256
+    shortcut-ext bench --units 2000 --width 16 --ops hvp --directions 16 --out bench.json
+    shortcut-ext bench --device cuda --batch 65536 --ops forward forward+backward --compile   # a GPU
+
+For one residual stack (``--shortcut`` layers per unit, ``--units`` units, width ``--width``, ``--batch``
+rows) it times, in this process and on the same inputs:
+
+- ``forward``: the fused forward against the pure-PyTorch reference (``backend="torch"``), no grad;
+- ``forward+backward``: the output and the gradients of ``sum(y^2)`` w.r.t. the input and the weights,
+  through autograd (the fused backward against autograd's); on the CPU also the fused op with
+  ``recompute=True`` (it keeps unit inputs only);
+- ``hvp``: loss, gradient and Hessian-vector products of the ``--loss`` of the stack's output against
+  random targets: :func:`shortcut_ext.residual_stack_hvp` with one and with ``--directions`` directions,
+  against the reference (double backward: one graph, then one ``grad`` call per direction).
+
+``--compile`` adds ``torch.compile`` of the reference (forward and forward+backward; its cold compile
+time is reported apart).  Before it is timed, every variant is checked against the reference on the same
+inputs (largest error over the outputs, each relative to its largest magnitude): a variant that gives a
+wrong answer is marked FAILED and the command exits with status 1.
+
+Times are medians over ``--repeats`` calls after one warm-up call (the interquartile range and the
+fastest call too), with ``torch.cuda.synchronize`` around each call on a GPU.  ``speedup`` is the
+reference's median over the variant's, per Hessian-vector product for ``hvp`` (the reference with one
+direction is the baseline).  GFLOP/s count ``2 B R n d^2`` for a forward and three times that for a
+forward+backward (the multiply-adds of the data and the weight gradients), and are set against the rate of
+one large square matmul measured in the same run.  On a GPU each variant's peak memory is reported too
+(``peak_mib``: the most torch allocated during its calls, above what was allocated before them).
+
+Times depend on what else runs: run it on a quiet machine (two processes timing on the same cores wreck
+each other's figures).  ``--out FILE.json`` writes the environment, the options and the rows (strict JSON)
+and a CSV beside it, rewritten after every row, so that an interrupted run keeps what it measured
+(``"complete": false``); a rerun measures everything again, since times from two processes do not compare.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .._cli_args import activation_positions_error, add_activation_args, device_memory, nonneg_int, out_file, positive_int
+from .._device import parse_device
+
+CMD = "shortcut-ext bench"
+OPS = ("forward", "forward+backward", "hvp")
+GEMM_SIZE = {"cpu": 4096, "cuda": 8192}  # the large matmul's n, float32
+COLUMNS = ("op", "impl", "k", "median_ms", "q1_ms", "q3_ms", "min_ms", "per_product_ms", "speedup", "gflops",
+           "fraction_of_gemm", "max_rel_err", "check", "peak_mib", "compile_s", "repeats")
+
+
+def add_parser(subparsers) -> None:
+    from ..reference import LOSSES
+
+    p = subparsers.add_parser("bench", help="time the fused kernels against pure PyTorch (and torch.compile) on "
+                                            "this machine; checks every answer first",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("network")
+    g.add_argument("--shortcut", type=nonneg_int, default=2,
+                   help="layers per residual unit n (0: a plain net of depth --units; default 2)")
+    g.add_argument("--units", type=positive_int, default=1000, help="residual units R (plain net: depth; default 1000)")
+    g.add_argument("--width", type=positive_int, default=64, help="width d (default 64)")
+    g.add_argument("--batch", type=positive_int, default=256, help="rows B of the input (default 256)")
+    add_activation_args(g, mid=None, mid_help="; default relu, identity with --shortcut 1")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g = p.add_argument_group("what to time")
+    g.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="default: all three")
+    g.add_argument("--directions", type=positive_int, default=16,
+                   help="k of the batched Hessian-vector products (default 16; k = 1 is always timed)")
+    g.add_argument("--loss", choices=LOSSES, default="mse", help="the loss of --ops hvp (default mse)")
+    g.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the reference (its cold compile takes minutes at 1000 units)")
+    g.add_argument("--repeats", type=positive_int, default=5, help="timed calls per variant (default 5)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch's CPU threads (default: torch's choice)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--tf32", choices=("tf32", "3xtf32"), default=None,
+                   help="float32 on cuda: the fused kernels on tensor cores (shortcut_ext.cuda_tf32); the reference "
+                        "stays float32 (torch's own TF32 switches are left as they are)")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seeds the inputs, weights, targets and directions")
+    g.add_argument("--out", default=None, help="a .json file for the results (a .csv goes beside it)")
+    p.set_defaults(func=main)
+
+
+# ----------------------------------------------------------------------------------------------- problem
+
+class Problem:
+    """The inputs every variant shares, drawn on the CPU in float64 (the same numbers on every device) and
+    placed on ``device`` in ``dtype``."""
+
+    def __init__(self, args, device: str, dtype: torch.dtype):
+        from ..models import init_weights
+
+        _default_mid(args)
+        self.shortcut = args.shortcut > 0
+        n, R = (args.shortcut, args.units) if self.shortcut else (args.units, 1)
+        d, B = args.width, args.batch
+        self.acts = (args.pre, args.mid, args.post)
+        g = torch.Generator().manual_seed(args.seed)
+        place = dict(dtype=dtype, device=device)
+        self.x = torch.randn(B, d, generator=g, dtype=torch.float64).to(**place)
+        # residual nets: the "small" init scaled so that the R branches add up to O(1); a plain net: orthogonal
+        # layers, norm-preserving at any depth
+        if self.shortcut:
+            w = init_weights((R, n, d, d), "xavier", seed=args.seed, dtype=torch.float64) / math.sqrt(R)
+        else:
+            w = init_weights((R, n, d, d), "orthogonal", seed=args.seed, dtype=torch.float64)
+        self.w = w.to(**place)
+        if args.loss == "cross_entropy":
+            self.targets = torch.randint(0, d, (B,), generator=g).to(device)
+        else:
+            self.targets = torch.randn(B, d, generator=g, dtype=torch.float64).to(**place)
+        k = args.directions if "hvp" in args.ops else 0
+        self.directions = torch.randn((k, R, n, d, d), generator=g, dtype=torch.float64).to(**place)
+        self.loss = args.loss
+        self.stack_flops = 2.0 * B * R * n * d * d  # one forward's multiply-adds, times 2
+
+    def forward(self, backend: str, recompute=None, fn=None):
+        from ..ops import residual_stack
+
+        sc, (pre, mid, post) = self.shortcut, self.acts
+        if fn is None:
+            fn = lambda x, w: residual_stack(x, w, sc, pre, mid, post, backend=backend, recompute=recompute)  # noqa: E731
+
+        def run():
+            with torch.no_grad():
+                return (fn(self.x, self.w),)
+        return run
+
+    def forward_backward(self, backend: str, recompute=None, fn=None):
+        from ..ops import residual_stack
+
+        sc, (pre, mid, post) = self.shortcut, self.acts
+        if fn is None:
+            fn = lambda x, w: residual_stack(x, w, sc, pre, mid, post, backend=backend, recompute=recompute)  # noqa: E731
+        x, w = self.x.clone().requires_grad_(True), self.w.clone().requires_grad_(True)
+
+        def run():
+            y = fn(x, w)
+            gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+            return y.detach(), gx, gw
+        return run
+
+    def hvp(self, backend: str, k: int):
+        from ..ops import residual_stack_hvp
+
+        sc, (pre, mid, post) = self.shortcut, self.acts
+        D = self.directions[:k].contiguous()
+        return lambda: residual_stack_hvp(self.x, self.w, self.targets, D, sc, pre, mid, post, loss=self.loss,
+                                          backend=backend)
+
+    def compiled(self):
+        """The reference forward under ``torch.compile`` (a static graph for this problem)."""
+        from .. import reference
+
+        sc, (pre, mid, post) = self.shortcut, self.acts
+        # inductor walks a 1000-unit backward graph recursively (RecursionError at Python's default limit)
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 20 * self.w.shape[0] * self.w.shape[1] + 10000))
+        torch._dynamo.reset()
+        return torch.compile(lambda x, w: reference.residual_stack_forward(x, w, sc, pre, mid, post), dynamic=False)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, repeats: int, device: str) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` (after the warm-up the caller made), each synchronised."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def gemm_rate(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of one large square ``torch.matmul`` (the median of ``repeats``): the best case of dense GEMM
+    here (4096 on a CPU, 8192 on a GPU; half in float64).  The fused kernels' small GEMMs, whose operands stay
+    in cache, can run faster than it on a CPU."""
+    n = GEMM_SIZE["cuda" if device.startswith("cuda") else "cpu"]
+    if dtype == torch.float64:
+        n //= 2
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype=dtype, device=device)
+    b = torch.randn(n, n, generator=g).to(dtype=dtype, device=device)
+    fn = lambda: torch.matmul(a, b)  # noqa: E731
+    fn()
+    return 2.0 * n ** 3 / statistics.median(time_calls(fn, repeats, device)) / 1e9
+
+
+def max_rel_err(outs, refs) -> float:
+    """The largest error over the outputs, each relative to its reference's largest magnitude (nan if any
+    output is not finite where its reference is)."""
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        o, r = o.detach().double().cpu(), r.detach().double().cpu()
+        if o.shape != r.shape:
+            return math.inf
+        if o.numel() == 0:
+            continue
+        scale = float(r.abs().max())
+        err = float((o - r).abs().max()) / (scale if scale > 0 else 1.0)
+        if not math.isfinite(err):
+            return math.nan
+        worst = max(worst, err)
+    return worst
+
+
+def tolerance(dtype: torch.dtype, tf32: str | None) -> float:
+    """What counts as the same answer: float64 agrees to ~1e-12 here, float32 to ~1e-5 (the depth adds
+    rounding), TF32 products carry ~1e-3 relative error each."""
+    if dtype == torch.float64:
+        return 1e-8
+    return 5e-2 if tf32 == "tf32" else 2e-3
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+def _default_mid(args) -> None:
+    """``--mid`` not given: relu where a unit has a position between layers, identity for 1-shortcut units."""
+    if args.mid is None:
+        args.mid = "identity" if args.shortcut == 1 else "relu"
+
+
+def _check_args(args, device: str) -> None:
+    def refuse(msg):
+        raise SystemExit(f"{CMD}: {msg}")
+
+    _default_mid(args)
+    positions = activation_positions_error(args)
+    if positions:
+        refuse(positions)
+    if args.tf32 and (args.dtype != "float32" or not device.startswith("cuda")):
+        refuse(f"--tf32 needs --dtype float32 and --device cuda, got --dtype {args.dtype} --device {device}")
+    if args.loss == "cross_entropy" and "hvp" not in args.ops:
+        refuse("--loss cross_entropy has no effect without --ops hvp")
+    from .._build import is_built
+
+    if not is_built():
+        refuse("the fused kernels are not built in this install, so there is nothing to compare with pure PyTorch "
+               "(`shortcut-ext info` says how it was built; reinstall with `pip install --no-build-isolation .`)")
+    n, R = (args.shortcut, args.units) if args.shortcut else (args.units, 1)
+    elt = 4 if args.dtype == "float32" else 8
+    layers = R * n * args.batch * args.width * elt  # one activation-sized tensor per layer, all layers
+    weights = R * n * args.width ** 2 * elt
+    k = args.directions
+    # the reference's autograd keeps about 2 activation-sized tensors per layer for a backward, about 8 for a
+    # double backward (the first backward's graph and the second backward); plus weights, gradients, directions
+    need = {"forward": weights + 2 * args.batch * args.width * elt, "forward+backward": 2 * layers + 3 * weights,
+            "hvp": 8 * layers + (4 + 2 * k) * weights}
+    op = max(args.ops, key=need.get)
+    total, where = device_memory(device)
+    if need[op] > 0.9 * total:
+        refuse(f"--ops {op} needs about {need[op] / 2**30:.1f} GiB at --units {args.units} --width {args.width} "
+               f"--batch {args.batch}{f' --directions {k}' if op == 'hvp' else ''}, more than 90% of {where} "
+               f"{total / 2**30:.1f} GiB (most of it the pure-PyTorch reference's autograd graph): lower the sizes"
+               + (", or leave it out of --ops" if len(args.ops) > 1 else ""))
+
+
+def _row(op: str, impl: str, times: list[float], k: int | None = None) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    row = {"op": op, "impl": impl, "k": k, "repeats": len(times), "median_ms": 1e3 * statistics.median(times),
+           "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2], "min_ms": 1e3 * min(times)}
+    if k:
+        row["per_product_ms"] = row["median_ms"] / k
+    return row
+
+
+def _write(out: Path | None, doc: dict) -> None:
+    if out is None:
+        return
+    import json
+
+    from .._io import atomic_open
+    from .store import json_safe
+
+    with atomic_open(out) as f:
+        json.dump(json_safe(doc), f, indent=2, allow_nan=False)
+    with atomic_open(out.with_suffix(".csv"), newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in doc["rows"]:
+            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in COLUMNS})
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def table(rows: list[dict]) -> str:
+    cols = ("op", "impl", "k", "median_ms", "per_product_ms", "speedup", "gflops", "fraction_of_gemm", "max_rel_err",
+            "check")
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    device = parse_device(args.device, "bench")
+    _check_args(args, device)
+    out = out_file(args.out, "bench", suffix=".json") if args.out is not None else None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.dtype == "float32" else torch.float64
+    from .. import cuda_tf32
+    from .report import environment
+
+    tol = tolerance(dtype, args.tf32)
+    rows: list[dict] = []
+    doc = {"command": "bench", "complete": False, "options": {k: v for k, v in vars(args).items() if k != "func"},
+           "environment": environment(), "tolerance": tol, "rows": rows}
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    rate = gemm_rate(device, dtype)
+    doc["gemm_gflops"] = rate
+    log(f"large matmul: {rate:.1f} GFLOP/s ({args.dtype}, {device}, {torch.get_num_threads()} threads)")
+    prob = Problem(args, device, dtype)
+    cuda = device.startswith("cuda")
+    failed = []
+
+    def measure(op: str, impl: str, fn, ref_out, k=None, flops=None, baseline=None, compile_s=None):
+        """Check ``fn`` against ``ref_out``, time it and add its row; returns its first output (the
+        reference's, for the baseline)."""
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        outs = fn()  # the warm-up call, checked
+        if ref_out is None:
+            err, check = 0.0, "reference"
+        else:
+            err = max_rel_err(outs, ref_out)
+            check = "ok" if err <= tol else "FAILED"  # nan fails
+        times = time_calls(fn, args.repeats, device)
+        row = _row(op, impl, times, k)
+        row.update(max_rel_err=err, check=check, compile_s=compile_s)
+        if cuda:
+            row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        if flops is not None:
+            row["gflops"] = flops / (row["median_ms"] / 1e3) / 1e9
+            row["fraction_of_gemm"] = row["gflops"] / rate
+        if baseline is not None:
+            per = row.get("per_product_ms", row["median_ms"])
+            row["speedup"] = baseline / per
+        rows.append(row)
+        _write(out, doc)
+        log(f"{op:<17} {impl:<22} median {row['median_ms']:9.2f} ms"
+            + (f" ({row['per_product_ms']:.2f} per product)" if k else "")
+            + (f"  {row['speedup']:.2f}x" if baseline is not None else "") + f"  err {err:.1e} {check}")
+        if check == "FAILED":
+            failed.append(f"{op} {impl}: largest relative error {err:.3g} > {tol:g}")
+        return outs
+
+    def fused():
+        return cuda_tf32(args.tf32) if args.tf32 else contextlib.nullcontext()
+
+    for op in [o for o in OPS if o in args.ops]:
+        if op == "hvp":
+            ref = prob.hvp("torch", 1)
+            ref_out = measure(op, "torch (double backward)", ref, None, k=1)
+            base = rows[-1]["per_product_ms"]
+            ref_k = prob.hvp("torch", args.directions)
+            if args.directions > 1:
+                ref_k_out = measure(op, "torch (double backward)", ref_k, None, k=args.directions, baseline=base)
+            else:
+                ref_k_out = ref_out
+            with fused():
+                measure(op, "fused", prob.hvp("fused", 1), ref_out, k=1, baseline=base)
+                if args.directions > 1:
+                    measure(op, "fused", prob.hvp("fused", args.directions), ref_k_out, k=args.directions,
+                            baseline=base)
+            continue
+        make = prob.forward if op == "forward" else prob.forward_backward
+        flops = prob.stack_flops * (1 if op == "forward" else 3)
+        ref_out = measure(op, "torch", make("torch"), None, flops=flops)
+        base = rows[-1]["median_ms"]
+        with fused():
+            measure(op, "fused", make("fused"), ref_out, flops=flops, baseline=base)
+            if op != "forward" and not cuda:  # the CUDA backward always recomputes
+                measure(op, "fused (recompute)", make("fused", recompute=True), ref_out, flops=flops, baseline=base)
+        if args.compile:
+            t0 = time.perf_counter()
+            fn = make("torch", fn=prob.compiled())
+            fn()  # the cold compile (and its first run)
+            _sync(device)
+            measure(op, "torch.compile", fn, ref_out, flops=flops, baseline=base,
+                    compile_s=time.perf_counter() - t0)
+
+    doc["complete"] = True
+    _write(out, doc)
+    print(f"{args.dtype} on {device} ({torch.get_num_threads()} threads), {'plain' if not prob.shortcut else f'{args.shortcut}-shortcut'} "
+          f"net, R={args.units} d={args.width} B={args.batch}; large matmul {rate:.1f} GFLOP/s")
+    print(table(rows))
+    if out is not None:
+        print(f"results: {out} and {out.with_suffix('.csv')}")
+    if failed:
+        print(f"{CMD}: wrong answers (checked against the reference before timing): " + "; ".join(failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
