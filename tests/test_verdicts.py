@@ -528,3 +528,18 @@ def test_report_verdict_table_marks_undecided_as_n_a(tmp_path):
     assert marks["b"] == '<span class="bad">does not hold</span>'
     assert marks["c"] == '<span class="na">n/a</span>'
     assert "does not hold" not in marks["a"] and "n/a" not in marks["a"]
+
+
+def test_best_lr_by_arch_means_over_seeds_and_breaks_ties_by_the_smaller_rate():
+    """docs/science.md section 4: the rate of the lowest seed-mean final loss; a rate that diverged for any
+    seed is out; of equal means, the smaller rate (whatever the order of the rows)."""
+    def row(arch, lr, seed, loss, act="linear", depth=4):
+        return {"arch": arch, "act": act, "depth": depth, "lr": lr, "seed": seed, "final_loss": loss}
+
+    rows = [row("a", 0.3, 0, 0.2), row("a", 0.3, 1, 0.5), row("a", 0.1, 0, 0.3), row("a", 0.1, 1, 0.3),
+            row("a", 1.0, 0, 0.01), row("a", 1.0, 1, math.inf),  # best seed, but diverged for seed 1
+            row("b", 0.5, 0, 0.1), row("b", 0.05, 0, 0.1),  # a tie: the smaller rate
+            row("c", 0.1, 0, math.inf),  # no finite rate: no entry
+            row("a", 0.01, 0, 0.0, depth=8), row("a", 0.01, 0, 0.0, act="relu-mid")]  # other depth / act
+    for order in (rows, rows[::-1]):
+        assert sweeps.best_lr_by_arch(order, "linear", 4) == {"a": 0.1, "b": 0.05}
