@@ -46,7 +46,8 @@ def _saved(args) -> str:
     if out is None or args.command not in ("reproduce", "spectrum", "train", "bench"):
         return ""
     if args.command == "bench":
-        return (f"; the rows measured so far are in {out} (\"complete\": false); a rerun measures everything again "
+        return (f"; the rows measured so far are in {out} (\"complete\": false; none if it stopped before the first) "
+                "and a rerun measures everything again "
                 "(times from two processes do not compare)")
     if args.command == "train":
         from .experiments.train_cmd import checkpoint_path
