@@ -46,9 +46,10 @@ def _saved(args) -> str:
     if out is None or args.command not in ("reproduce", "spectrum", "train", "bench"):
         return ""
     if args.command == "bench":
-        return (f"; the rows measured so far are in {out} (\"complete\": false; none if it stopped before the first) "
-                "and a rerun measures everything again "
-                "(times from two processes do not compare)")
+        if not Path(out).exists():
+            return "; nothing was measured yet"
+        return (f"; the rows measured so far are in {out} (\"complete\": false), and a rerun measures everything "
+                "again (times from two processes do not compare)")
     if args.command == "train":
         from .experiments.train_cmd import checkpoint_path
 

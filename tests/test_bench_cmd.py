@@ -3,12 +3,14 @@ timing, its refusals and what an interrupted run keeps.  (No timing is asserted:
 figures follow from the measured times.)"""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
 import pytest
 import torch
 
+import shortcut_ext
 from shortcut_ext import ops
 from shortcut_ext._build import is_built
 from shortcut_ext.cli import main
@@ -51,6 +53,9 @@ def test_bench_measures_every_variant_and_reports_consistent_figures(tmp_path, m
         ("forward+backward", "fused (recompute)", None),
         ("hvp", "torch (double backward)", 1), ("hvp", "torch (double backward)", 3),
         ("hvp", "fused", 1), ("hvp", "fused", 3)}
+    assert doc["options"]["directions"] == 3 and doc["options"]["mid"] == "relu"
+    assert doc["check"] == {"error": "||o - r|| / ||r|| per output", "factor": 16, "floor": 1e-6, "draws": 3,
+                            "perturbation": {"fused": 2.0**-24, "torch.compile": 2.0**-24}}
     rate = doc["gemm_gflops"]
     assert math.isfinite(rate) and rate > 0
     flops = 2.0 * 12 * 5 * 2 * 6 * 6
@@ -58,9 +63,11 @@ def test_bench_measures_every_variant_and_reports_consistent_figures(tmp_path, m
         assert r["repeats"] == 3
         assert 0 < r["min_ms"] <= r["median_ms"] and r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
         if impl.startswith("torch"):
-            assert r["check"] == "reference" and r["max_rel_err"] == 0
+            assert r["check"] == "reference" and r["max_rel_err"] is None and r["error_ratio"] is None
         else:
-            assert r["check"] == "ok" and r["max_rel_err"] <= doc["tolerance"] == 1e-4
+            # the bound: 16 times the reference's noise under a perturbation of 2^-24, at least 1e-6
+            assert r["check"] == "ok" and 0 <= r["error_ratio"] <= 1 and r["max_rel_err"] < 1e-6
+            assert 0 < r["noise"] < 1e-6
         if op == "hvp":
             assert r["per_product_ms"] == pytest.approx(r["median_ms"] / k, rel=1e-12)
             assert r.get("gflops") is None
@@ -91,9 +98,9 @@ def test_bench_float64_plain_net_cross_entropy(tmp_path, monkeypatch):
                    "cross_entropy")
     assert rc == 0
     doc, rows = _rows(out)
-    assert doc["tolerance"] == 1e-10
+    assert doc["check"]["floor"] == 1e-13 and doc["check"]["perturbation"]["fused"] == 2.0**-53
     assert all(r["check"] in ("ok", "reference") for r in rows.values())
-    assert rows[("hvp", "fused", 3)]["max_rel_err"] < 1e-10
+    assert rows[("hvp", "fused", 3)]["max_rel_err"] < 1e-13
 
 
 def test_bench_one_shortcut_defaults_to_no_mid_activation(tmp_path, monkeypatch):
@@ -103,6 +110,7 @@ def test_bench_one_shortcut_defaults_to_no_mid_activation(tmp_path, monkeypatch)
     assert rc == 0
     doc, _ = _rows(out)
     assert (doc["options"]["pre"], doc["options"]["mid"]) == ("relu", "identity")
+    assert doc["options"]["directions"] is None  # no HVPs timed
     assert _parsed().mid is None and bench.Problem(_parsed("--ops", "forward"), "cpu", torch.float32).acts[1] == "relu"
 
 
@@ -172,10 +180,10 @@ def test_bench_fails_a_wrong_answer_before_timing_it(tmp_path, monkeypatch, caps
     assert "wrong answers" in err and "hvp fused" in err and "forward+backward fused (recompute)" in err
 
 
-def test_bench_tolerates_float32_rounding_but_not_a_skipped_unit(tmp_path, monkeypatch):
-    """The float32 check passes an error of 3e-5 (rounding over a deep residual stack stays ~4e-7) and fails
-    3e-4, and a forward that leaves out one of 1000 units (an error of ~8e-4)."""
-    for scale, rc_expected in ((1 + 3e-5, 0), (1 + 3e-4, 1)):
+def test_bench_tolerates_rounding_but_not_a_skipped_unit(tmp_path, monkeypatch):
+    """The check passes HVPs off by 3e-7 (a few roundings: the bound is 1e-6 here) and fails 1e-5, and a
+    forward that leaves out one of 1000 units (an error of ~5e-4)."""
+    for scale, rc_expected in ((1 + 3e-7, 0), (1 + 1e-5, 1)):
         stack, hvp = _wrong(scale=scale)
         monkeypatch.setattr(ops, "residual_stack_hvp", hvp)
         rc, out = _run(tmp_path, monkeypatch, "--ops", "hvp", name=f"{scale}.json")
@@ -188,7 +196,8 @@ def test_bench_tolerates_float32_rounding_but_not_a_skipped_unit(tmp_path, monke
                "--out", "skip.json"])
     assert rc == 1
     _, rows = _rows(tmp_path / "skip.json")
-    assert 1e-4 < rows[("forward", "fused", None)]["max_rel_err"] < 1e-2
+    r = rows[("forward", "fused", None)]
+    assert 1e-4 < r["max_rel_err"] < 1e-2 and r["error_ratio"] > 100 and r["noise"] < 1e-6
 
 
 def test_bench_ops_selects_what_is_timed(tmp_path, monkeypatch):
@@ -210,6 +219,7 @@ def test_bench_compile_row_with_its_compile_time(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     rc, out = _run(tmp_path, monkeypatch, "--ops", "forward", "forward+backward", "--compile")
     assert rc == 0 and len(calls) == 2 and calls[0] == {"dynamic": False}
+    bench._check_args(_parsed("--compile", "--ops", "forward+backward"), "cpu")  # one stack op is enough
     _, rows = _rows(out)
     for op in ("forward", "forward+backward"):
         r = rows[(op, "torch.compile", None)]
@@ -265,16 +275,28 @@ def test_row_quartiles_stay_within_the_measured_times():
     assert r["q1_ms"] == r["median_ms"] == r["q3_ms"] == pytest.approx(4.0)
 
 
-def test_tolerance_by_dtype_mode_and_depth():
+def test_rounding_and_the_error_bound():
     f32, f64 = torch.float32, torch.float64
-    assert bench.tolerance(f32, None, 2000, True) == 1e-4  # residual stacks: rounding stays ~4e-7 at any depth
-    assert bench.tolerance(f32, "3xtf32", 2000, True) == 1e-4  # float32 accuracy on tensor cores
-    assert bench.tolerance(f32, "tf32", 10, True) == 1e-2
-    assert bench.tolerance(f64, None, 10**5, True) == 1e-10
-    # plain nets: rounding grows with depth (tanh: 6.4e-5 at 1000 layers in float32)
-    assert bench.tolerance(f32, None, 100, False) == 1e-4
-    assert bench.tolerance(f32, None, 1000, False) == pytest.approx(4 * 2.0**-23 * 1000)
-    assert bench.tolerance(f64, None, 10**4, False) == 1e-10
+    assert bench.rounding(f32, None) == bench.rounding(f32, "3xtf32") == (2.0**-24, 1e-6)
+    assert bench.rounding(f32, "tf32") == (2.0**-11, 1e-6)
+    assert bench.rounding(f64, None) == (2.0**-53, 1e-13)
+    # each output against its own bound max(floor, 16 * noise); the worst ratio decides
+    assert bench.check_errors([1e-6, 3.2e-5], [0.0, 2e-6], 1e-6) == pytest.approx(1.0)
+    assert bench.check_errors([2e-6, 1e-7], [0.0, 1e-3], 1e-6) == pytest.approx(2.0)
+    assert bench.check_errors([5e-7], [0.0], 1e-6) == pytest.approx(0.5)
+    assert math.isnan(bench.check_errors([math.nan, 0.0], [1.0, 1.0], 1e-6))
+    assert bench.check_errors([math.inf], [1.0], 1e-6) == math.inf
+
+
+def test_perturbed_problem_moves_input_and_weights_by_one_rounding():
+    p = bench.Problem(_parsed("--units", "4", "--width", "5", "--batch", "7"), "cpu", torch.float64)
+    q = p.perturbed(1e-3, torch.Generator().manual_seed(0))
+    for a, b in ((q.x, p.x), (q.w, p.w)):
+        rel = (a / b - 1).abs()
+        assert 0 < float(rel.max()) <= 1e-3 and float(rel.max()) > 5e-4 and a.dtype == b.dtype
+    assert q.targets is p.targets and q.directions is p.directions and p.x is not q.x
+    assert torch.equal(p.x, bench.Problem(_parsed("--units", "4", "--width", "5", "--batch", "7"), "cpu",
+                                          torch.float64).x)  # the original is left as it was
 
 
 def test_bench_one_direction_times_each_variant_once(tmp_path, monkeypatch):
@@ -342,8 +364,14 @@ def test_bench_warns_when_the_reference_is_all_zeros(tmp_path, monkeypatch, caps
     rc, out = _run(tmp_path, monkeypatch, "--ops", "forward")
     assert rc == 0
     doc, _ = _rows(out)
-    assert doc["unchecked"] == ["forward: an output of the reference is all zeros (underflow?)"]
+    assert doc["unchecked"] == ["forward: an output of the reference is zero or within 2^24 of the smallest "
+                                "normal number (underflow)"]
     assert "the check means nothing here" in capsys.readouterr().err
+    # one output of several (the gradients of a net whose signal faded), denormal rather than zero
+    monkeypatch.setattr(ops, "residual_stack", lambda *a, **k: (lambda y: y.detach() + 1e-33 * y)(real(*a, **k)))
+    rc, out = _run(tmp_path, monkeypatch, "--ops", "forward+backward", name="c.json")
+    doc, _ = _rows(out)
+    assert rc == 0 and [u.split(":")[0] for u in doc["unchecked"]] == ["forward+backward"]
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -354,6 +382,7 @@ def test_bench_warns_when_the_reference_is_all_zeros(tmp_path, monkeypatch, caps
     (["--tf32", "tf32"], "--tf32 needs --dtype float32 and --device cuda, got --dtype float32 --device cpu"),
     (["--loss", "cross_entropy", "--ops", "forward"], "--loss cross_entropy has no effect without --ops hvp"),
     (["--directions", "4", "--ops", "forward+backward"], "--directions 4 has no effect without --ops hvp"),
+    (["--directions", "16", "--ops", "forward"], "--directions 16 has no effect without --ops hvp"),
     (["--compile", "--ops", "hvp"], "--compile times torch.compile of the reference's forward and forward+backward"),
     (["--out", "b.txt"], "--out must name a .json file, got b.txt"),
     (["--device", "tpu"], "--device must be"),
@@ -377,26 +406,57 @@ def test_bench_refuses_cuda_without_a_device(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and "no CUDA device is visible" in capsys.readouterr().err
 
 
-def test_max_rel_err_is_relative_per_output_and_fails_nan():
-    a, b = torch.tensor([1.0, 2.0]), torch.tensor([1e-6, 0.0])
-    assert bench.max_rel_err((a, b), (a, b)) == 0
-    assert bench.max_rel_err((a * 1.5, b), (a, b)) == pytest.approx(0.5)
-    # each output against its own scale: an error of 1e-6 in a 1e-6-sized output is 100%
-    assert bench.max_rel_err((a, b * 2), (a, b)) == pytest.approx(1.0)
-    # an all-zero reference: the absolute error
-    assert bench.max_rel_err((torch.tensor([3e-3]),), (torch.tensor([0.0]),)) == pytest.approx(3e-3)
-    assert math.isnan(bench.max_rel_err((torch.tensor([float("nan")]),), (torch.tensor([1.0]),)))
-    assert bench.max_rel_err((torch.zeros(2),), (torch.zeros(3),)) == math.inf
+def test_rel_errors_are_normwise_per_output_and_fail_nan():
+    a, b = torch.tensor([3.0, 4.0]), torch.tensor([1e-6, 0.0])
+    assert bench.rel_errors((a, b), (a, b)) == [0, 0]
+    assert bench.rel_errors((a * 1.5, b), (a, b)) == pytest.approx([0.5, 0])
+    # each output against its own norm: an error of 1e-6 in a 1e-6-sized output is 100%
+    assert bench.rel_errors((a + torch.tensor([0.0, 1.0]), b * 2), (a, b)) == pytest.approx([0.2, 1.0])
+    # an all-zero reference: the absolute norm
+    assert bench.rel_errors((torch.tensor([3e-3, 4e-3]),), (torch.zeros(2),)) == pytest.approx([5e-3])
+    assert math.isnan(bench.rel_errors((torch.tensor([float("nan"), 1.0]),), (torch.ones(2),))[0])
+    assert math.isnan(bench.rel_errors((torch.tensor([float("inf")]),), (torch.ones(1),))[0])
+    assert bench.rel_errors((torch.zeros(2),), (torch.zeros(3),)) == [math.inf]
 
 
-def test_bench_docstring_examples_pass_the_checks(monkeypatch):
-    """The examples at the top of ``shortcut-ext bench --help`` are not refused (the GPU one on an H200's
-    139 GiB: its forward+backward reference keeps ~67 GB; with hvp it would need ~270 GB)."""
-    monkeypatch.setattr(bench, "device_memory", lambda dev: (139 * 2**30, f"{dev}'s"))
-    examples = [line.split("#")[0].split()[2:] for line in bench.__doc__.splitlines()
-                if line.strip().startswith("shortcut-ext bench")]
-    assert len(examples) == 3
-    for argv in examples:
-        bench._check_args(_parsed(*argv), "cuda" if "cuda" in argv else "cpu")
-    with pytest.raises(SystemExit, match="--ops hvp needs about 2"):
-        bench._check_args(_parsed("--device", "cuda", "--batch", "65536"), "cuda")
+def test_bench_interrupted_before_writing_anything_says_so(tmp_path, monkeypatch, capsys):
+    from shortcut_ext.experiments import report
+
+    def interrupt():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "environment", interrupt)
+    rc, out = _run(tmp_path, monkeypatch)
+    assert rc == 130 and not out.exists()
+    assert "nothing was measured yet" in capsys.readouterr().err
+
+
+def test_reference_noise_is_the_largest_of_its_draws(monkeypatch):
+    p = bench.Problem(_parsed("--units", "6", "--width", "5", "--batch", "9", "--mid", "tanh"), "cpu", torch.float64)
+    ref = p.forward_backward("torch")()
+    eps = 1e-6
+    g = torch.Generator().manual_seed(7)
+    draws = [bench.rel_errors(p.perturbed(eps, g).forward_backward("torch")(), ref) for _ in range(3)]
+    noise = bench.reference_noise(p, "forward+backward", ref, eps, 7)
+    assert noise == [max(d[i] for d in draws) for i in range(3)]
+    assert len({tuple(d) for d in draws}) == 3 and all(0 < n < 1e-4 for n in noise)
+    # linear in the perturbation, as a rounding error is
+    noise2 = bench.reference_noise(p, "forward+backward", ref, 2 * eps, 7)
+    assert [b / a for a, b in zip(noise, noise2)] == pytest.approx([2, 2, 2], rel=1e-3)
+    # an HVP's noise: loss, gradient and the one product
+    h = p.hvp("torch", 1)()
+    assert len(bench.reference_noise(p, "hvp", h, eps, 7)) == 3
+
+
+def test_tf32_variants_are_checked_at_tf32_rounding(tmp_path, monkeypatch):
+    """Under --tf32 tf32 the fused rows' bound comes from the reference's noise at 2^-11 (a TF32 rounding),
+    torch.compile's at 2^-24; run on the CPU by calling past the CUDA-only option check."""
+    monkeypatch.setattr(shortcut_ext, "cuda_tf32", lambda mode: contextlib.nullcontext())
+    monkeypatch.chdir(tmp_path)
+    args = _parsed(*SMALL, "--ops", "forward", "--tf32", "tf32", "--compile")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    assert bench._bench(args, "cpu", tmp_path / "t.json") == 0
+    doc, rows = _rows(tmp_path / "t.json")
+    assert doc["check"]["perturbation"] == {"fused": 2.0**-11, "torch.compile": 2.0**-24}
+    fused, comp = rows[("forward", "fused", None)], rows[("forward", "torch.compile", None)]
+    # 2^13 times the perturbation (float32 rounds a 2^-24 one to 0 or 1 ulp: its noise is up to twice linear)
+    assert 2.0**11 < fused["noise"] / comp["noise"] < 2.0**14
