@@ -55,8 +55,10 @@ std::map<std::string, std::string> build_info() {
 #endif
   try {
     d["cpu_gemm"] = cpu_gemm_path();
+    d["cpu_gemm_float64"] = cpu_gemm64_path();
   } catch (const c10::Error& e) {  // a bad SHORTCUT_EXT_CPU_GEMM: the kernels raise it; importing still works
     d["cpu_gemm"] = std::string("invalid: ") + e.what_without_backtrace();
+    d["cpu_gemm_float64"] = d["cpu_gemm"];
   }
   d["torch_version"] = SHORTCUT_EXT_TORCH_VERSION;
 #ifdef _OPENMP

@@ -179,7 +179,9 @@ def test_batched_equals_sequential_across_unit_chunks():
     for j in (0, 17, 63):
         L1, g1, hv1 = _op(x, w, y, v[j : j + 1], True, acts, loss)
         torch.testing.assert_close(g1, g, rtol=1e-12, atol=1e-15)
-        torch.testing.assert_close(hv1[0], hv[j], rtol=1e-12, atol=1e-15)
+        # to rounding of the largest entry (~3e9 here, with cancellation in the smaller ones): the BLAS blocks a
+        # product of K d columns otherwise than one of d, so single entries differ by more than 1e-12 relative
+        torch.testing.assert_close(hv1[0], hv[j], rtol=1e-12, atol=1e-14 * float(hv[j].abs().max()))
 
 
 def test_symmetry():

@@ -556,6 +556,55 @@ def test_gemm_paths_match(path, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("env, path", [(None, "blas"), ("portable", "portable")])
+def test_float64_gemm_paths_match(env, path, tmp_path):
+    """float64 GEMMs: the BLAS dgemm of libtorch by default (both orientations: the weight gradients and HVP
+    terms are transposed products), the portable loops under SHORTCUT_EXT_CPU_GEMM=portable; forward,
+    backward and HVPs with several directions match the reference to float64 accuracy on both."""
+    import subprocess
+    import sys
+    import os
+
+    code = (
+        "import torch, shortcut_ext as se; from shortcut_ext import reference as ref\n"
+        f"assert se.build_info()['cpu_gemm_float64'] == '{path}', se.build_info()\n"
+        "torch.manual_seed(0)\n"
+        "for d in (5, 16, 40):  # batch-major and feature-major tiles\n"
+        "    x = torch.randn(37, d, dtype=torch.float64, requires_grad=True)\n"
+        "    w = (torch.randn(5, 2, d, d, dtype=torch.float64) / d).requires_grad_()\n"
+        "    y = se.residual_stack(x, w, True, 'relu', 'tanh', 'identity', backend='fused')\n"
+        "    yr = ref.residual_stack_forward(x, w, True, 'relu', 'tanh', 'identity')\n"
+        "    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-13)\n"
+        "    a = torch.autograd.grad(y.square().sum(), (x, w)); b = torch.autograd.grad(yr.square().sum(), (x, w))\n"
+        "    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)\n"
+        "    t = torch.randn(37, d, dtype=torch.float64); V = torch.randn(3, 5, 2, d, d, dtype=torch.float64)\n"
+        "    h = se.residual_stack_hvp(x.detach(), w.detach(), t, V, True, 'relu', 'tanh', 'identity', backend='fused')\n"
+        "    hr = ref.residual_stack_hvp(x.detach(), w.detach(), t, V, True, 'relu', 'tanh', 'identity')\n"
+        "    torch.testing.assert_close(h, hr, rtol=1e-11, atol=1e-12)\n"
+    )
+    import shortcut_ext
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shortcut_ext.__file__)))
+    env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env_vars.pop("SHORTCUT_EXT_CPU_GEMM", None)
+    if env:
+        env_vars["SHORTCUT_EXT_CPU_GEMM"] = env
+    r = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, cwd=tmp_path)
+    if env is None and not _libtorch_exports("dgemm_"):
+        assert r.returncode != 0 and "'cpu_gemm_float64': 'portable'" in r.stderr, r.stderr
+        pytest.skip("this libtorch exports no dgemm_: float64 runs the portable loops")
+    assert r.returncode == 0, r.stderr
+
+
+def _libtorch_exports(symbol: str) -> bool:
+    import ctypes
+    import glob
+    import os
+
+    lib = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))
+    return bool(lib) and hasattr(ctypes.CDLL(lib[0]), symbol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_ssigmoid_is_accurate_near_zero(dtype):
     """The ground truth must be right where small-init nets live: 2*sigmoid(z) - 1 loses all digits

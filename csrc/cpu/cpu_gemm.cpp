@@ -36,6 +36,13 @@ bool use_kernel16() {
 #endif
 }
 
+bool use_blas64() {
+  static const bool on = gemm_env() != "portable" && dgemm_ != nullptr;
+  return on;
+}
+
+std::string cpu_gemm64_path() { return use_blas64() ? "blas" : "portable"; }
+
 TileLayout cpu_tile_layout(int64_t d) {
   const char* env = std::getenv("SHORTCUT_EXT_CPU_LAYOUT");
   const std::string v = env ? env : "";
