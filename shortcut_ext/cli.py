@@ -46,7 +46,13 @@ def _saved(args) -> str:
     if out is None or args.command not in ("reproduce", "spectrum", "train", "bench"):
         return ""
     if args.command == "bench":
-        if not Path(out).exists():
+        import json
+
+        try:  # this run's file (an earlier run's complete one stays until this run writes)
+            mine = json.loads(Path(out).read_text()).get("complete") is False
+        except (OSError, ValueError, AttributeError):
+            mine = False
+        if not mine:
             return "; nothing was measured yet"
         return (f"; the rows measured so far are in {out} (\"complete\": false), and a rerun measures everything "
                 "again (times from two processes do not compare)")

@@ -1377,8 +1377,10 @@ def test_cuda_bench_command(tmp_path, monkeypatch):
         assert doc["complete"] and doc["gemm_gflops"] > 0 and doc["options"]["tf32"] == tf32
         rows = {(r["op"], r["impl"], r["k"]): r for r in doc["rows"]}
         assert ("forward+backward", "fused (recompute)", None) not in rows and ("hvp", "fused", 3) in rows
+        # TF32 gradients of a ReLU net: rounding alone moves them by about a percent, a "loose" check
         for r in doc["rows"]:
-            assert r["check"] in ("ok", "reference") and r["peak_mib"] >= 0 and r["median_ms"] > 0, r
+            assert r["check"] in ("ok", "reference", "loose" if tf32 == "tf32" else "ok"), r
+            assert r["peak_mib"] >= 0 and r["median_ms"] > 0, r
         errs[tf32] = rows[("forward", "fused", None)]["max_rel_err"]
         assert shortcut_ext.cuda_tf32.current() == "off"
     assert errs["tf32"] > max(10 * errs[None], 1e-6) and errs["3xtf32"] <= 1e-4, errs

@@ -19,13 +19,16 @@ rows) it times, in this process and on the same inputs:
 time is reported apart).  Before it is timed, every variant is checked against the reference on the same
 inputs: a variant that gives a wrong answer is marked FAILED and the command exits with status 1.  The
 error of each output is ``||o - r|| / ||r||``; it must stay within 16 times the reference's own rounding
-noise for this problem, measured as how far the reference moves when its input and weights are perturbed by
-one rounding of the variant's arithmetic (relative 2^-24 in float32 and 3xTF32, 2^-11 in TF32, 2^-53 in
-float64; the largest of 3 draws), and at least 1e-6 (float64 1e-13).  That noise is what rounding does on
-this problem: ~1e-7 on a residual stack's outputs, more on a deep plain net, and up to 1e-2 or more for the
-gradients of deep ReLU nets, where an activation within rounding of 0 switches a sample's gradient on or
-off (two correct float32 implementations can differ there by that much; a TF32 check is loose for the same
-reason).  ``error_ratio`` is the largest error over its bound (<= 1: ok).
+noise for this problem, measured as how far the reference moves when its input and weights move by up to
+one unit in the last place of the variant's arithmetic (2^-23 relative in float32 and 3xTF32, 2^-10 in TF32,
+2^-52 in float64; the largest of 3 draws), and at least ``max(1e-6, eps sqrt(B))`` (float64 1e-13): the
+reference's own sums over B rows round by about that much, which no perturbation shows.  The noise is what
+rounding does on this problem: ~1e-7 on a residual stack's outputs, more on a deep plain net, and up to
+1e-2 or more for the gradients of deep ReLU nets, where an activation within rounding of 0 switches a
+sample's gradient on or off (two correct float32 implementations differ there by that much).  A bound
+above 1e-2 checks little: such a row says ``loose`` (not ``ok``) and the command warns.  TF32 applies to the
+fused stack at d <= 128 only (tensor-core tiles); HVPs always run in float32 and are checked as such.
+``error_ratio`` is the largest error over its bound (<= 1 passes).
 
 Times are medians over ``--repeats`` calls after one warm-up call (the interquartile range and the
 fastest call too), with ``torch.cuda.synchronize`` around each call on a GPU.  ``speedup`` is the
@@ -60,9 +63,11 @@ CMD = "shortcut-ext bench"
 OPS = ("forward", "forward+backward", "hvp")
 GEMM_SIZE = {"cpu": 4096, "cuda": 8192}  # the large matmul's n, float32
 COLUMNS = ("op", "impl", "k", "median_ms", "q1_ms", "q3_ms", "min_ms", "per_product_ms", "speedup", "gflops",
-           "fraction_of_gemm", "max_rel_err", "noise", "error_ratio", "check", "peak_mib", "compile_s", "repeats")
+           "fraction_of_gemm", "max_rel_err", "noise", "perturbation", "error_ratio", "check", "peak_mib", "compile_s",
+           "repeats")
 CHECK_FACTOR = 16  # a variant's error may be this many times the reference's rounding noise
 CHECK_DRAWS = 3  # perturbed reference runs; the noise is their largest
+LOOSE = 1e-2  # a bound above this checks little: the row says "loose"
 
 
 def add_parser(subparsers) -> None:
@@ -133,14 +138,16 @@ class Problem:
         self.stack_flops = 2.0 * B * R * n * d * d  # one forward's multiply-adds, times 2
 
     def perturbed(self, eps: float, generator: torch.Generator) -> "Problem":
-        """This problem with the input and the weights each multiplied by ``1 + eps * u``, ``u`` uniform in
-        [-1, 1] (drawn in float64 on the CPU): one rounding's worth of change at relative precision ``eps``."""
+        """This problem with the input and the weights each moved to ``t + t * eps * u``, ``u`` uniform in
+        [-1, 1] (drawn and added in float64 on the CPU, rounded once to the dtype): up to one unit in the last
+        place at relative precision ``eps``, in either direction."""
         other = object.__new__(Problem)
         other.__dict__.update(self.__dict__)
 
         def jiggle(t):
             u = 2 * torch.rand(t.shape, generator=generator, dtype=torch.float64) - 1
-            return (t.double().cpu() * (1 + eps * u)).to(dtype=t.dtype, device=t.device)
+            t64 = t.double().cpu()
+            return (t64 + t64 * (eps * u)).to(dtype=t.dtype, device=t.device)
         other.x, other.w = jiggle(self.x), jiggle(self.w)
         return other
 
@@ -240,18 +247,23 @@ def rel_errors(outs, refs) -> list[float]:
     return errs
 
 
-def rounding(dtype: torch.dtype, tf32: str | None) -> tuple[float, float]:
-    """``(eps, floor)`` of a variant's arithmetic: the relative size of one rounding (the reference's noise is
-    measured at it) and the smallest error bound."""
+def rounding(dtype: torch.dtype, tf32: str | None, batch: int) -> tuple[float, float]:
+    """``(eps, floor)`` of a variant's arithmetic: one unit in the last place, relative (the reference's noise
+    is measured at it), and the smallest error bound, which grows as ``eps sqrt(B)`` with the rows the
+    reference sums over (a float32 weight gradient over 10^6 rows was off by 2e-5 in pure PyTorch)."""
     if dtype == torch.float64:
-        return 2.0 ** -53, 1e-13
-    return (2.0 ** -11 if tf32 == "tf32" else 2.0 ** -24), 1e-6
+        return 2.0 ** -52, max(1e-13, 2.0 ** -52 * math.sqrt(batch))
+    return (2.0 ** -10 if tf32 == "tf32" else 2.0 ** -23), max(1e-6, 2.0 ** -23 * math.sqrt(batch))
+
+
+def bounds(noise: list[float], floor: float) -> list[float]:
+    """Each output's error bound: ``max(floor, CHECK_FACTOR * noise)``."""
+    return [max(floor, CHECK_FACTOR * n) for n in noise]
 
 
 def check_errors(errs: list[float], noise: list[float], floor: float) -> float:
-    """The largest ratio of an output's error to its bound ``max(floor, CHECK_FACTOR * noise)``: <= 1 passes
-    (nan fails)."""
-    ratios = [e / max(floor, CHECK_FACTOR * n) for e, n in zip(errs, noise)]
+    """The largest ratio of an output's error to its bound: <= 1 passes (nan fails)."""
+    ratios = [e / b for e, b in zip(errs, bounds(noise, floor))]
     return math.nan if any(r != r for r in ratios) else max(ratios, default=0.0)
 
 
@@ -392,14 +404,16 @@ def _bench(args, device: str, out: Path | None) -> int:
     from .report import environment
 
     rows: list[dict] = []
-    eps_fused, floor = rounding(dtype, args.tf32)
-    eps_ref = rounding(dtype, None)[0]
+    eps_ref, floor = rounding(dtype, None, args.batch)
+    # TF32 runs the fused stack's tensor-core tiles (d <= 128); wider stacks and the HVP kernel stay float32
+    eps_fused = rounding(dtype, args.tf32 if args.width <= 128 else None, args.batch)[0]
     doc = {"command": "bench", "complete": False,
            "options": {**{k: v for k, v in vars(args).items() if k != "func"},
                        "directions": _directions(args) if "hvp" in args.ops else None},
            "environment": environment(),
            "check": {"error": "||o - r|| / ||r|| per output", "factor": CHECK_FACTOR, "floor": floor,
-                     "draws": CHECK_DRAWS, "perturbation": {"fused": eps_fused, "torch.compile": eps_ref}},
+                     "draws": CHECK_DRAWS, "loose_above": LOOSE,
+                     "perturbation": {"fused": eps_fused, "fused hvp": eps_ref, "torch.compile": eps_ref}},
            "gemm_gflops": None, "rows": rows}
     _write(out, doc)  # from the start: an interrupted run leaves its options and the rows it measured
     prob = Problem(args, device, dtype)
@@ -437,7 +451,12 @@ def _bench(args, device: str, out: Path | None) -> int:
             noise_k = noise(op, ref_out if k in (None, 1) else ref_k1[op], eps)
             err, nz = max(errs), max(noise_k)
             ratio = check_errors(errs, noise_k, floor)
-            check = "ok" if ratio <= 1 else "FAILED"  # nan fails
+            loose = max(bounds(noise_k, floor)) > LOOSE
+            check = ("loose" if loose else "ok") if ratio <= 1 else "FAILED"  # nan fails
+            if loose and not any(u.startswith(f"{op} ") for u in unchecked):
+                unchecked.append(f"{op} {impl}: the reference's own rounding noise is {nz:.1e} here (deep ReLU "
+                                 f"units switching under rounding?), so the check only catches errors above "
+                                 f"{max(bounds(noise_k, floor)):.1e}")
             outs = None  # not needed after the check: not held while the variant is timed
         if cuda:  # the peak of one call's working memory, above what is held now (the reference's outputs)
             _sync(device)
@@ -445,7 +464,8 @@ def _bench(args, device: str, out: Path | None) -> int:
             before = torch.cuda.memory_allocated(device)
         times = time_calls(fn, args.repeats, device)
         row = _row(op, impl, times, k)
-        row.update(max_rel_err=err, noise=nz, error_ratio=ratio, check=check, compile_s=compile_s)
+        row.update(max_rel_err=err, noise=nz, error_ratio=ratio, check=check, compile_s=compile_s,
+                   perturbation=eps)
         if cuda:
             row["peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         if flops is not None:
@@ -476,9 +496,9 @@ def _bench(args, device: str, out: Path | None) -> int:
             ref_k_out = measure(op, "torch (double backward)", prob.hvp("torch", K), None, k=K,
                                 baseline=base) if K > 1 else ref_out
             with fused():
-                measure(op, "fused", prob.hvp("fused", 1), ref_out, k=1, baseline=base, eps=eps_fused)
+                measure(op, "fused", prob.hvp("fused", 1), ref_out, k=1, baseline=base, eps=eps_ref)
                 if K > 1:
-                    measure(op, "fused", prob.hvp("fused", K), ref_k_out, k=K, baseline=base, eps=eps_fused)
+                    measure(op, "fused", prob.hvp("fused", K), ref_k_out, k=K, baseline=base, eps=eps_ref)
             continue
         make = prob.forward if op == "forward" else prob.forward_backward
         flops = prob.stack_flops * (1 if op == "forward" else 3)
@@ -509,8 +529,7 @@ def _bench(args, device: str, out: Path | None) -> int:
     if out is not None:
         print(f"results: {out} and {out.with_suffix('.csv')}")
     for u in unchecked:
-        print(f"{CMD}: warning: the check means nothing here: {u}; choose another --mid, fewer --units or "
-              "float64", file=sys.stderr)
+        print(f"{CMD}: warning: the answer check means little here: {u}", file=sys.stderr)
     if failed:
         print(f"{CMD}: wrong answers (checked against the reference before timing): " + "; ".join(failed),
               file=sys.stderr)
