@@ -396,9 +396,9 @@ def test_outputs_are_values_when_the_targets_require_grad(backend):
 def test_float32_several_row_tiles_per_slot():
     """float32 at d = 16, whose weight-gradient products run a register kernel (gemm16_tn): a slot's later
     row tiles must add to its buffer. That kernel ignoring `accumulate` passed, since the float32 tests
-    ran d = 6, B = 33, one tile. A tile holds 2^17 / ((2n + 1)(1 + K) d) = 819 rows here: B = 4000 gives 5
-    tiles to 1 slot at 1 thread and to 2 slots at 2 threads."""
-    B, d, R, n, K = 4000, 16, 3, 2, 1
+    ran d = 6, B = 33, one tile. A tile holds at most 2^19 / ((2n + 1)(1 + K) d) = 3276 rows here: B = 12000
+    gives 4 tiles to 1 slot at 1 thread and 2 tiles to each of 2 slots at 2 threads."""
+    B, d, R, n, K = 12000, 16, 3, 2, 1
     x, w, y, v, loss = _problem(B, d, R, n, K, "mse", scale=0.1)
     acts = ("identity", "tanh", "identity")
     exact = ref.residual_stack_hvp(x, w, y, v, True, *acts, loss)

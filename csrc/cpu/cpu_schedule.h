@@ -25,6 +25,15 @@ inline int64_t num_slots(int64_t B, int64_t work_per_row) {
   return std::max<int64_t>(1, std::min({threads, B, by_work}));
 }
 
+// Rows per tile for B rows cut into `slots` parallel tasks, tiles of at most `cap` rows: the same
+// number of tiles for every slot, of (nearly) equal rows.  Tiles of `cap` rows and a short last one
+// left the slots unequal (B = 256, 2 slots, cap 96: 96 rows in one slot, 160 in the other).
+inline int64_t balanced_tile_rows(int64_t B, int64_t slots, int64_t cap) {
+  const int64_t per_slot = (B + slots - 1) / slots;
+  const int64_t tiles_per_slot = (per_slot + cap - 1) / cap;
+  return std::max<int64_t>(1, (per_slot + tiles_per_slot - 1) / tiles_per_slot);
+}
+
 // The row tiles of the fused CPU kernels at the current thread count: rows per tile, tiles, slots (parallel
 // tasks), units per chunk of the weight-gradient buffers (the backward's). Each kernel computes its schedule
 // here, and tests read it (shortcut_ext._C.cpu_schedule) to know which paths their shapes reach.

@@ -407,6 +407,36 @@ double loss_seed(Loss loss, const T* f, const T* rf, const T* y, const int64_t* 
 // Whether the HVP kernel keeps every unit's record (`mb` megabytes) instead of checkpointing and
 // recomputing.  SHORTCUT_EXT_HVP_STORE_MB unset: for d >= 32 within 256 MB; set: whenever they fit
 // in that many MB (0: never).
+// vin[r, l, i, j, o] = vout[r, l, o, j, i] = V_j[r, l, o, i] for directions V [K, R, n, d, d]: the K
+// directions of a layer side by side, as the K-fold GEMMs read them.  From the buffer cache (a fresh
+// K-fold copy of the weights on every call paid its page faults: ~5% of a call at d = 64, K = 16),
+// one (unit, layer) a task, each d x d block read once and transposed in 16 x 16 blocks.
+template <typename T>
+void interleave_directions(const at::Tensor& directions, at::Tensor& vin, at::Tensor& vout) {
+  const int64_t K = directions.size(0), R = directions.size(1), n = directions.size(2), d = directions.size(3);
+  const int64_t dd = d * d, mats = R * n;
+  vin = pooled_empty({R, n, d, K, d}, directions.options());
+  vout = pooled_empty({R, n, d, K, d}, directions.options());
+  const T* src = directions.data_ptr<T>();
+  T* in_p = vin.data_ptr<T>();
+  T* out_p = vout.data_ptr<T>();
+  constexpr int64_t blk = 16;
+  at::parallel_for(0, mats, std::max<int64_t>(1, 65536 / (K * dd)), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      T* vi = in_p + q * K * dd;
+      T* vo = out_p + q * K * dd;
+      for (int64_t j = 0; j < K; ++j) {
+        const T* v = src + (j * mats + q) * dd;  // V_j[r, l] as [o, i]
+        for (int64_t o = 0; o < d; ++o) std::copy(v + o * d, v + (o + 1) * d, vo + (o * K + j) * d);
+        for (int64_t o0 = 0; o0 < d; o0 += blk)
+          for (int64_t i0 = 0; i0 < d; i0 += blk)
+            for (int64_t o = o0; o < std::min(d, o0 + blk); ++o)
+              for (int64_t i = i0; i < std::min(d, i0 + blk); ++i) vi[(i * K + j) * d + o] = v[o * d + i];
+      }
+    }
+  });
+}
+
 bool hvp_store_records(double mb, int64_t d) {
   const char* env = std::getenv("SHORTCUT_EXT_HVP_STORE_MB");
   if (!env || !*env) return d >= 32 && mb <= 256.0;
@@ -422,9 +452,9 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
               bool shortcut, Acts acts, Loss loss, at::Tensor& loss_out, at::Tensor& grad_w, at::Tensor& hvps) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1), K = directions.size(0);
   const int64_t dd = d * d;
-  const at::Tensor wt = transpose_weights<T>(weights);                      // [R, n, d_in, d_out]
-  const at::Tensor vin = directions.permute({1, 2, 4, 0, 3}).contiguous();   // [R, n, d_in, K, d_out]
-  const at::Tensor vout = directions.permute({1, 2, 3, 0, 4}).contiguous();  // [R, n, d_out, K, d_in]
+  const at::Tensor wt = transpose_weights<T>(weights);  // [R, n, d_in, d_out]
+  at::Tensor vin, vout;                                  // [R, n, d_in, K, d_out], [R, n, d_out, K, d_in]
+  interleave_directions<T>(directions, vin, vout);
   const Net<T> net{weights.data_ptr<T>(), wt.data_ptr<T>(), vin.data_ptr<T>(), vout.data_ptr<T>(),
                    R, n, d, K, shortcut, acts};
   const T* x_p = x.data_ptr<T>();
@@ -432,7 +462,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const T* y_p = by_class ? nullptr : targets.data_ptr<T>();
   const int64_t* cls_p = by_class ? targets.data_ptr<int64_t>() : nullptr;
 
-  // schedule: slots of tiles, a tile's record of one unit ~2^17 elements
+  // schedule (cpu_hvp_schedule): slots of equal tiles, a tile's record of one unit up to ~2^19 elements
   const CpuSchedule sch = cpu_hvp_schedule(B, d, R, n, K);
   const int64_t m_max = sch.tile_rows, tiles = sch.tiles, slots = sch.slots;
   const int64_t tiles_per_slot = (tiles + slots - 1) / slots;
@@ -564,32 +594,37 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
       }
       gemm_release();
     });
-    // fixed-order reduction of the slots: grad [d, d]; hvp_j[o, i] = h1[i, j, o] + h2[o, j, i]
+    // fixed-order reduction of the slots: grad [d, d]; hvp_j[o, i] = h2[o, j, i] + h1[i, j, o], each term
+    // summed over the slots in slot order along contiguous rows, then h1's sum transposed in blocks (from
+    // a [d, d] buffer in cache: a strided gather straight from the chunk buffers took ~10% of a call)
     const int64_t Q = (r_hi - r_lo) * n;
+    const int64_t slot_stride = U * per_unit;
     at::parallel_for(0, Q, std::max<int64_t>(1, 4096 / ((1 + 2 * K) * dd)), [&](int64_t q0, int64_t q1) {
+      std::vector<T> h1t(dd);
+      // dst[c] = sum over slots s (in order) of src[s * slot_stride + c], c < count
+      const auto sum_slots = [&](const T* src, int64_t count, T* dst) {
+        std::copy(src, src + count, dst);
+        for (int64_t s = 1; s < slots; ++s) {
+          const T* p = src + s * slot_stride;
+#pragma omp simd
+          for (int64_t c = 0; c < count; ++c) dst[c] += p[c];
+        }
+      };
+      constexpr int64_t blk = 16;
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t rl = r_lo * n + q;  // flat (unit, layer) index
         const T* src0 = partial + q * (1 + 2 * K) * dd;
-        T* gout = gw_p + rl * dd;
-        for (int64_t e = 0; e < dd; ++e) {
-          T acc = src0[e];
-          for (int64_t s = 1; s < slots; ++s) acc += src0[s * U * per_unit + e];
-          gout[e] = acc;
-        }
+        sum_slots(src0, dd, gw_p + rl * dd);
         const T* h1 = src0 + dd;            // [d_in][K][d_out]
         const T* h2 = src0 + (1 + K) * dd;  // [d_out][K][d_in]
         for (int64_t j = 0; j < K; ++j) {
           T* hout = hv_p + (j * R * n + rl) * dd;
-          for (int64_t o = 0; o < d; ++o) {
-            for (int64_t i = 0; i < d; ++i) {
-              T acc = h1[(i * K + j) * d + o] + h2[(o * K + j) * d + i];
-              for (int64_t s = 1; s < slots; ++s) {
-                const int64_t off = s * U * per_unit;
-                acc += h1[off + (i * K + j) * d + o] + h2[off + (o * K + j) * d + i];
-              }
-              hout[o * d + i] = acc;
-            }
-          }
+          for (int64_t o = 0; o < d; ++o) sum_slots(h2 + (o * K + j) * d, d, hout + o * d);
+          for (int64_t i = 0; i < d; ++i) sum_slots(h1 + (i * K + j) * d, d, h1t.data() + i * d);
+          for (int64_t o0 = 0; o0 < d; o0 += blk)
+            for (int64_t i0 = 0; i0 < d; i0 += blk)
+              for (int64_t o = o0; o < std::min(d, o0 + blk); ++o)
+                for (int64_t i = i0; i < std::min(d, i0 + blk); ++i) hout[o * d + i] += h1t[i * d + o];
         }
       }
     });
@@ -612,10 +647,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
   at::Tensor loss_out = at::zeros({}, x.options());
   at::Tensor grad_w = pooled_empty(weights.sizes(), weights.options());
   at::Tensor hvps = pooled_empty(directions.sizes(), directions.options());
-  grad_w.zero_();
-  hvps.zero_();
-  // B == 0: the loss of no samples is 0 (as reference.loss_fn), and so are its derivatives.
-  if (s.B == 0) return {loss_out, grad_w, hvps};
+  // B == 0: the loss of no samples is 0 (as reference.loss_fn), and so are its derivatives.  Otherwise the
+  // slot reduction writes every element of both.
+  if (s.B == 0) {
+    grad_w.zero_();
+    hvps.zero_();
+    return {loss_out, grad_w, hvps};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cpu", [&] {
     hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, loss_out, grad_w, hvps);
   });
@@ -628,8 +666,8 @@ CpuSchedule cpu_hvp_schedule(int64_t B, int64_t d, int64_t R, int64_t n, int64_t
   const int64_t dd = d * d;
   const int64_t rec_row = (2 * n + 1) * (1 + K) * d;
   const int64_t P = num_slots(B, (4 + 8 * K) * R * n * dd);
-  const int64_t per_slot = (B + P - 1) / P;
-  const int64_t m_max = std::max<int64_t>(1, std::min(per_slot, std::max<int64_t>(8, (int64_t(1) << 17) / rec_row)));
+  // a tile's record of one unit up to ~2^19 elements, at least 8 rows
+  const int64_t m_max = balanced_tile_rows(B, P, std::max<int64_t>(8, (int64_t(1) << 19) / rec_row));
   const int64_t tiles = (B + m_max - 1) / m_max;
   return {m_max, tiles, std::min(P, tiles), 0};
 }
