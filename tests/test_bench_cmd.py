@@ -71,7 +71,9 @@ def test_bench_measures_every_variant_and_reports_consistent_figures(tmp_path, m
             assert 0 < r["noise"] < 1e-6
         if op == "hvp":
             assert r["per_product_ms"] == pytest.approx(r["median_ms"] / k, rel=1e-12)
-            assert r.get("gflops") is None
+            f = flops * (3 + 6 * k)  # the gradient's three products and six per direction
+            assert r["gflops"] == pytest.approx(f / (r["median_ms"] / 1e3) / 1e9, rel=1e-12)
+            assert r["fraction_of_gemm"] == pytest.approx(r["gflops"] / rate, rel=1e-12)
             base = rows[("hvp", "torch (double backward)", 1)]["per_product_ms"]
             if (impl, k) != ("torch (double backward)", 1):
                 assert r["speedup"] == pytest.approx(base / r["per_product_ms"], rel=1e-12)
@@ -87,7 +89,8 @@ def test_bench_measures_every_variant_and_reports_consistent_figures(tmp_path, m
     with open(out.with_suffix(".csv")) as f:
         csv_rows = list(csv.DictReader(f))
     assert [(r["op"], r["impl"]) for r in csv_rows] == [(r["op"], r["impl"]) for r in doc["rows"]]
-    assert all(r["gflops"] == "" for r in csv_rows if r["op"] == "hvp")
+    assert [float(r["gflops"]) for r in csv_rows] == pytest.approx([r["gflops"] for r in doc["rows"]], rel=1e-9)
+    assert all(r["compile_s"] == "" for r in csv_rows)  # no --compile: an empty cell
     printed = capsys.readouterr().out
     assert "R=5 d=6 B=12" in printed and "fused (recompute)" in printed and str(out) in printed
 

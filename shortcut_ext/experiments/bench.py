@@ -34,8 +34,10 @@ Times are medians over ``--repeats`` calls after one warm-up call (the interquar
 fastest call too), with ``torch.cuda.synchronize`` around each call on a GPU.  ``speedup`` is the
 reference's median over the variant's, per Hessian-vector product for ``hvp`` (the reference with one
 direction is the baseline).  GFLOP/s count ``2 B R n d^2`` for a forward and three times that for a
-forward+backward (the multiply-adds of the data and the weight gradients), and are set against the rate of
-one large square matmul measured in the same run.  On a GPU each variant's peak memory is reported too
+forward+backward (the multiply-adds of the data and the weight gradients), ``3 + 6k`` times it for an ``hvp``
+call with k directions (the gradient's three products and six per direction: tangent forward, tangent backward
+and the Hessian's weight term; recomputation not counted), and are set against the rate of one large square
+matmul measured in the same run.  On a GPU each variant's peak memory is reported too
 (``peak_mib``: the most torch allocated during its calls, above what was allocated before them).
 
 Times depend on what else runs: run it on a quiet machine (two processes timing on the same cores wreck
@@ -136,6 +138,12 @@ class Problem:
         self.directions = torch.randn((k, R, n, d, d), generator=g, dtype=torch.float64).to(**place)
         self.loss = args.loss
         self.stack_flops = 2.0 * B * R * n * d * d  # one forward's multiply-adds, times 2
+
+    def hvp_flops(self, k: int) -> float:
+        """The products of one call for the loss, the gradient and ``k`` HVPs: the forward and the backward's two
+        (data and weight gradients), and six per direction (tangent forward ``R{a} W^T + a V^T``, tangent backward
+        ``R{g} W + g V``, the Hessian's weight term ``R{g}^T a + g^T R{a}``).  Recomputation is not counted."""
+        return self.stack_flops * (3 + 6 * k)
 
     def perturbed(self, eps: float, generator: torch.Generator) -> "Problem":
         """This problem with the input and the weights each moved to ``t + t * eps * u``, ``u`` uniform in
@@ -491,14 +499,17 @@ def _bench(args, device: str, out: Path | None) -> int:
     ref_k1: dict = {}
     for op in [o for o in OPS if o in args.ops]:
         if op == "hvp":
-            ref_out = ref_k1[op] = measure(op, "torch (double backward)", prob.hvp("torch", 1), None, k=1)
+            ref_out = ref_k1[op] = measure(op, "torch (double backward)", prob.hvp("torch", 1), None, k=1,
+                                           flops=prob.hvp_flops(1))
             base = rows[-1]["per_product_ms"]
             ref_k_out = measure(op, "torch (double backward)", prob.hvp("torch", K), None, k=K,
-                                baseline=base) if K > 1 else ref_out
+                                flops=prob.hvp_flops(K), baseline=base) if K > 1 else ref_out
             with fused():
-                measure(op, "fused", prob.hvp("fused", 1), ref_out, k=1, baseline=base, eps=eps_ref)
+                measure(op, "fused", prob.hvp("fused", 1), ref_out, k=1, flops=prob.hvp_flops(1), baseline=base,
+                        eps=eps_ref)
                 if K > 1:
-                    measure(op, "fused", prob.hvp("fused", K), ref_k_out, k=K, baseline=base, eps=eps_ref)
+                    measure(op, "fused", prob.hvp("fused", K), ref_k_out, k=K, flops=prob.hvp_flops(K),
+                            baseline=base, eps=eps_ref)
             continue
         make = prob.forward if op == "forward" else prob.forward_backward
         flops = prob.stack_flops * (1 if op == "forward" else 3)
