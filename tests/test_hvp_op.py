@@ -420,6 +420,30 @@ def test_float32_several_row_tiles_per_slot():
         torch.set_num_threads(threads)
 
 
+def test_cpu_schedule_gives_the_slots_equal_rows():
+    """The HVP kernel's slots (parallel tasks) get equal shares of the rows: tiles of the cap and a short last
+    one had left one slot 160 rows and the other 96 at B = 256, d = 16, K = 16 on 2 threads (a 1.2x slower
+    call). The rows of a slot may differ from another's only by the rounding of equal tiles."""
+    from shortcut_ext._build import _C
+
+    threads = torch.get_num_threads()
+    try:
+        for p in (2, 3):
+            torch.set_num_threads(p)
+            for B in list(range(1, 40)) + [255, 256, 257, 513, 1000, 4097]:
+                for d, K in ((4, 1), (16, 16), (64, 4), (64, 16), (128, 16)):
+                    sch = _C.cpu_schedule("hvp", B, d, 50, 2, K)
+                    m, tiles, slots = sch["tile_rows"], sch["tiles"], sch["slots"]
+                    assert tiles == -(-B // m) and 1 <= slots <= min(p, tiles), sch
+                    rows = [sum(min(m, B - t * m) for t in range(s * tiles // slots, (s + 1) * tiles // slots))
+                            for s in range(slots)]
+                    assert sum(rows) == B
+                    per_slot = -(-tiles // slots)
+                    assert max(rows) - min(rows) <= slots * per_slot, (B, d, K, p, sch, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_float32_several_directions_at_width_16():
     """float32 at d = 16 with K >= 2 directions: the HVP's weight-gradient products are gemm_tn(16, K*16, m), which
     must not take the 16 x 16 register kernel (gemm16_tn computes 16 of the K*16 columns). The forward and backward

@@ -404,9 +404,6 @@ double loss_seed(Loss loss, const T* f, const T* rf, const T* y, const int64_t* 
   return total;
 }
 
-// Whether the HVP kernel keeps every unit's record (`mb` megabytes) instead of checkpointing and
-// recomputing.  SHORTCUT_EXT_HVP_STORE_MB unset: for d >= 32 within 256 MB; set: whenever they fit
-// in that many MB (0: never).
 // vin[r, l, i, j, o] = vout[r, l, o, j, i] = V_j[r, l, o, i] for directions V [K, R, n, d, d]: the K
 // directions of a layer side by side, as the K-fold GEMMs read them.  From the buffer cache (a fresh
 // K-fold copy of the weights on every call paid its page faults: ~5% of a call at d = 64, K = 16),
@@ -437,6 +434,9 @@ void interleave_directions(const at::Tensor& directions, at::Tensor& vin, at::Te
   });
 }
 
+// Whether the HVP kernel keeps every unit's record (`mb` megabytes) instead of checkpointing and
+// recomputing.  SHORTCUT_EXT_HVP_STORE_MB unset: for d >= 32 within 256 MB; set: whenever they fit
+// in that many MB (0: never).
 bool hvp_store_records(double mb, int64_t d) {
   const char* env = std::getenv("SHORTCUT_EXT_HVP_STORE_MB");
   if (!env || !*env) return d >= 32 && mb <= 256.0;
