@@ -73,6 +73,34 @@ std::map<std::string, std::string> build_info() {
 #ifdef TORCH_EXTENSION_NAME  // the Python module (setup.py); the CMake library has no Python
 #include <torch/extension.h>
 
+// C (+)= op(A) @ B in place, by the GEMM routine the CPU kernels use (gemm_nn, or gemm_tn when a_transposed:
+// A is then [K, M]), on row-major views (last stride 1, the first stride the leading dimension), so that
+// tests reach every path (SHORTCUT_EXT_CPU_GEMM) with any shape and leading dimension.
+static void py_cpu_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool a_transposed, bool accumulate) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"a", &a}, {"b", &b}, {"c", &c}}) {
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->device().is_cpu() && t->scalar_type() == c.scalar_type() &&
+                          (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
+                      name, " must be a 2-D float32 or float64 CPU tensor of c's dtype, got ", t->sizes(), " ",
+                      t->scalar_type(), " on ", t->device());
+    TORCH_CHECK_VALUE(t->stride(1) == 1 && t->stride(0) >= std::max<int64_t>(1, t->size(1)),
+                      name, " must be row-major (strides [ld >= columns, 1]), got strides ", t->strides());
+  }
+  const int64_t M = c.size(0), N = c.size(1), K = b.size(0);
+  const int64_t am = a_transposed ? a.size(1) : a.size(0), ak = a_transposed ? a.size(0) : a.size(1);
+  TORCH_CHECK_VALUE(am == M && ak == K && b.size(1) == N, "shapes do not chain: op(a) ", am, " x ", ak, ", b ",
+                    b.sizes(), ", c ", c.sizes());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "cpu_gemm", [&] {
+    std::vector<scalar_t> scratch(std::max<int64_t>(1, M * K));
+    if (a_transposed)
+      shortcut_ext::gemm_tn<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(),
+                                      b.stride(0), c.data_ptr<scalar_t>(), c.stride(0), accumulate, scratch.data());
+    else
+      shortcut_ext::gemm_nn<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(),
+                                      b.stride(0), c.data_ptr<scalar_t>(), c.stride(0), accumulate);
+    shortcut_ext::gemm_release();
+  });
+}
+
 static pybind11::dict py_build_info() {
   pybind11::dict d;
   for (const auto& kv : shortcut_ext::build_info()) {
@@ -112,6 +140,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("op"), pybind11::arg("B"), pybind11::arg("d"), pybind11::arg("R"), pybind11::arg("n"),
       pybind11::arg("K") = 1,
       "The CPU kernels' row tiles at the current thread count (for tests: which paths a shape reaches)");
+  m.def("cpu_gemm", &py_cpu_gemm, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("c"),
+        pybind11::arg("a_transposed") = false, pybind11::arg("accumulate") = false,
+        "c (+)= op(a) @ b in place by the CPU kernels' GEMM (for tests: every path, any shape and leading dimension)");
   m.def("cpu_saved_feature_major_from", &shortcut_ext::cpu_saved_feature_major_from,
         "The least width d at which the CPU forward saves activations feature-major (by width only)");
   m.def(

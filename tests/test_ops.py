@@ -556,18 +556,87 @@ def test_gemm_paths_match(path, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("env, path", [(None, "blas"), ("portable", "portable")])
-def test_float64_gemm_paths_match(env, path, tmp_path):
-    """float64 GEMMs: the BLAS dgemm of libtorch by default (both orientations: the weight gradients and HVP
-    terms are transposed products), the portable loops under SHORTCUT_EXT_CPU_GEMM=portable; forward,
-    backward and HVPs with several directions match the reference to float64 accuracy on both."""
+def _avx512_build() -> bool:
+    isa = shortcut_ext.build_info()["native_isa"]
+    return isa is not None and "avx512f" in isa
+
+
+def _check_cpu_gemm(dtype, seed=0):
+    """The kernels' GEMM routine (_C.cpu_gemm, the path this process selected) against torch.matmul in float64,
+    both orientations, written or accumulated, over shapes that reach every register block and tail (rows 1 to
+    9 and beyond, columns around multiples of 8 and 32, inner sizes 1 to 130), on padded views whose padding
+    holds NaN: a read past a row's end would spread NaN into the result, a write past it would overwrite the
+    padding."""
+    from shortcut_ext._build import _C
+
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.finfo(dtype).eps
+    for M in (1, 2, 5, 6, 7, 8, 9, 13, 16, 33):
+        for N in (1, 7, 8, 9, 16, 24, 31, 32, 33, 40, 64, 65):
+            for K in (1, 3, 16, 37, 130):
+                for a_t in (False, True):
+                    for acc in (False, True):
+                        pad = int(torch.randint(0, 3, (), generator=g))
+
+                        def padded(rows, cols):
+                            buf = torch.full((rows, cols + pad), float("nan"), dtype=dtype)
+                            view = buf[:, :cols]
+                            view.copy_(torch.randn(rows, cols, generator=g, dtype=torch.float64))
+                            return buf, view
+
+                        _, a = padded(K, M) if a_t else padded(M, K)
+                        _, b = padded(K, N)
+                        cbuf, c = padded(M, N)
+                        c0 = c.double().clone()
+                        _C.cpu_gemm(a, b, c, a_t, acc)
+                        want = (a.double().T if a_t else a.double()) @ b.double() + (c0 if acc else 0)
+                        scale = (a.double().abs().T if a_t else a.double().abs()) @ b.double().abs() + c0.abs()
+                        err = ((c.double() - want).abs() / scale.clamp_min(1e-30)).max().item()
+                        assert err <= 4 * (K + 1) * eps, (dtype, M, N, K, a_t, acc, pad, err)
+                        assert torch.isnan(cbuf[:, N:]).all(), (dtype, M, N, K, a_t, acc, pad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_gemm_matches_matmul(dtype):
+    """The GEMM routine of the CPU kernels on its own, this process's path (the default: float64's AVX-512 register
+    kernel on AVX-512 builds, float32's brgemm and d = 16 kernel): the fused ops' tests reach it only at their
+    shapes; this reaches every row block, column tail and leading dimension."""
+    _check_cpu_gemm(dtype)
+
+
+def test_cpu_gemm_refuses_bad_arguments():
+    from shortcut_ext._build import _C
+
+    a, b, c = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64), torch.empty(3, 5,
+                                                                                                       dtype=torch.float64)
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        _C.cpu_gemm(a, b.T.contiguous(), c)
+    with pytest.raises(ValueError, match="b must be row-major"):
+        _C.cpu_gemm(a, torch.randn(5, 4, dtype=torch.float64).T, c)
+    with pytest.raises(ValueError, match="c must be a 2-D float32 or float64 CPU tensor of c's dtype, got \\[15\\]"):
+        _C.cpu_gemm(a, b, c.reshape(-1))
+    with pytest.raises(ValueError, match="a must be a 2-D float32 or float64 CPU tensor of c's dtype, got .* Double"):
+        _C.cpu_gemm(a, b.float(), c.float())
+
+
+@pytest.mark.parametrize("env", [None, "auto", "brgemm", "portable"])
+def test_float64_gemm_paths_match(env, tmp_path):
+    """float64 GEMMs: by default (unset or auto) the AVX-512 register kernel on AVX-512 builds, else the BLAS dgemm
+    of libtorch; SHORTCUT_EXT_CPU_GEMM=brgemm (the libraries only) the dgemm, =portable the loops. Both orientations
+    (the weight gradients and HVP terms are transposed products). On each path the GEMM routine matches matmul over
+    every tail, and forward, backward and HVPs with several directions match the reference to float64 accuracy."""
     import subprocess
     import sys
     import os
 
+    import inspect
+
+    path = {"portable": "portable", "brgemm": "blas"}.get(env, "kernel64" if _avx512_build() else "blas")
     code = (
         "import torch, shortcut_ext as se; from shortcut_ext import reference as ref\n"
+        + inspect.getsource(_check_cpu_gemm) +
         f"assert se.build_info()['cpu_gemm_float64'] == '{path}', se.build_info()\n"
+        "_check_cpu_gemm(torch.float64)\n"
         "torch.manual_seed(0)\n"
         "for d in (5, 16, 40):  # batch-major and feature-major tiles\n"
         "    x = torch.randn(37, d, dtype=torch.float64, requires_grad=True)\n"
@@ -590,7 +659,7 @@ def test_float64_gemm_paths_match(env, path, tmp_path):
     if env:
         env_vars["SHORTCUT_EXT_CPU_GEMM"] = env
     r = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, cwd=tmp_path)
-    if env is None and not _libtorch_exports("dgemm_"):
+    if path == "blas" and not _libtorch_exports("dgemm_"):
         assert r.returncode != 0 and "'cpu_gemm_float64': 'portable'" in r.stderr, r.stderr
         pytest.skip("this libtorch exports no dgemm_: float64 runs the portable loops")
     assert r.returncode == 0, r.stderr

@@ -41,7 +41,16 @@ bool use_blas64() {
   return on;
 }
 
-std::string cpu_gemm64_path() { return use_blas64() ? "blas" : "portable"; }
+bool use_kernel64() {
+#if defined(__AVX512F__)
+  static const bool on = gemm_env() != "portable" && gemm_env() != "brgemm";
+  return on;
+#else
+  return false;
+#endif
+}
+
+std::string cpu_gemm64_path() { return use_kernel64() ? "kernel64" : use_blas64() ? "blas" : "portable"; }
 
 TileLayout cpu_tile_layout(int64_t d) {
   const char* env = std::getenv("SHORTCUT_EXT_CPU_LAYOUT");

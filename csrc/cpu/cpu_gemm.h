@@ -5,9 +5,14 @@
 // time) or SHORTCUT_EXT_CPU_GEMM=portable (run time) switch to the portable loops below, which are
 // also the float64 path where no BLAS is found.
 //
-// float64 calls the BLAS `dgemm_` that libtorch carries (MKL in the x86 wheels) for every product: the
-// portable loops ran at 19-30 GFLOP/s on 2 cores, and the fused float64 ops lost to pure PyTorch (MKL) from
-// d = 32 on.  The symbol is weak: where libtorch exports none, the loops run.
+// float64 runs an AVX-512 register kernel (dgemm_avx512, AVX-512 builds), else the BLAS `dgemm_` that
+// libtorch carries (MKL in the x86 wheels), else the portable loops.  The portable loops ran at 19-30
+// GFLOP/s on 2 cores, and the fused float64 ops lost to pure PyTorch (MKL) from d = 32 on; `dgemm_` was
+// 1.3-5x faster than the loops, and the register kernel is 1.8-3.5x faster than `dgemm_` again on whole
+// fused ops, d = 2 to 128 (2-core AVX-512 AMD EPYC, where MKL takes its AVX2 path; MKL also pays a
+// per-call cost that the stack's small products feel).  SHORTCUT_EXT_CPU_GEMM=brgemm selects the
+// libraries only (oneDNN for float32, `dgemm_` for float64), =portable the loops only.  The `dgemm_`
+// symbol is weak: where libtorch exports none, the loops stand in for it.
 #pragma once
 
 #include <ATen/native/CPUBlas.h>
@@ -26,11 +31,14 @@ extern "C" void dgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace shortcut_ext {
 
-// The float64 path: "blas" (dgemm_) or "portable" (SHORTCUT_EXT_CPU_GEMM=portable, or no dgemm_ in libtorch).
-// Measured at R = 300, B = 256, 2 threads, dgemm_ against the loops, whole fused ops: 1.3-5x faster at every d
-// from 2 to 64 (forward, forward+backward, HVPs).
+// The float64 path: "kernel64" (the AVX-512 register kernel: SHORTCUT_EXT_CPU_GEMM unset or auto, AVX-512
+// builds), "blas" (dgemm_: =brgemm, or no AVX-512) or "portable" (=portable, or no dgemm_ in libtorch).
+// Measured at R = 300, B = 256, 2 threads, whole fused ops (forward, forward+backward, HVPs): dgemm_ 1.3-5x
+// faster than the loops at every d from 2 to 64; the register kernel 1.8-3.5x faster than dgemm_ at every d
+// from 2 to 128.
 std::string cpu_gemm64_path();
 bool use_blas64();
+bool use_kernel64();
 
 // C[M, N] (+)= op(A) @ B, row-major, by the column-major BLAS: C^T = B^T op(A)^T.
 inline void blas_dgemm(bool a_transposed, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
@@ -64,6 +72,84 @@ inline void gemm16_tn(int64_t K, const float* A, int64_t lda, const float* B, in
 }
 #endif
 
+#if defined(__AVX512F__)
+// float64 register kernel: C[MR rows, NV * 8 columns] (+)= op(A) @ B over K, MR x NV accumulators in zmm
+// registers, one row of B (NV vectors, the last one masked) per step and one broadcast of op(A) per row.
+// op(A) = A [M, K] (lda), or A^T for A stored [K, M] (AT: the weight-gradient products).
+template <int MR, int NV, bool AT>
+inline void dgemm_block(int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+                        int64_t ldc, __mmask8 last, bool accumulate) {
+  __m512d c[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask8 mk = v == NV - 1 ? last : __mmask8(0xff);
+      c[i][v] = accumulate ? _mm512_maskz_loadu_pd(mk, C + i * ldc + 8 * v) : _mm512_setzero_pd();
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512d b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      b[v] = v == NV - 1 ? _mm512_maskz_loadu_pd(last, B + k * ldb + 8 * v) : _mm512_loadu_pd(B + k * ldb + 8 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512d a = _mm512_set1_pd(AT ? A[k * lda + i] : A[i * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_pd(a, b[v], c[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask8 mk = v == NV - 1 ? last : __mmask8(0xff);
+      _mm512_mask_storeu_pd(C + i * ldc + 8 * v, mk, c[i][v]);
+    }
+}
+
+template <int NV, bool AT>
+inline void dgemm_rows(int64_t M, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+                       int64_t ldc, __mmask8 last, bool accumulate) {
+  constexpr int MR = NV <= 2 ? 8 : 6;  // 16 or 24 accumulators of the 32 registers
+  int64_t i0 = 0;
+  for (; i0 + MR <= M; i0 += MR)
+    dgemm_block<MR, NV, AT>(K, AT ? A + i0 : A + i0 * lda, lda, B, ldb, C + i0 * ldc, ldc, last, accumulate);
+  const int64_t rest = M - i0;
+  const double* a = AT ? A + i0 : A + i0 * lda;
+  double* c = C + i0 * ldc;
+  switch (rest) {
+    case 0: break;
+    case 1: dgemm_block<1, NV, AT>(K, a, lda, B, ldb, c, ldc, last, accumulate); break;
+    case 2: dgemm_block<2, NV, AT>(K, a, lda, B, ldb, c, ldc, last, accumulate); break;
+    case 3: dgemm_block<3, NV, AT>(K, a, lda, B, ldb, c, ldc, last, accumulate); break;
+    case 4: dgemm_block<4, NV, AT>(K, a, lda, B, ldb, c, ldc, last, accumulate); break;
+    case 5: dgemm_block<5, NV, AT>(K, a, lda, B, ldb, c, ldc, last, accumulate); break;
+    case 6: dgemm_block<6, NV, AT>(K, a, lda, B, ldb, c, ldc, last, accumulate); break;
+    default: dgemm_block<7, NV, AT>(K, a, lda, B, ldb, c, ldc, last, accumulate); break;
+  }
+}
+
+// C[M, N] (+)= op(A) @ B in float64 by the register kernel, 32-column panels of B (they stay in L1 for
+// K up to ~160 rows) swept over all rows of A.  Each element's sum runs over k in order: the result does
+// not depend on M, N or the blocking.
+template <bool AT>
+inline void dgemm_avx512(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+                         int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  for (int64_t j0 = 0; j0 < N; j0 += 32) {
+    const int64_t nj = std::min<int64_t>(32, N - j0);
+    const int nv = int((nj + 7) / 8);
+    const __mmask8 last = __mmask8((1u << (nj - 8 * (nv - 1))) - 1u);
+    switch (nv) {
+      case 1: dgemm_rows<1, AT>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, accumulate); break;
+      case 2: dgemm_rows<2, AT>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, accumulate); break;
+      case 3: dgemm_rows<3, AT>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, accumulate); break;
+      default: dgemm_rows<4, AT>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, accumulate); break;
+    }
+  }
+}
+#endif
+
 // C[M, N] (+)= A[M, K] @ B[K, N]; all row-major with leading dimensions lda, ldb, ldc.
 template <typename T>
 inline void gemm_nn_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
@@ -90,6 +176,12 @@ inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
 template <>
 inline void gemm_nn<double>(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
                             int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+#if defined(__AVX512F__)
+  if (M > 0 && N > 0 && K > 0 && use_kernel64()) {
+    dgemm_avx512<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    return;
+  }
+#endif
   if (M > 0 && N > 0 && K > 0 && use_blas64()) {
     blas_dgemm(false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
     return;
@@ -125,6 +217,13 @@ inline void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   if (std::is_same<T, float>::value && use_brgemm() && M > 0 && N > 0 && K > 0) {
     transpose_tile(A, K, M, lda, scratch, K);  // scratch [M, K] = A^T
     gemm_nn<T>(M, N, K, scratch, K, B, ldb, C, ldc, accumulate);
+    return;
+  }
+#endif
+#if defined(__AVX512F__)
+  if (std::is_same<T, double>::value && M > 0 && N > 0 && K > 0 && use_kernel64()) {
+    dgemm_avx512<true>(M, N, K, reinterpret_cast<const double*>(A), lda, reinterpret_cast<const double*>(B), ldb,
+                       reinterpret_cast<double*>(C), ldc, accumulate);
     return;
   }
 #endif
