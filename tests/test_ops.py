@@ -596,6 +596,58 @@ def _check_cpu_gemm(dtype, seed=0):
                         assert torch.isnan(cbuf[:, N:]).all(), (dtype, M, N, K, a_t, acc, pad)
 
 
+_GUARD_PAGE_CODE = r"""
+import ctypes, mmap, sys, torch
+from shortcut_ext._build import _C
+page = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def at_page_end(rows, cols, ld, dtype, g):
+    # a [rows, cols] row-major view (leading dimension ld) whose last element ends where a PROT_NONE page begins
+    n = (rows - 1) * ld + cols
+    size = torch.empty((), dtype=dtype).element_size()
+    pages = -(-n * size // page)
+    buf = mmap.mmap(-1, (pages + 1) * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(ctypes.c_void_p(base + pages * page), page, 0) == 0, ctypes.get_errno()
+    flat = torch.frombuffer(buf, dtype=dtype, count=pages * page // size)[-n:]
+    view = flat.as_strided((rows, cols), (ld, 1))
+    view.copy_(torch.randn(rows, cols, generator=g, dtype=torch.float64))
+    return view, buf
+
+
+g = torch.Generator().manual_seed(0)
+keep = []
+for dtype in (torch.float32, torch.float64):
+    for M, N, K in ((1, 1, 1), (3, 5, 2), (7, 9, 3), (9, 17, 5), (13, 33, 4), (6, 31, 16), (2, 65, 1)):
+        for a_t in (False, True):
+            for acc in (False, True):
+                a, ba = at_page_end(*((K, M) if a_t else (M, K)), (M if a_t else K) + 1, dtype, g)
+                b, bb = at_page_end(K, N, N + 1, dtype, g)
+                c, bc = at_page_end(M, N, N + 1, dtype, g)
+                keep += [ba, bb, bc]
+                c0 = c.double().clone()
+                _C.cpu_gemm(a, b, c, a_t, acc)
+                want = (a.double().T if a_t else a.double()) @ b.double() + (c0 if acc else 0)
+                assert torch.allclose(c.double(), want, rtol=1e-4, atol=1e-4), (dtype, M, N, K, a_t, acc)
+print("ok")
+"""
+
+
+def test_cpu_gemm_reads_and_writes_nothing_past_its_operands(tmp_path):
+    """Every operand of the kernels' GEMM ends where an unreadable page begins (mprotect PROT_NONE), at shapes whose
+    last column vector is partial: a load or a store past the last element (an unmasked tail vector) crashes the
+    process. A read past the end gives no wrong value in the NaN-padding test (the extra columns are never stored),
+    so only this test sees it. In a subprocess, so that a crash fails the test instead of ending pytest."""
+    import mmap
+
+    if not hasattr(mmap, "PROT_READ"):
+        pytest.skip("no mmap protection flags on this platform")
+    r = _run_python(_GUARD_PAGE_CODE, tmp_path)
+    assert r.returncode == 0 and r.stdout.split()[-1:] == ["ok"], (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_gemm_matches_matmul(dtype):
     """The GEMM routine of the CPU kernels on its own, this process's path (the default: float64's AVX-512 register
