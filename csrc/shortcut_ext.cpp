@@ -75,8 +75,10 @@ std::map<std::string, std::string> build_info() {
 
 // C (+)= op(A) @ B in place, by the GEMM routine the CPU kernels use (gemm_nn, or gemm_tn when a_transposed:
 // A is then [K, M]), on row-major views (last stride 1, the first stride the leading dimension), so that
-// tests reach every path (SHORTCUT_EXT_CPU_GEMM) with any shape and leading dimension.
-static void py_cpu_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool a_transposed, bool accumulate) {
+// tests reach every path (SHORTCUT_EXT_CPU_GEMM) with any shape and leading dimension.  Returns the routine that
+// ran (kernel16, brgemm, kernel64, blas, portable).
+static std::string py_cpu_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, bool a_transposed,
+                               bool accumulate) {
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"a", &a}, {"b", &b}, {"c", &c}}) {
     TORCH_CHECK_VALUE(t->dim() == 2 && t->device().is_cpu() && t->scalar_type() == c.scalar_type() &&
                           (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
@@ -89,16 +91,18 @@ static void py_cpu_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& c,
   const int64_t am = a_transposed ? a.size(1) : a.size(0), ak = a_transposed ? a.size(0) : a.size(1);
   TORCH_CHECK_VALUE(am == M && ak == K && b.size(1) == N, "shapes do not chain: op(a) ", am, " x ", ak, ", b ",
                     b.sizes(), ", c ", c.sizes());
+  std::string routine;
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "cpu_gemm", [&] {
     std::vector<scalar_t> scratch(std::max<int64_t>(1, M * K));
     if (a_transposed)
-      shortcut_ext::gemm_tn<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(),
+      routine = shortcut_ext::gemm_tn<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(),
                                       b.stride(0), c.data_ptr<scalar_t>(), c.stride(0), accumulate, scratch.data());
     else
-      shortcut_ext::gemm_nn<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(),
+      routine = shortcut_ext::gemm_nn<scalar_t>(M, N, K, a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(),
                                       b.stride(0), c.data_ptr<scalar_t>(), c.stride(0), accumulate);
     shortcut_ext::gemm_release();
   });
+  return routine;
 }
 
 static pybind11::dict py_build_info() {
@@ -142,7 +146,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The CPU kernels' row tiles at the current thread count (for tests: which paths a shape reaches)");
   m.def("cpu_gemm", &py_cpu_gemm, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("c"),
         pybind11::arg("a_transposed") = false, pybind11::arg("accumulate") = false,
-        "c (+)= op(a) @ b in place by the CPU kernels' GEMM (for tests: every path, any shape and leading dimension)");
+        "c (+)= op(a) @ b in place by the CPU kernels' GEMM (for tests: every path, any shape and leading dimension); "
+        "returns the routine that ran: kernel16, brgemm, kernel64, blas or portable");
   m.def("cpu_saved_feature_major_from", &shortcut_ext::cpu_saved_feature_major_from,
         "The least width d at which the CPU forward saves activations feature-major (by width only)");
   m.def(

@@ -440,6 +440,10 @@ def test_cpu_schedule_gives_the_slots_equal_rows():
                     assert sum(rows) == B
                     per_slot = -(-tiles // slots)
                     assert max(rows) - min(rows) <= slots * per_slot, (B, d, K, p, sch, rows)
+        # a tile's record of one unit holds up to 2^19 elements: at d = 64, K = 16, B = 256 each of 2 slots runs its
+        # 128 rows as two tiles of 64 (2^17 cut them into 22-row tiles, each re-reading every direction from memory)
+        torch.set_num_threads(2)
+        assert _C.cpu_schedule("hvp", 256, 64, 200, 2, 16)["tile_rows"] == 64
     finally:
         torch.set_num_threads(threads)
 

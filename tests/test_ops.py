@@ -571,6 +571,7 @@ def _check_cpu_gemm(dtype, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     eps = torch.finfo(dtype).eps
+    routines = set()
     for M in (1, 2, 5, 6, 7, 8, 9, 13, 16, 33):
         for N in (1, 7, 8, 9, 16, 24, 31, 32, 33, 40, 64, 65):
             for K in (1, 3, 16, 37, 130):
@@ -588,12 +589,13 @@ def _check_cpu_gemm(dtype, seed=0):
                         _, b = padded(K, N)
                         cbuf, c = padded(M, N)
                         c0 = c.double().clone()
-                        _C.cpu_gemm(a, b, c, a_t, acc)
+                        routines.add(_C.cpu_gemm(a, b, c, a_t, acc))
                         want = (a.double().T if a_t else a.double()) @ b.double() + (c0 if acc else 0)
                         scale = (a.double().abs().T if a_t else a.double().abs()) @ b.double().abs() + c0.abs()
                         err = ((c.double() - want).abs() / scale.clamp_min(1e-30)).max().item()
                         assert err <= 4 * (K + 1) * eps, (dtype, M, N, K, a_t, acc, pad, err)
                         assert torch.isnan(cbuf[:, N:]).all(), (dtype, M, N, K, a_t, acc, pad)
+    return routines  # the routines that ran
 
 
 _GUARD_PAGE_CODE = r"""
@@ -653,7 +655,10 @@ def test_cpu_gemm_matches_matmul(dtype):
     """The GEMM routine of the CPU kernels on its own, this process's path (the default: float64's AVX-512 register
     kernel on AVX-512 builds, float32's brgemm and d = 16 kernel): the fused ops' tests reach it only at their
     shapes; this reaches every row block, column tail and leading dimension."""
-    _check_cpu_gemm(dtype)
+    routines = _check_cpu_gemm(dtype)
+    path = shortcut_ext.build_info()["cpu_gemm_float64" if dtype == torch.float64 else "cpu_gemm"]
+    # the routines that ran are the ones the build reports (kernel16 takes the 16 x 16 transposed products)
+    assert routines == {"brgemm+kernel16": {"brgemm", "kernel16"}}.get(path, {path}), (path, routines)
 
 
 def test_cpu_gemm_refuses_bad_arguments():
@@ -688,7 +693,7 @@ def test_float64_gemm_paths_match(env, tmp_path):
         "import torch, shortcut_ext as se; from shortcut_ext import reference as ref\n"
         + inspect.getsource(_check_cpu_gemm) +
         f"assert se.build_info()['cpu_gemm_float64'] == '{path}', se.build_info()\n"
-        "_check_cpu_gemm(torch.float64)\n"
+        f"routines = _check_cpu_gemm(torch.float64); assert routines == {{'{path}'}}, routines\n"
         "torch.manual_seed(0)\n"
         "for d in (5, 16, 40):  # batch-major and feature-major tiles\n"
         "    x = torch.randn(37, d, dtype=torch.float64, requires_grad=True)\n"

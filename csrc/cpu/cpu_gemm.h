@@ -150,7 +150,8 @@ inline void dgemm_avx512(int64_t M, int64_t N, int64_t K, const double* A, int64
 }
 #endif
 
-// C[M, N] (+)= A[M, K] @ B[K, N]; all row-major with leading dimensions lda, ldb, ldc.
+// C[M, N] (+)= A[M, K] @ B[K, N]; all row-major with leading dimensions lda, ldb, ldc.  gemm_nn and gemm_tn
+// return the routine that ran ("kernel16", "brgemm", "kernel64", "blas", "portable"; tests read it).
 template <typename T>
 inline void gemm_nn_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                              T* C, int64_t ldc, bool accumulate) {
@@ -168,69 +169,71 @@ inline void gemm_nn_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_
 }
 
 template <typename T>
-inline void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+inline const char* gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                     int64_t ldc, bool accumulate) {
   gemm_nn_portable(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  return "portable";
 }
 
 template <>
-inline void gemm_nn<double>(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+inline const char* gemm_nn<double>(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
                             int64_t ldb, double* C, int64_t ldc, bool accumulate) {
 #if defined(__AVX512F__)
   if (M > 0 && N > 0 && K > 0 && use_kernel64()) {
     dgemm_avx512<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-    return;
+    return "kernel64";
   }
 #endif
   if (M > 0 && N > 0 && K > 0 && use_blas64()) {
     blas_dgemm(false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-    return;
+    return "blas";
   }
   gemm_nn_portable(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  return "portable";
 }
 
 template <>
-inline void gemm_nn<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+inline const char* gemm_nn<float>(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
 #ifndef SHORTCUT_EXT_NO_BRGEMM
   if (use_brgemm() && M > 0 && N > 0 && K > 0) {
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
-    return;
+    return "brgemm";
   }
 #endif
   gemm_nn_portable(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  return "portable";
 }
 
 // C[M, N] (+)= A[K, M]^T @ B[K, N] (A stored row-major as [K, M]).  Used for weight gradients,
 // where K is the batch tile.  `scratch` holds M*K elements (the transposed A for brgemm).
 template <typename T>
-inline void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+inline const char* gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                     int64_t ldc, bool accumulate, T* scratch) {
 #if defined(__AVX512F__)
   if (std::is_same<T, float>::value && M == 16 && N == 16 && K > 0 && use_kernel16()) {
     gemm16_tn(K, reinterpret_cast<const float*>(A), lda, reinterpret_cast<const float*>(B), ldb,
               reinterpret_cast<float*>(C), ldc, accumulate);
-    return;
+    return "kernel16";
   }
 #endif
 #ifndef SHORTCUT_EXT_NO_BRGEMM
   if (std::is_same<T, float>::value && use_brgemm() && M > 0 && N > 0 && K > 0) {
     transpose_tile(A, K, M, lda, scratch, K);  // scratch [M, K] = A^T
-    gemm_nn<T>(M, N, K, scratch, K, B, ldb, C, ldc, accumulate);
-    return;
+    return gemm_nn<T>(M, N, K, scratch, K, B, ldb, C, ldc, accumulate);
   }
 #endif
 #if defined(__AVX512F__)
   if (std::is_same<T, double>::value && M > 0 && N > 0 && K > 0 && use_kernel64()) {
     dgemm_avx512<true>(M, N, K, reinterpret_cast<const double*>(A), lda, reinterpret_cast<const double*>(B), ldb,
                        reinterpret_cast<double*>(C), ldc, accumulate);
-    return;
+    return "kernel64";
   }
 #endif
   if (std::is_same<T, double>::value && M > 0 && N > 0 && K > 0 && use_blas64()) {
     blas_dgemm(true, M, N, K, reinterpret_cast<const double*>(A), lda, reinterpret_cast<const double*>(B), ldb,
                reinterpret_cast<double*>(C), ldc, accumulate);
-    return;
+    return "blas";
   }
   (void)scratch;
   if (!accumulate)
@@ -245,6 +248,7 @@ inline void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
       for (int64_t j = 0; j < N; ++j) c[j] += aki * b[j];
     }
   }
+  return "portable";
 }
 
 // Releases per-thread ukernel state (a no-op for float32 on most CPUs); call at the end of a task.
