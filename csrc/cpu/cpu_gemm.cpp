@@ -27,7 +27,9 @@ bool use_brgemm() {
 #endif
 }
 
-bool use_kernel16() {
+// The AVX-512 register kernels (kernel16 for float32, kernel64 for float64): on AVX-512 builds, unless
+// SHORTCUT_EXT_CPU_GEMM selects the libraries only (brgemm) or the loops (portable).
+static bool use_register_kernels() {
 #if defined(__AVX512F__)
   static const bool on = gemm_env() != "portable" && gemm_env() != "brgemm";
   return on;
@@ -35,20 +37,15 @@ bool use_kernel16() {
   return false;
 #endif
 }
+
+bool use_kernel16() { return use_register_kernels(); }
 
 bool use_blas64() {
   static const bool on = gemm_env() != "portable" && dgemm_ != nullptr;
   return on;
 }
 
-bool use_kernel64() {
-#if defined(__AVX512F__)
-  static const bool on = gemm_env() != "portable" && gemm_env() != "brgemm";
-  return on;
-#else
-  return false;
-#endif
-}
+bool use_kernel64() { return use_register_kernels(); }
 
 std::string cpu_gemm64_path() { return use_kernel64() ? "kernel64" : use_blas64() ? "blas" : "portable"; }
 
