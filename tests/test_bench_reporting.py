@@ -391,3 +391,28 @@ def test_readout_check_refuses_a_nan_product(bench, monkeypatch):
     monkeypatch.setattr(HessianOperator, "matmat", poisoned)
     with pytest.raises(AssertionError, match="differ"):
         mod.make_operators(units=3, width=4, targets=6, batch=8, k=2)
+
+
+# ------------------------------------------------------------------------------------------ bench_float64
+def test_float64_bench_variants_agree_and_ratios_are_per_product(bench):
+    """benchmarks/bench_float64.py on a tiny problem: for every mode the fused call returns what eager does (the
+    check it makes before timing), and the reported ratios divide per-product times: an HVP call with k = 4 counts
+    4 products, against eager with the same k and against eager with one direction."""
+    b64 = bench("bench_float64")
+    assert [b64.directions(m) for m in b64.MODES] == [1, 1, 1, 4]
+    for mode in b64.MODES:
+        fused = b64.make("fused", 5, mode, units=3, batch=7)()
+        eager = b64.make("eager", 5, mode, units=3, batch=7)()
+        assert len(fused) == len(eager) == (1 if mode == "forward" else 3)
+        for a, b in zip(fused, eager):
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    rows = [{"case": f"d=5 {m}", "impl": i, "d": 5, "mode": m, "median_ms": t}
+            for m, i, t in (("forward", "eager", 10.0), ("forward", "fused", 2.0), ("hvp_k1", "eager", 30.0),
+                            ("hvp_k1", "fused", 6.0), ("hvp_k4", "eager", 80.0), ("hvp_k4", "fused", 8.0))]
+    b64.finish_rows(rows)
+    got = {(r["mode"], r["impl"]): r for r in rows}
+    assert got[("hvp_k4", "fused")]["per_product_ms"] == 2.0
+    assert got[("hvp_k4", "fused")]["speedup_vs_eager"] == 10.0  # 20 ms per eager product / 2
+    assert got[("hvp_k4", "fused")]["speedup_vs_eager_k1"] == 15.0  # 30 ms, eager's one-direction product / 2
+    assert got[("forward", "fused")]["speedup_vs_eager"] == 5.0 and "speedup_vs_eager_k1" not in got[("forward", "fused")]
