@@ -282,6 +282,15 @@ at::Tensor transpose_weights(const at::Tensor& weights) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* a = src + m * d * d;
       T* b = dst + m * d * d;
+#if defined(__AVX512F__)
+      if (std::is_same<T, float>::value && d % 16 == 0) {  // in registers, 16 x 16 blocks
+        for (int64_t i0 = 0; i0 < d; i0 += 16)
+          for (int64_t j0 = 0; j0 < d; j0 += 16)
+            transpose16x16(reinterpret_cast<const float*>(a) + i0 * d + j0, d,
+                           reinterpret_cast<float*>(b) + j0 * d + i0, d);
+        continue;
+      }
+#endif
       for (int64_t i0 = 0; i0 < d; i0 += blk)
         for (int64_t j0 = 0; j0 < d; j0 += blk)
           for (int64_t i = i0; i < std::min(d, i0 + blk); ++i)
