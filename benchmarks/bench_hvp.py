@@ -176,8 +176,10 @@ class RssPeak:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def __enter__(self):
+        import gc
         import threading
 
+        gc.collect()  # garbage collected inside the body would lower the RSS and hide the body's growth
         self.base = self.peak = self.rss_bytes()
         self._stop = threading.Event()
 

@@ -118,18 +118,38 @@ def test_hvp_main_reports_per_hvp_medians_iqr_and_ratios(bench, clock, monkeypat
             assert float(table[name][key]) == pytest.approx(r[key])
 
 
-def test_hvp_peak_memory_measures_growth_in_mib(bench):
-    bench_hvp = bench("bench_hvp")
-    with bench_hvp.RssPeak() as peak:
-        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        # held until the sampling thread has seen it (on busy cores it can be scheduled too late to see a tensor
-        # freed at once: 53 MiB was measured); a sampler that never samples leaves the peak at the base
-        deadline = time.monotonic() + 10
-        while peak.peak - peak.base < 60 * 2**20 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        del t
-    assert 56 <= peak.growth_mib <= 90, peak.growth_mib
-    assert peak.peak - peak.base == pytest.approx(peak.growth_mib * 2**20)
+_RSS_PEAK_CODE = r"""
+import sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import bench_hvp
+with bench_hvp.RssPeak() as peak:
+    t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # held until the sampling thread has seen it (on busy cores it can be scheduled too late to see a tensor
+    # freed at once: 53 MiB was measured); a sampler that never samples leaves the peak at the base
+    deadline = time.monotonic() + 10
+    while peak.peak - peak.base < 60 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    del t
+assert 56 <= peak.growth_mib <= 90, peak.growth_mib
+assert abs(peak.peak - peak.base - peak.growth_mib * 2**20) < 1, (peak.peak, peak.base, peak.growth_mib)
+print("ok")
+"""
+
+
+def test_hvp_peak_memory_measures_growth_in_mib(tmp_path):
+    """RssPeak sees a 64 MiB tensor made and freed in its body. In a fresh process, as bench_hvp measures: in the
+    suite's own process, memory that earlier tests left for the garbage collector or the allocator to give back
+    could be freed during the body and hide the growth (a CI run measured 0.09 MiB)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(shortcut_ext.__file__).resolve().parents[1])]
+        + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run([sys.executable, "-c", _RSS_PEAK_CODE, str(ROOT / "benchmarks")], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split()[-1:] == ["ok"], (r.stdout[-2000:], r.stderr[-2000:])
 
 
 # ------------------------------------------------------------------------------- bench_residual_stack
