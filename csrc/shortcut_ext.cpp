@@ -8,6 +8,7 @@
 #include <map>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
@@ -105,6 +106,28 @@ static std::string py_cpu_gemm(const at::Tensor& a, const at::Tensor& b, at::Ten
   return routine;
 }
 
+// The lines that the kernels' prefetch cursor (cpu_gemm.h: Prefetch) requests for a panel of `rows` x
+// `cols` elements (leading dimension ld) of x's dtype starting at x.data_ptr(), spread over `parts`
+// kernel calls of `steps` steps each: per call, the byte offsets of the lines from x.data_ptr().
+static std::vector<std::vector<int64_t>> py_prefetch_plan(const at::Tensor& x, int64_t rows, int64_t cols, int64_t ld,
+                                                          int64_t parts, int64_t steps) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                    "x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(parts >= 1 && steps >= 1, "parts and steps must be >= 1, got ", parts, " and ", steps);
+  std::vector<std::vector<int64_t>> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prefetch_plan", [&] {
+    shortcut_ext::Prefetch pf(x.data_ptr<scalar_t>(), rows, cols, ld);
+    pf.parts = parts;
+    const char* base = reinterpret_cast<const char*>(x.data_ptr<scalar_t>());
+    for (int64_t c = 0; c < parts; ++c) {  // `parts` kernel calls of `steps` steps
+      out.emplace_back();
+      shortcut_ext::Prefetch::Pacer pace = pf.pacer(steps);
+      for (int64_t s = 0; s < steps; ++s) pace.step([&](const char* line) { out.back().push_back(int64_t(line - base)); });
+    }
+  });
+  return out;
+}
+
 static pybind11::dict py_build_info() {
   pybind11::dict d;
   for (const auto& kv : shortcut_ext::build_info()) {
@@ -148,6 +171,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("a_transposed") = false, pybind11::arg("accumulate") = false,
         "c (+)= op(a) @ b in place by the CPU kernels' GEMM (for tests: every path, any shape and leading dimension); "
         "returns the routine that ran: kernel16, brgemm, kernel64, blas or portable");
+  m.def("prefetch_plan", &py_prefetch_plan, pybind11::arg("x"), pybind11::arg("rows"), pybind11::arg("cols"),
+        pybind11::arg("ld"), pybind11::arg("parts") = 1, pybind11::arg("steps") = 1,
+        "The cache lines the CPU kernels request ahead for a panel at x.data_ptr() (for tests): per call of `parts`, "
+        "each of `steps` steps, the lines' byte offsets from x.data_ptr()");
   m.def("cpu_saved_feature_major_from", &shortcut_ext::cpu_saved_feature_major_from,
         "The least width d at which the CPU forward saves activations feature-major (by width only)");
   m.def(

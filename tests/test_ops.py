@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
@@ -674,6 +675,48 @@ def test_cpu_gemm_refuses_bad_arguments():
         _C.cpu_gemm(a, b, c.reshape(-1))
     with pytest.raises(ValueError, match="a must be a 2-D float32 or float64 CPU tensor of c's dtype, got .* Double"):
         _C.cpu_gemm(a, b.float(), c.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prefetch_requests_every_line_of_the_panel_once(dtype):
+    """The backward's kernels request the next unit's saved panel (and the forward the next weights) while they
+    compute, spread over `parts` calls of `steps` steps.  A line left out only costs time, so it is checked here:
+    for panels at every offset within a cache line, one row or several, leading dimensions that keep rows in
+    step with lines or not, the requests are exactly the lines of each row in turn, and each call asks for its share
+    (the last ones for what is left)."""
+    from shortcut_ext._build import _C
+
+    esize = torch.empty((), dtype=dtype).element_size()
+    buf = torch.zeros(1 << 16, dtype=dtype)
+    rng = random.Random(0)
+    cases = [(off, rows, cols, ld, parts, steps)
+             for off in range(0, 64 // esize + 1, 3) for rows, cols, ld in
+             [(1, 1, 1), (1, 16, 16), (1, 333, 333), (3, 16, 16), (4, 7, 16), (5, 16, 40), (64, 128, 256), (2, 1, 1000)]
+             for parts, steps in [(1, 1), (1, 128), (4, 16), (6, 256), (3, 1)]]
+    cases += [(rng.randrange(64), rng.randint(1, 40), rng.randint(1, 300), 0, rng.randint(1, 8), rng.randint(1, 300))
+              for _ in range(300)]
+    for off, rows, cols, ld, parts, steps in cases:
+        ld = ld or cols + rng.randrange(40)
+        view = buf[off:]
+        plan = _C.prefetch_plan(view, rows, cols, ld, parts, steps)
+        start = view.data_ptr()  # absolute addresses: lines are address // 64
+        lines = [(start + o) // 64 for call in plan for o in call]
+        rows_lines = [set(range((start + r * ld * esize) // 64, (start + (r * ld + cols) * esize - 1) // 64 + 1))
+                      for r in range(rows)]
+        assert lines == [line for rl in rows_lines for line in sorted(rl)], (off, rows, cols, ld, parts, steps)
+        # a call's share: of the most lines a row can span (one more where rows start at other offsets in a line)
+        aligned = rows == 1 or ld * esize % 64 == 0
+        row_lines = (start % 64 + cols * esize + 63) // 64 if aligned else (cols * esize + 63) // 64 + 1
+        share = -(-rows * row_lines // parts)
+        left = len(lines)
+        for call in plan:  # each call spends its share, the last ones what is left
+            assert len(call) == min(share, left), ([len(c) for c in plan], share)
+            left -= len(call)
+    assert _C.prefetch_plan(buf, 0, 16, 16, 2, 8) == [[], []]
+    with pytest.raises(ValueError, match="parts and steps must be >= 1, got 0 and 8"):
+        _C.prefetch_plan(buf, 1, 16, 16, 0, 8)
+    with pytest.raises(ValueError, match="x must be float32 or float64, got Int"):
+        _C.prefetch_plan(buf.int(), 1, 16, 16, 1, 8)
 
 
 @pytest.mark.parametrize("env", [None, "auto", "brgemm", "portable"])

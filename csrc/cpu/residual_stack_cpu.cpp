@@ -98,9 +98,13 @@ void forward_tile_fm(T* h, int64_t m, int64_t row0, int64_t B, const T* w, int64
       cur = bufA;
     }
     T* z = bufZ0;
+    // the next unit's weights, requested a share before each GEMM: a burst of them all stalls (at d = 64,
+    // R = 1000, B = 256: 11.7 -> 9.6 ms)
+    Prefetch next = r + 1 < R ? Prefetch(w + (r + 1) * n * dd, n * dd) : Prefetch();
+    next.parts = n;
     for (int64_t k = 0; k < n; ++k) {
       z = (k % 2 == 0) ? bufZ0 : bufZ1;
-      gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, cur, m, z, m, false);
+      gemm_nn<T>(d, m, d, w + (r * n + k) * dd, d, cur, m, z, m, false, next);
       if (k < n - 1) {
         apply_act(acts.mid, z, md);
         if (saved && layers) stream_panel(z, d, m, m, saved + (r * n + k + 1) * d * B + row0, B);
@@ -176,6 +180,10 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
   }
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
     const T* hin = saved + (r * B + row0) * d;
+    // the next unit's input (requested during the first weight-gradient GEMM), weights and gradient slot
+    const Prefetch next = r > 0 ? Prefetch(hin - B * d, md) : Prefetch();
+    if (r > 0) Prefetch(w + (r - 1) * n * dd, n * dd).all(), Prefetch(wt + (r - 1) * n * dd, n * dd).all();
+    if (r > r_end) Prefetch(dw + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
     if (acts.pre == Act::Identity) {
       ins[0] = hin;
     } else {
@@ -203,7 +211,7 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
     T* dwr = dw + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
       // dW[r, k] += gz^T @ act[k]   ([d_out, d_in])
-      gemm_tn<T>(d, d, m, gz, d, ins[k], d, dwr + k * dd, d, accumulate, tscratch);
+      gemm_tn<T>(d, d, m, gz, d, ins[k], d, dwr + k * dd, d, accumulate, tscratch, next);
       // ga = gz @ W[r, k]           ([m, d_in])
       gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);
       if (k > 0) {
@@ -241,6 +249,11 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
     // the unit input, feature-major: [d, m] with leading dimension ld0
     const T* hin_fm = saved_fm ? saved + r * d * B + row0 : hT;
     int64_t ld0 = saved_fm ? B : m;
+    // the next unit's input (requested over the weight-gradient GEMMs), weights and gradient slot
+    Prefetch next = r == 0 ? Prefetch() : saved_fm ? Prefetch(hin_fm - d * B, d, m, B) : Prefetch(saved + ((r - 1) * B + row0) * d, md);
+    next.parts = 2 * n;
+    if (r > 0) Prefetch(w + (r - 1) * n * dd, n * dd).all();
+    if (r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
     if (!saved_fm) transpose_tile(saved + (r * B + row0) * d, m, d, d, hT, m);
     if (acts.pre == Act::Identity) {
       ins[0] = hin_fm;
@@ -273,9 +286,9 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
     T* dwr = dwt + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
       // dW[r, k]^T (+)= a_k^T @ gz        ([d_in, d_out])
-      gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, gz, d, dwr + k * dd, d, accumulate);
+      gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, gz, d, dwr + k * dd, d, accumulate, next);
       // ga = gz @ W[r, k]                 ([m, d_in])
-      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);
+      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, next);
       if (k > 0) {
         mul_act_deriv_from_output_fm(acts.mid, ga, ins[k], m, d, m, zb);  // ins[k] = s_mid(z_{k-1})
         std::swap(gz, ga);
@@ -316,6 +329,9 @@ void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, 
     ins = in_heap.data();
   }
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
+    // the next unit's weights and gradient slot (its layer inputs: requested by the weight-gradient GEMMs)
+    if (r > 0) Prefetch(w + (r - 1) * n * dd, n * dd).all();
+    if (r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
     for (int64_t k = 0; k < n; ++k) ins[k] = saved + ((r * n + k) * B + row0) * d;
     const T* hin = ins[0];
     if (acts.pre != Act::Identity) {
@@ -332,7 +348,9 @@ void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, 
     }
     T* dwr = dwt + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
-      gemm_tn<T>(d, d, m, ins[k], d, gz, d, dwr + k * dd, d, accumulate, aT);  // dW[r, k]^T (+)= a_k^T gz
+      // dW[r, k]^T (+)= a_k^T gz, requesting the next unit's input of layer k
+      const Prefetch next = r > 0 ? Prefetch(saved + (((r - 1) * n + k) * B + row0) * d, md) : Prefetch();
+      gemm_tn<T>(d, d, m, ins[k], d, gz, d, dwr + k * dd, d, accumulate, aT, next);
       gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);  // ga = gz W[r, k]
       if (k > 0) {
         mul_act_deriv_from_output(acts.mid, ga, ins[k], md);
@@ -361,6 +379,11 @@ void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* 
   const int64_t md = m * d, dd = d * d;
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
     const T* panel = saved + r * n * d * B + row0;  // layer k's input: panel + k * d * B, [d, m], ld B
+    // the next unit's layer inputs (requested over the GEMMs), weights and gradient slot
+    Prefetch next = r > 0 ? Prefetch(panel - n * d * B, n * d, m, B) : Prefetch();
+    next.parts = 2 * n;
+    if (r > 0) Prefetch(w + (r - 1) * n * dd, n * dd).all();
+    if (r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
     const T* in0 = panel;
     int64_t ld0 = B;
     if (acts.pre != Act::Identity) {
@@ -379,8 +402,8 @@ void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* 
     T* dwr = dwt + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
       const T* a = k == 0 ? in0 : panel + k * d * B;
-      gemm_nn<T>(d, d, m, a, k == 0 ? ld0 : B, gz, d, dwr + k * dd, d, accumulate);  // dW[r, k]^T (+)= a_k^T gz
-      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);            // ga = gz W[r, k]
+      gemm_nn<T>(d, d, m, a, k == 0 ? ld0 : B, gz, d, dwr + k * dd, d, accumulate, next);  // dW[r, k]^T (+)= a_k^T gz
+      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, next);            // ga = gz W[r, k]
       if (k > 0) {
         mul_act_deriv_from_output_fm(acts.mid, ga, a, m, d, B, zb);
         std::swap(gz, ga);

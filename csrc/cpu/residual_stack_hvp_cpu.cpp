@@ -258,7 +258,7 @@ struct RevScratch {
 // (the slot's first tile) or added to (`accumulate`).
 template <typename T>
 void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const Record<T>& rec, T* g, T* rg, T* dw,
-                  bool accumulate, const RevScratch<T>& ws) {
+                  bool accumulate, const RevScratch<T>& ws, const Prefetch& next) {
   const int64_t n = net.n, d = net.d, K = net.K, dd = d * d;
   const int64_t md = m * d, s1 = m_max * d, sk = K * s1;
   const Acts& acts = net.acts;
@@ -292,9 +292,10 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     T* out = dw + l * (1 + 2 * K) * dd;
     // C = A^T B over the tile: only a and gz ([m, d]) get transposed (in gemm_tn; not at all by the
     // d = 16, K = 1 register kernel), never the K-fold tangents ([m, K, d])
-    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, accumulate, ws.tscratch);                     // grad: gz^T a
-    gemm_tn<T>(d, K * d, m, a, d, rgz, K * d, out + dd, K * d, accumulate, ws.tscratch);  // [i][j][o] = (R{gz}_j^T a)[o, i]
-    gemm_tn<T>(d, K * d, m, gz, d, ra, K * d, out + (1 + K) * dd, K * d, accumulate, ws.tscratch);  // [o][j][i]
+    // (each requests its share of the next unit's record: `next`)
+    gemm_tn<T>(d, d, m, gz, d, a, d, out, d, accumulate, ws.tscratch, next);                     // grad: gz^T a
+    gemm_tn<T>(d, K * d, m, a, d, rgz, K * d, out + dd, K * d, accumulate, ws.tscratch, next);  // [i][j][o] = (R{gz}_j^T a)[o, i]
+    gemm_tn<T>(d, K * d, m, gz, d, ra, K * d, out + (1 + K) * dd, K * d, accumulate, ws.tscratch, next);  // [o][j][i]
     const T* w = net.w + (r * n + l) * dd;
     gemm_nn<T>(m, d, d, gz, d, w, d, ga, d, false);
     gemm_nn<T>(m * K, d, d, rgz, d, w, d, rga, d, false);
@@ -540,6 +541,20 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   T* hv_p = hvps.data_ptr<T>();
   std::unique_ptr<T[]> partial_buf(new T[slots * U * per_unit]);  // never zeroed: first tiles write
   T* const partial = partial_buf.get();
+  // The reverse pass reads each unit's record once, from memory where they were all kept (or from a
+  // segment's, which leave L2): its GEMMs request the next unit's record meanwhile (see Prefetch), where a
+  // record fits well within L2 (at most 256 KB: K = 1, d up to 32), with the next unit's weights (and
+  // directions, where few) and gradient slot.
+  const bool prefetch_records = rec_size * int64_t(sizeof(T)) <= (int64_t(256) << 10);
+  const auto prefetch_next = [&](const T* next_rec, int64_t r) {
+    Prefetch p = prefetch_records && next_rec ? Prefetch(next_rec, rec_size) : Prefetch();
+    p.parts = 3 * n;
+    if (r > 0) {
+      Prefetch(net.w + (r - 1) * n * dd, n * dd).all();
+      if (n * K * dd * int64_t(sizeof(T)) <= 8192) Prefetch(net.vout + (r - 1) * n * K * dd, n * K * dd).all();
+    }
+    return p;
+  };
   for (int64_t s_hi = nseg; s_hi > 0; s_hi -= seg_per_chunk) {
     const int64_t s_lo = std::max<int64_t>(0, s_hi - seg_per_chunk);
     const int64_t r_lo = s_lo * C, r_hi = std::min(R, s_hi * C);
@@ -567,7 +582,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
           if (store_all) {
             for (int64_t r = std::min(R, s_hi * C) - 1; r >= s_lo * C; --r) {
               const Record<T> rec = Record<T>::at(rec_p + (t * R + r) * rec_size, n, K, m_max, d);
-              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws);
+              const Prefetch next = prefetch_next(r > 0 ? rec_p + (t * R + r - 1) * rec_size : nullptr, r);
+              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws, next);
             }
             continue;
           }
@@ -587,7 +603,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
             }
             for (int64_t r = u1 - 1; r >= u0; --r) {
               const Record<T> rec = Record<T>::at(scratch.data() + (r - u0) * rec_size, n, K, m_max, d);
-              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws);
+              const Prefetch next = prefetch_next(r > u0 ? scratch.data() + (r - 1 - u0) * rec_size : nullptr, r);
+              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws, next);
             }
           }
         }
