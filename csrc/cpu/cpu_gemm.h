@@ -55,6 +55,26 @@ std::string cpu_gemm_path();
 bool use_brgemm();
 bool use_kernel16();
 
+// Requests one cache line for reading (prefetcht0) or writing (prefetchw).  Inline asm: GCC 12 deletes
+// __builtin_prefetch in some inlined contexts (a helper whose loop does nothing else; the kernels' K loops
+// once the request is inlined into them), and the requests are then silently gone.
+__attribute__((always_inline)) inline void prefetch_line(const char* line) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht0 (%0)" : : "r"(line));
+#else
+  __builtin_prefetch(line, 0, 3);
+#endif
+}
+__attribute__((always_inline)) inline void prefetch_line_for_write(const char* line) {
+#if defined(__x86_64__) && defined(__PRFCHW__)
+  asm volatile("prefetchw (%0)" : : "r"(line));
+#elif defined(__x86_64__)
+  asm volatile("prefetcht0 (%0)" : : "r"(line));
+#else
+  __builtin_prefetch(line, 1, 3);
+#endif
+}
+
 // Cache lines that a GEMM requests while it runs: the next unit's saved activations in the backward.  They
 // come from memory (written with non-temporal stores, and too large for the caches at depth), a new
 // stream of a few KB per unit that the hardware prefetchers never learn; the weight-gradient GEMMs
@@ -62,7 +82,8 @@ bool use_kernel16();
 // line (or a few) per step of their K loop, so that they arrive while the GEMM computes; requested all at
 // once between GEMMs they stall on the core's outstanding-miss slots instead.  Measured on one core,
 // the d = 16 weight-gradient GEMM (K = 128) reading its A from memory: 0.93 us, 0.57 us with a burst
-// prefetch a GEMM ahead, 0.31 us with the lines spread over the K loop (0.29 us from cache).
+// prefetch a GEMM ahead, 0.31 us with the lines spread over the K loop (0.29 us from cache); a d = 16
+// forward + backward at R = 1000, B = 256: 4.4 -> 2.9 ms.
 //
 // A panel of `rows` rows of `cols` elements (leading dimension ld) and a cursor: the requests go out in
 // order over the calls that take it, lines() / `parts` per call (the caller says over how many calls it
@@ -89,47 +110,32 @@ struct Prefetch {
   int64_t lines() const { return rows * row_lines; }
   int64_t share() const { return parts > 1 ? (lines() + parts - 1) / parts : lines(); }  // per call
   // A kernel's share over its K loop, evenly: `share` lines over `steps` steps (a running sum, no division).
-  // Inside the loop, next to the kernel's stores (a loop of nothing but __builtin_prefetch GCC 12 may find
-  // free of side effects and delete, once inlined: some() below uses inline asm).
   struct Pacer {
     const Prefetch& pf;
     const int64_t share, steps;
     int64_t acc = 0;
     template <typename F>
-    void step(F&& request) {  // request(line) for the lines due at this step
+    __attribute__((always_inline)) void step(F&& request) {  // request(line) for the lines due at this step
       for (acc += share; acc >= steps; acc -= steps)
         if (const char* line = pf.next_line()) request(line);
     }
-    void step() {
-      step([](const char* line) { __builtin_prefetch(line, 0, 3); });
+    __attribute__((always_inline)) void step() {
+      step([](const char* line) { prefetch_line(line); });
     }
   };
   Pacer pacer(int64_t steps) const { return {*this, steps > 0 ? share() : 0, std::max<int64_t>(steps, 1)}; }
   void some(int64_t count) const {
-    for (int64_t j = 0; j < count && advance(); ++j) {
-#if defined(__x86_64__)
-      asm volatile("prefetcht0 %0" : : "m"(*(q_ - 64)));
-#else
-      __builtin_prefetch(q_ - 64, 0, 3);
-#endif
-    }
+    for (int64_t j = 0; j < count; ++j)
+      if (const char* line = next_line()) prefetch_line(line); else return;
   }
   void for_routine() const { some(share()); }  // before a routine that takes no requests
-  // the next line to request, or nullptr once all were (what the calls above request; tests walk it)
-  const char* next_line() const { return advance() ? q_ - 64 : nullptr; }
   void all() const { some(INT64_MAX); }
   // a few lines that will be written (the next unit's weight-gradient slot), at once
   void all_for_write() const {
-    while (advance()) {
-#if defined(__x86_64__) && defined(__PRFCHW__)
-      asm volatile("prefetchw %0" : : "m"(*(q_ - 64)));
-#elif defined(__x86_64__)
-      asm volatile("prefetcht0 %0" : : "m"(*(q_ - 64)));
-#else
-      __builtin_prefetch(q_ - 64, 1, 3);
-#endif
-    }
+    while (const char* line = next_line()) prefetch_line_for_write(line);
   }
+  // the next line to request, or nullptr once all were (what the calls above request; tests walk it)
+  const char* next_line() const { return advance() ? q_ - 64 : nullptr; }
 
  private:
   // the cursor: q_ is the next line, end_ the end of row r_'s lines
