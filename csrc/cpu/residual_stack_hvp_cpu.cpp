@@ -541,20 +541,11 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   T* hv_p = hvps.data_ptr<T>();
   std::unique_ptr<T[]> partial_buf(new T[slots * U * per_unit]);  // never zeroed: first tiles write
   T* const partial = partial_buf.get();
-  // The reverse pass reads each unit's record once, from memory where they were all kept (or from a
-  // segment's, which leave L2): its GEMMs request the next unit's record meanwhile (see Prefetch), where a
-  // record fits well within L2 (at most 256 KB: K = 1, d up to 32), with the next unit's weights (and
-  // directions, where few) and gradient slot.
-  const bool prefetch_records = rec_size * int64_t(sizeof(T)) <= (int64_t(256) << 10);
-  const auto prefetch_next = [&](const T* next_rec, int64_t r) {
-    Prefetch p = prefetch_records && next_rec ? Prefetch(next_rec, rec_size) : Prefetch();
-    p.parts = 3 * n;
-    if (r > 0) {
-      Prefetch(net.w + (r - 1) * n * dd, n * dd).all();
-      if (n * K * dd * int64_t(sizeof(T)) <= 8192) Prefetch(net.vout + (r - 1) * n * K * dd, n * K * dd).all();
-    }
-    return p;
-  };
+  // Where every record was kept (store_all), the reverse pass reads each from memory: its weight-gradient
+  // GEMMs request the next unit's record meanwhile (see Prefetch), where a record fits well within L2 (at
+  // most 256 KB: K = 1, d up to 32).  A segment's records were just recomputed and come from the caches:
+  // requesting them, or the next weights, measured no faster there (float64 d = 16: 5% slower).
+  const bool prefetch_records = store_all && rec_size * int64_t(sizeof(T)) <= (int64_t(256) << 10);
   for (int64_t s_hi = nseg; s_hi > 0; s_hi -= seg_per_chunk) {
     const int64_t s_lo = std::max<int64_t>(0, s_hi - seg_per_chunk);
     const int64_t r_lo = s_lo * C, r_hi = std::min(R, s_hi * C);
@@ -582,7 +573,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
           if (store_all) {
             for (int64_t r = std::min(R, s_hi * C) - 1; r >= s_lo * C; --r) {
               const Record<T> rec = Record<T>::at(rec_p + (t * R + r) * rec_size, n, K, m_max, d);
-              const Prefetch next = prefetch_next(r > 0 ? rec_p + (t * R + r - 1) * rec_size : nullptr, r);
+              Prefetch next = prefetch_records && r > 0 ? Prefetch(rec_p + (t * R + r - 1) * rec_size, rec_size) : Prefetch();
+              next.parts = 3 * n;
               unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws, next);
             }
             continue;
@@ -603,8 +595,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
             }
             for (int64_t r = u1 - 1; r >= u0; --r) {
               const Record<T> rec = Record<T>::at(scratch.data() + (r - u0) * rec_size, n, K, m_max, d);
-              const Prefetch next = prefetch_next(r > u0 ? scratch.data() + (r - 1 - u0) * rec_size : nullptr, r);
-              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws, next);
+              unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws, kNoPrefetch);
             }
           }
         }
