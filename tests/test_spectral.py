@@ -2,6 +2,7 @@
 exact eigendecompositions, on Hessians of small nets and on matrices with known spectra."""
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import numpy as np
@@ -313,6 +314,71 @@ def test_slq_grouping_does_not_change_the_result(random_hessian):
     assert np.all(a.num_steps == 6) and np.all(b.num_steps == 6)
     np.testing.assert_allclose(a.nodes, b.nodes, atol=1e-10)
     assert calls[-1] == (60, 60) and all(d2 >= d1 for (d1, _), (d2, _) in zip(calls, calls[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("P,split", [(1000, 3), (1001, 2), (97, 4), (7, 3), (5, 8), (64, 1)])
+@pytest.mark.parametrize("c,m", [(1, 1), (1, 9), (3, 7), (2, 0)])
+def test_project_out_in_column_slices_is_one_gram_schmidt_pass(dtype, P, split, c, m):
+    """The reorthogonalisation's batched slices against one product each: C = X V^T and X - C V."""
+    from shortcut_ext.curvature._linop import project_out
+
+    g = torch.Generator().manual_seed(P * 31 + split * 7 + c * 3 + m)
+    V = torch.randn(m, P, generator=g, dtype=dtype)
+    big = torch.randn(c + 2, P + 5, generator=g, dtype=dtype)
+    X = big[1:1 + c, 2:2 + P]  # a view with a row stride of its own, as SLQ's rows of w
+    X0 = X.double().clone()
+    C = project_out(X, V, split=split)
+    C_ref = X0 @ V.double().T
+    tol = 1e-12 if dtype == F64 else 1e-4
+    assert C.shape == (c, m) and C.dtype == dtype
+    torch.testing.assert_close(C.double(), C_ref, rtol=tol, atol=tol * P)
+    torch.testing.assert_close(X.double(), X0 - C_ref @ V.double(), rtol=tol, atol=tol * P)
+    untouched = big.clone()
+    untouched[1:1 + c, 2:2 + P] = X
+    assert torch.equal(untouched, big)  # nothing outside the view was written
+
+
+def test_lanczos_and_slq_reorthogonalise_in_slices_to_the_same_spectrum(random_hessian, monkeypatch):
+    """With the slices forced on (P = 90 cut in 3), Lanczos and SLQ give the one-product results."""
+    from shortcut_ext.curvature import _linop
+
+    op, _, ev = random_hessian
+    ref_l = lanczos(op, k=4, tol=1e-10)
+    ref_s = slq(op, probes=4, steps=20, seed=3)
+    calls = []
+    orig = _linop.project_out
+
+    def spy(X, Vb, split=None):
+        calls.append(_linop.reorth_split(Vb) if split is None else split)
+        return orig(X, Vb, split)
+
+    monkeypatch.setattr(_linop, "SPLIT_MIN_NUMEL", 0)
+    lz_mod = importlib.import_module("shortcut_ext.curvature.lanczos")  # the package exports functions
+    slq_mod = importlib.import_module("shortcut_ext.curvature.slq")  # of the same names
+
+    monkeypatch.setattr(lz_mod, "project_out", spy)
+    monkeypatch.setattr(slq_mod, "project_out", spy)
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **kw: bmm_calls.append(1) or real_bmm(*a, **kw))
+    torch.set_num_threads(3)  # the module's fixture restores the count after its tests
+    try:
+        r_l = lanczos(op, k=4, tol=1e-10)
+        n_l = len(calls)
+        r_s = slq(op, probes=4, steps=20, seed=3)
+        assert _linop.reorth_split(torch.empty(5, 7, device="meta")) == 1  # not on the CPU: one product
+        monkeypatch.setattr(_linop, "SPLIT_MIN_NUMEL", 36)
+        assert _linop.reorth_split(torch.empty(5, 7)) == 1 and _linop.reorth_split(torch.empty(4, 9)) == 3
+    finally:
+        torch.set_num_threads(1)
+    assert n_l > 0 and len(calls) > n_l and set(calls) == {3}  # both went through the sliced pass
+    assert len(bmm_calls) >= len(calls)  # one batched product of the slices per pass
+    scale = np.abs(ev).max()
+    np.testing.assert_allclose(r_l.largest, ref_l.largest, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(r_l.smallest, ref_l.smallest, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(r_s.nodes, ref_s.nodes, rtol=0, atol=1e-9 * scale)
+    np.testing.assert_allclose(r_s.weights, ref_s.weights, rtol=0, atol=1e-9)
 
 
 def zero_point_op():

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._linop import as_torch_operator, check_count, default_tol, seeded_generator, zero_tol_rel
+from ._linop import as_torch_operator, check_count, default_tol, project_out, seeded_generator, zero_tol_rel
 
 WHICH = ("both", "largest", "smallest")
 DEFAULT_MAX_BASIS_BYTES = 3 * 2**30  # budget of an automatically sized Krylov basis (Lanczos, SLQ groups)
@@ -254,10 +254,7 @@ def _krylov(op, k, b, which, max_iter, tol, verify, seed, v0, return_vectors, co
         return A.num_products - p0
 
     def project(X, lo, upto):  # one classical Gram-Schmidt pass of X[c, P] against V[lo:upto], in place
-        Vb = V[lo:upto]
-        C = X @ Vb.T  # [c, upto - lo]
-        X.addmm_(C, Vb, alpha=-1.0)
-        return C
+        return project_out(X, V[lo:upto])  # [c, upto - lo]
 
     def orth_against_basis(X, upto):  # [c, P]: project out V[:upto] twice (rare paths: starts, restarts)
         X = X.clone(memory_format=torch.contiguous_format)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._linop import as_torch_operator, check_count, default_tol, seeded_generator, zero_tol_rel
+from ._linop import as_torch_operator, check_count, default_tol, project_out, seeded_generator, zero_tol_rel
 from .lanczos import DEFAULT_MAX_BASIS_BYTES
 
 
@@ -342,8 +342,9 @@ def _lanczos_recurrences(A, q, steps, basis, btol, callback):
     reorthogonalisation: classical Gram-Schmidt against the probe's own basis, repeated only where
     the first pass removed more than ``1 - 1/sqrt(2)`` of the norm (the Daniel-Gragg-Kaufman-Stewart
     criterion).  After the three-term recurrence the vector is nearly orthogonal already, so one pass
-    (two reads of the basis) is the rule.  Matrix-vector products per probe (``addmv``), no
-    ``[g, P]``-sized temporaries per basis vector and no copies of the basis.
+    (two reads of the basis) is the rule.  Matrix-vector products per probe (``project_out``: batched
+    over column slices, one per thread, on a large CPU basis), no ``[g, P]``-sized temporaries per
+    basis vector and no copies of the basis.
 
     Returns:
         ``alpha[g, steps]``, ``beta[g, steps]`` (float64) and ``nsteps[g]``.
@@ -381,8 +382,7 @@ def _lanczos_recurrences(A, q, steps, basis, btol, callback):
                 wi = w[i]
                 n0 = wi.norm()
                 for _ in range(2):
-                    c = torch.mv(Qi, wi)
-                    wi.addmv_(Qi.T, c, alpha=-1.0)
+                    project_out(wi[None], Qi)
                     n1 = wi.norm()
                     if n1 >= eta * n0:
                         break
