@@ -19,7 +19,10 @@ pytestmark = requires_fused
 ACTS = shortcut_ext.ACTIVATIONS
 # every activation at every position: the four uniform patterns plus three mixed rotations
 PATTERNS = [(a, a, a) for a in ACTS] + [
-    ("tanh", "ssigmoid", "relu"), ("relu", "tanh", "ssigmoid"), ("ssigmoid", "relu", "tanh")
+    ("tanh", "ssigmoid", "relu"), ("relu", "tanh", "ssigmoid"), ("ssigmoid", "relu", "tanh"),
+    # an identity at some positions only: the kernel passes an identity's input on without a copy
+    ("identity", "tanh", "relu"), ("tanh", "identity", "ssigmoid"), ("relu", "ssigmoid", "identity"),
+    ("identity", "identity", "tanh"), ("ssigmoid", "identity", "identity"),
 ]
 TARGETS = ("mse", "ce_index", "ce_prob")
 

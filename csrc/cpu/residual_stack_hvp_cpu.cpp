@@ -50,8 +50,11 @@
 //   checkpoints       (1 + K) * ceil(R / C) * B * d          (saving every unit: (1 + K) * R * B * d)
 //   carried g, R{g}   (1 + K) * B * d
 //   segment records   P * C * (1 + K) * (2n + 1) * m * d    (C ~ sqrt(R * tiles per slot / (2n+1)),
-//                                                            bounded to 4M elements per slot)
+//                                                            bounded to 8 MB per slot while the
+//                                                            checkpoints stay within 256 MB)
 //   (or all records   R * (1 + K) * (2n + 1) * B * d, no checkpoints, within the store budget)
+//   (a record is (n + 1) instead of (2n + 1) rows of (1 + K) * m * d where s_pre and s_mid are identities:
+//   a layer's input is then h or the layer's z before it, used in place, not copied)
 //   chunk buffers     P * U * n * (1 + 2K) * d^2             (U bounded to ~2M elements in all)
 //   direction copies  2 * K * R * n * d^2, transposed weights R * n * d^2
 // so the persistent cost per unit is (1 + K) * B * d / C + 3 * K * n * d^2 (+ the outputs).
@@ -97,21 +100,37 @@ template <typename T>
 struct Record {
   T* hin;   // [m, d]      unit input
   T* rho;   // [m, K, d]   its tangents
-  T* act;   // [n][m, d]   layer inputs a_l
+  T* act;   // [n][m, d]   layer inputs a_l (none where Record::a passes h and z on: stored_inputs)
   T* z;     // [n][m, d]   layer outputs z_l (before activation)
   T* ract;  // [n][m, K, d]
   T* rz;    // [n][m, K, d]
 
-  static int64_t size(int64_t n, int64_t K, int64_t m_max, int64_t d) { return (2 * n + 1) * (1 + K) * m_max * d; }
-  static Record at(T* base, int64_t n, int64_t K, int64_t m_max, int64_t d) {
-    const int64_t s1 = m_max * d, sk = K * s1;
+  // Layers whose input has room of its own (act, ract): none where s_pre and s_mid are identities (see a()).
+  static int64_t stored_inputs(int64_t n, const Acts& acts) {
+    return acts.pre == Act::Identity && acts.mid == Act::Identity ? 0 : n;
+  }
+  static int64_t size(int64_t n, int64_t K, int64_t m_max, int64_t d, const Acts& acts) {
+    return (n + stored_inputs(n, acts) + 1) * (1 + K) * m_max * d;
+  }
+  // Layer l's input a_l and its tangents.  Through an identity it is the value before it, not a copy:
+  // a_0 = h (identity s_pre), a_l = z_{l-1} (identity s_mid); act / ract then hold nothing there.
+  const T* a(int64_t l, const Acts& acts, int64_t s1) const {
+    if (l == 0) return acts.pre == Act::Identity ? hin : act;
+    return acts.mid == Act::Identity ? z + (l - 1) * s1 : act + l * s1;
+  }
+  const T* ra(int64_t l, const Acts& acts, int64_t sk) const {
+    if (l == 0) return acts.pre == Act::Identity ? rho : ract;
+    return acts.mid == Act::Identity ? rz + (l - 1) * sk : ract + l * sk;
+  }
+  static Record at(T* base, int64_t n, int64_t K, int64_t m_max, int64_t d, const Acts& acts) {
+    const int64_t s1 = m_max * d, sk = K * s1, ni = stored_inputs(n, acts);
     Record r;
     r.hin = base;
     r.rho = r.hin + s1;
     r.act = r.rho + sk;
-    r.z = r.act + n * s1;
+    r.z = r.act + ni * s1;
     r.ract = r.z + n * s1;
-    r.rz = r.ract + n * sk;
+    r.rz = r.ract + ni * sk;
     return r;
   }
 };
@@ -187,33 +206,25 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
   const int64_t n = net.n, d = net.d, K = net.K, dd = d * d;
   const int64_t md = m * d, s1 = m_max * d, sk = K * s1;
   const Acts& acts = net.acts;
-  // layer 0 input
-  if (acts.pre == Act::Identity) {
-    std::copy(rec.hin, rec.hin + md, rec.act);
-    std::copy(rec.rho, rec.rho + K * md, rec.ract);
-  } else {
+  // layer 0 input (an identity's is h itself: Record::a)
+  if (acts.pre != Act::Identity) {
     act_derivs<T>(acts.pre, rec.hin, md, rec.act, d1, nullptr);
     rows_mul<T>(rec.ract, rec.rho, d1, m, K, d, false, acts.pre == Act::Relu);
   }
   for (int64_t l = 0; l < n; ++l) {
-    const T* a = rec.act + l * s1;
-    const T* ra = rec.ract + l * sk;
+    const T* a = rec.a(l, acts, s1);
+    const T* ra = rec.ra(l, acts, sk);
     T* z = rec.z + l * s1;
     T* rz = rec.rz + l * sk;
     const T* wt = net.wt + (r * n + l) * dd;
     gemm_nn<T>(m, d, d, a, d, wt, d, z, d, false);
     gemm_nn<T>(m * K, d, d, ra, d, wt, d, rz, d, false);
     gemm_nn<T>(m, K * d, d, a, d, net.vin + (r * n + l) * K * dd, K * d, rz, K * d, true);
-    if (l < n - 1) {
+    if (l < n - 1 && acts.mid != Act::Identity) {  // an identity's output is z itself (Record::a)
       T* a_next = rec.act + (l + 1) * s1;
       T* ra_next = rec.ract + (l + 1) * sk;
-      if (acts.mid == Act::Identity) {
-        std::copy(z, z + md, a_next);
-        std::copy(rz, rz + K * md, ra_next);
-      } else {
-        act_derivs<T>(acts.mid, z, md, a_next, d1, nullptr);
-        rows_mul<T>(ra_next, rz, d1, m, K, d, false, acts.mid == Act::Relu);
-      }
+      act_derivs<T>(acts.mid, z, md, a_next, d1, nullptr);
+      rows_mul<T>(ra_next, rz, d1, m, K, d, false, acts.mid == Act::Relu);
     }
   }
   if (!h_out) return;
@@ -262,33 +273,40 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
   const int64_t n = net.n, d = net.d, K = net.K, dd = d * d;
   const int64_t md = m * d, s1 = m_max * d, sk = K * s1;
   const Acts& acts = net.acts;
-  T* gz = ws.gz;
-  T* ga = ws.ga;
-  T* rgz = ws.rgz;
-  T* rga = ws.rga;
+  // gz, R{gz} (the layer's output gradient and tangents) and ga, R{ga} (what it passes down) live in two
+  // buffer pairs taken in turn, so that an identity hands its input on as a pointer, not a copy: g itself
+  // at the top, a layer's ga below it.
+  T* const bufs[2] = {ws.gz, ws.ga};
+  T* const rbufs[2] = {ws.rgz, ws.rga};
+  int64_t free_buf = 0;  // the pair the next ga, R{ga} go to; gz is never in it
+  const T* gz = g;
+  const T* rgz = rg;
+  T* ga = nullptr;
+  T* rga = nullptr;
   // seed: gz = g s_post'(z), R{gz} = R{g} s_post'(z) + g s_post''(z) R{z}
-  {
+  if (acts.post != Act::Identity) {
     const T* z = rec.z + (n - 1) * s1;
     const T* rz = rec.rz + (n - 1) * sk;
-    if (acts.post == Act::Identity) {
-      std::copy(g, g + md, gz);
-      std::copy(rg, rg + K * md, rgz);
-    } else {
-      const bool curv = has_curvature(acts.post);
-      act_derivs<T>(acts.post, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
-      const bool relu = acts.post == Act::Relu;
+    T* gz_w = bufs[1];
+    T* rgz_w = rbufs[1];
+    const bool curv = has_curvature(acts.post);
+    act_derivs<T>(acts.post, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+    const bool relu = acts.post == Act::Relu;
 #pragma omp simd
-      for (int64_t i = 0; i < md; ++i) gz[i] = times_deriv(g[i], ws.d1[i], relu);
-      rows_mul<T>(rgz, rg, ws.d1, m, K, d, false, relu);
-      if (curv) {
-        for (int64_t i = 0; i < md; ++i) ws.t[i] = g[i] * ws.d2[i];
-        rows_mul<T>(rgz, rz, ws.t, m, K, d, true);
-      }
+    for (int64_t i = 0; i < md; ++i) gz_w[i] = times_deriv(g[i], ws.d1[i], relu);
+    rows_mul<T>(rgz_w, rg, ws.d1, m, K, d, false, relu);
+    if (curv) {
+      for (int64_t i = 0; i < md; ++i) ws.t[i] = g[i] * ws.d2[i];
+      rows_mul<T>(rgz_w, rz, ws.t, m, K, d, true);
     }
+    gz = gz_w;
+    rgz = rgz_w;
   }
   for (int64_t l = n - 1; l >= 0; --l) {
-    const T* a = rec.act + l * s1;
-    const T* ra = rec.ract + l * sk;
+    const T* a = rec.a(l, acts, s1);
+    const T* ra = rec.ra(l, acts, sk);
+    ga = bufs[free_buf];
+    rga = rbufs[free_buf];
     T* out = dw + l * (1 + 2 * K) * dd;
     // C = A^T B over the tile: only a and gz ([m, d]) get transposed (in gemm_tn; not at all by the
     // d = 16, K = 1 register kernel), never the K-fold tangents ([m, K, d])
@@ -301,22 +319,27 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     gemm_nn<T>(m * K, d, d, rgz, d, w, d, rga, d, false);
     gemm_nn<T>(m, K * d, d, gz, d, net.vout + (r * n + l) * K * dd, K * d, rga, K * d, true);
     if (l > 0) {
-      if (acts.mid == Act::Identity) {
-        std::copy(ga, ga + md, gz);
-        std::copy(rga, rga + K * md, rgz);
-      } else {
+      if (acts.mid == Act::Identity) {  // the next layer's gz is this ga: the other pair takes its ga
+        gz = ga;
+        rgz = rga;
+        free_buf = 1 - free_buf;
+      } else {  // into the other pair (the old gz, done with); the next ga reuses this one
+        T* gz_w = bufs[1 - free_buf];
+        T* rgz_w = rbufs[1 - free_buf];
         const T* zp = rec.z + (l - 1) * s1;
         const T* rzp = rec.rz + (l - 1) * sk;
         const bool curv = has_curvature(acts.mid);
         act_derivs<T>(acts.mid, zp, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
         const bool relu = acts.mid == Act::Relu;
 #pragma omp simd
-        for (int64_t i = 0; i < md; ++i) gz[i] = times_deriv(ga[i], ws.d1[i], relu);
-        rows_mul<T>(rgz, rga, ws.d1, m, K, d, false, relu);
+        for (int64_t i = 0; i < md; ++i) gz_w[i] = times_deriv(ga[i], ws.d1[i], relu);
+        rows_mul<T>(rgz_w, rga, ws.d1, m, K, d, false, relu);
         if (curv) {
           for (int64_t i = 0; i < md; ++i) ws.t[i] = ga[i] * ws.d2[i];
-          rows_mul<T>(rgz, rzp, ws.t, m, K, d, true);
+          rows_mul<T>(rgz_w, rzp, ws.t, m, K, d, true);
         }
+        gz = gz_w;
+        rgz = rgz_w;
       }
     }
   }
@@ -435,6 +458,15 @@ void interleave_directions(const at::Tensor& directions, at::Tensor& vin, at::Te
   });
 }
 
+// Segment records of one slot, bytes: two slots' segments and the directions they read stay in a 32 MB L3.
+// Each slot recomputes a segment of C units (writing their records), then walks it backwards (reading them);
+// a segment larger than the slot's share of the cache goes to memory and back.  4M elements a slot (the
+// bound until 2026-12) was 32 MB in float64: d = 16, R = 1000, B = 512, K = 16 took 58.7 ms per product,
+// 31.1 ms with 8 MB; float32 K = 16 18.0 -> 15.6 ms; d = 64 and 128 within noise (2-core AMD EPYC).
+constexpr int64_t kSegmentBytes = int64_t(8) << 20;
+// Checkpoints (unit inputs and tangents every C units) in all, bytes, before kSegmentBytes gives way.
+constexpr int64_t kCheckpointBytes = int64_t(256) << 20;
+
 // Whether the HVP kernel keeps every unit's record (`mb` megabytes) instead of checkpointing and
 // recomputing.  SHORTCUT_EXT_HVP_STORE_MB unset: for d >= 32 within 256 MB; set: whenever they fit
 // in that many MB (0: never).
@@ -467,13 +499,19 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const CpuSchedule sch = cpu_hvp_schedule(B, d, R, n, K);
   const int64_t m_max = sch.tile_rows, tiles = sch.tiles, slots = sch.slots;
   const int64_t tiles_per_slot = (tiles + slots - 1) / slots;
-  const int64_t rec_size = Record<T>::size(n, K, m_max, d);
+  const int64_t rec_size = Record<T>::size(n, K, m_max, d, acts);
   // units per chunk of slot buffers (~2M elements in all: they stay in cache, and a chunk costs one
   // fork/join), segment length C <= U0
   const int64_t per_unit = n * (1 + 2 * K) * dd;
   const int64_t U0 = std::max<int64_t>(1, (int64_t(1) << 21) / (slots * per_unit));
   int64_t C = static_cast<int64_t>(std::ceil(std::sqrt(double(R) * double(tiles_per_slot) / double(2 * n + 1))));
-  C = std::max<int64_t>(1, std::min({C, R, U0, std::max<int64_t>(1, (int64_t(1) << 22) / rec_size)}));
+  // A slot's segment of records within kSegmentBytes, so that it is read back from the caches, unless its
+  // checkpoints would then pass kCheckpointBytes in all (many directions: C is then as small as they allow).
+  const double rec_bytes = double(rec_size) * double(sizeof(T));
+  const int64_t C_cache = std::max<int64_t>(1, static_cast<int64_t>(double(kSegmentBytes) / rec_bytes));
+  const int64_t C_mem = static_cast<int64_t>(
+      std::ceil(double(R) * double((1 + K) * B * d) * double(sizeof(T)) / double(kCheckpointBytes)));
+  C = std::max<int64_t>(1, std::min({C, R, U0, std::max(C_cache, C_mem)}));
   const int64_t nseg = (R + C - 1) / C;
   const int64_t seg_per_chunk = std::max<int64_t>(1, std::min(U0 / C, nseg));
   const int64_t U = seg_per_chunk * C;
@@ -496,22 +534,26 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const double inv_b = 1.0 / double(B);
 
   // ---- 1. forward + tangent forward, checkpoints, loss seeds
+  // per-slot scratch from the buffer cache, warm and uninitialised (a fresh zeroed vector per call and, in
+  // pass 2, per chunk, cost page faults and the zeroing: ~5% of a call at d = 16, K = 8)
+  const int64_t fwd_scratch = rec_size + 2 * m_max * d;
+  at::Tensor fwd_buf = pooled_empty({slots, fwd_scratch}, opts);
   for_each_slot(slots, [&](int64_t s0, int64_t s1) {
     const int64_t S1 = m_max * d;
-    std::vector<T> scratch(rec_size + 2 * S1);
-    const Record<T> rec = Record<T>::at(scratch.data(), n, K, m_max, d);
-    T* d1 = scratch.data() + rec_size;
+    T* scratch = fwd_buf.data_ptr<T>() + s0 * fwd_scratch;  // the task's first slot: one buffer per task
+    const Record<T> rec = Record<T>::at(scratch, n, K, m_max, d, acts);
+    T* d1 = scratch + rec_size;
     T* p = d1 + S1;
     for (int64_t s = s0; s < s1; ++s) {
       for (int64_t t = s * tiles / slots; t < (s + 1) * tiles / slots; ++t) {
         const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
         if (store_all) {  // record r + 1 takes unit r's output; the last output goes to `rec`
-          const Record<T> first = Record<T>::at(rec_p + t * R * rec_size, n, K, m_max, d);
+          const Record<T> first = Record<T>::at(rec_p + t * R * rec_size, n, K, m_max, d, acts);
           std::copy(x_p + row0 * d, x_p + (row0 + m) * d, first.hin);
           std::fill(first.rho, first.rho + m * K * d, T(0));
           for (int64_t r = 0; r < R; ++r) {
-            const Record<T> cur = Record<T>::at(rec_p + (t * R + r) * rec_size, n, K, m_max, d);
-            const Record<T> out = r + 1 < R ? Record<T>::at(rec_p + (t * R + r + 1) * rec_size, n, K, m_max, d) : rec;
+            const Record<T> cur = Record<T>::at(rec_p + (t * R + r) * rec_size, n, K, m_max, d, acts);
+            const Record<T> out = r + 1 < R ? Record<T>::at(rec_p + (t * R + r + 1) * rec_size, n, K, m_max, d, acts) : rec;
             unit_forward<T>(net, r, m, m_max, cur, out.hin, out.rho, d1);
           }
         } else {
@@ -539,8 +581,10 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   // ---- 2. reverse pass in chunks of whole segments
   T* gw_p = grad_w.data_ptr<T>();
   T* hv_p = hvps.data_ptr<T>();
-  std::unique_ptr<T[]> partial_buf(new T[slots * U * per_unit]);  // never zeroed: first tiles write
-  T* const partial = partial_buf.get();
+  at::Tensor partial_buf = pooled_empty({slots * U * per_unit}, opts);  // never zeroed: first tiles write
+  T* const partial = partial_buf.data_ptr<T>();
+  const int64_t rev_scratch = (store_all ? 0 : C * rec_size) + 5 * m_max * d + 3 * K * m_max * d;
+  at::Tensor rev_buf = pooled_empty({slots, rev_scratch}, opts);
   // Where every record was kept (store_all), the reverse pass reads each from memory: its weight-gradient
   // GEMMs request the next unit's record meanwhile (see Prefetch), where a record fits well within L2 (at
   // most 256 KB: K = 1, d up to 32).  A segment's records were just recomputed and come from the caches:
@@ -552,8 +596,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
     for_each_slot(slots, [&](int64_t s0, int64_t s1) {
       const int64_t S1 = m_max * d, SK = K * S1;
       const int64_t seg_records = store_all ? 0 : C * rec_size;
-      std::vector<T> scratch(seg_records + 5 * S1 + 2 * SK + K * S1);
-      T* base = scratch.data() + seg_records;
+      T* const seg_buf = rev_buf.data_ptr<T>() + s0 * rev_scratch;  // segment records, then the work buffers
+      T* base = seg_buf + seg_records;
       RevScratch<T> ws;
       ws.gz = base;
       ws.ga = ws.gz + S1;
@@ -572,7 +616,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
           T* rg = rg_p + row0 * K * d;
           if (store_all) {
             for (int64_t r = std::min(R, s_hi * C) - 1; r >= s_lo * C; --r) {
-              const Record<T> rec = Record<T>::at(rec_p + (t * R + r) * rec_size, n, K, m_max, d);
+              const Record<T> rec = Record<T>::at(rec_p + (t * R + r) * rec_size, n, K, m_max, d, acts);
               Prefetch next = prefetch_records && r > 0 ? Prefetch(rec_p + (t * R + r - 1) * rec_size, rec_size) : Prefetch();
               next.parts = 3 * n;
               unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws, next);
@@ -581,20 +625,20 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
           }
           for (int64_t seg = s_hi - 1; seg >= s_lo; --seg) {
             const int64_t u0 = seg * C, u1 = std::min(R, u0 + C);
-            Record<T> first = Record<T>::at(scratch.data(), n, K, m_max, d);
+            Record<T> first = Record<T>::at(seg_buf, n, K, m_max, d, acts);
             std::copy(ckh_p + (seg * B + row0) * d, ckh_p + (seg * B + row0 + m) * d, first.hin);
             std::copy(ckr_p + (seg * B + row0) * K * d, ckr_p + (seg * B + row0 + m) * K * d, first.rho);
             for (int64_t r = u0; r < u1; ++r) {
-              const Record<T> rec = Record<T>::at(scratch.data() + (r - u0) * rec_size, n, K, m_max, d);
+              const Record<T> rec = Record<T>::at(seg_buf + (r - u0) * rec_size, n, K, m_max, d, acts);
               if (r + 1 < u1) {
-                const Record<T> next = Record<T>::at(scratch.data() + (r + 1 - u0) * rec_size, n, K, m_max, d);
+                const Record<T> next = Record<T>::at(seg_buf + (r + 1 - u0) * rec_size, n, K, m_max, d, acts);
                 unit_forward<T>(net, r, m, m_max, rec, next.hin, next.rho, ws.d1);
               } else {
                 unit_forward<T>(net, r, m, m_max, rec, nullptr, nullptr, ws.d1);
               }
             }
             for (int64_t r = u1 - 1; r >= u0; --r) {
-              const Record<T> rec = Record<T>::at(scratch.data() + (r - u0) * rec_size, n, K, m_max, d);
+              const Record<T> rec = Record<T>::at(seg_buf + (r - u0) * rec_size, n, K, m_max, d, acts);
               unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws, kNoPrefetch);
             }
           }
