@@ -262,6 +262,24 @@ struct RevScratch {
   T *gz, *ga, *rgz, *rga, *d1, *d2, *t, *tscratch;
 };
 
+// Back through an activation s applied to z (tangents rz): gout = gin s'(z) and
+// R{gout} = R{gin} s'(z) + gin s''(z) R{z}, the second term only where s'' is not identically zero.
+template <typename T>
+void through_act(Act a, const T* z, const T* rz, const T* gin, const T* rgin, T* gout, T* rgout, int64_t m, int64_t K,
+                 int64_t d, const RevScratch<T>& ws) {
+  const int64_t md = m * d;
+  const bool curv = has_curvature(a);
+  act_derivs<T>(a, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+  const bool relu = a == Act::Relu;
+#pragma omp simd
+  for (int64_t i = 0; i < md; ++i) gout[i] = times_deriv(gin[i], ws.d1[i], relu);
+  rows_mul<T>(rgout, rgin, ws.d1, m, K, d, false, relu);
+  if (curv) {
+    for (int64_t i = 0; i < md; ++i) ws.t[i] = gin[i] * ws.d2[i];
+    rows_mul<T>(rgout, rz, ws.t, m, K, d, true);
+  }
+}
+
 // Reverse (backward + tangent backward) through unit r for one tile.  `g` [m, d] and `rg`
 // [m, K, d] hold dL/d(unit output) and its tangents on entry, dL/d(unit input) and its tangents on
 // exit.  Adds to `dw` = the slot buffer of unit r, per layer: the gradient [d_out, d_in], then the
@@ -287,20 +305,9 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
   if (acts.post != Act::Identity) {
     const T* z = rec.z + (n - 1) * s1;
     const T* rz = rec.rz + (n - 1) * sk;
-    T* gz_w = bufs[1];
-    T* rgz_w = rbufs[1];
-    const bool curv = has_curvature(acts.post);
-    act_derivs<T>(acts.post, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
-    const bool relu = acts.post == Act::Relu;
-#pragma omp simd
-    for (int64_t i = 0; i < md; ++i) gz_w[i] = times_deriv(g[i], ws.d1[i], relu);
-    rows_mul<T>(rgz_w, rg, ws.d1, m, K, d, false, relu);
-    if (curv) {
-      for (int64_t i = 0; i < md; ++i) ws.t[i] = g[i] * ws.d2[i];
-      rows_mul<T>(rgz_w, rz, ws.t, m, K, d, true);
-    }
-    gz = gz_w;
-    rgz = rgz_w;
+    through_act<T>(acts.post, z, rz, g, rg, bufs[1], rbufs[1], m, K, d, ws);
+    gz = bufs[1];
+    rgz = rbufs[1];
   }
   for (int64_t l = n - 1; l >= 0; --l) {
     const T* a = rec.a(l, acts, s1);
@@ -324,22 +331,10 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
         rgz = rga;
         free_buf = 1 - free_buf;
       } else {  // into the other pair (the old gz, done with); the next ga reuses this one
-        T* gz_w = bufs[1 - free_buf];
-        T* rgz_w = rbufs[1 - free_buf];
-        const T* zp = rec.z + (l - 1) * s1;
-        const T* rzp = rec.rz + (l - 1) * sk;
-        const bool curv = has_curvature(acts.mid);
-        act_derivs<T>(acts.mid, zp, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
-        const bool relu = acts.mid == Act::Relu;
-#pragma omp simd
-        for (int64_t i = 0; i < md; ++i) gz_w[i] = times_deriv(ga[i], ws.d1[i], relu);
-        rows_mul<T>(rgz_w, rga, ws.d1, m, K, d, false, relu);
-        if (curv) {
-          for (int64_t i = 0; i < md; ++i) ws.t[i] = ga[i] * ws.d2[i];
-          rows_mul<T>(rgz_w, rzp, ws.t, m, K, d, true);
-        }
-        gz = gz_w;
-        rgz = rgz_w;
+        through_act<T>(acts.mid, rec.z + (l - 1) * s1, rec.rz + (l - 1) * sk, ga, rga, bufs[1 - free_buf],
+                       rbufs[1 - free_buf], m, K, d, ws);
+        gz = bufs[1 - free_buf];
+        rgz = rbufs[1 - free_buf];
       }
     }
   }
