@@ -867,3 +867,247 @@ def test_init_probes_of_other_activations_are_kept_apart(tmp_path):
         ref = hessian_probes(net, (b.X, b.Y), "mse", exact_max_params=4000, seed=0)  # all rows, uncompressed
         assert row["act"] == act and row["lam_max"] == pytest.approx(ref["lam_max"], rel=1e-8), act
     assert rows["linear"][0]["lam_max"] != pytest.approx(rows["relu-mid"][0]["lam_max"], rel=1e-3)
+
+
+# --------------------------------------------------------------------------- the worker pool (--workers)
+def _pool(tmp_path, workers=2):
+    from shortcut_ext.experiments.store import PoolRunStore, RunStore
+
+    return PoolRunStore(RunStore(tmp_path / "runs.jsonl"), workers)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _job(i, seconds=0.05):
+    import time
+
+    time.sleep(seconds)
+    return {"i": i, "pid": os.getpid(), "x": [1.5 * i, math.inf]}
+
+
+def test_pool_runs_each_missing_run_once_across_processes_and_merges_the_shards(tmp_path, one_thread):
+    import functools
+
+    store = _pool(tmp_path, 3)
+    store.put("k2", {"i": 2, "pid": -1, "x": []})  # stored: not run again
+    jobs = [(f"k{i}", functools.partial(_job, i), i % 4) for i in range(12)] + [("k5", lambda: 1 / 0, 1)]
+    assert store.missing(jobs)[0][0] == "k3" and [k for k, _ in store.missing(jobs)].count("k5") == 1
+    assert store.plan(jobs) == [[k for k, _ in store.missing(jobs)], [], []]
+    seen = []
+    assert store.fill(jobs, progress=lambda done, total: seen.append((done, total))) == 11
+    assert seen == [(i, 11) for i in range(1, 12)]
+    pids = {store.get(f"k{i}")["pid"] for i in range(12) if i != 2}
+    assert os.getpid() in pids and len(pids) >= 2, pids  # this process and at least one worker took runs
+    assert store.get("k2")["pid"] == -1
+    assert all(store.get(f"k{i}")["x"] == [1.5 * i, "inf"] for i in range(12) if i != 2)
+    # the main file holds every run, each once; no shard is left
+    assert sorted(d["key"] for d in _lines(tmp_path / "runs.jsonl")) == sorted(f"k{i}" for i in range(12))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.jsonl"]
+    # a record that is not usable counts as missing; nothing missing runs nothing
+    assert store.fill(jobs, usable=lambda r: r["pid"] != -1) == 1 and store.get("k2")["pid"] != -1
+    assert store.fill(jobs) == 0
+
+
+def test_a_failing_run_stops_the_pool_names_the_run_and_keeps_the_finished_ones(tmp_path, one_thread):
+    import functools
+
+    def bad():
+        raise ValueError("no such learning rate")
+
+    store = _pool(tmp_path, 2)
+    # taken in the order k0..k5, bad, k6..k9 (longest first)
+    jobs = [(f"k{i}", functools.partial(_job, i), 2 if i < 6 else 0) for i in range(10)] + [("bad", bad, 1)]
+    with pytest.raises(RuntimeError, match=r"run bad \((this process|worker 1)\): ValueError: no such learning rate"):
+        store.fill(jobs)
+    kept = {d["key"] for d in _lines(tmp_path / "runs.jsonl")}
+    assert kept == set(store.keys()) and {f"k{i}" for i in range(6)} <= kept and "bad" not in kept
+    assert len(kept) <= 7, kept  # the pool stopped: at most the run the other process had taken finished
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.jsonl"]
+    # the rerun takes what is missing
+    good = [j for j in jobs if j[0] != "bad"]
+    assert store.fill(good) == 10 - len(kept)
+    assert {d["key"] for d in _lines(tmp_path / "runs.jsonl")} == {f"k{i}" for i in range(10)}
+
+
+def test_a_worker_that_dies_is_reported_and_this_process_finishes_the_phase(tmp_path, one_thread):
+    import functools
+
+    parent = os.getpid()
+
+    def dies_in_a_worker(i):
+        if os.getpid() != parent:
+            os._exit(7)
+        return _job(i, 0.2)
+
+    store = _pool(tmp_path, 2)
+    jobs = [(f"k{i}", functools.partial(dies_in_a_worker, i), 1) for i in range(5)]
+    with pytest.raises(RuntimeError, match="worker 1 ended with exit status 7"):
+        store.fill(jobs)
+    # the worker took one run and died in it: this process ran the other four
+    assert len(store) == 4 and {store.get(k)["pid"] for k in store.keys()} == {parent}
+    assert len(_lines(tmp_path / "runs.jsonl")) == 4
+
+
+def test_pool_refuses_what_it_cannot_do(tmp_path):
+    from shortcut_ext.experiments.store import PoolRunStore, RunStore
+
+    base = RunStore(tmp_path / "runs.jsonl")
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+            PoolRunStore(base, bad)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match=r"needs torch.get_num_threads\(\) == 1.*got 2"):
+            PoolRunStore(base, 2)
+        PoolRunStore(base, 1)  # one process: any thread count
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="needs the default store"):
+        reproduce.run(reproduce.TINY, sweeps.load_data("synthetic", d=4, samples=40), tmp_path / "o", store=base,
+                      workers=2)
+
+
+def test_reproduce_workers_option(tmp_path, capsys, monkeypatch):
+    from shortcut_ext.experiments import store as store_mod
+
+    p = build_parser()
+
+    def workers(*argv):
+        return reproduce._workers(p.parse_args(["reproduce", "--out", str(tmp_path), *argv]))
+
+    monkeypatch.setattr(reproduce, "usable_cpus", lambda: 3)
+    assert workers() == 3 and workers("--workers", "5") == 5 and workers("--workers", "1") == 1
+    monkeypatch.setattr(reproduce, "usable_cpus", lambda: 64)
+    assert workers() == reproduce.MAX_AUTO_WORKERS
+    assert workers("--threads", "2") == 1 and workers("--distributed") == 1
+    with pytest.raises(SystemExit, match="--workers 2 needs --threads 1 .*got --threads 2"):
+        workers("--workers", "2", "--threads", "2")
+    with pytest.raises(SystemExit, match="--workers 2 does not combine with --distributed"):
+        workers("--workers", "2", "--distributed")
+    monkeypatch.setattr(reproduce, "fork_workers_possible", lambda: "no fork here")
+    assert workers() == 1 and workers("--workers", "1") == 1
+    with pytest.raises(SystemExit, match="--workers 2: no fork here; use --workers 1"):
+        workers("--workers", "2")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["reproduce", "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert e.value.code == 2 and "argument --workers: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert store_mod.usable_cpus() >= 1
+
+
+def _strip_times(x):
+    if isinstance(x, dict):
+        return {k: _strip_times(v) for k, v in x.items() if k not in ("seconds", "probe_seconds")}
+    if isinstance(x, list):
+        return [_strip_times(v) for v in x]
+    return x
+
+
+def test_a_reproduction_in_two_processes_has_the_runs_of_one_bit_for_bit(tiny, tmp_path, one_thread):
+    """Both with one thread (the pool's workers compute with one): the same runs, bit for bit, and the same
+    verdicts, whichever process ran which run."""
+    bundle = tiny[1]
+    only = ["fig5", "fig9", "fig6-8", "fig10"]
+    res, res2 = (reproduce.run(reproduce.TINY, bundle, tmp_path / str(w), only=only, progress=False,
+                               log=lambda *a: None, workers=w) for w in (1, 2))
+    one, two = res["store"], res2["store"]
+    assert sorted(one.keys()) == sorted(two.keys()) and len(one) > 100
+    assert all(_strip_times(one.get(k)) == _strip_times(two.get(k)) for k in one.keys())
+    assert [(v.claim, v.holds, v.measured) for v in res["verdicts"]] == \
+        [(v.claim, v.holds, v.measured) for v in res2["verdicts"]]
+    assert not list((tmp_path / "2" / "results").glob("runs.rank*"))
+    assert sorted(d["key"] for d in _lines(tmp_path / "2" / "results" / "runs.jsonl")) == sorted(one.keys())
+    (summary,) = (tmp_path / "2" / "results").glob("summary*.json")
+    assert json.loads(summary.read_text())["environment"]["processes"] == 2
+
+
+def _session_alive(sid: int) -> list[int]:
+    """The processes of session ``sid`` still running (not zombies)."""
+    alive = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                alive.append(int(d))
+    return alive
+
+
+def _cli_env():
+    pkg_root = os.path.dirname(os.path.dirname(shortcut_ext.__file__))  # the package under test
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+_FIG9_CMD = [sys.executable, "-m", "shortcut_ext", "reproduce", "--tiny", "--no-progress", "--workers", "2",
+             "--only", "fig9", "--out"]
+
+
+@pytest.fixture(scope="module")
+def fig9_two_processes(tmp_path_factory):
+    """The runs of an uninterrupted `reproduce --tiny --only fig9 --workers 2`."""
+    from shortcut_ext.experiments.store import RunStore
+
+    out = tmp_path_factory.mktemp("fig9")
+    r = subprocess.run([*_FIG9_CMD, str(out / "r")], capture_output=True, text=True, cwd=out, env=_cli_env(),
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[reproduce] 2 processes share the runs (--workers)" in r.stdout
+    return RunStore(out / "r" / "results" / "runs.jsonl")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers: Linux")
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-the-parent", "kill-9-to-the-parent"])
+def test_an_interrupted_pool_leaves_no_worker_and_a_rerun_finishes_it(tmp_path, how, fig9_two_processes):
+    """Ctrl-C reaches every process of the terminal's group; a scheduler's SIGTERM or a kill -9 may reach the
+    parent alone: no worker outlives it, and the rerun ends with every run, each once."""
+    import signal
+    import time
+
+    env = _cli_env()
+    cmd = [*_FIG9_CMD, str(tmp_path / "r")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+                         start_new_session=True, text=True)
+    results = tmp_path / "r" / "results"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if sum(len(f.read_text().splitlines()) for f in results.glob("runs*.jsonl")) >= 6:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()
+    if how == "ctrl-c":
+        os.killpg(p.pid, signal.SIGINT)
+        code = 130
+    else:
+        os.kill(p.pid, signal.SIGTERM if how.startswith("sigterm") else signal.SIGKILL)
+        code = 143 if how.startswith("sigterm") else -9
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    if code > 0:
+        assert "finished runs are saved: rerun the same command" in err and "Traceback" not in err, err
+    deadline = time.time() + 30
+    while _session_alive(p.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _session_alive(p.pid) == []
+    if code > 0:  # the parent merged the workers' shards on its way out
+        assert not list(results.glob("runs.rank*"))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from shortcut_ext.experiments.store import RunStore
+
+    a, b = RunStore(results / "runs.jsonl"), fig9_two_processes
+    assert a.skipped_lines <= 1 and sorted(a.keys()) == sorted(b.keys())
+    assert all(_strip_times(a.get(k)) == _strip_times(b.get(k)) for k in b.keys())
+    assert len({d["key"] for d in _lines(results / "runs.jsonl")}) == len(b)

@@ -10,8 +10,11 @@ Writes into ``--out``: ``report.html`` (self-contained), ``figures/*.png``, ``re
 ``results/verdicts.json`` and ``results/summary.json``.  A partial run (``--only``) names its report
 and JSON files after its groups (``report_fig5_fig9.html``), so it never overwrites a complete report.
 
-QUICK takes about 5 minutes on 2 shared CPU cores (3 seeds for every point except the activation
-variants, 2); FULL takes hours on CPU and is resumable (rerun the same command after an interruption).
+QUICK takes about a minute on 2 CPU cores (3 seeds for every point except the activation variants, 2);
+FULL takes hours on CPU and is resumable (rerun the same command after an interruption).  Each phase's
+runs are shared by ``--workers`` forked processes of one thread each (default: one per usable CPU, at
+most 8), which take them longest first as they come free; ``--distributed`` shares them across the
+ranks of a torchrun launch instead.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from .._io import atomic_open
 from ..train import TrainConfig, log_grid
 from . import analysis, figures, report, sweeps
 from .._cli_args import out_dir, out_lock, positive_int
-from .store import DistributedRunStore, RunStore, json_safe
+from .store import DistributedRunStore, PoolRunStore, RunStore, fork_workers_possible, json_safe, usable_cpus
 
 PHASES = ("fig2-3", "fig5", "fig6-8", "fig9", "fig10", "ext")
 
@@ -198,11 +201,13 @@ def _strip(rows: list[dict]) -> list[dict]:
 
 
 def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: str | None = None,
-        progress: bool = True, log=print, store=None) -> dict:
+        progress: bool = True, log=print, store=None, workers: int = 1) -> dict:
     """Run the phases ``only`` (default all) of ``cfg`` on ``bundle``; write results, figures, report.
 
     ``store``: where runs are kept (default ``out/results/runs.jsonl``); a
     :class:`~shortcut_ext.experiments.store.DistributedRunStore` splits the runs across ranks.
+    ``workers``: with the default store, the number of processes of this machine that share each
+    phase's runs (:class:`~shortcut_ext.experiments.store.PoolRunStore`: Linux, one torch thread).
 
     Returns:
         ``{"verdicts": [...], "timings": {...}, "report": path, ...}``.
@@ -214,10 +219,16 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         raise ValueError(f"only must name phases from {PHASES}, got {sorted(bad)}")
     dtypes = {"float64": torch.float64, "float32": torch.float32}
     dtype, nl_dtype = dtypes[cfg.dtype], dtypes[cfg.nonlinear_dtype]
+    if store is not None and workers != 1:
+        raise ValueError(f"workers={workers!r} needs the default store (a given store decides who runs what)")
+    if store is None and workers != 1:
+        PoolRunStore.check_workers(workers)  # before anything is written
     _claim_out(out, cfg, bundle, backend)
     if store is None:
         store = RunStore(out / "results" / "runs.jsonl")
-        store.absorb_shards()  # runs an interrupted distributed run left in its ranks' shards
+        store.absorb_shards()  # runs an interrupted distributed run (or worker pool) left in its shards
+        if workers > 1:
+            store = PoolRunStore(store, workers)
     figdir, resdir = out / "figures", out / "results"
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -372,6 +383,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
     suffix = "" if only == set(PHASES) else "_" + "_".join(p for p in PHASES if p in only)
     env = report.environment()
     env["backend_requested"] = backend or "default (fused where built)"
+    env["processes"] = getattr(store, "world_size", 1)  # that shared the runs (--workers, or the ranks)
     conf = {"config": cfg.to_dict(), "data": bundle.tag, "L_min": bundle.l_min, "L_zero": bundle.l_zero,
             "phases": sorted(only), "samples": int(bundle.X.shape[0]), "width": bundle.width}
     resdir.mkdir(parents=True, exist_ok=True)
@@ -419,6 +431,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: the sweeps run many tiny nets, for which threads "
                         "cost more than they give, most of all on shared cores)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="processes that share each phase's runs, each with one thread (default: one per CPU this "
+                        f"process may use, at most {MAX_AUTO_WORKERS}, with --threads 1 on Linux; else 1); the runs "
+                        "are the same bit for bit whatever the count")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--distributed", action="store_true",
                    help="split the runs across the ranks of a torchrun launch (gloo; e.g. torchrun --standalone "
@@ -441,6 +457,32 @@ def _parse_data(values: list[str], command: str = "reproduce") -> tuple[str, str
     return kind, None
 
 
+MAX_AUTO_WORKERS = 8  # --workers by default: a quick run's phases have 9 to 60 runs each
+
+
+def _workers(args) -> int:
+    """``--workers``, checked against the other options; unset: one per usable CPU where a pool can run."""
+    given = getattr(args, "workers", None)
+    if given is not None and given < 1:
+        raise SystemExit(f"shortcut-ext reproduce: --workers must be >= 1, got {given}")
+    if getattr(args, "distributed", False):
+        if given not in (None, 1):
+            raise SystemExit(f"shortcut-ext reproduce: --workers {given} does not combine with --distributed (there "
+                             "the ranks share the runs: launch more of them)")
+        return 1
+    if args.threads != 1:
+        if given not in (None, 1):
+            raise SystemExit(f"shortcut-ext reproduce: --workers {given} needs --threads 1 (each worker computes "
+                             f"with one thread), got --threads {args.threads}")
+        return 1
+    why = fork_workers_possible()
+    if given is None:
+        return 1 if why else min(usable_cpus(), MAX_AUTO_WORKERS)
+    if given > 1 and why:
+        raise SystemExit(f"shortcut-ext reproduce: --workers {given}: {why}; use --workers 1")
+    return given
+
+
 def main(args) -> int:
     cfg = CONFIGS[args.size]
     if args.seeds is not None:
@@ -450,6 +492,7 @@ def main(args) -> int:
         cfg = dataclasses.replace(cfg, seeds=s, ext_seeds=s, curve_seeds=s)
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    workers = _workers(args)
     kind, path = _parse_data(args.data)
     out_dir(args.out, "reproduce")
     d = 4 if args.size == "tiny" else 10
@@ -501,7 +544,10 @@ def main(args) -> int:
                 return 0
         else:
             with out_lock(lock, "reproduce"):
-                res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress)
+                if workers > 1:
+                    print(f"[reproduce] {workers} processes share the runs (--workers)")
+                res = run(cfg, bundle, args.out, only=args.only, backend=args.backend, progress=not args.no_progress,
+                          workers=workers)
     finally:
         locks.close()
         torch.set_num_threads(threads)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
 from pathlib import Path
 
-__all__ = ["DistributedRunStore", "RunStore", "json_float", "json_safe"]
+__all__ = ["DistributedRunStore", "PoolRunStore", "RunStore", "json_float", "json_safe", "usable_cpus"]
 
 _INF = {"inf": math.inf, "-inf": -math.inf}
 
@@ -286,3 +288,288 @@ class DistributedRunStore:
         if errors:
             raise RuntimeError("distributed sweep failed: " + "; ".join(errors))
         return len(mine)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, bounded by a cgroup (v2) CPU quota where one is
+    set (a container's ``--cpus``)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def fork_workers_possible() -> str | None:
+    """Why this process cannot fork workers for :class:`PoolRunStore`, or ``None`` if it can."""
+    import multiprocessing
+
+    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
+        return f"worker processes are forked, which this platform ({sys.platform}) does not do safely"
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return "CUDA is initialised in this process, and a forked child cannot use it"
+    return None
+
+
+def _take(counter, n: int):
+    """The next job's index from the shared counter, or ``None`` when there is none (or the pool stopped)."""
+    with counter.get_lock():
+        i = counter.value
+        if i >= n:
+            return None
+        counter.value = i + 1
+        return i
+
+
+def _stop(counter, n: int) -> None:
+    with counter.get_lock():
+        counter.value = max(counter.value, n)
+
+
+def _pool_worker(rank: int, shard: str, todo, counter, conn) -> None:
+    """A forked worker of :meth:`PoolRunStore.fill`: takes jobs from the counter until none is left, saves
+    each record at once to its shard and says so through ``conn``."""
+    # the signals end a worker outright: the parent turns them into the command's exit and cleans up; a
+    # finished run is already on disk (a write cut short leaves a partial line, skipped when read)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    try:  # end with the parent, whatever ends it (a kill -9 too): no orphan keeps computing
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(1)
+    store = RunStore(shard)
+    n = len(todo)
+    while True:
+        i = _take(counter, n)
+        if i is None:
+            break
+        key, fn = todo[i]
+        try:
+            record = fn()
+            store.put(key, record)
+        except Exception as e:  # noqa: BLE001 - reported by the parent
+            _stop(counter, n)
+            conn.send(("error", key, f"{type(e).__name__}: {e}"))
+            break
+        conn.send(("done", key))
+    conn.close()
+
+
+class PoolRunStore:
+    """A :class:`RunStore` whose phases run their missing runs in ``workers`` processes of this machine.
+
+    :meth:`fill` (the interface of :class:`DistributedRunStore`, which the sweeps call) forks
+    ``workers - 1`` children; they and this process take the missing runs one at a time, longest first,
+    from a shared counter, so that a free process always takes the next run.  A child saves each
+    finished run at once to its shard ``<stem>.rank<r>.jsonl`` beside the main file (which
+    :class:`RunStore` also reads, so an interruption loses no finished run); this process merges the
+    shards into the main file when the phase ends, or is interrupted.
+
+    Every process computes with one CPU thread (a forked child cannot start OpenMP's thread pool again),
+    so the runs are the same, bit for bit, as those of one process with one thread.  Linux only (fork).
+
+    Args:
+        base: the store (the main file).
+        workers: the number of processes, this one included (>= 1; 1 runs everything here).
+    """
+
+    rank = 0
+
+    def __init__(self, base: RunStore, workers: int):
+        self.check_workers(workers)
+        self.base, self.workers = base, workers
+        base.absorb_shards()  # an interrupted pool's (or distributed run's) finished runs into the main file
+
+    @staticmethod
+    def check_workers(workers) -> None:
+        """``ValueError`` unless this process can run a pool of ``workers`` processes."""
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        if workers > 1:
+            why = fork_workers_possible()
+            if why:
+                raise ValueError(f"workers={workers} needs forked worker processes: {why}; use workers=1")
+            import torch
+
+            if torch.get_num_threads() != 1:
+                raise ValueError(f"workers={workers} needs torch.get_num_threads() == 1 (a forked worker computes "
+                                 f"with one thread, and the runs must not depend on which process ran them), got "
+                                 f"{torch.get_num_threads()}")
+
+    @property
+    def world_size(self) -> int:
+        return self.workers
+
+    # the RunStore interface
+    @property
+    def path(self) -> Path:
+        return self.base.path
+
+    @property
+    def skipped_lines(self) -> int:
+        return self.base.skipped_lines
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def keys(self):
+        return self.base.keys()
+
+    def items(self):
+        return self.base.items()
+
+    def get(self, key: str):
+        return self.base.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        self.base.put(key, record)
+
+    def absorb_shards(self) -> int:
+        return self.base.absorb_shards()
+
+    def missing(self, jobs, usable=None) -> list:
+        """``(key, compute)`` of the ``jobs`` without a (usable) stored record, longest first (ties in the
+        jobs' order), each key once."""
+        todo, seen = [], set()
+        for i, (key, fn, cost) in enumerate(jobs):
+            absent = key not in self or (usable is not None and not usable(self.get(key)))
+            if absent and key not in seen:
+                seen.add(key)
+                todo.append((-float(cost), i, key, fn))
+        return [(key, fn) for _, _, key, fn in sorted(todo, key=lambda t: t[:2])]
+
+    def plan(self, jobs, usable=None) -> list[list[str]]:
+        """As :meth:`DistributedRunStore.plan`: this process oversees every missing run (the workers take
+        them as they come free), so its list holds them all."""
+        return [[key for key, _ in self.missing(jobs, usable)]] + [[] for _ in range(self.workers - 1)]
+
+    def _shard(self, rank: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
+
+    def _merge(self) -> int:
+        """The children's shards into the main file (the runs not in it yet), then the shards removed."""
+        moved = 0
+        for r in range(1, self.workers):
+            shard = self._shard(r)
+            if not shard.exists():
+                continue
+            for key, record in RunStore(shard).items():
+                if key not in self.base or self.base.get(key) != record:
+                    self.base.put(key, record)
+                    moved += 1
+            shard.unlink(missing_ok=True)
+        return moved
+
+    def fill(self, jobs, progress=None, usable=None) -> int:
+        """Run the missing ``jobs`` (``(key, compute() -> record, cost)``) in the pool; afterwards this
+        store holds all their records.  A job that fails stops the pool (the runs in flight finish) and
+        raises ``RuntimeError`` naming it; the finished runs are kept.
+
+        Args:
+            progress: ``None`` or a callable ``(done, total)`` called as runs finish (children's runs as
+                this process hears of them, between its own).
+
+        Returns:
+            The number of runs computed.
+        """
+        import multiprocessing
+        from multiprocessing.connection import wait
+
+        todo = self.missing(list(jobs), usable)
+        n = len(todo)
+        done = 0
+
+        def finished():
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, n)
+
+        workers = min(self.workers, n)
+        if workers <= 1:
+            for key, fn in todo:
+                self.base.put(key, fn())
+                finished()
+            return n
+        ctx = multiprocessing.get_context("fork")
+        counter = ctx.Value("q", 0)
+        procs, readers, errors = {}, {}, []
+        for r in range(1, self.workers):
+            self._shard(r).unlink(missing_ok=True)  # absorbed at construction; a stale one must not mix in
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+        def hear(conn, block: bool) -> None:
+            r = readers[conn]
+            while block or conn.poll():
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    del readers[conn]
+                    return
+                if msg[0] == "done":
+                    finished()
+                else:
+                    errors.append(f"run {msg[1]} (worker {r}): {msg[2]}")
+                block = False
+
+        try:
+            for r in range(1, workers):
+                recv, send = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_pool_worker, args=(r, str(self._shard(r)), todo, counter, send),
+                                name=f"shortcut-ext worker {r}", daemon=True)
+                p.start()
+                send.close()
+                procs[r], readers[recv] = p, r
+            while True:  # this process takes runs too
+                i = _take(counter, n)
+                if i is None:
+                    break
+                key, fn = todo[i]
+                try:
+                    record = fn()
+                except Exception as e:  # noqa: BLE001 - raised below, after the pool stopped
+                    _stop(counter, n)
+                    errors.append(f"run {key} (this process): {type(e).__name__}: {e}")
+                    break
+                self.base.put(key, record)
+                finished()
+                for conn in list(readers):
+                    hear(conn, False)
+            while readers:  # the children's last runs
+                for conn in wait(list(readers)):
+                    hear(conn, True)
+            for r, p in procs.items():
+                p.join()
+                if p.exitcode != 0:
+                    how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit status {p.exitcode}"
+                    errors.append(f"worker {r} ended with {how}")
+        finally:
+            _stop(counter, n)
+            for p in procs.values():
+                if p.is_alive():
+                    p.terminate()
+            for p in procs.values():
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            self._merge()
+        if errors:
+            raise RuntimeError("a run of the worker pool failed (the finished runs are kept): " + "; ".join(errors))
+        return n

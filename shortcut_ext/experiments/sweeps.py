@@ -262,14 +262,17 @@ def _is_probe_record(rec) -> bool:
 
 
 def _fill(store, jobs, desc, progress, usable=None) -> None:
-    """Runs a phase's missing runs across the ranks of a :class:`DistributedRunStore` (a bar on rank 0);
-    ``usable(record)`` False counts a stored record as missing."""
+    """Runs a phase's missing runs across the ranks of a :class:`DistributedRunStore` (a bar on rank 0) or
+    the processes of a :class:`PoolRunStore`; ``usable(record)`` False counts a stored record as missing."""
+    from .store import PoolRunStore
+
     bar = None
     if progress and store.rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(store.plan(jobs, usable)[0]), desc=f"{desc} (rank 0 of {store.world_size})",
-                   dynamic_ncols=True, leave=True)
+        pool = isinstance(store, PoolRunStore)
+        where = f"{store.workers} processes" if pool else f"rank 0 of {store.world_size}"
+        bar = tqdm(total=len(store.plan(jobs, usable)[0]), desc=f"{desc} ({where})", dynamic_ncols=True, leave=True)
     try:
         store.fill(jobs, progress=None if bar is None else (lambda done, total: bar.update(1)), usable=usable)
     finally:
