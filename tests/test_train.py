@@ -531,13 +531,16 @@ def test_checkpoint_of_other_projections_or_data_order_is_not_resumed(tmp_path, 
     assert res.history["loss"] == fresh.history["loss"]
 
 
-def test_train_under_autocast_inference_mode_and_frozen_weights():
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+def test_train_under_autocast_inference_mode_and_frozen_weights(backend):
     """Under torch.autocast train()'s backward ran the read-out and the torch backend in bfloat16 (the
-    gradient norm moved in the 4th digit); inference mode and a frozen weight gave raw autograd errors."""
+    gradient norm moved in the 4th digit); inference mode and a frozen weight gave raw autograd errors.
+    With the fused backend, the direct step (no autograd through the stack) keeps the head out of autocast too."""
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
     mk = lambda: ShortcutNet(width=4, units=3, shortcut=2, mid="tanh", init="small", in_features=6,  # noqa: E731
-                             out_features=3, backend="torch")
+                             out_features=3, backend=backend)
+    assert (train_mod._direct_loss_and_grad(mk(), "mse") is not None) == (backend == "fused")
     ref = train(mk(), (X, Y), epochs=3, lr=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         res = train(mk(), (X, Y), epochs=3, lr=0.1, probe_every=3)
@@ -952,3 +955,97 @@ def test_resume_keeps_the_divergence_limit_of_the_first_epoch(tmp_path):
     assert notes and notes[0].startswith("resuming from epoch"), notes
     assert res.status == "diverged" and res.diverged_epoch == 27
     assert res.history["loss"] == full.history["loss"]
+
+
+# --------------------------------------------------------------------------- the direct step (no autograd through the stack)
+_DIRECT_NETS = {
+    "1-shortcut tanh-mid": lambda dt: ShortcutNet(5, 3, 1, mid="tanh", post="relu", init="small", scale=0.3, seed=1,
+                                                  dtype=dt),
+    "2-shortcut relu-mid": lambda dt: ShortcutNet(5, 4, 2, mid="relu", init="small", scale=0.3, seed=2, dtype=dt),
+    "3-shortcut ssigmoid-pre": lambda dt: ShortcutNet(5, 2, 3, pre="ssigmoid", mid="tanh", init="small", scale=0.3,
+                                                      seed=3, dtype=dt),
+    "plain relu": lambda dt: PlainNet(5, 6, activation="relu", init="orthogonal", seed=4, dtype=dt),
+    "projections in and out": lambda dt: ShortcutNet(5, 3, 2, mid="relu", init="small", scale=0.3, seed=5,
+                                                     in_features=7, out_features=3, dtype=dt),
+}
+
+
+def _direct_data(net, loss, dtype, m=37):
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(m, net.in_features, generator=g, dtype=dtype)
+    if loss == "mse":
+        return X, torch.randn(m, net.out_features, generator=g, dtype=dtype)
+    if loss == "class indices":
+        return X, torch.randint(0, net.out_features, (m,), generator=g)
+    return X, torch.softmax(torch.randn(m, net.out_features, generator=g, dtype=dtype), dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss", ["mse", "class indices", "class probabilities"])
+@pytest.mark.parametrize("name", list(_DIRECT_NETS))
+@pytest.mark.parametrize("recompute", [None, True, False])
+def test_the_direct_step_gives_the_autograd_loss_and_gradient_bit_for_bit(name, loss, dtype, recompute):
+    net = _DIRECT_NETS[name](dtype)
+    net.recompute = recompute
+    X, Y = _direct_data(net, loss, dtype)
+    L_name = "mse" if loss == "mse" else "cross_entropy"
+    direct = train_mod._direct_loss_and_grad(net, L_name)
+    assert direct is not None
+    L1, g1 = direct(X, Y)
+    L2 = loss_fn(L_name, net(X), Y)
+    (g2,) = torch.autograd.grad(L2, net.weight)
+    assert L1 == float(L2) and g1.shape == net.weight.shape and g1.dtype == dtype
+    assert torch.equal(g1, g2)
+    assert g1.abs().max() > 0
+    ref = loss_fn(L_name, net.forward_with(net.weight, X, backend="torch"), Y)  # and it is the gradient
+    (g3,) = torch.autograd.grad(ref, net.weight)
+    torch.testing.assert_close(g1, g3, **({} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)))
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "sgd", "adam"])
+def test_training_takes_the_direct_step_and_ends_where_autograd_does(optimizer, monkeypatch):
+    """The same history, bit for bit, with the stack's autograd; and the direct step is what ran."""
+    X, Y = _direct_data(_DIRECT_NETS["2-shortcut relu-mid"](torch.float64), "mse", torch.float64, m=50)
+    cfg = TrainConfig(epochs=30, lr=0.02, optimizer=optimizer, probe_epochs=[0, 30],
+                      batch_size=None if optimizer == "gd" else 16, momentum=0.5 if optimizer == "sgd" else 0.0)
+    real, calls = train_mod._direct_loss_and_grad, []
+
+    def counted(*a):
+        f = real(*a)
+        return None if f is None else (lambda *b: (calls.append(1), f(*b))[1])
+
+    monkeypatch.setattr(train_mod, "_direct_loss_and_grad", counted)
+    a = train(_DIRECT_NETS["2-shortcut relu-mid"](torch.float64), (X, Y), cfg)
+    assert len(calls) == 31 + (0 if optimizer == "gd" else 30 * math.ceil(50 / 16))  # every loss and gradient
+    monkeypatch.setattr(train_mod, "_direct_loss_and_grad", lambda *a: None)
+    b = train(_DIRECT_NETS["2-shortcut relu-mid"](torch.float64), (X, Y), cfg)
+    assert a.history == b.history and a.final_loss == b.final_loss and a.status == b.status == "ok"
+    assert a.probes == b.probes and a.history["loss"][-1] < a.history["loss"][0]
+
+
+def test_the_direct_step_is_not_taken_where_it_would_not_be_model_x_and_autograd():
+    def net():
+        return ShortcutNet(4, 3, 2, init="small", scale=0.3, seed=0, dtype=torch.float64)
+
+    assert train_mod._direct_loss_and_grad(net(), "mse") is not None
+    assert train_mod._direct_loss_and_grad(ShortcutNet(4, 3, 2, backend="torch", dtype=torch.float64), "mse") is None
+    n = net()
+    n.register_forward_hook(lambda mod, inp, out: out * 2)
+    assert train_mod._direct_loss_and_grad(n, "mse") is None
+    n = net()
+    n.register_full_backward_hook(lambda mod, gin, gout: None)
+    assert train_mod._direct_loss_and_grad(n, "mse") is None
+
+    class Doubled(ShortcutNet):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert train_mod._direct_loss_and_grad(Doubled(4, 3, 2, dtype=torch.float64), "mse") is None
+    # a hook on the weight's gradient runs, as in any autograd step: halving it is training at half the rate
+    X, Y = _direct_data(net(), "mse", torch.float64)
+    n = net()
+    n.weight.register_hook(lambda g: g / 2)
+    assert train_mod._direct_loss_and_grad(n, "mse") is None
+    a = train(n, (X, Y), TrainConfig(epochs=5, lr=0.1))
+    b = train(net(), (X, Y), TrainConfig(epochs=5, lr=0.05))
+    assert a.history["loss"] == pytest.approx(b.history["loss"], rel=1e-12)
