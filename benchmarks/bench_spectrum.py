@@ -58,6 +58,7 @@ from shortcut_ext.curvature import HessianOperator, lanczos, slq  # noqa: E402
 from shortcut_ext.curvature.lanczos import basis_capacity  # noqa: E402
 from shortcut_ext.curvature.slq import slq_group_size  # noqa: E402
 from shortcut_ext.models import ShortcutNet  # noqa: E402
+from shortcut_ext.ops import release_cache  # noqa: E402
 
 GIB = 2**30
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 1.0)
@@ -252,6 +253,7 @@ def main(argv=None) -> int:
                       "basis_mib": lz.basis_bytes / 2**20, "restarts": lz.restarts,
                       "converged": lz.converged, "stop_reason": lz.stop_reason, "norm_estimate": scale}
     del lz
+    release_cache()  # the k = 1 products' buffers: SLQ's groups cannot reuse them (as the spectrum command does)
     _trim()
     r = res["lanczos"]
     print(f"lanczos: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, {r['products']} products, "

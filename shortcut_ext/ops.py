@@ -291,6 +291,13 @@ def empty_cache() -> None:
     _C.cpu_empty_cache()
 
 
+def release_cache() -> None:
+    """:func:`empty_cache` where the kernels are built (else nothing to free): between phases whose outputs
+    have other sizes, whose buffers the cache could not reuse but would keep."""
+    if _C is not None:
+        empty_cache()
+
+
 def cache_stats() -> dict:
     """The CPU output-buffer cache: ``cached_bytes`` / ``cached_blocks`` (free, kept for reuse),
     ``in_use_bytes`` / ``in_use_blocks``, ``hits``, ``misses`` and ``limit_bytes``."""

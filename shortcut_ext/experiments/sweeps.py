@@ -239,10 +239,9 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def _release_buffers() -> None:
     """The fused ops' CPU buffer cache holds the last shape's outputs; the next depth's do not fit them
     (a sweep over depths filled it to its 2 GB limit): freed between a sweep's groups."""
-    from .. import ops
+    from ..ops import release_cache
 
-    if ops._C is not None:
-        ops.empty_cache()
+    release_cache()
 
 
 def _then_release(job):
