@@ -1005,6 +1005,20 @@ def test_reproduce_workers_option(tmp_path, capsys, monkeypatch):
     assert store_mod.usable_cpus() >= 1
 
 
+def test_workers_are_forked_only_where_that_is_safe(monkeypatch):
+    from shortcut_ext.experiments import store as store_mod
+
+    if sys.platform.startswith("linux"):
+        assert store_mod.fork_workers_possible() is None
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert "CUDA is initialised in this process" in store_mod.fork_workers_possible()
+    monkeypatch.setattr(store_mod.sys, "platform", "darwin")
+    assert "this platform (darwin)" in store_mod.fork_workers_possible()
+    with pytest.raises(ValueError, match=r"workers=2 needs forked worker processes: .*darwin.*; use workers=1"):
+        store_mod.PoolRunStore.check_workers(2)
+    store_mod.PoolRunStore.check_workers(1)
+
+
 def _strip_times(x):
     if isinstance(x, dict):
         return {k: _strip_times(v) for k, v in x.items() if k not in ("seconds", "probe_seconds")}

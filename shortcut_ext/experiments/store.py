@@ -314,7 +314,7 @@ def fork_workers_possible() -> str | None:
         return f"worker processes are forked, which this platform ({sys.platform}) does not do safely"
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # (is_available() would start the driver: asked only once it runs)
         return "CUDA is initialised in this process, and a forked child cannot use it"
     return None
 
