@@ -900,7 +900,8 @@ def test_pool_runs_each_missing_run_once_across_processes_and_merges_the_shards(
 
     store = _pool(tmp_path, 3)
     store.put("k2", {"i": 2, "pid": -1, "x": []})  # stored: not run again
-    jobs = [(f"k{i}", functools.partial(_job, i), i % 4) for i in range(12)] + [("k5", lambda: 1 / 0, 1)]
+    # 0.1 s each: a worker that starts late still finds runs left (this process alone would need 1.1 s)
+    jobs = [(f"k{i}", functools.partial(_job, i, 0.1), i % 4) for i in range(12)] + [("k5", lambda: 1 / 0, 1)]
     assert store.missing(jobs)[0][0] == "k3" and [k for k, _ in store.missing(jobs)].count("k5") == 1
     assert store.plan(jobs) == [[k for k, _ in store.missing(jobs)], [], []]
     seen = []
@@ -947,7 +948,7 @@ def test_a_worker_that_dies_is_reported_and_this_process_finishes_the_phase(tmp_
     def dies_in_a_worker(i):
         if os.getpid() != parent:
             os._exit(7)
-        return _job(i, 0.2)
+        return _job(i, 0.5)  # the worker has 2 s to take one of the five
 
     store = _pool(tmp_path, 2)
     jobs = [(f"k{i}", functools.partial(dies_in_a_worker, i), 1) for i in range(5)]
