@@ -159,7 +159,36 @@ class RunStore:
         self._in_main.add(key)
 
 
-class DistributedRunStore:
+class _SharedStore:
+    """The :class:`RunStore` interface of a store that shares the runs among processes, read from ``base``."""
+
+    base: RunStore
+
+    @property
+    def path(self) -> Path:
+        return self.base.path
+
+    @property
+    def skipped_lines(self) -> int:
+        return self.base.skipped_lines
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def keys(self):
+        return self.base.keys()
+
+    def items(self):
+        return self.base.items()
+
+    def get(self, key: str):
+        return self.base.get(key)
+
+
+class DistributedRunStore(_SharedStore):
     """A :class:`RunStore` shared by the ranks of a ``torch.distributed`` group that split the runs.
 
     Every rank opens the same store folder.  :meth:`fill` takes the runs a phase needs, ``(key,
@@ -199,30 +228,6 @@ class DistributedRunStore:
         """At the end of a distributed run (every rank calls it): the main file then holds every finished
         run, and no shard is left beside it."""
         self._merge()
-
-    # the RunStore interface
-    @property
-    def path(self) -> Path:
-        return self.base.path
-
-    @property
-    def skipped_lines(self) -> int:
-        return self.base.skipped_lines
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def keys(self):
-        return self.base.keys()
-
-    def items(self):
-        return self.base.items()
-
-    def get(self, key: str):
-        return self.base.get(key)
 
     def put(self, key: str, record: dict) -> None:
         """Save durably: rank 0 in the main file, another rank in its shard."""
@@ -329,12 +334,22 @@ def _take(counter, n: int):
         return i
 
 
+def _runs_taken(todo, counter):
+    """The runs (``(key, compute)``) this process takes from the shared counter, one at a time, until none
+    is left or the pool stopped."""
+    while True:
+        i = _take(counter, len(todo))
+        if i is None:
+            return
+        yield todo[i]
+
+
 def _stop(counter, n: int) -> None:
     with counter.get_lock():
         counter.value = max(counter.value, n)
 
 
-def _pool_worker(rank: int, shard: str, todo, counter, conn) -> None:
+def _pool_worker(rank: int, shard: str, todo, counter, conn, parent: int) -> None:
     """A forked worker of :meth:`PoolRunStore.fill`: takes jobs from the counter until none is left, saves
     each record at once to its shard and says so through ``conn``."""
     # the signals end a worker outright: the parent turns them into the command's exit and cleans up; a
@@ -347,27 +362,22 @@ def _pool_worker(rank: int, shard: str, todo, counter, conn) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:
+    if os.getppid() != parent:  # it ended before the request above was made
         os._exit(1)
     store = RunStore(shard)
-    n = len(todo)
-    while True:
-        i = _take(counter, n)
-        if i is None:
-            break
-        key, fn = todo[i]
+    for key, fn in _runs_taken(todo, counter):
         try:
             record = fn()
             store.put(key, record)
         except Exception as e:  # noqa: BLE001 - reported by the parent
-            _stop(counter, n)
+            _stop(counter, len(todo))
             conn.send(("error", key, f"{type(e).__name__}: {e}"))
             break
         conn.send(("done", key))
     conn.close()
 
 
-class PoolRunStore:
+class PoolRunStore(_SharedStore):
     """A :class:`RunStore` whose phases run their missing runs in ``workers`` processes of this machine.
 
     :meth:`fill` (the interface of :class:`DistributedRunStore`, which the sweeps call) forks
@@ -411,30 +421,6 @@ class PoolRunStore:
     @property
     def world_size(self) -> int:
         return self.workers
-
-    # the RunStore interface
-    @property
-    def path(self) -> Path:
-        return self.base.path
-
-    @property
-    def skipped_lines(self) -> int:
-        return self.base.skipped_lines
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def keys(self):
-        return self.base.keys()
-
-    def items(self):
-        return self.base.items()
-
-    def get(self, key: str):
-        return self.base.get(key)
 
     def put(self, key: str, record: dict) -> None:
         self.base.put(key, record)
@@ -531,16 +517,12 @@ class PoolRunStore:
         try:
             for r in range(1, workers):
                 recv, send = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_pool_worker, args=(r, str(self._shard(r)), todo, counter, send),
+                p = ctx.Process(target=_pool_worker, args=(r, str(self._shard(r)), todo, counter, send, os.getpid()),
                                 name=f"shortcut-ext worker {r}", daemon=True)
                 p.start()
                 send.close()
                 procs[r], readers[recv] = p, r
-            while True:  # this process takes runs too
-                i = _take(counter, n)
-                if i is None:
-                    break
-                key, fn = todo[i]
+            for key, fn in _runs_taken(todo, counter):  # this process takes runs too
                 try:
                     record = fn()
                 except Exception as e:  # noqa: BLE001 - raised below, after the pool stopped
