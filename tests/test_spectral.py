@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -956,3 +957,47 @@ def test_max_products_stops_after_exactly_that_many_products():
                 assert np.all(r.largest >= prev.largest - 1e-12) and np.all(r.smallest <= prev.smallest + 1e-12)
             prev = r
     np.testing.assert_allclose(prev.largest[:2], [5.0, 5.0], atol=1e-6)  # 40 products: the top is found
+
+
+# ------------------------------------------------------------------ the exact path's symmetrisation
+@pytest.mark.parametrize("n, block", [(1, 512), (2, 1), (5, 2), (7, 3), (64, 64), (65, 64), (130, 16), (600, 512)])
+def test_symmetrize_lower_in_tiles_is_the_full_symmetrisation_bit_for_bit(n, block):
+    """The exact path used to form D - D^T and (D + D^T) / 2 at full size; the tiled version gives the same
+    asymmetry and, in the triangle eigvalsh reads, the same matrix, so the same eigenvalues, bit for bit."""
+    from shortcut_ext.curvature.condition import symmetrize_lower_
+
+    g = torch.Generator().manual_seed(n)
+    D0 = torch.randn(n, n, generator=g, dtype=F64)
+    D0 = D0 + D0.T + 1e-7 * torch.randn(n, n, generator=g, dtype=F64)  # an assembled Hessian's asymmetry
+    D = D0.clone()
+    asym = symmetrize_lower_(D, block=block)
+    S = 0.5 * (D0 + D0.T)
+    assert asym == float((D0 - D0.T).abs().max()) and (n == 1 or asym > 0)
+    assert torch.equal(D.tril(), S.tril())
+    assert torch.equal(torch.linalg.eigvalsh(D), torch.linalg.eigvalsh(S))
+    # outside the diagonal tiles the upper triangle is the input's
+    rows, cols = torch.triu_indices(n, n, 1)
+    off = (rows // block) != (cols // block)
+    assert torch.equal(D[rows[off], cols[off]], D0[rows[off], cols[off]])
+
+
+@pytest.mark.parametrize("where", [(599, 3), (3, 599), (300, 300), (0, 0)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_entry_anywhere_is_refused(where, bad):
+    from shortcut_ext.curvature.condition import symmetrize_lower_
+
+    D = torch.eye(600, dtype=F64)
+    D[where] = bad
+    assert not math.isfinite(symmetrize_lower_(D.clone()))
+    with pytest.raises(FloatingPointError, match="nan or inf"):
+        condition_report(D, method="exact")
+
+
+def test_exact_report_leaves_the_callers_matrix_alone_and_takes_huge_finite_entries():
+    A = torch.tensor([[2.0, 1.0 + 1e-12], [1.0, 3.0]], dtype=F64)
+    before = A.clone()
+    rep = condition_report(A, method="exact")
+    assert torch.equal(A, before) and rep.uncertainty["asymmetry"] == pytest.approx(1e-12, rel=1e-3)
+    big = torch.tensor([[1.0, 1e308], [-1e308, 1.0]], dtype=F64)  # D - D^T overflows; the entries are finite
+    rep = condition_report(big, method="exact")
+    assert rep.uncertainty["asymmetry"] == float("inf") and rep.lam_max == pytest.approx(1.0)

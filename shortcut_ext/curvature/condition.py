@@ -119,6 +119,30 @@ def report_from_eigenvalues(eigenvalues, q: float = 0.1, zero_tol: float | None 
     )
 
 
+def symmetrize_lower_(D: torch.Tensor, block: int = 512) -> float:
+    """``max |D - D^T|`` of the square matrix ``D``, and its lower triangle replaced in place by that of
+    ``(D + D^T) / 2`` (what ``torch.linalg.eigvalsh`` reads; the upper triangle outside the diagonal blocks
+    is left as it was), one ``block x block`` tile at a time.
+
+    The same numbers, bit for bit, as ``(D - D.T).abs().max()`` and ``0.5 * (D + D.T)``, without their
+    four full-size temporaries and strided transposes: those took a fifth of ``eigvalsh``'s time at
+    P = 2400 (117 against 626 ms on one thread).  A non-finite entry makes the result nan or inf."""
+    n = D.shape[0]
+    asym = 0.0
+    for i in range(0, n, block):
+        for j in range(0, i + 1, block):
+            a = D[i:i + block, j:j + block]
+            b = D[j:j + block, i:i + block].T  # the same memory as a where i == j
+            d = float((a - b).abs().max())
+            if d > asym or math.isnan(d):  # a nan stays (max() would drop it)
+                asym = d
+            if i == j:
+                a.copy_((a + b).mul_(0.5))
+            else:
+                a.add_(b).mul_(0.5)
+    return asym
+
+
 def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: float = 0.1, k: int = 5,
                      probes: int = 8, steps: int = 80, max_iter: int | None = None, seed: int = 0,
                      zero_tol: float | None = None, callback=None) -> ConditionReport:
@@ -152,11 +176,13 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
         else:
             D = A.matmat(torch.eye(P, dtype=A.dtype, device=A.device))
         D = D.double().cpu()
-        if not bool(torch.isfinite(D).all()):
+        if D is op:  # the caller's matrix: symmetrised in a copy
+            D = D.clone()
+        asym = symmetrize_lower_(D)
+        if not math.isfinite(asym) and not bool(torch.isfinite(D).all()):
             raise FloatingPointError("the operator's matrix has nan or inf entries: check the model's weights and "
                                      "the data")
-        asym = float((D - D.T).abs().max())
-        ev = torch.linalg.eigvalsh(0.5 * (D + D.T)).numpy()
+        ev = torch.linalg.eigvalsh(D).numpy()  # reads the lower triangle: (D + D^T) / 2
         rep = report_from_eigenvalues(ev, q=q, zero_tol=zero_tol, k=k, method="exact", dtype=A.precision)
         rep.uncertainty["asymmetry"] = asym  # max |H - H^T| of the assembled matrix
         nz = rep.uncertainty["num_zero"]
