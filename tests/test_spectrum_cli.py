@@ -10,6 +10,7 @@ import math
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
 
@@ -267,6 +268,28 @@ def test_exact_block_zero_tolerance_follows_the_dtype(tmp_path, dtype):
                  "--out", str(out)]) == 0
     exact = _result(out)["exact"]
     assert exact["index"] == pytest.approx(0.25) and exact["cond"] == "inf"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_exact_block_symmetrises_in_float64_in_place(tmp_path, monkeypatch, dtype):
+    """The dense matrix is symmetrised a tile at a time in float64 (it was (D + D^T) / 2 at full size, in the
+    operator's dtype, beside three more P x P copies); its largest |lambda| is the dense matrix's."""
+    import shortcut_ext.curvature.condition as condition
+
+    seen = []
+    real = condition.symmetrize_lower_
+
+    def spy(D, *a, **k):
+        seen.append((D.dtype, D.device.type, tuple(D.shape), D.clone()))
+        return real(D, *a, **k)
+
+    monkeypatch.setattr(condition, "symmetrize_lower_", spy)
+    out = tmp_path / dtype
+    assert main(TINY + ["--dtype", dtype, "--init", "small", "--no-plots", "--out", str(out)]) == 0
+    (dt, dev, shape, D), = seen
+    assert dt == torch.float64 and dev == "cpu" and shape == (6 * 2 * 9, 6 * 2 * 9)
+    lam = torch.linalg.eigvalsh(0.5 * (D + D.T)).abs().max().item()
+    assert _result(out)["exact"]["lam_max"] == pytest.approx(lam, rel=1e-12)
 
 
 def test_unresolved_slq_is_warned_and_saved(tmp_path, capsys):

@@ -214,7 +214,7 @@ def run(args) -> int:
 def _run(args, dtype, budget, rank, world) -> int:
     from .. import theory
     from ..models import PlainNet, ShortcutNet
-    from .condition import report_from_eigenvalues
+    from .condition import report_from_eigenvalues, symmetrize_lower_
     from .hessian import HessianOperator
     from ._linop import zero_tol_rel
     from .lanczos import lanczos
@@ -372,7 +372,10 @@ def _run(args, dtype, budget, rank, world) -> int:
     if H.P <= args.exact_max_params:
         t0 = time.perf_counter()
         D = H.to_dense(force=True)  # --exact-max-params is the limit asked for; its memory was checked up front
-        exact = torch.linalg.eigvalsh(0.5 * (D + D.T).double().cpu()).numpy()
+        D = D.double().cpu()
+        symmetrize_lower_(D)  # (D + D^T) / 2 in float64, in place: what eigvalsh reads
+        exact = torch.linalg.eigvalsh(D).numpy()
+        del D
         result["timings_s"]["exact"] = time.perf_counter() - t0
         # the zero tolerance follows the dtype the products were computed in (float32: P * eps32 * |lambda|max)
         result["exact"] = report_from_eigenvalues(exact, k=args.top, dtype=H.dtype).as_dict()
@@ -498,8 +501,8 @@ def _check_memory(args, budget: int) -> None:
                          + f", more than {where} {have / 2**30:.3g} GiB of memory; lower it")
     if P <= args.exact_max_params:
         # the dense spectrum (and for n = 1 at zero the dense theory): P x P of the operator's dtype, then
-        # float64 copies for the symmetrised matrix and eigvalsh's workspace
-        dense = P * P * (itemsize + 3 * 8) * local
+        # float64 copies: the matrix (symmetrised in place) and eigvalsh's workspace
+        dense = P * P * (itemsize + 2 * 8) * local
         if dense > have:
             raise SystemExit(f"shortcut-ext spectrum: --exact-max-params {args.exact_max_params} asks for the dense "
                              f"spectrum of P = {P} weights, which needs about {dense / 2**30:.3g} GiB, more than "
