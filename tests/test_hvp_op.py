@@ -451,12 +451,14 @@ def test_cpu_schedule_gives_the_slots_equal_rows():
         torch.set_num_threads(threads)
 
 
-def test_float32_several_directions_at_width_16():
-    """float32 at d = 16 with K >= 2 directions: the HVP's weight-gradient products are gemm_tn(16, K*16, m), which
-    must not take the 16 x 16 register kernel (gemm16_tn computes 16 of the K*16 columns). The forward and backward
-    call gemm_tn with M == N == d only, and the float32 HVP tests ran d = 6 (K = 4) and d = 16 with K = 1: a kernel16
-    selection that ignored N passed them all and returned NaN here. Against the float64 reference (QA 14)."""
-    B, d, R, n = 64, 16, 3, 2
+@pytest.mark.parametrize("d", [6, 10, 16])
+def test_float32_several_directions_at_small_width(d):
+    """float32 at d <= 16 with K >= 2 directions: the HVP's weight-gradient products are gemm_tn(d, K*d, m), which
+    must not take the register kernel for products up to 16 x 16 where K*d > 16 (it computes 16 columns at most).
+    The forward and backward call gemm_tn with M == N == d only, and the float32 HVP tests ran d = 6 (K = 4) and
+    d = 16 with K = 1: a kernel16 selection that ignored N passed them all and returned NaN here. d = 6 with K = 2
+    (12 columns) takes the kernel, the others do not. Against the float64 reference (QA 14)."""
+    B, R, n = 64, 3, 2
     acts = ("identity", "tanh", "identity")
     for K in (2, 3):
         x, w, y, v, loss = _problem(B, d, R, n, K, "mse", scale=0.5 / d ** 0.5)

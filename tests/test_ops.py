@@ -531,7 +531,7 @@ def test_fuzz_shapes_strides_values(B, d, R, n, shortcut, acts, transpose, step,
 @pytest.mark.parametrize("path", ["portable", "brgemm"])
 def test_gemm_paths_match(path, tmp_path):
     """The float32 GEMM paths other than the default, selected by SHORTCUT_EXT_CPU_GEMM in a subprocess:
-    the portable loops, and brgemm without the d = 16 register kernel."""
+    the portable loops, and brgemm without the d <= 16 register kernel."""
     import subprocess
     import sys
     import os
@@ -654,11 +654,11 @@ def test_cpu_gemm_reads_and_writes_nothing_past_its_operands(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_gemm_matches_matmul(dtype):
     """The GEMM routine of the CPU kernels on its own, this process's path (the default: float64's AVX-512 register
-    kernel on AVX-512 builds, float32's brgemm and d = 16 kernel): the fused ops' tests reach it only at their
+    kernel on AVX-512 builds, float32's brgemm and d <= 16 kernel): the fused ops' tests reach it only at their
     shapes; this reaches every row block, column tail and leading dimension."""
     routines = _check_cpu_gemm(dtype)
     path = shortcut_ext.build_info()["cpu_gemm_float64" if dtype == torch.float64 else "cpu_gemm"]
-    # the routines that ran are the ones the build reports (kernel16 takes the 16 x 16 transposed products)
+    # the routines that ran are the ones the build reports (kernel16 takes the transposed products up to 16 x 16)
     assert routines == {"brgemm+kernel16": {"brgemm", "kernel16"}}.get(path, {path}), (path, routines)
 
 
@@ -1118,7 +1118,7 @@ def _run_python(code, tmp_path, **env_vars):
 
 @pytest.mark.parametrize("value", [None, "auto"])
 def test_default_cpu_gemm_path(value, tmp_path):
-    """SHORTCUT_EXT_CPU_GEMM unset or "auto" (the default) runs brgemm, with the d = 16 register kernel on AVX-512
+    """SHORTCUT_EXT_CPU_GEMM unset or "auto" (the default) runs brgemm, with the d <= 16 register kernel on AVX-512
     builds. test_gemm_paths_match checks only the non-default paths: a default that silently fell back to the
     portable loops (right values, the slow path) passed, and so did refusing "auto", which the error message itself
     lists as valid."""

@@ -1,6 +1,6 @@
 // Small row-major GEMMs for the fused CPU kernels.
 //
-// float32 goes through a register kernel for 16 x 16 weight gradients (AVX-512 builds) and otherwise ATen's batch-reduce GEMM (oneDNN brgemm ukernels, AVX-512 where the CPU has
+// float32 goes through a register kernel for the weight gradients of d <= 16 (AVX-512 builds) and otherwise ATen's batch-reduce GEMM (oneDNN brgemm ukernels, AVX-512 where the CPU has
 // it); that symbol is exported by libtorch but internal, so SHORTCUT_EXT_NO_BRGEMM=1 (compile
 // time) or SHORTCUT_EXT_CPU_GEMM=portable (run time) switch to the portable loops below, which are
 // also the float64 path where no BLAS is found.
@@ -49,7 +49,7 @@ inline void blas_dgemm(bool a_transposed, int64_t M, int64_t N, int64_t K, const
 }
 
 // Which float32 path the CPU kernels use in this process (SHORTCUT_EXT_CPU_GEMM):
-// "auto" (default): the d = 16 register kernel below where it applies (AVX-512 builds), oneDNN
+// "auto" (default): the d <= 16 register kernel below where it applies (AVX-512 builds), oneDNN
 // brgemm otherwise; "brgemm": brgemm only; "portable": the portable loops only.
 std::string cpu_gemm_path();
 bool use_brgemm();
@@ -159,21 +159,63 @@ struct Prefetch {
 inline const Prefetch kNoPrefetch{};
 
 #if defined(__AVX512F__)
-// C[16, 16] (+)= A[K, 16]^T @ B[K, 16]: 16 accumulator rows, one row of B per step, so the
-// weight gradients of d = 16 stacks need no transpose of A.  Measured against transpose + brgemm
-// (1 thread, K = 128 / 2048): 110 / 117 vs 76 / 33 GFLOP/s.  (A register kernel for
-// C[M, 16] = A[M, 16] @ B[16, 16] lost to brgemm, 72 vs 95 GFLOP/s, so there is none.)
-inline void gemm16_tn(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                      bool accumulate, const Prefetch& pf = kNoPrefetch) {
-  __m512 c[16];
-  for (int o = 0; o < 16; ++o) c[o] = accumulate ? _mm512_loadu_ps(C + o * ldc) : _mm512_setzero_ps();
-  Prefetch::Pacer pace = pf.pacer(K);
-  for (int64_t i = 0; i < K; ++i) {
-    pace.step();
-    const __m512 bi = _mm512_loadu_ps(B + i * ldb);
-    for (int o = 0; o < 16; ++o) c[o] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + o]), bi, c[o]);
+// C[MR, N] (+)= A[K, MR]^T @ B[K, N] for N <= 16 (`mask`: the N columns): MR accumulator rows of one
+// vector, one row of B per step, so the weight gradients of d <= 16 stacks need no transpose of A.  With
+// MR <= 8 rows the accumulators alternate between two sets over k (even, odd), summed at the end, so that
+// enough FMAs are in flight.  At MR = N = 16, against transpose + brgemm (1 thread, K = 128 / 2048): 110 /
+// 117 vs 76 / 33 GFLOP/s; at M = N = 10, K = 1638: 3.1 vs 7.6 us a call (the transpose of a 10-wide tile
+// runs scalar, and took more time than brgemm).
+// (A register kernel for C[M, 16] = A[M, 16] @ B[16, 16] lost to brgemm, 72 vs 95 GFLOP/s, so there is none.)
+template <int MR>
+inline void sgemm_small_tn(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                           int64_t ldc, __mmask16 mask, bool accumulate, const Prefetch& pf) {
+  constexpr bool kTwo = MR <= 8;
+  __m512 c[MR], e[kTwo ? MR : 1];
+#pragma GCC unroll 16
+  for (int o = 0; o < MR; ++o) c[o] = accumulate ? _mm512_maskz_loadu_ps(mask, C + o * ldc) : _mm512_setzero_ps();
+  if (kTwo)
+#pragma GCC unroll 8
+    for (int o = 0; o < MR; ++o) e[kTwo ? o : 0] = _mm512_setzero_ps();
+  Prefetch::Pacer pace = pf.pacer(kTwo ? K / 2 + K % 2 : K);
+  int64_t i = 0;
+  if (kTwo) {
+    for (; i + 2 <= K; i += 2) {
+      pace.step();
+      const __m512 b0 = _mm512_maskz_loadu_ps(mask, B + i * ldb);
+      const __m512 b1 = _mm512_maskz_loadu_ps(mask, B + (i + 1) * ldb);
+#pragma GCC unroll 8
+      for (int o = 0; o < MR; ++o) {
+        c[o] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + o]), b0, c[o]);
+        e[kTwo ? o : 0] = _mm512_fmadd_ps(_mm512_set1_ps(A[(i + 1) * lda + o]), b1, e[kTwo ? o : 0]);
+      }
+    }
   }
-  for (int o = 0; o < 16; ++o) _mm512_storeu_ps(C + o * ldc, c[o]);
+  for (; i < K; ++i) {
+    pace.step();
+    const __m512 bi = _mm512_maskz_loadu_ps(mask, B + i * ldb);
+#pragma GCC unroll 16
+    for (int o = 0; o < MR; ++o) c[o] = _mm512_fmadd_ps(_mm512_set1_ps(A[i * lda + o]), bi, c[o]);
+  }
+#pragma GCC unroll 16
+  for (int o = 0; o < MR; ++o)
+    _mm512_mask_storeu_ps(C + o * ldc, mask, kTwo ? _mm512_add_ps(c[o], e[kTwo ? o : 0]) : c[o]);
+}
+
+// The kernel above for any M, N <= 16.  (Swept over 16-column panels it also took N > 16 as fast as
+// transpose + brgemm, d = 10 to 16 and N = 20 to 256, but the HVP that calls it so ran no faster.)
+inline void gemm16_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate, const Prefetch& pf = kNoPrefetch) {
+  const __mmask16 mask = __mmask16((1u << N) - 1u);
+  switch (M) {
+#define SHORTCUT_EXT_SMALL_TN(R) \
+  case R: return sgemm_small_tn<R>(K, A, lda, B, ldb, C, ldc, mask, accumulate, pf);
+    SHORTCUT_EXT_SMALL_TN(1) SHORTCUT_EXT_SMALL_TN(2) SHORTCUT_EXT_SMALL_TN(3) SHORTCUT_EXT_SMALL_TN(4)
+    SHORTCUT_EXT_SMALL_TN(5) SHORTCUT_EXT_SMALL_TN(6) SHORTCUT_EXT_SMALL_TN(7) SHORTCUT_EXT_SMALL_TN(8)
+    SHORTCUT_EXT_SMALL_TN(9) SHORTCUT_EXT_SMALL_TN(10) SHORTCUT_EXT_SMALL_TN(11) SHORTCUT_EXT_SMALL_TN(12)
+    SHORTCUT_EXT_SMALL_TN(13) SHORTCUT_EXT_SMALL_TN(14) SHORTCUT_EXT_SMALL_TN(15) SHORTCUT_EXT_SMALL_TN(16)
+#undef SHORTCUT_EXT_SMALL_TN
+    default: break;
+  }
 }
 #endif
 
@@ -328,8 +370,8 @@ template <typename T>
 inline const char* gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                     int64_t ldc, bool accumulate, T* scratch, const Prefetch& pf = kNoPrefetch) {
 #if defined(__AVX512F__)
-  if (std::is_same<T, float>::value && M == 16 && N == 16 && K > 0 && use_kernel16()) {
-    gemm16_tn(K, reinterpret_cast<const float*>(A), lda, reinterpret_cast<const float*>(B), ldb,
+  if (std::is_same<T, float>::value && M > 0 && M <= 16 && N > 0 && N <= 16 && K > 0 && use_kernel16()) {
+    gemm16_tn(M, N, K, reinterpret_cast<const float*>(A), lda, reinterpret_cast<const float*>(B), ldb,
               reinterpret_cast<float*>(C), ldc, accumulate, pf);
     return "kernel16";
   }

@@ -314,7 +314,7 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
 // Backward from saved layer inputs (saved [R, n, B, d], see the top of the file): nothing is
 // recomputed but the last layer's pre-activation where act_post is not the identity; the mid
 // derivatives come from the saved outputs.  Batch-major, on W as stored: ga = gz W, and the weight
-// gradients accumulate transposed, dW^T = a^T gz (gemm_tn: the d = 16 register kernel, or one
+// gradients accumulate transposed, dW^T = a^T gz (gemm_tn: the d <= 16 register kernel, or one
 // in-cache transpose of a and brgemm).
 template <typename T>
 void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, int64_t r_begin,
