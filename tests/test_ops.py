@@ -96,6 +96,18 @@ def test_cpu_tile_layouts(B, d, R, n, shortcut, dtype, layout, monkeypatch):
             _compare(B, d, R, n, shortcut, acts, dtype, "cpu", seed=i, scale=0.8 / d ** 0.5, recompute=recompute)
 
 
+@pytest.mark.parametrize("layout", ["batch", "feature"])
+@pytest.mark.parametrize("B,d,R,n", [(4096, 16, 40, 2), (2050, 10, 60, 1)])
+def test_saves_above_the_cached_store_limit(B, d, R, n, layout, monkeypatch):
+    """The forward writes its saves with plain stores up to 8 MB in all (they stay in cache for the backward)
+    and with non-temporal stores beyond: both ways, from unit inputs (recompute) and from every layer's input,
+    in both tile layouts. float32: the unit inputs here are 10.5 and 4.9 MB, the layer inputs 21 and 4.9 MB."""
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+    for recompute in (True, False):
+        _compare(B, d, R, n, True, ("tanh", "relu", "identity"), torch.float32, "cpu", scale=0.8 / d ** 0.5,
+                 recompute=recompute)
+
+
 def test_cpu_tile_layout_bad_value(monkeypatch):
     monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "columns")
     x, w = stack_inputs(4, 3, 2, 2, torch.float64)

@@ -101,9 +101,8 @@ inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
 #if defined(__AVX512F__)
 // r[j][i] = src[i, j] for one 16 x 16 float block, in registers (unpack 32/64-bit, then 128-bit
 // lanes).
-inline void load_transposed16x16(const float* src, int64_t lds, __m512 r[16]) {
+inline void transpose16x16_in_registers(__m512 r[16]) {
   __m512 t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -125,11 +124,27 @@ inline void load_transposed16x16(const float* src, int64_t lds, __m512 r[16]) {
   }
 }
 
+inline void load_transposed16x16(const float* src, int64_t lds, __m512 r[16]) {
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  transpose16x16_in_registers(r);
+}
+
 // One 16 x 16 float block: dst[j, i] = src[i, j].
 inline void transpose16x16(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m512 r[16];
   load_transposed16x16(src, lds, r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+
+// A block's first `rows` x `cols` (1 to 16 each) the same way, with masked loads and stores: nothing
+// outside it is read or written.  (Element by element, the 10-wide tiles of a d = 10 stack took more
+// time to transpose than to multiply.)
+inline void transpose16x16_part(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  const __mmask16 cm = __mmask16((1u << cols) - 1u), rm = __mmask16((1u << rows) - 1u);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, src + i * lds) : _mm512_setzero_ps();
+  transpose16x16_in_registers(r);
+  for (int j = 0; j < cols; ++j) _mm512_mask_storeu_ps(dst + j * ldd, rm, r[j]);
 }
 #endif
 
@@ -181,9 +196,13 @@ inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds
     for (int64_t j0 = 0; j0 < cols; j0 += blk) {
       const int64_t j1 = std::min(cols, j0 + blk);
 #if defined(__AVX512F__)
-      if (std::is_same<T, float>::value && i1 - i0 == blk && j1 - j0 == blk) {
-        transpose16x16(reinterpret_cast<const float*>(src) + i0 * lds + j0, lds,
-                       reinterpret_cast<float*>(dst) + j0 * ldd + i0, ldd);
+      if (std::is_same<T, float>::value) {
+        const float* s = reinterpret_cast<const float*>(src) + i0 * lds + j0;
+        float* t = reinterpret_cast<float*>(dst) + j0 * ldd + i0;
+        if (i1 - i0 == blk && j1 - j0 == blk)
+          transpose16x16(s, lds, t, ldd);
+        else
+          transpose16x16_part(s, lds, t, ldd, i1 - i0, j1 - j0);
         continue;
       }
 #endif
