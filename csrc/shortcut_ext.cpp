@@ -61,6 +61,7 @@ std::map<std::string, std::string> build_info() {
     d["cpu_gemm"] = std::string("invalid: ") + e.what_without_backtrace();
     d["cpu_gemm_float64"] = d["cpu_gemm"];
   }
+  d["cpu_tanh"] = cpu_tanh_path();
   d["torch_version"] = SHORTCUT_EXT_TORCH_VERSION;
 #ifdef _OPENMP
   d["openmp"] = "1";

@@ -54,6 +54,65 @@ inline void for_each_slot(int64_t slots, const F& f) {
   }
 }
 
+#if defined(__AVX512F__)
+// SLEEF's vector tanh (1.0 ULP), which libtorch carries for torch.tanh.  Weak: where a libtorch exports
+// none, tanh_scaled falls back to std::tanh.
+extern "C" __m512 Sleef_tanhf16_u10(__m512) __attribute__((weak));
+extern "C" __m512d Sleef_tanhd8_u10(__m512d) __attribute__((weak));
+#endif
+
+// out[i] = tanh(scale * in[i]) (in == out allowed): 16 floats or 8 doubles at a time by SLEEF on AVX-512
+// builds, the last ones too (masked), so that every element goes the same way; else std::tanh.  std::tanh
+// element by element made a d = 10 net with tanh between its layers 4.6x slower than one with relu.
+template <typename T>
+inline void tanh_scaled(const T* in, T* out, int64_t count, T scale) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (Sleef_tanhf16_u10 != nullptr) {
+      const __m512 c = _mm512_set1_ps(scale);
+      for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 k = count - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (count - i)) - 1u);
+        _mm512_mask_storeu_ps(out + i, k, Sleef_tanhf16_u10(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, in + i), c)));
+      }
+      return;
+    }
+  } else if constexpr (std::is_same<T, double>::value) {
+    if (Sleef_tanhd8_u10 != nullptr) {
+      const __m512d c = _mm512_set1_pd(scale);
+      for (int64_t i = 0; i < count; i += 8) {
+        const __mmask8 k = count - i >= 8 ? __mmask8(0xff) : __mmask8((1u << (count - i)) - 1u);
+        _mm512_mask_storeu_pd(out + i, k, Sleef_tanhd8_u10(_mm512_mul_pd(_mm512_maskz_loadu_pd(k, in + i), c)));
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < count; ++i) out[i] = std::tanh(scale * in[i]);
+}
+
+// Which tanh the CPU kernels use: "sleef" (AVX-512 builds, where libtorch exports it) or "std".
+inline const char* cpu_tanh_path() {
+#if defined(__AVX512F__)
+  if (Sleef_tanhf16_u10 != nullptr && Sleef_tanhd8_u10 != nullptr) return "sleef";
+#endif
+  return "std";
+}
+
+// s(z) = tanh(scale * z): scale 1 for tanh, 1/2 for ssigmoid.
+inline double tanh_scale(Act a) { return a == Act::SSigmoid ? 0.5 : 1.0; }
+
+// f(i0, s, len) for chunks of z: s[j] = tanh(scale * z[i0 + j]), j < len.
+template <typename T, typename F>
+inline void for_tanh_chunks(const T* z, int64_t count, T scale, const F& f) {
+  constexpr int64_t C = 256;
+  alignas(64) T s[C];
+  for (int64_t i0 = 0; i0 < count; i0 += C) {
+    const int64_t len = std::min(C, count - i0);
+    tanh_scaled(z + i0, s, len, scale);
+    f(i0, s, len);
+  }
+}
+
 // Elementwise passes, specialised per activation outside the loop so that each loop vectorises.
 template <typename T>
 inline void apply_act(Act a, T* z, int64_t count) {
@@ -63,10 +122,8 @@ inline void apply_act(Act a, T* z, int64_t count) {
       for (int64_t i = 0; i < count; ++i) z[i] = z[i] < T(0) ? T(0) : z[i];  // NaN propagates
       break;
     case Act::Tanh:
-      for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(z[i]);
-      break;
     case Act::SSigmoid:
-      for (int64_t i = 0; i < count; ++i) z[i] = std::tanh(T(0.5) * z[i]);
+      tanh_scaled(z, z, count, T(tanh_scale(a)));
       break;
     default:
       break;
@@ -82,16 +139,18 @@ inline void mul_act_deriv(Act a, T* g, const T* z, int64_t count) {
       for (int64_t i = 0; i < count; ++i) g[i] = z[i] <= T(0) ? T(0) : g[i];
       break;
     case Act::Tanh:
-      for (int64_t i = 0; i < count; ++i) {
-        const T t = std::tanh(z[i]);
-        g[i] *= T(1) - t * t;
-      }
+      for_tanh_chunks(z, count, T(1), [g](int64_t i0, const T* t, int64_t len) {
+        T* gi = g + i0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) gi[j] *= T(1) - t[j] * t[j];
+      });
       break;
     case Act::SSigmoid:
-      for (int64_t i = 0; i < count; ++i) {
-        const T t = std::tanh(T(0.5) * z[i]);
-        g[i] *= T(0.5) * (T(1) - t * t);
-      }
+      for_tanh_chunks(z, count, T(0.5), [g](int64_t i0, const T* t, int64_t len) {
+        T* gi = g + i0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) gi[j] *= T(0.5) * (T(1) - t[j] * t[j]);
+      });
       break;
     default:
       break;

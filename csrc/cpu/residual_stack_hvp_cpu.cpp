@@ -150,12 +150,15 @@ inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2)
     if (d2) std::fill(d2, d2 + count, T(0));
     return;
   }
-  for (int64_t i = 0; i < count; ++i) {
-    const T s = act_apply<T>(a, z[i]);
-    if (s_out) s_out[i] = s;
-    d1[i] = act_deriv<T>(a, z[i], s);
-    if (d2) d2[i] = act_deriv2<T>(a, z[i], s);
-  }
+  // tanh, ssigmoid: s(z) by the vector tanh, a chunk at a time
+  for_tanh_chunks(z, count, T(tanh_scale(a)), [&](int64_t i0, const T* s, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t i = i0 + j;
+      if (s_out) s_out[i] = s[j];
+      d1[i] = act_deriv<T>(a, z[i], s[j]);
+      if (d2) d2[i] = act_deriv2<T>(a, z[i], s[j]);
+    }
+  });
 }
 
 // Whether s'' is not identically zero (tanh, ssigmoid): otherwise the curvature terms
@@ -243,10 +246,16 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     return;
   }
   // d1 = s_post'(z); the branch output goes through h_out directly (elementwise, so aliasing is safe)
-  for (int64_t i = 0; i < md; ++i) {
-    const T s = act_apply<T>(acts.post, z[i]);
+  const auto post = [&](int64_t i, T s) {
     d1[i] = act_deriv<T>(acts.post, z[i], s);
     h_out[i] = net.shortcut ? rec.hin[i] + s : s;
+  };
+  if (has_curvature(acts.post)) {  // tanh, ssigmoid: the vector tanh
+    for_tanh_chunks(z, md, T(tanh_scale(acts.post)), [&](int64_t i0, const T* s, int64_t len) {
+      for (int64_t j = 0; j < len; ++j) post(i0 + j, s[j]);
+    });
+  } else {
+    for (int64_t i = 0; i < md; ++i) post(i, act_apply<T>(acts.post, z[i]));
   }
   if (net.shortcut) {
     if (rho_out != rec.rho) std::copy(rec.rho, rec.rho + K * md, rho_out);
