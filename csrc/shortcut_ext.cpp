@@ -129,6 +129,44 @@ static std::vector<std::vector<int64_t>> py_prefetch_plan(const at::Tensor& x, i
   return out;
 }
 
+// One training step of a stack whose output is the prediction, under the mean squared error
+// 0.5 * sum((y - t)^2) / m: the fused forward, the loss, its gradient grad_y and the fused backward,
+// -> (loss, grad_weights [R, n, d, d]).  For train()'s direct step (shortcut_ext/train.py), where Python
+// around the two ops cost as much as the kernels of a small net.  The ops are called below autograd
+// (no graph is wanted), with autocast off, and the loss and grad_y by the same ATen ops, in the same order,
+// as the Python they replace (loss_fn, and autograd's MSE backward: DivBackward, MulBackward, PowBackward),
+// so that the loss and the gradient are the same bits as model(x) and autograd give.
+static std::tuple<double, at::Tensor> py_mse_step(const at::Tensor& x, const at::Tensor& weights,
+                                                  const at::Tensor& targets, bool shortcut, c10::string_view act_pre,
+                                                  c10::string_view act_mid, c10::string_view act_post,
+                                                  bool save_layers) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && targets.sizes() == x.sizes() && targets.scalar_type() == x.scalar_type() &&
+                        targets.device() == x.device(),
+                    "targets must have x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device ", x.device(),
+                    ", got ", targets.sizes(), " ", targets.scalar_type(), " on ", targets.device());
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("shortcut_ext::residual_stack_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool, c10::string_view,
+                                                    c10::string_view, c10::string_view, bool, bool)>();
+  static const auto backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("shortcut_ext::residual_stack_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                                    c10::string_view, c10::string_view, c10::string_view)>();
+  pybind11::gil_scoped_release no_gil;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const at::Tensor xc = x.contiguous(), tc = targets.contiguous(), wc = weights.contiguous();
+  auto [y, saved] = forward.call(xc, wc, shortcut, act_pre, act_mid, act_post, true, save_layers);
+  const int64_t m = std::max<int64_t>(y.size(0), 1);
+  at::Tensor diff = at::sub(y, tc);
+  const double loss = at::div(at::mul(at::pow(diff, 2).sum(), 0.5), m).item<double>();
+  const at::Tensor half = at::ones({}, y.options()).div_(m).mul_(0.5);
+  const at::Tensor grad_y = diff.mul_(2.0).mul_(half);
+  return {loss, std::get<1>(backward.call(grad_y, wc, saved, shortcut, act_pre, act_mid, act_post))};
+}
+
 static pybind11::dict py_build_info() {
   pybind11::dict d;
   for (const auto& kv : shortcut_ext::build_info()) {
@@ -197,6 +235,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "How float32 products of the CUDA residual-stack kernels run: 0 float32 FMA, 1 TF32, 2 3xTF32");
   m.def("set_cuda_tf32_mode", &shortcut_ext::set_cuda_tf32_mode, pybind11::arg("mode"),
         "Sets the TF32 tensor-core mode of the CUDA residual-stack kernels (0, 1, 2); returns the previous one");
+  m.def("mse_step", &py_mse_step, pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("targets"),
+        pybind11::arg("shortcut"), pybind11::arg("act_pre"), pybind11::arg("act_mid"), pybind11::arg("act_post"),
+        pybind11::arg("save_layers") = false,
+        "(loss, grad_weights) of 0.5 * sum((y - targets)^2) / B, y the stack's output: the fused forward and backward "
+        "and the loss in one call, the same bits as the op under autograd (train()'s direct step)");
   m.def("cpu_empty_cache", &shortcut_ext::cpu_pool_empty, "Frees every cached (unused) CPU output buffer");
 }
 #endif

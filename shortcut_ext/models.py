@@ -49,7 +49,8 @@ def init_weights(shape, init: str, scale: float = 0.01, seed: int = 0, dtype=tor
         a = torch.randn(tuple(shape), generator=g, dtype=torch.float64, device="cpu")
         q, r = torch.linalg.qr(a)
         q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-        return q.to(dtype=dtype, device=torch.get_default_device())
+        # QR's q is column-major: a row-major copy, as every other init (the fused ops would copy it each call)
+        return q.to(dtype=dtype, device=torch.get_default_device()).contiguous()
     std = {"small": math.sqrt(2.0 / (d_in + d_out)) * scale,
            "xavier": math.sqrt(2.0 / (d_in + d_out)),
            "he": math.sqrt(2.0 / d_in)}[init]

@@ -68,6 +68,8 @@ def test_inits_are_seeded_and_scaled(init):
     b = init_weights((200, 2, 16, 16), init, seed=7)
     c = init_weights((200, 2, 16, 16), init, seed=8)
     assert torch.equal(a, b)
+    for dtype in (torch.float32, torch.float64):  # row-major (QR's q is not): no copy in every fused call
+        assert init_weights((3, 2, 5, 5), init, seed=7, dtype=dtype).is_contiguous()
     if init == "zero":
         assert a.abs().max() == 0
         return

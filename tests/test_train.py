@@ -1002,6 +1002,81 @@ def test_the_direct_step_gives_the_autograd_loss_and_gradient_bit_for_bit(name, 
     torch.testing.assert_close(g1, g3, **({} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)))
 
 
+@pytest.mark.parametrize("save_layers", [False, True])
+@pytest.mark.parametrize("m", [0, 1, 37, 300])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["1-shortcut tanh-mid", "2-shortcut relu-mid", "3-shortcut ssigmoid-pre", "plain relu"])
+def test_the_one_call_mse_step_is_model_x_and_autograd_bit_for_bit(name, dtype, m, save_layers):
+    """``_C.mse_step`` (the direct step's forward, loss, grad_y and backward in one C++ call) against the
+    model under autograd: the same loss and gradient bits, with and without saved layers, any batch size."""
+    from shortcut_ext._build import _C
+
+    net = _DIRECT_NETS[name](dtype)
+    X, Y = _direct_data(net, "mse", dtype, m=m)
+    wv = net.stack_weights(net.weight.detach())
+    L, g = _C.mse_step(X, wv, Y, net.shortcut, *net.activations, save_layers)
+    L2 = loss_fn("mse", net(X), Y)
+    (g2,) = torch.autograd.grad(L2, net.weight)
+    assert isinstance(L, float) and L == float(L2.detach())
+    assert g.shape == wv.shape and g.dtype == dtype and not g.requires_grad
+    assert torch.equal(g, g2.view_as(wv))
+    assert (g.abs().max() > 0) == (m > 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast does not reach the step: the same bits
+        L3, g3 = _C.mse_step(X, wv, Y, net.shortcut, *net.activations, save_layers)
+    assert L3 == L and torch.equal(g3, g)
+
+
+def test_the_one_call_mse_step_refuses_targets_unlike_the_output():
+    from shortcut_ext._build import _C
+
+    net = _DIRECT_NETS["2-shortcut relu-mid"](torch.float64)
+    X, Y = _direct_data(net, "mse", torch.float64)
+    wv = net.stack_weights(net.weight.detach())
+    for bad, said in ((Y[:, :3], r"\[37, 3\]"), (Y.float(), r"\[37, 5\] Float"), (Y[:5], r"\[5, 5\]")):
+        with pytest.raises(ValueError, match=r"targets must have x's shape \[37, 5\].*got " + said):
+            _C.mse_step(X, wv, bad, net.shortcut, *net.activations)
+    with pytest.raises(ValueError, match="weights"):  # the op's own checks still run
+        _C.mse_step(X, wv[..., :4, :4], Y, net.shortcut, *net.activations)
+
+
+def test_training_takes_the_one_call_step_where_it_can(monkeypatch):
+    """Plain MSE with targets of the output's dtype: ``_C.mse_step``; other dtypes and read-outs: the Python
+    step; the same history either way as with the stack under autograd."""
+    from shortcut_ext import _build
+
+    real, calls, direct = _build._C.mse_step, [], train_mod._direct_loss_and_grad
+    monkeypatch.setattr(_build._C, "mse_step", lambda *a: (calls.append(1), real(*a))[1])
+    cfg = TrainConfig(epochs=12, lr=0.05)
+    for name, expect in (("2-shortcut relu-mid", 13), ("plain relu", 13), ("projections in and out", 0)):
+        calls.clear()
+        X, Y = _direct_data(_DIRECT_NETS[name](torch.float64), "mse", torch.float64, m=40)
+        a = train(_DIRECT_NETS[name](torch.float64), (X, Y), cfg)
+        assert len(calls) == expect, name
+        monkeypatch.setattr(train_mod, "_direct_loss_and_grad", lambda *a: None)
+        b = train(_DIRECT_NETS[name](torch.float64), (X, Y), cfg)
+        monkeypatch.undo()
+        monkeypatch.setattr(_build._C, "mse_step", lambda *a: (calls.append(1), real(*a))[1])
+        assert a.history == b.history and a.status == b.status == "ok", name
+    calls.clear()  # a column-major weight (set by hand): the step takes a row-major copy, the same numbers
+    def column_major():
+        net = _DIRECT_NETS["plain relu"](torch.float64)
+        net.weight = torch.nn.Parameter(net.weight.detach().transpose(-1, -2).contiguous().transpose(-1, -2))
+        assert not net.weight.is_contiguous()
+        return net
+
+    X, Y = _direct_data(column_major(), "mse", torch.float64, m=40)
+    a = train(column_major(), (X, Y), cfg)
+    assert len(calls) == 13
+    monkeypatch.setattr(train_mod, "_direct_loss_and_grad", lambda *a: None)
+    assert a.history == train(column_major(), (X, Y), cfg).history
+    calls.clear()  # float32 targets of a float64 net: the Python step, which promotes as loss_fn does
+    net = _DIRECT_NETS["2-shortcut relu-mid"](torch.float64)
+    X, Y = _direct_data(net, "mse", torch.float64, m=40)
+    monkeypatch.setattr(train_mod, "_direct_loss_and_grad", direct)
+    L, g = train_mod._direct_loss_and_grad(net, "mse")(X, Y.float())
+    assert not calls and L == float(loss_fn("mse", net(X), Y.float()).detach())
+
+
 @pytest.mark.parametrize("optimizer", ["gd", "sgd", "adam"])
 def test_training_takes_the_direct_step_and_ends_where_autograd_does(optimizer, monkeypatch):
     """The same history, bit for bit, with the stack's autograd; and the direct step is what ran."""
