@@ -183,10 +183,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &py_build_info, "How the extension was built");
   m.def(
       "cpu_tile_layout",
-      [](int64_t d) {
-        return shortcut_ext::cpu_tile_layout(d) == shortcut_ext::TileLayout::FeatureMajor ? "feature" : "batch";
+      [](int64_t d, bool saves, bool float64) {
+        const auto t = saves ? shortcut_ext::cpu_tile_layout(d, float64) : shortcut_ext::cpu_forward_tile_layout(d, float64, false);
+        return t == shortcut_ext::TileLayout::FeatureMajor ? "feature" : "batch";
       },
-      "Tile layout of the CPU kernels at width d ('feature' or 'batch'; SHORTCUT_EXT_CPU_LAYOUT overrides)");
+      pybind11::arg("d"), pybind11::arg("saves") = true, pybind11::arg("float64") = false,
+      "Tile layout of the CPU kernels at width d ('feature' or 'batch'; SHORTCUT_EXT_CPU_LAYOUT overrides); "
+      "saves=False: of a forward that saves nothing (inference), in float32 or float64");
   m.def(
       "cpu_schedule",
       [](const std::string& op, int64_t B, int64_t d, int64_t R, int64_t n, int64_t K) {
@@ -214,8 +217,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("ld"), pybind11::arg("parts") = 1, pybind11::arg("steps") = 1,
         "The cache lines the CPU kernels request ahead for a panel at x.data_ptr() (for tests): per call of `parts`, "
         "each of `steps` steps, the lines' byte offsets from x.data_ptr()");
-  m.def("cpu_saved_feature_major_from", &shortcut_ext::cpu_saved_feature_major_from,
-        "The least width d at which the CPU forward saves activations feature-major (by width only)");
+  m.def("cpu_saved_feature_major_from", &shortcut_ext::cpu_saved_feature_major_from, pybind11::arg("float64") = false,
+        "The least width d at which the CPU forward saves activations feature-major (by width and dtype only)");
   m.def(
       "cpu_cache_stats",
       []() {

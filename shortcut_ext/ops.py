@@ -8,8 +8,8 @@ Memory of the fused path (see ``residual_stack``'s ``recompute``): the forward s
 every layer (``[R, n, B, d]``, CPU, within ``SHORTCUT_EXT_SAVE_LAYERS_MB``) and the backward
 recomputes nothing, or the input of every unit (``[R, B, d]``) and the backward recomputes each
 unit's inner activations, one unit at a time, in scratch of ``(2n + 4) * tile * d`` elements per
-thread.  On CPU with feature-major tiles (d >= 32) either is stored feature-major (strides
-``[B*d, 1, B]`` / ``[n*d*B, d*B, 1, B]``).  Inference (no grad) saves nothing.  Large CPU outputs
+thread.  On CPU with feature-major tiles (d >= 17 in float32, d >= 32 in float64) either is stored
+feature-major (strides ``[B*d, 1, B]`` / ``[n*d*B, d*B, 1, B]``).  Inference (no grad) saves nothing.  Large CPU outputs
 come from a buffer cache (``empty_cache``, ``cache_stats``).
 """
 from __future__ import annotations
@@ -612,8 +612,9 @@ def _register() -> None:
         B, d = x.shape
         if not save_inputs:
             saved = x.new_empty((0,))
-        elif x.device.type == "cpu" and d >= _C.cpu_saved_feature_major_from():  # stored feature-major (a guard
-            # on a symbolic width, not a constant: an export with a dynamic width stays dynamic)
+        elif x.device.type == "cpu" and d >= _C.cpu_saved_feature_major_from(x.dtype == torch.float64):
+            # stored feature-major (a guard on a symbolic width, not a constant: an export with a dynamic width
+            # stays dynamic)
             if save_layers:
                 saved = x.new_empty_strided((R, n, B, d), (n * d * B, d * B, 1, B))
             else:

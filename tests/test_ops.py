@@ -479,33 +479,36 @@ def test_export_with_a_dynamic_batch():
     torch.testing.assert_close(ep.module()(x), net(x))
 
 
-@pytest.mark.parametrize("lo,hi", [(33, 64), (2, 31)])
-def test_export_with_a_dynamic_width(lo, hi):
+@pytest.mark.parametrize("dtype,lo,hi", [(torch.float32, 17, 64), (torch.float32, 2, 16), (torch.float64, 32, 64),
+                                         (torch.float64, 2, 31)])
+def test_export_with_a_dynamic_width(dtype, lo, hi):
     """torch.export with a symbolic width: the fake kernel chose the saved activations' layout by int(d), which
-    specialised the width ("Constraints violated (d)! ... Suggested fixes: d = 40"). A range on one side of 32
-    exports and runs at every width in it; one across 32 (the layout changes there) is refused clearly."""
+    specialised the width ("Constraints violated (d)! ... Suggested fixes: d = 40"). A range on one side of the
+    switch (17 in float32, 32 in float64) exports and runs at every width in it; one across it (the layout
+    changes there) is refused clearly."""
     from torch.export import Dim, export
 
     class Stack(torch.nn.Module):
         def forward(self, x, w):
             return residual_stack(x, w, True, "identity", "tanh", "identity", backend="fused")
 
+    switch = 32 if dtype == torch.float64 else 17
     d0 = (lo + hi) // 2
-    x0, w0 = stack_inputs(5, d0, 3, 2, torch.float64, requires_grad=True, scale=0.5 / d0 ** 0.5)
+    x0, w0 = stack_inputs(5, d0, 3, 2, dtype, requires_grad=True, scale=0.5 / d0 ** 0.5)
     D = Dim("d", min=lo, max=hi)
     ep = export(Stack(), (x0, w0), dynamic_shapes={"x": {1: D}, "w": {2: D, 3: D}})
     for d in (lo, hi):
-        x, w = stack_inputs(5, d, 3, 2, torch.float64, requires_grad=True, scale=0.5 / d ** 0.5, seed=d)
+        x, w = stack_inputs(5, d, 3, 2, dtype, requires_grad=True, scale=0.5 / d ** 0.5, seed=d)
         y = ep.module()(x, w)
         xr, wr = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
         yr = ref.residual_stack_forward(xr, wr, True, "identity", "tanh", "identity")
-        torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y, yr, **tol(dtype))
         for a, b in zip(torch.autograd.grad(y.square().sum(), (x, w)), torch.autograd.grad(yr.square().sum(), (xr, wr))):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    if lo > 32:
-        with pytest.raises(Exception, match=r"(?s)32 <= L\['x'\]\.size\(\)\[1\].*Dim\('d2', min=32"):
-            export(Stack(), (x0, w0), dynamic_shapes={"x": {1: Dim("d2", min=16, max=64)},
-                                                       "w": {2: Dim("d2", min=16, max=64), 3: Dim("d2", min=16, max=64)}})
+            torch.testing.assert_close(a, b, **tol(dtype))
+    if lo >= switch:
+        with pytest.raises(Exception, match=rf"(?s){switch} <= L\['x'\]\.size\(\)\[1\].*Dim\('d2', min={switch}"):
+            export(Stack(), (x0, w0), dynamic_shapes={"x": {1: Dim("d2", min=8, max=64)},
+                                                       "w": {2: Dim("d2", min=8, max=64), 3: Dim("d2", min=8, max=64)}})
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -1102,34 +1105,43 @@ def test_batch_major_weight_gradients_in_several_unit_chunks(dtype, monkeypatch)
 
 @pytest.mark.parametrize("layout", [None, "batch", "feature"])
 @pytest.mark.parametrize("layers", [False, True])
-@pytest.mark.parametrize("d", [31, 32, 33])
-def test_saved_layout_switches_exactly_at_width_32(d, layers, layout, monkeypatch):
-    """The saved activations are feature-major from d = 32 on, in the C++ forward and in the Python fake kernel
-    alike (_C.cpu_saved_feature_major_from()); the stride tests ran d = 8 and 40 only, and a C++ switch at
-    d > 32 (saved batch-major at d = 32 while the fake kernel says feature-major) passed. At d = 31, 32, 33,
-    under every SHORTCUT_EXT_CPU_LAYOUT: the fake and real strides agree, and the backward from them is right."""
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 16), (torch.float32, 17), (torch.float32, 18),
+                                     (torch.float32, 31), (torch.float32, 32),
+                                     (torch.float64, 16), (torch.float64, 17), (torch.float64, 31),
+                                     (torch.float64, 32), (torch.float64, 33)])
+def test_saved_layout_switches_exactly_at_its_width(dtype, d, layers, layout, monkeypatch):
+    """The saved activations are feature-major from d = 17 on in float32 and from d = 32 on in float64, in the
+    C++ forward and in the Python fake kernel alike (_C.cpu_saved_feature_major_from(float64)); the stride tests
+    ran d = 8 and 40 only, and a C++ switch at d > 32 (saved batch-major at d = 32 while the fake kernel said
+    feature-major) passed. On both sides of each switch (and at float32 d = 31, 32, where the backward's data
+    gradient changes layout), under every SHORTCUT_EXT_CPU_LAYOUT: the fake and real strides agree, and the
+    backward from them is right."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from shortcut_ext._build import _C
 
     if layout is None:
         monkeypatch.delenv("SHORTCUT_EXT_CPU_LAYOUT", raising=False)
     else:
         monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+    switch = _C.cpu_saved_feature_major_from(dtype == torch.float64)
+    assert switch == (32 if dtype == torch.float64 else 17)
     B, R, n = 7, 3, 2
-    x, w = stack_inputs(B, d, R, n, torch.float64, scale=0.5 / d ** 0.5)
+    x, w = stack_inputs(B, d, R, n, dtype, scale=0.5 / d ** 0.5)
     acts = ("tanh", "relu", "identity")
     with FakeTensorMode() as mode:
         _, fake = torch.ops.shortcut_ext.residual_stack_forward(mode.from_tensor(x), mode.from_tensor(w), True,
                                                                  *acts, True, layers)
     y, real = torch.ops.shortcut_ext.residual_stack_forward(x, w, True, *acts, True, layers)
     assert fake.shape == real.shape and fake.stride() == real.stride(), (d, fake.stride(), real.stride())
-    assert real.is_contiguous() == (d < 32), (d, real.stride())
-    torch.testing.assert_close(y, ref.residual_stack_forward(x, w, True, *acts), rtol=1e-12, atol=1e-14)
-    gy = torch.randn(B, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert real.is_contiguous() == (d < switch), (d, real.stride())
+    torch.testing.assert_close(y, ref.residual_stack_forward(x, w, True, *acts), **tol(dtype))
+    gy = torch.randn(B, d, generator=torch.Generator().manual_seed(1), dtype=dtype)
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     expect = torch.autograd.grad(ref.residual_stack_forward(xr, wr, True, *acts), (xr, wr), gy)
     got = torch.ops.shortcut_ext.residual_stack_backward(gy, w, real, True, *acts)
     for a, b in zip(got, expect):
-        torch.testing.assert_close(a, b, **tol(torch.float64))
+        torch.testing.assert_close(a, b, **tol(dtype))
 
 
 @pytest.mark.parametrize("recompute", [True, False])
@@ -1228,17 +1240,27 @@ def test_cpu_tile_layout_follows_the_variable(monkeypatch):
 
 
 def test_cpu_tile_layout_auto_is_the_width_default(monkeypatch):
-    """SHORTCUT_EXT_CPU_LAYOUT=auto (and empty) is the default: batch-major tiles below d = 32, feature-major from
-    there on; refusing "auto", which the error message lists as valid, passed every test."""
+    """SHORTCUT_EXT_CPU_LAYOUT=auto (and empty) is the default: batch-major tiles below d = 17, feature-major from
+    there on; a forward that saves nothing (inference) feature-major at every width in float32 and below 16 in
+    float64; refusing "auto", which the error message lists as valid, passed every test."""
     from shortcut_ext._build import _C
 
-    widths = (1, 8, 31, 32, 33, 128)
-    want = ["batch", "batch", "batch", "feature", "feature", "feature"]
+    assert (_C.cpu_saved_feature_major_from(), _C.cpu_saved_feature_major_from(True)) == (17, 32)
+    widths = (1, 8, 15, 16, 17, 31, 32, 33, 128)
+    want = ["batch"] * 4 + ["feature"] * 5
+    want64 = ["batch"] * 6 + ["feature"] * 3
+    want_inference64 = ["feature"] * 3 + ["batch"] * 3 + ["feature"] * 3
     monkeypatch.delenv("SHORTCUT_EXT_CPU_LAYOUT", raising=False)
     assert [_C.cpu_tile_layout(d) for d in widths] == want
     for value in ("auto", ""):
         monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", value)
         assert [_C.cpu_tile_layout(d) for d in widths] == want, value
+        assert [_C.cpu_tile_layout(d, float64=True) for d in widths] == want64, value
+        assert [_C.cpu_tile_layout(d, saves=False) for d in widths] == ["feature"] * len(widths), value
+        assert [_C.cpu_tile_layout(d, saves=False, float64=True) for d in widths] == want_inference64, value
+    for value in ("batch", "feature"):  # the variable decides inference tiles too
+        monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", value)
+        assert {_C.cpu_tile_layout(d, saves=False, float64=f) for d in widths for f in (False, True)} == {value}
     monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", "auto")
     for d in (8, 40):
         x, w = stack_inputs(9, d, 3, 2, torch.float64, requires_grad=True)
@@ -1247,6 +1269,32 @@ def test_cpu_tile_layout_auto_is_the_width_default(monkeypatch):
         torch.testing.assert_close(y, yr, **tol(torch.float64))
         for a, b in zip(torch.autograd.grad(y.sum(), (x, w)), torch.autograd.grad(yr.sum(), (x, w))):
             torch.testing.assert_close(a, b, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 2, 5, 10, 15, 16, 17])
+def test_the_inference_forward_takes_feature_major_tiles_and_agrees(d, dtype):
+    """A forward that saves nothing runs feature-major tiles at small widths, where the saving one runs
+    batch-major (_C.cpu_tile_layout(d, saves=False)): the same function to rounding, at every activation
+    position, residual and plain, with batch sizes off the 16-row blocks."""
+    from shortcut_ext._build import _C
+
+    inference = _C.cpu_tile_layout(d, saves=False, float64=dtype == torch.float64)
+    assert inference == ("batch" if (dtype == torch.float64 and d >= 16) else "feature")
+    fwd = torch.ops.shortcut_ext.residual_stack_forward
+    for i, (B, acts, shortcut, n) in enumerate([(1, ("identity", "relu", "identity"), True, 2),
+                                                (17, ("tanh", "ssigmoid", "relu"), True, 3),
+                                                (300, ("relu", "identity", "tanh"), False, 1),
+                                                (33, ("ssigmoid", "tanh", "ssigmoid"), True, 1)]):
+        x, w = stack_inputs(B, d, 4, n, dtype, scale=0.8 / d ** 0.5, seed=i)
+        y0, saved = fwd(x, w, shortcut, *acts, False, False)
+        y1, _ = fwd(x, w, shortcut, *acts, True, False)
+        yr = ref.residual_stack_forward(x, w, shortcut, *acts)
+        assert saved.numel() == 0
+        torch.testing.assert_close(y0, yr, **tol(dtype))
+        torch.testing.assert_close(y0, y1, **tol(dtype))
+        with torch.no_grad():  # the module path under no_grad: the same op without saves
+            torch.testing.assert_close(residual_stack(x, w, shortcut, *acts, backend="fused"), y0, rtol=0, atol=0)
 
 
 def _pooled_unit_inputs(R):

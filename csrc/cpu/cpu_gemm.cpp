@@ -49,18 +49,31 @@ bool use_kernel64() { return use_register_kernels(); }
 
 std::string cpu_gemm64_path() { return use_kernel64() ? "kernel64" : use_blas64() ? "blas" : "portable"; }
 
-TileLayout cpu_tile_layout(int64_t d) {
+// SHORTCUT_EXT_CPU_LAYOUT's layout, or nothing (unset, empty or auto: the defaults)
+static c10::optional<TileLayout> layout_override() {
   const char* env = std::getenv("SHORTCUT_EXT_CPU_LAYOUT");
   const std::string v = env ? env : "";
   if (v == "batch") return TileLayout::BatchMajor;
   if (v == "feature") return TileLayout::FeatureMajor;
   TORCH_CHECK_VALUE(v.empty() || v == "auto", "SHORTCUT_EXT_CPU_LAYOUT must be batch, feature or auto (or unset), got '",
                     v, "'");
-  return cpu_saved_layout(d);
+  return c10::nullopt;
 }
 
-TileLayout cpu_saved_layout(int64_t d) {
-  return d >= cpu_saved_feature_major_from() ? TileLayout::FeatureMajor : TileLayout::BatchMajor;
+TileLayout cpu_tile_layout(int64_t d, bool is_double) {
+  const auto o = layout_override();
+  return o ? *o : cpu_saved_layout(d, is_double);
+}
+
+TileLayout cpu_forward_tile_layout(int64_t d, bool is_double, bool saves) {
+  const auto o = layout_override();
+  if (o) return *o;
+  if (!saves && (!is_double || d < 16)) return TileLayout::FeatureMajor;
+  return cpu_saved_layout(d, is_double);
+}
+
+TileLayout cpu_saved_layout(int64_t d, bool is_double) {
+  return d >= cpu_saved_feature_major_from(is_double) ? TileLayout::FeatureMajor : TileLayout::BatchMajor;
 }
 
 std::string cpu_gemm_path() {

@@ -279,15 +279,27 @@ inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds
 // over R*n*d*d weights (page faults included), so feature-major wins once weights are large.
 enum class TileLayout { BatchMajor, FeatureMajor };
 
-// SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 32 on).
-TileLayout cpu_tile_layout(int64_t d);
+// SHORTCUT_EXT_CPU_LAYOUT=batch|feature overrides the default (feature-major from d = 17 on in float32,
+// from d = 32 on in float64).
+TileLayout cpu_tile_layout(int64_t d, bool is_double);
+// The forward's tiles: as cpu_tile_layout where it saves activations for a backward; where it saves none
+// (inference) feature-major at every width in float32 and below d = 16 in float64, where vectorising over
+// the samples beats filling d of a multiple of 16 (8) lanes: 1.1-2.5x faster at d = 2..16 in float32.
+TileLayout cpu_forward_tile_layout(int64_t d, bool is_double, bool saves);
 
 // The layout of the unit (layer) inputs the forward returns for the backward: the default tile layout of
-// width d, whatever the variable says (tiles of the other layout are copied into it). Saved strides thus
-// depend on the shape alone, as the op's fake kernel predicts them: a graph compiled in one process stays
-// valid in another that sets the variable otherwise (Inductor asserts the strides it recorded).
-TileLayout cpu_saved_layout(int64_t d);
-constexpr int64_t cpu_saved_feature_major_from() { return 32; }
+// width d and the dtype, whatever the variable says (tiles of the other layout are copied into it). Saved
+// strides thus depend on the shape and dtype alone, as the op's fake kernel predicts them: a graph compiled
+// in one process stays valid in another that sets the variable otherwise (Inductor asserts the strides it
+// recorded).  float32 from d = 17 (forward 1.35-1.9x, forward+backward 1.0-1.27x, with recompute 1.25-1.45x
+// faster at d = 17..31 than batch-major); float64 from 32 (at 17..31 its batch-major register kernel makes a
+// training step 6-12% faster than feature-major tiles).
+TileLayout cpu_saved_layout(int64_t d, bool is_double);
+constexpr int64_t cpu_saved_feature_major_from(bool is_double) { return is_double ? 32 : 17; }
+// Below this width the feature-major backward runs its data gradient feature-major as well (ga = W^T gz,
+// vectorised over the samples; batch-major it would fill d of a multiple of 16 lanes); from it on, batch-major
+// (ga = gz W: full lanes, and the mid derivatives transpose the saved outputs on the fly).
+constexpr int64_t cpu_fm_gradient_below() { return 32; }
 
 // g *= s'(z) computed from the activation's output a = s(z): relu a > 0, tanh 1 - a^2,
 // ssigmoid (1 - a^2) / 2 (the backward of stacks that saved every layer's input).

@@ -239,14 +239,33 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
   }
 }
 
-// Feature-major backward (see the top of the file): the recompute runs on [d, m] tiles with W as
-// stored, the data gradient on batch-major [m, d] tiles with W as stored; `dwt` receives dW^T.
-// `saved_fm`: the unit inputs are stored feature-major ([R, d, B]) and the GEMMs read them in place;
-// else batch-major ([R, B, d]) and each is transposed into `hT`.
+// g *= s'(z) row by row: g [rows, cols] (ld cols), z [rows, cols] with leading dimension ldz
+template <typename T>
+inline void mul_act_deriv_rows(Act a, T* g, const T* z, int64_t rows, int64_t cols, int64_t ldz) {
+  if (a == Act::Identity) return;
+  if (ldz == cols) return mul_act_deriv(a, g, z, rows * cols);
+  for (int64_t i = 0; i < rows; ++i) mul_act_deriv(a, g + i * cols, z + i * ldz, cols);
+}
+
+// g *= s'(z) from the activation's output a = s(z), row by row (out with leading dimension ldo)
+template <typename T>
+inline void mul_act_deriv_from_output_rows(Act a, T* g, const T* out, int64_t rows, int64_t cols, int64_t ldo) {
+  if (a == Act::Identity) return;
+  if (ldo == cols) return mul_act_deriv_from_output(a, g, out, rows * cols);
+  for (int64_t i = 0; i < rows; ++i) mul_act_deriv_from_output(a, g + i * cols, out + i * ldo, cols);
+}
+
+// Feature-major backward (see the top of the file): everything runs on [d, m] tiles (features x
+// samples), vectorised over the samples: the recompute z = W a, the data gradient ga = W^T gz (gemm_tn,
+// W as stored), the activation derivatives elementwise in place; only the weight gradients take gz
+// batch-major, dW^T (+)= a^T gz, from one in-cache transpose per layer.  `g` is the tile's gradient,
+// feature-major [d, m]; `dwt` receives dW^T.  `saved_fm`: the unit inputs are stored feature-major
+// ([R, d, B]) and the GEMMs read them in place; else batch-major ([R, B, d]) and each is transposed
+// into `hT`.  `wscr`: d * d elements (gemm_tn's transposed W).
 template <typename T>
 void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, bool saved_fm,
-                      int64_t r_begin, int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dwt,
-                      bool accumulate, T* hT, T* act, T* zs, T* zb, T* gz, T* ga) {
+                      int64_t r_begin, int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, bool fm_grad,
+                      T* dwt, bool accumulate, T* hT, T* act, T* zs, T* zb, T* gz, T* ga, T* wscr) {
   const int64_t md = m * d, dd = d * d;
   const T* in[64];
   std::vector<const T*> in_heap;
@@ -256,9 +275,10 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
     ins = in_heap.data();
   }
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
-    // the unit input, feature-major: [d, m] with leading dimension ld0
+    // the unit input, feature-major: [d, m] with leading dimension ld_in
     const T* hin_fm = saved_fm ? saved + r * d * B + row0 : hT;
-    int64_t ld0 = saved_fm ? B : m;
+    const int64_t ld_in = saved_fm ? B : m;
+    int64_t ld0 = ld_in;
     // the next unit's input (requested over the weight-gradient GEMMs), weights and gradient slot
     Prefetch next = r == 0 ? Prefetch() : saved_fm ? Prefetch(hin_fm - d * B, d, m, B) : Prefetch(saved + ((r - 1) * B + row0) * d, md);
     next.parts = 2 * n;
@@ -280,31 +300,42 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
         if (acts.mid == Act::Identity) {
           ins[k + 1] = zk;
         } else {
-          T* next = act + (k + 1) * md;
-          std::copy(zk, zk + md, next);
-          apply_act(acts.mid, next, md);
-          ins[k + 1] = next;
+          T* next_in = act + (k + 1) * md;
+          std::copy(zk, zk + md, next_in);
+          apply_act(acts.mid, next_in, md);
+          ins[k + 1] = next_in;
         }
       }
     }
-    // gz = g * s_post'(z_{n-1}), batch-major
+    // gz = g * s_post'(z_{n-1})
     std::copy(g, g + md, gz);
-    if (acts.post != Act::Identity) {
+    if (fm_grad) {
+      mul_act_deriv(acts.post, gz, zs + (n - 1) * md, md);
+    } else if (acts.post != Act::Identity) {
       transpose_tile(zs + (n - 1) * md, d, m, m, zb, d);
       mul_act_deriv(acts.post, gz, zb, md);
     }
     T* dwr = dwt + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
-      // dW[r, k]^T (+)= a_k^T @ gz        ([d_in, d_out])
-      gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, gz, d, dwr + k * dd, d, accumulate, next);
-      // ga = gz @ W[r, k]                 ([m, d_in])
-      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, next);
-      if (k > 0) {
-        mul_act_deriv_from_output_fm(acts.mid, ga, ins[k], m, d, m, zb);  // ins[k] = s_mid(z_{k-1})
-        std::swap(gz, ga);
+      if (fm_grad) {
+        transpose_tile(gz, d, m, m, zb, d);  // zb [m, d_out] = gz^T
+        // dW[r, k]^T (+)= a_k^T zb   ([d_in, d_out]; a_k feature-major is a_k^T batch-major)
+        gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, zb, d, dwr + k * dd, d, accumulate, next);
+        // ga = W[r, k]^T gz          ([d_in, m])
+        gemm_tn<T>(d, m, d, w + (r * n + k) * dd, d, gz, m, ga, m, false, wscr, next);
+        if (k > 0) mul_act_deriv_from_output(acts.mid, ga, ins[k], md);  // ins[k] = s_mid(z_{k-1}), [d, m]
+      } else {
+        // dW[r, k]^T (+)= a_k^T gz     ([d_in, d_out])
+        gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, gz, d, dwr + k * dd, d, accumulate, next);
+        // ga = gz @ W[r, k]             ([m, d_in])
+        gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, next);
+        if (k > 0) mul_act_deriv_from_output_fm(acts.mid, ga, ins[k], m, d, m, zb);
       }
+      if (k > 0) std::swap(gz, ga);
     }
-    if (acts.pre != Act::Identity) {  // ga *= s_pre'(unit input), batch-major
+    if (fm_grad) {
+      mul_act_deriv_rows(acts.pre, ga, hin_fm, d, m, ld_in);  // ga *= s_pre'(unit input)
+    } else if (acts.pre != Act::Identity) {  // batch-major
       if (saved_fm) {
         transpose_tile(hin_fm, d, m, B, zb, d);
         mul_act_deriv(acts.pre, ga, zb, md);
@@ -378,14 +409,14 @@ void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, 
 }
 
 // Backward from every layer's input stored feature-major (saved [R, n, d, B] in memory, the
-// feature-major forward's output): the weight gradients dW^T = a^T gz read the saved panels in
-// place; the data gradient runs batch-major, ga = gz W; the mid derivatives come from the saved
-// outputs (transposed in cache).  Nothing is recomputed but the last pre-activation where act_post
-// is not the identity.
+// feature-major forward's output), on feature-major tiles like backward_tile_fm: the weight gradients
+// dW^T (+)= a^T gz read the saved panels in place (gz transposed in cache), the data gradient is
+// ga = W^T gz, the mid derivatives come from the saved outputs.  Nothing is recomputed but the last
+// pre-activation where act_post is not the identity.  `g`: the tile's gradient, feature-major [d, m].
 template <typename T>
 void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, int64_t r_begin,
-                             int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dwt, bool accumulate,
-                             T* act, T* zT, T* zb, T* gz, T* ga) {
+                             int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, bool fm_grad, T* dwt,
+                             bool accumulate, T* act, T* zT, T* zb, T* gz, T* ga, T* wscr) {
   const int64_t md = m * d, dd = d * d;
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
     const T* panel = saved + r * n * d * B + row0;  // layer k's input: panel + k * d * B, [d, m], ld B
@@ -403,23 +434,35 @@ void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* 
       ld0 = m;
     }
     std::copy(g, g + md, gz);
-    if (acts.post != Act::Identity) {  // z_{n-1} = W a_{n-1}, feature-major on W as stored
+    if (acts.post != Act::Identity) {  // z_{n-1} = W a_{n-1}, then gz *= s_post'(z_{n-1})
       const T* a_last = n == 1 ? in0 : panel + (n - 1) * d * B;
       gemm_nn<T>(d, m, d, w + (r * n + n - 1) * dd, d, a_last, n == 1 ? ld0 : B, zT, m, false);
-      transpose_tile(zT, d, m, m, zb, d);
-      mul_act_deriv(acts.post, gz, zb, md);
+      if (fm_grad) {
+        mul_act_deriv(acts.post, gz, zT, md);
+      } else {
+        transpose_tile(zT, d, m, m, zb, d);
+        mul_act_deriv(acts.post, gz, zb, md);
+      }
     }
     T* dwr = dwt + (r - r_end) * n * dd;
     for (int64_t k = n - 1; k >= 0; --k) {
       const T* a = k == 0 ? in0 : panel + k * d * B;
-      gemm_nn<T>(d, d, m, a, k == 0 ? ld0 : B, gz, d, dwr + k * dd, d, accumulate, next);  // dW[r, k]^T (+)= a_k^T gz
-      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, next);            // ga = gz W[r, k]
-      if (k > 0) {
-        mul_act_deriv_from_output_fm(acts.mid, ga, a, m, d, B, zb);
-        std::swap(gz, ga);
+      const int64_t lda = k == 0 ? ld0 : B;
+      if (fm_grad) {
+        transpose_tile(gz, d, m, m, zb, d);  // zb [m, d_out] = gz^T
+        gemm_nn<T>(d, d, m, a, lda, zb, d, dwr + k * dd, d, accumulate, next);       // dW[r, k]^T (+)= a_k^T zb
+        gemm_tn<T>(d, m, d, w + (r * n + k) * dd, d, gz, m, ga, m, false, wscr, next);  // ga = W[r, k]^T gz
+        if (k > 0) mul_act_deriv_from_output_rows(acts.mid, ga, a, d, m, B);        // a = s_mid(z_{k-1})
+      } else {
+        gemm_nn<T>(d, d, m, a, lda, gz, d, dwr + k * dd, d, accumulate, next);    // dW[r, k]^T (+)= a_k^T gz
+        gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, next);  // ga = gz W[r, k]
+        if (k > 0) mul_act_deriv_from_output_fm(acts.mid, ga, a, m, d, B, zb);
       }
+      if (k > 0) std::swap(gz, ga);
     }
-    if (acts.pre != Act::Identity) {
+    if (fm_grad) {
+      mul_act_deriv_rows(acts.pre, ga, panel, d, m, B);  // ga *= s_pre'(unit input)
+    } else if (acts.pre != Act::Identity) {
       transpose_tile(panel, d, m, B, zb, d);
       mul_act_deriv(acts.pre, ga, zb, md);
     }
@@ -442,7 +485,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     return;
   }
   const bool layers = saved_in.dim() == 4;  // every layer's input was saved: nothing to recompute
-  const bool fm = cpu_tile_layout(d) == TileLayout::FeatureMajor;
+  const bool fm = cpu_tile_layout(d, std::is_same<T, double>::value) == TileLayout::FeatureMajor;
   // activations stored feature-major (the feature-major forward's output); the batch-major tiles
   // read them batch-major
   const bool saved_fm = !saved_in.is_contiguous() && fm;
@@ -452,6 +495,10 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     saved.copy_(saved_in);
   }
   const bool dw_transposed = fm || layers;  // slot buffers hold dW^T
+  // below d = 32 the feature-major tile kernels run the data gradient feature-major too (a batch-major one
+  // would fill d of a multiple of 16 lanes) and carry the tile's gradient feature-major
+  const bool fm_grad = d < cpu_fm_gradient_below();
+  const bool g_fm = fm_grad && (layers ? saved_fm : fm);
   // the batch-major recompute multiplies by W^T: [R, n, d_in, d_out]
   const at::Tensor wt = dw_transposed ? at::Tensor() : transpose_weights<T>(weights);
   const T* w_p = weights.data_ptr<T>();
@@ -470,30 +517,40 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
     const int64_t r_end = std::max<int64_t>(0, r_begin - U);
     const int64_t chunk = (r_begin - r_end) * n * dd;
     for_each_slot(slots, [&](int64_t s0, int64_t s1) {
-      std::unique_ptr<T[]> scratch(new T[(2 * n + 4) * m_max * d]);
+      std::unique_ptr<T[]> scratch(new T[(2 * n + 4) * m_max * d + dd]);
       T* act = scratch.get();
       T* zs = act + n * m_max * d;
       T* gz = zs + n * m_max * d;
       T* ga = gz + m_max * d;
       T* t0 = ga + m_max * d;   // batch-major: transposed activations for gemm_tn; feature-major: hT
-      T* t1 = t0 + m_max * d;   // feature-major: batch-major copy of a pre-activation
+      T* t1 = t0 + m_max * d;   // feature-major: batch-major copy of gz
+      T* wscr = t1 + m_max * d;  // feature-major: gemm_tn's W^T
       for (int64_t s = s0; s < s1; ++s) {
         T* dw = partial.get() + s * stride;
         const int64_t first = s * tiles / slots;
         for (int64_t t = first; t < (s + 1) * tiles / slots; ++t) {
           const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
+          T* g = g_all + row0 * d;  // the tile's gradient: [m, d], feature-major [d, m] between the chunks of g_fm
+          if (g_fm && r_begin == R) {
+            transpose_tile(g, m, d, d, t0, m);
+            std::copy(t0, t0 + m * d, g);
+          }
           if (layers && saved_fm)
-            backward_tile_layers_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut,
-                                       acts, dw, t != first, act, zs, t1, gz, ga);
+            backward_tile_layers_fm<T>(g, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts, fm_grad, dw,
+                                       t != first, act, zs, t1, gz, ga, wscr);
           else if (layers)
-            backward_tile_layers<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
-                                    dw, t != first, act, t0, t1, zs, gz, ga);
+            backward_tile_layers<T>(g, m, row0, B, w_p, saved_p, r_begin, r_end, n, d, shortcut, acts, dw, t != first,
+                                    act, t0, t1, zs, gz, ga);
           else if (fm)
-            backward_tile_fm<T>(g_all + row0 * d, m, row0, B, w_p, saved_p, saved_fm, r_begin, r_end, n, d,
-                                shortcut, acts, dw, t != first, t0, act, zs, t1, gz, ga);
+            backward_tile_fm<T>(g, m, row0, B, w_p, saved_p, saved_fm, r_begin, r_end, n, d, shortcut, acts, fm_grad,
+                                dw, t != first, t0, act, zs, t1, gz, ga, wscr);
           else
-            backward_tile<T>(g_all + row0 * d, m, row0, B, w_p, wt_p, saved_p, r_begin, r_end, n, d, shortcut, acts,
-                             dw, t != first, act, zs, gz, ga, t0);
+            backward_tile<T>(g, m, row0, B, w_p, wt_p, saved_p, r_begin, r_end, n, d, shortcut, acts, dw, t != first,
+                             act, zs, gz, ga, t0);
+          if (g_fm && r_end == 0) {
+            transpose_tile(g, d, m, m, t0, d);
+            std::copy(t0, t0 + m * d, g);
+          }
         }
       }
       gemm_release();
@@ -540,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
   at::Tensor y = at::empty_like(x);
   // the unit inputs [R, B, d] (layer inputs [R, n, B, d]): feature-major in memory ([R, d, B],
   // [R, n, d, B]) with feature-major tiles
-  const bool fm = cpu_tile_layout(s.d) == TileLayout::FeatureMajor;
+  const bool fm = cpu_forward_tile_layout(s.d, x.scalar_type() == at::kDouble, save_inputs) == TileLayout::FeatureMajor;
   const int64_t B = s.B, d = s.d;
   auto saved_empty = [&](bool feature_major) {
     return save_layers ? (feature_major ? pooled_empty({s.R, s.n, B, d}, {s.n * d * B, d * B, 1, B}, x.options())
@@ -553,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
     forward_impl<scalar_t>(x, weights, shortcut, acts, fm, y, save_inputs ? saved.data_ptr<scalar_t>() : nullptr,
                            save_layers);
   });
-  const bool saved_fm = cpu_saved_layout(d) == TileLayout::FeatureMajor;
+  const bool saved_fm = cpu_saved_layout(d, x.scalar_type() == at::kDouble) == TileLayout::FeatureMajor;
   if (save_inputs && fm != saved_fm) {  // SHORTCUT_EXT_CPU_LAYOUT chose the other tiles: a copy into the layout
     at::Tensor out = saved_empty(saved_fm);  // that the width implies (and the fake kernel predicts)
     out.copy_(saved);
