@@ -131,10 +131,12 @@ def test_unnormalised_probability_targets():
 
 @pytest.mark.parametrize(
     "B,d,R,n,K,target",
-    [(300, 16, 40, 2, 16, "mse"), (700, 4, 30, 3, 5, "ce_index"), (1, 5, 3, 2, 1, "ce_prob"), (37, 1, 4, 1, 2, "mse")],
+    [(300, 16, 40, 2, 16, "mse"), (700, 4, 30, 3, 5, "ce_index"), (1, 5, 3, 2, 1, "ce_prob"), (37, 1, 4, 1, 2, "mse"),
+     (65, 20, 6, 2, 3, "mse"), (40, 23, 4, 1, 2, "ce_index"), (9, 31, 3, 2, 1, "ce_prob")],
 )
 def test_many_tiles_and_segments(B, d, R, n, K, target):
-    """Shapes that cut the batch into several tiles and slots and the stack into several segments."""
+    """Shapes that cut the batch into several tiles and slots and the stack into several segments; widths whose
+    rows end in partial vectors of 8 and 16 (the masked row tails of the tangents' elementwise products)."""
     x, w, y, v, loss = _problem(B, d, R, n, K, target)
     acts = ("tanh", "relu", "ssigmoid")
     for name, a, b in zip(("loss", "grad", "hvp"), _op(x, w, y, v, True, acts, loss),
@@ -451,7 +453,7 @@ def test_cpu_schedule_gives_the_slots_equal_rows():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("d", [6, 10, 16])
+@pytest.mark.parametrize("d", [6, 10, 16, 20, 23])
 def test_float32_several_directions_at_small_width(d):
     """float32 at d <= 16 with K >= 2 directions: the HVP's weight-gradient products are gemm_tn(d, K*d, m), which
     must not take the register kernel for products up to 16 x 16 where K*d > 16 (it computes 16 columns at most).

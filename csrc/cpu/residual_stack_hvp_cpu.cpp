@@ -165,32 +165,63 @@ inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2)
 // g s''(z) R{z} of the tangent backward vanish and are skipped.
 inline bool has_curvature(Act a) { return a == Act::Tanh || a == Act::SSigmoid; }
 
+// One row of rows_mul: o[c] = (accumulate ? o[c] : 0) + (select ? (f[c] != 0 ? t[c] : 0) : t[c] * f[c]).
+template <typename T>
+inline void row_mul(T* o, const T* t, const T* f, int64_t d, bool accumulate, bool select) {
+#if defined(__AVX512F__)
+  // in vectors of 16 floats (8 doubles), the row's tail masked: the compilers' loops finished d % 16 values
+  // one by one, a fifth of a d = 20 HVP's time (d = 17..23 ran at 110-128 GFLOP/s, d = 24 at 184)
+  if (std::is_same<T, float>::value) {
+    float* of = reinterpret_cast<float*>(o);
+    const float* tf = reinterpret_cast<const float*>(t);
+    const float* ff = reinterpret_cast<const float*>(f);
+    for (int64_t c = 0; c < d; c += 16) {
+      const __mmask16 k = d - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (d - c)) - 1u);
+      const __m512 tv = _mm512_maskz_loadu_ps(k, tf + c), fv = _mm512_maskz_loadu_ps(k, ff + c);
+      __m512 r;
+      if (select) {
+        r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(fv, _mm512_setzero_ps(), _CMP_NEQ_UQ), tv);
+        if (accumulate) r = _mm512_add_ps(_mm512_maskz_loadu_ps(k, of + c), r);
+      } else {
+        r = accumulate ? _mm512_fmadd_ps(tv, fv, _mm512_maskz_loadu_ps(k, of + c)) : _mm512_mul_ps(tv, fv);
+      }
+      _mm512_mask_storeu_ps(of + c, k, r);
+    }
+    return;
+  }
+  if (std::is_same<T, double>::value) {
+    double* od = reinterpret_cast<double*>(o);
+    const double* td = reinterpret_cast<const double*>(t);
+    const double* fd = reinterpret_cast<const double*>(f);
+    for (int64_t c = 0; c < d; c += 8) {
+      const __mmask8 k = d - c >= 8 ? __mmask8(0xFF) : __mmask8((1u << (d - c)) - 1u);
+      const __m512d tv = _mm512_maskz_loadu_pd(k, td + c), fv = _mm512_maskz_loadu_pd(k, fd + c);
+      __m512d r;
+      if (select) {
+        r = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(fv, _mm512_setzero_pd(), _CMP_NEQ_UQ), tv);
+        if (accumulate) r = _mm512_add_pd(_mm512_maskz_loadu_pd(k, od + c), r);
+      } else {
+        r = accumulate ? _mm512_fmadd_pd(tv, fv, _mm512_maskz_loadu_pd(k, od + c)) : _mm512_mul_pd(tv, fv);
+      }
+      _mm512_mask_storeu_pd(od + c, k, r);
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < d; ++c) {
+    const T v = select ? (f[c] != T(0) ? t[c] : T(0)) : t[c] * f[c];
+    o[c] = accumulate ? o[c] + v : v;
+  }
+}
+
 // out[i, j, c] = (accumulate ? out : 0) + t[i, j, c] * f[i, c]   (t, out: [m, K, d]; f: [m, d]).
+// `select`: f is a ReLU derivative (0 or 1): pick, as autograd's threshold_backward does.
 template <typename T>
 inline void rows_mul(T* out, const T* t, const T* f, int64_t m, int64_t K, int64_t d, bool accumulate,
                      bool select = false) {
-  for (int64_t i = 0; i < m; ++i) {
-    const T* fi = f + i * d;
-    for (int64_t j = 0; j < K; ++j) {
-      T* o = out + (i * K + j) * d;
-      const T* ti = t + (i * K + j) * d;
-      if (select) {  // f is a ReLU derivative (0 or 1): pick, as autograd's threshold_backward does
-        if (accumulate) {
-#pragma omp simd
-          for (int64_t c = 0; c < d; ++c) o[c] += fi[c] != T(0) ? ti[c] : T(0);
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < d; ++c) o[c] = fi[c] != T(0) ? ti[c] : T(0);
-        }
-      } else if (accumulate) {
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) o[c] += ti[c] * fi[c];
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) o[c] = ti[c] * fi[c];
-      }
-    }
-  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < K; ++j)
+      row_mul(out + (i * K + j) * d, t + (i * K + j) * d, f + i * d, d, accumulate, select);
 }
 
 // x * s'(z) for an activation's derivative d1: a select for ReLU (0 where inactive, even for a NaN or
