@@ -1,6 +1,6 @@
 """Fused residual stack vs eager PyTorch vs torch.compile on CPU.
 
-2-shortcut ReLU (mid), R=1000 units, B=256, d in {16, 64, 128}, float32, 2 threads; forward and
+2-shortcut ReLU (mid), R=1000 units, B=256, d in {16, 24, 64, 128}, float32, 2 threads; forward and
 forward+backward.  Each run also measures one large 4096x4096 matmul and reports every variant's
 GFLOP/s and its fraction of that rate.  Results: benchmarks/results/residual_stack.{csv,json} (a run of
 only some cases, with -k: residual_stack_partial.{csv,json}) and a table printed at the end.
@@ -25,7 +25,7 @@ from shortcut_ext.ops import residual_stack
 from common import gemm_rate, write_results
 
 R, B, N = 1000, 256, 2
-WIDTHS = [16, 64, 128]
+WIDTHS = [16, 24, 64, 128]
 ACTS = ("identity", "relu", "identity")
 THREADS = int(os.environ.get("SHORTCUT_EXT_BENCH_THREADS", "2"))
 COMPILE = os.environ.get("SHORTCUT_EXT_BENCH_COMPILE", "1") != "0"
@@ -88,8 +88,14 @@ def _finish_rows(rate):
         ok = base and row["median_ms"] == row["median_ms"]
         row["speedup_vs_eager"] = round(base["median_ms"] / row["median_ms"], 2) if ok else None
     # a run of some of the cases (-k) must not replace the complete table: it gets a file of its own
-    name = "residual_stack" if _FULL <= {(r["case"], r["impl"]) for r in ROWS} else "residual_stack_partial"
-    write_results(name, ROWS, {"gemm4096_gflops": rate, "R": R, "B": B, "n": N, "acts": ACTS})
+    complete = _FULL <= {(r["case"], r["impl"]) for r in ROWS}
+    csv_path, _ = write_results("residual_stack" if complete else "residual_stack_partial", ROWS,
+                                {"gemm4096_gflops": rate, "R": R, "B": B, "n": N, "acts": ACTS})
+    if complete:  # this run's own partial files (written case by case until now) are superseded
+        for ext in ("csv", "json"):
+            stale = os.path.join(os.path.dirname(csv_path), f"residual_stack_partial.{ext}")
+            if os.path.exists(stale):
+                os.remove(stale)
 
 
 @pytest.fixture(scope="module", autouse=True)
