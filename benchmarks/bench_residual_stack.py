@@ -89,11 +89,11 @@ def _finish_rows(rate):
         row["speedup_vs_eager"] = round(base["median_ms"] / row["median_ms"], 2) if ok else None
     # a run of some of the cases (-k) must not replace the complete table: it gets a file of its own
     complete = _FULL <= {(r["case"], r["impl"]) for r in ROWS}
-    csv_path, _ = write_results("residual_stack" if complete else "residual_stack_partial", ROWS,
-                                {"gemm4096_gflops": rate, "R": R, "B": B, "n": N, "acts": ACTS})
-    if complete:  # this run's own partial files (written case by case until now) are superseded
+    paths = write_results("residual_stack" if complete else "residual_stack_partial", ROWS,
+                          {"gemm4096_gflops": rate, "R": R, "B": B, "n": N, "acts": ACTS})
+    if complete and paths:  # the partial files this run wrote case by case until now are superseded
         for ext in ("csv", "json"):
-            stale = os.path.join(os.path.dirname(csv_path), f"residual_stack_partial.{ext}")
+            stale = os.path.join(os.path.dirname(paths[0]), f"residual_stack_partial.{ext}")
             if os.path.exists(stale):
                 os.remove(stale)
 

@@ -223,6 +223,32 @@ def test_residual_stack_rows_rates_and_ratios(residual_stack_bench):
     assert {r["impl"]: r["speedup_vs_eager"] for r in rows if r["mode"] == "forward"} == {"eager": 1.0, "fused": 4.0}
 
 
+def test_residual_stack_complete_run_removes_its_partial_files(residual_stack_bench, monkeypatch, tmp_path):
+    """Results go to disk after every case: to the partial files until the table is complete, then to the
+    complete ones, and the partial files of the run (stale by then) are removed; an incomplete run leaves the
+    complete files alone."""
+    mod, written = residual_stack_bench
+
+    def write(name, rows, extra):
+        written.append((name, rows, extra))
+        paths = [tmp_path / f"{name}.{ext}" for ext in ("csv", "json")]
+        for p in paths:
+            p.write_text(str(len(rows)))
+        return tuple(map(str, paths))
+
+    monkeypatch.setattr(mod, "write_results", write)
+    monkeypatch.setattr(mod, "_FULL", {("d=4 forward", "eager"), ("d=4 forward", "fused")})
+    row = {"d": 4, "mode": "forward", "median_ms": 1.0, "iqr_ms": 0.1, "gflops": 1.0}
+    mod.ROWS.append({"case": "d=4 forward", "impl": "eager", **row})
+    mod._finish_rows(1000.0)
+    assert written[-1][0] == "residual_stack_partial"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["residual_stack_partial.csv", "residual_stack_partial.json"]
+    mod.ROWS.append({"case": "d=4 forward", "impl": "fused", **row})
+    mod._finish_rows(1000.0)
+    assert written[-1][0] == "residual_stack"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["residual_stack.csv", "residual_stack.json"]
+
+
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 def test_residual_stack_refuses_a_wrong_output(residual_stack_bench, monkeypatch, mode):
     """The fused output is compared with eager before timing (the output itself, not only its gradients)."""

@@ -255,13 +255,15 @@ inline void mul_act_deriv_from_output_rows(Act a, T* g, const T* out, int64_t ro
   for (int64_t i = 0; i < rows; ++i) mul_act_deriv_from_output(a, g + i * cols, out + i * ldo, cols);
 }
 
-// Feature-major backward (see the top of the file): everything runs on [d, m] tiles (features x
-// samples), vectorised over the samples: the recompute z = W a, the data gradient ga = W^T gz (gemm_tn,
-// W as stored), the activation derivatives elementwise in place; only the weight gradients take gz
-// batch-major, dW^T (+)= a^T gz, from one in-cache transpose per layer.  `g` is the tile's gradient,
-// feature-major [d, m]; `dwt` receives dW^T.  `saved_fm`: the unit inputs are stored feature-major
-// ([R, d, B]) and the GEMMs read them in place; else batch-major ([R, B, d]) and each is transposed
-// into `hT`.  `wscr`: d * d elements (gemm_tn's transposed W).
+// Feature-major backward (see the top of the file).  With `fm_grad` (d < 32) everything runs on [d, m]
+// tiles (features x samples), vectorised over the samples: the recompute z = W a, the data gradient
+// ga = W^T gz (gemm_tn, W as stored), the activation derivatives elementwise in place; only the weight
+// gradients take gz batch-major, dW^T (+)= a^T gz, from one in-cache transpose per layer; `g` is the
+// tile's gradient, feature-major [d, m].  Without it (d >= 32: full lanes either way, and no transpose of
+// gz) the data gradient runs batch-major, ga = gz W, on a batch-major `g`, the mid derivatives transposing
+// the saved outputs on the fly.  `dwt` receives dW^T.  `saved_fm`: the unit inputs are stored
+// feature-major ([R, d, B]) and the GEMMs read them in place; else batch-major ([R, B, d]) and each is
+// transposed into `hT`.  `wscr`: d * d elements (gemm_tn's transposed W).
 template <typename T>
 void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, bool saved_fm,
                       int64_t r_begin, int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, bool fm_grad,
@@ -410,9 +412,10 @@ void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, 
 
 // Backward from every layer's input stored feature-major (saved [R, n, d, B] in memory, the
 // feature-major forward's output), on feature-major tiles like backward_tile_fm: the weight gradients
-// dW^T (+)= a^T gz read the saved panels in place (gz transposed in cache), the data gradient is
-// ga = W^T gz, the mid derivatives come from the saved outputs.  Nothing is recomputed but the last
-// pre-activation where act_post is not the identity.  `g`: the tile's gradient, feature-major [d, m].
+// dW^T (+)= a^T gz read the saved panels in place, the mid derivatives come from the saved outputs, and
+// with `fm_grad` the data gradient is ga = W^T gz on a feature-major `g` [d, m] (gz transposed in cache for
+// the weight gradients); else ga = gz W on a batch-major `g`.  Nothing is recomputed but the last
+// pre-activation where act_post is not the identity.
 template <typename T>
 void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* saved, int64_t r_begin,
                              int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, bool fm_grad, T* dwt,
