@@ -6,14 +6,17 @@ Environment switches:
   DEBUG=1            -O0 -g, no NDEBUG
   MAX_JOBS=N         parallel compile jobs (read by torch's ninja builder)
   SHORTCUT_EXT_NATIVE=0  no -march=native (for a build that must run on other x86 CPUs)
+  SHORTCUT_EXT_MARCH=ARCH  -march=ARCH instead of native, e.g. x86-64-v3 (any CPU with AVX2 and FMA: the
+                     AVX2 register kernels) or x86-64-v4 (AVX-512), for a build shared by several machines
   SANITIZE=LIST      the C++ sources built -O1 -g with -fsanitize=LIST, e.g. address,undefined (a
                      check build: run it with the sanitizer runtime preloaded, as the README says)
   CUDA_HOME=DIR      the CUDA toolkit root (the folder whose include/ holds cuda.h); a CUDA_HOME without
                      it is an error where CUDA would be built (not silently replaced by another toolkit)
 
 A native build (the default on x86-64) records the build CPU's instruction-set flags in
-shortcut_ext/_build_cpu.py: on a CPU that lacks one of them, `import shortcut_ext` does not load the
-kernels (they would stop the process with an illegal instruction) and says how to rebuild.
+shortcut_ext/_build_cpu.py (a SHORTCUT_EXT_MARCH build: the flags of that target, from the compiler's
+feature macros): on a CPU that lacks one of them, `import shortcut_ext` does not load the kernels (they
+would stop the process with an illegal instruction) and says how to rebuild.
 
 CUDA is built when torch itself is a CUDA build (``torch.version.cuda``) and nvcc is found, or
 when FORCE_CUDA=1; a GPU need not be present (``torch.cuda.is_available()`` is not consulted).
@@ -99,11 +102,45 @@ def _cpu_isa():
     return None
 
 
-def _record_build_cpu(isa):
-    """shortcut_ext/_build_cpu.py: the flags a native build needs at run time (None: a portable build)."""
+# the compiler's instruction-set macros and the /proc/cpuinfo flags they need (a SHORTCUT_EXT_MARCH target)
+_MACRO_ISA = {
+    "__SSE__": "sse", "__SSE2__": "sse2", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",
+    "__SSE4A__": "sse4a", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__FMA4__": "fma4",
+    "__F16C__": "f16c", "__BMI__": "bmi1", "__BMI2__": "bmi2", "__LZCNT__": "abm", "__POPCNT__": "popcnt",
+    "__MOVBE__": "movbe", "__GFNI__": "gfni", "__VAES__": "vaes", "__VPCLMULQDQ__": "vpclmulqdq",
+    "__AVXVNNI__": "avx_vnni", "__AVX512F__": "avx512f", "__AVX512CD__": "avx512cd", "__AVX512DQ__": "avx512dq",
+    "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl", "__AVX512IFMA__": "avx512ifma",
+    "__AVX512VBMI__": "avx512vbmi", "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512VNNI__": "avx512_vnni",
+    "__AVX512BITALG__": "avx512_bitalg", "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq", "__AVX512BF16__": "avx512_bf16",
+    "__AVX512FP16__": "avx512_fp16", "__AVX512VP2INTERSECT__": "avx512_vp2intersect", "__AMX_TILE__": "amx_tile",
+    "__AMX_INT8__": "amx_int8", "__AMX_BF16__": "amx_bf16",
+}
+
+
+def _march_isa(march):
+    """The /proc/cpuinfo flags that code built with -march=``march`` needs (the compiler's predefined macros)."""
+    cxx = os.environ.get("CXX") or "c++"
+    try:
+        r = subprocess.run([cxx, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
+                           text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"SHORTCUT_EXT_MARCH={march}: could not run the C++ compiler {cxx!r} ({e})") from None
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["no message"])[0]
+        raise RuntimeError(f"SHORTCUT_EXT_MARCH must be a target that {cxx} knows for -march (e.g. x86-64-v3, "
+                           f"x86-64-v4, znver3, skylake-avx512), got {march!r}: {why}")
+    macros = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("#define ") and len(line.split()) > 1}
+    return sorted({flag for macro, flag in _MACRO_ISA.items() if macro in macros})
+
+
+def _record_build_cpu(isa, target=None):
+    """shortcut_ext/_build_cpu.py: the flags a native build needs at run time (None: a portable build), and the
+    -march target ("native", a SHORTCUT_EXT_MARCH value, or None)."""
     text = ('"""Written by setup.py: the instruction-set flags of the CPU a native (-march=native) build was made\n'
-            'on, or None for a portable build.  The package does not load its kernels on a CPU that lacks one."""\n'
-            f"ISA = {None if isa is None else tuple(isa)!r}\n")
+            'on, or of its SHORTCUT_EXT_MARCH target, or None for a portable build.  The package does not load its\n'
+            'kernels on a CPU that lacks one."""\n'
+            f"ISA = {None if isa is None else tuple(isa)!r}\n"
+            f"TARGET = {target!r}\n")
     path = os.path.join(ROOT, "shortcut_ext", "_build_cpu.py")
     try:
         if open(path, encoding="utf-8").read() == text:
@@ -132,12 +169,22 @@ def extensions():
     if sanitize:
         cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={sanitize}"]
-    native = os.environ.get("SHORTCUT_EXT_NATIVE", "1") != "0" and platform.machine() in ("x86_64", "AMD64")
-    if native:
-        # the portable loops (float64, elementwise passes) vectorise for this CPU; the package is
-        # built where it runs.  SHORTCUT_EXT_NATIVE=0 for a build that must run on other CPUs.
-        cxx += ["-march=native"]
-    _record_build_cpu(_cpu_isa() if native else None)
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    march = os.environ.get("SHORTCUT_EXT_MARCH", "").strip()
+    native = os.environ.get("SHORTCUT_EXT_NATIVE", "1") != "0" and x86 and not march
+    if march:
+        # a named target: the flags it needs come from the compiler, not from this CPU
+        isa = _march_isa(march)
+        print(f"shortcut_ext: -march={march} (needs {', '.join(isa) or 'no recorded extension'})")
+        cxx += [f"-march={march}"]
+        _record_build_cpu(isa if x86 else None, march)
+    else:
+        if native:
+            # the portable loops (float64, elementwise passes) vectorise for this CPU, and the register kernels
+            # (AVX-512 or AVX2) are compiled in; the package is built where it runs.  SHORTCUT_EXT_NATIVE=0 for a
+            # build that must run on other CPUs, SHORTCUT_EXT_MARCH for one that runs on a family of them.
+            cxx += ["-march=native"]
+        _record_build_cpu(_cpu_isa() if native else None, "native" if native else None)
     extra = {"cxx": cxx}
     if with_cuda:
         home = _cuda_home()

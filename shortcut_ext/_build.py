@@ -76,9 +76,11 @@ def missing_isa(built, have) -> list:
 
 
 try:  # written by setup.py; absent in a tree that was never built
-    _BUILD_ISA = getattr(_load_own("_build_cpu"), "ISA", None)
+    _record = _load_own("_build_cpu")
+    _BUILD_ISA = getattr(_record, "ISA", None)
+    _BUILD_TARGET = getattr(_record, "TARGET", "native" if _BUILD_ISA is not None else None)  # older records: no TARGET
 except Exception:  # a damaged record: no check, as for a tree that was never built
-    _BUILD_ISA = None
+    _BUILD_ISA = _BUILD_TARGET = None
 
 def _other_builds() -> list:
     """Compiled ``_C`` files beside the package that this Python cannot import (built for another one)."""
@@ -97,9 +99,10 @@ if _own_spec("_C") is None:
                       stacklevel=2)
 elif missing_isa(_BUILD_ISA, _cpu_flags()):
     # loading it would stop the process with an illegal instruction (SIGILL), in its static initialisers
-    _LOAD_ERROR = (f"it was built with -march=native on a CPU with instructions this CPU lacks "
+    _LOAD_ERROR = (f"it was built (-march=native, or SHORTCUT_EXT_MARCH) for a CPU with instructions this CPU lacks "
                    f"({', '.join(missing_isa(_BUILD_ISA, _cpu_flags()))}), so it is not loaded: rebuild it on this "
-                   "machine, or build with SHORTCUT_EXT_NATIVE=0 for a package that runs on any x86-64 CPU")
+                   "machine, or build with SHORTCUT_EXT_MARCH=x86-64-v3 for a package that runs on any CPU with AVX2 "
+                   "and FMA, or SHORTCUT_EXT_NATIVE=0 for one that runs on any x86-64 CPU")
 else:
     try:  # importing _C runs TORCH_LIBRARY registration of every op schema and CPU/CUDA kernel
         _C = _load_own("_C")
@@ -134,6 +137,7 @@ def build_info() -> dict:
     info = dict(_C.build_info())
     info["built"] = True
     info["native_isa"] = None if _BUILD_ISA is None else list(_BUILD_ISA)  # None: a portable build
+    info["cpu_target"] = _BUILD_TARGET  # the -march target: "native", a SHORTCUT_EXT_MARCH value, or None
     return info
 
 

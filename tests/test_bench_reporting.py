@@ -462,3 +462,59 @@ def test_float64_bench_variants_agree_and_ratios_are_per_product(bench):
     assert got[("hvp_k4", "fused")]["speedup_vs_eager"] == 10.0  # 20 ms per eager product / 2
     assert got[("hvp_k4", "fused")]["speedup_vs_eager_k1"] == 15.0  # 30 ms, eager's one-direction product / 2
     assert got[("forward", "fused")]["speedup_vs_eager"] == 5.0 and "speedup_vs_eager_k1" not in got[("forward", "fused")]
+
+
+# ---------------------------------------------------------------------------------------- build_step_times
+def test_build_step_times_rows_and_json(bench, monkeypatch, tmp_path, capsys):
+    """One row per (dtype, d, activation) with the step's and the forward's medians and rates, and one per
+    (dtype, directions) with ms per product (the call's median / k); the JSON holds the build and the rows."""
+    mod = bench("build_step_times")
+    monkeypatch.setattr(mod, "STEP_CASES", ((3, 2),))
+    monkeypatch.setattr(mod, "HVP_CASE", (4, 3, 8))
+    monkeypatch.setattr(mod, "median_time", lambda f, repeats: (f(), 0.002)[1])
+    old = torch.get_num_threads()
+    try:
+        rows = mod.main(["--batch", "5", "--repeats", "1", "--out", str(tmp_path / "t.json")])
+    finally:
+        torch.set_num_threads(old)
+    steps = [r for r in rows if "step_ms" in r]
+    hvps = [r for r in rows if "hvp_ms_per_product" in r]
+    assert [(r["dtype"], r["d"], r["act"]) for r in steps] == [
+        (dt, 3, act) for dt in ("float32", "float64") for act in ("relu", "tanh")]
+    for r in steps:
+        assert r["step_ms"] == r["forward_ms"] == 2.0
+        flop = 2.0 * 5 * 3 * 3 * 2 * 2
+        assert r["forward_gflops"] == pytest.approx(flop / 0.002 / 1e9) and r["step_gflops"] == pytest.approx(3 * r["forward_gflops"])
+    assert [(r["dtype"], r["directions"], r["hvp_ms_per_product"]) for r in hvps] == [
+        ("float32", 1, 2.0), ("float32", 16, 2.0 / 16), ("float64", 1, 2.0), ("float64", 16, 2.0 / 16)]
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["rows"] == rows and saved["build"]["cpu_gemm"] == shortcut_ext.build_info()["cpu_gemm"]
+    assert saved["threads"] == 1
+    assert "build:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("what", ["step", "hvp"])
+def test_build_step_times_refuses_a_wrong_kernel(bench, monkeypatch, what):
+    """A build whose kernels answer wrong (here: a gradient or products 1% off, or NaN) stops the script before
+    anything is timed."""
+    mod = bench("build_step_times")
+    monkeypatch.setattr(mod, "STEP_CASES", ((3, 2),))
+    monkeypatch.setattr(mod, "HVP_CASE", (4, 3, 8))
+    timed = []
+    monkeypatch.setattr(mod, "median_time", lambda f, repeats: timed.append(1) or 0.001)
+    if what == "step":
+        real = mod._C.mse_step
+        monkeypatch.setattr(mod, "_C", SimpleNamespace(mse_step=lambda *a: (real(*a)[0], real(*a)[1] * 1.01)))
+    else:
+        real_hvp = torch.ops.shortcut_ext.residual_stack_hvp
+        fake = SimpleNamespace(shortcut_ext=SimpleNamespace(
+            residual_stack_hvp=lambda *a: (*real_hvp(*a)[:2], real_hvp(*a)[2] * float("nan")),
+            residual_stack_forward=torch.ops.shortcut_ext.residual_stack_forward))
+        monkeypatch.setattr(mod.torch, "ops", fake)
+    old = torch.get_num_threads()
+    try:
+        with pytest.raises(AssertionError, match="differs from the reference"):
+            mod.main(["--batch", "5", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(old)
+    assert timed == ([] if what == "step" else [1] * 4)  # the hvp check comes after the float32 step rows

@@ -22,6 +22,50 @@ def test_missing_isa():
     assert missing_isa(None, {"avx2"}) == [] and missing_isa(("avx2",), None) == []  # portable build; not Linux
 
 
+def _setup_py(*names):
+    """Definitions of setup.py (functions and constants) without running it: importing it builds."""
+    import ast
+
+    path = os.path.join(os.path.dirname(PKG), "setup.py")
+    if not os.path.exists(path):
+        pytest.skip("no setup.py beside the package (an installed copy)")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    keep = [node for node in tree.body
+            if (isinstance(node, ast.FunctionDef) and node.name in names)
+            or (isinstance(node, ast.Assign) and any(getattr(t, "id", "") in names for t in node.targets))]
+    ns = {"os": os, "subprocess": subprocess}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)
+    return ns
+
+
+def test_a_named_march_records_the_flags_its_code_needs():
+    """SHORTCUT_EXT_MARCH=ARCH builds for a family of CPUs: the flags recorded (which decide whether a CPU may load
+    the kernels) are the target's, from the compiler, not the build CPU's: x86-64-v3 needs AVX2 and FMA and no
+    AVX-512, x86-64-v4 AVX-512; an unknown target stops the build with a message that names the variable."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which(os.environ.get("CXX") or "c++") is None:
+        pytest.skip("needs an x86-64 C++ compiler")
+    ns = _setup_py("_MACRO_ISA", "_march_isa")
+    v3, v4 = ns["_march_isa"]("x86-64-v3"), ns["_march_isa"]("x86-64-v4")
+    assert {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "sse4_2"} <= set(v3), v3
+    assert not any(f.startswith("avx512") for f in v3), v3
+    assert {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(v4), v4
+    assert v3 == sorted(v3) and set(v3) < set(v4)
+    with pytest.raises(RuntimeError, match="SHORTCUT_EXT_MARCH must be a target that .* got 'no-such-cpu'"):
+        ns["_march_isa"]("no-such-cpu")
+
+
+def test_build_info_says_what_the_code_was_built_for():
+    """cpu_target: "native" (-march=native, the default; native_isa the build CPU's flags), a SHORTCUT_EXT_MARCH
+    value (native_isa that target's flags), or None for a portable build (no flags recorded)."""
+    info = shortcut_ext.build_info()
+    if not info["built"]:
+        pytest.skip("not built")
+    assert (info["cpu_target"] is None) == (info["native_isa"] is None), info
+    assert info["cpu_target"] is None or isinstance(info["cpu_target"], str) and info["cpu_target"], info
+
+
 def _copy_package(tmp_path, isa=None, c_bytes=None):
     """A copy of the built package with another recorded ISA, or a _C replaced by ``c_bytes``."""
     dst = tmp_path / "pkg" / "shortcut_ext"
@@ -59,21 +103,24 @@ def test_an_unusable_build_warns_and_falls_back(tmp_path, case):
         if not os.path.exists("/proc/cpuinfo"):
             pytest.skip("the CPU check reads /proc/cpuinfo")
         want = "avx9999_not_a_real_flag"
+        hint = "SHORTCUT_EXT_MARCH=x86-64-v3"  # the rebuild hint names both ways to a shared build
     elif case == "broken_so":
         root = _copy_package(tmp_path, c_bytes=b"not an ELF file")
         want = "importing it failed"
+        hint = ""
     else:  # a _C built for another Python (an in-place build used from another interpreter): nothing said
         root = _copy_package(tmp_path)
         for so in (root / "shortcut_ext").glob("_C*.so"):
             so.rename(so.with_name("_C.cpython-39-x86_64-linux-gnu.so"))
         want = "built for another Python"
+        hint = ""
     env = dict(os.environ, PYTHONPATH=str(root))
     r = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert want in out["WARN"] and "backend='torch'" in out["WARN"]
-    assert out["BUILT"].startswith("False") and want in out["BUILT"]
+    assert out["BUILT"].startswith("False") and want in out["BUILT"] and hint in out["BUILT"]
     assert out["BACKEND"] == "torch"
     assert out["RAISED"].startswith("backend='fused' cannot run: the compiled extension shortcut_ext._C is not")
     # the commands: one clear message and exit status 2, no traceback

@@ -123,7 +123,7 @@ def _special_inputs(count, dtype):
 @pytest.mark.parametrize("act", ["tanh", "ssigmoid"])
 def test_cpu_tanh_matches_torch_at_every_length_and_special_value(act, dtype):
     """The CPU kernels' tanh (SLEEF's vector tanh on AVX-512 builds, 16 floats / 8 doubles at a time, the last ones
-    masked; std::tanh elsewhere) against torch.tanh, element by element, on a one-layer identity stack whose output is
+    masked, 8 / 4 on AVX2 builds; std::tanh elsewhere) against torch.tanh, element by element, on a one-layer identity stack whose output is
     s(x): every length 1 to 40 (every tail), nan, +-inf, +-0, subnormals, saturation. Its gradient
     (g * s'(x), the tanh recomputed in the backward) against the reference's."""
     scale = 0.5 if act == "ssigmoid" else 1.0
@@ -150,17 +150,20 @@ def test_cpu_tanh_matches_torch_at_every_length_and_special_value(act, dtype):
 
 
 def test_cpu_tanh_is_the_vector_one_where_libtorch_has_it():
-    """build_info()["cpu_tanh"]: "sleef" on an AVX-512 build whose libtorch exports SLEEF's tanh (the x86 wheels
-    do), else "std": a build that dropped the vector path (4.6x slower tanh nets at d = 10) would fail here."""
+    """build_info()["cpu_tanh"]: "sleef" on an AVX-512 or AVX2 build whose libtorch exports SLEEF's tanh for it (the
+    x86 wheels do), else "std": a build that dropped the vector path (2-4.6x slower tanh nets at d = 10 to 64) would
+    fail here."""
     import ctypes
     import os
 
     path = shortcut_ext.build_info()["cpu_tanh"]
     isa = shortcut_ext.build_info()["native_isa"]
     lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    exported = os.path.exists(lib) and all(hasattr(ctypes.CDLL(lib), f) for f in ("Sleef_tanhf16_u10",
-                                                                                 "Sleef_tanhd8_u10"))
-    if isa is not None and "avx512f" in isa and exported:
+    isa = set(isa or ())
+    names = (("Sleef_tanhf16_u10", "Sleef_tanhd8_u10") if "avx512f" in isa else
+             ("Sleef_tanhf8_u10avx2", "Sleef_tanhd4_u10avx2") if {"avx2", "fma"} <= isa else None)
+    exported = names is not None and os.path.exists(lib) and all(hasattr(ctypes.CDLL(lib), f) for f in names)
+    if exported:
         assert path == "sleef", path
     else:
         assert path in ("sleef", "std"), path
@@ -630,15 +633,18 @@ def test_gemm_paths_match(path, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def _avx512_build() -> bool:
+def _register_kernel_build() -> bool:
+    """A native build for a CPU with AVX-512, or AVX2 and FMA: the register kernels (kernel16, kernel64) are
+    compiled in."""
     isa = shortcut_ext.build_info()["native_isa"]
-    return isa is not None and "avx512f" in isa
+    return isa is not None and ("avx512f" in isa or {"avx2", "fma"} <= set(isa))
 
 
 def _check_cpu_gemm(dtype, seed=0):
     """The kernels' GEMM routine (_C.cpu_gemm, the path this process selected) against torch.matmul in float64,
     both orientations, written or accumulated, over shapes that reach every register block and tail (rows 1 to
-    9 and beyond, columns around multiples of 8 and 32, inner sizes 1 to 130), on padded views whose padding
+    9 and beyond, columns around multiples of 4, 8, 16 and 32 (the AVX2 and AVX-512 vectors and panels), inner
+    sizes 1 to 130), on padded views whose padding
     holds NaN: a read past a row's end would spread NaN into the result, a write past it would overwrite the
     padding."""
     from shortcut_ext._build import _C
@@ -647,7 +653,7 @@ def _check_cpu_gemm(dtype, seed=0):
     eps = torch.finfo(dtype).eps
     routines = set()
     for M in (1, 2, 5, 6, 7, 8, 9, 13, 16, 33):
-        for N in (1, 7, 8, 9, 16, 24, 31, 32, 33, 40, 64, 65):
+        for N in (1, 7, 8, 9, 12, 16, 20, 24, 31, 32, 33, 40, 64, 65):
             for K in (1, 3, 16, 37, 130):
                 for a_t in (False, True):
                     for acc in (False, True):
@@ -804,7 +810,7 @@ def test_float64_gemm_paths_match(env, tmp_path):
 
     import inspect
 
-    path = {"portable": "portable", "brgemm": "blas"}.get(env, "kernel64" if _avx512_build() else "blas")
+    path = {"portable": "portable", "brgemm": "blas"}.get(env, "kernel64" if _register_kernel_build() else "blas")
     code = (
         "import torch, shortcut_ext as se; from shortcut_ext import reference as ref\n"
         + inspect.getsource(_check_cpu_gemm) +
@@ -1220,8 +1226,7 @@ def test_default_cpu_gemm_path(value, tmp_path):
             pytest.skip("built with SHORTCUT_EXT_NO_BRGEMM: no brgemm path")
         pytest.fail(f"SHORTCUT_EXT_CPU_GEMM={value!r}: the default path is 'portable' although brgemm is built "
                     f"({probe.stdout.split()[-1]!r} with SHORTCUT_EXT_CPU_GEMM=brgemm)")
-    isa = shortcut_ext.build_info()["native_isa"]
-    if isa is not None and "avx512f" in isa:  # -march=native on AVX-512: the register kernel is compiled in
+    if _register_kernel_build():  # -march=native on AVX-512 or AVX2: the register kernel is compiled in
         assert path == "brgemm+kernel16", (value, path)
     else:
         assert path in ("brgemm", "brgemm+kernel16"), (value, path)

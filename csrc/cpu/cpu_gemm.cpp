@@ -27,10 +27,10 @@ bool use_brgemm() {
 #endif
 }
 
-// The AVX-512 register kernels (kernel16 for float32, kernel64 for float64): on AVX-512 builds, unless
+// The register kernels (kernel16 for float32, kernel64 for float64): on AVX-512 and AVX2 builds, unless
 // SHORTCUT_EXT_CPU_GEMM selects the libraries only (brgemm) or the loops (portable).
 static bool use_register_kernels() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(SHORTCUT_EXT_AVX2_KERNELS)
   static const bool on = gemm_env() != "portable" && gemm_env() != "brgemm";
   return on;
 #else

@@ -1,12 +1,13 @@
 // Small row-major GEMMs for the fused CPU kernels.
 //
-// float32 goes through a register kernel for the weight gradients of d <= 16 (AVX-512 builds) and otherwise ATen's batch-reduce GEMM (oneDNN brgemm ukernels, AVX-512 where the CPU has
-// it); that symbol is exported by libtorch but internal, so SHORTCUT_EXT_NO_BRGEMM=1 (compile
-// time) or SHORTCUT_EXT_CPU_GEMM=portable (run time) switch to the portable loops below, which are
-// also the float64 path where no BLAS is found.
+// float32 goes through a register kernel for the weight gradients of d <= 16 (AVX-512 and AVX2 builds) and
+// otherwise ATen's batch-reduce GEMM (oneDNN brgemm ukernels, AVX-512 where the CPU has it); that symbol is
+// exported by libtorch but internal, so SHORTCUT_EXT_NO_BRGEMM=1 (compile time) or
+// SHORTCUT_EXT_CPU_GEMM=portable (run time) switch to the portable loops below, which are also the float64
+// path where no BLAS is found.
 //
-// float64 runs an AVX-512 register kernel (dgemm_avx512, AVX-512 builds), else the BLAS `dgemm_` that
-// libtorch carries (MKL in the x86 wheels), else the portable loops.  The portable loops ran at 19-30
+// float64 runs a register kernel (dgemm_avx512 on AVX-512 builds, gemm_avx2 on AVX2 builds), else the BLAS
+// `dgemm_` that libtorch carries (MKL in the x86 wheels), else the portable loops.  The portable loops ran at 19-30
 // GFLOP/s on 2 cores, and the fused float64 ops lost to pure PyTorch (MKL) from d = 32 on; `dgemm_` was
 // 1.3-5x faster than the loops, and the register kernel is 1.8-3.5x faster than `dgemm_` again on whole
 // fused ops, d = 2 to 128 (2-core AVX-512 AMD EPYC, where MKL takes its AVX2 path; MKL also pays a
@@ -31,8 +32,8 @@ extern "C" void dgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace shortcut_ext {
 
-// The float64 path: "kernel64" (the AVX-512 register kernel: SHORTCUT_EXT_CPU_GEMM unset or auto, AVX-512
-// builds), "blas" (dgemm_: =brgemm, or no AVX-512) or "portable" (=portable, or no dgemm_ in libtorch).
+// The float64 path: "kernel64" (the register kernel: SHORTCUT_EXT_CPU_GEMM unset or auto, AVX-512 or AVX2
+// builds), "blas" (dgemm_: =brgemm, or neither) or "portable" (=portable, or no dgemm_ in libtorch).
 // Measured at R = 300, B = 256, 2 threads, whole fused ops (forward, forward+backward, HVPs): dgemm_ 1.3-5x
 // faster than the loops at every d from 2 to 64; the register kernel 1.8-3.5x faster than dgemm_ at every d
 // from 2 to 128.
@@ -49,7 +50,7 @@ inline void blas_dgemm(bool a_transposed, int64_t M, int64_t N, int64_t K, const
 }
 
 // Which float32 path the CPU kernels use in this process (SHORTCUT_EXT_CPU_GEMM):
-// "auto" (default): the d <= 16 register kernel below where it applies (AVX-512 builds), oneDNN
+// "auto" (default): the d <= 16 register kernel below where it applies (AVX-512 and AVX2 builds), oneDNN
 // brgemm otherwise; "brgemm": brgemm only; "portable": the portable loops only.
 std::string cpu_gemm_path();
 bool use_brgemm();
@@ -303,6 +304,117 @@ inline void dgemm_avx512(int64_t M, int64_t N, int64_t K, const double* A, int64
 }
 #endif
 
+#if defined(SHORTCUT_EXT_AVX2_KERNELS)
+// The register kernels of AVX2 builds (16 ymm registers, no mask registers): C[MR rows, NV vectors] (+)= op(A) @ B
+// over K, float (8 lanes) or double (4 lanes), MR x NV accumulators, one row of B (NV vectors, the last one by
+// maskload) per step and one broadcast of op(A) per row.  op(A) = A [M, K] (lda), or A^T for A stored [K, M] (AT:
+// the weight-gradient products).  float takes the transposed products up to 16 x 16 (kernel16), double every
+// product (kernel64).  Each element's sum runs over k in order: the result does not depend on the blocking.
+template <typename T>
+struct Avx2Vec;
+template <>
+struct Avx2Vec<float> {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store(float* p, __m256i m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static __m256i mask(int64_t n) { return avx2_mask32(n); }
+};
+template <>
+struct Avx2Vec<double> {
+  using V = __m256d;
+  static constexpr int kLanes = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V set1(double a) { return _mm256_set1_pd(a); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static V load(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
+  static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static void store(double* p, __m256i m, V v) { _mm256_maskstore_pd(p, m, v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static __m256i mask(int64_t n) { return avx2_mask64(n); }
+};
+
+template <typename T, int MR, int NV, bool AT>
+inline void gemm_block_avx2(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                            __m256i last, bool accumulate, const Prefetch& pf) {
+  using X = Avx2Vec<T>;
+  using V = typename X::V;
+  constexpr int L = X::kLanes;
+  V c[MR][NV];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      c[i][v] = !accumulate ? X::zero() : v == NV - 1 ? X::load(C + i * ldc + L * v, last) : X::load(C + i * ldc + L * v);
+  Prefetch::Pacer pace = pf.pacer(K);
+  for (int64_t k = 0; k < K; ++k) {
+    pace.step();
+    V b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = v == NV - 1 ? X::load(B + k * ldb + L * v, last) : X::load(B + k * ldb + L * v);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const V a = X::set1(AT ? A[k * lda + i] : A[i * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[i][v] = X::fmadd(a, b[v], c[i][v]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if (v == NV - 1)
+        X::store(C + i * ldc + L * v, last, c[i][v]);
+      else
+        X::store(C + i * ldc + L * v, c[i][v]);
+    }
+}
+
+// All M rows of one panel of NV vectors: blocks of MR rows (MR x NV accumulators: 12 of the 16 registers), the
+// rest in blocks of 8, 4, 2 and 1 rows.
+template <typename T, int NV, bool AT>
+inline void gemm_rows_avx2(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                           __m256i last, bool accumulate, const Prefetch& pf) {
+  constexpr int MR = NV == 1 ? 12 : NV == 2 ? 6 : NV == 3 ? 4 : 3;
+  int64_t i0 = 0;
+  auto block = [&](auto rows) {  // the first block takes the requests
+    constexpr int R = decltype(rows)::value;
+    gemm_block_avx2<T, R, NV, AT>(K, AT ? A + i0 : A + i0 * lda, lda, B, ldb, C + i0 * ldc, ldc, last, accumulate,
+                                  i0 == 0 ? pf : kNoPrefetch);
+    i0 += R;
+  };
+  while (i0 + MR <= M) block(std::integral_constant<int, MR>{});
+  if constexpr (MR > 8) if (M - i0 >= 8) block(std::integral_constant<int, 8>{});
+  if constexpr (MR > 4) if (M - i0 >= 4) block(std::integral_constant<int, 4>{});
+  if constexpr (MR > 2) if (M - i0 >= 2) block(std::integral_constant<int, 2>{});
+  if (M - i0 >= 1) block(std::integral_constant<int, 1>{});
+}
+
+// C[M, N] (+)= op(A) @ B by the AVX2 register kernel, panels of 4 vectors of B's columns swept over all rows of A.
+template <typename T, bool AT>
+inline void gemm_avx2(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                      int64_t ldc, bool accumulate, const Prefetch& pf) {
+  constexpr int64_t L = Avx2Vec<T>::kLanes;
+  for (int64_t j0 = 0; j0 < N; j0 += 4 * L) {
+    const Prefetch& panel_pf = j0 == 0 ? pf : kNoPrefetch;  // the first panel's first block takes the requests
+    const int64_t nj = std::min<int64_t>(4 * L, N - j0);
+    const int nv = int((nj + L - 1) / L);
+    const __m256i last = Avx2Vec<T>::mask(nj - L * (nv - 1));
+    switch (nv) {
+      case 1: gemm_rows_avx2<T, 1, AT>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, accumulate, panel_pf); break;
+      case 2: gemm_rows_avx2<T, 2, AT>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, accumulate, panel_pf); break;
+      case 3: gemm_rows_avx2<T, 3, AT>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, accumulate, panel_pf); break;
+      default: gemm_rows_avx2<T, 4, AT>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, accumulate, panel_pf); break;
+    }
+  }
+}
+#endif
+
 // C[M, N] (+)= A[M, K] @ B[K, N]; all row-major with leading dimensions lda, ldb, ldc.  gemm_nn and gemm_tn
 // return the routine that ran ("kernel16", "brgemm", "kernel64", "blas", "portable"; tests read it).
 template <typename T>
@@ -340,6 +452,11 @@ inline const char* gemm_nn<double>(int64_t M, int64_t N, int64_t K, const double
     dgemm_avx512<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, pf);
     return "kernel64";
   }
+#elif defined(SHORTCUT_EXT_AVX2_KERNELS)
+  if (M > 0 && N > 0 && K > 0 && use_kernel64()) {
+    gemm_avx2<double, false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, pf);
+    return "kernel64";
+  }
 #endif
   pf.for_routine();
   if (M > 0 && N > 0 && K > 0 && use_blas64()) {
@@ -375,6 +492,12 @@ inline const char* gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t 
               reinterpret_cast<float*>(C), ldc, accumulate, pf);
     return "kernel16";
   }
+#elif defined(SHORTCUT_EXT_AVX2_KERNELS)
+  if (std::is_same<T, float>::value && M > 0 && M <= 16 && N > 0 && N <= 16 && K > 0 && use_kernel16()) {
+    gemm_avx2<float, true>(M, N, K, reinterpret_cast<const float*>(A), lda, reinterpret_cast<const float*>(B), ldb,
+                           reinterpret_cast<float*>(C), ldc, accumulate, pf);
+    return "kernel16";
+  }
 #endif
   if (!(std::is_same<T, double>::value && M > 0 && N > 0 && K > 0 && use_kernel64()))
     pf.for_routine();  // the other routines take no requests
@@ -388,6 +511,12 @@ inline const char* gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t 
   if (std::is_same<T, double>::value && M > 0 && N > 0 && K > 0 && use_kernel64()) {
     dgemm_avx512<true>(M, N, K, reinterpret_cast<const double*>(A), lda, reinterpret_cast<const double*>(B), ldb,
                        reinterpret_cast<double*>(C), ldc, accumulate, pf);
+    return "kernel64";
+  }
+#elif defined(SHORTCUT_EXT_AVX2_KERNELS)
+  if (std::is_same<T, double>::value && M > 0 && N > 0 && K > 0 && use_kernel64()) {
+    gemm_avx2<double, true>(M, N, K, reinterpret_cast<const double*>(A), lda, reinterpret_cast<const double*>(B), ldb,
+                            reinterpret_cast<double*>(C), ldc, accumulate, pf);
     return "kernel64";
   }
 #endif
