@@ -323,6 +323,10 @@ struct Avx2Vec<float> {
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void store(float* p, __m256i m, V v) { _mm256_maskstore_ps(p, m, v); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  // t where f != 0 (or NaN), else 0: a ReLU derivative's select
+  static V select_nonzero(V f, V t) { return _mm256_and_ps(_mm256_cmp_ps(f, zero(), _CMP_NEQ_UQ), t); }
   static __m256i mask(int64_t n) { return avx2_mask32(n); }
 };
 template <>
@@ -336,6 +340,9 @@ struct Avx2Vec<double> {
   static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
   static void store(double* p, __m256i m, V v) { _mm256_maskstore_pd(p, m, v); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  static V select_nonzero(V f, V t) { return _mm256_and_pd(_mm256_cmp_pd(f, zero(), _CMP_NEQ_UQ), t); }
   static __m256i mask(int64_t n) { return avx2_mask64(n); }
 };
 

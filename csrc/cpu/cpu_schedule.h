@@ -252,6 +252,28 @@ inline void transpose16x16_part(const float* src, int64_t lds, float* dst, int64
 }
 #endif
 
+#if defined(SHORTCUT_EXT_AVX2_KERNELS)
+// One 8 x 8 float block, dst[j, i] = src[i, j], in registers (AVX2 builds: unpack, shuffle, then 128-bit lanes).
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+    r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
 // dst[i, :cols] = src[i, :cols] for i < rows (leading dimensions lds, ldd).
 template <typename T>
 inline void copy_panel(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
@@ -319,6 +341,21 @@ inline void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds
           transpose16x16(s, lds, t, ldd);
         else
           transpose16x16_part(s, lds, t, ldd, i1 - i0, j1 - j0);
+        continue;
+      }
+#elif defined(SHORTCUT_EXT_AVX2_KERNELS)
+      if (std::is_same<T, float>::value) {  // whole 8 x 8 blocks in registers, the edges element by element
+        const float* s = reinterpret_cast<const float*>(src);
+        float* t = reinterpret_cast<float*>(dst);
+        for (int64_t a = i0; a < i1; a += 8)
+          for (int64_t b = j0; b < j1; b += 8) {
+            if (a + 8 <= i1 && b + 8 <= j1) {
+              transpose8x8(s + a * lds + b, lds, t + b * ldd + a, ldd);
+              continue;
+            }
+            for (int64_t j = b; j < std::min(b + 8, j1); ++j)
+              for (int64_t i = a; i < std::min(a + 8, i1); ++i) t[j * ldd + i] = s[i * lds + j];
+          }
         continue;
       }
 #endif
@@ -436,6 +473,13 @@ at::Tensor transpose_weights(const at::Tensor& weights) {
           for (int64_t j0 = 0; j0 < d; j0 += 16)
             transpose16x16(reinterpret_cast<const float*>(a) + i0 * d + j0, d,
                            reinterpret_cast<float*>(b) + j0 * d + i0, d);
+        continue;
+      }
+#elif defined(SHORTCUT_EXT_AVX2_KERNELS)
+      if (std::is_same<T, float>::value && d % 8 == 0) {  // in registers, 8 x 8 blocks
+        for (int64_t i0 = 0; i0 < d; i0 += 8)
+          for (int64_t j0 = 0; j0 < d; j0 += 8)
+            transpose8x8(reinterpret_cast<const float*>(a) + i0 * d + j0, d, reinterpret_cast<float*>(b) + j0 * d + i0, d);
         continue;
       }
 #endif

@@ -207,6 +207,28 @@ inline void row_mul(T* o, const T* t, const T* f, int64_t d, bool accumulate, bo
     }
     return;
   }
+#elif defined(SHORTCUT_EXT_AVX2_KERNELS)
+  // AVX2 builds the same way: 8 floats (4 doubles) a vector, the tail by maskload / maskstore
+  using X = Avx2Vec<T>;
+  constexpr int64_t L = X::kLanes;
+  for (int64_t c = 0; c < d; c += L) {
+    const bool full = d - c >= L;
+    const __m256i k = X::mask(d - c);
+    const auto tv = full ? X::load(t + c) : X::load(t + c, k);
+    const auto fv = full ? X::load(f + c) : X::load(f + c, k);
+    decltype(X::zero()) r;
+    if (select) {
+      r = X::select_nonzero(fv, tv);
+      if (accumulate) r = X::add(full ? X::load(o + c) : X::load(o + c, k), r);
+    } else {
+      r = accumulate ? X::fmadd(tv, fv, full ? X::load(o + c) : X::load(o + c, k)) : X::mul(tv, fv);
+    }
+    if (full)
+      X::store(o + c, r);
+    else
+      X::store(o + c, k, r);
+  }
+  return;
 #endif
   for (int64_t c = 0; c < d; ++c) {
     const T v = select ? (f[c] != T(0) ? t[c] : T(0)) : t[c] * f[c];
