@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 
 import pytest
@@ -1358,3 +1359,50 @@ def test_output_buffer_cache_evicts_until_under_its_limit(tmp_path):
     )
     r = _run_python(code, tmp_path, SHORTCUT_EXT_CPU_CACHE_MB="4")
     assert r.returncode == 0, r.stderr
+
+
+def _float64_bit_cases() -> dict:
+    """float64 outputs of the fused CPU kernels on fixed inputs: forward, both gradients and HVPs (loss, gradient,
+    3 products), ReLU, identity and tanh between the layers, d = 5, 10, 16, 40 and 64 (batch-major and
+    feature-major tiles, every register block and tail)."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for act in ("relu", "identity", "tanh"):
+        for d in (5, 10, 16, 40, 64):
+            x = torch.randn(300, d, generator=g, dtype=torch.float64).requires_grad_(True)
+            w = (torch.randn(20, 2, d, d, generator=g, dtype=torch.float64) * 0.5 / d ** 0.5).requires_grad_(True)
+            y = residual_stack(x, w, True, "identity", act, "identity", backend="fused")
+            gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+            t = torch.randn(300, d, generator=g, dtype=torch.float64)
+            V = torch.randn(3, 20, 2, d, d, generator=g, dtype=torch.float64)
+            h = shortcut_ext.residual_stack_hvp(x.detach(), w.detach(), t, V, True, "identity", act, "identity",
+                                                backend="fused")
+            for name, v in zip(("y", "grad_x", "grad_w", "loss", "grad", "hvp"), (y.detach(), gx, gw, *h)):
+                out[f"{act} d={d} {name}"] = v
+    return out
+
+
+@pytest.mark.skipif(not os.environ.get("SHORTCUT_EXT_BITS_FILE"),
+                    reason="compares two builds: SHORTCUT_EXT_BITS_FILE names the file the first one writes")
+def test_float64_bits_match_another_build():
+    """The float64 register kernels sum every product in order, with the same FMAs on AVX-512 and on AVX2, and the
+    reductions across threads run in a fixed order: a native AVX-512 build and an x86-64-v3 build give the same
+    bits (forward, gradients, HVPs; tanh too where both use SLEEF's). The first build run with
+    SHORTCUT_EXT_BITS_FILE set writes its results there, the second compares (.ci/run does both)."""
+    path = os.environ["SHORTCUT_EXT_BITS_FILE"]
+    info = shortcut_ext.build_info()
+    if info.get("cpu_gemm_float64") != "kernel64":
+        pytest.skip(f"the float64 GEMMs are {info.get('cpu_gemm_float64')!r}, not the register kernel")
+    mine = {"threads": torch.get_num_threads(), "cpu_tanh": info["cpu_tanh"], "target": info.get("cpu_target"),
+            "results": _float64_bit_cases()}
+    if not os.path.exists(path):
+        torch.save(mine, path)
+        return
+    theirs = torch.load(path)
+    if theirs["threads"] != mine["threads"]:
+        pytest.skip(f"the other build ran with {theirs['threads']} threads, this one with {mine['threads']}")
+    same_tanh = theirs["cpu_tanh"] == mine["cpu_tanh"]
+    keys = [k for k in mine["results"] if same_tanh or not k.startswith("tanh")]
+    differ = [k for k in keys if not torch.equal(mine["results"][k], theirs["results"][k])]
+    assert not differ, (f"{len(differ)} of {len(keys)} float64 results differ between the build for "
+                        f"{theirs['target']!r} and this one for {mine['target']!r}: {differ[:8]}")
