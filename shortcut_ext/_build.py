@@ -99,7 +99,7 @@ if _own_spec("_C") is None:
                       stacklevel=2)
 elif missing_isa(_BUILD_ISA, _cpu_flags()):
     # loading it would stop the process with an illegal instruction (SIGILL), in its static initialisers
-    _LOAD_ERROR = (f"it was built (-march=native, or SHORTCUT_EXT_MARCH) for a CPU with instructions this CPU lacks "
+    _LOAD_ERROR = (f"it was built (-march={_BUILD_TARGET or 'native'}) for a CPU with instructions this CPU lacks "
                    f"({', '.join(missing_isa(_BUILD_ISA, _cpu_flags()))}), so it is not loaded: rebuild it on this "
                    "machine, or build with SHORTCUT_EXT_MARCH=x86-64-v3 for a package that runs on any CPU with AVX2 "
                    "and FMA, or SHORTCUT_EXT_NATIVE=0 for one that runs on any x86-64 CPU")
