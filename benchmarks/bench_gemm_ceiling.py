@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 from torch.utils.cpp_extension import load_inline
 
+import common  # benchmarks/common.py
 import shortcut_ext  # noqa: F401  (registers the ops)
 from shortcut_ext import reference as ref
 from shortcut_ext._cli_args import positive_int
@@ -53,14 +53,7 @@ double brgemm_rate(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, in
 
 
 def _median_s(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return common.median_seconds(fn, reps, warmup=1)
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -121,14 +120,7 @@ def check(name: str, units: int) -> None:
 
 
 def time_variant(fn, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    return common.call_times(fn, repeats, warmup)
 
 
 def peak_memory_mib(name: str, units: int) -> float | None:

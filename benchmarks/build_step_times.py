@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+import common  # benchmarks/common.py
 import shortcut_ext as se
 from shortcut_ext._build import _C
 
@@ -65,14 +65,7 @@ def check_hvp(x, w, y, v, dtype) -> None:
 
 
 def median_time(f, repeats: int) -> float:
-    for _ in range(2):
-        f()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+    return common.median_seconds(f, repeats, warmup=2)
 
 
 def main(argv=None) -> list[dict]:

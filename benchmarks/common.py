@@ -23,6 +23,24 @@ def worst_error(errors) -> float:
     return math.nan if any(e != e for e in errors) else max(errors)
 
 
+def call_times(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn`` (CPU: no synchronisation), after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """The median of :func:`call_times` (the upper one of an even count)."""
+    ts = sorted(call_times(fn, repeats, warmup))
+    return ts[len(ts) // 2]
+
+
 def gemm_rate(n: int = 4096, reps: int = 5, dtype=torch.float32, device="cpu") -> float:
     """Median GFLOP/s of one large ``n x n`` ``torch.matmul`` (the best case of dense GEMM)."""
     a = torch.randn(n, n, dtype=dtype, device=device)
