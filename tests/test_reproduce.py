@@ -908,7 +908,7 @@ def test_pool_runs_each_missing_run_once_across_processes_and_merges_the_shards(
     assert store.fill(jobs, progress=lambda done, total: seen.append((done, total))) == 11
     assert seen == [(i, 11) for i in range(1, 12)]
     pids = {store.get(f"k{i}")["pid"] for i in range(12) if i != 2}
-    assert os.getpid() in pids and len(pids) >= 2, pids  # this process and at least one worker took runs
+    assert os.getpid() not in pids and len(pids) >= 2, pids  # the workers took the runs; this process oversaw
     assert store.get("k2")["pid"] == -1
     assert all(store.get(f"k{i}")["x"] == [1.5 * i, "inf"] for i in range(12) if i != 2)
     # the main file holds every run, each once; no shard is left
@@ -928,7 +928,7 @@ def test_a_failing_run_stops_the_pool_names_the_run_and_keeps_the_finished_ones(
     store = _pool(tmp_path, 2)
     # taken in the order k0..k5, bad, k6..k9 (longest first)
     jobs = [(f"k{i}", functools.partial(_job, i), 2 if i < 6 else 0) for i in range(10)] + [("bad", bad, 1)]
-    with pytest.raises(RuntimeError, match=r"run bad \((this process|worker 1)\): ValueError: no such learning rate"):
+    with pytest.raises(RuntimeError, match=r"run bad \(worker [12]\): ValueError: no such learning rate"):
         store.fill(jobs)
     kept = {d["key"] for d in _lines(tmp_path / "runs.jsonl")}
     assert kept == set(store.keys()) and {f"k{i}" for i in range(6)} <= kept and "bad" not in kept
@@ -940,23 +940,50 @@ def test_a_failing_run_stops_the_pool_names_the_run_and_keeps_the_finished_ones(
     assert {d["key"] for d in _lines(tmp_path / "runs.jsonl")} == {f"k{i}" for i in range(10)}
 
 
-def test_a_worker_that_dies_is_reported_and_this_process_finishes_the_phase(tmp_path, one_thread):
+def test_a_worker_that_dies_is_reported_and_the_others_finish_the_phase(tmp_path, one_thread):
     import functools
 
-    parent = os.getpid()
+    parent, marker = os.getpid(), tmp_path / "died"
 
-    def dies_in_a_worker(i):
-        if os.getpid() != parent:
-            os._exit(7)
-        return _job(i, 0.5)  # the worker has 2 s to take one of the five
+    def dies_once(i):
+        try:  # the first run taken ends its worker
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return _job(i, 0.2)
+        os._exit(7)
 
     store = _pool(tmp_path, 2)
-    jobs = [(f"k{i}", functools.partial(dies_in_a_worker, i), 1) for i in range(5)]
-    with pytest.raises(RuntimeError, match="worker 1 ended with exit status 7"):
+    jobs = [(f"k{i}", functools.partial(dies_once, i), 1) for i in range(5)]
+    with pytest.raises(RuntimeError, match=r"worker [12] ended with exit status 7"):
         store.fill(jobs)
-    # the worker took one run and died in it: this process ran the other four
-    assert len(store) == 4 and {store.get(k)["pid"] for k in store.keys()} == {parent}
+    # one worker took a run and died in it: the other ran the other four
+    pids = {store.get(k)["pid"] for k in store.keys()}
+    assert len(store) == 4 and len(pids) == 1 and parent not in pids
     assert len(_lines(tmp_path / "runs.jsonl")) == 4
+
+
+def test_the_pool_reports_each_run_as_it_finishes(tmp_path, one_thread):
+    """This process hears a worker's finished run at once, not when a long run elsewhere ends: the progress
+    of the four short runs comes while the long one still runs."""
+    import functools
+    import time
+
+    store = _pool(tmp_path, 2)
+    jobs = [("long", functools.partial(_job, 0, 3.0), 10)] + [(f"k{i}", functools.partial(_job, i, 0.05), 1)
+                                                             for i in range(1, 5)]
+    heard = []
+    t0 = time.monotonic()
+    assert store.fill(jobs, progress=lambda done, total: heard.append((done, time.monotonic() - t0))) == 5
+    assert [d for d, _ in heard] == [1, 2, 3, 4, 5]
+    assert heard[3][1] < 2.0 <= 3.0 <= heard[4][1], heard
+
+
+def test_a_phase_with_one_missing_run_runs_it_here(tmp_path, one_thread):
+    import functools
+
+    store = _pool(tmp_path, 3)
+    assert store.fill([("k0", functools.partial(_job, 0), 1)]) == 1
+    assert store.get("k0")["pid"] == os.getpid()
 
 
 def test_pool_refuses_what_it_cannot_do(tmp_path):

@@ -380,19 +380,20 @@ def _pool_worker(rank: int, shard: str, todo, counter, conn, parent: int) -> Non
 class PoolRunStore(_SharedStore):
     """A :class:`RunStore` whose phases run their missing runs in ``workers`` processes of this machine.
 
-    :meth:`fill` (the interface of :class:`DistributedRunStore`, which the sweeps call) forks
-    ``workers - 1`` children; they and this process take the missing runs one at a time, longest first,
-    from a shared counter, so that a free process always takes the next run.  A child saves each
-    finished run at once to its shard ``<stem>.rank<r>.jsonl`` beside the main file (which
-    :class:`RunStore` also reads, so an interruption loses no finished run); this process merges the
-    shards into the main file when the phase ends, or is interrupted.
+    :meth:`fill` (the interface of :class:`DistributedRunStore`, which the sweeps call) forks ``workers``
+    children; they take the missing runs one at a time, longest first, from a shared counter, so that a
+    free process always takes the next run.  A child saves each finished run at once to its shard
+    ``<stem>.rank<r>.jsonl`` beside the main file (which :class:`RunStore` also reads, so an interruption
+    loses no finished run) and tells this process, which only oversees: it hears every finished run as it
+    happens (the progress bar moves with the runs), and merges the shards into the main file when the
+    phase ends, or is interrupted.  A phase with one missing run runs it here, without a fork.
 
-    Every process computes with one CPU thread (a forked child cannot start OpenMP's thread pool again),
+    Every child computes with one CPU thread (a forked child cannot start OpenMP's thread pool again),
     so the runs are the same, bit for bit, as those of one process with one thread.  Linux only (fork).
 
     Args:
         base: the store (the main file).
-        workers: the number of processes, this one included (>= 1; 1 runs everything here).
+        workers: the number of processes that compute (>= 1; 1 runs everything here).
     """
 
     rank = 0
@@ -450,7 +451,7 @@ class PoolRunStore(_SharedStore):
     def _merge(self) -> int:
         """The children's shards into the main file (the runs not in it yet), then the shards removed."""
         moved = 0
-        for r in range(1, self.workers):
+        for r in range(1, self.workers + 1):
             shard = self._shard(r)
             if not shard.exists():
                 continue
@@ -464,11 +465,12 @@ class PoolRunStore(_SharedStore):
     def fill(self, jobs, progress=None, usable=None) -> int:
         """Run the missing ``jobs`` (``(key, compute() -> record, cost)``) in the pool; afterwards this
         store holds all their records.  A job that fails stops the pool (the runs in flight finish) and
-        raises ``RuntimeError`` naming it; the finished runs are kept.
+        raises ``RuntimeError`` naming it; the finished runs are kept.  A worker that dies is reported
+        the same way, after the others have taken the runs left.
 
         Args:
-            progress: ``None`` or a callable ``(done, total)`` called as runs finish (children's runs as
-                this process hears of them, between its own).
+            progress: ``None`` or a callable ``(done, total)``, called in this process (its main thread)
+                as each run finishes.
 
         Returns:
             The number of runs computed.
@@ -495,47 +497,29 @@ class PoolRunStore(_SharedStore):
         ctx = multiprocessing.get_context("fork")
         counter = ctx.Value("q", 0)
         procs, readers, errors = {}, {}, []
-        for r in range(1, self.workers):
+        for r in range(1, self.workers + 1):
             self._shard(r).unlink(missing_ok=True)  # absorbed at construction; a stale one must not mix in
         sys.stdout.flush()
         sys.stderr.flush()
-
-        def hear(conn, block: bool) -> None:
-            r = readers[conn]
-            while block or conn.poll():
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    del readers[conn]
-                    return
-                if msg[0] == "done":
-                    finished()
-                else:
-                    errors.append(f"run {msg[1]} (worker {r}): {msg[2]}")
-                block = False
-
         try:
-            for r in range(1, workers):
+            for r in range(1, workers + 1):
                 recv, send = ctx.Pipe(duplex=False)
                 p = ctx.Process(target=_pool_worker, args=(r, str(self._shard(r)), todo, counter, send, os.getpid()),
                                 name=f"shortcut-ext worker {r}", daemon=True)
                 p.start()
                 send.close()
                 procs[r], readers[recv] = p, r
-            for key, fn in _runs_taken(todo, counter):  # this process takes runs too
-                try:
-                    record = fn()
-                except Exception as e:  # noqa: BLE001 - raised below, after the pool stopped
-                    _stop(counter, n)
-                    errors.append(f"run {key} (this process): {type(e).__name__}: {e}")
-                    break
-                self.base.put(key, record)
-                finished()
-                for conn in list(readers):
-                    hear(conn, False)
-            while readers:  # the children's last runs
+            while readers:  # every finished run as it happens
                 for conn in wait(list(readers)):
-                    hear(conn, True)
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):  # the worker ended (its exit status is read below)
+                        del readers[conn]
+                        continue
+                    if msg[0] == "done":
+                        finished()
+                    else:
+                        errors.append(f"run {msg[1]} (worker {readers[conn]}): {msg[2]}")
             for r, p in procs.items():
                 p.join()
                 if p.exitcode != 0:
