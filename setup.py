@@ -8,10 +8,17 @@ Environment switches:
   SHORTCUT_EXT_NATIVE=0  no -march=native (for a build that must run on other x86 CPUs)
   SHORTCUT_EXT_MARCH=ARCH  -march=ARCH instead of native, e.g. x86-64-v3 (any CPU with AVX2 and FMA: the
                      AVX2 register kernels) or x86-64-v4 (AVX-512), for a build shared by several machines
+  SHORTCUT_EXT_MARCH=A,B,...  one build of the kernels per target, best first, e.g.
+                     x86-64-v4,x86-64-v3,x86-64: `import shortcut_ext` loads the first that this CPU runs
+                     (one package, fast on every x86-64 CPU; the build takes as long as that many builds)
   SANITIZE=LIST      the C++ sources built -O1 -g with -fsanitize=LIST, e.g. address,undefined (a
                      check build: run it with the sanitizer runtime preloaded, as the README says)
   CUDA_HOME=DIR      the CUDA toolkit root (the folder whose include/ holds cuda.h); a CUDA_HOME without
                      it is an error where CUDA would be built (not silently replaced by another toolkit)
+
+A multi-target build puts each target's module at shortcut_ext/_targets/<target>/_C*.so and records the
+targets and their flags in shortcut_ext/_build_cpu.py (VARIANTS); SHORTCUT_EXT_CPU_VARIANT=<target> at run
+time loads another of them (to compare them; never one this CPU cannot run).
 
 A native build (the default on x86-64) records the build CPU's instruction-set flags in
 shortcut_ext/_build_cpu.py (a SHORTCUT_EXT_MARCH build: the flags of that target, from the compiler's
@@ -24,6 +31,7 @@ when FORCE_CUDA=1; a GPU need not be present (``torch.cuda.is_available()`` is n
 import glob
 import os
 import platform
+import re
 import shutil
 import subprocess
 
@@ -133,22 +141,54 @@ def _march_isa(march):
     return sorted({flag for macro, flag in _MACRO_ISA.items() if macro in macros})
 
 
-def _record_build_cpu(isa, target=None):
-    """shortcut_ext/_build_cpu.py: the flags a native build needs at run time (None: a portable build), and the
-    -march target ("native", a SHORTCUT_EXT_MARCH value, or None)."""
+def _march_targets(value):
+    """SHORTCUT_EXT_MARCH's targets (comma-separated, best first) and each one's folder name under
+    shortcut_ext/_targets/ (``[(target, folder), ...]``; empty when unset)."""
+    if not value.strip():
+        return []
+    targets = [t.strip() for t in value.split(",")]
+    if any(not t or not re.fullmatch(r"[A-Za-z0-9_.+-]+", t) for t in targets):
+        raise RuntimeError(f"SHORTCUT_EXT_MARCH must be -march targets separated by commas (e.g. x86-64-v3, or "
+                           f"x86-64-v4,x86-64-v3,x86-64), got {value!r}")
+    folders = [re.sub(r"[^A-Za-z0-9]", "_", t) for t in targets]
+    if len(set(folders)) != len(folders):
+        raise RuntimeError(f"SHORTCUT_EXT_MARCH names a target twice, got {value!r}")
+    return list(zip(targets, folders))
+
+
+def _unreachable_targets(variants):
+    """The targets of ``[(target, flags), ...]`` (best first) that no CPU would load: an earlier target needs
+    no more than they do, and every CPU that runs them runs it."""
+    return [t for i, (t, isa) in enumerate(variants) if any(set(prev) <= set(isa) for _, prev in variants[:i])]
+
+
+def _record_build_cpu(isa, target=None, variants=None):
+    """shortcut_ext/_build_cpu.py: the flags a native build needs at run time (None: a portable build), the
+    -march target ("native", a SHORTCUT_EXT_MARCH value, or None), and a multi-target build's variants
+    (``((folder, target, flags), ...)``, best first, or None)."""
     text = ('"""Written by setup.py: the instruction-set flags of the CPU a native (-march=native) build was made\n'
             'on, or of its SHORTCUT_EXT_MARCH target, or None for a portable build.  The package does not load its\n'
-            'kernels on a CPU that lacks one."""\n'
+            'kernels on a CPU that lacks one.  VARIANTS: a multi-target build\'s modules\n'
+            '(shortcut_ext/_targets/<folder>/_C), best first, each with its target and flags."""\n'
             f"ISA = {None if isa is None else tuple(isa)!r}\n"
-            f"TARGET = {target!r}\n")
-    path = os.path.join(ROOT, "shortcut_ext", "_build_cpu.py")
+            f"TARGET = {target!r}\n"
+            f"VARIANTS = {None if variants is None else tuple((f, t, tuple(i)) for f, t, i in variants)!r}\n")
+    global _BUILD_RECORD
+    _BUILD_RECORD = text  # written by BuildExt once the modules are built: not by sdist or egg_info
+
+
+_BUILD_RECORD = None
+
+
+def _write_build_record(path):
     try:
-        if open(path, encoding="utf-8").read() == text:
+        if open(path, encoding="utf-8").read() == _BUILD_RECORD:
             return
     except OSError:
         pass
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(_BUILD_RECORD)
 
 
 def extensions():
@@ -170,9 +210,24 @@ def extensions():
         cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={sanitize}"]
     x86 = platform.machine() in ("x86_64", "AMD64")
-    march = os.environ.get("SHORTCUT_EXT_MARCH", "").strip()
-    native = os.environ.get("SHORTCUT_EXT_NATIVE", "1") != "0" and x86 and not march
-    if march:
+    targets = _march_targets(os.environ.get("SHORTCUT_EXT_MARCH", ""))
+    march = targets[0][0] if len(targets) == 1 else ""
+    native = os.environ.get("SHORTCUT_EXT_NATIVE", "1") != "0" and x86 and not targets
+    variants = None
+    if len(targets) > 1:
+        if not x86:
+            raise RuntimeError(f"SHORTCUT_EXT_MARCH with several targets is for x86-64 (the loader checks the CPU's "
+                               f"flags), this is {platform.machine()}")
+        variants = [(folder, t, (_cpu_isa() or []) if t == "native" else _march_isa(t)) for t, folder in targets]
+        dead = _unreachable_targets([(t, isa) for _, t, isa in variants])
+        if dead:
+            raise RuntimeError(f"SHORTCUT_EXT_MARCH lists the targets best first, and no CPU would load "
+                               f"{', '.join(dead)}: an earlier target needs no more instructions; got "
+                               f"{os.environ['SHORTCUT_EXT_MARCH']!r}")
+        for folder, t, isa in variants:
+            print(f"shortcut_ext: -march={t} -> shortcut_ext/_targets/{folder} (needs {', '.join(isa) or 'no recorded extension'})")
+        _record_build_cpu(None, None, variants)
+    elif march:
         # a named target: the flags it needs come from the compiler, not from this CPU
         isa = _march_isa(march)
         print(f"shortcut_ext: -march={march} (needs {', '.join(isa) or 'no recorded extension'})")
@@ -201,18 +256,48 @@ def extensions():
         ext_cls = CppExtension
     if not debug:
         define_macros.append(("NDEBUG", None))
-    return [ext_cls(
-        name="shortcut_ext._C",
-        sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=define_macros,
-        extra_compile_args=extra,
-        extra_link_args=link,
-    )]
+    if variants is None:
+        return [ext_cls(name="shortcut_ext._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                        define_macros=define_macros, extra_compile_args=extra, extra_link_args=link)]
+    # one module _C per target, each in its own folder (so each exports PyInit__C, and the loader imports the
+    # one it chose as shortcut_ext._C)
+    return [ext_cls(name=f"shortcut_ext._targets.{folder}._C", sources=sources,
+                    include_dirs=[os.path.join(ROOT, "csrc")], define_macros=define_macros,
+                    extra_compile_args={**extra, "cxx": extra["cxx"] + [f"-march={t}"]}, extra_link_args=link)
+            for folder, t, _ in variants]
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja build, with each module's objects in a folder of its own (a multi-target build compiles
+    the same sources once per target, and their objects must not overwrite each other), and the build's record
+    (shortcut_ext/_build_cpu.py) written once the modules are built, beside them: in the source tree, and in
+    the build folder that a wheel is made from (build_py copied the package before this command ran)."""
+
+    def run(self):
+        super().run()
+        if _BUILD_RECORD is not None:
+            _write_build_record(os.path.join(ROOT, "shortcut_ext", "_build_cpu.py"))
+            if not self.inplace:
+                _write_build_record(os.path.join(self.build_lib, "shortcut_ext", "_build_cpu.py"))
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        if len(self.extensions) > 1:
+            self.build_temp = os.path.join(base, ext.name.replace(".", "_"))
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
+
+    def copy_extensions_to_source(self):
+        # --inplace (and editable installs): the targets' folders hold no package, so nothing made them yet
+        for ext in self.extensions:
+            os.makedirs(os.path.join(ROOT, *ext.name.split(".")[:-1]), exist_ok=True)
+        super().copy_extensions_to_source()
 
 
 setup(
     packages=find_packages(include=["shortcut_ext", "shortcut_ext.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

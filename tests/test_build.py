@@ -11,7 +11,7 @@ import warnings
 import pytest
 
 import shortcut_ext
-from shortcut_ext._build import missing_isa
+from shortcut_ext._build import choose_variant, missing_isa
 
 PKG = os.path.dirname(os.path.abspath(shortcut_ext.__file__))
 
@@ -33,7 +33,9 @@ def _setup_py(*names):
     keep = [node for node in tree.body
             if (isinstance(node, ast.FunctionDef) and node.name in names)
             or (isinstance(node, ast.Assign) and any(getattr(t, "id", "") in names for t in node.targets))]
-    ns = {"os": os, "subprocess": subprocess}
+    import re
+
+    ns = {"os": os, "subprocess": subprocess, "re": re}
     exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)
     return ns
 
@@ -56,6 +58,50 @@ def test_a_named_march_records_the_flags_its_code_needs():
         ns["_march_isa"]("no-such-cpu")
 
 
+def test_march_lists_several_targets_best_first():
+    """SHORTCUT_EXT_MARCH=A,B,... builds one module per target (shortcut_ext/_targets/<folder>/_C); a target that
+    no CPU would load (an earlier one needs no more) stops the build, as does a malformed list."""
+    ns = _setup_py("_march_targets", "_unreachable_targets")
+    targets, unreachable = ns["_march_targets"], ns["_unreachable_targets"]
+    assert targets("") == [] and targets("  ") == []
+    assert targets("x86-64-v3") == [("x86-64-v3", "x86_64_v3")]
+    assert targets("x86-64-v4, x86-64-v3,x86-64") == [("x86-64-v4", "x86_64_v4"), ("x86-64-v3", "x86_64_v3"),
+                                                       ("x86-64", "x86_64")]
+    for bad in ("x86-64-v3,", ",x86-64", "x86-64-v3,,x86-64", "x86-64 -mavx", "a;b"):
+        with pytest.raises(RuntimeError, match="SHORTCUT_EXT_MARCH must be -march targets separated by commas"):
+            targets(bad)
+    with pytest.raises(RuntimeError, match="SHORTCUT_EXT_MARCH names a target twice"):
+        targets("x86-64-v3,x86_64_v3")  # the same folder
+    v4, v3, v1 = ("sse2", "avx2", "avx512f"), ("sse2", "avx2"), ("sse2",)
+    assert unreachable([("v4", v4), ("v3", v3), ("v1", v1)]) == []
+    assert unreachable([("v1", v1), ("v3", v3), ("v4", v4)]) == ["v3", "v4"]  # worst first: the rest never load
+    assert unreachable([("v3", v3), ("v3b", v3)]) == ["v3b"]
+    assert unreachable([("a", ("sse2", "x")), ("b", ("sse2", "y")), ("c", v1)]) == []  # neither needs less
+
+
+def test_choose_variant_takes_the_first_target_this_cpu_runs():
+    v4 = ("x86_64_v4", "x86-64-v4", ("avx2", "avx512f", "sse2"))
+    v3 = ("x86_64_v3", "x86-64-v3", ("avx2", "sse2"))
+    v1 = ("x86_64", "x86-64", ("sse2",))
+    variants = (v4, v3, v1)
+    assert choose_variant(variants, {"sse2", "avx2", "avx512f"}) == (v4, None)
+    assert choose_variant(variants, {"sse2", "avx2"}) == (v3, None)
+    assert choose_variant(variants, {"sse2"}) == (v1, None)
+    assert choose_variant(variants, None) == (v4, None)  # flags unknown (not Linux): the first
+    # SHORTCUT_EXT_CPU_VARIANT: by target or folder name; never one this CPU cannot run
+    assert choose_variant(variants, {"sse2", "avx2", "avx512f"}, "x86-64") == (v1, None)
+    assert choose_variant(variants, {"sse2", "avx2", "avx512f"}, "x86_64_v3") == (v3, None)
+    none, why = choose_variant(variants, {"sse2", "avx2"}, "x86-64-v4")
+    assert none is None and "SHORTCUT_EXT_CPU_VARIANT='x86-64-v4' asks for code built (-march=x86-64-v4)" in why
+    assert "lacks (avx512f)" in why
+    none, why = choose_variant(variants, {"sse2"}, "znver9")
+    assert none is None and why.startswith("SHORTCUT_EXT_CPU_VARIANT='znver9' is not a target of this build "
+                                           "(it has: x86-64-v4, x86-64-v3, x86-64)")
+    none, why = choose_variant((v4, v3), {"sse2"})
+    assert none is None and "none of this build's targets (x86-64-v4, x86-64-v3) runs on this CPU" in why
+    assert "x86-64-v4 needs avx2, avx512f; x86-64-v3 needs avx2" in why and "ending in x86-64" in why
+
+
 def test_build_info_says_what_the_code_was_built_for():
     """cpu_target: "native" (-march=native, the default; native_isa the build CPU's flags), a SHORTCUT_EXT_MARCH
     value (native_isa that target's flags), or None for a portable build (no flags recorded)."""
@@ -67,15 +113,27 @@ def test_build_info_says_what_the_code_was_built_for():
 
 
 def _copy_package(tmp_path, isa=None, c_bytes=None):
-    """A copy of the built package with another recorded ISA, or a _C replaced by ``c_bytes``."""
+    """A copy of the built package with another recorded ISA, or a _C replaced by ``c_bytes``.  The copy is a
+    build of one module (_C beside the package): of a multi-target build, the module this process loaded."""
     dst = tmp_path / "pkg" / "shortcut_ext"
-    shutil.copytree(PKG, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PKG, dst, ignore=shutil.ignore_patterns("__pycache__", "_targets"))
+    if os.path.isdir(os.path.join(PKG, "_targets")):
+        loaded = sys.modules["shortcut_ext._C"].__file__
+        shutil.copy(loaded, dst / os.path.basename(loaded))
+        (dst / "_build_cpu.py").write_text(f"ISA = {tuple(shortcut_ext.build_info()['native_isa'] or ()) or None!r}\n")
     if isa is not None:
         (dst / "_build_cpu.py").write_text(f"ISA = {tuple(isa)!r}\n")
     if c_bytes is not None:
         for so in dst.glob("_C*.so"):
             so.write_bytes(c_bytes)
     return dst.parent
+
+
+def _env(root):
+    """The environment of a process that imports the copy at ``root`` (and not a target of this build)."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env.pop("SHORTCUT_EXT_CPU_VARIANT", None)
+    return env
 
 
 _PROBE = """
@@ -114,7 +172,7 @@ def test_an_unusable_build_warns_and_falls_back(tmp_path, case):
             so.rename(so.with_name("_C.cpython-39-x86_64-linux-gnu.so"))
         want = "built for another Python"
         hint = ""
-    env = dict(os.environ, PYTHONPATH=str(root))
+    env = _env(root)
     r = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -129,6 +187,77 @@ def test_an_unusable_build_warns_and_falls_back(tmp_path, case):
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "shortcut-ext train: error: backend='fused' cannot run" in r.stderr
+
+
+_VARIANT_PROBE = """
+import sys, warnings, torch
+with warnings.catch_warnings(record=True) as got:
+    warnings.simplefilter("always")
+    import shortcut_ext as se
+print("WARN", [str(w.message) for w in got if "shortcut_ext" in str(w.message)])
+info = se.build_info()
+print("BUILT", se.is_built(), info.get("error"))
+print("TARGET", info.get("cpu_target"), info.get("cpu_variants"))
+print("LOADED", getattr(sys.modules.get("shortcut_ext._C"), "__file__", None))
+if se.is_built():
+    x, w = torch.randn(5, 3, dtype=torch.float64), 0.3 * torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    print("SAME", bool(torch.allclose(se.residual_stack(x, w, backend="fused"), se.residual_stack(x, w, backend="torch"))))
+"""
+
+
+@pytest.mark.skipif(not shortcut_ext.is_built() or not os.path.exists("/proc/cpuinfo"),
+                    reason="needs a built _C to copy, and the CPU's flags")
+@pytest.mark.parametrize("case", ["best", "forced", "forced_foreign", "forced_unknown", "none_fits", "single"])
+def test_a_multi_target_build_loads_the_first_target_this_cpu_runs(tmp_path, case):
+    """SHORTCUT_EXT_MARCH=A,B,...: the loader imports _targets/<folder>/_C of the first target whose flags this CPU
+    has, as shortcut_ext._C; SHORTCUT_EXT_CPU_VARIANT picks another, but never one this CPU cannot run.  The
+    modules here are copies of this build's _C, with made-up targets."""
+    root = _copy_package(tmp_path)
+    pkg = root / "shortcut_ext"
+    so = sorted(pkg.glob("_C.*.so"))[0]
+    for folder in ("fake_v9", "base"):
+        (pkg / "_targets" / folder).mkdir(parents=True)
+        shutil.copy(so, pkg / "_targets" / folder / so.name)
+    so.unlink()  # nothing beside the package: only the chosen target's module can load
+    foreign = ("_targets_test_not_a_real_flag",)
+    variants = (("fake_v9", "fake-v9", ("sse2",) + foreign), ("base", "x86-64", ("sse2",)))
+    env = _env(root)
+    if case == "none_fits":
+        variants = variants[:1]
+    if case == "forced":
+        env["SHORTCUT_EXT_CPU_VARIANT"] = "base"  # the folder name works too
+    elif case == "forced_foreign":
+        env["SHORTCUT_EXT_CPU_VARIANT"] = "fake-v9"
+    elif case == "forced_unknown":
+        env["SHORTCUT_EXT_CPU_VARIANT"] = "znver9"
+    record = f"ISA = None\nTARGET = None\nVARIANTS = {variants!r}\n"
+    if case == "single":  # a build of one module with SHORTCUT_EXT_CPU_VARIANT set: loaded, with a warning
+        shutil.copy(pkg / "_targets" / "base" / so.name, so)
+        record = "ISA = ('sse2',)\nTARGET = 'x86-64'\n"
+        env["SHORTCUT_EXT_CPU_VARIANT"] = "x86-64-v3"
+    (pkg / "_build_cpu.py").write_text(record)
+    r = subprocess.run([sys.executable, "-c", _VARIANT_PROBE], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    if case in ("best", "forced"):
+        assert out["BUILT"] == "True None" and out["SAME"] == "True" and out["WARN"] == "[]", out
+        assert out["TARGET"] == "x86-64 ['fake-v9', 'x86-64']"
+        assert out["LOADED"].startswith(str(pkg / "_targets" / "base" / "_C."))
+    elif case == "single":
+        assert out["BUILT"] == "True None" and out["TARGET"] == "x86-64 None" and out["SAME"] == "True"
+        assert "SHORTCUT_EXT_CPU_VARIANT='x86-64-v3' is set, but this is not a multi-target build" in out["WARN"]
+        assert out["LOADED"] == str(so)
+    else:
+        want = {"forced_foreign": "asks for code built (-march=fake-v9) for a CPU with instructions this CPU lacks "
+                                  "(_targets_test_not_a_real_flag)",
+                "forced_unknown": "SHORTCUT_EXT_CPU_VARIANT='znver9' is not a target of this build (it has: "
+                                  "fake-v9, x86-64)",
+                "none_fits": "none of this build's targets (fake-v9) runs on this CPU (fake-v9 needs "
+                             "_targets_test_not_a_real_flag)"}[case]
+        assert out["BUILT"].startswith("False") and want in out["BUILT"], out
+        assert want in out["WARN"] and "backend='torch'" in out["WARN"]
+        assert out["LOADED"] == "None" and out["TARGET"] == "None None"
 
 
 @pytest.mark.skipif(not shortcut_ext.is_built(), reason="needs a built _C elsewhere")
@@ -151,7 +280,7 @@ print("FILE", se.__file__)
 print("BUILT", se.is_built(), se.build_info().get("error"))
 print("LOADED", getattr(sys.modules.get("shortcut_ext._C"), "__file__", None))
 """
-    r = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(root)), cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-c", probe], env=_env(root), cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines())

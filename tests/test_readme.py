@@ -19,15 +19,23 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
 def test_source_distribution_carries_every_build_input(tmp_path):
     """`python -m build` and `pip wheel` build from the sdist: it must carry the C++ headers, every
     CUDA source (a CPU machine's sdist is built on GPU machines too), the CMake build and its C++
-    test, and the tests.  Without MANIFEST.in it had the CPU .cpp files only and did not compile."""
+    test, and the tests.  Without MANIFEST.in it had the CPU .cpp files only and did not compile.
+
+    It builds nothing, so it must not touch the build's record (shortcut_ext/_build_cpu.py, which decides what
+    `import shortcut_ext` loads): setup.py wrote it whenever it ran, so an sdist made with other build switches
+    (here SHORTCUT_EXT_NATIVE=0) left a record that did not describe the modules beside it."""
     import glob
     import subprocess
     import sys
     import tarfile
 
+    record = os.path.join(ROOT, "shortcut_ext", "_build_cpu.py")
+    before = open(record, "rb").read() if os.path.exists(record) else None
     r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path), "sdist", "-d",
-                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "FORCE_ONLY_CPU": "1"})
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "FORCE_ONLY_CPU": "1", "SHORTCUT_EXT_NATIVE": "0"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (open(record, "rb").read() if os.path.exists(record) else None) == before
     (sdist,) = glob.glob(str(tmp_path / "*.tar.gz"))
     with tarfile.open(sdist) as tar:
         carried = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}

@@ -1008,7 +1008,12 @@ def test_the_direct_step_gives_the_autograd_loss_and_gradient_bit_for_bit(name, 
 @pytest.mark.parametrize("name", ["1-shortcut tanh-mid", "2-shortcut relu-mid", "3-shortcut ssigmoid-pre", "plain relu"])
 def test_the_one_call_mse_step_is_model_x_and_autograd_bit_for_bit(name, dtype, m, save_layers):
     """``_C.mse_step`` (the direct step's forward, loss, grad_y and backward in one C++ call) against the
-    model under autograd: the same loss and gradient bits, with and without saved layers, any batch size."""
+    model under autograd: the same loss and gradient bits, with and without saved layers, any batch size.
+
+    One exception: float64 without saved layers where the GEMMs are the BLAS's ``dgemm`` (a portable build, or
+    SHORTCUT_EXT_CPU_GEMM=brgemm), not the register kernel.  The backward then recomputes each unit's layers in
+    other row blocks than the forward's, and the BLAS's sums depend on the blocking: the gradient is the same
+    to rounding (a few 1e-17 of its largest entry here), not bit for bit."""
     from shortcut_ext._build import _C
 
     net = _DIRECT_NETS[name](dtype)
@@ -1019,7 +1024,10 @@ def test_the_one_call_mse_step_is_model_x_and_autograd_bit_for_bit(name, dtype, 
     (g2,) = torch.autograd.grad(L2, net.weight)
     assert isinstance(L, float) and L == float(L2.detach())
     assert g.shape == wv.shape and g.dtype == dtype and not g.requires_grad
-    assert torch.equal(g, g2.view_as(wv))
+    if dtype == torch.float64 and not save_layers and shortcut_ext.build_info()["cpu_gemm_float64"] != "kernel64":
+        torch.testing.assert_close(g, g2.view_as(wv), rtol=0, atol=1e-14 * float(g2.abs().max()))
+    else:
+        assert torch.equal(g, g2.view_as(wv))
     assert (g.abs().max() > 0) == (m > 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast does not reach the step: the same bits
         L3, g3 = _C.mse_step(X, wv, Y, net.shortcut, *net.activations, save_layers)
