@@ -10,6 +10,9 @@ each in its own copy of the tree, then run this script under each, alternating, 
       PYTHONPATH=.         python benchmarks/build_step_times.py --out native.$i.json
     done
 
+A multi-target build (``SHORTCUT_EXT_MARCH=x86-64-v4,x86-64-v3,x86-64``) holds several in one tree: run the
+script once per target with ``SHORTCUT_EXT_CPU_VARIANT=<target>`` (only targets this CPU runs).
+
 Rows (2-shortcut nets, the activation between the two layers of each unit, ``--batch`` rows, one thread by
 default): ``step``, train()'s one-call MSE step (forward, loss, gradient: ``_C.mse_step``) and ``forward``,
 the inference forward, at d = 10 (R = 512), 16 (R = 200) and 64 (R = 12), ReLU and tanh, float32 and float64;

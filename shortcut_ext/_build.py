@@ -77,15 +77,17 @@ def missing_isa(built, have) -> list:
     return sorted(set(built) - set(have))
 
 
-def choose_variant(variants, have, forced: str | None = None):
+def choose_variant(variants, have, forced: str | None = None, present=None):
     """The module of a multi-target build (``SHORTCUT_EXT_MARCH=A,B,...``) to load on a CPU with flags
     ``have``: ``((folder, target, flags), None)``, or ``(None, why)`` when there is none.
 
-    The first of ``variants`` (``(folder, target, flags)``, best first) whose flags the CPU has, or the one
-    whose target is ``forced`` (``SHORTCUT_EXT_CPU_VARIANT``): refused, like any build, on a CPU that lacks
-    one of its flags (it would stop the process with an illegal instruction).
+    The first of ``variants`` (``(folder, target, flags)``, best first) whose flags the CPU has and whose
+    module is there (its folder in ``present``; ``None``: all are), or the one whose target is ``forced``
+    (``SHORTCUT_EXT_CPU_VARIANT``): refused, like any build, on a CPU that lacks one of its flags (it would
+    stop the process with an illegal instruction).
     """
     names = ", ".join(t for _, t, _ in variants)
+    there = (lambda v: True) if present is None else (lambda v: v[0] in present)
     if forced:
         chosen = [v for v in variants if forced in (v[1], v[0])]
         if not chosen:
@@ -96,10 +98,17 @@ def choose_variant(variants, have, forced: str | None = None):
             return None, (f"SHORTCUT_EXT_CPU_VARIANT={forced!r} asks for code built (-march={chosen[0][1]}) for a "
                           f"CPU with instructions this CPU lacks ({', '.join(lack)}), so it is not loaded; "
                           "unset it to load the best one for this CPU")
+        if not there(chosen[0]):
+            return None, (f"SHORTCUT_EXT_CPU_VARIANT={forced!r}: its module (_targets/{chosen[0][0]}/_C) is missing "
+                          "from the package: rebuild it")
         return chosen[0], None
-    for v in variants:
-        if not missing_isa(v[2], have):
+    runs = [v for v in variants if not missing_isa(v[2], have)]
+    for v in runs:
+        if there(v):
             return v, None
+    if runs:
+        return None, (f"the modules of this build's targets that this CPU runs "
+                      f"({', '.join(f'_targets/{f}/_C' for f, _, _ in runs)}) are missing from the package: rebuild it")
     return None, (f"none of this build's targets ({names}) runs on this CPU (" +
                   "; ".join(f"{t} needs {', '.join(missing_isa(isa, have))}" for _, t, isa in variants) +
                   "), so none is loaded: rebuild with SHORTCUT_EXT_MARCH ending in x86-64 (every x86-64 CPU)")
@@ -117,7 +126,8 @@ _C_DIR = _HERE  # the folder of the _C to load: beside this file, or a multi-tar
 _VARIANT_ERROR = None
 _forced = os.environ.get("SHORTCUT_EXT_CPU_VARIANT", "").strip()
 if _VARIANTS:
-    _chosen, _VARIANT_ERROR = choose_variant(_VARIANTS, _cpu_flags(), _forced)
+    _present = {v[0] for v in _VARIANTS if _own_spec("_C", os.path.join(_HERE, "_targets", v[0])) is not None}
+    _chosen, _VARIANT_ERROR = choose_variant(_VARIANTS, _cpu_flags(), _forced, _present)
     if _chosen is not None:
         _C_DIR = os.path.join(_HERE, "_targets", _chosen[0])
         _BUILD_TARGET, _BUILD_ISA = _chosen[1], tuple(_chosen[2])

@@ -100,6 +100,13 @@ def test_choose_variant_takes_the_first_target_this_cpu_runs():
     none, why = choose_variant((v4, v3), {"sse2"})
     assert none is None and "none of this build's targets (x86-64-v4, x86-64-v3) runs on this CPU" in why
     assert "x86-64-v4 needs avx2, avx512f; x86-64-v3 needs avx2" in why and "ending in x86-64" in why
+    # a module that is not there (a damaged install): the next target this CPU runs, never a foreign one
+    assert choose_variant(variants, {"sse2", "avx2", "avx512f"}, present={"x86_64_v3", "x86_64"}) == (v3, None)
+    none, why = choose_variant(variants, {"sse2", "avx2"}, present={"x86_64_v4"})
+    assert none is None and why == ("the modules of this build's targets that this CPU runs (_targets/x86_64_v3/_C, "
+                                    "_targets/x86_64/_C) are missing from the package: rebuild it")
+    none, why = choose_variant(variants, {"sse2"}, "x86-64", present=set())
+    assert none is None and "SHORTCUT_EXT_CPU_VARIANT='x86-64': its module (_targets/x86_64/_C) is missing" in why
 
 
 def test_build_info_says_what_the_code_was_built_for():
@@ -207,7 +214,8 @@ if se.is_built():
 
 @pytest.mark.skipif(not shortcut_ext.is_built() or not os.path.exists("/proc/cpuinfo"),
                     reason="needs a built _C to copy, and the CPU's flags")
-@pytest.mark.parametrize("case", ["best", "forced", "forced_foreign", "forced_unknown", "none_fits", "single"])
+@pytest.mark.parametrize("case", ["best", "forced", "missing_module", "forced_foreign", "forced_unknown", "none_fits",
+                                  "single"])
 def test_a_multi_target_build_loads_the_first_target_this_cpu_runs(tmp_path, case):
     """SHORTCUT_EXT_MARCH=A,B,...: the loader imports _targets/<folder>/_C of the first target whose flags this CPU
     has, as shortcut_ext._C; SHORTCUT_EXT_CPU_VARIANT picks another, but never one this CPU cannot run.  The
@@ -224,6 +232,8 @@ def test_a_multi_target_build_loads_the_first_target_this_cpu_runs(tmp_path, cas
     env = _env(root)
     if case == "none_fits":
         variants = variants[:1]
+    elif case == "missing_module":  # a target this CPU runs, whose module is not there: the next one
+        variants = (("gone", "gone-v2", ("sse2",)),) + variants[1:]
     if case == "forced":
         env["SHORTCUT_EXT_CPU_VARIANT"] = "base"  # the folder name works too
     elif case == "forced_foreign":
@@ -240,9 +250,9 @@ def test_a_multi_target_build_loads_the_first_target_this_cpu_runs(tmp_path, cas
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
-    if case in ("best", "forced"):
+    if case in ("best", "forced", "missing_module"):
         assert out["BUILT"] == "True None" and out["SAME"] == "True" and out["WARN"] == "[]", out
-        assert out["TARGET"] == "x86-64 ['fake-v9', 'x86-64']"
+        assert out["TARGET"] == f"x86-64 ['{variants[0][1]}', 'x86-64']"
         assert out["LOADED"].startswith(str(pkg / "_targets" / "base" / "_C."))
     elif case == "single":
         assert out["BUILT"] == "True None" and out["TARGET"] == "x86-64 None" and out["SAME"] == "True"

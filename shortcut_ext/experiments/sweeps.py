@@ -266,12 +266,14 @@ def _fill(store, jobs, desc, progress, usable=None) -> None:
     from .store import PoolRunStore
 
     bar = None
-    if progress and store.rank == 0:
+    total = len(store.plan(jobs, usable)[0]) if progress and store.rank == 0 else 0
+    if total:  # no bar for a phase whose runs are all stored (it printed "0it")
         from tqdm.auto import tqdm
 
         pool = isinstance(store, PoolRunStore)
-        where = f"{store.workers} processes" if pool else f"rank 0 of {store.world_size}"
-        bar = tqdm(total=len(store.plan(jobs, usable)[0]), desc=f"{desc} ({where})", dynamic_ncols=True, leave=True)
+        n = min(store.workers, total)
+        where = f"{n} process{'es' if n > 1 else ''}" if pool else f"rank 0 of {store.world_size}"
+        bar = tqdm(total=total, desc=f"{desc} ({where})", dynamic_ncols=True, leave=True)
     try:
         store.fill(jobs, progress=None if bar is None else (lambda done, total: bar.update(1)), usable=usable)
     finally:
