@@ -141,6 +141,54 @@ def _march_isa(march):
     return sorted({flag for macro, flag in _MACRO_ISA.items() if macro in macros})
 
 
+_OMP_PROBE = """#include <omp.h>
+int main() {
+  int n = 0;
+#pragma omp parallel
+  { n = omp_get_num_threads(); }
+  return n > 0 ? 0 : 1;
+}
+"""
+_SIMD_PROBE = """int main() {
+  float a[8] = {0};
+#pragma omp simd
+  for (int i = 0; i < 8; ++i) a[i] += 1.0f;
+  return a[7] == 1.0f ? 0 : 1;
+}
+"""
+
+
+def _openmp_flags():
+    """(compile, link) flags for OpenMP: -fopenmp where the C++ compiler ($CXX, else c++) compiles and links an
+    OpenMP program (the kernels' threads come from at::parallel_for, an OpenMP region in torch's headers); else
+    -fopenmp-simd (the loops' simd pragmas only: the kernels then run on one thread, as at::parallel_for runs
+    its range in the calling thread), or nothing where even that is unknown (Apple's clang without libomp)."""
+    import tempfile
+
+    cxx = os.environ.get("CXX") or "c++"
+
+    def builds(source, flags, link):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cpp")
+            with open(src, "w", encoding="utf-8") as f:
+                f.write(source)
+            cmd = [cxx, *flags, "-Werror", src] + (["-o", os.path.join(tmp, "probe")] if link else
+                                                   ["-c", "-o", os.path.join(tmp, "probe.o")])
+            try:
+                return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                return False
+
+    if builds(_OMP_PROBE, ["-fopenmp"], link=True):
+        return ["-fopenmp"], ["-fopenmp"]
+    simd = ["-fopenmp-simd"] if builds(_SIMD_PROBE, ["-fopenmp-simd"], link=False) else []
+    print(f"shortcut_ext: WARNING: the C++ compiler {cxx!r} cannot build OpenMP code (no omp.h or no OpenMP "
+          "runtime), so the kernels are built without threads: each call runs on one CPU thread "
+          "(build_info()['openmp'] is False). Install the compiler's OpenMP runtime (libomp for clang: "
+          "libomp-dev, or `brew install libomp`) and rebuild for threads.")
+    return simd, []
+
+
 def _march_targets(value):
     """SHORTCUT_EXT_MARCH's targets (comma-separated, best first) and each one's folder name under
     shortcut_ext/_targets/ (``[(target, folder), ...]``; empty when unset)."""
@@ -204,8 +252,9 @@ def extensions():
     define_macros = [("SHORTCUT_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     sanitize = os.environ.get("SANITIZE", "").strip()
     cxx = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
-    cxx += ["-fopenmp", "-fvisibility=hidden"]
-    link = ["-fopenmp"]
+    omp_cxx, omp_link = _openmp_flags()
+    cxx += omp_cxx + ["-fvisibility=hidden"]
+    link = list(omp_link)
     if sanitize:
         cxx += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
         link += [f"-fsanitize={sanitize}"]
@@ -250,7 +299,7 @@ def extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         define_macros += [("SHORTCUT_EXT_WITH_CUDA", None), ("SHORTCUT_EXT_CUDA_VERSION", f'"{torch.version.cuda}"')]
         extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
-            "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
+            "--expt-relaxed-constexpr"] + [a for f in omp_link for a in ("-Xcompiler", f)]
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension

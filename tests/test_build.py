@@ -109,6 +109,31 @@ def test_choose_variant_takes_the_first_target_this_cpu_runs():
     assert none is None and "SHORTCUT_EXT_CPU_VARIANT='x86-64': its module (_targets/x86_64/_C) is missing" in why
 
 
+def test_a_compiler_without_openmp_builds_kernels_without_threads(tmp_path, monkeypatch, capsys):
+    """setup.py passed -fopenmp whatever the compiler: with one that has no OpenMP (Apple's clang, a clang
+    without libomp) the build stopped at the first file.  It now asks the compiler: -fopenmp where an OpenMP
+    program compiles and links, else -fopenmp-simd (the kernels then run on one thread), else nothing."""
+    cxx = shutil.which(os.environ.get("CXX") or "c++")
+    if cxx is None:
+        pytest.skip("needs a C++ compiler")
+    ns = _setup_py("_OMP_PROBE", "_SIMD_PROBE", "_openmp_flags")
+    flags = ns["_openmp_flags"]()
+    assert flags in ((["-fopenmp"], ["-fopenmp"]), (["-fopenmp-simd"], []), ([], [])), flags
+    info = shortcut_ext.build_info()
+    if info.get("built") and not os.environ.get("CXX"):  # this build's compiler: its answer is the build's
+        assert (flags[0] == ["-fopenmp"]) == bool(info["openmp"]), (flags, info["openmp"])
+    # a compiler that refuses -fopenmp (as Apple's clang does), and one that is not there
+    fake = tmp_path / "no-openmp-c++"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {cxx} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    capsys.readouterr()
+    assert ns["_openmp_flags"]() == (["-fopenmp-simd"], [])
+    assert "cannot build OpenMP code" in capsys.readouterr().out
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert ns["_openmp_flags"]() == ([], [])
+
+
 def test_build_info_says_what_the_code_was_built_for():
     """cpu_target: "native" (-march=native, the default; native_isa the build CPU's flags), a SHORTCUT_EXT_MARCH
     value (native_isa that target's flags), or None for a portable build (no flags recorded)."""
