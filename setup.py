@@ -158,14 +158,26 @@ _SIMD_PROBE = """int main() {
 """
 
 
-def _openmp_flags():
+def _openmp_flags(system=None, torch_dir=None):
     """(compile, link) flags for OpenMP: -fopenmp where the C++ compiler ($CXX, else c++) compiles and links an
-    OpenMP program (the kernels' threads come from at::parallel_for, an OpenMP region in torch's headers); else
-    -fopenmp-simd (the loops' simd pragmas only: the kernels then run on one thread, as at::parallel_for runs
-    its range in the calling thread), or nothing where even that is unknown (Apple's clang without libomp)."""
+    OpenMP program (the kernels' threads come from at::parallel_for, an OpenMP region in torch's headers).
+
+    Apple's clang takes no -fopenmp (Homebrew's libomp does not change that), but torch's macOS wheels carry
+    their OpenMP runtime, lib/libomp.dylib, and its omp.h: there the kernels are compiled with
+    `-Xclang -fopenmp` against that omp.h (torch's include folder, on every extension's include path) and
+    linked with `-undefined dynamic_lookup`, so that their OpenMP calls bind, at import, to the libomp that
+    libtorch_cpu loaded (torch's inductor builds its C++ kernels there the same way).  Linking libomp itself
+    would record the path it was built at (/opt/llvm-openmp/lib/libomp.dylib in torch 2.11's wheel), and a
+    second OpenMP runtime in the process (Homebrew's) is the known "OMP: Error #15" abort.
+
+    Else -fopenmp-simd (the loops' simd pragmas only: the kernels then run on one thread, as at::parallel_for
+    runs its range in the calling thread), or nothing where even that is unknown.  ``system`` (platform.system())
+    and ``torch_dir`` (torch's package folder) are for the tests."""
     import tempfile
 
     cxx = os.environ.get("CXX") or "c++"
+    system = system or platform.system()
+    torch_dir = torch_dir or os.path.dirname(torch.__file__)
 
     def builds(source, flags, link):
         with tempfile.TemporaryDirectory() as tmp:
@@ -181,11 +193,25 @@ def _openmp_flags():
 
     if builds(_OMP_PROBE, ["-fopenmp"], link=True):
         return ["-fopenmp"], ["-fopenmp"]
+    include = os.path.join(torch_dir, "include")
+    torch_omp = (system == "Darwin" and os.path.isfile(os.path.join(torch_dir, "lib", "libomp.dylib"))
+                 and os.path.isfile(os.path.join(include, "omp.h")))
+    if torch_omp and builds(_OMP_PROBE, ["-Xclang", "-fopenmp", "-I", include], link=False):
+        print(f"shortcut_ext: OpenMP from torch's own runtime ({os.path.join(torch_dir, 'lib', 'libomp.dylib')}): "
+              f"{cxx!r} takes no -fopenmp, so the kernels are compiled with -Xclang -fopenmp and bind to the "
+              "libomp that torch loads")
+        return ["-Xclang", "-fopenmp"], ["-undefined", "dynamic_lookup"]
     simd = ["-fopenmp-simd"] if builds(_SIMD_PROBE, ["-fopenmp-simd"], link=False) else []
+    if system == "Darwin":
+        fix = ("Apple's clang builds OpenMP code only against the libomp that torch's macOS wheels carry "
+               f"(lib/libomp.dylib and include/omp.h), and {torch_dir} has "
+               + ("them, but the compiler refused -Xclang -fopenmp" if torch_omp else "no such pair")
+               + ": use a torch wheel from PyPI, or a compiler with OpenMP (CXX=...), and rebuild for threads.")
+    else:
+        fix = "Install the compiler's OpenMP runtime (libomp-dev for clang) and rebuild for threads."
     print(f"shortcut_ext: WARNING: the C++ compiler {cxx!r} cannot build OpenMP code (no omp.h or no OpenMP "
           "runtime), so the kernels are built without threads: each call runs on one CPU thread "
-          "(build_info()['openmp'] is False). Install the compiler's OpenMP runtime (libomp for clang: "
-          "libomp-dev, or `brew install libomp`) and rebuild for threads.")
+          f"(build_info()['openmp'] is False). {fix}")
     return simd, []
 
 

@@ -9,6 +9,7 @@ import sys
 import warnings
 
 import pytest
+import torch
 
 import shortcut_ext
 from shortcut_ext._build import choose_variant, missing_isa
@@ -35,7 +36,9 @@ def _setup_py(*names):
             or (isinstance(node, ast.Assign) and any(getattr(t, "id", "") in names for t in node.targets))]
     import re
 
-    ns = {"os": os, "subprocess": subprocess, "re": re}
+    import platform
+
+    ns = {"os": os, "subprocess": subprocess, "re": re, "platform": platform, "torch": torch}
     exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)
     return ns
 
@@ -132,6 +135,58 @@ def test_a_compiler_without_openmp_builds_kernels_without_threads(tmp_path, monk
     assert "cannot build OpenMP code" in capsys.readouterr().out
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert ns["_openmp_flags"]() == ([], [])
+
+
+def test_apple_clang_builds_threads_against_torchs_own_libomp(tmp_path, monkeypatch, capsys):
+    """Apple's clang takes no -fopenmp, so a Mac build ran every kernel call on one thread (and the warning's
+    advice, Homebrew's libomp, would not have changed that).  torch's macOS wheels carry lib/libomp.dylib and
+    include/omp.h: there the build compiles with -Xclang -fopenmp against that omp.h and links with
+    -undefined dynamic_lookup, so the OpenMP calls bind to the libomp torch loaded.  A fake Apple clang (it
+    refuses -fopenmp, accepts -Xclang -fopenmp only with an -I folder that holds omp.h) stands in for the real
+    one, and a folder for torch's; elsewhere than macOS, and without torch's runtime, the build stays
+    without threads and says why."""
+    cxx = shutil.which(os.environ.get("CXX") or "c++")
+    if cxx is None:
+        pytest.skip("needs a C++ compiler")
+    ns = _setup_py("_OMP_PROBE", "_SIMD_PROBE", "_openmp_flags")
+    fake = tmp_path / "apple-clang++"
+    fake.write_text(f"""#!{sys.executable}
+import os, subprocess, sys
+args, out, xomp, inc, i = sys.argv[1:], [], False, None, 0
+while i < len(args):
+    if args[i] == "-fopenmp":
+        sys.exit("clang: error: unsupported option '-fopenmp'")
+    if args[i:i + 2] == ["-Xclang", "-fopenmp"]:
+        xomp, i = True, i + 2
+    elif args[i] == "-I":
+        inc, i = args[i + 1], i + 2
+    else:
+        out.append(args[i]); i += 1
+if xomp and not (inc and os.path.isfile(os.path.join(inc, "omp.h"))):
+    sys.exit("omp.h: file not found")
+sys.exit(subprocess.call([{cxx!r}] + (["-fopenmp"] if xomp else []) + out))
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    torch_dir = tmp_path / "torch"
+    (torch_dir / "lib").mkdir(parents=True)
+    (torch_dir / "include").mkdir()
+    # the fake passes its real compiler -fopenmp instead of -Xclang -fopenmp, so that compiler's omp.h serves
+    (torch_dir / "include" / "omp.h").write_text("#pragma once\n")
+    (torch_dir / "lib" / "libomp.dylib").write_bytes(b"")
+    capsys.readouterr()
+    assert ns["_openmp_flags"](system="Darwin", torch_dir=str(torch_dir)) == (
+        ["-Xclang", "-fopenmp"], ["-undefined", "dynamic_lookup"])
+    assert "OpenMP from torch's own runtime" in capsys.readouterr().out
+    # not macOS: the same compiler and folder give no threads, and the advice is the compiler's runtime
+    assert ns["_openmp_flags"](system="Linux", torch_dir=str(torch_dir)) == (["-fopenmp-simd"], [])
+    out = capsys.readouterr().out
+    assert "cannot build OpenMP code" in out and "libomp-dev" in out, out
+    # macOS, but a torch without its libomp: no threads, and the warning says what is missing
+    (torch_dir / "lib" / "libomp.dylib").unlink()
+    assert ns["_openmp_flags"](system="Darwin", torch_dir=str(torch_dir)) == (["-fopenmp-simd"], [])
+    out = capsys.readouterr().out
+    assert "cannot build OpenMP code" in out and "no such pair" in out and str(torch_dir) in out, out
 
 
 def test_build_info_says_what_the_code_was_built_for():
