@@ -265,7 +265,19 @@ def _write_build_record(path):
         f.write(_BUILD_RECORD)
 
 
+def _check_platform(system=None):
+    """The kernels are GCC/clang C++ (inline assembly, weak symbols, GCC's pragmas) and the worker pool forks:
+    Linux, and macOS with Apple's clang.  MSVC would stop deep inside the sources with errors that name none of
+    this, so a Windows build stops here and says what works.  ``system`` (platform.system()) is for the tests."""
+    system = system or platform.system()
+    if system == "Windows":
+        raise RuntimeError("shortcut_ext's kernels build with GCC or clang on Linux or macOS, not with MSVC on "
+                           "Windows: install it in WSL2 (a Linux there, where `pip install .` builds them, and a "
+                           "CUDA GPU is usable too)")
+
+
 def extensions():
+    _check_platform()
     debug = _flag("DEBUG")
     with_cuda = want_cuda()
     if with_cuda:

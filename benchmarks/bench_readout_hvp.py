@@ -1,16 +1,21 @@
-"""HessianOperator products of a net with a frozen read-out: the fused HVP (targets ``y P``) against
-autograd's batched double backward, which the operator used for every such net before.
+"""HessianOperator products of a net with a frozen read-out: the fused HVP against autograd's batched double
+backward, which the operator used for every such net before.
 
-Problem: 2-shortcut net, ReLU at the mid position, d = 16, q = 40 targets (read-out ``P [40, 16]``
-with orthonormal columns, as the models make it), B = 256 samples, R = 200 units, float32, 2 threads,
-mse.  ``matmat`` of ``k`` in {1, 8} random directions, each timed as a whole call (forward included).
-Both backends are checked against each other before timing.
+Two problems, 2-shortcut nets with ReLU at the mid position, "small" init (scale 0.2), float32, 2 threads:
+- ``orthonormal``: d = 16, q = 40 targets (read-out ``P [40, 16]`` with orthonormal columns, as the models make
+  it), B = 256, R = 200, mse: the fused kernel runs with targets ``y P``;
+- ``classifier-d16`` / ``-d64``: q = 10 classes (``P [10, d]``: fewer targets than the width), d = 16 (R = 200,
+  B = 256) and d = 64 (R = 100, B = 512), cross-entropy on class indices: the read-out goes into the fused CPU
+  kernel (``readout=P``).
+``matmat`` of ``k`` in {1, 8} random directions, each timed as a whole call (forward included).  Both backends
+are checked against each other before timing.
 
     python benchmarks/bench_readout_hvp.py                      # medians, ratio autograd / fused
     pytest benchmarks/bench_readout_hvp.py -o addopts="" --benchmark-only
 """
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
@@ -29,18 +34,29 @@ BACKENDS = ("fused", "autograd")
 KS = (1, 8)
 
 
-def make_operators(units: int = 200, width: int = 16, targets: int = 40, batch: int = 256, k: int = 1):
-    net = ShortcutNet(width=width, units=units, shortcut=2, mid="relu", init="xavier", out_features=targets)
+CASES = {  # name: (units, width, targets, batch, loss)
+    "orthonormal": (200, 16, 40, 256, "mse"),
+    "classifier-d16": (200, 16, 10, 256, "cross_entropy"),
+    "classifier-d64": (100, 64, 10, 512, "cross_entropy"),
+}
+
+
+def make_operators(case: str = "orthonormal", k: int = 1):
+    units, width, targets, batch, loss = CASES[case]
+    # xavier weights make these deep stacks' outputs ~1e9 to 1e18 in float32 (products overflowed to nan);
+    # the "small" init (scale 0.2) keeps the output O(1), as training would
+    net = ShortcutNet(width=width, units=units, shortcut=2, mid="relu", init="small", scale=0.2, out_features=targets)
     g = torch.Generator().manual_seed(0)
-    X, Y = torch.randn(batch, width, generator=g), torch.randn(batch, targets, generator=g)
+    X = torch.randn(batch, width, generator=g)
+    Y = torch.randn(batch, targets, generator=g) if loss == "mse" else torch.randint(0, targets, (batch,), generator=g)
     V = torch.randn(net.weight.numel(), k, generator=g)
-    ops = {be: HessianOperator(net, (X, Y), backend=be) for be in BACKENDS}
+    ops = {be: HessianOperator(net, (X, Y), loss=loss, backend=be) for be in BACKENDS}
     if ops["fused"].backend_used != "fused":
         return None, V
     ref = ops["autograd"].matmat(V)
     err = float((ops["fused"].matmat(V) - ref).abs().max() / ref.abs().max())
     if not err <= 1e-4:  # (a nan is never greater than anything)
-        raise AssertionError(f"fused and autograd products differ by {err:.2g} (relative)")
+        raise AssertionError(f"{case}: fused and autograd products differ by {err:.2g} (relative)")
     return ops, V
 
 
@@ -50,8 +66,8 @@ def main() -> int:
         print("the fused HVP kernel is not built")
         return 1
     print(common.environment())
-    for k in KS:
-        ops, V = make_operators(k=k)
+    for case, k in itertools.product(CASES, KS):
+        ops, V = make_operators(case, k=k)
         med = {}
         for be in BACKENDS:
             ops[be].matmat(V)
@@ -61,7 +77,7 @@ def main() -> int:
                 ops[be].matmat(V)
                 ts.append(time.perf_counter() - t)
             med[be] = statistics.median(ts) * 1e3
-        print(f"k = {k}: fused {med['fused']:.1f} ms, autograd {med['autograd']:.1f} ms per call "
+        print(f"{case}, k = {k}: fused {med['fused']:.1f} ms, autograd {med['autograd']:.1f} ms per call "
               f"(median of 7): autograd / fused = {med['autograd'] / med['fused']:.1f}x")
     return 0
 
@@ -75,12 +91,13 @@ except ImportError:  # pragma: no cover
 if pytest is not None:
     @pytest.mark.parametrize("k", KS)
     @pytest.mark.parametrize("backend", BACKENDS)
-    def test_readout_matmat(benchmark, backend, k):
-        ops, V = make_operators(k=k)
+    @pytest.mark.parametrize("case", list(CASES))
+    def test_readout_matmat(benchmark, case, backend, k):
+        ops, V = make_operators(case, k=k)
         if ops is None:
             pytest.skip("the fused HVP kernel is not built")
-        benchmark.group = f"read-out matmat k={k}"
-        benchmark.extra_info.update(k=k, backend=backend, **common.environment())
+        benchmark.group = f"read-out matmat {case} k={k}"
+        benchmark.extra_info.update(case=case, k=k, backend=backend, **common.environment())
         benchmark.pedantic(ops[backend].matmat, args=(V,), rounds=7, warmup_rounds=1)
 
 

@@ -131,7 +131,8 @@ void check_saved(const at::Tensor& saved, const at::Tensor& weights, const Stack
 
 // Checks targets and directions against the stack shape; returns the loss.
 Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets,
-                    const at::Tensor& directions, c10::string_view loss_name, const StackShape& s) {
+                    const at::Tensor& directions, c10::string_view loss_name, const StackShape& s,
+                    const c10::optional<at::Tensor>& readout) {
   const Loss loss = parse_loss(loss_name);
   // directions [K, R, n, d, d]
   TORCH_CHECK_VALUE(directions.dim() == 5 && directions.size(1) == s.R && directions.size(2) == s.n &&
@@ -144,29 +145,43 @@ Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Te
                    dtype_name(weights.scalar_type()), " like weights, got ", dtype_name(directions.scalar_type()));
   TORCH_CHECK_VALUE(directions.device() == weights.device(), "directions must be on ", weights.device(), " like weights, got ",
                     directions.device());
+  // the read-out P [q, d]: the loss is that of f P^T [B, q], the targets are in its q columns
+  int64_t q = s.d;
+  const char* w = "d";  // the targets' width as the messages name it
+  if (readout.has_value()) {
+    const at::Tensor& P = *readout;
+    TORCH_CHECK_VALUE(P.dim() == 2 && P.size(1) == s.d && P.size(0) >= 1,
+                      "readout must have shape [q, d] = [q, ", s.d, "] with q >= 1 (it maps the stack's output to "
+                      "the loss's q columns), got ", shape_str(P));
+    TORCH_CHECK_TYPE(P.scalar_type() == x.scalar_type(), "readout must have dtype ", dtype_name(x.scalar_type()),
+                     " like x, got ", dtype_name(P.scalar_type()));
+    TORCH_CHECK_VALUE(P.device() == x.device(), "readout must be on ", x.device(), " like x, got ", P.device());
+    q = P.size(0);
+    w = "q";
+  }
   // targets
   TORCH_CHECK_VALUE(targets.device() == x.device(), "targets must be on ", x.device(), " like x, got ", targets.device());
   if (targets.dim() == 1) {
-    TORCH_CHECK_VALUE(loss == Loss::CrossEntropy, "targets must have shape [B, d] = [", s.B, ", ", s.d,
+    TORCH_CHECK_VALUE(loss == Loss::CrossEntropy, "targets must have shape [B, ", w, "] = [", s.B, ", ", q,
                       "] for loss='mse', got ", shape_str(targets),
                       " (class indices [B] are accepted only with loss='cross_entropy')");
     TORCH_CHECK_VALUE(targets.size(0) == s.B, "targets must have shape [B] = [", s.B,
-                      "] (class indices) or [B, d] = [", s.B, ", ", s.d, "] (probabilities), got ",
+                      "] (class indices) or [B, ", w, "] = [", s.B, ", ", q, "] (probabilities), got ",
                       shape_str(targets));
     TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "class-index targets [B] must be int64, got ",
                      dtype_name(targets.scalar_type()));
     if (s.B > 0) {
       const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
-      TORCH_CHECK_VALUE(lo >= 0 && hi < s.d, "class-index targets must lie in [0, d) = [0, ", s.d, "), got values in [",
-                        lo, ", ", hi, "]");
+      TORCH_CHECK_VALUE(lo >= 0 && hi < q, "class-index targets must lie in [0, ", w, ") = [0, ", q,
+                        "), got values in [", lo, ", ", hi, "]");
     }
   } else {
-    TORCH_CHECK_VALUE(targets.dim() == 2 && targets.size(0) == s.B && targets.size(1) == s.d,
-                      "targets must have shape [B, d] = [", s.B, ", ", s.d, "]",
+    TORCH_CHECK_VALUE(targets.dim() == 2 && targets.size(0) == s.B && targets.size(1) == q,
+                      "targets must have shape [B, ", w, "] = [", s.B, ", ", q, "]",
                       loss == Loss::CrossEntropy ? " (probabilities) or [B] (class indices)" : "",
                       ", got ", shape_str(targets));
-    TORCH_CHECK_TYPE(targets.scalar_type() == x.scalar_type(), "targets [B, d] must have dtype ", dtype_name(x.scalar_type()),
-                     " like x, got ", dtype_name(targets.scalar_type()));
+    TORCH_CHECK_TYPE(targets.scalar_type() == x.scalar_type(), "targets [B, ", w, "] must have dtype ",
+                     dtype_name(x.scalar_type()), " like x, got ", dtype_name(targets.scalar_type()));
   }
   return loss;
 }

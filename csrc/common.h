@@ -79,9 +79,11 @@ int set_cuda_tf32_mode(int mode);
 // follows the range in the message (e.g. " (0 disables the cache)").
 int64_t env_megabytes(const char* name, int64_t fallback_mb, int64_t min_mb, const char* hint);
 
-// Checks the HVP op's targets [B, d] (or [B] int64 class indices with cross_entropy) and directions
-// [k, R, n, d, d] against the stack shape; returns the parsed loss.  Shared by CPU and CUDA.
+// Checks the HVP op's directions [k, R, n, d, d], its optional frozen read-out [q, d] (the loss is then
+// taken of f P^T) and its targets [B, q] (q = d without a read-out; or [B] int64 class indices in [0, q)
+// with cross_entropy) against the stack shape; returns the parsed loss.  Shared by CPU and CUDA.
 Loss check_hvp_args(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets,
-                    const at::Tensor& directions, c10::string_view loss_name, const StackShape& s);
+                    const at::Tensor& directions, c10::string_view loss_name, const StackShape& s,
+                    const c10::optional<at::Tensor>& readout = c10::nullopt);
 
 }  // namespace shortcut_ext

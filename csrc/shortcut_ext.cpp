@@ -27,9 +27,10 @@ TORCH_LIBRARY(shortcut_ext, m) {
   m.def("residual_stack_backward(Tensor grad_y, Tensor weights, Tensor saved, bool shortcut, str act_pre, "
         "str act_mid, str act_post) -> (Tensor, Tensor)");
   // -> (loss [] , grad [R, n, d, d], hvps [k, R, n, d, d]); targets [B, d], or [B] int64 class indices
-  // with loss="cross_entropy"; directions [k, R, n, d, d]
+  // with loss="cross_entropy"; directions [k, R, n, d, d]; readout: a frozen P [q, d], the loss then of
+  // f P^T with targets [B, q] (or class indices in [0, q))
   m.def("residual_stack_hvp(Tensor x, Tensor weights, Tensor targets, Tensor directions, bool shortcut, "
-        "str act_pre, str act_mid, str act_post, str loss) -> (Tensor, Tensor, Tensor)");
+        "str act_pre, str act_mid, str act_post, str loss, Tensor? readout=None) -> (Tensor, Tensor, Tensor)");
 }
 
 // residual_stack_hvp's outputs are values, not differentiable functions of its inputs: a backward

@@ -422,11 +422,17 @@ def residual_stack_hvp(
     act_post: str = "identity",
     loss: str = "mse",
     backend: str | None = None,
+    readout: torch.Tensor | None = None,  # [q, d]
 ):
     """Loss, gradient ``[R, n, d, d]`` and ``k`` Hessian-vector products ``[k, R, n, d, d]``.
 
     The Hessian is that of ``loss(residual_stack(x, weights), targets)`` w.r.t. ``weights``.
     ``backend="fused"`` uses the fused R-operator kernel where it is built, else the reference.
+
+    ``readout``: a frozen linear read-out ``P [q, d]`` (a classifier's last layer, say): the loss is then
+    that of ``residual_stack(x, weights) @ P.T``, with targets ``[B, q]`` or class indices in ``[0, q)``.
+    ``P`` is a constant (no gradient or product for it).  The fused kernel takes it on the CPU; on CUDA
+    it raises ``NotImplementedError`` (use ``backend="torch"`` there).
 
     The outputs are values, detached from the inputs (they never require grad): a loss built on them
     (``L + penalty``, ``v^T H v`` as a sharpness term) gets no gradient through them from autograd, and
@@ -449,17 +455,23 @@ def residual_stack_hvp(
     if directions.device != weights.device:
         raise ValueError(f"directions must be on {weights.device} like weights, got {directions.device}")
     backend = check_backend(backend)
+    if readout is not None:
+        check_readout(x, readout)
     if backend == "fused":
-        _check_dense(x=x, weights=weights, targets=targets, directions=directions)
-    targets = check_hvp_targets(x, targets, loss)
-    _refuse_transforms(_HVP_NOT_DIFFERENTIABLE, x, weights, targets, directions)
+        _check_dense(x=x, weights=weights, targets=targets, directions=directions,
+                     **({} if readout is None else {"readout": readout}))
+    targets = check_hvp_targets(x, targets, loss, q=None if readout is None else readout.shape[0])
+    _refuse_transforms(_HVP_NOT_DIFFERENTIABLE, x, weights, targets, directions,
+                       *(() if readout is None else (readout,)))
     # the products are values, not functions of the inputs to differentiate further: detached outputs
     # (they do not require grad, like .item()'s), and the torch.func transforms are refused above
     x, weights, targets, directions = x.detach(), weights.detach(), targets.detach(), directions.detach()
+    if readout is not None:
+        readout = readout.detach()
     if backend == "fused" and hasattr(torch.ops.shortcut_ext, "residual_stack_hvp"):
         out = torch.ops.shortcut_ext.residual_stack_hvp(
             x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),
-            shortcut, act_pre, act_mid, act_post, loss,
+            shortcut, act_pre, act_mid, act_post, loss, None if readout is None else readout.contiguous(),
         )
     else:
         stack = () if torch.compiler.is_compiling() else (torch._C._functorch.get_interpreter_stack() or ())
@@ -472,7 +484,7 @@ def residual_stack_hvp(
                 + "), or batch the directions [k, ...] in one call")
         with autocast_off(x):
             out = reference.residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid,
-                                               act_post, loss)
+                                               act_post, loss, readout)
     return out
 
 
@@ -484,12 +496,27 @@ def _is_fake(t: torch.Tensor) -> bool:
     return bool(is_fake(t))
 
 
-def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
+def check_readout(x: torch.Tensor, readout) -> None:
+    """Checks a read-out ``P [q, d]`` for ``residual_stack_hvp`` (both backends give the same errors)."""
+    d = x.shape[1]
+    if not isinstance(readout, torch.Tensor):
+        raise TypeError(f"readout must be a torch.Tensor [q, d] = [q, {d}] or None, got {type(readout).__name__}")
+    if readout.dim() != 2 or readout.shape[1] != d or readout.shape[0] < 1:
+        raise ValueError(f"readout must have shape [q, d] = [q, {d}] with q >= 1 (it maps the stack's output to "
+                         f"the loss's q columns), got {list(readout.shape)}")
+    if readout.dtype != x.dtype:
+        raise TypeError(f"readout must have dtype {_dtype(x)} like x, got {_dtype(readout)}")
+    if readout.device != x.device:
+        raise ValueError(f"readout must be on {x.device} like x, got {readout.device}")
+
+
+def check_hvp_targets(x: torch.Tensor, targets, loss: str, q: int | None = None) -> torch.Tensor:
     """Checks ``targets`` for ``loss`` (both backends give the same errors); class indices of any integer
-    dtype become int64."""
+    dtype become int64.  ``q``: the loss's columns where a read-out ``[q, d]`` precedes it (else ``d``)."""
     B, d = x.shape
+    w, width = ("d", d) if q is None else ("q", q)
     if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor ([B, d], or class indices [B] for loss='cross_entropy'), "
+        raise TypeError(f"targets must be a torch.Tensor ([B, {w}], or class indices [B] for loss='cross_entropy'), "
                         f"got {type(targets).__name__}")
     if targets.device != x.device:
         raise ValueError(f"targets must be on {x.device} like x, got {targets.device}")
@@ -498,8 +525,8 @@ def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
                          "(call .to_dense())")
     if targets.dim() == 1:
         if loss != "cross_entropy":
-            raise ValueError(f"targets must have shape [B, d] = [{B}, {d}] for loss='mse', got {list(targets.shape)} "
-                             "(class indices [B] need loss='cross_entropy')")
+            raise ValueError(f"targets must have shape [B, {w}] = [{B}, {width}] for loss='mse', got "
+                             f"{list(targets.shape)} (class indices [B] need loss='cross_entropy')")
         if targets.shape[0] != B:
             raise ValueError(f"targets must have shape [B] = [{B}] (class indices), got {list(targets.shape)}")
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -509,15 +536,15 @@ def check_hvp_targets(x: torch.Tensor, targets, loss: str) -> torch.Tensor:
                 and not torch._C._functorch.is_functorch_wrapped_tensor(targets)  # vmap: the kernels check
                 and not _is_fake(targets)):  # FakeTensorMode: no values to check
             lo, hi = int(targets.min()), int(targets.max())
-            if lo < 0 or hi >= d:
-                raise ValueError(f"class-index targets must lie in [0, d) = [0, {d}), got values in [{lo}, {hi}]")
+            if lo < 0 or hi >= width:
+                raise ValueError(f"class-index targets must lie in [0, {w}) = [0, {width}), got values in [{lo}, {hi}]")
         return targets.long()
-    if targets.dim() != 2 or tuple(targets.shape) != (B, d):
-        what = "probabilities [B, d]" if loss == "cross_entropy" else "[B, d]"
-        raise ValueError(f"targets must have shape {what} = [{B}, {d}]"
+    if targets.dim() != 2 or tuple(targets.shape) != (B, width):
+        what = f"probabilities [B, {w}]" if loss == "cross_entropy" else f"[B, {w}]"
+        raise ValueError(f"targets must have shape {what} = [{B}, {width}]"
                          + (" or class indices [B]" if loss == "cross_entropy" else "") + f", got {list(targets.shape)}")
     if targets.dtype != x.dtype:
-        raise TypeError(f"targets [B, d] must have dtype {_dtype(x)} like x, got {_dtype(targets)}")
+        raise TypeError(f"targets [B, {w}] must have dtype {_dtype(x)} like x, got {_dtype(targets)}")
     return targets
 
 
@@ -633,8 +660,9 @@ def _register() -> None:
     if hasattr(lib, "residual_stack_hvp"):
 
         @torch.library.register_fake(f"{_LIB}::residual_stack_hvp")
-        def _(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss):
-            _same_device("residual_stack_hvp", x=x, weights=weights, targets=targets, directions=directions)
+        def _(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout=None):
+            _same_device("residual_stack_hvp", x=x, weights=weights, targets=targets, directions=directions,
+                         **({} if readout is None else {"readout": readout}))
             return x.new_empty(()), weights.new_empty(weights.shape), directions.new_empty(directions.shape)
 
     torch.library.register_autograd(f"{_LIB}::residual_stack_forward", _backward_forward, setup_context=_setup_forward)

@@ -122,15 +122,20 @@ def residual_stack_hvp(
     act_mid: str = "identity",
     act_post: str = "identity",
     loss: str = "mse",
+    readout: torch.Tensor | None = None,  # [q, d]: the loss is then of out @ readout.T, targets [B, q]
 ):
     """Reference loss, gradient ``[R, n, d, d]`` and Hessian-vector products ``[k, R, n, d, d]``
-    by double backward."""
+    by double backward.  With a frozen ``readout`` ``P [q, d]`` the loss is that of ``f P^T``."""
     with torch.inference_mode(False), torch.enable_grad():
         # inference tensors (made under torch.inference_mode) cannot enter autograd: normal copies
         x, weights, targets, directions = (t.clone() if t.is_inference() else t
                                            for t in (x, weights, targets, directions))
+        if readout is not None and readout.is_inference():
+            readout = readout.clone()
         w = weights.detach().requires_grad_(True)
         out = residual_stack_forward(x, w, shortcut, act_pre, act_mid, act_post)
+        if readout is not None:
+            out = out @ readout.detach().T
         L = loss_fn(loss, out, targets)
         (g,) = torch.autograd.grad(L, w, create_graph=True)
         hv = []

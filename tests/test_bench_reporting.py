@@ -365,9 +365,11 @@ def test_spectrum_refuses_a_wrong_fused_product(bench, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- bench_readout_hvp
+_SMALL_READOUT = {"orthonormal": (3, 4, 6, 8, "mse"), "classifier": (3, 6, 2, 8, "cross_entropy")}
+
+
 def _small_readout(mod, monkeypatch):
-    real = mod.make_operators
-    monkeypatch.setattr(mod, "make_operators", lambda k=1: real(units=3, width=4, targets=6, batch=8, k=k))
+    monkeypatch.setattr(mod, "CASES", _SMALL_READOUT)
 
 
 @pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
@@ -391,8 +393,9 @@ def test_readout_main_reports_median_ratio(bench, monkeypatch, capsys):
             now[0] += next(it)
         return out
 
-    def fresh_ops(k=1, _mk=mod.make_operators):
-        ops, V = _mk(k=k)
+    def fresh_ops(case, k=1, _mk=mod.make_operators):
+        seq.clear()  # the last problem's operators are gone, and a new one may get an old one's id
+        ops, V = _mk(case, k=k)
         for be, op in ops.items():
             seq[id(op)] = iter(per_call[be])
         return ops, V
@@ -405,27 +408,31 @@ def test_readout_main_reports_median_ratio(bench, monkeypatch, capsys):
         assert mod.main() == 0
     finally:
         torch.set_num_threads(old)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("k = ")]
-    assert len(lines) == 2
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ", k = " in ln]
+    assert [ln.split(",")[0] for ln in lines] == ["orthonormal"] * 2 + ["classifier"] * 2, lines
     for line in lines:
         assert "fused 2.0 ms, autograd 6.0 ms per call (median of 7): autograd / fused = 3.0x" in line, line
 
 
 @pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
-def test_readout_check_refuses_a_wrong_product(bench, monkeypatch):
+@pytest.mark.parametrize("case", list(_SMALL_READOUT))
+def test_readout_check_refuses_a_wrong_product(bench, monkeypatch, case):
     mod = bench("bench_readout_hvp")
+    _small_readout(mod, monkeypatch)
     from shortcut_ext.curvature import HessianOperator
 
     real = HessianOperator.matmat
     monkeypatch.setattr(HessianOperator, "matmat",
                         lambda self, V: real(self, V) * (1.01 if self.backend_used == "fused" else 1.0))
     with pytest.raises(AssertionError, match="differ"):
-        mod.make_operators(units=3, width=4, targets=6, batch=8, k=2)
+        mod.make_operators(case, k=2)
 
 
 @pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
-def test_readout_check_refuses_a_nan_product(bench, monkeypatch):
+@pytest.mark.parametrize("case", list(_SMALL_READOUT))
+def test_readout_check_refuses_a_nan_product(bench, monkeypatch, case):
     mod = bench("bench_readout_hvp")
+    _small_readout(mod, monkeypatch)
     from shortcut_ext.curvature import HessianOperator
 
     real = HessianOperator.matmat
@@ -436,7 +443,7 @@ def test_readout_check_refuses_a_nan_product(bench, monkeypatch):
 
     monkeypatch.setattr(HessianOperator, "matmat", poisoned)
     with pytest.raises(AssertionError, match="differ"):
-        mod.make_operators(units=3, width=4, targets=6, batch=8, k=2)
+        mod.make_operators(case, k=2)
 
 
 # ------------------------------------------------------------------------------------------ bench_float64

@@ -137,6 +137,16 @@ def test_a_compiler_without_openmp_builds_kernels_without_threads(tmp_path, monk
     assert ns["_openmp_flags"]() == ([], [])
 
 
+def test_a_windows_build_stops_at_once_and_says_what_works():
+    """The kernels are GCC/clang C++ (inline assembly, weak symbols); MSVC stopped deep inside the sources with
+    errors that named none of this.  setup.py now stops first, naming the platforms that build and WSL2."""
+    ns = _setup_py("_check_platform")
+    with pytest.raises(RuntimeError, match=r"GCC or clang on Linux or macOS.*MSVC on Windows.*WSL2"):
+        ns["_check_platform"]("Windows")
+    for system in ("Linux", "Darwin"):
+        assert ns["_check_platform"](system) is None
+    assert ns["_check_platform"]() is None  # this machine
+
 def test_apple_clang_builds_threads_against_torchs_own_libomp(tmp_path, monkeypatch, capsys):
     """Apple's clang takes no -fopenmp, so a Mac build ran every kernel call on one thread (and the warning's
     advice, Homebrew's libomp, would not have changed that).  torch's macOS wheels carry lib/libomp.dylib and

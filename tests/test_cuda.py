@@ -1439,3 +1439,30 @@ def test_cuda_dense_hessian_matches_cpu():
     want = dense_hessian(net, (X, Y))
     got = dense_hessian(net.to(GPU), (X, Y))
     _e2e_close(got, want, torch.float64)
+
+
+@needs_cuda
+def test_hvp_readout_is_cpu_only_and_the_operator_falls_back_on_cuda():
+    """The CUDA HVP kernel takes no read-out: the op says so (NotImplementedError, after the same argument
+    checks as the CPU's), and a HessianOperator of a CUDA model whose read-out the targets cannot absorb
+    runs autograd products, with a FallbackWarning that says why, and gets the CPU operator's Hessian."""
+    from shortcut_ext.curvature import HessianOperator
+    from shortcut_ext.curvature.hessian import FallbackWarning
+    from shortcut_ext.models import ShortcutNet
+
+    x, w = torch.zeros(5, 4, device=GPU), torch.zeros(2, 2, 4, 4, device=GPU)
+    y, v = torch.zeros(5, dtype=torch.long, device=GPU), torch.zeros(1, 2, 2, 4, 4, device=GPU)
+    with pytest.raises(NotImplementedError, match="readout runs on the CPU only"):
+        torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, "tanh", "tanh", "tanh", "cross_entropy",
+                                                  torch.ones(3, 4, device=GPU))
+    with pytest.raises(ValueError, match=r"readout must have shape \[q, d\] = \[q, 4\]"):
+        torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, "tanh", "tanh", "tanh", "cross_entropy",
+                                                  torch.ones(3, 5, device=GPU))
+    net = ShortcutNet(4, 2, 2, "tanh", "tanh", "identity", init="xavier", seed=3, dtype=torch.float64, out_features=3)
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    want = HessianOperator(net, (X, Y), loss="cross_entropy").to_dense()
+    with pytest.warns(FallbackWarning, match="the CUDA kernel takes no read-out"):
+        op = HessianOperator(net.to(GPU), (X, Y), loss="cross_entropy", backend="fused")
+    assert op.backend_used == "autograd"
+    _e2e_close(op.to_dense().cpu(), want, torch.float64)

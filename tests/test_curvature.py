@@ -105,16 +105,27 @@ def test_minibatched_equals_full_data(case, backend, loss):
 
 
 def test_cross_entropy_probability_targets_and_projections():
-    # frozen input projection (5 -> 3) and read-out (3 -> 2): the fused path falls back to autograd
+    """A frozen input projection (5 -> 3) and read-out (3 -> 2) before a cross-entropy loss: the CPU kernel
+    takes the read-out (residual_stack_hvp(..., readout=P)); the operator fell back to autograd products."""
+    import warnings
+
+    from shortcut_ext.curvature.hessian import FallbackWarning
+
     net = ShortcutNet(3, 2, 2, "tanh", "tanh", "identity", init="xavier", seed=3, backend="torch", dtype=F64,
                       in_features=5, out_features=2)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(9, 5, generator=g, dtype=F64)
     Y = torch.softmax(torch.randn(9, 2, generator=g, dtype=F64), dim=1)
     ref = dense_hessian_func(net, (X, Y), loss="cross_entropy")
-    with pytest.warns(UserWarning, match=r"runs autograd Hessian-vector products \(slower\).*cross-entropy"):
-        op = HessianOperator(net, (X, Y), loss="cross_entropy", backend="fused")
-    assert op.backend_used == "autograd" and "read-out" in op.fallback_reason
+    if fused_hvp_available():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
+            op = HessianOperator(net, (X, Y), loss="cross_entropy", backend="fused")
+        assert op.backend_used == "fused" and op.fallback_reason is None and op._kernel_readout is not None
+        assert "cross-entropy" in op._readout_unfused()  # what a CUDA operator would fall back for
+    else:
+        with pytest.warns(UserWarning, match=r"runs autograd Hessian-vector products \(slower\)"):
+            op = HessianOperator(net, (X, Y), loss="cross_entropy", backend="fused")
     assert rel_err(op.to_dense(), ref) <= 1e-10
     assert rel_err(HessianOperator(net, (X, Y), loss="cross_entropy", backend="func").to_dense(), ref) <= 1e-10
 
@@ -123,7 +134,8 @@ def test_cross_entropy_probability_targets_and_projections():
 def test_an_orthonormal_read_out_runs_fused_under_mse(mid, monkeypatch):
     """A read-out with orthonormal columns (q >= d, as the models make it) under mse: the Hessian is the
     trunk's with targets y P, so the fused kernel runs (it fell back to autograd's double backward, 2-7x
-    slower, for every model with out_features != width). Other read-outs still fall back, with a warning."""
+    slower, for every model with out_features != width). Other read-outs go into the CPU kernel itself (the
+    loss of h P^T), without a warning; on CUDA they fall back to autograd products (_readout_unfused says why)."""
     import shortcut_ext.ops as ops_mod
 
     g = torch.Generator().manual_seed(1)
@@ -146,26 +158,41 @@ def test_an_orthonormal_read_out_runs_fused_under_mse(mid, monkeypatch):
     # judged at the operator's precision: a float32 model's read-out (orthonormal to float32 rounding) runs
     # fused in a float32 operator, and falls back in a float64 one; a read-out 3e-5 off falls back in both
     # (the tolerance grew with q: 64 q eps accepted a read-out 0.35% off at q = 1000)
+    if not fused_hvp_available():
+        return
+    import warnings
+
+    from shortcut_ext.curvature.hessian import FallbackWarning
+
+    def op_of(net, data, why=None, **kw):
+        """The operator, built without a FallbackWarning: targets y P where ``why`` is None, else the read-out
+        in the kernel, with ``why`` what _readout_unfused says (a CUDA operator's reason to fall back)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
+            op = HessianOperator(net, data, **kw)
+        assert op.backend_used == "fused"
+        if why is None:
+            assert op._target_map is not None and op._kernel_readout is None and op._readout_unfused() is None
+        else:
+            assert op._target_map is None and op._kernel_readout is not None
+            assert why in op._readout_unfused(), op._readout_unfused()
+            assert rel_err(op.to_dense(), dense_hessian_func(net, data)) <= (1e-10 if op.dtype == F64 else 1e-4)
+        return op
+
     net32 = ShortcutNet(4, 2, 2, "identity", "tanh", "identity", init="xavier", out_features=10)
     X32, Y32 = torch.randn(7, 4), torch.randn(7, 10)
-    if fused_hvp_available():
-        assert HessianOperator(net32, (X32, Y32)).backend_used == "fused"
-    with pytest.warns(UserWarning, match="orthonormal columns to float32 precision only"):
-        assert HessianOperator(net32, (X32, Y32), dtype=F64).backend_used == "autograd"
-    # float64 models' own read-outs run fused at any q (4 sqrt(d) eps rejected d = 2, q = 1000, seed 127)
+    op_of(net32, (X32, Y32))
+    op_of(net32, (X32, Y32), "orthonormal columns to float32 precision only", dtype=F64)
+    # float64 models' own read-outs take the targets at any q (4 sqrt(d) eps rejected d = 2, q = 1000, seed 127)
     wide = ShortcutNet(2, 1, 2, init="xavier", dtype=F64, out_features=1000, seed=127)
-    if fused_hvp_available():
-        assert HessianOperator(wide, (torch.randn(3, 2, dtype=F64), torch.randn(3, 1000, dtype=F64))).backend_used \
-            == "fused"
+    op_of(wide, (torch.randn(3, 2, dtype=F64), torch.randn(3, 1000, dtype=F64)))
     with torch.no_grad():
         net32.readout.mul_(1.00003)
     for dt in (torch.float32, F64):
-        with pytest.warns(UserWarning, match=r"does not have orthonormal columns \(max \|P\^T P - I\| = 6"):
-            assert HessianOperator(net32, (X32, Y32), dtype=dt).backend_used == "autograd"
+        op_of(net32, (X32, Y32), "does not have orthonormal columns (max |P^T P - I| = 6", dtype=dt)
     narrow = ShortcutNet(4, 2, 2, init="xavier", dtype=F64, out_features=3)  # q < d: rows orthonormal, not columns
-    with pytest.warns(UserWarning, match=r"read-out \[3, 4\] has fewer targets than the width"):
-        op = HessianOperator(narrow, (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)))
-    assert op.backend_used == "autograd"
+    op_of(narrow, (torch.randn(5, 4, dtype=F64), torch.randn(5, 3, dtype=F64)),
+          "read-out [3, 4] has fewer targets than the width")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

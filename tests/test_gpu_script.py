@@ -336,9 +336,13 @@ def test_readout_benchmark_checks_and_runs_small(monkeypatch):
     import bench_readout_hvp
     from shortcut_ext.curvature.hessian import fused_hvp_available
 
-    ops, V = bench_readout_hvp.make_operators(units=3, width=4, targets=6, batch=8, k=2)
-    if fused_hvp_available():
-        assert ops["fused"].backend_used == "fused" and ops["autograd"].backend_used == "autograd"
-        assert V.shape == (ops["fused"].P, 2)
-    else:
-        assert ops is None
+    monkeypatch.setattr(bench_readout_hvp, "CASES", {"orthonormal": (3, 4, 6, 8, "mse"),
+                                                     "classifier": (3, 6, 2, 8, "cross_entropy")})
+    for case, in_kernel in (("orthonormal", False), ("classifier", True)):
+        ops, V = bench_readout_hvp.make_operators(case, k=2)
+        if fused_hvp_available():
+            assert ops["fused"].backend_used == "fused" and ops["autograd"].backend_used == "autograd"
+            assert (ops["fused"]._kernel_readout is not None) == in_kernel, case
+            assert V.shape == (ops["fused"].P, 2)
+        else:
+            assert ops is None

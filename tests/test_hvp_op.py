@@ -473,3 +473,141 @@ def test_float32_several_directions_at_small_width(d):
             assert a.dtype == torch.float32, name
             assert torch.isfinite(a).all(), f"{name} K={K}: not finite"
             assert_close_lowp(a, b, c, factor=10.0)
+
+
+# --------------------------------------------------------------------------- a frozen read-out P [q, d]
+def _readout_problem(B, d, q, R, n, K, target, dtype=torch.float64, seed=0, scale=0.7):
+    """(x, weights, targets [B, q] or [B], directions, loss, P [q, d]) for a net read out through P."""
+    x, w = stack_inputs(B, d, R, n, torch.float64, scale=scale, seed=seed)
+    g = torch.Generator().manual_seed(seed + 2000)
+    P = torch.randn(q, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    v = torch.randn(K, R, n, d, d, generator=g, dtype=torch.float64)
+    if target == "mse":
+        y, loss = torch.randn(B, q, generator=g, dtype=torch.float64), "mse"
+    elif target == "ce_index":
+        y, loss = torch.randint(0, q, (B,), generator=g), "cross_entropy"
+    else:  # unnormalised probabilities: the loss weighs each row by its mass
+        y, loss = torch.rand(B, q, generator=g, dtype=torch.float64), "cross_entropy"
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    return cast(x), cast(w), cast(y), cast(v), loss, cast(P)
+
+
+def _dense_readout(x, w, y, v, shortcut, acts, loss, P):
+    shape = w.shape
+
+    def f(flat):
+        return ref.loss_fn(loss, ref.residual_stack_forward(x, flat.view(shape), shortcut, *acts) @ P.T, y)
+
+    flat = w.reshape(-1)
+    H = hessian(f)(flat)
+    return f(flat).detach(), torch.func.grad(f)(flat).view(shape), (v.reshape(v.shape[0], -1) @ H.T).view(v.shape)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("q", [1, 2, 3, 7])  # fewer targets than the width (d = 3), as many, more
+@pytest.mark.parametrize("n,shortcut", [(1, True), (2, True), (3, True), (2, False)])
+def test_a_readout_gives_the_hessian_of_the_read_out_loss(n, shortcut, q, target):
+    """The loss of f P^T for a frozen P [q, d] (a classifier's last layer): loss, gradient and HVPs against the
+    double-backward reference and a dense torch.func Hessian, relative error 1e-10, over the activation
+    patterns, zero and random weights.  HessianOperator fell back to autograd products (10x slower and more)
+    for every read-out but an orthonormal one under mse."""
+    for i, acts in enumerate(PATTERNS[::2]):
+        for zero in (False, True):
+            if zero and "relu" in acts:
+                continue
+            x, w, y, v, loss, P = _readout_problem(B=5, d=3, q=q, R=2, n=n, K=3, target=target, seed=i)
+            if zero:
+                w = torch.zeros_like(w)
+            got = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, P)
+            want_ref = ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, P)
+            want_dense = _dense_readout(x, w, y, v, shortcut, acts, loss, P)
+            for name, a, b, c in zip(("loss", "grad", "hvp"), got, want_ref, want_dense):
+                assert a.shape == b.shape and a.dtype == torch.float64
+                case = f"{name} q={q} n={n} shortcut={shortcut} {acts} {target} zero={zero}"
+                _assert_rel(a, b, 1e-10, case + " vs reference")
+                _assert_rel(a, c, 1e-10, case + " vs dense hessian")
+
+
+@pytest.mark.parametrize("B,d,q,R,n,K", [(700, 16, 10, 5, 2, 4), (300, 40, 10, 3, 2, 3), (900, 8, 30, 4, 1, 1)])
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_readout_over_many_tiles_and_threads(B, d, q, R, n, K, target):
+    """Batches of several row tiles and slots (the head runs per tile), widths on both sides of the record
+    policy, float64 to 1e-12 and float32 within a small multiple of the float32 reference's own error."""
+    x, w, y, v, loss, P = _readout_problem(B, d, q, R, n, K, target, scale=0.5, seed=3)
+    acts = ("relu", "tanh", "identity")
+    want = ref.residual_stack_hvp(x, w, y, v, True, *acts, loss, P)
+    for a, b, name in zip(torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss, P), want,
+                          ("loss", "grad", "hvp")):
+        _assert_rel(a, b, 1e-12, f"{name} float64")
+    f32 = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
+    args = tuple(map(f32, (x, w, y, v)))
+    got32 = torch.ops.shortcut_ext.residual_stack_hvp(*args, True, *acts, loss, f32(P))
+    same = ref.residual_stack_hvp(*args, True, *acts, loss, f32(P))
+    for a, b, c in zip(got32, same, want):
+        assert a.dtype == torch.float32
+        assert_close_lowp(a, b, c, factor=10.0)
+
+
+def test_a_readout_through_the_public_wrapper_on_both_backends():
+    """shortcut_ext.residual_stack_hvp(..., readout=P): the fused kernel and the torch backend agree, and
+    batched directions equal one at a time."""
+    x, w, y, v, loss, P = _readout_problem(B=9, d=4, q=2, R=3, n=2, K=3, target="ce_index", seed=5)
+    acts = ("tanh", "relu", "identity")
+    fused = residual_stack_hvp(x, w, y, v, True, *acts, loss=loss, backend="fused", readout=P)
+    torch_ = residual_stack_hvp(x, w, y, v, True, *acts, loss=loss, backend="torch", readout=P)
+    for a, b in zip(fused, torch_):
+        _assert_rel(a, b, 1e-12, "fused vs torch")
+    one_by_one = torch.cat([residual_stack_hvp(x, w, y, v[j:j + 1], True, *acts, loss=loss, readout=P)[2]
+                            for j in range(3)])
+    torch.testing.assert_close(fused[2], one_by_one, rtol=1e-13, atol=1e-15)
+    # no read-out is the identity read-out
+    x, w, y, v, loss = _problem(B=6, d=3, R=2, n=2, K=2, target="ce_prob")
+    plain = _op(x, w, y, v, True, acts, loss)
+    eye = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss, torch.eye(3, dtype=torch.float64))
+    for a, b in zip(plain, eye):
+        _assert_rel(a, b, 1e-14, "identity read-out")
+
+
+def test_opcheck_with_a_readout():
+    x, w, y, v, loss, P = _readout_problem(B=6, d=4, q=3, R=2, n=2, K=2, target="ce_index")
+    torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_hvp.default,
+                          (x, w, y, v, True, "tanh", "relu", "identity", loss, P))
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(P=torch.zeros(2, 4, **F64)), ValueError,
+         r"readout must have shape \[q, d\] = \[q, 3\] with q >= 1.*got \[2, 4\]"),
+        (dict(P=torch.zeros(0, 3, **F64)), ValueError, r"readout must have shape \[q, d\] = \[q, 3\].*got \[0, 3\]"),
+        (dict(P=torch.zeros(3, **F64)), ValueError, r"readout must have shape .*got \[3\]"),
+        (dict(P=torch.zeros(2, 3)), TypeError, r"readout must have dtype float64 like x, got float32"),
+        # targets are in the read-out's q columns now
+        (dict(y=torch.zeros(5, 3, **F64)), ValueError, r"targets must have shape \[B, q\] = \[5, 2\], got \[5, 3\]"),
+        (dict(y=torch.zeros(5, **F64)), ValueError, r"targets must have shape \[B, q\] = \[5, 2\] for loss='mse'"),
+        (dict(y=torch.tensor([0, 1, 2, 1, 0]), loss="cross_entropy"), ValueError,
+         r"class-index targets must lie in \[0, q\) = \[0, 2\), got values in \[0, 2\]"),
+        (dict(y=torch.zeros(5, 2)), TypeError, r"targets \[B, q\] must have dtype float64 like x, got float32"),
+        (dict(y=torch.tensor([0, 1, 1, 1, 0]), loss="cross_entropy"), None, None),
+        (dict(P=torch.zeros(3, 2, **F64).T), None, None),  # any strides
+    ],
+)
+@pytest.mark.parametrize("via", ["op", "wrapper"])
+def test_bad_readout_inputs(change, exc, match, via):
+    """The read-out and the targets it implies: each bad argument named, with what was expected and what
+    arrived, from the op and from the public wrapper alike."""
+    args = dict(x=torch.zeros(5, 3, **F64), w=torch.zeros(2, 2, 3, 3, **F64), y=torch.zeros(5, 2, **F64),
+                v=torch.zeros(2, 2, 2, 3, 3, **F64), P=torch.ones(2, 3, **F64), loss="mse")
+    args.update(change)
+    if via == "op":
+        call = lambda: torch.ops.shortcut_ext.residual_stack_hvp(  # noqa: E731
+            args["x"], args["w"], args["y"], args["v"], True, "tanh", "tanh", "tanh", args["loss"], args["P"])
+    else:
+        call = lambda: residual_stack_hvp(args["x"], args["w"], args["y"], args["v"], True, "tanh", "tanh",  # noqa: E731
+                                          "tanh", loss=args["loss"], readout=args["P"])
+    if exc is None:
+        L, g, hv = call()
+        assert torch.isfinite(L) and g.shape == args["w"].shape and hv.shape == args["v"].shape
+    else:
+        with pytest.raises(exc, match=match):
+            call()

@@ -17,7 +17,9 @@
 //
 // and at the output f (m = B rows): mse  g = (f - y) / m, R{g} = R{f} / m; cross entropy with
 // p = softmax(f) and c = sum_j y_j (1 for class indices)  g = (c p - y) / m,
-// R{g} = c (diag(p) - p p^T) R{f} / m.  The input x and the targets are constants (R{x} = 0).
+// R{g} = c (diag(p) - p p^T) R{f} / m.  The input x and the targets are constants (R{x} = 0).  With a
+// frozen read-out P [q, d] the loss is that of z = f P^T: the seeds above in z's q columns, then
+// g = (dL/dz) P and R{g} = R{dL/dz} P, with R{z} = R{f} P^T (loss_seed_readout).
 //
 // The K tangents of a tile are carried together, row-major as [m, K, d] (each sample's K tangent
 // rows are adjacent).  That layout turns every K-fold product into one GEMM:
@@ -485,6 +487,50 @@ double loss_seed(Loss loss, const T* f, const T* rf, const T* y, const int64_t* 
   return total;
 }
 
+// The seeds through a frozen read-out P [q, d]: the loss is that of z = f P^T [m, q] (tangents R{z} =
+// R{f} P^T), so loss_seed gives dL/dz and R{dL/dz} in q columns, and g = (dL/dz) P, rg = R{dL/dz} P.
+// `work` holds (2 + 2K) m q + q elements.  Plain loops: per tile they cost 2 (1 + K) m q d multiply-adds,
+// against (4 + 8K) n d^2 m for each of the R units.
+template <typename T>
+double loss_seed_readout(Loss loss, const T* P, int64_t q, const T* f, const T* rf, const T* y, const int64_t* cls,
+                         int64_t m, int64_t K, int64_t d, double inv_b, T* g, T* rg, T* work) {
+  T* z = work;            // [m, q]
+  T* rz = z + m * q;      // [m, K, q]
+  T* gz = rz + m * K * q;  // [m, q]
+  T* rgz = gz + m * q;    // [m, K, q]
+  T* p = rgz + m * K * q;  // [q]
+  const auto times_pt = [&](const T* a, int64_t rows, T* out) {  // out [rows, q] = a [rows, d] P^T
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* ai = a + i * d;
+      for (int64_t c = 0; c < q; ++c) {
+        const T* pc = P + c * d;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < d; ++k) acc += ai[k] * pc[k];
+        out[i * q + c] = acc;
+      }
+    }
+  };
+  const auto times_p = [&](const T* a, int64_t rows, T* out) {  // out [rows, d] = a [rows, q] P
+    for (int64_t i = 0; i < rows; ++i) {
+      T* oi = out + i * d;
+      std::fill(oi, oi + d, T(0));
+      for (int64_t c = 0; c < q; ++c) {
+        const T aic = a[i * q + c];
+        const T* pc = P + c * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) oi[k] += aic * pc[k];
+      }
+    }
+  };
+  times_pt(f, m, z);
+  times_pt(rf, m * K, rz);
+  const double total = loss_seed<T>(loss, z, rz, y, cls, m, K, q, inv_b, gz, rgz, p);
+  times_p(gz, m, g);
+  times_p(rgz, m * K, rg);
+  return total;
+}
+
 // vin[r, l, i, j, o] = vout[r, l, o, j, i] = V_j[r, l, o, i] for directions V [K, R, n, d, d]: the K
 // directions of a layer side by side, as the K-fold GEMMs read them.  From the buffer cache (a fresh
 // K-fold copy of the weights on every call paid its page faults: ~5% of a call at d = 64, K = 16),
@@ -539,7 +585,8 @@ bool hvp_store_records(double mb, int64_t d) {
 
 template <typename T>
 void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
-              bool shortcut, Acts acts, Loss loss, at::Tensor& loss_out, at::Tensor& grad_w, at::Tensor& hvps) {
+              bool shortcut, Acts acts, Loss loss, const c10::optional<at::Tensor>& readout, at::Tensor& loss_out,
+              at::Tensor& grad_w, at::Tensor& hvps) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1), K = directions.size(0);
   const int64_t dd = d * d;
   const at::Tensor wt = transpose_weights<T>(weights);  // [R, n, d_in, d_out]
@@ -551,6 +598,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const bool by_class = targets.dim() == 1;
   const T* y_p = by_class ? nullptr : targets.data_ptr<T>();
   const int64_t* cls_p = by_class ? targets.data_ptr<int64_t>() : nullptr;
+  const T* ro_p = readout.has_value() ? readout->data_ptr<T>() : nullptr;  // P [q, d] (contiguous)
+  const int64_t q = readout.has_value() ? readout->size(0) : d;             // the loss's columns
 
   // schedule (cpu_hvp_schedule): slots of equal tiles, a tile's record of one unit up to ~2^19 elements
   const CpuSchedule sch = cpu_hvp_schedule(B, d, R, n, K);
@@ -593,7 +642,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   // ---- 1. forward + tangent forward, checkpoints, loss seeds
   // per-slot scratch from the buffer cache, warm and uninitialised (a fresh zeroed vector per call and, in
   // pass 2, per chunk, cost page faults and the zeroing: ~5% of a call at d = 16, K = 8)
-  const int64_t fwd_scratch = rec_size + 2 * m_max * d;
+  const int64_t head_scratch = ro_p ? (2 + 2 * K) * m_max * q + q : 0;  // loss_seed_readout's work
+  const int64_t fwd_scratch = rec_size + 2 * m_max * d + head_scratch;
   at::Tensor fwd_buf = pooled_empty({slots, fwd_scratch}, opts);
   for_each_slot(slots, [&](int64_t s0, int64_t s1) {
     const int64_t S1 = m_max * d;
@@ -601,6 +651,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
     const Record<T> rec = Record<T>::at(scratch, n, K, m_max, d, acts);
     T* d1 = scratch + rec_size;
     T* p = d1 + S1;
+    T* head = p + S1;
     for (int64_t s = s0; s < s1; ++s) {
       for (int64_t t = s * tiles / slots; t < (s + 1) * tiles / slots; ++t) {
         const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
@@ -624,9 +675,12 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
             unit_forward<T>(net, r, m, m_max, rec, rec.hin, rec.rho, d1);
           }
         }
-        tile_loss[t] = loss_seed<T>(loss, rec.hin, rec.rho, y_p ? y_p + row0 * d : nullptr,
-                                    cls_p ? cls_p + row0 : nullptr, m, K, d, inv_b, g_p + row0 * d,
-                                    rg_p + row0 * K * d, p);
+        tile_loss[t] = ro_p ? loss_seed_readout<T>(loss, ro_p, q, rec.hin, rec.rho, y_p ? y_p + row0 * q : nullptr,
+                                                   cls_p ? cls_p + row0 : nullptr, m, K, d, inv_b, g_p + row0 * d,
+                                                   rg_p + row0 * K * d, head)
+                            : loss_seed<T>(loss, rec.hin, rec.rho, y_p ? y_p + row0 * d : nullptr,
+                                           cls_p ? cls_p + row0 : nullptr, m, K, d, inv_b, g_p + row0 * d,
+                                           rg_p + row0 * K * d, p);
       }
     }
     gemm_release();
@@ -743,16 +797,18 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
     const at::Tensor& x_arg,       // [B, d]
     const at::Tensor& weights_arg,  // [R, n, d, d]
-    const at::Tensor& targets_arg,  // [B, d], or [B] int64 class indices (cross_entropy)
+    const at::Tensor& targets_arg,  // [B, q], or [B] int64 class indices (cross_entropy); q = d without a read-out
     const at::Tensor& directions_arg,  // [k, R, n, d, d]
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
-    c10::string_view loss_name) {
+    c10::string_view loss_name, const c10::optional<at::Tensor>& readout_arg) {
   const StackShape s = check_stack(x_arg, weights_arg, "x");
   const Acts acts{parse_activation("act_pre", act_pre), parse_activation("act_mid", act_mid),
                   parse_activation("act_post", act_post)};
-  const Loss loss = check_hvp_args(x_arg, weights_arg, targets_arg, directions_arg, loss_name, s);
+  const Loss loss = check_hvp_args(x_arg, weights_arg, targets_arg, directions_arg, loss_name, s, readout_arg);
   const at::Tensor x = x_arg.contiguous(), weights = weights_arg.contiguous();
   const at::Tensor targets = targets_arg.contiguous(), directions = directions_arg.contiguous();
+  const c10::optional<at::Tensor> readout =
+      readout_arg.has_value() ? c10::optional<at::Tensor>(readout_arg->contiguous()) : c10::nullopt;
   at::Tensor loss_out = at::zeros({}, x.options());
   at::Tensor grad_w = pooled_empty(weights.sizes(), weights.options());
   at::Tensor hvps = pooled_empty(directions.sizes(), directions.options());
@@ -764,7 +820,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
     return {loss_out, grad_w, hvps};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cpu", [&] {
-    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, loss_out, grad_w, hvps);
+    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, readout, loss_out, grad_w, hvps);
   });
   return {loss_out, grad_w, hvps};
 }

@@ -152,10 +152,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
     const at::Tensor& targets_arg,  // [B, d], or [B] int64 class indices (cross_entropy)
     const at::Tensor& directions_arg,  // [k, R, n, d, d]
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
-    c10::string_view loss_name) {
+    c10::string_view loss_name, const c10::optional<at::Tensor>& readout) {
   const StackShape s = check_stack(x_arg, weights_arg, "x");
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
-  const Loss loss = check_hvp_args(x_arg, weights_arg, targets_arg, directions_arg, loss_name, s);
+  const Loss loss = check_hvp_args(x_arg, weights_arg, targets_arg, directions_arg, loss_name, s, readout);
+  // the CUDA kernels seed the reverse pass from the stack's output only (HessianOperator falls back to
+  // autograd products for a CUDA model whose read-out its targets cannot absorb)
+  TORCH_CHECK_NOT_IMPLEMENTED(!readout.has_value(), "residual_stack_hvp with a readout runs on the CPU only; on ",
+                              x_arg.device(), " pass readout=None (the loss of the stack's output)");
   const c10::cuda::CUDAGuard guard(x_arg.device());
   const at::Tensor x = x_arg.contiguous(), weights = weights_arg.contiguous();
   const at::Tensor targets = targets_arg.contiguous(), directions = directions_arg.contiguous();

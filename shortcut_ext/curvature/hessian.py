@@ -13,9 +13,10 @@ Backends:
   directions).  The fused op computes the loss on the trunk output.  A frozen read-out ``P [q, d]``
   with orthonormal columns (``q >= d``, as the models make it) under ``mse`` runs fused all the same:
   ``||P h - y||^2 = ||h - P^T y||^2 + ||(I - P P^T) y||^2``, so the Hessian is that of the trunk with
-  targets ``P^T y``.  For other read-outs (``q < d``, cross-entropy), or where the fused HVP kernel is
-  not built, the operator uses ``"autograd"`` instead, with a warning, and says so in
-  :attr:`HessianOperator.backend_used`.
+  targets ``P^T y``.  Other read-outs (``q < d``, cross-entropy, columns not orthonormal) go into the
+  CPU kernel itself (``residual_stack_hvp(..., readout=P)``: the loss of ``h P^T``).  On CUDA, whose
+  kernel takes no read-out, such a net, or any where the fused HVP kernel is not built, uses
+  ``"autograd"`` instead, with a warning, and says so in :attr:`HessianOperator.backend_used`.
 - ``"autograd"``: double backward through the pure-PyTorch reference stack, all ``k`` directions in
   one ``torch.autograd.grad(..., is_grads_batched=True)`` call.
 - ``"func"``: ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), ``vmap``-ed over
@@ -243,8 +244,14 @@ class HessianOperator:
         self.fallback_reason = None
         self.backend_used = backend
         self._target_map = None  # P [q, d]: the fused HVP's targets are y P (an orthonormal read-out, mse)
+        self._kernel_readout = None  # P [q, d] given to the fused HVP kernel (CPU): the loss of h P^T
         if backend == "fused":
             why = None if self._readout is None else self._readout_unfused()
+            in_kernel = bool(why) and self.device.type == "cpu"  # the CPU kernel takes any read-out itself
+            if in_kernel:
+                why = None
+            elif why:
+                why += " (the CUDA kernel takes no read-out)"
             if why:
                 self.backend_used, self.fallback_reason = "autograd", (
                     "the fused HVP computes the loss on the trunk output; " + why)
@@ -257,6 +264,8 @@ class HessianOperator:
                     f"the fused HVP kernel is not available ({build_info().get('error') or 'not built'})")
                 warnings.warn(f"HessianOperator(backend='fused') runs autograd Hessian-vector products (slower): "
                               f"{self.fallback_reason}", FallbackWarning, stacklevel=3)
+            elif in_kernel:
+                self._kernel_readout = self._readout
             elif self._readout is not None:
                 self._target_map = self._readout
         self.num_products = 0
@@ -397,7 +406,7 @@ class HessianOperator:
         if self._target_map is not None:  # ||P h - y||^2 = ||h - y P||^2 + a constant: the same Hessian
             y = y @ self._target_map
         _, _, hv = ops.residual_stack_hvp(h0, self._W, y, D.contiguous(), self.shortcut, *self.activations,
-                                          loss=self.loss, backend="fused")
+                                          loss=self.loss, backend="fused", readout=self._kernel_readout)
         return hv
 
     def _hvp_autograd(self, h0, y, D):
