@@ -304,7 +304,13 @@ def test_bad_inputs(change, exc, match):
     args = dict(x=torch.zeros(5, 3, **F64), w=torch.zeros(2, 2, 3, 3, **F64), y=torch.zeros(5, 3, **F64),
                 v=torch.zeros(2, 2, 2, 3, 3, **F64), acts=("tanh",) * 3, loss="mse")
     args.update(change)
-    call = lambda: _op(args["x"], args["w"], args["y"], args["v"], True, args["acts"], args["loss"])  # noqa: E731
+    _runs_or_raises(lambda: _op(args["x"], args["w"], args["y"], args["v"], True, args["acts"], args["loss"]),
+                    args, exc, match)
+
+
+def _runs_or_raises(call, args, exc, match):
+    """``call()`` gives finite outputs of the argument shapes where ``exc`` is None, else raises ``exc`` matching
+    ``match``."""
     if exc is None:
         L, g, hv = call()
         assert torch.isfinite(L) and g.shape == args["w"].shape and hv.shape == args["v"].shape
@@ -605,9 +611,4 @@ def test_bad_readout_inputs(change, exc, match, via):
     else:
         call = lambda: residual_stack_hvp(args["x"], args["w"], args["y"], args["v"], True, "tanh", "tanh",  # noqa: E731
                                           "tanh", loss=args["loss"], readout=args["P"])
-    if exc is None:
-        L, g, hv = call()
-        assert torch.isfinite(L) and g.shape == args["w"].shape and hv.shape == args["v"].shape
-    else:
-        with pytest.raises(exc, match=match):
-            call()
+    _runs_or_raises(call, args, exc, match)
