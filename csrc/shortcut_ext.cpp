@@ -130,21 +130,33 @@ static std::vector<std::vector<int64_t>> py_prefetch_plan(const at::Tensor& x, i
   return out;
 }
 
-// One training step of a stack whose output is the prediction, under the mean squared error
-// 0.5 * sum((y - t)^2) / m: the fused forward, the loss, its gradient grad_y and the fused backward,
-// -> (loss, grad_weights [R, n, d, d]).  For train()'s direct step (shortcut_ext/train.py), where Python
-// around the two ops cost as much as the kernels of a small net.  The ops are called below autograd
-// (no graph is wanted), with autocast off, and the loss and grad_y by the same ATen ops, in the same order,
-// as the Python they replace (loss_fn, and autograd's MSE backward: DivBackward, MulBackward, PowBackward),
-// so that the loss and the gradient are the same bits as model(x) and autograd give.
+// One training step of a stack under the mean squared error 0.5 * sum((out - t)^2) / m, where out is the stack's
+// output y or, with a frozen read-out P [q, d], y @ P^T: the fused forward, the loss, its gradient grad_y and the
+// fused backward, -> (loss, grad_weights [R, n, d, d]).  For train()'s direct step (shortcut_ext/train.py), where
+// Python around the two ops cost as much as the kernels of a small net.  The ops are called below autograd (no
+// graph is wanted), with autocast off, and the loss and grad_y by the same ATen ops, in the same order and on
+// operands of the same strides, as the Python they replace (loss_fn, model.read's y @ P.T, and autograd's
+// backward of them: DivBackward, MulBackward, PowBackward, then MmBackward's grad_out.mm(P)), so that the loss
+// and the gradient are the same bits as model(x) and autograd give.
 static std::tuple<double, at::Tensor> py_mse_step(const at::Tensor& x, const at::Tensor& weights,
                                                   const at::Tensor& targets, bool shortcut, c10::string_view act_pre,
                                                   c10::string_view act_mid, c10::string_view act_post,
-                                                  bool save_layers) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && targets.sizes() == x.sizes() && targets.scalar_type() == x.scalar_type() &&
-                        targets.device() == x.device(),
-                    "targets must have x's shape ", x.sizes(), ", dtype ", x.scalar_type(), " and device ", x.device(),
-                    ", got ", targets.sizes(), " ", targets.scalar_type(), " on ", targets.device());
+                                                  bool save_layers, const c10::optional<at::Tensor>& readout) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, d], got ", x.sizes());
+  if (readout.has_value()) {
+    const at::Tensor& P = *readout;
+    TORCH_CHECK_VALUE(P.dim() == 2 && P.size(1) == x.size(1) && P.scalar_type() == x.scalar_type() &&
+                          P.device() == x.device(),
+                      "readout must have shape [q, d] = [q, ", x.size(1), "], dtype ", x.scalar_type(),
+                      " and device ", x.device(), ", got ", P.sizes(), " ", P.scalar_type(), " on ",
+                      P.device());
+  }
+  const int64_t q = readout.has_value() ? readout->size(0) : x.size(1);
+  TORCH_CHECK_VALUE(targets.dim() == 2 && targets.size(0) == x.size(0) && targets.size(1) == q &&
+                        targets.scalar_type() == x.scalar_type() && targets.device() == x.device(),
+                    "targets must have shape [", x.size(0), ", ", q, "]", readout.has_value() ? " (the read-out's)" : "",
+                    ", dtype ", x.scalar_type(), " and device ", x.device(), ", got ", targets.sizes(), " ",
+                    targets.scalar_type(), " on ", targets.device());
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("shortcut_ext::residual_stack_forward", "")
@@ -160,11 +172,15 @@ static std::tuple<double, at::Tensor> py_mse_step(const at::Tensor& x, const at:
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor xc = x.contiguous(), tc = targets.contiguous(), wc = weights.contiguous();
   auto [y, saved] = forward.call(xc, wc, shortcut, act_pre, act_mid, act_post, true, save_layers);
-  const int64_t m = std::max<int64_t>(y.size(0), 1);
-  at::Tensor diff = at::sub(y, tc);
+  // model.read: y @ P.T, a matmul of 2-d tensors (mm), P as the model holds it
+  const at::Tensor out = readout.has_value() ? at::mm(y, readout->t()) : y;
+  const int64_t m = std::max<int64_t>(out.size(0), 1);
+  at::Tensor diff = at::sub(out, tc);
   const double loss = at::div(at::mul(at::pow(diff, 2).sum(), 0.5), m).item<double>();
-  const at::Tensor half = at::ones({}, y.options()).div_(m).mul_(0.5);
-  const at::Tensor grad_y = diff.mul_(2.0).mul_(half);
+  const at::Tensor half = at::ones({}, out.options()).div_(m).mul_(0.5);
+  at::Tensor grad_y = diff.mul_(2.0).mul_(half);
+  // MmBackward's gradient for y: grad_out.mm(mat2.t()), mat2 = P.t(), so P with its own strides
+  if (readout.has_value()) grad_y = at::mm(grad_y, *readout).contiguous();
   return {loss, std::get<1>(backward.call(grad_y, wc, saved, shortcut, act_pre, act_mid, act_post))};
 }
 
@@ -241,9 +257,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Sets the TF32 tensor-core mode of the CUDA residual-stack kernels (0, 1, 2); returns the previous one");
   m.def("mse_step", &py_mse_step, pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("targets"),
         pybind11::arg("shortcut"), pybind11::arg("act_pre"), pybind11::arg("act_mid"), pybind11::arg("act_post"),
-        pybind11::arg("save_layers") = false,
-        "(loss, grad_weights) of 0.5 * sum((y - targets)^2) / B, y the stack's output: the fused forward and backward "
-        "and the loss in one call, the same bits as the op under autograd (train()'s direct step)");
+        pybind11::arg("save_layers") = false, pybind11::arg("readout") = pybind11::none(),
+        "(loss, grad_weights) of 0.5 * sum((out - targets)^2) / B, out the stack's output y, or y @ readout.T with a "
+        "frozen read-out [q, d]: the fused forward and backward and the loss in one call, the same bits as the op "
+        "under autograd (train()'s direct step)");
   m.def("cpu_empty_cache", &shortcut_ext::cpu_pool_empty, "Frees every cached (unused) CPU output buffer");
 }
 #endif
