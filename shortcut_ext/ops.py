@@ -431,8 +431,7 @@ def residual_stack_hvp(
 
     ``readout``: a frozen linear read-out ``P [q, d]`` (a classifier's last layer, say): the loss is then
     that of ``residual_stack(x, weights) @ P.T``, with targets ``[B, q]`` or class indices in ``[0, q)``.
-    ``P`` is a constant (no gradient or product for it).  The fused kernel takes it on the CPU; on CUDA
-    it raises ``NotImplementedError`` (use ``backend="torch"`` there).
+    ``P`` is a constant (no gradient or product for it).  The fused kernels take it on both backends.
 
     The outputs are values, detached from the inputs (they never require grad): a loss built on them
     (``L + penalty``, ``v^T H v`` as a sharpness term) gets no gradient through them from autograd, and

@@ -922,7 +922,7 @@ def test_emulated_kernels_under_asan(tmp_path):
     r = subprocess.run([str(exe), "sweep", "quick"], capture_output=True, text=True, env=env, timeout=1500)
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "runtime error" not in out, out[-6000:]
-    assert "ok=17 refused=0 bad=0" in r.stdout, r.stdout[-3000:]
+    assert "ok=19 refused=0 bad=0" in r.stdout, r.stdout[-3000:]
     r = subprocess.run([str(exe), "sweep", "quick"], capture_output=True, text=True, timeout=1500,
                        env={**env, "SE_EMU_WORKSPACE_SHORTFALL": "64"})
     assert r.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in r.stderr, (r.stdout + r.stderr)[-3000:]
@@ -932,35 +932,43 @@ def test_emulated_kernels_under_asan(tmp_path):
 HVP_TARGETS = ("mse", "ce_index", "ce_prob")
 
 
-def _hvp_problem(B, d, R, n, K, target, dtype, device="cuda", seed=0):
-    """Seeded (x, weights, targets, directions, loss name) for the HVP op."""
+def _hvp_problem(B, d, R, n, K, target, dtype, device="cuda", seed=0, q=None):
+    """Seeded (x, weights, targets, directions, loss name) for the HVP op; ``q``: the targets' width
+    (a read-out's rows; default d)."""
     x, w = stack_inputs(B, d, R, n, torch.float64, scale=0.8 / d ** 0.5, seed=seed)
     g = torch.Generator().manual_seed(seed + 1000)
     v = torch.randn(K, R, n, d, d, generator=g, dtype=torch.float64)
+    q = d if q is None else q
     if target == "mse":
-        y, loss = torch.randn(B, d, generator=g, dtype=torch.float64), "mse"
+        y, loss = torch.randn(B, q, generator=g, dtype=torch.float64), "mse"
     elif target == "ce_index":
-        y, loss = torch.randint(0, d, (B,), generator=g), "cross_entropy"
+        y, loss = torch.randint(0, q, (B,), generator=g), "cross_entropy"
     else:
-        y, loss = torch.softmax(2 * torch.randn(B, d, generator=g, dtype=torch.float64), 1), "cross_entropy"
+        y, loss = torch.softmax(2 * torch.randn(B, q, generator=g, dtype=torch.float64), 1), "cross_entropy"
     cast = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
     return cast(x), cast(w), cast(y), cast(v), loss
 
 
-def _hvp_assert_matches(outs, x, w, y, v, shortcut, acts, loss):
+def _hvp_readout(q, d, dtype, device="cuda", seed=0):
+    """A seeded read-out P [q, d] (columns of scale 1, not orthonormal)."""
+    g = torch.Generator().manual_seed(seed + 2000)
+    return (torch.randn(q, d, generator=g, dtype=torch.float64) / d ** 0.5).to(device, dtype)
+
+
+def _hvp_assert_matches(outs, x, w, y, v, shortcut, acts, loss, readout=None):
     """(loss, grad, hvps) of the CUDA op against the double-backward reference: float64 to 1e-10,
     float32 within a small multiple of the reference's own float32 error."""
-    cpu = lambda t: t.detach().cpu()  # noqa: E731
-    x, w, y, v = cpu(x), cpu(w), cpu(y), cpu(v)
-    d64 = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
-    exact = ref.residual_stack_hvp(d64(x), d64(w), d64(y), d64(v), shortcut, *acts, loss)
+    cpu = lambda t: t.detach().cpu() if t is not None else None  # noqa: E731
+    x, w, y, v, P = cpu(x), cpu(w), cpu(y), cpu(v), cpu(readout)
+    d64 = lambda t: t.double() if t is not None and t.is_floating_point() else t  # noqa: E731
+    exact = ref.residual_stack_hvp(d64(x), d64(w), d64(y), d64(v), shortcut, *acts, loss, d64(P))
     assert [tuple(o.shape) for o in outs] == [tuple(e.shape) for e in exact]
     if x.dtype == torch.float64:
         for a, b in zip(outs, exact):
             assert a.dtype == torch.float64
             torch.testing.assert_close(cpu(a), b, rtol=1e-10, atol=1e-10)
         return
-    same = ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss)
+    same = ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, P)
     for a, b, c in zip(outs, same, exact):
         assert a.dtype == torch.float32
         assert_close_lowp(cpu(a), b, c, factor=10.0)
@@ -1068,7 +1076,7 @@ namespace sc = shortcut_ext::cuda;
 template <typename T>
 static int run(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortcut, int pre, int mid, int post,
                int loss, const void* x, const void* w, const void* y, const void* cls, const void* v, void* lo,
-               void* gw, void* hv, int64_t max_rows) {
+               void* gw, void* hv, int64_t max_rows, const void* P, int64_t q) {
   std::vector<std::unique_ptr<unsigned char[]>> held;
   sc::Allocator alloc = [&](size_t bytes) -> void* {  // poisoned (NaN) like the other emulation tests
     held.emplace_back(new unsigned char[bytes + 16]);
@@ -1080,14 +1088,16 @@ static int run(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortc
   return int(sc::launch_residual_stack_hvp<T>(
       a, K, shortcut_ext::Loss(loss), static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(y),
       static_cast<const int64_t*>(cls), static_cast<const T*>(v), static_cast<T*>(lo), static_cast<T*>(gw),
-      static_cast<T*>(hv), alloc, nullptr, max_rows));
+      static_cast<T*>(hv), alloc, nullptr, max_rows, static_cast<const T*>(P), q));
 }
 extern "C" int se_emu_hvp(int is_double, int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortcut,
                           int pre, int mid, int post, int loss, const void* x, const void* w, const void* y,
-                          const void* cls, const void* v, void* lo, void* gw, void* hv, int64_t max_rows) {
+                          const void* cls, const void* v, void* lo, void* gw, void* hv, int64_t max_rows,
+                          const void* P, int64_t q) {
   try {
-    return is_double ? run<double>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv, max_rows)
-                     : run<float>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv, max_rows);
+    return is_double
+               ? run<double>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv, max_rows, P, q)
+               : run<float>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv, max_rows, P, q);
   } catch (const std::exception& e) {  // what a GPU would trap on (emulation.h): reported, not a crash
     std::fprintf(stderr, "se_emu_hvp: %s\n", e.what());
     return 99;
@@ -1119,7 +1129,7 @@ def _build_hvp_emulator(work, defines=()):
     assert r.returncode == 0, r.stderr[-4000:]
     so = ctypes.CDLL(str(out))
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    so.se_emu_hvp.argtypes = [I, L, L, L, L, L, I, I, I, I, I, P, P, P, P, P, P, P, P, L]
+    so.se_emu_hvp.argtypes = [I, L, L, L, L, L, I, I, I, I, I, P, P, P, P, P, P, P, P, L, P, L]
     so.se_emu_hvp_set_launch.argtypes = [I, L]
     return so
 
@@ -1130,17 +1140,19 @@ def hvp_emulator(tmp_path_factory):
     return _build_hvp_emulator(tmp_path_factory.mktemp("hvp_emulation"))
 
 
-def _emu_hvp(so, x, w, y, v, shortcut, acts, loss, max_rows=0):
+def _emu_hvp(so, x, w, y, v, shortcut, acts, loss, max_rows=0, readout=None):
     """(loss, grad, hvps) from the emulated kernels; outputs start as NaN to catch unwritten elements;
-    ``max_rows`` > 0 runs the batch in row chunks of at most that many rows."""
+    ``max_rows`` > 0 runs the batch in row chunks of at most that many rows; ``readout``: P [q, d]."""
     (B, d), (R, n), K = x.shape, w.shape[:2], v.shape[0]
+    P = None if readout is None else readout.contiguous()
     lo = torch.full((), float("nan"), dtype=x.dtype)
     gw, hv = torch.full_like(w, float("nan")), torch.full_like(v, float("nan"))
     by_class = y.dtype == torch.int64
     ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
     rc = so.se_emu_hvp(int(x.dtype == torch.float64), B, d, R, n, K, int(shortcut), *(ACT_CODE[a] for a in acts),
                        0 if loss == "mse" else 1, ptr(x), ptr(w), None if by_class else ptr(y),
-                       ptr(y) if by_class else None, ptr(v), ptr(lo), ptr(gw), ptr(hv), max_rows)
+                       ptr(y) if by_class else None, ptr(v), ptr(lo), ptr(gw), ptr(hv), max_rows, ptr(P),
+                       0 if P is None else P.shape[0])
     assert rc == 0
     return lo, gw, hv
 
@@ -1203,6 +1215,51 @@ def test_emulated_hvp_with_the_gpus_block_size(tmp_path):
             _hvp_assert_matches(_emu_hvp(so, x, w, y, v, shortcut, acts, loss), x, w, y, v, shortcut, acts, loss)
     x, w, y, v, loss = _hvp_problem(300, 3, 2, 2, 2, "mse", torch.float64, device="cpu", seed=9)  # > 256 rows
     _hvp_assert_matches(_emu_hvp(so, x, w, y, v, True, ("tanh",) * 3, loss), x, w, y, v, True, ("tanh",) * 3, loss)
+
+
+HVP_READOUT_CASES = [  # (B, d, R, n, shortcut, acts, target, K, q): q below, at and above the width
+    (9, 4, 2, 2, True, ("tanh", "relu", "ssigmoid"), "ce_index", 3, 3),
+    (13, 7, 2, 1, False, ("relu", "tanh", "identity"), "mse", 1, 1),
+    (11, 5, 3, 2, True, ("identity",) * 3, "ce_prob", 2, 10),
+    (20, 16, 1, 3, True, ("ssigmoid", "tanh", "relu"), "ce_index", 4, 10),
+    (6, 3, 2, 2, True, ("tanh",) * 3, "mse", 2, 3),
+]
+
+
+def _readout_case_id(c):
+    return f"B{c[0]}-d{c[1]}-R{c[2]}-n{c[3]}-{c[6]}-k{c[7]}-q{c[8]}"
+
+
+@pytest.mark.slow
+def test_emulated_hvp_with_a_readout(hvp_emulator):
+    """The CUDA HVP kernel with a frozen read-out P [q, d] (the loss of f P^T: a classifier's), emulated:
+    against the double-backward reference for q below, at and above d, all three target forms, float64 and
+    float32; in row chunks (the targets' rows then start at b0 * q); the identity read-out gives the same bits
+    as none; and every block of a launch at once with the transposes' grid-stride loops capped."""
+    for B, d, R, n, shortcut, acts, target, K, q in HVP_READOUT_CASES:
+        for dtype in (torch.float64, torch.float32):
+            x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, dtype, device="cpu", seed=B + q, q=q)
+            P = _hvp_readout(q, d, dtype, device="cpu", seed=B)
+            whole = _emu_hvp(hvp_emulator, x, w, y, v, shortcut, acts, loss, readout=P)
+            _hvp_assert_matches(whole, x, w, y, v, shortcut, acts, loss, readout=P)
+            chunked = _emu_hvp(hvp_emulator, x, w, y, v, shortcut, acts, loss, max_rows=4, readout=P)
+            _hvp_assert_matches(chunked, x, w, y, v, shortcut, acts, loss, readout=P)
+            for a, b in zip(chunked, whole):
+                torch.testing.assert_close(a, b, **tol(dtype))
+    x, w, y, v, loss = _hvp_problem(15, 6, 2, 2, 2, "ce_prob", torch.float64, device="cpu", seed=4)
+    acts = ("tanh", "relu", "ssigmoid")
+    none = _emu_hvp(hvp_emulator, x, w, y, v, True, acts, loss)
+    eye = _emu_hvp(hvp_emulator, x, w, y, v, True, acts, loss, readout=torch.eye(6, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(none, eye))
+    try:
+        hvp_emulator.se_emu_hvp_set_launch(16, 2)
+        B, d, R, n, shortcut, acts, target, K, q = HVP_READOUT_CASES[3]
+        x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, torch.float32, device="cpu", seed=1, q=q)
+        P = _hvp_readout(q, d, torch.float32, device="cpu", seed=1)
+        _hvp_assert_matches(_emu_hvp(hvp_emulator, x, w, y, v, shortcut, acts, loss, readout=P), x, w, y, v,
+                            shortcut, acts, loss, readout=P)
+    finally:
+        hvp_emulator.se_emu_hvp_set_launch(1, 65535)
 
 
 @pytest.mark.slow
@@ -1442,27 +1499,61 @@ def test_cuda_dense_hessian_matches_cpu():
 
 
 @needs_cuda
-def test_hvp_readout_is_cpu_only_and_the_operator_falls_back_on_cuda():
-    """The CUDA HVP kernel takes no read-out: the op says so (NotImplementedError, after the same argument
-    checks as the CPU's), and a HessianOperator of a CUDA model whose read-out the targets cannot absorb
-    runs autograd products, with a FallbackWarning that says why, and gets the CPU operator's Hessian."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", HVP_READOUT_CASES, ids=_readout_case_id)
+def test_hvp_with_a_readout_matches_reference(case, dtype):
+    """residual_stack_hvp(..., readout=P) on a GPU: the loss of f P^T, against the double-backward reference."""
+    B, d, R, n, shortcut, acts, target, K, q = case
+    x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, dtype, seed=B + q, q=q)
+    P = _hvp_readout(q, d, dtype, seed=B)
+    outs = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, P)
+    assert all(o.device == x.device for o in outs)
+    _hvp_assert_matches(outs, x, w, y, v, shortcut, acts, loss, readout=P)
+    # the public wrapper, and a read-out given as a non-contiguous view
+    Pt = P.T.contiguous().T
+    outs = shortcut_ext.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, readout=Pt)
+    _hvp_assert_matches(outs, x, w, y, v, shortcut, acts, loss, readout=P)
+
+
+@needs_cuda
+def test_hvp_readout_on_cuda_and_the_operator_runs_it_fused(monkeypatch):
+    """The CUDA op checks a read-out as the CPU's does, runs in row chunks with one, and a HessianOperator of a
+    CUDA classifier (cross-entropy through a read-out [3, 4]) runs the fused kernel, without a warning, with
+    the CPU operator's Hessian."""
+    import warnings
+
     from shortcut_ext.curvature import HessianOperator
-    from shortcut_ext.curvature.hessian import FallbackWarning
     from shortcut_ext.models import ShortcutNet
 
     x, w = torch.zeros(5, 4, device=GPU), torch.zeros(2, 2, 4, 4, device=GPU)
     y, v = torch.zeros(5, dtype=torch.long, device=GPU), torch.zeros(1, 2, 2, 4, 4, device=GPU)
-    with pytest.raises(NotImplementedError, match="readout runs on the CPU only"):
-        torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, "tanh", "tanh", "tanh", "cross_entropy",
-                                                  torch.ones(3, 4, device=GPU))
-    with pytest.raises(ValueError, match=r"readout must have shape \[q, d\] = \[q, 4\]"):
-        torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, "tanh", "tanh", "tanh", "cross_entropy",
-                                                  torch.ones(3, 5, device=GPU))
+    for P, exc, msg in ((torch.ones(3, 5, device=GPU), ValueError, r"readout must have shape \[q, d\] = \[q, 4\]"),
+                        (torch.ones(3, 4, device=GPU, dtype=torch.float64), TypeError, "readout must have dtype"),
+                        (torch.ones(3, 4), ValueError, "readout must be on cuda")):
+        with pytest.raises(exc, match=msg):
+            torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, "tanh", "tanh", "tanh", "cross_entropy", P)
+    with pytest.raises(ValueError, match=r"class-index targets must lie in \[0, q\) = \[0, 3\)"):
+        torch.ops.shortcut_ext.residual_stack_hvp(x, w, torch.full((5,), 3, device=GPU), v, True, "tanh", "tanh",
+                                                  "tanh", "cross_entropy", torch.ones(3, 4, device=GPU))
+    B, d, R, n, shortcut, acts, target, K, q = HVP_READOUT_CASES[0]
+    x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, torch.float64, seed=2, q=q)
+    P = _hvp_readout(q, d, torch.float64, seed=2)
+    whole = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, P)
+    monkeypatch.setenv("SHORTCUT_EXT_CUDA_HVP_MB", "1")  # 1 row per chunk (see test_hvp_row_chunks)
+    xl, wl, yl, vl, _ = _hvp_problem(20, 64, 200, 2, 2, target, torch.float64, seed=3, q=10)
+    Pl = _hvp_readout(10, 64, torch.float64, seed=3)
+    chunked = torch.ops.shortcut_ext.residual_stack_hvp(xl, wl, yl, vl, True, *acts, loss, Pl)
+    monkeypatch.delenv("SHORTCUT_EXT_CUDA_HVP_MB")
+    unchunked = torch.ops.shortcut_ext.residual_stack_hvp(xl, wl, yl, vl, True, *acts, loss, Pl)
+    for a, b in zip(chunked, unchunked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    _hvp_assert_matches(whole, x, w, y, v, shortcut, acts, loss, readout=P)
     net = ShortcutNet(4, 2, 2, "tanh", "tanh", "identity", init="xavier", seed=3, dtype=torch.float64, out_features=3)
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
     want = HessianOperator(net, (X, Y), loss="cross_entropy").to_dense()
-    with pytest.warns(FallbackWarning, match="the CUDA kernel takes no read-out"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         op = HessianOperator(net.to(GPU), (X, Y), loss="cross_entropy", backend="fused")
-    assert op.backend_used == "autograd"
+    assert op.backend_used == "fused" and op.fallback_reason is None
     _e2e_close(op.to_dense().cpu(), want, torch.float64)

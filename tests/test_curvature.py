@@ -106,7 +106,7 @@ def test_minibatched_equals_full_data(case, backend, loss):
 
 def test_cross_entropy_probability_targets_and_projections():
     """A frozen input projection (5 -> 3) and read-out (3 -> 2) before a cross-entropy loss: the CPU kernel
-    takes the read-out (residual_stack_hvp(..., readout=P)); the operator fell back to autograd products."""
+    takes the read-out (residual_stack_hvp(..., readout=P)); the operator had fallen back to autograd products."""
     import warnings
 
     from shortcut_ext.curvature.hessian import FallbackWarning
@@ -122,7 +122,7 @@ def test_cross_entropy_probability_targets_and_projections():
             warnings.simplefilter("error", FallbackWarning)
             op = HessianOperator(net, (X, Y), loss="cross_entropy", backend="fused")
         assert op.backend_used == "fused" and op.fallback_reason is None and op._kernel_readout is not None
-        assert "cross-entropy" in op._readout_unfused()  # what a CUDA operator would fall back for
+        assert "cross-entropy" in op._readout_not_absorbed()  # why the kernel takes it
     else:
         with pytest.warns(UserWarning, match=r"runs autograd Hessian-vector products \(slower\)"):
             op = HessianOperator(net, (X, Y), loss="cross_entropy", backend="fused")
@@ -134,8 +134,8 @@ def test_cross_entropy_probability_targets_and_projections():
 def test_an_orthonormal_read_out_runs_fused_under_mse(mid, monkeypatch):
     """A read-out with orthonormal columns (q >= d, as the models make it) under mse: the Hessian is the
     trunk's with targets y P, so the fused kernel runs (it fell back to autograd's double backward, 2-7x
-    slower, for every model with out_features != width). Other read-outs go into the CPU kernel itself (the
-    loss of h P^T), without a warning; on CUDA they fall back to autograd products (_readout_unfused says why)."""
+    slower, for every model with out_features != width). Other read-outs go into the kernel itself (the loss of
+    h P^T), without a warning (_readout_not_absorbed says why)."""
     import shortcut_ext.ops as ops_mod
 
     g = torch.Generator().manual_seed(1)
@@ -166,16 +166,16 @@ def test_an_orthonormal_read_out_runs_fused_under_mse(mid, monkeypatch):
 
     def op_of(net, data, why=None, **kw):
         """The operator, built without a FallbackWarning: targets y P where ``why`` is None, else the read-out
-        in the kernel, with ``why`` what _readout_unfused says (a CUDA operator's reason to fall back)."""
+        in the kernel, with ``why`` what _readout_not_absorbed says."""
         with warnings.catch_warnings():
             warnings.simplefilter("error", FallbackWarning)
             op = HessianOperator(net, data, **kw)
         assert op.backend_used == "fused"
         if why is None:
-            assert op._target_map is not None and op._kernel_readout is None and op._readout_unfused() is None
+            assert op._target_map is not None and op._kernel_readout is None and op._readout_not_absorbed() is None
         else:
             assert op._target_map is None and op._kernel_readout is not None
-            assert why in op._readout_unfused(), op._readout_unfused()
+            assert why in op._readout_not_absorbed(), op._readout_not_absorbed()
             assert rel_err(op.to_dense(), dense_hessian_func(net, data)) <= (1e-10 if op.dtype == F64 else 1e-4)
         return op
 

@@ -156,13 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
   const StackShape s = check_stack(x_arg, weights_arg, "x");
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
   const Loss loss = check_hvp_args(x_arg, weights_arg, targets_arg, directions_arg, loss_name, s, readout);
-  // the CUDA kernels seed the reverse pass from the stack's output only (HessianOperator falls back to
-  // autograd products for a CUDA model whose read-out its targets cannot absorb)
-  TORCH_CHECK_NOT_IMPLEMENTED(!readout.has_value(), "residual_stack_hvp with a readout runs on the CPU only; on ",
-                              x_arg.device(), " pass readout=None (the loss of the stack's output)");
   const c10::cuda::CUDAGuard guard(x_arg.device());
   const at::Tensor x = x_arg.contiguous(), weights = weights_arg.contiguous();
   const at::Tensor targets = targets_arg.contiguous(), directions = directions_arg.contiguous();
+  const at::Tensor P = readout.has_value() ? readout->contiguous() : at::Tensor();  // [q, d]: the loss of f P^T
+  const int64_t q = P.defined() ? P.size(0) : 0;
   at::Tensor loss_out = at::zeros({}, x.options());
   at::Tensor grad_w = at::zeros_like(weights);
   at::Tensor hvps = at::zeros_like(directions);
@@ -177,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
     C10_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     budget = int64_t(free_b / 2);
   }
-  const int64_t per_row = cuda::hvp_bytes_per_row(a, directions.size(0), x.element_size());
+  const int64_t per_row = cuda::hvp_bytes_per_row(a, directions.size(0), x.element_size(), q);
   // the transposed copies of the weights and the K directions are allocated whatever the chunk size
   const int64_t fixed = (1 + directions.size(0)) * weights.numel() * x.element_size();
   const int64_t max_rows = std::max<int64_t>(1, std::max<int64_t>(budget - fixed, 0) / per_row);
@@ -188,7 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
         a, directions.size(0), loss, x.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
         by_class ? nullptr : targets.data_ptr<scalar_t>(), by_class ? targets.data_ptr<int64_t>() : nullptr,
         directions.data_ptr<scalar_t>(), loss_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(),
-        hvps.data_ptr<scalar_t>(), ws.allocator(), stream, max_rows));
+        hvps.data_ptr<scalar_t>(), ws.allocator(), stream, max_rows, P.defined() ? P.data_ptr<scalar_t>() : nullptr,
+        q));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss_out, grad_w, hvps};

@@ -71,14 +71,16 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
 // [B, d] (classes null) or class indices classes [B] (targets null, cross entropy only).  Every
 // output element is written (B == 0 or d == 0: nothing is launched; the host returns zeros).
 // max_rows > 0: at most that many rows at a time (row chunks; scratch of hvp_bytes_per_row each).
+// readout: a frozen read-out P [q, d] (contiguous), the loss then being that of f P^T with targets
+// [B, q] or classes in [0, q); null: the loss of f (q unused).
 template <typename T>
 cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, const T* x, const T* weights,
                                       const T* targets, const int64_t* classes, const T* directions, T* loss_out,
                                       T* grad_w, T* hvps, const Allocator& alloc, cudaStream_t stream,
-                                      int64_t max_rows = 0);
+                                      int64_t max_rows = 0, const T* readout = nullptr, int64_t q = 0);
 
-// Scratch bytes per batch row of launch_residual_stack_hvp.
-int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize);
+// Scratch bytes per batch row of launch_residual_stack_hvp (q: the read-out's rows, 0 without one).
+int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_t q = 0);
 
 // Which kernels a call with these arguments would use, e.g. "fused D=128 BM=64 threads=256 smem=155648
 // units_per_launch=7" or "generic BM=32 ..." (for tests and benchmarks); errors are reported as text

@@ -12,14 +12,18 @@
 //      Inner activations of a unit go to a per-row record (act, z, R{act}, R{z}, [n] slices of
 //      [B, d] / [B, K, d]); block-strided loops, __syncthreads between dependent steps.
 //   2. hvp_loss_seed_kernel (one thread per row) and hvp_loss_sum_kernel (one block, fixed order):
-//      the loss, g [B, d] and R{g} [B, K, d].
+//      the loss, g [B, d] and R{g} [B, K, d].  With a frozen read-out P [q, d] the loss is that of
+//      z = f P^T [B, q] (targets [B, q] or classes in [0, q)): the row's thread forms z and
+//      R{z} = R{f} P^T, seeds them as without one (width q), and maps the seeds back,
+//      g = (dL/dz) P and R{g} = R{dL/dz} P (loss_seed_readout of the CPU kernel).
 //   3. for r = R-1 .. 0: hvp_reverse_unit_kernel (one block per tile) recomputes unit r's record
 //      from the saved input and walks it backwards, carrying g, R{g} in place and storing each
 //      layer's gz, R{gz}; then hvp_unit_reduce_kernel (one thread per output element) sums the
 //      weight-gradient and HVP terms of unit r over the batch in row order: deterministic, no
 //      atomics.
 // Memory (elements of T): (R + 1) (1 + K) B d saved inputs + (3n + 2) (1 + K) B d records and
-// carried values, and (1 + K) R n d d for transposed copies of the weights and directions.  2 + (2 R + 3)
+// carried values (+ (3 + 2K) B q for a read-out's z, R{z}, their seeds and the softmax), and
+// (1 + K) R n d d for transposed copies of the weights and directions.  2 + (2 R + 3)
 // launches per row chunk.  No checkpointing and no shared-memory tiling of the GEMMs:
 // each output element is one dot product read from global memory (L1/L2 cached).  Rows are
 // independent until the sums over the batch, so a batch larger than max_rows runs in row chunks of
@@ -55,8 +59,14 @@ struct HvpParams {
   const T* v;        // [K, R, n, d, d]
   const T* wt;       // [R, n, d, d]       every layer's W^T (the forward reads columns of W: coalesced)
   const T* vt;       // [K, R, n, d, d]    every direction's V^T
-  const T* y;        // [B, d] or null
+  const T* y;        // [B, d] ([B, q] with a read-out) or null
   const int64_t* cls;  // [B] or null
+  const T* P;        // [q, d] frozen read-out, or null (the loss of the stack's output f)
+  T* zq;             // [B, q]             z = f P^T            (read-out only)
+  T* rzq;            // [B, K, q]          R{z}
+  T* gq;             // [B, q]             dL/dz
+  T* rgq;            // [B, K, q]          R{dL/dz}
+  T* prq;            // [B, q]             softmax scratch
   T* sh;             // [R + 1, B, d]      unit inputs (slot R: output f)
   T* srho;           // [R + 1, B, K, d]   their tangents
   T* act;            // [n][B, d]          layer inputs a_l of the current unit
@@ -74,6 +84,7 @@ struct HvpParams {
   T* grad_w;         // [R, n, d, d]
   T* hvps;           // [K, R, n, d, d]
   int64_t B, d, R, n, K;
+  int64_t q;         // the loss's width: d, or the read-out's rows
   int64_t B_total;   // rows of the whole batch (the loss is a mean over them); B: this chunk's rows
   bool accumulate;   // add to loss_out, grad_w, hvps (a later chunk) instead of storing
   bool shortcut;
@@ -183,69 +194,108 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_forward_kernel(HvpParams<T> p
   }
 }
 
-// Loss of row b (row_loss, not yet divided by B), g = dL/df and R{g} (as loss_seed of the CPU kernel).
+// The loss of one row of logits / outputs f [w] (not yet divided by B) and its seeds g = dL/df [w] and
+// R{g} [K, w] from R{f} [K, w] (as loss_seed of the CPU kernel).  y: the row's targets [w] (mse, or
+// cross-entropy probabilities), or null with class index t; pr [w]: softmax scratch.
 template <typename T>
-__global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T> p) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= p.B) return;
-  const int64_t d = p.d, K = p.K;
-  const T* f = p.sh + (p.R * p.B + b) * d;
-  const T* rf = p.srho + (p.R * p.B + b) * K * d;
-  T* g = p.g + b * d;
-  T* rg = p.rg + b * K * d;
-  const T ib = static_cast<T>(1.0 / double(p.B_total));
-  if (p.loss == Loss::Mse) {
-    const T* y = p.y + b * d;
+__device__ double hvp_row_seed(Loss loss, const T* f, const T* rf, const T* y, int64_t t, int64_t w, int64_t K,
+                               T ib, T* g, T* rg, T* pr) {
+  if (loss == Loss::Mse) {
     double total = 0.0;
-    for (int64_t c = 0; c < d; ++c) {
+    for (int64_t c = 0; c < w; ++c) {
       const T diff = f[c] - y[c];
       total += 0.5 * static_cast<double>(diff) * static_cast<double>(diff);
       g[c] = diff * ib;
     }
-    for (int64_t e = 0; e < K * d; ++e) rg[e] = rf[e] * ib;
-    p.row_loss[b] = total;
-    return;
+    for (int64_t e = 0; e < K * w; ++e) rg[e] = rf[e] * ib;
+    return total;
   }
-  T* pr = p.ga + b * d;  // softmax
   T mx = f[0];
-  for (int64_t c = 1; c < d; ++c) mx = f[c] > mx ? f[c] : mx;
+  for (int64_t c = 1; c < w; ++c) mx = f[c] > mx ? f[c] : mx;
   T se = 0;
-  for (int64_t c = 0; c < d; ++c) {
+  for (int64_t c = 0; c < w; ++c) {
     pr[c] = std::exp(f[c] - mx);
     se += pr[c];
   }
-  for (int64_t c = 0; c < d; ++c) pr[c] /= se;
+  for (int64_t c = 0; c < w; ++c) pr[c] /= se;
   // the loss from the shifted logits f - mx, as log_softmax: mx + log(se) would round log(se) away
   // against a large mx before f_t were subtracted
   const double lse = std::log(static_cast<double>(se));
   T mass;
   double total;
-  if (p.cls) {
-    const int64_t t = p.cls[b];
+  if (y == nullptr) {
     mass = T(1);
     total = lse - (static_cast<double>(f[t]) - static_cast<double>(mx));
-    for (int64_t c = 0; c < d; ++c) g[c] = pr[c] * ib;
+    for (int64_t c = 0; c < w; ++c) g[c] = pr[c] * ib;
     g[t] -= ib;
   } else {
-    const T* y = p.y + b * d;
     mass = 0;
     double yf = 0.0;
-    for (int64_t c = 0; c < d; ++c) {
+    for (int64_t c = 0; c < w; ++c) {
       mass += y[c];
       yf += static_cast<double>(y[c]) * (static_cast<double>(f[c]) - static_cast<double>(mx));
     }
     total = static_cast<double>(mass) * lse - yf;
-    for (int64_t c = 0; c < d; ++c) g[c] = (mass * pr[c] - y[c]) * ib;
+    for (int64_t c = 0; c < w; ++c) g[c] = (mass * pr[c] - y[c]) * ib;
   }
   const T scale = mass * ib;
   for (int64_t j = 0; j < K; ++j) {
-    const T* rfj = rf + j * d;
-    T* rgj = rg + j * d;
+    const T* rfj = rf + j * w;
+    T* rgj = rg + j * w;
     T dot = 0;
-    for (int64_t c = 0; c < d; ++c) dot += pr[c] * rfj[c];
-    for (int64_t c = 0; c < d; ++c) rgj[c] = scale * pr[c] * (rfj[c] - dot);
+    for (int64_t c = 0; c < w; ++c) dot += pr[c] * rfj[c];
+    for (int64_t c = 0; c < w; ++c) rgj[c] = scale * pr[c] * (rfj[c] - dot);
   }
-  p.row_loss[b] = total;
+  return total;
+}
+
+// Loss of row b (row_loss, not yet divided by B), g = dL/df and R{g}; with a read-out P, those of
+// z = f P^T, mapped back through P.
+template <typename T>
+__global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T> p) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= p.B) return;
+  const int64_t d = p.d, K = p.K, q = p.q;
+  const T* f = p.sh + (p.R * p.B + b) * d;
+  const T* rf = p.srho + (p.R * p.B + b) * K * d;
+  T* g = p.g + b * d;
+  T* rg = p.rg + b * K * d;
+  const T ib = static_cast<T>(1.0 / double(p.B_total));
+  const T* y = p.y != nullptr ? p.y + b * q : nullptr;
+  const int64_t t = p.cls != nullptr ? p.cls[b] : -1;
+  if (p.P == nullptr) {
+    p.row_loss[b] = hvp_row_seed<T>(p.loss, f, rf, y, t, d, K, ib, g, rg, p.ga + b * d);
+    return;
+  }
+  const T* P = p.P;
+  T* z = p.zq + b * q;
+  T* rz = p.rzq + b * K * q;
+  T* gz = p.gq + b * q;
+  T* rgz = p.rgq + b * K * q;
+  for (int64_t c = 0; c < q; ++c) {  // z = f P^T, R{z} = R{f} P^T
+    const T* pc = P + c * d;
+    T acc = 0;
+    for (int64_t k = 0; k < d; ++k) acc += f[k] * pc[k];
+    z[c] = acc;
+    for (int64_t j = 0; j < K; ++j) {
+      const T* rfj = rf + j * d;
+      T racc = 0;
+      for (int64_t k = 0; k < d; ++k) racc += rfj[k] * pc[k];
+      rz[j * q + c] = racc;
+    }
+  }
+  p.row_loss[b] = hvp_row_seed<T>(p.loss, z, rz, y, t, q, K, ib, gz, rgz, p.prq + b * q);
+  for (int64_t k = 0; k < d; ++k) {  // g = gz P, R{g} = R{gz} P
+    T acc = 0;
+    for (int64_t c = 0; c < q; ++c) acc += gz[c] * P[c * d + k];
+    g[k] = acc;
+    for (int64_t j = 0; j < K; ++j) {
+      const T* rgzj = rgz + j * q;
+      T racc = 0;
+      for (int64_t c = 0; c < q; ++c) racc += rgzj[c] * P[c * d + k];
+      rg[j * d + k] = racc;
+    }
+  }
 }
 
 // loss = sum_b row_loss[b] / B, one block of kHvpSumThreads threads, fixed summation order.
@@ -397,10 +447,11 @@ template <typename T>
 cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, const T* x, const T* weights,
                                       const T* targets, const int64_t* classes, const T* directions, T* loss_out,
                                       T* grad_w, T* hvps, const Allocator& alloc, cudaStream_t stream,
-                                      int64_t max_rows) {
+                                      int64_t max_rows, const T* readout, int64_t q) {
   using namespace cuda_detail;
   if (a.B == 0 || a.d == 0) return cudaSuccess;  // the host returns zeros
   const int64_t d = a.d, R = a.R, n = a.n;
+  if (readout == nullptr) q = d;  // the loss's width
   const int64_t B = max_rows > 0 ? std::min(a.B, max_rows) : a.B;  // rows per chunk: the scratch is for B
   HvpParams<T> p;
   p.x = x;
@@ -425,6 +476,14 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   p.ga = hvp_alloc<T>(alloc, B * d);
   p.rga = hvp_alloc<T>(alloc, B * K * d);
   p.row_loss = hvp_alloc<double>(alloc, B);
+  p.P = readout;
+  p.q = q;
+  const bool ro = readout != nullptr;
+  p.zq = ro ? hvp_alloc<T>(alloc, B * q) : nullptr;
+  p.rzq = ro ? hvp_alloc<T>(alloc, B * K * q) : nullptr;
+  p.gq = ro ? hvp_alloc<T>(alloc, B * q) : nullptr;
+  p.rgq = ro ? hvp_alloc<T>(alloc, B * K * q) : nullptr;
+  p.prq = ro ? hvp_alloc<T>(alloc, B * q) : nullptr;
   p.loss_out = loss_out;
   p.grad_w = grad_w;
   p.hvps = hvps;
@@ -453,7 +512,7 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
     p.B = rows;
     p.accumulate = b0 > 0;
     p.x = x + b0 * d;
-    p.y = targets != nullptr ? targets + b0 * d : nullptr;
+    p.y = targets != nullptr ? targets + b0 * q : nullptr;  // [B, q] (q = d without a read-out)
     p.cls = classes != nullptr ? classes + b0 : nullptr;
     const unsigned tiles = unsigned((rows + kHvpTileRows - 1) / kHvpTileRows);
     SE_LAUNCH(hvp_forward_kernel<T>, dim3(tiles), dim3(kHvpThreads), 0, stream, p);
@@ -473,17 +532,19 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   return cudaSuccess;
 }
 
-int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize) {
-  return ((a.R + 1) * (1 + K) * a.d + (3 * a.n + 2) * (1 + K) * a.d) * int64_t(itemsize) + int64_t(sizeof(double));
+int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_t q) {
+  return ((a.R + 1) * (1 + K) * a.d + (3 * a.n + 2) * (1 + K) * a.d + (3 + 2 * K) * q) * int64_t(itemsize) +
+         int64_t(sizeof(double));
 }
 
 template cudaError_t launch_residual_stack_hvp<float>(const StackArgs&, int64_t, Loss, const float*, const float*,
                                                       const float*, const int64_t*, const float*, float*, float*,
-                                                      float*, const Allocator&, cudaStream_t, int64_t);
+                                                      float*, const Allocator&, cudaStream_t, int64_t, const float*,
+                                                      int64_t);
 template cudaError_t launch_residual_stack_hvp<double>(const StackArgs&, int64_t, Loss, const double*,
                                                        const double*, const double*, const int64_t*,
                                                        const double*, double*, double*, double*, const Allocator&,
-                                                       cudaStream_t, int64_t);
+                                                       cudaStream_t, int64_t, const double*, int64_t);
 
 }  // namespace cuda
 }  // namespace shortcut_ext

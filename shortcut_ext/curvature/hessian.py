@@ -14,9 +14,9 @@ Backends:
   with orthonormal columns (``q >= d``, as the models make it) under ``mse`` runs fused all the same:
   ``||P h - y||^2 = ||h - P^T y||^2 + ||(I - P P^T) y||^2``, so the Hessian is that of the trunk with
   targets ``P^T y``.  Other read-outs (``q < d``, cross-entropy, columns not orthonormal) go into the
-  CPU kernel itself (``residual_stack_hvp(..., readout=P)``: the loss of ``h P^T``).  On CUDA, whose
-  kernel takes no read-out, such a net, or any where the fused HVP kernel is not built, uses
-  ``"autograd"`` instead, with a warning, and says so in :attr:`HessianOperator.backend_used`.
+  kernel itself (``residual_stack_hvp(..., readout=P)``: the loss of ``h P^T``), CPU or CUDA.  Where the
+  fused HVP kernel is not built, the operator uses ``"autograd"`` instead, with a warning, and says so in
+  :attr:`HessianOperator.backend_used`.
 - ``"autograd"``: double backward through the pure-PyTorch reference stack, all ``k`` directions in
   one ``torch.autograd.grad(..., is_grads_batched=True)`` call.
 - ``"func"``: ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), ``vmap``-ed over
@@ -244,20 +244,11 @@ class HessianOperator:
         self.fallback_reason = None
         self.backend_used = backend
         self._target_map = None  # P [q, d]: the fused HVP's targets are y P (an orthonormal read-out, mse)
-        self._kernel_readout = None  # P [q, d] given to the fused HVP kernel (CPU): the loss of h P^T
+        self._kernel_readout = None  # P [q, d] given to the fused HVP kernel: the loss of h P^T
         if backend == "fused":
-            why = None if self._readout is None else self._readout_unfused()
-            in_kernel = bool(why) and self.device.type == "cpu"  # the CPU kernel takes any read-out itself
-            if in_kernel:
-                why = None
-            elif why:
-                why += " (the CUDA kernel takes no read-out)"
-            if why:
-                self.backend_used, self.fallback_reason = "autograd", (
-                    "the fused HVP computes the loss on the trunk output; " + why)
-                warnings.warn(f"HessianOperator(backend='fused') runs autograd Hessian-vector products (slower): "
-                              f"{self.fallback_reason}", FallbackWarning, stacklevel=3)
-            elif not fused_hvp_available():
+            # the kernels take any read-out themselves; one the targets can absorb keeps the plain loss
+            in_kernel = self._readout is not None and bool(self._readout_not_absorbed())
+            if not fused_hvp_available():
                 from .._build import build_info
 
                 self.backend_used, self.fallback_reason = "autograd", (
@@ -335,10 +326,11 @@ class HessianOperator:
             return _normal(h0.contiguous()), _normal(y)
         return _owned(_normal(h0.contiguous()), src_x), _owned(_normal(y), src_y)
 
-    def _readout_unfused(self) -> str | None:
-        """Why the frozen read-out ``P [q, d]`` keeps the fused HVP from running, or ``None``: it runs under
-        mse when ``P`` has orthonormal columns to the operator's precision (targets ``y P``, the same
-        Hessian; the models' read-outs for ``q >= d`` are, rounded to their dtype)."""
+    def _readout_not_absorbed(self) -> str | None:
+        """Why the targets cannot absorb the frozen read-out ``P [q, d]`` (the fused kernel then takes it: the
+        loss of ``h P^T``), or ``None``: they do under mse when ``P`` has orthonormal columns to the operator's
+        precision (targets ``y P``, the same Hessian; the models' read-outs for ``q >= d`` are, rounded to
+        their dtype), which keeps the plain loss of the trunk's output."""
         P = self._readout
         q, d = P.shape
         if self.loss != "mse":

@@ -8,7 +8,7 @@
 //   sweep  edge shapes for AddressSanitizer + UndefinedBehaviorSanitizer: d = 1, 3, odd, above 128;
 //          B = 1 and tiles +- a few rows; every forced fused tile; TF32 and 3xTF32; deterministic and
 //          atomic weight gradients; a workspace small enough to split the units; the HVP with row
-//          chunks; grid-stride launches capped at 2 blocks.  Inputs, outputs and workspace are sized
+//          chunks, with and without a read-out; grid-stride launches capped at 2 blocks.  Inputs, outputs and workspace are sized
 //          exactly, and the launch's shared memory is followed by a poisoned guard, so any read or
 //          write out of bounds aborts with a report (on a
 //          GPU: what compute-sanitizer's memcheck reports, or a silent wrong result).  Every result is
@@ -112,44 +112,53 @@ void stack_case(int64_t B, int64_t d, int64_t R, int64_t n, int shortcut, int pr
 }
 
 // Loss, gradient and K products (tanh / relu / ssigmoid) in T with `max_rows` row chunks, against
-// the float64 call without chunks.
+// the float64 call without chunks; P: a read-out [q, d] (empty: none).
 template <typename T>
 int64_t hvp_call(const sc::StackArgs& a, int64_t K, bool ce, const std::vector<double>& x, const std::vector<double>& w,
                  const std::vector<double>& y, const std::vector<int64_t>& cls, const std::vector<double>& v,
-                 int64_t max_rows, std::vector<double>& out) {
+                 const std::vector<double>& P, int64_t max_rows, std::vector<double>& out) {
   std::vector<T> xt(x.begin(), x.end()), wt(w.begin(), w.end()), yt(y.begin(), y.end()), vt(v.begin(), v.end());
+  std::vector<T> pt(P.begin(), P.end());
   std::vector<T> gw(w.size()), hv(v.size());
   T loss = 0;
   HostAllocator alloc;
   const auto rc = sc::launch_residual_stack_hvp<T>(a, K, ce ? shortcut_ext::Loss::CrossEntropy : shortcut_ext::Loss::Mse,
                                                    xt.data(), wt.data(), ce ? nullptr : yt.data(),
                                                    ce ? cls.data() : nullptr, vt.data(), &loss, gw.data(), hv.data(),
-                                                   alloc.get(), nullptr, max_rows);
+                                                   alloc.get(), nullptr, max_rows, pt.empty() ? nullptr : pt.data(),
+                                                   int64_t(P.size()) / a.d);
   out.assign(1, double(loss));
   out.insert(out.end(), gw.begin(), gw.end());
   out.insert(out.end(), hv.begin(), hv.end());
   return int64_t(rc);
 }
 
+// q > 0: with a read-out P [q, d] (targets [B, q] or classes in [0, q)); the inputs, targets and read-out are
+// sized exactly, so a read past the read-out's width (or the targets' q columns) is reported.
 template <typename T>
-void hvp_case(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, bool ce, int64_t max_rows, bool shortcut) {
-  std::mt19937 gen(unsigned(B * 31 + d * 7 + K));
+void hvp_case(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, bool ce, int64_t max_rows, bool shortcut,
+              int64_t q = 0) {
+  std::mt19937 gen(unsigned(B * 31 + d * 7 + K + 13 * q));
   std::normal_distribution<double> nd;
-  std::vector<double> x(size_t(B * d)), w(size_t(R * n * d * d)), y(size_t(B * d)), v(size_t(K * R * n * d * d));
+  const int64_t wy = q > 0 ? q : d;  // the targets' width
+  std::vector<double> x(size_t(B * d)), w(size_t(R * n * d * d)), y(size_t(B * wy)), v(size_t(K * R * n * d * d));
+  std::vector<double> P(size_t(q * d));
   std::vector<int64_t> cls(static_cast<size_t>(B));
   for (auto& e : x) e = double(T(nd(gen)));
   for (auto& e : y) e = double(T(nd(gen)));
   for (auto& e : v) e = double(T(nd(gen)));
   for (auto& e : w) e = double(T(nd(gen) * 0.5 / std::sqrt(double(d))));
-  for (int64_t b = 0; b < B; ++b) cls[size_t(b)] = (b * 5) % d;
+  for (auto& e : P) e = double(T(nd(gen) / std::sqrt(double(d))));
+  for (int64_t b = 0; b < B; ++b) cls[size_t(b)] = (b * 5) % wy;
   const sc::StackArgs a{B, d, R, n, shortcut, Act::Tanh, Act::Relu, Act::SSigmoid};
   std::vector<double> ref, got;
   char what[200];
-  std::snprintf(what, sizeof what, "hvp %s B=%lld d=%lld R=%lld n=%lld K=%lld %s rows=%lld shortcut=%d",
+  std::snprintf(what, sizeof what, "hvp %s B=%lld d=%lld R=%lld n=%lld K=%lld %s rows=%lld shortcut=%d readout=%lld",
                 sizeof(T) == 8 ? "float64" : "float32", (long long)B, (long long)d, (long long)R, (long long)n,
-                (long long)K, ce ? "cross_entropy" : "mse", (long long)max_rows, int(shortcut));
+                (long long)K, ce ? "cross_entropy" : "mse", (long long)max_rows, int(shortcut), (long long)q);
   try {
-    if (hvp_call<double>(a, K, ce, x, w, y, cls, v, 0, ref) != 0 || hvp_call<T>(a, K, ce, x, w, y, cls, v, max_rows, got) != 0) {
+    if (hvp_call<double>(a, K, ce, x, w, y, cls, v, P, 0, ref) != 0 ||
+        hvp_call<T>(a, K, ce, x, w, y, cls, v, P, max_rows, got) != 0) {
       std::printf("FAILED %s: launch error\n", what);
       ++n_bad;
       return;
@@ -202,6 +211,8 @@ void sweep_quick() {
   hvp_case<double>(23, 33, 2, 2, 3, false, 7, true);
   hvp_case<float>(23, 64, 2, 1, 3, true, 0, false);
   hvp_case<double>(23, 1, 2, 2, 1, false, 7, true);
+  hvp_case<double>(23, 9, 2, 2, 3, true, 7, true, 4);  // read-outs: fewer and more columns than d, row chunks
+  hvp_case<float>(23, 5, 2, 1, 2, false, 0, false, 11);
   // grid-stride launches (weight preparation, partial sums, HVP transposes) capped at 2 blocks: many rounds
   se_emu::grid_stride_cap() = 2;
   stack_case<float>(40, 20, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * 20 * 20 * 4 * 2);
@@ -237,6 +248,10 @@ void sweep_hvp() {
         if (ce && d == 1) continue;  // one class
         hvp_case<double>(23, d, 2, 2, K, ce, 7, true);
         hvp_case<float>(23, d, 2, 1, K, ce, 0, false);
+        for (int64_t q : {int64_t(1), int64_t(10)}) {  // a read-out to 1 and to 10 columns
+          if (ce && q == 1) continue;
+          hvp_case<double>(23, d, 2, 2, K, ce, 7, true, q);
+        }
       }
 }
 
