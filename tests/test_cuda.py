@@ -1206,7 +1206,8 @@ def test_emulated_hvp_grid_stride_and_concurrent_blocks(hvp_emulator):
 @pytest.mark.slow
 def test_emulated_hvp_with_the_gpus_block_size(tmp_path):
     """The HVP kernel as the GPU launches it, 256 threads per block (the other emulated tests use 32 OS threads),
-    so most threads of a tile have no element in most loops and must still meet every barrier."""
+    so most threads of a tile have no element in most loops and must still meet every barrier; with and
+    without a read-out."""
     so = _build_hvp_emulator(tmp_path, defines=["SE_EMU_HVP_THREADS=256"])
     so.se_emu_hvp_set_launch(4, 65535)
     for B, d, R, n, shortcut, acts, target, K in (HVP_CASES[0], HVP_CASES[2], HVP_CASES[5]):
@@ -1215,6 +1216,11 @@ def test_emulated_hvp_with_the_gpus_block_size(tmp_path):
             _hvp_assert_matches(_emu_hvp(so, x, w, y, v, shortcut, acts, loss), x, w, y, v, shortcut, acts, loss)
     x, w, y, v, loss = _hvp_problem(300, 3, 2, 2, 2, "mse", torch.float64, device="cpu", seed=9)  # > 256 rows
     _hvp_assert_matches(_emu_hvp(so, x, w, y, v, True, ("tanh",) * 3, loss), x, w, y, v, True, ("tanh",) * 3, loss)
+    # a read-out: its loss kernel runs one thread per row, 300 rows over two blocks of 256
+    x, w, y, v, loss = _hvp_problem(300, 4, 2, 2, 2, "ce_index", torch.float64, device="cpu", seed=8, q=10)
+    P = _hvp_readout(10, 4, torch.float64, device="cpu", seed=8)
+    acts = ("tanh", "relu", "ssigmoid")
+    _hvp_assert_matches(_emu_hvp(so, x, w, y, v, True, acts, loss, readout=P), x, w, y, v, True, acts, loss, readout=P)
 
 
 HVP_READOUT_CASES = [  # (B, d, R, n, shortcut, acts, target, K, q): q below, at and above the width
