@@ -23,9 +23,10 @@ TORCH_LIBRARY(shortcut_ext, m) {
   // their backward recomputes each unit on chip.
   m.def("residual_stack_forward(Tensor x, Tensor weights, bool shortcut, str act_pre, str act_mid, "
         "str act_post, bool save_inputs, bool save_layers=False) -> (Tensor, Tensor)");
-  // -> (grad_x [B, d], grad_weights [R, n, d, d])
+  // -> (grad_x [B, d], grad_weights [R, n, d, d]); grad_weights=False: the weights are frozen, the second
+  // output is empty ([0]) and the kernels skip the weight-gradient products (grad_x has the same bits)
   m.def("residual_stack_backward(Tensor grad_y, Tensor weights, Tensor saved, bool shortcut, str act_pre, "
-        "str act_mid, str act_post) -> (Tensor, Tensor)");
+        "str act_mid, str act_post, bool grad_weights=True) -> (Tensor, Tensor)");
   // -> (loss [] , grad [R, n, d, d], hvps [k, R, n, d, d]); targets [B, d], or [B] int64 class indices
   // with loss="cross_entropy"; directions [k, R, n, d, d]; readout: a frozen P [q, d], the loss then of
   // f P^T with targets [B, q] (or class indices in [0, q))
@@ -166,7 +167,7 @@ static std::tuple<double, at::Tensor> py_mse_step(const at::Tensor& x, const at:
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("shortcut_ext::residual_stack_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                                    c10::string_view, c10::string_view, c10::string_view)>();
+                                                    c10::string_view, c10::string_view, c10::string_view, bool)>();
   pybind11::gil_scoped_release no_gil;
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -181,7 +182,7 @@ static std::tuple<double, at::Tensor> py_mse_step(const at::Tensor& x, const at:
   at::Tensor grad_y = diff.mul_(2.0).mul_(half);
   // MmBackward's gradient for y: grad_out.mm(mat2.t()), mat2 = P.t(), so P with its own strides
   if (readout.has_value()) grad_y = at::mm(grad_y, *readout).contiguous();
-  return {loss, std::get<1>(backward.call(grad_y, wc, saved, shortcut, act_pre, act_mid, act_post))};
+  return {loss, std::get<1>(backward.call(grad_y, wc, saved, shortcut, act_pre, act_mid, act_post, true))};
 }
 
 static pybind11::dict py_build_info() {

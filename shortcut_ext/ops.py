@@ -575,9 +575,14 @@ def _backward_forward(ctx, grad_y, grad_saved):
             "a program exported under torch.no_grad() has it fixed to False: export with grad enabled to "
             "differentiate it)"
         )
+    # frozen weights (requires_grad=False: input gradients, a frozen stack under a trained head): the kernel
+    # skips the weight-gradient products, about half the backward's arithmetic
+    want_w = ctx.needs_input_grad[1]
     grad_x, grad_w = torch.ops.shortcut_ext.residual_stack_backward(
-        grad_y.contiguous(), weights, saved, *ctx.args
+        grad_y.contiguous(), weights, saved, *ctx.args, want_w
     )
+    if not want_w:
+        grad_w = None
     x = ctx.x
     if x is not None and torch.is_grad_enabled() and grad_x is not None:
         # create_graph=True: grad_x depends on x through the saved unit inputs, which the graph does not
@@ -652,9 +657,9 @@ def _register() -> None:
         return x.new_empty(x.shape), saved
 
     @torch.library.register_fake(f"{_LIB}::residual_stack_backward")
-    def _(grad_y, weights, saved, shortcut, act_pre, act_mid, act_post):
+    def _(grad_y, weights, saved, shortcut, act_pre, act_mid, act_post, grad_weights=True):
         _same_device("residual_stack_backward", grad_y=grad_y, weights=weights, saved=saved)
-        return grad_y.new_empty(grad_y.shape), weights.new_empty(weights.shape)
+        return grad_y.new_empty(grad_y.shape), weights.new_empty(weights.shape if grad_weights else (0,))
 
     if hasattr(lib, "residual_stack_hvp"):
 

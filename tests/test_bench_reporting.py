@@ -525,3 +525,59 @@ def test_build_step_times_refuses_a_wrong_kernel(bench, monkeypatch, what):
     finally:
         torch.set_num_threads(old)
     assert timed == ([] if what == "step" else [1] * 4)  # the hvp check comes after the float32 step rows
+
+
+# ------------------------------------------------------------------------------ bench_frozen_backward
+@pytest.fixture
+def frozen_bench(bench, monkeypatch):
+    mod = bench("bench_frozen_backward")
+    monkeypatch.setattr(mod, "R", 3)
+    monkeypatch.setattr(mod, "B", 8)
+    monkeypatch.setattr(mod, "ROWS", [])
+    monkeypatch.setattr(mod, "_REF", {})
+    written = []
+    monkeypatch.setattr(mod, "write_results", lambda name, rows, extra: written.append((name, rows, extra)))
+    return mod, written
+
+
+def test_frozen_backward_rows_and_ratios(frozen_bench):
+    """Each row's median is the benchmark's; the speedups are eager's and fused_full's medians over the
+    row's; the variants ran the warm-up and the rounds (eager 3, the fused ones 7)."""
+    mod, written = frozen_bench
+    medians = {"eager": 6e-9, "fused_full": 3e-9, "fused": 2e-9}
+    for dtype in (torch.float32, torch.float64):
+        for impl, med in medians.items():
+            fb = FakeBenchmark(med, med / 4)
+            mod.test_frozen_backward(fb, 5, dtype, impl)
+            assert fb.calls == (3 if impl == "eager" else 7) + 1
+    name, rows, extra = written[-1]
+    assert name == "frozen_backward" and extra["R"] == 3 and len(rows) == 6
+    for r in rows:
+        med = medians[r["impl"]]
+        assert r["median_ms"] == pytest.approx(med * 1e3) and r["iqr_ms"] == pytest.approx(med / 4 * 1e3)
+        assert r["speedup_vs_eager"] == pytest.approx(medians["eager"] / med, abs=0.01)
+        assert r["speedup_vs_fused_full"] == pytest.approx(medians["fused_full"] / med, abs=0.01)
+    assert {r["case"] for r in rows} == {"d=5 float32", "d=5 float64"}
+
+
+def test_frozen_backward_checks_the_input_gradient_before_timing(frozen_bench, monkeypatch):
+    """A fused input gradient that differs from eager's fails the case before anything is timed; the fused
+    variants differentiate with frozen (fused) and trainable (fused_full) weights."""
+    mod, _ = frozen_bench
+    seen = []
+    real = mod.residual_stack
+
+    def spy(x, w, *args, **kw):
+        seen.append(w.requires_grad)
+        return real(x, w, *args, **kw)
+    monkeypatch.setattr(mod, "residual_stack", spy)
+    mod.test_frozen_backward(FakeBenchmark(1e-9, 0.0), 5, torch.float64, "fused")
+    assert seen and set(seen) == {False}
+    seen.clear()
+    mod.test_frozen_backward(FakeBenchmark(1e-9, 0.0), 5, torch.float64, "fused_full")
+    assert seen and set(seen) == {True}
+    monkeypatch.setattr(mod, "residual_stack", lambda x, w, *a, **k: 1.001 * real(x, w, *a, **k))
+    fb = FakeBenchmark(1e-9, 0.0)
+    with pytest.raises(AssertionError):
+        mod.test_frozen_backward(fb, 5, torch.float64, "fused")
+    assert fb.calls == 0

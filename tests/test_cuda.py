@@ -459,8 +459,32 @@ def test_opcheck_cuda():
         torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_forward.default, (x, w, shortcut, *acts, True))
         _, saved = torch.ops.shortcut_ext.residual_stack_forward(x.detach(), w.detach(), shortcut, *acts, True)
         gy = torch.randn(6, 4, dtype=torch.float64, device="cuda")
-        torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_backward.default,
-                              (gy, w.detach(), saved, shortcut, *acts), test_utils=("test_schema", "test_faketensor"))
+        for grad_weights in (True, False):
+            torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_backward.default,
+                                  (gy, w.detach(), saved, shortcut, *acts, grad_weights),
+                                  test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_cuda
+def test_backward_without_weight_gradients_cuda():
+    """grad_weights=False on CUDA (frozen weights): the same grad_x as the full backward, an empty second
+    output as on the CPU (the kernels compute the weight gradients all the same), and a frozen CUDA stack's
+    input gradient through autograd equals the reference's."""
+    for dtype, d, n in [(torch.float32, 64, 2), (torch.float64, 20, 3)]:
+        x, w, gy = _inputs(300, d, 4, n, dtype)
+        y, saved, gx, gw = _run_ops(x, w, gy, True, ("identity", "relu", "identity"))
+        gx2, empty = torch.ops.shortcut_ext.residual_stack_backward(gy, w, saved, True, "identity", "relu",
+                                                                    "identity", False)
+        assert empty.shape == (0,) and empty.device == w.device and gw.shape == w.shape
+        assert torch.equal(gx2, gx)
+        xf = x.detach().requires_grad_()
+        g = torch.autograd.grad(shortcut_ext.residual_stack(xf, w, True, "identity", "relu", "identity",
+                                                            backend="fused"), xf, gy)[0]
+        xr = x.detach().double().requires_grad_()
+        want = torch.autograd.grad(ref.residual_stack_forward(xr, w.double(), True, "identity", "relu", "identity"),
+                                   xr, gy.double())[0]
+        torch.testing.assert_close(g.double(), want, **(tol(torch.float64) if dtype == torch.float64
+                                                        else dict(rtol=1e-4, atol=1e-5)))
 
 
 @needs_cuda
@@ -533,9 +557,10 @@ def _emu_describe(so, dtype, backward, B, d, R, n, path=0, tile=0, atomic=False,
     return buf.value.decode()
 
 
-def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, sms=4, tf32=False):
+def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, sms=4, tf32=False, want_w=True):
     """Forward then backward through the emulated kernels (tf32: False, True / "tf32" or "3xtf32");
-    outputs start as NaN to catch unwritten elements."""
+    outputs start as NaN to catch unwritten elements.  want_w=False: the backward without weight gradients
+    (a null grad_w, frozen weights); gw is then None."""
     B, d = x.shape
     R, n = w.shape[:2]
     isd = int(x.dtype == torch.float64)
@@ -550,10 +575,11 @@ def _emu_run(so, x, w, gy, shortcut, acts, path=0, tile=0, atomic=False, ws=0, s
     rc = so.se_emu_forward(isd, x.data_ptr(), w.data_ptr(), y.data_ptr(), saved.data_ptr(), B, d, R, n,
                            int(shortcut), *codes, path, tile, err, 1024)
     assert rc == 0, err.value.decode()
-    rc = so.se_emu_backward(isd, gy.data_ptr(), w.data_ptr(), saved.data_ptr(), gx.data_ptr(), gw.data_ptr(), B, d,
-                            R, n, int(shortcut), *codes, path, tile, int(atomic), ws, err, 1024)
+    rc = so.se_emu_backward(isd, gy.data_ptr(), w.data_ptr(), saved.data_ptr(), gx.data_ptr(),
+                            gw.data_ptr() if want_w else None, B, d, R, n, int(shortcut), *codes, path, tile,
+                            int(atomic), ws, err, 1024)
     assert rc == 0, err.value.decode()
-    return y, saved, gx, gw
+    return y, saved, gx, gw if want_w else None
 
 
 @pytest.mark.slow
@@ -617,6 +643,28 @@ def test_emulated_smoke(at_issue, emulator):
             x, w, gy = _inputs(37, d, 2, 2, dtype, seed=d, scale=0.8 / d ** 0.5, device="cpu")
             acts = ("relu", "tanh", "ssigmoid")
             check(_emu_run(emulator, x, w, gy, True, acts, path=path, tf32=mode), x, w, gy, True, acts)
+
+
+def test_emulated_backward_without_weight_gradients(emulator):
+    """In the default run: the emulated backward with a null grad_w (frozen weights: no weight-gradient products,
+    partial sums or reduction) gives the full backward's grad_x bit for bit, for every kernel family (float32 and
+    float64 FMA, TF32 and 3xTF32 tensor cores, generic), with atomic weight gradients, and in unit and row chunks
+    (the launcher's loops, whose partial buffers it then does not allocate)."""
+    acts = ("relu", "tanh", "ssigmoid")
+    cases = [(torch.float32, 24, dict(path=1)), (torch.float64, 9, dict(path=1)),
+             (torch.float32, 40, dict(path=1, tf32="tf32")), (torch.float32, 20, dict(path=1, tf32="3xtf32")),
+             (torch.float32, 140, dict(path=2)), (torch.float64, 20, dict(path=1, tile=16, atomic=True)),
+             (torch.float32, 20, dict(path=2, atomic=True)),
+             (torch.float32, 16, dict(path=1, tile=32, ws=4096)),  # unit + row chunks
+             (torch.float64, 70, dict(path=2, ws=2 * 70 * 70 * 8 * 2))]  # generic, unit chunks
+    for dtype, d, kw in cases:
+        x, w, gy = _inputs(100, d, 5, 2, dtype, seed=d, scale=0.8 / d ** 0.5, device="cpu")
+        full = _emu_run(emulator, x, w, gy, True, acts, **kw)
+        frozen = _emu_run(emulator, x, w, gy, True, acts, want_w=False, **kw)
+        assert frozen[3] is None and torch.equal(frozen[0], full[0])
+        assert torch.equal(frozen[2], full[2]), (dtype, d, kw, (frozen[2] - full[2]).abs().max().item())
+        if not kw.get("tf32"):
+            _assert_matches(full, x, w, gy, True, acts)
 
 
 def _cp_async_at_issue_cases():

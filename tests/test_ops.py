@@ -260,9 +260,11 @@ def test_opcheck(layers, d):
                               (x, w, shortcut, *acts, True, layers))
         _, saved = torch.ops.shortcut_ext.residual_stack_forward(x.detach(), w.detach(), shortcut, *acts, True,
                                                                  layers)
-        torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_backward.default,
-                              (torch.randn(6, d, dtype=torch.float64), w.detach(), saved, shortcut, *acts),
-                              test_utils=("test_schema", "test_faketensor"))
+        for grad_weights in (True, False):  # False: frozen weights, an empty second output
+            torch.library.opcheck(torch.ops.shortcut_ext.residual_stack_backward.default,
+                                  (torch.randn(6, d, dtype=torch.float64), w.detach(), saved, shortcut, *acts,
+                                   grad_weights),
+                                  test_utils=("test_schema", "test_faketensor"))
 
 
 def test_saved_inputs_are_the_unit_inputs():
@@ -542,6 +544,70 @@ def test_exported_program_takes_any_strides_and_differentiates(frozen):
             ep0 = export(net, (torch.randn(9, 6, dtype=torch.float64),))
         with pytest.raises(RuntimeError, match=r"exported under torch.no_grad\(\) has it fixed to False"):
             torch.autograd.grad(ep0.module()(x).sum(), x)
+
+
+@pytest.mark.parametrize("layout", ["batch", "feature"])
+@pytest.mark.parametrize("layers", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_without_weight_gradients_gives_the_same_input_gradient(dtype, layers, layout, monkeypatch):
+    """grad_weights=False (frozen weights): the CPU kernel skips the weight-gradient products, and grad_x is the
+    full backward's, bit for bit (the data gradient runs the same operations in the same order); the second
+    output is empty, as the fake kernel says.  Every backward tile variant (batch-major and feature-major
+    tiles, the feature-major data gradient below d = 32, recompute and saved layer inputs), several row tiles,
+    and at d = 128 more units (70) than one chunk of the weight-gradient slots holds (64)."""
+    monkeypatch.setenv("SHORTCUT_EXT_CPU_LAYOUT", layout)
+    cases = [(37, 5, 4, 2, True, ("identity", "relu", "identity")), (37, 16, 3, 3, True, ("tanh", "ssigmoid", "relu")),
+             (600, 20, 3, 1, True, ("relu", "relu", "tanh")), (37, 40, 2, 2, False, ("ssigmoid", "tanh", "identity")),
+             (9, 64, 3, 2, True, ("identity", "relu", "relu")), (8, 128, 70, 2, True, ("identity", "tanh", "identity"))]
+    for B, d, R, n, shortcut, acts in cases:
+        x, w = stack_inputs(B, d, R, n, dtype, seed=d)
+        _, saved = torch.ops.shortcut_ext.residual_stack_forward(x, w, shortcut, *acts, True, layers)
+        gy = torch.randn(B, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        gx, gw = torch.ops.shortcut_ext.residual_stack_backward(gy, w, saved, shortcut, *acts)
+        gx_only, empty = torch.ops.shortcut_ext.residual_stack_backward(gy, w, saved, shortcut, *acts, False)
+        assert gw.shape == w.shape and empty.shape == (0,) and empty.dtype == dtype, (d, empty.shape)
+        assert torch.equal(gx_only, gx), (B, d, R, n, layers, (gx_only - gx).abs().max().item())
+        # and grad_x is right: against autograd through the reference (float64 reference for float32)
+        xr = x.double().requires_grad_()
+        want = torch.autograd.grad(ref.residual_stack_forward(xr, w.double(), shortcut, *acts), xr, gy.double())[0]
+        torch.testing.assert_close(gx_only.double(), want, **(tol(torch.float64) if dtype == torch.float64
+                                                                else dict(rtol=1e-4, atol=1e-5)))
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_frozen_weights_input_gradient(dtype, recompute):
+    """A stack with frozen weights (requires_grad=False) differentiates through x alone: the fused backward is
+    asked for no weight gradients, x.grad equals the reference's (and the trainable stack's bit for bit),
+    no weight gradient appears, gradcheck passes on x in float64, and torch.compile (whose fake kernel then
+    predicts an empty weight gradient) gives the same input gradient."""
+    for width, n, mid in [(6, 2, "relu"), (24, 3, "tanh"), (40, 1, "ssigmoid")]:
+        net = shortcut_ext.ShortcutNet(width=width, units=5, shortcut=n, mid=mid, init="xavier", backend="fused",
+                                       dtype=dtype)
+        ref_net = shortcut_ext.ShortcutNet(width=width, units=5, shortcut=n, mid=mid, backend="torch", dtype=dtype)
+        ref_net.load_state_dict(net.state_dict())
+        net.recompute = recompute
+        x = torch.randn(33, width, dtype=dtype, generator=torch.Generator().manual_seed(width))
+        full = torch.autograd.grad(net(x.requires_grad_()).square().sum(), [x, net.weight])[0]
+        for m in (net, ref_net):
+            m.weight.requires_grad_(False)
+        xf = x.detach().requires_grad_()
+        net(xf).square().sum().backward()
+        assert net.weight.grad is None
+        assert torch.equal(xf.grad, full), width
+        xr = x.detach().requires_grad_()
+        ref_net(xr).square().sum().backward()
+        torch.testing.assert_close(xf.grad, xr.grad, **tol(dtype))
+        torch._dynamo.reset()  # (each case compiles the same forward anew: no recompile limit across tests)
+        compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+        xc = x.detach().requires_grad_()
+        compiled(xc).square().sum().backward()
+        torch.testing.assert_close(xc.grad, xf.grad, **tol(dtype))
+        torch._dynamo.reset()
+    x, w = stack_inputs(4, 3, 3, 2, torch.float64, scale=0.7, seed=3)
+    x.requires_grad_()
+    f = lambda x: residual_stack(x, w, True, "tanh", "relu", "ssigmoid", backend="fused", recompute=recompute)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,))
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

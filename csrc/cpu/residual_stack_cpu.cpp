@@ -21,7 +21,9 @@
 // cpu_buffer_pool.h.  The backward accumulates weight gradients per slot in chunks of units
 // ([P, U, n, d, d], U chosen to bound it; each slot's first tile writes, later tiles add, so the
 // buffers are never zero-filled), then reduces the slots in a fixed order: results are
-// deterministic for a given number of threads.
+// deterministic for a given number of threads.  Without weight gradients (grad_weights=false: the weights
+// are frozen, only dL/dx is wanted) `dw` is null and the weight-gradient GEMMs, the slot buffers and
+// their reduction are skipped; the data gradient runs the same operations, so grad_x has the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -173,7 +175,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& weights, bool shortcut,
 // Backward through units [r_end, r_begin) in reverse for one tile; `g` [m, d] is dL/d(output of
 // unit r_begin - 1) on entry and dL/d(input of unit r_end) on exit.  Weight gradients go to `dw`
 // (the chunk's slot buffer, unit r at dw + (r - r_end) * n * d * d): written by the slot's first
-// tile, added by the others (`accumulate`).
+// tile, added by the others (`accumulate`); `dw` null: no weight gradients.
 template <typename T>
 void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T* wt, const T* saved,
                    int64_t r_begin, int64_t r_end, int64_t n, int64_t d, bool shortcut, Acts acts, T* dw,
@@ -193,7 +195,7 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
     // the next unit's input (requested during the first weight-gradient GEMM), weights and gradient slot
     const Prefetch next = r > 0 ? Prefetch(hin - B * d, md) : Prefetch();
     if (r > 0) Prefetch(w + (r - 1) * n * dd, n * dd).all(), Prefetch(wt + (r - 1) * n * dd, n * dd).all();
-    if (r > r_end) Prefetch(dw + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
+    if (dw != nullptr && r > r_end) Prefetch(dw + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
     if (acts.pre == Act::Identity) {
       ins[0] = hin;
     } else {
@@ -218,12 +220,12 @@ void backward_tile(T* g, int64_t m, int64_t row0, int64_t B, const T* w, const T
     // gz = g * s_post'(z_{n-1})
     std::copy(g, g + md, gz);
     mul_act_deriv(acts.post, gz, zs + (n - 1) * md, md);
-    T* dwr = dw + (r - r_end) * n * dd;
+    T* dwr = dw != nullptr ? dw + (r - r_end) * n * dd : nullptr;
     for (int64_t k = n - 1; k >= 0; --k) {
       // dW[r, k] += gz^T @ act[k]   ([d_out, d_in])
-      gemm_tn<T>(d, d, m, gz, d, ins[k], d, dwr + k * dd, d, accumulate, tscratch, next);
-      // ga = gz @ W[r, k]           ([m, d_in])
-      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);
+      if (dwr != nullptr) gemm_tn<T>(d, d, m, gz, d, ins[k], d, dwr + k * dd, d, accumulate, tscratch, next);
+      // ga = gz @ W[r, k]           ([m, d_in]); without weight gradients it requests the next unit's input
+      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, dwr != nullptr ? kNoPrefetch : next);
       if (k > 0) {
         mul_act_deriv(acts.mid, ga, zs + (k - 1) * md, md);
         std::swap(gz, ga);
@@ -283,9 +285,9 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
     int64_t ld0 = ld_in;
     // the next unit's input (requested over the weight-gradient GEMMs), weights and gradient slot
     Prefetch next = r == 0 ? Prefetch() : saved_fm ? Prefetch(hin_fm - d * B, d, m, B) : Prefetch(saved + ((r - 1) * B + row0) * d, md);
-    next.parts = 2 * n;
+    next.parts = dwt != nullptr ? 2 * n : n;
     if (r > 0) Prefetch(w + (r - 1) * n * dd, n * dd).all();
-    if (r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
+    if (dwt != nullptr && r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
     if (!saved_fm) transpose_tile(saved + (r * B + row0) * d, m, d, d, hT, m);
     if (acts.pre == Act::Identity) {
       ins[0] = hin_fm;
@@ -317,18 +319,20 @@ void backward_tile_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* w, cons
       transpose_tile(zs + (n - 1) * md, d, m, m, zb, d);
       mul_act_deriv(acts.post, gz, zb, md);
     }
-    T* dwr = dwt + (r - r_end) * n * dd;
+    T* dwr = dwt != nullptr ? dwt + (r - r_end) * n * dd : nullptr;  // null: no weight gradients
     for (int64_t k = n - 1; k >= 0; --k) {
       if (fm_grad) {
-        transpose_tile(gz, d, m, m, zb, d);  // zb [m, d_out] = gz^T
-        // dW[r, k]^T (+)= a_k^T zb   ([d_in, d_out]; a_k feature-major is a_k^T batch-major)
-        gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, zb, d, dwr + k * dd, d, accumulate, next);
+        if (dwr != nullptr) {
+          transpose_tile(gz, d, m, m, zb, d);  // zb [m, d_out] = gz^T
+          // dW[r, k]^T (+)= a_k^T zb   ([d_in, d_out]; a_k feature-major is a_k^T batch-major)
+          gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, zb, d, dwr + k * dd, d, accumulate, next);
+        }
         // ga = W[r, k]^T gz          ([d_in, m])
         gemm_tn<T>(d, m, d, w + (r * n + k) * dd, d, gz, m, ga, m, false, wscr, next);
         if (k > 0) mul_act_deriv_from_output(acts.mid, ga, ins[k], md);  // ins[k] = s_mid(z_{k-1}), [d, m]
       } else {
         // dW[r, k]^T (+)= a_k^T gz     ([d_in, d_out])
-        gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, gz, d, dwr + k * dd, d, accumulate, next);
+        if (dwr != nullptr) gemm_nn<T>(d, d, m, ins[k], k == 0 ? ld0 : m, gz, d, dwr + k * dd, d, accumulate, next);
         // ga = gz @ W[r, k]             ([m, d_in])
         gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, next);
         if (k > 0) mul_act_deriv_from_output_fm(acts.mid, ga, ins[k], m, d, m, zb);
@@ -374,7 +378,7 @@ void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, 
   for (int64_t r = r_begin - 1; r >= r_end; --r) {
     // the next unit's weights and gradient slot (its layer inputs: requested by the weight-gradient GEMMs)
     if (r > 0) Prefetch(w + (r - 1) * n * dd, n * dd).all();
-    if (r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
+    if (dwt != nullptr && r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
     for (int64_t k = 0; k < n; ++k) ins[k] = saved + ((r * n + k) * B + row0) * d;
     const T* hin = ins[0];
     if (acts.pre != Act::Identity) {
@@ -389,12 +393,13 @@ void backward_tile_layers(T* g, int64_t m, int64_t row0, int64_t B, const T* w, 
       transpose_tile(zT, d, m, m, zb, d);
       mul_act_deriv(acts.post, gz, zb, md);
     }
-    T* dwr = dwt + (r - r_end) * n * dd;
+    T* dwr = dwt != nullptr ? dwt + (r - r_end) * n * dd : nullptr;  // null: no weight gradients
     for (int64_t k = n - 1; k >= 0; --k) {
       // dW[r, k]^T (+)= a_k^T gz, requesting the next unit's input of layer k
       const Prefetch next = r > 0 ? Prefetch(saved + (((r - 1) * n + k) * B + row0) * d, md) : Prefetch();
-      gemm_tn<T>(d, d, m, ins[k], d, gz, d, dwr + k * dd, d, accumulate, aT, next);
-      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false);  // ga = gz W[r, k]
+      if (dwr != nullptr) gemm_tn<T>(d, d, m, ins[k], d, gz, d, dwr + k * dd, d, accumulate, aT, next);
+      gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false,  // ga = gz W[r, k]
+                 dwr != nullptr ? kNoPrefetch : next);
       if (k > 0) {
         mul_act_deriv_from_output(acts.mid, ga, ins[k], md);
         std::swap(gz, ga);
@@ -425,9 +430,9 @@ void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* 
     const T* panel = saved + r * n * d * B + row0;  // layer k's input: panel + k * d * B, [d, m], ld B
     // the next unit's layer inputs (requested over the GEMMs), weights and gradient slot
     Prefetch next = r > 0 ? Prefetch(panel - n * d * B, n * d, m, B) : Prefetch();
-    next.parts = 2 * n;
+    next.parts = dwt != nullptr ? 2 * n : n;
     if (r > 0) Prefetch(w + (r - 1) * n * dd, n * dd).all();
-    if (r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
+    if (dwt != nullptr && r > r_end) Prefetch(dwt + (r - 1 - r_end) * n * dd, n * dd).all_for_write();
     const T* in0 = panel;
     int64_t ld0 = B;
     if (acts.pre != Act::Identity) {
@@ -447,17 +452,19 @@ void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* 
         mul_act_deriv(acts.post, gz, zb, md);
       }
     }
-    T* dwr = dwt + (r - r_end) * n * dd;
+    T* dwr = dwt != nullptr ? dwt + (r - r_end) * n * dd : nullptr;  // null: no weight gradients
     for (int64_t k = n - 1; k >= 0; --k) {
       const T* a = k == 0 ? in0 : panel + k * d * B;
       const int64_t lda = k == 0 ? ld0 : B;
       if (fm_grad) {
-        transpose_tile(gz, d, m, m, zb, d);  // zb [m, d_out] = gz^T
-        gemm_nn<T>(d, d, m, a, lda, zb, d, dwr + k * dd, d, accumulate, next);       // dW[r, k]^T (+)= a_k^T zb
+        if (dwr != nullptr) {
+          transpose_tile(gz, d, m, m, zb, d);  // zb [m, d_out] = gz^T
+          gemm_nn<T>(d, d, m, a, lda, zb, d, dwr + k * dd, d, accumulate, next);     // dW[r, k]^T (+)= a_k^T zb
+        }
         gemm_tn<T>(d, m, d, w + (r * n + k) * dd, d, gz, m, ga, m, false, wscr, next);  // ga = W[r, k]^T gz
         if (k > 0) mul_act_deriv_from_output_rows(acts.mid, ga, a, d, m, B);        // a = s_mid(z_{k-1})
       } else {
-        gemm_nn<T>(d, d, m, a, lda, gz, d, dwr + k * dd, d, accumulate, next);    // dW[r, k]^T (+)= a_k^T gz
+        if (dwr != nullptr) gemm_nn<T>(d, d, m, a, lda, gz, d, dwr + k * dd, d, accumulate, next);  // dW^T (+)= a^T gz
         gemm_nn<T>(m, d, d, gz, d, w + (r * n + k) * dd, d, ga, d, false, next);  // ga = gz W[r, k]
         if (k > 0) mul_act_deriv_from_output_fm(acts.mid, ga, a, m, d, B, zb);
       }
@@ -478,13 +485,15 @@ void backward_tile_layers_fm(T* g, int64_t m, int64_t row0, int64_t B, const T* 
   }
 }
 
+// `grad_w` undefined: no weight gradients (grad_x only).
 template <typename T>
 void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at::Tensor& saved_in, bool shortcut,
                    Acts acts, at::Tensor& grad_x, at::Tensor& grad_w) {
   const int64_t B = grad_y.size(0), d = grad_y.size(1), R = weights.size(0), n = weights.size(1);
   const int64_t dd = d * d;
+  const bool want_w = grad_w.defined();
   if (B == 0) {
-    grad_w.zero_();
+    if (want_w) grad_w.zero_();
     return;
   }
   const bool layers = saved_in.dim() == 4;  // every layer's input was saved: nothing to recompute
@@ -509,12 +518,12 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
   const T* saved_p = saved.data_ptr<T>();
   T* g_all = grad_x.data_ptr<T>();  // carries each tile's gradient between chunks of units
   std::copy(grad_y.data_ptr<T>(), grad_y.data_ptr<T>() + B * d, g_all);
-  T* gw_p = grad_w.data_ptr<T>();
+  T* gw_p = want_w ? grad_w.data_ptr<T>() : nullptr;
 
   const CpuSchedule sch = cpu_backward_schedule(B, d, R, n);
   const int64_t m_max = sch.tile_rows, tiles = sch.tiles, slots = sch.slots, U = sch.chunk_units;
   const int64_t stride = U * n * dd;  // one slot's buffer
-  std::unique_ptr<T[]> partial(new T[slots * stride]);
+  std::unique_ptr<T[]> partial(want_w ? new T[slots * stride] : nullptr);
 
   for (int64_t r_begin = R; r_begin > 0; r_begin -= U) {
     const int64_t r_end = std::max<int64_t>(0, r_begin - U);
@@ -529,7 +538,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
       T* t1 = t0 + m_max * d;   // feature-major: batch-major copy of gz
       T* wscr = t1 + m_max * d;  // feature-major: gemm_tn's W^T
       for (int64_t s = s0; s < s1; ++s) {
-        T* dw = partial.get() + s * stride;
+        T* dw = want_w ? partial.get() + s * stride : nullptr;
         const int64_t first = s * tiles / slots;
         for (int64_t t = first; t < (s + 1) * tiles / slots; ++t) {
           const int64_t row0 = t * m_max, m = std::min(m_max, B - row0);
@@ -558,6 +567,7 @@ void backward_impl(const at::Tensor& grad_y, const at::Tensor& weights, const at
       }
       gemm_release();
     });
+    if (!want_w) continue;
     // fixed-order reduction of the slots into grad_w[r_end:r_begin] (transposing dW^T back when
     // feature-major)
     T* out = gw_p + r_end * n * dd;
@@ -625,17 +635,18 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cpu(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cpu(const at::Tensor& grad_y_arg, const at::Tensor& weights_arg,
                                                                const at::Tensor& saved, bool shortcut,
                                                                c10::string_view act_pre, c10::string_view act_mid,
-                                                               c10::string_view act_post) {
+                                                               c10::string_view act_post, bool grad_weights) {
   const StackShape s = check_stack(grad_y_arg, weights_arg, "grad_y");
   check_saved(saved, weights_arg, s, /*allow_layers=*/true);
   const at::Tensor grad_y = grad_y_arg.contiguous(), weights = weights_arg.contiguous();
   const Acts acts = parse_acts(act_pre, act_mid, act_post);
   at::Tensor grad_x = at::empty_like(grad_y);
-  at::Tensor grad_w = pooled_empty(weights.sizes(), weights.options());
+  at::Tensor grad_w = grad_weights ? pooled_empty(weights.sizes(), weights.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "residual_stack_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_y, weights, saved, shortcut, acts, grad_x, grad_w);
   });
-  return {grad_x, grad_w};
+  // without weight gradients the second output is empty ([0]), as the fake kernel says
+  return {grad_x, grad_weights ? grad_w : at::empty({0}, weights.options())};
 }
 
 }  // namespace

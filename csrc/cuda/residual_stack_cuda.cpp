@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cuda(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor& grad_y_arg, const at::Tensor& weights_arg,
                                                                 const at::Tensor& saved, bool shortcut,
                                                                 c10::string_view act_pre, c10::string_view act_mid,
-                                                                c10::string_view act_post) {
+                                                                c10::string_view act_post, bool grad_weights) {
   const StackShape s = check_stack(grad_y_arg, weights_arg, "grad_y");
   check_saved(saved, weights_arg, s, /*allow_layers=*/false);
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
@@ -131,17 +131,18 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor
   const at::Tensor grad_y = grad_y_arg.contiguous(), weights = weights_arg.contiguous();
   const cuda::Options opt = read_options();
   at::Tensor grad_x = at::empty_like(grad_y);
-  at::Tensor grad_w = at::empty_like(weights);
+  at::Tensor grad_w = grad_weights ? at::empty_like(weights) : at::empty({0}, weights.options());
   Workspaces ws{grad_y.options()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   maybe_report(a, grad_y.scalar_type() == at::kDouble, true, opt);
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "residual_stack_backward_cuda", [&] {
     C10_CUDA_CHECK(cuda::launch_residual_stack_backward<scalar_t>(
         a, grad_y.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(),
-        grad_x.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), opt, ws.allocator(), stream));
+        grad_x.data_ptr<scalar_t>(), grad_weights ? grad_w.data_ptr<scalar_t>() : nullptr, opt, ws.allocator(),
+        stream));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_x, grad_w};
+  return {grad_x, grad_w};  // grad_weights=false: [0], as on the CPU (the kernels skipped the weight gradients)
 }
 
 

@@ -59,7 +59,8 @@ template <typename T>
 cudaError_t launch_residual_stack_forward(const StackArgs& a, const T* x, const T* weights, T* y, T* saved,
                                           const Options& opt, const Allocator& alloc, cudaStream_t stream);
 
-// grad_x = dL/dx, grad_w = dL/dweights from grad_y = dL/dy and the saved unit inputs.
+// grad_x = dL/dx, grad_w = dL/dweights from grad_y = dL/dy and the saved unit inputs; grad_w null: dL/dx only
+// (frozen weights: the weight-gradient products, partial sums and their reduction are skipped).
 template <typename T>
 cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, const T* weights, const T* saved,
                                            T* grad_x, T* grad_w, const Options& opt, const Allocator& alloc,

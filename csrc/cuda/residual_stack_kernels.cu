@@ -218,7 +218,9 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
                                            cudaStream_t stream) {
   const int64_t layers = a.R * a.n;
   cudaError_t err;
-  if (a.B == 0) return cudaMemsetAsync(grad_w, 0, size_t(layers * a.d * a.d) * sizeof(T), stream);
+  // grad_w null: no weight gradients (frozen weights); the kernels skip their products and partial sums
+  if (a.B == 0) return grad_w ? cudaMemsetAsync(grad_w, 0, size_t(layers * a.d * a.d) * sizeof(T), stream) : cudaSuccess;
+  const bool want_w = grad_w != nullptr;
   const Plan<T> plan = make_plan<T>(a, true, opt);
   TORCH_CHECK_VALUE(plan.error.empty(), plan.error);
   const int64_t D = plan.D;
@@ -246,7 +248,7 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
   p.pre = a.pre;
   p.mid = a.mid;
   p.post = a.post;
-  if (opt.atomic_grad) {
+  if (opt.atomic_grad && want_w) {
     err = cudaMemsetAsync(grad_w, 0, size_t(layers * a.d * a.d) * sizeof(T), stream);
     if (err != cudaSuccess) return err;
   }
@@ -255,7 +257,7 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
     err = plan.fused->set_smem(true, std::max(int(plan.smem), plan.smem_limit));
     if (err != cudaSuccess) return err;
     const int64_t U = plan.units, TPL = plan.tiles_per_launch;
-    if (!opt.atomic_grad) p.ws = alloc_elems<T>(alloc, TPL * U * a.n * D * D);
+    if (!opt.atomic_grad && want_w) p.ws = alloc_elems<T>(alloc, TPL * U * a.n * D * D);
     // Row chunks are independent; within one, unit chunks run last to first, carrying the
     // gradient of the chunk boundary in grad_x.
     for (int64_t t0 = 0; t0 < plan.tiles; t0 += TPL) {
@@ -270,7 +272,7 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
         first = false;
         plan.fused->backward(p, dim3(unsigned(tiles)), plan.smem, stream);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
-        if (!opt.atomic_grad) {
+        if (!opt.atomic_grad && want_w) {
           err = reduce_partials<T>(p.ws, tiles, p.r_hi - p.r_lo, a.n, D, a.d, grad_w + p.r_lo * a.n * a.d * a.d,
                                    t0 > 0, stream);
           if (err != cudaSuccess) return err;
@@ -287,13 +289,13 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
   p.g_in = grad_x;
   p.g_out = grad_x;
   p.scratch = alloc_elems<T>(alloc, plan.grid * (a.n + 2) * kGenericRows * a.d);
-  if (!opt.atomic_grad) p.ws = alloc_elems<T>(alloc, plan.grid * U * a.n * a.d * a.d);
+  if (!opt.atomic_grad && want_w) p.ws = alloc_elems<T>(alloc, plan.grid * U * a.n * a.d * a.d);
   for (int64_t r_hi = a.R; r_hi > 0; r_hi -= U) {
     p.r_hi = r_hi;
     p.r_lo = std::max<int64_t>(0, r_hi - U);
     SE_LAUNCH(backward_generic_kernel<T>, dim3(unsigned(plan.grid)), dim3(kGenericThreads), plan.smem, stream, p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    if (!opt.atomic_grad) {
+    if (!opt.atomic_grad && want_w) {
       err = reduce_partials<T>(p.ws, plan.grid, p.r_hi - p.r_lo, a.n, a.d, a.d, grad_w + p.r_lo * a.n * a.d * a.d,
                                false, stream);
       if (err != cudaSuccess) return err;

@@ -62,7 +62,7 @@ struct BackwardParams {
   const T* wt;     // [R, n, D, D] W^T padded
   const T* w;      // [R, n, D, D] W padded
   T* ws;           // weight-gradient partials (see kernels), unused when atomic
-  T* grad_w;       // [R, n, d, d]; atomicAdd target when atomic
+  T* grad_w;       // [R, n, d, d]; atomicAdd target when atomic; null: no weight gradients (frozen weights)
   int64_t B, d, R, n;
   int64_t r_lo, r_hi;  // units of this launch, processed from r_hi - 1 down to r_lo
   int64_t tile0;       // fused path: first tile of this launch (blockIdx.x + tile0)
@@ -617,12 +617,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) backward_fused_kernel(Backwar
       }
     }
     __syncthreads();  // DZ and the last Act[k] are read by weight_gemm before any acquire()
-    T* dw_unit = p.ws + ((int64_t(blockIdx.x) * units + (r - p.r_lo)) * p.n) * DD;
 #pragma unroll 1
     for (int64_t k = p.n - 1; k >= 0; --k) {
       const T* Ak = Act0 + k * Cfg::tile_elems;
-      weight_gemm<Cfg>(DZ, Ak, p.atomic ? nullptr : dw_unit + k * DD, p.atomic,
-                       p.grad_w + (r * p.n + k) * p.d * p.d, p.d);
+      if (p.grad_w != nullptr)  // block-uniform (null: frozen weights, no weight gradients); no barrier inside
+        weight_gemm<Cfg>(DZ, Ak, p.atomic ? nullptr : p.ws + ((int64_t(blockIdx.x) * units + (r - p.r_lo)) * p.n + k) * DD,
+                         p.atomic, p.grad_w + (r * p.n + k) * p.d * p.d, p.d);
       row_gemm<Cfg>(DZ, ws, me, acc);  // dL/dAct[k] = DZ W[r, k]
       __syncthreads();                 // all reads of DZ done
       if (k > 0) {
@@ -778,9 +778,10 @@ __global__ void __launch_bounds__(kGenericThreads) backward_generic_kernel(Backw
         const T* ak = act + k * tile_elems;
         const T* dz = dzb[cur];
         T* dzn = dzb[1 - cur];
-        T* slot = p.ws + ((int64_t(blockIdx.x) * units + (r - p.r_lo)) * n + k) * dd;
-        T* gw = p.grad_w + (r * n + k) * dd;
-        for (int64_t e = threadIdx.x; e < dd; e += kGenericThreads) {
+        T* slot = p.grad_w == nullptr ? nullptr : p.ws + ((int64_t(blockIdx.x) * units + (r - p.r_lo)) * n + k) * dd;
+        T* gw = p.grad_w == nullptr ? nullptr : p.grad_w + (r * n + k) * dd;
+        // (grad_w null: frozen weights, no weight gradients)
+        for (int64_t e = threadIdx.x; gw != nullptr && e < dd; e += kGenericThreads) {
           const int64_t o = e / d, i = e % d;
           T s = T(0);
           for (int b = 0; b < kGenericRows; ++b) s = fma(dz[b * d + o], ak[b * d + i], s);

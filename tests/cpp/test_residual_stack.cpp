@@ -47,7 +47,7 @@ torch::Tensor reference(const torch::Tensor& x, const torch::Tensor& w, bool sho
 using FwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool, c10::string_view,
                                                  c10::string_view, c10::string_view, bool, bool);
 using BwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                                 c10::string_view, c10::string_view, c10::string_view);
+                                                 c10::string_view, c10::string_view, c10::string_view, bool);
 
 void check_case(int64_t B, int64_t d, int64_t R, int64_t n, bool shortcut, const std::string& pre,
                 const std::string& mid, const std::string& post, bool layers) {
@@ -69,13 +69,18 @@ void check_case(int64_t B, int64_t d, int64_t R, int64_t n, bool shortcut, const
   torch::Tensor y_ref = reference(x, w, shortcut, pre, mid, post);
   auto grads = torch::autograd::grad({y_ref}, {x, w}, {gy});
   at::Tensor gx, gw;
-  std::tie(gx, gw) = bwd.call(gy, w.detach(), saved, shortcut, pre, mid, post);
+  std::tie(gx, gw) = bwd.call(gy, w.detach(), saved, shortcut, pre, mid, post, true);
+  // frozen weights (grad_weights=false): the same grad_x bit for bit, and an empty second output
+  at::Tensor gx_only, gw_none;
+  std::tie(gx_only, gw_none) = bwd.call(gy, w.detach(), saved, shortcut, pre, mid, post, false);
   const std::string name = "B=" + std::to_string(B) + " d=" + std::to_string(d) + " R=" + std::to_string(R) +
                            " n=" + std::to_string(n) + (layers ? " layers" : "") + (shortcut ? " shortcut " : " plain ") + pre + "/" + mid +
                            "/" + post;
   expect(torch::allclose(y, y_ref.detach(), 1e-10, 1e-12), "forward " + name);
   expect(torch::allclose(gx, grads[0], 1e-10, 1e-12), "grad_x " + name);
   expect(torch::allclose(gw, grads[1], 1e-10, 1e-12), "grad_weights " + name);
+  expect(torch::equal(gx_only, gx), "grad_x without weight gradients " + name);
+  expect(gw_none.numel() == 0, "empty grad_weights when not asked for " + name);
 }
 
 }  // namespace
