@@ -970,7 +970,7 @@ def test_emulated_kernels_under_asan(tmp_path):
     r = subprocess.run([str(exe), "sweep", "quick"], capture_output=True, text=True, env=env, timeout=1500)
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "runtime error" not in out, out[-6000:]
-    assert "ok=19 refused=0 bad=0" in r.stdout, r.stdout[-3000:]
+    assert "ok=22 refused=0 bad=0" in r.stdout, r.stdout[-3000:]
     r = subprocess.run([str(exe), "sweep", "quick"], capture_output=True, text=True, timeout=1500,
                        env={**env, "SE_EMU_WORKSPACE_SHORTFALL": "64"})
     assert r.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in r.stderr, (r.stdout + r.stderr)[-3000:]

@@ -44,7 +44,7 @@ int n_ok = 0, n_refused = 0, n_bad = 0;
 template <typename T>
 int fwd_bwd(const std::vector<T>& x, const std::vector<T>& w, const std::vector<T>& gy, std::vector<T>& y,
             std::vector<T>& gx, std::vector<T>& gw, int64_t B, int64_t d, int64_t R, int64_t n, int shortcut, int pre,
-            int mid, int post, int path, int tile, int atomic, int64_t ws, char* err) {
+            int mid, int post, int path, int tile, int atomic, int64_t ws, char* err, bool want_w = true) {
   std::vector<T> saved(size_t(R * B * d));
   y.assign(size_t(B * d), T(0));
   gx.assign(size_t(B * d), T(0));
@@ -52,8 +52,8 @@ int fwd_bwd(const std::vector<T>& x, const std::vector<T>& w, const std::vector<
   const int dbl = sizeof(T) == 8;
   return se_emu_forward(dbl, x.data(), w.data(), y.data(), saved.data(), B, d, R, n, shortcut, pre, mid, post, path, tile,
                         err, 512) ||
-         se_emu_backward(dbl, gy.data(), w.data(), saved.data(), gx.data(), gw.data(), B, d, R, n, shortcut, pre, mid,
-                         post, path, tile, atomic, ws, err, 512);
+         se_emu_backward(dbl, gy.data(), w.data(), saved.data(), gx.data(), want_w ? gw.data() : nullptr, B, d, R, n,
+                         shortcut, pre, mid, post, path, tile, atomic, ws, err, 512);
 }
 
 // max |a - b| / max |b| (infinite if a has a NaN)
@@ -70,10 +70,11 @@ double rel_err(const std::vector<T>& a, const std::vector<double>& b) {
 }
 
 // One launch pair in T (tf32: 0, 1 TF32, 2 3xTF32) against the float64 generic path on the same
-// (rounded) inputs.
+// (rounded) inputs; `frozen`: once more without weight gradients (a null grad_w), whose grad_x must have
+// the same bits.
 template <typename T>
 void stack_case(int64_t B, int64_t d, int64_t R, int64_t n, int shortcut, int pre, int mid, int post, int path,
-                int tile, int tf32 = 0, int atomic = 0, int64_t ws = 0) {
+                int tile, int tf32 = 0, int atomic = 0, int64_t ws = 0, bool frozen = false) {
   std::mt19937 gen(unsigned(B * 7919 + d * 131 + R * 17 + n));
   std::normal_distribution<double> nd;
   std::vector<T> x(size_t(B * d)), w(size_t(R * n * d * d)), gy(size_t(B * d)), y, gx, gw;
@@ -108,6 +109,17 @@ void stack_case(int64_t B, int64_t d, int64_t R, int64_t n, int shortcut, int pr
   const bool ok = e <= tol;
   std::printf("%s %s err=%.3g\n", ok ? "ok" : "MISMATCH", what, e);
   ++(ok ? n_ok : n_bad);
+  if (frozen) {
+    std::vector<T> y2, gx2, gw2;
+    se_emu_set_tf32(tf32);
+    const int rc2 = fwd_bwd<T>(x, w, gy, y2, gx2, gw2, B, d, R, n, shortcut, pre, mid, post, path, tile, atomic, ws,
+                               err, /*want_w=*/false);
+    se_emu_set_tf32(0);
+    const bool same = rc2 == 0 && std::memcmp(gx2.data(), gx.data(), gx.size() * sizeof(T)) == 0;
+    std::printf("%s frozen weights (no grad_w) %s%s%.200s\n", same ? "ok" : "MISMATCH", what, rc2 ? ": " : "",
+                rc2 ? err : "");
+    ++(same ? n_ok : n_bad);
+  }
   std::fflush(stdout);
 }
 
@@ -197,14 +209,14 @@ void race() {
 void sweep_quick() {
   stack_case<float>(1, 1, 2, 2, 1, 1, 2, 3, 0, 0);
   stack_case<double>(37, 131, 2, 2, 1, 1, 2, 3, 0, 0);
-  stack_case<float>(37, 20, 1, 3, 0, 2, 3, 1, 2, 0, 0, 1);
+  stack_case<float>(37, 20, 1, 3, 0, 2, 3, 1, 2, 0, 0, 1, 0, /*frozen=*/true);  // generic, atomic
   stack_case<float>(133, 64, 2, 1, 1, 1, 2, 3, 1, 128);
   stack_case<double>(29, 128, 1, 2, 1, 3, 0, 1, 1, 32, 0, 1);
   stack_case<float>(70, 24, 2, 2, 1, 1, 2, 3, 0, 0, 1);
   stack_case<float>(70, 64, 2, 2, 1, 1, 2, 3, 0, 0, 1);
   stack_case<float>(70, 128, 2, 2, 1, 1, 2, 3, 0, 0, 2);
-  stack_case<float>(40, 20, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * 20 * 20 * 4 * 2);
-  stack_case<double>(40, 16, 5, 2, 1, 1, 2, 3, 2, 0, 0, 0, 40 * 16 * 16 * 8 * 3);
+  stack_case<float>(40, 20, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * 20 * 20 * 4 * 2, /*frozen=*/true);  // unit chunks
+  stack_case<double>(40, 16, 5, 2, 1, 1, 2, 3, 2, 0, 0, 0, 40 * 16 * 16 * 8 * 3, /*frozen=*/true);
   // fused, atomic weight gradients, d = 20 padded to D = 32: the padding's rows add nothing (zeros) and must
   // add it nowhere (past the last layer's gradient: the end of grad_w)
   stack_case<double>(40, 20, 2, 2, 1, 1, 2, 3, 1, 16, 0, 1);
@@ -224,9 +236,9 @@ void sweep_quick() {
 void sweep_stack() {
   for (int64_t d : {1, 3, 16, 20, 32, 33, 64, 100, 128, 131})  // automatic plan; generic, plain, atomic
     for (int64_t B : {int64_t(1), int64_t(37)}) {
-      stack_case<double>(B, d, 2, 2, 1, 1, 2, 3, 0, 0);
+      stack_case<double>(B, d, 2, 2, 1, 1, 2, 3, 0, 0, 0, 0, 0, /*frozen=*/true);
       stack_case<float>(B, d, 2, 2, 1, 1, 2, 3, 0, 0);
-      stack_case<float>(B, d, 1, 3, 0, 2, 3, 1, 2, 0, 0, 1);
+      stack_case<float>(B, d, 1, 3, 0, 2, 3, 1, 2, 0, 0, 1, 0, /*frozen=*/true);
     }
   for (int64_t d : {16, 32, 64, 128})  // every forced fused tile, a partial last tile
     for (int tile : {16, 32, 64, 128}) {
