@@ -168,17 +168,20 @@ class FakeBenchmark:
                                                            min=self.median / 100))
 
 
-@pytest.fixture
-def residual_stack_bench(bench, monkeypatch):
-    mod = bench("bench_residual_stack")
-    monkeypatch.setattr(mod, "R", 3)
-    monkeypatch.setattr(mod, "B", 8)
-    monkeypatch.setattr(mod, "ROWS", [])
-    monkeypatch.setattr(mod, "_CACHE", {})
-    monkeypatch.setattr(mod, "_RATE", [1000.0])
+def _tiny_bench(bench, monkeypatch, name, **attrs):
+    """benchmarks/<name>.py at R = 3, B = 8 with fresh rows and ``attrs`` set; its result files are
+    captured: -> (module, [(name, rows, extra) of each write])."""
+    mod = bench(name)
+    for key, value in {"R": 3, "B": 8, "ROWS": [], **attrs}.items():
+        monkeypatch.setattr(mod, key, value)
     written = []
     monkeypatch.setattr(mod, "write_results", lambda name, rows, extra: written.append((name, rows, extra)))
     return mod, written
+
+
+@pytest.fixture
+def residual_stack_bench(bench, monkeypatch):
+    return _tiny_bench(bench, monkeypatch, "bench_residual_stack", _CACHE={}, _RATE=[1000.0])
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
@@ -530,14 +533,7 @@ def test_build_step_times_refuses_a_wrong_kernel(bench, monkeypatch, what):
 # ------------------------------------------------------------------------------ bench_frozen_backward
 @pytest.fixture
 def frozen_bench(bench, monkeypatch):
-    mod = bench("bench_frozen_backward")
-    monkeypatch.setattr(mod, "R", 3)
-    monkeypatch.setattr(mod, "B", 8)
-    monkeypatch.setattr(mod, "ROWS", [])
-    monkeypatch.setattr(mod, "_REF", {})
-    written = []
-    monkeypatch.setattr(mod, "write_results", lambda name, rows, extra: written.append((name, rows, extra)))
-    return mod, written
+    return _tiny_bench(bench, monkeypatch, "bench_frozen_backward", _REF={})
 
 
 def test_frozen_backward_rows_and_ratios(frozen_bench):
