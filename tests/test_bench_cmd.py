@@ -51,6 +51,8 @@ def test_bench_measures_every_variant_and_reports_consistent_figures(tmp_path, m
         ("forward", "torch", None), ("forward", "fused", None),
         ("forward+backward", "torch", None), ("forward+backward", "fused", None),
         ("forward+backward", "fused (recompute)", None),
+        ("input-gradient", "torch", None), ("input-gradient", "fused", None),
+        ("input-gradient", "fused (recompute)", None),
         ("hvp", "torch (double backward)", 1), ("hvp", "torch (double backward)", 3),
         ("hvp", "fused", 1), ("hvp", "fused", 3)}
     assert doc["options"]["directions"] == 3 and doc["options"]["mid"] == "relu"
@@ -78,7 +80,7 @@ def test_bench_measures_every_variant_and_reports_consistent_figures(tmp_path, m
             if (impl, k) != ("torch (double backward)", 1):
                 assert r["speedup"] == pytest.approx(base / r["per_product_ms"], rel=1e-12)
         else:
-            f = flops * (1 if op == "forward" else 3)
+            f = flops * {"forward": 1, "forward+backward": 3, "input-gradient": 2}[op]
             assert r["gflops"] == pytest.approx(f / (r["median_ms"] / 1e3) / 1e9, rel=1e-12)
             assert r["fraction_of_gemm"] == pytest.approx(r["gflops"] / rate, rel=1e-12)
             if impl != "torch":
@@ -128,6 +130,10 @@ def test_problem_matches_the_options(monkeypatch):
     from shortcut_ext import reference
 
     torch.testing.assert_close(y, reference.residual_stack_forward(p.x, p.w, True, "tanh", "relu", "identity"))
+    # input-gradient: the weights frozen, so only (y, grad_x), the same grad_x as forward+backward's
+    y1, gx, gw = p.forward_backward("fused")()
+    y2, gx2 = p.input_gradient("fused")()
+    assert gw.shape == p.w.shape and torch.equal(y1, y2) and torch.equal(gx, gx2)
     q = bench.Problem(_parsed("--shortcut", "0", "--units", "4", "--width", "5", "--ops", "forward"), "cpu",
                       torch.float32)
     assert not q.shortcut and tuple(q.w.shape) == (1, 4, 5, 5) and q.directions.shape[0] == 0
@@ -221,11 +227,12 @@ def test_bench_compile_row_with_its_compile_time(tmp_path, monkeypatch):
         calls.append(kw)
         return fn
     monkeypatch.setattr(torch, "compile", fake_compile)
-    rc, out = _run(tmp_path, monkeypatch, "--ops", "forward", "forward+backward", "--compile")
-    assert rc == 0 and len(calls) == 2 and calls[0] == {"dynamic": False}
+    rc, out = _run(tmp_path, monkeypatch, "--ops", "forward", "forward+backward", "input-gradient", "--compile")
+    assert rc == 0 and len(calls) == 3 and calls[0] == {"dynamic": False}
     bench._check_args(_parsed("--compile", "--ops", "forward+backward"), "cpu")  # one stack op is enough
+    bench._check_args(_parsed("--compile", "--ops", "input-gradient"), "cpu")
     _, rows = _rows(out)
-    for op in ("forward", "forward+backward"):
+    for op in ("forward", "forward+backward", "input-gradient"):
         r = rows[(op, "torch.compile", None)]
         assert r["check"] == "ok" and r["compile_s"] > 0 and r["speedup"] > 0
 
@@ -349,7 +356,7 @@ def test_memory_need_and_its_refusal_boundary(monkeypatch, capsys):
     layers, weights = 10 * 2 * 32 * 8 * 4, 10 * 2 * 64 * 4
     need = bench.memory_need(args)
     assert need == {"forward": weights + 2 * 32 * 8 * 4, "forward+backward": 2 * layers + 3 * weights,
-                    "hvp": 8 * layers + (4 + 2 * 4) * weights}
+                    "input-gradient": 2 * layers + weights, "hvp": 8 * layers + (4 + 2 * 4) * weights}
     args64 = _parsed("--units", "20", "--width", "8", "--batch", "32", "--dtype", "float64", "--shortcut", "0")
     # a plain net of 20 layers, as many as 10 units of 2; float64; 16 directions by default
     assert bench.memory_need(args64)["hvp"] == 2 * (8 * layers + (4 + 2 * 16) * weights)
@@ -392,7 +399,7 @@ def test_bench_warns_when_the_reference_is_all_zeros(tmp_path, monkeypatch, caps
     (["--loss", "cross_entropy", "--ops", "forward"], "--loss cross_entropy has no effect without --ops hvp"),
     (["--directions", "4", "--ops", "forward+backward"], "--directions 4 has no effect without --ops hvp"),
     (["--directions", "16", "--ops", "forward"], "--directions 16 has no effect without --ops hvp"),
-    (["--compile", "--ops", "hvp"], "--compile times torch.compile of the reference's forward and forward+backward"),
+    (["--compile", "--ops", "hvp"], "--compile times torch.compile of the reference's forward, forward+backward and"),
     (["--out", "b.txt"], "--out must name a .json file, got b.txt"),
     (["--device", "tpu"], "--device must be"),
     (["--units", "1000000", "--width", "1024", "--batch", "100000"], "lower the sizes"),

@@ -537,7 +537,7 @@ def _build_emulator(out_dir, defines=()):
     so.se_emu_set_tf32.argtypes = [I]
     so.se_emu_forward.argtypes = [I, P, P, P, P, L, L, L, L, I, I, I, I, I, I, ctypes.c_char_p, I]
     so.se_emu_backward.argtypes = [I, P, P, P, P, P, L, L, L, L, I, I, I, I, I, I, I, L, ctypes.c_char_p, I]
-    so.se_emu_describe.argtypes = [I, I, L, L, L, L, I, I, I, L, ctypes.c_char_p, I]
+    so.se_emu_describe.argtypes = [I, I, L, L, L, L, I, I, I, L, I, ctypes.c_char_p, I]
     return so
 
 
@@ -550,10 +550,11 @@ def emulator(tmp_path_factory):
 TF32_CODE = {False: 0, True: 1, "tf32": 1, "3xtf32": 2}  # Options::tf32
 
 
-def _emu_describe(so, dtype, backward, B, d, R, n, path=0, tile=0, atomic=False, ws=0, tf32=False):
+def _emu_describe(so, dtype, backward, B, d, R, n, path=0, tile=0, atomic=False, ws=0, tf32=False, want_w=True):
     buf = ctypes.create_string_buffer(1024)
     so.se_emu_set_tf32(TF32_CODE[tf32])
-    so.se_emu_describe(int(dtype == torch.float64), int(backward), B, d, R, n, path, tile, int(atomic), ws, buf, 1024)
+    so.se_emu_describe(int(dtype == torch.float64), int(backward), B, d, R, n, path, tile, int(atomic), ws,
+                       int(want_w), buf, 1024)
     return buf.value.decode()
 
 
@@ -649,7 +650,8 @@ def test_emulated_backward_without_weight_gradients(emulator):
     """In the default run: the emulated backward with a null grad_w (frozen weights: no weight-gradient products,
     partial sums or reduction) gives the full backward's grad_x bit for bit, for every kernel family (float32 and
     float64 FMA, TF32 and 3xTF32 tensor cores, generic), with atomic weight gradients, and in unit and row chunks
-    (the launcher's loops, whose partial buffers it then does not allocate)."""
+    (where the full backward's workspace splits the units and rows into several launches; having no partial
+    sums to hold, the frozen backward runs them all in one, so its plan says so)."""
     acts = ("relu", "tanh", "ssigmoid")
     cases = [(torch.float32, 24, dict(path=1)), (torch.float64, 9, dict(path=1)),
              (torch.float32, 40, dict(path=1, tf32="tf32")), (torch.float32, 20, dict(path=1, tf32="3xtf32")),
@@ -657,7 +659,16 @@ def test_emulated_backward_without_weight_gradients(emulator):
              (torch.float32, 20, dict(path=2, atomic=True)),
              (torch.float32, 16, dict(path=1, tile=32, ws=4096)),  # unit + row chunks
              (torch.float64, 70, dict(path=2, ws=2 * 70 * 70 * 8 * 2))]  # generic, unit chunks
+    chunked = {  # (dtype, d): the full backward's plan, then the frozen one's (B = 100, R = 5, n = 2)
+        (torch.float32, 16): ("grid=2 units_per_launch=1 tiles_per_launch=2 deterministic",
+                              "grid=4 units_per_launch=5 tiles_per_launch=4 no-weight-gradients"),
+        (torch.float64, 70): ("grid=2 units_per_launch=1 deterministic", "units_per_launch=5 no-weight-gradients")}
     for dtype, d, kw in cases:
+        if (dtype, d) in chunked:
+            plans = [_emu_describe(emulator, dtype, True, 100, d, 5, 2, want_w=want_w,
+                                   **{k: kw[k] for k in ("path", "tile", "ws") if k in kw}) for want_w in (True, False)]
+            for plan, expected in zip(plans, chunked[dtype, d]):
+                assert plan.endswith(expected), (plan, expected)
         x, w, gy = _inputs(100, d, 5, 2, dtype, seed=d, scale=0.8 / d ** 0.5, device="cpu")
         full = _emu_run(emulator, x, w, gy, True, acts, **kw)
         frozen = _emu_run(emulator, x, w, gy, True, acts, want_w=False, **kw)

@@ -55,7 +55,7 @@ def smoke(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("script, rows", [("bench_gpu.py", 32), ("bench_gpu_hvp.py", 12)])
+@pytest.mark.parametrize("script, rows", [("bench_gpu.py", 48), ("bench_gpu_hvp.py", 12)])
 def test_gpu_benchmark_cpu_smoke(smoke, script, rows):
     table, meta, _ = smoke(script)
     assert len(table) == rows and len(meta["rows"]) == rows
@@ -104,7 +104,7 @@ def test_gpu_benchmark_counts_flops_as_torch_does(smoke, gpu_benchmarks):
             ceiling = {"fp32": meta["gemm_fp32_tflops"], "tf32": meta["gemm_tf32_tflops"],
                        "tf32/3": meta["gemm_tf32_tflops"] / 3}[row["gemm_ref"]]
             assert float(row["pct_of_gemm"]) == pytest.approx(100 * rate / ceiling, rel=1e-2), row
-    assert {k[0] for k in counted} == {"fwd", "fwdbwd"} and len({k[2] for k in counted}) == 2
+    assert {k[0] for k in counted} == {"fwd", "fwdbwd", "fwddx"} and len({k[2] for k in counted}) == 2
 
 
 def test_gpu_benchmark_ratios_and_ceilings(smoke, gpu_benchmarks):
@@ -141,8 +141,9 @@ def test_gpu_benchmark_ratios_and_ceilings(smoke, gpu_benchmarks):
 
 
 def test_gpu_benchmark_compiles_one_graph_per_shape(smoke):
-    """The compile variant must run compiled code (one graph per width and grad mode), not the eager unit."""
-    assert smoke("bench_gpu.py")[1]["compiled_graphs"] == 4
+    """The compile variant must run compiled code (one graph per width and grad mode: no grad, both gradients,
+    the input gradient only), not the eager unit."""
+    assert smoke("bench_gpu.py")[1]["compiled_graphs"] == 6
 
 
 def test_gpu_benchmark_clock(gpu_benchmarks, monkeypatch):

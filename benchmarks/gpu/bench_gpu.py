@@ -2,11 +2,14 @@
 graph, and torch.compile (all float32, TF32 off), and the fused stack on TF32 tensor cores
 (shortcut_ext.cuda_tf32) against eager PyTorch with cuBLAS TF32 on, and on 3xTF32 tensor cores
 (float32 accuracy), for the paper's 2-shortcut ReLU network (n = 2, ReLU between the two
-layers of each branch, docs/science.md section 1) with R = 1000 units, float32, forward and forward+backward.
+layers of each branch, docs/science.md section 1) with R = 1000 units, float32, forward and forward+backward
+(and, with --modes fwddx, forward + input gradient with frozen weights: the fused backward skips the weight
+gradients).
 
 Every variant is checked against eager PyTorch on the same inputs before it is timed.  Times are
 medians of CUDA-event timings after a warm-up; rates count useful FLOPs only (forward 2*B*d^2*n*R,
-forward+backward 3x that: the fused backward's recomputation of each unit is not counted) and are
+forward+backward 3x that, forward + input gradient 2x: the fused backward's recomputation of each unit is
+not counted) and are
 compared with a large GEMM measured in the same run at the variant's precision (float32 with TF32
 off; TF32 for the *_tf32 variants; a third of the TF32 rate for 3xTF32, which issues three TF32 products
 per product: gemm_ref names the ceiling).  TF32 variants must agree with eager float32 to 1e-2 instead of
@@ -51,6 +54,8 @@ AGREE = 1e-3  # relative (Frobenius) disagreement with eager float32 that still 
 AGREE_TF32 = 1e-2  # the same for the TF32 variants (10 mantissa bits per product, over R units)
 
 
+# stack-sized products per call: forward; forward + both gradients; forward + the input gradient (frozen weights)
+MODE_PRODUCTS = {"fwd": 1, "fwdbwd": 3, "fwddx": 2}
 VARIANTS = ("fused", "fused_tf32", "fused_3xtf32", "fused_atomic", "eager", "eager_tf32", "eager_graph", "compile")
 
 
@@ -64,7 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--bs", default="4096,65536", help="batch sizes B")
     p.add_argument("--units", type=int, default=1000, help="residual units R")
     p.add_argument("--n", type=int, default=2, help="layers per unit (2 = the 2-shortcut net)")
-    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
+    p.add_argument("--modes", default=None,
+                   help="fwd, fwdbwd (both gradients) and/or fwddx (the input gradient only, weights frozen); "
+                        "default fwd,fwdbwd (all three with --cpu-smoke)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="fused_atomic: the fused op with SHORTCUT_EXT_CUDA_ATOMIC_GRAD=1 (forward+backward only); "
                         "fused_tf32 / fused_3xtf32: inside shortcut_ext.cuda_tf32(mode); eager_tf32: torch.backends.cuda.matmul."
@@ -76,9 +83,11 @@ def parse_args(argv=None):
     p.add_argument("--target-s", type=float, default=0.5, help="timed seconds per variant (3 to 20 repetitions)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: checks this script's logic")
     a = p.parse_args(argv)
+    if a.modes is None:
+        a.modes = "fwd,fwdbwd,fwddx" if a.cpu_smoke else "fwd,fwdbwd"
     modes = [m for m in a.modes.split(",") if m]
-    if not modes or set(modes) - {"fwd", "fwdbwd"}:
-        p.error(f"--modes must be a comma-separated list of fwd and fwdbwd, got {a.modes!r}")
+    if not modes or set(modes) - set(MODE_PRODUCTS):
+        p.error(f"--modes must be a comma-separated list of fwd, fwdbwd and fwddx, got {a.modes!r}")
     known = set(VARIANTS)
     bad = [v for v in a.variants.split(",") if v and v not in known]
     if bad or not [v for v in a.variants.split(",") if v]:
@@ -234,14 +243,14 @@ def precision(variant):
 
 
 def step(f, mode, x, w, gy):
-    """The measured work: forward, or forward and both gradients."""
+    """The measured work: forward, forward and both gradients, or (fwddx) forward and the input gradient with
+    the weights frozen."""
     if mode == "fwd":
         with torch.no_grad():
             return (f(x, w),)
-    xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(mode == "fwdbwd")
     y = f(xg, wg)
-    gx, gw = torch.autograd.grad(y, (xg, wg), gy)
-    return (y.detach(), gx, gw)
+    return (y.detach(), *torch.autograd.grad(y, (xg, wg) if mode == "fwdbwd" else (xg,), gy))
 
 
 def eager_reference(f_eager, mode, x, w, gy, rows=16384):
@@ -253,8 +262,11 @@ def eager_reference(f_eager, mode, x, w, gy, rows=16384):
         ys.append(outs[0])
         if mode != "fwd":
             gxs.append(outs[1])
+        if mode == "fwdbwd":
             gw = outs[2] if gw is None else gw + outs[2]
-    return (torch.cat(ys),) if mode == "fwd" else (torch.cat(ys), torch.cat(gxs), gw)
+    if mode == "fwd":
+        return (torch.cat(ys),)
+    return (torch.cat(ys), torch.cat(gxs)) if mode == "fwddx" else (torch.cat(ys), torch.cat(gxs), gw)
 
 
 def graphed(f, mode, x, w, gy):
@@ -354,7 +366,7 @@ def main(argv=None):
     for mode in args.modes.split(","):
         for d in ds:
             for B in bs:
-                flops = 2.0 * B * d * d * n * R * (3 if mode == "fwdbwd" else 1)
+                flops = 2.0 * B * d * d * n * R * MODE_PRODUCTS[mode]
                 case = dict(mode=mode, d=d, B=B, R=R, n=n, dtype="float32", gflop=sig(flops / 1e9))
                 x, w, gy = make_inputs(B, d, R, n, args.device)
                 baseline_ms = {}
@@ -369,8 +381,8 @@ def main(argv=None):
                     if variant in ("eager_graph", "fused_atomic") and args.device != "cuda":
                         rows.append(dict(row, note="skipped: needs a GPU"))
                         continue
-                    if variant == "fused_atomic" and mode == "fwd":
-                        rows.append(dict(row, note="skipped: the forward has no weight gradients"))
+                    if variant == "fused_atomic" and mode != "fwdbwd":
+                        rows.append(dict(row, note=f"skipped: {mode} has no weight gradients"))
                         continue
                     if variant == "compile" and compile_spent >= args.compile_budget_s:
                         rows.append(dict(row, note=f"skipped: compile budget {args.compile_budget_s:.0f}s used"))

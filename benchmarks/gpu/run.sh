@@ -108,7 +108,7 @@ cat > /tmp/se_sanitize_case.py <<'EOF'
 # (each checked against the reference).
 import os, torch, shortcut_ext
 from shortcut_ext import reference as ref
-def check(B, d, R, n, dtype, env, tf32=False):
+def check(B, d, R, n, dtype, env, tf32=False, frozen=False):
     for k in ("SHORTCUT_EXT_CUDA_PATH", "SHORTCUT_EXT_CUDA_TILE_ROWS", "SHORTCUT_EXT_CUDA_WORKSPACE_MB",
               "SHORTCUT_EXT_CUDA_ATOMIC_GRAD"):
         os.environ.pop(k, None)
@@ -120,7 +120,12 @@ def check(B, d, R, n, dtype, env, tf32=False):
     with shortcut_ext.cuda_tf32(tf32):
         y, s = torch.ops.shortcut_ext.residual_stack_forward(x.cuda(), w.cuda(), True, "relu", "tanh", "identity", True)
         gx, gw = torch.ops.shortcut_ext.residual_stack_backward(gy.cuda(), w.cuda(), s, True, "relu", "tanh", "identity")
+        if frozen:  # without weight gradients (frozen weights): all units in one launch, the same grad_x bits
+            gx0, gw0 = torch.ops.shortcut_ext.residual_stack_backward(gy.cuda(), w.cuda(), s, True, "relu", "tanh",
+                                                                      "identity", False)
     torch.cuda.synchronize()
+    if frozen:
+        assert gw0.numel() == 0 and torch.equal(gx0, gx), ("frozen", B, d, env, tf32)
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
     yr = ref.residual_stack_forward(xr, wr, True, "relu", "tanh", "identity")
     gxr, gwr = torch.autograd.grad(yr, (xr, wr), gy.double())
@@ -130,11 +135,12 @@ def check(B, d, R, n, dtype, env, tf32=False):
     print("ok", B, d, R, n, dtype, env, tf32 or "", flush=True)
 check(70, 16, 3, 2, torch.float32, {})
 check(40, 100, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "32"})
-check(300, 64, 3, 2, torch.float32, {"SHORTCUT_EXT_CUDA_WORKSPACE_MB": "1", "SHORTCUT_EXT_CUDA_TILE_ROWS": "32"})
-check(50, 20, 2, 3, torch.float64, {"SHORTCUT_EXT_CUDA_ATOMIC_GRAD": "1"})
-check(45, 40, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_PATH": "generic"})
+check(300, 64, 3, 2, torch.float32, {"SHORTCUT_EXT_CUDA_WORKSPACE_MB": "1", "SHORTCUT_EXT_CUDA_TILE_ROWS": "32"},
+      frozen=True)
+check(50, 20, 2, 3, torch.float64, {"SHORTCUT_EXT_CUDA_ATOMIC_GRAD": "1"}, frozen=True)
+check(45, 40, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_PATH": "generic"}, frozen=True)
 check(70, 64, 3, 2, torch.float32, {}, tf32=True)
-check(150, 100, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_WORKSPACE_MB": "1"}, tf32=True)
+check(150, 100, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_WORKSPACE_MB": "1"}, tf32=True, frozen=True)
 check(90, 48, 2, 3, torch.float32, {}, tf32="3xtf32")
 # the large row tiles the benchmarks use at B = 65536 (the planner picks 16- and 32-row tiles for these small
 # batches; one tile size is forced for forward and backward alike): 128 rows at d = 64 (FMA and TF32), 64 rows
@@ -206,9 +212,10 @@ T=$(budget 400 70)
 # the script's own budget stops new measurements 30 s before the timeout (a compile or the last variant
 # finishes inside it), or at half the stage where the earlier stages left it under a minute
 BUDGET=$(( T - 30 > T / 2 ? T - 30 : T / 2 ))
-# the issue's target cell first (fwdbwd, d = 64, B = 65536), so that a short budget still measures it
+# the issue's target cell first (fwdbwd, d = 64, B = 65536), so that a short budget still measures it; the input
+# gradient with frozen weights (fwddx) last, where the budget allows
 timeout -k 10 "$T" $PY "$REPO/benchmarks/gpu/bench_gpu.py" --out "$WORK" --budget-s "$BUDGET" --compile-budget-s 100 \
-  --modes fwdbwd,fwd --ds 64,128,16 --bs 65536,4096 --target-s 0.3
+  --modes fwdbwd,fwd,fwddx --ds 64,128,16 --bs 65536,4096 --target-s 0.3
 rc=$?
 [ "$rc" = 0 ] || { echo "BENCHMARK rc=$rc (1: a variant disagreed or failed; 124: timed out)"; STATUS=1; }
 

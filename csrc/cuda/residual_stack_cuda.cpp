@@ -89,11 +89,12 @@ struct Workspaces {
   }
 };
 
-void maybe_report(const cuda::StackArgs& a, bool is_double, bool backward, const cuda::Options& o) {
+void maybe_report(const cuda::StackArgs& a, bool is_double, bool backward, const cuda::Options& o,
+                  bool want_w = true) {
   if (env_int("SHORTCUT_EXT_CUDA_VERBOSE", 0) == 0) return;
   std::fprintf(stderr, "shortcut_ext cuda %s B=%lld d=%lld R=%lld n=%lld: %s\n", backward ? "backward" : "forward",
                (long long)a.B, (long long)a.d, (long long)a.R, (long long)a.n,
-               cuda::describe_plan(a, is_double, backward, o).c_str());
+               cuda::describe_plan(a, is_double, backward, o, want_w).c_str());
 }
 
 std::tuple<at::Tensor, at::Tensor> residual_stack_forward_cuda(const at::Tensor& x_arg, const at::Tensor& weights_arg,
@@ -134,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor
   at::Tensor grad_w = grad_weights ? at::empty_like(weights) : at::empty({0}, weights.options());
   Workspaces ws{grad_y.options()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  maybe_report(a, grad_y.scalar_type() == at::kDouble, true, opt);
+  maybe_report(a, grad_y.scalar_type() == at::kDouble, true, opt, grad_weights);
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "residual_stack_backward_cuda", [&] {
     C10_CUDA_CHECK(cuda::launch_residual_stack_backward<scalar_t>(
         a, grad_y.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(),

@@ -86,7 +86,8 @@ int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_
 // Which kernels a call with these arguments would use, e.g. "fused D=128 BM=64 threads=256 smem=155648
 // units_per_launch=7" or "generic BM=32 ..." (for tests and benchmarks); errors are reported as text
 // starting with "error: ".
-std::string describe_plan(const StackArgs& a, bool is_double, bool backward, const Options& opt);
+// want_w false: the backward without weight gradients (frozen weights), which the workspace does not chunk.
+std::string describe_plan(const StackArgs& a, bool is_double, bool backward, const Options& opt, bool want_w = true);
 
 }  // namespace cuda
 }  // namespace shortcut_ext

@@ -60,8 +60,10 @@ struct Plan {
   std::string error;
 };
 
+// want_w false (a backward without weight gradients, frozen weights): no partial sums to hold, so the
+// workspace budget does not chunk the units or the row tiles, and every unit runs in one launch.
 template <typename T>
-Plan<T> make_plan(const StackArgs& a, bool backward, const Options& opt) {
+Plan<T> make_plan(const StackArgs& a, bool backward, const Options& opt, bool want_w = true) {
   Plan<T> plan;
   const Device dev = query_device();
   // the kernels' dynamic shared-memory limit is set to the device's maximum (every call sets the same
@@ -122,7 +124,7 @@ Plan<T> make_plan(const StackArgs& a, bool backward, const Options& opt) {
     plan.smem = plan.fused->smem(backward, a.n);
     plan.grid = plan.tiles;
     if (backward) {
-      if (opt.atomic_grad) {
+      if (opt.atomic_grad || !want_w) {
         plan.units = a.R;
         plan.tiles_per_launch = plan.tiles;
       } else {
@@ -145,7 +147,7 @@ Plan<T> make_plan(const StackArgs& a, bool backward, const Options& opt) {
       // d = 128): the workspace budget bounds it too (blocks loop over the tiles, so fewer is only slower)
       const int64_t scratch = (a.n + 2) * kGenericRows * a.d * int64_t(sizeof(T));
       grid = std::max<int64_t>(1, std::min<int64_t>(grid, opt.workspace_bytes / scratch));
-      if (opt.atomic_grad) {
+      if (opt.atomic_grad || !want_w) {
         plan.units = a.R;
       } else {
         const int64_t part = a.n * a.d * a.d * int64_t(sizeof(T));  // one block, one unit
@@ -221,7 +223,7 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
   // grad_w null: no weight gradients (frozen weights); the kernels skip their products and partial sums
   if (a.B == 0) return grad_w ? cudaMemsetAsync(grad_w, 0, size_t(layers * a.d * a.d) * sizeof(T), stream) : cudaSuccess;
   const bool want_w = grad_w != nullptr;
-  const Plan<T> plan = make_plan<T>(a, true, opt);
+  const Plan<T> plan = make_plan<T>(a, true, opt, want_w);
   TORCH_CHECK_VALUE(plan.error.empty(), plan.error);
   const int64_t D = plan.D;
 
@@ -304,7 +306,7 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
   return cudaSuccess;
 }
 
-std::string describe_plan(const StackArgs& a, bool is_double, bool backward, const Options& opt) {
+std::string describe_plan(const StackArgs& a, bool is_double, bool backward, const Options& opt, bool want_w) {
   auto describe = [&](auto plan) {
     std::ostringstream os;
     if (!plan.error.empty()) return "error: " + plan.error;
@@ -315,10 +317,11 @@ std::string describe_plan(const StackArgs& a, bool is_double, bool backward, con
     os << " smem=" << plan.smem << " grid=" << plan.grid;
     if (backward)
       os << " units_per_launch=" << plan.units << (plan.fused ? " tiles_per_launch=" + std::to_string(plan.tiles_per_launch) : "")
-         << (opt.atomic_grad ? " atomic" : " deterministic");
+         << (!want_w ? " no-weight-gradients" : opt.atomic_grad ? " atomic" : " deterministic");
     return os.str();
   };
-  return is_double ? describe(make_plan<double>(a, backward, opt)) : describe(make_plan<float>(a, backward, opt));
+  return is_double ? describe(make_plan<double>(a, backward, opt, want_w))
+                   : describe(make_plan<float>(a, backward, opt, want_w));
 }
 
 template cudaError_t launch_residual_stack_forward<float>(const StackArgs&, const float*, const float*, float*,

@@ -11,11 +11,14 @@ rows) it times, in this process and on the same inputs:
 - ``forward+backward``: the output and the gradients of ``sum(y^2)`` w.r.t. the input and the weights,
   through autograd (the fused backward against autograd's); on the CPU also the fused op with
   ``recompute=True`` (it keeps unit inputs only);
+- ``input-gradient``: the output and the gradient of ``sum(y^2)`` w.r.t. the input only, the weights frozen
+  (``requires_grad=False``: input-output Jacobians, saliency, a frozen random stack): the fused backward then
+  skips the weight gradients; on the CPU also with ``recompute=True``;
 - ``hvp``: loss, gradient and Hessian-vector products of the ``--loss`` of the stack's output against
   random targets: :func:`shortcut_ext.residual_stack_hvp` with one and with ``--directions`` directions,
   against the reference (double backward: one graph, then one ``grad`` call per direction).
 
-``--compile`` adds ``torch.compile`` of the reference (forward and forward+backward; its cold compile
+``--compile`` adds ``torch.compile`` of the reference (forward, forward+backward, input-gradient; its cold compile
 time is reported apart).  Before it is timed, every variant is checked against the reference on the same
 inputs: a variant that gives a wrong answer is marked FAILED and the command exits with status 1.  The
 error of each output is ``||o - r|| / ||r||``; it must stay within 16 times the reference's own rounding
@@ -34,7 +37,8 @@ Times are medians over ``--repeats`` calls after one warm-up call (the interquar
 fastest call too), with ``torch.cuda.synchronize`` around each call on a GPU.  ``speedup`` is the
 reference's median over the variant's, per Hessian-vector product for ``hvp`` (the reference with one
 direction is the baseline).  GFLOP/s count ``2 B R n d^2`` for a forward and three times that for a
-forward+backward (the multiply-adds of the data and the weight gradients), ``3 + 6k`` times it for an ``hvp``
+forward+backward (the multiply-adds of the data and the weight gradients), twice that for an
+``input-gradient`` (the data gradient's only), ``3 + 6k`` times it for an ``hvp``
 call with k directions (the gradient's three products and six per direction: tangent forward, tangent backward
 and the Hessian's weight term; recomputation not counted), and are set against the rate of one large square
 matmul measured in the same run.  On a GPU each variant's peak memory is reported too
@@ -62,7 +66,8 @@ from .._cli_args import activation_positions_error, add_activation_args, device_
 from .._device import parse_device
 
 CMD = "shortcut-ext bench"
-OPS = ("forward", "forward+backward", "hvp")
+OPS = ("forward", "forward+backward", "input-gradient", "hvp")
+FLOPS = {"forward": 1, "forward+backward": 3, "input-gradient": 2}  # stack products per call
 GEMM_SIZE = {"cpu": 4096, "cuda": 8192}  # the large matmul's n, float32
 COLUMNS = ("op", "impl", "k", "median_ms", "q1_ms", "q3_ms", "min_ms", "per_product_ms", "speedup", "gflops",
            "fraction_of_gemm", "max_rel_err", "noise", "perturbation", "error_ratio", "check", "peak_mib", "compile_s",
@@ -87,7 +92,7 @@ def add_parser(subparsers) -> None:
     add_activation_args(g, mid=None, mid_help="; default relu, identity with --shortcut 1")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g = p.add_argument_group("what to time")
-    g.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="default: all three")
+    g.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="default: all four")
     g.add_argument("--directions", type=positive_int, default=None,
                    help="k of the batched Hessian-vector products (--ops hvp; default 16; k = 1 is always timed)")
     g.add_argument("--loss", choices=LOSSES, default="mse", help="the loss of --ops hvp (default mse)")
@@ -171,19 +176,24 @@ class Problem:
                 return (fn(self.x, self.w),)
         return run
 
-    def forward_backward(self, backend: str, recompute=None, fn=None):
+    def forward_backward(self, backend: str, recompute=None, fn=None, frozen=False):
+        """Output and gradients of ``sum(y^2)``: w.r.t. the input and the weights, or with ``frozen`` w.r.t. the
+        input only (the weights do not require grad)."""
         from ..ops import residual_stack
 
         sc, (pre, mid, post) = self.shortcut, self.acts
         if fn is None:
             fn = lambda x, w: residual_stack(x, w, sc, pre, mid, post, backend=backend, recompute=recompute)  # noqa: E731
-        x, w = self.x.clone().requires_grad_(True), self.w.clone().requires_grad_(True)
+        x, w = self.x.clone().requires_grad_(True), self.w.clone().requires_grad_(not frozen)
+        wrt = (x,) if frozen else (x, w)
 
         def run():
             y = fn(x, w)
-            gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
-            return y.detach(), gx, gw
+            return (y.detach(), *torch.autograd.grad(y.square().sum(), wrt))
         return run
+
+    def input_gradient(self, backend: str, recompute=None, fn=None):
+        return self.forward_backward(backend, recompute, fn, frozen=True)
 
     def hvp(self, backend: str, k: int):
         from ..ops import residual_stack_hvp
@@ -296,7 +306,7 @@ def memory_need(args) -> dict:
     layers = R * n * args.batch * args.width * elt  # one activation-sized tensor per layer, all layers
     weights = R * n * args.width ** 2 * elt
     return {"forward": weights + 2 * args.batch * args.width * elt, "forward+backward": 2 * layers + 3 * weights,
-            "hvp": 8 * layers + (4 + 2 * _directions(args)) * weights}
+            "input-gradient": 2 * layers + weights, "hvp": 8 * layers + (4 + 2 * _directions(args)) * weights}
 
 
 def _check_args(args, device: str) -> None:
@@ -314,9 +324,9 @@ def _check_args(args, device: str) -> None:
                             (f"--directions {args.directions}", args.directions is not None)):
             if given:
                 refuse(f"{flag} has no effect without --ops hvp")
-    if args.compile and not {"forward", "forward+backward"} & set(args.ops):
-        refuse("--compile times torch.compile of the reference's forward and forward+backward: add one of them to "
-               "--ops (HVPs cannot be compiled: double backward does not run through torch.compile)")
+    if args.compile and not set(FLOPS) & set(args.ops):
+        refuse("--compile times torch.compile of the reference's forward, forward+backward and input-gradient: add "
+               "one of them to --ops (HVPs cannot be compiled: double backward does not run through torch.compile)")
     from .._build import is_built
 
     if not is_built():
@@ -340,7 +350,7 @@ def reference_noise(prob: Problem, op: str, ref_out, eps: float, seed: int) -> l
     for _ in range(CHECK_DRAWS):
         pp = prob.perturbed(eps, g)
         fn = {"forward": lambda: pp.forward("torch"), "forward+backward": lambda: pp.forward_backward("torch"),
-              "hvp": lambda: pp.hvp("torch", 1)}[op]()
+              "input-gradient": lambda: pp.input_gradient("torch"), "hvp": lambda: pp.hvp("torch", 1)}[op]()
         worst = [max(w, e) for w, e in zip(worst, rel_errors(fn(), ref_out))]
     return worst
 
@@ -511,8 +521,9 @@ def _bench(args, device: str, out: Path | None) -> int:
                     measure(op, "fused", prob.hvp("fused", K), ref_k_out, k=K, flops=prob.hvp_flops(K),
                             baseline=base, eps=eps_ref)
             continue
-        make = prob.forward if op == "forward" else prob.forward_backward
-        flops = prob.stack_flops * (1 if op == "forward" else 3)
+        make = {"forward": prob.forward, "forward+backward": prob.forward_backward,
+                "input-gradient": prob.input_gradient}[op]
+        flops = prob.stack_flops * FLOPS[op]
         ref_out = measure(op, "torch", make("torch"), None, flops=flops)
         base = rows[-1]["median_ms"]
         with fused():

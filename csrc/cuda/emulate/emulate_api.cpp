@@ -125,9 +125,9 @@ int se_emu_backward(int is_double, const void* grad_y, const void* w, const void
 }
 
 int se_emu_describe(int is_double, int backward, int64_t B, int64_t d, int64_t R, int64_t n, int path, int tile_rows,
-                    int atomic, int64_t ws_bytes, char* out, int outlen) {
+                    int atomic, int64_t ws_bytes, int want_w, char* out, int outlen) {
   const std::string s = sc::describe_plan(args(B, d, R, n, 1, 0, 0, 0), is_double != 0, backward != 0,
-                                          options(path, tile_rows, atomic, ws_bytes));
+                                          options(path, tile_rows, atomic, ws_bytes), want_w != 0);
   std::snprintf(out, size_t(outlen), "%s", s.c_str());
   return 0;
 }
