@@ -762,6 +762,19 @@ def test_operator_outputs_are_checked():
     np.testing.assert_allclose(lanczos(Op(lambda V: 2 * V.numpy()), k=1).largest, [2.0])  # numpy results are fine
     with pytest.raises(FloatingPointError, match="non-finite"):
         slq(torch.full((3, 3), float("inf"), dtype=F64), probes=1, steps=2)
+    # one bad value among finite ones, in a [P, k] product laid out either way (the check reduces the transpose
+    # of a contiguous [k, P] as it lies), float32 and float64
+    for dtype in (torch.float32, F64):
+        for transposed in (False, True):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                def mm(V, bad=bad, transposed=transposed):
+                    out = (2 * V.T).contiguous().T if transposed else 2 * V.contiguous()
+                    out[3, 1] = bad
+                    return out
+                op = Op(mm)
+                op.dtype = dtype
+                with pytest.raises(FloatingPointError, match="non-finite"):
+                    as_torch_operator(op).matmat(torch.ones(4, 2, dtype=dtype))
 
 
 def test_product_counts_are_per_call():

@@ -387,10 +387,17 @@ class HessianOperator:
 
     def _hvp_all_batches(self, V):  # [P, k] -> [P, k]
         D = V.T.reshape((V.shape[1],) + tuple(self._W.shape))  # [k, R, n, d, d]
-        out = torch.zeros_like(D)
         fn = {"fused": self._hvp_fused, "autograd": self._hvp_autograd, "func": self._hvp_func}[self.backend_used]
+        out = None
         for h0, y, wt in self._batches:
-            out.add_(fn(h0, y, D), alpha=wt)
+            hv = fn(h0, y, D)  # a new tensor: summed into in place, no [k, P] zeros to start from (at P = 5M
+            if out is None:    # a fresh zeroed block costs its page faults on every product)
+                out = hv if wt == 1.0 else hv.mul_(wt)
+            else:
+                out.add_(hv, alpha=wt)
+        # contiguous on every rank: the all-reduce sums raw memory, so the ranks' layouts must agree (D is often a
+        # permuted view of V, whose zeros_like keeps its strides)
+        out = torch.zeros(D.shape, dtype=D.dtype, device=D.device) if out is None else out.contiguous()
         self._all_reduce(out)
         return out.reshape(V.shape[1], self.P).T
 
