@@ -16,18 +16,13 @@ from shortcut_ext.curvature import (
     hessian_probes,
 )
 from shortcut_ext.models import PlainNet, ShortcutNet
+from testing import one_thread  # noqa: F401 (the fixture)
 
 F64 = torch.float64
 BACKENDS = ("autograd", "func", "fused")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops: on 2 shared cores a second intra-op thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data(m=10, p=3, q=3, seed=0, loss="mse"):

@@ -2,6 +2,7 @@
 verdicts are asserted, resume at the reproduction level, and the demo / info / train commands."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -289,13 +290,15 @@ def tiny(tmp_path_factory):
 def test_tiny_reproduction_writes_everything(tiny):
     out, bundle, res = tiny
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 7
-    for s in ("Fig. 5", "Fig. 9", "Fig. 10", "Timings", "torch_threads", "shortcut_ext_build_info"):
+    assert html.count("data:image/png;base64,") == 8
+    for s in ("Fig. 5", "Fig. 9", "Fig. 10", "Theorem 1: the order", "Timings", "torch_threads",
+              "shortcut_ext_build_info"):
         assert s in html
-    for f in ("fig2_3_weight_norm", "fig5_condition_at_init", "fig6_7_curvature_vs_loss", "fig8_index_gradnorm",
-              "fig9_final_loss_linear", "fig10_final_loss_relu", "ext_activations"):
+    for f in ("fig2_3_weight_norm", "fig5_condition_at_init", "saddle_order", "fig6_7_curvature_vs_loss",
+              "fig8_index_gradnorm", "fig9_final_loss_linear", "fig10_final_loss_relu", "ext_activations"):
         assert (out / "figures" / f"{f}.png").stat().st_size > 1000
-    for f in ("fig9_runs.csv", "fig9_best.csv", "fig5_init_condition.csv", "fig6_8_probes.csv", "fig10_best.csv"):
+    for f in ("fig9_runs.csv", "fig9_best.csv", "fig5_init_condition.csv", "fig6_8_probes.csv", "fig10_best.csv",
+              "saddle_orders.csv", "saddle_curves.csv"):
         assert len((out / "results" / f).read_text().splitlines()) > 2
     verdicts = json.loads((out / "results" / "verdicts.json").read_text())
     assert len(verdicts) == len(res["verdicts"]) and all(v["holds"] in (True, False, None) for v in verdicts)
@@ -305,7 +308,7 @@ def test_tiny_reproduction_writes_everything(tiny):
 
 def test_tiny_reproduction_verdicts(tiny):
     """The expected shapes that hold robustly even at this size (computed from the data)."""
-    _, bundle, res = tiny
+    out, bundle, res = tiny
     v = {(x.figure, x.claim): x for x in res["verdicts"]}
     def holds(fig, start):
         hits = [x for (f, c), x in v.items() if f == fig and c.startswith(start)]
@@ -319,6 +322,13 @@ def test_tiny_reproduction_verdicts(tiny):
     assert holds("Fig. 9", "2-shortcut stays near L_min").holds is True
     assert holds("Fig. 9", "plain Xavier / orthogonal nets degrade").holds is True
     assert holds("Figs. 6-7", "2-shortcut better conditioned").holds is True
+    assert holds("Theorem 1", "the zero point of an n-shortcut net is a stationary point of order n - 1").holds is True
+    assert holds("Theorem 1 (also)", "2-shortcut at zero: the loss's t^2 term").holds is True
+    assert holds("Theorem 1 (also)", "plain nets at their Xavier / orthogonal inits are not stationary").holds is True
+    orders = [r for r in csv.DictReader(open(out / "results" / "saddle_orders.csv"))]
+    assert {(r["arch"], r["act"]) for r in orders} >= {("3-shortcut-zero", "linear"), ("4-shortcut-zero", "tanh-mid"),
+                                                        ("1-shortcut-zero", "linear"), ("plain-xavier", "tanh-mid")}
+    assert all(abs(float(r["order"]) - max(int(r["n"]), 1)) < 0.1 for r in orders)
     flat = holds("Fig. 5", "2-shortcut condition number is flat").details
     assert abs(flat["2-shortcut-zero"]) < 1e-8  # exactly flat (Theorem 1), not merely below the threshold
 

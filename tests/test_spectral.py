@@ -28,16 +28,12 @@ from shortcut_ext.curvature._linop import seeded_generator
 from shortcut_ext.curvature.lanczos import DEFAULT_MAX_BASIS_BYTES, basis_capacity
 from shortcut_ext.curvature.slq import slq_group_size
 from shortcut_ext.models import ShortcutNet
+from testing import one_thread  # noqa: F401 (the fixture)
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(m=20, d=3, seed=0):

@@ -11,16 +11,12 @@ from shortcut_ext import theory as th
 from shortcut_ext.curvature import HessianOperator, dense_hessian_func, fused_hvp_available, lanczos, slq
 from shortcut_ext.models import ShortcutNet
 from shortcut_ext.reference import activation
+from testing import one_thread  # noqa: F401 (the fixture)
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def teacher(m=12, d=2, seed=0, loss="mse"):

@@ -11,6 +11,16 @@ import shortcut_ext
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny ops: on 2 shared cores a second thread only adds contention.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")`` and ``from testing import one_thread``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cuda_built() -> bool:
     return shortcut_ext.is_built() and bool(shortcut_ext.build_info().get("cuda", False))
 

@@ -8,6 +8,9 @@
   quantiles, index, moments.
 - :func:`hutchinson_trace`, :func:`hutchpp_trace`: Hutchinson (1989), Hutch++ (Meyer et al. 2021).
 - :func:`power_iteration`: the cheap ``|lambda|max`` monitor.
+- :func:`loss_slice`, :func:`stationary_order`, :func:`random_directions`: the loss on lines and planes through
+  the weights beside its exact quadratic model, and the order of a stationary point (Theorem 1: ``n - 1`` at
+  an n-shortcut net's zero point, where the Hessian alone cannot tell ``n >= 3`` apart).
 - :func:`condition_report`, :func:`hessian_probes`: condition numbers and index, exact or estimated.
 
 Every spectral tool accepts a :class:`HessianOperator`, a ``scipy.sparse.linalg.LinearOperator``, a
@@ -18,6 +21,7 @@ from __future__ import annotations
 from ._linop import TorchOperator, as_torch_operator
 from .condition import ConditionReport, abs_quantile, condition_report, hessian_probes, report_from_eigenvalues
 from .hessian import MAX_DENSE_PARAMS, HessianOperator, dense_hessian_func, fused_hvp_available
+from .landscape import LossSlice, StationaryOrder, loss_at, loss_slice, random_directions, stationary_order
 from .lanczos import LanczosResult, block_lanczos, lanczos
 from .power import PowerResult, power_iteration
 from .slq import SLQResult, slq
@@ -28,8 +32,10 @@ __all__ = [
     "ConditionReport",
     "HessianOperator",
     "LanczosResult",
+    "LossSlice",
     "PowerResult",
     "SLQResult",
+    "StationaryOrder",
     "TorchOperator",
     "TraceEstimate",
     "abs_quantile",
@@ -43,8 +49,12 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos",
+    "loss_at",
+    "loss_slice",
     "meyer2021hutchpp",
     "power_iteration",
+    "random_directions",
     "report_from_eigenvalues",
     "slq",
+    "stationary_order",
 ]

@@ -146,7 +146,7 @@ def as_torch_operator(op, dtype: torch.dtype | None = None, device=None) -> Torc
     return TorchOperator(op, dtype=dtype, device=device)
 
 
-_STREAMS = {"lanczos": 1, "power": 2, "probes": 3, "hutch++": 5}  # probes: SLQ and Hutchinson, alike
+_STREAMS = {"lanczos": 1, "power": 2, "probes": 3, "hutch++": 5, "landscape": 6}  # probes: SLQ and Hutchinson, alike
 
 
 def seeded_generator(seed, stream: str) -> torch.Generator:

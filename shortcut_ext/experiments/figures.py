@@ -24,6 +24,8 @@ COLORS = {
     "1-shortcut": "#2ca02c",
     "1-shortcut-zero": "#2ca02c",
     "3-shortcut": "#9467bd",
+    "3-shortcut-zero": "#9467bd",
+    "4-shortcut-zero": "#8c564b",
     "plain-xavier": "#1f77b4",
     "plain-orthogonal": "#17becf",
 }
@@ -334,3 +336,41 @@ def fig_activations(best_rows: list[dict], path, l_min: float, acts: list[str],
 
 __all__ = ["fig_activations", "fig_curvature_vs_loss", "fig_final_loss", "fig_index_gradnorm",
            "fig_init_condition", "fig_weight_norm"]
+
+
+# --------------------------------------------------------------------------- Theorem 1: order of the saddle
+def fig_stationary_order(rows: list[dict], curves: list[dict], path, caption: str | None = None) -> Path:
+    """How the loss leaves the initial point: ``|L(w + t v) - L(w)|`` against the step (deepest depth, first
+    direction seed, per net and activation), and the measured exponent against depth."""
+    fig, axes = _subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    if curves:
+        deepest = max(c["depth"] for c in curves)
+        seed0 = min(c["seed"] for c in curves)
+        keys = list(dict.fromkeys((c["arch"], c["act"]) for c in curves if c["depth"] == deepest))
+        for arch, act in keys:
+            pts = sorted((c["step"], abs(c["change"])) for c in curves if c["arch"] == arch and c["act"] == act
+                         and c["depth"] == deepest and c["seed"] == seed0 and _finite(c["change"]) and c["change"])
+            if pts:
+                ax.loglog(*zip(*pts), marker=".", color=_color(arch), ls="-" if act == "linear" else ":",
+                          label=f"{arch} ({act})")
+        ax.set_title(f"|L(w + t v) - L(w)| along a random unit direction, depth {deepest}", fontsize=9)
+    ax.set_xlabel("step t (|t v| = t)")
+    ax.set_ylabel("|change of the loss|")
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    for arch, act in dict.fromkeys((r["arch"], r["act"]) for r in rows):
+        pts = sorted((r["depth"], r["order"]) for r in rows if r["arch"] == arch and r["act"] == act
+                     and _finite(r.get("order")))
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if act == "linear" else "x", ls="none", color=_color(arch),
+                    label=f"{arch} ({act})", alpha=0.8)
+    for n in sorted({r["n"] for r in rows}):
+        ax.axhline(max(n, 1), color="0.6", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    _depth_axis(ax, rows)
+    ax.set_xlabel("depth (weight layers)")
+    ax.set_ylabel("measured order p: change ~ t^p")
+    ax.set_title("Theorem 1: p = n at an n-shortcut net's zero point (dotted: 1..n)", fontsize=9)
+    ax.legend(fontsize=6)
+    return _save(fig, path, caption)

@@ -3,8 +3,8 @@
 Names used throughout the reproduction:
 
 - architectures (:data:`ARCHS`): ``2-shortcut`` (the paper's zero init with a small perturbation),
-  ``2-shortcut-zero``, ``1-shortcut``, ``1-shortcut-zero``, ``3-shortcut``, ``plain-xavier``,
-  ``plain-orthogonal``;
+  ``2-shortcut-zero``, ``1-shortcut``, ``1-shortcut-zero``, ``3-shortcut``, ``3-shortcut-zero``,
+  ``4-shortcut-zero``, ``plain-xavier``, ``plain-orthogonal``;
 - activation variants (:data:`ACT_VARIANTS`): ``linear``, ``relu-mid`` (the paper's nonlinear
   runs), and beyond the paper ``relu-pre``, ``tanh-mid``, ``ssigmoid-mid``, ``tanh-pre``.  A plain
   net has one activation between layers: the variant's non-identity one.
@@ -60,6 +60,8 @@ ARCHS = {a.name: a for a in (
     Arch("1-shortcut", 1, "small"),
     Arch("1-shortcut-zero", 1, "zero"),
     Arch("3-shortcut", 3, "small"),
+    Arch("3-shortcut-zero", 3, "zero"),
+    Arch("4-shortcut-zero", 4, "zero"),
     Arch("plain-xavier", 0, "xavier"),
     Arch("plain-orthogonal", 0, "orthogonal"),
 )}
@@ -470,6 +472,52 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
     return probe_rows, hist_rows
 
 
+def run_stationary_orders(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str], depths: Iterable[int],
+                          seeds: Sequence[int], dtype=torch.float64, backend: str | None = None,
+                          desc: str = "stationary orders", progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """How the loss leaves each net's initial point along random unit directions (Theorem 1: ``t^n`` at an
+    n-shortcut net's zero point), one row per (arch, act, depth, direction seed), and the curves behind them.
+
+    A zero init does not depend on the seed; the direction does (:func:`~shortcut_ext.curvature.random_directions`
+    with the seed).  Rows: the measured ``order``, the leading ``coefficient`` (``change / t^order`` at the smallest
+    step used), and ``second_order_hvp`` = ``v^T H v / 2`` from a Hessian-vector product, which is that coefficient
+    where the order is 2.  Seconds in all at the quick sizes: computed afresh in each run, not stored.
+    """
+    import warnings
+
+    from ..curvature import HessianOperator
+    from ..curvature.hessian import FallbackWarning
+    from ..curvature.landscape import random_directions, stationary_order
+
+    jobs = []
+    for act in acts:
+        for arch in archs:
+            if not arch_supports(arch, act):
+                continue
+            for depth in sorted({check_arch(arch).valid_depth(x) for x in depths}):
+                jobs.extend((arch, act, depth, seed) for seed in seeds)
+    rows, curves = [], []
+    for arch, act, depth, seed in _progress(jobs, len(jobs), desc, progress):
+        net = build_model(arch, act, depth, bundle.width, seed, dtype, backend=backend,
+                          out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+        data = tuple(t.to(dtype) for t in bundle.for_act(act))
+        with warnings.catch_warnings():  # without the fused kernels: autograd products, said by the other phases
+            warnings.simplefilter("ignore", FallbackWarning)
+            op = HessianOperator(net, data, "mse", backend="autograd" if backend == "torch" else "fused")
+        v = random_directions(op, seed=seed)
+        r = stationary_order(op, v)
+        second = 0.5 * float(v[:, 0].double() @ op.matvec(v[:, 0]).double())
+        a = check_arch(arch)
+        rows.append({"arch": arch, "act": act, "depth": depth, "seed": seed, "n": a.shortcut,
+                     "init": a.init, "order": json_float(r.order), "coefficient": json_float(r.coefficient),
+                     "second_order_hvp": json_float(second), "loss": json_float(r.center),
+                     "num_params": net.num_parameters()})
+        curves.extend({"arch": arch, "act": act, "depth": depth, "seed": seed, "step": float(t),
+                       "change": json_float(float(c))} for t, c in zip(r.ts, r.changes))
+        _release_buffers()
+    return rows, curves
+
+
 __all__ = [
     "ACT_VARIANTS",
     "ARCHS",
@@ -485,5 +533,6 @@ __all__ = [
     "run_init_probes",
     "run_lr_sweeps",
     "run_probe_curves",
+    "run_stationary_orders",
     "seeds_for",
 ]

@@ -1,0 +1,294 @@
+"""The loss along lines and planes through the weights, and the order of a stationary point.
+
+Theorem 1 (docs/science.md section 2) says more than the Hessian's spectrum: at ``W = 0`` an
+n-shortcut net is a stationary point of order ``n - 1``.  Along a generic direction ``v`` the loss
+then changes as ``L(t v) - L(0) ~ c t^n``: linearly for ``n = 1`` (the gradient is not 0), as a
+saddle of the Hessian for ``n = 2``, and for ``n >= 3`` flatter than any quadratic model can say
+(gradient and Hessian vanish).  :func:`stationary_order` measures that exponent; :func:`loss_slice`
+evaluates the loss on a line or a plane of weights (Goodfellow et al. 2015; Li et al., "Visualizing
+the Loss Landscape of Neural Nets", NeurIPS 2018, for filter-normalised random directions) beside the
+exact quadratic model ``L + t g.v + t^2/2 v^T H v`` from the gradient and Hessian-vector products.
+
+Every function takes a :class:`~shortcut_ext.curvature.HessianOperator`: its snapshot of the weights,
+data (one batch or mini-batches, summed exactly), loss, read-out and backend, and with
+``distributed=True`` its process group (each loss is all-reduced; every rank must make the same
+calls).  A loss is one fused forward per mini-batch, no autograd graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._linop import check_count, seeded_generator
+from .hessian import HessianOperator, _exact
+
+NORMALIZE = ("unit", "layer", "filter")
+
+
+def _check_op(op) -> HessianOperator:
+    if not isinstance(op, HessianOperator):
+        raise TypeError(f"op must be a HessianOperator (it holds the weights, data and loss), got {type(op).__name__}")
+    return op
+
+
+def _check_grid(name: str, values) -> np.ndarray:
+    try:
+        a = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a 1-D sequence of real numbers, got {type(values).__name__}") from None
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {list(a.shape)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite, got {a[~np.isfinite(a)][:3].tolist()}")
+    return a
+
+
+def _check_direction_matrix(op: HessianOperator, V, what: str = "directions") -> torch.Tensor:
+    """``V`` as ``[P, k]`` in the operator's dtype and device (a ``[P]`` vector is one direction)."""
+    if not isinstance(V, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of shape [{op.P}] or [{op.P}, k], got {type(V).__name__}")
+    if V.dim() == 1:
+        V = V[:, None]
+    if V.dim() != 2 or V.shape[0] != op.P:
+        raise ValueError(f"{what} must have shape [{op.P}] or [{op.P}, k] (P = number of trunk weights), "
+                         f"got {list(V.shape)}")
+    if not V.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got {V.dtype}")
+    V = V.detach().to(device=op.device, dtype=op.dtype)
+    if not bool(torch.isfinite(V).all()):
+        raise ValueError(f"{what} must be finite, got nan or inf entries")
+    return V
+
+
+def loss_at(op: HessianOperator, shift: torch.Tensor | None = None) -> float:
+    """The mean loss over the operator's data at its weights plus ``shift`` (``[P]``, or ``None``: at the weights)."""
+    _check_op(op)
+    W = op._W
+    if shift is not None:
+        s = _check_direction_matrix(op, shift, "shift")
+        if s.shape[1] != 1:
+            raise ValueError(f"shift must have shape [{op.P}], got {list(shift.shape)}")
+        W = W + s[:, 0].view_as(W)
+    return _loss(op, W)
+
+
+def _loss(op: HessianOperator, W: torch.Tensor) -> float:
+    fwd = None if op.backend_used == "fused" else "torch"
+    total = torch.zeros((), dtype=op.dtype, device=op.device)
+    with torch.no_grad(), _exact(W):
+        for h0, y, wt in op._batches:
+            total += wt * op._forward_loss(W, h0, y, backend=fwd)
+    op._all_reduce(total)
+    return float(total)
+
+
+def random_directions(op: HessianOperator, k: int = 1, seed: int = 0, normalize: str = "unit") -> torch.Tensor:
+    """``k`` Gaussian directions ``[P, k]`` in the operator's dtype, the same on every machine for a seed.
+
+    Args:
+        normalize: ``"unit"``: each column has norm 1 (the scale to use at the zero point, where the
+            weights give none); ``"layer"``: each ``d x d`` block of a column has the Frobenius norm of
+            the same block of the weights; ``"filter"``: each row (one output unit of one layer) has the
+            norm of that row of the weights (Li et al. 2018's filter normalisation, which makes slices of
+            differently scaled nets comparable).  Blocks or rows whose weights are 0 get 0.
+
+    Raises:
+        ValueError: bad ``k`` or ``normalize``; ``"layer"`` / ``"filter"`` at weights that are all 0.
+    """
+    _check_op(op)
+    k = check_count("k", k)
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    g = seeded_generator(seed, "landscape")
+    V = torch.randn(k, op.P, generator=g, dtype=torch.float64)
+    if normalize == "unit":
+        V /= V.norm(dim=1, keepdim=True)
+    else:
+        W = op._W.detach().to(device="cpu", dtype=torch.float64)
+        if not bool(W.any()):
+            raise ValueError(f"normalize={normalize!r} scales directions by the weights, which are all 0 here "
+                             "(the zero point): use normalize='unit'")
+        d = W.shape[-1]
+        Vb = V.view(k, -1, d) if normalize == "filter" else V.view(k, -1, d * d)  # rows or blocks
+        Wb = W.reshape(-1, d) if normalize == "filter" else W.reshape(-1, d * d)
+        Vb *= (Wb.norm(dim=-1) / Vb.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)).unsqueeze(-1)
+    return V.T.contiguous().to(device=op.device, dtype=op.dtype)
+
+
+@dataclass
+class LossSlice:
+    """The loss on a line (``L(w + t v)``) or a plane (``L(w + t u + s v)``) of weights.
+
+    Attributes:
+        ts: ``[a]`` steps along the first direction; ss: ``[b]`` along the second (``None`` on a line).
+        loss: ``[a]`` or ``[a, b]`` mean losses.
+        center: the loss at the weights themselves.
+        slopes: ``[k]`` exact directional derivatives ``g . v_i`` (``None`` without ``quadratic``).
+        curvature: ``[k, k]`` exact ``v_i^T H v_j`` from Hessian-vector products (``None`` without it).
+        direction_norms: ``[k]`` norms of the directions (steps are in units of the direction given).
+    """
+
+    ts: np.ndarray
+    ss: np.ndarray | None
+    loss: np.ndarray
+    center: float
+    slopes: np.ndarray | None = None
+    curvature: np.ndarray | None = None
+    direction_norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def quadratic(self) -> np.ndarray:
+        """The second-order Taylor model ``L + sum_i t_i g.v_i + 1/2 sum_ij t_i t_j v_i^T H v_j`` on the grid."""
+        if self.slopes is None or self.curvature is None:
+            raise ValueError("this slice was computed with quadratic=False: no gradient or curvature to model")
+        g, C = self.slopes, self.curvature
+        if self.ss is None:
+            t = self.ts
+            return self.center + t * g[0] + 0.5 * t * t * C[0, 0]
+        t, s = self.ts[:, None], self.ss[None, :]
+        return self.center + t * g[0] + s * g[1] + 0.5 * (t * t * C[0, 0] + 2 * t * s * C[0, 1] + s * s * C[1, 1])
+
+    def to_dict(self) -> dict:
+        lst = lambda a: None if a is None else np.asarray(a).tolist()  # noqa: E731
+        return {"ts": lst(self.ts), "ss": lst(self.ss), "loss": lst(self.loss), "center": self.center,
+                "slopes": lst(self.slopes), "curvature": lst(self.curvature),
+                "direction_norms": lst(self.direction_norms)}
+
+
+def loss_slice(op: HessianOperator, directions: torch.Tensor, ts, ss=None, quadratic: bool = True,
+               callback=None) -> LossSlice:
+    """The loss along one direction (``directions[P]`` or ``[P, 1]``, grid ``ts``) or on the plane of two
+    (``[P, 2]``, grids ``ts`` x ``ss``), at the operator's weights plus steps along them.
+
+    ``quadratic``: also the exact gradient and ``v_i^T H v_j`` (one batched Hessian-vector product of the
+    ``k`` directions), for :meth:`LossSlice.quadratic`.  ``callback(done, total)`` after each loss.
+
+    >>> import torch
+    >>> from shortcut_ext.models import ShortcutNet
+    >>> net = ShortcutNet(width=2, units=2, shortcut=2, init="zero", backend="torch", dtype=torch.float64)
+    >>> x = torch.eye(2, dtype=torch.float64); y = 2 * x
+    >>> op = HessianOperator(net, (x, y), backend="autograd")
+    >>> v = random_directions(op, seed=1)
+    >>> sl = loss_slice(op, v, [-1e-3, 0.0, 1e-3])
+    >>> bool(abs(sl.loss - sl.quadratic()).max() < 1e-9), sl.center
+    (True, 0.5)
+    """
+    _check_op(op)
+    V = _check_direction_matrix(op, directions)
+    k = V.shape[1]
+    ts = _check_grid("ts", ts)
+    if k == 1:
+        if ss is not None:
+            raise ValueError(f"ss is the grid along a second direction, and directions has one (shape "
+                             f"{list(directions.shape)}): give directions as [{op.P}, 2] or leave ss out")
+        grid = [(t,) for t in ts]
+    elif k == 2:
+        if ss is None:
+            raise ValueError(f"directions has two columns (a plane): give the grid along the second as ss")
+        ss = _check_grid("ss", ss)
+        grid = [(t, s) for t in ts for s in ss]
+    else:
+        raise ValueError(f"directions must hold one direction (a line) or two (a plane), got {k}")
+    if not isinstance(quadratic, bool):
+        raise TypeError(f"quadratic must be True or False, got {quadratic!r}")
+    W = op._W
+    Vw = V.T.reshape((k,) + tuple(W.shape))
+    center = _loss(op, W)
+    out = np.empty(len(grid))
+    for i, c in enumerate(grid):
+        shift = Vw[0] * c[0] if k == 1 else Vw[0] * c[0] + Vw[1] * c[1]
+        out[i] = center if all(x == 0 for x in c) else _loss(op, W + shift)
+        if callback is not None:
+            callback(i + 1, len(grid))
+    slopes = curv = None
+    if quadratic:
+        _, g = op.loss_and_grad()
+        slopes = (g.double() @ V.double()).cpu().numpy()
+        HV = op.matmat(V)
+        curv = (V.double().T @ HV.double()).cpu().numpy()
+        curv = 0.5 * (curv + curv.T)
+    return LossSlice(ts=ts, ss=None if k == 1 else ss, loss=out if k == 1 else out.reshape(len(ts), len(ss)),
+                     center=center, slopes=slopes, curvature=curv,
+                     direction_norms=V.double().norm(dim=0).cpu().numpy())
+
+
+@dataclass
+class StationaryOrder:
+    """How the loss leaves a point along one direction: ``|L(w + t v) - L(w)| ~ c t^order``.
+
+    Attributes:
+        order: the exponent, from the smallest steps whose change rises clear of rounding (``nan`` if none).
+        ts: ``[a]`` steps (ascending); changes: ``[a]`` ``L(w + t v) - L(w)``.
+        local_orders: ``[a - 1]`` slopes of ``log|change|`` vs ``log t`` between neighbouring steps (``nan``
+            where either change is within rounding of 0).
+        noise: the size of change rounding alone can make (``|L(w)|`` times 1000 eps of the dtype).
+        coefficient: ``change / t^round(order)`` at the largest step used (the leading Taylor term's
+            coefficient along ``v``).
+        center: ``L(w)``.
+    """
+
+    order: float
+    ts: np.ndarray
+    changes: np.ndarray
+    local_orders: np.ndarray
+    noise: float
+    coefficient: float
+    center: float = math.nan
+
+    def to_dict(self) -> dict:
+        return {"order": self.order, "ts": self.ts.tolist(), "changes": self.changes.tolist(),
+                "local_orders": self.local_orders.tolist(), "noise": self.noise, "coefficient": self.coefficient,
+                "center": self.center}
+
+
+def stationary_order(op: HessianOperator, direction: torch.Tensor, ts=None, use: int = 3) -> StationaryOrder:
+    """The order ``p`` of the first Taylor term of the loss that does not vanish along ``direction``:
+    ``L(w + t v) - L(w) ~ c t^p`` as ``t -> 0``.  ``p = 1`` where the gradient is not orthogonal to ``v``,
+    ``p = 2`` at a stationary point with ``v^T H v != 0``, ``p >= 3`` where gradient and curvature along
+    ``v`` vanish (at an n-shortcut net's zero point, ``p = n`` for a generic ``v``: Theorem 1).
+
+    The exponent is the median slope of ``log|L(w + t v) - L(w)|`` against ``log t`` over the ``use``
+    smallest neighbouring pairs of steps whose changes rise above rounding (1000 eps |L(w)|); ``nan`` where
+    none does (a loss that does not move along ``v``, or is not finite at ``w``).
+
+    Args:
+        ts: steps, positive (default: 19 steps from 1e-6 to 1 in geometric progression, 3 a decade, times
+            ``1 / ||v||``, so that ``t v`` has norms 1e-6 .. 1).  In float32 the changes of orders above 2
+            drown in rounding at small steps; use float64.
+        use: neighbouring pairs to take the median over.
+    """
+    _check_op(op)
+    V = _check_direction_matrix(op, direction, "direction")
+    if V.shape[1] != 1:
+        raise ValueError(f"direction must be one direction [{op.P}], got {list(direction.shape)}")
+    use = check_count("use", use)
+    nv = float(V.double().norm())
+    if nv == 0:
+        raise ValueError("direction must not be 0")
+    if ts is None:
+        ts = np.geomspace(1e-6, 1.0, 19) / nv
+    ts = np.sort(_check_grid("ts", ts))
+    if ts[0] <= 0:
+        raise ValueError(f"ts must be positive steps, got {ts[0]!r}")
+    if len(ts) < 2:
+        raise ValueError("ts must hold at least 2 steps")
+    sl = loss_slice(op, V, ts, quadratic=False)
+    ch = sl.loss - sl.center
+    noise = 1000 * float(torch.finfo(op.dtype).eps) * max(abs(sl.center), float(torch.finfo(op.dtype).tiny))
+    a = np.abs(ch)
+    ok = a > noise
+    loc = np.full(len(ts) - 1, math.nan)
+    for i in range(len(ts) - 1):
+        if ok[i] and ok[i + 1]:
+            loc[i] = math.log(a[i + 1] / a[i]) / math.log(ts[i + 1] / ts[i])
+    good = np.flatnonzero(np.isfinite(loc))[:use]
+    if good.size == 0:
+        return StationaryOrder(math.nan, ts, ch, loc, noise, math.nan, sl.center)
+    order = float(np.median(loc[good]))
+    # at the largest step of the pairs used: its change is furthest above rounding (at the first step clear of it,
+    # rounding is up to 1e-3 of the change), while higher Taylor terms are still small there
+    i0 = int(good[-1]) + 1
+    coef = float(ch[i0] / ts[i0] ** round(order))
+    return StationaryOrder(order, ts, ch, loc, noise, coef, sl.center)

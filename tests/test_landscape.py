@@ -1,0 +1,239 @@
+"""The loss on lines and planes through the weights, its quadratic model, and the order of a stationary
+point (shortcut_ext.curvature.landscape), against pure-PyTorch losses and Theorem 1."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from shortcut_ext import reference
+from shortcut_ext.curvature import (
+    HessianOperator,
+    loss_at,
+    loss_slice,
+    random_directions,
+    stationary_order,
+)
+from shortcut_ext.curvature.hessian import fused_hvp_available
+from shortcut_ext.experiments import analysis
+from shortcut_ext.models import PlainNet, ShortcutNet
+from testing import one_thread  # noqa: F401 (the fixture)
+
+F64 = torch.float64
+BACKENDS = ["autograd"] + (["fused"] if fused_hvp_available() else [])
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(B=12, d=4, q=None, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, d, generator=g, dtype=dtype), torch.randn(B, q or d, generator=g, dtype=dtype))
+
+
+def _ref_loss(net, x, y, w_flat, loss="mse"):
+    """The mean loss of the net at flat trunk weights ``w_flat``, by the pure-PyTorch reference stack."""
+    W = net.stack_weights(net.weight.detach()).double()
+    W = w_flat.double().view_as(W)
+    h = x.double()
+    if getattr(net, "input_proj", None) is not None:
+        h = h @ net.input_proj.double().T
+    h = reference.residual_stack_forward(h, W, net.shortcut, *net.activations)
+    if getattr(net, "readout", None) is not None:
+        h = h @ net.readout.double().T
+    return float(reference.loss_fn(loss, h, y.double() if y.is_floating_point() else y))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("shape", [dict(units=3, shortcut=2, mid="tanh"), dict(units=2, shortcut=3, mid="relu"),
+                                   dict(units=4, shortcut=1, pre="tanh"), dict(plain=5)])
+def test_slice_values_match_the_reference(backend, dtype, shape, request):
+    kw = dict(shape)
+    if "plain" in kw:
+        net = PlainNet(width=4, depth=kw.pop("plain"), activation="tanh", init="xavier", dtype=dtype, seed=1)
+    else:
+        net = ShortcutNet(width=4, init="small", scale=0.5, dtype=dtype, seed=1, **kw)
+    x, y = _data(dtype=dtype)
+    op = HessianOperator(net, (x, y), backend=backend)
+    V = random_directions(op, k=2, seed=3)
+    ts, ss = [-0.5, 0.0, 0.25], [0.1, -1.0]
+    w0 = op._W.reshape(-1).double()
+    line = loss_slice(op, V[:, 0], ts, quadratic=False)
+    plane = loss_slice(op, V, ts, ss, quadratic=False)
+    rtol = 1e-12 if dtype == F64 else 2e-5
+    for i, t in enumerate(ts):
+        ref = _ref_loss(net, x, y, w0 + t * V[:, 0].double())
+        assert line.loss[i] == pytest.approx(ref, rel=rtol)
+        for j, s in enumerate(ss):
+            ref = _ref_loss(net, x, y, w0 + t * V[:, 0].double() + s * V[:, 1].double())
+            assert plane.loss[i, j] == pytest.approx(ref, rel=rtol)
+    assert line.center == pytest.approx(_ref_loss(net, x, y, w0), rel=rtol) == loss_at(op)
+    assert plane.loss.shape == (3, 2) and line.loss.shape == (3,) and line.ss is None
+    assert loss_at(op, V[:, 1] * 0.3) == pytest.approx(_ref_loss(net, x, y, w0 + 0.3 * V[:, 1].double()), rel=rtol)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_mini_batches_give_the_full_data_slice(loss):
+    net = ShortcutNet(width=4, units=3, shortcut=2, mid="tanh", init="small", scale=0.3, dtype=F64, seed=2,
+                      out_features=3 if loss == "cross_entropy" else None)
+    x, y = _data(B=10)
+    if loss == "cross_entropy":
+        y = torch.arange(10) % 3
+    full = HessianOperator(net, (x, y), loss=loss, backend="autograd")
+    parts = HessianOperator(net, [(x[:3], y[:3]), (x[3:], y[3:])], loss=loss, backend="autograd")
+    v = random_directions(full, seed=1)
+    a, b = loss_slice(full, v, [-1.0, 0.5]), loss_slice(parts, v, [-1.0, 0.5])
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-13)
+    np.testing.assert_allclose(a.curvature, b.curvature, rtol=1e-10)
+    w0 = full._W.reshape(-1)
+    assert a.loss[0] == pytest.approx(_ref_loss(net, x, y, w0 - v[:, 0], loss), rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quadratic_model_is_the_second_order_taylor_polynomial(backend):
+    """slopes and curvature against central finite differences of the loss, and the model's error O(t^3)."""
+    net = ShortcutNet(width=3, units=3, shortcut=2, mid="tanh", init="small", scale=0.8, dtype=F64, seed=4)
+    op = HessianOperator(net, _data(d=3), backend=backend)
+    V = random_directions(op, k=2, seed=5)
+    h = 1e-4
+    sl = loss_slice(op, V, [-h, 0.0, h], [-h, 0.0, h])
+    L = sl.loss
+    assert sl.slopes[0] == pytest.approx((L[2, 1] - L[0, 1]) / (2 * h), rel=1e-6)
+    assert sl.slopes[1] == pytest.approx((L[1, 2] - L[1, 0]) / (2 * h), rel=1e-6)
+    assert sl.curvature[0, 0] == pytest.approx((L[2, 1] + L[0, 1] - 2 * L[1, 1]) / h**2, rel=1e-4, abs=1e-6)
+    assert sl.curvature[1, 1] == pytest.approx((L[1, 2] + L[1, 0] - 2 * L[1, 1]) / h**2, rel=1e-4, abs=1e-6)
+    assert sl.curvature[0, 1] == pytest.approx((L[2, 2] - L[2, 0] - L[0, 2] + L[0, 0]) / (4 * h**2), rel=1e-4, abs=1e-6)
+    # the exact gradient and v^T H v: against the operator's own
+    _, g = op.loss_and_grad()
+    HV = op.matmat(V)
+    np.testing.assert_allclose(sl.slopes, (g @ V).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(sl.curvature, (V.T @ HV).numpy(), rtol=1e-10, atol=1e-14)
+    # the model's error falls as t^3 along a line
+    errs = [abs(loss_slice(op, V[:, 0], [t]).loss[0] - loss_slice(op, V[:, 0], [t]).quadratic()[0])
+            for t in (1e-2, 1e-3)]
+    assert 500 < errs[0] / errs[1] < 2000
+
+
+@pytest.mark.parametrize("act", ["identity", "tanh"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_zero_point_is_a_stationary_point_of_order_n_minus_1(n, act):
+    """Theorem 1: along a random direction the loss leaves an n-shortcut net's zero point as t^n."""
+    if n == 1 and act == "tanh":
+        act_kw = dict(pre="tanh")  # a 1-shortcut net has no mid position
+    else:
+        act_kw = dict(mid=act)
+    net = ShortcutNet(width=4, units=12 // n, shortcut=n, init="zero", dtype=F64, **act_kw)
+    x, y = _data(B=20)
+    op = HessianOperator(net, (x, y), backend=BACKENDS[-1])
+    for seed in (0, 1):
+        r = stationary_order(op, random_directions(op, seed=seed))
+        assert abs(r.order - n) < 0.05, (n, act, r.local_orders)
+        assert r.center == pytest.approx(loss_at(op))
+        if n == 2:  # the t^2 coefficient is v^T H v / 2
+            v = random_directions(op, seed=seed)[:, 0]
+            assert r.coefficient == pytest.approx(0.5 * float(v @ op.matvec(v)), rel=1e-4)
+
+
+def test_order_of_non_stationary_points_and_of_directions_the_loss_ignores():
+    plain = PlainNet(width=4, depth=6, init="xavier", dtype=F64, seed=3)
+    op = HessianOperator(plain, _data(), backend="autograd")
+    r = stationary_order(op, random_directions(op, seed=2))
+    assert abs(r.order - 1) < 0.05
+    _, g = op.loss_and_grad()
+    assert r.coefficient == pytest.approx(float(g @ random_directions(op, seed=2)[:, 0]), rel=1e-3)
+    # at a 2-shortcut zero point, moving only the second matrix of each unit (A) changes nothing: B = 0 keeps
+    # every branch 0, so there is no order to measure
+    net = ShortcutNet(width=4, units=3, shortcut=2, init="zero", dtype=F64)
+    op = HessianOperator(net, _data(), backend="autograd")
+    v = torch.zeros(3, 2, 4, 4, dtype=F64)
+    v[:, 1] = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    r = stationary_order(op, v.reshape(-1) / v.norm())
+    assert math.isnan(r.order) and math.isnan(r.coefficient) and not np.any(r.changes)
+    assert np.isnan(r.local_orders).all()
+
+
+def test_random_directions_normalisations():
+    net = ShortcutNet(width=3, units=4, shortcut=2, init="small", scale=1.0, dtype=F64, seed=7)
+    with torch.no_grad():
+        net.weight[1, 0, 2] = 0  # a zero row: its filter direction is 0
+    op = HessianOperator(net, _data(d=3), backend="autograd")
+    W = op._W
+    u = random_directions(op, k=3, seed=1)
+    assert u.shape == (op.P, 3) and u.dtype == F64
+    np.testing.assert_allclose(u.norm(dim=0).numpy(), 1.0, rtol=1e-14)
+    assert torch.equal(u, random_directions(op, k=3, seed=1)) and not torch.equal(u, random_directions(op, k=3, seed=2))
+    f = random_directions(op, k=2, seed=1, normalize="filter").T.reshape((2,) + tuple(W.shape))
+    np.testing.assert_allclose(f.norm(dim=-1).numpy(), W.norm(dim=-1).expand(2, *W.shape[:-1]).numpy(), rtol=1e-12)
+    assert not f[:, 1, 0, 2].any()
+    lay = random_directions(op, seed=1, normalize="layer").T.reshape(W.shape)
+    np.testing.assert_allclose(lay.norm(dim=(-2, -1)).numpy(), W.norm(dim=(-2, -1)).numpy(), rtol=1e-12)
+    net32 = ShortcutNet(width=3, units=2, shortcut=2, init="small", dtype=torch.float32)
+    assert random_directions(HessianOperator(net32, _data(d=3, dtype=torch.float32)), seed=0).dtype == torch.float32
+    zero = HessianOperator(ShortcutNet(width=3, units=2, shortcut=2, init="zero", dtype=F64), _data(d=3))
+    for how in ("filter", "layer"):
+        with pytest.raises(ValueError, match=f"normalize='{how}'.*all 0.*normalize='unit'"):
+            random_directions(zero, normalize=how)
+
+
+def test_bad_input_is_named():
+    net = ShortcutNet(width=3, units=2, shortcut=2, init="small", dtype=F64)
+    op = HessianOperator(net, _data(d=3), backend="autograd")
+    P = op.P
+    v = random_directions(op, k=3)
+    cases = [
+        (lambda: loss_slice(net, v[:, 0], [0.1]), TypeError, "op must be a HessianOperator"),
+        (lambda: loss_slice(op, v[:5, 0], [0.1]), ValueError, rf"directions must have shape \[{P}\] or \[{P}, k\]"),
+        (lambda: loss_slice(op, v[:, 0].numpy(), [0.1]), TypeError, "directions must be a torch.Tensor"),
+        (lambda: loss_slice(op, v[:, 0].long(), [0.1]), TypeError, "directions must be floating point"),
+        (lambda: loss_slice(op, v[:, 0] * math.nan, [0.1]), ValueError, "directions must be finite"),
+        (lambda: loss_slice(op, v, [0.1]), ValueError, "one direction .* or two .*, got 3"),
+        (lambda: loss_slice(op, v[:, 0], [0.1], [0.2]), ValueError, "ss is the grid along a second direction"),
+        (lambda: loss_slice(op, v[:, :2], [0.1]), ValueError, "give the grid along the second as ss"),
+        (lambda: loss_slice(op, v[:, 0], []), ValueError, "ts must be a non-empty 1-D"),
+        (lambda: loss_slice(op, v[:, 0], [0.1, math.inf]), ValueError, "ts must be finite"),
+        (lambda: loss_slice(op, v[:, 0], "abc"), TypeError, "ts must be a 1-D sequence of real numbers"),
+        (lambda: loss_slice(op, v[:, 0], [0.1], quadratic=1), TypeError, "quadratic must be True or False"),
+        (lambda: loss_slice(op, v[:, 0], [0.1], quadratic=False).quadratic(), ValueError, "quadratic=False"),
+        (lambda: stationary_order(op, v[:, :2]), ValueError, "direction must be one direction"),
+        (lambda: stationary_order(op, v[:, 0] * 0), ValueError, "direction must not be 0"),
+        (lambda: stationary_order(op, v[:, 0], ts=[0.0, 0.1]), ValueError, "ts must be positive"),
+        (lambda: stationary_order(op, v[:, 0], ts=[0.1]), ValueError, "at least 2 steps"),
+        (lambda: stationary_order(op, v[:, 0], use=0), ValueError, "use must be a positive integer"),
+        (lambda: random_directions(op, k=0), ValueError, "k must be a positive integer"),
+        (lambda: random_directions(op, normalize="global"), ValueError, "normalize must be one of"),
+        (lambda: loss_at(op, v[:, :2]), ValueError, rf"shift must have shape \[{P}\]"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+def test_slice_callback_and_dict():
+    net = ShortcutNet(width=3, units=2, shortcut=2, init="small", dtype=F64)
+    op = HessianOperator(net, _data(d=3), backend="autograd")
+    seen = []
+    sl = loss_slice(op, random_directions(op, k=2), [0.0, 0.1], [0.2, 0.3, 0.4], callback=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 6) for i in range(1, 7)]
+    d = sl.to_dict()
+    assert np.array(d["loss"]).shape == (2, 3) and len(d["curvature"]) == 2 and d["center"] == sl.center
+
+
+def test_verdict_fails_when_an_order_is_off():
+    rows = [{"arch": "2-shortcut-zero", "act": "linear", "depth": 12, "seed": 0, "n": 2, "init": "zero",
+             "order": 2.0, "coefficient": 0.5, "second_order_hvp": 0.5},
+            {"arch": "3-shortcut-zero", "act": "linear", "depth": 12, "seed": 0, "n": 3, "init": "zero",
+             "order": 3.0, "coefficient": 1.0, "second_order_hvp": 0.0},
+            {"arch": "plain-xavier", "act": "linear", "depth": 12, "seed": 0, "n": 0, "init": "xavier",
+             "order": 1.0, "coefficient": 1.0, "second_order_hvp": 1.0}]
+    assert [v.holds for v in analysis.verdict_stationary_order(rows)] == [True, True, True]
+    bad = [dict(rows[0]), dict(rows[1], order=2.0), dict(rows[2], order=2.0)]
+    assert [v.holds for v in analysis.verdict_stationary_order(bad)] == [False, True, False]
+    off = [dict(rows[0], coefficient=0.51)] + rows[1:]
+    assert [v.holds for v in analysis.verdict_stationary_order(off)] == [True, False, True]
+    unmeasured = [dict(rows[0]), dict(rows[1], order=math.nan), rows[2], dict(rows[2], depth=480, order=math.nan)]
+    v = analysis.verdict_stationary_order(unmeasured)
+    assert v[0].holds is None and v[2].holds is True and "vanished gradient) at plain-xavier D=480" in v[2].measured
+    assert analysis.verdict_stationary_order([dict(rows[2], order=math.nan)])[0].holds is None
