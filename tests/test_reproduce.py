@@ -422,6 +422,59 @@ def test_stored_records_without_their_fields_are_computed_again(tiny, tmp_path):
         train_mod.TrainResult.from_dict(no_wn)
 
 
+def test_the_saddle_phase_keeps_its_measurements_and_a_rerun_computes_only_the_missing_one(tiny, tmp_path,
+                                                                                        monkeypatch):
+    """Theorem 1's orders are stored like the other phases' runs: a rerun reads them back (the same CSVs, bit for
+    bit), and a record that lost a field, or its curve, is measured again: that one only."""
+    import shutil
+
+    import shortcut_ext.curvature.landscape as landscape
+    from shortcut_ext.experiments.store import RunStore
+
+    out, bundle, res = tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    main = copy / "results" / "runs.jsonl"
+    items = [json.loads(line) for line in main.read_text().splitlines()]
+    saddle = [d for d in items if d["key"].startswith("saddle|")]
+    rows = list(csv.DictReader(open(out / "results" / "saddle_orders.csv")))
+    assert len(saddle) == len(rows) > 8 and all(sweeps._is_saddle_record(d["record"]) for d in saddle)
+    orders_csv = (out / "results" / "saddle_orders.csv").read_text()
+    curves_csv = (out / "results" / "saddle_curves.csv").read_text()
+    real, calls = landscape.stationary_order, []
+    monkeypatch.setattr(landscape, "stationary_order", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    reproduce.run(reproduce.TINY, bundle, copy, only=["saddle"], progress=False, log=lambda *a: None)
+    assert calls == []
+    assert (copy / "results" / "saddle_orders.csv").read_text() == orders_csv
+    assert (copy / "results" / "saddle_curves.csv").read_text() == curves_csv
+    no_order = {k: v for k, v in saddle[0]["record"].items() if k != "order"}
+    short_curve = {**saddle[1]["record"], "changes": saddle[1]["record"]["changes"][:-1]}
+    assert not sweeps._is_saddle_record(no_order) and not sweeps._is_saddle_record(short_curve)
+    with open(main, "a") as f:  # later lines win
+        for d, rec in ((saddle[0], no_order), (saddle[1], short_curve)):
+            f.write(json.dumps({"key": d["key"], "record": rec}) + "\n")
+    reproduce.run(reproduce.TINY, bundle, copy, only=["saddle"], progress=False, log=lambda *a: None)
+    assert len(calls) == 2  # the two damaged ones
+    assert (copy / "results" / "saddle_orders.csv").read_text() == orders_csv
+    assert (copy / "results" / "saddle_curves.csv").read_text() == curves_csv
+    assert RunStore(main).get(saddle[0]["key"]) == saddle[0]["record"]
+
+
+def test_stationary_orders_without_a_store_are_the_stored_ones(tmp_path):
+    """``store=None`` (python/saddle_order.py's way) measures the same rows and curves as a stored phase."""
+    from shortcut_ext.experiments.store import RunStore
+
+    bundle = sweeps.load_data("synthetic", d=4, samples=48)
+    args = (bundle, ["2-shortcut-zero", "3-shortcut-zero", "plain-xavier"], ["linear"], [4], [0, 1])
+    fresh = sweeps.run_stationary_orders(*args, progress=False)
+    store = RunStore(tmp_path / "runs.jsonl")
+    stored = sweeps.run_stationary_orders(*args, progress=False, store=store)
+    assert len(store) == 6 and fresh == stored
+    again = sweeps.run_stationary_orders(*args, progress=False, store=RunStore(tmp_path / "runs.jsonl"))
+    assert again == stored
+    assert [round(r["order"]) for r in fresh[0]] == [2, 2, 3, 3, 1, 1]
+
+
 def test_tiny_out_folder_refuses_other_options(tiny):
     """One --out folder, one reproduction: other seeds, data or backend would mix CSVs and figures."""
     out, bundle, _ = tiny
@@ -1069,7 +1122,7 @@ def test_a_reproduction_in_two_processes_has_the_runs_of_one_bit_for_bit(tiny, t
     """Both with one thread (the pool's workers compute with one): the same runs, bit for bit, and the same
     verdicts, whichever process ran which run."""
     bundle = tiny[1]
-    only = ["fig5", "fig9", "fig6-8", "fig10"]
+    only = ["fig5", "saddle", "fig9", "fig6-8", "fig10"]
     res, res2 = (reproduce.run(reproduce.TINY, bundle, tmp_path / str(w), only=only, progress=False,
                                log=lambda *a: None, workers=w) for w in (1, 2))
     one, two = res["store"], res2["store"]

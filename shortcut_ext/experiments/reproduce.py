@@ -306,7 +306,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         t = time.perf_counter()
         sad_rows, sad_curves = sweeps.run_stationary_orders(bundle, cfg.saddle_archs, cfg.saddle_acts,
                                                             cfg.saddle_depths, cfg.seeds, dtype, backend,
-                                                            progress=progress)
+                                                            progress=progress, store=store)
         timings["saddle orders at init"] = time.perf_counter() - t
         _write_csv(resdir / "saddle_orders.csv", sad_rows)
         _write_csv(resdir / "saddle_curves.csv", sad_curves)
@@ -321,7 +321,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
                   "is the slope of log|L(w + t v) - L(w)| vs log t over the smallest steps whose change is clear of "
                   "rounding (shortcut_ext.curvature.stationary_order). At an n-shortcut net's zero point gradient and "
                   "Hessian vanish for n >= 3, and the spectral tools see a flat Hessian; the order tells the saddles "
-                  "apart. Computed afresh in each run (seconds)."))
+                  "apart."))
 
     # ---- Figs. 6-8: Hessian along training at each net's best rate
     if "fig6-8" in only:

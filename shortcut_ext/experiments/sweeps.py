@@ -32,7 +32,7 @@ import torch
 from .. import data as data_mod
 from ..models import PlainNet, ShortcutNet
 from ..train import TrainConfig, TrainResult, hessian_probes, lr_sweep, sweep_run_key, sweep_run_record, train
-from .store import json_float
+from .store import json_float, json_safe
 
 
 @dataclass(frozen=True)
@@ -472,16 +472,30 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
     return probe_rows, hist_rows
 
 
+_SADDLE_FIELDS = ("order", "coefficient", "second_order_hvp", "loss", "num_params", "ts", "changes")
+
+
+def _is_saddle_record(rec) -> bool:
+    """A stored stationary-order record with every field the rows and curves read, its curve one change per step."""
+    return (isinstance(rec, dict) and all(k in rec for k in _SADDLE_FIELDS) and isinstance(rec["ts"], list)
+            and isinstance(rec["changes"], list) and len(rec["ts"]) == len(rec["changes"]) > 0)
+
+
 def run_stationary_orders(bundle: DataBundle, archs: Iterable[str], acts: Iterable[str], depths: Iterable[int],
                           seeds: Sequence[int], dtype=torch.float64, backend: str | None = None,
-                          desc: str = "stationary orders", progress: bool = True) -> tuple[list[dict], list[dict]]:
+                          desc: str = "stationary orders", progress: bool = True,
+                          store=None) -> tuple[list[dict], list[dict]]:
     """How the loss leaves each net's initial point along random unit directions (Theorem 1: ``t^n`` at an
     n-shortcut net's zero point), one row per (arch, act, depth, direction seed), and the curves behind them.
 
     A zero init does not depend on the seed; the direction does (:func:`~shortcut_ext.curvature.random_directions`
     with the seed).  Rows: the measured ``order``, the leading ``coefficient`` (``change / t^order`` at the smallest
     step used), and ``second_order_hvp`` = ``v^T H v / 2`` from a Hessian-vector product, which is that coefficient
-    where the order is 2.  Seconds in all at the quick sizes: computed afresh in each run, not stored.
+    where the order is 2.
+
+    ``store``: a run store (:class:`~shortcut_ext.experiments.store.RunStore` or one that splits its runs across
+    processes or ranks); each finished measurement is kept there, and a rerun reads it back instead of computing
+    it again (an interrupted phase loses no finished one).  ``None``: computed afresh, nothing kept.
     """
     import warnings
 
@@ -496,8 +510,12 @@ def run_stationary_orders(bundle: DataBundle, archs: Iterable[str], acts: Iterab
                 continue
             for depth in sorted({check_arch(arch).valid_depth(x) for x in depths}):
                 jobs.extend((arch, act, depth, seed) for seed in seeds)
-    rows, curves = [], []
-    for arch, act, depth, seed in _progress(jobs, len(jobs), desc, progress):
+
+    def key_of(arch, act, depth, seed):
+        # the steps are stationary_order's default grid (19 from 1e-6 to 1): named, so that another grid is another run
+        return f"saddle|{bundle.tag}|{arch}|{act}|depth={depth}|seed={seed}|{_dtype_name(dtype)}|ts=1e-6..1x19"
+
+    def compute(arch, act, depth, seed) -> dict:
         net = build_model(arch, act, depth, bundle.width, seed, dtype, backend=backend,
                           out_features=None if bundle.out_features == bundle.width else bundle.out_features)
         data = tuple(t.to(dtype) for t in bundle.for_act(act))
@@ -507,14 +525,31 @@ def run_stationary_orders(bundle: DataBundle, archs: Iterable[str], acts: Iterab
         v = random_directions(op, seed=seed)
         r = stationary_order(op, v)
         second = 0.5 * float(v[:, 0].double() @ op.matvec(v[:, 0]).double())
-        a = check_arch(arch)
-        rows.append({"arch": arch, "act": act, "depth": depth, "seed": seed, "n": a.shortcut,
-                     "init": a.init, "order": json_float(r.order), "coefficient": json_float(r.coefficient),
-                     "second_order_hvp": json_float(second), "loss": json_float(r.center),
-                     "num_params": net.num_parameters()})
-        curves.extend({"arch": arch, "act": act, "depth": depth, "seed": seed, "step": float(t),
-                       "change": json_float(float(c))} for t, c in zip(r.ts, r.changes))
+        rec = {"order": r.order, "coefficient": r.coefficient, "second_order_hvp": second, "loss": r.center,
+               "num_params": net.num_parameters(), "ts": [float(t) for t in r.ts],
+               "changes": [float(c) for c in r.changes]}
         _release_buffers()
+        return rec
+
+    if store is not None and hasattr(store, "fill"):
+        _fill(store, [(key_of(*job), functools.partial(compute, *job), job[2]) for job in jobs], desc, progress,
+              usable=_is_saddle_record)
+    rows, curves = [], []
+    for arch, act, depth, seed in _progress(jobs, len(jobs), desc, progress and not hasattr(store, "fill")):
+        if store is None:
+            rec = json_safe(compute(arch, act, depth, seed))  # as a stored one reads
+        else:
+            key = key_of(arch, act, depth, seed)
+            rec = store.get(key)
+            if not _is_saddle_record(rec):  # missing, or without its fields: computed (again)
+                store.put(key, compute(arch, act, depth, seed))
+                rec = store.get(key)  # as stored (strict JSON), so that fresh and resumed rows agree
+        a = check_arch(arch)
+        rows.append({"arch": arch, "act": act, "depth": depth, "seed": seed, "n": a.shortcut, "init": a.init,
+                     **{k: json_float(rec.get(k)) for k in ("order", "coefficient", "second_order_hvp", "loss")},
+                     "num_params": int(rec["num_params"])})
+        curves.extend({"arch": arch, "act": act, "depth": depth, "seed": seed, "step": json_float(t),
+                       "change": json_float(c)} for t, c in zip(rec["ts"], rec["changes"]))
     return rows, curves
 
 
