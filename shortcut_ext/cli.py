@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "reproduce": "shortcut_ext.experiments.reproduce",
     "train": "shortcut_ext.experiments.train_cmd",
     "spectrum": "shortcut_ext.curvature.spectrum_cmd",
+    "landscape": "shortcut_ext.curvature.landscape_cmd",
     "bench": "shortcut_ext.experiments.bench",
     "info": "shortcut_ext.experiments.info",
 }
@@ -43,7 +44,7 @@ def _saved(args) -> str:
     from pathlib import Path
 
     out = getattr(args, "out", None)
-    if out is None or args.command not in ("reproduce", "spectrum", "train", "bench"):
+    if out is None or args.command not in ("reproduce", "spectrum", "landscape", "train", "bench"):
         return ""
     if args.command == "bench":
         import json
@@ -65,6 +66,13 @@ def _saved(args) -> str:
                     "other options is not resumed)")
         return ("; no checkpoint was written yet (--checkpoint-every / --checkpoint-seconds; 0 writes none): a "
                 "rerun starts over")
+    if args.command == "landscape":
+        from .curvature.landscape_cmd import CHECKPOINT
+
+        if (Path(out) / CHECKPOINT).exists():
+            return (f"; the finished rows of the grid are saved in {Path(out) / CHECKPOINT}: the same command resumes "
+                    "from them")
+        return "; no row of the grid had finished: a rerun starts over"
     if args.command == "spectrum":
         has = (Path(out) / "spectrum.checkpoint.json").exists()
         return ("; what had finished (a finished Lanczos run, SLQ probe groups) is checkpointed in --out: the same "

@@ -13,6 +13,7 @@ from shortcut_ext.curvature import (
     HessianOperator,
     loss_at,
     loss_slice,
+    losses_at,
     random_directions,
     stationary_order,
 )
@@ -205,6 +206,12 @@ def test_bad_input_is_named():
         (lambda: random_directions(op, k=0), ValueError, "k must be a positive integer"),
         (lambda: random_directions(op, normalize="global"), ValueError, "normalize must be one of"),
         (lambda: loss_at(op, v[:, :2]), ValueError, rf"shift must have shape \[{P}\]"),
+        (lambda: losses_at(op, v[:, :2], [0.1, 0.2]), ValueError, r"coords must have shape \[N, 2\] .*got \[2\]"),
+        (lambda: losses_at(op, v[:, :2], np.zeros((0, 2))), ValueError, r"with N >= 1 .*got \[0, 2\]"),
+        (lambda: losses_at(op, v[:, 0], [[0.1, 0.2]]), ValueError, r"coords must have shape \[N, 1\]"),
+        (lambda: losses_at(op, v[:, 0], [math.nan]), ValueError, "coords must be finite"),
+        (lambda: losses_at(op, v[:, 0], "abc"), TypeError, "coords must be real numbers"),
+        (lambda: losses_at(net, v[:, 0], [0.1]), TypeError, "op must be a HessianOperator"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -219,6 +226,22 @@ def test_slice_callback_and_dict():
     assert seen == [(i, 6) for i in range(1, 7)]
     d = sl.to_dict()
     assert np.array(d["loss"]).shape == (2, 3) and len(d["curvature"]) == 2 and d["center"] == sl.center
+
+
+def test_losses_at_any_points_are_the_references():
+    """Points off any grid (a path through the plane), each loss the reference stack's at ``w + V c``."""
+    net = ShortcutNet(width=3, units=3, shortcut=2, mid="tanh", init="small", scale=0.5, dtype=F64)
+    x, y = _data(d=3)
+    op = HessianOperator(net, (x, y), backend=BACKENDS[-1])
+    V = random_directions(op, k=2, seed=3)
+    c = np.array([[0.0, 0.0], [0.3, -0.1], [-1.2, 0.7], [1e-4, 2.0]])
+    seen = []
+    got = losses_at(op, V, c, callback=lambda i, n: seen.append((i, n)))
+    w = net.stack_weights(net.weight.detach()).double().reshape(-1)
+    want = [_ref_loss(net, x, y, w + V.double() @ torch.tensor(ci)) for ci in c]
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+    assert got[0] == loss_at(op) and seen == [(i, 4) for i in range(1, 5)]
+    assert np.array_equal(losses_at(op, V[:, 0], c[:, 0]), losses_at(op, V[:, :1], c[:, :1]))
 
 
 def test_verdict_fails_when_an_order_is_off():

@@ -402,7 +402,7 @@ def test_distributed_train_resumes(tmp_path):
 
 
 # --------------------------------------------------------------------------- one run per output
-@pytest.mark.parametrize("command", ["train", "spectrum", "reproduce"])
+@pytest.mark.parametrize("command", ["train", "spectrum", "landscape", "reproduce"])
 def test_a_second_run_into_the_same_output_is_refused(tmp_path, command):
     """Two processes on one --out used to crash on each other's temporary files (train, spectrum) or
     compute every run twice (reproduce); the second is now refused, and the lock goes with the first."""
@@ -414,6 +414,10 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, command):
         lock = tmp_path / "sp" / ".shortcut-ext.lock"
         args = ["spectrum", "--units", "3", "--width", "3", "--samples", "16", "--probes", "2", "--steps", "4",
                 "--top", "1", "--no-progress", "--no-plots", "--out", str(tmp_path / "sp")]
+    elif command == "landscape":
+        lock = tmp_path / "ls" / ".shortcut-ext.lock"
+        args = ["landscape", "--units", "3", "--width", "3", "--samples", "16", "--points", "3", "--no-progress",
+                "--no-plots", "--out", str(tmp_path / "ls")]
     else:
         lock = tmp_path / "rp" / ".shortcut-ext.lock"
         args = ["reproduce", "--tiny", "--only", "fig5", "--no-progress", "--out", str(tmp_path / "rp")]

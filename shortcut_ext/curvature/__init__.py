@@ -21,7 +21,8 @@ from __future__ import annotations
 from ._linop import TorchOperator, as_torch_operator
 from .condition import ConditionReport, abs_quantile, condition_report, hessian_probes, report_from_eigenvalues
 from .hessian import MAX_DENSE_PARAMS, HessianOperator, dense_hessian_func, fused_hvp_available
-from .landscape import LossSlice, StationaryOrder, loss_at, loss_slice, random_directions, stationary_order
+from .landscape import (LossSlice, StationaryOrder, loss_at, loss_slice, losses_at, random_directions,
+                        stationary_order)
 from .lanczos import LanczosResult, block_lanczos, lanczos
 from .power import PowerResult, power_iteration
 from .slq import SLQResult, slq
@@ -51,6 +52,7 @@ __all__ = [
     "lanczos",
     "loss_at",
     "loss_slice",
+    "losses_at",
     "meyer2021hutchpp",
     "power_iteration",
     "random_directions",

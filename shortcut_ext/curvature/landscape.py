@@ -193,25 +193,63 @@ def loss_slice(op: HessianOperator, directions: torch.Tensor, ts, ss=None, quadr
         raise ValueError(f"directions must hold one direction (a line) or two (a plane), got {k}")
     if not isinstance(quadratic, bool):
         raise TypeError(f"quadratic must be True or False, got {quadratic!r}")
-    W = op._W
-    Vw = V.T.reshape((k,) + tuple(W.shape))
-    center = _loss(op, W)
-    out = np.empty(len(grid))
-    for i, c in enumerate(grid):
-        shift = Vw[0] * c[0] if k == 1 else Vw[0] * c[0] + Vw[1] * c[1]
-        out[i] = center if all(x == 0 for x in c) else _loss(op, W + shift)
-        if callback is not None:
-            callback(i + 1, len(grid))
+    center = _loss(op, op._W)
+    out = _losses(op, V, np.asarray(grid, dtype=np.float64), center, callback)
     slopes = curv = None
     if quadratic:
-        _, g = op.loss_and_grad()
-        slopes = (g.double() @ V.double()).cpu().numpy()
-        HV = op.matmat(V)
-        curv = (V.double().T @ HV.double()).cpu().numpy()
-        curv = 0.5 * (curv + curv.T)
+        slopes, curv = _taylor(op, V)
     return LossSlice(ts=ts, ss=None if k == 1 else ss, loss=out if k == 1 else out.reshape(len(ts), len(ss)),
                      center=center, slopes=slopes, curvature=curv,
                      direction_norms=V.double().norm(dim=0).cpu().numpy())
+
+
+def losses_at(op: HessianOperator, directions: torch.Tensor, coords, callback=None) -> np.ndarray:
+    """The mean loss at ``w + sum_i c_i v_i`` for each row ``c`` of ``coords`` (``[N, k]``, or ``[N]`` for one
+    direction), ``directions`` ``[P, k]`` (or ``[P]``): ``[N]`` losses, one fused forward per mini-batch each.
+    The building block of :func:`loss_slice`, for any set of points (a grid in pieces, to save as they finish;
+    a path).  ``callback(done, total)`` after each loss."""
+    _check_op(op)
+    V = _check_direction_matrix(op, directions)
+    try:
+        c = np.asarray(coords, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"coords must be real numbers of shape [N, {V.shape[1]}], got {type(coords).__name__}") from None
+    if c.ndim == 1 and V.shape[1] == 1:
+        c = c[:, None]
+    if c.ndim != 2 or c.shape[1] != V.shape[1] or c.shape[0] == 0:
+        raise ValueError(f"coords must have shape [N, {V.shape[1]}] with N >= 1 (one column per direction), got "
+                         f"{list(c.shape)}")
+    if not np.isfinite(c).all():
+        raise ValueError(f"coords must be finite, got {c[~np.isfinite(c)][:3].tolist()}")
+    return _losses(op, V, c, None, callback)
+
+
+def _losses(op: HessianOperator, V: torch.Tensor, coords: np.ndarray, center, callback) -> np.ndarray:
+    """Losses at ``w + V c`` for the rows ``c`` of ``coords``; ``center`` (or ``None``) stands for the origin's."""
+    W = op._W
+    Vw = V.T.reshape((V.shape[1],) + tuple(W.shape))
+    out = np.empty(len(coords))
+    for i, c in enumerate(coords):
+        if center is not None and not c.any():
+            out[i] = center
+        else:
+            shift = Vw[0] * float(c[0])
+            for j in range(1, len(c)):
+                shift = shift + Vw[j] * float(c[j])
+            out[i] = _loss(op, W + shift)
+        if callback is not None:
+            callback(i + 1, len(coords))
+    return out
+
+
+def _taylor(op: HessianOperator, V: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``([k] g.v_i, [k, k] v_i^T H v_j)``: the exact gradient along the directions and the curvature between
+    them (one batched Hessian-vector product), symmetrised."""
+    _, g = op.loss_and_grad()
+    slopes = (g.double() @ V.double()).cpu().numpy()
+    HV = op.matmat(V)
+    curv = (V.double().T @ HV.double()).cpu().numpy()
+    return slopes, 0.5 * (curv + curv.T)
 
 
 @dataclass

@@ -54,14 +54,11 @@ def steps_type(text: str) -> int:
     return v
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_problem_args(p, batched: str) -> None:
+    """The network and the data-and-loss flags, shared by the commands that analyse one net (``spectrum``,
+    ``landscape``); ``batched``: what ``--batch-size`` splits."""
     from ..models import INITS
-    from .hessian import BACKENDS
 
-    p = subparsers.add_parser(
-        "spectrum", help="Hessian spectrum of a network (extremes, SLQ density, |lambda| quantiles, theory)",
-        description=__doc__.split("\n\n")[0] + " Writes JSON and PNG figures.",
-    )
     g = p.add_argument_group("network")
     g.add_argument("--shortcut", type=nonneg_int, default=2,
                    help="layers per residual unit n (0: a plain net of depth --units)")
@@ -78,8 +75,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"number of samples m (digits: a seeded subset, at most {DIGITS_SAMPLES})")
     g.add_argument("--noise", type=nonneg_float, default=0.1, help="label noise (>= 0) of the synthetic teacher")
     g.add_argument("--loss", choices=LOSSES, default="mse")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="mini-batch size of the HVPs (the Hessian is "
-                   "always the full-data one)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help=f"mini-batch size of the {batched} (the loss "
+                   "and Hessian are always the full-data ones)")
+
+
+def build_problem(args, dtype: torch.dtype):
+    """``(net, X, Y)`` on ``args.device`` from the flags of :func:`add_problem_args` (cross-entropy: class indices)."""
+    from ..models import PlainNet, ShortcutNet
+
+    X, Y = load_data(args.data, args.samples, args.width, args.seed, args.noise, dtype)
+    q_out = Y.shape[1]  # digits: 10 one-hot columns, whatever the width (then a frozen read-out)
+    out_features = None if q_out == args.width else q_out
+    if args.loss == "cross_entropy":
+        Y = Y.argmax(dim=1)  # class indices (synthetic: the teacher's largest output)
+    if args.shortcut == 0:
+        net = PlainNet(args.width, args.units, activation=args.mid, init=args.init, scale=args.scale,
+                       seed=args.seed, out_features=out_features, dtype=dtype)
+    else:
+        net = ShortcutNet(args.width, args.units, args.shortcut, args.pre, args.mid, args.post, init=args.init,
+                          scale=args.scale, seed=args.seed, out_features=out_features, dtype=dtype)
+    return net.to(args.device), X.to(args.device), Y.to(args.device)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .hessian import BACKENDS
+
+    p = subparsers.add_parser(
+        "spectrum", help="Hessian spectrum of a network (extremes, SLQ density, |lambda| quantiles, theory)",
+        description=__doc__.split("\n\n")[0] + " Writes JSON and PNG figures.",
+    )
+    add_problem_args(p, "HVPs")
     g = p.add_argument_group("estimators")
     g.add_argument("--top", type=positive_int, default=5, help="extreme eigenvalues at each end")
     g.add_argument("--probes", type=positive_int, default=8,
@@ -115,11 +140,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _check_options(args) -> None:
+def _check_options(args, command: str = "spectrum") -> None:
     """Refuse combinations the argument types cannot see: flags the chosen net or data would ignore, and
     more samples than the data holds."""
     def refuse(msg):
-        raise SystemExit(f"shortcut-ext spectrum: {msg}")
+        raise SystemExit(f"shortcut-ext {command}: {msg}")
 
     positions = activation_positions_error(args)
     if positions:
@@ -213,7 +238,6 @@ def run(args) -> int:
 
 def _run(args, dtype, budget, rank, world) -> int:
     from .. import theory
-    from ..models import PlainNet, ShortcutNet
     from .condition import report_from_eigenvalues, symmetrize_lower_
     from .hessian import HessianOperator
     from ._linop import zero_tol_rel
@@ -224,19 +248,7 @@ def _run(args, dtype, budget, rank, world) -> int:
     quiet = args.no_progress or not lead
     t_start = time.perf_counter()
 
-    X, Y = load_data(args.data, args.samples, args.width, args.seed, args.noise, dtype)
-    q_out = Y.shape[1]  # digits: 10 one-hot columns, whatever the width (then a frozen read-out)
-    out_features = None if q_out == args.width else q_out
-    if args.loss == "cross_entropy":
-        Y = Y.argmax(dim=1)  # class indices (synthetic: the teacher's largest output)
-    if args.shortcut == 0:
-        net = PlainNet(args.width, args.units, activation=args.mid, init=args.init, scale=args.scale,
-                       seed=args.seed, out_features=out_features, dtype=dtype)
-    else:
-        net = ShortcutNet(args.width, args.units, args.shortcut, args.pre, args.mid, args.post, init=args.init,
-                          scale=args.scale, seed=args.seed, out_features=out_features, dtype=dtype)
-    net = net.to(args.device)
-    X, Y = X.to(args.device), Y.to(args.device)
+    net, X, Y = build_problem(args, dtype)
     Xs, Ys = (X[rank::world], Y[rank::world]) if args.distributed else (X, Y)  # this rank's shard
     if args.batch_size is None:
         data = [(Xs, Ys)] if Xs.shape[0] else []

@@ -1,0 +1,186 @@
+"""``shortcut-ext landscape`` from the command line: the same losses and quadratic model as the
+``shortcut_ext.curvature`` API, Theorem 1's orders at a 3-shortcut zero point, a resumed run equal bit for
+bit to an uninterrupted one, checkpoints of other options or damaged rows, and refused flags.
+
+Every call is in-process through ``shortcut_ext.cli.main`` at tiny sizes (under a second each)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from shortcut_ext.cli import main  # noqa: E402
+from shortcut_ext.curvature import (HessianOperator, landscape, landscape_cmd, loss_slice, losses_at,  # noqa: E402
+                                    random_directions)
+from shortcut_ext.curvature.spectrum_cmd import load_data  # noqa: E402
+from shortcut_ext.models import ShortcutNet  # noqa: E402
+
+TINY = ["landscape", "--units", "5", "--width", "3", "--samples", "24", "--no-progress"]
+
+
+def _strict(text: str):
+    def bad(const):
+        raise AssertionError(f"not strict JSON: {const}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def _result(out):
+    return _strict((out / "landscape.json").read_text())
+
+
+@pytest.mark.parametrize("plane", [False, True], ids=["line", "plane"])
+def test_the_command_gives_the_apis_slice(tmp_path, plane):
+    """The command's losses are loss_slice's on the same net, data and directions, bit for bit; its quadratic
+    model is LossSlice.quadratic; the CSV and PNG are written."""
+    out = tmp_path / "o"
+    extra = ["--init", "small", "--scale", "0.3", "--mid", "tanh", "--span", "0.5", "--points", "7",
+             "--direction-seed", "5"] + (["--plane"] if plane else [])
+    assert main(TINY + extra + ["--out", str(out)]) == 0
+    r = _result(out)
+    X, Y = load_data("synthetic", 24, 3, 0, 0.1, torch.float64)
+    net = ShortcutNet(3, 5, 2, "identity", "tanh", "identity", init="small", scale=0.3, seed=0, dtype=torch.float64)
+    op = HessianOperator(net, (X, Y), "mse", backend="fused")
+    V = random_directions(op, 2 if plane else 1, seed=5)
+    ts = np.linspace(-0.5, 0.5, 7)
+    sl = loss_slice(op, V, ts, ts if plane else None)
+    assert np.array_equal(np.array(r["loss"]), sl.loss) and r["center"] == sl.center
+    np.testing.assert_allclose(np.array(r["quadratic"]), sl.quadratic(), rtol=1e-12, atol=1e-15)
+    assert r["ts"] == ts.tolist() and (r["ss"] == ts.tolist() if plane else r["ss"] is None)
+    assert r["num_params"] == op.P and r["resumed_rows"] == 0 and len(r["direction_norms"]) == (2 if plane else 1)
+    assert r["max_abs_model_error"] == pytest.approx(float(np.max(np.abs(sl.loss - sl.quadratic()))), rel=1e-9)
+    rows = list(csv.DictReader(open(out / "landscape.csv")))
+    assert len(rows) == (49 if plane else 7)
+    assert [float(x["loss"]) for x in rows] == sl.loss.ravel().tolist()
+    assert (out / "landscape.png").stat().st_size > 1000
+    # a point set of the API's own: the same losses as the grid's
+    pts = np.array([[t, s] for t in ts for s in ts]) if plane else ts
+    assert np.array_equal(losses_at(op, V, pts), sl.loss.ravel())
+
+
+def test_orders_at_a_three_shortcut_zero_point(tmp_path, capsys):
+    """Theorem 1 on the plane of a 3-shortcut zero point: gradient and curvature vanish (a flat quadratic model),
+    and the loss leaves as t^3 along both directions."""
+    out = tmp_path / "o"
+    assert main(TINY + ["--shortcut", "3", "--init", "zero", "--plane", "--order", "--points", "5",
+                        "--out", str(out)]) == 0
+    r = _result(out)
+    assert r["grad_norm"] == 0 and np.all(np.array(r["curvature"]) == 0) and np.all(np.array(r["slopes"]) == 0)
+    assert np.all(np.array(r["quadratic"]) == r["center"])
+    assert [round(o["order"], 1) for o in r["orders"]] == [3.0, 3.0]
+    assert "order along each direction: 3, 3" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path, monkeypatch, capsys):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    args = TINY + ["--init", "small", "--scale", "0.5", "--plane", "--points", "6"]
+    assert main(args + ["--out", str(whole)]) == 0
+    real, calls = landscape.losses_at, []
+
+    def stop_after_three(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(landscape, "losses_at", stop_after_three)
+    assert main(args + ["--out", str(part)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the finished rows of the grid are saved in" in err and "resumes" in err
+    assert len((part / landscape_cmd.CHECKPOINT).read_text().splitlines()) == 3
+    assert not (part / "landscape.json").exists()
+    monkeypatch.setattr(landscape, "losses_at", real)
+    assert main(args + ["--out", str(part)]) == 0
+    said = capsys.readouterr().out
+    assert "resuming from the checkpoint" in said and "3 of 6 rows of the grid done" in said
+    a, b = _result(whole), _result(part)
+    assert b["resumed_rows"] == 3 and a["loss"] == b["loss"] and a["quadratic"] == b["quadratic"]
+    # a finished run's rerun computes no row again
+    monkeypatch.setattr(landscape, "losses_at", lambda *a, **k: pytest.fail("a stored row was computed again"))
+    assert main(args + ["--out", str(part)]) == 0
+    assert _result(part)["resumed_rows"] == 6 and _result(part)["loss"] == a["loss"]
+
+
+def test_a_checkpoint_of_other_options_or_with_damaged_rows(tmp_path, capsys):
+    out = tmp_path / "o"
+    args = TINY + ["--init", "small", "--points", "5"]
+    assert main(args + ["--out", str(out)]) == 0
+    first = _result(out)
+    capsys.readouterr()
+    assert main(args + ["--span", "2", "--out", str(out)]) == 0
+    assert "is of other options" in capsys.readouterr().out
+    other = _result(out)
+    assert other["ts"][0] == -2.0 and other["resumed_rows"] == 0
+    ck = out / landscape_cmd.CHECKPOINT
+    items = [json.loads(line) for line in ck.read_text().splitlines()]
+    assert len(items) == 5 and all(k["key"].endswith(f"|row={i}") for i, k in enumerate(items))
+    with open(ck, "a") as f:  # later lines win: a row of the wrong length and one of text
+        f.write(json.dumps({"key": items[1]["key"], "record": {"loss": [1.0, 2.0]}}) + "\n")
+        f.write(json.dumps({"key": items[3]["key"], "record": {"loss": [[1.0]]}}) + "\n")
+        f.write('{"key": "half a line')
+    assert main(args + ["--span", "2", "--out", str(out)]) == 0
+    again = _result(out)
+    assert again["resumed_rows"] == 3 and again["loss"] == other["loss"]
+    assert first["loss"] != other["loss"]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--points", "1"], "--points"),
+    (["--span", "0"], "--span"),
+    (["--span", "nan"], "--span"),
+    (["--normalize", "sideways"], "--normalize"),
+])
+def test_bad_flags_are_named_by_argparse(tmp_path, capsys, extra, flag):
+    with pytest.raises(SystemExit) as e:
+        main(TINY + extra + ["--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--normalize", "layer"], "--normalize layer scales the directions like the weights, which are all 0"),
+    (["--shortcut", "0", "--pre", "relu"], "--pre relu has no effect on a plain net"),
+    (["--data", "digits", "--samples", "5000"], "--samples must be <= 1797"),
+    (["--device", "tpu"], "--device must be a torch device"),
+])
+def test_refused_combinations_name_the_command_and_the_flag(tmp_path, extra, words):
+    with pytest.raises(SystemExit) as e:
+        main(TINY + extra + ["--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and str(e.value).startswith("shortcut-ext landscape") and words in str(e.value)
+
+
+def test_filter_normalised_directions_at_xavier_weights(tmp_path):
+    """Away from the zero point the per-filter scaling applies: each row of a direction has the norm of that row
+    of the weights, so the direction's norm is the weights' norm."""
+    out = tmp_path / "o"
+    assert main(TINY + ["--init", "xavier", "--normalize", "filter", "--points", "3", "--out", str(out)]) == 0
+    net = ShortcutNet(3, 5, 2, init="xavier", seed=0, dtype=torch.float64)
+    assert _result(out)["direction_norms"][0] == pytest.approx(float(net.weight.detach().double().norm()), rel=1e-12)
+
+
+def test_points_where_the_loss_overflows_are_counted_and_kept_out_of_the_model_error(tmp_path, capsys):
+    """A long step on a deep net overflows: those points are inf in strict JSON, named in the summary line, and
+    the plane's contours are drawn from the finite ones."""
+    out = tmp_path / "o"
+    assert main(TINY + ["--units", "20", "--init", "small", "--plane", "--points", "5", "--span", "1e8",
+                        "--out", str(out)]) == 0
+    r = _result(out)
+    loss = np.array([[float(v) for v in row] for row in r["loss"]])
+    assert r["nonfinite_points"] == int((~np.isfinite(loss)).sum()) > 0 and np.isfinite(loss[2, 2])
+    assert r["max_abs_model_error"] == 0.0  # the origin alone is finite here, where the model is exact
+    assert "the loss is not finite at" in capsys.readouterr().out
+    assert (out / "landscape.png").stat().st_size > 1000
+
+
+def test_an_interrupt_before_the_first_row_says_nothing_is_saved(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(landscape, "losses_at", interrupted)
+    assert main(TINY + ["--init", "small", "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted; no row of the grid had finished: a rerun starts over" in capsys.readouterr().err
