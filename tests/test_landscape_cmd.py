@@ -120,13 +120,14 @@ def test_a_checkpoint_of_other_options_or_with_damaged_rows(tmp_path, capsys):
     ck = out / landscape_cmd.CHECKPOINT
     items = [json.loads(line) for line in ck.read_text().splitlines()]
     assert len(items) == 5 and all(k["key"].endswith(f"|row={i}") for i, k in enumerate(items))
-    with open(ck, "a") as f:  # later lines win: a row of the wrong length and one of text
+    with open(ck, "a") as f:  # later lines win: rows of the wrong length, of lists, of text
         f.write(json.dumps({"key": items[1]["key"], "record": {"loss": [1.0, 2.0]}}) + "\n")
         f.write(json.dumps({"key": items[3]["key"], "record": {"loss": [[1.0]]}}) + "\n")
+        f.write(json.dumps({"key": items[4]["key"], "record": {"loss": ["1.5"]}}) + "\n")
         f.write('{"key": "half a line')
     assert main(args + ["--span", "2", "--out", str(out)]) == 0
     again = _result(out)
-    assert again["resumed_rows"] == 3 and again["loss"] == other["loss"]
+    assert again["resumed_rows"] == 2 and again["loss"] == other["loss"]
     assert first["loss"] != other["loss"]
 
 

@@ -141,7 +141,8 @@ def _run(args) -> int:
     def stored(i):
         rec = store.get(f"{fp}|row={i}")
         ok = (isinstance(rec, dict) and isinstance(rec.get("loss"), list) and len(rec["loss"]) == len(rows[i])
-              and all(v is None or isinstance(v, (int, float, str)) for v in rec["loss"]))
+              and all(v is None or v in ("inf", "-inf") or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                      for v in rec["loss"]))
         return [json_float(v) for v in rec["loss"]] if ok else None
 
     center = _loss(H, H._W)
