@@ -185,3 +185,92 @@ def test_an_interrupt_before_the_first_row_says_nothing_is_saved(tmp_path, monke
     monkeypatch.setattr(landscape, "losses_at", interrupted)
     assert main(TINY + ["--init", "small", "--out", str(tmp_path / "o")]) == 130
     assert "interrupted; no row of the grid had finished: a rerun starts over" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ around a trained net (train --save-weights)
+TRAIN = ["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "4", "--samples", "40",
+         "--lr", "0.3", "--no-progress"]
+
+
+def test_the_landscape_around_a_trained_net(tmp_path, capsys):
+    """train --save-weights writes the trained net with what rebuilds it and its data; landscape --weights is
+    centred there: its loss at the weights is the run's final loss, in the run's float32 or in float64."""
+    from shortcut_ext.experiments.train_cmd import load_weights
+
+    run = tmp_path / "run.json"
+    assert main(TRAIN + ["--epochs", "20", "--dtype", "float32", "--save-weights", "--out", str(run)]) == 0
+    assert "run.weights.pt" in capsys.readouterr().out
+    final = json.loads(run.read_text())["final_loss"]
+    w = tmp_path / "run.weights.pt"
+    blob = torch.load(w, weights_only=True)
+    net, bundle, info = load_weights(w)
+    assert info["net"]["arch"] == "2-shortcut" and net.weight.dtype == torch.float32
+    assert torch.equal(net.weight.detach(), blob["state_dict"]["weight"]) and bundle.tag == blob["data"]["tag"]
+    for dtype, rel in (("float32", 1e-6), ("float64", 1e-6)):
+        out = tmp_path / dtype
+        assert main(["landscape", "--weights", str(w), "--dtype", dtype, "--points", "5", "--no-progress",
+                     "--out", str(out)]) == 0
+        r = _result(out)
+        assert r["center"] == pytest.approx(final, rel=rel) and "trained 20 epochs on digits" in r["net"]
+        assert r["grad_norm"] > 0 and r["num_params"] == 2 * 2 * 16
+    # the loss is the one train minimised: at the initial weights it is the history's first loss
+    assert main(TRAIN + ["--epochs", "0", "--save-weights", "--out", str(tmp_path / "init.json")]) == 0
+    first = json.loads((tmp_path / "init.json").read_text())["history"]["loss"][0]
+    assert main(["landscape", "--weights", str(tmp_path / "init.weights.pt"), "--points", "3", "--no-progress",
+                 "--out", str(tmp_path / "i")]) == 0
+    assert _result(tmp_path / "i")["center"] == pytest.approx(first, rel=1e-12)
+
+
+def test_train_writes_no_weights_unless_asked(tmp_path, capsys):
+    assert main(TRAIN + ["--epochs", "2", "--out", str(tmp_path / "run.json")]) == 0
+    assert not (tmp_path / "run.weights.pt").exists() and ".weights.pt" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_belongs_to_the_weights_not_to_their_file_name(tmp_path, capsys):
+    run, out = tmp_path / "run.json", tmp_path / "o"
+    args = ["landscape", "--weights", str(tmp_path / "run.weights.pt"), "--points", "3", "--no-progress",
+            "--out", str(out)]
+    assert main(TRAIN + ["--epochs", "5", "--save-weights", "--out", str(run)]) == 0
+    assert main(args) == 0
+    a = _result(out)
+    assert main(TRAIN + ["--epochs", "15", "--save-weights", "--out", str(run)]) == 0  # retrained into the same file
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "is of other options" in capsys.readouterr().out
+    b = _result(out)
+    assert b["resumed_rows"] == 0 and b["center"] == pytest.approx(json.loads(run.read_text())["final_loss"], rel=1e-9)
+    assert b["center"] != a["center"]
+
+
+def test_bad_weights_files_are_refused_with_what_is_wrong(tmp_path):
+    from shortcut_ext.experiments.train_cmd import WEIGHTS_KIND
+
+    run = tmp_path / "run.json"
+    assert main(TRAIN + ["--epochs", "2", "--save-weights", "--out", str(run)]) == 0
+    w = tmp_path / "run.weights.pt"
+    blob = torch.load(w, weights_only=True)
+
+    def refused(path, *extra):
+        with pytest.raises(SystemExit) as e:
+            main(["landscape", "--weights", str(path), "--no-progress", *extra, "--out", str(tmp_path / "o")])
+        assert e.value.code == 2 and str(e.value).startswith(f"shortcut-ext landscape: ")
+        return str(e.value)
+
+    assert "--units, --seed have no effect with --weights" in refused(w, "--units", "3", "--seed", "4")
+    assert "--data has no effect with --weights" in refused(w, "--data", "digits")
+    assert "no such file" in refused(tmp_path / "none.pt")
+    msg = refused(run)
+    assert "torch.load cannot read it" in msg and f"the weights of the run {run} are in {w}" in msg
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    assert f"expected a dict with kind {WEIGHTS_KIND!r}, got Tensor" in refused(tmp_path / "tensor.pt")
+    cases = {
+        "format": ({**blob, "format": 99}, "written in format 99, this version reads 1"),
+        "lacks": ({k: v for k, v in blob.items() if k != "net"}, "damaged, it lacks 'net'"),
+        "data": ({**blob, "data": {**blob["data"], "tag": "digits(d=4,m=39,seed=0)"}},
+                 "the data differ from those the run trained on"),
+        "shape": ({**blob, "state_dict": {"weight": torch.zeros(1, 2, 4, 4, dtype=torch.float64)}},
+                  "its weights do not fit the net it names"),
+    }
+    for name, (b, words) in cases.items():
+        torch.save(b, tmp_path / f"{name}.pt")
+        assert words in refused(tmp_path / f"{name}.pt"), name

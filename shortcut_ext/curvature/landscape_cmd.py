@@ -5,7 +5,8 @@ and the loss at ``w + t u`` (a line) or ``w + t u + s v`` (a plane) on a grid of
 quadratic model ``L + t g.u + t^2/2 u^T H u`` from the gradient and Hessian-vector products.  With
 ``--order``, also the order of the stationary point along each direction (Theorem 1: ``n`` at an
 n-shortcut net's zero point, where the gradient and, for ``n >= 3``, the Hessian vanish and the quadratic
-model is flat).  Writes ``landscape.json``, ``landscape.csv`` and ``landscape.png`` to ``--out``.
+model is flat).  The net is built from the network and data flags (as ``spectrum`` builds it), or, with
+``--weights``, is a net trained by ``shortcut-ext train --save-weights``, with its data.  Writes ``landscape.json``, ``landscape.csv`` and ``landscape.png`` to ``--out``.
 
 The grid's losses are saved as they finish (``landscape.checkpoint.jsonl``, one line per row of the grid):
 an interrupted run resumes with the same command and ends with the same numbers; a checkpoint of other
@@ -14,6 +15,11 @@ options is replaced.
 Example (a 3-shortcut net's zero point: flat to second order, a cubic saddle)::
 
     shortcut-ext landscape --shortcut 3 --units 100 --width 8 --init zero --plane --order --out runs/land3
+
+Around a trained net::
+
+    shortcut-ext train --arch 2-shortcut --act tanh-mid --depth 20 --epochs 500 --save-weights --out runs/t.json
+    shortcut-ext landscape --weights runs/t.weights.pt --plane --normalize filter --out runs/land_t
 """
 from __future__ import annotations
 
@@ -58,6 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " Writes JSON, CSV and a PNG figure.",
     )
     add_problem_args(p, "forwards and HVPs")
+    p.add_argument_group("trained weights").add_argument(
+        "--weights", default=None, metavar="FILE",
+        help="the landscape around a trained net: the .weights.pt file of shortcut-ext train --save-weights (the "
+             "net, its weights and its data come from the run: leave the network and data flags out)")
     g = p.add_argument_group("slice")
     g.add_argument("--plane", action="store_true", help="two directions, a plane (default: one, a line)")
     g.add_argument("--span", type=positive_float, default=1.0,
@@ -100,9 +110,21 @@ def _fingerprint(args) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+# the network and data flags (with --seed) a --weights file replaces
+_RUN_FLAGS = ("shortcut", "units", "width", "init", "scale", "pre", "mid", "post", "data", "samples", "noise", "loss",
+              "seed")
+
+
 def run(args) -> int:
     _check_options(args, "landscape")
-    if args.normalize != "unit" and args.init == "zero":
+    if args.weights is not None:
+        defaults = add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["--out", "x"])
+        given = [f"--{k.replace('_', '-')}" for k in _RUN_FLAGS if getattr(args, k) != getattr(defaults, k)]
+        if given:
+            raise SystemExit(f"shortcut-ext landscape: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no "
+                             f"effect with --weights {args.weights}: the net and its data come from the trained run "
+                             "(leave them out)")
+    elif args.normalize != "unit" and args.init == "zero":
         raise SystemExit(f"shortcut-ext landscape: --normalize {args.normalize} scales the directions like the "
                          "weights, which are all 0 with --init zero: use --normalize unit (the default)")
     args.device = parse_device(args.device, "landscape")
@@ -118,7 +140,20 @@ def _run(args) -> int:
 
     t_start = time.perf_counter()
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    net, X, Y = build_problem(args, dtype)
+    what = None
+    if args.weights is None:
+        net, X, Y = build_problem(args, dtype)
+    else:
+        from ..experiments.train_cmd import load_weights
+
+        net, bundle, info = load_weights(args.weights, "landscape", dtype=dtype)
+        net = net.to(args.device)
+        X, Y = bundle.X.to(args.device), bundle.Y.to(args.device)
+        n = info["net"]
+        what = (f"{n['arch']} ({n['act']}), depth {n['depth']}, d = {bundle.width}, trained {info['epochs']} epochs "
+                f"on {bundle.tag}")
+        with open(args.weights, "rb") as f:  # the checkpoint belongs to these weights, not to the file's name
+            args.weights_sha1 = hashlib.sha1(f.read()).hexdigest()
     if args.batch_size is None:
         data = [(X, Y)]
     else:
@@ -173,7 +208,7 @@ def _run(args) -> int:
     res = _model(ts, ss, center, slopes, curv)
     fin = np.isfinite(loss)
     result = {
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "config": {k: v for k, v in vars(args).items() if k != "func"}, "net": what,
         "num_params": H.P, "backend_used": H.backend_used, "fallback_reason": H.fallback_reason,
         "environment": _environment(),
         "center": center, "grad_norm": float(H.loss_and_grad()[1].norm()),
@@ -194,7 +229,7 @@ def _run(args) -> int:
         f.write(to_strict_json(result, indent=1))
     _write_csv(os.path.join(args.out, "landscape.csv"), ts, ss, loss, res)
     if not args.no_plots:
-        _plot(os.path.join(args.out, "landscape.png"), args, ts, ss, loss, res, center)
+        _plot(os.path.join(args.out, "landscape.png"), args, ts, ss, loss, res, center, what)
     msg = (f"shortcut-ext landscape: P = {H.P}, L(w) = {center:.6g}, |grad| = {result['grad_norm']:.3g}, "
            f"u^T H u = {curv[0, 0]:.4g}; the loss on the grid spans [{np.nanmin(loss):.6g}, {np.nanmax(loss):.6g}], "
            f"the quadratic model is off by at most {result['max_abs_model_error']:.3g}"
@@ -238,11 +273,11 @@ def _write_csv(path, ts, ss, loss, model) -> None:
                         for i, t in enumerate(ts) for j, s in enumerate(ss))
 
 
-def _plot(path, args, ts, ss, loss, model, center) -> None:
+def _plot(path, args, ts, ss, loss, model, center, what=None) -> None:
     from matplotlib.figure import Figure  # outside pyplot: the caller's backend is untouched
 
-    net = (f"plain net, depth {args.units}" if args.shortcut == 0 else
-           f"{args.shortcut}-shortcut net, {args.units} units") + f", d = {args.width}, init {args.init}"
+    net = what.replace(", trained", ",\ntrained") if what else ((f"plain net, depth {args.units}" if args.shortcut == 0 else
+                    f"{args.shortcut}-shortcut net, {args.units} units") + f", d = {args.width}, init {args.init}")
     fig = Figure(figsize=(7, 4.8))
     ax = fig.subplots()
     if ss is None:
@@ -262,7 +297,7 @@ def _plot(path, args, ts, ss, loss, model, center) -> None:
         ax.set_xlabel("t (first direction)")
         ax.set_ylabel("s (second direction)")
         ax.set_aspect("equal")
-    ax.set_title(f"loss around the weights: {net}" + ("" if ss is None else "\n(dashed: quadratic model)"), fontsize=9)
+    ax.set_title(f"loss around the weights: {net}" + ("" if ss is None else " (dashed: quadratic model)"), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 

@@ -6,7 +6,9 @@
 
 Writes ``--out`` (a .json file: configuration, final numbers, per-epoch history, Hessian probes; strict
 JSON, with nan as ``null`` and +-inf as ``"inf"`` / ``"-inf"``) and a CSV of the per-epoch history beside
-it (``run.csv``).  A second run into the same ``--out`` is refused while the first runs.
+it (``run.csv``); with ``--save-weights`` also the trained weights (``run.weights.pt``: the net's state, the
+options that rebuild the net and the data with a key of their values; ``shortcut-ext landscape --weights``
+reads it).  A second run into the same ``--out`` is refused while the first runs.
 
 Resume: while it trains, the run keeps a checkpoint beside ``--out`` (``run.ckpt.pt``: the weights, the
 optimizer state, the epoch, the history and probes so far, the mini-batch generator's state and the
@@ -88,6 +90,9 @@ def add_parser(subparsers) -> None:
                         "no checkpoint, an interrupted run starts over)")
     p.add_argument("--checkpoint-seconds", type=nonneg_float, default=30.0, metavar="S",
                    help="... but at most every S seconds of wall time (default 30)")
+    p.add_argument("--save-weights", action="store_true",
+                   help="also write the trained weights beside --out (OUT stem + .weights.pt, with what rebuilds the "
+                        "net and its data), for shortcut-ext landscape --weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for logs of long runs)")
     p.add_argument("--out", required=True,
                    help="the .json file for the metrics (a .csv of the history and, while training, a .ckpt.pt "
@@ -99,6 +104,78 @@ def checkpoint_path(out) -> Path:
     """The checkpoint beside ``--out``: ``run.json`` -> ``run.ckpt.pt``."""
     out = Path(out)
     return out.with_name(out.stem + ".ckpt.pt")
+
+
+WEIGHTS_KIND = "shortcut-ext train weights"
+WEIGHTS_FORMAT = 1
+
+
+def weights_path(out) -> Path:
+    """The trained weights beside ``--out`` (``--save-weights``): ``run.json`` -> ``run.weights.pt``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".weights.pt")
+
+
+def _save_weights(path: Path, args, net, bundle, kind: str, data_path, res) -> None:
+    """The net's state and what rebuilds the net and its data (:func:`load_weights`); plain tensors, strings and
+    numbers only, so that ``torch.load(weights_only=True)`` reads it."""
+    import io
+
+    blob = {"kind": WEIGHTS_KIND, "format": WEIGHTS_FORMAT,
+            "net": {"arch": args.arch, "act": args.act, "depth": args.depth, "seed": args.seed, "width": args.width,
+                    "out_features": None if bundle.out_features == bundle.width else bundle.out_features},
+            "data": {"kind": kind, "path": None if data_path is None else str(Path(data_path).expanduser().resolve()),
+                     "samples": args.samples, "tag": bundle.tag},
+            "dtype": args.dtype, "final_loss": float(res.final_loss), "epochs": int(args.epochs),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def load_weights(path, command: str = "landscape", dtype=None, backend=None):
+    """A ``--save-weights`` file: ``(net, bundle, info)``, the trained net (in ``dtype``, default the run's) and
+    its data as the run loaded them.  A file that is not one, or data that changed since, is a ``SystemExit``
+    naming ``--weights``."""
+    from .sweeps import build_model, load_data
+
+    where = f"shortcut-ext {command}: --weights {path}"
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SystemExit(f"{where}: no such file (train with --save-weights writes one beside its --out: "
+                         "run.json -> run.weights.pt)")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
+        beside = weights_path(p)
+        hint = f"; the weights of the run {p} are in {beside}" if p.suffix == ".json" and beside.is_file() else ""
+        raise SystemExit(f"{where}: not a weights file of shortcut-ext train --save-weights (torch.load cannot read "
+                         f"it: {type(e).__name__}){hint}") from None
+    if not (isinstance(blob, dict) and blob.get("kind") == WEIGHTS_KIND):
+        raise SystemExit(f"{where}: not a weights file of shortcut-ext train --save-weights (expected a dict with "
+                         f"kind {WEIGHTS_KIND!r}, got {type(blob).__name__})")
+    if blob.get("format") != WEIGHTS_FORMAT:
+        raise SystemExit(f"{where}: written in format {blob.get('format')!r}, this version reads {WEIGHTS_FORMAT}")
+    try:
+        n, d = blob["net"], blob["data"]
+        dt = dtype or (torch.float64 if blob["dtype"] == "float64" else torch.float32)
+        bundle = load_data(d["kind"], d["path"], d=n["width"], samples=d["samples"], dtype=dt)
+        net = build_model(n["arch"], n["act"], n["depth"], bundle.width, n["seed"], dt, backend,
+                          out_features=n["out_features"])
+        state = blob["state_dict"]
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"{where}: damaged, it lacks {e}") from None
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"{where}: its data cannot be loaded again ({e})") from None
+    if bundle.tag != d["tag"]:
+        raise SystemExit(f"{where}: the data differ from those the run trained on ({bundle.tag} now, {d['tag']} "
+                         "then): the landscape would not be the trained net's")
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise SystemExit(f"{where}: its weights do not fit the net it names ({str(e).splitlines()[0]})") from None
+    return net, bundle, blob
 
 
 def main(args) -> int:
@@ -297,6 +374,10 @@ def _main_locked(args, device, rank, world) -> int:
 
     csv_path = out.with_suffix(".csv")
     _write_atomic(csv_path, write_csv)
+    wrote = [str(out), str(csv_path)]
+    if getattr(args, "save_weights", False):
+        _save_weights(weights_path(out), args, net, bundle, kind, path, res)
+        wrote.append(str(weights_path(out)))
     if ckpt is not None:  # the result is saved: the checkpoint has served, and killed writers' temporaries
         from .._io import _remove_stale_temporaries
 
@@ -310,5 +391,5 @@ def _main_locked(args, device, rank, world) -> int:
         p = res.probes[-1]
         msg += f"; last probe: |lambda|max {p['lam_max']:.4g}, cond_q10 {p['cond_q10']:.4g}, index {p['index']:.3f}"
     print(msg)
-    print(f"wrote {out} and {csv_path}")
+    print(f"wrote {', '.join(wrote[:-1])} and {wrote[-1]}")
     return 0
