@@ -274,3 +274,12 @@ def test_bad_weights_files_are_refused_with_what_is_wrong(tmp_path):
     for name, (b, words) in cases.items():
         torch.save(b, tmp_path / f"{name}.pt")
         assert words in refused(tmp_path / f"{name}.pt"), name
+
+
+def test_mini_batches_give_the_full_data_landscape(tmp_path):
+    args = TINY + ["--init", "small", "--scale", "0.4", "--mid", "relu", "--points", "4", "--plane"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--batch-size", "7", "--out", str(tmp_path / "b")]) == 0
+    a, b = _result(tmp_path / "a"), _result(tmp_path / "b")
+    np.testing.assert_allclose(np.array(b["loss"]), np.array(a["loss"]), rtol=1e-12)
+    np.testing.assert_allclose(np.array(b["curvature"]), np.array(a["curvature"]), rtol=1e-10, atol=1e-14)
