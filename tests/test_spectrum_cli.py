@@ -750,3 +750,35 @@ def test_the_lanczos_buffers_are_freed_before_slq(tmp_path, monkeypatch):
     assert events[1][1] == 0, events
     if shortcut_ext.cache_stats()["limit_bytes"] > 0:  # (SHORTCUT_EXT_CPU_CACHE_MB=0 keeps nothing)
         assert events[0][1] > 0, events
+
+
+# ------------------------------------------------------------------ a trained net (train --save-weights)
+def test_the_spectrum_of_a_trained_net(tmp_path, capsys):
+    """--weights: the loss is the run's final loss, the exact spectrum is the dense Hessian's of the trained net,
+    no zero-point theory is overlaid; the network flags are refused, --seed (the probes') is not; a retrained
+    file is another checkpoint."""
+    from shortcut_ext.curvature import HessianOperator
+    from shortcut_ext.experiments.train_cmd import load_weights
+
+    run = tmp_path / "run.json"
+    train = ["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "4", "--samples",
+             "40", "--lr", "0.3", "--no-progress", "--save-weights", "--out", str(run)]
+    assert main(train + ["--epochs", "10"]) == 0
+    w = str(tmp_path / "run.weights.pt")
+    args = ["spectrum", "--weights", w, "--top", "2", "--probes", "2", "--steps", "8", "--no-progress", "--no-plots"]
+    out = tmp_path / "s"
+    assert main(args + ["--seed", "3", "--out", str(out)]) == 0
+    r = _result(out)
+    assert r["loss"] == pytest.approx(json.loads(run.read_text())["final_loss"], rel=1e-12)
+    assert "theory" not in r and "trained 10 epochs on digits" in r["net"] and r["num_params"] == 64
+    net, bundle, _ = load_weights(w)
+    dense = torch.linalg.eigvalsh(HessianOperator(net, (bundle.X, bundle.Y), backend="autograd").to_dense())
+    assert r["lanczos"]["largest"][0] == pytest.approx(float(dense[-1]), rel=1e-9)
+    assert r["lanczos"]["smallest"][0] == pytest.approx(float(dense[0]), rel=1e-9, abs=1e-12)
+    with pytest.raises(SystemExit, match=r"--units, --init have no effect with --weights"):
+        main(args + ["--units", "3", "--init", "small", "--out", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert main(train + ["--epochs", "20"]) == 0  # retrained into the same file: not the checkpoint's weights
+    assert main(args + ["--seed", "3", "--out", str(out)]) == 0
+    assert "was made with different options (--weights-sha1" in capsys.readouterr().err
+    assert _result(out)["loss"] == pytest.approx(json.loads(run.read_text())["final_loss"], rel=1e-12)

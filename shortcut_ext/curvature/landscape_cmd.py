@@ -39,7 +39,8 @@ from .._cli_args import out_dir, out_lock, positive_float, positive_int
 from .._cli_args import seed as seed_type
 from .._device import parse_device
 from .._io import atomic_open, save_figure
-from .spectrum_cmd import _check_options, _environment, _progress, add_problem_args, build_problem, to_strict_json
+from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_args, build_problem,
+                           to_strict_json, trained_problem)
 
 CHECKPOINT = "landscape.checkpoint.jsonl"
 # what a checkpoint's numbers depend on besides the flags: the way they are computed (bump on a change)
@@ -64,10 +65,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + " Writes JSON, CSV and a PNG figure.",
     )
     add_problem_args(p, "forwards and HVPs")
-    p.add_argument_group("trained weights").add_argument(
-        "--weights", default=None, metavar="FILE",
-        help="the landscape around a trained net: the .weights.pt file of shortcut-ext train --save-weights (the "
-             "net, its weights and its data come from the run: leave the network and data flags out)")
     g = p.add_argument_group("slice")
     g.add_argument("--plane", action="store_true", help="two directions, a plane (default: one, a line)")
     g.add_argument("--span", type=positive_float, default=1.0,
@@ -110,21 +107,9 @@ def _fingerprint(args) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-# the network and data flags (with --seed) a --weights file replaces
-_RUN_FLAGS = ("shortcut", "units", "width", "init", "scale", "pre", "mid", "post", "data", "samples", "noise", "loss",
-              "seed")
-
-
 def run(args) -> int:
     _check_options(args, "landscape")
-    if args.weights is not None:
-        defaults = add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["--out", "x"])
-        given = [f"--{k.replace('_', '-')}" for k in _RUN_FLAGS if getattr(args, k) != getattr(defaults, k)]
-        if given:
-            raise SystemExit(f"shortcut-ext landscape: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no "
-                             f"effect with --weights {args.weights}: the net and its data come from the trained run "
-                             "(leave them out)")
-    elif args.normalize != "unit" and args.init == "zero":
+    if args.weights is None and args.normalize != "unit" and args.init == "zero":
         raise SystemExit(f"shortcut-ext landscape: --normalize {args.normalize} scales the directions like the "
                          "weights, which are all 0 with --init zero: use --normalize unit (the default)")
     args.device = parse_device(args.device, "landscape")
@@ -143,17 +128,9 @@ def _run(args) -> int:
     what = None
     if args.weights is None:
         net, X, Y = build_problem(args, dtype)
-    else:
-        from ..experiments.train_cmd import load_weights
-
-        net, bundle, info = load_weights(args.weights, "landscape", dtype=dtype)
-        net = net.to(args.device)
-        X, Y = bundle.X.to(args.device), bundle.Y.to(args.device)
-        n = info["net"]
-        what = (f"{n['arch']} ({n['act']}), depth {n['depth']}, d = {bundle.width}, trained {info['epochs']} epochs "
-                f"on {bundle.tag}")
-        with open(args.weights, "rb") as f:  # the checkpoint belongs to these weights, not to the file's name
-            args.weights_sha1 = hashlib.sha1(f.read()).hexdigest()
+    else:  # the checkpoint's fingerprint takes the weights' digest (args.weights_sha1)
+        net, X, Y, what = trained_problem(args, "landscape", dtype)
+        net, X, Y = net.to(args.device), X.to(args.device), Y.to(args.device)
     if args.batch_size is None:
         data = [(X, Y)]
     else:

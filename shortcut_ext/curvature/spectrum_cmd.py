@@ -4,7 +4,8 @@ Computes the ``k`` largest and smallest eigenvalues (Lanczos, with residual norm
 density by stochastic Lanczos quadrature, ``|lambda|`` quantiles, the index and the condition
 numbers; for small nets also the exact spectrum (dense ``eigvalsh``).  At zero initialisation the
 closed-form spectrum of Theorem 1 (docs/science.md section 2) is computed without building the Hessian and
-compared.  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
+compared.  The net comes from the network and data flags, or (``--weights``) is one trained by
+``shortcut-ext train --save-weights``, with its data (no theory then).  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
 ``spectrum.json`` is strict JSON (nan is written as ``null``, +-inf as ``"inf"`` / ``"-inf"``, so a
 singular Hessian's condition number reads ``"inf"``); a Lanczos run that did not converge is saved with
 ``"converged": false`` and a WARNING on stderr.
@@ -77,6 +78,38 @@ def add_problem_args(p, batched: str) -> None:
     g.add_argument("--loss", choices=LOSSES, default="mse")
     g.add_argument("--batch-size", type=positive_int, default=None, help=f"mini-batch size of the {batched} (the loss "
                    "and Hessian are always the full-data ones)")
+    p.add_argument_group("trained weights").add_argument(
+        "--weights", default=None, metavar="FILE",
+        help="a trained net instead: the .weights.pt file of shortcut-ext train --save-weights (the net, its weights "
+             "and its data come from the run: leave the network and data flags out)")
+
+
+def trained_problem(args, command: str, dtype: torch.dtype, seed_flag: bool = True):
+    """``--weights``: ``(net, X, Y, what)`` of the trained run on the CPU (``what`` describes it), after refusing the
+    network and data flags it replaces (and ``--seed`` where ``seed_flag``: the seed of the init and the data).
+    Sets ``args.weights_sha1``: a checkpoint belongs to the weights, not to their file's name."""
+    import hashlib
+
+    from ..experiments.train_cmd import load_weights
+
+    spare = argparse.ArgumentParser()
+    add_problem_args(spare, "")
+    defaults = vars(spare.parse_args([]))
+    given = [f"--{k.replace('_', '-')}" for k, v in defaults.items()
+             if k not in ("batch_size", "weights") and getattr(args, k) != v]
+    if seed_flag and args.seed != 0:
+        given.append("--seed")
+    if given:
+        raise SystemExit(f"shortcut-ext {command}: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect "
+                         f"with --weights {args.weights}: the net and its data come from the trained run (leave "
+                         f"{'it' if len(given) == 1 else 'them'} out)")
+    net, bundle, info = load_weights(args.weights, command, dtype=dtype)
+    with open(args.weights, "rb") as f:
+        args.weights_sha1 = hashlib.sha1(f.read()).hexdigest()
+    n = info["net"]
+    what = (f"{n['arch']} ({n['act']}), depth {n['depth']}, d = {bundle.width}, trained {info['epochs']} epochs on "
+            f"{bundle.tag}")
+    return net, bundle.X, bundle.Y, what
 
 
 def build_problem(args, dtype: torch.dtype):
@@ -219,7 +252,9 @@ def run(args) -> int:
     budget = max(1, int(args.basis_gib * 2**30))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     args.device = parse_device(args.device, "spectrum")
-    _check_memory(args, budget)
+    # a trained net (--weights) is loaded first: its size is the file's, not the flags'
+    trained = None if args.weights is None else trained_problem(args, "spectrum", dtype, seed_flag=False)
+    _check_memory(args, budget, None if trained is None else trained[0].weight.numel())
     out_dir(args.out, "spectrum")  # before any work (every rank: they all read the checkpoint there)
     created_group = False
     rank, world = 0, 1
@@ -228,7 +263,7 @@ def run(args) -> int:
     try:
         with out_lock(os.path.join(args.out, ".shortcut-ext.lock"), "spectrum", lead=rank == 0,
                       distributed=bool(args.distributed), device=args.device):
-            return _run(args, dtype, budget, rank, world)
+            return _run(args, dtype, budget, rank, world, trained)
     finally:
         if created_group:
             import torch.distributed as dist
@@ -236,7 +271,7 @@ def run(args) -> int:
             dist.destroy_process_group()
 
 
-def _run(args, dtype, budget, rank, world) -> int:
+def _run(args, dtype, budget, rank, world, trained=None) -> int:
     from .. import theory
     from .condition import report_from_eigenvalues, symmetrize_lower_
     from .hessian import HessianOperator
@@ -248,7 +283,12 @@ def _run(args, dtype, budget, rank, world) -> int:
     quiet = args.no_progress or not lead
     t_start = time.perf_counter()
 
-    net, X, Y = build_problem(args, dtype)
+    if trained is None:
+        net, X, Y = build_problem(args, dtype)
+        what = None
+    else:
+        net, X, Y, what = trained
+        net, X, Y = net.to(args.device), X.to(args.device), Y.to(args.device)
     Xs, Ys = (X[rank::world], Y[rank::world]) if args.distributed else (X, Y)  # this rank's shard
     if args.batch_size is None:
         data = [(Xs, Ys)] if Xs.shape[0] else []
@@ -261,7 +301,7 @@ def _run(args, dtype, budget, rank, world) -> int:
     if args.distributed:  # resume only what every rank read alike (e.g. each node's own --out): else afresh
         ckpt.agree(H.device)
     result = {
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "config": {k: v for k, v in vars(args).items() if k != "func"}, "net": what,
         "num_params": H.P, "backend_used": H.backend_used, "fallback_reason": H.fallback_reason,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "timings_s": {},
         "environment": _environment(),  # versions, build, threads, machine: what a reviewer asks
@@ -415,7 +455,7 @@ def _run(args, dtype, budget, rank, world) -> int:
 
     # theory at the zero point
     spec = None
-    if args.shortcut >= 1 and args.init == "zero":
+    if args.shortcut >= 1 and args.init == "zero" and trained is None:  # (a trained net is not at its zero point)
         dense_limit = max(THEORY_DENSE_PARAMS, args.exact_max_params)
         if args.shortcut == 1 and H.P > dense_limit:  # no closed form for n = 1: assembled densely
             result["theory"] = {"skipped": (
@@ -490,13 +530,15 @@ def _run(args, dtype, budget, rank, world) -> int:
     return 0
 
 
-def _check_memory(args, budget: int) -> None:
+def _check_memory(args, budget: int, P: int | None = None) -> None:
     """Refuse, before any work, a net whose weights (the model's, the operator's copy, a direction and a
-    product: 4 x P numbers) or whose --basis-gib cannot fit in the device's memory."""
+    product: 4 x P numbers) or whose --basis-gib cannot fit in the device's memory.  ``P``: the trunk's size
+    where the flags do not give it (a trained net's)."""
     from .._cli_args import device_memory
 
     itemsize = 8 if args.dtype == "float64" else 4
-    P = args.units * max(args.shortcut, 1) * args.width ** 2
+    if P is None:
+        P = args.units * max(args.shortcut, 1) * args.width ** 2
     have, where = device_memory(args.device)
     # the bases take what the run needs within --basis-gib (a cap): the Lanczos basis (--max-iter, else up to
     # max(300, 20 --top) vectors) or one SLQ group (--probe-batch, else up to --probes, x (--steps + 1))
@@ -521,11 +563,14 @@ def _check_memory(args, budget: int) -> None:
                              f"{where} {have / 2**30:.3g} GiB of memory; lower --exact-max-params below {P}")
     need = (4 * P * itemsize + min(budget, 3 * P * itemsize)) * local
     if need > have:
-        raise SystemExit(f"shortcut-ext spectrum: --units {args.units} --width {args.width} (P = {P} weights) is too "
+        net = (f"--units {args.units} --width {args.width}" if args.weights is None else
+               f"the net of --weights {args.weights}")
+        raise SystemExit(f"shortcut-ext spectrum: {net} (P = {P} weights) is too "
                          f"large: the weights, the operator's copy, a direction, a product and a small basis need "
                          f"{need / 2**30:.3g} GiB of {args.dtype}" + (f" ({local} ranks on this machine)" if local > 1
                                                                     else "")
-                         + f", more than {where} {have / 2**30:.3g} GiB of memory; lower --units or --width")
+                         + f", more than {where} {have / 2**30:.3g} GiB of memory; "
+                         + ("lower --units or --width" if args.weights is None else "use a machine with more memory"))
 
 
 def _check_sizes(args, P: int, dtype: torch.dtype, budget: int) -> None:
