@@ -240,6 +240,13 @@ def test_a_checkpoint_belongs_to_the_weights_not_to_their_file_name(tmp_path, ca
     b = _result(out)
     assert b["resumed_rows"] == 0 and b["center"] == pytest.approx(json.loads(run.read_text())["final_loss"], rel=1e-9)
     assert b["center"] != a["center"]
+    import shutil
+
+    shutil.copy(tmp_path / "run.weights.pt", tmp_path / "moved.pt")  # the same weights under another name
+    args[2] = str(tmp_path / "moved.pt")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "other options" not in capsys.readouterr().out and _result(out)["resumed_rows"] == 3
 
 
 def test_bad_weights_files_are_refused_with_what_is_wrong(tmp_path):

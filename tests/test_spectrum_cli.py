@@ -587,6 +587,8 @@ _COMPUTATIONAL = {"--shortcut": "3", "--units": "7", "--width": "4", "--init": "
                   "--basis-gib": "2.0", "--no-verify": None, "--exact-max-params": "100", "--seed": "4",
                   "--dtype": "float32", "--backend": "autograd"}
 _PLACEMENT = ("--device", "--distributed", "--no-plots", "--no-progress", "--out")
+# known by the file's digest, not its path: test_the_spectrum_of_a_trained_net
+_BY_CONTENT = ("--weights",)
 
 
 @pytest.fixture(scope="module")
@@ -611,7 +613,7 @@ def test_every_spectrum_flag_is_either_computational_or_placement():
 
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
     flags = {o for a in sub.choices["spectrum"]._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
-    assert flags == set(_COMPUTATIONAL) | set(_PLACEMENT)
+    assert flags == set(_COMPUTATIONAL) | set(_PLACEMENT) | set(_BY_CONTENT)
 
 
 @pytest.mark.parametrize("flag", sorted(_COMPUTATIONAL))
@@ -782,3 +784,11 @@ def test_the_spectrum_of_a_trained_net(tmp_path, capsys):
     assert main(args + ["--seed", "3", "--out", str(out)]) == 0
     assert "was made with different options (--weights-sha1" in capsys.readouterr().err
     assert _result(out)["loss"] == pytest.approx(json.loads(run.read_text())["final_loss"], rel=1e-12)
+    import shutil
+
+    moved = tmp_path / "elsewhere.pt"  # the same weights under another name: the checkpoint is theirs
+    shutil.copy(w, moved)
+    args[2] = str(moved)
+    assert main(args + ["--seed", "3", "--out", str(out)]) == 0
+    assert "different options" not in capsys.readouterr().err
+    assert _result(out)["resumed"]["lanczos"] is True and _result(out)["resumed"]["slq_probes"] == 2

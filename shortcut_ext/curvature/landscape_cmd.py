@@ -99,7 +99,9 @@ def _grid(args) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _fingerprint(args) -> str:
     """The options the numbers depend on (not where they are written or shown), with the computation's format."""
-    keep = {k: v for k, v in vars(args).items() if k not in ("func", "out", "no_plots", "no_progress", "command")}
+    # (a trained net's weights by their digest, weights_sha1, not by their file's path)
+    keep = {k: v for k, v in vars(args).items()
+            if k not in ("func", "out", "no_plots", "no_progress", "command", "weights")}
     keep["format"] = _FORMAT
     keep["version"] = __version__
     keep["threads"] = torch.get_num_threads()  # the reductions' order: a resumed grid matches bit for bit

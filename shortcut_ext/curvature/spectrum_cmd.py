@@ -675,7 +675,8 @@ class _Checkpoint:
     def __init__(self, args, write: bool):
         self.path = os.path.join(args.out, "spectrum.checkpoint.json")
         self.write = write
-        self.config = {k: v for k, v in sorted(vars(args).items()) if k not in _PLACEMENT_ARGS}
+        # a trained net's weights are known by their digest (weights_sha1), not by their file's path
+        self.config = {k: v for k, v in sorted(vars(args).items()) if k not in _PLACEMENT_ARGS + ("weights",)}
         self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {}}
         if os.path.isdir(self.path):  # found now, not at the first save after the Lanczos phase
             raise SystemExit(f"shortcut-ext spectrum: the checkpoint path {self.path} (in --out) is a folder: move it "
