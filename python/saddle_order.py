@@ -7,8 +7,9 @@ vanish and every spectral tool sees a flat Hessian; the order tells those saddle
     python python/saddle_order.py --out runs/saddle_order              # depths 12 and 48, seconds
     python python/saddle_order.py --full --out runs/saddle_order_full  # depths up to 768
 
-Same as ``shortcut-ext reproduce --only saddle ...``: writes ``report_saddle.html``, ``figures/saddle_order.png``
-and ``results/`` (``saddle_orders.csv``, ``saddle_curves.csv``, verdicts and summary JSON).
+Same as ``shortcut-ext reproduce --only saddle ...``: writes ``report_saddle.html``, ``figures/saddle_order.png``,
+``figures/saddle_planes.png`` (the loss on a plane through each zero point, beside its quadratic model) and
+``results/`` (``saddle_orders.csv``, ``saddle_curves.csv``, ``saddle_planes.csv``, verdicts and summary JSON).
 """
 import sys
 

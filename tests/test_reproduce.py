@@ -290,15 +290,15 @@ def tiny(tmp_path_factory):
 def test_tiny_reproduction_writes_everything(tiny):
     out, bundle, res = tiny
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 8
+    assert html.count("data:image/png;base64,") == 9
     for s in ("Fig. 5", "Fig. 9", "Fig. 10", "Theorem 1: the order", "Timings", "torch_threads",
               "shortcut_ext_build_info"):
         assert s in html
-    for f in ("fig2_3_weight_norm", "fig5_condition_at_init", "saddle_order", "fig6_7_curvature_vs_loss",
+    for f in ("fig2_3_weight_norm", "fig5_condition_at_init", "saddle_order", "saddle_planes", "fig6_7_curvature_vs_loss",
               "fig8_index_gradnorm", "fig9_final_loss_linear", "fig10_final_loss_relu", "ext_activations"):
         assert (out / "figures" / f"{f}.png").stat().st_size > 1000
     for f in ("fig9_runs.csv", "fig9_best.csv", "fig5_init_condition.csv", "fig6_8_probes.csv", "fig10_best.csv",
-              "saddle_orders.csv", "saddle_curves.csv"):
+              "saddle_orders.csv", "saddle_curves.csv", "saddle_planes.csv"):
         assert len((out / "results" / f).read_text().splitlines()) > 2
     verdicts = json.loads((out / "results" / "verdicts.json").read_text())
     assert len(verdicts) == len(res["verdicts"]) and all(v["holds"] in (True, False, None) for v in verdicts)
@@ -329,6 +329,15 @@ def test_tiny_reproduction_verdicts(tiny):
     assert {(r["arch"], r["act"]) for r in orders} >= {("3-shortcut-zero", "linear"), ("4-shortcut-zero", "tanh-mid"),
                                                         ("1-shortcut-zero", "linear"), ("plain-xavier", "tanh-mid")}
     assert all(abs(float(r["order"]) - max(int(r["n"]), 1)) < 0.1 for r in orders)
+    planes = {}
+    for r in csv.DictReader(open(out / "results" / "saddle_planes.csv")):
+        planes.setdefault(r["arch"], []).append((float(r["loss"]), float(r["quadratic"])))
+    assert sorted(planes) == ["1-shortcut-zero", "2-shortcut-zero", "3-shortcut-zero", "4-shortcut-zero"]
+    for arch, pts in planes.items():
+        loss, quad = np.array(pts).T
+        assert len(pts) == sweeps.PLANE_POINTS ** 2 and np.ptp(loss) > 0, arch
+        # the quadratic model is flat where gradient and Hessian vanish (n >= 3), and not where they do not
+        assert (np.ptp(quad) == 0) == (arch in ("3-shortcut-zero", "4-shortcut-zero")), arch
     flat = holds("Fig. 5", "2-shortcut condition number is flat").details
     assert abs(flat["2-shortcut-zero"]) < 1e-8  # exactly flat (Theorem 1), not merely below the threshold
 
@@ -443,8 +452,12 @@ def test_the_saddle_phase_keeps_its_measurements_and_a_rerun_computes_only_the_m
     curves_csv = (out / "results" / "saddle_curves.csv").read_text()
     real, calls = landscape.stationary_order, []
     monkeypatch.setattr(landscape, "stationary_order", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    planes_csv = (out / "results" / "saddle_planes.csv").read_text()
+    assert sum(d["key"].startswith("plane|") for d in items) == 4
+    lines = len(main.read_text().splitlines())
     reproduce.run(reproduce.TINY, bundle, copy, only=["saddle"], progress=False, log=lambda *a: None)
-    assert calls == []
+    assert calls == [] and len(main.read_text().splitlines()) == lines  # nothing computed again, nothing added
+    assert (copy / "results" / "saddle_planes.csv").read_text() == planes_csv
     assert (copy / "results" / "saddle_orders.csv").read_text() == orders_csv
     assert (copy / "results" / "saddle_curves.csv").read_text() == curves_csv
     no_order = {k: v for k, v in saddle[0]["record"].items() if k != "order"}
@@ -461,7 +474,7 @@ def test_the_saddle_phase_keeps_its_measurements_and_a_rerun_computes_only_the_m
 
 
 def test_stationary_orders_without_a_store_are_the_stored_ones(tmp_path):
-    """``store=None`` (python/saddle_order.py's way) measures the same rows and curves as a stored phase."""
+    """``store=None`` (the function's default) measures the same rows and curves as a stored phase."""
     from shortcut_ext.experiments.store import RunStore
 
     bundle = sweeps.load_data("synthetic", d=4, samples=48)

@@ -374,3 +374,31 @@ def fig_stationary_order(rows: list[dict], curves: list[dict], path, caption: st
     ax.set_title("Theorem 1: p = n at an n-shortcut net's zero point (dotted: 1..n)", fontsize=9)
     ax.legend(fontsize=6)
     return _save(fig, path, caption)
+
+
+def fig_zero_point_planes(planes: list[dict], path, caption: str | None = None) -> Path:
+    """The loss minus its value at the initial point on a plane of two random unit directions, one panel per
+    net, with the quadratic model's contours dashed at the same levels (flat where gradient and Hessian vanish)."""
+    k = max(len(planes), 1)
+    fig, axes = _subplots(1, k, figsize=(3.6 * k + 0.6, 3.6), squeeze=False)
+    for ax, pl in zip(axes[0], planes):
+        ts = np.asarray(pl["ts"], dtype=float)
+        z = np.asarray(pl["loss"], dtype=float) - pl["center"]
+        q = np.asarray(pl["quadratic"], dtype=float) - pl["center"]
+        fin = z[np.isfinite(z)]
+        top = float(np.max(np.abs(fin))) if fin.size else 0.0
+        if top > 0:
+            levels = np.linspace(-top, top, 21)
+            cs = ax.contourf(ts, ts, z.T, levels=levels, cmap="RdBu_r")
+            fig.colorbar(cs, ax=ax, shrink=0.8, format="%.1e").ax.tick_params(labelsize=6)
+            if np.ptp(q[np.isfinite(q)]) > 1e-12 * top:
+                ax.contour(ts, ts, q.T, levels=levels, colors="k", linestyles="dashed", linewidths=0.5)
+        ax.plot([0], [0], "k+", ms=8)
+        ax.set_aspect("equal")
+        ax.set_title(f"{pl['arch']} ({pl['act']}), depth {pl['depth']}", fontsize=8)
+        ax.set_xlabel("t (first direction)", fontsize=7)
+        ax.set_ylabel("s (second direction)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("L(w + t u + s v) - L(w) at each net's initial point (dashed: the quadratic model; none drawn: "
+                 "it is flat)", fontsize=9)
+    return _save(fig, path, caption)

@@ -314,8 +314,25 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
                                          caption=caption(sorted({r["depth"] for r in sad_rows}) or cfg.saddle_depths,
                                                          cfg.seeds, extra="random unit directions, one per seed; "
                                                          "float64 losses at 19 steps from 1e-6 to 1"))
+        # the picture of the same: the loss on a plane through each zero point, beside its quadratic model
+        zero_archs = [a for a in cfg.saddle_archs if sweeps.check_arch(a).init == "zero" and not sweeps.check_arch(a).plain]
+        t = time.perf_counter()
+        planes = sweeps.run_zero_point_planes(bundle, zero_archs, "linear", min(cfg.saddle_depths), cfg.seeds[0],
+                                              dtype, backend, store=store, progress=progress)
+        timings["saddle planes at init"] = time.perf_counter() - t
+        _write_csv(resdir / "saddle_planes.csv", [
+            {"arch": pl["arch"], "act": pl["act"], "depth": pl["depth"], "t": t_, "s": s_, "loss": pl["loss"][i][j],
+             "quadratic": pl["quadratic"][i][j]}
+            for pl in planes for i, t_ in enumerate(pl["ts"]) for j, s_ in enumerate(pl["ts"])])
+        figs = [p]
+        if planes:
+            figs.append(figures.fig_zero_point_planes(
+                planes, figdir / "saddle_planes.png",
+                caption=caption(sorted({pl["depth"] for pl in planes}), cfg.seeds[:1],
+                                extra=f"linear nets at W = 0; two random unit directions, steps -1..1, "
+                                      f"{sweeps.PLANE_POINTS} x {sweeps.PLANE_POINTS}")))
         sections.append(report.Section(
-            "saddle", "Theorem 1: the order of the stationary point at initialisation", EXPECTED["saddle"], [p],
+            "saddle", "Theorem 1: the order of the stationary point at initialisation", EXPECTED["saddle"], figs,
             analysis.verdict_stationary_order(sad_rows), {"orders at init": sad_rows},
             notes="The loss at w + t v for random unit directions v (one per seed), t from 1e-6 to 1; the order p "
                   "is the slope of log|L(w + t v) - L(w)| vs log t over the smallest steps whose change is clear of "

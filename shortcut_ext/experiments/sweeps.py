@@ -553,6 +553,70 @@ def run_stationary_orders(bundle: DataBundle, archs: Iterable[str], acts: Iterab
     return rows, curves
 
 
+PLANE_POINTS = 21  # the zero-point planes' grid: 21 x 21 steps from -1 to 1 along two random unit directions
+
+
+def _is_plane_record(rec) -> bool:
+    """A stored zero-point plane with its grid, losses and quadratic model, each ``PLANE_POINTS`` square."""
+    ok = isinstance(rec, dict) and all(isinstance(rec.get(k), list) for k in ("ts", "loss", "quadratic"))
+    return ok and len(rec["ts"]) == PLANE_POINTS and all(
+        isinstance(r, list) and len(r) == PLANE_POINTS for k in ("loss", "quadratic") for r in rec[k]) and \
+        len(rec["loss"]) == len(rec["quadratic"]) == PLANE_POINTS and "center" in rec
+
+
+def run_zero_point_planes(bundle: DataBundle, archs: Iterable[str], act: str, depth: int, seed: int,
+                          dtype=torch.float64, backend: str | None = None, store=None, desc: str = "zero-point planes",
+                          progress: bool = True) -> list[dict]:
+    """The loss on a plane through each net's initial point (two random unit directions of ``seed``, steps -1..1,
+    ``PLANE_POINTS`` a side) beside its quadratic model: at an n-shortcut net's zero point a tilted plane for
+    ``n = 1``, a quadratic saddle for ``n = 2``, and for ``n >= 3`` a flat model under a cubic (or higher) saddle.
+    One dict per net: ``arch, act, depth, n, ts, loss [a][a], quadratic [a][a], center``; kept in ``store``
+    like the other phases' runs (``None``: computed afresh)."""
+    import warnings
+
+    from ..curvature import HessianOperator
+    from ..curvature.hessian import FallbackWarning
+    from ..curvature.landscape import loss_slice, random_directions
+
+    jobs = [(arch, check_arch(arch).valid_depth(depth)) for arch in archs if arch_supports(arch, act)]
+
+    def key_of(arch, d):
+        return (f"plane|{bundle.tag}|{arch}|{act}|depth={d}|seed={seed}|{_dtype_name(dtype)}"
+                f"|ts=-1..1x{PLANE_POINTS}")
+
+    def compute(arch, d) -> dict:
+        net = build_model(arch, act, d, bundle.width, seed, dtype, backend=backend,
+                          out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+        data = tuple(t.to(dtype) for t in bundle.for_act(act))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)
+            op = HessianOperator(net, data, "mse", backend="autograd" if backend == "torch" else "fused")
+        ts = np.linspace(-1.0, 1.0, PLANE_POINTS)
+        sl = loss_slice(op, random_directions(op, 2, seed=seed), ts, ts)
+        _release_buffers()
+        return {"ts": ts.tolist(), "loss": sl.loss.tolist(), "quadratic": sl.quadratic().tolist(),
+                "center": sl.center}
+
+    if store is not None and hasattr(store, "fill"):
+        _fill(store, [(key_of(*job), functools.partial(compute, *job), job[1]) for job in jobs], desc, progress,
+              usable=_is_plane_record)
+    out = []
+    for arch, d in jobs:
+        if store is None:
+            rec = json_safe(compute(arch, d))
+        else:
+            key = key_of(arch, d)
+            rec = store.get(key)
+            if not _is_plane_record(rec):
+                store.put(key, compute(arch, d))
+                rec = store.get(key)
+        grid = lambda m: [[json_float(v) for v in row] for row in m]  # noqa: E731
+        out.append({"arch": arch, "act": act, "depth": d, "n": check_arch(arch).shortcut,
+                    "ts": [json_float(t) for t in rec["ts"]], "loss": grid(rec["loss"]),
+                    "quadratic": grid(rec["quadratic"]), "center": json_float(rec["center"])})
+    return out
+
+
 __all__ = [
     "ACT_VARIANTS",
     "ARCHS",
@@ -569,5 +633,6 @@ __all__ = [
     "run_lr_sweeps",
     "run_probe_curves",
     "run_stationary_orders",
+    "run_zero_point_planes",
     "seeds_for",
 ]
