@@ -1480,6 +1480,28 @@ def test_cuda_spectrum_command(tmp_path):
 
 
 @needs_cuda
+def test_cuda_landscape_command(tmp_path):
+    """`shortcut-ext landscape --device cuda` on a plane through a 3-shortcut zero point: the same losses as on
+    the CPU to float64 rounding, a flat quadratic model, and Theorem 1's order 3 along both directions."""
+    import json
+
+    from shortcut_ext.cli import main
+
+    base = ["landscape", "--shortcut", "3", "--units", "5", "--width", "4", "--init", "zero", "--samples", "40",
+            "--plane", "--points", "5", "--order", "--batch-size", "16", "--no-progress", "--no-plots"]
+    res = {}
+    for dev in ("cpu", GPU):
+        assert main(base + ["--device", dev, "--out", str(tmp_path / dev)]) == 0
+        res[dev] = json.loads((tmp_path / dev / "landscape.json").read_text())
+    g, c = res[GPU], res["cpu"]
+    assert g["config"]["device"] == GPU and g["backend_used"] == "fused"
+    torch.testing.assert_close(torch.tensor(g["loss"]), torch.tensor(c["loss"]), rtol=1e-12, atol=0)
+    assert g["center"] == pytest.approx(c["center"], rel=1e-12)
+    assert g["grad_norm"] == 0 and all(v == 0 for row in g["curvature"] for v in row)
+    assert [round(o["order"], 1) for o in g["orders"]] == [3.0, 3.0]
+
+
+@needs_cuda
 def test_cuda_bench_command(tmp_path, monkeypatch):
     """`shortcut-ext bench --device cuda`: every variant checked against the reference, timed with
     synchronisation, with its peak memory; no recompute row (the CUDA backward always recomputes); --tf32
