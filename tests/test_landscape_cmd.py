@@ -290,3 +290,47 @@ def test_mini_batches_give_the_full_data_landscape(tmp_path):
     a, b = _result(tmp_path / "a"), _result(tmp_path / "b")
     np.testing.assert_allclose(np.array(b["loss"]), np.array(a["loss"]), rtol=1e-12)
     np.testing.assert_allclose(np.array(b["curvature"]), np.array(a["curvature"]), rtol=1e-10, atol=1e-14)
+
+
+def test_weights_along_training_are_the_uninterrupted_runs_after_a_resume(tmp_path, monkeypatch, capsys):
+    """--save-weights-every: epoch 0 and every N epochs in run.weights/, each the weights after that many epochs
+    (the last one is the final weights); a run interrupted and resumed keeps the same files, bit for bit; a
+    landscape of one of them says which epoch it is."""
+    from shortcut_ext.experiments import train_cmd
+
+    def snaps(d):
+        return {f.name: torch.load(f, weights_only=True) for f in sorted((d / "run.weights").glob("*.pt"))}
+
+    args = TRAIN + ["--epochs", "6", "--save-weights-every", "2", "--checkpoint-every", "1", "--checkpoint-seconds",
+                    "0"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(args + ["--out", str(whole / "run.json")]) == 0
+    a = snaps(whole)
+    assert sorted(a) == [f"epoch_{e:06d}.pt" for e in (0, 2, 4, 6)] and [b["epoch"] for b in a.values()] == [0, 2, 4, 6]
+    final = torch.load(whole / "run.weights.pt", weights_only=True)
+    assert torch.equal(final["state_dict"]["weight"], a["epoch_000006.pt"]["state_dict"]["weight"])
+    assert final["loss"] == json.loads((whole / "run.json").read_text())["final_loss"]
+    assert not torch.equal(a["epoch_000000.pt"]["state_dict"]["weight"], a["epoch_000002.pt"]["state_dict"]["weight"])
+
+    real = train_cmd.train
+
+    def interrupted_after_epoch_3(*a_, on_epoch=None, **k):
+        def stop(e):
+            on_epoch(e)
+            if e == 3:
+                raise KeyboardInterrupt
+        return real(*a_, on_epoch=stop, **k)
+
+    monkeypatch.setattr(train_cmd, "train", interrupted_after_epoch_3)
+    assert main(args + ["--out", str(part / "run.json")]) == 130
+    assert sorted(snaps(part)) == ["epoch_000000.pt", "epoch_000002.pt", "epoch_000004.pt"]
+    monkeypatch.setattr(train_cmd, "train", real)
+    assert main(args + ["--out", str(part / "run.json")]) == 0
+    assert "resuming from epoch 4 of 6" in capsys.readouterr().out
+    b = snaps(part)
+    assert sorted(b) == sorted(a)
+    assert all(torch.equal(a[k]["state_dict"]["weight"], b[k]["state_dict"]["weight"]) for k in a)
+    out = tmp_path / "land"
+    assert main(["landscape", "--weights", str(whole / "run.weights" / "epoch_000002.pt"), "--points", "3",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert "after epoch 2 of 6 on digits" in _result(out)["net"]

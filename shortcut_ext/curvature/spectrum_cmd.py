@@ -107,8 +107,9 @@ def trained_problem(args, command: str, dtype: torch.dtype, seed_flag: bool = Tr
     with open(args.weights, "rb") as f:
         args.weights_sha1 = hashlib.sha1(f.read()).hexdigest()
     n = info["net"]
-    what = (f"{n['arch']} ({n['act']}), depth {n['depth']}, d = {bundle.width}, trained {info['epochs']} epochs on "
-            f"{bundle.tag}")
+    when = (f"trained {info['epoch']} epochs" if info["epoch"] == info["epochs"] else
+            f"after epoch {info['epoch']} of {info['epochs']}")
+    what = f"{n['arch']} ({n['act']}), depth {n['depth']}, d = {bundle.width}, {when} on {bundle.tag}"
     return net, bundle.X, bundle.Y, what
 
 

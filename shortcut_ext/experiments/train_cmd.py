@@ -8,7 +8,9 @@ Writes ``--out`` (a .json file: configuration, final numbers, per-epoch history,
 JSON, with nan as ``null`` and +-inf as ``"inf"`` / ``"-inf"``) and a CSV of the per-epoch history beside
 it (``run.csv``); with ``--save-weights`` also the trained weights (``run.weights.pt``: the net's state, the
 options that rebuild the net and the data with a key of their values; ``shortcut-ext landscape --weights``
-reads it).  A second run into the same ``--out`` is refused while the first runs.
+reads it), and with ``--save-weights-every N`` the weights at epoch 0 and every N epochs
+(``run.weights/epoch_NNNNNN.pt``, the same files, bit for bit, from a resumed run).  A second run into the same
+``--out`` is refused while the first runs.
 
 Resume: while it trains, the run keeps a checkpoint beside ``--out`` (``run.ckpt.pt``: the weights, the
 optimizer state, the epoch, the history and probes so far, the mini-batch generator's state and the
@@ -92,7 +94,10 @@ def add_parser(subparsers) -> None:
                    help="... but at most every S seconds of wall time (default 30)")
     p.add_argument("--save-weights", action="store_true",
                    help="also write the trained weights beside --out (OUT stem + .weights.pt, with what rebuilds the "
-                        "net and its data), for shortcut-ext landscape --weights")
+                        "net and its data), for shortcut-ext landscape / spectrum --weights")
+    p.add_argument("--save-weights-every", type=nonneg_int, default=0, metavar="EPOCHS",
+                   help="also keep the weights along training: at epoch 0 and every EPOCHS epochs, in OUT stem + "
+                        ".weights/epoch_NNNNNN.pt (implies --save-weights; 0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for logs of long runs)")
     p.add_argument("--out", required=True,
                    help="the .json file for the metrics (a .csv of the history and, while training, a .ckpt.pt "
@@ -116,9 +121,15 @@ def weights_path(out) -> Path:
     return out.with_name(out.stem + ".weights.pt")
 
 
-def _save_weights(path: Path, args, net, bundle, kind: str, data_path, res) -> None:
-    """The net's state and what rebuilds the net and its data (:func:`load_weights`); plain tensors, strings and
-    numbers only, so that ``torch.load(weights_only=True)`` reads it."""
+def weights_dir(out) -> Path:
+    """The weights along training (``--save-weights-every``): ``run.json`` -> ``run.weights/epoch_NNNNNN.pt``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".weights")
+
+
+def _save_weights(path: Path, args, net, bundle, kind: str, data_path, epoch: int, loss=None) -> None:
+    """The net's state after ``epoch`` epochs and what rebuilds the net and its data (:func:`load_weights`);
+    plain tensors, strings and numbers only, so that ``torch.load(weights_only=True)`` reads it."""
     import io
 
     blob = {"kind": WEIGHTS_KIND, "format": WEIGHTS_FORMAT,
@@ -126,7 +137,8 @@ def _save_weights(path: Path, args, net, bundle, kind: str, data_path, res) -> N
                     "out_features": None if bundle.out_features == bundle.width else bundle.out_features},
             "data": {"kind": kind, "path": None if data_path is None else str(Path(data_path).expanduser().resolve()),
                      "samples": args.samples, "tag": bundle.tag},
-            "dtype": args.dtype, "final_loss": float(res.final_loss), "epochs": int(args.epochs),
+            "dtype": args.dtype, "epoch": int(epoch), "epochs": int(args.epochs),
+            "loss": None if loss is None else float(loss),  # the loss at these weights where the run measured it
             "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
     buf = io.BytesIO()
     torch.save(blob, buf)
@@ -348,8 +360,19 @@ def _main_locked(args, device, rank, world) -> int:
                   "net reaches its data's L_min (digits and MNIST are reduced to --width dimensions: another L_min)")
     from ..ops import cuda_tf32
 
+    every = getattr(args, "save_weights_every", 0) or 0
+    on_epoch = None
+    if every and lead:  # the weights along training: epoch 0 now, then after every `every`-th epoch's update
+        snaps = weights_dir(out)
+        snaps.mkdir(parents=True, exist_ok=True)
+        _save_weights(snaps / "epoch_000000.pt", args, net, bundle, kind, path, 0)
+
+        def on_epoch(e: int) -> None:  # called after epoch e's update: the weights of epoch e + 1
+            if (e + 1) % every == 0:
+                _save_weights(snaps / f"epoch_{e + 1:06d}.pt", args, net, bundle, kind, path, e + 1)
     with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
         res = train(net, data, cfg, l_min=bundle.l_min, progress=lead and not args.no_progress,
+                    **({} if on_epoch is None else {"on_epoch": on_epoch}),
                     distributed=bool(getattr(args, "distributed", False)), checkpoint=ckpt,
                     checkpoint_every=max(args.checkpoint_every, 1), checkpoint_every_s=args.checkpoint_seconds,
                     checkpoint_key=_fingerprint(args, net, bundle, device, world, compress),
@@ -375,9 +398,13 @@ def _main_locked(args, device, rank, world) -> int:
     csv_path = out.with_suffix(".csv")
     _write_atomic(csv_path, write_csv)
     wrote = [str(out), str(csv_path)]
-    if getattr(args, "save_weights", False):
-        _save_weights(weights_path(out), args, net, bundle, kind, path, res)
+    if getattr(args, "save_weights", False) or every:
+        # the weights as training left them: after the last epoch, or at the epoch a diverged run stopped
+        _save_weights(weights_path(out), args, net, bundle, kind, path, res.history["epoch"][-1],
+                      res.history["loss"][-1])
         wrote.append(str(weights_path(out)))
+    if every:
+        wrote.append(f"{weights_dir(out)}/ (the weights every {every} epochs)")
     if ckpt is not None:  # the result is saved: the checkpoint has served, and killed writers' temporaries
         from .._io import _remove_stale_temporaries
 
