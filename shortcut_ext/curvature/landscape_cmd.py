@@ -1,4 +1,5 @@
-"""``shortcut-ext landscape``: the loss of one network on a line or a plane of weights through its initial point.
+"""``shortcut-ext landscape``: the loss of one network on a line or a plane through its weights (at init, or
+trained: ``--weights``).
 
 Random directions (seeded; unit norm, or scaled like the weights per layer or per filter: Li et al. 2018)
 and the loss at ``w + t u`` (a line) or ``w + t u + s v`` (a plane) on a grid of steps, beside the exact
