@@ -14,6 +14,7 @@ from shortcut_ext.curvature import (
     loss_at,
     loss_slice,
     losses_at,
+    path_directions,
     random_directions,
     stationary_order,
 )
@@ -260,3 +261,81 @@ def test_verdict_fails_when_an_order_is_off():
     v = analysis.verdict_stationary_order(unmeasured)
     assert v[0].holds is None and v[2].holds is True and "vanished gradient) at plain-xavier D=480" in v[2].measured
     assert analysis.verdict_stationary_order([dict(rows[2], order=math.nan)])[0].holds is None
+
+
+def _op(seed=0, units=3, d=3, n=2):
+    net = ShortcutNet(d, units, n, "identity", "tanh", "identity", init="small", scale=0.3, seed=seed, dtype=F64)
+    data = _data(B=10, d=d)
+    return HessianOperator(net, data, backend="autograd"), net, data
+
+
+def test_path_directions_of_a_path_in_a_plane_recover_it():
+    """Points of a plane through the weights: the two directions span it (every point back from its
+    coordinates), are orthonormal, hold all the path's variance, and start the path at negative coordinates."""
+    op, _, _ = _op()
+    w = op._W.reshape(-1)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, op.P, generator=g, dtype=F64)
+    t = torch.linspace(1, 0, 7, dtype=F64)[:, None]
+    path = w + t * a + (t * t - t) * 3 * b  # a curved path ending at the weights
+    pp = path_directions(op, path)
+    V = pp.directions
+    assert V.shape == (op.P, 2) and V.dtype == F64
+    torch.testing.assert_close(V.T @ V, torch.eye(2, dtype=F64), rtol=0, atol=1e-13)
+    torch.testing.assert_close(w + torch.from_numpy(pp.coords) @ V.T, path, rtol=0, atol=1e-12)
+    assert pp.off_plane.max() < 1e-13 and pp.off_plane[-1] == pytest.approx(0, abs=1e-15)
+    assert pp.explained.sum() == pytest.approx(1, abs=1e-12) and pp.explained[0] >= pp.explained[1] > 0
+    assert (pp.coords[0] < 0).all() and np.abs(pp.coords[-1]).max() < 1e-12
+    # the same points as a list of [R, n, d, d] tensors: the same plane
+    again = path_directions(op, [p.view_as(op._W) for p in path])
+    assert torch.equal(again.directions, V) and np.array_equal(again.coords, pp.coords)
+
+
+def test_path_directions_are_the_principal_components():
+    """Against numpy's SVD of the centred differences: the same subspace (projector), variance fractions and
+    coordinates, for a path of random points; one direction is the first of the two."""
+    op, net, (x, y) = _op(units=4, d=2)
+    g = torch.Generator().manual_seed(2)
+    path = op._W.reshape(-1) + torch.randn(9, op.P, generator=g, dtype=F64) * torch.linspace(3, 0.1, op.P,
+                                                                                             dtype=F64)
+    pp = path_directions(op, path)
+    D = (path - op._W.reshape(-1)).numpy()
+    _, S, Vt = np.linalg.svd(D - D.mean(axis=0), full_matrices=False)
+    V = pp.directions.numpy()
+    np.testing.assert_allclose(V @ V.T, Vt[:2].T @ Vt[:2], atol=1e-12)
+    np.testing.assert_allclose(pp.explained, S[:2] ** 2 / (S ** 2).sum(), rtol=1e-12)
+    np.testing.assert_allclose(pp.coords, D @ V, atol=1e-12)
+    np.testing.assert_allclose(pp.off_plane, np.linalg.norm(D - D @ V @ V.T, axis=1) / np.linalg.norm(D, axis=1).max(),
+                               rtol=1e-10)
+    one = path_directions(op, path, k=1)
+    np.testing.assert_allclose(one.directions[:, 0].numpy(), V[:, 0], atol=1e-12)
+    # the slice along them is a slice like any other
+    sl = loss_slice(op, pp.directions, [-1.0, 0.0, 0.5], [0.0, 0.25])
+    ref = [float(_ref_loss(net, x, y, op._W.reshape(-1) + t * pp.directions[:, 0] + s * pp.directions[:, 1]))
+           for t in [-1.0, 0.0, 0.5] for s in [0.0, 0.25]]
+    np.testing.assert_allclose(sl.loss.ravel(), ref, rtol=1e-12)
+
+
+def test_path_directions_refuse_what_spans_no_plane():
+    op, _, _ = _op()
+    w = op._W.reshape(-1)
+    line = torch.stack([w + t * torch.ones_like(w) for t in (2.0, 1.0, 0.0)])
+    with pytest.raises(ValueError, match="spans fewer than 2 directions .* lie on a line"):
+        path_directions(op, line)
+    assert path_directions(op, line, k=1).off_plane.max() < 1e-15
+    with pytest.raises(ValueError, match=r"at least k \+ 1 = 3 points"):
+        path_directions(op, line[:2])
+    with pytest.raises(ValueError, match="lie on a point"):
+        path_directions(op, torch.stack([w, w, w]))
+    with pytest.raises(ValueError, match=r"path\[1\] must be floating-point weights of 54 values"):
+        path_directions(op, [w, w[:5], w])
+    with pytest.raises(ValueError, match=r"path\[0\] must be floating-point weights .* got list"):
+        path_directions(op, [[1.0], w, w])
+    with pytest.raises(ValueError, match=r"shape \[T, 54\]"):
+        path_directions(op, w)
+    with pytest.raises(ValueError, match="finite"):
+        path_directions(op, torch.stack([w, w + 1, w * math.nan]))
+    with pytest.raises(TypeError, match="path must be"):
+        path_directions(op, 3)
+    with pytest.raises(TypeError, match="HessianOperator"):
+        path_directions("op", line)

@@ -334,3 +334,175 @@ def test_weights_along_training_are_the_uninterrupted_runs_after_a_resume(tmp_pa
     assert main(["landscape", "--weights", str(whole / "run.weights" / "epoch_000002.pt"), "--points", "3",
                  "--no-progress", "--out", str(out)]) == 0
     assert "after epoch 2 of 6 on digits" in _result(out)["net"]
+
+
+def _snapshots(folder, net):
+    """The weights files of a folder as ``{epoch: [R, n, d, d] float64}``."""
+    out = {}
+    for f in sorted(folder.glob("epoch_*.pt")):
+        b = torch.load(f, weights_only=True)
+        out[b["epoch"]] = net.stack_weights(b["state_dict"]["weight"]).double()
+    return out
+
+
+def test_the_plane_of_the_training_path(tmp_path, capsys):
+    """--directions pca: the plane of the path's principal directions through the final weights, the API's
+    path_directions of the snapshot files; each point of the path at its own loss, which is the loss train
+    recorded at that epoch; the grid spans the path; the path's CSV."""
+    from shortcut_ext.experiments.train_cmd import load_weights
+
+    run = tmp_path / "run.json"
+    assert main(TRAIN + ["--epochs", "9", "--save-weights-every", "2", "--out", str(run)]) == 0
+    hist = json.loads(run.read_text())["history"]["loss"]
+    out = tmp_path / "o"
+    assert main(["landscape", "--weights", str(tmp_path / "run.weights.pt"), "--directions", "pca", "--plane",
+                 "--points", "5", "--no-progress", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "the training path (6 points, epochs 0..9): its principal directions explain" in said
+    r = _result(out)
+    net, bundle, _ = load_weights(tmp_path / "run.weights.pt")
+    snaps = _snapshots(tmp_path / "run.weights", net)
+    assert sorted(snaps) == [0, 2, 4, 6, 8]  # and the final weights, of epoch 9
+    assert [p["epoch"] for p in r["path"]] == [0, 2, 4, 6, 8, 9]
+    op = HessianOperator(net, (bundle.X, bundle.Y), "mse", backend="fused")
+    pp = landscape.path_directions(op, [snaps[e] for e in (0, 2, 4, 6, 8)] + [op._W])
+    assert np.array_equal(np.array([p["coords"] for p in r["path"]]), pp.coords)
+    assert r["explained_variance"] == pp.explained.tolist() and sum(r["explained_variance"]) <= 1 + 1e-12
+    # each point's own loss: train's loss at that epoch (the loss before the epoch's update), the final one last
+    np.testing.assert_allclose([p["loss"] for p in r["path"][:-1]], [hist[e] for e in (0, 2, 4, 6, 8)], rtol=1e-12)
+    assert r["path"][-1]["loss"] == r["center"] and r["path"][-1]["coords"] == [0.0, 0.0]
+    # the grid: losses_at on the plane, reaching a little beyond the path along each direction
+    for j, grid in enumerate((r["ts"], r["ss"])):
+        reach = np.abs(pp.coords[:, j]).max()
+        assert 1.2 * reach <= grid[-1] <= 1.2 * reach * 1.1 and grid[0] == -grid[-1]
+    pts = np.array([[t, s] for t in r["ts"] for s in r["ss"]])
+    assert np.array_equal(np.array(r["loss"]).ravel(), losses_at(op, pp.directions, pts))
+    rows = list(csv.DictReader(open(out / "landscape.path.csv")))
+    assert [int(x["epoch"]) for x in rows] == [0, 2, 4, 6, 8, 9]
+    assert [float(x["loss"]) for x in rows] == [p["loss"] for p in r["path"]]
+    assert (out / "landscape.png").stat().st_size > 1000
+    # on a line: the first principal direction; around a snapshot inside the path, its folder is the path
+    assert main(["landscape", "--weights", str(tmp_path / "run.weights" / "epoch_000004.pt"), "--directions", "pca",
+                 "--points", "3", "--span", "0.5", "--no-progress", "--out", str(tmp_path / "mid")]) == 0
+    m = _result(tmp_path / "mid")
+    assert [p["epoch"] for p in m["path"]] == [0, 2, 4, 6, 8] and m["path"][2]["coords"] == [0.0]
+    assert m["ts"] == [-0.5, 0.0, 0.5] and len(m["explained_variance"]) == 1
+    assert m["center"] == pytest.approx(hist[4], rel=1e-12)
+
+
+def test_the_line_from_the_initial_to_the_trained_weights(tmp_path, capsys):
+    """--directions init: t = 1 is the run's initial weights (the loss train began at), t = 0 the trained ones;
+    the summary says whether the loss falls all the way; in float32 the init is the run's float32 init."""
+    for dtype in ("float64", "float32"):
+        run = tmp_path / f"{dtype}.json"
+        assert main(TRAIN + ["--epochs", "12", "--dtype", dtype, "--save-weights", "--out", str(run)]) == 0
+        rec = json.loads(run.read_text())
+        out = tmp_path / f"i{dtype}"
+        assert main(["landscape", "--weights", str(tmp_path / f"{dtype}.weights.pt"), "--directions", "init",
+                     "--points", "9", "--span", "1", "--no-progress", "--out", str(out)]) == 0
+        r = _result(out)
+        rel = 1e-12 if dtype == "float64" else 1e-6
+        assert [p["epoch"] for p in r["path"]] == [0, 12] and r["path"][0]["coords"] == [1.0]
+        assert r["path"][0]["loss"] == pytest.approx(rec["history"]["loss"][0], rel=rel)
+        assert r["loss"][-1] == pytest.approx(r["path"][0]["loss"], rel=1e-12)  # the grid's t = 1: the init again
+        assert r["center"] == pytest.approx(rec["final_loss"], rel=rel) and r["loss"][4] == r["center"]
+        between = [v for t, v in zip(r["ts"], r["loss"]) if 0 < t < 1]
+        seq = [r["path"][0]["loss"]] + between[::-1] + [r["center"]]
+        it = r["interpolation"]
+        assert it["grid_points_between"] == 3 and it["monotonic"] == all(b <= a for a, b in zip(seq, seq[1:]))
+        assert it["max_rise"] == max([0.0] + [b - a for a, b in zip(seq, seq[1:])])
+        said = capsys.readouterr().out
+        assert "L at the initial weights (t = 1) = " in said and ("falls monotonically" in said) == it["monotonic"]
+    # a path that rises on the way: the summary says by how much (a made-up grid, through the helper)
+    it = landscape_cmd._interpolation(np.array([0.0, 0.25, 0.5, 0.75, 1.0]), np.array([1, 1.5, 3.0, 2.5, 9]), 2.0,
+                                      1.0)
+    assert it == {"monotonic": False, "max_rise": 0.5, "grid_points_between": 3}
+
+
+def test_a_training_path_resumes_and_follows_its_snapshots(tmp_path, monkeypatch, capsys):
+    """A pca landscape interrupted mid-grid resumes to the same numbers; other snapshots (the run trained
+    again) start afresh."""
+    run = tmp_path / "run.json"
+    assert main(TRAIN + ["--epochs", "6", "--save-weights-every", "1", "--out", str(run)]) == 0
+    args = ["landscape", "--weights", str(tmp_path / "run.weights.pt"), "--directions", "pca", "--plane",
+            "--points", "4", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    real, calls = landscape.losses_at, []
+
+    def stop_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(landscape, "losses_at", stop_after_two)
+    assert main(args + ["--out", str(tmp_path / "part")]) == 130
+    monkeypatch.setattr(landscape, "losses_at", real)
+    keys = [json.loads(x)["key"] for x in (tmp_path / "part" / landscape_cmd.CHECKPOINT).read_text().splitlines()]
+    assert keys[0].endswith("|path") and len(keys) == 3
+    assert main(args + ["--out", str(tmp_path / "part")]) == 0
+    a, b = _result(tmp_path / "whole"), _result(tmp_path / "part")
+    assert b["resumed_rows"] == 2 and a["loss"] == b["loss"] and a["path"] == b["path"]
+    assert main(TRAIN + ["--epochs", "6", "--lr", "0.2", "--save-weights-every", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "part")]) == 0
+    assert "is of other options" in capsys.readouterr().out and _result(tmp_path / "part")["path"] != a["path"]
+
+
+def test_training_path_refusals_name_what_is_wrong(tmp_path):
+    run = tmp_path / "run.json"
+    assert main(TRAIN + ["--epochs", "4", "--save-weights-every", "2", "--out", str(run)]) == 0
+    w = tmp_path / "run.weights.pt"
+
+    def refused(*extra):
+        with pytest.raises(SystemExit) as e:
+            main(["landscape", *extra, "--no-progress", "--out", str(tmp_path / "o")])
+        assert str(e.value).startswith("shortcut-ext landscape: ")
+        return str(e.value)
+
+    assert "--directions pca needs --weights" in refused("--directions", "pca")
+    assert "--directions init needs --weights" in refused("--directions", "init")
+    assert "--normalize has no effect with --directions pca" in refused("--weights", str(w), "--directions", "pca",
+                                                                         "--normalize", "layer")
+    assert "--direction-seed has no effect with --directions init" in refused("--weights", str(w), "--directions",
+                                                                               "init", "--direction-seed", "3")
+    assert "--directions init is one direction, a line" in refused("--weights", str(w), "--directions", "init",
+                                                                   "--plane")
+    assert "--trajectory has no effect with --directions random" in refused("--trajectory", str(tmp_path))
+    # 0, 2 and 4 (the final weights): three points, a plane; two are a line only
+    assert "at least k + 1 = 3 points" in refused("--weights", str(tmp_path / "run.weights" / "epoch_000002.pt"),
+                                                  "--directions", "pca", "--plane",
+                                                  "--trajectory", str(_only(tmp_path, "two", [0, 2])))
+    assert main(TRAIN + ["--epochs", "4", "--save-weights", "--out", str(tmp_path / "alone.json")]) == 0
+    msg = refused("--weights", str(tmp_path / "alone.weights.pt"), "--directions", "pca")
+    assert "no folder of weights along training at" in msg and "--save-weights-every N" in msg
+    (tmp_path / "empty").mkdir()
+    assert "holds no epoch_NNNNNN.pt files" in refused("--weights", str(w), "--directions", "pca", "--trajectory",
+                                                       str(tmp_path / "empty"))
+    # a snapshot of another run: another seed (another net), or the same net trained otherwise at the same epoch
+    assert main(TRAIN + ["--epochs", "4", "--seed", "1", "--save-weights-every", "2", "--out",
+                         str(tmp_path / "s1.json")]) == 0
+    mixed = _only(tmp_path, "mixed", [0, 2])
+    import shutil
+
+    shutil.copy(tmp_path / "s1.weights" / "epoch_000004.pt", mixed / "epoch_000004.pt")
+    assert "is of another run than --weights" in refused("--weights", str(w), "--directions", "pca",
+                                                         "--trajectory", str(mixed))
+    assert main(TRAIN + ["--epochs", "4", "--lr", "0.1", "--save-weights-every", "2", "--out",
+                         str(tmp_path / "lr.json")]) == 0
+    shutil.copy(tmp_path / "lr.weights" / "epoch_000004.pt", mixed / "epoch_000004.pt")
+    assert "the weights of epoch 4 in" in refused("--weights", str(w), "--directions", "pca", "--trajectory",
+                                                  str(mixed))
+    (mixed / "epoch_000004.pt").write_bytes(b"not a weights file")
+    assert "cannot be read" in refused("--weights", str(w), "--directions", "pca", "--trajectory", str(mixed))
+
+
+def _only(tmp_path, name, epochs):
+    """A folder with the run's snapshots of these epochs only."""
+    import shutil
+
+    d = tmp_path / name
+    d.mkdir()
+    for e in epochs:
+        shutil.copy(tmp_path / "run.weights" / f"epoch_{e:06d}.pt", d / f"epoch_{e:06d}.pt")
+    return d

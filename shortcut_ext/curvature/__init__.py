@@ -10,7 +10,8 @@
 - :func:`power_iteration`: the cheap ``|lambda|max`` monitor.
 - :func:`loss_slice`, :func:`stationary_order`, :func:`random_directions`: the loss on lines and planes through
   the weights beside its exact quadratic model, and the order of a stationary point (Theorem 1: ``n - 1`` at
-  an n-shortcut net's zero point, where the Hessian alone cannot tell ``n >= 3`` apart).
+  an n-shortcut net's zero point, where the Hessian alone cannot tell ``n >= 3`` apart);
+  :func:`path_directions`: the principal directions of a training path, for a slice that shows it.
 - :func:`condition_report`, :func:`hessian_probes`: condition numbers and index, exact or estimated.
 
 Every spectral tool accepts a :class:`HessianOperator`, a ``scipy.sparse.linalg.LinearOperator``, a
@@ -21,8 +22,8 @@ from __future__ import annotations
 from ._linop import TorchOperator, as_torch_operator
 from .condition import ConditionReport, abs_quantile, condition_report, hessian_probes, report_from_eigenvalues
 from .hessian import MAX_DENSE_PARAMS, HessianOperator, dense_hessian_func, fused_hvp_available
-from .landscape import (LossSlice, StationaryOrder, loss_at, loss_slice, losses_at, random_directions,
-                        stationary_order)
+from .landscape import (LossSlice, PathPlane, StationaryOrder, loss_at, loss_slice, losses_at, path_directions,
+                        random_directions, stationary_order)
 from .lanczos import LanczosResult, block_lanczos, lanczos
 from .power import PowerResult, power_iteration
 from .slq import SLQResult, slq
@@ -34,6 +35,7 @@ __all__ = [
     "HessianOperator",
     "LanczosResult",
     "LossSlice",
+    "PathPlane",
     "PowerResult",
     "SLQResult",
     "StationaryOrder",
@@ -54,6 +56,7 @@ __all__ = [
     "loss_slice",
     "losses_at",
     "meyer2021hutchpp",
+    "path_directions",
     "power_iteration",
     "random_directions",
     "report_from_eigenvalues",

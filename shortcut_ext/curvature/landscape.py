@@ -253,6 +253,81 @@ def _taylor(op: HessianOperator, V: torch.Tensor) -> tuple[np.ndarray, np.ndarra
 
 
 @dataclass
+class PathPlane:
+    """The principal directions of a path of weights (a training run's snapshots) and the path on them.
+
+    Attributes:
+        directions: ``[P, k]`` orthonormal directions, in the operator's dtype and device.
+        coords: ``[T, k]`` each point's coordinates ``V^T (w_e - w)`` on them, relative to the operator's weights.
+        explained: ``[k]`` the fraction of the path's variance (about its mean) along each direction.
+        off_plane: ``[T]`` how far each point lies off the directions' span through ``w``, as a fraction of the
+            path's farthest distance from ``w``: ``|w_e - w - V c_e| / max_f |w_f - w|``.
+    """
+
+    directions: torch.Tensor
+    coords: np.ndarray
+    explained: np.ndarray
+    off_plane: np.ndarray
+
+
+def path_directions(op: HessianOperator, path, k: int = 2) -> PathPlane:
+    """The ``k`` principal directions of a path of weights, for a slice that shows the path (Li et al. 2018,
+    section 7: the loss on the plane of the two most explanatory directions of a training trajectory, with the
+    trajectory drawn on it).
+
+    ``path``: ``[T, P]`` (or a sequence of ``T`` tensors of ``P`` values, e.g. ``[R, n, d, d]`` weights), the
+    points in order, for example the weights every few epochs of a run whose final weights are the operator's.
+    The directions are the top right singular vectors of the centred matrix of the ``w_e - w`` (PCA, as Li et
+    al.'s code fits it), computed in float64; each is signed so that the path's first point has a negative
+    coordinate on it.  Give them to :func:`loss_slice` (steps from the operator's weights) or
+    :func:`losses_at`.
+
+    Raises:
+        ValueError: fewer than ``k + 1`` points, points of the wrong size or not finite, or a path that spans
+            fewer than ``k`` directions (all its points on a line, for ``k = 2``).
+    """
+    _check_op(op)
+    k = check_count("k", k)
+    if isinstance(path, torch.Tensor):
+        if path.dim() != 2 or path.shape[1] != op.P:
+            raise ValueError(f"path given as one tensor must have shape [T, {op.P}] (a point a row), got "
+                             f"{list(path.shape)}")
+        pts = list(path)
+    else:
+        try:
+            pts = list(path)
+        except TypeError:
+            raise TypeError(f"path must be a [T, {op.P}] tensor or a sequence of weight tensors, got "
+                            f"{type(path).__name__}") from None
+    for i, p in enumerate(pts):
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.numel() != op.P:
+            got = (f"{list(p.shape)} {p.dtype}" if isinstance(p, torch.Tensor) else type(p).__name__)
+            raise ValueError(f"path[{i}] must be floating-point weights of {op.P} values (the operator's net), got {got}")
+    if len(pts) < k + 1:
+        raise ValueError(f"path must hold at least k + 1 = {k + 1} points to span {k} direction"
+                         f"{'s' if k > 1 else ''} about its mean, got {len(pts)}")
+    w = op._W.detach().reshape(-1).to(torch.float64)
+    D = torch.stack([p.detach().reshape(-1).to(device=w.device, dtype=torch.float64) for p in pts]) - w
+    if not bool(torch.isfinite(D).all()):
+        raise ValueError("path must be finite, got nan or inf entries")
+    _, S, Vh = torch.linalg.svd(D - D.mean(dim=0), full_matrices=False)
+    if S.numel() < k or float(S[0]) == 0 or float(S[k - 1]) <= 1e-12 * float(S[0]):
+        raise ValueError(f"the path spans fewer than {k} direction{'s' if k > 1 else ''} (singular values "
+                         f"{[float(x) for x in S[:k + 1]]}): its points lie on a {'point' if float(S[0]) == 0 else 'line' if k == 2 else 'lower-dimensional set'}")
+    V = Vh[:k].T.clone()  # [P, k]
+    C = D @ V
+    for j in range(k):  # a sign of one's own: the path starts at negative coordinates
+        first = float(C[0, j])
+        flip = first > 0 if first != 0 else float(V[int(V[:, j].abs().argmax()), j]) < 0
+        if flip:
+            V[:, j].neg_()
+            C[:, j].neg_()
+    off = (D - C @ V.T).norm(dim=1) / D.norm(dim=1).max()  # > 0: S[0] > 0 above
+    return PathPlane(directions=V.to(device=op.device, dtype=op.dtype).contiguous(), coords=C.cpu().numpy(),
+                     explained=(S[:k] ** 2 / (S ** 2).sum()).cpu().numpy(), off_plane=off.cpu().numpy())
+
+
+@dataclass
 class StationaryOrder:
     """How the loss leaves a point along one direction: ``|L(w + t v) - L(w)| ~ c t^order``.
 

@@ -9,6 +9,12 @@ n-shortcut net's zero point, where the gradient and, for ``n >= 3``, the Hessian
 model is flat).  The net is built from the network and data flags (as ``spectrum`` builds it), or, with
 ``--weights``, is a net trained by ``shortcut-ext train --save-weights``, with its data.  Writes ``landscape.json``, ``landscape.csv`` and ``landscape.png`` to ``--out``.
 
+Directions other than random ones, around a trained net (``--weights``): ``--directions pca``, the plane (or
+line) of the training path's principal directions, with the path drawn on it (Li et al. 2018, section 7; the
+path is the weights along training that ``train --save-weights-every N`` keeps beside the weights file);
+``--directions init``, the line from the trained weights (``t = 0``) to the run's initial weights (``t = 1``;
+Goodfellow et al. 2015), which says whether the loss falls monotonically between them.
+
 The grid's losses are saved as they finish (``landscape.checkpoint.jsonl``, one line per row of the grid):
 an interrupted run resumes with the same command and ends with the same numbers; a checkpoint of other
 options is replaced.
@@ -21,12 +27,19 @@ Around a trained net::
 
     shortcut-ext train --arch 2-shortcut --act tanh-mid --depth 20 --epochs 500 --save-weights --out runs/t.json
     shortcut-ext landscape --weights runs/t.weights.pt --plane --normalize filter --out runs/land_t
+
+Along its training path::
+
+    shortcut-ext train --arch 2-shortcut --act tanh-mid --depth 20 --epochs 500 --save-weights-every 25 --out runs/t.json
+    shortcut-ext landscape --weights runs/t.weights.pt --directions pca --plane --out runs/path_t
+    shortcut-ext landscape --weights runs/t.weights.pt --directions init --out runs/interp_t
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -44,6 +57,7 @@ from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_
                            to_strict_json, trained_problem)
 
 CHECKPOINT = "landscape.checkpoint.jsonl"
+DIRECTIONS = ("random", "pca", "init")
 # what a checkpoint's numbers depend on besides the flags: the way they are computed (bump on a change)
 _FORMAT = 1
 
@@ -68,8 +82,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_problem_args(p, "forwards and HVPs")
     g = p.add_argument_group("slice")
     g.add_argument("--plane", action="store_true", help="two directions, a plane (default: one, a line)")
-    g.add_argument("--span", type=positive_float, default=1.0,
-                   help="steps from -span to +span along each direction (> 0), in units of the direction")
+    g.add_argument("--directions", choices=DIRECTIONS, default="random",
+                   help="random: seeded random directions (default); pca: the training path's principal directions, "
+                        "with the path drawn on them (needs --weights and the snapshots of train "
+                        "--save-weights-every); init: the line from the trained weights (t = 0) to the run's initial "
+                        "weights (t = 1; needs --weights)")
+    g.add_argument("--trajectory", metavar="DIR", default=None,
+                   help="--directions pca: the folder of the weights along training (default: the .weights/ folder "
+                        "beside --weights, or the folder --weights is in)")
+    g.add_argument("--span", type=positive_float, default=None,
+                   help="steps from -span to +span along each direction (> 0), in units of the direction (default: "
+                        "1; pca: 1.2 times the path's reach along each direction; init: 1.5)")
     g.add_argument("--points", type=points_type, default=None,
                    help="grid points along each direction, >= 2 (default: 41 on a line, 21 on a plane; an odd "
                         "number puts the weights themselves on the grid)")
@@ -92,17 +115,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _grid(args) -> tuple[np.ndarray, np.ndarray | None]:
+def _grid(args, spans) -> tuple[np.ndarray, np.ndarray | None]:
     n = args.points if args.points is not None else (21 if args.plane else 41)
-    ts = np.linspace(-args.span, args.span, n)
-    return ts, (ts.copy() if args.plane else None)
+    ts = np.linspace(-spans[0], spans[0], n)
+    return ts, (np.linspace(-spans[1], spans[1], n) if args.plane else None)
+
+
+def _reach(x: float) -> float:
+    """A span a little beyond ``x`` (> 0), rounded up to two significant digits."""
+    x *= 1.2
+    e = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return round(math.ceil(x / e - 1e-9) * e, 12)
 
 
 def _fingerprint(args) -> str:
     """The options the numbers depend on (not where they are written or shown), with the computation's format."""
     # (a trained net's weights by their digest, weights_sha1, not by their file's path)
     keep = {k: v for k, v in vars(args).items()
-            if k not in ("func", "out", "no_plots", "no_progress", "command", "weights")}
+            if k not in ("func", "out", "no_plots", "no_progress", "command", "weights", "trajectory")}
     keep["format"] = _FORMAT
     keep["version"] = __version__
     keep["threads"] = torch.get_num_threads()  # the reductions' order: a resumed grid matches bit for bit
@@ -112,6 +142,24 @@ def _fingerprint(args) -> str:
 
 def run(args) -> int:
     _check_options(args, "landscape")
+
+    def refuse(msg):
+        raise SystemExit(f"shortcut-ext landscape: {msg}")
+
+    if args.directions != "random":
+        if args.weights is None:
+            refuse(f"--directions {args.directions} needs --weights: the "
+                   + ("training path of a run (train --save-weights-every N keeps it)" if args.directions == "pca"
+                      else "initial and trained weights of a run (train --save-weights)") + ", got no --weights")
+        for flag, given in (("--normalize", args.normalize != "unit"), ("--direction-seed", args.direction_seed != 0)):
+            if given:
+                refuse(f"{flag} has no effect with --directions {args.directions}: it shapes random directions "
+                       "(leave it out)")
+        if args.directions == "init" and args.plane:
+            refuse("--directions init is one direction, a line (from the trained weights to the initial ones): "
+                   "drop --plane, or use --directions pca for a plane through the training path")
+    if args.trajectory is not None and args.directions != "pca":
+        refuse(f"--trajectory has no effect with --directions {args.directions}: it is the path of --directions pca")
     if args.weights is None and args.normalize != "unit" and args.init == "zero":
         raise SystemExit(f"shortcut-ext landscape: --normalize {args.normalize} scales the directions like the "
                          "weights, which are all 0 with --init zero: use --normalize unit (the default)")
@@ -124,34 +172,54 @@ def run(args) -> int:
 def _run(args) -> int:
     from ..experiments.store import RunStore, json_float
     from .hessian import HessianOperator
-    from .landscape import _loss, _taylor, random_directions, stationary_order
+    from ..experiments.train_cmd import initial_net
+    from .landscape import _loss, _taylor, path_directions, random_directions, stationary_order
 
     t_start = time.perf_counter()
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    what = None
+    what = bundle = info = None
     if args.weights is None:
         net, X, Y = build_problem(args, dtype)
     else:  # the checkpoint's fingerprint takes the weights' digest (args.weights_sha1)
-        net, X, Y, what = trained_problem(args, "landscape", dtype)
+        net, X, Y, what, bundle, info = trained_problem(args, "landscape", dtype, full=True)
         net, X, Y = net.to(args.device), X.to(args.device), Y.to(args.device)
     if args.batch_size is None:
         data = [(X, Y)]
     else:
         data = [(X[i:i + args.batch_size], Y[i:i + args.batch_size]) for i in range(0, X.shape[0], args.batch_size)]
     H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype)
-    V = random_directions(H, 2 if args.plane else 1, seed=args.direction_seed, normalize=args.normalize)
-    ts, ss = _grid(args)
+    k = 2 if args.plane else 1
+    path = plane = None  # the training path's points (epoch, weights), and its principal directions
+    if args.directions == "random":
+        V = random_directions(H, k, seed=args.direction_seed, normalize=args.normalize)
+        spans = (args.span or 1.0,) * 2
+    elif args.directions == "init":
+        w0 = initial_net(info, bundle.width, net.weight.dtype).weight.detach()  # in the run's dtype, as it began
+        path = [(0, net.stack_weights(w0).to(device=H.device, dtype=H.dtype)), (info["epoch"], H._W)]
+        V = (path[0][1] - H._W).reshape(-1, 1)
+        spans = (args.span or 1.5,) * 2
+    else:
+        path, args.trajectory_sha1, folder = _trajectory(args, net, info, H)
+        try:
+            plane = path_directions(H, [w for _, w in path], k)
+        except ValueError as e:
+            raise SystemExit(f"shortcut-ext landscape: --directions pca: the weights along training in {folder} "
+                             f"({len(path)} points with --weights): {e}") from None
+        V = plane.directions
+        spans = ((args.span,) * 2 if args.span else
+                 tuple(_reach(float(np.abs(plane.coords[:, j]).max())) for j in range(k)) + ((1.0,) if k == 1 else ()))
+    ts, ss = _grid(args, spans)
     rows = [np.array([[t, s] for s in ss]) for t in ts] if args.plane else [np.array([[t]]) for t in ts]
 
     # the checkpoint: one record per finished row of the grid, under this run's fingerprint
     fp = _fingerprint(args)
-    path = os.path.join(args.out, CHECKPOINT)
-    store = RunStore(path)
+    ck_path = os.path.join(args.out, CHECKPOINT)
+    store = RunStore(ck_path)
     if len(store) and not all(k.startswith(fp + "|") for k in store.keys()):
-        print(f"shortcut-ext landscape: the checkpoint {path} is of other options (or another version of "
+        print(f"shortcut-ext landscape: the checkpoint {ck_path} is of other options (or another version of "
               "shortcut_ext, or another thread count); starting afresh and replacing it", flush=True)
-        os.remove(path)
-        store = RunStore(path)
+        os.remove(ck_path)
+        store = RunStore(ck_path)
 
     def stored(i):
         rec = store.get(f"{fp}|row={i}")
@@ -161,10 +229,20 @@ def _run(args) -> int:
         return [json_float(v) for v in rec["loss"]] if ok else None
 
     center = _loss(H, H._W)
+    path_loss = None
+    if path is not None:  # each point's own loss (the trained weights' is the centre's)
+        rec = store.get(f"{fp}|path")
+        if (isinstance(rec, dict) and isinstance(rec.get("loss"), list) and len(rec["loss"]) == len(path)
+                and all(v is None or v in ("inf", "-inf") or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                        for v in rec["loss"])):
+            path_loss = [json_float(v) for v in rec["loss"]]
+        else:
+            path_loss = [center if w is H._W else _loss(H, w) for _, w in path]
+            store.put(f"{fp}|path", {"loss": path_loss})
     losses = [stored(i) for i in range(len(rows))]
     done = sum(x is not None for x in losses)
     if done:
-        print(f"shortcut-ext landscape: resuming from the checkpoint {path}: {done} of {len(rows)} rows of the grid "
+        print(f"shortcut-ext landscape: resuming from the checkpoint {ck_path}: {done} of {len(rows)} rows of the grid "
               "done", flush=True)
     bar, cb = _progress("landscape", args.no_progress)
     t0 = time.perf_counter()
@@ -200,6 +278,16 @@ def _run(args) -> int:
         "nonfinite_points": int((~fin).sum()),
         "resumed_rows": done, "timings_s": {"grid": grid_s},
     }
+    if path is not None:
+        coords = (plane.coords if plane is not None else np.array([[1.0], [0.0]]))
+        off = plane.off_plane if plane is not None else np.zeros(len(path))
+        result["path"] = [{"epoch": int(e), "coords": c.tolist(), "loss": lv, "off_plane": float(o)}
+                          for (e, _), c, lv, o in zip(path, coords, path_loss, off)]
+        if plane is not None:
+            result["explained_variance"] = plane.explained.tolist()
+            result["trajectory"] = str(folder)
+        else:
+            result["interpolation"] = _interpolation(ts, loss, path_loss[0], center)
     if args.order:
         t1 = time.perf_counter()
         result["orders"] = [stationary_order(H, V[:, j]).to_dict() for j in range(V.shape[1])]
@@ -208,8 +296,15 @@ def _run(args) -> int:
     with atomic_open(os.path.join(args.out, "landscape.json")) as f:
         f.write(to_strict_json(result, indent=1))
     _write_csv(os.path.join(args.out, "landscape.csv"), ts, ss, loss, res)
+    if path is not None:
+        with atomic_open(os.path.join(args.out, "landscape.path.csv"), newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch"] + ["t", "s"][:k] + ["loss", "off_plane"])
+            w.writerows([p["epoch"]] + [repr(float(c)) for c in p["coords"]] + [repr(float(p["loss"])),
+                                                                               repr(p["off_plane"])]
+                        for p in result["path"])
     if not args.no_plots:
-        _plot(os.path.join(args.out, "landscape.png"), args, ts, ss, loss, res, center, what)
+        _plot(os.path.join(args.out, "landscape.png"), args, ts, ss, loss, res, center, what, result)
     msg = (f"shortcut-ext landscape: P = {H.P}, L(w) = {center:.6g}, |grad| = {result['grad_norm']:.3g}, "
            f"u^T H u = {curv[0, 0]:.4g}; the loss on the grid spans [{np.nanmin(loss):.6g}, {np.nanmax(loss):.6g}], "
            f"the quadratic model is off by at most {result['max_abs_model_error']:.3g}"
@@ -217,10 +312,92 @@ def _run(args) -> int:
     if result["nonfinite_points"]:
         msg += (f"; the loss is not finite at {result['nonfinite_points']} of {loss.size} points (it overflows "
                 "there: a smaller --span stays in range)")
+    if plane is not None:
+        ex = result["explained_variance"]
+        msg += (f"; the training path ({len(path)} points, epochs {path[0][0]}..{path[-1][0]}): its principal "
+                f"direction{'s explain' if k == 2 else ' explains'} " + " and ".join(f"{x:.1%}" for x in ex)
+                + f" of its variance, and it lies at most {float(plane.off_plane.max()):.1%} of its reach (its "
+                f"farthest point from the weights) off the {'plane' if k == 2 else 'line'}")
+    elif path is not None:
+        it = result["interpolation"]
+        msg += (f"; L at the initial weights (t = 1) = {path_loss[0]:.6g}; from them to the trained weights the loss "
+                + ("falls monotonically on the grid" if it["monotonic"] else
+                   f"rises by up to {it['max_rise']:.3g} between grid points on the way"))
     if args.order:
         msg += "; order along each direction: " + ", ".join(f"{o['order']:.3g}" for o in result["orders"])
     print(msg + f"; written to {args.out}", flush=True)
     return 0
+
+
+def _trajectory(args, net, info, H):
+    """``--directions pca``: the run's path, ``[(epoch, weights [R, n, d, d] in H's dtype)]`` in epoch order with
+    ``--weights``' own point (``H._W``) among them, a digest of the snapshot files, and their folder.  Snapshots
+    of another run (net, data, dtype or frozen projections) are refused."""
+    from pathlib import Path
+
+    from ..experiments.train_cmd import WEIGHTS_FORMAT, WEIGHTS_KIND
+
+    where = "shortcut-ext landscape: --directions pca"
+    w = Path(args.weights).expanduser()
+    if args.trajectory is not None:
+        folder = Path(args.trajectory).expanduser()
+    elif w.name.endswith(".weights.pt"):
+        folder = w.with_name(w.name[:-len(".pt")])  # run.weights.pt -> run.weights/
+    else:
+        folder = w.parent  # a snapshot itself: run.weights/epoch_000040.pt
+    if not folder.is_dir():
+        raise SystemExit(f"{where}: there is no folder of weights along training at {folder} (train "
+                         "--save-weights-every N keeps them in run.weights/ beside run.weights.pt; or give --trajectory "
+                         "DIR)")
+    files = sorted(folder.glob("epoch_*.pt"))
+    if not files:
+        raise SystemExit(f"{where}: {folder} holds no epoch_NNNNNN.pt files (the weights along training that train "
+                         "--save-weights-every N writes)")
+    digest, centre, points = hashlib.sha1(), info["state_dict"], {}
+    for f in files:
+        raw = f.read_bytes()
+        digest.update(f.name.encode() + b"\0" + hashlib.sha1(raw).digest())
+        try:
+            blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
+            raise SystemExit(f"{where}: {f} cannot be read (torch.load: {type(e).__name__})") from None
+        if not (isinstance(blob, dict) and blob.get("kind") == WEIGHTS_KIND and blob.get("format") == WEIGHTS_FORMAT):
+            raise SystemExit(f"{where}: {f} is not a weights file of shortcut-ext train (format {WEIGHTS_FORMAT})")
+        try:
+            same = (blob["net"] == info["net"] and blob["data"]["tag"] == info["data"]["tag"]
+                    and blob["dtype"] == info["dtype"])
+            state, epoch = blob["state_dict"], int(blob["epoch"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"{where}: {f} is damaged ({type(e).__name__}: {e})") from None
+        if not same:
+            raise SystemExit(f"{where}: {f} is of another run than --weights {args.weights} (another net, data or "
+                             "dtype)")
+        fits = isinstance(state, dict) and set(state) == set(centre) and all(
+            isinstance(state[n], torch.Tensor) and state[n].shape == centre[n].shape and state[n].dtype == centre[n].dtype
+            and (n == "weight" or torch.equal(state[n], centre[n])) for n in centre)
+        if not fits:
+            raise SystemExit(f"{where}: {f} does not fit the net of --weights {args.weights} (other shapes, or other "
+                             "frozen projections): it is of another run")
+        if epoch in points:
+            raise SystemExit(f"{where}: two files of {folder} hold epoch {epoch}")
+        points[epoch] = state["weight"]
+    e0 = int(info["epoch"])
+    if e0 in points and not torch.equal(points[e0], centre["weight"]):
+        raise SystemExit(f"{where}: the weights of epoch {e0} in {folder} differ from those of --weights {args.weights}"
+                         f" (epoch {e0} too): they are of different runs")
+    path = {e: net.stack_weights(v).to(device=H.device, dtype=H.dtype) for e, v in points.items() if e != e0}
+    path[e0] = H._W
+    return sorted(path.items(), key=lambda ew: ew[0]), digest.hexdigest(), folder
+
+
+def _interpolation(ts, loss, at_init: float, center: float) -> dict:
+    """On the line from the initial (t = 1) to the trained weights (t = 0): does the loss fall all the way (on
+    the grid points between them)?"""
+    inside = [(t, v) for t, v in zip(ts, loss) if 0 < t < 1]
+    seq = np.array([at_init] + [v for _, v in sorted(inside, reverse=True)] + [center], dtype=np.float64)
+    rise = np.diff(seq)
+    return {"monotonic": bool(np.all(rise <= 0)), "max_rise": float(max(0.0, np.nanmax(rise))),
+            "grid_points_between": len(inside)}
 
 
 def _row_losses(H, V, r, center) -> list[float]:
@@ -253,7 +430,7 @@ def _write_csv(path, ts, ss, loss, model) -> None:
                         for i, t in enumerate(ts) for j, s in enumerate(ss))
 
 
-def _plot(path, args, ts, ss, loss, model, center, what=None) -> None:
+def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> None:
     from matplotlib.figure import Figure  # outside pyplot: the caller's backend is untouched
 
     net = what.replace(", trained", ",\ntrained") if what else ((f"plain net, depth {args.units}" if args.shortcut == 0 else
@@ -264,7 +441,17 @@ def _plot(path, args, ts, ss, loss, model, center, what=None) -> None:
         ax.plot(ts, loss, "o-", ms=3, label="loss")
         ax.plot(ts, model, "--", label="quadratic model (gradient, Hessian)")
         ax.plot([0], [center], "kx", ms=8, label="the weights")
-        ax.set_xlabel(f"t (steps along a {args.normalize} random direction)")
+        pts = (result or {}).get("path")
+        if args.directions == "pca":
+            ax.plot([p["coords"][0] for p in pts], [p["loss"] for p in pts], "r.:", ms=5, lw=0.8,
+                    label="the training path (each point's own loss, at its coordinate)")
+            ax.set_xlabel(f"t (along the training path's principal direction: "
+                          f"{result['explained_variance'][0]:.0%} of its variance)")
+        elif args.directions == "init":
+            ax.plot([1], [pts[0]["loss"]], "rs", ms=6, label="the initial weights")
+            ax.set_xlabel("t (0: the trained weights, 1: the initial weights)")
+        else:
+            ax.set_xlabel(f"t (steps along a {args.normalize} random direction)")
         ax.set_ylabel("loss")
         ax.legend(fontsize=8)
     else:
@@ -274,9 +461,18 @@ def _plot(path, args, ts, ss, loss, model, center, what=None) -> None:
         fig.colorbar(cs, ax=ax, label="loss")
         ax.contour(ts, ss, model.T, levels=cs.levels, colors="white", linestyles="dashed", linewidths=0.6)
         ax.plot([0], [0], "rx", ms=8)
-        ax.set_xlabel("t (first direction)")
-        ax.set_ylabel("s (second direction)")
-        ax.set_aspect("equal")
+        if args.directions == "pca":
+            pts, ex = result["path"], result["explained_variance"]
+            ax.plot([p["coords"][0] for p in pts], [p["coords"][1] for p in pts], "r.-", ms=5, lw=1)
+            for p in (pts[0], pts[-1]):
+                ax.annotate(f"epoch {p['epoch']}", p["coords"], fontsize=7, color="red",
+                            xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(f"t (the path's first principal direction: {ex[0]:.0%} of its variance)")
+            ax.set_ylabel(f"s (second: {ex[1]:.0%})")
+        else:
+            ax.set_xlabel("t (first direction)")
+            ax.set_ylabel("s (second direction)")
+            ax.set_aspect("equal")
     ax.set_title(f"loss around the weights: {net}" + ("" if ss is None else " (dashed: quadratic model)"), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)

@@ -84,12 +84,11 @@ def add_problem_args(p, batched: str) -> None:
              "and its data come from the run: leave the network and data flags out)")
 
 
-def trained_problem(args, command: str, dtype: torch.dtype, seed_flag: bool = True):
+def trained_problem(args, command: str, dtype: torch.dtype, seed_flag: bool = True, full: bool = False):
     """``--weights``: ``(net, X, Y, what)`` of the trained run on the CPU (``what`` describes it), after refusing the
-    network and data flags it replaces (and ``--seed`` where ``seed_flag``: the seed of the init and the data).
+    network and data flags it replaces (and ``--seed`` where ``seed_flag``: the seed of the init and the data);
+    with ``full``, also ``load_weights``'s ``(bundle, info)``.
     Sets ``args.weights_sha1``: a checkpoint belongs to the weights, not to their file's name."""
-    import hashlib
-
     from ..experiments.train_cmd import load_weights
 
     spare = argparse.ArgumentParser()
@@ -104,13 +103,12 @@ def trained_problem(args, command: str, dtype: torch.dtype, seed_flag: bool = Tr
                          f"with --weights {args.weights}: the net and its data come from the trained run (leave "
                          f"{'it' if len(given) == 1 else 'them'} out)")
     net, bundle, info = load_weights(args.weights, command, dtype=dtype)
-    with open(args.weights, "rb") as f:
-        args.weights_sha1 = hashlib.sha1(f.read()).hexdigest()
+    args.weights_sha1 = info["file_sha1"]
     n = info["net"]
     when = (f"trained {info['epoch']} epochs" if info["epoch"] == info["epochs"] else
             f"after epoch {info['epoch']} of {info['epochs']}")
     what = f"{n['arch']} ({n['act']}), depth {n['depth']}, d = {bundle.width}, {when} on {bundle.tag}"
-    return net, bundle.X, bundle.Y, what
+    return (net, bundle.X, bundle.Y, what) + ((bundle, info) if full else ())
 
 
 def build_problem(args, dtype: torch.dtype):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -130,8 +132,6 @@ def weights_dir(out) -> Path:
 def _save_weights(path: Path, args, net, bundle, kind: str, data_path, epoch: int, loss=None) -> None:
     """The net's state after ``epoch`` epochs and what rebuilds the net and its data (:func:`load_weights`);
     plain tensors, strings and numbers only, so that ``torch.load(weights_only=True)`` reads it."""
-    import io
-
     blob = {"kind": WEIGHTS_KIND, "format": WEIGHTS_FORMAT,
             "net": {"arch": args.arch, "act": args.act, "depth": args.depth, "seed": args.seed, "width": args.width,
                     "out_features": None if bundle.out_features == bundle.width else bundle.out_features},
@@ -150,15 +150,14 @@ def load_weights(path, command: str = "landscape", dtype=None, backend=None):
     """A ``--save-weights`` file: ``(net, bundle, info)``, the trained net (in ``dtype``, default the run's) and
     its data as the run loaded them.  A file that is not one, or data that changed since, is a ``SystemExit``
     naming ``--weights``."""
-    from .sweeps import build_model, load_data
-
     where = f"shortcut-ext {command}: --weights {path}"
     p = Path(path).expanduser()
     if not p.is_file():
         raise SystemExit(f"{where}: no such file (train with --save-weights writes one beside its --out: "
                          "run.json -> run.weights.pt)")
     try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
+        raw = p.read_bytes()  # read once: loaded from these bytes, known by their digest
+        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
         beside = weights_path(p)
         hint = f"; the weights of the run {p} are in {beside}" if p.suffix == ".json" and beside.is_file() else ""
@@ -173,8 +172,7 @@ def load_weights(path, command: str = "landscape", dtype=None, backend=None):
         n, d = blob["net"], blob["data"]
         dt = dtype or (torch.float64 if blob["dtype"] == "float64" else torch.float32)
         bundle = load_data(d["kind"], d["path"], d=n["width"], samples=d["samples"], dtype=dt)
-        net = build_model(n["arch"], n["act"], n["depth"], bundle.width, n["seed"], dt, backend,
-                          out_features=n["out_features"])
+        net = initial_net(blob, bundle.width, dt, backend)
         state = blob["state_dict"]
     except (KeyError, TypeError) as e:
         raise SystemExit(f"{where}: damaged, it lacks {e}") from None
@@ -187,7 +185,16 @@ def load_weights(path, command: str = "landscape", dtype=None, backend=None):
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         raise SystemExit(f"{where}: its weights do not fit the net it names ({str(e).splitlines()[0]})") from None
+    blob["file_sha1"] = hashlib.sha1(raw).hexdigest()  # what a checkpoint of an analysis of it keys on
     return net, bundle, blob
+
+
+def initial_net(info: dict, width: int, dtype, backend=None):
+    """The net of a weights file (:func:`load_weights`'s ``info``) as its run initialised it: built from the
+    run's seed, as ``train`` builds it (``width``: the data's, ``bundle.width``)."""
+    n = info["net"]
+    return build_model(n["arch"], n["act"], n["depth"], width, n["seed"], dtype, backend,
+                       out_features=n["out_features"])
 
 
 def main(args) -> int:
