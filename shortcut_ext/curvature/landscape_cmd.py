@@ -456,7 +456,10 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
         ax.legend(fontsize=8)
     else:
         finite = loss[np.isfinite(loss)]
-        levels = np.linspace(finite.min(), finite.max(), 25) if finite.size and finite.max() > finite.min() else 25
+        levels = 25
+        if finite.size and finite.max() > finite.min():  # geometric where the loss spans a decade or more (the
+            lo, hi = finite.min(), finite.max()          # basin's contours, not only the walls')
+            levels = np.geomspace(lo, hi, 25) if lo > 0 and hi > 10 * lo else np.linspace(lo, hi, 25)
         cs = ax.contourf(ts, ss, loss.T, levels=levels, cmap="viridis")
         fig.colorbar(cs, ax=ax, label="loss")
         ax.contour(ts, ss, model.T, levels=cs.levels, colors="white", linestyles="dashed", linewidths=0.6)
