@@ -18,6 +18,7 @@ from shortcut_ext.curvature import (
     random_directions,
     stationary_order,
 )
+from shortcut_ext.curvature import landscape
 from shortcut_ext.curvature.hessian import fused_hvp_available
 from shortcut_ext.experiments import analysis
 from shortcut_ext.models import PlainNet, ShortcutNet
@@ -291,7 +292,7 @@ def test_path_directions_of_a_path_in_a_plane_recover_it():
     assert torch.equal(again.directions, V) and np.array_equal(again.coords, pp.coords)
 
 
-def test_path_directions_are_the_principal_components():
+def test_path_directions_are_the_principal_components(monkeypatch):
     """Against numpy's SVD of the centred differences: the same subspace (projector), variance fractions and
     coordinates, for a path of random points; one direction is the first of the two."""
     op, net, (x, y) = _op(units=4, d=2)
@@ -307,6 +308,11 @@ def test_path_directions_are_the_principal_components():
     np.testing.assert_allclose(pp.coords, D @ V, atol=1e-12)
     np.testing.assert_allclose(pp.off_plane, np.linalg.norm(D - D @ V @ V.T, axis=1) / np.linalg.norm(D, axis=1).max(),
                                rtol=1e-10)
+    # in slices of 2 weights each (as a long path of a big net is done): the same numbers to rounding
+    monkeypatch.setattr(landscape, "_PATH_BLOCK", 18)
+    sliced = path_directions(op, path)
+    np.testing.assert_allclose(sliced.directions.numpy(), V, atol=1e-12)
+    np.testing.assert_allclose(sliced.coords, pp.coords, atol=1e-12)
     one = path_directions(op, path, k=1)
     np.testing.assert_allclose(one.directions[:, 0].numpy(), V[:, 0], atol=1e-12)
     # the slice along them is a slice like any other

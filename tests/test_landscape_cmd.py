@@ -388,6 +388,15 @@ def test_the_plane_of_the_training_path(tmp_path, capsys):
     assert [p["epoch"] for p in m["path"]] == [0, 2, 4, 6, 8] and m["path"][2]["coords"] == [0.0]
     assert m["ts"] == [-0.5, 0.0, 0.5] and len(m["explained_variance"]) == 1
     assert m["center"] == pytest.approx(hist[4], rel=1e-12)
+    # a float32 run's path, analysed in float64: the snapshots are exact in float64, the losses train's to rounding
+    run32 = tmp_path / "f32.json"
+    assert main(TRAIN + ["--epochs", "4", "--dtype", "float32", "--save-weights-every", "1", "--out", str(run32)]) == 0
+    h32 = json.loads(run32.read_text())["history"]["loss"]
+    assert main(["landscape", "--weights", str(tmp_path / "f32.weights.pt"), "--directions", "pca", "--plane",
+                 "--points", "3", "--no-progress", "--out", str(tmp_path / "o32")]) == 0
+    r32 = _result(tmp_path / "o32")
+    np.testing.assert_allclose([p["loss"] for p in r32["path"][:-1]], h32[:4], rtol=1e-6)
+    assert [p["epoch"] for p in r32["path"]] == [0, 1, 2, 3, 4] and r32["path"][-1]["coords"] == [0.0, 0.0]
 
 
 def test_the_line_from_the_initial_to_the_trained_weights(tmp_path, capsys):

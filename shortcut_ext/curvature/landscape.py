@@ -26,6 +26,7 @@ from ._linop import check_count, seeded_generator
 from .hessian import HessianOperator, _exact
 
 NORMALIZE = ("unit", "layer", "filter")
+_PATH_BLOCK = 1 << 22  # path_directions works on [T, this / T] float64 slices of the path's offsets (32 MiB)
 
 
 def _check_op(op) -> HessianOperator:
@@ -278,8 +279,9 @@ def path_directions(op: HessianOperator, path, k: int = 2) -> PathPlane:
     ``path``: ``[T, P]`` (or a sequence of ``T`` tensors of ``P`` values, e.g. ``[R, n, d, d]`` weights), the
     points in order, for example the weights every few epochs of a run whose final weights are the operator's.
     The directions are the top right singular vectors of the centred matrix of the ``w_e - w`` (PCA, as Li et
-    al.'s code fits it), computed in float64; each is signed so that the path's first point has a negative
-    coordinate on it.  Give them to :func:`loss_slice` (steps from the operator's weights) or
+    al.'s code fits it), from the eigenvectors of its ``T x T`` Gram matrix in float64, computed over slices of
+    the weights: the points may be in any floating dtype, or memory-mapped files, and no ``[T, P]`` float64
+    matrix is held.  Each direction is signed so that the path's first point has a negative coordinate on it.  Give them to :func:`loss_slice` (steps from the operator's weights) or
     :func:`losses_at`.
 
     Raises:
@@ -306,25 +308,57 @@ def path_directions(op: HessianOperator, path, k: int = 2) -> PathPlane:
     if len(pts) < k + 1:
         raise ValueError(f"path must hold at least k + 1 = {k + 1} points to span {k} direction"
                          f"{'s' if k > 1 else ''} about its mean, got {len(pts)}")
-    w = op._W.detach().reshape(-1).to(torch.float64)
-    D = torch.stack([p.detach().reshape(-1).to(device=w.device, dtype=torch.float64) for p in pts]) - w
-    if not bool(torch.isfinite(D).all()):
-        raise ValueError("path must be finite, got nan or inf entries")
-    _, S, Vh = torch.linalg.svd(D - D.mean(dim=0), full_matrices=False)
-    if S.numel() < k or float(S[0]) == 0 or float(S[k - 1]) <= 1e-12 * float(S[0]):
+    f64, w = torch.float64, op._W.detach().reshape(-1)
+    flat = [p.detach().reshape(-1) for p in pts]
+    T, P = len(flat), op.P
+    step = max(1, _PATH_BLOCK // T)
+    spans = [(a, min(a + step, P)) for a in range(0, P, step)]
+
+    def offsets(a, b):  # [T, b - a]: the points' offsets w_e - w over a slice of the weights, in float64
+        return torch.stack([f[a:b].to(device=w.device, dtype=f64) for f in flat]) - w[a:b].to(f64)
+
+    # over slices of the weights, so that no [T, P] float64 matrix is ever held (the points may be memory-mapped
+    # files): the mean offset; the Gram matrix of the centred offsets; its top eigenvectors as directions
+    mean = torch.empty(P, dtype=f64, device=w.device)
+    for a, b in spans:
+        D = offsets(a, b)
+        if not bool(torch.isfinite(D).all()):
+            raise ValueError("path must be finite, got nan or inf entries")
+        mean[a:b] = D.mean(dim=0)
+    G = torch.zeros(T, T, dtype=f64, device=w.device)
+    for a, b in spans:
+        D = offsets(a, b) - mean[a:b]
+        G += D @ D.T
+    lam, U = torch.linalg.eigh(G)
+    lam, U = lam.flip(0).clamp_min(0), U.flip(1)  # descending
+    if float(lam[0]) == 0 or float(lam[k - 1]) <= 1e-12 * float(lam[0]):
         raise ValueError(f"the path spans fewer than {k} direction{'s' if k > 1 else ''} (singular values "
-                         f"{[float(x) for x in S[:k + 1]]}): its points lie on a {'point' if float(S[0]) == 0 else 'line' if k == 2 else 'lower-dimensional set'}")
-    V = Vh[:k].T.clone()  # [P, k]
-    C = D @ V
+                         f"{[math.sqrt(float(x)) for x in lam[:k + 1]]}): its points lie on a "
+                         f"{'point' if float(lam[0]) == 0 else 'line' if k == 2 else 'lower-dimensional set'}")
+    proj = U[:, :k] / lam[:k].sqrt()
+    V = torch.empty(P, k, dtype=f64, device=w.device)
+    for a, b in spans:
+        V[a:b] = (offsets(a, b) - mean[a:b]).T @ proj
+    Q, R = torch.linalg.qr(V)  # orthonormal to rounding, whatever the spread of the variances
+    V = Q * torch.sign(torch.diagonal(R)).masked_fill(torch.diagonal(R) == 0, 1)
+    C = torch.zeros(T, k, dtype=f64, device=w.device)
+    reach = torch.zeros(T, dtype=f64, device=w.device)
+    for a, b in spans:
+        D = offsets(a, b)
+        C += D @ V[a:b]
+        reach += (D * D).sum(dim=1)
     for j in range(k):  # a sign of one's own: the path starts at negative coordinates
         first = float(C[0, j])
-        flip = first > 0 if first != 0 else float(V[int(V[:, j].abs().argmax()), j]) < 0
-        if flip:
+        if (first > 0) if first != 0 else float(V[int(V[:, j].abs().argmax()), j]) < 0:
             V[:, j].neg_()
             C[:, j].neg_()
-    off = (D - C @ V.T).norm(dim=1) / D.norm(dim=1).max()  # > 0: S[0] > 0 above
+    off = torch.zeros(T, dtype=f64, device=w.device)
+    for a, b in spans:
+        D = offsets(a, b) - C @ V[a:b].T
+        off += (D * D).sum(dim=1)
+    off = off.sqrt() / reach.max().sqrt()  # > 0: lam[0] > 0 above
     return PathPlane(directions=V.to(device=op.device, dtype=op.dtype).contiguous(), coords=C.cpu().numpy(),
-                     explained=(S[:k] ** 2 / (S ** 2).sum()).cpu().numpy(), off_plane=off.cpu().numpy())
+                     explained=(lam[:k] / lam.sum()).cpu().numpy(), off_plane=off.cpu().numpy())
 
 
 @dataclass

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -237,7 +236,7 @@ def _run(args) -> int:
                         for v in rec["loss"])):
             path_loss = [json_float(v) for v in rec["loss"]]
         else:
-            path_loss = [center if w is H._W else _loss(H, w) for _, w in path]
+            path_loss = [center if w is H._W else _loss(H, w.to(device=H.device, dtype=H.dtype)) for _, w in path]
             store.put(f"{fp}|path", {"loss": path_loss})
     losses = [stored(i) for i in range(len(rows))]
     done = sum(x is not None for x in losses)
@@ -330,7 +329,8 @@ def _run(args) -> int:
 
 
 def _trajectory(args, net, info, H):
-    """``--directions pca``: the run's path, ``[(epoch, weights [R, n, d, d] in H's dtype)]`` in epoch order with
+    """``--directions pca``: the run's path, ``[(epoch, weights [R, n, d, d])]`` in epoch order (memory-mapped, in the
+    run's dtype) with
     ``--weights``' own point (``H._W``) among them, a digest of the snapshot files, and their folder.  Snapshots
     of another run (net, data, dtype or frozen projections) are refused."""
     from pathlib import Path
@@ -355,10 +355,13 @@ def _trajectory(args, net, info, H):
                          "--save-weights-every N writes)")
     digest, centre, points = hashlib.sha1(), info["state_dict"], {}
     for f in files:
-        raw = f.read_bytes()
-        digest.update(f.name.encode() + b"\0" + hashlib.sha1(raw).digest())
-        try:
-            blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        h = hashlib.sha1()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        digest.update(f.name.encode() + b"\0" + h.digest())
+        try:  # memory-mapped: a long path of a big net is read slice by slice, not held
+            blob = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 -- any unreadable file: one line naming it
             raise SystemExit(f"{where}: {f} cannot be read (torch.load: {type(e).__name__})") from None
         if not (isinstance(blob, dict) and blob.get("kind") == WEIGHTS_KIND and blob.get("format") == WEIGHTS_FORMAT):
@@ -385,7 +388,7 @@ def _trajectory(args, net, info, H):
     if e0 in points and not torch.equal(points[e0], centre["weight"]):
         raise SystemExit(f"{where}: the weights of epoch {e0} in {folder} differ from those of --weights {args.weights}"
                          f" (epoch {e0} too): they are of different runs")
-    path = {e: net.stack_weights(v).to(device=H.device, dtype=H.dtype) for e, v in points.items() if e != e0}
+    path = {e: net.stack_weights(v) for e, v in points.items() if e != e0}  # in the run's dtype, as saved
     path[e0] = H._W
     return sorted(path.items(), key=lambda ew: ew[0]), digest.hexdigest(), folder
 
