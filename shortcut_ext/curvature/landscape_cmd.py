@@ -236,7 +236,14 @@ def _run(args) -> int:
                         for v in rec["loss"])):
             path_loss = [json_float(v) for v in rec["loss"]]
         else:
-            path_loss = [center if w is H._W else _loss(H, w.to(device=H.device, dtype=H.dtype)) for _, w in path]
+            pbar, pcb = _progress("training path", args.no_progress)
+            try:
+                path_loss = []
+                for i, (_, w) in enumerate(path):
+                    path_loss.append(center if w is H._W else _loss(H, w.to(device=H.device, dtype=H.dtype)))
+                    pcb(i + 1, len(path))
+            finally:
+                pbar.close()
             store.put(f"{fp}|path", {"loss": path_loss})
     losses = [stored(i) for i in range(len(rows))]
     done = sum(x is not None for x in losses)
