@@ -1502,6 +1502,32 @@ def test_cuda_landscape_command(tmp_path):
 
 
 @needs_cuda
+def test_cuda_landscape_of_a_training_path(tmp_path):
+    """`landscape --directions pca --device cuda` around a CPU-trained net: the path's principal directions and
+    coordinates, each point's loss and the grid as on the CPU, to float64 rounding."""
+    import json
+
+    from shortcut_ext.cli import main
+
+    assert main(["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "4", "--samples",
+                 "40", "--lr", "0.3", "--epochs", "6", "--save-weights-every", "2", "--no-progress",
+                 "--out", str(tmp_path / "run.json")]) == 0
+    res = {}
+    for dev in ("cpu", GPU):
+        assert main(["landscape", "--weights", str(tmp_path / "run.weights.pt"), "--directions", "pca", "--plane",
+                     "--points", "5", "--no-progress", "--no-plots", "--device", dev,
+                     "--out", str(tmp_path / dev)]) == 0
+        res[dev] = json.loads((tmp_path / dev / "landscape.json").read_text())
+    g, c = res[GPU], res["cpu"]
+    torch.testing.assert_close(torch.tensor([p["coords"] for p in g["path"]]),
+                               torch.tensor([p["coords"] for p in c["path"]]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.tensor([p["loss"] for p in g["path"]]),
+                               torch.tensor([p["loss"] for p in c["path"]]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.tensor(g["loss"]), torch.tensor(c["loss"]), rtol=1e-10, atol=0)
+    assert g["explained_variance"] == pytest.approx(c["explained_variance"], rel=1e-10)
+
+
+@needs_cuda
 def test_cuda_bench_command(tmp_path, monkeypatch):
     """`shortcut-ext bench --device cuda`: every variant checked against the reference, timed with
     synchronisation, with its peak memory; no recompute row (the CUDA backward always recomputes); --tf32
