@@ -502,6 +502,8 @@ def test_training_path_refusals_name_what_is_wrong(tmp_path):
     shutil.copy(tmp_path / "lr.weights" / "epoch_000004.pt", mixed / "epoch_000004.pt")
     assert "the weights of epoch 4 in" in refused("--weights", str(w), "--directions", "pca", "--trajectory",
                                                   str(mixed))
+    assert main(TRAIN + ["--epochs", "0", "--save-weights", "--out", str(tmp_path / "e0.json")]) == 0
+    assert "training never moved them" in refused("--weights", str(tmp_path / "e0.weights.pt"), "--directions", "init")
     (mixed / "epoch_000004.pt").write_bytes(b"not a weights file")
     assert "cannot be read" in refused("--weights", str(w), "--directions", "pca", "--trajectory", str(mixed))
 

@@ -332,9 +332,10 @@ def path_directions(op: HessianOperator, path, k: int = 2) -> PathPlane:
     lam, U = torch.linalg.eigh(G)
     lam, U = lam.flip(0).clamp_min(0), U.flip(1)  # descending
     if float(lam[0]) == 0 or float(lam[k - 1]) <= 1e-12 * float(lam[0]):
+        shape = ("are all one point (the weights never moved)" if float(lam[0]) == 0 else
+                 "lie on a line" if k == 2 else "lie in fewer dimensions")
         raise ValueError(f"the path spans fewer than {k} direction{'s' if k > 1 else ''} (singular values "
-                         f"{[math.sqrt(float(x)) for x in lam[:k + 1]]}): its points lie on a "
-                         f"{'point' if float(lam[0]) == 0 else 'line' if k == 2 else 'lower-dimensional set'}")
+                         f"{[math.sqrt(float(x)) for x in lam[:k + 1]]}): its points {shape}")
     proj = U[:, :k] / lam[:k].sqrt()
     V = torch.empty(P, k, dtype=f64, device=w.device)
     for a, b in spans:

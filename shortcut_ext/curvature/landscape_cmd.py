@@ -196,6 +196,9 @@ def _run(args) -> int:
         w0 = initial_net(info, bundle.width, net.weight.dtype).weight.detach()  # in the run's dtype, as it began
         path = [(0, net.stack_weights(w0).to(device=H.device, dtype=H.dtype)), (info["epoch"], H._W)]
         V = (path[0][1] - H._W).reshape(-1, 1)
+        if not bool(V.any()):
+            raise SystemExit(f"shortcut-ext landscape: --directions init: the weights of --weights {args.weights} are "
+                             "the run's initial weights (training never moved them): the line has no direction")
         spans = (args.span or 1.5,) * 2
     else:
         path, args.trajectory_sha1, folder = _trajectory(args, net, info, H)
