@@ -70,9 +70,9 @@ def _saved(args) -> str:
         from .curvature.landscape_cmd import CHECKPOINT
 
         if (Path(out) / CHECKPOINT).exists():
-            return (f"; the finished rows of the grid are saved in {Path(out) / CHECKPOINT}: the same command resumes "
-                    "from them")
-        return "; no row of the grid had finished: a rerun starts over"
+            return (f"; the finished rows of the grid (and points of a training path) are saved in "
+                    f"{Path(out) / CHECKPOINT}: the same command resumes from them")
+        return "; no row of the grid (or point of a training path) had finished: a rerun starts over"
     if args.command == "spectrum":
         has = (Path(out) / "spectrum.checkpoint.json").exists()
         return ("; what had finished (a finished Lanczos run, SLQ probe groups) is checkpointed in --out: the same "

@@ -92,7 +92,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path, monke
     monkeypatch.setattr(landscape, "losses_at", stop_after_three)
     assert main(args + ["--out", str(part)]) == 130
     err = capsys.readouterr().err
-    assert "interrupted; the finished rows of the grid are saved in" in err and "resumes" in err
+    assert "interrupted; the finished rows of the grid (and points of a training path) are saved in" in err
+    assert "resumes" in err
     assert len((part / landscape_cmd.CHECKPOINT).read_text().splitlines()) == 3
     assert not (part / "landscape.json").exists()
     monkeypatch.setattr(landscape, "losses_at", real)
@@ -184,7 +185,8 @@ def test_an_interrupt_before_the_first_row_says_nothing_is_saved(tmp_path, monke
 
     monkeypatch.setattr(landscape, "losses_at", interrupted)
     assert main(TINY + ["--init", "small", "--out", str(tmp_path / "o")]) == 130
-    assert "interrupted; no row of the grid had finished: a rerun starts over" in capsys.readouterr().err
+    assert "interrupted; no row of the grid (or point of a training path) had finished: a rerun starts over" in \
+        capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ around a trained net (train --save-weights)
@@ -447,11 +449,32 @@ def test_a_training_path_resumes_and_follows_its_snapshots(tmp_path, monkeypatch
     monkeypatch.setattr(landscape, "losses_at", stop_after_two)
     assert main(args + ["--out", str(tmp_path / "part")]) == 130
     monkeypatch.setattr(landscape, "losses_at", real)
-    keys = [json.loads(x)["key"] for x in (tmp_path / "part" / landscape_cmd.CHECKPOINT).read_text().splitlines()]
-    assert keys[0].endswith("|path") and len(keys) == 3
+    ck = tmp_path / "part" / landscape_cmd.CHECKPOINT
+    keys = [json.loads(x)["key"].split("|")[1] for x in ck.read_text().splitlines()]
+    assert keys == [f"path={e}" for e in range(6)] + ["row=0", "row=1"]  # epoch 6 is the centre's, not stored
     assert main(args + ["--out", str(tmp_path / "part")]) == 0
     a, b = _result(tmp_path / "whole"), _result(tmp_path / "part")
     assert b["resumed_rows"] == 2 and a["loss"] == b["loss"] and a["path"] == b["path"]
+    # interrupted among the path's own losses: the finished ones are kept, each computed once
+    real_loss, n = landscape._loss, []
+
+    def stop_at_the_fourth_loss(*a_, **k):  # the centre's, two points of the path, then Ctrl-C
+        n.append(1)
+        if len(n) == 4:
+            raise KeyboardInterrupt
+        return real_loss(*a_, **k)
+
+    monkeypatch.setattr(landscape, "_loss", stop_at_the_fourth_loss)
+    assert main(args + ["--out", str(tmp_path / "p2")]) == 130
+    ck2 = tmp_path / "p2" / landscape_cmd.CHECKPOINT
+    assert [json.loads(x)["key"].split("|")[1] for x in ck2.read_text().splitlines()] == ["path=0", "path=1"]
+    assert "interrupted; the finished rows of the grid (and points of a training path) are saved in" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(landscape, "_loss", real_loss)
+    assert main(args + ["--out", str(tmp_path / "p2")]) == 0
+    keys = [json.loads(x)["key"].split("|")[1] for x in ck2.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 6 + 4 and _result(tmp_path / "p2") == {**a, **{
+        k: _result(tmp_path / "p2")[k] for k in ("config", "timings_s", "environment")}}
     assert main(TRAIN + ["--epochs", "6", "--lr", "0.2", "--save-weights-every", "1", "--out", str(run)]) == 0
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "part")]) == 0

@@ -15,7 +15,8 @@ path is the weights along training that ``train --save-weights-every N`` keeps b
 ``--directions init``, the line from the trained weights (``t = 0``) to the run's initial weights (``t = 1``;
 Goodfellow et al. 2015), which says whether the loss falls monotonically between them.
 
-The grid's losses are saved as they finish (``landscape.checkpoint.jsonl``, one line per row of the grid):
+The grid's losses are saved as they finish (``landscape.checkpoint.jsonl``, one line per row of the grid, and
+one per point of a training path):
 an interrupted run resumes with the same command and ends with the same numbers; a checkpoint of other
 options is replaced.
 
@@ -223,32 +224,28 @@ def _run(args) -> int:
         os.remove(ck_path)
         store = RunStore(ck_path)
 
-    def stored(i):
-        rec = store.get(f"{fp}|row={i}")
-        ok = (isinstance(rec, dict) and isinstance(rec.get("loss"), list) and len(rec["loss"]) == len(rows[i])
+    def stored(key, n):  # a record of n finished losses, or None (missing, or damaged: computed again)
+        rec = store.get(f"{fp}|{key}")
+        ok = (isinstance(rec, dict) and isinstance(rec.get("loss"), list) and len(rec["loss"]) == n
               and all(v is None or v in ("inf", "-inf") or (isinstance(v, (int, float)) and not isinstance(v, bool))
                       for v in rec["loss"]))
         return [json_float(v) for v in rec["loss"]] if ok else None
 
     center = _loss(H, H._W)
     path_loss = None
-    if path is not None:  # each point's own loss (the trained weights' is the centre's)
-        rec = store.get(f"{fp}|path")
-        if (isinstance(rec, dict) and isinstance(rec.get("loss"), list) and len(rec["loss"]) == len(path)
-                and all(v is None or v in ("inf", "-inf") or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                        for v in rec["loss"])):
-            path_loss = [json_float(v) for v in rec["loss"]]
-        else:
-            pbar, pcb = _progress("training path", args.no_progress)
-            try:
-                path_loss = []
-                for i, (_, w) in enumerate(path):
-                    path_loss.append(center if w is H._W else _loss(H, w.to(device=H.device, dtype=H.dtype)))
-                    pcb(i + 1, len(path))
-            finally:
-                pbar.close()
-            store.put(f"{fp}|path", {"loss": path_loss})
-    losses = [stored(i) for i in range(len(rows))]
+    if path is not None:  # each point's own loss (the trained weights' is the centre's), saved as it finishes
+        path_loss = [center if w is H._W else (stored(f"path={e}", 1) or [None])[0] for e, w in path]
+        todo = [i for i, v in enumerate(path_loss) if v is None]
+        pbar, pcb = _progress("training path", args.no_progress or not todo)
+        try:
+            for j, i in enumerate(todo):
+                e, w = path[i]
+                store.put(f"{fp}|path={e}", {"loss": [_loss(H, w.to(device=H.device, dtype=H.dtype))]})
+                path_loss[i] = stored(f"path={e}", 1)[0]
+                pcb(j + 1, len(todo))
+        finally:
+            pbar.close()
+    losses = [stored(f"row={i}", len(r)) for i, r in enumerate(rows)]
     done = sum(x is not None for x in losses)
     if done:
         print(f"shortcut-ext landscape: resuming from the checkpoint {ck_path}: {done} of {len(rows)} rows of the grid "
@@ -263,7 +260,7 @@ def _run(args) -> int:
                 continue
             vals = _row_losses(H, V, r, center)
             store.put(f"{fp}|row={i}", {"loss": vals})
-            losses[i] = [json_float(v) for v in store.get(f"{fp}|row={i}")["loss"]]
+            losses[i] = stored(f"row={i}", len(r))
             finished += len(r)
             cb(finished, total)
     finally:
