@@ -12,6 +12,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,6 +184,44 @@ def test_distributed_spectrum_command_equals_one_process(tmp_path):
     assert dist_res["slq"]["abs_quantiles"]["0.1"] == pytest.approx(one["slq"]["abs_quantiles"]["0.1"], rel=1e-8)
 
 
+def test_distributed_landscape_command_equals_one_process(tmp_path):
+    """`torchrun ... landscape --distributed` (two ranks, each half the samples, in mini-batches): the losses,
+    quadratic model and orders of one process; around a trained net, the training path's plane and its points'
+    losses too; a rerun resumes every row from rank 0's checkpoint."""
+    from shortcut_ext.cli import main
+
+    args = ["landscape", "--shortcut", "2", "--units", "4", "--width", "3", "--init", "small", "--scale", "0.5",
+            "--mid", "tanh", "--samples", "41", "--plane", "--points", "5", "--order", "--batch-size", "8",
+            "--no-progress", "--no-plots"]
+    _torchrun(["-m", "shortcut_ext", *args, "--distributed", "--out", str(tmp_path / "dist")], cwd=tmp_path)
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    d, one = (json.loads((tmp_path / x / "landscape.json").read_text()) for x in ("dist", "one"))
+    assert d["world_size"] == 2 and one["world_size"] == 1
+    np.testing.assert_allclose(d["loss"], one["loss"], rtol=1e-12)
+    assert d["center"] == pytest.approx(one["center"], rel=1e-12)
+    np.testing.assert_allclose(d["curvature"], one["curvature"], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(d["slopes"], one["slopes"], rtol=1e-10, atol=1e-14)
+    assert [o["order"] for o in d["orders"]] == pytest.approx([o["order"] for o in one["orders"]], rel=1e-6)
+    r = _torchrun(["-m", "shortcut_ext", *args[:-2], "--distributed", "--out", str(tmp_path / "dist")], cwd=tmp_path)
+    again = json.loads((tmp_path / "dist" / "landscape.json").read_text())
+    assert again["resumed_rows"] == 5 and again["loss"] == d["loss"]
+    assert r.stdout.count("resuming from the checkpoint") == 1  # rank 0 says it, once
+
+    train = ["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "4", "--samples", "40",
+             "--lr", "0.3", "--epochs", "6", "--save-weights-every", "2", "--no-progress"]
+    assert main(train + ["--out", str(tmp_path / "run.json")]) == 0
+    land = ["landscape", "--weights", str(tmp_path / "run.weights.pt"), "--directions", "pca", "--plane",
+            "--points", "4", "--no-progress", "--no-plots"]
+    _torchrun(["-m", "shortcut_ext", *land, "--distributed", "--out", str(tmp_path / "pdist")], cwd=tmp_path)
+    assert main(land + ["--out", str(tmp_path / "pone")]) == 0
+    d, one = (json.loads((tmp_path / x / "landscape.json").read_text()) for x in ("pdist", "pone"))
+    assert [p["epoch"] for p in d["path"]] == [0, 2, 4, 6]
+    np.testing.assert_allclose([p["loss"] for p in d["path"]], [p["loss"] for p in one["path"]], rtol=1e-12)
+    np.testing.assert_allclose([p["coords"] for p in d["path"]], [p["coords"] for p in one["path"]], rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(d["loss"], one["loss"], rtol=1e-10)
+
+
 def test_distributed_needs_a_process_group(tmp_path):
     net, X, Y, _ = _problem("mse")
     with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed process group"):
@@ -195,9 +234,10 @@ def test_distributed_needs_a_process_group(tmp_path):
 
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
     try:
-        with pytest.raises(SystemExit, match="--distributed runs under torchrun .* lacks RANK"):
-            main(["spectrum", "--units", "2", "--width", "3", "--samples", "10", "--no-progress", "--no-plots",
-                  "--distributed", "--out", str(tmp_path)])
+        for cmd in ("spectrum", "landscape"):
+            with pytest.raises(SystemExit, match=f"shortcut-ext {cmd}: --distributed runs under torchrun .* lacks RANK"):
+                main([cmd, "--units", "2", "--width", "3", "--samples", "10", "--no-progress", "--no-plots",
+                      "--distributed", "--out", str(tmp_path / cmd)])
     finally:
         os.environ.update(env)
 

@@ -51,7 +51,7 @@ import torch
 from .. import __version__
 from .._cli_args import out_dir, out_lock, positive_float, positive_int
 from .._cli_args import seed as seed_type
-from .._device import parse_device
+from .._device import init_distributed, parse_device
 from .._io import atomic_open, save_figure
 from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_args, build_problem,
                            to_strict_json, trained_problem)
@@ -108,6 +108,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     g.add_argument("--backend", choices=BACKENDS, default="fused", help="forward and HVP backend")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the network, data and losses live")
+    g.add_argument("--distributed", action="store_true",
+                   help="data-parallel losses and HVPs over torch.distributed, launched with torchrun (gloo on cpu, "
+                        "NCCL on cuda: each rank takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; "
+                        "every rank reads --weights and the training path, rank 0 keeps the checkpoint and writes")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
@@ -128,11 +132,13 @@ def _reach(x: float) -> float:
     return round(math.ceil(x / e - 1e-9) * e, 12)
 
 
-def _fingerprint(args) -> str:
+def _fingerprint(args, world: int = 1) -> str:
     """The options the numbers depend on (not where they are written or shown), with the computation's format."""
     # (a trained net's weights by their digest, weights_sha1, not by their file's path)
     keep = {k: v for k, v in vars(args).items()
-            if k not in ("func", "out", "no_plots", "no_progress", "command", "weights", "trajectory")}
+            if k not in ("func", "out", "no_plots", "no_progress", "command", "weights", "trajectory", "distributed")}
+    if world > 1:
+        keep["world_size"] = world  # the all-reduce's order of the ranks' sums
     keep["format"] = _FORMAT
     keep["version"] = __version__
     keep["threads"] = torch.get_num_threads()  # the reductions' order: a resumed grid matches bit for bit
@@ -165,17 +171,28 @@ def run(args) -> int:
                          "weights, which are all 0 with --init zero: use --normalize unit (the default)")
     args.device = parse_device(args.device, "landscape")
     out_dir(args.out, "landscape")
-    with out_lock(os.path.join(args.out, ".shortcut-ext.lock"), "landscape", device=args.device):
-        return _run(args)
+    created, rank, world = False, 0, 1
+    if args.distributed:
+        created, rank, world, args.device = init_distributed("landscape", args.device)
+    try:
+        with out_lock(os.path.join(args.out, ".shortcut-ext.lock"), "landscape", lead=rank == 0,
+                      distributed=args.distributed, device=args.device):
+            return _run(args, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
-def _run(args) -> int:
+def _run(args, rank: int = 0, world: int = 1) -> int:
     from ..experiments.store import RunStore, json_float
     from .hessian import HessianOperator
     from ..experiments.train_cmd import initial_net
     from .landscape import _loss, _taylor, path_directions, random_directions, stationary_order
 
     t_start = time.perf_counter()
+    lead = rank == 0  # prints, keeps the checkpoint and writes; every rank computes every loss (all-reduced)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     what = bundle = info = None
     if args.weights is None:
@@ -183,11 +200,13 @@ def _run(args) -> int:
     else:  # the checkpoint's fingerprint takes the weights' digest (args.weights_sha1)
         net, X, Y, what, bundle, info = trained_problem(args, "landscape", dtype, full=True)
         net, X, Y = net.to(args.device), X.to(args.device), Y.to(args.device)
+    if args.distributed:
+        X, Y = X[rank::world], Y[rank::world]  # this rank's shard
     if args.batch_size is None:
         data = [(X, Y)]
     else:
         data = [(X[i:i + args.batch_size], Y[i:i + args.batch_size]) for i in range(0, X.shape[0], args.batch_size)]
-    H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype)
+    H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype, distributed=args.distributed)
     k = 2 if args.plane else 1
     path = plane = None  # the training path's points (epoch, weights), and its principal directions
     if args.directions == "random":
@@ -214,13 +233,22 @@ def _run(args) -> int:
     ts, ss = _grid(args, spans)
     rows = [np.array([[t, s] for s in ss]) for t in ts] if args.plane else [np.array([[t]]) for t in ts]
 
-    # the checkpoint: one record per finished row of the grid, under this run's fingerprint
-    fp = _fingerprint(args)
+    # the checkpoint: one record per finished row of the grid (and point of the path), under this run's fingerprint;
+    # rank 0 reads and writes it and tells the other ranks what is done
+    fp = _fingerprint(args, world)
+    if args.distributed:
+        import torch.distributed as dist
+
+        fps = [None] * world
+        dist.all_gather_object(fps, fp)
+        if len(set(fps)) > 1:
+            raise SystemExit("shortcut-ext landscape: --distributed: the ranks differ in their options, --weights or "
+                             "training path (their digests differ): give every rank the same command and files")
     ck_path = os.path.join(args.out, CHECKPOINT)
-    store = RunStore(ck_path)
-    if len(store) and not all(k.startswith(fp + "|") for k in store.keys()):
+    store = RunStore(ck_path) if lead else None
+    if lead and len(store) and not all(k.startswith(fp + "|") for k in store.keys()):
         print(f"shortcut-ext landscape: the checkpoint {ck_path} is of other options (or another version of "
-              "shortcut_ext, or another thread count); starting afresh and replacing it", flush=True)
+              "shortcut_ext, or another thread count or world size); starting afresh and replacing it", flush=True)
         os.remove(ck_path)
         store = RunStore(ck_path)
 
@@ -231,26 +259,37 @@ def _run(args) -> int:
                       for v in rec["loss"]))
         return [json_float(v) for v in rec["loss"]] if ok else None
 
+    def save(key, vals):  # the values as stored and read back (the same on every rank)
+        if not lead:
+            return [float(v) for v in vals]
+        store.put(f"{fp}|{key}", {"loss": vals})
+        return stored(key, len(vals))
+
+    keys = [(f"row={i}", len(r)) for i, r in enumerate(rows)] + [(f"path={e}", 1) for e, _ in path or []]
+    have = {key: stored(key, n) for key, n in keys} if lead else None
+    if args.distributed:
+        box = [have]
+        dist.broadcast_object_list(box, src=0)
+        have = box[0]
     center = _loss(H, H._W)
     path_loss = None
     if path is not None:  # each point's own loss (the trained weights' is the centre's), saved as it finishes
-        path_loss = [center if w is H._W else (stored(f"path={e}", 1) or [None])[0] for e, w in path]
+        path_loss = [center if w is H._W else (have[f"path={e}"] or [None])[0] for e, w in path]
         todo = [i for i, v in enumerate(path_loss) if v is None]
-        pbar, pcb = _progress("training path", args.no_progress or not todo)
+        pbar, pcb = _progress("training path", args.no_progress or not todo or not lead)
         try:
             for j, i in enumerate(todo):
                 e, w = path[i]
-                store.put(f"{fp}|path={e}", {"loss": [_loss(H, w.to(device=H.device, dtype=H.dtype))]})
-                path_loss[i] = stored(f"path={e}", 1)[0]
+                path_loss[i] = save(f"path={e}", [_loss(H, w.to(device=H.device, dtype=H.dtype))])[0]
                 pcb(j + 1, len(todo))
         finally:
             pbar.close()
-    losses = [stored(f"row={i}", len(r)) for i, r in enumerate(rows)]
+    losses = [have[f"row={i}"] for i in range(len(rows))]
     done = sum(x is not None for x in losses)
-    if done:
+    if done and lead:
         print(f"shortcut-ext landscape: resuming from the checkpoint {ck_path}: {done} of {len(rows)} rows of the grid "
               "done", flush=True)
-    bar, cb = _progress("landscape", args.no_progress)
+    bar, cb = _progress("landscape", args.no_progress or not lead)
     t0 = time.perf_counter()
     try:
         total = sum(len(r) for r in rows)
@@ -258,9 +297,7 @@ def _run(args) -> int:
         for i, r in enumerate(rows):
             if losses[i] is not None:
                 continue
-            vals = _row_losses(H, V, r, center)
-            store.put(f"{fp}|row={i}", {"loss": vals})
-            losses[i] = stored(f"row={i}", len(r))
+            losses[i] = save(f"row={i}", _row_losses(H, V, r, center))
             finished += len(r)
             cb(finished, total)
     finally:
@@ -274,7 +311,7 @@ def _run(args) -> int:
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "func"}, "net": what,
         "num_params": H.P, "backend_used": H.backend_used, "fallback_reason": H.fallback_reason,
-        "environment": _environment(),
+        "environment": _environment(), "world_size": world,
         "center": center, "grad_norm": float(H.loss_and_grad()[1].norm()),
         "ts": ts.tolist(), "ss": None if ss is None else ss.tolist(), "loss": loss.tolist(),
         "quadratic": res.tolist(), "slopes": slopes.tolist(), "curvature": curv.tolist(),
@@ -299,6 +336,8 @@ def _run(args) -> int:
         result["orders"] = [stationary_order(H, V[:, j]).to_dict() for j in range(V.shape[1])]
         result["timings_s"]["order"] = time.perf_counter() - t1
     result["timings_s"]["total_this_process"] = time.perf_counter() - t_start
+    if not lead:  # every collective is behind: rank 0 writes
+        return 0
     with atomic_open(os.path.join(args.out, "landscape.json")) as f:
         f.write(to_strict_json(result, indent=1))
     _write_csv(os.path.join(args.out, "landscape.csv"), ts, ss, loss, res)
