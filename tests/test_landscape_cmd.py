@@ -540,3 +540,42 @@ def _only(tmp_path, name, epochs):
     for e in epochs:
         shutil.copy(tmp_path / "run.weights" / f"epoch_{e:06d}.pt", d / f"epoch_{e:06d}.pt")
     return d
+
+
+def test_the_plane_of_the_hessians_extreme_eigenvectors(tmp_path, capsys):
+    """--directions hessian: the eigenvectors of the dense Hessian's largest and smallest eigenvalues (up to
+    sign, and their eigenvalues), so the quadratic model's curvature is diag(lambda max, lambda min); at a
+    2-shortcut zero point a saddle with lambda min = -lambda max; a zero Hessian (3-shortcut) is refused."""
+    out = tmp_path / "o"
+    extra = ["--init", "small", "--scale", "0.4", "--mid", "tanh", "--points", "5", "--span", "0.3"]
+    assert main(TINY + extra + ["--directions", "hessian", "--plane", "--out", str(out)]) == 0
+    r = _result(out)
+    X, Y = load_data("synthetic", 24, 3, 0, 0.1, torch.float64)
+    net = ShortcutNet(3, 5, 2, "identity", "tanh", "identity", init="small", scale=0.4, seed=0, dtype=torch.float64)
+    op = HessianOperator(net, (X, Y), "mse", backend="fused")
+    lam, U = torch.linalg.eigh(op.to_dense())
+    assert r["eigen"]["eigenvalues"] == pytest.approx([float(lam[-1]), float(lam[0])], rel=1e-9)
+    assert r["eigen"]["converged"] and "lambda min = " in capsys.readouterr().out
+    np.testing.assert_allclose(np.array(r["curvature"]), np.diag(r["eigen"]["eigenvalues"]), rtol=1e-8, atol=1e-9)
+    V = torch.stack([U[:, -1], U[:, 0]], dim=1)
+    V = V * torch.sign(V.gather(0, V.abs().argmax(dim=0, keepdim=True)))  # the command's sign: largest entry > 0
+    pts = np.array([[t, s] for t in r["ts"] for s in r["ss"]])
+    np.testing.assert_allclose(np.array(r["loss"]).ravel(), losses_at(op, V, pts), rtol=1e-9)
+    # a line: the top eigenvector alone
+    assert main(TINY + extra + ["--directions", "hessian", "--out", str(tmp_path / "line")]) == 0
+    line = _result(tmp_path / "line")
+    assert line["eigen"]["eigenvalues"] == pytest.approx([float(lam[-1])], rel=1e-9)
+    np.testing.assert_allclose(line["loss"], np.array(r["loss"])[:, 2], rtol=1e-9)
+    # the 2-shortcut zero point: a saddle, its spectrum symmetric
+    z = tmp_path / "z"
+    assert main(TINY + ["--init", "zero", "--directions", "hessian", "--plane", "--points", "3", "--span", "0.2",
+                        "--out", str(z)]) == 0
+    rz = _result(z)
+    top, bottom = rz["eigen"]["eigenvalues"]
+    assert top > 0 and bottom == pytest.approx(-top, rel=1e-8)
+    L = np.array(rz["loss"])
+    assert L[0, 1] > rz["center"] and L[2, 1] > rz["center"] and L[1, 0] < rz["center"] and L[1, 2] < rz["center"]
+    with pytest.raises(SystemExit, match="the Hessian is 0 at these weights"):
+        main(TINY + ["--shortcut", "3", "--init", "zero", "--directions", "hessian", "--out", str(tmp_path / "3")])
+    with pytest.raises(SystemExit, match="--normalize has no effect with --directions hessian"):
+        main(TINY + ["--init", "small", "--directions", "hessian", "--normalize", "layer", "--out", str(tmp_path / "n")])

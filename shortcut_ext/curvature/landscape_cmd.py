@@ -9,15 +9,16 @@ n-shortcut net's zero point, where the gradient and, for ``n >= 3``, the Hessian
 model is flat).  The net is built from the network and data flags (as ``spectrum`` builds it), or, with
 ``--weights``, is a net trained by ``shortcut-ext train --save-weights``, with its data.  Writes ``landscape.json``, ``landscape.csv`` and ``landscape.png`` to ``--out``.
 
-Directions other than random ones, around a trained net (``--weights``): ``--directions pca``, the plane (or
-line) of the training path's principal directions, with the path drawn on it (Li et al. 2018, section 7; the
-path is the weights along training that ``train --save-weights-every N`` keeps beside the weights file);
-``--directions init``, the line from the trained weights (``t = 0``) to the run's initial weights (``t = 1``;
-Goodfellow et al. 2015), which says whether the loss falls monotonically between them.
+``--directions hessian``: the Hessian's eigenvectors of its largest eigenvalue (a line), and of its smallest
+too (a plane): the sharpest rise and, at a saddle, the way down (Lanczos).  Around a trained net
+(``--weights``): ``--directions pca``, the plane (or line) of the training path's principal directions, with
+the path drawn on it (Li et al. 2018, section 7; the path is the weights along training that ``train
+--save-weights-every N`` keeps beside the weights file); ``--directions init``, the line from the trained
+weights (``t = 0``) to the run's initial weights (``t = 1``; Goodfellow et al. 2015), which says whether the
+loss falls monotonically between them.
 
 The grid's losses are saved as they finish (``landscape.checkpoint.jsonl``, one line per row of the grid, and
-one per point of a training path):
-an interrupted run resumes with the same command and ends with the same numbers; a checkpoint of other
+one per point of a training path): an interrupted run resumes with the same command and ends with the same numbers; a checkpoint of other
 options is replaced.
 
 Example (a 3-shortcut net's zero point: flat to second order, a cubic saddle)::
@@ -57,7 +58,9 @@ from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_
                            to_strict_json, trained_problem)
 
 CHECKPOINT = "landscape.checkpoint.jsonl"
-DIRECTIONS = ("random", "pca", "init")
+DIRECTIONS = ("random", "hessian", "pca", "init")
+LANCZOS_BASIS = 64  # most Krylov vectors --directions hessian holds (thick restarts beyond: memory 64 x P)
+LANCZOS_PRODUCTS = 2000
 # what a checkpoint's numbers depend on besides the flags: the way they are computed (bump on a change)
 _FORMAT = 1
 
@@ -83,7 +86,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("slice")
     g.add_argument("--plane", action="store_true", help="two directions, a plane (default: one, a line)")
     g.add_argument("--directions", choices=DIRECTIONS, default="random",
-                   help="random: seeded random directions (default); pca: the training path's principal directions, "
+                   help="random: seeded random directions (default); hessian: the Hessian's eigenvectors of its "
+                        "largest eigenvalue (a line) and also of its smallest (a plane: the sharpest rise and, at a "
+                        "saddle, the steepest fall; Lanczos, started from --direction-seed); "
+                        "pca: the training path's principal directions, "
                         "with the path drawn on them (needs --weights and the snapshots of train "
                         "--save-weights-every); init: the line from the trained weights (t = 0) to the run's initial "
                         "weights (t = 1; needs --weights)")
@@ -99,7 +105,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--normalize", choices=NORMALIZE, default="unit",
                    help="unit: each direction has norm 1 (the only choice at the zero point); layer / filter: "
                         "scaled like the weights per d x d layer / per row (Li et al. 2018)")
-    g.add_argument("--direction-seed", type=seed_type, default=0, help="seed of the random directions")
+    g.add_argument("--direction-seed", type=seed_type, default=0,
+                   help="seed of the random directions (hessian: of Lanczos's start vector)")
     g.add_argument("--order", action="store_true",
                    help="also the order p of the stationary point along each direction (L(w + t v) - L(w) ~ c t^p "
                         "for small t: 19 more losses a direction; use float64)")
@@ -152,7 +159,9 @@ def run(args) -> int:
     def refuse(msg):
         raise SystemExit(f"shortcut-ext landscape: {msg}")
 
-    if args.directions != "random":
+    if args.directions == "hessian" and args.normalize != "unit":
+        refuse(f"--normalize has no effect with --directions hessian: eigenvectors have norm 1 (leave it out)")
+    if args.directions in ("pca", "init"):
         if args.weights is None:
             refuse(f"--directions {args.directions} needs --weights: the "
                    + ("training path of a run (train --save-weights-every N keeps it)" if args.directions == "pca"
@@ -208,9 +217,13 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         data = [(X[i:i + args.batch_size], Y[i:i + args.batch_size]) for i in range(0, X.shape[0], args.batch_size)]
     H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype, distributed=args.distributed)
     k = 2 if args.plane else 1
-    path = plane = None  # the training path's points (epoch, weights), and its principal directions
+    path = plane = eig = None  # the training path's points (epoch, weights), its principal directions; eigenpairs
+    t_dir = time.perf_counter()
     if args.directions == "random":
         V = random_directions(H, k, seed=args.direction_seed, normalize=args.normalize)
+        spans = (args.span or 1.0,) * 2
+    elif args.directions == "hessian":
+        V, eig = _eigen_directions(H, k, args)
         spans = (args.span or 1.0,) * 2
     elif args.directions == "init":
         w0 = initial_net(info, bundle.width, net.weight.dtype).weight.detach()  # in the run's dtype, as it began
@@ -230,6 +243,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         V = plane.directions
         spans = ((args.span,) * 2 if args.span else
                  tuple(_reach(float(np.abs(plane.coords[:, j]).max())) for j in range(k)) + ((1.0,) if k == 1 else ()))
+    dir_s = time.perf_counter() - t_dir
     ts, ss = _grid(args, spans)
     rows = [np.array([[t, s] for s in ss]) for t in ts] if args.plane else [np.array([[t]]) for t in ts]
 
@@ -319,8 +333,10 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         # over the points where the loss is finite (a long step on a deep net overflows)
         "max_abs_model_error": float(np.max(np.abs(loss - res)[fin])) if fin.any() else math.nan,
         "nonfinite_points": int((~fin).sum()),
-        "resumed_rows": done, "timings_s": {"grid": grid_s},
+        "resumed_rows": done, "timings_s": {"directions": dir_s, "grid": grid_s},
     }
+    if eig is not None:
+        result["eigen"] = eig
     if path is not None:
         coords = (plane.coords if plane is not None else np.array([[1.0], [0.0]]))
         off = plane.off_plane if plane is not None else np.zeros(len(path))
@@ -357,6 +373,11 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     if result["nonfinite_points"]:
         msg += (f"; the loss is not finite at {result['nonfinite_points']} of {loss.size} points (it overflows "
                 "there: a smaller --span stays in range)")
+    if eig is not None:
+        msg += ("; the directions are the Hessian's eigenvectors of lambda max = " + f"{eig['eigenvalues'][0]:.6g}"
+                + (f" and lambda min = {eig['eigenvalues'][1]:.6g}" if k == 2 else "")
+                + f" (Lanczos, {eig['num_products']} products"
+                + (")" if eig["converged"] else ", not converged: the vectors are approximate)"))
     if plane is not None:
         ex = result["explained_variance"]
         msg += (f"; the training path ({len(path)} points, epochs {path[0][0]}..{path[-1][0]}): its principal "
@@ -372,6 +393,33 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         msg += "; order along each direction: " + ", ".join(f"{o['order']:.3g}" for o in result["orders"])
     print(msg + f"; written to {args.out}", flush=True)
     return 0
+
+
+def _eigen_directions(H, k: int, args):
+    """``--directions hessian``: ``([P, k] unit eigenvectors, info)`` of the largest and (a plane) the smallest
+    eigenvalue, by Lanczos with thick restarts; each signed so that its largest entry is positive."""
+    from .lanczos import lanczos
+
+    bar, cb = _progress("lanczos", args.no_progress)
+    try:
+        lz = lanczos(H, k=1, which="both", seed=args.direction_seed, max_iter=min(H.P, LANCZOS_BASIS),
+                     max_products=LANCZOS_PRODUCTS, callback=cb)
+    finally:
+        bar.close()
+    top, bottom = float(lz.largest[0]), float(lz.smallest[0])
+    if top == 0 and bottom == 0:
+        raise SystemExit("shortcut-ext landscape: --directions hessian: the Hessian is 0 at these weights (as at an "
+                         "n-shortcut net's zero point for n >= 3), so its eigenvectors are no particular directions: "
+                         "use --directions random (and --order for the order of the stationary point)")
+    V = torch.cat([lz.largest_vectors[:, :1], lz.smallest_vectors[:, :1]][:k], dim=1).to(device=H.device,
+                                                                                      dtype=H.dtype)
+    for j in range(k):
+        if float(V[int(V[:, j].abs().argmax()), j]) < 0:
+            V[:, j].neg_()
+    info = {"eigenvalues": [top, bottom][:k], "residuals": [float(lz.largest_residuals[0]),
+                                                            float(lz.smallest_residuals[0])][:k],
+            "converged": bool(lz.converged), "num_products": int(lz.num_products)}
+    return V.contiguous(), info
 
 
 def _trajectory(args, net, info, H):
@@ -499,6 +547,9 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
         elif args.directions == "init":
             ax.plot([1], [pts[0]["loss"]], "rs", ms=6, label="the initial weights")
             ax.set_xlabel("t (0: the trained weights, 1: the initial weights)")
+        elif args.directions == "hessian":
+            ax.set_xlabel(f"t (along the Hessian's top eigenvector: lambda max = "
+                          f"{result['eigen']['eigenvalues'][0]:.4g})")
         else:
             ax.set_xlabel(f"t (steps along a {args.normalize} random direction)")
         ax.set_ylabel("loss")
@@ -521,6 +572,11 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
                             xytext=(3, 3), textcoords="offset points")
             ax.set_xlabel(f"t (the path's first principal direction: {ex[0]:.0%} of its variance)")
             ax.set_ylabel(f"s (second: {ex[1]:.0%})")
+        elif args.directions == "hessian":
+            lam = result["eigen"]["eigenvalues"]
+            ax.set_xlabel(f"t (the Hessian's top eigenvector: lambda max = {lam[0]:.4g})")
+            ax.set_ylabel(f"s (its bottom eigenvector: lambda min = {lam[1]:.4g})")
+            ax.set_aspect("equal")
         else:
             ax.set_xlabel("t (first direction)")
             ax.set_ylabel("s (second direction)")
