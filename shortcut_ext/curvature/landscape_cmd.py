@@ -78,8 +78,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .landscape import NORMALIZE
 
     p = subparsers.add_parser(
-        "landscape", help="the loss on a line or plane of weights through a network's initial point, beside its "
-                          "quadratic model; resumable",
+        "landscape", help="the loss on a line or plane of weights through a network's initial or trained point "
+                          "(random, Hessian-eigenvector or training-path directions), beside its quadratic model; "
+                          "resumable",
         description=__doc__.split("\n\n")[0] + " Writes JSON, CSV and a PNG figure.",
     )
     add_problem_args(p, "forwards and HVPs")
