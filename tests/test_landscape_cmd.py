@@ -427,7 +427,7 @@ def test_the_line_from_the_initial_to_the_trained_weights(tmp_path, capsys):
     # a path that rises on the way: the summary says by how much (a made-up grid, through the helper)
     it = landscape_cmd._interpolation(np.array([0.0, 0.25, 0.5, 0.75, 1.0]), np.array([1, 1.5, 3.0, 2.5, 9]), 2.0,
                                       1.0)
-    assert it == {"monotonic": False, "max_rise": 0.5, "grid_points_between": 3}
+    assert it == {"monotonic": False, "max_rise": 0.5, "barrier": 1.0, "grid_points_between": 3}
 
 
 def test_a_training_path_resumes_and_follows_its_snapshots(tmp_path, monkeypatch, capsys):
@@ -579,3 +579,52 @@ def test_the_plane_of_the_hessians_extreme_eigenvectors(tmp_path, capsys):
         main(TINY + ["--shortcut", "3", "--init", "zero", "--directions", "hessian", "--out", str(tmp_path / "3")])
     with pytest.raises(SystemExit, match="--normalize has no effect with --directions hessian"):
         main(TINY + ["--init", "small", "--directions", "hessian", "--normalize", "layer", "--out", str(tmp_path / "n")])
+
+
+def test_the_line_between_two_trained_nets(tmp_path, capsys):
+    """--directions between: t = 0 is --weights, t = 1 --other (its own final loss); the barrier is how far the
+    loss on the grid between them rises above the higher end.  Nets from other seeds need no frozen projections
+    (at the data's width); other nets, data or projections, the same weights, and misplaced flags are refused."""
+    def run(name, *extra):
+        assert main(TRAIN + ["--epochs", "15", "--save-weights", *extra, "--out", str(tmp_path / f"{name}.json")]) == 0
+        return tmp_path / f"{name}.weights.pt", json.loads((tmp_path / f"{name}.json").read_text())["final_loss"]
+
+    a, la = run("a")
+    b, lb = run("b", "--lr", "0.1")
+    out = tmp_path / "ab"
+    assert main(["landscape", "--weights", str(a), "--directions", "between", "--other", str(b), "--points", "9",
+                 "--span", "1", "--no-progress", "--out", str(out)]) == 0
+    r = _result(out)
+    assert r["center"] == pytest.approx(la, rel=1e-12) and r["path"][0]["loss"] == pytest.approx(lb, rel=1e-12)
+    assert r["path"][0]["coords"] == [1.0] and r["path"][0]["epoch"] == 15 and r["other"] == str(b)
+    assert r["loss"][-1] == pytest.approx(lb, rel=1e-9) and r["loss"][4] == r["center"]
+    seq = [r["path"][0]["loss"]] + r["loss"][5:8][::-1] + [r["center"]]
+    assert r["interpolation"]["barrier"] == max(0.0, max(seq) - max(seq[0], seq[-1]))
+    assert "L at --other (t = 1) = " in capsys.readouterr().out
+    # two seeds at the data's width (10 digits components, 10 classes): no frozen projections, a line between them
+    w10 = ["--width", "10", "--epochs", "10"]
+    s0, _ = run("s0", *w10)
+    s1, l1 = run("s1", *w10, "--seed", "1")
+    assert main(["landscape", "--weights", str(s0), "--directions", "between", "--other", str(s1), "--points", "3",
+                 "--span", "1", "--no-progress", "--out", str(tmp_path / "seeds")]) == 0
+    assert _result(tmp_path / "seeds")["path"][0]["loss"] == pytest.approx(l1, rel=1e-12)
+
+    def refused(*extra):
+        with pytest.raises(SystemExit) as e:
+            main(["landscape", *extra, "--no-progress", "--out", str(tmp_path / "x")])
+        return str(e.value)
+
+    c, _ = run("c", "--seed", "1")  # width 4: a frozen read-out drawn from seed 1
+    assert "its frozen projections (readout) differ" in refused("--weights", str(a), "--directions", "between",
+                                                                "--other", str(c))
+    d, _ = run("d", "--depth", "6")
+    assert "is of another net or data than --weights" in refused("--weights", str(a), "--directions", "between",
+                                                                 "--other", str(d))
+    assert "holds the same weights as --weights" in refused("--weights", str(a), "--directions", "between",
+                                                            "--other", str(a))
+    assert "--directions between needs --other FILE" in refused("--weights", str(a), "--directions", "between")
+    assert "--other has no effect with --directions init" in refused("--weights", str(a), "--directions", "init",
+                                                                     "--other", str(b))
+    assert "--directions between is one direction, a line" in refused("--weights", str(a), "--directions",
+                                                                      "between", "--other", str(b), "--plane")
+    assert "--directions between needs --weights" in refused("--directions", "between", "--other", str(b))

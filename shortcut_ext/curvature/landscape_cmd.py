@@ -15,7 +15,9 @@ too (a plane): the sharpest rise and, at a saddle, the way down (Lanczos).  Arou
 the path drawn on it (Li et al. 2018, section 7; the path is the weights along training that ``train
 --save-weights-every N`` keeps beside the weights file); ``--directions init``, the line from the trained
 weights (``t = 0``) to the run's initial weights (``t = 1``; Goodfellow et al. 2015), which says whether the
-loss falls monotonically between them.
+loss falls monotonically between them; ``--directions between --other FILE``, the line to another weights file
+of the same net and data (another epoch, or a net trained from another seed: is there a barrier between two
+minima?  Frankle et al. 2020's linear mode connectivity).
 
 The grid's losses are saved as they finish (``landscape.checkpoint.jsonl``, one line per row of the grid, and
 one per point of a training path): an interrupted run resumes with the same command and ends with the same numbers; a checkpoint of other
@@ -35,6 +37,7 @@ Along its training path::
     shortcut-ext train --arch 2-shortcut --act tanh-mid --depth 20 --epochs 500 --save-weights-every 25 --out runs/t.json
     shortcut-ext landscape --weights runs/t.weights.pt --directions pca --plane --out runs/path_t
     shortcut-ext landscape --weights runs/t.weights.pt --directions init --out runs/interp_t
+    shortcut-ext landscape --weights runs/t.weights.pt --directions between --other runs/t_seed1.weights.pt --out runs/lmc
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_
                            to_strict_json, trained_problem)
 
 CHECKPOINT = "landscape.checkpoint.jsonl"
-DIRECTIONS = ("random", "hessian", "pca", "init")
+DIRECTIONS = ("random", "hessian", "pca", "init", "between")
 LANCZOS_BASIS = 64  # most Krylov vectors --directions hessian holds (thick restarts beyond: memory 64 x P)
 LANCZOS_PRODUCTS = 2000
 # what a checkpoint's numbers depend on besides the flags: the way they are computed (bump on a change)
@@ -93,13 +96,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "pca: the training path's principal directions, "
                         "with the path drawn on them (needs --weights and the snapshots of train "
                         "--save-weights-every); init: the line from the trained weights (t = 0) to the run's initial "
-                        "weights (t = 1; needs --weights)")
+                        "weights (t = 1; needs --weights); between: the line from --weights (t = 0) to --other's "
+                        "weights (t = 1)")
+    g.add_argument("--other", metavar="FILE", default=None,
+                   help="--directions between: the other end, a weights file of train --save-weights of the same net "
+                        "and data (another epoch of the run, or a run from another seed)")
     g.add_argument("--trajectory", metavar="DIR", default=None,
                    help="--directions pca: the folder of the weights along training (default: the .weights/ folder "
                         "beside --weights, or the folder --weights is in)")
     g.add_argument("--span", type=positive_float, default=None,
                    help="steps from -span to +span along each direction (> 0), in units of the direction (default: "
-                        "1; pca: 1.2 times the path's reach along each direction; init: 1.5)")
+                        "1; pca: 1.2 times the path's reach along each direction; init, between: 1.5)")
     g.add_argument("--points", type=points_type, default=None,
                    help="grid points along each direction, >= 2 (default: 41 on a line, 21 on a plane; an odd "
                         "number puts the weights themselves on the grid)")
@@ -144,7 +151,8 @@ def _fingerprint(args, world: int = 1) -> str:
     """The options the numbers depend on (not where they are written or shown), with the computation's format."""
     # (a trained net's weights by their digest, weights_sha1, not by their file's path)
     keep = {k: v for k, v in vars(args).items()
-            if k not in ("func", "out", "no_plots", "no_progress", "command", "weights", "trajectory", "distributed")}
+            if k not in ("func", "out", "no_plots", "no_progress", "command", "weights", "trajectory", "distributed",
+                         "other")}
     if world > 1:
         keep["world_size"] = world  # the all-reduce's order of the ranks' sums
     keep["format"] = _FORMAT
@@ -162,18 +170,24 @@ def run(args) -> int:
 
     if args.directions == "hessian" and args.normalize != "unit":
         refuse(f"--normalize has no effect with --directions hessian: eigenvectors have norm 1 (leave it out)")
-    if args.directions in ("pca", "init"):
+    if args.directions in ("pca", "init", "between"):
         if args.weights is None:
             refuse(f"--directions {args.directions} needs --weights: the "
-                   + ("training path of a run (train --save-weights-every N keeps it)" if args.directions == "pca"
-                      else "initial and trained weights of a run (train --save-weights)") + ", got no --weights")
+                   + {"pca": "training path of a run (train --save-weights-every N keeps it)",
+                      "init": "initial and trained weights of a run (train --save-weights)",
+                      "between": "weights at one end of the line (train --save-weights), and --other at the other"
+                      }[args.directions] + ", got no --weights")
         for flag, given in (("--normalize", args.normalize != "unit"), ("--direction-seed", args.direction_seed != 0)):
             if given:
                 refuse(f"{flag} has no effect with --directions {args.directions}: it shapes random directions "
                        "(leave it out)")
-        if args.directions == "init" and args.plane:
-            refuse("--directions init is one direction, a line (from the trained weights to the initial ones): "
-                   "drop --plane, or use --directions pca for a plane through the training path")
+        if args.directions in ("init", "between") and args.plane:
+            refuse(f"--directions {args.directions} is one direction, a line (from --weights to "
+                   + ("the initial weights" if args.directions == "init" else "--other") + "): drop --plane, or use "
+                   "--directions pca for a plane through a training path")
+    if (args.other is None) != (args.directions != "between"):
+        refuse("--directions between needs --other FILE (the other end of the line)" if args.other is None else
+               f"--other has no effect with --directions {args.directions}: it is the far end of --directions between")
     if args.trajectory is not None and args.directions != "pca":
         refuse(f"--trajectory has no effect with --directions {args.directions}: it is the path of --directions pca")
     if args.weights is None and args.normalize != "unit" and args.init == "zero":
@@ -233,6 +247,14 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         if not bool(V.any()):
             raise SystemExit(f"shortcut-ext landscape: --directions init: the weights of --weights {args.weights} are "
                              "the run's initial weights (training never moved them): the line has no direction")
+        spans = (args.span or 1.5,) * 2
+    elif args.directions == "between":
+        w1, e1, args.other_sha1 = _other_end(args, net, info, H)
+        path = [(e1, w1), (info["epoch"], H._W)]
+        V = (w1 - H._W).reshape(-1, 1)
+        if not bool(V.any()):
+            raise SystemExit(f"shortcut-ext landscape: --directions between: --other {args.other} holds the same "
+                             f"weights as --weights {args.weights}: the line has no direction")
         spans = (args.span or 1.5,) * 2
     else:
         path, args.trajectory_sha1, folder = _trajectory(args, net, info, H)
@@ -348,6 +370,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
             result["trajectory"] = str(folder)
         else:
             result["interpolation"] = _interpolation(ts, loss, path_loss[0], center)
+            if args.directions == "between":
+                result["other"] = str(args.other)
     if args.order:
         t1 = time.perf_counter()
         result["orders"] = [stationary_order(H, V[:, j]).to_dict() for j in range(V.shape[1])]
@@ -385,11 +409,16 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                 f"direction{'s explain' if k == 2 else ' explains'} " + " and ".join(f"{x:.1%}" for x in ex)
                 + f" of its variance, and it lies at most {float(plane.off_plane.max()):.1%} of its reach (its "
                 f"farthest point from the weights) off the {'plane' if k == 2 else 'line'}")
-    elif path is not None:
+    elif args.directions == "init":
         it = result["interpolation"]
         msg += (f"; L at the initial weights (t = 1) = {path_loss[0]:.6g}; from them to the trained weights the loss "
                 + ("falls monotonically on the grid" if it["monotonic"] else
                    f"rises by up to {it['max_rise']:.3g} between grid points on the way"))
+    elif path is not None:
+        it = result["interpolation"]
+        msg += (f"; L at --other (t = 1) = {path_loss[0]:.6g}; on the line between them the loss "
+                + (f"rises {it['barrier']:.3g} above the higher end (a barrier)" if it["barrier"] > 0 else
+                   "stays at or below the higher end (no barrier on the grid)"))
     if args.order:
         msg += "; order along each direction: " + ", ".join(f"{o['order']:.3g}" for o in result["orders"])
     print(msg + f"; written to {args.out}", flush=True)
@@ -421,6 +450,31 @@ def _eigen_directions(H, k: int, args):
                                                             float(lz.smallest_residuals[0])][:k],
             "converged": bool(lz.converged), "num_products": int(lz.num_products)}
     return V.contiguous(), info
+
+
+def _other_end(args, net, info, H):
+    """``--directions between``: ``(weights [R, n, d, d] in H's dtype, epoch, file digest)`` of ``--other``, after
+    checking that it is a net of the same shape and frozen projections, trained on the same data."""
+    from ..experiments.train_cmd import load_weights
+
+    where = f"shortcut-ext landscape: --directions between: --other {args.other}"
+    _, bundle, other = load_weights(args.other, "landscape")
+    a, b = info["net"], other["net"]
+    shape = ("arch", "act", "depth", "width", "out_features")
+    diff = [f"{k} {b[k]} against {a[k]}" for k in shape if a[k] != b[k]]
+    if other["data"]["tag"] != info["data"]["tag"]:
+        diff.append(f"data {other['data']['tag']} against {info['data']['tag']}")
+    if diff:
+        raise SystemExit(f"{where}: is of another net or data than --weights {args.weights} ({', '.join(diff)})")
+    mine, theirs = info["state_dict"], other["state_dict"]
+    frozen = [k for k in mine if k != "weight" and not torch.equal(mine[k].double(), theirs[k].double())]
+    if frozen:
+        raise SystemExit(f"{where}: its frozen projections ({', '.join(frozen)}) differ from those of --weights "
+                         f"{args.weights} (they are drawn from the seed, here {b['seed']} against {a['seed']}): the "
+                         "line would join two different functions of the trunk; at --width equal to the data's inputs "
+                         "and outputs a net has none")
+    w = net.stack_weights(theirs["weight"]).to(device=H.device, dtype=H.dtype)
+    return w, int(other["epoch"]), other["file_sha1"]
 
 
 def _trajectory(args, net, info, H):
@@ -489,13 +543,14 @@ def _trajectory(args, net, info, H):
 
 
 def _interpolation(ts, loss, at_init: float, center: float) -> dict:
-    """On the line from the initial (t = 1) to the trained weights (t = 0): does the loss fall all the way (on
-    the grid points between them)?"""
+    """On the line from the far end (t = 1: the initial weights, or --other's) to --weights (t = 0), over the
+    grid points between them: does the loss fall all the way, and how far does it rise above the higher end
+    (the barrier between two minima)?"""
     inside = [(t, v) for t, v in zip(ts, loss) if 0 < t < 1]
     seq = np.array([at_init] + [v for _, v in sorted(inside, reverse=True)] + [center], dtype=np.float64)
     rise = np.diff(seq)
     return {"monotonic": bool(np.all(rise <= 0)), "max_rise": float(max(0.0, np.nanmax(rise))),
-            "grid_points_between": len(inside)}
+            "barrier": float(max(0.0, np.nanmax(seq) - max(seq[0], seq[-1]))), "grid_points_between": len(inside)}
 
 
 def _row_losses(H, V, r, center) -> list[float]:
@@ -548,6 +603,9 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
         elif args.directions == "init":
             ax.plot([1], [pts[0]["loss"]], "rs", ms=6, label="the initial weights")
             ax.set_xlabel("t (0: the trained weights, 1: the initial weights)")
+        elif args.directions == "between":
+            ax.plot([1], [pts[0]["loss"]], "rs", ms=6, label=f"--other (epoch {pts[0]['epoch']})")
+            ax.set_xlabel("t (0: --weights, 1: --other)")
         elif args.directions == "hessian":
             ax.set_xlabel(f"t (along the Hessian's top eigenvector: lambda max = "
                           f"{result['eigen']['eigenvalues'][0]:.4g})")
