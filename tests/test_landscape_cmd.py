@@ -628,3 +628,36 @@ def test_the_line_between_two_trained_nets(tmp_path, capsys):
     assert "--directions between is one direction, a line" in refused("--weights", str(a), "--directions",
                                                                       "between", "--other", str(b), "--plane")
     assert "--directions between needs --weights" in refused("--directions", "between", "--other", str(b))
+
+
+def test_the_hessians_eigenvectors_are_saved_for_a_rerun(tmp_path, monkeypatch, capsys):
+    """--directions hessian saves its eigenvectors beside the checkpoint: a rerun of the same options takes them
+    (no Lanczos) and ends with the same numbers; other options, or a damaged file, compute them again; and along
+    the top eigenvector of a 2-shortcut zero point the loss rises as t^2 with coefficient lambda max / 2."""
+    import importlib
+
+    lanczos_mod = importlib.import_module("shortcut_ext.curvature.lanczos")
+
+    out = tmp_path / "o"
+    args = TINY + ["--init", "zero", "--directions", "hessian", "--points", "5", "--span", "0.2", "--order"]
+    assert main(args + ["--out", str(out)]) == 0
+    first = _result(out)
+    o = first["orders"][0]
+    assert round(o["order"], 2) == 2 and o["coefficient"] == pytest.approx(first["eigen"]["eigenvalues"][0] / 2,
+                                                                           rel=1e-4)
+    saved = out / landscape_cmd.DIRECTIONS_FILE
+    fp = torch.load(saved, weights_only=True)["fingerprint"]
+    monkeypatch.setattr(lanczos_mod, "lanczos", lambda *a, **k: pytest.fail("Lanczos ran again"))
+    capsys.readouterr()
+    assert main(args + ["--out", str(out)]) == 0
+    assert "the Hessian's eigenvectors are those saved in" in capsys.readouterr().out
+    again = _result(out)
+    assert again["loss"] == first["loss"] and again["eigen"] == first["eigen"] and again["resumed_rows"] == 5
+    monkeypatch.undo()
+    saved.write_bytes(b"damaged")
+    assert main(args + ["--out", str(out)]) == 0
+    assert _result(out)["loss"] == first["loss"]
+    assert torch.load(saved, weights_only=True)["fingerprint"] == fp  # rewritten
+    assert main(args[:-1] + ["--out", str(out)]) == 0  # other options (no --order): computed again, and replaced
+    blob = torch.load(saved, weights_only=True)
+    assert blob["fingerprint"] != fp and blob["info"] == first["eigen"]

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -61,6 +62,7 @@ from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_
                            to_strict_json, trained_problem)
 
 CHECKPOINT = "landscape.checkpoint.jsonl"
+DIRECTIONS_FILE = "landscape.directions.pt"  # --directions hessian's eigenvectors, for a rerun
 DIRECTIONS = ("random", "hessian", "pca", "init", "between")
 LANCZOS_BASIS = 64  # most Krylov vectors --directions hessian holds (thick restarts beyond: memory 64 x P)
 LANCZOS_PRODUCTS = 2000
@@ -238,7 +240,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         V = random_directions(H, k, seed=args.direction_seed, normalize=args.normalize)
         spans = (args.span or 1.0,) * 2
     elif args.directions == "hessian":
-        V, eig = _eigen_directions(H, k, args)
+        V, eig = _eigen_directions(H, k, args, world, lead)
         spans = (args.span or 1.0,) * 2
     elif args.directions == "init":
         w0 = initial_net(info, bundle.width, net.weight.dtype).weight.detach()  # in the run's dtype, as it began
@@ -425,11 +427,24 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     return 0
 
 
-def _eigen_directions(H, k: int, args):
+def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
     """``--directions hessian``: ``([P, k] unit eigenvectors, info)`` of the largest and (a plane) the smallest
-    eigenvalue, by Lanczos with thick restarts; each signed so that its largest entry is positive."""
+    eigenvalue, by Lanczos with thick restarts; each signed so that its largest entry is positive.  Saved in
+    ``--out`` (``landscape.directions.pt``) under the run's fingerprint, and taken from there by a rerun of the
+    same options (one process: under ``--distributed`` the ranks compute them together again)."""
     from .lanczos import lanczos
 
+    fp, saved = _fingerprint(args, world), os.path.join(args.out, DIRECTIONS_FILE)
+    if world == 1 and os.path.exists(saved):
+        try:
+            blob = torch.load(saved, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 -- damaged or not ours: computed again, and replaced
+            blob = None
+        if (isinstance(blob, dict) and blob.get("fingerprint") == fp and isinstance(blob.get("V"), torch.Tensor)
+                and tuple(blob["V"].shape) == (H.P, k) and blob["V"].dtype == H.dtype
+                and isinstance(blob.get("info"), dict) and bool(torch.isfinite(blob["V"]).all())):
+            print(f"shortcut-ext landscape: the Hessian's eigenvectors are those saved in {saved}", flush=True)
+            return blob["V"].to(H.device), blob["info"]
     bar, cb = _progress("lanczos", args.no_progress)
     try:
         lz = lanczos(H, k=1, which="both", seed=args.direction_seed, max_iter=min(H.P, LANCZOS_BASIS),
@@ -449,6 +464,11 @@ def _eigen_directions(H, k: int, args):
     info = {"eigenvalues": [top, bottom][:k], "residuals": [float(lz.largest_residuals[0]),
                                                             float(lz.smallest_residuals[0])][:k],
             "converged": bool(lz.converged), "num_products": int(lz.num_products)}
+    if lead:
+        buf = io.BytesIO()
+        torch.save({"fingerprint": fp, "V": V.detach().cpu().contiguous(), "info": info}, buf)
+        with atomic_open(saved, "wb") as f:
+            f.write(buf.getvalue())
     return V.contiguous(), info
 
 
