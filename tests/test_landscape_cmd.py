@@ -336,6 +336,14 @@ def test_weights_along_training_are_the_uninterrupted_runs_after_a_resume(tmp_pa
     assert main(["landscape", "--weights", str(whole / "run.weights" / "epoch_000002.pt"), "--points", "3",
                  "--no-progress", "--out", str(out)]) == 0
     assert "after epoch 2 of 6 on digits" in _result(out)["net"]
+    # a fresh run of other options into the same --out leaves only its own weights along training
+    capsys.readouterr()
+    assert main(TRAIN + ["--epochs", "2", "--lr", "0.2", "--save-weights-every", "2",
+                         "--out", str(whole / "run.json")]) == 0
+    assert "note: removed 4 files of weights along training" in capsys.readouterr().out
+    c = snaps(whole)
+    assert sorted(c) == ["epoch_000000.pt", "epoch_000002.pt"] and len({b["run"] for b in c.values()}) == 1
+    assert c["epoch_000000.pt"]["run"] != a["epoch_000000.pt"]["run"] is not None
 
 
 def _snapshots(folder, net):
@@ -523,10 +531,15 @@ def test_training_path_refusals_name_what_is_wrong(tmp_path):
     assert main(TRAIN + ["--epochs", "4", "--lr", "0.1", "--save-weights-every", "2", "--out",
                          str(tmp_path / "lr.json")]) == 0
     shutil.copy(tmp_path / "lr.weights" / "epoch_000004.pt", mixed / "epoch_000004.pt")
+    assert "is of another training run than --weights" in refused("--weights", str(w), "--directions", "pca",
+                                                                  "--trajectory", str(mixed))
+    blob = torch.load(mixed / "epoch_000004.pt", weights_only=True)
+    torch.save({**blob, "run": None}, mixed / "epoch_000004.pt")  # no run id (as an older version wrote them)
     assert "the weights of epoch 4 in" in refused("--weights", str(w), "--directions", "pca", "--trajectory",
                                                   str(mixed))
     assert main(TRAIN + ["--epochs", "0", "--save-weights", "--out", str(tmp_path / "e0.json")]) == 0
-    assert "training never moved them" in refused("--weights", str(tmp_path / "e0.weights.pt"), "--directions", "init")
+    assert "are the run's initial weights (epoch 0)" in refused("--weights", str(tmp_path / "e0.weights.pt"),
+                                                                 "--directions", "init")
     (mixed / "epoch_000004.pt").write_bytes(b"not a weights file")
     assert "cannot be read" in refused("--weights", str(w), "--directions", "pca", "--trajectory", str(mixed))
 

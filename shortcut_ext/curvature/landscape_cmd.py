@@ -248,7 +248,9 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         V = (path[0][1] - H._W).reshape(-1, 1)
         if not bool(V.any()):
             raise SystemExit(f"shortcut-ext landscape: --directions init: the weights of --weights {args.weights} are "
-                             "the run's initial weights (training never moved them): the line has no direction")
+                             "the run's initial weights ("
+                             + ("epoch 0" if info["epoch"] == 0 else "training never moved them")
+                             + "): the line has no direction")
         spans = (args.span or 1.5,) * 2
     elif args.directions == "between":
         w1, e1, args.other_sha1 = _other_end(args, net, info, H)
@@ -544,6 +546,9 @@ def _trajectory(args, net, info, H):
         if not same:
             raise SystemExit(f"{where}: {f} is of another run than --weights {args.weights} (another net, data or "
                              "dtype)")
+        if blob.get("run") is not None and info.get("run") is not None and blob["run"] != info["run"]:
+            raise SystemExit(f"{where}: {f} is of another training run than --weights {args.weights} (the same net "
+                             f"and data, other options: run {blob['run']} against {info['run']})")
         fits = isinstance(state, dict) and set(state) == set(centre) and all(
             isinstance(state[n], torch.Tensor) and state[n].shape == centre[n].shape and state[n].dtype == centre[n].dtype
             and (n == "weight" or torch.equal(state[n], centre[n])) for n in centre)

@@ -9,7 +9,8 @@ JSON, with nan as ``null`` and +-inf as ``"inf"`` / ``"-inf"``) and a CSV of the
 it (``run.csv``); with ``--save-weights`` also the trained weights (``run.weights.pt``: the net's state, the
 options that rebuild the net and the data with a key of their values; ``shortcut-ext landscape --weights``
 reads it), and with ``--save-weights-every N`` the weights at epoch 0 and every N epochs
-(``run.weights/epoch_NNNNNN.pt``, the same files, bit for bit, from a resumed run).  A second run into the same
+(``run.weights/epoch_NNNNNN.pt``, the same files, bit for bit, from a resumed run; a fresh run of other options
+first removes another run's files there).  A second run into the same
 ``--out`` is refused while the first runs.
 
 Resume: while it trains, the run keeps a checkpoint beside ``--out`` (``run.ckpt.pt``: the weights, the
@@ -129,10 +130,11 @@ def weights_dir(out) -> Path:
     return out.with_name(out.stem + ".weights")
 
 
-def _save_weights(path: Path, args, net, bundle, kind: str, data_path, epoch: int, loss=None) -> None:
+def _save_weights(path: Path, args, net, bundle, kind: str, data_path, epoch: int, loss=None, run=None) -> None:
     """The net's state after ``epoch`` epochs and what rebuilds the net and its data (:func:`load_weights`);
-    plain tensors, strings and numbers only, so that ``torch.load(weights_only=True)`` reads it."""
-    blob = {"kind": WEIGHTS_KIND, "format": WEIGHTS_FORMAT,
+    plain tensors, strings and numbers only, so that ``torch.load(weights_only=True)`` reads it.  ``run``: a
+    digest of the options that make the run (the files of one run, resumed or not, share it)."""
+    blob = {"kind": WEIGHTS_KIND, "format": WEIGHTS_FORMAT, "run": run,
             "net": {"arch": args.arch, "act": args.act, "depth": args.depth, "seed": args.seed, "width": args.width,
                     "out_features": None if bundle.out_features == bundle.width else bundle.out_features},
             "data": {"kind": kind, "path": None if data_path is None else str(Path(data_path).expanduser().resolve()),
@@ -144,6 +146,24 @@ def _save_weights(path: Path, args, net, bundle, kind: str, data_path, epoch: in
     torch.save(blob, buf)
     with atomic_open(path, "wb") as f:
         f.write(buf.getvalue())
+
+
+def _clear_other_runs(snaps: Path, run_id: str) -> None:
+    """Remove the weights along training that another run (other options) left in ``snaps``: a fresh run into
+    the same ``--out`` must not leave a folder that mixes two runs (a resumed one keeps its own files)."""
+    gone = []
+    for f in sorted(snaps.glob("epoch_*.pt")):
+        try:
+            blob = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            same = isinstance(blob, dict) and blob.get("run") == run_id
+        except Exception:  # noqa: BLE001 -- unreadable: not this run's
+            same = False
+        if not same:
+            f.unlink()
+            gone.append(f.name)
+    if gone:
+        print(f"note: removed {len(gone)} file{'s' if len(gone) > 1 else ''} of weights along training from {snaps} "
+              f"that another run (other options) had left there ({gone[0]}{' ...' if len(gone) > 1 else ''})")
 
 
 def load_weights(path, command: str = "landscape", dtype=None, backend=None):
@@ -369,20 +389,23 @@ def _main_locked(args, device, rank, world) -> int:
 
     every = getattr(args, "save_weights_every", 0) or 0
     on_epoch = None
+    key = _fingerprint(args, net, bundle, device, world, compress)
+    run_id = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if every and lead:  # the weights along training: epoch 0 now, then after every `every`-th epoch's update
         snaps = weights_dir(out)
         snaps.mkdir(parents=True, exist_ok=True)
-        _save_weights(snaps / "epoch_000000.pt", args, net, bundle, kind, path, 0)
+        _clear_other_runs(snaps, run_id)
+        _save_weights(snaps / "epoch_000000.pt", args, net, bundle, kind, path, 0, run=run_id)
 
         def on_epoch(e: int) -> None:  # called after epoch e's update: the weights of epoch e + 1
             if (e + 1) % every == 0:
-                _save_weights(snaps / f"epoch_{e + 1:06d}.pt", args, net, bundle, kind, path, e + 1)
+                _save_weights(snaps / f"epoch_{e + 1:06d}.pt", args, net, bundle, kind, path, e + 1, run=run_id)
     with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
         res = train(net, data, cfg, l_min=bundle.l_min, progress=lead and not args.no_progress,
                     **({} if on_epoch is None else {"on_epoch": on_epoch}),
                     distributed=bool(getattr(args, "distributed", False)), checkpoint=ckpt,
                     checkpoint_every=max(args.checkpoint_every, 1), checkpoint_every_s=args.checkpoint_seconds,
-                    checkpoint_key=_fingerprint(args, net, bundle, device, world, compress),
+                    checkpoint_key=key,
                     log=print if lead else (lambda msg: None))  # rank 0 says it, once
     if not lead:
         return 0
@@ -408,7 +431,7 @@ def _main_locked(args, device, rank, world) -> int:
     if getattr(args, "save_weights", False) or every:
         # the weights as training left them: after the last epoch, or at the epoch a diverged run stopped
         _save_weights(weights_path(out), args, net, bundle, kind, path, res.history["epoch"][-1],
-                      res.history["loss"][-1])
+                      res.history["loss"][-1], run=run_id)
         wrote.append(str(weights_path(out)))
     if every:
         wrote.append(f"{weights_dir(out)}/ (the weights every {every} epochs)")
