@@ -63,6 +63,14 @@ def positive_float(text: str) -> float:
     return v
 
 
+def finite_float(text: str) -> float:
+    """A finite number (of either sign)."""
+    v = _float(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return v
+
+
 def nonneg_float(text: str) -> float:
     """A finite number >= 0."""
     v = _float(text)

@@ -1,6 +1,8 @@
 """What the data-parallel pieces (HessianOperator, train) share over ``torch.distributed``."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -105,3 +107,39 @@ def ranks_agree(weight: torch.Tensor, local_count: int, local_error, group, rank
                             "projections (input_proj, readout) from rank 0"] if model_side else [])))
     count = torch.tensor([float(local_count)], dtype=torch.float64, device=weight.device)
     return int(all_reduce(count, group).item())
+
+
+def _reason(e: BaseException) -> str:
+    """One line for another rank: a ``SystemExit``'s message, or an exception's type and text."""
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, str) else f"exit status {e.code}"
+    return f"{type(e).__name__}: {e}"
+
+
+@contextlib.contextmanager
+def together(distributed: bool, command: str, group=None):
+    """A block of a command's rank-local work (reading files, checking options: no collective inside) after
+    which every rank stops if any rank failed in it.  Each rank's failure (a ``SystemExit`` or an exception)
+    is shared in one ``all_gather_object`` at the block's end: the failed rank raises its own, every other
+    rank a ``SystemExit`` naming the first failed rank and its reason.  Without it a rank that stops alone
+    (a ``--weights`` file missing on one node) leaves the others waiting in their next collective until the
+    process group's timeout.  Without ``distributed`` the block runs as it is."""
+    if not distributed:
+        yield
+        return
+    import torch.distributed as dist
+
+    err = None
+    try:
+        yield
+    except (SystemExit, Exception) as e:  # noqa: BLE001 -- every failure is shared, then raised again
+        err = e
+    said = [None] * dist.get_world_size(group)
+    dist.all_gather_object(said, None if err is None else _reason(err), group=group)
+    if err is not None:
+        raise err
+    failed = [(r, m) for r, m in enumerate(said) if m is not None]
+    if failed:
+        r, m = failed[0]
+        raise SystemExit(f"shortcut-ext {command}: --distributed: rank {r} stopped ({m}); rank "
+                         f"{dist.get_rank(group)} stops too")

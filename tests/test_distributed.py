@@ -206,6 +206,18 @@ def test_distributed_landscape_command_equals_one_process(tmp_path):
     again = json.loads((tmp_path / "dist" / "landscape.json").read_text())
     assert again["resumed_rows"] == 5 and again["loss"] == d["loss"]
     assert r.stdout.count("resuming from the checkpoint") == 1  # rank 0 says it, once
+    # the Hessian's eigenvectors: the ranks' Lanczos gives one process's; a rerun takes rank 0's saved vectors
+    hess = args[:args.index("--order")] + ["--directions", "hessian", "--no-progress", "--no-plots"]
+    _torchrun(["-m", "shortcut_ext", *hess, "--distributed", "--out", str(tmp_path / "hdist")], cwd=tmp_path)
+    assert main(hess + ["--out", str(tmp_path / "hone")]) == 0
+    d, one = (json.loads((tmp_path / x / "landscape.json").read_text()) for x in ("hdist", "hone"))
+    np.testing.assert_allclose(d["eigen"]["eigenvalues"], one["eigen"]["eigenvalues"], rtol=1e-10)
+    np.testing.assert_allclose(d["loss"], one["loss"], rtol=1e-9)
+    (tmp_path / "hdist" / "landscape.checkpoint.jsonl").unlink()  # the grid again, from the saved directions
+    r = _torchrun(["-m", "shortcut_ext", *hess, "--distributed", "--out", str(tmp_path / "hdist")], cwd=tmp_path)
+    assert r.stdout.count("the Hessian's eigenvectors are those saved in") == 1
+    again = json.loads((tmp_path / "hdist" / "landscape.json").read_text())
+    assert again["loss"] == d["loss"] and again["eigen"] == d["eigen"] and again["resumed_rows"] == 0
 
     train = ["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "4", "--samples", "40",
              "--lr", "0.3", "--epochs", "6", "--save-weights-every", "2", "--no-progress"]
@@ -220,6 +232,65 @@ def test_distributed_landscape_command_equals_one_process(tmp_path):
     np.testing.assert_allclose([p["coords"] for p in d["path"]], [p["coords"] for p in one["path"]], rtol=1e-10,
                                atol=1e-12)
     np.testing.assert_allclose(d["loss"], one["loss"], rtol=1e-10)
+
+
+def _two_ranks(args0, args1, cwd, timeout=120):
+    """Ranks 0 and 1 of a gloo group launched apart (no torchrun to stop the others when one fails), each with
+    its own command line (as two nodes whose files differ); ``[(exit status, stderr)]``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    try:
+        for rank, args in enumerate((args0, args1)):
+            env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+            procs.append(subprocess.Popen([sys.executable, "-m", "shortcut_ext", *args], env=env, cwd=cwd,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, e) for p, e in zip(procs, errs)]
+    finally:
+        for p in procs:  # a rank left waiting (the failure this guards against) is not left behind
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
+    """A file one rank lacks (a --weights file, a training path, a folder where train keeps its checkpoint):
+    that rank stops with its own message and every other rank stops too with one line naming it. Before, the
+    others went on into their next collective: under gloo they died there with a traceback ("Connection closed
+    by peer ... typically caused by a remote worker crashing"), which names neither the rank nor the cause."""
+    from shortcut_ext.cli import main
+    from shortcut_ext.experiments.train_cmd import checkpoint_path
+
+    train = ["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "4", "--samples", "40",
+             "--lr", "0.3", "--epochs", "4", "--save-weights-every", "2", "--no-progress"]
+    assert main(train + ["--out", str(tmp_path / "run.json")]) == 0
+    (tmp_path / "empty").mkdir()
+    weights, missing = str(tmp_path / "run.weights.pt"), str(tmp_path / "elsewhere.weights.pt")
+    land = ["landscape", "--no-progress", "--no-plots", "--points", "3", "--distributed"]
+    spec = ["spectrum", "--probes", "2", "--steps", "5", "--no-progress", "--no-plots", "--distributed"]
+    cases = [
+        ("landscape", land + ["--weights", "{w}", "--out", str(tmp_path / "l")], "no such file"),
+        ("landscape", land + ["--weights", weights, "--directions", "pca", "--trajectory", "{t}", "--out",
+                              str(tmp_path / "p")], "holds no epoch_NNNNNN.pt files"),
+        ("spectrum", spec + ["--weights", "{w}", "--out", str(tmp_path / "s")], "no such file"),
+    ]
+    (tmp_path / "b.ckpt.pt").mkdir()  # where rank 1's train would keep its checkpoint: a folder
+    cases.append(("train", train[:-3] + ["--no-progress", "--distributed", "--out", "{o}"], "is a folder"))
+    for command, args, says in cases:
+        def fill(bad):  # rank 1's files are the missing ones
+            return [a.format(w=missing if bad else weights, o=str(tmp_path / ("b.json" if bad else "a.json")),
+                             t=str(tmp_path / ("empty" if bad else "run.weights"))) for a in args]
+
+        (r0, err0), (r1, err1) = _two_ranks(fill(False), fill(True), cwd=tmp_path)
+        assert r1 == 2 and says in err1 and "Traceback" not in err1, (command, err1[-2000:])
+        assert r0 == 2 and "Traceback" not in err0 and f"shortcut-ext {command}: --distributed: rank 1 stopped (" in err0 and says in err0, \
+            (command, err0[-2000:])
+        assert "rank 0 stops too" in err0 and checkpoint_path(tmp_path / "b.json").is_dir()
 
 
 def test_distributed_needs_a_process_group(tmp_path):

@@ -136,6 +136,8 @@ def test_a_checkpoint_of_other_options_or_with_damaged_rows(tmp_path, capsys):
     (["--points", "1"], "--points"),
     (["--span", "0"], "--span"),
     (["--span", "nan"], "--span"),
+    (["--range", "nan", "1"], "--range"),
+    (["--range", "-1", "inf"], "--range"),
     (["--normalize", "sideways"], "--normalize"),
 ])
 def test_bad_flags_are_named_by_argparse(tmp_path, capsys, extra, flag):
@@ -149,11 +151,39 @@ def test_bad_flags_are_named_by_argparse(tmp_path, capsys, extra, flag):
     (["--shortcut", "0", "--pre", "relu"], "--pre relu has no effect on a plain net"),
     (["--data", "digits", "--samples", "5000"], "--samples must be <= 1797"),
     (["--device", "tpu"], "--device must be a torch device"),
+    (["--range", "1", "-1"], "--range: LO < HI, got 1 -1"),
+    (["--range", "-1", "1", "0.5", "0.5", "--plane"], "--range: LO < HI, got 0.5 0.5"),
+    (["--range", "-1", "1", "--span", "2"], "--span 2 and --range -1 1 both set the grid's ends"),
+    (["--range", "-1", "1", "-1", "1"], "--range takes LO HI on a line (two pairs only with --plane), got 4 numbers"),
+    (["--range", "1", "--plane"], "--range takes LO HI (or LO HI LO2 HI2, one pair a direction), got 1 number"),
+    (["--range", "-1", "0", "1", "--plane"], "got 3 numbers"),
 ])
 def test_refused_combinations_name_the_command_and_the_flag(tmp_path, extra, words):
     with pytest.raises(SystemExit) as e:
         main(TINY + extra + ["--out", str(tmp_path / "o")])
     assert e.value.code == 2 and str(e.value).startswith("shortcut-ext landscape") and words in str(e.value)
+
+
+@pytest.mark.parametrize("plane", [False, True], ids=["line", "plane"])
+def test_range_sets_the_ends_of_each_direction(tmp_path, plane):
+    """--range LO HI (a plane: one pair for both directions, or one each): the grid runs from LO to HI, and the
+    losses are loss_slice's on those steps, bit for bit."""
+    X, Y = load_data("synthetic", 24, 3, 0, 0.1, torch.float64)
+    net = ShortcutNet(3, 5, 2, "identity", "tanh", "identity", init="small", scale=0.3, seed=0, dtype=torch.float64)
+    op = HessianOperator(net, (X, Y), "mse", backend="fused")
+    V = random_directions(op, 2 if plane else 1, seed=0)
+    common = TINY + ["--init", "small", "--scale", "0.3", "--mid", "tanh", "--points", "5"] + (["--plane"] * plane)
+    for rng in ([["-0.2", "0.6"]] + ([["-0.2", "0.6", "-1", "0.5"]] if plane else [])):
+        out = tmp_path / ("o" + "_".join(rng))
+        assert main(common + ["--range", *rng, "--out", str(out)]) == 0
+        r = _result(out)
+        lo, hi = float(rng[0]), float(rng[1])
+        ts = np.linspace(lo, hi, 5)
+        ss = np.linspace(float(rng[-2]), float(rng[-1]), 5) if plane else None
+        sl = loss_slice(op, V, ts, ss)
+        assert r["ts"] == ts.tolist() and r["ss"] == (None if ss is None else ss.tolist())
+        assert np.array_equal(np.array(r["loss"]), sl.loss) and r["config"]["range"] == [float(x) for x in rng]
+        np.testing.assert_allclose(np.array(r["quadratic"]), sl.quadratic(), rtol=1e-12, atol=1e-15)
 
 
 def test_filter_normalised_directions_at_xavier_weights(tmp_path):
@@ -432,6 +462,14 @@ def test_the_line_from_the_initial_to_the_trained_weights(tmp_path, capsys):
         assert it["max_rise"] == max([0.0] + [b - a for a, b in zip(seq, seq[1:])])
         said = capsys.readouterr().out
         assert "L at the initial weights (t = 1) = " in said and ("falls monotonically" in said) == it["monotonic"]
+    # the default grid runs from -0.5 to 1.5 in 41 steps: both ends of the line lie on it, 19 points between
+    out = tmp_path / "idefault"
+    assert main(["landscape", "--weights", str(tmp_path / "float64.weights.pt"), "--directions", "init",
+                 "--no-progress", "--out", str(out)]) == 0
+    r = _result(out)
+    assert r["ts"] == np.linspace(-0.5, 1.5, 41).tolist() and r["ts"][10] == 0.0 and r["ts"][30] == 1.0
+    assert r["loss"][10] == r["center"] and r["loss"][30] == pytest.approx(r["path"][0]["loss"], rel=1e-12)
+    assert r["interpolation"]["grid_points_between"] == 19
     # a path that rises on the way: the summary says by how much (a made-up grid, through the helper)
     it = landscape_cmd._interpolation(np.array([0.0, 0.25, 0.5, 0.75, 1.0]), np.array([1, 1.5, 3.0, 2.5, 9]), 2.0,
                                       1.0)
@@ -674,3 +712,18 @@ def test_the_hessians_eigenvectors_are_saved_for_a_rerun(tmp_path, monkeypatch, 
     assert main(args[:-1] + ["--out", str(out)]) == 0  # other options (no --order): computed again, and replaced
     blob = torch.load(saved, weights_only=True)
     assert blob["fingerprint"] != fp and blob["info"] == first["eigen"]
+
+
+def test_order_along_the_training_paths_directions(tmp_path):
+    """--order along a training path's principal directions: the trained weights are no stationary point, so
+    the loss changes as c t with c = g.u (the JSON's slopes) along each direction."""
+    run = tmp_path / "run.json"
+    assert main(TRAIN + ["--epochs", "6", "--save-weights-every", "2", "--out", str(run)]) == 0
+    out = tmp_path / "o"
+    assert main(["landscape", "--weights", str(tmp_path / "run.weights.pt"), "--directions", "pca", "--plane",
+                 "--points", "3", "--order", "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    r = _result(out)
+    assert r["grad_norm"] > 1e-3 and len(r["orders"]) == 2
+    for o, g in zip(r["orders"], r["slopes"]):
+        assert abs(g) > 1e-6 and round(o["order"], 2) == 1
+        assert o["coefficient"] == pytest.approx(g, rel=1e-3)

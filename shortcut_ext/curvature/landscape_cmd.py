@@ -54,9 +54,10 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._cli_args import out_dir, out_lock, positive_float, positive_int
+from .._cli_args import finite_float, out_dir, out_lock, positive_float, positive_int
 from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
+from .._dist import together
 from .._io import atomic_open, save_figure
 from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_args, build_problem,
                            to_strict_json, trained_problem)
@@ -67,7 +68,7 @@ DIRECTIONS = ("random", "hessian", "pca", "init", "between")
 LANCZOS_BASIS = 64  # most Krylov vectors --directions hessian holds (thick restarts beyond: memory 64 x P)
 LANCZOS_PRODUCTS = 2000
 # what a checkpoint's numbers depend on besides the flags: the way they are computed (bump on a change)
-_FORMAT = 1
+_FORMAT = 2  # 2: --range; the init and between lines' grid is -0.5..1.5 by default (was -1.5..1.5)
 
 
 def points_type(text: str) -> int:
@@ -108,7 +109,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "beside --weights, or the folder --weights is in)")
     g.add_argument("--span", type=positive_float, default=None,
                    help="steps from -span to +span along each direction (> 0), in units of the direction (default: "
-                        "1; pca: 1.2 times the path's reach along each direction; init, between: 1.5)")
+                        "1; pca: 1.2 times the path's reach along each direction; init, between: see --range)")
+    g.add_argument("--range", type=finite_float, nargs="+", metavar="X", default=None,
+                   help="LO HI: steps from LO to HI along each direction instead of --span's -span..span (a plane: "
+                        "LO HI LO2 HI2 for the two directions apart); default for init and between: -0.5 1.5, where "
+                        "the default 41 points put both ends of the line on the grid")
     g.add_argument("--points", type=points_type, default=None,
                    help="grid points along each direction, >= 2 (default: 41 on a line, 21 on a plane; an odd "
                         "number puts the weights themselves on the grid)")
@@ -136,10 +141,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _grid(args, spans) -> tuple[np.ndarray, np.ndarray | None]:
+def _grid(args, ranges) -> tuple[np.ndarray, np.ndarray | None]:
+    """The steps along each direction: ``ranges`` (``[(lo, hi)]`` per direction, the kind of directions'
+    default) unless ``--range`` or ``--span`` is given."""
+    if args.range is not None:
+        ranges = [tuple(args.range[:2]), tuple(args.range[-2:])]
+    elif args.span is not None:
+        ranges = [(-args.span, args.span)] * 2
     n = args.points if args.points is not None else (21 if args.plane else 41)
-    ts = np.linspace(-spans[0], spans[0], n)
-    return ts, (np.linspace(-spans[1], spans[1], n) if args.plane else None)
+    ts = np.linspace(*ranges[0], n)
+    return ts, (np.linspace(*ranges[1], n) if args.plane else None)
 
 
 def _reach(x: float) -> float:
@@ -171,7 +182,7 @@ def run(args) -> int:
         raise SystemExit(f"shortcut-ext landscape: {msg}")
 
     if args.directions == "hessian" and args.normalize != "unit":
-        refuse(f"--normalize has no effect with --directions hessian: eigenvectors have norm 1 (leave it out)")
+        refuse("--normalize has no effect with --directions hessian: eigenvectors have norm 1 (leave it out)")
     if args.directions in ("pca", "init", "between"):
         if args.weights is None:
             refuse(f"--directions {args.directions} needs --weights: the "
@@ -187,6 +198,18 @@ def run(args) -> int:
             refuse(f"--directions {args.directions} is one direction, a line (from --weights to "
                    + ("the initial weights" if args.directions == "init" else "--other") + "): drop --plane, or use "
                    "--directions pca for a plane through a training path")
+    if args.range is not None:
+        r = args.range
+        if args.span is not None:
+            refuse(f"--span {args.span:g} and --range {' '.join(f'{x:g}' for x in r)} both set the grid's ends: give "
+                   "one of them")
+        if len(r) not in ((2, 4) if args.plane else (2,)):
+            refuse("--range takes LO HI" + (" (or LO HI LO2 HI2, one pair a direction)" if args.plane else
+                                              " on a line (two pairs only with --plane)")
+                   + f", got {len(r)} number{'s' if len(r) > 1 else ''}")
+        for j in range(0, len(r), 2):
+            if not r[j] < r[j + 1]:
+                refuse(f"--range: LO < HI, got {r[j]:g} {r[j + 1]:g}")
     if (args.other is None) != (args.directions != "between"):
         refuse("--directions between needs --other FILE (the other end of the line)" if args.other is None else
                f"--other has no effect with --directions {args.directions}: it is the far end of --directions between")
@@ -196,11 +219,12 @@ def run(args) -> int:
         raise SystemExit(f"shortcut-ext landscape: --normalize {args.normalize} scales the directions like the "
                          "weights, which are all 0 with --init zero: use --normalize unit (the default)")
     args.device = parse_device(args.device, "landscape")
-    out_dir(args.out, "landscape")
     created, rank, world = False, 0, 1
     if args.distributed:
         created, rank, world, args.device = init_distributed("landscape", args.device)
     try:
+        with together(args.distributed, "landscape"):  # (each node's own disk)
+            out_dir(args.out, "landscape")
         with out_lock(os.path.join(args.out, ".shortcut-ext.lock"), "landscape", lead=rank == 0,
                       distributed=args.distributed, device=args.device):
             return _run(args, rank, world)
@@ -214,18 +238,18 @@ def run(args) -> int:
 def _run(args, rank: int = 0, world: int = 1) -> int:
     from ..experiments.store import RunStore, json_float
     from .hessian import HessianOperator
-    from ..experiments.train_cmd import initial_net
-    from .landscape import _loss, _taylor, path_directions, random_directions, stationary_order
+    from .landscape import _loss, _taylor, stationary_order
 
     t_start = time.perf_counter()
     lead = rank == 0  # prints, keeps the checkpoint and writes; every rank computes every loss (all-reduced)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     what = bundle = info = None
-    if args.weights is None:
-        net, X, Y = build_problem(args, dtype)
-    else:  # the checkpoint's fingerprint takes the weights' digest (args.weights_sha1)
-        net, X, Y, what, bundle, info = trained_problem(args, "landscape", dtype, full=True)
-        net, X, Y = net.to(args.device), X.to(args.device), Y.to(args.device)
+    with together(args.distributed, "landscape"):  # a file one rank lacks stops every rank, not only that one
+        if args.weights is None:
+            net, X, Y = build_problem(args, dtype)
+        else:  # the checkpoint's fingerprint takes the weights' digest (args.weights_sha1)
+            net, X, Y, what, bundle, info = trained_problem(args, "landscape", dtype, full=True)
+            net, X, Y = net.to(args.device), X.to(args.device), Y.to(args.device)
     if args.distributed:
         X, Y = X[rank::world], Y[rank::world]  # this rank's shard
     if args.batch_size is None:
@@ -236,42 +260,15 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     k = 2 if args.plane else 1
     path = plane = eig = None  # the training path's points (epoch, weights), its principal directions; eigenpairs
     t_dir = time.perf_counter()
-    if args.directions == "random":
-        V = random_directions(H, k, seed=args.direction_seed, normalize=args.normalize)
-        spans = (args.span or 1.0,) * 2
-    elif args.directions == "hessian":
+    folder = None
+    if args.directions == "hessian":  # (collectives: Lanczos's products)
         V, eig = _eigen_directions(H, k, args, world, lead)
-        spans = (args.span or 1.0,) * 2
-    elif args.directions == "init":
-        w0 = initial_net(info, bundle.width, net.weight.dtype).weight.detach()  # in the run's dtype, as it began
-        path = [(0, net.stack_weights(w0).to(device=H.device, dtype=H.dtype)), (info["epoch"], H._W)]
-        V = (path[0][1] - H._W).reshape(-1, 1)
-        if not bool(V.any()):
-            raise SystemExit(f"shortcut-ext landscape: --directions init: the weights of --weights {args.weights} are "
-                             "the run's initial weights ("
-                             + ("epoch 0" if info["epoch"] == 0 else "training never moved them")
-                             + "): the line has no direction")
-        spans = (args.span or 1.5,) * 2
-    elif args.directions == "between":
-        w1, e1, args.other_sha1 = _other_end(args, net, info, H)
-        path = [(e1, w1), (info["epoch"], H._W)]
-        V = (w1 - H._W).reshape(-1, 1)
-        if not bool(V.any()):
-            raise SystemExit(f"shortcut-ext landscape: --directions between: --other {args.other} holds the same "
-                             f"weights as --weights {args.weights}: the line has no direction")
-        spans = (args.span or 1.5,) * 2
+        ranges = [(-1.0, 1.0)] * 2
     else:
-        path, args.trajectory_sha1, folder = _trajectory(args, net, info, H)
-        try:
-            plane = path_directions(H, [w for _, w in path], k)
-        except ValueError as e:
-            raise SystemExit(f"shortcut-ext landscape: --directions pca: the weights along training in {folder} "
-                             f"({len(path)} points with --weights): {e}") from None
-        V = plane.directions
-        spans = ((args.span,) * 2 if args.span else
-                 tuple(_reach(float(np.abs(plane.coords[:, j]).max())) for j in range(k)) + ((1.0,) if k == 1 else ()))
+        with together(args.distributed, "landscape"):  # files (--other, the training path) one rank may lack
+            V, ranges, path, plane, folder = _directions(args, H, net, info, bundle, k)
     dir_s = time.perf_counter() - t_dir
-    ts, ss = _grid(args, spans)
+    ts, ss = _grid(args, ranges)
     rows = [np.array([[t, s] for s in ss]) for t in ts] if args.plane else [np.array([[t]]) for t in ts]
 
     # the checkpoint: one record per finished row of the grid (and point of the path), under this run's fingerprint;
@@ -429,15 +426,54 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     return 0
 
 
+def _directions(args, H, net, info, bundle, k: int):
+    """The directions of every kind but ``hessian`` (no collective: each rank computes its own alike), as
+    ``(V [P, k], default (lo, hi) per direction, the path's points or None, its PathPlane or None, its
+    folder or None)``."""
+    from ..experiments.train_cmd import initial_net
+    from .landscape import path_directions, random_directions
+
+    if args.directions == "random":
+        return random_directions(H, k, seed=args.direction_seed, normalize=args.normalize), [(-1.0, 1.0)] * 2, \
+            None, None, None
+    line = [(-0.5, 1.5)]  # from beyond --weights (t = 0) to beyond the far end (t = 1)
+    if args.directions == "init":
+        w0 = initial_net(info, bundle.width, net.weight.dtype).weight.detach()  # in the run's dtype, as it began
+        path = [(0, net.stack_weights(w0).to(device=H.device, dtype=H.dtype)), (info["epoch"], H._W)]
+        V = (path[0][1] - H._W).reshape(-1, 1)
+        if not bool(V.any()):
+            raise SystemExit(f"shortcut-ext landscape: --directions init: the weights of --weights {args.weights} are "
+                             "the run's initial weights ("
+                             + ("epoch 0" if info["epoch"] == 0 else "training never moved them")
+                             + "): the line has no direction")
+        return V, line, path, None, None
+    if args.directions == "between":
+        w1, e1, args.other_sha1 = _other_end(args, net, info, H)
+        V = (w1 - H._W).reshape(-1, 1)
+        if not bool(V.any()):
+            raise SystemExit(f"shortcut-ext landscape: --directions between: --other {args.other} holds the same "
+                             f"weights as --weights {args.weights}: the line has no direction")
+        return V, line, [(e1, w1), (info["epoch"], H._W)], None, None
+    path, args.trajectory_sha1, folder = _trajectory(args, net, info, H)
+    try:
+        plane = path_directions(H, [w for _, w in path], k)
+    except ValueError as e:
+        raise SystemExit(f"shortcut-ext landscape: --directions pca: the weights along training in {folder} "
+                         f"({len(path)} points with --weights): {e}") from None
+    ranges = [(-r, r) for r in (_reach(float(np.abs(plane.coords[:, j]).max())) for j in range(k))]
+    return plane.directions, ranges, path, plane, folder
+
+
 def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
     """``--directions hessian``: ``([P, k] unit eigenvectors, info)`` of the largest and (a plane) the smallest
     eigenvalue, by Lanczos with thick restarts; each signed so that its largest entry is positive.  Saved in
     ``--out`` (``landscape.directions.pt``) under the run's fingerprint, and taken from there by a rerun of the
-    same options (one process: under ``--distributed`` the ranks compute them together again)."""
+    same options (under ``--distributed`` rank 0 reads them and sends them to the other ranks)."""
     from .lanczos import lanczos
 
     fp, saved = _fingerprint(args, world), os.path.join(args.out, DIRECTIONS_FILE)
-    if world == 1 and os.path.exists(saved):
+    got = None  # (V, info) from the file, read by rank 0 (the rank that wrote it) and broadcast
+    if lead and os.path.exists(saved):
         try:
             blob = torch.load(saved, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 -- damaged or not ours: computed again, and replaced
@@ -445,9 +481,21 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
         if (isinstance(blob, dict) and blob.get("fingerprint") == fp and isinstance(blob.get("V"), torch.Tensor)
                 and tuple(blob["V"].shape) == (H.P, k) and blob["V"].dtype == H.dtype
                 and isinstance(blob.get("info"), dict) and bool(torch.isfinite(blob["V"]).all())):
+            got = blob["V"].to(H.device).contiguous(), blob["info"]
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [None if got is None else got[1]]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            V = got[0] if lead else torch.empty(H.P, k, dtype=H.dtype, device=H.device)
+            dist.broadcast(V, src=0)
+            got = V, box[0]
+    if got is not None:
+        if lead:
             print(f"shortcut-ext landscape: the Hessian's eigenvectors are those saved in {saved}", flush=True)
-            return blob["V"].to(H.device), blob["info"]
-    bar, cb = _progress("lanczos", args.no_progress)
+        return got
+    bar, cb = _progress("lanczos", args.no_progress or not lead)
     try:
         lz = lanczos(H, k=1, which="both", seed=args.direction_seed, max_iter=min(H.P, LANCZOS_BASIS),
                      max_products=LANCZOS_PRODUCTS, callback=cb)

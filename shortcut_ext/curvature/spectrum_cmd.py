@@ -36,6 +36,7 @@ from .._cli_args import (activation_positions_error, add_activation_args, nonneg
                          positive_float, positive_int)
 from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
+from .._dist import together
 from .._io import atomic_open, save_figure
 from ..ops import release_cache
 from ..reference import LOSSES
@@ -251,15 +252,17 @@ def run(args) -> int:
     budget = max(1, int(args.basis_gib * 2**30))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     args.device = parse_device(args.device, "spectrum")
-    # a trained net (--weights) is loaded first: its size is the file's, not the flags'
-    trained = None if args.weights is None else trained_problem(args, "spectrum", dtype, seed_flag=False)
-    _check_memory(args, budget, None if trained is None else trained[0].weight.numel())
-    out_dir(args.out, "spectrum")  # before any work (every rank: they all read the checkpoint there)
     created_group = False
     rank, world = 0, 1
     if args.distributed:
         created_group, rank, world, args.device = init_distributed("spectrum", args.device)
     try:
+        # (a file one rank lacks stops every rank, not only that one)
+        with together(bool(args.distributed), "spectrum"):
+            # a trained net (--weights) is loaded first: its size is the file's, not the flags'
+            trained = None if args.weights is None else trained_problem(args, "spectrum", dtype, seed_flag=False)
+            _check_memory(args, budget, None if trained is None else trained[0].weight.numel())
+            out_dir(args.out, "spectrum")  # before any work (every rank: they all read the checkpoint there)
         with out_lock(os.path.join(args.out, ".shortcut-ext.lock"), "spectrum", lead=rank == 0,
                       distributed=bool(args.distributed), device=args.device):
             return _run(args, dtype, budget, rank, world, trained)
@@ -296,7 +299,8 @@ def _run(args, dtype, budget, rank, world, trained=None) -> int:
     H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype, distributed=args.distributed)
     _check_sizes(args, H.P, H.dtype, budget)
     # read by every rank before the first product (rank 0 writes it only after collectives): all skip alike
-    ckpt = _Checkpoint(args, write=lead)
+    with together(bool(args.distributed), "spectrum"):  # (each node's own --out)
+        ckpt = _Checkpoint(args, write=lead)
     if args.distributed:  # resume only what every rank read alike (e.g. each node's own --out): else afresh
         ckpt.agree(H.device)
     result = {

@@ -38,6 +38,7 @@ import torch
 from .._cli_args import (device_memory, nonneg_float, nonneg_int, out_file, out_lock, positive_float,
                          positive_int, seed)
 from .._device import init_distributed, parse_device
+from .._dist import together
 from ..data import best_linear_loss
 from .._io import atomic_open
 from ..train import OPTIMIZERS, TrainConfig, train
@@ -222,11 +223,13 @@ def main(args) -> int:
     if getattr(args, "tf32", None) and (args.dtype != "float32" or not device.startswith("cuda")):
         raise SystemExit(f"{CMD}: --tf32 needs --dtype float32 and --device cuda, got --dtype "
                          f"{args.dtype} --device {device}")
-    _check_args(args, device)  # before any work (and on every rank alike, before any collective)
     if not getattr(args, "distributed", False):
+        _check_args(args, device)  # before any work
         return _main(args, device, 0, 1)
     created, rank, world, device = init_distributed("train", device)
     try:
+        with together(True, "train"):  # a refusal on one rank (its own disk) stops every rank
+            _check_args(args, device)
         return _main(args, device, rank, world)
     finally:
         if created:
@@ -353,10 +356,12 @@ def _main_locked(args, device, rank, world) -> int:
     out = Path(args.out)
     kind, path = _parse_data(args.data, "train")
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    try:
-        bundle = load_data(kind, path, d=args.width, samples=args.samples, dtype=dtype)
-    except (ValueError, OSError) as e:
-        raise SystemExit(_data_error(e, args, kind)) from None
+    distributed = bool(getattr(args, "distributed", False))
+    with together(distributed, "train"):  # a data file one rank lacks stops every rank, not only that one
+        try:
+            bundle = load_data(kind, path, d=args.width, samples=args.samples, dtype=dtype)
+        except (ValueError, OSError) as e:
+            raise SystemExit(_data_error(e, args, kind)) from None
     depth = args.depth
     net = build_model(args.arch, args.act, depth, bundle.width, args.seed, dtype, args.backend,
                       out_features=None if bundle.out_features == bundle.width else bundle.out_features).to(device)
@@ -391,11 +396,13 @@ def _main_locked(args, device, rank, world) -> int:
     on_epoch = None
     key = _fingerprint(args, net, bundle, device, world, compress)
     run_id = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    if every and lead:  # the weights along training: epoch 0 now, then after every `every`-th epoch's update
-        snaps = weights_dir(out)
-        snaps.mkdir(parents=True, exist_ok=True)
-        _clear_other_runs(snaps, run_id)
-        _save_weights(snaps / "epoch_000000.pt", args, net, bundle, kind, path, 0, run=run_id)
+    with together(distributed and bool(every), "train"):  # rank 0's disk: every rank stops if it fails
+        if every and lead:  # the weights along training: epoch 0 now, then after every `every`-th epoch's update
+            snaps = weights_dir(out)
+            snaps.mkdir(parents=True, exist_ok=True)
+            _clear_other_runs(snaps, run_id)
+            _save_weights(snaps / "epoch_000000.pt", args, net, bundle, kind, path, 0, run=run_id)
+    if every and lead:
 
         def on_epoch(e: int) -> None:  # called after epoch e's update: the weights of epoch e + 1
             if (e + 1) % every == 0:
@@ -403,7 +410,7 @@ def _main_locked(args, device, rank, world) -> int:
     with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
         res = train(net, data, cfg, l_min=bundle.l_min, progress=lead and not args.no_progress,
                     **({} if on_epoch is None else {"on_epoch": on_epoch}),
-                    distributed=bool(getattr(args, "distributed", False)), checkpoint=ckpt,
+                    distributed=distributed, checkpoint=ckpt,
                     checkpoint_every=max(args.checkpoint_every, 1), checkpoint_every_s=args.checkpoint_seconds,
                     checkpoint_key=key,
                     log=print if lead else (lambda msg: None))  # rank 0 says it, once
