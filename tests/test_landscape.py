@@ -11,10 +11,12 @@ import torch
 from shortcut_ext import reference
 from shortcut_ext.curvature import (
     HessianOperator,
+    align_hidden_units,
     loss_at,
     loss_slice,
     losses_at,
     path_directions,
+    permute_hidden_units,
     random_directions,
     stationary_order,
 )
@@ -345,3 +347,104 @@ def test_path_directions_refuse_what_spans_no_plane():
         path_directions(op, 3)
     with pytest.raises(TypeError, match="HessianOperator"):
         path_directions("op", line)
+
+
+def _perms(R, n, d, g):
+    return torch.stack([torch.stack([torch.randperm(d, generator=g) for _ in range(n - 1)]) for _ in range(R)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind, R, n, acts", [
+    ("shortcut", 4, 2, ("identity", "tanh", "identity")),
+    ("shortcut", 3, 3, ("relu", "relu", "tanh")),
+    ("shortcut", 2, 4, ("identity", "ssigmoid", "identity")),
+    ("plain", 1, 6, ("identity", "tanh", "identity")),
+])
+def test_permuting_hidden_units_keeps_the_function(kind, R, n, acts, dtype):
+    """Layer k's rows and layer k + 1's columns move together: the stack computes the same outputs (to
+    rounding: the sums run in another order), for every activation at every position."""
+    g = torch.Generator().manual_seed(R * 10 + n)
+    d = 5
+    W = (torch.randn(R, n, d, d, generator=g, dtype=F64) / d ** 0.5).to(dtype)
+    P = _perms(R, n, d, g)
+    W2 = permute_hidden_units(W, P)
+    assert W2.dtype == dtype and not torch.equal(W2, W)
+    x = torch.randn(9, d, generator=g, dtype=F64).to(dtype)
+    f1 = reference.residual_stack_forward(x, W, kind == "shortcut", *acts)
+    f2 = reference.residual_stack_forward(x, W2, kind == "shortcut", *acts)
+    tol = 1e-13 if dtype == F64 else 1e-5
+    torch.testing.assert_close(f2, f1, rtol=tol, atol=tol)
+    # the permuted units, one by one: layer k's rows by P_k, layer k + 1's columns by P_k
+    for r in range(R):
+        for k in range(n):
+            want = W[r, k]
+            if k < n - 1:
+                want = want[P[r, k]]
+            if k > 0:
+                want = want[:, P[r, k - 1]]
+            assert torch.equal(W2[r, k], want)
+    assert torch.equal(permute_hidden_units(W, torch.arange(d).repeat(R, n - 1, 1)), W)
+
+
+@pytest.mark.parametrize("R, n, d", [(6, 2, 7), (3, 3, 6), (2, 4, 5), (1, 12, 8)])
+def test_weight_matching_takes_a_permuted_net_back(R, n, d):
+    """A net with its hidden units permuted is matched back to the original exactly, and the permutations
+    found are the ones that map it there."""
+    g = torch.Generator().manual_seed(n * 100 + d)
+    W = torch.randn(R, n, d, d, generator=g, dtype=F64)
+    other = permute_hidden_units(W, _perms(R, n, d, g))
+    al = align_hidden_units(W, other)
+    assert al.distance_before > 1 and al.distance_after < 1e-12 and torch.equal(al.weights, W)
+    assert torch.equal(permute_hidden_units(other, al.perms), al.weights)
+    assert al.converged and al.moved_units == R and (al.sweeps == 1 if n == 2 else al.sweeps >= 2)
+    assert al.to_dict()["units"] == R and al.to_dict()["distance_after"] == al.distance_after
+    same = align_hidden_units(W, W)  # a net against itself: nothing moves
+    assert same.moved_units == 0 and same.distance_after == 0 and torch.equal(same.weights, W)
+
+
+def test_weight_matching_of_two_nets_is_optimal_where_it_can_be_checked():
+    """Two unrelated nets: for n = 2 each unit's permutation is the best of all d! (checked by enumeration);
+    for longer chains no single permutation can be improved, and the distance never grows."""
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    d = 4
+    A, B = torch.randn(5, 2, d, d, generator=g, dtype=F64), torch.randn(5, 2, d, d, generator=g, dtype=F64)
+    al = align_hidden_units(A, B)
+    for r in range(5):
+        best = min(float((A[r] - permute_hidden_units(B[r:r + 1], torch.tensor(p)[None, None])[0]).norm())
+                   for p in itertools.permutations(range(d)))
+        assert float((A[r] - al.weights[r]).norm()) == pytest.approx(best, rel=1e-12)
+    assert al.distance_after < al.distance_before
+    A, B = torch.randn(3, 5, d, d, generator=g, dtype=F64), torch.randn(3, 5, d, d, generator=g, dtype=F64)
+    al = align_hidden_units(A, B)
+    assert al.converged and al.distance_after <= al.distance_before
+    for r in range(3):
+        for k in range(4):  # change one permutation to any other: never closer
+            for p in itertools.permutations(range(d)):
+                P = al.perms[r:r + 1].clone()
+                P[0, k] = torch.tensor(p)
+                moved = float((A[r] - permute_hidden_units(B[r:r + 1], P)[0]).norm())
+                assert moved >= float((A[r] - al.weights[r]).norm()) * (1 - 1e-12)
+
+
+def test_alignment_refusals():
+    W = torch.randn(2, 2, 3, 3, dtype=F64)
+    with pytest.raises(ValueError, match="n = 1 layer has no hidden units"):
+        align_hidden_units(W[:, :1], W[:, :1])
+    with pytest.raises(ValueError, match="the same shape"):
+        align_hidden_units(W, W[:1])
+    with pytest.raises(ValueError, match=r"reference must have shape \[R, n, d, d\]"):
+        align_hidden_units(W[0], W[0])
+    with pytest.raises(ValueError, match="other holds nan or inf"):
+        align_hidden_units(W, W.clone().fill_(math.nan))
+    with pytest.raises(TypeError, match="other must be a floating-point torch.Tensor"):
+        align_hidden_units(W, W.long())
+    with pytest.raises(ValueError, match="max_sweeps"):
+        align_hidden_units(W, W, max_sweeps=0)
+    with pytest.raises(ValueError, match=r"perms must have shape \[R, n - 1, d\] = \[2, 1, 3\]"):
+        permute_hidden_units(W, torch.zeros(2, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="a permutation of 0..d-1 in every row"):
+        permute_hidden_units(W, torch.zeros(2, 1, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="perms must be an integer torch.Tensor"):
+        permute_hidden_units(W, torch.zeros(2, 1, 3))

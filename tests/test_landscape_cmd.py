@@ -681,6 +681,53 @@ def test_the_line_between_two_trained_nets(tmp_path, capsys):
     assert "--directions between needs --weights" in refused("--directions", "between", "--other", str(b))
 
 
+@pytest.mark.parametrize("arch", ["2-shortcut", "3-shortcut", "plain-xavier"])
+def test_the_line_between_two_seeds_after_weight_matching(tmp_path, capsys, arch):
+    """--align: --other's hidden units are permuted to match --weights' (align_hidden_units on the two files'
+    weights) before the line is drawn. --other's own loss does not change (its function is the same), the
+    line is shorter by the distance the alignment reports, and the summary says so."""
+    from shortcut_ext.curvature import align_hidden_units
+    from shortcut_ext.experiments.train_cmd import load_weights
+
+    base = ["train", "--arch", arch, "--act", "tanh-mid", "--depth", "6" if arch == "3-shortcut" else "4",
+            "--width", "10", "--samples", "40", "--lr", "0.3", "--epochs", "10", "--save-weights", "--no-progress"]
+    files = []
+    for seed in ("0", "1"):
+        assert main(base + ["--seed", seed, "--out", str(tmp_path / f"s{seed}.json")]) == 0
+        files.append(str(tmp_path / f"s{seed}.weights.pt"))
+    line = ["landscape", "--weights", files[0], "--directions", "between", "--other", files[1], "--points", "5",
+            "--no-progress", "--no-plots"]
+    assert main(line + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(line + ["--align", "--out", str(tmp_path / "aligned")]) == 0
+    said = capsys.readouterr().out
+    u, a = _result(tmp_path / "plain"), _result(tmp_path / "aligned")
+    assert "alignment" not in u and a["config"]["align"] is True
+    assert a["path"][0]["loss"] == pytest.approx(u["path"][0]["loss"], rel=1e-12)  # the same function at t = 1
+    assert a["center"] == u["center"] and a["loss"][1] == a["center"]  # t = 0 (grid -0.5, 0, 0.5, 1, 1.5)
+    assert a["loss"][3] == pytest.approx(a["path"][0]["loss"], rel=1e-9)
+    al = a["alignment"]
+    nets = [load_weights(f, "test")[0] for f in files]
+    want = align_hidden_units(nets[0].stack_weights().detach(), nets[1].stack_weights().detach())
+    assert al["distance_before"] == pytest.approx(u["direction_norms"][0], rel=1e-12)
+    assert al["distance_after"] == pytest.approx(a["direction_norms"][0], rel=1e-12)
+    assert al["distance_after"] == pytest.approx(want.distance_after, rel=1e-12) and al["converged"]
+    assert al["distance_after"] < al["distance_before"] and al["moved_units"] >= 1
+    assert f"hidden units aligned to --weights' (weight matching: distance {al['distance_before']:.4g} -> " in said
+    with pytest.raises(SystemExit, match="--align has no effect with --directions init"):
+        main(["landscape", "--weights", files[0], "--directions", "init", "--align", "--out", str(tmp_path / "x")])
+
+
+def test_align_refuses_a_net_without_hidden_units(tmp_path):
+    """A 1-shortcut unit is one layer: nothing inside it to permute (the shortcut pins the residual stream)."""
+    base = ["train", "--arch", "1-shortcut", "--act", "relu-pre", "--depth", "3", "--width", "10", "--samples", "40",
+            "--epochs", "3", "--save-weights", "--no-progress"]
+    for seed in ("0", "1"):
+        assert main(base + ["--seed", seed, "--out", str(tmp_path / f"s{seed}.json")]) == 0
+    with pytest.raises(SystemExit, match="--align: a unit of this net has one layer"):
+        main(["landscape", "--weights", str(tmp_path / "s0.weights.pt"), "--directions", "between", "--other",
+              str(tmp_path / "s1.weights.pt"), "--align", "--no-progress", "--out", str(tmp_path / "x")])
+
+
 def test_the_hessians_eigenvectors_are_saved_for_a_rerun(tmp_path, monkeypatch, capsys):
     """--directions hessian saves its eigenvectors beside the checkpoint: a rerun of the same options takes them
     (no Lanczos) and ends with the same numbers; other options, or a damaged file, compute them again; and along

@@ -11,7 +11,8 @@
 - :func:`loss_slice`, :func:`stationary_order`, :func:`random_directions`: the loss on lines and planes through
   the weights beside its exact quadratic model, and the order of a stationary point (Theorem 1: ``n - 1`` at
   an n-shortcut net's zero point, where the Hessian alone cannot tell ``n >= 3`` apart);
-  :func:`path_directions`: the principal directions of a training path, for a slice that shows it.
+  :func:`path_directions`: the principal directions of a training path, for a slice that shows it;
+  :func:`align_hidden_units`: weight matching of two nets' hidden units, for the line between them.
 - :func:`condition_report`, :func:`hessian_probes`: condition numbers and index, exact or estimated.
 
 Every spectral tool accepts a :class:`HessianOperator`, a ``scipy.sparse.linalg.LinearOperator``, a
@@ -22,8 +23,8 @@ from __future__ import annotations
 from ._linop import TorchOperator, as_torch_operator
 from .condition import ConditionReport, abs_quantile, condition_report, hessian_probes, report_from_eigenvalues
 from .hessian import MAX_DENSE_PARAMS, HessianOperator, dense_hessian_func, fused_hvp_available
-from .landscape import (LossSlice, PathPlane, StationaryOrder, loss_at, loss_slice, losses_at, path_directions,
-                        random_directions, stationary_order)
+from .landscape import (Alignment, LossSlice, PathPlane, StationaryOrder, align_hidden_units, loss_at, loss_slice,
+                        losses_at, path_directions, permute_hidden_units, random_directions, stationary_order)
 from .lanczos import LanczosResult, block_lanczos, lanczos
 from .power import PowerResult, power_iteration
 from .slq import SLQResult, slq
@@ -31,6 +32,7 @@ from .trace import TraceEstimate, hutchinson1989, hutchinson_trace, hutchpp_trac
 
 __all__ = [
     "MAX_DENSE_PARAMS",
+    "Alignment",
     "ConditionReport",
     "HessianOperator",
     "LanczosResult",
@@ -42,6 +44,7 @@ __all__ = [
     "TorchOperator",
     "TraceEstimate",
     "abs_quantile",
+    "align_hidden_units",
     "as_torch_operator",
     "block_lanczos",
     "condition_report",
@@ -57,6 +60,7 @@ __all__ = [
     "losses_at",
     "meyer2021hutchpp",
     "path_directions",
+    "permute_hidden_units",
     "power_iteration",
     "random_directions",
     "report_from_eigenvalues",

@@ -187,7 +187,7 @@ def loss_slice(op: HessianOperator, directions: torch.Tensor, ts, ss=None, quadr
         grid = [(t,) for t in ts]
     elif k == 2:
         if ss is None:
-            raise ValueError(f"directions has two columns (a plane): give the grid along the second as ss")
+            raise ValueError("directions has two columns (a plane): give the grid along the second as ss")
         ss = _check_grid("ss", ss)
         grid = [(t, s) for t in ts for s in ss]
     else:
@@ -440,3 +440,117 @@ def stationary_order(op: HessianOperator, direction: torch.Tensor, ts=None, use:
     i0 = int(good[-1]) + 1
     coef = float(ch[i0] / ts[i0] ** round(order))
     return StationaryOrder(order, ts, ch, loc, noise, coef, sl.center)
+
+
+def permute_hidden_units(weights: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """``weights`` ``[R, n, d, d]`` with the hidden units inside each residual unit permuted: the ``n - 1``
+    layers between a unit's ``n`` weight matrices (``perms`` ``[R, n - 1, d]``, each row a permutation of
+    ``0..d-1``: the permuted unit's hidden unit ``i`` after layer ``k`` is the original's ``perms[r, k, i]``).
+    Layer ``k``'s rows and layer ``k + 1``'s columns move together, so the net computes the same function
+    (the mid activation is elementwise; the residual stream, which the shortcut and the frozen projections
+    pin, is not touched).  A plain net is one unit of ``D`` layers (``[1, D, d, d]``).  Returns a new tensor."""
+    W = _check_stack("weights", weights)
+    R, n, d = W.shape[0], W.shape[1], W.shape[2]
+    if not isinstance(perms, torch.Tensor) or perms.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"perms must be an integer torch.Tensor [R, n - 1, d] = [{R}, {n - 1}, {d}], got "
+                        f"{perms.dtype if isinstance(perms, torch.Tensor) else type(perms).__name__}")
+    if tuple(perms.shape) != (R, n - 1, d):
+        raise ValueError(f"perms must have shape [R, n - 1, d] = [{R}, {n - 1}, {d}] for weights "
+                         f"{list(W.shape)}, got {list(perms.shape)}")
+    p = perms.to(device=W.device, dtype=torch.int64)
+    if n > 1 and not bool((p.sort(dim=-1).values == torch.arange(d, device=W.device)).all()):
+        raise ValueError("perms must hold a permutation of 0..d-1 in every row [r, k, :]")
+    out = W.clone()
+    for k in range(n - 1):
+        idx = p[:, k, :]  # [R, d]
+        out[:, k] = torch.gather(out[:, k], 1, idx[:, :, None].expand(R, d, d))  # rows of layer k
+        out[:, k + 1] = torch.gather(out[:, k + 1], 2, idx[:, None, :].expand(R, d, d))  # columns of layer k+1
+    return out
+
+
+def _check_stack(name: str, W) -> torch.Tensor:
+    if not isinstance(W, torch.Tensor) or not W.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor [R, n, d, d], got "
+                        f"{W.dtype if isinstance(W, torch.Tensor) else type(W).__name__}")
+    if W.dim() != 4 or W.shape[2] != W.shape[3] or 0 in W.shape:
+        raise ValueError(f"{name} must have shape [R, n, d, d] (a net's stacked weights), got {list(W.shape)}")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"{name} holds nan or inf")
+    return W
+
+
+@dataclass
+class Alignment:
+    """:func:`align_hidden_units`'s result: ``weights`` (``other`` with its hidden units permuted), the
+    permutations ``perms`` ``[R, n - 1, d]`` (for :func:`permute_hidden_units`), the distance to the
+    reference before and after, the sweeps taken and whether the last changed nothing."""
+
+    weights: torch.Tensor
+    perms: torch.Tensor
+    distance_before: float
+    distance_after: float
+    sweeps: int
+    converged: bool
+    moved_units: int  # residual units whose permutations are not all the identity
+
+    def to_dict(self) -> dict:
+        return {"method": "weight matching", "distance_before": self.distance_before,
+                "distance_after": self.distance_after, "sweeps": self.sweeps, "converged": self.converged,
+                "moved_units": self.moved_units, "units": int(self.perms.shape[0])}
+
+
+def align_hidden_units(reference: torch.Tensor, other: torch.Tensor, max_sweeps: int = 100) -> Alignment:
+    """Permute the hidden units inside each residual unit of ``other`` (``[R, n, d, d]``, ``n >= 2``) to
+    bring its weights as close as they can come to ``reference``'s: weight matching (Ainsworth, Hayase and
+    Srinivasa, "Git Re-Basin", ICLR 2023), which maximises ``sum_k <A_k, P_k B_k P_{k-1}^T>`` over the
+    permutations ``P_k`` (equivalently, minimises ``||reference - permuted other||``).  The function ``other``
+    computes does not change (:func:`permute_hidden_units`).  Units are independent; within one, each
+    ``P_k`` given its neighbours is a linear assignment problem (``scipy.optimize.linear_sum_assignment``),
+    solved in turn for ``k = 0 .. n - 2`` until a sweep changes nothing (or ``max_sweeps``): for ``n = 2``
+    (one hidden layer a unit) one sweep is the exact optimum; longer chains (``n >= 3``, a plain net's
+    ``[1, D, d, d]``) reach a point no single permutation improves, as in Git Re-Basin.  The first sweep
+    matches layer by layer from the input (each ``P_k`` from ``P_{k-1}`` alone), which takes a net with
+    permuted hidden units back to the original where a sweep from the identity can stop short.
+
+    The residual stream is not permuted: the shortcut adds it to itself and the data (or the frozen
+    projections) fix its coordinates, so two nets' streams share one basis already."""
+    from scipy.optimize import linear_sum_assignment
+
+    A, B = _check_stack("reference", reference), _check_stack("other", other)
+    if A.shape != B.shape:
+        raise ValueError(f"reference and other must have the same shape, got {list(A.shape)} and {list(B.shape)}")
+    R, n, d = A.shape[0], A.shape[1], A.shape[2]
+    if n < 2:
+        raise ValueError(f"a unit of n = {n} layer has no hidden units to permute (n >= 2 needed: the shortcut "
+                         "pins the residual stream)")
+    max_sweeps = check_count("max_sweeps", max_sweeps)
+    A64, B64 = A.detach().to("cpu", torch.float64), B.detach().to("cpu", torch.float64)
+    perms = torch.arange(d).repeat(R, n - 1, 1)  # [R, n - 1, d], the identity
+    sweeps, converged = 0, False
+    for sweeps in range(1, max_sweeps + 1):
+        changed = False
+        for k in range(n - 1):
+            # <P_k, A_k P_{k-1} B_k^T + A_{k+1}^T P_{k+1} B_{k+1}> with the neighbours' permutations applied:
+            # B_k's columns by P_{k-1}, B_{k+1}'s rows by P_{k+1}
+            Bk = B64[:, k] if k == 0 else torch.gather(B64[:, k], 2, perms[:, k - 1, None, :].expand(R, d, d))
+            C = A64[:, k] @ Bk.mT  # [R, d, d]
+            if sweeps > 1 or k + 1 == n - 1:  # the first sweep goes forward from the input, layer by layer
+                Bk1 = (B64[:, k + 1] if k + 1 == n - 1 else  # (a later permutation is not known yet)
+                       torch.gather(B64[:, k + 1], 1, perms[:, k + 1, :, None].expand(R, d, d)))
+                C = C + A64[:, k + 1].mT @ Bk1
+            Cn = C.numpy()
+            for r in range(R):
+                _, col = linear_sum_assignment(Cn[r], maximize=True)
+                # only a gain above rounding moves it (a tie keeps the current one: sweeps end)
+                now = float(Cn[r][np.arange(d), perms[r, k].numpy()].sum())
+                if float(Cn[r][np.arange(d), col].sum()) - now > 1e-12 * abs(now):
+                    perms[r, k] = torch.from_numpy(col)
+                    changed = True
+        if n == 2 or (sweeps > 1 and not changed):  # n = 2: one assignment a unit, exact; else a full sweep
+            converged = True                           # that changed nothing
+            break
+    aligned = permute_hidden_units(B, perms.to(B.device))
+    moved = int((perms != torch.arange(d)).any(dim=2).any(dim=1).sum())
+    before = float((A64 - B64).norm())
+    after = float((A64 - permute_hidden_units(B64, perms)).norm())
+    return Alignment(aligned, perms, before, after, sweeps, converged, moved)

@@ -104,6 +104,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--other", metavar="FILE", default=None,
                    help="--directions between: the other end, a weights file of train --save-weights of the same net "
                         "and data (another epoch of the run, or a run from another seed)")
+    g.add_argument("--align", action="store_true",
+                   help="--directions between: first permute --other's hidden units inside each residual unit to "
+                        "match --weights (weight matching, Ainsworth et al. 2023; the function --other computes is "
+                        "unchanged), so that a barrier left is not the permutation symmetry's")
     g.add_argument("--trajectory", metavar="DIR", default=None,
                    help="--directions pca: the folder of the weights along training (default: the .weights/ folder "
                         "beside --weights, or the folder --weights is in)")
@@ -213,6 +217,9 @@ def run(args) -> int:
     if (args.other is None) != (args.directions != "between"):
         refuse("--directions between needs --other FILE (the other end of the line)" if args.other is None else
                f"--other has no effect with --directions {args.directions}: it is the far end of --directions between")
+    if args.align and args.directions != "between":
+        refuse(f"--align has no effect with --directions {args.directions}: it permutes --other's hidden units "
+               "(--directions between)")
     if args.trajectory is not None and args.directions != "pca":
         refuse(f"--trajectory has no effect with --directions {args.directions}: it is the path of --directions pca")
     if args.weights is None and args.normalize != "unit" and args.init == "zero":
@@ -260,13 +267,13 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     k = 2 if args.plane else 1
     path = plane = eig = None  # the training path's points (epoch, weights), its principal directions; eigenpairs
     t_dir = time.perf_counter()
-    folder = None
+    folder = alignment = None
     if args.directions == "hessian":  # (collectives: Lanczos's products)
         V, eig = _eigen_directions(H, k, args, world, lead)
         ranges = [(-1.0, 1.0)] * 2
     else:
         with together(args.distributed, "landscape"):  # files (--other, the training path) one rank may lack
-            V, ranges, path, plane, folder = _directions(args, H, net, info, bundle, k)
+            V, ranges, path, plane, folder, alignment = _directions(args, H, net, info, bundle, k)
     dir_s = time.perf_counter() - t_dir
     ts, ss = _grid(args, ranges)
     rows = [np.array([[t, s] for s in ss]) for t in ts] if args.plane else [np.array([[t]]) for t in ts]
@@ -373,6 +380,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
             result["interpolation"] = _interpolation(ts, loss, path_loss[0], center)
             if args.directions == "between":
                 result["other"] = str(args.other)
+                if alignment is not None:
+                    result["alignment"] = alignment
     if args.order:
         t1 = time.perf_counter()
         result["orders"] = [stationary_order(H, V[:, j]).to_dict() for j in range(V.shape[1])]
@@ -417,6 +426,10 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                    f"rises by up to {it['max_rise']:.3g} between grid points on the way"))
     elif path is not None:
         it = result["interpolation"]
+        if alignment is not None:
+            msg += (f"; --other's hidden units aligned to --weights' (weight matching: distance "
+                    f"{alignment['distance_before']:.4g} -> {alignment['distance_after']:.4g}, "
+                    f"{alignment['moved_units']} of {alignment['units']} units permuted)")
         msg += (f"; L at --other (t = 1) = {path_loss[0]:.6g}; on the line between them the loss "
                 + (f"rises {it['barrier']:.3g} above the higher end (a barrier)" if it["barrier"] > 0 else
                    "stays at or below the higher end (no barrier on the grid)"))
@@ -429,13 +442,13 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
 def _directions(args, H, net, info, bundle, k: int):
     """The directions of every kind but ``hessian`` (no collective: each rank computes its own alike), as
     ``(V [P, k], default (lo, hi) per direction, the path's points or None, its PathPlane or None, its
-    folder or None)``."""
+    folder or None, --align's numbers or None)``."""
     from ..experiments.train_cmd import initial_net
     from .landscape import path_directions, random_directions
 
     if args.directions == "random":
         return random_directions(H, k, seed=args.direction_seed, normalize=args.normalize), [(-1.0, 1.0)] * 2, \
-            None, None, None
+            None, None, None, None
     line = [(-0.5, 1.5)]  # from beyond --weights (t = 0) to beyond the far end (t = 1)
     if args.directions == "init":
         w0 = initial_net(info, bundle.width, net.weight.dtype).weight.detach()  # in the run's dtype, as it began
@@ -446,14 +459,17 @@ def _directions(args, H, net, info, bundle, k: int):
                              "the run's initial weights ("
                              + ("epoch 0" if info["epoch"] == 0 else "training never moved them")
                              + "): the line has no direction")
-        return V, line, path, None, None
+        return V, line, path, None, None, None
     if args.directions == "between":
         w1, e1, args.other_sha1 = _other_end(args, net, info, H)
+        alignment = None
+        if args.align:
+            w1, alignment = _aligned(H, w1)
         V = (w1 - H._W).reshape(-1, 1)
         if not bool(V.any()):
             raise SystemExit(f"shortcut-ext landscape: --directions between: --other {args.other} holds the same "
                              f"weights as --weights {args.weights}: the line has no direction")
-        return V, line, [(e1, w1), (info["epoch"], H._W)], None, None
+        return V, line, [(e1, w1), (info["epoch"], H._W)], None, None, alignment
     path, args.trajectory_sha1, folder = _trajectory(args, net, info, H)
     try:
         plane = path_directions(H, [w for _, w in path], k)
@@ -461,7 +477,7 @@ def _directions(args, H, net, info, bundle, k: int):
         raise SystemExit(f"shortcut-ext landscape: --directions pca: the weights along training in {folder} "
                          f"({len(path)} points with --weights): {e}") from None
     ranges = [(-r, r) for r in (_reach(float(np.abs(plane.coords[:, j]).max())) for j in range(k))]
-    return plane.directions, ranges, path, plane, folder
+    return plane.directions, ranges, path, plane, folder, None
 
 
 def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
@@ -545,6 +561,18 @@ def _other_end(args, net, info, H):
                          "and outputs a net has none")
     w = net.stack_weights(theirs["weight"]).to(device=H.device, dtype=H.dtype)
     return w, int(other["epoch"]), other["file_sha1"]
+
+
+def _aligned(H, w1):
+    """``--align``: ``(--other's weights with their hidden units permuted to match --weights', the
+    alignment's numbers)`` (weight matching)."""
+    from .landscape import align_hidden_units
+
+    if w1.shape[1] < 2:
+        raise SystemExit("shortcut-ext landscape: --align: a unit of this net has one layer (n = 1), so it has no "
+                         "hidden units to permute (the shortcut pins the residual stream): drop --align")
+    al = align_hidden_units(H._W, w1)
+    return al.weights.to(device=H.device, dtype=H.dtype), al.to_dict()
 
 
 def _trajectory(args, net, info, H):
@@ -678,7 +706,7 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
             ax.set_xlabel("t (0: the trained weights, 1: the initial weights)")
         elif args.directions == "between":
             ax.plot([1], [pts[0]["loss"]], "rs", ms=6, label=f"--other (epoch {pts[0]['epoch']})")
-            ax.set_xlabel("t (0: --weights, 1: --other)")
+            ax.set_xlabel("t (0: --weights, 1: --other" + (", its hidden units aligned)" if args.align else ")"))
         elif args.directions == "hessian":
             ax.set_xlabel(f"t (along the Hessian's top eigenvector: lambda max = "
                           f"{result['eigen']['eigenvalues'][0]:.4g})")
