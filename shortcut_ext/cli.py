@@ -67,11 +67,15 @@ def _saved(args) -> str:
         return ("; no checkpoint was written yet (--checkpoint-every / --checkpoint-seconds; 0 writes none): a "
                 "rerun starts over")
     if args.command == "landscape":
-        from .curvature.landscape_cmd import CHECKPOINT
+        from .curvature.landscape_cmd import CHECKPOINT, CURVE_FILE
 
+        curve = (f"; the Bezier curve's control point and its steps so far are saved in {Path(out) / CURVE_FILE}"
+                 if getattr(args, "curve", 0) and (Path(out) / CURVE_FILE).exists() else "")
         if (Path(out) / CHECKPOINT).exists():
             return (f"; the finished rows of the grid (and points of a training path) are saved in "
-                    f"{Path(out) / CHECKPOINT}: the same command resumes from them")
+                    f"{Path(out) / CHECKPOINT}{curve}: the same command resumes from them")
+        if curve:
+            return f"{curve}: the same command goes on from there"
         return "; no row of the grid (or point of a training path) had finished: a rerun starts over"
     if args.command == "spectrum":
         has = (Path(out) / "spectrum.checkpoint.json").exists()

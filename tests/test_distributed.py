@@ -232,6 +232,15 @@ def test_distributed_landscape_command_equals_one_process(tmp_path):
     np.testing.assert_allclose([p["coords"] for p in d["path"]], [p["coords"] for p in one["path"]], rtol=1e-10,
                                atol=1e-12)
     np.testing.assert_allclose(d["loss"], one["loss"], rtol=1e-10)
+    # a Bezier curve to an earlier epoch: the ranks' all-reduced gradient steps are one process's
+    curve = ["landscape", "--weights", str(tmp_path / "run.weights.pt"), "--directions", "between", "--other",
+             str(tmp_path / "run.weights" / "epoch_000002.pt"), "--curve", "4", "--points", "3", "--no-progress",
+             "--no-plots"]
+    _torchrun(["-m", "shortcut_ext", *curve, "--distributed", "--out", str(tmp_path / "cdist")], cwd=tmp_path)
+    assert main(curve + ["--out", str(tmp_path / "cone")]) == 0
+    d, one = (json.loads((tmp_path / x / "landscape.json").read_text())["curve"] for x in ("cdist", "cone"))
+    np.testing.assert_allclose(d["objective"], one["objective"], rtol=1e-10)
+    np.testing.assert_allclose(d["loss"], one["loss"], rtol=1e-10)
 
 
 def _two_ranks(args0, args1, cwd, timeout=120):

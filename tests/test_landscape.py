@@ -12,6 +12,8 @@ from shortcut_ext import reference
 from shortcut_ext.curvature import (
     HessianOperator,
     align_hidden_units,
+    bezier_point,
+    fit_bezier_curve,
     loss_at,
     loss_slice,
     losses_at,
@@ -448,3 +450,73 @@ def test_alignment_refusals():
         permute_hidden_units(W, torch.zeros(2, 1, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="perms must be an integer torch.Tensor"):
         permute_hidden_units(W, torch.zeros(2, 1, 3))
+
+
+def _two_nets(seed=0, units=3, d=4):
+    g = torch.Generator().manual_seed(seed)
+    nets = [ShortcutNet(d, units, 2, mid="tanh", init="xavier", seed=s, backend="torch", dtype=F64) for s in (0, 1)]
+    X, Y = torch.randn(20, d, generator=g, dtype=F64), torch.randn(20, d, generator=g, dtype=F64)
+    return nets, X, Y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bezier_step_is_the_pure_pytorch_gradient_step(backend):
+    """One step of fit_bezier_curve: bend - lr * mean_j 2 t_j (1 - t_j) grad L(phi(t_j)), each gradient taken by
+    autograd through the pure-PyTorch stack; the curve's ends are its end points exactly."""
+    nets, X, Y = _two_nets()
+    op = HessianOperator(nets[0], (X, Y), "mse", backend=backend)
+    A, B = op._W.clone(), nets[1].stack_weights().detach()
+    for samples in (1, 3):
+        c = fit_bezier_curve(op, A, B, steps=1, lr=0.7, samples=samples, seed=5)
+        u = float(np.random.default_rng([5, 0]).random())
+        theta = (A + B) / 2
+        want, mean = theta.clone(), 0.0
+        for j in range(samples):
+            t = (j + u) / samples
+            w = ((1 - t) ** 2 * A + 2 * t * (1 - t) * theta + t * t * B).requires_grad_(True)
+            L = reference.loss_fn("mse", reference.residual_stack_forward(X, w, True, "identity", "tanh",
+                                                                          "identity"), Y)
+            (gr,) = torch.autograd.grad(L, w)
+            want -= 0.7 * 2 * t * (1 - t) / samples * gr
+            mean += float(L.detach()) / samples
+        torch.testing.assert_close(c.bend, want, rtol=1e-12, atol=1e-14)
+        assert c.steps == 1 and c.objective == [pytest.approx(mean, rel=1e-12)]
+    assert torch.equal(bezier_point(A, c.bend, B, 0.0), A) and torch.equal(bezier_point(A, c.bend, B, 1.0), B)
+
+
+def test_a_bezier_fit_lowers_its_objective_and_resumes_to_the_same_bits():
+    nets, X, Y = _two_nets(units=4, d=5)
+    op = HessianOperator(nets[0], (X, Y), "mse")
+    A, B = op._W.clone(), nets[1].stack_weights().detach()
+    seen = []
+    whole = fit_bezier_curve(op, A, B, steps=40, lr=0.2, seed=1, callback=lambda s, n, th, h: seen.append(s))
+    assert seen == list(range(1, 41)) and len(whole.objective) == 40
+    assert whole.objective[-1] < 0.5 * whole.objective[0]
+    ts = np.linspace(0, 1, 11)
+    line = [landscape._loss(op, bezier_point(A, (A + B) / 2, B, t)) for t in ts]
+    curve = [landscape._loss(op, bezier_point(A, whole.bend, B, t)) for t in ts]
+    assert max(curve[1:-1]) < max(line[1:-1]) and curve[0] == line[0] and curve[-1] == line[-1]
+    part = fit_bezier_curve(op, A, B, steps=15, lr=0.2, seed=1)
+    rest = fit_bezier_curve(op, A, B, steps=40, lr=0.2, seed=1, bend=part.bend, start=15, objective=part.objective)
+    assert torch.equal(rest.bend, whole.bend) and rest.objective == whole.objective
+    assert torch.equal(fit_bezier_curve(op, A, B, steps=0, lr=0.2).bend, (A + B) / 2)
+
+
+def test_bezier_fit_refusals():
+    nets, X, Y = _two_nets()
+    op = HessianOperator(nets[0], (X, Y), "mse")
+    A = op._W
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        fit_bezier_curve(op, A, A, steps=1, lr=0.0)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        fit_bezier_curve(op, A, A, steps=1, lr=math.nan)
+    with pytest.raises(ValueError, match="start must be <= steps"):
+        fit_bezier_curve(op, A, A, steps=1, lr=0.1, start=2)
+    with pytest.raises(ValueError, match="samples"):
+        fit_bezier_curve(op, A, A, steps=1, lr=0.1, samples=0)
+    with pytest.raises(ValueError, match=r"end1 must have shape \["):
+        fit_bezier_curve(op, A, A[:1], steps=1, lr=0.1)
+    with pytest.raises(ValueError, match="end1 must be finite"):
+        fit_bezier_curve(op, A, torch.full_like(A, math.nan), steps=1, lr=0.1)
+    with pytest.raises(TypeError, match="op must be a HessianOperator"):
+        fit_bezier_curve(None, A, A, steps=1, lr=0.1)

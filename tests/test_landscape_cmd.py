@@ -717,6 +717,103 @@ def test_the_line_between_two_seeds_after_weight_matching(tmp_path, capsys, arch
         main(["landscape", "--weights", files[0], "--directions", "init", "--align", "--out", str(tmp_path / "x")])
 
 
+def _two_seeds(tmp_path, epochs="10"):
+    base = ["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "10", "--samples", "40",
+            "--lr", "0.3", "--epochs", epochs, "--save-weights", "--no-progress"]
+    for seed in ("0", "1"):
+        assert main(base + ["--seed", seed, "--out", str(tmp_path / f"s{seed}.json")]) == 0
+    return [str(tmp_path / f"s{seed}.weights.pt") for seed in ("0", "1")]
+
+
+def test_a_bezier_curve_between_two_seeds(tmp_path, capsys):
+    """--curve STEPS: the control point of fit_bezier_curve (the run's own learning rate, saved in --out), the
+    loss at 21 points of the curve (its ends: the two nets' losses), its barrier, and the CSV; a rerun takes the
+    saved control point and computes no step again."""
+    from shortcut_ext.curvature import HessianOperator, bezier_point, fit_bezier_curve
+    from shortcut_ext.curvature.landscape import _loss
+    from shortcut_ext.experiments.train_cmd import load_weights
+
+    files = _two_seeds(tmp_path)
+    out = tmp_path / "c"
+    line = ["landscape", "--weights", files[0], "--directions", "between", "--other", files[1], "--points", "5",
+            "--no-progress", "--curve", "30", "--out", str(out)]
+    assert main(line) == 0
+    said = capsys.readouterr().out
+    r = _result(out)
+    c = r["curve"]
+    assert c["steps"] == 30 and c["lr"] == 0.3 and c["samples_per_step"] == 4 and c["resumed_steps"] == 0
+    assert c["ts"] == np.linspace(0, 1, 21).tolist() and len(c["objective"]) == 30
+    assert c["objective"][-1] < c["objective"][0] and c["bend_offset"] > 0
+    assert c["loss"][0] == r["center"] and c["loss"][-1] == pytest.approx(r["path"][0]["loss"], rel=1e-12)
+    assert c["barrier"] == max(0.0, max(c["loss"]) - max(c["loss"][0], c["loss"][-1]))
+    assert "along a Bezier curve fitted in 30 steps it " in said
+    # the API on the same net, data and ends gives the same control point and losses, bit for bit
+    net, bundle, _ = load_weights(files[0], "test")
+    other = load_weights(files[1], "test")[0].stack_weights().detach()
+    op = HessianOperator(net, (bundle.X, bundle.Y), "mse")
+    fit = fit_bezier_curve(op, op._W, other, steps=30, lr=0.3, samples=4)
+    assert fit.objective == c["objective"]
+    assert [_loss(op, bezier_point(op._W, fit.bend, other, float(t))) for t in c["ts"]] == c["loss"]
+    rows = list(csv.DictReader(open(out / "landscape.curve.csv")))
+    assert [float(x["loss"]) for x in rows] == c["loss"]
+    # a rerun (the checkpoint gone) takes the saved control point
+    (out / landscape_cmd.CHECKPOINT).unlink()
+    assert main(line) == 0
+    assert "the curve's control point after 30 of 30 steps is the one saved in" in capsys.readouterr().out
+    again = _result(out)["curve"]
+    assert again["loss"] == c["loss"] and again["resumed_steps"] == 30 and again["objective"] == c["objective"]
+
+
+def test_an_interrupted_curve_goes_on_to_the_same_numbers(tmp_path, monkeypatch, capsys):
+    from shortcut_ext.curvature import landscape
+
+    files = _two_seeds(tmp_path)
+    line = ["landscape", "--weights", files[0], "--directions", "between", "--other", files[1], "--points", "3",
+            "--no-progress", "--no-plots", "--curve", "12", "--curve-lr", "0.2"]
+    assert main(line + ["--out", str(tmp_path / "whole")]) == 0
+    real = landscape.fit_bezier_curve
+
+    def stopped(*a, callback=None, **k):
+        def cb(step, *rest):
+            callback(step, *rest)
+            if step == 5:
+                raise KeyboardInterrupt
+        return real(*a, callback=cb, **k)
+
+    monkeypatch.setattr(landscape, "fit_bezier_curve", stopped)
+    assert main(line + ["--out", str(tmp_path / "part")]) == 130
+    assert "the Bezier curve's control point and its steps so far are saved in" in capsys.readouterr().err
+    monkeypatch.setattr(landscape, "fit_bezier_curve", real)
+    assert main(line + ["--out", str(tmp_path / "part")]) == 0
+    assert "after 5 of 12 steps is the one saved in" in capsys.readouterr().out
+    a, b = _result(tmp_path / "whole")["curve"], _result(tmp_path / "part")["curve"]
+    assert b["resumed_steps"] == 5 and a["loss"] == b["loss"] and a["objective"] == b["objective"]
+    assert a["lr"] == b["lr"] == 0.2
+
+
+def test_curve_refusals(tmp_path):
+    files = _two_seeds(tmp_path, epochs="2")
+
+    def refused(*extra):
+        with pytest.raises(SystemExit) as e:
+            main(["landscape", "--weights", files[0], *extra, "--no-progress", "--out", str(tmp_path / "x")])
+        return str(e.value)
+
+    assert "--curve has no effect with --directions init" in refused("--directions", "init", "--curve", "3")
+    assert "--curve-lr has no effect without --curve" in refused("--directions", "between", "--other", files[1],
+                                                                 "--curve-lr", "0.1")
+    assert "the loss along the curve is not finite at step" in refused("--directions", "between", "--other",
+                                                                       files[1], "--curve", "20", "--curve-lr", "1e30")
+    blob = torch.load(files[1], weights_only=True)  # a weights file of an earlier version: no learning rate
+    del blob["train"]
+    torch.save(blob, tmp_path / "old.weights.pt")
+    old = ["landscape", "--weights", str(tmp_path / "old.weights.pt"), "--directions", "between", "--other", files[0],
+           "--curve", "3", "--no-progress", "--out", str(tmp_path / "y")]
+    with pytest.raises(SystemExit, match="does not record its learning rate .* give --curve-lr"):
+        main(old)
+    assert main(old + ["--curve-lr", "0.1", "--no-plots"]) == 0
+
+
 def test_align_refuses_a_net_without_hidden_units(tmp_path):
     """A 1-shortcut unit is one layer: nothing inside it to permute (the shortcut pins the residual stream)."""
     base = ["train", "--arch", "1-shortcut", "--act", "relu-pre", "--depth", "3", "--width", "10", "--samples", "40",

@@ -12,7 +12,8 @@
   the weights beside its exact quadratic model, and the order of a stationary point (Theorem 1: ``n - 1`` at
   an n-shortcut net's zero point, where the Hessian alone cannot tell ``n >= 3`` apart);
   :func:`path_directions`: the principal directions of a training path, for a slice that shows it;
-  :func:`align_hidden_units`: weight matching of two nets' hidden units, for the line between them.
+  :func:`align_hidden_units`: weight matching of two nets' hidden units, for the line between them;
+  :func:`fit_bezier_curve`: a low-loss curve between two nets (mode connectivity).
 - :func:`condition_report`, :func:`hessian_probes`: condition numbers and index, exact or estimated.
 
 Every spectral tool accepts a :class:`HessianOperator`, a ``scipy.sparse.linalg.LinearOperator``, a
@@ -23,8 +24,9 @@ from __future__ import annotations
 from ._linop import TorchOperator, as_torch_operator
 from .condition import ConditionReport, abs_quantile, condition_report, hessian_probes, report_from_eigenvalues
 from .hessian import MAX_DENSE_PARAMS, HessianOperator, dense_hessian_func, fused_hvp_available
-from .landscape import (Alignment, LossSlice, PathPlane, StationaryOrder, align_hidden_units, loss_at, loss_slice,
-                        losses_at, path_directions, permute_hidden_units, random_directions, stationary_order)
+from .landscape import (Alignment, BezierCurve, LossSlice, PathPlane, StationaryOrder, align_hidden_units,
+                        bezier_point, fit_bezier_curve, loss_at, loss_slice, losses_at, path_directions,
+                        permute_hidden_units, random_directions, stationary_order)
 from .lanczos import LanczosResult, block_lanczos, lanczos
 from .power import PowerResult, power_iteration
 from .slq import SLQResult, slq
@@ -33,6 +35,7 @@ from .trace import TraceEstimate, hutchinson1989, hutchinson_trace, hutchpp_trac
 __all__ = [
     "MAX_DENSE_PARAMS",
     "Alignment",
+    "BezierCurve",
     "ConditionReport",
     "HessianOperator",
     "LanczosResult",
@@ -46,10 +49,12 @@ __all__ = [
     "abs_quantile",
     "align_hidden_units",
     "as_torch_operator",
+    "bezier_point",
     "block_lanczos",
     "condition_report",
     "dense_hessian_func",
     "fused_hvp_available",
+    "fit_bezier_curve",
     "hessian_probes",
     "hutchinson1989",
     "hutchinson_trace",

@@ -554,3 +554,85 @@ def align_hidden_units(reference: torch.Tensor, other: torch.Tensor, max_sweeps:
     before = float((A64 - B64).norm())
     after = float((A64 - permute_hidden_units(B64, perms)).norm())
     return Alignment(aligned, perms, before, after, sweeps, converged, moved)
+
+
+def _loss_and_grad(op: HessianOperator, W: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The mean loss over the operator's data at weights ``W`` (``[R, n, d, d]``) and its gradient (same
+    shape), summed over the mini-batches and ranks as :meth:`HessianOperator.loss_and_grad` sums them."""
+    fwd = None if op.backend_used == "fused" else "torch"
+    total = torch.zeros((), dtype=op.dtype, device=op.device)
+    grad = torch.zeros_like(W)
+    for h0, y, wt in op._batches:
+        w = W.detach().requires_grad_(True)
+        with torch.enable_grad(), _exact(w):
+            L = op._forward_loss(w, h0, y, backend=fwd)
+            (g,) = torch.autograd.grad(L, w)
+        total += wt * L.detach()
+        grad += wt * g
+    op._all_reduce(total)
+    op._all_reduce(grad)
+    return float(total), grad
+
+
+def bezier_point(end0: torch.Tensor, bend: torch.Tensor, end1: torch.Tensor, t: float) -> torch.Tensor:
+    """The quadratic Bezier curve ``(1 - t)^2 end0 + 2 t (1 - t) bend + t^2 end1`` at ``t`` (``t = 0``: ``end0``,
+    ``t = 1``: ``end1``; ``bend = (end0 + end1) / 2`` is the straight line)."""
+    return end0 * (1 - t) ** 2 + bend * (2 * t * (1 - t)) + end1 * (t * t)
+
+
+@dataclass
+class BezierCurve:
+    """:func:`fit_bezier_curve`'s result: the curve's control point ``bend`` (the weights' shape), the steps
+    taken, and the objective's estimate at each (the mean loss over the step's points of the curve)."""
+
+    bend: torch.Tensor
+    steps: int
+    objective: list = field(default_factory=list)
+
+
+def fit_bezier_curve(op: HessianOperator, end0: torch.Tensor, end1: torch.Tensor, steps: int, lr: float,
+                     samples: int = 4, seed: int = 0, bend: torch.Tensor | None = None, start: int = 0,
+                     objective=None, callback=None) -> BezierCurve:
+    """A low-loss path between two weights: the quadratic Bezier curve from ``end0`` to ``end1`` whose control
+    point ``bend`` minimises the loss averaged along it, ``E_{t ~ U(0, 1)} L(phi(t))`` (Garipov et al.,
+    "Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs", NeurIPS 2018), by gradient descent on
+    ``bend`` from the straight line's midpoint (or from ``bend``).  Each step takes ``samples`` points of the
+    curve, one in each of ``samples`` equal parts of ``[0, 1]`` (stratified, seeded by ``seed`` and the step's
+    index: a run resumed at ``start`` with the same ``bend`` takes the same points), and the step
+    ``bend -= lr * mean_j 2 t_j (1 - t_j) grad L(phi(t_j))``.
+
+    ``end0``, ``end1`` and ``bend`` are weights of the operator's net (``[R, n, d, d]`` or ``[P]``); the
+    ends are not moved.  ``callback(step, steps, bend, objective)`` runs after each step (a checkpoint, a
+    progress bar).  Under ``distributed=True`` every rank must make the same call (each loss and gradient is
+    all-reduced)."""
+    _check_op(op)
+    shape = tuple(op._W.shape)
+
+    def weights(name, w):
+        w = _check_direction_matrix(op, w.reshape(-1) if isinstance(w, torch.Tensor) else w, name)
+        if w.shape[1] != 1:
+            raise ValueError(f"{name} must be one point of weights [{op.P}], got {w.shape[1]} columns")
+        return w[:, 0].reshape(shape)
+
+    A, B = weights("end0", end0), weights("end1", end1)
+    steps, samples = check_count("steps", steps, 0), check_count("samples", samples)
+    start = check_count("start", start, 0)
+    if start > steps:
+        raise ValueError(f"start must be <= steps, got start={start} > steps={steps}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    theta = (A + B) / 2 if bend is None else weights("bend", bend).clone()
+    hist = [] if objective is None else [float(v) for v in objective][:start]
+    for s in range(start, steps):
+        u = float(np.random.default_rng([int(seed), s]).random())
+        g, mean = torch.zeros_like(theta), 0.0
+        for j in range(samples):
+            t = (j + u) / samples
+            L, grad = _loss_and_grad(op, bezier_point(A, theta, B, t))
+            g.add_(grad, alpha=2 * t * (1 - t) / samples)
+            mean += L / samples
+        theta.sub_(g, alpha=lr)
+        hist.append(mean)
+        if callback is not None:
+            callback(s + 1, steps, theta, hist)
+    return BezierCurve(theta, steps, hist)

@@ -17,7 +17,9 @@ the path drawn on it (Li et al. 2018, section 7; the path is the weights along t
 weights (``t = 0``) to the run's initial weights (``t = 1``; Goodfellow et al. 2015), which says whether the
 loss falls monotonically between them; ``--directions between --other FILE``, the line to another weights file
 of the same net and data (another epoch, or a net trained from another seed: is there a barrier between two
-minima?  Frankle et al. 2020's linear mode connectivity).
+minima?  Frankle et al. 2020's linear mode connectivity; ``--align`` first matches the other net's hidden units
+to these, Ainsworth et al. 2023; ``--curve STEPS`` fits a low-loss quadratic Bezier curve between them,
+Garipov et al. 2018).
 
 The grid's losses are saved as they finish (``landscape.checkpoint.jsonl``, one line per row of the grid, and
 one per point of a training path): an interrupted run resumes with the same command and ends with the same numbers; a checkpoint of other
@@ -38,6 +40,7 @@ Along its training path::
     shortcut-ext landscape --weights runs/t.weights.pt --directions pca --plane --out runs/path_t
     shortcut-ext landscape --weights runs/t.weights.pt --directions init --out runs/interp_t
     shortcut-ext landscape --weights runs/t.weights.pt --directions between --other runs/t_seed1.weights.pt --out runs/lmc
+    shortcut-ext landscape --weights runs/t.weights.pt --directions between --other runs/t_seed1.weights.pt --align --curve 200 --out runs/curve
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._cli_args import finite_float, out_dir, out_lock, positive_float, positive_int
+from .._cli_args import finite_float, nonneg_int, out_dir, out_lock, positive_float, positive_int
 from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
 from .._dist import together
@@ -64,6 +67,10 @@ from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_
 
 CHECKPOINT = "landscape.checkpoint.jsonl"
 DIRECTIONS_FILE = "landscape.directions.pt"  # --directions hessian's eigenvectors, for a rerun
+CURVE_FILE = "landscape.curve.pt"  # --curve's control point and steps so far, for a rerun or a resume
+CURVE_SAMPLES = 4  # points of the curve a step of --curve takes (one in each quarter of [0, 1])
+CURVE_POINTS = 21  # points of the fitted curve whose loss is reported (t = 0, 0.05, ..., 1)
+CURVE_SAVE_S = 10.0  # --curve saves its control point at most this often (and when it ends or is interrupted)
 DIRECTIONS = ("random", "hessian", "pca", "init", "between")
 LANCZOS_BASIS = 64  # most Krylov vectors --directions hessian holds (thick restarts beyond: memory 64 x P)
 LANCZOS_PRODUCTS = 2000
@@ -108,6 +115,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="--directions between: first permute --other's hidden units inside each residual unit to "
                         "match --weights (weight matching, Ainsworth et al. 2023; the function --other computes is "
                         "unchanged), so that a barrier left is not the permutation symmetry's")
+    g.add_argument("--curve", type=nonneg_int, default=0, metavar="STEPS",
+                   help="--directions between: also fit a quadratic Bezier curve from --weights to --other, STEPS "
+                        "gradient steps on its control point (Garipov et al. 2018; 4 points of the curve a step), "
+                        "and give the loss along it: a low-loss path where the line has a barrier (default 0: none)")
+    g.add_argument("--curve-lr", type=positive_float, default=None,
+                   help="--curve's step size (default: the learning rate --weights was trained with)")
     g.add_argument("--trajectory", metavar="DIR", default=None,
                    help="--directions pca: the folder of the weights along training (default: the .weights/ folder "
                         "beside --weights, or the folder --weights is in)")
@@ -217,6 +230,11 @@ def run(args) -> int:
     if (args.other is None) != (args.directions != "between"):
         refuse("--directions between needs --other FILE (the other end of the line)" if args.other is None else
                f"--other has no effect with --directions {args.directions}: it is the far end of --directions between")
+    if args.curve and args.directions != "between":
+        refuse(f"--curve has no effect with --directions {args.directions}: it fits a curve between --weights and "
+               "--other (--directions between)")
+    if args.curve_lr is not None and not args.curve:
+        refuse("--curve-lr has no effect without --curve STEPS (the curve's gradient steps)")
     if args.align and args.directions != "between":
         refuse(f"--align has no effect with --directions {args.directions}: it permutes --other's hidden units "
                "(--directions between)")
@@ -310,7 +328,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         store.put(f"{fp}|{key}", {"loss": vals})
         return stored(key, len(vals))
 
-    keys = [(f"row={i}", len(r)) for i, r in enumerate(rows)] + [(f"path={e}", 1) for e, _ in path or []]
+    keys = ([(f"row={i}", len(r)) for i, r in enumerate(rows)] + [(f"path={e}", 1) for e, _ in path or []]
+            + [(f"curve={i}", 1) for i in range(CURVE_POINTS if args.curve else 0)])
     have = {key: stored(key, n) for key, n in keys} if lead else None
     if args.distributed:
         box = [have]
@@ -329,6 +348,28 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                 pcb(j + 1, len(todo))
         finally:
             pbar.close()
+    curve = None
+    if args.curve:  # the fitted curve's control point (resumed from its file), then its points' losses
+        from .landscape import bezier_point
+
+        bend, objective, lr, resumed = _fit_curve(args, H, path[0][1], info, world, lead)
+        ts_c = np.linspace(0.0, 1.0, CURVE_POINTS)
+        loss_c = [(have[f"curve={i}"] or [None])[0] for i in range(CURVE_POINTS)]
+        todo = [i for i, v in enumerate(loss_c) if v is None]
+        pbar, pcb = _progress("curve's points", args.no_progress or not todo or not lead)
+        try:
+            for j, i in enumerate(todo):
+                loss_c[i] = save(f"curve={i}", [_loss(H, bezier_point(H._W, bend, path[0][1], float(ts_c[i])))])[0]
+                pcb(j + 1, len(todo))
+        finally:
+            pbar.close()
+        mid = (H._W + path[0][1]) / 2
+        curve = {"steps": args.curve, "lr": lr, "samples_per_step": CURVE_SAMPLES, "resumed_steps": resumed,
+                 "ts": ts_c.tolist(), "loss": loss_c,
+                 "barrier": float(max(0.0, np.nanmax(loss_c) - max(loss_c[0], loss_c[-1]))),
+                 # how far the control point moved off the line, relative to the ends' distance
+                 "bend_offset": float((bend - mid).norm() / (path[0][1] - H._W).norm()),
+                 "objective": objective}
     losses = [have[f"row={i}"] for i in range(len(rows))]
     done = sum(x is not None for x in losses)
     if done and lead:
@@ -382,6 +423,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                 result["other"] = str(args.other)
                 if alignment is not None:
                     result["alignment"] = alignment
+                if curve is not None:
+                    result["curve"] = curve
     if args.order:
         t1 = time.perf_counter()
         result["orders"] = [stationary_order(H, V[:, j]).to_dict() for j in range(V.shape[1])]
@@ -392,6 +435,11 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     with atomic_open(os.path.join(args.out, "landscape.json")) as f:
         f.write(to_strict_json(result, indent=1))
     _write_csv(os.path.join(args.out, "landscape.csv"), ts, ss, loss, res)
+    if curve is not None:
+        with atomic_open(os.path.join(args.out, "landscape.curve.csv"), newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["t", "loss"])
+            w.writerows([repr(float(t)), repr(float(v))] for t, v in zip(curve["ts"], curve["loss"]))
     if path is not None:
         with atomic_open(os.path.join(args.out, "landscape.path.csv"), newline="") as f:
             w = csv.writer(f)
@@ -433,6 +481,10 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         msg += (f"; L at --other (t = 1) = {path_loss[0]:.6g}; on the line between them the loss "
                 + (f"rises {it['barrier']:.3g} above the higher end (a barrier)" if it["barrier"] > 0 else
                    "stays at or below the higher end (no barrier on the grid)"))
+        if curve is not None:
+            msg += (f"; along a Bezier curve fitted in {curve['steps']} steps it "
+                    + (f"rises {curve['barrier']:.3g} above the higher end" if curve["barrier"] > 0 else
+                       "stays at or below the higher end"))
     if args.order:
         msg += "; order along each direction: " + ", ".join(f"{o['order']:.3g}" for o in result["orders"])
     print(msg + f"; written to {args.out}", flush=True)
@@ -488,25 +540,7 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
     from .lanczos import lanczos
 
     fp, saved = _fingerprint(args, world), os.path.join(args.out, DIRECTIONS_FILE)
-    got = None  # (V, info) from the file, read by rank 0 (the rank that wrote it) and broadcast
-    if lead and os.path.exists(saved):
-        try:
-            blob = torch.load(saved, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 -- damaged or not ours: computed again, and replaced
-            blob = None
-        if (isinstance(blob, dict) and blob.get("fingerprint") == fp and isinstance(blob.get("V"), torch.Tensor)
-                and tuple(blob["V"].shape) == (H.P, k) and blob["V"].dtype == H.dtype
-                and isinstance(blob.get("info"), dict) and bool(torch.isfinite(blob["V"]).all())):
-            got = blob["V"].to(H.device).contiguous(), blob["info"]
-    if world > 1:
-        import torch.distributed as dist
-
-        box = [None if got is None else got[1]]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            V = got[0] if lead else torch.empty(H.P, k, dtype=H.dtype, device=H.device)
-            dist.broadcast(V, src=0)
-            got = V, box[0]
+    got = _saved(saved, fp, (H.P, k), H, world, lead)
     if got is not None:
         if lead:
             print(f"shortcut-ext landscape: the Hessian's eigenvectors are those saved in {saved}", flush=True)
@@ -531,11 +565,94 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
                                                             float(lz.smallest_residuals[0])][:k],
             "converged": bool(lz.converged), "num_products": int(lz.num_products)}
     if lead:
-        buf = io.BytesIO()
-        torch.save({"fingerprint": fp, "V": V.detach().cpu().contiguous(), "info": info}, buf)
-        with atomic_open(saved, "wb") as f:
-            f.write(buf.getvalue())
+        _save_blob(saved, fp, V, info)
     return V.contiguous(), info
+
+
+def _saved(path: str, fp: str, shape: tuple, H, world: int, lead: bool):
+    """``(tensor, info)`` that :func:`_save_blob` wrote to ``path`` under the fingerprint ``fp`` (a tensor of
+    ``shape`` in H's dtype, finite), or None (no file, a damaged one, or another run's).  Rank 0 reads it and
+    sends it to the other ranks."""
+    got = None
+    if lead and os.path.exists(path):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 -- damaged or not ours: computed again, and replaced
+            blob = None
+        if (isinstance(blob, dict) and blob.get("fingerprint") == fp and isinstance(blob.get("V"), torch.Tensor)
+                and tuple(blob["V"].shape) == tuple(shape) and blob["V"].dtype == H.dtype
+                and isinstance(blob.get("info"), dict) and bool(torch.isfinite(blob["V"]).all())):
+            got = blob["V"].to(H.device).contiguous(), blob["info"]
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [None if got is None else got[1]]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            V = got[0] if lead else torch.empty(shape, dtype=H.dtype, device=H.device)
+            dist.broadcast(V, src=0)
+            got = V, box[0]
+    return got
+
+
+def _save_blob(path: str, fp: str, V: torch.Tensor, info: dict) -> None:
+    buf = io.BytesIO()
+    torch.save({"fingerprint": fp, "V": V.detach().cpu().contiguous(), "info": info}, buf)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _fit_curve(args, H, w1, info, world: int, lead: bool):
+    """``--curve STEPS``: ``(control point, objective per step, step size, steps resumed)`` of the Bezier curve
+    from ``--weights`` to ``w1`` (:func:`~shortcut_ext.curvature.landscape.fit_bezier_curve`).  The control
+    point and its steps so far are saved in ``--out`` (``landscape.curve.pt``) at most every 10 s, when the fit
+    ends and when it is interrupted: a rerun of the same options goes on from there, to the same numbers."""
+    from .landscape import fit_bezier_curve
+
+    lr = args.curve_lr
+    if lr is None:
+        lr = (info.get("train") or {}).get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise SystemExit(f"shortcut-ext landscape: --curve: --weights {args.weights} does not record its learning "
+                             "rate (a file of an earlier version of train): give --curve-lr")
+    fp, saved = _fingerprint(args, world), os.path.join(args.out, CURVE_FILE)
+    got = _saved(saved, fp, tuple(H._W.shape), H, world, lead)
+    start, bend, objective = 0, None, None
+    if got is not None:
+        step, hist = got[1].get("step"), got[1].get("objective")
+        if (isinstance(step, int) and 0 <= step <= args.curve and isinstance(hist, list) and len(hist) == step
+                and all(isinstance(v, float) and math.isfinite(v) for v in hist)):
+            start, bend, objective = step, got[0], hist
+            if lead:
+                print(f"shortcut-ext landscape: the curve's control point after {step} of {args.curve} steps is "
+                      f"the one saved in {saved}" + (": going on from there" if step < args.curve else ""),
+                      flush=True)
+    state = {"step": start, "bend": bend, "objective": list(objective or [])}
+    last = [time.monotonic()]
+
+    def keep():
+        _save_blob(saved, fp, state["bend"], {"step": state["step"], "objective": state["objective"]})
+        last[0] = time.monotonic()
+
+    bar, cb = _progress("curve", args.no_progress or not lead or start == args.curve)
+
+    def callback(step, steps, theta, hist):
+        if not math.isfinite(hist[-1]):  # every rank alike (the losses are all-reduced)
+            raise SystemExit(f"shortcut-ext landscape: --curve: the loss along the curve is not finite at step {step} "
+                             f"(step size {lr:g}): lower --curve-lr")
+        state.update(step=step, bend=theta.clone(), objective=list(hist))  # a copy: an interrupt mid-step keeps
+        cb(step, steps)                                                      # the last whole step's point
+        if lead and time.monotonic() - last[0] >= CURVE_SAVE_S:
+            keep()
+
+    try:
+        c = fit_bezier_curve(H, H._W, w1, args.curve, lr, samples=CURVE_SAMPLES, bend=bend, start=start,
+                             objective=objective, callback=callback)
+    finally:
+        bar.close()
+        if lead and state["bend"] is not None and (got is None or state["step"] > start):
+            keep()
+    return c.bend, c.objective, float(lr), start
 
 
 def _other_end(args, net, info, H):
@@ -706,6 +823,10 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
             ax.set_xlabel("t (0: the trained weights, 1: the initial weights)")
         elif args.directions == "between":
             ax.plot([1], [pts[0]["loss"]], "rs", ms=6, label=f"--other (epoch {pts[0]['epoch']})")
+            if result.get("curve"):
+                c = result["curve"]
+                ax.plot(c["ts"], c["loss"], "g.-", ms=4, lw=1,
+                        label=f"along a fitted Bezier curve ({c['steps']} steps; t: its parameter)")
             ax.set_xlabel("t (0: --weights, 1: --other" + (", its hidden units aligned)" if args.align else ")"))
         elif args.directions == "hessian":
             ax.set_xlabel(f"t (along the Hessian's top eigenvector: lambda max = "

@@ -141,6 +141,7 @@ def _save_weights(path: Path, args, net, bundle, kind: str, data_path, epoch: in
             "data": {"kind": kind, "path": None if data_path is None else str(Path(data_path).expanduser().resolve()),
                      "samples": args.samples, "tag": bundle.tag},
             "dtype": args.dtype, "epoch": int(epoch), "epochs": int(args.epochs),
+            "train": {"optimizer": args.optimizer, "lr": float(args.lr)},  # (landscape --curve's default step)
             "loss": None if loss is None else float(loss),  # the loss at these weights where the run measured it
             "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
     buf = io.BytesIO()
