@@ -352,6 +352,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     if args.curve:  # the fitted curve's control point (resumed from its file), then its points' losses
         from .landscape import bezier_point
 
+        t_curve = time.perf_counter()
         bend, objective, lr, resumed = _fit_curve(args, H, path[0][1], info, world, lead)
         ts_c = np.linspace(0.0, 1.0, CURVE_POINTS)
         loss_c = [(have[f"curve={i}"] or [None])[0] for i in range(CURVE_POINTS)]
@@ -370,6 +371,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                  # how far the control point moved off the line, relative to the ends' distance
                  "bend_offset": float((bend - mid).norm() / (path[0][1] - H._W).norm()),
                  "objective": objective}
+        curve_s = time.perf_counter() - t_curve
     losses = [have[f"row={i}"] for i in range(len(rows))]
     done = sum(x is not None for x in losses)
     if done and lead:
@@ -405,7 +407,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         # over the points where the loss is finite (a long step on a deep net overflows)
         "max_abs_model_error": float(np.max(np.abs(loss - res)[fin])) if fin.any() else math.nan,
         "nonfinite_points": int((~fin).sum()),
-        "resumed_rows": done, "timings_s": {"directions": dir_s, "grid": grid_s},
+        "resumed_rows": done, "timings_s": {"directions": dir_s, "grid": grid_s,
+                                            **({"curve": curve_s} if curve is not None else {})},
     }
     if eig is not None:
         result["eigen"] = eig
