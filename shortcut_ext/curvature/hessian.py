@@ -441,11 +441,17 @@ class HessianOperator:
     # ------------------------------------------------------------------ other views
     def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean loss (0-dim) and its gradient ``[P]`` over all the data."""
+        total, grad = self._loss_and_grad_at(self._W)
+        return total, grad.reshape(-1)
+
+    def _loss_and_grad_at(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean loss (0-dim) and its gradient (``W``'s shape ``[R, n, d, d]``) at weights ``W``, over all the
+        data (the mini-batches and, distributed, the ranks summed)."""
         fwd = None if self.backend_used == "fused" else "torch"
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        grad = torch.zeros_like(self._W)
+        grad = torch.zeros_like(W)
         for h0, y, wt in self._batches:
-            w = self._W.detach().requires_grad_(True)
+            w = W.detach().requires_grad_(True)
             with torch.enable_grad(), _exact(w):
                 L = self._forward_loss(w, h0, y, backend=fwd)
                 (g,) = torch.autograd.grad(L, w)
@@ -453,7 +459,7 @@ class HessianOperator:
             grad += wt * g
         self._all_reduce(total)
         self._all_reduce(grad)
-        return total, grad.reshape(-1)
+        return total, grad
 
     def to_dense(self, force: bool = False, chunk: int = 256) -> torch.Tensor:  # [P, P]
         """The full Hessian, assembled from batched HVPs with ``chunk`` directions each.

@@ -559,18 +559,7 @@ def align_hidden_units(reference: torch.Tensor, other: torch.Tensor, max_sweeps:
 def _loss_and_grad(op: HessianOperator, W: torch.Tensor) -> tuple[float, torch.Tensor]:
     """The mean loss over the operator's data at weights ``W`` (``[R, n, d, d]``) and its gradient (same
     shape), summed over the mini-batches and ranks as :meth:`HessianOperator.loss_and_grad` sums them."""
-    fwd = None if op.backend_used == "fused" else "torch"
-    total = torch.zeros((), dtype=op.dtype, device=op.device)
-    grad = torch.zeros_like(W)
-    for h0, y, wt in op._batches:
-        w = W.detach().requires_grad_(True)
-        with torch.enable_grad(), _exact(w):
-            L = op._forward_loss(w, h0, y, backend=fwd)
-            (g,) = torch.autograd.grad(L, w)
-        total += wt * L.detach()
-        grad += wt * g
-    op._all_reduce(total)
-    op._all_reduce(grad)
+    total, grad = op._loss_and_grad_at(W)
     return float(total), grad
 
 
