@@ -678,6 +678,8 @@ def test_the_line_between_two_trained_nets(tmp_path, capsys):
                                                                      "--other", str(b))
     assert "--directions between is one direction, a line" in refused("--weights", str(a), "--directions",
                                                                       "between", "--other", str(b), "--plane")
+    assert ", or --curve STEPS for the plane of a curve" in refused("--weights", str(a), "--directions", "between",
+                                                                    "--other", str(b), "--plane")
     assert "--directions between needs --weights" in refused("--directions", "between", "--other", str(b))
 
 
@@ -756,6 +758,23 @@ def test_a_bezier_curve_between_two_seeds(tmp_path, capsys):
     assert [_loss(op, bezier_point(op._W, fit.bend, other, float(t))) for t in c["ts"]] == c["loss"]
     rows = list(csv.DictReader(open(out / "landscape.curve.csv")))
     assert [float(x["loss"]) for x in rows] == c["loss"]
+    # --plane: the plane of the two nets and the control point, with the curve in it
+    assert main(line[:-2] + ["--plane", "--no-plots", "--out", str(tmp_path / "p")]) == 0
+    p = _result(tmp_path / "p")
+    pc = p["curve"]
+    assert pc["loss"] == c["loss"] and pc["coords"][0] == [0.0, 0.0] and pc["coords"][-1] == [1.0, 0.0]
+    a = pc["bend_coords"][0]
+    assert pc["bend_coords"][1] == 1.0 and pc["coords"][10] == pytest.approx([0.5 * a + 0.25, 0.5], rel=1e-15)
+    u = other - op._W
+    b = fit.bend - op._W
+    V = torch.stack([u.reshape(-1), (b - (b * u).sum() / (u * u).sum() * u).reshape(-1)], dim=1)
+    assert float((b * u).sum() / (u * u).sum()) == pytest.approx(a, rel=1e-12)
+    from shortcut_ext.curvature import losses_at
+    np.testing.assert_allclose(losses_at(op, V, np.array(pc["coords"])), pc["loss"], rtol=1e-10)
+    grid = np.array(p["loss"])  # t and s: -0.5, 0, 0.5, 1, 1.5; the line is the row s = 0
+    assert grid.shape == (5, 5) and grid[1, 1] == p["center"]
+    assert grid[3, 1] == pytest.approx(p["path"][0]["loss"], rel=1e-9) and p["path"][0]["coords"] == [1.0, 0.0]
+    assert p["interpolation"]["grid_points_between"] == 1
     # a rerun (the checkpoint gone) takes the saved control point
     (out / landscape_cmd.CHECKPOINT).unlink()
     assert main(line) == 0

@@ -118,7 +118,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--curve", type=nonneg_int, default=0, metavar="STEPS",
                    help="--directions between: also fit a quadratic Bezier curve from --weights to --other, STEPS "
                         "gradient steps on its control point (Garipov et al. 2018; 4 points of the curve a step), "
-                        "and give the loss along it: a low-loss path where the line has a barrier (default 0: none)")
+                        "and give the loss along it: a low-loss path where the line has a barrier (default 0: none); "
+                        "with --plane, the loss on the plane of the two nets and the curve's control point, the curve "
+                        "drawn in it")
     g.add_argument("--curve-lr", type=positive_float, default=None,
                    help="--curve's step size (default: the learning rate --weights was trained with)")
     g.add_argument("--trajectory", metavar="DIR", default=None,
@@ -211,10 +213,12 @@ def run(args) -> int:
             if given:
                 refuse(f"{flag} has no effect with --directions {args.directions}: it shapes random directions "
                        "(leave it out)")
-        if args.directions in ("init", "between") and args.plane:
+        if args.directions in ("init", "between") and args.plane and not (args.directions == "between" and args.curve):
             refuse(f"--directions {args.directions} is one direction, a line (from --weights to "
                    + ("the initial weights" if args.directions == "init" else "--other") + "): drop --plane, or use "
-                   "--directions pca for a plane through a training path")
+                   "--directions pca for a plane through a training path"
+                   + (", or --curve STEPS for the plane of a curve fitted between them" if args.directions == "between"
+                      else ""))
     if args.range is not None:
         r = args.range
         if args.span is not None:
@@ -367,11 +371,15 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         mid = (H._W + path[0][1]) / 2
         curve = {"steps": args.curve, "lr": lr, "samples_per_step": CURVE_SAMPLES, "resumed_steps": resumed,
                  "ts": ts_c.tolist(), "loss": loss_c,
+                 **(_curve_plane(H, path[0][1], bend, ts_c) if args.plane else {}),
                  "barrier": float(max(0.0, np.nanmax(loss_c) - max(loss_c[0], loss_c[-1]))),
                  # how far the control point moved off the line, relative to the ends' distance
                  "bend_offset": float((bend - mid).norm() / (path[0][1] - H._W).norm()),
                  "objective": objective}
         curve_s = time.perf_counter() - t_curve
+        if args.plane:  # the plane of the two ends and the control point: the curve lies in it
+            u = path[0][1] - H._W
+            V = torch.stack([u.reshape(-1), (bend - H._W - curve["bend_coords"][0] * u).reshape(-1)], dim=1)
     losses = [have[f"row={i}"] for i in range(len(rows))]
     done = sum(x is not None for x in losses)
     if done and lead:
@@ -413,7 +421,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     if eig is not None:
         result["eigen"] = eig
     if path is not None:
-        coords = (plane.coords if plane is not None else np.array([[1.0], [0.0]]))
+        coords = (plane.coords if plane is not None else np.array([[1.0, 0.0], [0.0, 0.0]])[:, :k])
         off = plane.off_plane if plane is not None else np.zeros(len(path))
         result["path"] = [{"epoch": int(e), "coords": c.tolist(), "loss": lv, "off_plane": float(o)}
                           for (e, _), c, lv, o in zip(path, coords, path_loss, off)]
@@ -421,7 +429,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
             result["explained_variance"] = plane.explained.tolist()
             result["trajectory"] = str(folder)
         else:
-            result["interpolation"] = _interpolation(ts, loss, path_loss[0], center)
+            on_line = loss if ss is None else next((loss[:, j] for j in range(len(ss)) if ss[j] == 0), None)
+            result["interpolation"] = None if on_line is None else _interpolation(ts, on_line, path_loss[0], center)
             if args.directions == "between":
                 result["other"] = str(args.other)
                 if alignment is not None:
@@ -481,9 +490,11 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
             msg += (f"; --other's hidden units aligned to --weights' (weight matching: distance "
                     f"{alignment['distance_before']:.4g} -> {alignment['distance_after']:.4g}, "
                     f"{alignment['moved_units']} of {alignment['units']} units permuted)")
-        msg += (f"; L at --other (t = 1) = {path_loss[0]:.6g}; on the line between them the loss "
-                + (f"rises {it['barrier']:.3g} above the higher end (a barrier)" if it["barrier"] > 0 else
-                   "stays at or below the higher end (no barrier on the grid)"))
+        msg += f"; L at --other (t = 1) = {path_loss[0]:.6g}"
+        if it is not None:  # (a plane whose grid has no row on the line: no line's numbers)
+            msg += ("; on the line between them the loss "
+                    + (f"rises {it['barrier']:.3g} above the higher end (a barrier)" if it["barrier"] > 0 else
+                       "stays at or below the higher end (no barrier on the grid)"))
         if curve is not None:
             msg += (f"; along a Bezier curve fitted in {curve['steps']} steps it "
                     + (f"rises {curve['barrier']:.3g} above the higher end" if curve["barrier"] > 0 else
@@ -524,7 +535,8 @@ def _directions(args, H, net, info, bundle, k: int):
         if not bool(V.any()):
             raise SystemExit(f"shortcut-ext landscape: --directions between: --other {args.other} holds the same "
                              f"weights as --weights {args.weights}: the line has no direction")
-        return V, line, [(e1, w1), (info["epoch"], H._W)], None, None, alignment
+        # (with --curve --plane the second direction, toward the curve's control point, is set once it is fitted)
+        return V, line * k, [(e1, w1), (info["epoch"], H._W)], None, None, alignment
     path, args.trajectory_sha1, folder = _trajectory(args, net, info, H)
     try:
         plane = path_directions(H, [w for _, w in path], k)
@@ -603,6 +615,19 @@ def _save_blob(path: str, fp: str, V: torch.Tensor, info: dict) -> None:
     torch.save({"fingerprint": fp, "V": V.detach().cpu().contiguous(), "info": info}, buf)
     with atomic_open(path, "wb") as f:
         f.write(buf.getvalue())
+
+
+def _curve_plane(H, w1, bend, ts) -> dict:
+    """``--curve --plane``: the coordinates of the control point and of the curve's points in the plane of
+    ``--weights`` (0, 0), ``--other`` (1, 0) and the control point (a, 1): its directions are ``u = w1 - w`` and
+    ``v``, the part of ``bend - w`` off that line, so that ``phi(t) = w + (2 t (1 - t) a + t^2) u + 2 t (1 - t) v``."""
+    u, b = (w1 - H._W).reshape(-1).double(), (bend - H._W).reshape(-1).double()
+    a = float(b @ u / (u @ u))
+    if not float((b - a * u).norm()) > 1e-9 * float(b.norm()):
+        raise SystemExit("shortcut-ext landscape: --curve --plane: the fitted curve did not leave the line (its control "
+                         "point lies on it), so there is no plane to draw: drop --plane")
+    t = np.asarray(ts, dtype=np.float64)
+    return {"bend_coords": [a, 1.0], "coords": np.stack([2 * t * (1 - t) * a + t * t, 2 * t * (1 - t)], 1).tolist()}
 
 
 def _fit_curve(args, H, w1, info, world: int, lead: bool):
@@ -861,6 +886,16 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
             ax.set_xlabel(f"t (the Hessian's top eigenvector: lambda max = {lam[0]:.4g})")
             ax.set_ylabel(f"s (its bottom eigenvector: lambda min = {lam[1]:.4g})")
             ax.set_aspect("equal")
+        elif args.directions == "between":  # --curve --plane: the plane of the two nets and the control point
+            c = result["curve"]
+            xy = np.array(c["coords"])
+            ax.plot([0, 1], [0, 0], "r:", lw=1, label="the line")
+            ax.plot(xy[:, 0], xy[:, 1], "r.-", ms=4, lw=1.2, label=f"the fitted Bezier curve ({c['steps']} steps)")
+            ax.plot([1], [0], "rs", ms=6, label="--other")
+            ax.plot([c["bend_coords"][0]], [1], "r^", ms=6, label="the curve's control point")
+            ax.set_xlabel("t (0: --weights, 1: --other" + (", its hidden units aligned)" if args.align else ")"))
+            ax.set_ylabel("s (toward the curve's control point, at s = 1)")
+            ax.legend(fontsize=7)
         else:
             ax.set_xlabel("t (first direction)")
             ax.set_ylabel("s (second direction)")
