@@ -808,6 +808,14 @@ def test_an_interrupted_curve_goes_on_to_the_same_numbers(tmp_path, monkeypatch,
     a, b = _result(tmp_path / "whole")["curve"], _result(tmp_path / "part")["curve"]
     assert b["resumed_steps"] == 5 and a["loss"] == b["loss"] and a["objective"] == b["objective"]
     assert a["lr"] == b["lr"] == 0.2
+    # a longer curve (and another grid) goes on from a shorter one's point, to the longer one's numbers
+    short = line[:line.index("--curve") + 1] + ["7"] + line[line.index("--curve") + 2:]
+    assert main(short + ["--out", str(tmp_path / "grow")]) == 0
+    capsys.readouterr()
+    assert main(line + ["--points", "5", "--out", str(tmp_path / "grow")]) == 0
+    assert "after 7 of 12 steps is the one saved in" in capsys.readouterr().out
+    g = _result(tmp_path / "grow")["curve"]
+    assert g["resumed_steps"] == 7 and g["loss"] == a["loss"] and g["objective"] == a["objective"]
 
 
 def test_curve_refusals(tmp_path):
@@ -872,9 +880,12 @@ def test_the_hessians_eigenvectors_are_saved_for_a_rerun(tmp_path, monkeypatch, 
     assert main(args + ["--out", str(out)]) == 0
     assert _result(out)["loss"] == first["loss"]
     assert torch.load(saved, weights_only=True)["fingerprint"] == fp  # rewritten
-    assert main(args[:-1] + ["--out", str(out)]) == 0  # other options (no --order): computed again, and replaced
+    capsys.readouterr()
+    assert main(args[:-3] + ["--points", "3", "--out", str(out)]) == 0  # another grid: the same vectors, not
+    assert "the Hessian's eigenvectors are those saved in" in capsys.readouterr().out  # computed again
+    assert main(args + ["--direction-seed", "1", "--out", str(out)]) == 0  # another start: computed again, replaced
     blob = torch.load(saved, weights_only=True)
-    assert blob["fingerprint"] != fp and blob["info"] == first["eigen"]
+    assert blob["fingerprint"] != fp and "saved in" not in capsys.readouterr().out
 
 
 def test_order_along_the_training_paths_directions(tmp_path):

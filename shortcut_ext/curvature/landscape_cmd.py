@@ -179,12 +179,16 @@ def _reach(x: float) -> float:
     return round(math.ceil(x / e - 1e-9) * e, 12)
 
 
-def _fingerprint(args, world: int = 1) -> str:
-    """The options the numbers depend on (not where they are written or shown), with the computation's format."""
+_GRID_ONLY = ("points", "span", "range", "order")  # options that shape the grid, not the directions or the curve
+
+
+def _fingerprint(args, world: int = 1, drop=()) -> str:
+    """The options the numbers depend on (not where they are written or shown), with the computation's format;
+    ``drop``: options that the numbers keyed by it do not depend on."""
     # (a trained net's weights by their digest, weights_sha1, not by their file's path)
     keep = {k: v for k, v in vars(args).items()
             if k not in ("func", "out", "no_plots", "no_progress", "command", "weights", "trajectory", "distributed",
-                         "other")}
+                         "other") + tuple(drop)}
     if world > 1:
         keep["world_size"] = world  # the all-reduce's order of the ranks' sums
     keep["format"] = _FORMAT
@@ -554,7 +558,7 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
     same options (under ``--distributed`` rank 0 reads them and sends them to the other ranks)."""
     from .lanczos import lanczos
 
-    fp, saved = _fingerprint(args, world), os.path.join(args.out, DIRECTIONS_FILE)
+    fp, saved = _fingerprint(args, world, drop=_GRID_ONLY), os.path.join(args.out, DIRECTIONS_FILE)
     got = _saved(saved, fp, (H.P, k), H, world, lead)
     if got is not None:
         if lead:
@@ -634,7 +638,8 @@ def _fit_curve(args, H, w1, info, world: int, lead: bool):
     """``--curve STEPS``: ``(control point, objective per step, step size, steps resumed)`` of the Bezier curve
     from ``--weights`` to ``w1`` (:func:`~shortcut_ext.curvature.landscape.fit_bezier_curve`).  The control
     point and its steps so far are saved in ``--out`` (``landscape.curve.pt``) at most every 10 s, when the fit
-    ends and when it is interrupted: a rerun of the same options goes on from there, to the same numbers."""
+    ends and when it is interrupted: a rerun of the same options goes on from there, to the same numbers, and
+    so does a run with more steps, another grid or ``--plane``."""
     from .landscape import fit_bezier_curve
 
     lr = args.curve_lr
@@ -643,7 +648,9 @@ def _fit_curve(args, H, w1, info, world: int, lead: bool):
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise SystemExit(f"shortcut-ext landscape: --curve: --weights {args.weights} does not record its learning "
                              "rate (a file of an earlier version of train): give --curve-lr")
-    fp, saved = _fingerprint(args, world), os.path.join(args.out, CURVE_FILE)
+    # (not keyed by the grid, nor by the number of steps: a longer --curve goes on from a shorter one's point)
+    fp = _fingerprint(args, world, drop=_GRID_ONLY + ("plane", "curve", "normalize", "direction_seed"))
+    saved = os.path.join(args.out, CURVE_FILE)
     got = _saved(saved, fp, tuple(H._W.shape), H, world, lead)
     start, bend, objective = 0, None, None
     if got is not None:
