@@ -1,7 +1,8 @@
 """Curvature of the loss: the Hessian as a linear operator and spectral tools that take any operator.
 
 - :class:`HessianOperator`: ``matvec`` / ``matmat`` (batched HVPs, fused / autograd / torch.func),
-  ``to_dense``, ``as_scipy``, ``loss_and_grad``.
+  ``to_dense``, ``as_scipy``, ``loss_and_grad``; ``matrix="ggn" | "functional"`` for the Hessian's two parts,
+  the generalised Gauss-Newton matrix ``G = J^T H_l J`` and the rest ``H - G``.
 - :func:`lanczos`, :func:`block_lanczos`: extreme eigenpairs with full reorthogonalisation, robust to
   invariant subspaces and multiplicities.
 - :func:`slq`: stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019): density, ``|lambda|``
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from ._linop import TorchOperator, as_torch_operator
 from .condition import ConditionReport, abs_quantile, condition_report, hessian_probes, report_from_eigenvalues
-from .hessian import MAX_DENSE_PARAMS, HessianOperator, dense_hessian_func, fused_hvp_available
+from .hessian import MATRICES, MAX_DENSE_PARAMS, HessianOperator, dense_ggn_func, dense_hessian_func, fused_hvp_available
 from .landscape import (Alignment, BezierCurve, LossSlice, PathPlane, StationaryOrder, align_hidden_units,
                         bezier_point, fit_bezier_curve, loss_at, loss_slice, losses_at, path_directions,
                         permute_hidden_units, random_directions, stationary_order)
@@ -33,6 +34,7 @@ from .slq import SLQResult, slq
 from .trace import TraceEstimate, hutchinson1989, hutchinson_trace, hutchpp_trace, meyer2021hutchpp
 
 __all__ = [
+    "MATRICES",
     "MAX_DENSE_PARAMS",
     "Alignment",
     "BezierCurve",
@@ -52,6 +54,7 @@ __all__ = [
     "bezier_point",
     "block_lanczos",
     "condition_report",
+    "dense_ggn_func",
     "dense_hessian_func",
     "fused_hvp_available",
     "fit_bezier_curve",

@@ -22,6 +22,23 @@ Backends:
 - ``"func"``: ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), ``vmap``-ed over
   the ``k`` directions.  The loss is written out by hand (``reference.loss_fn``): in torch 2.13
   ``jvp(grad(F.mse_loss))`` fails with "ZeroTensors are immutable".
+
+The two parts of the Hessian (``matrix=``).  With ``z = f(x; w)`` the network's outputs (after the
+read-out) and ``l(z, y)`` the per-sample loss,
+
+    H = G + F,   G = J^T H_l J  (the generalised Gauss-Newton matrix, GGN),   F = sum_i dl/dz_i . d2 z_i / dw2,
+
+``J = dz/dw``, ``H_l = d2 l / dz2`` (``I / m`` for mse; ``(diag(s) - s s^T) / m`` for softmax cross-entropy,
+``s = softmax(z)``).  ``G`` is positive semi-definite and is what Gauss-Newton, natural-gradient and K-FAC
+methods see; ``F`` (the "functional Hessian", Singh et al. 2021) carries every negative eigenvalue.  ``F`` is
+linear in the residual ``dl/dz``, which is zero where the targets are the network's own predictions (``y = z``
+under mse, ``y = softmax(z)`` as probabilities under cross-entropy, whose ``H_l`` does not depend on ``y``), so
+``G`` is the Hessian with those targets.  The ``"fused"`` and ``"autograd"`` backends compute ``G v`` so (one
+fused call per product, like ``H v``; the targets come from the same backend's forward, so the residual is zero
+to rounding on the fused path and exactly on the autograd one); ``"func"`` computes ``J^T (H_l (J v))``
+directly (``jvp`` and ``vjp`` of the outputs).  ``F v = H v - G v`` (two products each).  At an n-shortcut
+net's zero point with n >= 2 (and a plain net's of depth >= 2) ``J = 0``, so ``G = 0``: the whole zero-point
+Hessian of Theorem 1 is ``F`` (docs/science.md).
 """
 from __future__ import annotations
 
@@ -38,6 +55,7 @@ from .._dist import all_reduce, group_of, model_signature, ranks_agree
 from ..reference import LOSSES
 
 BACKENDS = ("fused", "autograd", "func")
+MATRICES = ("hessian", "ggn", "functional")
 
 
 class FallbackWarning(UserWarning):
@@ -143,6 +161,9 @@ class HessianOperator:
         copy_data: copy the data that no cast copied (default); ``False`` keeps references (no extra
             memory for a large data set on the GPU; then do not change the tensors while the operator is
             in use).
+        matrix: ``"hessian"`` (default), ``"ggn"`` (the generalised Gauss-Newton part ``G = J^T H_l J``) or
+            ``"functional"`` (the rest, ``H - G``); see the module docstring.  ``loss_and_grad`` is the
+            loss's either way.
 
     >>> import torch
     >>> from shortcut_ext.models import ShortcutNet
@@ -157,10 +178,14 @@ class HessianOperator:
 
     def __init__(self, model, data, loss: str = "mse", backend: str = "fused", dtype: torch.dtype | None = None,
                  max_directions: int | None = None, distributed: bool = False, process_group=None,
-                 copy_data: bool = True):
+                 copy_data: bool = True, matrix: str = "hessian"):
         if not isinstance(copy_data, bool):
             raise TypeError(f"copy_data must be True or False, got {copy_data!r}")
+        if not isinstance(matrix, str) or matrix not in MATRICES:
+            raise ValueError(f"matrix must be one of {MATRICES} (the Hessian, its Gauss-Newton part G = J^T H_l J, "
+                             f"or the rest H - G), got {matrix!r}")
         self._copy_data = copy_data
+        self.matrix = matrix
         w = getattr(model, "weight", None)
         with _exact(w) if isinstance(w, torch.Tensor) else contextlib.nullcontext():
             self._setup(model, data, loss, backend, dtype, max_directions, distributed, process_group)
@@ -259,6 +284,9 @@ class HessianOperator:
                 self._kernel_readout = self._readout
             elif self._readout is not None:
                 self._target_map = self._readout
+        # the GGN's targets: each batch's own predictions (zero residual), in the form the products take them
+        self._ggn_y = None if self.matrix == "hessian" or self.backend_used == "func" else [
+            self._prediction_targets(h0) for h0, _, _ in self._batches]
         self.num_products = 0
 
     # ------------------------------------------------------------------ checks and helpers
@@ -352,6 +380,18 @@ class HessianOperator:
     def _read(self, h):
         return h if self._readout is None else h @ self._readout.T
 
+    def _prediction_targets(self, h0) -> torch.Tensor:
+        """Targets that make the loss's residual zero at the operator's weights, so that the Hessian with them
+        is the GGN: the outputs (mse) or their softmax (cross-entropy, as probabilities), from the forward of
+        the backend that computes the products (the same bits where it is the same computation)."""
+        with torch.no_grad(), _exact(self._W):
+            fused = self.backend_used == "fused"
+            h = ops.residual_stack(h0, self._W, self.shortcut, *self.activations, backend="fused" if fused else "torch")
+            if fused and self._target_map is not None:  # the products' loss is that of h itself (targets y P)
+                return h
+            z = self._read(h)  # what the products' loss compares with its targets
+            return z if self.loss == "mse" else torch.softmax(z, dim=1)
+
     def _forward_loss(self, w4, h0, y, backend="torch"):
         h = ops.residual_stack(h0, w4, self.shortcut, *self.activations, backend=backend)
         return reference.loss_fn(self.loss, self._read(h), y)
@@ -389,8 +429,8 @@ class HessianOperator:
         D = V.T.reshape((V.shape[1],) + tuple(self._W.shape))  # [k, R, n, d, d]
         fn = {"fused": self._hvp_fused, "autograd": self._hvp_autograd, "func": self._hvp_func}[self.backend_used]
         out = None
-        for h0, y, wt in self._batches:
-            hv = fn(h0, y, D)  # a new tensor: summed into in place, no [k, P] zeros to start from (at P = 5M
+        for i, (h0, y, wt) in enumerate(self._batches):
+            hv = self._product(fn, i, h0, y, D)  # a new tensor: summed into in place, no [k, P] zeros (at P = 5M
             if out is None:    # a fresh zeroed block costs its page faults on every product)
                 out = hv if wt == 1.0 else hv.mul_(wt)
             else:
@@ -401,14 +441,24 @@ class HessianOperator:
         self._all_reduce(out)
         return out.reshape(V.shape[1], self.P).T
 
-    def _hvp_fused(self, h0, y, D):
-        if self._target_map is not None:  # ||P h - y||^2 = ||h - y P||^2 + a constant: the same Hessian
+    def _product(self, fn, i, h0, y, D):
+        """One batch's product with the operator's matrix: ``H D``, ``G D`` or ``(H - G) D``."""
+        if self.matrix == "hessian":
+            return fn(h0, y, D)
+        if self.backend_used == "func":
+            g = self._ggn_func(h0, D)
+        else:  # the Hessian at the batch's own predictions
+            g = fn(h0, self._ggn_y[i], D, mapped=True)
+        return g if self.matrix == "ggn" else fn(h0, y, D).sub_(g)
+
+    def _hvp_fused(self, h0, y, D, mapped=False):
+        if self._target_map is not None and not mapped:  # ||P h - y||^2 = ||h - y P||^2 + a constant: same Hessian
             y = y @ self._target_map
         _, _, hv = ops.residual_stack_hvp(h0, self._W, y, D.contiguous(), self.shortcut, *self.activations,
                                           loss=self.loss, backend="fused", readout=self._kernel_readout)
         return hv
 
-    def _hvp_autograd(self, h0, y, D):
+    def _hvp_autograd(self, h0, y, D, mapped=False):
         w = self._W.detach().requires_grad_(True)
         with torch.enable_grad():
             L = self._forward_loss(w, h0, y)
@@ -437,6 +487,26 @@ class HessianOperator:
             return jvp(grad(loss_of), (self._W,), (v,))[1]
 
         return vmap(hvp)(D)
+
+    def _ggn_func(self, h0, D):
+        """``G D = J^T H_l J D`` directly: ``jvp`` of the outputs, the loss's Hessian in the outputs, ``vjp``."""
+        from torch.func import jvp, vjp, vmap
+
+        shape, m = self._W.shape, h0.shape[0]
+
+        def outputs(w4):
+            return self._read(ops.residual_stack(h0, w4.reshape(shape), self.shortcut, *self.activations,
+                                                 backend="torch"))
+
+        z, back = vjp(outputs, self._W)
+        s = torch.softmax(z, dim=1) if self.loss == "cross_entropy" else None
+
+        def one(v):
+            jv = jvp(outputs, (self._W,), (v,))[1]  # [B, q]
+            u = jv if s is None else s * jv - s * (s * jv).sum(dim=1, keepdim=True)  # H_l (J v), times m
+            return back(u / m)[0]
+
+        return vmap(one)(D)
 
     # ------------------------------------------------------------------ other views
     def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -501,7 +571,8 @@ class HessianOperator:
         return LinearOperator(shape=self.shape, dtype=np_dtype, matvec=mm, rmatvec=mm, matmat=mm, rmatmat=mm)
 
     def __repr__(self) -> str:
-        return (f"HessianOperator(P={self.P}, loss={self.loss!r}, backend={self.backend!r}"
+        return (f"HessianOperator(P={self.P}, loss={self.loss!r}, "
+                f"{'' if self.matrix == 'hessian' else f'matrix={self.matrix!r}, '}backend={self.backend!r}"
                 f"{'' if self.backend_used == self.backend else f' -> {self.backend_used!r}'}, dtype={self.dtype}, "
                 f"samples={self.num_samples}, batches={self.num_batches}"
                 f"{f', rank={self.rank}/{self.world_size}' if self._dist else ''})")
@@ -556,3 +627,37 @@ def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torc
 
         H += (x.shape[0] / m) * hessian(f)(w0)
     return H
+
+
+def dense_ggn_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Reference: the full-data generalised Gauss-Newton matrix ``G = (1/m) sum_i J_i^T H_l,i J_i`` ``[P, P]``.
+
+    ``J_i = dz_i/dw`` by ``torch.func.jacrev`` of the model's own ``forward_with`` (torch backend), ``H_l,i`` the
+    loss's Hessian in sample i's outputs times ``m`` (``I`` for mse, ``diag(s) - s s^T`` for cross-entropy).
+    Built apart from :class:`HessianOperator` (which gets ``G`` as the Hessian at the predictions), for tests
+    and tiny nets only.  ``dense_hessian_func(...) - dense_ggn_func(...)`` is the functional part ``F``.
+    """
+    import copy
+
+    from torch.func import jacrev
+
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    net = copy.deepcopy(model).to(dtype)
+    w0 = net.weight.detach().reshape(-1)
+    batches = [(x.detach(), y.detach()) for x, y in _as_batches(data)]
+    m = sum(x.shape[0] for x, _ in batches)
+    if m == 0:
+        raise ValueError("data must hold at least one sample")
+    G = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
+    for x, _ in batches:
+        x = x.to(device=w0.device, dtype=dtype)
+        z = net.forward_with(w0, x, backend="torch")  # [B, q]
+        J = jacrev(lambda w, x=x: net.forward_with(w, x, backend="torch"))(w0)  # [B, q, P]
+        if loss == "mse":
+            HJ = J
+        else:
+            s = torch.softmax(z, dim=1).unsqueeze(2)  # [B, q, 1]
+            HJ = s * J - s * (s * J).sum(dim=1, keepdim=True)
+        G += torch.einsum("bqp,bqr->pr", J, HJ) / m
+    return G

@@ -1,0 +1,165 @@
+"""The Hessian's two parts, H = G + F: HessianOperator(matrix="ggn" | "functional") against dense references.
+
+``G = J^T H_l J`` (the generalised Gauss-Newton matrix) by ``torch.func.jacrev`` (``dense_ggn_func``), ``F = H - G``
+with ``H`` by ``torch.func.hessian``; the operator's fused and autograd backends get ``G`` as the Hessian at the
+network's own predictions, its func backend as ``J^T (H_l (J v))``, so the three are checked against one
+independent reference and against each other.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shortcut_ext import theory
+from shortcut_ext.curvature import MATRICES, HessianOperator, dense_ggn_func, dense_hessian_func, lanczos
+from shortcut_ext.models import PlainNet, ShortcutNet
+from test_curvature import BACKENDS, CASES, make_data, make_net, split
+from testing import one_thread  # noqa: F401 (the fixture)
+
+F64 = torch.float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def err_vs(A, ref, scale):
+    """Max entry error against the Hessian's scale (G or F may be zero where H is not)."""
+    return float((A - ref).abs().max()) / max(float(scale.abs().max()), 1e-300)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'/'.join(c[2])}")
+def test_ggn_and_functional_parts_match_dense_references(case, backend, loss):
+    kind, init, acts = case
+    net = make_net(kind, init, acts, seed=4)
+    X, Y = make_data(m=9, seed=5, loss=loss)
+    H = dense_hessian_func(net, (X, Y), loss=loss)
+    G = dense_ggn_func(net, (X, Y), loss=loss)
+    for data in ((X, Y), split(X, Y, [5, 4])):  # one batch and mini-batches sum alike
+        g = HessianOperator(net, data, loss=loss, backend=backend, matrix="ggn").to_dense()
+        f = HessianOperator(net, data, loss=loss, backend=backend, matrix="functional").to_dense()
+        assert err_vs(g, G, H) <= 1e-10
+        assert err_vs(f, H - G, H) <= 1e-10
+    # G is symmetric positive semi-definite (J^T H_l J with H_l >= 0)
+    assert err_vs(G, G.T, H) <= 1e-13
+    assert float(torch.linalg.eigvalsh(G).min()) >= -1e-12 * max(float(H.abs().max()), 1.0)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("features", [dict(in_features=5, out_features=6), dict(in_features=5, out_features=2)],
+                         ids=["readout-6", "readout-2"])
+def test_ggn_with_projections(features, backend, loss):
+    """The frozen read-out in each of its fused forms: absorbed into the targets (orthonormal, mse), or given to
+    the kernel (q < d, or cross-entropy); the prediction targets must be in the form the products take."""
+    net = ShortcutNet(4, 2, 2, "tanh", "tanh", "identity", init="xavier", seed=6, backend="torch", dtype=F64,
+                      **features)
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(8, 5, generator=g, dtype=F64)
+    q = features["out_features"]
+    Y = torch.randn(8, q, generator=g, dtype=F64) if loss == "mse" else torch.randint(0, q, (8,), generator=g)
+    H = dense_hessian_func(net, (X, Y), loss=loss)
+    G = dense_ggn_func(net, (X, Y), loss=loss)
+    op = HessianOperator(net, split(X, Y, [3, 5]), loss=loss, backend=backend, matrix="ggn")
+    assert err_vs(op.to_dense(), G, H) <= 1e-10
+    f = HessianOperator(net, (X, Y), loss=loss, backend=backend, matrix="functional").to_dense()
+    assert err_vs(f, H - G, H) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_parts_sum_to_the_hessian_and_the_loss_is_the_losses(backend):
+    net = make_net(2, "xavier", ("identity", "relu", "tanh"), d=4, units=3, seed=8)
+    X, Y = make_data(m=12, p=4, q=4, seed=9)
+    ops = {m: HessianOperator(net, (X, Y), backend=backend, matrix=m) for m in MATRICES}
+    V = torch.randn(ops["hessian"].P, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    HV, GV, FV = (ops[m].matmat(V) for m in MATRICES)
+    assert float((GV + FV - HV).abs().max()) <= 1e-12 * float(HV.abs().max())
+    assert torch.allclose(ops["ggn"].matvec(V[:, 1]), GV[:, 1], rtol=1e-13, atol=1e-15)  # batched == one by one
+    # the loss and gradient are the loss's, whatever the matrix
+    (l0, g0), (l1, g1) = ops["hessian"].loss_and_grad(), ops["ggn"].loss_and_grad()
+    assert float(l0) == float(l1) and torch.equal(g0, g1) and float(l0) > 0
+    assert "matrix='ggn'" in repr(ops["ggn"]) and "matrix" not in repr(ops["hessian"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("net", [
+    lambda: ShortcutNet(3, 4, 2, "tanh", "tanh", "identity", init="zero", dtype=F64),
+    lambda: ShortcutNet(3, 4, 2, "identity", "relu", "identity", init="zero", dtype=F64),
+    lambda: ShortcutNet(3, 2, 3, "identity", "tanh", "identity", init="zero", dtype=F64),
+    lambda: PlainNet(3, 4, activation="tanh", init="zero", dtype=F64),
+], ids=["2-tanh", "2-relu", "3-tanh", "plain-tanh"])
+def test_the_gauss_newton_part_vanishes_at_the_zero_point(net, backend):
+    """At an n >= 2 zero point (and a plain net's) every weight's first-order effect on the output needs another
+    weight of its chain non-zero: J = 0, so G = 0 exactly and the whole Hessian is the functional part."""
+    net = net()
+    X, Y = make_data(m=10, seed=10)
+    G = HessianOperator(net, (X, Y), backend=backend, matrix="ggn").to_dense()
+    F = HessianOperator(net, (X, Y), backend=backend, matrix="functional").to_dense()
+    H = HessianOperator(net, (X, Y), backend=backend).to_dense()
+    assert float(G.abs().max()) == 0.0
+    assert torch.equal(F, H)
+
+
+def test_the_2_shortcut_zero_point_spectrum_is_all_functional():
+    """Theorem 1's closed form is the spectrum of F: at the 2-shortcut zero point G = 0, so Gauss-Newton (and
+    natural-gradient, K-FAC) curvature is blind to the saddle whose condition number does not grow with depth."""
+    net = ShortcutNet(3, 5, 2, "identity", "tanh", "identity", init="zero", dtype=F64)
+    X, Y = make_data(m=20, seed=11)
+    F = HessianOperator(net, (X, Y), matrix="functional").to_dense()
+    ev = np.sort(torch.linalg.eigvalsh(F).numpy())
+    th = np.sort(np.asarray(theory.model_zero_point_spectrum(net, X, Y).eigenvalues(), dtype=np.float64))
+    assert np.abs(ev - th).max() <= 1e-12 * np.abs(th).max()
+    assert np.abs(th).max() > 0.1
+
+
+@pytest.mark.parametrize("units", [1, 3, 8])
+def test_the_1_shortcut_zero_point_ggn_in_closed_form(units):
+    """A linear 1-shortcut net at zero is the identity and J v = (sum_r V_r) x: G = 1 1^T (x) Sigma (x) I_d with
+    Sigma = X^T X / m, so its non-zero eigenvalues are R eig(Sigma), each d times: they grow with the depth."""
+    d, m = 3, 15
+    net = ShortcutNet(d, units, 1, init="zero", dtype=F64)
+    X, Y = make_data(m=m, p=d, q=d, seed=12)
+    for backend in BACKENDS:
+        G = HessianOperator(net, (X, Y), backend=backend, matrix="ggn").to_dense()
+        ev = np.sort(torch.linalg.eigvalsh(G).numpy())[::-1]
+        sig = np.sort(torch.linalg.eigvalsh(X.T @ X / m).numpy())[::-1]
+        want = np.concatenate([np.repeat(units * sig, d), np.zeros(units * d * d - d * d)])
+        assert np.abs(ev - want).max() <= 1e-12 * want.max()
+
+
+def test_lanczos_on_the_parts_of_a_trained_like_net():
+    """The spectral tools take the parts as they take H: G's smallest eigenvalue is >= 0 to rounding, and H's
+    negative ones come from F (Weyl: lambda_min(H) >= lambda_min(F) since G >= 0)."""
+    net = ShortcutNet(4, 6, 2, "identity", "tanh", "identity", init="xavier", seed=13, dtype=F64)
+    X, Y = make_data(m=30, p=4, q=4, seed=14)
+    res = {m: lanczos(HessianOperator(net, (X, Y), matrix=m), k=2, seed=0) for m in MATRICES}
+    assert res["ggn"].smallest.min() >= -1e-10 * res["ggn"].abs_max
+    assert res["hessian"].smallest.min() >= res["functional"].smallest.min() - 1e-9
+    assert res["hessian"].largest.max() <= res["ggn"].largest.max() + res["functional"].largest.max() + 1e-9
+
+
+def test_float32_ggn_matches_float64():
+    net = make_net(2, "xavier", ("identity", "tanh", "identity"), d=4, units=6, seed=15)
+    X, Y = make_data(m=16, p=4, q=4, seed=16)
+    V = torch.randn(net.weight.numel(), 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    ref = HessianOperator(net, (X, Y), backend="func", matrix="ggn").matmat(V)
+    for backend in BACKENDS:
+        got = HessianOperator(net, (X, Y), backend=backend, matrix="ggn", dtype=torch.float32).matmat(V.float())
+        assert float((got.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("bad", ["gn", "Hessian", None, 1])
+def test_an_unknown_matrix_is_refused(bad):
+    net = make_net(2, "zero", ("identity",) * 3)
+    with pytest.raises(ValueError, match=r"matrix must be one of \('hessian', 'ggn', 'functional'\).*got " + repr(bad)):
+        HessianOperator(net, make_data(), matrix=bad)
+
+
+def test_dense_ggn_func_refusals():
+    net = make_net(2, "zero", ("identity",) * 3)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        dense_ggn_func(net, make_data(), loss="hinge")
+    X, Y = make_data()
+    with pytest.raises(ValueError, match="at least one sample"):
+        dense_ggn_func(net, [(X[:0], Y[:0])])
