@@ -108,6 +108,12 @@ _WORKER = textwrap.dedent('''
     net, X, Y, V = _problem("mse")
     H = HessianOperator(net, [(X, Y)] if rank == 0 else [], distributed=True)  # rank 1 holds no data
     out["empty_shard"] = dict(HV=H.matmat(V), samples=H.num_samples)
+    for loss in ("mse", "cross_entropy"):  # the Hessian's parts: each rank's own predictions as targets
+        net, X, Y, V = _problem(loss)
+        for matrix in ("ggn", "functional"):
+            H = HessianOperator(net, (X[rank::world], Y[rank::world]), loss=loss, distributed=True, matrix=matrix)
+            out[(loss, matrix)] = H.matmat(V)
+    net, X, Y, V = _problem("mse")
     errors = {}
     net2, *_ = _problem("mse")
     with torch.no_grad():
@@ -154,6 +160,12 @@ def test_distributed_operator_equals_one_process(tmp_path):
             for key, want in ref.items():
                 err = (a[key] - want).abs().max() / want.abs().max()
                 assert err < 1e-10, (loss, backend, key, float(err))
+    for loss in ("mse", "cross_entropy"):
+        net, X, Y, V = _problem(loss)
+        for matrix in ("ggn", "functional"):
+            want = HessianOperator(net, (X, Y), loss=loss, backend="func", matrix=matrix).matmat(V)
+            assert torch.equal(r0[(loss, matrix)], r1[(loss, matrix)])
+            assert float((r0[(loss, matrix)] - want).abs().max() / want.abs().max()) < 1e-10, (loss, matrix)
     net, X, Y, V = _problem("mse")
     want = HessianOperator(net, (X, Y)).matmat(V)
     for r in (r0, r1):
@@ -622,6 +634,8 @@ _MISMATCH = textwrap.dedent('''
                                                 dtype=torch.float32 if rank == 0 else None))
     attempt("max_directions", lambda: HessianOperator(same(), (X[rank::2], Y[rank::2]), distributed=True,
                                                       max_directions=1 if rank == 0 else None))
+    attempt("matrix", lambda: HessianOperator(same(), (X[rank::2], Y[rank::2]), distributed=True,
+                                              matrix="ggn" if rank == 0 else "hessian"))
     cfg = TrainConfig(epochs=2, optimizer="sgd", batch_size=4) if rank == 0 else TrainConfig(epochs=2)
     attempt("optimizer", lambda: train(same(), (X[rank::2], Y[rank::2]), cfg, distributed=True))
     perm = same()
@@ -657,7 +671,7 @@ def test_ranks_with_different_models_or_a_bad_shard_all_stop(tmp_path):
         e = json.loads((tmp_path / f"mismatch{r}.json").read_text())
         # each refusal names what differs (it printed the weight sums, equal on both ranks, and blamed the seed)
         for case, what in (("readout", "frozen readout"), ("activation", "architecture (hash)"),
-                           ("lr", "setting lr"), ("op_dtype", "setting dtype"), ("max_directions", "setting max_directions"),
+                           ("lr", "setting lr"), ("op_dtype", "setting dtype"), ("max_directions", "setting max_directions"), ("matrix", "setting matrix"),
                            ("readout_order", "frozen readout (order-sensitive checksum)"),
                            ("ckpt_one_rank", "setting checkpoint"), ("l_min", "setting l_min"),
                            ("nan_one_rank", "sum(w)")):

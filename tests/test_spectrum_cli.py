@@ -585,7 +585,7 @@ _COMPUTATIONAL = {"--shortcut": "3", "--units": "7", "--width": "4", "--init": "
                   "--noise": "0.2", "--loss": "cross_entropy", "--batch-size": "16", "--top": "3", "--probes": "3",
                   "--steps": "9", "--probe-batch": "1", "--max-iter": "20", "--lanczos-products": "30",
                   "--basis-gib": "2.0", "--no-verify": None, "--exact-max-params": "100", "--seed": "4",
-                  "--dtype": "float32", "--backend": "autograd"}
+                  "--dtype": "float32", "--backend": "autograd", "--matrix": "ggn"}
 _PLACEMENT = ("--device", "--distributed", "--no-plots", "--no-progress", "--out")
 # known by the file's digest, not its path: test_the_spectrum_of_a_trained_net
 _BY_CONTENT = ("--weights",)
@@ -792,3 +792,47 @@ def test_the_spectrum_of_a_trained_net(tmp_path, capsys):
     assert main(args + ["--seed", "3", "--out", str(out)]) == 0
     assert "different options" not in capsys.readouterr().err
     assert _result(out)["resumed"]["lanczos"] is True and _result(out)["resumed"]["slq_probes"] == 2
+
+
+def test_the_gauss_newton_and_functional_parts(tmp_path, capsys):
+    """--matrix ggn / functional: at the 2-shortcut zero point G = 0 (no theory, with the reason) and F is the
+    whole Hessian, compared with Theorem 1; on a trained net the three runs' extremes are the dense parts' (the
+    API's reference, built apart), G has no negative eigenvalue, and the default keeps the checkpoints of
+    versions before the flag (its config has no "matrix")."""
+    from shortcut_ext.curvature import dense_ggn_func, dense_hessian_func
+    from shortcut_ext.experiments.train_cmd import load_weights
+
+    zero = TINY + ["--no-plots", "--init", "zero"]
+    res = {}
+    for m in ("hessian", "ggn", "functional"):
+        assert main(zero + ["--matrix", m, "--out", str(tmp_path / m)]) == 0
+        res[m] = _result(tmp_path / m)
+        assert res[m]["matrix"] == m
+    out = capsys.readouterr().out
+    assert "Gauss-Newton part G: |lambda|max = 0 " in out and "functional part H - G: |lambda|max" in out
+    assert res["ggn"]["condition"]["lam_max"] == 0 and "the Gauss-Newton part is 0" in res["ggn"]["theory"]["skipped"]
+    assert res["functional"]["lanczos"] == res["hessian"]["lanczos"]  # the same bits: F = H there
+    assert res["functional"]["theory"]["exact_rel_error"] <= 1e-12
+    ck = json.loads((tmp_path / "hessian" / "spectrum.checkpoint.json").read_text())
+    assert "matrix" not in ck["config"] and json.loads(
+        (tmp_path / "ggn" / "spectrum.checkpoint.json").read_text())["config"]["matrix"] == "ggn"
+
+    run = tmp_path / "run.json"
+    assert main(["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "4", "--samples",
+                 "40", "--lr", "0.3", "--epochs", "30", "--no-progress", "--save-weights", "--out", str(run)]) == 0
+    w = str(tmp_path / "run.weights.pt")
+    net, bundle, _ = load_weights(w)
+    H = dense_hessian_func(net, (bundle.X, bundle.Y))
+    G = dense_ggn_func(net, (bundle.X, bundle.Y))
+    for m, D in (("hessian", H), ("ggn", G), ("functional", H - G)):
+        out = tmp_path / f"w-{m}"
+        assert main(["spectrum", "--weights", w, "--matrix", m, "--top", "2", "--probes", "2", "--steps", "8",
+                     "--no-progress", "--no-plots", "--out", str(out)]) == 0
+        r = _result(out)
+        ev = torch.linalg.eigvalsh(D)
+        assert r["lanczos"]["largest"][0] == pytest.approx(float(ev[-1]), rel=1e-9)
+        assert r["lanczos"]["smallest"][0] == pytest.approx(float(ev[0]), rel=1e-9, abs=1e-12)
+        assert r["loss"] == pytest.approx(json.loads(run.read_text())["final_loss"], rel=1e-12)
+        res[m] = r
+    assert res["ggn"]["exact"]["lam_min"] >= -1e-12 and res["ggn"]["condition"]["index"] == 0
+    assert res["hessian"]["condition"]["index"] > 0 and res["functional"]["condition"]["index"] > 0

@@ -259,7 +259,7 @@ class HessianOperator:
                                            "distributed HessianOperator",
                                            extra={"in_features": self.in_features, **model_signature(
                                                model, loss=loss, dtype=str(self.dtype),
-                                               max_directions=self.max_directions)})
+                                               max_directions=self.max_directions, matrix=self.matrix)})
         if self.num_samples == 0:
             raise ValueError("data must hold at least one sample, got batches with 0 rows in total"
                              + (f" over all {self.world_size} ranks" if distributed else ""))

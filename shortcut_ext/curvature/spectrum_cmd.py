@@ -5,7 +5,11 @@ density by stochastic Lanczos quadrature, ``|lambda|`` quantiles, the index and 
 numbers; for small nets also the exact spectrum (dense ``eigvalsh``).  At zero initialisation the
 closed-form spectrum of Theorem 1 (docs/science.md section 2) is computed without building the Hessian and
 compared.  The net comes from the network and data flags, or (``--weights``) is one trained by
-``shortcut-ext train --save-weights``, with its data (no theory then).  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
+``shortcut-ext train --save-weights``, with its data (no theory then).  ``--matrix ggn`` / ``functional``
+analyses one of the Hessian's two parts instead, ``H = G + F``: the generalised Gauss-Newton matrix
+``G = J^T H_l J`` (positive semi-definite; what Gauss-Newton, natural-gradient and K-FAC methods see) and the
+functional part ``F = H - G`` (every negative eigenvalue is its); at an n >= 2 zero point ``G = 0`` and
+``F`` is the whole Hessian, which is what Theorem 1 describes.  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
 ``spectrum.json`` is strict JSON (nan is written as ``null``, +-inf as ``"inf"`` / ``"-inf"``, so a
 singular Hessian's condition number reads ``"inf"``); a Lanczos run that did not converge is saved with
 ``"converged": false`` and a WARNING on stderr.
@@ -44,6 +48,7 @@ from ..reference import LOSSES
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 DIGITS_SAMPLES = 1797  # scikit-learn's bundled digits (shortcut_ext.data.digits)
 THEORY_DENSE_PARAMS = 8192  # the 1-shortcut zero-point Hessian is assembled densely up to this P
+MATRIX_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton part G", "functional": "functional part H - G"}
 
 
 def steps_type(text: str) -> int:
@@ -131,7 +136,7 @@ def build_problem(args, dtype: torch.dtype):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .hessian import BACKENDS
+    from .hessian import BACKENDS, MATRICES
 
     p = subparsers.add_parser(
         "spectrum", help="Hessian spectrum of a network (extremes, SLQ density, |lambda| quantiles, theory)",
@@ -166,6 +171,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--distributed", action="store_true",
                    help="data-parallel HVPs over torch.distributed, launched with torchrun (gloo on cpu, NCCL on "
                         "cuda: each rank takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes")
+    g.add_argument("--matrix", choices=MATRICES, default="hessian",
+                   help="the Hessian H (default), its generalised Gauss-Newton part G = J^T H_l J (ggn), or the rest "
+                        "F = H - G (functional); G and F cost one and two fused calls a product")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
@@ -296,7 +304,8 @@ def _run(args, dtype, budget, rank, world, trained=None) -> int:
         data = [(Xs, Ys)] if Xs.shape[0] else []
     else:
         data = [(Xs[i:i + args.batch_size], Ys[i:i + args.batch_size]) for i in range(0, Xs.shape[0], args.batch_size)]
-    H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype, distributed=args.distributed)
+    H = HessianOperator(net, data, loss=args.loss, backend=args.backend, dtype=dtype, distributed=args.distributed,
+                        matrix=args.matrix)
     _check_sizes(args, H.P, H.dtype, budget)
     # read by every rank before the first product (rank 0 writes it only after collectives): all skip alike
     with together(bool(args.distributed), "spectrum"):  # (each node's own --out)
@@ -308,7 +317,7 @@ def _run(args, dtype, budget, rank, world, trained=None) -> int:
         "num_params": H.P, "backend_used": H.backend_used, "fallback_reason": H.fallback_reason,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "timings_s": {},
         "environment": _environment(),  # versions, build, threads, machine: what a reviewer asks
-        "world_size": world,
+        "world_size": world, "matrix": args.matrix,
     }
     loss, grad = H.loss_and_grad()
     result["loss"], result["grad_norm"] = float(loss), float(grad.norm())
@@ -458,7 +467,17 @@ def _run(args, dtype, budget, rank, world, trained=None) -> int:
 
     # theory at the zero point
     spec = None
-    if args.shortcut >= 1 and args.init == "zero" and trained is None:  # (a trained net is not at its zero point)
+    if args.shortcut >= 1 and args.init == "zero" and trained is None and (
+            args.matrix == "ggn" or (args.matrix == "functional" and args.shortcut == 1)):
+        result["theory"] = {"skipped": (
+            "Theorem 1 is the Hessian's spectrum; at an n >= 2 zero point the Gauss-Newton part is 0 (J = 0), and "
+            "the functional part is the whole Hessian (--matrix functional compares it with the theory there)"
+            if args.matrix == "ggn" or args.shortcut >= 2 else
+            "the 1-shortcut zero-point theory is the whole Hessian's (the Gauss-Newton part is not 0 there): "
+            "--matrix hessian compares it")}
+        if lead:
+            print(f"shortcut-ext spectrum: theory skipped: {result['theory']['skipped']}")
+    elif args.shortcut >= 1 and args.init == "zero" and trained is None:  # (a trained net is not at its zero point)
         dense_limit = max(THEORY_DENSE_PARAMS, args.exact_max_params)
         if args.shortcut == 1 and H.P > dense_limit:  # no closed form for n = 1: assembled densely
             result["theory"] = {"skipped": (
@@ -515,9 +534,10 @@ def _run(args, dtype, budget, rank, world, trained=None) -> int:
     with atomic_open(path) as f:  # whole or not at all
         f.write(to_strict_json(result, indent=1))
     if not args.no_plots:
-        _plots(args.out, sq, grid, dens, sigma, lz, exact, spec)
+        _plots(args.out, sq, grid, dens, sigma, lz, exact, spec, MATRIX_NAMES[args.matrix])
     c = result["condition"]
-    print(f"P = {H.P}  |lambda|max = {c['lam_max']:.6g}"
+    print(f"P = {H.P}  " + ("" if args.matrix == "hessian" else f"{MATRIX_NAMES[args.matrix]}: ")
+          + f"|lambda|max = {c['lam_max']:.6g}"
           + ("" if c["method"] == "exact" else f" (residual {lz.abs_max_residual:.2g})") + "  "
           f"|lambda|(0.1) = {c['lam_q10']:.6g}  index = {c['index']:.4f}"
           + ("  (exact spectrum)" if c["method"] == "exact" else "") + f"  -> {args.out}")
@@ -626,7 +646,7 @@ def _float32_check(net, data, args, H) -> dict:
     with warnings.catch_warnings():  # the check's own operator: its backend is recorded, not the run's
         warnings.simplefilter("ignore", FallbackWarning)
         H64 = HessianOperator(net64, data64, loss=args.loss, backend=args.backend, dtype=torch.float64,
-                              distributed=args.distributed)
+                              distributed=args.distributed, matrix=args.matrix)
     v = torch.randn(H.P, generator=torch.Generator().manual_seed(args.seed + 7), dtype=torch.float64, device="cpu")
     v = v.to(H64.device)
     hv64 = H64.matvec(v)
@@ -680,6 +700,8 @@ class _Checkpoint:
         self.write = write
         # a trained net's weights are known by their digest (weights_sha1), not by their file's path
         self.config = {k: v for k, v in sorted(vars(args).items()) if k not in _PLACEMENT_ARGS + ("weights",)}
+        if self.config.get("matrix") == "hessian":  # the default: a checkpoint from before --matrix resumes
+            del self.config["matrix"]
         self.state = {"format": CHECKPOINT_FORMAT, "config": self.config, "lanczos": None, "slq": {}}
         if os.path.isdir(self.path):  # found now, not at the first save after the Lanczos phase
             raise SystemExit(f"shortcut-ext spectrum: the checkpoint path {self.path} (in --out) is a folder: move it "
@@ -876,7 +898,7 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
+def _plots(out, sq, grid, dens, sigma, lz, exact, spec, what="Hessian") -> None:
     from matplotlib.figure import Figure  # outside pyplot: the caller's backend is untouched
 
     # density
@@ -893,7 +915,7 @@ def _plots(out, sq, grid, dens, sigma, lz, exact, spec) -> None:
         ax.plot(grid, th, "--", label=f"theory ({spec.method}), same smoothing")
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
-    ax.set_title("Hessian spectral density")
+    ax.set_title(f"{what} spectral density")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, os.path.join(out, "density.png"), dpi=120)
