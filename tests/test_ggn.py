@@ -163,3 +163,19 @@ def test_dense_ggn_func_refusals():
     X, Y = make_data()
     with pytest.raises(ValueError, match="at least one sample"):
         dense_ggn_func(net, [(X[:0], Y[:0])])
+
+
+def test_hessian_probes_of_the_parts():
+    from shortcut_ext.curvature import hessian_probes
+
+    net = make_net(2, "xavier", ("identity", "tanh", "identity"), d=3, units=2, seed=17)
+    X, Y = make_data(m=12, seed=18)
+    H = dense_hessian_func(net, (X, Y))
+    G = dense_ggn_func(net, (X, Y))
+    for matrix, D in (("hessian", H), ("ggn", G), ("functional", H - G)):
+        p = hessian_probes(net, (X, Y), matrix=matrix)
+        ev = torch.linalg.eigvalsh(D)
+        assert p["method"] == "exact" and p["lam_max"] == pytest.approx(float(ev.abs().max()), rel=1e-10)
+        assert p["index"] == pytest.approx(float((ev < -1e-12 * ev.abs().max()).double().mean()))
+    with pytest.raises(ValueError, match="matrix must be one of"):
+        hessian_probes(net, (X, Y), matrix="fisher")

@@ -242,7 +242,7 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048, *, backend: str = "fused",
                    dtype: torch.dtype | None = None, probes: int = 8, steps: int = 80, seed: int = 0,
-                   q: float = 0.1, distributed: bool = False, process_group=None) -> dict:
+                   q: float = 0.1, distributed: bool = False, process_group=None, matrix: str = "hessian") -> dict:
     """Curvature probes for training: ``{lam_max, lam_q10, index, cond, cond_q10, method, resolved,
     index_unresolved_mass}``.
 
@@ -263,13 +263,15 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
         q: the quantile reported as ``lam_q10``.
         distributed, process_group: ``data`` is this rank's shard of a data-parallel run (see
             :class:`~shortcut_ext.curvature.hessian.HessianOperator`); every rank gets the same probes.
+        matrix: ``"hessian"``, or one of its parts, ``"ggn"`` / ``"functional"`` (see
+            :class:`~shortcut_ext.curvature.hessian.HessianOperator`).
     """
     from .hessian import HessianOperator
 
     if dtype is None and model.weight.numel() <= exact_max_params:
         dtype = torch.float64
     op = HessianOperator(model, data, loss=loss, backend=backend, dtype=dtype, distributed=distributed,
-                         process_group=process_group)
+                         process_group=process_group, matrix=matrix)
     rep = condition_report(op, exact_max_params=exact_max_params, probes=probes, steps=steps, seed=seed, q=q)
     return {"lam_max": rep.lam_max, "lam_q10": rep.lam_q10, "index": rep.index, "cond": rep.cond,
             "cond_q10": rep.cond_q10, "method": rep.method, "resolved": report_resolved(rep),

@@ -1,0 +1,97 @@
+"""Gauss-Newton products ``G V`` (``HessianOperator(matrix="ggn")``): the fused kernel against pure PyTorch.
+
+Problem (as ``bench_hvp.py``): 2-shortcut net, ReLU at the mid position, d = 16, B = 512, R in {128, 1024},
+float32, 2 threads, "small" init (scale 0.05), mse.  ``matmat`` of ``k`` in {1, 16} random directions, each
+timed as a whole call.  Variants:
+
+- ``fused``: the fused HVP kernel at the batch's own predictions (zero residual: the Hessian there is ``G``);
+- ``func``: ``torch.func`` ``J^T (H_l (J v))`` directly (``jvp`` of the outputs, ``vmap``-ed, then one ``vjp``);
+- ``autograd``: double backward at the predictions, ``is_grads_batched`` over the directions;
+- ``hessian_fused``: the Hessian's own fused product, for the cost of ``G`` beside ``H``.
+
+Every variant is checked against ``func`` before it is timed.  Times are medians of 5 calls per product
+(time / k), with the ratio of each pure-PyTorch variant to ``fused`` measured in the same run.
+
+    python benchmarks/bench_ggn.py                   # medians and ratios
+    pytest benchmarks/bench_ggn.py -o addopts="" --benchmark-only
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from shortcut_ext.curvature import HessianOperator  # noqa: E402
+from shortcut_ext.curvature.hessian import fused_hvp_available  # noqa: E402
+from shortcut_ext.models import ShortcutNet  # noqa: E402
+
+VARIANTS = ("fused", "func", "autograd", "hessian_fused")
+UNITS = (128, 1024)
+KS = (1, 16)
+WIDTH, BATCH = 16, 512
+
+
+def make_operators(units: int, k: int):
+    net = ShortcutNet(WIDTH, units, 2, mid="relu", init="small", scale=0.05, seed=0, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(BATCH, WIDTH, generator=g)
+    Y = X @ torch.randn(WIDTH, WIDTH, generator=g) / WIDTH ** 0.5 + 0.1 * torch.randn(BATCH, WIDTH, generator=g)
+    V = torch.randn(net.weight.numel(), k, generator=g)
+    ops = {v: HessianOperator(net, (X, Y), backend=v.replace("hessian_", ""),
+                              matrix="hessian" if v.startswith("hessian") else "ggn") for v in VARIANTS}
+    if ops["fused"].backend_used != "fused":
+        return None, V
+    ref = ops["func"].matmat(V)
+    for v in ("fused", "autograd"):
+        err = float((ops[v].matmat(V) - ref).abs().max() / ref.abs().max())
+        if not err <= 1e-4:  # (a nan is never greater than anything)
+            raise AssertionError(f"R={units}, k={k}: {v} and func Gauss-Newton products differ by {err:.2g}")
+    return ops, V
+
+
+def main() -> int:
+    torch.set_num_threads(2)
+    if not fused_hvp_available():
+        print("the fused HVP kernel is not built")
+        return 1
+    print(common.environment())
+    for units, k in itertools.product(UNITS, KS):
+        ops, V = make_operators(units, k)
+        med = {}
+        for v in VARIANTS:
+            reps = 5 if v != "autograd" or units < 1024 else 3
+            med[v] = statistics.median(common.call_times(lambda v=v: ops[v].matmat(V), reps)) / k * 1e3
+        print(f"R = {units}, k = {k}: ms per product  " + "  ".join(f"{v} {med[v]:.2f}" for v in VARIANTS)
+              + "  |  func / fused {:.1f}x, autograd / fused {:.1f}x, fused G / fused H {:.2f}".format(
+                  med["func"] / med["fused"], med["autograd"] / med["fused"], med["fused"] / med["hessian_fused"]))
+    return 0
+
+
+try:
+    import pytest
+    from bench_hvp import _threads  # noqa: F401  (2 threads in the pytest mode too)
+except ImportError:  # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("k", KS)
+    @pytest.mark.parametrize("units", UNITS)
+    def test_ggn_matmat(benchmark, units, k, variant):
+        ops, V = make_operators(units, k)
+        if ops is None:
+            pytest.skip("the fused HVP kernel is not built")
+        benchmark.group = f"Gauss-Newton matmat R={units} k={k}"
+        benchmark.extra_info.update(units=units, k=k, variant=variant, products_per_call=k, **common.environment())
+        benchmark.pedantic(ops[variant].matmat, args=(V,), rounds=5, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
