@@ -44,6 +44,7 @@ from .ops import autocast_off
 from .reference import LOSSES, eigen_eps, loss_fn
 
 OPTIMIZERS = ("gd", "sgd", "adam")
+PROBE_PARTS = ("ggn", "functional")  # the Hessian's parts a probe can add (HessianOperator(matrix=...))
 __all__ = [
     "OPTIMIZERS",
     "TrainConfig",
@@ -73,6 +74,9 @@ class TrainConfig:
         probe_every: Hessian probes every this many epochs (0: none) ...
         probe_epochs: ... or at exactly these epochs (overrides ``probe_every``).
         exact_max_params: largest parameter count probed with an exact dense Hessian.
+        probe_parts: also probe these parts of the Hessian at each probe, ``"ggn"`` (the Gauss-Newton part
+            ``G = J^T H_l J``) and / or ``"functional"`` (the rest, ``H - G``): the same numbers under the
+            keys ``ggn_lam_max``, ``functional_index``, ... (see ``HessianOperator(matrix=...)``).
         divergence_factor: a loss above ``divergence_factor * max(initial loss, 1)`` counts as diverged.
         seed: seeds the mini-batch order and the random vectors of the Hessian probes (Lanczos, SLQ).
             Any integer in [0, 2^63); torch's CPU generator keeps its low 32 bits, so seeds equal
@@ -90,6 +94,7 @@ class TrainConfig:
     exact_max_params: int = 4000
     divergence_factor: float = 1e8
     seed: int = 0
+    probe_parts: Sequence[str] = ()
 
     def __post_init__(self):
         # numpy scalars (a value from a grid or an array) as their Python values, as elsewhere in the API
@@ -140,6 +145,15 @@ class TrainConfig:
         if isinstance(self.divergence_factor, bool) or not isinstance(self.divergence_factor, (int, float)) or \
                 not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor!r}")
+        parts = [self.probe_parts] if isinstance(self.probe_parts, str) else self.probe_parts
+        try:
+            parts = list(parts)
+        except TypeError:
+            parts = None
+        if parts is None or any(p not in PROBE_PARTS for p in parts):
+            raise ValueError(f"probe_parts must be a sequence of {PROBE_PARTS} (the Hessian's Gauss-Newton part and "
+                             f"the rest), got {self.probe_parts!r}")
+        self.probe_parts = tuple(p for p in PROBE_PARTS if p in parts)
 
     def probes_at(self, epoch: int) -> bool:
         if self.probe_epochs is not None:
@@ -150,6 +164,10 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         if d["probe_epochs"] is not None:
             d["probe_epochs"] = list(d["probe_epochs"])
+        if d["probe_parts"]:
+            d["probe_parts"] = list(d["probe_parts"])
+        else:  # the default: the configurations (and run-store keys, checkpoints) of earlier versions stay valid
+            del d["probe_parts"]
         return d
 
 
@@ -440,7 +458,7 @@ def _dense_probes(model, data, loss: str, exact_max_params: int) -> dict:
 
 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000, distributed: bool = False,
-                   process_group=None, seed: int = 0) -> dict:
+                   process_group=None, seed: int = 0, matrix: str = "hessian") -> dict:
     """``{lam_max, lam_q10, index, cond, cond_q10, method, ...}`` of the loss Hessian at the model's weights
     (with the curvature package also ``resolved``: see :func:`shortcut_ext.curvature.hessian_probes`).
 
@@ -449,7 +467,8 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000,
     (:func:`dense_hessian`) for nets of at most ``exact_max_params`` parameters.  ``seed`` seeds the
     Lanczos start and the SLQ probes of the stochastic path (train passes the run's seed, so that seeds
     average the probes' error out too).  A model with ``backend="torch"`` is probed without the fused
-    kernels (autograd Hessian-vector products), as it trains.
+    kernels (autograd Hessian-vector products), as it trains.  ``matrix``: ``"hessian"``, or one of its parts,
+    ``"ggn"`` / ``"functional"`` (these need the curvature package).
     """
     try:
         from .curvature import hessian_probes as curvature_probes
@@ -463,7 +482,11 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000,
             kw["dtype"] = torch.float64  # eigenvalues near 0 (|lambda|(0.1), the index) need float64
         if distributed:
             kw.update(distributed=True, process_group=process_group)
+        if matrix != "hessian":
+            kw["matrix"] = matrix
         return dict(curvature_probes(model, data, loss, exact_max_params=exact_max_params, **kw))
+    if matrix != "hessian":
+        raise ValueError(f"probes of the Hessian's {matrix} part need shortcut_ext.curvature")
     if distributed:
         raise ValueError("distributed Hessian probes need shortcut_ext.curvature")
     return _dense_probes(model, data, loss, exact_max_params)
@@ -755,6 +778,11 @@ def train(
                             warnings.simplefilter("ignore", category)
                         p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
                                            distributed=distributed, process_group=process_group, seed=config.seed)
+                        for part in config.probe_parts:  # the Hessian's parts, under prefixed keys
+                            q = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
+                                               distributed=distributed, process_group=process_group,
+                                               seed=config.seed, matrix=part)
+                            p.update({f"{part}_{k}": v for k, v in q.items()})
                 except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
                     p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -324,6 +324,30 @@ def test_probes_along_training(teacher):
     assert [p["epoch"] for p in res.probes] == [0, 3]
 
 
+def test_probes_of_the_hessians_parts(teacher):
+    """probe_parts: the Gauss-Newton part and the rest, probed beside the Hessian at the same weights, equal the
+    dense references' spectra; near the zero saddle the Hessian is all functional part, G ~ 0."""
+    from shortcut_ext.curvature import dense_ggn_func, dense_hessian_func
+
+    X, Y, l_min = teacher
+    net = _net("2-shortcut", depth=4)
+    res = train(net, (X, Y), TrainConfig(epochs=8, lr=0.3, probe_epochs=[0, 8], probe_parts=["functional", "ggn"]))
+    p0, p = res.probes
+    assert p0["ggn_lam_max"] < 1e-3 * p0["functional_lam_max"]
+    H = dense_hessian_func(net, (X, Y))
+    G = dense_ggn_func(net, (X, Y))
+    for part, D in (("ggn", G), ("functional", H - G)):
+        ev = torch.linalg.eigvalsh(D)
+        assert p[f"{part}_lam_max"] == pytest.approx(float(ev.abs().max()), rel=1e-9)
+        assert p[f"{part}_method"] == "exact"
+    assert p["ggn_index"] == 0 and p["functional_index"] > 0
+    assert "probe_parts" not in TrainConfig().to_dict()  # the default: earlier versions' keys and checkpoints
+    assert TrainConfig(probe_parts="ggn").probe_parts == ("ggn",)
+    for bad in (["gn"], 3, ["ggn", None]):
+        with pytest.raises(ValueError, match=r"probe_parts must be a sequence of \('ggn', 'functional'\)"):
+            TrainConfig(probe_parts=bad)
+
+
 # --------------------------------------------------------------------------- sweeps, checkpoints, resume
 def test_best_run_picks_lowest_final_loss():
     rs = [TrainResult("ok", 0.1, 10, 0.5, None), TrainResult("diverged", 1.0, 10, math.inf, None),

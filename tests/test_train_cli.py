@@ -40,6 +40,7 @@ def test_1shortcut_refuses_mid_activations(tmp_path, monkeypatch):
     (["--momentum", "0.9"], r"--momentum needs --optimizer sgd .*got --momentum 0.9 with --optimizer gd"),
     (["--batch-size", "8"], r"--batch-size needs --optimizer sgd or adam .*got --batch-size 8 with --optimizer gd"),
     (["--optimizer", "adam", "--momentum", "0.5"], r"--momentum needs --optimizer sgd .*with --optimizer adam"),
+    (["--probe-parts", "ggn"], r"--probe-parts ggn needs --probe-every N .*got no --probe-every"),
 ])
 def test_ignored_optimizer_options_are_refused(tmp_path, monkeypatch, extra, msg):
     _no_work(monkeypatch)
@@ -701,3 +702,32 @@ def test_checkpoint_every_0_writes_no_checkpoint(tmp_path, monkeypatch, capsys):
                  "--out", "run.json"]) == 130
     assert "no checkpoint was written yet" in capsys.readouterr().err
     assert not [p for p in os.listdir(tmp_path) if ".ckpt" in p]
+
+
+def test_probe_parts_are_saved_beside_the_hessians_probes_and_resume(tmp_path, capsys):
+    """--probe-parts ggn functional: each probe adds the parts' numbers under prefixed keys; the Gauss-Newton part
+    has no negative eigenvalue; the flag is part of the checkpoint's options only where given (a run without it
+    keeps the fingerprint of earlier versions) and of the JSON's config."""
+    args = ("--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--epochs", "6", "--lr", "0.3",
+            "--probe-every", "3")
+    assert _train(tmp_path, *args, "--probe-parts", "functional", "ggn") == 0
+    rec = json.loads((tmp_path / "run.json").read_text())
+    assert rec["config"]["probe_parts"] == ["ggn", "functional"]
+    assert [p["epoch"] for p in rec["probes"]] == [0, 3, 6]
+    for p in rec["probes"]:
+        assert p["ggn_index"] == 0 and p["ggn_method"] == p["functional_method"] == "exact"
+        assert p["functional_lam_max"] > 0 and p["lam_max"] <= p["ggn_lam_max"] + p["functional_lam_max"] + 1e-12
+    assert _train(tmp_path, *args, out="plain.json") == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert "probe_parts" not in plain["config"] and not any(k.startswith("ggn_") for k in plain["probes"][0])
+    assert [p["lam_max"] for p in plain["probes"]] == [p["lam_max"] for p in rec["probes"]]
+    from types import SimpleNamespace
+
+    from shortcut_ext.cli import build_parser
+
+    def fingerprint(*extra):
+        a = build_parser().parse_args(["train", *TINY, *args, *extra, "--out", "x.json"])
+        return train_cmd._fingerprint(a, SimpleNamespace(backend="fused"), SimpleNamespace(tag="t"), "cpu", 1, False)
+
+    assert "probe_parts" not in fingerprint()
+    assert fingerprint("--probe-parts", "ggn")["probe_parts"] == ["ggn"]

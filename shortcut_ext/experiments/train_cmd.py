@@ -41,7 +41,7 @@ from .._device import init_distributed, parse_device
 from .._dist import together
 from ..data import best_linear_loss
 from .._io import atomic_open
-from ..train import OPTIMIZERS, TrainConfig, train
+from ..train import OPTIMIZERS, PROBE_PARTS, TrainConfig, train
 from .store import json_safe
 from .sweeps import ACT_VARIANTS, ARCHS, arch_supports, build_model, check_arch, load_data
 from .reproduce import _parse_data
@@ -69,6 +69,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--momentum", type=nonneg_float, default=0.0,
                    help="momentum of --optimizer sgd (>= 0; default 0)")
     p.add_argument("--probe-every", type=nonneg_int, default=0, help="Hessian probes every N epochs (0: none)")
+    p.add_argument("--probe-parts", nargs="+", choices=PROBE_PARTS, default=[], metavar="PART",
+                   help="also probe the Hessian's parts at each probe: ggn (its Gauss-Newton part G = J^T H_l J) "
+                        "and / or functional (H - G); saved as ggn_lam_max, functional_index, ...")
     p.add_argument("--exact-max-params", type=nonneg_int, default=4000,
                    help="largest parameter count probed with an exact dense Hessian (SLQ above; default 4000)")
     p.add_argument("--data", nargs="+", default=["digits"], metavar="KIND",
@@ -251,6 +254,9 @@ def _check_args(args, device: str) -> None:
     if args.momentum != 0 and args.optimizer != "sgd":
         raise SystemExit(f"{CMD}: --momentum needs --optimizer sgd (gd takes plain steps, adam keeps its own "
                          f"moment estimates), got --momentum {args.momentum:g} with --optimizer {args.optimizer}")
+    if getattr(args, "probe_parts", None) and not args.probe_every:
+        raise SystemExit(f"{CMD}: --probe-parts {' '.join(args.probe_parts)} needs --probe-every N (the parts are "
+                         "probed beside the Hessian at each probe), got no --probe-every")
     if getattr(args, "distributed", False) and args.batch_size is not None:
         raise SystemExit(f"{CMD}: --distributed takes full-batch steps; drop --batch-size (got --batch-size "
                          f"{args.batch_size})")
@@ -336,7 +342,9 @@ def _fingerprint(args, net, bundle, device: str, world: int, compress: bool) -> 
             "momentum": args.momentum, "probe_every": args.probe_every, "exact_max_params": args.exact_max_params,
             "data": bundle.tag, "width": args.width, "dtype": args.dtype, "backend": net.backend,
             "device": torch.device(device).type, "tf32": getattr(args, "tf32", None) or "off", "world": world,
-            "compressed": compress}
+            "compressed": compress,
+            # only where given: a checkpoint from before the flag resumes
+            **({"probe_parts": sorted(args.probe_parts)} if getattr(args, "probe_parts", None) else {})}
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -368,7 +376,7 @@ def _main_locked(args, device, rank, world) -> int:
                       out_features=None if bundle.out_features == bundle.width else bundle.out_features).to(device)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
                       momentum=args.momentum, probe_every=args.probe_every, exact_max_params=args.exact_max_params,
-                      seed=args.seed)
+                      seed=args.seed, probe_parts=getattr(args, "probe_parts", None) or ())
     compress = args.act == "linear" and not args.no_compress and cfg.optimizer == "gd"
     data = (bundle.Xc, bundle.Yc) if compress else (bundle.X, bundle.Y)
     if world > 1:  # this rank's rows (the compressed rows also average to the same loss)
