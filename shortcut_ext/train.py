@@ -458,7 +458,7 @@ def _dense_probes(model, data, loss: str, exact_max_params: int) -> dict:
 
 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000, distributed: bool = False,
-                   process_group=None, seed: int = 0, matrix: str = "hessian") -> dict:
+                   process_group=None, seed: int = 0, matrix: str = "hessian", parts=()) -> dict:
     """``{lam_max, lam_q10, index, cond, cond_q10, method, ...}`` of the loss Hessian at the model's weights
     (with the curvature package also ``resolved``: see :func:`shortcut_ext.curvature.hessian_probes`).
 
@@ -468,7 +468,8 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000,
     Lanczos start and the SLQ probes of the stochastic path (train passes the run's seed, so that seeds
     average the probes' error out too).  A model with ``backend="torch"`` is probed without the fused
     kernels (autograd Hessian-vector products), as it trains.  ``matrix``: ``"hessian"``, or one of its parts,
-    ``"ggn"`` / ``"functional"`` (these need the curvature package).
+    ``"ggn"`` / ``"functional"``; ``parts``: also these parts, under prefixed keys (``ggn_lam_max``, ...); both
+    need the curvature package.
     """
     try:
         from .curvature import hessian_probes as curvature_probes
@@ -484,9 +485,12 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000,
             kw.update(distributed=True, process_group=process_group)
         if matrix != "hessian":
             kw["matrix"] = matrix
+        if parts:
+            kw["parts"] = tuple(parts)
         return dict(curvature_probes(model, data, loss, exact_max_params=exact_max_params, **kw))
-    if matrix != "hessian":
-        raise ValueError(f"probes of the Hessian's {matrix} part need shortcut_ext.curvature")
+    if matrix != "hessian" or parts:
+        raise ValueError(f"probes of the Hessian's parts ({matrix if matrix != 'hessian' else ', '.join(parts)}) need "
+                         "shortcut_ext.curvature")
     if distributed:
         raise ValueError("distributed Hessian probes need shortcut_ext.curvature")
     return _dense_probes(model, data, loss, exact_max_params)
@@ -777,12 +781,8 @@ def train(
                         for category in quiet:
                             warnings.simplefilter("ignore", category)
                         p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
-                                           distributed=distributed, process_group=process_group, seed=config.seed)
-                        for part in config.probe_parts:  # the Hessian's parts, under prefixed keys
-                            q = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
-                                               distributed=distributed, process_group=process_group,
-                                               seed=config.seed, matrix=part)
-                            p.update({f"{part}_{k}": v for k, v in q.items()})
+                                           distributed=distributed, process_group=process_group, seed=config.seed,
+                                           **({"parts": config.probe_parts} if config.probe_parts else {}))
                 except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
                     p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -179,3 +179,28 @@ def test_hessian_probes_of_the_parts():
         assert p["index"] == pytest.approx(float((ev < -1e-12 * ev.abs().max()).double().mean()))
     with pytest.raises(ValueError, match="matrix must be one of"):
         hessian_probes(net, (X, Y), matrix="fisher")
+
+
+def test_hessian_probes_with_parts_share_the_dense_matrices(monkeypatch):
+    """parts=("ggn", "functional") on the exact path: two dense assemblies (H and G; F = H - G), the same numbers
+    as a probe of each matrix on its own; above exact_max_params each part gets its own Lanczos + SLQ."""
+    from shortcut_ext.curvature import hessian_probes
+
+    net = make_net(2, "xavier", ("identity", "tanh", "identity"), d=3, units=2, seed=19)
+    X, Y = make_data(m=12, seed=20)
+    calls = []
+    real = HessianOperator.to_dense
+    monkeypatch.setattr(HessianOperator, "to_dense", lambda self, **kw: (calls.append(self.matrix), real(self, **kw))[1])
+    both = hessian_probes(net, (X, Y), parts=("ggn", "functional"))
+    assert calls == ["hessian", "ggn"]
+    for part in ("ggn", "functional"):
+        alone = hessian_probes(net, (X, Y), matrix=part)
+        for k in ("lam_max", "lam_q10", "index"):
+            assert both[f"{part}_{k}"] == pytest.approx(alone[k], rel=1e-9, abs=1e-12), (part, k)
+    assert both["lam_max"] == hessian_probes(net, (X, Y))["lam_max"]
+    slq = hessian_probes(net, (X, Y), exact_max_params=10, parts=("ggn",), probes=2, steps=10)
+    assert slq["method"] == slq["ggn_method"] == "lanczos+slq" and "functional_lam_max" not in slq
+    assert slq["ggn_lam_max"] == pytest.approx(both["ggn_lam_max"], rel=1e-6)
+    for bad in (dict(parts=("hessian",)), dict(parts=("ggn",), matrix="ggn")):
+        with pytest.raises(ValueError, match="parts must name parts of the Hessian"):
+            hessian_probes(net, (X, Y), **bad)

@@ -272,6 +272,25 @@ def test_weight_norm_and_rate_verdicts_count_seeds_without_a_stable_run(tmp_path
     assert [ln.get_marker() for ln in figs[1].axes[2].lines].count("v") == 1
 
 
+def test_the_hessian_parts_verdicts():
+    """Near the 2-shortcut init G is below 1% of H's top, after training at least 90% of it, every seed and net; a
+    run without the parts' probes (an earlier version's stored run) leaves both undecided."""
+    def rows(arch, seed, start, end, l0=2.0, l1=3.0):
+        return [{"arch": arch, "seed": seed, "epoch": 0, "lam_max": l0, "ggn_lam_max": start * l0, "resolved": True},
+                {"arch": arch, "seed": seed, "epoch": 9, "lam_max": l1, "ggn_lam_max": end * l1, "resolved": True}]
+    good = rows("2-shortcut", 0, 0.002, 0.99) + rows("2-shortcut", 1, 0.004, 0.95) + rows("plain-xavier", 0, 0.7, 0.97)
+    start, end = analysis.verdict_hessian_parts(good)
+    assert start.holds is True and end.holds is True and start.details == {"0": 0.002, "1": 0.004}
+    assert "plain-xavier seed 0 (epoch 9): 0.97" in end.measured
+    start, end = analysis.verdict_hessian_parts(rows("2-shortcut", 0, 0.02, 0.99) + rows("plain-xavier", 0, 0.7, 0.5))
+    assert start.holds is False and end.holds is False
+    old = [{k: v for k, v in r.items() if k != "ggn_lam_max"} for r in good]
+    assert [v.holds for v in analysis.verdict_hessian_parts(old)] == [None] and \
+        analysis.verdict_hessian_parts([])[0].measured == "not run"
+    unres = [dict(r, resolved=False) for r in good]  # SLQ unresolved near 0: |lambda|max (Lanczos's) still counts
+    assert [v.holds for v in analysis.verdict_hessian_parts(unres)] == [True, True]
+
+
 def test_verdicts_without_data_are_undecided():
     assert all(v.holds is None for v in analysis.verdict_index([], []))
     assert all(v.holds is None for v in analysis.verdict_curvature_training([]))
@@ -290,12 +309,13 @@ def tiny(tmp_path_factory):
 def test_tiny_reproduction_writes_everything(tiny):
     out, bundle, res = tiny
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 9
+    assert html.count("data:image/png;base64,") == 10
     for s in ("Fig. 5", "Fig. 9", "Fig. 10", "Theorem 1: the order", "Timings", "torch_threads",
               "shortcut_ext_build_info"):
         assert s in html
     for f in ("fig2_3_weight_norm", "fig5_condition_at_init", "saddle_order", "saddle_planes", "fig6_7_curvature_vs_loss",
-              "fig8_index_gradnorm", "fig9_final_loss_linear", "fig10_final_loss_relu", "ext_activations"):
+              "fig8_index_gradnorm", "fig9_final_loss_linear", "fig10_final_loss_relu", "ext_activations",
+              "fig6_8_hessian_parts"):
         assert (out / "figures" / f"{f}.png").stat().st_size > 1000
     for f in ("fig9_runs.csv", "fig9_best.csv", "fig5_init_condition.csv", "fig6_8_probes.csv", "fig10_best.csv",
               "saddle_orders.csv", "saddle_curves.csv", "saddle_planes.csv"):
@@ -325,6 +345,12 @@ def test_tiny_reproduction_verdicts(tiny):
     assert holds("Theorem 1", "the zero point of an n-shortcut net is a stationary point of order n - 1").holds is True
     assert holds("Theorem 1 (also)", "2-shortcut at zero: the loss's t^2 term").holds is True
     assert holds("Theorem 1 (also)", "plain nets at their Xavier / orthogonal inits are not stationary").holds is True
+    start = holds("beyond (H = G + F)", "near the 2-shortcut net's initial point the Hessian is its functional part")
+    assert start.holds is True and all(0 <= r < 0.01 for r in start.details.values())
+    assert holds("beyond (H = G + F)", "after training the top of the Hessian's spectrum").holds is not None
+    probes = list(csv.DictReader(open(out / "results" / "fig6_8_probes.csv")))
+    for r in probes:  # the Gauss-Newton part is positive semi-definite and below the whole at its top (G <= H + |F|)
+        assert float(r["ggn_index"]) == 0 and 0 <= float(r["ggn_lam_max"]) <= 1.5 * float(r["lam_max"]), r
     orders = [r for r in csv.DictReader(open(out / "results" / "saddle_orders.csv"))]
     assert {(r["arch"], r["act"]) for r in orders} >= {("3-shortcut-zero", "linear"), ("4-shortcut-zero", "tanh-mid"),
                                                         ("1-shortcut-zero", "linear"), ("plain-xavier", "tanh-mid")}

@@ -242,7 +242,8 @@ def condition_report(op, method: str = "auto", exact_max_params: int = 2048, q: 
 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048, *, backend: str = "fused",
                    dtype: torch.dtype | None = None, probes: int = 8, steps: int = 80, seed: int = 0,
-                   q: float = 0.1, distributed: bool = False, process_group=None, matrix: str = "hessian") -> dict:
+                   q: float = 0.1, distributed: bool = False, process_group=None, matrix: str = "hessian",
+                   parts=()) -> dict:
     """Curvature probes for training: ``{lam_max, lam_q10, index, cond, cond_q10, method, resolved,
     index_unresolved_mass}``.
 
@@ -265,17 +266,45 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
             :class:`~shortcut_ext.curvature.hessian.HessianOperator`); every rank gets the same probes.
         matrix: ``"hessian"``, or one of its parts, ``"ggn"`` / ``"functional"`` (see
             :class:`~shortcut_ext.curvature.hessian.HessianOperator`).
+        parts: also probe these parts (``"ggn"``, ``"functional"``) of ``matrix="hessian"``, under prefixed keys
+            (``ggn_lam_max``, ``functional_index``, ...).  On the exact path the dense ``H`` and ``G`` are
+            assembled once each and ``F = H - G`` is their difference (two assemblies for all three).
     """
-    from .hessian import HessianOperator
+    from .hessian import MATRICES, HessianOperator
 
+    parts = tuple(parts)
+    bad = [p for p in parts if p not in MATRICES[1:]]
+    if bad or (parts and matrix != "hessian"):
+        raise ValueError(f"parts must name parts of the Hessian, {MATRICES[1:]} (with matrix='hessian'), got "
+                         f"{parts!r} with matrix={matrix!r}")
     if dtype is None and model.weight.numel() <= exact_max_params:
         dtype = torch.float64
-    op = HessianOperator(model, data, loss=loss, backend=backend, dtype=dtype, distributed=distributed,
-                         process_group=process_group, matrix=matrix)
-    rep = condition_report(op, exact_max_params=exact_max_params, probes=probes, steps=steps, seed=seed, q=q)
-    return {"lam_max": rep.lam_max, "lam_q10": rep.lam_q10, "index": rep.index, "cond": rep.cond,
-            "cond_q10": rep.cond_q10, "method": rep.method, "resolved": report_resolved(rep),
-            "index_unresolved_mass": float(rep.uncertainty.get("index_unresolved_mass", 0.0))}
+
+    def operator(m):
+        return HessianOperator(model, data, loss=loss, backend=backend, dtype=dtype, distributed=distributed,
+                               process_group=process_group, matrix=m)
+
+    def probe(op):
+        rep = condition_report(op, method="exact" if isinstance(op, torch.Tensor) else "auto",
+                               exact_max_params=exact_max_params, probes=probes, steps=steps, seed=seed, q=q)
+        return {"lam_max": rep.lam_max, "lam_q10": rep.lam_q10, "index": rep.index, "cond": rep.cond,
+                "cond_q10": rep.cond_q10, "method": rep.method, "resolved": report_resolved(rep),
+                "index_unresolved_mass": float(rep.uncertainty.get("index_unresolved_mass", 0.0))}
+
+    op = operator(matrix)
+    if not parts:
+        return probe(op)
+    if op.P > exact_max_params:  # Lanczos + SLQ: each matrix on its own operator
+        out = probe(op)
+        for part in parts:
+            out.update({f"{part}_{k}": v for k, v in probe(operator(part)).items()})
+        return out
+    H = op.to_dense(force=True)
+    G = operator("ggn").to_dense(force=True)
+    out = probe(H)
+    for part in parts:
+        out.update({f"{part}_{k}": v for k, v in probe(G if part == "ggn" else H - G).items()})
+    return out
 
 
 def report_resolved(rep: ConditionReport) -> bool:

@@ -420,6 +420,34 @@ def verdict_index(probe_rows: list[dict], hist_rows: list[dict], ref: str = "2-s
 
 
 # --------------------------------------------------------------------------- Figs. 9-10
+def verdict_hessian_parts(probe_rows: list[dict], ref: str = "2-shortcut", start_below: float = 0.01,
+                          end_above: float = 0.9) -> list[Verdict]:
+    """Beyond the paper: the Hessian's Gauss-Newton part ``G`` against the whole (docs/science.md section 2): near
+    the 2-shortcut net's initial point ``G`` is negligible (``J = 0`` at its zero point), and after training the
+    top of every net's spectrum is ``G``'s."""
+    runs = _by_run([r for r in probe_rows if _finite(r.get("ggn_lam_max")) and _finite(r.get("lam_max"))])
+    if not runs:
+        return [Verdict("beyond (H = G + F)", "the Hessian's top is its Gauss-Newton part after training",
+                        "needs probes of the Hessian's parts", None, "not run")]
+    ratio = lambda r: r["ggn_lam_max"] / r["lam_max"] if r["lam_max"] > 0 else math.nan  # noqa: E731
+    start = {s: ratio(rs[0]) for (a, s), rs in runs.items() if a == ref and rs[0]["epoch"] == 0}
+    end = {(a, s): (rs[-1]["epoch"], ratio(rs[-1])) for (a, s), rs in runs.items()}
+    # (|lambda|max is Lanczos's, or exact: SLQ's resolution near 0, which other verdicts wait for, is not used)
+    out = [Verdict(
+        "beyond (H = G + F)", f"near the {ref} net's initial point the Hessian is its functional part",
+        f"lambda_max(G) / |lambda|max(H) at epoch 0 below {start_below} for every seed (G = 0 at the zero point: "
+        "J = 0)", None if not start else bool(all(v < start_below for v in start.values())),
+        "; ".join(f"seed {s}: {_fmt(v)}" for s, v in sorted(start.items())) or "n/a",
+        {str(s): v for s, v in start.items()})]
+    out.append(Verdict(
+        "beyond (H = G + F)", "after training the top of the Hessian's spectrum is its Gauss-Newton part",
+        f"lambda_max(G) / |lambda|max(H) at the last probe at least {end_above}, for every net and seed",
+        None if not end else bool(all(v >= end_above for _, v in end.values())),
+        "; ".join(f"{a} seed {s} (epoch {e}): {_fmt(v)}" for (a, s), (e, v) in sorted(end.items())),
+        {f"{a}/{s}": v for (a, s), (_, v) in end.items()}))
+    return out
+
+
 def _rel_excess(loss, l_min, l_zero):
     return (loss - l_min) / (l_zero - l_min) if _finite(loss) else math.inf
 

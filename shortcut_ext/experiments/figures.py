@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
 
 from .._io import save_figure  # noqa: E402
-from .analysis import _finite, aggregate  # noqa: E402
+from .analysis import _finite, _is_num, aggregate  # noqa: E402
 
 COLORS = {
     "2-shortcut": "#d62728",
@@ -401,4 +401,35 @@ def fig_zero_point_planes(planes: list[dict], path, caption: str | None = None) 
         ax.tick_params(labelsize=6)
     fig.suptitle("L(w + t u + s v) - L(w) at each net's initial point (dashed: the quadratic model; none drawn: "
                  "it is flat)", fontsize=9)
+    return _save(fig, path, caption)
+
+
+PART_STYLES = (("lam_max", "H (the Hessian)", "0.15", "-"), ("ggn_lam_max", "G = J^T H_l J (Gauss-Newton)", "#1f77b4", "--"),
+               ("functional_lam_max", "F = H - G (functional)", "#ff7f0e", ":"))
+
+
+def fig_hessian_parts(probe_rows: list[dict], path, caption: str | None = None) -> Path:
+    """Beyond the paper: ``|lambda|max`` of the Hessian and of its two parts along training, one panel per net
+    (seed means, geometric, with the seeds' range)."""
+    archs = _archs(probe_rows)
+    fig, axes = _subplots(1, max(1, len(archs)), figsize=(5 * max(1, len(archs)), 4), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        rows = [r for r in probe_rows if r["arch"] == arch]
+        for key, label, color, ls in PART_STYLES:
+            agg = aggregate(rows, ("arch", "epoch"), key, log=True)
+            pts = np.array([(r["epoch"] + 1, r["mean"], r["min"], r["max"]) for r in agg if _finite(r["mean"])],
+                           dtype=float)
+            if len(pts):
+                ax.plot(pts[:, 0], pts[:, 1], ls=ls, marker=".", ms=3, color=color, label=label)
+                ax.fill_between(pts[:, 0], pts[:, 2], pts[:, 3], color=color, alpha=0.15, lw=0)
+        zero = sorted({r["epoch"] for r in rows if _is_num(r.get("ggn_lam_max")) and r["ggn_lam_max"] == 0})
+        if zero:
+            ax.text(0.01, 0.01, f"G = 0 exactly at epoch {', '.join(map(str, zero[:4]))}"
+                    + (" ..." if len(zero) > 4 else ""), transform=ax.transAxes, fontsize=7, va="bottom")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch + 1")
+        ax.set_ylabel("|λ|max")
+        ax.set_title(f"{arch}: the Hessian's parts along training", fontsize=9)
+        ax.legend(fontsize=7)
     return _save(fig, path, caption)

@@ -109,7 +109,8 @@ EXPECTED = {  # docs/science.md section 4
     "saddle": "Theorem 1: the zero point of an n-shortcut net is a stationary point of order n - 1 (the loss leaves "
               "it as t^n); plain nets at their inits are not stationary",
     "fig6-8": "2-shortcut better conditioned, most of all at high loss; its index lower, dropping sharply early, "
-              "with the gradient norm peaking at that moment",
+              "with the gradient norm peaking at that moment (beyond the paper: the Hessian's top is its "
+              "functional part near the 2-shortcut initial point, its Gauss-Newton part after training)",
     "fig9": "2-shortcut stays near L_min at all depths and tolerates larger rates; others degrade",
     "fig10": "Xavier / orthogonal miss the better optima; 2-shortcut reaches them",
     "ext": "beyond the paper: the Fig. 10 comparison with tanh, symmetric sigmoid and ReLU at other positions",
@@ -353,7 +354,8 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
             if lr is not None:
                 lrs[arch] = lr
         ccfg = TrainConfig(epochs=cfg.curve_epochs, exact_max_params=cfg.exact_max_params,
-                           probe_epochs=sweeps.log_probe_epochs(cfg.curve_epochs, cfg.curve_probes))
+                           probe_epochs=sweeps.log_probe_epochs(cfg.curve_epochs, cfg.curve_probes),
+                           probe_parts=("ggn",))  # beyond the paper: the Hessian's Gauss-Newton part
         probe_rows, hist_rows = sweeps.run_probe_curves(bundle, cfg.curve_archs, "linear", cfg.curve_depth,
                                                         cfg.curve_seeds, lrs, ccfg, store, dtype, backend,
                                                         progress=progress)
@@ -365,7 +367,9 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
         p1 = figures.fig_curvature_vs_loss(probe_rows, figdir / "fig6_7_curvature_vs_loss.png", bundle.l_min,
                                            caption=cap)
         p2 = figures.fig_index_gradnorm(probe_rows, hist_rows, figdir / "fig8_index_gradnorm.png", caption=cap)
-        verdicts = analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows)
+        p3 = figures.fig_hessian_parts(probe_rows, figdir / "fig6_8_hessian_parts.png", caption=cap)
+        verdicts = (analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows)
+                    + analysis.verdict_hessian_parts(probe_rows))
         # a net with no rate at which every seed stayed finite has no probe run: say so beside each verdict
         no_rate = [a for a in cfg.curve_archs if a not in lrs]
         if no_rate:
@@ -374,11 +378,14 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
             verdicts = [dataclasses.replace(v, measured=v.measured + why) for v in verdicts]
         sections.append(report.Section(
             "fig6-8", f"Figs. 6-8: Hessian along training (depth {cfg.curve_depth}, linear, best rate per net)",
-            EXPECTED["fig6-8"], [p1, p2],
+            EXPECTED["fig6-8"], [p1, p2, p3],
             verdicts,
             {"learning rates": [{"arch": a, "lr": v} for a, v in lrs.items()]},
             notes="Exact Hessians at log-spaced epochs; runs compared at equal loss - L_min (as in the paper's "
-                  "figures), with the same-epoch ratio beside it."))
+                  "figures), with the same-epoch ratio beside it. Beyond the paper, each probe also takes the "
+                  "Hessian's two parts, H = G + F: the Gauss-Newton matrix G = J^T H_l J (positive semi-definite) "
+                  "and the functional part F = H - G (HessianOperator(matrix=...); docs/science.md section 2); "
+                  "at a 2-shortcut net's zero point G = 0."))
 
     # ---- Fig. 10: ReLU at mid positions
     best_relu = []
