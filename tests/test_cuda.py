@@ -1462,6 +1462,35 @@ def test_cuda_hessian_operator_matches_cpu(loss):
 
 
 @needs_cuda
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_cuda_gauss_newton_and_functional_parts_match_cpu(loss):
+    """HessianOperator(matrix="ggn" | "functional") on a GPU model: the fused kernel at the batches' own
+    predictions (computed by the CUDA forward) equals torch.func's J^T H_l J v on the CPU; G + F = H."""
+    import copy
+
+    from shortcut_ext.curvature import HessianOperator
+    from shortcut_ext.models import ShortcutNet
+
+    dtype = torch.float64
+    net = ShortcutNet(6, 4, 2, "tanh", "tanh", "identity", init="small", scale=0.3, seed=3, backend="fused",
+                      out_features=3 if loss == "mse" else 4, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(50, 6, generator=g, dtype=dtype)
+    Y = torch.randn(50, 3, generator=g, dtype=dtype) if loss == "mse" else torch.randint(0, 4, (50,), generator=g)
+    batches = [(X[i:i + 16], Y[i:i + 16]) for i in range(0, 50, 16)]
+    gnet = copy.deepcopy(net).to(GPU)
+    gb = [(x.to(GPU), y.to(GPU)) for x, y in batches]
+    V = torch.randn(net.weight.numel(), 3, generator=g, dtype=dtype)
+    got = {m: HessianOperator(gnet, gb, loss=loss, backend="fused", matrix=m).matmat(V.to(GPU))
+           for m in ("hessian", "ggn", "functional")}
+    assert got["ggn"].device.type == GPU
+    _e2e_close(got["ggn"], HessianOperator(net, batches, loss=loss, backend="func", matrix="ggn").matmat(V), dtype)
+    _e2e_close(got["functional"], HessianOperator(net, batches, loss=loss, backend="func",
+                                                  matrix="functional").matmat(V), dtype)
+    _e2e_close(got["ggn"] + got["functional"], got["hessian"], dtype)
+
+
+@needs_cuda
 def test_cuda_spectrum_command(tmp_path):
     """`shortcut-ext spectrum --device cuda` at the zero point of a linear 2-shortcut net: the Lanczos
     extremes equal the dense spectrum and the closed form, as on the CPU."""
