@@ -578,18 +578,10 @@ class HessianOperator:
                 f"{f', rank={self.rank}/{self.world_size}' if self._dist else ''})")
 
 
-def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Reference: the full-data Hessian ``[P, P]`` by ``torch.func.hessian`` of the hand-written loss.
-
-    Built apart from :class:`HessianOperator`: the model's own ``forward_with`` (projections included, on
-    the torch backend) and :func:`~shortcut_ext.reference.loss_fn` on the raw data, each mini-batch
-    weighted by its share of the samples; none of the operator's preparation of the data (embedding,
-    target maps, batch weights) is reused, so that tests comparing the two check it.  Slow and memory
-    hungry (``P^2``); for tests and tiny nets only.
-    """
+def _dense_reference_setup(model, data, loss: str, dtype: torch.dtype):
+    """What the dense references share: a copy of the net in ``dtype``, its flat weights, the batches, the sample
+    count; the data's own checks, all before any matrix (not the operator's: tests compare the two)."""
     import copy
-
-    from torch.func import hessian
 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -599,10 +591,9 @@ def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torc
     m = sum(x.shape[0] for x, _ in batches)
     if m == 0:
         raise ValueError("data must hold at least one sample")
-    H = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
     p_in = getattr(net, "in_features", getattr(net, "width", None))
     q = getattr(net, "out_features", getattr(net, "width", None))
-    for x, y in batches:  # the data's own checks, all before any Hessian (not the operator's: tests compare them)
+    for x, y in batches:
         if x.dim() != 2 or x.shape[1] != p_in:
             raise ValueError(f"x must have shape [B, {p_in}], got {list(x.shape)}")
         if loss == "cross_entropy" and y.dim() == 1:
@@ -618,6 +609,22 @@ def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torc
                              + f", got {list(y.shape)}")
         elif not y.is_floating_point():
             raise TypeError(f"targets of shape [B, {q}] must be floating point, got {y.dtype}")
+    return net, w0, batches, m
+
+
+def dense_hessian_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Reference: the full-data Hessian ``[P, P]`` by ``torch.func.hessian`` of the hand-written loss.
+
+    Built apart from :class:`HessianOperator`: the model's own ``forward_with`` (projections included, on
+    the torch backend) and :func:`~shortcut_ext.reference.loss_fn` on the raw data, each mini-batch
+    weighted by its share of the samples; none of the operator's preparation of the data (embedding,
+    target maps, batch weights) is reused, so that tests comparing the two check it.  Slow and memory
+    hungry (``P^2``); for tests and tiny nets only.
+    """
+    from torch.func import hessian
+
+    net, w0, batches, m = _dense_reference_setup(model, data, loss, dtype)
+    H = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
     for x, y in batches:
         x = x.to(device=w0.device, dtype=dtype)
         y = y.to(device=w0.device, dtype=dtype) if y.is_floating_point() else y.to(w0.device)
@@ -637,18 +644,9 @@ def dense_ggn_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.fl
     Built apart from :class:`HessianOperator` (which gets ``G`` as the Hessian at the predictions), for tests
     and tiny nets only.  ``dense_hessian_func(...) - dense_ggn_func(...)`` is the functional part ``F``.
     """
-    import copy
-
     from torch.func import jacrev
 
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    net = copy.deepcopy(model).to(dtype)
-    w0 = net.weight.detach().reshape(-1)
-    batches = [(x.detach(), y.detach()) for x, y in _as_batches(data)]
-    m = sum(x.shape[0] for x, _ in batches)
-    if m == 0:
-        raise ValueError("data must hold at least one sample")
+    net, w0, batches, m = _dense_reference_setup(model, data, loss, dtype)
     G = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
     for x, _ in batches:
         x = x.to(device=w0.device, dtype=dtype)
