@@ -157,6 +157,7 @@ def test_bad_flags_are_named_by_argparse(tmp_path, capsys, extra, flag):
     (["--range", "-1", "1", "-1", "1"], "--range takes LO HI on a line (two pairs only with --plane), got 4 numbers"),
     (["--range", "1", "--plane"], "--range takes LO HI (or LO HI LO2 HI2, one pair a direction), got 1 number"),
     (["--range", "-1", "0", "1", "--plane"], "got 3 numbers"),
+    (["--matrix", "ggn"], "--matrix ggn has no effect with --directions random"),
 ])
 def test_refused_combinations_name_the_command_and_the_flag(tmp_path, extra, words):
     with pytest.raises(SystemExit) as e:
@@ -630,6 +631,46 @@ def test_the_plane_of_the_hessians_extreme_eigenvectors(tmp_path, capsys):
         main(TINY + ["--shortcut", "3", "--init", "zero", "--directions", "hessian", "--out", str(tmp_path / "3")])
     with pytest.raises(SystemExit, match="--normalize has no effect with --directions hessian"):
         main(TINY + ["--init", "small", "--directions", "hessian", "--normalize", "layer", "--out", str(tmp_path / "n")])
+
+
+def test_the_eigenvectors_of_the_hessians_parts(tmp_path, capsys):
+    """--directions hessian --matrix ggn | functional: the extreme eigenvectors of G or of F = H - G (the dense
+    references', up to sign), while the grid's quadratic model stays the Hessian's (u^T H v on those directions);
+    a zero G (the 2-shortcut zero point) is refused, naming --matrix hessian; the default keeps the fingerprint of
+    earlier versions."""
+    from shortcut_ext.curvature import dense_ggn_func, dense_hessian_func
+
+    extra = ["--init", "small", "--scale", "0.4", "--mid", "tanh", "--points", "5", "--span", "0.3", "--plane",
+             "--directions", "hessian"]
+    X, Y = load_data("synthetic", 24, 3, 0, 0.1, torch.float64)
+    net = ShortcutNet(3, 5, 2, "identity", "tanh", "identity", init="small", scale=0.4, seed=0, dtype=torch.float64)
+    H, G = dense_hessian_func(net, (X, Y)), dense_ggn_func(net, (X, Y))
+    for m, D in (("ggn", G), ("functional", H - G)):
+        out = tmp_path / m
+        assert main(TINY + extra + ["--matrix", m, "--out", str(out)]) == 0
+        r = _result(out)
+        lam, U = torch.linalg.eigh(D)
+        assert r["eigen"]["matrix"] == m
+        assert r["eigen"]["eigenvalues"] == pytest.approx([float(lam[-1]), float(lam[0])], rel=1e-7, abs=1e-9)
+        V = torch.stack([U[:, -1], U[:, 0]], dim=1)
+        V = V * torch.sign(V.gather(0, V.abs().argmax(dim=0, keepdim=True)))
+        want = (V.T @ H @ V).numpy()
+        if m == "ggn":  # G's smallest eigenvalues (~0) are many: its bottom eigenvector is any of theirs
+            want, got = want[:1, :1], np.array(r["curvature"])[:1, :1]
+        else:
+            got = np.array(r["curvature"])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+        words = {"ggn": "Gauss-Newton part's", "functional": "functional part's (H - G)"}[m]
+        assert f"the directions are the {words} eigenvectors" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"the Gauss-Newton part is 0 at these weights .*use --matrix hessian"):
+        main(TINY + ["--init", "zero", "--directions", "hessian", "--matrix", "ggn", "--out", str(tmp_path / "z")])
+    from shortcut_ext.cli import build_parser
+    from shortcut_ext.curvature import landscape_cmd
+
+    a = build_parser().parse_args(TINY + ["--directions", "hessian", "--out", "x"])
+    delattr(a, "matrix")  # as parsed by a version before --matrix
+    assert landscape_cmd._fingerprint(build_parser().parse_args(TINY + ["--directions", "hessian", "--out", "x"])) \
+        == landscape_cmd._fingerprint(a)
 
 
 def test_the_line_between_two_trained_nets(tmp_path, capsys):

@@ -10,7 +10,8 @@ model is flat).  The net is built from the network and data flags (as ``spectrum
 ``--weights``, is a net trained by ``shortcut-ext train --save-weights``, with its data.  Writes ``landscape.json``, ``landscape.csv`` and ``landscape.png`` to ``--out``.
 
 ``--directions hessian``: the Hessian's eigenvectors of its largest eigenvalue (a line), and of its smallest
-too (a plane): the sharpest rise and, at a saddle, the way down (Lanczos).  Around a trained net
+too (a plane): the sharpest rise and, at a saddle, the way down (Lanczos); ``--matrix ggn`` / ``functional``
+takes those of the Hessian's Gauss-Newton part or of the rest instead.  Around a trained net
 (``--weights``): ``--directions pca``, the plane (or line) of the training path's principal directions, with
 the path drawn on it (Li et al. 2018, section 7; the path is the weights along training that ``train
 --save-weights-every N`` keeps beside the weights file); ``--directions init``, the line from the trained
@@ -108,6 +109,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "--save-weights-every); init: the line from the trained weights (t = 0) to the run's initial "
                         "weights (t = 1; needs --weights); between: the line from --weights (t = 0) to --other's "
                         "weights (t = 1)")
+    g.add_argument("--matrix", choices=("hessian", "ggn", "functional"), default="hessian",
+                   help="with --directions hessian: the eigenvectors of the Hessian (default), of its Gauss-Newton "
+                        "part G = J^T H_l J (ggn), or of the rest H - G (functional); the quadratic model beside "
+                        "the loss is the Hessian's all the same")
     g.add_argument("--other", metavar="FILE", default=None,
                    help="--directions between: the other end, a weights file of train --save-weights of the same net "
                         "and data (another epoch of the run, or a run from another seed)")
@@ -179,6 +184,7 @@ def _reach(x: float) -> float:
     return round(math.ceil(x / e - 1e-9) * e, 12)
 
 
+_MATRIX_WORDS = {"hessian": "Hessian's", "ggn": "Gauss-Newton part's", "functional": "functional part's (H - G)"}
 _GRID_ONLY = ("points", "span", "range", "order")  # options that shape the grid, not the directions or the curve
 
 
@@ -189,6 +195,8 @@ def _fingerprint(args, world: int = 1, drop=()) -> str:
     keep = {k: v for k, v in vars(args).items()
             if k not in ("func", "out", "no_plots", "no_progress", "command", "weights", "trajectory", "distributed",
                          "other") + tuple(drop)}
+    if keep.get("matrix") == "hessian":  # the default: the checkpoints of versions before --matrix resume
+        del keep["matrix"]
     if world > 1:
         keep["world_size"] = world  # the all-reduce's order of the ranks' sums
     keep["format"] = _FORMAT
@@ -206,6 +214,9 @@ def run(args) -> int:
 
     if args.directions == "hessian" and args.normalize != "unit":
         refuse("--normalize has no effect with --directions hessian: eigenvectors have norm 1 (leave it out)")
+    if args.matrix != "hessian" and args.directions != "hessian":
+        refuse(f"--matrix {args.matrix} has no effect with --directions {args.directions}: it picks the matrix whose "
+               "eigenvectors --directions hessian takes")
     if args.directions in ("pca", "init", "between"):
         if args.weights is None:
             refuse(f"--directions {args.directions} needs --weights: the "
@@ -295,7 +306,11 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     t_dir = time.perf_counter()
     folder = alignment = None
     if args.directions == "hessian":  # (collectives: Lanczos's products)
-        V, eig = _eigen_directions(H, k, args, world, lead)
+        E = H if args.matrix == "hessian" else HessianOperator(
+            net, data, loss=args.loss, backend=args.backend, dtype=dtype, distributed=args.distributed,
+            matrix=args.matrix)
+        V, eig = _eigen_directions(E, k, args, world, lead)
+        eig["matrix"] = args.matrix
         ranges = [(-1.0, 1.0)] * 2
     else:
         with together(args.distributed, "landscape"):  # files (--other, the training path) one rank may lack
@@ -473,7 +488,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         msg += (f"; the loss is not finite at {result['nonfinite_points']} of {loss.size} points (it overflows "
                 "there: a smaller --span stays in range)")
     if eig is not None:
-        msg += ("; the directions are the Hessian's eigenvectors of lambda max = " + f"{eig['eigenvalues'][0]:.6g}"
+        msg += (f"; the directions are the {_MATRIX_WORDS[eig.get('matrix', 'hessian')]} eigenvectors of lambda max = "
+                + f"{eig['eigenvalues'][0]:.6g}"
                 + (f" and lambda min = {eig['eigenvalues'][1]:.6g}" if k == 2 else "")
                 + f" (Lanczos, {eig['num_products']} products"
                 + (")" if eig["converged"] else ", not converged: the vectors are approximate)"))
@@ -572,6 +588,11 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
         bar.close()
     top, bottom = float(lz.largest[0]), float(lz.smallest[0])
     if top == 0 and bottom == 0:
+        if getattr(args, "matrix", "hessian") == "ggn":
+            raise SystemExit("shortcut-ext landscape: --directions hessian --matrix ggn: the Gauss-Newton part is 0 at "
+                             "these weights (J = 0, as at an n-shortcut net's zero point for n >= 2), so its "
+                             "eigenvectors are no particular directions: use --matrix hessian (there the Hessian is "
+                             "its functional part)")
         raise SystemExit("shortcut-ext landscape: --directions hessian: the Hessian is 0 at these weights (as at an "
                          "n-shortcut net's zero point for n >= 3), so its eigenvectors are no particular directions: "
                          "use --directions random (and --order for the order of the stationary point)")
@@ -864,8 +885,8 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
                         label=f"along a fitted Bezier curve ({c['steps']} steps; t: its parameter)")
             ax.set_xlabel("t (0: --weights, 1: --other" + (", its hidden units aligned)" if args.align else ")"))
         elif args.directions == "hessian":
-            ax.set_xlabel(f"t (along the Hessian's top eigenvector: lambda max = "
-                          f"{result['eigen']['eigenvalues'][0]:.4g})")
+            ax.set_xlabel(f"t (along the {_MATRIX_WORDS[result['eigen'].get('matrix', 'hessian')]} top eigenvector: "
+                          f"lambda max = {result['eigen']['eigenvalues'][0]:.4g})")
         else:
             ax.set_xlabel(f"t (steps along a {args.normalize} random direction)")
         ax.set_ylabel("loss")
@@ -890,7 +911,8 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
             ax.set_ylabel(f"s (second: {ex[1]:.0%})")
         elif args.directions == "hessian":
             lam = result["eigen"]["eigenvalues"]
-            ax.set_xlabel(f"t (the Hessian's top eigenvector: lambda max = {lam[0]:.4g})")
+            ax.set_xlabel(f"t (the {_MATRIX_WORDS[result['eigen'].get('matrix', 'hessian')]} top eigenvector: "
+                          f"lambda max = {lam[0]:.4g})")
             ax.set_ylabel(f"s (its bottom eigenvector: lambda min = {lam[1]:.4g})")
             ax.set_aspect("equal")
         elif args.directions == "between":  # --curve --plane: the plane of the two nets and the control point
