@@ -634,8 +634,8 @@ def test_the_plane_of_the_hessians_extreme_eigenvectors(tmp_path, capsys):
 
 
 def test_the_eigenvectors_of_the_hessians_parts(tmp_path, capsys):
-    """--directions hessian --matrix ggn | functional: the extreme eigenvectors of G or of F = H - G (the dense
-    references', up to sign), while the grid's quadratic model stays the Hessian's (u^T H v on those directions);
+    """--directions hessian --matrix ggn | functional: the two largest eigenvectors of G (positive semi-definite: its
+    smallest are a null space) or the extreme ones of F = H - G (the dense references', up to sign), while the grid's quadratic model stays the Hessian's (u^T H v on those directions);
     a zero G (the 2-shortcut zero point) is refused, naming --matrix hessian; the default keeps the fingerprint of
     earlier versions."""
     from shortcut_ext.curvature import dense_ggn_func, dense_hessian_func
@@ -650,16 +650,12 @@ def test_the_eigenvectors_of_the_hessians_parts(tmp_path, capsys):
         assert main(TINY + extra + ["--matrix", m, "--out", str(out)]) == 0
         r = _result(out)
         lam, U = torch.linalg.eigh(D)
+        j = -2 if m == "ggn" else 0  # G is positive semi-definite: its plane is its two largest eigenvectors'
         assert r["eigen"]["matrix"] == m
-        assert r["eigen"]["eigenvalues"] == pytest.approx([float(lam[-1]), float(lam[0])], rel=1e-7, abs=1e-9)
-        V = torch.stack([U[:, -1], U[:, 0]], dim=1)
+        assert r["eigen"]["eigenvalues"] == pytest.approx([float(lam[-1]), float(lam[j])], rel=1e-7, abs=1e-9)
+        V = torch.stack([U[:, -1], U[:, j]], dim=1)
         V = V * torch.sign(V.gather(0, V.abs().argmax(dim=0, keepdim=True)))
-        want = (V.T @ H @ V).numpy()
-        if m == "ggn":  # G's smallest eigenvalues (~0) are many: its bottom eigenvector is any of theirs
-            want, got = want[:1, :1], np.array(r["curvature"])[:1, :1]
-        else:
-            got = np.array(r["curvature"])
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(np.array(r["curvature"]), (V.T @ H @ V).numpy(), rtol=1e-6, atol=1e-8)
         words = {"ggn": "Gauss-Newton part's", "functional": "functional part's (H - G)"}[m]
         assert f"the directions are the {words} eigenvectors" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"the Gauss-Newton part is 0 at these weights .*use --matrix hessian"):

@@ -11,7 +11,7 @@ model is flat).  The net is built from the network and data flags (as ``spectrum
 
 ``--directions hessian``: the Hessian's eigenvectors of its largest eigenvalue (a line), and of its smallest
 too (a plane): the sharpest rise and, at a saddle, the way down (Lanczos); ``--matrix ggn`` / ``functional``
-takes those of the Hessian's Gauss-Newton part or of the rest instead.  Around a trained net
+takes those of the Hessian's Gauss-Newton part (its two largest: it is positive semi-definite) or of the rest.  Around a trained net
 (``--weights``): ``--directions pca``, the plane (or line) of the training path's principal directions, with
 the path drawn on it (Li et al. 2018, section 7; the path is the weights along training that ``train
 --save-weights-every N`` keeps beside the weights file); ``--directions init``, the line from the trained
@@ -111,8 +111,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "weights (t = 1)")
     g.add_argument("--matrix", choices=("hessian", "ggn", "functional"), default="hessian",
                    help="with --directions hessian: the eigenvectors of the Hessian (default), of its Gauss-Newton "
-                        "part G = J^T H_l J (ggn), or of the rest H - G (functional); the quadratic model beside "
-                        "the loss is the Hessian's all the same")
+                        "part G = J^T H_l J (ggn: its two largest on a plane, G being positive semi-definite), or of "
+                        "the rest H - G (functional); the quadratic model beside the loss is the Hessian's all the "
+                        "same")
     g.add_argument("--other", metavar="FILE", default=None,
                    help="--directions between: the other end, a weights file of train --save-weights of the same net "
                         "and data (another epoch of the run, or a run from another seed)")
@@ -490,7 +491,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     if eig is not None:
         msg += (f"; the directions are the {_MATRIX_WORDS[eig.get('matrix', 'hessian')]} eigenvectors of lambda max = "
                 + f"{eig['eigenvalues'][0]:.6g}"
-                + (f" and lambda min = {eig['eigenvalues'][1]:.6g}" if k == 2 else "")
+                + (f" and lambda {'2' if eig.get('matrix') == 'ggn' else 'min'} = {eig['eigenvalues'][1]:.6g}"
+                   if k == 2 else "")
                 + f" (Lanczos, {eig['num_products']} products"
                 + (")" if eig["converged"] else ", not converged: the vectors are approximate)"))
     if plane is not None:
@@ -580,13 +582,16 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
         if lead:
             print(f"shortcut-ext landscape: the Hessian's eigenvectors are those saved in {saved}", flush=True)
         return got
+    # G is positive semi-definite, its smallest eigenvalues a null space: its plane is that of its two largest
+    psd = getattr(args, "matrix", "hessian") == "ggn"
     bar, cb = _progress("lanczos", args.no_progress or not lead)
     try:
-        lz = lanczos(H, k=1, which="both", seed=args.direction_seed, max_iter=min(H.P, LANCZOS_BASIS),
-                     max_products=LANCZOS_PRODUCTS, callback=cb)
+        lz = lanczos(H, k=k if psd else 1, which="largest" if psd else "both", seed=args.direction_seed,
+                     max_iter=min(H.P, LANCZOS_BASIS), max_products=LANCZOS_PRODUCTS, callback=cb)
     finally:
         bar.close()
-    top, bottom = float(lz.largest[0]), float(lz.smallest[0])
+    top = float(lz.largest[0])
+    bottom = float(lz.largest[-1]) if psd else float(lz.smallest[0])
     if top == 0 and bottom == 0:
         if getattr(args, "matrix", "hessian") == "ggn":
             raise SystemExit("shortcut-ext landscape: --directions hessian --matrix ggn: the Gauss-Newton part is 0 at "
@@ -596,13 +601,13 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
         raise SystemExit("shortcut-ext landscape: --directions hessian: the Hessian is 0 at these weights (as at an "
                          "n-shortcut net's zero point for n >= 3), so its eigenvectors are no particular directions: "
                          "use --directions random (and --order for the order of the stationary point)")
-    V = torch.cat([lz.largest_vectors[:, :1], lz.smallest_vectors[:, :1]][:k], dim=1).to(device=H.device,
-                                                                                      dtype=H.dtype)
+    V = (lz.largest_vectors[:, :k] if psd else torch.cat([lz.largest_vectors[:, :1], lz.smallest_vectors[:, :1]][:k],
+                                                         dim=1)).to(device=H.device, dtype=H.dtype)
     for j in range(k):
         if float(V[int(V[:, j].abs().argmax()), j]) < 0:
             V[:, j].neg_()
-    info = {"eigenvalues": [top, bottom][:k], "residuals": [float(lz.largest_residuals[0]),
-                                                            float(lz.smallest_residuals[0])][:k],
+    info = {"eigenvalues": [top, bottom][:k], "residuals": [float(lz.largest_residuals[0]), float(
+                lz.largest_residuals[-1] if psd else lz.smallest_residuals[0])][:k],
             "converged": bool(lz.converged), "num_products": int(lz.num_products)}
     if lead:
         _save_blob(saved, fp, V, info)
@@ -913,7 +918,9 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
             lam = result["eigen"]["eigenvalues"]
             ax.set_xlabel(f"t (the {_MATRIX_WORDS[result['eigen'].get('matrix', 'hessian')]} top eigenvector: "
                           f"lambda max = {lam[0]:.4g})")
-            ax.set_ylabel(f"s (its bottom eigenvector: lambda min = {lam[1]:.4g})")
+            ax.set_ylabel(f"s (its second eigenvector: lambda 2 = {lam[1]:.4g})"
+                          if result["eigen"].get("matrix") == "ggn" else
+                          f"s (its bottom eigenvector: lambda min = {lam[1]:.4g})")
             ax.set_aspect("equal")
         elif args.directions == "between":  # --curve --plane: the plane of the two nets and the control point
             c = result["curve"]
