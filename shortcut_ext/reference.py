@@ -144,3 +144,50 @@ def residual_stack_hvp(
             hv.append(torch.zeros_like(w) if h is None else h)
     hv = torch.stack(hv) if hv else weights.new_empty((0,) + tuple(weights.shape))
     return L.detach(), g.detach(), hv.detach()
+
+
+def residual_stack_ggn(
+    x: torch.Tensor,  # [B, d]
+    weights: torch.Tensor,  # [R, n, d, d]
+    targets: torch.Tensor,  # [B, d] (or [B] class indices for cross_entropy)
+    directions: torch.Tensor,  # [k, R, n, d, d]
+    shortcut: bool = True,
+    act_pre: str = "identity",
+    act_mid: str = "identity",
+    act_post: str = "identity",
+    loss: str = "mse",
+    readout: torch.Tensor | None = None,  # [q, d]
+):
+    """Reference loss, gradient ``[R, n, d, d]`` and generalised Gauss-Newton products ``G v = J^T H_l J v``
+    ``[k, R, n, d, d]``: ``J v`` by ``torch.func.jvp`` of the outputs, ``H_l`` in closed form (``I / m`` for
+    mse, ``c_i (diag(p_i) - p_i p_i^T) / m`` for cross-entropy, ``c_i = sum_j y_ij``, 1 for class indices),
+    then one ``vjp`` by autograd per direction."""
+    from torch.func import jvp
+
+    with torch.inference_mode(False), torch.enable_grad():
+        x, weights, targets, directions = (t.clone() if t.is_inference() else t
+                                           for t in (x, weights, targets, directions))
+        if readout is not None and readout.is_inference():
+            readout = readout.clone()
+        P = None if readout is None else readout.detach()
+
+        def outputs(w):
+            out = residual_stack_forward(x, w, shortcut, act_pre, act_mid, act_post)
+            return out if P is None else out @ P.T
+
+        w = weights.detach().requires_grad_(True)
+        z = outputs(w)
+        L = loss_fn(loss, z, targets)
+        (g,) = torch.autograd.grad(L, w, retain_graph=True)
+        m = max(z.shape[0], 1)
+        if loss == "cross_entropy":
+            p = torch.softmax(z.detach(), dim=1)
+            c = 1.0 if targets.dim() == 1 else targets.to(z.dtype).sum(dim=1, keepdim=True)
+        gv = []
+        for v in directions:
+            jv = jvp(outputs, (weights.detach(),), (v.detach(),))[1]  # [B, q]
+            u = jv / m if loss == "mse" else c * (p * jv - p * (p * jv).sum(dim=1, keepdim=True)) / m
+            (h,) = torch.autograd.grad(z, w, grad_outputs=u, retain_graph=True, allow_unused=True)
+            gv.append(torch.zeros_like(w) if h is None else h)
+    gv = torch.stack(gv) if gv else weights.new_empty((0,) + tuple(weights.shape))
+    return L.detach(), g.detach(), gv.detach()

@@ -1,9 +1,10 @@
 """The Hessian's two parts, H = G + F: HessianOperator(matrix="ggn" | "functional") against dense references.
 
 ``G = J^T H_l J`` (the generalised Gauss-Newton matrix) by ``torch.func.jacrev`` (``dense_ggn_func``), ``F = H - G``
-with ``H`` by ``torch.func.hessian``; the operator's fused and autograd backends get ``G`` as the Hessian at the
-network's own predictions, its func backend as ``J^T (H_l (J v))``, so the three are checked against one
-independent reference and against each other.
+with ``H`` by ``torch.func.hessian``; the operator's fused backend gets ``G`` from the Gauss-Newton kernel on the
+CPU (the HVP kernel at the network's own predictions on CUDA), its autograd backend as the Hessian at those
+predictions, its func backend as ``J^T (H_l (J v))``, so the three are checked against one independent reference
+and against each other (the op itself: tests/test_ggn_op.py).
 """
 from __future__ import annotations
 
@@ -65,6 +66,63 @@ def test_ggn_with_projections(features, backend, loss):
     assert err_vs(op.to_dense(), G, H) <= 1e-10
     f = HessianOperator(net, (X, Y), loss=loss, backend=backend, matrix="functional").to_dense()
     assert err_vs(f, H - G, H) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unnormalised_probability_targets_scale_the_gauss_newton_part(backend):
+    """Cross-entropy with target rows of mass c_i != 1: the loss's Hessian in the outputs is c_i (diag(s) - s s^T),
+    so G scales with the mass and F = H - G keeps the net's second derivatives alone.  Checked against
+    J^T H_z J with H_z by torch.func.hessian of the loss in the outputs (no closed form of H_l); the operator's
+    G took c_i = 1 until 2026-12 (prediction targets softmax(z), and the func and dense references likewise)."""
+    from torch.func import hessian, jacrev
+
+    from shortcut_ext import reference
+
+    net = ShortcutNet(3, 2, 2, "tanh", "tanh", "identity", init="xavier", seed=3, backend="torch", dtype=F64,
+                      in_features=4, out_features=5)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(7, 4, generator=g, dtype=F64)
+    Y = 3 * torch.rand(7, 5, generator=g, dtype=F64)  # row masses between 0 and 15
+    op = HessianOperator(net, split(X, Y, [3, 4]), loss="cross_entropy", backend=backend, matrix="ggn")
+    shape = op._W.shape
+    w0 = op._W.reshape(-1).clone()
+
+    def outputs(w):
+        return net.forward_with(w.view(shape), X, backend="torch")
+
+    J = jacrev(outputs)(w0).reshape(7 * 5, -1)
+    Hz = hessian(lambda z: reference.loss_fn("cross_entropy", z, Y))(outputs(w0)).reshape(35, 35)
+    G = J.T @ Hz @ J
+    H = dense_hessian_func(net, (X, Y), loss="cross_entropy")
+    assert err_vs(dense_ggn_func(net, (X, Y), loss="cross_entropy"), G, H) <= 1e-12
+    assert err_vs(op.to_dense(), G, H) <= 1e-10
+    f = HessianOperator(net, (X, Y), loss="cross_entropy", backend=backend, matrix="functional").to_dense()
+    assert err_vs(f, H - G, H) <= 1e-10
+
+
+def test_the_fused_operator_runs_the_gauss_newton_kernel_on_the_cpu():
+    """matrix="ggn" / "functional" on the CPU's fused backend: G by residual_stack_ggn (one call a batch), not by
+    the HVP kernel at prediction targets (that is the CUDA path); H by residual_stack_hvp."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    net = make_net(2, "xavier", ("identity", "relu", "tanh"), d=4, units=3, seed=8)
+    X, Y = make_data(m=12, p=4, q=4, seed=9)
+    V = torch.randn(net.weight.numel(), 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for matrix, want in (("ggn", {"residual_stack_ggn": 2}), ("functional", {"residual_stack_ggn": 2, "residual_stack_hvp": 2})):
+        op = HessianOperator(net, split(X, Y, [5, 7]), backend="fused", matrix=matrix)
+        with Calls() as calls:
+            op.matmat(V)
+        counts = {k: sum(n == f"shortcut_ext.{k}.default" for n in calls.names) for k in ("residual_stack_ggn", "residual_stack_hvp")}
+        assert {k: c for k, c in counts.items() if c} == want, (matrix, counts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

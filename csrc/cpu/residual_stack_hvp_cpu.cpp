@@ -21,6 +21,13 @@
 // frozen read-out P [q, d] the loss is that of z = f P^T: the seeds above in z's q columns, then
 // g = (dL/dz) P and R{g} = R{dL/dz} P, with R{z} = R{f} P^T (loss_seed_readout).
 //
+// Gauss-Newton products (residual_stack_ggn, Net::gn): G V = J^T H_l J V keeps of the tangent backward the
+// terms of R{g} = H_l R{f} alone, propagated like a gradient: R{gz} = R{g_out} s'(z), R{ga} = R{gz} W,
+// gn_l += R{gz}^T a.  The terms of g (gz^T R{a}, gz V, g s'' R{z}) are the net's second derivatives, F's.
+// So the reverse pass needs no tangents: it recomputes a segment's forward only, and no checkpoints of
+// them are kept.  About (2 + 2K) + (2 + 2K) = 4 + 4K n d^2 multiply-adds per row and unit in all, against
+// 4 + 8K for H (K = 16: 68 against 132).
+//
 // The K tangents of a tile are carried together, row-major as [m, K, d] (each sample's K tangent
 // rows are adjacent).  That layout turns every K-fold product into one GEMM:
 //   R{a} W^T:  [m*K, d] @ [d, d]            (the weight is shared by all directions)
@@ -94,6 +101,13 @@ struct Net {
   int64_t R, n, d, K;
   bool shortcut;
   Acts acts;
+  // Gauss-Newton products G V = J^T H_l J V instead of H V: the tangent backward keeps only the terms of
+  // R{g} (the loss's curvature), none of g (the net's second derivatives, zero in G): no gz^T R{a}, gz V
+  // nor g s''(z) R{z}, and the reverse pass needs no tangent forward.
+  bool gn = false;
+  // blocks of d*d per layer in a slot's chunk buffer: the gradient, then the K products' terms
+  // R{gz}^T a and (not for G) gz^T R{a}
+  int64_t blocks() const { return 1 + (gn ? 1 : 2) * K; }
 };
 
 // One unit's forward and tangent-forward values for a tile, as the reverse pass needs them.
@@ -257,17 +271,18 @@ inline T times_deriv(T x, T d1, bool relu) {
 
 // Forward and tangent forward of unit r for a tile of m rows.  Reads rec.hin, rec.rho; fills the
 // rest of `rec`; writes the unit output and its tangents to h_out, rho_out when they are not null
-// (they may alias rec.hin, rec.rho).  `d1` is [m_max, d] scratch.
+// (they may alias rec.hin, rec.rho).  `d1` is [m_max, d] scratch.  tangents=false: the forward alone
+// (rec's tangents and rho_out are left untouched; the Gauss-Newton reverse pass needs none).
 template <typename T>
 void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const Record<T>& rec, T* h_out, T* rho_out,
-                  T* d1) {
+                  T* d1, bool tangents = true) {
   const int64_t n = net.n, d = net.d, K = net.K, dd = d * d;
   const int64_t md = m * d, s1 = m_max * d, sk = K * s1;
   const Acts& acts = net.acts;
   // layer 0 input (an identity's is h itself: Record::a)
   if (acts.pre != Act::Identity) {
     act_derivs<T>(acts.pre, rec.hin, md, rec.act, d1, nullptr);
-    rows_mul<T>(rec.ract, rec.rho, d1, m, K, d, false, acts.pre == Act::Relu);
+    if (tangents) rows_mul<T>(rec.ract, rec.rho, d1, m, K, d, false, acts.pre == Act::Relu);
   }
   for (int64_t l = 0; l < n; ++l) {
     const T* a = rec.a(l, acts, s1);
@@ -276,13 +291,15 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     T* rz = rec.rz + l * sk;
     const T* wt = net.wt + (r * n + l) * dd;
     gemm_nn<T>(m, d, d, a, d, wt, d, z, d, false);
-    gemm_nn<T>(m * K, d, d, ra, d, wt, d, rz, d, false);
-    gemm_nn<T>(m, K * d, d, a, d, net.vin + (r * n + l) * K * dd, K * d, rz, K * d, true);
+    if (tangents) {
+      gemm_nn<T>(m * K, d, d, ra, d, wt, d, rz, d, false);
+      gemm_nn<T>(m, K * d, d, a, d, net.vin + (r * n + l) * K * dd, K * d, rz, K * d, true);
+    }
     if (l < n - 1 && acts.mid != Act::Identity) {  // an identity's output is z itself (Record::a)
       T* a_next = rec.act + (l + 1) * s1;
       T* ra_next = rec.ract + (l + 1) * sk;
       act_derivs<T>(acts.mid, z, md, a_next, d1, nullptr);
-      rows_mul<T>(ra_next, rz, d1, m, K, d, false, acts.mid == Act::Relu);
+      if (tangents) rows_mul<T>(ra_next, rz, d1, m, K, d, false, acts.mid == Act::Relu);
     }
   }
   if (!h_out) return;
@@ -292,11 +309,13 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     if (net.shortcut) {
 #pragma omp simd
       for (int64_t i = 0; i < md; ++i) h_out[i] = rec.hin[i] + z[i];
+      if (tangents) {
 #pragma omp simd
-      for (int64_t i = 0; i < K * md; ++i) rho_out[i] = rec.rho[i] + rz[i];
+        for (int64_t i = 0; i < K * md; ++i) rho_out[i] = rec.rho[i] + rz[i];
+      }
     } else {
       std::copy(z, z + md, h_out);
-      std::copy(rz, rz + K * md, rho_out);
+      if (tangents) std::copy(rz, rz + K * md, rho_out);
     }
     return;
   }
@@ -312,6 +331,7 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
   } else {
     for (int64_t i = 0; i < md; ++i) post(i, act_apply<T>(acts.post, z[i]));
   }
+  if (!tangents) return;
   if (net.shortcut) {
     if (rho_out != rec.rho) std::copy(rec.rho, rec.rho + K * md, rho_out);
     rows_mul<T>(rho_out, rz, d1, m, K, d, true, acts.post == Act::Relu);
@@ -330,9 +350,9 @@ struct RevScratch {
 // R{gout} = R{gin} s'(z) + gin s''(z) R{z}, the second term only where s'' is not identically zero.
 template <typename T>
 void through_act(Act a, const T* z, const T* rz, const T* gin, const T* rgin, T* gout, T* rgout, int64_t m, int64_t K,
-                 int64_t d, const RevScratch<T>& ws) {
+                 int64_t d, const RevScratch<T>& ws, bool second_order) {
   const int64_t md = m * d;
-  const bool curv = has_curvature(a);
+  const bool curv = second_order && has_curvature(a);
   act_derivs<T>(a, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
   const bool relu = a == Act::Relu;
 #pragma omp simd
@@ -369,7 +389,7 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
   if (acts.post != Act::Identity) {
     const T* z = rec.z + (n - 1) * s1;
     const T* rz = rec.rz + (n - 1) * sk;
-    through_act<T>(acts.post, z, rz, g, rg, bufs[1], rbufs[1], m, K, d, ws);
+    through_act<T>(acts.post, z, rz, g, rg, bufs[1], rbufs[1], m, K, d, ws, !net.gn);
     gz = bufs[1];
     rgz = rbufs[1];
   }
@@ -378,17 +398,18 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     const T* ra = rec.ra(l, acts, sk);
     ga = bufs[free_buf];
     rga = rbufs[free_buf];
-    T* out = dw + l * (1 + 2 * K) * dd;
+    T* out = dw + l * net.blocks() * dd;
     // C = A^T B over the tile: only a and gz ([m, d]) get transposed (in gemm_tn; not at all by the
     // d = 16, K = 1 register kernel), never the K-fold tangents ([m, K, d])
     // (each requests its share of the next unit's record: `next`)
     gemm_tn<T>(d, d, m, gz, d, a, d, out, d, accumulate, ws.tscratch, next);                     // grad: gz^T a
     gemm_tn<T>(d, K * d, m, a, d, rgz, K * d, out + dd, K * d, accumulate, ws.tscratch, next);  // [i][j][o] = (R{gz}_j^T a)[o, i]
-    gemm_tn<T>(d, K * d, m, gz, d, ra, K * d, out + (1 + K) * dd, K * d, accumulate, ws.tscratch, next);  // [o][j][i]
+    if (!net.gn)
+      gemm_tn<T>(d, K * d, m, gz, d, ra, K * d, out + (1 + K) * dd, K * d, accumulate, ws.tscratch, next);  // [o][j][i]
     const T* w = net.w + (r * n + l) * dd;
     gemm_nn<T>(m, d, d, gz, d, w, d, ga, d, false);
     gemm_nn<T>(m * K, d, d, rgz, d, w, d, rga, d, false);
-    gemm_nn<T>(m, K * d, d, gz, d, net.vout + (r * n + l) * K * dd, K * d, rga, K * d, true);
+    if (!net.gn) gemm_nn<T>(m, K * d, d, gz, d, net.vout + (r * n + l) * K * dd, K * d, rga, K * d, true);
     if (l > 0) {
       if (acts.mid == Act::Identity) {  // the next layer's gz is this ga: the other pair takes its ga
         gz = ga;
@@ -396,7 +417,7 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
         free_buf = 1 - free_buf;
       } else {  // into the other pair (the old gz, done with); the next ga reuses this one
         through_act<T>(acts.mid, rec.z + (l - 1) * s1, rec.rz + (l - 1) * sk, ga, rga, bufs[1 - free_buf],
-                       rbufs[1 - free_buf], m, K, d, ws);
+                       rbufs[1 - free_buf], m, K, d, ws, !net.gn);
         gz = bufs[1 - free_buf];
         rgz = rbufs[1 - free_buf];
       }
@@ -413,7 +434,7 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     }
     return;
   }
-  const bool curv = has_curvature(acts.pre);
+  const bool curv = !net.gn && has_curvature(acts.pre);
   act_derivs<T>(acts.pre, rec.hin, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
   const bool relu = acts.pre == Act::Relu;
   for (int64_t i = 0; i < md; ++i) {
@@ -585,7 +606,7 @@ bool hvp_store_records(double mb, int64_t d) {
 
 template <typename T>
 void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
-              bool shortcut, Acts acts, Loss loss, const c10::optional<at::Tensor>& readout, at::Tensor& loss_out,
+              bool shortcut, Acts acts, Loss loss, const c10::optional<at::Tensor>& readout, bool gn, at::Tensor& loss_out,
               at::Tensor& grad_w, at::Tensor& hvps) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1), K = directions.size(0);
   const int64_t dd = d * d;
@@ -593,7 +614,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   at::Tensor vin, vout;                                  // [R, n, d_in, K, d_out], [R, n, d_out, K, d_in]
   interleave_directions<T>(directions, vin, vout);
   const Net<T> net{weights.data_ptr<T>(), wt.data_ptr<T>(), vin.data_ptr<T>(), vout.data_ptr<T>(),
-                   R, n, d, K, shortcut, acts};
+                   R, n, d, K, shortcut, acts, gn};
   const T* x_p = x.data_ptr<T>();
   const bool by_class = targets.dim() == 1;
   const T* y_p = by_class ? nullptr : targets.data_ptr<T>();
@@ -608,7 +629,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   const int64_t rec_size = Record<T>::size(n, K, m_max, d, acts);
   // units per chunk of slot buffers (~2M elements in all: they stay in cache, and a chunk costs one
   // fork/join), segment length C <= U0
-  const int64_t per_unit = n * (1 + 2 * K) * dd;
+  const int64_t per_unit = n * net.blocks() * dd;
   const int64_t U0 = std::max<int64_t>(1, (int64_t(1) << 21) / (slots * per_unit));
   int64_t C = static_cast<int64_t>(std::ceil(std::sqrt(double(R) * double(tiles_per_slot) / double(2 * n + 1))));
   // A slot's segment of records within kSegmentBytes, so that it is read back from the caches, unless its
@@ -627,7 +648,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
 
   const auto opts = x.options();
   at::Tensor ck_h = pooled_empty({store_all ? 0 : nseg, B, d}, opts);       // unit inputs at r = s * C
-  at::Tensor ck_rho = pooled_empty({store_all ? 0 : nseg, B, K, d}, opts);  // and their tangents
+  // and their tangents (not for G: its reverse pass recomputes no tangents)
+  at::Tensor ck_rho = pooled_empty({store_all || gn ? 0 : nseg, B, K, d}, opts);
   at::Tensor records = pooled_empty({store_all ? tiles * R * rec_size : 0}, opts);  // [tiles, R] records
   T* rec_p = records.data_ptr<T>();
   at::Tensor g_all = at::empty({B, d}, opts);            // carried dL/dh per row
@@ -670,7 +692,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
           for (int64_t r = 0; r < R; ++r) {
             if (r % C == 0) {
               std::copy(rec.hin, rec.hin + m * d, ckh_p + ((r / C) * B + row0) * d);
-              std::copy(rec.rho, rec.rho + m * K * d, ckr_p + ((r / C) * B + row0) * K * d);
+              if (!gn) std::copy(rec.rho, rec.rho + m * K * d, ckr_p + ((r / C) * B + row0) * K * d);
             }
             unit_forward<T>(net, r, m, m_max, rec, rec.hin, rec.rho, d1);
           }
@@ -729,7 +751,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
             for (int64_t r = std::min(R, s_hi * C) - 1; r >= s_lo * C; --r) {
               const Record<T> rec = Record<T>::at(rec_p + (t * R + r) * rec_size, n, K, m_max, d, acts);
               Prefetch next = prefetch_records && r > 0 ? Prefetch(rec_p + (t * R + r - 1) * rec_size, rec_size) : Prefetch();
-              next.parts = 3 * n;
+              next.parts = (gn ? 2 : 3) * n;
               unit_reverse<T>(net, r, m, m_max, rec, g, rg, dw + (r - r_lo) * per_unit, t != first_tile, ws, next);
             }
             continue;
@@ -738,14 +760,15 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
             const int64_t u0 = seg * C, u1 = std::min(R, u0 + C);
             Record<T> first = Record<T>::at(seg_buf, n, K, m_max, d, acts);
             std::copy(ckh_p + (seg * B + row0) * d, ckh_p + (seg * B + row0 + m) * d, first.hin);
-            std::copy(ckr_p + (seg * B + row0) * K * d, ckr_p + (seg * B + row0 + m) * K * d, first.rho);
+            if (!gn) std::copy(ckr_p + (seg * B + row0) * K * d, ckr_p + (seg * B + row0 + m) * K * d, first.rho);
             for (int64_t r = u0; r < u1; ++r) {
               const Record<T> rec = Record<T>::at(seg_buf + (r - u0) * rec_size, n, K, m_max, d, acts);
               if (r + 1 < u1) {
                 const Record<T> next = Record<T>::at(seg_buf + (r + 1 - u0) * rec_size, n, K, m_max, d, acts);
-                unit_forward<T>(net, r, m, m_max, rec, next.hin, next.rho, ws.d1);
+                // G: the unit's output alone (its tangents served pass 1's seeds only)
+                unit_forward<T>(net, r, m, m_max, rec, next.hin, gn ? nullptr : next.rho, ws.d1, !gn);
               } else {
-                unit_forward<T>(net, r, m, m_max, rec, nullptr, nullptr, ws.d1);
+                unit_forward<T>(net, r, m, m_max, rec, nullptr, nullptr, ws.d1, !gn);
               }
             }
             for (int64_t r = u1 - 1; r >= u0; --r) {
@@ -762,7 +785,8 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
     // a [d, d] buffer in cache: a strided gather straight from the chunk buffers took ~10% of a call)
     const int64_t Q = (r_hi - r_lo) * n;
     const int64_t slot_stride = U * per_unit;
-    at::parallel_for(0, Q, std::max<int64_t>(1, 4096 / ((1 + 2 * K) * dd)), [&](int64_t q0, int64_t q1) {
+    const int64_t blocks = net.blocks();
+    at::parallel_for(0, Q, std::max<int64_t>(1, 4096 / (blocks * dd)), [&](int64_t q0, int64_t q1) {
       std::vector<T> h1t(dd);
       // dst[c] = sum over slots s (in order) of src[s * slot_stride + c], c < count
       const auto sum_slots = [&](const T* src, int64_t count, T* dst) {
@@ -776,13 +800,16 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
       constexpr int64_t blk = 16;
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t rl = r_lo * n + q;  // flat (unit, layer) index
-        const T* src0 = partial + q * (1 + 2 * K) * dd;
+        const T* src0 = partial + q * blocks * dd;
         sum_slots(src0, dd, gw_p + rl * dd);
         const T* h1 = src0 + dd;            // [d_in][K][d_out]
-        const T* h2 = src0 + (1 + K) * dd;  // [d_out][K][d_in]
+        const T* h2 = src0 + (1 + K) * dd;  // [d_out][K][d_in] (not for G)
         for (int64_t j = 0; j < K; ++j) {
           T* hout = hv_p + (j * R * n + rl) * dd;
-          for (int64_t o = 0; o < d; ++o) sum_slots(h2 + (o * K + j) * d, d, hout + o * d);
+          if (gn)
+            std::fill(hout, hout + dd, T(0));
+          else
+            for (int64_t o = 0; o < d; ++o) sum_slots(h2 + (o * K + j) * d, d, hout + o * d);
           for (int64_t i = 0; i < d; ++i) sum_slots(h1 + (i * K + j) * d, d, h1t.data() + i * d);
           for (int64_t o0 = 0; o0 < d; o0 += blk)
             for (int64_t i0 = 0; i0 < d; i0 += blk)
@@ -794,13 +821,13 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_or_ggn_cpu(
     const at::Tensor& x_arg,       // [B, d]
     const at::Tensor& weights_arg,  // [R, n, d, d]
     const at::Tensor& targets_arg,  // [B, q], or [B] int64 class indices (cross_entropy); q = d without a read-out
     const at::Tensor& directions_arg,  // [k, R, n, d, d]
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
-    c10::string_view loss_name, const c10::optional<at::Tensor>& readout_arg) {
+    c10::string_view loss_name, const c10::optional<at::Tensor>& readout_arg, bool gn) {
   const StackShape s = check_stack(x_arg, weights_arg, "x");
   const Acts acts{parse_activation("act_pre", act_pre), parse_activation("act_mid", act_mid),
                   parse_activation("act_post", act_post)};
@@ -820,9 +847,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
     return {loss_out, grad_w, hvps};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cpu", [&] {
-    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, readout, loss_out, grad_w, hvps);
+    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, readout, gn, loss_out, grad_w, hvps);
   });
   return {loss_out, grad_w, hvps};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
+    const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
+    bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
+    c10::string_view loss, const c10::optional<at::Tensor>& readout) {
+  return hvp_or_ggn_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, false);
+}
+
+// G V = J^T H_l J V (the generalised Gauss-Newton products): the same loss and gradient, the products
+// without the net's second derivatives.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_ggn_cpu(
+    const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
+    bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
+    c10::string_view loss, const c10::optional<at::Tensor>& readout) {
+  return hvp_or_ggn_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, true);
 }
 
 }  // namespace
@@ -837,6 +880,9 @@ CpuSchedule cpu_hvp_schedule(int64_t B, int64_t d, int64_t R, int64_t n, int64_t
   return {m_max, tiles, std::min(P, tiles), 0};
 }
 
-TORCH_LIBRARY_IMPL(shortcut_ext, CPU, m) { m.impl("residual_stack_hvp", &residual_stack_hvp_cpu); }
+TORCH_LIBRARY_IMPL(shortcut_ext, CPU, m) {
+  m.impl("residual_stack_hvp", &residual_stack_hvp_cpu);
+  m.impl("residual_stack_ggn", &residual_stack_ggn_cpu);
+}
 
 }  // namespace shortcut_ext

@@ -28,15 +28,21 @@ read-out) and ``l(z, y)`` the per-sample loss,
 
     H = G + F,   G = J^T H_l J  (the generalised Gauss-Newton matrix, GGN),   F = sum_i dl/dz_i . d2 z_i / dw2,
 
-``J = dz/dw``, ``H_l = d2 l / dz2`` (``I / m`` for mse; ``(diag(s) - s s^T) / m`` for softmax cross-entropy,
-``s = softmax(z)``).  ``G`` is positive semi-definite and is what Gauss-Newton, natural-gradient and K-FAC
-methods see; ``F`` (the "functional Hessian", Singh et al. 2021) carries every negative eigenvalue.  ``F`` is
-linear in the residual ``dl/dz``, which is zero where the targets are the network's own predictions (``y = z``
-under mse, ``y = softmax(z)`` as probabilities under cross-entropy, whose ``H_l`` does not depend on ``y``), so
-``G`` is the Hessian with those targets.  The ``"fused"`` and ``"autograd"`` backends compute ``G v`` so (one
-fused call per product, like ``H v``; the targets come from the same backend's forward, so the residual is zero
-to rounding on the fused path and exactly on the autograd one); ``"func"`` computes ``J^T (H_l (J v))``
-directly (``jvp`` and ``vjp`` of the outputs).  ``F v = H v - G v`` (two products each).  At an n-shortcut
+``J = dz/dw``, ``H_l = d2 l / dz2`` (``I / m`` for mse; ``c_i (diag(s) - s s^T) / m`` for softmax
+cross-entropy, ``s = softmax(z)``, ``c_i`` the sum of sample i's target probabilities, 1 for class indices).
+``G`` is positive semi-definite and is what Gauss-Newton, natural-gradient and K-FAC methods see; ``F`` (the
+"functional Hessian", Singh et al. 2021) carries every negative eigenvalue.  How each backend computes ``G v``:
+
+- ``"fused"`` on the CPU: the Gauss-Newton kernel (:func:`shortcut_ext.residual_stack_ggn`), the R-operator
+  without the net's second derivatives: one call, about half an ``H v``'s arithmetic at many directions.
+- ``"fused"`` on CUDA and ``"autograd"``: ``F`` is linear in the residual ``dl/dz``, which is zero where the
+  targets are the network's own predictions (``y = z`` under mse, ``c_i softmax(z)`` as probabilities under
+  cross-entropy, whose ``H_l`` depends on ``y`` through ``c_i`` alone), so ``G`` is the Hessian with those
+  targets: one HVP call per product, the targets from the same backend's forward (the residual is zero to
+  rounding on the fused path, exactly on the autograd one).
+- ``"func"``: ``J^T (H_l (J v))`` directly (``jvp`` and ``vjp`` of the outputs).
+
+``F v = H v - G v`` (two products each).  At an n-shortcut
 net's zero point with n >= 2 (and a plain net's of depth >= 2) ``J = 0``, so ``G = 0``: the whole zero-point
 Hessian of Theorem 1 is ``F`` (docs/science.md).
 """
@@ -284,9 +290,11 @@ class HessianOperator:
                 self._kernel_readout = self._readout
             elif self._readout is not None:
                 self._target_map = self._readout
-        # the GGN's targets: each batch's own predictions (zero residual), in the form the products take them
-        self._ggn_y = None if self.matrix == "hessian" or self.backend_used == "func" else [
-            self._prediction_targets(h0) for h0, _, _ in self._batches]
+        # the GGN's targets: each batch's own predictions (zero residual), in the form the products take them,
+        # where G is a Hessian at other targets (not the func backend's J^T H_l J, nor the CPU's GGN kernel)
+        self._ggn_kernel = self.backend_used == "fused" and self.device.type == "cpu"
+        self._ggn_y = None if self.matrix == "hessian" or self.backend_used == "func" or self._ggn_kernel else [
+            self._prediction_targets(h0, y) for h0, y, _ in self._batches]
         self.num_products = 0
 
     # ------------------------------------------------------------------ checks and helpers
@@ -380,17 +388,16 @@ class HessianOperator:
     def _read(self, h):
         return h if self._readout is None else h @ self._readout.T
 
-    def _prediction_targets(self, h0) -> torch.Tensor:
+    def _prediction_targets(self, h0, y) -> torch.Tensor:
         """Targets that make the loss's residual zero at the operator's weights, so that the Hessian with them
-        is the GGN: the outputs (mse) or their softmax (cross-entropy, as probabilities), from the forward of
-        the backend that computes the products (the same bits where it is the same computation)."""
+        is the GGN (:func:`shortcut_ext.ops.prediction_targets` of the outputs, from the forward of the backend
+        that computes the products: the same bits where it is the same computation)."""
         with torch.no_grad(), _exact(self._W):
             fused = self.backend_used == "fused"
             h = ops.residual_stack(h0, self._W, self.shortcut, *self.activations, backend="fused" if fused else "torch")
             if fused and self._target_map is not None:  # the products' loss is that of h itself (targets y P)
                 return h
-            z = self._read(h)  # what the products' loss compares with its targets
-            return z if self.loss == "mse" else torch.softmax(z, dim=1)
+            return ops.prediction_targets(self._read(h), y, self.loss)  # z: what the loss compares with targets
 
     def _forward_loss(self, w4, h0, y, backend="torch"):
         h = ops.residual_stack(h0, w4, self.shortcut, *self.activations, backend=backend)
@@ -446,7 +453,9 @@ class HessianOperator:
         if self.matrix == "hessian":
             return fn(h0, y, D)
         if self.backend_used == "func":
-            g = self._ggn_func(h0, D)
+            g = self._ggn_func(h0, y, D)
+        elif self._ggn_kernel:
+            g = self._ggn_fused(h0, y, D)
         else:  # the Hessian at the batch's own predictions
             g = fn(h0, self._ggn_y[i], D, mapped=True)
         return g if self.matrix == "ggn" else fn(h0, y, D).sub_(g)
@@ -457,6 +466,13 @@ class HessianOperator:
         _, _, hv = ops.residual_stack_hvp(h0, self._W, y, D.contiguous(), self.shortcut, *self.activations,
                                           loss=self.loss, backend="fused", readout=self._kernel_readout)
         return hv
+
+    def _ggn_fused(self, h0, y, D):
+        if self._target_map is not None:  # as _hvp_fused: ||P h - y||^2 = ||h - y P||^2 + a constant, same G
+            y = y @ self._target_map
+        _, _, gv = ops.residual_stack_ggn(h0, self._W, y, D.contiguous(), self.shortcut, *self.activations,
+                                          loss=self.loss, backend="fused", readout=self._kernel_readout)
+        return gv
 
     def _hvp_autograd(self, h0, y, D, mapped=False):
         w = self._W.detach().requires_grad_(True)
@@ -488,7 +504,7 @@ class HessianOperator:
 
         return vmap(hvp)(D)
 
-    def _ggn_func(self, h0, D):
+    def _ggn_func(self, h0, y, D):
         """``G D = J^T H_l J D`` directly: ``jvp`` of the outputs, the loss's Hessian in the outputs, ``vjp``."""
         from torch.func import jvp, vjp, vmap
 
@@ -500,10 +516,11 @@ class HessianOperator:
 
         z, back = vjp(outputs, self._W)
         s = torch.softmax(z, dim=1) if self.loss == "cross_entropy" else None
+        c = 1.0 if s is None or y.dim() == 1 else y.sum(dim=1, keepdim=True)  # the targets' mass per sample
 
         def one(v):
             jv = jvp(outputs, (self._W,), (v,))[1]  # [B, q]
-            u = jv if s is None else s * jv - s * (s * jv).sum(dim=1, keepdim=True)  # H_l (J v), times m
+            u = jv if s is None else c * (s * jv - s * (s * jv).sum(dim=1, keepdim=True))  # H_l (J v), times m
             return back(u / m)[0]
 
         return vmap(one)(D)
@@ -640,15 +657,15 @@ def dense_ggn_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.fl
     """Reference: the full-data generalised Gauss-Newton matrix ``G = (1/m) sum_i J_i^T H_l,i J_i`` ``[P, P]``.
 
     ``J_i = dz_i/dw`` by ``torch.func.jacrev`` of the model's own ``forward_with`` (torch backend), ``H_l,i`` the
-    loss's Hessian in sample i's outputs times ``m`` (``I`` for mse, ``diag(s) - s s^T`` for cross-entropy).
-    Built apart from :class:`HessianOperator` (which gets ``G`` as the Hessian at the predictions), for tests
-    and tiny nets only.  ``dense_hessian_func(...) - dense_ggn_func(...)`` is the functional part ``F``.
+    loss's Hessian in sample i's outputs times ``m`` (``I`` for mse, ``c_i (diag(s) - s s^T)`` for cross-entropy,
+    ``c_i`` the sum of sample i's target probabilities, 1 for class indices).  Built apart from
+    :class:`HessianOperator`, for tests and tiny nets only.  ``dense_hessian_func(...) - dense_ggn_func(...)`` is the functional part ``F``.
     """
     from torch.func import jacrev
 
     net, w0, batches, m = _dense_reference_setup(model, data, loss, dtype)
     G = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
-    for x, _ in batches:
+    for x, y in batches:
         x = x.to(device=w0.device, dtype=dtype)
         z = net.forward_with(w0, x, backend="torch")  # [B, q]
         J = jacrev(lambda w, x=x: net.forward_with(w, x, backend="torch"))(w0)  # [B, q, P]
@@ -656,6 +673,7 @@ def dense_ggn_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.fl
             HJ = J
         else:
             s = torch.softmax(z, dim=1).unsqueeze(2)  # [B, q, 1]
-            HJ = s * J - s * (s * J).sum(dim=1, keepdim=True)
+            c = 1.0 if y.dim() == 1 else y.to(device=z.device, dtype=dtype).sum(dim=1).reshape(-1, 1, 1)
+            HJ = c * (s * J - s * (s * J).sum(dim=1, keepdim=True))
         G += torch.einsum("bqp,bqr->pr", J, HJ) / m
     return G
