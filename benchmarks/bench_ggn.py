@@ -4,13 +4,14 @@ Problem (as ``bench_hvp.py``): 2-shortcut net, ReLU at the mid position, d = 16,
 float32, 2 threads, "small" init (scale 0.05), mse.  ``matmat`` of ``k`` in {1, 16} random directions, each
 timed as a whole call.  Variants:
 
-- ``fused``: the fused Gauss-Newton kernel (``residual_stack_ggn``: the R-operator without the net's second
-  derivatives, no tangent recompute in the reverse pass);
+- ``fused``: the fused kernel's Gauss-Newton part (``residual_stack_hvp(..., matrix="ggn")``: the R-operator
+  without the net's second derivatives, no tangent recompute in the reverse pass);
 - ``fused_hvp``: the fused HVP kernel at the batch's own predictions (zero residual: the Hessian there is ``G``),
   what the CUDA path runs and what the CPU ran before the Gauss-Newton kernel;
 - ``func``: ``torch.func`` ``J^T (H_l (J v))`` directly (``jvp`` of the outputs, ``vmap``-ed, then one ``vjp``);
 - ``autograd``: double backward at the predictions, ``is_grads_batched`` over the directions;
-- ``hessian_fused``: the Hessian's own fused product, for the cost of ``G`` beside ``H``.
+- ``hessian_fused``: the Hessian's own fused product, for the cost of ``G`` beside ``H``;
+- ``functional_fused``: the other part, ``F = H - G``, fused in one call (the R-operator with a zero output seed).
 
 Every variant is checked against ``func`` before it is timed.  Times are medians of 5 calls per product
 (time / k), with the ratio of each pure-PyTorch variant to ``fused`` measured in the same run.
@@ -35,7 +36,7 @@ from shortcut_ext.curvature import HessianOperator  # noqa: E402
 from shortcut_ext.curvature.hessian import fused_hvp_available  # noqa: E402
 from shortcut_ext.models import ShortcutNet  # noqa: E402
 
-VARIANTS = ("fused", "fused_hvp", "func", "autograd", "hessian_fused")
+VARIANTS = ("fused", "fused_hvp", "func", "autograd", "hessian_fused", "functional_fused")
 UNITS = (128, 1024)
 KS = (1, 16)
 WIDTH, BATCH = 16, 512
@@ -47,8 +48,11 @@ def make_operators(units: int, k: int):
     X = torch.randn(BATCH, WIDTH, generator=g)
     Y = X @ torch.randn(WIDTH, WIDTH, generator=g) / WIDTH ** 0.5 + 0.1 * torch.randn(BATCH, WIDTH, generator=g)
     V = torch.randn(net.weight.numel(), k, generator=g)
-    ops = {v: HessianOperator(net, (X, Y), backend=v.replace("hessian_", "").replace("_hvp", ""),
-                              matrix="hessian" if v.startswith("hessian") else "ggn") for v in VARIANTS}
+    # variant: (backend, matrix)
+    kinds = {"fused": ("fused", "ggn"), "fused_hvp": ("fused", "ggn"), "func": ("func", "ggn"),
+             "autograd": ("autograd", "ggn"), "hessian_fused": ("fused", "hessian"),
+             "functional_fused": ("fused", "functional")}
+    ops = {v: HessianOperator(net, (X, Y), backend=kinds[v][0], matrix=kinds[v][1]) for v in VARIANTS}
     if ops["fused"].backend_used != "fused":
         return None, V
     hvp_path = ops["fused_hvp"]  # the operator's CUDA path, taken on the CPU: the HVP kernel at the predictions
@@ -59,6 +63,10 @@ def make_operators(units: int, k: int):
         err = float((ops[v].matmat(V) - ref).abs().max() / ref.abs().max())
         if not err <= 1e-4:  # (a nan is never greater than anything)
             raise AssertionError(f"R={units}, k={k}: {v} and func Gauss-Newton products differ by {err:.2g}")
+    hv = ops["hessian_fused"].matmat(V)
+    err = float((ops["functional_fused"].matmat(V) - (hv - ref)).abs().max() / hv.abs().max())
+    if not err <= 1e-4:
+        raise AssertionError(f"R={units}, k={k}: the fused F and H - G products differ by {err:.2g}")
     return ops, V
 
 
@@ -75,9 +83,10 @@ def main() -> int:
             reps = 5 if v != "autograd" or units < 1024 else 3
             med[v] = statistics.median(common.call_times(lambda v=v: ops[v].matmat(V), reps)) / k * 1e3
         print(f"R = {units}, k = {k}: ms per product  " + "  ".join(f"{v} {med[v]:.2f}" for v in VARIANTS)
-              + "  |  fused_hvp / fused {:.2f}x, func / fused {:.1f}x, autograd / fused {:.1f}x, fused G / fused H {:.2f}"
-              .format(med["fused_hvp"] / med["fused"], med["func"] / med["fused"], med["autograd"] / med["fused"],
-                      med["fused"] / med["hessian_fused"]))
+              + "  |  fused_hvp / fused {:.2f}x, func / fused {:.1f}x, autograd / fused {:.1f}x, fused G / fused H {:.2f}, "
+              "fused F / fused H {:.2f}".format(med["fused_hvp"] / med["fused"], med["func"] / med["fused"],
+                                                med["autograd"] / med["fused"], med["fused"] / med["hessian_fused"],
+                                                med["functional_fused"] / med["hessian_fused"]))
     return 0
 
 

@@ -32,11 +32,12 @@ TORCH_LIBRARY(shortcut_ext, m) {
   // f P^T with targets [B, q] (or class indices in [0, q))
   m.def("residual_stack_hvp(Tensor x, Tensor weights, Tensor targets, Tensor directions, bool shortcut, "
         "str act_pre, str act_mid, str act_post, str loss, Tensor? readout=None) -> (Tensor, Tensor, Tensor)");
-  // -> (loss [], grad [R, n, d, d], ggn [k, R, n, d, d]): residual_stack_hvp's arguments and first two outputs,
-  // the products with the generalised Gauss-Newton matrix G = J^T H_l J instead of the Hessian (CPU only: on
-  // CUDA, shortcut_ext.residual_stack_ggn takes residual_stack_hvp at the outputs' own targets)
-  m.def("residual_stack_ggn(Tensor x, Tensor weights, Tensor targets, Tensor directions, bool shortcut, "
-        "str act_pre, str act_mid, str act_post, str loss, Tensor? readout=None) -> (Tensor, Tensor, Tensor)");
+  // -> (loss [], grad [R, n, d, d], products [k, R, n, d, d]): residual_stack_hvp's, the products with one part
+  // of the Hessian H = G + F: matrix "ggn" (the generalised Gauss-Newton matrix G = J^T H_l J), "functional"
+  // (F = H - G) or "hessian".  CPU only: on CUDA, shortcut_ext.residual_stack_hvp(..., matrix=) takes
+  // residual_stack_hvp at the outputs' own targets.
+  m.def("residual_stack_hvp_part(Tensor x, Tensor weights, Tensor targets, Tensor directions, bool shortcut, "
+        "str act_pre, str act_mid, str act_post, str loss, str matrix, Tensor? readout=None) -> (Tensor, Tensor, Tensor)");
 }
 
 // residual_stack_hvp's outputs are values, not differentiable functions of its inputs: a backward
@@ -44,7 +45,7 @@ TORCH_LIBRARY(shortcut_ext, m) {
 // silently giving no gradient (shortcut_ext.residual_stack_hvp passes detached inputs anyway).
 TORCH_LIBRARY_IMPL(shortcut_ext, Autograd, m) {
   m.impl("residual_stack_hvp", torch::autograd::autogradNotImplementedFallback());
-  m.impl("residual_stack_ggn", torch::autograd::autogradNotImplementedFallback());
+  m.impl("residual_stack_hvp_part", torch::autograd::autogradNotImplementedFallback());
 }
 
 #ifndef SHORTCUT_EXT_TORCH_VERSION

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ._build import NotBuiltError, build_info, is_built
 from .models import PlainNet, ShortcutNet
-from .ops import cache_stats, cuda_tf32, empty_cache, residual_stack, residual_stack_ggn, residual_stack_hvp
+from .ops import cache_stats, cuda_tf32, empty_cache, residual_stack, residual_stack_hvp
 from .reference import ACTIVATIONS, LOSSES
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "empty_cache",
     "is_built",
     "residual_stack",
-    "residual_stack_ggn",
     "residual_stack_hvp",
 ]
 __version__ = "0.1.0"

@@ -411,6 +411,9 @@ def _save_layers(x: torch.Tensor, weights: torch.Tensor, recompute: bool | None)
     return R * n * x.shape[0] * x.shape[1] * x.element_size() <= budget_mb * 2**20
 
 
+MATRICES = ("hessian", "ggn", "functional")
+
+
 def residual_stack_hvp(
     x: torch.Tensor,  # [B, d]
     weights: torch.Tensor,  # [R, n, d, d]
@@ -423,6 +426,7 @@ def residual_stack_hvp(
     loss: str = "mse",
     backend: str | None = None,
     readout: torch.Tensor | None = None,  # [q, d]
+    matrix: str = "hessian",
 ):
     """Loss, gradient ``[R, n, d, d]`` and ``k`` Hessian-vector products ``[k, R, n, d, d]``.
 
@@ -433,59 +437,26 @@ def residual_stack_hvp(
     that of ``residual_stack(x, weights) @ P.T``, with targets ``[B, q]`` or class indices in ``[0, q)``.
     ``P`` is a constant (no gradient or product for it).  The fused kernels take it on both backends.
 
+    ``matrix``: the products with the Hessian (``"hessian"``) or with one of its two parts ``H = G + F``:
+    ``"ggn"``, the generalised Gauss-Newton matrix ``G = J^T H_l J`` (``J`` the Jacobian of the outputs after
+    ``readout``, ``H_l`` the loss's Hessian in them: ``I / m`` for mse, ``c_i (diag(p_i) - p_i p_i^T) / m`` for
+    cross-entropy with ``p_i`` the softmax and ``c_i`` the mass of sample i's target row, 1 for class indices),
+    or ``"functional"``, ``F = H - G`` (the net's second derivatives weighted by the residual ``dl/dz``).  The
+    loss and gradient are the loss's either way.  On the CPU the fused kernel computes either part in one call:
+    ``G`` without the net's second derivatives (no tangent recompute in the reverse pass: about ``4 + 4k`` small
+    GEMMs a layer against ``4 + 8k``), ``F`` with the output's tangent seed ``H_l J v`` set to zero (an ``H``
+    product's cost).  On CUDA (no kernel of its own yet) ``G`` is the HVP kernel at the outputs' own targets
+    (:func:`prediction_targets`: the residual, and so ``F``, is zero there to rounding) after a fused forward and
+    backward for the loss and gradient, and ``F = H - G``.  ``backend="torch"``: ``G`` by ``torch.func.jvp`` of
+    the outputs and one ``vjp`` per direction, ``F`` as the double-backward ``H`` less that.
+
     The outputs are values, detached from the inputs (they never require grad): a loss built on them
     (``L + penalty``, ``v^T H v`` as a sharpness term) gets no gradient through them from autograd, and
     ``torch.func.grad`` / ``jvp`` and forward-mode AD through this function raise.  ``torch.func.vmap``
     over it runs the fused kernel once per slice (``backend="torch"`` cannot run under vmap).
     """
-    return _second_order("residual_stack_hvp", x, weights, targets, directions, shortcut, act_pre, act_mid,
-                         act_post, loss, backend, readout)
-
-
-def residual_stack_ggn(
-    x: torch.Tensor,  # [B, d]
-    weights: torch.Tensor,  # [R, n, d, d]
-    targets: torch.Tensor,  # [B, d], or [B] class indices with loss="cross_entropy"
-    directions: torch.Tensor,  # [k, R, n, d, d]
-    shortcut: bool = True,
-    act_pre: str = "identity",
-    act_mid: str = "identity",
-    act_post: str = "identity",
-    loss: str = "mse",
-    backend: str | None = None,
-    readout: torch.Tensor | None = None,  # [q, d]
-):
-    """Loss, gradient ``[R, n, d, d]`` and ``k`` generalised Gauss-Newton products ``G v`` ``[k, R, n, d, d]``.
-
-    ``G = J^T H_l J``: ``J`` the Jacobian of the outputs (after ``readout``) w.r.t. ``weights``, ``H_l`` the
-    loss's Hessian in the outputs (``I / m`` for mse; ``c_i (diag(p_i) - p_i p_i^T) / m`` for cross-entropy,
-    ``p_i = softmax``, ``c_i`` the sum of sample i's target probabilities, 1 for class indices).  It is the
-    Hessian of :func:`residual_stack_hvp` less the net's second derivatives (the functional part ``F = H - G``).
-    Arguments, checks and the loss and gradient are :func:`residual_stack_hvp`'s.
-
-    ``backend="fused"`` on the CPU: one kernel call that keeps of the R-operator's tangent backward only the
-    loss-curvature terms, so it needs no tangent recompute (about ``4 + 4k`` instead of ``4 + 8k`` small GEMMs
-    per layer).  On CUDA the fused path is ``residual_stack_hvp``'s kernel at the outputs' own targets (the
-    residual, and with it ``F``, is then zero to rounding), plus a fused forward for those targets.
-    ``backend="torch"``: ``torch.func.jvp`` of the outputs, ``H_l``, one ``vjp`` per direction.
-    """
-    return _second_order("residual_stack_ggn", x, weights, targets, directions, shortcut, act_pre, act_mid,
-                         act_post, loss, backend, readout)
-
-
-def prediction_targets(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
-    """Targets at which the loss's residual at ``outputs [B, q]`` is zero and its Hessian in the outputs is that
-    of ``targets``: the Hessian there is the Gauss-Newton matrix.  mse: the outputs; cross-entropy: ``c_i
-    softmax(outputs_i)`` as probabilities, ``c_i`` the sum of sample i's target probabilities (1 for class
-    indices), since the loss's Hessian in the outputs is ``c_i (diag(p) - p p^T)``."""
-    if loss == "mse":
-        return outputs
-    p = torch.softmax(outputs, dim=1)
-    return p if targets.dim() == 1 else p * targets.to(p.dtype).sum(dim=1, keepdim=True)
-
-
-def _second_order(op, x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, backend, readout):
-    """``residual_stack_hvp`` / ``residual_stack_ggn``: the shared checks, then the fused kernel or the reference."""
+    if not isinstance(matrix, str) or matrix not in MATRICES:
+        raise ValueError(f"matrix must be one of {', '.join(MATRICES)}, got {matrix!r}")
     for arg, name in (("act_pre", act_pre), ("act_mid", act_mid), ("act_post", act_post)):
         check_activation(arg, name)
     if loss not in LOSSES:
@@ -508,7 +479,7 @@ def _second_order(op, x, weights, targets, directions, shortcut, act_pre, act_mi
         _check_dense(x=x, weights=weights, targets=targets, directions=directions,
                      **({} if readout is None else {"readout": readout}))
     targets = check_hvp_targets(x, targets, loss, q=None if readout is None else readout.shape[0])
-    _refuse_transforms(_HVP_NOT_DIFFERENTIABLE.replace("residual_stack_hvp", op), x, weights, targets, directions,
+    _refuse_transforms(_HVP_NOT_DIFFERENTIABLE, x, weights, targets, directions,
                        *(() if readout is None else (readout,)))
     # the products are values, not functions of the inputs to differentiate further: detached outputs
     # (they do not require grad, like .item()'s), and the torch.func transforms are refused above
@@ -516,37 +487,53 @@ def _second_order(op, x, weights, targets, directions, shortcut, act_pre, act_mi
     if readout is not None:
         readout = readout.detach()
     lib = torch.ops.shortcut_ext
-    if backend == "fused" and hasattr(lib, op):
+    if backend == "fused" and hasattr(lib, "residual_stack_hvp"):
         args = (x.contiguous(), weights.contiguous(), targets.contiguous(), directions.contiguous(),
-                shortcut, act_pre, act_mid, act_post, loss, None if readout is None else readout.contiguous())
-        if op == "residual_stack_hvp" or x.device.type != "cuda":
-            return getattr(lib, op)(*args)
-        return _ggn_by_hvp_kernel(*args)
+                shortcut, act_pre, act_mid, act_post, loss)
+        P = None if readout is None else readout.contiguous()
+        if matrix == "hessian":
+            return lib.residual_stack_hvp(*args, P)
+        if x.device.type != "cuda" and hasattr(lib, "residual_stack_hvp_part"):
+            return lib.residual_stack_hvp_part(*args, matrix, P)
+        return _part_by_hvp_kernel(*args, P, matrix)
     stack = () if torch.compiler.is_compiling() else (torch._C._functorch.get_interpreter_stack() or ())
     if stack:
         names = ", ".join(i.key().name.lower() for i in stack)
         raise NotImplementedError(
-            f"{op}(backend='torch') runs autograd inside, which cannot run under a torch.func "
-            f"transform (here: {names}); use backend='fused' (built here: " + str(hasattr(lib, op))
-            + "), or batch the directions [k, ...] in one call")
+            f"residual_stack_hvp(backend='torch') runs autograd inside, which cannot run under a torch.func "
+            f"transform (here: {names}); use backend='fused' (built here: "
+            + str(hasattr(lib, "residual_stack_hvp")) + "), or batch the directions [k, ...] in one call")
     with autocast_off(x):
-        return getattr(reference, op)(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss,
-                                      readout)
+        return reference.residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post,
+                                            loss, readout, matrix)
 
 
-def _ggn_by_hvp_kernel(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout):
-    """``residual_stack_ggn`` on CUDA (no kernel of its own there): the loss and gradient by the fused forward and
-    backward, the products by the HVP kernel at the outputs' own targets (:func:`prediction_targets`)."""
+def prediction_targets(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    """Targets at which the loss's residual at ``outputs [B, q]`` is zero and its Hessian in the outputs is that
+    of ``targets``: the Hessian there is the Gauss-Newton matrix.  mse: the outputs; cross-entropy: ``c_i
+    softmax(outputs_i)`` as probabilities, ``c_i`` the mass of sample i's target row (1 for class indices),
+    since the loss's Hessian in the outputs is ``c_i (diag(p) - p p^T)``."""
+    if loss == "mse":
+        return outputs
+    p = torch.softmax(outputs, dim=1)
+    return p if targets.dim() == 1 else p * targets.to(p.dtype).sum(dim=1, keepdim=True)
+
+
+def _part_by_hvp_kernel(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout,
+                        matrix):
+    """``G`` or ``F`` products where no kernel of their own runs (CUDA): the loss and gradient by the fused forward
+    and backward, ``G`` by the HVP kernel at the outputs' own targets (:func:`prediction_targets`), ``F`` as the
+    HVP kernel's ``H`` (at the true targets) less that."""
     w = weights.detach().requires_grad_(True)
     with torch.enable_grad():
         f = residual_stack(x, w, shortcut, act_pre, act_mid, act_post, backend="fused")
         z = f if readout is None else f @ readout.T
         L = reference.loss_fn(loss, z, targets)
         (g,) = torch.autograd.grad(L, w)
-    _, _, gv = torch.ops.shortcut_ext.residual_stack_hvp(
-        x, weights, prediction_targets(z.detach(), targets, loss).contiguous(), directions, shortcut, act_pre,
-        act_mid, act_post, loss, readout)
-    return L.detach(), g.detach(), gv
+    hvp = torch.ops.shortcut_ext.residual_stack_hvp
+    rest = (directions, shortcut, act_pre, act_mid, act_post, loss, readout)
+    gv = hvp(x, weights, prediction_targets(z.detach(), targets, loss).contiguous(), *rest)[2]
+    return L.detach(), g.detach(), gv if matrix == "ggn" else hvp(x, weights, targets, *rest)[2].sub_(gv)
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -731,11 +718,11 @@ def _register() -> None:
                          **({} if readout is None else {"readout": readout}))
             return x.new_empty(()), weights.new_empty(weights.shape), directions.new_empty(directions.shape)
 
-    if hasattr(lib, "residual_stack_ggn"):
+    if hasattr(lib, "residual_stack_hvp_part"):
 
-        @torch.library.register_fake(f"{_LIB}::residual_stack_ggn")
-        def _(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout=None):
-            _same_device("residual_stack_ggn", x=x, weights=weights, targets=targets, directions=directions,
+        @torch.library.register_fake(f"{_LIB}::residual_stack_hvp_part")
+        def _(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, matrix, readout=None):
+            _same_device("residual_stack_hvp_part", x=x, weights=weights, targets=targets, directions=directions,
                          **({} if readout is None else {"readout": readout}))
             return x.new_empty(()), weights.new_empty(weights.shape), directions.new_empty(directions.shape)
 
@@ -749,5 +736,5 @@ if _C is not None:
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "BUILD_HINT", "cache_stats", "default_backend", "empty_cache", "residual_stack",
-    "residual_stack_ggn", "residual_stack_hvp",
+    "residual_stack_hvp",
 ]

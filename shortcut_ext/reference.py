@@ -123,9 +123,21 @@ def residual_stack_hvp(
     act_post: str = "identity",
     loss: str = "mse",
     readout: torch.Tensor | None = None,  # [q, d]: the loss is then of out @ readout.T, targets [B, q]
+    matrix: str = "hessian",
 ):
     """Reference loss, gradient ``[R, n, d, d]`` and Hessian-vector products ``[k, R, n, d, d]``
-    by double backward.  With a frozen ``readout`` ``P [q, d]`` the loss is that of ``f P^T``."""
+    by double backward.  With a frozen ``readout`` ``P [q, d]`` the loss is that of ``f P^T``.
+    ``matrix="ggn"``: the products with the Gauss-Newton part ``G = J^T H_l J`` instead (:func:`ggn_products`);
+    ``"functional"``: with ``F = H - G``."""
+    if matrix != "hessian":
+        L, g, gv = ggn_products(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout)
+        if matrix == "ggn":
+            return L, g, gv
+        if matrix != "functional":
+            raise ValueError(f"matrix must be one of hessian, ggn, functional, got {matrix!r}")
+        _, _, hv = residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss,
+                                      readout)
+        return L, g, hv - gv
     with torch.inference_mode(False), torch.enable_grad():
         # inference tensors (made under torch.inference_mode) cannot enter autograd: normal copies
         x, weights, targets, directions = (t.clone() if t.is_inference() else t
@@ -146,7 +158,7 @@ def residual_stack_hvp(
     return L.detach(), g.detach(), hv.detach()
 
 
-def residual_stack_ggn(
+def ggn_products(
     x: torch.Tensor,  # [B, d]
     weights: torch.Tensor,  # [R, n, d, d]
     targets: torch.Tensor,  # [B, d] (or [B] class indices for cross_entropy)

@@ -1492,10 +1492,11 @@ def test_cuda_gauss_newton_and_functional_parts_match_cpu(loss):
 
 @needs_cuda
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_cuda_residual_stack_ggn_matches_the_cpu_kernel(loss):
-    """shortcut_ext.residual_stack_ggn on a GPU (no Gauss-Newton kernel there: the fused forward and backward for
-    the loss and gradient, the HVP kernel at the outputs' own targets for the products) against the CPU's
-    Gauss-Newton kernel, with a read-out and, under cross-entropy, targets whose rows do not sum to 1."""
+def test_cuda_hvp_parts_match_the_cpu_kernel(loss):
+    """shortcut_ext.residual_stack_hvp(..., matrix="ggn" | "functional") on a GPU (no kernel of their own there:
+    the fused forward and backward for the loss and gradient, the HVP kernel at the outputs' own targets for G, H
+    less that for F) against the CPU's kernel, with a read-out and, under cross-entropy, targets whose rows do not
+    sum to 1."""
     g = torch.Generator().manual_seed(11)
     B, d, q, R, n, K = 40, 6, 4, 5, 2, 3
     x = torch.randn(B, d, generator=g, dtype=torch.float64)
@@ -1505,12 +1506,13 @@ def test_cuda_residual_stack_ggn_matches_the_cpu_kernel(loss):
     y = torch.randn(B, q, generator=g, dtype=torch.float64) if loss == "mse" else \
         2 * torch.rand(B, q, generator=g, dtype=torch.float64)
     acts = ("tanh", "relu", "ssigmoid")
-    want = torch.ops.shortcut_ext.residual_stack_ggn(x, w, y, v, True, *acts, loss, P)
-    got = shortcut_ext.residual_stack_ggn(*(t.to(GPU) for t in (x, w, y, v)), True, *acts, loss=loss,
-                                          backend="fused", readout=P.to(GPU))
-    for name, a, b in zip(("loss", "grad", "ggn"), got, want):
-        assert a.device.type == GPU, name
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12, msg=name)
+    for matrix in ("ggn", "functional"):
+        want = torch.ops.shortcut_ext.residual_stack_hvp_part(x, w, y, v, True, *acts, loss, matrix, P)
+        got = shortcut_ext.residual_stack_hvp(*(t.to(GPU) for t in (x, w, y, v)), True, *acts, loss=loss,
+                                              backend="fused", readout=P.to(GPU), matrix=matrix)
+        for name, a, b in zip(("loss", "grad", matrix), got, want):
+            assert a.device.type == GPU, name
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12, msg=name)
 
 
 @needs_cuda

@@ -21,12 +21,13 @@
 // frozen read-out P [q, d] the loss is that of z = f P^T: the seeds above in z's q columns, then
 // g = (dL/dz) P and R{g} = R{dL/dz} P, with R{z} = R{f} P^T (loss_seed_readout).
 //
-// Gauss-Newton products (residual_stack_ggn, Net::gn): G V = J^T H_l J V keeps of the tangent backward the
-// terms of R{g} = H_l R{f} alone, propagated like a gradient: R{gz} = R{g_out} s'(z), R{ga} = R{gz} W,
-// gn_l += R{gz}^T a.  The terms of g (gz^T R{a}, gz V, g s'' R{z}) are the net's second derivatives, F's.
-// So the reverse pass needs no tangents: it recomputes a segment's forward only, and no checkpoints of
-// them are kept.  About (2 + 2K) + (2 + 2K) = 4 + 4K n d^2 multiply-adds per row and unit in all, against
-// 4 + 8K for H (K = 16: 68 against 132).
+// The Hessian's two parts (residual_stack_hvp_part, matrix = "ggn" | "functional"), H = G + F.  The tangent
+// backward is linear in two sources: the output seed R{g} = H_l R{f}, and g itself (gz^T R{a}, gz V and
+// g s'' R{z}: the net's second derivatives).  The first alone, propagated like a gradient (R{gz} = R{g_out}
+// s'(z), R{ga} = R{gz} W, G v_l += R{gz}^T a), is G V = J^T H_l J V (Net::gn); the second alone, with the seed
+// R{g} set to zero, is F V.  G's reverse pass needs no tangents: it recomputes a segment's forward only and
+// keeps no checkpoints of them, about (2 + 2K) + (2 + 2K) = 4 + 4K n d^2 multiply-adds per row and unit in all
+// against 4 + 8K for H (K = 16: 68 against 132).  F costs what H does (not H + G).
 //
 // The K tangents of a tile are carried together, row-major as [m, K, d] (each sample's K tangent
 // rows are adjacent).  That layout turns every K-fold product into one GEMM:
@@ -606,8 +607,8 @@ bool hvp_store_records(double mb, int64_t d) {
 
 template <typename T>
 void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
-              bool shortcut, Acts acts, Loss loss, const c10::optional<at::Tensor>& readout, bool gn, at::Tensor& loss_out,
-              at::Tensor& grad_w, at::Tensor& hvps) {
+              bool shortcut, Acts acts, Loss loss, const c10::optional<at::Tensor>& readout, bool gn, bool functional,
+              at::Tensor& loss_out, at::Tensor& grad_w, at::Tensor& hvps) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1), K = directions.size(0);
   const int64_t dd = d * d;
   const at::Tensor wt = transpose_weights<T>(weights);  // [R, n, d_in, d_out]
@@ -703,6 +704,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
                             : loss_seed<T>(loss, rec.hin, rec.rho, y_p ? y_p + row0 * d : nullptr,
                                            cls_p ? cls_p + row0 : nullptr, m, K, d, inv_b, g_p + row0 * d,
                                            rg_p + row0 * K * d, p);
+        if (functional) std::fill(rg_p + row0 * K * d, rg_p + (row0 + m) * K * d, T(0));  // F: g's terms alone
       }
     }
     gemm_release();
@@ -821,13 +823,15 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_or_ggn_cpu(
+enum class Part { Hessian, Ggn, Functional };
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_cpu(
     const at::Tensor& x_arg,       // [B, d]
     const at::Tensor& weights_arg,  // [R, n, d, d]
     const at::Tensor& targets_arg,  // [B, q], or [B] int64 class indices (cross_entropy); q = d without a read-out
     const at::Tensor& directions_arg,  // [k, R, n, d, d]
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
-    c10::string_view loss_name, const c10::optional<at::Tensor>& readout_arg, bool gn) {
+    c10::string_view loss_name, const c10::optional<at::Tensor>& readout_arg, Part part) {
   const StackShape s = check_stack(x_arg, weights_arg, "x");
   const Acts acts{parse_activation("act_pre", act_pre), parse_activation("act_mid", act_mid),
                   parse_activation("act_post", act_post)};
@@ -847,7 +851,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_or_ggn_cpu(
     return {loss_out, grad_w, hvps};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cpu", [&] {
-    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, readout, gn, loss_out, grad_w, hvps);
+    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, readout, part == Part::Ggn,
+                       part == Part::Functional, loss_out, grad_w, hvps);
   });
   return {loss_out, grad_w, hvps};
 }
@@ -856,16 +861,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
     c10::string_view loss, const c10::optional<at::Tensor>& readout) {
-  return hvp_or_ggn_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, false);
+  return hvp_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, Part::Hessian);
 }
 
-// G V = J^T H_l J V (the generalised Gauss-Newton products): the same loss and gradient, the products
-// without the net's second derivatives.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_ggn_cpu(
+// The products with one part of the Hessian: matrix "ggn" (G = J^T H_l J), "functional" (F = H - G) or
+// "hessian"; the loss and gradient are the loss's either way.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_part_cpu(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
-    c10::string_view loss, const c10::optional<at::Tensor>& readout) {
-  return hvp_or_ggn_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, true);
+    c10::string_view loss, c10::string_view matrix, const c10::optional<at::Tensor>& readout) {
+  Part part;
+  if (matrix == "hessian") {
+    part = Part::Hessian;
+  } else if (matrix == "ggn") {
+    part = Part::Ggn;
+  } else if (matrix == "functional") {
+    part = Part::Functional;
+  } else {
+    TORCH_CHECK_VALUE(false, "matrix must be one of hessian, ggn, functional, got '", std::string(matrix), "'");
+  }
+  return hvp_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, part);
 }
 
 }  // namespace
@@ -882,7 +897,7 @@ CpuSchedule cpu_hvp_schedule(int64_t B, int64_t d, int64_t R, int64_t n, int64_t
 
 TORCH_LIBRARY_IMPL(shortcut_ext, CPU, m) {
   m.impl("residual_stack_hvp", &residual_stack_hvp_cpu);
-  m.impl("residual_stack_ggn", &residual_stack_ggn_cpu);
+  m.impl("residual_stack_hvp_part", &residual_stack_hvp_part_cpu);
 }
 
 }  // namespace shortcut_ext

@@ -33,8 +33,10 @@ cross-entropy, ``s = softmax(z)``, ``c_i`` the sum of sample i's target probabil
 ``G`` is positive semi-definite and is what Gauss-Newton, natural-gradient and K-FAC methods see; ``F`` (the
 "functional Hessian", Singh et al. 2021) carries every negative eigenvalue.  How each backend computes ``G v``:
 
-- ``"fused"`` on the CPU: the Gauss-Newton kernel (:func:`shortcut_ext.residual_stack_ggn`), the R-operator
-  without the net's second derivatives: one call, about half an ``H v``'s arithmetic at many directions.
+- ``"fused"`` on the CPU: the fused kernel's own parts (:func:`shortcut_ext.residual_stack_hvp` with
+  ``matrix=``): ``G`` by the R-operator without the net's second derivatives (about half an ``H v``'s
+  arithmetic at many directions), ``F`` by the R-operator with the output's tangent seed ``H_l J v`` set to zero
+  (an ``H v``'s cost); one call each.
 - ``"fused"`` on CUDA and ``"autograd"``: ``F`` is linear in the residual ``dl/dz``, which is zero where the
   targets are the network's own predictions (``y = z`` under mse, ``c_i softmax(z)`` as probabilities under
   cross-entropy, whose ``H_l`` depends on ``y`` through ``c_i`` alone), so ``G`` is the Hessian with those
@@ -42,7 +44,7 @@ cross-entropy, ``s = softmax(z)``, ``c_i`` the sum of sample i's target probabil
   rounding on the fused path, exactly on the autograd one).
 - ``"func"``: ``J^T (H_l (J v))`` directly (``jvp`` and ``vjp`` of the outputs).
 
-``F v = H v - G v`` (two products each).  At an n-shortcut
+Elsewhere ``F v = H v - G v`` (two products each).  At an n-shortcut
 net's zero point with n >= 2 (and a plain net's of depth >= 2) ``J = 0``, so ``G = 0``: the whole zero-point
 Hessian of Theorem 1 is ``F`` (docs/science.md).
 """
@@ -452,27 +454,21 @@ class HessianOperator:
         """One batch's product with the operator's matrix: ``H D``, ``G D`` or ``(H - G) D``."""
         if self.matrix == "hessian":
             return fn(h0, y, D)
+        if self._ggn_kernel:  # either part in one call of the CPU kernel
+            return self._hvp_fused(h0, y, D, matrix=self.matrix)
         if self.backend_used == "func":
             g = self._ggn_func(h0, y, D)
-        elif self._ggn_kernel:
-            g = self._ggn_fused(h0, y, D)
         else:  # the Hessian at the batch's own predictions
             g = fn(h0, self._ggn_y[i], D, mapped=True)
         return g if self.matrix == "ggn" else fn(h0, y, D).sub_(g)
 
-    def _hvp_fused(self, h0, y, D, mapped=False):
-        if self._target_map is not None and not mapped:  # ||P h - y||^2 = ||h - y P||^2 + a constant: same Hessian
+    def _hvp_fused(self, h0, y, D, mapped=False, matrix="hessian"):
+        # ||P h - y||^2 = ||h - y P||^2 + a constant: the same Hessian, G and F
+        if self._target_map is not None and not mapped:
             y = y @ self._target_map
         _, _, hv = ops.residual_stack_hvp(h0, self._W, y, D.contiguous(), self.shortcut, *self.activations,
-                                          loss=self.loss, backend="fused", readout=self._kernel_readout)
+                                          loss=self.loss, backend="fused", readout=self._kernel_readout, matrix=matrix)
         return hv
-
-    def _ggn_fused(self, h0, y, D):
-        if self._target_map is not None:  # as _hvp_fused: ||P h - y||^2 = ||h - y P||^2 + a constant, same G
-            y = y @ self._target_map
-        _, _, gv = ops.residual_stack_ggn(h0, self._W, y, D.contiguous(), self.shortcut, *self.activations,
-                                          loss=self.loss, backend="fused", readout=self._kernel_readout)
-        return gv
 
     def _hvp_autograd(self, h0, y, D, mapped=False):
         w = self._W.detach().requires_grad_(True)
