@@ -173,7 +173,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "cuda: each rank takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes")
     g.add_argument("--matrix", choices=MATRICES, default="hessian",
                    help="the Hessian H (default), its generalised Gauss-Newton part G = J^T H_l J (ggn), or the rest "
-                        "F = H - G (functional); G and F cost one and two fused calls a product")
+                        "F = H - G (functional); on the CPU's fused backend each costs one call a product (G about half an "
+                        "H's at many directions), elsewhere F costs two")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
