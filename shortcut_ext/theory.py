@@ -30,6 +30,12 @@ Theorem 1, assuming ``s_mid(0) = s_post(0) = 0`` (true for identity, relu, tanh,
   lower triangular ones (``L[r, q] = 1`` for ``r > q``) -- the paper's block-Toeplitz form.  The
   gradient is not 0.
 
+The Hessian's two parts, ``H = G + F`` (``G = J^T H_l J`` the generalised Gauss-Newton matrix, ``F`` the rest;
+``matrix=`` below): at ``n >= 2`` the outputs do not move to first order, so ``G = 0`` and ``F = H``.  At
+``n = 1`` every unit sees the same input ``x_i`` and ``J v = c sum_r V_r p_i`` (read out by ``Q``), so
+``G = J (x) A`` -- the ``A`` term above -- with eigenvalues ``R eig(A)`` and ``(R - 1) d^2`` zeros, in closed
+form at any depth; ``F = L (x) C + L^T (x) C^T + c2 I (x) E`` (assembled, as ``H``).
+
 ReLU: autograd uses ``relu'(0) = 0``, so at exactly zero weights a ReLU at a mid/post position
 gives ``c = 0`` and a zero Hessian, which is what autograd computes; the theorem's smooth-activation
 statement does not cover ReLU (see :func:`check_assumptions`).  A ReLU at the *pre* position is
@@ -45,6 +51,8 @@ import numpy as np
 import torch
 
 from .reference import ACTIVATIONS, LOSSES, activation, check_activation
+
+MATRICES = ("hessian", "ggn", "functional")
 
 # (s(0), s'(0), s''(0)); relu'(0) = 0 is autograd's convention (relu is not differentiable at 0)
 ACTIVATION_AT_ZERO = {
@@ -219,12 +227,13 @@ class ZeroPointSpectrum:
         multiplicities: ``int`` array like ``values``; sums to ``num_params``.
         num_params: ``P = R * n * d * d``.
         shortcut, units, width: ``n``, ``R``, ``d``.
-        method: ``"closed_form"`` (n = 2), ``"zero"`` (n >= 3) or ``"assembled"`` (n = 1, eigenvalues
-            of the assembled block-Toeplitz Hessian).
+        method: ``"closed_form"`` (n = 2; the Gauss-Newton part at n = 1), ``"zero"`` (n >= 3; the Gauss-Newton
+            part at n >= 2) or ``"assembled"`` (n = 1, eigenvalues of the assembled block-Toeplitz matrix).
         singular_values: ``sigma(M)`` (descending) for ``n = 2``, else ``None``.
         slope: the activation factor ``c``.
         gradient_norm: ``||grad L(0)||`` (0 for ``n >= 2``).
         assumptions: :class:`AssumptionCheck`.
+        matrix: ``"hessian"``, or the part ``"ggn"`` / ``"functional"`` whose spectrum this is.
     """
 
     values: np.ndarray
@@ -238,6 +247,7 @@ class ZeroPointSpectrum:
     slope: float
     gradient_norm: float
     assumptions: AssumptionCheck
+    matrix: str = "hessian"
 
     def eigenvalues(self) -> np.ndarray:
         """All ``P`` eigenvalues, ascending."""
@@ -301,15 +311,25 @@ def one_shortcut_gradient(zp: ZeroPointData, units: int, pre: str = "identity",
     return (c * branch_moment(zp, pre)).expand(R, 1, zp.d, zp.d).clone()
 
 
+def _check_matrix(matrix) -> str:
+    if not isinstance(matrix, str) or matrix not in MATRICES:
+        raise ValueError(f"matrix must be one of {', '.join(MATRICES)} (the Hessian, its Gauss-Newton part G = J^T "
+                         f"H_l J, or the rest H - G), got {matrix!r}")
+    return matrix
+
+
 class OneShortcutHessian:
     """The 1-shortcut zero-point Hessian as a structured operator (``O(R d^4 k)`` per ``matmat``).
 
     Same interface as :class:`~shortcut_ext.curvature.HessianOperator` (``matmat``, ``matvec``,
-    ``to_dense``, ``shape``, ``dtype``), so Lanczos / SLQ run on it at any depth.
+    ``to_dense``, ``shape``, ``dtype``), so Lanczos / SLQ run on it at any depth.  ``matrix="ggn"``: its
+    Gauss-Newton part ``J (x) A``; ``"functional"``: the rest (module docstring).
     """
 
-    def __init__(self, zp: ZeroPointData, units: int, pre: str = "identity", post: str = "identity"):
+    def __init__(self, zp: ZeroPointData, units: int, pre: str = "identity", post: str = "identity",
+                 matrix: str = "hessian"):
         self.units = _check_int("units", units, 1)
+        self.matrix = _check_matrix(matrix)
         self.A, self.C, self.E, self.c, self.c2 = one_shortcut_blocks(zp, pre, post)
         self.d2 = self.A.shape[0]
         self.P = self.units * self.d2
@@ -325,7 +345,11 @@ class OneShortcutHessian:
         total = X.sum(dim=0)
         before = torch.cumsum(X, dim=0) - X  # sum over q < r
         after = total - before - X  # sum over q > r
-        Y = (self.A @ total).unsqueeze(0) + self.c2 * (self.E @ X) + self.C @ before + self.C.T @ after
+        Y = torch.zeros_like(X)
+        if self.matrix != "functional":
+            Y += (self.A @ total).unsqueeze(0)
+        if self.matrix != "ggn":
+            Y += self.c2 * (self.E @ X) + self.C @ before + self.C.T @ after
         return Y.reshape(self.P, -1).to(V.dtype)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -341,8 +365,13 @@ class OneShortcutHessian:
         R = self.units
         J = torch.ones(R, R, dtype=torch.float64, device=self.A.device)
         Lw = torch.tril(J, -1)
-        return (torch.kron(J, self.A) + torch.kron(Lw, self.C) + torch.kron(Lw.T, self.C.T)
-                + self.c2 * torch.kron(torch.eye(R, dtype=torch.float64, device=self.A.device), self.E))
+        out = torch.zeros(self.P, self.P, dtype=torch.float64, device=self.A.device)
+        if self.matrix != "functional":
+            out += torch.kron(J, self.A)
+        if self.matrix != "ggn":
+            out += (torch.kron(Lw, self.C) + torch.kron(Lw.T, self.C.T)
+                    + self.c2 * torch.kron(torch.eye(R, dtype=torch.float64, device=self.A.device), self.E))
+        return out
 
 
 def one_shortcut_hessian(zp: ZeroPointData, units: int, pre: str = "identity",
@@ -353,39 +382,56 @@ def one_shortcut_hessian(zp: ZeroPointData, units: int, pre: str = "identity",
 
 def zero_point_spectrum(zp: ZeroPointData, shortcut: int, units: int, pre: str = "identity",
                         mid: str = "identity", post: str = "identity",
-                        max_dense_params: int = 8192) -> ZeroPointSpectrum:
+                        max_dense_params: int = 8192, matrix: str = "hessian") -> ZeroPointSpectrum:
     """The zero-point Hessian spectrum of an ``n``-shortcut net with ``R`` units, without building it.
 
     ``n = 2``: closed form; ``n >= 3``: all zero; ``n = 1``: ``eigvalsh`` of the assembled Hessian
     (refused above ``max_dense_params``; use :class:`OneShortcutHessian` with Lanczos / SLQ there).
+
+    ``matrix="ggn"``: the Gauss-Newton part's, ``0`` at ``n >= 2`` and ``R eig(A)`` with ``(R - 1) d^2`` zeros at
+    ``n = 1`` (closed form at any depth); ``"functional"``: the rest's, the Hessian's at ``n >= 2`` and
+    assembled at ``n = 1`` (module docstring).
     """
     n = _check_int("shortcut", shortcut, 1)
     R = _check_int("units", units, 1)
+    matrix = _check_matrix(matrix)
     for arg, name in (("pre", pre), ("mid", mid), ("post", post)):
         check_activation(arg, name)
     d = zp.d
     P = R * n * d * d
     chk = check_assumptions(pre, mid, post, n)
+    if n >= 2 and matrix == "ggn":
+        return ZeroPointSpectrum(np.zeros(1), np.array([P]), P, n, R, d, "zero", None, chk.slope, 0.0, chk, "ggn")
     if n == 2:
-        return two_shortcut_spectrum(zp, R, pre, mid, post)
+        spec = two_shortcut_spectrum(zp, R, pre, mid, post)
+        spec.matrix = matrix
+        return spec
     if n >= 3:
-        return ZeroPointSpectrum(np.zeros(1), np.array([P]), P, n, R, d, "zero", None, chk.slope, 0.0, chk)
-    if P > max_dense_params:
-        raise ValueError(f"the 1-shortcut Hessian has P = {P} > max_dense_params = {max_dense_params} rows; "
-                         "raise max_dense_params or run lanczos / slq on OneShortcutHessian")
-    ev = torch.linalg.eigvalsh(one_shortcut_hessian(zp, R, pre, post)).numpy()
+        return ZeroPointSpectrum(np.zeros(1), np.array([P]), P, n, R, d, "zero", None, chk.slope, 0.0, chk, matrix)
     gnorm = float(one_shortcut_gradient(zp, R, pre, post).norm())
-    return ZeroPointSpectrum(ev, np.ones(P, dtype=np.int64), P, 1, R, d, "assembled", None, chk.slope, gnorm, chk)
+    if matrix == "ggn":  # J (x) A: R eig(A), and zeros for the R - 1 directions that sum to zero over the units
+        A = one_shortcut_blocks(zp, pre, post)[0]
+        ev = np.concatenate([R * torch.linalg.eigvalsh(A).numpy(), np.zeros(1)])
+        mult = np.concatenate([np.ones(d * d, dtype=np.int64), np.array([(R - 1) * d * d], dtype=np.int64)])
+        return ZeroPointSpectrum(ev, mult, P, 1, R, d, "closed_form", None, chk.slope, gnorm, chk, "ggn")
+    if P > max_dense_params:
+        part = "Hessian" if matrix == "hessian" else "Hessian's functional part"
+        raise ValueError(f"the 1-shortcut {part} has P = {P} > max_dense_params = {max_dense_params} rows; "
+                         "raise max_dense_params or run lanczos / slq on OneShortcutHessian")
+    ev = torch.linalg.eigvalsh(OneShortcutHessian(zp, R, pre, post, matrix).to_dense(force=True)).numpy()
+    return ZeroPointSpectrum(ev, np.ones(P, dtype=np.int64), P, 1, R, d, "assembled", None, chk.slope, gnorm, chk,
+                             matrix)
 
 
 def model_zero_point_spectrum(model, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse",
-                              max_dense_params: int = 8192) -> ZeroPointSpectrum:
+                              max_dense_params: int = 8192, matrix: str = "hessian") -> ZeroPointSpectrum:
     """:func:`zero_point_spectrum` for a :class:`~shortcut_ext.models.ShortcutNet`'s configuration
     (architecture, activations, projections; its current weights are ignored)."""
     if not getattr(model, "shortcut", False):
         raise ValueError("model must be a ShortcutNet: Theorem 1 is about residual nets at zero branch weights")
     zp = zero_point_data_from_model(model, X, Y, loss)
-    return zero_point_spectrum(zp, model.n, model.units, *model.activations, max_dense_params=max_dense_params)
+    return zero_point_spectrum(zp, model.n, model.units, *model.activations, max_dense_params=max_dense_params,
+                               matrix=matrix)
 
 
 # ------------------------------------------------------------------------------------ condition vs depth

@@ -795,8 +795,9 @@ def test_the_spectrum_of_a_trained_net(tmp_path, capsys):
 
 
 def test_the_gauss_newton_and_functional_parts(tmp_path, capsys):
-    """--matrix ggn / functional: at the 2-shortcut zero point G = 0 (no theory, with the reason) and F is the
-    whole Hessian, compared with Theorem 1; on a trained net the three runs' extremes are the dense parts' (the
+    """--matrix ggn / functional: at the 2-shortcut zero point G = 0 (the theory's "zero") and F is the
+    whole Hessian, compared with Theorem 1; at the 1-shortcut zero point each part against its theory (G in
+    closed form, F assembled) and the dense parts; on a trained net the three runs' extremes are the dense parts' (the
     API's reference, built apart), G has no negative eigenvalue, and the default keeps the checkpoints of
     versions before the flag (its config has no "matrix")."""
     from shortcut_ext.curvature import dense_ggn_func, dense_hessian_func
@@ -810,9 +811,20 @@ def test_the_gauss_newton_and_functional_parts(tmp_path, capsys):
         assert res[m]["matrix"] == m
     out = capsys.readouterr().out
     assert "Gauss-Newton part G: |lambda|max = 0 " in out and "functional part H - G: |lambda|max" in out
-    assert res["ggn"]["condition"]["lam_max"] == 0 and "the Gauss-Newton part is 0" in res["ggn"]["theory"]["skipped"]
+    assert res["ggn"]["condition"]["lam_max"] == 0
+    assert res["ggn"]["theory"]["method"] == "zero" and res["ggn"]["theory"]["exact_rel_error"] == 0
     assert res["functional"]["lanczos"] == res["hessian"]["lanczos"]  # the same bits: F = H there
     assert res["functional"]["theory"]["exact_rel_error"] <= 1e-12
+    # the 1-shortcut zero point: G = J (x) A is not zero there, and its theory is in closed form
+    one = zero + ["--shortcut", "1", "--pre", "tanh", "--post", "tanh", "--loss", "cross_entropy"]
+    for m, method in (("ggn", "closed_form"), ("functional", "assembled")):
+        assert main(one + ["--matrix", m, "--out", str(tmp_path / f"one-{m}")]) == 0
+        r = _result(tmp_path / f"one-{m}")
+        assert r["theory"]["method"] == method and r["theory"]["exact_rel_error"] <= 1e-12
+        assert r["theory"]["lanczos_rel_error"] <= 1e-8
+        assert r["exact"]["lam_max"] > 0.01
+        if m == "ggn":
+            assert r["exact"]["lam_min"] >= -1e-12 and r["condition"]["index"] == 0
     ck = json.loads((tmp_path / "hessian" / "spectrum.checkpoint.json").read_text())
     assert "matrix" not in ck["config"] and json.loads(
         (tmp_path / "ggn" / "spectrum.checkpoint.json").read_text())["config"]["matrix"] == "ggn"

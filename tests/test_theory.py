@@ -449,3 +449,68 @@ def test_one_shortcut_gradient_norm_at_zero_counts_every_layer():
     assert want > 0.1
     spec = th.zero_point_spectrum(th.zero_point_data(X, Y), 1, R, pre="tanh", post="tanh")
     assert spec.gradient_norm == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("acts,loss,kw", [
+    (("identity", "identity", "identity"), "mse", {}),
+    (("tanh", "tanh", "tanh"), "cross_entropy", dict(out_features=4)),
+    (("relu", "identity", "ssigmoid"), "mse", dict(in_features=5, out_features=2)),
+    (("tanh", "identity", "tanh"), "ce_mass", {}),
+], ids=["linear-mse", "tanh-ce-readout", "relu-pre-projections", "ce-unnormalised"])
+def test_the_zero_point_spectra_of_the_hessians_parts(n, acts, loss, kw):
+    """matrix="ggn" / "functional": G = 0 and F = H at n >= 2; at n = 1 G = J (x) A in closed form (R eig(A) and
+    (R - 1) d^2 zeros) and F = H - G assembled, against the dense torch.func parts of the net at zero; the
+    structured 1-shortcut operator's parts against the same matrices."""
+    from shortcut_ext.curvature import dense_ggn_func
+
+    d, R = 3, 4
+    net = zero_net(d, R, n, acts, **kw)
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(9, kw.get("in_features", d), generator=g, dtype=F64)
+    q = kw.get("out_features", d)
+    if loss == "mse":
+        Y = torch.randn(9, q, generator=g, dtype=F64)
+    elif loss == "ce_mass":
+        Y, loss = 2 * torch.rand(9, q, generator=g, dtype=F64), "cross_entropy"  # row masses about 3
+    else:
+        Y = torch.randint(0, q, (9,), generator=g)
+    H = dense_hessian_func(net, (X, Y), loss=loss)
+    G = dense_ggn_func(net, (X, Y), loss=loss)
+    scale = float(torch.linalg.eigvalsh(H).abs().max())
+    for matrix, D in (("ggn", G), ("functional", H - G)):
+        spec = th.model_zero_point_spectrum(net, X, Y, loss=loss, matrix=matrix)
+        assert spec.matrix == matrix and spec.num_params == H.shape[0]
+        want = np.linalg.eigvalsh(D.numpy())
+        assert np.abs(spec.eigenvalues() - want).max() <= 1e-10 * max(scale, 1e-300) + 1e-14, (matrix, spec.method)
+        if n >= 2:
+            assert spec.method == ("zero" if matrix == "ggn" or n >= 3 else "closed_form")
+        else:
+            assert spec.method == ("closed_form" if matrix == "ggn" else "assembled")
+            op = th.OneShortcutHessian(th.zero_point_data_from_model(net, X, Y, loss), R, acts[0], acts[2], matrix)
+            assert float((op.to_dense() - D).abs().max()) <= 1e-12 * max(scale, 1.0)
+            V = torch.randn(op.P, 3, generator=g, dtype=F64)
+            torch.testing.assert_close(op.matmat(V), D @ V, rtol=1e-10, atol=1e-12)
+    if n == 1 and "relu" not in acts[2]:
+        assert float(torch.linalg.eigvalsh(G)[-1]) > 1e-3  # not zero at n = 1: its theory is not trivial
+
+
+def test_the_one_shortcut_gauss_newton_spectrum_grows_with_depth_in_closed_form():
+    """G's non-zero eigenvalues at the 1-shortcut zero point are R eig(A): its lambda_max grows linearly in the
+    depth, at any depth (no dense limit: a million parameters here), as the paper's 1-shortcut condition number."""
+    X, Y = teacher(m=30, d=4)
+    zp = th.zero_point_data(X, Y)
+    top = [th.zero_point_spectrum(zp, 1, R, matrix="ggn", max_dense_params=1).eigenvalues()[-1]
+           for R in (1, 10, 62500)]
+    assert top[1] == pytest.approx(10 * top[0], rel=1e-12) and top[2] == pytest.approx(62500 * top[0], rel=1e-12)
+
+
+def test_an_unknown_matrix_is_refused_by_the_theory():
+    X, Y = teacher()
+    zp = th.zero_point_data(X, Y)
+    for call in (lambda: th.zero_point_spectrum(zp, 2, 3, matrix="gauss"),
+                 lambda: th.OneShortcutHessian(zp, 3, matrix="gauss")):
+        with pytest.raises(ValueError, match=r"matrix must be one of hessian, ggn, functional .*got 'gauss'"):
+            call()
+    with pytest.raises(ValueError, match="Hessian's functional part has P = 40 > max_dense_params = 10"):
+        th.zero_point_spectrum(zp, 1, 10, matrix="functional", max_dense_params=10)

@@ -9,7 +9,8 @@ compared.  The net comes from the network and data flags, or (``--weights``) is 
 analyses one of the Hessian's two parts instead, ``H = G + F``: the generalised Gauss-Newton matrix
 ``G = J^T H_l J`` (positive semi-definite; what Gauss-Newton, natural-gradient and K-FAC methods see) and the
 functional part ``F = H - G`` (every negative eigenvalue is its); at an n >= 2 zero point ``G = 0`` and
-``F`` is the whole Hessian, which is what Theorem 1 describes.  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
+``F`` is the whole Hessian, which is what Theorem 1 describes, and at the n = 1 zero point ``G``'s spectrum
+is ``R eig(A)`` in closed form (``theory.zero_point_spectrum(matrix=)``); the part's theory is compared.  Writes ``spectrum.json`` and ``density.png``, ``extremes.png``, ``quantiles.png`` to ``--out``.
 ``spectrum.json`` is strict JSON (nan is written as ``null``, +-inf as ``"inf"`` / ``"-inf"``, so a
 singular Hessian's condition number reads ``"inf"``); a Lanczos run that did not converge is saved with
 ``"converged": false`` and a WARNING on stderr.
@@ -468,19 +469,11 @@ def _run(args, dtype, budget, rank, world, trained=None) -> int:
 
     # theory at the zero point
     spec = None
-    if args.shortcut >= 1 and args.init == "zero" and trained is None and (
-            args.matrix == "ggn" or (args.matrix == "functional" and args.shortcut == 1)):
-        result["theory"] = {"skipped": (
-            "Theorem 1 is the Hessian's spectrum; at an n >= 2 zero point the Gauss-Newton part is 0 (J = 0), and "
-            "the functional part is the whole Hessian (--matrix functional compares it with the theory there)"
-            if args.matrix == "ggn" or args.shortcut >= 2 else
-            "the 1-shortcut zero-point theory is the whole Hessian's (the Gauss-Newton part is not 0 there): "
-            "--matrix hessian compares it")}
-        if lead:
-            print(f"shortcut-ext spectrum: theory skipped: {result['theory']['skipped']}")
-    elif args.shortcut >= 1 and args.init == "zero" and trained is None:  # (a trained net is not at its zero point)
+    if args.shortcut >= 1 and args.init == "zero" and trained is None:  # (a trained net is not at its zero point)
+        # the theory of the matrix analysed (theory.zero_point_spectrum): the Gauss-Newton part is 0 at n >= 2
+        # and in closed form at n = 1; the functional part is the Hessian at n >= 2
         dense_limit = max(THEORY_DENSE_PARAMS, args.exact_max_params)
-        if args.shortcut == 1 and H.P > dense_limit:  # no closed form for n = 1: assembled densely
+        if args.shortcut == 1 and args.matrix != "ggn" and H.P > dense_limit:  # no closed form: assembled densely
             result["theory"] = {"skipped": (
                 f"the 1-shortcut zero-point theory has no closed form: it is a dense P x P eigendecomposition, "
                 f"skipped for P above {dense_limit}; this net has P = {H.P}: raise --exact-max-params to {H.P} to "
@@ -488,7 +481,7 @@ def _run(args, dtype, budget, rank, world, trained=None) -> int:
         else:
             try:
                 spec = theory.model_zero_point_spectrum(net, X.cpu(), Y.cpu(), loss=args.loss,
-                                                        max_dense_params=dense_limit)
+                                                        max_dense_params=dense_limit, matrix=args.matrix)
             except ValueError as e:
                 result["theory"] = {"skipped": str(e)}
         if lead and "theory" in result:
