@@ -11,7 +11,9 @@ timed as a whole call.  Variants:
 - ``func``: ``torch.func`` ``J^T (H_l (J v))`` directly (``jvp`` of the outputs, ``vmap``-ed, then one ``vjp``);
 - ``autograd``: double backward at the predictions, ``is_grads_batched`` over the directions;
 - ``hessian_fused``: the Hessian's own fused product, for the cost of ``G`` beside ``H``;
-- ``functional_fused``: the other part, ``F = H - G``, fused in one call (the R-operator with a zero output seed).
+- ``functional_fused``: the other part, ``F = H - G``, fused in one call (the R-operator with a zero output seed);
+- ``fisher_fused`` / ``fisher_func``: the empirical Fisher ``(1/m) sum_i g_i g_i^T`` (``G`` with the per-sample
+  ``e_i e_i^T`` in place of ``H_l``), fused and by ``torch.func``.
 
 Every variant is checked against ``func`` before it is timed.  Times are medians of 5 calls per product
 (time / k), with the ratio of each pure-PyTorch variant to ``fused`` measured in the same run.
@@ -36,7 +38,7 @@ from shortcut_ext.curvature import HessianOperator  # noqa: E402
 from shortcut_ext.curvature.hessian import fused_hvp_available  # noqa: E402
 from shortcut_ext.models import ShortcutNet  # noqa: E402
 
-VARIANTS = ("fused", "fused_hvp", "func", "autograd", "hessian_fused", "functional_fused")
+VARIANTS = ("fused", "fused_hvp", "func", "autograd", "hessian_fused", "functional_fused", "fisher_fused", "fisher_func")
 UNITS = (128, 1024)
 KS = (1, 16)
 WIDTH, BATCH = 16, 512
@@ -51,7 +53,8 @@ def make_operators(units: int, k: int):
     # variant: (backend, matrix)
     kinds = {"fused": ("fused", "ggn"), "fused_hvp": ("fused", "ggn"), "func": ("func", "ggn"),
              "autograd": ("autograd", "ggn"), "hessian_fused": ("fused", "hessian"),
-             "functional_fused": ("fused", "functional")}
+             "functional_fused": ("fused", "functional"), "fisher_fused": ("fused", "empirical_fisher"),
+             "fisher_func": ("func", "empirical_fisher")}
     ops = {v: HessianOperator(net, (X, Y), backend=kinds[v][0], matrix=kinds[v][1]) for v in VARIANTS}
     if ops["fused"].backend_used != "fused":
         return None, V
@@ -67,6 +70,10 @@ def make_operators(units: int, k: int):
     err = float((ops["functional_fused"].matmat(V) - (hv - ref)).abs().max() / hv.abs().max())
     if not err <= 1e-4:
         raise AssertionError(f"R={units}, k={k}: the fused F and H - G products differ by {err:.2g}")
+    ef = ops["fisher_func"].matmat(V)
+    err = float((ops["fisher_fused"].matmat(V) - ef).abs().max() / ef.abs().max())
+    if not err <= 1e-4:
+        raise AssertionError(f"R={units}, k={k}: the fused and func empirical Fisher products differ by {err:.2g}")
     return ops, V
 
 
@@ -80,13 +87,14 @@ def main() -> int:
         ops, V = make_operators(units, k)
         med = {}
         for v in VARIANTS:
-            reps = 5 if v != "autograd" or units < 1024 else 3
+            reps = 5 if v not in ("autograd", "fisher_func") or units < 1024 else 3
             med[v] = statistics.median(common.call_times(lambda v=v: ops[v].matmat(V), reps)) / k * 1e3
         print(f"R = {units}, k = {k}: ms per product  " + "  ".join(f"{v} {med[v]:.2f}" for v in VARIANTS)
               + "  |  fused_hvp / fused {:.2f}x, func / fused {:.1f}x, autograd / fused {:.1f}x, fused G / fused H {:.2f}, "
-              "fused F / fused H {:.2f}".format(med["fused_hvp"] / med["fused"], med["func"] / med["fused"],
-                                                med["autograd"] / med["fused"], med["fused"] / med["hessian_fused"],
-                                                med["functional_fused"] / med["hessian_fused"]))
+              "fused F / fused H {:.2f}, fisher_func / fisher_fused {:.1f}x".format(
+                  med["fused_hvp"] / med["fused"], med["func"] / med["fused"], med["autograd"] / med["fused"],
+                  med["fused"] / med["hessian_fused"], med["functional_fused"] / med["hessian_fused"],
+                  med["fisher_func"] / med["fisher_fused"]))
     return 0
 
 

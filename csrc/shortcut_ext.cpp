@@ -34,8 +34,9 @@ TORCH_LIBRARY(shortcut_ext, m) {
         "str act_pre, str act_mid, str act_post, str loss, Tensor? readout=None) -> (Tensor, Tensor, Tensor)");
   // -> (loss [], grad [R, n, d, d], products [k, R, n, d, d]): residual_stack_hvp's, the products with one part
   // of the Hessian H = G + F: matrix "ggn" (the generalised Gauss-Newton matrix G = J^T H_l J), "functional"
-  // (F = H - G) or "hessian".  CPU only: on CUDA, shortcut_ext.residual_stack_hvp(..., matrix=) takes
-  // residual_stack_hvp at the outputs' own targets.
+  // (F = H - G) or "hessian"; or "empirical_fisher" ((1/B) sum_i grad l_i grad l_i^T).  CPU only: on CUDA,
+  // shortcut_ext.residual_stack_hvp(..., matrix=) takes residual_stack_hvp at the outputs' own targets (G, F)
+  // or the reference (the empirical Fisher).
   m.def("residual_stack_hvp_part(Tensor x, Tensor weights, Tensor targets, Tensor directions, bool shortcut, "
         "str act_pre, str act_mid, str act_post, str loss, str matrix, Tensor? readout=None) -> (Tensor, Tensor, Tensor)");
 }

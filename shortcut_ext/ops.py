@@ -411,7 +411,7 @@ def _save_layers(x: torch.Tensor, weights: torch.Tensor, recompute: bool | None)
     return R * n * x.shape[0] * x.shape[1] * x.element_size() <= budget_mb * 2**20
 
 
-MATRICES = ("hessian", "ggn", "functional")
+MATRICES = ("hessian", "ggn", "functional", "empirical_fisher")
 
 
 def residual_stack_hvp(
@@ -441,14 +441,18 @@ def residual_stack_hvp(
     ``"ggn"``, the generalised Gauss-Newton matrix ``G = J^T H_l J`` (``J`` the Jacobian of the outputs after
     ``readout``, ``H_l`` the loss's Hessian in them: ``I / m`` for mse, ``c_i (diag(p_i) - p_i p_i^T) / m`` for
     cross-entropy with ``p_i`` the softmax and ``c_i`` the mass of sample i's target row, 1 for class indices),
-    or ``"functional"``, ``F = H - G`` (the net's second derivatives weighted by the residual ``dl/dz``).  The
-    loss and gradient are the loss's either way.  On the CPU the fused kernel computes either part in one call:
+    or ``"functional"``, ``F = H - G`` (the net's second derivatives weighted by the residual ``dl/dz``); or
+    ``"empirical_fisher"``, ``(1/m) sum_i grad l_i grad l_i^T`` (the per-sample gradients' outer products: ``G``
+    with ``H_l`` replaced by ``e_i e_i^T``, ``e_i = dl_i/dz``; for mse and cross-entropy the true Fisher is
+    ``G``).  The loss and gradient are the loss's either way.  On the CPU the fused kernel computes either part in one call:
     ``G`` without the net's second derivatives (no tangent recompute in the reverse pass: about ``4 + 4k`` small
     GEMMs a layer against ``4 + 8k``), ``F`` with the output's tangent seed ``H_l J v`` set to zero (an ``H``
-    product's cost).  On CUDA (no kernel of its own yet) ``G`` is the HVP kernel at the outputs' own targets
+    product's cost), the empirical Fisher as ``G`` with another output seed.  On CUDA (no kernel of its own
+    yet) ``G`` is the HVP kernel at the outputs' own targets
     (:func:`prediction_targets`: the residual, and so ``F``, is zero there to rounding) after a fused forward and
-    backward for the loss and gradient, and ``F = H - G``.  ``backend="torch"``: ``G`` by ``torch.func.jvp`` of
-    the outputs and one ``vjp`` per direction, ``F`` as the double-backward ``H`` less that.
+    backward for the loss and gradient, and ``F = H - G``; the empirical Fisher there is the reference's.
+    ``backend="torch"``: ``G`` (and the empirical Fisher) by ``torch.func.jvp`` of the outputs and one ``vjp``
+    per direction, ``F`` as the double-backward ``H`` less that.
 
     The outputs are values, detached from the inputs (they never require grad): a loss built on them
     (``L + penalty``, ``v^T H v`` as a sharpness term) gets no gradient through them from autograd, and
@@ -495,7 +499,8 @@ def residual_stack_hvp(
             return lib.residual_stack_hvp(*args, P)
         if x.device.type != "cuda" and hasattr(lib, "residual_stack_hvp_part"):
             return lib.residual_stack_hvp_part(*args, matrix, P)
-        return _part_by_hvp_kernel(*args, P, matrix)
+        if matrix != "empirical_fisher":
+            return _part_by_hvp_kernel(*args, P, matrix)
     stack = () if torch.compiler.is_compiling() else (torch._C._functorch.get_interpreter_stack() or ())
     if stack:
         names = ", ".join(i.key().name.lower() for i in stack)

@@ -128,13 +128,14 @@ def residual_stack_hvp(
     """Reference loss, gradient ``[R, n, d, d]`` and Hessian-vector products ``[k, R, n, d, d]``
     by double backward.  With a frozen ``readout`` ``P [q, d]`` the loss is that of ``f P^T``.
     ``matrix="ggn"``: the products with the Gauss-Newton part ``G = J^T H_l J`` instead (:func:`ggn_products`);
-    ``"functional"``: with ``F = H - G``."""
+    ``"functional"``: with ``F = H - G``; ``"empirical_fisher"``: with ``(1/m) sum_i grad l_i grad l_i^T``."""
     if matrix != "hessian":
-        L, g, gv = ggn_products(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout)
-        if matrix == "ggn":
+        L, g, gv = ggn_products(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout,
+                                fisher=matrix == "empirical_fisher")
+        if matrix in ("ggn", "empirical_fisher"):
             return L, g, gv
         if matrix != "functional":
-            raise ValueError(f"matrix must be one of hessian, ggn, functional, got {matrix!r}")
+            raise ValueError(f"matrix must be one of hessian, ggn, functional, empirical_fisher, got {matrix!r}")
         _, _, hv = residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss,
                                       readout)
         return L, g, hv - gv
@@ -169,11 +170,13 @@ def ggn_products(
     act_post: str = "identity",
     loss: str = "mse",
     readout: torch.Tensor | None = None,  # [q, d]
+    fisher: bool = False,
 ):
     """Reference loss, gradient ``[R, n, d, d]`` and generalised Gauss-Newton products ``G v = J^T H_l J v``
     ``[k, R, n, d, d]``: ``J v`` by ``torch.func.jvp`` of the outputs, ``H_l`` in closed form (``I / m`` for
     mse, ``c_i (diag(p_i) - p_i p_i^T) / m`` for cross-entropy, ``c_i = sum_j y_ij``, 1 for class indices),
-    then one ``vjp`` by autograd per direction."""
+    then one ``vjp`` by autograd per direction.  ``fisher=True``: the empirical Fisher's products, with
+    ``e_i e_i^T / m`` in place of ``H_l`` (``e_i = dl_i/dz_i``, the sample's loss gradient in its outputs)."""
     from torch.func import jvp
 
     with torch.inference_mode(False), torch.enable_grad():
@@ -195,10 +198,16 @@ def ggn_products(
         if loss == "cross_entropy":
             p = torch.softmax(z.detach(), dim=1)
             c = 1.0 if targets.dim() == 1 else targets.to(z.dtype).sum(dim=1, keepdim=True)
+        if fisher:  # e_i = dl_i/dz_i: m times the mean loss's gradient in the outputs
+            (e,) = torch.autograd.grad(L, z, retain_graph=True)
+            e = e.detach() * m
         gv = []
         for v in directions:
             jv = jvp(outputs, (weights.detach(),), (v.detach(),))[1]  # [B, q]
-            u = jv / m if loss == "mse" else c * (p * jv - p * (p * jv).sum(dim=1, keepdim=True)) / m
+            if fisher:
+                u = e * (e * jv).sum(dim=1, keepdim=True) / m
+            else:
+                u = jv / m if loss == "mse" else c * (p * jv - p * (p * jv).sum(dim=1, keepdim=True)) / m
             (h,) = torch.autograd.grad(z, w, grad_outputs=u, retain_graph=True, allow_unused=True)
             gv.append(torch.zeros_like(w) if h is None else h)
     gv = torch.stack(gv) if gv else weights.new_empty((0,) + tuple(weights.shape))

@@ -34,7 +34,9 @@ The Hessian's two parts, ``H = G + F`` (``G = J^T H_l J`` the generalised Gauss-
 ``matrix=`` below): at ``n >= 2`` the outputs do not move to first order, so ``G = 0`` and ``F = H``.  At
 ``n = 1`` every unit sees the same input ``x_i`` and ``J v = c sum_r V_r p_i`` (read out by ``Q``), so
 ``G = J (x) A`` -- the ``A`` term above -- with eigenvalues ``R eig(A)`` and ``(R - 1) d^2`` zeros, in closed
-form at any depth; ``F = L (x) C + L^T (x) C^T + c2 I (x) E`` (assembled, as ``H``).
+form at any depth; ``F = L (x) C + L^T (x) C^T + c2 I (x) E`` (assembled, as ``H``).  The empirical Fisher
+``(1/m) sum_i grad l_i grad l_i^T`` is ``G`` with ``e_i e_i^T`` in place of ``G_i``: 0 at ``n >= 2``, and at
+``n = 1`` ``J (x) A_ef``, ``A_ef[(a,j),(a',j')] = c^2 (1/m) sum_i e_ia e_ia' p_ij p_ij'``.
 
 ReLU: autograd uses ``relu'(0) = 0``, so at exactly zero weights a ReLU at a mid/post position
 gives ``c = 0`` and a zero Hessian, which is what autograd computes; the theorem's smooth-activation
@@ -52,7 +54,7 @@ import torch
 
 from .reference import ACTIVATIONS, LOSSES, activation, check_activation
 
-MATRICES = ("hessian", "ggn", "functional")
+MATRICES = ("hessian", "ggn", "functional", "empirical_fisher")
 
 # (s(0), s'(0), s''(0)); relu'(0) = 0 is autograd's convention (relu is not differentiable at 0)
 ACTIVATION_AT_ZERO = {
@@ -311,10 +313,11 @@ def one_shortcut_gradient(zp: ZeroPointData, units: int, pre: str = "identity",
     return (c * branch_moment(zp, pre)).expand(R, 1, zp.d, zp.d).clone()
 
 
-def _check_matrix(matrix) -> str:
-    if not isinstance(matrix, str) or matrix not in MATRICES:
-        raise ValueError(f"matrix must be one of {', '.join(MATRICES)} (the Hessian, its Gauss-Newton part G = J^T "
-                         f"H_l J, or the rest H - G), got {matrix!r}")
+def _check_matrix(matrix, allowed=MATRICES) -> str:
+    if not isinstance(matrix, str) or matrix not in allowed:
+        raise ValueError(f"matrix must be one of {', '.join(allowed)} (the Hessian, its Gauss-Newton part G = J^T "
+                         f"H_l J, the rest H - G{', or the empirical Fisher' if len(allowed) > 3 else ''}), got "
+                         f"{matrix!r}")
     return matrix
 
 
@@ -329,7 +332,7 @@ class OneShortcutHessian:
     def __init__(self, zp: ZeroPointData, units: int, pre: str = "identity", post: str = "identity",
                  matrix: str = "hessian"):
         self.units = _check_int("units", units, 1)
-        self.matrix = _check_matrix(matrix)
+        self.matrix = _check_matrix(matrix, MATRICES[:3])
         self.A, self.C, self.E, self.c, self.c2 = one_shortcut_blocks(zp, pre, post)
         self.d2 = self.A.shape[0]
         self.P = self.units * self.d2
@@ -390,7 +393,8 @@ def zero_point_spectrum(zp: ZeroPointData, shortcut: int, units: int, pre: str =
 
     ``matrix="ggn"``: the Gauss-Newton part's, ``0`` at ``n >= 2`` and ``R eig(A)`` with ``(R - 1) d^2`` zeros at
     ``n = 1`` (closed form at any depth); ``"functional"``: the rest's, the Hessian's at ``n >= 2`` and
-    assembled at ``n = 1`` (module docstring).
+    assembled at ``n = 1``; ``"empirical_fisher"``: 0 at ``n >= 2`` and ``R eig(A_ef)`` with ``(R - 1) d^2`` zeros
+    at ``n = 1`` (module docstring).
     """
     n = _check_int("shortcut", shortcut, 1)
     R = _check_int("units", units, 1)
@@ -400,8 +404,8 @@ def zero_point_spectrum(zp: ZeroPointData, shortcut: int, units: int, pre: str =
     d = zp.d
     P = R * n * d * d
     chk = check_assumptions(pre, mid, post, n)
-    if n >= 2 and matrix == "ggn":
-        return ZeroPointSpectrum(np.zeros(1), np.array([P]), P, n, R, d, "zero", None, chk.slope, 0.0, chk, "ggn")
+    if n >= 2 and matrix in ("ggn", "empirical_fisher"):  # J = 0
+        return ZeroPointSpectrum(np.zeros(1), np.array([P]), P, n, R, d, "zero", None, chk.slope, 0.0, chk, matrix)
     if n == 2:
         spec = two_shortcut_spectrum(zp, R, pre, mid, post)
         spec.matrix = matrix
@@ -409,11 +413,16 @@ def zero_point_spectrum(zp: ZeroPointData, shortcut: int, units: int, pre: str =
     if n >= 3:
         return ZeroPointSpectrum(np.zeros(1), np.array([P]), P, n, R, d, "zero", None, chk.slope, 0.0, chk, matrix)
     gnorm = float(one_shortcut_gradient(zp, R, pre, post).norm())
-    if matrix == "ggn":  # J (x) A: R eig(A), and zeros for the R - 1 directions that sum to zero over the units
-        A = one_shortcut_blocks(zp, pre, post)[0]
+    if matrix in ("ggn", "empirical_fisher"):  # J (x) A: R eig(A), and zeros for the R - 1 directions that sum to
+        if matrix == "ggn":                   # zero over the units
+            A = one_shortcut_blocks(zp, pre, post)[0]
+        else:
+            p = activation(pre, zp.x)
+            e = zp.residual
+            A = chk.slope ** 2 * torch.einsum("ia,ib,ij,ik->ajbk", e, e, p, p).reshape(d * d, d * d) / zp.m
         ev = np.concatenate([R * torch.linalg.eigvalsh(A).numpy(), np.zeros(1)])
         mult = np.concatenate([np.ones(d * d, dtype=np.int64), np.array([(R - 1) * d * d], dtype=np.int64)])
-        return ZeroPointSpectrum(ev, mult, P, 1, R, d, "closed_form", None, chk.slope, gnorm, chk, "ggn")
+        return ZeroPointSpectrum(ev, mult, P, 1, R, d, "closed_form", None, chk.slope, gnorm, chk, matrix)
     if P > max_dense_params:
         part = "Hessian" if matrix == "hessian" else "Hessian's functional part"
         raise ValueError(f"the 1-shortcut {part} has P = {P} > max_dense_params = {max_dense_params} rows; "

@@ -1495,7 +1495,7 @@ def test_cuda_gauss_newton_and_functional_parts_match_cpu(loss):
 def test_cuda_hvp_parts_match_the_cpu_kernel(loss):
     """shortcut_ext.residual_stack_hvp(..., matrix="ggn" | "functional") on a GPU (no kernel of their own there:
     the fused forward and backward for the loss and gradient, the HVP kernel at the outputs' own targets for G, H
-    less that for F) against the CPU's kernel, with a read-out and, under cross-entropy, targets whose rows do not
+    less that for F; the reference on the device for the empirical Fisher) against the CPU's kernel, with a read-out and, under cross-entropy, targets whose rows do not
     sum to 1."""
     g = torch.Generator().manual_seed(11)
     B, d, q, R, n, K = 40, 6, 4, 5, 2, 3
@@ -1506,7 +1506,7 @@ def test_cuda_hvp_parts_match_the_cpu_kernel(loss):
     y = torch.randn(B, q, generator=g, dtype=torch.float64) if loss == "mse" else \
         2 * torch.rand(B, q, generator=g, dtype=torch.float64)
     acts = ("tanh", "relu", "ssigmoid")
-    for matrix in ("ggn", "functional"):
+    for matrix in ("ggn", "functional", "empirical_fisher"):
         want = torch.ops.shortcut_ext.residual_stack_hvp_part(x, w, y, v, True, *acts, loss, matrix, P)
         got = shortcut_ext.residual_stack_hvp(*(t.to(GPU) for t in (x, w, y, v)), True, *acts, loss=loss,
                                               backend="fused", readout=P.to(GPU), matrix=matrix)

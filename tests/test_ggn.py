@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from shortcut_ext import theory
-from shortcut_ext.curvature import MATRICES, HessianOperator, dense_ggn_func, dense_hessian_func, lanczos
+from shortcut_ext.curvature import (PARTS, HessianOperator, dense_empirical_fisher_func, dense_ggn_func,
+                                    dense_hessian_func, lanczos)
 from shortcut_ext.models import PlainNet, ShortcutNet
 from test_curvature import BACKENDS, CASES, make_data, make_net, split
 from testing import one_thread  # noqa: F401 (the fixture)
@@ -68,6 +69,37 @@ def test_ggn_with_projections(features, backend, loss):
     assert err_vs(f, H - G, H) <= 1e-10
 
 
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "ce_mass"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_empirical_fisher_matches_per_sample_gradients(backend, loss):
+    """matrix="empirical_fisher": (1/m) sum_i g_i g_i^T, against per-sample gradients by jacrev
+    (dense_empirical_fisher_func) and against the outer products of per-sample torch.func.grad computed here;
+    one batch and mini-batches, with a read-out; positive semi-definite, zero at a 2-shortcut zero point."""
+    net = ShortcutNet(3, 2, 2, "tanh", "relu", "identity", init="xavier", seed=3, backend="torch", dtype=F64,
+                      in_features=4, out_features=5)
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(7, 4, generator=g, dtype=F64)
+    Y = (torch.randn(7, 5, generator=g, dtype=F64) if loss == "mse" else torch.randint(0, 5, (7,), generator=g)
+         if loss == "cross_entropy" else 3 * torch.rand(7, 5, generator=g, dtype=F64))
+    loss = "mse" if loss == "mse" else "cross_entropy"
+    Fe = dense_empirical_fisher_func(net, (X, Y), loss=loss)
+    from shortcut_ext import reference
+
+    w0 = net.weight.detach().reshape(-1)
+    grads = torch.stack([torch.func.grad(lambda w, i=i: reference.loss_fn(
+        loss, net.forward_with(w.view(net.weight.shape), X[i:i + 1], backend="torch"), Y[i:i + 1]))(w0)
+        for i in range(7)])
+    assert err_vs(Fe, grads.T @ grads / 7, Fe) <= 1e-13
+    for data in ((X, Y), split(X, Y, [3, 4])):
+        op = HessianOperator(net, data, loss=loss, backend=backend, matrix="empirical_fisher")
+        assert err_vs(op.to_dense(), Fe, Fe) <= 1e-10
+    assert float(torch.linalg.eigvalsh(Fe).min()) >= -1e-12 * float(Fe.abs().max())
+    zero = ShortcutNet(3, 2, 2, "tanh", "tanh", "identity", init="zero", backend="torch", dtype=F64)
+    X3 = X[:, :3]
+    Y3 = Y[:, :3] if Y.dim() == 2 else Y % 3
+    assert not HessianOperator(zero, (X3, Y3), loss=loss, backend=backend, matrix="empirical_fisher").to_dense().any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unnormalised_probability_targets_scale_the_gauss_newton_part(backend):
     """Cross-entropy with target rows of mass c_i != 1: the loss's Hessian in the outputs is c_i (diag(s) - s s^T),
@@ -118,7 +150,7 @@ def test_the_fused_operator_runs_the_gauss_newton_kernel_on_the_cpu():
     net = make_net(2, "xavier", ("identity", "relu", "tanh"), d=4, units=3, seed=8)
     X, Y = make_data(m=12, p=4, q=4, seed=9)
     V = torch.randn(net.weight.numel(), 2, dtype=F64, generator=torch.Generator().manual_seed(1))
-    for matrix in ("ggn", "functional"):
+    for matrix in ("ggn", "functional", "empirical_fisher"):
         op = HessianOperator(net, split(X, Y, [5, 7]), backend="fused", matrix=matrix)
         with Calls() as calls:
             op.matmat(V)
@@ -130,9 +162,9 @@ def test_the_fused_operator_runs_the_gauss_newton_kernel_on_the_cpu():
 def test_the_parts_sum_to_the_hessian_and_the_loss_is_the_losses(backend):
     net = make_net(2, "xavier", ("identity", "relu", "tanh"), d=4, units=3, seed=8)
     X, Y = make_data(m=12, p=4, q=4, seed=9)
-    ops = {m: HessianOperator(net, (X, Y), backend=backend, matrix=m) for m in MATRICES}
+    ops = {m: HessianOperator(net, (X, Y), backend=backend, matrix=m) for m in ("hessian",) + PARTS}
     V = torch.randn(ops["hessian"].P, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
-    HV, GV, FV = (ops[m].matmat(V) for m in MATRICES)
+    HV, GV, FV = (ops[m].matmat(V) for m in ("hessian",) + PARTS)
     assert float((GV + FV - HV).abs().max()) <= 1e-12 * float(HV.abs().max())
     assert torch.allclose(ops["ggn"].matvec(V[:, 1]), GV[:, 1], rtol=1e-13, atol=1e-15)  # batched == one by one
     # the loss and gradient are the loss's, whatever the matrix
@@ -192,7 +224,7 @@ def test_lanczos_on_the_parts_of_a_trained_like_net():
     negative ones come from F (Weyl: lambda_min(H) >= lambda_min(F) since G >= 0)."""
     net = ShortcutNet(4, 6, 2, "identity", "tanh", "identity", init="xavier", seed=13, dtype=F64)
     X, Y = make_data(m=30, p=4, q=4, seed=14)
-    res = {m: lanczos(HessianOperator(net, (X, Y), matrix=m), k=2, seed=0) for m in MATRICES}
+    res = {m: lanczos(HessianOperator(net, (X, Y), matrix=m), k=2, seed=0) for m in ("hessian",) + PARTS}
     assert res["ggn"].smallest.min() >= -1e-10 * res["ggn"].abs_max
     assert res["hessian"].smallest.min() >= res["functional"].smallest.min() - 1e-9
     assert res["hessian"].largest.max() <= res["ggn"].largest.max() + res["functional"].largest.max() + 1e-9
@@ -211,7 +243,7 @@ def test_float32_ggn_matches_float64():
 @pytest.mark.parametrize("bad", ["gn", "Hessian", None, 1])
 def test_an_unknown_matrix_is_refused(bad):
     net = make_net(2, "zero", ("identity",) * 3)
-    with pytest.raises(ValueError, match=r"matrix must be one of \('hessian', 'ggn', 'functional'\).*got " + repr(bad)):
+    with pytest.raises(ValueError, match=r"matrix must be one of \('hessian', 'ggn', 'functional', 'empirical_fisher'\).*got " + repr(bad)):
         HessianOperator(net, make_data(), matrix=bad)
 
 

@@ -2,7 +2,8 @@
 J v``; ``"functional"``: ``F v = (H - G) v``), against the reference (``jvp`` then ``vjp`` for ``G``, double backward
 less that for ``F``) and dense matrices: ``G = J^T H_z J`` from ``torch.func.jacrev`` of the outputs and
 ``torch.func.hessian`` of the loss in the outputs (no closed form of ``H_l`` in it), ``F = H - G`` with ``H`` by
-``torch.func.hessian``; in both memory modes of the CPU kernel."""
+``torch.func.hessian``; and the empirical Fisher (``matrix="empirical_fisher"``) against ``(1/m) sum_i g_i g_i^T``
+from ``jacrev`` of the per-sample losses; in both memory modes of the CPU kernel."""
 from __future__ import annotations
 
 import pytest
@@ -19,6 +20,7 @@ pytestmark = requires_fused
 
 
 PARTS = ("ggn", "functional")
+KINDS = PARTS + ("empirical_fisher",)  # what the op computes besides the Hessian
 
 
 def _assert_rel_to(a, b, scale, bound, what):
@@ -41,7 +43,8 @@ def _ref(x, w, y, v, shortcut, acts, loss, P=None, matrix="ggn"):
 
 def _dense_part(x, w, y, v, shortcut, acts, loss, P=None, matrix="ggn"):
     """``G @ v`` with ``G = J^T H_z J``: ``J`` the Jacobian of the outputs ``z`` ``[B, q]`` in the flat weights,
-    ``H_z`` the Hessian of the whole loss in ``z`` (``[B, q, B, q]``); or ``(H - G) @ v``, or ``H @ v``."""
+    ``H_z`` the Hessian of the whole loss in ``z`` (``[B, q, B, q]``); or ``(H - G) @ v``, or ``H @ v``; or the
+    empirical Fisher's, ``(1/B) sum_i g_i g_i^T @ v`` with ``g_i`` the gradient of sample i's loss."""
     shape = w.shape
 
     def outputs(flat):
@@ -49,6 +52,10 @@ def _dense_part(x, w, y, v, shortcut, acts, loss, P=None, matrix="ggn"):
         return f if P is None else f @ P.T
 
     flat = w.reshape(-1)
+    if matrix == "empirical_fisher":
+        B = x.shape[0]
+        g = jacrev(lambda fl: torch.stack([ref.loss_fn(loss, outputs(fl)[i:i + 1], y[i:i + 1]) for i in range(B)]))(flat)
+        return (v.reshape(v.shape[0], -1) @ (g.T @ g / B)).view(v.shape)
     J = jacrev(outputs)(flat)  # [B, q, p]
     Hz = hessian(lambda z: ref.loss_fn(loss, z, y))(outputs(flat))  # [B, q, B, q]
     M = torch.einsum("aip,aibj,bjr->pr", J, Hz, J)
@@ -58,7 +65,7 @@ def _dense_part(x, w, y, v, shortcut, acts, loss, P=None, matrix="ggn"):
     return (v.reshape(v.shape[0], -1) @ M.T).view(v.shape)
 
 
-@pytest.mark.parametrize("matrix", PARTS)
+@pytest.mark.parametrize("matrix", KINDS)
 @pytest.mark.parametrize("target", TARGETS + ("ce_mass",))
 @pytest.mark.parametrize("n,shortcut", [(1, True), (2, True), (3, True), (1, False), (2, False)])
 def test_float64_matches_reference_and_dense_parts(n, shortcut, target, matrix):
@@ -86,7 +93,7 @@ def test_float64_matches_reference_and_dense_parts(n, shortcut, target, matrix):
             _assert_rel(got[1], hvp[1], 1e-14, case + " gradient vs the HVP op's")
 
 
-@pytest.mark.parametrize("matrix", PARTS)
+@pytest.mark.parametrize("matrix", KINDS)
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("q", [1, 3, 7])  # fewer targets than the width (d = 3), as many, more
 def test_a_readout_gives_the_parts_of_the_read_out_loss(q, target, matrix):
@@ -109,12 +116,12 @@ def test_many_tiles_and_segments(B, d, R, n, K, target):
     widths on both sides of the record policy (d >= 32 keeps every record by default)."""
     x, w, y, v, loss = _problem(B, d, R, n, K, target)
     acts = ("tanh", "relu", "ssigmoid")
-    for matrix in PARTS:
+    for matrix in KINDS:
         _assert_rel(_op(x, w, y, v, True, acts, loss, matrix=matrix)[2],
                     _ref(x, w, y, v, True, acts, loss, matrix=matrix)[2], 1e-10, matrix)
 
 
-@pytest.mark.parametrize("matrix", PARTS)
+@pytest.mark.parametrize("matrix", KINDS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_float32_within_torch_error(target, matrix):
     for shortcut, acts in [(True, ("identity", "relu", "identity")), (True, ("tanh", "tanh", "ssigmoid")),
@@ -130,17 +137,17 @@ def test_float32_within_torch_error(target, matrix):
             assert_close_lowp(a, b, c, factor=10.0)
 
 
-@pytest.mark.parametrize("matrix", PARTS)
+@pytest.mark.parametrize("matrix", KINDS)
 def test_symmetric_and_batched_equals_sequential(matrix):
-    """u^T M v = v^T M u, k directions in one call equal k calls, G positive semi-definite, and the two parts sum to
-    the Hessian's products."""
+    """u^T M v = v^T M u, k directions in one call equal k calls, G and the empirical Fisher positive
+    semi-definite, and the two parts sum to the Hessian's products."""
     x, w, y, v, loss = _problem(B=40, d=5, R=6, n=2, K=5, target="ce_index", scale=0.8)
     acts = ("tanh", "ssigmoid", "relu")
     gv = _op(x, w, y, v, True, acts, loss, matrix=matrix)[2]
     for j in range(5):
         one = _op(x, w, y, v[j:j + 1], True, acts, loss, matrix=matrix)[2][0]
         torch.testing.assert_close(one, gv[j], rtol=1e-12, atol=1e-15)
-        if matrix == "ggn":
+        if matrix != "functional":
             assert float((v[j] * gv[j]).sum()) >= 0  # v^T G v >= 0
     uGv, vGu = float((v[0] * gv[1]).sum()), float((v[1] * gv[0]).sum())
     assert abs(uGv - vGu) <= 1e-11 * max(abs(uGv), 1e-3)
@@ -152,11 +159,13 @@ def test_symmetric_and_batched_equals_sequential(matrix):
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_zero_at_a_two_or_more_shortcut_zero_point(n):
-    """At all-zero weights with n >= 2 the outputs do not move to first order (J = 0), so G = 0 exactly and F is
-    the Hessian, Theorem 1's saddle at n = 2 (at n >= 3 it is zero too)."""
+    """At all-zero weights with n >= 2 the outputs do not move to first order (J = 0), so G = 0 exactly (and so
+    is the empirical Fisher: every sample's gradient is zero) and F is the Hessian, Theorem 1's saddle at n = 2 (at
+    n >= 3 it is zero too)."""
     x, w, y, v, loss = _problem(B=7, d=4, R=3, n=n, K=2, target="mse", zero=True)
     acts = ("identity", "tanh", "identity")
     assert not _op(x, w, y, v, True, acts, loss)[2].any()
+    assert not _op(x, w, y, v, True, acts, loss, matrix="empirical_fisher")[2].any()
     hv = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)[2]
     assert torch.equal(_op(x, w, y, v, True, acts, loss, matrix="functional")[2], hv)
     if n == 2:
@@ -182,7 +191,7 @@ def test_the_cuda_path_computed_on_the_cpu(matrix):
     _assert_rel(got[2], _ref(x, w, y, v, True, ("tanh",) * 3, loss, P, matrix)[2], 1e-10, "read-out")
 
 
-@pytest.mark.parametrize("matrix", PARTS)
+@pytest.mark.parametrize("matrix", KINDS)
 def test_public_wrapper_uses_the_part_kernel_on_the_cpu(matrix):
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -207,7 +216,7 @@ def test_public_wrapper_uses_the_part_kernel_on_the_cpu(matrix):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("matrix", PARTS)
+@pytest.mark.parametrize("matrix", KINDS)
 def test_empty_batch_deterministic_and_opcheck(matrix):
     for target in TARGETS:
         x, w, y, v, loss = _problem(B=0, d=3, R=2, n=2, K=2, target=target)
@@ -240,7 +249,7 @@ F64 = dict(dtype=torch.float64)
         (dict(loss="hinge"), ValueError, r"loss must be one of mse, cross_entropy, got 'hinge'"),
         (dict(acts=("identity", "gelu", "identity")), ValueError, r"act_mid must be one of"),
         (dict(P=torch.zeros(2, 4, **F64)), ValueError, r"readout must have shape \[q, d\] = \[q, 3\]"),
-        (dict(matrix="gnn"), ValueError, r"matrix must be one of hessian, ggn, functional, got 'gnn'"),
+        (dict(matrix="gnn"), ValueError, r"matrix must be one of hessian, ggn, functional, empirical_fisher, got 'gnn'"),
     ],
 )
 def test_bad_inputs(change, exc, match, via):

@@ -462,7 +462,7 @@ def test_the_zero_point_spectra_of_the_hessians_parts(n, acts, loss, kw):
     """matrix="ggn" / "functional": G = 0 and F = H at n >= 2; at n = 1 G = J (x) A in closed form (R eig(A) and
     (R - 1) d^2 zeros) and F = H - G assembled, against the dense torch.func parts of the net at zero; the
     structured 1-shortcut operator's parts against the same matrices."""
-    from shortcut_ext.curvature import dense_ggn_func
+    from shortcut_ext.curvature import dense_empirical_fisher_func, dense_ggn_func
 
     d, R = 3, 4
     net = zero_net(d, R, n, acts, **kw)
@@ -478,13 +478,17 @@ def test_the_zero_point_spectra_of_the_hessians_parts(n, acts, loss, kw):
     H = dense_hessian_func(net, (X, Y), loss=loss)
     G = dense_ggn_func(net, (X, Y), loss=loss)
     scale = float(torch.linalg.eigvalsh(H).abs().max())
-    for matrix, D in (("ggn", G), ("functional", H - G)):
+    Fe = dense_empirical_fisher_func(net, (X, Y), loss=loss)
+    for matrix, D in (("ggn", G), ("functional", H - G), ("empirical_fisher", Fe)):
         spec = th.model_zero_point_spectrum(net, X, Y, loss=loss, matrix=matrix)
         assert spec.matrix == matrix and spec.num_params == H.shape[0]
         want = np.linalg.eigvalsh(D.numpy())
         assert np.abs(spec.eigenvalues() - want).max() <= 1e-10 * max(scale, 1e-300) + 1e-14, (matrix, spec.method)
         if n >= 2:
-            assert spec.method == ("zero" if matrix == "ggn" or n >= 3 else "closed_form")
+            assert spec.method == ("zero" if matrix != "functional" or n >= 3 else "closed_form")
+        elif matrix == "empirical_fisher":
+            assert spec.method == "closed_form"
+            continue
         else:
             assert spec.method == ("closed_form" if matrix == "ggn" else "assembled")
             op = th.OneShortcutHessian(th.zero_point_data_from_model(net, X, Y, loss), R, acts[0], acts[2], matrix)
@@ -510,7 +514,7 @@ def test_an_unknown_matrix_is_refused_by_the_theory():
     zp = th.zero_point_data(X, Y)
     for call in (lambda: th.zero_point_spectrum(zp, 2, 3, matrix="gauss"),
                  lambda: th.OneShortcutHessian(zp, 3, matrix="gauss")):
-        with pytest.raises(ValueError, match=r"matrix must be one of hessian, ggn, functional .*got 'gauss'"):
+        with pytest.raises(ValueError, match=r"matrix must be one of hessian, ggn, functional.*got 'gauss'"):
             call()
     with pytest.raises(ValueError, match="Hessian's functional part has P = 40 > max_dense_params = 10"):
         th.zero_point_spectrum(zp, 1, 10, matrix="functional", max_dense_params=10)

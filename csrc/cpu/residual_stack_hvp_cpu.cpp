@@ -28,6 +28,9 @@
 // R{g} set to zero, is F V.  G's reverse pass needs no tangents: it recomputes a segment's forward only and
 // keeps no checkpoints of them, about (2 + 2K) + (2 + 2K) = 4 + 4K n d^2 multiply-adds per row and unit in all
 // against 4 + 8K for H (K = 16: 68 against 132).  F costs what H does (not H + G).
+// The empirical Fisher (matrix = "empirical_fisher"), (1/B) sum_i grad l_i grad l_i^T = J^T diag_i(e_i e_i^T / B) J
+// with e_i = dl_i/df, is G's computation with the per-sample rank-one e_i e_i^T in place of the loss's Hessian
+// H_l: the seed R{g}_i = B g_i (g_i . R{f}_i), g_i = e_i / B, read out or not (g and R{f} are f's).
 //
 // The K tangents of a tile are carried together, row-major as [m, K, d] (each sample's K tangent
 // rows are adjacent).  That layout turns every K-fold product into one GEMM:
@@ -608,7 +611,7 @@ bool hvp_store_records(double mb, int64_t d) {
 template <typename T>
 void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
               bool shortcut, Acts acts, Loss loss, const c10::optional<at::Tensor>& readout, bool gn, bool functional,
-              at::Tensor& loss_out, at::Tensor& grad_w, at::Tensor& hvps) {
+              bool fisher, at::Tensor& loss_out, at::Tensor& grad_w, at::Tensor& hvps) {
   const int64_t B = x.size(0), d = x.size(1), R = weights.size(0), n = weights.size(1), K = directions.size(0);
   const int64_t dd = d * d;
   const at::Tensor wt = transpose_weights<T>(weights);  // [R, n, d_in, d_out]
@@ -705,6 +708,19 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
                                            cls_p ? cls_p + row0 : nullptr, m, K, d, inv_b, g_p + row0 * d,
                                            rg_p + row0 * K * d, p);
         if (functional) std::fill(rg_p + row0 * K * d, rg_p + (row0 + m) * K * d, T(0));  // F: g's terms alone
+        if (fisher) {  // R{g}_i = B g_i (g_i . R{f}_i): the sample's gradient outer product, not H_l
+          for (int64_t i = 0; i < m; ++i) {
+            const T* gi = g_p + (row0 + i) * d;
+            for (int64_t j = 0; j < K; ++j) {
+              const T* rfi = rec.rho + (i * K + j) * d;
+              T* rgi = rg_p + ((row0 + i) * K + j) * d;
+              T dot = 0;
+              for (int64_t c = 0; c < d; ++c) dot += gi[c] * rfi[c];
+              dot *= T(B);
+              for (int64_t c = 0; c < d; ++c) rgi[c] = dot * gi[c];
+            }
+          }
+        }
       }
     }
     gemm_release();
@@ -823,7 +839,7 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   }
 }
 
-enum class Part { Hessian, Ggn, Functional };
+enum class Part { Hessian, Ggn, Functional, EmpiricalFisher };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_cpu(
     const at::Tensor& x_arg,       // [B, d]
@@ -851,8 +867,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_cpu(
     return {loss_out, grad_w, hvps};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cpu", [&] {
-    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, readout, part == Part::Ggn,
-                       part == Part::Functional, loss_out, grad_w, hvps);
+    hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, readout,
+                       part == Part::Ggn || part == Part::EmpiricalFisher, part == Part::Functional,
+                       part == Part::EmpiricalFisher, loss_out, grad_w, hvps);
   });
   return {loss_out, grad_w, hvps};
 }
@@ -865,7 +882,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
 }
 
 // The products with one part of the Hessian: matrix "ggn" (G = J^T H_l J), "functional" (F = H - G) or
-// "hessian"; the loss and gradient are the loss's either way.
+// "hessian"; or with the empirical Fisher ("empirical_fisher"); the loss and gradient are the loss's either way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_part_cpu(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
@@ -877,8 +894,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_part_cpu(
     part = Part::Ggn;
   } else if (matrix == "functional") {
     part = Part::Functional;
+  } else if (matrix == "empirical_fisher") {
+    part = Part::EmpiricalFisher;
   } else {
-    TORCH_CHECK_VALUE(false, "matrix must be one of hessian, ggn, functional, got '", std::string(matrix), "'");
+    TORCH_CHECK_VALUE(false, "matrix must be one of hessian, ggn, functional, empirical_fisher, got '",
+                      std::string(matrix), "'");
   }
   return hvp_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, part);
 }

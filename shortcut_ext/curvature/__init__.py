@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from ._linop import TorchOperator, as_torch_operator
 from .condition import ConditionReport, abs_quantile, condition_report, hessian_probes, report_from_eigenvalues
-from .hessian import MATRICES, MAX_DENSE_PARAMS, HessianOperator, dense_ggn_func, dense_hessian_func, fused_hvp_available
+from .hessian import (MATRICES, MAX_DENSE_PARAMS, PARTS, HessianOperator, dense_empirical_fisher_func, dense_ggn_func,
+                      dense_hessian_func, fused_hvp_available)
 from .landscape import (Alignment, BezierCurve, LossSlice, PathPlane, StationaryOrder, align_hidden_units,
                         bezier_point, fit_bezier_curve, loss_at, loss_slice, losses_at, path_directions,
                         permute_hidden_units, random_directions, stationary_order)
@@ -35,6 +36,7 @@ from .trace import TraceEstimate, hutchinson1989, hutchinson_trace, hutchpp_trac
 
 __all__ = [
     "MATRICES",
+    "PARTS",
     "MAX_DENSE_PARAMS",
     "Alignment",
     "BezierCurve",
@@ -54,6 +56,7 @@ __all__ = [
     "bezier_point",
     "block_lanczos",
     "condition_report",
+    "dense_empirical_fisher_func",
     "dense_ggn_func",
     "dense_hessian_func",
     "fused_hvp_available",

@@ -264,18 +264,18 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
         q: the quantile reported as ``lam_q10``.
         distributed, process_group: ``data`` is this rank's shard of a data-parallel run (see
             :class:`~shortcut_ext.curvature.hessian.HessianOperator`); every rank gets the same probes.
-        matrix: ``"hessian"``, or one of its parts, ``"ggn"`` / ``"functional"`` (see
+        matrix: ``"hessian"``, one of its parts, ``"ggn"`` / ``"functional"``, or ``"empirical_fisher"`` (see
             :class:`~shortcut_ext.curvature.hessian.HessianOperator`).
         parts: also probe these parts (``"ggn"``, ``"functional"``) of ``matrix="hessian"``, under prefixed keys
             (``ggn_lam_max``, ``functional_index``, ...).  On the exact path the dense ``H`` and ``G`` are
             assembled once each and ``F = H - G`` is their difference (two assemblies for all three).
     """
-    from .hessian import MATRICES, HessianOperator
+    from .hessian import PARTS, HessianOperator
 
     parts = tuple(parts)
-    bad = [p for p in parts if p not in MATRICES[1:]]
+    bad = [p for p in parts if p not in PARTS]
     if bad or (parts and matrix != "hessian"):
-        raise ValueError(f"parts must name parts of the Hessian, {MATRICES[1:]} (with matrix='hessian'), got "
+        raise ValueError(f"parts must name parts of the Hessian, {PARTS} (with matrix='hessian'), got "
                          f"{parts!r} with matrix={matrix!r}")
     if dtype is None and model.weight.numel() <= exact_max_params:
         dtype = torch.float64

@@ -63,7 +63,8 @@ from .._dist import all_reduce, group_of, model_signature, ranks_agree
 from ..reference import LOSSES
 
 BACKENDS = ("fused", "autograd", "func")
-MATRICES = ("hessian", "ggn", "functional")
+MATRICES = ("hessian", "ggn", "functional", "empirical_fisher")
+PARTS = ("ggn", "functional")  # the Hessian's two parts, H = G + F
 
 
 class FallbackWarning(UserWarning):
@@ -170,8 +171,10 @@ class HessianOperator:
             memory for a large data set on the GPU; then do not change the tensors while the operator is
             in use).
         matrix: ``"hessian"`` (default), ``"ggn"`` (the generalised Gauss-Newton part ``G = J^T H_l J``) or
-            ``"functional"`` (the rest, ``H - G``); see the module docstring.  ``loss_and_grad`` is the
-            loss's either way.
+            ``"functional"`` (the rest, ``H - G``); see the module docstring.  Or ``"empirical_fisher"``, ``(1/m)
+            sum_i grad l_i grad l_i^T`` (not a part of ``H``: ``G`` with the per-sample ``e_i e_i^T`` in place of
+            ``H_l``, ``e_i = dl_i/dz_i``; fused on the CPU, by ``torch.func`` elsewhere).  ``loss_and_grad`` is
+            the loss's either way.
 
     >>> import torch
     >>> from shortcut_ext.models import ShortcutNet
@@ -191,7 +194,7 @@ class HessianOperator:
             raise TypeError(f"copy_data must be True or False, got {copy_data!r}")
         if not isinstance(matrix, str) or matrix not in MATRICES:
             raise ValueError(f"matrix must be one of {MATRICES} (the Hessian, its Gauss-Newton part G = J^T H_l J, "
-                             f"or the rest H - G), got {matrix!r}")
+                             f"the rest H - G, or the empirical Fisher), got {matrix!r}")
         self._copy_data = copy_data
         self.matrix = matrix
         w = getattr(model, "weight", None)
@@ -295,7 +298,7 @@ class HessianOperator:
         # the GGN's targets: each batch's own predictions (zero residual), in the form the products take them,
         # where G is a Hessian at other targets (not the func backend's J^T H_l J, nor the CPU's GGN kernel)
         self._ggn_kernel = self.backend_used == "fused" and self.device.type == "cpu"
-        self._ggn_y = None if self.matrix == "hessian" or self.backend_used == "func" or self._ggn_kernel else [
+        self._ggn_y = None if self.matrix not in PARTS or self.backend_used == "func" or self._ggn_kernel else [
             self._prediction_targets(h0, y) for h0, y, _ in self._batches]
         self.num_products = 0
 
@@ -451,11 +454,14 @@ class HessianOperator:
         return out.reshape(V.shape[1], self.P).T
 
     def _product(self, fn, i, h0, y, D):
-        """One batch's product with the operator's matrix: ``H D``, ``G D`` or ``(H - G) D``."""
+        """One batch's product with the operator's matrix: ``H D``, ``G D``, ``(H - G) D`` or the empirical
+        Fisher's."""
         if self.matrix == "hessian":
             return fn(h0, y, D)
-        if self._ggn_kernel:  # either part in one call of the CPU kernel
+        if self._ggn_kernel:  # any of them in one call of the CPU kernel
             return self._hvp_fused(h0, y, D, matrix=self.matrix)
+        if self.matrix == "empirical_fisher":
+            return self._ggn_func(h0, y, D, fisher=True)
         if self.backend_used == "func":
             g = self._ggn_func(h0, y, D)
         else:  # the Hessian at the batch's own predictions
@@ -500,9 +506,10 @@ class HessianOperator:
 
         return vmap(hvp)(D)
 
-    def _ggn_func(self, h0, y, D):
-        """``G D = J^T H_l J D`` directly: ``jvp`` of the outputs, the loss's Hessian in the outputs, ``vjp``."""
-        from torch.func import jvp, vjp, vmap
+    def _ggn_func(self, h0, y, D, fisher=False):
+        """``G D = J^T H_l J D`` directly: ``jvp`` of the outputs, the loss's Hessian in the outputs, ``vjp``;
+        ``fisher``: the empirical Fisher's, ``e_i e_i^T`` in place of ``H_l`` (``e_i = dl_i/dz_i``)."""
+        from torch.func import grad, jvp, vjp, vmap
 
         shape, m = self._W.shape, h0.shape[0]
 
@@ -513,9 +520,12 @@ class HessianOperator:
         z, back = vjp(outputs, self._W)
         s = torch.softmax(z, dim=1) if self.loss == "cross_entropy" else None
         c = 1.0 if s is None or y.dim() == 1 else y.sum(dim=1, keepdim=True)  # the targets' mass per sample
+        e = grad(lambda zz: reference.loss_fn(self.loss, zz, y))(z.detach()) * m if fisher else None
 
         def one(v):
             jv = jvp(outputs, (self._W,), (v,))[1]  # [B, q]
+            if fisher:
+                return back(e * (e * jv).sum(dim=1, keepdim=True) / m)[0]
             u = jv if s is None else c * (s * jv - s * (s * jv).sum(dim=1, keepdim=True))  # H_l (J v), times m
             return back(u / m)[0]
 
@@ -673,3 +683,24 @@ def dense_ggn_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.fl
             HJ = c * (s * J - s * (s * J).sum(dim=1, keepdim=True))
         G += torch.einsum("bqp,bqr->pr", J, HJ) / m
     return G
+
+
+def dense_empirical_fisher_func(model, data, loss: str = "mse", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Reference: the full-data empirical Fisher ``(1/m) sum_i g_i g_i^T`` ``[P, P]``, ``g_i`` the gradient of
+    sample i's own loss (by ``torch.func.jacrev`` of the per-sample losses of the model's ``forward_with``).
+    Built apart from :class:`HessianOperator` (``matrix="empirical_fisher"``), for tests and tiny nets only."""
+    from torch.func import jacrev
+
+    net, w0, batches, m = _dense_reference_setup(model, data, loss, dtype)
+    Fm = torch.zeros(w0.numel(), w0.numel(), dtype=dtype, device=w0.device)
+    for x, y in batches:
+        x = x.to(device=w0.device, dtype=dtype)
+        y = y.to(device=w0.device, dtype=dtype if y.is_floating_point() else y.dtype)
+
+        def per_sample(w, x=x, y=y):  # [B]: each sample's loss (a batch of one is its own mean)
+            z = net.forward_with(w, x, backend="torch")
+            return torch.stack([reference.loss_fn(loss, z[i:i + 1], y[i:i + 1]) for i in range(x.shape[0])])
+
+        g = jacrev(per_sample)(w0)  # [B, P]
+        Fm += g.T @ g / m
+    return Fm

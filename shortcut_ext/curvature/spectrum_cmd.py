@@ -49,7 +49,8 @@ from ..reference import LOSSES
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 DIGITS_SAMPLES = 1797  # scikit-learn's bundled digits (shortcut_ext.data.digits)
 THEORY_DENSE_PARAMS = 8192  # the 1-shortcut zero-point Hessian is assembled densely up to this P
-MATRIX_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton part G", "functional": "functional part H - G"}
+MATRIX_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton part G", "functional": "functional part H - G",
+                "empirical_fisher": "empirical Fisher"}
 
 
 def steps_type(text: str) -> int:
@@ -174,8 +175,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "cuda: each rank takes cuda:LOCAL_RANK); rank r holds samples r, r + world, ...; rank 0 writes")
     g.add_argument("--matrix", choices=MATRICES, default="hessian",
                    help="the Hessian H (default), its generalised Gauss-Newton part G = J^T H_l J (ggn), or the rest "
-                        "F = H - G (functional); on the CPU's fused backend each costs one call a product (G about half an "
-                        "H's at many directions), elsewhere F costs two")
+                        "F = H - G (functional); or the empirical Fisher (1/m) sum_i grad l_i grad l_i^T (empirical_fisher); on "
+                        "the CPU's fused backend each costs one call a product (G and the empirical Fisher about half "
+                        "an H's at many directions), elsewhere F costs two")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
