@@ -17,7 +17,7 @@ from shortcut_ext.curvature import (PARTS, HessianOperator, dense_empirical_fish
                                     dense_hessian_func, lanczos)
 from shortcut_ext.models import PlainNet, ShortcutNet
 from test_curvature import BACKENDS, CASES, make_data, make_net, split
-from testing import one_thread  # noqa: F401 (the fixture)
+from testing import DispatchCalls, one_thread  # noqa: F401 (the fixture)
 
 F64 = torch.float64
 
@@ -136,23 +136,12 @@ def test_the_fused_operator_runs_the_gauss_newton_kernel_on_the_cpu():
     """matrix="ggn" / "functional" on the CPU's fused backend: one call a batch of residual_stack_hvp_part (G without
     the net's second derivatives, F with a zero output seed), not the HVP kernel at prediction targets and H less
     that (the CUDA path)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     net = make_net(2, "xavier", ("identity", "relu", "tanh"), d=4, units=3, seed=8)
     X, Y = make_data(m=12, p=4, q=4, seed=9)
     V = torch.randn(net.weight.numel(), 2, dtype=F64, generator=torch.Generator().manual_seed(1))
     for matrix in ("ggn", "functional", "empirical_fisher"):
         op = HessianOperator(net, split(X, Y, [5, 7]), backend="fused", matrix=matrix)
-        with Calls() as calls:
+        with DispatchCalls() as calls:
             op.matmat(V)
         assert [n for n in calls.names if n.startswith("shortcut_ext.")] == \
             ["shortcut_ext.residual_stack_hvp_part.default"] * 2, (matrix, calls.names)

@@ -12,7 +12,7 @@ from torch.func import hessian
 import shortcut_ext
 from shortcut_ext import reference as ref
 from shortcut_ext.ops import residual_stack_hvp
-from testing import assert_close_lowp, requires_fused, stack_inputs
+from testing import DispatchCalls, assert_close_lowp, requires_fused, stack_inputs
 
 pytestmark = requires_fused
 
@@ -222,23 +222,12 @@ def test_deterministic_and_thread_count():
 def test_public_wrapper_uses_fused_op():
     """backend="fused" calls the kernel (seen by a dispatch mode) and agrees with the reference; it used
     to be checked by values alone, which a silent fallback to the reference also gives."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x, w, y, v, loss = _problem(B=8, d=3, R=2, n=2, K=2, target="ce_index")
     acts = ("tanh", "tanh", "tanh")
-    with Calls() as calls:
+    with DispatchCalls() as calls:
         got = residual_stack_hvp(x, w, y, v, True, *acts, loss=loss, backend="fused")
     assert "shortcut_ext.residual_stack_hvp.default" in calls.names, calls.names[:10]
-    with Calls() as calls:
+    with DispatchCalls() as calls:
         want = residual_stack_hvp(x, w, y, v, True, *acts, loss=loss, backend="torch")
     assert "shortcut_ext.residual_stack_hvp.default" not in calls.names
     for a, b in zip(got, want):

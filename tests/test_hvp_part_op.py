@@ -14,7 +14,7 @@ import shortcut_ext
 from shortcut_ext import ops
 from shortcut_ext import reference as ref
 from test_hvp_op import PATTERNS, TARGETS, _assert_rel, _problem, _readout_problem, hvp_memory_mode  # noqa: F401
-from testing import assert_close_lowp, requires_fused
+from testing import DispatchCalls, assert_close_lowp, requires_fused
 
 pytestmark = requires_fused
 
@@ -193,23 +193,12 @@ def test_the_cuda_path_computed_on_the_cpu(matrix):
 
 @pytest.mark.parametrize("matrix", KINDS)
 def test_public_wrapper_uses_the_part_kernel_on_the_cpu(matrix):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x, w, y, v, loss = _problem(B=8, d=3, R=2, n=2, K=2, target="ce_prob")
     acts = ("tanh", "relu", "tanh")
-    with Calls() as calls:
+    with DispatchCalls() as calls:
         got = shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss=loss, backend="fused", matrix=matrix)
     assert [n for n in calls.names if n.startswith("shortcut_ext.")] == ["shortcut_ext.residual_stack_hvp_part.default"]
-    with Calls() as calls:
+    with DispatchCalls() as calls:
         want = shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss=loss, backend="torch", matrix=matrix)
     assert not any(n.startswith("shortcut_ext.") for n in calls.names)
     for a, b in zip(got, want):

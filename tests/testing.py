@@ -73,3 +73,22 @@ def assert_close_lowp(out: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Te
     scale = ref64.abs().max().item() if out.numel() else 0.0
     bound = factor * base + 2e-6 * scale + 1e-12  # floor: ~17 ulp of the largest value (1e-5 hid 67-ulp errors)
     assert err <= bound, f"float32 error {err:.3e} exceeds {factor} x torch's own {base:.3e} (+ floor) = {bound:.3e}"
+
+
+class DispatchCalls:
+    """A context that records the name of every op dispatched inside it (``calls.names``): which kernels a call
+    ran, not only what it returned (a silent fallback to a reference gives the same values)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Calls(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.names = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.names.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        return _Calls()
