@@ -44,7 +44,9 @@ from .ops import autocast_off
 from .reference import LOSSES, eigen_eps, loss_fn
 
 OPTIMIZERS = ("gd", "sgd", "adam")
-PROBE_PARTS = ("ggn", "functional")  # the Hessian's parts a probe can add (HessianOperator(matrix=...))
+# the matrices a probe can add beside the Hessian (HessianOperator(matrix=...)): its two parts, and the empirical
+# Fisher (not a part of H)
+PROBE_PARTS = ("ggn", "functional", "empirical_fisher")
 __all__ = [
     "OPTIMIZERS",
     "TrainConfig",
@@ -74,9 +76,10 @@ class TrainConfig:
         probe_every: Hessian probes every this many epochs (0: none) ...
         probe_epochs: ... or at exactly these epochs (overrides ``probe_every``).
         exact_max_params: largest parameter count probed with an exact dense Hessian.
-        probe_parts: also probe these parts of the Hessian at each probe, ``"ggn"`` (the Gauss-Newton part
-            ``G = J^T H_l J``) and / or ``"functional"`` (the rest, ``H - G``): the same numbers under the
-            keys ``ggn_lam_max``, ``functional_index``, ... (see ``HessianOperator(matrix=...)``).
+        probe_parts: also probe these matrices at each probe, ``"ggn"`` (the Hessian's Gauss-Newton part
+            ``G = J^T H_l J``), ``"functional"`` (the rest, ``H - G``) and / or ``"empirical_fisher"`` (``(1/m)
+            sum_i g_i g_i^T``): the same numbers under the keys ``ggn_lam_max``, ``functional_index``,
+            ``empirical_fisher_lam_max``, ... (see ``HessianOperator(matrix=...)``).
         divergence_factor: a loss above ``divergence_factor * max(initial loss, 1)`` counts as diverged.
         seed: seeds the mini-batch order and the random vectors of the Hessian probes (Lanczos, SLQ).
             Any integer in [0, 2^63); torch's CPU generator keeps its low 32 bits, so seeds equal
@@ -151,8 +154,8 @@ class TrainConfig:
         except TypeError:
             parts = None
         if parts is None or any(p not in PROBE_PARTS for p in parts):
-            raise ValueError(f"probe_parts must be a sequence of {PROBE_PARTS} (the Hessian's Gauss-Newton part and "
-                             f"the rest), got {self.probe_parts!r}")
+            raise ValueError(f"probe_parts must be a sequence of {PROBE_PARTS} (the Hessian's Gauss-Newton part, the "
+                             f"rest, the empirical Fisher), got {self.probe_parts!r}")
         self.probe_parts = tuple(p for p in PROBE_PARTS if p in parts)
 
     def probes_at(self, epoch: int) -> bool:

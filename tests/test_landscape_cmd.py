@@ -634,32 +634,36 @@ def test_the_plane_of_the_hessians_extreme_eigenvectors(tmp_path, capsys):
 
 
 def test_the_eigenvectors_of_the_hessians_parts(tmp_path, capsys):
-    """--directions hessian --matrix ggn | functional: the two largest eigenvectors of G (positive semi-definite: its
-    smallest are a null space) or the extreme ones of F = H - G (the dense references', up to sign), while the grid's quadratic model stays the Hessian's (u^T H v on those directions);
+    """--directions hessian --matrix ggn | functional | empirical_fisher: the two largest eigenvectors of G or of the
+    empirical Fisher (positive semi-definite: their smallest are a null space) or the extreme ones of F = H - G (the dense references', up to sign), while the grid's quadratic model stays the Hessian's (u^T H v on those directions);
     a zero G (the 2-shortcut zero point) is refused, naming --matrix hessian; the default keeps the fingerprint of
     earlier versions."""
-    from shortcut_ext.curvature import dense_ggn_func, dense_hessian_func
+    from shortcut_ext.curvature import dense_empirical_fisher_func, dense_ggn_func, dense_hessian_func
 
     extra = ["--init", "small", "--scale", "0.4", "--mid", "tanh", "--points", "5", "--span", "0.3", "--plane",
              "--directions", "hessian"]
     X, Y = load_data("synthetic", 24, 3, 0, 0.1, torch.float64)
     net = ShortcutNet(3, 5, 2, "identity", "tanh", "identity", init="small", scale=0.4, seed=0, dtype=torch.float64)
     H, G = dense_hessian_func(net, (X, Y)), dense_ggn_func(net, (X, Y))
-    for m, D in (("ggn", G), ("functional", H - G)):
+    for m, D in (("ggn", G), ("functional", H - G), ("empirical_fisher", dense_empirical_fisher_func(net, (X, Y)))):
         out = tmp_path / m
         assert main(TINY + extra + ["--matrix", m, "--out", str(out)]) == 0
         r = _result(out)
         lam, U = torch.linalg.eigh(D)
-        j = -2 if m == "ggn" else 0  # G is positive semi-definite: its plane is its two largest eigenvectors'
+        j = 0 if m == "functional" else -2  # G is positive semi-definite: its plane is its two largest eigenvectors'
         assert r["eigen"]["matrix"] == m
         assert r["eigen"]["eigenvalues"] == pytest.approx([float(lam[-1]), float(lam[j])], rel=1e-7, abs=1e-9)
         V = torch.stack([U[:, -1], U[:, j]], dim=1)
         V = V * torch.sign(V.gather(0, V.abs().argmax(dim=0, keepdim=True)))
         np.testing.assert_allclose(np.array(r["curvature"]), (V.T @ H @ V).numpy(), rtol=1e-6, atol=1e-8)
-        words = {"ggn": "Gauss-Newton part's", "functional": "functional part's (H - G)"}[m]
+        words = {"ggn": "Gauss-Newton part's", "functional": "functional part's (H - G)",
+                 "empirical_fisher": "empirical Fisher's"}[m]
         assert f"the directions are the {words} eigenvectors" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"the Gauss-Newton part is 0 at these weights .*use --matrix hessian"):
         main(TINY + ["--init", "zero", "--directions", "hessian", "--matrix", "ggn", "--out", str(tmp_path / "z")])
+    with pytest.raises(SystemExit, match=r"the empirical Fisher is 0 at these weights .*use --matrix hessian"):
+        main(TINY + ["--init", "zero", "--directions", "hessian", "--matrix", "empirical_fisher", "--out",
+                     str(tmp_path / "z")])
     from shortcut_ext.cli import build_parser
     from shortcut_ext.curvature import landscape_cmd
 

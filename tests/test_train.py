@@ -325,26 +325,31 @@ def test_probes_along_training(teacher):
 
 
 def test_probes_of_the_hessians_parts(teacher):
-    """probe_parts: the Gauss-Newton part and the rest, probed beside the Hessian at the same weights, equal the
-    dense references' spectra; near the zero saddle the Hessian is all functional part, G ~ 0."""
-    from shortcut_ext.curvature import dense_ggn_func, dense_hessian_func
+    """probe_parts: the Gauss-Newton part, the rest and the empirical Fisher, probed beside the Hessian at the same
+    weights, equal the dense references' spectra; near the zero saddle the Hessian is all functional part, G ~ 0."""
+    from shortcut_ext.curvature import dense_empirical_fisher_func, dense_ggn_func, dense_hessian_func
 
     X, Y, l_min = teacher
     net = _net("2-shortcut", depth=4)
-    res = train(net, (X, Y), TrainConfig(epochs=8, lr=0.3, probe_epochs=[0, 8], probe_parts=["functional", "ggn"]))
+    res = train(net, (X, Y), TrainConfig(epochs=8, lr=0.3, probe_epochs=[0, 8],
+                                         probe_parts=["functional", "empirical_fisher", "ggn"]))
     p0, p = res.probes
     assert p0["ggn_lam_max"] < 1e-3 * p0["functional_lam_max"]
+    assert p0["empirical_fisher_lam_max"] < 1e-2 * p0["functional_lam_max"]  # J ~ 0 there too
     H = dense_hessian_func(net, (X, Y))
     G = dense_ggn_func(net, (X, Y))
-    for part, D in (("ggn", G), ("functional", H - G)):
+    Fe = dense_empirical_fisher_func(net, (X, Y))
+    for part, D in (("ggn", G), ("functional", H - G), ("empirical_fisher", Fe)):
         ev = torch.linalg.eigvalsh(D)
         assert p[f"{part}_lam_max"] == pytest.approx(float(ev.abs().max()), rel=1e-9)
         assert p[f"{part}_method"] == "exact"
-    assert p["ggn_index"] == 0 and p["functional_index"] > 0
+    assert p["ggn_index"] == 0 and p["empirical_fisher_index"] == 0 and p["functional_index"] > 0
+    assert TrainConfig(probe_parts=["empirical_fisher", "ggn"]).probe_parts == ("ggn", "empirical_fisher")
     assert "probe_parts" not in TrainConfig().to_dict()  # the default: earlier versions' keys and checkpoints
     assert TrainConfig(probe_parts="ggn").probe_parts == ("ggn",)
     for bad in (["gn"], 3, ["ggn", None]):
-        with pytest.raises(ValueError, match=r"probe_parts must be a sequence of \('ggn', 'functional'\)"):
+        with pytest.raises(ValueError, match=r"probe_parts must be a sequence of \('ggn', 'functional', "
+                                              r"'empirical_fisher'\)"):
             TrainConfig(probe_parts=bad)
 
 

@@ -731,3 +731,4 @@ def test_probe_parts_are_saved_beside_the_hessians_probes_and_resume(tmp_path, c
 
     assert "probe_parts" not in fingerprint()
     assert fingerprint("--probe-parts", "ggn")["probe_parts"] == ["ggn"]
+    assert fingerprint("--probe-parts", "empirical_fisher", "ggn")["probe_parts"] == ["empirical_fisher", "ggn"]

@@ -266,16 +266,18 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
             :class:`~shortcut_ext.curvature.hessian.HessianOperator`); every rank gets the same probes.
         matrix: ``"hessian"``, one of its parts, ``"ggn"`` / ``"functional"``, or ``"empirical_fisher"`` (see
             :class:`~shortcut_ext.curvature.hessian.HessianOperator`).
-        parts: also probe these parts (``"ggn"``, ``"functional"``) of ``matrix="hessian"``, under prefixed keys
-            (``ggn_lam_max``, ``functional_index``, ...).  On the exact path the dense ``H`` and ``G`` are
-            assembled once each and ``F = H - G`` is their difference (two assemblies for all three).
+        parts: also probe these parts (``"ggn"``, ``"functional"``) of ``matrix="hessian"``, or the
+            ``"empirical_fisher"``, under prefixed keys (``ggn_lam_max``, ``functional_index``, ...).  On the exact
+            path the dense ``H`` and ``G`` are assembled once each and ``F = H - G`` is their difference (two
+            assemblies for all three; the empirical Fisher is one more).
     """
-    from .hessian import PARTS, HessianOperator
+    from .hessian import MATRICES, HessianOperator
 
     parts = tuple(parts)
-    bad = [p for p in parts if p not in PARTS]
+    bad = [p for p in parts if p not in MATRICES[1:]]
     if bad or (parts and matrix != "hessian"):
-        raise ValueError(f"parts must name parts of the Hessian, {PARTS} (with matrix='hessian'), got "
+        raise ValueError(f"parts must name parts of the Hessian or the empirical Fisher, {MATRICES[1:]} (with "
+                         f"matrix='hessian'), got "
                          f"{parts!r} with matrix={matrix!r}")
     if dtype is None and model.weight.numel() <= exact_max_params:
         dtype = torch.float64
@@ -300,10 +302,12 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
             out.update({f"{part}_{k}": v for k, v in probe(operator(part)).items()})
         return out
     H = op.to_dense(force=True)
-    G = operator("ggn").to_dense(force=True)
+    G = operator("ggn").to_dense(force=True) if set(parts) & {"ggn", "functional"} else None
     out = probe(H)
     for part in parts:
-        out.update({f"{part}_{k}": v for k, v in probe(G if part == "ggn" else H - G).items()})
+        D = {"ggn": lambda: G, "functional": lambda: H - G,
+             "empirical_fisher": lambda: operator("empirical_fisher").to_dense(force=True)}[part]()
+        out.update({f"{part}_{k}": v for k, v in probe(D).items()})
     return out
 
 

@@ -109,11 +109,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "--save-weights-every); init: the line from the trained weights (t = 0) to the run's initial "
                         "weights (t = 1; needs --weights); between: the line from --weights (t = 0) to --other's "
                         "weights (t = 1)")
-    g.add_argument("--matrix", choices=("hessian", "ggn", "functional"), default="hessian",
+    g.add_argument("--matrix", choices=("hessian", "ggn", "functional", "empirical_fisher"), default="hessian",
                    help="with --directions hessian: the eigenvectors of the Hessian (default), of its Gauss-Newton "
-                        "part G = J^T H_l J (ggn: its two largest on a plane, G being positive semi-definite), or of "
-                        "the rest H - G (functional); the quadratic model beside the loss is the Hessian's all the "
-                        "same")
+                        "part G = J^T H_l J (ggn: its two largest on a plane, G being positive semi-definite), of "
+                        "the rest H - G (functional), or of the empirical Fisher (1/m) sum_i g_i g_i^T (its two "
+                        "largest, as G's); the quadratic model beside the loss is the Hessian's all the same")
     g.add_argument("--other", metavar="FILE", default=None,
                    help="--directions between: the other end, a weights file of train --save-weights of the same net "
                         "and data (another epoch of the run, or a run from another seed)")
@@ -185,7 +185,9 @@ def _reach(x: float) -> float:
     return round(math.ceil(x / e - 1e-9) * e, 12)
 
 
-_MATRIX_WORDS = {"hessian": "Hessian's", "ggn": "Gauss-Newton part's", "functional": "functional part's (H - G)"}
+_MATRIX_WORDS = {"hessian": "Hessian's", "ggn": "Gauss-Newton part's", "functional": "functional part's (H - G)",
+                 "empirical_fisher": "empirical Fisher's"}
+_PSD = ("ggn", "empirical_fisher")  # positive semi-definite: a plane of the two largest eigenvectors
 _GRID_ONLY = ("points", "span", "range", "order")  # options that shape the grid, not the directions or the curve
 
 
@@ -491,7 +493,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     if eig is not None:
         msg += (f"; the directions are the {_MATRIX_WORDS[eig.get('matrix', 'hessian')]} eigenvectors of lambda max = "
                 + f"{eig['eigenvalues'][0]:.6g}"
-                + (f" and lambda {'2' if eig.get('matrix') == 'ggn' else 'min'} = {eig['eigenvalues'][1]:.6g}"
+                + (f" and lambda {'2' if eig.get('matrix') in _PSD else 'min'} = {eig['eigenvalues'][1]:.6g}"
                    if k == 2 else "")
                 + f" (Lanczos, {eig['num_products']} products"
                 + (")" if eig["converged"] else ", not converged: the vectors are approximate)"))
@@ -583,7 +585,7 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
             print(f"shortcut-ext landscape: the Hessian's eigenvectors are those saved in {saved}", flush=True)
         return got
     # G is positive semi-definite, its smallest eigenvalues a null space: its plane is that of its two largest
-    psd = getattr(args, "matrix", "hessian") == "ggn"
+    psd = getattr(args, "matrix", "hessian") in _PSD
     bar, cb = _progress("lanczos", args.no_progress or not lead)
     try:
         lz = lanczos(H, k=k if psd else 1, which="largest" if psd else "both", seed=args.direction_seed,
@@ -593,8 +595,9 @@ def _eigen_directions(H, k: int, args, world: int = 1, lead: bool = True):
     top = float(lz.largest[0])
     bottom = float(lz.largest[-1]) if psd else float(lz.smallest[0])
     if top == 0 and bottom == 0:
-        if getattr(args, "matrix", "hessian") == "ggn":
-            raise SystemExit("shortcut-ext landscape: --directions hessian --matrix ggn: the Gauss-Newton part is 0 at "
+        if getattr(args, "matrix", "hessian") in _PSD:
+            what = "Gauss-Newton part" if args.matrix == "ggn" else "empirical Fisher"
+            raise SystemExit(f"shortcut-ext landscape: --directions hessian --matrix {args.matrix}: the {what} is 0 at "
                              "these weights (J = 0, as at an n-shortcut net's zero point for n >= 2), so its "
                              "eigenvectors are no particular directions: use --matrix hessian (there the Hessian is "
                              "its functional part)")
@@ -919,7 +922,7 @@ def _plot(path, args, ts, ss, loss, model, center, what=None, result=None) -> No
             ax.set_xlabel(f"t (the {_MATRIX_WORDS[result['eigen'].get('matrix', 'hessian')]} top eigenvector: "
                           f"lambda max = {lam[0]:.4g})")
             ax.set_ylabel(f"s (its second eigenvector: lambda 2 = {lam[1]:.4g})"
-                          if result["eigen"].get("matrix") == "ggn" else
+                          if result["eigen"].get("matrix") in _PSD else
                           f"s (its bottom eigenvector: lambda min = {lam[1]:.4g})")
             ax.set_aspect("equal")
         elif args.directions == "between":  # --curve --plane: the plane of the two nets and the control point

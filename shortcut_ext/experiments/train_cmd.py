@@ -70,8 +70,9 @@ def add_parser(subparsers) -> None:
                    help="momentum of --optimizer sgd (>= 0; default 0)")
     p.add_argument("--probe-every", type=nonneg_int, default=0, help="Hessian probes every N epochs (0: none)")
     p.add_argument("--probe-parts", nargs="+", choices=PROBE_PARTS, default=[], metavar="PART",
-                   help="also probe the Hessian's parts at each probe: ggn (its Gauss-Newton part G = J^T H_l J) "
-                        "and / or functional (H - G); saved as ggn_lam_max, functional_index, ...")
+                   help="also probe these matrices at each probe: ggn (the Hessian's Gauss-Newton part G = J^T H_l "
+                        "J), functional (H - G) and / or empirical_fisher ((1/m) sum_i g_i g_i^T); saved as "
+                        "ggn_lam_max, functional_index, empirical_fisher_lam_max, ...")
     p.add_argument("--exact-max-params", type=nonneg_int, default=4000,
                    help="largest parameter count probed with an exact dense Hessian (SLQ above; default 4000)")
     p.add_argument("--data", nargs="+", default=["digits"], metavar="KIND",
