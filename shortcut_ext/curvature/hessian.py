@@ -47,6 +47,12 @@ cross-entropy, ``s = softmax(z)``, ``c_i`` the sum of sample i's target probabil
 Elsewhere ``F v = H v - G v`` (two products each).  At an n-shortcut
 net's zero point with n >= 2 (and a plain net's of depth >= 2) ``J = 0``, so ``G = 0``: the whole zero-point
 Hessian of Theorem 1 is ``F`` (docs/science.md).
+
+``matrix="empirical_fisher"`` is not a part of ``H``: ``(1/m) sum_i g_i g_i^T`` of the per-sample gradients
+``g_i = J_i^T e_i`` (``e_i = dl_i/dz_i``), i.e. ``G`` with ``e_i e_i^T`` in place of ``H_l``; for mse and
+cross-entropy the true Fisher is ``G``, and the empirical one differs from it (Kunstner et al. 2019).  The CPU's
+fused backend computes it as ``G`` with that output seed (one call); the other backends and CUDA by
+``torch.func`` (``jvp``, ``vjp``); ``dense_empirical_fisher_func`` is the dense reference.
 """
 from __future__ import annotations
 
