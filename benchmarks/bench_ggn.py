@@ -7,7 +7,7 @@ timed as a whole call.  Variants:
 - ``fused``: the fused kernel's Gauss-Newton part (``residual_stack_hvp(..., matrix="ggn")``: the R-operator
   without the net's second derivatives, no tangent recompute in the reverse pass);
 - ``fused_hvp``: the fused HVP kernel at the batch's own predictions (zero residual: the Hessian there is ``G``),
-  what the CUDA path runs and what the CPU ran before the Gauss-Newton kernel;
+  what the autograd backend does (by double backward) and what the fused backend ran before the kernels of its own;
 - ``func``: ``torch.func`` ``J^T (H_l (J v))`` directly (``jvp`` of the outputs, ``vmap``-ed, then one ``vjp``);
 - ``autograd``: double backward at the predictions, ``is_grads_batched`` over the directions;
 - ``hessian_fused``: the Hessian's own fused product, for the cost of ``G`` beside ``H``;
@@ -58,7 +58,7 @@ def make_operators(units: int, k: int):
     ops = {v: HessianOperator(net, (X, Y), backend=kinds[v][0], matrix=kinds[v][1]) for v in VARIANTS}
     if ops["fused"].backend_used != "fused":
         return None, V
-    hvp_path = ops["fused_hvp"]  # the operator's CUDA path, taken on the CPU: the HVP kernel at the predictions
+    hvp_path = ops["fused_hvp"]  # the autograd backend's route to G, on the fused HVP kernel: H at the predictions
     hvp_path._ggn_kernel = False
     hvp_path._ggn_y = [hvp_path._prediction_targets(h0, y) for h0, y, _ in hvp_path._batches]
     ref = ops["func"].matmat(V)

@@ -42,6 +42,15 @@ Loss parse_loss(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "loss must be one of mse, cross_entropy, got '", std::string(name), "'");
 }
 
+HvpMatrix parse_hvp_matrix(c10::string_view name) {
+  if (name == "hessian") return HvpMatrix::Hessian;
+  if (name == "ggn") return HvpMatrix::Ggn;
+  if (name == "functional") return HvpMatrix::Functional;
+  if (name == "empirical_fisher") return HvpMatrix::EmpiricalFisher;
+  TORCH_CHECK_VALUE(false, "matrix must be one of hessian, ggn, functional, empirical_fisher, got '",
+                    std::string(name), "'");
+}
+
 static std::string shape_str(const at::Tensor& t) {
   std::string s = "[";
   for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));

@@ -18,6 +18,11 @@ const char* activation_name(Act a);
 enum class Loss : int { Mse = 0, CrossEntropy = 1 };
 Loss parse_loss(c10::string_view name);
 
+// The matrix of residual_stack_hvp_part's products: the Hessian, its Gauss-Newton part G = J^T H_l J, its
+// functional part F = H - G, or the empirical Fisher (1/B) sum_i grad l_i grad l_i^T.
+enum class HvpMatrix : int { Hessian = 0, Ggn = 1, Functional = 2, EmpiricalFisher = 3 };
+HvpMatrix parse_hvp_matrix(c10::string_view name);
+
 // s(z).  ssigmoid(z) = 2 sigmoid(z) - 1 = tanh(z / 2).  relu is written so that NaN propagates, as
 // in torch.relu (z > 0 ? z : 0 would turn NaN into 0 and hide a diverged run).
 template <typename T>

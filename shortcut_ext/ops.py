@@ -444,13 +444,10 @@ def residual_stack_hvp(
     or ``"functional"``, ``F = H - G`` (the net's second derivatives weighted by the residual ``dl/dz``); or
     ``"empirical_fisher"``, ``(1/m) sum_i grad l_i grad l_i^T`` (the per-sample gradients' outer products: ``G``
     with ``H_l`` replaced by ``e_i e_i^T``, ``e_i = dl_i/dz``; for mse and cross-entropy the true Fisher is
-    ``G``).  The loss and gradient are the loss's either way.  On the CPU the fused kernel computes either part in one call:
-    ``G`` without the net's second derivatives (no tangent recompute in the reverse pass: about ``4 + 4k`` small
-    GEMMs a layer against ``4 + 8k``), ``F`` with the output's tangent seed ``H_l J v`` set to zero (an ``H``
-    product's cost), the empirical Fisher as ``G`` with another output seed.  On CUDA (no kernel of its own
-    yet) ``G`` is the HVP kernel at the outputs' own targets
-    (:func:`prediction_targets`: the residual, and so ``F``, is zero there to rounding) after a fused forward and
-    backward for the loss and gradient, and ``F = H - G``; the empirical Fisher there is the reference's.
+    ``G``).  The loss and gradient are the loss's either way.  The fused kernels (CPU and CUDA) compute any of them
+    in one call: ``G`` without the net's second derivatives (no tangent recompute in the reverse pass: on the
+    CPU about ``4 + 4k`` small GEMMs a layer against ``4 + 8k``), ``F`` with the output's tangent seed
+    ``H_l J v`` set to zero (an ``H`` product's cost), the empirical Fisher as ``G`` with another output seed.
     ``backend="torch"``: ``G`` (and the empirical Fisher) by ``torch.func.jvp`` of the outputs and one ``vjp``
     per direction, ``F`` as the double-backward ``H`` less that.
 
@@ -497,10 +494,7 @@ def residual_stack_hvp(
         P = None if readout is None else readout.contiguous()
         if matrix == "hessian":
             return lib.residual_stack_hvp(*args, P)
-        if x.device.type != "cuda" and hasattr(lib, "residual_stack_hvp_part"):
-            return lib.residual_stack_hvp_part(*args, matrix, P)
-        if matrix != "empirical_fisher":
-            return _part_by_hvp_kernel(*args, P, matrix)
+        return lib.residual_stack_hvp_part(*args, matrix, P)
     stack = () if torch.compiler.is_compiling() else (torch._C._functorch.get_interpreter_stack() or ())
     if stack:
         names = ", ".join(i.key().name.lower() for i in stack)
@@ -522,23 +516,6 @@ def prediction_targets(outputs: torch.Tensor, targets: torch.Tensor, loss: str) 
         return outputs
     p = torch.softmax(outputs, dim=1)
     return p if targets.dim() == 1 else p * targets.to(p.dtype).sum(dim=1, keepdim=True)
-
-
-def _part_by_hvp_kernel(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout,
-                        matrix):
-    """``G`` or ``F`` products where no kernel of their own runs (CUDA): the loss and gradient by the fused forward
-    and backward, ``G`` by the HVP kernel at the outputs' own targets (:func:`prediction_targets`), ``F`` as the
-    HVP kernel's ``H`` (at the true targets) less that."""
-    w = weights.detach().requires_grad_(True)
-    with torch.enable_grad():
-        f = residual_stack(x, w, shortcut, act_pre, act_mid, act_post, backend="fused")
-        z = f if readout is None else f @ readout.T
-        L = reference.loss_fn(loss, z, targets)
-        (g,) = torch.autograd.grad(L, w)
-    hvp = torch.ops.shortcut_ext.residual_stack_hvp
-    rest = (directions, shortcut, act_pre, act_mid, act_post, loss, readout)
-    gv = hvp(x, weights, prediction_targets(z.detach(), targets, loss).contiguous(), *rest)[2]
-    return L.detach(), g.detach(), gv if matrix == "ggn" else hvp(x, weights, targets, *rest)[2].sub_(gv)
 
 
 def _is_fake(t: torch.Tensor) -> bool:

@@ -29,8 +29,9 @@ import pytest
 import torch
 
 import shortcut_ext
+from shortcut_ext import ops
 from shortcut_ext import reference as ref
-from testing import DEVICES, assert_close_lowp, stack_inputs, tol
+from testing import DEVICES, DispatchCalls, assert_close_lowp, stack_inputs, tol
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTS = shortcut_ext.ACTIVATIONS
@@ -1014,20 +1015,21 @@ def _hvp_readout(q, d, dtype, device="cuda", seed=0):
     return (torch.randn(q, d, generator=g, dtype=torch.float64) / d ** 0.5).to(device, dtype)
 
 
-def _hvp_assert_matches(outs, x, w, y, v, shortcut, acts, loss, readout=None):
+def _hvp_assert_matches(outs, x, w, y, v, shortcut, acts, loss, readout=None, matrix="hessian"):
     """(loss, grad, hvps) of the CUDA op against the double-backward reference: float64 to 1e-10,
-    float32 within a small multiple of the reference's own float32 error."""
+    float32 within a small multiple of the reference's own float32 error; ``matrix``: the products with the
+    Hessian's part or the empirical Fisher instead (``reference.ggn_products``)."""
     cpu = lambda t: t.detach().cpu() if t is not None else None  # noqa: E731
     x, w, y, v, P = cpu(x), cpu(w), cpu(y), cpu(v), cpu(readout)
     d64 = lambda t: t.double() if t is not None and t.is_floating_point() else t  # noqa: E731
-    exact = ref.residual_stack_hvp(d64(x), d64(w), d64(y), d64(v), shortcut, *acts, loss, d64(P))
+    exact = ref.residual_stack_hvp(d64(x), d64(w), d64(y), d64(v), shortcut, *acts, loss, d64(P), matrix)
     assert [tuple(o.shape) for o in outs] == [tuple(e.shape) for e in exact]
     if x.dtype == torch.float64:
         for a, b in zip(outs, exact):
             assert a.dtype == torch.float64
             torch.testing.assert_close(cpu(a), b, rtol=1e-10, atol=1e-10)
         return
-    same = ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, P)
+    same = ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, P, matrix)
     for a, b, c in zip(outs, same, exact):
         assert a.dtype == torch.float32
         assert_close_lowp(cpu(a), b, c, factor=10.0)
@@ -1135,7 +1137,7 @@ namespace sc = shortcut_ext::cuda;
 template <typename T>
 static int run(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortcut, int pre, int mid, int post,
                int loss, const void* x, const void* w, const void* y, const void* cls, const void* v, void* lo,
-               void* gw, void* hv, int64_t max_rows, const void* P, int64_t q) {
+               void* gw, void* hv, int64_t max_rows, const void* P, int64_t q, int matrix) {
   std::vector<std::unique_ptr<unsigned char[]>> held;
   sc::Allocator alloc = [&](size_t bytes) -> void* {  // poisoned (NaN) like the other emulation tests
     held.emplace_back(new unsigned char[bytes + 16]);
@@ -1147,16 +1149,17 @@ static int run(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortc
   return int(sc::launch_residual_stack_hvp<T>(
       a, K, shortcut_ext::Loss(loss), static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(y),
       static_cast<const int64_t*>(cls), static_cast<const T*>(v), static_cast<T*>(lo), static_cast<T*>(gw),
-      static_cast<T*>(hv), alloc, nullptr, max_rows, static_cast<const T*>(P), q));
+      static_cast<T*>(hv), alloc, nullptr, max_rows, static_cast<const T*>(P), q, shortcut_ext::HvpMatrix(matrix)));
 }
 extern "C" int se_emu_hvp(int is_double, int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, int shortcut,
                           int pre, int mid, int post, int loss, const void* x, const void* w, const void* y,
                           const void* cls, const void* v, void* lo, void* gw, void* hv, int64_t max_rows,
-                          const void* P, int64_t q) {
+                          const void* P, int64_t q, int matrix) {
   try {
-    return is_double
-               ? run<double>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv, max_rows, P, q)
-               : run<float>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv, max_rows, P, q);
+    return is_double ? run<double>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv,
+                                   max_rows, P, q, matrix)
+                     : run<float>(B, d, R, n, K, shortcut, pre, mid, post, loss, x, w, y, cls, v, lo, gw, hv,
+                                  max_rows, P, q, matrix);
   } catch (const std::exception& e) {  // what a GPU would trap on (emulation.h): reported, not a crash
     std::fprintf(stderr, "se_emu_hvp: %s\n", e.what());
     return 99;
@@ -1188,7 +1191,7 @@ def _build_hvp_emulator(work, defines=()):
     assert r.returncode == 0, r.stderr[-4000:]
     so = ctypes.CDLL(str(out))
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    so.se_emu_hvp.argtypes = [I, L, L, L, L, L, I, I, I, I, I, P, P, P, P, P, P, P, P, L, P, L]
+    so.se_emu_hvp.argtypes = [I, L, L, L, L, L, I, I, I, I, I, P, P, P, P, P, P, P, P, L, P, L, I]
     so.se_emu_hvp_set_launch.argtypes = [I, L]
     return so
 
@@ -1199,9 +1202,10 @@ def hvp_emulator(tmp_path_factory):
     return _build_hvp_emulator(tmp_path_factory.mktemp("hvp_emulation"))
 
 
-def _emu_hvp(so, x, w, y, v, shortcut, acts, loss, max_rows=0, readout=None):
+def _emu_hvp(so, x, w, y, v, shortcut, acts, loss, max_rows=0, readout=None, matrix="hessian"):
     """(loss, grad, hvps) from the emulated kernels; outputs start as NaN to catch unwritten elements;
-    ``max_rows`` > 0 runs the batch in row chunks of at most that many rows; ``readout``: P [q, d]."""
+    ``max_rows`` > 0 runs the batch in row chunks of at most that many rows; ``readout``: P [q, d]; ``matrix``:
+    the products with the Hessian or one of ``ops.MATRICES``' other matrices."""
     (B, d), (R, n), K = x.shape, w.shape[:2], v.shape[0]
     P = None if readout is None else readout.contiguous()
     lo = torch.full((), float("nan"), dtype=x.dtype)
@@ -1211,7 +1215,7 @@ def _emu_hvp(so, x, w, y, v, shortcut, acts, loss, max_rows=0, readout=None):
     rc = so.se_emu_hvp(int(x.dtype == torch.float64), B, d, R, n, K, int(shortcut), *(ACT_CODE[a] for a in acts),
                        0 if loss == "mse" else 1, ptr(x), ptr(w), None if by_class else ptr(y),
                        ptr(y) if by_class else None, ptr(v), ptr(lo), ptr(gw), ptr(hv), max_rows, ptr(P),
-                       0 if P is None else P.shape[0])
+                       0 if P is None else P.shape[0], ops.MATRICES.index(matrix))
     assert rc == 0
     return lo, gw, hv
 
@@ -1349,6 +1353,78 @@ def test_emulated_hvp_extremes(hvp_emulator):
             torch.testing.assert_close(a, b, equal_nan=True)
 
 
+PARTS = ops.MATRICES[1:]  # G, F and the empirical Fisher: launch_residual_stack_hvp's `matrix` 1, 2, 3
+
+
+def _part_problem(case, dtype, seed, mass=1.7):
+    """An HVP problem whose probability targets (``ce_prob``) have row mass ``mass``, not 1: the cross-entropy
+    curvature ``c_i (diag(p) - p p^T)`` and the empirical Fisher's residuals then carry it."""
+    B, d, R, n, shortcut, acts, target, K = case[:8]
+    q = case[8] if len(case) > 8 else None
+    x, w, y, v, loss = _hvp_problem(B, d, R, n, K, target, dtype, device="cpu", seed=seed, q=q)
+    if target == "ce_prob":
+        y = y * mass
+    return x, w, y, v, loss
+
+
+def test_emulated_hvp_parts_smoke(hvp_emulator):
+    """In the default run: the CUDA HVP kernel's products with G, F and the empirical Fisher, emulated, against
+    the reference in float64 on one small net with every activation, with and without a read-out."""
+    acts = ("tanh", "relu", "ssigmoid")
+    for case, P in (((9, 4, 2, 2, True, acts, "ce_prob", 3), None),
+                    ((7, 3, 2, 2, True, acts, "ce_index", 2, 5), _hvp_readout(5, 3, torch.float64, device="cpu"))):
+        x, w, y, v, loss = _part_problem(case, torch.float64, seed=3)
+        for matrix in PARTS:
+            got = _emu_hvp(hvp_emulator, x, w, y, v, True, acts, loss, readout=P, matrix=matrix)
+            _hvp_assert_matches(got, x, w, y, v, True, acts, loss, readout=P, matrix=matrix)
+
+
+@pytest.mark.slow
+def test_emulated_hvp_parts_match_reference(hvp_emulator):
+    """The CUDA kernel's products with G (the tangent backward of the output seed alone, no tangent recompute), F
+    (that seed zeroed) and the empirical Fisher (G with the per-sample seed), emulated: against the reference
+    (``torch.func`` products of the outputs) for the HVP cases (plain and residual, n = 1..3, every activation
+    at every position, all target forms, probability rows of mass 1.7), float64 and float32; with a read-out;
+    in row chunks (the empirical Fisher's seed weighs the residual by the whole batch's size); G + F = H."""
+    for case in HVP_CASES[:8] + [c for c in HVP_READOUT_CASES]:
+        B, d, R, n, shortcut, acts, target, K = case[:8]
+        P = _hvp_readout(case[8], d, torch.float64, device="cpu", seed=B) if len(case) > 8 else None
+        for dtype in (torch.float64, torch.float32):
+            x, w, y, v, loss = _part_problem(case, dtype, seed=B + d)
+            Pt = None if P is None else P.to(dtype)
+            for matrix in PARTS:
+                got = _emu_hvp(hvp_emulator, x, w, y, v, shortcut, acts, loss, readout=Pt, matrix=matrix)
+                _hvp_assert_matches(got, x, w, y, v, shortcut, acts, loss, readout=Pt, matrix=matrix)
+    acts = ("tanh", "relu", "ssigmoid")
+    x, w, y, v, loss = _part_problem((23, 5, 3, 2, True, acts, "ce_prob", 2), torch.float64, seed=11)
+    parts = {}
+    for matrix in ops.MATRICES:
+        parts[matrix] = whole = _emu_hvp(hvp_emulator, x, w, y, v, True, acts, loss, matrix=matrix)
+        for rows in (1, 7):
+            chunked = _emu_hvp(hvp_emulator, x, w, y, v, True, acts, loss, max_rows=rows, matrix=matrix)
+            for a, b in zip(chunked, whole):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for matrix in PARTS:  # the loss and gradient are the loss's for every matrix, to the bit
+        assert all(torch.equal(a, b) for a, b in zip(parts[matrix][:2], parts["hessian"][:2])), matrix
+    torch.testing.assert_close(parts["ggn"][2] + parts["functional"][2], parts["hessian"][2], rtol=1e-12,
+                               atol=1e-14)
+
+
+@pytest.mark.slow
+def test_emulated_hvp_parts_with_the_gpus_block_size(tmp_path):
+    """G, F and the empirical Fisher with 256 threads per block (as the GPU launches them) and the blocks of a
+    launch at once: G's reverse pass skips the tangent loops, whose threads must still meet every barrier."""
+    so = _build_hvp_emulator(tmp_path, defines=["SE_EMU_HVP_THREADS=256"])
+    so.se_emu_hvp_set_launch(4, 65535)
+    for case in (HVP_CASES[2], HVP_CASES[5], HVP_READOUT_CASES[3]):
+        B, d, R, n, shortcut, acts, target, K = case[:8]
+        P = _hvp_readout(case[8], d, torch.float32, device="cpu", seed=B) if len(case) > 8 else None
+        x, w, y, v, loss = _part_problem(case, torch.float32, seed=B)
+        for matrix in PARTS:
+            got = _emu_hvp(so, x, w, y, v, shortcut, acts, loss, readout=P, matrix=matrix)
+            _hvp_assert_matches(got, x, w, y, v, shortcut, acts, loss, readout=P, matrix=matrix)
+
+
 # ==================================================== end to end on a GPU: what a user runs there
 # The ops above are exercised one call at a time; these run the library's user-facing layers on a GPU
 # (models moved with .to(GPU), autograd through them, torch.compile, training, the Hessian operator
@@ -1464,8 +1540,8 @@ def test_cuda_hessian_operator_matches_cpu(loss):
 @needs_cuda
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_cuda_gauss_newton_and_functional_parts_match_cpu(loss):
-    """HessianOperator(matrix="ggn" | "functional") on a GPU model: the fused kernel at the batches' own
-    predictions (computed by the CUDA forward) equals torch.func's J^T H_l J v on the CPU; G + F = H."""
+    """HessianOperator(matrix="ggn" | "functional") on a GPU model: the CUDA kernel's parts equal torch.func's
+    J^T H_l J v on the CPU and H - that; G + F = H."""
     import copy
 
     from shortcut_ext.curvature import HessianOperator
@@ -1493,10 +1569,9 @@ def test_cuda_gauss_newton_and_functional_parts_match_cpu(loss):
 @needs_cuda
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_cuda_hvp_parts_match_the_cpu_kernel(loss):
-    """shortcut_ext.residual_stack_hvp(..., matrix="ggn" | "functional") on a GPU (no kernel of their own there:
-    the fused forward and backward for the loss and gradient, the HVP kernel at the outputs' own targets for G, H
-    less that for F; the reference on the device for the empirical Fisher) against the CPU's kernel, with a read-out and, under cross-entropy, targets whose rows do not
-    sum to 1."""
+    """shortcut_ext.residual_stack_hvp(..., matrix="ggn" | "functional" | "empirical_fisher") on a GPU (one call of
+    the CUDA kernel's parts, as the dispatcher records) against the CPU's kernel, with a read-out and, under
+    cross-entropy, targets whose rows do not sum to 1."""
     g = torch.Generator().manual_seed(11)
     B, d, q, R, n, K = 40, 6, 4, 5, 2, 3
     x = torch.randn(B, d, generator=g, dtype=torch.float64)
@@ -1508,8 +1583,11 @@ def test_cuda_hvp_parts_match_the_cpu_kernel(loss):
     acts = ("tanh", "relu", "ssigmoid")
     for matrix in ("ggn", "functional", "empirical_fisher"):
         want = torch.ops.shortcut_ext.residual_stack_hvp_part(x, w, y, v, True, *acts, loss, matrix, P)
-        got = shortcut_ext.residual_stack_hvp(*(t.to(GPU) for t in (x, w, y, v)), True, *acts, loss=loss,
-                                              backend="fused", readout=P.to(GPU), matrix=matrix)
+        with DispatchCalls() as calls:
+            got = shortcut_ext.residual_stack_hvp(*(t.to(GPU) for t in (x, w, y, v)), True, *acts, loss=loss,
+                                                  backend="fused", readout=P.to(GPU), matrix=matrix)
+        assert [c for c in calls.names if c.startswith("shortcut_ext.")] == [
+            "shortcut_ext.residual_stack_hvp_part.default"], calls.names
         for name, a, b in zip(("loss", "grad", matrix), got, want):
             assert a.device.type == GPU, name
             torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12, msg=name)

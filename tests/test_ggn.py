@@ -2,7 +2,7 @@
 
 ``G = J^T H_l J`` (the generalised Gauss-Newton matrix) by ``torch.func.jacrev`` (``dense_ggn_func``), ``F = H - G``
 with ``H`` by ``torch.func.hessian``; the operator's fused backend gets either part from the fused kernel's own
-parts on the CPU (the HVP kernel at the network's own predictions on CUDA), its autograd backend as the Hessian
+parts (CPU and CUDA), its autograd backend as the Hessian
 at those predictions, its func backend as ``J^T (H_l (J v))``, so the three are checked against one independent
 reference and against each other (the op itself: tests/test_hvp_part_op.py).
 """

@@ -11,7 +11,6 @@ import torch
 from torch.func import hessian, jacrev
 
 import shortcut_ext
-from shortcut_ext import ops
 from shortcut_ext import reference as ref
 from test_hvp_op import PATTERNS, TARGETS, _assert_rel, _problem, _readout_problem, hvp_memory_mode  # noqa: F401
 from testing import DispatchCalls, assert_close_lowp, requires_fused
@@ -170,25 +169,6 @@ def test_zero_at_a_two_or_more_shortcut_zero_point(n):
     assert torch.equal(_op(x, w, y, v, True, acts, loss, matrix="functional")[2], hv)
     if n == 2:
         assert hv.abs().max() > 0.01
-
-
-@pytest.mark.parametrize("matrix", PARTS)
-def test_the_cuda_path_computed_on_the_cpu(matrix):
-    """residual_stack_hvp(matrix=...) on CUDA takes the HVP kernel at the outputs' own targets for G, and H less
-    that for F (ops._part_by_hvp_kernel): its arithmetic, run here on the CPU, against the reference, with
-    read-outs and unnormalised targets."""
-    for target in TARGETS + ("ce_mass",):
-        x, w, y, v, loss = _problem(B=9, d=4, R=3, n=2, K=2, target="mse" if target == "ce_mass" else target, scale=0.8)
-        if target == "ce_mass":
-            y, loss = 3 * torch.rand(9, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64), \
-                "cross_entropy"
-        acts = ("tanh", "relu", "ssigmoid")
-        got = ops._part_by_hvp_kernel(x, w, y, v, True, *acts, loss, None, matrix)
-        for name, a, b in zip(("loss", "grad", matrix), got, _ref(x, w, y, v, True, acts, loss, matrix=matrix)):
-            _assert_rel(a, b, 1e-10, f"{name} {target}")
-    x, w, y, v, loss, P = _readout_problem(B=6, d=3, q=5, R=2, n=2, K=2, target="ce_prob", seed=1)
-    got = ops._part_by_hvp_kernel(x, w, y, v, True, "tanh", "tanh", "tanh", loss, P, matrix)
-    _assert_rel(got[2], _ref(x, w, y, v, True, ("tanh",) * 3, loss, P, matrix)[2], 1e-10, "read-out")
 
 
 @pytest.mark.parametrize("matrix", KINDS)

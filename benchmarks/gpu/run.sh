@@ -151,7 +151,7 @@ check(260, 64, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "128"}, tf32
 check(200, 128, 2, 2, torch.float32, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "64", "SHORTCUT_EXT_CUDA_WORKSPACE_MB": "1"})
 check(140, 32, 2, 2, torch.float64, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "64"})
 check(260, 128, 2, 1, torch.float32, {"SHORTCUT_EXT_CUDA_TILE_ROWS": "128"}, tf32=True)
-def check_hvp(B, d, R, n, K, dtype, loss, q=None):  # the HVP kernel: loss, gradient and K products
+def check_hvp(B, d, R, n, K, dtype, loss, q=None, matrix="hessian"):  # the HVP kernel: loss, gradient, K products
     g = torch.Generator().manual_seed(B + K)
     x = torch.randn(B, d, generator=g, dtype=dtype)
     w = torch.randn(R, n, d, d, generator=g, dtype=dtype) * (0.8 / d ** 0.5)
@@ -160,19 +160,24 @@ def check_hvp(B, d, R, n, K, dtype, loss, q=None):  # the HVP kernel: loss, grad
     y = torch.randn(B, c, generator=g, dtype=dtype) if loss == "mse" else torch.randint(0, c, (B,), generator=g)
     v = torch.randn(K, R, n, d, d, generator=g, dtype=dtype)
     acts = ("tanh", "relu", "ssigmoid")
-    outs = torch.ops.shortcut_ext.residual_stack_hvp(x.cuda(), w.cuda(), y.cuda(), v.cuda(), True, *acts, loss,
-                                                     None if P is None else P.cuda())
+    args = (x.cuda(), w.cuda(), y.cuda(), v.cuda(), True, *acts, loss)
+    Pc = None if P is None else P.cuda()
+    outs = torch.ops.shortcut_ext.residual_stack_hvp(*args, Pc) if matrix == "hessian" else \
+        torch.ops.shortcut_ext.residual_stack_hvp_part(*args, matrix, Pc)
     torch.cuda.synchronize()
     f64 = lambda t: t.double() if t is not None and t.is_floating_point() else t
-    exact = ref.residual_stack_hvp(f64(x), f64(w), f64(y), f64(v), True, *acts, loss, f64(P))
+    exact = ref.residual_stack_hvp(f64(x), f64(w), f64(y), f64(v), True, *acts, loss, f64(P), matrix)
     for a, b in zip(outs, exact):
         e = ((a.cpu().double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-        assert e < 1e-4, ("hvp", B, d, K, loss, q, e)
-    print("ok hvp", B, d, R, n, K, dtype, loss, f"readout [{q}, {d}]" if q else "", flush=True)
+        assert e < 1e-4, ("hvp", B, d, K, loss, q, matrix, e)
+    print("ok hvp", B, d, R, n, K, dtype, loss, f"readout [{q}, {d}]" if q else "", matrix, flush=True)
 check_hvp(33, 16, 2, 2, 3, torch.float32, "mse")
 check_hvp(20, 7, 3, 3, 1, torch.float64, "cross_entropy")
 check_hvp(21, 16, 2, 2, 3, torch.float32, "cross_entropy", q=10)  # a classifier's read-out
 check_hvp(19, 5, 2, 2, 2, torch.float64, "mse", q=8)
+check_hvp(33, 16, 2, 2, 3, torch.float32, "mse", matrix="ggn")  # the parts: G (no tangent recompute), F, the
+check_hvp(20, 7, 3, 3, 1, torch.float64, "cross_entropy", matrix="functional")  # empirical Fisher
+check_hvp(21, 16, 2, 2, 3, torch.float32, "cross_entropy", q=10, matrix="empirical_fisher")
 EOF
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck initcheck; do

@@ -839,15 +839,13 @@ void hvp_impl(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& 
   }
 }
 
-enum class Part { Hessian, Ggn, Functional, EmpiricalFisher };
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_cpu(
     const at::Tensor& x_arg,       // [B, d]
     const at::Tensor& weights_arg,  // [R, n, d, d]
     const at::Tensor& targets_arg,  // [B, q], or [B] int64 class indices (cross_entropy); q = d without a read-out
     const at::Tensor& directions_arg,  // [k, R, n, d, d]
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
-    c10::string_view loss_name, const c10::optional<at::Tensor>& readout_arg, Part part) {
+    c10::string_view loss_name, const c10::optional<at::Tensor>& readout_arg, HvpMatrix part) {
   const StackShape s = check_stack(x_arg, weights_arg, "x");
   const Acts acts{parse_activation("act_pre", act_pre), parse_activation("act_mid", act_mid),
                   parse_activation("act_post", act_post)};
@@ -868,8 +866,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_hvp_cpu", [&] {
     hvp_impl<scalar_t>(x, weights, targets, directions, shortcut, acts, loss, readout,
-                       part == Part::Ggn || part == Part::EmpiricalFisher, part == Part::Functional,
-                       part == Part::EmpiricalFisher, loss_out, grad_w, hvps);
+                       part == HvpMatrix::Ggn || part == HvpMatrix::EmpiricalFisher, part == HvpMatrix::Functional,
+                       part == HvpMatrix::EmpiricalFisher, loss_out, grad_w, hvps);
   });
   return {loss_out, grad_w, hvps};
 }
@@ -878,7 +876,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cpu(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
     c10::string_view loss, const c10::optional<at::Tensor>& readout) {
-  return hvp_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, Part::Hessian);
+  return hvp_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, HvpMatrix::Hessian);
 }
 
 // The products with one part of the Hessian: matrix "ggn" (G = J^T H_l J), "functional" (F = H - G) or
@@ -887,20 +885,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_part_cpu(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
     c10::string_view loss, c10::string_view matrix, const c10::optional<at::Tensor>& readout) {
-  Part part;
-  if (matrix == "hessian") {
-    part = Part::Hessian;
-  } else if (matrix == "ggn") {
-    part = Part::Ggn;
-  } else if (matrix == "functional") {
-    part = Part::Functional;
-  } else if (matrix == "empirical_fisher") {
-    part = Part::EmpiricalFisher;
-  } else {
-    TORCH_CHECK_VALUE(false, "matrix must be one of hessian, ggn, functional, empirical_fisher, got '",
-                      std::string(matrix), "'");
-  }
-  return hvp_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout, part);
+  return hvp_cpu(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout,
+                 parse_hvp_matrix(matrix));
 }
 
 }  // namespace

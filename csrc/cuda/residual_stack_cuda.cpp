@@ -148,13 +148,13 @@ std::tuple<at::Tensor, at::Tensor> residual_stack_backward_cuda(const at::Tensor
 
 
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_cuda(
     const at::Tensor& x_arg,       // [B, d]
     const at::Tensor& weights_arg,  // [R, n, d, d]
     const at::Tensor& targets_arg,  // [B, d], or [B] int64 class indices (cross_entropy)
     const at::Tensor& directions_arg,  // [k, R, n, d, d]
     bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
-    c10::string_view loss_name, const c10::optional<at::Tensor>& readout) {
+    c10::string_view loss_name, const c10::optional<at::Tensor>& readout, HvpMatrix matrix) {
   const StackShape s = check_stack(x_arg, weights_arg, "x");
   const cuda::StackArgs a = stack_args(s, shortcut, act_pre, act_mid, act_post);
   const Loss loss = check_hvp_args(x_arg, weights_arg, targets_arg, directions_arg, loss_name, s, readout);
@@ -189,10 +189,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
         by_class ? nullptr : targets.data_ptr<scalar_t>(), by_class ? targets.data_ptr<int64_t>() : nullptr,
         directions.data_ptr<scalar_t>(), loss_out.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(),
         hvps.data_ptr<scalar_t>(), ws.allocator(), stream, max_rows, P.defined() ? P.data_ptr<scalar_t>() : nullptr,
-        q));
+        q, matrix));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss_out, grad_w, hvps};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_cuda(
+    const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
+    bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
+    c10::string_view loss, const c10::optional<at::Tensor>& readout) {
+  return hvp_cuda(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout,
+                  HvpMatrix::Hessian);
+}
+
+// The products with G, F or the empirical Fisher (as residual_stack_hvp_part_cpu): the same kernels with the
+// matrix's seeds and terms (residual_stack_hvp_cuda.cu, HvpParams::gn / functional / fisher).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_hvp_part_cuda(
+    const at::Tensor& x, const at::Tensor& weights, const at::Tensor& targets, const at::Tensor& directions,
+    bool shortcut, c10::string_view act_pre, c10::string_view act_mid, c10::string_view act_post,
+    c10::string_view loss, c10::string_view matrix, const c10::optional<at::Tensor>& readout) {
+  return hvp_cuda(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss, readout,
+                  parse_hvp_matrix(matrix));
 }
 
 }  // namespace
@@ -201,6 +219,7 @@ TORCH_LIBRARY_IMPL(shortcut_ext, CUDA, m) {
   m.impl("residual_stack_forward", &residual_stack_forward_cuda);
   m.impl("residual_stack_backward", &residual_stack_backward_cuda);
   m.impl("residual_stack_hvp", &residual_stack_hvp_cuda);
+  m.impl("residual_stack_hvp_part", &residual_stack_hvp_part_cuda);
 }
 
 }  // namespace shortcut_ext

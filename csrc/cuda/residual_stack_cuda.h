@@ -74,11 +74,13 @@ cudaError_t launch_residual_stack_backward(const StackArgs& a, const T* grad_y, 
 // max_rows > 0: at most that many rows at a time (row chunks; scratch of hvp_bytes_per_row each).
 // readout: a frozen read-out P [q, d] (contiguous), the loss then being that of f P^T with targets
 // [B, q] or classes in [0, q); null: the loss of f (q unused).
+// matrix: the products with the Hessian, or with its part G or F, or with the empirical Fisher (common.h).
 template <typename T>
 cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, const T* x, const T* weights,
                                       const T* targets, const int64_t* classes, const T* directions, T* loss_out,
                                       T* grad_w, T* hvps, const Allocator& alloc, cudaStream_t stream,
-                                      int64_t max_rows = 0, const T* readout = nullptr, int64_t q = 0);
+                                      int64_t max_rows = 0, const T* readout = nullptr, int64_t q = 0,
+                                      HvpMatrix matrix = HvpMatrix::Hessian);
 
 // Scratch bytes per batch row of launch_residual_stack_hvp (q: the read-out's rows, 0 without one).
 int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_t q = 0);

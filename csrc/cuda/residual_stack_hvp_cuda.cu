@@ -5,6 +5,11 @@
 // backward + tangent backward, weight-gradient and HVP terms
 //   grad W_l = sum_b gz_l^T a_l,   hvp_l = sum_b R{gz_l}^T a_l + gz_l^T R{a_l}.
 //
+// The same kernels give the products with the Hessian's parts and the empirical Fisher (the `matrix` of
+// launch_residual_stack_hvp, the CPU kernel's Net::gn and seeds): G V = J^T H_l J V keeps the tangent backward's
+// terms of the output seed R{g} only (no g s''(z) R{z}, gz V, gz^T R{a}: the reverse pass recomputes no
+// tangents), F V = H V - G V zeroes that seed, the empirical Fisher is G with the seed R{g}_i = B g_i (g_i . R{f}_i).
+//
 // A simple generic design (any d, float32 and float64), correctness first:
 //   1. hvp_forward_kernel: one block per batch tile of kTileRows rows carries the tile's unit input
 //      h and its K tangents through all R units; every unit input and its tangents are saved to a
@@ -90,6 +95,13 @@ struct HvpParams {
   bool shortcut;
   Act pre, mid, post;
   Loss loss;
+  // The matrix (launch_residual_stack_hvp's `matrix`; the CPU kernel's Net::gn and its seeds):
+  //   gn          G V = J^T H_l J V (and the empirical Fisher): the tangent backward keeps only the terms of the
+  //               output seed R{g}, none of g (the net's second derivatives): no g s''(z) R{z}, gz V nor
+  //               gz^T R{a}; the reverse pass recomputes no tangents.
+  //   functional  F V = H V - G V: the output seed R{g} is zero, only g's terms remain.
+  //   fisher      the empirical Fisher: gn with the seed R{g}_i = B g_i (g_i . R{f}_i) in place of H_l R{f}_i.
+  bool gn, functional, fisher;
 };
 
 // x * s'(z) (s = s(z)): a select for ReLU, 0 where inactive even for a NaN or inf x, as autograd's
@@ -109,9 +121,10 @@ __device__ __forceinline__ T times_d2(Act a, T x, T z, T s, T y) {
 
 // Forward and tangent forward of unit r for rows [row0, row0 + m): reads hin [m, d], rho [m, K, d]
 // (tile views), fills the record; writes h_out, rho_out (tile views) unless null.
+// tangents false: the values only (the reverse pass of G, which needs no tangents; rho and rho_out unused).
 template <typename T>
 __device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0, int64_t m, const T* hin,
-                                 const T* rho, T* h_out, T* rho_out) {
+                                 const T* rho, T* h_out, T* rho_out, bool tangents = true) {
   const int64_t B = p.B, d = p.d, K = p.K, n = p.n, dd = d * d, Kd = K * d;
   const int64_t md = m * d, mkd = m * Kd;
   const int64_t tid = threadIdx.x, nt = blockDim.x;
@@ -119,7 +132,7 @@ __device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0,
     T* a0 = p.act + row0 * d;
     T* ra0 = p.ract + row0 * Kd;
     for (int64_t e = tid; e < md; e += nt) a0[e] = act_apply<T>(p.pre, hin[e]);
-    for (int64_t e = tid; e < mkd; e += nt) {
+    for (int64_t e = tid; tangents && e < mkd; e += nt) {
       const int64_t i = e / Kd, c = e % d;
       const T h = hin[i * d + c];
       ra0[e] = times_d1<T>(p.pre, rho[e], h, act_apply<T>(p.pre, h));
@@ -140,7 +153,7 @@ __device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0,
       for (int64_t c = 0; c < d; ++c) acc += ai[c] * Wt[c * d + o];
       z[e] = acc;
     }
-    for (int64_t e = tid; e < mkd; e += nt) {
+    for (int64_t e = tid; tangents && e < mkd; e += nt) {
       const int64_t i = e / Kd, j = (e / d) % K, o = e % d;
       const T* ai = a + i * d;
       const T* rai = ra + (i * K + j) * d;
@@ -154,7 +167,7 @@ __device__ void hvp_unit_forward(const HvpParams<T>& p, int64_t r, int64_t row0,
       T* an = p.act + (l + 1) * B * d + row0 * d;
       T* ran = p.ract + (l + 1) * B * Kd + row0 * Kd;
       for (int64_t e = tid; e < md; e += nt) an[e] = act_apply<T>(p.mid, z[e]);
-      for (int64_t e = tid; e < mkd; e += nt) {
+      for (int64_t e = tid; tangents && e < mkd; e += nt) {
         const int64_t i = e / Kd, c = e % d;
         const T zz = z[i * d + c];
         ran[e] = times_d1<T>(p.mid, rz[e], zz, act_apply<T>(p.mid, zz));
@@ -249,24 +262,11 @@ __device__ double hvp_row_seed(Loss loss, const T* f, const T* rf, const T* y, i
   return total;
 }
 
-// Loss of row b (row_loss, not yet divided by B), g = dL/df and R{g}; with a read-out P, those of
-// z = f P^T, mapped back through P.
+// With a read-out P: the loss of row b's z = f P^T, and its seeds mapped back through P into g, R{g}.
 template <typename T>
-__global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T> p) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= p.B) return;
+__device__ double hvp_readout_seed(const HvpParams<T>& p, const T* f, const T* rf, const T* y, int64_t t, T ib, T* g,
+                                   T* rg, int64_t b) {
   const int64_t d = p.d, K = p.K, q = p.q;
-  const T* f = p.sh + (p.R * p.B + b) * d;
-  const T* rf = p.srho + (p.R * p.B + b) * K * d;
-  T* g = p.g + b * d;
-  T* rg = p.rg + b * K * d;
-  const T ib = static_cast<T>(1.0 / double(p.B_total));
-  const T* y = p.y != nullptr ? p.y + b * q : nullptr;
-  const int64_t t = p.cls != nullptr ? p.cls[b] : -1;
-  if (p.P == nullptr) {
-    p.row_loss[b] = hvp_row_seed<T>(p.loss, f, rf, y, t, d, K, ib, g, rg, p.ga + b * d);
-    return;
-  }
   const T* P = p.P;
   T* z = p.zq + b * q;
   T* rz = p.rzq + b * K * q;
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T>
       rz[j * q + c] = racc;
     }
   }
-  p.row_loss[b] = hvp_row_seed<T>(p.loss, z, rz, y, t, q, K, ib, gz, rgz, p.prq + b * q);
+  const double row_loss = hvp_row_seed<T>(p.loss, z, rz, y, t, q, K, ib, gz, rgz, p.prq + b * q);
   for (int64_t k = 0; k < d; ++k) {  // g = gz P, R{g} = R{gz} P
     T acc = 0;
     for (int64_t c = 0; c < q; ++c) acc += gz[c] * P[c * d + k];
@@ -294,6 +294,39 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T>
       T racc = 0;
       for (int64_t c = 0; c < q; ++c) racc += rgzj[c] * P[c * d + k];
       rg[j * d + k] = racc;
+    }
+  }
+  return row_loss;
+}
+
+// Loss of row b (row_loss, not yet divided by B), g = dL/df and R{g}; with a read-out P, those of
+// z = f P^T, mapped back through P.
+template <typename T>
+__global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T> p) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= p.B) return;
+  const int64_t d = p.d, K = p.K, q = p.q;
+  const T* f = p.sh + (p.R * p.B + b) * d;
+  const T* rf = p.srho + (p.R * p.B + b) * K * d;
+  T* g = p.g + b * d;
+  T* rg = p.rg + b * K * d;
+  const T ib = static_cast<T>(1.0 / double(p.B_total));
+  const T* y = p.y != nullptr ? p.y + b * q : nullptr;
+  const int64_t t = p.cls != nullptr ? p.cls[b] : -1;
+  if (p.P == nullptr) {
+    p.row_loss[b] = hvp_row_seed<T>(p.loss, f, rf, y, t, d, K, ib, g, rg, p.ga + b * d);
+  } else {
+    p.row_loss[b] = hvp_readout_seed<T>(p, f, rf, y, t, ib, g, rg, b);
+  }
+  if (p.functional) {  // F: g's terms alone
+    for (int64_t e = 0; e < K * d; ++e) rg[e] = T(0);
+  } else if (p.fisher) {  // R{g} = B g (g . R{f}): the sample's gradient outer product, not H_l
+    for (int64_t j = 0; j < K; ++j) {
+      const T* rfj = rf + j * d;
+      T dot = 0;
+      for (int64_t c = 0; c < d; ++c) dot += g[c] * rfj[c];
+      dot *= static_cast<T>(p.B_total);
+      for (int64_t c = 0; c < d; ++c) rg[j * d + c] = dot * g[c];
     }
   }
 }
@@ -316,7 +349,8 @@ __global__ void __launch_bounds__(kHvpSumThreads) hvp_loss_sum_kernel(HvpParams<
 }
 
 // Reverse (backward + tangent backward) through unit r for one tile: recomputes the unit's record
-// from its saved input, updates g, R{g} in place and stores gz_l, R{gz_l} of every layer.
+// from its saved input, updates g, R{g} in place and stores gz_l, R{gz_l} of every layer.  For G (p.gn) the
+// record has no tangents and R{g} is carried back like a gradient: R{gz} = R{g} s'(z), R{ga} = R{gz} W.
 template <typename T>
 __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams<T> p, int64_t r) {
   const int64_t row0 = int64_t(blockIdx.x) * kHvpTileRows;
@@ -326,7 +360,8 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
   const int64_t tid = threadIdx.x, nt = blockDim.x;
   const T* hin = p.sh + (r * B + row0) * d;
   const T* rho = p.srho + (r * B + row0) * Kd;
-  hvp_unit_forward<T>(p, r, row0, m, hin, rho, nullptr, nullptr);
+  const bool gn = p.gn;
+  hvp_unit_forward<T>(p, r, row0, m, hin, rho, nullptr, nullptr, !gn);
   __syncthreads();
   T* g = p.g + row0 * d;
   T* rg = p.rg + row0 * Kd;
@@ -342,7 +377,8 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
     for (int64_t e = tid; e < mkd; e += nt) {
       const int64_t i = e / Kd, c = e % d;
       const T zz = z[i * d + c], s = act_apply<T>(p.post, zz);
-      rgz[e] = times_d1<T>(p.post, rg[e], zz, s) + times_d2<T>(p.post, g[i * d + c], zz, s, rz[e]);
+      rgz[e] = times_d1<T>(p.post, rg[e], zz, s);
+      if (!gn) rgz[e] += times_d2<T>(p.post, g[i * d + c], zz, s, rz[e]);
     }
   }
   __syncthreads();
@@ -364,7 +400,11 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
       const T* rgi = rgz + (i * K + j) * d;
       const T* V = p.v + ((j * p.R + r) * n + l) * dd;
       T acc = 0;
-      for (int64_t o = 0; o < d; ++o) acc += rgi[o] * W[o * d + c] + gi[o] * V[o * d + c];
+      if (gn) {
+        for (int64_t o = 0; o < d; ++o) acc += rgi[o] * W[o * d + c];
+      } else {
+        for (int64_t o = 0; o < d; ++o) acc += rgi[o] * W[o * d + c] + gi[o] * V[o * d + c];
+      }
       rga[e] = acc;
     }
     __syncthreads();
@@ -378,7 +418,8 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
       for (int64_t e = tid; e < mkd; e += nt) {
         const int64_t i = e / Kd, c = e % d;
         const T zz = zp[i * d + c], s = act_apply<T>(p.mid, zz);
-        rgzp[e] = times_d1<T>(p.mid, rga[e], zz, s) + times_d2<T>(p.mid, ga[i * d + c], zz, s, rzp[e]);
+        rgzp[e] = times_d1<T>(p.mid, rga[e], zz, s);
+        if (!gn) rgzp[e] += times_d2<T>(p.mid, ga[i * d + c], zz, s, rzp[e]);
       }
       __syncthreads();
     }
@@ -392,7 +433,8 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
   for (int64_t e = tid; e < mkd; e += nt) {
     const int64_t i = e / Kd, c = e % d;
     const T h = hin[i * d + c], s = act_apply<T>(p.pre, h);
-    const T t = times_d1<T>(p.pre, rga[e], h, s) + times_d2<T>(p.pre, ga[i * d + c], h, s, rho[e]);
+    T t = times_d1<T>(p.pre, rga[e], h, s);
+    if (!gn) t += times_d2<T>(p.pre, ga[i * d + c], h, s, rho[e]);
     rg[e] = p.shortcut ? rg[e] + t : t;
   }
 }
@@ -418,8 +460,12 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_unit_reduce_kernel(HvpParams<
   const T* ra = p.ract + l * B * Kd;
   const T* rgz = p.rgz + l * B * Kd;
   T acc = 0;
-  for (int64_t b = 0; b < B; ++b)
-    acc += rgz[(b * K + j) * d + o] * a[b * d + i] + gz[b * d + o] * ra[(b * K + j) * d + i];
+  if (p.gn) {  // G: no gz^T R{a} (R{a} was not recomputed)
+    for (int64_t b = 0; b < B; ++b) acc += rgz[(b * K + j) * d + o] * a[b * d + i];
+  } else {
+    for (int64_t b = 0; b < B; ++b)
+      acc += rgz[(b * K + j) * d + o] * a[b * d + i] + gz[b * d + o] * ra[(b * K + j) * d + i];
+  }
   T& out = p.hvps[((j * p.R + r) * n + l) * dd + oi];
   out = p.accumulate ? out + acc : acc;
 }
@@ -447,7 +493,7 @@ template <typename T>
 cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, const T* x, const T* weights,
                                       const T* targets, const int64_t* classes, const T* directions, T* loss_out,
                                       T* grad_w, T* hvps, const Allocator& alloc, cudaStream_t stream,
-                                      int64_t max_rows, const T* readout, int64_t q) {
+                                      int64_t max_rows, const T* readout, int64_t q, HvpMatrix matrix) {
   using namespace cuda_detail;
   if (a.B == 0 || a.d == 0) return cudaSuccess;  // the host returns zeros
   const int64_t d = a.d, R = a.R, n = a.n;
@@ -497,6 +543,9 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   p.mid = a.mid;
   p.post = a.post;
   p.loss = loss;
+  p.gn = matrix == HvpMatrix::Ggn || matrix == HvpMatrix::EmpiricalFisher;
+  p.functional = matrix == HvpMatrix::Functional;
+  p.fisher = matrix == HvpMatrix::EmpiricalFisher;
   const int64_t outs = n * (1 + K) * d * d;
   const unsigned red_blocks = unsigned((outs + kHvpThreads - 1) / kHvpThreads);
   cudaError_t err;
@@ -540,11 +589,11 @@ int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_
 template cudaError_t launch_residual_stack_hvp<float>(const StackArgs&, int64_t, Loss, const float*, const float*,
                                                       const float*, const int64_t*, const float*, float*, float*,
                                                       float*, const Allocator&, cudaStream_t, int64_t, const float*,
-                                                      int64_t);
+                                                      int64_t, HvpMatrix);
 template cudaError_t launch_residual_stack_hvp<double>(const StackArgs&, int64_t, Loss, const double*,
                                                        const double*, const double*, const int64_t*,
                                                        const double*, double*, double*, double*, const Allocator&,
-                                                       cudaStream_t, int64_t, const double*, int64_t);
+                                                       cudaStream_t, int64_t, const double*, int64_t, HvpMatrix);
 
 }  // namespace cuda
 }  // namespace shortcut_ext

@@ -33,15 +33,15 @@ cross-entropy, ``s = softmax(z)``, ``c_i`` the sum of sample i's target probabil
 ``G`` is positive semi-definite and is what Gauss-Newton, natural-gradient and K-FAC methods see; ``F`` (the
 "functional Hessian", Singh et al. 2021) carries every negative eigenvalue.  How each backend computes ``G v``:
 
-- ``"fused"`` on the CPU: the fused kernel's own parts (:func:`shortcut_ext.residual_stack_hvp` with
+- ``"fused"`` (CPU and CUDA): the fused kernel's own parts (:func:`shortcut_ext.residual_stack_hvp` with
   ``matrix=``): ``G`` by the R-operator without the net's second derivatives (about half an ``H v``'s
   arithmetic at many directions), ``F`` by the R-operator with the output's tangent seed ``H_l J v`` set to zero
   (an ``H v``'s cost); one call each.
-- ``"fused"`` on CUDA and ``"autograd"``: ``F`` is linear in the residual ``dl/dz``, which is zero where the
+- ``"autograd"``: ``F`` is linear in the residual ``dl/dz``, which is zero where the
   targets are the network's own predictions (``y = z`` under mse, ``c_i softmax(z)`` as probabilities under
   cross-entropy, whose ``H_l`` depends on ``y`` through ``c_i`` alone), so ``G`` is the Hessian with those
-  targets: one HVP call per product, the targets from the same backend's forward (the residual is zero to
-  rounding on the fused path, exactly on the autograd one).
+  targets: one HVP call per product, the targets from the same backend's forward (the residual is exactly
+  zero there).
 - ``"func"``: ``J^T (H_l (J v))`` directly (``jvp`` and ``vjp`` of the outputs).
 
 Elsewhere ``F v = H v - G v`` (two products each).  At an n-shortcut
@@ -50,8 +50,8 @@ Hessian of Theorem 1 is ``F`` (docs/science.md).
 
 ``matrix="empirical_fisher"`` is not a part of ``H``: ``(1/m) sum_i g_i g_i^T`` of the per-sample gradients
 ``g_i = J_i^T e_i`` (``e_i = dl_i/dz_i``), i.e. ``G`` with ``e_i e_i^T`` in place of ``H_l``; for mse and
-cross-entropy the true Fisher is ``G``, and the empirical one differs from it (Kunstner et al. 2019).  The CPU's
-fused backend computes it as ``G`` with that output seed (one call); the other backends and CUDA by
+cross-entropy the true Fisher is ``G``, and the empirical one differs from it (Kunstner et al. 2019).  The fused
+backend computes it as ``G`` with that output seed (one call); the other backends by
 ``torch.func`` (``jvp``, ``vjp``); ``dense_empirical_fisher_func`` is the dense reference.
 """
 from __future__ import annotations
@@ -302,8 +302,9 @@ class HessianOperator:
             elif self._readout is not None:
                 self._target_map = self._readout
         # the GGN's targets: each batch's own predictions (zero residual), in the form the products take them,
-        # where G is a Hessian at other targets (not the func backend's J^T H_l J, nor the CPU's GGN kernel)
-        self._ggn_kernel = self.backend_used == "fused" and self.device.type == "cpu"
+        # where G is a Hessian at other targets (the autograd backend's; not the func backend's J^T H_l J, nor the
+        # fused kernels' own parts)
+        self._ggn_kernel = self.backend_used == "fused"
         self._ggn_y = None if self.matrix not in PARTS or self.backend_used == "func" or self._ggn_kernel else [
             self._prediction_targets(h0, y) for h0, y, _ in self._batches]
         self.num_products = 0
@@ -464,7 +465,7 @@ class HessianOperator:
         Fisher's."""
         if self.matrix == "hessian":
             return fn(h0, y, D)
-        if self._ggn_kernel:  # any of them in one call of the CPU kernel
+        if self._ggn_kernel:  # any of them in one call of the fused kernel
             return self._hvp_fused(h0, y, D, matrix=self.matrix)
         if self.matrix == "empirical_fisher":
             return self._ggn_func(h0, y, D, fisher=True)

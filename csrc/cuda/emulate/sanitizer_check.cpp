@@ -8,7 +8,7 @@
 //   sweep  edge shapes for AddressSanitizer + UndefinedBehaviorSanitizer: d = 1, 3, odd, above 128;
 //          B = 1 and tiles +- a few rows; every forced fused tile; TF32 and 3xTF32; deterministic and
 //          atomic weight gradients; a workspace small enough to split the units; the HVP with row
-//          chunks, with and without a read-out; grid-stride launches capped at 2 blocks.  Inputs, outputs and workspace are sized
+//          chunks, with and without a read-out, and its products with G, F and the empirical Fisher; grid-stride launches capped at 2 blocks.  Inputs, outputs and workspace are sized
 //          exactly, and the launch's shared memory is followed by a poisoned guard, so any read or
 //          write out of bounds aborts with a report (on a
 //          GPU: what compute-sanitizer's memcheck reports, or a silent wrong result).  Every result is
@@ -124,11 +124,13 @@ void stack_case(int64_t B, int64_t d, int64_t R, int64_t n, int shortcut, int pr
 }
 
 // Loss, gradient and K products (tanh / relu / ssigmoid) in T with `max_rows` row chunks, against
-// the float64 call without chunks; P: a read-out [q, d] (empty: none).
+// the float64 call without chunks; P: a read-out [q, d] (empty: none); matrix: the Hessian, G, F or the
+// empirical Fisher.
 template <typename T>
 int64_t hvp_call(const sc::StackArgs& a, int64_t K, bool ce, const std::vector<double>& x, const std::vector<double>& w,
                  const std::vector<double>& y, const std::vector<int64_t>& cls, const std::vector<double>& v,
-                 const std::vector<double>& P, int64_t max_rows, std::vector<double>& out) {
+                 const std::vector<double>& P, int64_t max_rows, std::vector<double>& out,
+                 shortcut_ext::HvpMatrix matrix) {
   std::vector<T> xt(x.begin(), x.end()), wt(w.begin(), w.end()), yt(y.begin(), y.end()), vt(v.begin(), v.end());
   std::vector<T> pt(P.begin(), P.end());
   std::vector<T> gw(w.size()), hv(v.size());
@@ -138,7 +140,7 @@ int64_t hvp_call(const sc::StackArgs& a, int64_t K, bool ce, const std::vector<d
                                                    xt.data(), wt.data(), ce ? nullptr : yt.data(),
                                                    ce ? cls.data() : nullptr, vt.data(), &loss, gw.data(), hv.data(),
                                                    alloc.get(), nullptr, max_rows, pt.empty() ? nullptr : pt.data(),
-                                                   int64_t(P.size()) / a.d);
+                                                   int64_t(P.size()) / a.d, matrix);
   out.assign(1, double(loss));
   out.insert(out.end(), gw.begin(), gw.end());
   out.insert(out.end(), hv.begin(), hv.end());
@@ -149,7 +151,7 @@ int64_t hvp_call(const sc::StackArgs& a, int64_t K, bool ce, const std::vector<d
 // sized exactly, so a read past the read-out's width (or the targets' q columns) is reported.
 template <typename T>
 void hvp_case(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, bool ce, int64_t max_rows, bool shortcut,
-              int64_t q = 0) {
+              int64_t q = 0, shortcut_ext::HvpMatrix matrix = shortcut_ext::HvpMatrix::Hessian) {
   std::mt19937 gen(unsigned(B * 31 + d * 7 + K + 13 * q));
   std::normal_distribution<double> nd;
   const int64_t wy = q > 0 ? q : d;  // the targets' width
@@ -165,12 +167,15 @@ void hvp_case(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, bool ce, in
   const sc::StackArgs a{B, d, R, n, shortcut, Act::Tanh, Act::Relu, Act::SSigmoid};
   std::vector<double> ref, got;
   char what[200];
-  std::snprintf(what, sizeof what, "hvp %s B=%lld d=%lld R=%lld n=%lld K=%lld %s rows=%lld shortcut=%d readout=%lld",
+  static const char* const kMatrix[] = {"hessian", "ggn", "functional", "empirical_fisher"};
+  std::snprintf(what, sizeof what,
+                "hvp %s B=%lld d=%lld R=%lld n=%lld K=%lld %s rows=%lld shortcut=%d readout=%lld matrix=%s",
                 sizeof(T) == 8 ? "float64" : "float32", (long long)B, (long long)d, (long long)R, (long long)n,
-                (long long)K, ce ? "cross_entropy" : "mse", (long long)max_rows, int(shortcut), (long long)q);
+                (long long)K, ce ? "cross_entropy" : "mse", (long long)max_rows, int(shortcut), (long long)q,
+                kMatrix[int(matrix)]);
   try {
-    if (hvp_call<double>(a, K, ce, x, w, y, cls, v, P, 0, ref) != 0 ||
-        hvp_call<T>(a, K, ce, x, w, y, cls, v, P, max_rows, got) != 0) {
+    if (hvp_call<double>(a, K, ce, x, w, y, cls, v, P, 0, ref, matrix) != 0 ||
+        hvp_call<T>(a, K, ce, x, w, y, cls, v, P, max_rows, got, matrix) != 0) {
       std::printf("FAILED %s: launch error\n", what);
       ++n_bad;
       return;
@@ -190,6 +195,7 @@ void hvp_case(int64_t B, int64_t d, int64_t R, int64_t n, int64_t K, bool ce, in
 void race() {
   hvp_case<float>(40, 12, 2, 2, 3, false, 0, true);
   hvp_case<double>(33, 7, 2, 3, 1, true, 0, true);
+  hvp_case<float>(40, 12, 2, 2, 3, true, 0, true, 0, shortcut_ext::HvpMatrix::Ggn);  // no tangent recompute
   // relu before, tanh between, ssigmoid after the layers of each unit
   stack_case<float>(40, 16, 2, 2, 1, 1, 2, 3, 1, 32);
   stack_case<double>(40, 20, 2, 3, 1, 1, 2, 3, 1, 16);
@@ -225,6 +231,9 @@ void sweep_quick() {
   hvp_case<double>(23, 1, 2, 2, 1, false, 7, true);
   hvp_case<double>(23, 9, 2, 2, 3, true, 7, true, 4);  // read-outs: fewer and more columns than d, row chunks
   hvp_case<float>(23, 5, 2, 1, 2, false, 0, false, 11);
+  hvp_case<double>(23, 9, 2, 2, 3, true, 7, true, 4, shortcut_ext::HvpMatrix::Ggn);  // the parts
+  hvp_case<float>(23, 33, 2, 2, 3, false, 7, true, 0, shortcut_ext::HvpMatrix::Functional);
+  hvp_case<double>(23, 5, 2, 1, 2, true, 0, false, 11, shortcut_ext::HvpMatrix::EmpiricalFisher);
   // grid-stride launches (weight preparation, partial sums, HVP transposes) capped at 2 blocks: many rounds
   se_emu::grid_stride_cap() = 2;
   stack_case<float>(40, 20, 5, 2, 1, 1, 2, 3, 0, 0, 0, 0, 40 * 20 * 20 * 4 * 2);
@@ -263,6 +272,11 @@ void sweep_hvp() {
         for (int64_t q : {int64_t(1), int64_t(10)}) {  // a read-out to 1 and to 10 columns
           if (ce && q == 1) continue;
           hvp_case<double>(23, d, 2, 2, K, ce, 7, true, q);
+        }
+        for (auto m : {shortcut_ext::HvpMatrix::Ggn, shortcut_ext::HvpMatrix::Functional,
+                       shortcut_ext::HvpMatrix::EmpiricalFisher}) {
+          hvp_case<double>(23, d, 2, 2, K, ce, 7, true, 0, m);
+          hvp_case<float>(23, d, 2, 1, K, ce, 0, false, d + 2, m);
         }
       }
 }
