@@ -24,7 +24,7 @@ import torch.autograd.forward_ad as fwAD
 
 from . import reference
 from ._build import BUILD_HINT, _C, build_info, require_built
-from .reference import ACTIVATIONS, LOSSES, check_activation
+from .reference import ACTIVATIONS, LOSSES, MATRICES, check_activation
 
 BACKENDS = ("fused", "torch")
 _LIB = "shortcut_ext"
@@ -409,9 +409,6 @@ def _save_layers(x: torch.Tensor, weights: torch.Tensor, recompute: bool | None)
         raise ValueError(f"SHORTCUT_EXT_SAVE_LAYERS_MB must be a number of megabytes >= 0, got {env!r}")
     R, n = weights.shape[0], weights.shape[1]
     return R * n * x.shape[0] * x.shape[1] * x.element_size() <= budget_mb * 2**20
-
-
-MATRICES = ("hessian", "ggn", "functional", "empirical_fisher")
 
 
 def residual_stack_hvp(

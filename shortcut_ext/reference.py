@@ -16,6 +16,8 @@ import torch
 
 ACTIVATIONS = ("identity", "relu", "tanh", "ssigmoid")
 LOSSES = ("mse", "cross_entropy")
+# the matrices of residual_stack_hvp(matrix=): the Hessian, its Gauss-Newton and functional parts, the empirical Fisher
+MATRICES = ("hessian", "ggn", "functional", "empirical_fisher")
 
 
 def eigen_eps(values, dtype: torch.dtype | None = None) -> float:
@@ -91,7 +93,7 @@ def residual_stack_unit_inputs(x, weights, shortcut=True, act_pre="identity", ac
     """The input of every unit, ``[R, B, d]``: what the fused forward saves for its backward."""
     hs = []
     h = x
-    R, n = weights.shape[0], weights.shape[1]
+    R = weights.shape[0]
     for r in range(R):
         hs.append(h)
         h = residual_stack_forward(h, weights[r : r + 1], shortcut, act_pre, act_mid, act_post)
@@ -135,7 +137,7 @@ def residual_stack_hvp(
         if matrix in ("ggn", "empirical_fisher"):
             return L, g, gv
         if matrix != "functional":
-            raise ValueError(f"matrix must be one of hessian, ggn, functional, empirical_fisher, got {matrix!r}")
+            raise ValueError(f"matrix must be one of {', '.join(MATRICES)}, got {matrix!r}")
         _, _, hv = residual_stack_hvp(x, weights, targets, directions, shortcut, act_pre, act_mid, act_post, loss,
                                       readout)
         return L, g, hv - gv

@@ -52,9 +52,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .reference import ACTIVATIONS, LOSSES, activation, check_activation
+from .reference import ACTIVATIONS, LOSSES, MATRICES, activation, check_activation
 
-MATRICES = ("hessian", "ggn", "functional", "empirical_fisher")
 
 # (s(0), s'(0), s''(0)); relu'(0) = 0 is autograd's convention (relu is not differentiable at 0)
 ACTIVATION_AT_ZERO = {

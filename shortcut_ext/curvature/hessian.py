@@ -66,10 +66,9 @@ import torch
 
 from .. import ops, reference
 from .._dist import all_reduce, group_of, model_signature, ranks_agree
-from ..reference import LOSSES
+from ..reference import LOSSES, MATRICES
 
 BACKENDS = ("fused", "autograd", "func")
-MATRICES = ("hessian", "ggn", "functional", "empirical_fisher")
 PARTS = ("ggn", "functional")  # the Hessian's two parts, H = G + F
 
 

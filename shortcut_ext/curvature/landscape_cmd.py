@@ -63,6 +63,7 @@ from .._cli_args import seed as seed_type
 from .._device import init_distributed, parse_device
 from .._dist import together
 from .._io import atomic_open, save_figure
+from ..reference import MATRICES
 from .spectrum_cmd import (_check_options, _environment, _progress, add_problem_args, build_problem,
                            to_strict_json, trained_problem)
 
@@ -109,7 +110,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "--save-weights-every); init: the line from the trained weights (t = 0) to the run's initial "
                         "weights (t = 1; needs --weights); between: the line from --weights (t = 0) to --other's "
                         "weights (t = 1)")
-    g.add_argument("--matrix", choices=("hessian", "ggn", "functional", "empirical_fisher"), default="hessian",
+    g.add_argument("--matrix", choices=MATRICES, default="hessian",
                    help="with --directions hessian: the eigenvectors of the Hessian (default), of its Gauss-Newton "
                         "part G = J^T H_l J (ggn: its two largest on a plane, G being positive semi-definite), of "
                         "the rest H - G (functional), or of the empirical Fisher (1/m) sum_i g_i g_i^T (its two "
