@@ -1071,6 +1071,13 @@ def test_hvp_row_chunks(monkeypatch):
     chunked = torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for matrix in ops.MATRICES[1:]:  # G, F, the empirical Fisher (G's scratch holds no tangents of unit inputs)
+        monkeypatch.delenv("SHORTCUT_EXT_CUDA_HVP_MB")
+        whole = torch.ops.shortcut_ext.residual_stack_hvp_part(x, w, y, v, True, *acts, loss, matrix)
+        monkeypatch.setenv("SHORTCUT_EXT_CUDA_HVP_MB", "1")
+        chunked = torch.ops.shortcut_ext.residual_stack_hvp_part(x, w, y, v, True, *acts, loss, matrix)
+        for a, b in zip(chunked, whole):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=matrix)
     monkeypatch.setenv("SHORTCUT_EXT_CUDA_HVP_MB", "-1")
     with pytest.raises(ValueError, match=r"SHORTCUT_EXT_CUDA_HVP_MB must be a whole number of megabytes in \[0, "):
         torch.ops.shortcut_ext.residual_stack_hvp(x, w, y, v, True, *acts, loss)
@@ -1122,6 +1129,13 @@ def test_hvp_errors_match_the_cpu_path():
                 torch.ops.shortcut_ext.residual_stack_hvp(*args(dev, **kw))
             errors.append((info.type, str(info.value).splitlines()[0].replace("cuda:0", "DEV").replace("cpu", "DEV")))
         assert errors[0] == errors[1], kw
+    for kw, matrix in [(bad[0], "ggn"), (bad[5], "empirical_fisher"), ({}, "fisher")]:  # the parts' op too
+        errors = []
+        for dev in ("cpu", "cuda"):
+            with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
+                torch.ops.shortcut_ext.residual_stack_hvp_part(*args(dev, **kw), matrix)
+            errors.append((info.type, str(info.value).splitlines()[0].replace("cuda:0", "DEV").replace("cpu", "DEV")))
+        assert errors[0] == errors[1], (kw, matrix)
 
 
 # The HVP kernels compiled for CPU emulation (see csrc/cuda/emulate/emulation.h) through a small C

@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hvp_cuda(
     C10_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     budget = int64_t(free_b / 2);
   }
-  const int64_t per_row = cuda::hvp_bytes_per_row(a, directions.size(0), x.element_size(), q);
+  const int64_t per_row = cuda::hvp_bytes_per_row(a, directions.size(0), x.element_size(), q, matrix);
   // the transposed copies of the weights and the K directions are allocated whatever the chunk size
   const int64_t fixed = (1 + directions.size(0)) * weights.numel() * x.element_size();
   const int64_t max_rows = std::max<int64_t>(1, std::max<int64_t>(budget - fixed, 0) / per_row);

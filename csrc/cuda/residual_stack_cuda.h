@@ -82,8 +82,9 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
                                       int64_t max_rows = 0, const T* readout = nullptr, int64_t q = 0,
                                       HvpMatrix matrix = HvpMatrix::Hessian);
 
-// Scratch bytes per batch row of launch_residual_stack_hvp (q: the read-out's rows, 0 without one).
-int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_t q = 0);
+// Scratch bytes per batch row of launch_residual_stack_hvp (q: the read-out's rows, 0 without one; matrix: as its).
+int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_t q = 0,
+                          HvpMatrix matrix = HvpMatrix::Hessian);
 
 // Which kernels a call with these arguments would use, e.g. "fused D=128 BM=64 threads=256 smem=155648
 // units_per_launch=7" or "generic BM=32 ..." (for tests and benchmarks); errors are reported as text

@@ -26,7 +26,8 @@
 //      layer's gz, R{gz}; then hvp_unit_reduce_kernel (one thread per output element) sums the
 //      weight-gradient and HVP terms of unit r over the batch in row order: deterministic, no
 //      atomics.
-// Memory (elements of T): (R + 1) (1 + K) B d saved inputs + (3n + 2) (1 + K) B d records and
+// Memory (elements of T): (R + 1) (1 + K) B d saved inputs (for G and the empirical Fisher (R + 1) B d + 2 K B d:
+// their reverse pass needs no tangents, the forward keeps two units' only) + (3n + 2) (1 + K) B d records and
 // carried values (+ (3 + 2K) B q for a read-out's z, R{z}, their seeds and the softmax), and
 // (1 + K) R n d d for transposed copies of the weights and directions.  2 + (2 R + 3)
 // launches per row chunk.  No checkpointing and no shared-memory tiling of the GEMMs:
@@ -73,7 +74,7 @@ struct HvpParams {
   T* rgq;            // [B, K, q]          R{dL/dz}
   T* prq;            // [B, q]             softmax scratch
   T* sh;             // [R + 1, B, d]      unit inputs (slot R: output f)
-  T* srho;           // [R + 1, B, K, d]   their tangents
+  T* srho;           // [R + 1, B, K, d]   their tangents ([2, B, K, d] for G: see rho_slot)
   T* act;            // [n][B, d]          layer inputs a_l of the current unit
   T* z;              // [n][B, d]          layer outputs z_l
   T* ract;           // [n][B, K, d]
@@ -103,6 +104,14 @@ struct HvpParams {
   //   fisher      the empirical Fisher: gn with the seed R{g}_i = B g_i (g_i . R{f}_i) in place of H_l R{f}_i.
   bool gn, functional, fisher;
 };
+
+// The tangents of unit r's input (r = R: of the output f) for row 0 of the chunk.  G's reverse pass needs no
+// tangents, only R{f} for the output seed: its forward keeps the tangents of two unit inputs, alternately (unit r
+// reads slot r % 2 and writes (r + 1) % 2; a tile's rows are its block's alone).
+template <typename T>
+__device__ __forceinline__ T* rho_slot(const HvpParams<T>& p, int64_t r) {
+  return p.srho + (p.gn ? r % 2 : r) * p.B * p.K * p.d;
+}
 
 // x * s'(z) (s = s(z)): a select for ReLU, 0 where inactive even for a NaN or inf x, as autograd's
 // threshold_backward (the CPU kernel's times_deriv); x itself for the identity; a product otherwise.
@@ -199,11 +208,11 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_forward_kernel(HvpParams<T> p
   const int64_t d = p.d, Kd = p.K * p.d, B = p.B;
   const int64_t tid = threadIdx.x, nt = blockDim.x;
   for (int64_t e = tid; e < m * d; e += nt) p.sh[row0 * d + e] = p.x[row0 * d + e];
-  for (int64_t e = tid; e < m * Kd; e += nt) p.srho[row0 * Kd + e] = T(0);
+  for (int64_t e = tid; e < m * Kd; e += nt) rho_slot<T>(p, 0)[row0 * Kd + e] = T(0);
   __syncthreads();
   for (int64_t r = 0; r < p.R; ++r) {
-    hvp_unit_forward<T>(p, r, row0, m, p.sh + (r * B + row0) * d, p.srho + (r * B + row0) * Kd,
-                        p.sh + ((r + 1) * B + row0) * d, p.srho + ((r + 1) * B + row0) * Kd);
+    hvp_unit_forward<T>(p, r, row0, m, p.sh + (r * B + row0) * d, rho_slot<T>(p, r) + row0 * Kd,
+                        p.sh + ((r + 1) * B + row0) * d, rho_slot<T>(p, r + 1) + row0 * Kd);
   }
 }
 
@@ -307,7 +316,7 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_loss_seed_kernel(HvpParams<T>
   if (b >= p.B) return;
   const int64_t d = p.d, K = p.K, q = p.q;
   const T* f = p.sh + (p.R * p.B + b) * d;
-  const T* rf = p.srho + (p.R * p.B + b) * K * d;
+  const T* rf = rho_slot<T>(p, p.R) + b * K * d;
   T* g = p.g + b * d;
   T* rg = p.rg + b * K * d;
   const T ib = static_cast<T>(1.0 / double(p.B_total));
@@ -359,8 +368,8 @@ __global__ void __launch_bounds__(kHvpThreads) hvp_reverse_unit_kernel(HvpParams
   const int64_t md = m * d, mkd = m * Kd;
   const int64_t tid = threadIdx.x, nt = blockDim.x;
   const T* hin = p.sh + (r * B + row0) * d;
-  const T* rho = p.srho + (r * B + row0) * Kd;
   const bool gn = p.gn;
+  const T* rho = gn ? nullptr : rho_slot<T>(p, r) + row0 * Kd;  // (G: no tangents in the reverse pass)
   hvp_unit_forward<T>(p, r, row0, m, hin, rho, nullptr, nullptr, !gn);
   __syncthreads();
   T* g = p.g + row0 * d;
@@ -510,7 +519,8 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   p.y = targets;
   p.cls = classes;
   p.sh = hvp_alloc<T>(alloc, (R + 1) * B * d);
-  p.srho = hvp_alloc<T>(alloc, (R + 1) * B * K * d);
+  const bool gn = matrix == HvpMatrix::Ggn || matrix == HvpMatrix::EmpiricalFisher;
+  p.srho = hvp_alloc<T>(alloc, (gn ? 2 : R + 1) * B * K * d);
   p.act = hvp_alloc<T>(alloc, n * B * d);
   p.z = hvp_alloc<T>(alloc, n * B * d);
   p.ract = hvp_alloc<T>(alloc, n * B * K * d);
@@ -543,7 +553,7 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   p.mid = a.mid;
   p.post = a.post;
   p.loss = loss;
-  p.gn = matrix == HvpMatrix::Ggn || matrix == HvpMatrix::EmpiricalFisher;
+  p.gn = gn;
   p.functional = matrix == HvpMatrix::Functional;
   p.fisher = matrix == HvpMatrix::EmpiricalFisher;
   const int64_t outs = n * (1 + K) * d * d;
@@ -581,8 +591,11 @@ cudaError_t launch_residual_stack_hvp(const StackArgs& a, int64_t K, Loss loss, 
   return cudaSuccess;
 }
 
-int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_t q) {
-  return ((a.R + 1) * (1 + K) * a.d + (3 * a.n + 2) * (1 + K) * a.d + (3 + 2 * K) * q) * int64_t(itemsize) +
+int64_t hvp_bytes_per_row(const StackArgs& a, int64_t K, size_t itemsize, int64_t q, HvpMatrix matrix) {
+  const bool gn = matrix == HvpMatrix::Ggn || matrix == HvpMatrix::EmpiricalFisher;
+  const int64_t rho_units = gn ? 2 : a.R + 1;  // G keeps the tangents of two unit inputs only (rho_slot)
+  return ((a.R + 1) * a.d + rho_units * K * a.d + (3 * a.n + 2) * (1 + K) * a.d + (3 + 2 * K) * q) *
+             int64_t(itemsize) +
          int64_t(sizeof(double));
 }
 
