@@ -1554,8 +1554,8 @@ def test_cuda_hessian_operator_matches_cpu(loss):
 @needs_cuda
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_cuda_gauss_newton_and_functional_parts_match_cpu(loss):
-    """HessianOperator(matrix="ggn" | "functional") on a GPU model: the CUDA kernel's parts equal torch.func's
-    J^T H_l J v on the CPU and H - that; G + F = H."""
+    """HessianOperator(matrix="ggn" | "functional" | "empirical_fisher") on a GPU model: the CUDA kernel's products
+    equal torch.func's on the CPU (J^T H_l J v, H v less that, J^T diag(e_i e_i^T) J v); G + F = H."""
     import copy
 
     from shortcut_ext.curvature import HessianOperator
@@ -1572,11 +1572,10 @@ def test_cuda_gauss_newton_and_functional_parts_match_cpu(loss):
     gb = [(x.to(GPU), y.to(GPU)) for x, y in batches]
     V = torch.randn(net.weight.numel(), 3, generator=g, dtype=dtype)
     got = {m: HessianOperator(gnet, gb, loss=loss, backend="fused", matrix=m).matmat(V.to(GPU))
-           for m in ("hessian", "ggn", "functional")}
+           for m in ops.MATRICES}
     assert got["ggn"].device.type == GPU
-    _e2e_close(got["ggn"], HessianOperator(net, batches, loss=loss, backend="func", matrix="ggn").matmat(V), dtype)
-    _e2e_close(got["functional"], HessianOperator(net, batches, loss=loss, backend="func",
-                                                  matrix="functional").matmat(V), dtype)
+    for m in ops.MATRICES[1:]:
+        _e2e_close(got[m], HessianOperator(net, batches, loss=loss, backend="func", matrix=m).matmat(V), dtype)
     _e2e_close(got["ggn"] + got["functional"], got["hessian"], dtype)
 
 
