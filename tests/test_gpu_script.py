@@ -55,7 +55,7 @@ def smoke(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("script, rows", [("bench_gpu.py", 48), ("bench_gpu_hvp.py", 12)])
+@pytest.mark.parametrize("script, rows", [("bench_gpu.py", 48), ("bench_gpu_hvp.py", 14)])
 def test_gpu_benchmark_cpu_smoke(smoke, script, rows):
     table, meta, _ = smoke(script)
     assert len(table) == rows and len(meta["rows"]) == rows

@@ -4,8 +4,11 @@ against the pure-PyTorch ways to get HVPs, on the GPU, for the 2-shortcut ReLU n
 The variants and their definitions are those of the CPU benchmark, benchmarks/bench_hvp.py (each
 computes loss, gradient and k HVPs from scratch, forward included, as HessianOperator does):
 fused k = 1 and k = 16, double backward, torch.func jvp(grad), vmap of that over 16 directions, and
-one double-backward graph queried with is_grads_batched for 16 directions.  Every variant is checked
-against double backward on two directions before it is timed.  Times are medians of CUDA-event
+one double-backward graph queried with is_grads_batched for 16 directions; and fused_ggn_k16, the fused
+kernel's 16 Gauss-Newton products G v (residual_stack_hvp(..., matrix="ggn")), beside fused_k16's H v for
+their cost (its speedup column is still per product against double backward's H v).  Every variant is
+checked against double backward on two directions before it is timed (fused_ggn_k16 against double backward
+at the targets y = f(x), the net's own outputs, where the mse residual is zero and H is G).  Times are medians of CUDA-event
 timings after a warm-up, reported per HVP (time / k) and as a ratio to double backward measured in
 the same run; peak memory is torch.cuda.max_memory_allocated over the timed calls.
 
@@ -36,7 +39,7 @@ from bench_gpu import sig, start  # noqa: E402
 
 import shortcut_ext  # noqa: E402
 
-VARIANTS = bench_hvp.VARIANTS
+VARIANTS = bench_hvp.VARIANTS + ("fused_ggn_k16",)
 AGREE = 1e-3  # relative (max-abs) disagreement with float32 double backward that still counts as agreement
 
 
@@ -85,6 +88,18 @@ def double_backward(x, y, w, v):
     return torch.autograd.grad(g, wr, grad_outputs=v)[0]
 
 
+def ggn_fn(x, y, w, V):
+    """fused_ggn_k16: the fused kernel's Gauss-Newton products of the 16 directions (None where not built)."""
+    from shortcut_ext import ops
+    from shortcut_ext.curvature.hessian import fused_hvp_available
+
+    if not fused_hvp_available():
+        return None
+    D = V.contiguous()
+    return lambda: ops.residual_stack_hvp(x, w, y, D, True, *bench_hvp.ACTS, loss="mse", backend="fused",
+                                          matrix="ggn")[2]
+
+
 def main(argv=None):
     args = parse_args(argv)
     name = "bench_gpu_hvp" if not args.cpu_smoke else "bench_gpu_hvp_cpu_smoke"
@@ -106,6 +121,7 @@ def main(argv=None):
         x, y, w, V = make_problem(d, B, R, args.device)
         case = dict(d=d, B=B, R=R, params=R * 2 * d * d)
         refs = {i: double_backward(x, y, w, V[i]) for i in (0, bench_hvp.K_BATCHED - 1)}
+        refs_ggn = None  # G v: H v at the targets f(x) (zero residual), made when a G variant first needs it
         per_hvp_ms = {}  # unrounded, for the ratios
         for variant in args.variants:
             k = 1 if variant.endswith("_k1") else bench_hvp.K_BATCHED
@@ -114,7 +130,11 @@ def main(argv=None):
                 rows.append(dict(row, note=f"skipped: time budget {args.budget_s:.0f}s used"))
                 continue
             try:
-                fn = bench_hvp.variant_fn(variant, x, y, w, V)
+                ggn = variant == "fused_ggn_k16"
+                if ggn and refs_ggn is None:
+                    f = shortcut_ext.reference.residual_stack_forward(x, w, True, *bench_hvp.ACTS).detach()
+                    refs_ggn = {i: double_backward(x, f, w, V[i]) for i in refs}
+                fn = ggn_fn(x, y, w, V) if ggn else bench_hvp.variant_fn(variant, x, y, w, V)
                 if fn is None:
                     rows.append(dict(row, note="skipped: the fused HVP kernel is not built"))
                     continue
@@ -125,7 +145,7 @@ def main(argv=None):
                 out = fn()
                 clock.sync()
                 errs = [((out[i] - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-                        for i, r in refs.items() if i < k]  # k = 1: direction 0 only
+                        for i, r in (refs_ggn if ggn else refs).items() if i < k]  # k = 1: direction 0 only
                 # the directions without a reference must be finite too
                 err = common.worst_error(errs + ([] if bool(torch.isfinite(out).all()) else [math.nan]))
                 row["rel_err_vs_double_backward"] = f"{err:.2e}"

@@ -6,7 +6,8 @@
 #      Hessian operator, the spectrum command) and the CUDA half of tests/test_ops.py and test_errors.py;
 #   3. compute-sanitizer memcheck / racecheck / initcheck on a small case, where the tool works;
 #   4. the GPU benchmarks: bench_gpu.py (the stack: fused vs eager, CUDA graphs, torch.compile) and
-#      bench_gpu_hvp.py (Hessian-vector products: fused vs double backward, torch.func, is_grads_batched).
+#      bench_gpu_hvp.py (Hessian-vector products: fused vs double backward, torch.func, is_grads_batched; and
+#      the fused Gauss-Newton products).
 # Then, if time is left, an informational run of spectrum --distributed on NCCL (one rank).
 # The output folder gets at most 6 files (the device tool brings back 8): run.log (written as it goes),
 # bench_gpu.csv, bench_gpu_hvp.csv, junit.xml and results.tar.gz, the whole work folder (build.log, tests.log,
