@@ -40,10 +40,18 @@ def _ref(x, w, y, v, shortcut, acts, loss, P=None, matrix="ggn"):
     return ref.residual_stack_hvp(x, w, y, v, shortcut, *acts, loss, P, matrix)
 
 
-def _dense_part(x, w, y, v, shortcut, acts, loss, P=None, matrix="ggn"):
-    """``G @ v`` with ``G = J^T H_z J``: ``J`` the Jacobian of the outputs ``z`` ``[B, q]`` in the flat weights,
-    ``H_z`` the Hessian of the whole loss in ``z`` (``[B, q, B, q]``); or ``(H - G) @ v``, or ``H @ v``; or the
-    empirical Fisher's, ``(1/B) sum_i g_i g_i^T @ v`` with ``g_i`` the gradient of sample i's loss."""
+_DENSE: dict = {}  # the dense matrices of a problem, shared by its cases (the matrices and both memory modes)
+
+
+def _dense_matrix(x, w, y, shortcut, acts, loss, P, matrix):
+    """The dense ``[p, p]`` matrix ``matrix`` of the problem, computed once per problem and matrix: ``G = J^T H_z J``
+    (``J`` the Jacobian of the outputs ``z`` ``[B, q]`` in the flat weights, ``H_z`` the Hessian of the whole loss in
+    ``z``, ``[B, q, B, q]``), ``H`` by ``torch.func.hessian``, ``F = H - G``, or the empirical Fisher
+    ``(1/B) sum_i g_i g_i^T`` with ``g_i`` the gradient of sample i's loss."""
+    key = (tuple(t.dtype for t in (x, w, y)), x.numpy().tobytes(), w.numpy().tobytes(), y.numpy().tobytes(),
+           tuple(w.shape), shortcut, tuple(acts), loss, None if P is None else P.numpy().tobytes(), matrix)
+    if key in _DENSE:
+        return _DENSE[key]
     shape = w.shape
 
     def outputs(flat):
@@ -54,13 +62,23 @@ def _dense_part(x, w, y, v, shortcut, acts, loss, P=None, matrix="ggn"):
     if matrix == "empirical_fisher":
         B = x.shape[0]
         g = jacrev(lambda fl: torch.stack([ref.loss_fn(loss, outputs(fl)[i:i + 1], y[i:i + 1]) for i in range(B)]))(flat)
-        return (v.reshape(v.shape[0], -1) @ (g.T @ g / B)).view(v.shape)
-    J = jacrev(outputs)(flat)  # [B, q, p]
-    Hz = hessian(lambda z: ref.loss_fn(loss, z, y))(outputs(flat))  # [B, q, B, q]
-    M = torch.einsum("aip,aibj,bjr->pr", J, Hz, J)
-    if matrix != "ggn":
-        H = hessian(lambda fl: ref.loss_fn(loss, outputs(fl), y))(flat)
-        M = H if matrix == "hessian" else H - M
+        M = g.T @ g / B
+    elif matrix == "ggn":
+        J = jacrev(outputs)(flat)  # [B, q, p]
+        Hz = hessian(lambda z: ref.loss_fn(loss, z, y))(outputs(flat))  # [B, q, B, q]
+        M = torch.einsum("aip,aibj,bjr->pr", J, Hz, J)
+    elif matrix == "hessian":
+        M = hessian(lambda fl: ref.loss_fn(loss, outputs(fl), y))(flat)
+    else:
+        M = _dense_matrix(x, w, y, shortcut, acts, loss, P, "hessian") - _dense_matrix(x, w, y, shortcut, acts, loss, P,
+                                                                                        "ggn")
+    _DENSE[key] = M
+    return M
+
+
+def _dense_part(x, w, y, v, shortcut, acts, loss, P=None, matrix="ggn"):
+    """The products of the dense matrix ``matrix`` (``_dense_matrix``) with the directions ``v``."""
+    M = _dense_matrix(x, w, y, shortcut, acts, loss, P, matrix)
     return (v.reshape(v.shape[0], -1) @ M.T).view(v.shape)
 
 
