@@ -647,36 +647,43 @@ def test_emulated_smoke(at_issue, emulator):
             check(_emu_run(emulator, x, w, gy, True, acts, path=path, tf32=mode), x, w, gy, True, acts)
 
 
-def test_emulated_backward_without_weight_gradients(emulator):
+_FROZEN_CHUNKED = {  # (dtype, d): the full backward's plan, then the frozen one's (B = 100, R = 5, n = 2)
+    (torch.float32, 16): ("grid=2 units_per_launch=1 tiles_per_launch=2 deterministic",
+                          "grid=4 units_per_launch=5 tiles_per_launch=4 no-weight-gradients"),
+    (torch.float64, 70): ("grid=2 units_per_launch=1 deterministic", "units_per_launch=5 no-weight-gradients")}
+
+
+@pytest.mark.parametrize("dtype, d, kw", [
+    pytest.param(torch.float32, 24, dict(path=1), id="f32-fma"), pytest.param(torch.float64, 9, dict(path=1), id="f64"),
+    pytest.param(torch.float32, 40, dict(path=1, tf32="tf32"), id="tf32"),
+    pytest.param(torch.float32, 20, dict(path=1, tf32="3xtf32"), id="3xtf32"),
+    pytest.param(torch.float32, 40, dict(path=2), id="f32-generic"),
+    pytest.param(torch.float32, 140, dict(path=2), id="f32-generic-d140", marks=pytest.mark.slow),  # d > 128
+    pytest.param(torch.float64, 20, dict(path=1, tile=16, atomic=True), id="f64-atomic"),
+    pytest.param(torch.float32, 20, dict(path=2, atomic=True), id="f32-generic-atomic"),
+    pytest.param(torch.float32, 16, dict(path=1, tile=32, ws=4096), id="unit-and-row-chunks"),
+    pytest.param(torch.float64, 70, dict(path=2, ws=2 * 70 * 70 * 8 * 2), id="generic-unit-chunks")])
+def test_emulated_backward_without_weight_gradients(dtype, d, kw, emulator):
     """In the default run: the emulated backward with a null grad_w (frozen weights: no weight-gradient products,
     partial sums or reduction) gives the full backward's grad_x bit for bit, for every kernel family (float32 and
     float64 FMA, TF32 and 3xTF32 tensor cores, generic), with atomic weight gradients, and in unit and row chunks
     (where the full backward's workspace splits the units and rows into several launches; having no partial
-    sums to hold, the frozen backward runs them all in one, so its plan says so)."""
+    sums to hold, the frozen backward runs them all in one, so its plan says so). The generic path at d = 140
+    (more than the fused path's 128; 30 s to emulate) is in the slow run; at d = 40 and 70 it has partial k and
+    column chunks already."""
     acts = ("relu", "tanh", "ssigmoid")
-    cases = [(torch.float32, 24, dict(path=1)), (torch.float64, 9, dict(path=1)),
-             (torch.float32, 40, dict(path=1, tf32="tf32")), (torch.float32, 20, dict(path=1, tf32="3xtf32")),
-             (torch.float32, 140, dict(path=2)), (torch.float64, 20, dict(path=1, tile=16, atomic=True)),
-             (torch.float32, 20, dict(path=2, atomic=True)),
-             (torch.float32, 16, dict(path=1, tile=32, ws=4096)),  # unit + row chunks
-             (torch.float64, 70, dict(path=2, ws=2 * 70 * 70 * 8 * 2))]  # generic, unit chunks
-    chunked = {  # (dtype, d): the full backward's plan, then the frozen one's (B = 100, R = 5, n = 2)
-        (torch.float32, 16): ("grid=2 units_per_launch=1 tiles_per_launch=2 deterministic",
-                              "grid=4 units_per_launch=5 tiles_per_launch=4 no-weight-gradients"),
-        (torch.float64, 70): ("grid=2 units_per_launch=1 deterministic", "units_per_launch=5 no-weight-gradients")}
-    for dtype, d, kw in cases:
-        if (dtype, d) in chunked:
-            plans = [_emu_describe(emulator, dtype, True, 100, d, 5, 2, want_w=want_w,
-                                   **{k: kw[k] for k in ("path", "tile", "ws") if k in kw}) for want_w in (True, False)]
-            for plan, expected in zip(plans, chunked[dtype, d]):
-                assert plan.endswith(expected), (plan, expected)
-        x, w, gy = _inputs(100, d, 5, 2, dtype, seed=d, scale=0.8 / d ** 0.5, device="cpu")
-        full = _emu_run(emulator, x, w, gy, True, acts, **kw)
-        frozen = _emu_run(emulator, x, w, gy, True, acts, want_w=False, **kw)
-        assert frozen[3] is None and torch.equal(frozen[0], full[0])
-        assert torch.equal(frozen[2], full[2]), (dtype, d, kw, (frozen[2] - full[2]).abs().max().item())
-        if not kw.get("tf32"):
-            _assert_matches(full, x, w, gy, True, acts)
+    if (dtype, d) in _FROZEN_CHUNKED:
+        plans = [_emu_describe(emulator, dtype, True, 100, d, 5, 2, want_w=want_w,
+                               **{k: kw[k] for k in ("path", "tile", "ws") if k in kw}) for want_w in (True, False)]
+        for plan, expected in zip(plans, _FROZEN_CHUNKED[dtype, d]):
+            assert plan.endswith(expected), (plan, expected)
+    x, w, gy = _inputs(100, d, 5, 2, dtype, seed=d, scale=0.8 / d ** 0.5, device="cpu")
+    full = _emu_run(emulator, x, w, gy, True, acts, **kw)
+    frozen = _emu_run(emulator, x, w, gy, True, acts, want_w=False, **kw)
+    assert frozen[3] is None and torch.equal(frozen[0], full[0])
+    assert torch.equal(frozen[2], full[2]), (dtype, d, kw, (frozen[2] - full[2]).abs().max().item())
+    if not kw.get("tf32"):
+        _assert_matches(full, x, w, gy, True, acts)
 
 
 def _cp_async_at_issue_cases():
