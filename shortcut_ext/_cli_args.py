@@ -146,11 +146,12 @@ def out_file(path, command: str, suffix: str | None = None) -> Path:
     return p
 
 
-def _acquire(path: Path, command: str, hint: str = ""):
+def _acquire(path: Path, command: str, hint: str = "", target: str | None = None):
     """Open and ``flock`` ``path`` (exclusive, non-blocking); the open descriptor holds the lock.
 
     Returns the descriptor, or ``None`` where the file system cannot lock (the run then goes on unlocked,
-    with a warning); raises ``SystemExit`` naming the holder when another process holds the lock."""
+    with a warning); raises ``SystemExit`` naming the holder when another process holds the lock.  ``target``:
+    what the lock guards, for the message (default: the lock file's folder)."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ def _acquire(path: Path, command: str, hint: str = ""):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
         finally:
             os.close(fd)
-        raise SystemExit(f"another run (shortcut-ext {holder}) is writing to {path.parent}: two runs into one "
+        raise SystemExit(f"another run (shortcut-ext {holder}) is writing to {target or path.parent}: two runs into one "
                          "output would overwrite each other's files; wait for it to end or choose another "
                          f"--out{hint}") from None
     except OSError as e:  # no flock on this file system (some network or FUSE mounts)
@@ -181,13 +182,14 @@ def _acquire(path: Path, command: str, hint: str = ""):
 
 
 @contextlib.contextmanager
-def out_lock(path, command: str, lead: bool = True, distributed: bool = False, device=None):
+def out_lock(path, command: str, lead: bool = True, distributed: bool = False, device=None, target: str | None = None):
     """Hold an exclusive lock on the lock file ``path`` while a command writes its outputs beside it; a
     second process on the same output is refused with one line (``SystemExit``) before any work.
 
     Only ``lead`` (the writing rank) locks.  With ``distributed=True`` the outcome is shared in one
     all-reduce (on ``device``), so that every rank stops together rather than wait in a collective.
-    The lock is released when the process ends, however it ends (``flock`` on the open file).
+    The lock is released when the process ends, however it ends (``flock`` on the open file).  ``target``: what
+    the lock guards, as the refusal names it (default: the folder of ``path``).
     """
     fd, err = None, None
     if lead:
@@ -195,7 +197,7 @@ def out_lock(path, command: str, lead: bool = True, distributed: bool = False, d
             hint = ""
             if not distributed and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # torchrun, no --distributed
                 hint = " (under torchrun, pass --distributed: without it every rank runs the whole command)"
-            fd = _acquire(Path(path), command, hint)
+            fd = _acquire(Path(path), command, hint, target)
         except SystemExit as e:
             err = e
         except OSError as e:  # the lock file cannot be created: the outputs could not be written either
@@ -210,7 +212,7 @@ def out_lock(path, command: str, lead: bool = True, distributed: bool = False, d
             flag = torch.tensor([float(err is not None)], device=device if device is not None else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if err is None and flag.item() > 0:
-                raise SystemExit(f"the writing rank could not lock {Path(path).parent} (another run is writing "
+                raise SystemExit(f"the writing rank could not lock {target or Path(path).parent} (another run is writing "
                                  "there); this rank stops too")
         if err is not None:
             raise err

@@ -22,12 +22,20 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that names the flag, what it expects and what arrived (as the
+    commands' own refusals are), not argparse's usage block before it; exit status 2, as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="shortcut-ext",
         description="Train and analyse very deep n-shortcut residual networks (Li et al., arXiv:1611.01186).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, module in SUBCOMMANDS.items():
         try:
             mod = importlib.import_module(module)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -250,6 +251,21 @@ def test_slq_bad_inputs():
         slq(torch.eye(3, dtype=F64), probes=0)
     with pytest.raises(ValueError, match="distribution must be"):
         slq(torch.eye(3, dtype=F64), distribution="uniform")
+
+
+def test_slq_with_one_step_warns_that_only_its_trace_means_anything():
+    """One step a probe: one node, the probe's Rayleigh quotient. Its trace (Hutchinson's) holds, but its index
+    describes those quotients, not the spectrum (much of it unresolved); the call says so. A 1 x 1 operator's single
+    step is exact."""
+    ev = np.array([-3.0, -1.0, 2.0, 4.0, 5.0])
+    A = known_spectrum(ev, seed=2)
+    with pytest.warns(UserWarning, match=r"slq\(steps=1\).*use steps >= 2"):
+        r = slq(A, probes=400, steps=1, seed=0)
+    assert r.sign_unresolved_mass() > 0.3 and r.trace(1)[0] == pytest.approx(ev.sum(), rel=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert slq(torch.full((1, 1), -2.0, dtype=F64), probes=2, steps=1).index() == 1.0
+        slq(A, probes=2, steps=2)
 
 
 # ------------------------------------------------------------------------------------- memory bounds

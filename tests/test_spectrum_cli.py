@@ -82,6 +82,8 @@ def test_zero_hessian_writes_strict_json_and_resumes(tmp_path, capsys):
     (["--shortcut", "0", "--post", "tanh"], r"--post tanh has no effect on a plain net"),
     (["--init", "zero", "--scale", "0.5"], r"--scale 0.5 has no effect with --init zero"),
     (["--data", "digits", "--noise", "0.5"], r"--noise 0.5 has no effect with --data digits"),
+    (["--data", "digits", "--noise", "0.1"], r"--noise 0.1 has no effect with --data digits"),  # the default, given
+    (["--data", "digits", "--width", "65"], r"--width 65 does not fit --data digits: its images have 64 pixels"),
 ])
 def test_ignored_flags_are_refused(tmp_path, extra, match):
     with pytest.raises(SystemExit, match=match):
@@ -111,9 +113,27 @@ def test_bad_values_are_refused_by_the_parser(tmp_path, capsys, flag, value):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: expected" in err and value in err
+    assert err.count("\n") == 1 and err.startswith("shortcut-ext spectrum: error: argument"), err  # one line
     if flag == "--steps" and value == "1":
         assert ">= 2" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--lr", "-1", "--out", "x.json"], ["train", "--probe-parts", "nope", "--out", "x.json"],
+    ["landscape", "--points", "0", "--out", "o"], ["bench", "--units", "0"], ["reproduce", "--quick", "--full"],
+    ["reproduce", "--workers", "0", "--out", "o"], ["demo", "--nope"], [], ["nosuch"]])
+def test_every_commands_parser_errors_are_one_line(tmp_path, capsys, monkeypatch, argv):
+    """argparse's own refusals (a flag's type or choices, exclusive flags, a missing command) are one line naming
+    the flag, as the commands' own are, not the usage block first; exit status 2."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("shortcut-ext") and ": error: " in err, err
+    assert "--help lists the options" in err and "usage:" not in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_basis_gib_too_small_for_one_vector(tmp_path):
@@ -603,7 +623,9 @@ def _checkpoint_for(argv, capsys):
     from shortcut_ext.cli import build_parser
 
     capsys.readouterr()
-    ck = spectrum_cmd._Checkpoint(build_parser().parse_args(argv), write=True)
+    args = build_parser().parse_args(argv)
+    spectrum_cmd._check_options(args)  # as the command does first (it resolves the defaults the flags leave open)
+    ck = spectrum_cmd._Checkpoint(args, write=True)
     return ck, capsys.readouterr().err
 
 

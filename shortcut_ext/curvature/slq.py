@@ -266,6 +266,12 @@ def slq(op, probes: int = 8, steps: int = 80, seed: int = 0, distribution: str =
     if max_basis_bytes is not None:
         _check_bytes(max_basis_bytes)
     steps = min(steps, P)
+    if steps == 1 and P > 1:
+        import warnings
+
+        warnings.warn("slq(steps=1) gives each probe one quadrature node, its Rayleigh quotient: the result's trace "
+                      "estimate (Hutchinson's) holds, but its density, quantiles and index describe those quotients, not the "
+                      "spectrum; use steps >= 2", stacklevel=2)
     if not reorthogonalize:
         group = probes if probe_batch is None else min(probe_batch, probes)
     elif probe_batch is None:

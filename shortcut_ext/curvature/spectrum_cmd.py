@@ -48,6 +48,8 @@ from ..reference import LOSSES
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 DIGITS_SAMPLES = 1797  # scikit-learn's bundled digits (shortcut_ext.data.digits)
+DIGITS_FEATURES = 64  # their 8 x 8 pixels
+SYNTHETIC_NOISE = 0.1  # --noise: the synthetic teacher's label noise unless given
 THEORY_DENSE_PARAMS = 8192  # the 1-shortcut zero-point Hessian is assembled densely up to this P
 MATRIX_NAMES = {"hessian": "Hessian", "ggn": "Gauss-Newton part G", "functional": "functional part H - G",
                 "empirical_fisher": "empirical Fisher"}
@@ -82,7 +84,8 @@ def add_problem_args(p, batched: str) -> None:
                    help="synthetic linear teacher, or sklearn's digits (PCA, whitened, one-hot)")
     g.add_argument("--samples", type=positive_int, default=512,
                    help=f"number of samples m (digits: a seeded subset, at most {DIGITS_SAMPLES})")
-    g.add_argument("--noise", type=nonneg_float, default=0.1, help="label noise (>= 0) of the synthetic teacher")
+    g.add_argument("--noise", type=nonneg_float, default=None,
+                   help=f"label noise (>= 0) of the synthetic teacher (default {SYNTHETIC_NOISE}; --data synthetic only)")
     g.add_argument("--loss", choices=LOSSES, default="mse")
     g.add_argument("--batch-size", type=positive_int, default=None, help=f"mini-batch size of the {batched} (the loss "
                    "and Hessian are always the full-data ones)")
@@ -101,7 +104,7 @@ def trained_problem(args, command: str, dtype: torch.dtype, seed_flag: bool = Tr
 
     spare = argparse.ArgumentParser()
     add_problem_args(spare, "")
-    defaults = vars(spare.parse_args([]))
+    defaults = dict(vars(spare.parse_args([])), noise=SYNTHETIC_NOISE)  # a given --noise: refused by _check_options
     given = [f"--{k.replace('_', '-')}" for k, v in defaults.items()
              if k not in ("batch_size", "weights") and getattr(args, k) != v]
     if seed_flag and args.seed != 0:
@@ -197,9 +200,15 @@ def _check_options(args, command: str = "spectrum") -> None:
     if args.init != "small" and args.scale != 0.01:
         refuse(f"--scale {args.scale} has no effect with --init {args.init}: it scales the 'small' init only "
                "(use --init small, or drop --scale)")
-    if args.data != "synthetic" and args.noise != 0.1:
-        refuse(f"--noise {args.noise} has no effect with --data {args.data}: it is the label noise of the "
-               "synthetic teacher (use --data synthetic, or drop --noise)")
+    if args.noise is not None and (args.data != "synthetic" or getattr(args, "weights", None) is not None):
+        refuse(f"--noise {args.noise} has no effect with " + (f"--data {args.data}" if args.weights is None else
+               f"--weights {args.weights}") + ": it is the label noise of the synthetic teacher (use --data "
+               "synthetic, or drop --noise)")
+    if args.noise is None:
+        args.noise = SYNTHETIC_NOISE  # recorded as before: the value the synthetic teacher uses
+    if args.data == "digits" and args.weights is None and args.width > DIGITS_FEATURES:
+        refuse(f"--width {args.width} does not fit --data digits: its images have {DIGITS_FEATURES} pixels, the most "
+               "input features a net of it can take (lower --width)")
     if args.data == "digits" and args.samples > DIGITS_SAMPLES:
         refuse(f"--samples must be <= {DIGITS_SAMPLES}, the number of samples of --data digits, got "
                f"{args.samples} (--data synthetic draws any number)")
@@ -214,6 +223,8 @@ def load_data(kind: str, m: int, d: int, seed: int, noise: float, dtype: torch.d
         try:
             return digits(d=d, seed=seed, m=m, dtype=dtype)  # refuses m above the 1797 samples
         except ValueError as e:
+            if "input features" in str(e):
+                raise SystemExit(f"--width {d} does not fit --data digits: {e} (lower --width)") from None
             if "principal components" not in str(e):
                 raise
             more = ", or raise --samples: all 1797 samples have 61 such components" if m < 1797 else ""

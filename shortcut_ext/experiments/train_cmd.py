@@ -357,7 +357,9 @@ def _main(args, device, rank, world) -> int:
     out = Path(args.out)
     # one run per --out: a second would share the checkpoint and overwrite the JSON / CSV
     with out_lock(out.with_name(f".{out.name}.lock"), "train", lead=rank == 0,
-                  distributed=bool(getattr(args, "distributed", False)), device=device):
+                  distributed=bool(getattr(args, "distributed", False)), device=device,
+                  target=f"{out} (and the checkpoint and files named after it; other --out files in {out.parent} "
+                         "are free)"):
         return _main_locked(args, device, rank, world)
 
 
