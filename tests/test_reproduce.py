@@ -1255,3 +1255,24 @@ def test_an_interrupted_pool_leaves_no_worker_and_a_rerun_finishes_it(tmp_path, 
     assert a.skipped_lines <= 1 and sorted(a.keys()) == sorted(b.keys())
     assert all(_strip_times(a.get(k)) == _strip_times(b.get(k)) for k in b.keys())
     assert len({d["key"] for d in _lines(results / "runs.jsonl")}) == len(b)
+
+
+def test_probe_curves_take_the_empirical_fisher_of_a_linear_net_on_every_sample(tmp_path):
+    """A linear net's curve trains on the compressed rows (bundle.for_act): the loss, gradient, Hessian and G are
+    the same as on all rows, the empirical Fisher is not. Its probes take all rows, and equal those of the same run
+    on all rows; G's are the compressed run's."""
+    from shortcut_ext.experiments.store import RunStore
+    from shortcut_ext.train import TrainConfig, train
+
+    b = sweeps.load_data("synthetic", d=4, samples=40)
+    assert b.Xc.shape[0] < b.X.shape[0]
+    cfg = TrainConfig(epochs=4, probe_epochs=(0, 4), probe_parts=("ggn", "empirical_fisher"))
+    rows, _ = sweeps.run_probe_curves(b, ["2-shortcut"], "linear", 4, [0], {"2-shortcut": 0.3}, cfg,
+                                      RunStore(tmp_path / "runs.jsonl"), torch.float64, progress=False)
+    net = sweeps.build_model("2-shortcut", "linear", 4, b.width, 0, torch.float64)
+    full = train(net, (b.X.double(), b.Y.double()), dataclasses.replace(cfg, lr=0.3), l_min=b.l_min).probes
+    assert [r["epoch"] for r in rows] == [p["epoch"] for p in full] == [0, 4]
+    for r, p in zip(rows, full):
+        assert r["empirical_fisher_lam_max"] == pytest.approx(p["empirical_fisher_lam_max"], rel=1e-9)
+        assert r["ggn_lam_max"] == pytest.approx(p["ggn_lam_max"], rel=1e-9)
+    assert rows[-1]["empirical_fisher_lam_max"] > 0

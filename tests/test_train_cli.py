@@ -732,3 +732,34 @@ def test_probe_parts_are_saved_beside_the_hessians_probes_and_resume(tmp_path, c
     assert "probe_parts" not in fingerprint()
     assert fingerprint("--probe-parts", "ggn")["probe_parts"] == ["ggn"]
     assert fingerprint("--probe-parts", "empirical_fisher", "ggn")["probe_parts"] == ["empirical_fisher", "ggn"]
+
+
+def test_the_empirical_fishers_probes_of_a_linear_net_take_every_sample(tmp_path, capsys):
+    """A linear net under gd trains on the second-moment compression of its rows, which keeps the loss, gradient,
+    Hessian and G exact but not the per-sample gradients the empirical Fisher sums: a probe of it there would be
+    another matrix. With --probe-parts empirical_fisher the run trains on all rows (and says why); its probes equal
+    --no-compress's, and the empirical Fisher at the last probe is (1/m) sum_i g_i g_i^T over the data's samples."""
+    from shortcut_ext.curvature import HessianOperator
+    from shortcut_ext.experiments.sweeps import build_model
+
+    args = ("--arch", "2-shortcut", "--act", "linear", "--epochs", "4", "--lr", "0.5", "--probe-every", "4",
+            "--samples", "60", "--save-weights")
+    assert _train(tmp_path, *args, "--probe-parts", "empirical_fisher", "ggn", out="ef.json") == 0
+    assert "all rows: the empirical Fisher's probes need each sample's gradient" in capsys.readouterr().out
+    assert _train(tmp_path, *args, "--probe-parts", "ggn", out="g.json") == 0
+    assert "(second-moment compression)" in capsys.readouterr().out
+    assert _train(tmp_path, *args, "--probe-parts", "empirical_fisher", "ggn", "--no-compress", out="all.json") == 0
+    ef, g, full = (json.loads((tmp_path / f).read_text()) for f in ("ef.json", "g.json", "all.json"))
+    assert ef["compressed"] is False and g["compressed"] is True
+    for a, b, c in zip(ef["probes"], full["probes"], g["probes"]):
+        assert a["empirical_fisher_lam_max"] == pytest.approx(b["empirical_fisher_lam_max"], rel=1e-10)
+        assert a["ggn_lam_max"] == pytest.approx(c["ggn_lam_max"], rel=1e-8)  # G: the same on either rows
+    net, bundle, _ = train_cmd.load_weights(tmp_path / "ef.weights.pt", "train", backend="torch")
+    X, Y = bundle.X, bundle.Y  # every sample of the run's data
+    assert X.shape[0] == 60
+    gi = torch.stack([torch.autograd.grad(0.5 * ((net(X[i:i + 1]) - Y[i:i + 1]) ** 2).sum(), net.weight)[0].reshape(-1)
+                      for i in range(60)])
+    want = torch.linalg.eigvalsh(gi.T @ gi / 60)[-1].item()
+    assert ef["probes"][-1]["empirical_fisher_lam_max"] == pytest.approx(want, rel=1e-8)
+    dense = HessianOperator(net, (X, Y), "mse", matrix="empirical_fisher").to_dense(force=True)
+    torch.testing.assert_close(dense, gi.T @ gi / 60, rtol=1e-9, atol=1e-12)

@@ -444,8 +444,12 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
     def compute(arch, d, seed):
         net = build_model(arch, act, d, bundle.width, seed, dtype, backend,
                           out_features=None if bundle.out_features == bundle.width else bundle.out_features)
+        # the empirical Fisher sums each sample's gradient squared: a linear net's compressed rows (for_act) keep the
+        # loss, gradient, Hessian and G exact but not that, so its probes take all rows
+        probe = ((bundle.X.to(dtype), bundle.Y.to(dtype)) if act == "linear" and "empirical_fisher" in cfg.probe_parts
+                 else None)
         res = train(net, tuple(t.to(dtype) for t in bundle.for_act(act)), dataclasses.replace(cfg, lr=float(lrs[arch])),
-                    l_min=bundle.l_min)
+                    l_min=bundle.l_min, probe_data=probe)
         _release_buffers()
         return res.to_dict(max_points=1000)
 

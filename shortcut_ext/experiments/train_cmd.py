@@ -295,7 +295,7 @@ def _check_memory(args, device: str, shortcut: int = 0) -> None:
     samples = args.samples or DEFAULT_SAMPLES
     data = samples * 2 * args.width * itemsize  # X and Y of every sample (each rank loads all of them)
     rows = args.batch_size or samples  # the rows one forward pass holds
-    if args.act == "linear" and not args.no_compress and args.optimizer == "gd":
+    if _compressed(args):
         rows = min(rows, 2 * args.width + 10)  # the second-moment compression: at most p + q rows
     local = 1
     if getattr(args, "distributed", False):
@@ -333,6 +333,21 @@ def _data_error(err: Exception, args, kind: str) -> str:
     else:
         return f"{CMD}: --data {' '.join(args.data)}: {msg}"
     return f"{CMD}: {flag} does not fit --data {' '.join(args.data)}: {msg}"
+
+
+def _compressed(args) -> bool:
+    """Whether the run trains on the second-moment compression of its rows (linear nets under full-batch gd: at most
+    ``p + q`` rows with the same loss, gradient, Hessian and Gauss-Newton part as all of them). Not when the probes
+    take the empirical Fisher: it is a sum over samples of each one's gradient squared, which the compressed rows do
+    not keep."""
+    return (args.act == "linear" and not args.no_compress and args.optimizer == "gd"
+            and "empirical_fisher" not in (getattr(args, "probe_parts", None) or ()))
+
+
+def _uncompressed_why(args) -> str:
+    if args.act == "linear" and not args.no_compress and args.optimizer == "gd":
+        return " (all rows: the empirical Fisher's probes need each sample's gradient, not the second moments)"
+    return ""
 
 
 def _fingerprint(args, net, bundle, device: str, world: int, compress: bool) -> dict:
@@ -380,7 +395,7 @@ def _main_locked(args, device, rank, world) -> int:
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
                       momentum=args.momentum, probe_every=args.probe_every, exact_max_params=args.exact_max_params,
                       seed=args.seed, probe_parts=getattr(args, "probe_parts", None) or ())
-    compress = args.act == "linear" and not args.no_compress and cfg.optimizer == "gd"
+    compress = _compressed(args)
     data = (bundle.Xc, bundle.Yc) if compress else (bundle.X, bundle.Y)
     if world > 1:  # this rank's rows (the compressed rows also average to the same loss)
         data = tuple(t[rank::world] for t in data)
@@ -394,7 +409,7 @@ def _main_locked(args, device, rank, world) -> int:
             l_floor = None
     if lead:
         print(f"training {net!r} ({net.num_parameters()} weights) on {bundle.tag}"
-              f"{' (second-moment compression)' if compress else ''}; L_min = {bundle.l_min:.6g}"
+              f"{' (second-moment compression)' if compress else _uncompressed_why(args)}; L_min = {bundle.l_min:.6g}"
               f"{f'; {world} ranks' if world > 1 else ''}")
         if l_floor is not None:
             print(f"note: width {net.width} < {max(net.in_features, net.out_features)} "
