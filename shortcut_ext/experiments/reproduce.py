@@ -383,9 +383,9 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
             {"learning rates": [{"arch": a, "lr": v} for a, v in lrs.items()]},
             notes="Exact Hessians at log-spaced epochs; runs compared at equal loss - L_min (as in the paper's "
                   "figures), with the same-epoch ratio beside it. Beyond the paper, each probe also takes the "
-                  "Hessian's two parts, H = G + F: the Gauss-Newton matrix G = J^T H_l J (positive semi-definite) "
-                  "and the functional part F = H - G (HessianOperator(matrix=...); docs/science.md section 2); "
-                  "at a 2-shortcut net's zero point G = 0."))
+                  "Gauss-Newton part of the Hessian, G = J^T H_l J (positive semi-definite), whose rest is the "
+                  "functional part F = H - G (HessianOperator(matrix=...), train --probe-parts; docs/science.md "
+                  "section 2); at a 2-shortcut net's zero point G = 0."))
 
     # ---- Fig. 10: ReLU at mid positions
     best_relu = []
