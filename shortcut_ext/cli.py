@@ -26,7 +26,11 @@ class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line that names the flag, what it expects and what arrived (as the
     commands' own refusals are), not argparse's usage block before it; exit status 2, as argparse's."""
 
+    commands: tuple = ()  # the top parser's: named where the command is missing
+
     def error(self, message):
+        if self.commands and "choice" not in message:
+            message += f" (one of: {', '.join(self.commands)})"
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
@@ -44,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_parser(sub)
+    parser.commands = tuple(sub.choices)
     return parser
 
 

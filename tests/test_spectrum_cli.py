@@ -133,6 +133,8 @@ def test_every_commands_parser_errors_are_one_line(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("shortcut-ext") and ": error: " in err, err
     assert "--help lists the options" in err and "usage:" not in err
+    if not argv:  # no command: which there are
+        assert "required: command (one of: demo, reproduce, train, spectrum, landscape, bench, info)" in err
     assert not any(tmp_path.iterdir())
 
 
