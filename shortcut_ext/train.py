@@ -551,6 +551,7 @@ def train(
     checkpoint_key=None,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[int], None] | None = None,
+    on_update: Callable[[int], None] | None = None,
     **overrides,
 ) -> TrainResult:
     """Train ``model`` (a :class:`~shortcut_ext.models.ShortcutNet` / ``PlainNet``) in place.
@@ -593,6 +594,9 @@ def train(
             replaced becomes a warning.
         on_epoch: called as ``on_epoch(epoch)`` after each update (after any checkpoint write); an
             exception it raises (e.g. ``KeyboardInterrupt``) ends the run.
+        on_update: called as ``on_update(epoch)`` after each update, before that epoch's checkpoint is written:
+            for outputs that must never lag the checkpoint (``train --save-weights-every``'s files: a run resumed
+            from a checkpoint has had ``on_update`` called for every epoch before it).
 
     Returns:
         A :class:`TrainResult`; a diverged run has ``status="diverged"`` and ``final_loss=inf``.
@@ -823,6 +827,8 @@ def train(
                     opt.step()
             if bar is not None:
                 bar.update(1)
+            if on_update is not None:
+                on_update(epoch)
             if checkpoint is not None and rank == 0:
                 now = time.perf_counter()
                 if epoch + 1 - saved_epoch >= checkpoint_every and now - saved_t >= checkpoint_every_s:

@@ -347,22 +347,43 @@ def test_weights_along_training_are_the_uninterrupted_runs_after_a_resume(tmp_pa
 
     real = train_cmd.train
 
-    def interrupted_after_epoch_3(*a_, on_epoch=None, **k):
+    def interrupted_after_epoch_3(*a_, on_update=None, **k):
         def stop(e):
-            on_epoch(e)
+            on_update(e)
             if e == 3:
                 raise KeyboardInterrupt
-        return real(*a_, on_epoch=stop, **k)
+        return real(*a_, on_update=stop, **k)
 
     monkeypatch.setattr(train_cmd, "train", interrupted_after_epoch_3)
     assert main(args + ["--out", str(part / "run.json")]) == 130
     assert sorted(snaps(part)) == ["epoch_000000.pt", "epoch_000002.pt", "epoch_000004.pt"]
     monkeypatch.setattr(train_cmd, "train", real)
     assert main(args + ["--out", str(part / "run.json")]) == 0
-    assert "resuming from epoch 4 of 6" in capsys.readouterr().out
+    assert "resuming from epoch 3 of 6" in capsys.readouterr().out  # epoch 4's checkpoint follows its weights
     b = snaps(part)
     assert sorted(b) == sorted(a)
     assert all(torch.equal(a[k]["state_dict"]["weight"], b[k]["state_dict"]["weight"]) for k in a)
+    # stopped after an epoch's update but before its weights were saved: the checkpoint of that epoch is not
+    # written either (it once was, and the resumed run never wrote the epoch's weights: a file short, unsaid)
+    def interrupted_before_saving_epoch_4(*a_, on_update=None, **k):
+        def stop(e):
+            if e == 3:
+                raise KeyboardInterrupt
+            on_update(e)
+        return real(*a_, on_update=stop, **k)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(train_cmd, "train", interrupted_before_saving_epoch_4)
+    assert main(args + ["--out", str(cut / "run.json")]) == 130
+    assert sorted(snaps(cut)) == ["epoch_000000.pt", "epoch_000002.pt"]
+    monkeypatch.setattr(train_cmd, "train", real)
+    capsys.readouterr()
+    assert main(args + ["--out", str(cut / "run.json")]) == 0
+    said = capsys.readouterr().out
+    assert "resuming from epoch 3 of 6" in said and "missing" not in said
+    c = snaps(cut)
+    assert sorted(c) == sorted(a) and all(torch.equal(a[k]["state_dict"]["weight"], c[k]["state_dict"]["weight"])
+                                          for k in a)
     out = tmp_path / "land"
     assert main(["landscape", "--weights", str(whole / "run.weights" / "epoch_000002.pt"), "--points", "3",
                  "--no-progress", "--out", str(out)]) == 0
@@ -375,6 +396,47 @@ def test_weights_along_training_are_the_uninterrupted_runs_after_a_resume(tmp_pa
     c = snaps(whole)
     assert sorted(c) == ["epoch_000000.pt", "epoch_000002.pt"] and len({b["run"] for b in c.values()}) == 1
     assert c["epoch_000000.pt"]["run"] != a["epoch_000000.pt"]["run"] is not None
+
+
+def test_weights_along_training_lost_while_stopped_are_named_on_resume(tmp_path, monkeypatch, capsys):
+    """A file of weights along training that was damaged or removed while the run was stopped cannot be rewritten
+    by the resumed run (the weights of past epochs are not kept): the damaged one is removed with a note that says
+    so (not "another run's"), the run ends with a warning that names what is missing, and a killed writer's
+    temporary is removed; a rerun of the finished command starts afresh and writes the full set."""
+    from shortcut_ext.experiments import train_cmd
+
+    args = TRAIN + ["--epochs", "6", "--save-weights-every", "2", "--checkpoint-every", "1", "--checkpoint-seconds",
+                    "0", "--out", str(tmp_path / "run.json")]
+    real = train_cmd.train
+
+    def interrupted_after_epoch_4(*a_, on_update=None, **k):
+        def stop(e):
+            on_update(e)
+            if e == 4:
+                raise KeyboardInterrupt
+        return real(*a_, on_update=stop, **k)
+
+    monkeypatch.setattr(train_cmd, "train", interrupted_after_epoch_4)
+    assert main(args) == 130
+    monkeypatch.setattr(train_cmd, "train", real)
+    snaps = tmp_path / "run.weights"
+    (snaps / "epoch_000002.pt").write_bytes((snaps / "epoch_000002.pt").read_bytes()[:100])  # damaged
+    dead = 4194304 + 12345  # above any Linux pid_max: no such process
+    stale = snaps / f"epoch_000004.pt.{dead}-1.tmp"
+    stale.write_bytes(b"half a file")
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "resuming from epoch 4 of 6" in said
+    assert "removed 1 file of weights along training" in said and "that cannot be read (epoch_000002.pt)" in said
+    assert "another run" not in said
+    assert "warning: 1 file of the weights along training is missing" in said and "epoch_000002.pt" in said
+    assert not stale.exists()
+    assert sorted(f.name for f in snaps.iterdir()) == ["epoch_000000.pt", "epoch_000004.pt", "epoch_000006.pt"]
+    assert main(args) == 0  # finished: the checkpoint is gone, so this run is fresh and complete
+    said = capsys.readouterr().out
+    assert "resuming" not in said and "missing" not in said
+    assert sorted(f.name for f in snaps.iterdir()) == [f"epoch_{e:06d}.pt" for e in (0, 2, 4, 6)]
 
 
 def _snapshots(folder, net):

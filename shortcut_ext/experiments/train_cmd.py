@@ -156,20 +156,34 @@ def _save_weights(path: Path, args, net, bundle, kind: str, data_path, epoch: in
 
 def _clear_other_runs(snaps: Path, run_id: str) -> None:
     """Remove the weights along training that another run (other options) left in ``snaps``: a fresh run into
-    the same ``--out`` must not leave a folder that mixes two runs (a resumed one keeps its own files)."""
-    gone = []
+    the same ``--out`` must not leave a folder that mixes two runs (a resumed one keeps its own files).  Files
+    that cannot be read go too, and the temporaries of writers that were killed."""
+    from .._io import _remove_stale_temporaries
+
+    for base in sorted({t.name.split(".pt.", 1)[0] for t in snaps.glob("epoch_*.pt.*-*.tmp")}):
+        _remove_stale_temporaries(str(snaps / f"{base}.pt"))
+    other, unreadable = [], []
     for f in sorted(snaps.glob("epoch_*.pt")):
         try:
             blob = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            same = isinstance(blob, dict) and blob.get("run") == run_id
-        except Exception:  # noqa: BLE001 -- unreadable: not this run's
-            same = False
-        if not same:
+        except Exception:  # noqa: BLE001 -- unreadable (a write cut short, a damaged disk): of no use
+            unreadable.append(f.name)
             f.unlink()
-            gone.append(f.name)
-    if gone:
-        print(f"note: removed {len(gone)} file{'s' if len(gone) > 1 else ''} of weights along training from {snaps} "
-              f"that another run (other options) had left there ({gone[0]}{' ...' if len(gone) > 1 else ''})")
+            continue
+        if not (isinstance(blob, dict) and blob.get("run") == run_id):
+            other.append(f.name)
+            f.unlink()
+    for gone, why in ((other, "that another run (other options) had left there"), (unreadable, "that cannot be read")):
+        if gone:
+            print(f"note: removed {len(gone)} file{'s' if len(gone) > 1 else ''} of weights along training from "
+                  f"{snaps} {why} ({gone[0]}{' ...' if len(gone) > 1 else ''})")
+
+
+def _missing_snapshots(snaps: Path, every: int, last_epoch: int) -> list[str]:
+    """The files of weights along training that a run to ``last_epoch`` should have left in ``snaps`` and did
+    not: epoch 0 and every ``every``-th epoch."""
+    want = [f"epoch_{e:06d}.pt" for e in range(0, last_epoch + 1, every)]
+    return [name for name in want if not (snaps / name).is_file()]
 
 
 def load_weights(path, command: str = "landscape", dtype=None, backend=None):
@@ -420,7 +434,7 @@ def _main_locked(args, device, rank, world) -> int:
     from ..ops import cuda_tf32
 
     every = getattr(args, "save_weights_every", 0) or 0
-    on_epoch = None
+    on_update = None
     key = _fingerprint(args, net, bundle, device, world, compress)
     run_id = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     with together(distributed and bool(every), "train"):  # rank 0's disk: every rank stops if it fails
@@ -431,12 +445,12 @@ def _main_locked(args, device, rank, world) -> int:
             _save_weights(snaps / "epoch_000000.pt", args, net, bundle, kind, path, 0, run=run_id)
     if every and lead:
 
-        def on_epoch(e: int) -> None:  # called after epoch e's update: the weights of epoch e + 1
+        def on_update(e: int) -> None:  # after epoch e's update, before its checkpoint: the weights of epoch e + 1
             if (e + 1) % every == 0:
                 _save_weights(snaps / f"epoch_{e + 1:06d}.pt", args, net, bundle, kind, path, e + 1, run=run_id)
     with cuda_tf32(args.tf32) if getattr(args, "tf32", None) else contextlib.nullcontext():
         res = train(net, data, cfg, l_min=bundle.l_min, progress=lead and not args.no_progress,
-                    **({} if on_epoch is None else {"on_epoch": on_epoch}),
+                    **({} if on_update is None else {"on_update": on_update}),
                     distributed=distributed, checkpoint=ckpt,
                     checkpoint_every=max(args.checkpoint_every, 1), checkpoint_every_s=args.checkpoint_seconds,
                     checkpoint_key=key,
@@ -469,6 +483,13 @@ def _main_locked(args, device, rank, world) -> int:
         wrote.append(str(weights_path(out)))
     if every:
         wrote.append(f"{weights_dir(out)}/ (the weights every {every} epochs)")
+        missing = _missing_snapshots(weights_dir(out), every, int(res.history["epoch"][-1]))
+        if missing:  # removed or damaged while the run was stopped: a resumed run cannot rewrite past epochs
+            print(f"warning: {len(missing)} file{'s' if len(missing) > 1 else ''} of the weights along training "
+                  f"{'are' if len(missing) > 1 else 'is'} missing from {weights_dir(out)} ({', '.join(missing[:3])}"
+                  f"{' ...' if len(missing) > 3 else ''}): this run resumed from a checkpoint after "
+                  f"{'them' if len(missing) > 1 else 'it'}, and the weights of past epochs are not kept; for the "
+                  "full set run the same command again: the run has finished, so it starts afresh and writes them all")
     if ckpt is not None:  # the result is saved: the checkpoint has served, and killed writers' temporaries
         from .._io import _remove_stale_temporaries
 
