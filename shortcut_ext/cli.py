@@ -136,7 +136,11 @@ def _bad_input(args, e) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:  # building the parser imports the commands' modules (matplotlib, scipy): a second or so
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C before any work: one line, as later
+        print("\nshortcut-ext: interrupted (before it started)", file=sys.stderr)
+        return 130
     previous = _catch_sigterm()
     try:
         return int(args.func(args) or 0)

@@ -478,6 +478,19 @@ def test_interrupt_message_says_whether_a_checkpoint_exists(tmp_path, monkeypatc
     assert "no checkpoint was written yet" in capsys.readouterr().err  # a stale file it would not resume
 
 
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first second, while the parser imports the commands' modules, printed a traceback."""
+    from shortcut_ext import cli
+
+    def importing(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", importing)
+    assert main(["train", *TINY]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "shortcut-ext: interrupted (before it started)"
+
+
 def test_outputs_record_the_environment(tmp_path):
     """run.json and spectrum.json carry what a reviewer needs to reproduce them: the shortcut_ext and
     torch versions, the build, the thread count (run.json had none of these, spectrum.json no
