@@ -744,6 +744,29 @@ def test_reproduce_seeds_option_sets_every_seed_list_and_a_rerun_with_others_is_
     assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("damage", ["garbage", "empty", "list", "deleted"])
+def test_reproduce_refuses_stored_runs_whose_options_json_is_lost(tmp_path, monkeypatch, capsys, damage):
+    """options.json damaged or deleted beside stored runs switched the one-set-of-options guard off: a rerun with
+    another backend reused the stored runs of the first silently and recorded its own options over them.  Now
+    it is refused and writes nothing; a folder with no stored runs (only options.json damaged) is claimed."""
+    monkeypatch.chdir(tmp_path)
+    args = ["reproduce", "--tiny", "--only", "fig5", "--out", "o", "--no-progress"]
+    assert cli_main(args) == 0
+    opts = tmp_path / "o" / "results" / "options.json"
+    {"garbage": lambda: opts.write_bytes(bytes(range(256))), "empty": lambda: opts.write_text(""),
+     "list": lambda: opts.write_text("[]"), "deleted": opts.unlink}[damage]()
+    before = {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli_main(args + ["--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds stored runs (runs.jsonl)" in err, err
+    assert ("is missing" if damage == "deleted" else "is damaged") in err and "delete o to start over" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()} == before
+    (tmp_path / "o" / "results" / "runs.jsonl").unlink()  # nothing stored: the folder is this run's to claim
+    assert cli_main(args + ["--backend", "torch"]) == 0
+    assert json.loads(opts.read_text())["backend"] == "torch"
+
+
 def test_reproduce_refusal_of_other_seeds_names_the_seeds_option(tmp_path, monkeypatch, capsys):
     """A rerun with another ``--seeds`` in the same --out is refused; the error said "if you gave the same flags,
     the preset of this version of shortcut_ext differs" (for any config.* field) and never named --seeds."""

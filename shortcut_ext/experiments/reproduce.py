@@ -198,6 +198,13 @@ def _claim_out(out: Path, cfg: ReproConfig, bundle: sweeps.DataBundle, backend: 
                              f"{', '.join(diff)}{hint}); use another --out folder, or delete {out} to start over")
         if theirs is not None:
             return
+    stored = [f for f in sorted(path.parent.glob("runs*.jsonl")) if f.is_file() and f.stat().st_size > 0]
+    if stored:  # runs whose options nothing records: this run could mix its results with another's
+        said = "is damaged" if path.exists() else "is missing"
+        raise ValueError(f"--out {out} holds stored runs ({stored[0].name}) but its {path.relative_to(out)} {said}, so "
+                         "the options they were made with (configuration, seeds, data, backend) are unknown and a "
+                         "rerun could mix them with this one's; use another --out folder, or delete "
+                         f"{out} to start over")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, tmp=path.with_suffix(".tmp")) as f:
         f.write(json.dumps(mine, indent=1))
