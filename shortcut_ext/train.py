@@ -949,11 +949,42 @@ def _same_data_to_rounding(a: dict, b: dict) -> bool:
     return abs(float(la) - float(lb)) <= _DATA_RTOL * max(abs(float(la)), abs(float(lb))) + 1e-12 * y_scale
 
 
+def _state_digest(state) -> str:
+    """SHA-256 of a checkpoint's values (tensors by dtype, shape and bytes; containers in order, dict keys
+    sorted; scalars by ``repr``, exact for floats): what ``torch.load`` gives back of them, so that a file
+    damaged inside a tensor, where the zip format does not look, is known on reading."""
+    h = hashlib.sha256()
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode() + b":")
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode() + b"|")
+
+    walk(state)
+    return h.hexdigest()
+
+
 def _save_checkpoint(path: str, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (a temporary file, fsync, ``os.replace``)."""
+    """Write ``state`` to ``path`` atomically (a temporary file, fsync, ``os.replace``), with the digest of its
+    values (``checksum``)."""
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
+    state = {**state, "checksum": _state_digest(state)}
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
 
@@ -1040,7 +1071,7 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
                 say(f"note: the data agree with those of the checkpoint {path} to rounding only (prepared under "
                     "another thread count or numpy version): the result agrees with an uninterrupted run to "
                     "rounding, not bit for bit")
-                return state
+                return _checked(state, path, say)
             if "data_summary" in diff:
                 diff.remove("data_summary")
                 if "data" not in diff:
@@ -1056,6 +1087,18 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
             names = "other options or data"
         say(f"note: the checkpoint {path} is of another run (it differs in: {names}); starting afresh and "
             "replacing it")
+        return None
+    return _checked(state, path, say)
+
+
+def _checked(state: dict, path: str, say: Callable[[str], None]) -> dict | None:
+    """``state`` without its checksum if its values match it (a checkpoint of an earlier version has none);
+    ``None`` with a note if they do not: the file was damaged after it was written."""
+    state = dict(state)
+    checksum = state.pop("checksum", None)
+    if checksum is not None and checksum != _state_digest(state):
+        say(f"note: the checkpoint {path} is damaged (its values do not match the checksum written with them); "
+            "starting afresh and replacing it")
         return None
     return state
 

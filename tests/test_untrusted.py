@@ -9,6 +9,8 @@ import tracemalloc
 import pytest
 import torch
 
+from testing import unsigned_checkpoint
+
 from shortcut_ext import data as data_mod
 from shortcut_ext.experiments import report, reproduce, sweeps
 from shortcut_ext.experiments.store import RunStore
@@ -123,7 +125,7 @@ def test_a_damaged_train_checkpoint_starts_afresh(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, on_epoch=stop)
-    good = torch.load(ck, weights_only=True)
+    good = unsigned_checkpoint(ck)  # its entries are damaged below: no checksum (as an earlier version wrote)
     ref = train(net(), (X, X), cfg)
     for damage in ({"weight": torch.tensor([0.5], dtype=torch.float64)}, {"epoch": "5"}, {"history": None}):
         torch.save({**good, **damage}, ck)
@@ -131,6 +133,43 @@ def test_a_damaged_train_checkpoint_starts_afresh(tmp_path):
         res = train(net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append)
         assert len(notes) == 1 and "holds damaged entries" in notes[0], notes
         assert res.final_loss == ref.final_loss
+
+
+@pytest.mark.parametrize("where", ["weight", "optimizer", "generator"])
+def test_a_train_checkpoint_damaged_inside_a_tensor_starts_afresh(tmp_path, where):
+    """Bytes changed inside a tensor of a checkpoint (a disk or copy error: the zip format checks no tensor data
+    on reading) were resumed silently: other weights, another final loss.  The checksum written with the
+    values finds it; the run starts afresh and ends with the uninterrupted run's numbers."""
+    from shortcut_ext.models import ShortcutNet
+
+    X = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg, ck = TrainConfig(epochs=6, lr=0.01, optimizer="adam"), tmp_path / "c.ckpt.pt"
+
+    def net():
+        return ShortcutNet(width=3, units=2, shortcut=2, init="xavier", seed=0, dtype=torch.float64)
+
+    def stop(epoch):
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, on_epoch=stop)
+    state = torch.load(ck, weights_only=True)
+    tensor = {"weight": state["weight"], "generator": state["generator"],
+              "optimizer": state["optimizer"]["state"][0]["exp_avg"]}[where]
+    raw = bytearray(ck.read_bytes())
+    at = raw.find(tensor.numpy().tobytes())
+    assert at > 0 and raw.find(tensor.numpy().tobytes(), at + 1) < 0
+    raw[at + 8: at + 16] = bytes(8)  # one value zeroed (a float64 of the tensor, 8 bytes of the generator)
+    ck.write_bytes(bytes(raw))
+    assert not torch.equal({"weight": lambda s: s["weight"], "generator": lambda s: s["generator"],
+                            "optimizer": lambda s: s["optimizer"]["state"][0]["exp_avg"]}[where](
+                                torch.load(ck, weights_only=True)), tensor)  # it still loads, with other values
+    ref = train(net(), (X, X), cfg)
+    notes = []
+    res = train(net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append)
+    assert len(notes) == 1 and "is damaged (its values do not match the checksum" in notes[0], notes
+    assert res.final_loss == ref.final_loss and res.history == ref.history
 
 
 def test_a_damaged_spectrum_checkpoint_starts_afresh(tmp_path, capsys):
@@ -154,7 +193,11 @@ def test_a_damaged_spectrum_checkpoint_starts_afresh(tmp_path, capsys):
     cases = [lambda c: c["slq"]["0"].__setitem__(0, ["a"] * len(c["slq"]["0"][0])),
              lambda c: c["slq"]["0"].__setitem__(2, -3),
              lambda c: c["slq"].__setitem__("9", c["slq"]["0"]),
-             lambda c: c["lanczos"].__setitem__("largest", ["NaN"] * len(c["lanczos"]["largest"]))]
+             lambda c: c["lanczos"].__setitem__("largest", ["NaN"] * len(c["lanczos"]["largest"])),
+             # resumed into index 0 and a null lam_max, "converged", with no warning:
+             lambda c: [c["lanczos"].__setitem__(k, []) for k in ("largest", "smallest", "largest_residuals",
+                                                                  "smallest_residuals")],
+             lambda c: c["lanczos"].__setitem__("num_vectors", 10**400)]
     for fn in cases:
         ck_path.write_text(json.dumps(damaged(fn)))
         capsys.readouterr()
@@ -162,6 +205,10 @@ def test_a_damaged_spectrum_checkpoint_starts_afresh(tmp_path, capsys):
         assert "holds damaged entries" in capsys.readouterr().err
         got = json.loads((out / "spectrum.json").read_text())
         assert got["resumed"]["lanczos"] is False and got["condition"] == pytest.approx(want)
+    ck_path.write_text("null")  # JSON, but no checkpoint: replaced with a notice, as any other non-checkpoint
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "is not a spectrum checkpoint; starting afresh" in capsys.readouterr().err
 
 
 def test_an_empty_out_and_a_csv_path_that_is_a_folder_are_refused(tmp_path, monkeypatch):
@@ -205,7 +252,7 @@ def test_train_checkpoints_damaged_inside_start_afresh_and_keep_the_model(tmp_pa
     from test_train import _interrupt_at
 
     _interrupt_at(4, net(), (X, X), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
-    good = torch.load(ck, weights_only=True)
+    good = unsigned_checkpoint(ck)
     ref = train(net(), (X, X), cfg)
     cut = {k: v[:1] for k, v in good["history"].items()}
     for damage in ({"history": {}}, {"history": cut}, {"generator": torch.zeros(3, dtype=torch.uint8)},
@@ -306,7 +353,7 @@ def test_train_checkpoints_with_other_l_min_or_bad_numbers_or_buffers(tmp_path):
     assert "is of another run (it differs in: l_min)" in notes[0], notes
     assert res.history["excess"][0] == pytest.approx(res.history["loss"][0] - best_linear_loss(X, Y))
     _interrupt_at(4, net(), (X, Y), cfg, checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0)
-    good = torch.load(ck, weights_only=True)
+    good = unsigned_checkpoint(ck)
     ref = train(net(), (X, Y), cfg)
     bad_opt = {**good["optimizer"], "state": {k: {**v, "exp_avg": torch.zeros(5, dtype=torch.float64)}
                                                for k, v in good["optimizer"]["state"].items()}}
@@ -382,11 +429,11 @@ def test_train_checkpoints_beyond_the_last_epoch_or_with_other_history_epochs_st
     cfg, ck = TrainConfig(epochs=10, lr=0.01), tmp_path / "c.ckpt.pt"
     kw = dict(checkpoint_every=1, checkpoint_every_s=0)
     _interrupt_at(4, _ck_net(), (X, X), cfg, checkpoint=ck, **kw)
-    good = torch.load(ck, weights_only=True)
+    good = unsigned_checkpoint(ck)
     assert good["epoch"] == 5 and good["history"]["epoch"] == [0, 1, 2, 3, 4]
     longer = tmp_path / "l.ckpt.pt"  # a 20-epoch run's state at epoch 15, under this run's fingerprint
     _interrupt_at(14, _ck_net(), (X, X), TrainConfig(epochs=20, lr=0.01), checkpoint=longer, **kw)
-    late = torch.load(longer, weights_only=True)
+    late = unsigned_checkpoint(longer)
     assert late["epoch"] == 15 and late["history"]["epoch"] == list(range(15))
     ref = train(_ck_net(), (X, X), cfg)
     shifted = {**good["history"], "epoch": [1, 2, 3, 4, 5]}

@@ -745,7 +745,7 @@ class _Checkpoint:
                         for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)]
                 self._say(f"the checkpoint in --out {args.out} was made with different options "
                           f"({', '.join(diff) or 'unknown'}); it is not resumed and is being replaced")
-        elif old is not None:
+        elif old is not None or os.path.isfile(self.path):  # (a file holding JSON's null reads as None)
             self._say(f"the checkpoint {self.path} is not a spectrum checkpoint; starting afresh and replacing it")
         self.slq_done = {int(i): (np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), int(n))
                          for i, (a, b, n) in self.state["slq"].items()}
@@ -856,12 +856,16 @@ def _damaged_checkpoint(state: dict, args) -> str | None:
         if not (len(lz["largest"]) == len(lz["smallest"]) == len(lz["largest_residuals"])
                 == len(lz["smallest_residuals"])):
             return "the Lanczos lists differ in length"
+        if not 1 <= len(lz["largest"]) <= args.top or not lz["ritz_values"]:
+            return f"the Lanczos lists hold {len(lz['largest'])} extremes, not 1 to --top {args.top}"
         for k in ("num_vectors", "num_products", "breakdowns", "restarts"):
             if not count(lz.get(k)):
                 return f"lanczos.{k} is not a count"
         for k in ("max_vectors", "basis_bytes"):
             if not count(lz.get(k)):
                 return f"lanczos.{k} is not a count"
+        if not len(lz["largest"]) <= lz["num_vectors"] <= lz["max_vectors"] or lz["max_vectors"] > 2**40:
+            return "lanczos.num_vectors is not between the extremes' count and max_vectors"
         if not isinstance(lz.get("converged"), bool):
             return "lanczos.converged is not true or false"
         if not isinstance(lz.get("stop_reason"), str):
