@@ -510,3 +510,12 @@ def test_a_stored_run_with_an_integer_beyond_float_range_is_run_again():
     assert not TrainResult.is_record({**good, "lr": huge})
     assert not TrainResult.is_record({**good, "history": {**good["history"], "loss": [huge] * 3}})
     assert TrainResult.is_record({**good, "final_loss": 10**300, "lr": 1})  # large but a float: fine
+
+
+def test_a_stored_curvature_record_with_a_non_number_is_computed_again():
+    """A stored initial-curvature record with ``"lam_max": "abc"`` was reused, and the string reached
+    fig5_init_condition.csv; numbers as json_safe writes them (nan as null, inf as a string) stay usable."""
+    good = {"lam_max": 2.5, "lam_q10": None, "index": 0.0, "cond": "inf", "cond_q10": 7, "method": "exact"}
+    assert sweeps._is_probe_record(good)
+    for field, bad in (("lam_max", "abc"), ("index", True), ("cond_q10", [1.0]), ("method", 3), ("cond", "-nan")):
+        assert not sweeps._is_probe_record({**good, field: bad}), field

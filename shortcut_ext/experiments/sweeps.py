@@ -258,8 +258,17 @@ _PROBE_FIELDS = ("lam_max", "lam_q10", "index", "cond", "cond_q10", "method")
 
 
 def _is_probe_record(rec) -> bool:
-    """A stored initial-curvature record with every field the rows read (else it is computed again)."""
-    return isinstance(rec, dict) and all(k in rec for k in _PROBE_FIELDS)
+    """A stored initial-curvature record with every field the rows read, each number a number as ``json_safe``
+    writes it (nan as null, +-inf as strings), else it is computed again (a hand-edited ``"abc"`` had reached
+    the CSV)."""
+    from .store import json_float
+
+    def number(v) -> bool:
+        v = json_float(v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return (isinstance(rec, dict) and all(k in rec for k in _PROBE_FIELDS) and isinstance(rec["method"], str)
+            and all(number(rec[k]) for k in _PROBE_FIELDS if k != "method"))
 
 
 def _fill(store, jobs, desc, progress, usable=None) -> None:
