@@ -126,10 +126,20 @@ def test_a_checkpoint_of_other_options_or_with_damaged_rows(tmp_path, capsys):
         f.write(json.dumps({"key": items[3]["key"], "record": {"loss": [[1.0]]}}) + "\n")
         f.write(json.dumps({"key": items[4]["key"], "record": {"loss": ["1.5"]}}) + "\n")
         f.write('{"key": "half a line')
+    capsys.readouterr()
     assert main(args + ["--span", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out  # damaged rows were recomputed without a word
+    assert "holds 3 damaged records (row=1 ...); computed again" in said and "1 unreadable line" in said
     again = _result(out)
     assert again["resumed_rows"] == 2 and again["loss"] == other["loss"]
     assert first["loss"] != other["loss"]
+    # one record of other options among this run's threw all of them away ("is of other options")
+    with open(ck, "a") as f:
+        f.write(json.dumps({"key": "another-run|row=0", "record": {"loss": [1.0] * 5}}) + "\n")
+    assert main(args + ["--span", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "is of other options" not in said and "also holds 1 record of other options" in said
+    assert _result(out)["resumed_rows"] == 5 and _result(out)["loss"] == other["loss"]
 
 
 @pytest.mark.parametrize("extra, flag", [

@@ -336,11 +336,19 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                              "training path (their digests differ): give every rank the same command and files")
     ck_path = os.path.join(args.out, CHECKPOINT)
     store = RunStore(ck_path) if lead else None
-    if lead and len(store) and not all(k.startswith(fp + "|") for k in store.keys()):
+    mine = [k for k in store.keys() if k.startswith(fp + "|")] if lead else []
+    if lead and len(store) and not mine:
         print(f"shortcut-ext landscape: the checkpoint {ck_path} is of other options (or another version of "
               "shortcut_ext, or another thread count or world size); starting afresh and replacing it", flush=True)
         os.remove(ck_path)
         store = RunStore(ck_path)
+    elif lead and (len(store) > len(mine) or store.skipped_lines):  # this run's rows resume; the rest is said
+        other = len(store) - len(mine)
+        print(f"shortcut-ext landscape: the checkpoint {ck_path} also holds "
+              + " and ".join(x for x in (f"{other} record{'s' if other > 1 else ''} of other options" if other else "",
+                                         f"{store.skipped_lines} unreadable line{'s' if store.skipped_lines > 1 else ''}"
+                                         if store.skipped_lines else "") if x)
+              + f"; ignored ({len(mine)} of this run's records resume)", flush=True)
 
     def stored(key, n):  # a record of n finished losses, or None (missing, or damaged: computed again)
         rec = store.get(f"{fp}|{key}")
@@ -358,6 +366,12 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     keys = ([(f"row={i}", len(r)) for i, r in enumerate(rows)] + [(f"path={e}", 1) for e, _ in path or []]
             + [(f"curve={i}", 1) for i in range(CURVE_POINTS if args.curve else 0)])
     have = {key: stored(key, n) for key, n in keys} if lead else None
+    if lead:
+        damaged = [key for key, n in keys if have[key] is None and store.get(f"{fp}|{key}") is not None]
+        if damaged:
+            print(f"shortcut-ext landscape: the checkpoint {ck_path} holds {len(damaged)} damaged "
+                  f"record{'s' if len(damaged) > 1 else ''} ({damaged[0]}{' ...' if len(damaged) > 1 else ''}); "
+                  "computed again", flush=True)
     if args.distributed:
         box = [have]
         dist.broadcast_object_list(box, src=0)
