@@ -52,6 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _peer_failure(e: BaseException) -> bool:
+    """A collective of a distributed run that failed because a peer went away (gloo: "Connection closed by peer",
+    "Connection reset by peer"; NCCL: a DistBackendError).  (The group is gone by the time the error gets here:
+    the commands destroy it on the way out.)"""
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", None)
+    if backend_error is not None and isinstance(e, backend_error):
+        return True
+    msg = str(e)
+    return "gloo" in msg and any(w in msg for w in ("Connection closed by peer", "Connection reset by peer",
+                                                       "Read error", "Socket closed", "Timed out"))
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first line without a source-path prefix (gloo's ``[/path/pair.cc:553] ...``)."""
+    import re
+
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", line)
+    return line.split(". ", 1)[0][:200]  # gloo's first sentence ("Connection closed by peer [addr]:port")
+
+
 def _saved(args) -> str:
     """What an interrupted command leaves to resume from, as the end of its message."""
     from pathlib import Path
@@ -187,6 +210,12 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, NotBuiltError) as e:  # NotBuiltError: --backend fused without the kernels
         return _bad_input(args, e)
     except (FloatingPointError, MemoryError, RuntimeError) as e:
+        if _peer_failure(e) and os.environ.get("SHORTCUT_EXT_TRACEBACK", "") in ("", "0"):
+            # --distributed: a collective failed because another rank stopped (Ctrl-C, SIGTERM, a failure of its
+            # own that it reports itself) or died: one line here too, not gloo's traceback
+            print(f"shortcut-ext {args.command}: stopped: another rank stopped or failed ({_first_line(e)}){_saved(args)}",
+                  file=sys.stderr)
+            return 1
         # failures of the computation itself: non-finite products (an overflowing net), out of memory.  Other
         # runtime errors are bugs: their traceback is what a report needs
         oom = isinstance(e, MemoryError) or any(s in str(e) for s in (

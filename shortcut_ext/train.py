@@ -791,6 +791,10 @@ def train(
                                            distributed=distributed, process_group=process_group, seed=config.seed,
                                            **({"parts": config.probe_parts} if config.probe_parts else {}))
                 except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
+                    if world > 1:  # the probe's own failure is every rank's (the same all-reduced products); a
+                        # collective that failed (a rank stopped or died) is not a probe result: it must end the
+                        # run before this epoch's checkpoint, not be saved as a failed probe and resumed
+                        all_reduce(torch.zeros(1, dtype=torch.float64, device=device), process_group)
                     p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 probe_time += time.perf_counter() - tp

@@ -314,6 +314,66 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
         assert "rank 0 stops too" in err0 and checkpoint_path(tmp_path / "b.json").is_dir()
 
 
+_DIES_AT_ITS_SECOND_PROBE = """
+import os, sys
+import shortcut_ext.train as T
+if os.environ["RANK"] == "1":  # this rank dies as it starts its second Hessian probe (a node lost, a kill -9)
+    real, calls = T.hessian_probes, []
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os._exit(9)
+        return real(*a, **k)
+    T.hessian_probes = dying
+from shortcut_ext.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_lost_during_a_probe_is_not_saved_as_a_failed_probe(tmp_path):
+    """Rank 1 gone while rank 0 ran a Hessian probe: rank 0's collective failed inside the probe, the error was
+    recorded as a failed probe (method "failed: RuntimeError: ... Connection closed by peer"), the checkpoint of
+    that epoch saved it, and the rerun resumed into a run whose probe was all null, exit 0, nothing said.  Now
+    rank 0 stops before that checkpoint with one line (not gloo's traceback), and the rerun gives the
+    uninterrupted run's probes."""
+    import socket
+
+    from shortcut_ext.experiments.train_cmd import checkpoint_path
+
+    train = ["train", "--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--width", "4", "--samples", "40",
+             "--lr", "0.3", "--epochs", "6", "--probe-every", "2", "--checkpoint-every", "1", "--checkpoint-seconds",
+             "0", "--no-progress", "--distributed"]
+    whole, cut = str(tmp_path / "whole.json"), str(tmp_path / "cut.json")
+    _torchrun(["-m", "shortcut_ext", *train, "--out", whole], cwd=tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    try:
+        for rank in (0, 1):
+            env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+            procs.append(subprocess.Popen([sys.executable, "-c", _DIES_AT_ITS_SECOND_PROBE, *train, "--out", cut],
+                                          env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        err0 = procs[0].communicate(timeout=120)[1]
+        procs[1].communicate(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert procs[1].returncode == 9 and procs[0].returncode == 1, err0[-2000:]
+    assert "Traceback" not in err0 and "shortcut-ext train: stopped: another rank stopped or failed (" in err0, err0[-2000:]
+    assert "Connection closed by peer" in err0 or "Connection reset by peer" in err0, err0[-2000:]  # gloo's words
+    ck = torch.load(checkpoint_path(cut), weights_only=True)
+    assert ck["epoch"] == 2 and [p["epoch"] for p in ck["probes"]] == [0]  # saved before the lost probe's epoch
+    _torchrun(["-m", "shortcut_ext", *train, "--out", cut], cwd=tmp_path)
+    a, b = (json.loads(open(f).read()) for f in (whole, cut))
+    assert all(isinstance(p["lam_max"], float) for p in b["probes"]) and len(b["probes"]) == 4
+    assert b["probes"] == a["probes"] and b["final_loss"] == a["final_loss"]
+
+
 def test_distributed_needs_a_process_group(tmp_path):
     net, X, Y, _ = _problem("mse")
     with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed process group"):
