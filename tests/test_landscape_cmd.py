@@ -335,6 +335,25 @@ def test_mini_batches_give_the_full_data_landscape(tmp_path):
     np.testing.assert_allclose(np.array(b["curvature"]), np.array(a["curvature"]), rtol=1e-10, atol=1e-14)
 
 
+def _train_stopping(epoch: int, saved: bool = True):
+    """``train_cmd.train`` that raises KeyboardInterrupt at epoch ``epoch``'s update hook: after that epoch's
+    weights along training were saved (``saved``) or before."""
+    from shortcut_ext.experiments import train_cmd
+
+    real = train_cmd.train
+
+    def train(*a, on_update=None, **k):
+        def stop(e):
+            if saved:
+                on_update(e)
+            if e == epoch:
+                raise KeyboardInterrupt
+            if not saved:
+                on_update(e)
+        return real(*a, on_update=stop, **k)
+    return train
+
+
 def test_weights_along_training_are_the_uninterrupted_runs_after_a_resume(tmp_path, monkeypatch, capsys):
     """--save-weights-every: epoch 0 and every N epochs in run.weights/, each the weights after that many epochs
     (the last one is the final weights); a run interrupted and resumed keeps the same files, bit for bit; a
@@ -357,14 +376,7 @@ def test_weights_along_training_are_the_uninterrupted_runs_after_a_resume(tmp_pa
 
     real = train_cmd.train
 
-    def interrupted_after_epoch_3(*a_, on_update=None, **k):
-        def stop(e):
-            on_update(e)
-            if e == 3:
-                raise KeyboardInterrupt
-        return real(*a_, on_update=stop, **k)
-
-    monkeypatch.setattr(train_cmd, "train", interrupted_after_epoch_3)
+    monkeypatch.setattr(train_cmd, "train", _train_stopping(3))
     assert main(args + ["--out", str(part / "run.json")]) == 130
     assert sorted(snaps(part)) == ["epoch_000000.pt", "epoch_000002.pt", "epoch_000004.pt"]
     monkeypatch.setattr(train_cmd, "train", real)
@@ -375,15 +387,8 @@ def test_weights_along_training_are_the_uninterrupted_runs_after_a_resume(tmp_pa
     assert all(torch.equal(a[k]["state_dict"]["weight"], b[k]["state_dict"]["weight"]) for k in a)
     # stopped after an epoch's update but before its weights were saved: the checkpoint of that epoch is not
     # written either (it once was, and the resumed run never wrote the epoch's weights: a file short, unsaid)
-    def interrupted_before_saving_epoch_4(*a_, on_update=None, **k):
-        def stop(e):
-            if e == 3:
-                raise KeyboardInterrupt
-            on_update(e)
-        return real(*a_, on_update=stop, **k)
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(train_cmd, "train", interrupted_before_saving_epoch_4)
+    monkeypatch.setattr(train_cmd, "train", _train_stopping(3, saved=False))
     assert main(args + ["--out", str(cut / "run.json")]) == 130
     assert sorted(snaps(cut)) == ["epoch_000000.pt", "epoch_000002.pt"]
     monkeypatch.setattr(train_cmd, "train", real)
@@ -418,15 +423,7 @@ def test_weights_along_training_lost_while_stopped_are_named_on_resume(tmp_path,
     args = TRAIN + ["--epochs", "6", "--save-weights-every", "2", "--checkpoint-every", "1", "--checkpoint-seconds",
                     "0", "--out", str(tmp_path / "run.json")]
     real = train_cmd.train
-
-    def interrupted_after_epoch_4(*a_, on_update=None, **k):
-        def stop(e):
-            on_update(e)
-            if e == 4:
-                raise KeyboardInterrupt
-        return real(*a_, on_update=stop, **k)
-
-    monkeypatch.setattr(train_cmd, "train", interrupted_after_epoch_4)
+    monkeypatch.setattr(train_cmd, "train", _train_stopping(4))
     assert main(args) == 130
     monkeypatch.setattr(train_cmd, "train", real)
     snaps = tmp_path / "run.weights"
