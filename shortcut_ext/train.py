@@ -231,7 +231,7 @@ class TrainResult:
     l_min: float | None
     diverged_epoch: int | None = None
     history: dict = field(default_factory=dict)  # epoch, loss, excess, grad_norm, weight_norm (lists)
-    probes: list = field(default_factory=list)  # dicts: epoch, loss, lam_max, lam_q10, index, cond, cond_q10, method
+    probes: list = field(default_factory=list)  # dicts: epoch, loss, lam_max, lam_top, lam_q10, index, cond, cond_q10, method
     seconds: float = 0.0
     probe_seconds: float = 0.0
 
@@ -328,7 +328,9 @@ class TrainResult:
 def spectrum_probes(eigenvalues, method: str = "dense", dtype: torch.dtype | None = None) -> dict:
     """The paper's curvature numbers from Hessian eigenvalues (docs/science.md section 3).
 
-    - ``lam_max``: ``|lambda|max``; ``lam_q10``: the 10th percentile of ``|lambda|``;
+    - ``lam_max``: ``|lambda|max``; ``lam_top``: the largest eigenvalue, with its sign (the sharpness: gradient
+      descent at rate ``lr`` is stable near a point only where it is at most ``2 / lr``); ``lam_q10``: the 10th
+      percentile of ``|lambda|``;
     - ``index``: fraction of negative eigenvalues (``|lambda| <= P * eps * |lambda|max`` counts as 0; ``eps``
       of ``dtype``, the precision the eigenvalues were computed in, default theirs: float32's for a float32
       tensor or array);
@@ -348,6 +350,7 @@ def spectrum_probes(eigenvalues, method: str = "dense", dtype: torch.dtype | Non
     div = lambda x, y: (x / y) if y > tol else (math.nan if x <= tol else math.inf)  # noqa: E731
     return {
         "lam_max": lam_max,
+        "lam_top": float(ev.max()),
         "lam_q10": lam_q10,
         "index": float(np.mean(ev < -tol)),
         "cond": div(lam_max, lam_min),
@@ -453,7 +456,7 @@ def dense_hessian(model, data, loss: str = "mse", max_bytes: float = 2.5e8) -> t
 def _dense_probes(model, data, loss: str, exact_max_params: int) -> dict:
     P = model.weight.numel()
     if P > exact_max_params:
-        out = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
+        out = {k: math.nan for k in ("lam_max", "lam_top", "lam_q10", "index", "cond", "cond_q10")}
         out["method"] = f"skipped: {P} parameters > exact_max_params={exact_max_params} and shortcut_ext.curvature unavailable"
         return out
     ev = torch.linalg.eigvalsh(dense_hessian(model, data, loss))
@@ -462,7 +465,7 @@ def _dense_probes(model, data, loss: str, exact_max_params: int) -> dict:
 
 def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000, distributed: bool = False,
                    process_group=None, seed: int = 0, matrix: str = "hessian", parts=()) -> dict:
-    """``{lam_max, lam_q10, index, cond, cond_q10, method, ...}`` of the loss Hessian at the model's weights
+    """``{lam_max, lam_top, lam_q10, index, cond, cond_q10, method, ...}`` of the loss Hessian at the model's weights
     (with the curvature package also ``resolved``: see :func:`shortcut_ext.curvature.hessian_probes`).
 
     Uses :func:`shortcut_ext.curvature.hessian_probes` where it exists (exact below
@@ -795,7 +798,7 @@ def train(
                         # collective that failed (a rank stopped or died) is not a probe result: it must end the
                         # run before this epoch's checkpoint, not be saved as a failed probe and resumed
                         all_reduce(torch.zeros(1, dtype=torch.float64, device=device), process_group)
-                    p = {k: math.nan for k in ("lam_max", "lam_q10", "index", "cond", "cond_q10")}
+                    p = {k: math.nan for k in ("lam_max", "lam_top", "lam_q10", "index", "cond", "cond_q10")}
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 probe_time += time.perf_counter() - tp
                 try:  # the operator's notes were said at this (the first) probe: once per run

@@ -344,7 +344,7 @@ def test_hessian_probes_exact_and_estimated():
     X, Y = make_data(m=20, seed=15)
     ev = np.linalg.eigvalsh(dense_hessian_func(net, (X, Y)).numpy())
     exact = hessian_probes(net, (X, Y), "mse", exact_max_params=1000, backend="autograd")
-    assert set(exact) == {"lam_max", "lam_q10", "index", "cond", "cond_q10", "method", "resolved",
+    assert set(exact) == {"lam_max", "lam_top", "lam_q10", "index", "cond", "cond_q10", "method", "resolved",
                           "index_unresolved_mass"}
     assert exact["resolved"] is True and exact["index_unresolved_mass"] == 0.0
     assert exact["method"] == "exact"
@@ -356,7 +356,16 @@ def test_hessian_probes_exact_and_estimated():
     est = hessian_probes(net, (X, Y), "mse", exact_max_params=0, backend="autograd", probes=16, steps=30)
     assert est["method"] == "lanczos+slq" and np.isnan(est["cond"])
     np.testing.assert_allclose(est["lam_max"], a.max(), rtol=1e-8)
+    np.testing.assert_allclose([exact["lam_top"], est["lam_top"]], [ev.max()] * 2, rtol=1e-8)  # with its sign
     assert abs(est["index"] - exact["index"]) < 0.15
+    # lam_top is the largest eigenvalue, not the largest |lambda|: a Hessian whose negative end is the larger
+    neg = make_net(2, "xavier", ("tanh", "identity", "tanh"), units=3, seed=1)
+    with torch.no_grad():
+        neg.weight.mul_(2.0)  # its spectrum runs from -84.7 to 5.54
+    evn = np.linalg.eigvalsh(dense_hessian_func(neg, (X, Y)).numpy())
+    for kw in ({"exact_max_params": 1000}, {"exact_max_params": 0, "probes": 4, "steps": 30}):
+        pn = hessian_probes(neg, (X, Y), "mse", backend="autograd", **kw)
+        np.testing.assert_allclose([pn["lam_top"], pn["lam_max"]], [evn.max(), np.abs(evn).max()], rtol=1e-8)
     rep = condition_report(HessianOperator(net, (X, Y), backend="autograd"), method="lanczos+slq", probes=16,
                            steps=30)
     assert rep.uncertainty["lam_max_residual"] < 1e-8 * rep.lam_max

@@ -291,6 +291,52 @@ def test_the_hessian_parts_verdicts():
     assert [v.holds for v in analysis.verdict_hessian_parts(unres)] == [True, True]
 
 
+def test_the_stability_measurement():
+    """lr * lambda_top / 2 per net at the first probe, its peak (with the epoch) and the last probe, median over
+    seeds; diverged runs and probes without lambda_top (an earlier version's stored run) are left out, and a
+    store of only those says so; informational (holds None) however the numbers fall."""
+    def rows(arch, seed, lr, tops, status="ok"):
+        return [{"arch": arch, "seed": seed, "lr": lr, "status": status, "epoch": e, "lam_max": abs(t), "lam_top": t}
+                for e, t in zip((0, 5, 50, 200), tops)]
+    data = (rows("2-shortcut", 0, 1.0, [1.2, 1.0, 3.0, 1.9]) + rows("2-shortcut", 1, 1.0, [1.4, 2.2, 2.6, 2.1])
+            + rows("2-shortcut", 2, 1.0, [1.0, 1.0, 4.0, 2.0]) + rows("plain-xavier", 0, 0.01, [360.0, 40, 30, 20])
+            + rows("plain-xavier", 1, 0.01, [1e9, float("inf"), float("nan"), 1e12], status="diverged"))
+    (v,) = analysis.verdict_stability(data)
+    assert v.holds is None and v.figure == "beyond (stability)" and v.measured_only
+    assert not any(x.measured_only for x in analysis.verdict_hessian_parts([]) + analysis.verdict_index([], []))
+    two, px = v.details["2-shortcut"], v.details["plain-xavier"]
+    assert two["seeds"] == 3 and two["first"] == pytest.approx(0.6) and two["peak"] == pytest.approx(1.5)
+    assert two["peak_epoch"] == 50 and two["last"] == pytest.approx(1.0) and two["seeds_above_at_peak"] == 3
+    assert px["seeds"] == 1 and px["first"] == pytest.approx(1.8) and px["peak_epoch"] == 0
+    assert px["last"] == pytest.approx(0.1) and px["last_epoch"] == 200
+    assert "plain-xavier (lr 0.01): 1.8 at the start, peak 1.8 (epoch 0), 0.1 at epoch 200; above 1 in 1 of 1" in v.measured
+    old = [{k: x for k, x in r.items() if k != "lam_top"} for r in data]
+    (v,) = analysis.verdict_stability(old)
+    assert v.holds is None and "earlier version" in v.measured and not v.details
+    assert analysis.verdict_stability([])[0].measured == "not run"
+    assert math.isnan(analysis.sharpness_ratio({"lr": 0.1, "lam_top": None}))
+    assert analysis.sharpness_ratio({"lr": 0.1, "lam_top": -4.0}) == pytest.approx(-0.2)
+
+
+def test_the_stability_figure_draws_each_seed_and_the_threshold(tmp_path, monkeypatch):
+    figs = []
+    real_save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path, caption=None: (figs.append(fig), real_save(fig, path))[1])
+    rows = [{"arch": "2-shortcut", "seed": s, "lr": 0.5, "epoch": e, "lam_top": t}
+            for s in (0, 1) for e, t in ((0, 1.0), (9, 5.0), (99, -0.5))]  # a negative top is not drawn (log axis)
+    p = figures.fig_stability(rows, tmp_path / "s.png")
+    assert p.stat().st_size > 1000
+    left, right = figs[0].axes
+    threshold = [ln for ln in right.lines if ln.get_label() == "2 / lr: gradient descent's threshold"]
+    drawn = [ln for ln in right.lines if ln not in threshold]
+    assert len(drawn) == 2 and [ln.get_ydata()[0] for ln in threshold] == [1.0]  # one line per seed; 1
+    assert sorted(drawn[0].get_ydata().tolist()) == pytest.approx([0.25, 1.25])  # lr * lambda_top / 2
+    assert [ln.get_ydata()[0] for ln in left.lines if ln.get_linestyle() == ":"] == [pytest.approx(4.0)]  # 2 / lr
+    assert "2 probes with λ_top <= 0 not drawn" in [t.get_text() for t in left.texts]
+    figures.fig_stability([{k: v for k, v in r.items() if k != "lam_top"} for r in rows], tmp_path / "o.png")
+    assert any("earlier version" in t.get_text() for t in figs[1].axes[0].texts)
+
+
 def test_verdicts_without_data_are_undecided():
     assert all(v.holds is None for v in analysis.verdict_index([], []))
     assert all(v.holds is None for v in analysis.verdict_curvature_training([]))
@@ -309,13 +355,13 @@ def tiny(tmp_path_factory):
 def test_tiny_reproduction_writes_everything(tiny):
     out, bundle, res = tiny
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 10
+    assert html.count("data:image/png;base64,") == 11
     for s in ("Fig. 5", "Fig. 9", "Fig. 10", "Theorem 1: the order", "Timings", "torch_threads",
-              "shortcut_ext_build_info"):
+              "shortcut_ext_build_info", "1 measured beyond the paper and not tested", '"na">measured</span>'):
         assert s in html
     for f in ("fig2_3_weight_norm", "fig5_condition_at_init", "saddle_order", "saddle_planes", "fig6_7_curvature_vs_loss",
               "fig8_index_gradnorm", "fig9_final_loss_linear", "fig10_final_loss_relu", "ext_activations",
-              "fig6_8_hessian_parts"):
+              "fig6_8_hessian_parts", "fig6_8_stability"):
         assert (out / "figures" / f"{f}.png").stat().st_size > 1000
     for f in ("fig9_runs.csv", "fig9_best.csv", "fig5_init_condition.csv", "fig6_8_probes.csv", "fig10_best.csv",
               "saddle_orders.csv", "saddle_curves.csv", "saddle_planes.csv"):

@@ -268,6 +268,9 @@ def test_spectrum_probes_definitions():
     assert p["lam_q10"] == 0.5  # the 10th percentile of |lambda| (inverted CDF)
     assert p["index"] == 0.2
     assert p["cond"] == 24.0 and p["cond_q10"] == 24.0
+    assert p["lam_top"] == 12.0
+    n = spectrum_probes([-9.0, 1.0, 2.0])  # the largest |lambda| is negative: lam_top keeps the sign
+    assert (n["lam_max"], n["lam_top"]) == (9.0, 2.0)
     z = spectrum_probes([0.0, 0.0])
     assert math.isnan(z["cond"]) and z["index"] == 0.0
     assert spectrum_probes([0.0, 1.0])["cond"] == math.inf

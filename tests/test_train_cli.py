@@ -734,6 +734,12 @@ def test_probe_parts_are_saved_beside_the_hessians_probes_and_resume(tmp_path, c
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert "probe_parts" not in plain["config"] and not any(k.startswith("ggn_") for k in plain["probes"][0])
     assert [p["lam_max"] for p in plain["probes"]] == [p["lam_max"] for p in rec["probes"]]
+    # the sharpness (the largest eigenvalue, signed) against gradient descent's threshold, in the closing line
+    top = plain["probes"][-1]["lam_top"]
+    assert 0 < top <= plain["probes"][-1]["lam_max"]
+    assert f"lr * lambda_top / 2 {0.3 * top / 2:.3g} (gradient descent's threshold: 1)" in capsys.readouterr().out
+    assert _train(tmp_path, *args, "--optimizer", "adam", out="adam.json") == 0  # 2 / lr is plain gd's threshold
+    assert "lambda_top" not in capsys.readouterr().out
     from types import SimpleNamespace
 
     from shortcut_ext.cli import build_parser

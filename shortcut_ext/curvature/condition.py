@@ -244,8 +244,11 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
                    dtype: torch.dtype | None = None, probes: int = 8, steps: int = 80, seed: int = 0,
                    q: float = 0.1, distributed: bool = False, process_group=None, matrix: str = "hessian",
                    parts=()) -> dict:
-    """Curvature probes for training: ``{lam_max, lam_q10, index, cond, cond_q10, method, resolved,
+    """Curvature probes for training: ``{lam_max, lam_top, lam_q10, index, cond, cond_q10, method, resolved,
     index_unresolved_mass}``.
+
+    ``lam_top`` is the largest eigenvalue with its sign (``lam_max`` is the largest ``|lambda|``): the
+    sharpness that gradient descent at rate ``lr`` keeps below ``2 / lr`` to stay stable near a point.
 
     Exact (dense ``eigvalsh``) when the trunk has ``P <= exact_max_params`` weights, else Lanczos +
     SLQ (then ``cond`` is ``nan``: ``|lambda|min`` is out of reach of extreme-eigenvalue methods).
@@ -289,8 +292,8 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 2048,
     def probe(op):
         rep = condition_report(op, method="exact" if isinstance(op, torch.Tensor) else "auto",
                                exact_max_params=exact_max_params, probes=probes, steps=steps, seed=seed, q=q)
-        return {"lam_max": rep.lam_max, "lam_q10": rep.lam_q10, "index": rep.index, "cond": rep.cond,
-                "cond_q10": rep.cond_q10, "method": rep.method, "resolved": report_resolved(rep),
+        return {"lam_max": rep.lam_max, "lam_top": float(rep.top[0]), "lam_q10": rep.lam_q10, "index": rep.index,
+                "cond": rep.cond, "cond_q10": rep.cond_q10, "method": rep.method, "resolved": report_resolved(rep),
                 "index_unresolved_mass": float(rep.uncertainty.get("index_unresolved_mass", 0.0))}
 
     op = operator(matrix)

@@ -47,6 +47,14 @@ class Verdict:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def measured_only(self) -> bool:
+        """A measurement beyond the paper, reported and not tested (``holds`` is always ``None``)."""
+        return self.holds is None and self.test.startswith(MEASURED_ONLY)
+
+
+MEASURED_ONLY = "measured, not tested"
+
 
 # --------------------------------------------------------------------------- helpers
 def _finite(x) -> bool:
@@ -448,6 +456,49 @@ def verdict_hessian_parts(probe_rows: list[dict], ref: str = "2-shortcut", start
     return out
 
 
+def sharpness_ratio(row: dict) -> float:
+    """``lr * lam_top / 2``: the sharpness (the Hessian's largest eigenvalue, with its sign) against gradient
+    descent's stability threshold ``2 / lr``; above 1 a quadratic model of the loss there makes gradient descent
+    at rate ``lr`` diverge along the top eigenvector (nan where the probe has no ``lam_top``)."""
+    lr, top = row.get("lr"), row.get("lam_top")
+    return float(lr) * float(top) / 2 if _finite(lr) and _finite(top) else math.nan
+
+
+def verdict_stability(probe_rows: list[dict]) -> list[Verdict]:
+    """Beyond the paper, measured and not tested: where each net trains against gradient descent's stability
+    threshold (``lr * lam_top / 2`` against 1; Cohen et al. 2021, "Gradient descent on neural networks typically
+    occurs at the edge of stability"): at the first probe, at its peak and at the last probe, median over seeds."""
+    claim = "each net's sharpness against gradient descent's stability threshold: lr * lambda_top / 2 (1: at 2 / lr)"
+    test = (f"{MEASURED_ONLY}: lr * lambda_top / 2 at the first probe, its largest over the probes (with the "
+            "epoch) and at the last probe; median over seeds, runs that stayed finite")
+    runs = _by_run([r for r in probe_rows if r.get("status", "ok") == "ok" and _finite(sharpness_ratio(r))])
+    if not runs:
+        older = any(r.get("lam_top") is None and _finite(r.get("lam_max")) for r in probe_rows)
+        return [Verdict("beyond (stability)", claim, test, None,
+                        "not in these probes (stored by an earlier version, which did not record lambda_top: a new "
+                        "--out computes them)" if older else "not run")]
+    per: dict[str, dict] = {}
+    for (arch, seed), rs in runs.items():
+        r = [sharpness_ratio(x) for x in rs]
+        j = int(np.argmax(r))
+        d = per.setdefault(arch, {"lr": rs[0]["lr"], "first": [], "peak": [], "peak_epoch": [], "last": [],
+                                  "last_epoch": []})
+        d["first"].append(r[0])
+        d["peak"].append(r[j])
+        d["peak_epoch"].append(rs[j]["epoch"])
+        d["last"].append(r[-1])
+        d["last_epoch"].append(rs[-1]["epoch"])
+    summary = {a: {"lr": d["lr"], "seeds": len(d["first"]), "first": float(np.median(d["first"])),
+                   "peak": float(np.median(d["peak"])), "peak_epoch": float(np.median(d["peak_epoch"])),
+                   "last": float(np.median(d["last"])), "last_epoch": max(d["last_epoch"]),
+                   "seeds_above_at_peak": sum(v > 1 for v in d["peak"])} for a, d in per.items()}
+    text = "; ".join(
+        f"{a} (lr {_fmt(v['lr'])}): {_fmt(v['first'])} at the start, peak {_fmt(v['peak'])} (epoch "
+        f"{_fmt(v['peak_epoch'])}), {_fmt(v['last'])} at epoch {v['last_epoch']}; above 1 in {v['seeds_above_at_peak']} "
+        f"of {v['seeds']} seeds" for a, v in sorted(summary.items()))
+    return [Verdict("beyond (stability)", claim, test, None, text, summary)]
+
+
 def _rel_excess(loss, l_min, l_zero):
     return (loss - l_min) / (l_zero - l_min) if _finite(loss) else math.inf
 
@@ -612,11 +663,13 @@ __all__ = [
     "Verdict",
     "aggregate",
     "loglog_slope",
+    "sharpness_ratio",
     "verdict_curvature_training",
     "verdict_final_loss_linear",
     "verdict_final_loss_nonlinear",
     "verdict_index",
     "verdict_init_condition",
+    "verdict_stability",
     "verdict_stationary_order",
     "verdict_table",
     "verdict_weight_norm",

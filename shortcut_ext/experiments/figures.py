@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
 
 from .._io import save_figure  # noqa: E402
-from .analysis import _finite, _is_num, aggregate  # noqa: E402
+from .analysis import _finite, _is_num, aggregate, sharpness_ratio  # noqa: E402
 
 COLORS = {
     "2-shortcut": "#d62728",
@@ -335,7 +335,7 @@ def fig_activations(best_rows: list[dict], path, l_min: float, acts: list[str],
 
 
 __all__ = ["fig_activations", "fig_curvature_vs_loss", "fig_final_loss", "fig_index_gradnorm",
-           "fig_init_condition", "fig_weight_norm"]
+           "fig_init_condition", "fig_stability", "fig_weight_norm"]
 
 
 # --------------------------------------------------------------------------- Theorem 1: order of the saddle
@@ -432,4 +432,46 @@ def fig_hessian_parts(probe_rows: list[dict], path, caption: str | None = None) 
         ax.set_ylabel("|λ|max")
         ax.set_title(f"{arch}: the Hessian's parts along training", fontsize=9)
         ax.legend(fontsize=7)
+    return _save(fig, path, caption)
+
+
+def fig_stability(probe_rows: list[dict], path, caption: str | None = None) -> Path:
+    """Beyond the paper: the sharpness ``lambda_top`` (the Hessian's largest eigenvalue) along training against
+    gradient descent's stability threshold ``2 / lr`` (Cohen et al. 2021): left ``lambda_top`` with each net's
+    ``2 / lr`` dotted, right ``lr * lambda_top / 2`` against 1; one line per seed."""
+    fig, (a1, a2) = _subplots(1, 2, figsize=(11, 4))
+    dropped = 0
+    for arch in _archs(probe_rows):
+        seeds = sorted({r["seed"] for r in probe_rows if r["arch"] == arch})
+        lr = None
+        for i, seed in enumerate(seeds):
+            rs = sorted((r for r in probe_rows if r["arch"] == arch and r["seed"] == seed), key=lambda r: r["epoch"])
+            pts = [(r["epoch"] + 1, float(r["lam_top"]), sharpness_ratio(r)) for r in rs if _finite(r.get("lam_top"))]
+            dropped += sum(1 for p in pts if p[1] <= 0)
+            pts = np.array([p for p in pts if p[1] > 0], dtype=float)
+            if not len(pts):
+                continue
+            lr = next(r["lr"] for r in rs if _finite(r.get("lr")))
+            label = f"{arch} (lr {lr:g})" if i == 0 else None
+            a1.plot(pts[:, 0], pts[:, 1], marker=".", ms=3, lw=1, color=_color(arch), alpha=0.8, label=label)
+            a2.plot(pts[:, 0], pts[:, 2], marker=".", ms=3, lw=1, color=_color(arch), alpha=0.8, label=label)
+        if lr is not None and lr > 0:
+            a1.axhline(2.0 / lr, color=_color(arch), ls=":", lw=1.2)
+    a2.axhline(1.0, color="k", ls="--", lw=1, label="2 / lr: gradient descent's threshold")
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch + 1")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    a1.set_ylabel("λ_top: the largest eigenvalue of H")
+    a1.set_title("sharpness along training (dotted: each net's 2 / lr)", fontsize=9)
+    a2.set_ylabel("lr · λ_top / 2")
+    a2.set_title("against the threshold (above 1: unstable on the quadratic model)", fontsize=9)
+    if dropped:
+        a1.text(0.01, 0.01, f"{dropped} probes with λ_top <= 0 not drawn", transform=a1.transAxes, fontsize=7,
+                va="bottom")
+    if not any(_finite(r.get("lam_top")) for r in probe_rows):
+        a1.text(0.5, 0.5, "no λ_top in these probes (stored by an earlier version)", transform=a1.transAxes,
+                ha="center", fontsize=8)
     return _save(fig, path, caption)

@@ -131,8 +131,9 @@ def _verdict_table(verdicts) -> str:
         return "<p><em>not run</em></p>"
     rows = []
     for v in verdicts:
-        mark = {True: '<span class="ok">holds</span>', False: '<span class="bad">does not hold</span>',
-                None: '<span class="na">n/a</span>'}[v.holds]
+        mark = ('<span class="na">measured</span>' if getattr(v, "measured_only", False) else
+                {True: '<span class="ok">holds</span>', False: '<span class="bad">does not hold</span>',
+                 None: '<span class="na">n/a</span>'}[v.holds])
         rows.append(f"<tr><td>{html.escape(v.figure)}</td><td>{html.escape(v.claim)}</td><td>{mark}</td>"
                     f"<td>{html.escape(v.measured)}</td><td class='small'>{html.escape(v.test)}</td></tr>")
     return ("<table><thead><tr><th>figure</th><th>expected shape (paper)</th><th>verdict</th><th>measured</th>"
@@ -168,8 +169,10 @@ def write_report(path, title: str, sections: list[Section], config: dict, env: d
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     if intro:
         parts.append(f"<p>{html.escape(intro)}</p>")  # it names the data (an MNIST path is the user's text)
-    parts.append(f"<h2>Summary</h2><p>{n_ok} expected shapes hold, {n_bad} do not, {n_na} not decided "
-                 f"(not run or reference only).</p>")
+    n_meas = sum(bool(getattr(v, "measured_only", False)) for v in all_v)
+    parts.append(f"<h2>Summary</h2><p>{n_ok} expected shapes hold, {n_bad} do not, {n_na - n_meas} not decided "
+                 f"(not run or reference only)" + (f", {n_meas} measured beyond the paper and not tested" if n_meas
+                                                    else "") + ".</p>")
     parts.append(_verdict_table(all_v))
     parts.append("<ul>" + "".join(f"<li><a href='#{html.escape(s.key)}'>{html.escape(s.title)}</a></li>" for s in sections) + "</ul>")
     for s in sections:

@@ -375,8 +375,9 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
                                            caption=cap)
         p2 = figures.fig_index_gradnorm(probe_rows, hist_rows, figdir / "fig8_index_gradnorm.png", caption=cap)
         p3 = figures.fig_hessian_parts(probe_rows, figdir / "fig6_8_hessian_parts.png", caption=cap)
+        p4 = figures.fig_stability(probe_rows, figdir / "fig6_8_stability.png", caption=cap)
         verdicts = (analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows)
-                    + analysis.verdict_hessian_parts(probe_rows))
+                    + analysis.verdict_hessian_parts(probe_rows) + analysis.verdict_stability(probe_rows))
         # a net with no rate at which every seed stayed finite has no probe run: say so beside each verdict
         no_rate = [a for a in cfg.curve_archs if a not in lrs]
         if no_rate:
@@ -385,14 +386,17 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
             verdicts = [dataclasses.replace(v, measured=v.measured + why) for v in verdicts]
         sections.append(report.Section(
             "fig6-8", f"Figs. 6-8: Hessian along training (depth {cfg.curve_depth}, linear, best rate per net)",
-            EXPECTED["fig6-8"], [p1, p2, p3],
+            EXPECTED["fig6-8"], [p1, p2, p3, p4],
             verdicts,
             {"learning rates": [{"arch": a, "lr": v} for a, v in lrs.items()]},
             notes="Exact Hessians at log-spaced epochs; runs compared at equal loss - L_min (as in the paper's "
                   "figures), with the same-epoch ratio beside it. Beyond the paper, each probe also takes the "
                   "Gauss-Newton part of the Hessian, G = J^T H_l J (positive semi-definite), whose rest is the "
                   "functional part F = H - G (HessianOperator(matrix=...), train --probe-parts; docs/science.md "
-                  "section 2); at a 2-shortcut net's zero point G = 0."))
+                  "section 2); at a 2-shortcut net's zero point G = 0. Also beyond the paper, each probe's "
+                  "sharpness lambda_top (the largest eigenvalue, with its sign) is set against gradient descent's "
+                  "stability threshold 2 / lr (Cohen et al. 2021): lr * lambda_top / 2 above 1 makes gradient "
+                  "descent diverge on the loss's quadratic model there; measured, not tested."))
 
     # ---- Fig. 10: ReLU at mid positions
     best_relu = []
@@ -460,7 +464,7 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
                f"(geometric on log axes; min to max for final losses and the index). Triangles on an edge: "
                f"values a log axis cannot show (an infinite condition number, a seed whose every rate diverged)."))
     for v in verdicts:
-        mark = {True: "holds", False: "DOES NOT HOLD", None: "n/a"}[v.holds]
+        mark = "measured" if v.measured_only else {True: "holds", False: "DOES NOT HOLD", None: "n/a"}[v.holds]
         m = v.measured if len(v.measured) <= 300 else v.measured[:297] + "..."  # in full in the report and JSON
         log(f"[reproduce] {v.figure}: {v.claim}: {mark} ({m})")
     log(f"[reproduce] total {timings['total']:.1f} s; report: {rep}")

@@ -476,8 +476,8 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
         base = {"arch": arch, "act": act, "depth": d, "seed": seed, "lr": c.lr, "status": res.status}
         for p in res.probes:
             probe_rows.append({**base, **{k: p.get(k) for k in ("epoch", "loss", "excess", "grad_norm", "lam_max",
-                                                                  "lam_q10", "index", "cond", "cond_q10", "method",
-                                                                  "resolved")},
+                                                                  "lam_top", "lam_q10", "index", "cond", "cond_q10",
+                                                                  "method", "resolved")},
                                # the Hessian's parts, where the run probed them (cfg.probe_parts)
                                **{f"{part}_{k}": p.get(f"{part}_{k}") for part in cfg.probe_parts
                                   for k in ("lam_max", "index")}})

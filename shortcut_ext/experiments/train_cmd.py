@@ -30,6 +30,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -502,6 +503,9 @@ def _main_locked(args, device, rank, world) -> int:
     if res.probes:
         p = res.probes[-1]
         msg += f"; last probe: |lambda|max {p['lam_max']:.4g}, cond_q10 {p['cond_q10']:.4g}, index {p['index']:.3f}"
+        if args.optimizer == "gd" and isinstance(p.get("lam_top"), float) and math.isfinite(p["lam_top"]):
+            # plain gradient descent is stable near a point only where lr * lambda_top / 2 <= 1
+            msg += f", lr * lambda_top / 2 {float(args.lr) * p['lam_top'] / 2:.3g} (gradient descent's threshold: 1)"
     print(msg)
     print(f"wrote {', '.join(wrote[:-1])} and {wrote[-1]}")
     return 0
