@@ -56,6 +56,7 @@ __all__ = [
     "hessian_probes",
     "log_grid",
     "lr_sweep",
+    "sharpness",
     "spectrum_probes",
     "train",
 ]
@@ -80,6 +81,10 @@ class TrainConfig:
             ``G = J^T H_l J``), ``"functional"`` (the rest, ``H - G``) and / or ``"empirical_fisher"`` (``(1/m)
             sum_i g_i g_i^T``): the same numbers under the keys ``ggn_lam_max``, ``functional_index``,
             ``empirical_fisher_lam_max``, ... (see ``HessianOperator(matrix=...)``).
+        sharpness_every: every this many epochs (0: never) the sharpness, the largest eigenvalue of the full-data
+            loss Hessian, by Lanczos (:func:`sharpness`): the history's ``sharpness`` series (nan at the other
+            epochs).  Much cheaper than a probe at depth; for full-batch gradient descent the stability threshold is
+            ``2 / lr`` (Cohen et al. 2021, "the edge of stability").
         divergence_factor: a loss above ``divergence_factor * max(initial loss, 1)`` counts as diverged.
         seed: seeds the mini-batch order and the random vectors of the Hessian probes (Lanczos, SLQ).
             Any integer in [0, 2^63); torch's CPU generator keeps its low 32 bits, so seeds equal
@@ -98,10 +103,11 @@ class TrainConfig:
     divergence_factor: float = 1e8
     seed: int = 0
     probe_parts: Sequence[str] = ()
+    sharpness_every: int = 0
 
     def __post_init__(self):
         # numpy scalars (a value from a grid or an array) as their Python values, as elsewhere in the API
-        for name in ("epochs", "batch_size", "probe_every", "exact_max_params", "seed"):
+        for name in ("epochs", "batch_size", "probe_every", "exact_max_params", "seed", "sharpness_every"):
             if isinstance(getattr(self, name), np.integer):
                 setattr(self, name, int(getattr(self, name)))
         for name in ("lr", "momentum", "divergence_factor"):
@@ -134,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if isinstance(self.probe_every, bool) or not isinstance(self.probe_every, int) or self.probe_every < 0:
             raise ValueError(f"probe_every must be an integer >= 0, got {self.probe_every!r}")
+        if isinstance(self.sharpness_every, bool) or not isinstance(self.sharpness_every, int) or self.sharpness_every < 0:
+            raise ValueError(f"sharpness_every must be an integer >= 0, got {self.sharpness_every!r}")
         if self.probe_epochs is not None:
             try:
                 epochs = list(self.probe_epochs)
@@ -163,6 +171,9 @@ class TrainConfig:
             return epoch in self.probe_epochs
         return self.probe_every > 0 and epoch % self.probe_every == 0
 
+    def sharpness_at(self, epoch: int) -> bool:
+        return self.sharpness_every > 0 and epoch % self.sharpness_every == 0
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if d["probe_epochs"] is not None:
@@ -171,6 +182,8 @@ class TrainConfig:
             d["probe_parts"] = list(d["probe_parts"])
         else:  # the default: the configurations (and run-store keys, checkpoints) of earlier versions stay valid
             del d["probe_parts"]
+        if not d["sharpness_every"]:  # likewise
+            del d["sharpness_every"]
         return d
 
 
@@ -502,6 +515,34 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000,
     return _dense_probes(model, data, loss, exact_max_params)
 
 
+SHARPNESS_STEPS = 200  # Lanczos basis of sharpness() (at most; fewer where the basis would exceed 3 GiB)
+SHARPNESS_TOL = 1e-4  # residual relative to |lambda|max: the Ritz value is a lower bound of lambda_top, within about this
+
+
+def sharpness(model, data, loss: str = "mse", distributed: bool = False, process_group=None, seed: int = 0,
+              max_steps: int = SHARPNESS_STEPS) -> dict:
+    """``{"lam_top", "converged", "residual", "products"}``: the largest eigenvalue of the loss Hessian at the
+    model's weights (the sharpness, with its sign), by single-vector Lanczos on fused Hessian-vector products in the
+    model's dtype, from a start vector seeded by ``seed``, until the pair's residual is below ``1e-4 |lambda|max``
+    (``SHARPNESS_TOL``) or ``max_steps`` basis vectors (then ``converged`` is False).  A Ritz value never exceeds
+    ``lambda_top``, and a converged one lies within about the residual of it (the error is often the residual's
+    square over the spectral gap).  A model with ``backend="torch"`` uses autograd products, as it trains.  Gradient descent at rate
+    ``lr`` is stable on the loss's quadratic model only where ``lr * lam_top / 2 <= 1``.
+    """
+    try:
+        from .curvature import HessianOperator, lanczos
+        from .curvature.lanczos import basis_capacity
+    except ImportError:  # pragma: no cover - the package ships with its curvature part
+        raise ValueError("the sharpness needs shortcut_ext.curvature") from None
+    backend = "autograd" if getattr(model, "backend", None) == "torch" else "fused"
+    op = HessianOperator(model, data, loss=loss, backend=backend, distributed=distributed, process_group=process_group)
+    steps = max(2, min(op.P, int(max_steps), basis_capacity(op.P, op.dtype)))
+    r = lanczos(op, k=1, which="largest", max_iter=steps, seed=int(seed), verify=False,
+                return_vectors=False, compute_residuals=False, tol=SHARPNESS_TOL)
+    return {"lam_top": float(r.largest[0]), "converged": bool(r.converged), "residual": float(r.largest_residuals[0]),
+            "products": int(r.num_products)}
+
+
 # --------------------------------------------------------------------------- training
 def _check_data(name, data):
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
@@ -679,6 +720,8 @@ def train(
     gen = torch.Generator().manual_seed(int(config.seed))
     lm = None if l_min is None else float(l_min)
     hist = {"epoch": [], "loss": [], "excess": [], "grad_norm": [], "weight_norm": []}
+    if config.sharpness_every:
+        hist["sharpness"] = []  # nan at the epochs between
     probes: list[dict] = []
     status, diverged_epoch, final_loss = "ok", None, math.inf
     limit = None
@@ -739,6 +782,7 @@ def train(
                     f"OMP_NUM_THREADS={was} for the same bits)")
     saved_epoch, saved_t = start, t0
     unresolved_said = False  # one note per run on SLQ probes that could not resolve the spectrum near 0
+    sharpness_said = False  # and one on a sharpness that did not converge or failed
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -778,6 +822,8 @@ def train(
             hist["excess"].append(L - lm if lm is not None else math.nan)
             hist["grad_norm"].append(gn)
             hist["weight_norm"].append(wn)
+            if config.sharpness_every:
+                hist["sharpness"].append(math.nan)
             if not (math.isfinite(L) and math.isfinite(gn) and math.isfinite(wn)) or L > limit:
                 status, diverged_epoch = "diverged", epoch
                 break
@@ -817,6 +863,33 @@ def train(
                            "saved with \"resolved\": false. Raise exact_max_params (--exact-max-params) for "
                            "the exact values")
                     say(msg)  # to log, or a warning without one
+            if config.sharpness_at(epoch):
+                tp = time.perf_counter()
+                try:
+                    with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+                        for category in quiet:
+                            warnings.simplefilter("ignore", category)
+                        sh = sharpness(model, probe_data, config.loss, distributed=distributed,
+                                       process_group=process_group, seed=config.seed)
+                except (RuntimeError, ValueError) as e:
+                    if world > 1:  # as for a probe: a lost peer ends the run, a failure of all ranks is recorded
+                        all_reduce(torch.zeros(1, dtype=torch.float64, device=device), process_group)
+                    sh = {"lam_top": math.nan, "converged": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                probe_time += time.perf_counter() - tp
+                try:
+                    from .curvature.hessian import FallbackWarning
+                except ImportError:  # pragma: no cover - without the curvature package
+                    FallbackWarning = None
+                if FallbackWarning is not None and FallbackWarning not in quiet:
+                    quiet.append(FallbackWarning)
+                hist["sharpness"][-1] = sh["lam_top"]
+                if not sh["converged"] and not sharpness_said:
+                    sharpness_said = True
+                    say(f"note: the sharpness at epoch {epoch} " + (
+                        f"failed ({sh['error']}); it is nan there" if "error" in sh else
+                        f"stopped at {sh['products']} Lanczos steps with a residual of {sh['residual']:.2g} against "
+                        f"{sh['lam_top']:.6g} (above {SHARPNESS_TOL:g} of it): a lower bound there, and usually much "
+                        "closer than the residual (the top eigenvalues lie close together)") + " (said once per run)")
             if epoch == config.epochs:
                 final_loss = L
                 break
@@ -1013,10 +1086,13 @@ def _checkpoint_damage(state: dict, w: torch.Tensor, config: TrainConfig, with_o
     h = state["history"]
     if not isinstance(h, dict) or not all(isinstance(h.get(k), list) for k in TrainResult.HISTORY_FIELDS):
         return "its history lacks a series"
-    if h["epoch"] != list(range(e)) or any(len(h[k]) != e for k in TrainResult.HISTORY_FIELDS):
+    series = TrainResult.HISTORY_FIELDS + (("sharpness",) if config.sharpness_every else ())
+    if not isinstance(h.get("sharpness", []), list) or (config.sharpness_every and "sharpness" not in h):
+        return "its history lacks a series"
+    if h["epoch"] != list(range(e)) or any(len(h[k]) != e for k in series):
         return f"its history does not hold epochs 0 to {e - 1}"
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if not all(v is None or num(v) for k in TrainResult.HISTORY_FIELDS for v in h[k]):
+    if not all(v is None or num(v) for k in series for v in h[k]):
         return "its history holds values that are not numbers"
     if not isinstance(state["probes"], list) or not all(
             isinstance(p, dict) and all(v is None or isinstance(v, (int, float, str, bool)) for v in p.values())

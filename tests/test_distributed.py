@@ -567,7 +567,7 @@ def _train_problem():
     return net, torch.randn(31, 5, generator=g, dtype=torch.float64), torch.randn(31, 5, generator=g, dtype=torch.float64)
 
 
-_TRAIN_CASES = [dict(optimizer="gd", lr=0.1, epochs=6, probe_epochs=[0, 6], exact_max_params=4000),
+_TRAIN_CASES = [dict(optimizer="gd", lr=0.1, epochs=6, probe_epochs=[0, 6], exact_max_params=4000, sharpness_every=2),
                 dict(optimizer="adam", lr=0.01, epochs=5, probe_epochs=[5], exact_max_params=0)]
 
 _TRAIN_WORKER = textwrap.dedent('''
@@ -622,6 +622,9 @@ def test_distributed_training_equals_one_process(tmp_path):
             assert got["history"]["grad_norm"] == pytest.approx(res.history["grad_norm"], rel=1e-10)
             torch.testing.assert_close(got["weight"], net.weight.detach(), rtol=1e-12, atol=1e-14)
             assert [p["method"] for p in got["probes"]] == [p["method"] for p in res.probes]
+            # the sharpness by Lanczos on the all-reduced products: the one process's to rounding
+            np.testing.assert_allclose(got["history"].get("sharpness", []), res.history.get("sharpness", []),
+                                       rtol=1e-8)
             for p, q in zip(got["probes"], res.probes):
                 assert p["lam_max"] == pytest.approx(q["lam_max"], rel=1e-8)
                 assert p["lam_q10"] == pytest.approx(q["lam_q10"], rel=1e-6)

@@ -310,6 +310,15 @@ def test_the_stability_measurement():
     assert px["seeds"] == 1 and px["first"] == pytest.approx(1.8) and px["peak_epoch"] == 0
     assert px["last"] == pytest.approx(0.1) and px["last_epoch"] == 200
     assert "plain-xavier (lr 0.01): 1.8 at the start, peak 1.8 (epoch 0), 0.1 at epoch 200; above 1 in 1 of 1" in v.measured
+    assert "% of the probes" in v.measured and "at the probes" in v.test
+    # the history's per-epoch sharpness, where the runs tracked it, takes the probes' place
+    hist = [{"arch": "2-shortcut", "seed": 0, "lr": 1.0, "status": "ok", "epoch": e, "sharpness": t}
+            for e, t in enumerate([1.0, 2.5, float("nan"), 4.0, 1.5])]
+    (h,) = analysis.verdict_stability(data, hist)
+    assert h.measured_only and list(h.details) == ["2-shortcut"] and "every epoch" in h.test
+    d = h.details["2-shortcut"]
+    assert (d["first"], d["peak"], d["peak_epoch"], d["last"], d["last_epoch"]) == (0.5, 2.0, 3, 0.75, 4)
+    assert d["share_above"] == 0.5 and "for 50% of the epochs" in h.measured
     old = [{k: x for k, x in r.items() if k != "lam_top"} for r in data]
     (v,) = analysis.verdict_stability(old)
     assert v.holds is None and "earlier version" in v.measured and not v.details
@@ -335,6 +344,14 @@ def test_the_stability_figure_draws_each_seed_and_the_threshold(tmp_path, monkey
     assert "2 probes with λ_top <= 0 not drawn" in [t.get_text() for t in left.texts]
     figures.fig_stability([{k: v for k, v in r.items() if k != "lam_top"} for r in rows], tmp_path / "o.png")
     assert any("earlier version" in t.get_text() for t in figs[1].axes[0].texts)
+    hist = [{"arch": "2-shortcut", "seed": s, "lr": 0.5, "epoch": e, "sharpness": 1.0 + e}
+            for s in (0, 1) for e in range(100)]  # per-epoch lines, the probes as dots on them
+    figures.fig_stability(rows, tmp_path / "h.png", hist_rows=hist)
+    right = figs[2].axes[1]
+    lines = [ln for ln in right.lines if ln.get_linestyle() == "-"]
+    dots = [ln for ln in right.lines if ln.get_linestyle() == "None"]
+    assert len(lines) == 2 and len(lines[0].get_xdata()) == 100 and lines[0].get_ydata()[-1] == pytest.approx(25.0)
+    assert len(dots) == 2 and sorted(dots[0].get_ydata().tolist()) == pytest.approx([0.25, 1.25])
 
 
 def test_verdicts_without_data_are_undecided():

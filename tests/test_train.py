@@ -18,7 +18,7 @@ from shortcut_ext.experiments.store import RunStore
 from shortcut_ext.models import PlainNet, ShortcutNet
 from shortcut_ext.reference import loss_fn
 from shortcut_ext.train import (TrainConfig, TrainResult, best_run, dense_hessian, hessian_probes, log_grid,
-                                lr_sweep, spectrum_probes, train)
+                                lr_sweep, sharpness, spectrum_probes, train)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def _net(kind="2-shortcut", depth=4, seed=0, mid="identity", backend=None):
     (dict(epochs=-1), "epochs"), (dict(lr=0.0), "lr"), (dict(lr=float("nan")), "lr"),
     (dict(optimizer="lbfgs"), "optimizer"), (dict(batch_size=0), "batch_size"), (dict(loss="l1"), "loss"),
     (dict(probe_every=-2), "probe_every"), (dict(probe_epochs=[-1]), "probe_epochs"),
-    (dict(divergence_factor=0.5), "divergence_factor"),
+    (dict(divergence_factor=0.5), "divergence_factor"), (dict(sharpness_every=-1), "sharpness_every"),
+    (dict(sharpness_every=True), "sharpness_every"), (dict(sharpness_every=1.5), "sharpness_every"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -867,6 +868,79 @@ def test_interrupted_run_with_probe_epochs_resumes_bit_for_bit(tmp_path):
     train(net(), (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append,
           **{**kw, "probe_epochs": [2, 7]})
     assert notes and "another run" in notes[0] and "probe_epochs" in notes[0], notes
+
+
+@pytest.mark.parametrize("kind, mid, scale, seed, dtype", [
+    ("2-shortcut", "identity", 1.0, 2, torch.float64),  # near the zero point: a tight cluster at the top
+    ("plain", "tanh", 1.0, 2, torch.float64), ("plain", "tanh", 2.0, 1, torch.float64),  # |lambda|max negative
+    ("2-shortcut", "tanh", 1.0, 2, torch.float32)])
+def test_sharpness_is_the_largest_eigenvalue(teacher, kind, mid, scale, seed, dtype):
+    net = _net(kind, depth=6, seed=seed, mid=mid)
+    with torch.no_grad():
+        net.weight.mul_(scale)
+    X, Y, _ = teacher
+    ev = torch.linalg.eigvalsh(dense_hessian(net, (X, Y)))
+    if dtype == torch.float32:
+        net = net.float()
+        X, Y = X.float(), Y.float()
+    s = sharpness(net, (X, Y))
+    assert s["converged"] and s["products"] <= 200 and s["residual"] <= 1e-4 * float(ev.abs().max())
+    # a Ritz value: below the top eigenvalue (to rounding), and within the residual of it
+    top, eps = float(ev.max()), (1e-6 if dtype == torch.float32 else 1e-12) * float(ev.abs().max())
+    assert -eps <= top - s["lam_top"] <= s["residual"] + eps
+    assert s["lam_top"] == pytest.approx(top, rel=1e-5)
+    if scale > 1:
+        assert -float(ev.min()) > float(ev.max()) > 0  # the case it is there for
+
+
+def test_sharpness_along_training_matches_the_probes_and_resumes_bit_for_bit(teacher, tmp_path):
+    """sharpness_every=3: the history's sharpness series is nan between multiples of 3 and the probes' lam_top at
+    them; an interrupted run resumes to the same series bit for bit; a run without it keeps the configuration (and
+    checkpoint fingerprint) of earlier versions, and the sharpness is another run's fingerprint."""
+    X, Y, _ = teacher
+    kw = dict(epochs=7, lr=0.3, probe_every=3, seed=1, sharpness_every=3)
+    full = train(_net(mid="tanh"), (X, Y), **kw)
+    sh = full.history["sharpness"]
+    assert len(sh) == 8 and all(math.isnan(v) for e, v in enumerate(sh) if e % 3)
+    # (Lanczos to a residual of 1e-4 |lambda|max: the Ritz value within that of the exact probes' value, and below it)
+    for p in full.probes:
+        assert -1e-12 * p["lam_max"] <= p["lam_top"] - sh[p["epoch"]] <= 1e-4 * p["lam_max"]
+    assert full.to_dict()["history"]["sharpness"][1] is None  # strict JSON
+    ck = tmp_path / "s.ckpt.pt"
+    model = _net(mid="tanh")
+    _interrupt_at(4, model, (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, **kw)
+    notes = []
+    res = train(model, (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append, **kw)
+    assert notes[0].startswith("resuming from epoch 5 of 7")
+    assert res.history["sharpness"][:7:3] == sh[:7:3] and math.isnan(res.history["sharpness"][4])
+    assert "sharpness_every" not in TrainConfig().to_dict() and TrainConfig(sharpness_every=2).to_dict()["sharpness_every"] == 2
+    notes = []
+    train(_net(mid="tanh"), (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append,
+          **{**kw, "sharpness_every": 2})
+    assert notes and "another run" in notes[0], notes
+
+
+def test_a_sharpness_that_fails_or_stops_short_is_said_once(teacher, monkeypatch):
+    import shortcut_ext.train as T
+
+    X, Y, _ = teacher
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        raise RuntimeError("no luck\nsecond line")
+
+    monkeypatch.setattr(T, "sharpness", failing)
+    notes = []
+    res = train(_net(), (X, Y), epochs=4, lr=0.1, sharpness_every=2, log=notes.append)
+    assert len(calls) == 3 and all(math.isnan(v) for v in res.history["sharpness"]) and res.status == "ok"
+    assert notes == ["note: the sharpness at epoch 0 failed (RuntimeError: no luck); it is nan there (said once per run)"]
+    monkeypatch.setattr(T, "sharpness", lambda *a, **k: {"lam_top": 2.0, "converged": False, "residual": 0.01,
+                                                         "products": 200})
+    notes = []
+    res = train(_net(), (X, Y), epochs=2, lr=0.1, sharpness_every=1, log=notes.append)
+    assert res.history["sharpness"] == [2.0, 2.0, 2.0] and len(notes) == 1
+    assert "stopped at 200 Lanczos steps with a residual of 0.01 against 2" in notes[0]
 
 
 def test_config_seed_and_divergence_factor_bounds_are_exclusive():

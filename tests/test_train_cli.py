@@ -1,6 +1,8 @@
 """``shortcut-ext train`` and ``shortcut-ext demo`` from the command line: options checked up front with
 errors that name the flag, and ``train``'s checkpoint / resume (same numbers as an uninterrupted run)."""
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,7 +116,8 @@ def test_depth_messages(tmp_path, monkeypatch, arch, depth, msg):
     ("--width", "0"), ("--samples", "0"), ("--lr", "0"), ("--lr", "-0.1"), ("--lr", "inf"), ("--lr", "nan"),
     ("--epochs", "-1"), ("--probe-every", "-1"), ("--batch-size", "0"), ("--momentum", "-0.5"),
     ("--momentum", "inf"), ("--seed", "-1"), ("--seed", str(2**63)), ("--exact-max-params", "-1"),
-    ("--checkpoint-every", "-1"), ("--checkpoint-seconds", "nan"),
+    ("--checkpoint-every", "-1"), ("--checkpoint-seconds", "nan"), ("--sharpness-every", "-1"),
+    ("--sharpness-every", "1.5"),
 ])
 def test_bad_values_name_the_flag(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as e:
@@ -740,6 +743,27 @@ def test_probe_parts_are_saved_beside_the_hessians_probes_and_resume(tmp_path, c
     assert f"lr * lambda_top / 2 {0.3 * top / 2:.3g} (gradient descent's threshold: 1)" in capsys.readouterr().out
     assert _train(tmp_path, *args, "--optimizer", "adam", out="adam.json") == 0  # 2 / lr is plain gd's threshold
     assert "lambda_top" not in capsys.readouterr().out
+
+
+def test_the_sharpness_along_training(tmp_path, capsys):
+    """--sharpness-every 2: the history CSV's sharpness column (nan between), the closing line's last
+    value and its largest against gradient descent's threshold, the flag in the JSON's config and the checkpoint's
+    options only where given."""
+    args = ("--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--epochs", "5", "--lr", "0.3")
+    assert _train(tmp_path, *args, "--sharpness-every", "2") == 0
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "run.csv").open()))
+    sh = [float(r["sharpness"]) for r in rows]
+    assert len(sh) == 6 and all(math.isnan(v) for v in sh[1::2]) and all(v > 0 for v in sh[::2])
+    assert (f"sharpness at epoch 4: {sh[4]:.4g} (lr * sharpness / 2 {0.3 * sh[4] / 2:.3g}; most "
+            f"{0.3 * max(sh[::2]) / 2:.3g} over the run)") in out
+    rec = json.loads((tmp_path / "run.json").read_text())
+    assert rec["history"]["sharpness"][1] is None and rec["history"]["sharpness"][2] == sh[2]
+    assert rec["config"]["sharpness_every"] == 2
+    assert _train(tmp_path, *args, out="plain.json") == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert "sharpness" not in plain["history"] and "sharpness_every" not in plain["config"]
+    assert "sharpness at" not in capsys.readouterr().out
     from types import SimpleNamespace
 
     from shortcut_ext.cli import build_parser
@@ -751,6 +775,7 @@ def test_probe_parts_are_saved_beside_the_hessians_probes_and_resume(tmp_path, c
     assert "probe_parts" not in fingerprint()
     assert fingerprint("--probe-parts", "ggn")["probe_parts"] == ["ggn"]
     assert fingerprint("--probe-parts", "empirical_fisher", "ggn")["probe_parts"] == ["empirical_fisher", "ggn"]
+    assert "sharpness_every" not in fingerprint() and fingerprint("--sharpness-every", "3")["sharpness_every"] == 3
 
 
 def test_the_empirical_fishers_probes_of_a_linear_net_take_every_sample(tmp_path, capsys):

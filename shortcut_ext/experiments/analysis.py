@@ -456,22 +456,37 @@ def verdict_hessian_parts(probe_rows: list[dict], ref: str = "2-shortcut", start
     return out
 
 
-def sharpness_ratio(row: dict) -> float:
-    """``lr * lam_top / 2``: the sharpness (the Hessian's largest eigenvalue, with its sign) against gradient
-    descent's stability threshold ``2 / lr``; above 1 a quadratic model of the loss there makes gradient descent
-    at rate ``lr`` diverge along the top eigenvector (nan where the probe has no ``lam_top``)."""
-    lr, top = row.get("lr"), row.get("lam_top")
+def sharpness_ratio(row: dict, key: str = "lam_top") -> float:
+    """``lr * row[key] / 2``: the sharpness (the Hessian's largest eigenvalue, with its sign: a probe's ``lam_top``,
+    a history row's ``sharpness``) against gradient descent's stability threshold ``2 / lr``; above 1 a quadratic
+    model of the loss there makes gradient descent at rate ``lr`` diverge along the top eigenvector (nan where the
+    row has no such value)."""
+    lr, top = row.get("lr"), row.get(key)
     return float(lr) * float(top) / 2 if _finite(lr) and _finite(top) else math.nan
 
 
-def verdict_stability(probe_rows: list[dict]) -> list[Verdict]:
+def _sharpness_rows(probe_rows: list[dict], hist_rows: list[dict] | None) -> tuple[list[dict], str, str]:
+    """The rows that carry the sharpness, as ``(rows with "ratio", where from, their unit)``: the history's per-epoch
+    series where the runs tracked it, else the probes' ``lam_top``."""
+    hist = [dict(r, ratio=sharpness_ratio(r, "sharpness")) for r in hist_rows or []]
+    hist = [r for r in hist if _finite(r["ratio"])]
+    if hist:
+        return hist, "every epoch (Lanczos)", "epochs"
+    return ([dict(r, ratio=sharpness_ratio(r)) for r in probe_rows if _finite(sharpness_ratio(r))], "at the probes",
+            "probes")
+
+
+def verdict_stability(probe_rows: list[dict], hist_rows: list[dict] | None = None) -> list[Verdict]:
     """Beyond the paper, measured and not tested: where each net trains against gradient descent's stability
-    threshold (``lr * lam_top / 2`` against 1; Cohen et al. 2021, "Gradient descent on neural networks typically
-    occurs at the edge of stability"): at the first probe, at its peak and at the last probe, median over seeds."""
+    threshold (``lr * lambda_top / 2`` against 1; Cohen et al. 2021, "Gradient descent on neural networks typically
+    occurs at the edge of stability"): at the start, at its peak and at the end, median over seeds; from the history's
+    per-epoch sharpness where the runs tracked it (``hist_rows``), else from the probes."""
     claim = "each net's sharpness against gradient descent's stability threshold: lr * lambda_top / 2 (1: at 2 / lr)"
-    test = (f"{MEASURED_ONLY}: lr * lambda_top / 2 at the first probe, its largest over the probes (with the "
-            "epoch) and at the last probe; median over seeds, runs that stayed finite")
-    runs = _by_run([r for r in probe_rows if r.get("status", "ok") == "ok" and _finite(sharpness_ratio(r))])
+    rows, where, unit = _sharpness_rows([r for r in probe_rows if r.get("status", "ok") == "ok"],
+                                  [r for r in hist_rows or [] if r.get("status", "ok") == "ok"])
+    test = (f"{MEASURED_ONLY}: lr * lambda_top / 2 ({where}) at the start, its largest (with the epoch) and at the "
+            "end; median over seeds, runs that stayed finite")
+    runs = _by_run(rows)
     if not runs:
         older = any(r.get("lam_top") is None and _finite(r.get("lam_max")) for r in probe_rows)
         return [Verdict("beyond (stability)", claim, test, None,
@@ -479,23 +494,26 @@ def verdict_stability(probe_rows: list[dict]) -> list[Verdict]:
                         "--out computes them)" if older else "not run")]
     per: dict[str, dict] = {}
     for (arch, seed), rs in runs.items():
-        r = [sharpness_ratio(x) for x in rs]
+        r = [x["ratio"] for x in rs]
         j = int(np.argmax(r))
         d = per.setdefault(arch, {"lr": rs[0]["lr"], "first": [], "peak": [], "peak_epoch": [], "last": [],
-                                  "last_epoch": []})
+                                  "last_epoch": [], "epochs_above": []})
         d["first"].append(r[0])
         d["peak"].append(r[j])
         d["peak_epoch"].append(rs[j]["epoch"])
         d["last"].append(r[-1])
         d["last_epoch"].append(rs[-1]["epoch"])
+        d["epochs_above"].append(sum(v > 1 for v in r) / len(r))
     summary = {a: {"lr": d["lr"], "seeds": len(d["first"]), "first": float(np.median(d["first"])),
                    "peak": float(np.median(d["peak"])), "peak_epoch": float(np.median(d["peak_epoch"])),
                    "last": float(np.median(d["last"])), "last_epoch": max(d["last_epoch"]),
-                   "seeds_above_at_peak": sum(v > 1 for v in d["peak"])} for a, d in per.items()}
+                   "seeds_above_at_peak": sum(v > 1 for v in d["peak"]),
+                   "share_above": float(np.median(d["epochs_above"]))} for a, d in per.items()}
     text = "; ".join(
         f"{a} (lr {_fmt(v['lr'])}): {_fmt(v['first'])} at the start, peak {_fmt(v['peak'])} (epoch "
         f"{_fmt(v['peak_epoch'])}), {_fmt(v['last'])} at epoch {v['last_epoch']}; above 1 in {v['seeds_above_at_peak']} "
-        f"of {v['seeds']} seeds" for a, v in sorted(summary.items()))
+        f"of {v['seeds']} seeds, for {_fmt(100 * v['share_above'], 2)}% of the {unit}"
+        for a, v in sorted(summary.items()))
     return [Verdict("beyond (stability)", claim, test, None, text, summary)]
 
 

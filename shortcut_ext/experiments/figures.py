@@ -435,26 +435,40 @@ def fig_hessian_parts(probe_rows: list[dict], path, caption: str | None = None) 
     return _save(fig, path, caption)
 
 
-def fig_stability(probe_rows: list[dict], path, caption: str | None = None) -> Path:
+def fig_stability(probe_rows: list[dict], path, caption: str | None = None, hist_rows: list[dict] | None = None) -> Path:
     """Beyond the paper: the sharpness ``lambda_top`` (the Hessian's largest eigenvalue) along training against
     gradient descent's stability threshold ``2 / lr`` (Cohen et al. 2021): left ``lambda_top`` with each net's
-    ``2 / lr`` dotted, right ``lr * lambda_top / 2`` against 1; one line per seed."""
+    ``2 / lr`` dotted, right ``lr * lambda_top / 2`` against 1; one line per seed, from the history's per-epoch
+    ``sharpness`` where the runs tracked it (``hist_rows``; the probes' exact values as dots), else the probes'."""
     fig, (a1, a2) = _subplots(1, 2, figsize=(11, 4))
+    per_epoch = any(_finite(r.get("sharpness")) for r in hist_rows or [])
+    lines = hist_rows if per_epoch else probe_rows
+    key = "sharpness" if per_epoch else "lam_top"
     dropped = 0
-    for arch in _archs(probe_rows):
-        seeds = sorted({r["seed"] for r in probe_rows if r["arch"] == arch})
+    for arch in _archs(lines):
+        seeds = sorted({r["seed"] for r in lines if r["arch"] == arch})
         lr = None
         for i, seed in enumerate(seeds):
-            rs = sorted((r for r in probe_rows if r["arch"] == arch and r["seed"] == seed), key=lambda r: r["epoch"])
-            pts = [(r["epoch"] + 1, float(r["lam_top"]), sharpness_ratio(r)) for r in rs if _finite(r.get("lam_top"))]
+            rs = sorted((r for r in lines if r["arch"] == arch and r["seed"] == seed), key=lambda r: r["epoch"])
+            pts = [(r["epoch"] + 1, float(r[key]), sharpness_ratio(r, key)) for r in rs if _finite(r.get(key))]
             dropped += sum(1 for p in pts if p[1] <= 0)
             pts = np.array([p for p in pts if p[1] > 0], dtype=float)
             if not len(pts):
                 continue
             lr = next(r["lr"] for r in rs if _finite(r.get("lr")))
             label = f"{arch} (lr {lr:g})" if i == 0 else None
-            a1.plot(pts[:, 0], pts[:, 1], marker=".", ms=3, lw=1, color=_color(arch), alpha=0.8, label=label)
-            a2.plot(pts[:, 0], pts[:, 2], marker=".", ms=3, lw=1, color=_color(arch), alpha=0.8, label=label)
+            style = dict(lw=1, color=_color(arch), alpha=0.8, label=label)
+            if not per_epoch:
+                style.update(marker=".", ms=3)
+            a1.plot(pts[:, 0], pts[:, 1], **style)
+            a2.plot(pts[:, 0], pts[:, 2], **style)
+            if per_epoch:  # the probes' exact values on the Lanczos lines
+                dots = np.array([(r["epoch"] + 1, float(r["lam_top"]), sharpness_ratio(r)) for r in probe_rows
+                                 if r["arch"] == arch and r["seed"] == seed and _finite(r.get("lam_top"))
+                                 and r["lam_top"] > 0], dtype=float)
+                if len(dots):
+                    a1.plot(dots[:, 0], dots[:, 1], ls="none", marker="o", ms=2.5, color=_color(arch))
+                    a2.plot(dots[:, 0], dots[:, 2], ls="none", marker="o", ms=2.5, color=_color(arch))
         if lr is not None and lr > 0:
             a1.axhline(2.0 / lr, color=_color(arch), ls=":", lw=1.2)
     a2.axhline(1.0, color="k", ls="--", lw=1, label="2 / lr: gradient descent's threshold")
@@ -465,13 +479,14 @@ def fig_stability(probe_rows: list[dict], path, caption: str | None = None) -> P
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     a1.set_ylabel("λ_top: the largest eigenvalue of H")
-    a1.set_title("sharpness along training (dotted: each net's 2 / lr)", fontsize=9)
+    a1.set_title("sharpness along training (dotted: each net's 2 / lr" + ("; dots: the exact probes)" if per_epoch
+                                                                          else ")"), fontsize=9)
     a2.set_ylabel("lr · λ_top / 2")
     a2.set_title("against the threshold (above 1: unstable on the quadratic model)", fontsize=9)
     if dropped:
-        a1.text(0.01, 0.01, f"{dropped} probes with λ_top <= 0 not drawn", transform=a1.transAxes, fontsize=7,
-                va="bottom")
-    if not any(_finite(r.get("lam_top")) for r in probe_rows):
+        a1.text(0.01, 0.01, f"{dropped} {'epochs' if per_epoch else 'probes'} with λ_top <= 0 not drawn",
+                transform=a1.transAxes, fontsize=7, va="bottom")
+    if not per_epoch and not any(_finite(r.get("lam_top")) for r in probe_rows):
         a1.text(0.5, 0.5, "no λ_top in these probes (stored by an earlier version)", transform=a1.transAxes,
                 ha="center", fontsize=8)
     return _save(fig, path, caption)

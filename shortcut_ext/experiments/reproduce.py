@@ -362,7 +362,8 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
                 lrs[arch] = lr
         ccfg = TrainConfig(epochs=cfg.curve_epochs, exact_max_params=cfg.exact_max_params,
                            probe_epochs=sweeps.log_probe_epochs(cfg.curve_epochs, cfg.curve_probes),
-                           probe_parts=("ggn",))  # beyond the paper: the Hessian's Gauss-Newton part
+                           probe_parts=("ggn",),  # beyond the paper: the Hessian's Gauss-Newton part
+                           sharpness_every=1)  # and its largest eigenvalue at every epoch (the edge of stability)
         probe_rows, hist_rows = sweeps.run_probe_curves(bundle, cfg.curve_archs, "linear", cfg.curve_depth,
                                                         cfg.curve_seeds, lrs, ccfg, store, dtype, backend,
                                                         progress=progress)
@@ -375,9 +376,9 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
                                            caption=cap)
         p2 = figures.fig_index_gradnorm(probe_rows, hist_rows, figdir / "fig8_index_gradnorm.png", caption=cap)
         p3 = figures.fig_hessian_parts(probe_rows, figdir / "fig6_8_hessian_parts.png", caption=cap)
-        p4 = figures.fig_stability(probe_rows, figdir / "fig6_8_stability.png", caption=cap)
+        p4 = figures.fig_stability(probe_rows, figdir / "fig6_8_stability.png", caption=cap, hist_rows=hist_rows)
         verdicts = (analysis.verdict_curvature_training(probe_rows) + analysis.verdict_index(probe_rows, hist_rows)
-                    + analysis.verdict_hessian_parts(probe_rows) + analysis.verdict_stability(probe_rows))
+                    + analysis.verdict_hessian_parts(probe_rows) + analysis.verdict_stability(probe_rows, hist_rows))
         # a net with no rate at which every seed stayed finite has no probe run: say so beside each verdict
         no_rate = [a for a in cfg.curve_archs if a not in lrs]
         if no_rate:
@@ -393,10 +394,11 @@ def run(cfg: ReproConfig, bundle: sweeps.DataBundle, out, only=None, backend: st
                   "figures), with the same-epoch ratio beside it. Beyond the paper, each probe also takes the "
                   "Gauss-Newton part of the Hessian, G = J^T H_l J (positive semi-definite), whose rest is the "
                   "functional part F = H - G (HessianOperator(matrix=...), train --probe-parts; docs/science.md "
-                  "section 2); at a 2-shortcut net's zero point G = 0. Also beyond the paper, each probe's "
-                  "sharpness lambda_top (the largest eigenvalue, with its sign) is set against gradient descent's "
-                  "stability threshold 2 / lr (Cohen et al. 2021): lr * lambda_top / 2 above 1 makes gradient "
-                  "descent diverge on the loss's quadratic model there; measured, not tested."))
+                  "section 2); at a 2-shortcut net's zero point G = 0. Also beyond the paper, the sharpness "
+                  "lambda_top (the Hessian's largest eigenvalue, with its sign; by Lanczos at every epoch, exact at "
+                  "the probes) is set against gradient descent's stability threshold 2 / lr (Cohen et al. 2021): "
+                  "lr * lambda_top / 2 above 1 makes gradient descent diverge on the loss's quadratic model there; "
+                  "measured, not tested."))
 
     # ---- Fig. 10: ReLU at mid positions
     best_relu = []

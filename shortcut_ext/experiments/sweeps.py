@@ -484,7 +484,9 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
         h = res.history
         for i in range(len(h.get("epoch", []))):
             hist_rows.append({**base, "epoch": h["epoch"][i], "loss": h["loss"][i], "excess": h["excess"][i],
-                              "grad_norm": h["grad_norm"][i], "weight_norm": h["weight_norm"][i]})
+                              "grad_norm": h["grad_norm"][i], "weight_norm": h["weight_norm"][i],
+                              # the Hessian's largest eigenvalue, where the run tracked it (cfg.sharpness_every)
+                              **({"sharpness": h["sharpness"][i]} if cfg.sharpness_every else {})})
     return probe_rows, hist_rows
 
 

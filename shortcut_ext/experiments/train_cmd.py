@@ -2,6 +2,7 @@
 
     shortcut-ext train --arch 2-shortcut --depth 20 --lr 0.3 --epochs 1000 --out run.json
     shortcut-ext train --arch plain-xavier --act relu-mid --depth 10 --probe-every 50 --out run.json
+    shortcut-ext train --arch 2-shortcut --depth 12 --lr 1 --sharpness-every 1 --out run.json   # the edge of stability
     shortcut-ext train --arch 2-shortcut --depth 8 --data mnist ~/mnist --samples 10000 --out run.json
 
 Writes ``--out`` (a .json file: configuration, final numbers, per-epoch history, Hessian probes; strict
@@ -74,6 +75,10 @@ def add_parser(subparsers) -> None:
                    help="also probe these matrices at each probe: ggn (the Hessian's Gauss-Newton part G = J^T H_l "
                         "J), functional (H - G) and / or empirical_fisher ((1/m) sum_i g_i g_i^T); saved as "
                         "ggn_lam_max, functional_index, empirical_fisher_lam_max, ...")
+    p.add_argument("--sharpness-every", type=nonneg_int, default=0, metavar="N",
+                   help="every N epochs the sharpness, the Hessian's largest eigenvalue, by Lanczos (the history's "
+                        "sharpness column; plain gd is stable near a point only where lr * sharpness / 2 <= 1); "
+                        "cheaper than a probe: about 25-200 Hessian-vector products (0: none)")
     p.add_argument("--exact-max-params", type=nonneg_int, default=4000,
                    help="largest parameter count probed with an exact dense Hessian (SLQ above; default 4000)")
     p.add_argument("--data", nargs="+", default=["digits"], metavar="KIND",
@@ -375,7 +380,8 @@ def _fingerprint(args, net, bundle, device: str, world: int, compress: bool) -> 
             "device": torch.device(device).type, "tf32": getattr(args, "tf32", None) or "off", "world": world,
             "compressed": compress,
             # only where given: a checkpoint from before the flag resumes
-            **({"probe_parts": sorted(args.probe_parts)} if getattr(args, "probe_parts", None) else {})}
+            **({"probe_parts": sorted(args.probe_parts)} if getattr(args, "probe_parts", None) else {}),
+            **({"sharpness_every": args.sharpness_every} if getattr(args, "sharpness_every", 0) else {})}
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -409,7 +415,8 @@ def _main_locked(args, device, rank, world) -> int:
                       out_features=None if bundle.out_features == bundle.width else bundle.out_features).to(device)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
                       momentum=args.momentum, probe_every=args.probe_every, exact_max_params=args.exact_max_params,
-                      seed=args.seed, probe_parts=getattr(args, "probe_parts", None) or ())
+                      seed=args.seed, probe_parts=getattr(args, "probe_parts", None) or (),
+                      sharpness_every=getattr(args, "sharpness_every", 0) or 0)
     compress = _compressed(args)
     data = (bundle.Xc, bundle.Yc) if compress else (bundle.X, bundle.Y)
     if world > 1:  # this rank's rows (the compressed rows also average to the same loss)
@@ -506,6 +513,12 @@ def _main_locked(args, device, rank, world) -> int:
         if args.optimizer == "gd" and isinstance(p.get("lam_top"), float) and math.isfinite(p["lam_top"]):
             # plain gradient descent is stable near a point only where lr * lambda_top / 2 <= 1
             msg += f", lr * lambda_top / 2 {float(args.lr) * p['lam_top'] / 2:.3g} (gradient descent's threshold: 1)"
+    sharp = [(e, v) for e, v in zip(res.history["epoch"], res.history.get("sharpness", [])) if math.isfinite(v)]
+    if sharp:
+        e, v = sharp[-1]
+        msg += f"; sharpness at epoch {e}: {v:.4g}" + (
+            f" (lr * sharpness / 2 {float(args.lr) * v / 2:.3g}; most {float(args.lr) * max(x for _, x in sharp) / 2:.3g} "
+            "over the run)" if args.optimizer == "gd" else "")
     print(msg)
     print(f"wrote {', '.join(wrote[:-1])} and {wrote[-1]}")
     return 0
