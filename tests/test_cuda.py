@@ -1515,7 +1515,7 @@ def test_cuda_training_matches_cpu(optimizer):
     gpu = _e2e_net(dtype).to(GPU)
     g = torch.Generator().manual_seed(5)
     X, Y = torch.randn(64, 7, generator=g, dtype=dtype), torch.randn(64, 3, generator=g, dtype=dtype)
-    kw = dict(epochs=6, lr=0.05, optimizer=optimizer, probe_epochs=[6], exact_max_params=0)
+    kw = dict(epochs=6, lr=0.05, optimizer=optimizer, probe_epochs=[6], exact_max_params=0, sharpness_every=3)
     rc, rg = train(cpu, (X, Y), **kw), train(gpu, (X, Y), **kw)
     assert rc.status == rg.status == "ok"
     assert rg.final_loss == pytest.approx(rc.final_loss, rel=1e-9)
@@ -1525,6 +1525,10 @@ def test_cuda_training_matches_cpu(optimizer):
     assert pg["method"] == pc["method"]
     assert pg["grad_norm"] == pytest.approx(pc["grad_norm"], rel=1e-9)
     assert pg["lam_max"] == pytest.approx(pc["lam_max"], rel=1e-6)
+    # the sharpness by Lanczos on the device's fused products: the CPU's to Lanczos's tolerance (1e-4 |lambda|max)
+    sc, sg = rc.history["sharpness"], rg.history["sharpness"]
+    assert [math.isnan(v) for v in sg] == [e % 3 != 0 for e in range(7)] == [math.isnan(v) for v in sc]
+    assert sg[::3] == pytest.approx(sc[::3], rel=2e-4)
 
 
 @needs_cuda
