@@ -1141,7 +1141,7 @@ def _load_checkpoint(path: str, fingerprint: str, say: Callable[[str], None]) ->
         return None
     if state.get("format") != _CHECKPOINT_FORMAT:
         say(f"note: the checkpoint {path} was written by another version of shortcut_ext (checkpoint format "
-            f"{state.get('format')}, this version reads {_CHECKPOINT_FORMAT}), whose run it cannot check against "
+            f"{state.get('format')!r}, this version reads {_CHECKPOINT_FORMAT}), whose run it cannot check against "
             "this one; starting afresh and replacing it (finish that run with the version that started it)")
         return None
     if state.get("fingerprint") != fingerprint:

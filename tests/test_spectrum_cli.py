@@ -255,6 +255,9 @@ def test_checkpoint_of_another_format_is_not_resumed(tmp_path, capsys):
     assert f"written by another version of shortcut_ext (checkpoint format {spectrum_cmd.CHECKPOINT_FORMAT + 1}" in err
     assert "replaced" in err and _result(out)["resumed"]["lanczos"] is False
     assert json.loads(ck.read_text())["format"] == spectrum_cmd.CHECKPOINT_FORMAT
+    ck.write_text(json.dumps(dict(state, format=str(spectrum_cmd.CHECKPOINT_FORMAT))))  # a string: named as one
+    assert main(base) == 0
+    assert f"(checkpoint format '{spectrum_cmd.CHECKPOINT_FORMAT}', this version writes" in capsys.readouterr().err
 
 
 def test_sizes_beyond_memory_and_overflow_are_one_line(tmp_path, capsys, monkeypatch):

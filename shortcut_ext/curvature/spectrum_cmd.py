@@ -725,7 +725,7 @@ class _Checkpoint:
             self._say(f"the checkpoint {self.path} is unreadable ({e}); starting afresh and replacing it")
         if isinstance(old, dict) and "config" in old and old.get("format", 1) != CHECKPOINT_FORMAT:
             self._say(f"the checkpoint in --out {args.out} was written by another version of shortcut_ext "
-                      f"(checkpoint format {old.get('format', 1)}, this version writes {CHECKPOINT_FORMAT}), whose "
+                      f"(checkpoint format {old.get('format', 1)!r}, this version writes {CHECKPOINT_FORMAT}), whose "
                       "numbers are computed differently; it is not resumed and is being replaced")
         elif isinstance(old, dict):
             mine = json.loads(json.dumps(self.config, default=_json_default))
