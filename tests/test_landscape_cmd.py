@@ -103,9 +103,24 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path, monke
     a, b = _result(whole), _result(part)
     assert b["resumed_rows"] == 3 and a["loss"] == b["loss"] and a["quadratic"] == b["quadratic"]
     # a finished run's rerun computes no row again
+    # the grid's time adds what the first process spent on the rows it left (each row's record keeps its seconds)
+    ck = part / landscape_cmd.CHECKPOINT
+    secs = [json.loads(line)["record"]["seconds"] for line in ck.read_text().splitlines()]
+    t = b["timings_s"]
+    assert len(secs) == 6 and all(x > 0 for x in secs) and "resumed_rows_seconds_unknown" not in b
+    assert t["grid"] == pytest.approx(t["grid_this_process"] + sum(secs[:3]), rel=1e-12)
     monkeypatch.setattr(landscape, "losses_at", lambda *a, **k: pytest.fail("a stored row was computed again"))
     assert main(args + ["--out", str(part)]) == 0
-    assert _result(part)["resumed_rows"] == 6 and _result(part)["loss"] == a["loss"]
+    c = _result(part)
+    assert c["resumed_rows"] == 6 and c["loss"] == a["loss"]
+    assert c["timings_s"]["grid"] == pytest.approx(c["timings_s"]["grid_this_process"] + sum(secs), rel=1e-12)
+    # records of an older version, without their seconds: the grid's total is left out, and the count said
+    lines = [json.loads(line) for line in ck.read_text().splitlines()]
+    ck.write_text("".join(json.dumps({**x, "record": {"loss": x["record"]["loss"]}}) + "\n" for x in lines))
+    assert main(args + ["--out", str(part)]) == 0
+    c = _result(part)
+    assert c["loss"] == a["loss"] and c["resumed_rows_seconds_unknown"] == 6 and "grid" not in c["timings_s"]
+    assert c["timings_s"]["grid_this_process"] >= 0
 
 
 def test_a_checkpoint_of_other_options_or_with_damaged_rows(tmp_path, capsys):

@@ -357,11 +357,15 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                       for v in rec["loss"]))
         return [json_float(v) for v in rec["loss"]] if ok else None
 
-    def save(key, vals):  # the values as stored and read back (the same on every rank)
+    def save(key, vals, seconds=None):  # the values as stored and read back (the same on every rank)
         if not lead:
             return [float(v) for v in vals]
-        store.put(f"{fp}|{key}", {"loss": vals})
+        store.put(f"{fp}|{key}", {"loss": vals, **({"seconds": seconds} if seconds is not None else {})})
         return stored(key, len(vals))
+
+    def seconds_of(key):  # the time an earlier process spent on a stored record, or None (an older version's)
+        v = (store.get(f"{fp}|{key}") or {}).get("seconds") if lead else None
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 else None
 
     keys = ([(f"row={i}", len(r)) for i, r in enumerate(rows)] + [(f"path={e}", 1) for e, _ in path or []]
             + [(f"curve={i}", 1) for i in range(CURVE_POINTS if args.curve else 0)])
@@ -430,12 +434,17 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         for i, r in enumerate(rows):
             if losses[i] is not None:
                 continue
-            losses[i] = save(f"row={i}", _row_losses(H, V, r, center))
+            t_row = time.perf_counter()
+            vals = _row_losses(H, V, r, center)
+            losses[i] = save(f"row={i}", vals, seconds=time.perf_counter() - t_row)
             finished += len(r)
             cb(finished, total)
     finally:
         bar.close()
     grid_s = time.perf_counter() - t0
+    # the rows earlier processes computed: their time is in their records (not in those of older versions)
+    earlier = [seconds_of(f"row={i}") for i in range(len(rows)) if have is not None and have[f"row={i}"] is not None]
+    unknown = sum(v is None for v in earlier)
     loss = np.array(losses, dtype=np.float64)
     loss = loss.reshape(len(ts), len(ss)) if args.plane else loss[:, 0]
     slopes, curv = _taylor(H, V)
@@ -452,8 +461,11 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         # over the points where the loss is finite (a long step on a deep net overflows)
         "max_abs_model_error": float(np.max(np.abs(loss - res)[fin])) if fin.any() else math.nan,
         "nonfinite_points": int((~fin).sum()),
-        "resumed_rows": done, "timings_s": {"directions": dir_s, "grid": grid_s,
-                                            **({"curve": curve_s} if curve is not None else {})},
+        "resumed_rows": done,
+        # grid: all processes' time on the rows where every resumed row recorded it; grid_this_process: this one's
+        "timings_s": {"directions": dir_s, **({"grid": grid_s + sum(earlier)} if not unknown else {}),
+                      "grid_this_process": grid_s, **({"curve": curve_s} if curve is not None else {})},
+        **({"resumed_rows_seconds_unknown": unknown} if unknown else {}),
     }
     if eig is not None:
         result["eigen"] = eig
