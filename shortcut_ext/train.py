@@ -81,9 +81,9 @@ class TrainConfig:
             ``G = J^T H_l J``), ``"functional"`` (the rest, ``H - G``) and / or ``"empirical_fisher"`` (``(1/m)
             sum_i g_i g_i^T``): the same numbers under the keys ``ggn_lam_max``, ``functional_index``,
             ``empirical_fisher_lam_max``, ... (see ``HessianOperator(matrix=...)``).
-        sharpness_every: every this many epochs (0: never) the sharpness, the largest eigenvalue of the full-data
-            loss Hessian, by Lanczos (:func:`sharpness`): the history's ``sharpness`` series (nan at the other
-            epochs).  Much cheaper than a probe at depth; for full-batch gradient descent the stability threshold is
+        sharpness_every: every this many epochs (0: never) the sharpness, the largest eigenvalue of the loss
+            Hessian on the probes' data (``train``'s ``probe_data``, by default all the data), by Lanczos
+            (:func:`sharpness`): the history's ``sharpness`` series (nan at the other epochs).  Much cheaper than a probe at depth; for full-batch gradient descent the stability threshold is
             ``2 / lr`` (Cohen et al. 2021, "the edge of stability").
         divergence_factor: a loss above ``divergence_factor * max(initial loss, 1)`` counts as diverged.
         seed: seeds the mini-batch order and the random vectors of the Hessian probes (Lanczos, SLQ).
@@ -263,14 +263,16 @@ class TrainResult:
         """JSON-safe dict (nan becomes ``None``, +-inf the strings ``"inf"`` / ``"-inf"``: a diverged run's
         final loss, a singular Hessian's condition number; ``shortcut_ext.experiments.store.json_float``
         reads them back, as :meth:`from_dict` does); ``max_points`` thins the history to
-        about that many epochs (evenly and log-spaced, first and last kept; probes are always kept)."""
+        about that many epochs (evenly and log-spaced, first and last kept; probes are always kept, and so is
+        every epoch with a ``sharpness``)."""
         _check_max_points(max_points)
         hist = self.history
         n = len(hist.get("epoch", []))
         if max_points is not None and n > max_points:  # evenly spaced and log-spaced epochs, first and last
             half = max(max_points // 2, 2)
+            sharp = [i for i, v in enumerate(hist.get("sharpness", [])) if isinstance(v, float) and not math.isnan(v)]
             keep = np.unique(np.concatenate([np.round(np.linspace(0, n - 1, half)),
-                                             np.round(np.geomspace(1, n - 1, half)), [0]]).astype(int))
+                                             np.round(np.geomspace(1, n - 1, half)), [0], sharp]).astype(int))
             hist = {k: [v[i] for i in keep] for k, v in hist.items()}
         clean = lambda xs: [_finite_or_none(x) if not isinstance(x, int) else x for x in xs]  # noqa: E731
         return {
@@ -292,6 +294,7 @@ class TrainResult:
     # program) is not a finished run: stores recompute it instead of reading defaults into it
     RECORD_FIELDS = ("status", "lr", "epochs", "final_loss", "l_min", "history", "probes")
     HISTORY_FIELDS = ("epoch", "loss", "excess", "grad_norm", "weight_norm")
+    OPTIONAL_HISTORY_FIELDS = ("sharpness",)
 
     @classmethod
     def is_record(cls, d) -> bool:
@@ -308,10 +311,14 @@ class TrainResult:
         num = lambda v: (isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
                                                    and abs(v) < 2**1023))
         value = lambda v: v is None or num(v) or v in ("inf", "-inf")  # noqa: E731
+        # optional series (the sharpness, where the run tracked it): as long as the epochs, numbers
+        extra = [k for k in cls.OPTIONAL_HISTORY_FIELDS if k in h]
         return (isinstance(d["status"], str) and num(d["lr"]) and isinstance(d["epochs"], int)
                 and not isinstance(d["epochs"], bool) and value(d["final_loss"]) and value(d["l_min"])
                 and isinstance(d["probes"], list) and all(isinstance(p, dict) for p in d["probes"])
-                and all(value(v) for k in cls.HISTORY_FIELDS for v in h[k]))
+                and all(value(v) for k in cls.HISTORY_FIELDS for v in h[k])
+                and all(isinstance(h[k], list) and len(h[k]) == len(h["epoch"]) and all(value(v) for v in h[k])
+                        for k in extra))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainResult":
@@ -529,6 +536,10 @@ def sharpness(model, data, loss: str = "mse", distributed: bool = False, process
     square over the spectral gap).  A model with ``backend="torch"`` uses autograd products, as it trains.  Gradient descent at rate
     ``lr`` is stable on the loss's quadratic model only where ``lr * lam_top / 2 <= 1``.
     """
+    if isinstance(max_steps, (bool, np.bool_)) or not isinstance(max_steps, (int, np.integer)) or max_steps < 2:
+        raise ValueError(f"max_steps must be an integer >= 2 (Lanczos basis vectors), got {max_steps!r}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
     try:
         from .curvature import HessianOperator, lanczos
         from .curvature.lanczos import basis_capacity
@@ -659,14 +670,16 @@ def train(
                          "other tensors (a torch.nn.utils.parametrize parametrization or pruning of it?): train "
                          "the model with your own loop, or remove the parametrization first")
     differs = getattr(model, "function_differs", None)
-    reason = differs() if callable(differs) and (config.probe_every or config.probe_epochs) else None
+    reason = (differs() if callable(differs) and (config.probe_every or config.probe_epochs or config.sharpness_every)
+              else None)
     quiet: list = []  # warning categories the probes keep quiet
     if reason:
         from .models import ForwardNotSeenWarning
 
         quiet.append(ForwardNotSeenWarning)
-        warnings.warn(f"train(): the Hessian probes differentiate the network that model.weight and the frozen "
-                      f"projections define, while training uses model(x): {reason}, which the probes do not see",
+        warnings.warn(f"train(): the Hessian probes (and the sharpness) differentiate the network that model.weight "
+                      f"and the frozen projections define, while training uses model(x): {reason}, which they do not "
+                      "see",
                       ForwardNotSeenWarning, stacklevel=2)
     rank, world = group_of(distributed, process_group, "train")
     local_error = None
@@ -888,7 +901,7 @@ def train(
                     say(f"note: the sharpness at epoch {epoch} " + (
                         f"failed ({sh['error']}); it is nan there" if "error" in sh else
                         f"stopped at {sh['products']} Lanczos steps with a residual of {sh['residual']:.2g} against "
-                        f"{sh['lam_top']:.6g} (above {SHARPNESS_TOL:g} of it): a lower bound there, and usually much "
+                        f"{sh['lam_top']:.6g} (above {SHARPNESS_TOL:g} of |lambda|max): a lower bound there, and usually much "
                         "closer than the residual (the top eigenvalues lie close together)") + " (said once per run)")
             if epoch == config.epochs:
                 final_loss = L

@@ -475,6 +475,39 @@ def test_a_resume_writes_the_runs_of_an_interrupted_distributed_run_into_runs_js
     assert keys == {json.loads(line)["key"] for line in lines}
 
 
+def test_stored_curve_runs_with_a_damaged_or_missing_sharpness_are_trained_again(tiny, tmp_path):
+    """A Figs. 6-8 run whose sharpness series was cut short crashed reproduce (IndexError in the rows); one without
+    the series (its key holds sharpness_every) drew nothing. Both are now trained again, and only they."""
+    import shutil
+
+    out, bundle, res = tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    main = copy / "results" / "runs.jsonl"
+    items = [json.loads(line) for line in main.read_text().splitlines()]
+    curves = [d for d in items if d["key"].startswith("curve|")]
+    assert len(curves) >= 2 and all("sharpness" in d["record"]["history"] for d in curves)
+    cut, gone = curves[0], curves[1]
+    with open(main, "a") as f:  # later lines win
+        f.write(json.dumps({"key": cut["key"], "record": {**cut["record"], "history": {
+            **cut["record"]["history"], "sharpness": cut["record"]["history"]["sharpness"][:5]}}}) + "\n")
+        f.write(json.dumps({"key": gone["key"], "record": {**gone["record"], "history": {
+            k: v for k, v in gone["record"]["history"].items() if k != "sharpness"}}}) + "\n")
+    real, calls = sweeps.train, []
+    try:
+        sweeps.train = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+        again = reproduce.run(reproduce.TINY, bundle, copy, only=["fig6-8"], progress=False, log=lambda *a: None)
+    finally:
+        sweeps.train = real
+    assert len(calls) == 2
+    from shortcut_ext.experiments.store import RunStore
+
+    store = RunStore(main)
+    for d in (cut, gone):
+        assert store.get(d["key"])["history"]["sharpness"] == d["record"]["history"]["sharpness"]
+    assert any(v.figure == "beyond (stability)" and v.details for v in again["verdicts"])
+
+
 def test_stored_records_without_their_fields_are_computed_again(tiny, tmp_path):
     """A record under a run's key that lacked fields (hand-edited, another program's) counted as a finished run:
     TrainResult.from_dict filled in defaults, and fig9_runs.csv showed "ok,inf,inf,nan" for a run of 4.25."""

@@ -166,8 +166,14 @@ def test_probes_and_operator_say_they_do_not_see_hooks_or_an_own_forward(teacher
 
     X, Y = teacher[0][:16].double(), teacher[1][:16].double()
     kw = dict(width=X.shape[1], units=2, shortcut=2, mid="tanh", init="xavier", dtype=torch.float64)
-    with pytest.warns(ForwardNotSeenWarning, match="Scaled overrides forward, which the probes do not see"):
+    with pytest.warns(ForwardNotSeenWarning, match="Scaled overrides forward, which they do not see"):
         train_mod.train(Scaled(**kw), (X, Y), epochs=1, lr=1e-3, probe_epochs=[0])
+    # a run with the sharpness alone says it once, at the call, not once per epoch from the operator
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        train_mod.train(Scaled(**kw), (X, Y), epochs=5, lr=1e-3, sharpness_every=1)
+    said = [w for w in seen if issubclass(w.category, ForwardNotSeenWarning)]
+    assert len(said) == 1 and "the Hessian probes (and the sharpness)" in str(said[0].message), [str(w.message) for w in said]
     plain = ShortcutNet(**kw)
     handle = plain.register_forward_hook(lambda m, a, out: 2 * out)
     with pytest.warns(ForwardNotSeenWarning, match="HessianOperator differentiates .* the model has forward hooks"):
@@ -918,6 +924,32 @@ def test_sharpness_along_training_matches_the_probes_and_resumes_bit_for_bit(tea
     train(_net(mid="tanh"), (X, Y), checkpoint=ck, checkpoint_every=1, checkpoint_every_s=0, log=notes.append,
           **{**kw, "sharpness_every": 2})
     assert notes and "another run" in notes[0], notes
+
+
+def test_the_sharpness_survives_thinning_and_is_checked_in_stored_records(teacher):
+    """to_dict(max_points=) keeps every epoch with a sharpness (it kept 9 of 201 at max_points=50); a stored record
+    whose sharpness series is of another length or holds text is not a finished run (it crashed reproduce)."""
+    X, Y, _ = teacher
+    res = train(_net(), (X, Y), epochs=300, lr=0.05, sharpness_every=7)
+    d = res.to_dict(max_points=20)
+    kept = [(e, v) for e, v in zip(d["history"]["epoch"], d["history"]["sharpness"]) if v is not None]
+    assert [e for e, _ in kept] == list(range(0, 301, 7)) and len(d["history"]["epoch"]) < 80
+    assert [v for _, v in kept] == res.history["sharpness"][::7]
+    back = TrainResult.from_dict(d).history
+    assert TrainResult.is_record(d) and back["sharpness"][back["epoch"].index(7)] == res.history["sharpness"][7]
+    h = d["history"]
+    for bad in (h["sharpness"][:5], ["1.0"] * len(h["epoch"]), [True] * len(h["epoch"]), "x"):
+        assert not TrainResult.is_record({**d, "history": {**h, "sharpness": bad}}), bad
+
+
+def test_sharpness_arguments_are_checked(teacher):
+    X, Y, _ = teacher
+    for kw, match in ((dict(max_steps=0), "max_steps"), (dict(max_steps=True), "max_steps"), (dict(max_steps=2.7),
+                      "max_steps"), (dict(max_steps="5"), "max_steps"), (dict(max_steps=None), "max_steps"),
+                      (dict(seed=1.5), "seed"), (dict(seed=2**63), "seed"), (dict(seed=-1), "seed")):
+        with pytest.raises(ValueError, match=match):
+            sharpness(_net(), (X, Y), **kw)
+    assert sharpness(_net(), (X, Y), max_steps=np.int64(40), seed=np.int64(3))["products"] <= 40
 
 
 def test_a_sharpness_that_fails_or_stops_short_is_said_once(teacher, monkeypatch):

@@ -462,14 +462,17 @@ def run_probe_curves(bundle: DataBundle, archs: Iterable[str], act: str, depth: 
         _release_buffers()
         return res.to_dict(max_points=1000)
 
+    def usable(rec) -> bool:  # a finished run, with the sharpness series where the runs track it
+        return TrainResult.is_record(rec) and (not cfg.sharpness_every or "sharpness" in rec["history"])
+
     if hasattr(store, "fill"):
         _fill(store, [(key_of(*job), functools.partial(compute, *job), job[1]) for job in jobs], desc, progress,
-              usable=TrainResult.is_record)
+              usable=usable)
     for arch, d, seed in _progress(jobs, len(jobs), desc, progress and not hasattr(store, "fill")):
         c = dataclasses.replace(cfg, lr=float(lrs[arch]))
         key = key_of(arch, d, seed)
         rec = store.get(key)
-        if not TrainResult.is_record(rec):  # missing, or without its fields: trained (again)
+        if not usable(rec):  # missing, or without its fields: trained (again)
             rec = compute(arch, d, seed)
             store.put(key, rec)
         res = TrainResult.from_dict(rec)
