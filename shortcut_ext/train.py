@@ -823,6 +823,34 @@ def train(
         all_reduce(buf, process_group)
         return float(buf[-1]), buf[:-1].view_as(w)
 
+    def measured(compute):
+        """``(compute(), None)``, or ``(None, error)`` for a failure of the curvature computation (a probe's or the
+        sharpness's), with the warnings said once kept quiet, its time counted in ``probe_seconds``."""
+        nonlocal probe_time
+        tp = time.perf_counter()
+        try:
+            # ForwardNotSeenWarning was said at the start, and the operator's notes (e.g. its autograd fallback) at
+            # the first probe: quiet after that (catch_warnings only then: entering it resets the registry of
+            # warnings already shown)
+            with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+                for category in quiet:
+                    warnings.simplefilter("ignore", category)
+                out, err = compute(), None
+        except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
+            if world > 1:  # the failure itself is every rank's (the same all-reduced products); a collective that
+                # failed (a rank stopped or died) is not a result: it must end the run before this epoch's
+                # checkpoint, not be saved as a failed probe and resumed
+                all_reduce(torch.zeros(1, dtype=torch.float64, device=device), process_group)
+            out, err = None, e
+        probe_time += time.perf_counter() - tp
+        try:  # the operator's notes were said at this (the first) computation: once per run
+            from .curvature.hessian import FallbackWarning
+        except ImportError:  # pragma: no cover - without the curvature package
+            FallbackWarning = None
+        if FallbackWarning is not None and FallbackWarning not in quiet:
+            quiet.append(FallbackWarning)
+        return out, err
+
     try:
         for epoch in range(start, config.epochs + 1):
             L, g = full_loss_and_grad()
@@ -841,31 +869,13 @@ def train(
                 status, diverged_epoch = "diverged", epoch
                 break
             if config.probes_at(epoch):
-                tp = time.perf_counter()
-                try:
-                    # ForwardNotSeenWarning was said at the start, and the operator's notes (e.g. its autograd
-                    # fallback) at the first probe: quiet after that (catch_warnings only then: entering it
-                    # resets the registry of warnings already shown)
-                    with warnings.catch_warnings() if quiet else contextlib.nullcontext():
-                        for category in quiet:
-                            warnings.simplefilter("ignore", category)
-                        p = hessian_probes(model, probe_data, config.loss, config.exact_max_params,
-                                           distributed=distributed, process_group=process_group, seed=config.seed,
-                                           **({"parts": config.probe_parts} if config.probe_parts else {}))
-                except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:  # e.g. eigh fails on an overflowed Hessian
-                    if world > 1:  # the probe's own failure is every rank's (the same all-reduced products); a
-                        # collective that failed (a rank stopped or died) is not a probe result: it must end the
-                        # run before this epoch's checkpoint, not be saved as a failed probe and resumed
-                        all_reduce(torch.zeros(1, dtype=torch.float64, device=device), process_group)
+                p, e = measured(lambda: hessian_probes(
+                    model, probe_data, config.loss, config.exact_max_params, distributed=distributed,
+                    process_group=process_group, seed=config.seed,
+                    **({"parts": config.probe_parts} if config.probe_parts else {})))
+                if e is not None:  # e.g. eigh fails on an overflowed Hessian
                     p = {k: math.nan for k in ("lam_max", "lam_top", "lam_q10", "index", "cond", "cond_q10")}
                     p["method"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                probe_time += time.perf_counter() - tp
-                try:  # the operator's notes were said at this (the first) probe: once per run
-                    from .curvature.hessian import FallbackWarning
-                except ImportError:  # pragma: no cover - without the curvature package
-                    FallbackWarning = None
-                if FallbackWarning is not None and FallbackWarning not in quiet:
-                    quiet.append(FallbackWarning)
                 probes.append({"epoch": epoch, "loss": L, "excess": hist["excess"][-1], "grad_norm": gn, **p})
                 if p.get("resolved") is False and not unresolved_said:
                     unresolved_said = True
@@ -877,24 +887,11 @@ def train(
                            "the exact values")
                     say(msg)  # to log, or a warning without one
             if config.sharpness_at(epoch):
-                tp = time.perf_counter()
-                try:
-                    with warnings.catch_warnings() if quiet else contextlib.nullcontext():
-                        for category in quiet:
-                            warnings.simplefilter("ignore", category)
-                        sh = sharpness(model, probe_data, config.loss, distributed=distributed,
-                                       process_group=process_group, seed=config.seed)
-                except (RuntimeError, ValueError) as e:
-                    if world > 1:  # as for a probe: a lost peer ends the run, a failure of all ranks is recorded
-                        all_reduce(torch.zeros(1, dtype=torch.float64, device=device), process_group)
-                    sh = {"lam_top": math.nan, "converged": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-                probe_time += time.perf_counter() - tp
-                try:
-                    from .curvature.hessian import FallbackWarning
-                except ImportError:  # pragma: no cover - without the curvature package
-                    FallbackWarning = None
-                if FallbackWarning is not None and FallbackWarning not in quiet:
-                    quiet.append(FallbackWarning)
+                sh, e = measured(lambda: sharpness(model, probe_data, config.loss, distributed=distributed,
+                                                   process_group=process_group, seed=config.seed))
+                if e is not None:
+                    sh = {"lam_top": math.nan, "converged": False,
+                          "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                 hist["sharpness"][-1] = sh["lam_top"]
                 if not sh["converged"] and not sharpness_said:
                     sharpness_said = True

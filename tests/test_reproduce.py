@@ -369,6 +369,18 @@ def tiny(tmp_path_factory):
     return out, bundle, res
 
 
+def _copy_of_tiny(tiny, tmp_path):
+    """The tiny reproduction copied to ``tmp_path / "out"`` for a test to damage: ``(its folder, the bundle, the copy,
+    the copy's runs.jsonl, that file's items)``."""
+    import shutil
+
+    out, bundle, _ = tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    main = copy / "results" / "runs.jsonl"
+    return out, bundle, copy, main, [json.loads(line) for line in main.read_text().splitlines()]
+
+
 def test_tiny_reproduction_writes_everything(tiny):
     out, bundle, res = tiny
     html = (out / "report.html").read_text()
@@ -452,12 +464,7 @@ def test_tiny_reproduction_resumes(tiny, tmp_path):
 def test_a_resume_writes_the_runs_of_an_interrupted_distributed_run_into_runs_jsonl(tiny, tmp_path):
     """An interrupted `reproduce --distributed` left rank 1's finished runs in runs.rank1.jsonl only; the
     resumed run used them (and said "N runs already in runs.jsonl") but the file never received them."""
-    import shutil
-
-    out, bundle, res = tiny
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    main = copy / "results" / "runs.jsonl"
+    out, bundle, copy, main, _ = _copy_of_tiny(tiny, tmp_path)
     lines = main.read_text().splitlines()
     main.write_text("\n".join(lines[:-5]) + "\n")
     (copy / "results" / "runs.rank1.jsonl").write_text("\n".join(lines[-5:]) + "\n")
@@ -478,13 +485,7 @@ def test_a_resume_writes_the_runs_of_an_interrupted_distributed_run_into_runs_js
 def test_stored_curve_runs_with_a_damaged_or_missing_sharpness_are_trained_again(tiny, tmp_path):
     """A Figs. 6-8 run whose sharpness series was cut short crashed reproduce (IndexError in the rows); one without
     the series (its key holds sharpness_every) drew nothing. Both are now trained again, and only they."""
-    import shutil
-
-    out, bundle, res = tiny
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    main = copy / "results" / "runs.jsonl"
-    items = [json.loads(line) for line in main.read_text().splitlines()]
+    out, bundle, copy, main, items = _copy_of_tiny(tiny, tmp_path)
     curves = [d for d in items if d["key"].startswith("curve|")]
     assert len(curves) >= 2 and all("sharpness" in d["record"]["history"] for d in curves)
     cut, gone = curves[0], curves[1]
@@ -511,13 +512,7 @@ def test_stored_curve_runs_with_a_damaged_or_missing_sharpness_are_trained_again
 def test_stored_records_without_their_fields_are_computed_again(tiny, tmp_path):
     """A record under a run's key that lacked fields (hand-edited, another program's) counted as a finished run:
     TrainResult.from_dict filled in defaults, and fig9_runs.csv showed "ok,inf,inf,nan" for a run of 4.25."""
-    import shutil
-
-    out, bundle, res = tiny
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    main = copy / "results" / "runs.jsonl"
-    items = [json.loads(line) for line in main.read_text().splitlines()]
+    out, bundle, copy, main, items = _copy_of_tiny(tiny, tmp_path)
     train_item = next(d for d in items if d["key"].startswith("sweep|") and d["record"]["status"] == "ok")
     probe_item = next(d for d in items if d["key"].startswith("init|"))
     bad_train = {k: v for k, v in train_item["record"].items() if k not in ("history", "final_loss")}
@@ -557,16 +552,10 @@ def test_the_saddle_phase_keeps_its_measurements_and_a_rerun_computes_only_the_m
                                                                                         monkeypatch):
     """Theorem 1's orders are stored like the other phases' runs: a rerun reads them back (the same CSVs, bit for
     bit), and a record that lost a field, or its curve, is measured again: that one only."""
-    import shutil
-
     import shortcut_ext.curvature.landscape as landscape
     from shortcut_ext.experiments.store import RunStore
 
-    out, bundle, res = tiny
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    main = copy / "results" / "runs.jsonl"
-    items = [json.loads(line) for line in main.read_text().splitlines()]
+    out, bundle, copy, main, items = _copy_of_tiny(tiny, tmp_path)
     saddle = [d for d in items if d["key"].startswith("saddle|")]
     rows = list(csv.DictReader(open(out / "results" / "saddle_orders.csv")))
     assert len(saddle) == len(rows) > 8 and all(sweeps._is_saddle_record(d["record"]) for d in saddle)
