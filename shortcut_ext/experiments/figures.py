@@ -248,7 +248,8 @@ def fig_index_gradnorm(probe_rows: list[dict], hist_rows: list[dict], path, capt
     for ax in (a1, a2):
         ax.set_xscale("log")
         ax.set_xlabel("epoch + 1")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # (a panel without data has no legend, and no matplotlib warning)
+            ax.legend(fontsize=7)
     a1.set_ylabel("index (fraction of negative eigenvalues)")
     a1.set_title("Fig. 8: index along training", fontsize=9)
     a2.set_yscale("log")
