@@ -27,7 +27,6 @@ import itertools
 import os
 import statistics
 import sys
-import time
 
 import torch
 

@@ -1,6 +1,6 @@
 """Per-HVP time and peak memory of every way to get Hessian-vector products of a residual stack.
 
-Problem: 2-shortcut net, ReLU at the mid position, d = 16, B = 512 samples, R in {16, 128, 1024}
+Problem: 2-shortcut net, ReLU at the mid position (``--act tanh | ssigmoid`` for another), d = 16, B = 512 samples, R in {16, 128, 1024}
 units, float32, 2 threads, weights at the "small" init (scale 0.1), mse loss.  Variants (each
 computes loss, gradient and ``k`` HVPs from scratch, forward included, as HessianOperator does):
 
@@ -20,6 +20,7 @@ R and k, with ``hvps_per_call`` in each entry's extra_info).  Peak memory: the p
 Two ways to run it (not collected by the default test run: benchmarks/ is outside ``testpaths``):
 
     python benchmarks/bench_hvp.py --units 16 128 1024 --out bench_hvp.json   # JSON + CSV
+    python benchmarks/bench_hvp.py --act tanh --units 1024 --out bench_hvp_tanh.json   # tanh's second derivatives
     pytest benchmarks/bench_hvp.py -o addopts="" --benchmark-only --benchmark-json=bench_hvp_pytest.json
 """
 from __future__ import annotations
@@ -28,7 +29,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -50,6 +50,15 @@ import common  # noqa: E402
 
 D_WIDTH, BATCH, K_BATCHED = 16, 512, 16
 ACTS = ("identity", "relu", "identity")
+MID_ACTS = ("relu", "tanh", "ssigmoid")  # --act: the activation between each unit's layers
+
+
+def set_mid_activation(act: str) -> None:
+    """Benchmark nets with ``act`` between the layers of each unit (every variant, the checks, the memory children)."""
+    global ACTS
+    if act not in MID_ACTS:
+        raise ValueError(f"act must be one of {MID_ACTS}, got {act!r}")
+    ACTS = ("identity", act, "identity")
 VARIANTS = ("fused_k1", "fused_k16", "double_backward_k1", "func_jvp_grad_k1", "func_vmap_k16",
             "is_grads_batched_k16")
 UNITS = (16, 128, 1024)
@@ -126,7 +135,7 @@ def time_variant(fn, repeats: int, warmup: int = 1) -> list[float]:
 def peak_memory_mib(name: str, units: int) -> float | None:
     """Peak RSS growth of a fresh child process running the variant once, after a one-unit warm-up
     call (MiB); None if unavailable."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, str(units)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, str(units), "--act", ACTS[1]]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -212,9 +221,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--act", choices=MID_ACTS, default="relu", help="the activation between each unit's layers")
     p.add_argument("--out", default="bench_hvp.json", help="JSON path; a CSV is written beside it")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    set_mid_activation(args.act)
     if args.child:  # a memory child writes nothing (it used to check --out's default in its own folder)
         _child(args.child[0], int(args.child[1]))
         return 0

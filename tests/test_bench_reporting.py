@@ -118,6 +118,103 @@ def test_hvp_main_reports_per_hvp_medians_iqr_and_ratios(bench, clock, monkeypat
             assert float(table[name][key]) == pytest.approx(r[key])
 
 
+@pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
+def test_hvp_act_benchmarks_that_activation_everywhere(bench, monkeypatch, tmp_path):
+    """--act tanh: the variants, their check and the memory children all run nets with tanh between each unit's
+    layers (the fused products equal double backward's of a tanh net written out here, and differ from a ReLU
+    net's); a default run is ReLU again; an unknown activation is refused."""
+    bench_hvp = bench("bench_hvp")
+    monkeypatch.setattr(bench_hvp, "ACTS", bench_hvp.ACTS)  # restored after the test
+    children = []
+
+    def fake_run(cmd, **kw):
+        children.append(cmd)
+        return SimpleNamespace(returncode=0, stdout="1.5\n", stderr="")
+
+    monkeypatch.setattr(bench_hvp.subprocess, "run", fake_run)
+    out = tmp_path / "t.json"
+    assert bench_hvp.main(["--act", "tanh", "--units", "3", "--variants", "fused_k1", "--repeats", "1",
+                           "--threads", str(torch.get_num_threads()), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["environment"]["activations"] == ["identity", "tanh", "identity"]
+    assert rep["results"][0]["status"] == "ok" and rep["results"][0]["peak_rss_mib"] == 1.5
+    assert children and children[0][-2:] == ["--act", "tanh"]
+    x, y, w, V = bench_hvp.make_problem(3)
+    got = bench_hvp.variant_fn("fused_k1", x, y, w, V)()[0]
+    for act, same in (("tanh", True), ("relu", False)):
+        wr = w.double().requires_grad_(True)
+        loss = ref.loss_fn("mse", ref.residual_stack_forward(x.double(), wr, True, "identity", act, "identity"),
+                           y.double())
+        (g,) = torch.autograd.grad(loss, wr, create_graph=True)
+        want = torch.autograd.grad(g, wr, grad_outputs=V[0].double())[0]
+        err = float((got.double() - want).abs().max() / want.abs().max())
+        assert (err < 1e-4) == same, (act, err)
+    assert bench_hvp.main(["--units", "3", "--variants", "fused_k1", "--repeats", "1", "--no-memory",
+                           "--threads", str(torch.get_num_threads()), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["environment"]["activations"] == ["identity", "relu", "identity"]
+    with pytest.raises(SystemExit):
+        bench_hvp.main(["--act", "gelu", "--out", str(out)])
+    with pytest.raises(ValueError, match="act must be one of"):
+        bench_hvp.set_mid_activation("gelu")
+
+
+# ------------------------------------------------------------------------------------------ bench_sharpness
+@pytest.mark.skipif(not _fused(), reason="the fused HVP kernel is not built")
+def test_sharpness_bench_reports_both_lanczos_runs_and_an_epoch(bench, clock, monkeypatch, tmp_path):
+    """main(): the fused and autograd sharpness of the same weights agree and took the same products; each row's
+    median is of its own calls; autograd / fused and fused / epoch are ratios of those medians; rows are written."""
+    bs = bench("bench_sharpness")
+    import common
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    real, real_epoch = bs.sharpness, bs.epoch_fn
+    cost = {"fused": 0.5, "autograd": 2.0}
+
+    def timed(net, data):
+        clock[0] += cost["fused" if net.backend != "torch" else "autograd"]
+        return real(net, data)
+
+    def step_fn(net, data):
+        fn = real_epoch(net, data)
+
+        def step():
+            clock[0] += 0.01
+            return fn()
+        return step
+
+    monkeypatch.setattr(bs, "sharpness", timed)
+    monkeypatch.setattr(bs, "epoch_fn", step_fn)
+    assert bs.main(["--units", "3", "--repeats", "2", "--threads", str(torch.get_num_threads())]) == 0
+    with open(tmp_path / "sharpness_tanh.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"fused", "autograd", "epoch"}
+    f, a, e = rows["fused"], rows["autograd"], rows["epoch"]
+    assert float(f["median_s"]) == pytest.approx(0.5) and float(a["median_s"]) == pytest.approx(2.0)
+    assert float(e["median_s"]) == pytest.approx(0.01)
+    assert float(a["speedup_of_fused"]) == pytest.approx(4.0)
+    assert float(f["epochs_per_sharpness"]) == pytest.approx(50.0)
+    assert f["products"] == a["products"] and int(f["products"]) >= 2
+    assert float(f["per_product_ms"]) == pytest.approx(500.0 / int(f["products"]))
+    assert float(f["lam_top"]) == pytest.approx(float(a["lam_top"]), rel=2e-4)
+    rep = json.loads((tmp_path / "sharpness_tanh.json").read_text())
+    assert rep["act"] == "tanh" and len(rep["rows"]) == 3
+
+
+def test_sharpness_bench_check_refuses_a_disagreement_or_no_convergence(bench, monkeypatch):
+    bs = bench("bench_sharpness")
+    answers = iter([{"lam_top": 1.0, "converged": True}, {"lam_top": 1.01, "converged": True},
+                    {"lam_top": 1.0, "converged": True}, {"lam_top": 1.0, "converged": False},
+                    {"lam_top": float("nan"), "converged": True}, {"lam_top": 1.0, "converged": True}])
+    monkeypatch.setattr(bs, "sharpness", lambda net, data: next(answers))
+    with pytest.raises(AssertionError, match="differ"):
+        bs.check(None, None, None)
+    with pytest.raises(AssertionError, match="autograd sharpness did not converge"):
+        bs.check(None, None, None)
+    with pytest.raises(AssertionError, match="differ"):
+        bs.check(None, None, None)
+    with pytest.raises(ValueError, match="act must be one of"):
+        bs.make_problem(3, "gelu")
+
+
 _RSS_PEAK_CODE = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[1])

@@ -155,10 +155,34 @@ struct Record {
   }
 };
 
-// d1 = s'(z), d2 = s''(z) (d2 may be null); s_out = s(z) (may be null).  Relu (and the identity)
-// get their own loops so that they vectorise; relu'' = 0 and relu'(0) = 0, as autograd.
+// d1 = s'(z), d2 = s''(z) (d2 may be null) of tanh or ssigmoid from s = s(z), a loop per activation so that
+// each vectorises (one loop with the activation's switch inside ran element by element: as long as the
+// vector tanh itself in a tanh net's k = 1 product).
 template <typename T>
-inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2) {
+inline void tanh_derivs_from_s(Act a, const T* s, int64_t count, T* d1, T* d2) {
+  if (a == Act::Tanh) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) d1[i] = T(1) - s[i] * s[i];
+    if (d2) {
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) d2[i] = T(-2) * s[i] * (T(1) - s[i] * s[i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) d1[i] = T(0.5) * (T(1) - s[i] * s[i]);
+    if (d2) {
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) d2[i] = T(-0.5) * s[i] * (T(1) - s[i] * s[i]);
+    }
+  }
+}
+
+// d1 = s'(z), d2 = s''(z) (d2 may be null); s_out = s(z) (may be null).  Relu (and the identity)
+// get their own loops so that they vectorise; relu'' = 0 and relu'(0) = 0, as autograd.  `s_known`
+// (may be null): s(z), already computed (the forward's record keeps each layer's input s(z)); tanh and
+// ssigmoid then take their derivatives from it, with no tanh computed again, to the same bits.
+template <typename T>
+inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2, const T* s_known = nullptr) {
   if (a == Act::Relu || a == Act::Identity) {
     const bool relu = a == Act::Relu;
     if (s_out) {
@@ -170,14 +194,19 @@ inline void act_derivs(Act a, const T* z, int64_t count, T* s_out, T* d1, T* d2)
     if (d2) std::fill(d2, d2 + count, T(0));
     return;
   }
-  // tanh, ssigmoid: s(z) by the vector tanh, a chunk at a time
+  if (s_known) {
+    if (s_out && s_out != s_known) std::copy(s_known, s_known + count, s_out);
+    tanh_derivs_from_s<T>(a, s_known, count, d1, d2);
+    return;
+  }
+  // tanh, ssigmoid: s(z) by the vector tanh, into s_out or a chunk at a time
+  if (s_out) {
+    tanh_scaled(z, s_out, count, T(tanh_scale(a)));
+    tanh_derivs_from_s<T>(a, s_out, count, d1, d2);
+    return;
+  }
   for_tanh_chunks(z, count, T(tanh_scale(a)), [&](int64_t i0, const T* s, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t i = i0 + j;
-      if (s_out) s_out[i] = s[j];
-      d1[i] = act_deriv<T>(a, z[i], s[j]);
-      if (d2) d2[i] = act_deriv2<T>(a, z[i], s[j]);
-    }
+    tanh_derivs_from_s<T>(a, s, len, d1 + i0, d2 ? d2 + i0 : nullptr);
   });
 }
 
@@ -328,9 +357,19 @@ void unit_forward(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     d1[i] = act_deriv<T>(acts.post, z[i], s);
     h_out[i] = net.shortcut ? rec.hin[i] + s : s;
   };
-  if (has_curvature(acts.post)) {  // tanh, ssigmoid: the vector tanh
+  if (has_curvature(acts.post)) {  // tanh, ssigmoid: the vector tanh, and loops that vectorise
+    const bool shortcut = net.shortcut;
+    const T* hin = rec.hin;
     for_tanh_chunks(z, md, T(tanh_scale(acts.post)), [&](int64_t i0, const T* s, int64_t len) {
-      for (int64_t j = 0; j < len; ++j) post(i0 + j, s[j]);
+      tanh_derivs_from_s<T>(acts.post, s, len, d1 + i0, nullptr);
+      T* ho = h_out + i0;
+      if (shortcut) {
+        const T* hi = hin + i0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) ho[j] = hi[j] + s[j];
+      } else {
+        std::copy(s, s + len, ho);
+      }
     });
   } else {
     for (int64_t i = 0; i < md; ++i) post(i, act_apply<T>(acts.post, z[i]));
@@ -354,10 +393,10 @@ struct RevScratch {
 // R{gout} = R{gin} s'(z) + gin s''(z) R{z}, the second term only where s'' is not identically zero.
 template <typename T>
 void through_act(Act a, const T* z, const T* rz, const T* gin, const T* rgin, T* gout, T* rgout, int64_t m, int64_t K,
-                 int64_t d, const RevScratch<T>& ws, bool second_order) {
+                 int64_t d, const RevScratch<T>& ws, bool second_order, const T* s_known = nullptr) {
   const int64_t md = m * d;
   const bool curv = second_order && has_curvature(a);
-  act_derivs<T>(a, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+  act_derivs<T>(a, z, md, nullptr, ws.d1, curv ? ws.d2 : nullptr, s_known);
   const bool relu = a == Act::Relu;
 #pragma omp simd
   for (int64_t i = 0; i < md; ++i) gout[i] = times_deriv(gin[i], ws.d1[i], relu);
@@ -420,8 +459,9 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
         rgz = rga;
         free_buf = 1 - free_buf;
       } else {  // into the other pair (the old gz, done with); the next ga reuses this one
+        // s_mid(z_{l-1}) is layer l's input, kept in the record
         through_act<T>(acts.mid, rec.z + (l - 1) * s1, rec.rz + (l - 1) * sk, ga, rga, bufs[1 - free_buf],
-                       rbufs[1 - free_buf], m, K, d, ws, !net.gn);
+                       rbufs[1 - free_buf], m, K, d, ws, !net.gn, rec.act + l * s1);
         gz = bufs[1 - free_buf];
         rgz = rbufs[1 - free_buf];
       }
@@ -439,7 +479,7 @@ void unit_reverse(const Net<T>& net, int64_t r, int64_t m, int64_t m_max, const 
     return;
   }
   const bool curv = !net.gn && has_curvature(acts.pre);
-  act_derivs<T>(acts.pre, rec.hin, md, nullptr, ws.d1, curv ? ws.d2 : nullptr);
+  act_derivs<T>(acts.pre, rec.hin, md, nullptr, ws.d1, curv ? ws.d2 : nullptr, rec.act);  // rec.act: s_pre(h)
   const bool relu = acts.pre == Act::Relu;
   for (int64_t i = 0; i < md; ++i) {
     const T gi = times_deriv(ga[i], ws.d1[i], relu);
