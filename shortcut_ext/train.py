@@ -83,8 +83,10 @@ class TrainConfig:
             ``empirical_fisher_lam_max``, ... (see ``HessianOperator(matrix=...)``).
         sharpness_every: every this many epochs (0: never) the sharpness, the largest eigenvalue of the loss
             Hessian on the probes' data (``train``'s ``probe_data``, by default all the data), by Lanczos
-            (:func:`sharpness`): the history's ``sharpness`` series (nan at the other epochs).  Much cheaper than a probe at depth; for full-batch gradient descent the stability threshold is
-            ``2 / lr`` (Cohen et al. 2021, "the edge of stability").
+            (:func:`sharpness`): the history's ``sharpness`` series (nan at the other epochs).  Much cheaper than a
+            probe at depth; for full-batch gradient descent the stability threshold is ``2 / lr`` (Cohen et al. 2021,
+            "the edge of stability"), for full-batch heavy-ball momentum ``(2 + 2 momentum) / lr``
+            (:func:`stability_threshold`).
         divergence_factor: a loss above ``divergence_factor * max(initial loss, 1)`` counts as diverged.
         seed: seeds the mini-batch order and the random vectors of the Hessian probes (Lanczos, SLQ).
             Any integer in [0, 2^63); torch's CPU generator keeps its low 32 bits, so seeds equal
@@ -524,6 +526,32 @@ def hessian_probes(model, data, loss: str = "mse", exact_max_params: int = 4000,
 
 SHARPNESS_STEPS = 200  # Lanczos basis of sharpness() (at most; fewer where the basis would exceed 3 GiB)
 SHARPNESS_TOL = 1e-4  # residual relative to |lambda|max: the Ritz value is a lower bound of lambda_top, within about this
+
+
+def stability_threshold(optimizer: str, lr: float, momentum: float = 0.0, full_batch: bool = True) -> float | None:
+    """The sharpness above which ``optimizer``'s full-batch steps at rate ``lr`` diverge on the loss's quadratic
+    model: ``2 / lr`` for gradient descent, ``(2 + 2 momentum) / lr`` for ``"sgd"``'s heavy-ball momentum on full
+    batches (``torch.optim.SGD``, no dampening: along an eigenvector of curvature ``lam`` the step
+    ``w' = w - lr lam w + momentum (w - w_prev)`` is stable iff ``0 < lr lam < 2 + 2 momentum``; Cohen et al. 2021,
+    appendix); ``None`` where no such number exists: mini-batches (the step's noise) and ``"adam"`` (its
+    preconditioner changes the matrix whose sharpness counts).
+
+    >>> stability_threshold("gd", 0.5), stability_threshold("sgd", 0.25, momentum=0.5)
+    (4.0, 12.0)
+    >>> stability_threshold("sgd", 0.1, full_batch=False) is None, stability_threshold("adam", 1e-3) is None
+    (True, True)
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    for name, v in (("lr", lr), ("momentum", momentum)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
+    if optimizer == "adam" or (optimizer == "sgd" and not full_batch):
+        return None
+    if optimizer == "gd" and momentum:
+        raise ValueError(f"momentum needs optimizer 'sgd' (gd takes plain steps), got momentum={momentum!r}")
+    return (2.0 + 2.0 * float(momentum)) / float(lr)
 
 
 def sharpness(model, data, loss: str = "mse", distributed: bool = False, process_group=None, seed: int = 0,

@@ -1303,3 +1303,37 @@ def test_the_direct_step_is_not_taken_where_it_would_not_be_model_x_and_autograd
     a = train(n, (X, Y), TrainConfig(epochs=5, lr=0.1))
     b = train(net(), (X, Y), TrainConfig(epochs=5, lr=0.05))
     assert a.history["loss"] == pytest.approx(b.history["loss"], rel=1e-12)
+
+
+@pytest.mark.parametrize("optimizer,momentum", [("gd", 0.0), ("sgd", 0.0), ("sgd", 0.5), ("sgd", 0.9)])
+def test_stability_threshold_is_where_full_batch_steps_diverge_on_a_quadratic(optimizer, momentum):
+    """torch.optim.SGD's steps (gd: no momentum) on 0.5 lam w^2: 2% below the threshold they shrink w, 2% above
+    they blow it up; stability_threshold says where that happens."""
+    from shortcut_ext.train import stability_threshold
+
+    lr, lam = 0.1, None
+    thr = stability_threshold(optimizer, lr, momentum)
+    for factor, grows in ((0.98, False), (1.02, True)):
+        lam = factor * thr
+        w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+        opt = torch.optim.SGD([w], lr=lr, momentum=momentum)
+        for _ in range(3000):
+            opt.zero_grad()
+            (0.5 * lam * w * w).sum().backward()
+            opt.step()
+        assert (abs(float(w)) > 1.0) == grows, (factor, float(w))
+
+
+def test_stability_threshold_refuses_what_has_none_and_bad_arguments():
+    from shortcut_ext.train import stability_threshold
+
+    assert stability_threshold("sgd", 0.1, 0.9, full_batch=False) is None
+    assert stability_threshold("adam", 0.1) is None and stability_threshold("gd", 0.5) == 4.0
+    for kw, match in (({"optimizer": "rmsprop", "lr": 0.1}, "optimizer must be one of"),
+                      ({"optimizer": "gd", "lr": 0.0}, "lr must be a finite number > 0"),
+                      ({"optimizer": "gd", "lr": float("inf")}, "lr must be"),
+                      ({"optimizer": "gd", "lr": True}, "lr must be"),
+                      ({"optimizer": "sgd", "lr": 0.1, "momentum": -0.1}, "momentum must be a finite number >= 0"),
+                      ({"optimizer": "gd", "lr": 0.1, "momentum": 0.5}, "momentum needs optimizer 'sgd'")):
+        with pytest.raises(ValueError, match=match):
+            stability_threshold(**kw)

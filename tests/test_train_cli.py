@@ -778,6 +778,29 @@ def test_the_sharpness_along_training(tmp_path, capsys):
     assert "sharpness_every" not in fingerprint() and fingerprint("--sharpness-every", "3")["sharpness_every"] == 3
 
 
+def test_the_sharpness_against_heavy_ball_momentums_threshold(tmp_path, capsys):
+    """--optimizer sgd --momentum 0.5 on full batches: the closing line sets the sharpness and the probe's lambda_top
+    against heavy-ball momentum's threshold (2 + 2 momentum) / lr; plain sgd (momentum 0) is gradient descent;
+    mini-batches have no such threshold, so the line gives the sharpness alone."""
+    args = ("--arch", "2-shortcut", "--act", "tanh-mid", "--depth", "4", "--epochs", "4", "--lr", "0.3",
+            "--sharpness-every", "2", "--probe-every", "4", "--optimizer", "sgd")
+    assert _train(tmp_path, *args, "--momentum", "0.5") == 0
+    out = capsys.readouterr().out
+    rec = json.loads((tmp_path / "run.json").read_text())
+    sh = [v for v in rec["history"]["sharpness"] if v is not None]
+    top = rec["probes"][-1]["lam_top"]
+    assert (f"sharpness at epoch 4: {sh[-1]:.4g} (lr * sharpness / (2 + 2 * 0.5) {0.3 * sh[-1] / 3:.3g}; most "
+            f"{0.3 * max(sh) / 3:.3g} over the run)") in out
+    assert f"lr * lambda_top / (2 + 2 * 0.5) {0.3 * top / 3:.3g} (heavy-ball momentum's threshold: 1)" in out
+    assert _train(tmp_path, *args, out="plain_sgd.json") == 0
+    out = capsys.readouterr().out
+    sh0 = [v for v in json.loads((tmp_path / "plain_sgd.json").read_text())["history"]["sharpness"] if v is not None]
+    assert f"(lr * sharpness / 2 {0.3 * sh0[-1] / 2:.3g};" in out and "(gradient descent's threshold: 1)" in out
+    assert _train(tmp_path, *args, "--momentum", "0.5", "--batch-size", "16", out="mini.json") == 0
+    out = capsys.readouterr().out
+    assert "sharpness at epoch 4: " in out and "lr * sharpness" not in out and "lambda_top /" not in out
+
+
 def test_the_empirical_fishers_probes_of_a_linear_net_take_every_sample(tmp_path, capsys):
     """A linear net under gd trains on the second-moment compression of its rows, which keeps the loss, gradient,
     Hessian and G exact but not the per-sample gradients the empirical Fisher sums: a probe of it there would be

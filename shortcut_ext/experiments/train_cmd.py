@@ -43,7 +43,7 @@ from .._device import init_distributed, parse_device
 from .._dist import together
 from ..data import best_linear_loss
 from .._io import atomic_open
-from ..train import OPTIMIZERS, PROBE_PARTS, TrainConfig, train
+from ..train import OPTIMIZERS, PROBE_PARTS, TrainConfig, stability_threshold, train
 from .store import json_safe
 from .sweeps import ACT_VARIANTS, ARCHS, arch_supports, build_model, check_arch, load_data
 from .reproduce import _parse_data
@@ -77,7 +77,8 @@ def add_parser(subparsers) -> None:
                         "ggn_lam_max, functional_index, empirical_fisher_lam_max, ...")
     p.add_argument("--sharpness-every", type=nonneg_int, default=0, metavar="N",
                    help="every N epochs the sharpness, the Hessian's largest eigenvalue, by Lanczos (the history's "
-                        "sharpness column; plain gd is stable near a point only where lr * sharpness / 2 <= 1); "
+                        "sharpness column; plain gd is stable near a point only where lr * sharpness / 2 <= 1, full-batch sgd "
+                        "with momentum m where lr * sharpness / (2 + 2 m) <= 1); "
                         "cheaper than a probe: about 25-200 Hessian-vector products (0: none)")
     p.add_argument("--exact-max-params", type=nonneg_int, default=4000,
                    help="largest parameter count probed with an exact dense Hessian (SLQ above; default 4000)")
@@ -507,18 +508,26 @@ def _main_locked(args, device, rank, world) -> int:
         _remove_stale_temporaries(str(ckpt))
     msg = (f"{res.status}: final loss {res.final_loss:.6g}, loss - L_min {res.final_excess:.3g}, "
            f"mean |W|_F {res.final_weight_norm:.4g}, {res.seconds:.1f} s")
+    # the sharpness against the steps' stability threshold (gd: 2 / lr; full-batch heavy ball: (2 + 2 momentum) / lr)
+    threshold = stability_threshold(args.optimizer, float(args.lr), float(args.momentum),
+                                    full_batch=args.batch_size is None or args.batch_size >= len(data[0]))
+    ratio_name = "2" if not args.momentum else f"(2 + 2 * {args.momentum:g})"
+
+    def ratio(lam: float) -> float:  # lam / threshold, written as the closing line names it
+        return float(args.lr) * lam / (2.0 + 2.0 * float(args.momentum))
+    method = "gradient descent" if not args.momentum else "heavy-ball momentum"
     if res.probes:
         p = res.probes[-1]
         msg += f"; last probe: |lambda|max {p['lam_max']:.4g}, cond_q10 {p['cond_q10']:.4g}, index {p['index']:.3f}"
-        if args.optimizer == "gd" and isinstance(p.get("lam_top"), float) and math.isfinite(p["lam_top"]):
-            # plain gradient descent is stable near a point only where lr * lambda_top / 2 <= 1
-            msg += f", lr * lambda_top / 2 {float(args.lr) * p['lam_top'] / 2:.3g} (gradient descent's threshold: 1)"
+        if threshold is not None and isinstance(p.get("lam_top"), float) and math.isfinite(p["lam_top"]):
+            # stable near a point only where lambda_top <= threshold
+            msg += f", lr * lambda_top / {ratio_name} {ratio(p['lam_top']):.3g} ({method}'s threshold: 1)"
     sharp = [(e, v) for e, v in zip(res.history["epoch"], res.history.get("sharpness", [])) if math.isfinite(v)]
     if sharp:
         e, v = sharp[-1]
         msg += f"; sharpness at epoch {e}: {v:.4g}" + (
-            f" (lr * sharpness / 2 {float(args.lr) * v / 2:.3g}; most {float(args.lr) * max(x for _, x in sharp) / 2:.3g} "
-            "over the run)" if args.optimizer == "gd" else "")
+            f" (lr * sharpness / {ratio_name} {ratio(v):.3g}; most {ratio(max(x for _, x in sharp)):.3g} "
+            "over the run)" if threshold is not None else "")
     print(msg)
     print(f"wrote {', '.join(wrote[:-1])} and {wrote[-1]}")
     return 0
