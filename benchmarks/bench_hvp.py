@@ -275,18 +275,10 @@ def main(argv=None) -> int:
 
 
 # ------------------------------------------------------------------------------ pytest-benchmark
-try:
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None
+from common import pytest  # noqa: E402  (None without pytest)
 
 if pytest is not None:
-    @pytest.fixture(scope="module", autouse=True)
-    def _threads():
-        n = torch.get_num_threads()
-        torch.set_num_threads(2)
-        yield
-        torch.set_num_threads(n)
+    from common import two_threads  # noqa: E402,F401  (2 threads in the pytest mode too)
 
     @pytest.mark.parametrize("units", UNITS)
     @pytest.mark.parametrize("name", VARIANTS)

@@ -136,13 +136,11 @@ def main(argv=None) -> int:
     return 0
 
 
-try:
-    import pytest
-    from bench_hvp import _threads  # noqa: F401  (2 threads in the pytest mode too)
-except ImportError:  # pragma: no cover
-    pytest = None
+from common import pytest  # noqa: E402  (None without pytest)
 
 if pytest is not None:
+    from common import two_threads  # noqa: E402,F401  (2 threads in the pytest mode too)
+
     @pytest.mark.parametrize("variant", VARIANTS)
     @pytest.mark.parametrize("units", UNITS)
     def test_sharpness(benchmark, units, variant):

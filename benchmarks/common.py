@@ -15,6 +15,21 @@ from shortcut_ext.experiments.store import json_safe
 
 RESULTS_DIR = os.environ.get("SHORTCUT_EXT_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
 
+try:  # the pytest-benchmark modes; the command-line modes need no pytest
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module", autouse=True)
+    def two_threads():
+        """A benchmark module's pytest mode runs on 2 threads, as its command line does (restored after); a
+        module takes it with ``from common import two_threads``."""
+        n = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield
+        torch.set_num_threads(n)
+
 
 def worst_error(errors) -> float:
     """The largest of the errors, nan if any is nan (Python's max() keeps a nan only when it comes first,
